@@ -1,0 +1,5 @@
+"""tvm_lite's Relax passes, one per file, each named for what it does."""
+
+from .remove_noop_ops import RemoveNoOpOps
+
+__all__ = ["RemoveNoOpOps"]

@@ -1,0 +1,55 @@
+"""RemoveNoOpOps: drop casts, reshapes and broadcasts that do not change their input.
+
+Torch exports are full of ``Cast(x, to=float)`` on float tensors and ``Expand``/``Reshape`` to
+the shape the tensor already has (``_to_copy``, ``expand_as``...). After host shape computing
+those shapes are symbolic expressions the analyzer can compare, so the ops are provably no-ops.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+
+@relax.expr_functor.mutator
+class _Remover(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.analyzer = tvm.sym.Analyzer()
+        self.removed = 0
+
+    def _same_shape(self, ty, shape) -> bool:
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            return False
+        if not isinstance(ty.shape, relax.ShapeExpr) or not isinstance(shape, relax.ShapeExpr):
+            return False
+        a, b = ty.shape.values, shape.values
+        return len(a) == len(b) and all(self.analyzer.can_prove_equal(x, y) for x, y in zip(a, b))
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if not isinstance(call.op, tvm.ir.Op) or not call.args:
+            return call
+        name, arg = call.op.name, call.args[0]
+        noop = (
+            (name == "relax.astype" and isinstance(arg.ty, relax.TensorType)
+             and arg.ty.dtype == call.attrs.dtype)
+            or (name in ("relax.reshape", "relax.broadcast_to")
+                and self._same_shape(arg.ty, call.args[1]))
+        )
+        if noop:
+            self.removed += 1
+            return arg
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="RemoveNoOpOps")
+class RemoveNoOpOps:
+    """Drop casts to the same dtype and reshapes/broadcasts to the same (symbolic) shape."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        remover = _Remover(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                remover.builder_.update_func(gv, remover.visit_expr(func))
+        return remover.builder_.get()

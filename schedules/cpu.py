@@ -1,0 +1,95 @@
+"""CPU (LLVM) schedule rules: multi-core and vectorized loops for the whole-model CPU build.
+
+TVM's default CPU pipeline schedules nothing (every kernel is a scalar loop nest on one core), and
+DLight's CPU GEMV rule only takes weights laid out ``[N, K]``; torch exports ``x @ W`` with
+``W: [K, N]``. These two rules are the CPU side of tvm_lite's schedules: CI runs whole models
+through them.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.target import Target
+
+VECTOR_LANES = 16  # fp32 lanes per inner tile (AVX-512 width; AVX2 splits it in two)
+
+
+def _is_cpu(target: Target) -> bool:
+    return target.kind.name in ("llvm", "c")
+
+
+class CPUMatmul(dl.ScheduleRule):
+    """``C[..., i, j] += A[..., i, k] * B[..., k, j]``: parallel over column tiles, the reduction
+    loop outside a vectorized column tile, so ``B`` is streamed row by row (contiguous)."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        reductions = [b for b in infos if b.is_reduction()]
+        if len(reductions) != 1 or infos[0] is not reductions[0]:
+            return None
+        info = reductions[0]
+        kinds = info.dom_kind()
+        # spatial..., j, k  (exactly one reduction axis, last)
+        if not kinds.endswith("SR") or kinds.count("R") != 1:
+            return None
+        block = info.block_rv
+        loops = sch.get_loops(block)
+        if len(loops) != len(kinds):
+            return None
+        *outer, j, k = loops
+        # j must index the innermost dim of the output and of one input (contiguous rows of B)
+        write = sch.get(block).writes[0]
+        j_var = sch.get(block).iter_vars[len(kinds) - 2].var
+        last_index = write.region[-1].min
+        if not (isinstance(last_index, tirx.Var) and last_index.same_as(j_var)):
+            return None
+        jo, ji = sch.split(j, [None, VECTOR_LANES])
+        sch.reorder(jo, *outer, k, ji)
+        sch.parallel(jo)
+        sch.vectorize(ji)
+        sch.decompose_reduction(block, k)
+        for epilogue in infos[1:]:
+            try:
+                sch.reverse_compute_at(epilogue.block_rv, jo)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        return sch
+
+
+class CPUParallel(dl.ScheduleRule):
+    """Everything else: inline what can be inlined, run the leading spatial loops of each block
+    in parallel."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        for info in infos:
+            loops = sch.get_loops(info.block_rv)
+            lead = []
+            for loop, kind in zip(loops, info.dom_kind()):
+                if kind != "S":
+                    break
+                lead.append(loop)
+            if not lead:
+                continue
+            fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+            sch.parallel(fused)
+        return sch
+
+
+def rules() -> list:
+    return [CPUMatmul(), CPUParallel()]

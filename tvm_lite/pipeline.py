@@ -1,0 +1,91 @@
+"""tvm_lite's Relax pipeline, top to bottom in phases.
+
+Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches live here and in
+``schedules/``, never inside a pass.
+
+    Phase 1  graph clean-up        stock canonicalization + tvm_lite's RemoveNoOpOps
+    Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
+    Phase 3  schedule              schedules.rules_for(target): CPU rules or GPU rules
+    Phase 4  VM lowering           dataflow lowering, memory planning, VM shape lowering
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+
+from tvm_lite import schedules
+from tvm_lite.relax_passes import RemoveNoOpOps
+
+PIPELINE_NAME = "tvm_lite"
+
+
+def _dump(phase: str, dump_dir: str | None):
+    """A pass that writes the module after ``phase`` to ``dump_dir`` (if set)."""
+
+    @tvm.transform.module_pass(opt_level=0, name=f"Dump[{phase}]")
+    def dump(mod, _ctx):
+        if dump_dir:
+            Path(dump_dir).mkdir(parents=True, exist_ok=True)
+            (Path(dump_dir) / f"{phase}.py").write_text(mod.script(show_meta=False))
+        return mod
+
+    return dump
+
+
+def phases(target: tvm.target.Target) -> list[tuple[str, list]]:
+    """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order)."""
+    return [
+        ("1_graph", [
+            relax.transform.CanonicalizeBindings(),
+            RemoveNoOpOps(),
+            relax.transform.EliminateCommonSubexpr(),
+            relax.transform.DeadCodeElimination(),
+        ]),
+        ("2_lower_to_tir", [
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ]),
+        ("3_schedule", [
+            dl.ApplyDefaultSchedule(*schedules.rules_for(target)),
+        ]),
+        ("4_vm_lowering", [
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]),
+    ]
+
+
+@relax.register_pipeline(PIPELINE_NAME)
+def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None):
+    """The whole pipeline as one pass. ``dump_dir`` (or ``$TVM_LITE_DUMP_IR``) gets the IR after
+    each phase."""
+    dump_dir = dump_dir or os.environ.get("TVM_LITE_DUMP_IR")
+
+    @tvm.transform.module_pass(opt_level=0, name="tvm_lite_pipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            for name, passes in phases(target):
+                mod = tvm.transform.Sequential([*passes, _dump(name, dump_dir)], name=name)(mod)
+        return mod
+
+    return _pipeline
