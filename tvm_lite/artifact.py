@@ -1,0 +1,145 @@
+"""Compiled artifacts: one directory a phone (or a runtime-only TVM process) can load.
+
+    model.so        the exported library (host code + device kernels)
+    kernels.cl      the OpenCL source (OpenCL targets only, for reading and checking)
+    params.npz      the weights, in the order of ``manifest["param_names"]``
+    tokenizer.json  (and the other tokenizer files)
+    manifest.json   model config, target, options, tvm_lite/TVM versions, input/output names
+
+``compile_model`` caches artifacts by a hash of everything that goes into them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .export import MODEL_JSON, cache_dir
+
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+PARAMS = "params.npz"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be built or loaded; the message names the file or setting."""
+
+
+def _onnx_file(model) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.exists():
+        raise ArtifactError(f"ONNX model not found: {path}")
+    return path
+
+
+def _hash_file(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        _hash_file(data, h)
+
+
+def compile_key(onnx_path: Path, target: str, options: dict) -> str:
+    import tvm
+
+    h = hashlib.sha256()
+    _hash_file(onnx_path, h)
+    h.update(json.dumps({"target": str(target), "options": options, "tvm_lite": __version__,
+                         "tvm": tvm.__version__}, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def _export_library(ex, path: Path, target) -> None:
+    """Export with the host compiler, or the NDK's for Android hosts."""
+    host = target.host if target.host is not None else target
+    triple = str(host.attrs.get("mtriple", ""))
+    if "android" in triple:
+        cc = os.environ.get("TVM_NDK_CC")
+        if not cc:
+            raise ArtifactError(
+                f"target host {triple} needs the Android NDK compiler to export {path.name}: set "
+                "TVM_NDK_CC to the NDK's clang++ (e.g. .../toolchains/llvm/prebuilt/linux-x86_64/"
+                "bin/aarch64-linux-android28-clang++)")
+        from tvm.support import ndk
+
+        ex.export_library(str(path), fcompile=ndk.create_shared)
+    else:
+        ex.export_library(str(path))
+
+
+def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print) -> Path:
+    """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder."""
+    from .build import build, detach_params
+    from .frontend import from_onnx
+    from .target import parse_target
+
+    onnx_path = _onnx_file(model)
+    folder = onnx_path.parent
+    tgt = parse_target(target)
+    options: dict = {}
+    key = compile_key(onnx_path, str(tgt), options)
+    out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
+    manifest_path = out / MANIFEST
+    if manifest_path.exists() and not force:
+        if json.loads(manifest_path.read_text()).get("key") == key:
+            return out
+
+    t0 = time.perf_counter()
+    progress(f"importing {onnx_path}")
+    mod = from_onnx(onnx_path)
+    t_import = time.perf_counter() - t0
+    mod, params = detach_params(mod)
+    func = mod["main"]
+    progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
+    t1 = time.perf_counter()
+    ex = build(mod, tgt)
+    t_compile = time.perf_counter() - t1
+
+    out.mkdir(parents=True, exist_ok=True)
+    if tgt.kind.name == "opencl":
+        (out / "kernels.cl").write_text(ex.mod.imports[0].inspect_source())
+    _export_library(ex, out / LIBRARY, tgt)
+    np.savez(out / PARAMS, **{f"p{i}": p.numpy() for i, p in enumerate(params)})
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copy(folder / name, out / name)
+    model_cfg = json.loads((folder / MODEL_JSON).read_text()) if (folder / MODEL_JSON).exists() else {}
+    import tvm
+
+    manifest = {
+        "key": key,
+        "tvm_lite_version": __version__,
+        "tvm_version": tvm.__version__,
+        "target": str(tgt),
+        "target_kind": tgt.kind.name,
+        "options": options,
+        "model": model_cfg,
+        "onnx": str(onnx_path),
+        "input_names": list(func.attrs["tvm_lite.input_names"]),
+        "output_names": list(func.attrs["tvm_lite.output_names"]),
+        "param_names": list(func.attrs["tvm_lite.param_names"]),
+        "import_seconds": round(t_import, 2),
+        "compile_seconds": round(t_compile, 2),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def load_manifest(artifact) -> dict:
+    path = Path(artifact) / MANIFEST
+    if not path.exists():
+        raise ArtifactError(f"not a tvm_lite artifact (no {MANIFEST}): {artifact}")
+    return json.loads(path.read_text())

