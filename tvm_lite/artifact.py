@@ -62,6 +62,24 @@ def compile_key(onnx_path: Path, target: str, options: dict) -> str:
     return h.hexdigest()[:20]
 
 
+def check_decoder_interface(input_names, output_names) -> None:
+    """The engine drives "decoder with past" models; say what is missing otherwise."""
+    past = [n for n in input_names if n.startswith("past_key_values.")]
+    present = [n for n in output_names if n.startswith("present.")]
+    missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in input_names]
+    problems = []
+    if missing:
+        problems.append(f"missing inputs {missing}")
+    if not output_names or output_names[0] != "logits":
+        problems.append(f"first output is {output_names[:1]}, not 'logits'")
+    if not past or len(past) != len(present):
+        problems.append(f"{len(past)} past_key_values.* inputs vs {len(present)} present.* outputs")
+    if problems:
+        raise ArtifactError(
+            "not a decoder-with-past LLM (export it with `tvm-lite export`): " + "; ".join(problems)
+            + f". Graph inputs: {list(input_names)[:6]}, outputs: {list(output_names)[:4]}")
+
+
 def _export_library(ex, path: Path, target) -> None:
     """Export with the host compiler, or the NDK's for Android hosts."""
     host = target.host if target.host is not None else target
@@ -82,7 +100,7 @@ def _export_library(ex, path: Path, target) -> None:
 
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print) -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder."""
-    from .build import build, detach_params
+    from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
 
@@ -100,6 +118,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     t0 = time.perf_counter()
     progress(f"importing {onnx_path}")
     mod = from_onnx(onnx_path)
+    check_decoder_interface(list(mod["main"].attrs["tvm_lite.input_names"]),
+                            list(mod["main"].attrs["tvm_lite.output_names"]))
     t_import = time.perf_counter() - t0
     mod, params = detach_params(mod)
     func = mod["main"]
@@ -110,7 +130,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
 
     out.mkdir(parents=True, exist_ok=True)
     if tgt.kind.name == "opencl":
-        (out / "kernels.cl").write_text(ex.mod.imports[0].inspect_source())
+        (out / "kernels.cl").write_text(device_source(ex, "opencl"))
     _export_library(ex, out / LIBRARY, tgt)
     np.savez(out / PARAMS, **{f"p{i}": p.numpy() for i, p in enumerate(params)})
     for name in TOKENIZER_FILES:

@@ -34,3 +34,19 @@ def build(mod: tvm.IRModule, target="llvm", *, dump_dir: str | None = None):
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
                                                              dump_dir=dump_dir))
+
+
+def device_source(executable, kind: str = "opencl") -> str:
+    """The generated source of the ``kind`` device module (e.g. the OpenCL C of every kernel)."""
+    found = []
+
+    def walk(module):
+        if module.kind == kind:
+            found.append(module.inspect_source())
+        for sub in module.imports:
+            walk(sub)
+
+    walk(executable.mod)
+    if not found:
+        raise ValueError(f"the executable has no {kind} module")
+    return "\n".join(found)

@@ -1,0 +1,155 @@
+"""tvm_lite on the real SmolLM2-135M-Instruct, exported by both of torch's ONNX exporters."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import PROMPTS
+from tvm_lite.engine import ContextLengthError, GenerationConfig
+
+pytestmark = pytest.mark.slow
+EXPORTERS = ["dynamo", "torchscript"]
+NEW_TOKENS = 32
+
+
+def _hf_greedy(hf_model, ids, n):
+    import torch
+
+    model, _ = hf_model
+    seq = torch.tensor([ids])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=seq, use_cache=False).logits[0, -1]
+            token = int(torch.argmax(logits))
+            out.append(token)
+            seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_greedy_tokens_match_transformers(exporter, engine, hf_model):
+    eng = engine(exporter)
+    for prompt in PROMPTS:
+        ids = eng.encode_prompt(prompt)
+        ours = eng.generate(np.array(ids), GenerationConfig(max_new_tokens=NEW_TOKENS, stop_token_ids=()))
+        assert len(ours.token_ids) == NEW_TOKENS
+        assert ours.token_ids == _hf_greedy(hf_model, ids, NEW_TOKENS), prompt
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_imported_module_has_symbolic_dims_and_no_shape_kernels(exporter, export_dir):
+    import tvm_lite
+    from tvm_lite.analysis import shape_computing_calls, symbolic_dims, unknown_shape_tensors
+
+    mod = tvm_lite.from_onnx(export_dir(exporter) / "model.onnx")
+    assert {v.name for v in symbolic_dims(mod)} == {"seq", "past_seq"}
+    assert shape_computing_calls(mod) == []  # no shape_of / shape_to_tensor / tensor_to_shape
+    assert unknown_shape_tensors(mod) == 0  # every tensor has a symbolic shape expression
+    text = mod["main"].script(show_meta=False)
+    assert "R.Tensor((1, seq, 49152)" in text  # logits
+    assert "R.Tensor((1, 3, past_seq + seq, 64)" in text  # presents: shape expression
+    stats = mod.attrs["tvm_lite.import_stats"]
+    assert int(stats["host_evaluated"]) > 0
+
+
+def test_chunked_prefill_equals_one_call(engine):
+    eng = engine("dynamo")
+    ids = eng.encode_prompt(PROMPTS[1])
+    one = eng.prefill(eng.new_session(), ids)
+    chunked = eng.prefill(eng.new_session(), ids, chunk_size=len(ids) // 2 + 1)
+    # fp32: the two orders of summation differ only in rounding
+    np.testing.assert_allclose(chunked, one, rtol=1e-4, atol=2e-4)
+    assert int(np.argmax(chunked)) == int(np.argmax(one))
+
+
+def test_kv_copy_counter_and_context_limit(artifact):
+    from tvm_lite.engine import Engine
+
+    eng = Engine(artifact("dynamo"), max_context=48)
+    session = eng.new_session()
+    ids = eng.encode_prompt("Hi")
+    eng.prefill(session, ids)
+    eng.forward(session, [ids[-1]])
+    layers, kvh, hd = eng.num_layers, eng.kv_shape[1], eng.kv_shape[3]
+    assert session.last_step_kv_bytes_copied == 2 * layers * kvh * hd * 4 * len(ids)
+    before = session.length
+    with pytest.raises(ContextLengthError, match="max_context=48"):
+        eng.prefill(session, list(range(100, 160)))
+    assert session.length == before  # nothing ran, the session stays usable
+    eng.forward(session, [ids[-1]])
+    assert session.length == before + 1
+
+
+def test_sampling_is_seeded(engine):
+    eng = engine("dynamo")
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7, stop_token_ids=())
+    a = eng.generate(PROMPTS[1], cfg).token_ids
+    b = eng.generate(PROMPTS[1], cfg).token_ids
+    c = eng.generate(PROMPTS[1], GenerationConfig(max_new_tokens=12, temperature=0.8, top_p=0.9,
+                                                  seed=8, stop_token_ids=())).token_ids
+    assert a == b and a != c
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tvm_lite.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=1200)
+
+
+def test_cli_run_answers_paris(artifact):
+    res = _cli("run", "What is the capital of France?", "--model", str(artifact("dynamo")))
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in res.stdout
+    assert "prefill" in res.stderr and "tok/s" in res.stderr
+
+
+def test_artifact_loads_in_runtime_only_tvm(artifact, engine):
+    """The artifact directory loads with TVM_USE_RUNTIME_LIB=1 (no compiler) and generates the
+    same greedy tokens as in-process."""
+    path = artifact("dynamo")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["model"]["num_layers"] == 30 and manifest["tvm_lite_version"]
+    code = (
+        "import sys, json, tvm, numpy as np\n"
+        "assert not hasattr(tvm, 'relax') or 'tvm.relax' not in sys.modules\n"
+        "from tvm_lite.engine import Engine, GenerationConfig\n"
+        f"e = Engine({str(path)!r})\n"
+        "r = e.generate('What is the capital of France?', GenerationConfig(max_new_tokens=8))\n"
+        "assert 'tvm.relax' not in sys.modules\n"
+        "print(json.dumps(r.token_ids))\n"
+    )
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    remote = json.loads(res.stdout.strip().splitlines()[-1])
+    local = engine("dynamo").generate("What is the capital of France?",
+                                      GenerationConfig(max_new_tokens=8)).token_ids
+    assert remote == local
+
+
+def test_compile_is_cached(export_dir, artifact):
+    from tvm_lite.artifact import compile_model
+
+    path = artifact("dynamo")
+    stamp = (path / "model.so").stat().st_mtime
+    assert compile_model(export_dir("dynamo"), "llvm") == path
+    assert (path / "model.so").stat().st_mtime == stamp
+
+
+def test_adreno_build_emits_opencl_for_the_whole_model(export_dir):
+    import tvm_lite
+
+    mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+    ex = tvm_lite.build(mod, target="opencl -device=adreno")
+    src = tvm_lite.device_source(ex, "opencl")
+    kernels = src.count("__kernel void")
+    assert kernels > 50
+    assert "cl_khr_fp16" in src or "float" in src
+    # every compute op of the model became a kernel: no matmul is left on the host
+    host = [m for m in [ex.mod] if m.kind == "llvm"]
+    assert not host

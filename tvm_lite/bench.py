@@ -1,0 +1,90 @@
+"""``tvm-lite bench``: import/compile time and prefill/decode speed, next to onnxruntime.
+
+Both engines run the same ONNX file with the same loop (prefill a prompt of N tokens, then greedy
+decode M tokens feeding present -> past), in the same process, so the ratio is meaningful.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def _prompt_ids(engine, n: int) -> list[int]:
+    """A real-text prompt of exactly ``n`` tokens (English prose shipped with CPython)."""
+    import pydoc_data.topics as topics
+
+    text = " ".join(topics.topics[k] for k in sorted(topics.topics))
+    ids = engine.tokenizer.encode(text)
+    return ids[:n]
+
+
+def bench_tvm(engine, prompt_len: int, decode_tokens: int, repeats: int = 3) -> dict:
+    ids = _prompt_ids(engine, prompt_len)
+    prefill, decode = [], []
+    for _ in range(repeats):
+        session = engine.new_session()
+        t0 = time.perf_counter()
+        logits = engine.prefill(session, ids)
+        prefill.append(time.perf_counter() - t0)
+        token = int(np.argmax(logits))
+        t1 = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = int(np.argmax(engine.forward(session, [token])[-1]))
+        decode.append(time.perf_counter() - t1)
+    return {"prefill_tok_s": prompt_len / float(np.median(prefill)),
+            "decode_tok_s": decode_tokens / float(np.median(decode))}
+
+
+def bench_onnxruntime(onnx_path, model_cfg: dict, prompt_ids: list[int], decode_tokens: int,
+                      repeats: int = 3, threads: int | None = None) -> dict:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    layers = int(model_cfg["num_layers"])
+    kv = (1, int(model_cfg["num_kv_heads"]), 0, int(model_cfg["head_dim"]))
+
+    def step(ids, past, length):
+        n = len(ids)
+        feeds = {"input_ids": np.array([ids], "int64"),
+                 "attention_mask": np.ones((1, length + n), "int64"),
+                 "position_ids": np.arange(length, length + n, dtype="int64")[None]}
+        feeds.update(zip(names[3:], past))
+        out = sess.run(None, {k: v for k, v in feeds.items() if k in names})
+        return out[0][0, -1], out[1:]
+
+    prefill, decode = [], []
+    for _ in range(repeats):
+        past = [np.zeros(kv, "float32") for _ in range(2 * layers)]
+        t0 = time.perf_counter()
+        logits, past = step(prompt_ids, past, 0)
+        prefill.append(time.perf_counter() - t0)
+        length = len(prompt_ids)
+        token = int(np.argmax(logits))
+        t1 = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits, past = step([token], past, length)
+            length += 1
+            token = int(np.argmax(logits))
+        decode.append(time.perf_counter() - t1)
+    return {"prefill_tok_s": len(prompt_ids) / float(np.median(prefill)),
+            "decode_tok_s": decode_tokens / float(np.median(decode))}
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    line = "| " + " | ".join(c.ljust(widths[c]) for c in columns) + " |"
+    sep = "|" + "|".join("-" * (widths[c] + 2) for c in columns) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return "" if v is None else str(v)
