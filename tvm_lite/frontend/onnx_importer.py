@@ -79,7 +79,8 @@ class _Importer:
         self.params: list[tuple[str, relax.Var, np.ndarray]] = []
         self.inputs: list[tuple[str, relax.Var]] = []
         self.sym_vars: dict[str, tvm.tirx.Var] = {}
-        self.stats = {"host_evaluated": 0, "tensor_ops": 0, "host_to_device_values": 0}
+        self._folded_transposes: dict = {}  # Transpose output name -> transposed weight Var
+        self.stats = {"host_evaluated": 0, "tensor_ops": 0, "weights_transposed_on_host": 0}
 
     # -- graph inputs and initializers ----------------------------------------------------------
     def _check_ops(self):
@@ -137,8 +138,6 @@ class _Importer:
     def _relax(self, v):
         """An input as TVM's converters want it: host values become constants/tensors."""
         if isinstance(v, HostValue):
-            if not v.is_concrete:
-                self.stats["host_to_device_values"] += 1
             return materialize(self.bb, v)
         return v
 
@@ -167,6 +166,9 @@ class _Importer:
             self.stats["host_evaluated"] += 1
             return [host]
 
+        if node.op_type == "Transpose" and node.output[0] in self._folded_transposes:
+            return [self._folded_transposes[node.output[0]]]
+
         self.stats["tensor_ops"] += 1
         if node.op_type in TENSOR_OPS_WITH_HOST_SHAPES:
             convert, shape_args = TENSOR_OPS_WITH_HOST_SHAPES[node.op_type]
@@ -187,6 +189,30 @@ class _Importer:
             return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out.ty.fields))]
         return [out]
 
+    def _fold_weight_transposes(self):
+        """Transposes of weights (a tied lm_head is ``MatMul(x, Transpose(embedding))``) are done
+        once here, on the host, into new parameters, not on every step on the device. A weight
+        used only through such transposes is dropped."""
+        by_name = {name: (var, array) for name, var, array in self.params}
+        uses: dict[str, int] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                uses[name] = uses.get(name, 0) + 1
+        folded_uses: dict[str, int] = {}
+        for node in self.graph.node:
+            if node.op_type != "Transpose" or node.input[0] not in by_name:
+                continue
+            var, array = by_name[node.input[0]]
+            perm = host_shapes._attr(node, "perm") or list(reversed(range(array.ndim)))
+            out = np.ascontiguousarray(np.transpose(array, perm))
+            new = relax.Var(f"{var.name}_T", relax.TensorType(list(out.shape), str(out.dtype)))
+            self.params.append((node.output[0], new, out))
+            self._folded_transposes[node.output[0]] = new
+            folded_uses[node.input[0]] = folded_uses.get(node.input[0], 0) + 1
+            self.stats["weights_transposed_on_host"] += 1
+        self.params = [p for p in self.params if folded_uses.get(p[0], 0) != uses.get(p[0], 0)
+                       or p[0] not in folded_uses]
+
     def _tvm_attrs(self, node):
         attrs = _tvm_onnx.ONNXGraphImporter._parse_attr(None, node.attribute)
         attrs["tvm_custom"] = {"name": node.name, "num_outputs": len(node.output)}
@@ -197,6 +223,7 @@ class _Importer:
         self._parse_inputs()
         host_shapes.declare_dims(self.sym_vars.values())
         self._parse_initializers()
+        self._fold_weight_transposes()
         func_params = [v for _, v in self.inputs] + [v for _, v, _ in self.params]
         with self.bb.function("main", params=func_params):
             with self.bb.dataflow():
