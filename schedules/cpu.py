@@ -21,18 +21,27 @@ def _is_cpu(target: Target) -> bool:
     return target.kind.name in ("llvm", "c")
 
 
+def _prepare(func, target):
+    """A schedule of ``func`` with injective producers inlined, and its blocks; None if the rule
+    does not apply (not a CPU target, or a function DLight cannot analyze)."""
+    if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    return sch, try_inline(sch, infos)
+
+
 class CPUMatmul(dl.ScheduleRule):
     """``C[..., i, j] += A[..., i, k] * B[..., k, j]``: parallel over column tiles, the reduction
     loop outside a vectorized column tile, so ``B`` is streamed row by row (contiguous)."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        prepared = _prepare(func, target)
+        if prepared is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline(sch, infos)
+        sch, infos = prepared
         reductions = [b for b in infos if b.is_reduction()]
         if len(reductions) != 1 or infos[0] is not reductions[0]:
             return None
@@ -70,13 +79,10 @@ class CPUParallel(dl.ScheduleRule):
     in parallel."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        prepared = _prepare(func, target)
+        if prepared is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline(sch, infos)
+        sch, infos = prepared
         for info in infos:
             loops = sch.get_loops(info.block_rv)
             lead = []

@@ -52,11 +52,25 @@ def _hash_file(path: Path, h) -> None:
         _hash_file(data, h)
 
 
+def _compiler_fingerprint() -> str:
+    """A hash of tvm_lite's own compiler code, so a changed pass or schedule recompiles."""
+    import tvm_lite.relax_passes
+    import tvm_lite.schedules
+
+    h = hashlib.sha256()
+    for pkg in (Path(__file__).parent, Path(tvm_lite.relax_passes.__file__).parent,
+                Path(tvm_lite.schedules.__file__).parent):
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def compile_key(onnx_path: Path, target: str, options: dict) -> str:
     import tvm
 
     h = hashlib.sha256()
     _hash_file(onnx_path, h)
+    h.update(_compiler_fingerprint().encode())
     h.update(json.dumps({"target": str(target), "options": options, "tvm_lite": __version__,
                          "tvm": tvm.__version__}, sort_keys=True).encode())
     return h.hexdigest()[:20]
