@@ -4,6 +4,8 @@ Exports and artifacts are cached under $TVM_LITE_CACHE (default ~/.cache/tvm_lit
 session reuses them.
 """
 
+import functools
+
 import pytest
 
 PROMPTS = [
@@ -14,44 +16,26 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def export_dir():
+    """export_dir(exporter) -> the cached export folder of the default model."""
     from tvm_lite.export import export_onnx
 
-    cache = {}
-
-    def get(exporter="dynamo"):
-        if exporter not in cache:
-            cache[exporter] = export_onnx(exporter=exporter)
-        return cache[exporter]
-
-    return get
+    return functools.cache(lambda exporter="dynamo": export_onnx(exporter=exporter))
 
 
 @pytest.fixture(scope="session")
 def artifact(export_dir):
+    """artifact(exporter) -> the compiled llvm artifact of that export."""
     from tvm_lite.artifact import compile_model
 
-    cache = {}
-
-    def get(exporter="dynamo"):
-        if exporter not in cache:
-            cache[exporter] = compile_model(export_dir(exporter), "llvm")
-        return cache[exporter]
-
-    return get
+    return functools.cache(lambda exporter="dynamo": compile_model(export_dir(exporter), "llvm"))
 
 
 @pytest.fixture(scope="session")
 def engine(artifact):
+    """engine(exporter) -> an Engine over that artifact, shared by the session."""
     from tvm_lite.engine import Engine
 
-    cache = {}
-
-    def get(exporter="dynamo"):
-        if exporter not in cache:
-            cache[exporter] = Engine(artifact(exporter))
-        return cache[exporter]
-
-    return get
+    return functools.cache(lambda exporter="dynamo": Engine(artifact(exporter)))
 
 
 @pytest.fixture(scope="session")

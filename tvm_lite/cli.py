@@ -73,8 +73,6 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
-    import time
-
     from .artifact import compile_model, load_manifest
     from .bench import _prompt_ids, bench_onnxruntime, bench_tvm, format_table
     from .engine import Engine
@@ -83,7 +81,6 @@ def cmd_bench(args):
     folder = Path(args.model) if args.model and Path(args.model).is_dir() else \
         export_onnx(args.model, exporter=args.exporter, progress=_log)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
         artifact = compile_model(folder, args.target, out_dir=tmp, force=True, progress=_log)
         manifest = load_manifest(artifact)
         engine = Engine(artifact)
