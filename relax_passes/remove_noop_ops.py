@@ -1,7 +1,8 @@
-"""RemoveNoOpOps: drop casts, reshapes and broadcasts that do not change their input.
+"""RemoveNoOpOps: drop casts, reshapes, broadcasts and concats that do not change their input.
 
 Torch exports are full of ``Cast(x, to=float)`` on float tensors and ``Expand``/``Reshape`` to
-the shape the tensor already has (``_to_copy``, ``expand_as``...). After host shape computing
+the shape the tensor already has (``_to_copy``, ``expand_as``...), and TorchScript exports
+concatenate a single tensor (``cat([past])``). After host shape computing
 those shapes are symbolic expressions the analyzer can compare, so the ops are provably no-ops.
 """
 
@@ -37,6 +38,8 @@ class _Remover(relax.PyExprMutator):
             or (name in ("relax.reshape", "relax.broadcast_to")
                 and self._same_shape(arg.ty, call.args[1]))
         )
+        if name == "relax.concat" and isinstance(arg, relax.Tuple) and len(arg.fields) == 1:
+            noop, arg = True, arg.fields[0]  # concat of one tensor (TorchScript's cat([past]))
         if noop:
             self.removed += 1
             return arg
@@ -45,7 +48,8 @@ class _Remover(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="RemoveNoOpOps")
 class RemoveNoOpOps:
-    """Drop casts to the same dtype and reshapes/broadcasts to the same (symbolic) shape."""
+    """Drop casts to the same dtype, reshapes/broadcasts to the same (symbolic) shape and
+    one-tensor concats."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         remover = _Remover(mod)

@@ -24,18 +24,20 @@ def export_dir():
 
 @pytest.fixture(scope="session")
 def artifact(export_dir):
-    """artifact(exporter) -> the compiled llvm artifact of that export."""
+    """artifact(exporter, kv_cache) -> the compiled llvm artifact of that export."""
     from tvm_lite.artifact import compile_model
 
-    return functools.cache(lambda exporter="dynamo": compile_model(export_dir(exporter), "llvm"))
+    return functools.cache(lambda exporter="dynamo", kv_cache="inplace":
+                           compile_model(export_dir(exporter), "llvm", kv_cache=kv_cache))
 
 
 @pytest.fixture(scope="session")
 def engine(artifact):
-    """engine(exporter) -> an Engine over that artifact, shared by the session."""
+    """engine(exporter, kv_cache) -> an Engine over that artifact, shared by the session."""
     from tvm_lite.engine import Engine
 
-    return functools.cache(lambda exporter="dynamo": Engine(artifact(exporter)))
+    return functools.cache(lambda exporter="dynamo", kv_cache="inplace":
+                           Engine(artifact(exporter, kv_cache)))
 
 
 @pytest.fixture(scope="session")

@@ -67,16 +67,18 @@ def test_chunked_prefill_equals_one_call(engine):
     assert int(np.argmax(chunked)) == int(np.argmax(one))
 
 
-def test_kv_copy_counter_and_context_limit(artifact):
+@pytest.mark.parametrize("kv_cache", ["inplace", "copy"])
+def test_kv_copy_counter_and_context_limit(artifact, kv_cache):
     from tvm_lite.engine import Engine
 
-    eng = Engine(artifact("dynamo"), max_context=48)
+    eng = Engine(artifact("dynamo", kv_cache), max_context=48)
     session = eng.new_session()
     ids = eng.encode_prompt("Hi")
     eng.prefill(session, ids)
     eng.forward(session, [ids[-1]])
-    layers, kvh, hd = eng.num_layers, eng.kv_shape[1], eng.kv_shape[3]
-    assert session.last_step_kv_bytes_copied == 2 * layers * kvh * hd * 4 * len(ids)
+    per_token = 2 * eng.num_layers * eng.kv_heads * eng.head_dim * 4
+    expected = 0 if kv_cache == "inplace" else per_token * len(ids)
+    assert session.last_step_kv_bytes_copied == expected
     before = session.length
     with pytest.raises(ContextLengthError, match="max_context=48"):
         eng.prefill(session, list(range(100, 160)))

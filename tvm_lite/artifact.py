@@ -112,8 +112,12 @@ def _export_library(ex, path: Path, target) -> None:
         ex.export_library(str(path))
 
 
-def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print) -> Path:
-    """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder."""
+def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
+                  kv_cache: str = "inplace") -> Path:
+    """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
+
+    ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
+    past/present interface); the engine reads it from the manifest."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
@@ -121,7 +125,9 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     onnx_path = _onnx_file(model)
     folder = onnx_path.parent
     tgt = parse_target(target)
-    options: dict = {}
+    if kv_cache not in ("inplace", "copy"):
+        raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")
+    options: dict = {"kv_cache": kv_cache}
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
     manifest_path = out / MANIFEST
@@ -139,7 +145,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     func = mod["main"]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
     t1 = time.perf_counter()
-    ex = build(mod, tgt)
+    ex = build(mod, tgt, kv_cache=kv_cache)
     t_compile = time.perf_counter() - t1
 
     out.mkdir(parents=True, exist_ok=True)

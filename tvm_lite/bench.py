@@ -88,3 +88,39 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.2f}"
     return "" if v is None else str(v)
+
+
+def bench_kv_cache(engines: dict, contexts=(128, 512, 2048), decode_tokens: int = 16,
+                   progress=print) -> list[dict]:
+    """Decode speed at growing contexts for each KV-cache path (``{"inplace": engine, "copy":
+    engine}``), in one run.
+
+    One session per path is prefilled with real text up to each context in turn (the same session
+    continues, so the cache really holds that many tokens), then decodes ``decode_tokens`` greedy
+    tokens; a row gives the median step's tok/s and the KV bytes the engine copied per step.
+    """
+    rows = []
+    for mode, engine in engines.items():
+        text = _prompt_ids(engine, max(contexts))
+        cursor = 0
+        session = engine.new_session()
+        token = text[0]
+        for context in contexts:
+            need = context - 1 - session.length  # the first decode step brings it to `context`
+            if need > 0:
+                progress(f"{mode}: prefill {need} tokens to reach {context}")
+                logits = engine.prefill(session, text[cursor:cursor + need], chunk_size=512)
+                cursor += need
+                token = int(np.argmax(logits))
+            steps, copied = [], []
+            for _ in range(decode_tokens):
+                t0 = time.perf_counter()
+                logits = engine.forward(session, [token])[-1]
+                steps.append(time.perf_counter() - t0)
+                copied.append(session.last_step_kv_bytes_copied)
+                token = int(np.argmax(logits))
+            rows.append({"context": context, "kv_cache": mode,
+                         "decode_tok_s": 1.0 / float(np.median(steps)),
+                         "kv_bytes_copied_per_step": int(np.median(copied)),
+                         "kv_MB_at_max_context": engine.kv_cache_bytes() / 1e6})
+    return rows

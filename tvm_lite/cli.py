@@ -53,7 +53,8 @@ def cmd_compile(args):
         from .export import export_onnx
 
         model = export_onnx(model, exporter=args.exporter, progress=_log)
-    out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log)
+    out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
+                        kv_cache=args.kv_cache)
     print(out)
 
 
@@ -100,6 +101,26 @@ def cmd_bench(args):
         print(format_table(rows, ["engine", "import s", "compile s", "prefill_tok_s", "decode_tok_s"]))
 
 
+def cmd_bench_kv(args):
+    from .artifact import compile_model
+    from .bench import bench_kv_cache, format_table
+    from .engine import Engine
+    from .export import export_onnx
+
+    folder = Path(args.model) if args.model and Path(args.model).is_dir() else \
+        export_onnx(args.model, exporter=args.exporter, progress=_log)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    max_context = args.max_context or max(contexts) + args.decode_tokens
+    engines = {mode: Engine(compile_model(folder, args.target, kv_cache=mode, progress=_log),
+                            max_context=max_context) for mode in ("inplace", "copy")}
+    rows = bench_kv_cache(engines, contexts, args.decode_tokens, progress=_log)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows, ["context", "kv_cache", "decode_tok_s",
+                                  "kv_bytes_copied_per_step", "kv_MB_at_max_context"]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tvm-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +138,9 @@ def main(argv=None):
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     p.add_argument("-o", "--output", default=None)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--kv-cache", default="inplace", choices=["inplace", "copy"],
+                   help="one cache per layer written in place (default), or the exported "
+                        "past/present copies")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="answer a prompt")
@@ -139,6 +163,15 @@ def main(argv=None):
     p.add_argument("--no-onnxruntime", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("bench-kv", help="decode tok/s and KV copies/memory: in-place vs past/present")
+    _add_model_args(p)
+    p.add_argument("--contexts", default="128,512,2048")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="cache rows per session (default: the largest context + decode tokens)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench_kv)
 
     args = parser.parse_args(argv)
     from .artifact import ArtifactError

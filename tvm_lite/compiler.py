@@ -19,13 +19,18 @@ def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
     return mod, params
 
 
-def build(mod: tvm.IRModule, target="llvm", *, dump_dir: str | None = None):
+def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
+          dump_dir: str | None = None):
     """Compile ``mod`` for ``target`` through tvm_lite's pipeline.
 
     ``target`` is a classic string (``"llvm"``, ``"cuda -arch=sm_90"``, ``"opencl -device=adreno"``,
     ``"opencl -device=mali"``, ``"vulkan"``), a dict or a ``tvm.target.Target``. Returns the
     ``tvm.runtime.Executable``; the weights stay out of it (they are the ``params`` attribute of
     the imported module: see :func:`detach_params`).
+
+    ``kv_cache``: ``"auto"`` (default) turns a decoder's past/present KV interface into one
+    in-place cache per layer (``relax_passes/inplace_kv_cache.py`` documents the new signature),
+    ``"inplace"`` insists on it, ``"copy"`` keeps the exported past/present interface.
     """
     tgt = parse_target(target)
     check_codegen(tgt)
@@ -33,7 +38,7 @@ def build(mod: tvm.IRModule, target="llvm", *, dump_dir: str | None = None):
     with tgt:
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
-                                                             dump_dir=dump_dir))
+                                                             dump_dir=dump_dir, kv_cache=kv_cache))
 
 
 def device_source(executable, kind: str = "opencl") -> str:

@@ -2,9 +2,17 @@
 
 Runs in a runtime-only TVM process (``TVM_USE_RUNTIME_LIB=1``): it imports ``tvm.runtime`` only.
 
-The KV cache here still round-trips through the model's ``past``/``present`` tensors: every step
-the model concatenates the whole past with the new rows into fresh ``present`` tensors. The engine
-counts those bytes (``Session.kv_bytes_copied``) so the in-place KV cache can show the saving.
+Two KV-cache conventions, chosen at compile time (``manifest["options"]["kv_cache"]``):
+
+* ``inplace`` (default): the model takes one ``(max_context, kv_heads, head_dim)`` cache per layer
+  and K/V, allocated once per session, plus the write offset ``past_len``; it writes the new rows in
+  place and returns only the logits (``relax_passes/inplace_kv_cache.py``). Nothing is copied
+  between steps.
+* ``copy``: the exported past/present interface. Every step the model concatenates the whole past
+  with the new rows into fresh ``present`` tensors, which become the next step's past.
+
+``Session.kv_bytes_copied`` counts the KV bytes the present -> past round trip copies (0 in place),
+and ``Engine.kv_cache_bytes`` the KV memory each convention holds.
 """
 
 from __future__ import annotations
@@ -57,7 +65,11 @@ class GenerationResult:
 
 @dataclass
 class Session:
-    """One conversation's state: the KV tensors and the tokens they hold."""
+    """One conversation's state: the KV tensors and the tokens they hold.
+
+    ``past``: the caches (in place: allocated once at ``max_context`` rows and written in place;
+    copy: the last step's presents). ``length``: the tokens they hold (the next write offset).
+    """
 
     past: list
     length: int = 0
@@ -88,16 +100,29 @@ class Engine:
         self.tokenizer = Tokenizer(self.path, self.model.get("chat_template"),
                                    self.model.get("bos_token_id"))
         self.num_layers = int(self.model["num_layers"])
-        self.kv_shape = (1, int(self.model["num_kv_heads"]), 0, int(self.model["head_dim"]))
+        self.kv_heads, self.head_dim = int(self.model["num_kv_heads"]), int(self.model["head_dim"])
         self.kv_dtype = self.model.get("dtype", "float32")
+        self.kv_mode = self.manifest.get("options", {}).get("kv_cache", "copy")
         limit = int(self.model.get("max_context", 2048))
         self.max_context = min(max_context, limit) if max_context else limit
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
 
     # -- the model, one call ----------------------------------------------------------------------
+    def kv_cache_bytes(self, context: int | None = None) -> int:
+        """KV memory a session holds at ``context`` tokens (default ``max_context``): one cache
+        instance in place; during a copy-path step, the past and the present are both alive."""
+        context = self.max_context if context is None else context
+        one = 2 * self.num_layers * context * self.kv_heads * self.head_dim \
+            * np.dtype(self.kv_dtype).itemsize
+        return one if self.kv_mode == "inplace" else 2 * one
+
     def new_session(self) -> Session:
-        empty = np.zeros(self.kv_shape, self.kv_dtype)
-        return Session(past=[tvm.runtime.tensor(empty, self.dev) for _ in range(2 * self.num_layers)])
+        if self.kv_mode == "inplace":  # the one allocation of the session's KV memory
+            shape = (self.max_context, self.kv_heads, self.head_dim)
+        else:
+            shape = (1, self.kv_heads, 0, self.head_dim)
+        return Session(past=[tvm.runtime.empty(shape, self.kv_dtype, self.dev)
+                             for _ in range(2 * self.num_layers)])
 
     def forward(self, session: Session, ids) -> np.ndarray:
         """Run ``ids`` through the model after ``session``'s tokens; return the logits of every
@@ -112,10 +137,17 @@ class Engine:
         mask = np.ones((1, total), "int64")
         pos = np.arange(session.length, total, dtype="int64")[None]
         args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
-        out = self._main(*args, *session.past, *self.params)
-        # present -> past: the model has copied every past row into the new present tensors.
-        copied = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in session.past)
-        session.past = [out[i] for i in range(1, 2 * self.num_layers + 1)]
+        if self.kv_mode == "inplace":
+            # the model writes rows [length, total) of each cache in place
+            out = self._main(*args, tvm.runtime.ShapeTuple([session.length]), *session.past,
+                             *self.params)
+            copied = 0
+        else:
+            out = self._main(*args, *session.past, *self.params)
+            # present -> past: the model has copied every past row into the new present tensors.
+            copied = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize
+                         for p in session.past)
+            session.past = [out[i] for i in range(1, 2 * self.num_layers + 1)]
         session.last_step_kv_bytes_copied = copied
         session.kv_bytes_copied += copied
         session.length = total

@@ -3,7 +3,8 @@
 Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches live here and in
 ``schedules/``, never inside a pass.
 
-    Phase 1  graph clean-up        stock canonicalization + tvm_lite's RemoveNoOpOps
+    Phase 1  graph                 stock canonicalization + tvm_lite's RemoveNoOpOps; the in-place
+                                   KV cache (InplaceKVCache) unless kv_cache="copy"
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
     Phase 3  schedule              schedules.rules_for(target): CPU rules or GPU rules
     Phase 4  VM lowering           dataflow lowering, memory planning, VM shape lowering
@@ -19,7 +20,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import RemoveNoOpOps
+from tvm_lite.relax_passes import InplaceKVCache, RemoveNoOpOps
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -37,12 +38,25 @@ def _dump(phase: str, dump_dir: str | None):
     return dump
 
 
-def phases(target: tvm.target.Target) -> list[tuple[str, list]]:
-    """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order)."""
+KV_CACHE_MODES = ("auto", "inplace", "copy")
+
+
+def phases(target: tvm.target.Target, kv_cache: str = "auto") -> list[tuple[str, list]]:
+    """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
+
+    ``kv_cache``: "inplace" rewrites the past/present KV interface into one in-place cache per
+    layer (an error if the model has none), "auto" does so when the model has one, "copy" keeps
+    the exported interface.
+    """
+    if kv_cache not in KV_CACHE_MODES:
+        raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHE_MODES}")
+    kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace")]
     return [
         ("1_graph", [
             relax.transform.CanonicalizeBindings(),
             RemoveNoOpOps(),
+            relax.transform.CanonicalizeBindings(),  # forward the aliases RemoveNoOpOps leaves
+            *kv_passes,
             relax.transform.EliminateCommonSubexpr(),
             relax.transform.DeadCodeElimination(),
         ]),
@@ -76,15 +90,16 @@ def phases(target: tvm.target.Target) -> list[tuple[str, list]]:
 
 
 @relax.register_pipeline(PIPELINE_NAME)
-def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None):
+def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None,
+                      kv_cache: str = "auto"):
     """The whole pipeline as one pass. ``dump_dir`` (or ``$TVM_LITE_DUMP_IR``) gets the IR after
-    each phase."""
+    each phase; ``kv_cache`` as in :func:`phases`."""
     dump_dir = dump_dir or os.environ.get("TVM_LITE_DUMP_IR")
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lite_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for name, passes in phases(target):
+            for name, passes in phases(target, kv_cache):
                 mod = tvm.transform.Sequential([*passes, _dump(name, dump_dir)], name=name)(mod)
         return mod
 

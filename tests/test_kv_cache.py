@@ -1,0 +1,162 @@
+"""The in-place KV cache (relax_passes/inplace_kv_cache.py) against the exported past/present path."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I, relax as R, tirx as T
+
+import tvm_lite
+from conftest import PROMPTS
+from tvm_lite.engine import ContextLengthError, Engine, GenerationConfig
+from tvm_lite.relax_passes import KVCacheRewriteError
+
+NEW_TOKENS = 32
+
+
+def _phase1(mod, kv_cache="inplace"):
+    """The module after tvm_lite's graph phase (where the KV rewrite happens)."""
+    from tvm_lite.pipeline import phases
+
+    name, passes = phases(tvm.target.Target({"kind": "llvm"}), kv_cache)[0]
+    assert name == "1_graph"
+    return tvm.transform.Sequential(passes)(mod)
+
+
+# -- the pass on small graphs ----------------------------------------------------------------------
+def _decoder_layer(sliced: bool):
+    """A one-layer "decoder with past" in the exported layout; ``sliced``: a sliding window that
+    slices the past before the concat (not the pattern the pass rewrites)."""
+
+    @I.ir_module
+    class Mod:
+        @R.function
+        def main(x: R.Tensor((1, "seq", 8), "float32"), past_k: R.Tensor((1, 2, "past_seq", 4), "float32"),
+                 w: R.Tensor((8, 8), "float32")):
+            R.func_attr({"num_input": 2, "tvm_lite.input_names": ["x", "past.k"],
+                         "tvm_lite.output_names": ["logits", "present.k"]})
+            seq = T.int64()
+            past_seq = T.int64()
+            with R.dataflow():
+                h = R.matmul(x, w)
+                k = R.permute_dims(R.reshape(h, R.shape([1, seq, 2, 4])), [0, 2, 1, 3])
+                p = R.strided_slice(past_k, [2], [1], [past_seq]) if sliced else past_k
+                present = R.concat([p, k], axis=2)
+                q = R.permute_dims(R.reshape(h, R.shape([1, seq, 2, 4])), [0, 2, 1, 3])
+                scores = R.matmul(q, R.permute_dims(present, [0, 1, 3, 2]))
+                gv = (scores, present)
+                R.output(gv)
+            return gv
+
+    return Mod
+
+
+def test_pass_rewrites_a_small_decoder_and_runs_in_place():
+    mod = _phase1(_decoder_layer(sliced=False))
+    main = mod["main"]
+    assert [p.name for p in main.params] == ["x", "past_len", "cache_k", "w"]
+    assert list(main.attrs["tvm_lite.output_names"]) == ["logits"]
+    assert "concat" not in main.script()
+    ex = tvm_lite.build(mod, "llvm", kv_cache="copy")  # already rewritten
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8)).astype("float32")
+    cache = tvm.runtime.tensor(np.zeros((10, 2, 4), "float32"))
+    xs = rng.standard_normal((1, 5, 8)).astype("float32")
+    # two calls (3 tokens, then 2) write rows 0..4 of the one cache buffer
+    vm["main"](tvm.runtime.tensor(xs[:, :3]), tvm.runtime.ShapeTuple([0]), cache, tvm.runtime.tensor(w))
+    out = vm["main"](tvm.runtime.tensor(xs[:, 3:]), tvm.runtime.ShapeTuple([3]), cache, tvm.runtime.tensor(w))
+    k_all = (xs[0] @ w).reshape(5, 2, 4)
+    np.testing.assert_allclose(cache.numpy()[:5], k_all, rtol=1e-5, atol=1e-5)
+    assert not cache.numpy()[5:].any()
+    scores = out[0].numpy()
+    q = (xs[0, 3:] @ w).reshape(2, 2, 4)
+    expect = np.einsum("shd,thd->hst", q, k_all)[None]
+    np.testing.assert_allclose(scores, expect, rtol=1e-4, atol=1e-4)
+    # writing past the end is an error, not a silent overwrite
+    with pytest.raises(Exception, match="KV cache overflow"):
+        vm["main"](tvm.runtime.tensor(xs[:, :3]), tvm.runtime.ShapeTuple([8]), cache, tvm.runtime.tensor(w))
+
+
+def test_pass_refuses_a_pattern_it_cannot_rewrite_and_copy_mode_builds_it():
+    with pytest.raises(KVCacheRewriteError, match="past.k"):
+        _phase1(_decoder_layer(sliced=True), "inplace")
+    with pytest.raises(KVCacheRewriteError, match="past.k"):
+        _phase1(_decoder_layer(sliced=True), "auto")  # a partial pattern is never skipped silently
+    tvm_lite.build(_decoder_layer(sliced=True), "llvm", kv_cache="copy")
+
+
+# -- the real model --------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_ir_has_no_kv_concat_and_no_presents(exporter, export_dir):
+    mod = _phase1(tvm_lite.from_onnx(export_dir(exporter) / "model.onnx"))
+    main = mod["main"]
+    assert list(main.attrs["tvm_lite.output_names"]) == ["logits"]
+    caches = [p for p in main.params if p.name.startswith("cache_")]
+    assert len(caches) == 2 * 30
+    assert all(str(c.ty.shape) == "R.shape([cache_len, 3, 64])" for c in caches)  # seq first
+    text = main.script(show_meta=False)
+    concats = [line for line in text.splitlines() if "R.concat(" in line]
+    assert not [line for line in concats if "past_seq" in line and "float32" in line]
+    assert text.count("R.call_tir_inplace(") == 60 and text.count("R.memory.view(") == 60
+
+
+@pytest.mark.slow
+def test_same_greedy_tokens_as_the_copy_path(engine):
+    inplace, copy = engine("dynamo", "inplace"), engine("dynamo", "copy")
+    assert (inplace.kv_mode, copy.kv_mode) == ("inplace", "copy")
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, stop_token_ids=())
+    for prompt in PROMPTS:
+        a, b = inplace.generate(prompt, cfg), copy.generate(prompt, cfg)
+        assert len(a.token_ids) == NEW_TOKENS and a.token_ids == b.token_ids, prompt
+
+
+@pytest.mark.slow
+def test_multi_turn_continuation_equals_one_long_prompt(engine):
+    eng = engine("dynamo")
+    first = eng.encode_prompt([{"role": "user", "content": PROMPTS[0]}])
+    session = eng.new_session()
+    answer = eng.generate(np.array(first), GenerationConfig(max_new_tokens=8, stop_token_ids=()),
+                          session=session)
+    fed = first + answer.token_ids[:-1]  # the last sampled token is not in the cache yet
+    assert session.tokens == fed
+    follow = eng.tokenizer.encode(" And of Italy?")
+    turn2 = eng.prefill(session, [answer.token_ids[-1], *follow])
+    one = eng.prefill(eng.new_session(), fed + [answer.token_ids[-1], *follow])
+    np.testing.assert_allclose(turn2, one, rtol=1e-4, atol=2e-4)
+    assert int(np.argmax(turn2)) == int(np.argmax(one))
+
+
+@pytest.mark.slow
+def test_one_cache_instance_allocated_once(artifact):
+    eng = Engine(artifact("dynamo"), max_context=256)
+    session = eng.new_session()
+    buffers = [t.data_ptr() for t in session.past]
+    held = sum(int(np.prod(t.shape)) * 4 for t in session.past)
+    assert held == eng.kv_cache_bytes() == 2 * 30 * 256 * 3 * 64 * 4
+    ids = eng.encode_prompt(PROMPTS[1])
+    eng.prefill(session, ids, chunk_size=7)
+    for token in (42, 43, 44):
+        eng.forward(session, [token])
+        assert session.last_step_kv_bytes_copied == 0
+    assert [t.data_ptr() for t in session.past] == buffers  # written in place, never replaced
+    assert session.kv_bytes_copied == 0
+    copy = Engine(artifact("dynamo", "copy"), max_context=256)
+    assert copy.kv_cache_bytes() == 2 * held  # past + present alive during a step
+    # a prompt past max_context is refused before anything runs; the session stays usable
+    before = session.length
+    with pytest.raises(ContextLengthError, match="max_context=256"):
+        eng.prefill(session, [100] * 300)
+    assert session.length == before
+    eng.forward(session, [45])
+    assert session.length == before + 1
+
+
+@pytest.mark.slow
+def test_adreno_opencl_has_the_kv_write_and_no_kv_concat(export_dir):
+    mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+    src = tvm_lite.device_source(tvm_lite.build(mod, "opencl -device=adreno"), "opencl")
+    assert "__kernel void kv_write_kernel(" in src
+    assert "past_key_values" not in src  # no kernel reads a past input: there are none
+    assert "get_local_id" in src
