@@ -1,6 +1,9 @@
 """tvm_lite's Relax passes, one per file, each named for what it does."""
 
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
+from .plan_symbolic_arena import PlanSymbolicArena
 from .remove_noop_ops import RemoveNoOpOps
+from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "RemoveNoOpOps"]
+__all__ = ["InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
+           "RemoveNoOpOps", "SplitPrefillDecode"]

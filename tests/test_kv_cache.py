@@ -53,19 +53,20 @@ def _decoder_layer(sliced: bool):
 
 def test_pass_rewrites_a_small_decoder_and_runs_in_place():
     mod = _phase1(_decoder_layer(sliced=False))
-    main = mod["main"]
+    assert {gv.name_hint for gv in mod.get_global_vars()} >= {"prefill", "decode"}
+    main = mod["prefill"]
     assert [p.name for p in main.params] == ["x", "past_len", "cache_k", "w"]
     assert list(main.attrs["tvm_lite.output_names"]) == ["logits"]
     assert "concat" not in main.script()
-    ex = tvm_lite.build(mod, "llvm", kv_cache="copy")  # already rewritten
+    ex = tvm_lite.build(mod, "llvm", kv_cache="copy", memory_plan="tvm")  # already rewritten
     vm = relax.VirtualMachine(ex, tvm.cpu())
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype("float32")
     cache = tvm.runtime.tensor(np.zeros((10, 2, 4), "float32"))
     xs = rng.standard_normal((1, 5, 8)).astype("float32")
     # two calls (3 tokens, then 2) write rows 0..4 of the one cache buffer
-    vm["main"](tvm.runtime.tensor(xs[:, :3]), tvm.runtime.ShapeTuple([0]), cache, tvm.runtime.tensor(w))
-    out = vm["main"](tvm.runtime.tensor(xs[:, 3:]), tvm.runtime.ShapeTuple([3]), cache, tvm.runtime.tensor(w))
+    vm["prefill"](tvm.runtime.tensor(xs[:, :3]), tvm.runtime.ShapeTuple([0]), cache, tvm.runtime.tensor(w))
+    out = vm["prefill"](tvm.runtime.tensor(xs[:, 3:]), tvm.runtime.ShapeTuple([3]), cache, tvm.runtime.tensor(w))
     k_all = (xs[0] @ w).reshape(5, 2, 4)
     np.testing.assert_allclose(cache.numpy()[:5], k_all, rtol=1e-5, atol=1e-5)
     assert not cache.numpy()[5:].any()
@@ -75,7 +76,7 @@ def test_pass_rewrites_a_small_decoder_and_runs_in_place():
     np.testing.assert_allclose(scores, expect, rtol=1e-4, atol=1e-4)
     # writing past the end is an error, not a silent overwrite
     with pytest.raises(Exception, match="KV cache overflow"):
-        vm["main"](tvm.runtime.tensor(xs[:, :3]), tvm.runtime.ShapeTuple([8]), cache, tvm.runtime.tensor(w))
+        vm["prefill"](tvm.runtime.tensor(xs[:, :3]), tvm.runtime.ShapeTuple([8]), cache, tvm.runtime.tensor(w))
 
 
 def test_pass_refuses_a_pattern_it_cannot_rewrite_and_copy_mode_builds_it():
@@ -91,7 +92,7 @@ def test_pass_refuses_a_pattern_it_cannot_rewrite_and_copy_mode_builds_it():
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_ir_has_no_kv_concat_and_no_presents(exporter, export_dir):
     mod = _phase1(tvm_lite.from_onnx(export_dir(exporter) / "model.onnx"))
-    main = mod["main"]
+    main = mod["prefill"]
     assert list(main.attrs["tvm_lite.output_names"]) == ["logits"]
     caches = [p for p in main.params if p.name.startswith("cache_")]
     assert len(caches) == 2 * 30

@@ -113,11 +113,12 @@ def _export_library(ex, path: Path, target) -> None:
 
 
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
-                  kv_cache: str = "inplace") -> Path:
+                  kv_cache: str = "inplace", memory_plan: str = "arena") -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
 
     ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
-    past/present interface); the engine reads it from the manifest."""
+    past/present interface); ``memory_plan``: "arena" (activations in workspace buffers the
+    engine allocates once) or "tvm"; the engine reads both from the manifest."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
@@ -127,7 +128,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     tgt = parse_target(target)
     if kv_cache not in ("inplace", "copy"):
         raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")
-    options: dict = {"kv_cache": kv_cache}
+    options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan}
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
     manifest_path = out / MANIFEST
@@ -145,7 +146,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     func = mod["main"]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
     t1 = time.perf_counter()
-    ex = build(mod, tgt, kv_cache=kv_cache)
+    ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan)
     t_compile = time.perf_counter() - t1
 
     out.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,37 @@ def cmd_bench_kv(args):
                                   "kv_bytes_copied_per_step", "kv_MB_at_max_context"]))
 
 
+def cmd_memory(args):
+    from . import memory
+    from .artifact import compile_model
+    from .bench import _prompt_ids, format_table
+    from .engine import Engine
+    from .export import export_onnx
+    from .frontend import from_onnx
+
+    folder = Path(args.model) if args.model and Path(args.model).is_dir() else \
+        export_onnx(args.model, exporter=args.exporter, progress=_log)
+    seqs = [int(s) for s in args.seqs.split(",")]
+    _log("planning activation memory (none / TVM / TVM with a bound / tvm_lite)")
+    rows = memory.plan_table(from_onnx(folder / "model.onnx"), seqs, past=0, bound=args.bound)
+    rows += memory.plan_table(from_onnx(folder / "model.onnx"), [1], past=args.bound - 1,
+                              bound=args.bound)
+    print(format_table(rows, list(rows[0])))
+    steps = []
+    for kv, plan in (("inplace", "arena"), ("copy", "tvm")):
+        engine = Engine(compile_model(folder, "llvm", kv_cache=kv, memory_plan=plan, progress=_log),
+                        max_context=args.bound)
+        counter = memory.StepCounter(engine.vm)
+        session = engine.new_session()
+        engine.prefill(session, _prompt_ids(engine, 100))
+        engine.forward(session, [42])  # warm-up
+        counter.reset()
+        engine.forward(session, [43])
+        steps.append({"engine": f"kv={kv}, plan={plan}", "allocations per decode step":
+                      counter.allocations, "VM calls": sum(counter.calls.values())})
+    print(format_table(steps, list(steps[0])))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tvm-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +203,12 @@ def main(argv=None):
                    help="cache rows per session (default: the largest context + decode tokens)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench_kv)
+
+    p = sub.add_parser("memory", help="planned activation memory per function; allocations per step")
+    _add_model_args(p, target=False)
+    p.add_argument("--seqs", default="1,128,512,2048")
+    p.add_argument("--bound", type=int, default=2048, help="the upper bound given to TVM's plan")
+    p.set_defaults(fn=cmd_memory)
 
     args = parser.parse_args(argv)
     from .artifact import ArtifactError

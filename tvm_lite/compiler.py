@@ -20,7 +20,7 @@ def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
 
 
 def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
-          dump_dir: str | None = None):
+          memory_plan: str = "arena", dump_dir: str | None = None):
     """Compile ``mod`` for ``target`` through tvm_lite's pipeline.
 
     ``target`` is a classic string (``"llvm"``, ``"cuda -arch=sm_90"``, ``"opencl -device=adreno"``,
@@ -30,7 +30,12 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
 
     ``kv_cache``: ``"auto"`` (default) turns a decoder's past/present KV interface into one
     in-place cache per layer (``relax_passes/inplace_kv_cache.py`` documents the new signature),
-    ``"inplace"`` insists on it, ``"copy"`` keeps the exported past/present interface.
+    ``"inplace"`` insists on it, ``"copy"`` keeps the exported past/present interface. An in-place
+    decoder comes out as two functions, ``prefill`` and ``decode`` (one new token).
+
+    ``memory_plan``: ``"arena"`` (default) plans prefill's and decode's activations into workspace
+    buffers the caller allocates once (``relax_passes/plan_symbolic_arena.py``); ``"tvm"`` keeps
+    TVM's StaticPlanBlockMemory alone.
     """
     tgt = parse_target(target)
     check_codegen(tgt)
@@ -38,7 +43,8 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
     with tgt:
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
-                                                             dump_dir=dump_dir, kv_cache=kv_cache))
+                                                             dump_dir=dump_dir, kv_cache=kv_cache,
+                                                             memory_plan=memory_plan))
 
 
 def device_source(executable, kind: str = "opencl") -> str:

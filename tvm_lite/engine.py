@@ -30,6 +30,9 @@ from .artifact import LIBRARY, PARAMS, load_manifest
 from .tokenizer import Tokenizer
 
 
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256)  # prefill calls are padded up to one of these
+
+
 class ContextLengthError(ValueError):
     """A prompt that does not fit in the context window; nothing was run."""
 
@@ -76,6 +79,7 @@ class Session:
     tokens: list = field(default_factory=list)
     kv_bytes_copied: int = 0  # total, over all steps
     last_step_kv_bytes_copied: int = 0
+    last_call: tuple = ()  # (function, padded token count) of the last in-place call
 
 
 def _device(name: str):
@@ -86,14 +90,22 @@ def _device(name: str):
 class Engine:
     """Load an artifact and generate text with it."""
 
-    def __init__(self, artifact, device: str = "cpu", max_context: int | None = None):
+    def __init__(self, artifact, device: str = "cpu", max_context: int | None = None,
+                 buckets=DEFAULT_BUCKETS, prefill_chunk: int | None = None):
+        """``buckets``: the token counts a prefill call is padded up to (``None``/``()``: no
+        padding); ``prefill_chunk``: the most tokens one prefill call takes (default: the largest
+        bucket, or 256). In-place artifacts only: the copy path neither pads nor chunks."""
         self.path = Path(artifact)
         self.manifest = load_manifest(self.path)
         self.model = self.manifest.get("model", {})
         self.dev = _device(device)
         lib = tvm.runtime.load_module(str(self.path / LIBRARY))
         self.vm = VirtualMachine(lib, self.dev)
-        self._main = self.vm["main"]
+        options = self.manifest.get("options", {})
+        self.kv_mode = options.get("kv_cache", "copy")
+        self.split = self.kv_mode == "inplace"  # in-place decoders come as prefill + decode
+        self.arena = self.split and options.get("memory_plan") == "arena"
+        self._main = None if self.split else self.vm["main"]
         with np.load(self.path / PARAMS) as weights:
             self.params = [tvm.runtime.tensor(weights[f"p{i}"], self.dev)
                            for i in range(len(weights.files))]
@@ -102,12 +114,40 @@ class Engine:
         self.num_layers = int(self.model["num_layers"])
         self.kv_heads, self.head_dim = int(self.model["num_kv_heads"]), int(self.model["head_dim"])
         self.kv_dtype = self.model.get("dtype", "float32")
-        self.kv_mode = self.manifest.get("options", {}).get("kv_cache", "copy")
         limit = int(self.model.get("max_context", 2048))
         self.max_context = min(max_context, limit) if max_context else limit
+        self.buckets = tuple(sorted(buckets)) if (buckets and self.split) else ()
+        self.prefill_chunk = (prefill_chunk or (self.buckets[-1] if self.buckets else 256)) \
+            if self.split else None
+        if self.buckets and self.prefill_chunk > self.buckets[-1]:
+            raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds the largest bucket "
+                             f"{self.buckets[-1]}")
+        self.workspace = self._allocate_workspace() if self.arena else {}
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
 
     # -- the model, one call ----------------------------------------------------------------------
+    # -- activation memory: allocated once (relax_passes/plan_symbolic_arena.py) ----------------
+    def workspace_bytes(self, function: str, tokens: int, past: int) -> list[int]:
+        """The planned bytes of each workspace buffer of ``function`` for a call with ``tokens``
+        new tokens after ``past`` cached ones (computed by the compiled model itself)."""
+        size_of = self.vm[f"{function}_workspace_bytes"]
+        ids = tvm.runtime.empty((1, tokens), "int64", self.dev)
+        mask = tvm.runtime.empty((1, past + tokens), "int64", self.dev)
+        empty = [tvm.runtime.empty((0, self.kv_heads, self.head_dim), self.kv_dtype, self.dev)
+                 for _ in range(2 * self.num_layers)]  # only their shapes' types are checked
+        return [int(v) for v in size_of(ids, mask, ids, tvm.runtime.ShapeTuple([past]), *empty)]
+
+    def _allocate_workspace(self) -> dict:
+        """One set of buffers for both functions (they never run at once), sized for the largest
+        call: every size is a product of dims, so it grows with tokens and past alike."""
+        need = {"decode": self.workspace_bytes("decode", 1, self.max_context),
+                "prefill": self.workspace_bytes("prefill", self.prefill_chunk, self.max_context)}
+        count = max(len(v) for v in need.values())
+        sizes = [max(v[i] if i < len(v) else 0 for v in need.values()) for i in range(count)]
+        buffers = [tvm.runtime.empty((max(size, 1),), "uint8", self.dev) for size in sizes]
+        self.workspace_total_bytes = sum(sizes)
+        return {name: buffers[:len(v)] for name, v in need.items()}
+
     def kv_cache_bytes(self, context: int | None = None) -> int:
         """KV memory a session holds at ``context`` tokens (default ``max_context``): one cache
         instance in place; during a copy-path step, the past and the present are both alive."""
@@ -124,25 +164,51 @@ class Engine:
         return Session(past=[tvm.runtime.empty(shape, self.kv_dtype, self.dev)
                              for _ in range(2 * self.num_layers)])
 
+    def padded_length(self, n: int, past: int) -> int:
+        """The bucket ``n`` new tokens are padded to (``n`` itself without buckets, for decode, or
+        when the bucket would not fit in the cache)."""
+        if n == 1 or not self.buckets:
+            return n
+        bucket = next((b for b in self.buckets if b >= n), n)
+        return bucket if past + bucket <= self.max_context else n
+
     def forward(self, session: Session, ids) -> np.ndarray:
         """Run ``ids`` through the model after ``session``'s tokens; return the logits of every
-        position ([n, vocab]) and advance the session."""
+        position ([n, vocab]) and advance the session.
+
+        In place, one new token runs ``decode``; more run ``prefill``, padded up to a bucket: the
+        padding sits after the real tokens with attention mask 0, so causal attention keeps it
+        out of every real position, and its K/V rows (past the session's length) are overwritten
+        by the next tokens."""
         ids = np.asarray(ids, dtype="int64").reshape(1, -1)
         n = ids.shape[1]
         if session.length + n > self.max_context:
             raise ContextLengthError(
                 f"{session.length} tokens in the session + {n} new tokens = {session.length + n} "
                 f"exceeds max_context={self.max_context}")
-        total = session.length + n
-        mask = np.ones((1, total), "int64")
-        pos = np.arange(session.length, total, dtype="int64")[None]
-        args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
+        if self.prefill_chunk and n > self.prefill_chunk:
+            raise ValueError(f"forward takes at most prefill_chunk={self.prefill_chunk} tokens, got "
+                             f"{n}: use prefill(), which chunks")
         if self.kv_mode == "inplace":
+            padded = self.padded_length(n, session.length)
+            total = session.length + padded
+            mask = np.zeros((1, total), "int64")
+            mask[0, :session.length + n] = 1
+            pos = np.arange(session.length, total, dtype="int64")[None]
+            ids = np.pad(ids, ((0, 0), (0, padded - n)))
+            args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
+            function = "decode" if padded == 1 else "prefill"
             # the model writes rows [length, total) of each cache in place
-            out = self._main(*args, tvm.runtime.ShapeTuple([session.length]), *session.past,
-                             *self.params)
+            out = self.vm[function](*args, tvm.runtime.ShapeTuple([session.length]), *session.past,
+                                    *self.workspace.get(function, ()), *self.params)
+            session.last_call = (function, padded)
             copied = 0
+            total = session.length + n
         else:
+            total = session.length + n
+            mask = np.ones((1, total), "int64")
+            pos = np.arange(session.length, total, dtype="int64")[None]
+            args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
             out = self._main(*args, *session.past, *self.params)
             # present -> past: the model has copied every past row into the new present tensors.
             copied = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize
@@ -150,9 +216,9 @@ class Engine:
             session.past = [out[i] for i in range(1, 2 * self.num_layers + 1)]
         session.last_step_kv_bytes_copied = copied
         session.kv_bytes_copied += copied
+        session.tokens.extend(int(t) for t in ids[0, :n])
         session.length = total
-        session.tokens.extend(int(t) for t in ids[0])
-        return out[0].numpy()[0]
+        return out[0].numpy()[0, :n]
 
     def prefill(self, session: Session, ids, chunk_size: int | None = None) -> np.ndarray:
         """Feed a prompt (in chunks of ``chunk_size`` tokens); return the last position's logits."""
@@ -161,7 +227,7 @@ class Engine:
             raise ContextLengthError(
                 f"prompt of {len(ids)} tokens after {session.length} in the session exceeds "
                 f"max_context={self.max_context}")
-        step = chunk_size or len(ids)
+        step = min(chunk_size or len(ids), self.prefill_chunk or len(ids))
         logits = None
         for start in range(0, len(ids), step):
             logits = self.forward(session, ids[start:start + step])

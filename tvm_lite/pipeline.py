@@ -4,10 +4,13 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
 ``schedules/``, never inside a pass.
 
     Phase 1  graph                 stock canonicalization + tvm_lite's RemoveNoOpOps; the in-place
-                                   KV cache (InplaceKVCache) unless kv_cache="copy"
+                                   KV cache (InplaceKVCache) unless kv_cache="copy", then main
+                                   split into prefill + decode (SplitPrefillDecode)
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
     Phase 3  schedule              schedules.rules_for(target): CPU rules or GPU rules
-    Phase 4  VM lowering           dataflow lowering, memory planning, VM shape lowering
+    Phase 4  VM lowering           dataflow lowering, memory planning (TVM's StaticPlanBlockMemory,
+                                   then tvm_lite's PlanSymbolicArena for prefill/decode unless
+                                   memory_plan="tvm"), VM shape lowering
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import InplaceKVCache, RemoveNoOpOps
+from tvm_lite.relax_passes import (InplaceKVCache, PlanSymbolicArena, RemoveNoOpOps,
+                                   SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -39,18 +43,27 @@ def _dump(phase: str, dump_dir: str | None):
 
 
 KV_CACHE_MODES = ("auto", "inplace", "copy")
+MEMORY_PLANS = ("arena", "tvm")
+KV_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
 
 
-def phases(target: tvm.target.Target, kv_cache: str = "auto") -> list[tuple[str, list]]:
+def phases(target: tvm.target.Target, kv_cache: str = "auto",
+           memory_plan: str = "arena") -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
 
     ``kv_cache``: "inplace" rewrites the past/present KV interface into one in-place cache per
     layer (an error if the model has none), "auto" does so when the model has one, "copy" keeps
-    the exported interface.
+    the exported interface; an in-place decoder is split into ``prefill`` and ``decode``.
+    ``memory_plan``: "arena" plans prefill/decode activations into caller-owned workspace buffers
+    with symbolic-size reuse; "tvm" keeps TVM's StaticPlanBlockMemory alone.
     """
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHE_MODES}")
-    kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace")]
+    if memory_plan not in MEMORY_PLANS:
+        raise ValueError(f"memory_plan={memory_plan!r}: expected one of {MEMORY_PLANS}")
+    kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace"),
+                                               SplitPrefillDecode(only_with_attr=KV_ATTR)]
+    arena = [PlanSymbolicArena(only_with_attr=KV_ATTR)] if memory_plan == "arena" else []
     return [
         ("1_graph", [
             relax.transform.CanonicalizeBindings(),
@@ -79,6 +92,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto") -> list[tuple[str,
             relax.transform.RemovePurityChecking(),
             relax.transform.CallTIRRewrite(),
             relax.transform.StaticPlanBlockMemory(),
+            *arena,
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),
             relax.transform.LowerRuntimeBuiltin(),
@@ -91,15 +105,15 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto") -> list[tuple[str,
 
 @relax.register_pipeline(PIPELINE_NAME)
 def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None,
-                      kv_cache: str = "auto"):
+                      kv_cache: str = "auto", memory_plan: str = "arena"):
     """The whole pipeline as one pass. ``dump_dir`` (or ``$TVM_LITE_DUMP_IR``) gets the IR after
-    each phase; ``kv_cache`` as in :func:`phases`."""
+    each phase; ``kv_cache`` and ``memory_plan`` as in :func:`phases`."""
     dump_dir = dump_dir or os.environ.get("TVM_LITE_DUMP_IR")
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lite_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for name, passes in phases(target, kv_cache):
+            for name, passes in phases(target, kv_cache, memory_plan):
                 mod = tvm.transform.Sequential([*passes, _dump(name, dump_dir)], name=name)(mod)
         return mod
 
