@@ -10,6 +10,7 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from . import cpu
+from .guards import StaticBuffersOnly
 
 
 def profile_of(target: Target) -> str:
@@ -29,8 +30,8 @@ def profile_of(target: Target) -> str:
 def rules_for(target: Target) -> list:
     if profile_of(target) == "cpu":
         return cpu.rules()
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback()]
+    return [dl.gpu.Matmul(), StaticBuffersOnly(dl.gpu.GEMV()), dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
 __all__ = ["profile_of", "rules_for"]

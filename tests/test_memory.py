@@ -137,7 +137,7 @@ def test_decode_plan_does_not_pay_for_the_prefill_bound(export_dir):
 
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
     symbolic = plans(mod, bound=2048)
-    decode = {k: evaluate(v, {"past_seq": 2047}) for k, v in symbolic["decode"].items()
+    decode = {k: evaluate(v, {"seq": 1, "past_seq": 2047}) for k, v in symbolic["decode"].items()
               if k != "blocks"}
     prefill = {k: evaluate(v, {"seq": 2048, "past_seq": 0}) for k, v in symbolic["prefill"].items()
                if k != "blocks"}

@@ -148,8 +148,31 @@ def cmd_memory(args):
         counter.reset()
         engine.forward(session, [43])
         steps.append({"engine": f"kv={kv}, plan={plan}", "allocations per decode step":
-                      counter.allocations, "VM calls": sum(counter.calls.values())})
+                      counter.allocations, "VM calls": sum(counter.calls.values()),
+                      "shape-builtin ms per decode step": counter.shape_seconds * 1e3})
     print(format_table(steps, list(steps[0])))
+    # padding: host shape work and distinct shapes over prompts of many lengths
+    folder_artifact = compile_model(folder, "llvm", progress=_log)
+    padding = []
+    for buckets in ((16, 32, 64, 128, 256), ()):
+        engine = Engine(folder_artifact, max_context=args.bound, buckets=buckets)
+        counter = memory.StepCounter(engine.vm)
+        shapes, prefill_ms, decode_ms, calls = set(), [], [], 0
+        for length in range(20, 120, 7):
+            session = engine.new_session()
+            counter.reset()
+            engine.prefill(session, _prompt_ids(engine, length))
+            shapes.add(session.last_call)
+            prefill_ms.append(counter.shape_seconds * 1e3)
+            for token in (42, 43):
+                counter.reset()
+                engine.forward(session, [token])
+                decode_ms.append(counter.shape_seconds * 1e3)
+        padding.append({"buckets": ",".join(map(str, buckets)) or "none (exact)",
+                        "distinct prefill shapes": len(shapes),
+                        "shape ms per prefill call": sum(prefill_ms) / len(prefill_ms),
+                        "shape ms per decode step": sum(decode_ms) / len(decode_ms)})
+    print(format_table(padding, list(padding[0])))
 
 
 def main(argv=None):

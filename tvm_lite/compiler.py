@@ -11,6 +11,8 @@ from .target import check_codegen, parse_target
 
 def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
     """Split the weights the importer attached (``params`` attr) from the module."""
+    if not any(gv.name_hint == "main" for gv in mod.get_global_vars()):
+        return mod, []
     func = mod["main"]
     params = list(func.attrs["params"]) if func.attrs and "params" in func.attrs else []
     if params:
