@@ -112,8 +112,11 @@ def _export_library(ex, path: Path, target) -> None:
         ex.export_library(str(path))
 
 
-def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print) -> Path:
-    """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder."""
+def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
+                  quant=None) -> Path:
+    """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
+
+    ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights)."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
@@ -121,7 +124,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     onnx_path = _onnx_file(model)
     folder = onnx_path.parent
     tgt = parse_target(target)
-    options: dict = {}
+    options: dict = {"quant": quant.to_dict()} if quant is not None else {}
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
     manifest_path = out / MANIFEST
@@ -135,6 +138,13 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     check_decoder_interface(list(mod["main"].attrs["tvm_lite.input_names"]),
                             list(mod["main"].attrs["tvm_lite.output_names"]))
     t_import = time.perf_counter() - t0
+    quant_summary = None
+    if quant is not None:
+        from .quant.quantize import quantize_module, tokenizer_of
+
+        t_q = time.perf_counter()
+        mod, quant_summary = quantize_module(mod, quant, tokenizer_of(folder), progress)
+        quant_summary["quantize_seconds"] = round(time.perf_counter() - t_q, 2)
     mod, params = detach_params(mod)
     func = mod["main"]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
@@ -160,6 +170,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         "target": str(tgt),
         "target_kind": tgt.kind.name,
         "options": options,
+        "quant": quant_summary,
         "model": model_cfg,
         "onnx": str(onnx_path),
         "input_names": list(func.attrs["tvm_lite.input_names"]),
