@@ -2,11 +2,14 @@
 
 E0M4 and the MLC-style int4 ablation share everything here except :func:`dequant_expr` -- the
 same packed codes (``uint16[ceil(K/4), N]``, see :mod:`.format`), the same loops, the same fp16
-scale. Every function is built with TE and carries the attribute ``tvm_lite.dequant`` (the format)
-so that a schedule rule can recognise it; the blocks are named ``dequant`` and ``matmul``/``take``.
+scale. Every function is built with TE and carries the attribute ``tvm_lite.dequant`` (the format);
+fusion with neighbours (FuseTIR) makes new functions without it, so the block names are what a
+schedule rule keys on: ``dequantize`` (the name DLight's Adreno matmul rule looks for: it computes
+that block per register tile, vectorized, instead of inlining it) and ``matmul``/``take``.
 
-The kernels are generic (one scalar expression per weight): the CPU rules in ``schedules/`` run
-them, and GPU schedules are a separate concern.
+The kernels are generic (one scalar expression per weight): tvm_lite's CPU rules run them on
+the CPU (the dequant inlined into the reduction, vectorized over ``N``); on GPUs the stock DLight
+rules schedule them for now (tvm_lite's own GPU schedules are a separate piece of work).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def dequant_func(fmt: str, k: int, n: int, group_size: int) -> tirx.PrimFunc:
     """``W[K, N]`` (fp16) from the packed tensors: the bit-exactness reference on the device."""
     codes, scale, zero = _packed_placeholders(fmt, k, n, group_size)
     w = te.compute((_i64(k), _i64(n)),
-                   lambda i, j: dequant_expr(fmt, codes, scale, zero, i, j, group_size), name="dequant")
+                   lambda i, j: dequant_expr(fmt, codes, scale, zero, i, j, group_size), name="dequantize")
     return _finish([codes, scale, zero, w], fmt, f"{fmt}_dequant_{k}x{n}_g{group_size}")
 
 
@@ -75,14 +78,17 @@ def matmul_func(fmt: str, lead_shape, k: int, n: int, group_size: int, x_dtype: 
     lead = _dims(lead_shape)
     x = te.placeholder((*lead, _i64(k)), x_dtype, name="x")
     codes, scale, zero = _packed_placeholders(fmt, k, n, group_size)
+    # the fp16 weight, widened to the matmul's dtype in the producer: the reduction is then a
+    # plain einsum the stock matmul schedules recognise
     w = te.compute((_i64(k), _i64(n)),
-                   lambda i, j: dequant_expr(fmt, codes, scale, zero, i, j, group_size), name="dequant")
+                   lambda i, j: dequant_expr(fmt, codes, scale, zero, i, j, group_size).astype(out_dtype),
+                   name="dequantize")
     r = te.reduce_axis((_i64(0), _i64(k)), name="k")
 
     def body(*idx):
         *rest, j = idx
-        prod = x[(*rest, r)].astype(out_dtype) * w[r, j].astype(out_dtype)
-        return te.sum(prod, axis=r)
+        xv = x[(*rest, r)]
+        return te.sum((xv if x_dtype == out_dtype else xv.astype(out_dtype)) * w[r, j], axis=r)
 
     y = te.compute((*lead, _i64(n)), body, name="matmul")
     shape_tag = "x".join(str(int(d)) if isinstance(d, tirx.IntImm) else "n" for d in lead)

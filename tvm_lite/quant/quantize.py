@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +19,20 @@ from .format import (DEFAULT_GROUP_SIZE, FORMATS, QuantFormatError, QuantizedWei
                      check_group_size)
 
 METHODS = ("rtn", "gptq", "awq")
+_SHARED_STATS: dict | None = None  # calibration statistics kept while shared_calibration() is open
+
+
+@contextmanager
+def shared_calibration():
+    """Within this block, quantizations of the same weights with the same calibration settings
+    (e.g. GPTQ and AWQ at two group sizes) share one calibration run (held in memory)."""
+    global _SHARED_STATS
+    outer = _SHARED_STATS
+    _SHARED_STATS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED_STATS = outer
 
 
 @dataclass(frozen=True)
@@ -190,6 +205,7 @@ def quantize_weights(mod, config: QuantConfig, tokenizer=None, progress=print,
         return _load(path)
 
     stats = {}
+    stats_cache = stats_cache if stats_cache is not None else _SHARED_STATS
     if config.needs_calibration:
         if tokenizer is None:
             raise QuantFormatError(f"--quant-method {config.method} calibrates on text: the model "
