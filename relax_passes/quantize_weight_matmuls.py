@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 MATMUL = "relax.matmul"
@@ -105,6 +106,7 @@ def find_weight_uses(mod: tvm.IRModule, func_name: str = "main") -> list[WeightU
     return found
 
 
+@tvm_ffi.register_error  # keeps its type when raised inside the pass (through TVM's FFI)
 class QuantizeError(ValueError):
     """A weight the pass was asked to quantize that it cannot; the message names it."""
 
@@ -232,7 +234,7 @@ class QuantizeWeightMatmuls:
             vs = rw.packed[id(qw)]
             arrays = dict(qw.arrays())
             if qw.act_scale is not None:
-                arrays["act_scale"] = qw.act_scale.astype(vs["act_scale"].ty.dtype)
+                arrays["act_scale"] = qw.act_scale.astype(str(vs["act_scale"].ty.dtype))
             for role, var in vs.items():
                 new_params.append(var)
                 new_names.append(f"{name}.{qw.fmt}.{role}")
