@@ -73,7 +73,8 @@ def _exposing_module(mod: tvm.IRModule, inputs: list) -> tvm.IRModule:
     bindings = list(last.bindings) + [relax.VarBinding(o, x) for o, x in zip(outs, inputs)]
     blocks[-1] = relax.DataflowBlock(bindings)
     new_body = relax.SeqExpr(blocks, relax.Tuple(outs))
-    new_func = relax.Function(list(func.params), new_body, None, func.is_pure, func.attrs)
+    ret_ty = relax.TupleType([x.ty for x in inputs])
+    new_func = relax.Function(list(func.params), new_body, ret_ty, func.is_pure, func.attrs)
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     out["main"] = new_func
     return relax.transform.DeadCodeElimination(["main"])(out)
@@ -96,9 +97,11 @@ def _inputs_for(func: relax.Function, ids: list[int]) -> list[np.ndarray]:
             if isinstance(d, tvm.tirx.IntImm):
                 shape.append(int(d))
             else:
-                binds = {v: dims.get(v.name, 0) for v in tvm.tirx.analysis.undefined_vars(d)}
-                shape.append(int(tvm.sym.Analyzer().simplify(tvm.tirx.stmt_functor.substitute(d, binds))))
-        dtype = var.ty.dtype
+                ana = tvm.sym.Analyzer()
+                for v in tvm.tirx.analysis.undefined_vars(d):
+                    ana.bind(v, tvm.tirx.IntImm(v.ty.dtype, dims.get(v.name, 0)))
+                shape.append(int(ana.simplify(d)))
+        dtype = str(var.ty.dtype)
         if name == "input_ids":
             args.append(np.asarray(ids, dtype).reshape(shape))
         elif name == "attention_mask":

@@ -56,7 +56,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int 
     h = h[perm][:, perm]
 
     h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
-    hinv = _upper_cholesky_of_inverse(h)
+    # the key holds the caller's Hessian object, so its id cannot be reused while cached
+    hinv = _cached_hinv(hessian, percdamp, act_order, h)
 
     scales = np.zeros((ng, n), np.float16)
     zeros = np.zeros((ng, n), np.float32) if fmt == "e0m4" else None
@@ -102,19 +103,34 @@ def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int 
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
-    """``U`` with ``U^T U = H^-1`` (GPTQ's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``),
-    adding dampening until ``H`` is positive definite."""
+    """``U`` upper-triangular with ``U^T U = H^-1`` (GPTQ's ``cholesky(cholesky_inverse(
+    cholesky(H)), upper=True)``) from one Cholesky: with ``P`` the reversal permutation and
+    ``P H P = L L^T``, ``U = P L^-1 P``. Dampening is raised until ``H`` is positive definite."""
     damp = 0.0
     eye = np.eye(h.shape[0])
+    rev = slice(None, None, -1)
     for _ in range(8):
         try:
-            lower = np.linalg.cholesky(h + damp * eye)
-            inv = np.linalg.inv(lower)
-            hinv = inv.T @ inv
-            return np.linalg.cholesky(hinv).T
+            lower = np.linalg.cholesky((h + damp * eye)[rev, rev])
+            return np.ascontiguousarray(np.linalg.inv(lower)[rev, rev])
         except np.linalg.LinAlgError:
             damp = max(damp * 10, 1e-6 * float(np.mean(np.diag(h))))
     raise np.linalg.LinAlgError("GPTQ: the Hessian is not positive definite even after dampening")
+
+
+_HINV_CACHE: dict = {}  # layers reading one input (q/k/v, gate/up) share one Hessian inverse
+
+
+def _cached_hinv(hessian, percdamp: float, act_order: bool, h: np.ndarray) -> np.ndarray:
+    """The inverse factor for the caller's ``hessian`` object (kept in the entry, so its id
+    stays unique while cached)."""
+    key = (id(hessian), percdamp, act_order)
+    hit = _HINV_CACHE.get(key)
+    if hit is None or hit[0] is not hessian:
+        if len(_HINV_CACHE) >= 4:
+            _HINV_CACHE.pop(next(iter(_HINV_CACHE)))
+        hit = _HINV_CACHE[key] = (hessian, _upper_cholesky_of_inverse(h))
+    return hit[1]
 
 
 __all__ = ["gptq", "QuantizedWeight"]
