@@ -122,6 +122,24 @@ def test_e0m4_asymmetric_grid_beats_int4_symmetric_on_the_same_weights():
     assert i.nbytes / w.size == pytest.approx(0.5 + 2 / 32)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantizers_handle_odd_shapes(fmt):
+    # K = 99: not a multiple of the group (32) nor of the packing (4); N = 13: not a multiple of 8
+    w, x = _weight(99, 13), _calibration(99, 256)
+    h = x.T.astype(np.float64) @ x
+    for qw in (rtn(w, fmt, 32), gptq(w, h, fmt, 32), gptq(w, h, fmt, 32, act_order=True),
+               awq(w, h, np.abs(x).mean(0), fmt, 32)):
+        assert qw.codes.shape == (25, 13) and qw.scale.shape == (4, 13)
+        assert _out_err(x, w, qw) < 0.05
+
+
+def test_cli_checks_quant_options(capsys):
+    from tvm_lite.cli import main
+
+    assert main(["compile", "nowhere.onnx", "--quant", "e0m4", "--group-size", "12"]) == 2
+    assert "group size must be a positive multiple of 8" in capsys.readouterr().err
+
+
 # -- TVM kernels == numpy reference --------------------------------------------------------------
 def _run_dequant(qw):
     func = kernels.dequant_func(qw.fmt, qw.k, qw.n, qw.group_size).with_attr("global_symbol", "main")

@@ -87,6 +87,8 @@ def default_configs(group_sizes=(32, 128), extra: bool = False) -> list[tuple[st
         rows.append((f"E0M4-AWQ g{g}", QuantConfig("e0m4", "awq", g)))
         if extra:
             rows.append((f"E0M4-GPTQ act-order g{g}", QuantConfig("e0m4", "gptq", g, act_order=True)))
+            rows.append((f"E0M4-GPTQ +lm_head+embedding g{g}",
+                         QuantConfig("e0m4", "gptq", g, include_lm_head=True, include_embedding=True)))
     return rows
 
 

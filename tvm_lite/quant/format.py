@@ -44,15 +44,22 @@ multiply, the same as ``(q - z) * s``. A GPU kernel can go one step further and 
 the group's partial sum: ``sum_k x_k w_k = s * sum_k x_k (h_k - c)``, leaving one subtract and the
 multiply-add the matmul does anyway.
 
-Cost per dequantized weight, in the generated kernel (``tests/test_quant.py`` reads it off the
-OpenCL source; the 4 codes of a word unrolled, as the CPU rule and any GPU schedule do):
+Cost per dequantized weight in the generated kernel -- read off the OpenCL that
+``opencl -device=adreno`` produces (``tests/test_quant.py`` checks the text): the 4 codes of a word
+are unrolled, so each shift is by a constant, and every operation works on a ``ushort2``/``half2``
+of two columns::
 
-    E0M4: AND + OR (2 integer ops), + 1 shift for 3 codes of 4; no int->float conversion;
-          then 1 fp16 subtract, 1 fp16 multiply
-    int4: AND + shift (3 of 4) + 1 int->float conversion; then subtract 8, multiply (fp16)
+    E0M4: AND + OR                      -> fp16 by reinterpretation (as_half / *(half2*)&v)
+          + 1 shift (by 4, 8, 12) for 3 codes of 4      = 2.75 integer ops, 0 conversions
+          then 1 fp16 subtract (c), 1 fp16 multiply (s)
+    int4: AND + 1 shift for 3 codes of 4               = 1.75 integer ops
+          + 1 int->fp16 conversion (convert_half)
+          then 1 fp16 subtract (8), 1 fp16 multiply (s)
 
-Without the unroll (the generic, unscheduled kernel) both formats also compute the shift amount
-``(k % 4) * 4`` from ``k`` (2 more integer ops each).
+E0M4 trades the int->float conversion for an OR. (With the fp32 activations of today's exports
+the kernel then widens the fp16 weight to fp32 for the multiply-add, in both formats: a float->
+float conversion the fp16-activation build will not need.) The CPU rule (LLVM) unrolls the same
+way, 16 columns per vector instead of 2.
 
 int4 ablation (MLC-LLM ``q4f16_1``)
 -----------------------------------
