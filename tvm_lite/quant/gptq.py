@@ -16,7 +16,8 @@ output error ``||X W - X Q||^2`` rather than the weights' own error.
   unquantized weights ("static groups"), so groups stay the contiguous rows the packed format
   needs; without act-order they are chosen (with the clipping search) when a group is reached,
   from the already-updated weights, as in the reference implementation.
-* Dampening ``percdamp * mean(diag H)`` is added to the diagonal; dead channels (``H_kk = 0``)
+* Dampening ``percdamp * mean(diag H)`` is added to the diagonal (0.01 here, as in the paper;
+  ``QuantConfig.gptq_damp`` defaults to 0.1, see there); dead channels (``H_kk = 0``)
   are zeroed.
 """
 
