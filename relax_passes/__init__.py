@@ -2,8 +2,9 @@
 
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .plan_symbolic_arena import PlanSymbolicArena
+from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
 __all__ = ["InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
-           "RemoveNoOpOps", "SplitPrefillDecode"]
+           "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

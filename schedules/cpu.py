@@ -98,4 +98,6 @@ class CPUParallel(dl.ScheduleRule):
 
 
 def rules() -> list:
-    return [CPUMatmul(), CPUParallel()]
+    from .cpu_dequant import CPUDequantMatmul  # 4-bit weights (tvm_lite.quant)
+
+    return [CPUDequantMatmul(), CPUMatmul(), CPUParallel()]

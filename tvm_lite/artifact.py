@@ -113,12 +113,13 @@ def _export_library(ex, path: Path, target) -> None:
 
 
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
-                  kv_cache: str = "inplace", memory_plan: str = "arena") -> Path:
+                  kv_cache: str = "inplace", memory_plan: str = "arena", quant=None) -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
 
     ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
     past/present interface); ``memory_plan``: "arena" (activations in workspace buffers the
-    engine allocates once) or "tvm"; the engine reads both from the manifest."""
+    engine allocates once) or "tvm"; the engine reads both from the manifest.
+    ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights)."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
@@ -129,6 +130,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     if kv_cache not in ("inplace", "copy"):
         raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")
     options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan}
+    if quant is not None:
+        options["quant"] = quant.to_dict()
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
     manifest_path = out / MANIFEST
@@ -142,6 +145,13 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     check_decoder_interface(list(mod["main"].attrs["tvm_lite.input_names"]),
                             list(mod["main"].attrs["tvm_lite.output_names"]))
     t_import = time.perf_counter() - t0
+    quant_summary = None
+    if quant is not None:
+        from .quant.quantize import quantize_module, tokenizer_of
+
+        t_q = time.perf_counter()
+        mod, quant_summary = quantize_module(mod, quant, tokenizer_of(folder), progress)
+        quant_summary["quantize_seconds"] = round(time.perf_counter() - t_q, 2)
     mod, params = detach_params(mod)
     func = mod["main"]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
@@ -167,6 +177,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         "target": str(tgt),
         "target_kind": tgt.kind.name,
         "options": options,
+        "quant": quant_summary,
         "model": model_cfg,
         "onnx": str(onnx_path),
         "input_names": list(func.attrs["tvm_lite.input_names"]),

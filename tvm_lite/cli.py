@@ -1,4 +1,4 @@
-"""The ``tvm-lite`` command line: export, compile, run, bench."""
+"""The ``tvm-lite`` command line: export, compile, run, bench, quality."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def _log(msg: str) -> None:
     print(f"[tvm-lite] {msg}", file=sys.stderr, flush=True)
 
 
-def resolve_artifact(model, target: str, exporter: str = "dynamo", force: bool = False) -> Path:
+def resolve_artifact(model, target: str, exporter: str = "dynamo", force: bool = False,
+                     quant=None) -> Path:
     """A model given as an artifact dir, an ONNX file / export dir, a .gguf / HF folder, or
     nothing (the embedded default) -> a compiled artifact dir (exporting/compiling if needed)."""
     from .artifact import MANIFEST, compile_model
@@ -25,7 +26,26 @@ def resolve_artifact(model, target: str, exporter: str = "dynamo", force: bool =
         from .export import export_onnx
 
         model = export_onnx(model, exporter=exporter, progress=_log)
-    return compile_model(model, target, force=force, progress=_log)
+    return compile_model(model, target, force=force, progress=_log, quant=quant)
+
+
+def _add_quant_args(p):
+    g = p.add_argument_group("4-bit weights (tvm_lite.quant)")
+    g.add_argument("--quant", default="none", choices=["none", "e0m4", "int4"],
+                   help="E0M4 (Transformer-Lite) or MLC-style int4 weights for every weight matmul")
+    g.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq", "awq"])
+    g.add_argument("--group-size", type=int, default=None, help="weights per scale along K (default 32)")
+    g.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head")
+    g.add_argument("--quant-embedding", action="store_true", help="also quantize the embedding")
+    g.add_argument("--act-order", action="store_true", help="GPTQ: visit channels by activation size")
+
+
+def _quant_config(args, fmt=None):
+    from .quant import QuantConfig
+
+    return QuantConfig.parse(fmt if fmt is not None else args.quant, method=args.quant_method,
+                             group_size=args.group_size, include_lm_head=args.quant_lm_head,
+                             include_embedding=args.quant_embedding, act_order=args.act_order)
 
 
 def _add_model_args(p, target=True):
@@ -54,14 +74,14 @@ def cmd_compile(args):
 
         model = export_onnx(model, exporter=args.exporter, progress=_log)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
-                        kv_cache=args.kv_cache)
+                        kv_cache=args.kv_cache, quant=_quant_config(args))
     print(out)
 
 
 def cmd_run(args):
     from .engine import Engine, GenerationConfig
 
-    artifact = resolve_artifact(args.model, args.target, args.exporter)
+    artifact = resolve_artifact(args.model, args.target, args.exporter, quant=_quant_config(args))
     engine = Engine(artifact, device=args.device, max_context=args.max_context)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed)
@@ -81,14 +101,19 @@ def cmd_bench(args):
 
     folder = Path(args.model) if args.model and Path(args.model).is_dir() else \
         export_onnx(args.model, exporter=args.exporter, progress=_log)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = compile_model(folder, args.target, out_dir=tmp, force=True, progress=_log)
-        manifest = load_manifest(artifact)
-        engine = Engine(artifact)
-        _log(f"benchmarking tvm_lite: prompt {args.prompt_len} tokens, decode {args.decode_tokens}")
-        tvm_speed = bench_tvm(engine, args.prompt_len, args.decode_tokens, args.repeats)
-        rows = [{"engine": "tvm_lite (llvm)", "import s": manifest["import_seconds"],
-                 "compile s": manifest["compile_seconds"], **tvm_speed}]
+        for fmt in args.quant.split(","):  # e.g. --quant none,int4,e0m4: one row each, same run
+            quant = _quant_config(args, fmt.strip())
+            artifact = compile_model(folder, args.target, out_dir=Path(tmp) / fmt, force=True,
+                                     progress=_log, quant=quant)
+            manifest = load_manifest(artifact)
+            engine = Engine(artifact)
+            label = f"tvm_lite ({args.target}{', ' + quant.label if quant else ''})"
+            _log(f"benchmarking {label}: prompt {args.prompt_len} tokens, decode {args.decode_tokens}")
+            tvm_speed = bench_tvm(engine, args.prompt_len, args.decode_tokens, args.repeats)
+            rows.append({"engine": label, "import s": manifest["import_seconds"],
+                         "compile s": manifest["compile_seconds"], **tvm_speed})
         if not args.no_onnxruntime:
             _log("benchmarking onnxruntime (CPU) on the same ONNX file")
             ort_speed = bench_onnxruntime(folder / "model.onnx", manifest["model"],
@@ -195,6 +220,7 @@ def main(argv=None):
     p.add_argument("--kv-cache", default="inplace", choices=["inplace", "copy"],
                    help="one cache per layer written in place (default), or the exported "
                         "past/present copies")
+    _add_quant_args(p)
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="answer a prompt")
@@ -207,6 +233,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, no chat template")
+    _add_quant_args(p)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("bench", help="import/compile time and tok/s, next to onnxruntime")
@@ -216,6 +243,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-onnxruntime", action="store_true")
     p.add_argument("--json", action="store_true")
+    _add_quant_args(p)
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("bench-kv", help="decode tok/s and KV copies/memory: in-place vs past/present")
@@ -233,16 +261,24 @@ def main(argv=None):
     p.add_argument("--bound", type=int, default=2048, help="the upper bound given to TVM's plan")
     p.set_defaults(fn=cmd_memory)
 
+    from .quant import evaluate as quality
+
+    p = sub.add_parser("quality", help="4-bit weights: perplexity, Paris, sizes (tvm_lite.quant)")
+    quality.add_arguments(p)
+    p.set_defaults(fn=lambda a: quality.run(a, log=_log))
+
     args = parser.parse_args(argv)
     from .artifact import ArtifactError
     from .engine import ContextLengthError
     from .export import ExportError
     from .frontend import OnnxImportError
+    from .quant import QuantFormatError
     from .target import TargetError
 
     try:
         args.fn(args)
-    except (ArtifactError, ContextLengthError, ExportError, OnnxImportError, TargetError) as err:
+    except (ArtifactError, ContextLengthError, ExportError, OnnxImportError, QuantFormatError,
+            TargetError) as err:
         print(f"tvm-lite: error: {err}", file=sys.stderr)
         return 2
     return 0

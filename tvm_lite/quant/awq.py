@@ -1,0 +1,63 @@
+"""AWQ (Lin et al., 2023): activation-aware per-channel scale search, in numpy.
+
+Channels whose inputs are large matter most. AWQ scales input channel ``k`` of ``W [K, N]`` up by
+``s_k = mean|x_k| ** alpha`` before quantizing (so its rows get finer steps relative to the group
+range) and scales the input down by ``1 / s_k``: ``x @ W = (x / s) @ (diag(s) W)``.
+
+* ``alpha`` is searched on a grid in ``[0, 1)`` (``n_grid`` points, ``alpha = 0`` is plain RTN);
+  the loss is the layer's output error over all calibration tokens, computed exactly from the
+  Hessian: ``||X dW||^2 = sum_n dW[:, n]^T (X^T X) dW[:, n]`` -- no activations kept.
+* After the scale, the clipping search of :mod:`.rtn` runs on ``diag(s) W`` with each channel's
+  error weighted by ``H_kk / s_k^2`` (AWQ's clip search, with the diagonal in place of samples).
+* Where the ``1/s`` goes: AWQ folds it into the previous op (an RMSNorm weight or the previous
+  linear layer), which needs model-specific pattern matching. tvm_lite stays model-agnostic and
+  multiplies the input of the quantized matmul by ``1/s`` (``QuantizedWeight.act_scale``): ``K``
+  multiplies per token against the matmul's ``K * N`` multiply-adds, fused by TVM into the op that
+  produces the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .format import QuantizedWeight, check_format, check_group_size
+from .rtn import DEFAULT_CLIP_RATIOS, rtn
+
+
+def output_error(dw: np.ndarray, hessian: np.ndarray) -> float:
+    """``sum_n dW[:, n]^T H dW[:, n]`` (= ``||X dW||^2`` for ``H = X^T X``)."""
+    dw = np.asarray(dw, np.float32)
+    return float(np.sum(dw * (hessian.astype(np.float32) @ dw)))
+
+
+def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str = "e0m4",
+        group_size: int = 32, n_grid: int = 20, clip_ratios=DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
+    """Quantize ``w [K, N]`` with AWQ's scale search; ``act_mean_abs [K]`` is ``mean |x_k|``."""
+    check_format(fmt)
+    group_size = check_group_size(group_size)
+    w = np.asarray(w, np.float32)
+    k = w.shape[0]
+    h = np.asarray(hessian, np.float32)
+    x_mean = np.maximum(np.asarray(act_mean_abs, np.float32), 1e-8)
+    if h.shape != (k, k) or x_mean.shape != (k,):
+        raise ValueError(f"AWQ statistics {h.shape}, {x_mean.shape} do not match the weight's K={k}")
+
+    base = output_error(w, h)
+    best = (np.inf, 0.0, None)
+    for alpha in np.arange(n_grid) / n_grid:
+        s = x_mean ** alpha
+        s = s / np.sqrt(s.max() * s.min())
+        qw = rtn(w * s[:, None], fmt, group_size, clip_ratios=(1.0,))
+        err = output_error(qw.dequantize().astype(np.float32) / s[:, None] - w, h)
+        if err < best[0]:
+            best = (err, float(alpha), s)
+    err, alpha, s = best
+    diag = np.maximum(np.diag(h), 0) / (s * s)
+    qw = rtn(w * s[:, None], fmt, group_size, clip_ratios=clip_ratios, channel_weight=diag)
+    qw.act_scale = (1.0 / s).astype(np.float32)
+    final = output_error(qw.effective_weight() - w, h)
+    qw.info = {"method": "awq", "alpha": alpha, "relative_output_error": final / max(base, 1e-30)}
+    return qw
+
+
+__all__ = ["awq", "output_error"]

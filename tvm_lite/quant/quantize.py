@@ -1,0 +1,279 @@
+"""QuantConfig and the pre-pass ``compile_model`` runs: imported module + weights -> quantized
+weights (cached) -> :class:`~tvm_lite.relax_passes.QuantizeWeightMatmuls`.
+
+Quantized weights are cached under ``$TVM_LITE_CACHE/quant/`` by a hash of the weights, the
+config and this package's code, so a second compile (or a test session) does not quantize again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .format import (DEFAULT_GROUP_SIZE, FORMATS, QuantFormatError, QuantizedWeight, bytes_per_weight,
+                     check_group_size)
+
+METHODS = ("rtn", "gptq", "awq")
+_SHARED_STATS: dict | None = None  # calibration statistics kept while shared_calibration() is open
+
+
+@contextmanager
+def shared_calibration():
+    """Within this block, quantizations of the same weights with the same calibration settings
+    (e.g. GPTQ and AWQ at two group sizes) share one calibration run (held in memory)."""
+    global _SHARED_STATS
+    outer = _SHARED_STATS
+    _SHARED_STATS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED_STATS = outer
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    format          "e0m4" (Transformer-Lite) or "int4" (MLC-style ablation, symmetric)
+    method          "rtn" (clipping search), "gptq" or "awq" (both calibrate on real text)
+    group_size      weights per scale along K (a multiple of 8; default 32)
+    include_lm_head also quantize the lm_head matmul (off by default)
+    include_embedding  also quantize the embedding table (RTN; shared with a tied lm_head)
+    act_order       GPTQ: visit channels by decreasing Hessian diagonal
+    gptq_damp       GPTQ: dampening, a fraction of mean(diag H) added to the diagonal. 0.1, not the
+                    paper's 0.01: with a few thousand calibration tokens, 0.01 overfits the
+                    K=1536 down_proj (its error on held-out text was above RTN's); 0.1 does not
+    clip_search     RTN/GPTQ/AWQ: search a clipping ratio per group (off = plain min/max)
+    calib_tokens, calib_chunk   calibration text: tokens in all, tokens per sequence
+    """
+
+    format: str = "e0m4"
+    method: str = "rtn"
+    group_size: int = DEFAULT_GROUP_SIZE
+    include_lm_head: bool = False
+    include_embedding: bool = False
+    act_order: bool = False
+    clip_search: bool = True
+    gptq_damp: float = 0.1
+    calib_tokens: int = 4096
+    calib_chunk: int = 256
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise QuantFormatError(f"--quant {self.format!r}: choose one of {('none', *FORMATS)}")
+        if self.method not in METHODS:
+            raise QuantFormatError(f"--quant-method {self.method!r}: choose one of {METHODS}")
+        check_group_size(self.group_size)
+        if self.calib_tokens < self.calib_chunk or self.calib_chunk < 1:
+            raise QuantFormatError(f"calibration needs calib_tokens >= calib_chunk >= 1, got "
+                                   f"{self.calib_tokens} and {self.calib_chunk}")
+
+    @classmethod
+    def parse(cls, fmt: str | None, **kwargs) -> "QuantConfig | None":
+        """``None``/"none" -> None (no quantization); otherwise a validated config."""
+        if fmt in (None, "none", ""):
+            return None
+        return cls(format=fmt, **{k: v for k, v in kwargs.items() if v is not None})
+
+    @property
+    def label(self) -> str:
+        extra = "+ao" if self.act_order and self.method == "gptq" else ""
+        extra += "" if self.clip_search else "-noclip"
+        return f"{self.format}-{self.method}{extra}-g{self.group_size}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "awq")
+
+
+def _code_fingerprint() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("format.py", "rtn.py", "gptq.py", "awq.py", "calibration.py", "quantize.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _weights_digest(names: list[str], arrays: list[np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, a in zip(names, arrays):
+        h.update(name.encode())
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def _save(path: Path, weights: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays, meta = {}, {}
+    for i, (name, qw) in enumerate(weights.items()):
+        arrays[f"w{i}_codes"], arrays[f"w{i}_scale"] = qw.codes, qw.scale
+        if qw.zero is not None:
+            arrays[f"w{i}_zero"] = qw.zero
+        if qw.act_scale is not None:
+            arrays[f"w{i}_act_scale"] = qw.act_scale
+        meta[name] = {"i": i, "fmt": qw.fmt, "group_size": qw.group_size, "k": qw.k, "n": qw.n,
+                      "info": qw.info, "shared_with": None}
+    # tied weights (one object under two names) are stored once
+    seen: dict = {}
+    for name, qw in weights.items():
+        if id(qw) in seen:
+            meta[name]["shared_with"] = seen[id(qw)]
+        else:
+            seen[id(qw)] = name
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    tmp.replace(path)
+
+
+def _load(path: Path) -> dict:
+    out: dict = {}
+    with np.load(path) as data:
+        meta = json.loads(bytes(data["meta"]).decode())
+        for name, m in meta.items():
+            if m["shared_with"]:
+                continue
+            i = m["i"]
+            out[name] = QuantizedWeight(m["fmt"], m["group_size"], m["k"], m["n"], data[f"w{i}_codes"],
+                                        data[f"w{i}_scale"],
+                                        data[f"w{i}_zero"] if f"w{i}_zero" in data.files else None,
+                                        data[f"w{i}_act_scale"] if f"w{i}_act_scale" in data.files else None,
+                                        m["info"])
+        for name, m in meta.items():
+            if m["shared_with"]:
+                out[name] = out[m["shared_with"]]
+    return {name: out[name] for name in meta}
+
+
+def tokenizer_of(folder):
+    """The export folder's tokenizer, or None (then only RTN can quantize)."""
+    from tvm_lite.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer(folder)
+    except FileNotFoundError:
+        return None
+
+
+def _selected(uses, config: QuantConfig) -> list:
+    keep = []
+    for u in uses:
+        if u.role == "proj" or (u.role == "lm_head" and config.include_lm_head) or \
+                (u.role == "embedding" and config.include_embedding):
+            keep.append(u)
+    return keep
+
+
+def quantize_weights(mod, config: QuantConfig, tokenizer=None, progress=print,
+                     cache: bool = True, stats_cache: dict | None = None) -> dict:
+    """``{parameter name: QuantizedWeight}`` for the weights ``config`` selects in ``mod`` (an
+    imported module with its ``params`` attached). ``tokenizer`` is needed for GPTQ/AWQ.
+    ``stats_cache`` (a dict) keeps calibration statistics between calls in one process."""
+    from tqdm import tqdm
+
+    from tvm_lite.export import cache_dir
+    from tvm_lite.relax_passes.quantize_weight_matmuls import find_weight_uses
+
+    from . import awq, calibration, gptq, rtn
+
+    func = mod["main"]
+    if func.attrs is None or "params" not in func.attrs:
+        raise QuantFormatError("quantization needs the imported module with its weights attached "
+                               "(the 'params' attribute that tvm_lite.from_onnx sets)")
+    names = [str(n) for n in func.attrs["tvm_lite.param_names"]]
+    values = list(func.attrs["params"])
+    uses = _selected(find_weight_uses(mod), config)
+    if not uses:
+        raise QuantFormatError("the model has no matmul by a 2-D weight parameter to quantize")
+    arrays = {}
+    by_name = dict(zip(names, values))
+    for u in uses:
+        if u.name not in arrays:
+            arrays[u.name] = by_name[u.name].numpy()
+    all_arrays = [v.numpy() for v in values] if config.needs_calibration else list(arrays.values())
+    digest = _weights_digest(names if config.needs_calibration else list(arrays), all_arrays)
+    key_src = json.dumps({"config": config.to_dict(), "code": _code_fingerprint(), "weights": digest,
+                          "uses": [(u.name, u.kind) for u in uses]}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    path = cache_dir() / "quant" / f"{config.label}-{key}.npz"
+    if cache and path.exists():
+        progress(f"quantized weights from cache: {path}")
+        return _load(path)
+
+    stats = {}
+    stats_cache = stats_cache if stats_cache is not None else _SHARED_STATS
+    if config.needs_calibration:
+        if tokenizer is None:
+            raise QuantFormatError(f"--quant-method {config.method} calibrates on text: the model "
+                                   "folder needs its tokenizer (tokenizer.json)")
+        skey = (digest, config.calib_tokens, config.calib_chunk,
+                tuple(u.name for u in uses if u.kind == "matmul"))
+        if stats_cache is not None and skey in stats_cache:
+            stats = stats_cache[skey]
+        else:
+            chunks = calibration.token_chunks(tokenizer, calibration.calibration_text(),
+                                              config.calib_tokens, config.calib_chunk)
+            stats = calibration.collect(mod, uses, chunks, progress=progress)
+            if stats_cache is not None:
+                stats_cache[skey] = stats
+    clip = rtn.DEFAULT_CLIP_RATIOS if config.clip_search else (1.0,)
+    out: dict = {}
+    todo = [u for u in uses if u.kind == "matmul"]
+    done: dict = {}
+    for u in tqdm(todo, desc=f"quantizing ({config.label})", unit="matrix", disable=progress is None):
+        if u.name in done:
+            continue
+        w = arrays[u.name]
+        if config.method == "rtn":
+            qw = rtn.rtn(w, config.format, config.group_size, clip_ratios=clip)
+        elif config.method == "gptq":
+            qw = gptq.gptq(w, stats[u.name].hessian, config.format, config.group_size,
+                           percdamp=config.gptq_damp, act_order=config.act_order, clip_ratios=clip)
+        else:
+            st = stats[u.name]
+            qw = awq.awq(w, st.hessian, st.mean_abs, config.format, config.group_size, clip_ratios=clip)
+        qw.info["role"] = u.role
+        done[u.name] = qw
+    for u in uses:
+        if u.kind == "matmul":
+            out[u.name] = done[u.name]
+            continue
+        table = arrays[u.name]  # [V, D]
+        tied = next((qw for name, qw in done.items() if qw.act_scale is None and (qw.k, qw.n) ==
+                     (table.shape[1], table.shape[0]) and np.array_equal(arrays[name], table.T)), None)
+        if tied is not None:
+            out[u.name] = tied
+            tied.info["tied_embedding"] = u.name
+        else:
+            qw = rtn.rtn(np.ascontiguousarray(table.T), config.format, config.group_size, clip_ratios=clip)
+            qw.info.update(role="embedding", method="rtn")
+            out[u.name] = qw
+    if cache:
+        _save(path, out)
+    return out
+
+
+def quantize_module(mod, config: QuantConfig, tokenizer=None, progress=print, **kwargs):
+    """The imported ``mod`` (weights attached) with its weight matmuls on 4-bit weights, and a
+    summary for the manifest."""
+    from tvm_lite.relax_passes import QuantizeWeightMatmuls
+
+    weights = quantize_weights(mod, config, tokenizer, progress, **kwargs)
+    qpass = QuantizeWeightMatmuls(weights)
+    out = qpass(mod)
+    distinct = {id(qw): qw for qw in weights.values()}.values()
+    n_weights = sum(qw.k * qw.n for qw in distinct)
+    n_bytes = sum(qw.nbytes for qw in distinct)
+    summary = {**config.to_dict(), "label": config.label, **qpass.stats,
+               "quantized_weights": n_weights, "quantized_bytes": n_bytes,
+               "bytes_per_weight": round(n_bytes / max(n_weights, 1), 5),
+               "format_bytes_per_weight": bytes_per_weight(config.format, config.group_size)}
+    return out, summary
