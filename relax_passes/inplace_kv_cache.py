@@ -234,8 +234,11 @@ class InplaceKVCache:
         rewriter = _Rewriter(mod, func)
         body = rewriter.visit_expr(func.body)
         num_input = rewriter.num_input
-        input_names = list(func.attrs["tvm_lite.input_names"])
-        output_names = list(func.attrs["tvm_lite.output_names"])
+        attrs = func.attrs
+        input_names = list(attrs["tvm_lite.input_names"]) if "tvm_lite.input_names" in attrs \
+            else [p.name for p in rewriter.inputs]
+        output_names = list(attrs["tvm_lite.output_names"]) if "tvm_lite.output_names" in attrs \
+            else [f"output{i}" for i in range(len(ret.fields))]
 
         # Every past-like input must have been rewritten: one whose symbolic length grows into an
         # output's (a KV past), or one that has the rewritten pasts' length as a dim.

@@ -136,7 +136,7 @@ def collect(mod: tvm.IRModule, uses: list, chunks: list[list[int]], progress=Non
                  f"{len(chunks)} x {len(chunks[0]) if chunks else 0} tokens")
     cal = _exposing_module(mod, distinct)
     cal, params = detach_params(cal)
-    ex = build(cal, "llvm")
+    ex = build(cal, "llvm", kv_cache="copy")  # its own outputs: the matmul inputs
     vm = relax.VirtualMachine(ex, tvm.cpu())
     weights = [tvm.runtime.tensor(p.numpy()) for p in params]
     stats = [None] * len(distinct)
