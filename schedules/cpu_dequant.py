@@ -14,11 +14,15 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 VECTOR_LANES = 16
+CODES_PER_WORD = 4  # the 4 codes of a packed uint16 (tvm_lite.quant.format)
 DEQUANT_BLOCK = "dequantize"
 
 
 class CPUDequantMatmul(dl.ScheduleRule):
     """``Y[..., n] = sum_k X[..., k] * dequantize(W)[k, n]`` (+ an elementwise epilogue)."""
+
+    def __init__(self, tile_first: bool = False):
+        self.tile_first = tile_first
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("llvm", "c"):
@@ -35,28 +39,37 @@ class CPUDequantMatmul(dl.ScheduleRule):
         if len(reductions) != 1 or not reductions[0].dom_kind().endswith("SR"):
             return None
         main = reductions[0].block_rv
-        # producers other than the dequant (e.g. a fused input scale) are inlined
-        for info in infos:
-            name = sch.get(info.block_rv).name_hint
-            if info.block_rv != main and name != DEQUANT_BLOCK and info.is_injective():
-                if sch.get_consumers(info.block_rv) and main in sch.get_consumers(info.block_rv):
-                    try:
-                        sch.compute_inline(info.block_rv)
-                    except Exception:  # pylint: disable=broad-except
-                        return None
         epilogues = sch.get_consumers(main)
+        for info in infos:  # other producers (e.g. a fused AWQ input scale): inline
+            if sch.get(info.block_rv).name_hint not in (DEQUANT_BLOCK, sch.get(main).name_hint) \
+                    and info.is_injective() and not any(sch.get(e).same_as(sch.get(info.block_rv))
+                                                        for e in epilogues):
+                try:
+                    sch.compute_inline(info.block_rv)
+                except Exception:  # pylint: disable=broad-except
+                    pass
         *outer, n, k = sch.get_loops(main)
         jo, ji = sch.split(n, [None, VECTOR_LANES])
-        sch.reorder(jo, *outer, k, ji)
-        sch.parallel(jo)
-        sch.vectorize(ji)
-        sch.decompose_reduction(main, k)
-        sch.compute_at(dequant, jo)
-        dk, dn = sch.get_loops(dequant)[-2:]
-        dko, dki = sch.split(dk, [None, 4])
-        sch.reorder(dko, dki, dn)
-        sch.unroll(dki)
-        sch.vectorize(dn)
+        if self.tile_first:  # dequantize a [K, 16] tile, then every row against it
+            sch.reorder(jo, *outer, k, ji)
+            sch.parallel(jo)
+            sch.vectorize(ji)
+            sch.decompose_reduction(main, k)
+            sch.compute_at(dequant, jo)
+            dk, dn = sch.get_loops(dequant)[-2:]
+            dko, dki = sch.split(dk, [None, CODES_PER_WORD])
+            sch.reorder(dko, dki, dn)
+            sch.unroll(dki)
+            sch.vectorize(dn)
+        else:  # per k: dequantize 16 weights into registers, then every row
+            ko, ki = sch.split(k, [None, CODES_PER_WORD])
+            sch.reorder(jo, ko, ki, *outer, ji)
+            sch.parallel(jo)
+            sch.vectorize(ji)
+            sch.decompose_reduction(main, ko)
+            sch.compute_at(dequant, ki)
+            sch.vectorize(sch.get_loops(dequant)[-1])
+            sch.unroll(ki)
         for epilogue in epilogues:
             try:
                 sch.reverse_compute_at(epilogue, jo)

@@ -97,8 +97,9 @@ def _size(path: Path) -> int:
 
 
 def evaluate(folder, configs, eval_tokens: int = 1024, chunk: int = 256, progress=print,
-             keep_dir=None) -> list[dict]:
-    """One row per configuration: perplexity, Paris, sizes. ``folder``: an export folder."""
+             keep_dir=None, on_row=None) -> list[dict]:
+    """One row per configuration: perplexity, Paris, sizes. ``folder``: an export folder.
+    ``on_row(row)`` is called as each row is done (long runs keep what they measured)."""
     from tvm_lite.artifact import LIBRARY, PARAMS, compile_model, load_manifest
     from tvm_lite.engine import Engine
 
@@ -136,6 +137,8 @@ def evaluate(folder, configs, eval_tokens: int = 1024, chunk: int = 256, progres
                 if cfg == "fp16":
                     row["params MB"] = None  # same artifact as fp32, rounded in memory
                 rows.append(row)
+                if on_row is not None:
+                    on_row(row)
                 progress(f"[{name}] ppl {ppl:.3f}, Paris: {row['paris']} ({answer[:60]!r})")
                 del engine
                 if art != fp32_dir and keep_dir is None:
@@ -180,6 +183,7 @@ def add_arguments(p) -> None:
                    help="also int4 absmax RTN (MLC's recipe) and GPTQ with act-order")
     p.add_argument("--only", default=None, help="comma list of config names to run (substrings)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save", default=None, help="append each row to this JSON-lines file as it is done")
 
 
 def run(args, log=print) -> None:
@@ -195,7 +199,12 @@ def run(args, log=print) -> None:
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
         configs = [c for c in configs if any(w in c[0].lower() for w in wanted)]
-    rows = evaluate(folder, configs, args.eval_tokens, progress=log)
+    def save(row):
+        if args.save:
+            with open(args.save, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    rows = evaluate(folder, configs, args.eval_tokens, progress=log, on_row=save)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
