@@ -31,8 +31,9 @@ def resolve_artifact(model, target: str, exporter: str = "dynamo", force: bool =
 
 def _add_quant_args(p):
     g = p.add_argument_group("4-bit weights (tvm_lite.quant)")
-    g.add_argument("--quant", default="none", choices=["none", "e0m4", "int4"],
-                   help="E0M4 (Transformer-Lite) or MLC-style int4 weights for every weight matmul")
+    g.add_argument("--quant", default="none",
+                   help="none, e0m4 (Transformer-Lite) or int4 (MLC-style) weights for every weight "
+                        "matmul; bench takes a list (none,int4,e0m4: one row each, same run)")
     g.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq", "awq"])
     g.add_argument("--group-size", type=int, default=None, help="weights per scale along K (default 32)")
     g.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head")
