@@ -312,3 +312,17 @@ def test_e0m4_smollm2_answers_paris(export_dir):
     assert sum(n.endswith(".e0m4.codes") for n in names) == 210
     ok, text = answers_paris(Engine(art))
     assert ok, text
+
+
+@pytest.mark.slow
+def test_whole_e0m4_model_builds_for_adreno(real_mod, export_dir):
+    from tvm_lite.quant import quantize_module
+    from tvm_lite.quant.quantize import tokenizer_of
+
+    qmod, summary = quantize_module(real_mod, QuantConfig("e0m4", "rtn", 32), tokenizer_of(export_dir("dynamo")))
+    assert summary["matmul"] == 210 and summary["take"] == 0
+    src = tvm_lite.device_source(tvm_lite.build(qmod, "opencl -device=adreno"), "opencl")
+    kernels_with_codes = [k for k in src.split("__kernel void")[1:] if "_codes" in k]
+    assert len(kernels_with_codes) >= 4  # q/o, k/v, gate/up, down shapes at least
+    for kernel in kernels_with_codes:  # each decodes codes under the exponent, none converts
+        assert "25600" in kernel and "convert_half" not in kernel
