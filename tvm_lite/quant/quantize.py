@@ -208,7 +208,8 @@ def quantize_weights(mod, config: QuantConfig, tokenizer=None, progress=print,
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = cache_dir() / "quant" / f"{config.label}-{key}.npz"
     if cache and path.exists():
-        progress(f"quantized weights from cache: {path}")
+        if progress is not None:
+            progress(f"quantized weights from cache: {path}")
         return _load(path)
 
     stats = {}
