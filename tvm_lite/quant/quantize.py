@@ -87,6 +87,8 @@ class QuantConfig:
     def label(self) -> str:
         extra = "+ao" if self.act_order and self.method == "gptq" else ""
         extra += "" if self.clip_search else "-noclip"
+        extra += "+lm_head" if self.include_lm_head else ""
+        extra += "+emb" if self.include_embedding else ""
         return f"{self.format}-{self.method}{extra}-g{self.group_size}"
 
     def to_dict(self) -> dict:
