@@ -312,3 +312,20 @@ def test_e0m4_smollm2_answers_paris(export_dir):
     assert sum(n.endswith(".e0m4.codes") for n in names) == 210
     ok, text = answers_paris(Engine(art))
     assert ok, text
+
+
+@pytest.mark.slow
+def test_whole_e0m4_model_builds_for_adreno(real_mod, export_dir):
+    from tvm_lite.quant import quantize_module
+    from tvm_lite.quant.quantize import tokenizer_of
+
+    qmod, summary = quantize_module(real_mod, QuantConfig("e0m4", "rtn", 32), tokenizer_of(export_dir("dynamo")))
+    assert summary["matmul"] == 210 and summary["take"] == 0
+    src = tvm_lite.device_source(tvm_lite.build(qmod, "opencl -device=adreno"), "opencl")
+    bodies = {}  # kernel name -> its definition (the source also repeats prototypes)
+    for m in re.finditer(r"__kernel void (\w+)\(([^)]*)\)\s*\{", src):
+        bodies[m.group(1)] = (m.group(2), src[m.end():src.find("\n}\n", m.end())])
+    on_codes = {name: body for name, (args, body) in bodies.items() if "codes_ptr" in args}
+    assert len(on_codes) >= 6  # the q/k/v/o/gate/up/down shapes, with and without epilogues
+    for name, body in on_codes.items():  # each decodes codes under the exponent, none converts
+        assert "25600" in body and "convert_half" not in body, name

@@ -29,11 +29,14 @@ def resolve_artifact(model, target: str, exporter: str = "dynamo", force: bool =
     return compile_model(model, target, force=force, progress=_log, quant=quant)
 
 
-def _add_quant_args(p):
+def _add_quant_args(p, several: bool = False):
     g = p.add_argument_group("4-bit weights (tvm_lite.quant)")
-    g.add_argument("--quant", default="none",
-                   help="none, e0m4 (Transformer-Lite) or int4 (MLC-style) weights for every weight "
-                        "matmul; bench takes a list (none,int4,e0m4: one row each, same run)")
+    if several:
+        g.add_argument("--quant", default="none",
+                       help="comma list of none, e0m4, int4: one row each, in the same run")
+    else:
+        g.add_argument("--quant", default="none", choices=["none", "e0m4", "int4"],
+                       help="E0M4 (Transformer-Lite) or MLC-style int4 weights for every weight matmul")
     g.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq", "awq"])
     g.add_argument("--group-size", type=int, default=None, help="weights per scale along K (default 32)")
     g.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head")
@@ -244,7 +247,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-onnxruntime", action="store_true")
     p.add_argument("--json", action="store_true")
-    _add_quant_args(p)
+    _add_quant_args(p, several=True)
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("bench-kv", help="decode tok/s and KV copies/memory: in-place vs past/present")

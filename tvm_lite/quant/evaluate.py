@@ -111,7 +111,7 @@ def evaluate(folder, configs, eval_tokens: int = 1024, chunk: int = 256, progres
     fp32_dir = None
     with shared_calibration():  # GPTQ and AWQ rows share one calibration run
         try:
-            for name, cfg in configs:
+            for i, (name, cfg) in enumerate(configs):
                 t0 = time.perf_counter()
                 progress(f"[{name}] compiling")
                 if cfg in ("fp32", "fp16"):
@@ -119,7 +119,8 @@ def evaluate(folder, configs, eval_tokens: int = 1024, chunk: int = 256, progres
                         fp32_dir = compile_model(folder, "llvm", out_dir=tmp / "fp32", progress=progress)
                     art = fp32_dir
                 else:
-                    art = _compile_quantized(folder, cfg, tmp / cfg.label, progress)
+                    # a fresh path per row: the process has dlopen()ed earlier rows' model.so
+                    art = _compile_quantized(folder, cfg, tmp / f"{i:02d}-{cfg.label}", progress)
                 engine = Engine(art)
                 if cfg == "fp16":
                     round_weights_to_fp16(engine)

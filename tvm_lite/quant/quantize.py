@@ -87,6 +87,8 @@ class QuantConfig:
     def label(self) -> str:
         extra = "+ao" if self.act_order and self.method == "gptq" else ""
         extra += "" if self.clip_search else "-noclip"
+        extra += "+lm_head" if self.include_lm_head else ""
+        extra += "+emb" if self.include_embedding else ""
         return f"{self.format}-{self.method}{extra}-g{self.group_size}"
 
     def to_dict(self) -> dict:
@@ -208,7 +210,8 @@ def quantize_weights(mod, config: QuantConfig, tokenizer=None, progress=print,
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = cache_dir() / "quant" / f"{config.label}-{key}.npz"
     if cache and path.exists():
-        progress(f"quantized weights from cache: {path}")
+        if progress is not None:
+            progress(f"quantized weights from cache: {path}")
         return _load(path)
 
     stats = {}
