@@ -262,18 +262,18 @@ class InplaceKVCache:
             match = rewriter._match_concat(value) if isinstance(value, relax.Call) else None
             if match is not None:
                 concat_of[var] = match[0]
-        kept, kept_names, dropped = [], [], []
-        for field, name in zip(ret.fields, output_names):
+        keep, dropped = [], []
+        for i, field in enumerate(ret.fields):
             if isinstance(field, relax.Var) and field in concat_of:
                 dropped.append(concat_of[field])
             else:
-                kept.append(field)
-                kept_names.append(name)
+                keep.append(i)
         missing = [p.name for p in rewritten if p not in dropped]
         if missing:
             raise KVCacheRewriteError(f"past inputs {missing} are not returned as presents")
+        kept_names = [output_names[i] for i in keep]
 
-        body = _keep_outputs(body, [output_names.index(n) for n in kept_names])
+        body = _keep_outputs(body, keep)
         caches = [rewriter.caches[p] for p in rewriter.inputs if p in rewriter.caches]
         others = [p for p in rewriter.inputs if p not in rewriter.caches]
         past_len = relax.Var("past_len", relax.ShapeType([rewriter.past_seq]))
@@ -287,8 +287,7 @@ class InplaceKVCache:
             "tvm_lite.output_names": kept_names,
             "tvm_lite.kv_cache_names": kv_names,
         })
-        builder = rewriter.builder_
-        out = builder.get()
+        out = rewriter.builder_.get()
         out["main"] = new_func
         return out
 

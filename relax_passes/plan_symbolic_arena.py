@@ -139,13 +139,6 @@ def plan(requests: list[Request], analyzer) -> list[Block]:
     return blocks
 
 
-def arena_size(blocks: list[Block], analyzer) -> tvm.ir.Expr:
-    total = _const(0)
-    for block in blocks:
-        total = total + _align(block.size, analyzer)
-    return analyzer.simplify(total)
-
-
 def _analyzer(func) -> tvm.sym.Analyzer:
     """An analyzer that knows every symbolic dim of ``func`` is a non-negative size."""
     analyzer = tvm.sym.Analyzer()
@@ -205,7 +198,8 @@ class PlanSymbolicArena:
             requests, bindings = collect_requests(func)
             analyzer = _analyzer(func)
             blocks = plan(requests, analyzer)
-            total = arena_size(blocks, analyzer)
+            sizes = [_align(b.size, analyzer) for b in blocks]
+            total = analyzer.simplify(sum(sizes, _const(0)))
             new = _rewrite(func, requests, bindings, blocks)
             tensors = [b for b in bindings
                        if _call_name(b.value) in ("relax.memory.alloc_tensor",
@@ -224,7 +218,6 @@ class PlanSymbolicArena:
                 "tvm_lite.storages": len(requests),
             })
             out[gv] = new
-            sizes = [_align(b.size, analyzer) for b in blocks]
             name = gv.name_hint + "_workspace_bytes"
             out[name] = _size_function(func, sizes).with_attr("global_symbol", name)
         return out

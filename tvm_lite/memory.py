@@ -103,9 +103,9 @@ def plan_table(mod, seqs=(1, 128, 512, 2048), past: int = 0, bound: int = 2048) 
         name = "decode" if seq == 1 else "prefill"
         values = {"seq": seq, "past_seq": past}
         row = {"function": name, "seq": seq, "past": past}
-        for plan in ("none", "TVM", f"TVM bound", "tvm_lite"):
-            row[plan if plan != "TVM bound" else f"TVM bound={bound}"] = \
-                evaluate(symbolic[name][plan], values) / 1e6
+        for plan in ("none", "TVM", "TVM bound", "tvm_lite"):
+            column = f"TVM bound={bound}" if plan == "TVM bound" else plan
+            row[column] = evaluate(symbolic[name][plan], values) / 1e6
         rows.append(row)
     return rows
 
