@@ -8,6 +8,13 @@ import functools
 
 import pytest
 
+
+def pytest_collection_modifyitems(items):
+    """The tutorial notebooks (marked ``tutorial``) run after every other test: the export/compile
+    cache the tests fill is warm by then."""
+    items.sort(key=lambda item: item.get_closest_marker("tutorial") is not None)
+
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
