@@ -112,8 +112,12 @@ def _export_library(ex, path: Path, target) -> None:
         ex.export_library(str(path))
 
 
-def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print) -> Path:
-    """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder."""
+def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
+                  tuning_db=None) -> Path:
+    """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
+
+    ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) whose kernels replace
+    tvm_lite's schedules; the artifact then has a ``decode`` function too."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
@@ -122,6 +126,11 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     folder = onnx_path.parent
     tgt = parse_target(target)
     options: dict = {}
+    if tuning_db is not None:  # [tuning] the database's contents are part of the cache key
+        from tvm_lite.rpc.tune import check_database, database_digest
+
+        tuning_db = check_database(tuning_db)
+        options.update(tuning_db=database_digest(tuning_db), decode_function=True)
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
     manifest_path = out / MANIFEST
@@ -139,7 +148,11 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     func = mod["main"]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
     t1 = time.perf_counter()
-    ex = build(mod, tgt)
+    applied: list = []
+    ex = build(mod, tgt, tuning_db=tuning_db, applied=applied)
+    if tuning_db is not None:
+        progress(f"{len(applied)} kernels from the tuning database {tuning_db}: "
+                 f"{', '.join(applied) or 'none matched'}")
     t_compile = time.perf_counter() - t1
 
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +181,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         "import_seconds": round(t_import, 2),
         "compile_seconds": round(t_compile, 2),
     }
+    if tuning_db is not None:
+        manifest.update(tuning_db=str(tuning_db), tuned_kernels=applied)
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return out
 

@@ -28,6 +28,15 @@ def resolve_artifact(model, target: str, exporter: str = "dynamo", force: bool =
     return compile_model(model, target, force=force, progress=_log)
 
 
+def resolve_onnx(model, exporter: str = "dynamo"):
+    """An ONNX file / export dir as given, or the export of a .gguf / HF folder / the default."""
+    if model is not None and (str(model).endswith(".onnx") or (Path(model) / "model.onnx").exists()):
+        return model
+    from .export import export_onnx
+
+    return export_onnx(model, exporter=exporter, progress=_log)
+
+
 def _add_model_args(p, target=True):
     p.add_argument("--model", default=None,
                    help="artifact dir, ONNX file/export dir, .gguf file or HF folder "
@@ -53,7 +62,8 @@ def cmd_compile(args):
         from .export import export_onnx
 
         model = export_onnx(model, exporter=args.exporter, progress=_log)
-    out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log)
+    out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
+                        tuning_db=args.tuning_db)
     print(out)
 
 
@@ -73,6 +83,11 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
+    if args.artifact or args.rpc:  # [rpc] an artifact on a device, local or over RPC
+        from tvm_lite.rpc.cli import cmd_device_bench
+
+        return cmd_device_bench(args)
+    args.prompt_len = int(str(args.prompt_len or 128).split(",")[0])
     from .artifact import compile_model, load_manifest
     from .bench import _prompt_ids, bench_onnxruntime, bench_tvm, format_table
     from .engine import Engine
@@ -117,6 +132,7 @@ def main(argv=None):
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     p.add_argument("-o", "--output", default=None)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--tuning-db", default=None, help="MetaSchedule database from `tvm-lite tune`")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="answer a prompt")
@@ -131,16 +147,26 @@ def main(argv=None):
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, no chat template")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("bench", help="import/compile time and tok/s, next to onnxruntime")
+    p = sub.add_parser("bench", help="tok/s next to onnxruntime; or of ARTIFACT on a device "
+                                     "(local, or --rpc HOST:PORT --key K)")
     _add_model_args(p)
-    p.add_argument("--prompt-len", type=int, default=128)
+    from tvm_lite.rpc.cli import add_bench_args, add_commands
+
+    add_bench_args(p)
+    p.add_argument("--prompt-len", default=None,
+                   help="prompt length (default 128); with ARTIFACT a list (default 64,256,1024)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-onnxruntime", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench)
 
+    add_commands(sub)  # rpc tracker|server|status, tune
+
     args = parser.parse_args(argv)
+    from tvm_lite.rpc.processes import RPCError
+    from tvm_lite.rpc.tune import TuningError
+
     from .artifact import ArtifactError
     from .engine import ContextLengthError
     from .export import ExportError
@@ -148,11 +174,11 @@ def main(argv=None):
     from .target import TargetError
 
     try:
-        args.fn(args)
-    except (ArtifactError, ContextLengthError, ExportError, OnnxImportError, TargetError) as err:
+        return args.fn(args) or 0
+    except (ArtifactError, ContextLengthError, ExportError, OnnxImportError, TargetError,
+            RPCError, TuningError) as err:
         print(f"tvm-lite: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,21 +19,33 @@ def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
     return mod, params
 
 
-def build(mod: tvm.IRModule, target="llvm", *, dump_dir: str | None = None):
+def build(mod: tvm.IRModule, target="llvm", *, dump_dir: str | None = None, tuning_db=None,
+          decode_function: bool | None = None, applied: list | None = None):
     """Compile ``mod`` for ``target`` through tvm_lite's pipeline.
 
     ``target`` is a classic string (``"llvm"``, ``"cuda -arch=sm_90"``, ``"opencl -device=adreno"``,
     ``"opencl -device=mali"``, ``"vulkan"``), a dict or a ``tvm.target.Target``. Returns the
     ``tvm.runtime.Executable``; the weights stay out of it (they are the ``params`` attribute of
     the imported module: see :func:`detach_params`).
+
+    ``tuning_db``: a MetaSchedule database directory written by ``tvm-lite tune``; its kernels
+    replace tvm_lite's schedules where it has them (their names are appended to ``applied``).
+    With it, the executable also has a ``decode`` function (``decode_function``: see
+    ``pipeline.phases``).
     """
     tgt = parse_target(target)
     check_codegen(tgt)
     mod, _ = detach_params(mod)
+    if tuning_db is not None:
+        from tvm_lite.rpc.tune import check_database
+
+        tuning_db = check_database(tuning_db)
     with tgt:
         return tvm.compile(mod, target=tgt,
-                           relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
-                                                             dump_dir=dump_dir))
+                           relax_pipeline=relax.get_pipeline(
+                               _pipeline.PIPELINE_NAME, target=tgt, dump_dir=dump_dir,
+                               tuning_db=tuning_db, decode_function=decode_function,
+                               applied=applied))
 
 
 def device_source(executable, kind: str = "opencl") -> str:

@@ -18,6 +18,8 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
+from tvm.rpc.base import RPC_SESS_MASK
+
 from .artifact import LIBRARY, PARAMS, load_manifest
 from .tokenizer import Tokenizer
 
@@ -74,14 +76,22 @@ def _device(name: str):
 class Engine:
     """Load an artifact and generate text with it."""
 
-    def __init__(self, artifact, device: str = "cpu", max_context: int | None = None):
+    def __init__(self, artifact, device="cpu", max_context: int | None = None, *, module=None):
         self.path = Path(artifact)
         self.manifest = load_manifest(self.path)
         self.model = self.manifest.get("model", {})
-        self.dev = _device(device)
-        lib = tvm.runtime.load_module(str(self.path / LIBRARY))
+        # [rpc] ``device`` may be a tvm.runtime.Device, an RPC session's included, and ``module``
+        # the artifact's library already loaded (``remote.load_module``): see tvm_lite.rpc.
+        self.dev = _device(device) if isinstance(device, str) else device
+        self.remote = self.dev.dlpack_device_type() >= RPC_SESS_MASK
+        lib = module if module is not None else tvm.runtime.load_module(str(self.path / LIBRARY))
         self.vm = VirtualMachine(lib, self.dev)
         self._main = self.vm["main"]
+        # [rpc] builds with a tuning database add a ``decode`` function: main with seq = 1,
+        # whose static-shape kernels are the ones MetaSchedule tuned.
+        self._entry_decode = "decode" if self.manifest.get("options", {}).get("decode_function") \
+            else "main"
+        self.unpack = None  # [rpc] set by tvm_lite.rpc.remote_engine
         with np.load(self.path / PARAMS) as weights:
             self.params = [tvm.runtime.tensor(weights[f"p{i}"], self.dev)
                            for i in range(len(weights.files))]
@@ -99,9 +109,26 @@ class Engine:
         empty = np.zeros(self.kv_shape, self.kv_dtype)
         return Session(past=[tvm.runtime.tensor(empty, self.dev) for _ in range(2 * self.num_layers)])
 
-    def forward(self, session: Session, ids) -> np.ndarray:
+    def _call(self, name: str, args: list):
+        out = (self._main if name == "main" else self.vm[name])(*args)
+        # [rpc] a remote VM's output tuple arrives as a handle; tvm_lite.rpc sets ``unpack``
+        return self.unpack(out) if self.unpack is not None else out
+
+    def _last_row(self, logits, n: int) -> np.ndarray:
+        """[rpc] logits[0, n-1] without copying the other rows to the host (200 MB for 1024
+        tokens of a 49k vocabulary: what an RPC link would otherwise carry per prefill)."""
+        vocab, dtype = int(logits.shape[-1]), str(logits.dtype)
+        row = logits._create_view((1, vocab), dtype,
+                                  relative_byte_offset=(n - 1) * vocab * np.dtype(dtype).itemsize)
+        if self.remote:  # an RPC copy to the host ignores the view's offset; a remote copy does not
+            dst = tvm.runtime.empty((1, vocab), dtype, self.dev)
+            row.copyto(dst)
+            row = dst
+        return row.numpy()
+
+    def forward(self, session: Session, ids, last_only: bool = False) -> np.ndarray:
         """Run ``ids`` through the model after ``session``'s tokens; return the logits of every
-        position ([n, vocab]) and advance the session."""
+        position ([n, vocab]), or of the last one only ([1, vocab]), and advance the session."""
         ids = np.asarray(ids, dtype="int64").reshape(1, -1)
         n = ids.shape[1]
         if session.length + n > self.max_context:
@@ -112,7 +139,7 @@ class Engine:
         mask = np.ones((1, total), "int64")
         pos = np.arange(session.length, total, dtype="int64")[None]
         args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
-        out = self._main(*args, *session.past, *self.params)
+        out = self._call(self._entry_decode if n == 1 else "main", [*args, *session.past, *self.params])
         # present -> past: the model has copied every past row into the new present tensors.
         copied = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in session.past)
         session.past = [out[i] for i in range(1, 2 * self.num_layers + 1)]
@@ -120,7 +147,7 @@ class Engine:
         session.kv_bytes_copied += copied
         session.length = total
         session.tokens.extend(int(t) for t in ids[0])
-        return out[0].numpy()[0]
+        return self._last_row(out[0], n) if last_only else out[0].numpy()[0]
 
     def prefill(self, session: Session, ids, chunk_size: int | None = None) -> np.ndarray:
         """Feed a prompt (in chunks of ``chunk_size`` tokens); return the last position's logits."""
@@ -132,7 +159,7 @@ class Engine:
         step = chunk_size or len(ids)
         logits = None
         for start in range(0, len(ids), step):
-            logits = self.forward(session, ids[start:start + step])
+            logits = self.forward(session, ids[start:start + step], last_only=True)
         return logits[-1]
 
     # -- generation -------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
 
     Phase 1  graph clean-up        stock canonicalization + tvm_lite's RemoveNoOpOps
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
-    Phase 3  schedule              schedules.rules_for(target): CPU rules or GPU rules
+    Phase 3  schedule              a MetaSchedule tuning database, if given, then
+                                   schedules.rules_for(target): CPU rules or GPU rules
     Phase 4  VM lowering           dataflow lowering, memory planning, VM shape lowering
 """
 
@@ -19,7 +20,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import RemoveNoOpOps
+from tvm_lite.relax_passes import AddDecodeFunction, RemoveNoOpOps
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -37,10 +38,41 @@ def _dump(phase: str, dump_dir: str | None):
     return dump
 
 
-def phases(target: tvm.target.Target) -> list[tuple[str, list]]:
-    """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order)."""
+def _record_tuned(applied: list | None):
+    """A pass that lists (into ``applied``) the kernels the tuning database scheduled."""
+
+    @tvm.transform.module_pass(opt_level=0, name="RecordTunedKernels")
+    def record(mod, _ctx):
+        if applied is not None:
+            applied.extend(sorted(gv.name_hint for gv, f in mod.functions_items()
+                                  if isinstance(f, tvm.tirx.PrimFunc)
+                                  and int(f.attrs.get("tirx.is_scheduled", 0)) == 1))
+        return mod
+
+    return record
+
+
+def _tuned_schedules(tuning_db, applied: list | None) -> list:
+    """[tuning] MetaSchedule's records (``tvm-lite tune``) before the rules: tuned kernels win,
+    the others keep tvm_lite's rules (ApplyDefaultSchedule skips scheduled functions)."""
+    if not tuning_db:
+        return []
+    return [relax.transform.MetaScheduleApplyDatabase(str(tuning_db)), _record_tuned(applied)]
+
+
+def phases(target: tvm.target.Target, tuning_db=None, decode_function: bool | None = None,
+           applied: list | None = None) -> list[tuple[str, list]]:
+    """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
+
+    ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``). ``decode_function``
+    (default: on with a database) adds ``decode`` = ``main`` with one new token, whose
+    static-shape kernels are what tuning tunes. ``applied`` receives the tuned kernels' names.
+    """
+    if decode_function is None:
+        decode_function = bool(tuning_db)
     return [
         ("1_graph", [
+            *([AddDecodeFunction()] if decode_function else []),
             relax.transform.CanonicalizeBindings(),
             RemoveNoOpOps(),
             relax.transform.EliminateCommonSubexpr(),
@@ -57,6 +89,7 @@ def phases(target: tvm.target.Target) -> list[tuple[str, list]]:
             relax.transform.DeadCodeElimination(),
         ]),
         ("3_schedule", [
+            *_tuned_schedules(tuning_db, applied),
             dl.ApplyDefaultSchedule(*schedules.rules_for(target)),
         ]),
         ("4_vm_lowering", [
@@ -76,15 +109,16 @@ def phases(target: tvm.target.Target) -> list[tuple[str, list]]:
 
 
 @relax.register_pipeline(PIPELINE_NAME)
-def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None):
+def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None, tuning_db=None,
+                      decode_function: bool | None = None, applied: list | None = None):
     """The whole pipeline as one pass. ``dump_dir`` (or ``$TVM_LITE_DUMP_IR``) gets the IR after
-    each phase."""
+    each phase; the other options are those of :func:`phases`."""
     dump_dir = dump_dir or os.environ.get("TVM_LITE_DUMP_IR")
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lite_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for name, passes in phases(target):
+            for name, passes in phases(target, tuning_db, decode_function, applied):
                 mod = tvm.transform.Sequential([*passes, _dump(name, dump_dir)], name=name)(mod)
         return mod
 
