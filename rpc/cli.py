@@ -107,7 +107,8 @@ def cmd_tune(args) -> int:
                         trials=args.trials, top=args.top,
                         kernels=args.kernels.split(",") if args.kernels else None,
                         num_cores=args.num_cores, trials_per_iter=args.trials_per_iter,
-                        population=args.population, session_timeout=args.session_timeout,
+                        population=args.population, min_repeat_ms=args.min_repeat_ms,
+                        session_timeout=args.session_timeout,
                         server_wait=args.server_wait, progress=not args.json, log=_log)
     if args.json:
         print(json.dumps({"database": str(report.database), "kernels": report.kernels,
@@ -212,7 +213,10 @@ def add_commands(sub) -> None:
     p.add_argument("--num-cores", type=int, default=None, help="CPU targets: the device's cores")
     p.add_argument("--trials-per-iter", type=int, default=16)
     p.add_argument("--population", type=int, default=256, help="evolutionary search population")
-    p.add_argument("--session-timeout", type=float, default=120.0)
+    p.add_argument("--min-repeat-ms", type=int, default=0,
+                   help="measure each candidate for at least this long (noisy devices)")
+    p.add_argument("--session-timeout", type=float, default=60.0,
+                   help="RPC session limit per measurement (s)")
     p.add_argument("--server-wait", type=float, default=60.0,
                    help="stop when no server is under the key for this long (s)")
     p.add_argument("--json", action="store_true")

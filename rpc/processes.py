@@ -13,6 +13,7 @@ whole group, and then checks with ``psutil`` that no member is left.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -165,9 +166,12 @@ class RPCProcess:
         self.stop()
 
 
+_started = itertools.count()
+
+
 def _log_path(log_dir, name: str) -> Path:
     folder = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="tvm_lite_rpc_"))
-    return folder / f"{name}-{int(time.time() * 1000)}.log"
+    return folder / f"{name}-{time.strftime('%H%M%S')}-{os.getpid()}-{next(_started)}.log"
 
 
 def start_tracker(host: str = LOOPBACK, port: int = 9190, port_end: int | None = None,

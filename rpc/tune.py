@@ -181,7 +181,10 @@ def request_session(tracker: str, key: str, priority: int = 1, session_timeout: 
     host, port = parse_address(tracker)
     deadline = time.monotonic() + server_wait
     last = None
+    parent = os.getppid()
     while True:
+        if os.getppid() != parent:  # the tuning process is gone: do not wait for ever
+            raise RPCError("the process that asked for an RPC session has exited")
         keys = tracker_status(tracker)["keys"]
         if keys.get(key, {}).get("total", 0) == 0:
             if time.monotonic() > deadline:
@@ -206,7 +209,12 @@ def request_session(tracker: str, key: str, priority: int = 1, session_timeout: 
 
 
 def _create_session(rpc_config, server_wait: float):
-    # RPCRunner's f_create_session, in its worker processes
+    # RPCRunner's f_create_session, in its worker processes. A session whose run failed can
+    # stay referenced from a cycle through the exception's traceback; until the collector frees
+    # it, its server stays busy waiting for us (for session_timeout), and the tracker queues us.
+    import gc
+
+    gc.collect()
     return request_session(f"{rpc_config.tracker_host}:{rpc_config.tracker_port}",
                            rpc_config.tracker_key, rpc_config.session_priority,
                            rpc_config.session_timeout_sec, server_wait)
@@ -228,9 +236,11 @@ def _guarded(stage, default):
 
 
 def _link_error(text: str) -> bool:
+    """The RPC link itself failed (the server process died or the network went), as opposed
+    to the kernel failing on the device (which the server reports and survives)."""
     text = text.lower()
-    return any(s in text for s in ("socket", "connection", "broken pipe", "rpc session",
-                                   "rpcsession", "remote session", "disconnected", "eof"))
+    return any(s in text for s in ("rpccode::kreturn", "kshutdown", "socket", "broken pipe",
+                                   "connection reset", "connection refused", "connection aborted"))
 
 
 def _upload(session, local_path, remote_path):
@@ -250,6 +260,16 @@ def _run(session, rt_mod, device, evaluator_config, repeated_args):
 
     return _guarded("run", default_run_evaluator)(session, rt_mod, device, evaluator_config,
                                                    repeated_args)
+
+
+def _cleanup(session, remote_path):
+    # removing the uploaded kernel fails on a lost link; that must not mask why the run failed
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import default_cleanup
+
+    try:
+        default_cleanup(session, remote_path)
+    except Exception:
+        pass
 
 
 def export_for_device(mod, target) -> str:
@@ -282,7 +302,7 @@ def _export_kernel(mod, target_json):
 
 def make_runner(tracker: str | None, key: str | None, workers: int | None = None,
                 number: int = 3, repeat: int = 1, min_repeat_ms: int = 0,
-                session_timeout: float = 120.0, server_wait: float = 60.0):
+                session_timeout: float = 60.0, server_wait: float = 60.0):
     """An ``RPCRunner`` through the tracker with one worker per server under ``key`` (a farm
     measures in parallel), or a ``LocalRunner`` without a tracker."""
     from tvm.s_tir import meta_schedule as ms
@@ -306,11 +326,11 @@ def make_runner(tracker: str | None, key: str | None, workers: int | None = None
         evaluator_config=evaluator,
         f_create_session=functools.partial(_create_session, server_wait=server_wait),
         f_upload_module=_upload, f_alloc_argument=_alloc, f_run_evaluator=_run,
-        max_workers=workers)
+        f_cleanup=_cleanup, max_workers=workers)
     return runner, workers
 
 
-def _callbacks(progress, on_device_lost: str):
+def _callbacks(progress):
     """Measure callbacks: record (not what a lost device failed to measure), then MetaSchedule's
     own clean-up and cost-model update, then progress (which stops when no device is left)."""
     from tvm.ir.utils import derived_object
@@ -325,6 +345,8 @@ def _callbacks(progress, on_device_lost: str):
             task = task_scheduler.tasks_[task_id].ctx
             workload = db.commit_workload(task.mod)
             for cand, res in zip(candidates, runner_results):
+                if res.error_msg:
+                    progress.failure(task.task_name, str(res.error_msg))
                 if res.error_msg and DEVICE_LOST in str(res.error_msg):
                     progress.lost(str(res.error_msg))
                     continue  # not the schedule's fault: measure it again next time
@@ -347,9 +369,10 @@ def _callbacks(progress, on_device_lost: str):
 class _Progress:
     """A tqdm bar over the session's trials, and what the callbacks saw."""
 
-    def __init__(self, total: int, show: bool):
+    def __init__(self, total: int, show: bool, log_path: Path):
         from tqdm import tqdm
 
+        self.log_path = log_path
         self.bar = tqdm(total=total, unit="trial", desc="tuning", disable=not show,
                         dynamic_ncols=True)
         self.n_recorded = self.n_failed = self.n_lost = 0
@@ -369,6 +392,12 @@ class _Progress:
             return
         t = sum(secs) / len(secs)
         self.best = t if self.best is None else min(self.best, t)
+
+    def failure(self, kernel: str, message: str):
+        """Failed measurements are told why in DB/logs/tvm_lite_failures.log."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {kernel}: {message.strip()}\n---\n")
 
     def lost(self, message: str):
         self.n_lost += 1
@@ -405,8 +434,9 @@ class TuneReport:
 def tune_model(model, target, database, *, tracker: str | None = None, key: str | None = None,
                trials: int = 64, top: int | None = 4, kernels=None, num_cores: int | None = None,
                trials_per_iter: int = 16, population: int = 256, workers: int | None = None,
-               number: int = 3, repeat: int = 1, session_timeout: float = 120.0,
-               server_wait: float = 60.0, seed: int | None = 0, progress: bool = True,
+               number: int = 3, repeat: int = 1, min_repeat_ms: int = 0,
+               session_timeout: float = 60.0, server_wait: float = 60.0,
+               seed: int | None = 0, progress: bool = True,
                log=print) -> TuneReport:
     """Tune ``model``'s kernels for ``target``; records go to ``database`` (a directory).
 
@@ -453,7 +483,7 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
         report.seconds = time.perf_counter() - t0
         return _finish(report, db)
 
-    runner, n_workers = make_runner(tracker, key, workers, number, repeat,
+    runner, n_workers = make_runner(tracker, key, workers, number, repeat, min_repeat_ms,
                                     session_timeout=session_timeout, server_wait=server_wait)
     if tracker:
         log(f"measuring with {n_workers} RPC worker(s) in parallel")
@@ -463,8 +493,8 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     cost_model = ms.cost_model.XGBModel(
         extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True,
         num_tuning_cores=os.cpu_count() or 1)
-    bar = _Progress(remaining, progress)
-    callbacks = _callbacks(bar, "skip")
+    bar = _Progress(remaining, progress, db_dir / "logs" / "tvm_lite_failures.log")
+    callbacks = _callbacks(bar)
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     level = ms_logger.level
     try:
