@@ -109,7 +109,8 @@ def cmd_tune(args) -> int:
                         num_cores=args.num_cores, trials_per_iter=args.trials_per_iter,
                         population=args.population, min_repeat_ms=args.min_repeat_ms,
                         session_timeout=args.session_timeout,
-                        server_wait=args.server_wait, progress=not args.json, log=_log)
+                        server_wait=args.server_wait, baseline=not args.no_baseline,
+                        progress=not args.json, log=_log)
     if args.json:
         print(json.dumps({"database": str(report.database), "kernels": report.kernels,
                           "trials": report.trials, "lost": report.lost,
@@ -219,6 +220,8 @@ def add_commands(sub) -> None:
                    help="RPC session limit per measurement (s)")
     p.add_argument("--server-wait", type=float, default=60.0,
                    help="stop when no server is under the key for this long (s)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not measure tvm_lite's own schedule of each kernel")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_tune)
 

@@ -3,8 +3,9 @@
 TVM's ``python -m tvm.exec.rpc_tracker`` / ``rpc_server`` do their work in a forked
 ``tvm.exec.popen_worker`` (and the server forks once more per session). Killing only the process
 you started leaves the worker holding the port, and an orphaned server worker re-registers with
-the next tracker. So every process here starts in its own process group, ``stop()`` signals the
-whole group, and then checks with ``psutil`` that no member is left.
+the next tracker. So every process here starts in its own process group, under a leader
+(``_group_leader.py``) that stops the group when signalled or when its parent dies; ``stop()``
+signals the whole group, and then checks with ``psutil`` that no member is left.
 
     with start_tracker() as tracker:                        # 127.0.0.1, first free port >= 9190
         with start_server(tracker.address, key="android"):  # registers with the tracker
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+# every tracker/server runs under a group leader that takes its group down with it (and when
+# the process that started it dies)
+_LEADER = [sys.executable, "-m", "tvm_lite.rpc._group_leader"]
 
 
 class RPCError(RuntimeError):
@@ -178,7 +182,7 @@ def start_tracker(host: str = LOOPBACK, port: int = 9190, port_end: int | None =
                   log_dir=None, timeout: float = 60.0) -> RPCProcess:
     """Start ``python -m tvm.exec.rpc_tracker`` bound to ``host`` on the first free port in
     ``[port, port_end)``; return once it listens (``.port`` is the port it took)."""
-    argv = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
+    argv = [*_LEADER, "tvm.exec.rpc_tracker", "--host", host, "--port", str(port),
             "--port-end", str(port_end or port + 100)]
     proc = RPCProcess("tracker", argv, _log_path(log_dir, "tracker"), host=host).start()
     proc.wait_listening(timeout)
@@ -193,7 +197,7 @@ def start_server(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090,
     ``key``; return once the tracker lists it (or at once, with ``wait=False``: then call
     :func:`await_server`)."""
     thost, tport = parse_address(tracker)
-    argv = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port),
+    argv = [*_LEADER, "tvm.exec.rpc_server", "--host", host, "--port", str(port),
             "--port-end", str(port_end or port + 100), "--tracker", f"{thost}:{tport}",
             "--key", key]
     if no_fork:
@@ -225,15 +229,19 @@ def await_server(proc: RPCProcess, timeout: float = 60.0) -> RPCProcess:
 
 
 def connect_tracker(address: str, timeout: float = 10.0):
-    """A ``tvm.rpc.TrackerSession``; a clear error if no tracker answers at ``address``."""
+    """A ``tvm.rpc.TrackerSession``; a clear error if no tracker answers at ``address`` within
+    ``timeout`` seconds (TVM's own connect retries for a minute)."""
+    import socket
+
     from tvm import rpc
 
     host, port = parse_address(address)
     deadline = time.monotonic() + timeout
     while True:
         try:
+            socket.create_connection((host, port), timeout=2).close()
             return rpc.connect_tracker(host, port)
-        except Exception as err:  # connect_tracker retries, then raises RuntimeError
+        except Exception as err:
             if time.monotonic() > deadline:
                 raise RPCError(f"no RPC tracker answers at {host}:{port} ({err}). Start one "
                                "with `tvm-lite rpc tracker`.") from err

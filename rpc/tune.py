@@ -97,19 +97,32 @@ class KernelTask:
         return self.flops * self.weight
 
 
+# GPU limits MetaSchedule's rules need, where the target does not say: CUDA's static shared
+# memory; OpenCL's 32 KB local memory (Adreno 6xx/7xx, Mali)
+_SHARED_MEMORY = {"cuda": 48 * 1024, "opencl": 32 * 1024, "vulkan": 32 * 1024}
+
+
 def tuning_target(target, num_cores: int | None = None):
-    """The target for MetaSchedule: tvm_lite's parsed target, plus ``num-cores`` on CPUs (which
-    MetaSchedule requires; default: this machine's cores)."""
+    """The target for MetaSchedule: tvm_lite's parsed target, plus what MetaSchedule requires
+    and TVM's defaults leave out: ``num-cores`` on CPUs (default: this machine's cores), and
+    ``max_threads_per_block`` / ``max_shared_memory_per_block`` on GPUs (from the target's
+    ``max_num_threads``; name them in a dict target to override)."""
     import tvm
 
     from tvm_lite.target import parse_target
 
     tgt = parse_target(target)
-    if tgt.kind.name == "llvm" and "num-cores" not in tgt.attrs:
-        cfg = dict(tgt.export())
+    cfg = dict(tgt.export())
+    kind = tgt.kind.name
+    if kind == "llvm" and "num-cores" not in cfg:
         cfg["num-cores"] = int(num_cores or os.cpu_count() or 1)
-        tgt = tvm.target.Target(cfg)
-    return tgt
+    elif kind in _SHARED_MEMORY:
+        cfg.setdefault("max_threads_per_block", int(cfg.get("max_num_threads", 256)))
+        cfg.setdefault("max_shared_memory_per_block", _SHARED_MEMORY[kind])
+        cfg.setdefault("thread_warp_size", 32 if kind == "cuda" else 1)
+    else:
+        return tgt
+    return tvm.target.Target(cfg)
 
 
 def lower_for_tuning(mod, target):
@@ -171,6 +184,9 @@ def select_kernels(tasks: list[KernelTask], names=None, top: int | None = None) 
 
 
 # -- measuring ------------------------------------------------------------------------------------
+_NO_SERVER: set = set()  # (tracker, key) found without servers for server_wait s
+
+
 def request_session(tracker: str, key: str, priority: int = 1, session_timeout: float = 0,
                     server_wait: float = 60.0, poll: float = 5.0):
     """An RPC session on a server under ``key``, through the tracker (queued while all are
@@ -179,7 +195,8 @@ def request_session(tracker: str, key: str, priority: int = 1, session_timeout: 
     from tvm import rpc
 
     host, port = parse_address(tracker)
-    deadline = time.monotonic() + server_wait
+    # once this process has waited in vain, the next requests do not wait again
+    deadline = time.monotonic() + (0 if (tracker, key) in _NO_SERVER else server_wait)
     last = None
     parent = os.getppid()
     while True:
@@ -188,6 +205,7 @@ def request_session(tracker: str, key: str, priority: int = 1, session_timeout: 
         keys = tracker_status(tracker)["keys"]
         if keys.get(key, {}).get("total", 0) == 0:
             if time.monotonic() > deadline:
+                _NO_SERVER.add((tracker, key))
                 raise RPCError(
                     f"{DEVICE_LOST} no RPC server left under key {key!r} at the tracker "
                     f"{host}:{port} (waited {server_wait:.0f} s; keys there: "
@@ -196,6 +214,7 @@ def request_session(tracker: str, key: str, priority: int = 1, session_timeout: 
                     + (f"; last error: {last}" if last else ""))
             time.sleep(0.5)
             continue
+        _NO_SERVER.discard((tracker, key))
         deadline = time.monotonic() + server_wait
         session = rpc.connect_tracker(host, port)
         session._sock.settimeout(poll)  # re-check the servers every `poll` s while queued
@@ -260,6 +279,17 @@ def _run(session, rt_mod, device, evaluator_config, repeated_args):
 
     return _guarded("run", default_run_evaluator)(session, rt_mod, device, evaluator_config,
                                                    repeated_args)
+
+
+def _check_exportable(target) -> None:
+    """Candidates for an Android host are linked with the NDK: say so before tuning starts."""
+    host = target.host if target.host is not None else target
+    triple = str(host.attrs.get("mtriple", ""))
+    if "android" in triple and not os.environ.get("TVM_NDK_CC"):
+        raise TuningError(
+            f"tuning for {triple} links every candidate with the Android NDK compiler: set "
+            "TVM_NDK_CC to the NDK's clang++ (e.g. .../toolchains/llvm/prebuilt/linux-x86_64/"
+            "bin/aarch64-linux-android28-clang++)")
 
 
 def _cleanup(session, remote_path):
@@ -428,7 +458,8 @@ class TuneReport:
         from tvm_lite.bench import format_table
 
         return format_table(self.kernels, ["kernel", "calls", "MFLOP", "budget", "before",
-                                           "measured", "records", "best us"])
+                                           "measured", "records", "best us", "rules us",
+                                           "speedup"])
 
 
 def tune_model(model, target, database, *, tracker: str | None = None, key: str | None = None,
@@ -436,14 +467,15 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
                trials_per_iter: int = 16, population: int = 256, workers: int | None = None,
                number: int = 3, repeat: int = 1, min_repeat_ms: int = 0,
                session_timeout: float = 60.0, server_wait: float = 60.0,
-               seed: int | None = 0, progress: bool = True,
+               seed: int | None = 0, baseline: bool = True, progress: bool = True,
                log=print) -> TuneReport:
     """Tune ``model``'s kernels for ``target``; records go to ``database`` (a directory).
 
     ``model``: an ONNX file / export folder, or an imported IRModule. ``trials``: the budget,
     split evenly over the selected kernels (``kernels`` by name, or the ``top`` by FLOPs);
     records already in the database count against it, so a rerun resumes. ``tracker``/``key``:
-    measure on the servers under ``key`` (without: on this machine).
+    measure on the servers under ``key`` (without: on this machine). ``baseline``: also measure
+    each kernel as tvm_lite's schedule rules have it ("rules us"), to compare.
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -452,6 +484,7 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     if trials < 1:
         raise TuningError(f"--trials must be >= 1, got {trials}")
     tgt = tuning_target(target, num_cores)
+    _check_exportable(tgt)
     if not isinstance(model, tvm.IRModule):
         from tvm_lite.artifact import _onnx_file
         from tvm_lite.frontend import from_onnx
@@ -479,9 +512,9 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     log(f"{len(chosen)} of {sum(t.static for t in all_tasks)} tunable kernels "
         f"({len(all_tasks)} in all), {per_kernel} trials each; {remaining} to measure"
         + (f" on the servers under {key!r} at {tracker}" if tracker else " on this machine"))
-    if not todo:
+    if not todo and not baseline:
         report.seconds = time.perf_counter() - t0
-        return _finish(report, db)
+        return _finish(report, db, chosen)
 
     runner, n_workers = make_runner(tracker, key, workers, number, repeat, min_repeat_ms,
                                     session_timeout=session_timeout, server_wait=server_wait)
@@ -498,6 +531,9 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     level = ms_logger.level
     try:
+        if baseline:  # tvm_lite's own schedule of each kernel, measured the same way
+            for task, row in zip(chosen, report.kernels):
+                row["rules us"] = _measure_rules(task, tgt, builder, runner, bar)
         for i, (task, row, n) in enumerate(todo):
             # its per-round tables would drown the progress bar (they stay in DB/logs/); set for
             # every task, as each tune_tasks call configures its loggers anew
@@ -534,6 +570,35 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     return _finish(report, db, chosen)
 
 
+def _measure_rules(task: KernelTask, target, builder, runner, bar) -> float | None:
+    """Run time (us) of ``task`` as tvm_lite's schedule rules (``schedules.rules_for``) schedule
+    it without tuning: the baseline a tuned kernel is compared with."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_lite import schedules
+
+    import tvm
+
+    # a new module: ApplyDefaultSchedule updates the one it is given, and task.mod is the task's
+    mod = tvm.IRModule(dict(task.mod.functions_items()), attrs=task.mod.attrs)
+    with target:
+        mod = dl.ApplyDefaultSchedule(*schedules.rules_for(target))(mod)
+    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg:
+        bar.failure(f"{task.name} (rules)", str(built.error_msg))
+        return None
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    device = {"llvm": "cpu", "c": "cpu"}.get(target.kind.name, target.kind.name)
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
+    result = future.result()
+    if result.error_msg:
+        bar.failure(f"{task.name} (rules)", str(result.error_msg))
+        return None
+    secs = [float(s.value) for s in result.run_secs]
+    return sum(secs) / len(secs) * 1e6
+
+
 def _shutdown(obj) -> None:
     pool = getattr(obj, "pool", None)
     if pool is not None:
@@ -551,4 +616,6 @@ def _finish(report: TuneReport, db, chosen=None) -> TuneReport:
         by_name[task.name]["best us"] = times[0] * 1e6 if times else None
     for row in report.kernels:
         row.setdefault("records", row["before"])
+        if row.get("rules us") and row.get("best us"):
+            row["speedup"] = row["rules us"] / row["best us"]
     return report
