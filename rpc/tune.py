@@ -321,7 +321,9 @@ def _build_kernel(mod, target, _params):
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    with target:  # nvcc/NVRTC take -arch from the current target (tvm.compile does not enter it)
+        return tvm.compile(mod, target=target)
 
 
 def _export_kernel(mod, target_json):

@@ -64,6 +64,11 @@ def _sessions(server) -> int:
     return server.log_path.read_text(errors="replace").count("connected from")
 
 
+def _loaded(server) -> int:
+    """Kernels the server has loaded: a measurement is under way once it logs one."""
+    return server.log_path.read_text(errors="replace").count("load_module")
+
+
 def test_tracker_and_server_commands_start_list_and_stop(tmp_path):
     """`tvm-lite rpc tracker|server|status`: loopback only, and nothing left after SIGTERM."""
     from tvm_lite.rpc.processes import tracker_status
@@ -150,9 +155,9 @@ def test_rpc_errors_name_the_cause(cluster, tmp_path, monkeypatch):
         tune_model(tmp_path / "model.onnx", "opencl -device=adreno", tmp_path / "db")
 
 
-class _KillOnNextSession(threading.Thread):
-    """Kill ``server`` (its whole process group, as when a phone is unplugged) as soon as it
-    starts serving a measurement after ``min_records`` records are in the database."""
+class _KillMidMeasurement(threading.Thread):
+    """Kill ``server`` (its whole process group, as when a phone is unplugged) as soon as it has
+    loaded a kernel to measure, once ``min_records`` records are in the database."""
 
     def __init__(self, server, db: Path, min_records: int):
         super().__init__(daemon=True)
@@ -168,8 +173,8 @@ class _KillOnNextSession(threading.Thread):
     def run(self):
         while len(self.records()) < self.min_records and not self.done.is_set():
             time.sleep(0.05)
-        n = _sessions(self.server)
-        while _sessions(self.server) == n and not self.done.is_set():
+        n = _loaded(self.server)
+        while _loaded(self.server) == n and not self.done.is_set():
             time.sleep(0.02)
         if not self.done.is_set():
             self.records_at_kill = self.records()
@@ -193,7 +198,7 @@ def test_tune_over_rpc_loses_servers_resumes_and_builds(cluster, export_dir, art
     first, second = cluster.servers
 
     # 1. two servers measure in parallel; the first dies in the middle of a measurement
-    killer = _KillOnNextSession(first, db, min_records=8)
+    killer = _KillMidMeasurement(first, db, min_records=8)
     killer.start()
     r1 = tune_model(mod, "llvm", db, trials=16, baseline=False, **opts)
     killer.done.set()
@@ -209,7 +214,7 @@ def test_tune_over_rpc_loses_servers_resumes_and_builds(cluster, export_dir, art
     assert r1.kernels[0]["kernel"] == KERNEL and r1.kernels[0]["records"] >= 8
 
     # 2. the last server dies too: a clear stop, nothing measured is lost
-    killer = _KillOnNextSession(second, db, min_records=len(lines) + 1)
+    killer = _KillMidMeasurement(second, db, min_records=len(lines) + 1)
     killer.start()
     r2 = tune_model(mod, "llvm", db, trials=32, baseline=False, **opts)
     killer.done.set()

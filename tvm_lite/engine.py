@@ -18,8 +18,6 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from tvm.rpc.base import RPC_SESS_MASK
-
 from .artifact import LIBRARY, PARAMS, load_manifest
 from .tokenizer import Tokenizer
 
@@ -83,7 +81,6 @@ class Engine:
         # [rpc] ``device`` may be a tvm.runtime.Device, an RPC session's included, and ``module``
         # the artifact's library already loaded (``remote.load_module``): see tvm_lite.rpc.
         self.dev = _device(device) if isinstance(device, str) else device
-        self.remote = self.dev.dlpack_device_type() >= RPC_SESS_MASK
         lib = module if module is not None else tvm.runtime.load_module(str(self.path / LIBRARY))
         self.vm = VirtualMachine(lib, self.dev)
         self._main = self.vm["main"]
@@ -120,11 +117,10 @@ class Engine:
         vocab, dtype = int(logits.shape[-1]), str(logits.dtype)
         row = logits._create_view((1, vocab), dtype,
                                   relative_byte_offset=(n - 1) * vocab * np.dtype(dtype).itemsize)
-        if self.remote:  # an RPC copy to the host ignores the view's offset; a remote copy does not
-            dst = tvm.runtime.empty((1, vocab), dtype, self.dev)
-            row.copyto(dst)
-            row = dst
-        return row.numpy()
+        # copied on the device first: an RPC copy to the host ignores a view's offset
+        dst = tvm.runtime.empty((1, vocab), dtype, self.dev)
+        row.copyto(dst)
+        return dst.numpy()
 
     def forward(self, session: Session, ids, last_only: bool = False) -> np.ndarray:
         """Run ``ids`` through the model after ``session``'s tokens; return the logits of every
@@ -139,7 +135,8 @@ class Engine:
         mask = np.ones((1, total), "int64")
         pos = np.arange(session.length, total, dtype="int64")[None]
         args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
-        out = self._call(self._entry_decode if n == 1 else "main", [*args, *session.past, *self.params])
+        out = self._call(self._entry_decode if n == 1 else "main",
+                         [*args, *session.past, *self.params])
         # present -> past: the model has copied every past row into the new present tensors.
         copied = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in session.past)
         session.past = [out[i] for i in range(1, 2 * self.num_layers + 1)]

@@ -38,26 +38,31 @@ def _dump(phase: str, dump_dir: str | None):
     return dump
 
 
-def _record_tuned(applied: list | None):
-    """A pass that lists (into ``applied``) the kernels the tuning database scheduled."""
-
-    @tvm.transform.module_pass(opt_level=0, name="RecordTunedKernels")
-    def record(mod, _ctx):
-        if applied is not None:
-            applied.extend(sorted(gv.name_hint for gv, f in mod.functions_items()
-                                  if isinstance(f, tvm.tirx.PrimFunc)
-                                  and int(f.attrs.get("tirx.is_scheduled", 0)) == 1))
-        return mod
-
-    return record
+def _scheduled(mod) -> set:
+    return {gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and int(f.attrs.get("tirx.is_scheduled", 0)) == 1}
 
 
 def _tuned_schedules(tuning_db, applied: list | None) -> list:
     """[tuning] MetaSchedule's records (``tvm-lite tune``) before the rules: tuned kernels win,
-    the others keep tvm_lite's rules (ApplyDefaultSchedule skips scheduled functions)."""
+    the others keep tvm_lite's rules (ApplyDefaultSchedule skips scheduled functions). The names
+    of the kernels the database scheduled go to ``applied``."""
     if not tuning_db:
         return []
-    return [relax.transform.MetaScheduleApplyDatabase(str(tuning_db)), _record_tuned(applied)]
+
+    @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
+    def apply(mod, _ctx):
+        from tvm.s_tir import meta_schedule as ms
+
+        before = _scheduled(mod)
+        with ms.database.JSONDatabase(work_dir=str(tuning_db), allow_missing=False,
+                                      module_equality="structural"):
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        if applied is not None:
+            applied.extend(sorted(_scheduled(mod) - before))
+        return mod
+
+    return [apply]
 
 
 def phases(target: tvm.target.Target, tuning_db=None, decode_function: bool | None = None,
