@@ -113,13 +113,17 @@ def _export_library(ex, path: Path, target) -> None:
 
 
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
-                  kv_cache: str = "inplace", memory_plan: str = "arena", quant=None) -> Path:
+                  kv_cache: str = "inplace", memory_plan: str = "arena", quant=None,
+                  tuning_db=None, pipeline: str = "tvm_lite") -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
 
     ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
     past/present interface); ``memory_plan``: "arena" (activations in workspace buffers the
     engine allocates once) or "tvm"; the engine reads both from the manifest.
-    ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights)."""
+    ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights).
+    ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) whose kernels replace
+    tvm_lite's schedules where it has them; a past/present artifact then has a ``decode``
+    function too. ``pipeline="stock"``: TVM's default pipeline (the baseline; past/present KV)."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
@@ -135,9 +139,18 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         # quantized models keep the exported past/present KV path.
         progress("quantized weights: using the past/present KV path (kv_cache='copy')")
         kv_cache, memory_plan = "copy", "tvm"
+    if pipeline == "stock":
+        kv_cache, memory_plan = "copy", "tvm"
     options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan}
+    if pipeline != "tvm_lite":
+        options["pipeline"] = pipeline
     if quant is not None:
         options["quant"] = quant.to_dict()
+    if tuning_db is not None:  # the database's contents are part of the cache key
+        from tvm_lite.rpc.tune import check_database, database_digest
+
+        tuning_db = check_database(tuning_db)
+        options.update(tuning_db=database_digest(tuning_db), decode_function=True)
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
     manifest_path = out / MANIFEST
@@ -162,7 +175,12 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     func = mod["main"]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
     t1 = time.perf_counter()
-    ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan)
+    applied: list = []
+    ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan, tuning_db=tuning_db,
+               applied=applied, pipeline=pipeline)
+    if tuning_db is not None:
+        progress(f"{len(applied)} kernels from the tuning database {tuning_db}: "
+                 f"{', '.join(applied) or 'none matched'}")
     t_compile = time.perf_counter() - t1
 
     out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +210,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         "import_seconds": round(t_import, 2),
         "compile_seconds": round(t_compile, 2),
     }
+    if tuning_db is not None:
+        manifest.update(tuning_db=str(tuning_db), tuned_kernels=applied)
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return out
 

@@ -52,6 +52,15 @@ def _quant_config(args, fmt=None):
                              include_embedding=args.quant_embedding, act_order=args.act_order)
 
 
+def resolve_onnx(model, exporter: str = "dynamo"):
+    """An ONNX file / export dir as given, or the export of a .gguf / HF folder / the default."""
+    if model is not None and (str(model).endswith(".onnx") or (Path(model) / "model.onnx").exists()):
+        return model
+    from .export import export_onnx
+
+    return export_onnx(model, exporter=exporter, progress=_log)
+
+
 def _add_model_args(p, target=True):
     p.add_argument("--model", default=None,
                    help="artifact dir, ONNX file/export dir, .gguf file or HF folder "
@@ -78,7 +87,8 @@ def cmd_compile(args):
 
         model = export_onnx(model, exporter=args.exporter, progress=_log)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
-                        kv_cache=args.kv_cache, quant=_quant_config(args))
+                        kv_cache=args.kv_cache, quant=_quant_config(args),
+                        tuning_db=args.tuning_db)
     print(out)
 
 
@@ -98,6 +108,11 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
+    if args.artifact or args.rpc:  # an artifact on a device, local or over RPC (tvm_lite.rpc)
+        from tvm_lite.rpc.cli import cmd_device_bench
+
+        return cmd_device_bench(args)
+    args.prompt_len = int(str(args.prompt_len or 128).split(",")[0])
     from .artifact import compile_model, load_manifest
     from .bench import _prompt_ids, bench_onnxruntime, bench_tvm, format_table
     from .engine import Engine
@@ -225,6 +240,7 @@ def main(argv=None):
                    help="one cache per layer written in place (default), or the exported "
                         "past/present copies")
     _add_quant_args(p)
+    p.add_argument("--tuning-db", default=None, help="MetaSchedule database from `tvm-lite tune`")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="answer a prompt")
@@ -240,9 +256,14 @@ def main(argv=None):
     _add_quant_args(p)
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("bench", help="import/compile time and tok/s, next to onnxruntime")
+    p = sub.add_parser("bench", help="tok/s next to onnxruntime; or of ARTIFACT on a device "
+                                     "(local, or --rpc HOST:PORT --key K)")
     _add_model_args(p)
-    p.add_argument("--prompt-len", type=int, default=128)
+    from tvm_lite.rpc.cli import add_bench_args, add_commands
+
+    add_bench_args(p)
+    p.add_argument("--prompt-len", default=None,
+                   help="prompt length (default 128); with ARTIFACT a list (default 64,256,1024)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-onnxruntime", action="store_true")
@@ -271,7 +292,12 @@ def main(argv=None):
     quality.add_arguments(p)
     p.set_defaults(fn=lambda a: quality.run(a, log=_log))
 
+    add_commands(sub)  # rpc tracker|server|status, tune
+
     args = parser.parse_args(argv)
+    from tvm_lite.rpc.processes import RPCError
+    from tvm_lite.rpc.tune import TuningError
+
     from .artifact import ArtifactError
     from .engine import ContextLengthError
     from .export import ExportError
@@ -280,12 +306,11 @@ def main(argv=None):
     from .target import TargetError
 
     try:
-        args.fn(args)
+        return args.fn(args) or 0
     except (ArtifactError, ContextLengthError, ExportError, OnnxImportError, QuantFormatError,
-            TargetError) as err:
+            TargetError, RPCError, TuningError) as err:
         print(f"tvm-lite: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

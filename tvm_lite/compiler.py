@@ -22,7 +22,9 @@ def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
 
 
 def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
-          memory_plan: str = "arena", dump_dir: str | None = None):
+          memory_plan: str = "arena", dump_dir: str | None = None, tuning_db=None,
+          decode_function: bool | None = None, applied: list | None = None,
+          pipeline: str = "tvm_lite"):
     """Compile ``mod`` for ``target`` through tvm_lite's pipeline.
 
     ``target`` is a classic string (``"llvm"``, ``"cuda -arch=sm_90"``, ``"opencl -device=adreno"``,
@@ -38,15 +40,35 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
     ``memory_plan``: ``"arena"`` (default) plans prefill's and decode's activations into workspace
     buffers the caller allocates once (``relax_passes/plan_symbolic_arena.py``); ``"tvm"`` keeps
     TVM's StaticPlanBlockMemory alone.
+
+    ``tuning_db``: a MetaSchedule database directory written by ``tvm-lite tune``; its kernels
+    replace tvm_lite's schedules where it has them (their names are appended to ``applied``).
+    ``decode_function``: see ``pipeline.phases``.
+
+    ``pipeline="stock"`` compiles with TVM's own default pipeline for the target instead (for CUDA:
+    FuseOps + DLight's default GPU rules, past/present KV interface): the baseline benchmarks
+    compare against. The other options do not apply to it.
     """
+    if pipeline not in ("tvm_lite", "stock"):
+        raise ValueError(f"pipeline={pipeline!r}: expected 'tvm_lite' or 'stock'")
     tgt = parse_target(target)
     check_codegen(tgt)
     mod, _ = detach_params(mod)
+    if tuning_db is not None:
+        from tvm_lite.rpc.tune import check_database
+
+        tuning_db = check_database(tuning_db)
+    if pipeline == "stock":
+        with tgt:
+            return tvm.compile(mod, target=tgt)
     with tgt:
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
                                                              dump_dir=dump_dir, kv_cache=kv_cache,
-                                                             memory_plan=memory_plan))
+                                                             memory_plan=memory_plan,
+                                                             tuning_db=tuning_db,
+                                                             decode_function=decode_function,
+                                                             applied=applied))
 
 
 def device_source(executable, kind: str = "opencl") -> str:

@@ -90,22 +90,45 @@ def _device(name: str):
 class Engine:
     """Load an artifact and generate text with it."""
 
-    def __init__(self, artifact, device: str = "cpu", max_context: int | None = None,
-                 buckets=DEFAULT_BUCKETS, prefill_chunk: int | None = None):
+    def __init__(self, artifact, device="cpu", max_context: int | None = None,
+                 buckets=DEFAULT_BUCKETS, prefill_chunk: int | None = None, *, module=None,
+                 gpu_slice: int | None = None, priority: str = "normal", session=None):
         """``buckets``: the token counts a prefill call is padded up to (``None``/``()``: no
         padding); ``prefill_chunk``: the most tokens one prefill call takes (default: the largest
-        bucket, or 256). In-place artifacts only: the copy path neither pads nor chunks."""
+        bucket, or 256). In-place artifacts only: the copy path neither pads nor chunks.
+        ``device``: "cpu", "cuda:0"... or a ``tvm.runtime.Device`` (an RPC session's too), and
+        ``module`` the artifact's library already loaded there, ``session`` the RPC session it is
+        in (``tvm_lite.rpc.remote_engine`` passes all three).
+        Against UI lag on phones (``tvm_lite/gpu_slice.py``): ``gpu_slice`` = at most this many
+        kernels between two flushes of the device queue during prefill (None: no slicing), and
+        ``priority="low"`` asks for a low-priority queue where the runtime allows it."""
         self.path = Path(artifact)
         self.manifest = load_manifest(self.path)
         self.model = self.manifest.get("model", {})
-        self.dev = _device(device)
-        lib = tvm.runtime.load_module(str(self.path / LIBRARY))
+        self.dev = _device(device) if isinstance(device, str) else device
+        lib = module if module is not None else tvm.runtime.load_module(str(self.path / LIBRARY))
         self.vm = VirtualMachine(lib, self.dev)
         options = self.manifest.get("options", {})
         self.kv_mode = options.get("kv_cache", "copy")
         self.split = self.kv_mode == "inplace"  # in-place decoders come as prefill + decode
         self.arena = self.split and options.get("memory_plan") == "arena"
         self._main = None if self.split else self.vm["main"]
+        # a past/present build with a tuning database also has ``decode`` (main with one token)
+        self._copy_decode = "decode" if options.get("decode_function") else "main"
+        # how a call's shapes and outputs cross to the VM: by value here, through the link over RPC
+        self.unpack = None
+        self._make_shape = lambda values: tvm.runtime.ShapeTuple(values)
+        self._read_shape = lambda shape: [int(v) for v in shape]
+        if session is not None:
+            from tvm_lite.rpc.remote import remote_calls
+
+            self.unpack, self._make_shape, self._read_shape = remote_calls(session)
+        from .gpu_slice import GpuSlicer, set_priority
+
+        GpuSlicer(self.dev, gpu_slice)  # validates the option
+        self.gpu_slice = gpu_slice
+        self.slice_record = None  # a gpu_slice.Submissions to record prefill submissions into
+        self.priority, self.sync = set_priority(self.dev, priority)
         with np.load(self.path / PARAMS) as weights:
             self.params = [tvm.runtime.tensor(weights[f"p{i}"], self.dev)
                            for i in range(len(weights.files))]
@@ -135,7 +158,7 @@ class Engine:
         mask = tvm.runtime.empty((1, past + tokens), "int64", self.dev)
         empty = [tvm.runtime.empty((0, self.kv_heads, self.head_dim), self.kv_dtype, self.dev)
                  for _ in range(2 * self.num_layers)]  # only their shapes' types are checked
-        return [int(v) for v in size_of(ids, mask, ids, tvm.runtime.ShapeTuple([past]), *empty)]
+        return self._read_shape(size_of(ids, mask, ids, self._make_shape([past]), *empty))
 
     def _allocate_workspace(self) -> dict:
         """One set of buffers for both functions (they never run at once), sized for the largest
@@ -172,9 +195,34 @@ class Engine:
         bucket = next((b for b in self.buckets if b >= n), n)
         return bucket if past + bucket <= self.max_context else n
 
-    def forward(self, session: Session, ids) -> np.ndarray:
+    def _call(self, function: str, args: list):
+        if function != "decode" and (self.gpu_slice is not None or self.slice_record is not None):
+            from .gpu_slice import GpuSlicer
+
+            slicer = GpuSlicer(self.dev, self.gpu_slice, self.sync)
+            out = slicer.run(self.vm, lambda: self.vm[function](*args))
+            if self.slice_record is not None:
+                self.slice_record.seconds += slicer.record.seconds
+                self.slice_record.kernels += slicer.record.kernels
+        else:
+            out = self.vm[function](*args)
+        # over RPC, a remote VM's output tuple arrives as a handle (see tvm_lite.rpc.remote)
+        return self.unpack(out) if self.unpack is not None else out
+
+    def _last_row(self, logits, n: int) -> np.ndarray:
+        """logits[0, n-1] as [1, vocab], without copying the other rows to the host (200 MB for
+        1024 tokens of a 49k vocabulary: what an RPC link would otherwise carry per prefill)."""
+        vocab, dtype = int(logits.shape[-1]), str(logits.dtype)
+        row = logits._create_view((1, vocab), dtype,
+                                  relative_byte_offset=(n - 1) * vocab * np.dtype(dtype).itemsize)
+        # copied on the device first: an RPC copy to the host ignores a view's offset
+        dst = tvm.runtime.empty((1, vocab), dtype, self.dev)
+        row.copyto(dst)
+        return dst.numpy()
+
+    def forward(self, session: Session, ids, last_only: bool = False) -> np.ndarray:
         """Run ``ids`` through the model after ``session``'s tokens; return the logits of every
-        position ([n, vocab]) and advance the session.
+        position ([n, vocab]), or of the last one only ([1, vocab]), and advance the session.
 
         In place, one new token runs ``decode``; more run ``prefill``, padded up to a bucket: the
         padding sits after the real tokens with attention mask 0, so causal attention keeps it
@@ -199,8 +247,9 @@ class Engine:
             args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
             function = "decode" if padded == 1 else "prefill"
             # the model writes rows [length, total) of each cache in place
-            out = self.vm[function](*args, tvm.runtime.ShapeTuple([session.length]), *session.past,
-                                    *self.workspace.get(function, ()), *self.params)
+            out = self._call(function, [*args, self._make_shape([session.length]),
+                                        *session.past, *self.workspace.get(function, ()),
+                                        *self.params])
             session.last_call = (function, padded)
             copied = 0
             total = session.length + n
@@ -209,7 +258,8 @@ class Engine:
             mask = np.ones((1, total), "int64")
             pos = np.arange(session.length, total, dtype="int64")[None]
             args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
-            out = self._main(*args, *session.past, *self.params)
+            out = self._call(self._copy_decode if n == 1 else "main",
+                             [*args, *session.past, *self.params])
             # present -> past: the model has copied every past row into the new present tensors.
             copied = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize
                          for p in session.past)
@@ -218,7 +268,7 @@ class Engine:
         session.kv_bytes_copied += copied
         session.tokens.extend(int(t) for t in ids[0, :n])
         session.length = total
-        return out[0].numpy()[0, :n]
+        return self._last_row(out[0], n) if last_only else out[0].numpy()[0, :n]
 
     def prefill(self, session: Session, ids, chunk_size: int | None = None) -> np.ndarray:
         """Feed a prompt (in chunks of ``chunk_size`` tokens); return the last position's logits."""
@@ -230,7 +280,7 @@ class Engine:
         step = min(chunk_size or len(ids), self.prefill_chunk or len(ids))
         logits = None
         for start in range(0, len(ids), step):
-            logits = self.forward(session, ids[start:start + step])
+            logits = self.forward(session, ids[start:start + step], last_only=True)
         return logits[-1]
 
     # -- generation -------------------------------------------------------------------------------

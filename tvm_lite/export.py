@@ -156,6 +156,10 @@ def _name_dims(onnx_path: Path, num_layers: int) -> None:
     onnx.save(model, str(onnx_path))
 
 
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def export_onnx(source=None, out_dir=None, exporter: str = "dynamo", dtype: str = "float32",
                 force: bool = False, progress=print) -> Path:
     """Export ``source`` (a .gguf file, a HF folder, or None for the default model) to
@@ -201,7 +205,9 @@ def export_onnx(source=None, out_dir=None, exporter: str = "dynamo", dtype: str 
                           "position_ids": {1: d_seq}, "past": tuple({2: d_past} for _ in past_kv)}
                 torch.onnx.export(wrapper, (ids, mask, pos, *past_kv), str(onnx_path),
                                   input_names=in_names, output_names=out_names, dynamo=True,
-                                  dynamic_shapes=shapes, external_data=False, verbose=False)
+                                  dynamic_shapes=shapes, verbose=False,
+                                  # a protobuf holds at most 2 GB: larger weights go beside it
+                                  external_data=_param_bytes(model) > 1_500_000_000)
             else:
                 axes = {"input_ids": {1: "seq"}, "attention_mask": {1: "past_seq + seq"},
                         "position_ids": {1: "seq"}, "logits": {1: "seq"}}

@@ -7,7 +7,8 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    KV cache (InplaceKVCache) unless kv_cache="copy", then main
                                    split into prefill + decode (SplitPrefillDecode)
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
-    Phase 3  schedule              schedules.rules_for(target): CPU rules or GPU rules
+    Phase 3  schedule              a MetaSchedule tuning database, if given (tvm-lite tune), then
+                                   schedules.rules_for(target): CPU rules or GPU rules
     Phase 4  VM lowering           dataflow lowering, memory planning (TVM's StaticPlanBlockMemory,
                                    then tvm_lite's PlanSymbolicArena for prefill/decode unless
                                    memory_plan="tvm"), VM shape lowering
@@ -23,8 +24,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import (InplaceKVCache, PlanSymbolicArena, RemoveNoOpOps,
-                                   SplitPrefillDecode)
+from tvm_lite.relax_passes import (AddDecodeFunction, InplaceKVCache, PlanSymbolicArena,
+                                   RemoveNoOpOps, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -47,8 +48,36 @@ MEMORY_PLANS = ("arena", "tvm")
 KV_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
 
 
-def phases(target: tvm.target.Target, kv_cache: str = "auto",
-           memory_plan: str = "arena") -> list[tuple[str, list]]:
+def _scheduled(mod) -> set:
+    return {gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and int(f.attrs.get("tirx.is_scheduled", 0)) == 1}
+
+
+def _tuned_schedules(tuning_db, applied: list | None) -> list:
+    """MetaSchedule's records (``tvm-lite tune``) before the rules: tuned kernels win, the others
+    keep tvm_lite's rules (ApplyDefaultSchedule skips scheduled functions). The names of the
+    kernels the database scheduled go to ``applied``."""
+    if not tuning_db:
+        return []
+
+    @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
+    def apply(mod, _ctx):
+        from tvm.s_tir import meta_schedule as ms
+
+        before = _scheduled(mod)
+        with ms.database.JSONDatabase(work_dir=str(tuning_db), allow_missing=False,
+                                      module_equality="structural"):
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        if applied is not None:
+            applied.extend(sorted(_scheduled(mod) - before))
+        return mod
+
+    return [apply]
+
+
+def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str = "arena", *,
+           tuning_db=None, decode_function: bool | None = None,
+           applied: list | None = None) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
 
     ``kv_cache``: "inplace" rewrites the past/present KV interface into one in-place cache per
@@ -56,6 +85,11 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
     the exported interface; an in-place decoder is split into ``prefill`` and ``decode``.
     ``memory_plan``: "arena" plans prefill/decode activations into caller-owned workspace buffers
     with symbolic-size reuse; "tvm" keeps TVM's StaticPlanBlockMemory alone.
+    ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) applied before the rules;
+    ``applied`` receives the names of the kernels it scheduled. ``decode_function`` (default: on
+    with a database) gives a past/present (``kv_cache="copy"``) decoder a ``decode`` function too,
+    ``main`` with one new token, whose static-shape kernels are what tuning measures; in-place
+    decoders always have one.
     """
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHE_MODES}")
@@ -64,8 +98,12 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
     kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace"),
                                                SplitPrefillDecode(only_with_attr=KV_ATTR)]
     arena = [PlanSymbolicArena(only_with_attr=KV_ATTR)] if memory_plan == "arena" else []
+    if decode_function is None:
+        decode_function = bool(tuning_db)
+    add_decode = [AddDecodeFunction()] if decode_function and kv_cache == "copy" else []
     return [
         ("1_graph", [
+            *add_decode,
             relax.transform.CanonicalizeBindings(),
             RemoveNoOpOps(),
             relax.transform.CanonicalizeBindings(),  # forward the aliases RemoveNoOpOps leaves
@@ -84,6 +122,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
             relax.transform.DeadCodeElimination(),
         ]),
         ("3_schedule", [
+            *_tuned_schedules(tuning_db, applied),
             dl.ApplyDefaultSchedule(*schedules.rules_for(target)),
         ]),
         ("4_vm_lowering", [
@@ -105,15 +144,16 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
 
 @relax.register_pipeline(PIPELINE_NAME)
 def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None,
-                      kv_cache: str = "auto", memory_plan: str = "arena"):
+                      kv_cache: str = "auto", memory_plan: str = "arena", **options):
     """The whole pipeline as one pass. ``dump_dir`` (or ``$TVM_LITE_DUMP_IR``) gets the IR after
-    each phase; ``kv_cache`` and ``memory_plan`` as in :func:`phases`."""
+    each phase; ``kv_cache``, ``memory_plan`` and ``options`` (``tuning_db``, ``decode_function``,
+    ``applied``) as in :func:`phases`."""
     dump_dir = dump_dir or os.environ.get("TVM_LITE_DUMP_IR")
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lite_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for name, passes in phases(target, kv_cache, memory_plan):
+            for name, passes in phases(target, kv_cache, memory_plan, **options):
                 mod = tvm.transform.Sequential([*passes, _dump(name, dump_dir)], name=name)(mod)
         return mod
 

@@ -1,0 +1,266 @@
+"""RPC: real TVM tracker and server processes on 127.0.0.1, the compiled SmolLM2, MetaSchedule.
+
+One tracker with two servers under one key stands in for a farm of phones; the phone path differs
+only in the key, the target and the cross-compiler.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import PROMPTS
+
+pytestmark = pytest.mark.slow
+KEY = "tvm-lite-ci"
+KERNEL = "matmul1"  # the decode k/v projection GEMV: [1, 576] x [576, 192], 60 calls per step
+
+
+def _ports():
+    base = random.Random(os.getpid() + time.time_ns()).randrange(20000, 50000, 200)
+    return base, base + 100
+
+
+def _rpc_processes():
+    """Our descendants that are TVM RPC trackers, servers or their workers."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "tvm.exec.rpc_" in cmd or "tvm.exec.popen_worker" in cmd or "rpc tracker" in cmd \
+                or "rpc server" in cmd:
+            out.append((p.pid, cmd))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from tvm_lite.rpc.processes import LocalCluster
+
+    tracker_port, server_port = _ports()
+    c = LocalCluster(key=KEY, servers=2, tracker_port=tracker_port, server_port=server_port,
+                     log_dir=tmp_path_factory.mktemp("rpc_logs")).start()
+    groups = [p.pid for p in c.processes()]
+    yield c
+    c.stop()
+    from tvm_lite.rpc.processes import _group_members
+
+    assert all(not _group_members(g) for g in groups), "RPC processes survived stop()"
+    assert _rpc_processes() == []
+
+
+def _sessions(server) -> int:
+    return server.log_path.read_text(errors="replace").count("connected from")
+
+
+def _loaded(server) -> int:
+    """Kernels the server has loaded: a measurement is under way once it logs one."""
+    return server.log_path.read_text(errors="replace").count("load_module")
+
+
+def test_tracker_and_server_commands_start_list_and_stop(tmp_path):
+    """`tvm-lite rpc tracker|server|status`: loopback only, and nothing left after SIGTERM."""
+    from tvm_lite.rpc.processes import tracker_status
+
+    port, server_port = _ports()
+    exe = [sys.executable, "-m", "tvm_lite.cli", "rpc"]
+    tracker = subprocess.Popen([*exe, "tracker", "--port", str(port), "--log-dir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = None
+    try:
+        line = tracker.stdout.readline()
+        assert f"RPC tracker listening on 127.0.0.1:{port}" in line, line
+        server = subprocess.Popen([*exe, "server", "--key", "cli", "--tracker",
+                                   f"127.0.0.1:{port}", "--port", str(server_port), "--log-dir",
+                                   str(tmp_path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        line = server.stdout.readline()
+        assert "registered with the tracker" in line and "'cli'" in line, line
+        status = json.loads(subprocess.run([*exe, "status", "--tracker", f"127.0.0.1:{port}",
+                                            "--json"], capture_output=True, text=True,
+                                           check=True).stdout)
+        assert status["keys"]["cli"] == {"total": 1, "free": 1, "busy": 0, "pending": 0}
+        (srv,) = status["servers"]
+        assert srv["host"] == "127.0.0.1" and server_port <= srv["port"] < server_port + 100
+        # bound to loopback only
+        listening = {(c.laddr.ip, c.laddr.port) for p in psutil.Process(tracker.pid).children(
+            recursive=True) for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening == {("127.0.0.1", port)}
+        table = subprocess.run([*exe, "status", "--tracker", f"127.0.0.1:{port}"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "| cli" in table and "free" in table
+        tree = [p.pid for proc in (tracker, server)
+                for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) >= 4  # each: the TVM process and its popen_worker
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=60) == 0
+    assert not [p for p in tree if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    with pytest.raises(Exception, match="no RPC tracker answers"):
+        tracker_status(f"127.0.0.1:{port}")
+
+
+def test_bench_over_rpc_generates_the_local_tokens(cluster, artifact, engine):
+    """`tvm-lite bench --rpc ... ARTIFACT --json` runs the engine's loop on the remote device."""
+    from tvm_lite.rpc.bench import bench_engine, format_rows
+
+    local = bench_engine(engine("dynamo", "copy"), [16, 64], decode_tokens=8, repeats=2)
+    out = subprocess.run(
+        [sys.executable, "-m", "tvm_lite.cli", "bench", str(artifact("dynamo", "copy")), "--rpc",
+         cluster.address, "--key", KEY, "--prompt-len", "16,64", "--decode-tokens", "8",
+         "--repeats", "2", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    remote = json.loads(out.stdout)
+    assert remote["where"] == f"rpc {cluster.address} key {KEY}" and remote["device"] == "cpu"
+    assert [r["prompt_len"] for r in remote["rows"]] == [16, 64]
+    for ours, theirs in zip(local, remote["rows"]):
+        assert len(theirs["tokens"]) == 9  # the prefill's token + 8 decoded
+        assert theirs["tokens"] == ours["tokens"], theirs["prompt_len"]
+        for what in ("prefill", "decode"):
+            assert 0 < theirs[f"{what}_min"] <= theirs[f"{what}_tok_s"] <= theirs[f"{what}_max"]
+    table = format_rows(remote["rows"])
+    assert "prefill tok/s" in table and "| 64" in table
+    assert any(_sessions(s) for s in cluster.servers)
+
+
+def test_rpc_errors_name_the_cause(cluster, artifact, tmp_path, monkeypatch):
+    from tvm_lite import cli
+    from tvm_lite.rpc.processes import RPCError
+    from tvm_lite.rpc.remote import remote_engine, request_session
+    from tvm_lite.rpc.tune import TuningError, check_database, make_runner, tune_model
+
+    with pytest.raises(RPCError, match="no server under key 'phone'"):
+        request_session(cluster.address, "phone")
+    with pytest.raises(RPCError, match="no server under key 'phone'"):
+        make_runner(cluster.address, "phone")
+    with pytest.raises(RPCError, match="in-place KV-cache artifact cannot run over TVM RPC"):
+        remote_engine(artifact("dynamo"), request_session(cluster.address, KEY))
+    with pytest.raises(TuningError, match="database_tuning_record.json"):
+        check_database(tmp_path)
+    assert cli.main(["compile", str(tmp_path / "model.onnx"), "--tuning-db", str(tmp_path)]) == 2
+    monkeypatch.delenv("TVM_NDK_CC", raising=False)
+    with pytest.raises(TuningError, match="TVM_NDK_CC"):
+        tune_model(tmp_path / "model.onnx", "opencl -device=adreno", tmp_path / "db")
+
+
+class _KillMidMeasurement(threading.Thread):
+    """Kill ``server`` (its whole process group, as when a phone is unplugged) as soon as it has
+    loaded a kernel to measure, once ``min_records`` records are in the database."""
+
+    def __init__(self, server, db: Path, min_records: int):
+        super().__init__(daemon=True)
+        self.server, self.db, self.min_records = server, db, min_records
+        self.records_at_kill: list[str] = []
+        self.sessions_of: dict = {}
+        self.done = threading.Event()
+
+    def records(self) -> list[str]:
+        f = self.db / "database_tuning_record.json"
+        return f.read_text().splitlines() if f.exists() else []
+
+    def run(self):
+        while len(self.records()) < self.min_records and not self.done.is_set():
+            time.sleep(0.05)
+        n = _loaded(self.server)
+        while _loaded(self.server) == n and not self.done.is_set():
+            time.sleep(0.02)
+        if not self.done.is_set():
+            self.records_at_kill = self.records()
+            self.server.kill()
+
+
+def test_tune_over_rpc_loses_servers_resumes_and_builds(cluster, export_dir, artifact, engine,
+                                                        tmp_path):
+    """MetaSchedule through an RPCRunner on the farm: a server lost mid-measurement, then the
+    last one; records kept; a rerun resumes; the build uses the records, same tokens."""
+    import tvm_lite
+    from tvm_lite.artifact import compile_model, load_manifest
+    from tvm_lite.engine import Engine, GenerationConfig
+    from tvm_lite.rpc.tune import RECORDS, measured, open_database, tune_model
+
+    db = tmp_path / "db"
+    mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+    opts = dict(tracker=cluster.address, key=KEY, kernels=[KERNEL], trials_per_iter=8,
+                population=64, min_repeat_ms=300, server_wait=10, progress=False,
+                log=lambda *_: None)
+    first, second = cluster.servers
+
+    # 1. two servers measure in parallel; the first dies in the middle of a measurement
+    killer = _KillMidMeasurement(first, db, min_records=8)
+    killer.start()
+    r1 = tune_model(mod, "llvm", db, trials=16, baseline=False, **opts)
+    killer.done.set()
+    print("run 1\n" + r1.table(), r1.trials, r1.lost)
+    assert not first.alive() and not first.members()
+    assert r1.stopped is None
+    assert _sessions(first) >= 1 and _sessions(second) >= 1  # both measured
+    lines = (db / RECORDS).read_text().splitlines()
+    assert killer.records_at_kill and set(killer.records_at_kill) <= set(lines)
+    # the measurement in flight was lost with its server and is not recorded as a failure
+    assert r1.lost >= 1 and "device lost" in (db / "logs" / "tvm_lite_failures.log").read_text()
+    assert r1.trials + r1.lost == 16 and len(lines) == r1.trials
+    assert r1.kernels[0]["kernel"] == KERNEL and r1.kernels[0]["records"] >= 8
+
+    # 2. the last server dies too: a clear stop, nothing measured is lost
+    killer = _KillMidMeasurement(second, db, min_records=len(lines) + 1)
+    killer.start()
+    r2 = tune_model(mod, "llvm", db, trials=32, baseline=False, **opts)
+    killer.done.set()
+    print("run 2\n" + r2.table(), r2.trials, r2.lost, r2.stopped)
+    assert r2.stopped and f"no RPC server left under key '{KEY}'" in r2.stopped
+    after = (db / RECORDS).read_text().splitlines()
+    assert set(lines) <= set(after) and set(killer.records_at_kill) <= set(after)
+    assert len(after) < 32
+
+    # 3. a server comes back: the rerun resumes from the database up to the budget
+    cluster.add_servers(1)
+    kernel = _kernel(mod)
+    valid = len(measured(open_database(db), kernel))
+    r3 = tune_model(mod, "llvm", db, trials=32, **opts)
+    print("run 3\n" + r3.table(), r3.trials, r3.lost)
+    assert r3.stopped is None
+    row = r3.kernels[0]
+    assert row["before"] == valid and 0 < valid < 32
+    assert row["measured"] == r3.trials == 32 - valid - r3.lost
+    assert row["records"] == len(measured(open_database(db), kernel)) > valid
+    assert row["rules us"] > 0 and row["speedup"] == row["rules us"] / row["best us"]
+    assert len((db / RECORDS).read_text().splitlines()) == r1.trials + r2.trials + r3.trials
+    assert _rpc_processes_of_tuning() == []
+
+    # 4. the build applies the tuned kernel and still generates the same tokens
+    tuned = compile_model(export_dir("dynamo"), "llvm", out_dir=tmp_path / "tuned",
+                          tuning_db=db, progress=lambda *_: None)
+    manifest = load_manifest(tuned)
+    assert manifest["tuned_kernels"] == [KERNEL] and manifest["options"]["decode_function"]
+    cfg = GenerationConfig(max_new_tokens=16, stop_token_ids=())
+    ours = Engine(tuned)
+    for prompt in PROMPTS:
+        ids = np.array(engine("dynamo").encode_prompt(prompt))
+        assert ours.generate(ids, cfg).token_ids == engine("dynamo").generate(ids, cfg).token_ids
+
+
+def _kernel(mod):
+    from tvm_lite.rpc.tune import extract_kernels, lower_for_tuning, select_kernels, tuning_target
+
+    tgt = tuning_target("llvm")
+    return select_kernels(extract_kernels(lower_for_tuning(mod, tgt), tgt), [KERNEL])[0].mod
+
+
+def _rpc_processes_of_tuning():
+    """MetaSchedule's builder/runner workers of this process (trackers/servers excluded)."""
+    return [(pid, cmd) for pid, cmd in _rpc_processes()
+            if "popen_worker" in cmd and psutil.Process(pid).ppid() == os.getpid()]

@@ -1,0 +1,265 @@
+"""Against phone lag: bound the GPU work submitted at once, and ask for a low queue priority.
+
+A phone's GPU also draws the user interface. A 2048-token prefill submitted in one go keeps the GPU
+busy for seconds without a break, and the compositor's frames wait behind it: the UI stutters.
+Transformer-Lite keeps each submission short and the LLM's queue at low priority. tvm_lite has the
+two knobs, as ``Engine`` options:
+
+``gpu_slice=N``
+    At most N kernels are submitted between two flushes: a VM instrument counts the kernels a call
+    launches and, after every N, flushes and waits for the device queue (``Device.sync()``), so the
+    GPU is free between slices. Prefill calls are also cut into ``prefill_chunk`` tokens (the
+    engine's existing chunking), which bounds what one kernel does. Decode steps are short by nature
+    (one token) and are not sliced.
+``priority="low"``
+    CUDA: the engine's work goes to a stream created with the lowest priority the device allows
+    (``cuStreamCreateWithPriority``, through the driver API), set as TVM's stream for the device.
+    OpenCL: TVM's stock runtime creates its command queues in C++ at workspace initialisation
+    (``OpenCLWorkspace::Init``) without properties, so a queue priority
+    (``CL_QUEUE_PRIORITY_KHR``, ``cl_khr_priority_hints``) can only be asked for there, in a C++
+    build of the runtime; from Python the option reports that it is not available. CPU: nothing to
+    do.
+
+``profile_prefill`` measures what the slices buy: the longest single kernel and the longest
+uninterrupted submission during a prefill, with and without slicing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PRIORITIES = ("normal", "low")
+
+
+def is_kernel(name: str) -> bool:
+    """A VM call that launches device work (a compiled PrimFunc), not a VM builtin."""
+    return not name.startswith(("vm.", "relax.", "runtime."))
+
+
+@dataclass
+class Submissions:
+    """What a slicer saw: the wall time of each uninterrupted submission (from one flush to the
+    next, waiting for the device included) and the kernels in each."""
+
+    seconds: list = field(default_factory=list)
+    kernels: list = field(default_factory=list)
+
+    @property
+    def longest_s(self) -> float:
+        return max(self.seconds, default=0.0)
+
+
+class GpuSlicer:
+    """A VM instrument that flushes the device queue after every ``kernels`` kernel launches.
+
+    ``kernels=None`` never flushes inside a call: it only records the call as one submission
+    (what an engine without ``gpu_slice`` does), so both cases are measured the same way.
+    """
+
+    def __init__(self, device, kernels: int | None, sync=None):
+        if kernels is not None and kernels < 1:
+            raise ValueError(f"gpu_slice={kernels}: the number of kernels between flushes must be "
+                             ">= 1 (or None for no slicing)")
+        self.device, self.kernels = device, kernels
+        self.sync = sync or device.sync  # waits for the queue the engine's kernels go to
+        self.record = Submissions()
+        self._count = 0
+        self._t0 = 0.0
+
+    def _flush(self) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.record.seconds.append(now - self._t0)
+        self.record.kernels.append(self._count)
+        self._t0, self._count = now, 0
+
+    def __call__(self, func, name, before_run, ret_value, *args):
+        if not before_run and is_kernel(name):
+            self._count += 1
+            if self.kernels is not None and self._count >= self.kernels:
+                self._flush()
+        return 0  # VMInstrumentReturnKind.NO_OP: the call runs as usual
+
+    def run(self, vm, call):
+        """Run ``call()`` (one VM function call) sliced; the tail after the last flush is the
+        call's last submission."""
+        self.sync()
+        self._t0, self._count = time.perf_counter(), 0
+        vm.set_instrument(self)
+        try:
+            out = call()
+        finally:
+            vm.set_instrument(_no_instrument)
+        if self._count:
+            self._flush()
+        return out
+
+
+def _no_instrument(*_args):
+    return 0
+
+
+# -- queue priority -----------------------------------------------------------------------------
+class PriorityNotSupported(RuntimeError):
+    """The runtime cannot give this device's queue another priority from Python."""
+
+
+def _cuda_driver():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError as err:
+        raise PriorityNotSupported(f"priority='low' on CUDA needs the driver library libcuda.so.1 "
+                                   f"({err})") from err
+
+
+def set_priority(device, priority: str):
+    """Ask for ``priority`` on ``device``'s queue. Returns what was done (for logs and
+    benchmarks) and the function that waits for that queue (``Device.sync`` waits for TVM's
+    default stream only).
+
+    Raises ``PriorityNotSupported`` where the runtime cannot do it, naming why."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority={priority!r}: expected one of {PRIORITIES}")
+    if priority == "normal":
+        return "normal (the runtime's default queue)", device.sync
+    # the device type without the RPC session bits (a remote device's type is offset by 128s)
+    kind = device._DEVICE_TYPE_TO_NAME.get(int(device.dlpack_device_type()) % 128, "?")
+    if kind == "cpu":
+        return "cpu: no queue (nothing to do)", device.sync
+    if kind == "cuda":
+        drv = _cuda_driver()
+        device.sync()  # TVM's runtime has made the device's primary context current
+        least, greatest = ctypes.c_int(), ctypes.c_int()
+        if drv.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest)) != 0:
+            raise PriorityNotSupported("cuCtxGetStreamPriorityRange failed (no current CUDA context)")
+        stream = ctypes.c_void_p()
+        if drv.cuStreamCreateWithPriority(ctypes.byref(stream), 0, least.value) != 0:
+            raise PriorityNotSupported("cuStreamCreateWithPriority failed")
+        device.set_raw_stream(stream.value)
+
+        def sync():
+            if drv.cuStreamSynchronize(stream) != 0:
+                raise RuntimeError("cuStreamSynchronize failed on the low-priority stream")
+
+        return (f"cuda stream at priority {least.value} (the lowest; the device's range is "
+                f"{least.value}..{greatest.value})", sync)
+    if kind == "opencl":
+        raise PriorityNotSupported(
+            "priority='low' on OpenCL: TVM's stock OpenCL runtime creates its command queues in C++ "
+            "at workspace init (OpenCLWorkspace::Init) without queue properties; a low priority "
+            "(CL_QUEUE_PRIORITY_KHR, cl_khr_priority_hints) must be set there, in a C++ build of "
+            "the runtime")
+    raise PriorityNotSupported(f"priority='low' is not available for {kind} devices")
+
+
+# -- measuring what the slices buy --------------------------------------------------------------
+def kernel_times(engine, ids) -> list[tuple[str, float]]:
+    """Run ``engine``'s prefill over ``ids`` in a fresh session with a sync around every kernel:
+    each kernel's own time (launch included). Slower than a normal run; for profiling only."""
+    sync, times = engine.sync, []
+    state = {}
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if is_kernel(name):
+            sync()
+            if before_run:
+                state["t0"] = time.perf_counter()
+            else:
+                times.append((name, time.perf_counter() - state["t0"]))
+        return 0
+
+    session = engine.new_session()
+    saved, engine.gpu_slice, engine.slice_record = engine.gpu_slice, None, None
+    engine.vm.set_instrument(instrument)
+    try:
+        engine.prefill(session, ids)
+    finally:
+        engine.vm.set_instrument(_no_instrument)
+        engine.gpu_slice = saved
+    return times
+
+
+def profile_prefill(engine, n_tokens: int, gpu_slice: int | None, repeats: int = 3) -> dict:
+    """A prefill of ``n_tokens`` real-text tokens with ``engine`` as configured (its
+    ``prefill_chunk``) and ``gpu_slice`` kernels between flushes (None: no slicing): the longest
+    single kernel, the longest uninterrupted submission, how many there were, and the prefill's
+    time (median over ``repeats``; the first run warms up)."""
+    from .bench import _prompt_ids
+
+    ids = _prompt_ids(engine, n_tokens)
+    saved = engine.gpu_slice
+    engine.gpu_slice = gpu_slice
+    try:
+        engine.prefill(engine.new_session(), ids)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            engine.slice_record = Submissions()
+            t0 = time.perf_counter()
+            engine.prefill(engine.new_session(), ids)
+            total = time.perf_counter() - t0
+            runs.append((total, engine.slice_record))
+    finally:
+        engine.gpu_slice, engine.slice_record = saved, None
+    total, record = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    per_kernel = kernel_times(engine, ids)
+    name, longest_kernel = max(per_kernel, key=lambda t: t[1])
+    return {
+        "tokens": n_tokens, "prefill_chunk": engine.prefill_chunk, "gpu_slice": gpu_slice,
+        "prefill_ms": total * 1e3, "prefill_tok_s": n_tokens / total,
+        "submissions": len(record.seconds), "longest_submission_ms": record.longest_s * 1e3,
+        "median_submission_ms": float(np.median(record.seconds)) * 1e3 if record.seconds else 0.0,
+        "kernels": len(per_kernel), "longest_kernel_ms": longest_kernel * 1e3,
+        "longest_kernel": name,
+    }
+
+
+def main(argv=None) -> int:
+    """``python -m tvm_lite.gpu_slice ARTIFACT --device cuda``: the longest kernel and the longest
+    uninterrupted submission of a long prefill, without and with slicing, as a table."""
+    import argparse
+    import json
+
+    from .bench import format_table
+    from .engine import Engine
+
+    p = argparse.ArgumentParser(prog="python -m tvm_lite.gpu_slice", description=main.__doc__)
+    p.add_argument("artifact")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tokens", type=int, default=2048, help="prompt length")
+    p.add_argument("--slices", default="16,64", help="gpu_slice values (kernels between flushes)")
+    p.add_argument("--chunk", type=int, default=256, help="prefill_chunk with slicing (tokens)")
+    p.add_argument("--priority", default="normal", choices=PRIORITIES)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    ctx = args.tokens + 8
+    rows = []
+    whole = Engine(args.artifact, args.device, max_context=ctx, buckets=None,
+                   prefill_chunk=args.tokens, priority=args.priority)
+    rows.append({"setting": f"one call of {args.tokens} tokens, no slicing",
+                 **profile_prefill(whole, args.tokens, None, args.repeats)})
+    del whole
+    sliced = Engine(args.artifact, args.device, max_context=ctx, buckets=None,
+                    prefill_chunk=args.chunk, priority=args.priority)
+    rows.append({"setting": f"chunks of {args.chunk}, no slicing",
+                 **profile_prefill(sliced, args.tokens, None, args.repeats)})
+    for n in [int(v) for v in args.slices.split(",")]:
+        rows.append({"setting": f"chunks of {args.chunk}, gpu_slice={n}",
+                     **profile_prefill(sliced, args.tokens, n, args.repeats)})
+    rows[0]["priority"] = sliced.priority
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    cols = ["setting", "prefill_ms", "submissions", "longest_submission_ms",
+            "median_submission_ms", "longest_kernel_ms", "longest_kernel"]
+    print(format_table(rows, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
