@@ -1,0 +1,239 @@
+"""Decode GEMV on GPUs: ``y[1, N] = x[1, K] @ W[K, N]`` for fp16 weights and 4-bit dequant weights.
+
+In decode the token dim is bound to 1 (``split_prefill_decode``), so the rule keys on ``M == 1``
+statically. Such a kernel is memory bound: each weight byte is read once, so the goal is the
+device's copy bandwidth. The weights are stored ``[K, N]`` (``N`` contiguous: torch's layout, and
+the 4-bit format's ``codes: uint16[K/4, N]``, see :mod:`tvm_lite.quant.format`), which makes the
+reduction run along memory's slow axis. The schedule::
+
+    workgroup (blockIdx.x: N / (tn * vec) column tiles, blockIdx.y: ks splits of K)
+      thread (threadIdx.x = tn along N, threadIdx.y = tk along K)
+        for ko:                                # the thread's packed words, tk apart
+          codes[word, n0:n0+vec]   -> registers (one vector load, `vec` columns)
+          scale/zero[group, n0:n0+vec], x[4 rows] -> registers
+          for the 4 codes of a word (unrolled, constant shifts), for vec columns (unrolled):
+            acc[c] += x[k] * ((as_half((w >> 4i) & 0xF | 0x6400) - zero) * scale)
+        acc -> cross-thread reduction over threadIdx.y (shuffles on CUDA, local memory on
+               Adreno/Mali) -> y  (or, when K is split over workgroups, a partial[ks, N] that a
+               second small kernel sums, fused with the epilogue)
+
+* Loads are coalesced: the ``tn`` threads of a wave read ``tn * vec`` consecutive words of one
+  packed row; ``vec`` comes from the profile's vector width.
+* Dequantization is the two bitwise ops (AND, OR) in registers, per the format.
+* Enough workgroups: when ``N / (tn * vec)`` workgroups would leave compute units idle (the
+  ``down`` projection of a 2B model has ``N = 2048``), ``K`` is split over ``ks`` workgroups
+  (``profile.gemv_min_workgroups``).
+
+The rule takes a function whose single reduction block (``matmul`` or Relax's ``T_matmul``)
+multiplies a vector by a ``[K, N]`` weight -- read directly, or produced by a ``dequantize``
+block -- plus injective producers (inlined) and an injective epilogue. Anything else is left to
+the next rule.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+from .profiles import GPUProfile, fit_to_target
+
+DEQUANT_BLOCK = "dequantize"
+CODES_PER_WORD = 4
+
+
+def _int(e) -> int | None:
+    return int(e) if isinstance(e, tirx.IntImm) else None
+
+
+def _largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
+    """Largest d <= limit with n % d == 0 and d % multiple_of == 0 (at least 1)."""
+    for d in range(min(limit, n), 0, -1):
+        if n % d == 0 and d % multiple_of == 0:
+            return d
+    return 1
+
+
+def _power_of_two_divisor(n: int, limit: int) -> int:
+    d = 1
+    while d * 2 <= limit and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def reduce_loops(sch: s_tir.Schedule, block) -> list:
+    """The loops of ``block`` that bind its reduction iterators."""
+    stmt = sch.get(block)
+    realize = sch.get(sch.get_loops(block)[-1]).body
+    while not isinstance(realize, s_tir.SBlockRealize):
+        realize = realize.body
+    loops = sch.get_loops(block)
+    found = []
+    for iv, value in zip(stmt.iter_vars, realize.iter_values):
+        if iv.iter_type != tirx.IterVar.CommReduce:
+            continue
+        used = tirx.analysis.undefined_vars(value)
+        for lp in loops:
+            var = sch.get(lp).loop_var
+            if any(u.same_as(var) for u in used) and not any(sch.get(lp).same_as(sch.get(f)) for f in found):
+                found.append(lp)
+    return found
+
+
+class MatchError(Exception):
+    """The function is not a decode GEMV this rule schedules."""
+
+
+def match_gemv(sch: s_tir.Schedule):
+    """The blocks of a decode GEMV: ``(main, dequant_or_None, producers, epilogues, n, k)``.
+
+    Raises :class:`MatchError` with the reason when the function does not fit."""
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        raise MatchError("not a normalizable block function")
+    reductions = [b for b in infos if b.is_reduction()]
+    if len(reductions) != 1:
+        raise MatchError(f"{len(reductions)} reduction blocks")
+    main = reductions[0].block_rv
+    stmt = sch.get(main)
+    spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    reduce = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    if len(reduce) != 1 or not spatial:
+        raise MatchError("needs spatial dims and one reduction dim")
+    if any(_int(iv.dom.extent) != 1 for iv in spatial[:-1]):
+        raise MatchError("leading dims are not statically 1 (not a decode GEMV)")
+    n, k = _int(spatial[-1].dom.extent), _int(reduce[0].dom.extent)
+    if n is None or k is None:
+        raise MatchError("N and K must be static")
+    kv, nv = reduce[0].var, spatial[-1].var
+    # the weight: a [K, N] read (a buffer or the dequantize block's output), N the fast axis
+    dequant = None
+    weight_ok = False
+    for region in stmt.reads:
+        idx = [r.min for r in region.region]
+        if len(idx) == 2 and idx[0].same_as(kv) and idx[1].same_as(nv):
+            weight_ok = True
+    if not weight_ok:
+        raise MatchError("no [k, n] weight read (W[N, K] layouts go to the stock GEMV)")
+    producers, epilogues = [], []
+    for info in infos:
+        if info.block_rv.same_as(main) or sch.get(info.block_rv).same_as(stmt):
+            continue
+        name = sch.get(info.block_rv).name_hint
+        if name == DEQUANT_BLOCK:
+            dequant = info.block_rv
+        elif not info.is_injective():
+            raise MatchError(f"block '{name}' is neither injective nor the matmul")
+        elif any(sch.get(c).same_as(stmt) for c in sch.get_consumers(info.block_rv)):
+            producers.append(info.block_rv)
+        else:
+            epilogues.append(info.block_rv)
+    return main, dequant, producers, epilogues, n, k
+
+
+class GPUDecodeGEMV(dl.ScheduleRule):
+    """Decode GEMV (``M == 1``) of fp16 or 4-bit dequant weights, shaped by a GPU profile."""
+
+    def __init__(self, profile: GPUProfile):
+        self.profile = profile
+
+    def plan(self, n: int, k: int, word_bytes: int, target=None) -> dict:
+        """Thread/split shape for an ``N x K`` GEMV (``word_bytes``: bytes per weight load unit)."""
+        p = fit_to_target(self.profile, target) if target is not None else self.profile
+        vec = max(1, p.vector_bytes // word_bytes)
+        vec = _power_of_two_divisor(n, vec)
+        tn = _power_of_two_divisor(n // vec, p.gemv_threads_n)
+        tk = min(p.gemv_threads_k, max(1, p.max_threads // tn))
+        kw = k // CODES_PER_WORD if k % CODES_PER_WORD == 0 else 0
+        if kw == 0:
+            raise MatchError(f"K={k} is not a multiple of {CODES_PER_WORD}")
+        tk = _power_of_two_divisor(kw, tk)
+        tiles = n // (vec * tn)
+        ks = 1
+        while (tiles * ks < p.gemv_min_workgroups and kw % (tk * ks * 2) == 0
+               and kw // (tk * ks * 2) >= 4 and ks < 16):
+            ks *= 2
+        return {"vec": vec, "tn": tn, "tk": tk, "ks": ks, "ko": kw // (tk * ks)}
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
+            return None
+        sch = s_tir.Schedule(func)
+        try:
+            main, dequant, producers, epilogues, n, k = match_gemv(sch)
+            word_bytes = 2
+            plan = self.plan(n, k, word_bytes, target)
+        except MatchError:
+            return None
+        try:
+            return self._schedule(sch, main, dequant, producers, epilogues, plan)
+        except Exception:  # pylint: disable=broad-except
+            return None  # a shape the schedule cannot express: the next rule takes it
+
+    def _schedule(self, sch, main, dequant, producers, epilogues, plan):
+        vec, tn, tk, ks, ko_n = plan["vec"], plan["tn"], plan["tk"], plan["ks"], plan["ko"]
+        if dequant is not None:
+            sch.compute_inline(dequant)
+        for blk in producers:
+            sch.compute_inline(blk)
+        *lead, n_loop, k_loop = sch.get_loops(main)
+        n_loop = sch.fuse(*lead, n_loop) if lead else n_loop
+        bx, tx, vn = sch.split(n_loop, [None, tn, vec])
+        kso, ko, ty, ki = sch.split(k_loop, [ks, ko_n, tk, CODES_PER_WORD])
+        sch.reorder(kso, bx, tx, ty, ko, ki, vn)
+
+        if ks > 1:  # partial[ks, N] in global memory, summed by a second kernel
+            partial = sch.rfactor(kso, factor_axis=0)
+            inner = sch.rfactor(sch.get_loops(partial)[3], factor_axis=0)  # the ty loop
+            kso, bx, tx, ty, ko, ki, vn = sch.get_loops(inner)
+            sch.bind(kso, "blockIdx.y")
+            writeback = partial
+        else:
+            inner = sch.rfactor(ty, factor_axis=0)
+            bx, tx, ty, ko, ki, vn = sch.get_loops(inner)[-6:]
+            writeback = main
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        sch.bind(ty, "threadIdx.y")
+        sch.set_scope(inner, 0, "local")
+
+        # registers: this thread's packed words / weights, scales, zeros and x rows, per ko
+        n_reads = len(sch.get(inner).reads)
+        out_buf = sch.get(inner).writes[0].source
+        for i in range(n_reads):
+            if sch.get(inner).reads[i].source.same_as(out_buf):
+                continue
+            cache = sch.cache_read(inner, i, "local")
+            sch.compute_at(cache, ko, preserve_unit_loops=True)
+            loops = sch.get_loops(cache)[len(sch.get_loops(inner)) - 2:]
+            if loops and _int(sch.get(loops[-1]).extent) not in (None, 1):
+                sch.vectorize(loops[-1])
+        sch.decompose_reduction(inner, ko)
+        sch.unroll(ki)
+        sch.unroll(vn)
+
+        # the cross-thread sum over threadIdx.y, per output column of this thread
+        sch.reverse_compute_at(writeback, tx, preserve_unit_loops=True)
+        (red,) = reduce_loops(sch, writeback)
+        depth = [sch.get(lp).same_as(sch.get(tx)) for lp in sch.get_loops(inner)].index(True) + 1
+        inner_spatial = [lp for lp in sch.get_loops(writeback)[depth:]
+                         if not sch.get(lp).same_as(sch.get(red))]
+        sch.reorder(*inner_spatial, red)
+        sch.bind(red, "threadIdx.y")
+        if ks > 1:
+            (red,) = reduce_loops(sch, main)
+            spatial = [lp for lp in sch.get_loops(main) if not sch.get(lp).same_as(sch.get(red))]
+            sch.reorder(*spatial, red)
+            fused = sch.fuse(*spatial)
+            fbx, ftx = sch.split(fused, [None, min(256, self.profile.max_threads)])
+            sch.bind(fbx, "blockIdx.x")
+            sch.bind(ftx, "threadIdx.x")
+            anchor = ftx
+        else:
+            anchor = tx
+        for epi in epilogues:
+            sch.reverse_compute_at(epi, anchor, preserve_unit_loops=True)
+        return sch
+
+
+__all__ = ["GPUDecodeGEMV", "match_gemv", "MatchError"]
