@@ -84,10 +84,12 @@ class MatchError(Exception):
     """The function is not a decode GEMV this rule schedules."""
 
 
-def match_gemv(sch: s_tir.Schedule):
-    """The blocks of a decode GEMV: ``(main, dequant_or_None, producers, epilogues, n, k)``.
+def match_matmul(sch: s_tir.Schedule, decode: bool):
+    """The blocks of ``x[..., M, K] @ W[K, N]``:
+    ``(main, dequant_or_None, producers, epilogues, m, n, k)``.
 
-    Raises :class:`MatchError` with the reason when the function does not fit."""
+    ``decode=True`` asks for ``M == 1`` (every leading dim statically 1), ``decode=False`` for
+    anything else. Raises :class:`MatchError` with the reason when the function does not fit."""
     infos = normalize_prim_func(sch)
     if infos is None:
         raise MatchError("not a normalizable block function")
@@ -100,8 +102,13 @@ def match_gemv(sch: s_tir.Schedule):
     reduce = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
     if len(reduce) != 1 or not spatial:
         raise MatchError("needs spatial dims and one reduction dim")
-    if any(_int(iv.dom.extent) != 1 for iv in spatial[:-1]):
+    m_is_one = all(_int(iv.dom.extent) == 1 for iv in spatial[:-1])
+    if decode and not m_is_one:
         raise MatchError("leading dims are not statically 1 (not a decode GEMV)")
+    if not decode and m_is_one:
+        raise MatchError("M == 1: a decode GEMV, not a GEMM")
+    if not decode and len(spatial) < 2:
+        raise MatchError("needs [M, N] outputs")
     n, k = _int(spatial[-1].dom.extent), _int(reduce[0].dom.extent)
     if n is None or k is None:
         raise MatchError("N and K must be static")
@@ -128,6 +135,12 @@ def match_gemv(sch: s_tir.Schedule):
             producers.append(info.block_rv)
         else:
             epilogues.append(info.block_rv)
+    return main, dequant, producers, epilogues, spatial[-2].dom.extent, n, k
+
+
+def match_gemv(sch: s_tir.Schedule):
+    """:func:`match_matmul` for decode: ``(main, dequant, producers, epilogues, n, k)``."""
+    main, dequant, producers, epilogues, _, n, k = match_matmul(sch, decode=True)
     return main, dequant, producers, epilogues, n, k
 
 
@@ -236,4 +249,4 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         return sch
 
 
-__all__ = ["GPUDecodeGEMV", "match_gemv", "MatchError"]
+__all__ = ["GPUDecodeGEMV", "match_gemv", "match_matmul", "MatchError", "reduce_loops"]
