@@ -135,7 +135,8 @@ def match_matmul(sch: s_tir.Schedule, decode: bool):
             producers.append(info.block_rv)
         else:
             epilogues.append(info.block_rv)
-    return main, dequant, producers, epilogues, spatial[-2].dom.extent, n, k
+    m = spatial[-2].dom.extent if len(spatial) > 1 else 1
+    return main, dequant, producers, epilogues, m, n, k
 
 
 def match_gemv(sch: s_tir.Schedule):
@@ -192,8 +193,12 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         *lead, n_loop, k_loop = sch.get_loops(main)
         n_loop = sch.fuse(*lead, n_loop) if lead else n_loop
         bx, tx, vn = sch.split(n_loop, [None, tn, vec])
-        kso, ko, ty, ki = sch.split(k_loop, [ks, ko_n, tk, CODES_PER_WORD])
-        sch.reorder(kso, bx, tx, ty, ko, ki, vn)
+        if ks > 1:
+            kso, ko, ty, ki = sch.split(k_loop, [ks, ko_n, tk, CODES_PER_WORD])
+            sch.reorder(kso, bx, tx, ty, ko, ki, vn)
+        else:
+            ko, ty, ki = sch.split(k_loop, [ko_n, tk, CODES_PER_WORD])
+            sch.reorder(bx, tx, ty, ko, ki, vn)
 
         if ks > 1:  # partial[ks, N] in global memory, summed by a second kernel
             partial = sch.rfactor(kso, factor_axis=0)

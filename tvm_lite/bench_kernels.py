@@ -10,7 +10,8 @@ not depend on the values), on one GPU, in one run:
   GEMV), and stock DLight fp16 with the sequence dim dynamic run at ``n = 1`` -- what stock
   TVM's one-kernel-for-every-length pipeline runs in decode;
 * **prefill GEMM** (``x[1, n, K] @ W[K, N]``, ``n`` dynamic, run at 128/512/2048): TFLOP/s for
-  tvm_lite E0M4 and int4 against stock DLight on the same dequant kernel and stock DLight fp16.
+  tvm_lite E0M4 and int4 against stock DLight on the same dequant kernel and stock DLight fp16;
+  ``tvm_lite e0m4 (simt)`` is the tiled schedule without tensor cores (what Adreno/Mali run).
 
 Each kernel's output is checked against numpy on a column slice (``err``: max abs error over the
 largest reference value). Times are medians of ``time_evaluator`` repeats. Matrices smaller than
@@ -186,11 +187,18 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
         decode: bool = True, prefill: bool = True, check_cols: int = 2048, progress=True) -> dict:
     import tvm
     from tvm import tirx
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is optional
+        def tqdm(it, **_kw):
+            class _Bar(list):
+                def set_postfix_str(self, *_a): pass
+                def close(self): pass
+            return _Bar(it)
 
     from tvm_lite import parse_target
     from tvm_lite.schedules import rules_for, stock_gpu_rules
-    from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM
+    from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM, simt_only
     from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV
     from tvm_lite.schedules import profile_of, gpu_profile
 
@@ -205,7 +213,7 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
     l2 = getattr(dev, "l2_cache_size_bytes", None)
     copy = copy_bandwidth(dev)
     result = {"device": str(dev.device_name), "target": str(target_str), "profile": profile.name,
-              "copy": copy, "l2_bytes": l2, "decode": [], "prefill": []}
+              "copy": copy, "l2_bytes": l2, "decode": [], "prefill": [], "errors": []}
     layers = linear_layers(models)
     rng = _rng()
     jobs = []
@@ -216,7 +224,8 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
                       "stock fp16 (dyn n=1)")]
         if prefill:
             jobs += [("prefill", layer, v) for v in
-                     ("tvm_lite e0m4", "tvm_lite int4", "stock e0m4", "stock fp16")]
+                     ("tvm_lite e0m4", "tvm_lite int4", "tvm_lite e0m4 (simt)", "stock e0m4",
+                      "stock fp16")]
     fmt_of = lambda v: v.split()[1]  # noqa: E731
     order = {layer: i for i, layer in enumerate(layers)}
     jobs.sort(key=lambda j: (order[j[1]], fmt_of(j[2])))  # stable: one weight set per shape/format
@@ -232,6 +241,8 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
             cache[key] = (arrays, [tvm.runtime.tensor(a, dev) for a in arrays.values()])
         arrays, dev_arrays = cache[key]
         rules = ours if variant.startswith("tvm_lite") else stock
+        if variant.endswith("(simt)"):  # the Adreno/Mali-style schedule, without tensor cores
+            rules = [simt_only(profile), *ours]
         if phase == "decode":
             static = "M=1" in variant or variant.startswith("tvm_lite")
             lead = [1, 1] if static else [1, tirx.Var("n", "int64")]
@@ -241,11 +252,15 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
             seqs = [1]
         else:
             func = kernel_func(fmt, [1, tirx.Var("n", "int64")], layer.k, layer.n)
-            rule_used = (applies(GPUPrefillGEMM(profile), func, target)
-                         if variant.startswith("tvm_lite") else None)
+            gemm = simt_only(profile) if variant.endswith("(simt)") else GPUPrefillGEMM(profile)
+            rule_used = applies(gemm, func, target) if variant.startswith("tvm_lite") else None
             seqs = list(lengths)
         t0 = time.perf_counter()
-        ex = build(func, target, rules)
+        try:
+            ex = build(func, target, rules)
+        except Exception as err:  # pylint: disable=broad-except
+            result["errors"].append(f"{phase} {layer} {variant}: {str(err)[-300:]}")
+            continue
         compile_s = time.perf_counter() - t0
         for seq in seqs:
             x = random_half((1, seq, layer.k), rng)
@@ -302,6 +317,8 @@ def format_tables(result: dict) -> str:
                          "vs stock e0m4": round(s_q["us"] / r["us"], 2) if s_q else "",
                          "vs stock fp16": round(s_f["us"] / r["us"], 2) if s_f else ""})
         lines.append(format_table(rows, ["model", "layer", "seq", "vs stock e0m4", "vs stock fp16"]))
+    if result.get("errors"):
+        lines += ["", "errors:", *result["errors"]]
     return "\n".join(lines)
 
 
