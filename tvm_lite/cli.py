@@ -157,8 +157,13 @@ def cmd_bench_kernels(args):
     unknown = [m for m in models if m not in bk.MODELS]
     if unknown:
         raise SystemExit(f"tvm-lite: error: unknown --models {unknown}; known: {list(bk.MODELS)}")
-    result = bk.run(args.target, models=models, lengths=[int(n) for n in args.lengths.split(",")],
-                    decode=args.phase in ("both", "decode"), prefill=args.phase in ("both", "prefill"))
+    try:
+        result = bk.run(args.target, models=models, lengths=[int(n) for n in args.lengths.split(",")],
+                        decode=args.phase in ("both", "decode"),
+                        prefill=args.phase in ("both", "prefill"),
+                        checkpoint=(lambda r: bk.save_json(r, args.json)) if args.json else None)
+    except (ValueError, RuntimeError) as err:
+        raise SystemExit(f"tvm-lite: error: {err}") from None
     print(bk.format_tables(result))
     if args.json:
         bk.save_json(result, args.json)
