@@ -155,7 +155,7 @@ def reference(fmt: str, x: np.ndarray, arrays: dict, k: int, cols: int) -> np.nd
 # timing
 
 
-def median_seconds(ex, dev, args, min_ms: float = 25.0, repeat: int = 7) -> float:
+def median_seconds(ex, dev, args, min_ms: int = 25, repeat: int = 7) -> float:
     f = ex.mod.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=min_ms)
     return float(np.median(f(*args).results))
 
