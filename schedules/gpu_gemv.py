@@ -40,6 +40,7 @@ from .profiles import GPUProfile, fit_to_target
 
 DEQUANT_BLOCK = "dequantize"
 CODES_PER_WORD = 4
+MAX_LANES = 8  # widest vector load: 8 x 16-bit = 16 bytes
 
 
 def _int(e) -> int | None:
@@ -145,29 +146,49 @@ def match_gemv(sch: s_tir.Schedule):
     return main, dequant, producers, epilogues, n, k
 
 
+def _group_size(sch: s_tir.Schedule, dequant, k: int) -> int:
+    """The quantization group of a dequant kernel (``K / scale rows``), 32 if there is none."""
+    if dequant is not None:
+        for region in sch.get(dequant).reads:
+            shape = getattr(region.source.ty, "shape", None)
+            if region.source.name == "scale" and shape is not None and len(shape) == 2:
+                rows = _int(shape[0])
+                if rows and k % rows == 0:
+                    return k // rows
+    return 32
+
+
 class GPUDecodeGEMV(dl.ScheduleRule):
     """Decode GEMV (``M == 1``) of fp16 or 4-bit dequant weights, shaped by a GPU profile."""
 
     def __init__(self, profile: GPUProfile):
         self.profile = profile
 
-    def plan(self, n: int, k: int, word_bytes: int, target=None) -> dict:
-        """Thread/split shape for an ``N x K`` GEMV (``word_bytes``: bytes per weight load unit)."""
+    def plan(self, n: int, k: int, word_bytes: int = 2, target=None, group_size: int = 32) -> dict:
+        """Thread/split shape for an ``N x K`` GEMV.
+
+        ``K`` is cut into ``ks`` workgroup splits x ``tk`` threads x ``kg`` groups x ``wpg``
+        packed words (one quantization group: its scale/zero is loaded once) x 4 codes."""
         p = fit_to_target(self.profile, target) if target is not None else self.profile
-        vec = max(1, p.vector_bytes // word_bytes)
-        vec = _power_of_two_divisor(n, vec)
+        vec = _power_of_two_divisor(n, max(1, p.vector_bytes // word_bytes))
         tn = _power_of_two_divisor(n // vec, p.gemv_threads_n)
-        tk = min(p.gemv_threads_k, max(1, p.max_threads // tn))
-        kw = k // CODES_PER_WORD if k % CODES_PER_WORD == 0 else 0
-        if kw == 0:
+        if k % CODES_PER_WORD:
             raise MatchError(f"K={k} is not a multiple of {CODES_PER_WORD}")
-        tk = _power_of_two_divisor(kw, tk)
+        words = k // CODES_PER_WORD
+        wpg = group_size // CODES_PER_WORD if group_size % CODES_PER_WORD == 0 else 1
+        if words % wpg:
+            wpg = 1
+        groups = words // wpg
+        tk = _largest_divisor(groups, min(p.gemv_threads_k, max(1, p.max_threads // tn)))
         tiles = n // (vec * tn)
         ks = 1
-        while (tiles * ks < p.gemv_min_workgroups and kw % (tk * ks * 2) == 0
-               and kw // (tk * ks * 2) >= 4 and ks < 16):
-            ks *= 2
-        return {"vec": vec, "tn": tn, "tk": tk, "ks": ks, "ko": kw // (tk * ks)}
+        # split K over workgroups while too few run and each thread keeps >= 2 groups; tiny
+        # matrices are launch-bound, and a split costs a second (summing) kernel
+        if n * k >= (1 << 22):
+            while (tiles * ks < p.gemv_min_workgroups and groups % (tk * ks * 2) == 0
+                   and groups // (tk * ks * 2) >= 2 and ks < 32):
+                ks *= 2
+        return {"vec": vec, "tn": tn, "tk": tk, "ks": ks, "kg": groups // (tk * ks), "wpg": wpg}
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -175,8 +196,7 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         sch = s_tir.Schedule(func)
         try:
             main, dequant, producers, epilogues, n, k = match_gemv(sch)
-            word_bytes = 2
-            plan = self.plan(n, k, word_bytes, target)
+            plan = self.plan(n, k, 2, target, _group_size(sch, dequant, k))
         except MatchError:
             return None
         try:
@@ -185,7 +205,8 @@ class GPUDecodeGEMV(dl.ScheduleRule):
             return None  # a shape the schedule cannot express: the next rule takes it
 
     def _schedule(self, sch, main, dequant, producers, epilogues, plan):
-        vec, tn, tk, ks, ko_n = plan["vec"], plan["tn"], plan["tk"], plan["ks"], plan["ko"]
+        vec, tn, tk, ks = plan["vec"], plan["tn"], plan["tk"], plan["ks"]
+        kg, wpg = plan["kg"], plan["wpg"]
         if dequant is not None:
             sch.compute_inline(dequant)
         for blk in producers:
@@ -194,39 +215,48 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         n_loop = sch.fuse(*lead, n_loop) if lead else n_loop
         bx, tx, vn = sch.split(n_loop, [None, tn, vec])
         if ks > 1:
-            kso, ko, ty, ki = sch.split(k_loop, [ks, ko_n, tk, CODES_PER_WORD])
-            sch.reorder(kso, bx, tx, ty, ko, ki, vn)
+            kso, ty, ko, kw, ki = sch.split(k_loop, [ks, tk, kg, wpg, CODES_PER_WORD])
+            sch.reorder(kso, bx, tx, ty, ko, kw, ki, vn)
         else:
-            ko, ty, ki = sch.split(k_loop, [ko_n, tk, CODES_PER_WORD])
-            sch.reorder(bx, tx, ty, ko, ki, vn)
+            ty, ko, kw, ki = sch.split(k_loop, [tk, kg, wpg, CODES_PER_WORD])
+            sch.reorder(bx, tx, ty, ko, kw, ki, vn)
 
         if ks > 1:  # partial[ks, N] in global memory, summed by a second kernel
             partial = sch.rfactor(kso, factor_axis=0)
             inner = sch.rfactor(sch.get_loops(partial)[3], factor_axis=0)  # the ty loop
-            kso, bx, tx, ty, ko, ki, vn = sch.get_loops(inner)
+            kso, bx, tx, ty, ko, kw, ki, vn = sch.get_loops(inner)
             sch.bind(kso, "blockIdx.y")
             writeback = partial
         else:
             inner = sch.rfactor(ty, factor_axis=0)
-            bx, tx, ty, ko, ki, vn = sch.get_loops(inner)[-6:]
+            bx, tx, ty, ko, kw, ki, vn = sch.get_loops(inner)[-7:]
             writeback = main
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         sch.bind(ty, "threadIdx.y")
         sch.set_scope(inner, 0, "local")
 
-        # registers: this thread's packed words / weights, scales, zeros and x rows, per ko
+        # registers: per group, its scale/zero row and x[32]; per word, the packed codes (a vector
+        # load of ``vec`` columns)
         n_reads = len(sch.get(inner).reads)
         out_buf = sch.get(inner).writes[0].source
         for i in range(n_reads):
-            if sch.get(inner).reads[i].source.same_as(out_buf):
+            buf = sch.get(inner).reads[i].source
+            if buf.same_as(out_buf):
                 continue
+            per_word = len(sch.get(inner).reads[i].region) == 2 and buf.name not in ("scale", "zero")
             cache = sch.cache_read(inner, i, "local")
-            sch.compute_at(cache, ko, preserve_unit_loops=True)
-            loops = sch.get_loops(cache)[len(sch.get_loops(inner)) - 2:]
-            if loops and _int(sch.get(loops[-1]).extent) not in (None, 1):
-                sch.vectorize(loops[-1])
+            sch.compute_at(cache, kw if per_word else ko, preserve_unit_loops=True)
+            last = sch.get_loops(cache)[-1]
+            extent = _int(sch.get(last).extent)
+            if extent not in (None, 1):  # vector loads of at most 16 bytes
+                lanes = _power_of_two_divisor(extent, MAX_LANES)
+                if lanes < extent:
+                    outer, last = sch.split(last, [None, lanes])
+                    sch.unroll(outer)
+                sch.vectorize(last)
         sch.decompose_reduction(inner, ko)
+        sch.unroll(kw)
         sch.unroll(ki)
         sch.unroll(vn)
 

@@ -70,7 +70,7 @@ MALI = GPUProfile(
     gemm_threads_m=8, gemm_threads_n=16, gemm_micro_m=4, gemm_micro_n=4, gemm_tile_k=16)
 
 CUDA = GPUProfile(
-    name="cuda", warp_size=32, max_threads=1024, local_memory_bytes=49152, vector_bytes=8,
+    name="cuda", warp_size=32, max_threads=1024, local_memory_bytes=49152, vector_bytes=16,
     compute_units=132, gemv_threads_n=32, gemv_threads_k=8, gemv_min_workgroups=528,
     gemm_threads_m=16, gemm_threads_n=16, gemm_micro_m=8, gemm_micro_n=8, gemm_tile_k=16,
     gemm_tensor_cores=True)

@@ -89,8 +89,11 @@ def test_gemv_plan_splits_k_until_the_device_is_busy():
     assert down["ks"] > 1 and tiles * down["ks"] >= 64
     lm_head = rule.plan(256000, 2048, 2)  # plenty of column tiles already: no split
     assert lm_head["ks"] == 1
-    odd = rule.plan(192, 576, 2)
-    assert 192 % (odd["vec"] * odd["tn"]) == 0 and 576 // 4 % (odd["tk"] * odd["ks"]) == 0
+    odd = rule.plan(192, 576, 2)  # 18 groups of 32: 6 or 9 threads along K, not a power of 2
+    assert 192 % (odd["vec"] * odd["tn"]) == 0
+    assert odd["tk"] * odd["ks"] * odd["kg"] * odd["wpg"] * 4 == 576
+    small = rule.plan(576, 576, 2)  # launch-bound: no second kernel
+    assert small["ks"] == 1
 
 
 # -- which functions the rules take --------------------------------------------------------------
@@ -174,8 +177,8 @@ def test_dequant_gemm_loads_the_weight_tile_dequantized():
 
 def test_split_k_gemv_is_two_kernels_and_fuses_nothing_wrong():
     target = parse_target(TARGETS["mali"])
-    func = kernel_func("e0m4", [1, 1], 2048, 256)
-    plan = GPUDecodeGEMV(MALI).plan(256, 2048, 2, target)
+    func = kernel_func("e0m4", [1, 1], 16384, 2048)  # a 2B down projection: N is small
+    plan = GPUDecodeGEMV(MALI).plan(2048, 16384, 2, target)
     src = _source(build(func, target, [GPUDecodeGEMV(MALI)]), "opencl")
     assert plan["ks"] > 1 and len(_kernel_names(src)) == 2  # partial sums + their sum
     assert "__local" in src  # Mali: the cross-thread sum goes through local memory
@@ -216,6 +219,7 @@ def test_profile_kernels_run_correctly_on_a_cuda_gpu(profile):
     prof = PROFILES[profile]
     rng = np.random.default_rng(2)
     cases = [("gemv", fmt, k, n, [1]) for fmt in ("e0m4", "int4", "fp16") for k, n in SHAPES]
+    cases += [("gemv", "e0m4", 16384, 2048, [1])]  # K split over workgroups: two kernels
     cases += [("gemm", fmt, 576, 192, [1, 37, 128]) for fmt in ("e0m4", "int4", "fp16")]
     cases += [("gemm", "e0m4", 2048, 256, [200])]
     for phase, fmt, k, n, seqs in cases:
