@@ -123,6 +123,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         x_idx = 1 - w_idx if len(reads) == 2 else 0
         vec_x = _divisor(tk, max(1, self.profile.vector_bytes // 2))
         vec_w = _divisor(tn * mn, max(1, self.profile.vector_bytes // 2))
+        if dequant is not None:  # TVM's CUDA codegen mis-emits 8-lane ushort ops (make_uint4)
+            vec_w = min(vec_w, 4)
         while (tm * mm * tk) % (tm * tn * vec_x):
             vec_x //= 2
             if vec_x == 0:

@@ -163,6 +163,7 @@ class GPUDecodeGEMV(dl.ScheduleRule):
 
     def __init__(self, profile: GPUProfile):
         self.profile = profile
+        self.vector_lanes = profile.gemv_lanes
 
     def plan(self, n: int, k: int, word_bytes: int = 2, target=None, group_size: int = 32) -> dict:
         """Thread/split shape for an ``N x K`` GEMV.
@@ -255,10 +256,15 @@ class GPUDecodeGEMV(dl.ScheduleRule):
                     outer, last = sch.split(last, [None, lanes])
                     sch.unroll(outer)
                 sch.vectorize(last)
-        sch.decompose_reduction(inner, ko)
         sch.unroll(kw)
         sch.unroll(ki)
-        sch.unroll(vn)
+        if self.vector_lanes > 1 and vec % self.vector_lanes == 0:
+            vo, vi = sch.split(vn, [None, self.vector_lanes])
+            sch.unroll(vo)
+            sch.vectorize(vi)
+        else:
+            sch.unroll(vn)
+        sch.decompose_reduction(inner, ko)
 
         # the cross-thread sum over threadIdx.y, per output column of this thread
         sch.reverse_compute_at(writeback, tx, preserve_unit_loops=True)

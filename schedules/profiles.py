@@ -44,6 +44,7 @@ class GPUProfile:
     gemm_micro_m: int
     gemm_micro_n: int
     gemm_tile_k: int
+    gemv_lanes: int = 1  # vector lanes of the dequant arithmetic (2: half2/ushort2 ops)
     gemm_tensor_cores: bool = False  # use DLight's tensor-core matmul where it applies (CUDA)
     weights_as_images: bool = False  # texture reads would help; TVM 0.27 stock OpenCL: buffers only
 

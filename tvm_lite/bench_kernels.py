@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -226,8 +226,8 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
     for layer in layers:
         if decode:
             jobs += [("decode", layer, v) for v in
-                     ("tvm_lite e0m4", "tvm_lite int4", "tvm_lite fp16", "stock fp16 (M=1)",
-                      "stock fp16 (dyn n=1)")]
+                     ("tvm_lite e0m4", "tvm_lite e0m4 (x2 lanes)", "tvm_lite int4", "tvm_lite fp16",
+                      "stock fp16 (M=1)", "stock fp16 (dyn n=1)")]
         if prefill:
             jobs += [("prefill", layer, v) for v in
                      ("tvm_lite e0m4", "tvm_lite int4", "tvm_lite e0m4 (simt)", "stock e0m4",
@@ -249,11 +249,13 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
         rules = ours if variant.startswith("tvm_lite") else stock
         if variant.endswith("(simt)"):  # the Adreno/Mali-style schedule, without tensor cores
             rules = [simt_only(profile), *ours]
+        if variant.endswith("(x2 lanes)"):  # the dequant arithmetic on 2-lane vectors
+            rules = [GPUDecodeGEMV(replace(profile, gemv_lanes=2)), *ours]
         if phase == "decode":
             static = "M=1" in variant or variant.startswith("tvm_lite")
             lead = [1, 1] if static else [1, tirx.Var("n", "int64")]
             func = kernel_func(fmt, lead, layer.k, layer.n)
-            rule_used = (applies(GPUDecodeGEMV(profile), func, target)
+            rule_used = (applies(rules[0], func, target)
                          if variant.startswith("tvm_lite") else None)
             seqs = [1]
         else:
