@@ -226,8 +226,8 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
     for layer in layers:
         if decode:
             jobs += [("decode", layer, v) for v in
-                     ("tvm_lite e0m4", "tvm_lite e0m4 (x2 lanes)", "tvm_lite int4", "tvm_lite fp16",
-                      "stock fp16 (M=1)", "stock fp16 (dyn n=1)")]
+                     ("tvm_lite e0m4", "tvm_lite int4", "tvm_lite fp16", "stock fp16 (M=1)",
+                      "stock fp16 (dyn n=1)")]
         if prefill:
             jobs += [("prefill", layer, v) for v in
                      ("tvm_lite e0m4", "tvm_lite int4", "tvm_lite e0m4 (simt)", "stock e0m4",
