@@ -31,7 +31,9 @@ from dataclasses import replace
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from .gpu_gemv import MatchError, match_matmul
+from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
+
+from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
 
 
@@ -145,15 +147,11 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                 sch.compute_inline(blk)
             except Exception:  # pylint: disable=broad-except
                 pass
-        # the padded output and the epilogue: written from the register tile, rows < n only
-        for blk in sch.get_consumers(acc):
-            sch.reverse_compute_inline(blk)
-        for blk in epilogues:
-            try:
-                sch.reverse_compute_inline(blk)
-            except Exception:  # pylint: disable=broad-except
-                sch.reverse_compute_at(blk, tx, preserve_unit_loops=True)
+        # the padded output and the epilogue (a chain such as SiLU's sigmoid then multiply):
+        # written from the register tile, rows < n only
+        auto_inline_consumer_chain(sch, acc)
         sch.decompose_reduction(main, ko)
+        check_all_bound(sch)
         return sch
 
 

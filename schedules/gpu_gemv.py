@@ -32,6 +32,7 @@ the next rule.
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -40,7 +41,7 @@ from .profiles import GPUProfile, fit_to_target
 
 DEQUANT_BLOCK = "dequantize"
 CODES_PER_WORD = 4
-MAX_LANES = 8  # widest vector load: 8 x 16-bit = 16 bytes
+MAX_VECTOR_BITS = 128  # widest vector load: 16 bytes (uint4 / half8 / float4)
 
 
 def _int(e) -> int | None:
@@ -79,6 +80,32 @@ def reduce_loops(sch: s_tir.Schedule, block) -> list:
             if any(u.same_as(var) for u in used) and not any(sch.get(lp).same_as(sch.get(f)) for f in found):
                 found.append(lp)
     return found
+
+
+def check_all_bound(sch: s_tir.Schedule) -> None:
+    """Raise :class:`MatchError` unless every block runs under a GPU thread binding (a block
+    left at the root would not compile for a GPU, or would run as a serial kernel)."""
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    for blk in blocks:
+        loops = sch.get_loops(blk)
+        if not any(sch.get(lp).thread_binding is not None for lp in loops):
+            raise MatchError(f"block '{sch.get(blk).name_hint}' is not bound to GPU threads")
+
+
+def _writes_intermediate(sch: s_tir.Schedule, block) -> bool:
+    """Whether ``block`` writes a buffer the function allocates (not one of its outputs)."""
+    buf = sch.get(block).writes[0].source
+    root = sch.get(sch.get_sblock("root"))
+    return any(b.same_as(buf) for b in root.alloc_buffers)
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # pylint: disable=broad-except
+        return False
 
 
 class MatchError(Exception):
@@ -146,6 +173,16 @@ def match_gemv(sch: s_tir.Schedule):
     return main, dequant, producers, epilogues, n, k
 
 
+def _weight_bytes(sch: s_tir.Schedule, main, dequant) -> int:
+    """Bytes of one weight as loaded: a packed uint16 word, or the dtype of a plain weight."""
+    if dequant is not None:
+        return 2
+    for region in sch.get(main).reads:
+        if len(region.region) == 2:
+            return max(1, tvm.DataType(str(region.source.ty.dtype)).bits // 8)
+    return 2
+
+
 def _group_size(sch: s_tir.Schedule, dequant, k: int) -> int:
     """The quantization group of a dequant kernel (``K / scale rows``), 32 if there is none."""
     if dequant is not None:
@@ -200,7 +237,8 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         sch = s_tir.Schedule(func)
         try:
             main, dequant, producers, epilogues, n, k = match_gemv(sch)
-            plan = self.plan(n, k, 2, target, _group_size(sch, dequant, k))
+            plan = self.plan(n, k, _weight_bytes(sch, main, dequant), target,
+                             _group_size(sch, dequant, k))
         except MatchError:
             return None
         try:
@@ -254,7 +292,8 @@ class GPUDecodeGEMV(dl.ScheduleRule):
             last = sch.get_loops(cache)[-1]
             extent = _int(sch.get(last).extent)
             if extent not in (None, 1):  # vector loads of at most 16 bytes
-                lanes = _power_of_two_divisor(extent, MAX_LANES)
+                bits = tvm.DataType(str(buf.ty.dtype)).bits
+                lanes = _power_of_two_divisor(extent, max(1, MAX_VECTOR_BITS // bits))
                 if lanes < extent:
                     outer, last = sch.split(last, [None, lanes])
                     sch.unroll(outer)
@@ -288,8 +327,13 @@ class GPUDecodeGEMV(dl.ScheduleRule):
             anchor = ftx
         else:
             anchor = tx
-        for epi in epilogues:
+        for epi in epilogues:  # in order: a chain (sigmoid, then multiply) stays in order
             sch.reverse_compute_at(epi, anchor, preserve_unit_loops=True)
+        # results that only feed the epilogue live in registers, not in global memory
+        for blk in [main if ks > 1 else writeback, *epilogues]:
+            if _writes_intermediate(sch, blk):
+                sch.set_scope(blk, 0, "local")
+        check_all_bound(sch)
         return sch
 
 

@@ -238,3 +238,41 @@ def test_profile_kernels_run_correctly_on_a_cuda_gpu(profile):
             got = out.numpy().reshape(seq, n).astype(np.float32)
             err = np.abs(got - ref).max() / np.abs(ref).max()
             assert err < 2e-2, (profile, phase, fmt, k, n, seq, err)
+
+
+def _silu_gated(lead, k, n, dtype="float32"):
+    """``silu(x @ W) * g``: the fused decoder MLP shape (an epilogue chain of two blocks reading
+    the matmul output twice), in fp32 as the importer emits it."""
+    from tvm import te
+
+    i64 = lambda d: tirx.IntImm("int64", d) if isinstance(d, int) else d  # noqa: E731
+    x = te.placeholder((*map(i64, lead), i64(k)), dtype, name="x")
+    w = te.placeholder((i64(k), i64(n)), dtype, name="w")
+    g = te.placeholder((*map(i64, lead), i64(n)), dtype, name="g")
+    r = te.reduce_axis((i64(0), i64(k)), name="k")
+    y = te.compute((*map(i64, lead), i64(n)),
+                   lambda a, b, j: te.sum(x[a, b, r] * w[r, j], axis=r), name="matmul")
+    s = te.compute(y.shape, lambda *i: te.sigmoid(y(*i)), name="sigmoid")
+    out = te.compute(y.shape, lambda *i: y(*i) * s(*i) * g(*i), name="multiply")
+    return te.create_prim_func([x, w, g, out]).with_attr("global_symbol", "main")
+
+
+@pytest.mark.parametrize("profile", ["adreno", "cuda"])
+def test_epilogue_chains_and_fp32_weights_compile(profile, tmp_path):
+    """A two-block epilogue (SiLU's sigmoid, then the gate multiply) stays in the matmul's kernel,
+    for decode and prefill; fp32 weights get loads of at most 16 bytes (float4)."""
+    target = parse_target(TARGETS[profile])
+    kind = "cuda" if profile == "cuda" else "opencl"
+    prof = PROFILES[profile]
+    for lead, rule in (([1, 1], GPUDecodeGEMV(prof)), ([1, DYN], simt_only(prof))):
+        func = _silu_gated(lead, 576, 1536)
+        assert _schedule(rule, func, target) is not None, lead
+        src = _source(build(func, target, [rule]), kind)
+        assert "float8" not in src  # no 32-byte vectors
+        names = re.findall(r"(?:__kernel void|__global__ void __launch_bounds__\(\d+\)) (\w+)\(", src)
+        assert len(set(names)) <= 2  # matmul (+ split-K sum) with the epilogue inside
+        if kind == "opencl" and shutil.which("clang-15"):
+            path = tmp_path / f"silu_{len(lead)}_{lead[-1]}.cl"
+            path.write_text(src)
+            res = subprocess.run([*CLANG, str(path)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[-2000:]
