@@ -22,6 +22,12 @@ On CUDA the profile asks for tensor cores (``gemm_tensor_cores``): there DLight'
 ``MatmulTensorization`` (wmma 16x16x16 fragments; the dequant is inlined into its shared-memory
 load of the weight tile) is tried first and this SIMT schedule is the fallback. Adreno and Mali
 (and the generic profile) have no such units and use the SIMT schedule.
+
+Measured on an H200 (``tvm-lite bench-kernels``, n = 128..2048): on CUDA the rule's kernel *is*
+DLight's tensor-core kernel, so tvm_lite E0M4 = stock DLight on the same E0M4 function, and both
+run 1.5-1.8x the TFLOP/s of stock DLight's fp16 matmul (a quarter of the weight bytes through
+the same tiles). The SIMT schedule (Adreno/Mali's) runs at 0.25-0.3x of the tensor-core one
+there: 3.9-39.8 TFLOP/s on the 2B matrices.
 """
 
 from __future__ import annotations

@@ -8,21 +8,32 @@ reduction run along memory's slow axis. The schedule::
 
     workgroup (blockIdx.x: N / (tn * vec) column tiles, blockIdx.y: ks splits of K)
       thread (threadIdx.x = tn along N, threadIdx.y = tk along K)
-        for ko:                                # the thread's packed words, tk apart
-          codes[word, n0:n0+vec]   -> registers (one vector load, `vec` columns)
-          scale/zero[group, n0:n0+vec], x[4 rows] -> registers
-          for the 4 codes of a word (unrolled, constant shifts), for vec columns (unrolled):
-            acc[c] += x[k] * ((as_half((w >> 4i) & 0xF | 0x6400) - zero) * scale)
-        acc -> cross-thread reduction over threadIdx.y (shuffles on CUDA, local memory on
-               Adreno/Mali) -> y  (or, when K is split over workgroups, a partial[ks, N] that a
-               second small kernel sums, fused with the epilogue)
+        for each of the thread's kg quantization groups (G rows = G/4 packed words):
+          scale/zero[group, n0:n0+vec], x[G rows]   -> registers (once per group)
+          for the G/4 words (unrolled):
+            codes[word, n0:n0+vec]                  -> registers (one 16-byte load on CUDA)
+            for the 4 codes of the word (unrolled: constant shifts), for vec columns:
+              acc[c] += x[k] * ((as_half((w >> 4i) & 0xF | 0x6400) - zero) * scale)
+        acc -> cross-thread sum over threadIdx.y (shuffles on CUDA, local memory on Adreno/Mali)
+            -> y, or, when K is split over workgroups, partial[ks, N], which a second small kernel
+               sums; the epilogue (residual add, SiLU gate ...) runs in the kernel that writes y
 
 * Loads are coalesced: the ``tn`` threads of a wave read ``tn * vec`` consecutive words of one
-  packed row; ``vec`` comes from the profile's vector width.
+  packed row; ``vec`` comes from the profile's vector width (at most 16 bytes a load).
 * Dequantization is the two bitwise ops (AND, OR) in registers, per the format.
-* Enough workgroups: when ``N / (tn * vec)`` workgroups would leave compute units idle (the
-  ``down`` projection of a 2B model has ``N = 2048``), ``K`` is split over ``ks`` workgroups
-  (``profile.gemv_min_workgroups``).
+* Enough workgroups: when ``N / (tn * vec)`` column tiles would leave compute units idle (a 2B
+  model's k/v projection has one), ``K`` is split over ``ks`` workgroups, the smallest split
+  that reaches ``profile.gemv_min_workgroups``.
+* fp16 (and fp32) weights take the same schedule without the dequant.
+
+Measured on an H200 (``tvm-lite bench-kernels``): fp16 weights stream at the copy bandwidth
+(the 1 GB Gemma lm_head: 104% of a device-to-device copy, counted read+write); E0M4 reaches 55%
+there and ~34% on the 21 MB MLP matrices: the per-weight arithmetic (shift, AND/OR, subtract,
+two multiplies, on scalar halves) and not memory bounds it. Packing two columns per 32-bit
+word (``(w32 >> 4i) & 0x000F000F | 0x64006400`` and half2 math) needs a different compute
+definition than the per-weight expression of :mod:`tvm_lite.quant.kernels`; a 2-lane
+vectorization of that expression (``profile.gemv_lanes = 2``) was measured and does not help
+(TVM emits it lane by lane).
 
 The rule takes a function whose single reduction block (``matmul`` or Relax's ``T_matmul``)
 multiplies a vector by a ``[K, N]`` weight -- read directly, or produced by a ``dequantize``
