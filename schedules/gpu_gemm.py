@@ -123,12 +123,13 @@ class GPUPrefillGEMM(dl.ScheduleRule):
             sch.vectorize(v)
             return block
 
-        reads = [r.source for r in sch.get(main).reads]
-        x_idx, w_idx = 0, 1
-        for i, buf in enumerate(reads):
-            if "dequantize" in buf.name or buf.name in ("w",) or i == len(reads) - 1:
-                w_idx = i
-        x_idx = 1 - w_idx if len(reads) == 2 else 0
+        # after pad_einsum the block reads the (padded) activation and the [K, N] weight
+        reads = sch.get(main).reads
+        if len(reads) != 2:
+            raise MatchError(f"expected an activation and a weight, the matmul reads {len(reads)}")
+        k_var = [iv.var for iv in sch.get(main).iter_vars if iv.iter_type == tirx.IterVar.CommReduce][0]
+        x_idx = 0 if reads[0].region[-1].min.same_as(k_var) else 1  # X[..., k]; W[k, n]
+        w_idx = 1 - x_idx
         vec_x = _divisor(tk, max(1, self.profile.vector_bytes // 2))
         vec_w = _divisor(tn * mn, max(1, self.profile.vector_bytes // 2))
         if dequant is not None:  # TVM's CUDA codegen mis-emits 8-lane ushort ops (make_uint4)
