@@ -129,12 +129,6 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     tgt = parse_target(target)
     if kv_cache not in ("inplace", "copy"):
         raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")
-    if quant is not None and kv_cache == "inplace":
-        # Known gap: with the 4-bit dequant matmuls, FuseTIR rejects the fused group that feeds
-        # kv_write ("inconsistent buffers"); until the fusion passes of issue 6 own that group,
-        # quantized models keep the exported past/present KV path.
-        progress("quantized weights: using the past/present KV path (kv_cache='copy')")
-        kv_cache, memory_plan = "copy", "tvm"
     options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan}
     if quant is not None:
         options["quant"] = quant.to_dict()

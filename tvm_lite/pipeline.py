@@ -23,8 +23,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import (InplaceKVCache, PlanSymbolicArena, RemoveNoOpOps,
-                                   SplitPrefillDecode)
+from tvm_lite.relax_passes import (BindDequantKernelShapes, InplaceKVCache, PlanSymbolicArena,
+                                   RemoveNoOpOps, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -70,6 +70,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
             RemoveNoOpOps(),
             relax.transform.CanonicalizeBindings(),  # forward the aliases RemoveNoOpOps leaves
             *kv_passes,
+            BindDequantKernelShapes(),  # 4-bit kernels built for prefill's and decode's shapes
             relax.transform.EliminateCommonSubexpr(),
             relax.transform.DeadCodeElimination(),
         ]),
