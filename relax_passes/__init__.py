@@ -1,11 +1,12 @@
 """tvm_lite's Relax passes, one per file, each named for what it does."""
 
 from .bind_dequant_kernel_shapes import BindDequantKernelShapes
+from .fuse_add_rms_norm import FuseAddRMSNorm
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["BindDequantKernelShapes", "InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
+__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
            "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

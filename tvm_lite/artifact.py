@@ -113,7 +113,8 @@ def _export_library(ex, path: Path, target) -> None:
 
 
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
-                  kv_cache: str = "inplace", memory_plan: str = "arena", quant=None) -> Path:
+                  kv_cache: str = "inplace", memory_plan: str = "arena", quant=None,
+                  fusion: bool = True) -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
 
     ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
@@ -130,6 +131,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     if kv_cache not in ("inplace", "copy"):
         raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")
     options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan}
+    if not fusion:
+        options["fusion"] = False  # (absent = True: keeps the cache keys of fused builds short)
     if quant is not None:
         options["quant"] = quant.to_dict()
     key = compile_key(onnx_path, str(tgt), options)
@@ -156,7 +159,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     func = mod["main"]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
     t1 = time.perf_counter()
-    ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan)
+    ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan, fusion=fusion)
     t_compile = time.perf_counter() - t1
 
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import (BindDequantKernelShapes, InplaceKVCache, PlanSymbolicArena,
-                                   RemoveNoOpOps, SplitPrefillDecode)
+from tvm_lite.relax_passes import (BindDequantKernelShapes, FuseAddRMSNorm, InplaceKVCache,
+                                   PlanSymbolicArena, RemoveNoOpOps, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -47,8 +47,13 @@ MEMORY_PLANS = ("arena", "tvm")
 KV_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
 
 
+def fusion_passes() -> list:
+    """tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``), in the order they run."""
+    return [FuseAddRMSNorm()]
+
+
 def phases(target: tvm.target.Target, kv_cache: str = "auto",
-           memory_plan: str = "arena") -> list[tuple[str, list]]:
+           memory_plan: str = "arena", fusion: bool = True) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
 
     ``kv_cache``: "inplace" rewrites the past/present KV interface into one in-place cache per
@@ -56,6 +61,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
     the exported interface; an in-place decoder is split into ``prefill`` and ``decode``.
     ``memory_plan``: "arena" plans prefill/decode activations into caller-owned workspace buffers
     with symbolic-size reuse; "tvm" keeps TVM's StaticPlanBlockMemory alone.
+    ``fusion``: run tvm_lite's pattern fusion passes (add + RMSNorm ...) before FuseOps.
     """
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHE_MODES}")
@@ -71,6 +77,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
             relax.transform.CanonicalizeBindings(),  # forward the aliases RemoveNoOpOps leaves
             *kv_passes,
             BindDequantKernelShapes(),  # 4-bit kernels built for prefill's and decode's shapes
+            *(fusion_passes() if fusion else []),
             relax.transform.EliminateCommonSubexpr(),
             relax.transform.DeadCodeElimination(),
         ]),
@@ -106,15 +113,15 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
 
 @relax.register_pipeline(PIPELINE_NAME)
 def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None,
-                      kv_cache: str = "auto", memory_plan: str = "arena"):
+                      kv_cache: str = "auto", memory_plan: str = "arena", fusion: bool = True):
     """The whole pipeline as one pass. ``dump_dir`` (or ``$TVM_LITE_DUMP_IR``) gets the IR after
-    each phase; ``kv_cache`` and ``memory_plan`` as in :func:`phases`."""
+    each phase; ``kv_cache``, ``memory_plan`` and ``fusion`` as in :func:`phases`."""
     dump_dir = dump_dir or os.environ.get("TVM_LITE_DUMP_IR")
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lite_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for name, passes in phases(target, kv_cache, memory_plan):
+            for name, passes in phases(target, kv_cache, memory_plan, fusion):
                 mod = tvm.transform.Sequential([*passes, _dump(name, dump_dir)], name=name)(mod)
         return mod
 
