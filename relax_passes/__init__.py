@@ -2,11 +2,13 @@
 
 from .bind_dequant_kernel_shapes import BindDequantKernelShapes
 from .fuse_add_rms_norm import FuseAddRMSNorm
+from .fuse_rotary import FuseRotary
+from .fuse_silu_mul import FuseSiluMul
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
+__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
            "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]
