@@ -2,6 +2,7 @@
 
 from .bind_dequant_kernel_shapes import BindDequantKernelShapes
 from .fuse_add_rms_norm import FuseAddRMSNorm
+from .fuse_kv_append import FuseKVAppend
 from .fuse_rotary import FuseRotary
 from .fuse_silu_mul import FuseSiluMul
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
@@ -10,5 +11,5 @@ from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
+__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
            "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

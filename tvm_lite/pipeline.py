@@ -23,7 +23,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import (BindDequantKernelShapes, FuseAddRMSNorm, FuseRotary,
+from tvm_lite.relax_passes import (BindDequantKernelShapes, FuseAddRMSNorm, FuseKVAppend,
+                                   FuseRotary,
                                    FuseSiluMul, InplaceKVCache,
                                    PlanSymbolicArena, RemoveNoOpOps, SplitPrefillDecode)
 
@@ -50,7 +51,7 @@ KV_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it 
 
 def fusion_passes() -> list:
     """tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``), in the order they run."""
-    return [FuseAddRMSNorm(), FuseRotary(), FuseSiluMul()]
+    return [FuseAddRMSNorm(), FuseRotary(), FuseKVAppend(), FuseSiluMul()]
 
 
 def phases(target: tvm.target.Target, kv_cache: str = "auto",
