@@ -6,10 +6,11 @@ from .fuse_kv_append import FuseKVAppend
 from .fuse_rotary import FuseRotary
 from .fuse_silu_mul import FuseSiluMul
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
+from .legalize_grouped_reshape import LegalizeGroupedReshape
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError", "PlanSymbolicArena",
+__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError", "LegalizeGroupedReshape", "NoKVCacheError", "PlanSymbolicArena",
            "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

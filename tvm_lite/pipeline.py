@@ -25,7 +25,7 @@ from tvm.s_tir import dlight as dl
 from tvm_lite import schedules
 from tvm_lite.relax_passes import (BindDequantKernelShapes, FuseAddRMSNorm, FuseKVAppend,
                                    FuseRotary,
-                                   FuseSiluMul, InplaceKVCache,
+                                   FuseSiluMul, InplaceKVCache, LegalizeGroupedReshape,
                                    PlanSymbolicArena, RemoveNoOpOps, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
@@ -51,7 +51,8 @@ KV_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it 
 
 def fusion_passes() -> list:
     """tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``), in the order they run."""
-    return [FuseAddRMSNorm(), FuseRotary(), FuseKVAppend(), FuseSiluMul()]
+    return [FuseAddRMSNorm(), FuseRotary(), FuseKVAppend(), FuseSiluMul(),
+            LegalizeGroupedReshape()]
 
 
 def phases(target: tvm.target.Target, kv_cache: str = "auto",
