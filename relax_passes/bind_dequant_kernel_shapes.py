@@ -56,8 +56,8 @@ class _Binder(relax.PyExprMutator):
             if tvm_ffi.structural_equal(new.without_attr("global_symbol"), func):
                 self.made[key] = gv
             else:
-                self.made[key] = self.builder_.add_func(new.without_attr("global_symbol"),
-                                                        gv.name_hint)
+                name = str(new.attrs["global_symbol"])  # names the new lead dims (1x1x...)
+                self.made[key] = self.builder_.add_func(new.without_attr("global_symbol"), name)
                 self.rebound += 1
         new_gv = self.made[key]
         if new_gv.same_as(gv):
