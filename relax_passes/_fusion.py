@@ -22,7 +22,7 @@ ELEMWISE, INJECTIVE, COMM_REDUCE, OUT_EWISE_FUSABLE, OPAQUE = 0, 2, 3, 4, 8
 
 def maybe_cast(p: dpl.DFPattern) -> dpl.DFPattern:
     """``p`` or ``astype(p)``: exports of fp16 models widen to fp32 around norms and activations."""
-    return p | dpl.is_op("relax.astype")(p)
+    return dpl.is_op("relax.astype")(p) | p  # the cast first: ``p`` alone may be a wildcard
 
 
 def scalar_value(expr) -> float | None:
