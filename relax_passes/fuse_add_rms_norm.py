@@ -22,6 +22,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, tirx
 from tvm.relax import dpl
+from tvm.script import from_source
 
 from ._fusion import COMM_REDUCE, OPAQUE, dtype_of, maybe_cast, placeholder, prim_func, \
     run_on_functions, scalar_value, static_shape
@@ -47,32 +48,72 @@ def _pattern():
 P = _pattern()
 
 
+def _dims(shape):
+    """Shape text for TVMScript: static dims as literals, symbolic ones as fresh ``n<i>``."""
+    names = [str(int(d)) if isinstance(d, tirx.IntImm) else f"n{i}" for i, d in enumerate(shape)]
+    return names, [n for n in names if n.startswith("n")]
+
+
+def _add_rms_norm_script(shape, x_dtype, w_dtype, gemma, eps, n_dtype, out_dtype):
+    """TIR of add + RMSNorm with two outputs, ``(out, sum)``, in two blocks: ``sum_sq`` (the
+    reduction, reading the two addends) and ``rms_norm`` (writing both outputs). Reading the
+    addends twice instead of storing the sum first keeps it one GPU kernel: no block depends on
+    another's global writes."""
+    names, sym = _dims(shape)
+    lead, d = names[:-1], int(shape[-1])
+    it = [f"i{k}" for k in range(len(lead))]
+    vi = [f"v{k}" for k in range(len(lead))]
+    at = lambda j: ", ".join(vi + [j])  # noqa: E731
+    w = f"(T.Cast(\"{n_dtype}\", w[vj])" + (f" + T.{n_dtype}(1))" if gemma else ")")
+    decl = "".join(f"    {n} = T.int64()\n" for n in sym)
+    return f'''
+@T.prim_func(private=True, s_tir=True)
+def add_rms_norm(var_x: T.handle, var_r: T.handle, w: T.Buffer(({d},), "{w_dtype}"),
+                 var_out: T.handle, var_sum: T.handle):
+    T.func_attr({{"tir.noalias": True, "op_pattern": {OPAQUE}, "tvm_lite.fused": "add_rms_norm"}})
+{decl}    x = T.match_buffer(var_x, ({", ".join(names)},), "{x_dtype}")
+    r = T.match_buffer(var_r, ({", ".join(names)},), "{x_dtype}")
+    out = T.match_buffer(var_out, ({", ".join(names)},), "{out_dtype}")
+    total = T.match_buffer(var_sum, ({", ".join(names)},), "{x_dtype}")
+    sum_sq = T.sblock_alloc_buffer(({", ".join(lead)},), "float32")
+    for {", ".join(it + ["k"])} in T.grid({", ".join(lead + [str(d)])}):
+        with T.sblock("sum_sq"):
+            {", ".join(vi + ["vk"])} = T.axis.remap("{"S" * len(vi)}R", [{", ".join(it + ["k"])}])
+            with T.init():
+                sum_sq[{", ".join(vi)}] = T.float32(0)
+            sum_sq[{", ".join(vi)}] = sum_sq[{", ".join(vi)}] + T.Cast("float32", x[{at("vk")}] + r[{at("vk")}]) * T.Cast("float32", x[{at("vk")}] + r[{at("vk")}])
+    for {", ".join(it + ["j"])} in T.grid({", ".join(lead + [str(d)])}):
+        with T.sblock("rms_norm"):
+            {", ".join(vi + ["vj"])} = T.axis.remap("{"S" * (len(vi) + 1)}", [{", ".join(it + ["j"])}])
+            total[{at("vj")}] = x[{at("vj")}] + r[{at("vj")}]
+            out[{at("vj")}] = T.Cast("{out_dtype}", T.Cast("{n_dtype}", T.Cast("float32", x[{at("vj")}] + r[{at("vj")}]) * T.rsqrt(sum_sq[{", ".join(vi)}] / T.float32({d}) + T.float32({eps!r}))) * {w})
+'''
+
+
 def _kernel(a, b, w, gemma: bool, eps: float, n_dtype: str, out_dtype: str):
-    """TE kernel: (out[, sum]) for ``a (+ b)``, weight ``w`` (``1 + w`` for Gemma)."""
+    """The kernel for ``a (+ b)`` and weight ``w`` (``1 + w`` for Gemma): ``rms_norm`` (TE) or
+    ``add_rms_norm`` (outputs ``(out, sum)``); both accumulate in fp32."""
     shape = static_shape(a)
     d = int(shape[-1])
-    ta, tw = placeholder(a, "x"), placeholder(w, "weight")
-    src = ta
     if b is not None:
-        tb = placeholder(b, "residual")
-        src = te.compute(shape, lambda *i: ta(*i) + tb(*i), name="add")
+        src = _add_rms_norm_script(shape, dtype_of(a), dtype_of(w), gemma, eps, n_dtype, out_dtype)
+        return from_source(src), [a, b, w]
+    ta, tw = placeholder(a, "x"), placeholder(w, "weight")
     k = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", d)), name="k")
     ss = te.compute(shape[:-1], lambda *i: te.sum(
-        src(*i, k).astype("float32") * src(*i, k).astype("float32"), axis=k), name="sum_sq")
+        ta(*i, k).astype("float32") * ta(*i, k).astype("float32"), axis=k), name="sum_sq")
 
     def norm(*idx):
         *i, j = idx
         inv = tirx.rsqrt(ss(*i) / tirx.const(d, "float32") + tirx.const(eps, "float32"))
-        n = (src(*i, j).astype("float32") * inv).astype(n_dtype)
+        n = (ta(*i, j).astype("float32") * inv).astype(n_dtype)
         wj = tw(j).astype(n_dtype)
         if gemma:
             wj = wj + tirx.const(1.0, n_dtype)
         return (n * wj).astype(out_dtype)
 
     out = te.compute(shape, norm, name="rms_norm")
-    if b is None:
-        return prim_func([ta, tw, out], "rms_norm", COMM_REDUCE), [a, w]
-    return prim_func([ta, tb, tw, out, src], "add_rms_norm", OPAQUE), [a, b, w]
+    return prim_func([ta, tw, out], "rms_norm", COMM_REDUCE), [a, w]
 
 
 def _match(rw, binding, var2val):

@@ -10,6 +10,7 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from . import cpu
+from .fused_norm import FusedRMSNorm
 from .guards import StaticBuffersOnly
 
 
@@ -30,7 +31,7 @@ def profile_of(target: Target) -> str:
 def rules_for(target: Target) -> list:
     if profile_of(target) == "cpu":
         return cpu.rules()
-    return [dl.gpu.Matmul(), StaticBuffersOnly(dl.gpu.GEMV()), dl.gpu.Reduction(),
+    return [FusedRMSNorm(), dl.gpu.Matmul(), StaticBuffersOnly(dl.gpu.GEMV()), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
