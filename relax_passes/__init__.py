@@ -12,5 +12,6 @@ from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError", "LegalizeGroupedReshape", "NoKVCacheError", "PlanSymbolicArena",
-           "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]
+__all__ = ["BindDequantKernelShapes", "FuseAddRMSNorm", "FuseKVAppend", "FuseRotary", "FuseSiluMul",
+           "InplaceKVCache", "KVCacheRewriteError", "LegalizeGroupedReshape", "NoKVCacheError",
+           "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

@@ -64,7 +64,8 @@ class _Source:
                         and int(ys[2]) == int(xs[2]) * int(xs[3]):
                     self.expr, self.layout = y, "bs(hd)"
 
-    def index(self, d_model: int, d_head: int, h: str, s: str, d: str) -> str:
+    def index(self, d_head: int, h: str, s: str, d: str) -> str:
+        """Index text of row ``s``, head ``h``, column ``d``."""
         if self.layout == "bs(hd)":
             return f"0, {s}, {h} * {d_head} + {d}"
         return f"0, {h}, {s}, {d}"
@@ -77,13 +78,13 @@ def _bcast(shape, names) -> str:
                      for i, d in enumerate(shape))
 
 
-def _kernel(dtype, heads, d_head, k_src, v_src, cos, sin, cache_shape):
+def _kernel(dtype, heads, d_head, k_src, v_src, cos, sin):
     ksh, vsh = static_shape(k_src.expr), static_shape(v_src.expr)
     csh, ssh = static_shape(cos), static_shape(sin)
     half = d_head // 2
     names = ["0", "vh", "vs", "vd"]
-    shift_lo = k_src.index(heads * d_head, d_head, "vh", "vs", f"vd + {half}")
-    shift_hi = k_src.index(heads * d_head, d_head, "vh", "vs", f"vd - {half}")
+    shift_lo = k_src.index(d_head, "vh", "vs", f"vd + {half}")
+    shift_hi = k_src.index(d_head, "vh", "vs", f"vd - {half}")
     dims = {_dim(d) for sh in (ksh, vsh, csh, ssh) for d in sh}
     seq = "n" if "n" in dims else str(int((ksh[1] if k_src.layout == "bs(hd)" else ksh[2])))
     n_decl = "    n = T.int64()\n" if "n" in dims else ""
@@ -104,9 +105,9 @@ def kv_append(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.hand
     for s, h, d in T.grid({seq}, {heads}, {d_head}):
         with T.sblock("kv_append"):
             vs, vh, vd = T.axis.remap("SSS", [s, h, d])
-            ck[pos + vs, vh, vd] = k[{k_src.index(0, d_head, "vh", "vs", "vd")}] * cos[{_bcast(csh, names)}] \\
+            ck[pos + vs, vh, vd] = k[{k_src.index(d_head, "vh", "vs", "vd")}] * cos[{_bcast(csh, names)}] \\
                 + T.if_then_else(vd < {half}, -k[{shift_lo}], k[{shift_hi}]) * sin[{_bcast(ssh, names)}]
-            cv[pos + vs, vh, vd] = v[{v_src.index(0, d_head, "vh", "vs", "vd")}]
+            cv[pos + vs, vh, vd] = v[{v_src.index(d_head, "vh", "vs", "vd")}]
 '''
     return from_source(src)
 
@@ -182,7 +183,7 @@ class FuseKVAppend:
                 vcache = vb.value.args[1].fields[0]
                 cshape = static_shape(cache)
                 heads, d_head = int(cshape[1]), int(cshape[2])
-                prim = _kernel(str(cache.ty.dtype), heads, d_head, ksrc, vsrc, cos, sin, cshape)
+                prim = _kernel(str(cache.ty.dtype), heads, d_head, ksrc, vsrc, cos, sin)
                 gv = rw.add_kernel(prim, "kv_append")
                 args = [rw.visit_expr(e) for e in (cache, vcache, ksrc.expr, vsrc.expr, cos, sin)]
                 fused = rw.builder_.emit(relax.call_tir_inplace(
