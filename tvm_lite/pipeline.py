@@ -5,7 +5,9 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
 
     Phase 1  graph                 stock canonicalization + tvm_lite's RemoveNoOpOps; the in-place
                                    KV cache (InplaceKVCache) unless kv_cache="copy", then main
-                                   split into prefill + decode (SplitPrefillDecode)
+                                   split into prefill + decode (SplitPrefillDecode), 4-bit kernels
+                                   rebuilt per call shape (BindDequantKernelShapes), then the
+                                   fusion passes unless fusion=False (fusion_passes())
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
     Phase 3  schedule              schedules.rules_for(target): CPU rules or GPU rules
     Phase 4  VM lowering           dataflow lowering, memory planning (TVM's StaticPlanBlockMemory,
@@ -24,9 +26,9 @@ from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
 from tvm_lite.relax_passes import (BindDequantKernelShapes, FuseAddRMSNorm, FuseKVAppend,
-                                   FuseRotary,
-                                   FuseSiluMul, InplaceKVCache, LegalizeGroupedReshape,
-                                   PlanSymbolicArena, RemoveNoOpOps, SplitPrefillDecode)
+                                   FuseRotary, FuseSiluMul, InplaceKVCache,
+                                   LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
+                                   SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
