@@ -9,7 +9,7 @@ from __future__ import annotations
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from . import cpu
+from . import cpu, gpu_attention
 from .guards import StaticBuffersOnly
 
 
@@ -30,7 +30,7 @@ def profile_of(target: Target) -> str:
 def rules_for(target: Target) -> list:
     if profile_of(target) == "cpu":
         return cpu.rules()
-    return [dl.gpu.Matmul(), StaticBuffersOnly(dl.gpu.GEMV()), dl.gpu.Reduction(),
+    return [gpu_attention.Attention(), dl.gpu.Matmul(), StaticBuffersOnly(dl.gpu.GEMV()), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 

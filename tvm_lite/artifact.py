@@ -113,13 +113,15 @@ def _export_library(ex, path: Path, target) -> None:
 
 
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
-                  kv_cache: str = "inplace", memory_plan: str = "arena", quant=None) -> Path:
+                  kv_cache: str = "inplace", memory_plan: str = "arena", quant=None,
+                  fused_attention: bool = True) -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
 
     ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
     past/present interface); ``memory_plan``: "arena" (activations in workspace buffers the
     engine allocates once) or "tvm"; the engine reads both from the manifest.
-    ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights)."""
+    ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights).
+    ``fused_attention``: see :func:`tvm_lite.build`."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
@@ -135,7 +137,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         # quantized models keep the exported past/present KV path.
         progress("quantized weights: using the past/present KV path (kv_cache='copy')")
         kv_cache, memory_plan = "copy", "tvm"
-    options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan}
+    options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan,
+                     "fused_attention": bool(fused_attention and kv_cache == "inplace")}
     if quant is not None:
         options["quant"] = quant.to_dict()
     key = compile_key(onnx_path, str(tgt), options)
@@ -162,7 +165,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     func = mod["main"]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
     t1 = time.perf_counter()
-    ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan)
+    ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan,
+               fused_attention=options["fused_attention"])
     t_compile = time.perf_counter() - t1
 
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
 
 
 def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
-          memory_plan: str = "arena", dump_dir: str | None = None):
+          memory_plan: str = "arena", dump_dir: str | None = None, fused_attention: bool = True):
     """Compile ``mod`` for ``target`` through tvm_lite's pipeline.
 
     ``target`` is a classic string (``"llvm"``, ``"cuda -arch=sm_90"``, ``"opencl -device=adreno"``,
@@ -38,6 +38,9 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
     ``memory_plan``: ``"arena"`` (default) plans prefill's and decode's activations into workspace
     buffers the caller allocates once (``relax_passes/plan_symbolic_arena.py``); ``"tvm"`` keeps
     TVM's StaticPlanBlockMemory alone.
+
+    ``fused_attention``: each layer's attention on the in-place cache as one kernel (default), or
+    the exported op-by-op graph (False).
     """
     tgt = parse_target(target)
     check_codegen(tgt)
@@ -46,7 +49,8 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
                                                              dump_dir=dump_dir, kv_cache=kv_cache,
-                                                             memory_plan=memory_plan))
+                                                             memory_plan=memory_plan,
+                                                             fused_attention=fused_attention))
 
 
 def device_source(executable, kind: str = "opencl") -> str:

@@ -5,7 +5,9 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
 
     Phase 1  graph                 stock canonicalization + tvm_lite's RemoveNoOpOps; the in-place
                                    KV cache (InplaceKVCache) unless kv_cache="copy", then main
-                                   split into prefill + decode (SplitPrefillDecode)
+                                   split into prefill + decode (SplitPrefillDecode), then each
+                                   layer's attention on the cache fused into one kernel
+                                   (FuseAttention) unless fused_attention=False
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
     Phase 3  schedule              schedules.rules_for(target): CPU rules or GPU rules
     Phase 4  VM lowering           dataflow lowering, memory planning (TVM's StaticPlanBlockMemory,
@@ -23,8 +25,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import (InplaceKVCache, PlanSymbolicArena, RemoveNoOpOps,
-                                   SplitPrefillDecode)
+from tvm_lite.relax_passes import (FuseAttention, InplaceKVCache, PlanSymbolicArena,
+                                   RemoveNoOpOps, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -47,8 +49,8 @@ MEMORY_PLANS = ("arena", "tvm")
 KV_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
 
 
-def phases(target: tvm.target.Target, kv_cache: str = "auto",
-           memory_plan: str = "arena") -> list[tuple[str, list]]:
+def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str = "arena",
+           fused_attention: bool = True) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
 
     ``kv_cache``: "inplace" rewrites the past/present KV interface into one in-place cache per
@@ -56,6 +58,8 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
     the exported interface; an in-place decoder is split into ``prefill`` and ``decode``.
     ``memory_plan``: "arena" plans prefill/decode activations into caller-owned workspace buffers
     with symbolic-size reuse; "tvm" keeps TVM's StaticPlanBlockMemory alone.
+    ``fused_attention``: replace each layer's attention on the in-place cache by one tvm_lite
+    attention kernel (``relax_passes/fuse_attention.py``); no effect with kv_cache="copy".
     """
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHE_MODES}")
@@ -63,6 +67,8 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
         raise ValueError(f"memory_plan={memory_plan!r}: expected one of {MEMORY_PLANS}")
     kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace"),
                                                SplitPrefillDecode(only_with_attr=KV_ATTR)]
+    if fused_attention and kv_passes:
+        kv_passes.append(FuseAttention())
     arena = [PlanSymbolicArena(only_with_attr=KV_ATTR)] if memory_plan == "arena" else []
     return [
         ("1_graph", [
@@ -105,15 +111,16 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto",
 
 @relax.register_pipeline(PIPELINE_NAME)
 def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None,
-                      kv_cache: str = "auto", memory_plan: str = "arena"):
+                      kv_cache: str = "auto", memory_plan: str = "arena",
+                      fused_attention: bool = True):
     """The whole pipeline as one pass. ``dump_dir`` (or ``$TVM_LITE_DUMP_IR``) gets the IR after
-    each phase; ``kv_cache`` and ``memory_plan`` as in :func:`phases`."""
+    each phase; ``kv_cache``, ``memory_plan`` and ``fused_attention`` as in :func:`phases`."""
     dump_dir = dump_dir or os.environ.get("TVM_LITE_DUMP_IR")
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lite_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for name, passes in phases(target, kv_cache, memory_plan):
+            for name, passes in phases(target, kv_cache, memory_plan, fused_attention):
                 mod = tvm.transform.Sequential([*passes, _dump(name, dump_dir)], name=name)(mod)
         return mod
 
