@@ -30,7 +30,8 @@ def profile_of(target: Target) -> str:
 def rules_for(target: Target) -> list:
     if profile_of(target) == "cpu":
         return cpu.rules()
-    return [gpu_attention.Attention(), dl.gpu.Matmul(), StaticBuffersOnly(dl.gpu.GEMV()), dl.gpu.Reduction(),
+    return [gpu_attention.Attention(),  # tvm_lite's fused attention kernels (issue 6)
+            dl.gpu.Matmul(), StaticBuffersOnly(dl.gpu.GEMV()), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
