@@ -49,19 +49,22 @@ PARAMS_ATTR = "tvm_lite.attention"  # heads, kv_heads, head_dim, dtype, scale, m
 
 # -- the kernel (target independent) ---------------------------------------------------------------
 def attention_params(heads: int, kv_heads: int, head_dim: int, dtype: str, scale: float,
-                     mask_dtype: str, mask_heads: bool, mask_rows: bool, decode: bool) -> dict:
+                     mask_dtype: str, mask_heads: bool, mask_rows: bool, decode: bool,
+                     merged_heads: bool = False) -> dict:
     """Everything that shapes an attention kernel; stored on the PrimFunc (``PARAMS_ATTR``) for the
     schedule rules, which rebuild the kernel for their target from it."""
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
     return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                 scale=float(scale), mask_dtype=mask_dtype, mask_heads=bool(mask_heads),
-                mask_rows=bool(mask_rows), decode=bool(decode))
+                mask_rows=bool(mask_rows), decode=bool(decode), merged_heads=bool(merged_heads))
 
 
 def signature(p: dict) -> tuple[str, str, str]:
     """(``T.handle`` parameters + buffer declarations, mask index prefix, n) of an attention
-    PrimFunc: ``q (1, H, n, D)``, ``k, v (m, KV, D)``, ``mask (1, 1|H, 1|n, m)``, ``out``."""
+    PrimFunc: ``q (1, H, n, D)``, ``k, v (m, KV, D)``, ``mask (1, 1|H, 1|n, m)``, ``out``
+    (``(1, H, n, D)``, or ``(1, n, H * D)`` with ``merged_heads``: the layout the output
+    projection reads, so no transpose kernel follows)."""
     n = "1" if p["decode"] else "n"
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     mh = H if p["mask_heads"] else 1
@@ -73,8 +76,19 @@ def signature(p: dict) -> tuple[str, str, str]:
     k = T.match_buffer(var_k, (m, {KV}, {D}), "{p["dtype"]}")
     v = T.match_buffer(var_v, (m, {KV}, {D}), "{p["dtype"]}")
     mask = T.match_buffer(var_mask, (1, {mh}, {mq}, m), "{p["mask_dtype"]}")
-    o = T.match_buffer(var_o, (1, {H}, {n}, {D}), "{p["dtype"]}")'''
+    o = T.match_buffer(var_o, {out_shape(p, n)}, "{p["dtype"]}")'''
     return decl, n
+
+
+def out_shape(p: dict, n: str) -> str:
+    H, D = p["heads"], p["head_dim"]
+    return f"(1, {n}, {H * D})" if p.get("merged_heads") else f"(1, {H}, {n}, {D})"
+
+
+def out_index(p: dict, h: str, i: str, d: str) -> str:
+    """``o[...]`` of query head ``h``, row ``i``, dim ``d``."""
+    return f"o[0, {i}, ({h}) * {p['head_dim']} + {d}]" if p.get("merged_heads") \
+        else f"o[0, {h}, {i}, {d}]"
 
 
 def mask_index(p: dict, h: str, i: str, j: str) -> str:
@@ -121,7 +135,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                 acc[d] = acc[d] + T.exp(st[2] - st[0]) * {f32}(v[j, hi // {n} // {G}, d])
             st[1] = st[1] + T.exp(st[2] - st[0])
         for d in range({D}):
-            o[0, hi // {n}, hi % {n}, d] = T.Cast("{p["dtype"]}", acc[d] / st[1])
+            {out_index(p, f"hi // {n}", f"hi % {n}", "d")} = T.Cast("{p["dtype"]}", acc[d] / st[1])
 '''
     return from_source(src)
 
@@ -157,11 +171,14 @@ def _attention_pattern():
     masked = is_op("relax.add")(scaled, mask) | is_op("relax.add")(mask, scaled)
     softmax = is_op("relax.nn.softmax")(_optional_cast(masked))
     out = is_op("relax.matmul")(_optional_cast(softmax), v_full)
-    names = dict(q=q, mask=mask, k_view=k_view, v_view=v_view, k_t=k_t, scores=scores,
+    # the heads merged back for the output projection: (1, H, n, D) -> (1, n, H * D)
+    merged_t = is_op("relax.permute_dims")(out)
+    merged = is_op("relax.reshape")(merged_t, wildcard())
+    names = dict(merged_t=merged_t, merged=merged, q=q, mask=mask, k_view=k_view, v_view=v_view, k_t=k_t, scores=scores,
                  scale=scale, inv_scale=inv_scale, softmax=softmax, out=out,
                  **{f"k_{k}": p for k, p in k_parts.items()},
                  **{f"v_{k}": p for k, p in v_parts.items()})
-    return out, names
+    return names
 
 
 class _Refused(Exception):
@@ -214,13 +231,16 @@ def _check_chain(m: dict, names: dict, side: str, heads: int):
 class _Fuser:
     """Rewrites one function (prefill or decode); collects the PrimFuncs it needs."""
 
-    def __init__(self, decode: bool, builder: relax.BlockBuilder, kernels: dict):
+    def __init__(self, decode: bool, builder: relax.BlockBuilder, kernels: dict,
+                 merged_heads: bool):
         self.decode = decode
+        self.merged_heads = merged_heads
         self.builder = builder  # the module's: adds the kernels (typed GlobalVars)
         self.kernels = kernels  # params (tuple) -> GlobalVar, shared by the module
         self.fused = 0
         self.refused: list[str] = []
-        self.pattern, self.names = _attention_pattern()
+        self.names = _attention_pattern()
+        self.pattern = self.names["merged" if merged_heads else "out"]
 
     def __call__(self, expr, m):
         try:
@@ -274,15 +294,24 @@ class _Fuser:
         dtype = str(q.ty.dtype)
         if str(m[names["k_view"]].ty.dtype) != dtype:
             raise _Refused("query and cache dtypes differ")
-        p = attention_params(heads, kv, head_dim, dtype, scale, mdtype, mh == heads, rows, decode)
+        out_ty = relax.TensorType(q_shape, dtype)
+        if self.merged_heads:
+            merged = m[names["merged"]]
+            want = [1, n_dim, heads * head_dim]
+            got = _shape(merged)
+            if _axes(m[names["merged_t"]]) != [0, 2, 1, 3] or len(got) != 3 or not all(
+                    analyzer.can_prove_equal(a, b) for a, b in zip(got, want)):
+                return expr  # another consumer layout: the plain pattern fuses the attention
+            out, out_ty = merged, relax.TensorType(got, dtype)
+        p = attention_params(heads, kv, head_dim, dtype, scale, mdtype, mh == heads, rows, decode,
+                             self.merged_heads)
         key = tuple(sorted(p.items()))
         if key not in self.kernels:
             name = "attention_decode" if decode else "attention_prefill"
             self.kernels[key] = self.builder.add_func(reference_kernel(p), name)
         gv = self.kernels[key]
         self.fused += 1
-        call = relax.call_tir(gv, [q, m[names["k_view"]], m[names["v_view"]], mask],
-                              relax.TensorType(q_shape, dtype))
+        call = relax.call_tir(gv, [q, m[names["k_view"]], m[names["v_view"]], mask], out_ty)
         out_dtype = str(out.ty.dtype)
         return call if out_dtype == dtype else relax.op.astype(call, out_dtype)
 
@@ -318,17 +347,21 @@ class FuseAttention:
                 continue
             if self.functions is not None and gv.name_hint not in self.functions:
                 continue
-            fuser = _Fuser(gv.name_hint == "decode", builder, kernels)
-            new = rewrite_call(fuser.pattern, fuser, func)
+            new, fused, refused = func, 0, []
+            for merged_heads in (True, False):  # the longer pattern first
+                fuser = _Fuser(gv.name_hint == "decode", builder, kernels, merged_heads)
+                new = rewrite_call(fuser.pattern, fuser, new)
+                fused += fuser.fused
+                refused += fuser.refused
             left = _remaining_softmax(new)
-            for why in sorted(set(fuser.refused)):
+            for why in sorted(set(refused)):
                 LOG.warning("FuseAttention: %s: attention left unfused: %s", gv.name_hint, why)
-            if left and not fuser.refused:
+            if left and not refused:
                 LOG.warning("FuseAttention: %s: %d softmax(es) not in the attention pattern on "
                             "the in-place KV cache (no cache view, or an extra op such as "
                             "soft-capping): left unfused", gv.name_hint, left)
-            self.stats[gv.name_hint] = (fuser.fused, left)
-            if fuser.fused:
+            self.stats[gv.name_hint] = (fused, left)
+            if fused:
                 updates[gv] = new
         if not updates:
             return mod

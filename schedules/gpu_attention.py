@@ -28,7 +28,7 @@ from tvm.script import from_source
 from tvm.target import Target
 
 from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
-    signature
+    out_index, signature
 
 # rows: query rows per prefill workgroup (= its threads); threads: decode workgroup size;
 # local_bytes: local (shared) memory a prefill workgroup may use for its K/V tiles.
@@ -45,7 +45,7 @@ _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def _params(func) -> dict:
     raw = func.attrs[PARAMS_ATTR]
     return {k: (v if isinstance(v, (bool, int, float, str)) else
-                (bool(v) if k in ("mask_heads", "mask_rows", "decode") else
+                (bool(v) if k in ("mask_heads", "mask_rows", "decode", "merged_heads") else
                  float(v) if k == "scale" else
                  int(v) if k in ("heads", "kv_heads", "head_dim") else str(v)))
             for k, v in raw.items()}
@@ -108,7 +108,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                     T.tvm_storage_sync("shared")
                 if i < n:
                     for d in {u}({D}):
-                        o[0, h, i, d] = T.Cast("{dt}", acc[d] / st[1])
+                        {out_index(p, "h", "i", "d")} = T.Cast("{dt}", acc[d] / st[1])
 '''
     return from_source(src)
 
@@ -173,7 +173,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                 for g in range({groups}):
                     st[3] = st[3] + red[g * {D} + tx]
                     st[1] = st[1] + reds[g * {D} + tx]
-                o[0, h, 0, tx] = T.Cast("{dt}", st[3] / st[1])
+                {out_index(p, "h", "0", "tx")} = T.Cast("{dt}", st[3] / st[1])
 '''
     return from_source(src)
 

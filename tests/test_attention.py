@@ -64,7 +64,7 @@ def test_fires_once_per_layer_on_smollm2(exporter, export_dir):
         assert calls.count(kernel) == LAYERS, (fn, calls[:5])
         assert "softmax" not in calls  # nothing left of the op-by-op attention
         # no GQA copy, no broadcast of the cache to the 9 query heads
-        assert "broadcast_to" not in mod[fn].script()
+        assert "R.Tensor((1, 3, 3, past_seq" not in mod[fn].script()
     prim = mod["attention_decode"]
     assert prim.attrs["tvm_lite.kernel"] == "attention_decode"
     p = prim.attrs["tvm_lite.attention"]
@@ -86,13 +86,16 @@ def _inputs(rng, heads, kv, d, n, past, dtype, pad=0):
     return q, k, v, mask
 
 
-def _run(func, target, dev, q, k, v, mask):
+def _run(func, target, dev, q, k, v, mask, merged_heads=False):
+    """Run an attention PrimFunc; the result in (1, H, n, D)."""
     mod = tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")})
     ex = tvm.compile(mod, target=target)
     args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, mask)]
-    out = tvm.runtime.empty(q.shape, str(q.dtype), dev)
+    _, heads, n, d = q.shape
+    out = tvm.runtime.empty((1, n, heads * d) if merged_heads else q.shape, str(q.dtype), dev)
     ex["attn"](*args, out)
-    return out.numpy()
+    got = out.numpy()
+    return got.reshape(1, n, heads, d).transpose(0, 2, 1, 3) if merged_heads else got
 
 
 CASES = [  # heads, kv heads, head_dim, n, past, pad, dtype
@@ -102,12 +105,14 @@ CASES = [  # heads, kv heads, head_dim, n, past, pad, dtype
 ]
 
 
+@pytest.mark.parametrize("merged_heads", [False, True])
 @pytest.mark.parametrize("heads, kv, d, n, past, pad, dtype", CASES)
-def test_reference_kernel_matches_numpy(heads, kv, d, n, past, pad, dtype):
+def test_reference_kernel_matches_numpy(heads, kv, d, n, past, pad, dtype, merged_heads):
     rng = np.random.default_rng(0)
     q, k, v, mask = _inputs(rng, heads, kv, d, n, past, dtype, pad)
-    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1)
-    got = _run(reference_kernel(p), tvm.target.Target({"kind": "llvm"}), tvm.cpu(), q, k, v, mask)
+    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1, merged_heads)
+    got = _run(reference_kernel(p), tvm.target.Target({"kind": "llvm"}), tvm.cpu(), q, k, v, mask,
+               merged_heads)
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     tol = 2e-3 if dtype == "float16" else 1e-5
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
@@ -127,7 +132,7 @@ def test_gpu_kernels_compile(profile, tmp_path):
     for d, kv, dtype in ((64, 3, "float16"), (256, 1, "float32")):
         for decode in (False, True):
             p = attention_params(9 if kv == 3 else 8, kv, d, dtype, 0.125, dtype, False,
-                                 not decode, decode)
+                                 not decode, decode, merged_heads=decode)
             func, t = _gpu_kernel(p, GPU_TARGETS[profile])
             ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
                              target=t)
@@ -165,11 +170,12 @@ def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype
     its indexing proven on real hardware."""
     rng = np.random.default_rng(1)
     q, k, v, mask = _inputs(rng, heads, kv, d, n, past, dtype, pad)
-    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1)
+    merged_heads = n % 2 == 1  # both output layouts
+    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1, merged_heads)
     func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
     # the profile's kernel, built for the CUDA device at hand
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
-    got = _run(func, target, tvm.cuda(0), q, k, v, mask)
+    got = _run(func, target, tvm.cuda(0), q, k, v, mask, merged_heads)
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     tol = 2e-3 if dtype == "float16" else 1e-4
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
