@@ -50,14 +50,15 @@ PARAMS_ATTR = "tvm_lite.attention"  # heads, kv_heads, head_dim, dtype, scale, m
 # -- the kernel (target independent) ---------------------------------------------------------------
 def attention_params(heads: int, kv_heads: int, head_dim: int, dtype: str, scale: float,
                      mask_dtype: str, mask_heads: bool, mask_rows: bool, decode: bool,
-                     merged_heads: bool = False) -> dict:
+                     merged_heads: bool = False, kv_squeezed: bool = False) -> dict:
     """Everything that shapes an attention kernel; stored on the PrimFunc (``PARAMS_ATTR``) for the
     schedule rules, which rebuild the kernel for their target from it."""
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
     return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
                 scale=float(scale), mask_dtype=mask_dtype, mask_heads=bool(mask_heads),
-                mask_rows=bool(mask_rows), decode=bool(decode), merged_heads=bool(merged_heads))
+                mask_rows=bool(mask_rows), decode=bool(decode), merged_heads=bool(merged_heads),
+                kv_squeezed=bool(kv_squeezed))
 
 
 def signature(p: dict) -> tuple[str, str, str]:
@@ -69,12 +70,13 @@ def signature(p: dict) -> tuple[str, str, str]:
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     mh = H if p["mask_heads"] else 1
     mq = n if p["mask_rows"] else "1"
+    kv_shape = f"(m, {D})" if p.get("kv_squeezed") else f"(m, {KV}, {D})"
     decl = f'''
     {"" if p["decode"] else "n = T.int64()"}
     m = T.int64()
     q = T.match_buffer(var_q, (1, {H}, {n}, {D}), "{p["dtype"]}")
-    k = T.match_buffer(var_k, (m, {KV}, {D}), "{p["dtype"]}")
-    v = T.match_buffer(var_v, (m, {KV}, {D}), "{p["dtype"]}")
+    k = T.match_buffer(var_k, {kv_shape}, "{p["dtype"]}")
+    v = T.match_buffer(var_v, {kv_shape}, "{p["dtype"]}")
     mask = T.match_buffer(var_mask, (1, {mh}, {mq}, m), "{p["mask_dtype"]}")
     o = T.match_buffer(var_o, {out_shape(p, n)}, "{p["dtype"]}")'''
     return decl, n
@@ -89,6 +91,12 @@ def out_index(p: dict, h: str, i: str, d: str) -> str:
     """``o[...]`` of query head ``h``, row ``i``, dim ``d``."""
     return f"o[0, {i}, ({h}) * {p['head_dim']} + {d}]" if p.get("merged_heads") \
         else f"o[0, {h}, {i}, {d}]"
+
+
+def kv_index(p: dict, buf: str, j: str, kv_head: str, d: str) -> str:
+    """``k[...]``/``v[...]`` of key ``j``, kv head ``kv_head``, dim ``d`` (a cache of one kv head
+    has no head axis: InplaceKVCache drops size-1 axes)."""
+    return f"{buf}[{j}, {d}]" if p.get("kv_squeezed") else f"{buf}[{j}, {kv_head}, {d}]"
 
 
 def mask_index(p: dict, h: str, i: str, j: str) -> str:
@@ -124,7 +132,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
         for j in range(m):
             st[2] = {f32}(0)
             for d in range({D}):
-                st[2] = st[2] + {f32}(q[0, hi // {n}, hi % {n}, d]) * {f32}(k[j, hi // {n} // {G}, d])
+                st[2] = st[2] + {f32}(q[0, hi // {n}, hi % {n}, d]) * {f32}({kv_index(p, "k", "j", f"hi // {n} // {G}", "d")})
             st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask_index(p, f"hi // {n}", f"hi % {n}", "j")})
             if st[2] > st[0]:
                 for d in range({D}):
@@ -132,7 +140,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                 st[1] = st[1] * T.exp(st[0] - st[2])
                 st[0] = st[2]
             for d in range({D}):
-                acc[d] = acc[d] + T.exp(st[2] - st[0]) * {f32}(v[j, hi // {n} // {G}, d])
+                acc[d] = acc[d] + T.exp(st[2] - st[0]) * {f32}({kv_index(p, "v", "j", f"hi // {n} // {G}", "d")})
             st[1] = st[1] + T.exp(st[2] - st[0])
         for d in range({D}):
             {out_index(p, f"hi // {n}", f"hi % {n}", "d")} = T.Cast("{p["dtype"]}", acc[d] / st[1])
@@ -209,12 +217,17 @@ def _check_chain(m: dict, names: dict, side: str, heads: int):
     """(kv_heads, head_dim) if the K or V chain reads the view as the exporters do."""
     get = lambda key: m.get(names[f"{side}_{key}"])  # noqa: E731
     view_shape = _shape(m[names[f"{side}_view"]])
-    if len(view_shape) != 3:
+    if len(view_shape) == 3:  # (T, KV, D)
+        kv, d = _static(view_shape[1:], f"{side.upper()} view")
+        perm, new_axes = [1, 0, 2], [0]
+    elif len(view_shape) == 2:  # (T, D): one kv head, its axis dropped by InplaceKVCache
+        kv, d = 1, _static(view_shape[1:], f"{side.upper()} view")[0]
+        perm, new_axes = [0, 1], [0, 1]
+    else:
         raise _Refused(f"{side.upper()} view is not (T, kv_heads, head_dim)")
-    kv, d = _static(view_shape[1:], f"{side.upper()} view")
-    if _axes(get("perm")) != [1, 0, 2]:
-        raise _Refused(f"{side.upper()} view permuted by {_axes(get('perm'))}, not [1, 0, 2]")
-    if [int(a) for a in get("head").attrs.axis] != [0]:
+    if _axes(get("perm")) != perm:
+        raise _Refused(f"{side.upper()} view permuted by {_axes(get('perm'))}, not {perm}")
+    if [int(a) for a in get("head").attrs.axis] != new_axes:
         raise _Refused(f"{side.upper()}: unexpected expand_dims")
     if get("grouped") is not None:
         if [int(a) for a in get("grouped_in").attrs.axis] != [2]:
@@ -304,7 +317,7 @@ class _Fuser:
                 return expr  # another consumer layout: the plain pattern fuses the attention
             out, out_ty = merged, relax.TensorType(got, dtype)
         p = attention_params(heads, kv, head_dim, dtype, scale, mdtype, mh == heads, rows, decode,
-                             self.merged_heads)
+                             self.merged_heads, len(_shape(m[names["k_view"]])) == 2)
         key = tuple(sorted(p.items()))
         if key not in self.kernels:
             name = "attention_decode" if decode else "attention_prefill"

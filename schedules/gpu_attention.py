@@ -28,7 +28,7 @@ from tvm.script import from_source
 from tvm.target import Target
 
 from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
-    out_index, signature
+    kv_index, out_index, signature
 
 # rows: query rows per prefill workgroup (= its threads); threads: decode workgroup size;
 # local_bytes: local (shared) memory a prefill workgroup may use for its K/V tiles.
@@ -45,7 +45,8 @@ _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def _params(func) -> dict:
     raw = func.attrs[PARAMS_ATTR]
     return {k: (v if isinstance(v, (bool, int, float, str)) else
-                (bool(v) if k in ("mask_heads", "mask_rows", "decode", "merged_heads") else
+                (bool(v) if k in ("mask_heads", "mask_rows", "decode", "merged_heads",
+                                  "kv_squeezed") else
                  float(v) if k == "scale" else
                  int(v) if k in ("heads", "kv_heads", "head_dim") else str(v)))
             for k, v in raw.items()}
@@ -63,6 +64,9 @@ def prefill_kernel(p: dict, tile: dict) -> tirx.PrimFunc:
     load_steps = (key_tile * D + rows - 1) // rows
     f32, dt, u = "T.float32", p["dtype"], _unroll(D)
     mask = mask_index(p, "h", "i", "kb * %d + jj" % key_tile)
+    # element l * rows + tx of the (key_tile, D) tile: row r, column c; key kb * key_tile + r
+    r, c = f"(l * {rows} + tx) // {D}", f"(l * {rows} + tx) % {D}"
+    k_src, v_src = (kv_index(p, b, f"kb * {key_tile} + {r}", f"h // {G}", c) for b in "kv")
     src = f'''
 @T.prim_func(private=True)
 def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
@@ -86,9 +90,9 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                 for kb in range((m + {key_tile - 1}) // {key_tile}):
                     for l in range({load_steps}):
                         if l * {rows} + tx < {key_tile * D}:
-                            if kb * {key_tile} + (l * {rows} + tx) // {D} < m:
-                                ks[(l * {rows} + tx) // {D}, (l * {rows} + tx) % {D}] = k[kb * {key_tile} + (l * {rows} + tx) // {D}, h // {G}, (l * {rows} + tx) % {D}]
-                                vs[(l * {rows} + tx) // {D}, (l * {rows} + tx) % {D}] = v[kb * {key_tile} + (l * {rows} + tx) // {D}, h // {G}, (l * {rows} + tx) % {D}]
+                            if kb * {key_tile} + {r} < m:
+                                ks[{r}, {c}] = {k_src}
+                                vs[{r}, {c}] = {v_src}
                     T.tvm_storage_sync("shared")
                     if i < n:
                         for jj in range({key_tile}):
@@ -124,6 +128,9 @@ def decode_kernel(p: dict, tile: dict, max_threads: int) -> tirx.PrimFunc:
     groups = threads // D  # key groups: thread t accumulates dim t % D over keys ≡ t // D
     f32, dt, u = "T.float32", p["dtype"], _unroll(D)
     mask = mask_index(p, "h", "0", f"c * {threads} + tx")
+    key = f"c * {threads} + jj * {groups} + tx // {D}"  # the key thread tx accumulates
+    k_src = kv_index(p, "k", f"c * {threads} + tx", f"h // {G}", "d")
+    v_src = kv_index(p, "v", key, f"h // {G}", f"tx % {D}")
     src = f'''
 @T.prim_func(private=True)
 def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
@@ -148,7 +155,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                 if c * {threads} + tx < m:
                     st[2] = {f32}(0)
                     for d in {u}({D}):
-                        st[2] = st[2] + qs[d] * {f32}(k[c * {threads} + tx, h // {G}, d])
+                        st[2] = st[2] + qs[d] * {f32}({k_src})
                     st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask})
                 ps[tx] = st[2]
                 T.tvm_storage_sync("shared")
@@ -160,8 +167,8 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                 st[1] = st[1] * T.exp(st[0] - st[4])
                 st[0] = st[4]
                 for jj in range({threads // groups}):
-                    if c * {threads} + jj * {groups} + tx // {D} < m:
-                        st[3] = st[3] + T.exp(ps[jj * {groups} + tx // {D}] - st[0]) * {f32}(v[c * {threads} + jj * {groups} + tx // {D}, h // {G}, tx % {D}])
+                    if {key} < m:
+                        st[3] = st[3] + T.exp(ps[jj * {groups} + tx // {D}] - st[0]) * {f32}({v_src})
                         st[1] = st[1] + T.exp(ps[jj * {groups} + tx // {D}] - st[0])
                 T.tvm_storage_sync("shared")
             red[tx] = st[3]

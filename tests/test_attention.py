@@ -87,7 +87,9 @@ def _inputs(rng, heads, kv, d, n, past, dtype, pad=0):
 
 
 def _run(func, target, dev, q, k, v, mask, merged_heads=False):
-    """Run an attention PrimFunc; the result in (1, H, n, D)."""
+    """Run an attention PrimFunc; the result in (1, H, n, D). One kv head: a (m, D) cache."""
+    if k.shape[1] == 1:
+        k, v = k[:, 0], v[:, 0]
     mod = tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")})
     ex = tvm.compile(mod, target=target)
     args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, mask)]
@@ -110,7 +112,8 @@ CASES = [  # heads, kv heads, head_dim, n, past, pad, dtype
 def test_reference_kernel_matches_numpy(heads, kv, d, n, past, pad, dtype, merged_heads):
     rng = np.random.default_rng(0)
     q, k, v, mask = _inputs(rng, heads, kv, d, n, past, dtype, pad)
-    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1, merged_heads)
+    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1, merged_heads,
+                         kv == 1)
     got = _run(reference_kernel(p), tvm.target.Target({"kind": "llvm"}), tvm.cpu(), q, k, v, mask,
                merged_heads)
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
@@ -132,7 +135,7 @@ def test_gpu_kernels_compile(profile, tmp_path):
     for d, kv, dtype in ((64, 3, "float16"), (256, 1, "float32")):
         for decode in (False, True):
             p = attention_params(9 if kv == 3 else 8, kv, d, dtype, 0.125, dtype, False,
-                                 not decode, decode, merged_heads=decode)
+                                 not decode, decode, merged_heads=decode, kv_squeezed=kv == 1)
             func, t = _gpu_kernel(p, GPU_TARGETS[profile])
             ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
                              target=t)
@@ -171,7 +174,8 @@ def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype
     rng = np.random.default_rng(1)
     q, k, v, mask = _inputs(rng, heads, kv, d, n, past, dtype, pad)
     merged_heads = n % 2 == 1  # both output layouts
-    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1, merged_heads)
+    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1, merged_heads,
+                         kv == 1)
     func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
     # the profile's kernel, built for the CUDA device at hand
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
