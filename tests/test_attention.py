@@ -228,9 +228,10 @@ def test_softcapped_attention_is_left_unfused_with_a_warning(caplog):
 
 # -- whole models: fused against unfused, and tiny architectures against torch --------------------
 @pytest.fixture(scope="module")
-def unfused_engine(export_dir, tmp_path_factory):
+def unfused_engine(export_dir):
+    """The default model without FuseAttention (cached under $TVM_LITE_CACHE like the others)."""
     art = tvm_lite.compile_model(export_dir("dynamo"), "llvm", fused_attention=False,
-                                 out_dir=tmp_path_factory.mktemp("unfused"), progress=lambda _: None)
+                                 progress=lambda _: None)
     return tvm_lite.Engine(art)
 
 
