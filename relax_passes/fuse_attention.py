@@ -110,18 +110,20 @@ def func_attrs(p: dict) -> str:
             f'"{PARAMS_ATTR}": {{{", ".join(f"{k!r}: {v!r}" for k, v in p.items())}}}}}')
 
 
-def reference_kernel(p: dict) -> tirx.PrimFunc:
+def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
     """The target-independent attention PrimFunc: per (head, query row), in parallel, one pass over
-    the keys with an online softmax (running max and sum, fp32), then ``acc / sum``. The dot
-    product runs in ``lanes`` partial sums and the accumulator update over whole rows, as vector
-    loops (what the CPU runs; a GPU rule replaces the whole function)."""
+    the keys, ``keys`` at a time, with an online softmax (running max and sum, fp32), then
+    ``acc / sum``. Dot products run in ``lanes`` partial sums (``keys`` independent chains) and the
+    accumulator update over whole rows, as vector loops: what the CPU runs (a GPU rule replaces
+    the whole function)."""
     decl, n = signature(p)
     H, D, G = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"]
     lanes = next(x for x in (16, 8, 4, 2, 1) if D % x == 0)
     f32 = "T.float32"
     h, i, kvh = f"hi // {n}", f"hi % {n}", f"hi // {n} // {G}"
-    k_at = kv_index(p, "k", "j", kvh, f"d0 * {lanes} + l")
-    v_at = kv_index(p, "v", "j", kvh, "d")
+    j = f"j0 * {keys} + jj"
+    k_at = kv_index(p, "k", j, kvh, f"d0 * {lanes} + l")
+    v_at = kv_index(p, "v", j, kvh, "d")
     src = f'''
 @T.prim_func(private=True)
 def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
@@ -131,34 +133,41 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
     for hi in T.parallel({H} * {n}):
         qr = T.alloc_buffer(({D},), "float32", scope="local")
         acc = T.alloc_buffer(({D},), "float32", scope="local")
-        part = T.alloc_buffer(({lanes},), "float32", scope="local")
-        # running max, running sum, score, rescale factor, probability
-        st = T.alloc_buffer((5,), "float32", scope="local")
+        part = T.alloc_buffer(({keys}, {lanes}), "float32", scope="local")
+        sc = T.alloc_buffer(({keys},), "float32", scope="local")  # scores, then probabilities
+        st = T.alloc_buffer((3,), "float32", scope="local")  # running max, running sum, new max
         for d in T.vectorized({D}):
             qr[d] = {f32}(q[0, {h}, {i}, d])
             acc[d] = {f32}(0)
         st[0] = T.min_value("float32")  # a fully masked row stays finite
         st[1] = {f32}(0)
-        for j in range(m):
-            for l in T.vectorized({lanes}):
-                part[l] = {f32}(0)
-            for d0 in range({D // lanes}):
+        for j0 in range((m + {keys - 1}) // {keys}):
+            for jj in range({keys}):
                 for l in T.vectorized({lanes}):
-                    part[l] = part[l] + qr[d0 * {lanes} + l] * {f32}({k_at})
-            st[2] = {f32}(0)
-            for l in range({lanes}):
-                st[2] = st[2] + part[l]
-            st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask_index(p, h, i, "j")})
+                    part[jj, l] = {f32}(0)
+                if {j} < m:
+                    for d0 in range({D // lanes}):
+                        for l in T.vectorized({lanes}):
+                            part[jj, l] = part[jj, l] + qr[d0 * {lanes} + l] * {f32}({k_at})
+            st[2] = st[0]
+            for jj in range({keys}):
+                sc[jj] = {f32}(0)
+                for l in range({lanes}):
+                    sc[jj] = sc[jj] + part[jj, l]
+                if {j} < m:
+                    sc[jj] = sc[jj] * {f32}({p["scale"]!r}) + {f32}({mask_index(p, h, i, j)})
+                    st[2] = T.max(st[2], sc[jj])
             if st[2] > st[0]:
-                st[3] = T.exp(st[0] - st[2])
                 for d in T.vectorized({D}):
-                    acc[d] = acc[d] * st[3]
-                st[1] = st[1] * st[3]
+                    acc[d] = acc[d] * T.exp(st[0] - st[2])
+                st[1] = st[1] * T.exp(st[0] - st[2])
                 st[0] = st[2]
-            st[4] = T.exp(st[2] - st[0])
-            for d in T.vectorized({D}):
-                acc[d] = acc[d] + st[4] * {f32}({v_at})
-            st[1] = st[1] + st[4]
+            for jj in range({keys}):
+                if {j} < m:
+                    sc[jj] = T.exp(sc[jj] - st[0])
+                    st[1] = st[1] + sc[jj]
+                    for d in T.vectorized({D}):
+                        acc[d] = acc[d] + sc[jj] * {f32}({v_at})
         for d in T.vectorized({D}):
             {out_index(p, h, i, "d")} = T.Cast("{p["dtype"]}", acc[d] / st[1])
 '''
