@@ -120,8 +120,15 @@ def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
     H, D, G = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"]
     lanes = next(x for x in (16, 8, 4, 2, 1) if D % x == 0)
     f32 = "T.float32"
-    h, i, kvh = f"hi // {n}", f"hi % {n}", f"hi // {n} // {G}"
+    h, i, kvh = "h", "i", "kvh"
     j = f"j0 * {keys} + jj"
+    # the lanes' partial sums folded in halves (vector adds), then the last one scalar
+    fold, width = [], lanes
+    while width > 1:
+        width //= 2
+        fold.append(f"""                for l in T.vectorized({width}):
+                    part[jj, l] = part[jj, l] + part[jj, l + {width}]""")
+    fold = "\n".join(fold)
     k_at = kv_index(p, "k", j, kvh, f"d0 * {lanes} + l")
     v_at = kv_index(p, "v", j, kvh, "d")
     src = f'''
@@ -131,6 +138,9 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
     T.func_attr({func_attrs(p)})
     {decl}
     for hi in T.parallel({H} * {n}):
+        h = hi // {n}
+        i = hi % {n}
+        kvh = h // {G}
         qr = T.alloc_buffer(({D},), "float32", scope="local")
         acc = T.alloc_buffer(({D},), "float32", scope="local")
         part = T.alloc_buffer(({keys}, {lanes}), "float32", scope="local")
@@ -151,11 +161,9 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                             part[jj, l] = part[jj, l] + qr[d0 * {lanes} + l] * {f32}({k_at})
             st[2] = st[0]
             for jj in range({keys}):
-                sc[jj] = {f32}(0)
-                for l in range({lanes}):
-                    sc[jj] = sc[jj] + part[jj, l]
+{fold}
                 if {j} < m:
-                    sc[jj] = sc[jj] * {f32}({p["scale"]!r}) + {f32}({mask_index(p, h, i, j)})
+                    sc[jj] = part[jj, 0] * {f32}({p["scale"]!r}) + {f32}({mask_index(p, h, i, j)})
                     st[2] = T.max(st[2], sc[jj])
             if st[2] > st[0]:
                 for d in T.vectorized({D}):
