@@ -216,8 +216,9 @@ def _attention_pattern():
     # the heads merged back for the output projection: (1, H, n, D) -> (1, n, H * D)
     merged_t = is_op("relax.permute_dims")(out)
     merged = is_op("relax.reshape")(merged_t, wildcard())
-    names = dict(merged_t=merged_t, merged=merged, q=q, mask=mask, k_view=k_view, v_view=v_view, k_t=k_t, scores=scores,
-                 scale=scale, inv_scale=inv_scale, softmax=softmax, out=out,
+    names = dict(q=q, mask=mask, k_view=k_view, v_view=v_view, k_t=k_t, scores=scores,
+                 scale=scale, inv_scale=inv_scale, softmax=softmax, out=out, merged_t=merged_t,
+                 merged=merged,
                  **{f"k_{k}": p for k, p in k_parts.items()},
                  **{f"v_{k}": p for k, p in v_parts.items()})
     return names
