@@ -6,6 +6,7 @@ from .fuse_add_rms_norm import FuseAddRMSNorm
 from .fuse_kv_append import FuseKVAppend
 from .fuse_rotary import FuseRotary
 from .fuse_silu_mul import FuseSiluMul
+from .fuse_attention import FuseAttention
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .legalize_grouped_reshape import LegalizeGroupedReshape
 from .plan_symbolic_arena import PlanSymbolicArena
@@ -13,7 +14,7 @@ from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddDecodeFunction", "BindDequantKernelShapes", "FuseAddRMSNorm", "FuseKVAppend",
-           "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",
+__all__ = ["AddDecodeFunction", "BindDequantKernelShapes", "FuseAddRMSNorm", "FuseAttention",
+           "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",
            "LegalizeGroupedReshape", "NoKVCacheError",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

@@ -4,7 +4,8 @@
 ``llvm``; on GPUs (``adreno``, ``mali``, ``cuda``, generic) the rules of that profile
 (:mod:`.profiles`), in the order they are tried:
 
-0. :class:`.fused_norm.FusedRMSNorm` -- the fused residual-add + RMSNorm kernels, one kernel each;
+0. :class:`.gpu_attention.Attention` -- the fused attention kernels (prefill, decode);
+   :class:`.fused_norm.FusedRMSNorm` -- the fused residual-add + RMSNorm kernels, one kernel each;
 1. :class:`.gpu_gemv.GPUDecodeGEMV` -- decode GEMV (``M == 1``), fp16 and 4-bit dequant weights;
 2. :class:`.gpu_gemm.GPUPrefillGEMM` -- prefill GEMM (dynamic ``M``), dequant in the tile load;
 3. DLight's ``gpu.Matmul`` and ``gpu.GEMV`` for the matmuls these leave (attention's batched
@@ -19,7 +20,7 @@ from __future__ import annotations
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from . import cpu
+from . import cpu, gpu_attention
 from .fused_norm import FusedRMSNorm
 from .gpu_gemm import GPUPrefillGEMM
 from .gpu_gemv import GPUDecodeGEMV
@@ -50,7 +51,7 @@ def stock_gpu_rules() -> list:
 
 def gpu_rules(profile: GPUProfile) -> list:
     """tvm_lite's GPU rules for ``profile``, in order, the fallback last."""
-    return [FusedRMSNorm(), GPUDecodeGEMV(profile), GPUPrefillGEMM(profile), dl.gpu.Matmul(),
+    return [gpu_attention.Attention(), FusedRMSNorm(), GPUDecodeGEMV(profile), GPUPrefillGEMM(profile), dl.gpu.Matmul(),
             StaticBuffersOnly(dl.gpu.GEMV()), *reduction_rules(profile), dl.gpu.Fallback()]
 
 

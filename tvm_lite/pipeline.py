@@ -5,7 +5,9 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
 
     Phase 1  graph                 stock canonicalization + tvm_lite's RemoveNoOpOps; the in-place
                                    KV cache (InplaceKVCache) unless kv_cache="copy", then main
-                                   split into prefill + decode (SplitPrefillDecode), 4-bit kernels
+                                   split into prefill + decode (SplitPrefillDecode), each
+                                   layer's attention on the cache as one kernel (FuseAttention)
+                                   unless fused_attention=False, 4-bit kernels
                                    rebuilt per call shape (BindDequantKernelShapes), then the
                                    fusion passes unless fusion=False (fusion_passes())
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
@@ -27,7 +29,8 @@ from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
 from tvm_lite.relax_passes import (AddDecodeFunction, BindDequantKernelShapes, FuseAddRMSNorm,
-                                   FuseKVAppend, FuseRotary, FuseSiluMul, InplaceKVCache,
+                                   FuseAttention, FuseKVAppend, FuseRotary, FuseSiluMul,
+                                   InplaceKVCache,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
                                    SplitPrefillDecode)
 
@@ -86,7 +89,8 @@ def _tuned_schedules(tuning_db, applied: list | None) -> list:
 
 
 def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str = "arena", *,
-           fusion: bool = True, tuning_db=None, decode_function: bool | None = None,
+           fusion: bool = True, fused_attention: bool = True, tuning_db=None,
+           decode_function: bool | None = None,
            applied: list | None = None) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
 
@@ -101,6 +105,8 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
     with a database) gives a past/present (``kv_cache="copy"``) decoder a ``decode`` function too,
     ``main`` with one new token, whose static-shape kernels are what tuning measures; in-place
     decoders always have one.
+    ``fused_attention``: replace each layer's attention on the in-place cache by one tvm_lite
+    attention kernel (``relax_passes/fuse_attention.py``); no effect with kv_cache="copy".
     """
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHE_MODES}")
@@ -108,6 +114,8 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
         raise ValueError(f"memory_plan={memory_plan!r}: expected one of {MEMORY_PLANS}")
     kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace"),
                                                SplitPrefillDecode(only_with_attr=KV_ATTR)]
+    if fused_attention and kv_passes:
+        kv_passes.append(FuseAttention())
     arena = [PlanSymbolicArena(only_with_attr=KV_ATTR)] if memory_plan == "arena" else []
     if decode_function is None:
         decode_function = bool(tuning_db)
