@@ -1,11 +1,20 @@
 """tvm_lite's Relax passes, one per file, each named for what it does."""
 
 from .add_decode_function import AddDecodeFunction
+from .bind_dequant_kernel_shapes import BindDequantKernelShapes
+from .fuse_add_rms_norm import FuseAddRMSNorm
+from .fuse_kv_append import FuseKVAppend
+from .fuse_rotary import FuseRotary
+from .fuse_silu_mul import FuseSiluMul
+from .fuse_attention import FuseAttention
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
+from .legalize_grouped_reshape import LegalizeGroupedReshape
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddDecodeFunction", "InplaceKVCache", "KVCacheRewriteError", "NoKVCacheError",
+__all__ = ["AddDecodeFunction", "BindDequantKernelShapes", "FuseAddRMSNorm", "FuseAttention",
+           "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",
+           "LegalizeGroupedReshape", "NoKVCacheError",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

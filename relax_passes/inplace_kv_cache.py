@@ -55,11 +55,13 @@ class NoKVCacheError(KVCacheRewriteError):
 def _kv_write_func(dtype: str, past_shape, seq_axis: int):
     """TIR: ``cache[pos + s, *rest] = new[...s at seq_axis...]`` after a bounds check.
 
-    ``past_shape`` is the exported past input's shape; the cache drops its size-1 axes and puts the
-    sequence axis first.
+    ``past_shape`` is the exported past input's shape; the cache drops its leading batch axis (of
+    size 1) and puts the sequence axis first.
     """
     rank = len(past_shape)
-    rest = [i for i in range(rank) if i != seq_axis and not _is_one(past_shape[i])]
+    # drop the batch axis (a leading 1) only: a single kv head keeps its axis, as the engine's
+    # (max_context, kv_heads, head_dim) caches have it
+    rest = [i for i in range(rank) if i != seq_axis and not (i == 0 and _is_one(past_shape[i]))]
     cache_shape = ["cache_len"] + [str(int(past_shape[i])) for i in rest]
     new_shape = ["n" if i == seq_axis else str(int(past_shape[i])) for i in range(rank)]
     loop_vars = ["s"] + [f"a{i}" for i in rest]

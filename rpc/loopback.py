@@ -74,8 +74,12 @@ def main(argv=None) -> int:
         common += ["--device", args.device]
 
     local = _bench(common)
+    # A GPU runtime initialised in a process does not survive fork(): the CUDA run of this script
+    # failed in the server's forked session ("cudaErrorInitializationError"), so GPU servers
+    # start their sessions with spawn (TVM's --no-fork).
+    gpu = not str(args.target).startswith(("llvm", "c "))
     with LocalCluster(key=args.key, servers=1, tracker_port=args.tracker_port,
-                      log_dir=out / "logs") as cluster:
+                      log_dir=out / "logs", no_fork=gpu) as cluster:
         remote = _bench([*common, "--rpc", cluster.address, "--key", args.key])
     rows = compare(local, remote)
     (out / "local.json").write_text(json.dumps(local, indent=1))

@@ -1,7 +1,18 @@
 """Schedule rules, keyed by target profile.
 
 ``rules_for(target)`` returns the DLight rules tvm_lite applies to a target: its own CPU rules on
-``llvm``; on GPUs (``adreno``, ``mali``, ``cuda``, generic) the stock DLight GPU rules for now.
+``llvm``; on GPUs (``adreno``, ``mali``, ``cuda``, generic) the rules of that profile
+(:mod:`.profiles`), in the order they are tried:
+
+0. :class:`.gpu_attention.Attention` -- the fused attention kernels (prefill, decode);
+   :class:`.fused_norm.FusedRMSNorm` -- the fused residual-add + RMSNorm kernels, one kernel each;
+1. :class:`.gpu_gemv.GPUDecodeGEMV` -- decode GEMV (``M == 1``), fp16 and 4-bit dequant weights;
+2. :class:`.gpu_gemm.GPUPrefillGEMM` -- prefill GEMM (dynamic ``M``), dequant in the tile load;
+3. DLight's ``gpu.Matmul`` and ``gpu.GEMV`` for the matmuls these leave (attention's batched
+   products, ``W[N, K]`` layouts), GEMV behind ``StaticBuffersOnly`` (:mod:`.guards`);
+4. reductions (:mod:`.gpu_reduction`), then DLight's ``gpu.Fallback`` last.
+
+``stock_gpu_rules()`` is the plain DLight list (what tvm_lite used before), kept for benchmarks.
 """
 
 from __future__ import annotations
@@ -9,8 +20,13 @@ from __future__ import annotations
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from . import cpu
+from . import cpu, gpu_attention
+from .fused_norm import FusedRMSNorm
+from .gpu_gemm import GPUPrefillGEMM
+from .gpu_gemv import GPUDecodeGEMV
+from .gpu_reduction import reduction_rules
 from .guards import StaticBuffersOnly
+from .profiles import GPUProfile, gpu_profile
 
 
 def profile_of(target: Target) -> str:
@@ -27,11 +43,23 @@ def profile_of(target: Target) -> str:
     return "gpu"
 
 
-def rules_for(target: Target) -> list:
-    if profile_of(target) == "cpu":
-        return cpu.rules()
+def stock_gpu_rules() -> list:
+    """DLight's default GPU rules (with the static-buffer guard): the baseline in benchmarks."""
     return [dl.gpu.Matmul(), StaticBuffersOnly(dl.gpu.GEMV()), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
-__all__ = ["profile_of", "rules_for"]
+def gpu_rules(profile: GPUProfile) -> list:
+    """tvm_lite's GPU rules for ``profile``, in order, the fallback last."""
+    return [gpu_attention.Attention(), FusedRMSNorm(), GPUDecodeGEMV(profile), GPUPrefillGEMM(profile), dl.gpu.Matmul(),
+            StaticBuffersOnly(dl.gpu.GEMV()), *reduction_rules(profile), dl.gpu.Fallback()]
+
+
+def rules_for(target: Target) -> list:
+    name = profile_of(target)
+    if name == "cpu":
+        return cpu.rules()
+    return gpu_rules(gpu_profile(name))
+
+
+__all__ = ["profile_of", "rules_for", "gpu_rules", "stock_gpu_rules", "gpu_profile"]

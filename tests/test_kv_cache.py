@@ -1,5 +1,7 @@
 """The in-place KV cache (relax_passes/inplace_kv_cache.py) against the exported past/present path."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -15,10 +17,11 @@ NEW_TOKENS = 32
 
 
 def _phase1(mod, kv_cache="inplace"):
-    """The module after tvm_lite's graph phase (where the KV rewrite happens)."""
+    """The module after tvm_lite's graph phase (where the KV rewrite happens), without the
+    fusion passes (FuseKVAppend merges each layer's two kv_write calls; test_fusion.py)."""
     from tvm_lite.pipeline import phases
 
-    name, passes = phases(tvm.target.Target({"kind": "llvm"}), kv_cache)[0]
+    name, passes = phases(tvm.target.Target({"kind": "llvm"}), kv_cache, fusion=False)[0]
     assert name == "1_graph"
     return tvm.transform.Sequential(passes)(mod)
 
@@ -158,6 +161,9 @@ def test_one_cache_instance_allocated_once(artifact):
 def test_adreno_opencl_has_the_kv_write_and_no_kv_concat(export_dir):
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
     src = tvm_lite.device_source(tvm_lite.build(mod, "opencl -device=adreno"), "opencl")
-    assert "__kernel void kv_write_kernel(" in src
+    # with the fusion passes a layer's K (rotated) and V rows are written by one kernel
+    assert re.search(r"__kernel void kv_append\d*_kernel\(", src) and "kv_write" not in src
+    plain = tvm_lite.build(mod, "opencl -device=adreno", fusion=False)
+    assert "__kernel void kv_write_kernel(" in tvm_lite.device_source(plain, "opencl")
     assert "past_key_values" not in src  # no kernel reads a past input: there are none
     assert "get_local_id" in src

@@ -114,7 +114,8 @@ def _export_library(ex, path: Path, target) -> None:
 
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
                   kv_cache: str = "inplace", memory_plan: str = "arena", quant=None,
-                  tuning_db=None, pipeline: str = "tvm_lite") -> Path:
+                  tuning_db=None, pipeline: str = "tvm_lite", fusion: bool = True,
+                  fused_attention: bool = True) -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
 
     ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
@@ -123,7 +124,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights).
     ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) whose kernels replace
     tvm_lite's schedules where it has them; a past/present artifact then has a ``decode``
-    function too. ``pipeline="stock"``: TVM's default pipeline (the baseline; past/present KV)."""
+    function too. ``pipeline="stock"``: TVM's default pipeline (the baseline; past/present KV).
+    ``fusion``, ``fused_attention``: see :func:`tvm_lite.build`."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
     from .target import parse_target
@@ -133,17 +135,14 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     tgt = parse_target(target)
     if kv_cache not in ("inplace", "copy"):
         raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")
-    if quant is not None and kv_cache == "inplace":
-        # Known gap: with the 4-bit dequant matmuls, FuseTIR rejects the fused group that feeds
-        # kv_write ("inconsistent buffers"); until the fusion passes of issue 6 own that group,
-        # quantized models keep the exported past/present KV path.
-        progress("quantized weights: using the past/present KV path (kv_cache='copy')")
-        kv_cache, memory_plan = "copy", "tvm"
     if pipeline == "stock":
         kv_cache, memory_plan = "copy", "tvm"
-    options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan}
+    options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan,
+                     "fused_attention": bool(fused_attention and kv_cache == "inplace")}
     if pipeline != "tvm_lite":
         options["pipeline"] = pipeline
+    if not fusion:
+        options["fusion"] = False  # (absent = True: keeps the cache keys of fused builds short)
     if quant is not None:
         options["quant"] = quant.to_dict()
     if tuning_db is not None:  # the database's contents are part of the cache key
@@ -177,7 +176,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     t1 = time.perf_counter()
     applied: list = []
     ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan, tuning_db=tuning_db,
-               applied=applied, pipeline=pipeline)
+               applied=applied, pipeline=pipeline, fusion=fusion,
+               fused_attention=options["fused_attention"])
     if tuning_db is not None:
         progress(f"{len(applied)} kernels from the tuning database {tuning_db}: "
                  f"{', '.join(applied) or 'none matched'}")

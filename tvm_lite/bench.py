@@ -124,3 +124,44 @@ def bench_kv_cache(engines: dict, contexts=(128, 512, 2048), decode_tokens: int 
                          "kv_bytes_copied_per_step": int(np.median(copied)),
                          "kv_MB_at_max_context": engine.kv_cache_bytes() / 1e6})
     return rows
+
+
+def bench_interleaved(engines: dict, prefill_lens=(128, 256), contexts=(128, 512, 1024),
+                      decode_tokens: int = 16, repeats: int = 5) -> list[dict]:
+    """Prefill and decode speed of several builds of one model (``{"label": engine}``), their
+    steps interleaved (A, B, A, B...) so that a busy machine slows them alike; medians.
+
+    Prefill: ``prefill_lens`` tokens of real text into an empty cache, ``repeats`` times. Decode:
+    one session per engine grows through ``contexts`` (prefilled with real text), then
+    ``decode_tokens`` greedy steps each."""
+    text = _prompt_ids(next(iter(engines.values())), max(max(contexts), max(prefill_lens)))
+    rows = []
+    for n in prefill_lens:
+        times: dict = {k: [] for k in engines}
+        for _ in range(repeats):
+            for label, engine in engines.items():
+                session = engine.new_session()
+                t0 = time.perf_counter()
+                engine.prefill(session, text[:n])
+                times[label].append(time.perf_counter() - t0)
+        rows += [{"phase": f"prefill {n}", "build": k, "tok_s": n / float(np.median(t))}
+                 for k, t in times.items()]
+    sessions = {k: e.new_session() for k, e in engines.items()}
+    for context in contexts:
+        tokens = {}
+        for label, engine in engines.items():
+            session = sessions[label]
+            need = context - 1 - session.length
+            if need > 0:
+                engine.prefill(session, text[session.length:session.length + need])
+            tokens[label] = text[context - 1]
+        times = {k: [] for k in engines}
+        for _ in range(decode_tokens):
+            for label, engine in engines.items():
+                t0 = time.perf_counter()
+                logits = engine.forward(sessions[label], [tokens[label]])[-1]
+                times[label].append(time.perf_counter() - t0)
+                tokens[label] = int(np.argmax(logits))
+        rows += [{"phase": f"decode @ {context}", "build": k, "tok_s": 1.0 / float(np.median(t))}
+                 for k, t in times.items()]
+    return rows

@@ -163,8 +163,10 @@ def bench_variant(artifact, prompt_len: int, decode_tokens: int, repeats: int,
 
 def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", device: str = "cuda",
                  prompt_len: int = 512, decode_tokens: int = 32, repeats: int = 3,
-                 work_dir="bench_models", exporter: str = "dynamo", progress=print) -> list[dict]:
-    """One row per (shape, variant): prefill and decode tok/s, and the ratio to stock TVM."""
+                 work_dir="bench_models", exporter: str = "dynamo", progress=print,
+                 save=None) -> list[dict]:
+    """One row per (shape, variant): prefill and decode tok/s, and the ratio to stock TVM.
+    ``save``: a JSON file rewritten after every row (a long run that stops keeps its rows)."""
     from tqdm import tqdm
 
     from .bench import _prompt_ids
@@ -203,6 +205,8 @@ def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", de
         except Exception as err:  # a failed variant is a row that says why, not a lost run
             rows.append({"model": shape, "engine": variant, "error": f"{type(err).__name__}: {err}"[:500]})
             progress(f"{shape} {variant}: {rows[-1]['error']}")
+        if save:
+            Path(save).write_text(json.dumps(rows, indent=1))
     for row in rows:
         base = next((r for r in rows if r["model"] == row["model"] and r["engine"] == "stock-fp16"
                      and "error" not in r), None)
@@ -262,7 +266,8 @@ def main(argv=None) -> int:
                                         args.work_dir)
         print(json.dumps(result["logits"]), flush=True)
     rows = bench_models(args.shapes.split(","), args.variants.split(","), args.target, args.device,
-                        args.prompt_len, args.decode_tokens, args.repeats, args.work_dir)
+                        args.prompt_len, args.decode_tokens, args.repeats, args.work_dir,
+                        save=args.json and args.json + ".partial")
     result["rows"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

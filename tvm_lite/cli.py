@@ -165,6 +165,25 @@ def cmd_bench_kv(args):
                                   "kv_bytes_copied_per_step", "kv_MB_at_max_context"]))
 
 
+def cmd_bench_kernels(args):
+    from . import bench_kernels as bk
+
+    models = [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in models if m not in bk.MODELS]
+    if unknown:
+        raise SystemExit(f"tvm-lite: error: unknown --models {unknown}; known: {list(bk.MODELS)}")
+    try:
+        result = bk.run(args.target, models=models, lengths=[int(n) for n in args.lengths.split(",")],
+                        decode=args.phase in ("both", "decode"),
+                        prefill=args.phase in ("both", "prefill"),
+                        checkpoint=(lambda r: bk.save_json(r, args.json)) if args.json else None)
+    except (ValueError, RuntimeError) as err:
+        raise SystemExit(f"tvm-lite: error: {err}") from None
+    print(bk.format_tables(result))
+    if args.json:
+        bk.save_json(result, args.json)
+
+
 def cmd_memory(args):
     from . import memory
     from .artifact import compile_model
@@ -279,6 +298,14 @@ def main(argv=None):
                    help="cache rows per session (default: the largest context + decode tokens)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench_kv)
+
+    p = sub.add_parser("bench-kernels", help="per-kernel GPU GEMV GB/s and GEMM TFLOP/s vs stock DLight")
+    p.add_argument("--target", default="cuda")
+    p.add_argument("--models", default="smollm2-135m,gemma-2b")
+    p.add_argument("--lengths", default="128,512,2048", help="prefill lengths")
+    p.add_argument("--phase", choices=["both", "decode", "prefill"], default="both")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.set_defaults(fn=cmd_bench_kernels)
 
     p = sub.add_parser("memory", help="planned activation memory per function; allocations per step")
     _add_model_args(p, target=False)

@@ -24,7 +24,8 @@ def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
 def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
           memory_plan: str = "arena", dump_dir: str | None = None, tuning_db=None,
           decode_function: bool | None = None, applied: list | None = None,
-          pipeline: str = "tvm_lite"):
+          pipeline: str = "tvm_lite", fusion: bool = True,
+          fused_attention: bool = True):
     """Compile ``mod`` for ``target`` through tvm_lite's pipeline.
 
     ``target`` is a classic string (``"llvm"``, ``"cuda -arch=sm_90"``, ``"opencl -device=adreno"``,
@@ -40,6 +41,11 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
     ``memory_plan``: ``"arena"`` (default) plans prefill's and decode's activations into workspace
     buffers the caller allocates once (``relax_passes/plan_symbolic_arena.py``); ``"tvm"`` keeps
     TVM's StaticPlanBlockMemory alone.
+
+    ``fusion``: tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``); False compiles
+    with FuseOps alone (for comparisons).
+    ``fused_attention``: each layer's attention on the in-place cache as one kernel (default), or
+    the exported op-by-op graph (False).
 
     ``tuning_db``: a MetaSchedule database directory written by ``tvm-lite tune``; its kernels
     replace tvm_lite's schedules where it has them (their names are appended to ``applied``).
@@ -68,7 +74,9 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
                                                              memory_plan=memory_plan,
                                                              tuning_db=tuning_db,
                                                              decode_function=decode_function,
-                                                             applied=applied))
+                                                             applied=applied,
+                                                             fusion=fusion,
+                                                             fused_attention=fused_attention))
 
 
 def device_source(executable, kind: str = "opencl") -> str:

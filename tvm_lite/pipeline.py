@@ -5,7 +5,11 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
 
     Phase 1  graph                 stock canonicalization + tvm_lite's RemoveNoOpOps; the in-place
                                    KV cache (InplaceKVCache) unless kv_cache="copy", then main
-                                   split into prefill + decode (SplitPrefillDecode)
+                                   split into prefill + decode (SplitPrefillDecode), each
+                                   layer's attention on the cache as one kernel (FuseAttention)
+                                   unless fused_attention=False, 4-bit kernels
+                                   rebuilt per call shape (BindDequantKernelShapes), then the
+                                   fusion passes unless fusion=False (fusion_passes())
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
     Phase 3  schedule              a MetaSchedule tuning database, if given (tvm-lite tune), then
                                    schedules.rules_for(target): CPU rules or GPU rules
@@ -24,8 +28,11 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import (AddDecodeFunction, InplaceKVCache, PlanSymbolicArena,
-                                   RemoveNoOpOps, SplitPrefillDecode)
+from tvm_lite.relax_passes import (AddDecodeFunction, BindDequantKernelShapes, FuseAddRMSNorm,
+                                   FuseAttention, FuseKVAppend, FuseRotary, FuseSiluMul,
+                                   InplaceKVCache,
+                                   LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
+                                   SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -46,6 +53,12 @@ def _dump(phase: str, dump_dir: str | None):
 KV_CACHE_MODES = ("auto", "inplace", "copy")
 MEMORY_PLANS = ("arena", "tvm")
 KV_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
+
+
+def fusion_passes() -> list:
+    """tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``), in the order they run."""
+    return [FuseAddRMSNorm(), FuseRotary(), FuseKVAppend(), FuseSiluMul(),
+            LegalizeGroupedReshape()]
 
 
 def _scheduled(mod) -> set:
@@ -76,7 +89,8 @@ def _tuned_schedules(tuning_db, applied: list | None) -> list:
 
 
 def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str = "arena", *,
-           tuning_db=None, decode_function: bool | None = None,
+           fusion: bool = True, fused_attention: bool = True, tuning_db=None,
+           decode_function: bool | None = None,
            applied: list | None = None) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
 
@@ -85,11 +99,14 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
     the exported interface; an in-place decoder is split into ``prefill`` and ``decode``.
     ``memory_plan``: "arena" plans prefill/decode activations into caller-owned workspace buffers
     with symbolic-size reuse; "tvm" keeps TVM's StaticPlanBlockMemory alone.
+    ``fusion``: run tvm_lite's pattern fusion passes (add + RMSNorm ...) before FuseOps.
     ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) applied before the rules;
     ``applied`` receives the names of the kernels it scheduled. ``decode_function`` (default: on
     with a database) gives a past/present (``kv_cache="copy"``) decoder a ``decode`` function too,
     ``main`` with one new token, whose static-shape kernels are what tuning measures; in-place
     decoders always have one.
+    ``fused_attention``: replace each layer's attention on the in-place cache by one tvm_lite
+    attention kernel (``relax_passes/fuse_attention.py``); no effect with kv_cache="copy".
     """
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHE_MODES}")
@@ -97,6 +114,8 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
         raise ValueError(f"memory_plan={memory_plan!r}: expected one of {MEMORY_PLANS}")
     kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace"),
                                                SplitPrefillDecode(only_with_attr=KV_ATTR)]
+    if fused_attention and kv_passes:
+        kv_passes.append(FuseAttention())
     arena = [PlanSymbolicArena(only_with_attr=KV_ATTR)] if memory_plan == "arena" else []
     if decode_function is None:
         decode_function = bool(tuning_db)
@@ -108,6 +127,8 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
             RemoveNoOpOps(),
             relax.transform.CanonicalizeBindings(),  # forward the aliases RemoveNoOpOps leaves
             *kv_passes,
+            BindDequantKernelShapes(),  # 4-bit kernels built for prefill's and decode's shapes
+            *(fusion_passes() if fusion else []),
             relax.transform.EliminateCommonSubexpr(),
             relax.transform.DeadCodeElimination(),
         ]),

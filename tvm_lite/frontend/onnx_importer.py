@@ -175,6 +175,11 @@ class _Importer:
             args = [v if (i in shape_args or v is None) else self._relax(v) for i, v in enumerate(inputs)]
             return [self.bb.normalize(convert(self.bb, node, args))]
 
+        if node.op_type == "Pow":
+            power = self._integer_power(inputs)
+            if power is not None:
+                return [power]
+
         attrs = self._tvm_attrs(node)
         converter = _tvm_onnx._get_convert_map()[node.op_type].get_converter(self.opset)
         relax_inputs = _tvm_onnx.onnx_input()
@@ -188,6 +193,25 @@ class _Importer:
         if isinstance(out, relax.Expr) and isinstance(out.ty, relax.TupleType):
             return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out.ty.fields))]
         return [out]
+
+    def _integer_power(self, inputs):
+        """``Pow(x, k)`` with a constant small integer ``k`` (RMSNorm's ``x ** 2``) as ``k - 1``
+        multiplies: exact, cheaper, and correct for negative ``x`` on GPUs, where TVM's CUDA
+        ``pow`` (a fast ``exp2(k * log2(x))``) returns NaN for a negative base."""
+        exponent = inputs[1]
+        if isinstance(exponent, HostValue) and exponent.is_concrete:
+            values = np.asarray(exponent.array)
+        elif isinstance(exponent, relax.Constant):
+            values = exponent.data.numpy()
+        else:
+            return None
+        if values.size != 1 or float(values.reshape(-1)[0]) not in (1.0, 2.0, 3.0, 4.0):
+            return None
+        x = self._relax(inputs[0])
+        out = x
+        for _ in range(int(values.reshape(-1)[0]) - 1):
+            out = self.bb.emit(relax.op.multiply(out, x))
+        return out
 
     def _fold_weight_transposes(self):
         """Transposes of weights (a tied lm_head is ``MatMul(x, Transpose(embedding))``) are done

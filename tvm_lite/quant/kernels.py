@@ -19,6 +19,7 @@ from tvm import te, tirx
 from .format import CODES_PER_WORD, E0M4_EXP_BITS, INT4_ZERO, check_format, num_groups
 
 ATTR = "tvm_lite.dequant"
+MAKER_ATTR = "tvm_lite.kernel_maker"  # how to rebuild a kernel for other lead dims (rebind_lead)
 
 
 def dequant_expr(fmt: str, codes, scale, zero, k, n, group_size: int):
@@ -46,9 +47,12 @@ def _packed_placeholders(fmt: str, k: int, n: int, group_size: int):
     return codes, scale, zero
 
 
-def _finish(args, fmt: str, name: str) -> tirx.PrimFunc:
+def _finish(args, fmt: str, name: str, maker: dict | None = None) -> tirx.PrimFunc:
     func = te.create_prim_func([a for a in args if a is not None])
-    return func.with_attr({ATTR: fmt, "global_symbol": name})
+    attrs = {ATTR: fmt, "global_symbol": name}
+    if maker is not None:
+        attrs[MAKER_ATTR] = maker
+    return func.with_attr(attrs)
 
 
 def dequant_func(fmt: str, k: int, n: int, group_size: int) -> tirx.PrimFunc:
@@ -93,7 +97,9 @@ def matmul_func(fmt: str, lead_shape, k: int, n: int, group_size: int, x_dtype: 
     y = te.compute((*lead, _i64(n)), body, name="matmul")
     shape_tag = "x".join(str(int(d)) if isinstance(d, tirx.IntImm) else "n" for d in lead)
     return _finish([x, codes, scale, zero, y], fmt,
-                   f"{fmt}_matmul_{shape_tag}x{k}x{n}_g{group_size}_{x_dtype}")
+                   f"{fmt}_matmul_{shape_tag}x{k}x{n}_g{group_size}_{x_dtype}",
+                   {"kind": "matmul", "k": k, "n": n, "group_size": group_size,
+                    "x_dtype": x_dtype, "out_dtype": out_dtype})
 
 
 def take_func(fmt: str, ids_shape, ids_dtype: str, d: int, v: int, group_size: int,
@@ -111,7 +117,26 @@ def take_func(fmt: str, ids_shape, ids_dtype: str, d: int, v: int, group_size: i
         return dequant_expr(fmt, codes, scale, zero, j, row, group_size).astype(out_dtype)
 
     out = te.compute((*lead, _i64(d)), body, name="take")
-    return _finish([ids, codes, scale, zero, out], fmt, f"{fmt}_take_{d}x{v}_g{group_size}")
+    return _finish([ids, codes, scale, zero, out], fmt, f"{fmt}_take_{d}x{v}_g{group_size}",
+                   {"kind": "take", "ids_dtype": ids_dtype, "d": d, "v": v,
+                    "group_size": group_size, "out_dtype": out_dtype})
+
+
+def rebind_lead(func: tirx.PrimFunc, lead_shape) -> tirx.PrimFunc | None:
+    """The same kernel as ``func`` for the leading dims ``lead_shape`` (a call site's own dims),
+    or None if ``func`` is not a rebuildable tvm_lite dequant kernel."""
+    if func.attrs is None or MAKER_ATTR not in func.attrs:
+        return None
+    m = {str(k): v for k, v in func.attrs[MAKER_ATTR].items()}
+    fmt, kind = str(func.attrs[ATTR]), str(m["kind"])
+    if kind == "matmul":
+        new = matmul_func(fmt, lead_shape, int(m["k"]), int(m["n"]), int(m["group_size"]),
+                          str(m["x_dtype"]), str(m["out_dtype"]))
+    else:
+        new = take_func(fmt, lead_shape, str(m["ids_dtype"]), int(m["d"]), int(m["v"]),
+                        int(m["group_size"]), str(m["out_dtype"]))
+    keep = {k: v for k, v in func.attrs.items() if str(k) not in (ATTR, MAKER_ATTR, "global_symbol")}
+    return new.with_attrs(keep) if keep else new
 
 
 def is_dequant_func(func) -> str | None:
@@ -121,4 +146,5 @@ def is_dequant_func(func) -> str | None:
     return None
 
 
-__all__ = ["dequant_expr", "dequant_func", "matmul_func", "take_func", "is_dequant_func", "ATTR"]
+__all__ = ["dequant_expr", "dequant_func", "matmul_func", "take_func", "is_dequant_func",
+           "rebind_lead", "ATTR", "MAKER_ATTR"]

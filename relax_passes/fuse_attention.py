@@ -1,0 +1,429 @@
+"""FuseAttention: one kernel per layer for attention on the in-place KV cache (prefill and decode).
+
+After ``InplaceKVCache`` a layer's attention reads its cache ``(cache_len, kv_heads, head_dim)``
+through a view of rows ``[0, past_len + seq)`` and then, as the exporters wrote it::
+
+    k = permute_dims(view_k, [1, 0, 2]); k = expand_dims(k, 0)            # (1, KV, T, D)
+    k = reshape(broadcast_to(expand_dims(k, 2), (1, KV, G, T, D)), (1, H, T, D))   # GQA, if G > 1
+    s = matmul(q, permute_dims(k, [0, 1, 3, 2]))                           # (1, H, n, T)
+    s = softmax(s * scale + mask, axis=-1)                                 # (Casts around it in fp16)
+    o = matmul(s, v)                                                       # v: the same chain
+
+which runs as several kernels and materializes K and V once per *query* head plus the (H, n, T)
+scores. This pass matches that subgraph with ``tvm.relax.dpl`` (both torch exporters produce it;
+Casts, ``multiply``/``divide`` by the scale and either order of the mask add are accepted) and
+replaces it with one ``R.call_tir`` of a tvm_lite attention PrimFunc::
+
+    o = call_tir(attention_{prefill,decode}, [q, view_k, view_v, mask], (1, H, n, D))
+
+The kernel reads the cache views in their own layout (query head ``h`` reads kv head ``h // G``:
+no GQA copy), applies the scale and the additive mask — the export's causal + attention-mask
+(padding) mask, computed once per step and shared by every layer — and an online softmax with fp32
+accumulation for any input dtype. ``decode`` (``n`` bound to 1 by ``SplitPrefillDecode``) gets the
+decode kernel, everything else the prefill kernel (``n`` symbolic); the PrimFuncs carry the
+``tvm_lite.kernel`` attribute by which ``schedules/gpu_attention.py`` schedules them for a GPU
+profile. The function emitted here is target independent: a plain loop nest, parallel over
+(head, query row), which is also what the CPU runs.
+
+What is left unfused, with a warning naming the softmax: any attention whose K/V are not views of
+the in-place cache, a softmax not over the last axis, a scale that is not a scalar constant, an
+extra op between the scores and the softmax (logit soft-capping, attention sinks...), or a mask
+that does not broadcast to ``(1, H, n, T)``. A sliding window expressed in the mask (as the HF
+exports do) is honoured, since the mask is read as given.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.script import from_source
+
+LOG = logging.getLogger("tvm_lite.fuse_attention")
+KERNEL_ATTR = "tvm_lite.kernel"  # "attention_prefill" | "attention_decode"
+PARAMS_ATTR = "tvm_lite.attention"  # heads, kv_heads, head_dim, dtype, scale, mask layout
+
+
+# -- the kernel (target independent) ---------------------------------------------------------------
+def attention_params(heads: int, kv_heads: int, head_dim: int, dtype: str, scale: float,
+                     mask_dtype: str, mask_heads: bool, mask_rows: bool, decode: bool,
+                     merged_heads: bool = False, kv_squeezed: bool = False) -> dict:
+    """Everything that shapes an attention kernel; stored on the PrimFunc (``PARAMS_ATTR``) for the
+    schedule rules, which rebuild the kernel for their target from it."""
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
+    return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                scale=float(scale), mask_dtype=mask_dtype, mask_heads=bool(mask_heads),
+                mask_rows=bool(mask_rows), decode=bool(decode), merged_heads=bool(merged_heads),
+                kv_squeezed=bool(kv_squeezed))
+
+
+def signature(p: dict) -> tuple[str, str, str]:
+    """(``T.handle`` parameters + buffer declarations, mask index prefix, n) of an attention
+    PrimFunc: ``q (1, H, n, D)``, ``k, v (m, KV, D)``, ``mask (1, 1|H, 1|n, m)``, ``out``
+    (``(1, H, n, D)``, or ``(1, n, H * D)`` with ``merged_heads``: the layout the output
+    projection reads, so no transpose kernel follows)."""
+    n = "1" if p["decode"] else "n"
+    H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
+    mh = H if p["mask_heads"] else 1
+    mq = n if p["mask_rows"] else "1"
+    kv_shape = f"(m, {D})" if p.get("kv_squeezed") else f"(m, {KV}, {D})"
+    decl = f'''
+    {"" if p["decode"] else "n = T.int64()"}
+    m = T.int64()
+    q = T.match_buffer(var_q, (1, {H}, {n}, {D}), "{p["dtype"]}")
+    k = T.match_buffer(var_k, {kv_shape}, "{p["dtype"]}")
+    v = T.match_buffer(var_v, {kv_shape}, "{p["dtype"]}")
+    mask = T.match_buffer(var_mask, (1, {mh}, {mq}, m), "{p["mask_dtype"]}")
+    o = T.match_buffer(var_o, {out_shape(p, n)}, "{p["dtype"]}")'''
+    return decl, n
+
+
+def out_shape(p: dict, n: str) -> str:
+    H, D = p["heads"], p["head_dim"]
+    return f"(1, {n}, {H * D})" if p.get("merged_heads") else f"(1, {H}, {n}, {D})"
+
+
+def out_index(p: dict, h: str, i: str, d: str) -> str:
+    """``o[...]`` of query head ``h``, row ``i``, dim ``d``."""
+    return f"o[0, {i}, ({h}) * {p['head_dim']} + {d}]" if p.get("merged_heads") \
+        else f"o[0, {h}, {i}, {d}]"
+
+
+def kv_index(p: dict, buf: str, j: str, kv_head: str, d: str) -> str:
+    """``k[...]``/``v[...]`` of key ``j``, kv head ``kv_head``, dim ``d`` (a cache of one kv head
+    has no head axis: InplaceKVCache drops size-1 axes)."""
+    return f"{buf}[{j}, {d}]" if p.get("kv_squeezed") else f"{buf}[{j}, {kv_head}, {d}]"
+
+
+def mask_index(p: dict, h: str, i: str, j: str) -> str:
+    """``mask[...]`` for query head ``h``, query row ``i``, key ``j``."""
+    return (f"mask[0, {h if p['mask_heads'] else 0}, {i if p['mask_rows'] else 0}, {j}]")
+
+
+def func_attrs(p: dict) -> str:
+    kind = "attention_decode" if p["decode"] else "attention_prefill"
+    return (f'{{"tirx.noalias": True, "{KERNEL_ATTR}": "{kind}", '
+            f'"{PARAMS_ATTR}": {{{", ".join(f"{k!r}: {v!r}" for k, v in p.items())}}}}}')
+
+
+def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
+    """The target-independent attention PrimFunc: per (head, query row), in parallel, one pass over
+    the keys, ``keys`` at a time, with an online softmax (running max and sum, fp32), then
+    ``acc / sum``. Dot products run in ``lanes`` partial sums (``keys`` independent chains) and the
+    accumulator update over whole rows, as vector loops: what the CPU runs (a GPU rule replaces
+    the whole function)."""
+    decl, n = signature(p)
+    H, D, G = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"]
+    lanes = next(x for x in (16, 8, 4, 2, 1) if D % x == 0)
+    f32 = "T.float32"
+    h, i, kvh = "h", "i", "kvh"
+    j = f"j0 * {keys} + jj"
+    # the lanes' partial sums folded in halves (vector adds), then the last one scalar
+    fold, width = [], lanes
+    while width > 1:
+        width //= 2
+        fold.append(f"""                for l in T.vectorized({width}):
+                    part[jj, l] = part[jj, l] + part[jj, l + {width}]""")
+    fold = "\n".join(fold)
+    k_at = kv_index(p, "k", j, kvh, f"d0 * {lanes} + l")
+    v_at = kv_index(p, "v", j, kvh, "d")
+    src = f'''
+@T.prim_func(private=True)
+def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+              var_o: T.handle):
+    T.func_attr({func_attrs(p)})
+    {decl}
+    for hi in T.parallel({H} * {n}):
+        h = hi // {n}
+        i = hi % {n}
+        kvh = h // {G}
+        qr = T.alloc_buffer(({D},), "float32", scope="local")
+        acc = T.alloc_buffer(({D},), "float32", scope="local")
+        part = T.alloc_buffer(({keys}, {lanes}), "float32", scope="local")
+        sc = T.alloc_buffer(({keys},), "float32", scope="local")  # scores, then probabilities
+        st = T.alloc_buffer((3,), "float32", scope="local")  # running max, running sum, new max
+        for d in T.vectorized({D}):
+            qr[d] = {f32}(q[0, {h}, {i}, d])
+            acc[d] = {f32}(0)
+        st[0] = T.min_value("float32")  # a fully masked row stays finite
+        st[1] = {f32}(0)
+        for j0 in range((m + {keys - 1}) // {keys}):
+            for jj in range({keys}):
+                for l in T.vectorized({lanes}):
+                    part[jj, l] = {f32}(0)
+                if {j} < m:
+                    for d0 in range({D // lanes}):
+                        for l in T.vectorized({lanes}):
+                            part[jj, l] = part[jj, l] + qr[d0 * {lanes} + l] * {f32}({k_at})
+            st[2] = st[0]
+            for jj in range({keys}):
+{fold}
+                if {j} < m:
+                    sc[jj] = part[jj, 0] * {f32}({p["scale"]!r}) + {f32}({mask_index(p, h, i, j)})
+                    st[2] = T.max(st[2], sc[jj])
+            if st[2] > st[0]:
+                for d in T.vectorized({D}):
+                    acc[d] = acc[d] * T.exp(st[0] - st[2])
+                st[1] = st[1] * T.exp(st[0] - st[2])
+                st[0] = st[2]
+            for jj in range({keys}):
+                if {j} < m:
+                    sc[jj] = T.exp(sc[jj] - st[0])
+                    st[1] = st[1] + sc[jj]
+                    for d in T.vectorized({D}):
+                        acc[d] = acc[d] + sc[jj] * {f32}({v_at})
+        for d in T.vectorized({D}):
+            {out_index(p, h, i, "d")} = T.Cast("{p["dtype"]}", acc[d] / st[1])
+'''
+    return from_source(src)
+
+
+# -- the pattern -------------------------------------------------------------------------------------
+def _optional_cast(pat):
+    return pat | is_op("relax.astype")(pat)
+
+
+def _kv_chain():
+    """(view pattern, the (1, H, T, D) tensor pattern, named sub-patterns) for K or V."""
+    view = is_op("relax.memory.view")(wildcard(), wildcard(), wildcard(), wildcard())
+    perm = is_op("relax.permute_dims")(view)
+    head = is_op("relax.expand_dims")(perm)
+    grouped_in = is_op("relax.expand_dims")(head)
+    bcast = is_op("relax.broadcast_to")(grouped_in, wildcard())
+    grouped = is_op("relax.reshape")(bcast, wildcard())
+    return view, head | grouped, dict(perm=perm, head=head, grouped_in=grouped_in, bcast=bcast,
+                                      grouped=grouped)
+
+
+def _attention_pattern():
+    q = wildcard()
+    mask = wildcard()
+    k_view, k_full, k_parts = _kv_chain()
+    v_view, v_full, v_parts = _kv_chain()
+    k_t = is_op("relax.permute_dims")(k_full)
+    scores = is_op("relax.matmul")(q, k_t)
+    scores_c = _optional_cast(scores)
+    scale, inv_scale = is_const(), is_const()
+    scaled = is_op("relax.multiply")(scores_c, scale) | is_op("relax.divide")(scores_c, inv_scale) \
+        | scores_c
+    masked = is_op("relax.add")(scaled, mask) | is_op("relax.add")(mask, scaled)
+    softmax = is_op("relax.nn.softmax")(_optional_cast(masked))
+    out = is_op("relax.matmul")(_optional_cast(softmax), v_full)
+    # the heads merged back for the output projection: (1, H, n, D) -> (1, n, H * D)
+    merged_t = is_op("relax.permute_dims")(out)
+    merged = is_op("relax.reshape")(merged_t, wildcard())
+    names = dict(q=q, mask=mask, k_view=k_view, v_view=v_view, k_t=k_t, scores=scores,
+                 scale=scale, inv_scale=inv_scale, softmax=softmax, out=out, merged_t=merged_t,
+                 merged=merged,
+                 **{f"k_{k}": p for k, p in k_parts.items()},
+                 **{f"v_{k}": p for k, p in v_parts.items()})
+    return names
+
+
+class _Refused(Exception):
+    pass
+
+
+def _static(shape, what):
+    vals = []
+    for d in shape:
+        if not isinstance(d, tirx.IntImm):
+            raise _Refused(f"{what} has a symbolic dim where a constant is expected: {shape}")
+        vals.append(int(d))
+    return vals
+
+
+def _shape(expr):
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        raise _Refused(f"no static-rank shape on {expr}")
+    return list(ty.shape.values)
+
+
+def _axes(call) -> list | None:
+    return None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
+
+
+def _check_chain(m: dict, names: dict, side: str, heads: int):
+    """(kv_heads, head_dim) if the K or V chain reads the view as the exporters do."""
+    get = lambda key: m.get(names[f"{side}_{key}"])  # noqa: E731
+    view_shape = _shape(m[names[f"{side}_view"]])
+    if len(view_shape) == 3:  # (T, KV, D)
+        kv, d = _static(view_shape[1:], f"{side.upper()} view")
+        perm, new_axes = [1, 0, 2], [0]
+    elif len(view_shape) == 2:  # (T, D): one kv head, its axis dropped by InplaceKVCache
+        kv, d = 1, _static(view_shape[1:], f"{side.upper()} view")[0]
+        perm, new_axes = [0, 1], [0, 1]
+    else:
+        raise _Refused(f"{side.upper()} view is not (T, kv_heads, head_dim)")
+    if _axes(get("perm")) != perm:
+        raise _Refused(f"{side.upper()} view permuted by {_axes(get('perm'))}, not {perm}")
+    if [int(a) for a in get("head").attrs.axis] != new_axes:
+        raise _Refused(f"{side.upper()}: unexpected expand_dims")
+    if get("grouped") is not None:
+        if [int(a) for a in get("grouped_in").attrs.axis] != [2]:
+            raise _Refused(f"{side.upper()}: GQA broadcast not on a new axis 2")
+        b = _shape(get("bcast"))
+        if len(b) != 5 or _static([b[0], b[1], b[2], b[4]], "GQA broadcast") != [1, kv, heads // kv, d]:
+            raise _Refused(f"{side.upper()}: GQA broadcast to {b}, expected (1, {kv}, "
+                           f"{heads // kv}, T, {d})")
+    elif kv != heads:
+        raise _Refused(f"{side.upper()} has {kv} heads without a GQA broadcast to {heads}")
+    return kv, d
+
+
+class _Fuser:
+    """Rewrites one function (prefill or decode); collects the PrimFuncs it needs."""
+
+    def __init__(self, decode: bool, builder: relax.BlockBuilder, kernels: dict,
+                 merged_heads: bool):
+        self.decode = decode
+        self.merged_heads = merged_heads
+        self.builder = builder  # the module's: adds the kernels (typed GlobalVars)
+        self.kernels = kernels  # params (tuple) -> GlobalVar, shared by the module
+        self.fused = 0
+        self.refused: list[str] = []
+        self.names = _attention_pattern()
+        self.pattern = self.names["merged" if merged_heads else "out"]
+
+    def __call__(self, expr, m):
+        try:
+            return self._rewrite(expr, m)
+        except _Refused as err:
+            self.refused.append(str(err))
+            return expr
+
+    def _rewrite(self, expr, m):
+        names = self.names
+        q, mask, out = m[names["q"]], m[names["mask"]], m[names["out"]]
+        q_shape = _shape(q)
+        if len(q_shape) != 4:
+            raise _Refused(f"query of rank {len(q_shape)}, expected (1, H, n, D)")
+        one, heads = _static(q_shape[:2], "query")
+        head_dim = _static(q_shape[3:], "query")[0]
+        if one != 1:
+            raise _Refused("batch size is not 1")
+        kv, dk = _check_chain(m, names, "k", heads)
+        kv_v, dv = _check_chain(m, names, "v", heads)
+        if (kv, dk) != (kv_v, dv) or dk != head_dim:
+            raise _Refused(f"K/V/Q head shapes differ: K {kv}x{dk}, V {kv_v}x{dv}, Q {heads}x{head_dim}")
+        if _axes(m[names["k_t"]]) != [0, 1, 3, 2]:
+            raise _Refused("K is not transposed on its last two axes")
+        sm = m[names["softmax"]]
+        if int(sm.attrs.axis) not in (-1, 3):
+            raise _Refused(f"softmax over axis {int(sm.attrs.axis)}, not the keys")
+        scale = 1.0
+        for which in ("scale", "inv_scale"):
+            if names[which] in m:
+                c = m[names[which]].value.numpy()
+                if c.size != 1:
+                    raise _Refused(f"scale is a tensor of shape {c.shape}, not a scalar")
+                scale = float(c.reshape(())) if which == "scale" else 1.0 / float(c.reshape(()))
+        # the scores' dtype before the softmax cast is the mask add's dtype
+        mshape = _shape(mask)
+        mdtype = str(mask.ty.dtype)
+        if len(mshape) != 4:
+            raise _Refused(f"mask of rank {len(mshape)}, expected 4")
+        mb, mh = _static(mshape[:2], "mask")
+        n_dim, t_dim = q_shape[2], _shape(m[names["k_view"]])[0]
+        analyzer = tvm.sym.Analyzer() if hasattr(tvm, "sym") else tvm.arith.Analyzer()
+        if mb != 1 or mh not in (1, heads):
+            raise _Refused(f"mask shape {mshape} does not broadcast to (1, {heads}, n, T)")
+        if not analyzer.can_prove_equal(mshape[3], t_dim):
+            raise _Refused(f"mask keys {mshape[3]} != cache rows {t_dim}")
+        rows = not (isinstance(mshape[2], tirx.IntImm) and int(mshape[2]) == 1)
+        if rows and not analyzer.can_prove_equal(mshape[2], n_dim):
+            raise _Refused(f"mask rows {mshape[2]} != query rows {n_dim}")
+        decode = self.decode and isinstance(n_dim, tirx.IntImm) and int(n_dim) == 1
+        dtype = str(q.ty.dtype)
+        if str(m[names["k_view"]].ty.dtype) != dtype:
+            raise _Refused("query and cache dtypes differ")
+        out_ty = relax.TensorType(q_shape, dtype)
+        if self.merged_heads:
+            merged = m[names["merged"]]
+            want = [1, n_dim, heads * head_dim]
+            got = _shape(merged)
+            if _axes(m[names["merged_t"]]) != [0, 2, 1, 3] or len(got) != 3 or not all(
+                    analyzer.can_prove_equal(a, b) for a, b in zip(got, want)):
+                return expr  # another consumer layout: the plain pattern fuses the attention
+            out, out_ty = merged, relax.TensorType(got, dtype)
+        p = attention_params(heads, kv, head_dim, dtype, scale, mdtype, mh == heads, rows, decode,
+                             self.merged_heads, len(_shape(m[names["k_view"]])) == 2)
+        key = tuple(sorted(p.items()))
+        if key not in self.kernels:
+            name = "attention_decode" if decode else "attention_prefill"
+            self.kernels[key] = self.builder.add_func(reference_kernel(p), name)
+        gv = self.kernels[key]
+        self.fused += 1
+        call = relax.call_tir(gv, [q, m[names["k_view"]], m[names["v_view"]], mask], out_ty)
+        out_dtype = str(out.ty.dtype)
+        return call if out_dtype == dtype else relax.op.astype(call, out_dtype)
+
+
+def _remaining_softmax(func) -> int:
+    count = [0]
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) \
+                and e.op.name == "relax.nn.softmax":
+            count[0] += 1
+
+    relax.analysis.post_order_visit(func, visit)
+    return count[0]
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseAttention")
+class FuseAttention:
+    """Replace each layer's attention on the in-place KV cache by one tvm_lite attention kernel
+    (see the module doc). ``functions``: the Relax functions to rewrite (default: every one);
+    ``decode`` gets the decode kernel. ``stats`` (after a run): function -> (fused, refused)."""
+
+    def __init__(self, functions: tuple[str, ...] | None = None):
+        self.functions = functions
+        self.stats: dict = {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        kernels: dict = {}
+        builder = relax.BlockBuilder(mod)
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            if self.functions is not None and gv.name_hint not in self.functions:
+                continue
+            new, fused, refused = func, 0, []
+            for merged_heads in (True, False):  # the longer pattern first
+                fuser = _Fuser(gv.name_hint == "decode", builder, kernels, merged_heads)
+                new = rewrite_call(fuser.pattern, fuser, new)
+                fused += fuser.fused
+                refused += fuser.refused
+            left = _remaining_softmax(new)
+            for why in sorted(set(refused)):
+                LOG.warning("FuseAttention: %s: attention left unfused: %s", gv.name_hint, why)
+            if left and not refused:
+                LOG.warning("FuseAttention: %s: %d softmax(es) not in the attention pattern on "
+                            "the in-place KV cache (no cache view, or an extra op such as "
+                            "soft-capping): left unfused", gv.name_hint, left)
+            self.stats[gv.name_hint] = (fused, left)
+            if fused:
+                updates[gv] = new
+        if not updates:
+            return mod
+        out = builder.get()
+        for gv, func in updates.items():
+            out[gv] = func
+        return relax.transform.DeadCodeElimination()(out)
+
+
+def reference_numpy(q, k, v, mask, scale, groups):
+    """numpy attention with the kernel's semantics (for tests): q (1,H,n,D), k/v (T,KV,D)."""
+    kk = np.repeat(k.transpose(1, 0, 2), groups, axis=0).astype("float64")
+    vv = np.repeat(v.transpose(1, 0, 2), groups, axis=0).astype("float64")
+    s = np.einsum("hnd,htd->hnt", q[0].astype("float64"), kk) * scale + mask[0].astype("float64")
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    return np.einsum("hnt,htd->hnd", s, vv)[None]

@@ -1,0 +1,208 @@
+"""GPU kernels for tvm_lite's fused attention (``relax_passes/fuse_attention.py``), per profile.
+
+``FuseAttention`` emits a target-independent PrimFunc (a loop nest, parallel over head × query
+row) tagged ``tvm_lite.kernel = attention_prefill | attention_decode`` with its parameters in
+``tvm_lite.attention``. On a GPU the rule :class:`Attention` replaces it by a kernel written for
+the target's profile (both keep the same signature: ``q (1, H, n, D)``, the cache views
+``k, v (m, KV, D)``, the additive mask ``(1, 1|H, 1|n, m)`` and ``out (1, H, n, D)``; query head
+``h`` reads kv head ``h // (H / KV)``):
+
+* prefill — one workgroup per (head, tile of ``rows`` query rows), one query row per thread
+  (its q row and fp32 accumulator in registers); the workgroup walks the keys in tiles of
+  ``key_tile`` rows of K and V loaded into local (shared) memory by all threads, coalesced along
+  ``head_dim``; each thread runs an online softmax over the tile.
+* decode — one workgroup per query head, ``threads`` threads split over the keys: per chunk of
+  ``threads`` keys each thread computes one score (into local memory), the chunk max is read by
+  all, then thread ``t`` accumulates output dim ``t % D`` over keys ``≡ t // D`` (mod
+  ``threads / D``) with the online-softmax rescale; the ``threads / D`` partial accumulators and
+  sums are merged through local memory at the end (cross-thread reduction).
+
+Parameters come from the profile (workgroup size, local-memory budget); ``TILES`` lists them.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.script import from_source
+from tvm.target import Target
+
+from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
+    kv_index, out_index, signature
+
+# rows: query rows per prefill workgroup (= its threads); threads: decode workgroup size;
+# local_bytes: local (shared) memory a prefill workgroup may use for its K/V tiles.
+TILES = {
+    "adreno": dict(rows=64, threads=128, local_bytes=16384),  # 16 KiB local memory
+    "mali": dict(rows=32, threads=64, local_bytes=8192),  # local memory is ordinary memory
+    "cuda": dict(rows=64, threads=256, local_bytes=32768),
+    "gpu": dict(rows=64, threads=128, local_bytes=16384),
+}
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _params(func) -> dict:
+    raw = func.attrs[PARAMS_ATTR]
+    return {k: (v if isinstance(v, (bool, int, float, str)) else
+                (bool(v) if k in ("mask_heads", "mask_rows", "decode", "merged_heads",
+                                  "kv_squeezed") else
+                 float(v) if k == "scale" else
+                 int(v) if k in ("heads", "kv_heads", "head_dim") else str(v)))
+            for k, v in raw.items()}
+
+
+def _unroll(d: int) -> str:
+    return "T.unroll" if d <= 128 else "T.serial"
+
+
+def prefill_kernel(p: dict, tile: dict) -> tirx.PrimFunc:
+    decl, n = signature(p)
+    H, D, G = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"]
+    rows = tile["rows"]
+    key_tile = max(1, min(32, tile["local_bytes"] // (2 * D * _BYTES.get(p["dtype"], 4))))
+    load_steps = (key_tile * D + rows - 1) // rows
+    f32, dt, u = "T.float32", p["dtype"], _unroll(D)
+    mask = mask_index(p, "h", "i", "kb * %d + jj" % key_tile)
+    # element l * rows + tx of the (key_tile, D) tile: row r, column c; key kb * key_tile + r
+    r, c = f"(l * {rows} + tx) // {D}", f"(l * {rows} + tx) % {D}"
+    k_src, v_src = (kv_index(p, b, f"kb * {key_tile} + {r}", f"h // {G}", c) for b in "kv")
+    src = f'''
+@T.prim_func(private=True)
+def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+              var_o: T.handle):
+    T.func_attr({func_attrs(p)})
+    {decl}
+    for h in T.thread_binding({H}, thread="blockIdx.y"):
+        for bq in T.thread_binding((n + {rows - 1}) // {rows}, thread="blockIdx.x"):
+            for tx in T.thread_binding({rows}, thread="threadIdx.x"):
+                ks = T.alloc_buffer(({key_tile}, {D}), "{dt}", scope="shared")
+                vs = T.alloc_buffer(({key_tile}, {D}), "{dt}", scope="shared")
+                qr = T.alloc_buffer(({D},), "float32", scope="local")
+                acc = T.alloc_buffer(({D},), "float32", scope="local")
+                st = T.alloc_buffer((3,), "float32", scope="local")
+                i = bq * {rows} + tx
+                for d in {u}({D}):
+                    qr[d] = T.if_then_else(i < n, {f32}(q[0, h, T.min(i, n - 1), d]), {f32}(0))
+                    acc[d] = {f32}(0)
+                st[0] = T.min_value("float32")
+                st[1] = {f32}(0)
+                for kb in range((m + {key_tile - 1}) // {key_tile}):
+                    for l in range({load_steps}):
+                        if l * {rows} + tx < {key_tile * D}:
+                            if kb * {key_tile} + {r} < m:
+                                ks[{r}, {c}] = {k_src}
+                                vs[{r}, {c}] = {v_src}
+                    T.tvm_storage_sync("shared")
+                    if i < n:
+                        for jj in range({key_tile}):
+                            if kb * {key_tile} + jj < m:
+                                st[2] = {f32}(0)
+                                for d in {u}({D}):
+                                    st[2] = st[2] + qr[d] * {f32}(ks[jj, d])
+                                st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask})
+                                if st[2] > st[0]:
+                                    for d in {u}({D}):
+                                        acc[d] = acc[d] * T.exp(st[0] - st[2])
+                                    st[1] = st[1] * T.exp(st[0] - st[2])
+                                    st[0] = st[2]
+                                for d in {u}({D}):
+                                    acc[d] = acc[d] + T.exp(st[2] - st[0]) * {f32}(vs[jj, d])
+                                st[1] = st[1] + T.exp(st[2] - st[0])
+                    T.tvm_storage_sync("shared")
+                if i < n:
+                    for d in {u}({D}):
+                        {out_index(p, "h", "i", "d")} = T.Cast("{dt}", acc[d] / st[1])
+'''
+    return from_source(src)
+
+
+def decode_kernel(p: dict, tile: dict, max_threads: int) -> tirx.PrimFunc:
+    decl, _ = signature(p)
+    H, D, G = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"]
+    threads = max(tile["threads"], D)
+    threads -= threads % D
+    if threads > max_threads:
+        raise ValueError(f"decode attention needs head_dim={D} threads; the target allows "
+                         f"{max_threads}")
+    groups = threads // D  # key groups: thread t accumulates dim t % D over keys ≡ t // D
+    f32, dt, u = "T.float32", p["dtype"], _unroll(D)
+    mask = mask_index(p, "h", "0", f"c * {threads} + tx")
+    key = f"c * {threads} + jj * {groups} + tx // {D}"  # the key thread tx accumulates
+    k_src = kv_index(p, "k", f"c * {threads} + tx", f"h // {G}", "d")
+    v_src = kv_index(p, "v", key, f"h // {G}", f"tx % {D}")
+    src = f'''
+@T.prim_func(private=True)
+def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+              var_o: T.handle):
+    T.func_attr({func_attrs(p)})
+    {decl}
+    for h in T.thread_binding({H}, thread="blockIdx.x"):
+        for tx in T.thread_binding({threads}, thread="threadIdx.x"):
+            qs = T.alloc_buffer(({D},), "float32", scope="shared")
+            ps = T.alloc_buffer(({threads},), "float32", scope="shared")
+            red = T.alloc_buffer(({threads},), "float32", scope="shared")
+            reds = T.alloc_buffer(({threads},), "float32", scope="shared")
+            st = T.alloc_buffer((5,), "float32", scope="local")  # max, sum, score, acc, new max
+            if tx < {D}:
+                qs[tx] = {f32}(q[0, h, 0, tx])
+            st[0] = T.min_value("float32")
+            st[1] = {f32}(0)
+            st[3] = {f32}(0)
+            T.tvm_storage_sync("shared")
+            for c in range((m + {threads - 1}) // {threads}):
+                st[2] = T.min_value("float32")
+                if c * {threads} + tx < m:
+                    st[2] = {f32}(0)
+                    for d in {u}({D}):
+                        st[2] = st[2] + qs[d] * {f32}({k_src})
+                    st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask})
+                ps[tx] = st[2]
+                T.tvm_storage_sync("shared")
+                st[4] = st[0]
+                for jj in range({threads}):
+                    if c * {threads} + jj < m:
+                        st[4] = T.max(st[4], ps[jj])
+                st[3] = st[3] * T.exp(st[0] - st[4])
+                st[1] = st[1] * T.exp(st[0] - st[4])
+                st[0] = st[4]
+                for jj in range({threads // groups}):
+                    if {key} < m:
+                        st[3] = st[3] + T.exp(ps[jj * {groups} + tx // {D}] - st[0]) * {f32}({v_src})
+                        st[1] = st[1] + T.exp(ps[jj * {groups} + tx // {D}] - st[0])
+                T.tvm_storage_sync("shared")
+            red[tx] = st[3]
+            reds[tx] = st[1]
+            T.tvm_storage_sync("shared")
+            if tx < {D}:
+                st[3] = {f32}(0)
+                st[1] = {f32}(0)
+                for g in range({groups}):
+                    st[3] = st[3] + red[g * {D} + tx]
+                    st[1] = st[1] + reds[g * {D} + tx]
+                {out_index(p, "h", "0", "tx")} = T.Cast("{dt}", st[3] / st[1])
+'''
+    return from_source(src)
+
+
+class Attention(dl.ScheduleRule):
+    """Schedules tvm_lite's fused attention PrimFuncs for a GPU profile; None elsewhere (on the
+    CPU the target-independent kernel runs as emitted)."""
+
+    def apply(self, func, target: Target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None \
+                or KERNEL_ATTR not in func.attrs:
+            return None
+        from . import profile_of
+
+        profile = profile_of(target)
+        if profile == "cpu":
+            return None
+        p = _params(func)
+        tile = TILES[profile]
+        max_threads = int(target.attrs.get("max_num_threads", 256))
+        if p["decode"]:
+            kernel = decode_kernel(p, tile, max_threads)
+        else:
+            kernel = prefill_kernel(p, dict(tile, rows=min(tile["rows"], max_threads)))
+        return s_tir.Schedule(kernel)

@@ -1,0 +1,296 @@
+"""Fused attention on the in-place KV cache (relax_passes/fuse_attention.py, schedules/gpu_attention.py).
+
+    python -m pytest tests/test_attention.py            # CPU: pass, kernels, whole models
+    python -m pytest tests/test_attention.py -k gpu     # GPU numerics (skipped without CUDA)
+"""
+
+import glob
+import logging
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I, relax as R, tirx as T
+
+import tvm_lite
+from tvm_lite.relax_passes import FuseAttention
+from tvm_lite.relax_passes.fuse_attention import (attention_params, reference_kernel,
+                                                  reference_numpy)
+from tvm_lite.schedules.gpu_attention import TILES, Attention
+
+LAYERS = 30  # SmolLM2-135M
+GPU_TARGETS = {"adreno": "opencl -device=adreno", "mali": "opencl -device=mali",
+               "cuda": "cuda -arch=sm_90"}
+CLANG = shutil.which("clang-15")
+
+
+def _phase1(mod, fused_attention=True):
+    from tvm_lite.pipeline import phases
+
+    target = tvm.target.Target({"kind": "llvm"})
+    name, passes = phases(target, "inplace", fused_attention=fused_attention)[0]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _count_calls(func, name_prefix):
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
+            if e.args[0].name_hint.startswith(name_prefix):
+                found.append(e.args[0].name_hint)
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.nn.softmax":
+            found.append("softmax")
+
+    relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def _imported(folder):
+    mod = tvm_lite.from_onnx(folder / "model.onnx")
+    return tvm_lite.detach_params(mod)[0]
+
+
+# -- the pass on the real exports -------------------------------------------------------------------
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_fires_once_per_layer_on_smollm2(exporter, export_dir):
+    mod = _phase1(_imported(export_dir(exporter)))
+    for fn, kernel in (("prefill", "attention_prefill"), ("decode", "attention_decode")):
+        calls = _count_calls(mod[fn], "attention")
+        assert calls.count(kernel) == LAYERS, (fn, calls[:5])
+        assert "softmax" not in calls  # nothing left of the op-by-op attention
+        # no GQA copy, no broadcast of the cache to the 9 query heads
+        assert "R.Tensor((1, 3, 3, past_seq" not in mod[fn].script()
+    prim = mod["attention_decode"]
+    assert prim.attrs["tvm_lite.kernel"] == "attention_decode"
+    p = prim.attrs["tvm_lite.attention"]
+    assert (int(p["heads"]), int(p["kv_heads"]), int(p["head_dim"])) == (9, 3, 64)
+    assert abs(float(p["scale"]) - 0.125) < 1e-9
+
+
+# -- the kernel against numpy (CPU) ----------------------------------------------------------------
+def _inputs(rng, heads, kv, d, n, past, dtype, pad=0):
+    """q, k, v, an additive causal mask whose last ``pad`` keys (and query rows) are padding."""
+    m = past + n
+    q = rng.standard_normal((1, heads, n, d)).astype(dtype)
+    k = rng.standard_normal((m, kv, d)).astype(dtype)
+    v = rng.standard_normal((m, kv, d)).astype(dtype)
+    allowed = np.arange(m)[None, :] <= past + np.arange(n)[:, None]
+    allowed[:, m - pad:] = False  # padded keys (mask 0)
+    lowest = np.finfo(dtype).min
+    mask = np.where(allowed, 0, lowest).astype(dtype)[None, None]
+    return q, k, v, mask
+
+
+def _run(func, target, dev, q, k, v, mask, merged_heads=False):
+    """Run an attention PrimFunc; the result in (1, H, n, D). One kv head: a (m, D) cache."""
+    if k.shape[1] == 1:
+        k, v = k[:, 0], v[:, 0]
+    mod = tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")})
+    ex = tvm.compile(mod, target=target)
+    args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, mask)]
+    _, heads, n, d = q.shape
+    out = tvm.runtime.empty((1, n, heads * d) if merged_heads else q.shape, str(q.dtype), dev)
+    ex["attn"](*args, out)
+    got = out.numpy()
+    return got.reshape(1, n, heads, d).transpose(0, 2, 1, 3) if merged_heads else got
+
+
+CASES = [  # heads, kv heads, head_dim, n, past, pad, dtype
+    (9, 3, 64, 5, 7, 2, "float32"),   # SmolLM2-shaped prefill with padding, past > 0
+    (9, 3, 64, 1, 40, 0, "float32"),  # decode
+    (8, 1, 256, 3, 0, 1, "float16"),  # Gemma-shaped: 1 kv head, head_dim 256, fp16
+]
+
+
+@pytest.mark.parametrize("merged_heads", [False, True])
+@pytest.mark.parametrize("heads, kv, d, n, past, pad, dtype", CASES)
+def test_reference_kernel_matches_numpy(heads, kv, d, n, past, pad, dtype, merged_heads):
+    rng = np.random.default_rng(0)
+    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, dtype, pad)
+    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1, merged_heads,
+                         kv == 1)
+    got = _run(reference_kernel(p), tvm.target.Target({"kind": "llvm"}), tvm.cpu(), q, k, v, mask,
+               merged_heads)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    tol = 2e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+# -- GPU kernels: compile for every profile, OpenCL C checked by clang -----------------------------
+def _gpu_kernel(p, target):
+    t = tvm_lite.parse_target(target)
+    sch = Attention().apply(reference_kernel(p), t, False)
+    assert sch is not None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), t
+
+
+@pytest.mark.parametrize("profile", sorted(GPU_TARGETS))
+def test_gpu_kernels_compile(profile, tmp_path):
+    sources = []
+    for d, kv, dtype in ((64, 3, "float16"), (256, 1, "float32")):
+        for decode in (False, True):
+            p = attention_params(9 if kv == 3 else 8, kv, d, dtype, 0.125, dtype, False,
+                                 not decode, decode, merged_heads=decode, kv_squeezed=kv == 1)
+            func, t = _gpu_kernel(p, GPU_TARGETS[profile])
+            ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
+                             target=t)
+            if t.kind.name == "opencl":
+                sources.append(tvm_lite.device_source(ex, "opencl"))
+    if sources and CLANG:
+        for i, src in enumerate(sources):
+            path = tmp_path / f"attn{i}.cl"
+            path.write_text(src)
+            res = subprocess.run([CLANG, "-x", "cl", "-cl-std=CL2.0", "-Xclang",
+                                  "-finclude-default-header", "-Xclang", "-cl-ext=+cl_khr_fp16",
+                                  "-fsyntax-only", str(path)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[:2000]
+
+
+def _cuda_available():
+    try:
+        return tvm.cuda(0).exist
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+GPU_CASES = CASES + [
+    (9, 3, 64, 130, 300, 5, "float16"),  # several query tiles and key tiles, fp16
+    (9, 3, 64, 1, 700, 0, "float16"),    # decode over several key chunks
+    (8, 1, 256, 1, 33, 0, "float32"),    # Gemma-shaped decode
+]
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda"])
+@pytest.mark.parametrize("heads, kv, d, n, past, pad, dtype", GPU_CASES)
+def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype):
+    """The profile's schedule (Adreno's/Mali's too) compiled for CUDA, run, checked against numpy:
+    its indexing proven on real hardware."""
+    rng = np.random.default_rng(1)
+    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, dtype, pad)
+    merged_heads = n % 2 == 1  # both output layouts
+    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, n == 1, merged_heads,
+                         kv == 1)
+    func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
+    # the profile's kernel, built for the CUDA device at hand
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    got = _run(func, target, tvm.cuda(0), q, k, v, mask, merged_heads)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    tol = 2e-3 if dtype == "float16" else 1e-4
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+# -- what the pass refuses -------------------------------------------------------------------------
+def _softcapped_layer():
+    """One decoder layer in the exported layout whose scores are soft-capped (tanh) before the
+    mask: not the pattern; must stay unfused, with a warning, and still run."""
+
+    @I.ir_module
+    class Mod:
+        @R.function
+        def main(x: R.Tensor((1, "seq", 8), "float32"), mask: R.Tensor((1, "past_seq + seq"), "int64"),
+                 past_k: R.Tensor((1, 1, "past_seq", 4), "float32"),
+                 past_v: R.Tensor((1, 1, "past_seq", 4), "float32"), w: R.Tensor((8, 4), "float32")):
+            R.func_attr({"num_input": 4, "tvm_lite.input_names": ["x", "mask", "past.k", "past.v"],
+                         "tvm_lite.output_names": ["out", "present.k", "present.v"]})
+            seq = T.int64()
+            past_seq = T.int64()
+            with R.dataflow():
+                h = R.reshape(R.matmul(x, w), R.shape([1, seq, 1, 4]))
+                kv = R.permute_dims(h, [0, 2, 1, 3])
+                pk = R.concat([past_k, kv], axis=2)
+                pv = R.concat([past_v, kv], axis=2)
+                s = R.matmul(kv, R.permute_dims(pk, [0, 1, 3, 2]))
+                s = R.multiply(R.tanh(R.multiply(s, R.const(0.5, "float32"))), R.const(2.0, "float32"))
+                bias = R.where(R.astype(mask, "bool"), R.const(0.0, "float32"),
+                               R.const(-1e30, "float32"))
+                p = R.nn.softmax(R.add(s, R.expand_dims(bias, [1, 2])), axis=-1)
+                o = R.matmul(p, pv)
+                gv = (o, pk, pv)
+                R.output(gv)
+            return gv
+
+    return Mod
+
+
+def test_softcapped_attention_is_left_unfused_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="tvm_lite.fuse_attention"):
+        mod = _phase1(_softcapped_layer())
+    assert "attention_prefill" not in [gv.name_hint for gv in mod.get_global_vars()]
+    assert "softmax" in _count_calls(mod["prefill"], "attention")
+    assert any("left unfused" in r.message for r in caplog.records)
+
+
+# -- whole models: fused against unfused, and tiny architectures against torch --------------------
+@pytest.fixture(scope="module")
+def unfused_engine(export_dir):
+    """The default model without FuseAttention (cached under $TVM_LITE_CACHE like the others)."""
+    art = tvm_lite.compile_model(export_dir("dynamo"), "llvm", fused_attention=False,
+                                 progress=lambda _: None)
+    return tvm_lite.Engine(art)
+
+
+@pytest.mark.slow
+def test_fused_matches_unfused_smollm2(engine, unfused_engine):
+    fused = engine("dynamo")
+    assert fused.manifest["options"]["fused_attention"]
+    assert not unfused_engine.manifest["options"]["fused_attention"]
+    ids = fused.encode_prompt("What is the capital of France? Answer in one sentence.")
+    logits = {}
+    for name, e in (("fused", fused), ("unfused", unfused_engine)):
+        s = e.new_session()
+        first = e.prefill(s, ids[:11])  # padded to a bucket: padding rows/keys with mask 0
+        rest = e.prefill(s, ids[11:], chunk_size=4)  # chunked prefill continuing a past
+        step = e.forward(s, [int(np.argmax(rest[-1]))])  # decode
+        logits[name] = (first, rest, step)
+    for a, b in zip(logits["fused"], logits["unfused"]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-3)
+    cfg = tvm_lite.GenerationConfig(max_new_tokens=16)
+    assert fused.generate("Name three colors.", cfg).token_ids == \
+        unfused_engine.generate("Name three colors.", cfg).token_ids
+
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, extra, exporter", [
+    ("qwen2", {"tie_word_embeddings": False}, "torchscript"),
+    ("qwen3", {"head_dim": 32}, "dynamo"),
+    # Gemma: one kv head, head_dim 256, scale 1/sqrt(head_dim) (the lead runs a 2B-shaped one)
+    ("gemma", {"num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256}, "dynamo"),
+])
+def test_tiny_architectures_fuse_and_match_torch(arch, extra, exporter, tmp_path, export_dir):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(arch, **{**TINY, **extra})
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    src = tmp_path / arch
+    model.save_pretrained(src)
+    for f in glob.glob(str(export_dir("dynamo") / "tokenizer*")):
+        shutil.copy(f, src)
+    onnx_dir = tvm_lite.export_onnx(src, out_dir=tmp_path / "onnx", exporter=exporter,
+                                    progress=lambda _: None)
+    mod = _phase1(_imported(onnx_dir))
+    for fn in ("prefill", "decode"):
+        assert _count_calls(mod[fn], "attention").count(f"attention_{fn}") == 2
+    art = tvm_lite.compile_model(onnx_dir, "llvm", out_dir=tmp_path / "art", progress=lambda _: None)
+    engine = tvm_lite.Engine(art)
+    ids = [5, 17, 300, 42, 9, 1000, 7]
+    session = engine.new_session()
+    first = engine.prefill(session, ids[:4])
+    rest = engine.forward(session, ids[4:])
+    last = engine.forward(session, [11])
+    with torch.no_grad():
+        ref = model(torch.tensor([ids + [11]])).logits[0].numpy()
+    np.testing.assert_allclose(first, ref[3], atol=1e-4)
+    np.testing.assert_allclose(rest, ref[4:7], atol=1e-4)
+    np.testing.assert_allclose(last[-1], ref[7], atol=1e-4)
