@@ -105,7 +105,10 @@ class BindingRewriter(relax.PyExprMutator):
             new_value = self.match(self, binding, self.var2val)
             if new_value is not None:
                 self.count += 1
-                new_var = self.builder_.emit(new_value, binding.var.name)
+                # a var the dataflow block exports (used after it) stays a non-dataflow Var
+                emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) \
+                    else self.builder_.emit_output
+                new_var = emit(new_value, binding.var.name)
                 self.set_var_remap(binding.var, new_var)
                 return
         super().visit_var_binding_(binding)
