@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
@@ -130,8 +131,12 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         k_var = [iv.var for iv in sch.get(main).iter_vars if iv.iter_type == tirx.IterVar.CommReduce][0]
         x_idx = 0 if reads[0].region[-1].min.same_as(k_var) else 1  # X[..., k]; W[k, n]
         w_idx = 1 - x_idx
-        vec_x = _divisor(tk, max(1, self.profile.vector_bytes // 2))
-        vec_w = _divisor(tn * mn, max(1, self.profile.vector_bytes // 2))
+        # lanes per load: the profile's vector bytes over the element size (8 fp16, 4 fp32 on CUDA;
+        # wider fp32 loads make TVM's CUDA codegen emit an invalid 8-float make_ulonglong4)
+        size_x = tvm.DataType(str(reads[x_idx].source.dtype)).bits // 8
+        size_w = tvm.DataType(str(reads[w_idx].source.dtype)).bits // 8
+        vec_x = _divisor(tk, max(1, self.profile.vector_bytes // size_x))
+        vec_w = _divisor(tn * mn, max(1, self.profile.vector_bytes // size_w))
         if dequant is not None:  # TVM's CUDA codegen mis-emits 8-lane ushort ops (make_uint4)
             vec_w = min(vec_w, 4)
         while (tm * mm * tk) % (tm * tn * vec_x):
