@@ -88,21 +88,12 @@ def cmd_tune(args) -> int:
     from tvm_lite.bench import format_table
     from tvm_lite.cli import _quant_config, resolve_onnx
 
-    from .tune import extract_kernels, lower_for_tuning, tune_model, tuning_target
+    from .tune import extract_kernels, import_model, lower_for_tuning, tune_model, tuning_target
 
     onnx = resolve_onnx(args.model, args.exporter)
     if args.list:
-        from tvm_lite.frontend import from_onnx
-
         tgt = tuning_target(args.target, args.num_cores)
-        from tvm_lite.artifact import _onnx_file
-
-        mod = from_onnx(_onnx_file(onnx))
-        if _quant_config(args) is not None:
-            from tvm_lite.quant.quantize import quantize_module, tokenizer_of
-
-            mod, _ = quantize_module(mod, _quant_config(args), tokenizer_of(_onnx_file(onnx).parent),
-                                     _log)
+        mod = import_model(onnx, _quant_config(args), _log)
         tasks = extract_kernels(lower_for_tuning(mod, tgt, args.kv_cache), tgt)
         rows = [{"kernel": t.name, "calls": t.weight, "MFLOP": t.flops / 1e6,
                  "MFLOP x calls": t.total_flops / 1e6, "tunable": "yes" if t.static else

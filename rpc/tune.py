@@ -127,6 +127,22 @@ def tuning_target(target, num_cores: int | None = None):
     return tvm.target.Target(cfg)
 
 
+def import_model(model, quant=None, log=print):
+    """An ONNX file / export folder imported (and 4-bit quantized with ``quant``, a
+    ``tvm_lite.quant.QuantConfig``) as the build would import it."""
+    from tvm_lite.artifact import _onnx_file
+    from tvm_lite.frontend import from_onnx
+
+    log(f"importing {model}")
+    onnx_path = _onnx_file(model)
+    mod = from_onnx(onnx_path)
+    if quant is not None:
+        from tvm_lite.quant.quantize import quantize_module, tokenizer_of
+
+        mod, _ = quantize_module(mod, quant, tokenizer_of(onnx_path.parent), log)
+    return mod
+
+
 def lower_for_tuning(mod, target, kv_cache: str = "auto"):
     """tvm_lite's phases 1-2 (with a ``decode`` function): the module whose kernels a tuned
     build with the same ``kv_cache`` option looks up in the database."""
@@ -492,16 +508,7 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     tgt = tuning_target(target, num_cores)
     _check_exportable(tgt)
     if not isinstance(model, tvm.IRModule):
-        from tvm_lite.artifact import _onnx_file
-        from tvm_lite.frontend import from_onnx
-
-        log(f"importing {model}")
-        onnx_path = _onnx_file(model)
-        model = from_onnx(onnx_path)
-        if quant is not None:
-            from tvm_lite.quant.quantize import quantize_module, tokenizer_of
-
-            model, _ = quantize_module(model, quant, tokenizer_of(onnx_path.parent), log)
+        model = import_model(model, quant, log)
     lowered = lower_for_tuning(model, tgt, kv_cache)
     all_tasks = extract_kernels(lowered, tgt)
     chosen = select_kernels(all_tasks, kernels, None if kernels else top)

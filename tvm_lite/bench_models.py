@@ -176,29 +176,24 @@ def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", de
     rows = []
     todo = [(s, v) for s in shapes for v in variants]
     bar = tqdm(todo, desc="models", unit="variant")
-    onnx_dirs = {}
     for shape, variant in bar:
         bar.set_postfix_str(f"{shape} {variant}")
         hf = random_model(shape, work / shape / "hf")
         t0 = time.perf_counter()
         try:
+            # exported once per shape (export_onnx returns an existing export folder as it is)
+            onnx_dir = export_onnx(hf, work / shape / "onnx", exporter=exporter, dtype="float16",
+                                   progress=progress)
             if variant.startswith("torch"):
-                # the prompt the engines see, from the exported tokenizer
-                if shape not in onnx_dirs:
-                    onnx_dirs[shape] = export_onnx(hf, work / shape / "onnx", exporter=exporter,
-                                                   dtype="float16", progress=progress)
                 from types import SimpleNamespace
 
                 from .tokenizer import Tokenizer
 
-                probe = SimpleNamespace(tokenizer=Tokenizer(onnx_dirs[shape]))  # the same prompt
+                probe = SimpleNamespace(tokenizer=Tokenizer(onnx_dir))  # the engines' prompt
                 speed = bench_torch(hf, _prompt_ids(probe, prompt_len), decode_tokens, repeats,
                                     device)
             else:
-                if shape not in onnx_dirs:
-                    onnx_dirs[shape] = export_onnx(hf, work / shape / "onnx", exporter=exporter,
-                                                   dtype="float16", progress=progress)
-                artifact = compile_variant(onnx_dirs[shape], variant, target, progress)
+                artifact = compile_variant(onnx_dir, variant, target, progress)
                 speed = bench_variant(artifact, prompt_len, decode_tokens, repeats, device)
             rows.append({"model": shape, "engine": variant, **speed,
                          "seconds": time.perf_counter() - t0})

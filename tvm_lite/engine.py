@@ -112,7 +112,6 @@ class Engine:
         self.kv_mode = options.get("kv_cache", "copy")
         self.split = self.kv_mode == "inplace"  # in-place decoders come as prefill + decode
         self.arena = self.split and options.get("memory_plan") == "arena"
-        self._main = None if self.split else self.vm["main"]
         # a past/present build with a tuning database also has ``decode`` (main with one token)
         self._copy_decode = "decode" if options.get("decode_function") else "main"
         # how a call's shapes and outputs cross to the VM: by value here, through the link over RPC
