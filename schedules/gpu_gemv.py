@@ -252,6 +252,13 @@ class GPUDecodeGEMV(dl.ScheduleRule):
                              _group_size(sch, dequant, k))
         except MatchError:
             return None
+        if dequant is not None and self.profile.gemv_half2_rows > 0:
+            from .gpu_gemv_half2 import half2_kernel
+
+            try:  # the packed-half2 kernel where it applies (CUDA, fp16 x), else the generic one
+                return half2_kernel(func, target, self.profile, plan)[0]
+            except MatchError:
+                pass
         try:
             return self._schedule(sch, main, dequant, producers, epilogues, plan)
         except Exception:  # pylint: disable=broad-except

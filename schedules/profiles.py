@@ -45,6 +45,10 @@ class GPUProfile:
     gemm_micro_n: int
     gemm_tile_k: int
     gemv_lanes: int = 1  # vector lanes of the dequant arithmetic (2: half2/ushort2 ops)
+    # 4-bit decode GEMV with packed half2 arithmetic (schedules/gpu_gemv_half2.py, CUDA C
+    # helpers): rows summed in fp16 before the scale is applied in fp32; 0 = off (the generic
+    # per-weight schedule). OpenCL keeps the generic one.
+    gemv_half2_rows: int = 0
     gemm_tensor_cores: bool = False  # use DLight's tensor-core matmul where it applies (CUDA)
     weights_as_images: bool = False  # texture reads would help; TVM 0.27 stock OpenCL: buffers only
 
@@ -74,7 +78,7 @@ CUDA = GPUProfile(
     name="cuda", warp_size=32, max_threads=1024, local_memory_bytes=49152, vector_bytes=16,
     compute_units=132, gemv_threads_n=32, gemv_threads_k=8, gemv_min_workgroups=528,
     gemm_threads_m=16, gemm_threads_n=16, gemm_micro_m=8, gemm_micro_n=8, gemm_tile_k=16,
-    gemm_tensor_cores=True)
+    gemm_tensor_cores=True, gemv_half2_rows=32)
 
 GPU = GPUProfile(
     name="gpu", warp_size=32, max_threads=256, local_memory_bytes=16384, vector_bytes=8,

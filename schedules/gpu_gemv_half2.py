@@ -1,0 +1,425 @@
+"""Decode GEMV of 4-bit weights with packed half2 arithmetic (CUDA): about 2 ALU ops a weight.
+
+The generic dequant GEMV (:mod:`.gpu_gemv`) computes every weight on its own scalar half --
+shift, AND, OR, reinterpret, subtract ``c``, multiply ``s``, then the multiply-add -- and TVM's
+CUDA codegen prints ``float16x2`` arithmetic lane by lane, so vectorizing that expression does
+not give packed instructions. This kernel is written for two columns per 32-bit register
+instead, and replaces :class:`.gpu_gemv.GPUDecodeGEMV`'s schedule when the profile asks for it
+(``GPUProfile.gemv_half2_rows > 0``: the ``cuda`` profile) and the function fits (below).
+
+The bit trick, on 32 bits
+-------------------------
+``codes: uint16[K/4, N]`` (:mod:`tvm_lite.quant.format`), so a 32-bit load of
+``codes[j, n:n+2]`` holds the 4 codes of rows ``4j..4j+3`` for *two* columns, ``n`` in the low
+half (little-endian). For code ``i`` of 4::
+
+    h2 = ((w32 >> 4i) & 0x000F000F) | 0x64006400     (one LOP3 after the shift; none for i = 0)
+       = half2(1024 + q[4j+i, n], 1024 + q[4j+i, n+1])
+
+and the E0M4 weight is ``(h - c) * s`` with ``c = 1024 + z`` exact in fp16; int4 is the same
+with ``c = 1024 + 8`` (``(q - 8) * s``), so both formats share the kernel.
+
+Scale out of the sum: per group of ``G`` rows (one ``s``, ``c`` per column),
+``sum_k x_k (h_k - c) s = s * sum_k x_k (h_k - c)``. ``h - c`` is exact (integers in
+``[-15, 15]``), so per two weights the inner loop is one ``HSUB2`` and one ``HFMA2`` into a
+half2 partial sum; every ``R = gemv_half2_rows`` rows the partial is widened to fp32 and
+multiplied by ``s`` into the fp32 accumulator (``acc += s * partial``: a few ops per ``R`` rows).
+Per two weights: 1 LOP3 + 3/4 shift + 1 HSUB2 + 1 HFMA2 (+ the broadcast of ``x_k``, shared by
+all the thread's columns) -- ~2 ops a weight instead of ~6.
+
+The packed operations are small ``__device__`` helpers in CUDA C (``HELPERS``) called through
+``T.cuda.func_call`` with ``uint32`` carriers: a ``float16x2``-typed extern call would be printed
+lane by lane again.
+
+Loop nest (the same thread shape as :class:`.gpu_gemv.GPUDecodeGEMV`'s ``plan``)::
+
+    blockIdx.x: N / (tn * vec) column tiles      blockIdx.y: ks splits of K
+      threadIdx.y = tk along K, threadIdx.x = tn along N (vec columns = vec/2 pairs each)
+        for each of the thread's kg groups:
+          s, c of the group's vec columns        -> registers (16-byte loads)
+          for each of the G/R partials:
+            part[vec/2] = 0 (half2)
+            for the R/4 words (unrolled):
+              codes[word, n0:n0+vec]             -> vec/2 uint32 (one 16-byte load)
+              x[4 rows]                          -> 2 uint32 (one 8-byte load)
+              for the 4 codes, for the vec/2 pairs (unrolled):
+                part[p] = hfma2(hsub2(h2(w[p] >> 4i), c2[p]), x2_i, part[p])
+            acc[2p], acc[2p+1] += s * float(part[p])          (fp32)
+        acc -> shared [tk, tn*vec], summed over tk by the workgroup's threads
+            -> y = epilogue(sum), or, when ks > 1, partial[ks, N] in global memory, summed
+               (and the epilogue applied) by a second small kernel
+
+Accuracy: the only new rounding is the fp16 partial (``R`` products, each exact up to one
+rounding of ``(h - c) * x``). The partial is unscaled, up to ``15 * R * max|x|``: it cannot
+overflow fp16 while ``max|x| <= 65504 / (15 R)`` (136 at ``R = 32``, 273 at ``R = 16``); typical
+partials are far smaller (random signs). ``tests/test_gpu_schedules.py`` bounds the error by a
+numpy emulation of this arithmetic.
+
+What the kernel takes, and what falls back to the generic schedule
+------------------------------------------------------------------
+* a decode dequant matmul (``dequantize`` + ``matmul`` blocks, E0M4 or int4, ``M == 1``) with
+  **fp16 activations** ``x``; fp32 activations (today's fp32 exports) keep the generic
+  schedule, whose fp32 accumulation they were written for;
+* an **injective epilogue** (a residual add, SiLU * up, a cast ...) fused after the matmul: it
+  is rebuilt on the final sum (the blocks inlined into the last one, whose expression is
+  evaluated per column, the matmul value substituted), so it stays in the kernel;
+* **producers** before the matmul (e.g. AWQ's input scale fused in): the generic schedule;
+* ``N`` even with an even vector width, ``K`` a multiple of the group, ``G`` a multiple of ``R``
+  (or ``R`` shrinks to ``G``); anything else: the generic schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.ir import Call, TensorLoad
+from tvm.script import from_source
+from tvm.script import tirx as T
+
+from .gpu_gemv import CODES_PER_WORD, MatchError, _int, match_gemv
+
+E0M4_ZERO_NONE = 0x64086408  # half2(1032, 1032): int4's zero (8) under the 1024 exponent
+
+# The packed-half2 helpers, one CUDA function each (the codegen emits each source once per
+# name). Carriers are uint32: two fp16 lanes, the low lane = the even column.
+HELPERS = {
+    "tvm_lite_dq_hfma2": r"""
+__forceinline__ __device__ unsigned tvm_lite_dq_hfma2(unsigned w, unsigned c2, unsigned x2,
+                                                      unsigned acc) {
+  // h2 = (w & 0x000F000F) | 0x64006400 = half2(1024 + q_lo, 1024 + q_hi): one LOP3
+  unsigned h;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(w), "r"(0x000F000Fu), "r"(0x64006400u));
+  // acc2 += (h2 - c2) * x2: HSUB2 (exact) + HFMA2
+  __half2 d = __hsub2(*reinterpret_cast<__half2*>(&h), *reinterpret_cast<__half2*>(&c2));
+  __half2 r = __hfma2(d, *reinterpret_cast<__half2*>(&x2), *reinterpret_cast<__half2*>(&acc));
+  return *reinterpret_cast<unsigned*>(&r);
+}
+""",
+    "tvm_lite_half2_bcast": r"""
+__forceinline__ __device__ unsigned tvm_lite_half2_bcast(unsigned v, unsigned sel) {
+  return __byte_perm(v, 0u, sel);  // sel 0x1010: the low half twice, 0x3232: the high half
+}
+""",
+    "tvm_lite_half2_lo": r"""
+__forceinline__ __device__ float tvm_lite_half2_lo(unsigned v) {
+  return __low2float(*reinterpret_cast<__half2*>(&v));
+}
+""",
+    "tvm_lite_half2_hi": r"""
+__forceinline__ __device__ float tvm_lite_half2_hi(unsigned v) {
+  return __high2float(*reinterpret_cast<__half2*>(&v));
+}
+""",
+}
+
+
+@dataclass
+class Half2Plan:
+    """What the template needs: the matmul's roles and sizes, and the thread shape."""
+
+    fmt: str
+    k: int
+    n: int
+    group: int
+    rows: int  # R: rows per fp16 partial
+    vec: int
+    tn: int
+    tk: int
+    ks: int
+    kg: int
+    out_dtype: str  # dtype the matmul value has before the epilogue
+    roles: dict  # "x", "codes", "scale", "zero", "out" -> param index
+
+
+def _loads(expr) -> list:
+    found = []
+
+    def visit(value, visitor):
+        found.append(value)
+        visitor.default_visit(value)
+
+    tvm_ffi.structural_visit(expr, [(TensorLoad, visit)])
+    return found
+
+
+def _rewrite(root, node_type, fn):
+    """``root`` with every ``node_type`` node ``v`` replaced by ``fn(v)`` (children first
+    left alone where ``fn`` returns a value; ``None`` recurses into ``v``)."""
+    def mutate(value, mutator):
+        new = fn(value)
+        return mutator.default_mutate(value) if new is None else new
+
+    return tvm_ffi.structural_mutate(root, [(node_type, mutate)])
+
+
+def _dequant_roles(sch, dequant):
+    """``(fmt, codes, scale, zero_or_None)`` buffers from the dequantize block's expression:
+    ``((h - zero) * scale)`` for E0M4, ``(float(q) - 8) * scale`` for int4 (see
+    :func:`tvm_lite.quant.kernels.dequant_expr`), possibly under a cast."""
+    value = sch.get(dequant).body.value
+    while isinstance(value, tirx.Cast):
+        value = value.value
+    if not isinstance(value, tirx.Mul) or not isinstance(value.b, TensorLoad) \
+            or not isinstance(value.a, tirx.Sub):
+        raise MatchError("dequantize block is not (h - c) * s")
+    scale = value.b.source
+    sub = value.a
+    codes = [ld.source for ld in _loads(sub.a) if str(ld.source.dtype) == "uint16"]
+    if len(codes) != 1:
+        raise MatchError("dequantize block reads no single uint16 code buffer")
+    if isinstance(sub.b, TensorLoad):
+        return "e0m4", codes[0], scale, sub.b.source
+    if isinstance(sub.b, tirx.FloatImm) and float(sub.b.value) == 8.0:
+        return "int4", codes[0], scale, None
+    raise MatchError("unknown zero in the dequantize block")
+
+
+def _param_index(func, buf) -> int:
+    for i, prm in enumerate(func.params):
+        if prm.same_as(buf):
+            return i
+    raise MatchError(f"buffer '{buf.name}' is not a parameter")
+
+
+def match_half2(func, sch, profile, plan: dict):
+    """The :class:`Half2Plan` of ``func`` (raises :class:`MatchError` where the kernel does not
+    apply; see the module docstring) and the final epilogue block (or None)."""
+    rows = profile.gemv_half2_rows
+    if rows <= 0:
+        raise MatchError("the profile has no half2 GEMV")
+    main, dequant, producers, epilogues, n, k = match_gemv(sch)
+    if dequant is None:
+        raise MatchError("not a dequant matmul")
+    if producers:
+        raise MatchError("producers before the matmul: generic schedule")
+    fmt, codes, scale, zero = _dequant_roles(sch, dequant)
+    # x: the main block's other read
+    dq_out = sch.get(dequant).writes[0].source
+    out_buf = sch.get(main).writes[0].source
+    xs = [r.source for r in sch.get(main).reads
+          if not r.source.same_as(dq_out) and not r.source.same_as(out_buf)]
+    if len(xs) != 1 or str(xs[0].dtype) != "float16":
+        raise MatchError("needs fp16 activations")
+    x = xs[0]
+    if any(_int(d) not in (1, None) for d in x.shape[:-1]) or _int(x.shape[-1]) != k:
+        raise MatchError("x is not [1.., K]")
+    ng = _int(scale.shape[0])
+    if not ng or k % ng:
+        raise MatchError("K is not a whole number of groups")
+    group = k // ng
+    if _int(codes.shape[0]) * CODES_PER_WORD != k or _int(codes.shape[1]) != n:
+        raise MatchError("codes are not [K/4, N]")
+    rows = min(rows, group)
+    if group % rows or rows % CODES_PER_WORD:
+        raise MatchError(f"group {group} is not a multiple of {rows} rows")
+    vec = plan["vec"]
+    if vec < 2 or vec % 2 or n % vec:
+        raise MatchError("needs an even vector of columns")
+    if plan["wpg"] * CODES_PER_WORD != group:
+        raise MatchError("plan does not follow the groups")
+    roles = {"x": _param_index(func, x), "codes": _param_index(func, codes),
+             "scale": _param_index(func, scale)}
+    if zero is not None:
+        roles["zero"] = _param_index(func, zero)
+    final = None
+    if epilogues:
+        for blk in epilogues[:-1]:
+            sch.compute_inline(blk)
+        final = epilogues[-1]
+        roles["out"] = _param_index(func, sch.get(final).writes[0].source)
+    else:
+        roles["out"] = _param_index(func, out_buf)
+    return Half2Plan(fmt=fmt, k=k, n=n, group=group, rows=rows, vec=vec, tn=plan["tn"],
+                     tk=plan["tk"], ks=plan["ks"], kg=plan["kg"],
+                     out_dtype=str(out_buf.dtype), roles=roles), final
+
+
+def _shape(buf) -> str:
+    dims = ", ".join(f"T.int64({int(d)})" if str(d.ty.dtype) == "int64" else str(int(d))
+                     for d in buf.shape)
+    return f"({dims},)"
+
+
+def kernel_source(func, p: Half2Plan) -> str:
+    """TVMScript of the packed kernel with ``func``'s signature. Its final store writes the
+    matmul value through ``__tvm_lite_epilogue__(v)``, which :func:`_attach_epilogue` replaces.
+    Index expressions are spelled out where used (a named value in TVMScript would become a
+    buffer)."""
+    names = [f"p{i}" for i in range(len(func.params))]
+    decls = ", ".join(f"{nm}: T.Buffer({_shape(prm)}, \"{prm.dtype}\")"
+                      for nm, prm in zip(names, func.params))
+    x, codes, scale, out = (names[p.roles[r]] for r in ("x", "codes", "scale", "out"))
+    out_rank = len(func.params[p.roles["out"]].shape)
+    K, N, G, R, VEC = p.k, p.n, p.group, p.rows, p.vec
+    PAIRS, TN, TK, KS, KG = VEC // 2, p.tn, p.tk, p.ks, p.kg
+    NT, WPG = N // (TN * VEC), G // CODES_PER_WORD
+    cols = TN * VEC  # columns of one workgroup
+    sums = -(-cols // (TK * TN))  # columns each thread sums over threadIdx.y at the end
+    col2 = f"(bx * {cols // 2} + tx * {PAIRS})"  # the thread's first column pair
+    grp = f"((by * {TK} + ty) * {KG} + g)"  # its group: the row of scale/zero
+    word = f"({grp} * {WPG} + r * {R // 4} + j)"  # the packed row of codes
+    col = f"(cc * {TK * TN} + ty * {TN} + tx)"  # a column of the tile it sums at the end
+
+    def call(name, args, ret="uint32"):
+        return (f'T.cuda.func_call("{name}", {args}, source_code=HELPERS["{name}"], '
+                f'return_type="{ret}")')
+
+    def out_at(n):
+        idx = ", ".join(["0"] * (out_rank - 1) + [n])
+        return f'{out}[{idx}] = T.call_extern("float32", "__tvm_lite_epilogue__", tot[0])'
+
+    x2 = call("tvm_lite_half2_bcast", "xw[i // 2], T.if_then_else(i % 2 == 0, T.uint32(0x1010), "
+              "T.uint32(0x3232))")
+    fma = call("tvm_lite_dq_hfma2", f"T.shift_right(w[c], T.uint32(4 * i)), c2[c], {x2}, part[c]")
+    lo, hi = (lambda v: call("tvm_lite_half2_lo", v, "float32")), \
+        (lambda v: call("tvm_lite_half2_hi", v, "float32"))
+    if "zero" in p.roles:
+        zero_decl = (f'zero32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
+                     f'data={names[p.roles["zero"]]}.data)')
+        load_c2 = f"c2[T.Ramp(0, 1, {PAIRS})] = zero32[{grp}, T.Ramp({col2}, 1, {PAIRS})]"
+    else:  # int4: c = 1024 + 8 in both lanes
+        zero_decl = ""
+        load_c2 = f"c2[T.Ramp(0, 1, {PAIRS})] = T.Broadcast(T.uint32({E0M4_ZERO_NONE}), {PAIRS})"
+    guard = f"{col} < {cols}" if sums * TK * TN != cols else "True"
+    write = out_at(f"bx * {cols} + {col}") if KS == 1 else f"ws[by, bx * {cols} + {col}] = tot[0]"
+    vl = min(4, VEC)  # float4 stores into shared memory
+    src = f'''
+@T.prim_func(private=True)
+def gemv_half2({decls}):
+    T.func_attr({{"tirx.noalias": True}})
+    x32 = T.decl_buffer(({K // 2},), "uint32", data={x}.data)
+    codes32 = T.decl_buffer(({K // 4}, {N // 2}), "uint32", data={codes}.data)
+    scale32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", data={scale}.data)
+    {zero_decl}
+    ws = T.alloc_buffer(({KS}, {N}), "float32", scope="global")
+    for bx in T.thread_binding({NT}, thread="blockIdx.x"):
+        for by in T.thread_binding({KS}, thread="blockIdx.y"):
+            for ty in T.thread_binding({TK}, thread="threadIdx.y"):
+                for tx in T.thread_binding({TN}, thread="threadIdx.x"):
+                    red = T.alloc_buffer(({TK}, {cols}), "float32", scope="shared")
+                    acc = T.alloc_buffer(({VEC},), "float32", scope="local")
+                    part = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
+                    w = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
+                    c2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
+                    s2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
+                    xw = T.alloc_buffer((2,), "uint32", scope="local")
+                    tot = T.alloc_buffer((1,), "float32", scope="local")
+                    for c in T.unroll({VEC}):
+                        acc[c] = T.float32(0)
+                    for g in T.serial({KG}):
+                        s2[T.Ramp(0, 1, {PAIRS})] = scale32[{grp}, T.Ramp({col2}, 1, {PAIRS})]
+                        {load_c2}
+                        for r in T.serial({G // R}):
+                            for c in T.unroll({PAIRS}):
+                                part[c] = T.uint32(0)
+                            for j in T.unroll({R // 4}):
+                                w[T.Ramp(0, 1, {PAIRS})] = codes32[{word}, T.Ramp({col2}, 1, {PAIRS})]
+                                xw[T.Ramp(0, 1, 2)] = x32[T.Ramp({word} * 2, 1, 2)]
+                                for i in T.unroll(4):
+                                    for c in T.unroll({PAIRS}):
+                                        part[c] = {fma}
+                            for c in T.unroll({PAIRS}):
+                                acc[c * 2] = acc[c * 2] + {lo("part[c]")} * {lo("s2[c]")}
+                                acc[c * 2 + 1] = acc[c * 2 + 1] + {hi("part[c]")} * {hi("s2[c]")}
+                    for h in T.unroll({VEC // vl}):
+                        red[ty, T.Ramp(tx * {VEC} + h * {vl}, 1, {vl})] = acc[T.Ramp(h * {vl}, 1, {vl})]
+                    T.tvm_storage_sync("shared")
+                    for cc in T.serial({sums}):
+                        if {guard}:
+                            tot[0] = T.float32(0)
+                            for t in T.unroll({TK}):
+                                tot[0] = tot[0] + red[t, {col}]
+                            {write}
+'''
+    if KS > 1:  # the split-K partials, summed (and the epilogue applied) per column
+        threads = 256
+        src += f'''
+    for b in T.thread_binding({-(-N // threads)}, thread="blockIdx.x"):
+        for t in T.thread_binding({threads}, thread="threadIdx.x"):
+            tot = T.alloc_buffer((1,), "float32", scope="local")
+            if b * {threads} + t < {N}:
+                tot[0] = T.float32(0)
+                for s in T.serial({KS}):
+                    tot[0] = tot[0] + ws[s, b * {threads} + t]
+                {out_at(f"b * {threads} + t")}
+'''
+    return src
+
+
+def _attach_epilogue(kernel, func, sch, p: Half2Plan, final_block):
+    """Replace the ``__tvm_lite_epilogue__(v)`` stores by the real output expression: the
+    matmul value cast to its dtype, or the final epilogue block's value with the matmul's
+    output read replaced by it and its iterators bound to ``(0, .., n)``."""
+    bufmap = list(zip(func.params, kernel.params))
+    if final_block is not None:
+        block = sch.get(final_block)
+        store = block.body
+        if not isinstance(store, tirx.BufferStore):
+            raise MatchError("epilogue block is not a single store")
+        spatial = list(block.iter_vars)
+        big = [iv for iv in spatial if _int(iv.dom.extent) != 1]
+        if len(big) != 1 or _int(big[0].dom.extent) != p.n:
+            raise MatchError("epilogue is not elementwise over N")
+        if [i for i in store.indices] != [iv.var for iv in spatial] and \
+                not all(a.same_as(iv.var) for a, iv in zip(store.indices, spatial)):
+            raise MatchError("epilogue store is not at its iterators")
+        matmul_buf = sch.get(match_gemv(sch)[0]).writes[0].source
+        template = store.value
+    else:
+        template, spatial, big, matmul_buf = None, [], [], None
+
+    def rewrite(stmt):
+        if not isinstance(stmt, tirx.BufferStore):
+            return None
+        v = stmt.value
+        while isinstance(v, tirx.Cast):  # the parser casts the float32 marker to y's dtype
+            v = v.value
+        if not (isinstance(v, Call) and v.op.name == "tirx.call_extern"
+                and v.args[0].value == "__tvm_lite_epilogue__"):
+            return None
+        total, n = v.args[1], stmt.indices[-1]
+        value = tirx.Cast(p.out_dtype, total)
+        if template is not None:
+            vmap = {iv.var: (tirx.Cast(iv.var.ty.dtype, n) if iv.same_as(big[0])
+                             else tirx.const(0, iv.var.ty.dtype)) for iv in spatial}
+
+            def swap(e):
+                if e.source.same_as(matmul_buf):
+                    if not all(a.same_as(iv.var) for a, iv in zip(e.indices, spatial)):
+                        raise MatchError("epilogue reads the matmul off its own column")
+                    return value
+                for old, new in bufmap:
+                    if old.same_as(e.source):
+                        return tirx.BufferLoad(new, list(e.indices))
+                raise MatchError(f"epilogue reads '{e.source.name}', not a parameter")
+
+            expr = _rewrite(template, TensorLoad, swap)
+            value = _rewrite(expr, tirx.Var, lambda v: next(
+                (new for old, new in vmap.items() if old.same_as(v)), None))
+        out = stmt.buffer
+        if str(value.ty.dtype) != str(out.dtype):
+            value = tirx.Cast(str(out.dtype), value)
+        return tirx.BufferStore(out, value, stmt.indices)
+
+    body = _rewrite(kernel.body, tirx.BufferStore, rewrite)
+    return kernel.with_body(body)
+
+
+def half2_kernel(func, target, profile, plan: dict):
+    """The packed kernel for ``func`` (a :class:`tvm.s_tir.Schedule` of it), or raise
+    :class:`MatchError` when it does not apply."""
+    if target.kind.name != "cuda":
+        raise MatchError("packed half2 helpers are CUDA C")
+    sch = s_tir.Schedule(func)
+    func = sch.mod["main"]
+    p, final = match_half2(func, sch, profile, plan)
+    kernel = from_source(kernel_source(func, p), extra_vars={"T": T, "HELPERS": HELPERS})
+    kernel = _attach_epilogue(kernel, func, sch, p, final)
+    if func.attrs is not None:
+        kernel = kernel.with_attrs({k: v for k, v in func.attrs.items()})
+    return s_tir.Schedule(kernel), p
+
+
+__all__ = ["half2_kernel", "match_half2", "kernel_source", "Half2Plan", "HELPERS"]
