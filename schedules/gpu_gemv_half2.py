@@ -242,11 +242,41 @@ def _shape(buf) -> str:
     return f"({dims},)"
 
 
-def kernel_source(func, p: Half2Plan) -> str:
+def _emulated(name: str, args: list) -> str:
+    """The helper ``name`` as plain TIR on uint32 carriers (``emulate=True``: the CPU runs the
+    kernel's indexing and arithmetic; fp16 FMA as an fp32 multiply-add rounded to fp16)."""
+    def lane(v, i):
+        part = v if i == 0 else f"T.shift_right({v}, T.uint32(16))"
+        return f'T.reinterpret("float16", T.Cast("uint16", T.bitwise_and({part}, T.uint32(0xFFFF))))'
+
+    def pack(lo, hi):
+        return (f'T.bitwise_or(T.Cast("uint32", T.reinterpret("uint16", {lo})), '
+                f'T.shift_left(T.Cast("uint32", T.reinterpret("uint16", {hi})), T.uint32(16)))')
+
+    if name == "tvm_lite_dq_hfma2":
+        w, c2, x2, acc = args
+        h = f"T.bitwise_or(T.bitwise_and({w}, T.uint32(0x000F000F)), T.uint32(0x64006400))"
+        f32 = 'T.Cast("float32", {})'.format
+        lanes = [f'T.Cast("float16", {f32(f"{lane(h, i)} - {lane(c2, i)}")} * {f32(lane(x2, i))} '
+                 f'+ {f32(lane(acc, i))})' for i in (0, 1)]
+        return pack(*lanes)
+    if name == "tvm_lite_half2_bcast":
+        v, sel = args  # sel: "0x1010" (low half) or "0x3232" (high half)
+        half = f"T.if_then_else({sel} == T.uint32(0x1010), T.bitwise_and({v}, T.uint32(0xFFFF)), " \
+               f"T.shift_right({v}, T.uint32(16)))"
+        return f"({half} * T.uint32(0x10001))"
+    if name in ("tvm_lite_half2_lo", "tvm_lite_half2_hi"):
+        return f'T.Cast("float32", {lane(args[0], 0 if name.endswith("lo") else 1)})'
+    raise ValueError(name)
+
+
+def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
     """TVMScript of the packed kernel with ``func``'s signature. Its final store writes the
     matmul value through ``__tvm_lite_epilogue__(v)``, which :func:`_attach_epilogue` replaces.
     Index expressions are spelled out where used (a named value in TVMScript would become a
-    buffer)."""
+    buffer). ``emulate``: the same kernel for the CPU -- helpers as plain TIR, thread loops
+    serial, the workgroup's two phases (per-thread sums, then the sum over threadIdx.y) as two
+    loop nests -- to check its indexing and numerics without a GPU."""
     names = [f"p{i}" for i in range(len(func.params))]
     decls = ", ".join(f"{nm}: T.Buffer({_shape(prm)}, \"{prm.dtype}\")"
                       for nm, prm in zip(names, func.params))
@@ -263,18 +293,20 @@ def kernel_source(func, p: Half2Plan) -> str:
     col = f"(cc * {TK * TN} + ty * {TN} + tx)"  # a column of the tile it sums at the end
 
     def call(name, args, ret="uint32"):
-        return (f'T.cuda.func_call("{name}", {args}, source_code=HELPERS["{name}"], '
+        if emulate:
+            return _emulated(name, args)
+        return (f'T.cuda.func_call("{name}", {", ".join(args)}, source_code=HELPERS["{name}"], '
                 f'return_type="{ret}")')
 
     def out_at(n):
         idx = ", ".join(["0"] * (out_rank - 1) + [n])
         return f'{out}[{idx}] = T.call_extern("float32", "__tvm_lite_epilogue__", tot[0])'
 
-    x2 = call("tvm_lite_half2_bcast", "xw[i // 2], T.if_then_else(i % 2 == 0, T.uint32(0x1010), "
-              "T.uint32(0x3232))")
-    fma = call("tvm_lite_dq_hfma2", f"T.shift_right(w[c], T.uint32(4 * i)), c2[c], {x2}, part[c]")
-    lo, hi = (lambda v: call("tvm_lite_half2_lo", v, "float32")), \
-        (lambda v: call("tvm_lite_half2_hi", v, "float32"))
+    x2 = call("tvm_lite_half2_bcast", ["xw[i // 2]", "T.if_then_else(i % 2 == 0, T.uint32(0x1010), "
+              "T.uint32(0x3232))"])
+    fma = call("tvm_lite_dq_hfma2", ["T.shift_right(w[c], T.uint32(4 * i))", "c2[c]", x2, "part[c]"])
+    lo, hi = (lambda v: call("tvm_lite_half2_lo", [v], "float32")), \
+        (lambda v: call("tvm_lite_half2_hi", [v], "float32"))
     if "zero" in p.roles:
         zero_decl = (f'zero32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
                      f'data={names[p.roles["zero"]]}.data)')
@@ -285,6 +317,19 @@ def kernel_source(func, p: Half2Plan) -> str:
     guard = f"{col} < {cols}" if sums * TK * TN != cols else "True"
     write = out_at(f"bx * {cols} + {col}") if KS == 1 else f"ws[by, bx * {cols} + {col}] = tot[0]"
     vl = min(4, VEC)  # float4 stores into shared memory
+    if emulate:
+        red = f'red = T.alloc_buffer(({TK}, {cols}), "float32")'
+        threads = f"            for ty in T.serial({TK}):\n                for tx in T.serial({TN}):\n"
+        head = (f"    for bx in T.serial({NT}):\n        for by in T.serial({KS}):\n"
+                f"            {red}\n{threads}")
+        middle = threads + '                    tot = T.alloc_buffer((1,), "float32", scope="local")\n'
+    else:
+        head = (f'    for bx in T.thread_binding({NT}, thread="blockIdx.x"):\n'
+                f'        for by in T.thread_binding({KS}, thread="blockIdx.y"):\n'
+                f'            for ty in T.thread_binding({TK}, thread="threadIdx.y"):\n'
+                f'                for tx in T.thread_binding({TN}, thread="threadIdx.x"):\n'
+                f'                    red = T.alloc_buffer(({TK}, {cols}), "float32", scope="shared")\n')
+        middle = '                    T.tvm_storage_sync("shared")\n'
     src = f'''
 @T.prim_func(private=True)
 def gemv_half2({decls}):
@@ -294,12 +339,7 @@ def gemv_half2({decls}):
     scale32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", data={scale}.data)
     {zero_decl}
     ws = T.alloc_buffer(({KS}, {N}), "float32", scope="global")
-    for bx in T.thread_binding({NT}, thread="blockIdx.x"):
-        for by in T.thread_binding({KS}, thread="blockIdx.y"):
-            for ty in T.thread_binding({TK}, thread="threadIdx.y"):
-                for tx in T.thread_binding({TN}, thread="threadIdx.x"):
-                    red = T.alloc_buffer(({TK}, {cols}), "float32", scope="shared")
-                    acc = T.alloc_buffer(({VEC},), "float32", scope="local")
+{head}                    acc = T.alloc_buffer(({VEC},), "float32", scope="local")
                     part = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
                     w = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
                     c2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
@@ -325,8 +365,7 @@ def gemv_half2({decls}):
                                 acc[c * 2 + 1] = acc[c * 2 + 1] + {hi("part[c]")} * {hi("s2[c]")}
                     for h in T.unroll({VEC // vl}):
                         red[ty, T.Ramp(tx * {VEC} + h * {vl}, 1, {vl})] = acc[T.Ramp(h * {vl}, 1, {vl})]
-                    T.tvm_storage_sync("shared")
-                    for cc in T.serial({sums}):
+{middle}                    for cc in T.serial({sums}):
                         if {guard}:
                             tot[0] = T.float32(0)
                             for t in T.unroll({TK}):
@@ -336,8 +375,10 @@ def gemv_half2({decls}):
     if KS > 1:  # the split-K partials, summed (and the epilogue applied) per column
         threads = 256
         src += f'''
-    for b in T.thread_binding({-(-N // threads)}, thread="blockIdx.x"):
-        for t in T.thread_binding({threads}, thread="threadIdx.x"):
+    for b in {"T.serial(%d)" % -(-N // threads) if emulate else
+              'T.thread_binding(%d, thread="blockIdx.x")' % -(-N // threads)}:
+        for t in {"T.serial(%d)" % threads if emulate else
+                  'T.thread_binding(%d, thread="threadIdx.x")' % threads}:
             tot = T.alloc_buffer((1,), "float32", scope="local")
             if b * {threads} + t < {N}:
                 tot[0] = T.float32(0)
@@ -346,6 +387,13 @@ def gemv_half2({decls}):
                 {out_at(f"b * {threads} + t")}
 '''
     return src
+
+
+def _at_column(indices, var) -> bool:
+    """Whether ``indices`` are ``(0, .., 0, var)`` (the normalized block of an elementwise
+    epilogue: unit dims are constants, the column its one iterator)."""
+    *lead, last = indices
+    return last.same_as(var) and all(_int(i) == 0 for i in lead)
 
 
 def _attach_epilogue(kernel, func, sch, p: Half2Plan, final_block):
@@ -362,9 +410,8 @@ def _attach_epilogue(kernel, func, sch, p: Half2Plan, final_block):
         big = [iv for iv in spatial if _int(iv.dom.extent) != 1]
         if len(big) != 1 or _int(big[0].dom.extent) != p.n:
             raise MatchError("epilogue is not elementwise over N")
-        if [i for i in store.indices] != [iv.var for iv in spatial] and \
-                not all(a.same_as(iv.var) for a, iv in zip(store.indices, spatial)):
-            raise MatchError("epilogue store is not at its iterators")
+        if not _at_column(store.indices, big[0].var):
+            raise MatchError("epilogue store is not at its column")
         matmul_buf = sch.get(match_gemv(sch)[0]).writes[0].source
         template = store.value
     else:
@@ -387,7 +434,7 @@ def _attach_epilogue(kernel, func, sch, p: Half2Plan, final_block):
 
             def swap(e):
                 if e.source.same_as(matmul_buf):
-                    if not all(a.same_as(iv.var) for a, iv in zip(e.indices, spatial)):
+                    if not _at_column(e.indices, big[0].var):
                         raise MatchError("epilogue reads the matmul off its own column")
                     return value
                 for old, new in bufmap:
@@ -407,15 +454,16 @@ def _attach_epilogue(kernel, func, sch, p: Half2Plan, final_block):
     return kernel.with_body(body)
 
 
-def half2_kernel(func, target, profile, plan: dict):
-    """The packed kernel for ``func`` (a :class:`tvm.s_tir.Schedule` of it), or raise
-    :class:`MatchError` when it does not apply."""
-    if target.kind.name != "cuda":
+def half2_kernel(func, target, profile, plan: dict, emulate: bool = False):
+    """``(schedule, Half2Plan)``: the packed kernel for ``func`` as a
+    :class:`tvm.s_tir.Schedule`, or raise :class:`MatchError` when it does not apply.
+    ``emulate``: the CPU version (see :func:`kernel_source`), whatever the target."""
+    if not emulate and target.kind.name != "cuda":
         raise MatchError("packed half2 helpers are CUDA C")
     sch = s_tir.Schedule(func)
     func = sch.mod["main"]
     p, final = match_half2(func, sch, profile, plan)
-    kernel = from_source(kernel_source(func, p), extra_vars={"T": T, "HELPERS": HELPERS})
+    kernel = from_source(kernel_source(func, p, emulate), extra_vars={"T": T, "HELPERS": HELPERS})
     kernel = _attach_epilogue(kernel, func, sch, p, final)
     if func.attrs is not None:
         kernel = kernel.with_attrs({k: v for k, v in func.attrs.items()})

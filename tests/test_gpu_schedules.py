@@ -145,7 +145,8 @@ def test_every_rule_compiles_and_passes_the_vendor_compiler(profile, tmp_path):
         assert _schedule(rule, func, target) is not None, (phase, fmt, k, n)
         src = _source(build(func, target, [rule, *gpu_rules(prof)]), kind)
         if fmt == "e0m4":  # the dequant stays two bitwise ops under the exponent, no conversion
-            assert "25600" in src and "convert_half" not in src and "__ushort2half" not in src
+            exponent = "0x64006400u" if phase == "gemv" and prof.gemv_half2_rows else "25600"
+            assert exponent in src and "convert_half" not in src and "__ushort2half" not in src
         sources.append((f"{phase}_{fmt}_{k}x{n}", src))
     if kind == "opencl":
         if not shutil.which("clang-15"):
@@ -216,13 +217,15 @@ def _cuda_device():
 @pytest.mark.parametrize("profile", ["adreno", "mali", "cuda"])
 def test_profile_kernels_run_correctly_on_a_cuda_gpu(profile):
     """Each profile's GEMV and GEMM schedules, compiled for CUDA, against numpy: the indexing the
-    Adreno and Mali kernels use is exercised on real hardware."""
+    Adreno and Mali kernels use is exercised on real hardware (the cuda profile's 4-bit GEMVs are
+    the packed-half2 kernel)."""
     dev = _cuda_device()
     target = parse_target("cuda -arch=sm_90")
     prof = PROFILES[profile]
     rng = np.random.default_rng(2)
     cases = [("gemv", fmt, k, n, [1]) for fmt in ("e0m4", "int4", "fp16") for k, n in SHAPES]
     cases += [("gemv", "e0m4", 16384, 2048, [1])]  # K split over workgroups: two kernels
+    cases += [("gemv", "e0m4", 2048, 16384, [1])]  # a 2B gate/up projection
     cases += [("gemm", fmt, 576, 192, [1, 37, 128]) for fmt in ("e0m4", "int4", "fp16")]
     cases += [("gemm", "e0m4", 2048, 256, [200])]
     for phase, fmt, k, n, seqs in cases:
@@ -279,3 +282,168 @@ def test_epilogue_chains_and_fp32_weights_compile(profile, tmp_path):
             path.write_text(src)
             res = subprocess.run([*CLANG, str(path)], capture_output=True, text=True)
             assert res.returncode == 0, res.stderr[-2000:]
+
+
+# -- the packed-half2 4-bit decode GEMV (schedules/gpu_gemv_half2.py, the cuda profile) --------
+def _dequant_gemv(fmt, k, n, epilogue=None, group=32):
+    """A decode dequant matmul in fp16 as FuseOps leaves it: ``dequantize`` + ``matmul`` blocks,
+    optionally followed by a residual add (``"residual"``) or the SiLU gate
+    (``"silu_gate"``: ``y * sigmoid(y) * g``, two epilogue blocks)."""
+    from tvm import te
+
+    from tvm_lite.quant import kernels
+
+    codes, scale, zero = kernels._packed_placeholders(fmt, k, n, group)
+    i64 = lambda d: tirx.IntImm("int64", d)  # noqa: E731
+    x = te.placeholder((i64(1), i64(1), i64(k)), "float16", name="x")
+    w = te.compute((i64(k), i64(n)), lambda i, j: kernels.dequant_expr(fmt, codes, scale, zero, i, j, group),
+                   name="dequantize")
+    r = te.reduce_axis((i64(0), i64(k)), name="k")
+    y = te.compute((i64(1), i64(1), i64(n)), lambda a, b, j: te.sum(x[a, b, r] * w[r, j], axis=r),
+                   name="matmul")
+    args = [x, codes, scale, zero]
+    if epilogue is None:
+        out = y
+    else:
+        e = te.placeholder((i64(1), i64(1), i64(n)), "float16", name="e")
+        args.append(e)
+        if epilogue == "residual":
+            out = te.compute(y.shape, lambda *i: y(*i) + e(*i), name="T_add")
+        else:
+            s = te.compute(y.shape, lambda *i: te.sigmoid(y(*i)), name="sigmoid")
+            out = te.compute(y.shape, lambda *i: y(*i) * s(*i) * e(*i), name="multiply")
+    func = te.create_prim_func([a for a in args if a is not None] + [out])
+    return func.with_attr("global_symbol", "main")
+
+
+def _half2_reference(fmt, x, arrays, k, n, epilogue, extra, group=32):
+    from tvm_lite.quant.format import dequantize
+
+    wt = dequantize(fmt, arrays["codes"], arrays["scale"], arrays.get("zero"), k, group)
+    y = (x.astype(np.float32).reshape(1, k) @ wt.astype(np.float32)).astype(np.float16).astype(np.float32)
+    if epilogue == "residual":
+        return y + extra.reshape(1, n).astype(np.float32)
+    if epilogue == "silu_gate":
+        return y / (1 + np.exp(-y)) * extra.reshape(1, n).astype(np.float32)
+    return y
+
+
+def _half2_arrays(fmt, k, n, rng, group=32):
+    ng = k // group
+    arrays = {"codes": rng.integers(0, 1 << 16, size=(k // 4, n), dtype=np.uint16),
+              "scale": (rng.random((ng, n), dtype=np.float32) * 0.02 + 0.01).astype(np.float16)}
+    if fmt == "e0m4":
+        arrays["zero"] = (1024 + rng.integers(0, 16, size=(ng, n))).astype(np.float16)
+    return arrays
+
+
+# (fmt, K, N, group, epilogue, plan override): split-K (ks > 1) and one-kernel (ks = 1, several
+# groups a thread), threadIdx.y not dividing the tile (the guarded final sum), groups of 128 rows
+# (4 fp16 partials of 32 rows each), both epilogue kinds
+HALF2_CPU_CASES = [
+    ("e0m4", 576, 192, 32, None, None),
+    ("int4", 576, 192, 32, None, None),
+    ("e0m4", 2048, 256, 32, None, None),
+    ("e0m4", 2048, 256, 32, None, {"ks": 1, "kg": 8}),
+    ("int4", 1024, 512, 128, None, None),
+    ("e0m4", 1024, 512, 128, "residual", {"ks": 1, "kg": 1}),
+    ("e0m4", 576, 1536, 32, "silu_gate", None),
+    ("e0m4", 576, 1536, 32, "residual", {"ks": 1, "kg": 3}),
+]
+
+
+def _half2_schedule(func, target, n, k, group, override=None, emulate=False):
+    from tvm_lite.schedules.gpu_gemv_half2 import half2_kernel
+
+    plan = GPUDecodeGEMV(CUDA).plan(n, k, 2, parse_target("cuda -arch=sm_90"), group)
+    plan.update(override or {})
+    sch, _ = half2_kernel(func, target, CUDA, plan, emulate=emulate)
+    return sch
+
+
+@pytest.mark.parametrize("fmt,k,n,group,epilogue,override", HALF2_CPU_CASES)
+def test_half2_gemv_emulated_on_the_cpu_matches_numpy(fmt, k, n, group, epilogue, override):
+    """The packed kernel's own loop nest and arithmetic, run on the CPU (helpers as plain TIR,
+    thread loops serial): its indexing, split-K, group partials and epilogues against numpy."""
+    rng = np.random.default_rng(3)
+    func = _dequant_gemv(fmt, k, n, epilogue, group)
+    sch = _half2_schedule(func, parse_target("llvm"), n, k, group, override, emulate=True)
+    ex = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
+                     target=parse_target("llvm"))
+    arrays = _half2_arrays(fmt, k, n, rng, group)
+    x = (rng.standard_normal((1, 1, k)) * 0.5).astype(np.float16)
+    extra = (rng.standard_normal((1, 1, n))).astype(np.float16)
+    out = tvm.runtime.empty((1, 1, n), "float16", tvm.cpu())
+    args = [x, *arrays.values()] + ([extra] if epilogue else [])
+    ex.mod["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    ref = _half2_reference(fmt, x, arrays, k, n, epilogue, extra, group)
+    err = np.abs(out.numpy().reshape(1, n).astype(np.float32) - ref).max() / np.abs(ref).max()
+    assert err < 5e-3, err
+
+
+def test_half2_gemv_is_chosen_on_cuda_only_for_fp16_dequant_matmuls():
+    from tvm_lite.schedules.gpu_gemv_half2 import HELPERS
+
+    cuda = parse_target("cuda -arch=sm_90")
+    rule = GPUDecodeGEMV(CUDA)
+    for func in (kernel_func("e0m4", [1, 1], 2048, 256), kernel_func("int4", [1, 1], 2048, 256),
+                 _dequant_gemv("e0m4", 576, 1536, "silu_gate")):
+        src = _source(build(func, cuda, [rule]), "cuda")
+        assert "tvm_lite_dq_hfma2" in src and src.count("tvm_lite_dq_hfma2(unsigned") == 1
+    # fp16 weights, fp32 activations and OpenCL keep the generic schedule
+    from tvm_lite.quant import kernels
+
+    for func in (kernel_func("fp16", [1, 1], 2048, 256),
+                 kernels.matmul_func("e0m4", [1, 1], 2048, 256, 32, "float32").with_attr("global_symbol", "main")):
+        assert "tvm_lite_dq_hfma2" not in _source(build(func, cuda, [rule]), "cuda")
+    assert not ADRENO.gemv_half2_rows and not MALI.gemv_half2_rows and CUDA.gemv_half2_rows
+    assert all("lop3" in h or "__" in h for h in HELPERS.values())
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc not installed")
+def test_half2_gemv_ptx_has_two_packed_ops_per_two_weights(tmp_path):
+    """Per 32-row group of 8 columns (256 weights) a thread issues 128 ``fma.rn.f16x2`` and 128
+    ``sub.f16x2`` and 128 ``lop3``: one each per pair of weights, with 3 shifts per 4 codes."""
+    cuda = parse_target("cuda -arch=sm_90")
+    src = _source(build(kernel_func("e0m4", [1, 1], 2048, 16384), cuda, [GPUDecodeGEMV(CUDA)]), "cuda")
+    path = tmp_path / "k.cu"
+    path.write_text(src)
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-ptx", "-o", str(tmp_path / "k.ptx"), str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ptx = (tmp_path / "k.ptx").read_text()
+    counts = {op: len(re.findall(re.escape(op) + r"\s", ptx))
+              for op in ("fma.rn.f16x2", "sub.f16x2", "lop3.b32", "shr.u32", "mul.f16", "cvt.f32.f16")}
+    weights_per_group = 32 * 8  # the kernel loops over groups: PTX holds one group's body
+    assert counts["fma.rn.f16x2"] == counts["sub.f16x2"] == weights_per_group // 2, counts
+    assert counts["lop3.b32"] == weights_per_group // 2, counts
+    assert counts["shr.u32"] <= weights_per_group * 3 // 8, counts
+    assert counts["mul.f16"] == 0, counts  # no scalar dequant multiply left
+
+
+@pytest.mark.skipif(_cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt,k,n,epilogue", [
+    ("e0m4", 576, 192, None), ("e0m4", 576, 1536, "silu_gate"), ("e0m4", 1536, 576, "residual"),
+    ("int4", 576, 49152, None),  # SmolLM2 lm_head
+    ("e0m4", 2048, 256, None), ("e0m4", 2048, 2048, "residual"), ("e0m4", 2048, 16384, "silu_gate"),
+    ("e0m4", 16384, 2048, None), ("e0m4", 16384, 2048, "residual"), ("int4", 16384, 2048, None),
+    ("e0m4", 2048, 256000, None),  # a 2B lm_head: one kernel, no split
+])
+def test_half2_gemv_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
+    """The packed kernel on the GPU against numpy: SmolLM2 and 2B-class shapes (K up to 16384),
+    with and without epilogues."""
+    dev = _cuda_device()
+    cuda = parse_target("cuda -arch=sm_90")
+    rng = np.random.default_rng(4)
+    func = _dequant_gemv(fmt, k, n, epilogue)
+    ex = build(func, cuda, [GPUDecodeGEMV(CUDA)])
+    assert "tvm_lite_dq_hfma2" in _source(ex, "cuda")
+    arrays = _half2_arrays(fmt, k, n, rng)
+    x = (rng.standard_normal((1, 1, k)) * 0.5).astype(np.float16)
+    extra = rng.standard_normal((1, 1, n)).astype(np.float16)
+    out = tvm.runtime.empty((1, 1, n), "float16", dev)
+    args = [x, *arrays.values()] + ([extra] if epilogue else [])
+    ex.mod["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    ref = _half2_reference(fmt, x, arrays, k, n, epilogue, extra)
+    err = np.abs(out.numpy().reshape(1, n).astype(np.float32) - ref).max() / np.abs(ref).max()
+    assert err < 5e-3, (fmt, k, n, epilogue, err)
