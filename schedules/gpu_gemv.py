@@ -27,13 +27,16 @@ reduction run along memory's slow axis. The schedule::
 * fp16 (and fp32) weights take the same schedule without the dequant.
 
 Measured on an H200 (``tvm-lite bench-kernels``): fp16 weights stream at the copy bandwidth
-(the 1 GB Gemma lm_head: 104% of a device-to-device copy, counted read+write); E0M4 reaches 55%
-there and ~34% on the 21 MB MLP matrices: the per-weight arithmetic (shift, AND/OR, subtract,
-two multiplies, on scalar halves) and not memory bounds it. Packing two columns per 32-bit
-word (``(w32 >> 4i) & 0x000F000F | 0x64006400`` and half2 math) needs a different compute
-definition than the per-weight expression of :mod:`tvm_lite.quant.kernels`; a 2-lane
-vectorization of that expression (``profile.gemv_lanes = 2``) was measured and does not help
-(TVM emits it lane by lane).
+(the 1 GB Gemma lm_head: 104% of a device-to-device copy, counted read+write); E0M4 through this
+per-weight schedule reaches 55% there and ~34% on the 21 MB MLP matrices: the per-weight
+arithmetic (shift, AND/OR, subtract, two multiplies, on scalar halves) and not memory bounds it.
+A 2-lane vectorization of that expression (``profile.gemv_lanes = 2``) does not help (TVM's CUDA
+codegen prints it lane by lane). So where the profile sets ``gemv_half2_rows`` (``cuda``) a 4-bit
+matmul with fp16 activations gets the packed kernel of :mod:`.gpu_gemv_half2` instead (two
+columns per 32-bit word, one HSUB2 + one HFMA2 per two weights, the scale applied per fp16
+partial of ``gemv_half2_rows`` rows; same thread shape, from :meth:`GPUDecodeGEMV.plan`);
+everything else -- fp16/fp32 weights, fp32 activations, producers fused before the matmul,
+OpenCL -- takes the schedule below.
 
 The rule takes a function whose single reduction block (``matmul`` or Relax's ``T_matmul``)
 multiplies a vector by a ``[K, N]`` weight -- read directly, or produced by a ``dequantize``

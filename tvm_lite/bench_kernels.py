@@ -6,7 +6,9 @@ not depend on the values), on one GPU, in one run:
 * **decode GEMV** (``x[1, 1, K] @ W[K, N]``): time, GB/s of weight bytes (codes + scales + zeros
   for 4-bit weights) and the percentage of the device's copy bandwidth measured in the same run
   (a large device-to-device copy, counted as bytes read + bytes written), for tvm_lite E0M4,
-  tvm_lite int4 (the ablation), tvm_lite fp16, stock DLight fp16 with ``M = 1`` static (DLight's
+  tvm_lite int4 (the ablation), tvm_lite fp16, ``tvm_lite e0m4 (generic)`` (the per-weight
+  dequant schedule, without the packed-half2 kernel the cuda profile uses: the A/B of
+  :mod:`tvm_lite.schedules.gpu_gemv_half2`), stock DLight fp16 with ``M = 1`` static (DLight's
   GEMV), and stock DLight fp16 with the sequence dim dynamic run at ``n = 1`` -- what stock
   TVM's one-kernel-for-every-length pipeline runs in decode;
 * **prefill GEMM** (``x[1, n, K] @ W[K, N]``, ``n`` dynamic, run at 128/512/2048): TFLOP/s for
@@ -103,6 +105,22 @@ def build(func, target, rules):
 def applies(rule, func, target) -> bool:
     with target:
         return rule.apply(func, target, False) is not None
+
+
+def gemv_kind(rules, func, target) -> str | None:
+    """Which decode GEMV schedule ``rules`` give ``func``: ``half2`` (the packed kernel of
+    :mod:`tvm_lite.schedules.gpu_gemv_half2`), ``generic`` (:class:`GPUDecodeGEMV`'s per-weight
+    schedule), or None (another rule)."""
+    from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV
+
+    rule = next((r for r in rules if isinstance(r, GPUDecodeGEMV)), None)
+    if rule is None:
+        return None
+    with target:
+        sch = rule.apply(func, target, False)
+    if sch is None:
+        return None
+    return "half2" if "gemv_half2" in str(sch.mod["main"].attrs.get("tvm_lite.gemv", "")) else "generic"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,8 +244,8 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
     for layer in layers:
         if decode:
             jobs += [("decode", layer, v) for v in
-                     ("tvm_lite e0m4", "tvm_lite int4", "tvm_lite fp16", "stock fp16 (M=1)",
-                      "stock fp16 (dyn n=1)")]
+                     ("tvm_lite e0m4", "tvm_lite e0m4 (generic)", "tvm_lite int4", "tvm_lite fp16",
+                      "stock fp16 (M=1)", "stock fp16 (dyn n=1)")]
         if prefill:
             jobs += [("prefill", layer, v) for v in
                      ("tvm_lite e0m4", "tvm_lite int4", "tvm_lite e0m4 (simt)", "stock e0m4",
@@ -251,12 +269,13 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
             rules = [simt_only(profile), *ours]
         if variant.endswith("(x2 lanes)"):  # the dequant arithmetic on 2-lane vectors
             rules = [GPUDecodeGEMV(replace(profile, gemv_lanes=2)), *ours]
+        if variant.endswith("(generic)"):  # the per-weight schedule, without the packed kernel
+            rules = [GPUDecodeGEMV(replace(profile, gemv_half2_rows=0)), *ours]
         if phase == "decode":
             static = "M=1" in variant or variant.startswith("tvm_lite")
             lead = [1, 1] if static else [1, tirx.Var("n", "int64")]
             func = kernel_func(fmt, lead, layer.k, layer.n)
-            rule_used = (applies(rules[0], func, target)
-                         if variant.startswith("tvm_lite") else None)
+            rule_used = gemv_kind(rules, func, target) if variant.startswith("tvm_lite") else None
             seqs = [1]
         else:
             func = kernel_func(fmt, [1, tirx.Var("n", "int64")], layer.k, layer.n)
