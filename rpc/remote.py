@@ -96,10 +96,12 @@ def remote_calls(session):
 _UPLOADS = itertools.count()
 
 
-def remote_engine(artifact, session, device: str | None = None, max_context: int | None = None):
+def remote_engine(artifact, session, device: str | None = None, max_context: int | None = None,
+                  **options):
     """An ``Engine`` whose model runs in ``session``: uploads ``model.so``, loads it there, and
     copies the weights to the remote device. ``device``: "cpu", "cuda", "opencl", "cuda:1"...
-    (default: the artifact's target kind).
+    (default: the artifact's target kind); ``options``: the Engine's (``buckets``,
+    ``prefill_chunk``...).
 
     Both KV-cache conventions run. An in-place artifact (the default build) keeps each session's
     caches, and the engine's workspace buffers, on the server: TVM's RPC hands a remote function
@@ -127,7 +129,8 @@ def remote_engine(artifact, session, device: str | None = None, max_context: int
     if not dev.exist:
         raise RPCError(f"the RPC server has no {kind}:{index or 0} device (the artifact targets "
                        f"{manifest.get('target_kind')})")
-    engine = Engine(path, device=dev, max_context=max_context, module=lib, session=session)
+    engine = Engine(path, device=dev, max_context=max_context, module=lib, session=session,
+                    **options)
     engine.upload_seconds = time.perf_counter() - t0
     engine.upload_bytes = (path / LIBRARY).stat().st_size + sum(
         int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in engine.params)
