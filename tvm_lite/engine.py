@@ -18,7 +18,8 @@ Over TVM RPC (``tvm_lite.rpc.remote_engine``) an in-place artifact keeps its cac
 buffers on the server, in tuples that the model's ``alloc_kv_caches``/``alloc_workspace`` return,
 and calls ``prefill_tupled``/``decode_tupled`` with those tuples (a remote function receives
 tensor arguments as raw ``DLTensor*``, which the cache and workspace views cannot take; a tuple
-returned by the server crosses back as the object itself: ``relax_passes/add_tupled_buffer_entries.py``).
+returned by the server crosses back as the object itself:
+``relax_passes/add_tupled_buffer_entries.py``).
 """
 
 from __future__ import annotations
