@@ -1,6 +1,7 @@
 """tvm_lite's Relax passes, one per file, each named for what it does."""
 
 from .add_decode_function import AddDecodeFunction
+from .add_tupled_buffer_entries import AddTupledBufferEntries
 from .bind_dequant_kernel_shapes import BindDequantKernelShapes
 from .fuse_add_rms_norm import FuseAddRMSNorm
 from .fuse_kv_append import FuseKVAppend
@@ -14,7 +15,8 @@ from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddDecodeFunction", "BindDequantKernelShapes", "FuseAddRMSNorm", "FuseAttention",
+__all__ = ["AddDecodeFunction", "AddTupledBufferEntries", "BindDequantKernelShapes",
+           "FuseAddRMSNorm", "FuseAttention",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",
            "LegalizeGroupedReshape", "NoKVCacheError",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

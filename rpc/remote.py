@@ -10,6 +10,8 @@ the last row of logits out), which is what a phone over adb/Wi-Fi pays as well.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from pathlib import Path
 
@@ -44,6 +46,10 @@ def request_session(tracker: str, key: str, priority: int = 1, session_timeout: 
     return connect_tracker(tracker).request(key, priority=priority, session_timeout=session_timeout)
 
 
+# what an in-place artifact needs to run over RPC (relax_passes/add_tupled_buffer_entries.py)
+TUPLED_ENTRIES = ("alloc_kv_caches", "prefill_tupled", "decode_tupled")
+
+
 def _tuple_reader(session):
     """Read a tuple a remote function returned (an opaque handle here) into a list of its
     remote tensors: one call per field, nothing copied. (``VirtualMachine.set_input`` would
@@ -58,6 +64,16 @@ def _tuple_reader(session):
         return [get(out, i) for i in range(size(out))]
 
     return read
+
+
+def check_tupled_entries(vm, artifact) -> None:
+    """An in-place artifact runs over RPC through its tuple entry points; one built before they
+    existed gets a clear error instead of a failing view on the server."""
+    missing = [f for f in TUPLED_ENTRIES if not vm.module.implements_function(f)]
+    if missing:
+        raise RPCError(f"{artifact}: this in-place KV-cache artifact has no {', '.join(missing)} "
+                       "(built by an older tvm_lite): recompile it (`tvm-lite compile ... "
+                       "--force`) to run it over RPC, or build it with `--kv-cache copy`")
 
 
 def remote_calls(session):
@@ -77,33 +93,44 @@ def remote_calls(session):
     return _tuple_reader(session), make_shape, read_shape
 
 
-def remote_engine(artifact, session, device: str | None = None, max_context: int | None = None):
+_UPLOADS = itertools.count()
+
+
+def remote_engine(artifact, session, device: str | None = None, max_context: int | None = None,
+                  **options):
     """An ``Engine`` whose model runs in ``session``: uploads ``model.so``, loads it there, and
     copies the weights to the remote device. ``device``: "cpu", "cuda", "opencl", "cuda:1"...
-    (default: the artifact's target kind)."""
+    (default: the artifact's target kind); ``options``: the Engine's (``buckets``,
+    ``prefill_chunk``...).
+
+    Both KV-cache conventions run. An in-place artifact (the default build) keeps each session's
+    caches, and the engine's workspace buffers, on the server: TVM's RPC hands a remote function
+    its tensor arguments as raw ``DLTensor*``, and the model reads caches and workspaces through
+    views (``runtime.TVMTensorCreateView``) that need ``ffi.Tensor`` objects. So the engine
+    allocates them with the model's ``alloc_kv_caches``/``alloc_workspace``, whose returned tuples
+    stay on the server (a handle here), and calls ``prefill_tupled``/``decode_tupled``, which take
+    those tuples and call ``prefill``/``decode`` with their fields inside the VM; the tensors
+    arrive there as objects and nothing is copied. Per step only the ids, mask and positions go
+    over, and the last row of logits comes back. An in-place artifact built before these entry
+    points existed is refused with a clear error (rebuild it)."""
     from tvm_lite.artifact import LIBRARY, load_manifest
     from tvm_lite.engine import Engine
 
     path = Path(artifact)
     manifest = load_manifest(path)
-    options = manifest.get("options", {})
-    if options.get("kv_cache") == "inplace":
-        # Known limit: TVM's RPC hands a remote function its tensor arguments as raw DLTensor*,
-        # not as ffi.Tensor objects, and the in-place cache and workspace buffers are read through
-        # views (runtime.TVMTensorCreateView), which need the objects. Fixing it means passing the
-        # session's buffers as one server-side tuple; until then, RPC runs past/present builds.
-        raise RPCError(f"{path}: an in-place KV-cache artifact cannot run over TVM RPC yet (the "
-                       "server receives its cache buffers as raw DLTensor*, and views of them need "
-                       "ffi.Tensor objects); compile it with `--kv-cache copy` for RPC benchmarks")
     kind, _, index = (device or device_kind(manifest)).partition(":")
     t0 = time.perf_counter()
-    session.upload(str(path / LIBRARY), LIBRARY)
-    lib = session.load_module(LIBRARY)
+    # a fresh name per upload: overwriting a library the server has loaded already (a second
+    # engine in one session) makes its next dlopen crash the server
+    remote_name = f"model-{os.getpid()}-{next(_UPLOADS)}.so"
+    session.upload(str(path / LIBRARY), remote_name)
+    lib = session.load_module(remote_name)
     dev = session.device(kind, int(index or 0))
     if not dev.exist:
         raise RPCError(f"the RPC server has no {kind}:{index or 0} device (the artifact targets "
                        f"{manifest.get('target_kind')})")
-    engine = Engine(path, device=dev, max_context=max_context, module=lib, session=session)
+    engine = Engine(path, device=dev, max_context=max_context, module=lib, session=session,
+                    **options)
     engine.upload_seconds = time.perf_counter() - t0
     engine.upload_bytes = (path / LIBRARY).stat().st_size + sum(
         int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in engine.params)

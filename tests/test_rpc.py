@@ -115,12 +115,13 @@ def test_tracker_and_server_commands_start_list_and_stop(tmp_path):
 
 
 def test_bench_over_rpc_generates_the_local_tokens(cluster, artifact, engine):
-    """`tvm-lite bench --rpc ... ARTIFACT --json` runs the engine's loop on the remote device."""
+    """`tvm-lite bench --rpc ... ARTIFACT --json` runs the engine's loop on the remote device, with
+    the default (in-place KV cache) artifact: its caches and workspaces live on the server."""
     from tvm_lite.rpc.bench import bench_engine, format_rows
 
-    local = bench_engine(engine("dynamo", "copy"), [16, 64], decode_tokens=8, repeats=2)
+    local = bench_engine(engine("dynamo"), [16, 64], decode_tokens=8, repeats=2)
     out = subprocess.run(
-        [sys.executable, "-m", "tvm_lite.cli", "bench", str(artifact("dynamo", "copy")), "--rpc",
+        [sys.executable, "-m", "tvm_lite.cli", "bench", str(artifact("dynamo")), "--rpc",
          cluster.address, "--key", KEY, "--prompt-len", "16,64", "--decode-tokens", "8",
          "--repeats", "2", "--json"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -137,6 +138,47 @@ def test_bench_over_rpc_generates_the_local_tokens(cluster, artifact, engine):
     assert any(_sessions(s) for s in cluster.servers)
 
 
+def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
+    """In place over RPC, logits equal the local ones through chunked, padded prefill and decode,
+    with two sessions interleaved (each its own server-side caches); bad calls are clear errors;
+    a past/present (copy) artifact runs over RPC too."""
+    from tvm_lite.engine import ContextLengthError, Engine, GenerationConfig, Session
+    from tvm_lite.rpc.remote import remote_engine, request_session
+
+    opts = dict(max_context=96, prefill_chunk=16, buckets=(16,))
+    local = Engine(artifact("dynamo"), **opts)
+    remote = remote_engine(artifact("dynamo"), request_session(cluster.address, KEY), **opts)
+    assert remote.tupled and not local.tupled
+    assert remote.workspace_total_bytes == local.workspace_total_bytes > 0
+    prompts = [list(range(100, 140)), list(range(300, 321))]  # 40 = 16+16+8 (padded), 21 = 16+5
+    ours = [local.new_session() for _ in prompts]
+    theirs = [remote.new_session() for _ in prompts]
+    for a, b, ids in zip(ours, theirs, prompts):
+        np.testing.assert_array_equal(local.prefill(a, ids), remote.prefill(b, ids))
+        assert b.last_call == a.last_call == ("prefill", 16) and b.length == len(ids)
+    for step in range(3):  # the two sessions interleaved, step by step
+        for a, b in zip(ours, theirs):
+            token = 42 + step
+            np.testing.assert_array_equal(local.forward(a, [token]), remote.forward(b, [token]))
+            assert b.last_call == ("decode", 1)
+    # a wrong buffer tuple is a clear error from the server, and the link stays usable
+    wrong = Session(past=remote.workspace["decode"][0])
+    with pytest.raises(Exception, match=r"(?s)param=kv_caches.*expect a Tuple with 60 elements"):
+        remote.forward(wrong, [7])
+    with pytest.raises(ContextLengthError, match="exceeds max_context=96"):
+        remote.prefill(theirs[0], [7] * 60)
+    np.testing.assert_array_equal(local.forward(ours[0], [9]), remote.forward(theirs[0], [9]))
+    del remote, theirs
+
+    copy = remote_engine(artifact("dynamo", "copy"), request_session(cluster.address, KEY),
+                         max_context=96)
+    assert not copy.tupled
+    cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
+    ids = np.array(prompts[1])
+    assert copy.generate(ids, cfg).token_ids == \
+        Engine(artifact("dynamo", "copy"), max_context=96).generate(ids, cfg).token_ids
+
+
 def test_rpc_errors_name_the_cause(cluster, artifact, tmp_path, monkeypatch):
     from tvm_lite import cli
     from tvm_lite.rpc.processes import RPCError
@@ -147,8 +189,13 @@ def test_rpc_errors_name_the_cause(cluster, artifact, tmp_path, monkeypatch):
         request_session(cluster.address, "phone")
     with pytest.raises(RPCError, match="no server under key 'phone'"):
         make_runner(cluster.address, "phone")
-    with pytest.raises(RPCError, match="in-place KV-cache artifact cannot run over TVM RPC"):
+    # an in-place artifact without the tuple entry points (built before them): refused before
+    # the weights are uploaded, with what to do
+    monkeypatch.setattr("tvm_lite.rpc.remote.TUPLED_ENTRIES",
+                        ("alloc_kv_caches", "prefill_tupled", "decode_tupled", "no_such_entry"))
+    with pytest.raises(RPCError, match="has no no_such_entry .*recompile it"):
         remote_engine(artifact("dynamo"), request_session(cluster.address, KEY))
+    monkeypatch.undo()
     with pytest.raises(TuningError, match="database_tuning_record.json"):
         check_database(tmp_path)
     assert cli.main(["compile", str(tmp_path / "model.onnx"), "--tuning-db", str(tmp_path)]) == 2

@@ -13,6 +13,13 @@ Two KV-cache conventions, chosen at compile time (``manifest["options"]["kv_cach
 
 ``Session.kv_bytes_copied`` counts the KV bytes the present -> past round trip copies (0 in place),
 and ``Engine.kv_cache_bytes`` the KV memory each convention holds.
+
+Over TVM RPC (``tvm_lite.rpc.remote_engine``) an in-place artifact keeps its caches and workspace
+buffers on the server, in tuples that the model's ``alloc_kv_caches``/``alloc_workspace`` return,
+and calls ``prefill_tupled``/``decode_tupled`` with those tuples (a remote function receives
+tensor arguments as raw ``DLTensor*``, which the cache and workspace views cannot take; a tuple
+returned by the server crosses back as the object itself:
+``relax_passes/add_tupled_buffer_entries.py``).
 """
 
 from __future__ import annotations
@@ -71,10 +78,11 @@ class Session:
     """One conversation's state: the KV tensors and the tokens they hold.
 
     ``past``: the caches (in place: allocated once at ``max_context`` rows and written in place;
-    copy: the last step's presents). ``length``: the tokens they hold (the next write offset).
+    copy: the last step's presents; in place over RPC: the handle of the server-side tuple that
+    holds them). ``length``: the tokens they hold (the next write offset).
     """
 
-    past: list
+    past: list  # (or, in place over RPC, a tvm.runtime.RPCObjectRef to a tuple of the caches)
     length: int = 0
     tokens: list = field(default_factory=list)
     kv_bytes_copied: int = 0  # total, over all steps
@@ -122,6 +130,12 @@ class Engine:
             from tvm_lite.rpc.remote import remote_calls
 
             self.unpack, self._make_shape, self._read_shape = remote_calls(session)
+        # in place over RPC: caches and workspaces live in server-side tuples (see the module doc)
+        self.tupled = self.split and session is not None
+        if self.tupled:
+            from tvm_lite.rpc.remote import check_tupled_entries
+
+            check_tupled_entries(self.vm, self.path)
         from .gpu_slice import GpuSlicer, set_priority
 
         GpuSlicer(self.dev, gpu_slice)  # validates the option
@@ -166,8 +180,13 @@ class Engine:
                 "prefill": self.workspace_bytes("prefill", self.prefill_chunk, self.max_context)}
         count = max(len(v) for v in need.values())
         sizes = [max(v[i] if i < len(v) else 0 for v in need.values()) for i in range(count)]
-        buffers = [tvm.runtime.empty((max(size, 1),), "uint8", self.dev) for size in sizes]
         self.workspace_total_bytes = sum(sizes)
+        if self.tupled:  # one tuple on the server; each function unpacks the buffers it has
+            if not count:
+                return {}
+            buffers = self.vm["alloc_workspace"](self._make_shape([max(s, 1) for s in sizes]))
+            return {name: [buffers] for name in need}
+        buffers = [tvm.runtime.empty((max(size, 1),), "uint8", self.dev) for size in sizes]
         return {name: buffers[:len(v)] for name, v in need.items()}
 
     def kv_cache_bytes(self, context: int | None = None) -> int:
@@ -179,6 +198,8 @@ class Engine:
         return one if self.kv_mode == "inplace" else 2 * one
 
     def new_session(self) -> Session:
+        if self.tupled:  # the same allocation, made on the server and kept there as a tuple
+            return Session(past=self.vm["alloc_kv_caches"](self._make_shape([self.max_context])))
         if self.kv_mode == "inplace":  # the one allocation of the session's KV memory
             shape = (self.max_context, self.kv_heads, self.head_dim)
         else:
@@ -195,7 +216,8 @@ class Engine:
         return bucket if past + bucket <= self.max_context else n
 
     def _call(self, function: str, args: list):
-        if function != "decode" and (self.gpu_slice is not None or self.slice_record is not None):
+        if not function.startswith("decode") and (self.gpu_slice is not None
+                                                  or self.slice_record is not None):
             from .gpu_slice import GpuSlicer
 
             slicer = GpuSlicer(self.dev, self.gpu_slice, self.sync)
@@ -246,9 +268,10 @@ class Engine:
             args = [tvm.runtime.tensor(a, self.dev) for a in (ids, mask, pos)]
             function = "decode" if padded == 1 else "prefill"
             # the model writes rows [length, total) of each cache in place
-            out = self._call(function, [*args, self._make_shape([session.length]),
-                                        *session.past, *self.workspace.get(function, ()),
-                                        *self.params])
+            caches = [session.past] if self.tupled else session.past
+            out = self._call(function + "_tupled" if self.tupled else function,
+                             [*args, self._make_shape([session.length]), *caches,
+                              *self.workspace.get(function, ()), *self.params])
             session.last_call = (function, padded)
             copied = 0
             total = session.length + n

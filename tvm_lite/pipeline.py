@@ -15,7 +15,9 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    schedules.rules_for(target): CPU rules or GPU rules
     Phase 4  VM lowering           dataflow lowering, memory planning (TVM's StaticPlanBlockMemory,
                                    then tvm_lite's PlanSymbolicArena for prefill/decode unless
-                                   memory_plan="tvm"), VM shape lowering
+                                   memory_plan="tvm"), entry points that take the caches and
+                                   workspaces as tuples (AddTupledBufferEntries: RPC), VM
+                                   shape lowering
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import (AddDecodeFunction, BindDequantKernelShapes, FuseAddRMSNorm,
-                                   FuseAttention, FuseKVAppend, FuseRotary, FuseSiluMul,
-                                   InplaceKVCache,
+from tvm_lite.relax_passes import (AddDecodeFunction, AddTupledBufferEntries,
+                                   BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
+                                   FuseKVAppend, FuseRotary, FuseSiluMul, InplaceKVCache,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
                                    SplitPrefillDecode)
 
@@ -153,6 +155,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
             relax.transform.CallTIRRewrite(),
             relax.transform.StaticPlanBlockMemory(),
             *arena,
+            AddTupledBufferEntries(KV_ATTR),  # in-place decoders over RPC; else a no-op
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),
             relax.transform.LowerRuntimeBuiltin(),
