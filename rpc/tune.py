@@ -557,8 +557,14 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
             # every task, as each tune_tasks call configures its loggers anew
             ms_logger.setLevel(logging.WARNING)
             bar.start_task(task.name, row["best us"] / 1e6 if row["best us"] else None)
+            space, dropped = design_space(task.mod, tgt)
+            if dropped:
+                row["rules dropped"] = dropped
+                log(f"{task.name}: MetaSchedule rule(s) {', '.join(dropped)} fail on this kernel "
+                    "in TVM 0.27; tuning with the others")
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [task.ctx], str(db_dir), strategy=ms.search_strategy.EvolutionarySearch(
+                [task.ctx], str(db_dir), space=space,
+                strategy=ms.search_strategy.EvolutionarySearch(
                     population_size=population, init_min_unmeasured=min(population, 64)),
                 num_threads=os.cpu_count() or 1,
                 seed=None if seed is None else seed + i + row["before"])
@@ -586,6 +592,45 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     report.trials, report.lost = bar.n_recorded, bar.n_lost
     report.seconds = time.perf_counter() - t0
     return _finish(report, db, chosen)
+
+
+def design_space(kernel, target):
+    """MetaSchedule's default search space for ``target``, less the schedule rules that fail on
+    ``kernel``: ``(space generator, names of the rules dropped)``.
+
+    TVM 0.27's ``MultiLevelTilingTensorCore`` raises ("Back optional access") while it builds the
+    space of a 4-bit decode GEMV for CUDA (``M = 1``: no tensor-core shape to tile), and one
+    failing rule fails the whole task. When the full space cannot be built, each rule is tried on
+    its own and the ones that fail are left out; the rest of the space is unchanged."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    mod = kernel if isinstance(kernel, tvm.IRModule) else tvm.IRModule({"main": kernel})
+
+    def space_of(rules, postprocs="from-target", mutators="from-target"):
+        gen = ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs,
+                                                mutator_probs=mutators)
+        ctx = ms.TuneContext(mod=mod, target=target, space_generator=gen, task_name="probe")
+        ctx.generate_design_space()
+        return ctx.space_generator
+
+    try:
+        space_of("from-target")
+        return "post-order-apply", []
+    except Exception:  # pylint: disable=broad-except
+        pass
+    probe = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply",
+                           task_name="probe").space_generator
+    kept, dropped = [], []
+    for rule in probe.sch_rules:
+        try:
+            space_of([rule], postprocs=[], mutators={})
+            kept.append(rule)
+        except Exception:  # pylint: disable=broad-except
+            dropped.append(type(rule).__name__)
+    space = ms.space_generator.PostOrderApply(sch_rules=kept, postprocs=list(probe.postprocs),
+                                              mutator_probs=dict(probe.mutator_probs))
+    return space, dropped
 
 
 def _measure_rules(task: KernelTask, target, builder, runner, bar) -> float | None:
