@@ -1,6 +1,7 @@
 """Local vs RPC benchmark of one artifact on one machine, through a loopback tracker.
 
     python -m tvm_lite.rpc.loopback [ARTIFACT] --target cuda --key cuda      # rpc/gpu_loopback.sh
+    python -m tvm_lite.rpc.loopback ARTIFACT --target cuda --tune 2 --trials 64 --quant e0m4
 
 Starts a tracker and a server on 127.0.0.1, runs ``tvm-lite bench ARTIFACT --json`` locally and
 ``tvm-lite bench --rpc ... ARTIFACT --json`` through the tracker (each in its own process, so one
@@ -8,6 +9,11 @@ releases the device before the other loads), stops the processes, and prints bot
 with their ratio: the RPC path adds the link's latency per step, nothing else, so the two should
 agree within noise (decode steps pay one round trip more, which on loopback is well under a
 millisecond). Exits non-zero if the two generate different greedy tokens.
+
+``--tune N`` then tunes, through the same tracker and server, the ``N`` decode kernels of the
+artifact's ONNX with the most FLOPs (MetaSchedule + XGBoost, ``--trials`` in all), 4-bit weights
+as ``--quant`` says (the E0M4 decode GEMVs with ``--quant e0m4``; the lm_head is quantized too),
+and prints each tuned kernel next to tvm_lite's hand schedule of it ("rules us").
 """
 
 from __future__ import annotations
@@ -42,6 +48,26 @@ def compare(local: dict, remote: dict) -> list[dict]:
     return rows
 
 
+def _tune(artifact, args, tracker: str, out: Path):
+    """A tuning session for the artifact's model through ``tracker`` (see the module doc)."""
+    from tvm_lite.artifact import load_manifest
+    from tvm_lite.quant import QuantConfig
+
+    from .tune import tune_model
+
+    manifest = load_manifest(artifact)
+    quant = None if args.quant == "none" else QuantConfig(
+        format=args.quant, method="rtn", clip_search=False, include_lm_head=True)
+    report = tune_model(manifest["onnx"], args.target, out / "tuned", tracker=tracker,
+                        key=args.key, trials=args.trials, top=args.tune, quant=quant,
+                        kv_cache=manifest.get("options", {}).get("kv_cache", "auto"),
+                        progress=False, log=lambda m: print(m, file=sys.stderr, flush=True))
+    (out / "tune.json").write_text(json.dumps(
+        {"kernels": report.kernels, "trials": report.trials, "lost": report.lost,
+         "stopped": report.stopped, "seconds": report.seconds}, indent=1, default=str))
+    return report
+
+
 def main(argv=None) -> int:
     from tvm_lite.bench import format_table
 
@@ -59,6 +85,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tracker-port", type=int, default=9190)
     p.add_argument("--out", default="rpc_loopback", help="folder for the JSON results and logs")
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="also tune the N decode kernels with the most FLOPs over the tracker")
+    p.add_argument("--trials", type=int, default=64, help="--tune: trial budget in all")
+    p.add_argument("--quant", default="e0m4", choices=["none", "e0m4", "int4"],
+                   help="--tune: the 4-bit format of the weights (RTN, lm_head included)")
     args = p.parse_args(argv)
 
     out = Path(args.out)
@@ -78,9 +109,12 @@ def main(argv=None) -> int:
     # failed in the server's forked session ("cudaErrorInitializationError"), so GPU servers
     # start their sessions with spawn (TVM's --no-fork).
     gpu = not str(args.target).startswith(("llvm", "c "))
+    report = None
     with LocalCluster(key=args.key, servers=1, tracker_port=args.tracker_port,
                       log_dir=out / "logs", no_fork=gpu) as cluster:
         remote = _bench([*common, "--rpc", cluster.address, "--key", args.key])
+        if args.tune:
+            report = _tune(artifact, args, cluster.address, out)
     rows = compare(local, remote)
     (out / "local.json").write_text(json.dumps(local, indent=1))
     (out / "rpc.json").write_text(json.dumps(remote, indent=1))
@@ -88,6 +122,10 @@ def main(argv=None) -> int:
     print(f"{artifact} ({local['target']}) on {local['device']}: local vs RPC over a loopback "
           f"tracker ({args.repeats} repeats, medians in tok/s)")
     print(format_table(rows, list(rows[0])))
+    if report is not None:
+        print(f"MetaSchedule over the tracker ({report.trials} trials, {report.seconds:.0f} s; "
+              "tuned vs tvm_lite's own schedule of each kernel):")
+        print(report.table())
     print(f"results in {out}/", file=sys.stderr)
     return 0 if all(r["same tokens"] for r in rows) else 1
 
