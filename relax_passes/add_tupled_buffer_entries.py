@@ -1,4 +1,5 @@
-"""AddTupledBufferEntries: entry points that take the in-place caches and workspaces as tuples.
+"""AddTupledBufferEntries: entry points that take the in-place caches, workspaces and weights as
+tuples.
 
 Why: over TVM RPC a remote function gets its tensor arguments as raw ``DLTensor*``, not as
 ``ffi.Tensor`` objects, and the in-place decoders read their caches and workspace buffers through
@@ -10,14 +11,24 @@ back, the server gets the object itself, and the tensors inside it are real ``ff
 So this pass adds, for each planned decoder function ``f`` (``prefill``, ``decode``):
 
     f_tupled(*inputs, past_len, kv_caches: R.Tuple(cache_0, ...), [workspace: R.Tuple(ws_0, ...)],
-             *weights) = f(*inputs, past_len, kv_caches[0], ..., workspace[0], ..., *weights)
+             params: R.Tuple(w_0, ...))
+        = f(*inputs, past_len, kv_caches[0], ..., workspace[0], ..., params[0], ...)
 
-a thin wrapper whose body is one ``TupleGetItem`` per buffer and one call of ``f`` (inside the VM:
-the objects reach ``f`` as they are, nothing is copied), and two allocators that the caller runs
-on the server, whose results it keeps as handles and passes to the wrappers:
+a thin wrapper whose body is one ``TupleGetItem`` per buffer and weight and one call of ``f``
+(inside the VM: the objects reach ``f`` as they are, nothing is copied), and three allocators that
+the caller runs on the server, whose results it keeps as handles and passes to the wrappers:
 
     alloc_kv_caches(cache_len: R.Shape([c])) -> R.Tuple(R.Tensor((c, *rest_i), dtype_i) ...)
     alloc_workspace(sizes: R.Shape([s_0, ..., s_{K-1}])) -> R.Tuple(R.Tensor((s_i,), "uint8") ...)
+    alloc_params() -> R.Tuple(R.Tensor(shape_i, dtype_i) ...)      # empty, the weights' types
+
+The weights go in one tuple for speed rather than correctness (a weight is only read, so a raw
+``DLTensor*`` would do): every argument of a remote call is marshalled through the socket at every
+call, and a model has hundreds of weights (SmolLM2: 214) against a handful of other arguments. The
+caller fills ``alloc_params()``'s tensors once (reading them with ``ffi.ArrayGetItem``, one upload
+each) and then passes the one tuple at every step. The weights must have static shapes (they do
+after import); if one does not, or the decoders' weights differ in type, the wrappers take the
+weights as separate arguments as before and no ``alloc_params`` is added (callers check for it).
 
 ``K`` is the most workspace buffers a function has (``PlanSymbolicArena``); every wrapper takes the
 same ``K``-tuple and unpacks the first buffers its function has, as the engine shares one set of
@@ -39,6 +50,7 @@ WORKSPACE_PREFIX = "workspace_"
 SUFFIX = "_tupled"
 ALLOC_KV = "alloc_kv_caches"
 ALLOC_WORKSPACE = "alloc_workspace"
+ALLOC_PARAMS = "alloc_params"
 
 
 def _layout(func: relax.Function, kv_attr: str):
@@ -58,6 +70,19 @@ def _layout(func: relax.Function, kv_attr: str):
     return params[:first_cache], caches, workspaces, rest[len(workspaces):]
 
 
+def _static_weight_types(layouts) -> list | None:
+    """The weights' tensor types if every decoder has the same, all of static shape; else None."""
+    per_func = [[w.ty for w in lay[3]] for lay in layouts]
+    first = per_func[0]
+    for ty in first:
+        if not isinstance(ty, relax.TensorType) or ty.shape is None \
+                or not isinstance(ty.shape, relax.ShapeExpr) \
+                or not all(isinstance(d, tirx.IntImm) for d in ty.shape.values):
+            return None
+    key = [[(str(t.dtype), [int(d) for d in t.shape.values]) for t in tys] for tys in per_func]
+    return first if all(k == key[0] for k in key) else None
+
+
 def _cache_shape(ty: relax.TensorType, cache_len) -> list:
     dims = list(ty.shape.values)
     for d in dims[1:]:
@@ -69,8 +94,9 @@ def _cache_shape(ty: relax.TensorType, cache_len) -> list:
 
 @tvm.transform.module_pass(opt_level=0, name="AddTupledBufferEntries")
 class AddTupledBufferEntries:
-    """Add ``<f>_tupled``, ``alloc_kv_caches`` and ``alloc_workspace`` (see the module doc) for
-    the Relax functions that have the attribute ``kv_attr`` (the in-place decoders)."""
+    """Add ``<f>_tupled``, ``alloc_kv_caches``, ``alloc_workspace`` and ``alloc_params`` (see the
+    module doc) for the Relax functions that have the attribute ``kv_attr`` (the in-place
+    decoders)."""
 
     def __init__(self, kv_attr: str = "tvm_lite.kv_cache_names"):
         self.kv_attr = kv_attr
@@ -87,6 +113,7 @@ class AddTupledBufferEntries:
         if any(t != cache_types[0] for t in cache_types):
             raise ValueError("AddTupledBufferEntries: the decoders' caches differ in type")
         num_workspace = max(len(lay[2]) for lay in layouts.values())
+        weight_types = _static_weight_types(list(layouts.values()))
 
         # the decoders are added again: add_func gives their GlobalVars the function type that a
         # call needs (a GlobalVar made by ``mod["prefill"] = f`` has none)
@@ -97,13 +124,15 @@ class AddTupledBufferEntries:
         for gv, func in targets:
             typed = bb.add_func(func, gv.name_hint)
             assert typed.name_hint == gv.name_hint, (typed.name_hint, gv.name_hint)
-            self._wrap(bb, typed, func, num_workspace)
+            self._wrap(bb, typed, func, num_workspace, weight_types is not None)
         self._alloc_kv(bb, layouts[targets[0][0]][1])
         if num_workspace:
             self._alloc_workspace(bb, num_workspace)
+        if weight_types is not None:
+            self._alloc_params(bb, weight_types)
         return bb.get()
 
-    def _wrap(self, bb, gv, func, num_workspace: int) -> None:
+    def _wrap(self, bb, gv, func, num_workspace: int, tuple_weights: bool) -> None:
         # fresh Vars and symbolic dims: no binding site is shared with ``func``
         inputs, caches, workspaces, weights = _layout(copy_with_new_vars(func), self.kv_attr)
         kv = relax.Var("kv_caches", relax.TupleType([c.ty for c in caches]))
@@ -113,13 +142,19 @@ class AddTupledBufferEntries:
             extra = [relax.TensorType(ndim=1, dtype="uint8")] * (num_workspace - len(workspaces))
             ws = relax.Var("workspace", relax.TupleType([w.ty for w in workspaces] + extra))
             params.append(ws)
-        params += weights
+        if tuple_weights:
+            packed = relax.Var("params", relax.TupleType([w.ty for w in weights]))
+            params.append(packed)
+        else:
+            params += weights
         attrs = {"global_symbol": gv.name_hint + SUFFIX}
         if "relax.force_pure" in func.attrs:
             attrs["relax.force_pure"] = func.attrs["relax.force_pure"]
         with bb.function(gv.name_hint + SUFFIX, params, attrs=attrs, pure=bool(func.is_pure)):
             fields = [bb.emit(relax.TupleGetItem(kv, i)) for i in range(len(caches))]
             fields += [bb.emit(relax.TupleGetItem(ws, i)) for i in range(len(workspaces))]
+            if tuple_weights:
+                weights = [bb.emit(relax.TupleGetItem(packed, i)) for i in range(len(weights))]
             out = bb.emit(relax.Call(gv, [*inputs, *fields, *weights]))
             bb.emit_func_output(out)
 
@@ -140,4 +175,11 @@ class AddTupledBufferEntries:
         with bb.function(ALLOC_WORKSPACE, [shape], attrs={"global_symbol": ALLOC_WORKSPACE}):
             tensors = [bb.emit(relax.op.builtin.alloc_tensor(relax.ShapeExpr([s]), "uint8", 0))
                        for s in sizes]
+            bb.emit_func_output(bb.emit(relax.Tuple(tensors)))
+
+    @staticmethod
+    def _alloc_params(bb, weight_types) -> None:
+        with bb.function(ALLOC_PARAMS, [], attrs={"global_symbol": ALLOC_PARAMS}):
+            tensors = [bb.emit(relax.op.builtin.alloc_tensor(
+                relax.ShapeExpr(list(ty.shape.values)), str(ty.dtype), 0)) for ty in weight_types]
             bb.emit_func_output(bb.emit(relax.Tuple(tensors)))
