@@ -19,7 +19,9 @@ buffers on the server, in tuples that the model's ``alloc_kv_caches``/``alloc_wo
 and calls ``prefill_tupled``/``decode_tupled`` with those tuples (a remote function receives
 tensor arguments as raw ``DLTensor*``, which the cache and workspace views cannot take; a tuple
 returned by the server crosses back as the object itself:
-``relax_passes/add_tupled_buffer_entries.py``).
+``relax_passes/add_tupled_buffer_entries.py``). The weights live there in one tuple too
+(``alloc_params``, filled once per engine): a step passes a handful of arguments, not one more
+per weight.
 """
 
 from __future__ import annotations
@@ -142,9 +144,18 @@ class Engine:
         self.gpu_slice = gpu_slice
         self.slice_record = None  # a gpu_slice.Submissions to record prefill submissions into
         self.priority, self.sync = set_priority(self.dev, priority)
-        with np.load(self.path / PARAMS) as weights:
-            self.params = [tvm.runtime.tensor(weights[f"p{i}"], self.dev)
-                           for i in range(len(weights.files))]
+        # ``params``: the weights as tensors on the device; ``param_args``: what a call passes for
+        # them (the same list, or over RPC one server-side tuple that holds them)
+        self.params_tupled = self.tupled and self.vm.module.implements_function("alloc_params")
+        with np.load(self.path / PARAMS) as weights:  # one weight in host memory at a time
+            count = len(weights.files)
+            arrays = (weights[f"p{i}"] for i in range(count))
+            if self.params_tupled:
+                self.params, self.param_args = self._upload_params_tuple(arrays, count)
+            else:  # locally; over RPC a copy build, or an in-place one built before alloc_params
+                self.params = [tvm.runtime.tensor(w, self.dev) for w in arrays]
+                self.param_args = self.params
+        self.last_call_args = 0  # arguments the last call of the model passed
         self.tokenizer = Tokenizer(self.path, self.model.get("chat_template"),
                                    self.model.get("bos_token_id"))
         self.num_layers = int(self.model["num_layers"])
@@ -160,6 +171,20 @@ class Engine:
                              f"{self.buckets[-1]}")
         self.workspace = self._allocate_workspace() if self.arena else {}
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
+
+    def _upload_params_tuple(self, arrays, count: int) -> tuple[list, list]:
+        """Over RPC: the weights in one tuple on the server, made by the model's ``alloc_params``
+        (empty tensors of the weights' types) and filled here, one upload per weight, once. Each
+        step then passes the tuple's handle instead of one argument per weight (every argument
+        of a remote call crosses the link at every call)."""
+        packed = self.vm["alloc_params"]()
+        tensors = self.unpack(packed)
+        if len(tensors) != count:
+            raise ValueError(f"{self.path}: the model's alloc_params makes {len(tensors)} weights, "
+                             f"{PARAMS} holds {count}")
+        for dst, src in zip(tensors, arrays):
+            dst.copyfrom(src)
+        return tensors, [packed]
 
     # -- the model, one call ----------------------------------------------------------------------
     # -- activation memory: allocated once (relax_passes/plan_symbolic_arena.py) ----------------
@@ -216,6 +241,7 @@ class Engine:
         return bucket if past + bucket <= self.max_context else n
 
     def _call(self, function: str, args: list):
+        self.last_call_args = len(args)
         if not function.startswith("decode") and (self.gpu_slice is not None
                                                   or self.slice_record is not None):
             from .gpu_slice import GpuSlicer
@@ -271,7 +297,7 @@ class Engine:
             caches = [session.past] if self.tupled else session.past
             out = self._call(function + "_tupled" if self.tupled else function,
                              [*args, self._make_shape([session.length]), *caches,
-                              *self.workspace.get(function, ()), *self.params])
+                              *self.workspace.get(function, ()), *self.param_args])
             session.last_call = (function, padded)
             copied = 0
             total = session.length + n
