@@ -140,8 +140,9 @@ def test_bench_over_rpc_generates_the_local_tokens(cluster, artifact, engine):
 
 def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
     """In place over RPC, logits equal the local ones through chunked, padded prefill and decode,
-    with two sessions interleaved (each its own server-side caches); bad calls are clear errors;
-    a past/present (copy) artifact runs over RPC too."""
+    with two sessions interleaved (each its own server-side caches); the weights sit in one
+    server-side tuple, so a step sends 7 arguments, not one more per weight; bad calls are clear
+    errors; a past/present (copy) artifact runs over RPC too (its weights as separate tensors)."""
     from tvm_lite.engine import ContextLengthError, Engine, GenerationConfig, Session
     from tvm_lite.rpc.remote import remote_engine, request_session
 
@@ -149,6 +150,8 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
     local = Engine(artifact("dynamo"), **opts)
     remote = remote_engine(artifact("dynamo"), request_session(cluster.address, KEY), **opts)
     assert remote.tupled and not local.tupled
+    assert remote.params_tupled and not local.params_tupled and len(remote.param_args) == 1
+    assert len(remote.params) == len(local.params) > 200  # 274 in this export
     assert remote.workspace_total_bytes == local.workspace_total_bytes > 0
     prompts = [list(range(100, 140)), list(range(300, 321))]  # 40 = 16+16+8 (padded), 21 = 16+5
     ours = [local.new_session() for _ in prompts]
@@ -161,6 +164,9 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
             token = 42 + step
             np.testing.assert_array_equal(local.forward(a, [token]), remote.forward(b, [token]))
             assert b.last_call == ("decode", 1)
+            # ids, mask, positions, past_len, the caches, the workspaces, the weights
+            assert remote.last_call_args == 7
+            assert local.last_call_args == 4 + 60 + len(local.workspace["decode"]) + len(local.params)
     # a wrong buffer tuple is a clear error from the server, and the link stays usable
     wrong = Session(past=remote.workspace["decode"][0])
     with pytest.raises(Exception, match=r"(?s)param=kv_caches.*expect a Tuple with 60 elements"):
@@ -172,7 +178,7 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
 
     copy = remote_engine(artifact("dynamo", "copy"), request_session(cluster.address, KEY),
                          max_context=96)
-    assert not copy.tupled
+    assert not copy.tupled and not copy.params_tupled
     cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
     ids = np.array(prompts[1])
     assert copy.generate(ids, cfg).token_ids == \
