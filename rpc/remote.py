@@ -112,9 +112,9 @@ def remote_engine(artifact, session, device: str | None = None, max_context: int
     those tuples and call ``prefill``/``decode`` with their fields inside the VM; the tensors
     arrive there as objects and nothing is copied. The weights, too, are one server-side tuple
     (``alloc_params``, filled once here), so a step passes 7 arguments, not one more per weight.
-    Per step only the ids, mask and positions go over, and the last row of logits comes back. An in-place artifact built before these entry
-    points existed is refused with a clear error (rebuild it); one built before ``alloc_params``
-    passes its weights as separate arguments."""
+    Per step only the ids, mask and positions go over, and the last row of logits comes back.
+    An in-place artifact built before these entry points existed is refused with a clear error
+    (rebuild it); one built before ``alloc_params`` passes its weights as separate arguments."""
     from tvm_lite.artifact import LIBRARY, load_manifest
     from tvm_lite.engine import Engine
 
