@@ -52,3 +52,23 @@ def hf_model():
     from tvm_lite.export import default_model_source, load_hf_model
 
     return load_hf_model(default_model_source(), "float32")
+
+
+@pytest.fixture(scope="session")
+def opencl_source(export_dir):
+    """opencl_source(device, quant) -> the OpenCL C of the whole default model (dynamo export)
+    built for ``opencl -device=<device>``, 4-bit weights with ``quant`` ("e0m4", RTN g32): one
+    build per combination per session (several tests read the same whole-model source)."""
+    import tvm_lite
+
+    def build(device="adreno", quant=None):
+        mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+        if quant:
+            from tvm_lite.quant import QuantConfig, quantize_module
+            from tvm_lite.quant.quantize import tokenizer_of
+
+            mod, _ = quantize_module(mod, QuantConfig(quant, "rtn", 32),
+                                     tokenizer_of(export_dir("dynamo")), progress=lambda *_: None)
+        return tvm_lite.device_source(tvm_lite.build(mod, f"opencl -device={device}"), "opencl")
+
+    return functools.cache(build)

@@ -293,15 +293,8 @@ def _check_opencl(src: str, tmp_path, name: str) -> list[str]:
 @pytest.mark.skipif(CLANG is None, reason="clang-15 not installed")
 @pytest.mark.parametrize("device, quant", [("adreno", None), ("mali", None),
                                            ("adreno", "e0m4"), ("mali", "e0m4")])
-def test_whole_model_opencl_passes_clang(export_dir, tmp_path, device, quant):
-    mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
-    if quant:
-        from tvm_lite.quant import QuantConfig, quantize_module
-        from tvm_lite.quant.quantize import tokenizer_of
-
-        mod, _ = quantize_module(mod, QuantConfig(quant, "rtn", 32),
-                                 tokenizer_of(export_dir("dynamo")), progress=lambda *_: None)
-    src = tvm_lite.device_source(tvm_lite.build(mod, f"opencl -device={device}"), "opencl")
+def test_whole_model_opencl_passes_clang(opencl_source, tmp_path, device, quant):
+    src = opencl_source(device, quant)
     assert "kv_append" in src and "add_rms_norm" in src
     left_out = _check_opencl(src, tmp_path, f"{device}_{quant}")
     print(f"\n{device} {quant or 'fp32'}: kernels left out for TVM's let-in-vstore bug: {left_out}")

@@ -158,9 +158,9 @@ def test_one_cache_instance_allocated_once(artifact):
 
 
 @pytest.mark.slow
-def test_adreno_opencl_has_the_kv_write_and_no_kv_concat(export_dir):
+def test_adreno_opencl_has_the_kv_write_and_no_kv_concat(export_dir, opencl_source):
+    src = opencl_source("adreno")
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
-    src = tvm_lite.device_source(tvm_lite.build(mod, "opencl -device=adreno"), "opencl")
     # with the fusion passes a layer's K (rotated) and V rows are written by one kernel
     assert re.search(r"__kernel void kv_append\d*_kernel\(", src) and "kv_write" not in src
     plain = tvm_lite.build(mod, "opencl -device=adreno", fusion=False)

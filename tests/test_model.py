@@ -143,12 +143,8 @@ def test_compile_is_cached(export_dir, artifact):
     assert (path / "model.so").stat().st_mtime == stamp
 
 
-def test_adreno_build_emits_opencl_for_the_whole_model(export_dir):
-    import tvm_lite
-
-    mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
-    ex = tvm_lite.build(mod, target="opencl -device=adreno")
-    src = tvm_lite.device_source(ex, "opencl")
+def test_adreno_build_emits_opencl_for_the_whole_model(opencl_source):
+    src = opencl_source("adreno")
     kernels = src.count("__kernel void")
     assert kernels > 50
     # the matmuls, the attention (fused, or its softmax) and the norms

@@ -315,13 +315,13 @@ def test_e0m4_smollm2_answers_paris(export_dir):
 
 
 @pytest.mark.slow
-def test_whole_e0m4_model_builds_for_adreno(real_mod, export_dir):
+def test_whole_e0m4_model_builds_for_adreno(real_mod, export_dir, opencl_source):
     from tvm_lite.quant import quantize_module
     from tvm_lite.quant.quantize import tokenizer_of
 
-    qmod, summary = quantize_module(real_mod, QuantConfig("e0m4", "rtn", 32), tokenizer_of(export_dir("dynamo")))
+    _, summary = quantize_module(real_mod, QuantConfig("e0m4", "rtn", 32), tokenizer_of(export_dir("dynamo")))
     assert summary["matmul"] == 210 and summary["take"] == 0
-    src = tvm_lite.device_source(tvm_lite.build(qmod, "opencl -device=adreno"), "opencl")
+    src = opencl_source("adreno", "e0m4")  # the same quantization, built once per session
     bodies = {}  # kernel name -> its definition (the source also repeats prototypes)
     for m in re.finditer(r"__kernel void (\w+)\(([^)]*)\)\s*\{", src):
         bodies[m.group(1)] = (m.group(2), src[m.end():src.find("\n}\n", m.end())])
