@@ -1,6 +1,8 @@
 """tvm_lite's Relax passes, one per file, each named for what it does."""
 
 from .add_decode_function import AddDecodeFunction
+from .add_step_entries import AddStepEntries
+from .add_step_helpers import AddStepHelpers
 from .add_tupled_buffer_entries import AddTupledBufferEntries
 from .bind_dequant_kernel_shapes import BindDequantKernelShapes
 from .fuse_add_rms_norm import FuseAddRMSNorm
@@ -15,7 +17,7 @@ from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddDecodeFunction", "AddTupledBufferEntries", "BindDequantKernelShapes",
+__all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries", "BindDequantKernelShapes",
            "FuseAddRMSNorm", "FuseAttention",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",
            "LegalizeGroupedReshape", "NoKVCacheError",

@@ -5,6 +5,10 @@ For each prompt length: ``repeats`` times a fresh session prefills a real-text p
 that many tokens, then decodes ``decode_tokens`` greedy tokens. Speeds are the median over the
 repeats, with their spread (min and max); the greedy tokens are reported too, so two devices (or
 local and RPC) can be checked to compute the same thing.
+
+Artifacts with step entries (``engine.steps``: in-place builds) take the greedy token on the
+device, one call per step, as ``Engine.generate`` does; others read the logits back and take the
+argmax here.
 """
 
 from __future__ import annotations
@@ -26,22 +30,28 @@ def bench_engine(engine, prompt_lens=(64, 256, 1024), decode_tokens: int = 32,
         if n + decode_tokens > engine.max_context:
             raise ValueError(f"prompt {n} + decode {decode_tokens} tokens exceeds the model's "
                              f"context ({engine.max_context})")
+        if engine.steps:
+            first, step = engine.prefill_greedy, engine.decode_greedy
+        else:
+            def first(session, ids):
+                return int(np.argmax(engine.prefill(session, ids)))
+
+            def step(session, token):
+                return int(np.argmax(engine.forward(session, [token])[-1]))
         if warmup:  # first calls of a shape allocate; not what a steady device does
             session = engine.new_session()
-            token = int(np.argmax(engine.prefill(session, ids)))
-            engine.forward(session, [token])
+            step(session, first(session, ids))
         prefill, decode, tokens = [], [], None
         for r in range(repeats):
             if progress:
                 progress(f"prompt {n}: repeat {r + 1}/{repeats}")
             session = engine.new_session()
             t0 = time.perf_counter()
-            logits = engine.prefill(session, ids)
+            out = [first(session, ids)]
             prefill.append(time.perf_counter() - t0)
-            out = [int(np.argmax(logits))]
             t1 = time.perf_counter()
             for _ in range(decode_tokens):
-                out.append(int(np.argmax(engine.forward(session, [out[-1]])[-1])))
+                out.append(step(session, out[-1]))
             decode.append(time.perf_counter() - t1)
             if tokens is None:
                 tokens = out

@@ -117,6 +117,39 @@ def test_same_greedy_tokens_as_the_copy_path(engine):
 
 
 @pytest.mark.slow
+def test_greedy_steps_on_the_device_match_the_logits(artifact):
+    """prefill_step/decode_step (inputs made and argmax taken on the device, one int back) give
+    the argmax of the logits path, through chunked and padded prefill; they write the same one
+    cache in place, and a step that does not fit is refused before anything runs."""
+    eng = Engine(artifact("dynamo"), max_context=128, buckets=(16,), prefill_chunk=16)
+    assert eng.steps
+    ids = eng.encode_prompt(PROMPTS[0])  # chunks of 16, the last one padded
+    assert len(ids) % 16
+    a, b = eng.new_session(), eng.new_session()
+    buffers = [t.data_ptr() for t in b.past]
+    want = [int(np.argmax(eng.prefill(a, ids)))]
+    got = [eng.prefill_greedy(b, ids)]
+    assert b.last_call == a.last_call == ("prefill", 16) and b.length == a.length == len(ids)
+    for _ in range(6):
+        want.append(int(np.argmax(eng.forward(a, [want[-1]])[-1])))
+        got.append(eng.decode_greedy(b, got[-1]))
+        assert eng.last_call_args == 4  # step shape, caches, workspace, weights (3 tuples)
+    assert got == want and b.tokens == a.tokens
+    assert [t.data_ptr() for t in b.past] == buffers and b.kv_bytes_copied == 0
+    # the caches hold the same rows: a logits step after greedy steps agrees with the other path
+    np.testing.assert_allclose(eng.forward(b, [got[-1]]), eng.forward(a, [want[-1]]),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ContextLengthError, match="max_context=128"):
+        eng.prefill_greedy(b, [100] * 120)
+    full = eng.new_session()
+    eng.prefill_greedy(full, [100] * 127)
+    eng.decode_greedy(full, 5)
+    with pytest.raises(ContextLengthError, match="max_context=128"):
+        eng.decode_greedy(full, 5)
+    assert full.length == 128
+
+
+@pytest.mark.slow
 def test_multi_turn_continuation_equals_one_long_prompt(engine):
     eng = engine("dynamo")
     first = eng.encode_prompt([{"role": "user", "content": PROMPTS[0]}])

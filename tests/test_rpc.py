@@ -174,7 +174,16 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
     with pytest.raises(ContextLengthError, match="exceeds max_context=96"):
         remote.prefill(theirs[0], [7] * 60)
     np.testing.assert_array_equal(local.forward(ours[0], [9]), remote.forward(theirs[0], [9]))
-    del remote, theirs
+    # greedy steps: the token is taken on the server; a step is one shape and one call with the
+    # 3 tuples, and the same token comes back as the local logits' argmax
+    assert remote.steps and local.steps
+    for a, b in zip(ours, theirs):
+        want = int(np.argmax(local.forward(a, [21])[-1]))
+        assert remote.decode_greedy(b, 21) == want and remote.last_call_args == 4
+    fresh = remote.new_session()
+    assert remote.prefill_greedy(fresh, prompts[0]) == \
+        int(np.argmax(local.prefill(local.new_session(), prompts[0])))
+    del remote, theirs, fresh
 
     copy = remote_engine(artifact("dynamo", "copy"), request_session(cluster.address, KEY),
                          max_context=96)

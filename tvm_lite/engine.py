@@ -90,6 +90,7 @@ class Session:
     kv_bytes_copied: int = 0  # total, over all steps
     last_step_kv_bytes_copied: int = 0
     last_call: tuple = ()  # (function, padded token count) of the last in-place call
+    past_tuple: object = None  # locally, ``past`` as one ffi.Array for the *_step entries
 
 
 def _device(name: str):
@@ -156,6 +157,11 @@ class Engine:
                 self.params = [tvm.runtime.tensor(w, self.dev) for w in arrays]
                 self.param_args = self.params
         self.last_call_args = 0  # arguments the last call of the model passed
+        self._functions = {}  # the VM's functions by name (over RPC a lookup is a round trip)
+        # one call per greedy step, ints in and the token out (relax_passes/add_step_entries.py)
+        self.steps = self.split and all(self.vm.module.implements_function(f)
+                                        for f in ("prefill_step", "decode_step"))
+        self._weights_tupled = self.split and self.vm.module.implements_function("alloc_params")
         self.tokenizer = Tokenizer(self.path, self.model.get("chat_template"),
                                    self.model.get("bos_token_id"))
         self.num_layers = int(self.model["num_layers"])
@@ -212,6 +218,7 @@ class Engine:
             buffers = self.vm["alloc_workspace"](self._make_shape([max(s, 1) for s in sizes]))
             return {name: [buffers] for name in need}
         buffers = [tvm.runtime.empty((max(size, 1),), "uint8", self.dev) for size in sizes]
+        self._workspace_buffers = buffers
         return {name: buffers[:len(v)] for name, v in need.items()}
 
     def kv_cache_bytes(self, context: int | None = None) -> int:
@@ -240,6 +247,11 @@ class Engine:
         bucket = next((b for b in self.buckets if b >= n), n)
         return bucket if past + bucket <= self.max_context else n
 
+    def _function(self, name: str):
+        if name not in self._functions:
+            self._functions[name] = self.vm[name]
+        return self._functions[name]
+
     def _call(self, function: str, args: list):
         self.last_call_args = len(args)
         if not function.startswith("decode") and (self.gpu_slice is not None
@@ -252,7 +264,7 @@ class Engine:
                 self.slice_record.seconds += slicer.record.seconds
                 self.slice_record.kernels += slicer.record.kernels
         else:
-            out = self.vm[function](*args)
+            out = self._function(function)(*args)
         # over RPC, a remote VM's output tuple arrives as a handle (see tvm_lite.rpc.remote)
         return self.unpack(out) if self.unpack is not None else out
 
@@ -318,6 +330,67 @@ class Engine:
         session.length = total
         return self._last_row(out[0], n) if last_only else out[0].numpy()[0, :n]
 
+    # -- greedy steps: one call each, the token computed on the device -------------------------
+    def _tuple_args(self, session: Session) -> list:
+        """The caches, workspace and weights as the ``*_tupled``/``*_step`` entries take them: the
+        server-side tuples over RPC, ``ffi.Array``s of the engine's own buffers locally."""
+        if self.tupled:
+            return [session.past, *self.workspace.get("decode", ()), *self.param_args]
+        if session.past_tuple is None:
+            session.past_tuple = tvm.runtime.convert(list(session.past))
+        if not hasattr(self, "_local_tuples"):
+            buffers = getattr(self, "_workspace_buffers", [])
+            self._local_tuples = [tvm.runtime.convert(buffers)] if buffers else []
+            self._local_tuples += [tvm.runtime.convert(self.params)] if self._weights_tupled \
+                else list(self.params)
+        return [session.past_tuple, *self._local_tuples]
+
+    def _check_room(self, session: Session, n: int) -> None:
+        if session.length + n > self.max_context:
+            raise ContextLengthError(
+                f"{session.length} tokens in the session + {n} new tokens = {session.length + n} "
+                f"exceeds max_context={self.max_context}")
+
+    def decode_greedy(self, session: Session, token: int) -> int:
+        """Feed one token; return the greedy next token. Needs ``self.steps``: one call of the
+        model's ``decode_step`` (ids, mask and positions made on the device, the argmax taken
+        there, one integer back), so over RPC a step is two round trips and moves no logits."""
+        self._check_room(session, 1)
+        args = [self._make_shape([int(token), session.length]), *self._tuple_args(session)]
+        self.last_call_args = len(args)
+        nxt = int(self._function("decode_step")(*args))
+        session.last_call = ("decode", 1)
+        session.last_step_kv_bytes_copied = 0
+        session.tokens.append(int(token))
+        session.length += 1
+        return nxt
+
+    def prefill_greedy(self, session: Session, ids, chunk_size: int | None = None) -> int:
+        """``prefill`` that returns the greedy next token instead of the logits (``self.steps``:
+        each chunk is one ``prefill_step`` call, padded to a bucket as ``forward`` pads)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("prefill_greedy needs at least one token")
+        self._check_room(session, len(ids))
+        step = min(chunk_size or len(ids), self.prefill_chunk or len(ids))
+        nxt = None
+        for start in range(0, len(ids), step):
+            chunk = ids[start:start + step]
+            n = len(chunk)
+            padded = self.padded_length(n, session.length)
+            if padded == 1:
+                nxt = self.decode_greedy(session, chunk[0])
+                continue
+            tokens = tvm.runtime.tensor(np.array([chunk + [0] * (padded - n)], "int64"), self.dev)
+            args = [tokens, self._make_shape([session.length, n]), *self._tuple_args(session)]
+            self.last_call_args = len(args)
+            nxt = int(self._function("prefill_step")(*args))
+            session.last_call = ("prefill", padded)
+            session.last_step_kv_bytes_copied = 0
+            session.tokens.extend(chunk)
+            session.length += n
+        return nxt
+
     def prefill(self, session: Session, ids, chunk_size: int | None = None) -> np.ndarray:
         """Feed a prompt (in chunks of ``chunk_size`` tokens); return the last position's logits."""
         ids = list(ids)
@@ -364,8 +437,13 @@ class Engine:
         rng = np.random.default_rng(cfg.seed)
         session = session or self.new_session()
         prompt_ids = self.encode_prompt(prompt, chat) if not isinstance(prompt, np.ndarray) else list(prompt)
+        # greedy with step entries: the token comes back from the device, never the logits
+        greedy = cfg.temperature <= 0 and self.steps
         t0 = time.perf_counter()
-        logits = self.prefill(session, prompt_ids, chunk_size)
+        if greedy:
+            token = self.prefill_greedy(session, prompt_ids, chunk_size)
+        else:
+            logits = self.prefill(session, prompt_ids, chunk_size)
         t_prefill = time.perf_counter() - t0
         new: list[int] = []
         text = ""
@@ -373,7 +451,8 @@ class Engine:
         steps = 0
         t_decode = 0.0
         while True:
-            token = self._sample(logits, cfg, rng)
+            if not greedy:
+                token = self._sample(logits, cfg, rng)
             if token in stops:
                 reason = "stop"
                 break
@@ -388,7 +467,10 @@ class Engine:
                 reason = "context"
                 break
             t1 = time.perf_counter()
-            logits = self.forward(session, [token])[-1]
+            if greedy:
+                token = self.decode_greedy(session, token)
+            else:
+                logits = self.forward(session, [token])[-1]
             t_decode += time.perf_counter() - t1
             steps += 1
         self.last = GenerationResult(self.tokenizer.decode(new), new, len(prompt_ids), reason,

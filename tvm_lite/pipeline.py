@@ -7,7 +7,8 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    KV cache (InplaceKVCache) unless kv_cache="copy", then main
                                    split into prefill + decode (SplitPrefillDecode), each
                                    layer's attention on the cache as one kernel (FuseAttention)
-                                   unless fused_attention=False, 4-bit kernels
+                                   unless fused_attention=False, the step helpers (step inputs
+                                   and greedy token on the device: AddStepHelpers), 4-bit kernels
                                    rebuilt per call shape (BindDequantKernelShapes), then the
                                    fusion passes unless fusion=False (fusion_passes())
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
@@ -16,8 +17,8 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
     Phase 4  VM lowering           dataflow lowering, memory planning (TVM's StaticPlanBlockMemory,
                                    then tvm_lite's PlanSymbolicArena for prefill/decode unless
                                    memory_plan="tvm"), entry points that take the caches and
-                                   workspaces as tuples (AddTupledBufferEntries: RPC), VM
-                                   shape lowering
+                                   workspaces as tuples (AddTupledBufferEntries: RPC), one-call
+                                   greedy steps over them (AddStepEntries), VM shape lowering
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.relax_passes import (AddDecodeFunction, AddTupledBufferEntries,
+from tvm_lite.relax_passes import (AddDecodeFunction, AddStepEntries, AddStepHelpers,
+                                   AddTupledBufferEntries,
                                    BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
                                    FuseKVAppend, FuseRotary, FuseSiluMul, InplaceKVCache,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
@@ -118,6 +120,8 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
                                                SplitPrefillDecode(only_with_attr=KV_ATTR)]
     if fused_attention and kv_passes:
         kv_passes.append(FuseAttention())
+    if kv_passes:  # device-side step inputs and greedy token (relax_passes/add_step_helpers.py)
+        kv_passes.append(AddStepHelpers(KV_ATTR))
     arena = [PlanSymbolicArena(only_with_attr=KV_ATTR)] if memory_plan == "arena" else []
     if decode_function is None:
         decode_function = bool(tuning_db)
@@ -156,6 +160,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
             relax.transform.StaticPlanBlockMemory(),
             *arena,
             AddTupledBufferEntries(KV_ATTR),  # in-place decoders over RPC; else a no-op
+            AddStepEntries(),  # prefill_step/decode_step: ints in, the greedy token out
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),
             relax.transform.LowerRuntimeBuiltin(),

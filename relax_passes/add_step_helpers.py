@@ -1,0 +1,131 @@
+"""AddStepHelpers: the small device functions a generation step needs besides the model.
+
+A greedy step of an in-place decoder needs, besides the model itself, its three int64 inputs
+(the ids, the attention mask, the positions) and the argmax of the last real row of the logits.
+Made on the host, they cost a step four transfers: three uploads and the logits row back
+(SmolLM2: 49,152 logits; over TVM RPC each transfer is a round trip, and copies run at tens of
+MB/s through TVM's RPC even on loopback). Made on the device from a few integers, they cost
+nothing to move, and the one number a step really returns is the token.
+
+This pass adds three Relax functions, written with Relax ops so that the pipeline legalizes and
+schedules their kernels like the model's own (no per-target code here). Their integers come in
+shapes (a Relax ``R.Prim`` argument binds no symbolic dim; an ``R.Shape`` does):
+
+    step_token_ids(token: R.Shape([t])) -> R.Tensor((1, 1), "int64")                   # [[t]]
+    step_inputs(sizes: R.Shape([p, r, m]))
+        -> (mask: R.Tensor((1, p + m), "int64"), positions: R.Tensor((1, m), "int64"))
+    greedy_token(logits: R.Tensor((1, n, vocab)), row: R.Shape([i])) -> R.Tensor((1,), "int64")
+
+``step_inputs`` is what the engine builds on the host otherwise: mask 1 for the ``p`` cached and
+the ``r`` real new tokens and 0 for the ``m - r`` padding after them, positions ``p .. p + m - 1``.
+``greedy_token`` is ``argmax(logits[0, i])`` as two one-output reductions (the max, then the first
+index that holds it: numpy's tie-break), which the GPU reduction rules schedule; a two-output
+argmax reduction is not what DLight's rules match.
+
+``AddStepEntries`` (VM-lowering phase) composes them with the decoders into ``prefill_step`` /
+``decode_step``. Only modules with in-place decoders (the ``kv_attr`` attribute) get the helpers,
+and only when the decoders' first three inputs are the int64 ``(1, n)`` ids, ``(1, past + n)``
+mask and ``(1, n)`` positions the engine feeds, then ``past_len``; the vocabulary size and the
+logits dtype come from the decoders' output.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+
+STEP_TOKEN_IDS = "step_token_ids"
+STEP_INPUTS = "step_inputs"
+GREEDY_TOKEN = "greedy_token"
+
+
+def _logits_type(func: relax.Function) -> relax.TensorType | None:
+    """The decoder's logits type ((1, n, vocab), static vocab), or None if it returns other."""
+    ret = func.ret_ty
+    if isinstance(ret, relax.TupleType):
+        ret = ret.fields[0] if len(ret.fields) else None
+    if not isinstance(ret, relax.TensorType) or ret.ndim != 3 or ret.shape is None:
+        return None
+    vocab = ret.shape.values[-1]
+    return ret if isinstance(vocab, tirx.IntImm) else None
+
+
+def step_interface(func: relax.Function) -> relax.TensorType | None:
+    """The logits type of an in-place decoder the step helpers fit (the engine's int64 ids, mask
+    and positions first, then ``past_len``), else None."""
+    params = list(func.params)
+    if len(params) < 4 or params[3].name != "past_len":
+        return None
+    for p in params[:3]:
+        ty = p.ty
+        if not isinstance(ty, relax.TensorType) or ty.ndim != 2 or str(ty.dtype) != "int64":
+            return None
+    return _logits_type(func)
+
+
+def _shape(name: str, dims: list[str]) -> tuple[relax.Var, list[tirx.Var]]:
+    vars_ = [tirx.Var(d, "int64") for d in dims]
+    return relax.Var(name, relax.ShapeType(vars_)), vars_
+
+
+def add_token_ids(bb) -> None:
+    token, (t,) = _shape("token", ["t"])
+    with bb.function(STEP_TOKEN_IDS, [token], attrs={"global_symbol": STEP_TOKEN_IDS}):
+        with bb.dataflow():
+            ids = bb.emit(relax.op.arange(t, t + 1, 1, "int64"))
+            out = bb.emit_output(relax.op.reshape(ids, [1, 1]))
+        bb.emit_func_output(out)
+
+
+def add_inputs(bb) -> None:
+    sizes, (p, r, m) = _shape("sizes", ["past", "real", "padded"])
+    with bb.function(STEP_INPUTS, [sizes], attrs={"global_symbol": STEP_INPUTS}):
+        with bb.dataflow():
+            ones = bb.emit(relax.op.ones([p + r], "int64"))
+            zeros = bb.emit(relax.op.zeros([m - r], "int64"))
+            mask = bb.emit(relax.op.reshape(relax.op.concat([ones, zeros], axis=0),
+                                            [1, p + m]))
+            pos = bb.emit(relax.op.reshape(relax.op.arange(p, p + m, 1, "int64"), [1, m]))
+            out = bb.emit_output(relax.Tuple([mask, pos]))
+        bb.emit_func_output(out)
+
+
+def add_greedy_token(bb, vocab: int, dtype: str) -> None:
+    n = tirx.Var("n", "int64")
+    logits = relax.Var("logits", relax.TensorType([1, n, vocab], dtype))
+    row, (i,) = _shape("row", ["i"])
+    with bb.function(GREEDY_TOKEN, [logits, row], attrs={"global_symbol": GREEDY_TOKEN}):
+        with bb.dataflow():
+            x = bb.emit(relax.op.strided_slice(logits, axes=[1], begin=[i], end=[i + 1]))
+            x = bb.emit(relax.op.reshape(x, [vocab]))
+            top = bb.emit(relax.op.max(x, axis=0, keepdims=True))
+            index = bb.emit(relax.op.arange(0, vocab, 1, "int64"))
+            where = bb.emit(relax.op.where(relax.op.equal(x, top), index,
+                                           relax.const(vocab, "int64")))
+            out = bb.emit_output(relax.op.min(where, axis=0, keepdims=True))
+        bb.emit_func_output(out)
+
+
+@tvm.transform.module_pass(opt_level=0, name="AddStepHelpers")
+class AddStepHelpers:
+    """Add ``step_token_ids``, ``step_inputs`` and ``greedy_token`` (see the module doc) to a
+    module whose in-place decoders (attribute ``kv_attr``) fit them; otherwise a no-op."""
+
+    def __init__(self, kv_attr: str = "tvm_lite.kv_cache_names"):
+        self.kv_attr = kv_attr
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        decoders = [f for _, f in mod.functions_items()
+                    if isinstance(f, relax.Function) and self.kv_attr in (f.attrs or {})]
+        types = [step_interface(f) for f in decoders]
+        if not decoders or any(t is None for t in types):
+            return mod
+        vocab = int(types[0].shape.values[-1])
+        dtype = str(types[0].dtype)
+        if any(int(t.shape.values[-1]) != vocab or str(t.dtype) != dtype for t in types):
+            return mod
+        bb = relax.BlockBuilder(mod)
+        add_token_ids(bb)
+        add_inputs(bb)
+        add_greedy_token(bb, vocab, dtype)
+        return bb.get()
