@@ -4,8 +4,11 @@
     engine = remote_engine("out/", session)        # uploads model.so and the weights
     print(engine.generate("Hi").text)              # prefill/decode run on the phone's GPU
 
-The host keeps the tokenizer, sampling and the loop; each step crosses the link twice (the ids in,
-the last row of logits out), which is what a phone over adb/Wi-Fi pays as well.
+The host keeps the tokenizer, sampling and the loop. A greedy step of an in-place artifact is one
+shape made on the server and one call of ``decode_step``, whose result (the next token) crosses
+back by value: the inputs are built and the argmax is taken on the device
+(``relax_passes/add_step_entries.py``). Sampling with a temperature, and past/present builds, send
+the ids, mask and positions and read the last row of logits back each step.
 """
 
 from __future__ import annotations

@@ -22,6 +22,12 @@ returned by the server crosses back as the object itself:
 ``relax_passes/add_tupled_buffer_entries.py``). The weights live there in one tuple too
 (``alloc_params``, filled once per engine): a step passes a handful of arguments, not one more
 per weight.
+
+Greedy generation of an in-place artifact takes one call per step (``prefill_greedy``,
+``decode_greedy``): the model's ``prefill_step``/``decode_step`` build the ids, mask and positions
+on the device from a shape of integers, run the decoder and return the argmax of the last real
+row as an integer (``relax_passes/add_step_entries.py``), so no logits leave the device. Sampling
+with a temperature (and ``forward``) reads the logits back.
 """
 
 from __future__ import annotations
