@@ -17,8 +17,11 @@ from .profiles import GPUProfile
 
 
 def reduction_rules(_profile: GPUProfile) -> list:
-    """The reduction rules for a GPU profile (the same stock rules for all four today)."""
-    return [dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+    """The reduction rules for a GPU profile (the same for all four today): DLight's, then
+    tvm_lite's reduction of a whole vector to one element (``gpu_scalar_reduction.py``)."""
+    from .gpu_scalar_reduction import GPUScalarReduction
+
+    return [dl.gpu.Reduction(), dl.gpu.GeneralReduction(), GPUScalarReduction()]
 
 
 __all__ = ["reduction_rules"]

@@ -1,0 +1,72 @@
+"""A reduction of a whole vector to one value on a GPU: the greedy token's max and first index.
+
+``greedy_token`` (``relax_passes/add_step_helpers.py``) reduces the 49,152 logits of a row to
+their max, then to the first index that holds it. Both are reductions whose output is a single
+element. DLight's ``gpu.Reduction`` only matches sum-like updates and its ``GeneralReduction``
+does not take these either, so they fell to ``gpu.Fallback``: one thread looping over the whole
+vector, a read-modify-write of global memory per element (about a millisecond per reduction on an
+H200, measured as the whole decode step slowing from ~4.7 to ~7.3 ms).
+
+This rule takes a function whose blocks, after inlining its elementwise producers (the
+``equal``/``where`` feeding the min), are one reduction with every spatial extent 1 and a static
+reduction extent: it binds the reduction to one workgroup of ``threads`` threads, each reading a
+strided (coalesced) slice, and TVM lowers the reduction over ``threadIdx.x`` to a cross-thread
+all-reduce (warp shuffles on CUDA, local memory on OpenCL). Any commutative reducer works (max,
+min, sum).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+from tvm.target import Target
+
+
+class GPUScalarReduction(dl.ScheduleRule):
+    """One reduction to a single element over a static extent of at least ``min_extent``, with
+    elementwise producers; ``threads``: the workgroup size (capped by the target's)."""
+
+    def __init__(self, threads: int = 256, min_extent: int = 256):
+        self.threads = threads
+        self.min_extent = min_extent
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name not in (
+                "cuda", "opencl", "vulkan", "metal", "rocm", "webgpu"):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline_contiguous_spatial(sch, infos)
+        if infos is None or len(infos) != 1 or not infos[0].is_reduction():
+            return None
+        block = infos[0].block_rv
+        loops = sch.get_loops(block)
+        kinds = infos[0].dom_kind()
+        if len(kinds) != len(loops) or "O" in kinds:
+            return None
+        spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+        reduce = [lp for lp, k in zip(loops, kinds) if k == "R"]
+        extents = [sch.get(lp).extent for lp in loops]
+        if not all(isinstance(e, tirx.IntImm) for e in extents):
+            return None
+        if any(int(sch.get(lp).extent) != 1 for lp in spatial) or not reduce:
+            return None
+        total = 1
+        for lp in reduce:
+            total *= int(sch.get(lp).extent)
+        if total < self.min_extent:
+            return None
+        threads = min(self.threads, int(target.attrs.get("max_num_threads", self.threads)))
+        sch.reorder(*spatial, *reduce)
+        outer = sch.fuse(*spatial) if spatial else sch.add_unit_loop(block)
+        _, tx = sch.split(sch.fuse(*reduce), [None, threads])
+        sch.bind(outer, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        return sch
+
+
+__all__ = ["GPUScalarReduction"]
