@@ -6,6 +6,7 @@
 #   TARGET="cuda -arch=sm_90" KEY=cuda PROMPTS=64,256,1024 REPEATS=5 rpc/gpu_loopback.sh
 #
 #   TUNE=2 TRIALS=64 rpc/gpu_loopback.sh ARTIFACT   # then tune the 2 biggest E0M4 decode kernels
+#   rpc/gpu_loopback.sh --shape smollm2-135m --variant tvm_lite-e0m4   # a random-weight model
 #
 # Results (JSON and the servers' logs) go to $OUT (default rpc_loopback/). The tracker needs
 # tornado and the tuning cost model xgboost: a GPU machine without a package registry gets them

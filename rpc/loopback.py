@@ -2,6 +2,11 @@
 
     python -m tvm_lite.rpc.loopback [ARTIFACT] --target cuda --key cuda      # rpc/gpu_loopback.sh
     python -m tvm_lite.rpc.loopback ARTIFACT --target cuda --tune 2 --trials 64 --quant e0m4
+    python -m tvm_lite.rpc.loopback --shape smollm2-135m --variant tvm_lite-e0m4 --target cuda
+
+``--shape`` builds the artifact from a seeded random-weight model of that shape (fp16 export, as
+``tvm_lite.bench_models`` makes them: what a GPU machine that cannot receive the real weights
+runs), compiled as ``--variant`` says.
 
 Starts a tracker and a server on 127.0.0.1, runs ``tvm-lite bench ARTIFACT --json`` locally and
 ``tvm-lite bench --rpc ... ARTIFACT --json`` through the tracker (each in its own process, so one
@@ -77,6 +82,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", nargs="?", default=None,
                    help="compiled artifact (default: compile the embedded model for --target)")
+    p.add_argument("--shape", default=None, help="no ARTIFACT: build one from a random-weight "
+                   "model of this shape (tvm_lite.bench_models.SHAPES)")
+    p.add_argument("--variant", default="tvm_lite-e0m4",
+                   help="--shape: tvm_lite-e0m4, tvm_lite-int4 or tvm_lite-fp16")
     p.add_argument("--target", default="cuda")
     p.add_argument("--key", default="loopback")
     p.add_argument("--device", default=None, help="default: the artifact's target kind")
@@ -95,7 +104,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     artifact = args.artifact
-    if artifact is None:
+    if artifact is None and args.shape:
+        from tvm_lite.bench_models import compile_variant, random_model
+        from tvm_lite.export import export_onnx
+
+        work = out / "models" / args.shape
+        onnx_dir = export_onnx(random_model(args.shape, work / "hf"), work / "onnx",
+                               dtype="float16")
+        artifact = str(compile_variant(onnx_dir, args.variant, args.target))
+    elif artifact is None:
         from tvm_lite.cli import resolve_artifact
 
         artifact = str(resolve_artifact(None, args.target))
