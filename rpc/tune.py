@@ -20,6 +20,11 @@ a session that stops (a server lost, Ctrl-C) keeps them, and a rerun resumes, co
 each kernel's budget. A measurement lost with its device is not recorded (it is not the schedule's
 fault); if no server is left under the key for ``server_wait`` seconds, tuning stops with a clear
 error.
+
+A tuned kernel is used only where it beats tvm_lite's rules: each kernel's hand-scheduled time,
+measured the same way ("rules us"), is kept next to the records (``tvm_lite_rules.json``), and a
+build applies a record only if it is faster (``records_faster_than_rules``). On the H200 the rules'
+packed E0M4 GEMV beat MetaSchedule's best by 1.2-1.8x, and such a database must not slow the build.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from .processes import RPCError, parse_address, tracker_status
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+RULES = "tvm_lite_rules.json"  # structural hash of a kernel -> its run time (s) with tvm_lite's rules
 DEVICE_LOST = "[tvm_lite.rpc: device lost]"
 _FAILED = 1e9  # MetaSchedule stores 1e10 s for a candidate that failed
 
@@ -62,9 +68,64 @@ def check_database(path) -> Path:
 
 def database_digest(path) -> str:
     h = hashlib.sha256()
-    for name in (WORKLOADS, RECORDS):
+    for name in (WORKLOADS, RECORDS, RULES):
+        if name == RULES and not (Path(path) / name).exists():
+            continue
         h.update((Path(path) / name).read_bytes())
     return h.hexdigest()[:16]
+
+
+def _kernel_key(mod) -> str:
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(mod))
+
+
+def record_rules_time(path, mod, seconds: float) -> None:
+    """Keep the run time of ``mod`` as tvm_lite's rules schedule it next to the database."""
+    import json
+
+    file = Path(path) / RULES
+    times = json.loads(file.read_text()) if file.exists() else {}
+    times[_kernel_key(mod)] = seconds
+    file.write_text(json.dumps(times, indent=1, sort_keys=True))
+
+
+def records_faster_than_rules(path, skipped: list | None = None):
+    """An in-memory copy of the database at ``path`` without the kernels whose best record is not
+    faster than tvm_lite's rules measured in the same session (kernels without a rules time keep
+    their records). ``skipped`` receives the workloads' function names that were left out."""
+    import json
+
+    from tvm.s_tir import meta_schedule as ms
+
+    file = Path(path) / RULES
+    rules = json.loads(file.read_text()) if file.exists() else {}
+    src = ms.database.JSONDatabase(work_dir=str(path), allow_missing=False,
+                                   module_equality="structural")
+    out = ms.database.MemoryDatabase(module_equality="structural")
+    by_workload = {}
+    for rec in src.get_all_tuning_records():
+        by_workload.setdefault(_kernel_key(rec.workload.mod), []).append(rec)
+    for key, records in by_workload.items():
+        valid = [r for r in records if r.run_secs and float(r.run_secs[0]) < _FAILED]
+        best = min((sum(float(t) for t in r.run_secs) / len(r.run_secs) for r in valid),
+                   default=None)
+        if best is None or (key in rules and best >= rules[key]):
+            if skipped is not None:
+                skipped.append(_func_name(records[0].workload.mod))
+            continue
+        workload = out.commit_workload(records[0].workload.mod)
+        for r in valid:
+            out.commit_tuning_record(ms.database.TuningRecord(
+                r.trace, workload, r.run_secs, r.target, r.args_info))
+    return out
+
+
+def _func_name(mod) -> str:
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    func = mod[names[0]]
+    return str(func.attrs.get("global_symbol", names[0])) if func.attrs else names[0]
 
 
 def open_database(path):
@@ -552,6 +613,8 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
         if baseline:  # tvm_lite's own schedule of each kernel, measured the same way
             for task, row in zip(chosen, report.kernels):
                 row["rules us"] = _measure_rules(task, tgt, builder, runner, bar)
+                if row["rules us"]:
+                    record_rules_time(db_dir, task.mod, row["rules us"] / 1e6)
         for i, (task, row, n) in enumerate(todo):
             # its per-round tables would drown the progress bar (they stay in DB/logs/); set for
             # every task, as each tune_tasks call configures its loggers anew

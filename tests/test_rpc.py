@@ -7,6 +7,7 @@ only in the key, the target and the cross-compiler.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,7 +253,8 @@ def test_tune_over_rpc_loses_servers_resumes_and_builds(cluster, export_dir, art
     import tvm_lite
     from tvm_lite.artifact import compile_model, load_manifest
     from tvm_lite.engine import Engine, GenerationConfig
-    from tvm_lite.rpc.tune import RECORDS, measured, open_database, tune_model
+    from tvm_lite.rpc.tune import (RECORDS, RULES, measured, open_database,
+                                   records_faster_than_rules, tune_model)
 
     db = tmp_path / "db"
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
@@ -303,9 +305,18 @@ def test_tune_over_rpc_loses_servers_resumes_and_builds(cluster, export_dir, art
     assert len((db / RECORDS).read_text().splitlines()) == r1.trials + r2.trials + r3.trials
     assert _rpc_processes_of_tuning() == []
 
-    # 4. the build applies the tuned kernel and still generates the same tokens
+    # 4. a build uses a tuned kernel only where it beat the rules' time kept next to the records
+    rules = json.loads((db / RULES).read_text())
+    assert list(rules.values()) == [pytest.approx(row["rules us"] / 1e6)]
+    skipped = []
+    records_faster_than_rules(db, skipped)
+    assert len(skipped) == (row["best us"] >= row["rules us"])
+    # without a rules time (a database tuned with baseline=False) the records are applied: the
+    # build uses the tuned kernel and still generates the same tokens
+    shutil.copytree(db, tmp_path / "db_records_only")
+    (tmp_path / "db_records_only" / RULES).unlink()
     tuned = compile_model(export_dir("dynamo"), "llvm", out_dir=tmp_path / "tuned",
-                          tuning_db=db, progress=lambda *_: None)
+                          tuning_db=tmp_path / "db_records_only", progress=lambda *_: None)
     manifest = load_manifest(tuned)
     assert manifest["tuned_kernels"] == [KERNEL] and manifest["options"]["decode_function"]
     cfg = GenerationConfig(max_new_tokens=16, stop_token_ids=())

@@ -123,7 +123,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     engine allocates once) or "tvm"; the engine reads both from the manifest.
     ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights).
     ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) whose kernels replace
-    tvm_lite's schedules where it has them; a past/present artifact then has a ``decode``
+    tvm_lite's schedules where they measured faster than them in the tuning session (kernels
+    tuned without a rules time keep their records); a past/present artifact then has a ``decode``
     function too. ``pipeline="stock"``: TVM's default pipeline (the baseline; past/present KV).
     ``fusion``, ``fused_attention``: see :func:`tvm_lite.build`."""
     from .compiler import build, detach_params, device_source

@@ -71,19 +71,19 @@ def _scheduled(mod) -> set:
 
 
 def _tuned_schedules(tuning_db, applied: list | None) -> list:
-    """MetaSchedule's records (``tvm-lite tune``) before the rules: tuned kernels win, the others
-    keep tvm_lite's rules (ApplyDefaultSchedule skips scheduled functions). The names of the
-    kernels the database scheduled go to ``applied``."""
+    """MetaSchedule's records (``tvm-lite tune``) before the rules: a tuned kernel is used where
+    it measured faster than tvm_lite's rules in its tuning session, the others keep the rules
+    (ApplyDefaultSchedule skips scheduled functions). The names of the kernels the database
+    scheduled go to ``applied``."""
     if not tuning_db:
         return []
 
     @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
     def apply(mod, _ctx):
-        from tvm.s_tir import meta_schedule as ms
+        from tvm_lite.rpc.tune import records_faster_than_rules
 
         before = _scheduled(mod)
-        with ms.database.JSONDatabase(work_dir=str(tuning_db), allow_missing=False,
-                                      module_equality="structural"):
+        with records_faster_than_rules(tuning_db):
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         if applied is not None:
             applied.extend(sorted(_scheduled(mod) - before))
