@@ -153,3 +153,31 @@ def test_adreno_build_emits_opencl_for_the_whole_model(opencl_source):
     for name in ("matmul", "rms_norm"):
         assert f"__kernel void {name}" in src or f"void fused_{name}" in src or name in src
     assert "get_local_id" in src  # scheduled onto work-items, not single-threaded
+
+
+def _hold_lock(path, seconds, out):
+    import time
+
+    from tvm_lite.export import cache_lock
+
+    with cache_lock(path):
+        start = time.monotonic()
+        time.sleep(seconds)
+        out.put((start, time.monotonic()))
+
+
+def test_cache_lock_lets_one_process_build_an_entry_at_a_time(tmp_path):
+    """Exports and artifacts are built under a lock on their cache entry, so two processes (test
+    workers, shells) asking for the same one never write it at the same time: one waits."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_hold_lock, args=(tmp_path / "entry", 1.0, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    spans = sorted(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert spans[1][0] >= spans[0][1]  # the second held it only after the first let go
+    assert (tmp_path / "entry.lock").exists()

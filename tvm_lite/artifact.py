@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .export import MODEL_JSON, cache_dir
+from .export import MODEL_JSON, cache_dir, cache_lock
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -127,12 +127,9 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     tuned without a rules time keep their records); a past/present artifact then has a ``decode``
     function too. ``pipeline="stock"``: TVM's default pipeline (the baseline; past/present KV).
     ``fusion``, ``fused_attention``: see :func:`tvm_lite.build`."""
-    from .compiler import build, detach_params, device_source
-    from .frontend import from_onnx
     from .target import parse_target
 
     onnx_path = _onnx_file(model)
-    folder = onnx_path.parent
     tgt = parse_target(target)
     if kv_cache not in ("inplace", "copy"):
         raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")
@@ -154,10 +151,31 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
     manifest_path = out / MANIFEST
-    if manifest_path.exists() and not force:
-        if json.loads(manifest_path.read_text()).get("key") == key:
-            return out
 
+    def built() -> bool:
+        return manifest_path.exists() and not force \
+            and json.loads(manifest_path.read_text()).get("key") == key
+
+    if built():
+        return out
+    # one process compiles a cache entry; another one asking for it (a second test worker, a
+    # second shell) waits and then finds it built
+    with cache_lock(out):
+        if built():
+            return out
+        return _compile_into(out, key, onnx_path, tgt, options, progress, kv_cache=kv_cache,
+                             memory_plan=memory_plan, quant=quant, tuning_db=tuning_db,
+                             pipeline=pipeline, fusion=fusion)
+
+
+def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, progress, *,
+                  kv_cache, memory_plan, quant, tuning_db, pipeline, fusion) -> Path:
+    """compile_model's work, once it holds the entry's lock."""
+    from .compiler import build, detach_params, device_source
+    from .frontend import from_onnx
+
+    folder = onnx_path.parent
+    manifest_path = out / MANIFEST
     t0 = time.perf_counter()
     progress(f"importing {onnx_path}")
     mod = from_onnx(onnx_path)
@@ -215,6 +233,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         manifest.update(tuning_db=str(tuning_db), tuned_kernels=applied)
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return out
+
 
 
 def load_manifest(artifact) -> dict:

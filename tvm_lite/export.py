@@ -14,6 +14,7 @@ files and ``tvm_lite_model.json`` (config, special tokens, chat template). Expor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -39,6 +40,22 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """An exclusive lock on ``<path>.lock`` (advisory, ``fcntl.flock``) for as long as the block
+    runs: released when the block ends or the process dies."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def default_model_source() -> Path:
@@ -173,7 +190,14 @@ def export_onnx(source=None, out_dir=None, exporter: str = "dynamo", dtype: str 
     out_dir = Path(out_dir)
     if (out_dir / "model.onnx").exists() and (out_dir / MODEL_JSON).exists() and not force:
         return out_dir
+    with cache_lock(out_dir):  # one process exports; another asking waits and reuses it
+        if (out_dir / "model.onnx").exists() and (out_dir / MODEL_JSON).exists() and not force:
+            return out_dir
+        return _export(src, out_dir, exporter, dtype, progress)
 
+
+def _export(src: Path, out_dir: Path, exporter: str, dtype: str, progress) -> Path:
+    """export_onnx's work, once it holds the folder's lock."""
     import torch
 
     progress(f"exporting {src.name} with torch.onnx ({exporter}) -> {out_dir}")
