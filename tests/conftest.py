@@ -10,8 +10,10 @@ import pytest
 
 
 def pytest_collection_modifyitems(items):
-    """The tutorial notebooks (marked ``tutorial``) run after every other test: the export/compile
-    cache the tests fill is warm by then."""
+    """The tutorial notebooks (marked ``tutorial``) run after every other test of their worker:
+    the export/compile cache the tests fill is warm by then (with ``-n 2 --dist loadfile`` the
+    other worker runs other files meanwhile; the cache's locks keep them from building an entry
+    twice)."""
     items.sort(key=lambda item: item.get_closest_marker("tutorial") is not None)
 
 
