@@ -27,15 +27,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from .add_step_helpers import GREEDY_TOKEN, STEP_INPUTS, STEP_TOKEN_IDS
+from .add_step_helpers import GREEDY_TOKEN, STEP_INPUTS, STEP_TOKEN_IDS, shape_param
 from .add_tupled_buffer_entries import SUFFIX
 
 STEP_SUFFIX = "_step"
-
-
-def _shape(name: str, dims: list[str]) -> tuple[relax.Var, list[tirx.Var]]:
-    vars_ = [tirx.Var(d, "int64") for d in dims]
-    return relax.Var(name, relax.ShapeType(vars_)), vars_
 
 
 @tvm.transform.module_pass(opt_level=0, name="AddStepEntries")
@@ -70,10 +65,10 @@ class AddStepEntries:
         if prefill:
             m = tirx.Var("m", "int64")
             ids = relax.Var("ids", relax.TensorType([1, m], "int64"))
-            step, (p, r) = _shape("step", ["past_len", "real"])
+            step, (p, r) = shape_param("step", ["past_len", "real"])
             params = [ids, step, *buffers]
         else:
-            step, (t, p) = _shape("step", ["token", "past_len"])
+            step, (t, p) = shape_param("step", ["token", "past_len"])
             params = [step, *buffers]
             m = r = tirx.IntImm("int64", 1)
         with bb.function(name + STEP_SUFFIX, params, attrs=attrs, pure=bool(func.is_pure)):

@@ -63,13 +63,14 @@ def step_interface(func: relax.Function) -> relax.TensorType | None:
     return _logits_type(func)
 
 
-def _shape(name: str, dims: list[str]) -> tuple[relax.Var, list[tirx.Var]]:
+def shape_param(name: str, dims: list[str]) -> tuple[relax.Var, list[tirx.Var]]:
+    """A Relax ``R.Shape`` parameter whose dims are new int64 symbolic vars named ``dims``."""
     vars_ = [tirx.Var(d, "int64") for d in dims]
     return relax.Var(name, relax.ShapeType(vars_)), vars_
 
 
 def add_token_ids(bb) -> None:
-    token, (t,) = _shape("token", ["t"])
+    token, (t,) = shape_param("token", ["t"])
     with bb.function(STEP_TOKEN_IDS, [token], attrs={"global_symbol": STEP_TOKEN_IDS}):
         with bb.dataflow():
             ids = bb.emit(relax.op.arange(t, t + 1, 1, "int64"))
@@ -78,7 +79,7 @@ def add_token_ids(bb) -> None:
 
 
 def add_inputs(bb) -> None:
-    sizes, (p, r, m) = _shape("sizes", ["past", "real", "padded"])
+    sizes, (p, r, m) = shape_param("sizes", ["past", "real", "padded"])
     with bb.function(STEP_INPUTS, [sizes], attrs={"global_symbol": STEP_INPUTS}):
         with bb.dataflow():
             ones = bb.emit(relax.op.ones([p + r], "int64"))
@@ -93,7 +94,7 @@ def add_inputs(bb) -> None:
 def add_greedy_token(bb, vocab: int, dtype: str) -> None:
     n = tirx.Var("n", "int64")
     logits = relax.Var("logits", relax.TensorType([1, n, vocab], dtype))
-    row, (i,) = _shape("row", ["i"])
+    row, (i,) = shape_param("row", ["i"])
     with bb.function(GREEDY_TOKEN, [logits, row], attrs={"global_symbol": GREEDY_TOKEN}):
         with bb.dataflow():
             x = bb.emit(relax.op.strided_slice(logits, axes=[1], begin=[i], end=[i + 1]))
