@@ -27,6 +27,10 @@ def test_sliced_prefill_bounds_every_submission_and_keeps_the_tokens(artifact, e
     assert all(0 < k <= 40 for k in record.kernels)
     assert len(record.kernels) > calls  # each call was cut into several submissions
     assert len(record.seconds) == len(record.kernels)
+    sliced.slice_record = Submissions()  # generate's greedy path (prefill_step) is sliced too
+    sliced.prefill_greedy(sliced.new_session(), ids)
+    assert all(0 < k <= 40 for k in sliced.slice_record.kernels)
+    assert len(sliced.slice_record.kernels) > calls
 
     sliced.gpu_slice = None  # the same calls unsliced: one submission per call, many kernels each
     sliced.slice_record = Submissions()

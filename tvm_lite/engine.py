@@ -271,8 +271,11 @@ class Engine:
                 self.slice_record.kernels += slicer.record.kernels
         else:
             out = self._function(function)(*args)
-        # over RPC, a remote VM's output tuple arrives as a handle (see tvm_lite.rpc.remote)
-        return self.unpack(out) if self.unpack is not None else out
+        # over RPC, a remote VM's output tuple arrives as a handle (see tvm_lite.rpc.remote); the
+        # step entries return an int, which crosses by value
+        if self.unpack is None or isinstance(out, int):
+            return out
+        return self.unpack(out)
 
     def _last_row(self, logits, n: int) -> np.ndarray:
         """logits[0, n-1] as [1, vocab], without copying the other rows to the host (200 MB for
@@ -363,8 +366,7 @@ class Engine:
         there, one integer back), so over RPC a step is two round trips and moves no logits."""
         self._check_room(session, 1)
         args = [self._make_shape([int(token), session.length]), *self._tuple_args(session)]
-        self.last_call_args = len(args)
-        nxt = int(self._function("decode_step")(*args))
+        nxt = int(self._call("decode_step", args))
         session.last_call = ("decode", 1)
         session.last_step_kv_bytes_copied = 0
         session.tokens.append(int(token))
@@ -389,8 +391,7 @@ class Engine:
                 continue
             tokens = tvm.runtime.tensor(np.array([chunk + [0] * (padded - n)], "int64"), self.dev)
             args = [tokens, self._make_shape([session.length, n]), *self._tuple_args(session)]
-            self.last_call_args = len(args)
-            nxt = int(self._function("prefill_step")(*args))
+            nxt = int(self._call("prefill_step", args))  # (sliced, as prefill is, if asked)
             session.last_call = ("prefill", padded)
             session.last_step_kv_bytes_copied = 0
             session.tokens.extend(chunk)
