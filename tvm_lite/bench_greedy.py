@@ -1,0 +1,82 @@
+"""The greedy token's kernel on a GPU, with and without ``GPUScalarReduction``.
+
+    TVM_CUDA_COMPILE_MODE=nvcc python -m tvm_lite.bench_greedy [--target "cuda -arch=sm_90"] [--vocab 49152]
+
+Builds ``greedy_token`` (``relax_passes/add_step_helpers.py``: the argmax of one row of logits,
+as the max and then the first index that holds it) twice for the target: with tvm_lite's GPU rules
+as they are, and without ``GPUScalarReduction`` (its reductions then fall to DLight's
+``gpu.Fallback``, one thread over the whole row). Checks both against numpy (a tie included) and
+prints the median time of a call. On the H200 (vocab 49,152, fp16): 2,649 us without the rule,
+44 us with it (an earlier run: 2,685 and 49).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def bench(target: str = "cuda -arch=sm_90", device: str = "cuda", vocab: int = 49152,
+          calls: int = 50) -> list[dict]:
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    from tvm_lite import schedules
+    from tvm_lite.relax_passes.add_step_helpers import add_greedy_token
+    from tvm_lite.schedules.gpu_scalar_reduction import GPUScalarReduction
+    from tvm_lite.target import parse_target
+
+    bb = relax.BlockBuilder()
+    add_greedy_token(bb, vocab, "float16")
+    mod = bb.get()
+    tgt = parse_target(target)
+    dev = tvm.device(device, 0)
+    x = np.random.default_rng(0).standard_normal((1, 4, vocab)).astype("float16")
+    x[0, 3, 7] = x[0, 3, vocab - 9] = 30  # a tie: the first index wins, as in numpy
+    xs = tvm.runtime.tensor(x, dev)
+    rules = schedules.rules_for(tgt)
+    rows = []
+    for name, use in (("gpu.Fallback", [r for r in rules if not isinstance(r, GPUScalarReduction)]),
+                      ("GPUScalarReduction", rules)):
+        with tgt:
+            built = tvm.transform.Sequential([
+                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseOps(), relax.transform.FuseTIR(),
+                dl.ApplyDefaultSchedule(*use)])(mod)
+            vm = relax.VirtualMachine(tvm.compile(built, target=tgt), dev)
+        f = vm["greedy_token"]
+        got = [int(f(xs, tvm.runtime.ShapeTuple([i])).numpy()[0]) for i in range(4)]
+        for _ in range(5):
+            f(xs, tvm.runtime.ShapeTuple([3]))
+        dev.sync()
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            f(xs, tvm.runtime.ShapeTuple([3]))
+            dev.sync()
+            times.append(time.perf_counter() - t0)
+        rows.append({"schedule": name, "us per call (median)": float(np.median(times) * 1e6),
+                     "min us": float(min(times) * 1e6),
+                     "argmax = numpy": got == [int(np.argmax(x[0, i])) for i in range(4)]})
+    return rows
+
+
+def main(argv=None) -> int:
+    from tvm_lite.bench import format_table
+
+    p = argparse.ArgumentParser(prog="python -m tvm_lite.bench_greedy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="cuda -arch=sm_90")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--vocab", type=int, default=49152)
+    args = p.parse_args(argv)
+    rows = bench(args.target, args.device, args.vocab)
+    print(format_table(rows, list(rows[0])))
+    return 0 if all(r["argmax = numpy"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
