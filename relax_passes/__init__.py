@@ -17,7 +17,8 @@ from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries", "BindDequantKernelShapes",
+__all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries",
+           "BindDequantKernelShapes",
            "FuseAddRMSNorm", "FuseAttention",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",
            "LegalizeGroupedReshape", "NoKVCacheError",

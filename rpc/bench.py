@@ -22,6 +22,15 @@ def bench_engine(engine, prompt_lens=(64, 256, 1024), decode_tokens: int = 32,
                  repeats: int = 3, warmup: bool = True, progress=None) -> list[dict]:
     from tvm_lite.bench import _prompt_ids
 
+    if engine.steps:
+        first, step = engine.prefill_greedy, engine.decode_greedy
+    else:
+        def first(session, ids):
+            return int(np.argmax(engine.prefill(session, ids)))
+
+        def step(session, token):
+            return int(np.argmax(engine.forward(session, [token])[-1]))
+
     rows = []
     for n in prompt_lens:
         ids = _prompt_ids(engine, n)
@@ -30,14 +39,6 @@ def bench_engine(engine, prompt_lens=(64, 256, 1024), decode_tokens: int = 32,
         if n + decode_tokens > engine.max_context:
             raise ValueError(f"prompt {n} + decode {decode_tokens} tokens exceeds the model's "
                              f"context ({engine.max_context})")
-        if engine.steps:
-            first, step = engine.prefill_greedy, engine.decode_greedy
-        else:
-            def first(session, ids):
-                return int(np.argmax(engine.prefill(session, ids)))
-
-            def step(session, token):
-                return int(np.argmax(engine.forward(session, [token])[-1]))
         if warmup:  # first calls of a shape allocate; not what a steady device does
             session = engine.new_session()
             step(session, first(session, ids))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -83,8 +84,6 @@ def _kernel_key(mod) -> str:
 
 def record_rules_time(path, mod, seconds: float) -> None:
     """Keep the run time of ``mod`` as tvm_lite's rules schedule it next to the database."""
-    import json
-
     file = Path(path) / RULES
     times = json.loads(file.read_text()) if file.exists() else {}
     times[_kernel_key(mod)] = seconds
@@ -95,8 +94,6 @@ def records_faster_than_rules(path, skipped: list | None = None):
     """An in-memory copy of the database at ``path`` without the kernels whose best record is not
     faster than tvm_lite's rules measured in the same session (kernels without a rules time keep
     their records). ``skipped`` receives the workloads' function names that were left out."""
-    import json
-
     from tvm.s_tir import meta_schedule as ms
 
     file = Path(path) / RULES

@@ -235,7 +235,6 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, prog
     return out
 
 
-
 def load_manifest(artifact) -> dict:
     path = Path(artifact) / MANIFEST
     if not path.exists():

@@ -182,6 +182,14 @@ class Engine:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds the largest bucket "
                              f"{self.buckets[-1]}")
         self.workspace = self._allocate_workspace() if self.arena else {}
+        # locally, the workspace and weights as the *_step entries take them (ffi.Array tuples;
+        # over RPC they are server-side tuples already)
+        self._local_tuples = []
+        if self.steps and not self.tupled:
+            buffers = getattr(self, "_workspace_buffers", [])
+            self._local_tuples = [tvm.runtime.convert(buffers)] if buffers else []
+            self._local_tuples += [tvm.runtime.convert(self.params)] if self._weights_tupled \
+                else list(self.params)
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
 
     def _upload_params_tuple(self, arrays, count: int) -> tuple[list, list]:
@@ -298,10 +306,7 @@ class Engine:
         by the next tokens."""
         ids = np.asarray(ids, dtype="int64").reshape(1, -1)
         n = ids.shape[1]
-        if session.length + n > self.max_context:
-            raise ContextLengthError(
-                f"{session.length} tokens in the session + {n} new tokens = {session.length + n} "
-                f"exceeds max_context={self.max_context}")
+        self._check_room(session, n)
         if self.prefill_chunk and n > self.prefill_chunk:
             raise ValueError(f"forward takes at most prefill_chunk={self.prefill_chunk} tokens, got "
                              f"{n}: use prefill(), which chunks")
@@ -347,11 +352,6 @@ class Engine:
             return [session.past, *self.workspace.get("decode", ()), *self.param_args]
         if session.past_tuple is None:
             session.past_tuple = tvm.runtime.convert(list(session.past))
-        if not hasattr(self, "_local_tuples"):
-            buffers = getattr(self, "_workspace_buffers", [])
-            self._local_tuples = [tvm.runtime.convert(buffers)] if buffers else []
-            self._local_tuples += [tvm.runtime.convert(self.params)] if self._weights_tupled \
-                else list(self.params)
         return [session.past_tuple, *self._local_tuples]
 
     def _check_room(self, session: Session, n: int) -> None:
