@@ -12,12 +12,14 @@ import tvm
 from tvm import relax
 from tvm.relax.utils import copy_with_new_vars
 
+from ..convention import DECODE, MAIN
+
 
 @tvm.transform.module_pass(opt_level=0, name="AddDecodeFunction")
 class AddDecodeFunction:
     """Add ``name`` = ``source`` with the symbolic dim ``var`` bound to ``value``."""
 
-    def __init__(self, var: str = "seq", value: int = 1, source: str = "main", name: str = "decode"):
+    def __init__(self, var: str = "seq", value: int = 1, source: str = MAIN, name: str = DECODE):
         self.var, self.value, self.source, self.name = var, value, source, name
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -27,10 +27,19 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from .add_step_helpers import GREEDY_TOKEN, STEP_INPUTS, STEP_TOKEN_IDS, shape_param
-from .add_tupled_buffer_entries import SUFFIX
+from ..convention import (DECODE, DECODERS, GREEDY_TOKEN, PAST_LEN, STEP_INPUTS, STEP_TOKEN_IDS,
+                          step, tupled)
+from .add_step_helpers import shape_param
 
-STEP_SUFFIX = "_step"
+
+def buffer_params(func: relax.Function) -> list:
+    """The parameters of a ``*_tupled`` entry after ``past_len``: the caches' tuple, the
+    workspace's (if any) and the weights (one tuple, or one each), found by name."""
+    names = [p.name for p in func.params]
+    if PAST_LEN not in names:
+        raise ValueError(f"AddStepEntries: {func.attrs.get('global_symbol')} has no {PAST_LEN} "
+                         "parameter (not an in-place decoder's tuple entry)")
+    return list(func.params)[names.index(PAST_LEN) + 1:]
 
 
 @tvm.transform.module_pass(opt_level=0, name="AddStepEntries")
@@ -38,40 +47,40 @@ class AddStepEntries:
     """Add ``prefill_step`` and ``decode_step`` (see the module doc) for the decoders that have
     ``<name>_tupled`` entries, when the step helpers are in the module."""
 
-    def __init__(self, decoders=("prefill", "decode")):
+    def __init__(self, decoders=DECODERS):
         self.decoders = tuple(decoders)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         names = {gv.name_hint: gv for gv in mod.get_global_vars()}
         if not all(h in names for h in (STEP_TOKEN_IDS, STEP_INPUTS, GREEDY_TOKEN)):
             return mod
-        todo = [d for d in self.decoders if d + SUFFIX in names]
+        todo = [d for d in self.decoders if tupled(d) in names]
         if not todo:
             return mod
         bb = relax.BlockBuilder(mod)
         for name in todo:
-            self._entry(bb, names, name, prefill=name != "decode")
+            self._entry(bb, names, name, prefill=name != DECODE)
         return bb.get()
 
     @staticmethod
     def _entry(bb, names, name: str, prefill: bool) -> None:
-        wrapper = names[name + SUFFIX]
+        wrapper = names[tupled(name)]
         func = bb.get()[wrapper]
         # the tuple arguments (caches, workspace, weights) as the wrapper takes them, fresh vars
-        buffers = [relax.Var(p.name, p.ty) for p in list(func.params)[4:]]
-        attrs = {"global_symbol": name + STEP_SUFFIX}
+        buffers = [relax.Var(p.name, p.ty) for p in buffer_params(func)]
+        attrs = {"global_symbol": step(name)}
         if "relax.force_pure" in func.attrs:
             attrs["relax.force_pure"] = func.attrs["relax.force_pure"]
         if prefill:
             m = tirx.Var("m", "int64")
             ids = relax.Var("ids", relax.TensorType([1, m], "int64"))
-            step, (p, r) = shape_param("step", ["past_len", "real"])
-            params = [ids, step, *buffers]
+            shape, (p, r) = shape_param("step", [PAST_LEN, "real"])
+            params = [ids, shape, *buffers]
         else:
-            step, (t, p) = shape_param("step", ["token", "past_len"])
-            params = [step, *buffers]
+            shape, (t, p) = shape_param("step", ["token", PAST_LEN])
+            params = [shape, *buffers]
             m = r = tirx.IntImm("int64", 1)
-        with bb.function(name + STEP_SUFFIX, params, attrs=attrs, pure=bool(func.is_pure)):
+        with bb.function(step(name), params, attrs=attrs, pure=bool(func.is_pure)):
             if not prefill:
                 ids = bb.emit(relax.Call(names[STEP_TOKEN_IDS], [relax.ShapeExpr([t])]))
             inputs = bb.emit(relax.Call(names[STEP_INPUTS], [relax.ShapeExpr([p, r, m])]))

@@ -34,9 +34,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-STEP_TOKEN_IDS = "step_token_ids"
-STEP_INPUTS = "step_inputs"
-GREEDY_TOKEN = "greedy_token"
+from ..convention import GREEDY_TOKEN, KV_CACHE_ATTR, STEP_INPUTS, STEP_TOKEN_IDS
 
 
 def _logits_type(func: relax.Function) -> relax.TensorType | None:
@@ -112,7 +110,7 @@ class AddStepHelpers:
     """Add ``step_token_ids``, ``step_inputs`` and ``greedy_token`` (see the module doc) to a
     module whose in-place decoders (attribute ``kv_attr``) fit them; otherwise a no-op."""
 
-    def __init__(self, kv_attr: str = "tvm_lite.kv_cache_names"):
+    def __init__(self, kv_attr: str = KV_CACHE_ATTR):
         self.kv_attr = kv_attr
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -46,11 +46,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.utils import copy_with_new_vars
 
-WORKSPACE_PREFIX = "workspace_"
-SUFFIX = "_tupled"
-ALLOC_KV = "alloc_kv_caches"
-ALLOC_WORKSPACE = "alloc_workspace"
-ALLOC_PARAMS = "alloc_params"
+from ..convention import (ALLOC_KV_CACHES, ALLOC_PARAMS, ALLOC_WORKSPACE, KV_CACHE_ATTR, PAST_LEN,
+                          TUPLED_SUFFIX, WORKSPACE_PREFIX, tupled)
 
 
 def _layout(func: relax.Function, kv_attr: str):
@@ -58,10 +55,10 @@ def _layout(func: relax.Function, kv_attr: str):
     num_caches = len(func.attrs[kv_attr])
     params = list(func.params)
     names = [p.name for p in params]
-    if "past_len" not in names:
+    if PAST_LEN not in names:
         raise ValueError(f"AddTupledBufferEntries: {func.attrs.get('global_symbol')} has no "
                          "past_len input (not an in-place decoder)")
-    first_cache = names.index("past_len") + 1
+    first_cache = names.index(PAST_LEN) + 1
     caches = params[first_cache:first_cache + num_caches]
     rest = params[first_cache + num_caches:]
     workspaces = [p for p in rest if p.name.startswith(WORKSPACE_PREFIX)]
@@ -98,13 +95,13 @@ class AddTupledBufferEntries:
     module doc) for the Relax functions that have the attribute ``kv_attr`` (the in-place
     decoders)."""
 
-    def __init__(self, kv_attr: str = "tvm_lite.kv_cache_names"):
+    def __init__(self, kv_attr: str = KV_CACHE_ATTR):
         self.kv_attr = kv_attr
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         targets = [(gv, f) for gv, f in mod.functions_items()
                    if isinstance(f, relax.Function) and self.kv_attr in (f.attrs or {})
-                   and not gv.name_hint.endswith(SUFFIX)]
+                   and not gv.name_hint.endswith(TUPLED_SUFFIX)]
         if not targets:
             return mod
         layouts = {gv: _layout(f, self.kv_attr) for gv, f in targets}
@@ -147,10 +144,10 @@ class AddTupledBufferEntries:
             params.append(packed)
         else:
             params += weights
-        attrs = {"global_symbol": gv.name_hint + SUFFIX}
+        attrs = {"global_symbol": tupled(gv.name_hint)}
         if "relax.force_pure" in func.attrs:
             attrs["relax.force_pure"] = func.attrs["relax.force_pure"]
-        with bb.function(gv.name_hint + SUFFIX, params, attrs=attrs, pure=bool(func.is_pure)):
+        with bb.function(tupled(gv.name_hint), params, attrs=attrs, pure=bool(func.is_pure)):
             fields = [bb.emit(relax.TupleGetItem(kv, i)) for i in range(len(caches))]
             fields += [bb.emit(relax.TupleGetItem(ws, i)) for i in range(len(workspaces))]
             if tuple_weights:
@@ -162,7 +159,7 @@ class AddTupledBufferEntries:
     def _alloc_kv(bb, caches) -> None:
         cache_len = tirx.Var("cache_len", "int64")
         shape = relax.Var("cache_len", relax.ShapeType([cache_len]))
-        with bb.function(ALLOC_KV, [shape], attrs={"global_symbol": ALLOC_KV}):
+        with bb.function(ALLOC_KV_CACHES, [shape], attrs={"global_symbol": ALLOC_KV_CACHES}):
             tensors = [bb.emit(relax.op.builtin.alloc_tensor(
                 relax.ShapeExpr(_cache_shape(c.ty, cache_len)), str(c.ty.dtype), 0))
                 for c in caches]

@@ -41,6 +41,8 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.script import from_source
 
+from ..convention import KV_CACHE_ATTR
+
 
 @tvm_ffi.register_error  # keeps its type when raised inside the pass pipeline
 class KVCacheRewriteError(ValueError):
@@ -287,7 +289,7 @@ class InplaceKVCache:
             "tvm_lite.input_names": [n for p, n in zip(rewriter.inputs, input_names)
                                      if p not in rewriter.caches] + ["past_len"] + kv_names,
             "tvm_lite.output_names": kept_names,
-            "tvm_lite.kv_cache_names": kv_names,
+            KV_CACHE_ATTR: kv_names,
         })
         out = rewriter.builder_.get()
         out["main"] = new_func

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax, tirx
 
+from ..convention import WORKSPACE_BYTES_SUFFIX, workspace_bytes
+
 ALIGN = 64  # bytes: block sizes are rounded up to 64
 WORKSPACE = "workspace"
 
@@ -191,7 +193,7 @@ class PlanSymbolicArena:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function) or gv.name_hint.endswith("_workspace_bytes"):
+            if not isinstance(func, relax.Function) or gv.name_hint.endswith(WORKSPACE_BYTES_SUFFIX):
                 continue
             if self.only_with_attr and self.only_with_attr not in (func.attrs or {}):
                 continue
@@ -218,7 +220,7 @@ class PlanSymbolicArena:
                 "tvm_lite.storages": len(requests),
             })
             out[gv] = new
-            name = gv.name_hint + "_workspace_bytes"
+            name = workspace_bytes(gv.name_hint)
             out[name] = _size_function(func, sizes).with_attr("global_symbol", name)
         return out
 

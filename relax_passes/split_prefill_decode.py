@@ -13,6 +13,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
+from ..convention import DECODE, MAIN, PREFILL
+
 
 @tvm.transform.module_pass(opt_level=0, name="SplitPrefillDecode")
 class SplitPrefillDecode:
@@ -26,7 +28,7 @@ class SplitPrefillDecode:
         self.only_with_attr = only_with_attr
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        func = mod["main"]
+        func = mod[MAIN]
         if self.only_with_attr and self.only_with_attr not in (func.attrs or {}):
             return mod
         first = func.params[0].ty
@@ -35,13 +37,13 @@ class SplitPrefillDecode:
         token_dims = [d for d in first.shape.values if isinstance(d, tirx.Var)]
         if not token_dims:
             raise ValueError("SplitPrefillDecode: main's first input has no symbolic dim")
-        out = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
+        out = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != MAIN},
                            attrs=mod.attrs)
         base = func.without_attr("global_symbol") if "global_symbol" in (func.attrs or {}) \
             else func
-        out["prefill"] = base.with_attr("global_symbol", "prefill")
+        out[PREFILL] = base.with_attr("global_symbol", PREFILL)
         # a copy: no Var is shared by two functions
-        out["decode"] = relax.utils.copy_with_new_vars(base).with_attr("global_symbol", "decode")
-        decode_dims = [d for d in out["decode"].params[0].ty.shape.values if isinstance(d, tirx.Var)]
-        out = relax.transform.BindSymbolicVars({d: 1 for d in decode_dims}, "decode")(out)
+        out[DECODE] = relax.utils.copy_with_new_vars(base).with_attr("global_symbol", DECODE)
+        decode_dims = [d for d in out[DECODE].params[0].ty.shape.values if isinstance(d, tirx.Var)]
+        out = relax.transform.BindSymbolicVars({d: 1 for d in decode_dims}, DECODE)(out)
         return out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import convention
 from .processes import RPCError, parse_address, tracker_status
 
 # target kind in the manifest -> the device the artifact runs on
@@ -50,7 +51,7 @@ def request_session(tracker: str, key: str, priority: int = 1, session_timeout: 
 
 
 # what an in-place artifact needs to run over RPC (relax_passes/add_tupled_buffer_entries.py)
-TUPLED_ENTRIES = ("alloc_kv_caches", "prefill_tupled", "decode_tupled")
+TUPLED_ENTRIES = convention.TUPLED_ENTRIES
 
 
 def _tuple_reader(session):

@@ -25,6 +25,7 @@ def bench(target: str = "cuda -arch=sm_90", device: str = "cuda", vocab: int = 4
     from tvm.s_tir import dlight as dl
 
     from tvm_lite import schedules
+    from tvm_lite.convention import GREEDY_TOKEN
     from tvm_lite.relax_passes.add_step_helpers import add_greedy_token
     from tvm_lite.schedules.gpu_scalar_reduction import GPUScalarReduction
     from tvm_lite.target import parse_target
@@ -47,7 +48,7 @@ def bench(target: str = "cuda -arch=sm_90", device: str = "cuda", vocab: int = 4
                 relax.transform.FuseOps(), relax.transform.FuseTIR(),
                 dl.ApplyDefaultSchedule(*use)])(mod)
             vm = relax.VirtualMachine(tvm.compile(built, target=tgt), dev)
-        f = vm["greedy_token"]
+        f = vm[GREEDY_TOKEN]
         got = [int(f(xs, tvm.runtime.ShapeTuple([i])).numpy()[0]) for i in range(4)]
         for _ in range(5):
             f(xs, tvm.runtime.ShapeTuple([3]))

@@ -20,6 +20,8 @@ from collections import Counter
 import tvm
 from tvm import relax, tirx
 
+from .convention import DECODE, DECODERS, PREFILL
+
 SHAPE_BUILTINS = ("vm.builtin.check_tensor_info", "vm.builtin.check_shape_info",
                   "vm.builtin.match_shape", "vm.builtin.make_shape", "vm.builtin.alloc_shape_heap",
                   "vm.builtin.check_prim_value_info", "vm.builtin.match_prim_value",
@@ -76,22 +78,22 @@ def plans(mod: tvm.IRModule, target="llvm", bound: int = 2048) -> dict:
         cut = upto.index("StaticPlanBlockMemory") + 1
         ours = tvm.transform.Sequential(vm_passes[:cut + 1])(lowered)  # + PlanSymbolicArena
         out = {}
-        for name in ("prefill", "decode"):
+        for name in DECODERS:
             attrs = ours[name].attrs
             out[name] = {"none": attrs["tvm_lite.unplanned_bytes"],
                          "TVM": attrs["tvm_lite.tvm_planned_bytes"],
                          "tvm_lite": attrs["tvm_lite.workspace_bytes"],
                          "blocks": int(attrs["tvm_lite.arena_blocks"])}
         # stock TVM: one function for every length, bounded
-        dims = {v.name: v for v in relax.analysis.defined_symbolic_vars(lowered["prefill"])}
-        bounded = lowered["prefill"].with_attr(
+        dims = {v.name: v for v in relax.analysis.defined_symbolic_vars(lowered[PREFILL])}
+        bounded = lowered[PREFILL].with_attr(
             "tir_var_upper_bound", {name: bound for name in dims if name != "cache_len"})
         stock = tvm.IRModule({gv: f for gv, f in lowered.functions_items()
-                              if gv.name_hint not in ("decode", "prefill")})
-        stock["prefill"] = bounded
+                              if gv.name_hint not in (DECODE, PREFILL)})
+        stock[PREFILL] = bounded
         stock = tvm.transform.Sequential(vm_passes[:cut])(stock)
-        out["prefill"]["TVM bound"] = _storage_bytes(stock["prefill"])
-        out["decode"]["TVM bound"] = out["prefill"]["TVM bound"]  # the same function runs decode
+        out[PREFILL]["TVM bound"] = _storage_bytes(stock[PREFILL])
+        out[DECODE]["TVM bound"] = out[PREFILL]["TVM bound"]  # the same function runs decode
     return out
 
 
@@ -100,7 +102,7 @@ def plan_table(mod, seqs=(1, 128, 512, 2048), past: int = 0, bound: int = 2048) 
     symbolic = plans(mod, bound=bound)
     rows = []
     for seq in seqs:
-        name = "decode" if seq == 1 else "prefill"
+        name = DECODE if seq == 1 else PREFILL
         values = {"seq": seq, "past_seq": past}
         row = {"function": name, "seq": seq, "past": past}
         for plan in ("none", "TVM", "TVM bound", "tvm_lite"):

@@ -31,6 +31,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
+from tvm_lite.convention import KV_CACHE_ATTR
 from tvm_lite.relax_passes import (AddDecodeFunction, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
                                    BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
@@ -56,7 +57,6 @@ def _dump(phase: str, dump_dir: str | None):
 
 KV_CACHE_MODES = ("auto", "inplace", "copy")
 MEMORY_PLANS = ("arena", "tvm")
-KV_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
 
 
 def fusion_passes() -> list:
@@ -117,12 +117,12 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
     if memory_plan not in MEMORY_PLANS:
         raise ValueError(f"memory_plan={memory_plan!r}: expected one of {MEMORY_PLANS}")
     kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace"),
-                                               SplitPrefillDecode(only_with_attr=KV_ATTR)]
+                                               SplitPrefillDecode(only_with_attr=KV_CACHE_ATTR)]
     if fused_attention and kv_passes:
         kv_passes.append(FuseAttention())
     if kv_passes:  # device-side step inputs and greedy token (relax_passes/add_step_helpers.py)
-        kv_passes.append(AddStepHelpers(KV_ATTR))
-    arena = [PlanSymbolicArena(only_with_attr=KV_ATTR)] if memory_plan == "arena" else []
+        kv_passes.append(AddStepHelpers(KV_CACHE_ATTR))
+    arena = [PlanSymbolicArena(only_with_attr=KV_CACHE_ATTR)] if memory_plan == "arena" else []
     if decode_function is None:
         decode_function = bool(tuning_db)
     add_decode = [AddDecodeFunction()] if decode_function and kv_cache == "copy" else []
@@ -159,7 +159,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
             relax.transform.CallTIRRewrite(),
             relax.transform.StaticPlanBlockMemory(),
             *arena,
-            AddTupledBufferEntries(KV_ATTR),  # in-place decoders over RPC; else a no-op
+            AddTupledBufferEntries(KV_CACHE_ATTR),  # in-place decoders over RPC; else a no-op
             AddStepEntries(),  # prefill_step/decode_step: ints in, the greedy token out
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),

@@ -1,0 +1,79 @@
+"""The calling convention between a compiled model and its caller: every name, in one place.
+
+The passes that write a module's entry points (``relax_passes/``), the pass that describes them
+(``relax_passes/attach_metadata.py``), the engine that calls them, the artifact's manifest and the
+RPC code all spell these names through this module, never as literals.
+
+Entry points of an in-place decoder (``kv_cache="inplace"``), in the order the pipeline adds them::
+
+    prefill(ids, mask, positions, past_len, *caches, *workspace, *weights) -> logits
+    decode(ids, mask, positions, past_len, *caches, *workspace, *weights) -> logits
+    prefill_workspace_bytes / decode_workspace_bytes(...) -> R.Shape([bytes of each buffer])
+    prefill_tupled / decode_tupled(ids, mask, positions, past_len, caches, [workspace], weights)
+    alloc_kv_caches(R.Shape([cache_len])), alloc_workspace(R.Shape(sizes)), alloc_params()
+    prefill_step(ids, R.Shape([past, real]), caches, [workspace], weights) -> int
+    decode_step(R.Shape([token, past]), caches, [workspace], weights) -> int
+    _metadata() -> str                    # the JSON description of all of the above
+
+A past/present decoder (``kv_cache="copy"``) has ``main`` (and ``decode``, ``main`` with one
+token, when it was built with a tuning database) and ``_metadata``.
+
+Importing this module imports nothing else: a runtime-only TVM process reads it too.
+"""
+
+from __future__ import annotations
+
+# -- entry points -------------------------------------------------------------------------------
+MAIN = "main"  # the imported model; a past/present build's entry
+PREFILL = "prefill"
+DECODE = "decode"
+DECODERS = (PREFILL, DECODE)
+
+TUPLED_SUFFIX = "_tupled"  # caches, workspace and weights as tuples (RPC)
+STEP_SUFFIX = "_step"  # ints in, the greedy token out
+WORKSPACE_BYTES_SUFFIX = "_workspace_bytes"  # sizes of a decoder's workspace buffers
+
+
+def tupled(decoder: str) -> str:
+    return decoder + TUPLED_SUFFIX
+
+
+def step(decoder: str) -> str:
+    return decoder + STEP_SUFFIX
+
+
+def workspace_bytes(function: str) -> str:
+    return function + WORKSPACE_BYTES_SUFFIX
+
+
+PREFILL_TUPLED, DECODE_TUPLED = tupled(PREFILL), tupled(DECODE)
+PREFILL_STEP, DECODE_STEP = step(PREFILL), step(DECODE)
+
+ALLOC_KV_CACHES = "alloc_kv_caches"
+ALLOC_WORKSPACE = "alloc_workspace"
+ALLOC_PARAMS = "alloc_params"
+TUPLED_ENTRIES = (ALLOC_KV_CACHES, PREFILL_TUPLED, DECODE_TUPLED)  # what RPC needs, in place
+
+# the step helpers (relax_passes/add_step_helpers.py), called by the *_step entries
+STEP_TOKEN_IDS = "step_token_ids"
+STEP_INPUTS = "step_inputs"
+GREEDY_TOKEN = "greedy_token"
+
+METADATA = "_metadata"  # () -> JSON string: the calling convention (relax_passes/attach_metadata.py)
+METADATA_VERSION = 1
+
+# -- parameter names of the decoders ------------------------------------------------------------
+PAST_LEN = "past_len"  # the in-place write offset (a shape argument)
+WORKSPACE_PREFIX = "workspace_"  # workspace_<i>: the planned activation buffers
+INPUTS = ("input_ids", "attention_mask", "position_ids")  # the exported decoder's inputs
+
+# -- function attributes ------------------------------------------------------------------------
+KV_CACHE_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
+INPUT_NAMES_ATTR = "tvm_lite.input_names"
+OUTPUT_NAMES_ATTR = "tvm_lite.output_names"
+PARAM_NAMES_ATTR = "tvm_lite.param_names"
+
+# -- KV-cache modes -----------------------------------------------------------------------------
+KV_INPLACE = "inplace"  # one cache per layer, written at past_len (relax_passes/inplace_kv_cache.py)
+KV_COPY = "copy"  # the exported past/present interface
+KV_AUTO = "auto"  # in place when the model has a past/present interface (tvm_lite.build on any module)
