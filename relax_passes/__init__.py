@@ -4,6 +4,7 @@ from .add_decode_function import AddDecodeFunction
 from .add_step_entries import AddStepEntries
 from .add_step_helpers import AddStepHelpers
 from .add_tupled_buffer_entries import AddTupledBufferEntries
+from .attach_metadata import AttachMetadata
 from .bind_dequant_kernel_shapes import BindDequantKernelShapes
 from .fuse_add_rms_norm import FuseAddRMSNorm
 from .fuse_kv_append import FuseKVAppend
@@ -18,6 +19,7 @@ from .remove_noop_ops import RemoveNoOpOps
 from .split_prefill_decode import SplitPrefillDecode
 
 __all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries",
+           "AttachMetadata",
            "BindDequantKernelShapes",
            "FuseAddRMSNorm", "FuseAttention",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",

@@ -42,6 +42,8 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from tvm.script import from_source
 
+from ..convention import DECODE
+
 LOG = logging.getLogger("tvm_lite.fuse_attention")
 KERNEL_ATTR = "tvm_lite.kernel"  # "attention_prefill" | "attention_decode"
 PARAMS_ATTR = "tvm_lite.attention"  # heads, kv_heads, head_dim, dtype, scale, mask layout
@@ -397,7 +399,7 @@ class FuseAttention:
                 continue
             new, fused, refused = func, 0, []
             for merged_heads in (True, False):  # the longer pattern first
-                fuser = _Fuser(gv.name_hint == "decode", builder, kernels, merged_heads)
+                fuser = _Fuser(gv.name_hint == DECODE, builder, kernels, merged_heads)
                 new = rewrite_call(fuser.pattern, fuser, new)
                 fused += fuser.fused
                 refused += fuser.refused

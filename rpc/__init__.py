@@ -1,14 +1,15 @@
-"""tvm_lite.rpc: benchmark and tune on devices behind TVM's RPC tracker (phones, or a farm).
+"""tvm_lite.rpc: devices behind TVM's RPC tracker (phones, or a farm): processes and sessions.
 
 Everything goes through TVM's own RPC: ``tvm.exec.rpc_tracker`` / ``rpc_server`` processes
 (a phone runs TVM's Android RPC app instead), ``tvm.rpc`` sessions, MetaSchedule's ``RPCRunner``.
 
     processes.py   start/stop trackers and servers on loopback; tracker status; LocalCluster
     remote.py      an Engine whose model runs in an RPC session (upload, load, weights)
-    bench.py       prefill/decode tok/s of an artifact on a device (median, spread, tokens)
-    tune.py        MetaSchedule tuning of the model's kernels through the tracker, resumable
     cli.py         tvm-lite rpc tracker|server|status, tvm-lite tune, tvm-lite bench ARTIFACT
     loopback.py    local vs RPC bench on one machine (rpc/gpu_loopback.sh on the GPU machine)
+
+MetaSchedule tuning through the tracker is ``tvm_lite.tune`` (``tune_model``); the benchmark
+that runs here is ``tvm_lite.bench.bench_engine``.
 """
 
 _EXPORTS = {
@@ -20,9 +21,6 @@ _EXPORTS = {
     "wait_for_servers": "processes",
     "request_session": "remote",
     "remote_engine": "remote",
-    "bench_engine": "bench",
-    "tune_model": "tune",
-    "TuningError": "tune",
 }
 
 

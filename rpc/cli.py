@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..options import KV_CACHE_MODES, BuildOptions
 from .processes import LOOPBACK
 
 
@@ -86,9 +87,10 @@ def cmd_status(args) -> int:
 # -- tvm-lite tune --------------------------------------------------------------------------------
 def cmd_tune(args) -> int:
     from tvm_lite.bench import format_table
-    from tvm_lite.cli import _quant_config, resolve_onnx
+    from tvm_lite.cli_common import quant_config as _quant_config
+    from tvm_lite.cli_common import resolve_onnx
 
-    from .tune import extract_kernels, import_model, lower_for_tuning, tune_model, tuning_target
+    from tvm_lite.tune import extract_kernels, import_model, lower_for_tuning, tune_model, tuning_target
 
     onnx = resolve_onnx(args.model, args.exporter)
     if args.list:
@@ -130,10 +132,10 @@ def cmd_tune(args) -> int:
 # -- tvm-lite bench ARTIFACT [--rpc] ---------------------------------------------------------------
 def cmd_device_bench(args) -> int:
     from tvm_lite.artifact import load_manifest
-    from tvm_lite.cli import resolve_artifact
+    from tvm_lite.cli_common import resolve_artifact
     from tvm_lite.engine import Engine
 
-    from .bench import bench_engine, format_rows
+    from tvm_lite.bench import bench_engine, format_rows
     from .remote import device_kind, remote_engine, request_session
 
     artifact = Path(args.artifact) if args.artifact else \
@@ -146,7 +148,7 @@ def cmd_device_bench(args) -> int:
         _log(f"requesting a server under {args.key!r} from the tracker at {args.rpc}")
         session = request_session(args.rpc, args.key, session_timeout=args.session_timeout)
         engine = remote_engine(artifact, session, device)
-        _log(f"uploaded {engine.upload_bytes / 1e6:.0f} MB in {engine.upload_seconds:.1f} s; "
+        _log(f"uploaded {engine.link.upload_bytes / 1e6:.0f} MB in {engine.link.upload_seconds:.1f} s; "
              f"running on the remote {device}")
         where = f"rpc {args.rpc} key {args.key}"
     else:
@@ -159,7 +161,7 @@ def cmd_device_bench(args) -> int:
             "where": where, "rpc": args.rpc, "key": args.key,
             "tuned_kernels": manifest.get("tuned_kernels")}
     if args.rpc:
-        info["upload_seconds"] = engine.upload_seconds
+        info["upload_seconds"] = engine.link.upload_seconds
     if args.json:
         print(json.dumps({**info, "rows": rows}, indent=1))
     else:
@@ -222,11 +224,11 @@ def add_commands(sub) -> None:
                    help="stop when no server is under the key for this long (s)")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not measure tvm_lite's own schedule of each kernel")
-    p.add_argument("--kv-cache", default="auto", choices=["auto", "inplace", "copy"],
+    p.add_argument("--kv-cache", default=BuildOptions.kv_cache, choices=KV_CACHE_MODES,
                    help="as the build will use (it decides the kernels)")
-    from tvm_lite.cli import _add_quant_args
+    from tvm_lite.cli_common import add_quant_args
 
-    _add_quant_args(p)
+    add_quant_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_tune)
 

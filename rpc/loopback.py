@@ -5,7 +5,7 @@
     python -m tvm_lite.rpc.loopback --shape smollm2-135m --variant tvm_lite-e0m4 --target cuda
 
 ``--shape`` builds the artifact from a seeded random-weight model of that shape (fp16 export, as
-``tvm_lite.bench_models`` makes them: what a GPU machine that cannot receive the real weights
+``tvm_lite.bench.models`` makes them: what a GPU machine that cannot receive the real weights
 runs), compiled as ``--variant`` says.
 
 Starts a tracker and a server on 127.0.0.1, runs ``tvm-lite bench ARTIFACT --json`` locally and
@@ -58,7 +58,7 @@ def _tune(artifact, args, tracker: str, out: Path):
     from tvm_lite.artifact import load_manifest
     from tvm_lite.quant import QuantConfig
 
-    from .tune import tune_model
+    from tvm_lite.tune import tune_model
 
     manifest = load_manifest(artifact)
     quant = None if args.quant == "none" else QuantConfig(
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("artifact", nargs="?", default=None,
                    help="compiled artifact (default: compile the embedded model for --target)")
     p.add_argument("--shape", default=None, help="no ARTIFACT: build one from a random-weight "
-                   "model of this shape (tvm_lite.bench_models.SHAPES)")
+                   "model of this shape (tvm_lite.bench.models.SHAPES)")
     p.add_argument("--variant", default="tvm_lite-e0m4",
                    help="--shape: tvm_lite-e0m4, tvm_lite-int4 or tvm_lite-fp16")
     p.add_argument("--target", default="cuda")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     artifact = args.artifact
     if artifact is None and args.shape:
-        from tvm_lite.bench_models import compile_variant, random_model
+        from tvm_lite.bench.models import compile_variant, random_model
         from tvm_lite.export import export_onnx
 
         work = out / "models" / args.shape
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                                dtype="float16")
         artifact = str(compile_variant(onnx_dir, args.variant, args.target))
     elif artifact is None:
-        from tvm_lite.cli import resolve_artifact
+        from tvm_lite.cli_common import resolve_artifact
 
         artifact = str(resolve_artifact(None, args.target))
     common = [artifact, "--prompt-len", args.prompt_len, "--decode-tokens",

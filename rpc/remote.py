@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import convention
+from ..artifact import LIBRARY, load_manifest
+from ..engine import Engine
 from .processes import RPCError, parse_address, tracker_status
 
 # target kind in the manifest -> the device the artifact runs on
@@ -54,22 +56,6 @@ def request_session(tracker: str, key: str, priority: int = 1, session_timeout: 
 TUPLED_ENTRIES = convention.TUPLED_ENTRIES
 
 
-def _tuple_reader(session):
-    """Read a tuple a remote function returned (an opaque handle here) into a list of its
-    remote tensors: one call per field, nothing copied. (``VirtualMachine.set_input`` would
-    work too, but copies every argument, the weights included, at every call.)"""
-    import tvm
-
-    size, get = session.get_function("ffi.ArraySize"), session.get_function("ffi.ArrayGetItem")
-
-    def read(out):
-        if isinstance(out, tvm.runtime.Tensor):
-            return out
-        return [get(out, i) for i in range(size(out))]
-
-    return read
-
-
 def check_tupled_entries(vm, artifact) -> None:
     """An in-place artifact runs over RPC through its tuple entry points; one built before they
     existed gets a clear error instead of a failing view on the server."""
@@ -80,21 +66,38 @@ def check_tupled_entries(vm, artifact) -> None:
                        "--force`) to run it over RPC, or build it with `--kv-cache copy`")
 
 
-def remote_calls(session):
-    """What the engine needs to call a VM in ``session``: ``unpack`` (a returned tuple -> its
-    remote tensors), ``make_shape`` (a shape argument, such as the in-place cache's ``past_len``:
-    an ``ffi.Shape`` cannot cross the link by value, so it is made on the server) and
-    ``read_shape`` (a returned shape, such as the workspace sizes, read back as ints)."""
-    make = session.get_function("ffi.Shape")
-    to_tensor = session.get_function("relax.run.shape_to_tensor")
+class RemoteLink:
+    """How the engine's values cross to a VM in an RPC ``session`` (``tvm_lite.runners``): a
+    shape argument (an ``ffi.Shape`` cannot cross the link by value) is made on the server, a
+    returned shape is read back as ints, and a returned tuple (an opaque handle here) is read
+    into its remote tensors, one call per field, nothing copied. (``VirtualMachine.set_input``
+    would work too, but copies every argument, the weights included, at every call.)"""
 
-    def make_shape(values):
-        return make(*[int(v) for v in values])
+    remote = True
+    upload_seconds = 0.0  # model.so and the weights, set by remote_engine
+    upload_bytes = 0
 
-    def read_shape(shape):
-        return [int(v) for v in to_tensor(shape).numpy()]
+    def __init__(self, session):
+        self._make = session.get_function("ffi.Shape")
+        self._to_tensor = session.get_function("relax.run.shape_to_tensor")
+        self._size = session.get_function("ffi.ArraySize")
+        self._get = session.get_function("ffi.ArrayGetItem")
 
-    return _tuple_reader(session), make_shape, read_shape
+    def make_shape(self, values):
+        return self._make(*[int(v) for v in values])
+
+    def read_shape(self, shape) -> list[int]:
+        return [int(v) for v in self._to_tensor(shape).numpy()]
+
+    def unpack(self, out):
+        import tvm
+
+        if isinstance(out, tvm.runtime.Tensor):
+            return out
+        return [self._get(out, i) for i in range(self._size(out))]
+
+    def check_entries(self, vm, artifact) -> None:
+        check_tupled_entries(vm, artifact)
 
 
 _UPLOADS = itertools.count()
@@ -105,7 +108,7 @@ def remote_engine(artifact, session, device: str | None = None, max_context: int
     """An ``Engine`` whose model runs in ``session``: uploads ``model.so``, loads it there, and
     copies the weights to the remote device. ``device``: "cpu", "cuda", "opencl", "cuda:1"...
     (default: the artifact's target kind); ``options``: the Engine's (``buckets``,
-    ``prefill_chunk``...).
+    ``prefill_chunk``...). ``engine.link.upload_seconds``/``upload_bytes``: what the upload took.
 
     Both KV-cache conventions run. An in-place artifact (the default build) keeps each session's
     caches, and the engine's workspace buffers, on the server: TVM's RPC hands a remote function
@@ -119,9 +122,6 @@ def remote_engine(artifact, session, device: str | None = None, max_context: int
     Per step only the ids, mask and positions go over, and the last row of logits comes back.
     An in-place artifact built before these entry points existed is refused with a clear error
     (rebuild it); one built before ``alloc_params`` passes its weights as separate arguments."""
-    from tvm_lite.artifact import LIBRARY, load_manifest
-    from tvm_lite.engine import Engine
-
     path = Path(artifact)
     manifest = load_manifest(path)
     kind, _, index = (device or device_kind(manifest)).partition(":")
@@ -135,9 +135,9 @@ def remote_engine(artifact, session, device: str | None = None, max_context: int
     if not dev.exist:
         raise RPCError(f"the RPC server has no {kind}:{index or 0} device (the artifact targets "
                        f"{manifest.get('target_kind')})")
-    engine = Engine(path, device=dev, max_context=max_context, module=lib, session=session,
-                    **options)
-    engine.upload_seconds = time.perf_counter() - t0
-    engine.upload_bytes = (path / LIBRARY).stat().st_size + sum(
+    link = RemoteLink(session)
+    engine = Engine(path, device=dev, max_context=max_context, module=lib, link=link, **options)
+    link.upload_seconds = time.perf_counter() - t0
+    link.upload_bytes = (path / LIBRARY).stat().st_size + sum(
         int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in engine.params)
     return engine

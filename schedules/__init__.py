@@ -24,6 +24,7 @@ from . import cpu, gpu_attention
 from .fused_norm import FusedRMSNorm
 from .gpu_gemm import GPUPrefillGEMM
 from .gpu_gemv import GPUDecodeGEMV
+from .gpu_gemv_half2 import half2_kernel  # noqa: F401  (registers the packed GEMV)
 from .gpu_reduction import reduction_rules
 from .guards import StaticBuffersOnly
 from .profiles import GPUProfile, gpu_profile

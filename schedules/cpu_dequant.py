@@ -28,13 +28,10 @@ class CPUDequantMatmul(dl.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("llvm", "c"):
             return None
         sch = s_tir.Schedule(func)
-        try:
-            dequant = sch.get_sblock(DEQUANT_BLOCK)
-        except Exception:  # pylint: disable=broad-except
-            return None
         infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        if infos is None or DEQUANT_BLOCK not in {sch.get(b.block_rv).name_hint for b in infos}:
+            return None  # not a dequant-fused matmul
+        dequant = sch.get_sblock(DEQUANT_BLOCK)
         reductions = [b for b in infos if b.is_reduction()]
         if len(reductions) != 1 or not reductions[0].dom_kind().endswith("SR"):
             return None
@@ -44,9 +41,9 @@ class CPUDequantMatmul(dl.ScheduleRule):
             if sch.get(info.block_rv).name_hint not in (DEQUANT_BLOCK, sch.get(main).name_hint) \
                     and info.is_injective() and not any(sch.get(e).same_as(sch.get(info.block_rv))
                                                         for e in epilogues):
-                try:
+                try:  # (a producer that cannot be inlined stays a loop nest of its own)
                     sch.compute_inline(info.block_rv)
-                except Exception:  # pylint: disable=broad-except
+                except s_tir.ScheduleError:
                     pass
         *outer, n, k = sch.get_loops(main)
         jo, ji = sch.split(n, [None, VECTOR_LANES])
@@ -71,8 +68,8 @@ class CPUDequantMatmul(dl.ScheduleRule):
             sch.vectorize(sch.get_loops(dequant)[-1])
             sch.unroll(ki)
         for epilogue in epilogues:
-            try:
+            try:  # (an epilogue that cannot move under the tile runs after the matmul)
                 sch.reverse_compute_at(epilogue, jo)
-            except Exception:  # pylint: disable=broad-except
+            except s_tir.ScheduleError:
                 pass
         return sch

@@ -72,7 +72,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         sch = s_tir.Schedule(func)
         try:
             return self._schedule(sch, *match_matmul(sch, decode=False), target)
-        except Exception:  # pylint: disable=broad-except
+        except MatchError:  # a tiling the schedule cannot express: the next rule takes it
             return None
 
     def tiles(self, n: int, k: int, target) -> dict:
@@ -155,9 +155,9 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         if dequant is not None:
             sch.compute_inline(dequant)
         for blk in sch.get_producers(w_s):
-            try:
+            try:  # (a producer that cannot be inlined stays a loop nest of its own)
                 sch.compute_inline(blk)
-            except Exception:  # pylint: disable=broad-except
+            except s_tir.ScheduleError:
                 pass
         # the padded output and the epilogue (a chain such as SiLU's sigmoid then multiply):
         # written from the register tile, rows < n only

@@ -115,15 +115,18 @@ def _writes_intermediate(sch: s_tir.Schedule, block) -> bool:
 
 
 def _has_root(sch) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # pylint: disable=broad-except
-        return False
+    body = sch.mod["main"].body
+    return isinstance(body, s_tir.stmt.SBlockRealize) and body.block.name_hint == "root"
 
 
 class MatchError(Exception):
     """The function is not a decode GEMV this rule schedules."""
+
+
+# packed 4-bit kernels tried before the generic schedule: ``kernel(func, target, profile, plan)
+# -> (schedule, plan)``, raising MatchError where they do not apply. gpu_gemv_half2 (which builds
+# on this module's matching) registers its kernel here when ``tvm_lite.schedules`` is imported.
+PACKED_KERNELS: list = []
 
 
 def match_matmul(sch: s_tir.Schedule, decode: bool):
@@ -256,16 +259,16 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         except MatchError:
             return None
         if dequant is not None and self.profile.gemv_half2_rows > 0:
-            from .gpu_gemv_half2 import half2_kernel
-
-            try:  # the packed-half2 kernel where it applies (CUDA, fp16 x), else the generic one
-                return half2_kernel(func, target, self.profile, plan)[0]
-            except MatchError:
-                pass
+            # the packed kernels where one applies (gpu_gemv_half2: CUDA, fp16 x), else the generic
+            for packed in PACKED_KERNELS:
+                try:
+                    return packed(func, target, self.profile, plan)[0]
+                except MatchError:
+                    pass
         try:
             return self._schedule(sch, main, dequant, producers, epilogues, plan)
-        except Exception:  # pylint: disable=broad-except
-            return None  # a shape the schedule cannot express: the next rule takes it
+        except MatchError:  # a shape the schedule cannot express: the next rule takes it
+            return None
 
     def _schedule(self, sch, main, dequant, producers, epilogues, plan):
         vec, tn, tk, ks = plan["vec"], plan["tn"], plan["tk"], plan["ks"]

@@ -83,7 +83,7 @@ from tvm.ir import Call, TensorLoad
 from tvm.script import from_source
 from tvm.script import tirx as T
 
-from .gpu_gemv import CODES_PER_WORD, MatchError, _int, match_gemv
+from .gpu_gemv import CODES_PER_WORD, PACKED_KERNELS, MatchError, _int, match_gemv
 
 E0M4_ZERO_NONE = 0x64086408  # half2(1032, 1032): int4's zero (8) under the 1024 exponent
 
@@ -474,5 +474,7 @@ def half2_kernel(func, target, profile, plan: dict, emulate: bool = False):
     kernel = kernel.with_attrs({**attrs, "tvm_lite.gemv": "gemv_half2"})  # what bench-kernels reports
     return s_tir.Schedule(kernel), p
 
+
+PACKED_KERNELS.append(half2_kernel)
 
 __all__ = ["half2_kernel", "match_half2", "kernel_source", "Half2Plan", "HELPERS"]

@@ -21,7 +21,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from tvm_lite import parse_target
-from tvm_lite.bench_kernels import build, kernel_func, reference, weights
+from tvm_lite.bench.kernels import build, kernel_func, reference, weights
 from tvm_lite.schedules import gpu_rules, profile_of, rules_for, stock_gpu_rules
 from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM, simt_only
 from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV, MatchError, match_matmul

@@ -2,7 +2,7 @@
 
 The CPU has no queue to flush, but the slicing logic is the same code: the instrument counts the
 kernels each submission holds and the engine's answers do not change. The H200 measurement of what
-slicing buys is `python -m tvm_lite.gpu_slice ARTIFACT --device cuda` (README)."""
+slicing buys is `python -m tvm_lite.bench.gpu_slice ARTIFACT --device cuda` (README)."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,6 @@ PROMPT = "Explain in two sentences why the sky is blue."
 
 def test_sliced_prefill_bounds_every_submission_and_keeps_the_tokens(artifact, engine):
     from tvm_lite.engine import Engine, GenerationConfig
-    from tvm_lite.gpu_slice import Submissions
 
     base = engine("dynamo")
     ids = np.array(base.encode_prompt(PROMPT))
@@ -20,28 +19,27 @@ def test_sliced_prefill_bounds_every_submission_and_keeps_the_tokens(artifact, e
     sliced = Engine(artifact("dynamo"), prefill_chunk=16, gpu_slice=40)
     assert sliced.generate(ids, cfg).token_ids == base.generate(ids, cfg).token_ids
 
-    sliced.slice_record = Submissions()
-    sliced.prefill(sliced.new_session(), ids)
-    record = sliced.slice_record
+    with sliced.submissions(40) as record:
+        sliced.prefill(sliced.new_session(), ids)
     calls = -(-len(ids) // 16)  # prefill calls of at most 16 tokens
     assert all(0 < k <= 40 for k in record.kernels)
     assert len(record.kernels) > calls  # each call was cut into several submissions
     assert len(record.seconds) == len(record.kernels)
-    sliced.slice_record = Submissions()  # generate's greedy path (prefill_step) is sliced too
-    sliced.prefill_greedy(sliced.new_session(), ids)
-    assert all(0 < k <= 40 for k in sliced.slice_record.kernels)
-    assert len(sliced.slice_record.kernels) > calls
+    with sliced.submissions(40) as record:  # generate's greedy path (prefill_step) is sliced too
+        sliced.prefill_greedy(sliced.new_session(), ids)
+    assert all(0 < k <= 40 for k in record.kernels)
+    assert len(record.kernels) > calls
 
-    sliced.gpu_slice = None  # the same calls unsliced: one submission per call, many kernels each
-    sliced.slice_record = Submissions()
-    sliced.prefill(sliced.new_session(), ids)
-    assert len(sliced.slice_record.kernels) == calls
-    assert min(sliced.slice_record.kernels) > 40
+    with sliced.submissions(None) as record:  # unsliced: one submission per call, many kernels
+        sliced.prefill(sliced.new_session(), ids)
+    assert len(record.kernels) == calls
+    assert min(record.kernels) > 40
+    assert sliced.gpu_slice == 40 and sliced.slice_record is None  # left as found
 
 
 def test_profile_prefill_reports_kernels_and_submissions(artifact):
     from tvm_lite.engine import Engine
-    from tvm_lite.gpu_slice import profile_prefill
+    from tvm_lite.bench.gpu_slice import profile_prefill
 
     eng = Engine(artifact("dynamo"), buckets=None, prefill_chunk=32)
     row = profile_prefill(eng, 32, 25, repeats=1)

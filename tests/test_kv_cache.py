@@ -122,7 +122,7 @@ def test_greedy_steps_on_the_device_match_the_logits(artifact):
     the argmax of the logits path, through chunked and padded prefill; they write the same one
     cache in place, and a step that does not fit is refused before anything runs."""
     eng = Engine(artifact("dynamo"), max_context=128, buckets=(16,), prefill_chunk=16)
-    assert eng.steps
+    assert eng.runner.greedy_steps
     ids = eng.encode_prompt(PROMPTS[0])  # chunks of 16, the last one padded
     assert len(ids) % 16
     a, b = eng.new_session(), eng.new_session()

@@ -41,8 +41,8 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def imports(mods: dict[str, Path]) -> list[tuple[str, str, bool]]:
-    """(importer, imported module of the package, at function level?) for every import."""
+def imports(mods: dict[str, Path]) -> list[tuple[str, str, bool, int]]:
+    """(importer, imported module, at function level?, line) for every name imported."""
     edges = []
     for name, path in mods.items():
         tree = ast.parse(path.read_text(), str(path))
@@ -61,14 +61,14 @@ def imports(mods: dict[str, Path]) -> list[tuple[str, str, bool]]:
             else:
                 continue
             for target in targets:
-                edges.append((name, target, id(node) in nested))
+                edges.append((name, target, id(node) in nested, node.lineno))
     return edges
 
 
 def package_edges(mods, edges) -> dict[str, set]:
     """importer -> the package's modules it imports (the longest known prefix of each name)."""
     graph = {m: set() for m in mods}
-    for src, dst, _ in edges:
+    for src, dst, *_ in edges:
         while dst and dst not in mods:
             dst = dst.rpartition(".")[0]
         if dst and dst != src and not src.startswith(dst + ".") and dst != "tvm_lite":
@@ -110,16 +110,42 @@ def cycles(graph: dict[str, set]) -> list[list[str]]:
     return out
 
 
+# the compiler core and the engine: what a build or a generation needs
+CORE = ("tvm_lite.frontend", "tvm_lite.relax_passes", "tvm_lite.pipeline", "tvm_lite.compiler",
+        "tvm_lite.artifact", "tvm_lite.engine")
+NOT_CORE = ("tvm_lite.rpc", "tvm_lite.bench", "tvm_lite.tune", "tvm_lite.cli")
+
+
+def reachable(graph: dict[str, set], starts) -> set:
+    seen, todo = set(), list(starts)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph[m]
+    return seen
+
+
 def test_no_import_cycles():
     mods = modules()
     found = cycles(package_edges(mods, imports(mods)))
     assert not found, f"import cycles between modules: {found}"
 
 
+def test_core_imports_neither_rpc_nor_benchmarks():
+    mods = modules()
+    graph = package_edges(mods, imports(mods))
+    core = [m for m in mods if m.startswith(CORE)]
+    assert len(core) > 20
+    bad = sorted(m for m in reachable(graph, core) if m.startswith(NOT_CORE))
+    assert not bad, f"the core reaches {bad}"
+
+
 if __name__ == "__main__":
     mods = modules()
     edges = imports(mods)
-    print(f"modules: {len(mods)}; imports: {len(edges)}, "
-          f"function-level: {sum(1 for e in edges if e[2])}")
+    statements = {(src, line, nested) for src, _, nested, line in edges}
+    print(f"modules: {len(mods)}; import statements: {len(statements)}, function-level: "
+          f"{sum(1 for s in statements if s[2])}")
     for comp in cycles(package_edges(mods, edges)):
         print("cycle:", " <-> ".join(comp))

@@ -118,7 +118,7 @@ def test_tracker_and_server_commands_start_list_and_stop(tmp_path):
 def test_bench_over_rpc_generates_the_local_tokens(cluster, artifact, engine):
     """`tvm-lite bench --rpc ... ARTIFACT --json` runs the engine's loop on the remote device, with
     the default (in-place KV cache) artifact: its caches and workspaces live on the server."""
-    from tvm_lite.rpc.bench import bench_engine, format_rows
+    from tvm_lite.bench import bench_engine, format_rows
 
     local = bench_engine(engine("dynamo"), [16, 64], decode_tokens=8, repeats=2)
     out = subprocess.run(
@@ -146,12 +146,13 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
     errors; a past/present (copy) artifact runs over RPC too (its weights as separate tensors)."""
     from tvm_lite.engine import ContextLengthError, Engine, GenerationConfig, Session
     from tvm_lite.rpc.remote import remote_engine, request_session
+    from tvm_lite.runners import InPlace, PastPresent, RemoteInPlace
 
     opts = dict(max_context=96, prefill_chunk=16, buckets=(16,))
     local = Engine(artifact("dynamo"), **opts)
     remote = remote_engine(artifact("dynamo"), request_session(cluster.address, KEY), **opts)
-    assert remote.tupled and not local.tupled
-    assert remote.params_tupled and not local.params_tupled and len(remote.param_args) == 1
+    assert isinstance(remote.runner, RemoteInPlace) and type(local.runner) is InPlace
+    assert remote.convention["weights"]["tupled"] and len(remote.runner.param_args) == 1
     assert len(remote.params) == len(local.params) > 200  # 274 in this export
     assert remote.workspace_total_bytes == local.workspace_total_bytes > 0
     prompts = [list(range(100, 140)), list(range(300, 321))]  # 40 = 16+16+8 (padded), 21 = 16+5
@@ -167,9 +168,9 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
             assert b.last_call == ("decode", 1)
             # ids, mask, positions, past_len, the caches, the workspaces, the weights
             assert remote.last_call_args == 7
-            assert local.last_call_args == 4 + 60 + len(local.workspace["decode"]) + len(local.params)
+            assert local.last_call_args == 4 + 60 + len(local.runner.workspace["decode"]) + len(local.params)
     # a wrong buffer tuple is a clear error from the server, and the link stays usable
-    wrong = Session(past=remote.workspace["decode"][0])
+    wrong = Session(past=remote.runner.workspace["decode"][0])
     with pytest.raises(Exception, match=r"(?s)param=kv_caches.*expect a Tuple with 60 elements"):
         remote.forward(wrong, [7])
     with pytest.raises(ContextLengthError, match="exceeds max_context=96"):
@@ -177,7 +178,7 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
     np.testing.assert_array_equal(local.forward(ours[0], [9]), remote.forward(theirs[0], [9]))
     # greedy steps: the token is taken on the server; a step is one shape and one call with the
     # 3 tuples, and the same token comes back as the local logits' argmax
-    assert remote.steps and local.steps
+    assert remote.runner.greedy_steps and local.runner.greedy_steps
     for a, b in zip(ours, theirs):
         want = int(np.argmax(local.forward(a, [21])[-1]))
         assert remote.decode_greedy(b, 21) == want and remote.last_call_args == 4
@@ -188,7 +189,7 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
 
     copy = remote_engine(artifact("dynamo", "copy"), request_session(cluster.address, KEY),
                          max_context=96)
-    assert not copy.tupled and not copy.params_tupled
+    assert isinstance(copy.runner, PastPresent)
     cfg = GenerationConfig(max_new_tokens=4, stop_token_ids=())
     ids = np.array(prompts[1])
     assert copy.generate(ids, cfg).token_ids == \
@@ -199,7 +200,7 @@ def test_rpc_errors_name_the_cause(cluster, artifact, tmp_path, monkeypatch):
     from tvm_lite import cli
     from tvm_lite.rpc.processes import RPCError
     from tvm_lite.rpc.remote import remote_engine, request_session
-    from tvm_lite.rpc.tune import TuningError, check_database, make_runner, tune_model
+    from tvm_lite.tune import TuningError, check_database, make_runner, tune_model
 
     with pytest.raises(RPCError, match="no server under key 'phone'"):
         request_session(cluster.address, "phone")
@@ -253,8 +254,9 @@ def test_tune_over_rpc_loses_servers_resumes_and_builds(cluster, export_dir, art
     import tvm_lite
     from tvm_lite.artifact import compile_model, load_manifest
     from tvm_lite.engine import Engine, GenerationConfig
-    from tvm_lite.rpc.tune import (RECORDS, RULES, measured, open_database,
-                                   records_faster_than_rules, tune_model)
+    from tvm_lite.tune import tune_model
+    from tvm_lite.tuning_db import (RECORDS, RULES, measured, open_database,
+                                    records_faster_than_rules)
 
     db = tmp_path / "db"
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
@@ -327,7 +329,7 @@ def test_tune_over_rpc_loses_servers_resumes_and_builds(cluster, export_dir, art
 
 
 def _kernel(mod):
-    from tvm_lite.rpc.tune import extract_kernels, lower_for_tuning, select_kernels, tuning_target
+    from tvm_lite.tune import extract_kernels, lower_for_tuning, select_kernels, tuning_target
 
     tgt = tuning_target("llvm")
     return select_kernels(extract_kernels(lower_for_tuning(mod, tgt), tgt), [KERNEL])[0].mod
@@ -346,7 +348,7 @@ def test_cuda_tuning_space_of_a_4bit_decode_gemv_builds():
     from tvm.s_tir import meta_schedule as ms
 
     from tvm_lite.quant.kernels import matmul_func
-    from tvm_lite.rpc.tune import design_space, tuning_target
+    from tvm_lite.tune import design_space, tuning_target
 
     gemv = matmul_func("e0m4", (1, 1), 576, 4096, 32, "float16")
     mod = tvm.IRModule({"main": gemv.with_attr("global_symbol", "main")})

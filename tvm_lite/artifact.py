@@ -21,7 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .convention import (INPUT_NAMES_ATTR, KV_AUTO, KV_COPY, KV_INPLACE, MAIN, OUTPUT_NAMES_ATTR,
+                         PARAM_NAMES_ATTR)
 from .export import MODEL_JSON, cache_dir, cache_lock
+from .options import BuildOptions
+from .tuning_db import check_database, database_digest
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -113,41 +117,41 @@ def _export_library(ex, path: Path, target) -> None:
 
 
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
-                  kv_cache: str = "inplace", memory_plan: str = "arena", quant=None,
-                  tuning_db=None, pipeline: str = "tvm_lite", fusion: bool = True,
-                  fused_attention: bool = True) -> Path:
+                  options: BuildOptions | None = None, **fields) -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
 
-    ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
-    past/present interface); ``memory_plan``: "arena" (activations in workspace buffers the
-    engine allocates once) or "tvm"; the engine reads both from the manifest.
-    ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit E0M4/int4 weights) or None (fp weights).
-    ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) whose kernels replace
-    tvm_lite's schedules where they measured faster than them in the tuning session (kernels
-    tuned without a rules time keep their records); a past/present artifact then has a ``decode``
-    function too. ``pipeline="stock"``: TVM's default pipeline (the baseline; past/present KV).
-    ``fusion``, ``fused_attention``: see :func:`tvm_lite.build`."""
-    from .target import parse_target
+    ``options``: a :class:`tvm_lite.options.BuildOptions` (``kv_cache``, ``memory_plan``,
+    ``quant``, ``tuning_db``, ``pipeline``, ``fusion``, ``fused_attention``: documented there);
+    its fields may also be given as keyword arguments, which replace the object's. The model is
+    a decoder with past, so the default ``kv_cache="auto"`` builds it in place. With a tuning
+    database a past/present artifact has a ``decode`` function too; ``pipeline="stock"`` is
+    TVM's default pipeline (the baseline; past/present KV).
 
+    The manifest records the options and the compiled module's calling convention
+    (``"convention"``: what its ``_metadata`` function returns), which the engine follows."""
+    from .target import parse_target  # (tvm.target: not in a runtime-only process, which loads)
+
+    opts = BuildOptions.of(options, **fields)
     onnx_path = _onnx_file(model)
     tgt = parse_target(target)
-    if kv_cache not in ("inplace", "copy"):
-        raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")
-    if pipeline == "stock":
-        kv_cache, memory_plan = "copy", "tvm"
-    options: dict = {"kv_cache": kv_cache, "memory_plan": memory_plan,
-                     "fused_attention": bool(fused_attention and kv_cache == "inplace")}
-    if pipeline != "tvm_lite":
-        options["pipeline"] = pipeline
-    if not fusion:
+    if opts.kv_cache == KV_AUTO:  # a decoder with past (checked on import): in place
+        opts = opts.replace(kv_cache=KV_INPLACE)
+    if opts.stock:
+        opts = opts.replace(kv_cache=KV_COPY, memory_plan="tvm")
+    if opts.tuning_db is not None:
+        opts = opts.replace(tuning_db=check_database(opts.tuning_db), decode_function=True)
+    inplace = opts.kv_cache == KV_INPLACE
+    options: dict = {"kv_cache": opts.kv_cache, "memory_plan": opts.memory_plan,
+                     "fused_attention": bool(opts.fused_attention and inplace)}
+    if opts.stock:
+        options["pipeline"] = opts.pipeline
+    if not opts.fusion:
         options["fusion"] = False  # (absent = True: keeps the cache keys of fused builds short)
-    if quant is not None:
-        options["quant"] = quant.to_dict()
-    if tuning_db is not None:  # the database's contents are part of the cache key
-        from tvm_lite.rpc.tune import check_database, database_digest
-
-        tuning_db = check_database(tuning_db)
-        options.update(tuning_db=database_digest(tuning_db), decode_function=True)
+    if opts.quant is not None:
+        options["quant"] = opts.quant.to_dict()
+    if opts.tuning_db is not None:  # the database's contents are part of the cache key
+        options.update(tuning_db=database_digest(opts.tuning_db), decode_function=True)
+    opts = opts.replace(fused_attention=options["fused_attention"])
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
     manifest_path = out / MANIFEST
@@ -163,14 +167,13 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     with cache_lock(out):
         if built():
             return out
-        return _compile_into(out, key, onnx_path, tgt, options, progress, kv_cache=kv_cache,
-                             memory_plan=memory_plan, quant=quant, tuning_db=tuning_db,
-                             pipeline=pipeline, fusion=fusion)
+        return _compile_into(out, key, onnx_path, tgt, options, opts, progress)
 
 
-def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, progress, *,
-                  kv_cache, memory_plan, quant, tuning_db, pipeline, fusion) -> Path:
-    """compile_model's work, once it holds the entry's lock."""
+def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts: BuildOptions,
+                  progress) -> Path:
+    """compile_model's work, once it holds the entry's lock. ``options``: what the manifest
+    records (and the cache key hashes); ``opts``: the build options."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
 
@@ -179,26 +182,25 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, prog
     t0 = time.perf_counter()
     progress(f"importing {onnx_path}")
     mod = from_onnx(onnx_path)
-    check_decoder_interface(list(mod["main"].attrs["tvm_lite.input_names"]),
-                            list(mod["main"].attrs["tvm_lite.output_names"]))
+    check_decoder_interface(list(mod[MAIN].attrs[INPUT_NAMES_ATTR]),
+                            list(mod[MAIN].attrs[OUTPUT_NAMES_ATTR]))
     t_import = time.perf_counter() - t0
     quant_summary = None
-    if quant is not None:
+    if opts.quant is not None:
         from .quant.quantize import quantize_module, tokenizer_of
 
         t_q = time.perf_counter()
-        mod, quant_summary = quantize_module(mod, quant, tokenizer_of(folder), progress)
+        mod, quant_summary = quantize_module(mod, opts.quant, tokenizer_of(folder), progress)
         quant_summary["quantize_seconds"] = round(time.perf_counter() - t_q, 2)
     mod, params = detach_params(mod)
-    func = mod["main"]
+    func = mod[MAIN]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")
     t1 = time.perf_counter()
     applied: list = []
-    ex = build(mod, tgt, kv_cache=kv_cache, memory_plan=memory_plan, tuning_db=tuning_db,
-               applied=applied, pipeline=pipeline, fusion=fusion,
-               fused_attention=options["fused_attention"])
-    if tuning_db is not None:
-        progress(f"{len(applied)} kernels from the tuning database {tuning_db}: "
+    described: list = []
+    ex = build(mod, tgt, opts, applied=applied, described=described)
+    if opts.tuning_db is not None:
+        progress(f"{len(applied)} kernels from the tuning database {opts.tuning_db}: "
                  f"{', '.join(applied) or 'none matched'}")
     t_compile = time.perf_counter() - t1
 
@@ -220,17 +222,18 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, prog
         "target": str(tgt),
         "target_kind": tgt.kind.name,
         "options": options,
+        "convention": described[0] if described else None,  # None: the stock pipeline's build
         "quant": quant_summary,
         "model": model_cfg,
         "onnx": str(onnx_path),
-        "input_names": list(func.attrs["tvm_lite.input_names"]),
-        "output_names": list(func.attrs["tvm_lite.output_names"]),
-        "param_names": list(func.attrs["tvm_lite.param_names"]),
+        "input_names": list(func.attrs[INPUT_NAMES_ATTR]),
+        "output_names": list(func.attrs[OUTPUT_NAMES_ATTR]),
+        "param_names": list(func.attrs[PARAM_NAMES_ATTR]),
         "import_seconds": round(t_import, 2),
         "compile_seconds": round(t_compile, 2),
     }
-    if tuning_db is not None:
-        manifest.update(tuning_db=str(tuning_db), tuned_kernels=applied)
+    if opts.tuning_db is not None:
+        manifest.update(tuning_db=str(opts.tuning_db), tuned_kernels=applied)
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return out
 

@@ -8,57 +8,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def _log(msg: str) -> None:
-    print(f"[tvm-lite] {msg}", file=sys.stderr, flush=True)
-
-
-def resolve_artifact(model, target: str, exporter: str = "dynamo", force: bool = False,
-                     quant=None) -> Path:
-    """A model given as an artifact dir, an ONNX file / export dir, a .gguf / HF folder, or
-    nothing (the embedded default) -> a compiled artifact dir (exporting/compiling if needed)."""
-    from .artifact import MANIFEST, compile_model
-
-    if model is not None and (Path(model) / MANIFEST).exists():
-        return Path(model)
-    onnx_like = model is not None and (str(model).endswith(".onnx") or (Path(model) / "model.onnx").exists())
-    if not onnx_like:
-        from .export import export_onnx
-
-        model = export_onnx(model, exporter=exporter, progress=_log)
-    return compile_model(model, target, force=force, progress=_log, quant=quant)
-
-
-def _add_quant_args(p, several: bool = False):
-    g = p.add_argument_group("4-bit weights (tvm_lite.quant)")
-    if several:
-        g.add_argument("--quant", default="none",
-                       help="comma list of none, e0m4, int4: one row each, in the same run")
-    else:
-        g.add_argument("--quant", default="none", choices=["none", "e0m4", "int4"],
-                       help="E0M4 (Transformer-Lite) or MLC-style int4 weights for every weight matmul")
-    g.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq", "awq"])
-    g.add_argument("--group-size", type=int, default=None, help="weights per scale along K (default 32)")
-    g.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head")
-    g.add_argument("--quant-embedding", action="store_true", help="also quantize the embedding")
-    g.add_argument("--act-order", action="store_true", help="GPTQ: visit channels by activation size")
-
-
-def _quant_config(args, fmt=None):
-    from .quant import QuantConfig
-
-    return QuantConfig.parse(fmt if fmt is not None else args.quant, method=args.quant_method,
-                             group_size=args.group_size, include_lm_head=args.quant_lm_head,
-                             include_embedding=args.quant_embedding, act_order=args.act_order)
-
-
-def resolve_onnx(model, exporter: str = "dynamo"):
-    """An ONNX file / export dir as given, or the export of a .gguf / HF folder / the default."""
-    if model is not None and (str(model).endswith(".onnx") or (Path(model) / "model.onnx").exists()):
-        return model
-    from .export import export_onnx
-
-    return export_onnx(model, exporter=exporter, progress=_log)
+from .cli_common import add_quant_args as _add_quant_args
+from .cli_common import log as _log
+from .cli_common import quant_config as _quant_config
+from .cli_common import resolve_artifact, resolve_onnx
+from .options import KV_CACHE_MODES, BuildOptions
 
 
 def _add_model_args(p, target=True):
@@ -86,9 +40,10 @@ def cmd_compile(args):
         from .export import export_onnx
 
         model = export_onnx(model, exporter=args.exporter, progress=_log)
+    options = BuildOptions(kv_cache=args.kv_cache, quant=_quant_config(args),
+                           tuning_db=args.tuning_db)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
-                        kv_cache=args.kv_cache, quant=_quant_config(args),
-                        tuning_db=args.tuning_db)
+                        options=options)
     print(out)
 
 
@@ -114,7 +69,7 @@ def cmd_bench(args):
         return cmd_device_bench(args)
     args.prompt_len = int(str(args.prompt_len or 128).split(",")[0])
     from .artifact import compile_model, load_manifest
-    from .bench import _prompt_ids, bench_onnxruntime, bench_tvm, format_table
+    from .bench import bench_engine, bench_onnxruntime, format_rows, prompt_ids
     from .engine import Engine
     from .export import export_onnx
 
@@ -130,19 +85,20 @@ def cmd_bench(args):
             engine = Engine(artifact)
             label = f"tvm_lite ({args.target}{', ' + quant.label if quant else ''})"
             _log(f"benchmarking {label}: prompt {args.prompt_len} tokens, decode {args.decode_tokens}")
-            tvm_speed = bench_tvm(engine, args.prompt_len, args.decode_tokens, args.repeats)
+            (row,) = bench_engine(engine, [args.prompt_len], args.decode_tokens, args.repeats)
             rows.append({"engine": label, "import s": manifest["import_seconds"],
-                         "compile s": manifest["compile_seconds"], **tvm_speed})
+                         "compile s": manifest["compile_seconds"], **row})
         if not args.no_onnxruntime:
             _log("benchmarking onnxruntime (CPU) on the same ONNX file")
             ort_speed = bench_onnxruntime(folder / "model.onnx", manifest["model"],
-                                          _prompt_ids(engine, args.prompt_len), args.decode_tokens,
+                                          prompt_ids(engine, args.prompt_len), args.decode_tokens,
                                           args.repeats)
             rows.append({"engine": "onnxruntime (CPU)", **ort_speed})
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(format_table(rows, ["engine", "import s", "compile s", "prefill_tok_s", "decode_tok_s"]))
+        print("\n".join(format_rows([r], {k: r.get(k) for k in ("engine", "import s", "compile s")})
+                        for r in rows))
 
 
 def cmd_bench_kv(args):
@@ -166,7 +122,7 @@ def cmd_bench_kv(args):
 
 
 def cmd_bench_kernels(args):
-    from . import bench_kernels as bk
+    from .bench import kernels as bk
 
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in bk.MODELS]
@@ -187,7 +143,7 @@ def cmd_bench_kernels(args):
 def cmd_memory(args):
     from . import memory
     from .artifact import compile_model
-    from .bench import _prompt_ids, format_table
+    from .bench import format_table, prompt_ids
     from .engine import Engine
     from .export import export_onnx
     from .frontend import from_onnx
@@ -206,7 +162,7 @@ def cmd_memory(args):
                         max_context=args.bound)
         counter = memory.StepCounter(engine.vm)
         session = engine.new_session()
-        engine.prefill(session, _prompt_ids(engine, 100))
+        engine.prefill(session, prompt_ids(engine, 100))
         engine.forward(session, [42])  # warm-up
         counter.reset()
         engine.forward(session, [43])
@@ -224,7 +180,7 @@ def cmd_memory(args):
         for length in range(20, 120, 7):
             session = engine.new_session()
             counter.reset()
-            engine.prefill(session, _prompt_ids(engine, length))
+            engine.prefill(session, prompt_ids(engine, length))
             shapes.add(session.last_call)
             prefill_ms.append(counter.shape_seconds * 1e3)
             for token in (42, 43):
@@ -255,9 +211,10 @@ def main(argv=None):
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     p.add_argument("-o", "--output", default=None)
     p.add_argument("--force", action="store_true")
-    p.add_argument("--kv-cache", default="inplace", choices=["inplace", "copy"],
-                   help="one cache per layer written in place (default), or the exported "
-                        "past/present copies")
+    p.add_argument("--kv-cache", default=BuildOptions.kv_cache, choices=KV_CACHE_MODES,
+                   help="one cache per layer written in place (auto, the default: a decoder "
+                        "with past always has one; inplace), or the exported past/present "
+                        "copies")
     _add_quant_args(p)
     p.add_argument("--tuning-db", default=None, help="MetaSchedule database from `tvm-lite tune`")
     p.set_defaults(fn=cmd_compile)
@@ -323,7 +280,7 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     from tvm_lite.rpc.processes import RPCError
-    from tvm_lite.rpc.tune import TuningError
+    from .tuning_db import TuningError
 
     from .artifact import ArtifactError
     from .engine import ContextLengthError

@@ -6,7 +6,9 @@ import tvm
 from tvm import relax
 
 from . import pipeline as _pipeline
+from .options import BuildOptions
 from .target import check_codegen, parse_target
+from .tuning_db import check_database
 
 
 def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
@@ -21,11 +23,9 @@ def detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list]:
     return mod, params
 
 
-def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
-          memory_plan: str = "arena", dump_dir: str | None = None, tuning_db=None,
-          decode_function: bool | None = None, applied: list | None = None,
-          pipeline: str = "tvm_lite", fusion: bool = True,
-          fused_attention: bool = True):
+def build(mod: tvm.IRModule, target="llvm", options: BuildOptions | None = None, *,
+          dump_dir: str | None = None, applied: list | None = None,
+          described: list | None = None, **fields):
     """Compile ``mod`` for ``target`` through tvm_lite's pipeline.
 
     ``target`` is a classic string (``"llvm"``, ``"cuda -arch=sm_90"``, ``"opencl -device=adreno"``,
@@ -33,50 +33,30 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
     ``tvm.runtime.Executable``; the weights stay out of it (they are the ``params`` attribute of
     the imported module: see :func:`detach_params`).
 
-    ``kv_cache``: ``"auto"`` (default) turns a decoder's past/present KV interface into one
-    in-place cache per layer (``relax_passes/inplace_kv_cache.py`` documents the new signature),
-    ``"inplace"`` insists on it, ``"copy"`` keeps the exported past/present interface. An in-place
-    decoder comes out as two functions, ``prefill`` and ``decode`` (one new token).
+    ``options``: a :class:`tvm_lite.options.BuildOptions` (KV cache, memory plan, fusion, fused
+    attention, tuning database, pipeline; documented there); its fields may also be given as
+    keyword arguments (``kv_cache="copy"``, ``fusion=False``...), which replace the object's.
+    The compiled module describes its calling convention in a ``_metadata`` function
+    (``relax_passes/attach_metadata.py``).
 
-    ``memory_plan``: ``"arena"`` (default) plans prefill's and decode's activations into workspace
-    buffers the caller allocates once (``relax_passes/plan_symbolic_arena.py``); ``"tvm"`` keeps
-    TVM's StaticPlanBlockMemory alone.
-
-    ``fusion``: tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``); False compiles
-    with FuseOps alone (for comparisons).
-    ``fused_attention``: each layer's attention on the in-place cache as one kernel (default), or
-    the exported op-by-op graph (False).
-
-    ``tuning_db``: a MetaSchedule database directory written by ``tvm-lite tune``; its kernels
-    replace tvm_lite's schedules where it has them (their names are appended to ``applied``).
-    ``decode_function``: see ``pipeline.phases``.
-
-    ``pipeline="stock"`` compiles with TVM's own default pipeline for the target instead (for CUDA:
-    FuseOps + DLight's default GPU rules, past/present KV interface): the baseline benchmarks
-    compare against. The other options do not apply to it.
+    ``dump_dir``: write the IR after each phase there. ``applied``: receives the names of the
+    kernels the tuning database scheduled. ``described``: receives the calling convention (the
+    dict ``_metadata`` returns as JSON).
     """
-    if pipeline not in ("tvm_lite", "stock"):
-        raise ValueError(f"pipeline={pipeline!r}: expected 'tvm_lite' or 'stock'")
+    opts = BuildOptions.of(options, **fields)
     tgt = parse_target(target)
     check_codegen(tgt)
     mod, _ = detach_params(mod)
-    if tuning_db is not None:
-        from tvm_lite.rpc.tune import check_database
-
-        tuning_db = check_database(tuning_db)
-    if pipeline == "stock":
-        with tgt:
-            return tvm.compile(mod, target=tgt)
+    if opts.tuning_db is not None:
+        opts = opts.replace(tuning_db=check_database(opts.tuning_db))
     with tgt:
+        if opts.stock:
+            return tvm.compile(mod, target=tgt)
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
-                                                             dump_dir=dump_dir, kv_cache=kv_cache,
-                                                             memory_plan=memory_plan,
-                                                             tuning_db=tuning_db,
-                                                             decode_function=decode_function,
+                                                             dump_dir=dump_dir, options=opts,
                                                              applied=applied,
-                                                             fusion=fusion,
-                                                             fused_attention=fused_attention))
+                                                             described=described))
 
 
 def device_source(executable, kind: str = "opencl") -> str:

@@ -31,8 +31,10 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
-from tvm_lite.convention import KV_CACHE_ATTR
-from tvm_lite.relax_passes import (AddDecodeFunction, AddStepEntries, AddStepHelpers,
+from tvm_lite.convention import KV_CACHE_ATTR, KV_COPY, KV_INPLACE
+from tvm_lite.options import BuildOptions
+from tvm_lite.tuning_db import records_faster_than_rules
+from tvm_lite.relax_passes import (AddDecodeFunction, AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
                                    BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
                                    FuseKVAppend, FuseRotary, FuseSiluMul, InplaceKVCache,
@@ -53,10 +55,6 @@ def _dump(phase: str, dump_dir: str | None):
         return mod
 
     return dump
-
-
-KV_CACHE_MODES = ("auto", "inplace", "copy")
-MEMORY_PLANS = ("arena", "tvm")
 
 
 def fusion_passes() -> list:
@@ -80,8 +78,6 @@ def _tuned_schedules(tuning_db, applied: list | None) -> list:
 
     @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
     def apply(mod, _ctx):
-        from tvm_lite.rpc.tune import records_faster_than_rules
-
         before = _scheduled(mod)
         with records_faster_than_rules(tuning_db):
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
@@ -92,40 +88,36 @@ def _tuned_schedules(tuning_db, applied: list | None) -> list:
     return [apply]
 
 
-def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str = "arena", *,
-           fusion: bool = True, fused_attention: bool = True, tuning_db=None,
-           decode_function: bool | None = None,
-           applied: list | None = None) -> list[tuple[str, list]]:
+def phases(target: tvm.target.Target, kv_cache: str | None = None,
+           memory_plan: str | None = None, *, options: BuildOptions | None = None,
+           applied: list | None = None, described: list | None = None,
+           **fields) -> list[tuple[str, list]]:
     """The pipeline as named phases of passes (what ``tvm_lite_pipeline`` runs, in order).
 
-    ``kv_cache``: "inplace" rewrites the past/present KV interface into one in-place cache per
-    layer (an error if the model has none), "auto" does so when the model has one, "copy" keeps
-    the exported interface; an in-place decoder is split into ``prefill`` and ``decode``.
-    ``memory_plan``: "arena" plans prefill/decode activations into caller-owned workspace buffers
-    with symbolic-size reuse; "tvm" keeps TVM's StaticPlanBlockMemory alone.
-    ``fusion``: run tvm_lite's pattern fusion passes (add + RMSNorm ...) before FuseOps.
-    ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) applied before the rules;
-    ``applied`` receives the names of the kernels it scheduled. ``decode_function`` (default: on
-    with a database) gives a past/present (``kv_cache="copy"``) decoder a ``decode`` function too,
-    ``main`` with one new token, whose static-shape kernels are what tuning measures; in-place
-    decoders always have one.
-    ``fused_attention``: replace each layer's attention on the in-place cache by one tvm_lite
-    attention kernel (``relax_passes/fuse_attention.py``); no effect with kv_cache="copy".
+    ``options``: a :class:`BuildOptions` (``tvm_lite/options.py`` documents each field); its
+    fields may also be given as arguments (``phases(tgt, "copy", fusion=False)``). What they do
+    here: ``kv_cache`` other than "copy" rewrites the past/present KV interface into one in-place
+    cache per layer (InplaceKVCache; "inplace" insists) and splits the decoder into ``prefill``
+    and ``decode``; ``memory_plan="arena"`` plans their activations into caller-owned workspaces;
+    ``fusion``: tvm_lite's pattern fusion passes before FuseOps; ``fused_attention``: one
+    attention kernel per layer on the in-place cache; ``tuning_db``: a MetaSchedule database
+    applied before the rules (``applied`` receives the names of the kernels it scheduled);
+    ``described`` receives the module's calling convention (AttachMetadata);
+    ``decode_function`` (default: on with a database) gives a past/present decoder a ``decode``
+    function too, ``main`` with one new token, whose static-shape kernels are what tuning
+    measures. The last pass describes the calling convention (AttachMetadata).
     """
-    if kv_cache not in KV_CACHE_MODES:
-        raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHE_MODES}")
-    if memory_plan not in MEMORY_PLANS:
-        raise ValueError(f"memory_plan={memory_plan!r}: expected one of {MEMORY_PLANS}")
-    kv_passes = [] if kv_cache == "copy" else [InplaceKVCache(required=kv_cache == "inplace"),
+    opts = BuildOptions.of(options, kv_cache=kv_cache, memory_plan=memory_plan, **fields)
+    kv_cache, memory_plan, tuning_db = opts.kv_cache, opts.memory_plan, opts.tuning_db
+    kv_passes = [] if kv_cache == KV_COPY else [InplaceKVCache(required=kv_cache == KV_INPLACE),
                                                SplitPrefillDecode(only_with_attr=KV_CACHE_ATTR)]
-    if fused_attention and kv_passes:
+    if opts.fused_attention and kv_passes:
         kv_passes.append(FuseAttention())
     if kv_passes:  # device-side step inputs and greedy token (relax_passes/add_step_helpers.py)
         kv_passes.append(AddStepHelpers(KV_CACHE_ATTR))
     arena = [PlanSymbolicArena(only_with_attr=KV_CACHE_ATTR)] if memory_plan == "arena" else []
-    if decode_function is None:
-        decode_function = bool(tuning_db)
-    add_decode = [AddDecodeFunction()] if decode_function and kv_cache == "copy" else []
+    decode_function = bool(tuning_db) if opts.decode_function is None else opts.decode_function
+    add_decode = [AddDecodeFunction()] if decode_function and kv_cache == KV_COPY else []
     return [
         ("1_graph", [
             *add_decode,
@@ -134,7 +126,7 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
             relax.transform.CanonicalizeBindings(),  # forward the aliases RemoveNoOpOps leaves
             *kv_passes,
             BindDequantKernelShapes(),  # 4-bit kernels built for prefill's and decode's shapes
-            *(fusion_passes() if fusion else []),
+            *(fusion_passes() if opts.fusion else []),
             relax.transform.EliminateCommonSubexpr(),
             relax.transform.DeadCodeElimination(),
         ]),
@@ -167,22 +159,26 @@ def phases(target: tvm.target.Target, kv_cache: str = "auto", memory_plan: str =
             relax.transform.ComputePrimValue(),
             relax.transform.VMShapeLower(),
             relax.transform.AttachGlobalSymbol(),
+            AttachMetadata(opts.to_dict(), described),  # last: _metadata() describes what is above
         ]),
     ]
 
 
 @relax.register_pipeline(PIPELINE_NAME)
 def tvm_lite_pipeline(target: tvm.target.Target, dump_dir: str | None = None,
-                      kv_cache: str = "auto", memory_plan: str = "arena", **options):
+                      options: BuildOptions | None = None, applied: list | None = None,
+                      described: list | None = None, **fields):
     """The whole pipeline as one pass. ``dump_dir`` (or ``$TVM_LITE_DUMP_IR``) gets the IR after
-    each phase; ``kv_cache``, ``memory_plan`` and ``options`` (``tuning_db``, ``decode_function``,
-    ``applied``) as in :func:`phases`."""
+    each phase; ``options`` (or its fields as arguments), ``applied`` and ``described`` as in
+    :func:`phases`."""
     dump_dir = dump_dir or os.environ.get("TVM_LITE_DUMP_IR")
+    opts = BuildOptions.of(options, **fields)
 
     @tvm.transform.module_pass(opt_level=0, name="tvm_lite_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for name, passes in phases(target, kv_cache, memory_plan, **options):
+            for name, passes in phases(target, options=opts, applied=applied,
+                                        described=described):
                 mod = tvm.transform.Sequential([*passes, _dump(name, dump_dir)], name=name)(mod)
         return mod
 

@@ -64,15 +64,13 @@ def answers_paris(engine, max_new_tokens: int = 24) -> tuple[bool, str]:
 
 def round_weights_to_fp16(engine) -> None:
     """Round every float32 weight of a loaded engine to fp16 (kept as float32 values)."""
-    import tvm
-
     rounded = []
     for p in engine.params:
         a = p.numpy()
         if a.dtype == np.float32:
             a = a.astype(np.float16).astype(np.float32)
-        rounded.append(tvm.runtime.tensor(a, engine.dev))
-    engine.params = rounded
+        rounded.append(a)
+    engine.set_weights(rounded)
 
 
 def default_configs(group_sizes=(32, 128), extra: bool = False) -> list[tuple[str, object]]:

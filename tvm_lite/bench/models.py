@@ -1,6 +1,6 @@
 """Whole-model speed on a GPU: tvm_lite (E0M4, int4) vs stock TVM vs PyTorch eager, same run.
 
-    python -m tvm_lite.bench_models --shapes smollm2-135m,gemma-2b --target "cuda -arch=sm_90"
+    python -m tvm_lite.bench.models --shapes smollm2-135m,gemma-2b --target "cuda -arch=sm_90"
 
 Real weights cannot travel to the GPU machine, and speed does not depend on their values: each
 model *shape* is built from its transformers config with seeded random weights (fp16), exported to
@@ -12,7 +12,7 @@ ONNX with the project's own exporter, and compiled four ways:
                       the exported past/present KV interface: what TVM does with the same ONNX
     PyTorch fp16      the transformers model itself, eager, on the same GPU
 
-Each is measured with the engine's own loop (tvm_lite.rpc.bench.bench_engine): a real-text prompt
+Each is measured with the engine's own loop (tvm_lite.bench.bench_engine): a real-text prompt
 of ``prompt_len`` tokens prefilled in one call, then ``decode_tokens`` greedy steps; median over
 ``repeats`` after a warm-up. ``check_logits`` compares the CUDA build with the CPU build of the same
 ONNX file (the issue's numerics check).
@@ -88,7 +88,7 @@ def random_model(shape: str, out_dir, seed: int = 0, dtype: str = "float16") -> 
 
 # -- the engines ----------------------------------------------------------------------------------
 def _quant(fmt: str):
-    from .quant import QuantConfig
+    from ..quant import QuantConfig
 
     # RTN without the clipping search: speed does not depend on the weights' values. The lm_head
     # is 4-bit too: at Gemma's 256k vocabulary it is a third of the bytes a decode step reads.
@@ -96,7 +96,7 @@ def _quant(fmt: str):
 
 
 def compile_variant(onnx_dir, variant: str, target: str, progress=print) -> Path:
-    from .artifact import compile_model
+    from ..artifact import compile_model
 
     if variant == "stock-fp16":
         return compile_model(onnx_dir, target, progress=progress, pipeline="stock")
@@ -148,9 +148,8 @@ def bench_torch(hf_dir, prompt_ids, decode_tokens: int, repeats: int, device: st
 
 def bench_variant(artifact, prompt_len: int, decode_tokens: int, repeats: int,
                   device: str = "cuda") -> dict:
-    from tvm_lite.rpc.bench import bench_engine
-
-    from .engine import Engine
+    from ..engine import Engine
+    from .generation import bench_engine
 
     engine = Engine(artifact, device=device, max_context=prompt_len + decode_tokens + 1,
                     buckets=None, prefill_chunk=prompt_len)
@@ -169,8 +168,8 @@ def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", de
     ``save``: a JSON file rewritten after every row (a long run that stops keeps its rows)."""
     from tqdm import tqdm
 
-    from .bench import _prompt_ids
-    from .export import export_onnx
+    from .generation import prompt_ids
+    from ..export import export_onnx
 
     work = Path(work_dir)
     rows = []
@@ -187,10 +186,10 @@ def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", de
             if variant.startswith("torch"):
                 from types import SimpleNamespace
 
-                from .tokenizer import Tokenizer
+                from ..tokenizer import Tokenizer
 
                 probe = SimpleNamespace(tokenizer=Tokenizer(onnx_dir))  # the engines' prompt
-                speed = bench_torch(hf, _prompt_ids(probe, prompt_len), decode_tokens, repeats,
+                speed = bench_torch(hf, prompt_ids(probe, prompt_len), decode_tokens, repeats,
                                     device)
             else:
                 artifact = compile_variant(onnx_dir, variant, target, progress)
@@ -215,10 +214,10 @@ def check_logits(shape: str = "smollm2-135m", target: str = "cuda -arch=sm_90", 
                  work_dir="bench_models", n_tokens: int = 24, progress=print) -> dict:
     """The same fp16 ONNX compiled for ``target`` and for the CPU (llvm): the logits of a
     prefill and of the next decode steps, compared."""
-    from .artifact import compile_model
-    from .bench import _prompt_ids
-    from .engine import Engine
-    from .export import export_onnx
+    from ..artifact import compile_model
+    from .generation import prompt_ids
+    from ..engine import Engine
+    from ..export import export_onnx
 
     work = Path(work_dir)
     onnx_dir = export_onnx(random_model(shape, work / shape / "hf"), work / shape / "onnx",
@@ -228,7 +227,7 @@ def check_logits(shape: str = "smollm2-135m", target: str = "cuda -arch=sm_90", 
         engine = Engine(compile_model(onnx_dir, tgt, progress=progress), device=dev,
                         max_context=n_tokens + 8)
         session = engine.new_session()
-        ids = _prompt_ids(engine, n_tokens)
+        ids = prompt_ids(engine, n_tokens)
         first = engine.prefill(session, ids)
         steps = [engine.forward(session, [int(np.argmax(first))])[-1]]
         out[name] = np.stack([first, *steps]).astype("float32")
@@ -240,9 +239,9 @@ def check_logits(shape: str = "smollm2-135m", target: str = "cuda -arch=sm_90", 
 
 
 def main(argv=None) -> int:
-    from .bench import format_table
+    from .generation import format_table
 
-    p = argparse.ArgumentParser(prog="python -m tvm_lite.bench_models", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tvm_lite.bench.models", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="smollm2-135m,gemma-2b")
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -317,7 +317,7 @@ def run(target_str: str = "cuda", models=tuple(MODELS), lengths=PREFILL_LENGTHS,
 
 
 def format_tables(result: dict) -> str:
-    from tvm_lite.bench import format_table
+    from .generation import format_table
 
     lines = [f"device: {result['device']}  target: {result['target']}  profile: {result['profile']}",
              f"copy bandwidth (1 GiB device-to-device, read+write): {result['copy']['gb_s']:.0f} GB/s"]

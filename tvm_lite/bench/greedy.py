@@ -1,6 +1,6 @@
 """The greedy token's kernel on a GPU, with and without ``GPUScalarReduction``.
 
-    TVM_CUDA_COMPILE_MODE=nvcc python -m tvm_lite.bench_greedy [--target "cuda -arch=sm_90"] [--vocab 49152]
+    TVM_CUDA_COMPILE_MODE=nvcc python -m tvm_lite.bench.greedy [--target "cuda -arch=sm_90"] [--vocab 49152]
 
 Builds ``greedy_token`` (``relax_passes/add_step_helpers.py``: the argmax of one row of logits,
 as the max and then the first index that holds it) twice for the target: with tvm_lite's GPU rules
@@ -66,9 +66,9 @@ def bench(target: str = "cuda -arch=sm_90", device: str = "cuda", vocab: int = 4
 
 
 def main(argv=None) -> int:
-    from tvm_lite.bench import format_table
+    from .generation import format_table
 
-    p = argparse.ArgumentParser(prog="python -m tvm_lite.bench_greedy", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tvm_lite.bench.greedy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="cuda -arch=sm_90")
     p.add_argument("--device", default="cuda")

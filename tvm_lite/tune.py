@@ -1,5 +1,8 @@
 """Tune a model's kernels with MetaSchedule, measuring on devices behind TVM's RPC tracker.
 
+(The database as a build reads it is ``tvm_lite/tuning_db.py``; the tracker and server processes
+are ``tvm_lite.rpc``.)
+
     db = tune_model("model.onnx", "opencl -device=adreno", "tuned/", tracker="127.0.0.1:9190",
                     key="android", trials=64, top=4)
     tvm_lite.compile_model("model.onnx", "opencl -device=adreno", tuning_db="tuned/")
@@ -39,107 +42,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .processes import RPCError, parse_address, tracker_status
+from .options import BuildOptions
+from .rpc.processes import RPCError, parse_address, tracker_status
+from .tuning_db import (_FAILED, RULES, TuningError, check_database, measured, open_database,
+                        record_rules_time)
 
-WORKLOADS = "database_workload.json"
-RECORDS = "database_tuning_record.json"
-RULES = "tvm_lite_rules.json"  # structural hash of a kernel -> its run time (s) with tvm_lite's rules
 DEVICE_LOST = "[tvm_lite.rpc: device lost]"
-_FAILED = 1e9  # MetaSchedule stores 1e10 s for a candidate that failed
-
-
-class TuningError(ValueError):
-    """Bad tuning input (kernel names, database, budget); the message names it."""
 
 
 class TuningStopped(RuntimeError):
     """Tuning stopped early (no device left); the records measured so far are in the database."""
-
-
-# -- the database ---------------------------------------------------------------------------------
-def check_database(path) -> Path:
-    """``path`` if it holds a MetaSchedule JSON database; a clear error otherwise."""
-    path = Path(path)
-    missing = [f for f in (WORKLOADS, RECORDS) if not (path / f).exists()]
-    if missing:
-        raise TuningError(f"no MetaSchedule database in {path} (missing {', '.join(missing)}); "
-                          "create one with `tvm-lite tune`")
-    return path
-
-
-def database_digest(path) -> str:
-    h = hashlib.sha256()
-    for name in (WORKLOADS, RECORDS, RULES):
-        if name == RULES and not (Path(path) / name).exists():
-            continue
-        h.update((Path(path) / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _kernel_key(mod) -> str:
-    import tvm_ffi
-
-    return str(tvm_ffi.structural_hash(mod))
-
-
-def record_rules_time(path, mod, seconds: float) -> None:
-    """Keep the run time of ``mod`` as tvm_lite's rules schedule it next to the database."""
-    file = Path(path) / RULES
-    times = json.loads(file.read_text()) if file.exists() else {}
-    times[_kernel_key(mod)] = seconds
-    file.write_text(json.dumps(times, indent=1, sort_keys=True))
-
-
-def records_faster_than_rules(path, skipped: list | None = None):
-    """An in-memory copy of the database at ``path`` without the kernels whose best record is not
-    faster than tvm_lite's rules measured in the same session (kernels without a rules time keep
-    their records). ``skipped`` receives the workloads' function names that were left out."""
-    from tvm.s_tir import meta_schedule as ms
-
-    file = Path(path) / RULES
-    rules = json.loads(file.read_text()) if file.exists() else {}
-    src = ms.database.JSONDatabase(work_dir=str(path), allow_missing=False,
-                                   module_equality="structural")
-    out = ms.database.MemoryDatabase(module_equality="structural")
-    by_workload = {}
-    for rec in src.get_all_tuning_records():
-        by_workload.setdefault(_kernel_key(rec.workload.mod), []).append(rec)
-    for key, records in by_workload.items():
-        valid = [r for r in records if r.run_secs and float(r.run_secs[0]) < _FAILED]
-        best = min((sum(float(t) for t in r.run_secs) / len(r.run_secs) for r in valid),
-                   default=None)
-        if best is None or (key in rules and best >= rules[key]):
-            if skipped is not None:
-                skipped.append(_func_name(records[0].workload.mod))
-            continue
-        workload = out.commit_workload(records[0].workload.mod)
-        for r in valid:
-            out.commit_tuning_record(ms.database.TuningRecord(
-                r.trace, workload, r.run_secs, r.target, r.args_info))
-    return out
-
-
-def _func_name(mod) -> str:
-    names = [gv.name_hint for gv in mod.get_global_vars()]
-    func = mod[names[0]]
-    return str(func.attrs.get("global_symbol", names[0])) if func.attrs else names[0]
-
-
-def open_database(path):
-    from tvm.s_tir import meta_schedule as ms
-
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
-
-
-def measured(db, mod) -> list[float]:
-    """Run times (s) of the valid records ``db`` holds for the kernel ``mod``, best first."""
-    if not db.has_workload(mod):
-        return []
-    workload = db.commit_workload(mod)
-    return [float(sum(float(s) for s in r.run_secs) / len(r.run_secs))
-            for r in db.get_top_k(workload, 1 << 30)
-            if r.run_secs and float(r.run_secs[0]) < _FAILED]
 
 
 # -- the kernels ----------------------------------------------------------------------------------
@@ -201,7 +113,7 @@ def import_model(model, quant=None, log=print):
     return mod
 
 
-def lower_for_tuning(mod, target, kv_cache: str = "auto"):
+def lower_for_tuning(mod, target, kv_cache: str = BuildOptions.kv_cache):
     """tvm_lite's phases 1-2 (with a ``decode`` function): the module whose kernels a tuned
     build with the same ``kv_cache`` option looks up in the database."""
     import tvm
@@ -546,7 +458,7 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
                number: int = 3, repeat: int = 1, min_repeat_ms: int = 0,
                session_timeout: float = 60.0, server_wait: float = 60.0,
                seed: int | None = 0, baseline: bool = True, progress: bool = True,
-               kv_cache: str = "auto", quant=None, log=print) -> TuneReport:
+               kv_cache: str = BuildOptions.kv_cache, quant=None, log=print) -> TuneReport:
     """Tune ``model``'s kernels for ``target``; records go to ``database`` (a directory).
 
     ``model``: an ONNX file / export folder, or an imported IRModule. ``trials``: the budget,

@@ -1,0 +1,86 @@
+"""Build options: one typed object from the command line to ``compile_model`` to ``build`` to the
+pipeline, with every default written here once.
+
+    opts = BuildOptions(kv_cache="copy", fusion=False)
+    tvm_lite.build(mod, "llvm", options=opts)            # or tvm_lite.build(mod, "llvm", kv_cache="copy")
+    compile_model(folder, "llvm", options=opts)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from .convention import KV_AUTO, KV_COPY, KV_INPLACE
+
+KV_CACHE_MODES = (KV_AUTO, KV_INPLACE, KV_COPY)
+MEMORY_PLANS = ("arena", "tvm")
+PIPELINES = ("tvm_lite", "stock")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a model is compiled.
+
+    ``kv_cache``: ``"auto"`` (default) rewrites a decoder's past/present KV interface into one
+    in-place cache per layer when the model has one (``relax_passes/inplace_kv_cache.py``),
+    ``"inplace"`` insists on it (an error if the model has none), ``"copy"`` keeps the exported
+    past/present interface. An in-place decoder comes out as ``prefill`` and ``decode``.
+    ``memory_plan``: ``"arena"`` plans prefill's and decode's activations into workspace buffers
+    the caller allocates once (``relax_passes/plan_symbolic_arena.py``); ``"tvm"`` keeps TVM's
+    StaticPlanBlockMemory alone.
+    ``fusion``: tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``); False compiles with
+    FuseOps alone (for comparisons).
+    ``fused_attention``: each layer's attention on the in-place cache as one kernel, or the
+    exported op-by-op graph (False); no effect on a past/present build.
+    ``quant``: a ``tvm_lite.quant.QuantConfig`` (4-bit weights; ``compile_model`` only) or None.
+    ``tuning_db``: a MetaSchedule database directory (``tvm-lite tune``) whose kernels replace
+    tvm_lite's schedules where they measured faster.
+    ``decode_function``: give a past/present decoder a ``decode`` function too (``main`` with one
+    token); default: on with a tuning database.
+    ``pipeline``: ``"tvm_lite"``, or ``"stock"``: TVM's default pipeline (the benchmarks'
+    baseline; past/present KV, TVM's memory plan; the other options do not apply).
+    """
+
+    kv_cache: str = KV_AUTO
+    memory_plan: str = "arena"
+    fusion: bool = True
+    fused_attention: bool = True
+    quant: object = None
+    tuning_db: str | Path | None = None
+    decode_function: bool | None = None
+    pipeline: str = "tvm_lite"
+
+    def __post_init__(self):
+        for name, value, allowed in (("kv_cache", self.kv_cache, KV_CACHE_MODES),
+                                     ("memory_plan", self.memory_plan, MEMORY_PLANS),
+                                     ("pipeline", self.pipeline, PIPELINES)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+
+    @classmethod
+    def of(cls, options: "BuildOptions | None" = None, **overrides) -> "BuildOptions":
+        """``options`` (default: the defaults) with the keyword arguments that are not None
+        replacing its fields: how ``build``/``compile_model`` keep their keyword arguments."""
+        base = options if options is not None else cls()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown build options {sorted(unknown)}")
+        return dataclasses.replace(base, **given)
+
+    def replace(self, **changes) -> "BuildOptions":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def stock(self) -> bool:
+        return self.pipeline == "stock"
+
+    def to_dict(self) -> dict:
+        """The options as JSON values (what the artifact's manifest and metadata record);
+        ``quant`` as its own dict, ``tuning_db`` as a path string."""
+        out = dataclasses.asdict(self)
+        out["quant"] = self.quant.to_dict() if self.quant is not None else None
+        out["tuning_db"] = str(self.tuning_db) if self.tuning_db is not None else None
+        return out
