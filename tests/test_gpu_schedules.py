@@ -123,6 +123,35 @@ def test_rules_take_decode_gemv_and_prefill_gemm_only():
     assert _schedule(gemv, decode, parse_target("llvm")) is None
 
 
+def test_a_rule_that_fails_inside_raises_instead_of_passing_the_kernel_on(monkeypatch):
+    """A rule returns None only where its explicit checks say it does not apply (MatchError);
+    anything else it hits propagates: a broken rule must not look like one that does not apply
+    (the kernel would silently get a slower schedule)."""
+    from tvm_lite.schedules.cpu_dequant import CPUDequantMatmul
+
+    target = parse_target("cuda -arch=sm_90")
+    decode = kernel_func("fp16", [1, 1], 576, 192)
+    prefill = kernel_func("fp16", [1, DYN], 576, 192)
+
+    def broken(*_args):
+        raise RuntimeError("a bug in the schedule")
+
+    def no_fit(*_args):
+        raise MatchError("W tile does not divide over the workgroup")
+
+    monkeypatch.setattr(GPUDecodeGEMV, "_schedule", broken)
+    monkeypatch.setattr(GPUPrefillGEMM, "_schedule", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        _schedule(GPUDecodeGEMV(CUDA), decode, target)
+    with pytest.raises(RuntimeError, match="a bug"):
+        _schedule(simt_only(CUDA), prefill, target)
+    monkeypatch.setattr(GPUDecodeGEMV, "_schedule", no_fit)
+    assert _schedule(GPUDecodeGEMV(CUDA), decode, target) is None
+    llvm = parse_target("llvm")  # the CPU rule: a matmul without a dequantize block is not its
+    assert _schedule(CPUDequantMatmul(), decode, llvm) is None
+    assert _schedule(CPUDequantMatmul(), kernel_func("e0m4", [1, 1], 576, 192), llvm) is not None
+
+
 # -- compile for every target; OpenCL through clang, CUDA through nvcc ------------------------------
 def _kernels():
     for fmt in ("e0m4", "int4", "fp16"):

@@ -191,6 +191,35 @@ def test_one_cache_instance_allocated_once(artifact):
 
 
 @pytest.mark.slow
+def test_the_model_describes_its_calling_convention(artifact, engine):
+    """``_metadata()`` (relax_passes/attach_metadata.py) says what the engine needs to call the
+    model, the manifest records the same, and the engine's runner follows it."""
+    import json
+
+    from tvm_lite import convention as cv
+    from tvm_lite.artifact import load_manifest
+    from tvm_lite.runners import InPlace, PastPresent
+
+    eng = engine("dynamo")
+    desc = json.loads(str(eng.vm[cv.METADATA]()))
+    assert desc == eng.convention == load_manifest(artifact("dynamo"))["convention"]
+    assert desc["kv_cache"] == "inplace" and desc["decoders"] == ["prefill", "decode"]
+    assert desc["tupled"] and desc["steps"] and isinstance(eng.runner, InPlace)
+    assert desc["kv_caches"]["count"] == 60 and desc["kv_caches"]["row_shape"] == ["3", "64"]
+    assert desc["weights"]["count"] == len(eng.params) and desc["weights"]["tupled"]
+    assert desc["workspace"]["count"] == len(eng.runner.workspace["prefill"]) > 0
+    prefill = [p[0] for p in desc["entries"]["prefill"]]
+    assert prefill[:4] == [*desc["inputs"], cv.PAST_LEN] and len(desc["inputs"]) == 3
+    assert [p[0] for p in desc["entries"][cv.DECODE_STEP]] == ["step", "kv_caches", "workspace",
+                                                             "params"]
+    assert desc["options"]["kv_cache"] == "inplace"
+    copy = engine("dynamo", "copy")
+    assert copy.convention["kv_cache"] == "copy" and copy.convention["decoders"] == ["main"]
+    assert copy.convention["kv_caches"]["count"] == 60 and not copy.convention["steps"]
+    assert isinstance(copy.runner, PastPresent)
+
+
+@pytest.mark.slow
 def test_adreno_opencl_has_the_kv_write_and_no_kv_concat(export_dir, opencl_source):
     src = opencl_source("adreno")
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")

@@ -1,5 +1,7 @@
 """tvm_lite's Relax pipeline, top to bottom in phases.
 
+The build options are one ``BuildOptions`` (``tvm_lite/options.py``).
+
 Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches live here and in
 ``schedules/``, never inside a pass.
 
@@ -19,6 +21,8 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    memory_plan="tvm"), entry points that take the caches and
                                    workspaces as tuples (AddTupledBufferEntries: RPC), one-call
                                    greedy steps over them (AddStepEntries), VM shape lowering
+                                   and last the calling convention as _metadata()
+                                   (AttachMetadata)
 """
 
 from __future__ import annotations
