@@ -97,8 +97,7 @@ def cmd_bench(args):
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print("\n".join(format_rows([r], {k: r.get(k) for k in ("engine", "import s", "compile s")})
-                        for r in rows))
+        print(format_rows(rows, first=("engine", "import s", "compile s")))
 
 
 def cmd_bench_kv(args):

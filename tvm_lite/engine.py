@@ -137,6 +137,9 @@ class Engine:
         self.convention = read_convention(self.vm, self.manifest)
         self.runner = make_runner(self.vm, self.dev, self.link, self.convention, self.model,
                                   self.path)
+        # the model's shape (from its config): what sizes the caches
+        self.num_layers, self.kv_dtype = self.runner.num_layers, self.runner.kv_dtype
+        self.kv_heads, self.head_dim = self.runner.kv_heads, self.runner.head_dim
         GpuSlicer(self.dev, gpu_slice)  # validates the option
         self.gpu_slice = gpu_slice
         self.slice_record = None  # a gpu_slice.Submissions that records prefill submissions

@@ -95,11 +95,11 @@ def _spread(row, what: str) -> str:
     return f"{lo:.1f}-{hi:.1f} (±{50 * (hi - lo) / med:.1f}%)"
 
 
-def format_rows(rows: list[dict], label: dict | None = None) -> str:
-    """:func:`bench_engine`'s rows as a table (``label``: columns to put first, same in every
-    row)."""
-    table = [{**(label or {}), "prompt": r["prompt_len"], "prefill tok/s": r["prefill_tok_s"],
-              "prefill min-max": _spread(r, "prefill"), "decode tok/s": r["decode_tok_s"],
+def format_rows(rows: list[dict], first: tuple = ()) -> str:
+    """:func:`bench_engine`'s rows as a table; ``first``: keys of the rows shown as the first
+    columns (e.g. which engine)."""
+    table = [{**{k: r.get(k) for k in first}, "prompt": r["prompt_len"],
+              "prefill tok/s": r["prefill_tok_s"], "prefill min-max": _spread(r, "prefill"), "decode tok/s": r["decode_tok_s"],
               "decode min-max": _spread(r, "decode"), "decoded": r["decode_tokens"],
               "repeats": r["repeats"]} for r in rows]
     return format_table(table, list(table[0]))
