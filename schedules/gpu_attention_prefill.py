@@ -89,33 +89,10 @@ __forceinline__ __device__ void tvm_lite_mma16816(float* c, unsigned a0, unsigne
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 """,
-    "tvm_lite_cp_async16": r"""
-__forceinline__ __device__ void tvm_lite_cp_async16(void* dst, const void* src, int bytes) {
-  unsigned a = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(a), "l"(src), "r"(bytes));
-}
-""",
-    "tvm_lite_cp_async_commit": r"""
-__forceinline__ __device__ void tvm_lite_cp_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-""",
-    "tvm_lite_cp_async_wait1": r"""
-__forceinline__ __device__ void tvm_lite_cp_async_wait1() {
-  asm volatile("cp.async.wait_group 1;" ::: "memory");
-}
-""",
     "tvm_lite_pack_half2": r"""
 __forceinline__ __device__ unsigned tvm_lite_pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&h);
-}
-""",
-    "tvm_lite_exp2": r"""
-__forceinline__ __device__ float tvm_lite_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 """,
     "tvm_lite_quad_max": r"""
@@ -134,8 +111,8 @@ __forceinline__ __device__ float tvm_lite_quad_sum(float v) {
 
 
 def _call(name: str, *args: str, ret: str = "void") -> str:
-    return (f'T.cuda.func_call("{name}", {"".join(a + ", " for a in args)}'
-            f'source_code=HELPERS["{name}"], return_type="{ret}")')
+    return (f'T.cuda.func_call("{name}", {", ".join(args)}, source_code=HELPERS["{name}"], '
+            f'return_type="{ret}")')
 
 
 def _rows(p: dict, rows: int, r: str) -> dict:
@@ -287,11 +264,10 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
 
 
 def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES) -> tuple[int, int]:
-    """(rows, keys): Q and two buffers of K and V tiles in ``shared_bytes``."""
     D = p["head_dim"]
     rows = 16 * TC_WARPS
     for keys in TC_KEY_TILES:
-        if (rows + 4 * keys) * (D + 8) * 2 <= shared_bytes:
+        if (rows + 2 * keys) * (D + 8) * 2 <= shared_bytes:
             return rows, keys
     raise ValueError(f"prefill attention: head_dim {D} does not fit {shared_bytes} bytes")
 
@@ -316,46 +292,18 @@ def tensor_core_kernel(p: dict, keys: int | None = None,
     def row(c: str) -> dict:  # tile row of accumulator element c (0, 1: row g; 2, 3: row g + 8)
         return _rows(p, rows, f"{warp} * 16 + {g} + ({c}) // 2 * 8")
 
-    # one shared buffer for Q and the two K/V buffers (separate ones would be merged by
-    # liveness, and TVM does not see the ldmatrix reads through their addresses)
-    KO, VO, BUF = rows * DP, (rows + keys) * DP, 2 * keys * DP  # K, V of buffer b: + b * BUF
-    q_load, _ = _tile_loads(p, rows, keys, "float16", D, 8, 8, threads,
-                            (("sm", ""), ("sm", f" + {KO}"), ("sm", f" + {VO}")))
-    nkb = _key_tiles(p, rows, keys)
-
-    def prefetch(tile: str, indent: str) -> str:
-        """cp.async of K/V tile ``tile`` into buffer ``tile % 2`` (keys past m: zero-filled)."""
-        vectors = keys * D // 8
-        steps = -(-vectors // threads)
-        e = f"(l * {threads} + tx)"
-        r, c = f"({e} // {D // 8})", f"({e} % {D // 8} * 8)"
-        j = f"T.Cast(\"int64\", ({tile}) * {keys} + {r})"
-        guard = f"{e} < {vectors}" if steps * threads != vectors else "True"
-        lines = [f"for l in range({steps}):", f"    if {guard}:"]
-        for x, off in (("k", KO), ("v", VO)):
-            dst = f"T.address_of(sm[{off} + ({tile}) % 2 * {BUF} + {r} * {DP} + {c}])"
-            src = f"T.address_of({kv_index(p, x, f'T.min({j}, m - 1)', 'kvh', c)})"
-            lines.append("        T.evaluate(" + _call("tvm_lite_cp_async16", dst, src,
-                         f"T.if_then_else({j} < m, 16, 0)") + ")")
-        return "\n".join(indent + ln for ln in lines)
-
+    # one shared buffer for the three tiles (separate ones would be merged by liveness, and
+    # TVM does not see the ldmatrix reads through their addresses)
+    KO, VO = rows * DP, (rows + keys) * DP
+    q_load, kv_load = _tile_loads(p, rows, keys, "float16", D, 8, 8, threads,
+                                  (("sm", ""), ("sm", f" + {KO}"), ("sm", f" + {VO}")))
     rc = row("c")
     key = f"kb * {keys} + nt * 8 + {t4} * 2 + c % 2"
-    valid = f"{key} < m and {rc['row']} < n * {G}"
-    # the mask row of accumulator row c // 2, as a flat offset (once per workgroup: ``mrow``)
-    r8 = _rows(p, rows, f"{warp} * 16 + {g} + hr * 8")
-    mrow = (f"({r8['head'] if p['mask_heads'] else '0'} * {'n' if p['mask_rows'] else '1'} + "
-            f"{'T.min(' + r8['pos'] + ', n - 1)' if p['mask_rows'] else '0'}) * m")
-    mask = f"maskf[mb[c // 2] + T.min({key}, m - 1)]"
-    MH = p["heads"] if p["mask_heads"] else 1
-    mask_decl = (f'maskf = T.decl_buffer(({MH} * {"n" if p["mask_rows"] else "1"} * m,), '
-                 f'"{p["mask_dtype"]}", data=mask.data)')
-    LOG2E = 1.4426950408889634  # scores in base 2: exp(x) = 2^(x log2 e), one MUFU.EX2 each
-    ex2 = lambda x: _call("tvm_lite_exp2", x, ret="float32")  # noqa: E731
+    mask = mask_index(p, rc["head"], f"T.min({rc['pos']}, n - 1)", key)
     rh = row("hr * 2")
     AF = [f"af[{i}]" for i in range(4)]
     PF = [f"pf[kp * 4 + {i}]" for i in range(4)]
-    offsets = {"qs": "0", "ks": f"{KO} + kb % 2 * {BUF}", "vs": f"{VO} + kb % 2 * {BUF}"}
+    offsets = {"qs": 0, "ks": KO, "vs": VO}
     addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
     src = f'''
 @T.prim_func(private=True)
@@ -366,17 +314,13 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
     for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
         for bq in T.thread_binding((n * {G} + {rows - 1}) // {rows}, thread="blockIdx.x"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
-                sm = T.alloc_buffer(({(rows + 4 * keys) * DP},), "float16", scope="shared.dyn")
+                sm = T.alloc_buffer(({(rows + 2 * keys) * DP},), "float16", scope="shared.dyn")
                 oa = T.alloc_buffer(({DT * 4},), "float32", scope="local")
                 s = T.alloc_buffer(({NT * 4},), "float32", scope="local")
                 pf = T.alloc_buffer(({keys // 16 * 4},), "uint32", scope="local")
                 af = T.alloc_buffer((4,), "uint32", scope="local")
                 bf = T.alloc_buffer((4,), "uint32", scope="local")
                 st = T.alloc_buffer((6,), "float32", scope="local")  # max x2, sum x2, tmp x2
-                mb = T.alloc_buffer((2,), "int64", scope="local")  # the two rows' mask offsets
-                {mask_decl}
-                for hr in T.unroll(2):
-                    mb[hr] = {mrow}
 {q_load}
                 for i in T.unroll({DT * 4}):
                     oa[i] = {f32}(0)
@@ -384,20 +328,11 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                 st[1] = {MIN}
                 st[2] = {f32}(0)
                 st[3] = {f32}(0)
-{prefetch("0", " " * 16)}
-                T.evaluate({_call("tvm_lite_cp_async_commit")})
-                for kb in range({nkb}):
-                    if kb + 1 < {nkb}:
-{prefetch("kb + 1", " " * 24)}
-                    T.evaluate({_call("tvm_lite_cp_async_commit")})
-                    # the mask (over the scale) as the scores' initial value: its loads are in
-                    # flight while the tensor cores run
-                    for nt in T.unroll({NT}):
-                        for c in T.unroll(4):
-                            s[nt * 4 + c] = T.if_then_else(
-                                {valid}, {f32}({mask}) * {f32}({1.0 / p["scale"]!r}), {f32}(0))
-                    T.evaluate({_call("tvm_lite_cp_async_wait1")})
+                for kb in range({_key_tiles(p, rows, keys)}):
+{kv_load}
                     T.tvm_storage_sync("shared")
+                    for i in T.unroll({NT * 4}):
+                        s[i] = {f32}(0)
                     for kk in T.unroll({KT}):
                         af[T.Ramp(0, 1, 4)] = {_call("tvm_lite_ldsm_x4",
                                                      addr("qs", f"{warp} * 16 + {lane} % 16",
@@ -415,13 +350,14 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                     for nt in T.unroll({NT}):
                         for c in T.unroll(4):
                             s[nt * 4 + c] = T.if_then_else(
-                                {valid}, s[nt * 4 + c] * {f32}({p["scale"] * LOG2E!r}), {MIN})
+                                {key} < m and {rc["row"]} < n * {G},
+                                s[nt * 4 + c] * {f32}({p["scale"]!r}) + {f32}({mask}), {MIN})
                     for hr in T.unroll(2):
                         st[4] = st[hr]
                         for nt in T.unroll({NT}):
                             st[4] = T.max(st[4], T.max(s[nt * 4 + hr * 2], s[nt * 4 + hr * 2 + 1]))
                         st[4] = {_call("tvm_lite_quad_max", "st[4]", ret="float32")}
-                        st[5] = {ex2("st[hr] - st[4]")}
+                        st[5] = T.exp(st[hr] - st[4])
                         st[hr] = st[4]
                         st[hr + 2] = st[hr + 2] * st[5]
                         for dt in T.unroll({DT}):
@@ -429,7 +365,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                             oa[dt * 4 + hr * 2 + 1] = oa[dt * 4 + hr * 2 + 1] * st[5]
                         for nt in T.unroll({NT}):
                             for c in T.unroll(2):
-                                s[nt * 4 + hr * 2 + c] = {ex2("s[nt * 4 + hr * 2 + c] - st[hr]")}
+                                s[nt * 4 + hr * 2 + c] = T.exp(s[nt * 4 + hr * 2 + c] - st[hr])
                                 st[hr + 2] = st[hr + 2] + s[nt * 4 + hr * 2 + c]
                     for kp in T.unroll({keys // 16}):
                         for r in T.unroll(4):
