@@ -25,21 +25,18 @@ from tvm.s_tir import dlight as dl
 from tvm.script import from_source
 from tvm.target import Target
 
-from .gpu_attention_prefill import prefill_kernel
-
 from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
     kv_index, out_index, signature
+from .gpu_attention_prefill import prefill_kernel
 
-# rows: query rows per prefill workgroup (= its threads); threads: decode workgroup size;
-# local_bytes: local (shared) memory a prefill workgroup may use for its K/V tiles.
+# threads: decode workgroup size, and the SIMT prefill kernel's; local_bytes: local (shared)
+# memory a SIMT prefill workgroup may use for its Q, K, V and score tiles.
 TILES = {
-    "adreno": dict(rows=64, threads=128, local_bytes=16384),  # 16 KiB local memory
-    "mali": dict(rows=32, threads=64, local_bytes=8192),  # local memory is ordinary memory
-    "cuda": dict(rows=64, threads=256, local_bytes=32768),
-    "gpu": dict(rows=64, threads=128, local_bytes=16384),
+    "adreno": dict(threads=128, local_bytes=16384),  # 16 KiB local memory
+    "mali": dict(threads=64, local_bytes=8192),  # local memory is ordinary memory
+    "cuda": dict(threads=256, local_bytes=32768),
+    "gpu": dict(threads=128, local_bytes=16384),
 }
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _params(func) -> dict:

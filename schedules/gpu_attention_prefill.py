@@ -134,7 +134,8 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
                threads: int, valid, indent: str) -> str:
     """Cooperative vectorized copy of a ``(count_rows, D)`` tile into the 1-D buffers ``dsts``
     (``(name, " + offset")`` pairs; rows ``D + pad`` apart: a 2-D buffer would be compacted to
-    the columns accessed, dropping the padding); rows that are not ``valid(r)`` get zeros. ``srcs(r, c)``: the sources at row ``r``, column ramp
+    the columns accessed, dropping the padding); rows that are not ``valid(r)`` get zeros.
+    ``srcs(r, c)``: the sources at row ``r``, column ramp
     ``c``, one per destination."""
     vectors = count_rows * D // vec
     steps = -(-vectors // threads)
@@ -163,9 +164,11 @@ def _tile_loads(p: dict, rows: int, keys: int, dtype: str, D: int, pad: int, vec
 
     q_load = _load_tile([tiles[0]], q_src, dtype, rows, D, pad, vec, threads,
                         lambda r: f"{_rows(p, rows, r)['row']} < n * {G}", " " * 16)
-    kv_load = _load_tile(list(tiles[1:]),
-                         lambda r, c: [kv_index(p, x, f"kb * {keys} + {r}", "kvh", c) for x in "kv"],
-                         dtype, keys, D, pad, vec, threads, lambda r: f"kb * {keys} + {r} < m", " " * 20)
+    def kv_src(r, c):
+        return [kv_index(p, x, f"kb * {keys} + {r}", "kvh", c) for x in "kv"]
+
+    kv_load = _load_tile(list(tiles[1:]), kv_src, dtype, keys, D, pad, vec, threads,
+                         lambda r: f"kb * {keys} + {r} < m", " " * 20)
     return q_load, kv_load
 
 
@@ -236,7 +239,8 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                         if {key_in} < {keys}:
                             st[2] = {f32}(0)
                             for d in {unroll_d}({D}):
-                                st[2] = st[2] + {f32}(qs[tx // {lanes} * {DP} + d]) * {f32}(ks[{key_in} * {DP} + d])
+                                st[2] = st[2] + {f32}(qs[tx // {lanes} * {DP} + d]) * \\
+                                    {f32}(ks[{key_in} * {DP} + d])
                             ss[tx // {lanes}, {key_in}] = T.if_then_else(
                                 kb * {keys} + {key_in} < m and {me["pos"]} < n,
                                 st[2] * {f32}({p["scale"]!r}) + {f32}({mask}), {MIN})

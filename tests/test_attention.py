@@ -151,6 +151,33 @@ def test_gpu_kernels_compile(profile, tmp_path):
             assert res.returncode == 0, res.stderr[:2000]
 
 
+def test_prefill_tiles_split_head_dim_and_fit_local_memory():
+    """Every profile's prefill kernel splits head_dim across threads (no thread holds a whole q
+    row or accumulator at head_dim 256) within its local-memory budget; on CUDA fp16 runs on
+    tensor cores (mma.sync, ldmatrix), fp32 on the SIMT kernel."""
+    from tvm_lite.schedules.gpu_attention_prefill import simt_tiles, tensor_core_tiles
+
+    for profile, tile in TILES.items():
+        for d in (32, 64, 128, 256):
+            for dtype in ("float16", "float32"):
+                p = attention_params(8, 1, d, dtype, 0.1, dtype, False, True, False)
+                size = 2 if dtype == "float16" else 4
+                rows, keys = simt_tiles(p, tile["threads"], tile["local_bytes"], 8 // size)
+                lanes = tile["threads"] // rows
+                assert d % lanes == 0 and (d == 32 or d // lanes < d), (profile, d, rows)
+                assert (rows + 2 * keys) * (d + 8 // size) * size + rows * (keys + 1) * 4 \
+                    <= tile["local_bytes"]
+    p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
+    assert tensor_core_tiles(p) == (64, 64)
+    func, t = _gpu_kernel(p, GPU_TARGETS["cuda"])
+    src = tvm_lite.device_source(tvm.compile(
+        tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}), target=t), "cuda")
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src and "ldmatrix" in src
+    p32 = dict(p, dtype="float32", mask_dtype="float32")
+    func, _ = _gpu_kernel(p32, GPU_TARGETS["cuda"])
+    assert "tvm_lite_mma16816" not in func.script()
+
+
 def _cuda_available():
     try:
         return tvm.cuda(0).exist
