@@ -140,6 +140,6 @@ class Attention(dl.ScheduleRule):
         if p["decode"]:
             kernel = decode_kernel(p, tile, max_threads)
         else:
-            kernel = prefill_kernel(p, profile, tile["threads"], tile["local_bytes"],
-                                    gpu_profile(profile).vector_bytes, max_threads)
+            kernel = prefill_kernel(p, profile, target, tile["threads"], tile["local_bytes"],
+                                    gpu_profile(profile).vector_bytes)
         return s_tir.Schedule(kernel)

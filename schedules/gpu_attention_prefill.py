@@ -276,8 +276,13 @@ def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES) -> tuple[int
     raise ValueError(f"prefill attention: head_dim {D} does not fit {shared_bytes} bytes")
 
 
-def tensor_core_applies(p: dict) -> bool:
-    return p["dtype"] == "float16" and p["head_dim"] % 16 == 0 and 16 <= p["head_dim"] <= 256
+def tensor_core_applies(p: dict, target) -> bool:
+    """fp16, head_dim a multiple of 16 up to 256, and ``mma.sync.m16n8k16`` on the target
+    (sm_80 or newer; a CUDA target without an arch is taken to be one)."""
+    arch = str(target.attrs.get("arch", "sm_90")) if target.kind.name == "cuda" else ""
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return (target.kind.name == "cuda" and digits != "" and int(digits) >= 80
+            and p["dtype"] == "float16" and p["head_dim"] % 16 == 0 and p["head_dim"] <= 256)
 
 
 def tensor_core_kernel(p: dict, keys: int | None = None,
@@ -400,10 +405,11 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
     return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
 
 
-def prefill_kernel(p: dict, profile: str, threads: int, local_bytes: int, vector_bytes: int,
-                   max_threads: int) -> tirx.PrimFunc:
-    """The prefill kernel for ``profile`` (see the module doc)."""
-    if profile == "cuda" and tensor_core_applies(p):
+def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int,
+                   vector_bytes: int) -> tirx.PrimFunc:
+    """The prefill kernel for ``profile`` on ``target`` (see the module doc)."""
+    max_threads = int(target.attrs.get("max_num_threads", threads))
+    if profile == "cuda" and tensor_core_applies(p, target):
         return tensor_core_kernel(p)
     return simt_kernel(p, min(threads, max_threads), local_bytes, vector_bytes)
 
