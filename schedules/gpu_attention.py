@@ -7,10 +7,8 @@ the target's profile (both keep the same signature: ``q (1, H, n, D)``, the cach
 ``k, v (m, KV, D)``, the additive mask ``(1, 1|H, 1|n, m)`` and ``out (1, H, n, D)``; query head
 ``h`` reads kv head ``h // (H / KV)``):
 
-* prefill — one workgroup per (head, tile of ``rows`` query rows), one query row per thread
-  (its q row and fp32 accumulator in registers); the workgroup walks the keys in tiles of
-  ``key_tile`` rows of K and V loaded into local (shared) memory by all threads, coalesced along
-  ``head_dim``; each thread runs an online softmax over the tile.
+* prefill — :mod:`.gpu_attention_prefill`: query-row tiles x key tiles (head_dim split across
+  threads), causal tile skipping, GQA heads sharing K/V tiles; tensor cores on CUDA.
 * decode — one workgroup per query head, ``threads`` threads split over the keys: per chunk of
   ``threads`` keys each thread computes one score (into local memory), the chunk max is read by
   all, then thread ``t`` accumulates output dim ``t % D`` over keys ``≡ t // D`` (mod
@@ -29,17 +27,16 @@ from tvm.target import Target
 
 from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
     kv_index, out_index, signature
+from .gpu_attention_prefill import prefill_kernel
 
-# rows: query rows per prefill workgroup (= its threads); threads: decode workgroup size;
-# local_bytes: local (shared) memory a prefill workgroup may use for its K/V tiles.
+# threads: decode workgroup size, and the SIMT prefill kernel's; local_bytes: local (shared)
+# memory a SIMT prefill workgroup may use for its Q, K, V and score tiles.
 TILES = {
-    "adreno": dict(rows=64, threads=128, local_bytes=16384),  # 16 KiB local memory
-    "mali": dict(rows=32, threads=64, local_bytes=8192),  # local memory is ordinary memory
-    "cuda": dict(rows=64, threads=256, local_bytes=32768),
-    "gpu": dict(rows=64, threads=128, local_bytes=16384),
+    "adreno": dict(threads=128, local_bytes=16384),  # 16 KiB local memory
+    "mali": dict(threads=64, local_bytes=8192),  # local memory is ordinary memory
+    "cuda": dict(threads=256, local_bytes=32768),
+    "gpu": dict(threads=128, local_bytes=16384),
 }
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _params(func) -> dict:
@@ -54,67 +51,6 @@ def _params(func) -> dict:
 
 def _unroll(d: int) -> str:
     return "T.unroll" if d <= 128 else "T.serial"
-
-
-def prefill_kernel(p: dict, tile: dict) -> tirx.PrimFunc:
-    decl, n = signature(p)
-    H, D, G = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"]
-    rows = tile["rows"]
-    key_tile = max(1, min(32, tile["local_bytes"] // (2 * D * _BYTES.get(p["dtype"], 4))))
-    load_steps = (key_tile * D + rows - 1) // rows
-    f32, dt, u = "T.float32", p["dtype"], _unroll(D)
-    mask = mask_index(p, "h", "i", "kb * %d + jj" % key_tile)
-    # element l * rows + tx of the (key_tile, D) tile: row r, column c; key kb * key_tile + r
-    r, c = f"(l * {rows} + tx) // {D}", f"(l * {rows} + tx) % {D}"
-    k_src, v_src = (kv_index(p, b, f"kb * {key_tile} + {r}", f"h // {G}", c) for b in "kv")
-    src = f'''
-@T.prim_func(private=True)
-def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
-              var_o: T.handle):
-    T.func_attr({func_attrs(p)})
-    {decl}
-    for h in T.thread_binding({H}, thread="blockIdx.y"):
-        for bq in T.thread_binding((n + {rows - 1}) // {rows}, thread="blockIdx.x"):
-            for tx in T.thread_binding({rows}, thread="threadIdx.x"):
-                ks = T.alloc_buffer(({key_tile}, {D}), "{dt}", scope="shared")
-                vs = T.alloc_buffer(({key_tile}, {D}), "{dt}", scope="shared")
-                qr = T.alloc_buffer(({D},), "float32", scope="local")
-                acc = T.alloc_buffer(({D},), "float32", scope="local")
-                st = T.alloc_buffer((3,), "float32", scope="local")
-                i = bq * {rows} + tx
-                for d in {u}({D}):
-                    qr[d] = T.if_then_else(i < n, {f32}(q[0, h, T.min(i, n - 1), d]), {f32}(0))
-                    acc[d] = {f32}(0)
-                st[0] = T.min_value("float32")
-                st[1] = {f32}(0)
-                for kb in range((m + {key_tile - 1}) // {key_tile}):
-                    for l in range({load_steps}):
-                        if l * {rows} + tx < {key_tile * D}:
-                            if kb * {key_tile} + {r} < m:
-                                ks[{r}, {c}] = {k_src}
-                                vs[{r}, {c}] = {v_src}
-                    T.tvm_storage_sync("shared")
-                    if i < n:
-                        for jj in range({key_tile}):
-                            if kb * {key_tile} + jj < m:
-                                st[2] = {f32}(0)
-                                for d in {u}({D}):
-                                    st[2] = st[2] + qr[d] * {f32}(ks[jj, d])
-                                st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask})
-                                if st[2] > st[0]:
-                                    for d in {u}({D}):
-                                        acc[d] = acc[d] * T.exp(st[0] - st[2])
-                                    st[1] = st[1] * T.exp(st[0] - st[2])
-                                    st[0] = st[2]
-                                for d in {u}({D}):
-                                    acc[d] = acc[d] + T.exp(st[2] - st[0]) * {f32}(vs[jj, d])
-                                st[1] = st[1] + T.exp(st[2] - st[0])
-                    T.tvm_storage_sync("shared")
-                if i < n:
-                    for d in {u}({D}):
-                        {out_index(p, "h", "i", "d")} = T.Cast("{dt}", acc[d] / st[1])
-'''
-    return from_source(src)
 
 
 def decode_kernel(p: dict, tile: dict, max_threads: int) -> tirx.PrimFunc:
@@ -193,7 +129,7 @@ class Attention(dl.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None \
                 or KERNEL_ATTR not in func.attrs:
             return None
-        from . import profile_of
+        from . import gpu_profile, profile_of
 
         profile = profile_of(target)
         if profile == "cpu":
@@ -204,5 +140,6 @@ class Attention(dl.ScheduleRule):
         if p["decode"]:
             kernel = decode_kernel(p, tile, max_threads)
         else:
-            kernel = prefill_kernel(p, dict(tile, rows=min(tile["rows"], max_threads)))
+            kernel = prefill_kernel(p, profile, target, tile["threads"], tile["local_bytes"],
+                                    gpu_profile(profile).vector_bytes)
         return s_tir.Schedule(kernel)

@@ -23,7 +23,7 @@ from tvm_lite.schedules.gpu_attention import TILES, Attention
 
 LAYERS = 30  # SmolLM2-135M
 GPU_TARGETS = {"adreno": "opencl -device=adreno", "mali": "opencl -device=mali",
-               "cuda": "cuda -arch=sm_90"}
+               "cuda": "cuda -arch=sm_90", "gpu": "opencl"}
 CLANG = shutil.which("clang-15")
 
 
@@ -151,6 +151,33 @@ def test_gpu_kernels_compile(profile, tmp_path):
             assert res.returncode == 0, res.stderr[:2000]
 
 
+def test_prefill_tiles_split_head_dim_and_fit_local_memory():
+    """Every profile's prefill kernel splits head_dim across threads (no thread holds a whole q
+    row or accumulator at head_dim 256) within its local-memory budget; on CUDA fp16 runs on
+    tensor cores (mma.sync, ldmatrix), fp32 on the SIMT kernel."""
+    from tvm_lite.schedules.gpu_attention_prefill import simt_tiles, tensor_core_tiles
+
+    for profile, tile in TILES.items():
+        for d in (32, 64, 128, 256):
+            for dtype in ("float16", "float32"):
+                p = attention_params(8, 1, d, dtype, 0.1, dtype, False, True, False)
+                size = 2 if dtype == "float16" else 4
+                rows, keys = simt_tiles(p, tile["threads"], tile["local_bytes"], 8 // size)
+                lanes = tile["threads"] // rows
+                assert d % lanes == 0 and (d == 32 or d // lanes < d), (profile, d, rows)
+                assert (rows + 2 * keys) * (d + 8 // size) * size + rows * (keys + 1) * 4 \
+                    <= tile["local_bytes"]
+    p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
+    assert tensor_core_tiles(p) == (64, 64)
+    func, t = _gpu_kernel(p, GPU_TARGETS["cuda"])
+    src = tvm_lite.device_source(tvm.compile(
+        tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}), target=t), "cuda")
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src and "ldmatrix" in src
+    p32 = dict(p, dtype="float32", mask_dtype="float32")
+    func, _ = _gpu_kernel(p32, GPU_TARGETS["cuda"])
+    assert "tvm_lite_mma16816" not in func.script()
+
+
 def _cuda_available():
     try:
         return tvm.cuda(0).exist
@@ -162,11 +189,18 @@ GPU_CASES = CASES + [
     (9, 3, 64, 130, 300, 5, "float16"),  # several query tiles and key tiles, fp16
     (9, 3, 64, 1, 700, 0, "float16"),    # decode over several key chunks
     (8, 1, 256, 1, 33, 0, "float32"),    # Gemma-shaped decode
+    # prefill: head_dim 32-256, GQA 1-8, padding, chunk boundaries (past = a multiple of 256)
+    (32, 8, 128, 200, 0, 7, "float16"),   # head_dim 128, GQA 4, padded
+    (8, 8, 128, 70, 256, 0, "float16"),   # no GQA, a second chunk
+    (8, 1, 256, 300, 0, 3, "float16"),    # Gemma-2B: GQA 8, head_dim 256, padded
+    (8, 1, 256, 256, 256, 0, "float16"),  # Gemma-2B, a second 256-token chunk
+    (32, 8, 64, 256, 1792, 0, "float16"),  # Llama-3.2-1B, the last chunk of 2048
+    (16, 2, 32, 77, 5, 2, "float32"),     # head_dim 32, fp32
 ]
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda"])
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
 @pytest.mark.parametrize("heads, kv, d, n, past, pad, dtype", GPU_CASES)
 def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype):
     """The profile's schedule (Adreno's/Mali's too) compiled for CUDA, run, checked against numpy:
@@ -183,6 +217,25 @@ def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     tol = 2e-3 if dtype == "float16" else 1e-4
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
+@pytest.mark.parametrize("kv, d", [(1, 256), (8, 64)])
+def test_gpu_prefill_never_loads_tiles_above_the_diagonal(profile, kv, d):
+    """Keys 128.. hold NaN: a workgroup whose rows are all at positions < 64 must not load them
+    (a loaded NaN times a zero probability is NaN), so those rows come out exact."""
+    rng = np.random.default_rng(2)
+    heads, n = 8, 256
+    q, k, v, mask = _inputs(rng, heads, kv, d, n, 0, "float16")
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)[:, :, :64]
+    k[128:], v[128:] = np.nan, np.nan
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    got = _run(func, target, tvm.cuda(0), q, k, v, mask)[:, :, :64]
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
 # -- what the pass refuses -------------------------------------------------------------------------

@@ -1,0 +1,418 @@
+"""Prefill attention on GPUs: query-row tiles x key tiles, online softmax, causal tile skipping.
+
+The rule :class:`.gpu_attention.Attention` calls :func:`prefill_kernel` for an
+``attention_prefill`` PrimFunc (``relax_passes/fuse_attention.py``; same signature: ``q (1, H,
+n, D)``, the cache views ``k, v (m, KV, D)``, the additive mask ``(1, 1|H, 1|n, m)``, ``out``).
+
+Rows of a tile: (query position, head of the GQA group)
+--------------------------------------------------------
+A workgroup serves one *kv* head and ``rows`` consecutive rows of the flattened index
+``R = pos * G + g`` (``G = H / KV`` query heads share the kv head; query head ``kv * G + g``).
+Every K/V tile a workgroup loads is used by all the ``G`` heads of its group (Gemma-2B: 8 heads
+read one tile), and the grid is ``KV x ceil(n * G / rows)`` workgroups.
+
+Causal tile skipping
+--------------------
+The query rows are the last ``n`` of the ``m`` keys (the view ends at ``past_len + n``), so
+position ``pos`` may see keys ``j <= m - n + pos``. A tile whose last position is ``p_max`` walks
+only the ``ceil((m - n + p_max + 1) / keys)`` first key tiles: tiles above the diagonal are never
+loaded. Chunked prompts (``past_len > 0``) get the same bound. The additive mask is still added
+inside the tiles walked (padding, windows), so this relies only on the mask being causal -- which
+every decoder export's is (keys past a row's position are masked, padding included: tvm_lite pads
+after the real tokens).
+
+Two kernels
+-----------
+* :func:`simt_kernel` (every profile; Adreno/Mali local memory, the generic GPU, CUDA for fp32):
+  ``threads = rows * lanes``; thread ``(r, lane)`` owns the output dims ``lane + lanes * t`` of
+  row ``r`` (no thread holds a whole row: ``D / lanes`` fp32 accumulators) and the scores of
+  keys ``lane + lanes * t``. Per key tile: Q (loaded once), K and V tiles in local memory
+  (vectorized, coalesced loads; rows padded by one vector against bank conflicts); scores ->
+  local memory; each thread takes its row's max, rescales its accumulators and accumulates
+  ``exp(s - max) * V`` over the tile (the row sum on the way). Tile sizes: the largest
+  ``rows x keys`` whose Q, K, V and score tiles fit the profile's local-memory budget.
+* :func:`tensor_core_kernel` (CUDA, fp16, ``D % 16 == 0``): FlashAttention-2's register
+  layout with ``mma.sync.m16n8k16`` (fp16 in, fp32 accumulate) and ``ldmatrix``: each warp owns
+  16 rows; ``S = Q Kᵀ`` in registers, the online softmax on the accumulator fragments (row max
+  and sum over the 4 threads of a quad by shuffles), ``P`` repacked to fp16 A fragments without
+  going through memory, ``O += P V`` (V read with ``ldmatrix.trans``). The PTX is in small
+  ``__device__`` helpers (``HELPERS``) called through ``T.cuda.func_call``. Q, K and V tiles live
+  in dynamic shared memory (rows padded by 16 bytes: conflict-free ``ldmatrix``).
+
+All arithmetic of the softmax is fp32 (scores, max, sum, accumulators); P is rounded to fp16 for
+the second tensor-core product only (as in FlashAttention).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import from_source
+from tvm.script import tirx as T
+
+from ..relax_passes.fuse_attention import func_attrs, kv_index, mask_index, out_index, signature
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+MIN = 'T.min_value("float32")'
+
+# Tensor-core kernel: warps per workgroup (16 rows each) and the dynamic shared memory it may use
+# (two workgroups fit an H100/H200 SM's 228 KiB; the runtime raises the 48 KiB default).
+TC_WARPS = 4
+TC_SHARED_BYTES = 110 * 1024
+TC_KEY_TILES = (64, 32, 16)
+
+HELPERS = {
+    "tvm_lite_ldsm_x4": r"""
+__forceinline__ __device__ uint4 tvm_lite_ldsm_x4(const void* p) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  uint4 r;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+}
+""",
+    "tvm_lite_ldsm_x4_trans": r"""
+__forceinline__ __device__ uint4 tvm_lite_ldsm_x4_trans(const void* p) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  uint4 r;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+}
+""",
+    "tvm_lite_mma16816": r"""
+__forceinline__ __device__ void tvm_lite_mma16816(float* c, unsigned a0, unsigned a1,
+                                                  unsigned a2, unsigned a3, unsigned b0,
+                                                  unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+""",
+    "tvm_lite_pack_half2": r"""
+__forceinline__ __device__ unsigned tvm_lite_pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+""",
+    "tvm_lite_quad_max": r"""
+__forceinline__ __device__ float tvm_lite_quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+""",
+    "tvm_lite_quad_sum": r"""
+__forceinline__ __device__ float tvm_lite_quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+""",
+}
+
+
+def _call(name: str, *args: str, ret: str = "void") -> str:
+    return (f'T.cuda.func_call("{name}", {", ".join(args)}, source_code=HELPERS["{name}"], '
+            f'return_type="{ret}")')
+
+
+def _rows(p: dict, rows: int, r: str) -> dict:
+    """Index expressions of tile row ``r`` of workgroup ``(kvh, bq)``: flattened row, query
+    position, query head."""
+    G = p["heads"] // p["kv_heads"]
+    row = f"(bq * {rows} + {r})"
+    return dict(row=row, pos=f"({row} // {G})", head=f"(kvh * {G} + {row} % {G})")
+
+
+def _key_tiles(p: dict, rows: int, keys: int) -> str:
+    """Key tiles workgroup ``bq`` walks: up to the causal bound of its last position."""
+    G = p["heads"] // p["kv_heads"]
+    last = f"T.min(n - 1, (bq * {rows} + {rows - 1}) // {G})"
+    return f"T.min((m + {keys - 1}) // {keys}, (m - n + {last} + {keys}) // {keys})"
+
+
+def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, vec: int,
+               threads: int, valid, indent: str) -> str:
+    """Cooperative vectorized copy of a ``(count_rows, D)`` tile into the 1-D buffers ``dsts``
+    (``(name, " + offset")`` pairs; rows ``D + pad`` apart: a 2-D buffer would be compacted to
+    the columns accessed, dropping the padding); rows that are not ``valid(r)`` get zeros.
+    ``srcs(r, c)``: the sources at row ``r``, column ramp
+    ``c``, one per destination."""
+    vectors = count_rows * D // vec
+    steps = -(-vectors // threads)
+    e = f"(l * {threads} + tx)"
+    r, c = f"({e} // {D // vec})", f"T.Ramp({e} % {D // vec} * {vec}, 1, {vec})"
+    guard = f"{e} < {vectors}" if steps * threads != vectors else "True"
+    body = [f"for l in range({steps}):", f"    if {guard}:", f"        if {valid(r)}:"]
+    at = f"{r} * {D + pad} + {e} % {D // vec} * {vec}"
+    body += [f"            {d}[T.Ramp({at}{off}, 1, {vec})] = {x}"
+             for (d, off), x in zip(dsts, srcs(r, c))]
+    body += ["        else:"]
+    body += [f'            {d}[T.Ramp({at}{off}, 1, {vec})] = T.Broadcast(T.Cast("{dtype}", 0), '
+             f'{vec})' for d, off in dsts]
+    return "\n".join(indent + line for line in body)
+
+
+def _tile_loads(p: dict, rows: int, keys: int, dtype: str, D: int, pad: int, vec: int,
+                threads: int, tiles: tuple) -> tuple[str, str]:
+    """The Q tile load (once per workgroup; rows past ``n * G`` zero) and the K/V tile loads
+    (per key tile ``kb``; keys past ``m`` zero). ``tiles``: the (buffer, offset) of Q, K, V."""
+    G = p["heads"] // p["kv_heads"]
+
+    def q_src(r, c):
+        at = _rows(p, rows, r)
+        return [f"q[0, {at['head']}, {at['pos']}, {c}]"]
+
+    q_load = _load_tile([tiles[0]], q_src, dtype, rows, D, pad, vec, threads,
+                        lambda r: f"{_rows(p, rows, r)['row']} < n * {G}", " " * 16)
+    def kv_src(r, c):
+        return [kv_index(p, x, f"kb * {keys} + {r}", "kvh", c) for x in "kv"]
+
+    kv_load = _load_tile(list(tiles[1:]), kv_src, dtype, keys, D, pad, vec, threads,
+                         lambda r: f"kb * {keys} + {r} < m", " " * 20)
+    return q_load, kv_load
+
+
+def simt_tiles(p: dict, threads: int, local_bytes: int, vec: int) -> tuple[int, int]:
+    """(rows, keys) of the SIMT kernel: the largest tile whose Q, K, V (padded rows) and fp32
+    score tiles fit ``local_bytes``, with ``threads / rows`` lanes dividing ``head_dim``."""
+    D, b = p["head_dim"], _BYTES.get(p["dtype"], 4)
+    best = None
+    for rows in (64, 32, 16, 8, 4, 2, 1):
+        if rows > threads or threads % rows or D % (threads // rows):
+            continue
+        for keys in (64, 32, 16, 8, 4, 2, 1):
+            need = (rows + 2 * keys) * (D + vec) * b + rows * (keys + 1) * 4
+            if need <= local_bytes:
+                if best is None or rows * keys > best[0] * best[1]:
+                    best = (rows, keys)
+                break
+    if best is None:
+        raise ValueError(f"prefill attention: head_dim {D} does not fit {local_bytes} bytes of "
+                         f"local memory with {threads} threads")
+    return best
+
+
+def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int) -> tirx.PrimFunc:
+    decl, _ = signature(p)
+    H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
+    G, dt, f32 = H // KV, p["dtype"], "T.float32"
+    b = _BYTES.get(dt, 4)
+    vec = max(1, min(vector_bytes // b, 8))
+    while D % vec:
+        vec //= 2
+    rows, keys = simt_tiles(p, threads, local_bytes, vec)
+    lanes = threads // rows
+    dims = D // lanes  # output dims per thread
+    per = -(-keys // lanes)  # scores per thread per key tile
+    DP = D + vec
+    me = _rows(p, rows, "tx // %d" % lanes)
+    lane = f"(tx % {lanes})"
+    key_in = f"({lane} + {lanes} * t)"
+    unroll_d = "T.unroll" if D <= 128 else "T.serial"
+    q_load, kv_load = _tile_loads(p, rows, keys, dt, D, vec, vec, threads,
+                                  (("qs", ""), ("ks", ""), ("vs", "")))
+    mask = mask_index(p, me["head"], f"T.min({me['pos']}, n - 1)", f"kb * {keys} + {key_in}")
+    src = f'''
+@T.prim_func(private=True)
+def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+              var_o: T.handle):
+    T.func_attr({func_attrs(p)})
+    {decl}
+    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+        for bq in T.thread_binding((n * {G} + {rows - 1}) // {rows}, thread="blockIdx.x"):
+            for tx in T.thread_binding({threads}, thread="threadIdx.x"):
+                qs = T.alloc_buffer(({rows * DP},), "{dt}", scope="shared")
+                ks = T.alloc_buffer(({keys * DP},), "{dt}", scope="shared")
+                vs = T.alloc_buffer(({keys * DP},), "{dt}", scope="shared")
+                ss = T.alloc_buffer(({rows}, {keys + 1}), "float32", scope="shared")
+                acc = T.alloc_buffer(({dims},), "float32", scope="local")
+                st = T.alloc_buffer((4,), "float32", scope="local")  # max, sum, score/new max, p
+{q_load}
+                for t in T.unroll({dims}):
+                    acc[t] = {f32}(0)
+                st[0] = {MIN}
+                st[1] = {f32}(0)
+                for kb in range({_key_tiles(p, rows, keys)}):
+{kv_load}
+                    T.tvm_storage_sync("shared")
+                    for t in range({per}):
+                        if {key_in} < {keys}:
+                            st[2] = {f32}(0)
+                            for d in {unroll_d}({D}):
+                                st[2] = st[2] + {f32}(qs[tx // {lanes} * {DP} + d]) * \\
+                                    {f32}(ks[{key_in} * {DP} + d])
+                            ss[tx // {lanes}, {key_in}] = T.if_then_else(
+                                kb * {keys} + {key_in} < m and {me["pos"]} < n,
+                                st[2] * {f32}({p["scale"]!r}) + {f32}({mask}), {MIN})
+                    T.tvm_storage_sync("shared")
+                    st[2] = st[0]
+                    for j in range({keys}):
+                        st[2] = T.max(st[2], ss[tx // {lanes}, j])
+                    st[3] = T.exp(st[0] - st[2])
+                    st[1] = st[1] * st[3]
+                    for t in T.unroll({dims}):
+                        acc[t] = acc[t] * st[3]
+                    st[0] = st[2]
+                    for j in range({keys}):
+                        st[3] = T.exp(ss[tx // {lanes}, j] - st[0])
+                        st[1] = st[1] + st[3]
+                        for t in T.unroll({dims}):
+                            acc[t] = acc[t] + st[3] * {f32}(vs[j * {DP} + {lane} + {lanes} * t])
+                    T.tvm_storage_sync("shared")
+                if {me["pos"]} < n:
+                    for t in T.unroll({dims}):
+                        {out_index(p, me["head"], me["pos"], f"{lane} + {lanes} * t")} = T.Cast(
+                            "{dt}", acc[t] / T.max(st[1], T.float32(1e-30)))
+'''
+    return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
+
+
+def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES) -> tuple[int, int]:
+    D = p["head_dim"]
+    rows = 16 * TC_WARPS
+    for keys in TC_KEY_TILES:
+        if (rows + 2 * keys) * (D + 8) * 2 <= shared_bytes:
+            return rows, keys
+    raise ValueError(f"prefill attention: head_dim {D} does not fit {shared_bytes} bytes")
+
+
+def tensor_core_applies(p: dict, target) -> bool:
+    """fp16, head_dim a multiple of 16 up to 256, and ``mma.sync.m16n8k16`` on the target
+    (sm_80 or newer; a CUDA target without an arch is taken to be one)."""
+    arch = str(target.attrs.get("arch", "sm_90")) if target.kind.name == "cuda" else ""
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return (target.kind.name == "cuda" and digits != "" and int(digits) >= 80
+            and p["dtype"] == "float16" and p["head_dim"] % 16 == 0 and p["head_dim"] <= 256)
+
+
+def tensor_core_kernel(p: dict, keys: int | None = None,
+                       shared_bytes: int = TC_SHARED_BYTES) -> tirx.PrimFunc:
+    decl, _ = signature(p)
+    H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
+    G, f32 = H // KV, "T.float32"
+    rows, fit = tensor_core_tiles(p, shared_bytes)
+    keys = keys or fit
+    threads = 32 * TC_WARPS
+    DP = D + 8
+    NT, KT, DT = keys // 8, D // 16, D // 8  # score n-tiles, Q k-steps, output n-tiles
+    warp, lane = "(tx // 32)", "(tx % 32)"
+    g, t4 = f"({lane} // 4)", f"({lane} % 4)"
+
+    def row(c: str) -> dict:  # tile row of accumulator element c (0, 1: row g; 2, 3: row g + 8)
+        return _rows(p, rows, f"{warp} * 16 + {g} + ({c}) // 2 * 8")
+
+    # one shared buffer for the three tiles (separate ones would be merged by liveness, and
+    # TVM does not see the ldmatrix reads through their addresses)
+    KO, VO = rows * DP, (rows + keys) * DP
+    q_load, kv_load = _tile_loads(p, rows, keys, "float16", D, 8, 8, threads,
+                                  (("sm", ""), ("sm", f" + {KO}"), ("sm", f" + {VO}")))
+    rc = row("c")
+    key = f"kb * {keys} + nt * 8 + {t4} * 2 + c % 2"
+    mask = mask_index(p, rc["head"], f"T.min({rc['pos']}, n - 1)", key)
+    rh = row("hr * 2")
+    AF = [f"af[{i}]" for i in range(4)]
+    PF = [f"pf[kp * 4 + {i}]" for i in range(4)]
+    offsets = {"qs": 0, "ks": KO, "vs": VO}
+    addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
+    src = f'''
+@T.prim_func(private=True)
+def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+              var_o: T.handle):
+    T.func_attr({func_attrs(p)})
+    {decl}
+    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+        for bq in T.thread_binding((n * {G} + {rows - 1}) // {rows}, thread="blockIdx.x"):
+            for tx in T.thread_binding({threads}, thread="threadIdx.x"):
+                sm = T.alloc_buffer(({(rows + 2 * keys) * DP},), "float16", scope="shared.dyn")
+                oa = T.alloc_buffer(({DT * 4},), "float32", scope="local")
+                s = T.alloc_buffer(({NT * 4},), "float32", scope="local")
+                pf = T.alloc_buffer(({keys // 16 * 4},), "uint32", scope="local")
+                af = T.alloc_buffer((4,), "uint32", scope="local")
+                bf = T.alloc_buffer((4,), "uint32", scope="local")
+                st = T.alloc_buffer((6,), "float32", scope="local")  # max x2, sum x2, tmp x2
+{q_load}
+                for i in T.unroll({DT * 4}):
+                    oa[i] = {f32}(0)
+                st[0] = {MIN}
+                st[1] = {MIN}
+                st[2] = {f32}(0)
+                st[3] = {f32}(0)
+                for kb in range({_key_tiles(p, rows, keys)}):
+{kv_load}
+                    T.tvm_storage_sync("shared")
+                    for i in T.unroll({NT * 4}):
+                        s[i] = {f32}(0)
+                    for kk in T.unroll({KT}):
+                        af[T.Ramp(0, 1, 4)] = {_call("tvm_lite_ldsm_x4",
+                                                     addr("qs", f"{warp} * 16 + {lane} % 16",
+                                                          f"kk * 16 + {lane} // 16 * 8"),
+                                                     ret="uint32x4")}
+                        for np in T.unroll({NT // 2}):
+                            bf[T.Ramp(0, 1, 4)] = {_call(
+                                "tvm_lite_ldsm_x4",
+                                addr("ks", f"np * 16 + {lane} // 16 * 8 + {lane} % 8",
+                                     f"kk * 16 + {lane} // 8 % 2 * 8"), ret="uint32x4")}
+                            T.evaluate({_call("tvm_lite_mma16816", "T.address_of(s[np * 8])",
+                                              *AF, "bf[0]", "bf[1]")})
+                            T.evaluate({_call("tvm_lite_mma16816", "T.address_of(s[np * 8 + 4])",
+                                              *AF, "bf[2]", "bf[3]")})
+                    for nt in T.unroll({NT}):
+                        for c in T.unroll(4):
+                            s[nt * 4 + c] = T.if_then_else(
+                                {key} < m and {rc["row"]} < n * {G},
+                                s[nt * 4 + c] * {f32}({p["scale"]!r}) + {f32}({mask}), {MIN})
+                    for hr in T.unroll(2):
+                        st[4] = st[hr]
+                        for nt in T.unroll({NT}):
+                            st[4] = T.max(st[4], T.max(s[nt * 4 + hr * 2], s[nt * 4 + hr * 2 + 1]))
+                        st[4] = {_call("tvm_lite_quad_max", "st[4]", ret="float32")}
+                        st[5] = T.exp(st[hr] - st[4])
+                        st[hr] = st[4]
+                        st[hr + 2] = st[hr + 2] * st[5]
+                        for dt in T.unroll({DT}):
+                            oa[dt * 4 + hr * 2] = oa[dt * 4 + hr * 2] * st[5]
+                            oa[dt * 4 + hr * 2 + 1] = oa[dt * 4 + hr * 2 + 1] * st[5]
+                        for nt in T.unroll({NT}):
+                            for c in T.unroll(2):
+                                s[nt * 4 + hr * 2 + c] = T.exp(s[nt * 4 + hr * 2 + c] - st[hr])
+                                st[hr + 2] = st[hr + 2] + s[nt * 4 + hr * 2 + c]
+                    for kp in T.unroll({keys // 16}):
+                        for r in T.unroll(4):
+                            pf[kp * 4 + r] = {_call("tvm_lite_pack_half2",
+                                                    "s[(kp * 2 + r // 2) * 4 + r % 2 * 2]",
+                                                    "s[(kp * 2 + r // 2) * 4 + r % 2 * 2 + 1]",
+                                                    ret="uint32")}
+                    for kp in T.unroll({keys // 16}):
+                        for dp in T.unroll({D // 16}):
+                            bf[T.Ramp(0, 1, 4)] = {_call(
+                                "tvm_lite_ldsm_x4_trans",
+                                addr("vs", f"kp * 16 + {lane} // 8 % 2 * 8 + {lane} % 8",
+                                     f"dp * 16 + {lane} // 16 * 8"), ret="uint32x4")}
+                            T.evaluate({_call("tvm_lite_mma16816", "T.address_of(oa[dp * 8])",
+                                              *PF, "bf[0]", "bf[1]")})
+                            T.evaluate({_call("tvm_lite_mma16816", "T.address_of(oa[dp * 8 + 4])",
+                                              *PF, "bf[2]", "bf[3]")})
+                    T.tvm_storage_sync("shared")
+                for hr in T.unroll(2):
+                    st[hr + 2] = T.max({_call("tvm_lite_quad_sum", "st[hr + 2]", ret="float32")},
+                                       T.float32(1e-30))
+                    if {rh["row"]} < n * {G}:
+                        for dt in T.unroll({DT}):
+                            for c in T.unroll(2):
+                                {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
+                                    T.Cast("float16", oa[dt * 4 + hr * 2 + c] / st[hr + 2])
+'''
+    return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
+
+
+def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int,
+                   vector_bytes: int) -> tirx.PrimFunc:
+    """The prefill kernel for ``profile`` on ``target`` (see the module doc)."""
+    max_threads = int(target.attrs.get("max_num_threads", threads))
+    if profile == "cuda" and tensor_core_applies(p, target):
+        return tensor_core_kernel(p)
+    return simt_kernel(p, min(threads, max_threads), local_bytes, vector_bytes)
+
+
+__all__ = ["prefill_kernel", "simt_kernel", "tensor_core_kernel", "simt_tiles",
+           "tensor_core_tiles", "tensor_core_applies", "HELPERS"]

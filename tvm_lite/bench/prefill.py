@@ -1,0 +1,285 @@
+"""Prefill kernels next to PyTorch on the same GPU: attention vs SDPA, GEMMs vs ``torch.matmul``.
+
+For the shapes of the benchmarked models (SmolLM2-135M, Llama-3.2-1B, Gemma-2B; plus a head_dim
+128 attention, Llama-3-8B's), in one process on one CUDA device:
+
+* **attention** (causal, fp16, one prompt of ``n`` tokens, batch 1): tvm_lite's
+  ``attention_prefill`` kernel as the CUDA rule schedules it (:mod:`tvm_lite.schedules.
+  gpu_attention_prefill`) against ``torch.nn.functional.scaled_dot_product_attention(...,
+  is_causal=True)`` (K/V expanded to the query heads before timing). TFLOP/s count the causal
+  work only, the same for both: ``4 * H * D * sum_i (past + i + 1)``. ``chunked``: the same
+  ``n``-token prompt as calls of ``chunk`` tokens (each reading the cache written so far), the
+  sum of their times over the one call's.
+* **GEMM** (``x[1, n, K] @ W[K, N]``, the linear layers but the lm_head): tvm_lite E0M4 and
+  fp16 (tvm_lite's rules) against ``torch.matmul`` fp16.
+
+Every tvm_lite attention output is checked against the same SDPA call (max abs error); every GEMM
+against numpy on a column slice (``bench.kernels``). Times: medians of ``time_evaluator`` repeats
+(TVM) and of CUDA-event-timed loops (torch).
+
+    python -m tvm_lite.bench.prefill [--json out.json] [--parts attention,gemm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+# name: (heads, kv_heads, head_dim)
+ATTENTION_SHAPES = {
+    "smollm2-135m": (9, 3, 64),
+    "llama-3.2-1b": (32, 8, 64),
+    "llama-3-8b (hd 128)": (32, 8, 128),
+    "gemma-2b": (8, 1, 256),
+}
+# name: (hidden, heads, kv_heads, head_dim, intermediate)
+GEMM_MODELS = {
+    "smollm2-135m": (576, 9, 3, 64, 1536),
+    "llama-3.2-1b": (2048, 32, 8, 64, 8192),
+    "gemma-2b": (2048, 8, 1, 256, 16384),
+}
+ATTENTION_LENGTHS = (512, 2048)
+GEMM_LENGTHS = (512,)
+CHUNK = 256
+
+
+def causal_flops(heads: int, head_dim: int, n: int, past: int = 0) -> float:
+    pairs = n * past + n * (n + 1) / 2
+    return 4.0 * heads * head_dim * pairs
+
+
+def attention_kernel(heads: int, kv: int, d: int, target, keys: int | None = None):
+    """tvm_lite's prefill attention for ``target`` (fp16, additive fp16 mask over every row),
+    compiled; ``keys``: a key-tile size for the tensor-core kernel (None: the rule's)."""
+    import tvm
+
+    from tvm_lite.relax_passes.fuse_attention import attention_params, reference_kernel
+    from tvm_lite.schedules.gpu_attention import Attention
+    from tvm_lite.schedules.gpu_attention_prefill import tensor_core_kernel
+
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
+                         True, kv == 1)
+    if keys is None:
+        func = Attention().apply(reference_kernel(p), target, False).mod["main"]
+    else:
+        func = tensor_core_kernel(p, keys=keys)
+    func = func.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", "main")
+    return tvm.compile(tvm.IRModule({"main": func}), target=target)
+
+
+def _torch_ms(fn, iters: int = 20) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return float(np.median(times))
+
+
+def _tvm_ms(ex, dev, args) -> float:
+    from tvm_lite.bench.kernels import median_seconds
+
+    return median_seconds(ex, dev, args) * 1e3
+
+
+def _attention_inputs(heads, kv, d, n, past, seed=0):
+    """fp16 torch tensors on the GPU: q (1, H, n, D), the cache rows k, v (past + n, KV, D) and
+    the export's additive causal mask (1, 1, n, past + n)."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    m = past + n
+    q = torch.randn(1, heads, n, d, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(m, kv, d, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(m, kv, d, device="cuda", dtype=torch.float16, generator=g)
+    pos = past + torch.arange(n, device="cuda")[:, None]
+    allowed = torch.arange(m, device="cuda")[None, :] <= pos
+    mask = torch.where(allowed, 0.0, float(torch.finfo(torch.float16).min)).half()[None, None]
+    return q, k, v, mask
+
+
+def _tvm_attention_call(ex, dev, q, k, v, mask):
+    """(ms, output as a (1, H, n, D) torch tensor) of one tvm_lite attention call."""
+    import torch
+    import tvm
+
+    _, heads, n, d = q.shape
+    kk, vv = (k[:, 0] if k.shape[1] == 1 else k), (v[:, 0] if v.shape[1] == 1 else v)
+    out = torch.empty(1, n, heads * d, device="cuda", dtype=torch.float16)
+    args = [tvm.runtime.from_dlpack(t.contiguous()) for t in (q, kk, vv, mask, out)]
+    ms = _tvm_ms(ex, dev, args)
+    return ms, out.view(1, n, heads, d).transpose(1, 2)
+
+
+def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), chunk=CHUNK,
+                    key_tiles=(None,), progress=print) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    import tvm
+
+    from tvm_lite import parse_target
+
+    dev = tvm.cuda(0)
+    arch = "sm_" + str(dev.compute_version).replace(".", "")
+    target = parse_target(f"cuda -arch={arch}")
+    rows = []
+    for name in shapes:
+        heads, kv, d = ATTENTION_SHAPES[name]
+        for keys in key_tiles:
+            t0 = time.perf_counter()
+            ex = attention_kernel(heads, kv, d, target, keys)
+            compile_s = time.perf_counter() - t0
+            for n in lengths:
+                q, k, v, mask = _attention_inputs(heads, kv, d, n, 0)
+                kx = k.permute(1, 0, 2).repeat_interleave(heads // kv, 0)[None]
+                vx = v.permute(1, 0, 2).repeat_interleave(heads // kv, 0)[None]
+                def sdpa(q=q, kx=kx, vx=vx):
+                    return F.scaled_dot_product_attention(q, kx, vx, is_causal=True)
+
+                torch_ms = _torch_ms(sdpa)
+                ours_ms, out = _tvm_attention_call(ex, dev, q, k, v, mask)
+                err = float((out.float() - sdpa().float()).abs().max())
+                row = dict(shape=name, heads=heads, kv_heads=kv, head_dim=d, n=n, key_tile=keys,
+                           tvm_lite_ms=ours_ms, sdpa_ms=torch_ms, err=err, compile_s=compile_s,
+                           tflops=causal_flops(heads, d, n) / ours_ms / 1e9,
+                           sdpa_tflops=causal_flops(heads, d, n) / torch_ms / 1e9)
+                row["vs_sdpa"] = row["tflops"] / row["sdpa_tflops"]
+                if chunk and n > chunk and keys is None:  # the same prompt in chunks
+                    total = 0.0
+                    for past in range(0, n, chunk):
+                        qc, kc, vc, mc = _attention_inputs(heads, kv, d, chunk, past)
+                        total += _tvm_attention_call(ex, dev, qc, kc, vc, mc)[0]
+                    row.update(chunk=chunk, chunked_ms=total, chunked_ratio=total / ours_ms)
+                rows.append(row)
+                progress(f"attention {name} n={n} keys={keys}: {ours_ms * 1e3:.1f} us "
+                         f"({row['tflops']:.1f} TFLOP/s) vs SDPA {torch_ms * 1e3:.1f} us "
+                         f"({row['sdpa_tflops']:.1f}); x{row['vs_sdpa']:.2f}; err {err:.2e}"
+                         + (f"; chunked x{row['chunked_ratio']:.2f}" if "chunked" in row else ""))
+    return rows
+
+
+def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
+    out = []
+    for m in models:
+        hidden, heads, kv, hd, inter = GEMM_MODELS[m]
+        seen = set()
+        for name, k, n in (("q", hidden, heads * hd), ("k,v", hidden, kv * hd),
+                           ("o", heads * hd, hidden), ("gate,up", hidden, inter),
+                           ("down", inter, hidden)):
+            if (k, n) not in seen:
+                seen.add((k, n))
+                out.append((m, name, k, n))
+    return out
+
+
+def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=("e0m4", "fp16"),
+               progress=print) -> list[dict]:
+    import torch
+    import tvm
+    from tvm import tirx
+
+    from tvm_lite import parse_target
+    from tvm_lite.bench.kernels import build, kernel_func, random_half, reference, weights
+    from tvm_lite.schedules import rules_for
+
+    dev = tvm.cuda(0)
+    arch = "sm_" + str(dev.compute_version).replace(".", "")
+    target = parse_target(f"cuda -arch={arch}")
+    rules = rules_for(target)
+    rng = np.random.default_rng(0)
+    rows = []
+    for model, name, k, n in gemm_layers(models):
+        w16 = torch.from_numpy(random_half((k, n), rng)).cuda()
+        for seq in lengths:
+            x = torch.from_numpy(random_half((1, seq, k), rng)).cuda()
+            torch_ms = _torch_ms(lambda: torch.matmul(x, w16))  # noqa: B023
+            for fmt in fmts:
+                arrays = {"w": w16.cpu().numpy()} if fmt == "fp16" else weights(fmt, k, n, rng)
+                func = kernel_func(fmt, [1, tirx.Var("n", "int64")], k, n)
+                t0 = time.perf_counter()
+                ex = build(func, target, rules)
+                compile_s = time.perf_counter() - t0
+                out = tvm.runtime.empty((1, seq, n), "float16", dev)
+                args = [tvm.runtime.from_dlpack(x), *[tvm.runtime.tensor(a, dev)
+                                                      for a in arrays.values()], out]
+                ms = _tvm_ms(ex, dev, args)
+                cols = min(n, 1024)
+                ref = reference(fmt, x.cpu().numpy(), arrays, k, cols)
+                got = out.numpy().reshape(-1, n)[:, :cols].astype(np.float32)
+                err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
+                flops = 2.0 * seq * k * n
+                row = dict(model=model, layer=name, K=k, N=n, n=seq, fmt=fmt, tvm_lite_ms=ms,
+                           torch_ms=torch_ms, tflops=flops / ms / 1e9,
+                           torch_tflops=flops / torch_ms / 1e9, err=err, compile_s=compile_s)
+                row["vs_torch"] = row["tflops"] / row["torch_tflops"]
+                rows.append(row)
+                progress(f"gemm {model} {name} {k}x{n} n={seq} {fmt}: {ms * 1e3:.1f} us "
+                         f"({row['tflops']:.1f} TFLOP/s) vs torch fp16 {torch_ms * 1e3:.1f} us "
+                         f"({row['torch_tflops']:.1f}); x{row['vs_torch']:.2f}; err {err:.1e}")
+    return rows
+
+
+def format_tables(result: dict) -> str:
+    lines = []
+    if result.get("attention"):
+        lines += ["| shape (H/KV, head_dim) | n | tvm_lite us | TFLOP/s | SDPA us | SDPA TFLOP/s | "
+                  "vs SDPA | 2048 in 256-chunks / one call |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["attention"]:
+            if r["key_tile"] is not None:
+                continue
+            lines.append(f"| {r['shape']} ({r['heads']}/{r['kv_heads']}, {r['head_dim']}) | "
+                         f"{r['n']} | {r['tvm_lite_ms'] * 1e3:,.1f} | {r['tflops']:.1f} | "
+                         f"{r['sdpa_ms'] * 1e3:,.1f} | {r['sdpa_tflops']:.1f} | "
+                         f"{r['vs_sdpa']:.2f}x | "
+                         + (f"{r['chunked_ratio']:.2f}x |" if "chunked_ratio" in r else "|"))
+    if result.get("gemm"):
+        lines += ["", "| model | layer KxN | n | format | tvm_lite us | TFLOP/s | torch fp16 us | "
+                  "torch TFLOP/s | vs torch |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["gemm"]:
+            lines.append(f"| {r['model']} | {r['layer']} {r['K']}x{r['N']} | {r['n']} | "
+                         f"{r['fmt']} | {r['tvm_lite_ms'] * 1e3:,.1f} | {r['tflops']:.1f} | "
+                         f"{r['torch_ms'] * 1e3:,.1f} | {r['torch_tflops']:.1f} | "
+                         f"{r['vs_torch']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="attention,gemm")
+    ap.add_argument("--key-tiles", default="", help="also time these tensor-core key tiles, "
+                    "e.g. 32,64 (attention)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    parts = args.parts.split(",")
+    import torch
+
+    result = {"device": torch.cuda.get_device_name()}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    if "attention" in parts:
+        tiles = [None] + [int(t) for t in args.key_tiles.split(",") if t]
+        result["attention"] = bench_attention(key_tiles=tiles)
+        save()
+    if "gemm" in parts:
+        result["gemm"] = bench_gemm()
+        save()
+    print(format_tables(result))
+
+
+if __name__ == "__main__":
+    main()
