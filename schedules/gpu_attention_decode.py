@@ -118,7 +118,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                 start = s * {chunk}
                 end = T.min(start + {chunk}, m)
                 for g in {u(G)}({G}):
-                    for e in T.vectorized({V}):
+                    for e in T.unroll({V}):  # (fp32 vectors wider than 4 lanes do not compile)
                         qr[g * {V} + e] = {f32}(q[0, kvh * {G} + g, 0, dv * {V} + e]) * {f32}({p["scale"]!r})
                         acc[g * {V} + e] = {f32}(0)
                     mx[g] = T.min_value("float32")
@@ -180,7 +180,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                     for g in {u(G)}({G}):
                         red_l[lane * {G} + g] = sm[g]
                 for g in range({G}):
-                    for e in T.vectorized({V}):
+                    for e in T.unroll({V}):
                         red[lane * {D} + dv * {V} + e] = acc[g * {V} + e]
                     T.tvm_storage_sync("shared")
                     for i in range({-(-D // TH)}):

@@ -39,6 +39,10 @@ SHAPES = {
                      head_dim=256, vocab_size=256000, max_position_embeddings=8192,
                      rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
                      tie_word_embeddings=True),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,  # Llama-3.2-1B
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                     rope_theta=500000.0, tie_word_embeddings=True, hidden_act="silu"),
     # for tests: the smallest shape that still has grouped-query attention
     "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

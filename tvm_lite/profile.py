@@ -17,6 +17,7 @@ waiting for the token). Every VM call the step makes is counted too (kernels vs.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,44 @@ class _CallCounter:
                 if not is_kernel(n)}
 
 
+def kernel_launches(executable, function: str = "decode", kind: str | None = None) -> dict:
+    """Device kernels one call of ``function`` launches, counted in the build (no device needed):
+    the PrimFunc calls in the function's VM code (``as_text()``; the decode function has no
+    loops, so each is executed once), each expanded to the kernels of its device code
+    (``<prim>_kernel``, ``<prim>_kernel_1``...: a split-K GEMV or attention is two).
+    Returns {PrimFunc name: device kernels launched per call of ``function``}."""
+    from .compiler import device_source
+
+    text = executable.as_text()
+    body = re.search(rf"^@{re.escape(function)}:\n(.*?)(?:^@|\Z)", text, re.S | re.M)
+    if body is None:
+        raise ValueError(f"no VM function {function!r} in this executable")
+    calls = re.findall(r"^\s*call\s+(\S+)\s", body.group(1), re.M)
+    relax_functions = set(re.findall(r"^@([\w.]+):$", text, re.M))
+    kind = kind or next(k for k in ("opencl", "cuda", "vulkan", "metal")
+                        if _has_source(executable, k))
+    source = device_source(executable, kind)
+    kernels = re.findall(r"(?:__kernel void|__global__ void(?: __launch_bounds__\(\d+\))?)"
+                         r" (\w+)\(", source)
+    per_prim = defaultdict(set)
+    for k in kernels:
+        per_prim[re.sub(r"_kernel(_\d+)?$", "", k)].add(k)
+    out = defaultdict(int)
+    for name in calls:
+        if is_kernel(name) and name not in relax_functions and per_prim.get(name):
+            out[name] += len(per_prim[name])  # a PrimFunc with no device code launches nothing
+    return dict(out)
+
+
+def _has_source(executable, kind: str) -> bool:
+    from .compiler import device_source
+
+    try:
+        return bool(device_source(executable, kind))
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
 def _with_instrument(vm, instrument, call):
     vm.set_instrument(instrument)
     try:
@@ -165,15 +204,15 @@ class Profiler:
         vm = self.engine.vm
         counter = _CallCounter()
         _with_instrument(vm, counter, lambda: run(1))
+        self._sync()
+        t0 = time.perf_counter()
+        run(steps)
+        self._sync()
+        wall = (time.perf_counter() - t0) / steps
         if self.use_torch:
-            kernels, wall = _torch_kernels(lambda: run(steps), steps)
+            kernels, _ = _torch_kernels(lambda: run(steps), steps)
             method = "torch.profiler (CUDA activity)"
         else:
-            self._sync()
-            t0 = time.perf_counter()
-            run(steps)
-            self._sync()
-            wall = (time.perf_counter() - t0) / steps
             timer = _CallCounter(sync=self._sync)
             _with_instrument(vm, timer, lambda: run(steps))
             kernels = {n: {"calls": c / steps, "us": s * 1e6 / steps}
@@ -214,7 +253,7 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     """Prefill and decode profiles of an in-place artifact on ``device``."""
     from .engine import Engine
 
-    total = prompt_len + 4 + steps * 3 + 8  # prefill, warm-ups, the counting and measured runs
+    total = prompt_len + 4 + steps * 4 + 8  # prefill, warm-ups, the counting and measured runs
     eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
                  prefill_chunk=prompt_len)
     if not eng.steps:
@@ -222,6 +261,26 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
                          "entries (compile it with --kv-cache inplace)")
     prof = Profiler(eng)
     return {"prefill": prof.prefill(prompt_len), "decode": prof.decode(prompt_len, steps)}
+
+
+def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str = "cuda -arch=sm_90",
+                   device: str = "cuda", prompt_len: int = 512, steps: int = 16,
+                   work_dir="bench_models", progress=print) -> dict:
+    """Random-weight models of ``shapes`` (``tvm_lite.bench_models.SHAPES``), exported and
+    compiled as ``bench_models`` does, each profiled: shape -> {"prefill", "decode"}."""
+    from pathlib import Path
+
+    from .bench_models import compile_variant, random_model
+    from .export import export_onnx
+
+    out = {}
+    for shape in shapes:
+        work = Path(work_dir) / shape
+        onnx_dir = export_onnx(random_model(shape, work / "hf"), work / "onnx", dtype="float16",
+                               progress=progress)
+        artifact = compile_variant(onnx_dir, variant, target, progress)
+        out[shape] = profile_artifact(artifact, device, prompt_len, steps)
+    return out
 
 
 def add_arguments(p) -> None:
@@ -243,4 +302,36 @@ def run(args) -> None:
             json.dump({k: v.as_dict() for k, v in result.items()}, f, indent=1)
 
 
-__all__ = ["StepProfile", "Profiler", "profile_artifact"]
+def main(argv=None) -> None:
+    """python -m tvm_lite.profile --shapes smollm2-135m,gemma-2b [--json p.json]: random-weight
+    models of those shapes, built and profiled on the GPU machine."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tvm_lite.profile", description=main.__doc__)
+    ap.add_argument("--shapes", default="smollm2-135m")
+    ap.add_argument("--variant", default="tvm_lite-e0m4")
+    ap.add_argument("--target", default="cuda -arch=sm_90")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--work-dir", default="bench_models", help="random models and their builds")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    out = {}
+    for shape in args.shapes.split(","):
+        (res,) = profile_shapes([shape], args.variant, args.target, args.device, args.prompt_len,
+                                args.steps, args.work_dir).values()
+        out[shape] = {k: v.as_dict() for k, v in res.items()}
+        for prof in res.values():
+            print(f"== {shape}\n{prof.table(args.top)}\n", flush=True)
+        if args.json:  # rewritten after every shape: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+__all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes"]
+
+
+if __name__ == "__main__":
+    main()
