@@ -167,7 +167,7 @@ def test_split_decode_fits_every_profile(profile, tmp_path):
                              merged_heads=True, kv_squeezed=kv == 1)
         pl = plan(p, prof, prof.max_threads)
         assert pl["threads"] <= prof.max_threads and pl["threads"] % pl["DV"] == 0
-        local = 4 * (pl["tile"] * (pl["DV"] * pl["G"] + 1) + pl["L"] * (d + 2 * pl["G"]))
+        local = 4 * (pl["tile"] * (pl["DV"] * pl["G"] + 1 + pl["G"]) + pl["L"] * (d + 2 * pl["G"]))
         assert local <= prof.local_memory_bytes, (heads, kv, d, local)
         assert pl["V"] * 2 == min(prof.vector_bytes, 2 * d)  # fp16 lanes of one vector load
         func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
@@ -343,3 +343,38 @@ def test_tiny_architectures_fuse_and_match_torch(arch, extra, exporter, tmp_path
     np.testing.assert_allclose(first, ref[3], atol=1e-4)
     np.testing.assert_allclose(rest, ref[4:7], atol=1e-4)
     np.testing.assert_allclose(last[-1], ref[7], atol=1e-4)
+
+
+# -- the split-K decode kernels' CUDA C, run on the CPU --------------------------------------------
+EMULATED = [  # heads, kv heads, head_dim, context, masked keys at the end
+    (9, 3, 64, 300, 5), (8, 1, 256, 200, 3), (32, 8, 128, 130, 0), (4, 4, 32, 77, 2),
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda"])
+def test_split_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
+    """Each profile's split + merge kernels, as CUDA C (fp32), with threads as CPU threads and
+    barriers as std::barrier (tests/cuda_on_cpu.py): splits, partial tiles, masked keys, GQA 1..8,
+    head_dim 32..256 against numpy, without a GPU."""
+    from cuda_on_cpu import run_decode_attention
+
+    from tvm_lite.schedules.gpu_attention_decode import plan
+    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
+
+    rng = np.random.default_rng(2)
+    cuda = tvm_lite.parse_target("cuda -arch=sm_90")
+    t = tvm_lite.parse_target(GPU_TARGETS[profile])
+    for heads, kv, d, m, pad in EMULATED:
+        q, k, v, mask = _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad)
+        p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
+                             merged_heads=True, kv_squeezed=kv == 1)
+        func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
+        ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
+                         target=cuda)
+        prof = fit_to_target(gpu_profile(profile), t)
+        got = run_decode_attention(tvm_lite.device_source(ex, "cuda"),
+                                   plan(p, prof, prof.max_threads), q, k, v, mask, tmp_path)
+        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+        np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
+                                   rtol=1e-5, atol=1e-5)
