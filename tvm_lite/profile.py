@@ -132,8 +132,11 @@ def kernel_launches(executable, function: str = "decode", kind: str | None = Non
         raise ValueError(f"no VM function {function!r} in this executable")
     calls = re.findall(r"^\s*call\s+(\S+)\s", body.group(1), re.M)
     relax_functions = set(re.findall(r"^@([\w.]+):$", text, re.M))
-    kind = kind or next(k for k in ("opencl", "cuda", "vulkan", "metal")
-                        if _has_source(executable, k))
+    kind = kind or next((k for k in ("opencl", "cuda", "vulkan", "metal")
+                         if _has_source(executable, k)), None)
+    if kind is None:
+        raise ValueError("kernel_launches counts GPU kernels: this executable has no device "
+                         "module (a CPU build?)")
     source = device_source(executable, kind)
     kernels = re.findall(r"(?:__kernel void|__global__ void(?: __launch_bounds__\(\d+\))?)"
                          r" (\w+)\(", source)
