@@ -25,6 +25,8 @@ from tvm.s_tir import dlight as dl
 from tvm.script import from_source
 from tvm.target import Target
 
+from .gpu_attention_decode import decode_kernel as split_decode_kernel
+from .profiles import fit_to_target, gpu_profile
 from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
     kv_index, out_index, signature
 from .gpu_attention_prefill import prefill_kernel
@@ -137,8 +139,9 @@ class Attention(dl.ScheduleRule):
         p = _params(func)
         tile = TILES[profile]
         max_threads = int(target.attrs.get("max_num_threads", 256))
-        if p["decode"]:
-            kernel = decode_kernel(p, tile, max_threads)
+        if p["decode"]:  # flash-decoding: schedules/gpu_attention_decode.py
+            kernel = split_decode_kernel(p, fit_to_target(gpu_profile(profile), target),
+                                         max_threads)
         else:
             kernel = prefill_kernel(p, profile, target, tile["threads"], tile["local_bytes"],
                                     gpu_profile(profile).vector_bytes)

@@ -6,6 +6,7 @@
 
 import glob
 import logging
+import re
 import shutil
 import subprocess
 
@@ -178,6 +179,48 @@ def test_prefill_tiles_split_head_dim_and_fit_local_memory():
     assert "tvm_lite_mma16816" not in func.script()
 
 
+@pytest.mark.parametrize("profile", sorted(GPU_TARGETS))
+def test_split_decode_fits_every_profile(profile, tmp_path):
+    """Flash-decoding for head_dim 32..256 and GQA ratios 1..16: two kernels (split + merge), the
+    profile's local memory and thread limits kept, the query heads of a kv head in one
+    workgroup (the grid's y axis is the kv heads), vector loads of K/V; OpenCL passes clang."""
+    from tvm_lite.schedules.gpu_attention_decode import plan
+    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
+
+    t = tvm_lite.parse_target(GPU_TARGETS[profile])
+    prof = fit_to_target(gpu_profile(profile), t)
+    for heads, kv, d in ((9, 3, 64), (8, 1, 256), (16, 1, 128), (4, 4, 32), (32, 8, 128)):
+        p = attention_params(heads, kv, d, "float16", 0.1, "float16", False, False, True,
+                             merged_heads=True, kv_squeezed=kv == 1)
+        pl = plan(p, prof, prof.max_threads)
+        assert pl["threads"] <= prof.max_threads and pl["threads"] % pl["DV"] == 0
+        local = 4 * (pl["tile"] * (pl["DV"] * pl["G"] + 1 + pl["G"]) + pl["L"] * (d + 2 * pl["G"]))
+        assert local <= prof.local_memory_bytes, (heads, kv, d, local)
+        assert pl["V"] * 2 == min(prof.vector_bytes, 2 * d)  # fp16 lanes of one vector load
+        func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
+        ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}), target=t)
+        kind = "opencl" if t.kind.name == "opencl" else "cuda"
+        src = tvm_lite.device_source(ex, kind)
+        kernels = len(set(re.findall(r"(?:__kernel void|__global__ void(?: __launch_bounds__"
+                                     r"\(\d+\))?) (\w+)\(", src)))
+        assert kernels == 2, (profile, heads, kv, d, kernels)
+        if kind == "cuda":
+            assert "uint4" in src  # K/V read 16 bytes at a time
+            if shutil.which("nvcc"):  # NVRTC-free check that the CUDA C compiles
+                path = tmp_path / f"decode_{heads}_{kv}_{d}.cu"
+                path.write_text(src)
+                res = subprocess.run(["nvcc", "-arch=sm_90", "-c", str(path), "-o",
+                                      str(path.with_suffix(".o"))], capture_output=True, text=True)
+                assert res.returncode == 0, res.stderr[-2000:]
+        elif CLANG:
+            path = tmp_path / f"decode_{heads}_{kv}_{d}.cl"
+            path.write_text(src)
+            res = subprocess.run([CLANG, "-x", "cl", "-cl-std=CL2.0", "-Xclang",
+                                  "-finclude-default-header", "-Xclang", "-cl-ext=+cl_khr_fp16",
+                                  "-fsyntax-only", str(path)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[:2000]
+
+
 def _cuda_available():
     try:
         return tvm.cuda(0).exist
@@ -196,6 +239,12 @@ GPU_CASES = CASES + [
     (8, 1, 256, 256, 256, 0, "float16"),  # Gemma-2B, a second 256-token chunk
     (32, 8, 64, 256, 1792, 0, "float16"),  # Llama-3.2-1B, the last chunk of 2048
     (16, 2, 32, 77, 5, 2, "float32"),     # head_dim 32, fp32
+    # split-K decode: many splits, a partial last tile, masked keys at the end, GQA 1..8
+    (9, 3, 64, 1, 3000, 7, "float16"),
+    (8, 1, 256, 1, 2000, 0, "float16"),
+    (14, 2, 64, 1, 1500, 3, "float32"),
+    (32, 8, 128, 1, 4100, 0, "float16"),
+    (4, 4, 32, 1, 100, 0, "float32"),    # multi-head (G = 1), head_dim 32
 ]
 
 
@@ -347,3 +396,38 @@ def test_tiny_architectures_fuse_and_match_torch(arch, extra, exporter, tmp_path
     np.testing.assert_allclose(first, ref[3], atol=1e-4)
     np.testing.assert_allclose(rest, ref[4:7], atol=1e-4)
     np.testing.assert_allclose(last[-1], ref[7], atol=1e-4)
+
+
+# -- the split-K decode kernels' CUDA C, run on the CPU --------------------------------------------
+EMULATED = [  # heads, kv heads, head_dim, context, masked keys at the end
+    (9, 3, 64, 300, 5), (8, 1, 256, 200, 3), (32, 8, 128, 130, 0), (4, 4, 32, 77, 2),
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda"])
+def test_split_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
+    """Each profile's split + merge kernels, as CUDA C (fp32), with threads as CPU threads and
+    barriers as std::barrier (tests/cuda_on_cpu.py): splits, partial tiles, masked keys, GQA 1..8,
+    head_dim 32..256 against numpy, without a GPU."""
+    from cuda_on_cpu import run_decode_attention
+
+    from tvm_lite.schedules.gpu_attention_decode import plan
+    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
+
+    rng = np.random.default_rng(2)
+    cuda = tvm_lite.parse_target("cuda -arch=sm_90")
+    t = tvm_lite.parse_target(GPU_TARGETS[profile])
+    for heads, kv, d, m, pad in EMULATED:
+        q, k, v, mask = _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad)
+        p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
+                             merged_heads=True, kv_squeezed=kv == 1)
+        func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
+        ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
+                         target=cuda)
+        prof = fit_to_target(gpu_profile(profile), t)
+        got = run_decode_attention(tvm_lite.device_source(ex, "cuda"),
+                                   plan(p, prof, prof.max_threads), q, k, v, mask, tmp_path)
+        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+        np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
+                                   rtol=1e-5, atol=1e-5)

@@ -275,6 +275,12 @@ def main(argv=None):
     quality.add_arguments(p)
     p.set_defaults(fn=lambda a: quality.run(a, log=_log))
 
+    from . import profile as step_profile
+
+    p = sub.add_parser("profile", help="per-kernel GPU time of a prefill and a decode step")
+    step_profile.add_arguments(p)
+    p.set_defaults(fn=step_profile.run)
+
     add_commands(sub)  # rpc tracker|server|status, tune
 
     args = parser.parse_args(argv)

@@ -1,0 +1,250 @@
+"""Decode attention on a GPU, flash-decoding style: the keys split across workgroups.
+
+``FuseAttention`` gives each layer's decode step one ``attention_decode`` PrimFunc
+(``q (1, H, 1, D)``, the cache views ``k, v (m, KV, D)`` or ``(m, D)``, the additive mask and the
+output). :func:`decode_kernel` rebuilds it for a GPU profile as one PrimFunc with two kernels:
+
+1. **split** -- grid ``(splits, KV)``: the workgroup of split ``s`` and kv head ``kvh`` reads keys
+   ``[s * chunk, (s + 1) * chunk)`` of that kv head *once* for all ``G = H / KV`` query heads that
+   share it. Thread ``tx = lane * DV + dv`` owns ``V`` consecutive dims (``dv``) -- one vector
+   load of ``V`` elements of K or V (16 bytes on CUDA) -- of the keys ``≡ lane`` (mod ``L``).
+   Per tile of ``L * R`` keys each thread writes the partial dot products of its ``V`` dims with
+   the ``G`` query rows (held in registers, pre-scaled) to local memory; after a barrier each
+   (key, query head) score is summed once from its ``DV`` partials (+ mask) into local memory;
+   after a second barrier every thread reads the scores of its own keys, runs the online softmax
+   for its key lane (running max, sum and a ``G × V`` fp32 accumulator in registers) and
+   accumulates V (its loads were issued with K's, before the barriers).
+   At the end the ``L`` key lanes are merged through local memory (rescaled to the split's max) and
+   the split writes ``(max, sum, acc[G, D])`` per query head to a global scratch buffer.
+2. **merge** -- one workgroup per query head, ``P`` split lanes × ``D`` threads: lane ``p`` folds
+   splits ``p, p + P, ...`` with the online rescale (one pass), then the ``P`` lanes are combined:
+   ``out = Σ_s e^{m_s - M} acc_s / Σ_s e^{m_s - M} l_s`` with ``M = max_s m_s``.
+
+The number of splits follows the context: a split has at least ``min_chunk`` keys (so the scratch
+partials stay small next to the K/V it summarizes: ``4 · G`` keys) and at most ``ceil(m /
+max_splits)`` rounded up to whole tiles, ``max_splits · KV ≈ 4 ·`` the profile's compute units.
+Scores and softmax are fp32 for any input dtype; a fully masked split contributes nothing (its
+weight ``e^{m_s - M}`` is 0 beside a real key).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import from_source
+
+from ..relax_passes.fuse_attention import func_attrs, kv_index, mask_index, out_index, signature
+from .profiles import GPUProfile
+
+# threads of a split workgroup per profile (multiples of head_dim / vector lanes are taken)
+DECODE_THREADS = {"adreno": 128, "mali": 64, "cuda": 128, "gpu": 128}
+WORKGROUPS_PER_UNIT = 4  # split workgroups per compute unit the split count aims for
+MAX_KEYS_PER_THREAD = 4  # R: keys a thread handles per tile (loads in flight)
+MIN_KEYS_PER_HEAD = 4  # a split has >= 4 * G keys: its partials are <= 1/4 of the K/V it reads
+MERGE_THREADS = 256  # merge workgroup: head_dim threads x split lanes
+MERGE_SPLIT_LANES = 8
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def plan(p: dict, profile: GPUProfile, max_threads: int) -> dict:
+    """The decode kernel's shape for attention params ``p`` on ``profile``: vector lanes ``V``,
+    threads per key ``DV``, key lanes ``L``, keys per thread per tile ``R``, the tile, the split
+    bounds."""
+    H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
+    G = H // KV
+    lanes = max(1, profile.vector_bytes // _BYTES.get(p["dtype"], 4))
+    lanes = min(lanes, D)
+    while D % lanes:
+        lanes //= 2
+    dv = D // lanes
+    if dv > max_threads:
+        raise ValueError(f"decode attention: head_dim {D} needs {dv} threads of {lanes} lanes; "
+                         f"the target allows {max_threads}")
+    threads = max(dv, min(DECODE_THREADS.get(profile.name, 128), max_threads))
+    threads -= threads % dv
+    key_lanes = threads // dv
+    # local memory: partial dots (tile keys x DV x G, padded rows) and scores (tile keys x G)
+    # per key of the tile, + the lane merge (L x D, L x G twice)
+    budget = profile.local_memory_bytes - 4 * key_lanes * (D + 2 * G)
+    per_r = 4 * key_lanes * (dv * G + 1 + G)
+    r = max(1, min(MAX_KEYS_PER_THREAD, budget // per_r))
+    tile = key_lanes * r
+    max_splits = max(1, -(-WORKGROUPS_PER_UNIT * profile.compute_units // KV))
+    min_tiles = max(1, -(-MIN_KEYS_PER_HEAD * G // tile))
+    # merge: P split lanes x D threads, each lane folding every P-th split (online), then summed
+    merge_lanes = max(1, min(MERGE_SPLIT_LANES, min(MERGE_THREADS, max_threads) // D))
+    return dict(G=G, V=lanes, DV=dv, threads=threads, L=key_lanes, R=r, tile=tile,
+                max_splits=max_splits, min_tiles=min_tiles, P=merge_lanes)
+
+
+def _unroll(n: int) -> str:
+    return "T.unroll" if n <= 64 else "T.serial"
+
+
+def decode_kernel(p: dict, profile: GPUProfile, max_threads: int) -> tirx.PrimFunc:
+    """The two-kernel split-K decode attention PrimFunc (see the module doc)."""
+    decl, _ = signature(p)
+    pl = plan(p, profile, max_threads)
+    H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
+    G, V, DV, TH, L, R, TILE = (pl[k] for k in ("G", "V", "DV", "threads", "L", "R", "tile"))
+    SM, MT, P = pl["max_splits"], pl["min_tiles"], pl["P"]
+    split_at = f"((h // {G} * {SM} + i * {P} + tx // {D}) * {G} + h % {G})"  # merge: its split
+    f32, dt = "T.float32", p["dtype"]
+    stride = DV * G + 1  # a key's partials in local memory, padded against bank conflicts
+    # chunk = keys per split (whole tiles); splits = ceil(m / chunk) <= max_splits
+    chunk_tiles = f"T.max({MT}, (m + {SM * TILE - 1}) // {SM * TILE})"
+    chunk = f"({chunk_tiles} * {TILE})"
+    splits = f"(m + {chunk} - 1) // {chunk}"
+    key = f"T.min(base + r * {L} + lane, m - 1)"  # clamped: out-of-split keys get p = 0
+    # the score stage: pair i * TH + tx of the tile is (key pair // G, head pair % G)
+    pair_key, pair_head = f"(i * {TH} + tx) // {G}", f"(i * {TH} + tx) % {G}"
+    pair_mask = mask_index(p, f"kvh * {G} + {pair_head}", "0", f"T.min(base + {pair_key}, m - 1)")
+    k_at = kv_index(p, "k", key, "kvh", f"dv * {V} + e")
+    v_at = kv_index(p, "v", key, "kvh", f"dv * {V} + e")
+    mask_at = mask_index(p, f"kvh * {G} + g", "0", key)
+    u = _unroll
+    src = f'''
+@T.prim_func(private=True)
+def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+              var_o: T.handle):
+    T.func_attr({func_attrs(p)})
+    {decl}
+    part_o = T.alloc_buffer(({KV * SM * G * D},), "float32")
+    part_ml = T.alloc_buffer(({KV * SM * G * 2},), "float32")
+    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+        for s in T.thread_binding({splits}, thread="blockIdx.x"):
+            for tx in T.thread_binding({TH}, thread="threadIdx.x"):
+                sp = T.alloc_buffer(({TILE * stride},), "float32", scope="shared")
+                ss = T.alloc_buffer(({TILE * G},), "float32", scope="shared")
+                red = T.alloc_buffer(({L * D},), "float32", scope="shared")
+                red_m = T.alloc_buffer(({L * G},), "float32", scope="shared")
+                red_l = T.alloc_buffer(({L * G},), "float32", scope="shared")
+                qr = T.alloc_buffer(({G * V},), "float32", scope="local")
+                acc = T.alloc_buffer(({G * V},), "float32", scope="local")
+                mx = T.alloc_buffer(({G},), "float32", scope="local")
+                sm = T.alloc_buffer(({G},), "float32", scope="local")
+                sc = T.alloc_buffer(({R * G},), "float32", scope="local")
+                kr = T.alloc_buffer(({R * V},), "{dt}", scope="local")
+                vr = T.alloc_buffer(({R * V},), "{dt}", scope="local")
+                t = T.alloc_buffer((2,), "float32", scope="local")
+                lane = tx // {DV}
+                dv = tx % {DV}
+                start = s * {chunk}
+                end = T.min(start + {chunk}, m)
+                for g in {u(G)}({G}):
+                    for e in T.unroll({V}):  # (fp32 vectors wider than 4 lanes do not compile)
+                        qr[g * {V} + e] = {f32}(q[0, kvh * {G} + g, 0, dv * {V} + e]) * {f32}({p["scale"]!r})
+                        acc[g * {V} + e] = {f32}(0)
+                    mx[g] = T.min_value("float32")
+                    sm[g] = {f32}(0)
+                for tl in range((end - start + {TILE - 1}) // {TILE}):
+                    base = start + tl * {TILE}
+                    for r in {u(R)}({R}):  # every load of the tile issued before its use
+                        for e in T.vectorized({V}):
+                            kr[r * {V} + e] = {k_at}
+                    for r in {u(R)}({R}):
+                        for e in T.vectorized({V}):
+                            vr[r * {V} + e] = {v_at}
+                    for r in {u(R)}({R}):
+                        for g in {u(G)}({G}):
+                            t[0] = {f32}(0)
+                            for e in {u(V)}({V}):
+                                t[0] = t[0] + qr[g * {V} + e] * {f32}(kr[r * {V} + e])
+                            sp[(r * {L} + lane) * {stride} + dv * {G} + g] = t[0]
+                    T.tvm_storage_sync("shared")
+                    for i in range({-(-TILE * G // TH)}):  # each (key, head) score summed once
+                        if i * {TH} + tx < {TILE * G}:
+                            t[0] = {f32}(0)
+                            for c in {u(DV)}({DV}):
+                                t[0] = t[0] + sp[{pair_key} * {stride} + c * {G} + {pair_head}]
+                            ss[i * {TH} + tx] = T.if_then_else(
+                                base + {pair_key} < end, t[0] + {f32}({pair_mask}),
+                                -T.infinity("float32"))
+                    T.tvm_storage_sync("shared")
+                    for r in {u(R)}({R}):
+                        for g in {u(G)}({G}):
+                            sc[r * {G} + g] = ss[(r * {L} + lane) * {G} + g]
+                    for g in {u(G)}({G}):
+                        t[1] = mx[g]
+                        for r in {u(R)}({R}):
+                            t[1] = T.max(t[1], sc[r * {G} + g])
+                        t[0] = T.exp(mx[g] - t[1])
+                        mx[g] = t[1]
+                        sm[g] = sm[g] * t[0]
+                        for e in {u(V)}({V}):
+                            acc[g * {V} + e] = acc[g * {V} + e] * t[0]
+                        for r in {u(R)}({R}):
+                            sc[r * {G} + g] = T.exp(sc[r * {G} + g] - t[1])
+                            sm[g] = sm[g] + sc[r * {G} + g]
+                    for r in {u(R)}({R}):
+                        for g in {u(G)}({G}):
+                            for e in {u(V)}({V}):
+                                acc[g * {V} + e] = acc[g * {V} + e] + sc[r * {G} + g] * {f32}(vr[r * {V} + e])
+                # merge the key lanes: rescale each to the split's max, then sum
+                if dv == 0:
+                    for g in {u(G)}({G}):
+                        red_m[lane * {G} + g] = mx[g]
+                T.tvm_storage_sync("shared")
+                for g in {u(G)}({G}):
+                    t[1] = T.min_value("float32")
+                    for c in range({L}):
+                        t[1] = T.max(t[1], red_m[c * {G} + g])
+                    t[0] = T.exp(mx[g] - t[1])
+                    mx[g] = t[1]
+                    sm[g] = sm[g] * t[0]
+                    for e in {u(V)}({V}):
+                        acc[g * {V} + e] = acc[g * {V} + e] * t[0]
+                if dv == 0:
+                    for g in {u(G)}({G}):
+                        red_l[lane * {G} + g] = sm[g]
+                for g in range({G}):
+                    for e in T.unroll({V}):
+                        red[lane * {D} + dv * {V} + e] = acc[g * {V} + e]
+                    T.tvm_storage_sync("shared")
+                    for i in range({-(-D // TH)}):
+                        if i * {TH} + tx < {D}:
+                            t[0] = {f32}(0)
+                            for c in range({L}):
+                                t[0] = t[0] + red[c * {D} + i * {TH} + tx]
+                            part_o[((kvh * {SM} + s) * {G} + g) * {D} + i * {TH} + tx] = t[0]
+                    T.tvm_storage_sync("shared")
+                for i in range({-(-G // TH)}):
+                    if i * {TH} + tx < {G}:
+                        t[0] = {f32}(0)
+                        t[1] = T.min_value("float32")
+                        for c in range({L}):
+                            t[0] = t[0] + red_l[c * {G} + i * {TH} + tx]
+                            t[1] = T.max(t[1], red_m[c * {G} + i * {TH} + tx])
+                        part_ml[((kvh * {SM} + s) * {G} + i * {TH} + tx) * 2] = t[1]
+                        part_ml[((kvh * {SM} + s) * {G} + i * {TH} + tx) * 2 + 1] = t[0]
+    for h in T.thread_binding({H}, thread="blockIdx.x"):
+        for tx in T.thread_binding({D * P}, thread="threadIdx.x"):
+            w = T.alloc_buffer((5,), "float32", scope="local")  # max, num, den, new max, m_s
+            mr = T.alloc_buffer(({D * P},), "float32", scope="shared")
+            nr = T.alloc_buffer(({D * P},), "float32", scope="shared")
+            dr = T.alloc_buffer(({D * P},), "float32", scope="shared")
+            w[0] = T.min_value("float32")
+            w[1] = {f32}(0)
+            w[2] = {f32}(0)
+            for i in range(({splits} + {P - 1}) // {P}):
+                if i * {P} + tx // {D} < {splits}:
+                    w[4] = part_ml[{split_at} * 2]
+                    w[3] = T.max(w[0], w[4])
+                    w[1] = w[1] * T.exp(w[0] - w[3]) + T.exp(w[4] - w[3]) * part_o[{split_at} * {D} + tx % {D}]
+                    w[2] = w[2] * T.exp(w[0] - w[3]) + T.exp(w[4] - w[3]) * part_ml[{split_at} * 2 + 1]
+                    w[0] = w[3]
+            mr[tx] = w[0]
+            nr[tx] = w[1]
+            dr[tx] = w[2]
+            T.tvm_storage_sync("shared")
+            if tx < {D}:
+                w[3] = T.min_value("float32")
+                for c in range({P}):
+                    w[3] = T.max(w[3], mr[c * {D} + tx])
+                w[1] = {f32}(0)
+                w[2] = {f32}(0)
+                for c in range({P}):
+                    w[1] = w[1] + nr[c * {D} + tx] * T.exp(mr[c * {D} + tx] - w[3])
+                    w[2] = w[2] + dr[c * {D} + tx] * T.exp(mr[c * {D} + tx] - w[3])
+                {out_index(p, "h", "0", "tx")} = T.Cast("{dt}", w[1] / w[2])
+'''
+    return from_source(src)

@@ -1,0 +1,53 @@
+"""tvm-lite profile (tvm_lite/profile.py) on the CPU build of SmolLM2: the VM-instrument path."""
+
+import json
+
+import pytest
+
+from tvm_lite.profile import Profiler, kernel_launches
+
+LAYERS = 30
+
+
+@pytest.fixture(scope="module")
+def profiles(engine):
+    prof = Profiler(engine("dynamo", "inplace"), use_torch=False)
+    return prof.prefill(16, repeats=1), prof.decode(16, steps=2, warmup=1)
+
+
+def test_decode_profile_counts_every_kernel_of_a_step(profiles):
+    _, decode = profiles
+    assert decode.phase == "decode" and decode.context >= 17
+    kernels = decode.kernels
+    # the fused attention once per layer, the greedy token's reductions once a step
+    assert kernels["attention_decode"]["calls"] == LAYERS
+    assert decode.kernels_per_step == decode.vm_kernel_calls  # one CPU "kernel" per PrimFunc call
+    assert decode.gpu_ms == pytest.approx(sum(k["us"] for k in kernels.values()) / 1e3)
+    assert decode.vm_calls > decode.vm_kernel_calls  # + the VM's builtins
+    assert "vm.builtin.match_shape" in decode.vm_builtins
+    assert decode.wall_ms > 0 and 0 <= decode.host_gap_ms <= decode.wall_ms
+    table = decode.table(top=5)
+    assert "attention_decode" in table or "more kernels" in table
+    json.dumps(decode.as_dict())  # what --json writes
+
+
+def test_prefill_profile_runs_the_prefill_kernels(profiles):
+    prefill, decode = profiles
+    assert prefill.kernels["attention_prefill"]["calls"] == LAYERS
+    assert "attention_decode" not in prefill.kernels
+    assert prefill.gpu_ms > decode.gpu_ms  # 16 tokens cost more than one
+
+
+def test_kernel_launches_needs_a_gpu_build():
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4,), "float32"))
+    with bb.function("decode", [x]):
+        bb.emit_func_output(bb.emit(relax.op.add(x, x)))
+    ex = tvm.compile(bb.get(), target="llvm")
+    with pytest.raises(ValueError, match="no device module"):
+        kernel_launches(ex, "decode")
+    with pytest.raises(ValueError, match="no VM function 'prefill'"):
+        kernel_launches(ex, "prefill")

@@ -1,0 +1,203 @@
+"""Decode attention, kernel by kernel, next to PyTorch's SDPA on the same GPU (GB/s of K/V).
+
+    python -m tvm_lite.bench.attention [--shapes 9x3x64,32x8x64,8x1x256,14x2x64,32x8x128]
+                                       [--contexts 512,2048,8192] [--json out.json]
+
+For each (heads, kv_heads, head_dim) and context ``m`` (fp16, one query token, the in-place cache
+layout ``(m, kv_heads, head_dim)``, the model's merged-heads output) it times
+
+* ``split-K``: tvm_lite's decode kernel for the CUDA profile (``schedules/gpu_attention_decode.py``:
+  keys split across workgroups, the query heads of a kv head together, then a merge kernel);
+* ``per-head``: the kernel it replaced (one workgroup per query head, ``gpu_attention.py``);
+* ``SDPA``: ``torch.nn.functional.scaled_dot_product_attention`` (``enable_gqa``) on K/V in its
+  preferred ``(1, kv_heads, m, head_dim)`` layout;
+
+and checks the split-K output against an fp32 torch reference. Time is GPU kernel time per call
+(``torch.profiler``, all kernels of a call summed) -- what the kernel costs inside a step whose
+launches are queued ahead -- and, beside it, the wall time per call of back-to-back calls. K/V
+are rotated over enough copies to exceed the L2 cache, so the bytes come from HBM. GB/s = K+V
+bytes / kernel time, next to the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+SHAPES = ((9, 3, 64), (32, 8, 64), (8, 1, 256), (14, 2, 64), (32, 8, 128))
+CONTEXTS = (512, 2048, 8192)
+ROTATE_BYTES = 256 << 20  # K/V copies cycled through per case (> the H200's 50 MB L2)
+MAX_COPIES = 256
+
+
+def _kernels(heads: int, kv: int, d: int, target):
+    """{"split-K": PrimFunc, "per-head": PrimFunc} of this shape for the CUDA profile."""
+    from .relax_passes.fuse_attention import attention_params, reference_kernel
+    from .schedules import gpu_attention
+    from .schedules.gpu_attention import Attention
+
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, False, True,
+                         merged_heads=True, kv_squeezed=kv == 1)
+    split = Attention().apply(reference_kernel(p), target, False).mod["main"]
+    old = gpu_attention.decode_kernel(p, gpu_attention.TILES["cuda"], 1024)
+    return {name: f.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", "attn")
+            for name, f in (("split-K", split), ("per-head", old))}
+
+
+def _time(call, copies: int, iters: int) -> dict:
+    """GPU kernel µs per call (torch.profiler) and wall µs per call of ``call(i)``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(min(copies, 8)):
+        call(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(iters):
+        call(i % copies)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / iters
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            call(i % copies)
+        torch.cuda.synchronize()
+    gpu = sum(e.device_time_total for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA) / iters
+    return {"gpu_us": gpu, "wall_us": wall * 1e6}
+
+
+def copy_bandwidth_torch(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy GB/s (bytes read + written), CUDA events."""
+    import torch
+
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2] / 1e9
+
+
+def bench_case(heads, kv, d, contexts, built, iters: int = 200) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    import tvm_ffi
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m in contexts:
+        kv_bytes = 2 * m * kv * d * 2
+        copies = max(1, min(MAX_COPIES, -(-ROTATE_BYTES // kv_bytes)))
+        shape = (m, d) if kv == 1 else (m, kv, d)
+        ks = [torch.randn(shape, generator=g, device="cuda", dtype=torch.float16)
+              for _ in range(copies)]
+        vs = [torch.randn(shape, generator=g, device="cuda", dtype=torch.float16)
+              for _ in range(copies)]
+        q = torch.randn((1, heads, 1, d), generator=g, device="cuda", dtype=torch.float16)
+        mask = torch.zeros((1, 1, 1, m), device="cuda", dtype=torch.float16)
+        out = torch.empty((1, 1, heads * d), device="cuda", dtype=torch.float16)
+        # SDPA's preferred layout: (1, KV, m, D), contiguous
+        ks_t = [k.reshape(m, kv, d).permute(1, 0, 2).contiguous()[None] for k in ks]
+        vs_t = [v.reshape(m, kv, d).permute(1, 0, 2).contiguous()[None] for v in vs]
+        # fp32 reference of copy 0
+        k32 = ks_t[0].float().repeat_interleave(heads // kv, dim=1)
+        v32 = vs_t[0].float().repeat_interleave(heads // kv, dim=1)
+        ref = torch.softmax(q.float() @ k32.transpose(-1, -2) * d ** -0.5, -1) @ v32
+        ref = ref.reshape(1, 1, heads * d)
+        tq, tmask, tout = (tvm_ffi.from_dlpack(x) for x in (q, mask, out))
+        tk = [tvm_ffi.from_dlpack(x) for x in ks]
+        tv = [tvm_ffi.from_dlpack(x) for x in vs]
+        row = {"heads": heads, "kv_heads": kv, "head_dim": d, "context": m,
+               "kv_bytes": kv_bytes, "copies": copies}
+        for name, fn in built.items():
+            fn(tq, tk[0], tv[0], tmask, tout)
+            torch.cuda.synchronize()
+            err = float((out.float() - ref).abs().max())
+            row[name] = dict(_time(lambda i: fn(tq, tk[i], tv[i], tmask, tout), copies, iters),
+                             max_abs_err=err)
+        sdpa = lambda i: F.scaled_dot_product_attention(q, ks_t[i], vs_t[i],  # noqa: E731
+                                                        enable_gqa=kv != heads)
+        got = sdpa(0).reshape(1, 1, heads * d).float()
+        row["SDPA"] = dict(_time(sdpa, copies, iters), max_abs_err=float((got - ref).abs().max()))
+        for name in (*built, "SDPA"):
+            row[name]["gb_s"] = kv_bytes / (row[name]["gpu_us"] * 1e-6) / 1e9
+        rows.append(row)
+        del ks, vs, ks_t, vs_t
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run(shapes=SHAPES, contexts=CONTEXTS, progress=print) -> dict:
+    import tvm
+
+    from .target import parse_target
+
+    target = parse_target("cuda -arch=sm_90")
+    copy = copy_bandwidth_torch()
+    progress(f"copy bandwidth {copy:.0f} GB/s")
+    result = {"copy_gb_s": copy, "rows": []}
+    for heads, kv, d in shapes:
+        t0 = time.perf_counter()
+        built = {}
+        for name, f in _kernels(heads, kv, d, target).items():
+            ex = tvm.compile(tvm.IRModule({"attn": f}), target=target)
+            built[name] = ex["attn"]
+        progress(f"({heads},{kv},{d}) compiled in {time.perf_counter() - t0:.0f} s")
+        rows = bench_case(heads, kv, d, contexts, built)
+        result["rows"] += rows
+        for r in rows:
+            progress(format_row(r, copy))
+    return result
+
+
+NAMES = ("split-K", "per-head", "SDPA")
+
+
+def format_row(r: dict, copy: float) -> str:
+    cells = [f"({r['heads']},{r['kv_heads']},{r['head_dim']})", str(r["context"]),
+             f"{r['kv_bytes'] / 1e6:.2f}"]
+    for n in NAMES:
+        x = r[n]
+        cells.append(f"{x['gpu_us']:.1f} us / {x['wall_us']:.1f} us / {x['gb_s']:.0f} GB/s "
+                     f"({100 * x['gb_s'] / copy:.0f}%)")
+    cells.append(f"{r['SDPA']['gpu_us'] / r['split-K']['gpu_us']:.2f}x")
+    cells.append(f"{r['split-K']['max_abs_err']:.1e}")
+    return "| " + " | ".join(cells) + " |"
+
+
+def format_table(result: dict) -> str:
+    head = ("| (H, KV, D) | context | K+V MB | split-K: GPU / wall / GB/s (% copy) | "
+            "per-head (before) | SDPA | SDPA / split-K | split-K max err |")
+    lines = [f"copy bandwidth {result['copy_gb_s']:.0f} GB/s", head,
+             "|" + "---|" * 8]
+    lines += [format_row(r, result["copy_gb_s"]) for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
+    ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    for h, kv, d in shapes:
+        if h % kv:
+            raise SystemExit(f"bench.attention: {h} heads are not a multiple of {kv} kv heads")
+    result = run(shapes, [int(c) for c in args.contexts.split(",")])
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""tvm-lite profile ARTIFACT: where a prefill and a decode step spend their time, kernel by kernel.
+
+    tvm-lite profile out/ --device cuda --prompt-len 512 --steps 16 [--json p.json]
+
+For one prefill call (``prompt_len`` tokens) and for decode steps at that context it reports each
+kernel's GPU time, calls and share of the step, the kernels launched per step, the step's wall
+time and the *host gap* (wall time - GPU kernel time: VM instructions, shape builtins, launches,
+waiting for the token). Every VM call the step makes is counted too (kernels vs. VM builtins).
+
+* CUDA: ``torch.profiler``'s CUDA activity (CUPTI) records every kernel launched in the process,
+  TVM's included; the steps run as they do in the engine (asynchronously).
+* Elsewhere (CPU, OpenCL...): a VM instrument that waits for the device after every kernel and
+  times it (``Device.sync()``), so kernel times are exact but the wall time of that run is not a
+  real step's; the step's wall time is measured in a separate, uninstrumented run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from .gpu_slice import is_kernel
+
+
+@dataclass
+class StepProfile:
+    """One kind of step (prefill or decode), averaged over ``steps`` steps."""
+
+    phase: str
+    steps: int
+    context: int  # tokens in the cache when the step starts
+    wall_ms: float  # per step, uninstrumented (CUDA) or a separate run (elsewhere)
+    gpu_ms: float  # sum of kernel times per step
+    kernels: dict = field(default_factory=dict)  # name -> {"calls": per step, "us": per step}
+    vm_calls: int = 0  # VM calls per step (PrimFuncs + builtins)
+    vm_kernel_calls: int = 0  # of which PrimFunc calls (one may launch several GPU kernels)
+    vm_builtins: dict = field(default_factory=dict)  # VM builtin -> calls per step
+    method: str = "torch.profiler"
+
+    @property
+    def kernels_per_step(self) -> float:
+        return sum(k["calls"] for k in self.kernels.values())
+
+    @property
+    def host_gap_ms(self) -> float:
+        return max(0.0, self.wall_ms - self.gpu_ms)
+
+    def table(self, top: int = 20) -> str:
+        lines = [f"{self.phase} (context {self.context}, {self.steps} step(s), {self.method}): "
+                 f"wall {self.wall_ms:.3f} ms, GPU kernels {self.gpu_ms:.3f} ms, "
+                 f"{self.kernels_per_step:.0f} kernels/step, host gap {self.host_gap_ms:.3f} ms "
+                 f"({100 * self.host_gap_ms / max(self.wall_ms, 1e-9):.0f}%), "
+                 f"VM calls/step {self.vm_calls} ({self.vm_kernel_calls} PrimFuncs; builtins: "
+                 f"{', '.join(f'{n} {c}' for n, c in list(self.vm_builtins.items())[:4])})",
+                 f"{'us/step':>10} {'calls':>6} {'us/call':>8} {'share':>6}  kernel"]
+        rows = sorted(self.kernels.items(), key=lambda kv: -kv[1]["us"])
+        for name, k in rows[:top]:
+            lines.append(f"{k['us']:10.1f} {k['calls']:6.1f} {k['us'] / max(k['calls'], 1e-9):8.2f} "
+                         f"{100 * k['us'] / max(self.gpu_ms * 1e3, 1e-9):5.1f}%  {name[:100]}")
+        if len(rows) > top:
+            rest = sum(k["us"] for _, k in rows[top:])
+            lines.append(f"{rest:10.1f} {'':>6} {'':>8} {100 * rest / max(self.gpu_ms * 1e3, 1e-9):5.1f}%"
+                         f"  ({len(rows) - top} more kernels)")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(kernels_per_step=self.kernels_per_step, host_gap_ms=self.host_gap_ms)
+        return d
+
+
+class _CallCounter:
+    """VM instrument: counts the calls of a VM function by name (PrimFuncs, VM builtins; nested
+    Relax functions -- closures -- are not counted); with ``sync`` also times each PrimFunc call,
+    waiting for the device before and after it."""
+
+    def __init__(self, sync=None):
+        self.sync = sync
+        self.counts = defaultdict(int)  # name -> calls (PrimFuncs and builtins)
+        self.times = defaultdict(lambda: [0, 0.0])  # PrimFunc name -> [calls, seconds]
+        self._t0 = 0.0
+
+    @staticmethod
+    def _is_primfunc(func, name) -> bool:
+        return is_kernel(name) and type(func).__name__ != "Closure"
+
+    def __call__(self, func, name, before_run, _ret, *_args):
+        if type(func).__name__ == "Closure":
+            return 0
+        kernel = self._is_primfunc(func, name)
+        if before_run:
+            if kernel and self.sync is not None:
+                self.sync()
+                self._t0 = time.perf_counter()
+            return 0
+        self.counts[name] += 1
+        if kernel and self.sync is not None:
+            self.sync()
+            entry = self.times[name]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - self._t0
+        return 0
+
+    @property
+    def calls(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def kernel_calls(self) -> int:
+        return sum(c for n, c in self.counts.items() if is_kernel(n))
+
+    @property
+    def builtins(self) -> dict:
+        return {n: c for n, c in sorted(self.counts.items(), key=lambda kv: -kv[1])
+                if not is_kernel(n)}
+
+
+def kernel_launches(executable, function: str = "decode", kind: str | None = None) -> dict:
+    """Device kernels one call of ``function`` launches, counted in the build (no device needed):
+    the PrimFunc calls in the function's VM code (``as_text()``; the decode function has no
+    loops, so each is executed once), each expanded to the kernels of its device code
+    (``<prim>_kernel``, ``<prim>_kernel_1``...: a split-K GEMV or attention is two).
+    Returns {PrimFunc name: device kernels launched per call of ``function``}."""
+    from .compiler import device_source
+
+    text = executable.as_text()
+    body = re.search(rf"^@{re.escape(function)}:\n(.*?)(?:^@|\Z)", text, re.S | re.M)
+    if body is None:
+        raise ValueError(f"no VM function {function!r} in this executable")
+    calls = re.findall(r"^\s*call\s+(\S+)\s", body.group(1), re.M)
+    relax_functions = set(re.findall(r"^@([\w.]+):$", text, re.M))
+    kind = kind or next((k for k in ("opencl", "cuda", "vulkan", "metal")
+                         if _has_source(executable, k)), None)
+    if kind is None:
+        raise ValueError("kernel_launches counts GPU kernels: this executable has no device "
+                         "module (a CPU build?)")
+    source = device_source(executable, kind)
+    kernels = re.findall(r"(?:__kernel void|__global__ void(?: __launch_bounds__\(\d+\))?)"
+                         r" (\w+)\(", source)
+    per_prim = defaultdict(set)
+    for k in kernels:
+        per_prim[re.sub(r"_kernel(_\d+)?$", "", k)].add(k)
+    out = defaultdict(int)
+    for name in calls:
+        if is_kernel(name) and name not in relax_functions and per_prim.get(name):
+            out[name] += len(per_prim[name])  # a PrimFunc with no device code launches nothing
+    return dict(out)
+
+
+def _has_source(executable, kind: str) -> bool:
+    from .compiler import device_source
+
+    try:
+        return bool(device_source(executable, kind))
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+def _with_instrument(vm, instrument, call):
+    vm.set_instrument(instrument)
+    try:
+        return call()
+    finally:
+        vm.set_instrument(lambda *_a: 0)
+
+
+def _torch_kernels(run, steps: int) -> tuple[dict, float]:
+    """(kernels, wall seconds per step) of ``run()`` (``steps`` steps) under torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    kernels = defaultdict(lambda: {"calls": 0.0, "us": 0.0})
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[e.name]
+            k["calls"] += 1 / steps
+            k["us"] += e.device_time_total / steps
+    return dict(kernels), wall
+
+
+class Profiler:
+    """Profiles an :class:`~tvm_lite.engine.Engine`'s greedy steps (in-place artifacts)."""
+
+    def __init__(self, engine, use_torch: bool | None = None):
+        self.engine = engine
+        if use_torch is None:
+            use_torch = int(engine.dev.dlpack_device_type()) == 2  # kDLCUDA
+        self.use_torch = use_torch
+        if use_torch:
+            import torch
+
+            torch.zeros(1, device="cuda")  # CUDA (and CUPTI) initialised in this process first
+
+    def _sync(self):
+        self.engine.dev.sync()
+
+    def _measure(self, phase: str, context: int, steps: int, run) -> StepProfile:
+        vm = self.engine.vm
+        counter = _CallCounter()
+        _with_instrument(vm, counter, lambda: run(1))
+        self._sync()
+        t0 = time.perf_counter()
+        run(steps)
+        self._sync()
+        wall = (time.perf_counter() - t0) / steps
+        if self.use_torch:
+            kernels, _ = _torch_kernels(lambda: run(steps), steps)
+            method = "torch.profiler (CUDA activity)"
+        else:
+            timer = _CallCounter(sync=self._sync)
+            _with_instrument(vm, timer, lambda: run(steps))
+            kernels = {n: {"calls": c / steps, "us": s * 1e6 / steps}
+                       for n, (c, s) in timer.times.items()}
+            method = "VM instrument, device sync per kernel"
+        gpu_ms = sum(k["us"] for k in kernels.values()) / 1e3
+        return StepProfile(phase, steps, context, wall * 1e3, gpu_ms, kernels, counter.calls,
+                           counter.kernel_calls, counter.builtins, method)
+
+    def prefill(self, prompt_len: int, repeats: int = 3) -> StepProfile:
+        eng = self.engine
+        ids = [(7 * i + 3) % 200 + 10 for i in range(prompt_len)]  # any in-vocabulary ids
+
+        def run(n):
+            for _ in range(n):
+                eng.prefill_greedy(eng.new_session(), ids, chunk_size=prompt_len)
+
+        run(1)  # warm-up
+        return self._measure("prefill", 0, repeats, run)
+
+    def decode(self, prompt_len: int, steps: int = 16, warmup: int = 4) -> StepProfile:
+        eng = self.engine
+        session = eng.new_session()
+        ids = [(7 * i + 3) % 200 + 10 for i in range(prompt_len)]
+        token = [eng.prefill_greedy(session, ids, chunk_size=prompt_len)]
+
+        def run(n):
+            for _ in range(n):
+                token[0] = eng.decode_greedy(session, token[0])
+
+        run(warmup)
+        context = session.length
+        return self._measure("decode", context, steps, run)
+
+
+def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, steps: int = 16,
+                     max_context: int | None = None) -> dict:
+    """Prefill and decode profiles of an in-place artifact on ``device``."""
+    from .engine import Engine
+
+    total = prompt_len + 4 + steps * 4 + 8  # prefill, warm-ups, the counting and measured runs
+    eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
+                 prefill_chunk=prompt_len)
+    if not eng.steps:
+        raise ValueError(f"{artifact}: profiling needs an in-place artifact with the greedy step "
+                         "entries (compile it with --kv-cache inplace)")
+    prof = Profiler(eng)
+    return {"prefill": prof.prefill(prompt_len), "decode": prof.decode(prompt_len, steps)}
+
+
+def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str = "cuda -arch=sm_90",
+                   device: str = "cuda", prompt_len: int = 512, steps: int = 16,
+                   work_dir="bench_models", progress=print) -> dict:
+    """Random-weight models of ``shapes`` (``tvm_lite.bench.models.SHAPES``), exported and
+    compiled as ``bench.models`` does, each profiled: shape -> {"prefill", "decode"}."""
+    from pathlib import Path
+
+    from .bench.models import compile_variant, random_model
+    from .export import export_onnx
+
+    out = {}
+    for shape in shapes:
+        work = Path(work_dir) / shape
+        onnx_dir = export_onnx(random_model(shape, work / "hf"), work / "onnx", dtype="float16",
+                               progress=progress)
+        artifact = compile_variant(onnx_dir, variant, target, progress)
+        out[shape] = profile_artifact(artifact, device, prompt_len, steps)
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("artifact", help="a compiled artifact directory (in-place KV cache)")
+    p.add_argument("--device", default="cuda", help="cuda, cpu, opencl... (default: cuda)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=16, help="decode steps measured")
+    p.add_argument("--top", type=int, default=20, help="kernels listed per table")
+    p.add_argument("--json", default=None, help="also write the profiles to this file")
+
+
+def run(args) -> None:
+    result = profile_artifact(args.artifact, args.device, args.prompt_len, args.steps)
+    for prof in result.values():
+        print(prof.table(args.top))
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v.as_dict() for k, v in result.items()}, f, indent=1)
+
+
+def main(argv=None) -> None:
+    """python -m tvm_lite.profile --shapes smollm2-135m,gemma-2b [--json p.json]: random-weight
+    models of those shapes, built and profiled on the GPU machine."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tvm_lite.profile", description=main.__doc__)
+    ap.add_argument("--shapes", default="smollm2-135m")
+    ap.add_argument("--variant", default="tvm_lite-e0m4")
+    ap.add_argument("--target", default="cuda -arch=sm_90")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--work-dir", default="bench_models", help="random models and their builds")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    out = {}
+    for shape in args.shapes.split(","):
+        (res,) = profile_shapes([shape], args.variant, args.target, args.device, args.prompt_len,
+                                args.steps, args.work_dir).values()
+        out[shape] = {k: v.as_dict() for k, v in res.items()}
+        for prof in res.values():
+            print(f"== {shape}\n{prof.table(args.top)}\n", flush=True)
+        if args.json:  # rewritten after every shape: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+__all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes"]
+
+
+if __name__ == "__main__":
+    main()
