@@ -404,7 +404,8 @@ class FuseAttention:
             left = _remaining_softmax(new)
             for why in sorted(set(refused)):
                 LOG.warning("FuseAttention: %s: attention left unfused: %s", gv.name_hint, why)
-            if left and not refused:
+            decoder = "tvm_lite.kv_cache_names" in (func.attrs or {})  # not an MLP's softmax
+            if left and not refused and decoder:
                 LOG.warning("FuseAttention: %s: %d softmax(es) not in the attention pattern on "
                             "the in-place KV cache (no cache view, or an extra op such as "
                             "soft-capping): left unfused", gv.name_hint, left)
