@@ -40,10 +40,11 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 from tvm.script import from_source
+from tvm_lite.errors import UserError
 
 
 @tvm_ffi.register_error  # keeps its type when raised inside the pass pipeline
-class KVCacheRewriteError(ValueError):
+class KVCacheRewriteError(UserError):
     """The model's past/present pattern is not the one this pass rewrites; the message says why."""
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .processes import RPCError, parse_address, tracker_status
+from tvm_lite.errors import UserError
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
@@ -48,7 +49,7 @@ DEVICE_LOST = "[tvm_lite.rpc: device lost]"
 _FAILED = 1e9  # MetaSchedule stores 1e10 s for a candidate that failed
 
 
-class TuningError(ValueError):
+class TuningError(UserError):
     """Bad tuning input (kernel names, database, budget); the message names it."""
 
 

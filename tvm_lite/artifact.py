@@ -22,6 +22,7 @@ import numpy as np
 
 from . import __version__
 from .export import MODEL_JSON, cache_dir, cache_lock
+from .errors import UserError
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -30,7 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """An artifact that cannot be built or loaded; the message names the file or setting."""
 
 

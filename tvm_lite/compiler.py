@@ -6,6 +6,7 @@ import tvm
 from tvm import relax
 
 from . import pipeline as _pipeline
+from .errors import stage
 from .target import check_codegen, parse_target
 
 
@@ -65,9 +66,9 @@ def build(mod: tvm.IRModule, target="llvm", *, kv_cache: str = "auto",
 
         tuning_db = check_database(tuning_db)
     if pipeline == "stock":
-        with tgt:
+        with tgt, stage("compile", where=f"stock pipeline, {tgt.kind.name}"):
             return tvm.compile(mod, target=tgt)
-    with tgt:
+    with tgt, stage("compile", where=f"{tgt.kind.name}"):  # TVM's errors -> CompileError
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
                                                              dump_dir=dump_dir, kv_cache=kv_cache,

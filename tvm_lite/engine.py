@@ -43,12 +43,14 @@ from tvm.runtime.vm import VirtualMachine
 
 from .artifact import LIBRARY, PARAMS, load_manifest
 from .tokenizer import Tokenizer
+from .checks import check_request
+from .errors import UserError
 
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256)  # prefill calls are padded up to one of these
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(UserError):
     """A prompt that does not fit in the context window; nothing was run."""
 
 
@@ -107,13 +109,14 @@ def _device(name: str):
 class Engine:
     """Load an artifact and generate text with it."""
 
-    def __init__(self, artifact, device="cpu", max_context: int | None = None,
+    def __init__(self, artifact, device=None, max_context: int | None = None,
                  buckets=DEFAULT_BUCKETS, prefill_chunk: int | None = None, *, module=None,
                  gpu_slice: int | None = None, priority: str = "normal", session=None):
         """``buckets``: the token counts a prefill call is padded up to (``None``/``()``: no
         padding); ``prefill_chunk``: the most tokens one prefill call takes (default: the largest
         bucket, or 256). In-place artifacts only: the copy path neither pads nor chunks.
-        ``device``: "cpu", "cuda:0"... or a ``tvm.runtime.Device`` (an RPC session's too), and
+        ``device``: "cpu", "cuda:0"... (default: the build's device) or a ``tvm.runtime.Device``
+        (an RPC session's too), and
         ``module`` the artifact's library already loaded there, ``session`` the RPC session it is
         in (``tvm_lite.rpc.remote_engine`` passes all three).
         Against UI lag on phones (``tvm_lite/gpu_slice.py``): ``gpu_slice`` = at most this many
@@ -122,6 +125,12 @@ class Engine:
         self.path = Path(artifact)
         self.manifest = load_manifest(self.path)
         self.model = self.manifest.get("model", {})
+        if module is None and session is None:  # locally: at once if this TVM cannot run it
+            from .target import check_runnable
+
+            checked = check_runnable(self.manifest.get("target_kind", "llvm"),
+                                     device if isinstance(device, str) else None)
+            device = checked if device is None else device  # default: the build's device
         self.dev = _device(device) if isinstance(device, str) else device
         lib = module if module is not None else tvm.runtime.load_module(str(self.path / LIBRARY))
         self.vm = VirtualMachine(lib, self.dev)
@@ -440,6 +449,7 @@ class Engine:
                session: Session | None = None, chunk_size: int | None = None) -> Iterator[str]:
         """Yield the answer's text piece by piece; the final GenerationResult is ``self.last``."""
         cfg = config or GenerationConfig()
+        check_request(prompt, cfg)  # empty prompt, temperature < 0, top_p outside (0, 1]...
         stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else self.stop_token_ids)
         rng = np.random.default_rng(cfg.seed)
         session = session or self.new_session()

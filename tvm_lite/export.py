@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from .errors import UserError
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_MODEL = "smollm2"
@@ -29,7 +30,7 @@ MODEL_JSON = "tvm_lite_model.json"
 EXPORT_VERSION = 1  # bump when the exported interface changes
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A model that cannot be exported; the message names the cause."""
 
 

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from .errors import TvmLiteError
 
 PRIORITIES = ("normal", "low")
 
@@ -104,7 +105,7 @@ def _no_instrument(*_args):
 
 
 # -- queue priority -----------------------------------------------------------------------------
-class PriorityNotSupported(RuntimeError):
+class PriorityNotSupported(TvmLiteError, RuntimeError):
     """The runtime cannot give this device's queue another priority from Python."""
 
 

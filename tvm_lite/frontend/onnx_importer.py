@@ -27,9 +27,10 @@ from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 from . import host_shapes
 from .host_shapes import HostValue
 from .shape_ops import TENSOR_OPS_WITH_HOST_SHAPES, ShapeArgError, materialize
+from ..errors import UserError, stage
 
 
-class OnnxImportError(ValueError):
+class OnnxImportError(UserError):
     """An ONNX model tvm_lite cannot import; the message names the file, node or op."""
 
 
@@ -303,7 +304,9 @@ def from_onnx(model, dims: dict | None = None, keep_params: bool = True) -> tvm.
     tvm.IRModule whose ``main`` returns the graph outputs (a tuple if several).
     """
     proto = load_onnx(model)
-    importer = _Importer(proto, dims, keep_params)
-    mod = importer.run()
+    name = model if isinstance(model, (str, Path)) else (proto.graph.name or "ModelProto")
+    with stage("import", error=OnnxImportError, where=str(name)):  # anything else -> OnnxImportError
+        importer = _Importer(proto, dims, keep_params)
+        mod = importer.run()
     mod = mod.with_attr("tvm_lite.import_stats", {k: int(v) for k, v in importer.stats.items()})
     return mod

@@ -76,6 +76,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from ..errors import UserError
 
 FORMATS = ("e0m4", "int4")
 CODES_PER_WORD = 4  # 4-bit codes per uint16 word
@@ -87,7 +88,7 @@ GROUP_SIZES = (16, 32, 64, 128, 256)  # any multiple of 8 works; these are the d
 DEFAULT_GROUP_SIZE = 32
 
 
-class QuantFormatError(ValueError):
+class QuantFormatError(UserError):
     """A weight or option the 4-bit formats cannot represent; the message names it."""
 
 
