@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .processes import RPCError, parse_address, tracker_status
+from tvm_lite.atomic import atomic_write_text
 from tvm_lite.errors import UserError
 
 WORKLOADS = "database_workload.json"
@@ -88,7 +89,7 @@ def record_rules_time(path, mod, seconds: float) -> None:
     file = Path(path) / RULES
     times = json.loads(file.read_text()) if file.exists() else {}
     times[_kernel_key(mod)] = seconds
-    file.write_text(json.dumps(times, indent=1, sort_keys=True))
+    atomic_write_text(file, json.dumps(times, indent=1, sort_keys=True))
 
 
 def records_faster_than_rules(path, skipped: list | None = None):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_dir
 from .export import MODEL_JSON, cache_dir, cache_lock
 from .errors import UserError
 
@@ -154,8 +155,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     manifest_path = out / MANIFEST
 
     def built() -> bool:
-        return manifest_path.exists() and not force \
-            and json.loads(manifest_path.read_text()).get("key") == key
+        return not force and _manifest_key(manifest_path) == key
 
     if built():
         return out
@@ -164,9 +164,27 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     with cache_lock(out):
         if built():
             return out
-        return _compile_into(out, key, onnx_path, tgt, options, progress, kv_cache=kv_cache,
-                             memory_plan=memory_plan, quant=quant, tuning_db=tuning_db,
-                             pipeline=pipeline, fusion=fusion)
+        _check_output_dir(out)
+        with atomic_dir(out) as tmp:  # a killed compile leaves the previous entry or none
+            _compile_into(tmp, key, onnx_path, tgt, options, progress, kv_cache=kv_cache,
+                          memory_plan=memory_plan, quant=quant, tuning_db=tuning_db,
+                          pipeline=pipeline, fusion=fusion)
+        return out
+
+
+def _manifest_key(path: Path):
+    """The cache key a manifest records (None if it is missing or unreadable: rebuild)."""
+    try:
+        return json.loads(path.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_output_dir(out: Path) -> None:
+    """An output directory is replaced whole: refuse one that holds something else."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists()):
+        raise ArtifactError(f"output {out} exists and is not a tvm_lite artifact (no {MANIFEST}); "
+                            "give a new or empty directory")
 
 
 def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, progress, *,
@@ -240,4 +258,10 @@ def load_manifest(artifact) -> dict:
     path = Path(artifact) / MANIFEST
     if not path.exists():
         raise ArtifactError(f"not a tvm_lite artifact (no {MANIFEST}): {artifact}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"corrupt {path}: {err}; recompile it (tvm-lite compile)") from err
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"corrupt {path}: not a JSON object; recompile it (tvm-lite compile)")
+    return manifest
