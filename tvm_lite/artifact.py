@@ -190,6 +190,7 @@ def _check_output_dir(out: Path) -> None:
 def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, progress, *,
                   kv_cache, memory_plan, quant, tuning_db, pipeline, fusion) -> Path:
     """compile_model's work, once it holds the entry's lock."""
+    from .checks import check_module_weights
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
 
@@ -200,6 +201,7 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, prog
     mod = from_onnx(onnx_path)
     check_decoder_interface(list(mod["main"].attrs["tvm_lite.input_names"]),
                             list(mod["main"].attrs["tvm_lite.output_names"]))
+    check_module_weights(mod)  # NaN/inf weights: an error naming the weight, not NaN logits
     t_import = time.perf_counter() - t0
     quant_summary = None
     if quant is not None:

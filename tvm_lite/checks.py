@@ -38,6 +38,18 @@ def check_request(prompt, config) -> None:
         raise GenerationConfigError(f"max_new_tokens={n!r}: must be an integer >= 1")
 
 
+def check_module_weights(mod) -> None:
+    """Every weight attached to an imported module's ``main`` (``params``) is finite."""
+    func = mod["main"]
+    if func.attrs is None or "params" not in func.attrs:
+        return
+    params = list(func.attrs["params"])
+    names = list(func.attrs["tvm_lite.param_names"]) if "tvm_lite.param_names" in func.attrs \
+        else [f"param{i}" for i in range(len(params))]
+    for name, value in zip(names, params):
+        check_finite(str(name), value.numpy())
+
+
 def check_finite(name: str, array) -> None:
     """Raise :class:`WeightsError` naming ``name`` if ``array`` holds NaN or inf."""
     a = np.asarray(array)
@@ -45,3 +57,88 @@ def check_finite(name: str, array) -> None:
         bad = int((~np.isfinite(a)).sum())
         raise WeightsError(f"weight {name!r} {tuple(a.shape)} has {bad} NaN/inf value(s): "
                            "fix the checkpoint (or its export) first")
+
+
+def _elf_truncated(path) -> str | None:
+    """Why the shared library at ``path`` cannot be whole (None if it looks whole): an ELF file's
+    section header table is at its end, so a truncated copy points past its own size."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+        size = f.seek(0, 2)
+    if head[:4] != b"\x7fELF":
+        return "not an ELF shared library"
+    if len(head) < 64 and head[4] == 2 or len(head) < 52:
+        return f"only {size} bytes"
+    endian = "<" if head[5] == 1 else ">"
+    if head[4] == 2:  # 64-bit
+        shoff, = struct.unpack_from(endian + "Q", head, 0x28)
+        shentsize, shnum = struct.unpack_from(endian + "HH", head, 0x3A)
+    else:
+        shoff, = struct.unpack_from(endian + "I", head, 0x20)
+        shentsize, shnum = struct.unpack_from(endian + "HH", head, 0x2E)
+    if shoff + shentsize * shnum > size:
+        return f"truncated ({size} bytes; its headers end at byte {shoff + shentsize * shnum})"
+    return None
+
+
+def _machine(name: str) -> str:
+    name = name.lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
+def check_artifact(path) -> dict:
+    """The manifest of the artifact directory ``path`` after checking that this tvm_lite can load
+    it: a readable manifest from this tvm_lite and TVM version, a library that is whole and built
+    for this machine's CPU, weights that match the manifest, and a tokenizer. Raises
+    :class:`~tvm_lite.artifact.ArtifactError` naming the file (nothing is loaded)."""
+    import platform
+    import zipfile
+    from pathlib import Path
+
+    from . import __version__
+    from .artifact import LIBRARY, PARAMS, ArtifactError, load_manifest
+
+    path = Path(path)
+    manifest = load_manifest(path)
+    recompile = "recompile it with `tvm-lite compile`"
+    built_by = manifest.get("tvm_lite_version")
+    if built_by != __version__:
+        raise ArtifactError(f"{path} was built by tvm_lite {built_by}; this is tvm_lite "
+                            f"{__version__}: {recompile}")
+    import tvm
+
+    if manifest.get("tvm_version") not in (None, tvm.__version__):
+        raise ArtifactError(f"{path} was built with TVM {manifest['tvm_version']}; this is TVM "
+                            f"{tvm.__version__}: {recompile}")
+    missing = [k for k in ("target_kind", "options", "model", "param_names") if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path / 'manifest.json'} lacks {missing}: {recompile}")
+    target = str(manifest.get("target", ""))
+    triple = [w for w in target.replace('"', " ").replace(",", " ").split() if "-linux" in w]
+    host_arch = _machine(platform.machine())
+    if manifest["target_kind"] in ("llvm", "c") and triple and _machine(triple[0].split("-")[0]) \
+            not in (host_arch, "") and "mtriple" in target:
+        raise ArtifactError(f"{path} was built for {triple[0]}, this machine is {host_arch}: "
+                            f"run it there (or over RPC: tvm-lite bench {path} --rpc ...), or "
+                            f"{recompile} --target llvm")
+    lib = path / LIBRARY
+    if not lib.exists():
+        raise ArtifactError(f"{lib} is missing: {recompile}")
+    why = _elf_truncated(lib)
+    if why:
+        raise ArtifactError(f"{lib} is {why}: {recompile}")
+    params = path / PARAMS
+    try:
+        with zipfile.ZipFile(params) as z:
+            count = len(z.namelist())
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ArtifactError(f"cannot read the weights {params}: {err}: {recompile}") from err
+    if count != len(manifest["param_names"]):
+        raise ArtifactError(f"{params} holds {count} weights, the manifest names "
+                            f"{len(manifest['param_names'])}: {recompile}")
+    if not (path / "tokenizer.json").exists():
+        raise ArtifactError(f"{path} has no tokenizer.json (the engine needs it to read prompts):"
+                            f" copy the model's tokenizer files there, or {recompile}")
+    return manifest

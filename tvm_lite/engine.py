@@ -41,9 +41,9 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from .artifact import LIBRARY, PARAMS, load_manifest
+from .artifact import LIBRARY, PARAMS
 from .tokenizer import Tokenizer
-from .checks import check_request
+from .checks import check_artifact, check_request
 from .errors import UserError
 
 
@@ -123,7 +123,7 @@ class Engine:
         kernels between two flushes of the device queue during prefill (None: no slicing), and
         ``priority="low"`` asks for a low-priority queue where the runtime allows it."""
         self.path = Path(artifact)
-        self.manifest = load_manifest(self.path)
+        self.manifest = check_artifact(self.path)  # version, library, weights, tokenizer
         self.model = self.manifest.get("model", {})
         if module is None and session is None:  # locally: at once if this TVM cannot run it
             from .target import check_runnable

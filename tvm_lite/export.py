@@ -98,13 +98,19 @@ def load_hf_model(source: Path, dtype: str = "float32"):
 
     torch_dtype = getattr(torch, dtype)
     kwargs = dict(dtype=torch_dtype, attn_implementation="eager")
-    if source.is_file() and source.suffix == ".gguf":
-        folder, gguf = str(source.parent), source.name
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
-    else:
-        tok = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    what = "GGUF file" if source.suffix == ".gguf" else "Hugging Face model"
+    try:  # a truncated/corrupt file fails deep inside transformers or gguf: name the file
+        if source.is_file() and source.suffix == ".gguf":
+            folder, gguf = str(source.parent), source.name
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(source))
+            model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    except Exception as err:  # noqa: BLE001
+        msg = str(err).strip().splitlines()
+        raise ExportError(f"cannot read the {what} {source}: {type(err).__name__}: "
+                          f"{msg[-1] if msg else ''}") from err
     model.eval()
     return model, tok
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import E0M4_BASE, INT4_ZERO, MAX_CODE, QuantizedWeight, check_format, check_group_size, pack
+from .format import (E0M4_BASE, INT4_ZERO, MAX_CODE, QuantizedWeight, check_format, check_group_size,
+                     check_weight, pack)
 
 _MIN_SCALE = 6.2e-5  # just above fp16's smallest normal, 6.1035e-5
 DEFAULT_CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.499, -0.05), 3))  # 1.0, 0.95, ..., 0.5
@@ -108,9 +109,7 @@ def rtn(w: np.ndarray, fmt: str = "e0m4", group_size: int = 32, clip_ratios=DEFA
     turns it off). ``channel_weight [K]`` weights each input channel's error."""
     check_format(fmt)
     group_size = check_group_size(group_size)
-    w = np.asarray(w, np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"rtn expects a 2-D [K, N] weight, got shape {w.shape}")
+    w = check_weight(w)  # 2-D, finite, within fp16's range
     k = w.shape[0]
     groups = _grouped(w, group_size)
     cw = None
