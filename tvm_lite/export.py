@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from .atomic import remove_stale_temps
 from .errors import UserError
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -222,7 +223,9 @@ def _export(src: Path, out_dir: Path, exporter: str, dtype: str, progress) -> Pa
                for _ in range(2 * layers)]
     in_names, out_names = io_names(layers)
 
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # what killed exports left (tvm_lite/atomic.py)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         onnx_path = tmp / "model.onnx"
         with torch.no_grad():

@@ -1,0 +1,327 @@
+"""A catalogue of bad inputs: each raises tvm_lite's documented error type (tvm_lite/errors.py)
+with a message naming the cause, and leaves caches and artifacts as they were.
+
+One tiny random-weight decoder (tiny-llama: 2 layers, hidden 64) is exported and compiled once
+for the module; every case that needs an artifact damages a copy of it. ``CATALOGUE`` is the
+table of the README's "Bad input" section: (case, error type, what the message must say).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import tvm_lite
+from tvm_lite.artifact import ArtifactError
+from tvm_lite.checks import WeightsError
+from tvm_lite.errors import CompileError, GenerationConfigError, TvmLiteError, UserError
+from tvm_lite.export import ExportError
+from tvm_lite.frontend import OnnxImportError
+from tvm_lite.quant import QuantConfig
+from tvm_lite.quant.format import QuantFormatError
+from tvm_lite.quant.gptq import gptq
+from tvm_lite.quant.rtn import rtn
+from tvm_lite.rpc import RPCError
+from tvm_lite.rpc.remote import request_session
+from tvm_lite.rpc.tune import TuningError
+from tvm_lite.target import DeviceUnavailableError, TargetError, check_runnable
+
+QUIET = dict(progress=lambda *_: None)
+
+
+# -- shared inputs: one tiny export, one compile ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(hf folder, export folder, artifact) of a 2-layer random-weight llama, built once."""
+    from tvm_lite.bench_models import random_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    hf = random_model("tiny-llama", root / "hf", dtype="float32")
+    onnx_dir = tvm_lite.export_onnx(hf, out_dir=root / "onnx", exporter="torchscript", **QUIET)
+    art = tvm_lite.compile_model(onnx_dir, "llvm", out_dir=root / "art", **QUIET)
+    return hf, onnx_dir, art
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny):
+    return tvm_lite.Engine(tiny[2], max_context=64)
+
+
+def _digest(folder: Path) -> dict:
+    """What a folder holds, file by file (to show a failed call left it as it was)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _cnn_onnx() -> onnx.ModelProto:
+    """A small image classifier (Conv, Relu, MaxPool, Flatten, MatMul, Softmax): not a decoder."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(s).astype("float32"), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (512, 10)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w2"], ["m"]),
+             helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# -- the catalogue ---------------------------------------------------------------------------------
+# Every case: (id, error type, message regex, function(ctx) that must raise it). ``ctx`` gives
+# the tiny model's folders, a scratch folder and the shared engine.
+class Ctx:
+    def __init__(self, tiny, engine, tmp: Path):
+        self.hf, self.onnx_dir, self.art = tiny
+        self.engine, self.tmp = engine, tmp
+
+    def artifact_copy(self, edit=None) -> Path:
+        dst = _copy(self.art, self.tmp / "art")
+        if edit:
+            edit(dst)
+        return dst
+
+    def manifest_edit(self, **changes):
+        def edit(dst):
+            m = json.loads((dst / "manifest.json").read_text())
+            m.update(changes)
+            (dst / "manifest.json").write_text(json.dumps(m))
+        return edit
+
+
+def _truncate(path: Path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _onnx_file(ctx, mutate) -> Path:
+    model = onnx.load(str(ctx.onnx_dir / "model.onnx"))
+    mutate(model)
+    path = ctx.tmp / "bad.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _bad_bytes(ctx, name: str, data: bytes) -> Path:
+    path = ctx.tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def _engine_of(ctx, edit):
+    return tvm_lite.Engine(ctx.artifact_copy(edit))
+
+
+def _generate(ctx, prompt="hi", **cfg):
+    return ctx.engine.generate(prompt, tvm_lite.GenerationConfig(max_new_tokens=2, **cfg))
+
+
+def _drop_first_node_input(model):
+    node = model.graph.node[len(model.graph.node) // 2]
+    node.input[0] = "no_such_tensor"
+
+
+def _unknown_op(model):
+    model.graph.node[3].op_type = "NoSuchOp"
+    model.graph.node[3].domain = "com.example"
+
+
+def _nan_weight(ctx):
+    model = onnx.load(str(ctx.onnx_dir / "model.onnx"))
+    big = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = onnx.numpy_helper.to_array(big).copy()
+    arr.flat[7] = np.nan
+    big.CopyFrom(onnx.numpy_helper.from_array(arr, big.name))
+    folder = _copy(ctx.onnx_dir, ctx.tmp / "nan_export")
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder
+
+
+def _inf_matrix():
+    w = np.ones((64, 32), np.float32)
+    w[3, 4] = np.inf
+    return w
+
+
+def _foreign_tuning_db(path: Path) -> Path:
+    """A MetaSchedule database holding one kernel of another model (a 7x7 scale)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def scale(a: T.Buffer((7, 7), "float32"), b: T.Buffer((7, 7), "float32")):
+        for i, j in T.grid(7, 7):
+            with T.sblock("b"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                b[vi, vj] = a[vi, vj] * T.float32(3)
+
+    path.mkdir(parents=True)
+    db = ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    mod = tvm.IRModule({"main": scale})
+    workload = db.commit_workload(mod)
+    db.commit_tuning_record(ms.database.TuningRecord(
+        tvm.s_tir.Schedule(mod).trace, workload, [1e-6], tvm_lite.parse_target("llvm"),
+        ms.arg_info.ArgInfo.from_prim_func(scale)))
+    return path
+
+
+def _mlp():
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    @I.ir_module
+    class MLP:
+        @R.function
+        def main(x: R.Tensor((4, 16), "float32"), w: R.Tensor((16, 32), "float32")):
+            with R.dataflow():
+                y = R.nn.silu(R.matmul(x, w))
+                R.output(y)
+            return y
+
+    return MLP
+
+
+def _tvm_fails_inside():
+    """A module TVM's own compiler rejects deep inside its passes: a shape var ``n`` that no input
+    defines (VMShapeLower: "has not been computed")."""
+    from tvm import relax, tirx
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4,), "float32"))
+    n = tirx.Var("n", "int64")
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.emit(relax.op.zeros(relax.ShapeExpr([n]), "float32")))
+    return bb.get()
+
+
+CATALOGUE = [
+    # files: ONNX, GGUF, params, manifest, library, tokenizer
+    ("ONNX file truncated", OnnxImportError, r"cannot read ONNX file .*bad\.onnx",
+     lambda c: tvm_lite.from_onnx(_bad_bytes(c, "bad.onnx", (c.onnx_dir / "model.onnx")
+                                             .read_bytes()[:5000]))),
+    ("ONNX file of random bytes", OnnxImportError, r"cannot read ONNX file",
+     lambda c: tvm_lite.from_onnx(_bad_bytes(c, "bad.onnx", os.urandom(4096)))),
+    ("ONNX file missing", OnnxImportError, r"ONNX file not found: .*nope\.onnx",
+     lambda c: tvm_lite.from_onnx(c.tmp / "nope.onnx")),
+    ("ONNX node reads a tensor no node makes", OnnxImportError,
+     r"cannot import node '.*' \(\w+\): .*no_such_tensor",
+     lambda c: tvm_lite.from_onnx(_onnx_file(c, _drop_first_node_input))),
+    ("ONNX op of an unknown domain", OnnxImportError, r"unsupported ONNX op: .*com\.example",
+     lambda c: tvm_lite.from_onnx(_onnx_file(c, _unknown_op))),
+    ("ONNX of a CNN given to compile_model", ArtifactError, r"not a decoder-with-past LLM",
+     lambda c: tvm_lite.compile_model(_bad_bytes(c, "cnn.onnx", _cnn_onnx().SerializeToString()),
+                                      "llvm", out_dir=c.tmp / "out", **QUIET)),
+    ("GGUF file truncated", ExportError, r"cannot read the GGUF file .*bad\.gguf",
+     lambda c: tvm_lite.export_onnx(_bad_bytes(c, "bad.gguf", b"GGUF\x03\x00\x00\x00trunc"),
+                                    out_dir=c.tmp / "e", **QUIET)),
+    ("model source missing", ExportError, r"model source not found: .*none\.gguf",
+     lambda c: tvm_lite.export_onnx(c.tmp / "none.gguf", out_dir=c.tmp / "e", **QUIET)),
+    ("params.npz truncated", ArtifactError, r"cannot read the weights .*params\.npz",
+     lambda c: _engine_of(c, lambda d: _truncate(d / "params.npz"))),
+    ("params.npz with a weight missing", ArtifactError, r"params\.npz holds \d+ weights, the manifest",
+     lambda c: _engine_of(c, lambda d: np.savez(d / "params.npz", p0=np.zeros(3)))),
+    ("manifest.json corrupt", ArtifactError, r"corrupt .*manifest\.json",
+     lambda c: _engine_of(c, lambda d: _truncate(d / "manifest.json"))),
+    ("manifest.json missing", ArtifactError, r"not a tvm_lite artifact \(no manifest\.json\)",
+     lambda c: _engine_of(c, lambda d: (d / "manifest.json").unlink())),
+    ("artifact from another tvm_lite version", ArtifactError,
+     r"built by tvm_lite 0\.0\.1; this is tvm_lite .*recompile",
+     lambda c: _engine_of(c, c.manifest_edit(tvm_lite_version="0.0.1"))),
+    ("artifact from another TVM version", ArtifactError, r"built with TVM 0\.19\.0",
+     lambda c: _engine_of(c, c.manifest_edit(tvm_version="0.19.0"))),
+    ("artifact for another target (Adreno OpenCL)", DeviceUnavailableError,
+     r"no opencl runtime.*tvm-lite bench out/ --rpc",
+     lambda c: _engine_of(c, c.manifest_edit(target_kind="opencl"))),
+    ("artifact for another CPU (aarch64)", ArtifactError, r"built for aarch64-linux-android",
+     lambda c: _engine_of(c, c.manifest_edit(
+         target='{"kind": "llvm", "mtriple": "aarch64-linux-android"}'))),
+    ("model.so truncated", ArtifactError, r"model\.so is truncated",
+     lambda c: _engine_of(c, lambda d: _truncate(d / "model.so"))),
+    ("tokenizer missing", ArtifactError, r"has no tokenizer\.json",
+     lambda c: _engine_of(c, lambda d: (d / "tokenizer.json").unlink())),
+    # requests
+    ("empty prompt", GenerationConfigError, r"empty prompt", lambda c: _generate(c, "  ")),
+    ("prompt past the context", tvm_lite.ContextLengthError, r"context",
+     lambda c: _generate(c, "word " * 200)),
+    ("temperature < 0", GenerationConfigError, r"temperature=-0\.5", lambda c: _generate(c, temperature=-0.5)),
+    ("temperature NaN", GenerationConfigError, r"temperature=nan",
+     lambda c: _generate(c, temperature=float("nan"))),
+    ("top_p = 0", GenerationConfigError, r"top_p=0.*\(0, 1\]", lambda c: _generate(c, top_p=0.0)),
+    ("top_p > 1", GenerationConfigError, r"top_p=1\.5", lambda c: _generate(c, top_p=1.5)),
+    ("max_new_tokens = 0", GenerationConfigError, r"max_new_tokens=0",
+     lambda c: c.engine.generate("hi", tvm_lite.GenerationConfig(max_new_tokens=0))),
+    # weights
+    ("NaN weight in the ONNX model", WeightsError, r"weight .* has 1 NaN/inf value",
+     lambda c: tvm_lite.compile_model(_nan_weight(c), "llvm", out_dir=c.tmp / "out", **QUIET)),
+    ("inf in a matrix to quantize", QuantFormatError, r"1 NaN/inf value",
+     lambda c: rtn(_inf_matrix())),
+    ("weights beyond fp16's range to quantize", QuantFormatError, r"beyond fp16's range",
+     lambda c: gptq(
+         np.full((64, 8), 1e6, np.float32), np.eye(64))),
+    ("group size not a multiple of 8", QuantFormatError, r"group size must be a positive multiple of 8",
+     lambda c: rtn(np.ones((64, 8)), "e0m4", 12)),
+    ("unknown 4-bit format", QuantFormatError, r"--quant 'fp4': choose one of",
+     lambda c: QuantConfig.parse("fp4")),
+    # targets and devices
+    ("unknown target kind", TargetError, r"unknown target kind 'opengl' .*known kinds: .*opencl",
+     lambda c: tvm_lite.parse_target("opengl")),
+    ("unknown device", TargetError, r"unknown device 'foo' for opencl.*adreno, mali",
+     lambda c: tvm_lite.parse_target("opencl -device=foo")),
+    ("unknown target option", TargetError, r"Unknown config option 'colour'. Known options",
+     lambda c: tvm_lite.parse_target("opencl -colour=red")),
+    ("unknown CUDA arch", TargetError, r"unknown CUDA arch 'sm_xx'",
+     lambda c: tvm_lite.parse_target("cuda -arch=sm_xx")),
+    ("Metal build run on Linux", DeviceUnavailableError, r"no metal runtime",
+     lambda c: check_runnable("metal")),
+    ("target without a code generator (Vulkan)", TargetError, r"no vulkan code generator",
+     lambda c: tvm_lite.build(_mlp(), "vulkan")),
+    # modules
+    ("kv_cache='inplace' on a module without a KV cache", UserError, r"no present outputs",
+     lambda c: tvm_lite.build(_mlp(), "llvm", kv_cache="inplace")),
+    ("TVM fails inside its own pass", CompileError, r"compile failed \(llvm\), in pass VMShapeLower .*function main: InternalError",
+     lambda c: tvm_lite.build(_tvm_fails_inside(), "llvm")),
+    # tuning databases
+    ("tuning database folder without records", TuningError,
+     r"no MetaSchedule database .*database_workload\.json",
+     lambda c: tvm_lite.build(_mlp(), "llvm", tuning_db=c.tmp)),
+    ("tuning database of another model", TuningError,
+     r"1 tuned kernel\(s\) \(scale\), none of them a kernel of this build",
+     lambda c: tvm_lite.build(_mlp(), "llvm", tuning_db=_foreign_tuning_db(c.tmp / "db"))),
+    # RPC
+    ("RPC tracker unreachable", RPCError,
+     r"no RPC tracker answers at 127\.0\.0\.1:9",
+     lambda c: request_session("127.0.0.1:9", "k")),
+    ("RPC address malformed", RPCError, r"bad address 'phone:x'",
+     lambda c: request_session("phone:x", "k")),
+]
+
+
+@pytest.mark.parametrize("case, error, message, call", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input_raises_the_documented_error(case, error, message, call, tiny, tiny_engine,
+                                               tmp_path):
+    before = _digest(tiny[2]), _digest(tiny[1])
+    with pytest.raises(error, match=message) as info:
+        call(Ctx(tiny, tiny_engine, tmp_path))
+    assert isinstance(info.value, TvmLiteError)
+    assert (_digest(tiny[2]), _digest(tiny[1])) == before  # the shared export and artifact intact
+    leftovers = [p.name for p in tmp_path.glob(".*tmp-*")]
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
