@@ -20,6 +20,13 @@ import numpy as np
 
 def bench_engine(engine, prompt_lens=(64, 256, 1024), decode_tokens: int = 32,
                  repeats: int = 3, warmup: bool = True, progress=None) -> list[dict]:
+    from .remote import lost_server
+
+    with lost_server("the benchmark"):  # a server killed mid-bench: an RPCError, not TVM's check
+        return _bench_engine(engine, prompt_lens, decode_tokens, repeats, warmup, progress)
+
+
+def _bench_engine(engine, prompt_lens, decode_tokens, repeats, warmup, progress) -> list[dict]:
     from tvm_lite.bench import _prompt_ids
 
     if engine.steps:

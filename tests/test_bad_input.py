@@ -325,3 +325,144 @@ def test_bad_input_raises_the_documented_error(case, error, message, call, tiny,
     assert (_digest(tiny[2]), _digest(tiny[1])) == before  # the shared export and artifact intact
     leftovers = [p.name for p in tmp_path.glob(".*tmp-*")]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+# -- RPC: unknown key, a server killed in the middle of a benchmark ---------------------------------
+def test_rpc_unknown_key_and_server_killed_mid_bench(tiny):
+    from tvm_lite.rpc.bench import bench_engine
+    from tvm_lite.rpc.processes import LocalCluster
+    from tvm_lite.rpc.remote import remote_engine
+
+    base = 20000 + (os.getpid() * 7919) % 29000 // 200 * 200
+    with LocalCluster(key="badinput", servers=1, tracker_port=base, server_port=base + 100) as farm:
+        with pytest.raises(RPCError, match="no server under key 'nope'.*keys there: \\['badinput'\\]"):
+            request_session(farm.address, "nope")
+        engine = remote_engine(tiny[2], request_session(farm.address, "badinput"))
+        assert bench_engine(engine, [16], decode_tokens=2, repeats=1)[0]["tokens"]
+        farm.servers[0].kill()
+        with pytest.raises(RPCError, match="lost the RPC server during the benchmark"):
+            bench_engine(engine, [16], decode_tokens=2, repeats=1)
+
+
+# -- interrupted runs leave the cache usable ----------------------------------------------------------
+class _Interrupt:
+    """A progress callback that raises KeyboardInterrupt (Ctrl-C) at the message ``at``."""
+
+    def __init__(self, at: str):
+        self.at = at
+
+    def __call__(self, msg: str):
+        if msg.startswith(self.at):
+            raise KeyboardInterrupt
+
+
+def test_interrupted_compile_keeps_the_previous_artifact(tiny, tmp_path):
+    _, onnx_dir, art = tiny
+    out = _copy(art, tmp_path / "art")
+    before = _digest(out)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while TVM compiles a forced rebuild
+        tvm_lite.compile_model(onnx_dir, "llvm", out_dir=out, force=True,
+                               progress=_Interrupt("compiling"))
+    assert _digest(out) == before
+    # no temporary directory left (the entry's lock file stays: it is the lock, not data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "art.lock"]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        tvm_lite.compile_model(onnx_dir, "llvm", out_dir=fresh, progress=_Interrupt("compiling"))
+    assert not fresh.exists()  # nothing half-written that a later run would take as built
+
+
+def test_killed_compile_leaves_no_entry_and_the_next_run_cleans_up(tiny, tmp_path):
+    """kill -9 in the middle of a compile: the entry does not exist, the killed run's temporary
+    directory is removed by the next compile of that entry, which then succeeds."""
+    _, onnx_dir, _ = tiny
+    out = tmp_path / "art"
+    code = (f"import os, signal, tvm_lite\n"
+            f"def progress(msg):\n"
+            f"    if msg.startswith('compiling'): os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"tvm_lite.compile_model({str(onnx_dir)!r}, 'llvm', out_dir={str(out)!r}, "
+            f"progress=progress)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    temps = list(tmp_path.glob(".art.tmp-*"))
+    assert temps, "the killed compile left no temporary directory to clean up (test is vacuous)"
+    tvm_lite.compile_model(onnx_dir, "llvm", out_dir=out, **QUIET)
+    assert not any(p.exists() for p in temps)
+    assert tvm_lite.Engine(out).generate("hi", tvm_lite.GenerationConfig(max_new_tokens=1))
+
+
+def test_interrupted_export_leaves_nothing(tiny, tmp_path):
+    hf = tiny[0]
+    with pytest.raises(KeyboardInterrupt):
+        tvm_lite.export_onnx(hf, out_dir=tmp_path / "e", exporter="torchscript",
+                             progress=_Interrupt("exporting"))
+    assert [p.name for p in tmp_path.iterdir()] == ["e.lock"]
+
+
+def test_output_dir_of_other_files_is_refused(tiny, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="is not a tvm_lite artifact"):
+        tvm_lite.compile_model(tiny[1], "llvm", out_dir=tmp_path, **QUIET)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_tuning_record_cut_short_is_dropped_and_a_corrupt_line_named(tmp_path):
+    from tvm_lite.rpc.tune import RECORDS, check_database
+
+    db = _foreign_tuning_db(tmp_path / "db")
+    records = db / RECORDS
+    whole = records.read_text()
+    records.write_text(whole + whole[: len(whole) // 2])  # a killed tuner's half-appended line
+    check_database(db)
+    assert records.read_text() == whole
+    records.write_text("{not json\n" + whole)
+    with pytest.raises(TuningError, match="database_tuning_record.json, line 1"):
+        check_database(db)
+
+
+def test_unreadable_quantized_weights_cache_is_quantized_again(tiny, tmp_path, monkeypatch):
+    from tvm_lite.quant import quantize_weights
+
+    monkeypatch.setenv("TVM_LITE_CACHE", str(tmp_path))
+    mod = tvm_lite.from_onnx(tiny[1] / "model.onnx")
+    cfg = QuantConfig("e0m4", "rtn", 32, clip_search=False)
+    first = quantize_weights(mod, cfg, progress=None)
+    (entry,) = (tmp_path / "quant").glob("*.npz")
+    _truncate(entry)
+    again = quantize_weights(mod, cfg, progress=None)
+    assert sorted(again) == sorted(first)
+    name = sorted(first)[0]
+    np.testing.assert_array_equal(again[name].codes, first[name].codes)
+    assert [p.name for p in (tmp_path / "quant").iterdir()] == [entry.name]
+
+
+# -- the command line: one line, exit status 2, --debug for the chain ---------------------------------
+def test_cli_prints_one_line_and_exits_2(capsys):
+    from tvm_lite import cli
+
+    assert cli.main(["run", "--target", "opencl -device=adreno", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tvm-lite: error: ")
+    assert "no opencl runtime" in err[0] and "tvm-lite bench out/ --rpc" in err[0]
+    assert cli.main(["run", "--target", "opencl -device=foo", "hi"]) == 2
+    assert "known devices: adreno, mali" in capsys.readouterr().err
+    assert cli.main(["--debug", "run", "--top-p", "2", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("tvm-lite: error: top_p=2")
+
+
+def test_cli_compile_error_is_one_line_naming_the_pass(tmp_path, capsys, monkeypatch):
+    """A TVM failure inside compilation: one line naming stage, pass and function; exit 1 (not the
+    user's fault); --debug shows TVM's original error chained."""
+    from tvm_lite.errors import run_reporting_errors
+
+    def build():
+        tvm_lite.build(_tvm_fails_inside(), "llvm")
+
+    assert run_reporting_errors(build) == 1
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "in pass VMShapeLower" in line and "function main" in line
+    assert run_reporting_errors(build, debug=True) == 1
+    err = capsys.readouterr().err
+    assert "InternalError" in err and "The above exception was the direct cause" in err
