@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import tvm_lite
+from conftest import cnn_onnx_model
 from tvm_lite.artifact import ArtifactError
 from tvm_lite.checks import WeightsError
 from tvm_lite.errors import CompileError, GenerationConfigError, TvmLiteError, UserError
@@ -40,15 +40,11 @@ QUIET = dict(progress=lambda *_: None)
 
 # -- shared inputs: one tiny export, one compile ---------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(hf folder, export folder, artifact) of a 2-layer random-weight llama, built once."""
-    from tvm_lite.bench_models import random_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    hf = random_model("tiny-llama", root / "hf", dtype="float32")
-    onnx_dir = tvm_lite.export_onnx(hf, out_dir=root / "onnx", exporter="torchscript", **QUIET)
-    art = tvm_lite.compile_model(onnx_dir, "llvm", out_dir=root / "art", **QUIET)
-    return hf, onnx_dir, art
+def tiny(tiny_decoder):
+    """(HF folder, export folder, llvm artifact) of the tiny decoder (conftest.py), compiled once
+    (cached under $TVM_LITE_CACHE like any artifact)."""
+    hf, onnx_dir = tiny_decoder
+    return hf, onnx_dir, tvm_lite.compile_model(onnx_dir, "llvm", **QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -65,24 +61,6 @@ def _digest(folder: Path) -> dict:
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def _cnn_onnx() -> onnx.ModelProto:
-    """A small image classifier (Conv, Relu, MaxPool, Flatten, MatMul, Softmax): not a decoder."""
-    rng = np.random.default_rng(0)
-    inits = [onnx.numpy_helper.from_array(rng.standard_normal(s).astype("float32"), n)
-             for n, s in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (512, 10)))]
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("MatMul", ["f", "w2"], ["m"]),
-             helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
-    graph = helper.make_graph(nodes, "cnn",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
-                              initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 # -- the catalogue ---------------------------------------------------------------------------------
@@ -228,7 +206,7 @@ CATALOGUE = [
     ("ONNX op of an unknown domain", OnnxImportError, r"unsupported ONNX op: .*com\.example",
      lambda c: tvm_lite.from_onnx(_onnx_file(c, _unknown_op))),
     ("ONNX of a CNN given to compile_model", ArtifactError, r"not a decoder-with-past LLM",
-     lambda c: tvm_lite.compile_model(_bad_bytes(c, "cnn.onnx", _cnn_onnx().SerializeToString()),
+     lambda c: tvm_lite.compile_model(_bad_bytes(c, "cnn.onnx", cnn_onnx_model().SerializeToString()),
                                       "llvm", out_dir=c.tmp / "out", **QUIET)),
     ("GGUF file truncated", ExportError, r"cannot read the GGUF file .*bad\.gguf",
      lambda c: tvm_lite.export_onnx(_bad_bytes(c, "bad.gguf", b"GGUF\x03\x00\x00\x00trunc"),
