@@ -13,6 +13,7 @@ holds its members). Each test counts its examples and outcomes and prints them (
 """
 
 import copy
+import os
 import signal
 from collections import Counter
 
@@ -25,6 +26,7 @@ from onnx import TensorProto
 
 from tvm_lite.errors import TvmLiteError
 
+SHOW = bool(os.environ.get("TVM_LITE_FUZZ_SHOW"))  # print every error message (with -s)
 HANG_S = 120  # one example taking longer than this is a hang
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -58,6 +60,8 @@ def _outcome(counts: Counter, fn):
         except TvmLiteError as err:
             assert str(err).strip(), f"{type(err).__name__} without a message"
             counts[type(err).__name__] += 1
+            if SHOW:
+                print(f"  {type(err).__name__}: {str(err)[:200]}")
             return None
     counts["ok"] += 1
     return result

@@ -123,7 +123,11 @@ class _Importer:
 
     def _parse_initializers(self):
         for tensor in self.graph.initializer:
-            array = numpy_helper.to_array(tensor)
+            try:
+                array = numpy_helper.to_array(tensor)
+            except Exception as err:  # dims that do not match the data, an unknown data type
+                raise OnnxImportError(f"initializer '{tensor.name}' (dims {list(tensor.dims)}) "
+                                      f"cannot be read: {err}") from err
             small_int = array.dtype.kind in "iub" and array.size <= _HOST_INITIALIZER_ELEMENTS
             if small_int or array.size <= 1:
                 self.values[tensor.name] = host_shapes.from_constant(array)
@@ -153,10 +157,11 @@ class _Importer:
         return host_shapes.SHAPE_OF_TENSOR_OPS[node.op_type](node, [None], tensor_shape=dims)
 
     def _convert(self, node: onnx.NodeProto):
-        inputs = [self.values[name] if name else None for name in node.input]
         missing = [n for n in node.input if n and n not in self.values]
-        if missing:
-            raise OnnxImportError(f"{_node_label(node)} reads '{missing[0]}', which no node produces")
+        if missing:  # checked before the lookup (a dropped/renamed input, nodes out of order)
+            raise OnnxImportError(f"{_node_label(node)} reads '{missing[0]}', which no graph "
+                                  "input, initializer or earlier node produces")
+        inputs = [self.values[name] if name else None for name in node.input]
 
         if node.op_type in host_shapes.SHAPE_OF_TENSOR_OPS and not isinstance(inputs[0], HostValue):
             self.stats["host_evaluated"] += 1
@@ -268,6 +273,8 @@ class _Importer:
                             self.values[name] = value
                 outputs = []
                 for out in self.graph.output:
+                    if out.name not in self.values:
+                        raise OnnxImportError(f"graph output '{out.name}' is produced by no node")
                     v = self.values[out.name]
                     outputs.append(self._relax(v) if isinstance(v, HostValue) else v)
                 result = self.bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
