@@ -357,7 +357,7 @@ def test_killed_compile_leaves_no_entry_and_the_next_run_cleans_up(tiny, tmp_pat
     out = tmp_path / "art"
     code = (f"import os, signal, tvm_lite\n"
             f"def progress(msg):\n"
-            f"    if msg.startswith('compiling'): os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"    if msg.startswith('importing'): os.kill(os.getpid(), signal.SIGKILL)\n"
             f"tvm_lite.compile_model({str(onnx_dir)!r}, 'llvm', out_dir={str(out)!r}, "
             f"progress=progress)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
