@@ -31,6 +31,7 @@ from tvm_lite.quant.format import QuantFormatError
 from tvm_lite.quant.gptq import gptq
 from tvm_lite.quant.rtn import rtn
 from tvm_lite.rpc import RPCError
+from tvm_lite.rpc.processes import connect_tracker
 from tvm_lite.rpc.remote import request_session
 from tvm_lite.rpc.tune import TuningError
 from tvm_lite.target import DeviceUnavailableError, TargetError, check_runnable
@@ -287,7 +288,7 @@ CATALOGUE = [
     # RPC
     ("RPC tracker unreachable", RPCError,
      r"no RPC tracker answers at 127\.0\.0\.1:9",
-     lambda c: request_session("127.0.0.1:9", "k")),
+     lambda c: connect_tracker("127.0.0.1:9", timeout=1.0)),
     ("RPC address malformed", RPCError, r"bad address 'phone:x'",
      lambda c: request_session("phone:x", "k")),
 ]

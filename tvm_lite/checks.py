@@ -88,11 +88,12 @@ def _machine(name: str) -> str:
     return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(name, name)
 
 
-def check_artifact(path) -> dict:
+def check_artifact(path, local: bool = True) -> dict:
     """The manifest of the artifact directory ``path`` after checking that this tvm_lite can load
-    it: a readable manifest from this tvm_lite and TVM version, a library that is whole and built
-    for this machine's CPU, weights that match the manifest, and a tokenizer. Raises
-    :class:`~tvm_lite.artifact.ArtifactError` naming the file (nothing is loaded)."""
+    it: a readable manifest from this tvm_lite and TVM version, a library that is whole and (when
+    ``local``, not for a remote device) built for this machine's CPU, weights that match the
+    manifest, and a tokenizer. Raises :class:`~tvm_lite.artifact.ArtifactError` naming the file
+    (nothing is loaded)."""
     import platform
     import zipfile
     from pathlib import Path
@@ -118,7 +119,7 @@ def check_artifact(path) -> dict:
     target = str(manifest.get("target", ""))
     triple = [w for w in target.replace('"', " ").replace(",", " ").split() if "-linux" in w]
     host_arch = _machine(platform.machine())
-    if manifest["target_kind"] in ("llvm", "c") and triple and _machine(triple[0].split("-")[0]) \
+    if local and manifest["target_kind"] in ("llvm", "c") and triple and _machine(triple[0].split("-")[0]) \
             not in (host_arch, "") and "mtriple" in target:
         raise ArtifactError(f"{path} was built for {triple[0]}, this machine is {host_arch}: "
                             f"run it there (or over RPC: tvm-lite bench {path} --rpc ...), or "

@@ -123,7 +123,7 @@ class Engine:
         kernels between two flushes of the device queue during prefill (None: no slicing), and
         ``priority="low"`` asks for a low-priority queue where the runtime allows it."""
         self.path = Path(artifact)
-        self.manifest = check_artifact(self.path)  # version, library, weights, tokenizer
+        self.manifest = check_artifact(self.path, local=session is None)  # version, files
         self.model = self.manifest.get("model", {})
         if module is None and session is None:  # locally: at once if this TVM cannot run it
             from .target import check_runnable
