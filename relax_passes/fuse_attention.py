@@ -42,7 +42,7 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from tvm.script import from_source
 
-from ..convention import DECODE
+from ..convention import DECODE, KV_CACHE_ATTR
 
 LOG = logging.getLogger("tvm_lite.fuse_attention")
 KERNEL_ATTR = "tvm_lite.kernel"  # "attention_prefill" | "attention_decode"
@@ -406,7 +406,8 @@ class FuseAttention:
             left = _remaining_softmax(new)
             for why in sorted(set(refused)):
                 LOG.warning("FuseAttention: %s: attention left unfused: %s", gv.name_hint, why)
-            if left and not refused:
+            decoder = KV_CACHE_ATTR in (func.attrs or {})  # not an MLP's softmax
+            if left and not refused and decoder:
                 LOG.warning("FuseAttention: %s: %d softmax(es) not in the attention pattern on "
                             "the in-place KV cache (no cache view, or an extra op such as "
                             "soft-capping): left unfused", gv.name_hint, left)

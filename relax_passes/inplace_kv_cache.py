@@ -40,12 +40,13 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 from tvm.script import from_source
+from tvm_lite.errors import UserError
 
 from ..convention import KV_CACHE_ATTR
 
 
 @tvm_ffi.register_error  # keeps its type when raised inside the pass pipeline
-class KVCacheRewriteError(ValueError):
+class KVCacheRewriteError(UserError):
     """The model's past/present pattern is not the one this pass rewrites; the message says why."""
 
 
@@ -102,7 +103,10 @@ class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, func):
         super().__init__(mod)
         self.func = func
-        self.num_input = int(func.attrs["num_input"])
+        # a module from tvm_lite.from_onnx (or TVM's importer) says which params are inputs;
+        # one written by hand has none: every param is a candidate past
+        has_num_input = func.attrs is not None and "num_input" in func.attrs
+        self.num_input = int(func.attrs["num_input"]) if has_num_input else len(func.params)
         self.inputs = list(func.params[: self.num_input])
         self.candidates = {p: i for i, p in enumerate(self.inputs)}
         self.caches: dict = {}  # past param -> (cache var, seq axis, kept axes)
@@ -227,10 +231,11 @@ class InplaceKVCache:
             return mod
 
     def _rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        if not any(gv.name_hint == "main" for gv in mod.get_global_vars()):
+            raise NoKVCacheError("the module has no 'main' function")
         func = mod["main"]
-        if func.attrs is None or "num_input" not in func.attrs:
-            raise KVCacheRewriteError("main has no 'num_input' attribute: import it with "
-                                      "tvm_lite.from_onnx")
+        if not isinstance(func, relax.Function):
+            raise NoKVCacheError("'main' is not a Relax function")
         ret, values = _returned(func)
         if not isinstance(ret, relax.Tuple):
             raise NoKVCacheError("main returns a single tensor: no present outputs to rewrite")

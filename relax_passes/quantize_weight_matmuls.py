@@ -28,6 +28,7 @@ import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
+from tvm_lite.errors import UserError
 
 MATMUL = "relax.matmul"
 TAKE = "relax.take"
@@ -107,7 +108,7 @@ def find_weight_uses(mod: tvm.IRModule, func_name: str = "main") -> list[WeightU
 
 
 @tvm_ffi.register_error  # keeps its type when raised inside the pass (through TVM's FFI)
-class QuantizeError(ValueError):
+class QuantizeError(UserError):
     """A weight the pass was asked to quantize that it cannot; the message names it."""
 
 

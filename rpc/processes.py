@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from tvm_lite.errors import TvmLiteError
 
 LOOPBACK = "127.0.0.1"
 # every tracker/server runs under a group leader that takes its group down with it (and when
@@ -30,7 +31,7 @@ LOOPBACK = "127.0.0.1"
 _LEADER = [sys.executable, "-m", "tvm_lite.rpc._group_leader"]
 
 
-class RPCError(RuntimeError):
+class RPCError(TvmLiteError, RuntimeError):
     """An RPC tracker/server that cannot be started, reached or found; the message says which."""
 
 

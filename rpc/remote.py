@@ -13,6 +13,7 @@ the ids, mask and positions and read the last row of logits back each step.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -35,6 +36,28 @@ def device_kind(manifest: dict) -> str:
     if kind not in _DEVICE_OF_KIND:
         raise RPCError(f"no known device for target kind {kind!r}; pass --device")
     return _DEVICE_OF_KIND[kind]
+
+
+# what TVM's RPC says when the other end is gone (a killed server, an unplugged phone)
+_LOST_MARKERS = ("kShutdown", "Socket", "socket", "Connection", "connection", "Broken pipe",
+                 "RPCSession", "rpc session")
+
+
+@contextlib.contextmanager
+def lost_server(what: str):
+    """Run ``what`` (a bench, a remote call); if the RPC server goes away meanwhile, raise
+    :class:`RPCError` saying so instead of TVM's internal check."""
+    try:
+        yield
+    except RPCError:
+        raise
+    except (RuntimeError, OSError) as err:
+        text = str(err)
+        if not any(m in text for m in _LOST_MARKERS):
+            raise
+        last = text.strip().splitlines()[-1] if text.strip() else type(err).__name__
+        raise RPCError(f"lost the RPC server during {what} ({last}): it was stopped, crashed or "
+                       "its network went away; start it again and rerun") from err
 
 
 def request_session(tracker: str, key: str, priority: int = 1, session_timeout: float = 0):
@@ -98,6 +121,10 @@ class RemoteLink:
 
     def check_entries(self, vm, artifact) -> None:
         check_tupled_entries(vm, artifact)
+
+    @staticmethod
+    def guard(what: str):
+        return lost_server(what)
 
 
 _UPLOADS = itertools.count()

@@ -74,3 +74,46 @@ def opencl_source(export_dir):
         return tvm_lite.device_source(tvm_lite.build(mod, f"opencl -device={device}"), "opencl")
 
     return functools.cache(build)
+
+
+def cnn_onnx_model():
+    """A small ONNX image classifier (Conv, Relu, MaxPool, Flatten, MatMul, Softmax), made with
+    onnx.helper: a model that is not a decoder (tests/test_any_module.py, test_bad_input.py)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(s).astype("float32"), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (512, 10)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w2"], ["m"]),
+             helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder():
+    """(HF folder, ONNX export folder) of ``tiny-llama`` (2 layers, hidden 64, random weights,
+    its own small tokenizer), exported with the TorchScript exporter; made once and cached under
+    $TVM_LITE_CACHE/tests (each step atomic and under a lock, so two workers share it)."""
+    from tvm_lite.atomic import atomic_dir
+    from tvm_lite.bench.models import random_model
+    from tvm_lite.export import EXPORT_VERSION, cache_dir, cache_lock, export_onnx
+
+    root = cache_dir() / "tests" / f"tiny-llama-v{EXPORT_VERSION}"
+    hf = root / "hf"
+    with cache_lock(hf):
+        if not (hf / "tokenizer.json").exists():
+            with atomic_dir(hf) as tmp:
+                random_model("tiny-llama", tmp, dtype="float32")
+    onnx_dir = export_onnx(hf, out_dir=root / "onnx-torchscript", exporter="torchscript",
+                           progress=lambda *_: None)
+    return hf, onnx_dir

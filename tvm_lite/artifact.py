@@ -21,8 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_dir
+from .checks import check_module_weights
 from .convention import (INPUT_NAMES_ATTR, KV_AUTO, KV_COPY, KV_INPLACE, MAIN, OUTPUT_NAMES_ATTR,
                          PARAM_NAMES_ATTR)
+from .errors import UserError
 from .export import MODEL_JSON, cache_dir, cache_lock
 from .options import BuildOptions
 from .tuning_db import check_database, database_digest
@@ -34,7 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """An artifact that cannot be built or loaded; the message names the file or setting."""
 
 
@@ -157,8 +160,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     manifest_path = out / MANIFEST
 
     def built() -> bool:
-        return manifest_path.exists() and not force \
-            and json.loads(manifest_path.read_text()).get("key") == key
+        return not force and _manifest_key(manifest_path) == key
 
     if built():
         return out
@@ -167,7 +169,25 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     with cache_lock(out):
         if built():
             return out
-        return _compile_into(out, key, onnx_path, tgt, options, opts, progress)
+        _check_output_dir(out)
+        with atomic_dir(out) as tmp:  # a killed compile leaves the previous entry or none
+            _compile_into(tmp, key, onnx_path, tgt, options, opts, progress)
+        return out
+
+
+def _manifest_key(path: Path):
+    """The cache key a manifest records (None if it is missing or unreadable: rebuild)."""
+    try:
+        return json.loads(path.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_output_dir(out: Path) -> None:
+    """An output directory is replaced whole: refuse one that holds something else."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists()):
+        raise ArtifactError(f"output {out} exists and is not a tvm_lite artifact (no {MANIFEST}); "
+                            "give a new or empty directory")
 
 
 def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts: BuildOptions,
@@ -184,6 +204,7 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts
     mod = from_onnx(onnx_path)
     check_decoder_interface(list(mod[MAIN].attrs[INPUT_NAMES_ATTR]),
                             list(mod[MAIN].attrs[OUTPUT_NAMES_ATTR]))
+    check_module_weights(mod)  # NaN/inf weights: an error naming the weight, not NaN logits
     t_import = time.perf_counter() - t0
     quant_summary = None
     if opts.quant is not None:
@@ -242,4 +263,93 @@ def load_manifest(artifact) -> dict:
     path = Path(artifact) / MANIFEST
     if not path.exists():
         raise ArtifactError(f"not a tvm_lite artifact (no {MANIFEST}): {artifact}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"corrupt {path}: {err}; recompile it (tvm-lite compile)") from err
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"corrupt {path}: not a JSON object; recompile it (tvm-lite compile)")
+    return manifest
+
+
+# -- checking an artifact before loading it ------------------------------------------------------
+def _elf_truncated(path) -> str | None:
+    """Why the shared library at ``path`` cannot be whole (None if it looks whole): an ELF file's
+    section header table is at its end, so a truncated copy points past its own size."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+        size = f.seek(0, 2)
+    if head[:4] != b"\x7fELF":
+        return "not an ELF shared library"
+    if len(head) < 64 and head[4] == 2 or len(head) < 52:
+        return f"only {size} bytes"
+    endian = "<" if head[5] == 1 else ">"
+    if head[4] == 2:  # 64-bit
+        shoff, = struct.unpack_from(endian + "Q", head, 0x28)
+        shentsize, shnum = struct.unpack_from(endian + "HH", head, 0x3A)
+    else:
+        shoff, = struct.unpack_from(endian + "I", head, 0x20)
+        shentsize, shnum = struct.unpack_from(endian + "HH", head, 0x2E)
+    if shoff + shentsize * shnum > size:
+        return f"truncated ({size} bytes; its headers end at byte {shoff + shentsize * shnum})"
+    return None
+
+
+def _machine(name: str) -> str:
+    name = name.lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
+def check_artifact(path, local: bool = True) -> dict:
+    """The manifest of the artifact directory ``path`` after checking that this tvm_lite can load
+    it: a readable manifest from this tvm_lite and TVM version, a library that is whole and (when
+    ``local``, not for a remote device) built for this machine's CPU, weights that match the
+    manifest, and a tokenizer. Raises :class:`ArtifactError` naming the file
+    (nothing is loaded)."""
+    import platform
+    import zipfile
+
+    path = Path(path)
+    manifest = load_manifest(path)
+    recompile = "recompile it with `tvm-lite compile`"
+    built_by = manifest.get("tvm_lite_version")
+    if built_by != __version__:
+        raise ArtifactError(f"{path} was built by tvm_lite {built_by}; this is tvm_lite "
+                            f"{__version__}: {recompile}")
+    import tvm
+
+    if manifest.get("tvm_version") not in (None, tvm.__version__):
+        raise ArtifactError(f"{path} was built with TVM {manifest['tvm_version']}; this is TVM "
+                            f"{tvm.__version__}: {recompile}")
+    missing = [k for k in ("target_kind", "options", "model", "param_names") if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path / 'manifest.json'} lacks {missing}: {recompile}")
+    target = str(manifest.get("target", ""))
+    triple = [w for w in target.replace('"', " ").replace(",", " ").split() if "-linux" in w]
+    host_arch = _machine(platform.machine())
+    if local and manifest["target_kind"] in ("llvm", "c") and triple and _machine(triple[0].split("-")[0]) \
+            not in (host_arch, "") and "mtriple" in target:
+        raise ArtifactError(f"{path} was built for {triple[0]}, this machine is {host_arch}: "
+                            f"run it there (or over RPC: tvm-lite bench {path} --rpc ...), or "
+                            f"{recompile} --target llvm")
+    lib = path / LIBRARY
+    if not lib.exists():
+        raise ArtifactError(f"{lib} is missing: {recompile}")
+    why = _elf_truncated(lib)
+    if why:
+        raise ArtifactError(f"{lib} is {why}: {recompile}")
+    params = path / PARAMS
+    try:
+        with zipfile.ZipFile(params) as z:
+            count = len(z.namelist())
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ArtifactError(f"cannot read the weights {params}: {err}: {recompile}") from err
+    if count != len(manifest["param_names"]):
+        raise ArtifactError(f"{params} holds {count} weights, the manifest names "
+                            f"{len(manifest['param_names'])}: {recompile}")
+    if not (path / "tokenizer.json").exists():
+        raise ArtifactError(f"{path} has no tokenizer.json (the engine needs it to read prompts):"
+                            f" copy the model's tokenizer files there, or {recompile}")
+    return manifest

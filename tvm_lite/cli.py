@@ -47,13 +47,26 @@ def cmd_compile(args):
     print(out)
 
 
+def _check_local_run(model, target, device=None):
+    """Before any export or compile: can this machine run the build (tvm_lite.target)?"""
+    from .artifact import MANIFEST, load_manifest
+    from .target import check_runnable
+
+    if model is not None and (Path(model) / MANIFEST).exists():
+        target = load_manifest(model).get("target_kind", "llvm")
+    return check_runnable(target, device)
+
+
 def cmd_run(args):
+    from .checks import check_request
     from .engine import Engine, GenerationConfig
 
-    artifact = resolve_artifact(args.model, args.target, args.exporter, quant=_quant_config(args))
-    engine = Engine(artifact, device=args.device, max_context=args.max_context)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed)
+    check_request(args.prompt, cfg)
+    device = _check_local_run(args.model, args.target, args.device)
+    artifact = resolve_artifact(args.model, args.target, args.exporter, quant=_quant_config(args))
+    engine = Engine(artifact, device=device, max_context=args.max_context)
     for piece in engine.stream(args.prompt, cfg, chat=not args.no_chat):
         print(piece, end="", flush=True)
     print()
@@ -63,6 +76,8 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
+    if not args.rpc:
+        _check_local_run(args.artifact or args.model, args.target, args.device)
     if args.artifact or args.rpc:  # an artifact on a device, local or over RPC (tvm_lite.rpc)
         from tvm_lite.rpc.cli import cmd_device_bench
 
@@ -194,7 +209,12 @@ def cmd_memory(args):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: the full error chain instead of one line
+    argv = [a for a in argv if a != "--debug"]
     parser = argparse.ArgumentParser(prog="tvm-lite", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the whole chain (TVM's original error too)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a model to ONNX (decoder with past)")
@@ -221,7 +241,7 @@ def main(argv=None):
     p = sub.add_parser("run", help="answer a prompt")
     p.add_argument("prompt")
     _add_model_args(p)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda:0... (default: the build's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -284,22 +304,9 @@ def main(argv=None):
     add_commands(sub)  # rpc tracker|server|status, tune
 
     args = parser.parse_args(argv)
-    from tvm_lite.rpc.processes import RPCError
-    from .tuning_db import TuningError
+    from .errors import run_reporting_errors
 
-    from .artifact import ArtifactError
-    from .engine import ContextLengthError
-    from .export import ExportError
-    from .frontend import OnnxImportError
-    from .quant import QuantFormatError
-    from .target import TargetError
-
-    try:
-        return args.fn(args) or 0
-    except (ArtifactError, ContextLengthError, ExportError, OnnxImportError, QuantFormatError,
-            TargetError, RPCError, TuningError) as err:
-        print(f"tvm-lite: error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(lambda: args.fn(args) or 0, debug=debug)
 
 
 if __name__ == "__main__":

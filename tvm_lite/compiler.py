@@ -6,6 +6,7 @@ import tvm
 from tvm import relax
 
 from . import pipeline as _pipeline
+from .errors import stage
 from .options import BuildOptions
 from .target import check_codegen, parse_target
 from .tuning_db import check_database
@@ -49,9 +50,10 @@ def build(mod: tvm.IRModule, target="llvm", options: BuildOptions | None = None,
     mod, _ = detach_params(mod)
     if opts.tuning_db is not None:
         opts = opts.replace(tuning_db=check_database(opts.tuning_db))
-    with tgt:
-        if opts.stock:
+    if opts.stock:
+        with tgt, stage("compile", where=f"stock pipeline, {tgt.kind.name}"):
             return tvm.compile(mod, target=tgt)
+    with tgt, stage("compile", where=f"{tgt.kind.name}"):  # TVM's errors -> CompileError
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
                                                              dump_dir=dump_dir, options=opts,

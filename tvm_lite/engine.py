@@ -38,16 +38,18 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from . import convention as cv
-from .artifact import LIBRARY, PARAMS, load_manifest
+from .artifact import LIBRARY, PARAMS, check_artifact
 from .gpu_slice import GpuSlicer, Submissions, no_instrument, set_priority
 from .runners import LocalLink, make_runner, read_convention
 from .tokenizer import Tokenizer
+from .checks import check_request
+from .errors import UserError
 
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256)  # prefill calls are padded up to one of these
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(UserError):
     """A prompt that does not fit in the context window; nothing was run."""
 
 
@@ -115,21 +117,28 @@ class Step:
 class Engine:
     """Load an artifact and generate text with it."""
 
-    def __init__(self, artifact, device="cpu", max_context: int | None = None,
+    def __init__(self, artifact, device=None, max_context: int | None = None,
                  buckets=DEFAULT_BUCKETS, prefill_chunk: int | None = None, *, module=None,
                  gpu_slice: int | None = None, priority: str = "normal", link=None):
         """``buckets``: the token counts a prefill call is padded up to (``None``/``()``: no
         padding); ``prefill_chunk``: the most tokens one prefill call takes (default: the largest
         bucket, or 256). In-place artifacts only: the copy path neither pads nor chunks.
-        ``device``: "cpu", "cuda:0"... or a ``tvm.runtime.Device`` (an RPC session's too), and
-        ``module`` the artifact's library already loaded there, ``link`` how values cross to it
-        (``tvm_lite.rpc.remote_engine`` passes all three; default: this process).
+        ``device``: "cpu", "cuda:0"... (default: the build's device) or a ``tvm.runtime.Device``
+        (an RPC session's too), and ``module`` the artifact's library already loaded there,
+        ``link`` how values cross to it (``tvm_lite.rpc.remote_engine`` passes all three;
+        default: this process).
         Against UI lag on phones (``tvm_lite/gpu_slice.py``): ``gpu_slice`` = at most this many
         kernels between two flushes of the device queue during prefill (None: no slicing), and
         ``priority="low"`` asks for a low-priority queue where the runtime allows it."""
         self.path = Path(artifact)
-        self.manifest = load_manifest(self.path)
+        self.manifest = check_artifact(self.path, local=link is None)  # version, files
         self.model = self.manifest.get("model", {})
+        if module is None and link is None:  # locally: at once if this TVM cannot run it
+            from .target import check_runnable
+
+            checked = check_runnable(self.manifest.get("target_kind", "llvm"),
+                                     device if isinstance(device, str) else None)
+            device = checked if device is None else device  # default: the build's device
         self.dev = _device(device) if isinstance(device, str) else device
         lib = module if module is not None else tvm.runtime.load_module(str(self.path / LIBRARY))
         self.vm = VirtualMachine(lib, self.dev)
@@ -393,24 +402,26 @@ class Engine:
         cfg = config or GenerationConfig()
         on_device = cfg.temperature <= 0 and self.runner.greedy_steps
         rng = np.random.default_rng(cfg.seed)
-        t0 = time.perf_counter()
-        if on_device:
-            token = self.prefill_greedy(session, prompt_ids, chunk_size)
-        else:
-            token = self._sample(self.prefill(session, prompt_ids, chunk_size), cfg, rng)
-        yield Step(token, time.perf_counter() - t0)
-        while session.length + 1 <= self.max_context:
+        with self.link.guard("generation"):  # over RPC: a lost server is an RPCError
             t0 = time.perf_counter()
             if on_device:
-                token = self.decode_greedy(session, token)
+                token = self.prefill_greedy(session, prompt_ids, chunk_size)
             else:
-                token = self._sample(self.forward(session, [token])[-1], cfg, rng)
+                token = self._sample(self.prefill(session, prompt_ids, chunk_size), cfg, rng)
             yield Step(token, time.perf_counter() - t0)
+            while session.length + 1 <= self.max_context:
+                t0 = time.perf_counter()
+                if on_device:
+                    token = self.decode_greedy(session, token)
+                else:
+                    token = self._sample(self.forward(session, [token])[-1], cfg, rng)
+                yield Step(token, time.perf_counter() - t0)
 
     def stream(self, prompt, config: GenerationConfig | None = None, chat: bool = True,
                session: Session | None = None, chunk_size: int | None = None) -> Iterator[str]:
         """Yield the answer's text piece by piece; the final GenerationResult is ``self.last``."""
         cfg = config or GenerationConfig()
+        check_request(prompt, cfg)  # empty prompt, temperature < 0, top_p outside (0, 1]...
         stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else self.stop_token_ids)
         session = session or self.new_session()
         prompt_ids = self.encode_prompt(prompt, chat) if not isinstance(prompt, np.ndarray) \

@@ -22,6 +22,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from .atomic import remove_stale_temps
+from .errors import UserError
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_MODEL = "smollm2"
@@ -29,7 +31,7 @@ MODEL_JSON = "tvm_lite_model.json"
 EXPORT_VERSION = 1  # bump when the exported interface changes
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A model that cannot be exported; the message names the cause."""
 
 
@@ -97,13 +99,19 @@ def load_hf_model(source: Path, dtype: str = "float32"):
 
     torch_dtype = getattr(torch, dtype)
     kwargs = dict(dtype=torch_dtype, attn_implementation="eager")
-    if source.is_file() and source.suffix == ".gguf":
-        folder, gguf = str(source.parent), source.name
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
-    else:
-        tok = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    what = "GGUF file" if source.suffix == ".gguf" else "Hugging Face model"
+    try:  # a truncated/corrupt file fails deep inside transformers or gguf: name the file
+        if source.is_file() and source.suffix == ".gguf":
+            folder, gguf = str(source.parent), source.name
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(source))
+            model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    except Exception as err:  # noqa: BLE001
+        msg = str(err).strip().splitlines()
+        raise ExportError(f"cannot read the {what} {source}: {type(err).__name__}: "
+                          f"{msg[-1] if msg else ''}") from err
     model.eval()
     return model, tok
 
@@ -215,7 +223,9 @@ def _export(src: Path, out_dir: Path, exporter: str, dtype: str, progress) -> Pa
                for _ in range(2 * layers)]
     in_names, out_names = io_names(layers)
 
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # what killed exports left (tvm_lite/atomic.py)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         onnx_path = tmp / "model.onnx"
         with torch.no_grad():

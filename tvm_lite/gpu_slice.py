@@ -30,6 +30,7 @@ import ctypes
 import time
 from dataclasses import dataclass, field
 
+from .errors import TvmLiteError
 
 PRIORITIES = ("normal", "low")
 
@@ -104,7 +105,7 @@ def no_instrument(*_args):
 
 
 # -- queue priority -----------------------------------------------------------------------------
-class PriorityNotSupported(RuntimeError):
+class PriorityNotSupported(TvmLiteError, RuntimeError):
     """The runtime cannot give this device's queue another priority from Python."""
 
 

@@ -37,7 +37,7 @@ from tvm.s_tir import dlight as dl
 from tvm_lite import schedules
 from tvm_lite.convention import KV_CACHE_ATTR, KV_COPY, KV_INPLACE
 from tvm_lite.options import BuildOptions
-from tvm_lite.tuning_db import records_faster_than_rules
+from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes import (AddDecodeFunction, AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
                                    BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
@@ -83,10 +83,14 @@ def _tuned_schedules(tuning_db, applied: list | None) -> list:
     @tvm.transform.module_pass(opt_level=0, name="ApplyTuningDatabase")
     def apply(mod, _ctx):
         before = _scheduled(mod)
-        with records_faster_than_rules(tuning_db):
+        skipped: list = []  # kernels whose records lost to the rules
+        with records_faster_than_rules(tuning_db, skipped) as db:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        got = sorted(_scheduled(mod) - before)
+        if not got and not skipped:  # a database of other kernels (another model, other options)
+            check_database_matches(tuning_db, db)
         if applied is not None:
-            applied.extend(sorted(_scheduled(mod) - before))
+            applied.extend(got)
         return mod
 
     return [apply]

@@ -22,6 +22,8 @@ Runs in a runtime-only TVM process (``tvm.runtime`` only).
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 
 import numpy as np
@@ -49,6 +51,11 @@ class LocalLink:
 
     def check_entries(self, vm, artifact) -> None:
         """Nothing to check locally (over RPC: the tuple entry points must be there)."""
+
+    @staticmethod
+    def guard(_what: str):
+        """Around the model's calls: nothing locally (over RPC: a lost server is an RPCError)."""
+        return contextlib.nullcontext()
 
 
 # -- the calling convention ----------------------------------------------------------------------

@@ -11,24 +11,63 @@ import hashlib
 import json
 from pathlib import Path
 
+import tvm_ffi
+
+from .atomic import atomic_write_text
+from .errors import UserError
+
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 RULES = "tvm_lite_rules.json"  # structural hash of a kernel -> its run time (s) with tvm_lite's rules
 _FAILED = 1e9  # MetaSchedule stores 1e10 s for a candidate that failed
 
 
-class TuningError(ValueError):
+@tvm_ffi.register_error  # keeps its type when raised inside the pipeline (ApplyTuningDatabase)
+class TuningError(UserError):
     """Bad tuning input (kernel names, database, budget); the message names it."""
 
 
 def check_database(path) -> Path:
-    """``path`` if it holds a MetaSchedule JSON database; a clear error otherwise."""
+    """``path`` if it holds a MetaSchedule JSON database; a clear error otherwise. A last line
+    cut short (a tuning run killed while it appended a record) is dropped, so the database stays
+    usable; any other line that is not JSON is an error naming the file and line."""
     path = Path(path)
     missing = [f for f in (WORKLOADS, RECORDS) if not (path / f).exists()]
     if missing:
         raise TuningError(f"no MetaSchedule database in {path} (missing {', '.join(missing)}); "
                           "create one with `tvm-lite tune`")
+    for name in (WORKLOADS, RECORDS):
+        _check_json_lines(path / name)
     return path
+
+
+def _check_json_lines(file: Path) -> None:
+    text = file.read_text(errors="replace")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError as err:
+            if i == len(lines) - 1 and not text.endswith("\n"):  # cut short while appended
+                atomic_write_text(file, "".join(ln + "\n" for ln in lines[:-1]))
+                return
+            raise TuningError(f"corrupt tuning database {file}, line {i + 1}: {err}; delete the "
+                              "line (or the database) and tune again") from err
+
+
+def check_database_matches(path, db) -> None:
+    """Called when a build applied no kernel of the database at ``path`` (``db``: its records that
+    beat the rules): an error if it has records at all, for then none is a kernel of this build."""
+    records = db.get_all_tuning_records()
+    if records:
+        names = sorted({_func_name(r.workload.mod) for r in records})
+        raise TuningError(
+            f"the tuning database {path} has {len(names)} tuned kernel(s) ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}), none of them a kernel of this build: it was "
+            "tuned for another model or with other options (--kv-cache, --quant, target); tune "
+            "this model with `tvm-lite tune`, or build without --tuning-db")
 
 
 def database_digest(path) -> str:
@@ -41,8 +80,6 @@ def database_digest(path) -> str:
 
 
 def _kernel_key(mod) -> str:
-    import tvm_ffi
-
     return str(tvm_ffi.structural_hash(mod))
 
 
@@ -51,7 +88,7 @@ def record_rules_time(path, mod, seconds: float) -> None:
     file = Path(path) / RULES
     times = json.loads(file.read_text()) if file.exists() else {}
     times[_kernel_key(mod)] = seconds
-    file.write_text(json.dumps(times, indent=1, sort_keys=True))
+    atomic_write_text(file, json.dumps(times, indent=1, sort_keys=True))
 
 
 def records_faster_than_rules(path, skipped: list | None = None):

@@ -27,9 +27,10 @@ from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 from . import host_shapes
 from .host_shapes import HostValue
 from .shape_ops import TENSOR_OPS_WITH_HOST_SHAPES, ShapeArgError, materialize
+from ..errors import UserError, stage
 
 
-class OnnxImportError(ValueError):
+class OnnxImportError(UserError):
     """An ONNX model tvm_lite cannot import; the message names the file, node or op."""
 
 
@@ -122,7 +123,11 @@ class _Importer:
 
     def _parse_initializers(self):
         for tensor in self.graph.initializer:
-            array = numpy_helper.to_array(tensor)
+            try:
+                array = numpy_helper.to_array(tensor)
+            except Exception as err:  # dims that do not match the data, an unknown data type
+                raise OnnxImportError(f"initializer '{tensor.name}' (dims {list(tensor.dims)}) "
+                                      f"cannot be read: {err}") from err
             small_int = array.dtype.kind in "iub" and array.size <= _HOST_INITIALIZER_ELEMENTS
             if small_int or array.size <= 1:
                 self.values[tensor.name] = host_shapes.from_constant(array)
@@ -152,10 +157,11 @@ class _Importer:
         return host_shapes.SHAPE_OF_TENSOR_OPS[node.op_type](node, [None], tensor_shape=dims)
 
     def _convert(self, node: onnx.NodeProto):
-        inputs = [self.values[name] if name else None for name in node.input]
         missing = [n for n in node.input if n and n not in self.values]
-        if missing:
-            raise OnnxImportError(f"{_node_label(node)} reads '{missing[0]}', which no node produces")
+        if missing:  # checked before the lookup (a dropped/renamed input, nodes out of order)
+            raise OnnxImportError(f"{_node_label(node)} reads '{missing[0]}', which no graph "
+                                  "input, initializer or earlier node produces")
+        inputs = [self.values[name] if name else None for name in node.input]
 
         if node.op_type in host_shapes.SHAPE_OF_TENSOR_OPS and not isinstance(inputs[0], HostValue):
             self.stats["host_evaluated"] += 1
@@ -267,6 +273,8 @@ class _Importer:
                             self.values[name] = value
                 outputs = []
                 for out in self.graph.output:
+                    if out.name not in self.values:
+                        raise OnnxImportError(f"graph output '{out.name}' is produced by no node")
                     v = self.values[out.name]
                     outputs.append(self._relax(v) if isinstance(v, HostValue) else v)
                 result = self.bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
@@ -303,7 +311,9 @@ def from_onnx(model, dims: dict | None = None, keep_params: bool = True) -> tvm.
     tvm.IRModule whose ``main`` returns the graph outputs (a tuple if several).
     """
     proto = load_onnx(model)
-    importer = _Importer(proto, dims, keep_params)
-    mod = importer.run()
+    name = model if isinstance(model, (str, Path)) else (proto.graph.name or "ModelProto")
+    with stage("import", error=OnnxImportError, where=str(name)):  # anything else -> OnnxImportError
+        importer = _Importer(proto, dims, keep_params)
+        mod = importer.run()
     mod = mod.with_attr("tvm_lite.import_stats", {k: int(v) for k, v in importer.stats.items()})
     return mod

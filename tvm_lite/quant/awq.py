@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import QuantizedWeight, check_format, check_group_size
+from .format import QuantizedWeight, check_format, check_group_size, check_weight
 from .rtn import DEFAULT_CLIP_RATIOS, rtn
 
 
@@ -35,7 +35,7 @@ def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str =
     """Quantize ``w [K, N]`` with AWQ's scale search; ``act_mean_abs [K]`` is ``mean |x_k|``."""
     check_format(fmt)
     group_size = check_group_size(group_size)
-    w = np.asarray(w, np.float32)
+    w = check_weight(w)  # 2-D, finite, within fp16's range
     k = w.shape[0]
     h = np.asarray(hessian, np.float32)
     x_mean = np.maximum(np.asarray(act_mean_abs, np.float32), 1e-8)

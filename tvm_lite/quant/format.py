@@ -76,6 +76,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from ..errors import UserError
 
 FORMATS = ("e0m4", "int4")
 CODES_PER_WORD = 4  # 4-bit codes per uint16 word
@@ -87,8 +88,32 @@ GROUP_SIZES = (16, 32, 64, 128, 256)  # any multiple of 8 works; these are the d
 DEFAULT_GROUP_SIZE = 32
 
 
-class QuantFormatError(ValueError):
+class QuantFormatError(UserError):
     """A weight or option the 4-bit formats cannot represent; the message names it."""
+
+
+FP16_MAX = 65504.0  # 4-bit weights are dequantized to fp16 (and their scales are fp16)
+
+
+def check_weight(w, dtype=np.float32) -> np.ndarray:
+    """``w`` as a 2-D [K, N] float array the 4-bit formats can hold: finite values (no NaN/inf)
+    within fp16's range; else a :class:`QuantFormatError` naming the problem."""
+    a = np.asarray(w)
+    if a.ndim != 2 or 0 in a.shape:
+        raise QuantFormatError(f"a weight to quantize must be a non-empty 2-D [K, N] matrix, got "
+                               f"shape {a.shape}")
+    if a.dtype.kind not in "fiu":
+        raise QuantFormatError(f"a weight to quantize must be numeric, got {a.dtype}")
+    a = np.array(a, dtype) if a.dtype != dtype else a
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise QuantFormatError(f"the {a.shape[0]}x{a.shape[1]} weight has "
+                               f"{int((~finite).sum())} NaN/inf value(s): fix the checkpoint first")
+    peak = float(np.abs(a).max())
+    if peak > FP16_MAX:
+        raise QuantFormatError(f"the {a.shape[0]}x{a.shape[1]} weight has values up to {peak:.3g}, "
+                               f"beyond fp16's range ({FP16_MAX:g}) that 4-bit weights dequantize to")
+    return a
 
 
 def check_group_size(group_size: int) -> int:

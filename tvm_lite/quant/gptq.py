@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import QuantizedWeight, check_format, check_group_size
+from .format import QuantizedWeight, check_format, check_group_size, check_weight
 from .rtn import DEFAULT_CLIP_RATIOS, _grouped, assemble, codes_for, dequant_groups, search_params
 
 
@@ -35,7 +35,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int 
     """Quantize ``w [K, N]`` given ``hessian [K, K]`` (``X^T X``, any positive scale)."""
     check_format(fmt)
     group_size = check_group_size(group_size)
-    w = np.array(w, np.float64)
+    w = np.array(check_weight(w), np.float64)  # 2-D, finite, within fp16's range
     k, n = w.shape
     h = np.array(hessian, np.float64)
     if h.shape != (k, k):

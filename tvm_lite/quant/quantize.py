@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .format import (DEFAULT_GROUP_SIZE, FORMATS, QuantFormatError, QuantizedWeight, bytes_per_weight,
                      check_group_size)
 
@@ -134,9 +135,8 @@ def _save(path: Path, weights: dict) -> None:
             meta[name]["shared_with"] = seen[id(qw)]
         else:
             seen[id(qw)] = name
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a killed run leaves no half-written cache entry
+        np.savez(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
 
 
 def _load(path: Path) -> dict:
@@ -210,9 +210,14 @@ def quantize_weights(mod, config: QuantConfig, tokenizer=None, progress=print,
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = cache_dir() / "quant" / f"{config.label}-{key}.npz"
     if cache and path.exists():
-        if progress is not None:
-            progress(f"quantized weights from cache: {path}")
-        return _load(path)
+        try:
+            loaded = _load(path)
+            if progress is not None:
+                progress(f"quantized weights from cache: {path}")
+            return loaded
+        except Exception as err:  # noqa: BLE001 - an unreadable entry is quantized again
+            if progress is not None:
+                progress(f"unreadable cache entry {path} ({type(err).__name__}): quantizing again")
 
     stats = {}
     stats_cache = stats_cache if stats_cache is not None else _SHARED_STATS

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import E0M4_BASE, INT4_ZERO, MAX_CODE, QuantizedWeight, check_format, check_group_size, pack
+from .format import (E0M4_BASE, FP16_MAX, INT4_ZERO, MAX_CODE, QuantFormatError, QuantizedWeight,
+                     check_format, check_group_size, check_weight, pack)
 
 _MIN_SCALE = 6.2e-5  # just above fp16's smallest normal, 6.1035e-5
 DEFAULT_CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.499, -0.05), 3))  # 1.0, 0.95, ..., 0.5
@@ -94,6 +95,13 @@ def assemble(fmt: str, group_size: int, codes_kn: np.ndarray, s16: np.ndarray, z
              act_scale=None) -> QuantizedWeight:
     """Integer codes ``[K, N]`` + group params -> the packed :class:`QuantizedWeight`."""
     k, n = codes_kn.shape
+    # every code must dequantize to a finite fp16: |q - z| * s <= 65504 for q in [0, 15]
+    s32 = s16.astype(np.float32)
+    reach = (np.maximum(np.abs(z), np.abs(MAX_CODE - z)) if fmt == "e0m4" else INT4_ZERO) * s32
+    if not np.isfinite(s32).all() or float(np.max(reach)) > FP16_MAX:
+        raise QuantFormatError(f"the {k}x{n} weight's groups span more than fp16 can hold once "
+                               f"quantized (a code would dequantize to {float(np.max(reach)):.4g} > "
+                               f"{FP16_MAX:g}): scale the weight down")
     zero = None
     if fmt == "e0m4":
         zero = (np.float32(E0M4_BASE) + z).astype(np.float16)  # c = 1024 + z, exact
@@ -108,9 +116,7 @@ def rtn(w: np.ndarray, fmt: str = "e0m4", group_size: int = 32, clip_ratios=DEFA
     turns it off). ``channel_weight [K]`` weights each input channel's error."""
     check_format(fmt)
     group_size = check_group_size(group_size)
-    w = np.asarray(w, np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"rtn expects a 2-D [K, N] weight, got shape {w.shape}")
+    w = check_weight(w)  # 2-D, finite, within fp16's range
     k = w.shape[0]
     groups = _grouped(w, group_size)
     cw = None
