@@ -319,7 +319,7 @@ def test_rpc_unknown_key_and_server_killed_mid_bench(tiny):
         engine = remote_engine(tiny[2], request_session(farm.address, "badinput"))
         assert bench_engine(engine, [16], decode_tokens=2, repeats=1)[0]["tokens"]
         farm.servers[0].kill()
-        with pytest.raises(RPCError, match="lost the RPC server during generation"):
+        with pytest.raises(RPCError, match="lost the RPC server during (a new session|generation)"):
             bench_engine(engine, [16], decode_tokens=2, repeats=1)
 
 

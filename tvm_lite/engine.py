@@ -201,7 +201,8 @@ class Engine:
         return self.runner.kv_cache_bytes(self.max_context if context is None else context)
 
     def new_session(self) -> Session:
-        return Session(past=self.runner.new_past(self.max_context))
+        with self.link.guard("a new session"):  # over RPC: the caches are allocated there
+            return Session(past=self.runner.new_past(self.max_context))
 
     def padded_length(self, n: int, past: int) -> int:
         """The bucket ``n`` new tokens are padded to (``n`` itself without buckets, for decode, or
