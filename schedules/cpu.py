@@ -21,7 +21,7 @@ def _is_cpu(target: Target) -> bool:
     return target.kind.name in ("llvm", "c")
 
 
-def _prepare(func, target):
+def prepare(func, target):
     """A schedule of ``func`` with injective producers inlined, and its blocks; None if the rule
     does not apply (not a CPU target, or a function DLight cannot analyze)."""
     if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
@@ -38,7 +38,7 @@ class CPUMatmul(dl.ScheduleRule):
     loop outside a vectorized column tile, so ``B`` is streamed row by row (contiguous)."""
 
     def apply(self, func, target, _tunable):
-        prepared = _prepare(func, target)
+        prepared = prepare(func, target)
         if prepared is None:
             return None
         sch, infos = prepared
@@ -79,7 +79,7 @@ class CPUParallel(dl.ScheduleRule):
     in parallel."""
 
     def apply(self, func, target, _tunable):
-        prepared = _prepare(func, target)
+        prepared = prepare(func, target)
         if prepared is None:
             return None
         sch, infos = prepared
@@ -99,5 +99,6 @@ class CPUParallel(dl.ScheduleRule):
 
 def rules() -> list:
     from .cpu_dequant import CPUDequantMatmul  # 4-bit weights (tvm_lite.quant)
+    from .cpu_gemm import CPUWeightMatmul  # x @ W: prefill GEMM, decode GEMV
 
-    return [CPUDequantMatmul(), CPUMatmul(), CPUParallel()]
+    return [CPUDequantMatmul(), CPUWeightMatmul(), CPUMatmul(), CPUParallel()]
