@@ -1,10 +1,16 @@
 """CPU (LLVM) rule for tvm_lite's dequant-fused matmuls (``tvm_lite.quant.kernels``).
 
 The kernels have a ``dequantize`` block (4-bit codes -> fp16 -> the matmul's dtype) feeding a
-``matmul`` reduction. Per tile of 16 output columns (one parallel task), the rule dequantizes the
-tile's ``[K, 16]`` weights once into a local buffer -- the 4 codes of a packed word unrolled, so
-the shifts are constants -- and then runs every row of ``x`` against it, vectorized over the 16
-columns. Rows of a prefill reuse the dequantized tile instead of decoding it again per row.
+``matmul`` reduction. The rule schedules them like the fp32 weight matmuls
+(:mod:`.cpu_gemm`), with the dequantized weights made in vector registers:
+
+* decode GEMV (``M`` = 1): per task ``gemv_cols`` output columns, accumulated in registers; per
+  packed word of codes the 4 codes are unrolled (constant shifts), each one dequantized for the
+  task's columns (a shift, the AND/OR that makes the fp16 ``1024 + q``, a widening to fp32, the
+  group's zero and scale) straight into the FMA -- the fp16 weight matrix never exists;
+* prefill GEMM: each task dequantizes its ``[K, gemm_cols]`` weight panel once into the packed
+  fp32 panel the fp32 GEMM micro-kernel reads, then runs every row tile against it.
+
 """
 
 from __future__ import annotations
@@ -13,16 +19,14 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-VECTOR_LANES = 16
-CODES_PER_WORD = 4  # the 4 codes of a packed uint16 (tvm_lite.quant.format)
+from .cpu_gemm import match_weight_matmul, schedule_gemm, schedule_gemv
+from .cpu_target import cpu_tiles
+
 DEQUANT_BLOCK = "dequantize"
 
 
 class CPUDequantMatmul(dl.ScheduleRule):
     """``Y[..., n] = sum_k X[..., k] * dequantize(W)[k, n]`` (+ an elementwise epilogue)."""
-
-    def __init__(self, tile_first: bool = False):
-        self.tile_first = tile_first
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("llvm", "c"):
@@ -36,43 +40,31 @@ class CPUDequantMatmul(dl.ScheduleRule):
         if infos is None:
             return None
         reductions = [b for b in infos if b.is_reduction()]
-        if len(reductions) != 1 or not reductions[0].dom_kind().endswith("SR"):
+        if len(reductions) != 1:
             return None
         main = reductions[0].block_rv
-        epilogues = sch.get_consumers(main)
+        keep = {DEQUANT_BLOCK, sch.get(main).name_hint}
+        epilogues = {sch.get(b).name_hint for b in sch.get_consumers(main)}
         for info in infos:  # other producers (e.g. a fused AWQ input scale): inline
-            if sch.get(info.block_rv).name_hint not in (DEQUANT_BLOCK, sch.get(main).name_hint) \
-                    and info.is_injective() and not any(sch.get(e).same_as(sch.get(info.block_rv))
-                                                        for e in epilogues):
+            name = sch.get(info.block_rv).name_hint
+            if name not in keep and name not in epilogues and info.is_injective():
                 try:
                     sch.compute_inline(info.block_rv)
                 except Exception:  # pylint: disable=broad-except
                     pass
-        *outer, n, k = sch.get_loops(main)
-        jo, ji = sch.split(n, [None, VECTOR_LANES])
-        if self.tile_first:  # dequantize a [K, 16] tile, then every row against it
-            sch.reorder(jo, *outer, k, ji)
-            sch.parallel(jo)
-            sch.vectorize(ji)
-            sch.decompose_reduction(main, k)
-            sch.compute_at(dequant, jo)
-            dk, dn = sch.get_loops(dequant)[-2:]
-            dko, dki = sch.split(dk, [None, CODES_PER_WORD])
-            sch.reorder(dko, dki, dn)
-            sch.unroll(dki)
-            sch.vectorize(dn)
-        else:  # per k: dequantize 16 weights into registers, then every row
-            ko, ki = sch.split(k, [None, CODES_PER_WORD])
-            sch.reorder(jo, ko, ki, *outer, ji)
-            sch.parallel(jo)
-            sch.vectorize(ji)
-            sch.decompose_reduction(main, ko)
-            sch.compute_at(dequant, ki)
-            sch.vectorize(sch.get_loops(dequant)[-1])
-            sch.unroll(ki)
-        for epilogue in epilogues:
-            try:
-                sch.reverse_compute_at(epilogue, jo)
-            except Exception:  # pylint: disable=broad-except
-                pass
-        return sch
+        infos = [i for i in normalize_prim_func(sch) or []
+                 if sch.get(i.block_rv).name_hint != DEQUANT_BLOCK]
+        matched = match_weight_matmul(sch, infos)
+        if matched is None:
+            return None
+        main, epilogue, rows = matched
+        tiles = cpu_tiles(target)
+        schedule = schedule_gemv if rows == 1 else schedule_gemm
+        try:
+            done = schedule(sch, main, epilogue, tiles, dequant=sch.get_sblock(DEQUANT_BLOCK))
+        except Exception:  # pylint: disable=broad-except  (a shape the tiles do not fit)
+            return None
+        return sch if done else None
+
+
+__all__ = ["CPUDequantMatmul"]

@@ -99,7 +99,25 @@ def _accumulate_in_registers(sch, main, epilogue, at) -> object:
     return epilogue
 
 
-def schedule_gemm(sch, main, epilogue, tiles) -> bool:
+def _dequant_panel(sch, dequant, at, tiles, codes_per_word: int = 4) -> None:
+    """The ``dequantize`` block (4-bit codes -> weights) computed under ``at`` for the columns
+    there: the codes of one packed word unrolled (constant shifts), the columns in vectors."""
+    sch.compute_at(dequant, at)
+    loops = sch.get_loops(dequant)
+    below = loops[[sch.get(loop).same_as(sch.get(at)) for loop in loops].index(True) + 1:]
+    dn = below[-1]
+    if len(below) == 2:  # a panel of k rows: the codes of a word unrolled
+        extent = _extent(sch, below[0])
+        if extent and extent % codes_per_word == 0:
+            sch.unroll(sch.split(below[0], [None, codes_per_word])[1])
+    n = _extent(sch, dn)
+    if n and n % tiles.lanes == 0:
+        dv, dl_ = sch.split(dn, [None, tiles.lanes])
+        sch.unroll(dv)
+        sch.vectorize(dl_)
+
+
+def schedule_gemm(sch, main, epilogue, tiles, dequant=None) -> bool:
     rows, cols, lanes = tiles.gemm_rows, tiles.gemm_cols, tiles.lanes
     *batch, i, j, k = sch.get_loops(main)
     n = _extent(sch, j)
@@ -128,11 +146,14 @@ def schedule_gemm(sch, main, epilogue, tiles) -> bool:
     sch.unroll(ii)
     sch.unroll(jv)
     sch.vectorize(jl)
-    block = sch.get(main)
-    weight_index = next(idx for idx, r in enumerate(block.reads) if len(r.source.shape) == 2)
-    panel = sch.cache_read(main, weight_index, "global")  # W[:, cols] packed per task
-    sch.compute_at(panel, jo)
-    _vectorize_tail(sch, panel, lanes)
+    if dequant is not None:  # W[:, cols] dequantized once per task into the packed panel
+        _dequant_panel(sch, dequant, jo, tiles)
+    else:  # W[:, cols] packed once per task
+        block = sch.get(main)
+        weight_index = next(idx for idx, r in enumerate(block.reads) if len(r.source.shape) == 2)
+        panel = sch.cache_read(main, weight_index, "global")
+        sch.compute_at(panel, jo)
+        _vectorize_tail(sch, panel, lanes)
     store = _accumulate_in_registers(sch, main, epilogue, io)
     if out_copy:  # write the register tile straight to the output, under i < M
         sch.reverse_compute_inline(out_copy[0])
@@ -141,7 +162,7 @@ def schedule_gemm(sch, main, epilogue, tiles) -> bool:
     return True
 
 
-def schedule_gemv(sch, main, epilogue, tiles) -> bool:
+def schedule_gemv(sch, main, epilogue, tiles, dequant=None, codes_per_word: int = 4) -> bool:
     lanes = tiles.lanes
     *lead, j, k = sch.get_loops(main)
     n = _extent(sch, j)
@@ -149,11 +170,20 @@ def schedule_gemv(sch, main, epilogue, tiles) -> bool:
         return False
     cols = next(c for c in (tiles.gemv_cols, 2 * lanes, lanes) if n % c == 0)
     jo, ji = sch.split(j, [None, cols])
-    sch.reorder(jo, *lead, k, ji)
+    if dequant is not None:  # k by packed words: the 4 codes of a word unrolled
+        ko, ki = sch.split(k, [None, codes_per_word])
+        sch.reorder(jo, *lead, ko, ki, ji)
+        k = ko
+    else:
+        sch.reorder(jo, *lead, k, ji)
     jv, jl = sch.split(ji, [None, lanes])
     sch.parallel(jo)
     sch.unroll(jv)
     sch.vectorize(jl)
+    if dequant is not None:  # the task's weights of one k, dequantized in registers
+        sch.set_scope(dequant, 0, "local")
+        _dequant_panel(sch, dequant, ki, tiles)
+        sch.unroll(ki)
     store = _accumulate_in_registers(sch, main, epilogue, jo)
     _vectorize_tail(sch, store, lanes)
     sch.decompose_reduction(main, k)
