@@ -25,6 +25,47 @@ from .cpu_target import cpu_tiles
 DEQUANT_BLOCK = "dequantize"
 
 
+def _dtype(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _exact_fp32(value):
+    """``Cast(f32, (h - c) * s)`` with fp16 ``h, c, s`` -> the same number computed in fp32:
+    ``Cast(f32, Cast(f16, (f32(h) - f32(c)) * f32(s)))``; None for any other expression.
+
+    x86 without AVX512-FP16 (and NEON without ``+fullfp16``) has no fp16 arithmetic, so LLVM
+    rounds every fp16 operation through fp32 and back: two conversions per operation and weight
+    vector. ``h - c`` is exact in fp16 (both are integers in [1024, 2048): E0M4's ``1024 + q`` and
+    the stored ``1024 + z``) and the fp32 product of two fp16 numbers is exact, so rounding that
+    product to fp16 once gives the fp16 expression's result bit for bit; the group's ``c`` and
+    ``s`` are converted once per load instead of per operation."""
+    if not (isinstance(value, tirx.Cast) and _dtype(value) == "float32"):
+        return None
+    mul = value.value
+    if not (isinstance(mul, tirx.Mul) and _dtype(mul) == "float16" and isinstance(mul.a, tirx.Sub)):
+        return None
+    sub = mul.a
+    f32 = lambda e: tirx.Cast("float32", e)  # noqa: E731
+    return f32(tirx.Cast("float16", (f32(sub.a) - f32(sub.b)) * f32(mul.b)))
+
+
+def widen_dequant(sch, dequant) -> bool:
+    """Rewrite the ``dequantize`` block's store with :func:`_exact_fp32` (in place, through the
+    schedule's state); False if its expression has another form (e.g. int4's conversion)."""
+    block = sch.get(dequant)
+    store = block.body
+    if not isinstance(store, tirx.BufferStore):
+        return False
+    value = _exact_fp32(store.value)
+    if value is None:
+        return False
+    new = s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint,
+                       tirx.BufferStore(store.buffer, value, store.indices), block.init,
+                       block.alloc_buffers, block.match_buffers, block.annotations)
+    sch.state.replace(sch.get_sref(dequant), new, {block: new})
+    return True
+
+
 class CPUDequantMatmul(dl.ScheduleRule):
     """``Y[..., n] = sum_k X[..., k] * dequantize(W)[k, n]`` (+ an elementwise epilogue)."""
 
@@ -59,6 +100,7 @@ class CPUDequantMatmul(dl.ScheduleRule):
             return None
         main, epilogue, rows = matched
         tiles = cpu_tiles(target)
+        widen_dequant(sch, sch.get_sblock(DEQUANT_BLOCK))
         schedule = schedule_gemv if rows == 1 else schedule_gemm
         try:
             done = schedule(sch, main, epilogue, tiles, dequant=sch.get_sblock(DEQUANT_BLOCK))
@@ -67,4 +109,4 @@ class CPUDequantMatmul(dl.ScheduleRule):
         return sch if done else None
 
 
-__all__ = ["CPUDequantMatmul"]
+__all__ = ["CPUDequantMatmul", "widen_dequant"]

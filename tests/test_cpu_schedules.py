@@ -138,3 +138,19 @@ def test_whole_model_compiles_to_aarch64_object_code(tmp_path, export_dir):
     assert objects, "no LLVM module in the executable"
     for obj in objects:
         assert obj[:4] == b"\x7fELF" and int.from_bytes(obj[18:20], "little") == 183
+
+
+def test_e0m4_dequant_in_fp32_matches_the_fp16_kernel():
+    """The rule computes ``(h - c) * s`` in fp32 and rounds once (schedules/cpu_dequant.py):
+    the same weights as the kernel's fp16 arithmetic, unscheduled (sums may differ in order)."""
+    from tvm_lite.schedules.cpu_dequant import DEQUANT_BLOCK
+
+    k, n = 128, 64
+    qw = rtn(np.random.default_rng(3).standard_normal((k, n)).astype("float32"), "e0m4", 32)
+    func = kernels.matmul_func("e0m4", [1, 1], k, n, 32)
+    x = np.random.default_rng(4).standard_normal((1, 1, k)).astype("float32")
+    plain = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    scheduled = _schedule(func)
+    assert DEQUANT_BLOCK in scheduled["main"].script()
+    outs = [_run(m, x, *qw.arrays().values(), out_shape=(1, 1, n)) for m in (plain, scheduled)]
+    np.testing.assert_allclose(outs[1], outs[0], rtol=2e-6, atol=1e-6)  # summation order only
