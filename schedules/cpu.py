@@ -14,14 +14,17 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
 from tvm.target import Target
 
-VECTOR_LANES = 16  # fp32 lanes per inner tile (AVX-512 width; AVX2 splits it in two)
+from .cpu_target import cpu_tiles
+
+VECTOR_LANES = 16  # fp32 lanes per inner tile of CPUMatmul (batched products; AVX2 splits it)
+PARALLEL_MIN_WORK = 16384  # a static loop nest with fewer iterations runs on one thread
 
 
 def _is_cpu(target: Target) -> bool:
     return target.kind.name in ("llvm", "c")
 
 
-def _prepare(func, target):
+def prepare(func, target):
     """A schedule of ``func`` with injective producers inlined, and its blocks; None if the rule
     does not apply (not a CPU target, or a function DLight cannot analyze)."""
     if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
@@ -38,7 +41,7 @@ class CPUMatmul(dl.ScheduleRule):
     loop outside a vectorized column tile, so ``B`` is streamed row by row (contiguous)."""
 
     def apply(self, func, target, _tunable):
-        prepared = _prepare(func, target)
+        prepared = prepare(func, target)
         if prepared is None:
             return None
         sch, infos = prepared
@@ -67,37 +70,64 @@ class CPUMatmul(dl.ScheduleRule):
         sch.vectorize(ji)
         sch.decompose_reduction(block, k)
         for epilogue in infos[1:]:
-            try:
+            try:  # (an epilogue that cannot move under the tile runs after the matmul)
                 sch.reverse_compute_at(epilogue.block_rv, jo)
-            except Exception:  # pylint: disable=broad-except
+            except s_tir.ScheduleError:
                 pass
         return sch
 
 
 class CPUParallel(dl.ScheduleRule):
-    """Everything else: inline what can be inlined, run the leading spatial loops of each block
-    in parallel."""
+    """Everything else: inline what can be inlined; per block, the innermost loop of an
+    elementwise block vectorized, and the leading spatial loops run in parallel when there is
+    enough work to pay for waking the thread pool (``PARALLEL_MIN_WORK`` iterations: a decode
+    step's norms and rotaries over one row stay on the calling thread; a parallel region costs a
+    few microseconds and waits for its slowest thread)."""
 
     def apply(self, func, target, _tunable):
-        prepared = _prepare(func, target)
+        prepared = prepare(func, target)
         if prepared is None:
             return None
         sch, infos = prepared
+        lanes = cpu_tiles(target).lanes
         for info in infos:
-            loops = sch.get_loops(info.block_rv)
+            block = info.block_rv
+            kinds = info.dom_kind()
+            loops = sch.get_loops(block)
+            if len(loops) != len(kinds):
+                continue
             lead = []
-            for loop, kind in zip(loops, info.dom_kind()):
+            for loop, kind in zip(loops, kinds):
                 if kind != "S":
                     break
                 lead.append(loop)
             if not lead:
                 continue
-            fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-            sch.parallel(fused)
+            work = _static_work(sch, loops)
+            last = sch.get(loops[-1]).extent
+            if len(lead) == len(loops) and isinstance(last, tirx.IntImm) \
+                    and int(last) % lanes == 0:  # elementwise: the innermost loop in vectors
+                outer, inner = sch.split(lead[-1], [None, lanes])
+                sch.vectorize(inner)
+                lead[-1] = outer
+            if work is None or work >= PARALLEL_MIN_WORK:
+                sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
         return sch
+
+
+def _static_work(sch, loops) -> int | None:
+    """The iterations of a loop nest, or None if one extent is symbolic."""
+    work = 1
+    for loop in loops:
+        extent = sch.get(loop).extent
+        if not isinstance(extent, tirx.IntImm):
+            return None
+        work *= int(extent)
+    return work
 
 
 def rules() -> list:
     from .cpu_dequant import CPUDequantMatmul  # 4-bit weights (tvm_lite.quant)
+    from .cpu_gemm import CPUWeightMatmul  # x @ W: prefill GEMM, decode GEMV
 
-    return [CPUDequantMatmul(), CPUMatmul(), CPUParallel()]
+    return [CPUDequantMatmul(), CPUWeightMatmul(), CPUMatmul(), CPUParallel()]

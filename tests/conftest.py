@@ -5,8 +5,17 @@ session reuses them.
 """
 
 import functools
+import os
 
 import pytest
+
+# pytest-xdist workers share the cores: each worker's TVM pool gets its share (tvm_lite would
+# otherwise give every process all physical cores: tvm_lite/cpu_threads.py)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "TVM_NUM_THREADS" not in os.environ:
+    from tvm_lite.cpu_threads import physical_cores
+
+    os.environ["TVM_NUM_THREADS"] = str(max(1, physical_cores()
+                                            // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_collection_modifyitems(items):

@@ -11,6 +11,10 @@ Attributes load lazily, so ``import tvm_lite`` works in a runtime-only TVM proce
 
 __version__ = "0.1.0"
 
+from . import cpu_threads as _cpu_threads
+
+_cpu_threads.configure()  # TVM's CPU pool: one thread per physical core (see cpu_threads.py)
+
 _EXPORTS = {
     "from_onnx": "tvm_lite.frontend",
     "OnnxImportError": "tvm_lite.frontend",
