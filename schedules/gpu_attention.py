@@ -28,7 +28,7 @@ from tvm.script import from_source
 from tvm.target import Target
 
 from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
-    kv_index, out_index, signature
+    kv_index, out_index, score, signature
 
 # rows: query rows per prefill workgroup (= its threads); threads: decode workgroup size;
 # local_bytes: local (shared) memory a prefill workgroup may use for its K/V tiles.
@@ -47,7 +47,7 @@ def _params(func) -> dict:
     return {k: (v if isinstance(v, (bool, int, float, str)) else
                 (bool(v) if k in ("mask_heads", "mask_rows", "decode", "merged_heads",
                                   "kv_squeezed") else
-                 float(v) if k == "scale" else
+                 float(v) if k in ("scale", "softcap") else
                  int(v) if k in ("heads", "kv_heads", "head_dim") else str(v)))
             for k, v in raw.items()}
 
@@ -100,7 +100,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                                 st[2] = {f32}(0)
                                 for d in {u}({D}):
                                     st[2] = st[2] + qr[d] * {f32}(ks[jj, d])
-                                st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask})
+                                st[2] = {score(p, "st[2]", mask)}
                                 if st[2] > st[0]:
                                     for d in {u}({D}):
                                         acc[d] = acc[d] * T.exp(st[0] - st[2])
@@ -156,7 +156,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                     st[2] = {f32}(0)
                     for d in {u}({D}):
                         st[2] = st[2] + qs[d] * {f32}({k_src})
-                    st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask})
+                    st[2] = {score(p, "st[2]", mask)}
                 ps[tx] = st[2]
                 T.tvm_storage_sync("shared")
                 st[4] = st[0]
