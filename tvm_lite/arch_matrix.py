@@ -64,7 +64,7 @@ ARCHITECTURES: dict[str, dict] = {
     "olmo2": {},
     "granite": {},
     "cohere": {},
-    "smollm3": {},
+    "smollm3": dict(pad_token_id=0),
 }
 
 
@@ -146,9 +146,10 @@ class Result:
 
 
 def _why(err: BaseException) -> str:
-    lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("(Refer to")]  # torch.onnx's footer
     text = lines[-1] if lines else ""
-    return f"{type(err).__name__}: {text}"[:300]
+    return f"{type(err).__name__}: {text}"[:300].replace("|", "/")
 
 
 def export(arch: str, exporter: str) -> Path:

@@ -166,6 +166,10 @@ class _Importer:
             self.stats["host_evaluated"] += 1
             return [host]
 
+        same = self._boolean_identity(node, inputs)
+        if same is not None:
+            return [same]
+
         if node.op_type == "Transpose" and node.output[0] in self._folded_transposes:
             return [self._folded_transposes[node.output[0]]]
 
@@ -193,6 +197,26 @@ class _Importer:
         if isinstance(out, relax.Expr) and isinstance(out.ty, relax.TupleType):
             return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out.ty.fields))]
         return [out]
+
+    def _boolean_identity(self, node, inputs):
+        """``x AND True``, ``x OR False``, ``x AND x``, ``x OR x`` are ``x``: the HF mask builders
+        start from a constant ``new_ones`` and AND every mask into it, which TVM would keep as
+        copy kernels."""
+        if node.op_type not in ("And", "Or") or len(inputs) != 2:
+            return None
+        if node.input[0] == node.input[1]:
+            return inputs[0]
+        neutral = node.op_type == "And"  # True for And, False for Or
+        for const, other in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
+            if not (isinstance(const, HostValue) and const.is_concrete) \
+                    or isinstance(other, HostValue):
+                continue
+            arr = np.asarray(const.array)
+            rank = len(other.ty.shape.values) if hasattr(other.ty, "shape") and \
+                hasattr(other.ty.shape, "values") else -1
+            if arr.size == 1 and arr.ndim <= rank and bool(arr.reshape(-1)[0]) == neutral:
+                return other
+        return None
 
     def _integer_power(self, inputs):
         """``Pow(x, k)`` with a constant small integer ``k`` (RMSNorm's ``x ** 2``) as ``k - 1``
