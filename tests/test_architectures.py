@@ -138,3 +138,24 @@ def test_window_slice_keeps_symbolic_shape():
     for length in (2, 4, 9):
         x = np.arange(length, dtype="float32")[None]
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), x[:, -4:])
+
+
+def test_compile_model_and_engine_take_the_same_inputs(tmp_path):
+    """An HF folder goes to compile_model and Engine as the CLI takes it; a file of another kind
+    is refused by name."""
+    from tvm_lite.artifact import ArtifactError, compile_model, onnx_input
+    from tvm_lite.engine import Engine
+
+    folder = arch_matrix.hf_folder("llama")
+    onnx = onnx_input(folder, progress=lambda _: None)
+    assert onnx.name == "model.onnx" and onnx_input(onnx.parent) == onnx
+    art = compile_model(folder, "llvm", progress=lambda *_: None)
+    assert art == compile_model(onnx, "llvm", progress=lambda *_: None)  # one cache entry
+    np.testing.assert_array_equal(Engine(folder).forward(Engine(folder).new_session(), [5, 17]),
+                                  Engine(art).forward(Engine(art).new_session(), [5, 17]))
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"\0")
+    with pytest.raises(ArtifactError, match=r"unsupported model input .*weights\.safetensors.*\.safetensors file"):
+        compile_model(bad, "llvm")
+    with pytest.raises(ArtifactError, match="unsupported model input .*a folder without model.onnx"):
+        Engine(tmp_path)

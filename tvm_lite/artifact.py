@@ -34,13 +34,28 @@ class ArtifactError(ValueError):
     """An artifact that cannot be built or loaded; the message names the file or setting."""
 
 
-def _onnx_file(model) -> Path:
+ACCEPTED_INPUTS = ("an ONNX file, an export folder with model.onnx, a .gguf file, or a Hugging "
+                   "Face model folder (config.json)")
+
+
+def onnx_input(model, exporter: str = "dynamo", progress=print) -> Path:
+    """What ``compile_model``, ``Engine`` and the CLI accept, as an ONNX file: an ONNX file or
+    export folder as given; a .gguf file or a Hugging Face folder exported first (cached);
+    anything else an error naming it."""
     path = Path(model)
-    if path.is_dir():
-        path = path / "model.onnx"
+    if path.is_dir() and (path / "model.onnx").exists():
+        return path / "model.onnx"
+    if path.is_file() and path.suffix == ".onnx":
+        return path
+    if (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").exists()):
+        from .export import export_onnx
+
+        return export_onnx(path, exporter=exporter, progress=progress) / "model.onnx"
     if not path.exists():
-        raise ArtifactError(f"ONNX model not found: {path}")
-    return path
+        raise ArtifactError(f"model not found: {path} (give {ACCEPTED_INPUTS})")
+    what = "a folder without model.onnx or config.json" if path.is_dir() \
+        else f"a {path.suffix or 'suffix-less'} file"
+    raise ArtifactError(f"unsupported model input {path}: {what}; give {ACCEPTED_INPUTS}")
 
 
 def _hash_file(path: Path, h) -> None:
@@ -117,6 +132,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
                   tuning_db=None, pipeline: str = "tvm_lite", fusion: bool = True,
                   fused_attention: bool = True) -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
+    A .gguf file or a Hugging Face folder is exported first (dynamo, cached): ``onnx_input``.
 
     ``kv_cache``: "inplace" (one cache per layer written in place) or "copy" (the exported
     past/present interface); ``memory_plan``: "arena" (activations in workspace buffers the
@@ -129,7 +145,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     ``fusion``, ``fused_attention``: see :func:`tvm_lite.build`."""
     from .target import parse_target
 
-    onnx_path = _onnx_file(model)
+    onnx_path = onnx_input(model, progress=progress)
     tgt = parse_target(target)
     if kv_cache not in ("inplace", "copy"):
         raise ArtifactError(f"kv_cache={kv_cache!r}: expected 'inplace' or 'copy'")

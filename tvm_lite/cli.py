@@ -81,11 +81,9 @@ def cmd_export(args):
 def cmd_compile(args):
     from .artifact import compile_model
 
-    model = args.model
-    if not (str(model).endswith(".onnx") or (Path(model) / "model.onnx").exists()):
-        from .export import export_onnx
+    from .artifact import onnx_input
 
-        model = export_onnx(model, exporter=args.exporter, progress=_log)
+    model = onnx_input(args.model, exporter=args.exporter, progress=_log)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
                         kv_cache=args.kv_cache, quant=_quant_config(args),
                         tuning_db=args.tuning_db)

@@ -41,7 +41,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from .artifact import LIBRARY, PARAMS, load_manifest
+from .artifact import LIBRARY, MANIFEST, PARAMS, load_manifest
 from .tokenizer import Tokenizer
 
 
@@ -120,6 +120,11 @@ class Engine:
         kernels between two flushes of the device queue during prefill (None: no slicing), and
         ``priority="low"`` asks for a low-priority queue where the runtime allows it."""
         self.path = Path(artifact)
+        if module is None and not (self.path / MANIFEST).exists():
+            # an ONNX file / export folder / .gguf / HF folder: compiled (cached) for the device
+            from .artifact import compile_model
+
+            self.path = compile_model(self.path, "cuda" if str(device).startswith("cuda") else "llvm")
         self.manifest = load_manifest(self.path)
         self.model = self.manifest.get("model", {})
         self.dev = _device(device) if isinstance(device, str) else device
