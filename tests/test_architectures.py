@@ -159,3 +159,18 @@ def test_compile_model_and_engine_take_the_same_inputs(tmp_path):
         compile_model(bad, "llvm")
     with pytest.raises(ArtifactError, match="unsupported model input .*a folder without model.onnx"):
         Engine(tmp_path)
+
+
+def test_window_cache_bytes_is_what_the_engine_allocates():
+    """The README's window-cache memory table is computed by ``window_cache_bytes``: its built
+    layout ("full") is what the engine allocates for the Gemma-3-like tiny model."""
+    from tvm_lite.engine import Engine
+
+    engine = Engine(arch_matrix.build("gemma3_text", "dynamo"))
+    for context in (8, 200):
+        assert engine.kv_cache_bytes(context) == arch_matrix.window_cache_bytes(
+            context, "full", num_layers=2, kv_heads=2, head_dim=16, window=arch_matrix.WINDOW,
+            global_every=2, itemsize=4)
+    ring = arch_matrix.window_cache_bytes(200, "ring", num_layers=2, kv_heads=2, head_dim=16,
+                                          window=arch_matrix.WINDOW, global_every=2, itemsize=4)
+    assert ring == (200 + arch_matrix.WINDOW) * 2 * 2 * 16 * 4

@@ -87,7 +87,10 @@ def _tiny_tokenizer(folder: Path) -> None:
 
 def hf_folder(arch: str) -> Path:
     """The tiny model's Hugging Face folder (made once, cached: seeded, so reproducible)."""
-    kwargs = config_kwargs(arch)
+    return _hf_folder_for(arch, config_kwargs(arch))
+
+
+def _hf_folder_for(arch: str, kwargs: dict) -> Path:
     key = hashlib.sha256(json.dumps([arch, kwargs], sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "arch_matrix" / f"{arch}-{key}"
     if (folder / "config.json").exists():
@@ -198,6 +201,79 @@ def check(arch: str, exporter: str, quant: bool = True) -> Result:
     return res
 
 
+# Gemma-3-1B's attention: 26 layers, 1 kv head of 256, window 512, five local layers to one global
+GEMMA3_1B = dict(num_layers=26, kv_heads=1, head_dim=256, window=512, global_every=6)
+
+
+def window_cache_bytes(context: int, layout: str, num_layers: int, kv_heads: int, head_dim: int,
+                       window: int, global_every: int, itemsize: int = 2) -> int:
+    """KV bytes a session holds at ``context`` tokens (fp16 by default), by cache layout:
+
+    ``full``     the in-place cache tvm_lite builds: every layer ``context`` rows (the window is
+                 applied in the mask), one instance;
+    ``copy``     the exported past/present interface: the same rows, twice alive during a step;
+    ``ring``     window layers ``min(context, window)`` rows, global layers ``context`` rows
+                 (a ring cache, written at position mod window: not built yet)."""
+    row = 2 * kv_heads * head_dim * itemsize  # K and V of one position in one layer
+    n_global = num_layers // global_every
+    if layout == "full":
+        return num_layers * context * row
+    if layout == "copy":
+        return 2 * num_layers * context * row
+    if layout == "ring":
+        return (n_global * context + (num_layers - n_global) * min(context, window)) * row
+    raise ValueError(f"layout {layout!r}: expected full, copy or ring")
+
+
+def memory_table(context: int = 8192) -> str:
+    lines = [f"| Gemma-3-1B-like KV cache at {context} tokens (fp16) | MB | vs full |", "|---|---|---|"]
+    full = window_cache_bytes(context, "full", **GEMMA3_1B)
+    for layout, label in (("copy", "past/present (exported interface, `kv_cache='copy'`)"),
+                          ("full", "in place, full length, window in the mask (built)"),
+                          ("ring", "in place, ring of `window` rows on local layers (not built)")):
+        b = window_cache_bytes(context, layout, **GEMMA3_1B)
+        lines.append(f"| {label} | {b / 1e6:.1f} | {b / full:.2f}x |")
+    return "\n".join(lines)
+
+
+def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16,
+                        repeats: int = 3) -> str:
+    """CPU decode tok/s of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each
+    context, next to the same model without a window; builds interleaved, median of repeats."""
+    import statistics
+
+    from .artifact import compile_model
+    from .engine import Engine
+    from .export import export_onnx
+
+    engines = {}
+    for label, win in (("window", window), ("no window", None)):
+        kwargs = dict(_COMMON, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                      num_key_value_heads=2, max_position_embeddings=max(contexts) + 64,
+                      sliding_window=win)
+        folder = _hf_folder_for("mistral", kwargs)
+        art = compile_model(export_onnx(folder, progress=lambda _: None), "llvm",
+                            progress=lambda *_: None)
+        engines[label] = Engine(art)
+    rows = ["| context | " + " | ".join(f"{k} decode tok/s" for k in engines) + " |",
+            "|---|" + "---|" * len(engines)]
+    rng = np.random.default_rng(0)
+    for ctx in contexts:
+        prompt = rng.integers(3, VOCAB, ctx).tolist()
+        times: dict = {k: [] for k in engines}
+        for _ in range(repeats):
+            for label, engine in engines.items():  # interleaved
+                session = engine.new_session()
+                token = int(engine.prefill_greedy(session, prompt))
+                start = time.perf_counter()
+                for _ in range(steps):
+                    token = engine.decode_greedy(session, token)
+                times[label].append(steps / (time.perf_counter() - start))
+        rows.append(f"| {ctx} | " + " | ".join(f"{statistics.median(t):.0f}" for t in times.values())
+                    + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     from tqdm import tqdm
 
@@ -206,7 +282,17 @@ def main(argv=None) -> None:
     parser.add_argument("--exporters", default="dynamo,torchscript")
     parser.add_argument("--no-quant", action="store_true", help="skip the E0M4 builds")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--memory", action="store_true",
+                        help="print the window-cache memory table (Gemma-3-1B-like, 8k) and stop")
+    parser.add_argument("--bench", action="store_true",
+                        help="CPU decode tok/s of a window model at contexts 512 and 4096, and stop")
     args = parser.parse_args(argv)
+    if args.memory:
+        print(memory_table())
+        return
+    if args.bench:
+        print(bench_window_decode())
+        return
     jobs = [(a, e) for a in args.archs.split(",") for e in args.exporters.split(",")]
     results = []
     for arch, exporter in tqdm(jobs, desc="architectures"):
