@@ -404,8 +404,9 @@ def _remaining_softmax(func) -> int:
     count = [0]
 
     def visit(e):
+        # attention scores are (1, H, n, T); a MoE router's softmax is (tokens, experts)
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) \
-                and e.op.name == "relax.nn.softmax":
+                and e.op.name == "relax.nn.softmax" and e.args[0].ty.ndim == 4:
             count[0] += 1
 
     relax.analysis.post_order_visit(func, visit)
