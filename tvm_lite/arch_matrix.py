@@ -274,6 +274,43 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
     return "\n".join(rows)
 
 
+def bench_moe_forms(steps: int = 16, repeats: int = 5) -> str:
+    """CPU decode tok/s of a Qwen2-MoE-like model (8 experts, top 2, hidden 256, expert FFN 512)
+    exported in the dense and the gather form (``export_onnx(experts=...)``); builds interleaved,
+    median of repeats, and whether both forms' greedy tokens agree."""
+    import statistics
+
+    from .artifact import compile_model
+    from .engine import Engine
+    from .export import export_onnx
+
+    kwargs = dict(_COMMON, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                  num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512,
+                  shared_expert_intermediate_size=512, decoder_sparse_step=1,
+                  max_position_embeddings=512)
+    folder = _hf_folder_for("qwen2_moe", kwargs)
+    engines = {form: Engine(compile_model(export_onnx(folder, experts=form, progress=lambda _: None),
+                                          "llvm", progress=lambda *_: None))
+               for form in ("dense", "gather")}
+    prompt = list(range(3, 60))
+    speed: dict = {k: [] for k in engines}
+    tokens: dict = {}
+    for _ in range(repeats):
+        for form, engine in engines.items():  # interleaved
+            session = engine.new_session()
+            token, out = engine.prefill_greedy(session, prompt), []
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = engine.decode_greedy(session, token)
+                out.append(token)
+            speed[form].append(steps / (time.perf_counter() - start))
+            tokens[form] = out
+    rows = ["| experts export | decode tok/s (median, min-max) |", "|---|---|"]
+    rows += [f"| {k} | {statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f}) |" for k, v in speed.items()]
+    rows.append(f"same greedy tokens: {tokens['dense'] == tokens['gather']}")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     from tqdm import tqdm
 
@@ -286,12 +323,17 @@ def main(argv=None) -> None:
                         help="print the window-cache memory table (Gemma-3-1B-like, 8k) and stop")
     parser.add_argument("--bench", action="store_true",
                         help="CPU decode tok/s of a window model at contexts 512 and 4096, and stop")
+    parser.add_argument("--bench-moe", action="store_true",
+                        help="CPU decode tok/s of a MoE exported dense vs gather, and stop")
     args = parser.parse_args(argv)
     if args.memory:
         print(memory_table())
         return
     if args.bench:
         print(bench_window_decode())
+        return
+    if args.bench_moe:
+        print(bench_moe_forms())
         return
     jobs = [(a, e) for a in args.archs.split(",") for e in args.exporters.split(",")]
     results = []

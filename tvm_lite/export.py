@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 EXPORTERS = ("dynamo", "torchscript")
+EXPERT_FORMS = ("dense", "gather")
 DEFAULT_MODEL = "smollm2"
 MODEL_JSON = "tvm_lite_model.json"
 EXPORT_VERSION = 1  # bump when the exported interface changes
@@ -228,14 +229,20 @@ def _param_bytes(model) -> int:
 
 
 def export_onnx(source=None, out_dir=None, exporter: str = "dynamo", dtype: str = "float32",
-                force: bool = False, progress=print) -> Path:
+                force: bool = False, progress=print, experts: str = "dense") -> Path:
     """Export ``source`` (a .gguf file, a HF folder, or None for the default model) to
-    ``out_dir/model.onnx`` (default: the cache) and return that folder."""
+    ``out_dir/model.onnx`` (default: the cache) and return that folder. ``experts`` (mixtures of
+    experts): "dense" (every expert computed, weighted by the router: the default, see
+    ``_dense_experts_forward``) or "gather" (transformers' ``batched_mm``: the picked experts'
+    weights gathered per token; not quantizable to 4 bits here, kept for comparisons)."""
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if experts not in EXPERT_FORMS:
+        raise ExportError(f"unknown experts form {experts!r}: choose one of {', '.join(EXPERT_FORMS)}")
     src = _resolve_source(source)
     if out_dir is None:
-        key = hashlib.sha256(f"{_source_fingerprint(src)}:{exporter}:{dtype}:{EXPORT_VERSION}".encode())
+        form = "" if experts == "dense" else f":{experts}"
+        key = hashlib.sha256(f"{_source_fingerprint(src)}:{exporter}:{dtype}:{EXPORT_VERSION}{form}".encode())
         out_dir = cache_dir() / "exports" / f"{src.stem}-{exporter}-{key.hexdigest()[:12]}"
     out_dir = Path(out_dir)
     if (out_dir / "model.onnx").exists() and (out_dir / MODEL_JSON).exists() and not force:
@@ -243,16 +250,20 @@ def export_onnx(source=None, out_dir=None, exporter: str = "dynamo", dtype: str 
     with cache_lock(out_dir):  # one process exports; another asking waits and reuses it
         if (out_dir / "model.onnx").exists() and (out_dir / MODEL_JSON).exists() and not force:
             return out_dir
-        return _export(src, out_dir, exporter, dtype, progress)
+        return _export(src, out_dir, exporter, dtype, progress, experts)
 
 
-def _export(src: Path, out_dir: Path, exporter: str, dtype: str, progress) -> Path:
+def _export(src: Path, out_dir: Path, exporter: str, dtype: str, progress,
+            experts: str = "dense") -> Path:
     """export_onnx's work, once it holds the folder's lock."""
     import torch
 
     progress(f"exporting {src.name} with torch.onnx ({exporter}) -> {out_dir}")
     model, tok = load_hf_model(src, dtype)
-    _densify_experts(model)
+    if experts == "dense":
+        _densify_experts(model)
+    else:
+        model.set_experts_implementation("batched_mm")
     cfg = model.config
     layers = cfg.num_hidden_layers
     kv_heads, head_dim = _kv_shape(cfg)
