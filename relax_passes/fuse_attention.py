@@ -27,8 +27,8 @@ profile. The function emitted here is target independent: a plain loop nest, par
 
 What is left unfused, with a warning naming the softmax: any attention whose K/V are not views of
 the in-place cache, a softmax not over the last axis, a scale that is not a scalar constant, an
-extra op between the scores and the softmax (logit soft-capping, attention sinks...), or a mask
-that does not broadcast to ``(1, H, n, T)``. A sliding window expressed in the mask (as the HF
+extra op between the scores and the softmax other than logit soft-capping ``c * tanh(x / c)``
+(which the kernels apply), or a mask that does not broadcast to ``(1, H, n, T)``. A sliding window expressed in the mask (as the HF
 exports do) is honoured, since the mask is read as given.
 """
 
@@ -52,15 +52,30 @@ PARAMS_ATTR = "tvm_lite.attention"  # heads, kv_heads, head_dim, dtype, scale, m
 # -- the kernel (target independent) ---------------------------------------------------------------
 def attention_params(heads: int, kv_heads: int, head_dim: int, dtype: str, scale: float,
                      mask_dtype: str, mask_heads: bool, mask_rows: bool, decode: bool,
-                     merged_heads: bool = False, kv_squeezed: bool = False) -> dict:
+                     merged_heads: bool = False, kv_squeezed: bool = False,
+                     softcap: float = 0.0) -> dict:
     """Everything that shapes an attention kernel; stored on the PrimFunc (``PARAMS_ATTR``) for the
     schedule rules, which rebuild the kernel for their target from it."""
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
-    return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                scale=float(scale), mask_dtype=mask_dtype, mask_heads=bool(mask_heads),
-                mask_rows=bool(mask_rows), decode=bool(decode), merged_heads=bool(merged_heads),
-                kv_squeezed=bool(kv_squeezed))
+    p = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+             scale=float(scale), mask_dtype=mask_dtype, mask_heads=bool(mask_heads),
+             mask_rows=bool(mask_rows), decode=bool(decode), merged_heads=bool(merged_heads),
+             kv_squeezed=bool(kv_squeezed))
+    if softcap:
+        p["softcap"] = float(softcap)  # (absent = none: the kernels of other models keep their key)
+    return p
+
+
+def score(p: dict, dot: str, mask: str) -> str:
+    """The TIR expression of one attention score (fp32) from the raw dot product ``dot`` and the
+    mask element ``mask``: ``dot * scale``, soft-capped as ``c * tanh(x / c)`` (Gemma 2) when the
+    kernel has a ``softcap``, plus the mask. Every kernel (CPU and GPU) computes scores by it."""
+    x = f"{dot} * T.float32({p['scale']!r})"
+    if p.get("softcap"):
+        c = p["softcap"]
+        x = f"T.float32({c!r}) * T.tanh({x} * T.float32({1.0 / c!r}))"
+    return f"{x} + T.float32({mask})"
 
 
 def signature(p: dict) -> tuple[str, str, str]:
@@ -165,7 +180,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
             for jj in range({keys}):
 {fold}
                 if {j} < m:
-                    sc[jj] = part[jj, 0] * {f32}({p["scale"]!r}) + {f32}({mask_index(p, h, i, j)})
+                    sc[jj] = {score(p, "part[jj, 0]", mask_index(p, h, i, j))}
                     st[2] = T.max(st[2], sc[jj])
             if st[2] > st[0]:
                 for d in T.vectorized({D}):
@@ -212,14 +227,19 @@ def _attention_pattern():
     scale, inv_scale = is_const(), is_const()
     scaled = is_op("relax.multiply")(scores_c, scale) | is_op("relax.divide")(scores_c, inv_scale) \
         | scores_c
-    masked = is_op("relax.add")(scaled, mask) | is_op("relax.add")(mask, scaled)
+    # logit soft-capping (Gemma 2): c * tanh(x / c), the division written either way
+    cap_in, cap_in_inv, cap_out = is_const(), is_const(), is_const()
+    capped = is_op("relax.multiply")(is_op("relax.tanh")(
+        is_op("relax.divide")(scaled, cap_in) | is_op("relax.multiply")(scaled, cap_in_inv)), cap_out)
+    masked = is_op("relax.add")(scaled | capped, mask) | is_op("relax.add")(mask, scaled | capped)
     softmax = is_op("relax.nn.softmax")(_optional_cast(masked))
     out = is_op("relax.matmul")(_optional_cast(softmax), v_full)
     # the heads merged back for the output projection: (1, H, n, D) -> (1, n, H * D)
     merged_t = is_op("relax.permute_dims")(out)
     merged = is_op("relax.reshape")(merged_t, wildcard())
     names = dict(q=q, mask=mask, k_view=k_view, v_view=v_view, k_t=k_t, scores=scores,
-                 scale=scale, inv_scale=inv_scale, softmax=softmax, out=out, merged_t=merged_t,
+                 scale=scale, inv_scale=inv_scale, cap_in=cap_in, cap_in_inv=cap_in_inv,
+                 cap_out=cap_out, softmax=softmax, out=out, merged_t=merged_t,
                  merged=merged,
                  **{f"k_{k}": p for k, p in k_parts.items()},
                  **{f"v_{k}": p for k, p in v_parts.items()})
@@ -299,6 +319,12 @@ class _Fuser:
             self.refused.append(str(err))
             return expr
 
+    def _scalar(self, m, name) -> float:
+        c = m[self.names[name]].value.numpy()
+        if c.size != 1:
+            raise _Refused(f"{name} is a tensor of shape {c.shape}, not a scalar")
+        return float(c.reshape(()))
+
     def _rewrite(self, expr, m):
         names = self.names
         q, mask, out = m[names["q"]], m[names["mask"]], m[names["out"]]
@@ -325,6 +351,15 @@ class _Fuser:
                 if c.size != 1:
                     raise _Refused(f"scale is a tensor of shape {c.shape}, not a scalar")
                 scale = float(c.reshape(())) if which == "scale" else 1.0 / float(c.reshape(()))
+        softcap = 0.0
+        if names["cap_out"] in m:
+            c_out = self._scalar(m, "cap_out")
+            c_in = self._scalar(m, "cap_in") if names["cap_in"] in m \
+                else 1.0 / self._scalar(m, "cap_in_inv")
+            if not np.isclose(c_in, c_out, rtol=1e-6):
+                raise _Refused(f"tanh between the scores and the softmax is not a soft-cap "
+                               f"c*tanh(x/c): divides by {c_in}, multiplies by {c_out}")
+            softcap = c_out
         # the scores' dtype before the softmax cast is the mask add's dtype
         mshape = _shape(mask)
         mdtype = str(mask.ty.dtype)
@@ -354,7 +389,8 @@ class _Fuser:
                 return expr  # another consumer layout: the plain pattern fuses the attention
             out, out_ty = merged, relax.TensorType(got, dtype)
         p = attention_params(heads, kv, head_dim, dtype, scale, mdtype, mh == heads, rows, decode,
-                             self.merged_heads, len(_shape(m[names["k_view"]])) == 2)
+                             self.merged_heads, len(_shape(m[names["k_view"]])) == 2,
+                             softcap)
         key = tuple(sorted(p.items()))
         if key not in self.kernels:
             name = "attention_decode" if decode else "attention_prefill"
@@ -370,8 +406,9 @@ def _remaining_softmax(func) -> int:
     count = [0]
 
     def visit(e):
+        # attention scores are (1, H, n, T); a MoE router's softmax is (tokens, experts)
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) \
-                and e.op.name == "relax.nn.softmax":
+                and e.op.name == "relax.nn.softmax" and e.args[0].ty.ndim == 4:
             count[0] += 1
 
     relax.analysis.post_order_visit(func, visit)
@@ -422,11 +459,14 @@ class FuseAttention:
         return relax.transform.DeadCodeElimination()(out)
 
 
-def reference_numpy(q, k, v, mask, scale, groups):
+def reference_numpy(q, k, v, mask, scale, groups, softcap=0.0):
     """numpy attention with the kernel's semantics (for tests): q (1,H,n,D), k/v (T,KV,D)."""
     kk = np.repeat(k.transpose(1, 0, 2), groups, axis=0).astype("float64")
     vv = np.repeat(v.transpose(1, 0, 2), groups, axis=0).astype("float64")
-    s = np.einsum("hnd,htd->hnt", q[0].astype("float64"), kk) * scale + mask[0].astype("float64")
+    s = np.einsum("hnd,htd->hnt", q[0].astype("float64"), kk) * scale
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    s = s + mask[0].astype("float64")
     s = np.exp(s - s.max(-1, keepdims=True))
     s /= s.sum(-1, keepdims=True)
     return np.einsum("hnt,htd->hnd", s, vv)[None]

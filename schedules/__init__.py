@@ -20,7 +20,10 @@ from __future__ import annotations
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from . import cpu, gpu_attention
+from . import gpu_attention
+from .cpu import CPUMatmul, CPUParallel
+from .cpu_dequant import CPUDequantMatmul
+from .cpu_gemm import CPUWeightMatmul
 from .fused_norm import FusedRMSNorm
 from .gpu_gemm import GPUPrefillGEMM
 from .gpu_gemv import GPUDecodeGEMV
@@ -59,7 +62,8 @@ def gpu_rules(profile: GPUProfile) -> list:
 def rules_for(target: Target) -> list:
     name = profile_of(target)
     if name == "cpu":
-        return cpu.rules()
+        # 4-bit weights (tvm_lite.quant), x @ W (prefill GEMM, decode GEMV), other matmuls, the rest
+        return [CPUDequantMatmul(), CPUWeightMatmul(), CPUMatmul(), CPUParallel()]
     return gpu_rules(gpu_profile(name))
 
 

@@ -124,10 +124,3 @@ def _static_work(sch, loops) -> int | None:
             return None
         work *= int(extent)
     return work
-
-
-def rules() -> list:
-    from .cpu_dequant import CPUDequantMatmul  # 4-bit weights (tvm_lite.quant)
-    from .cpu_gemm import CPUWeightMatmul  # x @ W: prefill GEMM, decode GEMV
-
-    return [CPUDequantMatmul(), CPUWeightMatmul(), CPUMatmul(), CPUParallel()]

@@ -28,7 +28,7 @@ from tvm.target import Target
 from .gpu_attention_decode import decode_kernel as split_decode_kernel
 from .profiles import fit_to_target, gpu_profile
 from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
-    kv_index, out_index, signature
+    kv_index, out_index, score, signature
 from .gpu_attention_prefill import prefill_kernel
 
 # threads: decode workgroup size, and the SIMT prefill kernel's; local_bytes: local (shared)
@@ -46,7 +46,7 @@ def _params(func) -> dict:
     return {k: (v if isinstance(v, (bool, int, float, str)) else
                 (bool(v) if k in ("mask_heads", "mask_rows", "decode", "merged_heads",
                                   "kv_squeezed") else
-                 float(v) if k == "scale" else
+                 float(v) if k in ("scale", "softcap") else
                  int(v) if k in ("heads", "kv_heads", "head_dim") else str(v)))
             for k, v in raw.items()}
 
@@ -94,7 +94,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                     st[2] = {f32}(0)
                     for d in {u}({D}):
                         st[2] = st[2] + qs[d] * {f32}({k_src})
-                    st[2] = st[2] * {f32}({p["scale"]!r}) + {f32}({mask})
+                    st[2] = {score(p, "st[2]", mask)}
                 ps[tx] = st[2]
                 T.tvm_storage_sync("shared")
                 st[4] = st[0]
@@ -139,7 +139,11 @@ class Attention(dl.ScheduleRule):
         p = _params(func)
         tile = TILES[profile]
         max_threads = int(target.attrs.get("max_num_threads", 256))
-        if p["decode"]:  # flash-decoding: schedules/gpu_attention_decode.py
+        if p.get("softcap"):  # logit soft-capping (Gemma 2): only the per-head kernels take it
+            if not p["decode"]:
+                return None  # the tiled prefill kernels have no soft-cap yet: DLight's rules
+            kernel = decode_kernel(p, tile, max_threads)
+        elif p["decode"]:  # flash-decoding: schedules/gpu_attention_decode.py
             kernel = split_decode_kernel(p, fit_to_target(gpu_profile(profile), target),
                                          max_threads)
         else:

@@ -41,13 +41,28 @@ class ArtifactError(UserError):
     """An artifact that cannot be built or loaded; the message names the file or setting."""
 
 
-def _onnx_file(model) -> Path:
+ACCEPTED_INPUTS = ("an ONNX file, an export folder with model.onnx, a .gguf file, or a Hugging "
+                   "Face model folder (config.json)")
+
+
+def onnx_input(model, exporter: str = "dynamo", progress=print) -> Path:
+    """What ``compile_model``, ``Engine`` and the CLI accept, as an ONNX file: an ONNX file or
+    export folder as given; a .gguf file or a Hugging Face folder exported first (cached);
+    anything else an error naming it."""
     path = Path(model)
-    if path.is_dir():
-        path = path / "model.onnx"
+    if path.is_dir() and (path / "model.onnx").exists():
+        return path / "model.onnx"
+    if path.is_file() and path.suffix == ".onnx":
+        return path
+    if (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").exists()):
+        from .export import export_onnx
+
+        return export_onnx(path, exporter=exporter, progress=progress) / "model.onnx"
     if not path.exists():
-        raise ArtifactError(f"ONNX model not found: {path}")
-    return path
+        raise ArtifactError(f"model not found: {path} (give {ACCEPTED_INPUTS})")
+    what = "a folder without model.onnx or config.json" if path.is_dir() \
+        else f"a {path.suffix or 'suffix-less'} file"
+    raise ArtifactError(f"unsupported model input {path}: {what}; give {ACCEPTED_INPUTS}")
 
 
 def _hash_file(path: Path, h) -> None:
@@ -122,6 +137,7 @@ def _export_library(ex, path: Path, target) -> None:
 def compile_model(model, target="llvm", out_dir=None, force: bool = False, progress=print,
                   options: BuildOptions | None = None, **fields) -> Path:
     """ONNX (file, or an export folder with tokenizer + tvm_lite_model.json) -> artifact folder.
+    A .gguf file or a Hugging Face folder is exported first (dynamo, cached): ``onnx_input``.
 
     ``options``: a :class:`tvm_lite.options.BuildOptions` (``kv_cache``, ``memory_plan``,
     ``quant``, ``tuning_db``, ``pipeline``, ``fusion``, ``fused_attention``: documented there);
@@ -135,7 +151,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     from .target import parse_target  # (tvm.target: not in a runtime-only process, which loads)
 
     opts = BuildOptions.of(options, **fields)
-    onnx_path = _onnx_file(model)
+    onnx_path = onnx_input(model, progress=progress)
     tgt = parse_target(target)
     if opts.kv_cache == KV_AUTO:  # a decoder with past (checked on import): in place
         opts = opts.replace(kv_cache=KV_INPLACE)

@@ -33,13 +33,9 @@ def cmd_export(args):
 
 
 def cmd_compile(args):
-    from .artifact import compile_model
+    from .artifact import compile_model, onnx_input
 
-    model = args.model
-    if not (str(model).endswith(".onnx") or (Path(model) / "model.onnx").exists()):
-        from .export import export_onnx
-
-        model = export_onnx(model, exporter=args.exporter, progress=_log)
+    model = onnx_input(args.model, exporter=args.exporter, progress=_log)
     options = BuildOptions(kv_cache=args.kv_cache, quant=_quant_config(args),
                            tuning_db=args.tuning_db)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,

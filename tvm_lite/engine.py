@@ -38,7 +38,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from . import convention as cv
-from .artifact import LIBRARY, PARAMS, check_artifact
+from .artifact import LIBRARY, MANIFEST, PARAMS, check_artifact
 from .gpu_slice import GpuSlicer, Submissions, no_instrument, set_priority
 from .runners import LocalLink, make_runner, read_convention
 from .tokenizer import Tokenizer
@@ -131,6 +131,11 @@ class Engine:
         kernels between two flushes of the device queue during prefill (None: no slicing), and
         ``priority="low"`` asks for a low-priority queue where the runtime allows it."""
         self.path = Path(artifact)
+        if module is None and not (self.path / MANIFEST).exists():
+            # an ONNX file / export folder / .gguf / HF folder: compiled (cached) for the device
+            from .artifact import compile_model
+
+            self.path = compile_model(self.path, "cuda" if str(device).startswith("cuda") else "llvm")
         self.manifest = check_artifact(self.path, local=link is None)  # version, files
         self.model = self.manifest.get("model", {})
         if module is None and link is None:  # locally: at once if this TVM cannot run it

@@ -26,6 +26,7 @@ from .atomic import remove_stale_temps
 from .errors import UserError
 
 EXPORTERS = ("dynamo", "torchscript")
+EXPERT_FORMS = ("dense", "gather")
 DEFAULT_MODEL = "smollm2"
 MODEL_JSON = "tvm_lite_model.json"
 EXPORT_VERSION = 1  # bump when the exported interface changes
@@ -131,7 +132,10 @@ def _decoder_with_past(model):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=cfg)
+            # full-length layers for every layer, sliding-window ones included: each present is
+            # past + new rows (the window is applied by the attention mask, which transformers
+            # builds from the config), so every layer has the same interface
+            cache = DynamicCache()
             for i in range(layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -142,6 +146,53 @@ def _decoder_with_past(model):
             return (out.logits, *presents)
 
     return DecoderWithPast().eval()
+
+
+def _dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """A mixture of experts with every expert computed and weighted by the router (zero for the
+    experts a token did not pick): plain matmuls on 2-D weights, so the export has no
+    data-dependent shapes, and the weights quantize like any MLP's. (transformers' own forward
+    loops over the experts the batch picked: a `nonzero()` torch's ONNX conversion cannot trace.)"""
+    import torch
+
+    experts = torch.arange(self.num_experts, device=top_k_index.device)
+    picked = (top_k_index[..., None] == experts).to(top_k_weights.dtype)  # (tokens, k, experts)
+    weights = (picked * top_k_weights[..., None]).sum(dim=1)  # (tokens, experts)
+    out = torch.zeros_like(hidden_states)
+    for e in range(self.num_experts):
+        h = self.act_fn(hidden_states @ self.dense_gate[e]) * (hidden_states @ self.dense_up[e])
+        out = out + (h @ self.dense_down[e]) * weights[:, e:e + 1]
+    return out.to(hidden_states.dtype)
+
+
+def _densify_experts(model) -> int:
+    """Give every transformers experts module (3-D ``gate_up_proj``/``down_proj`` weights) the
+    dense forward above, with one (in, out) weight per expert and projection; returns how many
+    modules were changed. Other expert layouts are refused by name."""
+    import types
+
+    import torch
+
+    count = 0
+    for name, module in model.named_modules():
+        if not (hasattr(module, "down_proj") and isinstance(module.down_proj, torch.nn.Parameter)
+                and module.down_proj.ndim == 3):
+            continue
+        if not hasattr(module, "gate_up_proj") or getattr(module, "has_bias", False) \
+                or getattr(module, "is_transposed", False) \
+                or not getattr(module, "is_concatenated", True):
+            raise ExportError(f"experts module '{name}' ({type(module).__name__}): only concatenated "
+                              "[gate; up] expert weights without biases are exported")
+        gate, up = module.gate_up_proj.detach().chunk(2, dim=1)  # (E, I, H) each
+        as_params = lambda w: torch.nn.ParameterList(  # noqa: E731  (E, out, in) -> E x (in, out)
+            [torch.nn.Parameter(x.T.contiguous(), requires_grad=False) for x in w])
+        module.dense_gate, module.dense_up = as_params(gate), as_params(up)
+        module.dense_down = as_params(module.down_proj.detach())
+        module.num_experts = module.gate_up_proj.shape[0]
+        del module.gate_up_proj, module.down_proj  # not exported twice
+        module.forward = types.MethodType(_dense_experts_forward, module)
+        count += 1
+    return count
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -186,14 +237,20 @@ def _param_bytes(model) -> int:
 
 
 def export_onnx(source=None, out_dir=None, exporter: str = "dynamo", dtype: str = "float32",
-                force: bool = False, progress=print) -> Path:
+                force: bool = False, progress=print, experts: str = "dense") -> Path:
     """Export ``source`` (a .gguf file, a HF folder, or None for the default model) to
-    ``out_dir/model.onnx`` (default: the cache) and return that folder."""
+    ``out_dir/model.onnx`` (default: the cache) and return that folder. ``experts`` (mixtures of
+    experts): "dense" (every expert computed, weighted by the router: the default, see
+    ``_dense_experts_forward``) or "gather" (transformers' ``batched_mm``: the picked experts'
+    weights gathered per token; not quantizable to 4 bits here, kept for comparisons)."""
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    if experts not in EXPERT_FORMS:
+        raise ExportError(f"unknown experts form {experts!r}: choose one of {', '.join(EXPERT_FORMS)}")
     src = _resolve_source(source)
     if out_dir is None:
-        key = hashlib.sha256(f"{_source_fingerprint(src)}:{exporter}:{dtype}:{EXPORT_VERSION}".encode())
+        form = "" if experts == "dense" else f":{experts}"
+        key = hashlib.sha256(f"{_source_fingerprint(src)}:{exporter}:{dtype}:{EXPORT_VERSION}{form}".encode())
         out_dir = cache_dir() / "exports" / f"{src.stem}-{exporter}-{key.hexdigest()[:12]}"
     out_dir = Path(out_dir)
     if (out_dir / "model.onnx").exists() and (out_dir / MODEL_JSON).exists() and not force:
@@ -201,15 +258,20 @@ def export_onnx(source=None, out_dir=None, exporter: str = "dynamo", dtype: str 
     with cache_lock(out_dir):  # one process exports; another asking waits and reuses it
         if (out_dir / "model.onnx").exists() and (out_dir / MODEL_JSON).exists() and not force:
             return out_dir
-        return _export(src, out_dir, exporter, dtype, progress)
+        return _export(src, out_dir, exporter, dtype, progress, experts)
 
 
-def _export(src: Path, out_dir: Path, exporter: str, dtype: str, progress) -> Path:
+def _export(src: Path, out_dir: Path, exporter: str, dtype: str, progress,
+            experts: str = "dense") -> Path:
     """export_onnx's work, once it holds the folder's lock."""
     import torch
 
     progress(f"exporting {src.name} with torch.onnx ({exporter}) -> {out_dir}")
     model, tok = load_hf_model(src, dtype)
+    if experts == "dense":
+        _densify_experts(model)
+    else:
+        model.set_experts_implementation("batched_mm")
     cfg = model.config
     layers = cfg.num_hidden_layers
     kv_heads, head_dim = _kv_shape(cfg)

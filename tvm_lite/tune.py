@@ -100,11 +100,11 @@ def tuning_target(target, num_cores: int | None = None):
 def import_model(model, quant=None, log=print):
     """An ONNX file / export folder imported (and 4-bit quantized with ``quant``, a
     ``tvm_lite.quant.QuantConfig``) as the build would import it."""
-    from tvm_lite.artifact import _onnx_file
+    from tvm_lite.artifact import onnx_input
     from tvm_lite.frontend import from_onnx
 
     log(f"importing {model}")
-    onnx_path = _onnx_file(model)
+    onnx_path = onnx_input(model, progress=log)
     mod = from_onnx(onnx_path)
     if quant is not None:
         from tvm_lite.quant.quantize import quantize_module, tokenizer_of

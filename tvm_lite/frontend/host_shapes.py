@@ -158,8 +158,8 @@ _BINARY = {
     "LessOrEqual": _cmp(operator.le),
     "Greater": _cmp(operator.gt),
     "GreaterOrEqual": _cmp(operator.ge),
-    "And": lambda a, b: bool(a) and bool(b),
-    "Or": lambda a, b: bool(a) or bool(b),
+    "And": lambda a, b: tirx.And(a, b) if (_is_sym(a) or _is_sym(b)) else bool(a) and bool(b),
+    "Or": lambda a, b: tirx.Or(a, b) if (_is_sym(a) or _is_sym(b)) else bool(a) or bool(b),
 }
 _BOOL_RESULT = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or"}
 
@@ -172,9 +172,9 @@ def _elementwise(fn, arrays, out_dtype):
     if out_dtype == "bool":
         for idx in np.ndindex(out.shape):
             decided = _prove(out[idx])
-            if decided is None:
-                return None  # a symbolic condition: not decidable on the host
-            out[idx] = decided
+            # a condition the analyzer cannot decide stays a symbolic boolean (``past_seq < 4``):
+            # a Where over it becomes a select of sizes, still known on the host
+            out[idx] = out[idx] if decided is None else decided
     return _make(out, out_dtype)
 
 
@@ -228,8 +228,11 @@ def _cast(node, inputs):
     x = inputs[0]
     if x.is_concrete:
         return HostValue(x.array.astype(to), to)
-    if np.dtype(to).kind in "iu":
-        return HostValue(x.array, to)  # symbolic dims stay integer expressions
+    if np.dtype(to).kind in "iu":  # symbolic dims stay integer expressions
+        if x.dtype == "bool":  # a symbolic condition as 0/1
+            return _make(np.vectorize(lambda v: tirx.Cast("int64", v) if _is_sym(v) else int(v),
+                                      otypes=[object])(x.array), to)
+        return HostValue(x.array, to)
     return None
 
 
@@ -307,9 +310,19 @@ def _range(node, inputs):
 
 def _where(node, inputs):
     cond, x, y = inputs
-    c = cond.numpy().astype(bool)
-    arrays = np.broadcast_arrays(c, x.array.astype(object), y.array.astype(object))
-    return _make(np.where(arrays[0], arrays[1], arrays[2]), x.dtype)
+    if cond.is_concrete:
+        c = cond.numpy().astype(bool)
+        arrays = np.broadcast_arrays(c, x.array.astype(object), y.array.astype(object))
+        return _make(np.where(arrays[0], arrays[1], arrays[2]), x.dtype)
+    if np.dtype(x.dtype).kind not in "iu":
+        return None
+    # symbolic conditions over sizes: a select of sizes (TVM's Select, both sides are sizes)
+    def select(c, a, b):
+        if not _is_sym(c):
+            return a if c else b
+        return tirx.Select(c, tirx.const(a, "int64") if not _is_sym(a) else a,
+                           tirx.const(b, "int64") if not _is_sym(b) else b)
+    return _elementwise(select, [cond, x, y], x.dtype)
 
 
 def _unary(fn):
@@ -319,6 +332,8 @@ def _unary(fn):
 
 
 def _not(node, inputs):
+    if not inputs[0].is_concrete:
+        return _elementwise(lambda v: tirx.Not(v) if _is_sym(v) else not v, inputs[:1], "bool")
     return from_constant(np.logical_not(inputs[0].numpy()))
 
 

@@ -172,6 +172,14 @@ class _Importer:
             self.stats["host_evaluated"] += 1
             return [host]
 
+        same = self._boolean_identity(node, inputs)
+        if same is not None:
+            return [same]
+        if node.op_type == "Concat":
+            inputs = self._without_empty(node, inputs)
+            if len(inputs) == 1:
+                return [inputs[0]]
+
         if node.op_type == "Transpose" and node.output[0] in self._folded_transposes:
             return [self._folded_transposes[node.output[0]]]
 
@@ -199,6 +207,44 @@ class _Importer:
         if isinstance(out, relax.Expr) and isinstance(out.ty, relax.TupleType):
             return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out.ty.fields))]
         return [out]
+
+    @staticmethod
+    def _without_empty(node, inputs):
+        """Concat's inputs without the tensors of size 0 on the concat axis: TorchScript exports
+        of a rotary over the whole head keep the empty pass-through slice ``x[..., rot:]``, and
+        a kernel over an empty axis breaks the schedules (a divide by zero in TVM's analyzer)."""
+        axis = host_shapes._attr(node, "axis")
+
+        def empty(v):
+            if isinstance(v, HostValue) or not hasattr(v.ty, "shape") \
+                    or not hasattr(v.ty.shape, "values"):
+                return False
+            dims = v.ty.shape.values
+            d = dims[axis % len(dims)]
+            return isinstance(d, tvm.tirx.IntImm) and int(d) == 0
+
+        kept = [v for v in inputs if not empty(v)]
+        return kept if kept else inputs[:1]
+
+    def _boolean_identity(self, node, inputs):
+        """``x AND True``, ``x OR False``, ``x AND x``, ``x OR x`` are ``x``: the HF mask builders
+        start from a constant ``new_ones`` and AND every mask into it, which TVM would keep as
+        copy kernels."""
+        if node.op_type not in ("And", "Or") or len(inputs) != 2:
+            return None
+        if node.input[0] == node.input[1]:
+            return inputs[0]
+        neutral = node.op_type == "And"  # True for And, False for Or
+        for const, other in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
+            if not (isinstance(const, HostValue) and const.is_concrete) \
+                    or isinstance(other, HostValue):
+                continue
+            arr = np.asarray(const.array)
+            rank = len(other.ty.shape.values) if hasattr(other.ty, "shape") and \
+                hasattr(other.ty.shape, "values") else -1
+            if arr.size == 1 and arr.ndim <= rank and bool(arr.reshape(-1)[0]) == neutral:
+                return other
+        return None
 
     def _integer_power(self, inputs):
         """``Pow(x, k)`` with a constant small integer ``k`` (RMSNorm's ``x ** 2``) as ``k - 1``

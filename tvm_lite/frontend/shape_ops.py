@@ -195,7 +195,14 @@ def materialize(bb: relax.BlockBuilder, value: HostValue) -> relax.Expr:
             return expr
         return te.compute(shape, element, name="host_value")
 
-    return bb.emit_te(fill, flat, primfunc_name_hint="fill_from_host_dims")
+    out = bb.emit_te(fill, flat, primfunc_name_hint="fill_from_host_dims")
+    # Kept out of fusion (op_pattern 8: opaque, a tiny kernel): it takes the model's size vars as
+    # scalar arguments, and TVM 0.27's FuseTIR fails on a fused function that passes such a var
+    # both as a scalar and in a shape ("Check failed: (VarRemapGet(source) == nullptr)"), as the
+    # cache positions of the HF sliding-window masks do.
+    gv = bb.lookup_binding(out).args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))
+    return out
 
 
 # op type -> (converter, indices of the inputs that are shape arguments and stay host values)

@@ -1,0 +1,352 @@
+"""The architecture matrix: every decoder family through the same export -> import -> build path.
+
+Each architecture is a tiny random-weight model built from its transformers config (seeded; hidden
+64, 2 layers, a 512-token vocabulary, a sliding window of 4 where the family has one), exported by
+each torch exporter, compiled for llvm, and run by the :class:`~tvm_lite.engine.Engine` as a user
+would: a prefill, a second prefill chunk after it, then single-token decode steps past the window.
+Every position's logits are compared with transformers' own forward over the whole sequence (fp32).
+An E0M4 (RTN, g32) build of the same export must run too.
+
+    python -m tvm_lite.arch_matrix [--archs llama,gemma2] [--exporters dynamo,torchscript]
+
+prints the table the README shows. ``tests/test_architectures.py`` runs the same checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .export import cache_dir, cache_lock
+
+TOLERANCE = 1e-4  # fp32 logits against torch
+WINDOW = 4  # the sliding window of the families that have one: the test sequence runs well past it
+VOCAB = 512
+# token ids of the check: a prefill of 5, a chunk of 3 after it, then 4 decode steps (12 > WINDOW)
+IDS = [5, 17, 300, 42, 9, 100, 7, 250, 3, 61, 480, 11]
+PREFILL, CHUNK = 5, 3
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=False)
+_SLIDING = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+
+# architecture -> config overrides on top of _COMMON (None drops a _COMMON key)
+ARCHITECTURES: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=WINDOW),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen2_moe": dict(_MOE, shared_expert_intermediate_size=64, decoder_sparse_step=1),
+    "qwen3": dict(head_dim=32),
+    "qwen3_moe": dict(_MOE, head_dim=16, decoder_sparse_step=1),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(_SLIDING, head_dim=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   query_pre_attn_scalar=16),
+    "gemma3_text": dict(_SLIDING, head_dim=16, rope_local_base_freq=10000.0,
+                        query_pre_attn_scalar=16),
+    "phi": dict(num_key_value_heads=None),
+    "phi3": dict(sliding_window=WINDOW, pad_token_id=0),
+    "stablelm": {},
+    "starcoder2": dict(sliding_window=WINDOW),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, hidden_size=None,
+                 intermediate_size=None, num_hidden_layers=None, num_attention_heads=None,
+                 num_key_value_heads=None, max_position_embeddings=None),
+    "gpt_neox": dict(num_key_value_heads=None),
+    "olmo2": {},
+    "granite": {},
+    "cohere": {},
+    "smollm3": dict(pad_token_id=0),
+}
+
+
+def config_kwargs(arch: str) -> dict:
+    kwargs = {**_COMMON, **ARCHITECTURES[arch]}
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _tiny_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary (the matrix compares logits, not text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(folder))
+
+
+def hf_folder(arch: str) -> Path:
+    """The tiny model's Hugging Face folder (made once, cached: seeded, so reproducible)."""
+    return _hf_folder_for(arch, config_kwargs(arch))
+
+
+def _hf_folder_for(arch: str, kwargs: dict) -> Path:
+    key = hashlib.sha256(json.dumps([arch, kwargs], sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir() / "arch_matrix" / f"{arch}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    with cache_lock(folder):
+        if not (folder / "config.json").exists():
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            torch.manual_seed(0)
+            cfg = AutoConfig.for_model(arch, **kwargs)
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+            with torch.no_grad():  # random, not-too-small norms and biases: every term counts
+                for name, p in model.named_parameters():
+                    if p.ndim == 1:
+                        p.add_(0.1 * torch.randn_like(p))
+            tmp = folder.with_name(folder.name + ".tmp")
+            model.save_pretrained(tmp)
+            _tiny_tokenizer(tmp)
+            tmp.rename(folder)
+    return folder
+
+
+def torch_logits(arch: str) -> np.ndarray:
+    """transformers' logits of every position of IDS (one forward, no cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_folder(arch)), attn_implementation="eager",
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0].numpy()
+
+
+def engine_logits(engine) -> np.ndarray:
+    """The engine's logits of every position of IDS: prefill, a chunk, then one token at a time."""
+    session = engine.new_session()
+    rows = [engine.forward(session, IDS[:PREFILL]), engine.forward(session, IDS[PREFILL:PREFILL + CHUNK])]
+    rows += [engine.forward(session, [t]) for t in IDS[PREFILL + CHUNK:]]
+    return np.concatenate(rows, axis=0)
+
+
+@dataclass
+class Result:
+    arch: str
+    exporter: str
+    status: str  # "ok", "mismatch", or the stage that failed ("export", "compile", ...)
+    max_diff: float | None = None
+    e0m4: str = ""  # "runs", or why not
+    reason: str = ""
+    seconds: float = 0.0
+
+    def row(self) -> str:
+        diff = "" if self.max_diff is None else f"{self.max_diff:.1e}"
+        return f"| {self.arch} | {self.exporter} | {self.status} | {diff} | {self.e0m4} | {self.reason} |"
+
+
+def _why(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("(Refer to")]  # torch.onnx's footer
+    text = lines[-1] if lines else ""
+    return f"{type(err).__name__}: {text}"[:300].replace("|", "/")
+
+
+def export(arch: str, exporter: str) -> Path:
+    from .export import export_onnx
+
+    return export_onnx(hf_folder(arch), exporter=exporter, progress=lambda _: None)
+
+
+def build(arch: str, exporter: str, quant: bool = False) -> Path:
+    from .artifact import compile_model
+
+    q = None
+    if quant:
+        from .quant import QuantConfig
+
+        q = QuantConfig("e0m4", "rtn", 32)
+    return compile_model(export(arch, exporter), "llvm", quant=q, progress=lambda *_: None)
+
+
+def check(arch: str, exporter: str, quant: bool = True) -> Result:
+    """Export, build, run and compare one architecture with one exporter."""
+    from .engine import Engine
+
+    start = time.time()
+    stage = "export"
+    try:
+        export(arch, exporter)
+        stage = "compile"
+        art = build(arch, exporter)
+        stage = "run"
+        got = engine_logits(Engine(art))
+        ref = torch_logits(arch)
+        diff = float(np.abs(got - ref).max())
+        res = Result(arch, exporter, "ok" if diff <= TOLERANCE else "mismatch", diff)
+        if quant:
+            stage = "e0m4"
+            q = engine_logits(Engine(build(arch, exporter, quant=True)))
+            res.e0m4 = "runs" if np.isfinite(q).all() else "non-finite logits"
+    except Exception as err:  # the matrix reports every failure and goes on
+        if stage == "e0m4":
+            res.e0m4 = f"fails: {_why(err)}"
+        else:
+            res = Result(arch, exporter, f"fails ({stage})", reason=_why(err))
+            traceback.print_exc()
+    res.seconds = time.time() - start
+    return res
+
+
+# Gemma-3-1B's attention: 26 layers, 1 kv head of 256, window 512, five local layers to one global
+GEMMA3_1B = dict(num_layers=26, kv_heads=1, head_dim=256, window=512, global_every=6)
+
+
+def window_cache_bytes(context: int, layout: str, num_layers: int, kv_heads: int, head_dim: int,
+                       window: int, global_every: int, itemsize: int = 2) -> int:
+    """KV bytes a session holds at ``context`` tokens (fp16 by default), by cache layout:
+
+    ``full``     the in-place cache tvm_lite builds: every layer ``context`` rows (the window is
+                 applied in the mask), one instance;
+    ``copy``     the exported past/present interface: the same rows, twice alive during a step;
+    ``ring``     window layers ``min(context, window)`` rows, global layers ``context`` rows
+                 (a ring cache, written at position mod window: not built yet)."""
+    row = 2 * kv_heads * head_dim * itemsize  # K and V of one position in one layer
+    n_global = num_layers // global_every
+    if layout == "full":
+        return num_layers * context * row
+    if layout == "copy":
+        return 2 * num_layers * context * row
+    if layout == "ring":
+        return (n_global * context + (num_layers - n_global) * min(context, window)) * row
+    raise ValueError(f"layout {layout!r}: expected full, copy or ring")
+
+
+def memory_table(context: int = 8192) -> str:
+    lines = [f"| Gemma-3-1B-like KV cache at {context} tokens (fp16) | MB | vs full |", "|---|---|---|"]
+    full = window_cache_bytes(context, "full", **GEMMA3_1B)
+    for layout, label in (("copy", "past/present (exported interface, `kv_cache='copy'`)"),
+                          ("full", "in place, full length, window in the mask (built)"),
+                          ("ring", "in place, ring of `window` rows on local layers (not built)")):
+        b = window_cache_bytes(context, layout, **GEMMA3_1B)
+        lines.append(f"| {label} | {b / 1e6:.1f} | {b / full:.2f}x |")
+    return "\n".join(lines)
+
+
+def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16,
+                        repeats: int = 3) -> str:
+    """CPU decode tok/s of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each
+    context, next to the same model without a window; builds interleaved, median of repeats."""
+    import statistics
+
+    from .artifact import compile_model
+    from .engine import Engine
+    from .export import export_onnx
+
+    engines = {}
+    for label, win in (("window", window), ("no window", None)):
+        kwargs = dict(_COMMON, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                      num_key_value_heads=2, max_position_embeddings=max(contexts) + 64,
+                      sliding_window=win)
+        folder = _hf_folder_for("mistral", kwargs)
+        art = compile_model(export_onnx(folder, progress=lambda _: None), "llvm",
+                            progress=lambda *_: None)
+        engines[label] = Engine(art)
+    rows = ["| context | " + " | ".join(f"{k} decode tok/s" for k in engines) + " |",
+            "|---|" + "---|" * len(engines)]
+    rng = np.random.default_rng(0)
+    for ctx in contexts:
+        prompt = rng.integers(3, VOCAB, ctx).tolist()
+        times: dict = {k: [] for k in engines}
+        for _ in range(repeats):
+            for label, engine in engines.items():  # interleaved
+                session = engine.new_session()
+                token = int(engine.prefill_greedy(session, prompt))
+                start = time.perf_counter()
+                for _ in range(steps):
+                    token = engine.decode_greedy(session, token)
+                times[label].append(steps / (time.perf_counter() - start))
+        rows.append(f"| {ctx} | " + " | ".join(f"{statistics.median(t):.0f}" for t in times.values())
+                    + " |")
+    return "\n".join(rows)
+
+
+def bench_moe_forms(steps: int = 16, repeats: int = 5) -> str:
+    """CPU decode tok/s of a Qwen2-MoE-like model (8 experts, top 2, hidden 256, expert FFN 512)
+    exported in the dense and the gather form (``export_onnx(experts=...)``); builds interleaved,
+    median of repeats, and whether both forms' greedy tokens agree."""
+    import statistics
+
+    from .artifact import compile_model
+    from .engine import Engine
+    from .export import export_onnx
+
+    kwargs = dict(_COMMON, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                  num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512,
+                  shared_expert_intermediate_size=512, decoder_sparse_step=1,
+                  max_position_embeddings=512)
+    folder = _hf_folder_for("qwen2_moe", kwargs)
+    engines = {form: Engine(compile_model(export_onnx(folder, experts=form, progress=lambda _: None),
+                                          "llvm", progress=lambda *_: None))
+               for form in ("dense", "gather")}
+    prompt = list(range(3, 60))
+    speed: dict = {k: [] for k in engines}
+    tokens: dict = {}
+    for _ in range(repeats):
+        for form, engine in engines.items():  # interleaved
+            session = engine.new_session()
+            token, out = engine.prefill_greedy(session, prompt), []
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = engine.decode_greedy(session, token)
+                out.append(token)
+            speed[form].append(steps / (time.perf_counter() - start))
+            tokens[form] = out
+    rows = ["| experts export | decode tok/s (median, min-max) |", "|---|---|"]
+    rows += [f"| {k} | {statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f}) |" for k, v in speed.items()]
+    rows.append(f"same greedy tokens: {tokens['dense'] == tokens['gather']}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    from tqdm import tqdm
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default=",".join(ARCHITECTURES))
+    parser.add_argument("--exporters", default="dynamo,torchscript")
+    parser.add_argument("--no-quant", action="store_true", help="skip the E0M4 builds")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--memory", action="store_true",
+                        help="print the window-cache memory table (Gemma-3-1B-like, 8k) and stop")
+    parser.add_argument("--bench", action="store_true",
+                        help="CPU decode tok/s of a window model at contexts 512 and 4096, and stop")
+    parser.add_argument("--bench-moe", action="store_true",
+                        help="CPU decode tok/s of a MoE exported dense vs gather, and stop")
+    args = parser.parse_args(argv)
+    if args.memory:
+        print(memory_table())
+        return
+    if args.bench:
+        print(bench_window_decode())
+        return
+    if args.bench_moe:
+        print(bench_moe_forms())
+        return
+    jobs = [(a, e) for a in args.archs.split(",") for e in args.exporters.split(",")]
+    results = []
+    for arch, exporter in tqdm(jobs, desc="architectures"):
+        results.append(check(arch, exporter, quant=not args.no_quant))
+        tqdm.write(results[-1].row() + f" ({results[-1].seconds:.0f} s)")
+    print("\n| architecture | exporter | result | max abs diff | E0M4 build | why not |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(r.row())
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()
