@@ -31,20 +31,26 @@ from __future__ import annotations
 import json
 
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 
 from ..convention import (ALLOC_PARAMS, DECODE, DECODERS, KV_CACHE_ATTR, KV_COPY, KV_INPLACE, MAIN,
                           METADATA, METADATA_VERSION, PAST_LEN, PREFILL_STEP, DECODE_STEP,
                           TUPLED_ENTRIES, WORKSPACE_PREFIX)
 
 
+def _dim(d):
+    """A dim as JSON: an int, or a symbolic one as its expression (``past_seq + seq``)."""
+    return int(d) if isinstance(d, tirx.IntImm) else str(d)
+
+
 def _type(ty) -> list:
-    """[dtype or kind, shape] of a parameter's type, dims as strings (symbolic ones by name)."""
+    """[dtype or kind, shape] of a parameter's type (dims: :func:`_dim`)."""
     if isinstance(ty, relax.TensorType):
-        shape = [str(d) for d in ty.shape.values] if isinstance(ty.shape, relax.ShapeExpr) else None
+        shape = [_dim(d) for d in ty.shape.values] if isinstance(ty.shape, relax.ShapeExpr) \
+            else None
         return [str(ty.dtype), shape]
     if isinstance(ty, relax.ShapeType):
-        return ["shape", [str(v) for v in ty.values] if ty.values is not None else None]
+        return ["shape", [_dim(v) for v in ty.values] if ty.values is not None else None]
     if isinstance(ty, relax.TupleType):
         return ["tuple", [len(ty.fields)]]
     return [type(ty).__name__, None]

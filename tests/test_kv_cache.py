@@ -205,7 +205,7 @@ def test_the_model_describes_its_calling_convention(artifact, engine):
     assert desc == eng.convention == load_manifest(artifact("dynamo"))["convention"]
     assert desc["kv_cache"] == "inplace" and desc["decoders"] == ["prefill", "decode"]
     assert desc["tupled"] and desc["steps"] and isinstance(eng.runner, InPlace)
-    assert desc["kv_caches"]["count"] == 60 and desc["kv_caches"]["row_shape"] == ["3", "64"]
+    assert desc["kv_caches"]["count"] == 60 and desc["kv_caches"]["row_shape"] == [3, 64]
     assert desc["weights"]["count"] == len(eng.params) and desc["weights"]["tupled"]
     assert desc["workspace"]["count"] == len(eng.runner.workspace["prefill"]) > 0
     prefill = [p[0] for p in desc["entries"]["prefill"]]
