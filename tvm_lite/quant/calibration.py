@@ -26,16 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import tvm
-from tvm import relax
 
 CALIBRATION_FRACTION = 0.6  # the first 60 % of the corpus (by characters) is calibration text
 
 
 def corpus() -> str:
-    import pydoc_data.topics as topics
+    from .corpora import domain_text
 
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    return domain_text("docs")
 
 
 def calibration_text() -> str:
@@ -159,8 +157,11 @@ def self_samples(reference, tokenizer, n_tokens: int, key: str, progress=None) -
     return samples
 
 
-def _exposing_module(mod: tvm.IRModule, inputs: list) -> tvm.IRModule:
+def _exposing_module(mod, inputs: list):
     """``mod`` whose ``main`` returns ``inputs`` (Vars bound in its dataflow block)."""
+    import tvm
+    from tvm import relax
+
     func = mod["main"]
     body = func.body
     blocks = list(body.blocks)
@@ -178,8 +179,10 @@ def _exposing_module(mod: tvm.IRModule, inputs: list) -> tvm.IRModule:
     return relax.transform.DeadCodeElimination(["main"])(out)
 
 
-def _inputs_for(func: relax.Function, ids: list[int]) -> list[np.ndarray]:
+def _inputs_for(func, ids: list[int]) -> list[np.ndarray]:
     """The model's non-weight inputs for one sequence ``ids`` from position 0 (empty past)."""
+    import tvm
+
     n_in = int(func.attrs["num_input"])
     names = list(func.attrs["tvm_lite.input_names"])
     n = len(ids)
@@ -211,10 +214,12 @@ def _inputs_for(func: relax.Function, ids: list[int]) -> list[np.ndarray]:
     return args
 
 
-def collect(mod: tvm.IRModule, uses: list, chunks: list[list[int]], progress=None) -> dict:
+def collect(mod, uses: list, chunks: list[list[int]], progress=None) -> dict:
     """``{weight name: InputStats}`` for the matmul ``uses`` (WeightUse), over ``chunks`` of
     token ids. Uses that share an input share one InputStats."""
+    import tvm
     from tqdm import tqdm
+    from tvm import relax
 
     from tvm_lite.compiler import build, detach_params
 

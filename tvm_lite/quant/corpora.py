@@ -26,6 +26,8 @@ Every function returns plain text; :mod:`.calibration` and :mod:`.evaluate` toke
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sysconfig
 from pathlib import Path
 
@@ -160,8 +162,27 @@ def chat_renderer(tokenizer):
                                             bos_token="", eos_token="")
 
 
+def _dumped(name: str):
+    """Domain ``name``'s text from ``$TVM_LITE_CORPORA`` (a JSON file :func:`dump` wrote), or None."""
+    path = os.environ.get("TVM_LITE_CORPORA")
+    if not path:
+        return None
+    return json.loads(Path(path).read_text()).get(name)
+
+
+def dump(path, render) -> None:
+    """Write every domain's text (chat domains rendered by ``render``) to ``path`` as JSON, so a
+    machine with another Python (or without tvm_ffi) reads the same text through
+    ``$TVM_LITE_CORPORA``."""
+    names = ("docs", *[d for d in CALIBRATION_DOMAINS if d not in ("docs", "self")], *EVAL_DOMAINS)
+    Path(path).write_text(json.dumps({d: domain_text(d, render) for d in names}))
+
+
 def domain_text(name: str, render=None) -> str:
     """The text of domain ``name``; ``render(messages)`` (the chat template) for chat domains."""
+    dumped = _dumped(name)
+    if dumped is not None:
+        return dumped
     plain = {"docs": docs, "code": code, "prose": prose, "news": news, "c": c}
     if name in plain:
         return plain[name]()
@@ -173,4 +194,4 @@ def domain_text(name: str, render=None) -> str:
                       f"evaluation domains {EVAL_DOMAINS}")
 
 
-__all__ = ["CALIBRATION_DOMAINS", "EVAL_DOMAINS", "CorpusError", "chat_renderer", "domain_text"]
+__all__ = ["CALIBRATION_DOMAINS", "EVAL_DOMAINS", "CorpusError", "chat_renderer", "domain_text", "dump"]

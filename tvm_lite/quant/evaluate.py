@@ -99,12 +99,15 @@ def row_sets(group_sizes=(32, 128)) -> dict[str, list[tuple[str, object]]]:
     """The tables ``tvm-lite quality --rows`` prints: (name, QuantConfig | "fp32" | "fp16")."""
     base = [("fp16", "fp16")]  # fp32 = fp16 to 0.01 perplexity (``--rows fp32`` for the row)
     main, ablation, fmt = list(base), list(base), list(base)
+    # the rows the targets need first (int4-RTN and the best E0M4 method at every group size)
     for g in group_sizes:
         main += [(f"int4-RTN g{g}", QuantConfig("int4", "rtn", g)),
-                 (f"E0M4-RTN g{g}", QuantConfig("e0m4", "rtn", g)),
-                 (f"E0M4-AWQ+GPTQ g{g}", QuantConfig("e0m4", "awq+gptq", g, clip_weighted=True)),
+                 (f"E0M4-AWQ+GPTQ g{g}", QuantConfig("e0m4", "awq+gptq", g, clip_weighted=True))]
+    for g in group_sizes:
+        main += [(f"E0M4-RTN g{g}", QuantConfig("e0m4", "rtn", g)),
                  (f"E0M4-GPTQ g{g}", QuantConfig("e0m4", "gptq", g)),
                  (f"E0M4-AWQ g{g}", QuantConfig("e0m4", "awq", g))]
+    for g in group_sizes:
         if g == group_sizes[0]:  # what each ingredient adds, at the first group size
             ablation += [
                 (f"int4-RTN g{g}", QuantConfig("int4", "rtn", g)),
@@ -171,50 +174,62 @@ def evaluate(folder, configs, eval_tokens: int = 1024, domains=EVAL_DOMAINS, bac
 
 
 def _evaluate_torch(folder: Path, configs, eval_tokens, domains, progress, on_row, keep_dir):
-    from tvm_lite.frontend import from_onnx
-    from tvm_lite.relax_passes.quantize_weight_matmuls import find_weight_uses
+    """The torch backend: no TVM; the projections by their module names, calibration through
+    PyTorch hooks, on the GPU when there is one."""
+    import torch
 
-    from .quantize import quantize_weights, shared_calibration, tokenizer_of
+    from . import calibration
+    from .quantize import _weights_digest, quantize_matrices, tokenizer_of
     from .reference import Reference
 
-    mod = from_onnx(folder / "model.onnx")
-    func = mod["main"]
-    values = dict(zip([str(n) for n in func.attrs["tvm_lite.param_names"]], func.attrs["params"]))
-    matmuls = [u for u in find_weight_uses(mod) if u.kind == "matmul" and u.role == "proj"]
-    ref = Reference(folder, {u.name: values[u.name].numpy() for u in matmuls})
+    ref = Reference(folder, device="cuda" if torch.cuda.is_available() else "cpu")
+    arrays = ref.arrays()
+    digest = _weights_digest(list(arrays), list(arrays.values()))
     tok = tokenizer_of(folder)
     seqs = domain_sequences(tok, domains, eval_tokens)
+    groups = ref.input_groups(seqs[domains[0]][0][:64])
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PARIS_PROMPT}]))
     eos = (json.loads((folder / "tvm_lite_model.json").read_text()).get("stop_token_ids") or [None])[0]
+    calibrated: dict = {}  # (tokens, domains) -> (stats, seconds)
     rows = []
-    with shared_calibration():
-        for name, cfg in configs:
-            t0 = time.perf_counter()
-            ref.use(None)
-            extra = {"bytes/weight": 4.0}
-            if cfg == "fp16":
-                ref.round_to_fp16()
-                extra["bytes/weight"] = 2.0
-            elif cfg != "fp32":
-                if cfg.include_lm_head or cfg.include_embedding:
-                    raise ValueError("the torch backend quantizes the projections only "
-                                     "(the lm_head is tied to the embedding); use --backend tvm")
-                weights = quantize_weights(mod, cfg, tok, progress, reference=ref)
-                ref.use(weights)
-                extra = {"bytes/weight": _quant_bytes(weights),
-                         "quantize s": sum(qw.info.get("seconds", 0.0) for qw in
-                                           {id(q): q for q in weights.values()}.values())}
-            ppl = {}
-            for d, chunks in seqs.items():
-                ppl[d] = float(np.exp(np.mean([np.log(ref.perplexity(c)) for c in chunks])))
-            answer = tok.decode(ref.greedy(prompt, 24, eos))
-            row = _row(name, ppl, ("paris" in answer.lower(), answer), **extra,
-                       seconds=time.perf_counter() - t0)
-            rows.append(row)
-            progress(f"[{name}] " + ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()) +
-                     f", Paris: {row['paris']}")
-            if on_row is not None:
-                on_row(row)
+    for name, cfg in configs:
+        t0 = time.perf_counter()
+        ref.use(None)
+        extra = {"bytes/weight": 4.0}
+        if cfg == "fp16":
+            ref.round_to_fp16()
+            extra["bytes/weight"] = 2.0
+        elif cfg != "fp32":
+            if cfg.include_lm_head or cfg.include_embedding:
+                raise ValueError("the torch backend quantizes the projections only "
+                                 "(the lm_head is tied to the embedding); use --backend tvm")
+            stats, cal_s = {}, 0.0
+            if cfg.needs_calibration:
+                key = (cfg.calib_tokens, cfg.calib_domains)
+                if key not in calibrated:
+                    t_cal = time.perf_counter()
+                    share = cfg.calib_tokens // len(cfg.calib_domains)
+                    samples = calibration.self_samples(ref, tok, share, digest, progress) \
+                        if "self" in cfg.calib_domains else None
+                    chunks = calibration.mixed_chunks(tok, cfg.calib_tokens, cfg.calib_domains, samples)
+                    calibrated[key] = (ref.collect(groups, chunks, progress), time.perf_counter() - t_cal)
+                stats, cal_s = calibrated[key]
+            t_q = time.perf_counter()
+            weights = quantize_matrices(arrays, cfg, stats, progress)
+            extra = {"bytes/weight": _quant_bytes(weights), "quantize s": time.perf_counter() - t_q,
+                     "calibration s": cal_s}
+            ref.use(weights)
+        ppl = {}
+        for d, chunks in seqs.items():
+            ppl[d] = float(np.exp(np.mean([np.log(ref.perplexity(c)) for c in chunks])))
+        answer = tok.decode(ref.greedy(prompt, 24, eos))
+        row = _row(name, ppl, ("paris" in answer.lower(), answer), **extra,
+                   seconds=time.perf_counter() - t0)
+        rows.append(row)
+        progress(f"[{name}] " + ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()) +
+                 f", Paris: {row['paris']}")
+        if on_row is not None:
+            on_row(row)
     ref.use(None)
     return rows
 
@@ -375,3 +390,11 @@ def run(args, log=print) -> None:
         print(json.dumps(rows, indent=1))
     else:
         print(format_table(rows, columns(domains)))
+
+
+if __name__ == "__main__":  # python -m tvm_lite.quant.evaluate: the same as tvm-lite quality
+    import argparse
+
+    parser = argparse.ArgumentParser(description="4-bit weights: perplexity per domain, Paris, sizes")
+    add_arguments(parser)
+    run(parser.parse_args())

@@ -201,6 +201,62 @@ def _selected(uses, config: QuantConfig) -> list:
     return keep
 
 
+_POOL_JOB: tuple | None = None  # (arrays, config, stats) for the worker processes (forked)
+
+
+def _quantize_one(name: str):
+    from . import awq, gptq, rtn
+
+    arrays, config, stats = _POOL_JOB
+    w = arrays[name]
+    clip = rtn.DEFAULT_CLIP_RATIOS if config.clip_search else (1.0,)
+    t0 = time.perf_counter()
+    if config.method == "rtn":
+        qw = rtn.rtn(w, config.format, config.group_size, clip_ratios=clip,
+                     bias_weight=config.rtn_bias_weight)
+    elif config.method == "gptq":
+        qw = gptq.gptq(w, stats[name].hessian, config.format, config.group_size,
+                       percdamp=config.gptq_damp, act_order=config.act_order, clip_ratios=clip,
+                       clip_weighted=config.clip_weighted)
+    elif config.method == "awq":
+        st = stats[name]
+        qw = awq.awq(w, st.hessian, st.mean_abs, config.format, config.group_size, clip_ratios=clip)
+    else:
+        st = stats[name]
+        qw = awq.awq_gptq(w, st.hessian, st.mean_abs, config.format, config.group_size,
+                          percdamp=config.gptq_damp, act_order=config.act_order,
+                          clip_ratios=clip, clip_weighted=config.clip_weighted)
+    qw.info["seconds"] = round(time.perf_counter() - t0, 3)
+    return name, qw
+
+
+def quantize_matrices(arrays: dict, config: QuantConfig, stats: dict, progress=print,
+                      workers: int | None = None) -> dict:
+    """``{name: QuantizedWeight}`` for ``arrays`` (``{name: [K, N]}``) by ``config``'s method;
+    ``stats`` ``{name: InputStats}`` for GPTQ/AWQ. The matrices are independent, so they are
+    quantized by ``workers`` forked processes (default ``$TVM_LITE_QUANT_WORKERS`` or 1)."""
+    import multiprocessing
+    import os
+
+    from tqdm import tqdm
+
+    global _POOL_JOB
+    workers = workers or int(os.environ.get("TVM_LITE_QUANT_WORKERS", "1"))
+    names = list(arrays)
+    _POOL_JOB = (arrays, config, stats)
+    bar = dict(total=len(names), desc=f"quantizing ({config.label})", unit="matrix",
+               disable=progress is None)
+    try:
+        if workers > 1 and len(names) > 1:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(names))) as pool:
+                done = dict(tqdm(pool.imap_unordered(_quantize_one, names), **bar))
+        else:
+            done = dict(tqdm(map(_quantize_one, names), **bar))
+    finally:
+        _POOL_JOB = None
+    return {name: done[name] for name in names}
+
+
 def _calibrate(mod, uses, arrays: dict, config: QuantConfig, tokenizer, digest: str, reference,
                progress) -> dict:
     """Calibration statistics per matmul weight: through the export's PyTorch source when it
@@ -291,32 +347,11 @@ def quantize_weights(mod, config: QuantConfig, tokenizer=None, progress=print,
     clip = rtn.DEFAULT_CLIP_RATIOS if config.clip_search else (1.0,)
     out: dict = {}
     todo = [u for u in uses if u.kind == "matmul"]
-    done: dict = {}
-    for u in tqdm(todo, desc=f"quantizing ({config.label})", unit="matrix", disable=progress is None):
-        if u.name in done:
-            continue
-        w = arrays[u.name]
-        t0 = time.perf_counter()
-        if config.method == "rtn":
-            qw = rtn.rtn(w, config.format, config.group_size, clip_ratios=clip,
-                         bias_weight=config.rtn_bias_weight)
-        elif config.method == "gptq":
-            qw = gptq.gptq(w, stats[u.name].hessian, config.format, config.group_size,
-                           percdamp=config.gptq_damp, act_order=config.act_order, clip_ratios=clip,
-                           clip_weighted=config.clip_weighted)
-        elif config.method == "awq":
-            st = stats[u.name]
-            qw = awq.awq(w, st.hessian, st.mean_abs, config.format, config.group_size, clip_ratios=clip)
-        else:
-            st = stats[u.name]
-            qw = awq.awq_gptq(w, st.hessian, st.mean_abs, config.format, config.group_size,
-                              percdamp=config.gptq_damp, act_order=config.act_order,
-                              clip_ratios=clip, clip_weighted=config.clip_weighted)
-        qw.info["role"] = u.role
-        qw.info["seconds"] = round(time.perf_counter() - t0, 3)
-        if u is todo[0] and stats:
-            qw.info["calibration_seconds"] = round(t_cal, 2)
-        done[u.name] = qw
+    done = quantize_matrices({u.name: arrays[u.name] for u in todo}, config, stats, progress)
+    for u in todo:
+        done[u.name].info["role"] = u.role
+    if stats:
+        done[todo[0].name].info["calibration_seconds"] = round(t_cal, 2)
     for u in uses:
         if u.kind == "matmul":
             out[u.name] = done[u.name]

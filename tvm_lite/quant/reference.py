@@ -46,26 +46,54 @@ def source_of(folder) -> Path:
 class Reference:
     """The source model in PyTorch with its Linears matched to the Relax module's weight names."""
 
-    def __init__(self, folder, weights: dict[str, np.ndarray]):
-        """``weights``: ``{parameter name: [K, N] array}`` of the matmuls to match."""
+    def __init__(self, folder, weights: dict[str, np.ndarray] | None = None, device: str = "cpu"):
+        """``weights``: ``{parameter name: [K, N] array}`` of the Relax module's matmuls to match;
+        None: every Linear but the output head, by its module name (no TVM needed)."""
         import torch
 
         from tvm_lite.export import load_hf_model
 
         self.torch = torch
+        self.device = device
         self.model, self.hf_tokenizer = load_hf_model(source_of(folder))
         self.model.requires_grad_(False)
-        by_digest = {}
-        for mname, m in self.model.named_modules():
-            if isinstance(m, torch.nn.Linear):
-                by_digest.setdefault(_digest(m.weight.detach().numpy().T), m)
-        self.linear = {}
-        for name, w in weights.items():
-            m = by_digest.get(_digest(w))
-            if m is None:
-                raise ReferenceUnavailable(f"weight {name} {w.shape} matches no nn.Linear of the source")
-            self.linear[name] = m
+        self.model.to(device)
+        vocab = self.model.config.vocab_size
+        linears = [(n, m) for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
+        if weights is None:
+            self.linear = {n: m for n, m in linears if m.out_features != vocab}
+        else:
+            by_digest = {}
+            for _, m in linears:
+                by_digest.setdefault(_digest(m.weight.detach().cpu().numpy().T), m)
+            self.linear = {}
+            for name, w in weights.items():
+                m = by_digest.get(_digest(w))
+                if m is None:
+                    raise ReferenceUnavailable(f"weight {name} {w.shape} matches no nn.Linear of the source")
+                self.linear[name] = m
         self.original = {name: m.weight.detach().clone() for name, m in self.linear.items()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{name: [K, N] float32}``: the matched Linears' weights as the export holds them."""
+        return {name: np.ascontiguousarray(w.cpu().numpy().T) for name, w in self.original.items()}
+
+    def input_groups(self, ids: list[int]) -> list[list[str]]:
+        """Names of the Linears that read the same input tensor (q/k/v, gate/up), found by one
+        forward pass over ``ids``."""
+        seen: dict = {}
+        hooks = [m.register_forward_pre_hook(lambda _m, inp, name=name: seen.setdefault(name, id(inp[0])))
+                 for name, m in self.linear.items()]
+        try:
+            with self.torch.inference_mode():
+                self.model(self.torch.tensor([ids], device=self.device), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        groups: dict = {}
+        for name in self.linear:
+            groups.setdefault(seen[name], []).append(name)
+        return list(groups.values())
 
     # -- calibration --------------------------------------------------------------------------
     def collect(self, groups: list[list[str]], chunks: list[list[int]], progress=None) -> dict:
@@ -74,9 +102,11 @@ class Reference:
         from tqdm import tqdm
 
         torch = self.torch
+        dev = self.device
         acc = [[torch.zeros(self.linear[g[0]].in_features, self.linear[g[0]].in_features,
-                            dtype=torch.float64), torch.zeros(self.linear[g[0]].in_features,
-                                                              dtype=torch.float64), 0] for g in groups]
+                            dtype=torch.float64, device=dev),
+                torch.zeros(self.linear[g[0]].in_features, dtype=torch.float64, device=dev), 0]
+               for g in groups]
         hooks = []
 
         def hook(i):
@@ -92,13 +122,13 @@ class Reference:
         try:
             with torch.inference_mode():
                 for ids in tqdm(chunks, desc="calibration", unit="chunk", disable=progress is None):
-                    self.model(torch.tensor([ids]), use_cache=False)
+                    self.model(torch.tensor([ids], device=self.device), use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
         out = {}
         for g, (h, a, n) in zip(groups, acc):
-            st = InputStats(h.numpy(), a.numpy(), n)
+            st = InputStats(h.cpu().numpy(), a.cpu().numpy(), n)
             for name in g:
                 out[name] = st
         return out
@@ -108,10 +138,10 @@ class Reference:
         torch = self.torch
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = self.model.generate(torch.tensor([prefix_ids] * n), do_sample=True, temperature=1.0,
+            out = self.model.generate(torch.tensor([prefix_ids] * n, device=self.device), do_sample=True, temperature=1.0,
                                       top_p=1.0, top_k=0, max_new_tokens=length, min_new_tokens=length,
                                       pad_token_id=0)
-        return [row[len(prefix_ids):].tolist() for row in out]
+        return [row[len(prefix_ids):].tolist() for row in out.cpu()]
 
     # -- evaluation -----------------------------------------------------------------------------
     def use(self, weights: dict | None) -> None:
@@ -123,7 +153,7 @@ class Reference:
                 if qw is None:
                     m.weight.copy_(self.original[name])
                 else:
-                    m.weight.copy_(torch.from_numpy(np.ascontiguousarray(qw.effective_weight().T)))
+                    m.weight.copy_(torch.from_numpy(np.ascontiguousarray(qw.effective_weight().T)).to(self.device))
 
     def round_to_fp16(self) -> None:
         """Every Linear's weight rounded to fp16 (kept fp32): the ``fp16`` row."""
@@ -135,16 +165,17 @@ class Reference:
         """exp(mean negative log-likelihood) of ``ids[1:]`` given all tokens before each."""
         torch = self.torch
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids]), use_cache=False).logits[0, :-1].double()
-            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="mean")
+            logits = self.model(torch.tensor([ids], device=self.device), use_cache=False).logits[0, :-1].double()
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=self.device),
+                                                    reduction="mean")
         return float(torch.exp(nll))
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
         torch = self.torch
         with torch.inference_mode():
-            out = self.model.generate(torch.tensor([prompt_ids]), do_sample=False,
+            out = self.model.generate(torch.tensor([prompt_ids], device=self.device), do_sample=False,
                                       max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0)
-        return out[0, len(prompt_ids):].tolist()
+        return out[0, len(prompt_ids):].cpu().tolist()
 
 
 __all__ = ["Reference", "ReferenceUnavailable", "source_of"]
