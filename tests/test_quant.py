@@ -145,6 +145,22 @@ def test_awq_then_gptq_beats_either_alone():
     assert err < _out_err(x, w, gptq(w, h, "e0m4", 32)) and err < _out_err(x, w, awq(w, h, mean_abs, "e0m4", 32))
 
 
+def test_matrices_quantize_the_same_in_worker_processes():
+    from tvm_lite.quant.calibration import InputStats
+    from tvm_lite.quant.quantize import quantize_matrices
+
+    x = _calibration(64, 256)
+    st = InputStats(x.T.astype(np.float64) @ x, np.abs(x).sum(0).astype(np.float64), 256)
+    arrays = {f"w{i}": _weight(64, 16, seed=i) for i in range(3)}
+    cfg = QuantConfig("e0m4", "awq+gptq", 32, clip_weighted=True)
+    one = quantize_matrices(arrays, cfg, dict.fromkeys(arrays, st), None, workers=1)
+    two = quantize_matrices(arrays, cfg, dict.fromkeys(arrays, st), None, workers=2)
+    assert list(two) == list(arrays)
+    for name in arrays:
+        np.testing.assert_array_equal(one[name].codes, two[name].codes)
+        np.testing.assert_array_equal(one[name].act_scale, two[name].act_scale)
+
+
 def _q4_1_like(k, n, seed=0):
     """Weights as a GGUF Q4_1 export holds them: 16 levels ``d * q + m`` per 32 rows of a column."""
     rng = np.random.default_rng(seed)

@@ -188,6 +188,7 @@ def _evaluate_torch(folder: Path, configs, eval_tokens, domains, progress, on_ro
     tok = tokenizer_of(folder)
     seqs = domain_sequences(tok, domains, eval_tokens)
     groups = ref.input_groups(seqs[domains[0]][0][:64])
+    progress(f"{len(arrays)} projections read {len(groups)} distinct inputs")
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PARIS_PROMPT}]))
     eos = (json.loads((folder / "tvm_lite_model.json").read_text()).get("stop_token_ids") or [None])[0]
     calibrated: dict = {}  # (tokens, domains) -> (stats, seconds)
@@ -310,6 +311,31 @@ def _add_loss_ratios(rows: list[dict], domains) -> None:
             r["worst"] = max(ratios)
 
 
+def weight_error_rows(arrays: dict, group_sizes=(32, 128), bias_weights=(0.0, 0.25, 1.0)) -> list[dict]:
+    """Anatomy of RTN's weight error per format: relative MSE, and the share of it that is each
+    group's *mean* error (``G * mean(e)^2`` summed over groups / ``sum e^2``), which inputs with a
+    common component turn into output error G times over (:func:`.rtn.rtn`). Also how often a
+    G-row group of a column holds at most 16 distinct values (a 4-bit source grid)."""
+    from .rtn import _grouped, rtn
+
+    rows = []
+    for g in group_sizes:
+        few = np.mean([np.mean([len(np.unique(col)) <= 16 for col in _grouped(w, g)[0].T])
+                       for w in arrays.values()])
+        for fmt in ("int4", "e0m4"):
+            for bw in bias_weights:
+                mse = bias = total = 0.0
+                for w in arrays.values():
+                    e = rtn(w, fmt, g, bias_weight=bw).dequantize().astype(np.float32) - w
+                    mse += float((e * e).sum())
+                    bias += float((_grouped(e, g).mean(axis=1) ** 2).sum() * g)
+                    total += float((w * w).sum())
+                rows.append({"group": g, "format": fmt, "bias weight": f"{bw:g}",
+                             "relative MSE": f"{mse / total:.4f}", "mean-error share": f"{bias / mse:.3f}",
+                             "groups with <=16 values": f"{few:.3f}"})
+    return rows
+
+
 def report_rows(paths, names: list[str], domains) -> list[dict]:
     """Rows saved by ``--save`` runs (first of each name wins), in the order of ``names``, with
     the loss ratios computed over the merged set."""
@@ -349,6 +375,8 @@ def add_arguments(p) -> None:
     p.add_argument("--only", default=None, help="comma list of config names to run (substrings)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--save", default=None, help="append each row to this JSON-lines file as it is done")
+    p.add_argument("--weight-errors", type=int, default=0, metavar="N",
+                   help="only the RTN weight-error anatomy over the first N projection matrices")
     p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
                    help="print the --rows tables from rows --save wrote (several runs merged)")
 
@@ -381,6 +409,13 @@ def run(args, log=print) -> None:
             with open(args.save, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    if args.weight_errors:
+        from .reference import Reference
+
+        arrays = dict(list(Reference(folder).arrays().items())[:args.weight_errors])
+        rows = weight_error_rows(arrays, groups)
+        print(format_table(rows, list(rows[0])))
+        return
     if args.report:  # the tables from rows saved by earlier runs (--save), nothing run
         rows = report_rows(args.report, [n for n, _ in configs], domains)
     else:

@@ -82,18 +82,28 @@ class Reference:
         """Names of the Linears that read the same input tensor (q/k/v, gate/up), found by one
         forward pass over ``ids``."""
         seen: dict = {}
-        hooks = [m.register_forward_pre_hook(lambda _m, inp, name=name: seen.setdefault(name, id(inp[0])))
-                 for name, m in self.linear.items()]
+
+        def record(name):
+            def hook(_module, inputs):  # returns None: the input goes on unchanged
+                seen.setdefault(name, inputs[0])  # the tensor itself: ids of freed ones recur
+            return hook
+
+        hooks = [m.register_forward_pre_hook(record(name)) for name, m in self.linear.items()]
         try:
             with self.torch.inference_mode():
                 self.model(self.torch.tensor([ids], device=self.device), use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
-        groups: dict = {}
+        groups: list[tuple] = []
         for name in self.linear:
-            groups.setdefault(seen[name], []).append(name)
-        return list(groups.values())
+            for x, names in groups:
+                if x is seen[name]:
+                    names.append(name)
+                    break
+            else:
+                groups.append((seen[name], [name]))
+        return [names for _, names in groups]
 
     # -- calibration --------------------------------------------------------------------------
     def collect(self, groups: list[list[str]], chunks: list[list[int]], progress=None) -> dict:
