@@ -354,7 +354,7 @@ def columns(domains, ratios: bool = True) -> list[str]:
     cols = ["config", *(f"ppl {d}" for d in domains), "ppl mean"]
     if ratios:
         cols += [*(f"loss÷int4 {d}" for d in domains), "worst"]
-    return cols + ["paris", "bytes/weight", "quantize s"]
+    return cols + ["paris", "bytes/weight", "calibration s", "quantize s"]
 
 
 def add_arguments(p) -> None:
@@ -372,7 +372,8 @@ def add_arguments(p) -> None:
                    help="torch: the export's PyTorch source with the effective 4-bit weights "
                         "(fast); tvm: compile every row with tvm_lite and run the engine")
     p.add_argument("--extra", action="store_true", help="main rows plus the ablation's")
-    p.add_argument("--only", default=None, help="comma list of config names to run (substrings)")
+    p.add_argument("--only", default=None, help="comma list of config names to run (substrings; "
+                   "name fp16 too for the ratios, or merge with --report)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--save", default=None, help="append each row to this JSON-lines file as it is done")
     p.add_argument("--weight-errors", type=int, default=0, metavar="N",
@@ -401,7 +402,7 @@ def run(args, log=print) -> None:
                 configs.append((name, cfg))
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split(",")]
-        configs = [c for c in configs if c[0] in ("fp32", "fp16") or any(w in c[0].lower() for w in wanted)]
+        configs = [c for c in configs if any(w in c[0].lower() for w in wanted)]
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
 
     def save(row):
