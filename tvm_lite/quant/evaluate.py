@@ -372,6 +372,8 @@ def add_arguments(p) -> None:
                    help="torch: the export's PyTorch source with the effective 4-bit weights "
                         "(fast); tvm: compile every row with tvm_lite and run the engine")
     p.add_argument("--extra", action="store_true", help="main rows plus the ablation's")
+    p.add_argument("--calib-tokens", type=int, default=None, help="override the rows' calibration tokens")
+    p.add_argument("--calib-domains", default=None, help="override the rows' calibration domains")
     p.add_argument("--only", default=None, help="comma list of config names to run (substrings; "
                    "name fp16 too for the ratios, or merge with --report)")
     p.add_argument("--json", action="store_true")
@@ -404,6 +406,12 @@ def run(args, log=print) -> None:
         wanted = [w.strip().lower() for w in args.only.split(",")]
         configs = [c for c in configs if any(w in c[0].lower() for w in wanted)]
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    if args.calib_tokens or args.calib_domains:  # override every row's calibration
+        from dataclasses import replace
+
+        change = {k: v for k, v in (("calib_tokens", args.calib_tokens), ("calib_domains", tuple(
+            args.calib_domains.split(",")) if args.calib_domains else None)) if v}
+        configs = [(n, replace(c, **change) if isinstance(c, QuantConfig) else c) for n, c in configs]
 
     def save(row):
         if args.save:
