@@ -29,8 +29,8 @@ from .quantize import QuantConfig
 
 PARIS_PROMPT = "What is the capital of France?"
 EVAL_SEQUENCE = 512  # tokens per evaluation sequence (each from position 0)
-EVAL_DOMAINS = ("prose", "news", "c", "qa")
-RTN_BIAS_WEIGHTS = (0.25, 1.0)  # the format table's bias-aware RTN rows (rtn.rtn's bias_weight)  # corpora.EVAL_DOMAINS; "docs-heldout" on request
+EVAL_DOMAINS = ("prose", "news", "c", "qa")  # corpora.EVAL_DOMAINS; "docs-heldout" on request
+RTN_BIAS_WEIGHTS = (0.25, 1.0)  # the format table's bias-aware RTN rows (rtn.rtn's bias_weight)
 
 
 def perplexity(engine, ids: list[int], chunk: int = 256) -> float:

@@ -32,7 +32,8 @@ class ReferenceUnavailable(RuntimeError):
 
 
 def _digest(a: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(a, np.float32).view(np.uint8).data, digest_size=16).hexdigest()
+    data = np.ascontiguousarray(a, np.float32).view(np.uint8).data
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def source_of(folder) -> Path:
@@ -148,7 +149,8 @@ class Reference:
         torch = self.torch
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = self.model.generate(torch.tensor([prefix_ids] * n, device=self.device), do_sample=True, temperature=1.0,
+            out = self.model.generate(torch.tensor([prefix_ids] * n, device=self.device), do_sample=True,
+                                      temperature=1.0,
                                       top_p=1.0, top_k=0, max_new_tokens=length, min_new_tokens=length,
                                       pad_token_id=0)
         return [row[len(prefix_ids):].tolist() for row in out.cpu()]
@@ -163,7 +165,8 @@ class Reference:
                 if qw is None:
                     m.weight.copy_(self.original[name])
                 else:
-                    m.weight.copy_(torch.from_numpy(np.ascontiguousarray(qw.effective_weight().T)).to(self.device))
+                    w = torch.from_numpy(np.ascontiguousarray(qw.effective_weight().T))
+                    m.weight.copy_(w.to(self.device))
 
     def round_to_fp16(self) -> None:
         """Every Linear's weight rounded to fp16 (kept fp32): the ``fp16`` row."""
@@ -175,7 +178,8 @@ class Reference:
         """exp(mean negative log-likelihood) of ``ids[1:]`` given all tokens before each."""
         torch = self.torch
         with torch.inference_mode():
-            logits = self.model(torch.tensor([ids], device=self.device), use_cache=False).logits[0, :-1].double()
+            out = self.model(torch.tensor([ids], device=self.device), use_cache=False)
+            logits = out.logits[0, :-1].double()
             nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=self.device),
                                                     reduction="mean")
         return float(torch.exp(nll))
