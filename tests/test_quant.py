@@ -133,6 +133,95 @@ def test_quantizers_handle_odd_shapes(fmt):
         assert _out_err(x, w, qw) < 0.05
 
 
+def test_awq_then_gptq_beats_either_alone():
+    from tvm_lite.quant.awq import awq_gptq
+
+    k, n = 256, 128
+    w, x = _weight(k, n, seed=3), _calibration(k, seed=4)
+    h, mean_abs = x.T.astype(np.float64) @ x, np.abs(x).mean(0)
+    both = awq_gptq(w, h, mean_abs, "e0m4", 32, clip_weighted=True)
+    assert both.act_scale is not None and both.info["method"] == "awq+gptq"
+    err = _out_err(x, w, both)
+    assert err < _out_err(x, w, gptq(w, h, "e0m4", 32)) and err < _out_err(x, w, awq(w, h, mean_abs, "e0m4", 32))
+
+
+def test_matrices_quantize_the_same_in_worker_processes():
+    from tvm_lite.quant.calibration import InputStats
+    from tvm_lite.quant.quantize import quantize_matrices
+
+    x = _calibration(64, 256)
+    st = InputStats(x.T.astype(np.float64) @ x, np.abs(x).sum(0).astype(np.float64), 256)
+    arrays = {f"w{i}": _weight(64, 16, seed=i) for i in range(3)}
+    cfg = QuantConfig("e0m4", "awq+gptq", 32, clip_weighted=True)
+    one = quantize_matrices(arrays, cfg, dict.fromkeys(arrays, st), None, workers=1)
+    two = quantize_matrices(arrays, cfg, dict.fromkeys(arrays, st), None, workers=2)
+    assert list(two) == list(arrays)
+    for name in arrays:
+        np.testing.assert_array_equal(one[name].codes, two[name].codes)
+        np.testing.assert_array_equal(one[name].act_scale, two[name].act_scale)
+
+
+def _q4_1_like(k, n, seed=0):
+    """Weights as a GGUF Q4_1 export holds them: 16 levels ``d * q + m`` per 32 rows of a column."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.002, 0.01, (k // 32, 1, n))
+    m = -7.5 * d + rng.uniform(-0.5, 0.5, d.shape) * d  # groups roughly centred on 0
+    return (rng.integers(0, 16, (k // 32, 32, n)) * d + m).reshape(k, n).astype(np.float32)
+
+
+def test_bias_aware_rtn_removes_the_group_offset_of_a_q4_1_source():
+    w = _q4_1_like(256, 64)
+    x = np.random.default_rng(5).standard_normal((512, 256)).astype(np.float32) + 1.0  # a common component
+    group_bias = lambda q: np.abs((q.dequantize().astype(np.float32) - w).reshape(8, 32, 64).mean(1)).mean()  # noqa: E731
+    plain, aware = rtn(w, "e0m4", 32), rtn(w, "e0m4", 32, bias_weight=1.0)
+    assert group_bias(aware) < 0.5 * group_bias(plain)
+    assert _out_err(x, w, aware) < 0.8 * _out_err(x, w, plain)
+
+
+def test_calibration_mixes_domains_in_equal_shares_and_prompt_lengths():
+    from tvm_lite.quant import calibration
+
+    class Chars:  # one token per character: the chunking is what is tested
+        chat_template = None
+        bos_token_id = None
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    samples = [[7] * 300, [8] * 300]
+    chunks = calibration.mixed_chunks(Chars(), 1200, ("docs", "code", "self"), samples)
+    assert sum(map(len, chunks)) == 1200
+    assert [len(c) for c in chunks[:3]] == [128, 256, 16]  # 400 per domain, lengths cycled
+    assert chunks[-1] == [8] * 100 and chunks[-2] == [7] * 300  # the model's own samples
+    with pytest.raises(QuantFormatError, match="calibration domains"):
+        QuantConfig("e0m4", "gptq", calib_domains=("docs", "wikipedia"))
+
+
+def test_evaluation_domains_are_never_calibration_text():
+    from tvm_lite.quant import corpora
+
+    render = lambda msgs: "".join(f"<{m['role']}>{m['content']}" for m in msgs)  # noqa: E731
+    calib = {d: corpora.domain_text(d, render) for d in ("docs", "code", "chat")}
+    for d in corpora.EVAL_DOMAINS:
+        text = corpora.domain_text(d, render)
+        assert len(text) > 20000, d
+        for probe in (text[5000:5200], text[-3000:-2800]):
+            assert not any(probe in c for c in calib.values()), d
+    with pytest.raises(corpora.CorpusError, match="unknown text domain"):
+        corpora.domain_text("wikipedia")
+
+
+def test_loss_ratios_are_per_domain_against_int4_rtn_of_the_same_group_size():
+    from tvm_lite.quant.evaluate import _add_loss_ratios
+
+    rows = [{"config": "fp16", "ppl a": 10.0, "ppl b": 4.0},
+            {"config": "int4-RTN g32", "ppl a": 14.0, "ppl b": 6.0},
+            {"config": "E0M4-GPTQ g32", "ppl a": 11.0, "ppl b": 5.0}]
+    _add_loss_ratios(rows, ("a", "b"))
+    assert rows[2]["loss÷int4 a"] == pytest.approx(0.25) and rows[2]["loss÷int4 b"] == pytest.approx(0.5)
+    assert rows[2]["worst"] == pytest.approx(0.5)
+
+
 def test_cli_checks_quant_options(capsys):
     from tvm_lite.cli import main
 

@@ -4,7 +4,7 @@ Channels whose inputs are large matter most. AWQ scales input channel ``k`` of `
 ``s_k = mean|x_k| ** alpha`` before quantizing (so its rows get finer steps relative to the group
 range) and scales the input down by ``1 / s_k``: ``x @ W = (x / s) @ (diag(s) W)``.
 
-* ``alpha`` is searched on a grid in ``[0, 1)`` (``n_grid`` points, ``alpha = 0`` is plain RTN);
+* ``alpha`` is searched on a grid in ``[0, 1)`` (``N_GRID`` points, ``alpha = 0`` is plain RTN);
   the loss is the layer's output error over all calibration tokens, computed exactly from the
   Hessian: ``||X dW||^2 = sum_n dW[:, n]^T (X^T X) dW[:, n]`` -- no activations kept.
 * After the scale, the clipping search of :mod:`.rtn` runs on ``diag(s) W`` with each channel's
@@ -18,6 +18,8 @@ range) and scales the input down by ``1 / s_k``: ``x @ W = (x / s) @ (diag(s) W)
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from .format import QuantizedWeight, check_format, check_group_size, check_weight
@@ -30,19 +32,24 @@ def output_error(dw: np.ndarray, hessian: np.ndarray) -> float:
     return float(np.sum(dw * (hessian.astype(np.float32) @ dw)))
 
 
-def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str = "e0m4",
-        group_size: int = 32, n_grid: int = 20, clip_ratios=DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
-    """Quantize ``w [K, N]`` with AWQ's scale search; ``act_mean_abs [K]`` is ``mean |x_k|``."""
-    check_format(fmt)
-    group_size = check_group_size(group_size)
-    w = check_weight(w)  # 2-D, finite, within fp16's range
+N_GRID = 10  # alpha in 0, 0.1, ..., 0.9 (the paper's 20 points halve the step for twice the time)
+_SCALES: dict = {}  # (weight digest, id(hessian), ...) -> (hessian, (alpha, s)), in-process
+
+
+def scale_search(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str,
+                 group_size: int, n_grid: int = N_GRID) -> tuple[float, np.ndarray]:
+    """AWQ's grid search: the ``alpha`` (and channel scales ``s``) whose plain-RTN quantization
+    of ``diag(s) W`` has the smallest output error."""
+    key = (hashlib.blake2b(np.ascontiguousarray(w).view(np.uint8).data, digest_size=16).digest(),
+           id(hessian), fmt, group_size, n_grid)
+    hit = _SCALES.get(key)
+    if hit is not None and hit[0] is hessian:  # AWQ and AWQ+GPTQ of one weight search once
+        return hit[1]
     k = w.shape[0]
     h = np.asarray(hessian, np.float32)
     x_mean = np.maximum(np.asarray(act_mean_abs, np.float32), 1e-8)
     if h.shape != (k, k) or x_mean.shape != (k,):
         raise ValueError(f"AWQ statistics {h.shape}, {x_mean.shape} do not match the weight's K={k}")
-
-    base = output_error(w, h)
     best = (np.inf, 0.0, None)
     for alpha in np.arange(n_grid) / n_grid:
         s = x_mean ** alpha
@@ -51,7 +58,21 @@ def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str =
         err = output_error(qw.dequantize().astype(np.float32) / s[:, None] - w, h)
         if err < best[0]:
             best = (err, float(alpha), s)
-    err, alpha, s = best
+    if len(_SCALES) >= 512:
+        _SCALES.pop(next(iter(_SCALES)))
+    _SCALES[key] = (hessian, (best[1], best[2]))
+    return best[1], best[2]
+
+
+def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str = "e0m4",
+        group_size: int = 32, n_grid: int = N_GRID, clip_ratios=DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
+    """Quantize ``w [K, N]`` with AWQ's scale search; ``act_mean_abs [K]`` is ``mean |x_k|``."""
+    check_format(fmt)
+    group_size = check_group_size(group_size)
+    w = check_weight(w)  # 2-D, finite, within fp16's range
+    h = np.asarray(hessian, np.float32)
+    base = output_error(w, h)
+    alpha, s = scale_search(w, hessian, act_mean_abs, fmt, group_size, n_grid)
     diag = np.maximum(np.diag(h), 0) / (s * s)
     qw = rtn(w * s[:, None], fmt, group_size, clip_ratios=clip_ratios, channel_weight=diag)
     qw.act_scale = (1.0 / s).astype(np.float32)
@@ -60,4 +81,27 @@ def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str =
     return qw
 
 
-__all__ = ["awq", "output_error"]
+def awq_gptq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str = "e0m4",
+             group_size: int = 32, n_grid: int = N_GRID, clip_ratios=DEFAULT_CLIP_RATIOS,
+             **gptq_options) -> QuantizedWeight:
+    """AWQ's scale search, then GPTQ on ``diag(s) W`` with the Hessian of the scaled input
+    ``x / s`` (``diag(1/s) H diag(1/s)``): the scales put the grid's resolution on the
+    channels with large inputs, GPTQ then corrects the rounding that is left."""
+    from .gptq import gptq
+
+    check_format(fmt)
+    group_size = check_group_size(group_size)
+    w = check_weight(w)  # 2-D, finite, within fp16's range
+    h = np.asarray(hessian, np.float64)
+    base = output_error(w, h)
+    alpha, s = scale_search(w, hessian, act_mean_abs, fmt, group_size, n_grid)
+    inv = 1.0 / s.astype(np.float64)
+    qw = gptq(w * s[:, None], h * inv[:, None] * inv[None, :], fmt, group_size,
+              clip_ratios=clip_ratios, **gptq_options)
+    qw.act_scale = inv.astype(np.float32)
+    final = output_error(qw.effective_weight() - w, h.astype(np.float32))
+    qw.info.update(method="awq+gptq", alpha=alpha, relative_output_error=final / max(base, 1e-30))
+    return qw
+
+
+__all__ = ["awq", "awq_gptq", "output_error", "scale_search"]

@@ -31,8 +31,9 @@ from .rtn import DEFAULT_CLIP_RATIOS, _grouped, assemble, codes_for, dequant_gro
 
 def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int = 32,
          block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
-         clip_ratios=DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
-    """Quantize ``w [K, N]`` given ``hessian [K, K]`` (``X^T X``, any positive scale)."""
+         clip_ratios=DEFAULT_CLIP_RATIOS, clip_weighted: bool = False) -> QuantizedWeight:
+    """Quantize ``w [K, N]`` given ``hessian [K, K]`` (``X^T X``, any positive scale).
+    ``clip_weighted``: the clipping search weights each input channel's error by ``H_kk``."""
     check_format(fmt)
     group_size = check_group_size(group_size)
     w = np.array(check_weight(w), np.float64)  # 2-D, finite, within fp16's range
@@ -45,9 +46,11 @@ def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int 
     w[dead, :] = 0.0
 
     ng = -(-k // group_size)
+    diag = np.diag(h).astype(np.float32) if clip_weighted else None
     static = None
     if act_order:
-        s16, z = search_params(_grouped(w.astype(np.float32), group_size), fmt, clip_ratios)
+        cw = None if diag is None else _grouped(diag[:, None], group_size)[:, :, 0]
+        s16, z = search_params(_grouped(w.astype(np.float32), group_size), fmt, clip_ratios, cw)
         static = (s16, z)
         perm = np.argsort(-np.diag(h), kind="stable")
     else:
@@ -76,9 +79,12 @@ def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int 
             g = perm[row] // group_size
             if static is None and row % group_size == 0:
                 part = w1[i:i + group_size].astype(np.float32)[None]
+                cw = None if diag is None else diag[row:row + part.shape[1]][None]
                 if part.shape[1] < group_size:
-                    part = np.concatenate([part, np.zeros((1, group_size - part.shape[1], n), np.float32)], 1)
-                s16, z = search_params(part, fmt, clip_ratios)
+                    pad = group_size - part.shape[1]
+                    part = np.concatenate([part, np.zeros((1, pad, n), np.float32)], 1)
+                    cw = None if cw is None else np.concatenate([cw, np.zeros((1, pad), np.float32)], 1)
+                s16, z = search_params(part, fmt, clip_ratios, cw)
                 scales[g] = s16[0]
                 if zeros is not None:
                     zeros[g] = z[0]
@@ -100,7 +106,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int 
 
     codes = codes[inv_perm]
     return assemble(fmt, group_size, codes, scales, zeros,
-                    {"method": "gptq", "act_order": act_order, "gptq_loss": loss})
+                    {"method": "gptq", "act_order": act_order, "clip_weighted": clip_weighted,
+                     "gptq_loss": loss})
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:

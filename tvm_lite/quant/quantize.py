@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
+from .corpora import CALIBRATION_DOMAINS
 from .format import (DEFAULT_GROUP_SIZE, FORMATS, QuantFormatError, QuantizedWeight, bytes_per_weight,
                      check_group_size)
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 _SHARED_STATS: dict | None = None  # calibration statistics kept while shared_calibration() is open
 
 
@@ -41,7 +43,8 @@ class QuantConfig:
     """What to quantize and how.
 
     format          "e0m4" (Transformer-Lite) or "int4" (MLC-style ablation, symmetric)
-    method          "rtn" (clipping search), "gptq" or "awq" (both calibrate on real text)
+    method          "rtn" (clipping search), "gptq", "awq" or "awq+gptq" (AWQ's scale search, then
+                    GPTQ on the scaled weights; all three calibrate on real text)
     group_size      weights per scale along K (a multiple of 8; default 32)
     include_lm_head also quantize the lm_head matmul (off by default)
     include_embedding  also quantize the embedding table (RTN; shared with a tied lm_head)
@@ -53,7 +56,12 @@ class QuantConfig:
                     E0M4-GPTQ g32 scored 19.11 perplexity with 0.01 / 2048 tokens and 19.70 with
                     0.1 / 4096 tokens on the held-out text (fp16: 17.54, int4-RTN: 22.92)
     clip_search     RTN/GPTQ/AWQ: search a clipping ratio per group (off = plain min/max)
-    calib_tokens, calib_chunk   calibration text: tokens in all, tokens per sequence
+    rtn_bias_weight RTN: weight of the group's summed error in the clipping search (0 = weight
+                    MSE alone; see :func:`.rtn.rtn`)
+    clip_weighted   GPTQ: weight the clipping search's error per input channel by the Hessian's
+                    diagonal (the layer's output error, as AWQ's clip search does)
+    calib_tokens    calibration tokens in all, an equal share per domain
+    calib_domains   calibration domains (:mod:`.corpora`); "self" = the model's own samples
     """
 
     format: str = "e0m4"
@@ -64,8 +72,10 @@ class QuantConfig:
     act_order: bool = False
     clip_search: bool = True
     gptq_damp: float = 0.1
-    calib_tokens: int = 4096
-    calib_chunk: int = 256
+    clip_weighted: bool = False
+    rtn_bias_weight: float = 0.0
+    calib_tokens: int = 8192
+    calib_domains: tuple = CALIBRATION_DOMAINS
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -73,9 +83,13 @@ class QuantConfig:
         if self.method not in METHODS:
             raise QuantFormatError(f"--quant-method {self.method!r}: choose one of {METHODS}")
         check_group_size(self.group_size)
-        if self.calib_tokens < self.calib_chunk or self.calib_chunk < 1:
-            raise QuantFormatError(f"calibration needs calib_tokens >= calib_chunk >= 1, got "
-                                   f"{self.calib_tokens} and {self.calib_chunk}")
+        unknown = set(self.calib_domains) - set(CALIBRATION_DOMAINS)
+        if unknown or not self.calib_domains:
+            raise QuantFormatError(f"calibration domains {sorted(unknown) or '()'}: choose from "
+                                   f"{CALIBRATION_DOMAINS}")
+        if self.calib_tokens < 128 * len(self.calib_domains):
+            raise QuantFormatError(f"calib_tokens={self.calib_tokens}: at least 128 per domain")
+        object.__setattr__(self, "calib_domains", tuple(self.calib_domains))
 
     @classmethod
     def parse(cls, fmt: str | None, **kwargs) -> "QuantConfig | None":
@@ -86,8 +100,12 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        extra = "+ao" if self.act_order and self.method == "gptq" else ""
+        gptq = "gptq" in self.method
+        extra = "+ao" if self.act_order and gptq else ""
+        extra += "+wclip" if self.clip_weighted and gptq else ""
+        extra += f"+d{self.gptq_damp:g}" if gptq and self.gptq_damp != 0.1 else ""
         extra += "" if self.clip_search else "-noclip"
+        extra += f"+bias{self.rtn_bias_weight:g}" if self.rtn_bias_weight and self.method == "rtn" else ""
         extra += "+lm_head" if self.include_lm_head else ""
         extra += "+emb" if self.include_embedding else ""
         return f"{self.format}-{self.method}{extra}-g{self.group_size}"
@@ -97,13 +115,14 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq")
+        return self.method != "rtn"
 
 
 def _code_fingerprint() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in ("format.py", "rtn.py", "gptq.py", "awq.py", "calibration.py", "quantize.py"):
+    for name in ("format.py", "rtn.py", "gptq.py", "awq.py", "calibration.py", "corpora.py",
+                 "reference.py", "quantize.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 
@@ -163,9 +182,14 @@ def tokenizer_of(folder):
     from tvm_lite.tokenizer import Tokenizer
 
     try:
-        return Tokenizer(folder)
+        tok = Tokenizer(folder)
     except FileNotFoundError:
         return None
+    meta = Path(folder) / "tvm_lite_model.json"
+    if meta.exists():  # the chat domains render through the model's template
+        tok.chat_template = json.loads(meta.read_text()).get("chat_template")
+    tok.folder = Path(folder)  # calibration runs the folder's PyTorch source when it can
+    return tok
 
 
 def _selected(uses, config: QuantConfig) -> list:
@@ -177,11 +201,102 @@ def _selected(uses, config: QuantConfig) -> list:
     return keep
 
 
+_POOL_JOB: tuple | None = None  # (arrays, config, stats) for the worker processes (forked)
+
+
+def _quantize_one(name: str):
+    from . import awq, gptq, rtn
+
+    arrays, config, stats = _POOL_JOB
+    w = arrays[name]
+    clip = rtn.DEFAULT_CLIP_RATIOS if config.clip_search else (1.0,)
+    t0 = time.perf_counter()
+    if config.method == "rtn":
+        qw = rtn.rtn(w, config.format, config.group_size, clip_ratios=clip,
+                     bias_weight=config.rtn_bias_weight)
+    elif config.method == "gptq":
+        qw = gptq.gptq(w, stats[name].hessian, config.format, config.group_size,
+                       percdamp=config.gptq_damp, act_order=config.act_order, clip_ratios=clip,
+                       clip_weighted=config.clip_weighted)
+    elif config.method == "awq":
+        st = stats[name]
+        qw = awq.awq(w, st.hessian, st.mean_abs, config.format, config.group_size, clip_ratios=clip)
+    else:
+        st = stats[name]
+        qw = awq.awq_gptq(w, st.hessian, st.mean_abs, config.format, config.group_size,
+                          percdamp=config.gptq_damp, act_order=config.act_order,
+                          clip_ratios=clip, clip_weighted=config.clip_weighted)
+    qw.info["seconds"] = round(time.perf_counter() - t0, 3)
+    return name, qw
+
+
+def quantize_matrices(arrays: dict, config: QuantConfig, stats: dict, progress=print,
+                      workers: int | None = None) -> dict:
+    """``{name: QuantizedWeight}`` for ``arrays`` (``{name: [K, N]}``) by ``config``'s method;
+    ``stats`` ``{name: InputStats}`` for GPTQ/AWQ. The matrices are independent, so they are
+    quantized by ``workers`` forked processes (default ``$TVM_LITE_QUANT_WORKERS`` or 1)."""
+    import multiprocessing
+    import os
+
+    from tqdm import tqdm
+
+    global _POOL_JOB
+    workers = workers or int(os.environ.get("TVM_LITE_QUANT_WORKERS", "1"))
+    names = list(arrays)
+    _POOL_JOB = (arrays, config, stats)
+    bar = dict(total=len(names), desc=f"quantizing ({config.label})", unit="matrix",
+               disable=progress is None)
+    try:
+        if workers > 1 and len(names) > 1:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(names))) as pool:
+                done = dict(tqdm(pool.imap_unordered(_quantize_one, names), **bar))
+        else:
+            done = dict(tqdm(map(_quantize_one, names), **bar))
+    finally:
+        _POOL_JOB = None
+    return {name: done[name] for name in names}
+
+
+def _calibrate(mod, uses, arrays: dict, config: QuantConfig, tokenizer, digest: str, reference,
+               progress) -> dict:
+    """Calibration statistics per matmul weight: through the export's PyTorch source when it
+    can be loaded (``reference``, or made from ``tokenizer.folder``), else through TVM (then
+    without the ``self`` domain, which needs sampling)."""
+    from . import calibration
+    from .reference import Reference, ReferenceUnavailable
+
+    matmuls = [u for u in uses if u.kind == "matmul"]
+    if reference is None and getattr(tokenizer, "folder", None) is not None:
+        try:
+            reference = Reference(tokenizer.folder, {u.name: arrays[u.name] for u in matmuls})
+        except (ReferenceUnavailable, ImportError, OSError) as e:
+            if progress is not None:
+                progress(f"calibration through TVM ({e})")
+    domains = config.calib_domains
+    samples = None
+    if "self" in domains:
+        if reference is None:
+            domains = tuple(d for d in domains if d != "self") or ("docs",)
+            if progress is not None:
+                progress("calibration: no PyTorch source to sample from; the 'self' domain is left out")
+        else:
+            samples = calibration.self_samples(reference, tokenizer, config.calib_tokens // len(domains),
+                                               digest, progress)
+    chunks = calibration.mixed_chunks(tokenizer, config.calib_tokens, domains, samples)
+    if progress is not None:
+        progress(f"calibration: {sum(map(len, chunks))} tokens in {len(chunks)} sequences from "
+                 f"{', '.join(domains)}")
+    if reference is None:
+        return calibration.collect(mod, uses, chunks, progress=progress)
+    return reference.collect(calibration.input_groups(matmuls), chunks, progress)
+
+
 def quantize_weights(mod, config: QuantConfig, tokenizer=None, progress=print,
-                     cache: bool = True, stats_cache: dict | None = None) -> dict:
+                     cache: bool = True, stats_cache: dict | None = None, reference=None) -> dict:
     """``{parameter name: QuantizedWeight}`` for the weights ``config`` selects in ``mod`` (an
     imported module with its ``params`` attached). ``tokenizer`` is needed for GPTQ/AWQ.
-    ``stats_cache`` (a dict) keeps calibration statistics between calls in one process."""
+    ``stats_cache`` (a dict) keeps calibration statistics between calls in one process;
+    ``reference`` (a :class:`~.reference.Reference`) calibrates through PyTorch."""
     from tqdm import tqdm
 
     from tvm_lite.export import cache_dir
@@ -219,40 +334,29 @@ def quantize_weights(mod, config: QuantConfig, tokenizer=None, progress=print,
             if progress is not None:
                 progress(f"unreadable cache entry {path} ({type(err).__name__}): quantizing again")
 
-    stats = {}
+    stats, t_cal = {}, time.perf_counter()
     stats_cache = stats_cache if stats_cache is not None else _SHARED_STATS
     if config.needs_calibration:
         if tokenizer is None:
             raise QuantFormatError(f"--quant-method {config.method} calibrates on text: the model "
                                    "folder needs its tokenizer (tokenizer.json)")
-        skey = (digest, config.calib_tokens, config.calib_chunk,
+        skey = (digest, config.calib_tokens, config.calib_domains,
                 tuple(u.name for u in uses if u.kind == "matmul"))
         if stats_cache is not None and skey in stats_cache:
             stats = stats_cache[skey]
         else:
-            chunks = calibration.token_chunks(tokenizer, calibration.calibration_text(),
-                                              config.calib_tokens, config.calib_chunk)
-            stats = calibration.collect(mod, uses, chunks, progress=progress)
+            stats = _calibrate(mod, uses, arrays, config, tokenizer, digest, reference, progress)
             if stats_cache is not None:
                 stats_cache[skey] = stats
+    t_cal = time.perf_counter() - t_cal
     clip = rtn.DEFAULT_CLIP_RATIOS if config.clip_search else (1.0,)
     out: dict = {}
     todo = [u for u in uses if u.kind == "matmul"]
-    done: dict = {}
-    for u in tqdm(todo, desc=f"quantizing ({config.label})", unit="matrix", disable=progress is None):
-        if u.name in done:
-            continue
-        w = arrays[u.name]
-        if config.method == "rtn":
-            qw = rtn.rtn(w, config.format, config.group_size, clip_ratios=clip)
-        elif config.method == "gptq":
-            qw = gptq.gptq(w, stats[u.name].hessian, config.format, config.group_size,
-                           percdamp=config.gptq_damp, act_order=config.act_order, clip_ratios=clip)
-        else:
-            st = stats[u.name]
-            qw = awq.awq(w, st.hessian, st.mean_abs, config.format, config.group_size, clip_ratios=clip)
-        qw.info["role"] = u.role
-        done[u.name] = qw
+    done = quantize_matrices({u.name: arrays[u.name] for u in todo}, config, stats, progress)
+    for u in todo:
+        done[u.name].info["role"] = u.role
+    if stats:
+        done[todo[0].name].info["calibration_seconds"] = round(t_cal, 2)
     for u in uses:
         if u.kind == "matmul":
             out[u.name] = done[u.name]
