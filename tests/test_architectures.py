@@ -84,7 +84,7 @@ def test_softcap_attention_kernel_matches_numpy():
     """The fused attention kernel's soft-capping ``c * tanh(x / c)`` against numpy."""
     import tvm
 
-    from relax_passes.fuse_attention import attention_params, reference_kernel, reference_numpy
+    from tvm_lite.relax_passes.fuse_attention import attention_params, reference_kernel, reference_numpy
 
     heads, kv, d, n, m, cap = 4, 2, 16, 3, 7, 5.0
     p = attention_params(heads, kv, d, "float32", 0.25, "float32", False, True, False,

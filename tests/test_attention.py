@@ -287,10 +287,10 @@ def test_gpu_prefill_never_loads_tiles_above_the_diagonal(profile, kv, d):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
-# -- what the pass refuses -------------------------------------------------------------------------
+# -- soft-capped scores -------------------------------------------------------------------------
 def _softcapped_layer():
-    """One decoder layer in the exported layout whose scores are soft-capped (tanh) before the
-    mask: not the pattern; must stay unfused, with a warning, and still run."""
+    """One decoder layer in the exported layout whose scores are soft-capped before the mask,
+    ``2 * tanh(s * 0.5)`` (Gemma 2's ``c * tanh(s / c)`` with ``c = 2``)."""
 
     @I.ir_module
     class Mod:
@@ -320,12 +320,15 @@ def _softcapped_layer():
     return Mod
 
 
-def test_softcapped_attention_is_left_unfused_with_a_warning(caplog):
+def test_softcapped_attention_is_fused_with_its_cap(caplog):
+    """Soft-capping is part of the fused kernel (issue 18): no softmax left, the cap recorded in
+    the kernel's parameters, no "left unfused" warning."""
     with caplog.at_level(logging.WARNING, logger="tvm_lite.fuse_attention"):
         mod = _phase1(_softcapped_layer())
-    assert "attention_prefill" not in [gv.name_hint for gv in mod.get_global_vars()]
-    assert "softmax" in _count_calls(mod["prefill"], "attention")
-    assert any("left unfused" in r.message for r in caplog.records)
+    assert "attention_prefill" in [gv.name_hint for gv in mod.get_global_vars()]
+    assert _count_calls(mod["prefill"], "attention") == ["attention_prefill"]
+    assert '"softcap": 2.0' in str(mod["attention_prefill"].attrs)
+    assert not any("left unfused" in r.message for r in caplog.records)
 
 
 # -- whole models: fused against unfused, and tiny architectures against torch --------------------

@@ -16,9 +16,10 @@ import tvm_lite
 from tvm_lite.profile import kernel_launches
 
 LAYERS = 30  # SmolLM2-135M
-# the decode step of the fp32 Adreno build today: 18 kernels per layer + 11 per step
-# (attention is 2 of them: split + merge). A regression above this fails.
-CEILING = 18 * LAYERS + 11
+# the decode step of the fp32 Adreno build today: 18 kernels per layer + 13 per step
+# (attention is 2 of them: split + merge; 2 of the 13 are the importer's host-value fill kernels,
+# kept out of fusion since issue 18: TVM 0.27's FuseTIR failed on them). A regression fails.
+CEILING = 18 * LAYERS + 13
 TARGET = 8 * LAYERS + 6  # issue 17's target
 
 

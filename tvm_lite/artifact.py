@@ -60,6 +60,9 @@ def onnx_input(model, exporter: str = "dynamo", progress=print) -> Path:
         return export_onnx(path, exporter=exporter, progress=progress) / "model.onnx"
     if not path.exists():
         raise ArtifactError(f"model not found: {path} (give {ACCEPTED_INPUTS})")
+    if path.is_dir() and any(path.glob("model*.so")):  # an artifact that lost its manifest
+        raise ArtifactError(f"not a tvm_lite artifact (no {MANIFEST}): {path}; recompile it "
+                            "(tvm-lite compile)")
     what = "a folder without model.onnx or config.json" if path.is_dir() \
         else f"a {path.suffix or 'suffix-less'} file"
     raise ArtifactError(f"unsupported model input {path}: {what}; give {ACCEPTED_INPUTS}")

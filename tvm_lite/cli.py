@@ -35,9 +35,9 @@ def cmd_export(args):
 def cmd_compile(args):
     from .artifact import compile_model, onnx_input
 
-    model = onnx_input(args.model, exporter=args.exporter, progress=_log)
-    options = BuildOptions(kv_cache=args.kv_cache, quant=_quant_config(args),
+    options = BuildOptions(kv_cache=args.kv_cache, quant=_quant_config(args),  # checked first
                            tuning_db=args.tuning_db)
+    model = onnx_input(args.model, exporter=args.exporter, progress=_log)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
                         options=options)
     print(out)
