@@ -127,6 +127,19 @@ def func_attrs(p: dict) -> str:
             f'"{PARAMS_ATTR}": {{{", ".join(f"{k!r}: {v!r}" for k, v in p.items())}}}}}')
 
 
+def kernel_source(p: dict, decl: str, body: str) -> str:
+    """The TVMScript of an attention kernel: the one signature every kernel (CPU and GPU) has,
+    its attributes and buffer declarations (``decl``, from :func:`signature`), then ``body``
+    (statements at one level of indentation)."""
+    return f'''
+@T.prim_func(private=True)
+def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+              var_o: T.handle):
+    T.func_attr({func_attrs(p)})
+    {decl}
+{body}'''
+
+
 def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
     """The target-independent attention PrimFunc: per (head, query row), in parallel, one pass over
     the keys, ``keys`` at a time, with an online softmax (running max and sum, fp32), then
@@ -148,13 +161,7 @@ def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
     fold = "\n".join(fold)
     k_at = kv_index(p, "k", j, kvh, f"d0 * {lanes} + l")
     v_at = kv_index(p, "v", j, kvh, "d")
-    src = f'''
-@T.prim_func(private=True)
-def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
-              var_o: T.handle):
-    T.func_attr({func_attrs(p)})
-    {decl}
-    for hi in T.parallel({H} * {n}):
+    src = kernel_source(p, decl, f'''    for hi in T.parallel({H} * {n}):
         h = hi // {n}
         i = hi % {n}
         kvh = h // {G}
@@ -195,7 +202,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                         acc[d] = acc[d] + sc[jj] * {f32}({v_at})
         for d in T.vectorized({D}):
             {out_index(p, h, i, "d")} = T.Cast("{p["dtype"]}", acc[d] / st[1])
-'''
+''')
     return from_source(src)
 
 

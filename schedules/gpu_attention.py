@@ -27,7 +27,7 @@ from tvm.target import Target
 
 from .gpu_attention_decode import decode_kernel as split_decode_kernel
 from .profiles import fit_to_target, gpu_profile
-from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, func_attrs, mask_index, \
+from ..relax_passes.fuse_attention import KERNEL_ATTR, PARAMS_ATTR, kernel_source, mask_index, \
     kv_index, out_index, score, signature
 from .gpu_attention_prefill import prefill_kernel
 
@@ -69,13 +69,7 @@ def decode_kernel(p: dict, tile: dict, max_threads: int) -> tirx.PrimFunc:
     key = f"c * {threads} + jj * {groups} + tx // {D}"  # the key thread tx accumulates
     k_src = kv_index(p, "k", f"c * {threads} + tx", f"h // {G}", "d")
     v_src = kv_index(p, "v", key, f"h // {G}", f"tx % {D}")
-    src = f'''
-@T.prim_func(private=True)
-def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
-              var_o: T.handle):
-    T.func_attr({func_attrs(p)})
-    {decl}
-    for h in T.thread_binding({H}, thread="blockIdx.x"):
+    src = kernel_source(p, decl, f'''    for h in T.thread_binding({H}, thread="blockIdx.x"):
         for tx in T.thread_binding({threads}, thread="threadIdx.x"):
             qs = T.alloc_buffer(({D},), "float32", scope="shared")
             ps = T.alloc_buffer(({threads},), "float32", scope="shared")
@@ -119,7 +113,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                     st[3] = st[3] + red[g * {D} + tx]
                     st[1] = st[1] + reds[g * {D} + tx]
                 {out_index(p, "h", "0", "tx")} = T.Cast("{dt}", st[3] / st[1])
-'''
+''')
     return from_source(src)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import from_source
 
-from ..relax_passes.fuse_attention import func_attrs, kv_index, mask_index, out_index, signature
+from ..relax_passes.fuse_attention import kernel_source, kv_index, mask_index, out_index, signature
 from .profiles import GPUProfile
 
 # threads of a split workgroup per profile (multiples of head_dim / vector lanes are taken)
@@ -102,13 +102,7 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int) -> tirx.PrimFu
     v_at = kv_index(p, "v", key, "kvh", f"dv * {V} + e")
     mask_at = mask_index(p, f"kvh * {G} + g", "0", key)
     u = _unroll
-    src = f'''
-@T.prim_func(private=True)
-def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
-              var_o: T.handle):
-    T.func_attr({func_attrs(p)})
-    {decl}
-    part_o = T.alloc_buffer(({KV * SM * G * D},), "float32")
+    src = kernel_source(p, decl, f'''    part_o = T.alloc_buffer(({KV * SM * G * D},), "float32")
     part_ml = T.alloc_buffer(({KV * SM * G * 2},), "float32")
     for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
         for s in T.thread_binding({splits}, thread="blockIdx.x"):
@@ -246,5 +240,5 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                     w[1] = w[1] + nr[c * {D} + tx] * T.exp(mr[c * {D} + tx] - w[3])
                     w[2] = w[2] + dr[c * {D} + tx] * T.exp(mr[c * {D} + tx] - w[3])
                 {out_index(p, "h", "0", "tx")} = T.Cast("{dt}", w[1] / w[2])
-'''
+''')
     return from_source(src)

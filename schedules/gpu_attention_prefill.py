@@ -49,7 +49,7 @@ from tvm import tirx
 from tvm.script import from_source
 from tvm.script import tirx as T
 
-from ..relax_passes.fuse_attention import func_attrs, kv_index, mask_index, out_index, signature
+from ..relax_passes.fuse_attention import kernel_source, kv_index, mask_index, out_index, signature
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN = 'T.min_value("float32")'
@@ -212,13 +212,7 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int) -> t
     q_load, kv_load = _tile_loads(p, rows, keys, dt, D, vec, vec, threads,
                                   (("qs", ""), ("ks", ""), ("vs", "")))
     mask = mask_index(p, me["head"], f"T.min({me['pos']}, n - 1)", f"kb * {keys} + {key_in}")
-    src = f'''
-@T.prim_func(private=True)
-def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
-              var_o: T.handle):
-    T.func_attr({func_attrs(p)})
-    {decl}
-    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+    src = kernel_source(p, decl, f'''    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
         for bq in T.thread_binding((n * {G} + {rows - 1}) // {rows}, thread="blockIdx.x"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
                 qs = T.alloc_buffer(({rows * DP},), "{dt}", scope="shared")
@@ -263,7 +257,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                     for t in T.unroll({dims}):
                         {out_index(p, me["head"], me["pos"], f"{lane} + {lanes} * t")} = T.Cast(
                             "{dt}", acc[t] / T.max(st[1], T.float32(1e-30)))
-'''
+''')
     return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
 
 
@@ -314,13 +308,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None,
     PF = [f"pf[kp * 4 + {i}]" for i in range(4)]
     offsets = {"qs": 0, "ks": KO, "vs": VO}
     addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
-    src = f'''
-@T.prim_func(private=True)
-def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
-              var_o: T.handle):
-    T.func_attr({func_attrs(p)})
-    {decl}
-    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+    src = kernel_source(p, decl, f'''    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
         for bq in T.thread_binding((n * {G} + {rows - 1}) // {rows}, thread="blockIdx.x"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
                 sm = T.alloc_buffer(({(rows + 2 * keys) * DP},), "float16", scope="shared.dyn")
@@ -401,7 +389,7 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
                             for c in T.unroll(2):
                                 {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
                                     T.Cast("float16", oa[dt * 4 + hr * 2 + c] / st[hr + 2])
-'''
+''')
     return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
 
 
