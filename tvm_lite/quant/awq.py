@@ -23,6 +23,7 @@ import hashlib
 import numpy as np
 
 from .format import QuantizedWeight, check_format, check_group_size, check_weight
+from .gptq import gptq
 from .rtn import DEFAULT_CLIP_RATIOS, rtn
 
 
@@ -64,15 +65,21 @@ def scale_search(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, f
     return best[1], best[2]
 
 
-def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str = "e0m4",
-        group_size: int = 32, n_grid: int = N_GRID, clip_ratios=DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
-    """Quantize ``w [K, N]`` with AWQ's scale search; ``act_mean_abs [K]`` is ``mean |x_k|``."""
+def _scaled(w, hessian, act_mean_abs, fmt, group_size, n_grid, h_dtype):
+    """What AWQ and AWQ+GPTQ share: the checked inputs, the unquantized output error and the
+    scale search. Returns ``(w, h, base_error, alpha, s)``."""
     check_format(fmt)
     group_size = check_group_size(group_size)
     w = check_weight(w)  # 2-D, finite, within fp16's range
-    h = np.asarray(hessian, np.float32)
-    base = output_error(w, h)
+    h = np.asarray(hessian, h_dtype)
     alpha, s = scale_search(w, hessian, act_mean_abs, fmt, group_size, n_grid)
+    return w, h, output_error(w, h), alpha, s
+
+
+def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str = "e0m4",
+        group_size: int = 32, n_grid: int = N_GRID, clip_ratios=DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
+    """Quantize ``w [K, N]`` with AWQ's scale search; ``act_mean_abs [K]`` is ``mean |x_k|``."""
+    w, h, base, alpha, s = _scaled(w, hessian, act_mean_abs, fmt, group_size, n_grid, np.float32)
     diag = np.maximum(np.diag(h), 0) / (s * s)
     qw = rtn(w * s[:, None], fmt, group_size, clip_ratios=clip_ratios, channel_weight=diag)
     qw.act_scale = (1.0 / s).astype(np.float32)
@@ -87,14 +94,7 @@ def awq_gptq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: 
     """AWQ's scale search, then GPTQ on ``diag(s) W`` with the Hessian of the scaled input
     ``x / s`` (``diag(1/s) H diag(1/s)``): the scales put the grid's resolution on the
     channels with large inputs, GPTQ then corrects the rounding that is left."""
-    from .gptq import gptq
-
-    check_format(fmt)
-    group_size = check_group_size(group_size)
-    w = check_weight(w)  # 2-D, finite, within fp16's range
-    h = np.asarray(hessian, np.float64)
-    base = output_error(w, h)
-    alpha, s = scale_search(w, hessian, act_mean_abs, fmt, group_size, n_grid)
+    w, h, base, alpha, s = _scaled(w, hessian, act_mean_abs, fmt, group_size, n_grid, np.float64)
     inv = 1.0 / s.astype(np.float64)
     qw = gptq(w * s[:, None], h * inv[:, None] * inv[None, :], fmt, group_size,
               clip_ratios=clip_ratios, **gptq_options)
