@@ -60,25 +60,19 @@ TC_WARPS = 4
 TC_SHARED_BYTES = 110 * 1024
 TC_KEY_TILES = (64, 32, 16)
 
+_LDSM = r"""
+__forceinline__ __device__ uint4 tvm_lite_ldsm_x4%(name)s(const void* p) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  uint4 r;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4%(trans)s.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+}
+"""
+
 HELPERS = {
-    "tvm_lite_ldsm_x4": r"""
-__forceinline__ __device__ uint4 tvm_lite_ldsm_x4(const void* p) {
-  unsigned a = (unsigned)__cvta_generic_to_shared(p);
-  uint4 r;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
-  return r;
-}
-""",
-    "tvm_lite_ldsm_x4_trans": r"""
-__forceinline__ __device__ uint4 tvm_lite_ldsm_x4_trans(const void* p) {
-  unsigned a = (unsigned)__cvta_generic_to_shared(p);
-  uint4 r;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
-  return r;
-}
-""",
+    "tvm_lite_ldsm_x4": _LDSM % {"name": "", "trans": ""},
+    "tvm_lite_ldsm_x4_trans": _LDSM % {"name": "_trans", "trans": ".trans"},
     "tvm_lite_mma16816": r"""
 __forceinline__ __device__ void tvm_lite_mma16816(float* c, unsigned a0, unsigned a1,
                                                   unsigned a2, unsigned a3, unsigned b0,
