@@ -51,3 +51,17 @@ def test_kernel_launches_needs_a_gpu_build():
         kernel_launches(ex, "decode")
     with pytest.raises(ValueError, match="no VM function 'prefill'"):
         kernel_launches(ex, "prefill")
+
+
+def test_profile_command_runs_on_an_artifact(artifact, tmp_path, capsys):
+    """`tvm-lite profile ARTIFACT --device cpu --json ...`: the command's own path, end to end."""
+    from tvm_lite.cli import main
+
+    out = tmp_path / "p.json"
+    main(["profile", str(artifact("dynamo", "inplace")), "--device", "cpu", "--prompt-len", "8",
+          "--steps", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "prefill (context 0" in printed and "decode (context" in printed
+    result = json.loads(out.read_text())
+    assert set(result) == {"prefill", "decode"}
+    assert result["decode"]["kernels"]["attention_decode"]["calls"] == LAYERS
