@@ -11,6 +11,7 @@ from .fuse_kv_append import FuseKVAppend
 from .fuse_rotary import FuseRotary
 from .fuse_silu_mul import FuseSiluMul
 from .fuse_attention import FuseAttention
+from .inline_step_calls import InlineStepCalls
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .legalize_grouped_reshape import LegalizeGroupedReshape
 from .plan_symbolic_arena import PlanSymbolicArena
@@ -22,6 +23,6 @@ __all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBu
            "AttachMetadata",
            "BindDequantKernelShapes",
            "FuseAddRMSNorm", "FuseAttention",
-           "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",
+           "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache", "KVCacheRewriteError",
            "LegalizeGroupedReshape", "NoKVCacheError",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

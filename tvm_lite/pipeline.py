@@ -20,7 +20,8 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    then tvm_lite's PlanSymbolicArena for prefill/decode unless
                                    memory_plan="tvm"), entry points that take the caches and
                                    workspaces as tuples (AddTupledBufferEntries: RPC), one-call
-                                   greedy steps over them (AddStepEntries), VM shape lowering
+                                   greedy steps over them (AddStepEntries), inlined into flat
+                                   functions (InlineStepCalls), VM shape lowering
                                    and last the calling convention as _metadata()
                                    (AttachMetadata)
 """
@@ -41,7 +42,8 @@ from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes import (AddDecodeFunction, AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
                                    BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
-                                   FuseKVAppend, FuseRotary, FuseSiluMul, InplaceKVCache,
+                                   FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
+                                   InplaceKVCache,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
                                    SplitPrefillDecode)
 
@@ -161,6 +163,7 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             *arena,
             AddTupledBufferEntries(KV_CACHE_ATTR),  # in-place decoders over RPC; else a no-op
             AddStepEntries(),  # prefill_step/decode_step: ints in, the greedy token out
+            InlineStepCalls(),  # ... as flat functions: weights checked once per step, not thrice
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),
             relax.transform.LowerRuntimeBuiltin(),
