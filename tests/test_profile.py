@@ -76,3 +76,11 @@ def test_profiling_leaves_no_instrument_behind(engine, monkeypatch):
     monkeypatch.setattr(eng.vm, "set_instrument", lambda f: (installed.append(f), real(f)))
     Profiler(eng, use_torch=False).decode(4, steps=1, warmup=0)
     assert installed and installed[-1] is None
+
+
+def test_decode_step_checks_each_weight_once(profiles, engine):
+    """InlineStepCalls: the step entry checks the weights where they enter, and the decoder it
+    used to call does not check them again (three checks per weight and step before)."""
+    _, decode = profiles
+    weights = len(engine("dynamo", "inplace").params)
+    assert decode.vm_builtins["vm.builtin.check_tensor_info"] < 1.5 * weights
