@@ -49,6 +49,7 @@ from tvm import tirx
 from tvm.script import from_source
 from tvm.script import tirx as T
 
+from . import cuda_mma as mma
 from ..relax_passes.fuse_attention import kernel_source, kv_index, mask_index, out_index, signature
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -60,35 +61,8 @@ TC_WARPS = 4
 TC_SHARED_BYTES = 110 * 1024
 TC_KEY_TILES = (64, 32, 16)
 
-_LDSM = r"""
-__forceinline__ __device__ uint4 tvm_lite_ldsm_x4%(name)s(const void* p) {
-  unsigned a = (unsigned)__cvta_generic_to_shared(p);
-  uint4 r;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4%(trans)s.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
-  return r;
-}
-"""
-
 HELPERS = {
-    "tvm_lite_ldsm_x4": _LDSM % {"name": "", "trans": ""},
-    "tvm_lite_ldsm_x4_trans": _LDSM % {"name": "_trans", "trans": ".trans"},
-    "tvm_lite_mma16816": r"""
-__forceinline__ __device__ void tvm_lite_mma16816(float* c, unsigned a0, unsigned a1,
-                                                  unsigned a2, unsigned a3, unsigned b0,
-                                                  unsigned b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-""",
-    "tvm_lite_pack_half2": r"""
-__forceinline__ __device__ unsigned tvm_lite_pack_half2(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-""",
+    **mma.HELPERS,
     "tvm_lite_quad_max": r"""
 __forceinline__ __device__ float tvm_lite_quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -104,9 +78,7 @@ __forceinline__ __device__ float tvm_lite_quad_sum(float v) {
 }
 
 
-def _call(name: str, *args: str, ret: str = "void") -> str:
-    return (f'T.cuda.func_call("{name}", {", ".join(args)}, source_code=HELPERS["{name}"], '
-            f'return_type="{ret}")')
+_call = mma.call
 
 
 def _rows(p: dict, rows: int, r: str) -> dict:
@@ -267,10 +239,8 @@ def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES) -> tuple[int
 def tensor_core_applies(p: dict, target) -> bool:
     """fp16, head_dim a multiple of 16 up to 256, and ``mma.sync.m16n8k16`` on the target
     (sm_80 or newer; a CUDA target without an arch is taken to be one)."""
-    arch = str(target.attrs.get("arch", "sm_90")) if target.kind.name == "cuda" else ""
-    digits = "".join(ch for ch in arch if ch.isdigit())
-    return (target.kind.name == "cuda" and digits != "" and int(digits) >= 80
-            and p["dtype"] == "float16" and p["head_dim"] % 16 == 0 and p["head_dim"] <= 256)
+    return (mma.mma_supported(target) and p["dtype"] == "float16" and p["head_dim"] % 16 == 0
+            and p["head_dim"] <= 256)
 
 
 def tensor_core_kernel(p: dict, keys: int | None = None,

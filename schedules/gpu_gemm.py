@@ -40,6 +40,7 @@ from tvm.s_tir import dlight as dl
 
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
 
+from .gpu_gemm_mma import mma_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
 
@@ -66,6 +67,10 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         except MatchError:
             return None
         if self.tensor_cores and target.kind.name == "cuda":
+            try:  # mma.sync with the dequant in the staging (schedules/gpu_gemm_mma.py)
+                return mma_gemm_kernel(func, target, fit_to_target(self.profile, target))
+            except MatchError:
+                pass
             sch = dl.gpu.matmul.MatmulTensorization().apply(func, target, tunable)
             if sch is not None:
                 return sch
