@@ -434,3 +434,29 @@ def test_split_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
         want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
         np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_core_prefill_splits_keys_only_for_small_grids():
+    """The split count is evaluated at run time from ``n`` and ``m``: a 256-token chunk of a
+    one-kv-head model (32 workgroups) splits its 2048 keys, a 2048-token Llama prompt (1,024
+    workgroups) does not; the split kernel is followed by the merge kernel."""
+    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel
+
+    def count(heads, kv, n, m):
+        p = attention_params(heads, kv, 64, "float16", 0.125, "float16", False, True, False, True,
+                             kv == 1)
+        expr = split_count(p, 64, 64).replace("T.int64", "int").replace("T.max", "max") \
+            .replace("T.min", "min")
+        return eval(expr, {"n": n, "m": m})  # noqa: S307 (our own expression text)
+
+    assert count(8, 1, 256, 2048) == 8  # Gemma-shaped chunk: 32 workgroups
+    assert count(32, 8, 256, 2048) == 3  # Llama-1B chunk: 128 workgroups
+    assert count(32, 8, 2048, 2048) == 1
+    assert count(8, 1, 64, 64) == 1  # one key tile: nothing to split
+    p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    for split, kernels in ((True, 2), (False, 1)):
+        func = tensor_core_kernel(p, split=split).with_attr("global_symbol", "main") \
+            .with_attr("tirx.is_scheduled", True)
+        src = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.imports[0].inspect_source()
+        assert len(set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src))) == kernels
