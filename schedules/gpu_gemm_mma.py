@@ -52,6 +52,9 @@ VEC = 8  # fp16 per 16-byte load
 TILES = ((128, 128, 2, 4), (128, 64, 4, 2), (64, 128, 2, 4), (64, 64, 2, 2))
 PLAN_M = 512  # the prompt length the tile is chosen for
 MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a workgroup
+SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
+SPLIT_K_MIN_SLICES = 16  # ... and each split keeps at least this many TK slices
+SUM_THREADS = 256  # threads of a workgroup of the split-K sum
 
 HELPERS = {
     **mma.HELPERS,
@@ -74,16 +77,22 @@ __forceinline__ __device__ void tvm_lite_st_shared_v4(void* p, unsigned a, unsig
 }
 
 
-def choose_tile(n: int, compute_units: int, m: int = PLAN_M) -> tuple[int, int, int, int]:
-    """``(TM, TN, WM, WN)`` for an ``N``-column output: the largest tile of ``TILES`` whose
-    grid at ``M = m`` covers ``MIN_WAVE`` of the SMs, else the one with the most workgroups."""
+def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = None) -> tuple:
+    """``(TM, TN, WM, WN, KS)`` for an ``N``-column output: the largest tile of ``TILES`` whose
+    grid at ``M = m`` covers ``MIN_WAVE`` of the SMs, else the one with the most workgroups;
+    then ``K`` split ``KS`` ways (partials summed by a second kernel) while the grid gives fewer
+    than ``SPLIT_K_WAVE`` workgroups a SM and each split keeps ``SPLIT_K_MIN_SLICES`` slices."""
     fits = [t for t in TILES if n % t[1] == 0]
     if not fits:
         raise MatchError(f"N={n} is not a multiple of {min(t[1] for t in TILES)}")
-    for t in fits:
-        if -(-m // t[0]) * (n // t[1]) >= MIN_WAVE * compute_units:
-            return t
-    return max(fits, key=lambda t: -(-m // t[0]) * (n // t[1]))
+    grid = lambda t: -(-m // t[0]) * (n // t[1])  # noqa: E731
+    tile = next((t for t in fits if grid(t) >= MIN_WAVE * compute_units), None) \
+        or max(fits, key=grid)
+    ks, slices = 1, (k or 0) // TK
+    while (grid(tile) * ks < SPLIT_K_WAVE * compute_units and slices % (2 * ks) == 0
+           and slices // (2 * ks) >= SPLIT_K_MIN_SLICES):
+        ks *= 2
+    return (*tile, ks)
 
 
 def _dims(buf) -> list:
@@ -185,7 +194,7 @@ def kernel_source(func, g: dict, tile) -> str:
     """TVMScript of the kernel for ``func`` (roles ``g`` from :func:`match_gemm`, ``tile`` from
     :func:`choose_tile`); its stores write ``__tvm_lite_epilogue__(acc)``."""
     names, params, decls = _decl(func)
-    TM, TN, WM, WN = tile
+    TM, TN, WM, WN, KS = tile
     K, N, M, G, fmt = g["k"], g["n"], g["m"], g["group"], g["fmt"]
     x, out = names[g["roles"]["x"]], names[g["roles"]["out"]]
     xbuf, obuf = func.params[g["roles"]["x"]], func.params[g["roles"]["out"]]
@@ -195,7 +204,7 @@ def kernel_source(func, g: dict, tile) -> str:
     XP, WP = TK + PAD, TN + PAD  # shared row lengths
     XO = TM * XP  # offset of the W tile in a stage
     STAGE = TM * XP + TK * WP
-    KT = K // TK
+    KT = K // TK // KS  # slices of one split
     warp, lane = "(tx // 32)", "(tx % 32)"
     wm, wn = f"({warp} // {WN})", f"({warp} % {WN})"
     g4, t4 = f"({lane} // 4)", f"({lane} % 4)"
@@ -270,7 +279,9 @@ def kernel_source(func, g: dict, tile) -> str:
             T.evaluate({st})'''
 
     def at(text: str, kn: str, sb: str) -> str:
-        """A load (``kn``: the K slice) or store (``sb``: the stage's offset) for one slice."""
+        """A load (``kn``: the K slice of this split) or store (``sb``: the stage's offset)."""
+        if KS > 1 and kn:
+            kn = f"(bz * {KT} + {kn})"
         return text.replace("{kn}", kn).replace("{sb}", sb)
 
     def indent(text: str, n: int) -> str:
@@ -283,12 +294,31 @@ def kernel_source(func, g: dict, tile) -> str:
     row = f"by * {TM} + {wm} * {WTM} + mt * 16 + {g4} + c // 2 * 8"
     col = f"bx * {TN} + {wn} * {WTN} + nt * 8 + {t4} * 2 + c % 2"
     x_regs = f'xv = T.alloc_buffer(({xs * VEC},), "float16", scope="local")'
+    value = f"acc[(mt * {NT} + nt) * 4 + c]"
+    epilogue = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format
+    if KS == 1:
+        workspace, split_sum = "", ""
+        store = f"{out}[{_row_at(obuf, row, col)}] = {epilogue(value)}"
+    else:  # fp32 partials [KS, M, N], summed (and the epilogue applied) by a second kernel
+        workspace = f'    ws = T.alloc_buffer(({KS} * {M} * {N},), "float32", scope="global")\n'
+        store = f"ws[(bz * {M} + {row}) * {N} + {col}] = {value}"
+        e = f"(b * {SUM_THREADS} + t)"
+        split_sum = f'''    for b in T.thread_binding(({M} * {N} + {SUM_THREADS - 1}) // {SUM_THREADS}, thread="blockIdx.x"):
+        for t in T.thread_binding({SUM_THREADS}, thread="threadIdx.x"):
+            tot = T.alloc_buffer((1,), "float32", scope="local")
+            if {e} < {M} * {N}:
+                tot[0] = T.float32(0)
+                for s in T.unroll({KS}):
+                    tot[0] = tot[0] + ws[s * {M} * {N} + {e}]
+                {out}[{_row_at(obuf, f"{e} // {N}", f"{e} % {N}")}] = {epilogue("tot[0]")}
+'''
     return f'''
 @T.prim_func(private=True)
 def gemm_mma({params}):
     T.func_attr({{"tirx.noalias": True}})
 {decls}
-{views}    for bx in T.thread_binding({N // TN}, thread="blockIdx.x"):
+{views}{workspace}    for bx in T.thread_binding({N // TN}, thread="blockIdx.x"):
+      for bz in T.thread_binding({KS}, thread="blockIdx.z"):
         for by in T.thread_binding(({M} + {TM - 1}) // {TM}, thread="blockIdx.y"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
                 sm = T.alloc_buffer(({2 * STAGE},), "float16", scope="shared.dyn")
@@ -324,24 +354,24 @@ def gemm_mma({params}):
                     for nt in T.unroll({NT}):
                         for c in T.unroll(4):
                             if {row} < {M}:
-                                {out}[{_row_at(obuf, row, col)}] = T.call_extern("float32", "__tvm_lite_epilogue__", acc[(mt * {NT} + nt) * 4 + c])
-'''
+                                {store}
+{split_sum}'''
 
 
-def mma_gemm_kernel(func, target, profile, tile=None):
+def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True):
     """The tensor-core kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
-    :class:`MatchError` where it does not apply."""
+    :class:`MatchError` where it does not apply. ``split_k=False``: never split K."""
     if not mma.mma_supported(target):
         raise MatchError("mma.sync m16n8k16 needs a CUDA sm_80+ target")
     sch = s_tir.Schedule(func)
     func = sch.mod["main"]
     g = match_gemm(sch, profile)
-    tile = tile or choose_tile(g["n"], profile.compute_units)
+    tile = tile or choose_tile(g["n"], profile.compute_units, k=g["k"] if split_k else None)
     src = kernel_source(func, g, tile)
     kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
     kernel = attach_epilogue(kernel, func, sch, g["out_dtype"], g["final"], g["matmul_buf"])
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}
-    kernel = kernel.with_attrs({**attrs, "tvm_lite.gemm": "mma_m16n8k16 %dx%d" % tile[:2]})
+    kernel = kernel.with_attrs({**attrs, "tvm_lite.gemm": "mma_m16n8k16 %dx%d split-K %d" % (tile[0], tile[1], tile[4])})
     return s_tir.Schedule(kernel)
 
 

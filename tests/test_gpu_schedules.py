@@ -570,13 +570,17 @@ def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
     for fmt, k, n, epilogue in MMA_CASES:
         sch = _schedule(rule, _mma_func(fmt, k, n, epilogue), target)
         assert "mma_m16n8k16" in str(sch.mod["main"].attrs["tvm_lite.gemm"]), (fmt, k, n)
-    # the tile follows the matrix: enough workgroups for 132 SMs at n = 512
-    assert choose_tile(8192, 132) == (128, 128, 2, 4)
-    assert choose_tile(2048, 132)[:2] == (128, 64)
+    # the tile follows the matrix: enough workgroups for 132 SMs at n = 512, else K split
+    assert choose_tile(8192, 132, k=2048) == (128, 128, 2, 4, 1)
+    assert choose_tile(2048, 132, k=8192) == (128, 64, 4, 2, 2)  # 128 workgroups: 2 splits
     assert choose_tile(192, 132)[:2] == (64, 64)
-    src = _source(build(_mma_func("e0m4", 2048, 2048, "residual"), target, [rule]), "cuda")
-    assert "mma.sync.aligned.m16n8k16" in src and "ldmatrix" in src and "0x64006400u" in src
-    assert len(set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src))) == 1
+    assert choose_tile(576, 132, k=576)[4] == 1  # 18 slices of K: too few to split
+    names = r"__global__ void __launch_bounds__\(\d+\) (\w+)\("
+    for split_k, kernels in ((True, 2), (False, 1)):  # split: the partial sums' kernel applies
+        func = _mma_func("e0m4", 2048, 2048, "residual")  # the epilogue
+        src = _source(build(func, target, [GPUPrefillGEMM(CUDA, split_k=split_k)]), "cuda")
+        assert "mma.sync.aligned.m16n8k16" in src and "ldmatrix" in src and "0x64006400u" in src
+        assert len(set(re.findall(names, src))) == kernels
     # not taken: fp32 activations (the SIMT or WMMA schedule), N not a multiple of 64
     from tvm_lite.schedules.gpu_gemm_mma import mma_gemm_kernel
 
