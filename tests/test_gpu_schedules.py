@@ -554,10 +554,10 @@ MMA_CASES = [
 ]
 
 
-def _mma_func(fmt, k, n, epilogue):
+def _mma_func(fmt, k, n, epilogue, m=DYN):
     if fmt == "fp16":
-        return _silu_gated([1, DYN], k, n, "float16") if epilogue else kernel_func(fmt, [1, DYN], k, n)
-    return _dequant_gemv(fmt, k, n, epilogue, lead=(1, DYN))
+        return _silu_gated([1, m], k, n, "float16") if epilogue else kernel_func(fmt, [1, m], k, n)
+    return _dequant_gemv(fmt, k, n, epilogue, lead=(1, m))
 
 
 def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
@@ -631,3 +631,48 @@ def test_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
         got = out.numpy().reshape(seq, n).astype(np.float32)
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err < 1e-2, (fmt, k, n, epilogue, seq, err)
+
+
+# (fmt, K, N, M, epilogue): one kernel with the output tile cut by M; K split in two (its sum
+# kernel applies the residual add); fp16 weights with the two-block SiLU epilogue
+MMA_CPU_CASES = [("e0m4", 256, 128, 70, None), ("int4", 1024, 64, 37, "residual"),
+                 ("fp16", 128, 192, 65, "silu_gate")]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("fmt,k,n,m,epilogue", MMA_CPU_CASES)
+def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tmp_path):
+    """The tensor-core GEMM's generated CUDA C, run on the CPU with the PTX helpers emulated
+    lane by lane (tests/mma_on_cpu.py), against numpy."""
+    from mma_on_cpu import run_gemm
+    from tvm_lite.schedules.gpu_gemm_mma import choose_tile
+
+    target = parse_target(TARGETS["cuda"])
+    func = _mma_func(fmt, k, n, epilogue, m)
+    src = _source(build(func, target, [GPUPrefillGEMM(CUDA)]), "cuda")
+    TM, TN, _, _, KS = choose_tile(n, CUDA.compute_units, k=k)
+    assert (KS > 1) == (k == 1024)
+    rng = np.random.default_rng(7)
+    arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
+    x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)
+    extra = rng.standard_normal((1, m, n)).astype(np.float16)
+    given = [x, *arrays.values()] + ([extra] if epilogue else [])
+    if fmt == "fp16" and epilogue:
+        given = [x, arrays["w"], extra]
+    named = {f"p{i}_ptr": a for i, a in enumerate(given)}
+    if fmt != "fp16":  # the uint32 views of the packed tensors
+        named["codes32_ptr"] = arrays["codes"].view(np.uint32)
+        named["scale32_ptr"] = arrays["scale"].view(np.uint32)
+        if "zero" in arrays:
+            named["zero32_ptr"] = arrays["zero"].view(np.uint32)
+    grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (-(-m * n // 256), 1, 1)}
+    got = run_gemm(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
+    got = got.reshape(m, n).astype(np.float32)
+    if fmt == "fp16":
+        y = (x.reshape(-1, k).astype(np.float32) @ arrays["w"].astype(np.float32))
+        y = y.astype(np.float16).astype(np.float32)
+        ref = y / (1 + np.exp(-y)) * extra.reshape(-1, n) if epilogue else y
+    else:
+        ref = _half2_reference(fmt, x, arrays, k, n, epilogue, extra)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 1e-2, err

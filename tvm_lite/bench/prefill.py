@@ -201,6 +201,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     from tvm_lite.bench.kernels import build, kernel_func, random_half, reference, weights
     from tvm_lite.schedules import gpu_profile, rules_for
     from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM
+    from tvm_lite.schedules.gpu_gemm_mma import choose_tile
 
     dev = tvm.cuda(0)
     arch = "sm_" + str(dev.compute_version).replace(".", "")
@@ -218,6 +219,9 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
             torch_ms = _torch_ms(lambda: torch.matmul(x, w16))  # noqa: B023
             for variant in fmts:
                 fmt, rule = GEMM_VARIANTS[variant]
+                if rule == "no split-K" and choose_tile(n, gpu_profile("cuda").compute_units,
+                                                        k=k)[4] == 1:
+                    continue  # the same kernel as "e0m4"
                 arrays = {"w": w16.cpu().numpy()} if fmt == "fp16" else weights(fmt, k, n, rng)
                 func = kernel_func(fmt, [1, tirx.Var("n", "int64")], k, n)
                 t0 = time.perf_counter()
