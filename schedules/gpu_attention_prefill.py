@@ -287,9 +287,13 @@ def _merge(p: dict, spl: str) -> str:
 '''
 
 
-def tensor_core_kernel(p: dict, keys: int | None = None,
-                       shared_bytes: int = TC_SHARED_BYTES, split: bool = True) -> tirx.PrimFunc:
+def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
+                       split: bool = True, static: dict | None = None) -> tirx.PrimFunc:
+    """``static``: ``{"n": .., "m": ..}`` fixes the query and key counts (tests that run the
+    generated CUDA C on the CPU: no scalar kernel arguments)."""
     decl, _ = signature(p)
+    for name in static or {}:
+        decl = decl.replace(f"{name} = T.int64()", "")
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
     rows, fit = tensor_core_tiles(p, shared_bytes)
@@ -420,7 +424,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None,
                                     T.Cast("float16", oa[dt * 4 + hr * 2 + c] / st[hr + 2]){partial}
 {_merge(p, spl) if split else ""}''')
     src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)  # the longest row tiles (last rows) first
-    return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
+    consts = {k: tirx.IntImm("int64", v) for k, v in (static or {}).items()}
+    return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS, **consts})
 
 
 def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int,

@@ -1,10 +1,11 @@
-"""Run the generated CUDA C of tvm_lite's tensor-core prefill GEMM on the CPU (for tests).
+"""Run the generated CUDA C of tvm_lite's tensor-core kernels (prefill GEMM and attention) on the CPU.
 
 No GPU is needed. The kernel source TVM generates for ``cuda`` is compiled with g++ after a shim
 (as in :mod:`cuda_on_cpu`): each thread of a workgroup is a ``std::thread``, ``__syncthreads()``
 a ``std::barrier``, the dynamic shared memory one static array (workgroups run one after
 another), ``half`` is ``_Float16``. The warp-wide PTX helpers are replaced by C++ with the PTX
-ISA's fragment layouts (``ldmatrix`` x4 and .trans, ``mma.sync.m16n8k16``): each lane publishes
+ISA's fragment layouts (``ldmatrix`` x4 and .trans, ``mma.sync.m16n8k16``, the quad shuffles):
+each lane publishes
 its operands to its warp, the warp meets at a barrier, and each lane computes what the hardware
 would hand it -- so the kernel's own addressing, staging, dequant, fragment-to-output mapping,
 split-K and epilogue run as generated; only the products' summation order differs.
@@ -112,6 +113,22 @@ static void tvm_lite_st_shared_v4(void* p, unsigned a, unsigned b, unsigned c, u
   unsigned v[4] = {a, b, c, d};
   memcpy(p, v, 16);
 }
+static float xf[32][32];
+static float tvm_lite_quad_max(float v) {  // over the 4 lanes of a quad (__shfl_xor 1, 2)
+  xf[warp_id][lane_id] = v; warp_sync();
+  float* q = &xf[warp_id][lane_id & ~3];
+  float r = max(max(q[0], q[1]), max(q[2], q[3]));
+  warp_sync();
+  return r;
+}
+static float tvm_lite_quad_sum(float v) {
+  xf[warp_id][lane_id] = v; warp_sync();
+  float* q = &xf[warp_id][lane_id & ~3];
+  float r = (q[0] + q[1]) + (q[2] + q[3]);
+  warp_sync();
+  return r;
+}
+static unsigned tvm_lite_pack_half2(float lo, float hi) { return __pack_half2((half)lo, (half)hi); }
 static void launch(int gx, int gy, int gz, int th, std::function<void()> fn) {
   for (int bz = 0; bz < gz; ++bz) for (int by = 0; by < gy; ++by) for (int bx = 0; bx < gx; ++bx) {
     std::barrier<> b(th); bar = &b;
@@ -153,7 +170,7 @@ def _kernels(src: str) -> tuple[str, list]:
     return code, found
 
 
-def run_gemm(src: str, arrays: dict, grids: dict, out_name: str, out_size: int,
+def run_kernels(src: str, arrays: dict, grids: dict, out_name: str, out_size: int,
              workdir: Path) -> np.ndarray:
     """Run the kernels of ``src`` in order. ``arrays``: a numpy array per kernel parameter name
     (``p0_ptr``...; views such as ``codes32_ptr`` are given under their own names); a pointer
@@ -164,6 +181,8 @@ def run_gemm(src: str, arrays: dict, grids: dict, out_name: str, out_size: int,
     main = ["int main() {"]
     declared = set()
     for name, threads, args in kernels:
+        if name not in grids:
+            raise ValueError(f"no grid given for kernel {name}")
         for ctype, pname in args:
             if pname in declared:
                 continue

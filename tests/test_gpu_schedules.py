@@ -644,7 +644,7 @@ MMA_CPU_CASES = [("e0m4", 256, 128, 70, None), ("int4", 1024, 64, 37, "residual"
 def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tmp_path):
     """The tensor-core GEMM's generated CUDA C, run on the CPU with the PTX helpers emulated
     lane by lane (tests/mma_on_cpu.py), against numpy."""
-    from mma_on_cpu import run_gemm
+    from mma_on_cpu import run_kernels
     from tvm_lite.schedules.gpu_gemm_mma import choose_tile
 
     target = parse_target(TARGETS["cuda"])
@@ -666,7 +666,7 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tm
         if "zero" in arrays:
             named["zero32_ptr"] = arrays["zero"].view(np.uint32)
     grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (-(-m * n // 256), 1, 1)}
-    got = run_gemm(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
+    got = run_kernels(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
     got = got.reshape(m, n).astype(np.float32)
     if fmt == "fp16":
         y = (x.reshape(-1, k).astype(np.float32) @ arrays["w"].astype(np.float32))
