@@ -95,10 +95,6 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
     return (*tile, ks)
 
 
-def _dims(buf) -> list:
-    return list(buf.shape)
-
-
 def _decl(func) -> tuple[list, str, str]:
     """(parameter names, ``T.handle`` parameter list, the buffer declarations): static dims as
     ``T.int64(..)``, symbolic ones by their names (declared once)."""
