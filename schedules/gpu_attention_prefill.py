@@ -45,10 +45,13 @@ the second tensor-core product only (as in FlashAttention).
 
 from __future__ import annotations
 
+import re
+
 from tvm import tirx
 from tvm.script import from_source
 from tvm.script import tirx as T
 
+from . import cuda_mma as mma
 from ..relax_passes.fuse_attention import kernel_source, kv_index, mask_index, out_index, signature
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -59,36 +62,15 @@ MIN = 'T.min_value("float32")'
 TC_WARPS = 4
 TC_SHARED_BYTES = 110 * 1024
 TC_KEY_TILES = (64, 32, 16)
-
-_LDSM = r"""
-__forceinline__ __device__ uint4 tvm_lite_ldsm_x4%(name)s(const void* p) {
-  unsigned a = (unsigned)__cvta_generic_to_shared(p);
-  uint4 r;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4%(trans)s.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
-  return r;
-}
-"""
+# Key splitting (small grids: chunked prompts, few kv heads): workgroups the grid should reach
+# (two a SM on 132 SMs), at most this many splits, each split at least this many key tiles.
+SPLIT_WAVE = 264
+SPLIT_MAX = 8
+SPLIT_MIN_TILES = 2
+MERGE_THREADS = 256
 
 HELPERS = {
-    "tvm_lite_ldsm_x4": _LDSM % {"name": "", "trans": ""},
-    "tvm_lite_ldsm_x4_trans": _LDSM % {"name": "_trans", "trans": ".trans"},
-    "tvm_lite_mma16816": r"""
-__forceinline__ __device__ void tvm_lite_mma16816(float* c, unsigned a0, unsigned a1,
-                                                  unsigned a2, unsigned a3, unsigned b0,
-                                                  unsigned b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-""",
-    "tvm_lite_pack_half2": r"""
-__forceinline__ __device__ unsigned tvm_lite_pack_half2(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-""",
+    **mma.HELPERS,
     "tvm_lite_quad_max": r"""
 __forceinline__ __device__ float tvm_lite_quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -104,9 +86,7 @@ __forceinline__ __device__ float tvm_lite_quad_sum(float v) {
 }
 
 
-def _call(name: str, *args: str, ret: str = "void") -> str:
-    return (f'T.cuda.func_call("{name}", {", ".join(args)}, source_code=HELPERS["{name}"], '
-            f'return_type="{ret}")')
+_call = mma.call
 
 
 def _rows(p: dict, rows: int, r: str) -> dict:
@@ -267,15 +247,53 @@ def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES) -> tuple[int
 def tensor_core_applies(p: dict, target) -> bool:
     """fp16, head_dim a multiple of 16 up to 256, and ``mma.sync.m16n8k16`` on the target
     (sm_80 or newer; a CUDA target without an arch is taken to be one)."""
-    arch = str(target.attrs.get("arch", "sm_90")) if target.kind.name == "cuda" else ""
-    digits = "".join(ch for ch in arch if ch.isdigit())
-    return (target.kind.name == "cuda" and digits != "" and int(digits) >= 80
-            and p["dtype"] == "float16" and p["head_dim"] % 16 == 0 and p["head_dim"] <= 256)
+    return (mma.mma_supported(target) and p["dtype"] == "float16" and p["head_dim"] % 16 == 0
+            and p["head_dim"] <= 256)
 
 
-def tensor_core_kernel(p: dict, keys: int | None = None,
-                       shared_bytes: int = TC_SHARED_BYTES) -> tirx.PrimFunc:
+def split_count(p: dict, rows: int, keys: int) -> str:
+    """The number of key splits, as an expression of ``n`` and ``m`` (evaluated at run time:
+    both are dynamic): enough to give ``SPLIT_WAVE`` workgroups, at most ``SPLIT_MAX``, each
+    split ``SPLIT_MIN_TILES`` key tiles or more; 1 where the grid is large enough."""
+    G, KV = p["heads"] // p["kv_heads"], p["kv_heads"]
+    grid = f"({KV} * ((n * {G} + {rows - 1}) // {rows}))"
+    return (f"T.max(T.int64(1), T.min(T.min(T.int64({SPLIT_MAX}), ({SPLIT_WAVE} + {grid} - 1) // "
+            f"{grid}), (m + {keys - 1}) // {keys} // {SPLIT_MIN_TILES}))")
+
+
+def _merge(p: dict, spl: str) -> str:
+    """The second kernel of a split prefill: per (head, position, dim), the splits' partials
+    merged (``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``, ``M`` their max); one
+    workgroup doing nothing when there is one split."""
+    H, D, T_ = p["heads"], p["head_dim"], MERGE_THREADS
+    e = f"(b * {T_} + t)"
+    h, pos, d = f"({e} // (n * {D}))", f"({e} // {D} % n)", f"({e} % {D})"
+    at = f"((s * {H} + {h}) * n + {pos})"
+    return f'''    for b in T.thread_binding(T.if_then_else({spl} > 1, ({H} * n * {D} + {T_ - 1}) // {T_},
+                                             T.int64(1)), thread="blockIdx.x"):
+        for t in T.thread_binding({T_}, thread="threadIdx.x"):
+            mg = T.alloc_buffer((4,), "float32", scope="local")  # max, sum, acc, weight
+            if {spl} > 1 and {e} < {H} * n * {D}:
+                mg[0] = {MIN}
+                for s in range({spl}):
+                    mg[0] = T.max(mg[0], ws_m[{at}])
+                mg[1] = T.float32(0)
+                mg[2] = T.float32(0)
+                for s in range({spl}):
+                    mg[3] = T.exp(ws_m[{at}] - mg[0])
+                    mg[1] = mg[1] + ws_l[{at}] * mg[3]
+                    mg[2] = mg[2] + ws_o[{at} * {D} + {d}] * mg[3]
+                {out_index(p, h, pos, d)} = T.Cast("float16", mg[2] / T.max(mg[1], T.float32(1e-30)))
+'''
+
+
+def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
+                       split: bool = True, static: dict | None = None) -> tirx.PrimFunc:
+    """``static``: ``{"n": .., "m": ..}`` fixes the query and key counts (tests that run the
+    generated CUDA C on the CPU: no scalar kernel arguments)."""
     decl, _ = signature(p)
+    for name in static or {}:
+        decl = decl.replace(f"{name} = T.int64()", "")
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
     rows, fit = tensor_core_tiles(p, shared_bytes)
@@ -302,8 +320,29 @@ def tensor_core_kernel(p: dict, keys: int | None = None,
     PF = [f"pf[kp * 4 + {i}]" for i in range(4)]
     offsets = {"qs": 0, "ks": KO, "vs": VO}
     addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
-    src = kernel_source(p, decl, f'''    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
-        for bq in T.thread_binding((n * {G} + {rows - 1}) // {rows}, thread="blockIdx.x"):
+    nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
+    spl = split_count(p, rows, keys) if split else "T.int64(1)"
+    tiles = _key_tiles(p, rows, keys)
+    per = f"(({tiles} + {spl} - 1) // {spl})"  # key tiles of one split
+    ws = f"T.if_then_else({spl} > 1, {spl} * {H} * n, T.int64(1))"  # partial rows (1: unused)
+    part = f"((sp * {H} + {rh['head']}) * n + {rh['pos']})"
+    partial = f'''
+                    if {rh["row"]} < n * {G} and {spl} > 1:  # the split's partial: max, sum, acc
+                        if {t4} == 0:
+                            ws_m[{part}] = st[hr]
+                            ws_l[{part}] = st[hr + 2]
+                        for dt in T.unroll({DT}):
+                            for c in T.unroll(2):
+                                ws_o[{part} * {D} + dt * 8 + {t4} * 2 + c] = oa[dt * 4 + hr * 2 + c]'''
+    workspace = f'''    ws_m = T.alloc_buffer(({ws},), "float32", scope="global")
+    ws_l = T.alloc_buffer(({ws},), "float32", scope="global")
+    ws_o = T.alloc_buffer(({ws} * {D},), "float32", scope="global")
+'''
+    if not split:
+        partial = workspace = ""
+    src = kernel_source(p, decl, f'''{workspace}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+      for sp in T.thread_binding({spl}, thread="blockIdx.z"):
+        for bqr in T.thread_binding({nb}, thread="blockIdx.x"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
                 sm = T.alloc_buffer(({(rows + 2 * keys) * DP},), "float16", scope="shared.dyn")
                 oa = T.alloc_buffer(({DT * 4},), "float32", scope="local")
@@ -319,7 +358,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None,
                 st[1] = {MIN}
                 st[2] = {f32}(0)
                 st[3] = {f32}(0)
-                for kb in range({_key_tiles(p, rows, keys)}):
+                for kb in range(sp * {per}, T.min({tiles}, (sp + 1) * {per})):
 {kv_load}
                     T.tvm_storage_sync("shared")
                     for i in T.unroll({NT * 4}):
@@ -378,13 +417,15 @@ def tensor_core_kernel(p: dict, keys: int | None = None,
                 for hr in T.unroll(2):
                     st[hr + 2] = T.max({_call("tvm_lite_quad_sum", "st[hr + 2]", ret="float32")},
                                        T.float32(1e-30))
-                    if {rh["row"]} < n * {G}:
+                    if {rh["row"]} < n * {G} and {spl} == 1:
                         for dt in T.unroll({DT}):
                             for c in T.unroll(2):
                                 {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
-                                    T.Cast("float16", oa[dt * 4 + hr * 2 + c] / st[hr + 2])
-''')
-    return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
+                                    T.Cast("float16", oa[dt * 4 + hr * 2 + c] / st[hr + 2]){partial}
+{_merge(p, spl) if split else ""}''')
+    src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)  # the longest row tiles (last rows) first
+    consts = {k: tirx.IntImm("int64", v) for k, v in (static or {}).items()}
+    return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS, **consts})
 
 
 def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int,

@@ -18,9 +18,11 @@ memory*, so the fp16 matrix never exists in global memory. The schedule (sizes f
 virtual threads) so that neighbouring threads read neighbouring local-memory words (no bank
 conflicts on the W tile) while each keeps a compact register tile.
 
-On CUDA the profile asks for tensor cores (``gemm_tensor_cores``): there DLight's
-``MatmulTensorization`` (wmma 16x16x16 fragments; the dequant is inlined into its shared-memory
-load of the weight tile) is tried first and this SIMT schedule is the fallback. Adreno and Mali
+On CUDA the profile asks for tensor cores (``gemm_tensor_cores``): there tvm_lite's
+``mma.sync`` kernel (:mod:`.gpu_gemm_mma`: fp16 activations, fp16/E0M4/int4 weights dequantized
+as they are staged) is tried first, then DLight's ``MatmulTensorization`` (wmma 16x16x16
+fragments; the dequant inlined into its shared-memory load of the weight tile: what ran before,
+kept for what the mma kernel does not take), and this SIMT schedule is the fallback. Adreno and Mali
 (and the generic profile) have no such units and use the SIMT schedule.
 
 Measured on an H200 (``tvm-lite bench-kernels``, n = 128..2048): on CUDA the rule's kernel *is*
@@ -40,6 +42,7 @@ from tvm.s_tir import dlight as dl
 
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
 
+from .gpu_gemm_mma import mma_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
 
@@ -54,9 +57,12 @@ def _divisor(n: int, limit: int) -> int:
 class GPUPrefillGEMM(dl.ScheduleRule):
     """Tiled GEMM for a dynamic (or > 1) ``M``, fp16 or dequantized weights, from a profile."""
 
-    def __init__(self, profile: GPUProfile, tensor_cores: bool | None = None):
+    def __init__(self, profile: GPUProfile, tensor_cores: bool | None = None, mma: bool = True,
+                 split_k: bool = True):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
+        self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
+        self.split_k = split_k  # False: the mma kernel never splits K (benchmarks)
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -66,6 +72,12 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         except MatchError:
             return None
         if self.tensor_cores and target.kind.name == "cuda":
+            try:  # mma.sync with the dequant in the staging (schedules/gpu_gemm_mma.py)
+                if self.mma:
+                    return mma_gemm_kernel(func, target, fit_to_target(self.profile, target),
+                                           split_k=self.split_k)
+            except MatchError:
+                pass
             sch = dl.gpu.matmul.MatmulTensorization().apply(func, target, tunable)
             if sch is not None:
                 return sch

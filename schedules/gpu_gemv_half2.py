@@ -159,7 +159,7 @@ def _rewrite(root, node_type, fn):
     return tvm_ffi.structural_mutate(root, [(node_type, mutate)])
 
 
-def _dequant_roles(sch, dequant):
+def dequant_roles(sch, dequant):
     """``(fmt, codes, scale, zero_or_None)`` buffers from the dequantize block's expression:
     ``((h - zero) * scale)`` for E0M4, ``(float(q) - 8) * scale`` for int4 (see
     :func:`tvm_lite.quant.kernels.dequant_expr`), possibly under a cast."""
@@ -181,7 +181,7 @@ def _dequant_roles(sch, dequant):
     raise MatchError("unknown zero in the dequantize block")
 
 
-def _param_index(func, buf) -> int:
+def param_index(func, buf) -> int:
     for i, prm in enumerate(func.params):
         if prm.same_as(buf):
             return i
@@ -199,7 +199,7 @@ def match_half2(func, sch, profile, plan: dict):
         raise MatchError("not a dequant matmul")
     if producers:
         raise MatchError("producers before the matmul: generic schedule")
-    fmt, codes, scale, zero = _dequant_roles(sch, dequant)
+    fmt, codes, scale, zero = dequant_roles(sch, dequant)
     # x: the main block's other read
     dq_out = sch.get(dequant).writes[0].source
     out_buf = sch.get(main).writes[0].source
@@ -224,18 +224,18 @@ def match_half2(func, sch, profile, plan: dict):
         raise MatchError("needs an even vector of columns")
     if plan["wpg"] * CODES_PER_WORD != group:
         raise MatchError("plan does not follow the groups")
-    roles = {"x": _param_index(func, x), "codes": _param_index(func, codes),
-             "scale": _param_index(func, scale)}
+    roles = {"x": param_index(func, x), "codes": param_index(func, codes),
+             "scale": param_index(func, scale)}
     if zero is not None:
-        roles["zero"] = _param_index(func, zero)
+        roles["zero"] = param_index(func, zero)
     final = None
     if epilogues:
         for blk in epilogues[:-1]:
             sch.compute_inline(blk)
         final = epilogues[-1]
-        roles["out"] = _param_index(func, sch.get(final).writes[0].source)
+        roles["out"] = param_index(func, sch.get(final).writes[0].source)
     else:
-        roles["out"] = _param_index(func, out_buf)
+        roles["out"] = param_index(func, out_buf)
     return Half2Plan(fmt=fmt, k=k, n=n, group=group, rows=rows, vec=vec, tn=plan["tn"],
                      tk=plan["tk"], ks=plan["ks"], kg=plan["kg"],
                      out_dtype=str(out_buf.dtype), roles=roles), final
@@ -277,7 +277,7 @@ def _emulated(name: str, args: list) -> str:
 
 def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
     """TVMScript of the packed kernel with ``func``'s signature. Its final store writes the
-    matmul value through ``__tvm_lite_epilogue__(v)``, which :func:`_attach_epilogue` replaces.
+    matmul value through ``__tvm_lite_epilogue__(v)``, which :func:`attach_epilogue` replaces.
     Index expressions are spelled out where used (a named value in TVMScript would become a
     buffer). ``emulate``: the same kernel for the CPU -- helpers as plain TIR, thread loops
     serial, the workgroup's two phases (per-thread sums, then the sum over threadIdx.y) as two
@@ -394,33 +394,29 @@ def gemv_half2({decls}):
     return src
 
 
-def _at_column(indices, var) -> bool:
-    """Whether ``indices`` are ``(0, .., 0, var)`` (the normalized block of an elementwise
-    epilogue: unit dims are constants, the column its one iterator)."""
-    *lead, last = indices
-    return last.same_as(var) and all(_int(i) == 0 for i in lead)
+def _same_index(a, b) -> bool:
+    return a.same_as(b) or (_int(a) is not None and _int(a) == _int(b))
 
 
-def _attach_epilogue(kernel, func, sch, p: Half2Plan, final_block):
-    """Replace the ``__tvm_lite_epilogue__(v)`` stores by the real output expression: the
-    matmul value cast to its dtype, or the final epilogue block's value with the matmul's
-    output read replaced by it and its iterators bound to ``(0, .., n)``."""
+def attach_epilogue(kernel, func, sch, out_dtype: str, final_block, matmul_buf):
+    """Replace ``kernel``'s ``out[idx] = __tvm_lite_epilogue__(v)`` stores by the real output
+    expression: ``v`` cast to the matmul's dtype ``out_dtype``, or the final epilogue block's
+    value with the matmul's output read replaced by it and the block's iterators bound to
+    ``idx`` (the block must be elementwise: its store and its matmul reads at its iterators).
+    ``kernel`` has ``func``'s signature (parameters in the same order)."""
     bufmap = list(zip(func.params, kernel.params))
     if final_block is not None:
         block = sch.get(final_block)
         store = block.body
         if not isinstance(store, tirx.BufferStore):
             raise MatchError("epilogue block is not a single store")
-        spatial = list(block.iter_vars)
-        big = [iv for iv in spatial if _int(iv.dom.extent) != 1]
-        if len(big) != 1 or _int(big[0].dom.extent) != p.n:
-            raise MatchError("epilogue is not elementwise over N")
-        if not _at_column(store.indices, big[0].var):
-            raise MatchError("epilogue store is not at its column")
-        matmul_buf = sch.get(match_gemv(sch)[0]).writes[0].source
+        iters = [iv.var for iv in block.iter_vars]
+        for idx in store.indices:
+            if _int(idx) != 0 and not any(idx.same_as(v) for v in iters):
+                raise MatchError("epilogue store is not at its iterators")
         template = store.value
     else:
-        template, spatial, big, matmul_buf = None, [], [], None
+        template, iters = None, []
 
     def rewrite(stmt):
         if not isinstance(stmt, tirx.BufferStore):
@@ -431,16 +427,21 @@ def _attach_epilogue(kernel, func, sch, p: Half2Plan, final_block):
         if not (isinstance(v, Call) and v.op.name == "tirx.call_extern"
                 and v.args[0].value == "__tvm_lite_epilogue__"):
             return None
-        total, n = v.args[1], stmt.indices[-1]
-        value = tirx.Cast(p.out_dtype, total)
+        value = tirx.Cast(out_dtype, v.args[1])
         if template is not None:
-            vmap = {iv.var: (tirx.Cast(iv.var.ty.dtype, n) if iv.same_as(big[0])
-                             else tirx.const(0, iv.var.ty.dtype)) for iv in spatial}
+            if len(stmt.indices) != len(store.indices):
+                raise MatchError("epilogue writes a buffer of another rank")
+            vmap = {var: tirx.const(0, var.ty.dtype) for var in iters}
+            for mine, theirs in zip(stmt.indices, store.indices):
+                for var in iters:
+                    if theirs.same_as(var):
+                        vmap[var] = tirx.Cast(var.ty.dtype, mine)
 
             def swap(e):
                 if e.source.same_as(matmul_buf):
-                    if not _at_column(e.indices, big[0].var):
-                        raise MatchError("epilogue reads the matmul off its own column")
+                    if len(e.indices) != len(store.indices) or not all(
+                            _same_index(a, b) for a, b in zip(e.indices, store.indices)):
+                        raise MatchError("epilogue reads the matmul off its own element")
                     return value
                 for old, new in bufmap:
                     if old.same_as(e.source):
@@ -469,7 +470,8 @@ def half2_kernel(func, target, profile, plan: dict, emulate: bool = False):
     func = sch.mod["main"]
     p, final = match_half2(func, sch, profile, plan)
     kernel = from_source(kernel_source(func, p, emulate), extra_vars={"T": T, "HELPERS": HELPERS})
-    kernel = _attach_epilogue(kernel, func, sch, p, final)
+    kernel = attach_epilogue(kernel, func, sch, p.out_dtype, final,
+                             sch.get(match_gemv(sch)[0]).writes[0].source)
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}
     kernel = kernel.with_attrs({**attrs, "tvm_lite.gemv": "gemv_half2"})  # what bench-kernels reports
     return s_tir.Schedule(kernel), p
@@ -477,4 +479,5 @@ def half2_kernel(func, target, profile, plan: dict, emulate: bool = False):
 
 PACKED_KERNELS.append(half2_kernel)
 
-__all__ = ["half2_kernel", "match_half2", "kernel_source", "Half2Plan", "HELPERS"]
+__all__ = ["half2_kernel", "match_half2", "kernel_source", "Half2Plan", "HELPERS", "attach_epilogue",
+           "dequant_roles", "param_index"]

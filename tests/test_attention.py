@@ -434,3 +434,68 @@ def test_split_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
         want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
         np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_core_prefill_splits_keys_only_for_small_grids():
+    """The split count is evaluated at run time from ``n`` and ``m``: a 256-token chunk of a
+    one-kv-head model (32 workgroups) splits its 2048 keys, a 2048-token Llama prompt (1,024
+    workgroups) does not; the split kernel is followed by the merge kernel."""
+    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel
+
+    def count(heads, kv, n, m):
+        p = attention_params(heads, kv, 64, "float16", 0.125, "float16", False, True, False, True,
+                             kv == 1)
+        expr = split_count(p, 64, 64).replace("T.int64", "int").replace("T.max", "max") \
+            .replace("T.min", "min")
+        return eval(expr, {"n": n, "m": m})  # noqa: S307 (our own expression text)
+
+    assert count(8, 1, 256, 2048) == 8  # Gemma-shaped chunk: 32 workgroups
+    assert count(32, 8, 256, 2048) == 3  # Llama-1B chunk: 128 workgroups
+    assert count(32, 8, 2048, 2048) == 1
+    assert count(8, 1, 64, 64) == 1  # one key tile: nothing to split
+    p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    for split, kernels in ((True, 2), (False, 1)):
+        func = tensor_core_kernel(p, split=split).with_attr("global_symbol", "main") \
+            .with_attr("tirx.is_scheduled", True)
+        src = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.imports[0].inspect_source()
+        assert len(set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src))) == kernels
+
+
+
+# heads, kv heads, head_dim, n, past: one split (21 workgroups, 3 key tiles: too few to split),
+# then small chunks after a cache (2 splits each): SmolLM2-, GQA-4- and Gemma-shaped (head_dim 256)
+TC_CPU_CASES = [(9, 3, 64, 130, 0), (9, 3, 64, 40, 300), (8, 2, 64, 32, 224),
+                (8, 1, 256, 16, 240)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past", TC_CPU_CASES)
+def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n, past, tmp_path):
+    """The tensor-core prefill kernel's generated CUDA C -- key splits and their merge included --
+    run on the CPU with the PTX helpers emulated lane by lane (tests/mma_on_cpu.py)."""
+    from mma_on_cpu import run_kernels
+    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel, \
+        tensor_core_tiles
+
+    m = past + n
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    rows, keys = tensor_core_tiles(p)
+    splits = eval(split_count(p, rows, keys).replace("T.int64", "int").replace("T.max", "max")
+                  .replace("T.min", "min"), {"n": n, "m": m})  # noqa: S307 (our expression)
+    assert (splits > 1) == (past > 0)
+    func = tensor_core_kernel(p, static={"n": n, "m": m}).with_attr("global_symbol", "attn") \
+        .with_attr("tirx.is_scheduled", True)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")
+    rng = np.random.default_rng(4)
+    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, "float16", 0)
+    kk, vv = (k[:, 0], v[:, 0]) if kv == 1 else (k, v)
+    G = heads // kv
+    grids = {"attn_kernel": (-(-n * G // rows), kv, splits),
+             "attn_kernel_1": (-(-heads * n * d // 256) if splits > 1 else 1, 1, 1)}
+    got = run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, "mask_ptr": mask}, grids,
+                      "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, G)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)

@@ -314,27 +314,29 @@ def test_epilogue_chains_and_fp32_weights_compile(profile, tmp_path):
 
 
 # -- the packed-half2 4-bit decode GEMV (schedules/gpu_gemv_half2.py, the cuda profile) --------
-def _dequant_gemv(fmt, k, n, epilogue=None, group=32):
+def _dequant_gemv(fmt, k, n, epilogue=None, group=32, lead=(1, 1)):
     """A decode dequant matmul in fp16 as FuseOps leaves it: ``dequantize`` + ``matmul`` blocks,
     optionally followed by a residual add (``"residual"``) or the SiLU gate
-    (``"silu_gate"``: ``y * sigmoid(y) * g``, two epilogue blocks)."""
+    (``"silu_gate"``: ``y * sigmoid(y) * g``, two epilogue blocks). ``lead``: x's leading dims
+    (``(1, DYN)``: the prefill GEMM)."""
     from tvm import te
 
     from tvm_lite.quant import kernels
 
     codes, scale, zero = kernels._packed_placeholders(fmt, k, n, group)
-    i64 = lambda d: tirx.IntImm("int64", d)  # noqa: E731
-    x = te.placeholder((i64(1), i64(1), i64(k)), "float16", name="x")
+    i64 = lambda d: tirx.IntImm("int64", d) if isinstance(d, int) else d  # noqa: E731
+    lead = tuple(i64(d) for d in lead)
+    x = te.placeholder((*lead, i64(k)), "float16", name="x")
     w = te.compute((i64(k), i64(n)), lambda i, j: kernels.dequant_expr(fmt, codes, scale, zero, i, j, group),
                    name="dequantize")
     r = te.reduce_axis((i64(0), i64(k)), name="k")
-    y = te.compute((i64(1), i64(1), i64(n)), lambda a, b, j: te.sum(x[a, b, r] * w[r, j], axis=r),
+    y = te.compute((*lead, i64(n)), lambda a, b, j: te.sum(x[a, b, r] * w[r, j], axis=r),
                    name="matmul")
     args = [x, codes, scale, zero]
     if epilogue is None:
         out = y
     else:
-        e = te.placeholder((i64(1), i64(1), i64(n)), "float16", name="e")
+        e = te.placeholder((*lead, i64(n)), "float16", name="e")
         args.append(e)
         if epilogue == "residual":
             out = te.compute(y.shape, lambda *i: y(*i) + e(*i), name="T_add")
@@ -349,11 +351,11 @@ def _half2_reference(fmt, x, arrays, k, n, epilogue, extra, group=32):
     from tvm_lite.quant.format import dequantize
 
     wt = dequantize(fmt, arrays["codes"], arrays["scale"], arrays.get("zero"), k, group)
-    y = (x.astype(np.float32).reshape(1, k) @ wt.astype(np.float32)).astype(np.float16).astype(np.float32)
+    y = (x.astype(np.float32).reshape(-1, k) @ wt.astype(np.float32)).astype(np.float16).astype(np.float32)
     if epilogue == "residual":
-        return y + extra.reshape(1, n).astype(np.float32)
+        return y + extra.reshape(-1, n).astype(np.float32)
     if epilogue == "silu_gate":
-        return y / (1 + np.exp(-y)) * extra.reshape(1, n).astype(np.float32)
+        return y / (1 + np.exp(-y)) * extra.reshape(-1, n).astype(np.float32)
     return y
 
 
@@ -540,3 +542,138 @@ def test_greedy_token_runs_correctly_on_a_cuda_gpu():
     xs = tvm.runtime.tensor(x, dev)
     got = [int(vm["greedy_token"](xs, tvm.runtime.ShapeTuple([i])).numpy()[0]) for i in range(4)]
     assert got == [int(np.argmax(x[0, i])) for i in range(4)]
+
+
+# -- the tensor-core prefill GEMM (schedules/gpu_gemm_mma.py, the cuda profile) ------------------
+# (fmt, K, N, epilogue): the SmolLM2 k/v (N = 192) and down shapes, a 1B q and down projection,
+# every weight format, the two epilogue kinds
+MMA_CASES = [
+    ("e0m4", 576, 192, None), ("int4", 1536, 576, None), ("fp16", 576, 192, None),
+    ("e0m4", 2048, 2048, "residual"), ("int4", 2048, 512, "silu_gate"),
+    ("e0m4", 8192, 2048, None), ("fp16", 2048, 1024, "silu_gate"),
+]
+
+
+def _mma_func(fmt, k, n, epilogue, m=DYN):
+    if fmt == "fp16":
+        return _silu_gated([1, m], k, n, "float16") if epilogue else kernel_func(fmt, [1, m], k, n)
+    return _dequant_gemv(fmt, k, n, epilogue, lead=(1, m))
+
+
+def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
+    """On CUDA the prefill GEMM is the mma.sync kernel (one kernel, epilogue inside, the 4-bit
+    weight dequantized by the LOP3 helper as it is staged); nvcc builds it without spills."""
+    from tvm_lite.schedules.gpu_gemm_mma import choose_tile
+
+    target = parse_target(TARGETS["cuda"])
+    rule = GPUPrefillGEMM(CUDA)
+    for fmt, k, n, epilogue in MMA_CASES:
+        sch = _schedule(rule, _mma_func(fmt, k, n, epilogue), target)
+        assert "mma_m16n8k16" in str(sch.mod["main"].attrs["tvm_lite.gemm"]), (fmt, k, n)
+    # the tile follows the matrix: enough workgroups for 132 SMs at n = 512, else K split
+    assert choose_tile(8192, 132, k=2048) == (128, 128, 2, 4, 1)
+    assert choose_tile(2048, 132, k=8192) == (128, 64, 4, 2, 2)  # 128 workgroups: 2 splits
+    assert choose_tile(192, 132)[:2] == (64, 64)
+    assert choose_tile(576, 132, k=576)[4] == 1  # 18 slices of K: too few to split
+    names = r"__global__ void __launch_bounds__\(\d+\) (\w+)\("
+    for split_k, kernels in ((True, 2), (False, 1)):  # split: the partial sums' kernel applies
+        func = _mma_func("e0m4", 2048, 2048, "residual")  # the epilogue
+        src = _source(build(func, target, [GPUPrefillGEMM(CUDA, split_k=split_k)]), "cuda")
+        assert "mma.sync.aligned.m16n8k16" in src and "ldmatrix" in src and "0x64006400u" in src
+        assert len(set(re.findall(names, src))) == kernels
+    # not taken: fp32 activations (the SIMT or WMMA schedule), N not a multiple of 64
+    from tvm_lite.schedules.gpu_gemm_mma import mma_gemm_kernel
+
+    # (the rule then tries DLight's WMMA kernel: not run here, its first use imports TVM's
+    # tensor intrinsics, ~250 TVMScript parses, minutes under pytest)
+    for func in (_silu_gated([1, DYN], 576, 192, "float32"), kernel_func("fp16", [1, DYN], 576, 96)):
+        with pytest.raises(MatchError):
+            mma_gemm_kernel(func, target, CUDA)
+
+
+def test_mma_gemm_cuda_source_has_no_spills(tmp_path):
+    if not shutil.which("nvcc"):
+        pytest.skip("nvcc not installed")
+    target = parse_target(TARGETS["cuda"])
+    for fmt in ("e0m4",):  # the 4-bit one holds the most registers (codes, scale, zero)
+        src = _source(build(_mma_func(fmt, 2048, 8192, None), target, [GPUPrefillGEMM(CUDA)]), "cuda")
+        path = tmp_path / f"{fmt}.cu"
+        path.write_text(src)
+        res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o",
+                              str(tmp_path / f"{fmt}.cubin"), str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "0 bytes spill stores" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.skipif(_cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt,k,n,epilogue", MMA_CASES)
+def test_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
+    """The tensor-core GEMM against numpy at prompt lengths that are and are not multiples of
+    the tile (1, 37, 128, 200, 512), with its epilogue."""
+    dev = _cuda_device()
+    target = parse_target(TARGETS["cuda"])
+    ex = build(_mma_func(fmt, k, n, epilogue), target, [GPUPrefillGEMM(CUDA)])
+    rng = np.random.default_rng(5)
+    arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
+    for seq in (1, 37, 128, 200, 512):
+        x = (rng.standard_normal((1, seq, k)) * 0.5).astype(np.float16)
+        extra = (rng.standard_normal((1, seq, n))).astype(np.float16)
+        args = [x, *arrays.values()] + ([extra] if epilogue else [])
+        if fmt == "fp16" and epilogue:
+            args = [x, arrays["w"], extra]
+        out = tvm.runtime.empty((1, seq, n), "float16", dev)
+        ex.mod["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+        if fmt == "fp16":
+            y = (x.reshape(-1, k).astype(np.float32) @ arrays["w"].astype(np.float32))
+            y = y.astype(np.float16).astype(np.float32)
+            ref = y / (1 + np.exp(-y)) * extra.reshape(-1, n) if epilogue else y
+        else:
+            ref = _half2_reference(fmt, x, arrays, k, n, epilogue, extra)
+        got = out.numpy().reshape(seq, n).astype(np.float32)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-2, (fmt, k, n, epilogue, seq, err)
+
+
+# (fmt, K, N, M, epilogue): one kernel with the output tile cut by M; K split in two (its sum
+# kernel applies the residual add); fp16 weights with the two-block SiLU epilogue
+MMA_CPU_CASES = [("e0m4", 256, 128, 70, None), ("int4", 1024, 64, 37, "residual"),
+                 ("fp16", 128, 192, 65, "silu_gate")]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("fmt,k,n,m,epilogue", MMA_CPU_CASES)
+def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tmp_path):
+    """The tensor-core GEMM's generated CUDA C, run on the CPU with the PTX helpers emulated
+    lane by lane (tests/mma_on_cpu.py), against numpy."""
+    from mma_on_cpu import run_kernels
+    from tvm_lite.schedules.gpu_gemm_mma import choose_tile
+
+    target = parse_target(TARGETS["cuda"])
+    func = _mma_func(fmt, k, n, epilogue, m)
+    src = _source(build(func, target, [GPUPrefillGEMM(CUDA)]), "cuda")
+    TM, TN, _, _, KS = choose_tile(n, CUDA.compute_units, k=k)
+    assert (KS > 1) == (k == 1024)
+    rng = np.random.default_rng(7)
+    arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
+    x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)
+    extra = rng.standard_normal((1, m, n)).astype(np.float16)
+    given = [x, *arrays.values()] + ([extra] if epilogue else [])
+    if fmt == "fp16" and epilogue:
+        given = [x, arrays["w"], extra]
+    named = {f"p{i}_ptr": a for i, a in enumerate(given)}
+    if fmt != "fp16":  # the uint32 views of the packed tensors
+        named["codes32_ptr"] = arrays["codes"].view(np.uint32)
+        named["scale32_ptr"] = arrays["scale"].view(np.uint32)
+        if "zero" in arrays:
+            named["zero32_ptr"] = arrays["zero"].view(np.uint32)
+    grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (-(-m * n // 256), 1, 1)}
+    got = run_kernels(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
+    got = got.reshape(m, n).astype(np.float32)
+    if fmt == "fp16":
+        y = (x.reshape(-1, k).astype(np.float32) @ arrays["w"].astype(np.float32))
+        y = y.astype(np.float16).astype(np.float32)
+        ref = y / (1 + np.exp(-y)) * extra.reshape(-1, n) if epilogue else y
+    else:
+        ref = _half2_reference(fmt, x, arrays, k, n, epilogue, extra)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 1e-2, err

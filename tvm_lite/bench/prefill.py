@@ -10,8 +10,10 @@ For the shapes of the benchmarked models (SmolLM2-135M, Llama-3.2-1B, Gemma-2B; 
   work only, the same for both: ``4 * H * D * sum_i (past + i + 1)``. ``chunked``: the same
   ``n``-token prompt as calls of ``chunk`` tokens (each reading the cache written so far), the
   sum of their times over the one call's.
-* **GEMM** (``x[1, n, K] @ W[K, N]``, the linear layers but the lm_head): tvm_lite E0M4 and
-  fp16 (tvm_lite's rules) against ``torch.matmul`` fp16.
+* **GEMM** (``x[1, n, K] @ W[K, N]``, the linear layers but the lm_head): tvm_lite E0M4, int4
+  and fp16 weights (tvm_lite's rules: the ``mma.sync`` kernel of :mod:`tvm_lite.schedules.
+  gpu_gemm_mma`) and ``e0m4 (wmma)`` (the rule without that kernel: DLight's WMMA, what ran
+  before) against ``torch.matmul`` fp16.
 
 Every tvm_lite attention output is checked against the same SDPA call (max abs error); every GEMM
 against numpy on a column slice (``bench.kernels``). Times: medians of ``time_evaluator`` repeats
@@ -183,7 +185,13 @@ def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
     return out
 
 
-def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=("e0m4", "fp16"),
+# variant -> (weight format, rule): "mma" tvm_lite's rules; "no split-K" the mma kernel never
+# splitting K; "wmma" the rule without the mma kernel, i.e. DLight's WMMA kernel that ran before
+GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp16", "mma"),
+                 "e0m4 (no split-K)": ("e0m4", "no split-K"), "e0m4 (wmma)": ("e0m4", "wmma")}
+
+
+def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_VARIANTS),
                progress=print) -> list[dict]:
     import torch
     import tvm
@@ -191,12 +199,17 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=("e0m4", "f
 
     from tvm_lite import parse_target
     from tvm_lite.bench.kernels import build, kernel_func, random_half, reference, weights
-    from tvm_lite.schedules import rules_for
+    from tvm_lite.schedules import gpu_profile, rules_for
+    from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM
+    from tvm_lite.schedules.gpu_gemm_mma import choose_tile
 
     dev = tvm.cuda(0)
     arch = "sm_" + str(dev.compute_version).replace(".", "")
     target = parse_target(f"cuda -arch={arch}")
-    rules = rules_for(target)
+    cuda = gpu_profile("cuda")
+    rules = {"mma": rules_for(target),
+             "no split-K": [GPUPrefillGEMM(cuda, split_k=False), *rules_for(target)],
+             "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)]}
     rng = np.random.default_rng(0)
     rows = []
     for model, name, k, n in gemm_layers(models):
@@ -204,11 +217,15 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=("e0m4", "f
         for seq in lengths:
             x = torch.from_numpy(random_half((1, seq, k), rng)).cuda()
             torch_ms = _torch_ms(lambda: torch.matmul(x, w16))  # noqa: B023
-            for fmt in fmts:
+            for variant in fmts:
+                fmt, rule = GEMM_VARIANTS[variant]
+                if rule == "no split-K" and choose_tile(n, gpu_profile("cuda").compute_units,
+                                                        k=k)[4] == 1:
+                    continue  # the same kernel as "e0m4"
                 arrays = {"w": w16.cpu().numpy()} if fmt == "fp16" else weights(fmt, k, n, rng)
                 func = kernel_func(fmt, [1, tirx.Var("n", "int64")], k, n)
                 t0 = time.perf_counter()
-                ex = build(func, target, rules)
+                ex = build(func, target, rules[rule])
                 compile_s = time.perf_counter() - t0
                 out = tvm.runtime.empty((1, seq, n), "float16", dev)
                 args = [tvm.runtime.from_dlpack(x), *[tvm.runtime.tensor(a, dev)
@@ -219,12 +236,12 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=("e0m4", "f
                 got = out.numpy().reshape(-1, n)[:, :cols].astype(np.float32)
                 err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
                 flops = 2.0 * seq * k * n
-                row = dict(model=model, layer=name, K=k, N=n, n=seq, fmt=fmt, tvm_lite_ms=ms,
+                row = dict(model=model, layer=name, K=k, N=n, n=seq, fmt=variant, tvm_lite_ms=ms,
                            torch_ms=torch_ms, tflops=flops / ms / 1e9,
                            torch_tflops=flops / torch_ms / 1e9, err=err, compile_s=compile_s)
                 row["vs_torch"] = row["tflops"] / row["torch_tflops"]
                 rows.append(row)
-                progress(f"gemm {model} {name} {k}x{n} n={seq} {fmt}: {ms * 1e3:.1f} us "
+                progress(f"gemm {model} {name} {k}x{n} n={seq} {variant}: {ms * 1e3:.1f} us "
                          f"({row['tflops']:.1f} TFLOP/s) vs torch fp16 {torch_ms * 1e3:.1f} us "
                          f"({row['torch_tflops']:.1f}); x{row['vs_torch']:.2f}; err {err:.1e}")
     return rows

@@ -1,0 +1,66 @@
+"""CUDA tensor-core helpers shared by tvm_lite's hand-written kernels (prefill attention, prefill GEMM).
+
+``mma.sync.aligned.m16n8k16`` (fp16 in, fp32 accumulate) and ``ldmatrix`` (8x8 fp16 tiles from
+shared memory into the fragment layout ``mma`` expects; ``.trans`` for a ``[k][n]`` operand) are
+PTX; each is a small ``__device__`` function here (``HELPERS``: name -> CUDA source) that a
+TVMScript kernel calls through ``T.cuda.func_call`` (:func:`call`). TVM's CUDA codegen emits a
+helper's source once per kernel module, whichever kernels call it.
+
+Fragment layout (PTX ISA, "Matrix fragments for mma.m16n8k16"), as the kernels index it: lane
+``l`` of a warp holds, of the 16x8 fp32 accumulator, rows ``l // 4`` (elements 0, 1) and
+``l // 4 + 8`` (elements 2, 3), columns ``l % 4 * 2 + (0, 1)``. ``ldmatrix.x4`` loads four 8x8
+tiles: lane ``l`` gives the address of row ``l % 8`` of tile ``l // 8``.
+"""
+
+from __future__ import annotations
+
+_LDSM = r"""
+__forceinline__ __device__ uint4 tvm_lite_ldsm_x4%(name)s(const void* p) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  uint4 r;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4%(trans)s.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+}
+"""
+
+HELPERS = {
+    "tvm_lite_ldsm_x4": _LDSM % {"name": "", "trans": ""},
+    "tvm_lite_ldsm_x4_trans": _LDSM % {"name": "_trans", "trans": ".trans"},
+    "tvm_lite_mma16816": r"""
+__forceinline__ __device__ void tvm_lite_mma16816(float* c, unsigned a0, unsigned a1,
+                                                  unsigned a2, unsigned a3, unsigned b0,
+                                                  unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+""",
+    "tvm_lite_pack_half2": r"""
+__forceinline__ __device__ unsigned tvm_lite_pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+""",
+}
+
+
+def call(name: str, *args: str, ret: str = "void") -> str:
+    """TVMScript text of a call to helper ``name`` (the kernel's ``from_source`` must get the
+    helper dict as ``HELPERS`` in its ``extra_vars``)."""
+    return (f'T.cuda.func_call("{name}", {", ".join(args)}, source_code=HELPERS["{name}"], '
+            f'return_type="{ret}")')
+
+
+def mma_supported(target) -> bool:
+    """``mma.sync.m16n8k16`` with fp32 accumulation and ``ldmatrix``: sm_80 or newer (a CUDA
+    target without an arch is taken to be one)."""
+    if target.kind.name != "cuda":
+        return False
+    arch = str(target.attrs.get("arch", "sm_90"))
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return digits != "" and int(digits) >= 80
+
+
+__all__ = ["HELPERS", "call", "mma_supported"]

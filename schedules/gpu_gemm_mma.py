@@ -1,0 +1,374 @@
+"""Prefill GEMM on CUDA tensor cores: ``Y = epilogue(X[.., M, K] @ W[K, N])``, fp16 or 4-bit ``W``.
+
+:class:`.gpu_gemm.GPUPrefillGEMM` tries this kernel first on CUDA (sm_80+, fp16 activations);
+anything it does not take (below) goes on to DLight's WMMA rule, then the SIMT schedule.
+
+Kernel
+------
+A workgroup computes a ``TM x TN`` tile of ``Y`` with ``WM x WN`` warps, each warp a
+``TM/WM x TN/WN`` sub-tile of ``mma.sync.m16n8k16`` fragments (fp16 in, fp32 accumulators in
+registers; :mod:`.cuda_mma`). Per ``TK = 32`` slice of ``K``::
+
+    global -> registers   X[TM, TK] (16-byte loads, rows past M zero) and the weight slice:
+                          fp16 W[TK, TN] (16-byte loads), or the packed codes (8 columns x 4 rows
+                          per 16-byte load) with their scale and zero (16-byte loads)
+    registers -> shared   X as loaded; the 4-bit weight *dequantized on the way*: per 2 columns
+                          one LOP3 (``(w >> 4i) & 0x000F000F | 0x64006400`` = half2(1024 + q)),
+                          one HSUB2 (``- c``) and one HMUL2 (``* s``) -- the TIR dequant's exact
+                          fp16 arithmetic (:func:`tvm_lite.quant.kernels.dequant_expr`)
+    shared -> registers   A fragments with ``ldmatrix.x4``, B (``W[k][n]``) with ``ldmatrix.x4.trans``
+    mma                   (TM/WM/16) x (TN/WN/8) ``m16n8k16`` per 16 of K per warp
+
+Two shared buffers alternate: the loads of slice ``k + 1`` are issued before the MMAs of slice
+``k`` and stored (dequantized) after them, so global latency hides behind the tensor cores with
+one barrier per slice. Shared rows are padded by 16 bytes (conflict-free ``ldmatrix``). The fp32
+accumulators go to ``Y`` through the fused epilogue (residual add, SiLU * up, ...: rebuilt on the
+value by :func:`.gpu_gemv_half2.attach_epilogue`), rows ``< M`` only.
+
+Tile shape per matrix (:func:`choose_tile`): the largest of ``TILES`` that still gives at least
+``MIN_WAVE`` of the device's SMs a workgroup at ``M = PLAN_M`` (the prefill length it is planned
+for; ``M`` stays dynamic).
+
+What it takes: one reduction ``x @ W`` with ``W[K, N]`` an fp16 parameter or tvm_lite's
+``dequantize`` block (E0M4 or int4), fp16 ``x`` a parameter with at most one non-unit leading
+dim, ``N % 64 == 0``, ``K % 32 == 0``, a quantization group that is a multiple of 4 rows dividing
+``K``, an elementwise epilogue (or none); no producer blocks before the matmul.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+from tvm.script import from_source
+from tvm.script import tirx as T
+
+from . import cuda_mma as mma
+from .gpu_gemv import CODES_PER_WORD, MatchError, _int, match_matmul
+from .gpu_gemv_half2 import E0M4_ZERO_NONE, attach_epilogue, dequant_roles, param_index
+
+TK = 32  # K per shared slice (two 16-deep MMA steps)
+PAD = 8  # fp16 elements of padding per shared row (16 bytes)
+VEC = 8  # fp16 per 16-byte load
+# (TM, TN, warps along M, warps along N), largest first
+TILES = ((128, 128, 2, 4), (128, 64, 4, 2), (64, 128, 2, 4), (64, 64, 2, 2))
+PLAN_M = 512  # the prompt length the tile is chosen for
+MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a workgroup
+SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
+SPLIT_K_MIN_SLICES = 16  # ... and each split keeps at least this many TK slices
+SUM_THREADS = 256  # threads of a workgroup of the split-K sum
+
+HELPERS = {
+    **mma.HELPERS,
+    "tvm_lite_dq_half2": r"""
+__forceinline__ __device__ unsigned tvm_lite_dq_half2(unsigned w, unsigned c2, unsigned s2) {
+  // h2 = (w & 0x000F000F) | 0x64006400 = half2(1024 + q_lo, 1024 + q_hi): one LOP3
+  unsigned h;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(w), "r"(0x000F000Fu), "r"(0x64006400u));
+  __half2 r = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), *reinterpret_cast<__half2*>(&c2)),
+                      *reinterpret_cast<__half2*>(&s2));
+  return *reinterpret_cast<unsigned*>(&r);
+}
+""",
+    "tvm_lite_st_shared_v4": r"""
+__forceinline__ __device__ void tvm_lite_st_shared_v4(void* p, unsigned a, unsigned b,
+                                                      unsigned c, unsigned d) {
+  *reinterpret_cast<uint4*>(p) = make_uint4(a, b, c, d);
+}
+""",
+}
+
+
+def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = None) -> tuple:
+    """``(TM, TN, WM, WN, KS)`` for an ``N``-column output: the largest tile of ``TILES`` whose
+    grid at ``M = m`` covers ``MIN_WAVE`` of the SMs, else the one with the most workgroups;
+    then ``K`` split ``KS`` ways (partials summed by a second kernel) while the grid gives fewer
+    than ``SPLIT_K_WAVE`` workgroups a SM and each split keeps ``SPLIT_K_MIN_SLICES`` slices."""
+    fits = [t for t in TILES if n % t[1] == 0]
+    if not fits:
+        raise MatchError(f"N={n} is not a multiple of {min(t[1] for t in TILES)}")
+    grid = lambda t: -(-m // t[0]) * (n // t[1])  # noqa: E731
+    tile = next((t for t in fits if grid(t) >= MIN_WAVE * compute_units), None) \
+        or max(fits, key=grid)
+    ks, slices = 1, (k or 0) // TK
+    while (grid(tile) * ks < SPLIT_K_WAVE * compute_units and slices % (2 * ks) == 0
+           and slices // (2 * ks) >= SPLIT_K_MIN_SLICES):
+        ks *= 2
+    return (*tile, ks)
+
+
+def _decl(func) -> tuple[list, str, str]:
+    """(parameter names, ``T.handle`` parameter list, the buffer declarations): static dims as
+    ``T.int64(..)``, symbolic ones by their names (declared once)."""
+    names = [f"p{i}" for i in range(len(func.params))]
+    sym, lines = [], []
+    for nm, prm in zip(names, func.params):
+        dims = []
+        for d in prm.shape:
+            if _int(d) is not None:
+                dims.append(f"T.{d.ty.dtype}({int(d)})")
+            else:
+                if not hasattr(d, "name"):
+                    raise MatchError(f"shape dim {d} is neither static nor a variable")
+                if d.name not in sym:
+                    sym.append(d.name)
+                    lines.append(f"    {d.name} = T.{d.ty.dtype}()")
+                dims.append(d.name)
+        lines.append(f'    {nm} = T.match_buffer(var_{nm}, ({", ".join(dims)},), "{prm.dtype}")')
+    params = ", ".join(f"var_{nm}: T.handle" for nm in names)
+    return names, params, "\n".join(lines)
+
+
+def _row_at(buf, row: str, col: str) -> str:
+    """Index text of ``buf[.., row, col]``: the non-unit leading dim (if any) gets ``row``."""
+    lead = buf.shape[:-1]
+    idx = []
+    for d in lead:
+        idx.append("0" if _int(d) == 1 else row)
+    return ", ".join(idx + [col])
+
+
+def match_gemm(sch, profile):
+    """The roles of a prefill matmul this kernel takes (raises :class:`MatchError` otherwise):
+    ``dict(fmt, k, n, group, m (text), roles, out_dtype, final, matmul_buf)``."""
+    func = sch.mod["main"]
+    main, dequant, producers, epilogues, m, n, k = match_matmul(sch, decode=False)
+    if producers:
+        raise MatchError("producers before the matmul")
+    out_buf = sch.get(main).writes[0].source
+    if dequant is not None:
+        fmt, codes, scale, zero = dequant_roles(sch, dequant)
+        w = sch.get(dequant).writes[0].source
+    else:
+        fmt, zero = "fp16", None
+        ws = [r.source for r in sch.get(main).reads if len(r.source.shape) == 2
+              and _int(r.source.shape[0]) == k and _int(r.source.shape[1]) == n]
+        if len(ws) != 1 or str(ws[0].dtype) != "float16":
+            raise MatchError("the weight is not one fp16 [K, N] buffer")
+        w = codes = ws[0]
+        scale = None
+    xs = [r.source for r in sch.get(main).reads
+          if not r.source.same_as(w) and not r.source.same_as(out_buf)]
+    if len(xs) != 1 or str(xs[0].dtype) != "float16":
+        raise MatchError("needs fp16 activations")
+    x = xs[0]
+    if _int(x.shape[-1]) != k or sum(_int(d) != 1 for d in x.shape[:-1]) > 1:
+        raise MatchError("x is not [.., M, K] with one non-unit leading dim")
+    lead_m = [d for d in x.shape[:-1] if _int(d) != 1]
+    if not lead_m:
+        raise MatchError("M == 1")
+    if n % 64 or k % TK:
+        raise MatchError(f"N={n} or K={k} does not tile (N % 64, K % {TK})")
+    group = k
+    if scale is not None:
+        ng = _int(scale.shape[0])
+        if not ng or k % ng or (k // ng) % CODES_PER_WORD:
+            raise MatchError("quantization groups do not tile K")
+        group = k // ng
+        if _int(codes.shape[0]) * CODES_PER_WORD != k or _int(codes.shape[1]) != n:
+            raise MatchError("codes are not [K/4, N]")
+    roles = {"x": param_index(func, x), "w": param_index(func, codes)}
+    if scale is not None:
+        roles["scale"] = param_index(func, scale)
+    if zero is not None:
+        roles["zero"] = param_index(func, zero)
+    final = None
+    if epilogues:
+        for blk in epilogues[:-1]:
+            sch.compute_inline(blk)
+        final = epilogues[-1]
+        roles["out"] = param_index(func, sch.get(final).writes[0].source)
+    else:
+        roles["out"] = param_index(func, out_buf)
+    out = func.params[roles["out"]]
+    if len(out.shape) != len(x.shape) or _int(out.shape[-1]) != n:
+        raise MatchError("output is not [.., M, N] like x")
+    mtext = str(int(lead_m[0])) if _int(lead_m[0]) is not None else lead_m[0].name
+    return dict(fmt=fmt, k=k, n=n, group=group, m=mtext, roles=roles,
+                out_dtype=str(out_buf.dtype), final=final, matmul_buf=out_buf)
+
+
+def kernel_source(func, g: dict, tile) -> str:
+    """TVMScript of the kernel for ``func`` (roles ``g`` from :func:`match_gemm`, ``tile`` from
+    :func:`choose_tile`); its stores write ``__tvm_lite_epilogue__(acc)``."""
+    names, params, decls = _decl(func)
+    TM, TN, WM, WN, KS = tile
+    K, N, M, G, fmt = g["k"], g["n"], g["m"], g["group"], g["fmt"]
+    x, out = names[g["roles"]["x"]], names[g["roles"]["out"]]
+    xbuf, obuf = func.params[g["roles"]["x"]], func.params[g["roles"]["out"]]
+    threads = 32 * WM * WN
+    WTM, WTN = TM // WM, TN // WN
+    MT, NT = WTM // 16, WTN // 8
+    XP, WP = TK + PAD, TN + PAD  # shared row lengths
+    XO = TM * XP  # offset of the W tile in a stage
+    STAGE = TM * XP + TK * WP
+    KT = K // TK // KS  # slices of one split
+    warp, lane = "(tx // 32)", "(tx % 32)"
+    wm, wn = f"({warp} // {WN})", f"({warp} % {WN})"
+    g4, t4 = f"({lane} // 4)", f"({lane} % 4)"
+
+    def loads(total: int):
+        """(steps, guard, element index) of a cooperative loop over ``total`` vectors."""
+        steps = -(-total // threads)
+        e = f"(l * {threads} + tx)"
+        guard = f"{e} < {total}" if steps * threads != total else "True"
+        return steps, guard, e
+
+    # X slice: TM rows x TK/VEC vectors
+    xs, xguard, xe = loads(TM * TK // VEC)
+    xr, xc = f"({xe} // {TK // VEC})", f"({xe} % {TK // VEC} * {VEC})"
+    x_load = f'''for l in T.unroll({xs}):
+    if {xguard}:
+        if by * {TM} + {xr} < {M}:
+            xv[T.Ramp(l * {VEC}, 1, {VEC})] = {x}[{_row_at(xbuf, f"by * {TM} + {xr}", f"T.Ramp({{kn}} * {TK} + {xc}, 1, {VEC})")}]
+        else:
+            xv[T.Ramp(l * {VEC}, 1, {VEC})] = T.Broadcast(T.float16(0), {VEC})'''
+    x_store = f'''for l in T.unroll({xs}):
+    if {xguard}:
+        sm[T.Ramp({{sb}} + {xr} * {XP} + {xc}, 1, {VEC})] = xv[T.Ramp(l * {VEC}, 1, {VEC})]'''
+    if fmt == "fp16":
+        ws_, wguard, we = loads(TK * TN // VEC)
+        wr, wc = f"({we} // {TN // VEC})", f"({we} % {TN // VEC} * {VEC})"
+        w = names[g["roles"]["w"]]
+        w_regs = f'wv = T.alloc_buffer(({ws_ * VEC},), "float16", scope="local")'
+        w_load = f'''for l in T.unroll({ws_}):
+    if {wguard}:
+        wv[T.Ramp(l * {VEC}, 1, {VEC})] = {w}[{{kn}} * {TK} + {wr}, T.Ramp(bx * {TN} + {wc}, 1, {VEC})]'''
+        w_store = f'''for l in T.unroll({ws_}):
+    if {wguard}:
+        sm[T.Ramp({{sb}} + {XO} + {wr} * {WP} + {wc}, 1, {VEC})] = wv[T.Ramp(l * {VEC}, 1, {VEC})]'''
+        views = ""
+    else:
+        # a 16-byte load of codes: 8 columns (4 uint32 pairs) of one packed row = 4 rows of W
+        ws_, wguard, we = loads(TK // CODES_PER_WORD * TN // VEC)
+        wr, wc = f"({we} // {TN // VEC})", f"({we} % {TN // VEC} * {VEC})"
+        col2 = f"((bx * {TN} + {wc}) // 2)"
+        grp = f"(({{kn}} * {TK} + {wr} * {CODES_PER_WORD}) // {G})"
+        P = VEC // 2
+        views = (f'    codes32 = T.decl_buffer(({K // CODES_PER_WORD}, {N // 2}), "uint32", '
+                 f'data={names[g["roles"]["w"]]}.data)\n'
+                 f'    scale32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
+                 f'data={names[g["roles"]["scale"]]}.data)\n')
+        if fmt == "e0m4":
+            views += (f'    zero32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
+                      f'data={names[g["roles"]["zero"]]}.data)\n')
+            zero_load = f"\n        zv[T.Ramp(l * {P}, 1, {P})] = zero32[{grp}, T.Ramp({col2}, 1, {P})]"
+            zero_at = "zv[l * %d + p]" % P
+        else:  # int4: (1024 + q) - (1024 + 8)
+            zero_load, zero_at = "", f"T.uint32({E0M4_ZERO_NONE})"
+        w_regs = (f'wv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
+                  f'sv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
+                  f'zv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
+                  f'dq = T.alloc_buffer(({P},), "uint32", scope="local")')
+        w_load = f'''for l in T.unroll({ws_}):
+    if {wguard}:
+        wv[T.Ramp(l * {P}, 1, {P})] = codes32[{{kn}} * {TK // CODES_PER_WORD} + {wr}, T.Ramp({col2}, 1, {P})]
+        sv[T.Ramp(l * {P}, 1, {P})] = scale32[{grp}, T.Ramp({col2}, 1, {P})]{zero_load}'''
+        dq = mma.call("tvm_lite_dq_half2", "T.shift_right(wv[l * %d + p], T.uint32(4 * i))" % P,
+                      zero_at, f"sv[l * {P} + p]", ret="uint32")
+        st = mma.call("tvm_lite_st_shared_v4",
+                      f"T.address_of(sm[{{sb}} + {XO} + ({wr} * {CODES_PER_WORD} + i) * {WP} + {wc}])",
+                      *[f"dq[{p}]" for p in range(P)])
+        w_store = f'''for l in T.unroll({ws_}):
+    if {wguard}:
+        for i in T.unroll({CODES_PER_WORD}):
+            for p in T.unroll({P}):
+                dq[p] = {dq}
+            T.evaluate({st})'''
+
+    def at(text: str, kn: str, sb: str) -> str:
+        """A load (``kn``: the K slice of this split) or store (``sb``: the stage's offset)."""
+        if KS > 1 and kn:
+            kn = f"(bz * {KT} + {kn})"
+        return text.replace("{kn}", kn).replace("{sb}", sb)
+
+    def indent(text: str, n: int) -> str:
+        return "\n".join(" " * n + ln for ln in text.splitlines())
+
+    a_addr = f"T.address_of(sm[ko % 2 * {STAGE} + ({wm} * {WTM} + mt * 16 + {lane} % 16) * {XP} + kk * 16 + {lane} // 16 * 8])"
+    b_addr = (f"T.address_of(sm[ko % 2 * {STAGE} + {XO} + (kk * 16 + {lane} // 8 % 2 * 8 + {lane} % 8) * {WP} + "
+              f"{wn} * {WTN} + np * 16 + {lane} // 16 * 8])")
+    AF = [f"af[mt * 4 + {i}]" for i in range(4)]
+    row = f"by * {TM} + {wm} * {WTM} + mt * 16 + {g4} + c // 2 * 8"
+    col = f"bx * {TN} + {wn} * {WTN} + nt * 8 + {t4} * 2 + c % 2"
+    x_regs = f'xv = T.alloc_buffer(({xs * VEC},), "float16", scope="local")'
+    value = f"acc[(mt * {NT} + nt) * 4 + c]"
+    epilogue = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format
+    if KS == 1:
+        workspace, split_sum = "", ""
+        store = f"{out}[{_row_at(obuf, row, col)}] = {epilogue(value)}"
+    else:  # fp32 partials [KS, M, N], summed (and the epilogue applied) by a second kernel
+        workspace = f'    ws = T.alloc_buffer(({KS} * {M} * {N},), "float32", scope="global")\n'
+        store = f"ws[(bz * {M} + {row}) * {N} + {col}] = {value}"
+        e = f"(b * {SUM_THREADS} + t)"
+        split_sum = f'''    for b in T.thread_binding(({M} * {N} + {SUM_THREADS - 1}) // {SUM_THREADS}, thread="blockIdx.x"):
+        for t in T.thread_binding({SUM_THREADS}, thread="threadIdx.x"):
+            tot = T.alloc_buffer((1,), "float32", scope="local")
+            if {e} < {M} * {N}:
+                tot[0] = T.float32(0)
+                for s in T.unroll({KS}):
+                    tot[0] = tot[0] + ws[s * {M} * {N} + {e}]
+                {out}[{_row_at(obuf, f"{e} // {N}", f"{e} % {N}")}] = {epilogue("tot[0]")}
+'''
+    return f'''
+@T.prim_func(private=True)
+def gemm_mma({params}):
+    T.func_attr({{"tirx.noalias": True}})
+{decls}
+{views}{workspace}    for bx in T.thread_binding({N // TN}, thread="blockIdx.x"):
+      for bz in T.thread_binding({KS}, thread="blockIdx.z"):
+        for by in T.thread_binding(({M} + {TM - 1}) // {TM}, thread="blockIdx.y"):
+            for tx in T.thread_binding({threads}, thread="threadIdx.x"):
+                sm = T.alloc_buffer(({2 * STAGE},), "float16", scope="shared.dyn")
+                acc = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")
+                af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
+                bf = T.alloc_buffer((4,), "uint32", scope="local")
+{indent(x_regs, 16)}
+{indent(w_regs, 16)}
+                for i in T.unroll({MT * NT * 4}):
+                    acc[i] = T.float32(0)
+{indent(at(x_load, "0", "0"), 16)}
+{indent(at(w_load, "0", "0"), 16)}
+{indent(at(x_store, "0", "0"), 16)}
+{indent(at(w_store, "0", "0"), 16)}
+                T.tvm_storage_sync("shared")
+                for ko in T.serial({KT}):
+                    if ko + 1 < {KT}:
+{indent(at(x_load, "(ko + 1)", ""), 24)}
+{indent(at(w_load, "(ko + 1)", ""), 24)}
+                    for kk in T.unroll({TK // 16}):
+                        for mt in T.unroll({MT}):
+                            af[T.Ramp(mt * 4, 1, 4)] = {mma.call("tvm_lite_ldsm_x4", a_addr, ret="uint32x4")}
+                        for np in T.unroll({NT // 2}):
+                            bf[T.Ramp(0, 1, 4)] = {mma.call("tvm_lite_ldsm_x4_trans", b_addr, ret="uint32x4")}
+                            for mt in T.unroll({MT}):
+                                T.evaluate({mma.call("tvm_lite_mma16816", f"T.address_of(acc[(mt * {NT} + np * 2) * 4])", *AF, "bf[0]", "bf[1]")})
+                                T.evaluate({mma.call("tvm_lite_mma16816", f"T.address_of(acc[(mt * {NT} + np * 2 + 1) * 4])", *AF, "bf[2]", "bf[3]")})
+                    if ko + 1 < {KT}:
+{indent(at(x_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
+{indent(at(w_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
+                    T.tvm_storage_sync("shared")
+                for mt in T.unroll({MT}):
+                    for nt in T.unroll({NT}):
+                        for c in T.unroll(4):
+                            if {row} < {M}:
+                                {store}
+{split_sum}'''
+
+
+def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True):
+    """The tensor-core kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
+    :class:`MatchError` where it does not apply. ``split_k=False``: never split K."""
+    if not mma.mma_supported(target):
+        raise MatchError("mma.sync m16n8k16 needs a CUDA sm_80+ target")
+    sch = s_tir.Schedule(func)
+    func = sch.mod["main"]
+    g = match_gemm(sch, profile)
+    tile = tile or choose_tile(g["n"], profile.compute_units, k=g["k"] if split_k else None)
+    src = kernel_source(func, g, tile)
+    kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
+    kernel = attach_epilogue(kernel, func, sch, g["out_dtype"], g["final"], g["matmul_buf"])
+    attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}
+    kernel = kernel.with_attrs({**attrs, "tvm_lite.gemm": "mma_m16n8k16 %dx%d split-K %d" % (tile[0], tile[1], tile[4])})
+    return s_tir.Schedule(kernel)
+
+
+__all__ = ["mma_gemm_kernel", "match_gemm", "choose_tile", "kernel_source", "TILES", "HELPERS"]

@@ -1,0 +1,214 @@
+"""Run the generated CUDA C of tvm_lite's tensor-core kernels (prefill GEMM and attention) on the CPU.
+
+No GPU is needed. The kernel source TVM generates for ``cuda`` is compiled with g++ after a shim
+(as in :mod:`cuda_on_cpu`): each thread of a workgroup is a ``std::thread``, ``__syncthreads()``
+a ``std::barrier``, the dynamic shared memory one static array (workgroups run one after
+another), ``half`` is ``_Float16``. The warp-wide PTX helpers are replaced by C++ with the PTX
+ISA's fragment layouts (``ldmatrix`` x4 and .trans, ``mma.sync.m16n8k16``, the quad shuffles):
+each lane publishes
+its operands to its warp, the warp meets at a barrier, and each lane computes what the hardware
+would hand it -- so the kernel's own addressing, staging, dequant, fragment-to-output mapping,
+split-K and epilogue run as generated; only the products' summation order differs.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+SHIM = r'''
+#include <cstdint>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <barrier>
+#include <vector>
+struct d3 { int x, y, z; };
+thread_local d3 threadIdx, blockIdx;
+thread_local int lane_id, warp_id;
+std::barrier<>* bar;
+std::barrier<>* warp_bar[32];
+#define __syncthreads() bar->arrive_and_wait()
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __restrict__ __restrict
+typedef _Float16 half;
+typedef unsigned int uint;
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+static inline half __float2half_rn(float f) { return (half)f; }
+static inline unsigned short bits(half h) { unsigned short b; memcpy(&b, &h, 2); return b; }
+static inline half from_bits(unsigned short b) { half h; memcpy(&h, &b, 2); return h; }
+static inline unsigned __pack_half2(half x, half y) { return bits(x) | ((unsigned)bits(y) << 16); }
+static inline half hexp(half v) { return (half)expf((float)v); }
+template <class A, class B> static inline auto max(A a, B b) { return a > b ? a : b; }
+template <class A, class B> static inline auto min(A a, B b) { return a < b ? a : b; }
+alignas(64) static unsigned char dyn_shared[256 * 1024];
+static const void* xp[32][32];
+static unsigned xr[32][32][6];
+
+static inline void warp_sync() { warp_bar[warp_id]->arrive_and_wait(); }
+static unsigned pair(const void* row, int col) {  // two fp16 of a row, col and col + 1
+  const unsigned short* r = (const unsigned short*)row;
+  return r[col] | ((unsigned)r[col + 1] << 16);
+}
+static uint4 tvm_lite_ldsm_x4(const void* p) {  // lane l: row l/4, cols 2(l%4).. of each 8x8
+  xp[warp_id][lane_id] = p; warp_sync();
+  unsigned r[4];
+  for (int j = 0; j < 4; ++j) r[j] = pair(xp[warp_id][8 * j + lane_id / 4], lane_id % 4 * 2);
+  warp_sync();
+  return {r[0], r[1], r[2], r[3]};
+}
+static uint4 tvm_lite_ldsm_x4_trans(const void* p) {  // the transposed 8x8 tiles
+  xp[warp_id][lane_id] = p; warp_sync();
+  unsigned r[4];
+  for (int j = 0; j < 4; ++j) {
+    const unsigned short* a = (const unsigned short*)xp[warp_id][8 * j + lane_id % 4 * 2];
+    const unsigned short* b = (const unsigned short*)xp[warp_id][8 * j + lane_id % 4 * 2 + 1];
+    r[j] = a[lane_id / 4] | ((unsigned)b[lane_id / 4] << 16);
+  }
+  warp_sync();
+  return {r[0], r[1], r[2], r[3]};
+}
+static float lo(unsigned v) { return (float)from_bits(v & 0xFFFF); }
+static float hi(unsigned v) { return (float)from_bits(v >> 16); }
+static void tvm_lite_mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                              unsigned b0, unsigned b1) {
+  unsigned* mine = xr[warp_id][lane_id];
+  mine[0] = a0; mine[1] = a1; mine[2] = a2; mine[3] = a3; mine[4] = b0; mine[5] = b1;
+  warp_sync();
+  float A[16][16], B[16][8];
+  for (int L = 0; L < 32; ++L) {
+    unsigned* o = xr[warp_id][L];
+    int g = L / 4, t = L % 4 * 2;
+    for (int i = 0; i < 4; ++i) {  // a0: (g, t), a1: (g + 8, t), a2: (g, t + 8), a3: (g + 8, t + 8)
+      int r = g + (i % 2) * 8, k = t + (i / 2) * 8;
+      A[r][k] = lo(o[i]); A[r][k + 1] = hi(o[i]);
+    }
+    B[t][g] = lo(o[4]); B[t + 1][g] = hi(o[4]); B[t + 8][g] = lo(o[5]); B[t + 9][g] = hi(o[5]);
+  }
+  warp_sync();
+  int g = lane_id / 4, t = lane_id % 4 * 2;
+  for (int e = 0; e < 4; ++e) {
+    int r = g + (e / 2) * 8, n = t + e % 2;
+    float s = 0;
+    for (int k = 0; k < 16; ++k) s += A[r][k] * B[k][n];
+    c[e] += s;
+  }
+}
+static unsigned tvm_lite_dq_half2(unsigned w, unsigned c2, unsigned s2) {
+  unsigned h = (w & 0x000F000Fu) | 0x64006400u;
+  half l = (half)((half)(lo(h) - lo(c2)) * (half)lo(s2));
+  half u = (half)((half)(hi(h) - hi(c2)) * (half)hi(s2));
+  return __pack_half2(l, u);
+}
+static void tvm_lite_st_shared_v4(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+  unsigned v[4] = {a, b, c, d};
+  memcpy(p, v, 16);
+}
+static float xf[32][32];
+static float tvm_lite_quad_max(float v) {  // over the 4 lanes of a quad (__shfl_xor 1, 2)
+  xf[warp_id][lane_id] = v; warp_sync();
+  float* q = &xf[warp_id][lane_id & ~3];
+  float r = max(max(q[0], q[1]), max(q[2], q[3]));
+  warp_sync();
+  return r;
+}
+static float tvm_lite_quad_sum(float v) {
+  xf[warp_id][lane_id] = v; warp_sync();
+  float* q = &xf[warp_id][lane_id & ~3];
+  float r = (q[0] + q[1]) + (q[2] + q[3]);
+  warp_sync();
+  return r;
+}
+static unsigned tvm_lite_pack_half2(float lo, float hi) { return __pack_half2((half)lo, (half)hi); }
+static void launch(int gx, int gy, int gz, int th, std::function<void()> fn) {
+  for (int bz = 0; bz < gz; ++bz) for (int by = 0; by < gy; ++by) for (int bx = 0; bx < gx; ++bx) {
+    std::barrier<> b(th); bar = &b;
+    std::vector<std::barrier<>*> wb;
+    for (int w = 0; w < (th + 31) / 32; ++w) { wb.push_back(new std::barrier<>(32)); warp_bar[w] = wb.back(); }
+    std::vector<std::thread> ts;
+    for (int t = 0; t < th; ++t)
+      ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {bx, by, bz}; lane_id = t % 32;
+                            warp_id = t / 32; fn(); });
+    for (auto& x : ts) x.join();
+    for (auto* w : wb) delete w;
+  }
+}
+template <class T> static T* load(const char* f, size_t n) {
+  T* p = new T[n]; FILE* h = fopen(f, "rb"); fread(p, sizeof(T), n, h); fclose(h); return p;
+}
+'''
+
+_KERNEL = re.compile(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\(([^)]*)\) \{')
+
+
+def _kernels(src: str) -> tuple[str, list]:
+    """The kernels' C++ (declarations dropped, dynamic shared memory made static) and, per kernel,
+    ``(name, threads, [(ctype, param name)])``."""
+    body = src[src.index('extern "C"'):]
+    lines = [ln for ln in body.splitlines()
+             if not (ln.startswith('extern "C"') and ln.rstrip().endswith(";"))]
+    code = "\n".join(lines).replace('extern "C" ', "")
+    code = re.sub(r"extern __shared__ __align__\(\d+\) (\w+) (\w+)\[\];",
+                  r"\1* \2 = (\1*)dyn_shared;", code)
+    code = code.replace("__shared__ alignas(64)", "alignas(64) static")
+    found = []
+    for threads, name, params in _KERNEL.findall(body):
+        args = []
+        for prm in params.split(","):
+            ctype, pname = prm.replace("__restrict__", "").split()[-2:]
+            args.append((ctype, pname))
+        found.append((name, int(threads), args))
+    return code, found
+
+
+def run_kernels(src: str, arrays: dict, grids: dict, out_name: str, out_size: int,
+             workdir: Path) -> np.ndarray:
+    """Run the kernels of ``src`` in order. ``arrays``: a numpy array per kernel parameter name
+    (``p0_ptr``...; views such as ``codes32_ptr`` are given under their own names); a pointer
+    parameter not given is a zero fp32 workspace of ``out_size * 8`` floats. ``grids``: kernel
+    name -> ``(gx, gy, gz)``. Returns the ``out_name`` buffer (fp16) after the last kernel."""
+    code, kernels = _kernels(src)
+    ctypes = {"half": np.float16, "uint": np.uint32, "float": np.float32}
+    main = ["int main() {"]
+    declared = set()
+    for name, threads, args in kernels:
+        if name not in grids:
+            raise ValueError(f"no grid given for kernel {name}")
+        for ctype, pname in args:
+            if pname in declared:
+                continue
+            declared.add(pname)
+            ctype = ctype.rstrip("*")
+            if pname in arrays:
+                data = np.ascontiguousarray(arrays[pname]).astype(ctypes[ctype])
+                path = workdir / f"{pname}.bin"
+                data.tofile(path)
+                main.append(f'  {ctype}* {pname} = load<{ctype}>("{path}", {data.size});')
+            else:
+                main.append(f"  {ctype}* {pname} = new {ctype}[{out_size * 8}]();")
+        gx, gy, gz = grids[name]
+        call = ", ".join(p for _, p in args)
+        main.append(f"  launch({gx}, {gy}, {gz}, {threads}, [=] {{ {name}({call}); }});")
+    result = workdir / "out.bin"
+    main.append(f'  FILE* h = fopen("{result}", "wb"); fwrite({out_name}, 2, {out_size}, h); '
+                f"fclose(h);\n  return 0;\n}}")
+    cpp = workdir / "kernel.cc"
+    cpp.write_text(SHIM + code + "\n" + "\n".join(main))
+    exe = workdir / "kernel"
+    res = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", str(cpp), "-o", str(exe)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return np.fromfile(result, dtype=np.float16)
