@@ -43,7 +43,7 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from tvm.script import from_source
 
-from ..convention import DECODE, KV_CACHE_ATTR, KV_WINDOW_ATTR
+from ..convention import DECODE, KV_CACHE_ATTR, KV_WINDOW_ATTR, PAST_LEN
 from .inplace_kv_cache import KVCacheRewriteError
 
 LOG = logging.getLogger("tvm_lite.fuse_attention")
@@ -501,10 +501,10 @@ class _Rings:
     D)``) that replace them where every attention on them became the ring kernel."""
 
     def __init__(self, func: relax.Function):
-        names = [str(n) for n in func.attrs[KV_CACHE_ATTR]]
         windows = [int(w) for w in func.attrs[KV_WINDOW_ATTR]]
-        by_name = {p.name: p for p in func.params}
-        self.windows = {by_name[n]: w for n, w in zip(names, windows) if w and n in by_name}
+        first = [p.name for p in func.params].index(PAST_LEN) + 1  # the caches follow past_len
+        caches = func.params[first:first + len(windows)]
+        self.windows = {c: w for c, w in zip(caches, windows) if w}
         self.vars: dict = {}  # full-length cache param -> its ring param
         self.var2val: dict = {}
 

@@ -174,6 +174,10 @@ class Engine:
         if self.buckets and self.prefill_chunk > self.buckets[-1]:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds the largest bucket "
                              f"{self.buckets[-1]}")
+        if inplace and self.runner.has_rings:
+            # a ring cache keeps a call's last rows, so padding rows after the real ones would
+            # overwrite real ones: calls are not padded (the CPU kernels take any token count)
+            self.buckets = ()
         self.runner.allocate(self.max_context, self.prefill_chunk)
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
         self.last: GenerationResult | None = None  # the last stream's / generate's result

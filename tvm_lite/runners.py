@@ -164,6 +164,11 @@ class InPlace(Runner):
         rows = self.convention.get("kv_caches", {}).get("rows") or [None] * (2 * self.num_layers)
         return [max_context if r is None else int(r) for r in rows]
 
+    @property
+    def has_rings(self) -> bool:
+        """Whether any cache is a ring (a sliding-window layer's)."""
+        return any(r is not None for r in self.convention.get("kv_caches", {}).get("rows") or ())
+
     def workspace_bytes(self, function: str, tokens: int, past: int) -> list[int]:
         """The planned bytes of each workspace buffer of ``function`` for a call with ``tokens``
         new tokens after ``past`` cached ones (computed by the compiled model itself)."""
