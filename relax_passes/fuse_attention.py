@@ -25,6 +25,20 @@ decode kernel, everything else the prefill kernel (``n`` symbolic); the PrimFunc
 profile. The function emitted here is target independent: a plain loop nest, parallel over
 (head, query row), which is also what the CPU runs.
 
+Sliding-window layers get ring caches (``ring=True``: CPU targets). Where the decoder carries
+``tvm_lite.kv_windows`` (``InplaceKVCache(windows=...)``) and a window layer's K/V views read the
+``kv_write`` of its caches, the attention becomes :func:`ring_kernel` instead::
+
+    (ring_k', ring_v', o) = call_tir_inplace(attention_ring_*, [q, ring_k, ring_v, new_k, new_v,
+                                                                 mask], inplace_indices=[1, 2, -1])
+
+which attends over the ring and the new rows and then writes the new rows into the ring at
+``position mod window``; the ``kv_write``/view become dead, and the cache parameter becomes a
+``(window, KV, D)`` ring (the caller allocates ``window`` rows: ``_metadata``'s
+``kv_caches.rows``). Attention before the write (not the cache's write-then-read) is what makes a
+ring of ``window`` rows enough for a chunk of any length: a write first would overwrite rows the
+chunk's earlier queries still see.
+
 What is left unfused, with a warning naming the softmax: any attention whose K/V are not views of
 the in-place cache, a softmax not over the last axis, a scale that is not a scalar constant, an
 extra op between the scores and the softmax other than logit soft-capping ``c * tanh(x / c)``

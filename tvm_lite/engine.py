@@ -298,7 +298,8 @@ class Engine:
         In place, one new token runs ``decode``; more run ``prefill``, padded up to a bucket: the
         padding sits after the real tokens with attention mask 0, so causal attention keeps it
         out of every real position, and its K/V rows (past the session's length) are overwritten
-        by the next tokens."""
+        by the next tokens. (A model with ring caches is not padded: a ring keeps a call's last
+        rows.)"""
         ids = np.asarray(ids, dtype="int64").reshape(1, -1)
         n = ids.shape[1]
         self._check_room(session, n)
