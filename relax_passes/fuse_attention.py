@@ -88,8 +88,13 @@ def attention_params(heads: int, kv_heads: int, head_dim: int, dtype: str, scale
 def score(p: dict, dot: str, mask: str) -> str:
     """The TIR expression of one attention score (fp32) from the raw dot product ``dot`` and the
     mask element ``mask``: ``dot * scale``, soft-capped as ``c * tanh(x / c)`` (Gemma 2) when the
-    kernel has a ``softcap``, plus the mask. Every kernel (CPU and GPU) computes scores by it."""
-    x = f"{dot} * T.float32({p['scale']!r})"
+    kernel has a ``softcap``, plus the mask. Every kernel (CPU and GPU) computes scores by it
+    (or by :func:`scaled_score`, given a dot product of a pre-scaled query)."""
+    return scaled_score(p, f"{dot} * T.float32({p['scale']!r})", mask)
+
+
+def scaled_score(p: dict, x: str, mask: str) -> str:
+    """:func:`score` of an already scaled dot product ``x``."""
     if p.get("softcap"):
         c = p["softcap"]
         x = f"T.float32({c!r}) * T.tanh({x} * T.float32({1.0 / c!r}))"

@@ -171,9 +171,14 @@ def test_gpu_kernels_compile(profile, tmp_path):
     sources = []
     for d, kv, dtype in ((64, 3, "float16"), (256, 1, "float32")):
         for decode in (False, True):
+            # soft-capped scores (Gemma 2) in the fp16 prefill (tensor cores on CUDA) and the
+            # fp32 decode kernel
+            cap = 30.0 if decode == (kv == 1) else 0.0
             p = attention_params(9 if kv == 3 else 8, kv, d, dtype, 0.125, dtype, False,
-                                 not decode, decode, merged_heads=decode, kv_squeezed=kv == 1)
+                                 not decode, decode, merged_heads=decode, kv_squeezed=kv == 1,
+                                 softcap=cap)
             func, t = _gpu_kernel(p, GPU_TARGETS[profile])
+            assert ("tanh" in func.script()) == bool(cap)
             ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
                              target=t)
             if t.kind.name == "opencl":
@@ -457,16 +462,17 @@ def test_split_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
     rng = np.random.default_rng(2)
     cuda = tvm_lite.parse_target("cuda -arch=sm_90")
     t = tvm_lite.parse_target(GPU_TARGETS[profile])
-    for heads, kv, d, m, pad in EMULATED:
+    for i, (heads, kv, d, m, pad) in enumerate(EMULATED):
+        cap = 1.5 if i % 2 else 0.0  # soft-capped scores (Gemma 2) in every other case
         q, k, v, mask = _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad)
         p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
-                             merged_heads=True, kv_squeezed=kv == 1)
+                             merged_heads=True, kv_squeezed=kv == 1, softcap=cap)
         func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
         ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
                          target=cuda)
         prof = fit_to_target(gpu_profile(profile), t)
         got = run_decode_attention(tvm_lite.device_source(ex, "cuda"),
                                    plan(p, prof, prof.max_threads), q, k, v, mask, tmp_path)
-        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv, softcap=cap)
         np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
                                    rtol=1e-5, atol=1e-5)

@@ -259,12 +259,35 @@ def memory_table(context: int = 8192) -> str:
     return "\n".join(lines)
 
 
+def _attention_ms(engine, session, token: int, steps: int) -> float:
+    """Milliseconds per decode step spent in the fused attention kernels (every layer), timed
+    around each kernel call by a VM instrument (CPU kernels are synchronous)."""
+    spent, start = [0.0], {}
+
+    def instrument(_func, name, before_run, _ret, *_args):
+        if name.startswith("attention"):
+            if before_run:
+                start[name] = time.perf_counter()
+            else:
+                spent[0] += time.perf_counter() - start.pop(name)
+        return 0  # run the call as usual
+
+    engine.vm.set_instrument(instrument)
+    try:
+        for _ in range(steps):
+            token = engine.decode_greedy(session, token)
+    finally:
+        engine.vm.set_instrument(lambda *_: 0)
+    return spent[0] / steps * 1e3
+
+
 def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16,
-                        repeats: int = 3) -> str:
-    """CPU decode tok/s of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each
+                        repeats: int = 5) -> str:
+    """CPU decode of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each
     context: ring caches (the default), full-length caches with the window in the mask, and the
-    same model without a window; engines interleaved in one process, median of repeats, and the
-    ring's speed at each context as a ratio to the others'."""
+    same model without a window; engines interleaved in one process, medians of ``repeats``.
+    Two tables: decode tok/s (and the ring's as a ratio to the others'), and the time per step in
+    the attention kernels (instrumented runs after the timed ones)."""
     import statistics
 
     from .artifact import compile_model
@@ -282,12 +305,15 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
         art = compile_model(export_onnx(folder, progress=lambda _: None), "llvm",
                             progress=lambda *_: None, **options)
         engines[label] = Engine(art)
-    rows = ["| context | " + " | ".join(f"{k} tok/s" for k in engines)
-            + " | ring / full-length | ring / no window |", "|---|" + "---|" * (len(engines) + 2)]
+    speed = ["| context | " + " | ".join(f"{k} tok/s" for k in engines)
+             + " | ring / full-length | ring / no window |", "|---|" + "---|" * (len(engines) + 2)]
+    attention = ["| context | " + " | ".join(f"{k}: attention ms/step" for k in engines) + " |",
+                 "|---|" + "---|" * len(engines)]
     rng = np.random.default_rng(0)
     for ctx in contexts:
         prompt = rng.integers(3, VOCAB, ctx).tolist()
         times: dict = {k: [] for k in engines}
+        attn: dict = {k: [] for k in engines}
         for _ in range(repeats):
             for label, engine in engines.items():  # interleaved
                 session = engine.new_session()
@@ -296,11 +322,14 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
                 for _ in range(steps):
                     token = engine.decode_greedy(session, token)
                 times[label].append(steps / (time.perf_counter() - start))
+                attn[label].append(_attention_ms(engine, session, token, steps))
         med = {k: statistics.median(t) for k, t in times.items()}
-        rows.append(f"| {ctx} | " + " | ".join(f"{v:.0f}" for v in med.values())
-                    + f" | {med['ring'] / med['full-length + mask']:.2f} | "
-                    f"{med['ring'] / med['no window']:.2f} |")
-    return "\n".join(rows)
+        speed.append(f"| {ctx} | " + " | ".join(f"{v:.0f}" for v in med.values())
+                     + f" | {med['ring'] / med['full-length + mask']:.2f} | "
+                     f"{med['ring'] / med['no window']:.2f} |")
+        attention.append(f"| {ctx} | " + " | ".join(f"{statistics.median(t):.3f}"
+                                                    for t in attn.values()) + " |")
+    return "\n".join(speed) + "\n\n" + "\n".join(attention)
 
 
 def bench_moe_forms(steps: int = 16, repeats: int = 5) -> str:
