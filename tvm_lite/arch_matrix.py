@@ -10,6 +10,8 @@ An E0M4 (RTN, g32) build of the same export must run too.
     python -m tvm_lite.arch_matrix [--archs llama,gemma2] [--exporters dynamo,torchscript]
 
 prints the table the README shows. ``tests/test_architectures.py`` runs the same checks.
+``--memory`` measures the KV caches of a Gemma-3-1B-like model's builds (ring, full length,
+past/present) at 8192 tokens; ``--bench`` times CPU decode of a window model with each cache.
 """
 
 from __future__ import annotations
@@ -378,7 +380,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-quant", action="store_true", help="skip the E0M4 builds")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory", action="store_true",
-                        help="print the window-cache memory table (Gemma-3-1B-like, 8k) and stop")
+                        help="measure the window-cache memory of three builds "
+                             "(Gemma-3-1B-like, 8k) and stop")
     parser.add_argument("--bench", action="store_true",
                         help="CPU decode tok/s of a window model at contexts 512 and 4096, and stop")
     parser.add_argument("--bench-moe", action="store_true",
