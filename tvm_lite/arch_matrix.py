@@ -261,17 +261,17 @@ def memory_table(context: int = 8192) -> str:
     return "\n".join(lines)
 
 
-def _attention_ms(engine, session, token: int, steps: int) -> float:
-    """Milliseconds per decode step spent in the fused attention kernels (every layer), timed
-    around each kernel call by a VM instrument (CPU kernels are synchronous)."""
-    spent, start = [0.0], {}
+def _kernel_ms(engine, session, token: int, steps: int) -> dict:
+    """Milliseconds per decode step of each VM call (kernels and builtins; the entry functions
+    include the calls they make), timed around each call by a VM instrument (CPU kernels are
+    synchronous)."""
+    spent, start = {}, {}
 
     def instrument(_func, name, before_run, _ret, *_args):
-        if name.startswith("attention"):
-            if before_run:
-                start[name] = time.perf_counter()
-            else:
-                spent[0] += time.perf_counter() - start.pop(name)
+        if before_run:
+            start[name] = time.perf_counter()
+        elif name in start:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start.pop(name)
         return 0  # run the call as usual
 
     engine.vm.set_instrument(instrument)
@@ -280,7 +280,13 @@ def _attention_ms(engine, session, token: int, steps: int) -> float:
             token = engine.decode_greedy(session, token)
     finally:
         engine.vm.set_instrument(lambda *_: 0)
-    return spent[0] / steps * 1e3
+    return {k: v / steps * 1e3 for k, v in spent.items()}
+
+
+def _attention_ms(engine, session, token: int, steps: int) -> float:
+    """Milliseconds per decode step in the fused attention kernels (every layer)."""
+    return sum(v for k, v in _kernel_ms(engine, session, token, steps).items()
+               if k.startswith("attention"))
 
 
 def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16,
@@ -288,8 +294,9 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
     """CPU decode of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each
     context: ring caches (the default), full-length caches with the window in the mask, and the
     same model without a window; engines interleaved in one process, medians of ``repeats``.
-    Two tables: decode tok/s (and the ring's as a ratio to the others'), and the time per step in
-    the attention kernels (instrumented runs after the timed ones)."""
+    Three tables: decode tok/s (and the ring's as a ratio to the others'), the time per step in
+    the attention kernels, and the ring model's slowest calls per step (instrumented runs after
+    the timed ones)."""
     import statistics
 
     from .artifact import compile_model
@@ -311,6 +318,8 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
              + " | ring / full-length | ring / no window |", "|---|" + "---|" * (len(engines) + 2)]
     attention = ["| context | " + " | ".join(f"{k}: attention ms/step" for k in engines) + " |",
                  "|---|" + "---|" * len(engines)]
+    profile = ["| context | ring model: slowest VM calls, ms/step (entry functions include their "
+               "calls) |", "|---|---|"]
     rng = np.random.default_rng(0)
     for ctx in contexts:
         prompt = rng.integers(3, VOCAB, ctx).tolist()
@@ -331,7 +340,13 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
                      f"{med['ring'] / med['no window']:.2f} |")
         attention.append(f"| {ctx} | " + " | ".join(f"{statistics.median(t):.3f}"
                                                     for t in attn.values()) + " |")
-    return "\n".join(speed) + "\n\n" + "\n".join(attention)
+        # where the ring model's decode step goes at this context: its slowest calls
+        engine_ring = engines["ring"]
+        session = engine_ring.new_session()
+        token = int(engine_ring.prefill_greedy(session, prompt))
+        top = sorted(_kernel_ms(engine_ring, session, token, steps).items(), key=lambda kv: -kv[1])
+        profile.append(f"| {ctx} | " + ", ".join(f"{k} {v:.2f}" for k, v in top[:10]) + " |")
+    return "\n".join(speed) + "\n\n" + "\n".join(attention) + "\n\n" + "\n".join(profile)
 
 
 def bench_moe_forms(steps: int = 16, repeats: int = 5) -> str:
