@@ -86,7 +86,8 @@ def _cache_shape(ty: relax.TensorType, cache_len) -> list:
         if not isinstance(d, tirx.IntImm):
             raise ValueError(f"AddTupledBufferEntries: cache type {ty} has a symbolic dim after "
                              "the sequence axis")
-    return [cache_len] + dims[1:]
+    # a ring cache (a sliding-window layer's: FuseAttention) has its static window rows
+    return [dims[0] if isinstance(dims[0], tirx.IntImm) else cache_len] + dims[1:]
 
 
 @tvm.transform.module_pass(opt_level=0, name="AddTupledBufferEntries")

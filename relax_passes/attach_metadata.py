@@ -19,7 +19,9 @@ The description (``version`` = ``convention.METADATA_VERSION``)::
     decoders         the model's decoder functions: ["prefill", "decode"] in place, else
                      ["main"] (+ "decode" with a tuning database)
     inputs           the names of the decoders' token inputs (before past_len / the caches)
-    kv_caches        {"names", "count", "dtype", "row_shape": the shape after the sequence axis}
+    kv_caches        {"names", "count", "dtype", "row_shape": the shape after the sequence axis,
+                     "rows": each cache's rows: an int for a ring cache (a sliding-window layer's
+                     ``window``), null for a full-length one (the session's max_context)}
     workspace        {decoder: number of workspace buffers}; "count": the most (the tuple's size)
     weights          {"count", "tupled": alloc_params exists, "types": [[dtype, shape], ...]}
     tupled, steps    whether the *_tupled entries and the *_step entries are present
@@ -79,7 +81,9 @@ def describe(mod: tvm.IRModule, options: dict | None = None) -> dict:
         caches = list(first.params)[cut + 1:cut + 1 + len(cache_names)]
         dtype, shape = _type(caches[0].ty)
         desc["kv_caches"] = {"names": cache_names, "count": len(cache_names), "dtype": dtype,
-                             "row_shape": shape[1:]}
+                             "row_shape": shape[1:],
+                             "rows": [r if isinstance(r, int) else None
+                                      for r in (_type(c.ty)[1][0] for c in caches)]}
         per = {n: sum(1 for p in funcs[n].params if p.name.startswith(WORKSPACE_PREFIX))
                for n in inplace}
         desc["workspace"] = {**per, "count": max(per.values())}

@@ -25,6 +25,20 @@ decode kernel, everything else the prefill kernel (``n`` symbolic); the PrimFunc
 profile. The function emitted here is target independent: a plain loop nest, parallel over
 (head, query row), which is also what the CPU runs.
 
+Sliding-window layers get ring caches (``ring=True``: CPU targets). Where the decoder carries
+``tvm_lite.kv_windows`` (``InplaceKVCache(windows=...)``) and a window layer's K/V views read the
+``kv_write`` of its caches, the attention becomes :func:`ring_kernel` instead::
+
+    (ring_k', ring_v', o) = call_tir_inplace(attention_ring_*, [q, ring_k, ring_v, new_k, new_v,
+                                                                 mask], inplace_indices=[1, 2, -1])
+
+which attends over the ring and the new rows and then writes the new rows into the ring at
+``position mod window``; the ``kv_write``/view become dead, and the cache parameter becomes a
+``(window, KV, D)`` ring (the caller allocates ``window`` rows: ``_metadata``'s
+``kv_caches.rows``). Attention before the write (not the cache's write-then-read) is what makes a
+ring of ``window`` rows enough for a chunk of any length: a write first would overwrite rows the
+chunk's earlier queries still see.
+
 What is left unfused, with a warning naming the softmax: any attention whose K/V are not views of
 the in-place cache, a softmax not over the last axis, a scale that is not a scalar constant, an
 extra op between the scores and the softmax other than logit soft-capping ``c * tanh(x / c)``
@@ -35,6 +49,7 @@ exports do) is honoured, since the mask is read as given.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -42,10 +57,11 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from tvm.script import from_source
 
-from ..convention import DECODE, KV_CACHE_ATTR
+from ..convention import DECODE, KV_CACHE_ATTR, KV_WINDOW_ATTR, PAST_LEN
+from .inplace_kv_cache import KVCacheRewriteError
 
 LOG = logging.getLogger("tvm_lite.fuse_attention")
-KERNEL_ATTR = "tvm_lite.kernel"  # "attention_prefill" | "attention_decode"
+KERNEL_ATTR = "tvm_lite.kernel"  # "attention_prefill" | "attention_decode" (+ "_ring_" variants)
 PARAMS_ATTR = "tvm_lite.attention"  # heads, kv_heads, head_dim, dtype, scale, mask layout
 
 
@@ -53,7 +69,7 @@ PARAMS_ATTR = "tvm_lite.attention"  # heads, kv_heads, head_dim, dtype, scale, m
 def attention_params(heads: int, kv_heads: int, head_dim: int, dtype: str, scale: float,
                      mask_dtype: str, mask_heads: bool, mask_rows: bool, decode: bool,
                      merged_heads: bool = False, kv_squeezed: bool = False,
-                     softcap: float = 0.0) -> dict:
+                     softcap: float = 0.0, window: int = 0) -> dict:
     """Everything that shapes an attention kernel; stored on the PrimFunc (``PARAMS_ATTR``) for the
     schedule rules, which rebuild the kernel for their target from it."""
     if heads % kv_heads:
@@ -64,14 +80,21 @@ def attention_params(heads: int, kv_heads: int, head_dim: int, dtype: str, scale
              kv_squeezed=bool(kv_squeezed))
     if softcap:
         p["softcap"] = float(softcap)  # (absent = none: the kernels of other models keep their key)
+    if window:
+        p["window"] = int(window)  # a ring cache of this many rows (ring_kernel)
     return p
 
 
 def score(p: dict, dot: str, mask: str) -> str:
     """The TIR expression of one attention score (fp32) from the raw dot product ``dot`` and the
     mask element ``mask``: ``dot * scale``, soft-capped as ``c * tanh(x / c)`` (Gemma 2) when the
-    kernel has a ``softcap``, plus the mask. Every kernel (CPU and GPU) computes scores by it."""
-    x = f"{dot} * T.float32({p['scale']!r})"
+    kernel has a ``softcap``, plus the mask. Every kernel (CPU and GPU) computes scores by it
+    (or by :func:`scaled_score`, given a dot product of a pre-scaled query)."""
+    return scaled_score(p, f"{dot} * T.float32({p['scale']!r})", mask)
+
+
+def scaled_score(p: dict, x: str, mask: str) -> str:
+    """:func:`score` of an already scaled dot product ``x``."""
     if p.get("softcap"):
         c = p["softcap"]
         x = f"T.float32({c!r}) * T.tanh({x} * T.float32({1.0 / c!r}))"
@@ -122,7 +145,8 @@ def mask_index(p: dict, h: str, i: str, j: str) -> str:
 
 
 def func_attrs(p: dict) -> str:
-    kind = "attention_decode" if p["decode"] else "attention_prefill"
+    kind = ("attention_ring_" if p.get("window") else "attention_") \
+        + ("decode" if p["decode"] else "prefill")
     return (f'{{"tirx.noalias": True, "{KERNEL_ATTR}": "{kind}", '
             f'"{PARAMS_ATTR}": {{{", ".join(f"{k!r}: {v!r}" for k, v in p.items())}}}}}')
 
@@ -140,17 +164,12 @@ def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.han
 {body}'''
 
 
-def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
-    """The target-independent attention PrimFunc: per (head, query row), in parallel, one pass over
-    the keys, ``keys`` at a time, with an online softmax (running max and sum, fp32), then
-    ``acc / sum``. Dot products run in ``lanes`` partial sums (``keys`` independent chains) and the
-    accumulator update over whole rows, as vector loops: what the CPU runs (a GPU rule replaces
-    the whole function)."""
-    decl, n = signature(p)
-    H, D, G = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"]
-    lanes = next(x for x in (16, 8, 4, 2, 1) if D % x == 0)
+def _key_pass(p: dict, keys: int, lanes: int, count: str, k_at, v_at, mask_col) -> str:
+    """One pass of the online softmax over ``count`` keys, ``keys`` at a time (statements inside
+    a kernel's per-(head, row) loop): ``k_at(j, d)``/``v_at(j, d)`` are the TIR texts of key
+    ``j``'s K/V element ``d``, ``mask_col(j)`` its mask column."""
     f32 = "T.float32"
-    h, i, kvh = "h", "i", "kvh"
+    D = p["head_dim"]
     j = f"j0 * {keys} + jj"
     # the lanes' partial sums folded in halves (vector adds), then the last one scalar
     fold, width = [], lanes
@@ -159,9 +178,46 @@ def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
         fold.append(f"""                for l in T.vectorized({width}):
                     part[jj, l] = part[jj, l] + part[jj, l + {width}]""")
     fold = "\n".join(fold)
-    k_at = kv_index(p, "k", j, kvh, f"d0 * {lanes} + l")
-    v_at = kv_index(p, "v", j, kvh, "d")
-    src = kernel_source(p, decl, f'''    for hi in T.parallel({H} * {n}):
+    k_elem = k_at(j, f"d0 * {lanes} + l")
+    return f'''        for j0 in range(({count} + {keys - 1}) // {keys}):
+            for jj in range({keys}):
+                for l in T.vectorized({lanes}):
+                    part[jj, l] = {f32}(0)
+                if {j} < {count}:
+                    for d0 in range({D // lanes}):
+                        for l in T.vectorized({lanes}):
+                            part[jj, l] = part[jj, l] + qr[d0 * {lanes} + l] * {f32}({k_elem})
+            st[2] = st[0]
+            for jj in range({keys}):
+{fold}
+                if {j} < {count}:
+                    sc[jj] = {score(p, "part[jj, 0]", mask_index(p, "h", "i", mask_col(j)))}
+                    st[2] = T.max(st[2], sc[jj])
+            if st[2] > st[0]:
+                for d in T.vectorized({D}):
+                    acc[d] = acc[d] * T.exp(st[0] - st[2])
+                st[1] = st[1] * T.exp(st[0] - st[2])
+                st[0] = st[2]
+            for jj in range({keys}):
+                if {j} < {count}:
+                    sc[jj] = T.exp(sc[jj] - st[0])
+                    st[1] = st[1] + sc[jj]
+                    for d in T.vectorized({D}):
+                        acc[d] = acc[d] + sc[jj] * {f32}({v_at(j, "d")})
+'''
+
+
+def _lanes(p: dict) -> int:
+    return next(x for x in (16, 8, 4, 2, 1) if p["head_dim"] % x == 0)
+
+
+def _row_loop(p: dict, keys: int, passes: str) -> str:
+    """A kernel's body: per (head, query row), in parallel, q loaded, the key ``passes`` (from
+    :func:`_key_pass`), then ``acc / sum`` stored."""
+    _, n = signature(p)
+    H, D, G = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"]
+    lanes = _lanes(p)
+    return f'''    for hi in T.parallel({H} * {n}):
         h = hi // {n}
         i = hi % {n}
         kvh = h // {G}
@@ -171,38 +227,69 @@ def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
         sc = T.alloc_buffer(({keys},), "float32", scope="local")  # scores, then probabilities
         st = T.alloc_buffer((3,), "float32", scope="local")  # running max, running sum, new max
         for d in T.vectorized({D}):
-            qr[d] = {f32}(q[0, {h}, {i}, d])
-            acc[d] = {f32}(0)
+            qr[d] = T.float32(q[0, h, i, d])
+            acc[d] = T.float32(0)
         st[0] = T.min_value("float32")  # a fully masked row stays finite
-        st[1] = {f32}(0)
-        for j0 in range((m + {keys - 1}) // {keys}):
-            for jj in range({keys}):
-                for l in T.vectorized({lanes}):
-                    part[jj, l] = {f32}(0)
-                if {j} < m:
-                    for d0 in range({D // lanes}):
-                        for l in T.vectorized({lanes}):
-                            part[jj, l] = part[jj, l] + qr[d0 * {lanes} + l] * {f32}({k_at})
-            st[2] = st[0]
-            for jj in range({keys}):
-{fold}
-                if {j} < m:
-                    sc[jj] = {score(p, "part[jj, 0]", mask_index(p, h, i, j))}
-                    st[2] = T.max(st[2], sc[jj])
-            if st[2] > st[0]:
-                for d in T.vectorized({D}):
-                    acc[d] = acc[d] * T.exp(st[0] - st[2])
-                st[1] = st[1] * T.exp(st[0] - st[2])
-                st[0] = st[2]
-            for jj in range({keys}):
-                if {j} < m:
-                    sc[jj] = T.exp(sc[jj] - st[0])
-                    st[1] = st[1] + sc[jj]
-                    for d in T.vectorized({D}):
-                        acc[d] = acc[d] + sc[jj] * {f32}({v_at})
+        st[1] = T.float32(0)
+{passes}        for d in T.vectorized({D}):
+            {out_index(p, "h", "i", "d")} = T.Cast("{p["dtype"]}", acc[d] / st[1])
+'''
+
+
+def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
+    """The target-independent attention PrimFunc: per (head, query row), in parallel, one pass over
+    the keys, ``keys`` at a time, with an online softmax (running max and sum, fp32), then
+    ``acc / sum``. Dot products run in ``lanes`` partial sums (``keys`` independent chains) and the
+    accumulator update over whole rows, as vector loops: what the CPU runs (a GPU rule replaces
+    the whole function). A ``window`` in ``p`` makes it the ring kernel (:func:`ring_kernel`)."""
+    if p.get("window"):
+        return ring_kernel(p, keys)
+    decl, _ = signature(p)
+    passes = _key_pass(p, keys, _lanes(p), "m", lambda j, d: kv_index(p, "k", j, "kvh", d),
+                       lambda j, d: kv_index(p, "v", j, "kvh", d), lambda j: j)
+    return from_source(kernel_source(p, decl, _row_loop(p, keys, passes)))
+
+
+def ring_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
+    """Attention of a sliding-window layer on its ring cache, then the ring updated (CPU).
+
+    The ring ``k, v (W, KV, D)`` holds the positions ``[past - W, past)``, position ``a`` in slot
+    ``a mod W`` (``past = m - n``: the mask has one column per absolute position). Each query row
+    attends over the ring's filled slots and over the chunk's own new rows ``nk, nv (1, KV, n,
+    D)``, reading the export's mask at each key's absolute position (window and causality are the
+    mask's: a query at ``past + i`` sees keys after ``past + i - W``, all in the ring or the
+    chunk). Only after every row has read the ring are the chunk's last ``min(n, W)`` rows written
+    into it at ``position mod W`` (earlier rows are outside every later query's window). One
+    kernel, so nothing runs between the reads and the writes; prefill, a chunk and a decode step
+    are the same code, and nothing is copied but the new rows."""
+    W, KV, D, dt = p["window"], p["kv_heads"], p["head_dim"], p["dtype"]
+    decl, n = signature(p)
+    decl = decl.replace("m = T.int64()", f"m = T.int64()\n    past = m - {n}")
+    decl = decl.replace(f"(m, {KV}, {D})", f"({W}, {KV}, {D})")
+    decl += f'''
+    nk = T.match_buffer(var_nk, (1, {KV}, {n}, {D}), "{dt}")
+    nv = T.match_buffer(var_nv, (1, {KV}, {n}, {D}), "{dt}")'''
+
+    def ring_pos(r):  # slot r holds the latest position a < past with a = r (mod W)
+        return f"({r}) + {W} * ((past - 1 - ({r})) // {W})"
+
+    lanes = _lanes(p)
+    passes = _key_pass(p, keys, lanes, f"T.min(past, {W})", lambda j, d: f"k[{j}, kvh, {d}]",
+                       lambda j, d: f"v[{j}, kvh, {d}]", ring_pos)
+    passes += _key_pass(p, keys, lanes, n, lambda j, d: f"nk[0, kvh, {j}, {d}]",
+                        lambda j, d: f"nv[0, kvh, {j}, {d}]", lambda j: f"past + {j}")
+    write = f'''    for t in T.parallel(T.min({n}, {W}) * {KV}):
         for d in T.vectorized({D}):
-            {out_index(p, h, i, "d")} = T.Cast("{p["dtype"]}", acc[d] / st[1])
-''')
+            k[(m - T.min({n}, {W}) + t // {KV}) % {W}, t % {KV}, d] = nk[0, t % {KV}, {n} - T.min({n}, {W}) + t // {KV}, d]
+            v[(m - T.min({n}, {W}) + t // {KV}) % {W}, t % {KV}, d] = nv[0, t % {KV}, {n} - T.min({n}, {W}) + t // {KV}, d]
+'''
+    src = f'''
+@T.prim_func(private=True)
+def attention_ring(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_nk: T.handle,
+                   var_nv: T.handle, var_mask: T.handle, var_o: T.handle):
+    T.func_attr({func_attrs(p)})
+    {decl}
+{_row_loop(p, keys, passes)}{write}'''
     return from_source(src)
 
 
@@ -309,7 +396,8 @@ class _Fuser:
     """Rewrites one function (prefill or decode); collects the PrimFuncs it needs."""
 
     def __init__(self, decode: bool, builder: relax.BlockBuilder, kernels: dict,
-                 merged_heads: bool):
+                 merged_heads: bool, rings: "_Rings | None" = None):
+        self.rings = rings  # the function's window caches that may become rings
         self.decode = decode
         self.merged_heads = merged_heads
         self.builder = builder  # the module's: adds the kernels (typed GlobalVars)
@@ -395,18 +483,98 @@ class _Fuser:
                     analyzer.can_prove_equal(a, b) for a, b in zip(got, want)):
                 return expr  # another consumer layout: the plain pattern fuses the attention
             out, out_ty = merged, relax.TensorType(got, dtype)
+        ring = self.rings.source(m[names["k_view"]], m[names["v_view"]], kv, head_dim) \
+            if self.rings is not None else None
         p = attention_params(heads, kv, head_dim, dtype, scale, mdtype, mh == heads, rows, decode,
                              self.merged_heads, len(_shape(m[names["k_view"]])) == 2,
-                             softcap)
+                             softcap, ring.window if ring else 0)
         key = tuple(sorted(p.items()))
         if key not in self.kernels:
-            name = "attention_decode" if decode else "attention_prefill"
+            name = ("attention_ring_" if ring else "attention_") + ("decode" if decode else "prefill")
             self.kernels[key] = self.builder.add_func(reference_kernel(p), name)
         gv = self.kernels[key]
         self.fused += 1
-        call = relax.call_tir(gv, [q, m[names["k_view"]], m[names["v_view"]], mask], out_ty)
+        if ring:  # the ring kernel reads the rings and the new rows, then writes the rings
+            rk, rv = self.rings.ring_var(ring.cache_k, ring.window), \
+                self.rings.ring_var(ring.cache_v, ring.window)
+            call = relax.TupleGetItem(relax.call_tir_inplace(
+                gv, [q, rk, rv, ring.new_k, ring.new_v, mask], [1, 2, -1],
+                [rk.ty, rv.ty, out_ty]), 2)
+        else:
+            call = relax.call_tir(gv, [q, m[names["k_view"]], m[names["v_view"]], mask], out_ty)
         out_dtype = str(out.ty.dtype)
         return call if out_dtype == dtype else relax.op.astype(call, out_dtype)
+
+
+@dataclass
+class _RingSource:
+    window: int
+    cache_k: relax.Var
+    cache_v: relax.Var
+    new_k: relax.Expr
+    new_v: relax.Expr
+
+
+class _Rings:
+    """A decoder's window caches (``KV_WINDOW_ATTR``) and the ring-typed parameters (``(W, KV,
+    D)``) that replace them where every attention on them became the ring kernel."""
+
+    def __init__(self, func: relax.Function):
+        windows = [int(w) for w in func.attrs[KV_WINDOW_ATTR]]
+        first = [p.name for p in func.params].index(PAST_LEN) + 1  # the caches follow past_len
+        caches = func.params[first:first + len(windows)]
+        self.windows = {c: w for c, w in zip(caches, windows) if w}
+        self.vars: dict = {}  # full-length cache param -> its ring param
+        self.var2val: dict = {}
+
+    def _write(self, view):
+        """(cache param, new rows) if ``view`` reads a window cache's ``kv_write`` result."""
+        written = view.args[0]
+        call = self.var2val.get(written) if isinstance(written, relax.Var) else None
+        if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+                and call.op.name == "relax.call_tir_inplace"
+                and isinstance(call.args[1], relax.Tuple) and len(call.args[1].fields) == 3):
+            return None
+        cache, new, _pos = call.args[1].fields
+        return (cache, new) if cache in self.windows else None
+
+    def source(self, k_view, v_view, kv_heads: int, head_dim: int) -> _RingSource | None:
+        k, v = self._write(k_view), self._write(v_view)
+        if k is None or v is None or self.windows[k[0]] != self.windows[v[0]]:
+            return None
+        for new in (k[1], v[1]):
+            shape = new.ty.shape.values if isinstance(new.ty, relax.TensorType) \
+                and isinstance(new.ty.shape, relax.ShapeExpr) else None
+            if shape is None or len(shape) != 4 or not all(
+                    isinstance(d, tirx.IntImm) and int(d) == want
+                    for d, want in zip((shape[0], shape[1], shape[3]), (1, kv_heads, head_dim))):
+                return None  # new rows not (1, KV, n, D): the full-length cache stays
+        return _RingSource(self.windows[k[0]], k[0], v[0], k[1], v[1])
+
+    def ring_var(self, cache: relax.Var, window: int) -> relax.Var:
+        if cache not in self.vars:
+            dims = list(cache.ty.shape.values)
+            self.vars[cache] = relax.Var(cache.name, relax.TensorType(
+                [tirx.IntImm("int64", window)] + dims[1:], str(cache.ty.dtype)))
+        return self.vars[cache]
+
+    def swap(self, func: relax.Function, name: str) -> relax.Function:
+        """``func`` (its dead code removed) with each cache whose attention all became the ring
+        kernel as its ring parameter; a cache read both ways is an error naming it."""
+        func = relax.analysis.remove_all_unused(func)
+        used = set()
+        relax.analysis.post_order_visit(
+            func.body, lambda e: used.add(e) if isinstance(e, relax.Var) else None)
+        params = []
+        for p in func.params:
+            ring = self.vars.get(p)
+            if ring is not None and p in used:
+                raise KVCacheRewriteError(f"FuseAttention: {name}: cache '{p.name}' of a sliding-window "
+                                   "layer is read both by the ring kernel and by other ops; build "
+                                   "with kv_windows=() (full-length caches)")
+            params.append(ring if ring is not None else p)
+        return relax.Function(params, func.body, func.ret_ty, func.is_pure, func.attrs,
+                              func.span)
 
 
 def _remaining_softmax(func) -> int:
@@ -428,8 +596,9 @@ class FuseAttention:
     (see the module doc). ``functions``: the Relax functions to rewrite (default: every one);
     ``decode`` gets the decode kernel. ``stats`` (after a run): function -> (fused, refused)."""
 
-    def __init__(self, functions: tuple[str, ...] | None = None):
+    def __init__(self, functions: tuple[str, ...] | None = None, ring: bool = False):
         self.functions = functions
+        self.ring = ring  # the window layers' caches as rings (ring_kernel: CPU targets)
         self.stats: dict = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -442,8 +611,11 @@ class FuseAttention:
             if self.functions is not None and gv.name_hint not in self.functions:
                 continue
             new, fused, refused = func, 0, []
+            rings = _Rings(func) if self.ring and KV_WINDOW_ATTR in (func.attrs or {}) else None
             for merged_heads in (True, False):  # the longer pattern first
-                fuser = _Fuser(gv.name_hint == DECODE, builder, kernels, merged_heads)
+                fuser = _Fuser(gv.name_hint == DECODE, builder, kernels, merged_heads, rings)
+                if rings is not None:
+                    rings.var2val = relax.analysis.get_var2val(new)
                 new = rewrite_call(fuser.pattern, fuser, new)
                 fused += fuser.fused
                 refused += fuser.refused
@@ -456,6 +628,8 @@ class FuseAttention:
                             "the in-place KV cache (no cache view, or an extra op such as "
                             "soft-capping): left unfused", gv.name_hint, left)
             self.stats[gv.name_hint] = (fused, left)
+            if rings is not None and rings.vars:
+                new = rings.swap(new, gv.name_hint)
             if fused:
                 updates[gv] = new
         if not updates:

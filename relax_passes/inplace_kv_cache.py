@@ -29,6 +29,12 @@ where ``caches`` are in the order of the past inputs they replace (``tvm_lite.kv
 ``past_len`` gives the write offset. ``kv_write`` asserts ``past_seq + seq <= cache_len`` before it
 writes, so an overlong call fails with an error instead of writing past the buffer.
 
+With ``windows`` (one sliding window per layer, 0 for a global layer) the decoders also carry
+``tvm_lite.kv_windows``: each cache's window, in the order of the cache names (the layer of a cache
+is the number in its name, ``past_key_values.<layer>.key``, else its position // 2). The caches
+stay full length here; ``FuseAttention`` turns a window layer's cache into a ring of ``window``
+rows where its attention becomes the ring kernel (CPU).
+
 The pass refuses a model whose past inputs are not used exactly this way (e.g. a sliding window that
 slices the past first), naming the input; ``tvm_lite.build(..., kv_cache="copy")`` keeps the
 exported past/present interface for those.
@@ -36,13 +42,15 @@ exported past/present interface for those.
 
 from __future__ import annotations
 
+import re
+
 import tvm
 import tvm_ffi
 from tvm import relax, tirx
 from tvm.script import from_source
 from tvm_lite.errors import UserError
 
-from ..convention import KV_CACHE_ATTR
+from ..convention import KV_CACHE_ATTR, KV_WINDOW_ATTR
 
 
 @tvm_ffi.register_error  # keeps its type when raised inside the pass pipeline
@@ -219,8 +227,9 @@ class InplaceKVCache:
     given to ``tvm_lite.build``); a pattern it cannot rewrite is an error either way.
     """
 
-    def __init__(self, required: bool = True):
+    def __init__(self, required: bool = True, windows=None):
         self.required = required
+        self.windows = tuple(windows or ())
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         try:
@@ -296,9 +305,24 @@ class InplaceKVCache:
             "tvm_lite.output_names": kept_names,
             KV_CACHE_ATTR: kv_names,
         })
+        if any(self.windows):
+            new_func = new_func.with_attr(KV_WINDOW_ATTR, _cache_windows(kv_names, self.windows))
         out = rewriter.builder_.get()
         out["main"] = new_func
         return out
+
+
+def _cache_windows(names: list, windows: tuple) -> list:
+    """The window of each cache (module doc: its layer from its name, else its position)."""
+    out = []
+    for i, name in enumerate(names):
+        found = re.search(r"\.(\d+)\.", name)
+        layer = int(found.group(1)) if found else i // 2
+        if layer >= len(windows):
+            raise KVCacheRewriteError(f"kv_windows gives {len(windows)} layers; cache '{name}' "
+                                      f"is layer {layer}")
+        out.append(int(windows[layer]))
+    return out
 
 
 def _keep_outputs(body: relax.SeqExpr, keep: list) -> relax.SeqExpr:

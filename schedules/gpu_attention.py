@@ -47,7 +47,7 @@ def _params(func) -> dict:
                 (bool(v) if k in ("mask_heads", "mask_rows", "decode", "merged_heads",
                                   "kv_squeezed") else
                  float(v) if k in ("scale", "softcap") else
-                 int(v) if k in ("heads", "kv_heads", "head_dim") else str(v)))
+                 int(v) if k in ("heads", "kv_heads", "head_dim", "window") else str(v)))
             for k, v in raw.items()}
 
 
@@ -133,11 +133,9 @@ class Attention(dl.ScheduleRule):
         p = _params(func)
         tile = TILES[profile]
         max_threads = int(target.attrs.get("max_num_threads", 256))
-        if p.get("softcap"):  # logit soft-capping (Gemma 2): only the per-head kernels take it
-            if not p["decode"]:
-                return None  # the tiled prefill kernels have no soft-cap yet: DLight's rules
-            kernel = decode_kernel(p, tile, max_threads)
-        elif p["decode"]:  # flash-decoding: schedules/gpu_attention_decode.py
+        if p.get("window"):  # a ring cache's kernel (CPU only: FuseAttention(ring=True))
+            return None
+        if p["decode"]:  # flash-decoding: schedules/gpu_attention_decode.py
             kernel = split_decode_kernel(p, fit_to_target(gpu_profile(profile), target),
                                          max_threads)
         else:

@@ -32,7 +32,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import from_source
 
-from ..relax_passes.fuse_attention import kernel_source, kv_index, mask_index, out_index, signature
+from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index,
+                                           scaled_score, signature)
 from .profiles import GPUProfile
 
 # threads of a split workgroup per profile (multiples of head_dim / vector lanes are taken)
@@ -151,7 +152,7 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int) -> tirx.PrimFu
                             for c in {u(DV)}({DV}):
                                 t[0] = t[0] + sp[{pair_key} * {stride} + c * {G} + {pair_head}]
                             ss[i * {TH} + tx] = T.if_then_else(
-                                base + {pair_key} < end, t[0] + {f32}({pair_mask}),
+                                base + {pair_key} < end, {scaled_score(p, "t[0]", pair_mask)},
                                 -T.infinity("float32"))
                     T.tvm_storage_sync("shared")
                     for r in {u(R)}({R}):

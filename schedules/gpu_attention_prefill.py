@@ -52,7 +52,8 @@ from tvm.script import from_source
 from tvm.script import tirx as T
 
 from . import cuda_mma as mma
-from ..relax_passes.fuse_attention import kernel_source, kv_index, mask_index, out_index, signature
+from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index, score,
+                                           signature)
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN = 'T.min_value("float32")'
@@ -211,7 +212,7 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int) -> t
                                     {f32}(ks[{key_in} * {DP} + d])
                             ss[tx // {lanes}, {key_in}] = T.if_then_else(
                                 kb * {keys} + {key_in} < m and {me["pos"]} < n,
-                                st[2] * {f32}({p["scale"]!r}) + {f32}({mask}), {MIN})
+                                {score(p, "st[2]", mask)}, {MIN})
                     T.tvm_storage_sync("shared")
                     st[2] = st[0]
                     for j in range({keys}):
@@ -381,7 +382,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                         for c in T.unroll(4):
                             s[nt * 4 + c] = T.if_then_else(
                                 {key} < m and {rc["row"]} < n * {G},
-                                s[nt * 4 + c] * {f32}({p["scale"]!r}) + {f32}({mask}), {MIN})
+                                {score(p, "s[nt * 4 + c]", mask)}, {MIN})
                     for hr in T.unroll(2):
                         st[4] = st[hr]
                         for nt in T.unroll({NT}):

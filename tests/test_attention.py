@@ -122,6 +122,42 @@ def test_reference_kernel_matches_numpy(heads, kv, d, n, past, pad, dtype, merge
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+def test_ring_kernel_matches_numpy_over_chunks_past_the_window():
+    """The ring kernel of a sliding-window layer (a cache of ``window`` rows written at position
+    mod window) against numpy attention over the whole history with the window mask: a prefill
+    longer than the window, chunks shorter and longer than it, decode steps far past it. The ring
+    is the kernel's only memory of the past, carried from call to call."""
+    from tvm_lite.relax_passes.fuse_attention import ring_kernel
+
+    heads, kv, d, window, scale = 4, 2, 16, 5, 0.25
+    rng = np.random.default_rng(0)
+    keys, values = (rng.standard_normal((64, kv, d)).astype("float32") for _ in range(2))
+    ring = [tvm.runtime.tensor(np.zeros((window, kv, d), "float32")) for _ in range(2)]
+    compiled = {}
+    past = 0
+    for n in (7, 1, 3, 9, 1, 1, 1, 2, 1, 1, 1, 1):
+        p = attention_params(heads, kv, d, "float32", scale, "float32", False, True, n == 1,
+                             window=window)
+        if (n == 1) not in compiled:
+            compiled[n == 1] = tvm.compile(tvm.IRModule(
+                {"main": ring_kernel(p).with_attr("global_symbol", "main")}), "llvm")
+        q = rng.standard_normal((1, heads, n, d)).astype("float32")
+        qpos, kpos = past + np.arange(n)[:, None], np.arange(past + n)[None]
+        mask = np.where((kpos <= qpos) & (kpos > qpos - window), 0, -1e9).astype("float32")
+        new_k, new_v = (a[past:past + n].transpose(1, 0, 2)[None].copy() for a in (keys, values))
+        out = tvm.runtime.empty((1, heads, n, d), "float32")
+        compiled[n == 1]["main"](tvm.runtime.tensor(q), *ring, tvm.runtime.tensor(new_k),
+                                 tvm.runtime.tensor(new_v), tvm.runtime.tensor(mask[None, None]),
+                                 out)
+        want = reference_numpy(q, keys[:past + n], values[:past + n], mask[None, None], scale,
+                               heads // kv)
+        np.testing.assert_allclose(out.numpy(), want, atol=1e-5, err_msg=f"n={n} past={past}")
+        past += n
+        filled = np.arange(max(0, past - window), past)  # the ring holds the last window rows
+        np.testing.assert_array_equal(ring[0].numpy()[filled % window], keys[filled])
+    assert past > 4 * window
+
+
 # -- GPU kernels: compile for every profile, OpenCL C checked by clang -----------------------------
 def _gpu_kernel(p, target):
     t = tvm_lite.parse_target(target)
@@ -135,9 +171,14 @@ def test_gpu_kernels_compile(profile, tmp_path):
     sources = []
     for d, kv, dtype in ((64, 3, "float16"), (256, 1, "float32")):
         for decode in (False, True):
+            # soft-capped scores (Gemma 2) in the fp16 prefill (tensor cores on CUDA) and the
+            # fp32 decode kernel
+            cap = 30.0 if decode == (kv == 1) else 0.0
             p = attention_params(9 if kv == 3 else 8, kv, d, dtype, 0.125, dtype, False,
-                                 not decode, decode, merged_heads=decode, kv_squeezed=kv == 1)
+                                 not decode, decode, merged_heads=decode, kv_squeezed=kv == 1,
+                                 softcap=cap)
             func, t = _gpu_kernel(p, GPU_TARGETS[profile])
+            assert ("tanh" in func.script()) == bool(cap)
             ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
                              target=t)
             if t.kind.name == "opencl":
@@ -421,17 +462,18 @@ def test_split_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
     rng = np.random.default_rng(2)
     cuda = tvm_lite.parse_target("cuda -arch=sm_90")
     t = tvm_lite.parse_target(GPU_TARGETS[profile])
-    for heads, kv, d, m, pad in EMULATED:
+    for i, (heads, kv, d, m, pad) in enumerate(EMULATED):
+        cap = 1.5 if i % 2 else 0.0  # soft-capped scores (Gemma 2) in every other case
         q, k, v, mask = _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad)
         p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
-                             merged_heads=True, kv_squeezed=kv == 1)
+                             merged_heads=True, kv_squeezed=kv == 1, softcap=cap)
         func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
         ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
                          target=cuda)
         prof = fit_to_target(gpu_profile(profile), t)
         got = run_decode_attention(tvm_lite.device_source(ex, "cuda"),
                                    plan(p, prof, prof.max_threads), q, k, v, mask, tmp_path)
-        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv, softcap=cap)
         np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
                                    rtol=1e-5, atol=1e-5)
 

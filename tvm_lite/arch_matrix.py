@@ -10,6 +10,8 @@ An E0M4 (RTN, g32) build of the same export must run too.
     python -m tvm_lite.arch_matrix [--archs llama,gemma2] [--exporters dynamo,torchscript]
 
 prints the table the README shows. ``tests/test_architectures.py`` runs the same checks.
+``--memory`` measures the KV caches of a Gemma-3-1B-like model's builds (ring, full length,
+past/present) at 8192 tokens; ``--bench`` times CPU decode of a window model with each cache.
 """
 
 from __future__ import annotations
@@ -201,45 +203,100 @@ def check(arch: str, exporter: str, quant: bool = True) -> Result:
     return res
 
 
-# Gemma-3-1B's attention: 26 layers, 1 kv head of 256, window 512, five local layers to one global
-GEMMA3_1B = dict(num_layers=26, kv_heads=1, head_dim=256, window=512, global_every=6)
+# Gemma-3-1B's KV-cache shapes: 26 layers, 4 query heads and 1 kv head of 256, window 512, five
+# local layers to one global; a small hidden size, FFN and vocabulary (the caches do not depend on
+# them), random weights
+GEMMA3_1B_KV = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=26,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                    sliding_window=512, max_position_embeddings=8192,
+                    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 4
+                    + ["sliding_attention"] * 2,
+                    query_pre_attn_scalar=256, rope_local_base_freq=10000.0,
+                    tie_word_embeddings=False)
+# the KV-cache layouts compared: label -> compile_model options
+CACHE_LAYOUTS = {
+    "past/present (exported interface, `kv_cache='copy'`)": dict(kv_cache="copy"),
+    "in place, full length, window in the mask (`kv_windows=()`)": dict(kv_windows=()),
+    "in place, ring of `window` rows on local layers (default)": {},
+}
 
 
-def window_cache_bytes(context: int, layout: str, num_layers: int, kv_heads: int, head_dim: int,
-                       window: int, global_every: int, itemsize: int = 2) -> int:
-    """KV bytes a session holds at ``context`` tokens (fp16 by default), by cache layout:
+def measure_window_caches(context: int = 8192) -> dict[str, int]:
+    """KV bytes each layout of the Gemma-3-1B-like model holds at ``context`` tokens, measured on
+    real builds: in place, the caches a session allocates for ``max_context = context``; past/
+    present, the pasts of ``context - 1`` tokens given to one decode step plus the presents it
+    returns (both alive during the step)."""
+    import tvm
 
-    ``full``     the in-place cache tvm_lite builds: every layer ``context`` rows (the window is
-                 applied in the mask), one instance;
-    ``copy``     the exported past/present interface: the same rows, twice alive during a step;
-    ``ring``     window layers ``min(context, window)`` rows, global layers ``context`` rows
-                 (a ring cache, written at position mod window: not built yet)."""
-    row = 2 * kv_heads * head_dim * itemsize  # K and V of one position in one layer
-    n_global = num_layers // global_every
-    if layout == "full":
-        return num_layers * context * row
-    if layout == "copy":
-        return 2 * num_layers * context * row
-    if layout == "ring":
-        return (n_global * context + (num_layers - n_global) * min(context, window)) * row
-    raise ValueError(f"layout {layout!r}: expected full, copy or ring")
+    from .artifact import compile_model
+    from .engine import Engine
+    from .export import export_onnx
+
+    onnx = export_onnx(_hf_folder_for("gemma3_text", GEMMA3_1B_KV), progress=lambda _: None)
+    out = {}
+    for label, options in CACHE_LAYOUTS.items():
+        engine = Engine(compile_model(onnx, "llvm", progress=lambda *_: None, **options),
+                        max_context=context)
+        session = engine.new_session()
+        if engine.runner.inplace:
+            out[label] = sum(t.numpy().nbytes for t in session.past)
+            continue
+        rng = np.random.default_rng(0)
+        shape = (1, GEMMA3_1B_KV["num_key_value_heads"], context - 1, GEMMA3_1B_KV["head_dim"])
+        session.past = [tvm.runtime.tensor(rng.standard_normal(shape).astype("float32"))
+                        for _ in range(2 * GEMMA3_1B_KV["num_hidden_layers"])]
+        session.length = context - 1
+        pasts = sum(int(np.prod(t.shape)) * 4 for t in session.past)
+        engine.forward(session, [5])
+        out[label] = pasts + sum(int(np.prod(t.shape)) * 4 for t in session.past)
+    return out
 
 
 def memory_table(context: int = 8192) -> str:
-    lines = [f"| Gemma-3-1B-like KV cache at {context} tokens (fp16) | MB | vs full |", "|---|---|---|"]
-    full = window_cache_bytes(context, "full", **GEMMA3_1B)
-    for layout, label in (("copy", "past/present (exported interface, `kv_cache='copy'`)"),
-                          ("full", "in place, full length, window in the mask (built)"),
-                          ("ring", "in place, ring of `window` rows on local layers (not built)")):
-        b = window_cache_bytes(context, layout, **GEMMA3_1B)
-        lines.append(f"| {label} | {b / 1e6:.1f} | {b / full:.2f}x |")
+    measured = measure_window_caches(context)
+    full = measured["in place, full length, window in the mask (`kv_windows=()`)"]
+    lines = [f"| Gemma-3-1B-like KV cache at {context} tokens (fp32, measured) | MB | vs full |",
+             "|---|---|---|"]
+    lines += [f"| {label} | {b / 1e6:.1f} | {b / full:.2f}x |" for label, b in measured.items()]
     return "\n".join(lines)
 
 
+def _kernel_ms(engine, session, token: int, steps: int) -> dict:
+    """Milliseconds per decode step of each VM call (kernels and builtins; the entry functions
+    include the calls they make), timed around each call by a VM instrument (CPU kernels are
+    synchronous)."""
+    spent, start = {}, {}
+
+    def instrument(_func, name, before_run, _ret, *_args):
+        if before_run:
+            start[name] = time.perf_counter()
+        elif name in start:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start.pop(name)
+        return 0  # run the call as usual
+
+    engine.vm.set_instrument(instrument)
+    try:
+        for _ in range(steps):
+            token = engine.decode_greedy(session, token)
+    finally:
+        engine.vm.set_instrument(lambda *_: 0)
+    return {k: v / steps * 1e3 for k, v in spent.items()}
+
+
+def _attention_ms(engine, session, token: int, steps: int) -> float:
+    """Milliseconds per decode step in the fused attention kernels (every layer)."""
+    return sum(v for k, v in _kernel_ms(engine, session, token, steps).items()
+               if k.startswith("attention"))
+
+
 def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16,
-                        repeats: int = 3) -> str:
-    """CPU decode tok/s of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each
-    context, next to the same model without a window; builds interleaved, median of repeats."""
+                        repeats: int = 5) -> str:
+    """CPU decode of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each
+    context: ring caches (the default), full-length caches with the window in the mask, and the
+    same model without a window; engines interleaved in one process, medians of ``repeats``.
+    Three tables: decode tok/s (and the ring's as a ratio to the others'), the time per step in
+    the attention kernels, and the ring model's slowest calls per step (instrumented runs after
+    the timed ones)."""
     import statistics
 
     from .artifact import compile_model
@@ -247,20 +304,27 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
     from .export import export_onnx
 
     engines = {}
-    for label, win in (("window", window), ("no window", None)):
+    for label, win, options in (("ring", window, {}), ("full-length + mask", window,
+                                                        dict(kv_windows=())),
+                                ("no window", None, {})):
         kwargs = dict(_COMMON, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                       num_key_value_heads=2, max_position_embeddings=max(contexts) + 64,
                       sliding_window=win)
         folder = _hf_folder_for("mistral", kwargs)
         art = compile_model(export_onnx(folder, progress=lambda _: None), "llvm",
-                            progress=lambda *_: None)
+                            progress=lambda *_: None, **options)
         engines[label] = Engine(art)
-    rows = ["| context | " + " | ".join(f"{k} decode tok/s" for k in engines) + " |",
-            "|---|" + "---|" * len(engines)]
+    speed = ["| context | " + " | ".join(f"{k} tok/s" for k in engines)
+             + " | ring / full-length | ring / no window |", "|---|" + "---|" * (len(engines) + 2)]
+    attention = ["| context | " + " | ".join(f"{k}: attention ms/step" for k in engines) + " |",
+                 "|---|" + "---|" * len(engines)]
+    profile = ["| context | ring model: slowest VM calls, ms/step (entry functions include their "
+               "calls) |", "|---|---|"]
     rng = np.random.default_rng(0)
     for ctx in contexts:
         prompt = rng.integers(3, VOCAB, ctx).tolist()
         times: dict = {k: [] for k in engines}
+        attn: dict = {k: [] for k in engines}
         for _ in range(repeats):
             for label, engine in engines.items():  # interleaved
                 session = engine.new_session()
@@ -269,9 +333,20 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
                 for _ in range(steps):
                     token = engine.decode_greedy(session, token)
                 times[label].append(steps / (time.perf_counter() - start))
-        rows.append(f"| {ctx} | " + " | ".join(f"{statistics.median(t):.0f}" for t in times.values())
-                    + " |")
-    return "\n".join(rows)
+                attn[label].append(_attention_ms(engine, session, token, steps))
+        med = {k: statistics.median(t) for k, t in times.items()}
+        speed.append(f"| {ctx} | " + " | ".join(f"{v:.0f}" for v in med.values())
+                     + f" | {med['ring'] / med['full-length + mask']:.2f} | "
+                     f"{med['ring'] / med['no window']:.2f} |")
+        attention.append(f"| {ctx} | " + " | ".join(f"{statistics.median(t):.3f}"
+                                                    for t in attn.values()) + " |")
+        # where the ring model's decode step goes at this context: its slowest calls
+        engine_ring = engines["ring"]
+        session = engine_ring.new_session()
+        token = int(engine_ring.prefill_greedy(session, prompt))
+        top = sorted(_kernel_ms(engine_ring, session, token, steps).items(), key=lambda kv: -kv[1])
+        profile.append(f"| {ctx} | " + ", ".join(f"{k} {v:.2f}" for k, v in top[:10]) + " |")
+    return "\n".join(speed) + "\n\n" + "\n".join(attention) + "\n\n" + "\n".join(profile)
 
 
 def bench_moe_forms(steps: int = 16, repeats: int = 5) -> str:
@@ -320,7 +395,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-quant", action="store_true", help="skip the E0M4 builds")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory", action="store_true",
-                        help="print the window-cache memory table (Gemma-3-1B-like, 8k) and stop")
+                        help="measure the window-cache memory of three builds "
+                             "(Gemma-3-1B-like, 8k) and stop")
     parser.add_argument("--bench", action="store_true",
                         help="CPU decode tok/s of a window model at contexts 512 and 4096, and stop")
     parser.add_argument("--bench-moe", action="store_true",

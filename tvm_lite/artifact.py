@@ -26,7 +26,7 @@ from .checks import check_module_weights
 from .convention import (INPUT_NAMES_ATTR, KV_AUTO, KV_COPY, KV_INPLACE, MAIN, OUTPUT_NAMES_ATTR,
                          PARAM_NAMES_ATTR)
 from .errors import UserError
-from .export import MODEL_JSON, cache_dir, cache_lock
+from .export import MODEL_JSON, cache_dir, cache_lock, export_windows
 from .options import BuildOptions
 from .tuning_db import check_database, database_digest
 
@@ -163,8 +163,13 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     if opts.tuning_db is not None:
         opts = opts.replace(tuning_db=check_database(opts.tuning_db), decode_function=True)
     inplace = opts.kv_cache == KV_INPLACE
+    if opts.kv_windows is None:  # the sliding-window layers' ring caches, from the export
+        opts = opts.replace(kv_windows=tuple(export_windows(onnx_path.parent)))
     options: dict = {"kv_cache": opts.kv_cache, "memory_plan": opts.memory_plan,
                      "fused_attention": bool(opts.fused_attention and inplace)}
+    if inplace and opts.fused_attention and any(opts.kv_windows) and "cpu" in tgt.keys:
+        # (absent: no ring caches; a GPU build keeps full-length caches)
+        options["kv_windows"] = list(opts.kv_windows)
     if opts.stock:
         options["pipeline"] = opts.pipeline
     if not opts.fusion:

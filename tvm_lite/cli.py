@@ -178,7 +178,9 @@ def cmd_memory(args):
         engine.forward(session, [43])
         steps.append({"engine": f"kv={kv}, plan={plan}", "allocations per decode step":
                       counter.allocations, "VM calls": sum(counter.calls.values()),
-                      "shape-builtin ms per decode step": counter.shape_seconds * 1e3})
+                      "shape-builtin ms per decode step": counter.shape_seconds * 1e3,
+                      # the session's KV caches (ring caches of sliding-window layers: window rows)
+                      f"KV MB at {args.bound} tokens": engine.kv_cache_bytes(args.bound) / 1e6})
     print(format_table(steps, list(steps[0])))
     # padding: host shape work and distinct shapes over prompts of many lengths
     folder_artifact = compile_model(folder, "llvm", progress=_log)

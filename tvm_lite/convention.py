@@ -69,6 +69,7 @@ INPUTS = ("input_ids", "attention_mask", "position_ids")  # the exported decoder
 
 # -- function attributes ------------------------------------------------------------------------
 KV_CACHE_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
+KV_WINDOW_ATTR = "tvm_lite.kv_windows"  # the sliding window of each cache (0: none), same order
 INPUT_NAMES_ATTR = "tvm_lite.input_names"
 OUTPUT_NAMES_ATTR = "tvm_lite.output_names"
 PARAM_NAMES_ATTR = "tvm_lite.param_names"

@@ -174,6 +174,10 @@ class Engine:
         if self.buckets and self.prefill_chunk > self.buckets[-1]:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} exceeds the largest bucket "
                              f"{self.buckets[-1]}")
+        if inplace and self.runner.has_rings:
+            # a ring cache keeps a call's last rows, so padding rows after the real ones would
+            # overwrite real ones: calls are not padded (the CPU kernels take any token count)
+            self.buckets = ()
         self.runner.allocate(self.max_context, self.prefill_chunk)
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
         self.last: GenerationResult | None = None  # the last stream's / generate's result
@@ -294,7 +298,8 @@ class Engine:
         In place, one new token runs ``decode``; more run ``prefill``, padded up to a bucket: the
         padding sits after the real tokens with attention mask 0, so causal attention keeps it
         out of every real position, and its K/V rows (past the session's length) are overwritten
-        by the next tokens."""
+        by the next tokens. (A model with ring caches is not padded: a ring keeps a call's last
+        rows.)"""
         ids = np.asarray(ids, dtype="int64").reshape(1, -1)
         n = ids.shape[1]
         self._check_room(session, n)

@@ -201,6 +201,36 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
+def sliding_windows(cfg) -> list[int]:
+    """The sliding window of each layer of a transformers config (0: a global layer): its
+    ``sliding_window`` on the layers ``layer_types`` calls "sliding_attention", on every layer
+    when the config has no ``layer_types``. What a build's ring caches hold (``kv_windows``)."""
+    window = getattr(cfg, "sliding_window", None) or 0
+    layers = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    if not window:
+        return [0] * layers
+    if types is None:
+        return [int(window)] * layers
+    return [int(window) if t == "sliding_attention" else 0 for t in types[:layers]]
+
+
+def export_windows(folder: Path) -> list[int]:
+    """The per-layer windows an export records (``tvm_lite_model.json``), or, for an export made
+    before they were recorded, those of the Hugging Face config it was made from; [] if neither
+    is there."""
+    meta_path = Path(folder) / MODEL_JSON
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if "sliding_windows" in meta:
+        return [int(w) for w in meta["sliding_windows"]]
+    config = Path(str(meta.get("source", ""))) / "config.json"
+    if not meta.get("source") or not config.is_file():
+        return []
+    from transformers import AutoConfig
+
+    return sliding_windows(AutoConfig.from_pretrained(str(config.parent)))
+
+
 def _kv_shape(cfg):
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -326,6 +356,7 @@ def _export(src: Path, out_dir: Path, exporter: str, dtype: str, progress,
             "num_layers": layers,
             "num_kv_heads": kv_heads,
             "head_dim": head_dim,
+            "sliding_windows": sliding_windows(cfg),
             "vocab_size": cfg.vocab_size,
             "max_context": int(getattr(cfg, "max_position_embeddings", 2048)),
             "bos_token_id": cfg.bos_token_id,

@@ -39,6 +39,10 @@ class BuildOptions:
     tvm_lite's schedules where they measured faster.
     ``decode_function``: give a past/present decoder a ``decode`` function too (``main`` with one
     token); default: on with a tuning database.
+    ``kv_windows``: the sliding window of each layer (0 for a global layer) whose in-place cache
+    is a ring of ``window`` rows (``relax_passes/fuse_attention.py: ring_kernel``; CPU targets; a
+    GPU build keeps full-length caches with the window in the mask); ``()``: no ring caches;
+    None (default): ``compile_model`` takes them from the export (``tvm_lite_model.json``).
     ``pipeline``: ``"tvm_lite"``, or ``"stock"``: TVM's default pipeline (the benchmarks'
     baseline; past/present KV, TVM's memory plan; the other options do not apply).
     """
@@ -50,6 +54,7 @@ class BuildOptions:
     quant: object = None
     tuning_db: str | Path | None = None
     decode_function: bool | None = None
+    kv_windows: tuple | None = None
     pipeline: str = "tvm_lite"
 
     def __post_init__(self):
@@ -58,6 +63,12 @@ class BuildOptions:
                                      ("pipeline", self.pipeline, PIPELINES)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+        if self.kv_windows is not None:
+            windows = tuple(self.kv_windows)
+            if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows):
+                raise ValueError(f"kv_windows={self.kv_windows!r}: expected one window per layer, "
+                                 "each an int >= 0 (0: a global layer)")
+            object.__setattr__(self, "kv_windows", windows)
 
     @classmethod
     def of(cls, options: "BuildOptions | None" = None, **overrides) -> "BuildOptions":

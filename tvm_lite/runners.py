@@ -158,14 +158,26 @@ class InPlace(Runner):
         self._step_tuples: list = []
 
     # -- buffers --------------------------------------------------------------------------------
+    def cache_rows(self, max_context: int) -> list[int]:
+        """The rows of each cache: a ring cache's window (``_metadata``'s ``kv_caches.rows``),
+        else ``max_context``."""
+        rows = self.convention.get("kv_caches", {}).get("rows") or [None] * (2 * self.num_layers)
+        return [max_context if r is None else int(r) for r in rows]
+
+    @property
+    def has_rings(self) -> bool:
+        """Whether any cache is a ring (a sliding-window layer's)."""
+        return any(r is not None for r in self.convention.get("kv_caches", {}).get("rows") or ())
+
     def workspace_bytes(self, function: str, tokens: int, past: int) -> list[int]:
         """The planned bytes of each workspace buffer of ``function`` for a call with ``tokens``
         new tokens after ``past`` cached ones (computed by the compiled model itself)."""
         size_of = self.vm[cv.workspace_bytes(function)]
         ids = tvm.runtime.empty((1, tokens), "int64", self.dev)
         mask = tvm.runtime.empty((1, past + tokens), "int64", self.dev)
-        empty = [tvm.runtime.empty((0, self.kv_heads, self.head_dim), self.kv_dtype, self.dev)
-                 for _ in range(2 * self.num_layers)]  # only their shapes' types are checked
+        # only their shapes' types are checked: no rows, a ring cache's static rows
+        empty = [tvm.runtime.empty((rows, self.kv_heads, self.head_dim), self.kv_dtype, self.dev)
+                 for rows in self.cache_rows(0)]
         return self.link.read_shape(size_of(ids, mask, ids, self.link.make_shape([past]), *empty))
 
     def allocate(self, max_context: int, prefill_chunk: int) -> None:
@@ -189,10 +201,10 @@ class InPlace(Runner):
         self.workspace = {name: self._buffers[:len(v)] for name, v in need.items()}
 
     def new_past(self, max_context: int) -> list:
-        """The one allocation of a session's KV memory."""
-        shape = (max_context, self.kv_heads, self.head_dim)
-        return [tvm.runtime.empty(shape, self.kv_dtype, self.dev)
-                for _ in range(2 * self.num_layers)]
+        """The one allocation of a session's KV memory: ``max_context`` rows per cache, a
+        sliding-window layer's ring ``window`` rows."""
+        return [tvm.runtime.empty((rows, self.kv_heads, self.head_dim), self.kv_dtype, self.dev)
+                for rows in self.cache_rows(max_context)]
 
     # -- calls ----------------------------------------------------------------------------------
     def call(self, session, function: str, inputs: list) -> tuple[str, list]:
@@ -215,7 +227,8 @@ class InPlace(Runner):
         return [session.past_tuple, *self._step_tuples]
 
     def kv_cache_bytes(self, context: int) -> int:
-        return self.kv_row_bytes() * context
+        """What :meth:`new_past` allocates for ``context`` rows (ring caches: their window)."""
+        return self.kv_row_bytes() // (2 * self.num_layers) * sum(self.cache_rows(context))
 
 
 class RemoteInPlace(InPlace):
