@@ -14,6 +14,7 @@ import pytest
 
 import tvm_lite
 from tvm_lite.profile import kernel_launches
+from tvm_lite.relax_passes import MergeSharedInputProjections
 
 LAYERS = 30  # SmolLM2-135M
 # the decode step of the fp32 Adreno build today: 18 kernels per layer + 13 per step
@@ -26,6 +27,7 @@ TARGET = 8 * LAYERS + 6  # issue 17's target
 @pytest.fixture(scope="module")
 def adreno_decode(export_dir):
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+    mod = MergeSharedInputProjections()(mod)  # as compile_model does (q/k/v and gate/up merged)
     mod = tvm_lite.detach_params(mod)[0]
     ex = tvm_lite.build(mod, "opencl -device=adreno")
     return functools.partial(kernel_launches, ex)

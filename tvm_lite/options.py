@@ -39,6 +39,9 @@ class BuildOptions:
     tvm_lite's schedules where they measured faster.
     ``decode_function``: give a past/present decoder a ``decode`` function too (``main`` with one
     token); default: on with a tuning database.
+    ``merge_projections``: projections that read the same activation (q/k/v, gate/up) become one
+    wider matmul (``relax_passes/merge_shared_input_projections.py``; ``compile_model`` applies
+    it to the imported module, after quantization); False keeps one matmul per weight.
     ``pipeline``: ``"tvm_lite"``, or ``"stock"``: TVM's default pipeline (the benchmarks'
     baseline; past/present KV, TVM's memory plan; the other options do not apply).
     """
@@ -50,6 +53,7 @@ class BuildOptions:
     quant: object = None
     tuning_db: str | Path | None = None
     decode_function: bool | None = None
+    merge_projections: bool = True
     pipeline: str = "tvm_lite"
 
     def __post_init__(self):
