@@ -95,8 +95,22 @@ def test_gemv_plan_splits_k_until_the_device_is_busy():
     odd = rule.plan(192, 576, 2)  # 18 groups of 32: 6 or 9 threads along K, not a power of 2
     assert 192 % (odd["vec"] * odd["tn"]) == 0
     assert odd["tk"] * odd["ks"] * odd["kg"] * odd["wpg"] * 4 == 576
-    kv = rule.plan(256, 2048, 2)  # a 2B k/v projection: one column tile, so K is split
-    assert kv["ks"] >= 8
+    # a 2B k/v projection (0.26 MB): one full-width column tile; narrower tiles give 8
+    # workgroups, whose predicted time beats a split plus a second kernel (profile's cost figures)
+    kv = rule.plan(256, 2048, 2)
+    assert kv["ks"] == 1 and 256 // (kv["vec"] * kv["tn"]) >= 8
+    assert kv["tn"] * kv["tk"] <= CUDA.gemv_threads_n * CUDA.gemv_threads_k
+
+
+def test_gemv_plan_is_one_kernel_where_a_second_does_not_pay():
+    for profile in (CUDA, ADRENO):
+        rule = GPUDecodeGEMV(profile)
+        # SmolLM2's merged q/k/v and its o projection, fp32 (Adreno's CI build) and 4-bit
+        for n, k, word, nbytes in ((960, 576, 4, 960 * 576 * 4), (576, 576, 4, 576 * 576 * 4),
+                                   (960, 576, 2, 960 * 144 * 2)):
+            plan = rule.plan(n, k, word, bytes_read=nbytes)
+            assert plan["ks"] == 1, (profile.name, n, k, plan)
+            assert plan["tn"] * plan["tk"] <= profile.max_threads
 
 
 # -- which functions the rules take --------------------------------------------------------------
@@ -210,8 +224,8 @@ def test_dequant_gemm_loads_the_weight_tile_dequantized():
 
 def test_split_k_gemv_is_two_kernels_and_fuses_nothing_wrong():
     target = parse_target(TARGETS["mali"])
-    func = kernel_func("e0m4", [1, 1], 16384, 2048)  # a 2B down projection: N is small
-    plan = GPUDecodeGEMV(MALI).plan(2048, 16384, 2, target)
+    func = kernel_func("e0m4", [1, 1], 16384, 64)  # N is small: 4 workgroups in one pass
+    plan = GPUDecodeGEMV(MALI).plan(64, 16384, 2, target)
     src = _source(build(func, target, [GPUDecodeGEMV(MALI)]), "opencl")
     assert plan["ks"] > 1 and len(_kernel_names(src)) == 2  # partial sums + their sum
     assert "__local" in src  # Mali: the cross-thread sum goes through local memory
@@ -373,11 +387,11 @@ HALF2_CPU_CASES = [
     ("e0m4", 576, 192, 32, None, None),
     ("int4", 576, 192, 32, None, None),
     ("e0m4", 2048, 256, 32, None, None),
-    ("e0m4", 2048, 256, 32, None, {"ks": 1, "kg": 8}),
+    ("e0m4", 2048, 256, 32, None, {"ks": 1, "kg": 8, "tn": 32, "tk": 8}),
     ("int4", 1024, 512, 128, None, None),
-    ("e0m4", 1024, 512, 128, "residual", {"ks": 1, "kg": 1}),
+    ("e0m4", 1024, 512, 128, "residual", {"ks": 1, "kg": 1, "tn": 32, "tk": 8}),
     ("e0m4", 576, 1536, 32, "silu_gate", None),
-    ("e0m4", 576, 1536, 32, "residual", {"ks": 1, "kg": 3}),
+    ("e0m4", 576, 1536, 32, "residual", {"ks": 1, "kg": 3, "tn": 32, "tk": 6}),
 ]
 
 
