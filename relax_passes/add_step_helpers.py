@@ -99,7 +99,8 @@ def _argmax_kernel(vocab: int, dtype: str) -> tirx.PrimFunc:
     row = te.compute((vocab,), lambda k: logits[0, i, k], name="row")
     index = topi.argmax(row, axis=0, keepdims=True)
     token = te.compute((1,), lambda j: index[j].astype("int64"), name="token")
-    return te.create_prim_func([logits, i, token]).with_attr("op_pattern", 3)  # a reduction
+    func = te.create_prim_func([logits, i, token]).without_attr("global_symbol")
+    return func.with_attr("op_pattern", 3)  # a reduction (named by the caller: argmax)
 
 
 def add_greedy_token(bb, vocab: int, dtype: str) -> None:
