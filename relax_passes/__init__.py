@@ -14,6 +14,7 @@ from .fuse_attention import FuseAttention
 from .inline_step_calls import InlineStepCalls
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .legalize_grouped_reshape import LegalizeGroupedReshape
+from .merge_shared_input_projections import MergeSharedInputProjections
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
@@ -23,6 +24,7 @@ __all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBu
            "AttachMetadata",
            "BindDequantKernelShapes",
            "FuseAddRMSNorm", "FuseAttention",
-           "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache", "KVCacheRewriteError",
-           "LegalizeGroupedReshape", "NoKVCacheError",
+           "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
+           "KVCacheRewriteError", "LegalizeGroupedReshape", "MergeSharedInputProjections",
+           "NoKVCacheError",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

@@ -41,6 +41,38 @@ def static_shape(expr) -> list | None:
     return None
 
 
+def static_ints(expr) -> list[int] | None:
+    """A static tuple of ints (a Relax Tuple of PrimValues or a ShapeExpr), else None."""
+    items = expr.fields if isinstance(expr, relax.Tuple) else getattr(expr, "values", None)
+    if items is None:
+        return None
+    out = []
+    for v in items:
+        v = v if isinstance(v, tirx.IntImm) else getattr(v, "value", v)  # IntImm or PrimValue
+        if not isinstance(v, tirx.IntImm):
+            return None
+        out.append(int(v.value))
+    return out
+
+
+def last_axis_slice(expr) -> tuple | None:
+    """``(source, begin, end)`` if ``expr`` is ``strided_slice(source, axes=[-1], begin, end)``
+    with unit stride over a source whose last dim is static (a view of a merged projection:
+    ``relax_passes/merge_shared_input_projections.py``), else None."""
+    if not (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)
+            and expr.op.name == "relax.strided_slice"):
+        return None
+    src = expr.args[0]
+    shape = static_shape(src)
+    axes, begin, end = (static_ints(a) for a in expr.args[1:4])
+    strides = static_ints(expr.args[4]) if len(expr.args) > 4 else [1]
+    if shape is None or not isinstance(shape[-1], tirx.IntImm) or axes is None \
+            or [a % len(shape) for a in axes] != [len(shape) - 1] or begin is None or end is None \
+            or strides not in ([1], []):
+        return None
+    return src, begin[0], end[0]
+
+
 def dtype_of(expr) -> str:
     return str(expr.ty.dtype)
 

@@ -18,9 +18,10 @@ shapes (a Relax ``R.Prim`` argument binds no symbolic dim; an ``R.Shape`` does):
 
 ``step_inputs`` is what the engine builds on the host otherwise: mask 1 for the ``p`` cached and
 the ``r`` real new tokens and 0 for the ``m - r`` padding after them, positions ``p .. p + m - 1``.
-``greedy_token`` is ``argmax(logits[0, i])`` as two one-output reductions (the max, then the first
-index that holds it: numpy's tie-break), which the GPU reduction rules schedule; a two-output
-argmax reduction is not what DLight's rules match.
+``greedy_token`` is ``argmax(logits[0, i])`` as one reduction of (value, index) pairs whose
+combiner keeps the larger value and, on a tie, the smaller index (numpy's tie-break): one kernel
+on a GPU (``schedules/gpu_scalar_reduction.py`` binds it to one workgroup; TVM lowers the
+two-value cross-thread reduction), where a max followed by a first-index-of-max took two.
 
 ``AddStepEntries`` (VM-lowering phase) composes them with the decoders into ``prefill_step`` /
 ``decode_step``. Only modules with in-place decoders (the ``kv_attr`` attribute) get the helpers,
@@ -32,7 +33,7 @@ logits dtype come from the decoders' output.
 from __future__ import annotations
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax, te, tirx, topi
 
 from ..convention import GREEDY_TOKEN, KV_CACHE_ATTR, STEP_INPUTS, STEP_TOKEN_IDS
 
@@ -89,19 +90,28 @@ def add_inputs(bb) -> None:
         bb.emit_func_output(out)
 
 
+def _argmax_kernel(vocab: int, dtype: str) -> tirx.PrimFunc:
+    """``token[0]`` = the first index of the largest of ``logits[0, i, :]``: TOPI's argmax, one
+    reduction of (index, value) pairs (a combiner TVM's cross-thread reduction knows), reading
+    the row in place (no slice kernel before it)."""
+    n, i = tirx.Var("n", "int64"), tirx.Var("i", "int64")
+    logits = te.placeholder((1, n, vocab), dtype, name="logits")
+    row = te.compute((vocab,), lambda k: logits[0, i, k], name="row")
+    index = topi.argmax(row, axis=0, keepdims=True)
+    token = te.compute((1,), lambda j: index[j].astype("int64"), name="token")
+    func = te.create_prim_func([logits, i, token]).without_attr("global_symbol")
+    return func.with_attr("op_pattern", 3)  # a reduction (named by the caller: argmax)
+
+
 def add_greedy_token(bb, vocab: int, dtype: str) -> None:
     n = tirx.Var("n", "int64")
     logits = relax.Var("logits", relax.TensorType([1, n, vocab], dtype))
     row, (i,) = shape_param("row", ["i"])
     with bb.function(GREEDY_TOKEN, [logits, row], attrs={"global_symbol": GREEDY_TOKEN}):
         with bb.dataflow():
-            x = bb.emit(relax.op.strided_slice(logits, axes=[1], begin=[i], end=[i + 1]))
-            x = bb.emit(relax.op.reshape(x, [vocab]))
-            top = bb.emit(relax.op.max(x, axis=0, keepdims=True))
-            index = bb.emit(relax.op.arange(0, vocab, 1, "int64"))
-            where = bb.emit(relax.op.where(relax.op.equal(x, top), index,
-                                           relax.const(vocab, "int64")))
-            out = bb.emit_output(relax.op.min(where, axis=0, keepdims=True))
+            kernel = bb.add_func(_argmax_kernel(vocab, dtype), "argmax")
+            out = bb.emit_output(relax.call_tir(kernel, [logits, relax.prim_value(i)],
+                                                relax.TensorType([1], "int64")))
         bb.emit_func_output(out)
 
 

@@ -29,7 +29,7 @@ import tvm_ffi
 from tvm import relax, tirx
 from tvm.script import from_source
 
-from ._fusion import run_on_functions, static_shape
+from ._fusion import last_axis_slice, run_on_functions, static_shape
 
 INPLACE = "relax.call_tir_inplace"
 
@@ -48,10 +48,11 @@ def _dim(d) -> str:
 
 
 class _Source:
-    """Where a write's rows come from: ``y (1, n, H*D)`` under a head split, else ``x (1, H, n, D)``."""
+    """Where a write's rows come from: ``y (1, n, H*D)`` under a head split, else ``x (1, H, n, D)``;
+    ``y`` may be columns ``[offset, offset + H*D)`` of a merged q/k/v projection (read in place)."""
 
     def __init__(self, new, var2val):
-        self.expr, self.layout = new, "bhsd"
+        self.expr, self.layout, self.offset = new, "bhsd", 0
         x = var2val.get(new, new) if isinstance(new, relax.Var) else new
         if _op(x, "relax.permute_dims") and [int(a) for a in x.attrs.axes] == [0, 2, 1, 3]:
             inner = x.args[0]
@@ -63,11 +64,15 @@ class _Source:
                         and all(isinstance(d, tirx.IntImm) for d in (ys[2], xs[2], xs[3])) \
                         and int(ys[2]) == int(xs[2]) * int(xs[3]):
                     self.expr, self.layout = y, "bs(hd)"
+                    view = last_axis_slice(var2val.get(y, y) if isinstance(y, relax.Var) else y)
+                    if view is not None and view[2] - view[1] == int(ys[2]):
+                        self.expr, self.offset = view[0], view[1]
 
     def index(self, d_head: int, h: str, s: str, d: str) -> str:
         """Index text of row ``s``, head ``h``, column ``d``."""
         if self.layout == "bs(hd)":
-            return f"0, {s}, {h} * {d_head} + {d}"
+            return f"0, {s}, {self.offset} + {h} * {d_head} + {d}" if self.offset \
+                else f"0, {s}, {h} * {d_head} + {d}"
         return f"0, {h}, {s}, {d}"
 
 

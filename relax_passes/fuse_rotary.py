@@ -22,6 +22,7 @@ from tvm import relax, te, tirx
 from tvm.relax import dpl
 
 from ._fusion import INJECTIVE, dtype_of, placeholder, prim_func, run_on_functions, static_shape
+from ._fusion import static_ints as _ints
 
 
 def _pattern():
@@ -36,20 +37,6 @@ def _pattern():
 
 
 P = _pattern()
-
-
-def _ints(expr) -> list[int] | None:
-    """A static tuple of ints (a Relax Tuple of PrimValues or a ShapeExpr), else None."""
-    items = expr.fields if isinstance(expr, relax.Tuple) else getattr(expr, "values", None)
-    if items is None:
-        return None
-    out = []
-    for v in items:
-        v = v if isinstance(v, tirx.IntImm) else getattr(v, "value", v)  # IntImm or PrimValue
-        if not isinstance(v, tirx.IntImm):
-            return None
-        out.append(int(v.value))
-    return out
 
 
 def _half_slice(call, rank: int, begin: int, end: int) -> bool:

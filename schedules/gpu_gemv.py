@@ -56,6 +56,7 @@ from .profiles import GPUProfile, fit_to_target
 DEQUANT_BLOCK = "dequantize"
 CODES_PER_WORD = 4
 MAX_VECTOR_BITS = 128  # widest vector load: 16 bytes (uint4 / half8 / float4)
+MIN_THREADS_N = 4  # threads of a GEMV workgroup along N: 4 x 16-byte loads fill two 32-byte sectors
 
 
 def _int(e) -> int | None:
@@ -219,14 +220,21 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         self.profile = profile
         self.vector_lanes = profile.gemv_lanes
 
-    def plan(self, n: int, k: int, word_bytes: int = 2, target=None, group_size: int = 32) -> dict:
+    def plan(self, n: int, k: int, word_bytes: int = 2, target=None, group_size: int = 32,
+             bytes_read: int | None = None) -> dict:
         """Thread/split shape for an ``N x K`` GEMV.
 
         ``K`` is cut into ``ks`` workgroup splits x ``tk`` threads x ``kg`` groups x ``wpg``
-        packed words (one quantization group: its scale/zero is loaded once) x 4 codes."""
+        packed words (one quantization group: its scale/zero is loaded once) x 4 codes.
+
+        One kernel where a second does not pay: the workgroup keeps its thread count but gives
+        fewer threads to ``N`` (down to :data:`MIN_THREADS_N`) and more to ``K``, so narrower
+        column tiles make more workgroups. ``K`` is split over workgroups (partial sums, then a
+        second kernel that adds them) only when the time the one-pass grid loses to too few
+        workgroups, ``bytes / min(copy, tiles x workgroup GB/s)``, exceeds the profile's cost of
+        one more kernel. ``bytes_read``: the weight bytes (default: packed 4-bit words)."""
         p = fit_to_target(self.profile, target) if target is not None else self.profile
         vec = _power_of_two_divisor(n, max(1, p.vector_bytes // word_bytes))
-        tn = _power_of_two_divisor(n // vec, p.gemv_threads_n)
         if k % CODES_PER_WORD:
             raise MatchError(f"K={k} is not a multiple of {CODES_PER_WORD}")
         words = k // CODES_PER_WORD
@@ -234,19 +242,39 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         if words % wpg:
             wpg = 1
         groups = words // wpg
-        tk = _largest_divisor(groups, min(p.gemv_threads_k, max(1, p.max_threads // tn)))
+        threads = min(p.max_threads, p.gemv_threads_n * p.gemv_threads_k)
+        nbytes = bytes_read if bytes_read is not None else words * n * word_bytes
+
+        def seconds(workgroups: int, kernels: int) -> float:
+            gbps = min(p.copy_gbps, workgroups * p.gemv_workgroup_gbps)
+            return nbytes / (gbps * 1e3) + (kernels - 1) * p.launch_us  # in µs
+
+        def shape(tn: int, ks: int) -> dict:
+            tk = _largest_divisor(groups // ks, max(1, threads // tn))
+            return {"vec": vec, "tn": tn, "tk": tk, "ks": ks, "kg": groups // (tk * ks), "wpg": wpg}
+
+        tn = _power_of_two_divisor(n // vec, p.gemv_threads_n)
+        while n // (vec * tn) < p.gemv_min_workgroups and tn > MIN_THREADS_N and tn % 2 == 0:
+            tn //= 2  # narrower tiles, more of them
         tiles = n // (vec * tn)
+        best = shape(tn, 1)
+        if tiles >= p.gemv_min_workgroups:
+            return best
+        # split K over workgroups (each thread keeps at least one group) with the full-width
+        # tile; the smallest split that fills the device (measured on the H200: a 2048 x 256
+        # GEMV takes 6 us split 32 ways, 22 us in one workgroup of the old shape)
+        wide = _power_of_two_divisor(n // vec, p.gemv_threads_n)
+        wide_tiles = n // (vec * wide)
+        per_thread = groups // _largest_divisor(groups, max(1, threads // wide))
         ks = 1
-        # split K over workgroups while too few run (each thread keeps at least one group): the
-        # second, summing kernel costs a launch, but a handful of workgroups costs far more
-        # (measured on the H200: a 2048 x 256 GEMV takes 6 us split 32 ways, 22 us in one)
-        per_thread = groups // tk
-        for d in range(1, min(per_thread, 32) + 1):  # the smallest split that is enough
+        for d in range(2, min(per_thread, 32) + 1):
             if per_thread % d == 0:
                 ks = d
-                if tiles * d >= p.gemv_min_workgroups:
+                if wide_tiles * d >= p.gemv_min_workgroups:
                     break
-        return {"vec": vec, "tn": tn, "tk": tk, "ks": ks, "kg": groups // (tk * ks), "wpg": wpg}
+        if ks > 1 and seconds(wide_tiles * ks, 2) < seconds(tiles, 1):
+            return shape(wide, ks)
+        return best
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -254,8 +282,9 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         sch = s_tir.Schedule(func)
         try:
             main, dequant, producers, epilogues, n, k = match_gemv(sch)
-            plan = self.plan(n, k, _weight_bytes(sch, main, dequant), target,
-                             _group_size(sch, dequant, k))
+            word = _weight_bytes(sch, main, dequant)
+            plan = self.plan(n, k, word, target, _group_size(sch, dequant, k),
+                             bytes_read=n * (k // CODES_PER_WORD if dequant is not None else k) * word)
         except MatchError:
             return None
         if dequant is not None and self.profile.gemv_half2_rows > 0:

@@ -1,18 +1,18 @@
 """A reduction of a whole vector to one value on a GPU: the greedy token's max and first index.
 
 ``greedy_token`` (``relax_passes/add_step_helpers.py``) reduces the 49,152 logits of a row to
-their max, then to the first index that holds it. Both are reductions whose output is a single
-element. DLight's ``gpu.Reduction`` only matches sum-like updates and its ``GeneralReduction``
+the first index of their max: one reduction of (index, value) pairs whose output is a single
+element (it was two: the max, then the first index that holds it). DLight's ``gpu.Reduction`` only matches sum-like updates and its ``GeneralReduction``
 does not take these either, so they fell to ``gpu.Fallback``: one thread looping over the whole
 vector, a read-modify-write of global memory per element (about a millisecond per reduction on an
 H200, measured as the whole decode step slowing from ~4.7 to ~7.3 ms).
 
-This rule takes a function whose blocks, after inlining its elementwise producers (the
-``equal``/``where`` feeding the min), are one reduction with every spatial extent 1 and a static
-reduction extent: it binds the reduction to one workgroup of ``threads`` threads, each reading a
+This rule takes a function whose blocks, after inlining its elementwise producers, are one
+reduction with every spatial extent 1 and a static reduction extent, followed by single-element
+epilogues (the argmax's cast of its index): it binds the reduction to one workgroup of ``threads`` threads, each reading a
 strided (coalesced) slice, and TVM lowers the reduction over ``threadIdx.x`` to a cross-thread
 all-reduce (warp shuffles on CUDA, local memory on OpenCL). Any commutative reducer works (max,
-min, sum).
+min, sum, TOPI's argmax pairs).
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ class GPUScalarReduction(dl.ScheduleRule):
         if infos is None:
             return None
         infos = try_inline_contiguous_spatial(sch, infos)
-        if infos is None or len(infos) != 1 or not infos[0].is_reduction():
+        if infos is None or not infos[0].is_reduction() or not all(
+                _single_element(sch, info) for info in infos[1:]):
             return None
+        epilogues = [info.block_rv for info in infos[1:]]  # e.g. the argmax's index cast
         block = infos[0].block_rv
         loops = sch.get_loops(block)
         kinds = infos[0].dom_kind()
@@ -66,7 +68,22 @@ class GPUScalarReduction(dl.ScheduleRule):
         _, tx = sch.split(sch.fuse(*reduce), [None, threads])
         sch.bind(outer, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
+        for epi in epilogues:  # after the all-reduce, in the same kernel
+            sch.reverse_compute_at(epi, outer, preserve_unit_loops=True)
+        allocated = sch.get(sch.get_sblock("root")).alloc_buffers if epilogues else []
+        for blk in [block, *epilogues]:  # results only the next block reads: registers
+            for i, region in enumerate(sch.get(blk).writes):
+                if any(b.same_as(region.source) for b in allocated):
+                    sch.set_scope(blk, i, "local")
         return sch
+
+
+def _single_element(sch, info) -> bool:
+    """A spatial block of one element (an epilogue of a reduction to a single value)."""
+    return not info.is_reduction() and all(
+        isinstance(sch.get(lp).extent, tirx.IntImm) and int(sch.get(lp).extent) == 1
+        for lp in sch.get_loops(info.block_rv))
+
 
 
 __all__ = ["GPUScalarReduction"]

@@ -7,7 +7,10 @@ a workgroup may have, how much local memory there is and how wide a load should 
 Sources of the numbers: TVM 0.27's own target defaults (``opencl -device=adreno``: warp 1, 256
 threads, 16 KiB shared; ``cuda``: warp 32, 1024 threads, 48 KiB static shared), Qualcomm's and
 Arm's OpenCL optimization guides (Adreno waves of 64/128 fibers, Mali Valhall warps of 16) and
-Transformer-Lite (arXiv 2403.20041, section 3.3). The warp width here is the *hardware* wave
+Transformer-Lite (arXiv 2403.20041, section 3.3). The GEMV cost figures: CUDA's from the
+H200 (copy 4,213 GB/s; a lone 256-thread workgroup streamed a 2048 x 256 E0M4 GEMV at ~13 GB/s;
+the issue's step had ~3.5 µs of host gap and launch per kernel), the phone GPUs' are estimates
+(LPDDR5 bandwidth, an OpenCL enqueue of ~10 µs), not measured here. The warp width here is the *hardware* wave
 width the schedule sizes its reductions for; TVM still lowers cross-thread reductions through
 local memory where its target says ``thread_warp_size = 1`` (Adreno, Mali), which is correct on
 any wave width.
@@ -51,6 +54,12 @@ class GPUProfile:
     gemv_half2_rows: int = 0
     gemm_tensor_cores: bool = False  # use DLight's tensor-core matmul where it applies (CUDA)
     weights_as_images: bool = False  # texture reads would help; TVM 0.27 stock OpenCL: buffers only
+    # what a decode GEMV's second (split-K summing) kernel is weighed against (gpu_gemv's plan):
+    # the device's copy bandwidth, what one GEMV workgroup streams alone, and what one more
+    # kernel in a decode step costs (launch + its share of the host's work), in GB/s and µs
+    copy_gbps: float = 200.0
+    gemv_workgroup_gbps: float = 10.0
+    launch_us: float = 5.0
 
     @property
     def gemv_rows_per_workgroup(self) -> int:
@@ -67,18 +76,20 @@ ADRENO = GPUProfile(
     name="adreno", warp_size=64, max_threads=256, local_memory_bytes=16384, vector_bytes=8,
     compute_units=6, gemv_threads_n=32, gemv_threads_k=8, gemv_min_workgroups=24,
     gemm_threads_m=8, gemm_threads_n=16, gemm_micro_m=4, gemm_micro_n=4, gemm_tile_k=16,
-    weights_as_images=True)
+    weights_as_images=True, copy_gbps=50.0, gemv_workgroup_gbps=4.0, launch_us=10.0)
 
 MALI = GPUProfile(
     name="mali", warp_size=16, max_threads=256, local_memory_bytes=16384, vector_bytes=8,
     compute_units=10, gemv_threads_n=16, gemv_threads_k=16, gemv_min_workgroups=40,
-    gemm_threads_m=8, gemm_threads_n=16, gemm_micro_m=4, gemm_micro_n=4, gemm_tile_k=16)
+    gemm_threads_m=8, gemm_threads_n=16, gemm_micro_m=4, gemm_micro_n=4, gemm_tile_k=16,
+    copy_gbps=40.0, gemv_workgroup_gbps=3.0, launch_us=10.0)
 
 CUDA = GPUProfile(
     name="cuda", warp_size=32, max_threads=1024, local_memory_bytes=49152, vector_bytes=16,
     compute_units=132, gemv_threads_n=32, gemv_threads_k=8, gemv_min_workgroups=528,
     gemm_threads_m=16, gemm_threads_n=16, gemm_micro_m=8, gemm_micro_n=8, gemm_tile_k=16,
-    gemm_tensor_cores=True, gemv_half2_rows=32)
+    gemm_tensor_cores=True, gemv_half2_rows=32, copy_gbps=4200.0, gemv_workgroup_gbps=13.0,
+    launch_us=3.0)
 
 GPU = GPUProfile(
     name="gpu", warp_size=32, max_threads=256, local_memory_bytes=16384, vector_bytes=8,

@@ -14,18 +14,23 @@ import pytest
 
 import tvm_lite
 from tvm_lite.profile import kernel_launches
+from tvm_lite.relax_passes import MergeSharedInputProjections
 
 LAYERS = 30  # SmolLM2-135M
-# the decode step of the fp32 Adreno build today: 18 kernels per layer + 13 per step
-# (attention is 2 of them: split + merge; 2 of the 13 are the importer's host-value fill kernels,
-# kept out of fusion since issue 18: TVM 0.27's FuseTIR failed on them). A regression fails.
-CEILING = 18 * LAYERS + 13
+# the decode step of the fp32 Adreno build today: 11 kernels per layer + 13 per step (was 18 +
+# 13): q/k/v and gate/up merged (MergeSharedInputProjections), every GEMV one kernel (the plan's
+# cost model finds no second pass worth its launch at SmolLM2's sizes), then rotary q, kv_append,
+# attention (2: split + merge), add+RMSNorm (2), silu_mul. 2 of the 13 are the importer's
+# host-value fill kernels, kept out of fusion since issue 18 (TVM 0.27's FuseTIR failed on
+# them). A regression fails.
+CEILING = 11 * LAYERS + 13
 TARGET = 8 * LAYERS + 6  # issue 17's target
 
 
 @pytest.fixture(scope="module")
 def adreno_decode(export_dir):
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+    mod = MergeSharedInputProjections()(mod)  # as compile_model does (q/k/v and gate/up merged)
     mod = tvm_lite.detach_params(mod)[0]
     ex = tvm_lite.build(mod, "opencl -device=adreno")
     return functools.partial(kernel_launches, ex)
@@ -44,6 +49,7 @@ def test_adreno_decode_step_kernel_count(adreno_decode):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 17: <= 8 kernels per layer + 6 per step not reached "
-                   "(projections not merged, GEMVs not all one-pass)")
+                   "(11 + 13: rotary q, silu_mul, two add+RMSNorm and the attention merge are "
+                   "kernels of their own)")
 def test_adreno_decode_step_meets_the_kernel_target(adreno_decode):
     assert sum(adreno_decode("decode").values()) <= TARGET

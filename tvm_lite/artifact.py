@@ -174,6 +174,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         options["pipeline"] = opts.pipeline
     if not opts.fusion:
         options["fusion"] = False  # (absent = True: keeps the cache keys of fused builds short)
+    if not opts.merge_projections or opts.stock:
+        options["merge_projections"] = False
     if opts.quant is not None:
         options["quant"] = opts.quant.to_dict()
     if opts.tuning_db is not None:  # the database's contents are part of the cache key
@@ -220,6 +222,7 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts
     records (and the cache key hashes); ``opts``: the build options."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
+    from .relax_passes import MergeSharedInputProjections
 
     folder = onnx_path.parent
     manifest_path = out / MANIFEST
@@ -237,6 +240,10 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts
         t_q = time.perf_counter()
         mod, quant_summary = quantize_module(mod, opts.quant, tokenizer_of(folder), progress)
         quant_summary["quantize_seconds"] = round(time.perf_counter() - t_q, 2)
+    if options.get("merge_projections", True):  # on the weights (4-bit ones packed already)
+        merge = MergeSharedInputProjections()
+        mod = merge(mod)
+        progress(f"merged {merge.merged} projections into {merge.groups} matmuls")
     mod, params = detach_params(mod)
     func = mod[MAIN]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")

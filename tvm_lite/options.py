@@ -43,6 +43,9 @@ class BuildOptions:
     is a ring of ``window`` rows (``relax_passes/fuse_attention.py: ring_kernel``; CPU targets; a
     GPU build keeps full-length caches with the window in the mask); ``()``: no ring caches;
     None (default): ``compile_model`` takes them from the export (``tvm_lite_model.json``).
+    ``merge_projections``: projections that read the same activation (q/k/v, gate/up) become one
+    wider matmul (``relax_passes/merge_shared_input_projections.py``; ``compile_model`` applies
+    it to the imported module, after quantization); False keeps one matmul per weight.
     ``pipeline``: ``"tvm_lite"``, or ``"stock"``: TVM's default pipeline (the benchmarks'
     baseline; past/present KV, TVM's memory plan; the other options do not apply).
     """
@@ -55,6 +58,7 @@ class BuildOptions:
     tuning_db: str | Path | None = None
     decode_function: bool | None = None
     kv_windows: tuple | None = None
+    merge_projections: bool = True
     pipeline: str = "tvm_lite"
 
     def __post_init__(self):

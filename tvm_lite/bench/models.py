@@ -11,10 +11,16 @@ ONNX with the project's own exporter, and compiled four ways:
     stock TVM fp16    TVM 0.27's default pipeline for the target (FuseOps + DLight's GPU rules),
                       the exported past/present KV interface: what TVM does with the same ONNX
     PyTorch fp16      the transformers model itself, eager, on the same GPU
+    torch.compile     the same with transformers' static KV cache (``cache_implementation=
+                      "static"``) and ``torch.compile(mode="reduce-overhead")``: CUDA graphs
 
 Each is measured with the engine's own loop (tvm_lite.bench.bench_engine): a real-text prompt
 of ``prompt_len`` tokens prefilled in one call, then ``decode_tokens`` greedy steps; median over
-``repeats`` after a warm-up. ``check_logits`` compares the CUDA build with the CPU build of the same
+``repeats`` after a warm-up. Each row also gets the physical limit of its decode: the bytes a
+step reads (every weight once -- all parameters, the tied embedding/lm_head once -- plus the K
+and V of the mean decode context) over the copy bandwidth measured in the same run
+(``limit_tok_s``, ``bytes_per_step``; ``of_limit`` = decode tok/s / limit), and its decode
+speed over the torch.compile row's (``decode_x_compile``). ``check_logits`` compares the CUDA build with the CPU build of the same
 ONNX file (the issue's numerics check).
 """
 
@@ -49,7 +55,7 @@ SHAPES = {
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True),
 }
-VARIANTS = ("tvm_lite-e0m4", "tvm_lite-int4", "stock-fp16", "torch-fp16")
+VARIANTS = ("tvm_lite-e0m4", "tvm_lite-int4", "stock-fp16", "torch-fp16", "torch-compile")
 
 
 def _train_tokenizer(vocab_size: int):
@@ -151,6 +157,61 @@ def bench_torch(hf_dir, prompt_ids, decode_tokens: int, repeats: int, device: st
             "tokens": runs[0][2]}
 
 
+def bench_torch_compiled(hf_dir, prompt_ids, decode_tokens: int, repeats: int,
+                         device: str = "cuda") -> dict:
+    """PyTorch fp16 with transformers' static KV cache and ``torch.compile(mode="reduce-overhead")``
+    (CUDA graphs), through ``generate``: prefill tok/s from a one-token generation, decode tok/s
+    from the difference to a ``1 + decode_tokens`` one (both after warm-ups that compile and
+    record the graphs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float16).to(device).eval()
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.tensor([prompt_ids], device=device)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def generate(n: int):
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=model.config.bos_token_id)
+        sync()
+        return time.perf_counter() - t0, out[0, len(prompt_ids):].tolist()
+
+    with torch.no_grad():
+        for _ in range(3):  # compile (prefill and decode shapes), then record the CUDA graphs
+            generate(1)
+            generate(1 + decode_tokens)
+        runs = [(generate(1)[0], *generate(1 + decode_tokens)) for _ in range(repeats)]
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    pre = statistics.median(r[0] for r in runs)
+    dec = statistics.median(r[1] - r[0] for r in runs)
+    return {"prefill_tok_s": len(prompt_ids) / pre, "decode_tok_s": decode_tokens / dec,
+            "tokens": runs[0][2]}
+
+
+def torch_bytes_per_step(hf_dir, context: int) -> tuple[int, int]:
+    """(weight bytes, K+V bytes at ``context``) an fp16 PyTorch decode step reads."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(hf_dir))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * 2
+    inter, hid = cfg.intermediate_size, cfg.hidden_size
+    q_o = 2 * hid * cfg.num_attention_heads * head_dim
+    k_v = 2 * hid * cfg.num_key_value_heads * head_dim
+    per_layer = q_o + k_v + 3 * hid * inter + 2 * hid  # + the two norms
+    tables = cfg.vocab_size * hid * (1 if cfg.tie_word_embeddings else 2)
+    return 2 * (cfg.num_hidden_layers * per_layer + tables + hid), kv
+
+
 def bench_variant(artifact, prompt_len: int, decode_tokens: int, repeats: int,
                   device: str = "cuda") -> dict:
     from ..engine import Engine
@@ -160,9 +221,11 @@ def bench_variant(artifact, prompt_len: int, decode_tokens: int, repeats: int,
                     buckets=None, prefill_chunk=prompt_len)
     (row,) = bench_engine(engine, [prompt_len], decode_tokens=decode_tokens, repeats=repeats)
     weights = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in engine.params)
+    kv = engine.kv_cache_bytes(prompt_len + decode_tokens // 2)  # the mean decode context
     del engine
     return {"prefill_tok_s": row["prefill_tok_s"], "decode_tok_s": row["decode_tok_s"],
-            "tokens": row["tokens"], "weight_MB": weights / 1e6}
+            "tokens": row["tokens"], "weight_MB": weights / 1e6, "weight_bytes": weights,
+            "kv_bytes": kv}
 
 
 def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", device: str = "cuda",
@@ -194,8 +257,10 @@ def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", de
                 from ..tokenizer import Tokenizer
 
                 probe = SimpleNamespace(tokenizer=Tokenizer(onnx_dir))  # the engines' prompt
-                speed = bench_torch(hf, prompt_ids(probe, prompt_len), decode_tokens, repeats,
-                                    device)
+                bench = bench_torch_compiled if variant == "torch-compile" else bench_torch
+                speed = bench(hf, prompt_ids(probe, prompt_len), decode_tokens, repeats, device)
+                w, kv = torch_bytes_per_step(hf, prompt_len + decode_tokens // 2)
+                speed.update(weight_MB=w / 1e6, weight_bytes=w, kv_bytes=kv)
             else:
                 artifact = compile_variant(onnx_dir, variant, target, progress)
                 speed = bench_variant(artifact, prompt_len, decode_tokens, repeats, device)
@@ -206,13 +271,34 @@ def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", de
             progress(f"{shape} {variant}: {rows[-1]['error']}")
         if save:
             Path(save).write_text(json.dumps(rows, indent=1))
+    copy_gbps = _copy_gbps(device)
     for row in rows:
+        if "error" in row:
+            continue
         base = next((r for r in rows if r["model"] == row["model"] and r["engine"] == "stock-fp16"
                      and "error" not in r), None)
-        if base and "error" not in row:
+        if base:
             row["prefill_x_stock"] = row["prefill_tok_s"] / base["prefill_tok_s"]
             row["decode_x_stock"] = row["decode_tok_s"] / base["decode_tok_s"]
+        compiled = next((r for r in rows if r["model"] == row["model"]
+                         and r["engine"] == "torch-compile" and "error" not in r), None)
+        if compiled:
+            row["decode_x_compile"] = row["decode_tok_s"] / compiled["decode_tok_s"]
+        if copy_gbps and "weight_bytes" in row:
+            row["bytes_per_step"] = row["weight_bytes"] + row["kv_bytes"]
+            row["copy_gbps"] = copy_gbps
+            row["limit_tok_s"] = copy_gbps * 1e9 / row["bytes_per_step"]
+            row["of_limit"] = row["decode_tok_s"] / row["limit_tok_s"]
     return rows
+
+
+def _copy_gbps(device: str) -> float | None:
+    """The device's copy bandwidth (GB/s, read + write), measured now; None off CUDA."""
+    if not device.startswith("cuda"):
+        return None
+    from .attention import copy_bandwidth_torch
+
+    return copy_bandwidth_torch()
 
 
 def check_logits(shape: str = "smollm2-135m", target: str = "cuda -arch=sm_90", device="cuda",
@@ -271,7 +357,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     cols = ["model", "engine", "prefill_tok_s", "decode_tok_s", "prefill_x_stock",
-            "decode_x_stock", "weight_MB", "error"]
+            "decode_x_stock", "decode_x_compile", "weight_MB", "bytes_per_step", "limit_tok_s",
+            "of_limit", "error"]
     print(format_table([{c: r.get(c, "") for c in cols} for r in rows], cols))
     return 0
 
