@@ -13,6 +13,7 @@ from .fuse_silu_mul import FuseSiluMul
 from .fuse_attention import FuseAttention
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .legalize_grouped_reshape import LegalizeGroupedReshape
+from .pack_weight_panels import PackWeightPanels
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
@@ -23,5 +24,5 @@ __all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBu
            "BindDequantKernelShapes",
            "FuseAddRMSNorm", "FuseAttention",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InplaceKVCache", "KVCacheRewriteError",
-           "LegalizeGroupedReshape", "NoKVCacheError",
+           "LegalizeGroupedReshape", "NoKVCacheError", "PackWeightPanels",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

@@ -151,6 +151,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
 
     The manifest records the options and the compiled module's calling convention
     (``"convention"``: what its ``_metadata`` function returns), which the engine follows."""
+    from .schedules.cpu_target import weight_panel
     from .target import parse_target  # (tvm.target: not in a runtime-only process, which loads)
 
     opts = BuildOptions.of(options, **fields)
@@ -173,6 +174,9 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         options["quant"] = opts.quant.to_dict()
     if opts.tuning_db is not None:  # the database's contents are part of the cache key
         options.update(tuning_db=database_digest(opts.tuning_db), decode_function=True)
+    panel = weight_panel(tgt) if opts.weight_panels and not opts.stock else None
+    if panel:  # the weights stored panel-major (params.npz too)
+        options["weight_panels"] = panel
     opts = opts.replace(fused_attention=options["fused_attention"])
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
@@ -192,6 +196,18 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         with atomic_dir(out) as tmp:  # a killed compile leaves the previous entry or none
             _compile_into(tmp, key, onnx_path, tgt, options, opts, progress)
         return out
+
+
+def pack_weights(mod, panel: int, progress=print):
+    """``mod`` (weights attached) with its weight matrices panel-major, ``panel`` columns a block
+    (``relax_passes/pack_weight_panels.py``): what a CPU build compiles and stores."""
+    from .relax_passes import PackWeightPanels
+
+    packer = PackWeightPanels(panel)
+    mod = packer(mod)
+    progress(f"{packer.stats['packed_weights']} weights stored in panels of {panel} columns "
+             f"({packer.stats['matmul']} matmuls)")
+    return mod
 
 
 def _manifest_key(path: Path):
@@ -232,6 +248,8 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts
         t_q = time.perf_counter()
         mod, quant_summary = quantize_module(mod, opts.quant, tokenizer_of(folder), progress)
         quant_summary["quantize_seconds"] = round(time.perf_counter() - t_q, 2)
+    if options.get("weight_panels"):
+        mod = pack_weights(mod, options["weight_panels"], progress)
     mod, params = detach_params(mod)
     func = mod[MAIN]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")

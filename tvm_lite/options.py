@@ -41,6 +41,9 @@ class BuildOptions:
     token); default: on with a tuning database.
     ``pipeline``: ``"tvm_lite"``, or ``"stock"``: TVM's default pipeline (the benchmarks'
     baseline; past/present KV, TVM's memory plan; the other options do not apply).
+    ``weight_panels``: on a CPU target, store each weight matrix panel-major, the columns one
+    task computes contiguous (``relax_passes/pack_weight_panels.py``; ``compile_model`` only,
+    which has the weights); False keeps the exported ``[K, N]`` layout (for comparisons).
     """
 
     kv_cache: str = KV_AUTO
@@ -51,6 +54,7 @@ class BuildOptions:
     tuning_db: str | Path | None = None
     decode_function: bool | None = None
     pipeline: str = "tvm_lite"
+    weight_panels: bool = True
 
     def __post_init__(self):
         for name, value, allowed in (("kv_cache", self.kv_cache, KV_CACHE_MODES),

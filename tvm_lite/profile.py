@@ -259,7 +259,7 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     total = prompt_len + 4 + steps * 4 + 8  # prefill, warm-ups, the counting and measured runs
     eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
                  prefill_chunk=prompt_len)
-    if not eng.steps:
+    if not eng.runner.greedy_steps:
         raise ValueError(f"{artifact}: profiling needs an in-place artifact with the greedy step "
                          "entries (compile it with --kv-cache inplace)")
     prof = Profiler(eng)
