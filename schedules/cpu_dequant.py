@@ -27,8 +27,8 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from tvm_lite.quant.kernels import GROUP_BLOCK
 
-from .cpu_gemm import (_accumulate_in_registers, _extent, _vectorize_tail, match_weight_matmul,
-                       panel_width, schedule_gemm, schedule_gemv)
+from .cpu_gemm import (TILE_SCOPE, _accumulate_in_registers, _extent, _vectorize_tail,
+                       match_weight_matmul, panel_width, schedule_gemm, schedule_gemv)
 from .cpu_target import cpu_tiles
 
 DEQUANT_BLOCK = "dequantize"
@@ -105,7 +105,7 @@ def schedule_grouped_gemv(sch, group, main, epilogue, tiles, panel: int,
     sch.parallel(jo)
     sch.unroll(jv)
     sch.vectorize(jl)
-    sch.set_scope(group, 0, "local")
+    sch.set_scope(group, 0, TILE_SCOPE)
     sch.compute_at(group, g)
     *_, gj, kk = sch.get_loops(group)
     size = _extent(sch, kk)

@@ -36,6 +36,11 @@ from tvm.s_tir import dlight as dl
 from .cpu import prepare
 
 PANEL_BLOCK = "panel_weight"  # a panel-major weight's read (tvm_lite.quant.kernels.panel_matmul_func)
+# The scope of the register tiles (accumulators, a GEMV's dequantized weights). On the CPU a
+# "global" buffer under 1 KB that a task allocates becomes a stack slot, which LLVM keeps in
+# registers; a "local" one is a TVMBackendAllocWorkspace/FreeWorkspace call pair into the runtime
+# per task (thousands per decode step).
+TILE_SCOPE = "global"
 from .cpu_target import cpu_tiles
 
 
@@ -45,36 +50,38 @@ def _extent(sch, loop) -> int | None:
 
 
 def panel_width(sch, block) -> int | None:
-    """``P`` if ``block`` reads a panel-major weight ``T[j // P, r, j % P]``, else None."""
+    """``P`` if ``block`` (a weight's unpack or dequantize block) reads a panel-major weight
+    ``T[j // P, r, j % P]``, else None. (With ``N == P`` the indices simplify to
+    ``T[0, r, j]``.)"""
     for read in sch.get(block).reads:
         region = read.region
         if len(region) != 3:
             continue
-        first, last = region[0].min, region[2].min
+        first, middle, last = (r.min for r in region)
         if isinstance(first, tirx.FloorDiv) and isinstance(last, tirx.FloorMod) \
                 and isinstance(last.b, tirx.IntImm) and isinstance(first.b, tirx.IntImm) \
                 and int(first.b) == int(last.b) and first.a.same_as(last.a):
             return int(last.b)
+        if isinstance(first, tirx.IntImm) and int(read.source.shape[0]) == 1 \
+                and not isinstance(middle, tirx.IntImm) and isinstance(last, tirx.Var):
+            return int(read.source.shape[2])
     return None
 
 
 def _is_weight(read, k_var, j_var) -> bool:
-    """A read of the weight: ``W[k, j]``, or panel-major ``W[j // P, k, j % P]``."""
+    """A read of the weight ``W[k, j]`` (a panel-major weight is read through its unpack block,
+    which the rules inline only once the loops are tiled)."""
     def is_var(expr, var):
         return isinstance(expr, tirx.Var) and expr.same_as(var)
 
     region = read.region
-    if len(region) == 2:
-        return is_var(region[0].min, k_var) and is_var(region[1].min, j_var)
-    return (len(region) == 3 and is_var(region[1].min, k_var)
-            and isinstance(region[0].min, tirx.FloorDiv) and is_var(region[0].min.a, j_var)
-            and isinstance(region[2].min, tirx.FloorMod) and is_var(region[2].min.a, j_var))
+    return len(region) == 2 and is_var(region[0].min, k_var) and is_var(region[1].min, j_var)
 
 
 def match_weight_matmul(sch, infos):
-    """``(main, epilogue, rows)`` if the function is ``X @ W`` with a 2-D weight ``W[k, j]``
-    (plain or panel-major, and at most one elementwise consumer), else None. ``rows``: the
-    extent of ``i`` (None when symbolic; 1 when DLight's normalization dropped a unit ``i``)."""
+    """``(main, epilogue, rows)`` if the function is ``X @ W`` with a 2-D weight ``W[k, j]`` (and
+    at most one elementwise consumer), else None. ``rows``: the extent of ``i`` (None when
+    symbolic; 1 when DLight's normalization dropped a unit ``i``)."""
     reductions = [b for b in infos if b.is_reduction()]
     if len(reductions) != 1 or infos[0] is not reductions[0] or len(infos) > 2:
         return None
@@ -122,13 +129,13 @@ def _vectorize_tail(sch, block, lanes: int) -> None:
 
 
 def _accumulate_in_registers(sch, main, epilogue, at) -> object:
-    """The output tile of ``main`` in a local buffer; the store (or the epilogue) under ``at``.
+    """The output tile of ``main`` in a tile buffer; the store (or the epilogue) under ``at``.
     Returns the block that writes the function's output."""
     if epilogue is None:
-        store = sch.cache_write(main, 0, "local")
+        store = sch.cache_write(main, 0, TILE_SCOPE)
         sch.reverse_compute_at(store, at)
         return store
-    sch.set_scope(main, 0, "local")
+    sch.set_scope(main, 0, TILE_SCOPE)
     sch.reverse_compute_at(epilogue, at)
     return epilogue
 
@@ -232,7 +239,7 @@ def schedule_gemv(sch, main, epilogue, tiles, dequant=None, panel=None, unpack=N
     sch.unroll(jv)
     sch.vectorize(jl)
     if dequant is not None:  # the task's weights of one k, dequantized in registers
-        sch.set_scope(dequant, 0, "local")
+        sch.set_scope(dequant, 0, TILE_SCOPE)
         _dequant_panel(sch, dequant, ki, tiles)
         sch.unroll(ki)
     store = _accumulate_in_registers(sch, main, epilogue, jo)
