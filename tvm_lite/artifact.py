@@ -205,8 +205,9 @@ def pack_weights(mod, panel: int, progress=print):
 
     packer = PackWeightPanels(panel)
     mod = packer(mod)
-    progress(f"{packer.stats['packed_weights']} weights stored in panels of {panel} columns "
-             f"({packer.stats['matmul']} matmuls)")
+    if progress is not None:
+        progress(f"{packer.stats['packed_weights']} weights stored in panels of {panel} columns "
+                 f"({packer.stats['matmul']} matmuls)")
     return mod
 
 
