@@ -80,31 +80,31 @@ def cmd_bench(args):
         return cmd_device_bench(args)
     args.prompt_len = int(str(args.prompt_len or 128).split(",")[0])
     from .artifact import compile_model, load_manifest
-    from .bench import bench_engine, bench_onnxruntime, format_rows, prompt_ids
+    from .bench import format_rows
+    from .bench.generation import OnnxRuntimeGeneration, bench_side_by_side
     from .engine import Engine
     from .export import export_onnx
 
     folder = Path(args.model) if args.model and Path(args.model).is_dir() else \
         export_onnx(args.model, exporter=args.exporter, progress=_log)
-    rows = []
+    engines, built = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.quant.split(","):  # e.g. --quant none,int4,e0m4: one row each, same run
             quant = _quant_config(args, fmt.strip())
             artifact = compile_model(folder, args.target, out_dir=Path(tmp) / fmt, force=True,
                                      progress=_log, quant=quant)
             manifest = load_manifest(artifact)
-            engine = Engine(artifact)
             label = f"tvm_lite ({args.target}{', ' + quant.label if quant else ''})"
-            _log(f"benchmarking {label}: prompt {args.prompt_len} tokens, decode {args.decode_tokens}")
-            (row,) = bench_engine(engine, [args.prompt_len], args.decode_tokens, args.repeats)
-            rows.append({"engine": label, "import s": manifest["import_seconds"],
-                         "compile s": manifest["compile_seconds"], **row})
-        if not args.no_onnxruntime:
-            _log("benchmarking onnxruntime (CPU) on the same ONNX file")
-            ort_speed = bench_onnxruntime(folder / "model.onnx", manifest["model"],
-                                          prompt_ids(engine, args.prompt_len), args.decode_tokens,
-                                          args.repeats)
-            rows.append({"engine": "onnxruntime (CPU)", **ort_speed})
+            engines[label] = Engine(artifact)
+            built[label] = {"import s": manifest["import_seconds"],
+                            "compile s": manifest["compile_seconds"]}
+        ort = None if args.no_onnxruntime else \
+            OnnxRuntimeGeneration(folder / "model.onnx", manifest["model"])
+        _log(f"benchmarking {', '.join(engines)}{' and onnxruntime (CPU) on the same ONNX file' if ort else ''}, "
+             f"interleaved: prompt {args.prompt_len} tokens, decode {args.decode_tokens}")
+        rows = [{**built.get(r["engine"], {}), **r}
+                for r in bench_side_by_side(engines, ort, args.prompt_len, args.decode_tokens,
+                                            args.repeats, progress=_log)]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
