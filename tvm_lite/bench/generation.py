@@ -30,15 +30,20 @@ def prompt_ids(engine, n: int) -> list[int]:
     return ids[:n]
 
 
-def generate_tokens(engine, session, ids, decode_tokens: int) -> tuple[list, list]:
+def generate_tokens(engine, session, ids, decode_tokens: int, clock=None) -> tuple[list, list]:
     """Prefill ``ids`` and take ``decode_tokens`` greedy decode steps through the engine's loop:
-    (the tokens, the seconds of each call: the prefill first)."""
+    (the tokens, the seconds of each call: the prefill first). ``clock`` (e.g.
+    ``time.process_time``): time each call with it instead of the engine's wall-clock seconds."""
     tokens, seconds = [], []
-    for step in engine.tokens(session, ids):
-        tokens.append(step.token)
-        seconds.append(step.seconds)
-        if len(tokens) > decode_tokens:
+    loop = engine.tokens(session, ids)
+    while len(tokens) <= decode_tokens:
+        t0 = clock() if clock else 0.0
+        step = next(loop, None)
+        if step is None:
             break
+        tokens.append(step.token)
+        seconds.append(clock() - t0 if clock else step.seconds)
+    loop.close()
     return tokens, seconds
 
 
@@ -136,22 +141,23 @@ class OnnxRuntimeGeneration:
         out = self.sess.run(None, {k: v for k, v in feeds.items() if k in self.names})
         return out[0][0, -1], out[1:]
 
-    def run(self, prompt_ids: list[int], decode_tokens: int) -> tuple[list, float, float]:
+    def run(self, prompt_ids: list[int], decode_tokens: int,
+            clock=time.perf_counter) -> tuple[list, float, float]:
         """(greedy tokens, prefill seconds, seconds of the ``decode_tokens`` decode steps)."""
         past = [np.zeros(self.kv, "float32") for _ in range(2 * self.layers)]
-        t0 = time.perf_counter()
+        t0 = clock()
         logits, past = self._step(prompt_ids, past, 0)
-        prefill = time.perf_counter() - t0
+        prefill = clock() - t0
         length = len(prompt_ids)
         token = int(np.argmax(logits))
         tokens = [token]
-        t1 = time.perf_counter()
+        t1 = clock()
         for _ in range(decode_tokens):
             logits, past = self._step([token], past, length)
             length += 1
             token = int(np.argmax(logits))
             tokens.append(token)
-        return tokens, prefill, time.perf_counter() - t1
+        return tokens, prefill, clock() - t1
 
 
 def bench_onnxruntime(onnx_path, model_cfg: dict, prompt_ids: list[int], decode_tokens: int,
@@ -162,12 +168,17 @@ def bench_onnxruntime(onnx_path, model_cfg: dict, prompt_ids: list[int], decode_
 
 
 def bench_side_by_side(engines: dict, ort: "OnnxRuntimeGeneration | None", prompt_len: int,
-                       decode_tokens: int = 32, repeats: int = 3, progress=None) -> list[dict]:
+                       decode_tokens: int = 32, repeats: int = 3, progress=None,
+                       clock=None) -> list[dict]:
     """``tvm-lite bench``: every build (``{"label": engine}``) and onnxruntime on the same real-text
     prompt, their generations interleaved (build A, build B, onnxruntime, A, B, ...: a machine
     that other work slows, slows them alike), after one warm-up round; per row the medians with
     their spread, the greedy tokens, and each repeat's speed relative to onnxruntime's in the
-    same round (``vs_ort_prefill``/``vs_ort_decode``: the medians of those ratios)."""
+    same round (``vs_ort_prefill``/``vs_ort_decode``: the medians of those ratios).
+
+    ``clock=time.process_time`` times every call in CPU seconds of this process: with one thread
+    per engine (``TVM_NUM_THREADS=1``, onnxruntime's ``threads=1``) the time other jobs take the
+    cores from this one does not count (their memory traffic still does)."""
     ids = prompt_ids(next(iter(engines.values())), prompt_len)
     for engine in engines.values():
         if prompt_len + decode_tokens > engine.max_context:
@@ -181,10 +192,11 @@ def bench_side_by_side(engines: dict, ort: "OnnxRuntimeGeneration | None", promp
             progress(f"prompt {prompt_len}: round {r}/{repeats}")
         for label in labels:
             if label == ORT:
-                out, pre, dec = ort.run(ids, decode_tokens)
+                out, pre, dec = ort.run(ids, decode_tokens, clock or time.perf_counter)
             else:
                 engine = engines[label]
-                out, secs = generate_tokens(engine, engine.new_session(), ids, decode_tokens)
+                out, secs = generate_tokens(engine, engine.new_session(), ids, decode_tokens,
+                                            clock)
                 pre, dec = secs[0], sum(secs[1:])
             if r:
                 seconds[label][0].append(pre)
