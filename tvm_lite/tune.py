@@ -97,11 +97,13 @@ def tuning_target(target, num_cores: int | None = None):
     return tvm.target.Target(cfg)
 
 
-def import_model(model, quant=None, log=print):
+def import_model(model, quant=None, log=print, target=None):
     """An ONNX file / export folder imported (and 4-bit quantized with ``quant``, a
-    ``tvm_lite.quant.QuantConfig``) as the build would import it."""
-    from tvm_lite.artifact import onnx_input
+    ``tvm_lite.quant.QuantConfig``; for a CPU ``target`` its weights stored panel-major) as the
+    build would import it."""
+    from tvm_lite.artifact import onnx_input, pack_weights
     from tvm_lite.frontend import from_onnx
+    from tvm_lite.schedules.cpu_target import weight_panel
 
     log(f"importing {model}")
     onnx_path = onnx_input(model, progress=log)
@@ -110,7 +112,8 @@ def import_model(model, quant=None, log=print):
         from tvm_lite.quant.quantize import quantize_module, tokenizer_of
 
         mod, _ = quantize_module(mod, quant, tokenizer_of(onnx_path.parent), log)
-    return mod
+    panel = weight_panel(target) if target is not None else None
+    return pack_weights(mod, panel, log) if panel else mod
 
 
 def lower_for_tuning(mod, target, kv_cache: str = BuildOptions.kv_cache):
@@ -478,7 +481,7 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     tgt = tuning_target(target, num_cores)
     _check_exportable(tgt)
     if not isinstance(model, tvm.IRModule):
-        model = import_model(model, quant, log)
+        model = import_model(model, quant, log, tgt)
     lowered = lower_for_tuning(model, tgt, kv_cache)
     all_tasks = extract_kernels(lowered, tgt)
     chosen = select_kernels(all_tasks, kernels, None if kernels else top)
