@@ -97,13 +97,11 @@ def tuning_target(target, num_cores: int | None = None):
     return tvm.target.Target(cfg)
 
 
-def import_model(model, quant=None, log=print, target=None):
+def import_model(model, quant=None, log=print):
     """An ONNX file / export folder imported (and 4-bit quantized with ``quant``, a
-    ``tvm_lite.quant.QuantConfig``; for a CPU ``target`` its weights stored panel-major) as the
-    build would import it."""
-    from tvm_lite.artifact import onnx_input, pack_weights
+    ``tvm_lite.quant.QuantConfig``) as the build would import it."""
+    from tvm_lite.artifact import onnx_input
     from tvm_lite.frontend import from_onnx
-    from tvm_lite.schedules.cpu_target import weight_panel
 
     log(f"importing {model}")
     onnx_path = onnx_input(model, progress=log)
@@ -112,7 +110,17 @@ def import_model(model, quant=None, log=print, target=None):
         from tvm_lite.quant.quantize import quantize_module, tokenizer_of
 
         mod, _ = quantize_module(mod, quant, tokenizer_of(onnx_path.parent), log)
-    panel = weight_panel(target) if target is not None else None
+    return mod
+
+
+def weights_as_built(mod, target, log=print):
+    """``mod`` (imported, weights attached) with its weights in the layout a build for
+    ``target`` stores them: panel-major on a CPU (``compile_model``), so that the kernels tuned
+    are the build's. (Packing is idempotent: a packed module comes back unchanged.)"""
+    from tvm_lite.artifact import pack_weights
+    from tvm_lite.schedules.cpu_target import weight_panel
+
+    panel = weight_panel(target)
     return pack_weights(mod, panel, log) if panel else mod
 
 
@@ -481,7 +489,8 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     tgt = tuning_target(target, num_cores)
     _check_exportable(tgt)
     if not isinstance(model, tvm.IRModule):
-        model = import_model(model, quant, log, tgt)
+        model = import_model(model, quant, log)
+    model = weights_as_built(model, tgt, log)
     lowered = lower_for_tuning(model, tgt, kv_cache)
     all_tasks = extract_kernels(lowered, tgt)
     chosen = select_kernels(all_tasks, kernels, None if kernels else top)
