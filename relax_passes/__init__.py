@@ -15,6 +15,7 @@ from .inline_step_calls import InlineStepCalls
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .legalize_grouped_reshape import LegalizeGroupedReshape
 from .merge_shared_input_projections import MergeSharedInputProjections
+from .pack_weight_panels import PackWeightPanels
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
@@ -26,5 +27,5 @@ __all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBu
            "FuseAddRMSNorm", "FuseAttention",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
            "KVCacheRewriteError", "LegalizeGroupedReshape", "MergeSharedInputProjections",
-           "NoKVCacheError",
+           "NoKVCacheError", "PackWeightPanels",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]

@@ -49,7 +49,7 @@ class _Binder(relax.PyExprMutator):
             return call
         dims = list(ty.shape.values)
         kind = str(func.attrs[MAKER_ATTR]["kind"])
-        lead = dims[:-1] if kind == "matmul" else dims
+        lead = dims if kind == "take" else dims[:-1]  # a take's ids; a matmul's x[..., K]
         key = (gv.name_hint, tuple(str(d) for d in lead))
         if key not in self.made:
             new = rebind_lead(func, lead)

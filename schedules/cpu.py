@@ -24,16 +24,17 @@ def _is_cpu(target: Target) -> bool:
     return target.kind.name in ("llvm", "c")
 
 
-def prepare(func, target):
-    """A schedule of ``func`` with injective producers inlined, and its blocks; None if the rule
-    does not apply (not a CPU target, or a function DLight cannot analyze)."""
+def prepare(func, target, keep=()):
+    """A schedule of ``func`` with injective producers inlined (but the blocks named in ``keep``),
+    and its other blocks; None if the rule does not apply (not a CPU target, or a function DLight
+    cannot analyze)."""
     if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
         return None
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
-    return sch, try_inline(sch, infos)
+    return sch, try_inline(sch, [b for b in infos if sch.get(b.block_rv).name_hint not in keep])
 
 
 class CPUMatmul(dl.ScheduleRule):

@@ -10,6 +10,12 @@ The kernels have a ``dequantize`` block (4-bit codes -> fp16 -> the matmul's dty
   group's zero and scale) straight into the FMA -- the fp16 weight matrix never exists;
 * prefill GEMM: each task dequantizes its ``[K, gemm_cols]`` weight panel once into the packed
   fp32 panel the fp32 GEMM micro-kernel reads, then runs every row tile against it.
+* decode GEMV over panel-major codes (a CPU build's, ``relax_passes/pack_weight_panels.py``), the
+  kernel taking the scales out of each group (``tvm_lite.quant.kernels.scales_per_group``): per
+  task one panel of columns; per group, the partial sums ``x . (code - zero)`` in registers (the
+  4 codes of a word unrolled: shift, AND/OR, widen, subtract, FMA: 5 vector ops per 16 weights
+  where the per-weight dequant takes 9), then one FMA with the group's scales. Each thread reads
+  its panels' codes, scales and zeros front to back.
 
 """
 
@@ -19,7 +25,10 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from .cpu_gemm import match_weight_matmul, schedule_gemm, schedule_gemv
+from tvm_lite.quant.kernels import GROUP_BLOCK
+
+from .cpu_gemm import (TILE_SCOPE, _accumulate_in_registers, _extent, _vectorize_tail,
+                       match_weight_matmul, panel_width, schedule_gemm, schedule_gemv)
 from .cpu_target import cpu_tiles
 
 DEQUANT_BLOCK = "dequantize"
@@ -49,6 +58,20 @@ def _exact_fp32(value):
     return f32(tirx.Cast("float16", (f32(sub.a) - f32(sub.b)) * f32(mul.b)))
 
 
+def _inline_producers(sch, infos, keep: set) -> None:
+    """Inline the injective blocks other than ``keep`` and the matmul's epilogue (e.g. a fused
+    AWQ input scale); one that cannot be inlined stays a loop nest of its own."""
+    main = next((b.block_rv for b in infos if sch.get(b.block_rv).name_hint == "matmul"), None)
+    epilogues = {sch.get(b).name_hint for b in sch.get_consumers(main)} if main is not None else set()
+    for info in infos:
+        name = sch.get(info.block_rv).name_hint
+        if name not in keep and name not in epilogues and info.is_injective():
+            try:
+                sch.compute_inline(info.block_rv)
+            except s_tir.ScheduleError:
+                pass
+
+
 def widen_dequant(sch, dequant) -> bool:
     """Rewrite the ``dequantize`` block's store with :func:`_exact_fp32` (in place, through the
     schedule's state); False if its expression has another form (e.g. int4's conversion)."""
@@ -66,6 +89,53 @@ def widen_dequant(sch, dequant) -> bool:
     return True
 
 
+def schedule_grouped_gemv(sch, group, main, epilogue, tiles, panel: int,
+                          codes_per_word: int = 4) -> bool:
+    """``main``: ``Y[j] += partial[g, j] * s[g, j]``; ``group``: ``partial[g, j] = sum_kk
+    x[g G + kk] (code - zero)`` (the kernel of ``kernels._grouped_matmul``, unit rows dropped by
+    normalization). One task per panel, the group's partial sums in registers."""
+    lanes = tiles.lanes
+    *lead, j, g = sch.get_loops(main)
+    n = _extent(sch, j)
+    if not n or n % panel or panel % lanes:
+        return False
+    jo, ji = sch.split(j, [None, panel])
+    sch.reorder(jo, *lead, g, ji)
+    jv, jl = sch.split(ji, [None, lanes])
+    sch.parallel(jo)
+    sch.unroll(jv)
+    sch.vectorize(jl)
+    sch.set_scope(group, 0, TILE_SCOPE)
+    sch.compute_at(group, g)
+    *_, gj, kk = sch.get_loops(group)
+    size = _extent(sch, kk)
+    if not size or size % codes_per_word:
+        return False
+    ko, ki = sch.split(kk, [None, codes_per_word])
+    sch.reorder(ko, ki, gj)
+    gv, gl = sch.split(gj, [None, lanes])
+    sch.unroll(ki)
+    sch.unroll(gv)
+    sch.vectorize(gl)
+    sch.decompose_reduction(group, ko)
+    store = _accumulate_in_registers(sch, main, epilogue, jo)
+    _vectorize_tail(sch, store, lanes)
+    sch.decompose_reduction(main, g)
+    return True
+
+
+def _grouped(sch, infos):
+    """``(group, main, epilogue)`` of a scales-per-group GEMV, else None."""
+    names = {sch.get(b.block_rv).name_hint: b for b in infos}
+    if GROUP_BLOCK not in names or "matmul" not in names:
+        return None
+    main = names["matmul"].block_rv
+    rest = [b for b in infos if sch.get(b.block_rv).name_hint not in (GROUP_BLOCK, "matmul")]
+    if len(rest) > 1 or (rest and not rest[0].is_injective()):
+        return None
+    return names[GROUP_BLOCK].block_rv, main, rest[0].block_rv if rest else None
+
+
 class CPUDequantMatmul(dl.ScheduleRule):
     """``Y[..., n] = sum_k X[..., k] * dequantize(W)[k, n]`` (+ an elementwise epilogue)."""
 
@@ -74,21 +144,16 @@ class CPUDequantMatmul(dl.ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if infos is None or DEQUANT_BLOCK not in {sch.get(b.block_rv).name_hint for b in infos}:
+        blocks = {sch.get(b.block_rv).name_hint for b in infos or []}
+        if GROUP_BLOCK in blocks:
+            return self._grouped(sch, infos, target)
+        if DEQUANT_BLOCK not in blocks:
             return None  # not a dequant-fused matmul
         reductions = [b for b in infos if b.is_reduction()]
         if len(reductions) != 1:
             return None
         main = reductions[0].block_rv
-        keep = {DEQUANT_BLOCK, sch.get(main).name_hint}
-        epilogues = {sch.get(b).name_hint for b in sch.get_consumers(main)}
-        for info in infos:  # other producers (e.g. a fused AWQ input scale): inline
-            name = sch.get(info.block_rv).name_hint
-            if name not in keep and name not in epilogues and info.is_injective():
-                try:  # (a producer that cannot be inlined stays a loop nest of its own)
-                    sch.compute_inline(info.block_rv)
-                except s_tir.ScheduleError:
-                    pass
+        _inline_producers(sch, infos, {DEQUANT_BLOCK, sch.get(main).name_hint})
         infos = [i for i in normalize_prim_func(sch) or []
                  if sch.get(i.block_rv).name_hint != DEQUANT_BLOCK]
         matched = match_weight_matmul(sch, infos)
@@ -96,13 +161,31 @@ class CPUDequantMatmul(dl.ScheduleRule):
             return None
         main, epilogue, rows = matched
         tiles = cpu_tiles(target)
+        panel = panel_width(sch, sch.get_sblock(DEQUANT_BLOCK))  # panel-major codes, or None
         widen_dequant(sch, sch.get_sblock(DEQUANT_BLOCK))
         schedule = schedule_gemv if rows == 1 else schedule_gemm
         try:
-            done = schedule(sch, main, epilogue, tiles, dequant=sch.get_sblock(DEQUANT_BLOCK))
+            done = schedule(sch, main, epilogue, tiles, dequant=sch.get_sblock(DEQUANT_BLOCK),
+                            panel=panel)
         except s_tir.ScheduleError:  # a shape the tiles do not fit
             return None
         return sch if done else None
 
+    @staticmethod
+    def _grouped(sch, infos, target):
+        _inline_producers(sch, infos, {GROUP_BLOCK, "matmul"})
+        found = _grouped(sch, normalize_prim_func(sch) or [])
+        if found is None:
+            return None
+        group, main, epilogue = found
+        panel = panel_width(sch, group)
+        if panel is None:
+            return None
+        try:
+            done = schedule_grouped_gemv(sch, group, main, epilogue, cpu_tiles(target), panel)
+        except s_tir.ScheduleError:
+            return None
+        return sch if done else None
 
-__all__ = ["CPUDequantMatmul", "widen_dequant"]
+
+__all__ = ["CPUDequantMatmul", "schedule_grouped_gemv", "widen_dequant"]

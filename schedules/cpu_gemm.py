@@ -19,21 +19,63 @@ GEMM (prefill), in the GotoBLAS/BLIS shape:
 GEMV (decode): one task per ``gemv_cols`` (4 vectors) of output columns, accumulated in
 registers over ``K``; each ``k`` streams a contiguous row segment of ``W``.
 
+Panel-major weights (``W[N / P, K, P]``, what ``relax_passes/pack_weight_panels.py`` makes of
+every weight of a CPU build, ``P`` = ``gemm_cols``): a task's columns are exactly one panel, a
+contiguous ``K x P`` block. The GEMV then streams each thread's half of the weight front to back
+(no ``P``-float pieces of rows ``4N`` bytes apart), and the GEMM reads its panel in place (no
+copy at run time).
+
 The epilogue (SiLU·up, ...) runs on the register tile before it is stored.
 """
 
 from __future__ import annotations
 
-from tvm import tirx
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from .cpu import prepare
+
+PANEL_BLOCK = "panel_weight"  # a panel-major weight's read (tvm_lite.quant.kernels.panel_matmul_func)
+# The scope of the register tiles (accumulators, a GEMV's dequantized weights). On the CPU a
+# "global" buffer under 1 KB that a task allocates becomes a stack slot, which LLVM keeps in
+# registers; a "local" one is a TVMBackendAllocWorkspace/FreeWorkspace call pair into the runtime
+# per task (thousands per decode step).
+TILE_SCOPE = "global"
 from .cpu_target import cpu_tiles
 
 
 def _extent(sch, loop) -> int | None:
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def panel_width(sch, block) -> int | None:
+    """``P`` if ``block`` (a weight's unpack or dequantize block) reads a panel-major weight
+    ``T[j // P, r, j % P]``, else None. (With ``N == P`` the indices simplify to
+    ``T[0, r, j]``.)"""
+    for read in sch.get(block).reads:
+        region = read.region
+        if len(region) != 3:
+            continue
+        first, middle, last = (r.min for r in region)
+        if isinstance(first, tirx.FloorDiv) and isinstance(last, tirx.FloorMod) \
+                and isinstance(last.b, tirx.IntImm) and isinstance(first.b, tirx.IntImm) \
+                and int(first.b) == int(last.b) and first.a.same_as(last.a):
+            return int(last.b)
+        if isinstance(first, tirx.IntImm) and int(read.source.shape[0]) == 1 \
+                and not isinstance(middle, tirx.IntImm) and isinstance(last, tirx.Var):
+            return int(read.source.shape[2])
+    return None
+
+
+def _is_weight(read, k_var, j_var) -> bool:
+    """A read of the weight ``W[k, j]`` (a panel-major weight is read through its unpack block,
+    which the rules inline only once the loops are tiled)."""
+    def is_var(expr, var):
+        return isinstance(expr, tirx.Var) and expr.same_as(var)
+
+    region = read.region
+    return len(region) == 2 and is_var(region[0].min, k_var) and is_var(region[1].min, j_var)
 
 
 def match_weight_matmul(sch, infos):
@@ -60,8 +102,7 @@ def match_weight_matmul(sch, infos):
     out = block.writes[0].region
     if not is_var(out[-1].min, j_var):
         return None
-    weights = [r for r in block.reads if len(r.region) == 2 and is_var(r.region[0].min, k_var)
-               and is_var(r.region[1].min, j_var)]
+    weights = [r for r in block.reads if _is_weight(r, k_var, j_var)]
     acts = [r for r in block.reads if is_var(r.region[-1].min, k_var) and r not in weights]
     if len(weights) != 1 or len(acts) != 1:
         return None
@@ -88,13 +129,13 @@ def _vectorize_tail(sch, block, lanes: int) -> None:
 
 
 def _accumulate_in_registers(sch, main, epilogue, at) -> object:
-    """The output tile of ``main`` in a local buffer; the store (or the epilogue) under ``at``.
+    """The output tile of ``main`` in a tile buffer; the store (or the epilogue) under ``at``.
     Returns the block that writes the function's output."""
     if epilogue is None:
-        store = sch.cache_write(main, 0, "local")
+        store = sch.cache_write(main, 0, TILE_SCOPE)
         sch.reverse_compute_at(store, at)
         return store
-    sch.set_scope(main, 0, "local")
+    sch.set_scope(main, 0, TILE_SCOPE)
     sch.reverse_compute_at(epilogue, at)
     return epilogue
 
@@ -117,15 +158,29 @@ def _dequant_panel(sch, dequant, at, tiles, codes_per_word: int = 4) -> None:
         sch.vectorize(dl_)
 
 
-def schedule_gemm(sch, main, epilogue, tiles, dequant=None) -> bool:
-    rows, cols, lanes = tiles.gemm_rows, tiles.gemm_cols, tiles.lanes
+def _columns(n: int | None, panel: int | None, choices) -> int | None:
+    """The output columns of one task: the weight's panel if it has one, else the first of
+    ``choices`` that divides ``n``."""
+    if n is None:
+        return None
+    if panel:
+        return panel if n % panel == 0 else None
+    return next((c for c in choices if n % c == 0), None)
+
+
+def schedule_gemm(sch, main, epilogue, tiles, dequant=None, panel=None, unpack=None) -> bool:
+    """The prefill GEMM (module doc). ``dequant``: the 4-bit weights' dequantize block;
+    ``panel``: the weight's panel width, ``unpack`` the block that reads it (inlined here)."""
+    rows, lanes = tiles.gemm_rows, tiles.lanes
     *batch, i, j, k = sch.get_loops(main)
-    n = _extent(sch, j)
-    if n is None or n % lanes:
+    cols = _columns(_extent(sch, j), panel, (tiles.gemm_cols, lanes))
+    if cols is None or cols % lanes:
         return False
-    cols = cols if n % cols == 0 else lanes
-    sch.pad_einsum(main, [1] * len(batch) + [rows, 1, 1])
-    padded_x = [b for b in sch.get_producers(main)]
+    sch.pad_einsum(main, [1] * len(batch) + [rows, 1, 1])  # (before the panel read is inlined:
+    if unpack is not None:                                  #  pad_einsum takes plain indices)
+        sch.compute_inline(unpack)
+    padded_x = [b for b in sch.get_producers(main) if dequant is None
+                or not sch.get(b).same_as(sch.get(dequant))]
     out_copy = sch.get_consumers(main)
     if epilogue is not None and out_copy and not sch.get(out_copy[0]).same_as(sch.get(epilogue)):
         sch.compute_inline(out_copy[0])  # the epilogue reads the padded tile
@@ -148,7 +203,7 @@ def schedule_gemm(sch, main, epilogue, tiles, dequant=None) -> bool:
     sch.vectorize(jl)
     if dequant is not None:  # W[:, cols] dequantized once per task into the packed panel
         _dequant_panel(sch, dequant, jo, tiles)
-    else:  # W[:, cols] packed once per task
+    elif not panel:  # W[:, cols] packed once per task (a panel-major W is one already)
         block = sch.get(main)
         weight_index = next(idx for idx, r in enumerate(block.reads) if len(r.source.shape) == 2)
         panel = sch.cache_read(main, weight_index, "global")
@@ -162,13 +217,16 @@ def schedule_gemm(sch, main, epilogue, tiles, dequant=None) -> bool:
     return True
 
 
-def schedule_gemv(sch, main, epilogue, tiles, dequant=None, codes_per_word: int = 4) -> bool:
+def schedule_gemv(sch, main, epilogue, tiles, dequant=None, panel=None, unpack=None,
+                  codes_per_word: int = 4) -> bool:
+    """The decode GEMV (module doc); arguments as :func:`schedule_gemm`'s."""
     lanes = tiles.lanes
+    if unpack is not None:
+        sch.compute_inline(unpack)
     *lead, j, k = sch.get_loops(main)
-    n = _extent(sch, j)
-    if n is None or n % lanes:
+    cols = _columns(_extent(sch, j), panel, (tiles.gemv_cols, 2 * lanes, lanes))
+    if cols is None or cols % lanes:
         return False
-    cols = next(c for c in (tiles.gemv_cols, 2 * lanes, lanes) if n % c == 0)
     jo, ji = sch.split(j, [None, cols])
     if dequant is not None:  # k by packed words: the 4 codes of a word unrolled
         ko, ki = sch.split(k, [None, codes_per_word])
@@ -181,7 +239,7 @@ def schedule_gemv(sch, main, epilogue, tiles, dequant=None, codes_per_word: int 
     sch.unroll(jv)
     sch.vectorize(jl)
     if dequant is not None:  # the task's weights of one k, dequantized in registers
-        sch.set_scope(dequant, 0, "local")
+        sch.set_scope(dequant, 0, TILE_SCOPE)
         _dequant_panel(sch, dequant, ki, tiles)
         sch.unroll(ki)
     store = _accumulate_in_registers(sch, main, epilogue, jo)
@@ -195,7 +253,7 @@ class CPUWeightMatmul(dl.ScheduleRule):
     streaming GEMV when ``M`` = 1."""
 
     def apply(self, func, target, _tunable):
-        prepared = prepare(func, target)
+        prepared = prepare(func, target, keep=(PANEL_BLOCK,))
         if prepared is None:
             return None
         sch, infos = prepared
@@ -203,12 +261,16 @@ class CPUWeightMatmul(dl.ScheduleRule):
         if matched is None:
             return None
         main, epilogue, rows = matched
+        unpack = next((b for b in sch.get_producers(main)
+                       if sch.get(b).name_hint == PANEL_BLOCK), None)
         tiles = cpu_tiles(target)
         schedule = schedule_gemv if rows == 1 else schedule_gemm
         try:
-            return sch if schedule(sch, main, epilogue, tiles) else None
+            panel = panel_width(sch, unpack) if unpack is not None else None
+            return sch if schedule(sch, main, epilogue, tiles, panel=panel, unpack=unpack) \
+                else None
         except s_tir.ScheduleError:  # a shape the tiles do not fit
             return None
 
 
-__all__ = ["CPUWeightMatmul", "match_weight_matmul"]
+__all__ = ["CPUWeightMatmul", "match_weight_matmul", "panel_width"]

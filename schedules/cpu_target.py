@@ -55,4 +55,13 @@ def cpu_tiles(target: Target) -> CPUTiles:
     return CPUTiles(lanes=lanes, gemm_rows=6, gemm_vectors=2, gemv_vectors=4)
 
 
-__all__ = ["CPUTiles", "cpu_tiles", "vector_bits"]
+def weight_panel(target: Target) -> int | None:
+    """The panel width a build for ``target`` stores its weights in
+    (``relax_passes/pack_weight_panels.py``): the GEMM micro-kernel's columns, which are also a
+    decode GEMV task's; None for a GPU target."""
+    if target.kind.name != "llvm":
+        return None
+    return cpu_tiles(target).gemm_cols
+
+
+__all__ = ["CPUTiles", "cpu_tiles", "vector_bits", "weight_panel"]

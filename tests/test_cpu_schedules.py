@@ -1,6 +1,6 @@
 """tvm_lite's CPU rules (schedules/cpu*.py): which rule takes a kernel, results against numpy for
 the shapes the rules tile (symbolic M not a multiple of the micro-kernel's rows, epilogues, 4-bit
-weights), the vector width taken from the target, and aarch64 object code."""
+weights, panel-major weights), the vector width taken from the target, and aarch64 object code."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,8 @@ from tvm.s_tir import dlight as dl
 from tvm_lite import schedules
 from tvm_lite.quant import kernels
 from tvm_lite.quant.rtn import rtn
-from tvm_lite.schedules.cpu_target import cpu_tiles, vector_bits
+from tvm_lite.relax_passes.pack_weight_panels import PackWeightPanels, pack_panels, unpack_panels
+from tvm_lite.schedules.cpu_target import cpu_tiles, vector_bits, weight_panel
 from tvm_lite.target import parse_target
 
 HOST = parse_target("llvm")
@@ -77,7 +78,7 @@ def test_decode_gemv_accumulates_in_registers_and_matches_numpy():
     k, n = 576, 192
     mod = _schedule(_matmul(k, n, rows=1))
     script = mod["main"].script()
-    assert 'scope="local"' in script and "T.parallel" in script and "T.unroll" in script
+    assert "matmul_global" in script and "T.parallel" in script and "T.unroll" in script
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 1, k)).astype("float32")
     w = rng.standard_normal((k, n)).astype("float32")
@@ -122,7 +123,10 @@ def test_whole_model_compiles_to_aarch64_object_code(tmp_path, export_dir):
     for AArch64 (ELF e_machine 183), no NDK needed to produce it."""
     import tvm_lite
 
+    from tvm_lite.artifact import weights_as_built
+
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+    mod = weights_as_built(mod, panel=weight_panel(ANDROID), progress=None)  # as compile_model
     ex = tvm_lite.build(mod, ANDROID)
     objects = []
 
@@ -154,3 +158,100 @@ def test_e0m4_dequant_in_fp32_matches_the_fp16_kernel():
     assert DEQUANT_BLOCK in scheduled["main"].script()
     outs = [_run(m, x, *qw.arrays().values(), out_shape=(1, 1, n)) for m in (plain, scheduled)]
     np.testing.assert_allclose(outs[1], outs[0], rtol=2e-6, atol=1e-6)  # summation order only
+
+
+# -- panel-major weights (relax_passes/pack_weight_panels.py) -------------------------------------
+PANEL = weight_panel(HOST)
+
+
+def _asm(mod, target=HOST) -> str:
+    with target:
+        return tvm.compile(mod, target=target).mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 13])  # decode GEMV; prefill GEMM, M not a multiple of 6
+def test_panel_matmul_matches_numpy_and_reads_the_panel_in_place(rows):
+    k, n = 96, 5 * PANEL
+    lead = [1, 1] if rows == 1 else [1, tirx.Var("seq", "int64")]
+    mod = _schedule(kernels.panel_matmul_func(lead, k, n, PANEL))
+    script = mod["main"].script()
+    assert "T.parallel" in script and "T.vectorized" in script
+    assert "w_global" not in script  # no copy of the weight at run time: it is packed already
+    asm = _asm(mod)
+    assert "TVMBackendAllocWorkspace" not in asm or rows > 1  # the GEMV's tiles: registers
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((1, rows, k)).astype("float32")
+    w = rng.standard_normal((k, n)).astype("float32")
+    np.testing.assert_array_equal(unpack_panels(pack_panels(w, PANEL)), w)
+    out = _run(mod, x, pack_panels(w, PANEL), out_shape=(1, rows, n))
+    np.testing.assert_allclose(out, x @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_e0m4_over_panel_major_codes_matches_numpy(rows):
+    """Decode takes the scales out of each group (no fp16 rounding of the weights: within
+    ~2^-11 of a weight of the fp16 reference); prefill dequantizes its panel as before."""
+    from tvm_lite.quant.kernels import GROUP_BLOCK, scales_per_group
+
+    k, n = 256, 3 * PANEL
+    qw = rtn(np.random.default_rng(5).standard_normal((k, n)).astype("float32"), "e0m4", 32)
+    lead = [1, 1] if rows == 1 else [1, tirx.Var("seq", "int64")]
+    assert scales_per_group(lead, k, 32, "float32", PANEL) == (rows == 1)
+    mod = _schedule(kernels.matmul_func("e0m4", lead, k, n, 32, panel=PANEL))
+    script = mod["main"].script()
+    assert "T.parallel" in script and (GROUP_BLOCK in script) == (rows == 1)
+    if rows == 1:
+        assert "TVMBackendAllocWorkspace" not in _asm(mod)
+    x = np.random.default_rng(6).standard_normal((1, rows, k)).astype("float32")
+    packed = [pack_panels(a, PANEL) for a in qw.arrays().values()]
+    out = _run(mod, x, *packed, out_shape=(1, rows, n))
+    ref = x @ qw.effective_weight()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+
+
+def _weights_module():
+    """``main(x, a, b, c) = (x @ a + x @ b) @ c, b + 1``: ``a`` and ``c`` are matmul weights
+    only; ``b`` is also read elsewhere, so it keeps its layout."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, tirx.Var("seq", "int64"), 64], "float32"))
+    ws = [relax.Var(name, relax.TensorType(shape, "float32"))
+          for name, shape in (("a", (64, 2 * PANEL)), ("b", (64, 2 * PANEL)), ("c", (2 * PANEL, PANEL)))]
+    with bb.function("main", [x, *ws]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.add(relax.op.matmul(x, ws[0]), relax.op.matmul(x, ws[1])))
+            y = bb.emit(relax.op.matmul(h, ws[2]))
+            out = bb.emit_output(relax.Tuple([y, relax.op.add(ws[1], relax.const(1.0))]))
+        bb.emit_func_output(out)
+    rng = np.random.default_rng(7)
+    values = [rng.standard_normal([int(d) for d in w.ty.shape.values]).astype("float32") for w in ws]
+    func = bb.get()["main"].with_attrs({"num_input": 1, "tvm_lite.param_names": ["a", "b", "c"],
+                                        "params": [tvm.runtime.tensor(v) for v in values]})
+    return tvm.IRModule({"main": func}), values
+
+
+def test_pack_weight_panels_packs_matmul_weights_and_keeps_the_results():
+    from tvm import relax
+
+    mod, values = _weights_module()
+    packer = PackWeightPanels(PANEL)
+    packed = packer(mod)
+    assert packer.stats == {"matmul": 2, "packed_weights": 2}  # a and c; b is read elsewhere
+    func = packed["main"]
+    shapes = [[int(d) for d in p.ty.shape.values] for p in func.params[1:]]
+    assert shapes == [[2, 64, PANEL], [64, 2 * PANEL], [1, 2 * PANEL, PANEL]]
+    stored = [v.numpy() for v in func.attrs["params"]]
+    np.testing.assert_array_equal(stored[0], pack_panels(values[0], PANEL))
+    np.testing.assert_array_equal(stored[1], values[1])
+    x = np.random.default_rng(8).standard_normal((1, 3, 64)).astype("float32")
+    with HOST:
+        packed.update_func(packed.get_global_var("main"), func.without_attr("params"))
+        lowered = dl.ApplyDefaultSchedule(*schedules.rules_for(HOST))(
+            relax.get_pipeline("zero")(packed))
+        ex = tvm.compile(lowered, target=HOST)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    y, b1 = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(v) for v in stored])
+    ref = (x @ values[0] + x @ values[1]) @ values[2]
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(b1.numpy(), values[1] + 1)

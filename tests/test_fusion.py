@@ -21,8 +21,9 @@ from tvm import relax, tirx
 
 import tvm_lite
 from tvm_lite import pipeline
+from tvm_lite.artifact import weights_as_built
 from tvm_lite.relax_passes import (FuseAddRMSNorm, FuseKVAppend, FuseRotary, FuseSiluMul,
-                                   LegalizeGroupedReshape, MergeSharedInputProjections)
+                                   LegalizeGroupedReshape)
 
 LAYERS = 30  # SmolLM2-135M
 CLANG = shutil.which("clang-15")
@@ -325,7 +326,7 @@ def test_tvm_opencl_let_inside_vstore_is_a_codegen_bug(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_whole_model_cuda_sm90_compiles_with_nvcc(export_dir, tmp_path):
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
-    mod = MergeSharedInputProjections()(mod)  # as compile_model builds it
+    mod = weights_as_built(mod, progress=None)  # as compile_model builds it
     src = tvm_lite.device_source(tvm_lite.build(mod, "cuda -arch=sm_90"), "cuda")
     assert "kv_append" in src and "add_rms_norm" in src
     path = tmp_path / "model.cu"

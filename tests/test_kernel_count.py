@@ -14,7 +14,7 @@ import pytest
 
 import tvm_lite
 from tvm_lite.profile import kernel_launches
-from tvm_lite.relax_passes import MergeSharedInputProjections
+from tvm_lite.artifact import weights_as_built
 
 LAYERS = 30  # SmolLM2-135M
 # the decode step of the fp32 Adreno build today: 11 kernels per layer + 13 per step (was 18 +
@@ -30,7 +30,7 @@ TARGET = 8 * LAYERS + 6  # issue 17's target
 @pytest.fixture(scope="module")
 def adreno_decode(export_dir):
     mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
-    mod = MergeSharedInputProjections()(mod)  # as compile_model does (q/k/v and gate/up merged)
+    mod = weights_as_built(mod, progress=None)  # as compile_model does (q/k/v and gate/up merged)
     mod = tvm_lite.detach_params(mod)[0]
     ex = tvm_lite.build(mod, "opencl -device=adreno")
     return functools.partial(kernel_launches, ex)

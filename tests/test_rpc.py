@@ -23,7 +23,9 @@ from conftest import PROMPTS
 
 pytestmark = pytest.mark.slow
 KEY = "tvm-lite-ci"
-KERNEL = "matmul1"  # the decode k/v projection GEMV: [1, 576] x [576, 192], 60 calls per step
+# the decode k/v projection GEMV: [1, 576] x [576, 192] (weights panel-major, as a CPU build
+# stores them), 60 calls per step
+KERNEL = "matmul_1x1x576x192_float32_p32"
 
 
 def _ports():
@@ -254,12 +256,13 @@ def test_tune_over_rpc_loses_servers_resumes_and_builds(cluster, export_dir, art
     import tvm_lite
     from tvm_lite.artifact import compile_model, load_manifest
     from tvm_lite.engine import Engine, GenerationConfig
-    from tvm_lite.tune import tune_model
+    from tvm_lite.tune import tune_model, tuning_target, weights_as_built
     from tvm_lite.tuning_db import (RECORDS, RULES, measured, open_database,
                                     records_faster_than_rules)
 
     db = tmp_path / "db"
-    mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+    mod = weights_as_built(tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx"),
+                           tuning_target("llvm"), log=None)
     opts = dict(tracker=cluster.address, key=KEY, kernels=[KERNEL], trials_per_iter=8,
                 population=64, min_repeat_ms=300, server_wait=10, progress=False,
                 log=lambda *_: None)

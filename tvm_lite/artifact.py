@@ -151,6 +151,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
 
     The manifest records the options and the compiled module's calling convention
     (``"convention"``: what its ``_metadata`` function returns), which the engine follows."""
+    from .schedules.cpu_target import weight_panel
     from .target import parse_target  # (tvm.target: not in a runtime-only process, which loads)
 
     opts = BuildOptions.of(options, **fields)
@@ -180,6 +181,9 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         options["quant"] = opts.quant.to_dict()
     if opts.tuning_db is not None:  # the database's contents are part of the cache key
         options.update(tuning_db=database_digest(opts.tuning_db), decode_function=True)
+    panel = weight_panel(tgt) if opts.weight_panels and not opts.stock else None
+    if panel:  # the weights stored panel-major (params.npz too)
+        options["weight_panels"] = panel
     opts = opts.replace(fused_attention=options["fused_attention"])
     key = compile_key(onnx_path, str(tgt), options)
     out = Path(out_dir) if out_dir else cache_dir() / "compiled" / key
@@ -199,6 +203,30 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         with atomic_dir(out) as tmp:  # a killed compile leaves the previous entry or none
             _compile_into(tmp, key, onnx_path, tgt, options, opts, progress)
         return out
+
+
+def weights_as_built(mod, merge_projections: bool = True, panel: int | None = None,
+                     progress=print):
+    """``mod`` (imported, weights attached, quantized if it is to be) with its weights as a build
+    stores them: the projections that share an input merged into one matrix
+    (``relax_passes/merge_shared_input_projections.py``), then, on a CPU (``panel``: its panel
+    width), every weight matrix panel-major (``relax_passes/pack_weight_panels.py``).
+    ``compile_model`` and ``tvm-lite tune`` both call it, so tuned kernels are the build's.
+    Both steps are idempotent."""
+    from .relax_passes import MergeSharedInputProjections, PackWeightPanels
+
+    if merge_projections:
+        merge = MergeSharedInputProjections()
+        mod = merge(mod)
+        if progress is not None:
+            progress(f"merged {merge.merged} projections into {merge.groups} matmuls")
+    if panel:
+        packer = PackWeightPanels(panel)
+        mod = packer(mod)
+        if progress is not None:
+            progress(f"{packer.stats['packed_weights']} weights stored in panels of {panel} "
+                     f"columns ({packer.stats['matmul']} matmuls)")
+    return mod
 
 
 def _manifest_key(path: Path):
@@ -222,7 +250,6 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts
     records (and the cache key hashes); ``opts``: the build options."""
     from .compiler import build, detach_params, device_source
     from .frontend import from_onnx
-    from .relax_passes import MergeSharedInputProjections
 
     folder = onnx_path.parent
     manifest_path = out / MANIFEST
@@ -240,10 +267,8 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts
         t_q = time.perf_counter()
         mod, quant_summary = quantize_module(mod, opts.quant, tokenizer_of(folder), progress)
         quant_summary["quantize_seconds"] = round(time.perf_counter() - t_q, 2)
-    if options.get("merge_projections", True):  # on the weights (4-bit ones packed already)
-        merge = MergeSharedInputProjections()
-        mod = merge(mod)
-        progress(f"merged {merge.merged} projections into {merge.groups} matmuls")
+    mod = weights_as_built(mod, options.get("merge_projections", True),  # 4-bit ones packed
+                           options.get("weight_panels"), progress)
     mod, params = detach_params(mod)
     func = mod[MAIN]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .cli_common import add_quant_args as _add_quant_args
 from .cli_common import log as _log
 from .cli_common import quant_config as _quant_config
 from .cli_common import resolve_artifact, resolve_onnx
+from .errors import UserError
 from .options import KV_CACHE_MODES, BuildOptions
 
 
@@ -72,6 +75,10 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
+    if args.cpu_time and (args.artifact or args.rpc or os.environ.get("TVM_NUM_THREADS") != "1"):
+        raise UserError("--cpu-time measures one thread per engine in this process: run it as "
+                        "TVM_NUM_THREADS=1 tvm-lite bench --cpu-time ... (not with an ARTIFACT "
+                        "or --rpc)")
     if not args.rpc:
         _check_local_run(args.artifact or args.model, args.target, args.device)
     if args.artifact or args.rpc:  # an artifact on a device, local or over RPC (tvm_lite.rpc)
@@ -80,31 +87,33 @@ def cmd_bench(args):
         return cmd_device_bench(args)
     args.prompt_len = int(str(args.prompt_len or 128).split(",")[0])
     from .artifact import compile_model, load_manifest
-    from .bench import bench_engine, bench_onnxruntime, format_rows, prompt_ids
+    from .bench import format_rows
+    from .bench.generation import OnnxRuntimeGeneration, bench_side_by_side
     from .engine import Engine
     from .export import export_onnx
 
     folder = Path(args.model) if args.model and Path(args.model).is_dir() else \
         export_onnx(args.model, exporter=args.exporter, progress=_log)
-    rows = []
+    engines, built = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in args.quant.split(","):  # e.g. --quant none,int4,e0m4: one row each, same run
             quant = _quant_config(args, fmt.strip())
             artifact = compile_model(folder, args.target, out_dir=Path(tmp) / fmt, force=True,
                                      progress=_log, quant=quant)
             manifest = load_manifest(artifact)
-            engine = Engine(artifact)
             label = f"tvm_lite ({args.target}{', ' + quant.label if quant else ''})"
-            _log(f"benchmarking {label}: prompt {args.prompt_len} tokens, decode {args.decode_tokens}")
-            (row,) = bench_engine(engine, [args.prompt_len], args.decode_tokens, args.repeats)
-            rows.append({"engine": label, "import s": manifest["import_seconds"],
-                         "compile s": manifest["compile_seconds"], **row})
-        if not args.no_onnxruntime:
-            _log("benchmarking onnxruntime (CPU) on the same ONNX file")
-            ort_speed = bench_onnxruntime(folder / "model.onnx", manifest["model"],
-                                          prompt_ids(engine, args.prompt_len), args.decode_tokens,
-                                          args.repeats)
-            rows.append({"engine": "onnxruntime (CPU)", **ort_speed})
+            engines[label] = Engine(artifact)
+            built[label] = {"import s": manifest["import_seconds"],
+                            "compile s": manifest["compile_seconds"]}
+        ort = None if args.no_onnxruntime else \
+            OnnxRuntimeGeneration(folder / "model.onnx", manifest["model"],
+                                  threads=1 if args.cpu_time else None)
+        _log(f"benchmarking {', '.join(engines)}{' and onnxruntime (CPU) on the same ONNX file' if ort else ''}, "
+             f"interleaved: prompt {args.prompt_len} tokens, decode {args.decode_tokens}")
+        rows = [{**built.get(r["engine"], {}), **r}
+                for r in bench_side_by_side(engines, ort, args.prompt_len, args.decode_tokens,
+                                            args.repeats, progress=_log,
+                                            clock=time.process_time if args.cpu_time else None)]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -260,6 +269,9 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-onnxruntime", action="store_true")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time calls in CPU seconds, one thread per engine (with TVM_NUM_THREADS=1;"
+                        " onnxruntime gets 1 thread): ratios a busy machine does not skew")
     p.add_argument("--json", action="store_true")
     _add_quant_args(p, several=True)
     p.set_defaults(fn=cmd_bench)

@@ -48,6 +48,9 @@ class BuildOptions:
     it to the imported module, after quantization); False keeps one matmul per weight.
     ``pipeline``: ``"tvm_lite"``, or ``"stock"``: TVM's default pipeline (the benchmarks'
     baseline; past/present KV, TVM's memory plan; the other options do not apply).
+    ``weight_panels``: on a CPU target, store each weight matrix panel-major, the columns one
+    task computes contiguous (``relax_passes/pack_weight_panels.py``; ``compile_model`` only,
+    which has the weights); False keeps the exported ``[K, N]`` layout (for comparisons).
     """
 
     kv_cache: str = KV_AUTO
@@ -60,6 +63,7 @@ class BuildOptions:
     kv_windows: tuple | None = None
     merge_projections: bool = True
     pipeline: str = "tvm_lite"
+    weight_panels: bool = True
 
     def __post_init__(self):
         for name, value, allowed in (("kv_cache", self.kv_cache, KV_CACHE_MODES),

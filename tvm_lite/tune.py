@@ -113,6 +113,16 @@ def import_model(model, quant=None, log=print):
     return mod
 
 
+def weights_as_built(mod, target, log=print):
+    """``mod`` (imported, weights attached) with its weights as a default build for ``target``
+    stores them (``artifact.weights_as_built``: projections merged, panel-major on a CPU), so that
+    the kernels tuned are the build's."""
+    from tvm_lite import artifact
+    from tvm_lite.schedules.cpu_target import weight_panel
+
+    return artifact.weights_as_built(mod, panel=weight_panel(target), progress=log)
+
+
 def lower_for_tuning(mod, target, kv_cache: str = BuildOptions.kv_cache):
     """tvm_lite's phases 1-2 (with a ``decode`` function): the module whose kernels a tuned
     build with the same ``kv_cache`` option looks up in the database."""
@@ -479,6 +489,7 @@ def tune_model(model, target, database, *, tracker: str | None = None, key: str 
     _check_exportable(tgt)
     if not isinstance(model, tvm.IRModule):
         model = import_model(model, quant, log)
+    model = weights_as_built(model, tgt, log)
     lowered = lower_for_tuning(model, tgt, kv_cache)
     all_tasks = extract_kernels(lowered, tgt)
     chosen = select_kernels(all_tasks, kernels, None if kernels else top)

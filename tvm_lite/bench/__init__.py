@@ -5,6 +5,8 @@
     models.py      whole models on a GPU: tvm_lite E0M4/int4 vs stock TVM vs PyTorch, same run
                    (python -m tvm_lite.bench.models)
     kernels.py     tvm-lite bench-kernels: per-kernel GEMV/GEMM speed vs stock DLight (GPU)
+    cpu_gemv.py    CPU decode GEMVs, weights as exported vs panel-major, fp32 and E0M4
+                   (python -m tvm_lite.bench.cpu_gemv)
     greedy.py      the greedy token's argmax kernel on a GPU, with and without its rule
                    (python -m tvm_lite.bench.greedy)
     gpu_slice.py   what gpu_slice buys: the longest kernel and submission of a long prefill

@@ -8,6 +8,8 @@ report is what a user's generation costs.
 ``bench_kv_cache`` ``tvm-lite bench-kv``: decode speed of each KV-cache path at growing contexts.
 ``bench_interleaved`` several builds of one model, their steps interleaved (A, B, A, B...).
 ``bench_onnxruntime`` the same prefill + greedy decode through onnxruntime (the reference).
+``bench_side_by_side`` ``tvm-lite bench``: builds and onnxruntime interleaved round by round, with
+                  each round's speed relative to onnxruntime's.
 """
 
 from __future__ import annotations
@@ -28,15 +30,20 @@ def prompt_ids(engine, n: int) -> list[int]:
     return ids[:n]
 
 
-def generate_tokens(engine, session, ids, decode_tokens: int) -> tuple[list, list]:
+def generate_tokens(engine, session, ids, decode_tokens: int, clock=None) -> tuple[list, list]:
     """Prefill ``ids`` and take ``decode_tokens`` greedy decode steps through the engine's loop:
-    (the tokens, the seconds of each call: the prefill first)."""
+    (the tokens, the seconds of each call: the prefill first). ``clock`` (e.g.
+    ``time.process_time``): time each call with it instead of the engine's wall-clock seconds."""
     tokens, seconds = [], []
-    for step in engine.tokens(session, ids):
-        tokens.append(step.token)
-        seconds.append(step.seconds)
-        if len(tokens) > decode_tokens:
+    loop = engine.tokens(session, ids)
+    while len(tokens) <= decode_tokens:
+        t0 = clock() if clock else 0.0
+        step = next(loop, None)
+        if step is None:
             break
+        tokens.append(step.token)
+        seconds.append(clock() - t0 if clock else step.seconds)
+    loop.close()
     return tokens, seconds
 
 
@@ -97,50 +104,120 @@ def _spread(row, what: str) -> str:
 
 def format_rows(rows: list[dict], first: tuple = ()) -> str:
     """:func:`bench_engine`'s rows as a table; ``first``: keys of the rows shown as the first
-    columns (e.g. which engine)."""
+    columns (e.g. which engine). Rows of :func:`bench_side_by_side` also show their speed
+    relative to onnxruntime (median of the rounds' ratios)."""
     table = [{**{k: r.get(k) for k in first}, "prompt": r["prompt_len"],
               "prefill tok/s": r["prefill_tok_s"], "prefill min-max": _spread(r, "prefill"), "decode tok/s": r["decode_tok_s"],
               "decode min-max": _spread(r, "decode"), "decoded": r["decode_tokens"],
               "repeats": r["repeats"]} for r in rows]
-    return format_table(table, list(table[0]))
+    for t, r in zip(table, rows):
+        if "vs_ort_decode" in r:
+            t.update({"prefill vs ort": f"{r['vs_ort_prefill']:.2f}x",
+                      "decode vs ort": f"{r['vs_ort_decode']:.2f}x"})
+    return format_table(table, list(max(table, key=len)))
 
 
-def bench_onnxruntime(onnx_path, model_cfg: dict, prompt_ids: list[int], decode_tokens: int,
-                      repeats: int = 3, threads: int | None = None) -> dict:
-    import onnxruntime as ort
+class OnnxRuntimeGeneration:
+    """The same prefill + greedy decode through an onnxruntime session (the reference): one
+    :meth:`run` = one fresh generation, its seconds and tokens."""
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    layers = int(model_cfg["num_layers"])
-    kv = (1, int(model_cfg["num_kv_heads"]), 0, int(model_cfg["head_dim"]))
+    def __init__(self, onnx_path, model_cfg: dict, threads: int | None = None):
+        import onnxruntime as ort
 
-    def step(ids, past, length):
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.sess.get_inputs()]
+        self.layers = int(model_cfg["num_layers"])
+        self.kv = (1, int(model_cfg["num_kv_heads"]), 0, int(model_cfg["head_dim"]))
+
+    def _step(self, ids, past, length):
         n = len(ids)
         feeds = {"input_ids": np.array([ids], "int64"),
                  "attention_mask": np.ones((1, length + n), "int64"),
                  "position_ids": np.arange(length, length + n, dtype="int64")[None]}
-        feeds.update(zip(names[3:], past))
-        out = sess.run(None, {k: v for k, v in feeds.items() if k in names})
+        feeds.update(zip(self.names[3:], past))
+        out = self.sess.run(None, {k: v for k, v in feeds.items() if k in self.names})
         return out[0][0, -1], out[1:]
 
-    prefill, decode = [], []
-    for r in range(repeats + 1):  # the first run warms up, as bench_engine's
-        past = [np.zeros(kv, "float32") for _ in range(2 * layers)]
-        t0 = time.perf_counter()
-        logits, past = step(prompt_ids, past, 0)
-        prefill.append(time.perf_counter() - t0)
+    def run(self, prompt_ids: list[int], decode_tokens: int,
+            clock=time.perf_counter) -> tuple[list, float, float]:
+        """(greedy tokens, prefill seconds, seconds of the ``decode_tokens`` decode steps)."""
+        past = [np.zeros(self.kv, "float32") for _ in range(2 * self.layers)]
+        t0 = clock()
+        logits, past = self._step(prompt_ids, past, 0)
+        prefill = clock() - t0
         length = len(prompt_ids)
         token = int(np.argmax(logits))
-        t1 = time.perf_counter()
+        tokens = [token]
+        t1 = clock()
         for _ in range(decode_tokens):
-            logits, past = step([token], past, length)
+            logits, past = self._step([token], past, length)
             length += 1
             token = int(np.argmax(logits))
-        decode.append(time.perf_counter() - t1)
-    return _row(len(prompt_ids), decode_tokens, prefill[1:], decode[1:], None)
+            tokens.append(token)
+        return tokens, prefill, clock() - t1
+
+
+def bench_onnxruntime(onnx_path, model_cfg: dict, prompt_ids: list[int], decode_tokens: int,
+                      repeats: int = 3, threads: int | None = None) -> dict:
+    ort = OnnxRuntimeGeneration(onnx_path, model_cfg, threads)
+    runs = [ort.run(prompt_ids, decode_tokens) for _ in range(repeats + 1)][1:]  # 1st: warm-up
+    return _row(len(prompt_ids), decode_tokens, [r[1] for r in runs], [r[2] for r in runs], None)
+
+
+def bench_side_by_side(engines: dict, ort: "OnnxRuntimeGeneration | None", prompt_len: int,
+                       decode_tokens: int = 32, repeats: int = 3, progress=None,
+                       clock=None) -> list[dict]:
+    """``tvm-lite bench``: every build (``{"label": engine}``) and onnxruntime on the same real-text
+    prompt, their generations interleaved (build A, build B, onnxruntime, A, B, ...: a machine
+    that other work slows, slows them alike), after one warm-up round; per row the medians with
+    their spread, the greedy tokens, and each repeat's speed relative to onnxruntime's in the
+    same round (``vs_ort_prefill``/``vs_ort_decode``: the medians of those ratios).
+
+    ``clock=time.process_time`` times every call in CPU seconds of this process: with one thread
+    per engine (``TVM_NUM_THREADS=1``, onnxruntime's ``threads=1``) the time other jobs take the
+    cores from this one does not count (their memory traffic still does)."""
+    ids = prompt_ids(next(iter(engines.values())), prompt_len)
+    for engine in engines.values():
+        if prompt_len + decode_tokens > engine.max_context:
+            raise ValueError(f"prompt {prompt_len} + decode {decode_tokens} tokens exceeds the "
+                             f"model's context ({engine.max_context})")
+    labels = list(engines) + ([ORT] if ort is not None else [])
+    seconds = {k: ([], []) for k in labels}
+    tokens = {}
+    for r in range(repeats + 1):  # round 0 warms up
+        if progress and r:
+            progress(f"prompt {prompt_len}: round {r}/{repeats}")
+        for label in labels:
+            if label == ORT:
+                out, pre, dec = ort.run(ids, decode_tokens, clock or time.perf_counter)
+            else:
+                engine = engines[label]
+                out, secs = generate_tokens(engine, engine.new_session(), ids, decode_tokens,
+                                            clock)
+                pre, dec = secs[0], sum(secs[1:])
+            if r:
+                seconds[label][0].append(pre)
+                seconds[label][1].append(dec)
+                if tokens.setdefault(label, out) != out:
+                    raise RuntimeError(f"{label}: round {r} generated other greedy tokens than "
+                                       f"round 1 ({out[:8]}... vs {tokens[label][:8]}...)")
+    rows = []
+    for label in labels:
+        pre, dec = seconds[label]
+        row = {"engine": label, **_row(prompt_len, decode_tokens, pre, dec, tokens[label])}
+        if ort is not None:  # per round: the same round's onnxruntime seconds over this row's
+            opre, odec = seconds[ORT]
+            row["vs_ort_prefill"] = float(np.median([o / t for o, t in zip(opre, pre)]))
+            row["vs_ort_decode"] = float(np.median([o / t for o, t in zip(odec, dec)]))
+            row["tokens_as_ort"] = tokens[label] == tokens[ORT]
+        rows.append(row)
+    return rows
+
+
+ORT = "onnxruntime (CPU)"
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
