@@ -71,7 +71,7 @@ def opencl_source(export_dir):
     built for ``opencl -device=<device>``, 4-bit weights with ``quant`` ("e0m4", RTN g32): one
     build per combination per session (several tests read the same whole-model source)."""
     import tvm_lite
-    from tvm_lite.relax_passes import MergeSharedInputProjections
+    from tvm_lite.artifact import weights_as_built
 
     def build(device="adreno", quant=None):
         mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
@@ -81,7 +81,7 @@ def opencl_source(export_dir):
 
             mod, _ = quantize_module(mod, QuantConfig(quant, "rtn", 32),
                                      tokenizer_of(export_dir("dynamo")), progress=lambda *_: None)
-        mod = MergeSharedInputProjections()(mod)  # as compile_model does, after quantization
+        mod = weights_as_built(mod, progress=None)  # as compile_model does, after quantization
         return tvm_lite.device_source(tvm_lite.build(mod, f"opencl -device={device}"), "opencl")
 
     return functools.cache(build)
