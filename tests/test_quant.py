@@ -178,6 +178,16 @@ def test_scale_refit_lowers_output_error_and_keeps_codes_and_zeros(fmt):
             np.testing.assert_array_equal(free.zero, q.zero)
         assert free.scale.dtype == np.float16 and (free.scale > 0).all()
         assert not np.array_equal(free.scale, q.scale)
+    # through the pipeline: AWQ+GPTQ refits in AWQ's scaled space, the input scale unchanged
+    from tvm_lite.quant.calibration import InputStats
+    from tvm_lite.quant.quantize import quantize_matrices
+
+    st = InputStats(h, np.abs(x).sum(0).astype(np.float64), x.shape[0])
+    cfgs = [QuantConfig(fmt, "awq+gptq", 32, clip_weighted=True, scale_refit=r) for r in (None, 0.0)]
+    plain, refit = (quantize_matrices({"w": w}, c, {"w": st}, None)["w"] for c in cfgs)
+    assert refit.info["scale_refit"] == 0.0 and "scale_refit" not in plain.info
+    np.testing.assert_array_equal(refit.act_scale, plain.act_scale)
+    assert _out_err(x, w, refit) < _out_err(x, w, plain)
     with pytest.raises(QuantFormatError, match="scale_refit"):
         QuantConfig("e0m4", "rtn", 32, scale_refit=0.1)
     assert QuantConfig("e0m4", "awq+gptq", 32, scale_refit=0.1).label == "e0m4-awq+gptq+refit0.1-g32"
