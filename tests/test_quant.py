@@ -161,6 +161,38 @@ def test_matrices_quantize_the_same_in_worker_processes():
         np.testing.assert_array_equal(one[name].act_scale, two[name].act_scale)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_scale_refit_lowers_output_error_and_keeps_codes_and_zeros(fmt):
+    from tvm_lite.quant.refit import output_error_of, refit_scales
+
+    k, n = 96, 24  # K not a multiple of 64: 3 groups of 32
+    w, x = _weight(k, n, seed=6), _calibration(k, 512, seed=7) + 0.5  # a common input component
+    h = x.T.astype(np.float64) @ x
+    for q in (rtn(w, fmt, 32), gptq(w, h, fmt, 32)):
+        free, pulled = refit_scales(q, w, h, 0.0), refit_scales(q, w, h, 1.0)
+        before = output_error_of(q, w, h)
+        assert output_error_of(free, w, h) < 0.9 * before  # the closed form is the minimum...
+        assert output_error_of(free, w, h) <= output_error_of(pulled, w, h) <= before  # ...the pull stays between
+        np.testing.assert_array_equal(free.codes, q.codes)
+        if fmt == "e0m4":
+            np.testing.assert_array_equal(free.zero, q.zero)
+        assert free.scale.dtype == np.float16 and (free.scale > 0).all()
+        assert not np.array_equal(free.scale, q.scale)
+    # through the pipeline: AWQ+GPTQ refits in AWQ's scaled space, the input scale unchanged
+    from tvm_lite.quant.calibration import InputStats
+    from tvm_lite.quant.quantize import quantize_matrices
+
+    st = InputStats(h, np.abs(x).sum(0).astype(np.float64), x.shape[0])
+    cfgs = [QuantConfig(fmt, "awq+gptq", 32, clip_weighted=True, scale_refit=r) for r in (None, 0.0)]
+    plain, refit = (quantize_matrices({"w": w}, c, {"w": st}, None)["w"] for c in cfgs)
+    assert refit.info["scale_refit"] == 0.0 and "scale_refit" not in plain.info
+    np.testing.assert_array_equal(refit.act_scale, plain.act_scale)
+    assert _out_err(x, w, refit) < _out_err(x, w, plain)
+    with pytest.raises(QuantFormatError, match="scale_refit"):
+        QuantConfig("e0m4", "rtn", 32, scale_refit=0.1)
+    assert QuantConfig("e0m4", "awq+gptq", 32, scale_refit=0.1).label == "e0m4-awq+gptq+refit0.1-g32"
+
+
 def _q4_1_like(k, n, seed=0):
     """Weights as a GGUF Q4_1 export holds them: 16 levels ``d * q + m`` per 32 rows of a column."""
     rng = np.random.default_rng(seed)
@@ -201,7 +233,7 @@ def test_evaluation_domains_are_never_calibration_text():
     from tvm_lite.quant import corpora
 
     render = lambda msgs: "".join(f"<{m['role']}>{m['content']}" for m in msgs)  # noqa: E731
-    calib = {d: corpora.domain_text(d, render) for d in ("docs", "code", "chat")}
+    calib = {d: corpora.domain_text(d, render) for d in ("docs", "code", "chat", "legal")}
     for d in corpora.EVAL_DOMAINS:
         text = corpora.domain_text(d, render)
         assert len(text) > 20000, d

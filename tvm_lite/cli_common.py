@@ -35,11 +35,14 @@ def add_quant_args(p, several: bool = False):
     else:
         g.add_argument("--quant", default="none", choices=["none", "e0m4", "int4"],
                        help="E0M4 (Transformer-Lite) or MLC-style int4 weights for every weight matmul")
-    g.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq", "awq"])
+    g.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"])
     g.add_argument("--group-size", type=int, default=None, help="weights per scale along K (default 32)")
     g.add_argument("--quant-lm-head", action="store_true", help="also quantize the lm_head")
     g.add_argument("--quant-embedding", action="store_true", help="also quantize the embedding")
     g.add_argument("--act-order", action="store_true", help="GPTQ: visit channels by activation size")
+    g.add_argument("--clip-weighted", action="store_true",
+                   help="GPTQ / AWQ+GPTQ: weight the clipping search by the Hessian's diagonal "
+                        "(with awq+gptq: the best method of the README's quality table)")
 
 
 def quant_config(args, fmt=None):
@@ -47,7 +50,8 @@ def quant_config(args, fmt=None):
 
     return QuantConfig.parse(fmt if fmt is not None else args.quant, method=args.quant_method,
                              group_size=args.group_size, include_lm_head=args.quant_lm_head,
-                             include_embedding=args.quant_embedding, act_order=args.act_order)
+                             include_embedding=args.quant_embedding, act_order=args.act_order,
+                             clip_weighted=args.clip_weighted)
 
 
 def resolve_onnx(model, exporter: str = "dynamo"):

@@ -4,8 +4,9 @@ int4 ablation, and the RTN / GPTQ / AWQ quantizers that produce them -- all in n
     format.py        the packed layout, bit diagram, numpy reference (pack / unpack / dequant)
     rtn.py           round-to-nearest with a clipping search (the grid every method shares)
     gptq.py          GPTQ: Hessian from calibration, lazy batch updates, act-order
-    awq.py           AWQ: activation-aware per-channel scale search
-    calibration.py   the model's own activations on offline English text (pydoc_data.topics)
+    awq.py           AWQ: activation-aware per-channel scale search (and AWQ+GPTQ)
+    refit.py         group scales refit to the layer's output error (codes and zeros fixed)
+    calibration.py   the model's own activations on offline text of several domains (corpora.py)
     kernels.py       generic TIR: dequant, dequant-fused matmul and embedding take
     quantize.py      QuantConfig + quantize_module (the pre-pass compile_model runs), cached
     evaluate.py      perplexity / "Paris" / size / speed tables (``tvm-lite quality``)

@@ -24,6 +24,7 @@ import numpy as np
 
 from .format import QuantizedWeight, check_format, check_group_size, check_weight
 from .gptq import gptq
+from .refit import refit_scales
 from .rtn import DEFAULT_CLIP_RATIOS, rtn
 
 
@@ -77,11 +78,17 @@ def _scaled(w, hessian, act_mean_abs, fmt, group_size, n_grid, h_dtype):
 
 
 def awq(w: np.ndarray, hessian: np.ndarray, act_mean_abs: np.ndarray, fmt: str = "e0m4",
-        group_size: int = 32, n_grid: int = N_GRID, clip_ratios=DEFAULT_CLIP_RATIOS) -> QuantizedWeight:
-    """Quantize ``w [K, N]`` with AWQ's scale search; ``act_mean_abs [K]`` is ``mean |x_k|``."""
+        group_size: int = 32, n_grid: int = N_GRID, clip_ratios=DEFAULT_CLIP_RATIOS,
+        refit_damp: float | None = None) -> QuantizedWeight:
+    """Quantize ``w [K, N]`` with AWQ's scale search; ``act_mean_abs [K]`` is ``mean |x_k|``.
+    ``refit_damp``: then refit the group scales to the output error (:mod:`.refit`; None: off)."""
     w, h, base, alpha, s = _scaled(w, hessian, act_mean_abs, fmt, group_size, n_grid, np.float32)
     diag = np.maximum(np.diag(h), 0) / (s * s)
     qw = rtn(w * s[:, None], fmt, group_size, clip_ratios=clip_ratios, channel_weight=diag)
+    if refit_damp is not None:
+        inv = 1.0 / s.astype(np.float64)
+        qw = refit_scales(qw, w * s[:, None], h.astype(np.float64) * inv[:, None] * inv[None, :],
+                          refit_damp)
     qw.act_scale = (1.0 / s).astype(np.float32)
     final = output_error(qw.effective_weight() - w, h)
     qw.info = {"method": "awq", "alpha": alpha, "relative_output_error": final / max(base, 1e-30)}

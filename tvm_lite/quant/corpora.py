@@ -8,6 +8,10 @@ calibration (:data:`CALIBRATION_DOMAINS`)
     ``code``   CPython's standard-library Python sources
     ``chat``   conversations rendered through the model's chat template: a user asks what a
                standard-library module is for, the assistant answers with the module's docstring
+    ``legal``  long-form English prose, which the domains above lack: Python's own ``LICENSE.txt``
+               (the history of Python, then its licenses) and the system's license texts in
+               ``/usr/share/common-licenses`` (Debian's base-files: GPL, Apache, MPL, ...), each
+               distinct text once
     ``self``   the model's own sampled generations (data-free self-calibration): temperature-1
                samples from the chat template's opening, so the model writes both the question
                and the answer (:func:`self_generated`, made by the caller, cached on disk)
@@ -31,7 +35,7 @@ import os
 import sysconfig
 from pathlib import Path
 
-CALIBRATION_DOMAINS = ("docs", "code", "chat", "self")
+CALIBRATION_DOMAINS = ("docs", "code", "chat", "legal", "self")
 EVAL_DOMAINS = ("prose", "news", "c", "qa")
 
 # standard-library modules whose sources are the ``code`` domain, and whose docstrings the ``chat``
@@ -110,6 +114,23 @@ def chat(render) -> str:
     return _conversations(pairs, render)
 
 
+SYSTEM_LICENSES = Path("/usr/share/common-licenses")
+
+
+def legal() -> str:
+    files = [_stdlib() / "LICENSE.txt"]
+    if SYSTEM_LICENSES.is_dir():
+        files += sorted(SYSTEM_LICENSES.iterdir())
+    texts: dict = {}
+    for f in files:
+        if f.is_file():
+            texts.setdefault(f.read_text(encoding="utf-8", errors="replace"), f)
+    if not texts:
+        raise CorpusError(f"the 'legal' domain reads Python's LICENSE.txt and {SYSTEM_LICENSES}; "
+                          "neither is on this machine")
+    return "\n\n".join(texts)
+
+
 def prose() -> str:
     import tvm_ffi
 
@@ -183,7 +204,7 @@ def domain_text(name: str, render=None) -> str:
     dumped = _dumped(name)
     if dumped is not None:
         return dumped
-    plain = {"docs": docs, "code": code, "prose": prose, "news": news, "c": c}
+    plain = {"docs": docs, "code": code, "legal": legal, "prose": prose, "news": news, "c": c}
     if name in plain:
         return plain[name]()
     if name in ("chat", "qa"):

@@ -107,19 +107,30 @@ def row_sets(group_sizes=(32, 128)) -> dict[str, list[tuple[str, object]]]:
                  (f"E0M4-AWQ g{g}", QuantConfig("e0m4", "awq", g))]
     for g in group_sizes:
         if g == group_sizes[0]:  # what each ingredient adds, at the first group size
+            best = dict(clip_weighted=True)
             ablation += [
                 (f"int4-RTN g{g}", QuantConfig("int4", "rtn", g)),
-                (f"E0M4-GPTQ pydoc-only g{g}", QuantConfig("e0m4", "gptq", g, calib_domains=("docs",))),
                 (f"E0M4-GPTQ g{g}", QuantConfig("e0m4", "gptq", g)),
-                (f"E0M4-GPTQ damp 0.01 g{g}", QuantConfig("e0m4", "gptq", g, gptq_damp=0.01)),
-                (f"E0M4-GPTQ act-order g{g}", QuantConfig("e0m4", "gptq", g, act_order=True)),
-                (f"E0M4-GPTQ weighted-clip g{g}", QuantConfig("e0m4", "gptq", g, clip_weighted=True)),
-                (f"E0M4-AWQ pydoc-only g{g}", QuantConfig("e0m4", "awq", g, calib_domains=("docs",))),
                 (f"E0M4-AWQ g{g}", QuantConfig("e0m4", "awq", g)),
                 (f"E0M4-AWQ+GPTQ plain-clip g{g}", QuantConfig("e0m4", "awq+gptq", g)),
-                (f"E0M4-AWQ+GPTQ g{g}", QuantConfig("e0m4", "awq+gptq", g, clip_weighted=True)),
-                (f"E0M4-AWQ+GPTQ act-order g{g}",
-                 QuantConfig("e0m4", "awq+gptq", g, clip_weighted=True, act_order=True))]
+                (f"E0M4-AWQ+GPTQ pydoc-only g{g}",
+                 QuantConfig("e0m4", "awq+gptq", g, calib_domains=("docs",), **best)),
+                (f"E0M4-AWQ+GPTQ docs,code,chat 3072 g{g}",  # the calibration before 'legal'/'self'
+                 QuantConfig("e0m4", "awq+gptq", g, calib_domains=("docs", "code", "chat"),
+                             calib_tokens=3072, **best)),
+                (f"E0M4-AWQ+GPTQ docs,code,chat,legal 4096 g{g}",
+                 QuantConfig("e0m4", "awq+gptq", g, calib_domains=("docs", "code", "chat", "legal"),
+                             calib_tokens=4096, **best)),
+                (f"E0M4-AWQ+GPTQ docs,code,chat,self 8192 g{g}",
+                 QuantConfig("e0m4", "awq+gptq", g, calib_domains=("docs", "code", "chat", "self"),
+                             calib_tokens=8192, **best)),
+                (f"E0M4-AWQ+GPTQ self-only g{g}",  # data-free: the model's own samples alone
+                 QuantConfig("e0m4", "awq+gptq", g, calib_domains=("self",), **best)),
+                (f"E0M4-AWQ+GPTQ g{g}", QuantConfig("e0m4", "awq+gptq", g, **best)),
+                (f"E0M4-AWQ+GPTQ damp 0.01 g{g}", QuantConfig("e0m4", "awq+gptq", g, gptq_damp=0.01, **best)),
+                (f"E0M4-AWQ+GPTQ act-order g{g}", QuantConfig("e0m4", "awq+gptq", g, act_order=True, **best)),
+                (f"E0M4-AWQ+GPTQ scale-refit 0.1 g{g}",
+                 QuantConfig("e0m4", "awq+gptq", g, scale_refit=0.1, **best))]
         # the two formats at equal method
         for f in ("int4", "E0M4"):
             fmt += [(f"{f}-RTN min/max g{g}", QuantConfig(f.lower(), "rtn", g, clip_search=False)),

@@ -26,16 +26,20 @@ from __future__ import annotations
 import numpy as np
 
 from .format import QuantizedWeight, check_format, check_group_size, check_weight
+from .refit import refit_scales
 from .rtn import DEFAULT_CLIP_RATIOS, _grouped, assemble, codes_for, dequant_groups, search_params
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int = 32,
          block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
-         clip_ratios=DEFAULT_CLIP_RATIOS, clip_weighted: bool = False) -> QuantizedWeight:
+         clip_ratios=DEFAULT_CLIP_RATIOS, clip_weighted: bool = False,
+         refit_damp: float | None = None) -> QuantizedWeight:
     """Quantize ``w [K, N]`` given ``hessian [K, K]`` (``X^T X``, any positive scale).
-    ``clip_weighted``: the clipping search weights each input channel's error by ``H_kk``."""
+    ``clip_weighted``: the clipping search weights each input channel's error by ``H_kk``.
+    ``refit_damp``: then refit the group scales to the output error (:mod:`.refit`; None: off)."""
     check_format(fmt)
     group_size = check_group_size(group_size)
+    w_in = w
     w = np.array(check_weight(w), np.float64)  # 2-D, finite, within fp16's range
     k, n = w.shape
     h = np.array(hessian, np.float64)
@@ -105,9 +109,14 @@ def gptq(w: np.ndarray, hessian: np.ndarray, fmt: str = "e0m4", group_size: int 
         w[i2:] -= hinv[i1:i2, i2:].T @ err1
 
     codes = codes[inv_perm]
-    return assemble(fmt, group_size, codes, scales, zeros,
-                    {"method": "gptq", "act_order": act_order, "clip_weighted": clip_weighted,
-                     "gptq_loss": loss})
+    qw = assemble(fmt, group_size, codes, scales, zeros,
+                  {"method": "gptq", "act_order": act_order, "clip_weighted": clip_weighted,
+                   "gptq_loss": loss})
+    if refit_damp is None:
+        return qw
+    w0 = np.array(check_weight(w_in), np.float64)
+    w0[dead, :] = 0.0
+    return refit_scales(qw, w0, hessian, refit_damp)
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:

@@ -60,6 +60,9 @@ class QuantConfig:
                     MSE alone; see :func:`.rtn.rtn`)
     clip_weighted   GPTQ: weight the clipping search's error per input channel by the Hessian's
                     diagonal (the layer's output error, as AWQ's clip search does)
+    scale_refit     GPTQ/AWQ/AWQ+GPTQ: afterwards refit the group scales to the layer's output error
+                    with codes and zeros fixed (:mod:`.refit`); the value is the pull towards the
+                    quantizer's scales (0 = none); None = off
     calib_tokens    calibration tokens in all, an equal share per domain
     calib_domains   calibration domains (:mod:`.corpora`); "self" = the model's own samples
     """
@@ -74,7 +77,8 @@ class QuantConfig:
     gptq_damp: float = 0.1
     clip_weighted: bool = False
     rtn_bias_weight: float = 0.0
-    calib_tokens: int = 8192
+    scale_refit: float | None = None
+    calib_tokens: int = 10240
     calib_domains: tuple = CALIBRATION_DOMAINS
 
     def __post_init__(self):
@@ -83,6 +87,9 @@ class QuantConfig:
         if self.method not in METHODS:
             raise QuantFormatError(f"--quant-method {self.method!r}: choose one of {METHODS}")
         check_group_size(self.group_size)
+        if self.scale_refit is not None and (self.method == "rtn" or self.scale_refit < 0):
+            raise QuantFormatError(f"scale_refit={self.scale_refit!r}: a damping >= 0, for a method "
+                                   f"that calibrates (gptq, awq, awq+gptq), not {self.method!r}")
         unknown = set(self.calib_domains) - set(CALIBRATION_DOMAINS)
         if unknown or not self.calib_domains:
             raise QuantFormatError(f"calibration domains {sorted(unknown) or '()'}: choose from "
@@ -105,6 +112,7 @@ class QuantConfig:
         extra += "+wclip" if self.clip_weighted and gptq else ""
         extra += f"+d{self.gptq_damp:g}" if gptq and self.gptq_damp != 0.1 else ""
         extra += "" if self.clip_search else "-noclip"
+        extra += f"+refit{self.scale_refit:g}" if self.scale_refit is not None else ""
         extra += f"+bias{self.rtn_bias_weight:g}" if self.rtn_bias_weight and self.method == "rtn" else ""
         extra += "+lm_head" if self.include_lm_head else ""
         extra += "+emb" if self.include_embedding else ""
@@ -121,7 +129,7 @@ class QuantConfig:
 def _code_fingerprint() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in ("format.py", "rtn.py", "gptq.py", "awq.py", "calibration.py", "corpora.py",
+    for name in ("format.py", "rtn.py", "gptq.py", "awq.py", "refit.py", "calibration.py", "corpora.py",
                  "reference.py", "quantize.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
@@ -217,15 +225,17 @@ def _quantize_one(name: str):
     elif config.method == "gptq":
         qw = gptq.gptq(w, stats[name].hessian, config.format, config.group_size,
                        percdamp=config.gptq_damp, act_order=config.act_order, clip_ratios=clip,
-                       clip_weighted=config.clip_weighted)
+                       clip_weighted=config.clip_weighted, refit_damp=config.scale_refit)
     elif config.method == "awq":
         st = stats[name]
-        qw = awq.awq(w, st.hessian, st.mean_abs, config.format, config.group_size, clip_ratios=clip)
+        qw = awq.awq(w, st.hessian, st.mean_abs, config.format, config.group_size, clip_ratios=clip,
+                     refit_damp=config.scale_refit)
     else:
         st = stats[name]
         qw = awq.awq_gptq(w, st.hessian, st.mean_abs, config.format, config.group_size,
                           percdamp=config.gptq_damp, act_order=config.act_order,
-                          clip_ratios=clip, clip_weighted=config.clip_weighted)
+                          clip_ratios=clip, clip_weighted=config.clip_weighted,
+                          refit_damp=config.scale_refit)
     qw.info["seconds"] = round(time.perf_counter() - t0, 3)
     return name, qw
 
