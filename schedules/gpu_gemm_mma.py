@@ -43,7 +43,8 @@ from tvm.script import tirx as T
 
 from . import cuda_mma as mma
 from .gpu_gemv import CODES_PER_WORD, MatchError, _int, match_matmul
-from .gpu_gemv_half2 import E0M4_ZERO_NONE, attach_epilogue, dequant_roles, param_index
+from .gpu_gemv_half2 import (E0M4_ZERO_NONE, attach_epilogue, dequant_roles, output_role,
+                              param_index)
 
 TK = 32  # K per shared slice (two 16-deep MMA steps)
 PAD = 8  # fp16 elements of padding per shared row (16 bytes)
@@ -170,14 +171,7 @@ def match_gemm(sch, profile):
         roles["scale"] = param_index(func, scale)
     if zero is not None:
         roles["zero"] = param_index(func, zero)
-    final = None
-    if epilogues:
-        for blk in epilogues[:-1]:
-            sch.compute_inline(blk)
-        final = epilogues[-1]
-        roles["out"] = param_index(func, sch.get(final).writes[0].source)
-    else:
-        roles["out"] = param_index(func, out_buf)
+    roles["out"], final = output_role(func, sch, epilogues, out_buf)
     out = func.params[roles["out"]]
     if len(out.shape) != len(x.shape) or _int(out.shape[-1]) != n:
         raise MatchError("output is not [.., M, N] like x")

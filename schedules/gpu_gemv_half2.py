@@ -188,6 +188,18 @@ def param_index(func, buf) -> int:
     raise MatchError(f"buffer '{buf.name}' is not a parameter")
 
 
+def output_role(func, sch, epilogues: list, out_buf) -> tuple:
+    """(the index of the parameter a kernel writes, the epilogue block it ends with or None): the
+    elementwise epilogue blocks after the matmul are inlined into the last one, whose output is
+    the kernel's; without epilogues, the matmul's own output."""
+    if not epilogues:
+        return param_index(func, out_buf), None
+    for blk in epilogues[:-1]:
+        sch.compute_inline(blk)
+    final = epilogues[-1]
+    return param_index(func, sch.get(final).writes[0].source), final
+
+
 def match_half2(func, sch, profile, plan: dict):
     """The :class:`Half2Plan` of ``func`` (raises :class:`MatchError` where the kernel does not
     apply; see the module docstring) and the final epilogue block (or None)."""
@@ -228,14 +240,7 @@ def match_half2(func, sch, profile, plan: dict):
              "scale": param_index(func, scale)}
     if zero is not None:
         roles["zero"] = param_index(func, zero)
-    final = None
-    if epilogues:
-        for blk in epilogues[:-1]:
-            sch.compute_inline(blk)
-        final = epilogues[-1]
-        roles["out"] = param_index(func, sch.get(final).writes[0].source)
-    else:
-        roles["out"] = param_index(func, out_buf)
+    roles["out"], final = output_role(func, sch, epilogues, out_buf)
     return Half2Plan(fmt=fmt, k=k, n=n, group=group, rows=rows, vec=vec, tn=plan["tn"],
                      tk=plan["tk"], ks=plan["ks"], kg=plan["kg"],
                      out_dtype=str(out_buf.dtype), roles=roles), final

@@ -361,6 +361,16 @@ def _dequant_gemv(fmt, k, n, epilogue=None, group=32, lead=(1, 1)):
     return func.with_attr("global_symbol", "main")
 
 
+def _gemm_reference(fmt, x, arrays, k, n, epilogue, extra):
+    """numpy's result of a prefill GEMM test: fp16 weights (SiLU-gated when ``epilogue``) or the
+    4-bit formats through ``_half2_reference``."""
+    if fmt != "fp16":
+        return _half2_reference(fmt, x, arrays, k, n, epilogue, extra)
+    y = (x.reshape(-1, k).astype(np.float32) @ arrays["w"].astype(np.float32))
+    y = y.astype(np.float16).astype(np.float32)
+    return y / (1 + np.exp(-y)) * extra.reshape(-1, n) if epilogue else y
+
+
 def _half2_reference(fmt, x, arrays, k, n, epilogue, extra, group=32):
     from tvm_lite.quant.format import dequantize
 
@@ -639,12 +649,7 @@ def test_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
             args = [x, arrays["w"], extra]
         out = tvm.runtime.empty((1, seq, n), "float16", dev)
         ex.mod["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
-        if fmt == "fp16":
-            y = (x.reshape(-1, k).astype(np.float32) @ arrays["w"].astype(np.float32))
-            y = y.astype(np.float16).astype(np.float32)
-            ref = y / (1 + np.exp(-y)) * extra.reshape(-1, n) if epilogue else y
-        else:
-            ref = _half2_reference(fmt, x, arrays, k, n, epilogue, extra)
+        ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra)
         got = out.numpy().reshape(seq, n).astype(np.float32)
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err < 1e-2, (fmt, k, n, epilogue, seq, err)
@@ -685,11 +690,6 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tm
     grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (-(-m * n // 256), 1, 1)}
     got = run_kernels(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
     got = got.reshape(m, n).astype(np.float32)
-    if fmt == "fp16":
-        y = (x.reshape(-1, k).astype(np.float32) @ arrays["w"].astype(np.float32))
-        y = y.astype(np.float16).astype(np.float32)
-        ref = y / (1 + np.exp(-y)) * extra.reshape(-1, n) if epilogue else y
-    else:
-        ref = _half2_reference(fmt, x, arrays, k, n, epilogue, extra)
+    ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra)
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err < 1e-2, err
