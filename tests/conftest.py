@@ -6,6 +6,8 @@ session reuses them.
 
 import functools
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -30,6 +32,17 @@ PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
 ]
+
+
+CLANG = shutil.which("clang-15")  # OpenCL C is compile-checked with Debian's clang-15 (install.sh)
+CLANG_OPENCL_ARGS = ["-x", "cl", "-cl-std=CL2.0", "-Xclang", "-finclude-default-header",
+                     "-Xclang", "-cl-ext=+cl_khr_fp16", "-fsyntax-only"]
+
+
+def clang_opencl(path) -> subprocess.CompletedProcess:
+    """clang-15's syntax check of the OpenCL C file ``path`` (fp16 enabled)."""
+    return subprocess.run([CLANG or "clang-15", *CLANG_OPENCL_ARGS, str(path)],
+                          capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session")

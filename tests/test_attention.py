@@ -21,11 +21,11 @@ from tvm_lite.relax_passes import FuseAttention
 from tvm_lite.relax_passes.fuse_attention import (attention_params, reference_kernel,
                                                   reference_numpy)
 from tvm_lite.schedules.gpu_attention import TILES, Attention
+from conftest import CLANG, clang_opencl
 
 LAYERS = 30  # SmolLM2-135M
 GPU_TARGETS = {"adreno": "opencl -device=adreno", "mali": "opencl -device=mali",
                "cuda": "cuda -arch=sm_90", "gpu": "opencl"}
-CLANG = shutil.which("clang-15")
 
 
 def _phase1(mod, fused_attention=True):
@@ -187,9 +187,7 @@ def test_gpu_kernels_compile(profile, tmp_path):
         for i, src in enumerate(sources):
             path = tmp_path / f"attn{i}.cl"
             path.write_text(src)
-            res = subprocess.run([CLANG, "-x", "cl", "-cl-std=CL2.0", "-Xclang",
-                                  "-finclude-default-header", "-Xclang", "-cl-ext=+cl_khr_fp16",
-                                  "-fsyntax-only", str(path)], capture_output=True, text=True)
+            res = clang_opencl(path)
             assert res.returncode == 0, res.stderr[:2000]
 
 
@@ -256,9 +254,7 @@ def test_split_decode_fits_every_profile(profile, tmp_path):
         elif CLANG:
             path = tmp_path / f"decode_{heads}_{kv}_{d}.cl"
             path.write_text(src)
-            res = subprocess.run([CLANG, "-x", "cl", "-cl-std=CL2.0", "-Xclang",
-                                  "-finclude-default-header", "-Xclang", "-cl-ext=+cl_khr_fp16",
-                                  "-fsyntax-only", str(path)], capture_output=True, text=True)
+            res = clang_opencl(path)
             assert res.returncode == 0, res.stderr[:2000]
 
 

@@ -24,11 +24,9 @@ from tvm_lite import pipeline
 from tvm_lite.artifact import weights_as_built
 from tvm_lite.relax_passes import (FuseAddRMSNorm, FuseKVAppend, FuseRotary, FuseSiluMul,
                                    LegalizeGroupedReshape)
+from conftest import CLANG, clang_opencl
 
 LAYERS = 30  # SmolLM2-135M
-CLANG = shutil.which("clang-15")
-CLANG_ARGS = ["-x", "cl", "-cl-std=CL2.0", "-Xclang", "-finclude-default-header", "-Xclang",
-              "-cl-ext=+cl_khr_fp16", "-fsyntax-only"]
 LLVM = tvm_lite.parse_target("llvm")
 
 
@@ -267,17 +265,13 @@ def _kernels_by_name(src: str) -> tuple[str, dict]:
     return header, {c.split("\n", 1)[0].strip(): c for c in chunks}
 
 
-def _clang(path) -> subprocess.CompletedProcess:
-    return subprocess.run([CLANG, *CLANG_ARGS, str(path)], capture_output=True, text=True)
-
-
 def _check_opencl(src: str, tmp_path, name: str) -> list[str]:
     """clang-15 on the whole source; returns the kernels left out for TVM's codegen bug after
     checking that everything else compiles."""
     header, kernels = _kernels_by_name(src)
     path = tmp_path / f"{name}.cl"
     path.write_text(src)
-    res = _clang(path)
+    res = clang_opencl(path)
     if res.returncode == 0:
         return []
     tvm_bug = sorted(k for k, body in kernels.items() if TVM_LET_IN_VSTORE.search(body))
@@ -285,7 +279,7 @@ def _check_opencl(src: str, tmp_path, name: str) -> list[str]:
     rest = header + "".join(f"\n// Function: {body}" for k, body in kernels.items()
                             if k not in tvm_bug)
     path.write_text(rest)
-    res = _clang(path)
+    res = clang_opencl(path)
     assert res.returncode == 0, res.stderr[-3000:]
     return tvm_bug
 
@@ -294,7 +288,7 @@ def _check_opencl(src: str, tmp_path, name: str) -> list[str]:
 @pytest.mark.skipif(CLANG is None, reason="clang-15 not installed")
 @pytest.mark.parametrize("device, quant", [("adreno", None), ("mali", None),
                                            ("adreno", "e0m4"), ("mali", "e0m4")])
-def test_whole_model_opencl_passes_clang(opencl_source, tmp_path, device, quant):
+def test_whole_model_opencl_passesclang_opencl(opencl_source, tmp_path, device, quant):
     src = opencl_source(device, quant)
     assert "kv_append" in src and "add_rms_norm" in src
     left_out = _check_opencl(src, tmp_path, f"{device}_{quant}")
@@ -319,7 +313,7 @@ def test_tvm_opencl_let_inside_vstore_is_a_codegen_bug(tmp_path):
                      target=tvm_lite.parse_target("opencl -device=adreno"))
     path = tmp_path / "k.cl"
     path.write_text(tvm_lite.device_source(ex, "opencl"))
-    assert _clang(path).returncode == 0
+    assert clang_opencl(path).returncode == 0
 
 
 @pytest.mark.slow

@@ -27,10 +27,9 @@ from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM, simt_only
 from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV, MatchError, match_matmul
 from tvm_lite.schedules.guards import StaticBuffersOnly
 from tvm_lite.schedules.profiles import ADRENO, CUDA, MALI, PROFILES, fit_to_target, gpu_profile
+from conftest import clang_opencl
 
 TARGETS = {"adreno": "opencl -device=adreno", "mali": "opencl -device=mali", "cuda": "cuda -arch=sm_90"}
-CLANG = ["clang-15", "-x", "cl", "-cl-std=CL2.0", "-Xclang", "-finclude-default-header",
-         "-Xclang", "-cl-ext=+cl_khr_fp16", "-fsyntax-only"]
 # (K, N): a SmolLM2 k/v projection (N = 192: not a power of two), its down projection, a 2B k/v
 SHAPES = [(576, 192), (1536, 576), (2048, 256)]
 DYN = tirx.Var("n", "int64")
@@ -197,7 +196,7 @@ def test_every_rule_compiles_and_passes_the_vendor_compiler(profile, tmp_path):
         for name, src in sources:
             path = tmp_path / f"{name}.cl"
             path.write_text(src)
-            res = subprocess.run([*CLANG, str(path)], capture_output=True, text=True)
+            res = clang_opencl(path)
             assert res.returncode == 0, (name, res.stderr[-2000:])
     else:
         if not shutil.which("nvcc"):
@@ -323,7 +322,7 @@ def test_epilogue_chains_and_fp32_weights_compile(profile, tmp_path):
         if kind == "opencl" and shutil.which("clang-15"):
             path = tmp_path / f"silu_{len(lead)}_{lead[-1]}.cl"
             path.write_text(src)
-            res = subprocess.run([*CLANG, str(path)], capture_output=True, text=True)
+            res = clang_opencl(path)
             assert res.returncode == 0, res.stderr[-2000:]
 
 
@@ -549,7 +548,7 @@ def test_greedy_token_reductions_are_cross_thread_not_one_thread(profile, tmp_pa
         if shutil.which("clang-15"):
             path = tmp_path / "greedy.cl"
             path.write_text(src)
-            out = subprocess.run(CLANG + [str(path)], capture_output=True, text=True)
+            out = clang_opencl(path)
             assert out.returncode == 0, out.stderr[-2000:]
     # (the max and first-index reductions it replaced fell to one thread looping over the row
     # without GPUScalarReduction; TOPI's argmax pairs are a reducer DLight's rules know too)

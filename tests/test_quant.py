@@ -6,7 +6,6 @@ SmolLM2-135M (quantized weights and the compiled artifact are cached between ses
 
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from tvm_lite.quant.gptq import gptq
 from tvm_lite.quant.rtn import rtn
 from tvm_lite.relax_passes import QuantizeWeightMatmuls
 from tvm_lite.relax_passes.quantize_weight_matmuls import QuantizeError, find_weight_uses
+from conftest import clang_opencl
 
 FORMATS = ["e0m4", "int4"]
 
@@ -374,9 +374,7 @@ def test_opencl_e0m4_dequant_is_two_bitwise_ops_and_no_conversion(tmp_path):
         for name, src in (("e0m4", e0m4), ("int4", int4)):
             path = tmp_path / f"{name}.cl"
             path.write_text(src)
-            res = subprocess.run(["clang-15", "-x", "cl", "-cl-std=CL2.0", "-Xclang",
-                                  "-finclude-default-header", "-Xclang", "-cl-ext=+cl_khr_fp16",
-                                  "-fsyntax-only", str(path)], capture_output=True, text=True)
+            res = clang_opencl(path)
             assert res.returncode == 0, res.stderr[-2000:]
 
 
