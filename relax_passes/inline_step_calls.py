@@ -7,13 +7,15 @@ plus a ``tuple_getitem`` per tuple field), so every weight was checked and unpac
 three levels of every step: SmolLM2's decode step made ~7,450 VM calls for 389 kernels.
 
 This pass inlines the tuple wrapper and the decoder into the step entries, so the weights, caches
-and workspaces are checked once, where they enter (the small step helpers stay calls). The callees stay in the module as they are (``decode`` and
-``decode_tupled`` are entries too: the engine and the RPC runner call them).
+and workspaces are checked once, where they enter (the small step helpers stay calls). The
+callees stay in the module as they are (``decode`` and ``decode_tupled`` are entries too: the
+engine and the RPC runner call them).
 
 ``_Inline`` binds the callee's symbolic vars to the caller's values first (TVM's own
 ``InlinePrivateFunctions`` binds the parameters but not the symbolic vars an ``R.Shape`` argument
-gives, and fails on the greedy helper's ``if_then_else`` shapes). Runs right after ``AddStepEntries``,
-before ``LowerAllocTensor`` and ``VMShapeLower``; a no-op where there are no step entries.
+gives, and fails on the greedy helper's ``if_then_else`` shapes). Runs right after
+``AddStepEntries``, before ``LowerAllocTensor`` and ``VMShapeLower``; a no-op where there are no
+step entries.
 """
 
 from __future__ import annotations
