@@ -25,19 +25,24 @@ decode kernel, everything else the prefill kernel (``n`` symbolic); the PrimFunc
 profile. The function emitted here is target independent: a plain loop nest, parallel over
 (head, query row), which is also what the CPU runs.
 
-Sliding-window layers get ring caches (``ring=True``: CPU targets). Where the decoder carries
+Sliding-window layers get ring caches (``ring=True``; every target: the GPU rules of
+``schedules/gpu_attention.py`` rebuild the ring kernels too). Where the decoder carries
 ``tvm_lite.kv_windows`` (``InplaceKVCache(windows=...)``) and a window layer's K/V views read the
 ``kv_write`` of its caches, the attention becomes :func:`ring_kernel` instead::
 
     (ring_k', ring_v', o) = call_tir_inplace(attention_ring_*, [q, ring_k, ring_v, new_k, new_v,
-                                                                 mask], inplace_indices=[1, 2, -1])
+                                                                 past], inplace_indices=[1, 2, -1])
 
 which attends over the ring and the new rows and then writes the new rows into the ring at
 ``position mod window``; the ``kv_write``/view become dead, and the cache parameter becomes a
 ``(window, KV, D)`` ring (the caller allocates ``window`` rows: ``_metadata``'s
 ``kv_caches.rows``). Attention before the write (not the cache's write-then-read) is what makes a
 ring of ``window`` rows enough for a chunk of any length: a write first would overwrite rows the
-chunk's earlier queries still see.
+chunk's earlier queries still see. The ring kernel masks by position (``past`` is ``kv_write``'s
+write position): causal and the window, nothing else. It does not read the export's mask, so a
+model whose layers are all windowed builds no mask at all (the export's mask is ``O(context)``
+per step) -- ring models are never padded (``Engine``), and the exports' window masks are exactly
+causal + window (``kv_pos > q_pos - W``, checked against torch by ``tvm_lite/arch_matrix.py``).
 
 What is left unfused, with a warning naming the softmax: any attention whose K/V are not views of
 the in-place cache, a softmax not over the last axis, a scale that is not a scalar constant, an
@@ -49,6 +54,7 @@ exports do) is honoured, since the mask is read as given.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,25 +107,53 @@ def scaled_score(p: dict, x: str, mask: str) -> str:
     return f"{x} + T.float32({mask})"
 
 
-def signature(p: dict) -> tuple[str, str, str]:
-    """(``T.handle`` parameters + buffer declarations, mask index prefix, n) of an attention
-    PrimFunc: ``q (1, H, n, D)``, ``k, v (m, KV, D)``, ``mask (1, 1|H, 1|n, m)``, ``out``
-    (``(1, H, n, D)``, or ``(1, n, H * D)`` with ``merged_heads``: the layout the output
-    projection reads, so no transpose kernel follows)."""
+def signature(p: dict) -> tuple[str, str]:
+    """(buffer declarations, n) of an attention PrimFunc: ``q (1, H, n, D)``, ``k, v (m, KV,
+    D)``, ``mask (1, 1|H, 1|n, m)``, ``out`` (``(1, H, n, D)``, or ``(1, n, H * D)`` with
+    ``merged_heads``: the layout the output projection reads, so no transpose kernel follows).
+
+    A ring kernel's (``window`` in ``p``: :func:`ring_kernel`) has no mask: ``k, v`` are the ring
+    ``(W, KV, D)``, ``nk, nv (1, KV, n, D)`` the call's new rows and ``past`` (a scalar parameter)
+    the tokens before them; ``ring_rows = min(past, W - 1)`` (the ring rows any query of the call
+    can see) and ``m = ring_rows + n`` (its keys: those ring rows, oldest first, then the new
+    rows; see :func:`ring_key`) are names the body may use (:func:`kernel_source` substitutes
+    them: a let at the top of a GPU kernel's function does not reach the host's launch code)."""
     n = "1" if p["decode"] else "n"
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
-    mh = H if p["mask_heads"] else 1
-    mq = n if p["mask_rows"] else "1"
-    kv_shape = f"(m, {D})" if p.get("kv_squeezed") else f"(m, {KV}, {D})"
+    rows = p.get("window") or "m"
+    kv_shape = f"({rows}, {D})" if p.get("kv_squeezed") else f"({rows}, {KV}, {D})"
     decl = f'''
     {"" if p["decode"] else "n = T.int64()"}
-    m = T.int64()
+    {"" if p.get("window") else "m = T.int64()"}
     q = T.match_buffer(var_q, (1, {H}, {n}, {D}), "{p["dtype"]}")
     k = T.match_buffer(var_k, {kv_shape}, "{p["dtype"]}")
     v = T.match_buffer(var_v, {kv_shape}, "{p["dtype"]}")
-    mask = T.match_buffer(var_mask, (1, {mh}, {mq}, m), "{p["mask_dtype"]}")
     o = T.match_buffer(var_o, {out_shape(p, n)}, "{p["dtype"]}")'''
-    return decl, n
+    if p.get("window"):
+        return decl + f'''
+    nk = T.match_buffer(var_nk, (1, {KV}, {n}, {D}), "{p["dtype"]}")
+    nv = T.match_buffer(var_nv, (1, {KV}, {n}, {D}), "{p["dtype"]}")''', n
+    mh = H if p["mask_heads"] else 1
+    mq = n if p["mask_rows"] else "1"
+    return decl + f'''
+    mask = T.match_buffer(var_mask, (1, {mh}, {mq}, m), "{p["mask_dtype"]}")''', n
+
+
+def ring_key(p: dict, j: str) -> tuple[str, str]:
+    """(ring slot, new row) of key ``j`` of a ring kernel: keys ``j < ring_rows`` are the ring's
+    positions ``past - ring_rows + j`` (slot: position mod W), the others the new row ``j -
+    ring_rows`` (each index clamped into its buffer, so either may be evaluated)."""
+    return (f"(past - ring_rows + {j}) % {p['window']}",
+            f"T.max({j} - ring_rows, T.int64(0))")
+
+
+def ring_visible(p: dict, i: str, j: str) -> str:
+    """Whether key ``j`` is visible to query row ``i`` (position ``past + i``): causal, and inside
+    the window (a key at position ``a`` is seen by queries ``a .. a + W - 1``); "True" for a
+    kernel without a window (its mask decides)."""
+    if not p.get("window"):
+        return "True"
+    return f"({j} <= {i} + ring_rows and {j} + {p['window']} > {i} + ring_rows)"
 
 
 def out_shape(p: dict, n: str) -> str:
@@ -140,7 +174,10 @@ def kv_index(p: dict, buf: str, j: str, kv_head: str, d: str) -> str:
 
 
 def mask_index(p: dict, h: str, i: str, j: str) -> str:
-    """``mask[...]`` for query head ``h``, query row ``i``, key ``j``."""
+    """``mask[...]`` for query head ``h``, query row ``i``, key ``j`` (a ring kernel has no mask:
+    "0"; it masks by position, :func:`ring_visible`)."""
+    if p.get("window"):
+        return "0"
     return (f"mask[0, {h if p['mask_heads'] else 0}, {i if p['mask_rows'] else 0}, {j}]")
 
 
@@ -151,26 +188,47 @@ def func_attrs(p: dict) -> str:
             f'"{PARAMS_ATTR}": {{{", ".join(f"{k!r}: {v!r}" for k, v in p.items())}}}}}')
 
 
-def kernel_source(p: dict, decl: str, body: str) -> str:
-    """The TVMScript of an attention kernel: the one signature every kernel (CPU and GPU) has,
-    its attributes and buffer declarations (``decl``, from :func:`signature`), then ``body``
-    (statements at one level of indentation)."""
+def kernel_source(p: dict, decl: str, body: str, static: dict | None = None) -> str:
+    """The TVMScript of an attention kernel: the one signature every kernel (CPU and GPU) has
+    (a ring kernel's: ``q, k, v, nk, nv, past, o``), its attributes and buffer declarations
+    (``decl``, from :func:`signature`), then ``body`` (statements at one level of indentation).
+    ``static`` names sizes (``n``, ``m``, ``past``) made constants (tests that run a kernel's
+    generated code without scalar arguments): give their values to :func:`parse`."""
+    params = "var_q: T.handle, var_k: T.handle, var_v: T.handle, " + (
+        "var_nk: T.handle, var_nv: T.handle, past: T.int64, " if p.get("window")
+        else "var_mask: T.handle, ") + "var_o: T.handle"
+    for name in static or {}:
+        decl = decl.replace(f"{name} = T.int64()", "")
+        params = params.replace(f"{name}: T.int64, ", "")
+    if p.get("window"):  # the ring kernel's sizes (signature)
+        rows = f"T.min(past, T.int64({p['window'] - 1}))"
+        body = re.sub(r"\bm\b", f"({rows} + {'1' if p['decode'] else 'n'})", body)
+        body = re.sub(r"\bring_rows\b", rows, body)
     return f'''
 @T.prim_func(private=True)
-def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
-              var_o: T.handle):
+def attention({params}):
     T.func_attr({func_attrs(p)})
     {decl}
 {body}'''
 
 
-def _key_pass(p: dict, keys: int, lanes: int, count: str, k_at, v_at, mask_col) -> str:
-    """One pass of the online softmax over ``count`` keys, ``keys`` at a time (statements inside
-    a kernel's per-(head, row) loop): ``k_at(j, d)``/``v_at(j, d)`` are the TIR texts of key
-    ``j``'s K/V element ``d``, ``mask_col(j)`` its mask column."""
+def parse(src: str, static: dict | None = None, **extra_vars) -> tirx.PrimFunc:
+    """The PrimFunc of a :func:`kernel_source` text (``static``: the values of its constant
+    sizes)."""
+    from tvm.script import tirx as T
+
+    consts = {k: tirx.IntImm("int64", v) for k, v in (static or {}).items()}
+    return from_source(src, extra_vars={"T": T, **extra_vars, **consts})
+
+
+def _key_pass(p: dict, keys: int, lanes: int, start: str, count: str, k_at, v_at,
+              mask_col) -> str:
+    """One pass of the online softmax over keys ``[start, count)``, ``keys`` at a time
+    (statements inside a kernel's per-(head, row) loop): ``k_at(j, d)``/``v_at(j, d)`` are the
+    TIR texts of key ``j``'s K/V element ``d``, ``mask_col(j)`` its mask column."""
     f32 = "T.float32"
     D = p["head_dim"]
-    j = f"j0 * {keys} + jj"
+    j = f"{start} + j0 * {keys} + jj" if start != "0" else f"j0 * {keys} + jj"
     # the lanes' partial sums folded in halves (vector adds), then the last one scalar
     fold, width = [], lanes
     while width > 1:
@@ -179,7 +237,8 @@ def _key_pass(p: dict, keys: int, lanes: int, count: str, k_at, v_at, mask_col) 
                     part[jj, l] = part[jj, l] + part[jj, l + {width}]""")
     fold = "\n".join(fold)
     k_elem = k_at(j, f"d0 * {lanes} + l")
-    return f'''        for j0 in range(({count} + {keys - 1}) // {keys}):
+    extent = f"{count} - ({start})" if start != "0" else count
+    return f'''        for j0 in range(({extent} + {keys - 1}) // {keys}):
             for jj in range({keys}):
                 for l in T.vectorized({lanes}):
                     part[jj, l] = {f32}(0)
@@ -191,7 +250,7 @@ def _key_pass(p: dict, keys: int, lanes: int, count: str, k_at, v_at, mask_col) 
             for jj in range({keys}):
 {fold}
                 if {j} < {count}:
-                    sc[jj] = {score(p, "part[jj, 0]", mask_index(p, "h", "i", mask_col(j)))}
+                    sc[jj] = {score(p, "part[jj, 0]", mask_index(p, "h", "i", mask_col(j)) if mask_col else "0")}
                     st[2] = T.max(st[2], sc[jj])
             if st[2] > st[0]:
                 for d in T.vectorized({D}):
@@ -245,7 +304,7 @@ def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
     if p.get("window"):
         return ring_kernel(p, keys)
     decl, _ = signature(p)
-    passes = _key_pass(p, keys, _lanes(p), "m", lambda j, d: kv_index(p, "k", j, "kvh", d),
+    passes = _key_pass(p, keys, _lanes(p), "0", "m", lambda j, d: kv_index(p, "k", j, "kvh", d),
                        lambda j, d: kv_index(p, "v", j, "kvh", d), lambda j: j)
     return from_source(kernel_source(p, decl, _row_loop(p, keys, passes)))
 
@@ -253,44 +312,35 @@ def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
 def ring_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
     """Attention of a sliding-window layer on its ring cache, then the ring updated (CPU).
 
-    The ring ``k, v (W, KV, D)`` holds the positions ``[past - W, past)``, position ``a`` in slot
-    ``a mod W`` (``past = m - n``: the mask has one column per absolute position). Each query row
-    attends over the ring's filled slots and over the chunk's own new rows ``nk, nv (1, KV, n,
-    D)``, reading the export's mask at each key's absolute position (window and causality are the
-    mask's: a query at ``past + i`` sees keys after ``past + i - W``, all in the ring or the
-    chunk). Only after every row has read the ring are the chunk's last ``min(n, W)`` rows written
-    into it at ``position mod W`` (earlier rows are outside every later query's window). One
-    kernel, so nothing runs between the reads and the writes; prefill, a chunk and a decode step
-    are the same code, and nothing is copied but the new rows."""
-    W, KV, D, dt = p["window"], p["kv_heads"], p["head_dim"], p["dtype"]
+    The ring ``k, v (W, KV, D)`` holds the positions before ``past``, position ``a`` in slot ``a
+    mod W``; a query at ``past + i`` sees the keys at ``past + i - W + 1 .. past + i`` (causal, in
+    the window): its last ``W - 1 - i`` ring positions and the call's new rows ``nk, nv (1, KV,
+    n, D)`` from ``max(0, i - W + 1)`` to ``i``. Each query row walks exactly those (two passes
+    of the online softmax with position bounds: no mask tensor, nothing outside the window read,
+    so a step's cost does not grow with the context). Only after every row has read the ring are
+    the call's last ``min(n, W)`` rows written into it at ``position mod W`` (earlier rows are
+    outside every later query's window). One kernel, so nothing runs between the reads and the
+    writes; prefill, a chunk and a decode step are the same code, and nothing is copied but the
+    new rows."""
+    W, KV, D = p["window"], p["kv_heads"], p["head_dim"]
     decl, n = signature(p)
-    decl = decl.replace("m = T.int64()", f"m = T.int64()\n    past = m - {n}")
-    decl = decl.replace(f"(m, {KV}, {D})", f"({W}, {KV}, {D})")
-    decl += f'''
-    nk = T.match_buffer(var_nk, (1, {KV}, {n}, {D}), "{dt}")
-    nv = T.match_buffer(var_nv, (1, {KV}, {n}, {D}), "{dt}")'''
-
-    def ring_pos(r):  # slot r holds the latest position a < past with a = r (mod W)
-        return f"({r}) + {W} * ((past - 1 - ({r})) // {W})"
-
     lanes = _lanes(p)
-    passes = _key_pass(p, keys, lanes, f"T.min(past, {W})", lambda j, d: f"k[{j}, kvh, {d}]",
-                       lambda j, d: f"v[{j}, kvh, {d}]", ring_pos)
-    passes += _key_pass(p, keys, lanes, n, lambda j, d: f"nk[0, kvh, {j}, {d}]",
-                        lambda j, d: f"nv[0, kvh, {j}, {d}]", lambda j: f"past + {j}")
-    write = f'''    for t in T.parallel(T.min({n}, {W}) * {KV}):
+    slot = lambda j: ring_key(p, j)[0]  # noqa: E731
+    zero, i = "T.int64(0)", 'T.Cast("int64", i)'
+    passes = _key_pass(p, keys, lanes, f"T.max({zero}, {i} + ring_rows + 1 - {W})", "ring_rows",
+                       lambda j, d: kv_index(p, "k", slot(j), "kvh", d),
+                       lambda j, d: kv_index(p, "v", slot(j), "kvh", d), None)
+    passes += _key_pass(p, keys, lanes, f"T.max({zero}, {i} + 1 - {W})", f"{i} + 1",
+                        lambda j, d: f"nk[0, kvh, {j}, {d}]", lambda j, d: f"nv[0, kvh, {j}, {d}]",
+                        None)
+    rows = f"T.min({n}, {W})"
+    new = f"{n} - {rows} + t // {KV}"  # the new row written; its position is past + new
+    write = f'''    for t in T.parallel({rows} * {KV}):
         for d in T.vectorized({D}):
-            k[(m - T.min({n}, {W}) + t // {KV}) % {W}, t % {KV}, d] = nk[0, t % {KV}, {n} - T.min({n}, {W}) + t // {KV}, d]
-            v[(m - T.min({n}, {W}) + t // {KV}) % {W}, t % {KV}, d] = nv[0, t % {KV}, {n} - T.min({n}, {W}) + t // {KV}, d]
+            {kv_index(p, "k", f"(past + {new}) % {W}", f"t % {KV}", "d")} = nk[0, t % {KV}, {new}, d]
+            {kv_index(p, "v", f"(past + {new}) % {W}", f"t % {KV}", "d")} = nv[0, t % {KV}, {new}, d]
 '''
-    src = f'''
-@T.prim_func(private=True)
-def attention_ring(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_nk: T.handle,
-                   var_nv: T.handle, var_mask: T.handle, var_o: T.handle):
-    T.func_attr({func_attrs(p)})
-    {decl}
-{_row_loop(p, keys, passes)}{write}'''
-    return from_source(src)
+    return parse(kernel_source(p, decl, _row_loop(p, keys, passes) + write))
 
 
 # -- the pattern -------------------------------------------------------------------------------------
@@ -498,7 +548,7 @@ class _Fuser:
             rk, rv = self.rings.ring_var(ring.cache_k, ring.window), \
                 self.rings.ring_var(ring.cache_v, ring.window)
             call = relax.TupleGetItem(relax.call_tir_inplace(
-                gv, [q, rk, rv, ring.new_k, ring.new_v, mask], [1, 2, -1],
+                gv, [q, rk, rv, ring.new_k, ring.new_v, ring.past], [1, 2, -1],
                 [rk.ty, rv.ty, out_ty]), 2)
         else:
             call = relax.call_tir(gv, [q, m[names["k_view"]], m[names["v_view"]], mask], out_ty)
@@ -513,6 +563,7 @@ class _RingSource:
     cache_v: relax.Var
     new_k: relax.Expr
     new_v: relax.Expr
+    past: relax.Expr  # the write position (tokens before the call): a PrimValue
 
 
 class _Rings:
@@ -528,15 +579,16 @@ class _Rings:
         self.var2val: dict = {}
 
     def _write(self, view):
-        """(cache param, new rows) if ``view`` reads a window cache's ``kv_write`` result."""
+        """(cache param, new rows, write position) if ``view`` reads a window cache's
+        ``kv_write`` result."""
         written = view.args[0]
         call = self.var2val.get(written) if isinstance(written, relax.Var) else None
         if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
                 and call.op.name == "relax.call_tir_inplace"
                 and isinstance(call.args[1], relax.Tuple) and len(call.args[1].fields) == 3):
             return None
-        cache, new, _pos = call.args[1].fields
-        return (cache, new) if cache in self.windows else None
+        cache, new, pos = call.args[1].fields
+        return (cache, new, pos) if cache in self.windows else None
 
     def source(self, k_view, v_view, kv_heads: int, head_dim: int) -> _RingSource | None:
         k, v = self._write(k_view), self._write(v_view)
@@ -549,7 +601,7 @@ class _Rings:
                     isinstance(d, tirx.IntImm) and int(d) == want
                     for d, want in zip((shape[0], shape[1], shape[3]), (1, kv_heads, head_dim))):
                 return None  # new rows not (1, KV, n, D): the full-length cache stays
-        return _RingSource(self.windows[k[0]], k[0], v[0], k[1], v[1])
+        return _RingSource(self.windows[k[0]], k[0], v[0], k[1], v[1], k[2])
 
     def ring_var(self, cache: relax.Var, window: int) -> relax.Var:
         if cache not in self.vars:

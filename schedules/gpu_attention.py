@@ -133,8 +133,6 @@ class Attention(dl.ScheduleRule):
         p = _params(func)
         tile = TILES[profile]
         max_threads = int(target.attrs.get("max_num_threads", 256))
-        if p.get("window"):  # a ring cache's kernel (CPU only: FuseAttention(ring=True))
-            return None
         if p["decode"]:  # flash-decoding: schedules/gpu_attention_decode.py
             kernel = split_decode_kernel(p, fit_to_target(gpu_profile(profile), target),
                                          max_threads)

@@ -25,15 +25,21 @@ partials stay small next to the K/V it summarizes: ``4 · G`` keys) and at most 
 max_splits)`` rounded up to whole tiles, ``max_splits · KV ≈ 4 ·`` the profile's compute units.
 Scores and softmax are fp32 for any input dtype; a fully masked split contributes nothing (its
 weight ``e^{m_s - M}`` is 0 beside a real key).
+
+A sliding-window layer's ring cache (``window`` in the params: ``FuseAttention``'s ring kernel,
+``k, v`` the ring of ``W`` rows, the new row ``nk, nv``, the position ``past``): a first kernel
+(:func:`ring_write`) writes the new row at ``past mod W`` -- the position it overwrites,
+``past - W``, is outside the window of the query at ``past`` -- and the split kernels then read
+ring slots ``[0, min(past + 1, W))``: exactly the window, in any order (softmax does not care),
+every key visible, so no mask. The splits cover the live window only, whatever the context.
 """
 
 from __future__ import annotations
 
 from tvm import tirx
-from tvm.script import from_source
 
 from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index,
-                                           scaled_score, signature)
+                                           parse, scaled_score, signature)
 from .profiles import GPUProfile
 
 # threads of a split workgroup per profile (multiples of head_dim / vector lanes are taken)
@@ -77,12 +83,32 @@ def plan(p: dict, profile: GPUProfile, max_threads: int) -> dict:
                 max_splits=max_splits, min_tiles=min_tiles, P=merge_lanes)
 
 
+def ring_write(p: dict, threads: int = 128) -> str:
+    """The kernel (TVMScript statements) that writes a ring kernel's last ``min(n, W)`` new rows
+    into the ring at ``position mod W`` (position ``past + row``); one thread per element."""
+    W, KV, D = p["window"], p["kv_heads"], p["head_dim"]
+    n = "1" if p["decode"] else "n"
+    rows = f"T.min({n}, T.int64({W}))"
+    total = f"{rows} * {KV * D}"
+    e = f"(wb * {threads} + wt)"
+    row, h, d = f"{n} - {rows} + {e} // {KV * D}", f"{e} // {D} % {KV}", f"{e} % {D}"
+    slot = f"(past + {row}) % {W}"
+    return f'''    for wb in T.thread_binding(({total} + {threads - 1}) // {threads}, thread="blockIdx.x"):
+        for wt in T.thread_binding({threads}, thread="threadIdx.x"):
+            if {e} < {total}:
+                {kv_index(p, "k", slot, h, d)} = nk[0, {h}, {row}, {d}]
+                {kv_index(p, "v", slot, h, d)} = nv[0, {h}, {row}, {d}]
+'''
+
+
 def _unroll(n: int) -> str:
     return "T.unroll" if n <= 64 else "T.serial"
 
 
-def decode_kernel(p: dict, profile: GPUProfile, max_threads: int) -> tirx.PrimFunc:
-    """The two-kernel split-K decode attention PrimFunc (see the module doc)."""
+def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
+                  static: dict | None = None) -> tirx.PrimFunc:
+    """The two-kernel split-K decode attention PrimFunc (three with a ring: the write first; see
+    the module doc). ``static``: sizes made constants (``kernel_source``)."""
     decl, _ = signature(p)
     pl = plan(p, profile, max_threads)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
@@ -103,7 +129,8 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int) -> tirx.PrimFu
     v_at = kv_index(p, "v", key, "kvh", f"dv * {V} + e")
     mask_at = mask_index(p, f"kvh * {G} + g", "0", key)
     u = _unroll
-    src = kernel_source(p, decl, f'''    part_o = T.alloc_buffer(({KV * SM * G * D},), "float32")
+    write = ring_write(p) if p.get("window") else ""
+    src = kernel_source(p, decl, write + f'''    part_o = T.alloc_buffer(({KV * SM * G * D},), "float32")
     part_ml = T.alloc_buffer(({KV * SM * G * 2},), "float32")
     for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
         for s in T.thread_binding({splits}, thread="blockIdx.x"):
@@ -241,5 +268,5 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int) -> tirx.PrimFu
                     w[1] = w[1] + nr[c * {D} + tx] * T.exp(mr[c * {D} + tx] - w[3])
                     w[2] = w[2] + dr[c * {D} + tx] * T.exp(mr[c * {D} + tx] - w[3])
                 {out_index(p, "h", "0", "tx")} = T.Cast("{dt}", w[1] / w[2])
-''')
-    return from_source(src)
+''', static)
+    return parse(src, static)

@@ -48,12 +48,12 @@ from __future__ import annotations
 import re
 
 from tvm import tirx
-from tvm.script import from_source
 from tvm.script import tirx as T
 
 from . import cuda_mma as mma
-from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index, score,
-                                           signature)
+from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index, parse,
+                                           ring_key, ring_visible, score, signature)
+from .gpu_attention_decode import ring_write
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN = 'T.min_value("float32")'
@@ -105,13 +105,25 @@ def _key_tiles(p: dict, rows: int, keys: int) -> str:
     return f"T.min((m + {keys - 1}) // {keys}, (m - n + {last} + {keys}) // {keys})"
 
 
+def _first_key_tile(p: dict, rows: int, keys: int) -> str:
+    """The first key tile workgroup ``bq`` walks: 0, or with a ring (``window``) the tile of the
+    first key inside the window of its first position (tiles below the window are never
+    loaded)."""
+    if not p.get("window"):
+        return "T.int64(0)"
+    G = p["heads"] // p["kv_heads"]
+    first = f"(bq * {rows}) // {G}"
+    return f"T.max(T.int64(0), {first} + ring_rows + {1 - p['window']}) // {keys}"
+
+
 def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, vec: int,
-               threads: int, valid, indent: str) -> str:
+               threads: int, valid, indent: str, alt=None) -> str:
     """Cooperative vectorized copy of a ``(count_rows, D)`` tile into the 1-D buffers ``dsts``
     (``(name, " + offset")`` pairs; rows ``D + pad`` apart: a 2-D buffer would be compacted to
     the columns accessed, dropping the padding); rows that are not ``valid(r)`` get zeros.
     ``srcs(r, c)``: the sources at row ``r``, column ramp
-    ``c``, one per destination."""
+    ``c``, one per destination; ``alt = (cond(r), srcs2)``: rows where ``cond`` holds read
+    ``srcs``, the others ``srcs2`` (a ring kernel's keys: ring rows, then new rows)."""
     vectors = count_rows * D // vec
     steps = -(-vectors // threads)
     e = f"(l * {threads} + tx)"
@@ -119,8 +131,14 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
     guard = f"{e} < {vectors}" if steps * threads != vectors else "True"
     body = [f"for l in range({steps}):", f"    if {guard}:", f"        if {valid(r)}:"]
     at = f"{r} * {D + pad} + {e} % {D // vec} * {vec}"
-    body += [f"            {d}[T.Ramp({at}{off}, 1, {vec})] = {x}"
-             for (d, off), x in zip(dsts, srcs(r, c))]
+    if alt is None:
+        body += [f"            {d}[T.Ramp({at}{off}, 1, {vec})] = {x}"
+                 for (d, off), x in zip(dsts, srcs(r, c))]
+    else:
+        for head, src in ((f"if {alt[0](r)}:", srcs), ("else:", alt[1])):
+            body += [f"            {head}"]
+            body += [f"                {d}[T.Ramp({at}{off}, 1, {vec})] = {x}"
+                     for (d, off), x in zip(dsts, src(r, c))]
     body += ["        else:"]
     body += [f'            {d}[T.Ramp({at}{off}, 1, {vec})] = T.Broadcast(T.Cast("{dtype}", 0), '
              f'{vec})' for d, off in dsts]
@@ -139,11 +157,20 @@ def _tile_loads(p: dict, rows: int, keys: int, dtype: str, D: int, pad: int, vec
 
     q_load = _load_tile([tiles[0]], q_src, dtype, rows, D, pad, vec, threads,
                         lambda r: f"{_rows(p, rows, r)['row']} < n * {G}", " " * 16)
-    def kv_src(r, c):
-        return [kv_index(p, x, f"kb * {keys} + {r}", "kvh", c) for x in "kv"]
+    key = lambda r: f"kb * {keys} + {r}"  # noqa: E731
 
+    def kv_src(r, c):
+        return [kv_index(p, x, key(r), "kvh", c) for x in "kv"]
+
+    alt = None
+    if p.get("window"):  # keys [0, ring_rows): the ring, oldest first; then the new rows
+        def kv_src(r, c):  # noqa: F811
+            return [kv_index(p, x, ring_key(p, key(r))[0], "kvh", c) for x in "kv"]
+
+        alt = (lambda r: f"{key(r)} < ring_rows",
+               lambda r, c: [f"{x}[0, kvh, {ring_key(p, key(r))[1]}, {c}]" for x in ("nk", "nv")])
     kv_load = _load_tile(list(tiles[1:]), kv_src, dtype, keys, D, pad, vec, threads,
-                         lambda r: f"kb * {keys} + {r} < m", " " * 20)
+                         lambda r: f"{key(r)} < m", " " * 20, alt)
     return q_load, kv_load
 
 
@@ -167,7 +194,9 @@ def simt_tiles(p: dict, threads: int, local_bytes: int, vec: int) -> tuple[int, 
     return best
 
 
-def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int) -> tirx.PrimFunc:
+def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
+                static: dict | None = None) -> tirx.PrimFunc:
+    """The SIMT kernel (module doc); ``static``: sizes made constants (``kernel_source``)."""
     decl, _ = signature(p)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, dt, f32 = H // KV, p["dtype"], "T.float32"
@@ -201,7 +230,7 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int) -> t
                     acc[t] = {f32}(0)
                 st[0] = {MIN}
                 st[1] = {f32}(0)
-                for kb in range({_key_tiles(p, rows, keys)}):
+                for kb in range({_first_key_tile(p, rows, keys)}, {_key_tiles(p, rows, keys)}):
 {kv_load}
                     T.tvm_storage_sync("shared")
                     for t in range({per}):
@@ -211,7 +240,8 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int) -> t
                                 st[2] = st[2] + {f32}(qs[tx // {lanes} * {DP} + d]) * \\
                                     {f32}(ks[{key_in} * {DP} + d])
                             ss[tx // {lanes}, {key_in}] = T.if_then_else(
-                                kb * {keys} + {key_in} < m and {me["pos"]} < n,
+                                kb * {keys} + {key_in} < m and {me["pos"]} < n
+                                and {ring_visible(p, me["pos"], f"kb * {keys} + {key_in}")},
                                 {score(p, "st[2]", mask)}, {MIN})
                     T.tvm_storage_sync("shared")
                     st[2] = st[0]
@@ -232,8 +262,8 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int) -> t
                     for t in T.unroll({dims}):
                         {out_index(p, me["head"], me["pos"], f"{lane} + {lanes} * t")} = T.Cast(
                             "{dt}", acc[t] / T.max(st[1], T.float32(1e-30)))
-''')
-    return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
+{ring_write(p) if p.get("window") else ""}''', static)
+    return parse(src, static, HELPERS=HELPERS)
 
 
 def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES) -> tuple[int, int]:
@@ -290,11 +320,9 @@ def _merge(p: dict, spl: str) -> str:
 
 def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
                        split: bool = True, static: dict | None = None) -> tirx.PrimFunc:
-    """``static``: ``{"n": .., "m": ..}`` fixes the query and key counts (tests that run the
-    generated CUDA C on the CPU: no scalar kernel arguments)."""
+    """``static``: ``{"n": .., "m": ..}`` (a ring kernel: ``"past"``) fixes the query and key
+    counts (tests that run the generated CUDA C on the CPU: no scalar kernel arguments)."""
     decl, _ = signature(p)
-    for name in static or {}:
-        decl = decl.replace(f"{name} = T.int64()", "")
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
     rows, fit = tensor_core_tiles(p, shared_bytes)
@@ -324,7 +352,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
     spl = split_count(p, rows, keys) if split else "T.int64(1)"
     tiles = _key_tiles(p, rows, keys)
-    per = f"(({tiles} + {spl} - 1) // {spl})"  # key tiles of one split
+    first = _first_key_tile(p, rows, keys)
+    per = f"(({tiles} - {first} + {spl} - 1) // {spl})"  # key tiles of one split
     ws = f"T.if_then_else({spl} > 1, {spl} * {H} * n, T.int64(1))"  # partial rows (1: unused)
     part = f"((sp * {H} + {rh['head']}) * n + {rh['pos']})"
     partial = f'''
@@ -359,7 +388,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                 st[1] = {MIN}
                 st[2] = {f32}(0)
                 st[3] = {f32}(0)
-                for kb in range(sp * {per}, T.min({tiles}, (sp + 1) * {per})):
+                for kb in range({first} + sp * {per}, T.min({tiles}, {first} + (sp + 1) * {per})):
 {kv_load}
                     T.tvm_storage_sync("shared")
                     for i in T.unroll({NT * 4}):
@@ -381,7 +410,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                     for nt in T.unroll({NT}):
                         for c in T.unroll(4):
                             s[nt * 4 + c] = T.if_then_else(
-                                {key} < m and {rc["row"]} < n * {G},
+                                {key} < m and {rc["row"]} < n * {G}
+                                and {ring_visible(p, rc["pos"], key)},
                                 {score(p, "s[nt * 4 + c]", mask)}, {MIN})
                     for hr in T.unroll(2):
                         st[4] = st[hr]
@@ -423,19 +453,18 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                             for c in T.unroll(2):
                                 {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
                                     T.Cast("float16", oa[dt * 4 + hr * 2 + c] / st[hr + 2]){partial}
-{_merge(p, spl) if split else ""}''')
+{_merge(p, spl) if split else ""}{ring_write(p) if p.get("window") else ""}''', static)
     src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)  # the longest row tiles (last rows) first
-    consts = {k: tirx.IntImm("int64", v) for k, v in (static or {}).items()}
-    return from_source(src, extra_vars={"T": T, "HELPERS": HELPERS, **consts})
+    return parse(src, static, HELPERS=HELPERS)
 
 
 def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int,
-                   vector_bytes: int) -> tirx.PrimFunc:
+                   vector_bytes: int, static: dict | None = None) -> tirx.PrimFunc:
     """The prefill kernel for ``profile`` on ``target`` (see the module doc)."""
     max_threads = int(target.attrs.get("max_num_threads", threads))
     if profile == "cuda" and tensor_core_applies(p, target):
-        return tensor_core_kernel(p)
-    return simt_kernel(p, min(threads, max_threads), local_bytes, vector_bytes)
+        return tensor_core_kernel(p, static=static)
+    return simt_kernel(p, min(threads, max_threads), local_bytes, vector_bytes, static)
 
 
 __all__ = ["prefill_kernel", "simt_kernel", "tensor_core_kernel", "simt_tiles",

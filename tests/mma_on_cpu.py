@@ -42,6 +42,14 @@ std::barrier<>* warp_bar[32];
 typedef _Float16 half;
 typedef unsigned int uint;
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
+#define CUDART_INF_F INFINITY
+struct alignas(8) half4 { half x, y, z, w; };
+struct alignas(4) half2 { half x, y; };
+static inline half4 make_half4(half a, half b, half c, half d) { return {a, b, c, d}; }
+static inline half2 make_half2(half a, half b) { return {a, b}; }
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 static inline half __float2half_rn(float f) { return (half)f; }
 static inline unsigned short bits(half h) { unsigned short b; memcpy(&b, &h, 2); return b; }
@@ -176,6 +184,15 @@ def run_kernels(src: str, arrays: dict, grids: dict, out_name: str, out_size: in
     (``p0_ptr``...; views such as ``codes32_ptr`` are given under their own names); a pointer
     parameter not given is a zero fp32 workspace of ``out_size * 8`` floats. ``grids``: kernel
     name -> ``(gx, gy, gz)``. Returns the ``out_name`` buffer (fp16) after the last kernel."""
+    return run_kernels_to(src, arrays, grids, {out_name: (out_size, np.float16)}, workdir,
+                          out_size * 8)[out_name]
+
+
+def run_kernels_to(src: str, arrays: dict, grids: dict, outputs: dict, workdir: Path,
+                   workspace: int) -> dict:
+    """:func:`run_kernels` reading back several buffers: ``outputs`` maps a parameter name to
+    ``(elements, dtype)``; a pointer parameter not in ``arrays`` is a zero workspace of
+    ``workspace`` elements. Returns the named buffers after the last kernel."""
     code, kernels = _kernels(src)
     ctypes = {"half": np.float16, "uint": np.uint32, "float": np.float32}
     main = ["int main() {"]
@@ -194,13 +211,14 @@ def run_kernels(src: str, arrays: dict, grids: dict, out_name: str, out_size: in
                 data.tofile(path)
                 main.append(f'  {ctype}* {pname} = load<{ctype}>("{path}", {data.size});')
             else:
-                main.append(f"  {ctype}* {pname} = new {ctype}[{out_size * 8}]();")
+                main.append(f"  {ctype}* {pname} = new {ctype}[{workspace}]();")
         gx, gy, gz = grids[name]
         call = ", ".join(p for _, p in args)
         main.append(f"  launch({gx}, {gy}, {gz}, {threads}, [=] {{ {name}({call}); }});")
-    result = workdir / "out.bin"
-    main.append(f'  FILE* h = fopen("{result}", "wb"); fwrite({out_name}, 2, {out_size}, h); '
-                f"fclose(h);\n  return 0;\n}}")
+    for name, (size, dtype) in outputs.items():
+        main.append(f'  {{ FILE* h = fopen("{workdir / (name + ".out")}", "wb"); '
+                    f"fwrite({name}, {np.dtype(dtype).itemsize}, {size}, h); fclose(h); }}")
+    main.append("  return 0;\n}")
     cpp = workdir / "kernel.cc"
     cpp.write_text(SHIM + code + "\n" + "\n".join(main))
     exe = workdir / "kernel"
@@ -211,4 +229,5 @@ def run_kernels(src: str, arrays: dict, grids: dict, out_name: str, out_size: in
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
-    return np.fromfile(result, dtype=np.float16)
+    return {name: np.fromfile(workdir / (name + ".out"), dtype=dtype)
+            for name, (_, dtype) in outputs.items()}

@@ -126,7 +126,8 @@ def test_ring_kernel_matches_numpy_over_chunks_past_the_window():
     """The ring kernel of a sliding-window layer (a cache of ``window`` rows written at position
     mod window) against numpy attention over the whole history with the window mask: a prefill
     longer than the window, chunks shorter and longer than it, decode steps far past it. The ring
-    is the kernel's only memory of the past, carried from call to call."""
+    is the kernel's only memory of the past, carried from call to call; the kernel masks by
+    position (it takes ``past``, no mask)."""
     from tvm_lite.relax_passes.fuse_attention import ring_kernel
 
     heads, kv, d, window, scale = 4, 2, 16, 5, 0.25
@@ -147,8 +148,7 @@ def test_ring_kernel_matches_numpy_over_chunks_past_the_window():
         new_k, new_v = (a[past:past + n].transpose(1, 0, 2)[None].copy() for a in (keys, values))
         out = tvm.runtime.empty((1, heads, n, d), "float32")
         compiled[n == 1]["main"](tvm.runtime.tensor(q), *ring, tvm.runtime.tensor(new_k),
-                                 tvm.runtime.tensor(new_v), tvm.runtime.tensor(mask[None, None]),
-                                 out)
+                                 tvm.runtime.tensor(new_v), past, out)
         want = reference_numpy(q, keys[:past + n], values[:past + n], mask[None, None], scale,
                                heads // kv)
         np.testing.assert_allclose(out.numpy(), want, atol=1e-5, err_msg=f"n={n} past={past}")
@@ -169,16 +169,20 @@ def _gpu_kernel(p, target):
 @pytest.mark.parametrize("profile", sorted(GPU_TARGETS))
 def test_gpu_kernels_compile(profile, tmp_path):
     sources = []
-    for d, kv, dtype in ((64, 3, "float16"), (256, 1, "float32")):
+    for d, kv, dtype, window in ((64, 3, "float16", 0), (256, 1, "float32", 0),
+                                 (64, 3, "float16", 512), (256, 1, "float32", 4)):
         for decode in (False, True):
             # soft-capped scores (Gemma 2) in the fp16 prefill (tensor cores on CUDA) and the
-            # fp32 decode kernel
+            # fp32 decode kernel; ring caches (sliding-window layers) too
             cap = 30.0 if decode == (kv == 1) else 0.0
             p = attention_params(9 if kv == 3 else 8, kv, d, dtype, 0.125, dtype, False,
                                  not decode, decode, merged_heads=decode, kv_squeezed=kv == 1,
-                                 softcap=cap)
+                                 softcap=cap, window=window)
             func, t = _gpu_kernel(p, GPU_TARGETS[profile])
             assert ("tanh" in func.script()) == bool(cap)
+            # a ring kernel takes the new rows and the position, no mask (it masks by position)
+            assert [x.name for x in func.params][3:-1] == (["nk", "nv", "past"] if window
+                                                           else ["mask"])
             ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
                              target=t)
             if t.kind.name == "opencl":
@@ -537,3 +541,164 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
                       "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
     want = reference_numpy(q, k, v, mask, d ** -0.5, G)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+# -- sliding-window layers' ring caches on the GPU: CUDA C run on the CPU ---------------------------
+def _ring_case(rng, heads, kv, d, window, past, n, dtype, softcap=0.0):
+    """A ring cache after ``past`` tokens (slots holding no position the call may read are NaN:
+    never-written slots and the one of position ``past - window``), ``n`` new rows and their
+    queries; numpy attention over the whole history with the window mask; the ring's rows that
+    must hold positions ``[past + n - window, past + n)`` after the call."""
+    m = past + n
+    keys, values = (rng.standard_normal((m, kv, d)).astype(dtype) for _ in range(2))
+    ring = np.full((2, window, kv, d), np.nan, dtype)
+    for a in range(max(0, past - window + 1), past):
+        ring[:, a % window] = keys[a], values[a]
+    new = [x[past:].transpose(1, 0, 2)[None].copy() for x in (keys, values)]
+    q = rng.standard_normal((1, heads, n, d)).astype(dtype)
+    qpos, kpos = past + np.arange(n)[:, None], np.arange(m)[None]
+    mask = np.where((kpos <= qpos) & (kpos > qpos - window), 0, -np.inf)[None, None]
+    want = reference_numpy(q, keys, values, mask, d ** -0.5, heads // kv, softcap)
+    kept = np.arange(max(0, m - window), m)
+    return q, ring, new, want, (kept % window, keys[kept], values[kept])
+
+
+def _ring_kernel_on_cpu(func, p, case, grids, tmp_path, work_floats=1 << 20):
+    """Run the ring kernel ``func``'s CUDA C on the CPU (tests/mma_on_cpu.py) on ``case``:
+    ``grids`` one (gx, gy, gz) per kernel in launch order. Returns (out (1, H, n, D), ring k, v)."""
+    from mma_on_cpu import _kernels, run_kernels_to
+
+    q, ring, new, _, _ = case
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    func = func.with_attr("global_symbol", "attn").with_attr("tirx.is_scheduled", True)
+    src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")
+    names = [k[0] for k in _kernels(src)[1]]
+    assert len(names) == len(grids), (names, grids)
+    squeeze = (lambda a: a[:, 0]) if p["kv_squeezed"] else (lambda a: a)
+    _, heads, n, d = q.shape
+    dt = np.dtype(p["dtype"])
+    got = run_kernels_to(src, {"q_ptr": q, "k_ptr": squeeze(ring[0]), "v_ptr": squeeze(ring[1]),
+                               "nk_ptr": new[0], "nv_ptr": new[1]}, dict(zip(names, grids)),
+                         {"o_ptr": (heads * n * d, dt), "k_ptr": (ring[0].size, dt),
+                          "v_ptr": (ring[1].size, dt)}, tmp_path, work_floats)
+    out = got["o_ptr"].reshape(1, n, heads, d).transpose(0, 2, 1, 3) if p["merged_heads"] \
+        else got["o_ptr"].reshape(1, heads, n, d)
+    return out, got["k_ptr"].reshape(ring[0].shape), got["v_ptr"].reshape(ring[1].shape)
+
+
+def _check_ring(got, case, tol):
+    out, rk, rv = got
+    _, _, _, want, (slots, keys, values) = case
+    np.testing.assert_allclose(out.astype("float32"), want, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(rk[slots], keys)  # the ring holds the last window positions
+    np.testing.assert_array_equal(rv[slots], values)
+
+
+def _write_grid(p, n):
+    return (-(-min(n, p["window"]) * p["kv_heads"] * p["head_dim"] // 128), 1, 1)
+
+
+# heads, kv heads, head_dim, window, past, n: a prefill longer than the window, chunks after a
+# full ring and before it fills, GQA 1..4, one kv head of head_dim 64
+RING_PREFILL = [(4, 2, 16, 8, 0, 40), (4, 2, 16, 8, 21, 5), (8, 2, 32, 16, 9, 30),
+                (4, 1, 64, 8, 3, 2), (4, 4, 16, 32, 50, 70)]
+RING_DECODE = [(4, 2, 16, 8, 0), (4, 2, 16, 8, 5), (8, 2, 32, 16, 100), (4, 1, 64, 8, 7),
+               (9, 3, 64, 64, 300)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
+def test_gpu_ring_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
+    """Each profile's ring decode (the new row written at ``past mod W``, then flash-decoding over
+    the live window only: ``min(past + 1, W)`` ring slots, no mask), as CUDA C (fp32) on the CPU:
+    against numpy attention over the whole history with the window mask, before and after the
+    ring fills, soft-capped in every other case; the ring then holds the last ``W`` positions.
+    NaN in every slot the step must not read."""
+    from tvm_lite.schedules.gpu_attention_decode import decode_kernel, plan
+    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
+
+    rng = np.random.default_rng(5)
+    prof = fit_to_target(gpu_profile(profile), tvm_lite.parse_target(GPU_TARGETS[profile]))
+    for i, (heads, kv, d, window, past) in enumerate(RING_DECODE):
+        cap = 1.5 if i % 2 else 0.0
+        p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
+                             merged_heads=True, kv_squeezed=kv == 1, softcap=cap, window=window)
+        case = _ring_case(rng, heads, kv, d, window, past, 1, "float32", cap)
+        pl = plan(p, prof, prof.max_threads)
+        m = min(past + 1, window)  # the keys the step reads: the live window
+        chunk_tiles = max(pl["min_tiles"], -(-m // (pl["max_splits"] * pl["tile"])))
+        splits = -(-m // (chunk_tiles * pl["tile"]))
+        func = decode_kernel(p, prof, prof.max_threads, static={"past": past})
+        got = _ring_kernel_on_cpu(func, p, case, [_write_grid(p, 1), (splits, kv, 1),
+                                                  (heads, 1, 1)], tmp_path)
+        _check_ring(got, case, 1e-5)
+
+
+def _ring_prefill(p, profile, n, past):
+    """The profile's ring prefill kernel with ``n`` and ``past`` static, its grids (launch order)
+    and its (rows, keys) tile."""
+    from tvm_lite.schedules.gpu_attention_prefill import (prefill_kernel, simt_tiles,
+                                                          split_count, tensor_core_applies,
+                                                          tensor_core_tiles)
+    from tvm_lite.schedules.profiles import gpu_profile
+
+    t = tvm_lite.parse_target(GPU_TARGETS[profile])
+    tile = TILES[profile]
+    G, kv, m = p["heads"] // p["kv_heads"], p["kv_heads"], min(past, p["window"] - 1) + n
+    func = prefill_kernel(p, profile, t, tile["threads"], tile["local_bytes"],
+                          gpu_profile(profile).vector_bytes, static={"past": past, "n": n})
+    if profile == "cuda" and tensor_core_applies(p, t):
+        rows, keys = tensor_core_tiles(p)
+        spl = eval(split_count(p, rows, keys).replace("T.int64", "int")  # noqa: S307
+                   .replace("T.max", "max").replace("T.min", "min"), {"n": n, "m": m})
+        grids = [(-(-n * G // rows), kv, spl)]
+        grids += [(-(-p["heads"] * n * p["head_dim"] // 256), 1, 1)] if spl > 1 else []
+    else:
+        rows, keys = simt_tiles(p, min(tile["threads"], int(t.attrs["max_num_threads"])),
+                                tile["local_bytes"], 8)
+        grids = [(-(-n * G // rows), kv, 1)]
+    return func, grids + [_write_grid(p, n)], (rows, keys)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
+def test_gpu_ring_prefill_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
+    """Each profile's ring prefill (keys: the ring's last ``min(past, W - 1)`` positions, then the
+    new rows; causal and window by position; the last ``min(n, W)`` rows written after), fp16 (the
+    tensor-core kernel on CUDA, the SIMT kernel elsewhere), as CUDA C on the CPU against numpy."""
+    rng = np.random.default_rng(6)
+    for i, (heads, kv, d, window, past, n) in enumerate(RING_PREFILL):
+        cap = 1.5 if i % 2 else 0.0
+        p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
+                             kv_squeezed=kv == 1, softcap=cap, window=window)
+        case = _ring_case(rng, heads, kv, d, window, past, n, "float16", cap)
+        func, grids, _ = _ring_prefill(p, profile, n, past)
+        _check_ring(_ring_kernel_on_cpu(func, p, case, grids, tmp_path), case, 2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
+@pytest.mark.parametrize("kv, d", [(1, 64), (2, 32)])
+def test_gpu_ring_prefill_never_loads_tiles_below_the_window(profile, kv, d, tmp_path):
+    """A 200-token chunk after 40 tokens, window 16: the last row tile's positions see only the
+    keys of the last ~16 positions, so every key tile below the tile of its first visible key
+    -- the whole ring and most new rows -- holds NaN (K and V): a loaded NaN times a zero
+    probability is NaN, so those rows come out exact only if no such tile is loaded. (The
+    kernels' CUDA C run on the CPU; tiles above the diagonal: the test before.)"""
+    heads, window, past, n = 8, 16, 40, 200
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
+                         kv_squeezed=kv == 1, window=window)
+    case = _ring_case(np.random.default_rng(7), heads, kv, d, window, past, n, "float16")
+    func, grids, (rows, keys) = _ring_prefill(p, profile, n, past)
+    G, ring_rows = heads // kv, window - 1
+    first_pos = (-(-n * G // rows) - 1) * rows // G  # the last row tile's first position
+    below = (first_pos + ring_rows + 1 - window) // keys * keys  # keys of the tiles below
+    assert below > ring_rows + 2 * keys  # the ring and tiles of new rows
+    q, ring, new, want, kept = case
+    ring[:] = np.nan
+    for x in new:
+        x[0, :, :below - ring_rows] = np.nan
+    got = _ring_kernel_on_cpu(func, p, (q, ring, new, want, kept), grids, tmp_path)[0]
+    np.testing.assert_allclose(got[:, :, first_pos:].astype("float32"), want[:, :, first_pos:],
+                               rtol=2e-3, atol=2e-3)
+    assert np.isnan(got[:, :, :first_pos]).any()  # (earlier rows do read the NaN keys)
