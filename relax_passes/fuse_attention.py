@@ -310,7 +310,8 @@ def reference_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
 
 
 def ring_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
-    """Attention of a sliding-window layer on its ring cache, then the ring updated (CPU).
+    """Attention of a sliding-window layer on its ring cache, then the ring updated (the CPU
+    kernel; ``schedules/gpu_attention_*.py`` rebuild it for a GPU with the same semantics).
 
     The ring ``k, v (W, KV, D)`` holds the positions before ``past``, position ``a`` in slot ``a
     mod W``; a query at ``past + i`` sees the keys at ``past + i - W + 1 .. past + i`` (causal, in
@@ -650,7 +651,7 @@ class FuseAttention:
 
     def __init__(self, functions: tuple[str, ...] | None = None, ring: bool = False):
         self.functions = functions
-        self.ring = ring  # the window layers' caches as rings (ring_kernel: CPU targets)
+        self.ring = ring  # the window layers' caches as rings (ring_kernel)
         self.stats: dict = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:

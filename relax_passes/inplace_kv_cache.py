@@ -33,7 +33,7 @@ With ``windows`` (one sliding window per layer, 0 for a global layer) the decode
 ``tvm_lite.kv_windows``: each cache's window, in the order of the cache names (the layer of a cache
 is the number in its name, ``past_key_values.<layer>.key``, else its position // 2). The caches
 stay full length here; ``FuseAttention`` turns a window layer's cache into a ring of ``window``
-rows where its attention becomes the ring kernel (CPU).
+rows where its attention becomes the ring kernel.
 
 The pass refuses a model whose past inputs are not used exactly this way (e.g. a sliding window that
 slices the past first), naming the input; ``tvm_lite.build(..., kv_cache="copy")`` keeps the

@@ -15,6 +15,13 @@ the target's profile (both keep the same signature: ``q (1, H, n, D)``, the cach
   ``threads / D``) with the online-softmax rescale; the ``threads / D`` partial accumulators and
   sums are merged through local memory at the end (cross-thread reduction).
 
+A sliding-window layer's ring kernel (``attention_ring_*``: ``window`` in the parameters; the
+ring ``k, v (W, KV, D)``, the new rows and the position ``past``, no mask) goes to the same two
+builders, which then read a ring: prefill walks the keys "the ring's last ``min(past, W - 1)``
+positions, then the new rows", skipping key tiles below the window as well as above the
+diagonal, and writes the last ``min(n, W)`` new rows into the ring after the attention kernels;
+decode writes its new row first and splits over the live window only.
+
 Parameters come from the profile (workgroup size, local-memory budget); ``TILES`` lists them.
 """
 

@@ -21,6 +21,19 @@ inside the tiles walked (padding, windows), so this relies only on the mask bein
 every decoder export's is (keys past a row's position are masked, padding included: tvm_lite pads
 after the real tokens).
 
+Ring caches (sliding-window layers)
+-----------------------------------
+A ring kernel (``window`` W in the params) reads keys ``j`` in ``[0, m)``, ``m = ring_rows + n``:
+``j < ring_rows = min(past, W - 1)`` is the ring's position ``past - ring_rows + j`` (slot:
+position mod W), the others the new row ``j - ring_rows`` -- the keys in position order, so the
+causal bound above holds as written (``m - n = ring_rows``) and the window is a lower bound: a
+workgroup starts at the tile of the first key its first position sees (``j > i + ring_rows -
+W``), so key tiles below the window are never loaded either (a 2048-token chunk of a window-512
+layer walks at most ~512 + 64 keys per row tile, not 2048). Inside the walked tiles each score
+is masked by position (causal and window; there is no mask tensor). After the attention (and the
+split merge) one more kernel writes the last ``min(n, W)`` new rows into the ring at ``position
+mod W``: reading first is what makes ``W`` rows enough for a chunk of any length.
+
 Two kernels
 -----------
 * :func:`simt_kernel` (every profile; Adreno/Mali local memory, the generic GPU, CUDA for fp32):

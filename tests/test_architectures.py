@@ -45,6 +45,20 @@ def test_architecture_matches_torch(arch, exporter, torch_logits):
     np.testing.assert_allclose(got, ref, atol=arch_matrix.TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
+def test_window_models_match_torch_over_a_long_prompt(arch, torch_logits):
+    """Ring caches (CPU) through a 150-token prefill and a 70-token chunk (both far longer than
+    the window of 4: the ring kernel's position masking and its write of the last rows), then
+    decode steps."""
+    from tvm_lite.engine import Engine
+
+    engine = Engine(arch_matrix.build(arch, "dynamo"))
+    got = arch_matrix.engine_logits(engine, arch_matrix.LONG_IDS, arch_matrix.LONG_PREFILL,
+                                    arch_matrix.LONG_CHUNK)
+    ref = torch_logits(arch, tuple(arch_matrix.LONG_IDS))
+    np.testing.assert_allclose(got, ref, atol=arch_matrix.TOLERANCE, rtol=0)
+
+
 def test_e0m4_experts_run(torch_logits):
     """The experts' weights of a MoE export are 4-bit in an E0M4 build, which runs and stays near
     torch (random weights: only a coarse bound)."""
@@ -183,3 +197,31 @@ def test_window_layers_get_ring_caches_of_window_rows():
     assert [t.shape[0] for t in session.past] == [w or 64 for w in windows for _ in "kv"]
     allocated = sum(t.numpy().nbytes for t in session.past)
     assert engine.kv_cache_bytes() == allocated
+
+
+def _cuda_available():
+    try:
+        import tvm
+
+        return tvm.cuda(0).exist
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", sorted(arch_matrix.GPU_TOLERANCE))
+@pytest.mark.parametrize("arch", arch_matrix.WINDOW_ARCHS)
+def test_window_model_on_cuda_matches_cpu(arch, dtype):
+    """The window models built for CUDA have ring caches of ``window`` rows on their local layers
+    (the GPU ring kernels: SIMT in fp32, tensor cores for the fp16 prefill) and give the CPU
+    build's logits (which match torch) through a prefill, a chunk and decode past the window,
+    short and long (a 150-token prefill and a 70-token chunk: key tiles below the window)."""
+    from tvm_lite.export import sliding_windows
+
+    from transformers import AutoConfig
+
+    got = arch_matrix.check_cuda(arch, dtype)
+    windows = sliding_windows(AutoConfig.from_pretrained(str(arch_matrix.hf_folder(arch))))
+    assert got["rows"] == [w or None for w in windows for _ in ("key", "value")]
+    assert got["short"] <= arch_matrix.GPU_TOLERANCE[dtype], got
+    assert got["long"] <= arch_matrix.GPU_TOLERANCE[dtype], got

@@ -11,7 +11,8 @@ An E0M4 (RTN, g32) build of the same export must run too.
 
 prints the table the README shows. ``tests/test_architectures.py`` runs the same checks.
 ``--memory`` measures the KV caches of a Gemma-3-1B-like model's builds (ring, full length,
-past/present) at 8192 tokens; ``--bench`` times CPU decode of a window model with each cache.
+past/present) at 8192 tokens; ``--bench`` times decode of a window model with each cache (on the
+CPU, or ``--target cuda``); ``--cuda`` checks the window models' CUDA builds against the CPU's.
 """
 
 from __future__ import annotations
@@ -116,23 +117,53 @@ def _hf_folder_for(arch: str, kwargs: dict) -> Path:
     return folder
 
 
-def torch_logits(arch: str) -> np.ndarray:
-    """transformers' logits of every position of IDS (one forward, no cache)."""
+def torch_logits(arch: str, ids=tuple(IDS)) -> np.ndarray:
+    """transformers' logits of every position of ``ids`` (one forward, no cache)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_folder(arch)), attn_implementation="eager",
                                                  dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(torch.tensor([IDS])).logits[0].numpy()
+        return model(torch.tensor([list(ids)])).logits[0].numpy()
 
 
-def engine_logits(engine) -> np.ndarray:
-    """The engine's logits of every position of IDS: prefill, a chunk, then one token at a time."""
+def engine_logits(engine, ids=IDS, prefill: int = PREFILL, chunk: int = CHUNK) -> np.ndarray:
+    """The engine's logits of every position of ``ids``: prefill, a chunk, then one token at a
+    time."""
     session = engine.new_session()
-    rows = [engine.forward(session, IDS[:PREFILL]), engine.forward(session, IDS[PREFILL:PREFILL + CHUNK])]
-    rows += [engine.forward(session, [t]) for t in IDS[PREFILL + CHUNK:]]
+    rows = [engine.forward(session, ids[:prefill]),
+            engine.forward(session, ids[prefill:prefill + chunk])]
+    rows += [engine.forward(session, [t]) for t in ids[prefill + chunk:]]
     return np.concatenate(rows, axis=0)
+
+
+# the GPU check's long sequence: a 150-token prefill and a 70-token chunk (many key tiles below
+# the window of 4), then decode steps
+LONG_IDS = [int(i) for i in np.random.default_rng(0).integers(3, VOCAB, 226)]
+LONG_PREFILL, LONG_CHUNK = 150, 70
+WINDOW_ARCHS = ("mistral", "gemma2", "gemma3_text")
+GPU_TOLERANCE = {"float32": 1e-3, "float16": 3e-2}  # CUDA logits vs the fp32 CPU build's
+
+
+def check_cuda(arch: str, dtype: str = "float32", target: str = "cuda") -> dict:
+    """A window model (dynamo export, ``dtype``) built for ``target`` and run on the CUDA device
+    against the fp32 CPU build of the same model (which matches torch: :func:`check`), over IDS
+    and LONG_IDS (prefill, chunk, decode past the window): the max abs logit difference of
+    each, and the rows of the GPU build's caches (a ring's: the window)."""
+    from .artifact import compile_model
+    from .engine import Engine
+    from .export import export_onnx
+
+    onnx = export_onnx(hf_folder(arch), exporter="dynamo", dtype=dtype, progress=lambda _: None)
+    gpu = Engine(compile_model(onnx, target, progress=lambda *_: None), device="cuda:0")
+    cpu = Engine(build(arch, "dynamo"))
+    out = {"rows": gpu.runner.convention["kv_caches"].get("rows")}
+    for name, args in (("short", (IDS, PREFILL, CHUNK)),
+                       ("long", (LONG_IDS, LONG_PREFILL, LONG_CHUNK))):
+        out[name] = float(np.abs(engine_logits(gpu, *args).astype("float32")
+                                 - engine_logits(cpu, *args)).max())
+    return out
 
 
 @dataclass
@@ -290,13 +321,15 @@ def _attention_ms(engine, session, token: int, steps: int) -> float:
 
 
 def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16,
-                        repeats: int = 5) -> str:
-    """CPU decode of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each
-    context: ring caches (the default), full-length caches with the window in the mask, and the
-    same model without a window; engines interleaved in one process, medians of ``repeats``.
-    Three tables: decode tok/s (and the ring's as a ratio to the others'), the time per step in
-    the attention kernels, and the ring model's slowest calls per step (instrumented runs after
-    the timed ones)."""
+                        repeats: int = 5, target: str = "llvm") -> str:
+    """Decode of a Mistral-like model (hidden 256, 2 layers, window ``window``) at each context:
+    ring caches (the default), full-length caches with the window in the mask, and the same
+    model without a window; engines interleaved in one process, medians of ``repeats``. Three
+    tables: decode tok/s (and the ring's as a ratio to the others'), the time per step in the
+    attention kernels, and the ring model's slowest calls per step (instrumented runs after the
+    timed ones). ``target`` "cuda": built for and run on the CUDA device (tok/s only: a VM
+    instrument times kernel launches there, not kernels)."""
+    gpu = target != "llvm"
     import statistics
 
     from .artifact import compile_model
@@ -311,9 +344,9 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
                       num_key_value_heads=2, max_position_embeddings=max(contexts) + 64,
                       sliding_window=win)
         folder = _hf_folder_for("mistral", kwargs)
-        art = compile_model(export_onnx(folder, progress=lambda _: None), "llvm",
+        art = compile_model(export_onnx(folder, progress=lambda _: None), target,
                             progress=lambda *_: None, **options)
-        engines[label] = Engine(art)
+        engines[label] = Engine(art, device="cuda:0" if gpu else None)
     speed = ["| context | " + " | ".join(f"{k} tok/s" for k in engines)
              + " | ring / full-length | ring / no window |", "|---|" + "---|" * (len(engines) + 2)]
     attention = ["| context | " + " | ".join(f"{k}: attention ms/step" for k in engines) + " |",
@@ -333,11 +366,14 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
                 for _ in range(steps):
                     token = engine.decode_greedy(session, token)
                 times[label].append(steps / (time.perf_counter() - start))
-                attn[label].append(_attention_ms(engine, session, token, steps))
+                if not gpu:
+                    attn[label].append(_attention_ms(engine, session, token, steps))
         med = {k: statistics.median(t) for k, t in times.items()}
         speed.append(f"| {ctx} | " + " | ".join(f"{v:.0f}" for v in med.values())
                      + f" | {med['ring'] / med['full-length + mask']:.2f} | "
                      f"{med['ring'] / med['no window']:.2f} |")
+        if gpu:
+            continue
         attention.append(f"| {ctx} | " + " | ".join(f"{statistics.median(t):.3f}"
                                                     for t in attn.values()) + " |")
         # where the ring model's decode step goes at this context: its slowest calls
@@ -346,6 +382,8 @@ def bench_window_decode(contexts=(512, 4096), window: int = 512, steps: int = 16
         token = int(engine_ring.prefill_greedy(session, prompt))
         top = sorted(_kernel_ms(engine_ring, session, token, steps).items(), key=lambda kv: -kv[1])
         profile.append(f"| {ctx} | " + ", ".join(f"{k} {v:.2f}" for k, v in top[:10]) + " |")
+    if gpu:
+        return "\n".join(speed)
     return "\n".join(speed) + "\n\n" + "\n".join(attention) + "\n\n" + "\n".join(profile)
 
 
@@ -398,7 +436,12 @@ def main(argv=None) -> None:
                         help="measure the window-cache memory of three builds "
                              "(Gemma-3-1B-like, 8k) and stop")
     parser.add_argument("--bench", action="store_true",
-                        help="CPU decode tok/s of a window model at contexts 512 and 4096, and stop")
+                        help="decode tok/s of a window model at contexts 512 and 4096, and stop")
+    parser.add_argument("--target", default="llvm",
+                        help="--bench's target: llvm (default), or cuda (run on the CUDA device)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="the window models built for CUDA (fp32 and fp16) against the CPU "
+                             "build, on the CUDA device, and stop")
     parser.add_argument("--bench-moe", action="store_true",
                         help="CPU decode tok/s of a MoE exported dense vs gather, and stop")
     args = parser.parse_args(argv)
@@ -406,7 +449,16 @@ def main(argv=None) -> None:
         print(memory_table())
         return
     if args.bench:
-        print(bench_window_decode())
+        print(bench_window_decode(target=args.target))
+        return
+    if args.cuda:
+        print("| architecture | dtype | cache rows (CUDA build) | max abs diff vs CPU, 12 tokens "
+              "| 226 tokens | tolerance |\n|---|---|---|---|---|---|")
+        for arch in WINDOW_ARCHS:
+            for dtype in GPU_TOLERANCE:
+                r = check_cuda(arch, dtype)
+                print(f"| {arch} | {dtype} | {r['rows']} | {r['short']:.1e} | {r['long']:.1e} | "
+                      f"{GPU_TOLERANCE[dtype]:.0e} |", flush=True)
         return
     if args.bench_moe:
         print(bench_moe_forms())

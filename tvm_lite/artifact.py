@@ -168,8 +168,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         opts = opts.replace(kv_windows=tuple(export_windows(onnx_path.parent)))
     options: dict = {"kv_cache": opts.kv_cache, "memory_plan": opts.memory_plan,
                      "fused_attention": bool(opts.fused_attention and inplace)}
-    if inplace and opts.fused_attention and any(opts.kv_windows) and "cpu" in tgt.keys:
-        # (absent: no ring caches; a GPU build keeps full-length caches)
+    if inplace and opts.fused_attention and any(opts.kv_windows):  # (absent: no ring caches)
         options["kv_windows"] = list(opts.kv_windows)
     if opts.stock:
         options["pipeline"] = opts.pipeline

@@ -40,8 +40,9 @@ class BuildOptions:
     ``decode_function``: give a past/present decoder a ``decode`` function too (``main`` with one
     token); default: on with a tuning database.
     ``kv_windows``: the sliding window of each layer (0 for a global layer) whose in-place cache
-    is a ring of ``window`` rows (``relax_passes/fuse_attention.py: ring_kernel``; CPU targets; a
-    GPU build keeps full-length caches with the window in the mask); ``()``: no ring caches;
+    is a ring of ``window`` rows (``relax_passes/fuse_attention.py: ring_kernel``; every target:
+    ``schedules/gpu_attention*.py`` rebuild the ring kernels for a GPU); ``()``: no ring caches
+    (full-length caches with the window in the export's mask);
     None (default): ``compile_model`` takes them from the export (``tvm_lite_model.json``).
     ``merge_projections``: projections that read the same activation (q/k/v, gate/up) become one
     wider matmul (``relax_passes/merge_shared_input_projections.py``; ``compile_model`` applies

@@ -122,8 +122,8 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
     kv_passes = [] if kv_cache == KV_COPY else [
         InplaceKVCache(required=kv_cache == KV_INPLACE, windows=opts.kv_windows),
         SplitPrefillDecode(only_with_attr=KV_CACHE_ATTR)]
-    if opts.fused_attention and kv_passes:  # ring caches for window layers: on the CPU
-        kv_passes.append(FuseAttention(ring="cpu" in target.keys))
+    if opts.fused_attention and kv_passes:  # ring caches for window layers (every target)
+        kv_passes.append(FuseAttention(ring=True))
     if kv_passes:  # device-side step inputs and greedy token (relax_passes/add_step_helpers.py)
         kv_passes.append(AddStepHelpers(KV_CACHE_ATTR))
     arena = [PlanSymbolicArena(only_with_attr=KV_CACHE_ATTR)] if memory_plan == "arena" else []
