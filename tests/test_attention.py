@@ -702,3 +702,42 @@ def test_gpu_ring_prefill_never_loads_tiles_below_the_window(profile, kv, d, tmp
     np.testing.assert_allclose(got[:, :, first_pos:].astype("float32"), want[:, :, first_pos:],
                                rtol=2e-3, atol=2e-3)
     assert np.isnan(got[:, :, :first_pos]).any()  # (earlier rows do read the NaN keys)
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gpu_ring_kernels_on_cuda(profile, dtype):
+    """Each profile's ring kernels (sizes and ``past`` at run time), compiled for CUDA and run
+    on the device: a prefill longer than the window, chunks, decode steps past it, one ring
+    carried from call to call, against numpy over the whole history with the window mask."""
+    heads, kv, d, window = 8, 2, 64, 48
+    rng = np.random.default_rng(8)
+    keys, values = (rng.standard_normal((700, kv, d)).astype(dtype) for _ in range(2))
+    ring = [tvm.runtime.tensor(np.zeros((window, kv, d), dtype), tvm.cuda(0)) for _ in range(2)]
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    compiled, past = {}, 0
+    for n in (300, 1, 1, 70, 5, 1, 200, 1, 1):
+        decode = n == 1
+        p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, not decode, decode,
+                             merged_heads=decode, window=window)
+        if decode not in compiled:
+            func, _ = _gpu_kernel(p, GPU_TARGETS[profile])
+            compiled[decode] = tvm.compile(tvm.IRModule(
+                {"attn": func.with_attr("global_symbol", "attn")}), target=target)
+        q = rng.standard_normal((1, heads, n, d)).astype(dtype)
+        new = [x[past:past + n].transpose(1, 0, 2)[None].copy() for x in (keys, values)]
+        out = tvm.runtime.empty((1, n, heads * d) if decode else (1, heads, n, d), dtype,
+                                tvm.cuda(0))
+        compiled[decode]["attn"](tvm.runtime.tensor(q, tvm.cuda(0)), *ring,
+                                 *(tvm.runtime.tensor(x, tvm.cuda(0)) for x in new), past, out)
+        got = out.numpy()
+        if decode:
+            got = got.reshape(1, n, heads, d).transpose(0, 2, 1, 3)
+        qpos, kpos = past + np.arange(n)[:, None], np.arange(past + n)[None]
+        mask = np.where((kpos <= qpos) & (kpos > qpos - window), 0, -np.inf)[None, None]
+        want = reference_numpy(q, keys[:past + n], values[:past + n], mask, d ** -0.5, heads // kv)
+        tol = 2e-3 if dtype == "float16" else 1e-4
+        np.testing.assert_allclose(got.astype("float32"), want, rtol=tol, atol=tol,
+                                   err_msg=f"n={n} past={past}")
+        past += n
