@@ -225,3 +225,37 @@ def test_window_model_on_cuda_matches_cpu(arch, dtype):
     assert got["rows"] == [w or None for w in windows for _ in ("key", "value")]
     assert got["short"] <= arch_matrix.GPU_TOLERANCE[dtype], got
     assert got["long"] <= arch_matrix.GPU_TOLERANCE[dtype], got
+
+
+@pytest.mark.parametrize("arch, target", [("gemma3_text", "opencl -device=adreno"),
+                                          ("mistral", "cuda -arch=sm_90")])
+def test_gpu_builds_of_window_models_use_ring_caches(arch, target, tmp_path):
+    """A GPU build of a window model (no device needed: built, not run) has ring caches of
+    ``window`` rows on its local layers, runs their attention as the GPU ring kernels, and builds
+    no mask for them (Mistral: every layer windowed, so no mask kernel at all); Adreno's OpenCL
+    C passes clang."""
+    import re
+
+    import tvm_lite
+    from conftest import CLANG, clang_opencl
+    from tvm_lite.export import export_windows
+
+    onnx = arch_matrix.export(arch, "dynamo")
+    windows = export_windows(onnx)
+    described: list = []
+    ex = tvm_lite.build(tvm_lite.from_onnx(onnx / "model.onnx"), target, dump_dir=str(tmp_path),
+                        described=described, kv_windows=tuple(windows))
+    assert described[0]["kv_caches"]["rows"] == [w or None for w in windows for _ in "kv"]
+    ir = (tmp_path / "3_schedule.py").read_text()
+    decode = ir[ir.index("def decode("):]
+    decode = decode[:decode.index("\n    @", 10)]
+    calls = set(re.findall(r"cls\.(\w+)", decode))
+    assert "attention_ring_decode" in calls
+    assert ("attention_decode" in calls) == (0 in windows)  # the global layers'
+    mask_kernels = [c for c in calls if "where" in c and ("less" in c or "greater" in c)]
+    assert bool(mask_kernels) == (0 in windows), mask_kernels
+    if "opencl" in target and CLANG:
+        path = tmp_path / "model.cl"
+        path.write_text(tvm_lite.device_source(ex, "opencl"))
+        res = clang_opencl(path)
+        assert res.returncode == 0, res.stderr[:2000]
