@@ -129,7 +129,7 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     v_at = kv_index(p, "v", key, "kvh", f"dv * {V} + e")
     mask_at = mask_index(p, f"kvh * {G} + g", "0", key)
     u = _unroll
-    write = ring_write(p) if p.get("window") else ""
+    write = ring_write(p, min(128, max_threads)) if p.get("window") else ""
     src = kernel_source(p, decl, write + f'''    part_o = T.alloc_buffer(({KV * SM * G * D},), "float32")
     part_ml = T.alloc_buffer(({KV * SM * G * 2},), "float32")
     for kvh in T.thread_binding({KV}, thread="blockIdx.y"):

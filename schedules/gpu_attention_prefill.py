@@ -275,7 +275,7 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
                     for t in T.unroll({dims}):
                         {out_index(p, me["head"], me["pos"], f"{lane} + {lanes} * t")} = T.Cast(
                             "{dt}", acc[t] / T.max(st[1], T.float32(1e-30)))
-{ring_write(p) if p.get("window") else ""}''', static)
+{ring_write(p, threads) if p.get("window") else ""}''', static)
     return parse(src, static, HELPERS=HELPERS)
 
 

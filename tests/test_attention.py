@@ -594,8 +594,8 @@ def _check_ring(got, case, tol):
     np.testing.assert_array_equal(rv[slots], values)
 
 
-def _write_grid(p, n):
-    return (-(-min(n, p["window"]) * p["kv_heads"] * p["head_dim"] // 128), 1, 1)
+def _write_grid(p, n, threads=128):
+    return (-(-min(n, p["window"]) * p["kv_heads"] * p["head_dim"] // threads), 1, 1)
 
 
 # heads, kv heads, head_dim, window, past, n: a prefill longer than the window, chunks after a
@@ -653,11 +653,15 @@ def _ring_prefill(p, profile, n, past):
                    .replace("T.max", "max").replace("T.min", "min"), {"n": n, "m": m})
         grids = [(-(-n * G // rows), kv, spl)]
         grids += [(-(-p["heads"] * n * p["head_dim"] // 256), 1, 1)] if spl > 1 else []
+        threads = 128
     else:
-        rows, keys = simt_tiles(p, min(tile["threads"], int(t.attrs["max_num_threads"])),
-                                tile["local_bytes"], 8)
+        threads = min(tile["threads"], int(t.attrs["max_num_threads"]))
+        vec = min(gpu_profile(profile).vector_bytes // 2, 8)  # fp16 lanes, as simt_kernel
+        while p["head_dim"] % vec:
+            vec //= 2
+        rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
         grids = [(-(-n * G // rows), kv, 1)]
-    return func, grids + [_write_grid(p, n)], (rows, keys)
+    return func, grids + [_write_grid(p, n, threads)], (rows, keys)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
