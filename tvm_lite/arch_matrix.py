@@ -146,8 +146,9 @@ WINDOW_ARCHS = ("mistral", "gemma2", "gemma3_text")
 GPU_TOLERANCE = {"float32": 1e-3, "float16": 3e-2}  # CUDA logits vs the fp32 CPU build's
 
 
-def check_cuda(arch: str, dtype: str = "float32", target: str = "cuda") -> dict:
-    """A window model (dynamo export, ``dtype``) built for ``target`` and run on the CUDA device
+def check_cuda(arch: str, dtype: str = "float32", target: str = "cuda",
+               device: str = "cuda:0") -> dict:
+    """A window model (dynamo export, ``dtype``) built for ``target`` and run on ``device``
     against the fp32 CPU build of the same model (which matches torch: :func:`check`), over IDS
     and LONG_IDS (prefill, chunk, decode past the window): the max abs logit difference of
     each, and the rows of the GPU build's caches (a ring's: the window)."""
@@ -156,7 +157,7 @@ def check_cuda(arch: str, dtype: str = "float32", target: str = "cuda") -> dict:
     from .export import export_onnx
 
     onnx = export_onnx(hf_folder(arch), exporter="dynamo", dtype=dtype, progress=lambda _: None)
-    gpu = Engine(compile_model(onnx, target, progress=lambda *_: None), device="cuda:0")
+    gpu = Engine(compile_model(onnx, target, progress=lambda *_: None), device=device)
     cpu = Engine(build(arch, "dynamo"))
     out = {"rows": gpu.runner.convention["kv_caches"].get("rows")}
     for name, args in (("short", (IDS, PREFILL, CHUNK)),
