@@ -225,7 +225,8 @@ def _key_pass(p: dict, keys: int, lanes: int, start: str, count: str, k_at, v_at
               mask_col) -> str:
     """One pass of the online softmax over keys ``[start, count)``, ``keys`` at a time
     (statements inside a kernel's per-(head, row) loop): ``k_at(j, d)``/``v_at(j, d)`` are the
-    TIR texts of key ``j``'s K/V element ``d``, ``mask_col(j)`` its mask column."""
+    TIR texts of key ``j``'s K/V element ``d``, ``mask_col(j)`` its mask column (None: no
+    mask)."""
     f32 = "T.float32"
     D = p["head_dim"]
     j = f"{start} + j0 * {keys} + jj" if start != "0" else f"j0 * {keys} + jj"
@@ -237,6 +238,7 @@ def _key_pass(p: dict, keys: int, lanes: int, start: str, count: str, k_at, v_at
                     part[jj, l] = part[jj, l] + part[jj, l + {width}]""")
     fold = "\n".join(fold)
     k_elem = k_at(j, f"d0 * {lanes} + l")
+    mask = mask_index(p, "h", "i", mask_col(j)) if mask_col else "0"
     extent = f"{count} - ({start})" if start != "0" else count
     return f'''        for j0 in range(({extent} + {keys - 1}) // {keys}):
             for jj in range({keys}):
@@ -250,7 +252,7 @@ def _key_pass(p: dict, keys: int, lanes: int, start: str, count: str, k_at, v_at
             for jj in range({keys}):
 {fold}
                 if {j} < {count}:
-                    sc[jj] = {score(p, "part[jj, 0]", mask_index(p, "h", "i", mask_col(j)) if mask_col else "0")}
+                    sc[jj] = {score(p, "part[jj, 0]", mask)}
                     st[2] = T.max(st[2], sc[jj])
             if st[2] > st[0]:
                 for d in T.vectorized({D}):
@@ -336,10 +338,11 @@ def ring_kernel(p: dict, keys: int = 8) -> tirx.PrimFunc:
                         None)
     rows = f"T.min({n}, {W})"
     new = f"{n} - {rows} + t // {KV}"  # the new row written; its position is past + new
+    slot, h = f"(past + {new}) % {W}", f"t % {KV}"
     write = f'''    for t in T.parallel({rows} * {KV}):
         for d in T.vectorized({D}):
-            {kv_index(p, "k", f"(past + {new}) % {W}", f"t % {KV}", "d")} = nk[0, t % {KV}, {new}, d]
-            {kv_index(p, "v", f"(past + {new}) % {W}", f"t % {KV}", "d")} = nv[0, t % {KV}, {new}, d]
+            {kv_index(p, "k", slot, h, "d")} = nk[0, {h}, {new}, d]
+            {kv_index(p, "v", slot, h, "d")} = nv[0, {h}, {new}, d]
 '''
     return parse(kernel_source(p, decl, _row_loop(p, keys, passes) + write))
 

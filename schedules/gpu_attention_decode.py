@@ -93,7 +93,8 @@ def ring_write(p: dict, threads: int = 128) -> str:
     e = f"(wb * {threads} + wt)"
     row, h, d = f"{n} - {rows} + {e} // {KV * D}", f"{e} // {D} % {KV}", f"{e} % {D}"
     slot = f"(past + {row}) % {W}"
-    return f'''    for wb in T.thread_binding(({total} + {threads - 1}) // {threads}, thread="blockIdx.x"):
+    blocks = f"({total} + {threads - 1}) // {threads}"
+    return f'''    for wb in T.thread_binding({blocks}, thread="blockIdx.x"):
         for wt in T.thread_binding({threads}, thread="threadIdx.x"):
             if {e} < {total}:
                 {kv_index(p, "k", slot, h, d)} = nk[0, {h}, {row}, {d}]
@@ -130,7 +131,8 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     mask_at = mask_index(p, f"kvh * {G} + g", "0", key)
     u = _unroll
     write = ring_write(p, min(128, max_threads)) if p.get("window") else ""
-    src = kernel_source(p, decl, write + f'''    part_o = T.alloc_buffer(({KV * SM * G * D},), "float32")
+    src = kernel_source(p, decl, write + f'''    part_o = T.alloc_buffer(({KV * SM * G * D},),
+                                                          "float32")
     part_ml = T.alloc_buffer(({KV * SM * G * 2},), "float32")
     for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
         for s in T.thread_binding({splits}, thread="blockIdx.x"):

@@ -543,7 +543,7 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
 
-# -- sliding-window layers' ring caches on the GPU: CUDA C run on the CPU ---------------------------
+# -- sliding-window layers' ring caches on the GPU: CUDA C run on the CPU -------------------------
 def _ring_case(rng, heads, kv, d, window, past, n, dtype, softcap=0.0):
     """A ring cache after ``past`` tokens (slots holding no position the call may read are NaN:
     never-written slots and the one of position ``past - window``), ``n`` new rows and their
