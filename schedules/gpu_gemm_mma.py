@@ -182,9 +182,11 @@ def match_gemm(sch, profile):
 
 def kernel_source(func, g: dict, tile) -> str:
     """TVMScript of the kernel for ``func`` (roles ``g`` from :func:`match_gemm`, ``tile`` from
-    :func:`choose_tile`); its stores write ``__tvm_lite_epilogue__(acc)``."""
+    :func:`choose_tile`, optionally with a sixth entry: the K slice, ``TK`` if absent); its
+    stores write ``__tvm_lite_epilogue__(acc)``."""
     names, params, decls = _decl(func)
-    TM, TN, WM, WN, KS = tile
+    TM, TN, WM, WN, KS = tile[:5]
+    TK = tile[5] if len(tile) > 5 else globals()["TK"]  # noqa: N806
     K, N, M, G, fmt = g["k"], g["n"], g["m"], g["group"], g["fmt"]
     x, out = names[g["roles"]["x"]], names[g["roles"]["out"]]
     xbuf, obuf = func.params[g["roles"]["x"]], func.params[g["roles"]["out"]]
@@ -356,6 +358,9 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True):
     sch = s_tir.Schedule(func)
     func = sch.mod["main"]
     g = match_gemm(sch, profile)
+    if tile is not None and (g["n"] % tile[1]
+                             or g["k"] % ((tile[5] if len(tile) > 5 else TK) * tile[4])):
+        raise MatchError(f"tile {tile} does not divide N={g['n']}, K={g['k']}")
     tile = tile or choose_tile(g["n"], profile.compute_units, k=g["k"] if split_k else None)
     src = kernel_source(func, g, tile)
     kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
