@@ -597,9 +597,9 @@ def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
         assert "mma_m16n8k16" in str(sch.mod["main"].attrs["tvm_lite.gemm"]), (fmt, k, n)
     # the tile follows the matrix: enough workgroups for 132 SMs at n = 512, else K split
     assert choose_tile(8192, 132, k=2048) == (128, 128, 2, 4, 1)
-    assert choose_tile(2048, 132, k=8192) == (128, 64, 4, 2, 2)  # 128 workgroups: 2 splits
+    assert choose_tile(2048, 132, k=8192) == (128, 128, 2, 4, 2)  # 64 workgroups: 2 splits
     assert choose_tile(192, 132)[:2] == (64, 64)
-    assert choose_tile(576, 132, k=576)[4] == 1  # 18 slices of K: too few to split
+    assert choose_tile(576, 132, k=576)[4] == 1  # 9 slices of K: too few to split
     names = r"__global__ void __launch_bounds__\(\d+\) (\w+)\("
     for split_k, kernels in ((True, 2), (False, 1)):  # split: the partial sums' kernel applies
         func = _mma_func("e0m4", 2048, 2048, "residual")  # the epilogue
