@@ -308,16 +308,22 @@ def split_count(p: dict, rows: int, keys: int) -> str:
 def _merge(p: dict, spl: str) -> str:
     """The second kernel of a split prefill: per (head, position, dim), the splits' partials
     merged (``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``, ``M`` their max); one
-    workgroup doing nothing when there is one split."""
+    workgroup doing nothing when there is one split. The head is ``blockIdx.y``, so a thread's
+    position and dim are a shift and a mask of its index (``D`` is a power of two or at least a
+    constant): no division by the run-time ``n``. (It was one flat index divided by ``n * D``
+    and taken modulo ``n``: 64-bit divisions per thread, and the merge of a 2-split Llama-1B
+    prompt of 512 tokens took 20.3 us on an H200, as long as the split kernel.)"""
     H, D, T_ = p["heads"], p["head_dim"], MERGE_THREADS
     e = f"(b * {T_} + t)"
-    h, pos, d = f"({e} // (n * {D}))", f"({e} // {D} % n)", f"({e} % {D})"
-    at = f"((s * {H} + {h}) * n + {pos})"
-    return f'''    for b in T.thread_binding(T.if_then_else({spl} > 1, ({H} * n * {D} + {T_ - 1}) // {T_},
-                                             T.int64(1)), thread="blockIdx.x"):
+    pos, d = f"({e} // {D})", f"({e} % {D})"
+    at = f"((s * {H} + h) * n + {pos})"
+    return f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
+                              thread="blockIdx.y"):
+      for b in T.thread_binding(T.if_then_else({spl} > 1, (n * {D} + {T_ - 1}) // {T_},
+                                               T.int64(1)), thread="blockIdx.x"):
         for t in T.thread_binding({T_}, thread="threadIdx.x"):
             mg = T.alloc_buffer((4,), "float32", scope="local")  # max, sum, acc, weight
-            if {spl} > 1 and {e} < {H} * n * {D}:
+            if {spl} > 1 and {e} < n * {D}:
                 mg[0] = {MIN}
                 for s in range({spl}):
                     mg[0] = T.max(mg[0], ws_m[{at}])
@@ -327,7 +333,7 @@ def _merge(p: dict, spl: str) -> str:
                     mg[3] = T.exp(ws_m[{at}] - mg[0])
                     mg[1] = mg[1] + ws_l[{at}] * mg[3]
                     mg[2] = mg[2] + ws_o[{at} * {D} + {d}] * mg[3]
-                {out_index(p, h, pos, d)} = T.Cast("float16", mg[2] / T.max(mg[1], T.float32(1e-30)))
+                {out_index(p, "h", pos, d)} = T.Cast("float16", mg[2] / T.max(mg[1], T.float32(1e-30)))
 '''
 
 

@@ -16,12 +16,13 @@ from tvm.s_tir import dlight as dl
 from .profiles import GPUProfile
 
 
-def reduction_rules(_profile: GPUProfile) -> list:
+def reduction_rules(profile: GPUProfile) -> list:
     """The reduction rules for a GPU profile (the same for all four today): DLight's, then
-    tvm_lite's reduction of a whole vector to one element (``gpu_scalar_reduction.py``)."""
+    tvm_lite's reduction of a whole vector to one element (``gpu_scalar_reduction.py``, a
+    workgroup of the profile's most threads)."""
     from .gpu_scalar_reduction import GPUScalarReduction
 
-    return [dl.gpu.Reduction(), dl.gpu.GeneralReduction(), GPUScalarReduction()]
+    return [dl.gpu.Reduction(), dl.gpu.GeneralReduction(), GPUScalarReduction(threads=profile.max_threads)]
 
 
 __all__ = ["reduction_rules"]

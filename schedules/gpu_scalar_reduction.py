@@ -13,6 +13,11 @@ epilogues (the argmax's cast of its index): it binds the reduction to one workgr
 strided (coalesced) slice, and TVM lowers the reduction over ``threadIdx.x`` to a cross-thread
 all-reduce (warp shuffles on CUDA, local memory on OpenCL). Any commutative reducer works (max,
 min, sum, TOPI's argmax pairs).
+
+Each thread's own loop is unrolled ``UNROLL`` deep, so its loads are issued together instead of
+one per trip of a loop whose every trip waits on the last (the combiner's select). The loop was
+rolled at first: the argmax of Llama-3.2-1B's 128,256 logits took 82.7 us on an H200 with 256
+threads (about 500 dependent loads a thread), 11% of a decode step's GPU time.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class GPUScalarReduction(dl.ScheduleRule):
     def __init__(self, threads: int = 256, min_extent: int = 256):
         self.threads = threads
         self.min_extent = min_extent
+
+    UNROLL = 8  # loads in flight per thread
 
     def apply(self, func, target: Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in (
@@ -65,7 +72,10 @@ class GPUScalarReduction(dl.ScheduleRule):
         threads = min(self.threads, int(target.attrs.get("max_num_threads", self.threads)))
         sch.reorder(*spatial, *reduce)
         outer = sch.fuse(*spatial) if spatial else sch.add_unit_loop(block)
-        _, tx = sch.split(sch.fuse(*reduce), [None, threads])
+        trips, tx = sch.split(sch.fuse(*reduce), [None, threads])
+        if total >= threads * self.UNROLL:
+            _, unrolled = sch.split(trips, [None, self.UNROLL])
+            sch.unroll(unrolled)
         sch.bind(outer, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         for epi in epilogues:  # after the all-reduce, in the same kernel

@@ -536,7 +536,7 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     kk, vv = (k[:, 0], v[:, 0]) if kv == 1 else (k, v)
     G = heads // kv
     grids = {"attn_kernel": (-(-n * G // rows), kv, splits),
-             "attn_kernel_1": (-(-heads * n * d // 256) if splits > 1 else 1, 1, 1)}
+             "attn_kernel_1": (-(-n * d // 256), heads, 1) if splits > 1 else (1, 1, 1)}
     got = run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, "mask_ptr": mask}, grids,
                       "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
     want = reference_numpy(q, k, v, mask, d ** -0.5, G)

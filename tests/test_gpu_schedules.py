@@ -597,9 +597,9 @@ def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
         assert "mma_m16n8k16" in str(sch.mod["main"].attrs["tvm_lite.gemm"]), (fmt, k, n)
     # the tile follows the matrix: enough workgroups for 132 SMs at n = 512, else K split
     assert choose_tile(8192, 132, k=2048) == (128, 128, 2, 4, 1)
-    assert choose_tile(2048, 132, k=8192) == (128, 64, 4, 2, 2)  # 128 workgroups: 2 splits
+    assert choose_tile(2048, 132, k=8192) == (128, 128, 2, 4, 2)  # 64 workgroups: 2 splits
     assert choose_tile(192, 132)[:2] == (64, 64)
-    assert choose_tile(576, 132, k=576)[4] == 1  # 18 slices of K: too few to split
+    assert choose_tile(576, 132, k=576)[4] == 1  # 9 slices of K: too few to split
     names = r"__global__ void __launch_bounds__\(\d+\) (\w+)\("
     for split_k, kernels in ((True, 2), (False, 1)):  # split: the partial sums' kernel applies
         func = _mma_func("e0m4", 2048, 2048, "residual")  # the epilogue
@@ -654,15 +654,18 @@ def test_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
         assert err < 1e-2, (fmt, k, n, epilogue, seq, err)
 
 
-# (fmt, K, N, M, epilogue): one kernel with the output tile cut by M; K split in two (its sum
-# kernel applies the residual add); fp16 weights with the two-block SiLU epilogue
-MMA_CPU_CASES = [("e0m4", 256, 128, 70, None), ("int4", 1024, 64, 37, "residual"),
-                 ("fp16", 128, 192, 65, "silu_gate")]
+# (fmt, K, N, M, epilogue, tile): one kernel with the output tile cut by M; K split in two (its
+# sum kernel applies the residual add); fp16 weights with the two-block SiLU epilogue; forced
+# tiles a sweep may pick (64-deep K slices, 128x256)
+MMA_CPU_CASES = [("e0m4", 256, 128, 70, None, None), ("int4", 1024, 64, 37, "residual", None),
+                 ("fp16", 128, 192, 65, "silu_gate", None),
+                 ("e0m4", 256, 128, 70, None, (128, 128, 2, 4, 1, 64)),
+                 ("int4", 256, 256, 40, None, (128, 256, 2, 4, 2))]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-@pytest.mark.parametrize("fmt,k,n,m,epilogue", MMA_CPU_CASES)
-def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tmp_path):
+@pytest.mark.parametrize("fmt,k,n,m,epilogue,tile", MMA_CPU_CASES)
+def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tile, tmp_path):
     """The tensor-core GEMM's generated CUDA C, run on the CPU with the PTX helpers emulated
     lane by lane (tests/mma_on_cpu.py), against numpy."""
     from mma_on_cpu import run_kernels
@@ -670,9 +673,9 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tm
 
     target = parse_target(TARGETS["cuda"])
     func = _mma_func(fmt, k, n, epilogue, m)
-    src = _source(build(func, target, [GPUPrefillGEMM(CUDA)]), "cuda")
-    TM, TN, _, _, KS = choose_tile(n, CUDA.compute_units, k=k)
-    assert (KS > 1) == (k == 1024)
+    src = _source(build(func, target, [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
+    TM, TN, _, _, KS = (tile or choose_tile(n, CUDA.compute_units, k=k))[:5]
+    assert tile or (KS > 1) == (k == 1024)
     rng = np.random.default_rng(7)
     arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
     x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)

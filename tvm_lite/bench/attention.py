@@ -33,9 +33,9 @@ MAX_COPIES = 256
 
 def _kernels(heads: int, kv: int, d: int, target):
     """{"split-K": PrimFunc, "per-head": PrimFunc} of this shape for the CUDA profile."""
-    from .relax_passes.fuse_attention import attention_params, reference_kernel
-    from .schedules import gpu_attention
-    from .schedules.gpu_attention import Attention
+    from ..relax_passes.fuse_attention import attention_params, reference_kernel
+    from ..schedules import gpu_attention
+    from ..schedules.gpu_attention import Attention
 
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, False, True,
                          merged_heads=True, kv_squeezed=kv == 1)
@@ -138,7 +138,7 @@ def bench_case(heads, kv, d, contexts, built, iters: int = 200) -> list[dict]:
 def run(shapes=SHAPES, contexts=CONTEXTS, progress=print) -> dict:
     import tvm
 
-    from .target import parse_target
+    from ..target import parse_target
 
     target = parse_target("cuda -arch=sm_90")
     copy = copy_bandwidth_torch()

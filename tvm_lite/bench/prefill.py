@@ -192,7 +192,10 @@ GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp1
 
 
 def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_VARIANTS),
-               progress=print) -> list[dict]:
+               progress=print, tiles=()) -> list[dict]:
+    """One row per (layer, length, variant). ``tiles``: tensor-core tiles ``(TM, TN, WM, WN, KS[,
+    TK])`` also timed on every layer as E0M4 variants ``"e0m4 tile TMxTNxWMxWNxKS[xTK]"`` (a
+    sweep for ``gpu_gemm_mma.choose_tile``); a tile that does not divide a layer is skipped."""
     import torch
     import tvm
     from tvm import tirx
@@ -210,6 +213,12 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     rules = {"mma": rules_for(target),
              "no split-K": [GPUPrefillGEMM(cuda, split_k=False), *rules_for(target)],
              "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)]}
+    variants = dict(GEMM_VARIANTS)
+    for tile in tiles:
+        name = "e0m4 tile " + "x".join(map(str, tile))
+        rules[name] = [GPUPrefillGEMM(cuda, mma_tile=tuple(tile))]
+        variants[name] = ("e0m4", name)
+        fmts = (*fmts, name)
     rng = np.random.default_rng(0)
     rows = []
     for model, name, k, n in gemm_layers(models):
@@ -218,14 +227,22 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
             x = torch.from_numpy(random_half((1, seq, k), rng)).cuda()
             torch_ms = _torch_ms(lambda: torch.matmul(x, w16))  # noqa: B023
             for variant in fmts:
-                fmt, rule = GEMM_VARIANTS[variant]
+                fmt, rule = variants[variant]
                 if rule == "no split-K" and choose_tile(n, gpu_profile("cuda").compute_units,
                                                         k=k)[4] == 1:
                     continue  # the same kernel as "e0m4"
+                if rule.startswith("e0m4 tile"):
+                    tile = tuple(int(v) for v in rule.split()[-1].split("x"))
+                    if n % tile[1] or k % ((tile[5] if len(tile) > 5 else 32) * tile[4]):
+                        continue
                 arrays = {"w": w16.cpu().numpy()} if fmt == "fp16" else weights(fmt, k, n, rng)
                 func = kernel_func(fmt, [1, tirx.Var("n", "int64")], k, n)
                 t0 = time.perf_counter()
-                ex = build(func, target, rules[rule])
+                try:
+                    ex = build(func, target, rules[rule])
+                except Exception as err:  # a sweep's tile that does not build: a row saying so
+                    progress(f"gemm {model} {name} {k}x{n} {variant}: does not build: {err}"[:300])
+                    continue
                 compile_s = time.perf_counter() - t0
                 out = tvm.runtime.empty((1, seq, n), "float16", dev)
                 args = [tvm.runtime.from_dlpack(x), *[tvm.runtime.tensor(a, dev)
@@ -276,6 +293,9 @@ def main(argv=None):
     ap.add_argument("--parts", default="attention,gemm")
     ap.add_argument("--key-tiles", default="", help="also time these tensor-core key tiles, "
                     "e.g. 32,64 (attention)")
+    ap.add_argument("--gemm-tiles", default="", help="also time these tensor-core GEMM tiles "
+                    "TMxTNxWMxWNxKS[xTK], comma-separated (e.g. 128x256x2x4x1,128x128x2x4x1x64)")
+    ap.add_argument("--gemm-models", default=",".join(GEMM_MODELS))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
@@ -293,7 +313,9 @@ def main(argv=None):
         result["attention"] = bench_attention(key_tiles=tiles)
         save()
     if "gemm" in parts:
-        result["gemm"] = bench_gemm()
+        tiles = [tuple(int(v) for v in t.split("x")) for t in args.gemm_tiles.split(",") if t]
+        fmts = ("e0m4", "fp16") if tiles else tuple(GEMM_VARIANTS)
+        result["gemm"] = bench_gemm(models=args.gemm_models.split(","), fmts=fmts, tiles=tiles)
         save()
     print(format_tables(result))
 
