@@ -652,7 +652,7 @@ def _ring_prefill(p, profile, n, past):
         spl = eval(split_count(p, rows, keys).replace("T.int64", "int")  # noqa: S307
                    .replace("T.max", "max").replace("T.min", "min"), {"n": n, "m": m})
         grids = [(-(-n * G // rows), kv, spl)]
-        grids += [(-(-p["heads"] * n * p["head_dim"] // 256), 1, 1)] if spl > 1 else []
+        grids += [(-(-n * p["head_dim"] // 256), p["heads"], 1)] if spl > 1 else []
         threads = 128
     else:
         threads = min(tile["threads"], int(t.attrs["max_num_threads"]))
