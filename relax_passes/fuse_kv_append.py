@@ -91,6 +91,62 @@ def _bcast(shape, names) -> str:
                      for i, d in enumerate(shape))
 
 
+def _angle_of(expr, op: str, var2val):
+    """``(angle, head_axis_added, cast)`` if ``expr`` is ``op(angle)`` (``relax.cos``/``sin``)
+    under an optional cast and an optional ``expand_dims`` of the head axis, else None."""
+    added, cast = False, None
+    for _ in range(3):
+        x = var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
+        if _op(x, "relax.expand_dims") and not added and [int(a) for a in x.attrs.axis] == [1]:
+            added, expr = True, x.args[0]
+        elif _op(x, "relax.astype") and cast is None:
+            cast, expr = str(x.attrs.dtype), x.args[0]
+        elif _op(x, op) and isinstance(x.args[0], relax.Var):
+            return x.args[0], added, cast
+        else:
+            return None
+    return None
+
+
+class _Rotation:
+    """Where the rotation's ``cos``/``sin`` come from: the two tensors, or -- when they are
+    ``cos(a)`` and ``sin(a)`` of one angle tensor (HF's ``emb``, behind a cast and/or the head
+    axis' ``expand_dims``) -- ``a`` itself: the kernel computes them, so no cos and sin kernels
+    run before it."""
+
+    def __init__(self, cos, sin, var2val):
+        self.cos, self.sin, self.angle = cos, sin, None
+        c, s = _angle_of(cos, "relax.cos", var2val), _angle_of(sin, "relax.sin", var2val)
+        if c is not None and s is not None and c[0].same_as(s[0]) and c[1:] == s[1:]:
+            shape = static_shape(c[0])
+            if shape is not None and len(shape) == (3 if c[1] else 4):
+                self.angle, self.head_axis_added, self.cast = c
+
+    def exprs(self) -> list:
+        return [self.angle] if self.angle is not None else [self.cos, self.sin]
+
+    def params(self) -> str:
+        return "var_ang: T.handle" if self.angle is not None \
+            else "var_cos: T.handle, var_sin: T.handle"
+
+    def decls(self, dtype: str, shape) -> str:
+        if self.angle is not None:
+            return (f'    ang = T.match_buffer(var_ang, ({shape(static_shape(self.angle))},), '
+                    f'"{self.angle.ty.dtype}")\n')
+        return (f'    cos = T.match_buffer(var_cos, ({shape(static_shape(self.cos))},), "{dtype}")\n'
+                f'    sin = T.match_buffer(var_sin, ({shape(static_shape(self.sin))},), "{dtype}")\n')
+
+    def at(self, h: str) -> tuple[str, str]:
+        """TIR text of cos and sin for head ``h``, row ``vs``, column ``vd``."""
+        at = ["0", h, "vs", "vd"]
+        if self.angle is None:
+            return (f"cos[{_bcast(static_shape(self.cos), at)}]",
+                    f"sin[{_bcast(static_shape(self.sin), at)}]")
+        a = f"ang[{_bcast(static_shape(self.angle), [at[0], *at[2:]] if self.head_axis_added else at)}]"
+        wrap = (lambda t: f'T.Cast("{self.cast}", {t})') if self.cast else (lambda t: t)  # noqa: E731
+        return wrap(f"T.cos({a})"), wrap(f"T.sin({a})")
+
+
 def _rotated(src: _Source, buf: str, d_head: int, h: str, cos: str, sin: str) -> str:
     """TIR text of row ``vs``, head ``h``, column ``vd`` of ``buf`` (laid out as ``src``) rotated
     (rotate_half) by ``cos``/``sin``."""
@@ -100,24 +156,19 @@ def _rotated(src: _Source, buf: str, d_head: int, h: str, cos: str, sin: str) ->
             f"{buf}[{at(f'vd - {half}')}]) * {sin}")
 
 
-def _kernel(dtype, heads, d_head, k_src, v_src, cos, sin, q_src=None, q_heads=0):
+def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None, q_heads=0):
     """``kv_append``; with ``q_src`` it also rotates the ``q_heads`` query heads into a third
     output ``(1, q_heads, n, D)``: one loop over ``q_heads + heads`` rows of heads, the first
     ``q_heads`` rotating Q, the others writing K and V (one kernel on a GPU)."""
     ksh, vsh = static_shape(k_src.expr), static_shape(v_src.expr)
-    csh, ssh = static_shape(cos), static_shape(sin)
     qsh = static_shape(q_src.expr) if q_src is not None else []
-    dims = {_dim(d) for sh in (ksh, vsh, csh, ssh, qsh) for d in sh}
+    dims = {_dim(d) for sh in [ksh, vsh, qsh, *map(static_shape, rotation.exprs())] for d in sh}
     seq = "n" if "n" in dims else str(int((ksh[1] if k_src.layout == "bs(hd)" else ksh[2])))
     n_decl = "    n = T.int64()\n" if "n" in dims else ""
     shape = lambda sh: ", ".join(_dim(d) for d in sh)  # noqa: E731
 
-    def cos_sin(h: str) -> tuple[str, str]:
-        at = ["0", h, "vs", "vd"]
-        return f"cos[{_bcast(csh, at)}]", f"sin[{_bcast(ssh, at)}]"
-
     def kv_rows(h: str, indent: str) -> str:
-        return (f"ck[pos + vs, {h}, vd] = {_rotated(k_src, 'k', d_head, h, *cos_sin(h))}\n{indent}"
+        return (f"ck[pos + vs, {h}, vd] = {_rotated(k_src, 'k', d_head, h, *rotation.at(h))}\n{indent}"
                 f"cv[pos + vs, {h}, vd] = v[{v_src.index(d_head, h, 'vs', 'vd')}]")
 
     q_param, q_decl, rows, body = "", "", heads, kv_rows("vr", " " * 12)
@@ -129,22 +180,20 @@ def _kernel(dtype, heads, d_head, k_src, v_src, cos, sin, q_src=None, q_heads=0)
         rows = q_heads + heads
         vq, vh = f"T.min(vr, {q_heads - 1})", f"T.max(vr - {q_heads}, 0)"  # (in bounds)
         body = f'''if vr < {q_heads}:
-                qo[0, {vq}, vs, vd] = {_rotated(q_src, "q", d_head, vq, *cos_sin(vq))}
+                qo[0, {vq}, vs, vd] = {_rotated(q_src, "q", d_head, vq, *rotation.at(vq))}
             else:
                 {kv_rows(vh, " " * 16)}'''
     src = f'''
 @T.prim_func(private=True, s_tir=True)
 def kv_append(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.handle,
-              var_cos: T.handle, var_sin: T.handle, pos: T.int64{q_param}):
+              {rotation.params()}, pos: T.int64{q_param}):
     T.func_attr({{"tir.noalias": True, "tvm_lite.fused": "kv_append"}})
     cache_len = T.int64()
 {n_decl}    ck = T.match_buffer(var_ck, (cache_len, {heads}, {d_head}), "{dtype}")
     cv = T.match_buffer(var_cv, (cache_len, {heads}, {d_head}), "{dtype}")
     k = T.match_buffer(var_k, ({shape(ksh)},), "{dtype}")
     v = T.match_buffer(var_v, ({shape(vsh)},), "{dtype}")
-    cos = T.match_buffer(var_cos, ({shape(csh)},), "{dtype}")
-    sin = T.match_buffer(var_sin, ({shape(ssh)},), "{dtype}")
-{q_decl}    assert pos + {seq} <= cache_len, "KV cache overflow: past_len + seq exceeds the cache's max_context"
+{rotation.decls(dtype, shape)}{q_decl}    assert pos + {seq} <= cache_len, "KV cache overflow: past_len + seq exceeds the cache's max_context"
     for s, r, d in T.grid({seq}, {rows}, {d_head}):
         with T.sblock("kv_append"):
             vs, vr, vd = T.axis.remap("SSS", [s, r, d])
@@ -154,7 +203,8 @@ def kv_append(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.hand
 
 
 def _find_pairs(mod, func):
-    """K write var -> (V write binding, K source, V source, cos, sin) for each fusable pair."""
+    """K write var -> (V write binding, K source, V source, rotation, query rotary or None)
+    for each fusable pair."""
     var2val = relax.analysis.get_var2val(func)
     pairs = {}
     for block in func.body.blocks:
@@ -190,7 +240,7 @@ def _find_pairs(mod, func):
                     or order[e] < i  # noqa: E731
                 cos, sin = rot.args[1].fields[1], rot.args[1].fields[2]
                 if all(defined_before(e) for e in (ksrc.expr, vsrc.expr, cos, sin)):
-                    pairs[kb.var] = (vb, ksrc, vsrc, cos, sin,
+                    pairs[kb.var] = (vb, ksrc, vsrc, _Rotation(cos, sin, var2val),
                                      _query_rotary(mod, block, i, rot, cos, sin, var2val, order))
                     used.update((j, j2))
                 break
@@ -248,16 +298,17 @@ class FuseKVAppend:
         def match(rw, binding, _var2val):
             var = binding.var
             if var in pairs:
-                vb, ksrc, vsrc, cos, sin, query = pairs[var]
+                vb, ksrc, vsrc, rotation, query = pairs[var]
                 cache, _, pos = binding.value.args[1].fields
                 vcache = vb.value.args[1].fields[0]
                 cshape = static_shape(cache)
                 heads, d_head = int(cshape[1]), int(cshape[2])
                 qsrc, qheads = (query[1], query[2]) if query is not None else (None, 0)
-                prim = _kernel(str(cache.ty.dtype), heads, d_head, ksrc, vsrc, cos, sin,
+                prim = _kernel(str(cache.ty.dtype), heads, d_head, ksrc, vsrc, rotation,
                                qsrc, qheads)
                 gv = rw.add_kernel(prim, "kv_append")
-                args = [rw.visit_expr(e) for e in (cache, vcache, ksrc.expr, vsrc.expr, cos, sin)]
+                args = [rw.visit_expr(e)
+                        for e in (cache, vcache, ksrc.expr, vsrc.expr, *rotation.exprs())]
                 args.append(pos)
                 out_ty, inplace = [cache.ty, vcache.ty], [0, 1]
                 if query is not None:
