@@ -176,12 +176,13 @@ class FuseAddRMSNorm:
     """Residual add + RMSNorm (and plain RMSNorm) -> one kernel each (see the module doc).
     ``self.count`` is the number of norms fused by the last run."""
 
-    def __init__(self, norm_before_gemv: bool = False):
+    def __init__(self, norm_before_gemv: bool = False, fp16_4bit: bool = True):
         self.count = 0
         self.norm_before_gemv = norm_before_gemv
+        self.fp16_4bit = fp16_4bit  # 4-bit GEMVs of fp16 rows count as GEMVs the norm goes into
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        gemv_inputs = _decode_gemv_inputs(mod) if self.norm_before_gemv else set()
+        gemv_inputs = _decode_gemv_inputs(mod, self.fp16_4bit) if self.norm_before_gemv else set()
 
         def match(rw, binding, var2val):
             rw.gemv_inputs = gemv_inputs
@@ -191,9 +192,9 @@ class FuseAddRMSNorm:
         return mod
 
 
-def _decode_gemv_input(call, mod) -> relax.Expr | None:
+def _decode_gemv_input(call, mod, fp16_4bit: bool) -> relax.Expr | None:
     """The input row of a decode GEMV call (``R.matmul`` with a 2-D weight or a 4-bit matmul
-    kernel, output ``(1, .., 1, N)``), else None."""
+    kernel -- of an fp16 row only if ``fp16_4bit`` --, output ``(1, .., 1, N)``), else None."""
     if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
         return None
     shape = static_shape(call) if isinstance(call.ty, relax.TensorType) else None
@@ -207,12 +208,14 @@ def _decode_gemv_input(call, mod) -> relax.Expr | None:
             and call.args[0] in mod.get_global_vars():
         attrs = mod[call.args[0]].attrs
         maker = attrs.get(MAKER_ATTR) if attrs is not None else None
-        if maker is not None and str(maker.get("kind", "")) == "matmul":
-            return call.args[1].fields[0]
+        row = call.args[1].fields[0]
+        if maker is not None and str(maker.get("kind", "")) == "matmul" \
+                and (fp16_4bit or dtype_of(row) != "float16"):
+            return row
     return None
 
 
-def _decode_gemv_inputs(mod) -> set:
+def _decode_gemv_inputs(mod, fp16_4bit: bool) -> set:
     """Vars every use of which is the input row of a decode GEMV."""
     out = set()
     for _, func in mod.functions_items():
@@ -220,19 +223,25 @@ def _decode_gemv_inputs(mod) -> set:
             continue
         uses: dict = {}
 
-        def visit(e):
-            if isinstance(e, relax.Call):
-                row = _decode_gemv_input(e, mod)
-                for arg in e.args:
-                    for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
-                        if isinstance(v, relax.Var):
-                            uses.setdefault(v, []).append(v.same_as(row) if row is not None
-                                                          else False)
-            elif isinstance(e, (relax.Tuple, relax.TupleGetItem)):
-                for v in (e.fields if isinstance(e, relax.Tuple) else [e.tuple_value]):
-                    if isinstance(v, relax.Var):
-                        uses.setdefault(v, []).append(False)
+        def use(expr, as_row):
+            if isinstance(expr, relax.Var):
+                uses.setdefault(expr, []).append(as_row)
+            elif isinstance(expr, relax.Tuple):
+                for f in expr.fields:
+                    use(f, False)
 
-        relax.analysis.post_order_visit(func, visit)
-        out.update(v for v, u in uses.items() if u and all(u))
+        for block in func.body.blocks:
+            for b in block.bindings:
+                val = b.value
+                if isinstance(val, relax.Call):
+                    row = _decode_gemv_input(val, mod, fp16_4bit)
+                    for arg in val.args:
+                        for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
+                            use(v, row is not None and v.same_as(row))
+                elif isinstance(val, relax.TupleGetItem):
+                    use(val.tuple_value, False)
+                else:
+                    use(val, False)
+        use(func.body.body, False)
+        out.update(v for v, u in uses.items() if all(u))
     return out
