@@ -189,3 +189,39 @@ def test_prologue_gemv_cuda_c_run_on_the_cpu_matches_numpy(case, k, n, override,
     got = run_kernel(src, n // (vec * tn), (tn, plan["tk"]), inputs, names[-1], n, tmp_path)
     ref = _numpy(case, arrays)
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
+
+
+def _cuda_device():
+    try:
+        dev = tvm.cuda(0)
+        return dev if dev.exist else None
+    except Exception:  # pylint: disable=broad-except
+        return None
+
+
+# tiny random models (tvm_lite/arch_matrix.py): Llama (the SmolLM2 structure), Qwen2 (q/k/v
+# biases after the norm-GEMV), Qwen3 (QK norms: the Q rotary reads the normed heads), Gemma
+# (1 + w norms, GELU-tanh gate)
+GPU_ARCHS = ["llama", "qwen2", "qwen3", "gemma"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_fused_cuda_build_matches_unfused_and_torch(arch, tmp_path):
+    """On a CUDA GPU: the logits of every position (prefill, a chunk, decode steps) of the fused
+    build (norms and activations in the GEMVs, Q rotary and cos/sin in kv_append) equal the
+    unfused build's and torch's."""
+    from tvm_lite import arch_matrix
+    from tvm_lite.artifact import compile_model
+    from tvm_lite.engine import Engine
+
+    onnx = arch_matrix.export(arch, "dynamo")
+    got = {}
+    for fusion in (True, False):
+        art = compile_model(onnx, "cuda -arch=sm_90", out_dir=tmp_path / f"fusion_{fusion}",
+                            progress=lambda *_: None, fusion=fusion)
+        got[fusion] = arch_matrix.engine_logits(Engine(art, device="cuda:0"))
+    np.testing.assert_allclose(got[True], got[False], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[True], arch_matrix.torch_logits(arch),
+                               atol=arch_matrix.TOLERANCE, rtol=0)
