@@ -109,7 +109,8 @@ def _kernel(a, b, w, gemma: bool, eps: float, n_dtype: str, out_dtype: str):
     ta, tw = placeholder(a, "x"), placeholder(w, "weight")
     k = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", d)), name="k")
     ss = te.compute(shape[:-1], lambda *i: te.sum(
-        ta(*i, k).astype("float32") * ta(*i, k).astype("float32"), axis=k), name=NORM_ROW_STAT_BLOCK)
+        ta(*i, k).astype("float32") * ta(*i, k).astype("float32"), axis=k),
+        name=NORM_ROW_STAT_BLOCK)
 
     def norm(*idx):
         *i, j = idx

@@ -133,8 +133,9 @@ class _Rotation:
         if self.angle is not None:
             return (f'    ang = T.match_buffer(var_ang, ({shape(static_shape(self.angle))},), '
                     f'"{self.angle.ty.dtype}")\n')
-        return (f'    cos = T.match_buffer(var_cos, ({shape(static_shape(self.cos))},), "{dtype}")\n'
-                f'    sin = T.match_buffer(var_sin, ({shape(static_shape(self.sin))},), "{dtype}")\n')
+        cos, sin = (shape(static_shape(t)) for t in (self.cos, self.sin))
+        return (f'    cos = T.match_buffer(var_cos, ({cos},), "{dtype}")\n'
+                f'    sin = T.match_buffer(var_sin, ({sin},), "{dtype}")\n')
 
     def at(self, h: str) -> tuple[str, str]:
         """TIR text of cos and sin for head ``h``, row ``vs``, column ``vd``."""
@@ -142,9 +143,11 @@ class _Rotation:
         if self.angle is None:
             return (f"cos[{_bcast(static_shape(self.cos), at)}]",
                     f"sin[{_bcast(static_shape(self.sin), at)}]")
-        a = f"ang[{_bcast(static_shape(self.angle), [at[0], *at[2:]] if self.head_axis_added else at)}]"
-        wrap = (lambda t: f'T.Cast("{self.cast}", {t})') if self.cast else (lambda t: t)  # noqa: E731
-        return wrap(f"T.cos({a})"), wrap(f"T.sin({a})")
+        names = at[:1] + at[2:] if self.head_axis_added else at
+        a = f"ang[{_bcast(static_shape(self.angle), names)}]"
+        if self.cast:
+            return f'T.Cast("{self.cast}", T.cos({a}))', f'T.Cast("{self.cast}", T.sin({a}))'
+        return f"T.cos({a})", f"T.sin({a})"
 
 
 def _rotated(src: _Source, buf: str, d_head: int, h: str, cos: str, sin: str) -> str:
@@ -152,8 +155,8 @@ def _rotated(src: _Source, buf: str, d_head: int, h: str, cos: str, sin: str) ->
     (rotate_half) by ``cos``/``sin``."""
     half = d_head // 2
     at = lambda d: src.index(d_head, h, "vs", d)  # noqa: E731
-    return (f"{buf}[{at('vd')}] * {cos} + T.if_then_else(vd < {half}, -{buf}[{at(f'vd + {half}')}], "
-            f"{buf}[{at(f'vd - {half}')}]) * {sin}")
+    return (f"{buf}[{at('vd')}] * {cos} + T.if_then_else(vd < {half}, "
+            f"-{buf}[{at(f'vd + {half}')}], {buf}[{at(f'vd - {half}')}]) * {sin}")
 
 
 def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None, q_heads=0):
@@ -168,7 +171,8 @@ def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None,
     shape = lambda sh: ", ".join(_dim(d) for d in sh)  # noqa: E731
 
     def kv_rows(h: str, indent: str) -> str:
-        return (f"ck[pos + vs, {h}, vd] = {_rotated(k_src, 'k', d_head, h, *rotation.at(h))}\n{indent}"
+        k_row = _rotated(k_src, "k", d_head, h, *rotation.at(h))
+        return (f"ck[pos + vs, {h}, vd] = {k_row}\n{indent}"
                 f"cv[pos + vs, {h}, vd] = v[{v_src.index(d_head, h, 'vs', 'vd')}]")
 
     q_param, q_decl, rows, body = "", "", heads, kv_rows("vr", " " * 12)
@@ -193,7 +197,8 @@ def kv_append(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.hand
     cv = T.match_buffer(var_cv, (cache_len, {heads}, {d_head}), "{dtype}")
     k = T.match_buffer(var_k, ({shape(ksh)},), "{dtype}")
     v = T.match_buffer(var_v, ({shape(vsh)},), "{dtype}")
-{rotation.decls(dtype, shape)}{q_decl}    assert pos + {seq} <= cache_len, "KV cache overflow: past_len + seq exceeds the cache's max_context"
+{rotation.decls(dtype, shape)}{q_decl}    assert pos + {seq} <= cache_len, \\
+        "KV cache overflow: past_len + seq exceeds the cache's max_context"
     for s, r, d in T.grid({seq}, {rows}, {d_head}):
         with T.sblock("kv_append"):
             vs, vr, vd = T.axis.remap("SSS", [s, r, d])
@@ -264,7 +269,8 @@ def _query_rotary(mod, block, k_write: int, k_rot, cos, sin, var2val, order):
             continue
         qx = static_shape(x)
         if qx is None or len(qx) != 4 or kx is None or len(kx) != 4 \
-                or not isinstance(qx[1], tirx.IntImm) or not tvm_ffi.structural_equal(qx[2:], kx[2:]) \
+                or not isinstance(qx[1], tirx.IntImm) \
+                or not tvm_ffi.structural_equal(qx[2:], kx[2:]) \
                 or str(x.ty.dtype) != str(k_rot.args[1].fields[0].ty.dtype):
             continue
         src = _Source(x, var2val)

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
-from tvm.script import relax as R  # noqa: F401
 
 from tvm_lite import parse_target
 from tvm_lite.pipeline import gemv_prologue_passes

@@ -44,7 +44,8 @@ from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes import (AddDecodeFunction, AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
                                    BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
-                                   FuseGEMVPrologue, FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
+                                   FuseGEMVPrologue, FuseKVAppend, FuseRotary, FuseSiluMul,
+                                   InlineStepCalls,
                                    InplaceKVCache,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
                                    SplitPrefillDecode)
