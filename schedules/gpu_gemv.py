@@ -366,7 +366,11 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         # load of ``vec`` columns)
         computed = []
         for blk in direct:
-            sch.compute_at(blk, ko, preserve_unit_loops=True)
+            try:
+                sch.compute_at(blk, ko, preserve_unit_loops=True)
+            except s_tir.ScheduleError:  # (not per K group: read where it is used, as before)
+                sch.compute_inline(blk)
+                continue
             sch.set_scope(blk, 0, "local")
             computed.append(sch.get(blk).writes[0].source)
         n_reads = len(sch.get(inner).reads)
