@@ -224,3 +224,57 @@ def test_fused_cuda_build_matches_unfused_and_torch(arch, tmp_path):
     np.testing.assert_allclose(got[True], got[False], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got[True], arch_matrix.torch_logits(arch),
                                atol=arch_matrix.TOLERANCE, rtol=0)
+
+
+def _silu_dequant_gemv(i: int, n: int, dtype: str) -> tvm.IRModule:
+    """``_silu_gemv`` with a 4-bit (E0M4 g32) down projection: tvm_lite's dequant matmul kernel."""
+    from tvm_lite.quant.kernels import matmul_func
+
+    bb = relax.BlockBuilder()
+    gu = relax.Var("gu", relax.TensorType((1, 1, 2 * i), dtype))
+    codes = relax.Var("codes", relax.TensorType((i // 4, n), "uint16"))
+    scale = relax.Var("scale", relax.TensorType((i // 32, n), "float16"))
+    zero = relax.Var("zero", relax.TensorType((i // 32, n), "float16"))
+    op = relax.op
+    with bb.function("decode", [gu, codes, scale, zero]):
+        with bb.dataflow():
+            g = bb.emit(op.strided_slice(gu, [2], [0], [i]))
+            u = bb.emit(op.strided_slice(gu, [2], [i], [2 * i]))
+            a = bb.emit(op.multiply(op.multiply(g, op.sigmoid(g)), u))
+            gv = bb.add_func(matmul_func("e0m4", [1, 1], i, n, 32, dtype), "e0m4_matmul")
+            y = bb.emit_output(relax.call_tir(gv, [a, codes, scale, zero],
+                                              relax.TensorType((1, 1, n), dtype)))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+@pytest.mark.parametrize("dtype, fp16_4bit, fused", [("float16", False, 0), ("float16", True, 1),
+                                                     ("float32", False, 1)])
+def test_4bit_gemv_of_fp16_rows_left_to_the_packed_kernel(dtype, fp16_4bit, fused):
+    """The pipeline's ``fp16_4bit=False`` (profiles with the packed half2 GEMV: CUDA) keeps a
+    4-bit GEMV of an fp16 row apart from its producer; fp32 rows (the generic GEMV) still fuse."""
+    mod = FuseSiluMul()(_silu_dequant_gemv(256, 128, dtype))
+    seq = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+           relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    p = FuseGEMVPrologue(fp16_4bit=fp16_4bit)
+    p(tvm.transform.Sequential(seq)(mod))
+    assert p.count == fused
+
+
+@pytest.mark.parametrize("target, fp16_4bit", [("opencl -device=adreno", True),
+                                               ("opencl -device=mali", True),
+                                               ("cuda -arch=sm_90", False), ("llvm", None)])
+def test_pipeline_switch_by_target(target, fp16_4bit):
+    """GPU targets run FuseGEMVPrologue (4-bit fp16 rows only without the packed half2 GEMV);
+    the CPU pipeline does not, and keeps FuseAddRMSNorm's adds in its kernels."""
+    from tvm_lite import pipeline
+
+    passes = [p for _, ps in pipeline.phases(parse_target(target)) for p in ps]
+    prologue = [p for p in passes if isinstance(p, FuseGEMVPrologue)]
+    norm = [p for p in passes if isinstance(p, FuseAddRMSNorm)]
+    assert len(norm) == 1 and norm[0].norm_before_gemv == (fp16_4bit is not None)
+    if fp16_4bit is None:
+        assert not prologue
+    else:
+        assert len(prologue) == 1 and prologue[0].fp16_4bit == fp16_4bit
+        assert norm[0].fp16_4bit == fp16_4bit
