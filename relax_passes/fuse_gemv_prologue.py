@@ -88,9 +88,11 @@ def is_prologue(func) -> bool:
                                 for b in blocks) and len(func.params) >= 2
 
 
-def _patterns():
+def _patterns() -> list:
+    """``(consumer, producer)`` patterns: a call_tir whose first of ``n`` arguments is a call_tir,
+    for each ``n`` up to MAX_ARGS (a tuple pattern has a fixed length)."""
     producer = dpl.is_op(CALL_TIR)(dpl.wildcard(), dpl.wildcard())
-    return [(n, dpl.is_op(CALL_TIR)(dpl.wildcard(), dpl.is_tuple(
+    return [(dpl.is_op(CALL_TIR)(dpl.wildcard(), dpl.is_tuple(
         [producer] + [dpl.wildcard() for _ in range(n - 1)])), producer)
         for n in range(MAX_ARGS, 0, -1)]
 
@@ -113,20 +115,18 @@ class FuseGEMVPrologue:
             return mod[gv] if isinstance(gv, tvm.ir.GlobalVar) and gv in mod.get_global_vars() \
                 else None
 
-        def check(producer_pattern):
-            def fits(ctx) -> bool:
-                call = ctx.matched_expr
-                prod = ctx.annotated_expr["producer"]
-                var = ctx.value_to_bound_var.get(prod)
-                if var is None or len(ctx.var_usages.get(var, [])) != 1:
-                    return False
-                # (call_tir's one output, not a tuple: one kernel feeds the GEMV)
-                return isinstance(prod.ty, relax.TensorType) and is_prologue(callee(prod)) \
-                    and is_decode_gemv(callee(call), call.ty, self.fp16_4bit, str(prod.ty.dtype))
-            return fits
+        def fits(ctx) -> bool:
+            call = ctx.matched_expr
+            prod = ctx.annotated_expr["producer"]
+            var = ctx.value_to_bound_var.get(prod)
+            if var is None or len(ctx.var_usages.get(var, [])) != 1:
+                return False
+            # (the producer's one output, not a tuple: one kernel feeds the GEMV)
+            return isinstance(prod.ty, relax.TensorType) and is_prologue(callee(prod)) \
+                and is_decode_gemv(callee(call), call.ty, self.fp16_4bit, str(prod.ty.dtype))
 
-        patterns = [FusionPattern(PATTERN, pat, {"producer": prod}, check(prod))
-                    for _, pat, prod in PATTERNS]
+        patterns = [FusionPattern(PATTERN, pat, {"producer": prod}, fits)
+                    for pat, prod in PATTERNS]
         before = _count_calls(mod)
         mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=False,
                                                annotate_codegen=False)(mod)

@@ -51,14 +51,10 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-from ..convention import NORM_ROW_STAT_BLOCK
-
+from ..convention import NORM_ROW_STAT_BLOCK  # a norm's row statistic (fuse_gemv_prologue.py)
 from .profiles import GPUProfile, fit_to_target
 
 DEQUANT_BLOCK = "dequantize"
-# the row statistic of a norm folded into the GEMV (relax_passes/fuse_gemv_prologue.py): the
-# sum of squares of tvm_lite's rms_norm kernel, recomputed by every workgroup
-ROW_STAT_BLOCK = NORM_ROW_STAT_BLOCK
 CODES_PER_WORD = 4
 MAX_VECTOR_BITS = 128  # widest vector load: 16 bytes (uint4 / half8 / float4)
 MIN_THREADS_N = 4  # threads of a GEMV workgroup along N: 4 x 16-byte loads fill two 32-byte sectors
@@ -145,7 +141,7 @@ def match_matmul(sch: s_tir.Schedule, decode: bool):
     if infos is None:
         raise MatchError("not a normalizable block function")
     reductions = [b for b in infos if b.is_reduction()]
-    row_stats = [b for b in reductions if sch.get(b.block_rv).name_hint == ROW_STAT_BLOCK]
+    row_stats = [b for b in reductions if sch.get(b.block_rv).name_hint == NORM_ROW_STAT_BLOCK]
     if row_stats and not decode:
         raise MatchError("a norm prologue (its row statistic) is decode-only")
     reductions = [b for b in reductions if b not in row_stats]
@@ -331,7 +327,7 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         # the prologue: a row statistic (a norm's sum of squares) is reduced by each workgroup,
         # the producers the matmul reads (the activation, the normalized row) are computed once
         # per group of K into registers, anything before them is inlined into those
-        row_stats = [b for b in producers if sch.get(b).name_hint == ROW_STAT_BLOCK]
+        row_stats = [b for b in producers if sch.get(b).name_hint == NORM_ROW_STAT_BLOCK]
         direct = [b for b in producers if b not in row_stats and any(
             sch.get(c).same_as(sch.get(main)) for c in sch.get_consumers(b))]
         for blk in producers:
