@@ -11,6 +11,7 @@ from .fuse_kv_append import FuseKVAppend
 from .fuse_rotary import FuseRotary
 from .fuse_silu_mul import FuseSiluMul
 from .fuse_attention import FuseAttention
+from .fuse_gemv_prologue import FuseGEMVPrologue
 from .inline_step_calls import InlineStepCalls
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .legalize_grouped_reshape import LegalizeGroupedReshape
@@ -24,7 +25,7 @@ from .split_prefill_decode import SplitPrefillDecode
 __all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries",
            "AttachMetadata",
            "BindDequantKernelShapes",
-           "FuseAddRMSNorm", "FuseAttention",
+           "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
            "KVCacheRewriteError", "LegalizeGroupedReshape", "MergeSharedInputProjections",
            "NoKVCacheError", "PackWeightPanels",

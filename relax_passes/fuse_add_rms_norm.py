@@ -15,6 +15,11 @@ then mean..multiply): the sum makes a round trip through memory twice. This pass
 chain by one ``call_tir`` of a kernel built for the call site (``add_rms_norm``: outputs
 ``(out, s)``; later uses of ``s`` read the second output) or, with no add in front (the first
 layer's norm, QK norms), ``rms_norm``. The kernel accumulates in fp32 whatever the model's dtype.
+
+``norm_before_gemv=True`` (the GPU pipeline): where the normalized row feeds only decode GEMVs
+(``M == 1`` matmuls), the add is left in front of ``rms_norm``: FuseOps makes it the previous
+GEMV's epilogue (that kernel writes the residual sum) and ``FuseGEMVPrologue`` folds the norm into
+the next GEMV, so the pair costs no kernel of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from tvm import relax, te, tirx
 from tvm.relax import dpl
 from tvm.script import from_source
 
+from tvm_lite.quant.kernels import MAKER_ATTR
+
+from ..convention import NORM_ROW_STAT_BLOCK
 from ._fusion import COMM_REDUCE, OPAQUE, dtype_of, maybe_cast, placeholder, prim_func, \
     run_on_functions, scalar_value, static_shape
 
@@ -77,7 +85,7 @@ def add_rms_norm(var_x: T.handle, var_r: T.handle, w: T.Buffer(({d},), "{w_dtype
     total = T.match_buffer(var_sum, ({", ".join(names)},), "{x_dtype}")
     sum_sq = T.sblock_alloc_buffer(({", ".join(lead)},), "float32")
     for {", ".join(it + ["k"])} in T.grid({", ".join(lead + [str(d)])}):
-        with T.sblock("sum_sq"):
+        with T.sblock("{NORM_ROW_STAT_BLOCK}"):
             {", ".join(vi + ["vk"])} = T.axis.remap("{"S" * len(vi)}R", [{", ".join(it + ["k"])}])
             with T.init():
                 sum_sq[{", ".join(vi)}] = T.float32(0)
@@ -101,7 +109,8 @@ def _kernel(a, b, w, gemma: bool, eps: float, n_dtype: str, out_dtype: str):
     ta, tw = placeholder(a, "x"), placeholder(w, "weight")
     k = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", d)), name="k")
     ss = te.compute(shape[:-1], lambda *i: te.sum(
-        ta(*i, k).astype("float32") * ta(*i, k).astype("float32"), axis=k), name="sum_sq")
+        ta(*i, k).astype("float32") * ta(*i, k).astype("float32"), axis=k),
+        name=NORM_ROW_STAT_BLOCK)
 
     def norm(*idx):
         *i, j = idx
@@ -144,7 +153,7 @@ def _match(rw, binding, var2val):
     x_var = rw.var_of(x)
     a, b = (x_var if x_var is not None else x), None
     if x_var is not None and isinstance(x, relax.Call) and isinstance(x.op, tvm.ir.Op) \
-            and x.op.name == "relax.add" \
+            and x.op.name == "relax.add" and binding.var not in rw.gemv_inputs \
             and all(static_shape(t) is not None and rw.analyzer_equal(static_shape(t), shape)
                     for t in x.args):
         a, b = x.args
@@ -168,9 +177,72 @@ class FuseAddRMSNorm:
     """Residual add + RMSNorm (and plain RMSNorm) -> one kernel each (see the module doc).
     ``self.count`` is the number of norms fused by the last run."""
 
-    def __init__(self):
+    def __init__(self, norm_before_gemv: bool = False, fp16_4bit: bool = True):
         self.count = 0
+        self.norm_before_gemv = norm_before_gemv
+        self.fp16_4bit = fp16_4bit  # 4-bit GEMVs of fp16 rows count as GEMVs the norm goes into
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mod, self.count = run_on_functions(mod, _match)
+        gemv_inputs = _decode_gemv_inputs(mod, self.fp16_4bit) if self.norm_before_gemv else set()
+
+        def match(rw, binding, var2val):
+            rw.gemv_inputs = gemv_inputs
+            return _match(rw, binding, var2val)
+
+        mod, self.count = run_on_functions(mod, match)
         return mod
+
+
+def _decode_gemv_input(call, mod, fp16_4bit: bool) -> relax.Expr | None:
+    """The input row of a decode GEMV call (``R.matmul`` with a 2-D weight or a 4-bit matmul
+    kernel -- of an fp16 row only if ``fp16_4bit`` --, output ``(1, .., 1, N)``), else None."""
+    if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+        return None
+    shape = static_shape(call) if isinstance(call.ty, relax.TensorType) else None
+    if shape is None or len(shape) < 2 or not all(
+            isinstance(d, tirx.IntImm) and int(d) == 1 for d in shape[:-1]):
+        return None
+    if call.op.name == "relax.matmul" and static_shape(call.args[1]) is not None \
+            and len(static_shape(call.args[1])) == 2:
+        return call.args[0]
+    if call.op.name == "relax.call_tir" and isinstance(call.args[0], tvm.ir.GlobalVar) \
+            and call.args[0] in mod.get_global_vars():
+        attrs = mod[call.args[0]].attrs
+        maker = attrs.get(MAKER_ATTR) if attrs is not None else None
+        row = call.args[1].fields[0]
+        if maker is not None and str(maker.get("kind", "")) == "matmul" \
+                and (fp16_4bit or dtype_of(row) != "float16"):
+            return row
+    return None
+
+
+def _decode_gemv_inputs(mod, fp16_4bit: bool) -> set:
+    """Vars every use of which is the input row of a decode GEMV."""
+    out = set()
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        uses: dict = {}
+
+        def use(expr, as_row):
+            if isinstance(expr, relax.Var):
+                uses.setdefault(expr, []).append(as_row)
+            elif isinstance(expr, relax.Tuple):
+                for f in expr.fields:
+                    use(f, False)
+
+        for block in func.body.blocks:
+            for b in block.bindings:
+                val = b.value
+                if isinstance(val, relax.Call):
+                    row = _decode_gemv_input(val, mod, fp16_4bit)
+                    for arg in val.args:
+                        for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
+                            use(v, row is not None and v.same_as(row))
+                elif isinstance(val, relax.TupleGetItem):
+                    use(val.tuple_value, False)
+                else:
+                    use(val, False)
+        use(func.body.body, False)
+        out.update(v for v, u in uses.items() if all(u))
+    return out

@@ -20,6 +20,14 @@ that reads the projections in their ``(1, n, H*D)`` layout, rotates K on the fly
 rows in one loop nest (one launch on a GPU). Like ``kv_write`` it checks ``pos + n <= cache_len``
 first. The pair must share ``pos`` and the cache shape, and V's rows must be computed before
 K's write (true of both exporters); anything else is left to ``kv_write``.
+
+The layer's query rotary goes into the same kernel when it shares K's ``cos``/``sin`` and head
+size and comes after K's write (its source computed before)::
+
+    (ck', cv', q) = call_tir_inplace(kv_append, (..., pos, q_proj), inplace_indices=[0, 1, -1])
+
+the loop then runs over ``H + KV`` rows of heads: the first ``H`` rotate Q into the new
+``(1, H, n, D)`` output, the others write K and V -- one launch where there were two.
 """
 
 from __future__ import annotations
@@ -83,42 +91,125 @@ def _bcast(shape, names) -> str:
                      for i, d in enumerate(shape))
 
 
-def _kernel(dtype, heads, d_head, k_src, v_src, cos, sin):
-    ksh, vsh = static_shape(k_src.expr), static_shape(v_src.expr)
-    csh, ssh = static_shape(cos), static_shape(sin)
+def _angle_of(expr, op: str, var2val):
+    """``(angle, head_axis_added, cast)`` if ``expr`` is ``op(angle)`` (``relax.cos``/``sin``)
+    under an optional cast and an optional ``expand_dims`` of the head axis, else None."""
+    added, cast = False, None
+    for _ in range(3):
+        x = var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
+        if _op(x, "relax.expand_dims") and not added and [int(a) for a in x.attrs.axis] == [1]:
+            added, expr = True, x.args[0]
+        elif _op(x, "relax.astype") and cast is None:
+            cast, expr = str(x.attrs.dtype), x.args[0]
+        elif _op(x, op) and isinstance(x.args[0], relax.Var):
+            return x.args[0], added, cast
+        else:
+            return None
+    return None
+
+
+class _Rotation:
+    """Where the rotation's ``cos``/``sin`` come from: the two tensors, or -- when they are
+    ``cos(a)`` and ``sin(a)`` of one angle tensor (HF's ``emb``, behind a cast and/or the head
+    axis' ``expand_dims``) -- ``a`` itself: the kernel computes them, so no cos and sin kernels
+    run before it."""
+
+    def __init__(self, cos, sin, var2val):
+        self.cos, self.sin, self.angle = cos, sin, None
+        c, s = _angle_of(cos, "relax.cos", var2val), _angle_of(sin, "relax.sin", var2val)
+        if c is not None and s is not None and c[0].same_as(s[0]) and c[1:] == s[1:]:
+            shape = static_shape(c[0])
+            if shape is not None and len(shape) == (3 if c[1] else 4):
+                self.angle, self.head_axis_added, self.cast = c
+
+    def exprs(self) -> list:
+        return [self.angle] if self.angle is not None else [self.cos, self.sin]
+
+    def params(self) -> str:
+        return "var_ang: T.handle" if self.angle is not None \
+            else "var_cos: T.handle, var_sin: T.handle"
+
+    def decls(self, dtype: str, shape) -> str:
+        if self.angle is not None:
+            return (f'    ang = T.match_buffer(var_ang, ({shape(static_shape(self.angle))},), '
+                    f'"{self.angle.ty.dtype}")\n')
+        cos, sin = (shape(static_shape(t)) for t in (self.cos, self.sin))
+        return (f'    cos = T.match_buffer(var_cos, ({cos},), "{dtype}")\n'
+                f'    sin = T.match_buffer(var_sin, ({sin},), "{dtype}")\n')
+
+    def at(self, h: str) -> tuple[str, str]:
+        """TIR text of cos and sin for head ``h``, row ``vs``, column ``vd``."""
+        at = ["0", h, "vs", "vd"]
+        if self.angle is None:
+            return (f"cos[{_bcast(static_shape(self.cos), at)}]",
+                    f"sin[{_bcast(static_shape(self.sin), at)}]")
+        names = at[:1] + at[2:] if self.head_axis_added else at
+        a = f"ang[{_bcast(static_shape(self.angle), names)}]"
+        if self.cast:
+            return f'T.Cast("{self.cast}", T.cos({a}))', f'T.Cast("{self.cast}", T.sin({a}))'
+        return f"T.cos({a})", f"T.sin({a})"
+
+
+def _rotated(src: _Source, buf: str, d_head: int, h: str, cos: str, sin: str) -> str:
+    """TIR text of row ``vs``, head ``h``, column ``vd`` of ``buf`` (laid out as ``src``) rotated
+    (rotate_half) by ``cos``/``sin``."""
     half = d_head // 2
-    names = ["0", "vh", "vs", "vd"]
-    shift_lo = k_src.index(d_head, "vh", "vs", f"vd + {half}")
-    shift_hi = k_src.index(d_head, "vh", "vs", f"vd - {half}")
-    dims = {_dim(d) for sh in (ksh, vsh, csh, ssh) for d in sh}
+    at = lambda d: src.index(d_head, h, "vs", d)  # noqa: E731
+    return (f"{buf}[{at('vd')}] * {cos} + T.if_then_else(vd < {half}, "
+            f"-{buf}[{at(f'vd + {half}')}], {buf}[{at(f'vd - {half}')}]) * {sin}")
+
+
+def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None, q_heads=0):
+    """``kv_append``; with ``q_src`` it also rotates the ``q_heads`` query heads into a third
+    output ``(1, q_heads, n, D)``: one loop over ``q_heads + heads`` rows of heads, the first
+    ``q_heads`` rotating Q, the others writing K and V (one kernel on a GPU)."""
+    ksh, vsh = static_shape(k_src.expr), static_shape(v_src.expr)
+    qsh = static_shape(q_src.expr) if q_src is not None else []
+    dims = {_dim(d) for sh in [ksh, vsh, qsh, *map(static_shape, rotation.exprs())] for d in sh}
     seq = "n" if "n" in dims else str(int((ksh[1] if k_src.layout == "bs(hd)" else ksh[2])))
     n_decl = "    n = T.int64()\n" if "n" in dims else ""
     shape = lambda sh: ", ".join(_dim(d) for d in sh)  # noqa: E731
+
+    def kv_rows(h: str, indent: str) -> str:
+        k_row = _rotated(k_src, "k", d_head, h, *rotation.at(h))
+        return (f"ck[pos + vs, {h}, vd] = {k_row}\n{indent}"
+                f"cv[pos + vs, {h}, vd] = v[{v_src.index(d_head, h, 'vs', 'vd')}]")
+
+    q_param, q_decl, rows, body = "", "", heads, kv_rows("vr", " " * 12)
+    if q_src is not None:
+        q_param = ", var_q: T.handle, var_qo: T.handle"
+        q_decl = (f'''    q = T.match_buffer(var_q, ({shape(qsh)},), "{dtype}")
+    qo = T.match_buffer(var_qo, (1, {q_heads}, {seq}, {d_head}), "{dtype}")
+''')
+        rows = q_heads + heads
+        vq, vh = f"T.min(vr, {q_heads - 1})", f"T.max(vr - {q_heads}, 0)"  # (in bounds)
+        body = f'''if vr < {q_heads}:
+                qo[0, {vq}, vs, vd] = {_rotated(q_src, "q", d_head, vq, *rotation.at(vq))}
+            else:
+                {kv_rows(vh, " " * 16)}'''
     src = f'''
 @T.prim_func(private=True, s_tir=True)
 def kv_append(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.handle,
-              var_cos: T.handle, var_sin: T.handle, pos: T.int64):
+              {rotation.params()}, pos: T.int64{q_param}):
     T.func_attr({{"tir.noalias": True, "tvm_lite.fused": "kv_append"}})
     cache_len = T.int64()
 {n_decl}    ck = T.match_buffer(var_ck, (cache_len, {heads}, {d_head}), "{dtype}")
     cv = T.match_buffer(var_cv, (cache_len, {heads}, {d_head}), "{dtype}")
     k = T.match_buffer(var_k, ({shape(ksh)},), "{dtype}")
     v = T.match_buffer(var_v, ({shape(vsh)},), "{dtype}")
-    cos = T.match_buffer(var_cos, ({shape(csh)},), "{dtype}")
-    sin = T.match_buffer(var_sin, ({shape(ssh)},), "{dtype}")
-    assert pos + {seq} <= cache_len, "KV cache overflow: past_len + seq exceeds the cache's max_context"
-    for s, h, d in T.grid({seq}, {heads}, {d_head}):
+{rotation.decls(dtype, shape)}{q_decl}    assert pos + {seq} <= cache_len, \\
+        "KV cache overflow: past_len + seq exceeds the cache's max_context"
+    for s, r, d in T.grid({seq}, {rows}, {d_head}):
         with T.sblock("kv_append"):
-            vs, vh, vd = T.axis.remap("SSS", [s, h, d])
-            ck[pos + vs, vh, vd] = k[{k_src.index(d_head, "vh", "vs", "vd")}] * cos[{_bcast(csh, names)}] \\
-                + T.if_then_else(vd < {half}, -k[{shift_lo}], k[{shift_hi}]) * sin[{_bcast(ssh, names)}]
-            cv[pos + vs, vh, vd] = v[{v_src.index(d_head, "vh", "vs", "vd")}]
+            vs, vr, vd = T.axis.remap("SSS", [s, r, d])
+            {body}
 '''
     return from_source(src)
 
 
 def _find_pairs(mod, func):
-    """K write var -> (V write binding, K source, V source, cos, sin) for each fusable pair."""
+    """K write var -> (V write binding, K source, V source, rotation, query rotary or None)
+    for each fusable pair."""
     var2val = relax.analysis.get_var2val(func)
     pairs = {}
     for block in func.body.blocks:
@@ -154,10 +245,39 @@ def _find_pairs(mod, func):
                     or order[e] < i  # noqa: E731
                 cos, sin = rot.args[1].fields[1], rot.args[1].fields[2]
                 if all(defined_before(e) for e in (ksrc.expr, vsrc.expr, cos, sin)):
-                    pairs[kb.var] = (vb, ksrc, vsrc, cos, sin)
+                    pairs[kb.var] = (vb, ksrc, vsrc, _Rotation(cos, sin, var2val),
+                                     _query_rotary(mod, block, i, rot, cos, sin, var2val, order))
                     used.update((j, j2))
                 break
     return pairs
+
+
+def _query_rotary(mod, block, k_write: int, k_rot, cos, sin, var2val, order):
+    """``(binding, source, heads)`` of the query's rotary that shares the K rotary's ``cos``/``sin``
+    and head size and comes after the K write (its rows are then written by ``kv_append`` too),
+    with its source defined before the write; else None."""
+    kx = static_shape(k_rot.args[1].fields[0])
+    for b in block.bindings[k_write + 1:]:
+        val = b.value
+        if not _op(val, "relax.call_tir") or val.same_as(k_rot):
+            continue
+        f = _callee(mod, val)
+        if f is None or f.attrs is None or str(f.attrs.get("tvm_lite.fused", "")) != "rotary":
+            continue
+        x, c, s = val.args[1].fields
+        if not (c.same_as(cos) and s.same_as(sin)):
+            continue
+        qx = static_shape(x)
+        if qx is None or len(qx) != 4 or kx is None or len(kx) != 4 \
+                or not isinstance(qx[1], tirx.IntImm) \
+                or not tvm_ffi.structural_equal(qx[2:], kx[2:]) \
+                or str(x.ty.dtype) != str(k_rot.args[1].fields[0].ty.dtype):
+            continue
+        src = _Source(x, var2val)
+        if isinstance(src.expr, relax.Var) and src.expr in order and order[src.expr] >= k_write:
+            continue
+        return b, src, int(qx[1])
+    return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseKVAppend")
@@ -169,12 +289,13 @@ class FuseKVAppend:
         self.count = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        pairs, tails = {}, {}
+        pairs, tails, queries = {}, {}, {}
         for _, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 found = _find_pairs(mod, func)
                 pairs.update(found)
                 tails.update({vb.var: k for k, (vb, *_) in found.items()})
+                queries.update({q[0].var: k for k, (*_, q) in found.items() if q is not None})
         if not pairs:
             self.count = 0
             return mod
@@ -183,23 +304,33 @@ class FuseKVAppend:
         def match(rw, binding, _var2val):
             var = binding.var
             if var in pairs:
-                vb, ksrc, vsrc, cos, sin = pairs[var]
+                vb, ksrc, vsrc, rotation, query = pairs[var]
                 cache, _, pos = binding.value.args[1].fields
                 vcache = vb.value.args[1].fields[0]
                 cshape = static_shape(cache)
                 heads, d_head = int(cshape[1]), int(cshape[2])
-                prim = _kernel(str(cache.ty.dtype), heads, d_head, ksrc, vsrc, cos, sin)
+                qsrc, qheads = (query[1], query[2]) if query is not None else (None, 0)
+                prim = _kernel(str(cache.ty.dtype), heads, d_head, ksrc, vsrc, rotation,
+                               qsrc, qheads)
                 gv = rw.add_kernel(prim, "kv_append")
-                args = [rw.visit_expr(e) for e in (cache, vcache, ksrc.expr, vsrc.expr, cos, sin)]
+                args = [rw.visit_expr(e)
+                        for e in (cache, vcache, ksrc.expr, vsrc.expr, *rotation.exprs())]
+                args.append(pos)
+                out_ty, inplace = [cache.ty, vcache.ty], [0, 1]
+                if query is not None:
+                    args.append(rw.visit_expr(qsrc.expr))
+                    out_ty.append(query[0].var.ty)
+                    inplace.append(-1)
                 fused = rw.builder_.emit(relax.call_tir_inplace(
-                    gv, relax.Tuple(args + [pos]), inplace_indices=[0, 1],
-                    out_ty=[cache.ty, vcache.ty]), "kv_append")
-                fused_of[vb.var] = fused
+                    gv, relax.Tuple(args), inplace_indices=inplace, out_ty=out_ty), "kv_append")
+                fused_of[vb.var] = fused_of[var] = fused
                 return relax.TupleGetItem(fused, 0)
             if var in tails and var in fused_of:
                 return relax.TupleGetItem(fused_of[var], 1)
+            if var in queries and queries[var] in fused_of:
+                return relax.TupleGetItem(fused_of[queries[var]], 2)
             return None
 
-        mod, n = run_on_functions(mod, match)
-        self.count = n // 2
+        mod, _ = run_on_functions(mod, match)
+        self.count = len({id(f) for f in fused_of.values()})  # kv_append kernels emitted
         return mod

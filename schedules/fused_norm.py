@@ -14,6 +14,8 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from ..convention import NORM_ROW_STAT_BLOCK
+
 FUSED_NORMS = ("add_rms_norm", "rms_norm")
 THREADS = 256
 
@@ -26,7 +28,7 @@ class FusedRMSNorm(dl.ScheduleRule):
             return None
         threads = min(THREADS, int(target.attrs.get("max_num_threads", THREADS)))
         sch = s_tir.Schedule(func)
-        reduce_block, norm_block = sch.get_sblock("sum_sq"), sch.get_sblock("rms_norm")
+        reduce_block, norm_block = sch.get_sblock(NORM_ROW_STAT_BLOCK), sch.get_sblock("rms_norm")
         *lead, k = sch.get_loops(reduce_block)
         row = sch.fuse(*lead) if len(lead) > 1 else lead[0]
         _, k_inner = sch.split(k, [None, threads])

@@ -51,6 +51,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
+from ..convention import NORM_ROW_STAT_BLOCK  # a norm's row statistic (fuse_gemv_prologue.py)
 from .profiles import GPUProfile, fit_to_target
 
 DEQUANT_BLOCK = "dequantize"
@@ -140,6 +141,10 @@ def match_matmul(sch: s_tir.Schedule, decode: bool):
     if infos is None:
         raise MatchError("not a normalizable block function")
     reductions = [b for b in infos if b.is_reduction()]
+    row_stats = [b for b in reductions if sch.get(b.block_rv).name_hint == NORM_ROW_STAT_BLOCK]
+    if row_stats and not decode:
+        raise MatchError("a norm prologue (its row statistic) is decode-only")
+    reductions = [b for b in reductions if b not in row_stats]
     if len(reductions) != 1:
         raise MatchError(f"{len(reductions)} reduction blocks")
     main = reductions[0].block_rv
@@ -169,20 +174,35 @@ def match_matmul(sch: s_tir.Schedule, decode: bool):
     if not weight_ok:
         raise MatchError("no [k, n] weight read (W[N, K] layouts go to the stock GEMV)")
     producers, epilogues = [], []
+    feeds_main = _feeders(sch, main)
     for info in infos:
         if info.block_rv.same_as(main) or sch.get(info.block_rv).same_as(stmt):
             continue
         name = sch.get(info.block_rv).name_hint
         if name == DEQUANT_BLOCK:
             dequant = info.block_rv
+        elif any(info is r for r in row_stats):
+            producers.append(info.block_rv)
         elif not info.is_injective():
             raise MatchError(f"block '{name}' is neither injective nor the matmul")
-        elif any(sch.get(c).same_as(stmt) for c in sch.get_consumers(info.block_rv)):
+        elif name in feeds_main:  # (through other producers too: slices before an activation)
             producers.append(info.block_rv)
         else:
             epilogues.append(info.block_rv)
     m = spatial[-2].dom.extent if len(spatial) > 1 else 1
     return main, dequant, producers, epilogues, m, n, k
+
+
+def _feeders(sch: s_tir.Schedule, block) -> set:
+    """Names of the blocks ``block`` reads from, directly or through other blocks."""
+    seen, todo = set(), [block]
+    while todo:
+        for p in sch.get_producers(todo.pop()):
+            name = sch.get(p).name_hint
+            if name not in seen:
+                seen.add(name)
+                todo.append(p)
+    return seen
 
 
 def match_gemv(sch: s_tir.Schedule):
@@ -304,8 +324,15 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         kg, wpg = plan["kg"], plan["wpg"]
         if dequant is not None:
             sch.compute_inline(dequant)
+        # the prologue: a row statistic (a norm's sum of squares) is reduced by each workgroup,
+        # the producers the matmul reads (the activation, the normalized row) are computed once
+        # per group of K into registers, anything before them is inlined into those
+        row_stats = [b for b in producers if sch.get(b).name_hint == NORM_ROW_STAT_BLOCK]
+        direct = [b for b in producers if b not in row_stats and any(
+            sch.get(c).same_as(sch.get(main)) for c in sch.get_consumers(b))]
         for blk in producers:
-            sch.compute_inline(blk)
+            if blk not in row_stats and blk not in direct:
+                sch.compute_inline(blk)
         *lead, n_loop, k_loop = sch.get_loops(main)
         n_loop = sch.fuse(*lead, n_loop) if lead else n_loop
         bx, tx, vn = sch.split(n_loop, [None, tn, vec])
@@ -333,11 +360,20 @@ class GPUDecodeGEMV(dl.ScheduleRule):
 
         # registers: per group, its scale/zero row and x[32]; per word, the packed codes (a vector
         # load of ``vec`` columns)
+        computed = []
+        for blk in direct:
+            try:
+                sch.compute_at(blk, ko, preserve_unit_loops=True)
+            except s_tir.ScheduleError:  # (not per K group: read where it is used, as before)
+                sch.compute_inline(blk)
+                continue
+            sch.set_scope(blk, 0, "local")
+            computed.append(sch.get(blk).writes[0].source)
         n_reads = len(sch.get(inner).reads)
         out_buf = sch.get(inner).writes[0].source
         for i in range(n_reads):
             buf = sch.get(inner).reads[i].source
-            if buf.same_as(out_buf):
+            if buf.same_as(out_buf) or any(buf.same_as(c) for c in computed):
                 continue
             per_word = len(sch.get(inner).reads[i].region) == 2 and buf.name not in ("scale", "zero")
             cache = sch.cache_read(inner, i, "local")
@@ -386,8 +422,19 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         for blk in [main if ks > 1 else writeback, *epilogues]:
             if _writes_intermediate(sch, blk):
                 sch.set_scope(blk, 0, "local")
+        for blk in row_stats:  # a cross-thread sum by the workgroup's threads, into shared memory
+            self._reduce_in_workgroup(sch, blk, bx, tn, tk)
         check_all_bound(sch)
         return sch
+
+    @staticmethod
+    def _reduce_in_workgroup(sch, block, bx, tn, tk):
+        sch.compute_at(block, bx, preserve_unit_loops=True)
+        (red,) = reduce_loops(sch, block)
+        _, ry, rx = sch.split(red, [None, tk, tn])
+        sch.bind(ry, "threadIdx.y")
+        sch.bind(rx, "threadIdx.x")
+        sch.set_scope(block, 0, "shared")
 
 
 __all__ = ["GPUDecodeGEMV", "match_gemv", "match_matmul", "MatchError", "reduce_loops"]

@@ -1,4 +1,5 @@
-"""Run the generated CUDA C of tvm_lite's split-K decode attention on the CPU (for tests).
+"""Run the generated CUDA C of tvm_lite's kernels on the CPU (for tests): the split-K decode
+attention, and any kernel of pointer arguments on a 2-D thread block (:func:`run_kernel`).
 
 No GPU is needed: the kernel source TVM generates for ``cuda`` (fp32, so no ``half``) is compiled
 with g++ after a small shim -- each thread of a block is a ``std::thread``, ``__syncthreads()`` a
@@ -34,6 +35,7 @@ std::barrier<>* bar;
 #define CUDART_INF_F INFINITY
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) float2 { float x, y; };
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 template <class A, class B> static inline auto max(A a, B b) { return a > b ? a : b; }
 template <class A, class B> static inline auto min(A a, B b) { return a < b ? a : b; }
 static void launch(int gx, int gy, int th, std::function<void()> fn) {
@@ -42,6 +44,15 @@ static void launch(int gx, int gy, int th, std::function<void()> fn) {
     std::vector<std::thread> ts;
     for (int t = 0; t < th; ++t)
       ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {bx, by, 0}; fn(); });
+    for (auto& x : ts) x.join();
+  }
+}
+static void launch2(int gx, int tx, int ty, std::function<void()> fn) {  // 2-D thread blocks
+  for (int bx = 0; bx < gx; ++bx) {
+    std::barrier<> b(tx * ty); bar = &b;
+    std::vector<std::thread> ts;
+    for (int t = 0; t < tx * ty; ++t)
+      ts.emplace_back([=] { threadIdx = {t % tx, t / tx, 0}; blockIdx = {bx, 0, 0}; fn(); });
     for (auto& x : ts) x.join();
   }
 }
@@ -116,3 +127,37 @@ int main() {{
     assert res.returncode == 0, res.stderr[-3000:]
     subprocess.run([str(exe)], check=True)
     return np.fromfile(files["o"], "float32").reshape(1, 1, heads * d)
+
+
+def run_kernel(src: str, grid: int, threads: tuple[int, int], arrays: dict, out: str,
+               out_size: int, work: Path) -> np.ndarray:
+    """Run the one fp32 kernel of ``src`` (pointer arguments only, named ``<name>_ptr`` after
+    the buffers: ``arrays`` gives the inputs by buffer name, ``out`` names the output) on
+    ``grid`` workgroups of ``threads = (x, y)`` threads; the output as a flat array. Built for a
+    target with ``thread_warp_size = 1`` its cross-thread sums go through shared memory (no warp
+    shuffles for the shim to emulate)."""
+    body = _kernel_body(src)
+    name, sig = re.search(r"void(?: __launch_bounds__\(\d+\))? (\w+)\((.*?)\) \{", body).groups()
+    params = [a.split()[-1] for a in sig.split(", ")]
+    assert all("*" in a for a in sig.split(", ")), f"scalar arguments in {sig}"
+    files = {n: work / f"{n}.bin" for n in [*arrays, out]}
+    loads = []
+    for n, arr in arrays.items():
+        np.ascontiguousarray(arr, "float32").tofile(files[n])
+        loads.append(f'float* {n}_ptr = load("{files[n]}", {arr.size});')
+    loads.append(f"float* {out}_ptr = new float[{out_size}];")
+    assert sorted(params) == sorted(f"{n}_ptr" for n in [*arrays, out]), (params, list(arrays))
+    main = f'''
+int main() {{
+  {chr(10).join(loads)}
+  launch2({grid}, {threads[0]}, {threads[1]}, [=] {{ {name}({", ".join(params)}); }});
+  FILE* h = fopen("{files[out]}", "wb"); fwrite({out}_ptr, 4, {out_size}, h); fclose(h);
+}}
+'''
+    cc, exe = work / "kernel.cc", work / "kernel"
+    cc.write_text(SHIM + body + main)
+    res = subprocess.run(["g++", "-std=c++20", "-O1", "-w", "-pthread", str(cc), "-o", str(exe)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    subprocess.run([str(exe)], check=True)
+    return np.fromfile(files[out], "float32")

@@ -68,6 +68,7 @@ WORKSPACE_PREFIX = "workspace_"  # workspace_<i>: the planned activation buffers
 INPUTS = ("input_ids", "attention_mask", "position_ids")  # the exported decoder's inputs
 
 # -- function attributes ------------------------------------------------------------------------
+NORM_ROW_STAT_BLOCK = "sum_sq"  # the sum-of-squares block of tvm_lite's RMSNorm kernels
 KV_CACHE_ATTR = "tvm_lite.kv_cache_names"  # set by InplaceKVCache on the decoders it rewrote
 KV_WINDOW_ATTR = "tvm_lite.kv_windows"  # the sliding window of each cache (0: none), same order
 INPUT_NAMES_ATTR = "tvm_lite.input_names"

@@ -13,7 +13,9 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    and greedy token on the device: AddStepHelpers), 4-bit kernels
                                    rebuilt per call shape (BindDequantKernelShapes), then the
                                    fusion passes unless fusion=False (fusion_passes())
-    Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains
+    Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains, on GPUs
+                                   a decode GEMV's activation/RMSNorm folded into it
+                                   (FuseGEMVPrologue)
     Phase 3  schedule              a MetaSchedule tuning database, if given (tvm-lite tune), then
                                    schedules.rules_for(target): CPU rules or GPU rules
     Phase 4  VM lowering           dataflow lowering, memory planning (TVM's StaticPlanBlockMemory,
@@ -42,7 +44,8 @@ from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes import (AddDecodeFunction, AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
                                    BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
-                                   FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
+                                   FuseGEMVPrologue, FuseKVAppend, FuseRotary, FuseSiluMul,
+                                   InlineStepCalls,
                                    InplaceKVCache,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
                                    SplitPrefillDecode)
@@ -63,10 +66,20 @@ def _dump(phase: str, dump_dir: str | None):
     return dump
 
 
-def fusion_passes() -> list:
-    """tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``), in the order they run."""
-    return [FuseAddRMSNorm(), FuseRotary(), FuseKVAppend(), FuseSiluMul(),
-            LegalizeGroupedReshape()]
+def fusion_passes(gpu: bool = False, fp16_4bit: bool = True) -> list:
+    """tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``), in the order they run.
+    ``gpu``: the norms in front of decode GEMVs keep their residual add outside (the previous
+    GEMV's epilogue), for FuseGEMVPrologue to fold the norm into the next GEMV (4-bit GEMVs of
+    fp16 rows too if ``fp16_4bit``)."""
+    return [FuseAddRMSNorm(norm_before_gemv=gpu, fp16_4bit=fp16_4bit), FuseRotary(),
+            FuseKVAppend(), FuseSiluMul(), LegalizeGroupedReshape()]
+
+
+def gemv_prologue_passes(gpu: bool, fp16_4bit: bool = True) -> list:
+    """After FuseOps, on GPUs: a decode GEMV's activation / RMSNorm producer folded into the GEMV
+    (``relax_passes/fuse_gemv_prologue.py``); the CPU rules take a GEMV with its input in
+    memory, so the CPU pipeline keeps them apart."""
+    return [FuseGEMVPrologue(fp16_4bit=fp16_4bit)] if gpu else []
 
 
 def _scheduled(mod) -> set:
@@ -127,6 +140,10 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
     if kv_passes:  # device-side step inputs and greedy token (relax_passes/add_step_helpers.py)
         kv_passes.append(AddStepHelpers(KV_CACHE_ATTR))
     arena = [PlanSymbolicArena(only_with_attr=KV_CACHE_ATTR)] if memory_plan == "arena" else []
+    gpu = "gpu" in target.keys  # GPU-only fusions: the norm and activation in decode GEMVs
+    # ... but not in 4-bit GEMVs of fp16 rows where the profile has the packed half2 kernel for
+    # them (CUDA): it takes no prologue, and streams large matrices faster than the generic one
+    fp16_4bit = not gpu or not schedules.gpu_profile(schedules.profile_of(target)).gemv_half2_rows
     decode_function = bool(tuning_db) if opts.decode_function is None else opts.decode_function
     add_decode = [AddDecodeFunction()] if decode_function and kv_cache == KV_COPY else []
     return [
@@ -137,7 +154,7 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             relax.transform.CanonicalizeBindings(),  # forward the aliases RemoveNoOpOps leaves
             *kv_passes,
             BindDequantKernelShapes(),  # 4-bit kernels built for prefill's and decode's shapes
-            *(fusion_passes() if opts.fusion else []),
+            *(fusion_passes(gpu, fp16_4bit) if opts.fusion else []),
             relax.transform.EliminateCommonSubexpr(),
             relax.transform.DeadCodeElimination(),
         ]),
@@ -149,6 +166,7 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
+            *(gemv_prologue_passes(gpu, fp16_4bit) if opts.fusion else []),
             relax.transform.DeadCodeElimination(),
         ]),
         ("3_schedule", [
