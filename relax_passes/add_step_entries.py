@@ -71,6 +71,7 @@ class AddStepEntries:
         attrs = {"global_symbol": step(name)}
         if "relax.force_pure" in func.attrs:
             attrs["relax.force_pure"] = func.attrs["relax.force_pure"]
+        weights = len(func.params) - int(func.attrs.get("num_input", len(func.params)))
         if prefill:
             m = tirx.Var("m", "int64")
             ids = relax.Var("ids", relax.TensorType([1, m], "int64"))
@@ -80,6 +81,8 @@ class AddStepEntries:
             shape, (t, p) = shape_param("step", ["token", PAST_LEN])
             params = [shape, *buffers]
             m = r = tirx.IntImm("int64", 1)
+        if weights:  # the wrapper's static weights, not checked at every step (its "num_input")
+            attrs["num_input"] = len(params) - weights
         with bb.function(step(name), params, attrs=attrs, pure=bool(func.is_pure)):
             if not prefill:
                 ids = bb.emit(relax.Call(names[STEP_TOKEN_IDS], [relax.ShapeExpr([t])]))
