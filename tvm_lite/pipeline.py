@@ -41,11 +41,12 @@ from tvm_lite.options import BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes import (AddDecodeFunction, AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
-                                   BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
+                                   BindDequantKernelShapes, DropKillsWithoutStorage,
+                                   FuseAddRMSNorm, FuseAttention,
                                    FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
                                    InplaceKVCache,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
-                                   SplitPrefillDecode)
+                                   ShareHostValues, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -165,8 +166,10 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             AddTupledBufferEntries(KV_CACHE_ATTR),  # in-place decoders over RPC; else a no-op
             AddStepEntries(),  # prefill_step/decode_step: ints in, the greedy token out
             InlineStepCalls(),  # ... as flat functions: weights checked once per step, not thrice
+            ShareHostValues(),  # one view per (buffer, shape, dtype), one make_shape per shape
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),
+            DropKillsWithoutStorage(),  # no register kills where nothing is freed (views only)
             relax.transform.LowerRuntimeBuiltin(),
             relax.transform.ComputePrimValue(),
             relax.transform.VMShapeLower(),
