@@ -20,10 +20,13 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    then tvm_lite's PlanSymbolicArena for prefill/decode unless
                                    memory_plan="tvm"), entry points that take the caches and
                                    workspaces as tuples (AddTupledBufferEntries: RPC), one-call
-                                   greedy steps over them (AddStepEntries), inlined into flat
-                                   functions (InlineStepCalls), VM shape lowering
-                                   and last the calling convention as _metadata()
-                                   (AttachMetadata)
+                                   greedy steps over them, also with the buffers as separate
+                                   arguments (AddStepEntries), inlined into flat functions
+                                   (InlineStepCalls), each view and symbolic shape made once per
+                                   call (ShareHostValues), register kills only where storage is
+                                   freed (DropKillsWithoutStorage), VM shape lowering (static
+                                   weights unchecked: "num_input") and last the calling
+                                   convention as _metadata() (AttachMetadata)
 """
 
 from __future__ import annotations
