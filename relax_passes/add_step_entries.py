@@ -85,13 +85,23 @@ class AddStepEntries:
         _add_step(bb, names, wrapper, step(name), prefill, buffers, buffers, checked)
         flat_params, args, flat_checked = [], [], 0
         for i, b in enumerate(buffers):
-            fields = [relax.Var(f"{b.name}_{j}", ty) for j, ty in enumerate(b.ty.fields)] \
+            # the checked buffers (caches, workspace) by ndim and dtype: one check_tensor_info
+            # each and no match_shape of their lengths, which the step does not read (its views
+            # are checked against the buffers' sizes when they are made)
+            unshaped = checked is not None and i < checked
+            fields = [relax.Var(f"{b.name}_{j}", _unshaped(ty) if unshaped else ty)
+                      for j, ty in enumerate(b.ty.fields)] \
                 if isinstance(b.ty, relax.TupleType) else [relax.Var(b.name, b.ty)]
             flat_params += fields
             args.append(relax.Tuple(fields) if isinstance(b.ty, relax.TupleType) else fields[0])
             flat_checked += len(fields) if checked is not None and i < checked else 0
         _add_step(bb, names, wrapper, flat(step(name)), prefill, flat_params, args,
                   None if checked is None else flat_checked)
+
+
+def _unshaped(ty):
+    return relax.TensorType(ndim=ty.ndim, dtype=ty.dtype) if isinstance(ty, relax.TensorType) \
+        else ty
 
 
 def _add_step(bb, names, wrapper, entry: str, prefill: bool, buffers: list, args: list,
