@@ -7,19 +7,21 @@ kernel call brings host work of its own, one VM call apiece:
   although the plan reuses a handful of (buffer, shape, dtype) triples everywhere: SmolLM2's
   decode step made 403 views, 83 of them distinct;
 * a ``vm.builtin.make_shape`` per symbolic shape argument (the cache views' ``(past_len + 1, 3,
-  64)``, two per layer);
+  64)``, two per layer) and a ``vm.builtin.make_prim_value`` per symbolic scalar argument
+  (``past_len`` for each layer's ``kv_append``);
 * a ``vm.builtin.make_tuple`` per multi-output kernel (``add_rms_norm``, ``kv_append``): the tuple
   ``CallTIRRewrite`` leaves, whose fields the later bindings read.
 
-This pass binds every symbolic ``R.shape`` argument (of a view or a function call) to a variable
-at its first use and passes that variable afterwards, replaces a view by the earlier identical one
-(same buffer variable, shape and dtype: the same bytes, so the kernels see the same memory), reads
-a field of a tuple made in the function directly and drops the tuples nothing reads any more.
-Kernel calls are left as they are. Only a function's top-level bindings are shared; a function
-with ``If`` branches is left alone. Runs after ``InlineStepCalls`` and before ``LowerAllocTensor``;
-``VMShapeLower`` then makes each shared shape once. (A symbolic scalar argument such as
-``kv_append``'s ``past_len`` still costs a ``vm.builtin.make_prim_value`` per call: bound to a
-variable, it is a trivial binding that ``KillAfterLastUse``'s canonicalization folds back.)
+In each function that allocates no storage (the arena-planned decoders and steps), this pass binds
+every symbolic ``R.shape`` argument (of a view or a function call) and every symbolic scalar
+argument of a call to a variable at its first use and passes that variable afterwards, replaces a
+view by the earlier identical one (same buffer variable, shape and dtype: the same bytes, so the
+kernels see the same memory), reads a field of a tuple made in the function directly and drops
+the tuples nothing reads any more. Kernel calls are left as they are. Only a function's top-level
+bindings are shared; a function with ``If`` branches is left alone. Runs after
+``DropKillsWithoutStorage`` (so no kill can release a value shared past it, and
+``KillAfterLastUse``'s canonicalization, which would fold a variable bound to a bare scalar back
+into its uses, is behind it) and before ``VMShapeLower``, which then makes each shared value once.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
+from .drop_kills_without_storage import allocates_storage
+
 VIEW = "relax.memory.view"
 
 
-def _symbolic(expr) -> bool:
-    return isinstance(expr, relax.ShapeExpr) and \
-        not all(isinstance(v, tirx.IntImm) for v in expr.values)
+def _symbolic(expr, bound) -> bool:
+    """A shape with a symbolic dim, or a symbolic scalar (not a constant, not a Relax var)."""
+    if isinstance(expr, relax.ShapeExpr):
+        return not all(isinstance(v, tirx.IntImm) for v in expr.values)
+    return tvm.ir.is_prim_expr(expr) and not isinstance(expr, (tirx.IntImm, tirx.FloatImm)) \
+        and expr not in bound
 
 
 def _is_view(expr) -> bool:
@@ -64,17 +71,20 @@ class _Table:
 
 @relax.expr_functor.mutator
 class _Share(relax.PyExprMutator):
-    def __init__(self, mod):
+    def __init__(self, mod, func: relax.Function):
         super().__init__(mod)
         self.table = _Table()
         self.tuples: dict = {}  # var -> the tuple literal bound to it
+        self.bound = set(func.params) | {b.var for block in func.body.blocks
+                                         for b in block.bindings}
 
     def _arg(self, arg):
-        if not _symbolic(arg):
+        if not _symbolic(arg, self.bound):
             return arg
         var = self.table.get(arg)
         if var is None:
-            var = self.builder_.emit(arg, "shape")
+            var = relax.Var("host_value", arg.ty)
+            self.builder_.emit_normalized(relax.VarBinding(var, arg))
             self.table.add(arg, var)
         return var
 
@@ -124,15 +134,17 @@ def _drop_unused_tuples(func: relax.Function) -> relax.Function:
 
 @tvm.transform.module_pass(opt_level=0, name="ShareHostValues")
 class ShareHostValues:
-    """Share views and symbolic shapes within each function; drop unread tuples (module doc)."""
+    """Share views, symbolic shapes and scalars in the functions that allocate no storage; drop
+    unread tuples (module doc)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         todo = [(gv, f) for gv, f in mod.functions_items()
-                if isinstance(f, relax.Function) and not _has_branches(f)]
+                if isinstance(f, relax.Function) and not _has_branches(f)
+                and not allocates_storage(f)]
         if not todo:
             return mod
         for gv, func in todo:
-            share = _Share(mod)
+            share = _Share(mod, func)
             shared = share.visit_expr(func)
             mod = share.builder_.get()
             mod[gv] = _drop_unused_tuples(shared)

@@ -22,11 +22,11 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    workspaces as tuples (AddTupledBufferEntries: RPC), one-call
                                    greedy steps over them, also with the buffers as separate
                                    arguments (AddStepEntries), inlined into flat functions
-                                   (InlineStepCalls), each view and symbolic shape made once per
-                                   call (ShareHostValues), register kills only where storage is
-                                   freed (DropKillsWithoutStorage), VM shape lowering (static
-                                   weights unchecked: "num_input") and last the calling
-                                   convention as _metadata() (AttachMetadata)
+                                   (InlineStepCalls), register kills only where storage is freed
+                                   (DropKillsWithoutStorage), each view, symbolic shape and
+                                   scalar made once per call there (ShareHostValues), VM shape
+                                   lowering (static weights unchecked: "num_input") and last the
+                                   calling convention as _metadata() (AttachMetadata)
 """
 
 from __future__ import annotations
@@ -169,10 +169,10 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             AddTupledBufferEntries(KV_CACHE_ATTR),  # in-place decoders over RPC; else a no-op
             AddStepEntries(),  # prefill_step/decode_step: ints in, the greedy token out
             InlineStepCalls(),  # ... as flat functions: weights checked once per step, not thrice
-            ShareHostValues(),  # one view per (buffer, shape, dtype), one make_shape per shape
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),
             DropKillsWithoutStorage(),  # no register kills where nothing is freed (views only)
+            ShareHostValues(),  # ... and there one view per (buffer, shape, dtype), one shape
             relax.transform.LowerRuntimeBuiltin(),
             relax.transform.ComputePrimValue(),
             relax.transform.VMShapeLower(),
