@@ -94,7 +94,7 @@ class AddStepEntries:
                 if isinstance(b.ty, relax.TupleType) else [relax.Var(b.name, b.ty)]
             flat_params += fields
             args.append(relax.Tuple(fields) if isinstance(b.ty, relax.TupleType) else fields[0])
-            flat_checked += len(fields) if checked is not None and i < checked else 0
+            flat_checked += len(fields) if unshaped else 0
         _add_step(bb, names, wrapper, flat(step(name)), prefill, flat_params, args,
                   None if checked is None else flat_checked)
 
