@@ -6,6 +6,7 @@ from .add_step_helpers import AddStepHelpers
 from .add_tupled_buffer_entries import AddTupledBufferEntries
 from .attach_metadata import AttachMetadata
 from .bind_dequant_kernel_shapes import BindDequantKernelShapes
+from .drop_kills_without_storage import DropKillsWithoutStorage
 from .fuse_add_rms_norm import FuseAddRMSNorm
 from .fuse_kv_append import FuseKVAppend
 from .fuse_rotary import FuseRotary
@@ -20,13 +21,15 @@ from .pack_weight_panels import PackWeightPanels
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
+from .share_host_values import ShareHostValues
 from .split_prefill_decode import SplitPrefillDecode
 
 __all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries",
            "AttachMetadata",
-           "BindDequantKernelShapes",
+           "BindDequantKernelShapes", "DropKillsWithoutStorage",
            "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
            "KVCacheRewriteError", "LegalizeGroupedReshape", "MergeSharedInputProjections",
            "NoKVCacheError", "PackWeightPanels",
-           "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SplitPrefillDecode"]
+           "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "ShareHostValues",
+           "SplitPrefillDecode"]

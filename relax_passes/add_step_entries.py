@@ -16,7 +16,15 @@ the argmax of the last real row there, and returns it as an integer: the VM read
 So a greedy decode step over TVM RPC is one shape made on the server (an ``ffi.Shape`` cannot
 cross the link by value) and one call whose result crosses by value: two round trips, where the
 host-side inputs and logits made a dozen and moved the logits row (SmolLM2: 98 KB in fp16) every
-step. Locally the same entries run with the engine's buffers passed as ``ffi.Array`` tuples.
+step.
+
+Each also comes as ``prefill_step_flat`` / ``decode_step_flat``, whose parameters are the tuples'
+fields (``*caches, *workspace, *weights``): the engine calls these in-process, passing its
+buffers as separate arguments, so a step unpacks no tuple (SmolLM2: 260 ``tuple_getitem`` VM calls
+a step; each VM call is host time the GPU waits for, while passing an argument costs a fraction
+of one). Over RPC the tuple entries stay (a remote tensor argument cannot be viewed: see
+``AddTupledBufferEntries``). Both take the wrapper's ``num_input``: the weights' static types are
+not checked at every step.
 
 Runs right after ``AddTupledBufferEntries``; a no-op where the helpers or the tuple entries are
 missing (a ``kv_cache="copy"`` build, or decoders whose inputs are not the engine's three).
@@ -28,7 +36,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..convention import (DECODE, DECODERS, GREEDY_TOKEN, PAST_LEN, STEP_INPUTS, STEP_TOKEN_IDS,
-                          step, tupled)
+                          flat, step, tupled)
 from .add_step_helpers import shape_param
 
 
@@ -44,8 +52,9 @@ def buffer_params(func: relax.Function) -> list:
 
 @tvm.transform.module_pass(opt_level=0, name="AddStepEntries")
 class AddStepEntries:
-    """Add ``prefill_step`` and ``decode_step`` (see the module doc) for the decoders that have
-    ``<name>_tupled`` entries, when the step helpers are in the module."""
+    """Add ``prefill_step`` and ``decode_step`` and their ``_flat`` variants (see the module doc)
+    for the decoders that have ``<name>_tupled`` entries, when the step helpers are in the
+    module."""
 
     def __init__(self, decoders=DECODERS):
         self.decoders = tuple(decoders)
@@ -64,34 +73,69 @@ class AddStepEntries:
 
     @staticmethod
     def _entry(bb, names, name: str, prefill: bool) -> None:
+        """``<name>_step`` (the buffers as the wrapper takes them) and ``<name>_step_flat`` (each
+        tuple's fields as parameters of their own, passed to the wrapper as tuples made here)."""
         wrapper = names[tupled(name)]
         func = bb.get()[wrapper]
         # the tuple arguments (caches, workspace, weights) as the wrapper takes them, fresh vars
         buffers = [relax.Var(p.name, p.ty) for p in buffer_params(func)]
-        attrs = {"global_symbol": step(name)}
-        if "relax.force_pure" in func.attrs:
-            attrs["relax.force_pure"] = func.attrs["relax.force_pure"]
-        if prefill:
-            m = tirx.Var("m", "int64")
-            ids = relax.Var("ids", relax.TensorType([1, m], "int64"))
-            shape, (p, r) = shape_param("step", [PAST_LEN, "real"])
-            params = [ids, shape, *buffers]
-        else:
-            shape, (t, p) = shape_param("step", ["token", PAST_LEN])
-            params = [shape, *buffers]
-            m = r = tirx.IntImm("int64", 1)
-        with bb.function(step(name), params, attrs=attrs, pure=bool(func.is_pure)):
-            if not prefill:
-                ids = bb.emit(relax.Call(names[STEP_TOKEN_IDS], [relax.ShapeExpr([t])]))
-            inputs = bb.emit(relax.Call(names[STEP_INPUTS], [relax.ShapeExpr([p, r, m])]))
-            mask, pos = (bb.emit(relax.TupleGetItem(inputs, i)) for i in range(2))
-            out = bb.emit(relax.Call(wrapper, [ids, mask, pos, relax.ShapeExpr([p]), *buffers]))
-            logits = bb.emit(relax.TupleGetItem(out, 0)) \
-                if isinstance(out.ty, relax.TupleType) else out
-            token = bb.emit(relax.Call(names[GREEDY_TOKEN], [logits, relax.ShapeExpr([r - 1])]))
-            # (past RemovePurityChecking: the builtin is called directly, not call_pure_packed)
-            shape = bb.emit(relax.Call(relax.ExternFunc("vm.builtin.tensor_to_shape"), [token],
-                                       ty_args=[relax.ShapeType(ndim=1)]))
-            k = tirx.Var("next_token", "int64")
-            bb.match_cast(shape, relax.ShapeType([k]))
-            bb.emit_func_output(relax.prim_value(k))
+        # the wrapper's static weights are not checked at every step (its "num_input")
+        weights = len(func.params) - int(func.attrs.get("num_input", len(func.params)))
+        checked = len(buffers) - weights if weights else None
+        _add_step(bb, names, wrapper, step(name), prefill, buffers, buffers, checked)
+        flat_params, args, flat_checked = [], [], 0
+        for i, b in enumerate(buffers):
+            # the checked buffers (caches, workspace) by ndim and dtype: one check_tensor_info
+            # each and no match_shape of their lengths, which the step does not read (its views
+            # are checked against the buffers' sizes when they are made)
+            unshaped = checked is not None and i < checked
+            fields = [relax.Var(f"{b.name}_{j}", _unshaped(ty) if unshaped else ty)
+                      for j, ty in enumerate(b.ty.fields)] \
+                if isinstance(b.ty, relax.TupleType) else [relax.Var(b.name, b.ty)]
+            flat_params += fields
+            args.append(relax.Tuple(fields) if isinstance(b.ty, relax.TupleType) else fields[0])
+            flat_checked += len(fields) if unshaped else 0
+        _add_step(bb, names, wrapper, flat(step(name)), prefill, flat_params, args,
+                  None if checked is None else flat_checked)
+
+
+def _unshaped(ty):
+    return relax.TensorType(ndim=ty.ndim, dtype=ty.dtype) if isinstance(ty, relax.TensorType) \
+        else ty
+
+
+def _add_step(bb, names, wrapper, entry: str, prefill: bool, buffers: list, args: list,
+              checked: int | None) -> None:
+    """``entry``: the step over ``buffers`` (its parameters after the step's integers), which
+    reach the tuple ``wrapper`` as ``args``; VMShapeLower checks the first ``checked`` buffers
+    and, of the others (the weights), only those with symbolic dims (None: checks all)."""
+    func = bb.get()[wrapper]
+    attrs = {"global_symbol": entry}
+    if "relax.force_pure" in func.attrs:
+        attrs["relax.force_pure"] = func.attrs["relax.force_pure"]
+    if prefill:
+        m = tirx.Var("m", "int64")
+        ids = relax.Var("ids", relax.TensorType([1, m], "int64"))
+        shape, (p, r) = shape_param("step", [PAST_LEN, "real"])
+        params = [ids, shape, *buffers]
+    else:
+        shape, (t, p) = shape_param("step", ["token", PAST_LEN])
+        params = [shape, *buffers]
+        m = r = tirx.IntImm("int64", 1)
+    if checked is not None:
+        attrs["num_input"] = len(params) - len(buffers) + checked
+    with bb.function(entry, params, attrs=attrs, pure=bool(func.is_pure)):
+        if not prefill:
+            ids = bb.emit(relax.Call(names[STEP_TOKEN_IDS], [relax.ShapeExpr([t])]))
+        inputs = bb.emit(relax.Call(names[STEP_INPUTS], [relax.ShapeExpr([p, r, m])]))
+        mask, pos = (bb.emit(relax.TupleGetItem(inputs, i)) for i in range(2))
+        out = bb.emit(relax.Call(wrapper, [ids, mask, pos, relax.ShapeExpr([p]), *args]))
+        logits = bb.emit(relax.TupleGetItem(out, 0)) \
+            if isinstance(out.ty, relax.TupleType) else out
+        token = bb.emit(relax.Call(names[GREEDY_TOKEN], [logits, relax.ShapeExpr([r - 1])]))
+        # (past RemovePurityChecking: the builtin is called directly, not call_pure_packed)
+        shape = bb.emit(relax.Call(relax.ExternFunc("vm.builtin.tensor_to_shape"), [token],
+                                   ty_args=[relax.ShapeType(ndim=1)]))
+        k = tirx.Var("next_token", "int64")
+        bb.match_cast(shape, relax.ShapeType([k]))
+        bb.emit_func_output(relax.prim_value(k))

@@ -140,12 +140,18 @@ class AddTupledBufferEntries:
             extra = [relax.TensorType(ndim=1, dtype="uint8")] * (num_workspace - len(workspaces))
             ws = relax.Var("workspace", relax.TupleType([w.ty for w in workspaces] + extra))
             params.append(ws)
+        # TVM's "num_input": VMShapeLower checks the parameters after the inputs (the weights) only
+        # where they have symbolic dims: a static weight is not checked at every call
+        # (VMShapeLower needs each such weight's shape: a tensor type without one is always checked)
+        attrs = {"global_symbol": tupled(gv.name_hint)}
+        if all(isinstance(w.ty, relax.TensorType) and isinstance(w.ty.shape, relax.ShapeExpr)
+               for w in weights):
+            attrs["num_input"] = len(params)
         if tuple_weights:
             packed = relax.Var("params", relax.TupleType([w.ty for w in weights]))
             params.append(packed)
         else:
             params += weights
-        attrs = {"global_symbol": tupled(gv.name_hint)}
         if "relax.force_pure" in func.attrs:
             attrs["relax.force_pure"] = func.attrs["relax.force_pure"]
         with bb.function(tupled(gv.name_hint), params, attrs=attrs, pure=bool(func.is_pure)):

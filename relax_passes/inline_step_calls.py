@@ -1,4 +1,5 @@
-"""InlineStepCalls: a greedy step entry (``prefill_step``, ``decode_step``) as one flat function.
+"""InlineStepCalls: a greedy step entry (``prefill_step``, ``decode_step``, their ``_flat``
+variants) as one flat function.
 
 ``AddStepEntries`` builds ``decode_step`` as calls: the step helpers, ``decode_tupled`` (which
 unpacks the weight tuple) and, inside it, ``decode``. Each Relax function checks its parameters
@@ -23,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import DECODERS, step, tupled
+from ..convention import DECODERS, flat, step, tupled
 
 
 def _decoder_callees(mod: tvm.IRModule, names: dict, decoder: str) -> set:
@@ -103,10 +104,11 @@ class InlineStepCalls:
         out = mod
         for decoder in self.decoders:
             callees = _decoder_callees(mod, names, decoder)
-            if step(decoder) not in names or not callees:
-                continue
-            inline = _Inline(out, callees)
-            entry = names[step(decoder)]
-            inline.builder_.update_func(entry, inline.visit_expr(out[entry]))
-            out = inline.builder_.get()
+            for name in (step(decoder), flat(step(decoder))):
+                if name not in names or not callees:
+                    continue
+                inline = _Inline(out, callees)
+                entry = names[name]
+                inline.builder_.update_func(entry, inline.visit_expr(out[entry]))
+                out = inline.builder_.get()
         return out

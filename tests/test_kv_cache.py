@@ -133,7 +133,9 @@ def test_greedy_steps_on_the_device_match_the_logits(artifact):
     for _ in range(6):
         want.append(int(np.argmax(eng.forward(a, [want[-1]])[-1])))
         got.append(eng.decode_greedy(b, got[-1]))
-        assert eng.last_call_args == 4  # step shape, caches, workspace, weights (3 tuples)
+        # decode_step_flat: the step shape, then every cache, workspace buffer and weight
+        assert eng.last_call_args == 1 + len(b.past) + eng.convention["workspace"]["count"] \
+            + len(eng.params)
     assert got == want and b.tokens == a.tokens
     assert [t.data_ptr() for t in b.past] == buffers and b.kv_bytes_copied == 0
     # the caches hold the same rows: a logits step after greedy steps agrees with the other path
@@ -205,6 +207,8 @@ def test_the_model_describes_its_calling_convention(artifact, engine):
     assert desc == eng.convention == load_manifest(artifact("dynamo"))["convention"]
     assert desc["kv_cache"] == "inplace" and desc["decoders"] == ["prefill", "decode"]
     assert desc["tupled"] and desc["steps"] and isinstance(eng.runner, InPlace)
+    assert desc["flat_steps"] and len(desc["entries"][cv.DECODE_STEP_FLAT]) == \
+        1 + 60 + desc["workspace"]["count"] + desc["weights"]["count"]  # step, then the buffers
     assert desc["kv_caches"]["count"] == 60 and desc["kv_caches"]["row_shape"] == [3, 64]
     assert desc["weights"]["count"] == len(eng.params) and desc["weights"]["tupled"]
     assert desc["workspace"]["count"] == len(eng.runner.workspace["prefill"]) > 0
@@ -216,6 +220,7 @@ def test_the_model_describes_its_calling_convention(artifact, engine):
     copy = engine("dynamo", "copy")
     assert copy.convention["kv_cache"] == "copy" and copy.convention["decoders"] == ["main"]
     assert copy.convention["kv_caches"]["count"] == 60 and not copy.convention["steps"]
+    assert not copy.convention["flat_steps"]
     assert isinstance(copy.runner, PastPresent)
 
 

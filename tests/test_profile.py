@@ -84,3 +84,22 @@ def test_decode_step_checks_each_weight_once(profiles, engine):
     _, decode = profiles
     weights = len(engine("dynamo", "inplace").params)
     assert decode.vm_builtins["vm.builtin.check_tensor_info"] < 1.5 * weights
+
+
+def test_decode_step_makes_few_vm_calls_per_kernel(profiles):
+    """Issue 17's host gap: every VM call a step makes besides its kernels is host time the GPU
+    waits for. SmolLM2's decode step made 2,680 VM calls for 321 kernels (8.3 a kernel: register
+    kills, weight checks, tuple unpacking, one view per tensor); with the weights unchecked
+    (num_input), no kills in the arena-planned step (DropKillsWithoutStorage), views, shapes and
+    scalars shared (ShareHostValues) and the buffers passed as separate arguments, typed by ndim
+    (decode_step_flat), it makes 555 (1.73 a kernel). What is left: one check_tensor_info per
+    cache and workspace buffer, the distinct views."""
+    _, decode = profiles
+    builtins = decode.vm_builtins
+    assert decode.vm_calls <= 1.85 * decode.vm_kernel_calls, (decode.vm_calls, builtins)
+    assert builtins.get("vm.builtin.tuple_getitem", 0) <= 4  # the step helpers' outputs only
+    assert builtins.get("vm.builtin.null_value", 0) <= 20  # the step helpers' kills only
+    assert builtins.get("runtime.TVMTensorCreateView", 0) <= 100  # 403 before sharing
+    assert builtins.get("vm.builtin.check_tensor_info", 0) <= 80  # caches + workspaces, no weight
+    assert builtins.get("vm.builtin.match_shape", 0) <= 10  # the step helpers' only
+    assert builtins.get("vm.builtin.make_prim_value", 0) <= 20  # not one per kv_append

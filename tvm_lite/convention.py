@@ -13,6 +13,7 @@ Entry points of an in-place decoder (``kv_cache="inplace"``), in the order the p
     alloc_kv_caches(R.Shape([cache_len])), alloc_workspace(R.Shape(sizes)), alloc_params()
     prefill_step(ids, R.Shape([past, real]), caches, [workspace], weights) -> int
     decode_step(R.Shape([token, past]), caches, [workspace], weights) -> int
+    prefill_step_flat / decode_step_flat(the same, *caches, *workspace, *weights) -> int
     _metadata() -> str                    # the JSON description of all of the above
 
 A past/present decoder (``kv_cache="copy"``) has ``main`` (and ``decode``, ``main`` with one
@@ -31,6 +32,7 @@ DECODERS = (PREFILL, DECODE)
 
 TUPLED_SUFFIX = "_tupled"  # caches, workspace and weights as tuples (RPC)
 STEP_SUFFIX = "_step"  # ints in, the greedy token out
+FLAT_SUFFIX = "_flat"  # a *_step entry taking the buffers as separate arguments (in-process calls)
 WORKSPACE_BYTES_SUFFIX = "_workspace_bytes"  # sizes of a decoder's workspace buffers
 
 
@@ -42,12 +44,17 @@ def step(decoder: str) -> str:
     return decoder + STEP_SUFFIX
 
 
+def flat(entry: str) -> str:
+    return entry + FLAT_SUFFIX
+
+
 def workspace_bytes(function: str) -> str:
     return function + WORKSPACE_BYTES_SUFFIX
 
 
 PREFILL_TUPLED, DECODE_TUPLED = tupled(PREFILL), tupled(DECODE)
 PREFILL_STEP, DECODE_STEP = step(PREFILL), step(DECODE)
+PREFILL_STEP_FLAT, DECODE_STEP_FLAT = flat(PREFILL_STEP), flat(DECODE_STEP)
 
 ALLOC_KV_CACHES = "alloc_kv_caches"
 ALLOC_WORKSPACE = "alloc_workspace"

@@ -347,7 +347,7 @@ class Engine:
         self._check_room(session, 1)
         args = [self.link.make_shape([int(token), session.length]),
                 *self.runner.step_buffers(session)]
-        nxt = int(self._call(cv.DECODE_STEP, args))
+        nxt = int(self._call(self.runner.step_entry(cv.DECODE_STEP), args))
         session.last_call = (cv.DECODE, 1)
         self._advance(session, [token], session.length + 1)
         return nxt
@@ -372,7 +372,8 @@ class Engine:
             tokens = tvm.runtime.tensor(np.array([chunk + [0] * (padded - n)], "int64"), self.dev)
             args = [tokens, self.link.make_shape([session.length, n]),
                     *self.runner.step_buffers(session)]
-            nxt = int(self._call(cv.PREFILL_STEP, args))  # (sliced, as prefill is, if asked)
+            # (sliced, as prefill is, if asked)
+            nxt = int(self._call(self.runner.step_entry(cv.PREFILL_STEP), args))
             session.last_call = (cv.PREFILL, padded)
             self._advance(session, chunk, session.length + n)
         return nxt

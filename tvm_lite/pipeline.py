@@ -22,10 +22,13 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    then tvm_lite's PlanSymbolicArena for prefill/decode unless
                                    memory_plan="tvm"), entry points that take the caches and
                                    workspaces as tuples (AddTupledBufferEntries: RPC), one-call
-                                   greedy steps over them (AddStepEntries), inlined into flat
-                                   functions (InlineStepCalls), VM shape lowering
-                                   and last the calling convention as _metadata()
-                                   (AttachMetadata)
+                                   greedy steps over them, also with the buffers as separate
+                                   arguments (AddStepEntries), inlined into flat functions
+                                   (InlineStepCalls), register kills only where storage is freed
+                                   (DropKillsWithoutStorage), each view, symbolic shape and
+                                   scalar made once per call there (ShareHostValues), VM shape
+                                   lowering (static weights unchecked: "num_input") and last the
+                                   calling convention as _metadata() (AttachMetadata)
 """
 
 from __future__ import annotations
@@ -43,12 +46,12 @@ from tvm_lite.options import BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes import (AddDecodeFunction, AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
-                                   BindDequantKernelShapes, FuseAddRMSNorm, FuseAttention,
-                                   FuseGEMVPrologue, FuseKVAppend, FuseRotary, FuseSiluMul,
-                                   InlineStepCalls,
+                                   BindDequantKernelShapes, DropKillsWithoutStorage,
+                                   FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
+                                   FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
                                    InplaceKVCache,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
-                                   SplitPrefillDecode)
+                                   ShareHostValues, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 
@@ -185,6 +188,8 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             InlineStepCalls(),  # ... as flat functions: weights checked once per step, not thrice
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),
+            DropKillsWithoutStorage(),  # no register kills where nothing is freed (views only)
+            ShareHostValues(),  # ... and there one view per (buffer, shape, dtype), one shape
             relax.transform.LowerRuntimeBuiltin(),
             relax.transform.ComputePrimValue(),
             relax.transform.VMShapeLower(),

@@ -220,8 +220,16 @@ class InPlace(Runner):
             return out + [tvm.runtime.convert(self.weights)]
         return out + list(self.weights)
 
+    def step_entry(self, entry: str) -> str:
+        """The step entry to call for ``entry`` (``decode_step``...): in this process its
+        ``_flat`` variant where the model has one (the buffers as separate arguments: no tuple
+        unpacked by the VM at each step)."""
+        return cv.flat(entry) if self.convention.get("flat_steps") else entry
+
     def step_buffers(self, session) -> list:
-        """The caches, workspace and weights as the ``*_step`` entries take them."""
+        """The caches, workspace and weights as the :meth:`step_entry` takes them."""
+        if self.convention.get("flat_steps"):
+            return [*session.past, *self._buffers, *self.weights]
         if session.past_tuple is None:
             session.past_tuple = tvm.runtime.convert(list(session.past))
         return [session.past_tuple, *self._step_tuples]
@@ -265,6 +273,9 @@ class RemoteInPlace(InPlace):
 
     def _make_step_tuples(self) -> list:
         return []  # the server-side tuples are the step entries' arguments already
+
+    def step_entry(self, entry: str) -> str:
+        return entry  # the tuple entries: a remote tensor argument cannot be viewed
 
     def step_buffers(self, session) -> list:
         return [session.past, *self.workspace.get(cv.DECODE, ()), *self.param_args]
