@@ -45,6 +45,18 @@ def clang_opencl(path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+@functools.cache
+def cuda_device():
+    """TVM's first CUDA device where one exists (the GPU machine), else None."""
+    try:
+        import tvm
+
+        dev = tvm.cuda(0)
+        return dev if dev.exist else None
+    except Exception:  # pylint: disable=broad-except
+        return None
+
+
 @pytest.fixture(scope="session")
 def export_dir():
     """export_dir(exporter) -> the cached export folder of the default model."""

@@ -120,13 +120,18 @@ int main() {{
   FILE* h = fopen("{files["o"]}", "wb"); fwrite(o_ptr, 4, {heads * d}, h); fclose(h);
 }}
 '''
+    _build_and_run(body + main, work)
+    return np.fromfile(files["o"], "float32").reshape(1, 1, heads * d)
+
+
+def _build_and_run(code: str, work: Path) -> None:
+    """Compile the shim + ``code`` with g++ (C++20, threads) in ``work`` and run it."""
     cc, exe = work / "kernel.cc", work / "kernel"
-    cc.write_text(SHIM + body + main)
+    cc.write_text(SHIM + code)
     res = subprocess.run(["g++", "-std=c++20", "-O1", "-w", "-pthread", str(cc), "-o", str(exe)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     subprocess.run([str(exe)], check=True)
-    return np.fromfile(files["o"], "float32").reshape(1, 1, heads * d)
 
 
 def run_kernel(src: str, grid: int, threads: tuple[int, int], arrays: dict, out: str,
@@ -154,10 +159,5 @@ int main() {{
   FILE* h = fopen("{files[out]}", "wb"); fwrite({out}_ptr, 4, {out_size}, h); fclose(h);
 }}
 '''
-    cc, exe = work / "kernel.cc", work / "kernel"
-    cc.write_text(SHIM + body + main)
-    res = subprocess.run(["g++", "-std=c++20", "-O1", "-w", "-pthread", str(cc), "-o", str(exe)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    subprocess.run([str(exe)], check=True)
+    _build_and_run(body + main, work)
     return np.fromfile(files[out], "float32")

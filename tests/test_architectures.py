@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import cuda_device
 from tvm_lite import arch_matrix
 
 pytestmark = pytest.mark.slow
@@ -199,16 +200,8 @@ def test_window_layers_get_ring_caches_of_window_rows():
     assert engine.kv_cache_bytes() == allocated
 
 
-def _cuda_available():
-    try:
-        import tvm
 
-        return tvm.cuda(0).exist
-    except Exception:  # pylint: disable=broad-except
-        return False
-
-
-@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", sorted(arch_matrix.GPU_TOLERANCE))
 @pytest.mark.parametrize("arch", arch_matrix.WINDOW_ARCHS)
 def test_window_model_on_cuda_matches_cpu(arch, dtype):

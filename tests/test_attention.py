@@ -21,7 +21,7 @@ from tvm_lite.relax_passes import FuseAttention
 from tvm_lite.relax_passes.fuse_attention import (attention_params, reference_kernel,
                                                   reference_numpy)
 from tvm_lite.schedules.gpu_attention import TILES, Attention
-from conftest import CLANG, clang_opencl
+from conftest import CLANG, clang_opencl, cuda_device
 
 LAYERS = 30  # SmolLM2-135M
 GPU_TARGETS = {"adreno": "opencl -device=adreno", "mali": "opencl -device=mali",
@@ -262,12 +262,6 @@ def test_split_decode_fits_every_profile(profile, tmp_path):
             assert res.returncode == 0, res.stderr[:2000]
 
 
-def _cuda_available():
-    try:
-        return tvm.cuda(0).exist
-    except Exception:  # pylint: disable=broad-except
-        return False
-
 
 GPU_CASES = CASES + [
     (9, 3, 64, 130, 300, 5, "float16"),  # several query tiles and key tiles, fp16
@@ -289,7 +283,7 @@ GPU_CASES = CASES + [
 ]
 
 
-@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 @pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
 @pytest.mark.parametrize("heads, kv, d, n, past, pad, dtype", GPU_CASES)
 def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype):
@@ -309,7 +303,7 @@ def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 @pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
 @pytest.mark.parametrize("kv, d", [(1, 256), (8, 64)])
 def test_gpu_prefill_never_loads_tiles_above_the_diagonal(profile, kv, d):
@@ -708,7 +702,7 @@ def test_gpu_ring_prefill_never_loads_tiles_below_the_window(profile, kv, d, tmp
     assert np.isnan(got[:, :, :first_pos]).any()  # (earlier rows do read the NaN keys)
 
 
-@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 @pytest.mark.parametrize("profile", ["adreno", "mali", "cuda", "gpu"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_gpu_ring_kernels_on_cuda(profile, dtype):

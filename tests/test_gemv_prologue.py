@@ -25,7 +25,7 @@ from tvm_lite.pipeline import gemv_prologue_passes
 from tvm_lite.relax_passes import FuseAddRMSNorm, FuseGEMVPrologue, FuseSiluMul
 from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV
 from tvm_lite.schedules.profiles import PROFILES, fit_to_target
-from conftest import clang_opencl
+from conftest import clang_opencl, cuda_device
 from cuda_on_cpu import run_kernel
 
 EPS = 1e-5
@@ -190,13 +190,6 @@ def test_prologue_gemv_cuda_c_run_on_the_cpu_matches_numpy(case, k, n, override,
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
 
 
-def _cuda_device():
-    try:
-        dev = tvm.cuda(0)
-        return dev if dev.exist else None
-    except Exception:  # pylint: disable=broad-except
-        return None
-
 
 # tiny random models (tvm_lite/arch_matrix.py): Llama (the SmolLM2 structure), Qwen2 (q/k/v
 # biases after the norm-GEMV), Qwen3 (QK norms: the Q rotary reads the normed heads), Gemma
@@ -205,7 +198,7 @@ GPU_ARCHS = ["llama", "qwen2", "qwen3", "gemma"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", GPU_ARCHS)
 def test_fused_cuda_build_matches_unfused_and_torch(arch, tmp_path):
     """On a CUDA GPU: the logits of every position (prefill, a chunk, decode steps) of the fused

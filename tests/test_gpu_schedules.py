@@ -27,7 +27,7 @@ from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM, simt_only
 from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV, MatchError, match_matmul
 from tvm_lite.schedules.guards import StaticBuffersOnly
 from tvm_lite.schedules.profiles import ADRENO, CUDA, MALI, PROFILES, fit_to_target, gpu_profile
-from conftest import clang_opencl
+from conftest import clang_opencl, cuda_device
 
 TARGETS = {"adreno": "opencl -device=adreno", "mali": "opencl -device=mali", "cuda": "cuda -arch=sm_90"}
 # (K, N): a SmolLM2 k/v projection (N = 192: not a power of two), its down projection, a 2B k/v
@@ -247,21 +247,14 @@ def test_reference_kernels_match_numpy_on_cpu(fmt):
     assert np.abs(got - ref).max() <= 2e-2 * np.abs(ref).max()
 
 
-def _cuda_device():
-    try:
-        dev = tvm.cuda(0)
-        return dev if dev.exist else None
-    except Exception:  # pylint: disable=broad-except
-        return None
 
-
-@pytest.mark.skipif(_cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 @pytest.mark.parametrize("profile", ["adreno", "mali", "cuda"])
 def test_profile_kernels_run_correctly_on_a_cuda_gpu(profile):
     """Each profile's GEMV and GEMM schedules, compiled for CUDA, against numpy: the indexing the
     Adreno and Mali kernels use is exercised on real hardware (the cuda profile's 4-bit GEMVs are
     the packed-half2 kernel)."""
-    dev = _cuda_device()
+    dev = cuda_device()
     target = parse_target("cuda -arch=sm_90")
     prof = PROFILES[profile]
     rng = np.random.default_rng(2)
@@ -475,7 +468,7 @@ def test_half2_gemv_ptx_has_two_packed_ops_per_two_weights(tmp_path):
     assert counts["mul.f16"] == 0, counts  # no scalar dequant multiply left
 
 
-@pytest.mark.skipif(_cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 @pytest.mark.parametrize("fmt,k,n,epilogue", [
     ("e0m4", 576, 192, None), ("e0m4", 576, 1536, "silu_gate"), ("e0m4", 1536, 576, "residual"),
     ("int4", 576, 49152, None),  # SmolLM2 lm_head
@@ -486,7 +479,7 @@ def test_half2_gemv_ptx_has_two_packed_ops_per_two_weights(tmp_path):
 def test_half2_gemv_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
     """The packed kernel on the GPU against numpy: SmolLM2 and 2B-class shapes (K up to 16384),
     with and without epilogues."""
-    dev = _cuda_device()
+    dev = cuda_device()
     cuda = parse_target("cuda -arch=sm_90")
     rng = np.random.default_rng(4)
     func = _dequant_gemv(fmt, k, n, epilogue)
@@ -555,11 +548,11 @@ def test_greedy_token_reductions_are_cross_thread_not_one_thread(profile, tmp_pa
     assert GPUScalarReduction in {type(r) for r in rules_for(parse_target(TARGETS[profile]))}
 
 
-@pytest.mark.skipif(_cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 def test_greedy_token_runs_correctly_on_a_cuda_gpu():
     from tvm import relax
 
-    dev = _cuda_device()
+    dev = cuda_device()
     vm = relax.VirtualMachine(_build_greedy(TARGETS["cuda"]), dev)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, 49152)).astype("float16")
@@ -630,12 +623,12 @@ def test_mma_gemm_cuda_source_has_no_spills(tmp_path):
         assert "0 bytes spill stores" in res.stderr, res.stderr[-2000:]
 
 
-@pytest.mark.skipif(_cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
 @pytest.mark.parametrize("fmt,k,n,epilogue", MMA_CASES)
 def test_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
     """The tensor-core GEMM against numpy at prompt lengths that are and are not multiples of
     the tile (1, 37, 128, 200, 512), with its epilogue."""
-    dev = _cuda_device()
+    dev = cuda_device()
     target = parse_target(TARGETS["cuda"])
     ex = build(_mma_func(fmt, k, n, epilogue), target, [GPUPrefillGEMM(CUDA)])
     rng = np.random.default_rng(5)
