@@ -143,6 +143,31 @@ def test_compile_is_cached(export_dir, artifact):
     assert (path / "model.so").stat().st_mtime == stamp
 
 
+def test_builds_with_the_same_weights_share_one_file(tmp_path, monkeypatch):
+    """params.npz of two artifacts with the same weights is one file on disk (a hard link to the
+    cache's weight store); other weights get their own; a stored copy no artifact links to any
+    more is removed at the next save."""
+    import numpy as np
+
+    from tvm_lite.artifact import WEIGHT_STORE, save_params
+
+    monkeypatch.setenv("TVM_LITE_CACHE", str(tmp_path / "cache"))
+    w = [np.arange(6, dtype="float32").reshape(2, 3), np.ones(4, "float16")]
+    a, b, c = (tmp_path / n / "params.npz" for n in "abc")
+    save_params(a, w)
+    save_params(b, [x.copy() for x in w])
+    assert a.stat().st_ino == b.stat().st_ino and a.stat().st_nlink == 3
+    save_params(c, [w[0], w[1] + 1])
+    assert c.stat().st_ino != a.stat().st_ino
+    with np.load(c) as z:
+        assert np.array_equal(z["p0"], w[0]) and np.array_equal(z["p1"], w[1] + 1)
+    store = tmp_path / "cache" / WEIGHT_STORE
+    assert len(list(store.glob("*.npz"))) == 2
+    c.unlink()
+    save_params(a.parent / "again.npz", w)
+    assert len(list(store.glob("*.npz"))) == 1  # c's weights went with c
+
+
 def test_adreno_build_emits_opencl_for_the_whole_model(opencl_source):
     src = opencl_source("adreno")
     kernels = src.count("__kernel void")

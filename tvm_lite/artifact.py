@@ -6,7 +6,9 @@
     tokenizer.json  (and the other tokenizer files)
     manifest.json   model config, target, options, tvm_lite/TVM versions, input/output names
 
-``compile_model`` caches artifacts by a hash of everything that goes into them.
+``compile_model`` caches artifacts by a hash of everything that goes into them. Builds that differ
+only in options that leave the weights alone (memory plan, KV cache, fused attention, target)
+share one weights file: ``<cache>/weights/<digest>.npz``, hard-linked into each artifact.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_file
 from .checks import check_module_weights
 from .convention import (INPUT_NAMES_ATTR, KV_AUTO, KV_COPY, KV_INPLACE, MAIN, OUTPUT_NAMES_ATTR,
                          PARAM_NAMES_ATTR)
@@ -228,6 +230,46 @@ def weights_as_built(mod, merge_projections: bool = True, panel: int | None = No
     return mod
 
 
+WEIGHT_STORE = "weights"
+
+
+def save_params(path: Path, arrays: list) -> None:
+    """Write ``arrays`` to ``path`` as an .npz (``p0``, ``p1``, ...). The file is a hard link to
+    one stored copy per distinct set of weights in the cache, so the five fp32 builds of one model
+    hold its weights once on disk; a copy where a link cannot be made (another file system).
+    Stored copies no artifact links to any more are removed."""
+    digest = hashlib.blake2b(digest_size=12)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape};".encode())
+        digest.update(memoryview(a).cast("B"))
+    store = cache_dir() / WEIGHT_STORE
+    stored = store / f"{digest.hexdigest()}.npz"
+    with cache_lock(stored):
+        if not stored.exists():
+            with atomic_file(stored, "wb") as (f, _):
+                np.savez(f, **{f"p{i}": a for i, a in enumerate(arrays)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(stored, path)
+        except OSError:
+            shutil.copyfile(stored, path)
+    _remove_unlinked(store, keep=stored)
+
+
+def _remove_unlinked(store: Path, keep: Path) -> None:
+    """Remove the stored weights that no artifact links to (link count 1: only the store's)."""
+    for f in store.glob("*.npz"):
+        if f == keep:
+            continue
+        with cache_lock(f):  # not while another build links it
+            try:
+                if f.stat().st_nlink == 1:
+                    f.unlink()
+            except OSError:
+                pass  # another process removed it first
+
+
 def _manifest_key(path: Path):
     """The cache key a manifest records (None if it is missing or unreadable: rebuild)."""
     try:
@@ -284,7 +326,7 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts
     if tgt.kind.name == "opencl":
         (out / "kernels.cl").write_text(device_source(ex, "opencl"))
     _export_library(ex, out / LIBRARY, tgt)
-    np.savez(out / PARAMS, **{f"p{i}": p.numpy() for i, p in enumerate(params)})
+    save_params(out / PARAMS, [p.numpy() for p in params])
     for name in TOKENIZER_FILES:
         if (folder / name).exists():
             shutil.copy(folder / name, out / name)
