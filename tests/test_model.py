@@ -168,6 +168,33 @@ def test_builds_with_the_same_weights_share_one_file(tmp_path, monkeypatch):
     assert len(list(store.glob("*.npz"))) == 1  # c's weights went with c
 
 
+def test_a_library_rebuilt_at_the_same_path_is_loaded_anew(tmp_path):
+    """dlopen returns the library it already loaded from a path name: the engine's loader must
+    not run an old model from a folder rebuilt (or a temporary folder reused) in this process."""
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    from tvm_lite.engine import load_library
+
+    def library(add: float):
+        @T.prim_func
+        def main(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
+            for i in range(4):
+                b[i] = a[i] + T.float32(add)
+
+        return tvm.compile(tvm.IRModule({"main": main}), target="llvm")
+
+    path = tmp_path / "model.so"
+    outs = []
+    for add in (1.0, 2.0):
+        library(add).export_library(str(path))
+        a, b = tvm.runtime.tensor(np.zeros(4, "float32")), tvm.runtime.empty((4,), "float32")
+        load_library(path)["main"](a, b)
+        outs.append(b.numpy()[0])
+    assert outs == [1.0, 2.0]
+
+
 def test_adreno_build_emits_opencl_for_the_whole_model(opencl_source):
     src = opencl_source("adreno")
     kernels = src.count("__kernel void")

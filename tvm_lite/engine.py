@@ -114,6 +114,31 @@ class Step:
     seconds: float
 
 
+_LOADED: dict = {}  # library path -> (device, inode, mtime, size) of the file loaded from there
+
+
+def load_library(path) -> "tvm.runtime.Module":
+    """``tvm.runtime.load_module(path)``, never a stale one. ``dlopen`` hands back the library it
+    already loaded from the same path name without reading the file again, so a process that
+    loads an artifact rebuilt in the same folder (``compile_model(..., force=True)``, a reused
+    temporary folder) would run the old model with the new weights; a file that changed since
+    this process loaded it is loaded from a private copy instead."""
+    import shutil
+    import tempfile
+
+    path = Path(path).resolve()
+    st = path.stat()
+    ident = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    if _LOADED.setdefault(str(path), ident) == ident:
+        return tvm.runtime.load_module(str(path))
+    folder = tempfile.mkdtemp(prefix="tvm_lite_lib_")
+    try:
+        shutil.copyfile(path, Path(folder) / path.name)
+        return tvm.runtime.load_module(str(Path(folder) / path.name))
+    finally:  # the loaded library stays mapped
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Engine:
     """Load an artifact and generate text with it."""
 
@@ -145,7 +170,7 @@ class Engine:
                                      device if isinstance(device, str) else None)
             device = checked if device is None else device  # default: the build's device
         self.dev = _device(device) if isinstance(device, str) else device
-        lib = module if module is not None else tvm.runtime.load_module(str(self.path / LIBRARY))
+        lib = module if module is not None else load_library(self.path / LIBRARY)
         self.vm = VirtualMachine(lib, self.dev)
         self.link = link or LocalLink()
         self.convention = read_convention(self.vm, self.manifest)
