@@ -1,6 +1,7 @@
 """tvm_lite's Relax passes, one per file, each named for what it does."""
 
 from .add_decode_function import AddDecodeFunction
+from .add_last_row_prefill import AddLastRowPrefill
 from .add_step_entries import AddStepEntries
 from .add_step_helpers import AddStepHelpers
 from .add_tupled_buffer_entries import AddTupledBufferEntries
@@ -24,7 +25,7 @@ from .remove_noop_ops import RemoveNoOpOps
 from .share_host_values import ShareHostValues
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddDecodeFunction", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries",
+__all__ = ["AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries",
            "AttachMetadata",
            "BindDequantKernelShapes", "DropKillsWithoutStorage",
            "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",

@@ -9,8 +9,9 @@ Composes the step helpers (``AddStepHelpers``) with the tuple entry points
 
 ``p`` is the cached length (the write offset ``past_len``), ``r`` the real tokens among the ``m``
 of ``ids`` (the rest is padding), ``t`` the token a decode step feeds. Each builds the mask and
-positions (and decode its ids) on the device, runs ``prefill_tupled`` / ``decode_tupled``, takes
-the argmax of the last real row there, and returns it as an integer: the VM reads one int64 back
+positions (and decode its ids) on the device, runs ``prefill_last_tupled`` (``prefill_tupled``
+where the module has no ``prefill_last``: ``relax_passes/add_last_row_prefill.py``) /
+``decode_tupled``, takes the argmax of the last real row there, and returns it as an integer: the VM reads one int64 back
 (``vm.builtin.tensor_to_shape``) and the caller gets a plain ``int``.
 
 So a greedy decode step over TVM RPC is one shape made on the server (an ``ffi.Shape`` cannot
@@ -35,8 +36,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import (DECODE, DECODERS, GREEDY_TOKEN, PAST_LEN, STEP_INPUTS, STEP_TOKEN_IDS,
-                          flat, step, tupled)
+from ..convention import (DECODE, DECODERS, GREEDY_TOKEN, PAST_LEN, PREFILL_LAST, STEP_INPUTS,
+                          STEP_TOKEN_IDS, flat, step, step_decoder, tupled)
 from .add_step_helpers import shape_param
 
 
@@ -63,7 +64,7 @@ class AddStepEntries:
         names = {gv.name_hint: gv for gv in mod.get_global_vars()}
         if not all(h in names for h in (STEP_TOKEN_IDS, STEP_INPUTS, GREEDY_TOKEN)):
             return mod
-        todo = [d for d in self.decoders if tupled(d) in names]
+        todo = [d for d in self.decoders if tupled(step_decoder(d, names)) in names]
         if not todo:
             return mod
         bb = relax.BlockBuilder(mod)
@@ -75,7 +76,7 @@ class AddStepEntries:
     def _entry(bb, names, name: str, prefill: bool) -> None:
         """``<name>_step`` (the buffers as the wrapper takes them) and ``<name>_step_flat`` (each
         tuple's fields as parameters of their own, passed to the wrapper as tuples made here)."""
-        wrapper = names[tupled(name)]
+        wrapper = names[tupled(step_decoder(name, names))]  # prefill_last's for prefill
         func = bb.get()[wrapper]
         # the tuple arguments (caches, workspace, weights) as the wrapper takes them, fresh vars
         buffers = [relax.Var(p.name, p.ty) for p in buffer_params(func)]
@@ -132,7 +133,9 @@ def _add_step(bb, names, wrapper, entry: str, prefill: bool, buffers: list, args
         out = bb.emit(relax.Call(wrapper, [ids, mask, pos, relax.ShapeExpr([p]), *args]))
         logits = bb.emit(relax.TupleGetItem(out, 0)) \
             if isinstance(out.ty, relax.TupleType) else out
-        token = bb.emit(relax.Call(names[GREEDY_TOKEN], [logits, relax.ShapeExpr([r - 1])]))
+        # the last real row: prefill_last's only row
+        row = 0 if wrapper.name_hint == tupled(PREFILL_LAST) else r - 1
+        token = bb.emit(relax.Call(names[GREEDY_TOKEN], [logits, relax.ShapeExpr([row])]))
         # (past RemovePurityChecking: the builtin is called directly, not call_pure_packed)
         shape = bb.emit(relax.Call(relax.ExternFunc("vm.builtin.tensor_to_shape"), [token],
                                    ty_args=[relax.ShapeType(ndim=1)]))

@@ -37,8 +37,8 @@ import tvm
 from tvm import relax, tirx
 
 from ..convention import (ALLOC_PARAMS, DECODE, DECODERS, KV_CACHE_ATTR, KV_COPY, KV_INPLACE, MAIN,
-                          METADATA, METADATA_VERSION, PAST_LEN, PREFILL_STEP, DECODE_STEP,
-                          TUPLED_ENTRIES, WORKSPACE_PREFIX, flat)
+                          METADATA, METADATA_VERSION, PAST_LEN, PREFILL_LAST, PREFILL_STEP,
+                          DECODE_STEP, TUPLED_ENTRIES, WORKSPACE_PREFIX, flat)
 
 
 def _dim(d):
@@ -87,7 +87,7 @@ def describe(mod: tvm.IRModule, options: dict | None = None) -> dict:
                              "rows": [r if isinstance(r, int) else None
                                       for r in (_type(c.ty)[1][0] for c in caches)]}
         per = {n: sum(1 for p in funcs[n].params if p.name.startswith(WORKSPACE_PREFIX))
-               for n in inplace}
+               for n in inplace + [PREFILL_LAST] if n in funcs}
         desc["workspace"] = {**per, "count": max(per.values())}
         after = list(first.params)[cut + 1 + len(cache_names):]
         weights = [p for p in after if not p.name.startswith(WORKSPACE_PREFIX)]

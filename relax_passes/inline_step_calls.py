@@ -24,23 +24,24 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import DECODERS, flat, step, tupled
+from ..convention import DECODERS, flat, step, step_decoder, tupled
 
 
 def _decoder_callees(mod: tvm.IRModule, names: dict, decoder: str) -> set:
     """The GlobalVars to inline into ``decoder``'s step: its tuple wrapper and the Relax
     functions that calls (the decoder itself). The step helpers (ids, mask, greedy token) take a
     few small arguments and stay calls."""
-    if tupled(decoder) not in names:
+    wrapper = tupled(step_decoder(decoder, names))
+    if wrapper not in names:
         return set()
-    found = {names[tupled(decoder)]}
+    found = {names[wrapper]}
 
     def record(expr):
         if isinstance(expr, relax.Call) and isinstance(expr.op, relax.GlobalVar) \
                 and isinstance(mod[expr.op], relax.Function):
             found.add(expr.op)
 
-    relax.analysis.post_order_visit(mod[names[tupled(decoder)]].body, record)
+    relax.analysis.post_order_visit(mod[names[wrapper]].body, record)
     return found
 
 

@@ -211,7 +211,10 @@ def test_the_model_describes_its_calling_convention(artifact, engine):
         1 + 60 + desc["workspace"]["count"] + desc["weights"]["count"]  # step, then the buffers
     assert desc["kv_caches"]["count"] == 60 and desc["kv_caches"]["row_shape"] == [3, 64]
     assert desc["weights"]["count"] == len(eng.params) and desc["weights"]["tupled"]
-    assert desc["workspace"]["count"] == len(eng.runner.workspace["prefill"]) > 0
+    # one set of buffers for every decoder: as many as the one with the most
+    # (prefill_last: prefill with one row's logits, what prefill_step runs)
+    assert cv.PREFILL_LAST in desc["entries"] and cv.PREFILL_LAST in desc["workspace"]
+    assert desc["workspace"]["count"] == max(len(v) for v in eng.runner.workspace.values()) > 0
     prefill = [p[0] for p in desc["entries"]["prefill"]]
     assert prefill[:4] == [*desc["inputs"], cv.PAST_LEN] and len(desc["inputs"]) == 3
     assert [p[0] for p in desc["entries"][cv.DECODE_STEP]] == ["step", "kv_caches", "workspace",

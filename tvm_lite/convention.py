@@ -7,9 +7,11 @@ RPC code all spell these names through this module, never as literals.
 Entry points of an in-place decoder (``kv_cache="inplace"``), in the order the pipeline adds them::
 
     prefill(ids, mask, positions, past_len, *caches, *workspace, *weights) -> logits
+    prefill_last(the same) -> the logits of the last row whose mask is 1 (1, 1, vocab)
     decode(ids, mask, positions, past_len, *caches, *workspace, *weights) -> logits
     prefill_workspace_bytes / decode_workspace_bytes(...) -> R.Shape([bytes of each buffer])
-    prefill_tupled / decode_tupled(ids, mask, positions, past_len, caches, [workspace], weights)
+    prefill_tupled / prefill_last_tupled / decode_tupled(ids, mask, positions, past_len, caches,
+                                                         [workspace], weights)
     alloc_kv_caches(R.Shape([cache_len])), alloc_workspace(R.Shape(sizes)), alloc_params()
     prefill_step(ids, R.Shape([past, real]), caches, [workspace], weights) -> int
     decode_step(R.Shape([token, past]), caches, [workspace], weights) -> int
@@ -29,6 +31,9 @@ MAIN = "main"  # the imported model; a past/present build's entry
 PREFILL = "prefill"
 DECODE = "decode"
 DECODERS = (PREFILL, DECODE)
+# prefill with the logits of the last real row only (relax_passes/add_last_row_prefill.py): what
+# prefill_step runs where the model has it
+PREFILL_LAST = "prefill_last"
 
 TUPLED_SUFFIX = "_tupled"  # caches, workspace and weights as tuples (RPC)
 STEP_SUFFIX = "_step"  # ints in, the greedy token out
@@ -46,6 +51,12 @@ def step(decoder: str) -> str:
 
 def flat(entry: str) -> str:
     return entry + FLAT_SUFFIX
+
+
+def step_decoder(decoder: str, functions) -> str:
+    """The decoder a ``<decoder>_step`` entry runs among ``functions`` (names): ``prefill_last``
+    for prefill where the module has it (the greedy token needs one row's logits)."""
+    return PREFILL_LAST if decoder == PREFILL and PREFILL_LAST in functions else decoder
 
 
 def workspace_bytes(function: str) -> str:

@@ -318,7 +318,8 @@ class Engine:
 
     def forward(self, session: Session, ids, last_only: bool = False) -> np.ndarray:
         """Run ``ids`` through the model after ``session``'s tokens; return the logits of every
-        position ([n, vocab]), or of the last one only ([1, vocab]), and advance the session.
+        position ([n, vocab]), or of the last one only ([1, vocab]: computed alone, by the
+        model's ``prefill_last`` where it has one), and advance the session.
 
         In place, one new token runs ``decode``; more run ``prefill``, padded up to a bucket: the
         padding sits after the real tokens with attention mask 0, so causal attention keeps it
@@ -339,12 +340,18 @@ class Engine:
             pos = np.arange(session.length, total, dtype="int64")[None]
             ids_in = np.pad(ids, ((0, 0), (0, padded - n)))
             function = cv.DECODE if padded == 1 else cv.PREFILL
+            # for the last row alone, prefill_last: its lm_head (and what else works row by row
+            # at the end of the model) runs on that one row
+            called = cv.PREFILL_LAST if last_only and function == cv.PREFILL \
+                and self.runner.last_row_prefill else function
             # the model writes rows [length, total) of each cache in place
             inputs = [*self.runner.inputs(ids_in, mask, pos),
                       self.link.make_shape([session.length])]
-            out = self._call(*self.runner.call(session, function, inputs))
+            out = self._call(*self.runner.call(session, called, inputs))
             session.last_call = (function, padded)
             self._advance(session, ids[0], session.length + n)
+            if called == cv.PREFILL_LAST:
+                return self._last_row(out[0], 1)
         else:
             total = session.length + n
             mask = np.ones((1, total), "int64")

@@ -9,7 +9,9 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    KV cache (InplaceKVCache) unless kv_cache="copy", then main
                                    split into prefill + decode (SplitPrefillDecode), each
                                    layer's attention on the cache as one kernel (FuseAttention)
-                                   unless fused_attention=False, the step helpers (step inputs
+                                   unless fused_attention=False, prefill_last (prefill with the
+                                   row-local tail -- last MLP, norm, lm_head -- on the last real
+                                   row only: AddLastRowPrefill), the step helpers (step inputs
                                    and greedy token on the device: AddStepHelpers), 4-bit kernels
                                    rebuilt per call shape (BindDequantKernelShapes), then the
                                    fusion passes unless fusion=False (fusion_passes())
@@ -44,7 +46,7 @@ from tvm_lite import schedules
 from tvm_lite.convention import KV_CACHE_ATTR, KV_COPY, KV_INPLACE
 from tvm_lite.options import BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
-from tvm_lite.relax_passes import (AddDecodeFunction, AttachMetadata, AddStepEntries, AddStepHelpers,
+from tvm_lite.relax_passes import (AddDecodeFunction, AddLastRowPrefill, AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
                                    BindDequantKernelShapes, DropKillsWithoutStorage,
                                    FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
@@ -140,8 +142,9 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
         SplitPrefillDecode(only_with_attr=KV_CACHE_ATTR)]
     if opts.fused_attention and kv_passes:  # ring caches for window layers (every target)
         kv_passes.append(FuseAttention(ring=True))
-    if kv_passes:  # device-side step inputs and greedy token (relax_passes/add_step_helpers.py)
-        kv_passes.append(AddStepHelpers(KV_CACHE_ATTR))
+    if kv_passes:  # prefill_step's prefill computes one row's logits; device-side step inputs
+        # and greedy token (relax_passes/add_last_row_prefill.py, add_step_helpers.py)
+        kv_passes += [AddLastRowPrefill(KV_CACHE_ATTR), AddStepHelpers(KV_CACHE_ATTR)]
     arena = [PlanSymbolicArena(only_with_attr=KV_CACHE_ATTR)] if memory_plan == "arena" else []
     gpu = "gpu" in target.keys  # GPU-only fusions: the norm and activation in decode GEMVs
     # ... but not in 4-bit GEMVs of fp16 rows where the profile has the packed half2 kernel for

@@ -84,6 +84,7 @@ class Runner:
 
     greedy_steps = False  # whether ``prefill_step``/``decode_step`` are used (greedy on the device)
     inplace = False
+    last_row_prefill = False  # whether ``prefill_last`` gives a prefill's last logits alone
 
     def __init__(self, vm, dev, link, convention: dict, model: dict):
         self.vm, self.dev, self.link, self.convention = vm, dev, link, convention
@@ -152,6 +153,7 @@ class InPlace(Runner):
     def __init__(self, *args):
         super().__init__(*args)
         self.greedy_steps = bool(self.convention.get("steps"))
+        self.last_row_prefill = cv.PREFILL_LAST in self.convention.get("entries", {})
         self.workspace: dict = {}  # decoder -> the workspace arguments of its calls
         self.workspace_total_bytes = 0
         self._buffers: list = []
@@ -191,6 +193,9 @@ class InPlace(Runner):
         call: every size is a product of dims, so it grows with tokens and past alike."""
         need = {cv.DECODE: self.workspace_bytes(cv.DECODE, 1, max_context),
                 cv.PREFILL: self.workspace_bytes(cv.PREFILL, prefill_chunk, max_context)}
+        if cv.PREFILL_LAST in self.convention["workspace"]:  # the last-row prefill's
+            need[cv.PREFILL_LAST] = self.workspace_bytes(cv.PREFILL_LAST, prefill_chunk,
+                                                         max_context)
         count = max(len(v) for v in need.values())
         sizes = [max(v[i] if i < len(v) else 0 for v in need.values()) for i in range(count)]
         self.workspace_total_bytes = sum(sizes)

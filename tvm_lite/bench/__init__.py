@@ -9,6 +9,8 @@
                    (python -m tvm_lite.bench.cpu_gemv)
     greedy.py      the greedy token's argmax kernel on a GPU, with and without its rule
                    (python -m tvm_lite.bench.greedy)
+    last_row.py    what prefill_last buys: a prefill's last logits alone vs every row's
+                   (python -m tvm_lite.bench.last_row)
     gpu_slice.py   what gpu_slice buys: the longest kernel and submission of a long prefill
                    (python -m tvm_lite.bench.gpu_slice ARTIFACT --device cuda)
 """
