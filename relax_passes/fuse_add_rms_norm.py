@@ -177,13 +177,12 @@ class FuseAddRMSNorm:
     """Residual add + RMSNorm (and plain RMSNorm) -> one kernel each (see the module doc).
     ``self.count`` is the number of norms fused by the last run."""
 
-    def __init__(self, norm_before_gemv: bool = False, fp16_4bit: bool = True):
+    def __init__(self, norm_before_gemv: bool = False):
         self.count = 0
         self.norm_before_gemv = norm_before_gemv
-        self.fp16_4bit = fp16_4bit  # 4-bit GEMVs of fp16 rows count as GEMVs the norm goes into
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        gemv_inputs = _decode_gemv_inputs(mod, self.fp16_4bit) if self.norm_before_gemv else set()
+        gemv_inputs = _decode_gemv_inputs(mod) if self.norm_before_gemv else set()
 
         def match(rw, binding, var2val):
             rw.gemv_inputs = gemv_inputs
@@ -193,9 +192,9 @@ class FuseAddRMSNorm:
         return mod
 
 
-def _decode_gemv_input(call, mod, fp16_4bit: bool) -> relax.Expr | None:
+def _decode_gemv_input(call, mod) -> relax.Expr | None:
     """The input row of a decode GEMV call (``R.matmul`` with a 2-D weight or a 4-bit matmul
-    kernel -- of an fp16 row only if ``fp16_4bit`` --, output ``(1, .., 1, N)``), else None."""
+    kernel, output ``(1, .., 1, N)``), else None."""
     if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
         return None
     shape = static_shape(call) if isinstance(call.ty, relax.TensorType) else None
@@ -210,13 +209,12 @@ def _decode_gemv_input(call, mod, fp16_4bit: bool) -> relax.Expr | None:
         attrs = mod[call.args[0]].attrs
         maker = attrs.get(MAKER_ATTR) if attrs is not None else None
         row = call.args[1].fields[0]
-        if maker is not None and str(maker.get("kind", "")) == "matmul" \
-                and (fp16_4bit or dtype_of(row) != "float16"):
+        if maker is not None and str(maker.get("kind", "")) == "matmul":
             return row
     return None
 
 
-def _decode_gemv_inputs(mod, fp16_4bit: bool) -> set:
+def _decode_gemv_inputs(mod) -> set:
     """Vars every use of which is the input row of a decode GEMV."""
     out = set()
     for _, func in mod.functions_items():
@@ -235,7 +233,7 @@ def _decode_gemv_inputs(mod, fp16_4bit: bool) -> set:
             for b in block.bindings:
                 val = b.value
                 if isinstance(val, relax.Call):
-                    row = _decode_gemv_input(val, mod, fp16_4bit)
+                    row = _decode_gemv_input(val, mod)
                     for arg in val.args:
                         for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
                             use(v, row is not None and v.same_as(row))

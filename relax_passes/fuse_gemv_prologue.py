@@ -23,10 +23,9 @@ A pair is grouped when
   (spatial blocks + the ``sum_sq`` row reduction), with one output read only by the GEMV, as its
   first argument.
 
-GPU only (the pipeline's switch): the CPU rules schedule a GEMV with its input in memory.
-``fp16_4bit=False`` leaves 4-bit GEMVs of fp16 rows alone: the pipeline's choice where the
-profile has the packed half2 4-bit GEMV for them (``schedules/gpu_gemv_half2.py``, CUDA), which
-takes no prologue.
+GPU only (the pipeline's switch): the CPU rules schedule a GEMV with its input in memory. The
+packed half2 4-bit GEMV of CUDA (``schedules/gpu_gemv_half2.py``) takes the prologue too: its
+workgroup computes the row (and the norm's statistic) into shared memory first.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from tvm.relax import dpl
 from tvm.relax.transform import FusionPattern
 
 from ..convention import NORM_ROW_STAT_BLOCK
-from ..schedules.gpu_gemv import DEQUANT_BLOCK
 
 PATTERN = "tvm_lite.gemv_prologue"
 CALL_TIR = "relax.call_tir"
@@ -63,20 +61,15 @@ def _plain(func) -> bool:
         "tvm_lite.kernel" not in func.attrs and not func.attrs.get("tirx.is_scheduled", 0)))
 
 
-def is_decode_gemv(func, out_ty, fp16_4bit: bool = True, row_dtype: str = "") -> bool:
-    """One reduction block and a ``(1, .., 1, N)`` static output (and no dequantize block with
-    an fp16 row unless ``fp16_4bit``)."""
+def is_decode_gemv(func, out_ty) -> bool:
+    """One reduction block and a ``(1, .., 1, N)`` static output."""
     if not _plain(func) or not isinstance(out_ty, relax.TensorType) or out_ty.shape is None:
         return False
     dims = list(out_ty.shape.values)
     if len(dims) < 2 or not all(isinstance(d, tirx.IntImm) for d in dims) \
             or any(int(d) != 1 for d in dims[:-1]):
         return False
-    blocks = _blocks(func)
-    if not fp16_4bit and row_dtype == "float16" and any(b.name_hint == DEQUANT_BLOCK
-                                                        for b in blocks):
-        return False
-    return sum(_reduces(b) for b in blocks) == 1
+    return sum(_reduces(b) for b in _blocks(func)) == 1
 
 
 def is_prologue(func) -> bool:
@@ -105,9 +98,8 @@ class FuseGEMVPrologue:
     """Decode GEMVs with their activation / RMSNorm producer -> one kernel each (see the module
     doc). ``self.count`` is the number of pairs fused by the last run."""
 
-    def __init__(self, fp16_4bit: bool = True):
+    def __init__(self):
         self.count = 0
-        self.fp16_4bit = fp16_4bit
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         def callee(call):
@@ -123,7 +115,7 @@ class FuseGEMVPrologue:
                 return False
             # (the producer's one output, not a tuple: one kernel feeds the GEMV)
             return isinstance(prod.ty, relax.TensorType) and is_prologue(callee(prod)) \
-                and is_decode_gemv(callee(call), call.ty, self.fp16_4bit, str(prod.ty.dtype))
+                and is_decode_gemv(callee(call), call.ty)
 
         patterns = [FusionPattern(PATTERN, pat, {"producer": prod}, fits)
                     for pat, prod in PATTERNS]

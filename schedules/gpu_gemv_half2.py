@@ -83,6 +83,7 @@ from tvm.ir import Call, TensorLoad
 from tvm.script import from_source
 from tvm.script import tirx as T
 
+from .cuda_mma import HELPERS as _MMA_HELPERS
 from .gpu_gemv import CODES_PER_WORD, PACKED_KERNELS, MatchError, _int, match_gemv
 
 E0M4_ZERO_NONE = 0x64086408  # half2(1032, 1032): int4's zero (8) under the 1024 exponent
@@ -120,6 +121,9 @@ __forceinline__ __device__ float tvm_lite_half2_hi(unsigned v) {
 }
 
 
+HELPERS["tvm_lite_pack_half2"] = _MMA_HELPERS["tvm_lite_pack_half2"]  # the same source: one copy
+
+
 @dataclass
 class Half2Plan:
     """What the template needs: the matmul's roles and sizes, and the thread shape."""
@@ -135,7 +139,9 @@ class Half2Plan:
     ks: int
     kg: int
     out_dtype: str  # dtype the matmul value has before the epilogue
-    roles: dict  # "x", "codes", "scale", "zero", "out" -> param index
+    roles: dict  # "x" (no prologue), "codes", "scale", "zero", "out" -> param index
+    prologue: bool = False  # x is computed by the kernel (staged in shared memory)
+    row_stat: bool = False  # ... from a row statistic (a norm's sum of squares) it reduces first
 
 
 def _loads(expr) -> list:
@@ -200,17 +206,76 @@ def output_role(func, sch, epilogues: list, out_buf) -> tuple:
     return param_index(func, sch.get(final).writes[0].source), final
 
 
+SHARED_BYTES = 48 * 1024  # what a CUDA workgroup may use without opting in
+
+
+def _store_at_iters(block) -> tuple:
+    """``(k, others)``: the iterator a producer block stores at along the row's last axis and
+    its other iterators, checking that its one store is elementwise (each index an iterator or
+    0, the last one an iterator); raises MatchError otherwise."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore):
+        raise MatchError(f"producer block '{block.name_hint}' is not a single store")
+    iters = [iv.var for iv in block.iter_vars]
+    last = store.indices[-1] if len(store.indices) else None
+    k = next((v for v in iters if last is not None and last.same_as(v)), None)
+    if k is None or not all(_int(i) == 0 or any(i.same_as(v) for v in iters)
+                            for i in store.indices):
+        raise MatchError(f"producer block '{block.name_hint}' does not store at its iterators")
+    return k, [v for v in iters if not v.same_as(k)]
+
+
+def match_prologue(func, sch, producers: list, x) -> dict:
+    """The producers of ``x`` as expressions the packed kernel evaluates while staging ``x``:
+    ``{"value": (expr, k_var, other_iters), "row_stat": (term, k_var, other_iters, buf) or
+    None}`` -- ``x[.., k] = value`` and, for a norm, ``stat = sum_k term`` read by ``value``.
+    The producers before the one that writes ``x`` are inlined into it; only a norm's row
+    statistic (:data:`NORM_ROW_STAT_BLOCK`) may reduce."""
+    from ..convention import NORM_ROW_STAT_BLOCK
+
+    stats = [b for b in producers if sch.get(b).name_hint == NORM_ROW_STAT_BLOCK]
+    rest = [b for b in producers if b not in stats]
+    direct = [b for b in rest if sch.get(b).writes[0].source.same_as(x)]
+    if len(stats) > 1 or len(direct) != 1:
+        raise MatchError("prologue is not one producer of x (and a row statistic)")
+    for blk in rest:
+        if blk is not direct[0]:
+            sch.compute_inline(blk)
+    block = sch.get(direct[0])
+    k, others = _store_at_iters(block)
+    out = {"value": (block.body.value, k, others), "row_stat": None}
+    if stats:
+        stat = sch.get(stats[0])
+        store = stat.body
+        red = [iv.var for iv in stat.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        other = [iv.var for iv in stat.iter_vars if iv.iter_type != tirx.IterVar.CommReduce]
+        buf = store.buffer
+        value = store.value
+        if len(red) != 1 or not isinstance(value, tirx.Add) or not (
+                isinstance(value.a, TensorLoad) and value.a.source.same_as(buf)):
+            raise MatchError("row statistic is not a sum")
+        out["row_stat"] = (value.b, red[0], other, buf)
+    params = list(func.params)
+    for expr in [out["value"][0]] + ([out["row_stat"][0]] if stats else []):
+        for ld in _loads(expr):
+            if not (any(ld.source.same_as(p) for p in params) or (
+                    stats and ld.source.same_as(out["row_stat"][3]))):
+                raise MatchError(f"prologue reads '{ld.source.name}', not a parameter")
+    return out
+
+
 def match_half2(func, sch, profile, plan: dict):
     """The :class:`Half2Plan` of ``func`` (raises :class:`MatchError` where the kernel does not
-    apply; see the module docstring) and the final epilogue block (or None)."""
+    apply; see the module docstring), the final epilogue block (or None) and the prologue
+    (:func:`match_prologue`, or None)."""
     rows = profile.gemv_half2_rows
     if rows <= 0:
         raise MatchError("the profile has no half2 GEMV")
+    if any(_int(d) is None for prm in func.params for d in prm.shape):
+        raise MatchError("a parameter of symbolic shape (the template declares static ones)")
     main, dequant, producers, epilogues, n, k = match_gemv(sch)
     if dequant is None:
         raise MatchError("not a dequant matmul")
-    if producers:
-        raise MatchError("producers before the matmul: generic schedule")
     fmt, codes, scale, zero = dequant_roles(sch, dequant)
     # x: the main block's other read
     dq_out = sch.get(dequant).writes[0].source
@@ -220,6 +285,7 @@ def match_half2(func, sch, profile, plan: dict):
     if len(xs) != 1 or str(xs[0].dtype) != "float16":
         raise MatchError("needs fp16 activations")
     x = xs[0]
+    prologue = match_prologue(func, sch, producers, x) if producers else None
     if any(_int(d) not in (1, None) for d in x.shape[:-1]) or _int(x.shape[-1]) != k:
         raise MatchError("x is not [1.., K]")
     ng = _int(scale.shape[0])
@@ -236,14 +302,18 @@ def match_half2(func, sch, profile, plan: dict):
         raise MatchError("needs an even vector of columns")
     if plan["wpg"] * CODES_PER_WORD != group:
         raise MatchError("plan does not follow the groups")
-    roles = {"x": param_index(func, x), "codes": param_index(func, codes),
-             "scale": param_index(func, scale)}
+    roles = {"codes": param_index(func, codes), "scale": param_index(func, scale)}
+    if prologue is None:
+        roles["x"] = param_index(func, x)
+    elif k // plan["ks"] * 2 + plan["tk"] * plan["tn"] * (vec + 1) * 4 > SHARED_BYTES:
+        raise MatchError("the staged row does not fit in shared memory: generic schedule")
     if zero is not None:
         roles["zero"] = param_index(func, zero)
     roles["out"], final = output_role(func, sch, epilogues, out_buf)
     return Half2Plan(fmt=fmt, k=k, n=n, group=group, rows=rows, vec=vec, tn=plan["tn"],
                      tk=plan["tk"], ks=plan["ks"], kg=plan["kg"],
-                     out_dtype=str(out_buf.dtype), roles=roles), final
+                     out_dtype=str(out_buf.dtype), roles=roles, prologue=prologue is not None,
+                     row_stat=bool(prologue and prologue["row_stat"] is not None)), final, prologue
 
 
 def _shape(buf) -> str:
@@ -275,9 +345,56 @@ def _emulated(name: str, args: list) -> str:
         half = f"T.if_then_else({sel} == T.uint32(0x1010), T.bitwise_and({v}, T.uint32(0xFFFF)), " \
                f"T.shift_right({v}, T.uint32(16)))"
         return f"({half} * T.uint32(0x10001))"
+    if name == "tvm_lite_pack_half2":
+        lo, hi = (f'T.Cast("uint32", T.reinterpret("uint16", T.Cast("float16", {v})))' for v in args)
+        return f"T.bitwise_or({lo}, T.shift_left({hi}, T.uint32(16)))"
     if name in ("tvm_lite_half2_lo", "tvm_lite_half2_hi"):
         return f'T.Cast("float32", {lane(args[0], 0 if name.endswith("lo") else 1)})'
     raise ValueError(name)
+
+
+def _staging(p: Half2Plan, kw: int, tk: int, tn: int, emulate: bool, call) -> str:
+    """The prologue's TVMScript: the workgroup's threads reduce the row statistic over all of
+    ``K`` (each its share, then every thread sums the shares from shared memory), then compute
+    the ``kw`` rows of ``x`` this split reads into ``xs32`` (two fp16 a word). The expressions
+    are markers that :func:`attach_prologue` replaces: ``__tvm_lite_row_stat__(k)`` (the sum's
+    term at ``k``) and ``__tvm_lite_prologue__(k, stat)`` (``x[k]``). ``emulate``: loop nests
+    before the thread loops (indent 12) instead of inside them (indent 20)."""
+    nth, k = tk * tn, p.k
+    tid = "(ty * %d + tx)" % tn
+
+    def term(i):
+        return f'T.call_extern("float32", "__tvm_lite_row_stat__", {i})'
+
+    def value(i):
+        return f'T.call_extern("float32", "__tvm_lite_prologue__", {i}, ss[0])'
+
+    pair = f"(it * {nth} + {tid})"
+    row = f"(by * {kw} + {pair} * 2)"
+    pack = call("tvm_lite_pack_half2", [value(row), value(f"{row} + 1")])
+    scope = "" if emulate else ', scope="shared"'
+    lines = [f'xs32 = T.alloc_buffer(({kw // 2},), "uint32"{scope})',
+             f'ss = T.alloc_buffer((1,), "float32"{"" if emulate else ", scope=" + chr(34) + "local" + chr(34)})',
+             "ss[0] = T.float32(0)"]
+    threads = [f"for ty in T.serial({tk}):", f"    for tx in T.serial({tn}):"] if emulate else []
+    pad = "        " if emulate else ""
+    if p.row_stat:  # (a thread's share in a register: no shared-memory hazard in its loop)
+        acc = "ssp[%s]" % tid if emulate else "ss[0]"
+        lines += [f'ssp = T.alloc_buffer(({nth},), "float32"{scope})', *threads,
+                  f"{pad}{acc} = T.float32(0)",
+                  f"{pad}for it in T.serial({-(-k // nth)}):",
+                  f"{pad}    if it * {nth} + {tid} < {k}:",
+                  f"{pad}        {acc} = {acc} + {term(f'it * {nth} + {tid}')}"]
+        if not emulate:
+            lines += [f"ssp[{tid}] = ss[0]", "ss[0] = T.float32(0)", 'T.tvm_storage_sync("shared")']
+        lines += [f"for t in T.serial({nth}):", "    ss[0] = ss[0] + ssp[t]"]
+    lines += [*threads, f"{pad}for it in T.serial({-(-(kw // 2) // nth)}):",
+              f"{pad}    if {pair} < {kw // 2}:",
+              f"{pad}        xs32[{pair}] = {pack}"]
+    if not emulate:
+        lines.append('T.tvm_storage_sync("shared")')
+    indent = " " * (12 if emulate else 20)
+    return "".join(f"{indent}{line}\n" for line in lines)
 
 
 def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
@@ -290,7 +407,7 @@ def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
     names = [f"p{i}" for i in range(len(func.params))]
     decls = ", ".join(f"{nm}: T.Buffer({_shape(prm)}, \"{prm.dtype}\")"
                       for nm, prm in zip(names, func.params))
-    x, codes, scale, out = (names[p.roles[r]] for r in ("x", "codes", "scale", "out"))
+    codes, scale, out = (names[p.roles[r]] for r in ("codes", "scale", "out"))
     out_rank = len(func.params[p.roles["out"]].shape)
     K, N, G, R, VEC = p.k, p.n, p.group, p.rows, p.vec
     PAIRS, TN, TK, KS, KG = VEC // 2, p.tn, p.tk, p.ks, p.kg
@@ -312,6 +429,13 @@ def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
         idx = ", ".join(["0"] * (out_rank - 1) + [n])
         return f'{out}[{idx}] = T.call_extern("float32", "__tvm_lite_epilogue__", tot[0])'
 
+    KW = K // KS  # the rows of x one workgroup reads
+    if p.prologue:  # x staged by the workgroup: xs32 in shared memory, the split's rows only
+        x_decl = ""
+        load_x = f"xw[T.Ramp(0, 1, 2)] = xs32[T.Ramp(({word} - by * {KW // 4}) * 2, 1, 2)]"
+    else:
+        x_decl = f'x32 = T.decl_buffer(({K // 2},), "uint32", data={names[p.roles["x"]]}.data)'
+        load_x = f"xw[T.Ramp(0, 1, 2)] = x32[T.Ramp({word} * 2, 1, 2)]"
     x2 = call("tvm_lite_half2_bcast", ["xw[i // 2]", "T.if_then_else(i % 2 == 0, T.uint32(0x1010), "
               "T.uint32(0x3232))"])
     fma = call("tvm_lite_dq_hfma2", ["T.shift_right(w[c], T.uint32(4 * i))", "c2[c]", x2, "part[c]"])
@@ -324,6 +448,7 @@ def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
     else:  # int4: c = 1024 + 8 in both lanes
         zero_decl = ""
         load_c2 = f"c2[T.Ramp(0, 1, {PAIRS})] = T.Broadcast(T.uint32({E0M4_ZERO_NONE}), {PAIRS})"
+    stage = _staging(p, KW, TK, TN, emulate, call) if p.prologue else ""
     guard = f"{col} < {cols}" if sums * TK * TN != cols else "True"
     write = out_at(f"bx * {cols} + {col}") if KS == 1 else f"ws[by, bx * {cols} + {col}] = tot[0]"
     vl = min(4, VEC)  # float4 stores into shared memory
@@ -331,7 +456,8 @@ def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
         red = f'red = T.alloc_buffer(({TK}, {cols}), "float32")'
         threads = f"            for ty in T.serial({TK}):\n                for tx in T.serial({TN}):\n"
         head = (f"    for bx in T.serial({NT}):\n        for by in T.serial({KS}):\n"
-                f"            {red}\n{threads}")
+                f"            {red}\n{stage}{threads}")
+        stage = ""  # (before the thread loops, above)
         middle = threads + '                    tot = T.alloc_buffer((1,), "float32", scope="local")\n'
     else:
         head = (f'    for bx in T.thread_binding({NT}, thread="blockIdx.x"):\n'
@@ -344,12 +470,12 @@ def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
 @T.prim_func(private=True)
 def gemv_half2({decls}):
     T.func_attr({{"tirx.noalias": True}})
-    x32 = T.decl_buffer(({K // 2},), "uint32", data={x}.data)
+    {x_decl}
     codes32 = T.decl_buffer(({K // 4}, {N // 2}), "uint32", data={codes}.data)
     scale32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", data={scale}.data)
     {zero_decl}
     ws = T.alloc_buffer(({KS}, {N}), "float32", scope="global")
-{head}                    acc = T.alloc_buffer(({VEC},), "float32", scope="local")
+{head}{stage}                    acc = T.alloc_buffer(({VEC},), "float32", scope="local")
                     part = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
                     w = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
                     c2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
@@ -366,7 +492,7 @@ def gemv_half2({decls}):
                                 part[c] = T.uint32(0)
                             for j in T.unroll({R // 4}):
                                 w[T.Ramp(0, 1, {PAIRS})] = codes32[{word}, T.Ramp({col2}, 1, {PAIRS})]
-                                xw[T.Ramp(0, 1, 2)] = x32[T.Ramp({word} * 2, 1, 2)]
+                                {load_x}
                                 for i in T.unroll(4):
                                     for c in T.unroll({PAIRS}):
                                         part[c] = {fma}
@@ -465,6 +591,45 @@ def attach_epilogue(kernel, func, sch, out_dtype: str, final_block, matmul_buf):
     return kernel.with_body(body)
 
 
+def attach_prologue(kernel, func, prologue: dict):
+    """Replace ``kernel``'s prologue markers (:func:`_staging`) by the producers' expressions:
+    ``__tvm_lite_row_stat__(k)`` by the row statistic's term and ``__tvm_lite_prologue__(k, s)``
+    by ``x[k]`` (the statistic's buffer read as ``s``), at row ``k`` (their other iterators at
+    0), reading ``kernel``'s parameters where they read ``func``'s."""
+    bufmap = list(zip(func.params, kernel.params))
+    stat_buf = prologue["row_stat"][3] if prologue["row_stat"] is not None else None
+
+    def instantiate(expr, k_var, others, k, stat):
+        def load(e):
+            if stat_buf is not None and e.source.same_as(stat_buf):
+                return stat
+            for old, new in bufmap:
+                if old.same_as(e.source):
+                    return None if new.same_as(e.source) else tirx.BufferLoad(new, list(e.indices))
+            raise MatchError(f"prologue reads '{e.source.name}', not a parameter")
+
+        expr = _rewrite(expr, TensorLoad, load)
+        vmap = {k_var: tirx.Cast(k_var.ty.dtype, k)}
+        vmap.update({v: tirx.const(0, v.ty.dtype) for v in others})
+        expr = _rewrite(expr, tirx.Var, lambda v: next(
+            (new for old, new in vmap.items() if old.same_as(v)), None))
+        return tirx.Cast("float32", expr)
+
+    def marker(call):
+        if not (isinstance(call, Call) and call.op.name == "tirx.call_extern"):
+            return None
+        name = call.args[0].value
+        if name == "__tvm_lite_prologue__":
+            expr, k_var, others = prologue["value"]
+            return instantiate(expr, k_var, others, call.args[1], call.args[2])
+        if name == "__tvm_lite_row_stat__":
+            expr, k_var, others, _ = prologue["row_stat"]
+            return instantiate(expr, k_var, others, call.args[1], None)
+        return None
+
+    return kernel.with_body(_rewrite(kernel.body, Call, marker))
+
+
 def half2_kernel(func, target, profile, plan: dict, emulate: bool = False):
     """``(schedule, Half2Plan)``: the packed kernel for ``func`` as a
     :class:`tvm.s_tir.Schedule`, or raise :class:`MatchError` when it does not apply.
@@ -473,8 +638,10 @@ def half2_kernel(func, target, profile, plan: dict, emulate: bool = False):
         raise MatchError("packed half2 helpers are CUDA C")
     sch = s_tir.Schedule(func)
     func = sch.mod["main"]
-    p, final = match_half2(func, sch, profile, plan)
+    p, final, prologue = match_half2(func, sch, profile, plan)
     kernel = from_source(kernel_source(func, p, emulate), extra_vars={"T": T, "HELPERS": HELPERS})
+    if prologue is not None:
+        kernel = attach_prologue(kernel, func, prologue)
     kernel = attach_epilogue(kernel, func, sch, p.out_dtype, final,
                              sch.get(match_gemv(sch)[0]).writes[0].source)
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}
@@ -484,5 +651,6 @@ def half2_kernel(func, target, profile, plan: dict, emulate: bool = False):
 
 PACKED_KERNELS.append(half2_kernel)
 
-__all__ = ["half2_kernel", "match_half2", "kernel_source", "Half2Plan", "HELPERS", "attach_epilogue",
+__all__ = ["half2_kernel", "match_half2", "match_prologue", "kernel_source", "Half2Plan", "HELPERS",
+           "attach_epilogue", "attach_prologue",
            "dequant_roles", "param_index"]

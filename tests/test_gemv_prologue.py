@@ -241,33 +241,137 @@ def _silu_dequant_gemv(i: int, n: int, dtype: str) -> tvm.IRModule:
     return bb.get()
 
 
-@pytest.mark.parametrize("dtype, fp16_4bit, fused", [("float16", False, 0), ("float16", True, 1),
-                                                     ("float32", False, 1)])
-def test_4bit_gemv_of_fp16_rows_left_to_the_packed_kernel(dtype, fp16_4bit, fused):
-    """The pipeline's ``fp16_4bit=False`` (profiles with the packed half2 GEMV: CUDA) keeps a
-    4-bit GEMV of an fp16 row apart from its producer; fp32 rows (the generic GEMV) still fuse."""
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_4bit_gemv_takes_its_prologue_in_every_dtype(dtype):
+    """A 4-bit GEMV fuses with its producer whatever the row's dtype (fp16 rows on CUDA: the
+    packed half2 kernel stages the computed row in shared memory)."""
     mod = FuseSiluMul()(_silu_dequant_gemv(256, 128, dtype))
     seq = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
            relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    p = FuseGEMVPrologue(fp16_4bit=fp16_4bit)
+    p = FuseGEMVPrologue()
     p(tvm.transform.Sequential(seq)(mod))
-    assert p.count == fused
+    assert p.count == 1
 
 
-@pytest.mark.parametrize("target, fp16_4bit", [("opencl -device=adreno", True),
-                                               ("opencl -device=mali", True),
-                                               ("cuda -arch=sm_90", False), ("llvm", None)])
-def test_pipeline_switch_by_target(target, fp16_4bit):
-    """GPU targets run FuseGEMVPrologue (4-bit fp16 rows only without the packed half2 GEMV);
-    the CPU pipeline does not, and keeps FuseAddRMSNorm's adds in its kernels."""
+@pytest.mark.parametrize("target, gpu", [("opencl -device=adreno", True),
+                                         ("opencl -device=mali", True),
+                                         ("cuda -arch=sm_90", True), ("llvm", False)])
+def test_pipeline_switch_by_target(target, gpu):
+    """GPU targets run FuseGEMVPrologue; the CPU pipeline does not, and keeps FuseAddRMSNorm's
+    adds in its kernels."""
     from tvm_lite import pipeline
 
     passes = [p for _, ps in pipeline.phases(parse_target(target)) for p in ps]
     prologue = [p for p in passes if isinstance(p, FuseGEMVPrologue)]
     norm = [p for p in passes if isinstance(p, FuseAddRMSNorm)]
-    assert len(norm) == 1 and norm[0].norm_before_gemv == (fp16_4bit is not None)
-    if fp16_4bit is None:
-        assert not prologue
+    assert len(norm) == 1 and norm[0].norm_before_gemv == gpu
+    assert len(prologue) == int(gpu)
+
+
+# -- the packed half2 4-bit GEMV of fp16 rows (CUDA) with its prologue -----------------------------
+def _norm_dequant_gemv(k: int, n: int) -> tvm.IRModule:
+    """``y = RMSNorm(s) @ W`` in fp16 as Llama's fp16 exports spell it (the row normalized in fp32,
+    cast back, times the weight), W 4-bit (E0M4 g32)."""
+    from tvm_lite.quant.kernels import matmul_func
+
+    bb = relax.BlockBuilder()
+    s = relax.Var("s", relax.TensorType((1, 1, k), "float16"))
+    w = relax.Var("w", relax.TensorType((k,), "float16"))
+    codes = relax.Var("codes", relax.TensorType((k // 4, n), "uint16"))
+    scale = relax.Var("scale", relax.TensorType((k // 32, n), "float16"))
+    zero = relax.Var("zero", relax.TensorType((k // 32, n), "float16"))
+    op = relax.op
+    with bb.function("decode", [s, w, codes, scale, zero]):
+        with bb.dataflow():
+            sf = bb.emit(op.astype(s, "float32"))
+            m = bb.emit(op.mean(op.power(sf, relax.const(2.0, "float32")), axis=[-1], keepdims=True))
+            inv = bb.emit(op.rsqrt(op.add(m, relax.const(EPS, "float32"))))
+            h = bb.emit(op.multiply(w, op.astype(op.multiply(sf, inv), "float16")))
+            gv = bb.add_func(matmul_func("e0m4", [1, 1], k, n, 32, "float16"), "e0m4_matmul")
+            y = bb.emit_output(relax.call_tir(gv, [h, codes, scale, zero],
+                                              relax.TensorType((1, 1, n), "float16")))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _half2_fused(case: str, k: int, n: int):
+    mod = _norm_dequant_gemv(k, n) if case == "norm" else _silu_dequant_gemv(k, n, "float16")
+    mod, count = _lowered(mod)
+    assert count == 1
+    (func,) = [f for gv, f in mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith("fused")]
+    return func
+
+
+def _half2_inputs(case: str, k: int, n: int, rng) -> tuple[list, np.ndarray]:
+    """The fused kernel's inputs (fp16 row(s), E0M4 codes/scale/zero) and numpy's result: the
+    prologue in fp32 rounded to fp16 where the model rounds, the weights dequantized."""
+    from tvm_lite.quant.format import dequantize
+
+    ng = k // 32
+    codes = rng.integers(0, 1 << 16, size=(k // 4, n), dtype=np.uint16)
+    scale = (rng.random((ng, n), dtype=np.float32) * 0.02 + 0.01).astype(np.float16)
+    zero = (1024 + rng.integers(0, 16, size=(ng, n))).astype(np.float16)
+    f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
+    if case == "norm":
+        s = (rng.standard_normal((1, 1, k)) * 2).astype(np.float16)
+        w = rng.standard_normal(k).astype(np.float16)
+        sf = s.astype(np.float32).reshape(-1)
+        x = f16(f16(sf / np.sqrt((sf * sf).mean() + EPS)) * w.astype(np.float32))
+        rows = [s, w]
     else:
-        assert len(prologue) == 1 and prologue[0].fp16_4bit == fp16_4bit
-        assert norm[0].fp16_4bit == fp16_4bit
+        gu = rng.standard_normal((1, 1, 2 * k)).astype(np.float16)
+        g, u = gu.reshape(-1)[:k].astype(np.float32), gu.reshape(-1)[k:].astype(np.float32)
+        x = f16(f16(g / (1 + np.exp(-g))) * u)
+        rows = [gu]
+    wt = dequantize("e0m4", codes, scale, zero, k, 32).astype(np.float32)
+    return rows + [codes, scale, zero], x @ wt
+
+
+# (case, K, N, plan override): SmolLM2's q/k/v (norm) and down (silu) shapes, 576 -> 1536 with
+# several groups a thread, and split-K plans (every split stages only its rows)
+HALF2_PROLOGUE_CASES = [("norm", 576, 960, None), ("silu", 1536, 576, None),
+                        ("norm", 576, 1536, {"ks": 1, "kg": 3, "tn": 32, "tk": 6}),
+                        ("norm", 2048, 256, {"ks": 4, "kg": 2, "tn": 4, "tk": 8}),
+                        ("silu", 1536, 576, {"ks": 2, "kg": 3, "tn": 8, "tk": 8})]
+
+
+@pytest.mark.parametrize("case,k,n,override", HALF2_PROLOGUE_CASES)
+def test_half2_gemv_with_its_prologue_emulated_on_the_cpu_matches_numpy(case, k, n, override):
+    """The packed kernel stages the norm or SiLU row in shared memory (the norm's sum of squares
+    first) and reads it there: its own loop nest, run on the CPU (``emulate``), against numpy."""
+    from tvm_lite.schedules.gpu_gemv_half2 import half2_kernel
+
+    func = _half2_fused(case, k, n)
+    cuda = PROFILES["cuda"]
+    plan = GPUDecodeGEMV(cuda).plan(n, k, 2, parse_target("cuda -arch=sm_90"), 32)
+    plan.update(override or {})
+    sch, p = half2_kernel(func, parse_target("llvm"), cuda, plan, emulate=True)
+    assert p.prologue and p.row_stat == (case == "norm") and p.ks == plan["ks"]
+    ex = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
+                     target=parse_target("llvm"))
+    args, ref = _half2_inputs(case, k, n, np.random.default_rng(1))
+    out = tvm.runtime.empty((1, 1, n), "float16", tvm.cpu())
+    ex.mod["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    err = np.abs(out.numpy().reshape(-1).astype(np.float32) - ref).max() / np.abs(ref).max()
+    assert err < 5e-3, err
+
+
+@pytest.mark.parametrize("case", ["norm", "silu"])
+def test_cuda_rule_gives_fp16_4bit_gemvs_the_packed_kernel_with_their_prologue(case):
+    """On CUDA the fused norm/SiLU + 4-bit GEMV of an fp16 row is the packed half2 kernel (and,
+    where the plan splits K, the kernel that sums the splits), and its CUDA C compiles."""
+    k, n = (576, 960) if case == "norm" else (1536, 576)
+    func = _half2_fused(case, k, n)
+    target = parse_target("cuda -arch=sm_90")
+    ks = GPUDecodeGEMV(PROFILES["cuda"]).plan(n, k, 2, target, 32)["ks"]
+    with target:
+        sch = GPUDecodeGEMV(PROFILES["cuda"]).apply(func, target, False)
+    assert sch is not None and str(sch.mod["main"].attrs["tvm_lite.gemv"]) == "gemv_half2"
+    from tvm_lite.compiler import device_source
+
+    ex = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
+                     target=target)
+    src = device_source(ex, "cuda")
+    kernels = set(re.findall(r"__global__ void(?: __launch_bounds__\(\d+\))? (\w+)\(", src))
+    assert len(kernels) == 1 + (ks > 1) and "xs32" in src

@@ -71,20 +71,19 @@ def _dump(phase: str, dump_dir: str | None):
     return dump
 
 
-def fusion_passes(gpu: bool = False, fp16_4bit: bool = True) -> list:
+def fusion_passes(gpu: bool = False) -> list:
     """tvm_lite's pattern fusion passes (``relax_passes/fuse_*.py``), in the order they run.
     ``gpu``: the norms in front of decode GEMVs keep their residual add outside (the previous
-    GEMV's epilogue), for FuseGEMVPrologue to fold the norm into the next GEMV (4-bit GEMVs of
-    fp16 rows too if ``fp16_4bit``)."""
-    return [FuseAddRMSNorm(norm_before_gemv=gpu, fp16_4bit=fp16_4bit), FuseRotary(),
+    GEMV's epilogue), for FuseGEMVPrologue to fold the norm into the next GEMV."""
+    return [FuseAddRMSNorm(norm_before_gemv=gpu), FuseRotary(),
             FuseKVAppend(), FuseSiluMul(), LegalizeGroupedReshape()]
 
 
-def gemv_prologue_passes(gpu: bool, fp16_4bit: bool = True) -> list:
+def gemv_prologue_passes(gpu: bool) -> list:
     """After FuseOps, on GPUs: a decode GEMV's activation / RMSNorm producer folded into the GEMV
     (``relax_passes/fuse_gemv_prologue.py``); the CPU rules take a GEMV with its input in
     memory, so the CPU pipeline keeps them apart."""
-    return [FuseGEMVPrologue(fp16_4bit=fp16_4bit)] if gpu else []
+    return [FuseGEMVPrologue()] if gpu else []
 
 
 def _scheduled(mod) -> set:
@@ -147,9 +146,6 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
         kv_passes += [AddLastRowPrefill(KV_CACHE_ATTR), AddStepHelpers(KV_CACHE_ATTR)]
     arena = [PlanSymbolicArena(only_with_attr=KV_CACHE_ATTR)] if memory_plan == "arena" else []
     gpu = "gpu" in target.keys  # GPU-only fusions: the norm and activation in decode GEMVs
-    # ... but not in 4-bit GEMVs of fp16 rows where the profile has the packed half2 kernel for
-    # them (CUDA): it takes no prologue, and streams large matrices faster than the generic one
-    fp16_4bit = not gpu or not schedules.gpu_profile(schedules.profile_of(target)).gemv_half2_rows
     decode_function = bool(tuning_db) if opts.decode_function is None else opts.decode_function
     add_decode = [AddDecodeFunction()] if decode_function and kv_cache == KV_COPY else []
     return [
@@ -160,7 +156,7 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             relax.transform.CanonicalizeBindings(),  # forward the aliases RemoveNoOpOps leaves
             *kv_passes,
             BindDequantKernelShapes(),  # 4-bit kernels built for prefill's and decode's shapes
-            *(fusion_passes(gpu, fp16_4bit) if opts.fusion else []),
+            *(fusion_passes(gpu) if opts.fusion else []),
             relax.transform.EliminateCommonSubexpr(),
             relax.transform.DeadCodeElimination(),
         ]),
@@ -172,7 +168,7 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
-            *(gemv_prologue_passes(gpu, fp16_4bit) if opts.fusion else []),
+            *(gemv_prologue_passes(gpu) if opts.fusion else []),
             relax.transform.DeadCodeElimination(),
         ]),
         ("3_schedule", [
