@@ -75,3 +75,31 @@ def test_cuda_decode_step_has_the_same_fusions(export_dir):
     print(f"\ncuda decode: {sum(launches.values())} kernels a step: {launches}")
     assert _per_layer(launches) == PER_LAYER
     assert sum(launches.values()) <= CEILING
+
+
+@pytest.mark.slow
+def test_cuda_e0m4_fp16_decode_step_has_the_same_fusions():
+    """The build the GPU benchmarks time -- fp16 rows, E0M4 weights, the lm_head 4-bit too --
+    launches as few kernels on CUDA: its GEMVs are the packed half2 kernel, which computes its
+    RMSNorm / SiLU prologue itself (schedules/gpu_gemv_half2.py; 10 kernels a layer before)."""
+    from tvm_lite.bench.models import _quant
+    from tvm_lite.compiler import device_source
+    from tvm_lite.export import export_onnx
+    from tvm_lite.quant.quantize import quantize_module, tokenizer_of
+
+    onnx_dir = export_onnx(dtype="float16", progress=lambda *_: None)
+    mod = tvm_lite.from_onnx(onnx_dir / "model.onnx")
+    mod, _ = quantize_module(mod, _quant("e0m4"), tokenizer_of(onnx_dir), progress=lambda *_: None)
+    mod = tvm_lite.detach_params(weights_as_built(mod, progress=None))[0]
+    ex = tvm_lite.build(mod, "cuda -arch=sm_90")
+    launches = kernel_launches(ex, "decode")
+    total = sum(launches.values())
+    print(f"\ncuda e0m4 fp16 decode: {total} kernels a step: {launches}")
+    gemvs = {k: n // LAYERS for k, n in launches.items() if "e0m4_matmul" in k and n >= LAYERS}
+    # q/k/v and gate/up with their norm, down with silu_mul (and the residual add), o + add
+    assert sum(n for k, n in gemvs.items() if "rms_norm" in k) == 2
+    assert sum(n for k, n in gemvs.items() if "silu_mul" in k) == 1
+    assert not any(k.startswith(("rms_norm", "fused_strided_slice")) for k in launches)
+    assert total <= CEILING, f"{total} kernels a decode step (ceiling {CEILING})"
+    src = device_source(ex, "cuda")
+    assert "tvm_lite_dq_hfma2" in src and "xs32" in src  # the packed kernel, staging its row
