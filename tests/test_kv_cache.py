@@ -152,6 +152,23 @@ def test_greedy_steps_on_the_device_match_the_logits(artifact):
 
 
 @pytest.mark.slow
+def test_every_rows_logits_get_their_workspace_when_first_asked(artifact):
+    """Generation (decode, prefill_last) never needs prefill's every-row logits, the largest
+    buffer of a prefill: the engine allocates the workspace for those calls and grows it the
+    first time a call wants every row; both give the same token."""
+    eng = Engine(artifact("dynamo"), max_context=512, prefill_chunk=256, buckets=(256,))
+    small = eng.workspace_total_bytes
+    ids = list(range(100, 300))
+    token = eng.prefill_greedy(eng.new_session(), ids)
+    eng.prefill(eng.new_session(), ids)  # the last row's logits: prefill_last too
+    assert eng.workspace_total_bytes == small
+    rows = eng.forward(eng.new_session(), ids)  # every row's logits: prefill
+    logits_bytes = 256 * rows.shape[-1] * 4  # the padded chunk's fp32 logits
+    assert small < logits_bytes / 4 and eng.workspace_total_bytes >= logits_bytes  # SmolLM2: 9 -> 58 MB
+    assert int(np.argmax(rows[-1])) == token == eng.prefill_greedy(eng.new_session(), ids)
+
+
+@pytest.mark.slow
 def test_multi_turn_continuation_equals_one_long_prompt(engine):
     eng = engine("dynamo")
     first = eng.encode_prompt([{"role": "user", "content": PROMPTS[0]}])

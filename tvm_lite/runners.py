@@ -155,6 +155,8 @@ class InPlace(Runner):
         self.greedy_steps = bool(self.convention.get("steps"))
         self.last_row_prefill = cv.PREFILL_LAST in self.convention.get("entries", {})
         self.workspace: dict = {}  # decoder -> the workspace arguments of its calls
+        self._need: dict = {}  # decoder -> the bytes of each of its workspace buffers
+        self._limits = (0, 0)  # (max_context, prefill_chunk) the workspace is sized for
         self.workspace_total_bytes = 0
         self._buffers: list = []
         self._step_tuples: list = []
@@ -184,22 +186,32 @@ class InPlace(Runner):
 
     def allocate(self, max_context: int, prefill_chunk: int) -> None:
         """After the weights: the workspace buffers, then the tuples the step entries take."""
+        self._limits = (max_context, prefill_chunk)
         if self.convention.get("workspace", {}).get("count"):
-            self._allocate_workspace(max_context, prefill_chunk)
-        self._step_tuples = self._make_step_tuples()
+            # what generation runs: decode, and prefill_last where the model has it (else prefill)
+            self._grow_workspace([cv.DECODE, cv.PREFILL_LAST if self.last_row_prefill
+                                  else cv.PREFILL])
+        else:
+            self._step_tuples = self._make_step_tuples()
 
-    def _allocate_workspace(self, max_context: int, prefill_chunk: int) -> None:
-        """One set of buffers for both decoders (they never run at once), sized for the largest
-        call: every size is a product of dims, so it grows with tokens and past alike."""
-        need = {cv.DECODE: self.workspace_bytes(cv.DECODE, 1, max_context),
-                cv.PREFILL: self.workspace_bytes(cv.PREFILL, prefill_chunk, max_context)}
-        if cv.PREFILL_LAST in self.convention["workspace"]:  # the last-row prefill's
-            need[cv.PREFILL_LAST] = self.workspace_bytes(cv.PREFILL_LAST, prefill_chunk,
-                                                         max_context)
-        count = max(len(v) for v in need.values())
-        sizes = [max(v[i] if i < len(v) else 0 for v in need.values()) for i in range(count)]
+    def _grow_workspace(self, functions: list) -> None:
+        """One set of buffers for every decoder (they never run at once), each sized for the
+        largest call of the decoders ``functions`` adds to those it holds already: every size is
+        a product of dims, so it grows with tokens and past alike. ``prefill``'s every-row
+        logits (Gemma's 256k vocabulary: 131 MB of fp16 for a 256-token chunk) are allocated
+        the first time a call needs them (:meth:`call`), not for generation, which runs
+        ``prefill_last``. As many buffers as the decoder with the most (the entries take them
+        all; one not needed yet is 1 byte)."""
+        max_context, chunk = self._limits
+        for name in functions:
+            self._need[name] = self.workspace_bytes(name, 1 if name == cv.DECODE else chunk,
+                                                    max_context)
+        count = max([int(self.convention["workspace"].get("count", 0))]
+                    + [len(v) for v in self._need.values()])
+        sizes = [max(v[i] if i < len(v) else 0 for v in self._need.values()) for i in range(count)]
         self.workspace_total_bytes = sum(sizes)
-        self._make_workspace(need, [max(s, 1) for s in sizes])
+        self._make_workspace(self._need, [max(s, 1) for s in sizes])
+        self._step_tuples = self._make_step_tuples()
 
     def _make_workspace(self, need: dict, sizes: list[int]) -> None:
         self._buffers = [tvm.runtime.empty((size,), "uint8", self.dev) for size in sizes]
@@ -214,8 +226,13 @@ class InPlace(Runner):
     # -- calls ----------------------------------------------------------------------------------
     def call(self, session, function: str, inputs: list) -> tuple[str, list]:
         """``function`` (prefill or decode) with ``inputs`` (ids, mask, positions, past_len)."""
+        self._ensure_workspace(function)
         return function, [*inputs, *session.past, *self.workspace.get(function, ()),
                           *self.param_args]
+
+    def _ensure_workspace(self, function: str) -> None:
+        if self._need and function not in self._need:
+            self._grow_workspace([function])
 
     def _make_step_tuples(self) -> list:
         """The workspace and weights as the ``*_step`` entries take them: ``ffi.Array`` tuples
@@ -273,6 +290,7 @@ class RemoteInPlace(InPlace):
         return self.vm[cv.ALLOC_KV_CACHES](self.link.make_shape([max_context]))
 
     def call(self, session, function: str, inputs: list) -> tuple[str, list]:
+        self._ensure_workspace(function)
         return cv.tupled(function), [*inputs, session.past, *self.workspace.get(function, ()),
                                      *self.param_args]
 
