@@ -25,8 +25,8 @@ from .remove_noop_ops import RemoveNoOpOps
 from .share_host_values import ShareHostValues
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepHelpers", "AddTupledBufferEntries",
-           "AttachMetadata",
+__all__ = ["AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepHelpers",
+           "AddTupledBufferEntries", "AttachMetadata",
            "BindDequantKernelShapes", "DropKillsWithoutStorage",
            "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",

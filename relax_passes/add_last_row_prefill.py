@@ -162,12 +162,13 @@ class _Rows:
 
 
 def _logits_var(func: relax.Function, bound: dict):
+    """(the logits var, the returned tuple or None): the function's result or its first field."""
     ret = func.body.body
     value = bound.get(ret)
     if isinstance(value, relax.Tuple):
         first = value.fields[0]
-        return (first if isinstance(first, relax.Var) else None), ret, value
-    return ret, ret, None
+        return (first if isinstance(first, relax.Var) else None), value
+    return ret, None
 
 
 def last_row_function(func: relax.Function, mod: tvm.IRModule) -> relax.Function | None:
@@ -176,7 +177,7 @@ def last_row_function(func: relax.Function, mod: tvm.IRModule) -> relax.Function
     rows = _Rows(func, mod)
     if rows.n is None or len(func.params) < 4 or func.params[3].name != PAST_LEN:
         return None
-    logits, ret, tup = _logits_var(func, rows.bound)
+    logits, tup = _logits_var(func, rows.bound)
     if logits is None or not rows.is_row(logits):
         return None
     order, cut = rows.tail(logits)
@@ -184,10 +185,12 @@ def last_row_function(func: relax.Function, mod: tvm.IRModule) -> relax.Function
         return None
     bb = relax.BlockBuilder()
     new: list = []
+    last = func.body.blocks[-1]  # the new bindings go at its end
+    dataflow = isinstance(last, relax.DataflowBlock)
 
     def emit(expr, name: str, output: bool = False) -> relax.Var:
         expr = bb.normalize(expr)
-        var = (relax.Var if output else relax.DataflowVar)(name, expr.ty)
+        var = (relax.DataflowVar if dataflow and not output else relax.Var)(name, expr.ty)
         new.append(relax.VarBinding(var, expr))
         return var
 
@@ -220,8 +223,7 @@ def last_row_function(func: relax.Function, mod: tvm.IRModule) -> relax.Function
     else:
         out = remap[logits]
     blocks = list(func.body.blocks)
-    last = blocks[-1]
-    block_type = relax.DataflowBlock if isinstance(last, relax.DataflowBlock) else relax.BindingBlock
+    block_type = relax.DataflowBlock if dataflow else relax.BindingBlock
     blocks[-1] = block_type(list(last.bindings) + new)
     body = relax.SeqExpr(blocks, out)
     made = relax.Function(func.params, body, out.ty, func.is_pure, func.attrs)

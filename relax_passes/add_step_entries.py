@@ -11,8 +11,8 @@ Composes the step helpers (``AddStepHelpers``) with the tuple entry points
 of ``ids`` (the rest is padding), ``t`` the token a decode step feeds. Each builds the mask and
 positions (and decode its ids) on the device, runs ``prefill_last_tupled`` (``prefill_tupled``
 where the module has no ``prefill_last``: ``relax_passes/add_last_row_prefill.py``) /
-``decode_tupled``, takes the argmax of the last real row there, and returns it as an integer: the VM reads one int64 back
-(``vm.builtin.tensor_to_shape``) and the caller gets a plain ``int``.
+``decode_tupled``, takes the argmax of the last real row there, and returns it as an integer:
+the VM reads one int64 back (``vm.builtin.tensor_to_shape``) and the caller gets a plain ``int``.
 
 So a greedy decode step over TVM RPC is one shape made on the server (an ``ffi.Shape`` cannot
 cross the link by value) and one call whose result crosses by value: two round trips, where the

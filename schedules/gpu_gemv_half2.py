@@ -83,6 +83,7 @@ from tvm.ir import Call, TensorLoad
 from tvm.script import from_source
 from tvm.script import tirx as T
 
+from ..convention import NORM_ROW_STAT_BLOCK
 from .cuda_mma import HELPERS as _MMA_HELPERS
 from .gpu_gemv import CODES_PER_WORD, PACKED_KERNELS, MatchError, _int, match_gemv
 
@@ -231,8 +232,6 @@ def match_prologue(func, sch, producers: list, x) -> dict:
     None}`` -- ``x[.., k] = value`` and, for a norm, ``stat = sum_k term`` read by ``value``.
     The producers before the one that writes ``x`` are inlined into it; only a norm's row
     statistic (:data:`NORM_ROW_STAT_BLOCK`) may reduce."""
-    from ..convention import NORM_ROW_STAT_BLOCK
-
     stats = [b for b in producers if sch.get(b).name_hint == NORM_ROW_STAT_BLOCK]
     rest = [b for b in producers if b not in stats]
     direct = [b for b in rest if sch.get(b).writes[0].source.same_as(x)]
@@ -373,9 +372,9 @@ def _staging(p: Half2Plan, kw: int, tk: int, tn: int, emulate: bool, call) -> st
     row = f"(by * {kw} + {pair} * 2)"
     pack = call("tvm_lite_pack_half2", [value(row), value(f"{row} + 1")])
     scope = "" if emulate else ', scope="shared"'
+    local = "" if emulate else ', scope="local"'
     lines = [f'xs32 = T.alloc_buffer(({kw // 2},), "uint32"{scope})',
-             f'ss = T.alloc_buffer((1,), "float32"{"" if emulate else ", scope=" + chr(34) + "local" + chr(34)})',
-             "ss[0] = T.float32(0)"]
+             f'ss = T.alloc_buffer((1,), "float32"{local})', "ss[0] = T.float32(0)"]
     threads = [f"for ty in T.serial({tk}):", f"    for tx in T.serial({tn}):"] if emulate else []
     pad = "        " if emulate else ""
     if p.row_stat:  # (a thread's share in a register: no shared-memory hazard in its loop)

@@ -46,8 +46,8 @@ from tvm_lite import schedules
 from tvm_lite.convention import KV_CACHE_ATTR, KV_COPY, KV_INPLACE
 from tvm_lite.options import BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
-from tvm_lite.relax_passes import (AddDecodeFunction, AddLastRowPrefill, AttachMetadata, AddStepEntries, AddStepHelpers,
-                                   AddTupledBufferEntries,
+from tvm_lite.relax_passes import (AddDecodeFunction, AddLastRowPrefill, AttachMetadata,
+                                   AddStepEntries, AddStepHelpers, AddTupledBufferEntries,
                                    BindDequantKernelShapes, DropKillsWithoutStorage,
                                    FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
                                    FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
