@@ -19,7 +19,17 @@ cross the link by value) and one call whose result crosses by value: two round t
 host-side inputs and logits made a dozen and moved the logits row (SmolLM2: 98 KB in fp16) every
 step.
 
-Each also comes as ``prefill_step_flat`` / ``decode_step_flat``, whose parameters are the tuples'
+A third entry chains decode steps on the device:
+
+    decode_chain(token: R.Tensor((1,), "int64"), step: R.Shape([p]), kv_caches, [workspace],
+                 params) -> R.Tensor((1,), "int64")
+
+takes the token a step feeds as a device tensor (the previous chain step's output) and returns
+the greedy token as one, without reading it back: the host can queue several steps before it
+reads their tokens, so the GPU does not wait for the host between steps
+(``Engine(run_ahead=...)``).
+
+Each also comes as ``prefill_step_flat`` / ``decode_step_flat`` / ``decode_chain_flat``, whose parameters are the tuples'
 fields (``*caches, *workspace, *weights``): the engine calls these in-process, passing its
 buffers as separate arguments, so a step unpacks no tuple (SmolLM2: 260 ``tuple_getitem`` VM calls
 a step; each VM call is host time the GPU waits for, while passing an argument costs a fraction
@@ -36,8 +46,9 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import (DECODE, DECODERS, GREEDY_TOKEN, PAST_LEN, PREFILL_LAST, STEP_INPUTS,
-                          STEP_TOKEN_IDS, flat, step, step_decoder, tupled)
+from ..convention import (DECODE, DECODE_CHAIN, DECODERS, GREEDY_TOKEN, PAST_LEN, PREFILL,
+                          PREFILL_LAST, STEP_INPUTS, STEP_TOKEN_IDS, flat, step, step_decoder,
+                          tupled)
 from .add_step_helpers import shape_param
 
 
@@ -53,9 +64,9 @@ def buffer_params(func: relax.Function) -> list:
 
 @tvm.transform.module_pass(opt_level=0, name="AddStepEntries")
 class AddStepEntries:
-    """Add ``prefill_step`` and ``decode_step`` and their ``_flat`` variants (see the module doc)
-    for the decoders that have ``<name>_tupled`` entries, when the step helpers are in the
-    module."""
+    """Add ``prefill_step``, ``decode_step`` and ``decode_chain`` and their ``_flat`` variants
+    (see the module doc) for the decoders that have ``<name>_tupled`` entries, when the step
+    helpers are in the module."""
 
     def __init__(self, decoders=DECODERS):
         self.decoders = tuple(decoders)
@@ -69,13 +80,16 @@ class AddStepEntries:
             return mod
         bb = relax.BlockBuilder(mod)
         for name in todo:
-            self._entry(bb, names, name, prefill=name != DECODE)
+            self._entry(bb, names, name, step(name))
+            if name == DECODE:
+                self._entry(bb, names, name, DECODE_CHAIN)
         return bb.get()
 
     @staticmethod
-    def _entry(bb, names, name: str, prefill: bool) -> None:
-        """``<name>_step`` (the buffers as the wrapper takes them) and ``<name>_step_flat`` (each
-        tuple's fields as parameters of their own, passed to the wrapper as tuples made here)."""
+    def _entry(bb, names, name: str, entry: str) -> None:
+        """``entry`` (the buffers as the wrapper takes them) and ``<entry>_flat`` (each tuple's
+        fields as parameters of their own, passed to the wrapper as tuples made here), over
+        decoder ``name``'s tuple wrapper."""
         wrapper = names[tupled(step_decoder(name, names))]  # prefill_last's for prefill
         func = bb.get()[wrapper]
         # the tuple arguments (caches, workspace, weights) as the wrapper takes them, fresh vars
@@ -83,7 +97,7 @@ class AddStepEntries:
         # the wrapper's static weights are not checked at every step (its "num_input")
         weights = len(func.params) - int(func.attrs.get("num_input", len(func.params)))
         checked = len(buffers) - weights if weights else None
-        _add_step(bb, names, wrapper, step(name), prefill, buffers, buffers, checked)
+        _add_step(bb, names, wrapper, entry, buffers, buffers, checked)
         flat_params, args, flat_checked = [], [], 0
         for i, b in enumerate(buffers):
             # the checked buffers (caches, workspace) by ndim and dtype: one check_tensor_info
@@ -96,7 +110,7 @@ class AddStepEntries:
             flat_params += fields
             args.append(relax.Tuple(fields) if isinstance(b.ty, relax.TupleType) else fields[0])
             flat_checked += len(fields) if unshaped else 0
-        _add_step(bb, names, wrapper, flat(step(name)), prefill, flat_params, args,
+        _add_step(bb, names, wrapper, flat(entry), flat_params, args,
                   None if checked is None else flat_checked)
 
 
@@ -105,11 +119,14 @@ def _unshaped(ty):
         else ty
 
 
-def _add_step(bb, names, wrapper, entry: str, prefill: bool, buffers: list, args: list,
+def _add_step(bb, names, wrapper, entry: str, buffers: list, args: list,
               checked: int | None) -> None:
-    """``entry``: the step over ``buffers`` (its parameters after the step's integers), which
+    """``entry`` (``prefill_step``, ``decode_step``, ``decode_chain`` or their ``_flat``):
+    the step over ``buffers`` (its parameters after the step's token and integers), which
     reach the tuple ``wrapper`` as ``args``; VMShapeLower checks the first ``checked`` buffers
     and, of the others (the weights), only those with symbolic dims (None: checks all)."""
+    prefill = entry.startswith(step(PREFILL))
+    chain = entry.startswith(DECODE_CHAIN)
     func = bb.get()[wrapper]
     attrs = {"global_symbol": entry}
     if "relax.force_pure" in func.attrs:
@@ -119,6 +136,11 @@ def _add_step(bb, names, wrapper, entry: str, prefill: bool, buffers: list, args
         ids = relax.Var("ids", relax.TensorType([1, m], "int64"))
         shape, (p, r) = shape_param("step", [PAST_LEN, "real"])
         params = [ids, shape, *buffers]
+    elif chain:
+        token = relax.Var("token", relax.TensorType([1], "int64"))
+        shape, (p,) = shape_param("step", [PAST_LEN])
+        params = [token, shape, *buffers]
+        m = r = tirx.IntImm("int64", 1)
     else:
         shape, (t, p) = shape_param("step", ["token", PAST_LEN])
         params = [shape, *buffers]
@@ -126,7 +148,9 @@ def _add_step(bb, names, wrapper, entry: str, prefill: bool, buffers: list, args
     if checked is not None:
         attrs["num_input"] = len(params) - len(buffers) + checked
     with bb.function(entry, params, attrs=attrs, pure=bool(func.is_pure)):
-        if not prefill:
+        if chain:  # a view of the token tensor (LowerRuntimeBuiltin: vm.builtin.reshape)
+            ids = bb.emit(relax.op.reshape(token, [1, 1]))
+        elif not prefill:
             ids = bb.emit(relax.Call(names[STEP_TOKEN_IDS], [relax.ShapeExpr([t])]))
         inputs = bb.emit(relax.Call(names[STEP_INPUTS], [relax.ShapeExpr([p, r, m])]))
         mask, pos = (bb.emit(relax.TupleGetItem(inputs, i)) for i in range(2))
@@ -136,6 +160,9 @@ def _add_step(bb, names, wrapper, entry: str, prefill: bool, buffers: list, args
         # the last real row: prefill_last's only row
         row = 0 if wrapper.name_hint == tupled(PREFILL_LAST) else r - 1
         token = bb.emit(relax.Call(names[GREEDY_TOKEN], [logits, relax.ShapeExpr([row])]))
+        if chain:  # left on the device for the next step
+            bb.emit_func_output(token)
+            return
         # (past RemovePurityChecking: the builtin is called directly, not call_pure_packed)
         shape = bb.emit(relax.Call(relax.ExternFunc("vm.builtin.tensor_to_shape"), [token],
                                    ty_args=[relax.ShapeType(ndim=1)]))

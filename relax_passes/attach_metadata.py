@@ -26,6 +26,7 @@ The description (``version`` = ``convention.METADATA_VERSION``)::
     weights          {"count", "tupled": alloc_params exists, "types": [[dtype, shape], ...]}
     tupled, steps    whether the *_tupled entries and the *_step entries are present
     flat_steps       whether the *_step_flat entries are present (buffers as separate arguments)
+    chain            whether decode_chain (and, with flat_steps, decode_chain_flat) is present
     options          the build options (``BuildOptions.to_dict()``)
 """
 
@@ -38,7 +39,7 @@ from tvm import relax, tirx
 
 from ..convention import (ALLOC_PARAMS, DECODE, DECODERS, KV_CACHE_ATTR, KV_COPY, KV_INPLACE, MAIN,
                           METADATA, METADATA_VERSION, PAST_LEN, PREFILL_LAST, PREFILL_STEP,
-                          DECODE_STEP, TUPLED_ENTRIES, WORKSPACE_PREFIX, flat)
+                          DECODE_STEP, DECODE_CHAIN, TUPLED_ENTRIES, WORKSPACE_PREFIX, flat)
 
 
 def _dim(d):
@@ -73,6 +74,7 @@ def describe(mod: tvm.IRModule, options: dict | None = None) -> dict:
             "tupled": all(n in funcs for n in TUPLED_ENTRIES),
             "steps": PREFILL_STEP in funcs and DECODE_STEP in funcs,
             "flat_steps": flat(PREFILL_STEP) in funcs and flat(DECODE_STEP) in funcs,
+            "chain": DECODE_CHAIN in funcs,
             "options": options or {}}
     if first is None:
         return desc

@@ -1,5 +1,5 @@
-"""InlineStepCalls: a greedy step entry (``prefill_step``, ``decode_step``, their ``_flat``
-variants) as one flat function.
+"""InlineStepCalls: a greedy step entry (``prefill_step``, ``decode_step``, ``decode_chain``,
+their ``_flat`` variants) as one flat function.
 
 ``AddStepEntries`` builds ``decode_step`` as calls: the step helpers, ``decode_tupled`` (which
 unpacks the weight tuple) and, inside it, ``decode``. Each Relax function checks its parameters
@@ -24,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import DECODERS, flat, step, step_decoder, tupled
+from ..convention import DECODE, DECODE_CHAIN, DECODERS, flat, step, step_decoder, tupled
 
 
 def _decoder_callees(mod: tvm.IRModule, names: dict, decoder: str) -> set:
@@ -105,7 +105,8 @@ class InlineStepCalls:
         out = mod
         for decoder in self.decoders:
             callees = _decoder_callees(mod, names, decoder)
-            for name in (step(decoder), flat(step(decoder))):
+            entries = [step(decoder)] + ([DECODE_CHAIN] if decoder == DECODE else [])
+            for name in [*entries, *map(flat, entries)]:
                 if name not in names or not callees:
                     continue
                 inline = _Inline(out, callees)

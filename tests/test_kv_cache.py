@@ -152,6 +152,41 @@ def test_greedy_steps_on_the_device_match_the_logits(artifact):
 
 
 @pytest.mark.slow
+def test_decode_steps_queued_on_the_device_give_the_same_tokens(artifact):
+    """decode_chain (the token stays on the device; Engine(run_ahead=k) queues k steps before
+    it reads their tokens) generates what one-by-one decode_step does, to the end of the
+    context; a caller who stops mid-batch leaves the session at the last token taken, and
+    continuing it gives the tokens an uninterrupted run gives."""
+    from tvm_lite import convention as cv
+    from tvm_lite.errors import UserError
+
+    one = Engine(artifact("dynamo"), max_context=48, buckets=(16,), prefill_chunk=16)
+    ahead = Engine(artifact("dynamo"), max_context=48, buckets=(16,), prefill_chunk=16,
+                   run_ahead=4)
+    assert one.run_ahead == 1  # the default on the CPU: kernels run as they are called
+    assert ahead.convention["chain"] and ahead.runner.chain_steps
+    ids = one.encode_prompt(PROMPTS[0])[:21]
+    want = [s.token for s in one.tokens(one.new_session(), ids)]  # 48 - 21 + 1 tokens
+    session = ahead.new_session()
+    got = [s.token for s in ahead.tokens(session, ids)]
+    assert got == want and len(got) == 48 - 21 + 1 and session.length == 48
+    # decode_chain_flat: the token tensor, the step shape, then every buffer and weight
+    assert len(ahead.convention["entries"][cv.DECODE_CHAIN_FLAT]) == \
+        len(ahead.convention["entries"][cv.DECODE_STEP_FLAT]) + 1
+    # stop after 6 tokens (mid-batch: the prefill's token, then 5 of the first two batches)
+    session = ahead.new_session()
+    loop = ahead.tokens(session, ids)
+    first = [next(loop).token for _ in range(6)]
+    loop.close()
+    assert first == want[:6] and session.length == 21 + 5 and session.tokens[-1] == want[4]
+    rest = [s.token for s in ahead.tokens(session, [want[5]])]
+    assert rest == want[6:]
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(UserError, match="run_ahead"):
+            Engine(artifact("dynamo"), max_context=48, run_ahead=bad)
+
+
+@pytest.mark.slow
 def test_every_rows_logits_get_their_workspace_when_first_asked(artifact):
     """Generation (decode, prefill_last) never needs prefill's every-row logits, the largest
     buffer of a prefill: the engine allocates the workspace for those calls and grows it the

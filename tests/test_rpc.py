@@ -187,6 +187,12 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
     fresh = remote.new_session()
     assert remote.prefill_greedy(fresh, prompts[0]) == \
         int(np.argmax(local.prefill(local.new_session(), prompts[0])))
+    # decode steps queued on the server (decode_chain: each step's token stays there and feeds
+    # the next; the client reads them three at a time): the local one-by-one tokens
+    remote.run_ahead = 3
+    cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=())
+    assert remote.generate(np.array(prompts[1]), cfg).token_ids == \
+        local.generate(np.array(prompts[1]), cfg).token_ids
     del remote, theirs, fresh
 
     copy = remote_engine(artifact("dynamo", "copy"), request_session(cluster.address, KEY),

@@ -16,6 +16,9 @@ Entry points of an in-place decoder (``kv_cache="inplace"``), in the order the p
     prefill_step(ids, R.Shape([past, real]), caches, [workspace], weights) -> int
     decode_step(R.Shape([token, past]), caches, [workspace], weights) -> int
     prefill_step_flat / decode_step_flat(the same, *caches, *workspace, *weights) -> int
+    decode_chain(token: R.Tensor((1,), "int64"), R.Shape([past]), caches, [workspace], weights)
+        -> R.Tensor((1,), "int64")         # the greedy token stays on the device
+    decode_chain_flat(the same, *caches, *workspace, *weights)
     _metadata() -> str                    # the JSON description of all of the above
 
 A past/present decoder (``kv_cache="copy"``) has ``main`` (and ``decode``, ``main`` with one
@@ -66,6 +69,10 @@ def workspace_bytes(function: str) -> str:
 PREFILL_TUPLED, DECODE_TUPLED = tupled(PREFILL), tupled(DECODE)
 PREFILL_STEP, DECODE_STEP = step(PREFILL), step(DECODE)
 PREFILL_STEP_FLAT, DECODE_STEP_FLAT = flat(PREFILL_STEP), flat(DECODE_STEP)
+# a decode step whose token comes from and goes to the device (no host read): steps queue
+# back to back, the host reads their tokens a few steps later (Engine(run_ahead=...))
+DECODE_CHAIN = "decode_chain"
+DECODE_CHAIN_FLAT = flat(DECODE_CHAIN)
 
 ALLOC_KV_CACHES = "alloc_kv_caches"
 ALLOC_WORKSPACE = "alloc_workspace"

@@ -47,6 +47,9 @@ from .errors import UserError
 
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256)  # prefill calls are padded up to one of these
+# greedy decode steps queued on a GPU before the host reads their tokens (Engine(run_ahead=))
+DEFAULT_RUN_AHEAD = 4
+_KDL_CPU = 1
 
 
 class ContextLengthError(UserError):
@@ -144,7 +147,8 @@ class Engine:
 
     def __init__(self, artifact, device=None, max_context: int | None = None,
                  buckets=DEFAULT_BUCKETS, prefill_chunk: int | None = None, *, module=None,
-                 gpu_slice: int | None = None, priority: str = "normal", link=None):
+                 gpu_slice: int | None = None, priority: str = "normal", link=None,
+                 run_ahead: int | None = None):
         """``buckets``: the token counts a prefill call is padded up to (``None``/``()``: no
         padding); ``prefill_chunk``: the most tokens one prefill call takes (default: the largest
         bucket, or 256). In-place artifacts only: the copy path neither pads nor chunks.
@@ -154,7 +158,14 @@ class Engine:
         default: this process).
         Against UI lag on phones (``tvm_lite/gpu_slice.py``): ``gpu_slice`` = at most this many
         kernels between two flushes of the device queue during prefill (None: no slicing), and
-        ``priority="low"`` asks for a low-priority queue where the runtime allows it."""
+        ``priority="low"`` asks for a low-priority queue where the runtime allows it.
+        ``run_ahead``: greedy decode steps queued on the device before the host reads their
+        tokens (``decode_chain``: each step feeds the last one's token on the device), so the
+        GPU does not wait for the host between steps; a stop token is seen up to
+        ``run_ahead - 1`` steps late (those steps are computed and dropped). Default
+        ``DEFAULT_RUN_AHEAD`` on a GPU, 1 (each token read before the next step) on the CPU,
+        where kernels run as they are called, and for models with sliding-window (ring) caches,
+        whose dropped steps would overwrite rows the window still holds."""
         self.path = Path(artifact)
         if module is None and not (self.path / MANIFEST).exists():
             # an ONNX file / export folder / .gguf / HF folder: compiled (cached) for the device
@@ -205,7 +216,22 @@ class Engine:
             self.buckets = ()
         self.runner.allocate(self.max_context, self.prefill_chunk)
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
+        self.run_ahead = self._check_run_ahead(run_ahead)
         self.last: GenerationResult | None = None  # the last stream's / generate's result
+
+    def _check_run_ahead(self, run_ahead: int | None) -> int:
+        can = self.runner.chain_steps and not (self.runner.inplace and self.runner.has_rings)
+        if run_ahead is None:
+            on_cpu = int(self.dev.dlpack_device_type()) % 128 == _KDL_CPU
+            return DEFAULT_RUN_AHEAD if can and not on_cpu else 1
+        if isinstance(run_ahead, bool) or not isinstance(run_ahead, int) or run_ahead < 1:
+            raise UserError(f"run_ahead={run_ahead!r}: expected an integer >= 1 (decode steps "
+                            "queued before their tokens are read; 1: none)")
+        if run_ahead > 1 and not can:
+            why = ("its sliding-window (ring) caches would lose rows to dropped steps"
+                   if self.runner.chain_steps else "it has no decode_chain entry (rebuild it)")
+            raise UserError(f"run_ahead={run_ahead}: this model cannot queue decode steps: {why}")
+        return run_ahead
 
     # -- what the runner holds --------------------------------------------------------------------
     @property
@@ -384,6 +410,35 @@ class Engine:
         self._advance(session, [token], session.length + 1)
         return nxt
 
+    def decode_run_ahead(self, session: Session, token: int) -> Iterator[Step]:
+        """Greedy decode from ``token`` (the last token, not yet in the cache), one
+        :class:`Step` per new token, ``run_ahead`` steps queued at a time: each
+        ``decode_chain`` call feeds the previous call's token tensor on the device, then the
+        host reads the batch's tokens (the first read waits for the batch). Each token's
+        ``seconds`` is its batch's wall time over the batch. The session advances as tokens are
+        taken: a caller who stops early leaves it at the last token taken (the rows the queued
+        steps wrote after it are past the session's length, and the next call overwrites them).
+        Runs until the context is full."""
+        entry = self.runner.step_entry(cv.DECODE_CHAIN)
+        current = tvm.runtime.tensor(np.array([token], "int64"), self.dev)
+        fed = int(token)
+        while session.length + 1 <= self.max_context:
+            count = min(self.run_ahead, self.max_context - session.length)
+            t0 = time.perf_counter()
+            outs = []
+            for i in range(count):
+                args = [current, self.link.make_shape([session.length + i]),
+                        *self.runner.step_buffers(session)]
+                current = self._function(entry)(*args)
+                outs.append(current)
+            tokens = [int(t.numpy()[0]) for t in outs]
+            seconds = (time.perf_counter() - t0) / count
+            for nxt in tokens:
+                session.last_call = (cv.DECODE, 1)
+                self._advance(session, [fed], session.length + 1)
+                fed = nxt
+                yield Step(nxt, seconds)
+
     def prefill_greedy(self, session: Session, ids, chunk_size: int | None = None) -> int:
         """``prefill`` that returns the greedy next token instead of the logits
         (``runner.greedy_steps``: each chunk is one ``prefill_step`` call, padded to a bucket as
@@ -453,6 +508,9 @@ class Engine:
             else:
                 token = self._sample(self.prefill(session, prompt_ids, chunk_size), cfg, rng)
             yield Step(token, time.perf_counter() - t0)
+            if on_device and self.run_ahead > 1:
+                yield from self.decode_run_ahead(session, token)
+                return
             while session.length + 1 <= self.max_context:
                 t0 = time.perf_counter()
                 if on_device:

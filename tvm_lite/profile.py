@@ -39,6 +39,9 @@ class StepProfile:
     vm_kernel_calls: int = 0  # of which PrimFunc calls (one may launch several GPU kernels)
     vm_builtins: dict = field(default_factory=dict)  # VM builtin -> calls per step
     method: str = "torch.profiler"
+    # decode with steps queued on the device (Engine.run_ahead > 1): wall time per step
+    run_ahead: int = 1
+    wall_ms_run_ahead: float | None = None
 
     @property
     def kernels_per_step(self) -> float:
@@ -48,13 +51,22 @@ class StepProfile:
     def host_gap_ms(self) -> float:
         return max(0.0, self.wall_ms - self.gpu_ms)
 
+    @property
+    def host_gap_ms_run_ahead(self) -> float | None:
+        return None if self.wall_ms_run_ahead is None \
+            else max(0.0, self.wall_ms_run_ahead - self.gpu_ms)
+
     def table(self, top: int = 20) -> str:
         lines = [f"{self.phase} (context {self.context}, {self.steps} step(s), {self.method}): "
                  f"wall {self.wall_ms:.3f} ms, GPU kernels {self.gpu_ms:.3f} ms, "
                  f"{self.kernels_per_step:.0f} kernels/step, host gap {self.host_gap_ms:.3f} ms "
                  f"({100 * self.host_gap_ms / max(self.wall_ms, 1e-9):.0f}%), "
                  f"VM calls/step {self.vm_calls} ({self.vm_kernel_calls} PrimFuncs; builtins: "
-                 f"{', '.join(f'{n} {c}' for n, c in list(self.vm_builtins.items())[:4])})",
+                 f"{', '.join(f'{n} {c}' for n, c in list(self.vm_builtins.items())[:4])})"
+                 + ("" if self.wall_ms_run_ahead is None else
+                    f"; {self.run_ahead} steps queued at a time: wall {self.wall_ms_run_ahead:.3f} "
+                    f"ms, host gap {self.host_gap_ms_run_ahead:.3f} ms "
+                    f"({100 * self.host_gap_ms_run_ahead / max(self.wall_ms_run_ahead, 1e-9):.0f}%)"),
                  f"{'us/step':>10} {'calls':>6} {'us/call':>8} {'share':>6}  kernel"]
         rows = sorted(self.kernels.items(), key=lambda kv: -kv[1]["us"])
         for name, k in rows[:top]:
@@ -68,7 +80,8 @@ class StepProfile:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(kernels_per_step=self.kernels_per_step, host_gap_ms=self.host_gap_ms)
+        d.update(kernels_per_step=self.kernels_per_step, host_gap_ms=self.host_gap_ms,
+                 host_gap_ms_run_ahead=self.host_gap_ms_run_ahead)
         return d
 
 
@@ -250,7 +263,22 @@ class Profiler:
 
         run(warmup)
         context = session.length
-        return self._measure("decode", context, steps, run)
+        prof = self._measure("decode", context, steps, run)
+        if eng.run_ahead > 1:  # the same steps as the engine's generation loop queues them
+            def ahead(n):
+                loop = eng.decode_run_ahead(session, token[0])
+                for _ in range(n):
+                    token[0] = next(loop).token
+                loop.close()
+
+            ahead(eng.run_ahead)
+            self._sync()
+            t0 = time.perf_counter()
+            ahead(steps)
+            self._sync()
+            prof.run_ahead = eng.run_ahead
+            prof.wall_ms_run_ahead = (time.perf_counter() - t0) / steps * 1e3
+        return prof
 
 
 def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, steps: int = 16,
@@ -258,7 +286,8 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     """Prefill and decode profiles of an in-place artifact on ``device``."""
     from .engine import Engine
 
-    total = prompt_len + 4 + steps * 4 + 8  # prefill, warm-ups, the counting and measured runs
+    # prefill, warm-ups, the counting and measured runs, the queued ones
+    total = prompt_len + 4 + steps * 5 + 8 + 2 * 16
     eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
                  prefill_chunk=prompt_len)
     if not eng.runner.greedy_steps:

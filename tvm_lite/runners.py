@@ -83,6 +83,7 @@ class Runner:
     """What every runner has: the weights on the device and the model's shapes."""
 
     greedy_steps = False  # whether ``prefill_step``/``decode_step`` are used (greedy on the device)
+    chain_steps = False  # whether ``decode_chain`` is there (device tokens in and out)
     inplace = False
     last_row_prefill = False  # whether ``prefill_last`` gives a prefill's last logits alone
 
@@ -153,6 +154,8 @@ class InPlace(Runner):
     def __init__(self, *args):
         super().__init__(*args)
         self.greedy_steps = bool(self.convention.get("steps"))
+        # decode_chain: the token stays on the device, so steps can queue (Engine(run_ahead=))
+        self.chain_steps = self.greedy_steps and bool(self.convention.get("chain"))
         self.last_row_prefill = cv.PREFILL_LAST in self.convention.get("entries", {})
         self.workspace: dict = {}  # decoder -> the workspace arguments of its calls
         self._need: dict = {}  # decoder -> the bytes of each of its workspace buffers

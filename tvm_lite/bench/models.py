@@ -237,12 +237,18 @@ def bench_variant(artifact, prompt_len: int, decode_tokens: int, repeats: int,
     engine = Engine(artifact, device=device, max_context=prompt_len + decode_tokens + 1,
                     buckets=None, prefill_chunk=prompt_len)
     (row,) = bench_engine(engine, [prompt_len], decode_tokens=decode_tokens, repeats=repeats)
+    extra = {"run_ahead": engine.run_ahead}
+    if engine.run_ahead > 1:  # the same engine reading each token before the next step
+        engine.run_ahead = 1
+        (serial,) = bench_engine(engine, [prompt_len], decode_tokens=decode_tokens,
+                                 repeats=repeats, warmup=False)
+        extra["decode_tok_s_one_by_one"] = serial["decode_tok_s"]
     weights = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in engine.params)
     kv = engine.kv_cache_bytes(prompt_len + decode_tokens // 2)  # the mean decode context
     del engine
     return {"prefill_tok_s": row["prefill_tok_s"], "decode_tok_s": row["decode_tok_s"],
             "tokens": row["tokens"], "weight_MB": weights / 1e6, "weight_bytes": weights,
-            "kv_bytes": kv}
+            "kv_bytes": kv, **extra}
 
 
 def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", device: str = "cuda",
@@ -373,7 +379,8 @@ def main(argv=None) -> int:
     result["rows"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
-    cols = ["model", "engine", "prefill_tok_s", "decode_tok_s", "prefill_x_stock",
+    cols = ["model", "engine", "prefill_tok_s", "decode_tok_s", "run_ahead",
+            "decode_tok_s_one_by_one", "prefill_x_stock",
             "decode_x_stock", "decode_x_compile", "weight_MB", "bytes_per_step", "limit_tok_s",
             "of_limit", "error"]
     print(format_table([{c: r.get(c, "") for c in cols} for r in rows], cols))
