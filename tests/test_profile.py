@@ -103,3 +103,20 @@ def test_decode_step_makes_few_vm_calls_per_kernel(profiles):
     assert builtins.get("vm.builtin.check_tensor_info", 0) <= 80  # caches + workspaces, no weight
     assert builtins.get("vm.builtin.match_shape", 0) <= 10  # the step helpers' only
     assert builtins.get("vm.builtin.make_prim_value", 0) <= 20  # not one per kv_append
+
+
+def test_decode_profile_times_steps_queued_on_the_device(artifact):
+    """With ``run_ahead`` > 1 (the GPU default) the decode profile also times the steps as the
+    generation loop runs them, queued ``run_ahead`` at a time (``decode_chain``), and reports
+    that wall time and host gap next to the one-by-one ones."""
+    from tvm_lite.engine import Engine
+
+    eng = Engine(artifact("dynamo", "inplace"), max_context=64, run_ahead=2)
+    decode = Profiler(eng, use_torch=False).decode(8, steps=2, warmup=1)
+    assert decode.run_ahead == 2 and decode.wall_ms_run_ahead > 0
+    assert 0 <= decode.host_gap_ms_run_ahead <= decode.wall_ms_run_ahead
+    assert "2 steps queued at a time" in decode.table(top=3)
+    assert json.loads(json.dumps(decode.as_dict()))["host_gap_ms_run_ahead"] is not None
+    eng.run_ahead = 1  # the CPU default: one by one, and nothing more to time
+    one = Profiler(eng, use_torch=False).decode(8, steps=1, warmup=0)
+    assert one.run_ahead == 1 and one.wall_ms_run_ahead is None
