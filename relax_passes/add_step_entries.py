@@ -29,13 +29,13 @@ the greedy token as one, without reading it back: the host can queue several ste
 reads their tokens, so the GPU does not wait for the host between steps
 (``Engine(run_ahead=...)``).
 
-Each also comes as ``prefill_step_flat`` / ``decode_step_flat`` / ``decode_chain_flat``, whose parameters are the tuples'
-fields (``*caches, *workspace, *weights``): the engine calls these in-process, passing its
-buffers as separate arguments, so a step unpacks no tuple (SmolLM2: 260 ``tuple_getitem`` VM calls
-a step; each VM call is host time the GPU waits for, while passing an argument costs a fraction
-of one). Over RPC the tuple entries stay (a remote tensor argument cannot be viewed: see
-``AddTupledBufferEntries``). Both take the wrapper's ``num_input``: the weights' static types are
-not checked at every step.
+Each also comes as ``prefill_step_flat`` / ``decode_step_flat`` / ``decode_chain_flat``, whose
+parameters are the tuples' fields (``*caches, *workspace, *weights``): the engine calls these
+in-process, passing its buffers as separate arguments, so a step unpacks no tuple (SmolLM2: 260
+``tuple_getitem`` VM calls a step; each VM call is host time the GPU waits for, while passing an
+argument costs a fraction of one). Over RPC the tuple entries stay (a remote tensor argument
+cannot be viewed: see ``AddTupledBufferEntries``). All take the wrapper's ``num_input``: the
+weights' static types are not checked at every step.
 
 Runs right after ``AddTupledBufferEntries``; a no-op where the helpers or the tuple entries are
 missing (a ``kv_cache="copy"`` build, or decoders whose inputs are not the engine's three).

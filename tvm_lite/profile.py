@@ -57,16 +57,17 @@ class StepProfile:
             else max(0.0, self.wall_ms_run_ahead - self.gpu_ms)
 
     def table(self, top: int = 20) -> str:
+        queued = "" if self.wall_ms_run_ahead is None else (
+            f"; {self.run_ahead} steps queued at a time: wall {self.wall_ms_run_ahead:.3f} ms, "
+            f"host gap {self.host_gap_ms_run_ahead:.3f} ms "
+            f"({100 * self.host_gap_ms_run_ahead / max(self.wall_ms_run_ahead, 1e-9):.0f}%)")
         lines = [f"{self.phase} (context {self.context}, {self.steps} step(s), {self.method}): "
                  f"wall {self.wall_ms:.3f} ms, GPU kernels {self.gpu_ms:.3f} ms, "
                  f"{self.kernels_per_step:.0f} kernels/step, host gap {self.host_gap_ms:.3f} ms "
                  f"({100 * self.host_gap_ms / max(self.wall_ms, 1e-9):.0f}%), "
                  f"VM calls/step {self.vm_calls} ({self.vm_kernel_calls} PrimFuncs; builtins: "
                  f"{', '.join(f'{n} {c}' for n, c in list(self.vm_builtins.items())[:4])})"
-                 + ("" if self.wall_ms_run_ahead is None else
-                    f"; {self.run_ahead} steps queued at a time: wall {self.wall_ms_run_ahead:.3f} "
-                    f"ms, host gap {self.host_gap_ms_run_ahead:.3f} ms "
-                    f"({100 * self.host_gap_ms_run_ahead / max(self.wall_ms_run_ahead, 1e-9):.0f}%)"),
+                 + queued,
                  f"{'us/step':>10} {'calls':>6} {'us/call':>8} {'share':>6}  kernel"]
         rows = sorted(self.kernels.items(), key=lambda kv: -kv[1]["us"])
         for name, k in rows[:top]:
@@ -284,10 +285,12 @@ class Profiler:
 def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, steps: int = 16,
                      max_context: int | None = None) -> dict:
     """Prefill and decode profiles of an in-place artifact on ``device``."""
-    from .engine import Engine
+    from .engine import DEFAULT_RUN_AHEAD, Engine
 
-    # prefill, warm-ups, the counting and measured runs, the queued ones
-    total = prompt_len + 4 + steps * 5 + 8 + 2 * 16
+    # prefill, warm-ups, the counting and measured runs, then the queued ones (a warm-up batch,
+    # the measured steps, and each of the two loops' last batch run past what it takes)
+    queued = steps + 3 * DEFAULT_RUN_AHEAD
+    total = prompt_len + 4 + steps * 4 + 8 + queued
     eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
                  prefill_chunk=prompt_len)
     if not eng.runner.greedy_steps:
