@@ -7,6 +7,7 @@ from .add_step_helpers import AddStepHelpers
 from .add_tupled_buffer_entries import AddTupledBufferEntries
 from .attach_metadata import AttachMetadata
 from .bind_dequant_kernel_shapes import BindDequantKernelShapes
+from .decode_writes_at_position import DecodeWritesAtPosition
 from .drop_kills_without_storage import DropKillsWithoutStorage
 from .fuse_add_rms_norm import FuseAddRMSNorm
 from .fuse_kv_append import FuseKVAppend
@@ -27,7 +28,7 @@ from .split_prefill_decode import SplitPrefillDecode
 
 __all__ = ["AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepHelpers",
            "AddTupledBufferEntries", "AttachMetadata",
-           "BindDequantKernelShapes", "DropKillsWithoutStorage",
+           "BindDequantKernelShapes", "DecodeWritesAtPosition", "DropKillsWithoutStorage",
            "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
            "KVCacheRewriteError", "LegalizeGroupedReshape", "MergeSharedInputProjections",

@@ -46,9 +46,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import (DECODE, DECODE_CHAIN, DECODERS, GREEDY_TOKEN, PAST_LEN, PREFILL,
-                          PREFILL_LAST, STEP_INPUTS, STEP_TOKEN_IDS, flat, step, step_decoder,
-                          tupled)
+from ..convention import (ADVANCE_TOKENS, DECODE, DECODE_CHAIN, DECODE_PADDED, DECODERS,
+                          GREEDY_TOKEN, PADDED_INPUTS, PAST_LEN, PREFILL, PREFILL_LAST,
+                          STEP_INPUTS, STEP_TOKEN_IDS, WRITES_AT_POSITION_ATTR, flat, step,
+                          step_decoder, tupled)
 from .add_step_helpers import shape_param
 
 
@@ -83,6 +84,9 @@ class AddStepEntries:
             self._entry(bb, names, name, step(name))
             if name == DECODE:
                 self._entry(bb, names, name, DECODE_CHAIN)
+                if WRITES_AT_POSITION_ATTR in (mod[names[DECODE]].attrs or {}) \
+                        and all(h in names for h in (PADDED_INPUTS, ADVANCE_TOKENS)):
+                    self._entry(bb, names, name, DECODE_PADDED)
         return bb.get()
 
     @staticmethod
@@ -127,6 +131,7 @@ def _add_step(bb, names, wrapper, entry: str, buffers: list, args: list,
     and, of the others (the weights), only those with symbolic dims (None: checks all)."""
     prefill = entry.startswith(step(PREFILL))
     chain = entry.startswith(DECODE_CHAIN)
+    padded = entry.startswith(DECODE_PADDED)
     func = bb.get()[wrapper]
     attrs = {"global_symbol": entry}
     if "relax.force_pure" in func.attrs:
@@ -141,6 +146,12 @@ def _add_step(bb, names, wrapper, entry: str, buffers: list, args: list,
         shape, (p,) = shape_param("step", [PAST_LEN])
         params = [token, shape, *buffers]
         m = r = tirx.IntImm("int64", 1)
+    elif padded:
+        tokens = relax.Var("tokens", relax.TensorType([tirx.Var("n", "int64")], "int64"))
+        position = relax.Var("position", relax.TensorType([1], "int64"))
+        shape, (p,) = shape_param("step", [PAST_LEN])
+        params = [tokens, position, shape, *buffers]
+        m = r = tirx.IntImm("int64", 1)
     else:
         shape, (t, p) = shape_param("step", ["token", PAST_LEN])
         params = [shape, *buffers]
@@ -150,17 +161,24 @@ def _add_step(bb, names, wrapper, entry: str, buffers: list, args: list,
     with bb.function(entry, params, attrs=attrs, pure=bool(func.is_pure)):
         if chain:  # a view of the token tensor (LowerRuntimeBuiltin: vm.builtin.reshape)
             ids = bb.emit(relax.op.reshape(token, [1, 1]))
-        elif not prefill:
+        elif not prefill and not padded:
             ids = bb.emit(relax.Call(names[STEP_TOKEN_IDS], [relax.ShapeExpr([t])]))
-        inputs = bb.emit(relax.Call(names[STEP_INPUTS], [relax.ShapeExpr([p, r, m])]))
-        mask, pos = (bb.emit(relax.TupleGetItem(inputs, i)) for i in range(2))
+        if padded:  # ids, mask and positions from the device buffers
+            inputs = bb.emit(relax.Call(names[PADDED_INPUTS],
+                                        [tokens, position, relax.ShapeExpr([p])]))
+            ids, mask, pos = (bb.emit(relax.TupleGetItem(inputs, i)) for i in range(3))
+        else:
+            inputs = bb.emit(relax.Call(names[STEP_INPUTS], [relax.ShapeExpr([p, r, m])]))
+            mask, pos = (bb.emit(relax.TupleGetItem(inputs, i)) for i in range(2))
         out = bb.emit(relax.Call(wrapper, [ids, mask, pos, relax.ShapeExpr([p]), *args]))
         logits = bb.emit(relax.TupleGetItem(out, 0)) \
             if isinstance(out.ty, relax.TupleType) else out
         # the last real row: prefill_last's only row
         row = 0 if wrapper.name_hint == tupled(PREFILL_LAST) else r - 1
         token = bb.emit(relax.Call(names[GREEDY_TOKEN], [logits, relax.ShapeExpr([row])]))
-        if chain:  # left on the device for the next step
+        if padded:  # recorded on the device: tokens[position + 1] = token, position += 1
+            bb.emit(relax.Call(names[ADVANCE_TOKENS], [tokens, position, token]))
+        if chain or padded:  # left on the device for the next step
             bb.emit_func_output(token)
             return
         # (past RemovePurityChecking: the builtin is called directly, not call_pure_packed)

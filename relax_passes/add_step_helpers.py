@@ -35,7 +35,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax, te, tirx, topi
 
-from ..convention import GREEDY_TOKEN, KV_CACHE_ATTR, STEP_INPUTS, STEP_TOKEN_IDS
+from tvm.script import from_source
+
+from ..convention import (ADVANCE_TOKENS, GREEDY_TOKEN, KV_CACHE_ATTR, PADDED_INPUTS, STEP_INPUTS,
+                          STEP_TOKEN_IDS)
 
 
 def _logits_type(func: relax.Function) -> relax.TensorType | None:
@@ -90,6 +93,62 @@ def add_inputs(bb) -> None:
         bb.emit_func_output(out)
 
 
+def add_padded_inputs(bb) -> None:
+    """``padded_step_inputs(tokens, position, sizes: R.Shape([p]))``: ``decode_padded``'s ids
+    ``[[tokens[position]]]``, mask (1 on the keys up to ``position``, 0 on the padding after, ``p
+    + 1`` in all) and positions ``[[position]]``, from the device buffers alone."""
+    n = tirx.Var("n", "int64")
+    tokens = relax.Var("tokens", relax.TensorType([n], "int64"))
+    position = relax.Var("position", relax.TensorType([1], "int64"))
+    sizes, (p,) = shape_param("sizes", ["past"])
+    with bb.function(PADDED_INPUTS, [tokens, position, sizes],
+                     attrs={"global_symbol": PADDED_INPUTS}):
+        with bb.dataflow():
+            ids = bb.emit(relax.op.reshape(relax.op.take(tokens, position, axis=0, mode="clip"), [1, 1]))
+            keys = bb.emit(relax.op.arange(0, p + 1, 1, "int64"))
+            mask = bb.emit(relax.op.reshape(relax.op.astype(
+                relax.op.less_equal(keys, position), "int64"), [1, p + 1]))
+            pos = bb.emit(relax.op.reshape(position, [1, 1]))
+            out = bb.emit_output(relax.Tuple([ids, mask, pos]))
+        bb.emit_func_output(out)
+
+
+_ADVANCE = '''
+@T.prim_func(private=True, s_tir=True)
+def advance(var_tokens: T.handle, position: T.Buffer((1,), "int64"),
+            token: T.Buffer((1,), "int64"), following: T.Buffer((1,), "int64")):
+    T.func_attr({"tir.noalias": True})
+    n = T.int64()
+    tokens = T.match_buffer(var_tokens, (n,), "int64")
+    for i in range(1):
+        with T.sblock("advance"):
+            vi = T.axis.spatial(1, i)
+            if following[vi] < n:
+                tokens[following[vi]] = token[vi]
+            position[vi] = following[vi]
+'''
+
+
+def add_advance(bb) -> None:
+    """``advance_tokens(tokens, position, token)``, in place: ``tokens[position + 1] = token``
+    and ``position += 1`` -- one step of ``decode_padded`` recorded on the device. (The next
+    position is computed first, by its own op: a kernel that read and wrote ``position`` would
+    look like a reduction to the GPU schedule rules.)"""
+    n = tirx.Var("n", "int64")
+    tokens = relax.Var("tokens", relax.TensorType([n], "int64"))
+    position = relax.Var("position", relax.TensorType([1], "int64"))
+    token = relax.Var("token", relax.TensorType([1], "int64"))
+    with bb.function(ADVANCE_TOKENS, [tokens, position, token],
+                     attrs={"global_symbol": ADVANCE_TOKENS}):
+        with bb.dataflow():
+            kernel = bb.add_func(from_source(_ADVANCE), "advance")
+            following = bb.emit(relax.op.add(position, relax.const(1, "int64")))
+            out = bb.emit_output(relax.call_tir_inplace(
+                kernel, relax.Tuple([tokens, position, token, following]), [0, 1],
+                [tokens.ty, position.ty]))
+        bb.emit_func_output(out)
+
+
 def _argmax_kernel(vocab: int, dtype: str) -> tirx.PrimFunc:
     """``token[0]`` = the first index of the largest of ``logits[0, i, :]``: TOPI's argmax, one
     reduction of (index, value) pairs (a combiner TVM's cross-thread reduction knows), reading
@@ -137,4 +196,6 @@ class AddStepHelpers:
         add_token_ids(bb)
         add_inputs(bb)
         add_greedy_token(bb, vocab, dtype)
+        add_padded_inputs(bb)
+        add_advance(bb)
         return bb.get()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import DECODE, DECODE_CHAIN, DECODERS, flat, step, step_decoder, tupled
+from ..convention import DECODE, DECODE_CHAIN, DECODE_PADDED, DECODERS, flat, step, step_decoder, tupled
 
 
 def _decoder_callees(mod: tvm.IRModule, names: dict, decoder: str) -> set:
@@ -105,7 +105,7 @@ class InlineStepCalls:
         out = mod
         for decoder in self.decoders:
             callees = _decoder_callees(mod, names, decoder)
-            entries = [step(decoder)] + ([DECODE_CHAIN] if decoder == DECODE else [])
+            entries = [step(decoder)] + ([DECODE_CHAIN, DECODE_PADDED] if decoder == DECODE else [])
             for name in [*entries, *map(flat, entries)]:
                 if name not in names or not callees:
                     continue

@@ -186,6 +186,42 @@ def test_decode_steps_queued_on_the_device_give_the_same_tokens(artifact):
             Engine(artifact("dynamo"), max_context=48, run_ahead=bad)
 
 
+def test_padded_decode_steps_give_the_same_tokens(artifact):
+    """decode_padded (what CUDA graphs replay: the token and position read and advanced on the
+    device, the K/V row written at the position read there, the context padded to a multiple of
+    PADDED_BUCKET keys with the padding masked) generates what decode_step does, across bucket
+    boundaries and up to a context cut short of a bucket, and from a session stopped mid-batch;
+    on the CPU it runs as ordinary calls, and cuda_graphs=True is refused there."""
+    from tvm_lite import convention as cv
+    from tvm_lite.errors import UserError
+
+    one = Engine(artifact("dynamo"), max_context=150, buckets=(16,), prefill_chunk=16)
+    padded = Engine(artifact("dynamo"), max_context=150, buckets=(16,), prefill_chunk=16,
+                    run_ahead=3)
+    assert padded.convention["padded"] and padded.runner.padded_steps
+    assert not padded.cuda_graphs  # the CPU: no graphs, the same entry called step by step
+    ids = one.encode_prompt(PROMPTS[0])[:21]
+    want = [s.token for s in one.tokens(one.new_session(), ids)]  # 150 - 21 + 1 tokens
+    assert len(set(want)) > 10  # (a real text, not one token repeated)
+    session = padded.new_session()
+    first = padded.prefill_greedy(session, ids)
+    got = [first] + [s.token for s in padded.decode_padded_steps(session, first)]
+    # buckets of 64 keys: contexts 22..64, 65..128, then 129..150 padded to 150 (max_context)
+    assert got == want and session.length == 150
+    # stopped after 7 tokens (mid-batch), then continued from the last token taken
+    session = padded.new_session()
+    first = padded.prefill_greedy(session, ids)
+    loop = padded.decode_padded_steps(session, first)
+    part = [next(loop).token for _ in range(7)]
+    loop.close()
+    assert [first] + part == want[:8] and session.length == 21 + 7
+    rest = [s.token for s in padded.decode_padded_steps(session, part[-1])]
+    assert [first] + part + rest == want
+    assert cv.PADDED_BUCKET == 64
+    with pytest.raises(UserError, match="cuda_graphs=True needs a local CUDA device"):
+        Engine(artifact("dynamo"), max_context=48, cuda_graphs=True)
+
+
 @pytest.mark.slow
 def test_every_rows_logits_get_their_workspace_when_first_asked(artifact):
     """Generation (decode, prefill_last) never needs prefill's every-row logits, the largest

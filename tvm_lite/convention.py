@@ -73,6 +73,11 @@ PREFILL_STEP_FLAT, DECODE_STEP_FLAT = flat(PREFILL_STEP), flat(DECODE_STEP)
 # back to back, the host reads their tokens a few steps later (Engine(run_ahead=...))
 DECODE_CHAIN = "decode_chain"
 DECODE_CHAIN_FLAT = flat(DECODE_CHAIN)
+# a decode step on a context padded to a bucket, its token and position read from device buffers
+# and advanced there: every step of a bucket is the same call, replayed as a CUDA graph
+DECODE_PADDED = "decode_padded"
+DECODE_PADDED_FLAT = flat(DECODE_PADDED)
+PADDED_BUCKET = 64  # decode_padded's contexts are padded to multiples of this many keys
 
 ALLOC_KV_CACHES = "alloc_kv_caches"
 ALLOC_WORKSPACE = "alloc_workspace"
@@ -83,6 +88,8 @@ TUPLED_ENTRIES = (ALLOC_KV_CACHES, PREFILL_TUPLED, DECODE_TUPLED)  # what RPC ne
 STEP_TOKEN_IDS = "step_token_ids"
 STEP_INPUTS = "step_inputs"
 GREEDY_TOKEN = "greedy_token"
+PADDED_INPUTS = "padded_step_inputs"  # decode_padded's ids, mask and positions from device state
+ADVANCE_TOKENS = "advance_tokens"  # decode_padded's token history and position, advanced in place
 
 METADATA = "_metadata"  # () -> JSON string: the calling convention (relax_passes/attach_metadata.py)
 METADATA_VERSION = 1
@@ -99,6 +106,8 @@ KV_WINDOW_ATTR = "tvm_lite.kv_windows"  # the sliding window of each cache (0: n
 INPUT_NAMES_ATTR = "tvm_lite.input_names"
 OUTPUT_NAMES_ATTR = "tvm_lite.output_names"
 PARAM_NAMES_ATTR = "tvm_lite.param_names"
+# set by DecodeWritesAtPosition: decode writes its K/V row at positions[0, 0], read on the device
+WRITES_AT_POSITION_ATTR = "tvm_lite.writes_at_position"
 
 # -- KV-cache modes -----------------------------------------------------------------------------
 KV_INPLACE = "inplace"  # one cache per layer, written at past_len (relax_passes/inplace_kv_cache.py)

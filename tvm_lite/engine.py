@@ -28,7 +28,9 @@ and ``Engine.kv_cache_bytes`` the KV memory each convention holds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +40,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from . import convention as cv
+from . import cuda_graphs
 from .artifact import LIBRARY, MANIFEST, PARAMS, check_artifact
 from .gpu_slice import GpuSlicer, Submissions, no_instrument, set_priority
 from .runners import LocalLink, make_runner, read_convention
@@ -50,6 +53,7 @@ DEFAULT_BUCKETS = (16, 32, 64, 128, 256)  # prefill calls are padded up to one o
 # greedy decode steps queued on a GPU before the host reads their tokens (Engine(run_ahead=))
 DEFAULT_RUN_AHEAD = 4
 _KDL_CPU = 1
+_KDL_CUDA = 2
 
 
 class ContextLengthError(UserError):
@@ -101,6 +105,8 @@ class Session:
     last_step_kv_bytes_copied: int = 0
     last_call: tuple = ()  # (function, padded token count) of the last in-place call
     past_tuple: object = None  # locally, ``past`` as one ffi.Array for the *_step entries
+    graphs: object = None  # the CUDA graphs of decode_padded on these caches (cuda_graphs.StepGraphs)
+    padded_ready: bool = False  # the caches' unwritten rows zeroed for decode_padded
 
 
 def _device(name: str):
@@ -148,7 +154,7 @@ class Engine:
     def __init__(self, artifact, device=None, max_context: int | None = None,
                  buckets=DEFAULT_BUCKETS, prefill_chunk: int | None = None, *, module=None,
                  gpu_slice: int | None = None, priority: str = "normal", link=None,
-                 run_ahead: int | None = None):
+                 run_ahead: int | None = None, cuda_graphs: bool | None = None):
         """``buckets``: the token counts a prefill call is padded up to (``None``/``()``: no
         padding); ``prefill_chunk``: the most tokens one prefill call takes (default: the largest
         bucket, or 256). In-place artifacts only: the copy path neither pads nor chunks.
@@ -165,7 +171,10 @@ class Engine:
         ``run_ahead - 1`` steps late (those steps are computed and dropped). Default
         ``DEFAULT_RUN_AHEAD`` on a GPU, 1 (each token read before the next step) on the CPU,
         where kernels run as they are called, and for models with sliding-window (ring) caches,
-        whose dropped steps would overwrite rows the window still holds."""
+        whose dropped steps would overwrite rows the window still holds.
+        ``cuda_graphs``: greedy decode steps through ``decode_padded``, each bucket's step
+        recorded once as a CUDA graph and replayed (``tvm_lite/cuda_graphs.py``): one launch a
+        step. Default: on for a CUDA device when the model has ``decode_padded``."""
         self.path = Path(artifact)
         if module is None and not (self.path / MANIFEST).exists():
             # an ONNX file / export folder / .gguf / HF folder: compiled (cached) for the device
@@ -217,7 +226,36 @@ class Engine:
         self.runner.allocate(self.max_context, self.prefill_chunk)
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
         self.run_ahead = self._check_run_ahead(run_ahead)
+        self.cuda_graphs = self._check_cuda_graphs(cuda_graphs)
+        self._driver = self._stream = None
+        if self.cuda_graphs:
+            self._driver = cuda_graphs.Driver()
+            self._stream = getattr(self.sync, "stream", None)  # priority="low" made one
+            if self._stream is None:
+                self._stream = cuda_graphs.make_stream(self.dev, self._driver)
+                self.sync = lambda: self._driver("cuStreamSynchronize", self._stream)
+        # decode_padded's state on the device, made before any graph records their addresses:
+        # the tokens (the fed one at a session's length, each step's at the next row) and the
+        # position of the token a step feeds
+        self._padded_tokens = self._padded_position = None
+        self._spare: list = []  # (caches, graphs) of sessions that are gone (new_session)
+        if self.runner.padded_steps:
+            self._padded_tokens = tvm.runtime.empty((self.max_context + 1,), "int64", self.dev)
+            self._padded_position = tvm.runtime.empty((1,), "int64", self.dev)
         self.last: GenerationResult | None = None  # the last stream's / generate's result
+
+    def _check_cuda_graphs(self, wanted: bool | None) -> bool:
+        on_cuda = int(self.dev.dlpack_device_type()) == _KDL_CUDA  # (not over RPC)
+        if wanted is None:
+            return bool(self.runner.padded_steps and on_cuda)
+        if not isinstance(wanted, bool):
+            raise UserError(f"cuda_graphs={wanted!r}: expected True, False or None (default)")
+        if wanted and not on_cuda:
+            raise UserError(f"cuda_graphs=True needs a local CUDA device, not {self.dev}")
+        if wanted and not self.runner.padded_steps:
+            raise UserError("cuda_graphs=True: this model has no decode_padded entry (a model "
+                            "with sliding-window caches, or built before it: rebuild it)")
+        return wanted
 
     def _check_run_ahead(self, run_ahead: int | None) -> int:
         can = self.runner.chain_steps and not (self.runner.inplace and self.runner.has_rings)
@@ -261,8 +299,21 @@ class Engine:
         return self.runner.kv_cache_bytes(self.max_context if context is None else context)
 
     def new_session(self) -> Session:
-        with self.link.guard("a new session"):  # over RPC: the caches are allocated there
-            return Session(past=self.runner.new_past(self.max_context))
+        """A session with its own caches. With ``cuda_graphs``, the caches (and the graphs
+        recorded on them) of a session that is gone are reused: a graph holds its caches'
+        addresses, so each new generation would otherwise record its graphs again."""
+        if self._spare:
+            past, graphs = self._spare.pop()
+            # (a bucket ran once only after its rows were zeroed: _zero_unwritten_rows)
+            session = Session(past=past, graphs=graphs, padded_ready=bool(graphs.warm))
+        else:
+            with self.link.guard("a new session"):  # over RPC: the caches are allocated there
+                session = Session(past=self.runner.new_past(self.max_context))
+            if self.cuda_graphs:
+                session.graphs = cuda_graphs.StepGraphs(self._driver, self._stream)
+        if session.graphs is not None:  # given back when the session is collected
+            weakref.finalize(session, self._spare.append, (session.past, session.graphs))
+        return session
 
     def padded_length(self, n: int, past: int) -> int:
         """The bucket ``n`` new tokens are padded to (``n`` itself without buckets, for decode, or
@@ -438,6 +489,72 @@ class Engine:
                 fed = nxt
                 yield Step(nxt, seconds)
 
+    def decode_padded_steps(self, session: Session, token: int) -> Iterator[Step]:
+        """Greedy decode from ``token`` as :meth:`decode_run_ahead` does (``run_ahead`` steps
+        queued, then their tokens read at once), through ``decode_padded``: the token and its
+        position live in device buffers the step reads and advances, and the context is padded
+        to the next multiple of ``PADDED_BUCKET`` keys (the keys after the position masked), so
+        all the steps of a bucket are the same call -- with ``cuda_graphs``, one graph launch
+        each (``tvm_lite/cuda_graphs.py``). Elsewhere (the CPU) each step is a call of the same
+        entry, which is how the tests check it."""
+        entry = self._function(self.runner.step_entry(cv.DECODE_PADDED))
+        buffers = self.runner.step_buffers(session)
+        tokens, position = self._padded_tokens, self._padded_position
+        self._zero_unwritten_rows(session)
+        fed = int(token)
+        start = session.length
+        self._copy_in(tokens, start, [fed])
+        self._copy_in(position, 0, [start])
+        while session.length + 1 <= self.max_context:
+            count = min(self.run_ahead, self.max_context - session.length)
+            t0 = time.perf_counter()
+            for i in range(count):
+                length = session.length + i  # the fed token's row
+                past = min(-(-(length + 1) // cv.PADDED_BUCKET) * cv.PADDED_BUCKET,
+                           self.max_context) - 1
+                shape = self.link.make_shape([past])
+
+                def step(shape=shape):
+                    return entry(tokens, position, shape, *buffers)
+
+                if self.cuda_graphs and session.graphs is not None:
+                    session.graphs.run(past, step)
+                else:
+                    step()
+            new = tokens._create_view((count,), "int64",
+                                      relative_byte_offset=(session.length + 1) * 8).numpy()
+            seconds = (time.perf_counter() - t0) / count
+            for nxt in new:
+                session.last_call = (cv.DECODE, 1)
+                self._advance(session, [fed], session.length + 1)
+                fed = int(nxt)
+                yield Step(fed, seconds)
+
+    def _copy_in(self, buffer, offset: int, values: list) -> None:
+        """``buffer[offset:offset + len(values)] = values`` (int64), one upload."""
+        view = buffer._create_view((len(values),), "int64", relative_byte_offset=offset * 8)
+        view.copyfrom(np.asarray(values, "int64"))
+
+    def _zero_unwritten_rows(self, session: Session) -> None:
+        """Zero the cache rows a session has not written, once: ``decode_padded`` reads the
+        rows between its position and the bucket's end and masks them, which gives 0 for any
+        finite value but not for a NaN left in fresh memory."""
+        if session.padded_ready:
+            return
+        for cache in session.past:
+            rows = int(cache.shape[0]) - session.length
+            if rows <= 0:
+                continue
+            row = int(np.prod(cache.shape[1:])) * np.dtype(str(cache.dtype)).itemsize
+            view = cache._create_view((rows, *cache.shape[1:]), str(cache.dtype),
+                                      relative_byte_offset=session.length * row)
+            if self._driver is not None:
+                self._driver("cuMemsetD8Async", ctypes.c_uint64(view.data_ptr()),
+                             ctypes.c_ubyte(0), ctypes.c_size_t(rows * row), self._stream)
+            else:
+                view.copyfrom(np.zeros(view.shape, str(cache.dtype)))
+        session.padded_ready = True
+
     def prefill_greedy(self, session: Session, ids, chunk_size: int | None = None) -> int:
         """``prefill`` that returns the greedy next token instead of the logits
         (``runner.greedy_steps``: each chunk is one ``prefill_step`` call, padded to a bucket as
@@ -507,6 +624,9 @@ class Engine:
             else:
                 token = self._sample(self.prefill(session, prompt_ids, chunk_size), cfg, rng)
             yield Step(token, time.perf_counter() - t0)
+            if on_device and self.cuda_graphs:
+                yield from self.decode_padded_steps(session, token)
+                return
             if on_device and self.run_ahead > 1:
                 yield from self.decode_run_ahead(session, token)
                 return

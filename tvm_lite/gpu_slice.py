@@ -146,6 +146,8 @@ def set_priority(device, priority: str):
             if drv.cuStreamSynchronize(stream) != 0:
                 raise RuntimeError("cuStreamSynchronize failed on the low-priority stream")
 
+        sync.stream = stream  # (CUDA graphs record on it: tvm_lite/cuda_graphs.py)
+
         return (f"cuda stream at priority {least.value} (the lowest; the device's range is "
                 f"{least.value}..{greatest.value})", sync)
     if kind == "opencl":

@@ -48,7 +48,8 @@ from tvm_lite.options import BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes import (AddDecodeFunction, AddLastRowPrefill, AttachMetadata,
                                    AddStepEntries, AddStepHelpers, AddTupledBufferEntries,
-                                   BindDequantKernelShapes, DropKillsWithoutStorage,
+                                   BindDequantKernelShapes, DecodeWritesAtPosition,
+                                   DropKillsWithoutStorage,
                                    FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
                                    FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
                                    InplaceKVCache,
@@ -157,6 +158,7 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             *kv_passes,
             BindDequantKernelShapes(),  # 4-bit kernels built for prefill's and decode's shapes
             *(fusion_passes(gpu) if opts.fusion else []),
+            *([DecodeWritesAtPosition()] if kv_passes else []),  # decode's K/V row at its position
             relax.transform.EliminateCommonSubexpr(),
             relax.transform.DeadCodeElimination(),
         ]),

@@ -42,6 +42,11 @@ class StepProfile:
     # decode with steps queued on the device (Engine.run_ahead > 1): wall time per step
     run_ahead: int = 1
     wall_ms_run_ahead: float | None = None
+    # decode through decode_padded replayed as CUDA graphs (Engine(cuda_graphs=True)): wall time,
+    # GPU kernel time and kernels per step (its context padded to a bucket: a few more kernels)
+    wall_ms_graphs: float | None = None
+    gpu_ms_graphs: float | None = None
+    kernels_graphs: float | None = None
 
     @property
     def kernels_per_step(self) -> float:
@@ -56,11 +61,21 @@ class StepProfile:
         return None if self.wall_ms_run_ahead is None \
             else max(0.0, self.wall_ms_run_ahead - self.gpu_ms)
 
+    @property
+    def host_gap_ms_graphs(self) -> float | None:
+        return None if self.wall_ms_graphs is None \
+            else max(0.0, self.wall_ms_graphs - self.gpu_ms_graphs)
+
     def table(self, top: int = 20) -> str:
         queued = "" if self.wall_ms_run_ahead is None else (
             f"; {self.run_ahead} steps queued at a time: wall {self.wall_ms_run_ahead:.3f} ms, "
             f"host gap {self.host_gap_ms_run_ahead:.3f} ms "
             f"({100 * self.host_gap_ms_run_ahead / max(self.wall_ms_run_ahead, 1e-9):.0f}%)")
+        if self.wall_ms_graphs is not None:
+            queued += (f"; as CUDA graphs: wall {self.wall_ms_graphs:.3f} ms, GPU kernels "
+                       f"{self.gpu_ms_graphs:.3f} ms, {self.kernels_graphs:.0f} kernels/step, "
+                       f"host gap {self.host_gap_ms_graphs:.3f} ms "
+                       f"({100 * self.host_gap_ms_graphs / max(self.wall_ms_graphs, 1e-9):.0f}%)")
         lines = [f"{self.phase} (context {self.context}, {self.steps} step(s), {self.method}): "
                  f"wall {self.wall_ms:.3f} ms, GPU kernels {self.gpu_ms:.3f} ms, "
                  f"{self.kernels_per_step:.0f} kernels/step, host gap {self.host_gap_ms:.3f} ms "
@@ -82,7 +97,8 @@ class StepProfile:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(kernels_per_step=self.kernels_per_step, host_gap_ms=self.host_gap_ms,
-                 host_gap_ms_run_ahead=self.host_gap_ms_run_ahead)
+                 host_gap_ms_run_ahead=self.host_gap_ms_run_ahead,
+                 host_gap_ms_graphs=self.host_gap_ms_graphs)
         return d
 
 
@@ -217,7 +233,7 @@ class Profiler:
             torch.zeros(1, device="cuda")  # CUDA (and CUPTI) initialised in this process first
 
     def _sync(self):
-        self.engine.dev.sync()
+        self.engine.sync()  # (the engine's stream: its own with cuda_graphs)
 
     def _measure(self, phase: str, context: int, steps: int, run) -> StepProfile:
         vm = self.engine.vm
@@ -279,6 +295,23 @@ class Profiler:
             self._sync()
             prof.run_ahead = eng.run_ahead
             prof.wall_ms_run_ahead = (time.perf_counter() - t0) / steps * 1e3
+        if eng.cuda_graphs:  # the engine's generation loop on a GPU: decode_padded as graphs
+            def graphs(n):
+                loop = eng.decode_padded_steps(session, token[0])
+                for _ in range(n):
+                    token[0] = next(loop).token
+                loop.close()
+
+            graphs(2 * eng.run_ahead)  # each bucket: one call, then recorded
+            self._sync()
+            t0 = time.perf_counter()
+            graphs(steps)
+            self._sync()
+            prof.wall_ms_graphs = (time.perf_counter() - t0) / steps * 1e3
+            if self.use_torch:
+                kernels, _ = _torch_kernels(lambda: graphs(steps), steps)
+                prof.gpu_ms_graphs = sum(k["us"] for k in kernels.values()) / 1e3
+                prof.kernels_graphs = sum(k["calls"] for k in kernels.values())
         return prof
 
 
@@ -290,7 +323,7 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     # prefill, warm-ups, the counting and measured runs, then the queued ones (a warm-up batch,
     # the measured steps, and each of the two loops' last batch run past what it takes)
     queued = steps + 3 * DEFAULT_RUN_AHEAD
-    total = prompt_len + 4 + steps * 4 + 8 + queued
+    total = prompt_len + 4 + steps * 4 + 8 + 2 * queued + 3 * steps
     eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
                  prefill_chunk=prompt_len)
     if not eng.runner.greedy_steps:

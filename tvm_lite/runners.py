@@ -83,6 +83,7 @@ class Runner:
     """What every runner has: the weights on the device and the model's shapes."""
 
     greedy_steps = False  # whether ``prefill_step``/``decode_step`` are used (greedy on the device)
+    padded_steps = False  # whether ``decode_padded_flat`` is there (in this process)
     chain_steps = False  # whether ``decode_chain`` is there (device tokens in and out)
     inplace = False
     last_row_prefill = False  # whether ``prefill_last`` gives a prefill's last logits alone
@@ -156,6 +157,10 @@ class InPlace(Runner):
         self.greedy_steps = bool(self.convention.get("steps"))
         # decode_chain: the token stays on the device, so steps can queue (Engine(run_ahead=))
         self.chain_steps = self.greedy_steps and bool(self.convention.get("chain"))
+        # decode_padded (flat): a step that reads and advances its token on the device, on a
+        # context padded to a bucket -- what CUDA graphs replay (tvm_lite/cuda_graphs.py)
+        self.padded_steps = self.chain_steps and bool(self.convention.get("padded")) \
+            and bool(self.convention.get("flat_steps")) and not self.link.remote
         self.last_row_prefill = cv.PREFILL_LAST in self.convention.get("entries", {})
         self.workspace: dict = {}  # decoder -> the workspace arguments of its calls
         self._need: dict = {}  # decoder -> the bytes of each of its workspace buffers

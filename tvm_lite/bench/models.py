@@ -229,6 +229,21 @@ def torch_bytes_per_step(hf_dir, context: int) -> tuple[int, int]:
     return 2 * (cfg.num_hidden_layers * per_layer + tables + hid), kv
 
 
+def _graph_tokens_match(engine, prompt_len: int, count: int) -> bool:
+    """Whether greedy generation gives the same ``count`` tokens with CUDA graphs
+    (``decode_padded``) as without (``decode_chain``), from the benchmark's prompt."""
+    from .generation import prompt_ids
+
+    ids, runs = prompt_ids(engine, prompt_len), []
+    for graphs in (True, False):
+        engine.cuda_graphs = graphs
+        loop = engine.tokens(engine.new_session(), ids)
+        runs.append([step.token for _, step in zip(range(count), loop)])
+        loop.close()
+    engine.cuda_graphs = True
+    return runs[0] == runs[1]
+
+
 def bench_variant(artifact, prompt_len: int, decode_tokens: int, repeats: int,
                   device: str = "cuda") -> dict:
     from ..engine import Engine
@@ -237,8 +252,14 @@ def bench_variant(artifact, prompt_len: int, decode_tokens: int, repeats: int,
     engine = Engine(artifact, device=device, max_context=prompt_len + decode_tokens + 1,
                     buckets=None, prefill_chunk=prompt_len)
     (row,) = bench_engine(engine, [prompt_len], decode_tokens=decode_tokens, repeats=repeats)
-    extra = {"run_ahead": engine.run_ahead}
-    if engine.run_ahead > 1:  # the same engine reading each token before the next step
+    extra = {"run_ahead": engine.run_ahead, "cuda_graphs": engine.cuda_graphs}
+    if engine.cuda_graphs:  # the same engine without graphs: steps queued by decode_chain
+        extra["graph_tokens_match"] = _graph_tokens_match(engine, prompt_len, decode_tokens)
+        engine.cuda_graphs = False
+        (chained,) = bench_engine(engine, [prompt_len], decode_tokens=decode_tokens,
+                                  repeats=repeats, warmup=False)
+        extra["decode_tok_s_no_graphs"] = chained["decode_tok_s"]
+    if engine.run_ahead > 1:  # ... and reading each token before the next step
         engine.run_ahead = 1
         (serial,) = bench_engine(engine, [prompt_len], decode_tokens=decode_tokens,
                                  repeats=repeats, warmup=False)
@@ -379,8 +400,8 @@ def main(argv=None) -> int:
     result["rows"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
-    cols = ["model", "engine", "prefill_tok_s", "decode_tok_s", "run_ahead",
-            "decode_tok_s_one_by_one", "prefill_x_stock",
+    cols = ["model", "engine", "prefill_tok_s", "decode_tok_s", "cuda_graphs",
+            "decode_tok_s_no_graphs", "run_ahead", "decode_tok_s_one_by_one", "prefill_x_stock",
             "decode_x_stock", "decode_x_compile", "weight_MB", "bytes_per_step", "limit_tok_s",
             "of_limit", "error"]
     print(format_table([{c: r.get(c, "") for c in cols} for r in rows], cols))

@@ -1,0 +1,110 @@
+"""Decode steps replayed as CUDA graphs: one launch per step instead of one per kernel.
+
+A decode step of a small model is host-bound on a fast GPU: the VM issues ~200 kernels a step,
+each costing the host several microseconds (argument checks, views, the launch), more than the
+GPU needs to run them (SmolLM2 on an H200: 1.8 ms of host time for 0.8 ms of kernels). A CUDA
+graph records the kernels of one call once and replays them with one ``cuGraphLaunch``.
+
+A graph replays the arguments it recorded, so what it replays must not change between steps.
+``decode_padded`` (``relax_passes/add_step_entries.py``) is such a call: it reads its token and
+position from device buffers and advances them itself, writes its K/V row at the position it
+reads (``relax_passes/decode_writes_at_position.py``), and attends over a context padded to a
+bucket of ``PADDED_BUCKET`` keys, the keys after the position masked. Every step of a bucket is
+the same call on the same buffers; only the bucket (``past_len``) changes every
+``PADDED_BUCKET`` steps. So :class:`StepGraphs` keeps one graph per bucket:
+
+1. the first step of a bucket runs as an ordinary call (it loads the kernels and fills the
+   VM's memory pool, which capture must not do);
+2. the second is recorded (``cuStreamBeginCapture`` .. ``cuStreamEndCapture`` on the engine's
+   stream, relaxed mode), instantiated, and launched;
+3. the others are ``cuGraphLaunch`` alone.
+
+A graph holds the device pointers of the buffers it was recorded with: the session's caches,
+the engine's workspace, weights and token buffers. It belongs to one session's caches
+(``Session.graphs``) and is destroyed with them. The output tensor the recording allocated is
+kept alive with its graph (a replay writes it).
+
+Through the CUDA driver API (``libcuda.so.1``, ctypes), on a stream made for the engine
+(``cuStreamCreate``, blocking, so that TVM's copies on the default stream wait for it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+CAPTURE_MODE_RELAXED = 2  # CU_STREAM_CAPTURE_MODE_RELAXED
+
+
+class CudaGraphError(RuntimeError):
+    """A CUDA driver call for recording or replaying a graph failed; the message names it."""
+
+
+class Driver:
+    """The few CUDA driver functions the graphs need."""
+
+    def __init__(self):
+        try:
+            self.lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as err:
+            raise CudaGraphError(f"CUDA graphs need the driver library libcuda.so.1 ({err})") \
+                from err
+
+    def __call__(self, name: str, *args) -> None:
+        code = getattr(self.lib, name)(*args)
+        if code != 0:
+            raise CudaGraphError(f"{name} failed with CUDA error {code}")
+
+
+def make_stream(device, driver: Driver) -> ctypes.c_void_p:
+    """A new stream, set as TVM's stream for ``device`` (capture needs one other than the
+    legacy default stream)."""
+    device.sync()  # TVM's runtime has made the device's primary context current
+    stream = ctypes.c_void_p()
+    driver("cuStreamCreate", ctypes.byref(stream), 0)
+    device.set_raw_stream(stream.value)
+    return stream
+
+
+class StepGraphs:
+    """One CUDA graph per key (a bucket) of a call that is the same at every step of a key."""
+
+    def __init__(self, driver: Driver, stream: ctypes.c_void_p):
+        self.driver, self.stream = driver, stream
+        self.graphs: dict = {}  # key -> (exec handle, graph handle, what the recording returned)
+        self.warm: set = set()  # keys run once as an ordinary call
+        self.recorded = 0  # graphs recorded (a benchmark reports it)
+
+    def run(self, key, call) -> None:
+        """Run ``call()`` (the step) for ``key``: as a call, recorded, or replayed (module doc)."""
+        if key in self.graphs:
+            self.driver("cuGraphLaunch", self.graphs[key][0], self.stream)
+            return
+        if key not in self.warm:
+            self.warm.add(key)
+            call()
+            return
+        graph, exe = ctypes.c_void_p(), ctypes.c_void_p()
+        self.driver("cuStreamBeginCapture_v2", self.stream, CAPTURE_MODE_RELAXED)
+        try:
+            out = call()
+        finally:  # a failed capture still ends it, or the stream stays in capture mode
+            code = self.driver.lib.cuStreamEndCapture(self.stream, ctypes.byref(graph))
+        if code != 0:
+            raise CudaGraphError(f"cuStreamEndCapture failed with CUDA error {code}")
+        self.driver("cuGraphInstantiateWithFlags", ctypes.byref(exe), graph, ctypes.c_ulonglong(0))
+        self.graphs[key] = (exe, graph, out)
+        self.recorded += 1
+        self.driver("cuGraphLaunch", exe, self.stream)
+
+    def close(self) -> None:
+        """Destroy the graphs (their recorded buffers may be freed after this)."""
+        for exe, graph, _ in self.graphs.values():
+            self.driver.lib.cuGraphExecDestroy(exe)
+            self.driver.lib.cuGraphDestroy(graph)
+        self.graphs.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the driver may be gone
+            pass
