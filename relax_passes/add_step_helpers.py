@@ -149,17 +149,37 @@ def add_advance(bb) -> None:
         bb.emit_func_output(out)
 
 
-def _argmax_kernel(vocab: int, dtype: str) -> tirx.PrimFunc:
-    """``token[0]`` = the first index of the largest of ``logits[0, i, :]``: TOPI's argmax, one
-    reduction of (index, value) pairs (a combiner TVM's cross-thread reduction knows), reading
-    the row in place (no slice kernel before it)."""
+ARGMAX_PARTS = 128  # the greedy token's first stage: this many parts of the row, one workgroup each
+
+
+def _argmax_kernels(vocab: int, dtype: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc, int]:
+    """The first index of the largest of ``logits[0, i, :]`` in two kernels: the row cut into
+    ``parts`` slices, each slice's first argmax (side by side: one workgroup each on a GPU,
+    ``schedules/gpu_scalar_reduction.py``), then the first argmax of the slices' maxima. TOPI's
+    argmax (its (index, value) reducer is one TVM's cross-thread reduction knows) in both. One
+    workgroup over a whole row took 80-88 us on an H200 for 128k-256k logits: one SM's reads.
+    Returns the two kernels and ``parts``."""
+    parts = max(1, min(ARGMAX_PARTS, vocab // 1024))
+    chunk = -(-vocab // parts)
     n, i = tirx.Var("n", "int64"), tirx.Var("i", "int64")
     logits = te.placeholder((1, n, vocab), dtype, name="logits")
-    row = te.compute((vocab,), lambda k: logits[0, i, k], name="row")
-    index = topi.argmax(row, axis=0, keepdims=True)
-    token = te.compute((1,), lambda j: index[j].astype("int64"), name="token")
-    func = te.create_prim_func([logits, i, token]).without_attr("global_symbol")
-    return func.with_attr("op_pattern", 3)  # a reduction (named by the caller: argmax)
+
+    def at(c, k):  # the row as (parts, chunk); the tail past the vocabulary never wins
+        j = c * chunk + k
+        return tirx.if_then_else(j < vocab, logits[0, i, tirx.min(j, vocab - 1)],
+                                 tirx.min_value(dtype))
+
+    rows = te.compute((parts, chunk), at, name="rows")
+    local = topi.argmax(rows, axis=1)  # (parts,) int32: each slice's first argmax
+    first = te.create_prim_func([logits, i, local]).without_attr("global_symbol")
+    local_in = te.placeholder((parts,), str(local.dtype), name="local")
+    best = te.compute((parts,), lambda c: at(c, local_in[c]), name="best")
+    which = topi.argmax(best, axis=0, keepdims=True)
+    token = te.compute((1,), lambda j: (which[j] * chunk + local_in[which[j]]).astype("int64"),
+                       name="token")
+    second = te.create_prim_func([logits, i, local_in, token]).without_attr("global_symbol")
+    # (reductions, named by the caller: argmax_parts, argmax)
+    return first.with_attr("op_pattern", 3), second.with_attr("op_pattern", 3), parts
 
 
 def add_greedy_token(bb, vocab: int, dtype: str) -> None:
@@ -168,9 +188,13 @@ def add_greedy_token(bb, vocab: int, dtype: str) -> None:
     row, (i,) = shape_param("row", ["i"])
     with bb.function(GREEDY_TOKEN, [logits, row], attrs={"global_symbol": GREEDY_TOKEN}):
         with bb.dataflow():
-            kernel = bb.add_func(_argmax_kernel(vocab, dtype), "argmax")
-            out = bb.emit_output(relax.call_tir(kernel, [logits, relax.prim_value(i)],
-                                                relax.TensorType([1], "int64")))
+            first, second, parts = _argmax_kernels(vocab, dtype)
+            local = bb.emit(relax.call_tir(
+                bb.add_func(first, "argmax_parts"), [logits, relax.prim_value(i)],
+                relax.TensorType([parts], "int32")))
+            out = bb.emit_output(relax.call_tir(
+                bb.add_func(second, "argmax"), [logits, relax.prim_value(i), local],
+                relax.TensorType([1], "int64")))
         bb.emit_func_output(out)
 
 

@@ -33,7 +33,7 @@ class GPUScalarReduction(dl.ScheduleRule):
     """One reduction to a single element over a static extent of at least ``min_extent``, with
     elementwise producers; ``threads``: the workgroup size (capped by the target's)."""
 
-    def __init__(self, threads: int = 256, min_extent: int = 256):
+    def __init__(self, threads: int = 256, min_extent: int = 64):
         self.threads = threads
         self.min_extent = min_extent
 
@@ -62,7 +62,7 @@ class GPUScalarReduction(dl.ScheduleRule):
         extents = [sch.get(lp).extent for lp in loops]
         if not all(isinstance(e, tirx.IntImm) for e in extents):
             return None
-        if any(int(sch.get(lp).extent) != 1 for lp in spatial) or not reduce:
+        if not reduce:
             return None
         total = 1
         for lp in reduce:
@@ -71,7 +71,7 @@ class GPUScalarReduction(dl.ScheduleRule):
             return None
         threads = min(self.threads, int(target.attrs.get("max_num_threads", self.threads)))
         sch.reorder(*spatial, *reduce)
-        outer = sch.fuse(*spatial) if spatial else sch.add_unit_loop(block)
+        outer = sch.fuse(*spatial) if spatial else sch.add_unit_loop(block)  # a workgroup each
         trips, tx = sch.split(sch.fuse(*reduce), [None, threads])
         if total >= threads * self.UNROLL:
             _, unrolled = sch.split(trips, [None, self.UNROLL])

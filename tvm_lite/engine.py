@@ -40,7 +40,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from . import convention as cv
-from . import cuda_graphs
+from .cuda_graphs import Driver, StepGraphs, make_stream
 from .artifact import LIBRARY, MANIFEST, PARAMS, check_artifact
 from .gpu_slice import GpuSlicer, Submissions, no_instrument, set_priority
 from .runners import LocalLink, make_runner, read_convention
@@ -229,10 +229,10 @@ class Engine:
         self.cuda_graphs = self._check_cuda_graphs(cuda_graphs)
         self._driver = self._stream = None
         if self.cuda_graphs:
-            self._driver = cuda_graphs.Driver()
+            self._driver = Driver()
             self._stream = getattr(self.sync, "stream", None)  # priority="low" made one
             if self._stream is None:
-                self._stream = cuda_graphs.make_stream(self.dev, self._driver)
+                self._stream = make_stream(self.dev, self._driver)
                 self.sync = lambda: self._driver("cuStreamSynchronize", self._stream)
         # decode_padded's state on the device, made before any graph records their addresses:
         # the tokens (the fed one at a session's length, each step's at the next row) and the
@@ -310,7 +310,7 @@ class Engine:
             with self.link.guard("a new session"):  # over RPC: the caches are allocated there
                 session = Session(past=self.runner.new_past(self.max_context))
             if self.cuda_graphs:
-                session.graphs = cuda_graphs.StepGraphs(self._driver, self._stream)
+                session.graphs = StepGraphs(self._driver, self._stream)
         if session.graphs is not None:  # given back when the session is collected
             weakref.finalize(session, self._spare.append, (session.past, session.graphs))
         return session

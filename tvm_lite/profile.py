@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
+from . import convention as cv
 from .gpu_slice import is_kernel
 
 
@@ -302,7 +303,11 @@ class Profiler:
                     token[0] = next(loop).token
                 loop.close()
 
-            graphs(2 * eng.run_ahead)  # each bucket: one call, then recorded
+            # to the first row of the next bucket, then its first two steps (the call, then the
+            # recording): the measured steps replay one graph, as a generation does for up to
+            # PADDED_BUCKET - 2 steps at a time
+            bucket = cv.PADDED_BUCKET
+            graphs(-(-(session.length + 1) // bucket) * bucket - session.length + 2)
             self._sync()
             t0 = time.perf_counter()
             graphs(steps)
@@ -323,7 +328,7 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     # prefill, warm-ups, the counting and measured runs, then the queued ones (a warm-up batch,
     # the measured steps, and each of the two loops' last batch run past what it takes)
     queued = steps + 3 * DEFAULT_RUN_AHEAD
-    total = prompt_len + 4 + steps * 4 + 8 + 2 * queued + 3 * steps
+    total = prompt_len + 4 + steps * 4 + 8 + queued + cv.PADDED_BUCKET + 2 * steps + 2
     eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
                  prefill_chunk=prompt_len)
     if not eng.runner.greedy_steps:
