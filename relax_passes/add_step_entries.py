@@ -29,6 +29,17 @@ the greedy token as one, without reading it back: the host can queue several ste
 reads their tokens, so the GPU does not wait for the host between steps
 (``Engine(run_ahead=...)``).
 
+A fourth, where ``decode`` writes its K/V row at its position (``DecodeWritesAtPosition``),
+is a step a CUDA graph can replay:
+
+    decode_padded(tokens: R.Tensor((T,), "int64"), position: R.Tensor((1,), "int64"),
+                  step: R.Shape([p]), kv_caches, [workspace], params) -> R.Tensor((1,), "int64")
+
+It feeds ``tokens[position]`` at row ``position`` and attends over ``p + 1`` keys, the ones after
+``position`` masked (the engine passes ``p + 1`` rounded up to a bucket), then writes the greedy
+token to ``tokens[position + 1]`` and adds 1 to ``position``, on the device. Every step of a
+bucket is then the same call on the same buffers (``tvm_lite/cuda_graphs.py``).
+
 Each also comes as ``prefill_step_flat`` / ``decode_step_flat`` / ``decode_chain_flat``, whose
 parameters are the tuples' fields (``*caches, *workspace, *weights``): the engine calls these
 in-process, passing its buffers as separate arguments, so a step unpacks no tuple (SmolLM2: 260

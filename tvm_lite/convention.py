@@ -19,6 +19,11 @@ Entry points of an in-place decoder (``kv_cache="inplace"``), in the order the p
     decode_chain(token: R.Tensor((1,), "int64"), R.Shape([past]), caches, [workspace], weights)
         -> R.Tensor((1,), "int64")         # the greedy token stays on the device
     decode_chain_flat(the same, *caches, *workspace, *weights)
+    decode_padded(tokens: R.Tensor((n,), "int64"), position: R.Tensor((1,), "int64"),
+                  R.Shape([past]), caches, [workspace], weights) -> R.Tensor((1,), "int64")
+        # feeds tokens[position], attends over past + 1 keys (a bucket; the keys after position
+        # masked), writes tokens[position + 1] and position += 1 on the device: CUDA graphs
+    decode_padded_flat(the same, *caches, *workspace, *weights)
     _metadata() -> str                    # the JSON description of all of the above
 
 A past/present decoder (``kv_cache="copy"``) has ``main`` (and ``decode``, ``main`` with one
