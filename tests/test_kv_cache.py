@@ -186,6 +186,28 @@ def test_decode_steps_queued_on_the_device_give_the_same_tokens(artifact):
             Engine(artifact("dynamo"), max_context=48, run_ahead=bad)
 
 
+def test_decode_writes_its_row_at_the_position_it_is_given(tiny_decoder):
+    """DecodeWritesAtPosition: decode's K/V row goes to the slot of its ``positions`` input (read
+    on the device), not to ``past_len`` -- what lets decode_padded attend over a padded context.
+    A decode call with past_len 5 and position 3 writes row 3 of every cache and leaves rows 4
+    and 5 alone; decode's metadata and IR say so (the write kernel is the ``_at`` variant)."""
+    from tvm_lite import convention as cv
+    from tvm_lite.artifact import compile_model
+
+    # (the cached build test_bad_input.py makes too)
+    eng = Engine(compile_model(tiny_decoder[1], "llvm", progress=lambda *_: None), max_context=16)
+    assert eng.convention["padded"] and eng.runner.padded_steps
+    session = eng.new_session()
+    for cache in session.past:
+        cache.copyfrom(np.zeros(cache.shape, str(cache.dtype)))
+    inputs = [*eng.runner.inputs(np.array([[7]], "int64"), np.ones((1, 6), "int64"),
+                                 np.array([[3]], "int64")), eng.link.make_shape([5])]
+    eng._call(*eng.runner.call(session, cv.DECODE, inputs))
+    for cache in session.past:
+        rows = np.abs(cache.numpy()).sum(axis=(1, 2))
+        assert rows[3] > 0 and not rows[4:].any() and not rows[:3].any(), rows[:6]
+
+
 def test_padded_decode_steps_give_the_same_tokens(artifact):
     """decode_padded (what CUDA graphs replay: the token and position read and advanced on the
     device, the K/V row written at the position read there, the context padded to a multiple of
