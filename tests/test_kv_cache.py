@@ -208,6 +208,27 @@ def test_decode_writes_its_row_at_the_position_it_is_given(tiny_decoder):
         assert rows[3] > 0 and not rows[4:].any() and not rows[:3].any(), rows[:6]
 
 
+def test_a_step_that_cannot_be_recorded_as_a_cuda_graph_runs_as_a_call():
+    """StepGraphs (tvm_lite/cuda_graphs.py): a bucket's first step is a call, the second is
+    recorded; when recording fails (here a driver whose every call fails: no GPU in CI) the step
+    runs as a call instead, with a warning, and so do the later ones -- never a lost step."""
+    from tvm_lite.cuda_graphs import CudaGraphError, StepGraphs
+
+    class NoDriver:
+        lib = None
+
+        def __call__(self, name, *args):
+            raise CudaGraphError(f"{name} failed with CUDA error 999")
+
+    graphs, calls = StepGraphs(NoDriver(), stream=None), []
+    graphs.run(127, lambda: calls.append(1))  # the bucket's first step: a call
+    with pytest.warns(RuntimeWarning, match="without CUDA graphs.*cuStreamBeginCapture"):
+        graphs.run(127, lambda: calls.append(2))
+    graphs.run(127, lambda: calls.append(3))
+    graphs.run(191, lambda: calls.append(4))
+    assert calls == [1, 2, 3, 4] and not graphs.graphs and "error 999" in graphs.failed
+
+
 def test_padded_decode_steps_give_the_same_tokens(artifact):
     """decode_padded (what CUDA graphs replay: the token and position read and advanced on the
     device, the K/V row written at the position read there, the context padded to a multiple of

@@ -31,6 +31,7 @@ Through the CUDA driver API (``libcuda.so.1``, ctypes), on a stream made for the
 from __future__ import annotations
 
 import ctypes
+import warnings
 
 CAPTURE_MODE_RELAXED = 2  # CU_STREAM_CAPTURE_MODE_RELAXED
 
@@ -73,16 +74,29 @@ class StepGraphs:
         self.graphs: dict = {}  # key -> (exec handle, graph handle, what the recording returned)
         self.warm: set = set()  # keys run once as an ordinary call
         self.recorded = 0  # graphs recorded (a benchmark reports it)
+        self.failed: str | bool = False  # why recording failed, if it did (steps run as calls)
 
     def run(self, key, call) -> None:
-        """Run ``call()`` (the step) for ``key``: as a call, recorded, or replayed (module doc)."""
+        """Run ``call()`` (the step) for ``key``: as a call, recorded, or replayed (module doc).
+        If recording fails (the driver's error, or TVM's for a call that cannot be captured),
+        nothing ran on the device: the step runs as a call, now and from then on, with a
+        warning."""
         if key in self.graphs:
             self.driver("cuGraphLaunch", self.graphs[key][0], self.stream)
             return
-        if key not in self.warm:
+        if key not in self.warm or self.failed:
             self.warm.add(key)
             call()
             return
+        try:
+            self._record(key, call)
+        except Exception as err:  # pylint: disable=broad-except  (see the docstring)
+            self.failed = str(err)
+            warnings.warn(f"decode steps run without CUDA graphs: recording one failed ({err})",
+                          RuntimeWarning, stacklevel=2)
+            call()
+
+    def _record(self, key, call) -> None:
         graph, exe = ctypes.c_void_p(), ctypes.c_void_p()
         self.driver("cuStreamBeginCapture_v2", self.stream, CAPTURE_MODE_RELAXED)
         try:
