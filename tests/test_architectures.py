@@ -46,6 +46,36 @@ def test_architecture_matches_torch(arch, exporter, torch_logits):
     np.testing.assert_allclose(got, ref, atol=arch_matrix.TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("arch, exporter",
+                         [m for m in MATRIX if m[0] not in arch_matrix.WINDOW_ARCHS])
+def test_decode_over_a_padded_context_gives_the_unpadded_logits(arch, exporter):
+    """decode_padded's premise (what CUDA graphs replay), per architecture: a decode step whose
+    context is padded with masked keys (past_len 37 beyond the real one, mask 0 there, the
+    position the real one) gives the logits of the unpadded step -- the export applies the
+    attention mask to every key -- and writes its K/V row at the position either way."""
+    from tvm_lite import convention as cv
+    from tvm_lite.engine import Engine
+
+    engine = Engine(arch_matrix.build(arch, exporter), max_context=64)
+    assert engine.runner.padded_steps
+    session = engine.new_session()
+    for cache in session.past:  # (the engine zeroes them before decode_padded runs)
+        cache.copyfrom(np.zeros(cache.shape, str(cache.dtype)))
+    ids = arch_matrix.IDS
+    engine.forward(session, ids[:-1])
+    length = session.length
+
+    def decode(pad):
+        mask = np.zeros((1, length + pad + 1), "int64")
+        mask[0, :length + 1] = 1
+        inputs = [*engine.runner.inputs(np.array([[ids[-1]]], "int64"), mask,
+                                        np.array([[length]], "int64")),
+                  engine.link.make_shape([length + pad])]
+        return engine._call(*engine.runner.call(session, cv.DECODE, inputs))[0].numpy()[0, -1]
+
+    np.testing.assert_allclose(decode(37), decode(0), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gemma3_text"])
 def test_window_models_match_torch_over_a_long_prompt(arch, torch_logits):
     """Ring caches (CPU) through a 150-token prefill and a 70-token chunk (both far longer than
