@@ -25,7 +25,8 @@ and the bound is checked where ``past_len`` is (the cache views ``decode`` makes
 against the cache's size by the VM, and the engine checks a session's length first).
 
 Only ``decode`` (one new token) is rewritten, and only when its first three inputs are the
-engine's ids, mask and positions (``add_step_helpers.step_interface``) and it has no ring caches
+engine's ids, mask and positions (``add_step_helpers.step_interface``), it reads the mask (a
+padded key must be masked), and it has no ring caches
 (a sliding-window layer's ring writes at ``position mod window`` in its own kernel); prefill keeps
 its scalar offset. A rewritten ``decode`` carries the attribute ``WRITES_AT_POSITION_ATTR``.
 """
@@ -42,7 +43,7 @@ from ..convention import DECODE, KV_CACHE_ATTR, KV_WINDOW_ATTR, PAST_LEN, WRITES
 from .add_step_helpers import step_interface
 
 INPLACE = "relax.call_tir_inplace"
-POSITIONS_INPUT = 2  # the engine's (ids, mask, positions, past_len, ...)
+MASK_INPUT, POSITIONS_INPUT = 1, 2  # the engine's (ids, mask, positions, past_len, ...)
 
 
 def read_offset_from_positions(func: tirx.PrimFunc, offset: str) -> tirx.PrimFunc | None:
@@ -70,6 +71,13 @@ def read_offset_from_positions(func: tirx.PrimFunc, offset: str) -> tirx.PrimFun
     return from_source(head + sep + word.sub(row, rest))
 
 
+def _uses(func: relax.Function, var: relax.Var) -> bool:
+    """Whether ``func``'s body reads ``var``."""
+    found = []
+    relax.analysis.post_order_visit(func.body, lambda e: found.append(e) if e.same_as(var) else None)
+    return bool(found)
+
+
 def _offset_param(func: tirx.PrimFunc, call_args, past_seq) -> int | None:
     """The index of ``func``'s scalar parameter the call passes ``past_seq`` to, if exactly one."""
     hits = [i for i, (p, a) in enumerate(zip(func.params, call_args))
@@ -90,6 +98,8 @@ class DecodeWritesAtPosition:
         attrs = func.attrs or {}
         if KV_CACHE_ATTR not in attrs or step_interface(func) is None \
                 or any(int(w) for w in attrs.get(KV_WINDOW_ATTR, ()) or ()):
+            return mod
+        if not _uses(func, func.params[MASK_INPUT]):  # padded keys would not be masked
             return mod
         past_len = next(p for p in func.params if p.name == PAST_LEN)
         (past_seq,) = past_len.ty.values
