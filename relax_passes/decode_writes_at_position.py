@@ -105,6 +105,7 @@ class DecodeWritesAtPosition:
         (past_seq,) = past_len.ty.values
         positions = func.params[POSITIONS_INPUT]
         rewritten: dict = {}  # kernel -> (its "_at" variant, the offset's argument index)
+        kept: list = []  # in-place calls still given past_len: then decode is left as it was
 
         @relax.expr_functor.mutator
         class Rewriter(relax.PyExprMutator):
@@ -118,10 +119,10 @@ class DecodeWritesAtPosition:
                     return call
                 if gv not in rewritten:
                     index = _offset_param(kernel, args, past_seq)
-                    if index is None:
-                        return call
-                    at = read_offset_from_positions(kernel, kernel.params[index].name)
-                    if at is None:
+                    at = None if index is None \
+                        else read_offset_from_positions(kernel, kernel.params[index].name)
+                    if at is None:  # an in-place write at past_len this pass cannot move
+                        kept.extend(a for a in args if a.same_as(past_seq))
                         return call
                     rewritten[gv] = (self.builder_.add_func(at, gv.name_hint + "_at"), index)
                 new_gv, index = rewritten[gv]
@@ -131,7 +132,7 @@ class DecodeWritesAtPosition:
 
         rewriter = Rewriter(mod)
         body = rewriter.visit_expr(func)
-        if not rewritten:
+        if not rewritten or kept:  # all of decode's writes move, or none
             return mod
         body = body.with_attr(WRITES_AT_POSITION_ATTR, True)
         rewriter.builder_.update_func(gvs[DECODE], body)
