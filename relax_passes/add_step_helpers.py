@@ -115,7 +115,8 @@ def add_padded_inputs(bb) -> None:
     with bb.function(PADDED_INPUTS, [tokens, position, sizes],
                      attrs={"global_symbol": PADDED_INPUTS}):
         with bb.dataflow():
-            ids = bb.emit(relax.op.reshape(relax.op.take(tokens, position, axis=0, mode="clip"), [1, 1]))
+            token = relax.op.take(tokens, position, axis=0, mode="clip")
+            ids = bb.emit(relax.op.reshape(token, [1, 1]))
             keys = bb.emit(relax.op.arange(0, p + 1, 1, "int64"))
             mask = bb.emit(relax.op.reshape(relax.op.astype(
                 relax.op.less_equal(keys, position), "int64"), [1, p + 1]))

@@ -32,8 +32,9 @@ from tvm.target import Target
 
 
 class GPUScalarReduction(dl.ScheduleRule):
-    """One reduction to a single element over a static extent of at least ``min_extent``, with
-    elementwise producers; ``threads``: the workgroup size (capped by the target's)."""
+    """One reduction over a static extent of at least ``min_extent`` per output element (a
+    workgroup each), with elementwise producers and single-element epilogues; ``threads``: the
+    workgroup size (capped by the target's)."""
 
     def __init__(self, threads: int = 256, min_extent: int = 64):
         self.threads = threads

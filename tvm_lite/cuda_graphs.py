@@ -36,6 +36,13 @@ import warnings
 CAPTURE_MODE_RELAXED = 2  # CU_STREAM_CAPTURE_MODE_RELAXED
 
 
+def bucket_end(row: int, bucket: int) -> int:
+    """The keys a ``decode_padded`` step feeding row ``row`` attends over: ``row + 1`` rounded
+    up to a multiple of ``bucket`` (the engine caps it at ``max_context``); also the first row
+    of the next bucket."""
+    return -(-(row + 1) // bucket) * bucket
+
+
 class CudaGraphError(RuntimeError):
     """A CUDA driver call for recording or replaying a graph failed; the message names it."""
 
@@ -73,7 +80,6 @@ class StepGraphs:
         self.driver, self.stream = driver, stream
         self.graphs: dict = {}  # key -> (exec handle, graph handle, what the recording returned)
         self.warm: set = set()  # keys run once as an ordinary call
-        self.recorded = 0  # graphs recorded (a benchmark reports it)
         self.failed: str | bool = False  # why recording failed, if it did (steps run as calls)
 
     def run(self, key, call) -> None:
@@ -107,7 +113,6 @@ class StepGraphs:
             raise CudaGraphError(f"cuStreamEndCapture failed with CUDA error {code}")
         self.driver("cuGraphInstantiateWithFlags", ctypes.byref(exe), graph, ctypes.c_ulonglong(0))
         self.graphs[key] = (exe, graph, out)
-        self.recorded += 1
         self.driver("cuGraphLaunch", exe, self.stream)
 
     def close(self) -> None:

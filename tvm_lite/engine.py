@@ -40,7 +40,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from . import convention as cv
-from .cuda_graphs import Driver, StepGraphs, make_stream
+from .cuda_graphs import Driver, StepGraphs, bucket_end, make_stream
 from .artifact import LIBRARY, MANIFEST, PARAMS, check_artifact
 from .gpu_slice import GpuSlicer, Submissions, no_instrument, set_priority
 from .runners import LocalLink, make_runner, read_convention
@@ -510,8 +510,7 @@ class Engine:
             t0 = time.perf_counter()
             for i in range(count):
                 length = session.length + i  # the fed token's row
-                past = min(-(-(length + 1) // cv.PADDED_BUCKET) * cv.PADDED_BUCKET,
-                           self.max_context) - 1
+                past = min(bucket_end(length, cv.PADDED_BUCKET), self.max_context) - 1
                 shape = self.link.make_shape([past])
 
                 def step(shape=shape):

@@ -23,6 +23,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from . import convention as cv
+from .cuda_graphs import bucket_end
 from .gpu_slice import is_kernel
 
 
@@ -306,8 +307,7 @@ class Profiler:
             # to the first row of the next bucket, then its first two steps (the call, then the
             # recording): the measured steps replay one graph, as a generation does for up to
             # PADDED_BUCKET - 2 steps at a time
-            bucket = cv.PADDED_BUCKET
-            graphs(-(-(session.length + 1) // bucket) * bucket - session.length + 2)
+            graphs(bucket_end(session.length, cv.PADDED_BUCKET) - session.length + 2)
             self._sync()
             t0 = time.perf_counter()
             graphs(steps)
