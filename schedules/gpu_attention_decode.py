@@ -14,11 +14,14 @@ output). :func:`decode_kernel` rebuilds it for a GPU profile as one PrimFunc wit
    after a second barrier every thread reads the scores of its own keys, runs the online softmax
    for its key lane (running max, sum and a ``G × V`` fp32 accumulator in registers) and
    accumulates V (its loads were issued with K's, before the barriers).
-   At the end the ``L`` key lanes are merged through local memory (rescaled to the split's max) and
-   the split writes ``(max, sum, acc[G, D])`` per query head to a global scratch buffer.
-2. **merge** -- one workgroup per query head, ``P`` split lanes × ``D`` threads: lane ``p`` folds
-   splits ``p, p + P, ...`` with the online rescale (one pass), then the ``P`` lanes are combined:
-   ``out = Σ_s e^{m_s - M} acc_s / Σ_s e^{m_s - M} l_s`` with ``M = max_s m_s``.
+   At the end the ``L`` key lanes are merged through local memory (rescaled to the split's max),
+   ``GH`` query heads a round (two barriers each), and the split writes ``(max, sum, acc[G, D])``
+   per query head to a global scratch buffer.
+2. **merge** -- one workgroup per (query head, ``DM`` dims), ``P`` split lanes × ``DM`` threads:
+   lane ``p`` folds splits ``p, p + P, ...`` with the online rescale (one pass), then the ``P``
+   lanes are combined: ``out = Σ_s e^{m_s - M} acc_s / Σ_s e^{m_s - M} l_s`` with
+   ``M = max_s m_s``. (One workgroup per query head folded up to 256 splits in a row: 8.9 µs of
+   the 18.7 at Gemma's (8, 1, 256) and 8192 keys on the H200; 32 dims × 16 lanes take 3.5.)
 
 The number of splits follows the context: a split has at least ``min_chunk`` keys (so the scratch
 partials stay small next to the K/V it summarizes: ``4 · G`` keys) and at most ``ceil(m /
@@ -36,6 +39,8 @@ every key visible, so no mask. The splits cover the live window only, whatever t
 
 from __future__ import annotations
 
+import math
+
 from tvm import tirx
 
 from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index,
@@ -47,8 +52,10 @@ DECODE_THREADS = {"adreno": 128, "mali": 64, "cuda": 128, "gpu": 128}
 WORKGROUPS_PER_UNIT = 4  # split workgroups per compute unit the split count aims for
 MAX_KEYS_PER_THREAD = 4  # R: keys a thread handles per tile (loads in flight)
 MIN_KEYS_PER_HEAD = 4  # a split has >= 4 * G keys: its partials are <= 1/4 of the K/V it reads
-MERGE_THREADS = 256  # merge workgroup: head_dim threads x split lanes
-MERGE_SPLIT_LANES = 8
+MERGE_THREADS = 512  # merge workgroup: DM dims x P split lanes
+MERGE_SPLIT_LANES = 16
+MERGE_HEADS_MAX_DIM = 64  # head_dim above which the key lanes are merged one query head a round
+MERGE_DIMS = 32  # head dims per merge workgroup (a divisor of head_dim of at least 16, else all)
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -75,12 +82,24 @@ def plan(p: dict, profile: GPUProfile, max_threads: int) -> dict:
     per_r = 4 * key_lanes * (dv * G + 1 + G)
     r = max(1, min(MAX_KEYS_PER_THREAD, budget // per_r))
     tile = key_lanes * r
+    # the key lanes' accumulators are summed GH query heads at a time (two barriers a round):
+    # the largest divisor of G whose L x GH x D floats fit beside the tile's buffers, for head_dim
+    # <= 64 (on the H200 one round per head was faster at head_dim 128: results/, issue 17)
+    left = profile.local_memory_bytes - 4 * (tile * (dv * G + 1) + tile * G + 2 * key_lanes * G)
+    merge_heads = max([g for g in range(1, G + 1)
+                       if G % g == 0 and 4 * key_lanes * g * D <= left
+                       and (g == 1 or D <= MERGE_HEADS_MAX_DIM)] + [1])
     max_splits = max(1, -(-WORKGROUPS_PER_UNIT * profile.compute_units // KV))
     min_tiles = max(1, -(-MIN_KEYS_PER_HEAD * G // tile))
-    # merge: P split lanes x D threads, each lane folding every P-th split (online), then summed
-    merge_lanes = max(1, min(MERGE_SPLIT_LANES, min(MERGE_THREADS, max_threads) // D))
+    # merge: a workgroup per (query head, DM dims), P split lanes x DM threads, each lane
+    # folding every P-th split (online), then the lanes combined
+    merge_dims = math.gcd(D, MERGE_DIMS)
+    if merge_dims < 16:
+        merge_dims = D
+    merge_lanes = max(1, min(MERGE_SPLIT_LANES, min(MERGE_THREADS, max_threads) // merge_dims))
     return dict(G=G, V=lanes, DV=dv, threads=threads, L=key_lanes, R=r, tile=tile,
-                max_splits=max_splits, min_tiles=min_tiles, P=merge_lanes)
+                max_splits=max_splits, min_tiles=min_tiles, P=merge_lanes, DM=merge_dims,
+                GH=merge_heads)
 
 
 def ring_write(p: dict, threads: int = 128) -> str:
@@ -115,7 +134,9 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, V, DV, TH, L, R, TILE = (pl[k] for k in ("G", "V", "DV", "threads", "L", "R", "tile"))
     SM, MT, P = pl["max_splits"], pl["min_tiles"], pl["P"]
-    split_at = f"((h // {G} * {SM} + i * {P} + tx // {D}) * {G} + h % {G})"  # merge: its split
+    DM, GH = pl["DM"], pl["GH"]
+    split_at = f"((h // {G} * {SM} + i * {P} + tx // {DM}) * {G} + h % {G})"  # merge: its split
+    dim = f"dc * {DM} + tx % {DM}"  # merge: the thread's dim
     f32, dt = "T.float32", p["dtype"]
     stride = DV * G + 1  # a key's partials in local memory, padded against bank conflicts
     # chunk = keys per split (whole tiles); splits = ceil(m / chunk) <= max_splits
@@ -128,7 +149,6 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     pair_mask = mask_index(p, f"kvh * {G} + {pair_head}", "0", f"T.min(base + {pair_key}, m - 1)")
     k_at = kv_index(p, "k", key, "kvh", f"dv * {V} + e")
     v_at = kv_index(p, "v", key, "kvh", f"dv * {V} + e")
-    mask_at = mask_index(p, f"kvh * {G} + g", "0", key)
     u = _unroll
     write = ring_write(p, min(128, max_threads)) if p.get("window") else ""
     src = kernel_source(p, decl, write + f'''    part_o = T.alloc_buffer(({KV * SM * G * D},),
@@ -139,7 +159,7 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
             for tx in T.thread_binding({TH}, thread="threadIdx.x"):
                 sp = T.alloc_buffer(({TILE * stride},), "float32", scope="shared")
                 ss = T.alloc_buffer(({TILE * G},), "float32", scope="shared")
-                red = T.alloc_buffer(({L * D},), "float32", scope="shared")
+                red = T.alloc_buffer(({L * GH * D},), "float32", scope="shared")
                 red_m = T.alloc_buffer(({L * G},), "float32", scope="shared")
                 red_l = T.alloc_buffer(({L * G},), "float32", scope="shared")
                 qr = T.alloc_buffer(({G * V},), "float32", scope="local")
@@ -220,16 +240,17 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
                 if dv == 0:
                     for g in {u(G)}({G}):
                         red_l[lane * {G} + g] = sm[g]
-                for g in range({G}):
-                    for e in T.unroll({V}):
-                        red[lane * {D} + dv * {V} + e] = acc[g * {V} + e]
+                for gi in {u(G // GH)}({G // GH}):  # GH query heads' accumulators per round
+                    for gg in {u(GH)}({GH}):
+                        for e in T.unroll({V}):
+                            red[(lane * {GH} + gg) * {D} + dv * {V} + e] = acc[(gi * {GH} + gg) * {V} + e]
                     T.tvm_storage_sync("shared")
-                    for i in range({-(-D // TH)}):
-                        if i * {TH} + tx < {D}:
+                    for i in range({-(-GH * D // TH)}):
+                        if i * {TH} + tx < {GH * D}:
                             t[0] = {f32}(0)
                             for c in range({L}):
-                                t[0] = t[0] + red[c * {D} + i * {TH} + tx]
-                            part_o[((kvh * {SM} + s) * {G} + g) * {D} + i * {TH} + tx] = t[0]
+                                t[0] = t[0] + red[c * {GH * D} + i * {TH} + tx]
+                            part_o[((kvh * {SM} + s) * {G} + gi * {GH}) * {D} + i * {TH} + tx] = t[0]
                     T.tvm_storage_sync("shared")
                 for i in range({-(-G // TH)}):
                     if i * {TH} + tx < {G}:
@@ -241,34 +262,35 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
                         part_ml[((kvh * {SM} + s) * {G} + i * {TH} + tx) * 2] = t[1]
                         part_ml[((kvh * {SM} + s) * {G} + i * {TH} + tx) * 2 + 1] = t[0]
     for h in T.thread_binding({H}, thread="blockIdx.x"):
-        for tx in T.thread_binding({D * P}, thread="threadIdx.x"):
-            w = T.alloc_buffer((5,), "float32", scope="local")  # max, num, den, new max, m_s
-            mr = T.alloc_buffer(({D * P},), "float32", scope="shared")
-            nr = T.alloc_buffer(({D * P},), "float32", scope="shared")
-            dr = T.alloc_buffer(({D * P},), "float32", scope="shared")
-            w[0] = T.min_value("float32")
-            w[1] = {f32}(0)
-            w[2] = {f32}(0)
-            for i in range(({splits} + {P - 1}) // {P}):
-                if i * {P} + tx // {D} < {splits}:
-                    w[4] = part_ml[{split_at} * 2]
-                    w[3] = T.max(w[0], w[4])
-                    w[1] = w[1] * T.exp(w[0] - w[3]) + T.exp(w[4] - w[3]) * part_o[{split_at} * {D} + tx % {D}]
-                    w[2] = w[2] * T.exp(w[0] - w[3]) + T.exp(w[4] - w[3]) * part_ml[{split_at} * 2 + 1]
-                    w[0] = w[3]
-            mr[tx] = w[0]
-            nr[tx] = w[1]
-            dr[tx] = w[2]
-            T.tvm_storage_sync("shared")
-            if tx < {D}:
-                w[3] = T.min_value("float32")
-                for c in range({P}):
-                    w[3] = T.max(w[3], mr[c * {D} + tx])
+        for dc in T.thread_binding({D // DM}, thread="blockIdx.y"):
+            for tx in T.thread_binding({DM * P}, thread="threadIdx.x"):
+                w = T.alloc_buffer((5,), "float32", scope="local")  # max, num, den, new max, m_s
+                mr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
+                nr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
+                dr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
+                w[0] = T.min_value("float32")
                 w[1] = {f32}(0)
                 w[2] = {f32}(0)
-                for c in range({P}):
-                    w[1] = w[1] + nr[c * {D} + tx] * T.exp(mr[c * {D} + tx] - w[3])
-                    w[2] = w[2] + dr[c * {D} + tx] * T.exp(mr[c * {D} + tx] - w[3])
-                {out_index(p, "h", "0", "tx")} = T.Cast("{dt}", w[1] / w[2])
+                for i in range(({splits} + {P - 1}) // {P}):
+                    if i * {P} + tx // {DM} < {splits}:
+                        w[4] = part_ml[{split_at} * 2]
+                        w[3] = T.max(w[0], w[4])
+                        w[1] = w[1] * T.exp(w[0] - w[3]) + T.exp(w[4] - w[3]) * part_o[{split_at} * {D} + {dim}]
+                        w[2] = w[2] * T.exp(w[0] - w[3]) + T.exp(w[4] - w[3]) * part_ml[{split_at} * 2 + 1]
+                        w[0] = w[3]
+                mr[tx] = w[0]
+                nr[tx] = w[1]
+                dr[tx] = w[2]
+                T.tvm_storage_sync("shared")
+                if tx < {DM}:
+                    w[3] = T.min_value("float32")
+                    for c in range({P}):
+                        w[3] = T.max(w[3], mr[c * {DM} + tx])
+                    w[1] = {f32}(0)
+                    w[2] = {f32}(0)
+                    for c in range({P}):
+                        w[1] = w[1] + nr[c * {DM} + tx] * T.exp(mr[c * {DM} + tx] - w[3])
+                        w[2] = w[2] + dr[c * {DM} + tx] * T.exp(mr[c * {DM} + tx] - w[3])
+                    {out_index(p, "h", "0", "dc * " + str(DM) + " + tx")} = T.Cast("{dt}", w[1] / w[2])
 ''', static)
     return parse(src, static)

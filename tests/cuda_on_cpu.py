@@ -116,7 +116,7 @@ int main() {{
   float* part_o_ptr = new float[{kv * sm * g * d}]; float* part_ml_ptr = new float[{kv * sm * g * 2}];
   float* o_ptr = new float[{heads * d}];
   launch({splits}, {kv}, {plan["threads"]}, [=] {{ attn_kernel({a1}); }});
-  launch({heads}, 1, {d * p}, [=] {{ attn_kernel_1({a2}); }});
+  launch({heads}, {d // plan["DM"]}, {plan["DM"] * p}, [=] {{ attn_kernel_1({a2}); }});
   FILE* h = fopen("{files["o"]}", "wb"); fwrite(o_ptr, 4, {heads * d}, h); fclose(h);
 }}
 '''

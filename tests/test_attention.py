@@ -624,7 +624,7 @@ def test_gpu_ring_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
         splits = -(-m // (chunk_tiles * pl["tile"]))
         func = decode_kernel(p, prof, prof.max_threads, static={"past": past})
         got = _ring_kernel_on_cpu(func, p, case, [_write_grid(p, 1), (splits, kv, 1),
-                                                  (heads, 1, 1)], tmp_path)
+                                                  (heads, d // pl["DM"], 1)], tmp_path)
         _check_ring(got, case, 1e-5)
 
 

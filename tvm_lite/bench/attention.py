@@ -46,7 +46,8 @@ def _kernels(heads: int, kv: int, d: int, target):
 
 
 def _time(call, copies: int, iters: int) -> dict:
-    """GPU kernel µs per call (torch.profiler) and wall µs per call of ``call(i)``."""
+    """GPU kernel µs per call (torch.profiler; in all and per kernel name) and wall µs per call of
+    ``call(i)``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,9 +63,11 @@ def _time(call, copies: int, iters: int) -> dict:
         for i in range(iters):
             call(i % copies)
         torch.cuda.synchronize()
-    gpu = sum(e.device_time_total for e in prof.events()
-              if e.device_type == torch.autograd.DeviceType.CUDA) / iters
-    return {"gpu_us": gpu, "wall_us": wall * 1e6}
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / iters
+    return {"gpu_us": sum(kernels.values()), "wall_us": wall * 1e6, "kernels": kernels}
 
 
 def copy_bandwidth_torch(nbytes: int = 1 << 30, repeats: int = 20) -> float:

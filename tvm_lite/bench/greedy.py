@@ -19,6 +19,24 @@ import time
 import numpy as np
 
 
+def _gpu_us(call, dev, calls: int) -> float | None:
+    """Kernel time per call on a CUDA device, from torch.profiler's CUDA activity (which records
+    TVM's kernels too); None without torch's CUDA."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    if dev.dlpack_device_type() != 2 or not torch.cuda.is_available():  # 2: kDLCUDA
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        dev.sync()
+    return sum(e.device_time_total for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / calls
+
+
 def bench(target: str = "cuda -arch=sm_90", device: str = "cuda", vocab: int = 49152,
           calls: int = 50) -> list[dict]:
     import tvm
@@ -63,6 +81,8 @@ def bench(target: str = "cuda -arch=sm_90", device: str = "cuda", vocab: int = 4
             times.append(time.perf_counter() - t0)
         rows.append({"schedule": name, "us per call (median)": float(np.median(times) * 1e6),
                      "min us": float(min(times) * 1e6),
+                     "GPU us per call": _gpu_us(lambda: f(xs, tvm.runtime.ShapeTuple([3])),
+                                                dev, calls),
                      "argmax = numpy": got == [int(np.argmax(x[0, i])) for i in range(4)]})
     return rows
 
