@@ -8,7 +8,8 @@ are, and without ``GPUScalarReduction`` (DLight's own rules then take it). Check
 numpy (a tie included) and prints the median time of a call; ``--vocab 256000`` is the Gemma
 shape (issue 17: <= 10 us). On the H200 (vocab 49,152, fp16), when the argmax was a max and a
 first-index reduction (two kernels): 2,649 us without the rule (gpu.Fallback, one thread over
-the row), 44 us with it. The one-kernel argmax is not measured yet.
+the row), 44 us with it. The argmax now (up to 128 slices side by side, then their maxima):
+3.2 us of GPU time a call at vocab 256,000 (the ``GPU us per call`` column, torch.profiler).
 """
 
 from __future__ import annotations
