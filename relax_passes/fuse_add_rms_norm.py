@@ -215,12 +215,13 @@ def _decode_gemv_input(call, mod) -> relax.Expr | None:
 
 
 def _decode_gemv_inputs(mod) -> set:
-    """Vars every use of which is the input row of a decode GEMV."""
+    """Vars every use of which is the input row of a decode GEMV, or a cast whose result is one
+    (Gemma's fp16 exports normalize in fp32 and cast the row back before the GEMV)."""
     out = set()
     for _, func in mod.functions_items():
         if not isinstance(func, relax.Function):
             continue
-        uses: dict = {}
+        uses: dict = {}  # var -> [True (a GEMV's row) | False | the var it is cast to]
 
         def use(expr, as_row):
             if isinstance(expr, relax.Var):
@@ -232,7 +233,10 @@ def _decode_gemv_inputs(mod) -> set:
         for block in func.body.blocks:
             for b in block.bindings:
                 val = b.value
-                if isinstance(val, relax.Call):
+                if isinstance(val, relax.Call) and isinstance(val.op, tvm.ir.Op) \
+                        and val.op.name == "relax.astype" and isinstance(val.args[0], relax.Var):
+                    uses.setdefault(val.args[0], []).append(b.var)
+                elif isinstance(val, relax.Call):
                     row = _decode_gemv_input(val, mod)
                     for arg in val.args:
                         for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
@@ -242,5 +246,15 @@ def _decode_gemv_inputs(mod) -> set:
                 else:
                     use(val, False)
         use(func.body.body, False)
-        out.update(v for v, u in uses.items() if all(u))
+        rows: set = set()
+
+        def row_use(x) -> bool:
+            return x in rows if isinstance(x, relax.Var) else bool(x)
+
+        while True:  # a cast's input is a row once the cast's result is one
+            more = {v for v, u in uses.items() if v not in rows and all(map(row_use, u))}
+            if not more:
+                break
+            rows |= more
+        out.update(rows)
     return out

@@ -119,11 +119,15 @@ class FuseGEMVPrologue:
 
         patterns = [FusionPattern(PATTERN, pat, {"producer": prod}, fits)
                     for pat, prod in PATTERNS]
-        before = _count_calls(mod)
-        mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=False,
-                                               annotate_codegen=False)(mod)
-        mod = relax.transform.FuseTIR()(mod)
-        self.count = before - _count_calls(mod)
+        start = _count_calls(mod)
+        while True:  # a chain of producers (Gemma's fp16 norm, then its cast) joins one by one
+            before = _count_calls(mod)
+            mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=False,
+                                                   annotate_codegen=False)(mod)
+            mod = relax.transform.FuseTIR()(mod)
+            if _count_calls(mod) == before:
+                break
+        self.count = start - _count_calls(mod)
         return mod
 
 

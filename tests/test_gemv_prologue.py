@@ -269,35 +269,54 @@ def test_pipeline_switch_by_target(target, gpu):
 
 
 # -- the packed half2 4-bit GEMV of fp16 rows (CUDA) with its prologue -----------------------------
-def _norm_dequant_gemv(k: int, n: int) -> tvm.IRModule:
+def _norm_dequant_gemv(k: int, n: int, gemma: bool = False, residual: bool = False):
     """``y = RMSNorm(s) @ W`` in fp16 as Llama's fp16 exports spell it (the row normalized in fp32,
-    cast back, times the weight), W 4-bit (E0M4 g32)."""
+    cast back, times the weight), W 4-bit (E0M4 g32). ``gemma``: as Gemma's spell it (times
+    ``1 + w`` in fp32, then cast back). ``residual``: ``s`` is ``x + r``, returned too."""
     from tvm_lite.quant.kernels import matmul_func
 
     bb = relax.BlockBuilder()
-    s = relax.Var("s", relax.TensorType((1, 1, k), "float16"))
+    rows = [relax.Var(v, relax.TensorType((1, 1, k), "float16"))
+            for v in (("x", "r") if residual else ("s",))]
     w = relax.Var("w", relax.TensorType((k,), "float16"))
     codes = relax.Var("codes", relax.TensorType((k // 4, n), "uint16"))
     scale = relax.Var("scale", relax.TensorType((k // 32, n), "float16"))
     zero = relax.Var("zero", relax.TensorType((k // 32, n), "float16"))
     op = relax.op
-    with bb.function("decode", [s, w, codes, scale, zero]):
+    with bb.function("decode", [*rows, w, codes, scale, zero]):
         with bb.dataflow():
+            s = bb.emit(op.add(*rows)) if residual else rows[0]
             sf = bb.emit(op.astype(s, "float32"))
             m = bb.emit(op.mean(op.power(sf, relax.const(2.0, "float32")), axis=[-1], keepdims=True))
             inv = bb.emit(op.rsqrt(op.add(m, relax.const(EPS, "float32"))))
-            h = bb.emit(op.multiply(w, op.astype(op.multiply(sf, inv), "float16")))
+            if gemma:
+                w1 = op.add(op.astype(w, "float32"), relax.const(1.0, "float32"))
+                h = bb.emit(op.astype(bb.emit(op.multiply(op.multiply(sf, inv), w1)), "float16"))
+            else:
+                h = bb.emit(op.multiply(w, op.astype(op.multiply(sf, inv), "float16")))
             gv = bb.add_func(matmul_func("e0m4", [1, 1], k, n, 32, "float16"), "e0m4_matmul")
-            y = bb.emit_output(relax.call_tir(gv, [h, codes, scale, zero],
-                                              relax.TensorType((1, 1, n), "float16")))
-        bb.emit_func_output(y)
+            y = bb.emit(relax.call_tir(gv, [h, codes, scale, zero],
+                                       relax.TensorType((1, 1, n), "float16")))
+            out = bb.emit_output(relax.Tuple([y, s]) if residual else y)
+        bb.emit_func_output(out)
     return bb.get()
 
 
+def test_gemma_norm_cast_to_fp16_is_still_the_gemv_prologue():
+    """Gemma's fp16 norm ends in fp32 and casts the row back before the GEMV: the residual add
+    still stays out of the norm (the previous GEMV's epilogue in a model) and the GEMV computes
+    norm and cast itself -- 2 kernels a layer fewer than an add_rms_norm kernel of its own."""
+    mod, count = _lowered(_norm_dequant_gemv(256, 128, gemma=True, residual=True))
+    assert count == 2  # the norm (its weight's cast fused in by FuseOps), then the row's cast
+    text = mod["decode"].script()
+    assert "add_rms_norm" not in text and text.count("R.call_tir(") == 2  # the add, the GEMV
+
+
 def _half2_fused(case: str, k: int, n: int):
-    mod = _norm_dequant_gemv(k, n) if case == "norm" else _silu_dequant_gemv(k, n, "float16")
+    mod = (_norm_dequant_gemv(k, n, gemma=case == "gemma") if case in ("norm", "gemma")
+           else _silu_dequant_gemv(k, n, "float16"))
     mod, count = _lowered(mod)
-    assert count == 1
+    assert count == 1 + (case == "gemma")
     (func,) = [f for gv, f in mod.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith("fused")]
     return func
@@ -319,6 +338,12 @@ def _half2_inputs(case: str, k: int, n: int, rng) -> tuple[list, np.ndarray]:
         sf = s.astype(np.float32).reshape(-1)
         x = f16(f16(sf / np.sqrt((sf * sf).mean() + EPS)) * w.astype(np.float32))
         rows = [s, w]
+    elif case == "gemma":
+        s = (rng.standard_normal((1, 1, k)) * 2).astype(np.float16)
+        w = rng.standard_normal(k).astype(np.float16)
+        sf = s.astype(np.float32).reshape(-1)
+        x = f16(sf / np.sqrt((sf * sf).mean() + EPS) * (1 + w.astype(np.float32)))
+        rows = [w, s]  # (FuseOps puts the weight's cast, and so the weight, first)
     else:
         gu = rng.standard_normal((1, 1, 2 * k)).astype(np.float16)
         g, u = gu.reshape(-1)[:k].astype(np.float32), gu.reshape(-1)[k:].astype(np.float32)
@@ -333,7 +358,9 @@ def _half2_inputs(case: str, k: int, n: int, rng) -> tuple[list, np.ndarray]:
 HALF2_PROLOGUE_CASES = [("norm", 576, 960, None), ("silu", 1536, 576, None),
                         ("norm", 576, 1536, {"ks": 1, "kg": 3, "tn": 32, "tk": 6}),
                         ("norm", 2048, 256, {"ks": 4, "kg": 2, "tn": 4, "tk": 8}),
-                        ("silu", 1536, 576, {"ks": 2, "kg": 3, "tn": 8, "tk": 8})]
+                        ("silu", 1536, 576, {"ks": 2, "kg": 3, "tn": 8, "tk": 8}),
+                        ("gemma", 2048, 256, None),
+                        ("gemma", 2048, 256, {"ks": 4, "kg": 2, "tn": 4, "tk": 8})]
 
 
 @pytest.mark.parametrize("case,k,n,override", HALF2_PROLOGUE_CASES)
@@ -347,7 +374,7 @@ def test_half2_gemv_with_its_prologue_emulated_on_the_cpu_matches_numpy(case, k,
     plan = GPUDecodeGEMV(cuda).plan(n, k, 2, parse_target("cuda -arch=sm_90"), 32)
     plan.update(override or {})
     sch, p = half2_kernel(func, parse_target("llvm"), cuda, plan, emulate=True)
-    assert p.prologue and p.row_stat == (case == "norm") and p.ks == plan["ks"]
+    assert p.prologue and p.row_stat == (case != "silu") and p.ks == plan["ks"]
     ex = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
                      target=parse_target("llvm"))
     args, ref = _half2_inputs(case, k, n, np.random.default_rng(1))
