@@ -17,9 +17,10 @@ chain by one ``call_tir`` of a kernel built for the call site (``add_rms_norm``:
 layer's norm, QK norms), ``rms_norm``. The kernel accumulates in fp32 whatever the model's dtype.
 
 ``norm_before_gemv=True`` (the GPU pipeline): where the normalized row feeds only decode GEMVs
-(``M == 1`` matmuls), the add is left in front of ``rms_norm``: FuseOps makes it the previous
-GEMV's epilogue (that kernel writes the residual sum) and ``FuseGEMVPrologue`` folds the norm into
-the next GEMV, so the pair costs no kernel of its own.
+(``M == 1`` matmuls), directly or through a cast (Gemma's fp16 exports: ``n * (1 + w)`` in fp32,
+then cast back), the add is left in front of ``rms_norm``: FuseOps makes it the previous GEMV's
+epilogue (that kernel writes the residual sum) and ``FuseGEMVPrologue`` folds the norm (and the
+cast) into the next GEMV, so the pair costs no kernel of its own.
 """
 
 from __future__ import annotations
