@@ -48,27 +48,32 @@ class CudaGraphError(RuntimeError):
 
 
 class Driver:
-    """The few CUDA driver functions the graphs need."""
+    """The CUDA driver API (``libcuda.so.1``) through ctypes: ``driver("cuName", *args)`` calls
+    a function and raises ``error`` naming it where it fails. ``purpose`` says what needs the
+    library (the graphs here; a low-priority queue in ``gpu_slice``)."""
 
-    def __init__(self):
+    def __init__(self, error: type[Exception] = CudaGraphError, purpose: str = "CUDA graphs"):
+        self.error = error
         try:
             self.lib = ctypes.CDLL("libcuda.so.1")
         except OSError as err:
-            raise CudaGraphError(f"CUDA graphs need the driver library libcuda.so.1 ({err})") \
-                from err
+            raise error(f"{purpose} needs the driver library libcuda.so.1 ({err})") from err
 
     def __call__(self, name: str, *args) -> None:
         code = getattr(self.lib, name)(*args)
         if code != 0:
-            raise CudaGraphError(f"{name} failed with CUDA error {code}")
+            raise self.error(f"{name} failed with CUDA error {code}")
 
 
-def make_stream(device, driver: Driver) -> ctypes.c_void_p:
-    """A new stream, set as TVM's stream for ``device`` (capture needs one other than the
-    legacy default stream)."""
+def make_stream(device, driver: Driver, priority: int | None = None) -> ctypes.c_void_p:
+    """A new stream (at ``priority``, if given), set as TVM's stream for ``device`` (capture
+    needs one other than the legacy default stream)."""
     device.sync()  # TVM's runtime has made the device's primary context current
     stream = ctypes.c_void_p()
-    driver("cuStreamCreate", ctypes.byref(stream), 0)
+    if priority is None:
+        driver("cuStreamCreate", ctypes.byref(stream), 0)
+    else:
+        driver("cuStreamCreateWithPriority", ctypes.byref(stream), 0, priority)
     device.set_raw_stream(stream.value)
     return stream
 

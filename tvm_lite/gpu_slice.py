@@ -30,6 +30,7 @@ import ctypes
 import time
 from dataclasses import dataclass, field
 
+from .cuda_graphs import Driver, make_stream
 from .errors import TvmLiteError
 
 PRIORITIES = ("normal", "low")
@@ -109,14 +110,6 @@ class PriorityNotSupported(TvmLiteError, RuntimeError):
     """The runtime cannot give this device's queue another priority from Python."""
 
 
-def _cuda_driver():
-    try:
-        return ctypes.CDLL("libcuda.so.1")
-    except OSError as err:
-        raise PriorityNotSupported(f"priority='low' on CUDA needs the driver library libcuda.so.1 "
-                                   f"({err})") from err
-
-
 def set_priority(device, priority: str):
     """Ask for ``priority`` on ``device``'s queue. Returns what was done (for logs and
     benchmarks) and the function that waits for that queue (``Device.sync`` waits for TVM's
@@ -132,19 +125,14 @@ def set_priority(device, priority: str):
     if kind == "cpu":
         return "cpu: no queue (nothing to do)", device.sync
     if kind == "cuda":
-        drv = _cuda_driver()
+        drv = Driver(PriorityNotSupported, "priority='low' on CUDA")
         device.sync()  # TVM's runtime has made the device's primary context current
         least, greatest = ctypes.c_int(), ctypes.c_int()
-        if drv.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest)) != 0:
-            raise PriorityNotSupported("cuCtxGetStreamPriorityRange failed (no current CUDA context)")
-        stream = ctypes.c_void_p()
-        if drv.cuStreamCreateWithPriority(ctypes.byref(stream), 0, least.value) != 0:
-            raise PriorityNotSupported("cuStreamCreateWithPriority failed")
-        device.set_raw_stream(stream.value)
+        drv("cuCtxGetStreamPriorityRange", ctypes.byref(least), ctypes.byref(greatest))
+        stream = make_stream(device, drv, priority=least.value)
 
         def sync():
-            if drv.cuStreamSynchronize(stream) != 0:
-                raise RuntimeError("cuStreamSynchronize failed on the low-priority stream")
+            drv("cuStreamSynchronize", stream)
 
         sync.stream = stream  # (CUDA graphs record on it: tvm_lite/cuda_graphs.py)
 
