@@ -84,7 +84,8 @@ def plan(p: dict, profile: GPUProfile, max_threads: int) -> dict:
     tile = key_lanes * r
     # the key lanes' accumulators are summed GH query heads at a time (two barriers a round):
     # the largest divisor of G whose L x GH x D floats fit beside the tile's buffers, for head_dim
-    # <= 64 (on the H200 one round per head was faster at head_dim 128: results/, issue 17)
+    # <= 64 (on the H200 one head a round was faster at head_dim 128:
+    # results/issue17_decode_attention_sweep_h200_s8.json)
     left = profile.local_memory_bytes - 4 * (tile * (dv * G + 1) + tile * G + 2 * key_lanes * G)
     merge_heads = max([g for g in range(1, G + 1)
                        if G % g == 0 and 4 * key_lanes * g * D <= left
