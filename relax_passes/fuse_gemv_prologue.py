@@ -10,8 +10,8 @@ own, each a round trip of one row through memory::
 
 This pass (run after FuseOps/FuseTIR) groups each such pair into one function and FuseTIR makes it
 one PrimFunc: the producer's blocks then the matmul's. It repeats until nothing more joins, so a
-chain of producers becomes one prologue (Gemma's fp16 norm, then the cast of its fp32 output). The GPU GEMV rule
-(``schedules/gpu_gemv.py``) computes the producer per group of ``K`` in registers where the
+chain of producers becomes one prologue (Gemma's fp16 norm, then the cast of its fp32 output).
+The GPU GEMV rule (``schedules/gpu_gemv.py``) computes the producer per group of ``K`` in registers where the
 matmul reads it, and a norm's row statistic (the ``sum_sq`` block of ``rms_norm``, see
 ``relax_passes/fuse_add_rms_norm.py``) is reduced by every workgroup's threads first: the row is
 ``hidden_size`` values, a few loads per thread. The residual add in front of a norm stays the

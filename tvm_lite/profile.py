@@ -201,7 +201,7 @@ def _with_instrument(vm, instrument, call):
         vm.set_instrument(None)
 
 
-def _torch_kernels(run, steps: int) -> tuple[dict, float]:
+def torch_kernels(run, steps: int) -> tuple[dict, float]:
     """(kernels, wall seconds per step) of ``run()`` (``steps`` steps) under torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -247,7 +247,7 @@ class Profiler:
         self._sync()
         wall = (time.perf_counter() - t0) / steps
         if self.use_torch:
-            kernels, _ = _torch_kernels(lambda: run(steps), steps)
+            kernels, _ = torch_kernels(lambda: run(steps), steps)
             method = "torch.profiler (CUDA activity)"
         else:
             timer = _CallCounter(sync=self._sync)
@@ -314,7 +314,7 @@ class Profiler:
             self._sync()
             prof.wall_ms_graphs = (time.perf_counter() - t0) / steps * 1e3
             if self.use_torch:
-                kernels, _ = _torch_kernels(lambda: graphs(steps), steps)
+                kernels, _ = torch_kernels(lambda: graphs(steps), steps)
                 prof.gpu_ms_graphs = sum(k["us"] for k in kernels.values()) / 1e3
                 prof.kernels_graphs = sum(k["calls"] for k in kernels.values())
         return prof

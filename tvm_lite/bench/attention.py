@@ -49,7 +49,8 @@ def _time(call, copies: int, iters: int) -> dict:
     """GPU kernel µs per call (torch.profiler; in all and per kernel name) and wall µs per call of
     ``call(i)``."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+
+    from ..profile import torch_kernels
 
     for i in range(min(copies, 8)):
         call(i)
@@ -59,14 +60,8 @@ def _time(call, copies: int, iters: int) -> dict:
         call(i % copies)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / iters
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(iters):
-            call(i % copies)
-        torch.cuda.synchronize()
-    kernels: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / iters
+    found, _ = torch_kernels(lambda: [call(i % copies) for i in range(iters)], iters)
+    kernels = {name: k["us"] for name, k in found.items()}
     return {"gpu_us": sum(kernels.values()), "wall_us": wall * 1e6, "kernels": kernels}
 
 
