@@ -20,8 +20,9 @@ output). :func:`decode_kernel` rebuilds it for a GPU profile as one PrimFunc wit
 2. **merge** -- one workgroup per (query head, ``DM`` dims), ``P`` split lanes × ``DM`` threads:
    lane ``p`` folds splits ``p, p + P, ...`` with the online rescale (one pass), then the ``P``
    lanes are combined: ``out = Σ_s e^{m_s - M} acc_s / Σ_s e^{m_s - M} l_s`` with
-   ``M = max_s m_s``. (One workgroup per query head folded up to 256 splits in a row: 8.9 µs of
-   the 18.7 at Gemma's (8, 1, 256) and 8192 keys on the H200; 32 dims × 16 lanes take 3.5.)
+   ``M = max_s m_s``. (At Gemma's (8, 1, 256) and 8192 keys on the H200: 8.9 µs with 64 dims ×
+   4 lanes a workgroup, 3.5 µs with 32 × 16; one workgroup per query head had folded all 256
+   splits in one lane.)
 
 The number of splits follows the context: a split has at least ``min_chunk`` keys (so the scratch
 partials stay small next to the K/V it summarizes: ``4 · G`` keys) and at most ``ceil(m /
@@ -85,7 +86,7 @@ def plan(p: dict, profile: GPUProfile, max_threads: int) -> dict:
     # the key lanes' accumulators are summed GH query heads at a time (two barriers a round):
     # the largest divisor of G whose L x GH x D floats fit beside the tile's buffers, for head_dim
     # <= 64 (on the H200 one head a round was faster at head_dim 128:
-    # results/issue17_decode_attention_sweep_h200_s8.json)
+    # results/issue17_decode_attention_sweep3_h200_s8.json)
     left = profile.local_memory_bytes - 4 * (tile * (dv * G + 1) + tile * G + 2 * key_lanes * G)
     merge_heads = max([g for g in range(1, G + 1)
                        if G % g == 0 and 4 * key_lanes * g * D <= left
