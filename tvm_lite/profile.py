@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from . import convention as cv
 from .cuda_graphs import bucket_end
 from .gpu_slice import is_kernel
+from .gpu_time import init_torch_cuda, torch_kernels
 
 
 @dataclass
@@ -201,26 +202,6 @@ def _with_instrument(vm, instrument, call):
         vm.set_instrument(None)
 
 
-def torch_kernels(run, steps: int) -> tuple[dict, float]:
-    """(kernels, wall seconds per step) of ``run()`` (``steps`` steps) under torch.profiler."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / steps
-    kernels = defaultdict(lambda: {"calls": 0.0, "us": 0.0})
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels[e.name]
-            k["calls"] += 1 / steps
-            k["us"] += e.device_time_total / steps
-    return dict(kernels), wall
-
-
 class Profiler:
     """Profiles an :class:`~tvm_lite.engine.Engine`'s greedy steps (in-place artifacts)."""
 
@@ -230,9 +211,7 @@ class Profiler:
             use_torch = int(engine.dev.dlpack_device_type()) == 2  # kDLCUDA
         self.use_torch = use_torch
         if use_torch:
-            import torch
-
-            torch.zeros(1, device="cuda")  # CUDA (and CUPTI) initialised in this process first
+            init_torch_cuda()  # CUDA (and CUPTI) initialised by torch in this process first
 
     def _sync(self):
         self.engine.sync()  # (the engine's stream: its own with cuda_graphs)

@@ -50,7 +50,7 @@ def _time(call, copies: int, iters: int) -> dict:
     ``call(i)``."""
     import torch
 
-    from ..profile import torch_kernels
+    from ..gpu_time import torch_kernels
 
     for i in range(min(copies, 8)):
         call(i)

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from ..gpu_time import init_torch_cuda
+
 
 def _gpu_us(call, dev, calls: int) -> float | None:
     """Kernel time per call on a CUDA device, from torch.profiler's CUDA activity (which records
@@ -29,7 +31,7 @@ def _gpu_us(call, dev, calls: int) -> float | None:
         return None
     if dev.dlpack_device_type() != 2 or not torch.cuda.is_available():  # 2: kDLCUDA
         return None
-    from ..profile import torch_kernels
+    from ..gpu_time import torch_kernels
 
     kernels, _ = torch_kernels(lambda: [call() for _ in range(calls)], calls)
     return sum(k["us"] for k in kernels.values())
@@ -38,12 +40,7 @@ def _gpu_us(call, dev, calls: int) -> float | None:
 def bench(target: str = "cuda -arch=sm_90", device: str = "cuda", vocab: int = 49152,
           calls: int = 50) -> list[dict]:
     if device == "cuda":
-        try:  # CUDA (and CUPTI) initialised by torch first, as tvm_lite.profile does
-            import torch
-
-            torch.zeros(1, device="cuda")
-        except (ImportError, RuntimeError, AssertionError):
-            pass  # no torch CUDA: the GPU-time column stays empty
+        init_torch_cuda()  # first, as tvm_lite.profile does (without it the GPU-time column stays empty)
     import tvm
     from tvm import relax
     from tvm.s_tir import dlight as dl
