@@ -46,8 +46,11 @@ Loop nest (the same thread shape as :class:`.gpu_gemv.GPUDecodeGEMV`'s ``plan``)
                 part[p] = hfma2(hsub2(h2(w[p] >> 4i), c2[p]), x2_i, part[p])
             acc[2p], acc[2p+1] += s * float(part[p])          (fp32)
         acc -> shared [tk, tn*vec], summed over tk by the workgroup's threads
-            -> y = epilogue(sum), or, when ks > 1, partial[ks, N] in global memory, summed
-               (and the epilogue applied) by a second small kernel
+            -> y = epilogue(sum), or, when ks > 1, partial[ks, N] in global memory; the
+               workgroup that finishes its column tile last (a ticket: ``atomicInc`` on a
+               zero-initialised ``__device__`` slot that wraps back to 0) sums the ks partials
+               and applies the epilogue -- one kernel, where the generic schedule launches a
+               second (Llama-1B's and Gemma-2B's down projections: one kernel a layer fewer)
 
 Accuracy: the only new rounding is the fp16 partial (``R`` products, each exact up to one
 rounding of ``(h - c) * x``). The partial is unscaled, up to ``15 * R * max|x|``: it cannot
@@ -120,6 +123,33 @@ __forceinline__ __device__ float tvm_lite_half2_hi(unsigned v) {
 }
 """,
 }
+
+
+# Split-K in one kernel: every workgroup of a column tile writes its fp32 partials, then takes a
+# ticket; the one that takes the last ticket sums the partials and applies the epilogue. The
+# tickets are a zero-initialised __device__ array of the module (one slot per column tile, shared
+# by all kernels: kernels of one stream run one after another) that ``atomicInc`` wraps back to 0
+# at the last ticket, so every launch finds its slots at 0 and leaves them so.
+SPLIT_TICKETS = 4096
+HELPERS["tvm_lite_split_last"] = r"""
+__device__ unsigned tvm_lite_split_tickets[%d];
+__forceinline__ __device__ int tvm_lite_split_last(unsigned slot, unsigned splits) {
+  // every thread of the workgroup calls this after writing its partials
+  __shared__ int last;
+  __threadfence();  // the partials visible to the whole device before the ticket is taken
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    last = atomicInc(&tvm_lite_split_tickets[slot], splits - 1) == splits - 1;
+  }
+  __syncthreads();
+  return last;
+}
+""" % SPLIT_TICKETS
+HELPERS["tvm_lite_ldcg_f32"] = r"""
+__forceinline__ __device__ float tvm_lite_ldcg_f32(const float* p) {
+  return __ldcg(p);  // from L2: another SM's partial (this SM's L1 may hold an older line)
+}
+"""
 
 
 HELPERS["tvm_lite_pack_half2"] = _MMA_HELPERS["tvm_lite_pack_half2"]  # the same source: one copy
@@ -481,6 +511,7 @@ def gemv_half2({decls}):
                     s2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
                     xw = T.alloc_buffer((2,), "uint32", scope="local")
                     tot = T.alloc_buffer((1,), "float32", scope="local")
+                    last = T.alloc_buffer((1,), "int32", scope="local")
                     for c in T.unroll({VEC}):
                         acc[c] = T.float32(0)
                     for g in T.serial({KG}):
@@ -507,19 +538,26 @@ def gemv_half2({decls}):
                                 tot[0] = tot[0] + red[t, {col}]
                             {write}
 '''
-    if KS > 1:  # the split-K partials, summed (and the epilogue applied) per column
-        threads = 256
-        src += f'''
-    for b in {"T.serial(%d)" % -(-N // threads) if emulate else
-              'T.thread_binding(%d, thread="blockIdx.x")' % -(-N // threads)}:
-        for t in {"T.serial(%d)" % threads if emulate else
-                  'T.thread_binding(%d, thread="threadIdx.x")' % threads}:
-            tot = T.alloc_buffer((1,), "float32", scope="local")
-            if b * {threads} + t < {N}:
-                tot[0] = T.float32(0)
-                for s in T.serial({KS}):
-                    tot[0] = tot[0] + ws[s, b * {threads} + t]
-                {out_at(f"b * {threads} + t")}
+    if KS > 1:  # the last workgroup of the column tile sums the partials, applies the epilogue
+        if NT > SPLIT_TICKETS:
+            raise MatchError(f"{NT} column tiles split over K: more than {SPLIT_TICKETS} tickets")
+        at = f"bx * {cols} + {col}"
+        if emulate:  # serial workgroups: the last split is the last to arrive
+            src += threads.replace("            for", "            if by == %d:\n" % (KS - 1)
+                                   + "                for", 1).replace(
+                "                for tx", "                    for tx")
+            src += '                        tot = T.alloc_buffer((1,), "float32", scope="local")\n'
+            pad, part = " " * 24, f"ws[s, {at}]"
+        else:
+            src += (f'                    last[0] = {call("tvm_lite_split_last", ["T.uint32(bx)", f"T.uint32({KS})"], "int32")}\n'
+                    f"                    if last[0] == 1:\n")
+            pad, part = " " * 24, call("tvm_lite_ldcg_f32", [f"T.address_of(ws[s, {at}])"], "float32")
+        src += f'''{pad}for cc in T.serial({sums}):
+{pad}    if {guard}:
+{pad}        tot[0] = T.float32(0)
+{pad}        for s in T.serial({KS}):
+{pad}            tot[0] = tot[0] + {part}
+{pad}        {out_at(at)}
 '''
     return src
 

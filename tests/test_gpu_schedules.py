@@ -396,6 +396,8 @@ HALF2_CPU_CASES = [
     ("e0m4", 1024, 512, 128, "residual", {"ks": 1, "kg": 1, "tn": 32, "tk": 8}),
     ("e0m4", 576, 1536, 32, "silu_gate", None),
     ("e0m4", 576, 1536, 32, "residual", {"ks": 1, "kg": 3, "tn": 32, "tk": 6}),
+    # split K 4 ways, 2 column tiles: the last workgroup of each tile sums and adds the residual
+    ("e0m4", 2048, 512, 32, "residual", {"ks": 4, "kg": 2, "tn": 32, "tk": 8}),
 ]
 
 
