@@ -42,7 +42,9 @@ def _source(ex, kind):
 
 
 def _kernel_names(src):
-    return set(re.findall(r"__kernel void (\w+)\(", src))
+    """Kernel names in OpenCL or CUDA C."""
+    return set(re.findall(r"(?:__kernel void|__global__ void(?: __launch_bounds__\(\d+\))?) (\w+)\(",
+                          src))
 
 
 def _schedule(rule, func, target):
@@ -447,6 +449,20 @@ def test_half2_gemv_is_chosen_on_cuda_only_for_fp16_dequant_matmuls():
         assert "tvm_lite_dq_hfma2" not in _source(build(func, cuda, [rule]), "cuda")
     assert not ADRENO.gemv_half2_rows and not MALI.gemv_half2_rows and CUDA.gemv_half2_rows
     assert all("lop3" in h or "__" in h for h in HELPERS.values())
+
+
+def test_half2_gemv_splits_k_in_one_kernel():
+    """A 2B down projection (K = 16384, N = 2048) splits K over workgroups and still launches one
+    kernel: the last workgroup of each column tile sums the partials (a ticket per tile)."""
+    from tvm_lite.schedules.gpu_gemv_half2 import SPLIT_TICKETS
+
+    cuda = parse_target("cuda -arch=sm_90")
+    plan = GPUDecodeGEMV(CUDA).plan(2048, 16384, 2, cuda)
+    src = _source(build(_dequant_gemv("e0m4", 16384, 2048, "residual"), cuda, [GPUDecodeGEMV(CUDA)]),
+                  "cuda")
+    assert plan["ks"] > 1 and len(_kernel_names(src)) == 1
+    assert src.count("tvm_lite_split_last(") == 2  # its definition and the one call
+    assert "tvm_lite_ldcg_f32(" in src and 2048 // (plan["vec"] * plan["tn"]) <= SPLIT_TICKETS
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc not installed")
