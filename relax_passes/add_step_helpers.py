@@ -95,10 +95,14 @@ def add_inputs(bb) -> None:
     sizes, (p, r, m) = shape_param("sizes", ["past", "real", "padded"])
     with bb.function(STEP_INPUTS, [sizes], attrs={"global_symbol": STEP_INPUTS}):
         with bb.dataflow():
-            ones = bb.emit(relax.op.ones([p + r], "int64"))
-            zeros = bb.emit(relax.op.zeros([m - r], "int64"))
-            mask = bb.emit(relax.op.reshape(relax.op.concat([ones, zeros], axis=0),
-                                            [1, p + m]))
+            # 1 up to p + r, then 0: one kernel of its own (ones, zeros and their concat were
+            # three). Written in TE and kept out of fusion: as Relax ops (arange, less, astype)
+            # each fused op would take p and m as scalars, which TVM 0.27's FuseTIR fails on.
+            mask = bb.emit_te(lambda real_end: te.compute(
+                (1, p + m), lambda _, j: tirx.Cast("int64", j < real_end), name="step_mask"),
+                p + r, primfunc_name_hint="step_mask")
+            gv = bb.lookup_binding(mask).args[0]
+            bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))
             pos = bb.emit(relax.op.reshape(relax.op.arange(p, p + m, 1, "int64"), [1, m]))
             out = bb.emit_output(relax.Tuple([mask, pos]))
         bb.emit_func_output(out)

@@ -68,6 +68,15 @@ def test_adreno_decode_step_meets_the_kernel_target(adreno_decode):
     assert sum(adreno_decode("decode").values()) <= TARGET
 
 
+def test_step_inputs_are_two_kernels(adreno_decode):
+    """What a one-by-one step runs before the decoder (the mask and the positions, made on the
+    device from three sizes: relax_passes/add_step_helpers.py) is two kernels; it was four
+    (ones, zeros and their concat for the mask), as are ``decode_padded``'s inputs."""
+    inputs = adreno_decode("step_inputs")
+    assert sum(inputs.values()) == 2 and "step_mask" in inputs, inputs
+    assert sum(adreno_decode("padded_step_inputs").values()) == 2
+
+
 @pytest.mark.slow
 def test_cuda_e0m4_fp16_decode_step_has_the_same_fusions():
     """The build the GPU benchmarks time -- fp16 rows, E0M4 weights, the lm_head 4-bit too --
