@@ -74,6 +74,13 @@ MIN = 'T.min_value("float32")'
 # Tensor-core kernel: warps per workgroup (16 rows each) and the dynamic shared memory it may use
 # (two workgroups fit an H100/H200 SM's 228 KiB; the runtime raises the 48 KiB default).
 TC_WARPS = 4
+# 16-row m-tiles per warp: with 2 a warp reuses every K and V fragment it loads for 32 rows and a
+# workgroup's K/V tile serves 128 rows (FlashAttention-2's layout), for twice the accumulator
+# registers. ptxas (sm_90, 64-key tiles): head_dim 64 takes 136-140 registers with 1 and 242-255
+# with 2, no spills; head_dim 128 with 2 spills (84 bytes; 48 with 32-key tiles), so only head_dim
+# <= 64 may take 2. 1 is what the H200 measured; 2 waits for a sweep (bench.prefill --m-tiles 1,2).
+TC_M_TILES = 1
+TC_M_TILES_MAX_DIM = 64
 TC_SHARED_BYTES = 110 * 1024
 TC_KEY_TILES = (64, 32, 16)
 # Key splitting (small grids: chunked prompts, few kv heads): workgroups the grid should reach
@@ -279,9 +286,18 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
     return parse(src, static, HELPERS=HELPERS)
 
 
-def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES) -> tuple[int, int]:
+def m_tiles_for(p: dict, m_tiles: int | None = None) -> int:
+    """16-row m-tiles a warp owns: ``m_tiles`` (default :data:`TC_M_TILES`), 1 above
+    :data:`TC_M_TILES_MAX_DIM` (the accumulators of two m-tiles would spill)."""
+    return 1 if p["head_dim"] > TC_M_TILES_MAX_DIM else (m_tiles or TC_M_TILES)
+
+
+def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES,
+                      m_tiles: int | None = None) -> tuple[int, int]:
+    """(rows, keys) of the tensor-core kernel: ``16 x m_tiles`` rows a warp, the largest key
+    tile of :data:`TC_KEY_TILES` whose Q, K and V tiles fit ``shared_bytes``."""
     D = p["head_dim"]
-    rows = 16 * TC_WARPS
+    rows = 16 * TC_WARPS * m_tiles_for(p, m_tiles)
     for keys in TC_KEY_TILES:
         if (rows + 2 * keys) * (D + 8) * 2 <= shared_bytes:
             return rows, keys
@@ -338,22 +354,26 @@ def _merge(p: dict, spl: str) -> str:
 
 
 def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
-                       split: bool = True, static: dict | None = None) -> tirx.PrimFunc:
+                       split: bool = True, static: dict | None = None,
+                       m_tiles: int | None = None) -> tirx.PrimFunc:
     """``static``: ``{"n": .., "m": ..}`` (a ring kernel: ``"past"``) fixes the query and key
-    counts (tests that run the generated CUDA C on the CPU: no scalar kernel arguments)."""
+    counts (tests that run the generated CUDA C on the CPU: no scalar kernel arguments).
+    ``m_tiles``: 16-row m-tiles a warp owns (default :data:`TC_M_TILES`); each K and V fragment
+    loaded from shared memory feeds all of them."""
     decl, _ = signature(p)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
-    rows, fit = tensor_core_tiles(p, shared_bytes)
+    MT = m_tiles_for(p, m_tiles)
+    rows, fit = tensor_core_tiles(p, shared_bytes, MT)
     keys = keys or fit
     threads = 32 * TC_WARPS
     DP = D + 8
-    NT, KT, DT = keys // 8, D // 16, D // 8  # score n-tiles, Q k-steps, output n-tiles
+    NT, KT, DT, KP = keys // 8, D // 16, D // 8, keys // 16  # score n-tiles, Q k-steps, output n-tiles, P k-steps
     warp, lane = "(tx // 32)", "(tx % 32)"
     g, t4 = f"({lane} // 4)", f"({lane} % 4)"
 
-    def row(c: str) -> dict:  # tile row of accumulator element c (0, 1: row g; 2, 3: row g + 8)
-        return _rows(p, rows, f"{warp} * 16 + {g} + ({c}) // 2 * 8")
+    def row(c: str) -> dict:  # tile row of accumulator element c of m-tile mt (0, 1: row g; 2, 3: g + 8)
+        return _rows(p, rows, f"{warp} * {16 * MT} + mt * 16 + {g} + ({c}) // 2 * 8")
 
     # one shared buffer for the three tiles (separate ones would be merged by liveness, and
     # TVM does not see the ldmatrix reads through their addresses)
@@ -364,8 +384,11 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     key = f"kb * {keys} + nt * 8 + {t4} * 2 + c % 2"
     mask = mask_index(p, rc["head"], f"T.min({rc['pos']}, n - 1)", key)
     rh = row("hr * 2")
-    AF = [f"af[{i}]" for i in range(4)]
-    PF = [f"pf[kp * 4 + {i}]" for i in range(4)]
+    # per m-tile mt: s[mt * NT * 4 ..], oa[mt * DT * 4 ..], af[mt * 4 ..], pf[mt * KP * 4 ..],
+    # st[mt * 6 ..] (max x2, sum x2, tmp x2)
+    S, O, ST = f"mt * {NT * 4} + ", f"mt * {DT * 4} + ", "mt * 6 + "
+    AF = [f"af[mt * 4 + {i}]" for i in range(4)]
+    PF = [f"pf[mt * {KP * 4} + kp * 4 + {i}]" for i in range(4)]
     offsets = {"qs": 0, "ks": KO, "vs": VO}
     addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
     nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
@@ -375,104 +398,110 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     per = f"(({tiles} - {first} + {spl} - 1) // {spl})"  # key tiles of one split
     ws = f"T.if_then_else({spl} > 1, {spl} * {H} * n, T.int64(1))"  # partial rows (1: unused)
     part = f"((sp * {H} + {rh['head']}) * n + {rh['pos']})"
-    partial = f'''
-                    if {rh["row"]} < n * {G} and {spl} > 1:  # the split's partial: max, sum, acc
-                        if {t4} == 0:
-                            ws_m[{part}] = st[hr]
-                            ws_l[{part}] = st[hr + 2]
-                        for dt in T.unroll({DT}):
-                            for c in T.unroll(2):
-                                ws_o[{part} * {D} + dt * 8 + {t4} * 2 + c] = oa[dt * 4 + hr * 2 + c]'''
-    workspace = f'''    ws_m = T.alloc_buffer(({ws},), "float32", scope="global")
+    partial = f"""
+                        if {rh["row"]} < n * {G} and {spl} > 1:  # the split's partial: max, sum, acc
+                            if {t4} == 0:
+                                ws_m[{part}] = st[{ST}hr]
+                                ws_l[{part}] = st[{ST}hr + 2]
+                            for dt in T.unroll({DT}):
+                                for c in T.unroll(2):
+                                    ws_o[{part} * {D} + dt * 8 + {t4} * 2 + c] = oa[{O}dt * 4 + hr * 2 + c]"""
+    workspace = f"""    ws_m = T.alloc_buffer(({ws},), "float32", scope="global")
     ws_l = T.alloc_buffer(({ws},), "float32", scope="global")
     ws_o = T.alloc_buffer(({ws} * {D},), "float32", scope="global")
-'''
+"""
     if not split:
         partial = workspace = ""
-    src = kernel_source(p, decl, f'''{workspace}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+    src = kernel_source(p, decl, f"""{workspace}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
       for sp in T.thread_binding({spl}, thread="blockIdx.z"):
         for bqr in T.thread_binding({nb}, thread="blockIdx.x"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
                 sm = T.alloc_buffer(({(rows + 2 * keys) * DP},), "float16", scope="shared.dyn")
-                oa = T.alloc_buffer(({DT * 4},), "float32", scope="local")
-                s = T.alloc_buffer(({NT * 4},), "float32", scope="local")
-                pf = T.alloc_buffer(({keys // 16 * 4},), "uint32", scope="local")
-                af = T.alloc_buffer((4,), "uint32", scope="local")
+                oa = T.alloc_buffer(({MT * DT * 4},), "float32", scope="local")
+                s = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")
+                pf = T.alloc_buffer(({MT * KP * 4},), "uint32", scope="local")
+                af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
                 bf = T.alloc_buffer((4,), "uint32", scope="local")
-                st = T.alloc_buffer((6,), "float32", scope="local")  # max x2, sum x2, tmp x2
+                st = T.alloc_buffer(({MT * 6},), "float32", scope="local")
 {q_load}
-                for i in T.unroll({DT * 4}):
+                for i in T.unroll({MT * DT * 4}):
                     oa[i] = {f32}(0)
-                st[0] = {MIN}
-                st[1] = {MIN}
-                st[2] = {f32}(0)
-                st[3] = {f32}(0)
+                for mt in T.unroll({MT}):
+                    st[{ST}0] = {MIN}
+                    st[{ST}1] = {MIN}
+                    st[{ST}2] = {f32}(0)
+                    st[{ST}3] = {f32}(0)
                 for kb in range({first} + sp * {per}, T.min({tiles}, {first} + (sp + 1) * {per})):
 {kv_load}
                     T.tvm_storage_sync("shared")
-                    for i in T.unroll({NT * 4}):
+                    for i in T.unroll({MT * NT * 4}):
                         s[i] = {f32}(0)
                     for kk in T.unroll({KT}):
-                        af[T.Ramp(0, 1, 4)] = {_call("tvm_lite_ldsm_x4",
-                                                     addr("qs", f"{warp} * 16 + {lane} % 16",
-                                                          f"kk * 16 + {lane} // 16 * 8"),
-                                                     ret="uint32x4")}
+                        for mt in T.unroll({MT}):
+                            af[T.Ramp(mt * 4, 1, 4)] = {_call("tvm_lite_ldsm_x4",
+                                                          addr("qs", f"{warp} * {16 * MT} + mt * 16 + {lane} % 16",
+                                                               f"kk * 16 + {lane} // 16 * 8"),
+                                                          ret="uint32x4")}
                         for np in T.unroll({NT // 2}):
                             bf[T.Ramp(0, 1, 4)] = {_call(
                                 "tvm_lite_ldsm_x4",
                                 addr("ks", f"np * 16 + {lane} // 16 * 8 + {lane} % 8",
                                      f"kk * 16 + {lane} // 8 % 2 * 8"), ret="uint32x4")}
-                            T.evaluate({_call("tvm_lite_mma16816", "T.address_of(s[np * 8])",
-                                              *AF, "bf[0]", "bf[1]")})
-                            T.evaluate({_call("tvm_lite_mma16816", "T.address_of(s[np * 8 + 4])",
-                                              *AF, "bf[2]", "bf[3]")})
-                    for nt in T.unroll({NT}):
-                        for c in T.unroll(4):
-                            s[nt * 4 + c] = T.if_then_else(
-                                {key} < m and {rc["row"]} < n * {G}
-                                and {ring_visible(p, rc["pos"], key)},
-                                {score(p, "s[nt * 4 + c]", mask)}, {MIN})
-                    for hr in T.unroll(2):
-                        st[4] = st[hr]
+                            for mt in T.unroll({MT}):
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(s[{S}np * 8])",
+                                                  *AF, "bf[0]", "bf[1]")})
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(s[{S}np * 8 + 4])",
+                                                  *AF, "bf[2]", "bf[3]")})
+                    for mt in T.unroll({MT}):
                         for nt in T.unroll({NT}):
-                            st[4] = T.max(st[4], T.max(s[nt * 4 + hr * 2], s[nt * 4 + hr * 2 + 1]))
-                        st[4] = {_call("tvm_lite_quad_max", "st[4]", ret="float32")}
-                        st[5] = T.exp(st[hr] - st[4])
-                        st[hr] = st[4]
-                        st[hr + 2] = st[hr + 2] * st[5]
-                        for dt in T.unroll({DT}):
-                            oa[dt * 4 + hr * 2] = oa[dt * 4 + hr * 2] * st[5]
-                            oa[dt * 4 + hr * 2 + 1] = oa[dt * 4 + hr * 2 + 1] * st[5]
-                        for nt in T.unroll({NT}):
-                            for c in T.unroll(2):
-                                s[nt * 4 + hr * 2 + c] = T.exp(s[nt * 4 + hr * 2 + c] - st[hr])
-                                st[hr + 2] = st[hr + 2] + s[nt * 4 + hr * 2 + c]
-                    for kp in T.unroll({keys // 16}):
-                        for r in T.unroll(4):
-                            pf[kp * 4 + r] = {_call("tvm_lite_pack_half2",
-                                                    "s[(kp * 2 + r // 2) * 4 + r % 2 * 2]",
-                                                    "s[(kp * 2 + r // 2) * 4 + r % 2 * 2 + 1]",
-                                                    ret="uint32")}
-                    for kp in T.unroll({keys // 16}):
+                            for c in T.unroll(4):
+                                s[{S}nt * 4 + c] = T.if_then_else(
+                                    {key} < m and {rc["row"]} < n * {G}
+                                    and {ring_visible(p, rc["pos"], key)},
+                                    {score(p, f"s[{S}nt * 4 + c]", mask)}, {MIN})
+                        for hr in T.unroll(2):
+                            st[{ST}4] = st[{ST}hr]
+                            for nt in T.unroll({NT}):
+                                st[{ST}4] = T.max(st[{ST}4], T.max(s[{S}nt * 4 + hr * 2], s[{S}nt * 4 + hr * 2 + 1]))
+                            st[{ST}4] = {_call("tvm_lite_quad_max", f"st[{ST}4]", ret="float32")}
+                            st[{ST}5] = T.exp(st[{ST}hr] - st[{ST}4])
+                            st[{ST}hr] = st[{ST}4]
+                            st[{ST}hr + 2] = st[{ST}hr + 2] * st[{ST}5]
+                            for dt in T.unroll({DT}):
+                                oa[{O}dt * 4 + hr * 2] = oa[{O}dt * 4 + hr * 2] * st[{ST}5]
+                                oa[{O}dt * 4 + hr * 2 + 1] = oa[{O}dt * 4 + hr * 2 + 1] * st[{ST}5]
+                            for nt in T.unroll({NT}):
+                                for c in T.unroll(2):
+                                    s[{S}nt * 4 + hr * 2 + c] = T.exp(s[{S}nt * 4 + hr * 2 + c] - st[{ST}hr])
+                                    st[{ST}hr + 2] = st[{ST}hr + 2] + s[{S}nt * 4 + hr * 2 + c]
+                        for kp in T.unroll({KP}):
+                            for r in T.unroll(4):
+                                pf[mt * {KP * 4} + kp * 4 + r] = {_call(
+                                    "tvm_lite_pack_half2",
+                                    f"s[{S}(kp * 2 + r // 2) * 4 + r % 2 * 2]",
+                                    f"s[{S}(kp * 2 + r // 2) * 4 + r % 2 * 2 + 1]", ret="uint32")}
+                    for kp in T.unroll({KP}):
                         for dp in T.unroll({D // 16}):
                             bf[T.Ramp(0, 1, 4)] = {_call(
                                 "tvm_lite_ldsm_x4_trans",
                                 addr("vs", f"kp * 16 + {lane} // 8 % 2 * 8 + {lane} % 8",
                                      f"dp * 16 + {lane} // 16 * 8"), ret="uint32x4")}
-                            T.evaluate({_call("tvm_lite_mma16816", "T.address_of(oa[dp * 8])",
-                                              *PF, "bf[0]", "bf[1]")})
-                            T.evaluate({_call("tvm_lite_mma16816", "T.address_of(oa[dp * 8 + 4])",
-                                              *PF, "bf[2]", "bf[3]")})
+                            for mt in T.unroll({MT}):
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8])",
+                                                  *PF, "bf[0]", "bf[1]")})
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8 + 4])",
+                                                  *PF, "bf[2]", "bf[3]")})
                     T.tvm_storage_sync("shared")
-                for hr in T.unroll(2):
-                    st[hr + 2] = T.max({_call("tvm_lite_quad_sum", "st[hr + 2]", ret="float32")},
-                                       T.float32(1e-30))
-                    if {rh["row"]} < n * {G} and {spl} == 1:
-                        for dt in T.unroll({DT}):
-                            for c in T.unroll(2):
-                                {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
-                                    T.Cast("float16", oa[dt * 4 + hr * 2 + c] / st[hr + 2]){partial}
-{_merge(p, spl) if split else ""}{ring_write(p) if p.get("window") else ""}''', static)
+                for mt in T.unroll({MT}):
+                    for hr in T.unroll(2):
+                        st[{ST}hr + 2] = T.max({_call("tvm_lite_quad_sum", f"st[{ST}hr + 2]", ret="float32")},
+                                               T.float32(1e-30))
+                        if {rh["row"]} < n * {G} and {spl} == 1:
+                            for dt in T.unroll({DT}):
+                                for c in T.unroll(2):
+                                    {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
+                                        T.Cast("float16", oa[{O}dt * 4 + hr * 2 + c] / st[{ST}hr + 2]){partial}
+{_merge(p, spl) if split else ""}{ring_write(p) if p.get("window") else ""}""", static)
     src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)  # the longest row tiles (last rows) first
     return parse(src, static, HELPERS=HELPERS)
 
@@ -487,4 +516,4 @@ def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int
 
 
 __all__ = ["prefill_kernel", "simt_kernel", "tensor_core_kernel", "simt_tiles",
-           "tensor_core_tiles", "tensor_core_applies", "HELPERS"]
+           "tensor_core_tiles", "m_tiles_for", "tensor_core_applies", "HELPERS"]

@@ -213,6 +213,9 @@ def test_prefill_tiles_split_head_dim_and_fit_local_memory():
                     <= tile["local_bytes"]
     p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
     assert tensor_core_tiles(p) == (64, 64)
+    # two m-tiles a warp at head_dim 64 only (above, their accumulators spill): 128 rows
+    assert tensor_core_tiles(p, m_tiles=2) == (64, 64)
+    assert tensor_core_tiles(dict(p, head_dim=64), m_tiles=2) == (128, 64)
     func, t = _gpu_kernel(p, GPU_TARGETS["cuda"])
     src = tvm_lite.device_source(tvm.compile(
         tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}), target=t), "cuda")
@@ -506,15 +509,19 @@ def test_tensor_core_prefill_splits_keys_only_for_small_grids():
 
 # heads, kv heads, head_dim, n, past: one split (21 workgroups, 3 key tiles: too few to split),
 # then small chunks after a cache (2 splits each): SmolLM2-, GQA-4- and Gemma-shaped (head_dim 256)
-TC_CPU_CASES = [(9, 3, 64, 130, 0), (9, 3, 64, 40, 300), (8, 2, 64, 32, 224),
-                (8, 1, 256, 16, 240)]
+TC_CPU_CASES = [(9, 3, 64, 130, 0, 1), (9, 3, 64, 40, 300, 1), (8, 2, 64, 32, 224, 1),
+                (8, 1, 256, 16, 240, 1),
+                # two m-tiles a warp (128-row workgroups): one split, then a 2-split chunk
+                (9, 3, 64, 130, 0, 2), (8, 2, 64, 64, 224, 2)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-@pytest.mark.parametrize("heads, kv, d, n, past", TC_CPU_CASES)
-def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n, past, tmp_path):
-    """The tensor-core prefill kernel's generated CUDA C -- key splits and their merge included --
-    run on the CPU with the PTX helpers emulated lane by lane (tests/mma_on_cpu.py)."""
+@pytest.mark.parametrize("heads, kv, d, n, past, m_tiles", TC_CPU_CASES)
+def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n, past, m_tiles,
+                                                                  tmp_path):
+    """The tensor-core prefill kernel's generated CUDA C -- key splits and their merge included,
+    one or two 16-row m-tiles a warp -- run on the CPU with the PTX helpers emulated lane by lane
+    (tests/mma_on_cpu.py)."""
     from mma_on_cpu import run_kernels
     from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel, \
         tensor_core_tiles
@@ -522,11 +529,13 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     m = past + n
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
                          kv == 1)
-    rows, keys = tensor_core_tiles(p)
+    rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
+    assert rows == 64 * m_tiles
     splits = eval(split_count(p, rows, keys).replace("T.int64", "int").replace("T.max", "max")
                   .replace("T.min", "min"), {"n": n, "m": m})  # noqa: S307 (our expression)
     assert (splits > 1) == (past > 0)
-    func = tensor_core_kernel(p, static={"n": n, "m": m}).with_attr("global_symbol", "attn") \
+    func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles) \
+        .with_attr("global_symbol", "attn") \
         .with_attr("tirx.is_scheduled", True)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
     src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")

@@ -53,9 +53,11 @@ def causal_flops(heads: int, head_dim: int, n: int, past: int = 0) -> float:
     return 4.0 * heads * head_dim * pairs
 
 
-def attention_kernel(heads: int, kv: int, d: int, target, keys: int | None = None):
+def attention_kernel(heads: int, kv: int, d: int, target, keys: int | None = None,
+                     m_tiles: int | None = None):
     """tvm_lite's prefill attention for ``target`` (fp16, additive fp16 mask over every row),
-    compiled; ``keys``: a key-tile size for the tensor-core kernel (None: the rule's)."""
+    compiled; ``keys``, ``m_tiles``: the tensor-core kernel's key tile and 16-row m-tiles a warp
+    (both None: the rule's kernel)."""
     import tvm
 
     from tvm_lite.relax_passes.fuse_attention import attention_params, reference_kernel
@@ -64,10 +66,10 @@ def attention_kernel(heads: int, kv: int, d: int, target, keys: int | None = Non
 
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
                          True, kv == 1)
-    if keys is None:
+    if keys is None and m_tiles is None:
         func = Attention().apply(reference_kernel(p), target, False).mod["main"]
     else:
-        func = tensor_core_kernel(p, keys=keys)
+        func = tensor_core_kernel(p, keys=keys, m_tiles=m_tiles)
     func = func.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", "main")
     return tvm.compile(tvm.IRModule({"main": func}), target=target)
 
@@ -125,7 +127,9 @@ def _tvm_attention_call(ex, dev, q, k, v, mask):
 
 
 def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), chunk=CHUNK,
-                    key_tiles=(None,), progress=print) -> list[dict]:
+                    variants=((None, None),), progress=print) -> list[dict]:
+    """``variants``: (key tile, m-tiles a warp) pairs of the tensor-core kernel to time, (None,
+    None) being the rule's kernel (the only one timed in chunks too)."""
     import torch
     import torch.nn.functional as F
     import tvm
@@ -138,9 +142,9 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
     rows = []
     for name in shapes:
         heads, kv, d = ATTENTION_SHAPES[name]
-        for keys in key_tiles:
+        for keys, m_tiles in variants:
             t0 = time.perf_counter()
-            ex = attention_kernel(heads, kv, d, target, keys)
+            ex = attention_kernel(heads, kv, d, target, keys, m_tiles)
             compile_s = time.perf_counter() - t0
             for n in lengths:
                 q, k, v, mask = _attention_inputs(heads, kv, d, n, 0)
@@ -153,18 +157,20 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                 ours_ms, out = _tvm_attention_call(ex, dev, q, k, v, mask)
                 err = float((out.float() - sdpa().float()).abs().max())
                 row = dict(shape=name, heads=heads, kv_heads=kv, head_dim=d, n=n, key_tile=keys,
+                           m_tiles=m_tiles,
                            tvm_lite_ms=ours_ms, sdpa_ms=torch_ms, err=err, compile_s=compile_s,
                            tflops=causal_flops(heads, d, n) / ours_ms / 1e9,
                            sdpa_tflops=causal_flops(heads, d, n) / torch_ms / 1e9)
                 row["vs_sdpa"] = row["tflops"] / row["sdpa_tflops"]
-                if chunk and n > chunk and keys is None:  # the same prompt in chunks
+                if chunk and n > chunk and keys is None and m_tiles is None:  # in chunks
                     total = 0.0
                     for past in range(0, n, chunk):
                         qc, kc, vc, mc = _attention_inputs(heads, kv, d, chunk, past)
                         total += _tvm_attention_call(ex, dev, qc, kc, vc, mc)[0]
                     row.update(chunk=chunk, chunked_ms=total, chunked_ratio=total / ours_ms)
                 rows.append(row)
-                progress(f"attention {name} n={n} keys={keys}: {ours_ms * 1e3:.1f} us "
+                progress(f"attention {name} n={n} keys={keys} m_tiles={m_tiles}: "
+                         f"{ours_ms * 1e3:.1f} us "
                          f"({row['tflops']:.1f} TFLOP/s) vs SDPA {torch_ms * 1e3:.1f} us "
                          f"({row['sdpa_tflops']:.1f}); x{row['vs_sdpa']:.2f}; err {err:.2e}"
                          + (f"; chunked x{row['chunked_ratio']:.2f}" if "chunked" in row else ""))
@@ -270,7 +276,7 @@ def format_tables(result: dict) -> str:
         lines += ["| shape (H/KV, head_dim) | n | tvm_lite us | TFLOP/s | SDPA us | SDPA TFLOP/s | "
                   "vs SDPA | 2048 in 256-chunks / one call |", "|---|---|---|---|---|---|---|---|"]
         for r in result["attention"]:
-            if r["key_tile"] is not None:
+            if r["key_tile"] is not None or r.get("m_tiles") is not None:
                 continue
             lines.append(f"| {r['shape']} ({r['heads']}/{r['kv_heads']}, {r['head_dim']}) | "
                          f"{r['n']} | {r['tvm_lite_ms'] * 1e3:,.1f} | {r['tflops']:.1f} | "
@@ -293,6 +299,9 @@ def main(argv=None):
     ap.add_argument("--parts", default="attention,gemm")
     ap.add_argument("--key-tiles", default="", help="also time these tensor-core key tiles, "
                     "e.g. 32,64 (attention)")
+    ap.add_argument("--m-tiles", default="", help="also time the tensor-core attention with "
+                    "these 16-row m-tiles a warp, e.g. 1,2 (with each --key-tiles value, or the "
+                    "kernel's own key tile)")
     ap.add_argument("--gemm-tiles", default="", help="also time these tensor-core GEMM tiles "
                     "TMxTNxWMxWNxKS[xTK], comma-separated (e.g. 128x256x2x4x1,128x128x2x4x1x64)")
     ap.add_argument("--gemm-models", default=",".join(GEMM_MODELS))
@@ -309,8 +318,11 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
 
     if "attention" in parts:
-        tiles = [None] + [int(t) for t in args.key_tiles.split(",") if t]
-        result["attention"] = bench_attention(key_tiles=tiles)
+        keys = [int(t) for t in args.key_tiles.split(",") if t]
+        m_tiles = [int(t) for t in args.m_tiles.split(",") if t]
+        variants = [(None, None)] + [(k, None) for k in keys] + [
+            (k, m) for m in m_tiles for k in (keys or [None])]
+        result["attention"] = bench_attention(variants=variants)
         save()
     if "gemm" in parts:
         tiles = [tuple(int(v) for v in t.split("x")) for t in args.gemm_tiles.split(",") if t]
