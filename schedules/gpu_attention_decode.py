@@ -57,6 +57,11 @@ MERGE_THREADS = 512  # merge workgroup: DM dims x P split lanes
 MERGE_SPLIT_LANES = 16
 MERGE_HEADS_MAX_DIM = 64  # head_dim above which the key lanes are merged one query head a round
 MERGE_DIMS = 32  # head dims per merge workgroup (a divisor of head_dim of at least 16, else all)
+# fp32 accumulators a thread holds (G query heads x V vector lanes): V halves above this. 128
+# keeps every GQA group up to 16 heads as it was (fp16: V = 8); a lower limit trades 16-byte
+# loads for registers where G is large -- ptxas gives (14, 2, 64) 212 registers at V = 8, so 2
+# workgroups an SM -- and is for a sweep to decide (issue 17: that shape is 0.88-0.90x SDPA).
+MAX_ACCUMULATORS = 128
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -68,7 +73,7 @@ def plan(p: dict, profile: GPUProfile, max_threads: int) -> dict:
     G = H // KV
     lanes = max(1, profile.vector_bytes // _BYTES.get(p["dtype"], 4))
     lanes = min(lanes, D)
-    while D % lanes:
+    while D % lanes or (G * lanes > MAX_ACCUMULATORS and lanes > 1):
         lanes //= 2
     dv = D // lanes
     if dv > max_threads:
