@@ -129,7 +129,9 @@ __forceinline__ __device__ float tvm_lite_half2_hi(unsigned v) {
 # ticket; the one that takes the last ticket sums the partials and applies the epilogue. The
 # tickets are a zero-initialised __device__ array of the module (one slot per column tile, shared
 # by all kernels: kernels of one stream run one after another) that ``atomicInc`` wraps back to 0
-# at the last ticket, so every launch finds its slots at 0 and leaves them so.
+# at the last ticket, so every launch finds its slots at 0 and leaves them so. (Each loaded
+# library has its own array: an Engine loads its own, so two engines never share slots; one
+# loaded library must not run these kernels on two streams at once.)
 SPLIT_TICKETS = 4096
 HELPERS["tvm_lite_split_last"] = r"""
 __device__ unsigned tvm_lite_split_tickets[%d];
