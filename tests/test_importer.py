@@ -83,6 +83,60 @@ def test_shape_subgraphs_fold_to_symbolic_shapes_and_match_onnxruntime():
             np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+def _mask_gather_model():
+    """HF's ``padding_mask = attention_mask[batch_idx, kv_idx]`` as the dynamo export writes it:
+    GatherND of the bool mask at (0 broadcast, Range(0, m)) -- an identity index -- and, for the
+    general path, the same mask read at (0, m - 1 - j) (reversed: not a view)."""
+    nodes = [
+        helper.make_node("Shape", ["mask"], ["ms"]),
+        helper.make_node("Gather", ["ms", "i1"], ["m"], axis=0),
+        helper.make_node("Range", ["zero", "m", "one"], ["kv"]),
+        helper.make_node("Unsqueeze", ["kv", "ax0"], ["kv1"]),        # (1, m)
+        helper.make_node("Unsqueeze", ["kv1", "axm1"], ["kv2"]),      # (1, m, 1)
+        helper.make_node("Unsqueeze", ["m", "ax0"], ["m1"]),
+        helper.make_node("Concat", ["one1", "m1", "one1"], ["bshape"], axis=0),
+        helper.make_node("Expand", ["zero3", "bshape"], ["b"]),       # (1, m, 1) zeros
+        helper.make_node("Concat", ["b", "kv2"], ["idx"], axis=-1),   # (1, m, 2)
+        helper.make_node("Cast", ["mask"], ["maskb"], to=TensorProto.BOOL),
+        helper.make_node("GatherND", ["maskb", "idx"], ["g"]),
+        helper.make_node("Cast", ["g"], ["y"], to=TensorProto.INT64),
+        helper.make_node("Sub", ["m", "one"], ["last"]),
+        helper.make_node("Sub", ["last", "kv2"], ["rev"]),
+        helper.make_node("Concat", ["b", "rev"], ["ridx"], axis=-1),
+        helper.make_node("GatherND", ["maskb", "ridx"], ["rg"]),
+        helper.make_node("Cast", ["rg"], ["ry"], to=TensorProto.INT64),
+    ]
+    graph = helper.make_graph(
+        nodes, "mask_gather",
+        inputs=[helper.make_tensor_value_info("mask", TensorProto.INT64, [1, "m"])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None),
+                 helper.make_tensor_value_info("ry", TensorProto.INT64, None)],
+        initializer=[_const("i1", np.array(1, "int64")), _const("zero", np.array(0, "int64")),
+                     _const("one", np.array(1, "int64")), _const("ax0", np.array([0], "int64")),
+                     _const("axm1", np.array([-1], "int64")), _const("one1", np.array([1], "int64")),
+                     _const("zero3", np.zeros((1, 1, 1), "int64"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_identity_gather_nd_is_a_view_of_the_mask():
+    """The identity GatherND becomes the mask itself (reshaped, its cast after the reshape): no
+    gather kernel, no index tensor; the reversed one keeps the gather. Both match onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    model = _mask_gather_model()
+    mod = tvm_lite.from_onnx(model)
+    text = mod["main"].script()
+    assert text.count("R.gather_nd") == 1, text  # the reversed read only
+    ex = tvm_lite.build(mod, "llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    sess = ort.InferenceSession(model.SerializeToString())
+    for mask in (np.array([[1, 1, 0, 1, 0]], "int64"), np.ones((1, 1), "int64"),
+                 (np.arange(37) % 3 != 0).astype("int64")[None]):
+        want = sess.run(None, {"mask": mask})
+        got = vm["main"](tvm.runtime.tensor(mask))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.numpy(), w)
+
+
 def test_unsupported_op_names_op_and_node():
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"], name="ok_relu"),

@@ -14,8 +14,9 @@ import numpy as np
 from onnx import numpy_helper
 from tvm import relax, te, tirx
 from tvm.ir import Expr as PrimExpr
+from tvm.ir import GenericConst
 
-from .host_shapes import HostValue, _attr, _normalize, from_dims
+from .host_shapes import _ANALYZER, HostValue, _attr, _normalize, from_dims
 
 _INT64_MAX_ISH = 2**62
 
@@ -148,11 +149,118 @@ def gather(bb, node, inputs):
     return relax.op.take(data, indices, axis=axis, mode="wrap")
 
 
+def _binding(bb, x):
+    """The expression ``x`` stands for: its binding in ``bb`` if it is a variable (else None)."""
+    if isinstance(x, relax.Var):
+        try:
+            return bb.lookup_binding(x)
+        except Exception:  # noqa: BLE001 (a function parameter: no binding)
+            return None
+    return x
+
+
+def _int_value(v):
+    """An IntImm or a Python int as an int, else None."""
+    return int(v) if isinstance(v, (int, tirx.IntImm)) else None
+
+
+def _same_extent(a, b) -> bool:
+    """Two dims (ints or symbolic expressions) provably equal."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    as_expr = lambda d: tirx.const(d, "int64") if isinstance(d, int) else d  # noqa: E731
+    return bool(_ANALYZER.can_prove_equal(as_expr(a), as_expr(b)))
+
+
+def _coordinate_form(bb, x, depth: int = 0):
+    """How the elements of integer tensor ``x`` follow from their coordinates, seen through
+    the ops that built it: ``("const", c)`` (every element is ``c``), ``("iota", a)`` (an element
+    is its coordinate along axis ``a``), or None (anything else). Follows ``arange(0, E, 1)``,
+    constants, ``expand_dims``, ``broadcast_to`` (not of the iota axis) and integer ``astype``."""
+    e = _binding(bb, x)
+    if e is None or depth > 16:
+        return None
+    if isinstance(e, GenericConst):
+        arr = e.value.numpy()
+        if arr.size and np.issubdtype(arr.dtype, np.integer) and (arr == arr.flat[0]).all():
+            return ("const", int(arr.flat[0]))
+        return None
+    if not isinstance(e, relax.Call) or not hasattr(e.op, "name"):
+        return None
+    op = e.op.name
+    if op == "relax.arange":
+        start, _, step = (_int_value(a) for a in e.args)
+        return ("iota", 0) if (start, step) == (0, 1) else None
+    if op == "relax.astype" and "int" in str(e.attrs.dtype):
+        return _coordinate_form(bb, e.args[0], depth + 1)
+    inner = _coordinate_form(bb, e.args[0], depth + 1) if e.args else None
+    if inner is None or inner[0] == "const":
+        return inner if op in ("relax.expand_dims", "relax.broadcast_to") else None
+    axis = inner[1]
+    if op == "relax.expand_dims":
+        ndim_out = e.ty.ndim
+        inserted = {int(a) % ndim_out for a in e.attrs.axis}
+        return ("iota", [a for a in range(ndim_out) if a not in inserted][axis])
+    if op == "relax.broadcast_to":
+        shift = e.ty.ndim - e.args[0].ty.ndim
+        same = _same_extent(e.args[0].ty.shape.values[axis], e.ty.shape.values[axis + shift])
+        return ("iota", axis + shift) if same else None
+    return None
+
+
+def _gather_as_view(bb, data, indices, dims: list):
+    """GatherND (``batch_dims`` 0) whose index tuple is the identity on ``data``'s axes -- each
+    component a constant, or the output coordinate along an axis of the same extent as the data
+    axis it indexes (ascending) -- as the data itself, reshaped (HF's ``attention_mask[batch_idx,
+    kv_idx]``: no index tensor, no gather kernel). None when it is not."""
+    parts = _binding(bb, indices)
+    k = len(dims)
+    out_dims = _dims_of(indices)[:-1]
+    if isinstance(parts, relax.Call) and getattr(parts.op, "name", "") == "relax.concat" \
+            and int(parts.attrs.axis) % (len(out_dims) + 1) == len(out_dims):
+        parts = list(parts.args[0].fields) if isinstance(parts.args[0], relax.Tuple) else None
+    else:
+        parts = [indices] if _dims_of(indices)[-1] == 1 else None
+    if not parts or len(parts) != k or any(_dims_of(p)[-1] != 1 for p in parts):
+        return None
+    forms = [_coordinate_form(bb, p) for p in parts]
+    if any(f is None for f in forms):
+        return None
+    iota_axes = []
+    for axis, (form, dim) in enumerate(zip(forms, dims)):
+        if form[0] == "const":  # a data axis of one element, read at 0 (or -1)
+            if not (isinstance(dim, int) and dim == 1 and form[1] in (0, -1)):
+                return None
+        else:
+            a = form[1]
+            if a >= len(out_dims) or not _same_extent(out_dims[a], dim):
+                return None
+            iota_axes.append(a)
+    if iota_axes != sorted(set(iota_axes)):
+        return None  # (a transpose: not a view)
+    shape = [out_dims[a] if a in iota_axes else 1 for a in range(len(out_dims))]
+    cast = _binding(bb, data)
+    if isinstance(cast, relax.Call) and getattr(cast.op, "name", "") == "relax.astype":
+        # the reshape before the cast: a view of the input, and the cast fuses with its users
+        view = relax.op.astype(relax.op.reshape(cast.args[0], shape), cast.attrs.dtype)
+    else:
+        view = relax.op.reshape(data, shape)
+    if any(not (isinstance(d, int) and d == 1) for a, d in enumerate(out_dims)
+           if a not in iota_axes):
+        view = relax.op.broadcast_to(view, out_dims)
+    return view
+
+
 def gather_nd(bb, node, inputs):
-    """GatherND whose negative-index fix-up uses host dims instead of ``shape_of(data)``."""
+    """GatherND whose negative-index fix-up uses host dims instead of ``shape_of(data)``; an
+    identity index tuple (:func:`_gather_as_view`) is the data itself."""
     data, indices = inputs
     batch_dims = _attr(node, "batch_dims", 0)
     dims = _dims_of(data)
+    if batch_dims == 0 and not isinstance(indices, HostValue):
+        view = _gather_as_view(bb, data, indices, dims)
+        if view is not None:
+            return view
     if isinstance(indices, HostValue):
         idx = indices.numpy().astype("int64")
         depth = idx.shape[-1]
