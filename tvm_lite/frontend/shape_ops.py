@@ -258,7 +258,10 @@ def gather_nd(bb, node, inputs):
     batch_dims = _attr(node, "batch_dims", 0)
     dims = _dims_of(data)
     if batch_dims == 0 and not isinstance(indices, HostValue):
-        view = _gather_as_view(bb, data, indices, dims)
+        try:
+            view = _gather_as_view(bb, data, indices, dims)
+        except ShapeArgError:  # a part of unknown shape: not provably a view
+            view = None
         if view is not None:
             return view
     if isinstance(indices, HostValue):
