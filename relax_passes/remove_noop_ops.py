@@ -2,7 +2,9 @@
 
 Torch exports are full of ``Cast(x, to=float)`` on float tensors and ``Expand``/``Reshape`` to
 the shape the tensor already has (``_to_copy``, ``expand_as``...), and TorchScript exports
-concatenate a single tensor (``cat([past])``). After host shape computing
+concatenate a single tensor (``cat([past])``) and, in fp16, cast the attention probabilities to
+fp32 and straight back (``softmax(..., dtype=float32).to(fp16)`` on an fp16 softmax): a cast
+there and back through a wider type is dropped too. After host shape computing
 those shapes are symbolic expressions the analyzer can compare, so the ops are provably no-ops.
 """
 
@@ -10,6 +12,11 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+
+
+# (from, to) casts that keep every value: a cast back to ``from`` after one of them is exact
+_WIDENING = {("float16", "float32"), ("float16", "float64"), ("bfloat16", "float32"),
+             ("bfloat16", "float64"), ("float32", "float64")}
 
 
 @relax.expr_functor.mutator
@@ -38,6 +45,14 @@ class _Remover(relax.PyExprMutator):
             or (name in ("relax.reshape", "relax.broadcast_to")
                 and self._same_shape(arg.ty, call.args[1]))
         )
+        if name == "relax.astype" and isinstance(arg, relax.Var):  # a cast there and back
+            inner = self.lookup_binding(arg)
+            if isinstance(inner, relax.Call) and isinstance(inner.op, tvm.ir.Op) \
+                    and inner.op.name == "relax.astype" \
+                    and isinstance(inner.args[0].ty, relax.TensorType) \
+                    and (str(inner.args[0].ty.dtype), str(inner.attrs.dtype)) in _WIDENING \
+                    and str(inner.args[0].ty.dtype) == str(call.attrs.dtype):
+                noop, arg = True, inner.args[0]
         if name == "relax.concat" and isinstance(arg, relax.Tuple) and len(arg.fields) == 1:
             noop, arg = True, arg.fields[0]  # concat of one tensor (TorchScript's cat([past]))
         if noop:

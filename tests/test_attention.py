@@ -403,6 +403,20 @@ def test_fused_matches_unfused_smollm2(engine, unfused_engine):
         unfused_engine.generate("Name three colors.", cfg).token_ids
 
 
+def test_fires_on_a_torchscript_fp16_export():
+    """TorchScript's fp16 export casts the attention probabilities to fp32 and straight back;
+    RemoveNoOpOps drops that pair, so the attention fuses as in the dynamo export (the tiny
+    Llama: 2 layers)."""
+    from tvm_lite import arch_matrix
+
+    onnx_dir = tvm_lite.export_onnx(arch_matrix.hf_folder("llama"), exporter="torchscript",
+                                    dtype="float16", progress=lambda _: None)
+    mod = _phase1(_imported(onnx_dir))
+    for fn in ("prefill", "decode"):
+        calls = _count_calls(mod[fn], "attention")
+        assert calls.count(f"attention_{fn}") == 2 and "softmax" not in calls, calls
+
+
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 

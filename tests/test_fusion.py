@@ -341,3 +341,35 @@ def test_fusion_passes_are_exported_and_in_the_pipeline():
                                                  FuseSiluMul, LegalizeGroupedReshape))
     flat = [type(p).__name__ for _, ps in pipeline.phases(LLVM, fusion=False) for p in ps]
     assert not set(names) & set(flat)
+
+
+def test_cast_there_and_back_through_a_wider_type_is_dropped():
+    """TorchScript's fp16 attention casts its probabilities to fp32 and straight back (which hid
+    the softmax from FuseAttention): RemoveNoOpOps drops that pair, and keeps a cast through a
+    narrower type (fp32 -> fp16 -> fp32 rounds) and a cast to another type."""
+    from tvm_lite.relax_passes import RemoveNoOpOps
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([2, 8], "float16"))
+    y = relax.Var("y", relax.TensorType([2, 8], "float32"))
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            p = bb.emit(relax.op.nn.softmax(x, axis=-1))
+            back = bb.emit(relax.op.astype(relax.op.astype(p, "float32"), "float16"))
+            rounded = bb.emit(relax.op.astype(relax.op.astype(y, "float16"), "float32"))
+            wide = bb.emit(relax.op.astype(p, "float32"))
+            out = bb.emit_output(relax.Tuple([back, rounded, wide]))
+        bb.emit_func_output(out)
+    mod = relax.transform.DeadCodeElimination()(
+        relax.transform.CanonicalizeBindings()(RemoveNoOpOps()(bb.get())))
+    text = mod["main"].script()
+    assert text.count("R.astype") == 3, text  # y's two casts and p -> fp32; not p's pair
+    ex = tvm.compile(mod, "llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    xv = np.random.default_rng(0).standard_normal((2, 8)).astype("float16")
+    yv = np.full((2, 8), 1 / 3, "float32")
+    got = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(yv))
+    e = np.exp(xv.astype("float32") - xv.astype("float32").max(-1, keepdims=True))
+    np.testing.assert_allclose(got[0].numpy().astype("float32"), e / e.sum(-1, keepdims=True),
+                               atol=2e-3)
+    assert got[1].numpy()[0, 0] == np.float32(np.float16(1 / 3))  # still rounded
