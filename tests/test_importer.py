@@ -137,6 +137,49 @@ def test_identity_gather_nd_is_a_view_of_the_mask():
             np.testing.assert_array_equal(g.numpy(), w)
 
 
+def test_identity_gather_is_a_view_of_the_mask():
+    """TorchScript's form of the same read: Gather along axis 0 of the mask reshaped to (m, 1) at
+    ``Range(0, m) + 0`` -- a view; at ``min(Range(0, m), m - 1)`` (the same values, not traced)
+    the gather stays. Both match onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    nodes = [
+        helper.make_node("Shape", ["mask"], ["ms"]),
+        helper.make_node("Gather", ["ms", "i1"], ["m"], axis=0),
+        helper.make_node("Range", ["zero", "m", "one"], ["kv"]),
+        helper.make_node("Unsqueeze", ["kv", "ax0"], ["kv1"]),         # (1, m)
+        helper.make_node("Add", ["kv1", "zero"], ["flat"]),
+        helper.make_node("Unsqueeze", ["m", "ax0"], ["m1"]),
+        helper.make_node("Concat", ["m1", "one1"], ["col"], axis=0),
+        helper.make_node("Cast", ["mask"], ["maskb"], to=TensorProto.BOOL),
+        helper.make_node("Reshape", ["maskb", "col"], ["mcol"]),         # (m, 1)
+        helper.make_node("Gather", ["mcol", "flat"], ["g"], axis=0),     # (1, m, 1)
+        helper.make_node("Cast", ["g"], ["y"], to=TensorProto.INT64),
+        helper.make_node("Sub", ["m", "one"], ["last"]),
+        helper.make_node("Min", ["kv1", "last"], ["same"]),              # not traced: a take
+        helper.make_node("Gather", ["mcol", "same"], ["g2"], axis=0),
+        helper.make_node("Cast", ["g2"], ["y2"], to=TensorProto.INT64),
+    ]
+    graph = helper.make_graph(
+        nodes, "mask_take",
+        inputs=[helper.make_tensor_value_info("mask", TensorProto.INT64, [1, "m"])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None),
+                 helper.make_tensor_value_info("y2", TensorProto.INT64, None)],
+        initializer=[_const("i1", np.array(1, "int64")), _const("zero", np.array(0, "int64")),
+                     _const("one", np.array(1, "int64")), _const("ax0", np.array([0], "int64")),
+                     _const("one1", np.array([1], "int64"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    mod = tvm_lite.from_onnx(model)
+    assert mod["main"].script().count("R.take") == 1  # the traced read is a view
+    ex = tvm_lite.build(mod, "llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    sess = ort.InferenceSession(model.SerializeToString())
+    for mask in (np.array([[1, 0, 1, 1, 0, 0]], "int64"), np.ones((1, 1), "int64")):
+        want = sess.run(None, {"mask": mask})
+        got = vm["main"](tvm.runtime.tensor(mask))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.numpy(), w)
+
+
 def test_unsupported_op_names_op_and_node():
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"], name="ok_relu"),

@@ -146,7 +146,48 @@ def gather(bb, node, inputs):
                 raise ShapeArgError("negative constant indices into a symbolic axis")
             idx = np.where(idx < 0, idx + extent, idx)
         return relax.op.take(data, relax.const(idx, "int64"), axis=axis, mode="fast")
-    return relax.op.take(data, indices, axis=axis, mode="wrap")
+    try:
+        view = _take_as_view(bb, data, indices, axis)
+    except ShapeArgError:  # an index of unknown shape: not provably a view
+        view = None
+    return view if view is not None else relax.op.take(data, indices, axis=axis, mode="wrap")
+
+
+def _take_as_view(bb, data, indices, axis: int):
+    """Gather along ``axis`` at indices that are the output coordinate along one of their axes,
+    of the data axis's extent (TorchScript's ``attention_mask[batch_idx, kv_idx]``: a take of
+    the flattened mask at ``kv_idx + 0``): the data reshaped, else None."""
+    dims, idx_dims = _dims_of(data), _dims_of(indices)
+    axis %= len(dims)
+    form = _coordinate_form(bb, indices)
+    if form is None or form[0] != "iota" or not _same_extent(idx_dims[form[1]], dims[axis]):
+        return None
+    a = form[1]
+    shape = dims[:axis] + [idx_dims[a] if i == a else 1 for i in range(len(idx_dims))] \
+        + dims[axis + 1:]
+    out_dims = dims[:axis] + idx_dims + dims[axis + 1:]
+    return _view(bb, data, shape, out_dims)
+
+
+def _view(bb, data, shape: list, out_dims: list):
+    """``data`` reshaped to ``shape`` (the same elements in order), then broadcast to ``out_dims``
+    where they differ; a cast that made ``data`` (through reshapes) is moved after the reshape, so
+    it fuses with what reads the view instead of being a kernel of its own."""
+    src, cast = data, None
+    e = _binding(bb, src)
+    while isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.reshape":
+        src = e.args[0]
+        e = _binding(bb, src)
+    if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.astype":
+        src, cast = e.args[0], e.attrs.dtype
+    else:
+        src = data
+    view = relax.op.reshape(src, shape)
+    if cast is not None:
+        view = relax.op.astype(view, cast)
+    if any(not _same_extent(a, b) for a, b in zip(shape, out_dims)):
+        view = relax.op.broadcast_to(view, out_dims)
+    return view
 
 
 def _binding(bb, x):
@@ -193,6 +234,13 @@ def _coordinate_form(bb, x, depth: int = 0):
         return ("iota", 0) if (start, step) == (0, 1) else None
     if op == "relax.astype" and "int" in str(e.attrs.dtype):
         return _coordinate_form(bb, e.args[0], depth + 1)
+    if op == "relax.add":  # x + 0 (TorchScript's flattened index: batch 0 x stride + kv_idx)
+        a, b = (_coordinate_form(bb, arg, depth + 1) for arg in e.args)
+        if b == ("const", 0) and a is not None and e.ty.ndim == e.args[0].ty.ndim:
+            return a
+        if a == ("const", 0) and b is not None and e.ty.ndim == e.args[1].ty.ndim:
+            return b
+        return None
     inner = _coordinate_form(bb, e.args[0], depth + 1) if e.args else None
     if inner is None or inner[0] == "const":
         return inner if op in ("relax.expand_dims", "relax.broadcast_to") else None
@@ -239,16 +287,7 @@ def _gather_as_view(bb, data, indices, dims: list):
     if iota_axes != sorted(set(iota_axes)):
         return None  # (a transpose: not a view)
     shape = [out_dims[a] if a in iota_axes else 1 for a in range(len(out_dims))]
-    cast = _binding(bb, data)
-    if isinstance(cast, relax.Call) and getattr(cast.op, "name", "") == "relax.astype":
-        # the reshape before the cast: a view of the input, and the cast fuses with its users
-        view = relax.op.astype(relax.op.reshape(cast.args[0], shape), cast.attrs.dtype)
-    else:
-        view = relax.op.reshape(data, shape)
-    if any(not (isinstance(d, int) and d == 1) for a, d in enumerate(out_dims)
-           if a not in iota_axes):
-        view = relax.op.broadcast_to(view, out_dims)
-    return view
+    return _view(bb, data, shape, out_dims)
 
 
 def gather_nd(bb, node, inputs):
