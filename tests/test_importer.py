@@ -106,15 +106,21 @@ def _mask_gather_model():
         helper.make_node("GatherND", ["maskb", "ridx"], ["rg"]),
         helper.make_node("Cast", ["rg"], ["ry"], to=TensorProto.INT64),
     ]
+    return _mask_model("mask_gather", nodes, ["y", "ry"],
+                       [_const("axm1", np.array([-1], "int64")),
+                        _const("zero3", np.zeros((1, 1, 1), "int64"))])
+
+
+def _mask_model(name, nodes, outputs, initializers=()):
+    """A graph of ``nodes`` over one int64 input ``mask`` (1, m), the int64 ``outputs``, and the
+    small constants the mask graphs share."""
     graph = helper.make_graph(
-        nodes, "mask_gather",
+        nodes, name,
         inputs=[helper.make_tensor_value_info("mask", TensorProto.INT64, [1, "m"])],
-        outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None),
-                 helper.make_tensor_value_info("ry", TensorProto.INT64, None)],
+        outputs=[helper.make_tensor_value_info(o, TensorProto.INT64, None) for o in outputs],
         initializer=[_const("i1", np.array(1, "int64")), _const("zero", np.array(0, "int64")),
                      _const("one", np.array(1, "int64")), _const("ax0", np.array([0], "int64")),
-                     _const("axm1", np.array([-1], "int64")), _const("one1", np.array([1], "int64")),
-                     _const("zero3", np.zeros((1, 1, 1), "int64"))])
+                     _const("one1", np.array([1], "int64")), *initializers])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -159,15 +165,7 @@ def test_identity_gather_is_a_view_of_the_mask():
         helper.make_node("Gather", ["mcol", "same"], ["g2"], axis=0),
         helper.make_node("Cast", ["g2"], ["y2"], to=TensorProto.INT64),
     ]
-    graph = helper.make_graph(
-        nodes, "mask_take",
-        inputs=[helper.make_tensor_value_info("mask", TensorProto.INT64, [1, "m"])],
-        outputs=[helper.make_tensor_value_info("y", TensorProto.INT64, None),
-                 helper.make_tensor_value_info("y2", TensorProto.INT64, None)],
-        initializer=[_const("i1", np.array(1, "int64")), _const("zero", np.array(0, "int64")),
-                     _const("one", np.array(1, "int64")), _const("ax0", np.array([0], "int64")),
-                     _const("one1", np.array([1], "int64"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    model = _mask_model("mask_take", nodes, ["y", "y2"])
     mod = tvm_lite.from_onnx(model)
     assert mod["main"].script().count("R.take") == 1  # the traced read is a view
     ex = tvm_lite.build(mod, "llvm")
