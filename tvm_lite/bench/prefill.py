@@ -135,6 +135,7 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
     import tvm
 
     from tvm_lite import parse_target
+    from tvm_lite.schedules.gpu_attention_prefill import m_tiles_for
 
     dev = tvm.cuda(0)
     arch = "sm_" + str(dev.compute_version).replace(".", "")
@@ -157,7 +158,7 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                 ours_ms, out = _tvm_attention_call(ex, dev, q, k, v, mask)
                 err = float((out.float() - sdpa().float()).abs().max())
                 row = dict(shape=name, heads=heads, kv_heads=kv, head_dim=d, n=n, key_tile=keys,
-                           m_tiles=m_tiles,
+                           m_tiles=m_tiles and m_tiles_for({"head_dim": d}, m_tiles),  # as built
                            tvm_lite_ms=ours_ms, sdpa_ms=torch_ms, err=err, compile_s=compile_s,
                            tflops=causal_flops(heads, d, n) / ours_ms / 1e9,
                            sdpa_tflops=causal_flops(heads, d, n) / torch_ms / 1e9)
@@ -169,7 +170,7 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                         total += _tvm_attention_call(ex, dev, qc, kc, vc, mc)[0]
                     row.update(chunk=chunk, chunked_ms=total, chunked_ratio=total / ours_ms)
                 rows.append(row)
-                progress(f"attention {name} n={n} keys={keys} m_tiles={m_tiles}: "
+                progress(f"attention {name} n={n} keys={keys} m_tiles={row['m_tiles']}: "
                          f"{ours_ms * 1e3:.1f} us "
                          f"({row['tflops']:.1f} TFLOP/s) vs SDPA {torch_ms * 1e3:.1f} us "
                          f"({row['sdpa_tflops']:.1f}); x{row['vs_sdpa']:.2f}; err {err:.2e}"
