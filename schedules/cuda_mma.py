@@ -9,7 +9,9 @@ helper's source once per kernel module, whichever kernels call it.
 Fragment layout (PTX ISA, "Matrix fragments for mma.m16n8k16"), as the kernels index it: lane
 ``l`` of a warp holds, of the 16x8 fp32 accumulator, rows ``l // 4`` (elements 0, 1) and
 ``l // 4 + 8`` (elements 2, 3), columns ``l % 4 * 2 + (0, 1)``. ``ldmatrix.x4`` loads four 8x8
-tiles: lane ``l`` gives the address of row ``l % 8`` of tile ``l // 8``.
+tiles: lane ``l`` gives the address of row ``l % 8`` of tile ``l // 8``. ``cp.async`` copies 16
+bytes from global to shared memory in the background (a tile's next load overlaps this one's
+products); ``cp.async.wait_all`` waits for the thread's copies.
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ __forceinline__ __device__ void tvm_lite_mma16816(float* c, unsigned a0, unsigne
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 """,
+    # cp.async (sm_80+): 16 bytes global -> shared without passing through registers; the
+    # copies a thread issued complete at its next wait_all (then a barrier makes them visible
+    # to the workgroup)
+    "tvm_lite_cp_async16": r"""
+__forceinline__ __device__ void tvm_lite_cp_async16(void* dst, const void* src) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(a), "l"(src) : "memory");
+}
+""",
+    "tvm_lite_cp_async_wait_all": r"""
+__forceinline__ __device__ void tvm_lite_cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
+""",
     "tvm_lite_pack_half2": r"""
 __forceinline__ __device__ unsigned tvm_lite_pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
@@ -49,8 +65,8 @@ __forceinline__ __device__ unsigned tvm_lite_pack_half2(float lo, float hi) {
 def call(name: str, *args: str, ret: str = "void") -> str:
     """TVMScript text of a call to helper ``name`` (the kernel's ``from_source`` must get the
     helper dict as ``HELPERS`` in its ``extra_vars``)."""
-    return (f'T.cuda.func_call("{name}", {", ".join(args)}, source_code=HELPERS["{name}"], '
-            f'return_type="{ret}")')
+    return (f'T.cuda.func_call("{name}", {"".join(a + ", " for a in args)}'
+            f'source_code=HELPERS["{name}"], return_type="{ret}")')
 
 
 def mma_supported(target) -> bool:

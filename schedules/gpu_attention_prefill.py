@@ -70,6 +70,7 @@ from .gpu_attention_decode import ring_write
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN = 'T.min_value("float32")'
+LOG2E = 1.4426950408889634  # the tensor-core kernel's softmax: exp(x) = exp2(x * log2 e)
 
 # Tensor-core kernel: warps per workgroup (16 rows each) and the dynamic shared memory it may use
 # (two workgroups fit an H100/H200 SM's 228 KiB; the runtime raises the 48 KiB default).
@@ -82,6 +83,15 @@ TC_WARPS = 4
 TC_M_TILES = 1
 TC_M_TILES_MAX_DIM = 64
 TC_SHARED_BYTES = 110 * 1024
+# Read a key tile's mask elements into registers before its Q Kᵀ products (their load latency
+# hides behind the MMAs; NT x 4 more fp32 registers a thread), or where the scores are masked.
+# H200, n = 2048, one call: prefetching took SmolLM2's shape (9/3 heads, head_dim 64) from 101 to
+# 70 us, head_dim 128 (32/8) from 266 to 233, Gemma-2B's (8/1, 256) from 152 to 141, but
+# Llama-3.2-1B's (32/8, 64) from 156 to 186 us: not at head_dim <= TC_MASK_PREFETCH_SKIP_DIM with
+# groups of TC_MASK_PREFETCH_SKIP_GROUP query heads or more.
+TC_MASK_PREFETCH = True
+TC_MASK_PREFETCH_SKIP_DIM = 64
+TC_MASK_PREFETCH_SKIP_GROUP = 4
 TC_KEY_TILES = (64, 32, 16)
 # Key splitting (small grids: chunked prompts, few kv heads): workgroups the grid should reach
 # (two a SM on 132 SMs), at most this many splits, each split at least this many key tiles.
@@ -137,61 +147,83 @@ def _first_key_tile(p: dict, rows: int, keys: int) -> str:
 
 
 def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, vec: int,
-               threads: int, valid, indent: str, alt=None) -> str:
+               threads: int, valid, indent: str, alt=None, async_copy: bool = False) -> str:
     """Cooperative vectorized copy of a ``(count_rows, D)`` tile into the 1-D buffers ``dsts``
     (``(name, " + offset")`` pairs; rows ``D + pad`` apart: a 2-D buffer would be compacted to
     the columns accessed, dropping the padding); rows that are not ``valid(r)`` get zeros.
     ``srcs(r, c)``: the sources at row ``r``, column ramp
     ``c``, one per destination; ``alt = (cond(r), srcs2)``: rows where ``cond`` holds read
-    ``srcs``, the others ``srcs2`` (a ring kernel's keys: ring rows, then new rows)."""
+    ``srcs``, the others ``srcs2`` (a ring kernel's keys: ring rows, then new rows).
+
+    ``async_copy``: each vector is a 16-byte ``cp.async`` from global to shared memory
+    (``vec * 2 == 16``; ``srcs`` then gets the first column, not a ramp): the copy is in flight
+    until :data:`WAIT_COPIES`, so loads of the next tile overlap the tensor-core work on this one."""
     vectors = count_rows * D // vec
     steps = -(-vectors // threads)
     e = f"(l * {threads} + tx)"
-    r, c = f"({e} // {D // vec})", f"T.Ramp({e} % {D // vec} * {vec}, 1, {vec})"
+    col = f"{e} % {D // vec} * {vec}"
+    r, c = f"({e} // {D // vec})", (col if async_copy else f"T.Ramp({col}, 1, {vec})")
     guard = f"{e} < {vectors}" if steps * threads != vectors else "True"
     body = [f"for l in range({steps}):", f"    if {guard}:", f"        if {valid(r)}:"]
-    at = f"{r} * {D + pad} + {e} % {D // vec} * {vec}"
+    at = f"{r} * {D + pad} + {col}"
+
+    def copy(d, off, x):
+        if async_copy:
+            return (f"T.evaluate({mma.call('tvm_lite_cp_async16', f'T.address_of({d}[{at}{off}])', f'T.address_of({x})')})")
+        return f"{d}[T.Ramp({at}{off}, 1, {vec})] = {x}"
+
     if alt is None:
-        body += [f"            {d}[T.Ramp({at}{off}, 1, {vec})] = {x}"
-                 for (d, off), x in zip(dsts, srcs(r, c))]
+        body += [f"            {copy(d, off, x)}" for (d, off), x in zip(dsts, srcs(r, c))]
     else:
         for head, src in ((f"if {alt[0](r)}:", srcs), ("else:", alt[1])):
             body += [f"            {head}"]
-            body += [f"                {d}[T.Ramp({at}{off}, 1, {vec})] = {x}"
-                     for (d, off), x in zip(dsts, src(r, c))]
+            body += [f"                {copy(d, off, x)}" for (d, off), x in zip(dsts, src(r, c))]
     body += ["        else:"]
     body += [f'            {d}[T.Ramp({at}{off}, 1, {vec})] = T.Broadcast(T.Cast("{dtype}", 0), '
              f'{vec})' for d, off in dsts]
     return "\n".join(indent + line for line in body)
 
 
-def _tile_loads(p: dict, rows: int, keys: int, dtype: str, D: int, pad: int, vec: int,
-                threads: int, tiles: tuple) -> tuple[str, str]:
-    """The Q tile load (once per workgroup; rows past ``n * G`` zero) and the K/V tile loads
-    (per key tile ``kb``; keys past ``m`` zero). ``tiles``: the (buffer, offset) of Q, K, V."""
+def _q_load(p: dict, rows: int, dtype: str, D: int, pad: int, vec: int, threads: int,
+            tile: tuple) -> str:
+    """The Q tile load (once per workgroup; rows past ``n * G`` zero)."""
     G = p["heads"] // p["kv_heads"]
 
     def q_src(r, c):
         at = _rows(p, rows, r)
         return [f"q[0, {at['head']}, {at['pos']}, {c}]"]
 
-    q_load = _load_tile([tiles[0]], q_src, dtype, rows, D, pad, vec, threads,
-                        lambda r: f"{_rows(p, rows, r)['row']} < n * {G}", " " * 16)
-    key = lambda r: f"kb * {keys} + {r}"  # noqa: E731
+    return _load_tile([tile], q_src, dtype, rows, D, pad, vec, threads,
+                      lambda r: f"{_rows(p, rows, r)['row']} < n * {G}", " " * 16)
+
+
+def _kv_load(p: dict, keys: int, dtype: str, D: int, pad: int, vec: int, threads: int,
+             tiles: tuple, which: str = "kv", kb: str = "kb", indent: int = 20,
+             async_copy: bool = False) -> str:
+    """The load of key tile ``kb`` (keys past ``m`` zero) of K and/or V (``which``) into
+    ``tiles`` (their (buffer, offset)s); a ring kernel reads ring rows, then new rows."""
+    key = lambda r: f"({kb}) * {keys} + {r}"  # noqa: E731
 
     def kv_src(r, c):
-        return [kv_index(p, x, key(r), "kvh", c) for x in "kv"]
+        return [kv_index(p, x, key(r), "kvh", c) for x in which]
 
     alt = None
     if p.get("window"):  # keys [0, ring_rows): the ring, oldest first; then the new rows
         def kv_src(r, c):  # noqa: F811
-            return [kv_index(p, x, ring_key(p, key(r))[0], "kvh", c) for x in "kv"]
+            return [kv_index(p, x, ring_key(p, key(r))[0], "kvh", c) for x in which]
 
         alt = (lambda r: f"{key(r)} < ring_rows",
-               lambda r, c: [f"{x}[0, kvh, {ring_key(p, key(r))[1]}, {c}]" for x in ("nk", "nv")])
-    kv_load = _load_tile(list(tiles[1:]), kv_src, dtype, keys, D, pad, vec, threads,
-                         lambda r: f"{key(r)} < m", " " * 20, alt)
-    return q_load, kv_load
+               lambda r, c: [f"n{x}[0, kvh, {ring_key(p, key(r))[1]}, {c}]" for x in which])
+    return _load_tile(list(tiles), kv_src, dtype, keys, D, pad, vec, threads,
+                      lambda r: f"{key(r)} < m", " " * indent, alt, async_copy)
+
+
+def _tile_loads(p: dict, rows: int, keys: int, dtype: str, D: int, pad: int, vec: int,
+                threads: int, tiles: tuple) -> tuple[str, str]:
+    """The Q tile load and the K/V loads of key tile ``kb``. ``tiles``: the (buffer, offset) of
+    Q, K, V."""
+    return (_q_load(p, rows, dtype, D, pad, vec, threads, tiles[0]),
+            _kv_load(p, keys, dtype, D, pad, vec, threads, tiles[1:]))
 
 
 def simt_tiles(p: dict, threads: int, local_bytes: int, vec: int) -> tuple[int, int]:
@@ -346,7 +378,7 @@ def _merge(p: dict, spl: str) -> str:
                 mg[1] = T.float32(0)
                 mg[2] = T.float32(0)
                 for s in range({spl}):
-                    mg[3] = T.exp(ws_m[{at}] - mg[0])
+                    mg[3] = T.exp2(ws_m[{at}] - mg[0])
                     mg[1] = mg[1] + ws_l[{at}] * mg[3]
                     mg[2] = mg[2] + ws_o[{at} * {D} + {d}] * mg[3]
                 {out_index(p, "h", pos, d)} = T.Cast("float16", mg[2] / T.max(mg[1], T.float32(1e-30)))
@@ -378,17 +410,39 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     # one shared buffer for the three tiles (separate ones would be merged by liveness, and
     # TVM does not see the ldmatrix reads through their addresses)
     KO, VO = rows * DP, (rows + keys) * DP
-    q_load, kv_load = _tile_loads(p, rows, keys, "float16", D, 8, 8, threads,
-                                  (("sm", ""), ("sm", f" + {KO}"), ("sm", f" + {VO}")))
-    rc = row("c")
-    key = f"kb * {keys} + nt * 8 + {t4} * 2 + c % 2"
-    mask = mask_index(p, rc["head"], f"T.min({rc['pos']}, n - 1)", key)
-    rh = row("hr * 2")
-    # per m-tile mt: s[mt * NT * 4 ..], oa[mt * DT * 4 ..], af[mt * 4 ..], pf[mt * KP * 4 ..],
-    # st[mt * 6 ..] (max x2, sum x2, tmp x2)
+    q_load = _q_load(p, rows, "float16", D, 8, 8, threads, ("sm", ""))
+
+    def k_load(kb: str, indent: int) -> str:  # cp.async: in flight until the next wait
+        return _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + {KO}"),), "k", kb,
+                        indent, async_copy=True)
+
+    v_load = _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + {VO}"),), "v",
+                      async_copy=True)
+    wait = f"T.evaluate({_call('tvm_lite_cp_async_wait_all')})"
+    # per m-tile mt: s[mt * NT * 4 ..] (and mk), oa[mt * DT * 4 ..], af[mt * 4 ..],
+    # pf[mt * KP * 4 ..], st[mt * 6 ..] (max x2, sum x2, tmp x2)
     S, O, ST = f"mt * {NT * 4} + ", f"mt * {DT * 4} + ", "mt * 6 + "
     AF = [f"af[mt * 4 + {i}]" for i in range(4)]
     PF = [f"pf[mt * {KP * 4} + kp * 4 + {i}]" for i in range(4)]
+    rc = row("c")
+    key = f"kb * {keys} + nt * 8 + {t4} * 2 + c % 2"
+    masked = not p.get("window")  # a ring kernel masks by position: no mask tensor
+    prefetch = masked and TC_MASK_PREFETCH and not (
+        D <= TC_MASK_PREFETCH_SKIP_DIM and G >= TC_MASK_PREFETCH_SKIP_GROUP)
+    # the tile's mask elements, read into registers before its products (their latency hides
+    # behind the MMAs); the indices clamped into the mask, so the loads need no guard
+    mask_pre = f"""
+                    for mt in T.unroll({MT}):
+                        for nt in T.unroll({NT}):
+                            for c in T.unroll(4):
+                                mk[{S}nt * 4 + c] = T.Cast("float32", {mask_index(
+                                    p, rc["head"], f"T.min({rc['pos']}, n - 1)", f"T.min({key}, m - 1)")})""" \
+        if prefetch else ""
+    mk_alloc = f"""
+                mk = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")""" if prefetch else ""
+    mask = f"mk[{S}nt * 4 + c]" if prefetch else \
+        mask_index(p, rc["head"], f"T.min({rc['pos']}, n - 1)", key)
+    rh = row("hr * 2")
     offsets = {"qs": 0, "ks": KO, "vs": VO}
     addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
     nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
@@ -396,6 +450,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     tiles = _key_tiles(p, rows, keys)
     first = _first_key_tile(p, rows, keys)
     per = f"(({tiles} - {first} + {spl} - 1) // {spl})"  # key tiles of one split
+    lo, hi = f"({first} + sp * {per})", f"T.min({tiles}, {first} + (sp + 1) * {per})"
     ws = f"T.if_then_else({spl} > 1, {spl} * {H} * n, T.int64(1))"  # partial rows (1: unused)
     part = f"((sp * {H} + {rh['head']}) * n + {rh['pos']})"
     partial = f"""
@@ -412,6 +467,9 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 """
     if not split:
         partial = workspace = ""
+    # Software pipeline (FlashAttention-2's): K of tile kb+1 is copied while P V of tile kb runs,
+    # V of tile kb while Q Kᵀ and the softmax of tile kb run. One K and one V buffer suffice:
+    # each copy starts after the barrier that ends the reads of the tile it overwrites.
     src = kernel_source(p, decl, f"""{workspace}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
       for sp in T.thread_binding({spl}, thread="blockIdx.z"):
         for bqr in T.thread_binding({nb}, thread="blockIdx.x"):
@@ -422,8 +480,10 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                 pf = T.alloc_buffer(({MT * KP * 4},), "uint32", scope="local")
                 af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
                 bf = T.alloc_buffer((4,), "uint32", scope="local")
-                st = T.alloc_buffer(({MT * 6},), "float32", scope="local")
+                st = T.alloc_buffer(({MT * 6},), "float32", scope="local"){mk_alloc}
 {q_load}
+                if {lo} < {hi}:
+{k_load(lo, 20)}
                 for i in T.unroll({MT * DT * 4}):
                     oa[i] = {f32}(0)
                 for mt in T.unroll({MT}):
@@ -431,9 +491,10 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                     st[{ST}1] = {MIN}
                     st[{ST}2] = {f32}(0)
                     st[{ST}3] = {f32}(0)
-                for kb in range({first} + sp * {per}, T.min({tiles}, {first} + (sp + 1) * {per})):
-{kv_load}
+                for kb in range({lo}, {hi}):
+                    {wait}
                     T.tvm_storage_sync("shared")
+{v_load}{mask_pre}
                     for i in T.unroll({MT * NT * 4}):
                         s[i] = {f32}(0)
                     for kk in T.unroll({KT}):
@@ -454,17 +515,17 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                                   *AF, "bf[2]", "bf[3]")})
                     for mt in T.unroll({MT}):
                         for nt in T.unroll({NT}):
-                            for c in T.unroll(4):
+                            for c in T.unroll(4):  # scores in log2 units: the softmax runs on exp2
                                 s[{S}nt * 4 + c] = T.if_then_else(
                                     {key} < m and {rc["row"]} < n * {G}
                                     and {ring_visible(p, rc["pos"], key)},
-                                    {score(p, f"s[{S}nt * 4 + c]", mask)}, {MIN})
+                                    ({score(p, f"s[{S}nt * 4 + c]", mask)}) * {f32}({LOG2E!r}), {MIN})
                         for hr in T.unroll(2):
                             st[{ST}4] = st[{ST}hr]
                             for nt in T.unroll({NT}):
                                 st[{ST}4] = T.max(st[{ST}4], T.max(s[{S}nt * 4 + hr * 2], s[{S}nt * 4 + hr * 2 + 1]))
                             st[{ST}4] = {_call("tvm_lite_quad_max", f"st[{ST}4]", ret="float32")}
-                            st[{ST}5] = T.exp(st[{ST}hr] - st[{ST}4])
+                            st[{ST}5] = T.exp2(st[{ST}hr] - st[{ST}4])
                             st[{ST}hr] = st[{ST}4]
                             st[{ST}hr + 2] = st[{ST}hr + 2] * st[{ST}5]
                             for dt in T.unroll({DT}):
@@ -472,7 +533,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                 oa[{O}dt * 4 + hr * 2 + 1] = oa[{O}dt * 4 + hr * 2 + 1] * st[{ST}5]
                             for nt in T.unroll({NT}):
                                 for c in T.unroll(2):
-                                    s[{S}nt * 4 + hr * 2 + c] = T.exp(s[{S}nt * 4 + hr * 2 + c] - st[{ST}hr])
+                                    s[{S}nt * 4 + hr * 2 + c] = T.exp2(s[{S}nt * 4 + hr * 2 + c] - st[{ST}hr])
                                     st[{ST}hr + 2] = st[{ST}hr + 2] + s[{S}nt * 4 + hr * 2 + c]
                         for kp in T.unroll({KP}):
                             for r in T.unroll(4):
@@ -480,6 +541,10 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                     "tvm_lite_pack_half2",
                                     f"s[{S}(kp * 2 + r // 2) * 4 + r % 2 * 2]",
                                     f"s[{S}(kp * 2 + r // 2) * 4 + r % 2 * 2 + 1]", ret="uint32")}
+                    {wait}
+                    T.tvm_storage_sync("shared")
+                    if kb + 1 < {hi}:
+{k_load("kb + 1", 24)}
                     for kp in T.unroll({KP}):
                         for dp in T.unroll({D // 16}):
                             bf[T.Ramp(0, 1, 4)] = {_call(
@@ -491,7 +556,6 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                                   *PF, "bf[0]", "bf[1]")})
                                 T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8 + 4])",
                                                   *PF, "bf[2]", "bf[3]")})
-                    T.tvm_storage_sync("shared")
                 for mt in T.unroll({MT}):
                     for hr in T.unroll(2):
                         st[{ST}hr + 2] = T.max({_call("tvm_lite_quad_sum", f"st[{ST}hr + 2]", ret="float32")},

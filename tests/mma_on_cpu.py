@@ -4,9 +4,8 @@ No GPU is needed. The kernel source TVM generates for ``cuda`` is compiled with 
 (as in :mod:`cuda_on_cpu`): each thread of a workgroup is a ``std::thread``, ``__syncthreads()``
 a ``std::barrier``, the dynamic shared memory one static array (workgroups run one after
 another), ``half`` is ``_Float16``. The warp-wide PTX helpers are replaced by C++ with the PTX
-ISA's fragment layouts (``ldmatrix`` x4 and .trans, ``mma.sync.m16n8k16``, the quad shuffles):
-each lane publishes
-its operands to its warp, the warp meets at a barrier, and each lane computes what the hardware
+ISA's fragment layouts (``ldmatrix`` x4 and .trans, ``mma.sync.m16n8k16``, the quad shuffles,
+``cp.async`` copies that land at the thread's next wait): each lane publishes its operands to its warp, the warp meets at a barrier, and each lane computes what the hardware
 would hand it -- so the kernel's own addressing, staging, dequant, fragment-to-output mapping,
 split-K and epilogue run as generated; only the products' summation order differs.
 """
@@ -120,6 +119,14 @@ static unsigned tvm_lite_dq_half2(unsigned w, unsigned c2, unsigned s2) {
 static void tvm_lite_st_shared_v4(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
   unsigned v[4] = {a, b, c, d};
   memcpy(p, v, 16);
+}
+// cp.async: a thread's copies land at its next wait_all (not before: a kernel reading a tile
+// before waiting for it reads the previous tile's data, as it might on the GPU)
+thread_local std::vector<std::pair<void*, const void*>> copies;
+static void tvm_lite_cp_async16(void* dst, const void* src) { copies.push_back({dst, src}); }
+static void tvm_lite_cp_async_wait_all() {
+  for (auto& c : copies) memcpy(c.first, c.second, 16);
+  copies.clear();
 }
 static float xf[32][32];
 static float tvm_lite_quad_max(float v) {  // over the 4 lanes of a quad (__shfl_xor 1, 2)
