@@ -424,25 +424,50 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     S, O, ST = f"mt * {NT * 4} + ", f"mt * {DT * 4} + ", "mt * 6 + "
     AF = [f"af[mt * 4 + {i}]" for i in range(4)]
     PF = [f"pf[mt * {KP * 4} + kp * 4 + {i}]" for i in range(4)]
-    rc = row("c")
-    key = f"kb * {keys} + nt * 8 + {t4} * 2 + c % 2"
+    rc, rh = row("c"), row("hr * 2")
     masked = not p.get("window")  # a ring kernel masks by position: no mask tensor
     prefetch = masked and TC_MASK_PREFETCH and not (
         D <= TC_MASK_PREFETCH_SKIP_DIM and G >= TC_MASK_PREFETCH_SKIP_GROUP)
+    # Index registers, set once (the per-score work is what bounds the kernel at small head_dim):
+    # ib = [m, the first key of this thread's columns in the tile] as int32; mo = the flat mask
+    # offset of each accumulator row (its head and position; rows past n * G read row n - 1:
+    # their scores are never written out). A score's mask element is then a load at a constant
+    # offset from one per-row, per-tile address.
+    key = f"(ib[1] + nt * 8 + c % 2)"  # int32
+    key64 = f"T.Cast('int64', {key})"
+    mh = H if p.get("mask_heads") else 1
+    mq = "n" if p.get("mask_rows") else "1"
+    index_init = """
+                ib[0] = T.Cast("int32", m)"""
+    if masked:
+        head = rh["head"] if p["mask_heads"] else "T.int64(0)"
+        pos = f"T.min({rh['pos']}, n - 1)" if p["mask_rows"] else "T.int64(0)"
+        index_init += f"""
+                for mt in T.unroll({MT}):
+                    for hr in T.unroll(2):
+                        mo[mt * 2 + hr] = ({head} * {mq} + {pos}) * m"""
+    mask_flat = f'    mflat = T.decl_buffer(({mh} * {mq} * m,), "{p["mask_dtype"]}", data=mask.data)\n' \
+        if masked else ""
+    row_at = f"mo[mt * 2 + c // 2] + T.Cast('int64', ib[1])"
+    mask_at = f"mflat[{row_at} + (nt * 8 + c % 2)]"
     # the tile's mask elements, read into registers before its products (their latency hides
-    # behind the MMAs); the indices clamped into the mask, so the loads need no guard
+    # behind the MMAs); in the last tile the keys are clamped into the mask (no guard needed)
+    pre = f"""for mt in T.unroll({MT}):
+                            for nt in T.unroll({NT}):
+                                for c in T.unroll(4):
+                                    mk[{S}nt * 4 + c] = T.Cast("float32", %s)"""
     mask_pre = f"""
-                    for mt in T.unroll({MT}):
-                        for nt in T.unroll({NT}):
-                            for c in T.unroll(4):
-                                mk[{S}nt * 4 + c] = T.Cast("float32", {mask_index(
-                                    p, rc["head"], f"T.min({rc['pos']}, n - 1)", f"T.min({key}, m - 1)")})""" \
+                    if (kb + 1) * {keys} <= m:
+                        {pre % mask_at}
+                    else:
+                        {pre % f"mflat[mo[mt * 2 + c // 2] + T.Cast('int64', T.min({key}, ib[0] - 1))]"}""" \
         if prefetch else ""
     mk_alloc = f"""
                 mk = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")""" if prefetch else ""
-    mask = f"mk[{S}nt * 4 + c]" if prefetch else \
-        mask_index(p, rc["head"], f"T.min({rc['pos']}, n - 1)", key)
-    rh = row("hr * 2")
+    mk_alloc += """
+                ib = T.alloc_buffer((2,), "int32", scope="local")""" + (f"""
+                mo = T.alloc_buffer(({2 * MT},), "int64", scope="local")""" if masked else "")
+    mask = f"mk[{S}nt * 4 + c]" if prefetch else (mask_at if masked else "0")
     offsets = {"qs": 0, "ks": KO, "vs": VO}
     addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
     nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
@@ -470,7 +495,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     # Software pipeline (FlashAttention-2's): K of tile kb+1 is copied while P V of tile kb runs,
     # V of tile kb while Q Kᵀ and the softmax of tile kb run. One K and one V buffer suffice:
     # each copy starts after the barrier that ends the reads of the tile it overwrites.
-    src = kernel_source(p, decl, f"""{workspace}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+    src = kernel_source(p, decl, f"""{workspace}{mask_flat}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
       for sp in T.thread_binding({spl}, thread="blockIdx.z"):
         for bqr in T.thread_binding({nb}, thread="blockIdx.x"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
@@ -490,10 +515,11 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                     st[{ST}0] = {MIN}
                     st[{ST}1] = {MIN}
                     st[{ST}2] = {f32}(0)
-                    st[{ST}3] = {f32}(0)
+                    st[{ST}3] = {f32}(0){index_init}
                 for kb in range({lo}, {hi}):
                     {wait}
                     T.tvm_storage_sync("shared")
+                    ib[1] = T.Cast("int32", kb * {keys}) + {t4} * 2
 {v_load}{mask_pre}
                     for i in T.unroll({MT * NT * 4}):
                         s[i] = {f32}(0)
@@ -517,8 +543,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                         for nt in T.unroll({NT}):
                             for c in T.unroll(4):  # scores in log2 units: the softmax runs on exp2
                                 s[{S}nt * 4 + c] = T.if_then_else(
-                                    {key} < m and {rc["row"]} < n * {G}
-                                    and {ring_visible(p, rc["pos"], key)},
+                                    {key} < ib[0] and {ring_visible(p, rc["pos"], key64)},
                                     ({score(p, f"s[{S}nt * 4 + c]", mask)}) * {f32}({LOG2E!r}), {MIN})
                         for hr in T.unroll(2):
                             st[{ST}4] = st[{ST}hr]
@@ -560,11 +585,12 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                     for hr in T.unroll(2):
                         st[{ST}hr + 2] = T.max({_call("tvm_lite_quad_sum", f"st[{ST}hr + 2]", ret="float32")},
                                                T.float32(1e-30))
+                        st[{ST}4] = T.float32(1) / st[{ST}hr + 2]  # one division a row, not one a value
                         if {rh["row"]} < n * {G} and {spl} == 1:
                             for dt in T.unroll({DT}):
                                 for c in T.unroll(2):
                                     {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
-                                        T.Cast("float16", oa[{O}dt * 4 + hr * 2 + c] / st[{ST}hr + 2]){partial}
+                                        T.Cast("float16", oa[{O}dt * 4 + hr * 2 + c] * st[{ST}4]){partial}
 {_merge(p, spl) if split else ""}{ring_write(p) if p.get("window") else ""}""", static)
     src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)  # the longest row tiles (last rows) first
     return parse(src, static, HELPERS=HELPERS)

@@ -587,7 +587,8 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     G = heads // kv
     grids = {"attn_kernel": (-(-n * G // rows), kv, splits),
              "attn_kernel_1": (-(-n * d // 256), heads, 1) if splits > 1 else (1, 1, 1)}
-    got = run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, "mask_ptr": mask}, grids,
+    # the kernel reads the mask through a flat view of it (mflat)
+    got = run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, "mflat_ptr": mask}, grids,
                       "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
     want = reference_numpy(q, k, v, mask, d ** -0.5, G)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
