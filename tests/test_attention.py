@@ -594,6 +594,43 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+def test_tensor_core_prefill_reads_a_per_head_mask_on_the_cpu(tmp_path):
+    """A mask with a head axis ``(1, H, n, m)``: causal and padded, plus a different additive
+    bias per head (ALiBi-like, so a head reading another head's row would be off), through the
+    kernel's flat view of the mask; 100 rows after 37 cached keys (a 2-split chunk, the last key
+    tile partial). The CUDA C run on the CPU (tests/mma_on_cpu.py)."""
+    from mma_on_cpu import run_kernels
+    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel, \
+        tensor_core_tiles
+
+    heads, kv, d, n, past = 8, 2, 64, 100, 37
+    m, G = past + n, heads // kv
+    rng = np.random.default_rng(8)
+    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, "float16", pad=3)
+    slope = np.linspace(0.05, 0.4, heads)[:, None, None]
+    bias = -slope * np.abs(np.arange(m)[None, None, :] - past - np.arange(n)[None, :, None])
+    lowest = np.finfo(np.float16).min
+    mask = np.maximum(mask[0].astype("float32") + bias, lowest).astype("float16")[None]  # (1, H, n, m)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", True, True, False, False,
+                         False)
+    assert p["mask_heads"] and p["mask_rows"]
+    rows, keys = tensor_core_tiles(p)
+    splits = eval(split_count(p, rows, keys).replace("T.int64", "int").replace("T.max", "max")
+                  .replace("T.min", "min"), {"n": n, "m": m})  # noqa: S307 (our expression)
+    func = tensor_core_kernel(p, static={"n": n, "m": m}).with_attr("global_symbol", "attn") \
+        .with_attr("tirx.is_scheduled", True)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")
+    grids = {"attn_kernel": (-(-n * G // rows), kv, splits),
+             "attn_kernel_1": (-(-n * d // 256), heads, 1) if splits > 1 else (1, 1, 1)}
+    got = run_kernels(src, {"q_ptr": q, "k_ptr": k, "v_ptr": v, "mflat_ptr": mask}, grids,
+                      "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, G)
+    np.testing.assert_allclose(got[:, :, :n - 3].astype(np.float32), want[:, :, :n - 3],
+                               rtol=2e-3, atol=2e-3)
+
+
 # -- sliding-window layers' ring caches on the GPU: CUDA C run on the CPU -------------------------
 def _ring_case(rng, heads, kv, d, window, past, n, dtype, softcap=0.0):
     """A ring cache after ``past`` tokens (slots holding no position the call may read are NaN:
