@@ -136,12 +136,15 @@ SPLIT_TICKETS = 4096
 HELPERS["tvm_lite_split_last"] = r"""
 __device__ unsigned tvm_lite_split_tickets[%d];
 __forceinline__ __device__ int tvm_lite_split_last(unsigned slot, unsigned splits) {
-  // every thread of the workgroup calls this after writing its partials
+  // every thread of the workgroup calls this after writing its partials; one thread fences
+  // (the barrier orders the others' stores before its fence: fences are cumulative) instead of
+  // each thread waiting on a sequentially consistent __threadfence()
   __shared__ int last;
-  __threadfence();  // the partials visible to the whole device before the ticket is taken
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) {
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");  // release: the workgroup's partials
     last = atomicInc(&tvm_lite_split_tickets[slot], splits - 1) == splits - 1;
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");  // acquire: the other workgroups' partials
   }
   __syncthreads();
   return last;
