@@ -50,7 +50,11 @@ Two kernels
   and sum over the 4 threads of a quad by shuffles), ``P`` repacked to fp16 A fragments without
   going through memory, ``O += P V`` (V read with ``ldmatrix.trans``). The PTX is in small
   ``__device__`` helpers (``HELPERS``) called through ``T.cuda.func_call``. Q, K and V tiles live
-  in dynamic shared memory (rows padded by 16 bytes: conflict-free ``ldmatrix``).
+  in dynamic shared memory (rows padded by 16 bytes: conflict-free ``ldmatrix``). K and V arrive
+  by ``cp.async`` in FlashAttention-2's pipeline (V of tile ``kb`` while ``Q Kᵀ`` and the
+  softmax of ``kb`` run, K of ``kb + 1`` while ``P V`` of ``kb`` runs; one buffer each), the
+  softmax runs on ``exp2``, and the per-score index work is hoisted out of the key loop (int32
+  keys, one mask address per row and tile).
 
 All arithmetic of the softmax is fp32 (scores, max, sum, accumulators); P is rounded to fp16 for
 the second tensor-core product only (as in FlashAttention).
