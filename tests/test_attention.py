@@ -833,3 +833,26 @@ def test_gpu_ring_kernels_on_cuda(profile, dtype):
         np.testing.assert_allclose(got.astype("float32"), want, rtol=tol, atol=tol,
                                    err_msg=f"n={n} past={past}")
         past += n
+
+
+def test_bench_prefill_builds_a_baseline_version_of_the_kernel(tmp_path):
+    """``bench.prefill --baseline-kernel FILE`` builds the rule's attention with another version
+    of ``gpu_attention_prefill.py`` (here: 16-key tiles instead of 64) for the same shape, and
+    leaves the rule's own builder in place afterwards."""
+    from pathlib import Path
+
+    from tvm_lite.bench.prefill import attention_kernel, baseline_prefill_kernel
+    from tvm_lite.schedules import gpu_attention, gpu_attention_prefill
+
+    src = Path(gpu_attention_prefill.__file__).read_text()
+    assert "TC_KEY_TILES = (64, 32, 16)" in src
+    old = tmp_path / "old.py"
+    old.write_text(src.replace("TC_KEY_TILES = (64, 32, 16)", "TC_KEY_TILES = (16,)"))
+    target = tvm_lite.parse_target("cuda -arch=sm_90")
+    mine = tvm_lite.device_source(attention_kernel(32, 8, 64, target), "cuda")
+    base = tvm_lite.device_source(
+        attention_kernel(32, 8, 64, target, prefill_kernel=baseline_prefill_kernel(str(old))), "cuda")
+    assert gpu_attention.prefill_kernel is gpu_attention_prefill.prefill_kernel
+    # a key tile is 8-column n-tiles of the scores: Q Kᵀ issues keys / 8 MMAs per 16 of head_dim
+    # and P V head_dim / 8 per 16 keys -- (4 * 8) + (4 * 8) calls at 64 keys, 4 * 2 + 1 * 8 at 16
+    assert mine.count("tvm_lite_mma16816(") - base.count("tvm_lite_mma16816(") == 64 - 16

@@ -15,6 +15,11 @@ For the shapes of the benchmarked models (SmolLM2-135M, Llama-3.2-1B, Gemma-2B; 
   gpu_gemm_mma`) and ``e0m4 (wmma)`` (the rule without that kernel: DLight's WMMA, what ran
   before) against ``torch.matmul`` fp16.
 
+``--baseline-kernel old.py`` times the rule's attention built by another version of
+``schedules/gpu_attention_prefill.py`` on the same inputs in the same run (``git show
+REV:schedules/gpu_attention_prefill.py > old.py``): a kernel change measured against what it
+replaced, not against another session's numbers.
+
 Every tvm_lite attention output is checked against the same SDPA call (max abs error); every GEMM
 against numpy on a column slice (``bench.kernels``). Times: medians of ``time_evaluator`` repeats
 (TVM) and of CUDA-event-timed loops (torch).
@@ -53,21 +58,39 @@ def causal_flops(heads: int, head_dim: int, n: int, past: int = 0) -> float:
     return 4.0 * heads * head_dim * pairs
 
 
+def baseline_prefill_kernel(path: str):
+    """``prefill_kernel`` of another version of ``schedules/gpu_attention_prefill.py`` (e.g.
+    ``git show REV:schedules/gpu_attention_prefill.py > old.py``), loaded as a module of
+    ``tvm_lite.schedules`` so its relative imports resolve to this tree's helpers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tvm_lite.schedules._baseline_prefill", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.prefill_kernel
+
+
 def attention_kernel(heads: int, kv: int, d: int, target, keys: int | None = None,
-                     m_tiles: int | None = None):
+                     m_tiles: int | None = None, prefill_kernel=None):
     """tvm_lite's prefill attention for ``target`` (fp16, additive fp16 mask over every row),
     compiled; ``keys``, ``m_tiles``: the tensor-core kernel's key tile and 16-row m-tiles a warp
-    (both None: the rule's kernel)."""
+    (both None: the rule's kernel); ``prefill_kernel``: the rule's kernel builder to use instead
+    of this tree's (:func:`baseline_prefill_kernel`)."""
     import tvm
 
     from tvm_lite.relax_passes.fuse_attention import attention_params, reference_kernel
-    from tvm_lite.schedules.gpu_attention import Attention
+    from tvm_lite.schedules import gpu_attention
     from tvm_lite.schedules.gpu_attention_prefill import tensor_core_kernel
 
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
                          True, kv == 1)
     if keys is None and m_tiles is None:
-        func = Attention().apply(reference_kernel(p), target, False).mod["main"]
+        own = gpu_attention.prefill_kernel
+        gpu_attention.prefill_kernel = prefill_kernel or own
+        try:
+            func = gpu_attention.Attention().apply(reference_kernel(p), target, False).mod["main"]
+        finally:
+            gpu_attention.prefill_kernel = own
     else:
         func = tensor_core_kernel(p, keys=keys, m_tiles=m_tiles)
     func = func.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", "main")
@@ -127,9 +150,10 @@ def _tvm_attention_call(ex, dev, q, k, v, mask):
 
 
 def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), chunk=CHUNK,
-                    variants=((None, None),), progress=print) -> list[dict]:
+                    variants=((None, None),), progress=print, baseline=None) -> list[dict]:
     """``variants``: (key tile, m-tiles a warp) pairs of the tensor-core kernel to time, (None,
-    None) being the rule's kernel (the only one timed in chunks too)."""
+    None) being the rule's kernel (the only one timed in chunks too, and against ``baseline``:
+    the path of another version of ``gpu_attention_prefill.py``, timed in the same run)."""
     import torch
     import torch.nn.functional as F
     import tvm
@@ -141,12 +165,16 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
     arch = "sm_" + str(dev.compute_version).replace(".", "")
     target = parse_target(f"cuda -arch={arch}")
     rows = []
+    base_kernel = baseline_prefill_kernel(baseline) if baseline else None
     for name in shapes:
         heads, kv, d = ATTENTION_SHAPES[name]
         for keys, m_tiles in variants:
             t0 = time.perf_counter()
             ex = attention_kernel(heads, kv, d, target, keys, m_tiles)
             compile_s = time.perf_counter() - t0
+            base = None
+            if base_kernel and keys is None and m_tiles is None:
+                base = attention_kernel(heads, kv, d, target, prefill_kernel=base_kernel)
             for n in lengths:
                 q, k, v, mask = _attention_inputs(heads, kv, d, n, 0)
                 kx = k.permute(1, 0, 2).repeat_interleave(heads // kv, 0)[None]
@@ -163,6 +191,9 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                            tflops=causal_flops(heads, d, n) / ours_ms / 1e9,
                            sdpa_tflops=causal_flops(heads, d, n) / torch_ms / 1e9)
                 row["vs_sdpa"] = row["tflops"] / row["sdpa_tflops"]
+                if base is not None:  # the same inputs through the baseline's kernel
+                    row["baseline_ms"] = _tvm_attention_call(base, dev, q, k, v, mask)[0]
+                    row["vs_baseline"] = row["baseline_ms"] / ours_ms
                 if chunk and n > chunk and keys is None and m_tiles is None:  # in chunks
                     total = 0.0
                     for past in range(0, n, chunk):
@@ -174,7 +205,9 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                          f"{ours_ms * 1e3:.1f} us "
                          f"({row['tflops']:.1f} TFLOP/s) vs SDPA {torch_ms * 1e3:.1f} us "
                          f"({row['sdpa_tflops']:.1f}); x{row['vs_sdpa']:.2f}; err {err:.2e}"
-                         + (f"; chunked x{row['chunked_ratio']:.2f}" if "chunked" in row else ""))
+                         + (f"; chunked x{row['chunked_ratio']:.2f}" if "chunked" in row else "")
+                         + (f"; baseline {row['baseline_ms'] * 1e3:.1f} us"
+                            if "baseline_ms" in row else ""))
     return rows
 
 
@@ -274,8 +307,11 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
 def format_tables(result: dict) -> str:
     lines = []
     if result.get("attention"):
+        base = any("baseline_ms" in r for r in result["attention"])
         lines += ["| shape (H/KV, head_dim) | n | tvm_lite us | TFLOP/s | SDPA us | SDPA TFLOP/s | "
-                  "vs SDPA | 2048 in 256-chunks / one call |", "|---|---|---|---|---|---|---|---|"]
+                  "vs SDPA | 2048 in 256-chunks / one call |"
+                  + (" baseline us | speed-up |" if base else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|---|" if base else "")]
         for r in result["attention"]:
             if r["key_tile"] is not None or r.get("m_tiles") is not None:
                 continue
@@ -283,7 +319,9 @@ def format_tables(result: dict) -> str:
                          f"{r['n']} | {r['tvm_lite_ms'] * 1e3:,.1f} | {r['tflops']:.1f} | "
                          f"{r['sdpa_ms'] * 1e3:,.1f} | {r['sdpa_tflops']:.1f} | "
                          f"{r['vs_sdpa']:.2f}x | "
-                         + (f"{r['chunked_ratio']:.2f}x |" if "chunked_ratio" in r else "|"))
+                         + (f"{r['chunked_ratio']:.2f}x |" if "chunked_ratio" in r else "|")
+                         + (f" {r['baseline_ms'] * 1e3:,.1f} | {r['vs_baseline']:.2f}x |"
+                            if "baseline_ms" in r else ""))
     if result.get("gemm"):
         lines += ["", "| model | layer KxN | n | format | tvm_lite us | TFLOP/s | torch fp16 us | "
                   "torch TFLOP/s | vs torch |", "|---|---|---|---|---|---|---|---|---|"]
@@ -306,6 +344,9 @@ def main(argv=None):
     ap.add_argument("--gemm-tiles", default="", help="also time these tensor-core GEMM tiles "
                     "TMxTNxWMxWNxKS[xTK], comma-separated (e.g. 128x256x2x4x1,128x128x2x4x1x64)")
     ap.add_argument("--gemm-models", default=",".join(GEMM_MODELS))
+    ap.add_argument("--baseline-kernel", default=None, help="another version of "
+                    "schedules/gpu_attention_prefill.py to time next to this one (attention), "
+                    "e.g. from git show REV:schedules/gpu_attention_prefill.py > old.py")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
@@ -323,7 +364,7 @@ def main(argv=None):
         m_tiles = [int(t) for t in args.m_tiles.split(",") if t]
         variants = [(None, None)] + [(k, None) for k in keys] + [
             (k, m) for m in m_tiles for k in (keys or [None])]
-        result["attention"] = bench_attention(variants=variants)
+        result["attention"] = bench_attention(variants=variants, baseline=args.baseline_kernel)
         save()
     if "gemm" in parts:
         tiles = [tuple(int(v) for v in t.split("x")) for t in args.gemm_tiles.split(",") if t]
