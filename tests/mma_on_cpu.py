@@ -128,6 +128,7 @@ static void tvm_lite_cp_async_wait_all() {
   for (auto& c : copies) memcpy(c.first, c.second, 16);
   copies.clear();
 }
+static float tvm_lite_ex2(float x) { return exp2f(x); }
 static float xf[32][32];
 static float tvm_lite_quad_max(float v) {  // over the 4 lanes of a quad (__shfl_xor 1, 2)
   xf[warp_id][lane_id] = v; warp_sync();
