@@ -88,8 +88,9 @@ TC_M_TILES = 1
 TC_M_TILES_MAX_DIM = 64
 TC_SHARED_BYTES = 110 * 1024
 # Read a key tile's mask elements into registers before its Q Kᵀ products (their load latency
-# hides behind the MMAs; NT x 4 more fp32 registers a thread), or where the scores are masked.
-# H200, n = 2048, one call: prefetching took SmolLM2's shape (9/3 heads, head_dim 64) from 101 to
+# hides behind the MMAs; NT x 4 more fp32 registers a thread), not where the scores are masked.
+# H200, n = 2048, one call (the kernel of commit 3cb847a, before the per-score index work left
+# the loop): prefetching took SmolLM2's shape (9/3 heads, head_dim 64) from 101 to
 # 70 us, head_dim 128 (32/8) from 266 to 233, Gemma-2B's (8/1, 256) from 152 to 141, but
 # Llama-3.2-1B's (32/8, 64) from 156 to 186 us: not at head_dim <= TC_MASK_PREFETCH_SKIP_DIM with
 # groups of TC_MASK_PREFETCH_SKIP_GROUP query heads or more.
@@ -170,7 +171,8 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
 
     ``async_copy``: each vector is a 16-byte ``cp.async`` from global to shared memory
     (``vec * 2 == 16``; ``srcs`` then gets the first column, not a ramp): the copy is in flight
-    until :data:`WAIT_COPIES`, so loads of the next tile overlap the tensor-core work on this one."""
+    until the thread's next ``tvm_lite_cp_async_wait_all``, so loads of the next tile overlap the
+    tensor-core work on this one."""
     vectors = count_rows * D // vec
     steps = -(-vectors // threads)
     e = f"(l * {threads} + tx)"
@@ -182,7 +184,8 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
 
     def copy(d, off, x):
         if async_copy:
-            return (f"T.evaluate({mma.call('tvm_lite_cp_async16', f'T.address_of({d}[{at}{off}])', f'T.address_of({x})')})")
+            dst, src = f"T.address_of({d}[{at}{off}])", f"T.address_of({x})"
+            return f"T.evaluate({mma.call('tvm_lite_cp_async16', dst, src)})"
         return f"{d}[T.Ramp({at}{off}, 1, {vec})] = {x}"
 
     if alt is None:

@@ -5,9 +5,10 @@ No GPU is needed. The kernel source TVM generates for ``cuda`` is compiled with 
 a ``std::barrier``, the dynamic shared memory one static array (workgroups run one after
 another), ``half`` is ``_Float16``. The warp-wide PTX helpers are replaced by C++ with the PTX
 ISA's fragment layouts (``ldmatrix`` x4 and .trans, ``mma.sync.m16n8k16``, the quad shuffles,
-``cp.async`` copies that land at the thread's next wait): each lane publishes its operands to its warp, the warp meets at a barrier, and each lane computes what the hardware
-would hand it -- so the kernel's own addressing, staging, dequant, fragment-to-output mapping,
-split-K and epilogue run as generated; only the products' summation order differs.
+``cp.async`` copies that land at the thread's next wait): each lane publishes its operands to
+its warp, the warp meets at a barrier, and each lane computes what the hardware would hand it --
+so the kernel's own addressing, staging, dequant, fragment-to-output mapping, split-K and
+epilogue run as generated; only the products' summation order differs.
 """
 
 from __future__ import annotations

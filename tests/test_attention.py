@@ -557,6 +557,32 @@ TC_CPU_CASES = [(9, 3, 64, 130, 0, 1), (9, 3, 64, 40, 300, 1), (8, 2, 64, 32, 22
                 (9, 3, 64, 130, 0, 2), (8, 2, 64, 64, 224, 2)]
 
 
+def _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles=None):
+    """Build the tensor-core prefill kernel for ``p`` with ``n`` and ``m`` static, run its CUDA
+    C on the CPU (tests/mma_on_cpu.py) and return (output (1, H, n, D), key splits, rows)."""
+    from mma_on_cpu import run_kernels
+    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel, \
+        tensor_core_tiles
+
+    _, heads, n, d = q.shape
+    m, kv = past + n, p["kv_heads"]
+    rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
+    splits = eval(split_count(p, rows, keys).replace("T.int64", "int").replace("T.max", "max")
+                  .replace("T.min", "min"), {"n": n, "m": m})  # noqa: S307 (our expression)
+    func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles) \
+        .with_attr("global_symbol", "attn") \
+        .with_attr("tirx.is_scheduled", True)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")
+    kk, vv = (k[:, 0], v[:, 0]) if p["kv_squeezed"] else (k, v)
+    grids = {"attn_kernel": (-(-n * (heads // kv) // rows), kv, splits),
+             "attn_kernel_1": (-(-n * d // 256), heads, 1) if splits > 1 else (1, 1, 1)}
+    # the kernel reads the mask through a flat view of it (mflat)
+    got = run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, "mflat_ptr": mask}, grids,
+                      "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
+    return got, splits, rows
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("heads, kv, d, n, past, m_tiles", TC_CPU_CASES)
 def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n, past, m_tiles,
@@ -564,33 +590,13 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     """The tensor-core prefill kernel's generated CUDA C -- key splits and their merge included,
     one or two 16-row m-tiles a warp -- run on the CPU with the PTX helpers emulated lane by lane
     (tests/mma_on_cpu.py)."""
-    from mma_on_cpu import run_kernels
-    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel, \
-        tensor_core_tiles
-
-    m = past + n
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
                          kv == 1)
-    rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
+    q, k, v, mask = _inputs(np.random.default_rng(4), heads, kv, d, n, past, "float16", 0)
+    got, splits, rows = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles)
     assert rows == 64 * m_tiles
-    splits = eval(split_count(p, rows, keys).replace("T.int64", "int").replace("T.max", "max")
-                  .replace("T.min", "min"), {"n": n, "m": m})  # noqa: S307 (our expression)
     assert (splits > 1) == (past > 0)
-    func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles) \
-        .with_attr("global_symbol", "attn") \
-        .with_attr("tirx.is_scheduled", True)
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
-    src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")
-    rng = np.random.default_rng(4)
-    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, "float16", 0)
-    kk, vv = (k[:, 0], v[:, 0]) if kv == 1 else (k, v)
-    G = heads // kv
-    grids = {"attn_kernel": (-(-n * G // rows), kv, splits),
-             "attn_kernel_1": (-(-n * d // 256), heads, 1) if splits > 1 else (1, 1, 1)}
-    # the kernel reads the mask through a flat view of it (mflat)
-    got = run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, "mflat_ptr": mask}, grids,
-                      "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
-    want = reference_numpy(q, k, v, mask, d ** -0.5, G)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
 
@@ -598,16 +604,11 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
 def test_tensor_core_prefill_reads_a_per_head_mask_on_the_cpu(tmp_path):
     """A mask with a head axis ``(1, H, n, m)``: causal and padded, plus a different additive
     bias per head (ALiBi-like, so a head reading another head's row would be off), through the
-    kernel's flat view of the mask; 100 rows after 37 cached keys (a 2-split chunk, the last key
-    tile partial). The CUDA C run on the CPU (tests/mma_on_cpu.py)."""
-    from mma_on_cpu import run_kernels
-    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel, \
-        tensor_core_tiles
-
+    kernel's flat view of the mask; 100 rows after 37 cached keys (a chunk whose last key tile is
+    partial). The CUDA C run on the CPU (tests/mma_on_cpu.py)."""
     heads, kv, d, n, past = 8, 2, 64, 100, 37
-    m, G = past + n, heads // kv
-    rng = np.random.default_rng(8)
-    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, "float16", pad=3)
+    m = past + n
+    q, k, v, mask = _inputs(np.random.default_rng(8), heads, kv, d, n, past, "float16", pad=3)
     slope = np.linspace(0.05, 0.4, heads)[:, None, None]
     bias = -slope * np.abs(np.arange(m)[None, None, :] - past - np.arange(n)[None, :, None])
     lowest = np.finfo(np.float16).min
@@ -615,18 +616,8 @@ def test_tensor_core_prefill_reads_a_per_head_mask_on_the_cpu(tmp_path):
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", True, True, False, False,
                          False)
     assert p["mask_heads"] and p["mask_rows"]
-    rows, keys = tensor_core_tiles(p)
-    splits = eval(split_count(p, rows, keys).replace("T.int64", "int").replace("T.max", "max")
-                  .replace("T.min", "min"), {"n": n, "m": m})  # noqa: S307 (our expression)
-    func = tensor_core_kernel(p, static={"n": n, "m": m}).with_attr("global_symbol", "attn") \
-        .with_attr("tirx.is_scheduled", True)
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
-    src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")
-    grids = {"attn_kernel": (-(-n * G // rows), kv, splits),
-             "attn_kernel_1": (-(-n * d // 256), heads, 1) if splits > 1 else (1, 1, 1)}
-    got = run_kernels(src, {"q_ptr": q, "k_ptr": k, "v_ptr": v, "mflat_ptr": mask}, grids,
-                      "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
-    want = reference_numpy(q, k, v, mask, d ** -0.5, G)
+    got, _, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     np.testing.assert_allclose(got[:, :, :n - 3].astype(np.float32), want[:, :, :n - 3],
                                rtol=2e-3, atol=2e-3)
 
