@@ -52,9 +52,12 @@ Two kernels
   ``__device__`` helpers (``HELPERS``) called through ``T.cuda.func_call``. Q, K and V tiles live
   in dynamic shared memory (rows padded by 16 bytes: conflict-free ``ldmatrix``). K and V arrive
   by ``cp.async`` in FlashAttention-2's pipeline (V of tile ``kb`` while ``Q Kᵀ`` and the
-  softmax of ``kb`` run, K of ``kb + 1`` while ``P V`` of ``kb`` runs; one buffer each), the
-  softmax runs on ``exp2``, and the per-score index work is hoisted out of the key loop (int32
-  keys, one mask address per row and tile).
+  softmax of ``kb`` run, K of ``kb + 1`` while ``P V`` of ``kb`` runs; one buffer each). The
+  softmax is FlashAttention-2's: scores stay in dot-product units (the mask enters divided by
+  the scale), the row max and sum are balanced trees, one FFMA a score feeds ``exp2``. Whole key
+  tiles (all but a row tile's last) run without per-key bounds tests, in their scores and in
+  their K/V copies, and the per-score index work is hoisted out of the key loop (int32 keys,
+  one mask address per row and tile).
 
 All arithmetic of the softmax is fp32 (scores, max, sum, accumulators); P is rounded to fp16 for
 the second tensor-core product only (as in FlashAttention).
@@ -75,6 +78,7 @@ from .gpu_attention_decode import ring_write
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN = 'T.min_value("float32")'
 LOG2E = 1.4426950408889634  # the tensor-core kernel's softmax: exp(x) = exp2(x * log2 e)
+NEG = "T.float32(-1e30)"  # the tensor-core kernel's "no key": finite however the scores are scaled
 
 # Tensor-core kernel: warps per workgroup (16 rows each) and the dynamic shared memory it may use
 # (two workgroups fit an H100/H200 SM's 228 KiB; the runtime raises the 48 KiB default).
@@ -93,7 +97,8 @@ TC_SHARED_BYTES = 110 * 1024
 # the loop): prefetching took SmolLM2's shape (9/3 heads, head_dim 64) from 101 to
 # 70 us, head_dim 128 (32/8) from 266 to 233, Gemma-2B's (8/1, 256) from 152 to 141, but
 # Llama-3.2-1B's (32/8, 64) from 156 to 186 us: not at head_dim <= TC_MASK_PREFETCH_SKIP_DIM with
-# groups of TC_MASK_PREFETCH_SKIP_GROUP query heads or more.
+# groups of TC_MASK_PREFETCH_SKIP_GROUP query heads or more. (Re-measured on the eleventh
+# session's loop: prefetching still costs Llama-1B's shape 129 -> 131 us.)
 TC_MASK_PREFETCH = True
 TC_MASK_PREFETCH_SKIP_DIM = 64
 TC_MASK_PREFETCH_SKIP_GROUP = 4
@@ -161,7 +166,8 @@ def _first_key_tile(p: dict, rows: int, keys: int) -> str:
 
 
 def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, vec: int,
-               threads: int, valid, indent: str, alt=None, async_copy: bool = False) -> str:
+               threads: int, valid, indent: str, alt=None, async_copy: bool = False,
+               all_valid: str | None = None) -> str:
     """Cooperative vectorized copy of a ``(count_rows, D)`` tile into the 1-D buffers ``dsts``
     (``(name, " + offset")`` pairs; rows ``D + pad`` apart: a 2-D buffer would be compacted to
     the columns accessed, dropping the padding); rows that are not ``valid(r)`` get zeros.
@@ -172,7 +178,11 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
     ``async_copy``: each vector is a 16-byte ``cp.async`` from global to shared memory
     (``vec * 2 == 16``; ``srcs`` then gets the first column, not a ramp): the copy is in flight
     until the thread's next ``tvm_lite_cp_async_wait_all``, so loads of the next tile overlap the
-    tensor-core work on this one."""
+    tensor-core work on this one.
+
+    ``all_valid``: a condition under which every row is valid; where it holds the copy runs
+    without the per-row test and the zero fill (a key tile wholly below ``m``: its copies are a
+    constant offset apart, no 64-bit compare and predicated store each)."""
     vectors = count_rows * D // vec
     steps = -(-vectors // threads)
     e = f"(l * {threads} + tx)"
@@ -197,6 +207,11 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
     body += ["        else:"]
     body += [f'            {d}[T.Ramp({at}{off}, 1, {vec})] = T.Broadcast(T.Cast("{dtype}", 0), '
              f'{vec})' for d, off in dsts]
+    if all_valid is not None and alt is None:
+        fast = [f"for l in range({steps}):", f"    if {guard}:"]
+        fast += [f"        {copy(d, off, x)}" for (d, off), x in zip(dsts, srcs(r, c))]
+        body = ([f"if {all_valid}:"] + ["    " + ln for ln in fast] + ["else:"]
+                + ["    " + ln for ln in body])
     return "\n".join(indent + line for line in body)
 
 
@@ -231,7 +246,8 @@ def _kv_load(p: dict, keys: int, dtype: str, D: int, pad: int, vec: int, threads
         alt = (lambda r: f"{key(r)} < ring_rows",
                lambda r, c: [f"n{x}[0, kvh, {ring_key(p, key(r))[1]}, {c}]" for x in which])
     return _load_tile(list(tiles), kv_src, dtype, keys, D, pad, vec, threads,
-                      lambda r: f"{key(r)} < m", " " * indent, alt, async_copy)
+                      lambda r: f"{key(r)} < m", " " * indent, alt, async_copy,
+                      f"({kb} + 1) * {keys} <= m")
 
 
 def _tile_loads(p: dict, rows: int, keys: int, dtype: str, D: int, pad: int, vec: int,
@@ -464,8 +480,14 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                         mo[mt * 2 + hr] = ({head} * {mq} + {pos}) * m"""
     mask_flat = f'    mflat = T.decl_buffer(({mh} * {mq} * m,), "{p["mask_dtype"]}", data=mask.data)\n' \
         if masked else ""
-    row_at = f"mo[mt * 2 + c // 2] + T.Cast('int64', ib[1])"
-    mask_at = f"mflat[{row_at} + (nt * 8 + c % 2)]"
+    # mr: this tile's mask address of each accumulator row, kept in registers so that a score's
+    # element is one load at an immediate offset from it
+    mask_at = "mflat[mr[mt * 2 + c // 2] + (nt * 8 + c % 2)]"
+    row_base = f"""
+                    for mt in T.unroll({MT}):
+                        for hr in T.unroll(2):
+                            mr[mt * 2 + hr] = mo[mt * 2 + hr] + T.Cast("int64", ib[1])""" \
+        if masked else ""
     # the tile's mask elements, read into registers before its products (their latency hides
     # behind the MMAs); in the last tile the keys are clamped into the mask (no guard needed)
     pre = f"""for mt in T.unroll({MT}):
@@ -482,8 +504,56 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                 mk = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")""" if prefetch else ""
     mk_alloc += """
                 ib = T.alloc_buffer((2,), "int32", scope="local")""" + (f"""
-                mo = T.alloc_buffer(({2 * MT},), "int64", scope="local")""" if masked else "")
+                mo = T.alloc_buffer(({2 * MT},), "int64", scope="local")
+                mr = T.alloc_buffer(({2 * MT},), "int64", scope="local")""" if masked else "")
     mask = f"mk[{S}nt * 4 + c]" if prefetch else (mask_at if masked else "0")
+    # A row's max and sum over the tile's scores as balanced trees (depth log2(2 NT), not a
+    # chain of 2 NT dependent operations each)
+    row_scores = [f"s[{S}{nt * 4 + c} + hr * 2]" for nt in range(NT) for c in range(2)]
+
+    def tree(op: str, items: list) -> str:
+        while len(items) > 1:
+            items = [op.format(*items[i:i + 2]) if i + 1 < len(items) else items[i]
+                     for i in range(0, len(items), 2)]
+        return items[0]
+
+    # Scores stay in the units of the raw dot product (FlashAttention-2's softmax): the mask is
+    # divided by the scale on the way in (one FFMA a score), the row max is taken on them, and
+    # the scale and log2 e meet in the FFMA that feeds exp2 (x * C - max * C). A soft-capped
+    # kernel (tanh) cannot defer its scale: its scores are in log2 units already (C = 1).
+    fold = not p.get("softcap")
+    C = p["scale"] * LOG2E if fold else 1.0
+
+    def to_log2(x: str) -> str:
+        return x if C == 1.0 else f"({x}) * {f32}({C!r})"
+
+    def x_score(mask_el: str) -> str:  # one score in the kernel's units
+        raw = f"s[{S}nt * 4 + c]"
+        if not fold:
+            return f"({score(p, raw, mask_el)}) * {f32}({LOG2E!r})"
+        return f"{raw} + {mask_el} * {f32}({1.0 / p['scale']!r})" if masked else raw
+
+    # Keys past m (the last tile's tail) and a ring's invisible keys score NEG (finite, so that
+    # NEG * C and NEG - NEG stay finite: a row with nothing visible yet weighs e^0 until its
+    # first visible key rescales it to 0). Full tiles of a masked kernel need no test at all.
+    def score_loop(guarded: bool, indent: int) -> str:
+        x = x_score(mask)
+        if guarded:
+            x = (f"T.if_then_else({key} < ib[0] and {ring_visible(p, rc['pos'], key64)}, "
+                 f"{x}, {NEG})")
+        lines = [f"for mt in T.unroll({MT}):",
+                 f"    for nt in T.unroll({NT}):",
+                 "        for c in T.unroll(4):",
+                 f"            s[{S}nt * 4 + c] = {x}"]
+        return "\n".join(" " * indent + ln for ln in lines)
+
+    if masked:
+        scores = f"""                    if (kb + 1) * {keys} <= m:
+{score_loop(False, 24)}
+                    else:
+{score_loop(True, 24)}"""
+    else:
+        scores = score_loop(True, 20)
     offsets = {"qs": 0, "ks": KO, "vs": VO}
     addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
     nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
@@ -497,7 +567,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     partial = f"""
                         if {rh["row"]} < n * {G} and {spl} > 1:  # the split's partial: max, sum, acc
                             if {t4} == 0:
-                                ws_m[{part}] = st[{ST}hr]
+                                ws_m[{part}] = {to_log2(f"st[{ST}hr]")}
                                 ws_l[{part}] = st[{ST}hr + 2]
                             for dt in T.unroll({DT}):
                                 for c in T.unroll(2):
@@ -528,14 +598,14 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                 for i in T.unroll({MT * DT * 4}):
                     oa[i] = {f32}(0)
                 for mt in T.unroll({MT}):
-                    st[{ST}0] = {MIN}
-                    st[{ST}1] = {MIN}
+                    st[{ST}0] = {NEG}
+                    st[{ST}1] = {NEG}
                     st[{ST}2] = {f32}(0)
                     st[{ST}3] = {f32}(0){index_init}
                 for kb in range({lo}, {hi}):
                     {wait}
                     T.tvm_storage_sync("shared")
-                    ib[1] = T.Cast("int32", kb * {keys}) + {t4} * 2
+                    ib[1] = T.Cast("int32", kb * {keys}) + {t4} * 2{row_base}
 {v_load}{mask_pre}
                     for i in T.unroll({MT * NT * 4}):
                         s[i] = {f32}(0)
@@ -555,19 +625,14 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                                   *AF, "bf[0]", "bf[1]")})
                                 T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(s[{S}np * 8 + 4])",
                                                   *AF, "bf[2]", "bf[3]")})
+{scores}
                     for mt in T.unroll({MT}):
-                        for nt in T.unroll({NT}):
-                            for c in T.unroll(4):  # scores in log2 units: the softmax runs on exp2
-                                s[{S}nt * 4 + c] = T.if_then_else(
-                                    {key} < ib[0] and {ring_visible(p, rc["pos"], key64)},
-                                    ({score(p, f"s[{S}nt * 4 + c]", mask)}) * {f32}({LOG2E!r}), {MIN})
                         for hr in T.unroll(2):
-                            st[{ST}4] = st[{ST}hr]
-                            for nt in T.unroll({NT}):
-                                st[{ST}4] = T.max(st[{ST}4], T.max(s[{S}nt * 4 + hr * 2], s[{S}nt * 4 + hr * 2 + 1]))
+                            st[{ST}4] = T.max(st[{ST}hr], {tree("T.max({}, {})", row_scores)})
                             st[{ST}4] = {_call("tvm_lite_quad_max", f"st[{ST}4]", ret="float32")}
-                            st[{ST}5] = {_call("tvm_lite_ex2", f"st[{ST}hr] - st[{ST}4]", ret="float32")}
+                            st[{ST}5] = {_call("tvm_lite_ex2", to_log2(f"st[{ST}hr] - st[{ST}4]"), ret="float32")}
                             st[{ST}hr] = st[{ST}4]
+                            st[{ST}4] = {to_log2(f"st[{ST}4]")}
                             st[{ST}hr + 2] = st[{ST}hr + 2] * st[{ST}5]
                             for dt in T.unroll({DT}):
                                 oa[{O}dt * 4 + hr * 2] = oa[{O}dt * 4 + hr * 2] * st[{ST}5]
@@ -575,8 +640,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                             for nt in T.unroll({NT}):
                                 for c in T.unroll(2):
                                     s[{S}nt * 4 + hr * 2 + c] = {_call(
-                                        "tvm_lite_ex2", f"s[{S}nt * 4 + hr * 2 + c] - st[{ST}hr]", ret="float32")}
-                                    st[{ST}hr + 2] = st[{ST}hr + 2] + s[{S}nt * 4 + hr * 2 + c]
+                                        "tvm_lite_ex2", to_log2(f"s[{S}nt * 4 + hr * 2 + c]") + f" - st[{ST}4]", ret="float32")}
+                            st[{ST}hr + 2] = st[{ST}hr + 2] + {tree("({} + {})", row_scores)}
                         for kp in T.unroll({KP}):
                             for r in T.unroll(4):
                                 pf[mt * {KP * 4} + kp * 4 + r] = {_call(
