@@ -377,12 +377,39 @@ def tensor_core_applies(p: dict, target) -> bool:
 
 def split_count(p: dict, rows: int, keys: int) -> str:
     """The number of key splits, as an expression of ``n`` and ``m`` (evaluated at run time:
-    both are dynamic): enough to give ``SPLIT_WAVE`` workgroups, at most ``SPLIT_MAX``, each
-    split ``SPLIT_MIN_TILES`` key tiles or more; 1 where the grid is large enough."""
+    both are dynamic): at most ``SPLIT_MAX``, each split ``SPLIT_MIN_TILES`` key tiles or more,
+    1 where the grid is large enough. Below that, how many depends on the balance of the work:
+
+    * a call whose rows see different numbers of keys (``m < 2 n``: a prompt, its first chunk)
+      rounds up to at least ``SPLIT_WAVE`` workgroups: the longest rows (the last positions)
+      walk the most key tiles, and splitting them is what shortens the call;
+    * a chunk after a cache at least as long as itself (``m >= 2 n``: every row walks about the
+      same tiles) rounds down, to at most one wave: a grid one wave and a half long runs two.
+      H200, 2048 tokens in 256-token chunks (``results/issue16_prefill_split_sweep_s11.json``):
+      head_dim 128 (32/8) 405 -> 293 us (3 -> 2 splits of 128 workgroups), Llama-1B's shape
+      205 -> 194 us.
+
+    :func:`split_value` evaluates it in Python."""
     G, KV = p["heads"] // p["kv_heads"], p["kv_heads"]
     grid = f"({KV} * ((n * {G} + {rows - 1}) // {rows}))"
-    return (f"T.max(T.int64(1), T.min(T.min(T.int64({SPLIT_MAX}), ({SPLIT_WAVE} + {grid} - 1) // "
-            f"{grid}), (m + {keys - 1}) // {keys} // {SPLIT_MIN_TILES}))")
+    wave = (f"T.if_then_else(m >= 2 * n, T.max(T.int64(1), {SPLIT_WAVE} // {grid}), "
+            f"({SPLIT_WAVE} + {grid} - 1) // {grid})")
+    return (f"T.max(T.int64(1), T.min(T.min(T.int64({SPLIT_MAX}), {wave}), "
+            f"(m + {keys - 1}) // {keys} // {SPLIT_MIN_TILES}))")
+
+
+class _PyT:
+    """The ``T.`` names :func:`split_count`'s text uses, as Python (for :func:`split_value`)."""
+    int64, max, min = int, max, min
+
+    @staticmethod
+    def if_then_else(cond, a, b):
+        return a if cond else b
+
+
+def split_value(p: dict, rows: int, keys: int, n: int, m: int) -> int:
+    """:func:`split_count` at ``n`` query rows and ``m`` keys (tests, plans)."""
+    return int(eval(split_count(p, rows, keys), {"T": _PyT, "n": n, "m": m}))  # noqa: S307 (our text)
 
 
 def _merge(p: dict, spl: str) -> str:
@@ -688,4 +715,5 @@ def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int
 
 
 __all__ = ["prefill_kernel", "simt_kernel", "tensor_core_kernel", "simt_tiles",
-           "tensor_core_tiles", "m_tiles_for", "tensor_core_applies", "HELPERS"]
+           "tensor_core_tiles", "m_tiles_for", "tensor_core_applies", "split_count", "split_value",
+           "HELPERS"]

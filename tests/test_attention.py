@@ -526,18 +526,20 @@ def test_tensor_core_prefill_splits_keys_only_for_small_grids():
     """The split count is evaluated at run time from ``n`` and ``m``: a 256-token chunk of a
     one-kv-head model (32 workgroups) splits its 2048 keys, a 2048-token Llama prompt (1,024
     workgroups) does not; the split kernel is followed by the merge kernel."""
-    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel
+    from tvm_lite.schedules.gpu_attention_prefill import split_value, tensor_core_kernel
 
     def count(heads, kv, n, m):
         p = attention_params(heads, kv, 64, "float16", 0.125, "float16", False, True, False, True,
                              kv == 1)
-        expr = split_count(p, 64, 64).replace("T.int64", "int").replace("T.max", "max") \
-            .replace("T.min", "min")
-        return eval(expr, {"n": n, "m": m})  # noqa: S307 (our own expression text)
+        return split_value(p, 64, 64, n, m)
 
     assert count(8, 1, 256, 2048) == 8  # Gemma-shaped chunk: 32 workgroups
-    assert count(32, 8, 256, 2048) == 3  # Llama-1B chunk: 128 workgroups
+    # Llama-1B: a chunk after a cache rounds down to one wave (2 x 128 workgroups); the first
+    # chunk and a whole prompt round up (their last rows walk the most tiles)
+    assert count(32, 8, 256, 2048) == 2
+    assert count(32, 8, 512, 768) == 2  # 256 workgroups, m < 2 n: rounded up (down would be 1)
     assert count(32, 8, 2048, 2048) == 1
+    assert count(8, 1, 2048, 2048) == 2  # Gemma-2B prompt: 256 workgroups, rounded up
     assert count(8, 1, 64, 64) == 1  # one key tile: nothing to split
     p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
@@ -561,14 +563,13 @@ def _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles=None):
     """Build the tensor-core prefill kernel for ``p`` with ``n`` and ``m`` static, run its CUDA
     C on the CPU (tests/mma_on_cpu.py) and return (output (1, H, n, D), key splits, rows)."""
     from mma_on_cpu import run_kernels
-    from tvm_lite.schedules.gpu_attention_prefill import split_count, tensor_core_kernel, \
+    from tvm_lite.schedules.gpu_attention_prefill import split_value, tensor_core_kernel, \
         tensor_core_tiles
 
     _, heads, n, d = q.shape
     m, kv = past + n, p["kv_heads"]
     rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
-    splits = eval(split_count(p, rows, keys).replace("T.int64", "int").replace("T.max", "max")
-                  .replace("T.min", "min"), {"n": n, "m": m})  # noqa: S307 (our expression)
+    splits = split_value(p, rows, keys, n, m)
     func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles) \
         .with_attr("global_symbol", "attn") \
         .with_attr("tirx.is_scheduled", True)
@@ -717,7 +718,7 @@ def _ring_prefill(p, profile, n, past):
     """The profile's ring prefill kernel with ``n`` and ``past`` static, its grids (launch order)
     and its (rows, keys) tile."""
     from tvm_lite.schedules.gpu_attention_prefill import (prefill_kernel, simt_tiles,
-                                                          split_count, tensor_core_applies,
+                                                          split_value, tensor_core_applies,
                                                           tensor_core_tiles)
     from tvm_lite.schedules.profiles import gpu_profile
 
@@ -728,8 +729,7 @@ def _ring_prefill(p, profile, n, past):
                           gpu_profile(profile).vector_bytes, static={"past": past, "n": n})
     if profile == "cuda" and tensor_core_applies(p, t):
         rows, keys = tensor_core_tiles(p)
-        spl = eval(split_count(p, rows, keys).replace("T.int64", "int")  # noqa: S307
-                   .replace("T.max", "max").replace("T.min", "min"), {"n": n, "m": m})
+        spl = split_value(p, rows, keys, n, m)
         grids = [(-(-n * G // rows), kv, spl)]
         grids += [(-(-n * p["head_dim"] // 256), p["heads"], 1)] if spl > 1 else []
         threads = 128
