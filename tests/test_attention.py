@@ -847,3 +847,14 @@ def test_bench_prefill_builds_a_baseline_version_of_the_kernel(tmp_path):
     # a key tile is 8-column n-tiles of the scores: Q Kᵀ issues keys / 8 MMAs per 16 of head_dim
     # and P V head_dim / 8 per 16 keys -- (4 * 8) + (4 * 8) calls at 64 keys, 4 * 2 + 1 * 8 at 16
     assert mine.count("tvm_lite_mma16816(") - base.count("tvm_lite_mma16816(") == 64 - 16
+
+
+def test_bench_prefill_names_an_unknown_shape(capsys):
+    """``bench.prefill --shapes`` takes the names of its shape table; another name stops it
+    before any GPU work, with the name and the known ones."""
+    from tvm_lite.bench.prefill import ATTENTION_SHAPES, main
+
+    with pytest.raises(SystemExit):
+        main(["--parts", "attention", "--shapes", "llama-3.2-1b,mistral-7b"])
+    err = capsys.readouterr().err
+    assert "unknown mistral-7b" in err and all(name in err for name in ATTENTION_SHAPES)

@@ -25,6 +25,11 @@ against numpy on a column slice (``bench.kernels``). Times: medians of ``time_ev
 (TVM) and of CUDA-event-timed loops (torch).
 
     python -m tvm_lite.bench.prefill [--json out.json] [--parts attention,gemm]
+
+One kernel under Nsight Compute (its first launch: the attention of one shape and length):
+
+    ncu --kernel-name regex:'main_kernel$' --launch-count 1 --section WarpStateStats \\
+        python -m tvm_lite.bench.prefill --parts attention --shapes llama-3.2-1b --lengths 2048 --chunk 0
 """
 
 from __future__ import annotations
@@ -347,8 +352,19 @@ def main(argv=None):
     ap.add_argument("--baseline-kernel", default=None, help="another version of "
                     "schedules/gpu_attention_prefill.py to time next to this one (attention), "
                     "e.g. from git show REV:schedules/gpu_attention_prefill.py > old.py")
+    ap.add_argument("--shapes", default=",".join(ATTENTION_SHAPES),
+                    help="attention shapes to time (names of ATTENTION_SHAPES)")
+    ap.add_argument("--lengths", default=",".join(map(str, ATTENTION_LENGTHS)),
+                    help="prompt lengths n (attention)")
+    ap.add_argument("--chunk", type=int, default=CHUNK, help="also time n as chunks of this "
+                    "many tokens (attention; 0: no chunks)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in ATTENTION_SHAPES]
+    if unknown:
+        ap.error(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(ATTENTION_SHAPES)})")
+    lengths = tuple(int(n) for n in args.lengths.split(",") if n)
     parts = args.parts.split(",")
     import torch
 
@@ -364,7 +380,8 @@ def main(argv=None):
         m_tiles = [int(t) for t in args.m_tiles.split(",") if t]
         variants = [(None, None)] + [(k, None) for k in keys] + [
             (k, m) for m in m_tiles for k in (keys or [None])]
-        result["attention"] = bench_attention(variants=variants, baseline=args.baseline_kernel)
+        result["attention"] = bench_attention(lengths, tuple(shapes), args.chunk, variants=variants,
+                                              baseline=args.baseline_kernel)
         save()
     if "gemm" in parts:
         tiles = [tuple(int(v) for v in t.split("x")) for t in args.gemm_tiles.split(",") if t]
