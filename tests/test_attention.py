@@ -331,36 +331,52 @@ def test_gpu_prefill_never_loads_tiles_above_the_diagonal(profile, kv, d):
 
 
 # -- soft-capped scores -------------------------------------------------------------------------
-def _softcapped_layer():
-    """One decoder layer in the exported layout whose scores are soft-capped before the mask,
-    ``2 * tanh(s * 0.5)`` (Gemma 2's ``c * tanh(s / c)`` with ``c = 2``)."""
+_SOFTCAPPED_LAYER = """
+@I.ir_module
+class Mod:
+    @R.function
+    def main(x: R.Tensor((1, "seq", 8), "float32"),
+             mask: R.Tensor((1, "past_seq + seq"), "int64"),
+             past_k: R.Tensor((1, 1, "past_seq", 4), "float32"),
+             past_v: R.Tensor((1, 1, "past_seq", 4), "float32"), w: R.Tensor((8, 4), "float32")):
+        R.func_attr({"num_input": 4, "tvm_lite.input_names": ["x", "mask", "past.k", "past.v"],
+                     "tvm_lite.output_names": ["out", "present.k", "present.v"]})
+        seq = T.int64()
+        past_seq = T.int64()
+        with R.dataflow():
+            h = R.reshape(R.matmul(x, w), R.shape([1, seq, 1, 4]))
+            kv = R.permute_dims(h, [0, 2, 1, 3])
+            pk = R.concat([past_k, kv], axis=2)
+            pv = R.concat([past_v, kv], axis=2)
+            s = R.matmul(kv, R.permute_dims(pk, [0, 1, 3, 2]))
+            s = R.multiply(R.tanh(R.multiply(s, R.const(0.5, "float32"))), R.const(2.0, "float32"))
+            keep = R.astype(mask, "bool")  # (1, T): padding
+MASK_ROWS
+            bias = R.where(keep, R.const(0.0, "float32"), R.const(-1e30, "float32"))
+            p = R.nn.softmax(R.add(s, R.expand_dims(bias, [0, 1])), axis=-1)
+            o = R.matmul(p, pv)
+            gv = (o, pk, pv)
+            R.output(gv)
+        return gv
+"""
 
-    @I.ir_module
-    class Mod:
-        @R.function
-        def main(x: R.Tensor((1, "seq", 8), "float32"), mask: R.Tensor((1, "past_seq + seq"), "int64"),
-                 past_k: R.Tensor((1, 1, "past_seq", 4), "float32"),
-                 past_v: R.Tensor((1, 1, "past_seq", 4), "float32"), w: R.Tensor((8, 4), "float32")):
-            R.func_attr({"num_input": 4, "tvm_lite.input_names": ["x", "mask", "past.k", "past.v"],
-                         "tvm_lite.output_names": ["out", "present.k", "present.v"]})
-            seq = T.int64()
-            past_seq = T.int64()
-            with R.dataflow():
-                h = R.reshape(R.matmul(x, w), R.shape([1, seq, 1, 4]))
-                kv = R.permute_dims(h, [0, 2, 1, 3])
-                pk = R.concat([past_k, kv], axis=2)
-                pv = R.concat([past_v, kv], axis=2)
-                s = R.matmul(kv, R.permute_dims(pk, [0, 1, 3, 2]))
-                s = R.multiply(R.tanh(R.multiply(s, R.const(0.5, "float32"))), R.const(2.0, "float32"))
-                bias = R.where(R.astype(mask, "bool"), R.const(0.0, "float32"),
-                               R.const(-1e30, "float32"))
-                p = R.nn.softmax(R.add(s, R.expand_dims(bias, [1, 2])), axis=-1)
-                o = R.matmul(p, pv)
-                gv = (o, pk, pv)
-                R.output(gv)
-            return gv
 
-    return Mod
+# the mask's rows: causal (each query row's keys up to its position) or none (padding only)
+_CAUSAL_ROWS = """
+            qpos = R.arange(R.prim_value(past_seq), R.prim_value(past_seq + seq), R.prim_value(1), "int64")
+            kpos = R.arange(R.prim_value(0), R.prim_value(past_seq + seq), R.prim_value(1), "int64")
+            keep = R.logical_and(keep, R.less_equal(R.expand_dims(kpos, [0]), R.expand_dims(qpos, [1])))"""
+
+
+def _softcapped_layer(causal=True):
+    """One decoder layer in the exported layout whose scores are soft-capped before the additive
+    mask, ``2 * tanh(s * 0.5)`` (Gemma 2's ``c * tanh(s / c)`` with ``c = 2``). The mask: the
+    padding mask ``(1, T)`` and, with ``causal``, each row's keys up to its position (``(1, 1,
+    seq, T)``); without, ``(1, 1, 1, T)``."""
+    from tvm.script import from_source
+
+    src = _SOFTCAPPED_LAYER.replace("MASK_ROWS\n", _CAUSAL_ROWS[1:] + "\n" if causal else "")
+    return from_source(src, extra_vars={"I": I, "R": R, "T": T})
 
 
 def test_softcapped_attention_is_fused_with_its_cap(caplog):
@@ -372,6 +388,19 @@ def test_softcapped_attention_is_fused_with_its_cap(caplog):
     assert _count_calls(mod["prefill"], "attention") == ["attention_prefill"]
     assert '"softcap": 2.0' in str(mod["attention_prefill"].attrs)
     assert not any("left unfused" in r.message for r in caplog.records)
+
+
+def test_prefill_mask_without_query_rows_is_left_unfused(caplog):
+    """A mask with no query-row axis ``(1, 1, 1, T)`` on a prefill of ``seq`` rows (padding only,
+    or a bidirectional model) says nothing of causality, which the fused prefill kernels take
+    from the mask's rows (they walk key tiles up to the diagonal): the attention stays unfused --
+    the graph's own arithmetic -- with a warning that names the mask, not a silently causal
+    kernel."""
+    with caplog.at_level(logging.WARNING, logger="tvm_lite.fuse_attention"):
+        mod = _phase1(_softcapped_layer(causal=False))
+    assert "attention_prefill" not in [gv.name_hint for gv in mod.get_global_vars()]
+    assert any("left unfused" in r.message and "no query-row axis" in r.message
+               for r in caplog.records)
 
 
 # -- whole models: fused against unfused, and tiny architectures against torch --------------------
