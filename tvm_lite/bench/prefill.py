@@ -28,7 +28,8 @@ against numpy on a column slice (``bench.kernels``). Times: medians of ``time_ev
 
 One kernel under Nsight Compute (its first launch: the attention of one shape and length):
 
-    ncu --kernel-name regex:'main_kernel$' --launch-count 1 --section WarpStateStats \\
+    ncu --kernel-name regex:'main_kernel$' --launch-count 1 \\
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \\
         python -m tvm_lite.bench.prefill --parts attention --shapes llama-3.2-1b --lengths 2048 --chunk 0
 """
 
