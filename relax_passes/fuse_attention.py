@@ -524,13 +524,9 @@ class _Fuser:
         rows = not (isinstance(mshape[2], tirx.IntImm) and int(mshape[2]) == 1)
         if rows and not analyzer.can_prove_equal(mshape[2], n_dim):
             raise _Refused(f"mask rows {mshape[2]} != query rows {n_dim}")
+        # (a mask without a row axis on a prefill -- padding only, a bidirectional model -- is
+        # not causal: the GPU prefill kernels find that out from the mask and walk every key tile)
         one_row = isinstance(n_dim, tirx.IntImm) and int(n_dim) == 1
-        if not rows and not one_row:
-            # the prefill kernels walk key tiles up to the causal diagonal and take causality
-            # inside the diagonal tile from the mask's rows: a mask without a row axis (padding
-            # only, or a bidirectional model) would come out neither causal nor full
-            raise _Refused(f"mask {mshape} has no query-row axis for {n_dim} query rows: the "
-                           f"fused prefill kernels need the causal mask of every row")
         decode = self.decode and one_row
         dtype = str(q.ty.dtype)
         if str(m[names["k_view"]].ty.dtype) != dtype:

@@ -390,17 +390,15 @@ def test_softcapped_attention_is_fused_with_its_cap(caplog):
     assert not any("left unfused" in r.message for r in caplog.records)
 
 
-def test_prefill_mask_without_query_rows_is_left_unfused(caplog):
-    """A mask with no query-row axis ``(1, 1, 1, T)`` on a prefill of ``seq`` rows (padding only,
-    or a bidirectional model) says nothing of causality, which the fused prefill kernels take
-    from the mask's rows (they walk key tiles up to the diagonal): the attention stays unfused --
-    the graph's own arithmetic -- with a warning that names the mask, not a silently causal
-    kernel."""
+def test_prefill_mask_without_query_rows_is_fused(caplog):
+    """A mask with no query-row axis ``(1, 1, 1, T)`` on a prefill of ``seq`` rows (padding only:
+    a bidirectional model) is fused too: the kernels walk every key tile whose mask is not causal
+    (the kernels' numerics: ``test_prefill_walks_every_key_tile_for_a_non_causal_mask``)."""
     with caplog.at_level(logging.WARNING, logger="tvm_lite.fuse_attention"):
         mod = _phase1(_softcapped_layer(causal=False))
-    assert "attention_prefill" not in [gv.name_hint for gv in mod.get_global_vars()]
-    assert any("left unfused" in r.message and "no query-row axis" in r.message
-               for r in caplog.records)
+    assert _count_calls(mod["prefill"], "attention") == ["attention_prefill"]
+    assert '"mask_rows": False' in str(mod["attention_prefill"].attrs)
+    assert not any("left unfused" in r.message for r in caplog.records)
 
 
 # -- whole models: fused against unfused, and tiny architectures against torch --------------------
@@ -887,3 +885,75 @@ def test_bench_prefill_names_an_unknown_shape(capsys):
         main(["--parts", "attention", "--shapes", "llama-3.2-1b,mistral-7b"])
     err = capsys.readouterr().err
     assert "unknown mistral-7b" in err and all(name in err for name in ATTENTION_SHAPES)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("profile", ["cuda", "adreno", "mali", "gpu"])
+@pytest.mark.parametrize("kind", ["prefix_lm", "padding_only"])
+def test_prefill_walks_every_key_tile_for_a_non_causal_mask(profile, kind, tmp_path):
+    """The prefill kernels skip key tiles above the causal diagonal only when the mask is causal
+    there. ``prefix_lm``: the first 100 of 130 positions see each other both ways; ``padding_only``:
+    a mask without a query-row axis ``(1, 1, 1, m)`` (a bidirectional model), its last 5 keys
+    padding. The workgroups walk every tile they need and every profile's kernel (CUDA C on the
+    CPU) matches numpy, as does the CPU kernel. With a causal mask the same kernel still skips:
+    workgroup 0's rows come out exact with NaN in every K/V row after the tiles they walk."""
+    from mma_on_cpu import run_kernels
+    from tvm_lite.schedules.gpu_attention_prefill import prefill_kernel, simt_tiles, split_value, \
+        tensor_core_tiles
+    from tvm_lite.schedules.profiles import gpu_profile
+
+    heads, kv, d, n, prefix = 8, 2, 64, 130, 100
+    rows_axis = kind == "prefix_lm"
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, rows_axis, False,
+                         False, kv == 1)
+    q, k, v, causal_mask = _inputs(np.random.default_rng(11), heads, kv, d, n, 0, "float16")
+    if rows_axis:
+        mask = causal_mask.copy()
+        mask[..., :prefix, :prefix] = 0  # the prefix: bidirectional
+    else:
+        mask = np.zeros((1, 1, 1, n), "float16")
+        mask[..., -5:] = np.finfo("float16").min
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    if profile == "cuda":  # (once a kind) the CPU kernel walks every key
+        got = _run(reference_kernel(p), tvm.target.Target({"kind": "llvm"}), tvm.cpu(), q, k, v,
+                   mask)
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    t = tvm_lite.parse_target(GPU_TARGETS[profile])
+    tile, G = TILES[profile], heads // kv
+    func = prefill_kernel(p, profile, t, tile["threads"], tile["local_bytes"],
+                          gpu_profile(profile).vector_bytes, static={"n": n, "m": n})
+    if profile == "cuda":
+        rows, keys = tensor_core_tiles(p)
+        spl = split_value(p, rows, keys, n, n)
+        grids = {"attn_kernel": (-(-n * G // rows), kv, spl),
+                 "attn_kernel_1": (-(-n * d // 256), heads, 1) if spl > 1 else (1, 1, 1)}
+        names = {"mask": "mflat_ptr"}
+    else:
+        threads = min(tile["threads"], int(t.attrs["max_num_threads"]))
+        vec = min(gpu_profile(profile).vector_bytes // 2, 8)
+        rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
+        grids, names = {"attn_kernel": (-(-n * G // rows), kv, 1)}, {"mask": "mask_ptr"}
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    src = tvm_lite.device_source(tvm.compile(tvm.IRModule(
+        {"attn": func.with_attr("global_symbol", "attn").with_attr("tirx.is_scheduled", True)}),
+        target=target), "cuda")
+
+    def run(m_, kk, vv, out_dir):
+        out_dir.mkdir()
+        return run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, names["mask"]: m_}, grids,
+                           "o_ptr", heads * n * d, out_dir).reshape(1, heads, n, d)
+
+    got = run(mask, k, v, tmp_path / kind)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    if not rows_axis:
+        return
+    # causal: workgroup 0's positions never read the key tiles after their last position (NaN)
+    first = (rows - 1) // G + 1  # positions of workgroup 0
+    cut = -(-first // keys) * keys  # the key tiles they walk end here
+    kk, vv = k.copy(), v.copy()
+    kk[cut:], vv[cut:] = np.nan, np.nan
+    got = run(causal_mask, kk, vv, tmp_path / "causal")
+    want = reference_numpy(q, k, v, causal_mask, d ** -0.5, G)
+    assert np.isnan(got[:, :, cut:]).any()  # (later positions read them: the NaN is real)
+    np.testing.assert_allclose(got[:, :, :first].astype(np.float32), want[:, :, :first],
+                               rtol=2e-3, atol=2e-3)
