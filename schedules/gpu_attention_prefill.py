@@ -163,7 +163,7 @@ def _key_tiles(p: dict, rows: int, keys: int) -> str:
 CAUSAL_MASKED_BELOW = -1000.0
 
 
-def _causal_check(p: dict, rows: int, threads: int, mask_at) -> str:
+def _causal_check(p: dict, rows: int, threads: int, mask_at) -> tuple[str, str]:
     """TIR text that sets ``cw[0]`` to 1 when, for every row of workgroup ``bq``, the mask element
     just above its diagonal (key ``m - n + pos + 1``) is masked, else 0: the causal tile bound
     (:func:`_key_tiles`) holds only for a causal mask, and the kernels read the export's mask
@@ -171,26 +171,31 @@ def _causal_check(p: dict, rows: int, threads: int, mask_at) -> str:
     over everything). It assumes a row that sees keys above its diagonal sees the next one: true
     of causal, prefix-LM, bidirectional and end-padded masks (a row whose next key is padding
     is the last real one: the tiles up to it hold every real key). One load a row, two barriers
-    a workgroup.
+    a workgroup. Two parts: the first (before the Q tile's load) issues the loads, the second
+    (after it) decides, so their latency hides behind the Q tile's.
     ``mask_at(head, pos, key)``: the mask element's expression. Empty for a ring kernel."""
     if p.get("window"):
-        return ""
+        return "", ""
     at = _rows(p, rows, "tx")
     pos = f"T.min({at['pos']}, n - 1)"
     key = f"m - n + {pos} + 1"
     assert rows <= threads
-    return f"""
+    first = f"""
                 cs = T.alloc_buffer((1,), "int32", scope="shared")
                 cw = T.alloc_buffer((1,), "int32", scope="local")
+                cv = T.alloc_buffer((1,), "float32", scope="local")
                 if tx == 0:
                     cs[0] = 1
-                T.tvm_storage_sync("shared")
-                if tx < {rows}:
-                    if {key} < m:
-                        if T.Cast("float32", {mask_at(at["head"], pos, key)}) > T.float32({CAUSAL_MASKED_BELOW}):
-                            cs[0] = 0
+                cv[0] = T.float32({2 * CAUSAL_MASKED_BELOW})
+                if tx < {rows} and {key} < m:
+                    cv[0] = T.Cast("float32", {mask_at(at["head"], pos, key)})
+                T.tvm_storage_sync("shared")"""
+    second = f"""
+                if cv[0] > T.float32({CAUSAL_MASKED_BELOW}):
+                    cs[0] = 0
                 T.tvm_storage_sync("shared")
                 cw[0] = cs[0]"""
+    return first, second
 
 
 def _first_key_tile(p: dict, rows: int, keys: int) -> str:
@@ -339,7 +344,7 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
     q_load, kv_load = _tile_loads(p, rows, keys, dt, D, vec, vec, threads,
                                   (("qs", ""), ("ks", ""), ("vs", "")))
     mask = mask_index(p, me["head"], f"T.min({me['pos']}, n - 1)", f"kb * {keys} + {key_in}")
-    causal = _causal_check(p, rows, threads, lambda h, i, j: mask_index(p, h, i, j))
+    causal, decided = _causal_check(p, rows, threads, lambda h, i, j: mask_index(p, h, i, j))
     src = kernel_source(p, decl, f'''    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
         for bq in T.thread_binding((n * {G} + {rows - 1}) // {rows}, thread="blockIdx.x"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
@@ -349,7 +354,7 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
                 ss = T.alloc_buffer(({rows}, {keys + 1}), "float32", scope="shared")
                 acc = T.alloc_buffer(({dims},), "float32", scope="local")
                 st = T.alloc_buffer((4,), "float32", scope="local")  # max, sum, score/new max, p{causal}
-{q_load}
+{q_load}{decided}
                 for t in T.unroll({dims}):
                     acc[t] = {f32}(0)
                 st[0] = {MIN}
@@ -627,7 +632,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     spl = split_count(p, rows, keys) if split else "T.int64(1)"
     tiles = _key_tiles(p, rows, keys)
     first = _first_key_tile(p, rows, keys)
-    causal = _causal_check(p, rows, threads, lambda h, i, j: (
+    causal, decided = _causal_check(p, rows, threads, lambda h, i, j: (
         f"mflat[({h if p['mask_heads'] else 0} * {mq} + {i if p['mask_rows'] else 0}) * m + {j}]"))
     per = f"(({tiles} - {first} + {spl} - 1) // {spl})"  # key tiles of one split
     lo, hi = f"({first} + sp * {per})", f"T.min({tiles}, {first} + (sp + 1) * {per})"
@@ -661,7 +666,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                 af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
                 bf = T.alloc_buffer((4,), "uint32", scope="local")
                 st = T.alloc_buffer(({MT * 6},), "float32", scope="local"){mk_alloc}{causal}
-{q_load}
+{q_load}{decided}
                 if {lo} < {hi}:
 {k_load(lo, 20)}
                 for i in T.unroll({MT * DT * 4}):
