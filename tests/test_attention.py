@@ -854,9 +854,9 @@ def test_gpu_ring_kernels_on_cuda(profile, dtype):
 
 
 def test_bench_prefill_builds_a_baseline_version_of_the_kernel(tmp_path):
-    """``bench.prefill --baseline-kernel FILE`` builds the rule's attention with another version
-    of ``gpu_attention_prefill.py`` (here: 16-key tiles instead of 64) for the same shape, and
-    leaves the rule's own builder in place afterwards."""
+    """``bench.prefill --baseline-kernel FILE[,FILE]`` builds the rule's attention with other
+    versions of ``gpu_attention_prefill.py`` (here: 16- and 32-key tiles instead of 64) for the
+    same shape, and leaves the rule's own builder in place afterwards."""
     from pathlib import Path
 
     from tvm_lite.bench.prefill import attention_kernel, baseline_prefill_kernel
@@ -874,6 +874,15 @@ def test_bench_prefill_builds_a_baseline_version_of_the_kernel(tmp_path):
     # a key tile is 8-column n-tiles of the scores: Q Kᵀ issues keys / 8 MMAs per 16 of head_dim
     # and P V head_dim / 8 per 16 keys -- (4 * 8) + (4 * 8) calls at 64 keys, 4 * 2 + 1 * 8 at 16
     assert mine.count("tvm_lite_mma16816(") - base.count("tvm_lite_mma16816(") == 64 - 16
+    # several versions in one run (comma-separated): each file its own module
+    other = tmp_path / "old32.py"
+    other.write_text(src.replace("TC_KEY_TILES = (64, 32, 16)", "TC_KEY_TILES = (32,)"))
+    base32 = tvm_lite.device_source(attention_kernel(
+        32, 8, 64, target, prefill_kernel=baseline_prefill_kernel(str(other))), "cuda")
+    again = tvm_lite.device_source(
+        attention_kernel(32, 8, 64, target, prefill_kernel=baseline_prefill_kernel(str(old))), "cuda")
+    assert mine.count("tvm_lite_mma16816(") - base32.count("tvm_lite_mma16816(") == 64 - 32
+    assert again == base
 
 
 def test_bench_prefill_names_an_unknown_shape(capsys):

@@ -18,7 +18,8 @@ For the shapes of the benchmarked models (SmolLM2-135M, Llama-3.2-1B, Gemma-2B; 
 ``--baseline-kernel old.py`` times the rule's attention built by another version of
 ``schedules/gpu_attention_prefill.py`` on the same inputs in the same run (``git show
 REV:schedules/gpu_attention_prefill.py > old.py``): a kernel change measured against what it
-replaced, not against another session's numbers.
+replaced, not against another session's numbers. Several files, comma-separated, time several
+versions in one run (one column each, named by the file).
 
 Every tvm_lite attention output is checked against the same SDPA call (max abs error); every GEMM
 against numpy on a column slice (``bench.kernels``). Times: medians of ``time_evaluator`` repeats
@@ -69,8 +70,10 @@ def baseline_prefill_kernel(path: str):
     ``git show REV:schedules/gpu_attention_prefill.py > old.py``), loaded as a module of
     ``tvm_lite.schedules`` so its relative imports resolve to this tree's helpers."""
     import importlib.util
+    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("tvm_lite.schedules._baseline_prefill", path)
+    spec = importlib.util.spec_from_file_location(
+        f"tvm_lite.schedules._baseline_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.prefill_kernel
@@ -156,10 +159,11 @@ def _tvm_attention_call(ex, dev, q, k, v, mask):
 
 
 def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), chunk=CHUNK,
-                    variants=((None, None),), progress=print, baseline=None) -> list[dict]:
+                    variants=((None, None),), progress=print, baselines=()) -> list[dict]:
     """``variants``: (key tile, m-tiles a warp) pairs of the tensor-core kernel to time, (None,
-    None) being the rule's kernel (the only one timed in chunks too, and against ``baseline``:
-    the path of another version of ``gpu_attention_prefill.py``, timed in the same run)."""
+    None) being the rule's kernel (the only one timed in chunks too, and against ``baselines``:
+    paths of other versions of ``gpu_attention_prefill.py``, timed in the same run; a row's
+    ``baselines`` maps each file's name to its time in ms)."""
     import torch
     import torch.nn.functional as F
     import tvm
@@ -171,16 +175,19 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
     arch = "sm_" + str(dev.compute_version).replace(".", "")
     target = parse_target(f"cuda -arch={arch}")
     rows = []
-    base_kernel = baseline_prefill_kernel(baseline) if baseline else None
+    from pathlib import Path
+
+    base_kernels = {Path(b).stem: baseline_prefill_kernel(b) for b in baselines}
     for name in shapes:
         heads, kv, d = ATTENTION_SHAPES[name]
         for keys, m_tiles in variants:
             t0 = time.perf_counter()
             ex = attention_kernel(heads, kv, d, target, keys, m_tiles)
             compile_s = time.perf_counter() - t0
-            base = None
-            if base_kernel and keys is None and m_tiles is None:
-                base = attention_kernel(heads, kv, d, target, prefill_kernel=base_kernel)
+            base = {}
+            if keys is None and m_tiles is None:
+                base = {b: attention_kernel(heads, kv, d, target, prefill_kernel=kernel)
+                        for b, kernel in base_kernels.items()}
             for n in lengths:
                 q, k, v, mask = _attention_inputs(heads, kv, d, n, 0)
                 kx = k.permute(1, 0, 2).repeat_interleave(heads // kv, 0)[None]
@@ -197,9 +204,9 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                            tflops=causal_flops(heads, d, n) / ours_ms / 1e9,
                            sdpa_tflops=causal_flops(heads, d, n) / torch_ms / 1e9)
                 row["vs_sdpa"] = row["tflops"] / row["sdpa_tflops"]
-                if base is not None:  # the same inputs through the baseline's kernel
-                    row["baseline_ms"] = _tvm_attention_call(base, dev, q, k, v, mask)[0]
-                    row["vs_baseline"] = row["baseline_ms"] / ours_ms
+                if base:  # the same inputs through each baseline's kernel
+                    row["baselines"] = {b: _tvm_attention_call(bex, dev, q, k, v, mask)[0]
+                                        for b, bex in base.items()}
                 if chunk and n > chunk and keys is None and m_tiles is None:  # in chunks
                     total = 0.0
                     for past in range(0, n, chunk):
@@ -212,8 +219,8 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                          f"({row['tflops']:.1f} TFLOP/s) vs SDPA {torch_ms * 1e3:.1f} us "
                          f"({row['sdpa_tflops']:.1f}); x{row['vs_sdpa']:.2f}; err {err:.2e}"
                          + (f"; chunked x{row['chunked_ratio']:.2f}" if "chunked" in row else "")
-                         + (f"; baseline {row['baseline_ms'] * 1e3:.1f} us"
-                            if "baseline_ms" in row else ""))
+                         + "".join(f"; {b} {ms * 1e3:.1f} us"
+                                   for b, ms in row.get("baselines", {}).items()))
     return rows
 
 
@@ -313,11 +320,11 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
 def format_tables(result: dict) -> str:
     lines = []
     if result.get("attention"):
-        base = any("baseline_ms" in r for r in result["attention"])
+        base = next((list(r["baselines"]) for r in result["attention"] if "baselines" in r), [])
         lines += ["| shape (H/KV, head_dim) | n | tvm_lite us | TFLOP/s | SDPA us | SDPA TFLOP/s | "
                   "vs SDPA | 2048 in 256-chunks / one call |"
-                  + (" baseline us | speed-up |" if base else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|---|" if base else "")]
+                  + "".join(f" {b} us (this one's speed-up) |" for b in base),
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(base)]
         for r in result["attention"]:
             if r["key_tile"] is not None or r.get("m_tiles") is not None:
                 continue
@@ -326,8 +333,8 @@ def format_tables(result: dict) -> str:
                          f"{r['sdpa_ms'] * 1e3:,.1f} | {r['sdpa_tflops']:.1f} | "
                          f"{r['vs_sdpa']:.2f}x | "
                          + (f"{r['chunked_ratio']:.2f}x |" if "chunked_ratio" in r else "|")
-                         + (f" {r['baseline_ms'] * 1e3:,.1f} | {r['vs_baseline']:.2f}x |"
-                            if "baseline_ms" in r else ""))
+                         + "".join(f" {ms * 1e3:,.1f} ({ms / r['tvm_lite_ms']:.2f}x) |"
+                                   for ms in r.get("baselines", {}).values()))
     if result.get("gemm"):
         lines += ["", "| model | layer KxN | n | format | tvm_lite us | TFLOP/s | torch fp16 us | "
                   "torch TFLOP/s | vs torch |", "|---|---|---|---|---|---|---|---|---|"]
@@ -350,9 +357,10 @@ def main(argv=None):
     ap.add_argument("--gemm-tiles", default="", help="also time these tensor-core GEMM tiles "
                     "TMxTNxWMxWNxKS[xTK], comma-separated (e.g. 128x256x2x4x1,128x128x2x4x1x64)")
     ap.add_argument("--gemm-models", default=",".join(GEMM_MODELS))
-    ap.add_argument("--baseline-kernel", default=None, help="another version of "
+    ap.add_argument("--baseline-kernel", default="", help="other versions of "
                     "schedules/gpu_attention_prefill.py to time next to this one (attention), "
-                    "e.g. from git show REV:schedules/gpu_attention_prefill.py > old.py")
+                    "comma-separated, e.g. from git show REV:schedules/gpu_attention_prefill.py "
+                    "> old.py")
     ap.add_argument("--shapes", default=",".join(ATTENTION_SHAPES),
                     help="attention shapes to time (names of ATTENTION_SHAPES)")
     ap.add_argument("--lengths", default=",".join(map(str, ATTENTION_LENGTHS)),
@@ -382,7 +390,8 @@ def main(argv=None):
         variants = [(None, None)] + [(k, None) for k in keys] + [
             (k, m) for m in m_tiles for k in (keys or [None])]
         result["attention"] = bench_attention(lengths, tuple(shapes), args.chunk, variants=variants,
-                                              baseline=args.baseline_kernel)
+                                              baselines=[b for b in
+                                                         args.baseline_kernel.split(",") if b])
         save()
     if "gemm" in parts:
         tiles = [tuple(int(v) for v in t.split("x")) for t in args.gemm_tiles.split(",") if t]
