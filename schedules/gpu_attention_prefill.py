@@ -103,6 +103,14 @@ TC_MASK_PREFETCH = True
 TC_MASK_PREFETCH_SKIP_DIM = 64
 TC_MASK_PREFETCH_SKIP_GROUP = 4
 TC_KEY_TILES = (64, 32, 16)
+# Clean key tiles: before a whole key tile's products, each warp reads the distinct mask rows of
+# its rows (its positions: 16 rows of G heads share 16 / G + 1 of them) with consecutive lanes
+# on consecutive keys, and one warp vote says whether any element is not 0. A clean tile (below
+# the diagonal, no padding: most tiles of a long prompt) adds no mask to its scores; another
+# reads the mask per score as before. For a shared (no per-head) mask and GQA groups >= 2, where
+# the vote reads fewer elements than the scores would (Llama-1B's shape: 10 loads a lane instead
+# of 32). Off until timed on a GPU (``bench.prefill --baseline-kernel``).
+TC_MASK_CLEAN_TILES = False
 # Key splitting (small grids: chunked prompts, few kv heads): workgroups the grid should reach
 # (two a SM on 132 SMs), at most this many splits, each split at least this many key tiles.
 SPLIT_WAVE = 264
@@ -125,6 +133,11 @@ __forceinline__ __device__ float tvm_lite_ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+""",
+    "tvm_lite_warp_none": r"""
+__forceinline__ __device__ int tvm_lite_warp_none(int v) {
+  return __all_sync(0xffffffffu, v == 0);  // 1: no lane of the warp has v set
 }
 """,
     "tvm_lite_quad_sum": r"""
@@ -530,7 +543,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     PF = [f"pf[mt * {KP * 4} + kp * 4 + {i}]" for i in range(4)]
     rc, rh = row("c"), row("hr * 2")
     masked = not p.get("window")  # a ring kernel masks by position: no mask tensor
-    prefetch = masked and TC_MASK_PREFETCH and not (
+    clean = masked and TC_MASK_CLEAN_TILES and not p["mask_heads"] and G >= 2
+    prefetch = masked and TC_MASK_PREFETCH and not clean and not (
         D <= TC_MASK_PREFETCH_SKIP_DIM and G >= TC_MASK_PREFETCH_SKIP_GROUP)
     # Index registers, set once (the per-score work is what bounds the kernel at small head_dim):
     # ib = [m, the first key of this thread's columns in the tile] as int32; mo = the flat mask
@@ -574,6 +588,23 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
         if prefetch else ""
     mk_alloc = f"""
                 mk = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")""" if prefetch else ""
+    if clean:  # the warp's distinct mask rows (its positions) x the tile's keys, lanes on keys
+        w0 = f"(bq * {rows} + {warp} * {16 * MT})"  # the warp's first row
+        npos = (16 * MT + G - 2) // G + 1 if p["mask_rows"] else 1
+        count = npos * keys
+        e = f"(i * 32 + {lane})"
+        at = (f"T.min({w0} // {G} + {e} // {keys}, T.min(({w0} + {16 * MT - 1}) // {G}, n - 1)) * m"
+              if p["mask_rows"] else "T.int64(0)")
+        el = f"mflat[{at} + kb * {keys} + T.Cast('int64', {e} % {keys})]"
+        # (lanes past the count read the warp's last position again: no guard)
+        nonzero = f"T.if_then_else({el} != T.{p['mask_dtype']}(0), 1, 0)"
+        mask_pre = f"""
+                    if (kb + 1) * {keys} <= m:
+                        cd[0] = 0
+                        for i in T.unroll({-(-count // 32)}):
+                            cd[0] = cd[0] | {nonzero}"""
+        mk_alloc += """
+                cd = T.alloc_buffer((1,), "int32", scope="local")"""
     mk_alloc += """
                 ib = T.alloc_buffer((2,), "int32", scope="local")""" + (f"""
                 mo = T.alloc_buffer(({2 * MT},), "int64", scope="local")
@@ -599,17 +630,17 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     def to_log2(x: str) -> str:
         return x if C == 1.0 else f"({x}) * {f32}({C!r})"
 
-    def x_score(mask_el: str) -> str:  # one score in the kernel's units
+    def x_score(mask_el: str | None) -> str:  # one score in the kernel's units (None: no mask)
         raw = f"s[{S}nt * 4 + c]"
         if not fold:
-            return f"({score(p, raw, mask_el)}) * {f32}({LOG2E!r})"
-        return f"{raw} + {mask_el} * {f32}({1.0 / p['scale']!r})" if masked else raw
+            return f"({score(p, raw, mask_el or '0')}) * {f32}({LOG2E!r})"
+        return f"{raw} + {mask_el} * {f32}({1.0 / p['scale']!r})" if masked and mask_el else raw
 
     # Keys past m (the last tile's tail) and a ring's invisible keys score NEG (finite, so that
     # NEG * C and NEG - NEG stay finite: a row with nothing visible yet weighs e^0 until its
     # first visible key rescales it to 0). Full tiles of a masked kernel need no test at all.
-    def score_loop(guarded: bool, indent: int) -> str:
-        x = x_score(mask)
+    def score_loop(guarded: bool, indent: int, mask_el: str | None = mask) -> str:
+        x = x_score(mask_el)
         if guarded:
             x = (f"T.if_then_else({key} < ib[0] and {ring_visible(p, rc['pos'], key64)}, "
                  f"{x}, {NEG})")
@@ -619,7 +650,15 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                  f"            s[{S}nt * 4 + c] = {x}"]
         return "\n".join(" " * indent + ln for ln in lines)
 
-    if masked:
+    if clean:  # a whole tile: the warp's vote; a clean one adds no mask
+        scores = f"""                    if (kb + 1) * {keys} <= m:
+                        if {_call("tvm_lite_warp_none", "cd[0]", ret="int32")} == 1:
+{score_loop(False, 28, None)}
+                        else:
+{score_loop(False, 28)}
+                    else:
+{score_loop(True, 24)}"""
+    elif masked:
         scores = f"""                    if (kb + 1) * {keys} <= m:
 {score_loop(False, 24)}
                     else:

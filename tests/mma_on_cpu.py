@@ -145,6 +145,14 @@ static float tvm_lite_quad_sum(float v) {
   warp_sync();
   return r;
 }
+static int xi[32][32];
+static int tvm_lite_warp_none(int v) {  // __all_sync(~0, v == 0)
+  xi[warp_id][lane_id] = v; warp_sync();
+  int r = 1;
+  for (int l = 0; l < 32; ++l) r &= xi[warp_id][l] == 0;
+  warp_sync();
+  return r;
+}
 static unsigned tvm_lite_pack_half2(float lo, float hi) { return __pack_half2((half)lo, (half)hi); }
 static void launch(int gx, int gy, int gz, int th, std::function<void()> fn) {
   for (int bz = 0; bz < gz; ++bz) for (int by = 0; by < gy; ++by) for (int bx = 0; bx < gx; ++bx) {

@@ -629,6 +629,38 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past, pad, hole", [
+    (32, 8, 64, 200, 0, 5, None),    # Llama-1B's heads: padded keys (the last tiles not clean)
+    (9, 3, 64, 130, 70, 0, 37),      # a chunk after a cache, one key masked for every row
+    (8, 1, 256, 70, 0, 3, 20),       # Gemma-2B's: 16-key tiles, 3 positions a warp
+    (8, 2, 64, 150, 0, 0, None)])    # causal only
+def test_tensor_core_prefill_clean_tiles_on_the_cpu(heads, kv, d, n, past, pad, hole, tmp_path,
+                                                     monkeypatch):
+    """``TC_MASK_CLEAN_TILES``: a warp's vote over its positions' mask elements decides whether a
+    whole key tile adds the mask. Tiles holding padded keys, the diagonal or a masked key below it
+    (``hole``: masked for every row) must vote "not clean"; the others skip the mask. The CUDA C
+    run on the CPU, against numpy."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "TC_MASK_CLEAN_TILES", True)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": gpu_attention_prefill
+        .tensor_core_kernel(p, static={"n": n, "m": past + n}).with_attr("global_symbol", "attn")
+        .with_attr("tirx.is_scheduled", True)}), target=tvm.target.Target(
+            {"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})), "cuda")
+    assert "tvm_lite_warp_none(" in src
+    q, k, v, mask = _inputs(np.random.default_rng(5), heads, kv, d, n, past, "float16", pad)
+    if hole is not None:
+        mask[..., hole] = np.finfo(np.float16).min
+    got, _, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    real = n - pad  # padded query rows see no key: their output is not compared
+    np.testing.assert_allclose(got[:, :, :real].astype(np.float32), want[:, :, :real],
+                               rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 def test_tensor_core_prefill_reads_a_per_head_mask_on_the_cpu(tmp_path):
     """A mask with a head axis ``(1, H, n, m)``: causal and padded, plus a different additive
     bias per head (ALiBi-like, so a head reading another head's row would be off), through the
