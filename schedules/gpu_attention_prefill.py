@@ -17,9 +17,11 @@ The query rows are the last ``n`` of the ``m`` keys (the view ends at ``past_len
 position ``pos`` may see keys ``j <= m - n + pos``. A tile whose last position is ``p_max`` walks
 only the ``ceil((m - n + p_max + 1) / keys)`` first key tiles: tiles above the diagonal are never
 loaded. Chunked prompts (``past_len > 0``) get the same bound. The additive mask is still added
-inside the tiles walked (padding, windows), so this relies only on the mask being causal -- which
-every decoder export's is (keys past a row's position are masked, padding included: tvm_lite pads
-after the real tokens).
+inside the tiles walked (padding, windows). The bound holds only for a causal mask, which every
+decoder export's is (keys past a row's position are masked, padding included: tvm_lite pads
+after the real tokens) but a prefix-LM's or a bidirectional model's is not: each workgroup
+first reads the mask element just above each of its rows' diagonal (:func:`_causal_check`) and
+walks every key tile when one of them is visible.
 
 Ring caches (sliding-window layers)
 -----------------------------------
