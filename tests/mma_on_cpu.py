@@ -51,6 +51,8 @@ struct alignas(4) half2 { half x, y; };
 static inline half4 make_half4(half a, half b, half c, half d) { return {a, b, c, d}; }
 static inline half2 make_half2(half a, half b) { return {a, b}; }
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+static inline float2 make_float2(float a, float b) { return {a, b}; }
 static inline half __float2half_rn(float f) { return (half)f; }
 static inline unsigned short bits(half h) { unsigned short b; memcpy(&b, &h, 2); return b; }
 static inline half from_bits(unsigned short b) { half h; memcpy(&h, &b, 2); return h; }

@@ -929,6 +929,70 @@ def test_bench_prefill_names_an_unknown_shape(capsys):
     assert "unknown mistral-7b" in err and all(name in err for name in ATTENTION_SHAPES)
 
 
+def _profile_prefill_on_cpu(p, profile, n, m):
+    """The ``profile``'s prefill kernel for ``p`` (``n``, ``m`` static) compiled for CUDA, and a
+    function running its CUDA C on the CPU (tests/mma_on_cpu.py): ``run(q, k, v, mask, dir)``
+    -> out (1, H, n, D) in ``p``'s dtype. Returns (run, (rows, keys) of its tiles)."""
+    from mma_on_cpu import run_kernels_to
+    from tvm_lite.schedules.gpu_attention_prefill import prefill_kernel, simt_tiles, split_value, \
+        tensor_core_tiles
+    from tvm_lite.schedules.profiles import gpu_profile
+
+    heads, kv, d = p["heads"], p["kv_heads"], p["head_dim"]
+    t = tvm_lite.parse_target(GPU_TARGETS[profile])
+    tile, G = TILES[profile], heads // kv
+    vector_bytes = gpu_profile(profile).vector_bytes
+    func = prefill_kernel(p, profile, t, tile["threads"], tile["local_bytes"], vector_bytes,
+                          static={"n": n, "m": m})
+    if profile == "cuda" and p["dtype"] == "float16":
+        rows, keys = tensor_core_tiles(p)
+        spl = split_value(p, rows, keys, n, m)
+        grids = {"attn_kernel": (-(-n * G // rows), kv, spl),
+                 "attn_kernel_1": (-(-n * d // 256), heads, 1) if spl > 1 else (1, 1, 1)}
+        mask_name = "mflat_ptr"
+    else:
+        threads = min(tile["threads"], int(t.attrs["max_num_threads"]))
+        vec = max(1, min(vector_bytes // np.dtype(p["dtype"]).itemsize, 8))
+        rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
+        grids, mask_name = {"attn_kernel": (-(-n * G // rows), kv, 1)}, "mask_ptr"
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    src = tvm_lite.device_source(tvm.compile(tvm.IRModule(
+        {"attn": func.with_attr("global_symbol", "attn").with_attr("tirx.is_scheduled", True)}),
+        target=target), "cuda")
+
+    def run(q, k, v, mask, out_dir):
+        out_dir.mkdir()
+        if p["kv_squeezed"]:
+            k, v = k[:, 0], v[:, 0]
+        size = heads * n * d
+        got = run_kernels_to(src, {"q_ptr": q, "k_ptr": k, "v_ptr": v, mask_name: mask}, grids,
+                             {"o_ptr": (size, np.dtype(p["dtype"]))}, out_dir, size * 8)
+        return got["o_ptr"].reshape(1, heads, n, d)
+
+    return run, (rows, keys)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("profile, heads, kv, d, n, past, pad, dtype", [
+    ("adreno", 32, 32, 80, 37, 5, 2, "float16"),  # Phi-2's heads: head_dim 80, no GQA
+    ("mali", 32, 8, 96, 30, 0, 0, "float16"),     # Phi-3-mini's head_dim 96, GQA 4
+    ("gpu", 16, 2, 80, 25, 0, 0, "float32")])     # fp32, GQA 8
+def test_simt_prefill_cuda_c_run_on_the_cpu_matches_numpy(profile, heads, kv, d, n, past, pad,
+                                                         dtype, tmp_path):
+    """The SIMT prefill kernel (Adreno, Mali, the generic GPU) at head_dims other than powers of
+    two, its CUDA C run on the CPU against numpy: lanes that split head_dim unevenly into
+    vectors, padded keys, a chunk after a cache."""
+    p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, False, False,
+                         kv == 1)
+    q, k, v, mask = _inputs(np.random.default_rng(3), heads, kv, d, n, past, dtype, pad)
+    run, _ = _profile_prefill_on_cpu(p, profile, n, past + n)
+    got = run(q, k, v, mask, tmp_path / "out")
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    tol = 2e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(got[:, :, :n - pad].astype(np.float32), want[:, :, :n - pad],
+                               rtol=tol, atol=tol)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("profile", ["cuda", "adreno", "mali", "gpu"])
 @pytest.mark.parametrize("kind", ["prefix_lm", "padding_only"])
@@ -939,11 +1003,6 @@ def test_prefill_walks_every_key_tile_for_a_non_causal_mask(profile, kind, tmp_p
     padding. The workgroups walk every tile they need and every profile's kernel (CUDA C on the
     CPU) matches numpy, as does the CPU kernel. With a causal mask the same kernel still skips:
     workgroup 0's rows come out exact with NaN in every K/V row after the tiles they walk."""
-    from mma_on_cpu import run_kernels
-    from tvm_lite.schedules.gpu_attention_prefill import prefill_kernel, simt_tiles, split_value, \
-        tensor_core_tiles
-    from tvm_lite.schedules.profiles import gpu_profile
-
     heads, kv, d, n, prefix = 8, 2, 64, 130, 100
     rows_axis = kind == "prefix_lm"
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, rows_axis, False,
@@ -955,37 +1014,14 @@ def test_prefill_walks_every_key_tile_for_a_non_causal_mask(profile, kind, tmp_p
     else:
         mask = np.zeros((1, 1, 1, n), "float16")
         mask[..., -5:] = np.finfo("float16").min
-    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    G = heads // kv
+    want = reference_numpy(q, k, v, mask, d ** -0.5, G)
     if profile == "cuda":  # (once a kind) the CPU kernel walks every key
         got = _run(reference_kernel(p), tvm.target.Target({"kind": "llvm"}), tvm.cpu(), q, k, v,
                    mask)
         np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
-    t = tvm_lite.parse_target(GPU_TARGETS[profile])
-    tile, G = TILES[profile], heads // kv
-    func = prefill_kernel(p, profile, t, tile["threads"], tile["local_bytes"],
-                          gpu_profile(profile).vector_bytes, static={"n": n, "m": n})
-    if profile == "cuda":
-        rows, keys = tensor_core_tiles(p)
-        spl = split_value(p, rows, keys, n, n)
-        grids = {"attn_kernel": (-(-n * G // rows), kv, spl),
-                 "attn_kernel_1": (-(-n * d // 256), heads, 1) if spl > 1 else (1, 1, 1)}
-        names = {"mask": "mflat_ptr"}
-    else:
-        threads = min(tile["threads"], int(t.attrs["max_num_threads"]))
-        vec = min(gpu_profile(profile).vector_bytes // 2, 8)
-        rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
-        grids, names = {"attn_kernel": (-(-n * G // rows), kv, 1)}, {"mask": "mask_ptr"}
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
-    src = tvm_lite.device_source(tvm.compile(tvm.IRModule(
-        {"attn": func.with_attr("global_symbol", "attn").with_attr("tirx.is_scheduled", True)}),
-        target=target), "cuda")
-
-    def run(m_, kk, vv, out_dir):
-        out_dir.mkdir()
-        return run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, names["mask"]: m_}, grids,
-                           "o_ptr", heads * n * d, out_dir).reshape(1, heads, n, d)
-
-    got = run(mask, k, v, tmp_path / kind)
+    run, (rows, keys) = _profile_prefill_on_cpu(p, profile, n, n)
+    got = run(q, k, v, mask, tmp_path / kind)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
     if not rows_axis:
         return
@@ -994,7 +1030,7 @@ def test_prefill_walks_every_key_tile_for_a_non_causal_mask(profile, kind, tmp_p
     cut = -(-first // keys) * keys  # the key tiles they walk end here
     kk, vv = k.copy(), v.copy()
     kk[cut:], vv[cut:] = np.nan, np.nan
-    got = run(causal_mask, kk, vv, tmp_path / "causal")
+    got = run(q, kk, vv, causal_mask, tmp_path / "causal")
     want = reference_numpy(q, k, v, causal_mask, d ** -0.5, G)
     assert np.isnan(got[:, :, cut:]).any()  # (later positions read them: the NaN is real)
     np.testing.assert_allclose(got[:, :, :first].astype(np.float32), want[:, :, :first],
