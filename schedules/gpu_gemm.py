@@ -58,12 +58,14 @@ class GPUPrefillGEMM(dl.ScheduleRule):
     """Tiled GEMM for a dynamic (or > 1) ``M``, fp16 or dequantized weights, from a profile."""
 
     def __init__(self, profile: GPUProfile, tensor_cores: bool | None = None, mma: bool = True,
-                 split_k: bool = True, mma_tile: tuple | None = None):
+                 split_k: bool = True, mma_tile: tuple | None = None,
+                 x_async: bool | None = None):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
         self.split_k = split_k  # False: the mma kernel never splits K (benchmarks)
         self.mma_tile = mma_tile  # (TM, TN, WM, WN, KS[, TK]) forced on every GEMM (tile sweeps)
+        self.x_async = x_async  # the mma kernel's X by cp.async (None: gpu_gemm_mma.X_ASYNC)
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -76,7 +78,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
             try:  # mma.sync with the dequant in the staging (schedules/gpu_gemm_mma.py)
                 if self.mma:
                     return mma_gemm_kernel(func, target, fit_to_target(self.profile, target),
-                                           tile=self.mma_tile, split_k=self.split_k)
+                                           tile=self.mma_tile, split_k=self.split_k,
+                                           x_async=self.x_async)
             except MatchError:
                 pass
             sch = dl.gpu.matmul.MatmulTensorization().apply(func, target, tunable)

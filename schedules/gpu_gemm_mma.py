@@ -56,6 +56,12 @@ MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a w
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)
 SUM_THREADS = 256  # threads of a workgroup of the split-K sum
+# X slices by cp.async (16 bytes global -> shared, no registers: the next slice's copies are in
+# flight during this slice's MMAs and land at the wait before the slice's barrier), instead of
+# loads into registers stored after the MMAs. Frees the X staging registers (16 a thread at
+# 128 x 64 slices of 256 threads) and the shared stores. Off until timed on a GPU
+# (``bench.prefill --parts gemm``: the "e0m4 (x async)" rows).
+X_ASYNC = False
 
 HELPERS = {
     **mma.HELPERS,
@@ -189,10 +195,12 @@ def match_gemm(sch, profile):
                 out_dtype=str(out_buf.dtype), final=final, matmul_buf=out_buf)
 
 
-def kernel_source(func, g: dict, tile) -> str:
+def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
     """TVMScript of the kernel for ``func`` (roles ``g`` from :func:`match_gemm`, ``tile`` from
     :func:`choose_tile`, optionally with a sixth entry: the K slice, ``TK`` if absent); its
-    stores write ``__tvm_lite_epilogue__(acc)``."""
+    stores write ``__tvm_lite_epilogue__(acc)``. ``x_async``: X by ``cp.async`` (default
+    :data:`X_ASYNC`)."""
+    x_async = X_ASYNC if x_async is None else x_async
     names, params, decls = _decl(func)
     TM, TN, WM, WN, KS = tile[:5]
     TK = tile[5] if len(tile) > 5 else globals()["TK"]  # noqa: N806
@@ -229,6 +237,16 @@ def kernel_source(func, g: dict, tile) -> str:
     x_store = f'''for l in T.unroll({xs}):
     if {xguard}:
         sm[T.Ramp({{sb}} + {xr} * {XP} + {xc}, 1, {VEC})] = xv[T.Ramp(l * {VEC}, 1, {VEC})]'''
+    if x_async:  # straight into the stage (``{sb}``); rows past M get zeros by a plain store
+        copy = mma.call("tvm_lite_cp_async16", f"T.address_of(sm[{{sb}} + {xr} * {XP} + {xc}])",
+                        f"T.address_of({x}[{_row_at(xbuf, f'by * {TM} + {xr}', f'{{kn}} * {TK} + {xc}')}])")
+        x_load = f'''for l in T.unroll({xs}):
+    if {xguard}:
+        if by * {TM} + {xr} < {M}:
+            T.evaluate({copy})
+        else:
+            sm[T.Ramp({{sb}} + {xr} * {XP} + {xc}, 1, {VEC})] = T.Broadcast(T.float16(0), {VEC})'''
+        x_store = ""
     if fmt == "fp16":
         ws_, wguard, we = loads(TK * TN // VEC)
         wr, wc = f"({we} // {TN // VEC})", f"({we} % {TN // VEC} * {VEC})"
@@ -294,7 +312,11 @@ def kernel_source(func, g: dict, tile) -> str:
     AF = [f"af[mt * 4 + {i}]" for i in range(4)]
     row = f"by * {TM} + {wm} * {WTM} + mt * 16 + {g4} + c // 2 * 8"
     col = f"bx * {TN} + {wn} * {WTN} + nt * 8 + {t4} * 2 + c % 2"
-    x_regs = f'xv = T.alloc_buffer(({xs * VEC},), "float16", scope="local")'
+    x_regs = "" if x_async else f'xv = T.alloc_buffer(({xs * VEC},), "float16", scope="local")'
+    # the stage the next slice's X goes to (cp.async writes it at once), and the wait that lands
+    # a thread's copies before the barrier that hands them to the workgroup
+    x_next = f"(ko + 1) % 2 * {STAGE}" if x_async else ""
+    wait = f"T.evaluate({mma.call('tvm_lite_cp_async_wait_all')})" if x_async else ""
     value = f"acc[(mt * {NT} + nt) * 4 + c]"
     epilogue = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format
     if KS == 1:
@@ -334,10 +356,11 @@ def gemm_mma({params}):
 {indent(at(w_load, "0", "0"), 16)}
 {indent(at(x_store, "0", "0"), 16)}
 {indent(at(w_store, "0", "0"), 16)}
+{indent(wait, 16)}
                 T.tvm_storage_sync("shared")
                 for ko in T.serial({KT}):
                     if ko + 1 < {KT}:
-{indent(at(x_load, "(ko + 1)", ""), 24)}
+{indent(at(x_load, "(ko + 1)", x_next), 24)}
 {indent(at(w_load, "(ko + 1)", ""), 24)}
                     for kk in T.unroll({TK // 16}):
                         for mt in T.unroll({MT}):
@@ -350,6 +373,7 @@ def gemm_mma({params}):
                     if ko + 1 < {KT}:
 {indent(at(x_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
 {indent(at(w_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
+{indent(wait, 20)}
                     T.tvm_storage_sync("shared")
                 for mt in T.unroll({MT}):
                     for nt in T.unroll({NT}):
@@ -359,9 +383,11 @@ def gemm_mma({params}):
 {split_sum}'''
 
 
-def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True):
+def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
+                    x_async: bool | None = None):
     """The tensor-core kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
-    :class:`MatchError` where it does not apply. ``split_k=False``: never split K."""
+    :class:`MatchError` where it does not apply. ``split_k=False``: never split K; ``x_async``:
+    X by ``cp.async`` (default :data:`X_ASYNC`)."""
     if not mma.mma_supported(target):
         raise MatchError("mma.sync m16n8k16 needs a CUDA sm_80+ target")
     sch = s_tir.Schedule(func)
@@ -371,7 +397,7 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True):
                              or g["k"] % ((tile[5] if len(tile) > 5 else TK) * tile[4])):
         raise MatchError(f"tile {tile} does not divide N={g['n']}, K={g['k']}")
     tile = tile or choose_tile(g["n"], profile.compute_units, k=g["k"] if split_k else None)
-    src = kernel_source(func, g, tile)
+    src = kernel_source(func, g, tile, x_async)
     kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
     kernel = attach_epilogue(kernel, func, sch, g["out_dtype"], g["final"], g["matmul_buf"])
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}

@@ -667,18 +667,24 @@ def test_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
         assert err < 1e-2, (fmt, k, n, epilogue, seq, err)
 
 
-# (fmt, K, N, M, epilogue, tile): one kernel with the output tile cut by M; K split in two (its
-# sum kernel applies the residual add); fp16 weights with the two-block SiLU epilogue; forced
-# tiles a sweep may pick (64-deep K slices, 128x256)
-MMA_CPU_CASES = [("e0m4", 256, 128, 70, None, None), ("int4", 1024, 64, 37, "residual", None),
-                 ("fp16", 128, 192, 65, "silu_gate", None),
-                 ("e0m4", 256, 128, 70, None, (128, 128, 2, 4, 1, 64)),
-                 ("int4", 256, 256, 40, None, (128, 256, 2, 4, 2))]
+# (fmt, K, N, M, epilogue, tile, X by cp.async): one kernel with the output tile cut by M; K
+# split in two (its sum kernel applies the residual add); fp16 weights with the two-block SiLU
+# epilogue; forced tiles a sweep may pick (64-deep K slices, 128x256); the first three again with
+# X copied by cp.async (rows past M zeroed by plain stores)
+MMA_CPU_CASES = [("e0m4", 256, 128, 70, None, None, False),
+                 ("int4", 1024, 64, 37, "residual", None, False),
+                 ("fp16", 128, 192, 65, "silu_gate", None, False),
+                 ("e0m4", 256, 128, 70, None, (128, 128, 2, 4, 1, 64), False),
+                 ("int4", 256, 256, 40, None, (128, 256, 2, 4, 2), False),
+                 ("e0m4", 256, 128, 70, None, None, True),
+                 ("int4", 1024, 64, 37, "residual", None, True),
+                 ("fp16", 128, 192, 65, "silu_gate", None, True)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-@pytest.mark.parametrize("fmt,k,n,m,epilogue,tile", MMA_CPU_CASES)
-def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tile, tmp_path):
+@pytest.mark.parametrize("fmt,k,n,m,epilogue,tile,x_async", MMA_CPU_CASES)
+def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tile, x_async,
+                                                       tmp_path):
     """The tensor-core GEMM's generated CUDA C, run on the CPU with the PTX helpers emulated
     lane by lane (tests/mma_on_cpu.py), against numpy."""
     from mma_on_cpu import run_kernels
@@ -686,7 +692,9 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, ti
 
     target = parse_target(TARGETS["cuda"])
     func = _mma_func(fmt, k, n, epilogue, m)
-    src = _source(build(func, target, [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
+    src = _source(build(func, target, [GPUPrefillGEMM(CUDA, mma_tile=tile, x_async=x_async)]),
+                  "cuda")
+    assert ("tvm_lite_cp_async16(" in src) == x_async
     TM, TN, _, _, KS = (tile or choose_tile(n, CUDA.compute_units, k=k))[:5]
     assert tile or (KS > 1) == (k == 1024)
     rng = np.random.default_rng(7)

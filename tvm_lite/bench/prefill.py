@@ -239,9 +239,11 @@ def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
 
 
 # variant -> (weight format, rule): "mma" tvm_lite's rules; "no split-K" the mma kernel never
-# splitting K; "wmma" the rule without the mma kernel, i.e. DLight's WMMA kernel that ran before
+# splitting K; "wmma" the rule without the mma kernel, i.e. DLight's WMMA kernel that ran before;
+# "x async" the mma kernel with X copied by cp.async (gpu_gemm_mma.X_ASYNC)
 GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp16", "mma"),
-                 "e0m4 (no split-K)": ("e0m4", "no split-K"), "e0m4 (wmma)": ("e0m4", "wmma")}
+                 "e0m4 (no split-K)": ("e0m4", "no split-K"), "e0m4 (wmma)": ("e0m4", "wmma"),
+                 "e0m4 (x async)": ("e0m4", "x async")}
 
 
 def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_VARIANTS),
@@ -265,7 +267,8 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     cuda = gpu_profile("cuda")
     rules = {"mma": rules_for(target),
              "no split-K": [GPUPrefillGEMM(cuda, split_k=False), *rules_for(target)],
-             "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)]}
+             "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)],
+             "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)]}
     variants = dict(GEMM_VARIANTS)
     for tile in tiles:
         name = "e0m4 tile " + "x".join(map(str, tile))
