@@ -250,7 +250,8 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                progress=print, tiles=()) -> list[dict]:
     """One row per (layer, length, variant). ``tiles``: tensor-core tiles ``(TM, TN, WM, WN, KS[,
     TK])`` also timed on every layer as E0M4 variants ``"e0m4 tile TMxTNxWMxWNxKS[xTK]"`` (a
-    sweep for ``gpu_gemm_mma.choose_tile``); a tile that does not divide a layer is skipped."""
+    sweep for ``gpu_gemm_mma.choose_tile``), each also with X copied by ``cp.async`` (``"... x
+    async"``); a tile that does not divide a layer is skipped."""
     import torch
     import tvm
     from tvm import tirx
@@ -270,11 +271,12 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
              "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)],
              "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)]}
     variants = dict(GEMM_VARIANTS)
-    for tile in tiles:
-        name = "e0m4 tile " + "x".join(map(str, tile))
-        rules[name] = [GPUPrefillGEMM(cuda, mma_tile=tuple(tile))]
-        variants[name] = ("e0m4", name)
-        fmts = (*fmts, name)
+    for tile in tiles:  # each forced tile with X through registers and by cp.async
+        for x_async in (False, True):
+            name = "e0m4 tile " + "x".join(map(str, tile)) + (" x async" if x_async else "")
+            rules[name] = [GPUPrefillGEMM(cuda, mma_tile=tuple(tile), x_async=x_async)]
+            variants[name] = ("e0m4", name)
+            fmts = (*fmts, name)
     rng = np.random.default_rng(0)
     rows = []
     for model, name, k, n in gemm_layers(models):
@@ -288,7 +290,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                                                         k=k)[4] == 1:
                     continue  # the same kernel as "e0m4"
                 if rule.startswith("e0m4 tile"):
-                    tile = tuple(int(v) for v in rule.split()[-1].split("x"))
+                    tile = tuple(int(v) for v in rule.split()[2].split("x"))
                     if n % tile[1] or k % ((tile[5] if len(tile) > 5 else 32) * tile[4]):
                         continue
                 arrays = {"w": w16.cpu().numpy()} if fmt == "fp16" else weights(fmt, k, n, rng)
