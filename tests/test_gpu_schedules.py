@@ -598,6 +598,25 @@ def _mma_func(fmt, k, n, epilogue, m=DYN):
     return _dequant_gemv(fmt, k, n, epilogue, lead=(1, m))
 
 
+def test_bench_gemm_variants_build_their_kernels():
+    """``bench.prefill``'s GEMM variants (no GPU needed to build them): the "x async" rule and
+    each forced tile's " x async" twin build the mma kernel with X by cp.async, the others
+    without; a forced tile is the one built."""
+    from tvm_lite.bench.prefill import GEMM_VARIANTS, gemm_rules
+
+    target = parse_target(TARGETS["cuda"])
+    rules, variants = gemm_rules(target, [(128, 128, 2, 2, 1, 64)])
+    assert set(GEMM_VARIANTS) < set(variants)
+    func = kernel_func("e0m4", [1, tirx.Var("n", "int64")], 2048, 2048)
+    for variant in ("e0m4", "e0m4 (x async)", "e0m4 tile 128x128x2x2x1x64",
+                    "e0m4 tile 128x128x2x2x1x64 x async"):
+        fmt, rule = variants[variant]
+        src = _source(build(func, target, rules[rule]), "cuda")
+        assert ("tvm_lite_cp_async16(" in src) == ("x async" in variant), variant
+        if "tile" in variant:  # 2 x 2 warps: 128 threads
+            assert "__launch_bounds__(128)" in src, variant
+
+
 def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
     """On CUDA the prefill GEMM is the mma.sync kernel (one kernel, epilogue inside, the 4-bit
     weight dequantized by the LOP3 helper as it is staged); nvcc builds it without spills."""

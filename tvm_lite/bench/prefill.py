@@ -246,6 +246,27 @@ GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp1
                  "e0m4 (x async)": ("e0m4", "x async")}
 
 
+def gemm_rules(target, tiles=()) -> tuple[dict, dict]:
+    """(rule name -> schedule rules, variant -> (weight format, rule name)): the rules of
+    :data:`GEMM_VARIANTS`, and per forced tile ``(TM, TN, WM, WN, KS[, TK])`` two E0M4 variants,
+    ``"e0m4 tile TMxTNxWMxWNxKS[xTK]"`` and the same with ``" x async"`` (X by cp.async)."""
+    from tvm_lite.schedules import gpu_profile, rules_for
+    from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM
+
+    cuda = gpu_profile("cuda")
+    rules = {"mma": rules_for(target),
+             "no split-K": [GPUPrefillGEMM(cuda, split_k=False), *rules_for(target)],
+             "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)],
+             "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)]}
+    variants = dict(GEMM_VARIANTS)
+    for tile in tiles:
+        for x_async in (False, True):
+            name = "e0m4 tile " + "x".join(map(str, tile)) + (" x async" if x_async else "")
+            rules[name] = [GPUPrefillGEMM(cuda, mma_tile=tuple(tile), x_async=x_async)]
+            variants[name] = ("e0m4", name)
+    return rules, variants
+
+
 def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_VARIANTS),
                progress=print, tiles=()) -> list[dict]:
     """One row per (layer, length, variant). ``tiles``: tensor-core tiles ``(TM, TN, WM, WN, KS[,
@@ -258,25 +279,14 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
 
     from tvm_lite import parse_target
     from tvm_lite.bench.kernels import build, kernel_func, random_half, reference, weights
-    from tvm_lite.schedules import gpu_profile, rules_for
-    from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM
+    from tvm_lite.schedules import gpu_profile
     from tvm_lite.schedules.gpu_gemm_mma import choose_tile
 
     dev = tvm.cuda(0)
     arch = "sm_" + str(dev.compute_version).replace(".", "")
     target = parse_target(f"cuda -arch={arch}")
-    cuda = gpu_profile("cuda")
-    rules = {"mma": rules_for(target),
-             "no split-K": [GPUPrefillGEMM(cuda, split_k=False), *rules_for(target)],
-             "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)],
-             "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)]}
-    variants = dict(GEMM_VARIANTS)
-    for tile in tiles:  # each forced tile with X through registers and by cp.async
-        for x_async in (False, True):
-            name = "e0m4 tile " + "x".join(map(str, tile)) + (" x async" if x_async else "")
-            rules[name] = [GPUPrefillGEMM(cuda, mma_tile=tuple(tile), x_async=x_async)]
-            variants[name] = ("e0m4", name)
-            fmts = (*fmts, name)
+    rules, variants = gemm_rules(target, tiles)
+    fmts = (*fmts, *(v for v in variants if v not in GEMM_VARIANTS))
     rng = np.random.default_rng(0)
     rows = []
     for model, name, k, n in gemm_layers(models):
