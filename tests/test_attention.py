@@ -631,7 +631,7 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("heads, kv, d, n, past, pad, hole", [
-    (32, 8, 64, 200, 0, 5, None),    # Llama-1B's heads: padded keys (the last tiles not clean)
+    (16, 4, 64, 140, 0, 5, None),    # Llama-1B's group of 4: padded keys (last tiles not clean)
     (9, 3, 64, 130, 70, 0, 37),      # a chunk after a cache, one key masked for every row
     (8, 1, 256, 70, 0, 3, 20),       # Gemma-2B's: 16-key tiles, 3 positions a warp
     (8, 2, 64, 150, 0, 0, None)])    # causal only
@@ -998,12 +998,12 @@ def test_simt_prefill_cuda_c_run_on_the_cpu_matches_numpy(profile, heads, kv, d,
 @pytest.mark.parametrize("kind", ["prefix_lm", "padding_only"])
 def test_prefill_walks_every_key_tile_for_a_non_causal_mask(profile, kind, tmp_path):
     """The prefill kernels skip key tiles above the causal diagonal only when the mask is causal
-    there. ``prefix_lm``: the first 100 of 130 positions see each other both ways; ``padding_only``:
+    there. ``prefix_lm``: the first 70 of 96 positions see each other both ways; ``padding_only``:
     a mask without a query-row axis ``(1, 1, 1, m)`` (a bidirectional model), its last 5 keys
     padding. The workgroups walk every tile they need and every profile's kernel (CUDA C on the
     CPU) matches numpy, as does the CPU kernel. With a causal mask the same kernel still skips:
     workgroup 0's rows come out exact with NaN in every K/V row after the tiles they walk."""
-    heads, kv, d, n, prefix = 8, 2, 64, 130, 100
+    heads, kv, d, n, prefix = 8, 2, 64, 96, 70
     rows_axis = kind == "prefix_lm"
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, rows_axis, False,
                          False, kv == 1)
