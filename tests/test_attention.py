@@ -587,29 +587,58 @@ TC_CPU_CASES = [(9, 3, 64, 130, 0, 1), (9, 3, 64, 40, 300, 1), (8, 2, 64, 32, 22
                 (9, 3, 64, 130, 0, 2), (8, 2, 64, 64, 224, 2)]
 
 
+def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None):
+    """The ``profile``'s prefill kernel for ``p`` (``n``, ``m`` static) compiled for CUDA, and a
+    function running its CUDA C on the CPU (tests/mma_on_cpu.py): ``run(q, k, v, mask, dir)``
+    -> out (1, H, n, D) in ``p``'s dtype. ``m_tiles``: the tensor-core kernel's m-tiles a warp.
+    Returns (run, (rows, keys) of its tiles, key splits)."""
+    from mma_on_cpu import run_kernels_to
+    from tvm_lite.schedules.gpu_attention_prefill import prefill_kernel, simt_tiles, split_value, \
+        tensor_core_kernel, tensor_core_tiles
+    from tvm_lite.schedules.profiles import gpu_profile
+
+    heads, kv, d = p["heads"], p["kv_heads"], p["head_dim"]
+    t = tvm_lite.parse_target(GPU_TARGETS[profile])
+    tile, G = TILES[profile], heads // kv
+    vector_bytes = gpu_profile(profile).vector_bytes
+    spl = 1
+    if profile == "cuda" and p["dtype"] == "float16":
+        func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles)
+        rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
+        spl = split_value(p, rows, keys, n, m)
+        grids = {"attn_kernel": (-(-n * G // rows), kv, spl),
+                 "attn_kernel_1": (-(-n * d // 256), heads, 1) if spl > 1 else (1, 1, 1)}
+        mask_name = "mflat_ptr"
+    else:
+        func = prefill_kernel(p, profile, t, tile["threads"], tile["local_bytes"], vector_bytes,
+                              static={"n": n, "m": m})
+        threads = min(tile["threads"], int(t.attrs["max_num_threads"]))
+        vec = max(1, min(vector_bytes // np.dtype(p["dtype"]).itemsize, 8))
+        rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
+        grids, mask_name = {"attn_kernel": (-(-n * G // rows), kv, 1)}, "mask_ptr"
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    src = tvm_lite.device_source(tvm.compile(tvm.IRModule(
+        {"attn": func.with_attr("global_symbol", "attn").with_attr("tirx.is_scheduled", True)}),
+        target=target), "cuda")
+
+    def run(q, k, v, mask, out_dir):
+        out_dir.mkdir()
+        if p["kv_squeezed"]:
+            k, v = k[:, 0], v[:, 0]
+        size = heads * n * d
+        got = run_kernels_to(src, {"q_ptr": q, "k_ptr": k, "v_ptr": v, mask_name: mask}, grids,
+                             {"o_ptr": (size, np.dtype(p["dtype"]))}, out_dir, size * 8)
+        return got["o_ptr"].reshape(1, heads, n, d)
+
+    return run, (rows, keys), spl
+
+
 def _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles=None):
     """Build the tensor-core prefill kernel for ``p`` with ``n`` and ``m`` static, run its CUDA
     C on the CPU (tests/mma_on_cpu.py) and return (output (1, H, n, D), key splits, rows)."""
-    from mma_on_cpu import run_kernels
-    from tvm_lite.schedules.gpu_attention_prefill import split_value, tensor_core_kernel, \
-        tensor_core_tiles
-
-    _, heads, n, d = q.shape
-    m, kv = past + n, p["kv_heads"]
-    rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
-    splits = split_value(p, rows, keys, n, m)
-    func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles) \
-        .with_attr("global_symbol", "attn") \
-        .with_attr("tirx.is_scheduled", True)
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
-    src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")
-    kk, vv = (k[:, 0], v[:, 0]) if p["kv_squeezed"] else (k, v)
-    grids = {"attn_kernel": (-(-n * (heads // kv) // rows), kv, splits),
-             "attn_kernel_1": (-(-n * d // 256), heads, 1) if splits > 1 else (1, 1, 1)}
-    # the kernel reads the mask through a flat view of it (mflat)
-    got = run_kernels(src, {"q_ptr": q, "k_ptr": kk, "v_ptr": vv, "mflat_ptr": mask}, grids,
-                      "o_ptr", heads * n * d, tmp_path).reshape(1, heads, n, d)
-    return got, splits, rows
+    n = q.shape[2]
+    run, (rows, _), splits = _profile_prefill_on_cpu(p, "cuda", n, past + n, m_tiles)
+    return run(q, k, v, mask, tmp_path / "out"), splits, rows
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
@@ -929,49 +958,6 @@ def test_bench_prefill_names_an_unknown_shape(capsys):
     assert "unknown mistral-7b" in err and all(name in err for name in ATTENTION_SHAPES)
 
 
-def _profile_prefill_on_cpu(p, profile, n, m):
-    """The ``profile``'s prefill kernel for ``p`` (``n``, ``m`` static) compiled for CUDA, and a
-    function running its CUDA C on the CPU (tests/mma_on_cpu.py): ``run(q, k, v, mask, dir)``
-    -> out (1, H, n, D) in ``p``'s dtype. Returns (run, (rows, keys) of its tiles)."""
-    from mma_on_cpu import run_kernels_to
-    from tvm_lite.schedules.gpu_attention_prefill import prefill_kernel, simt_tiles, split_value, \
-        tensor_core_tiles
-    from tvm_lite.schedules.profiles import gpu_profile
-
-    heads, kv, d = p["heads"], p["kv_heads"], p["head_dim"]
-    t = tvm_lite.parse_target(GPU_TARGETS[profile])
-    tile, G = TILES[profile], heads // kv
-    vector_bytes = gpu_profile(profile).vector_bytes
-    func = prefill_kernel(p, profile, t, tile["threads"], tile["local_bytes"], vector_bytes,
-                          static={"n": n, "m": m})
-    if profile == "cuda" and p["dtype"] == "float16":
-        rows, keys = tensor_core_tiles(p)
-        spl = split_value(p, rows, keys, n, m)
-        grids = {"attn_kernel": (-(-n * G // rows), kv, spl),
-                 "attn_kernel_1": (-(-n * d // 256), heads, 1) if spl > 1 else (1, 1, 1)}
-        mask_name = "mflat_ptr"
-    else:
-        threads = min(tile["threads"], int(t.attrs["max_num_threads"]))
-        vec = max(1, min(vector_bytes // np.dtype(p["dtype"]).itemsize, 8))
-        rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
-        grids, mask_name = {"attn_kernel": (-(-n * G // rows), kv, 1)}, "mask_ptr"
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
-    src = tvm_lite.device_source(tvm.compile(tvm.IRModule(
-        {"attn": func.with_attr("global_symbol", "attn").with_attr("tirx.is_scheduled", True)}),
-        target=target), "cuda")
-
-    def run(q, k, v, mask, out_dir):
-        out_dir.mkdir()
-        if p["kv_squeezed"]:
-            k, v = k[:, 0], v[:, 0]
-        size = heads * n * d
-        got = run_kernels_to(src, {"q_ptr": q, "k_ptr": k, "v_ptr": v, mask_name: mask}, grids,
-                             {"o_ptr": (size, np.dtype(p["dtype"]))}, out_dir, size * 8)
-        return got["o_ptr"].reshape(1, heads, n, d)
-
-    return run, (rows, keys)
-
-
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("profile, heads, kv, d, n, past, pad, dtype", [
     ("adreno", 32, 32, 80, 37, 5, 2, "float16"),  # Phi-2's heads: head_dim 80, no GQA
@@ -985,7 +971,7 @@ def test_simt_prefill_cuda_c_run_on_the_cpu_matches_numpy(profile, heads, kv, d,
     p = attention_params(heads, kv, d, dtype, d ** -0.5, dtype, False, True, False, False,
                          kv == 1)
     q, k, v, mask = _inputs(np.random.default_rng(3), heads, kv, d, n, past, dtype, pad)
-    run, _ = _profile_prefill_on_cpu(p, profile, n, past + n)
+    run, _, _ = _profile_prefill_on_cpu(p, profile, n, past + n)
     got = run(q, k, v, mask, tmp_path / "out")
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     tol = 2e-3 if dtype == "float16" else 1e-5
@@ -1020,7 +1006,7 @@ def test_prefill_walks_every_key_tile_for_a_non_causal_mask(profile, kind, tmp_p
         got = _run(reference_kernel(p), tvm.target.Target({"kind": "llvm"}), tvm.cpu(), q, k, v,
                    mask)
         np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
-    run, (rows, keys) = _profile_prefill_on_cpu(p, profile, n, n)
+    run, (rows, keys), _ = _profile_prefill_on_cpu(p, profile, n, n)
     got = run(q, k, v, mask, tmp_path / kind)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
     if not rows_axis:

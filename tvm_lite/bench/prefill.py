@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -70,7 +71,6 @@ def baseline_prefill_kernel(path: str):
     ``git show REV:schedules/gpu_attention_prefill.py > old.py``), loaded as a module of
     ``tvm_lite.schedules`` so its relative imports resolve to this tree's helpers."""
     import importlib.util
-    from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
         f"tvm_lite.schedules._baseline_{Path(path).stem}", path)
@@ -175,8 +175,6 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
     arch = "sm_" + str(dev.compute_version).replace(".", "")
     target = parse_target(f"cuda -arch={arch}")
     rows = []
-    from pathlib import Path
-
     base_kernels = {Path(b).stem: baseline_prefill_kernel(b) for b in baselines}
     for name in shapes:
         heads, kv, d = ATTENTION_SHAPES[name]
