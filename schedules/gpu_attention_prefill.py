@@ -373,11 +373,14 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
                 acc = T.alloc_buffer(({dims},), "float32", scope="local")
                 st = T.alloc_buffer((4,), "float32", scope="local")  # max, sum, score/new max, p{causal}
 {q_load}{decided}
+                kr = T.alloc_buffer((2,), "int64", scope="local")  # key tiles, computed once
+                kr[0] = {_first_key_tile(p, rows, keys)}
+                kr[1] = {_key_tiles(p, rows, keys)}
                 for t in T.unroll({dims}):
                     acc[t] = {f32}(0)
                 st[0] = {MIN}
                 st[1] = {f32}(0)
-                for kb in range({_first_key_tile(p, rows, keys)}, {_key_tiles(p, rows, keys)}):
+                for kb in range(kr[0], kr[1]):
 {kv_load}
                     T.tvm_storage_sync("shared")
                     for t in range({per}):
@@ -681,7 +684,13 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     causal, decided = _causal_check(p, rows, threads, lambda h, i, j: (
         f"mflat[({h if p['mask_heads'] else 0} * {mq} + {i if p['mask_rows'] else 0}) * m + {j}]"))
     per = f"(({tiles} - {first} + {spl} - 1) // {spl})"  # key tiles of one split
-    lo, hi = f"({first} + sp * {per})", f"T.min({tiles}, {first} + (sp + 1) * {per})"
+    # This split's key tiles [kr[0], kr[1]), computed once: inline, the bounds (a data-dependent
+    # causal bound and 64-bit divisions by the split count) were evaluated again in the loop
+    bounds = f"""
+                kr = T.alloc_buffer((2,), "int64", scope="local")
+                kr[0] = {first} + sp * {per}
+                kr[1] = T.min({tiles}, {first} + (sp + 1) * {per})"""
+    lo, hi = "kr[0]", "kr[1]"
     ws = f"T.if_then_else({spl} > 1, {spl} * {H} * n, T.int64(1))"  # partial rows (1: unused)
     part = f"((sp * {H} + {rh['head']}) * n + {rh['pos']})"
     partial = f"""
@@ -712,7 +721,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                 af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
                 bf = T.alloc_buffer((4,), "uint32", scope="local")
                 st = T.alloc_buffer(({MT * 6},), "float32", scope="local"){mk_alloc}{causal}
-{q_load}{decided}
+{q_load}{decided}{bounds}
                 if {lo} < {hi}:
 {k_load(lo, 20)}{clean_check(lo, 20) if clean else ""}
                 for i in T.unroll({MT * DT * 4}):
