@@ -111,11 +111,14 @@ TC_KEY_TILES = (64, 32, 16)
 # the diagonal, no padding: most tiles of a long prompt) adds no mask to its scores; another
 # reads the mask per score as before. For a shared (no per-head) mask and GQA groups >= 2, where
 # the vote reads fewer elements than the scores would (Llama-1B's shape: 10 loads a lane instead
-# of 32). The vote's loads for tile kb + 1 are issued while tile kb is multiplied by V. Off until
-# timed on a GPU (``bench.prefill --baseline-kernel``). ptxas (local nvcc, sm_90) with it on:
-# registers 128 -> 162 at Llama-1B's shape (4 -> 3 workgroups a SM), 164 -> 163 at SmolLM2's,
-# 168 -> 167 at head_dim 128, 250 -> 240 at Gemma-2B's; 10-26 fewer global loads in the kernel.
-TC_MASK_CLEAN_TILES = False
+# of 32). The vote's loads for tile kb + 1 are issued while tile kb is multiplied by V. ptxas
+# (local nvcc, sm_90) with it on: registers 128 -> 162 at Llama-1B's shape (4 -> 3 workgroups a
+# SM), 164 -> 163 at SmolLM2's, 168 -> 167 at head_dim 128, 250 -> 240 at Gemma-2B's. H200
+# (``bench.prefill --parts attention --baseline-kernel``, off as the baseline;
+# ``results/issue16_prefill_attention_bounds_s13.json``): n = 2048 faster at every shape (Llama-1B
+# 131.7 -> 123.3 us, SmolLM2 67.7 -> 59.9, head_dim 128 224.7 -> 222.1, Gemma-2B 131.4 -> 129.8);
+# n = 512 even to slower (Llama-1B 25.9 -> 27.6 us, the others within 1.5 us).
+TC_MASK_CLEAN_TILES = True
 # Key splitting (small grids: chunked prompts, few kv heads): workgroups the grid should reach
 # (two a SM on 132 SMs), at most this many splits, each split at least this many key tiles.
 SPLIT_WAVE = 264

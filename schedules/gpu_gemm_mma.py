@@ -51,6 +51,13 @@ PAD = 8  # fp16 elements of padding per shared row (16 bytes)
 VEC = 8  # fp16 per 16-byte load
 # (TM, TN, warps along M, warps along N), largest first
 TILES = ((128, 128, 2, 4), (128, 64, 4, 2), (64, 128, 2, 4), (64, 64, 2, 2))
+# Wide matrices (a grid of WIDE_MIN_WAVES or more workgroups a SM at PLAN_M, K unsplit): the
+# 128x128 tile with 2 x 2 warps of 64 x 64 instead of 2 x 4 of 64 x 32 (more MMAs per fragment
+# loaded). H200, E0M4, M = 512 (``results/issue16_prefill_gemm_async_s13.json``): Llama-1B's
+# gate/up (K 2048, N 8192) 69.3 -> 66.6 us, Gemma-2B's (N 16384) 133.6 -> 126.5 us; on the
+# narrow ones it lost (Gemma-2B's q, N 2048: 30.9 -> 36.5 us).
+WIDE_TILE = (128, 128, 2, 2)
+WIDE_MIN_WAVES = 1.9
 PLAN_M = 512  # the prompt length the tile is chosen for
 MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a workgroup
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
@@ -91,6 +98,8 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
     ``SPLIT_K_WAVE`` workgroups a SM and each split keeps ``SPLIT_K_MIN_SLICES`` slices. Where no
     tile covers them, the one with the most workgroups.
 
+    A wide grid (:data:`WIDE_MIN_WAVES`) takes :data:`WIDE_TILE`'s 64 x 64 warp tiles.
+
     Measured on an H200 (E0M4, M = 512, ``bench.prefill --gemm-tiles``): a 128x128 tile with K
     split in two beat smaller tiles unsplit or split, e.g. Llama-1B's down projection
     (K 8192, N 2048) 220 TFLOP/s vs 122 for 128x64 split in two with 32-deep slices."""
@@ -107,8 +116,11 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
         return grid * ks, (*t, ks)
 
     found = [split(t) for t in fits]
-    return next((tile for wave, tile in found if wave >= MIN_WAVE * compute_units),
-                max(found, key=lambda f: f[0])[1])
+    wave, tile = next(((wave, tile) for wave, tile in found if wave >= MIN_WAVE * compute_units),
+                      max(found, key=lambda f: f[0]))
+    if tile[:2] == WIDE_TILE[:2] and tile[4] == 1 and wave >= WIDE_MIN_WAVES * compute_units:
+        return (*WIDE_TILE, 1)
+    return tile
 
 
 def _decl(func) -> tuple[list, str, str]:

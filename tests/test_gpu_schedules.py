@@ -589,6 +589,7 @@ MMA_CASES = [
     ("e0m4", 576, 192, None), ("int4", 1536, 576, None), ("fp16", 576, 192, None),
     ("e0m4", 2048, 2048, "residual"), ("int4", 2048, 512, "silu_gate"),
     ("e0m4", 8192, 2048, None), ("fp16", 2048, 1024, "silu_gate"),
+    ("e0m4", 2048, 8192, "residual"),  # a wide grid: 64 x 64 warp tiles
 ]
 
 
@@ -628,7 +629,8 @@ def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
         sch = _schedule(rule, _mma_func(fmt, k, n, epilogue), target)
         assert "mma_m16n8k16" in str(sch.mod["main"].attrs["tvm_lite.gemm"]), (fmt, k, n)
     # the tile follows the matrix: enough workgroups for 132 SMs at n = 512, else K split
-    assert choose_tile(8192, 132, k=2048) == (128, 128, 2, 4, 1)
+    assert choose_tile(8192, 132, k=2048) == (128, 128, 2, 2, 1)  # 256 workgroups: 64x64 warps
+    assert choose_tile(3072, 132, k=2048) == (128, 128, 2, 4, 2)  # 96: 2 splits, 64x32 warps
     assert choose_tile(2048, 132, k=8192) == (128, 128, 2, 4, 2)  # 64 workgroups: 2 splits
     assert choose_tile(192, 132)[:2] == (64, 64)
     assert choose_tile(576, 132, k=576)[4] == 1  # 9 slices of K: too few to split
@@ -695,6 +697,7 @@ MMA_CPU_CASES = [("e0m4", 256, 128, 70, None, None, False),
                  ("fp16", 128, 192, 65, "silu_gate", None, False),
                  ("e0m4", 256, 128, 70, None, (128, 128, 2, 4, 1, 64), False),
                  ("int4", 256, 256, 40, None, (128, 256, 2, 4, 2), False),
+                 ("e0m4", 256, 256, 150, "residual", (128, 128, 2, 2, 1), False),  # WIDE_TILE
                  ("e0m4", 256, 128, 70, None, None, True),
                  ("int4", 1024, 64, 37, "residual", None, True),
                  ("fp16", 128, 192, 65, "silu_gate", None, True)]
