@@ -450,8 +450,11 @@ def split_count(p: dict, rows: int, keys: int) -> str:
     1 where the grid is large enough. Below that, how many depends on the balance of the work:
 
     * a call whose rows see different numbers of keys (``m < 2 n``: a prompt, its first chunk)
-      rounds up to at least ``SPLIT_WAVE`` workgroups: the longest rows (the last positions)
-      walk the most key tiles, and splitting them is what shortens the call;
+      is not split. It used to be split up to ``SPLIT_WAVE`` workgroups (the last rows walk
+      the most key tiles), but the partials' write and the merge cost more than they saved.
+      H200, n = 512 (``results/issue16_prefill_attention_nosplit512_s13.json``): Llama-1B's
+      shape 27.8 -> 18.5 us (2 splits -> 1), head_dim 128 47.7 -> 30.0, Gemma-2B's 36.3 -> 32.3
+      (5 -> 1), SmolLM2's 17.9 -> 15.8 (4 -> 1);
     * a chunk after a cache at least as long as itself (``m >= 2 n``: every row walks about the
       same tiles) rounds down, to at most one wave: a grid one wave and a half long runs two.
       H200, 2048 tokens in 256-token chunks (``results/issue16_prefill_split_sweep_s11.json``):
@@ -461,8 +464,7 @@ def split_count(p: dict, rows: int, keys: int) -> str:
     :func:`split_value` evaluates it in Python."""
     G, KV = p["heads"] // p["kv_heads"], p["kv_heads"]
     grid = f"({KV} * ((n * {G} + {rows - 1}) // {rows}))"
-    wave = (f"T.if_then_else(m >= 2 * n, T.max(T.int64(1), {SPLIT_WAVE} // {grid}), "
-            f"({SPLIT_WAVE} + {grid} - 1) // {grid})")
+    wave = f"T.if_then_else(m >= 2 * n, T.max(T.int64(1), {SPLIT_WAVE} // {grid}), T.int64(1))"
     return (f"T.max(T.int64(1), T.min(T.min(T.int64({SPLIT_MAX}), {wave}), "
             f"(m + {keys - 1}) // {keys} // {SPLIT_MIN_TILES}))")
 

@@ -562,11 +562,13 @@ def test_tensor_core_prefill_splits_keys_only_for_small_grids():
 
     assert count(8, 1, 256, 2048) == 8  # Gemma-shaped chunk: 32 workgroups
     # Llama-1B: a chunk after a cache rounds down to one wave (2 x 128 workgroups); the first
-    # chunk and a whole prompt round up (their last rows walk the most tiles)
+    # chunk and a whole prompt are not split (the merge cost more than the split saved)
     assert count(32, 8, 256, 2048) == 2
-    assert count(32, 8, 512, 768) == 2  # 256 workgroups, m < 2 n: rounded up (down would be 1)
+    assert count(32, 8, 256, 512) == 2  # m = 2 n: a chunk
+    assert count(32, 8, 512, 768) == 1  # m < 2 n
     assert count(32, 8, 2048, 2048) == 1
-    assert count(8, 1, 2048, 2048) == 2  # Gemma-2B prompt: 256 workgroups, rounded up
+    assert count(8, 1, 2048, 2048) == 1  # Gemma-2B prompt: 256 workgroups
+    assert count(8, 1, 512, 512) == 1  # 64 workgroups, still not split
     assert count(8, 1, 64, 64) == 1  # one key tile: nothing to split
     p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
