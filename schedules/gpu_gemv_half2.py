@@ -112,6 +112,27 @@ __forceinline__ __device__ unsigned tvm_lite_half2_bcast(unsigned v, unsigned se
   return __byte_perm(v, 0u, sel);  // sel 0x1010: the low half twice, 0x3232: the high half
 }
 """,
+    "tvm_lite_warp_sum": r"""
+__forceinline__ __device__ float tvm_lite_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+""",
+    # a 16-byte load issued before the prologue's barriers: ptxas sinks plain (and .nc) loads of
+    # read-only data past them to their first use, one or two in flight a warp; a strong
+    # (relaxed, GPU-scope) load is not moved across a barrier
+    "tvm_lite_ldg_v4_early": r"""
+__forceinline__ __device__ uint4 tvm_lite_ldg_v4_early(const void* p) {
+  uint4 r;
+#if __CUDA_ARCH__ >= 700
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+#else
+  r = *reinterpret_cast<const uint4*>(p);
+#endif
+  return r;
+}
+""",
     "tvm_lite_half2_lo": r"""
 __forceinline__ __device__ float tvm_lite_half2_lo(unsigned v) {
   return __low2float(*reinterpret_cast<__half2*>(&v));
@@ -389,7 +410,9 @@ def _emulated(name: str, args: list) -> str:
 
 def _staging(p: Half2Plan, kw: int, tk: int, tn: int, emulate: bool, call) -> str:
     """The prologue's TVMScript: the workgroup's threads reduce the row statistic over all of
-    ``K`` (each its share, then every thread sums the shares from shared memory), then compute
+    ``K`` (each its share, summed within each warp by shuffles, then every thread sums the
+    warps' sums from shared memory: a serial sum of every thread's share cost each thread
+    256 shared loads in the GEMVs of Llama-1B's shape), then compute
     the ``kw`` rows of ``x`` this split reads into ``xs32`` (two fp16 a word). The expressions
     are markers that :func:`attach_prologue` replaces: ``__tvm_lite_row_stat__(k)`` (the sum's
     term at ``k``) and ``__tvm_lite_prologue__(k, stat)`` (``x[k]``). ``emulate``: loop nests
@@ -419,9 +442,16 @@ def _staging(p: Half2Plan, kw: int, tk: int, tn: int, emulate: bool, call) -> st
                   f"{pad}for it in T.serial({-(-k // nth)}):",
                   f"{pad}    if it * {nth} + {tid} < {k}:",
                   f"{pad}        {acc} = {acc} + {term(f'it * {nth} + {tid}')}"]
-        if not emulate:
-            lines += [f"ssp[{tid}] = ss[0]", "ss[0] = T.float32(0)", 'T.tvm_storage_sync("shared")']
-        lines += [f"for t in T.serial({nth}):", "    ss[0] = ss[0] + ssp[t]"]
+        if emulate:
+            lines += [f"for t in T.serial({nth}):", "    ss[0] = ss[0] + ssp[t]"]
+        elif nth % 32 == 0:  # each warp's sum by shuffles, then one share a warp
+            lines += [f"ss[0] = {call('tvm_lite_warp_sum', ['ss[0]'], 'float32')}",
+                      f"if {tid} % 32 == 0:", f"    ssp[{tid} // 32] = ss[0]",
+                      "ss[0] = T.float32(0)", 'T.tvm_storage_sync("shared")',
+                      f"for t in T.unroll({nth // 32}):", "    ss[0] = ss[0] + ssp[t]"]
+        else:
+            lines += [f"ssp[{tid}] = ss[0]", "ss[0] = T.float32(0)", 'T.tvm_storage_sync("shared")',
+                      f"for t in T.serial({nth}):", "    ss[0] = ss[0] + ssp[t]"]
     lines += [*threads, f"{pad}for it in T.serial({-(-(kw // 2) // nth)}):",
               f"{pad}    if {pair} < {kw // 2}:",
               f"{pad}        xs32[{pair}] = {pack}"]
@@ -449,8 +479,9 @@ def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
     cols = TN * VEC  # columns of one workgroup
     sums = -(-cols // (TK * TN))  # columns each thread sums over threadIdx.y at the end
     col2 = f"(bx * {cols // 2} + tx * {PAIRS})"  # the thread's first column pair
-    grp = f"((by * {TK} + ty) * {KG} + g)"  # its group: the row of scale/zero
-    word = f"({grp} * {WPG} + r * {R // 4} + j)"  # the packed row of codes
+    grp_at = lambda g: f"((by * {TK} + ty) * {KG} + {g})"  # noqa: E731 (its group g: scale/zero row)
+    word_at = lambda g, r: f"({grp_at(g)} * {WPG} + {r} * {R // 4} + j)"  # noqa: E731 (codes row)
+    grp, word = grp_at("g"), word_at("g", "r")
     col = f"(cc * {TK * TN} + ty * {TN} + tx)"  # a column of the tile it sums at the end
 
     def call(name, args, ret="uint32"):
@@ -472,16 +503,37 @@ def kernel_source(func, p: Half2Plan, emulate: bool = False) -> str:
         load_x = f"xw[T.Ramp(0, 1, 2)] = x32[T.Ramp({word} * 2, 1, 2)]"
     x2 = call("tvm_lite_half2_bcast", ["xw[i // 2]", "T.if_then_else(i % 2 == 0, T.uint32(0x1010), "
               "T.uint32(0x3232))"])
-    fma = call("tvm_lite_dq_hfma2", ["T.shift_right(w[c], T.uint32(4 * i))", "c2[c]", x2, "part[c]"])
+    fma = call("tvm_lite_dq_hfma2", [f"T.shift_right(w[j * {PAIRS} + c], T.uint32(4 * i))", "c2[c]", x2,
+                                     "part[c]"])
     lo, hi = (lambda v: call("tvm_lite_half2_lo", [v], "float32")), \
         (lambda v: call("tvm_lite_half2_hi", [v], "float32"))
     if "zero" in p.roles:
         zero_decl = (f'zero32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
                      f'data={names[p.roles["zero"]]}.data)')
-        load_c2 = f"c2[T.Ramp(0, 1, {PAIRS})] = zero32[{grp}, T.Ramp({col2}, 1, {PAIRS})]"
+        load_c2 = lambda g: f"c2[T.Ramp(0, 1, {PAIRS})] = zero32[{grp_at(g)}, T.Ramp({col2}, 1, {PAIRS})]"  # noqa: E731
     else:  # int4: c = 1024 + 8 in both lanes
         zero_decl = ""
-        load_c2 = f"c2[T.Ramp(0, 1, {PAIRS})] = T.Broadcast(T.uint32({E0M4_ZERO_NONE}), {PAIRS})"
+        load_c2 = lambda g: f"c2[T.Ramp(0, 1, {PAIRS})] = T.Broadcast(T.uint32({E0M4_ZERO_NONE}), {PAIRS})"  # noqa: E731
+    load_s2 = lambda g: f"s2[T.Ramp(0, 1, {PAIRS})] = scale32[{grp_at(g)}, T.Ramp({col2}, 1, {PAIRS})]"  # noqa: E731
+    load_w = lambda g, r: (f"w[T.Ramp(j * {PAIRS}, 1, {PAIRS})] = "  # noqa: E731
+                           f"codes32[{word_at(g, r)}, T.Ramp({col2}, 1, {PAIRS})]")
+    # A thread of one group and one partial (Llama-1B's and Gemma-2B's GEMVs) issues all its
+    # weight loads before the prologue: they are in flight while the workgroup stages x
+    prefetch = p.prologue and not emulate and KG == 1 and G // R == 1 and PAIRS == 4
+    early = lambda buf, row: call("tvm_lite_ldg_v4_early",  # noqa: E731
+                                  [f"T.address_of({buf}[{row}, {col2}])"], "uint32x4")
+    regs = (f'w = T.alloc_buffer(({PAIRS * R // 4},), "uint32", scope="local")\n'
+            f'c2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")\n'
+            f's2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")\n')
+    pre = ""
+    if prefetch:
+        c2 = (f"c2[T.Ramp(0, 1, 4)] = {early('zero32', grp_at(0))}" if "zero" in p.roles
+              else load_c2(0))
+        pre = "".join(" " * 20 + ln + "\n" for ln in (
+            *regs.splitlines(), f"s2[T.Ramp(0, 1, 4)] = {early('scale32', grp_at(0))}", c2,
+            f"for j in T.unroll({R // 4}):",
+            f"    w[T.Ramp(j * 4, 1, 4)] = {early('codes32', word_at(0, 0))}"))
+        regs = ""
     stage = _staging(p, KW, TK, TN, emulate, call) if p.prologue else ""
     guard = f"{col} < {cols}" if sums * TK * TN != cols else "True"
     write = out_at(f"bx * {cols} + {col}") if KS == 1 else f"ws[by, bx * {cols} + {col}] = tot[0]"
@@ -509,24 +561,21 @@ def gemv_half2({decls}):
     scale32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", data={scale}.data)
     {zero_decl}
     ws = T.alloc_buffer(({KS}, {N}), "float32", scope="global")
-{head}{stage}                    acc = T.alloc_buffer(({VEC},), "float32", scope="local")
+{head}{pre}{stage}                    acc = T.alloc_buffer(({VEC},), "float32", scope="local")
                     part = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
-                    w = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
-                    c2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
-                    s2 = T.alloc_buffer(({PAIRS},), "uint32", scope="local")
-                    xw = T.alloc_buffer((2,), "uint32", scope="local")
+{"".join(" " * 20 + ln + chr(10) for ln in regs.splitlines())}                    xw = T.alloc_buffer((2,), "uint32", scope="local")
                     tot = T.alloc_buffer((1,), "float32", scope="local")
                     last = T.alloc_buffer((1,), "int32", scope="local")
                     for c in T.unroll({VEC}):
                         acc[c] = T.float32(0)
                     for g in T.serial({KG}):
-                        s2[T.Ramp(0, 1, {PAIRS})] = scale32[{grp}, T.Ramp({col2}, 1, {PAIRS})]
-                        {load_c2}
+                        {"T.evaluate(0)" if prefetch else load_s2("g")}
+                        {"T.evaluate(0)" if prefetch else load_c2("g")}
                         for r in T.serial({G // R}):
                             for c in T.unroll({PAIRS}):
                                 part[c] = T.uint32(0)
                             for j in T.unroll({R // 4}):
-                                w[T.Ramp(0, 1, {PAIRS})] = codes32[{word}, T.Ramp({col2}, 1, {PAIRS})]
+                                {"T.evaluate(0)" if prefetch else load_w("g", "r")}
                                 {load_x}
                                 for i in T.unroll(4):
                                     for c in T.unroll({PAIRS}):
