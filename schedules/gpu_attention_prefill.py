@@ -148,12 +148,6 @@ __forceinline__ __device__ int tvm_lite_warp_none(int v) {
   return __all_sync(0xffffffffu, v == 0);  // 1: no lane of the warp has v set
 }
 """,
-    # one barrier that also ANDs a value over the workgroup (the causality check's decision)
-    "tvm_lite_block_all": r"""
-__forceinline__ __device__ int tvm_lite_block_all(int v) {
-  return __syncthreads_and(v);
-}
-""",
     "tvm_lite_quad_sum": r"""
 __forceinline__ __device__ float tvm_lite_quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -190,8 +184,7 @@ def _key_tiles(p: dict, rows: int, keys: int) -> str:
 CAUSAL_MASKED_BELOW = -1000.0
 
 
-def _causal_check(p: dict, rows: int, threads: int, mask_at,
-                  block_all: bool = False) -> tuple[str, str]:
+def _causal_check(p: dict, rows: int, threads: int, mask_at) -> tuple[str, str]:
     """TIR text that sets ``cw[0]`` to 1 when, for every row of workgroup ``bq``, the mask element
     just above its diagonal (key ``m - n + pos + 1``) is masked, else 0: the causal tile bound
     (:func:`_key_tiles`) holds only for a causal mask, and the kernels read the export's mask
@@ -201,32 +194,22 @@ def _causal_check(p: dict, rows: int, threads: int, mask_at,
     is the last real one: the tiles up to it hold every real key). One load a row, two barriers
     a workgroup. Two parts: the first (before the Q tile's load) issues the loads, the second
     (after it) decides, so their latency hides behind the Q tile's.
-    ``mask_at(head, pos, key)``: the mask element's expression. Empty for a ring kernel.
-    ``block_all`` (CUDA): the decision is one ``__syncthreads_and`` instead of a shared flag
-    and two barriers."""
+    ``mask_at(head, pos, key)``: the mask element's expression. Empty for a ring kernel."""
     if p.get("window"):
         return "", ""
     at = _rows(p, rows, "tx")
     pos = f"T.min({at['pos']}, n - 1)"
     key = f"m - n + {pos} + 1"
     assert rows <= threads
-    load = f"""
-                cv[0] = T.float32({2 * CAUSAL_MASKED_BELOW})
-                if tx < {rows} and {key} < m:
-                    cv[0] = T.Cast("float32", {mask_at(at["head"], pos, key)})"""
-    if block_all:
-        visible = f'T.Cast("int32", cv[0] <= T.float32({CAUSAL_MASKED_BELOW}))'
-        return (f"""
-                cw = T.alloc_buffer((1,), "int32", scope="local")
-                cv = T.alloc_buffer((1,), "float32", scope="local"){load}""",
-                f"""
-                cw[0] = {_call("tvm_lite_block_all", visible, ret="int32")}""")
     first = f"""
                 cs = T.alloc_buffer((1,), "int32", scope="shared")
                 cw = T.alloc_buffer((1,), "int32", scope="local")
                 cv = T.alloc_buffer((1,), "float32", scope="local")
                 if tx == 0:
-                    cs[0] = 1{load}
+                    cs[0] = 1
+                cv[0] = T.float32({2 * CAUSAL_MASKED_BELOW})
+                if tx < {rows} and {key} < m:
+                    cv[0] = T.Cast("float32", {mask_at(at["head"], pos, key)})
                 T.tvm_storage_sync("shared")"""
     second = f"""
                 if cv[0] > T.float32({CAUSAL_MASKED_BELOW}):
@@ -704,8 +687,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     tiles = _key_tiles(p, rows, keys)
     first = _first_key_tile(p, rows, keys)
     causal, decided = _causal_check(p, rows, threads, lambda h, i, j: (
-        f"mflat[({h if p['mask_heads'] else 0} * {mq} + {i if p['mask_rows'] else 0}) * m + {j}]"),
-        block_all=True)
+        f"mflat[({h if p['mask_heads'] else 0} * {mq} + {i if p['mask_rows'] else 0}) * m + {j}]"))
     per = f"(({tiles} - {first} + {spl} - 1) // {spl})"  # key tiles of one split
     # This split's key tiles [kr[0], kr[1]), computed once: inline, the bounds (a data-dependent
     # causal bound and 64-bit divisions by the split count) were evaluated again in the loop

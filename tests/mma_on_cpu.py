@@ -155,19 +155,10 @@ static int tvm_lite_warp_none(int v) {  // __all_sync(~0, v == 0)
   warp_sync();
   return r;
 }
-static int block_and[1024];
-static int block_threads;
-static int tvm_lite_block_all(int v) {  // __syncthreads_and(v)
-  block_and[threadIdx.x] = v != 0; __syncthreads();
-  int r = 1;
-  for (int t = 0; t < block_threads; ++t) r &= block_and[t];
-  __syncthreads();
-  return r;
-}
 static unsigned tvm_lite_pack_half2(float lo, float hi) { return __pack_half2((half)lo, (half)hi); }
 static void launch(int gx, int gy, int gz, int th, std::function<void()> fn) {
   for (int bz = 0; bz < gz; ++bz) for (int by = 0; by < gy; ++by) for (int bx = 0; bx < gx; ++bx) {
-    std::barrier<> b(th); bar = &b; block_threads = th;
+    std::barrier<> b(th); bar = &b;
     std::vector<std::barrier<>*> wb;
     for (int w = 0; w < (th + 31) / 32; ++w) { wb.push_back(new std::barrier<>(32)); warp_bar[w] = wb.back(); }
     std::vector<std::thread> ts;
