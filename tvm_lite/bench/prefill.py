@@ -334,8 +334,9 @@ def format_tables(result: dict) -> str:
     lines = []
     if result.get("attention"):
         base = next((list(r["baselines"]) for r in result["attention"] if "baselines" in r), [])
+        chunk = next((r["chunk"] for r in result["attention"] if "chunk" in r), CHUNK)
         lines += ["| shape (H/KV, head_dim) | n | tvm_lite us | TFLOP/s | SDPA us | SDPA TFLOP/s | "
-                  "vs SDPA | 2048 in 256-chunks / one call |"
+                  f"vs SDPA | n in {chunk}-token chunks / one call |"
                   + "".join(f" {b} us (this one's speed-up) |" for b in base),
                   "|---|---|---|---|---|---|---|---|" + "---|" * len(base)]
         for r in result["attention"]:
