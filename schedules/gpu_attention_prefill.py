@@ -125,6 +125,12 @@ SPLIT_WAVE = 264
 SPLIT_MAX = 8
 SPLIT_MIN_TILES = 2
 MERGE_THREADS = 256
+# The merge kernel with MERGE_VEC dims a thread (one 16-byte load of each split's partial) and its
+# loop over the splits unrolled to SPLIT_MAX (guarded by the run-time count), so a thread issues
+# every split's loads at once. The one-dim, rolled merge waits for one split's loads at a time:
+# it took 8.85 us a call in Llama-1B's 512-token profile (2 splits, 8.4 MB of partials: ~1 TB/s).
+# Off until timed on a GPU (``bench.prefill --parts attention --baseline-kernel``: chunks split).
+MERGE_VEC = 1
 
 HELPERS = {
     **mma.HELPERS,
@@ -483,6 +489,13 @@ def split_value(p: dict, rows: int, keys: int, n: int, m: int) -> int:
     return int(eval(split_count(p, rows, keys), {"T": _PyT, "n": n, "m": m}))  # noqa: S307 (our text)
 
 
+def merge_dims(p: dict) -> int:
+    """Dims of the output a thread of the merge kernel writes (:data:`MERGE_VEC` where it
+    divides ``head_dim``, else 1): its grid is ``(n * head_dim / merge_dims / MERGE_THREADS,
+    heads)``."""
+    return MERGE_VEC if MERGE_VEC > 1 and p["head_dim"] % MERGE_VEC == 0 else 1
+
+
 def _merge(p: dict, spl: str) -> str:
     """The second kernel of a split prefill: per (head, position, dim), the splits' partials
     merged (``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``, ``M`` their max); one
@@ -492,6 +505,8 @@ def _merge(p: dict, spl: str) -> str:
     and taken modulo ``n``: 64-bit divisions per thread, and the merge of a 2-split Llama-1B
     prompt of 512 tokens took 20.3 us on an H200, as long as the split kernel.)"""
     H, D, T_ = p["heads"], p["head_dim"], MERGE_THREADS
+    if merge_dims(p) > 1:
+        return _merge_vectorized(p, spl, merge_dims(p))
     e = f"(b * {T_} + t)"
     pos, d = f"({e} // {D})", f"({e} % {D})"
     at = f"((s * {H} + h) * n + {pos})"
@@ -512,6 +527,49 @@ def _merge(p: dict, spl: str) -> str:
                     mg[1] = mg[1] + ws_l[{at}] * mg[3]
                     mg[2] = mg[2] + ws_o[{at} * {D} + {d}] * mg[3]
                 {out_index(p, "h", pos, d)} = T.Cast("float16", mg[2] / T.max(mg[1], T.float32(1e-30)))
+'''
+
+
+def _merge_vectorized(p: dict, spl: str, vec: int) -> str:
+    """:func:`_merge` with ``vec`` dims a thread and the splits unrolled to ``SPLIT_MAX``: every
+    load of a thread (each split's max, sum and ``vec`` accumulators) is issued before the first
+    is used."""
+    H, D, T_, S = p["heads"], p["head_dim"], MERGE_THREADS, SPLIT_MAX
+    e = f"(b * {T_} + t)"
+    pos, d = f"({e} // {D // vec})", f"({e} % {D // vec} * {vec})"
+    at = f"((s * {H} + h) * n + {pos})"
+    return f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
+                              thread="blockIdx.y"):
+      for b in T.thread_binding(T.if_then_else({spl} > 1, (n * {D // vec} + {T_ - 1}) // {T_},
+                                               T.int64(1)), thread="blockIdx.x"):
+        for t in T.thread_binding({T_}, thread="threadIdx.x"):
+            mm = T.alloc_buffer(({S},), "float32", scope="local")  # each split's max, sum
+            ml = T.alloc_buffer(({S},), "float32", scope="local")
+            mo = T.alloc_buffer(({S * vec},), "float32", scope="local")  # ... and accumulators
+            mg = T.alloc_buffer((2 + {vec},), "float32", scope="local")  # max, sum, output
+            if {spl} > 1 and {e} < n * {D // vec}:
+                for s in T.unroll({S}):
+                    mm[s] = {MIN}
+                    ml[s] = T.float32(0)
+                    if s < {spl}:
+                        mm[s] = ws_m[{at}]
+                        ml[s] = ws_l[{at}]
+                        mo[T.Ramp(s * {vec}, 1, {vec})] = ws_o[T.Ramp({at} * {D} + {d}, 1, {vec})]
+                mg[0] = {MIN}
+                for s in T.unroll({S}):
+                    mg[0] = T.max(mg[0], mm[s])
+                mg[1] = T.float32(0)
+                for c in T.unroll({vec}):
+                    mg[2 + c] = T.float32(0)
+                for s in T.unroll({S}):
+                    if s < {spl}:
+                        mm[s] = T.exp2(mm[s] - mg[0])
+                        mg[1] = mg[1] + ml[s] * mm[s]
+                        for c in T.unroll({vec}):
+                            mg[2 + c] = mg[2 + c] + mo[s * {vec} + c] * mm[s]
+                mg[1] = T.float32(1) / T.max(mg[1], T.float32(1e-30))
+                for c in T.unroll({vec}):
+                    {out_index(p, "h", pos, f"{d} + c")} = T.Cast("float16", mg[2 + c] * mg[1])
 '''
 
 
@@ -823,4 +881,5 @@ def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int
 
 __all__ = ["prefill_kernel", "simt_kernel", "tensor_core_kernel", "simt_tiles",
            "tensor_core_tiles", "m_tiles_for", "tensor_core_applies", "split_count", "split_value",
+           "merge_dims",
            "HELPERS"]

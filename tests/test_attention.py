@@ -595,8 +595,8 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None):
     -> out (1, H, n, D) in ``p``'s dtype. ``m_tiles``: the tensor-core kernel's m-tiles a warp.
     Returns (run, (rows, keys) of its tiles, key splits)."""
     from mma_on_cpu import run_kernels_to
-    from tvm_lite.schedules.gpu_attention_prefill import prefill_kernel, simt_tiles, split_value, \
-        tensor_core_kernel, tensor_core_tiles
+    from tvm_lite.schedules.gpu_attention_prefill import merge_dims, prefill_kernel, simt_tiles, \
+        split_value, tensor_core_kernel, tensor_core_tiles
     from tvm_lite.schedules.profiles import gpu_profile
 
     heads, kv, d = p["heads"], p["kv_heads"], p["head_dim"]
@@ -609,7 +609,8 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None):
         rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
         spl = split_value(p, rows, keys, n, m)
         grids = {"attn_kernel": (-(-n * G // rows), kv, spl),
-                 "attn_kernel_1": (-(-n * d // 256), heads, 1) if spl > 1 else (1, 1, 1)}
+                 "attn_kernel_1": (-(-n * d // merge_dims(p) // 256), heads, 1) if spl > 1
+                 else (1, 1, 1)}
         mask_name = "mflat_ptr"
     else:
         func = prefill_kernel(p, profile, t, tile["threads"], tile["local_bytes"], vector_bytes,
@@ -656,6 +657,30 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     got, splits, rows = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles)
     assert rows == 64 * m_tiles
     assert (splits > 1) == (past > 0)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past", [
+    (9, 3, 64, 40, 300),   # SmolLM2-shaped chunk: 2 splits
+    (8, 1, 64, 64, 960),   # one kv head, 8 workgroups: SPLIT_MAX splits (the unrolled loop full)
+    (8, 1, 256, 16, 240),  # Gemma-2B's head_dim
+    (32, 32, 80, 20, 300)])  # head_dim 80 (Phi-2's), no GQA
+def test_tensor_core_prefill_vectorized_merge_on_the_cpu(heads, kv, d, n, past, tmp_path,
+                                                         monkeypatch):
+    """``MERGE_VEC``: the split kernel's merge with 4 dims a thread and the splits unrolled (loads
+    guarded by the run-time split count). The CUDA C run on the CPU, against numpy."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "MERGE_VEC", 4)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    q, k, v, mask = _inputs(np.random.default_rng(6), heads, kv, d, n, past, "float16", 0)
+    got, splits, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path)
+    assert splits > 1
+    if (heads, n, past) == (8, 64, 960):
+        assert splits == gpu_attention_prefill.SPLIT_MAX
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
