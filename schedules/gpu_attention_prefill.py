@@ -119,8 +119,9 @@ TC_KEY_TILES = (64, 32, 16)
 # 131.7 -> 123.3 us, SmolLM2 67.7 -> 59.9, head_dim 128 224.7 -> 222.1, Gemma-2B 131.4 -> 129.8);
 # n = 512 even to slower (Llama-1B 25.9 -> 27.6 us, the others within 1.5 us).
 TC_MASK_CLEAN_TILES = True
-# Key splitting (small grids: chunked prompts, few kv heads): workgroups the grid should reach
-# (two a SM on 132 SMs), at most this many splits, each split at least this many key tiles.
+# Key splitting (chunks after a cache with small grids: few kv heads, short chunks): workgroups
+# the grid may reach (two a SM on 132 SMs), at most this many splits, each split at least this
+# many key tiles. A prompt is not split (:func:`split_count`).
 SPLIT_WAVE = 264
 SPLIT_MAX = 8
 SPLIT_MIN_TILES = 2
