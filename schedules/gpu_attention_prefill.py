@@ -497,6 +497,23 @@ def merge_dims(p: dict) -> int:
     return MERGE_VEC if MERGE_VEC > 1 and p["head_dim"] % MERGE_VEC == 0 else 1
 
 
+def _merge_grid(p: dict, spl: str, vec: int) -> tuple:
+    """The merge kernel's thread bindings (one workgroup doing nothing when there is one split)
+    and, for thread ``t`` of workgroup ``(b, h)`` writing ``vec`` dims, the index expressions
+    ``(grid, e, pos, d, at)``: its element, position, first dim and split ``s``'s partial row."""
+    H, D, T_ = p["heads"], p["head_dim"], MERGE_THREADS
+    e = f"(b * {T_} + t)"
+    pos = f"({e} // {D // vec})"
+    d = f"({e} % {D})" if vec == 1 else f"({e} % {D // vec} * {vec})"
+    at = f"((s * {H} + h) * n + {pos})"
+    grid = f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
+                              thread="blockIdx.y"):
+      for b in T.thread_binding(T.if_then_else({spl} > 1, (n * {D // vec} + {T_ - 1}) // {T_},
+                                               T.int64(1)), thread="blockIdx.x"):
+        for t in T.thread_binding({T_}, thread="threadIdx.x"):'''
+    return grid, e, pos, d, at
+
+
 def _merge(p: dict, spl: str) -> str:
     """The second kernel of a split prefill: per (head, position, dim), the splits' partials
     merged (``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``, ``M`` their max); one
@@ -505,17 +522,11 @@ def _merge(p: dict, spl: str) -> str:
     constant): no division by the run-time ``n``. (It was one flat index divided by ``n * D``
     and taken modulo ``n``: 64-bit divisions per thread, and the merge of a 2-split Llama-1B
     prompt of 512 tokens took 20.3 us on an H200, as long as the split kernel.)"""
-    H, D, T_ = p["heads"], p["head_dim"], MERGE_THREADS
     if merge_dims(p) > 1:
         return _merge_vectorized(p, spl, merge_dims(p))
-    e = f"(b * {T_} + t)"
-    pos, d = f"({e} // {D})", f"({e} % {D})"
-    at = f"((s * {H} + h) * n + {pos})"
-    return f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
-                              thread="blockIdx.y"):
-      for b in T.thread_binding(T.if_then_else({spl} > 1, (n * {D} + {T_ - 1}) // {T_},
-                                               T.int64(1)), thread="blockIdx.x"):
-        for t in T.thread_binding({T_}, thread="threadIdx.x"):
+    D = p["head_dim"]
+    grid, e, pos, d, at = _merge_grid(p, spl, 1)
+    return f'''{grid}
             mg = T.alloc_buffer((4,), "float32", scope="local")  # max, sum, acc, weight
             if {spl} > 1 and {e} < n * {D}:
                 mg[0] = {MIN}
@@ -535,15 +546,9 @@ def _merge_vectorized(p: dict, spl: str, vec: int) -> str:
     """:func:`_merge` with ``vec`` dims a thread and the splits unrolled to ``SPLIT_MAX``: every
     load of a thread (each split's max, sum and ``vec`` accumulators) is issued before the first
     is used."""
-    H, D, T_, S = p["heads"], p["head_dim"], MERGE_THREADS, SPLIT_MAX
-    e = f"(b * {T_} + t)"
-    pos, d = f"({e} // {D // vec})", f"({e} % {D // vec} * {vec})"
-    at = f"((s * {H} + h) * n + {pos})"
-    return f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
-                              thread="blockIdx.y"):
-      for b in T.thread_binding(T.if_then_else({spl} > 1, (n * {D // vec} + {T_ - 1}) // {T_},
-                                               T.int64(1)), thread="blockIdx.x"):
-        for t in T.thread_binding({T_}, thread="threadIdx.x"):
+    D, S = p["head_dim"], SPLIT_MAX
+    grid, e, pos, d, at = _merge_grid(p, spl, vec)
+    return f'''{grid}
             mm = T.alloc_buffer(({S},), "float32", scope="local")  # each split's max, sum
             ml = T.alloc_buffer(({S},), "float32", scope="local")
             mo = T.alloc_buffer(({S * vec},), "float32", scope="local")  # ... and accumulators
