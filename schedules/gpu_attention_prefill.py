@@ -126,12 +126,13 @@ SPLIT_WAVE = 264
 SPLIT_MAX = 8
 SPLIT_MIN_TILES = 2
 MERGE_THREADS = 256
-# The merge kernel with MERGE_VEC dims a thread (one 16-byte load of each split's partial) and its
-# loop over the splits unrolled to SPLIT_MAX (guarded by the run-time count), so a thread issues
-# every split's loads at once. The one-dim, rolled merge waits for one split's loads at a time:
-# it took 8.85 us a call in Llama-1B's 512-token profile (2 splits, 8.4 MB of partials: ~1 TB/s).
-# Off until timed on a GPU (``bench.prefill --parts attention --baseline-kernel``: chunks split).
-MERGE_VEC = 1
+# The merge kernel: MERGE_VEC dims a thread (one 16-byte load of each split's partial), its loop
+# over the splits unrolled to SPLIT_MAX (guarded by the run-time count), so a thread issues every
+# split's loads at once. H200, 2048 keys as 8 chunks of 256 against one call (``bench.prefill
+# --parts attention --lengths 2048``, ``results/issue16_prefill_attention_merge{1,4}_s14.json``):
+# SmolLM2 2.46 -> 2.06x, Llama-1B 1.60 -> 1.46x, head_dim 128 1.42 -> 1.27x, Gemma-2B 2.19 ->
+# 1.93x against the one-dim merge with its splits rolled (8.85 us a call in Llama-1B's profile).
+MERGE_VEC = 4
 
 HELPERS = {
     **mma.HELPERS,
@@ -491,27 +492,11 @@ def split_value(p: dict, rows: int, keys: int, n: int, m: int) -> int:
 
 
 def merge_dims(p: dict) -> int:
-    """Dims of the output a thread of the merge kernel writes (:data:`MERGE_VEC` where it
-    divides ``head_dim``, else 1): its grid is ``(n * head_dim / merge_dims / MERGE_THREADS,
-    heads)``."""
-    return MERGE_VEC if MERGE_VEC > 1 and p["head_dim"] % MERGE_VEC == 0 else 1
-
-
-def _merge_grid(p: dict, spl: str, vec: int) -> tuple:
-    """The merge kernel's thread bindings (one workgroup doing nothing when there is one split)
-    and, for thread ``t`` of workgroup ``(b, h)`` writing ``vec`` dims, the index expressions
-    ``(grid, e, pos, d, at)``: its element, position, first dim and split ``s``'s partial row."""
-    H, D, T_ = p["heads"], p["head_dim"], MERGE_THREADS
-    e = f"(b * {T_} + t)"
-    pos = f"({e} // {D // vec})"
-    d = f"({e} % {D})" if vec == 1 else f"({e} % {D // vec} * {vec})"
-    at = f"((s * {H} + h) * n + {pos})"
-    grid = f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
-                              thread="blockIdx.y"):
-      for b in T.thread_binding(T.if_then_else({spl} > 1, (n * {D // vec} + {T_ - 1}) // {T_},
-                                               T.int64(1)), thread="blockIdx.x"):
-        for t in T.thread_binding({T_}, thread="threadIdx.x"):'''
-    return grid, e, pos, d, at
+    """Dims of the output a thread of the merge kernel writes (:data:`MERGE_VEC`; the tensor-core
+    kernel's ``head_dim`` is a multiple of 16): its grid is ``(n * head_dim / merge_dims /
+    MERGE_THREADS, heads)``."""
+    assert p["head_dim"] % MERGE_VEC == 0, p["head_dim"]
+    return MERGE_VEC
 
 
 def _merge(p: dict, spl: str) -> str:
@@ -521,34 +506,21 @@ def _merge(p: dict, spl: str) -> str:
     position and dim are a shift and a mask of its index (``D`` is a power of two or at least a
     constant): no division by the run-time ``n``. (It was one flat index divided by ``n * D``
     and taken modulo ``n``: 64-bit divisions per thread, and the merge of a 2-split Llama-1B
-    prompt of 512 tokens took 20.3 us on an H200, as long as the split kernel.)"""
-    if merge_dims(p) > 1:
-        return _merge_vectorized(p, spl, merge_dims(p))
-    D = p["head_dim"]
-    grid, e, pos, d, at = _merge_grid(p, spl, 1)
-    return f'''{grid}
-            mg = T.alloc_buffer((4,), "float32", scope="local")  # max, sum, acc, weight
-            if {spl} > 1 and {e} < n * {D}:
-                mg[0] = {MIN}
-                for s in range({spl}):
-                    mg[0] = T.max(mg[0], ws_m[{at}])
-                mg[1] = T.float32(0)
-                mg[2] = T.float32(0)
-                for s in range({spl}):
-                    mg[3] = T.exp2(ws_m[{at}] - mg[0])
-                    mg[1] = mg[1] + ws_l[{at}] * mg[3]
-                    mg[2] = mg[2] + ws_o[{at} * {D} + {d}] * mg[3]
-                {out_index(p, "h", pos, d)} = T.Cast("float16", mg[2] / T.max(mg[1], T.float32(1e-30)))
-'''
+    prompt of 512 tokens took 20.3 us on an H200, as long as the split kernel.)
 
-
-def _merge_vectorized(p: dict, spl: str, vec: int) -> str:
-    """:func:`_merge` with ``vec`` dims a thread and the splits unrolled to ``SPLIT_MAX``: every
-    load of a thread (each split's max, sum and ``vec`` accumulators) is issued before the first
-    is used."""
-    D, S = p["head_dim"], SPLIT_MAX
-    grid, e, pos, d, at = _merge_grid(p, spl, vec)
-    return f'''{grid}
+    A thread writes ``vec`` (:func:`merge_dims`) dims, with the splits unrolled to ``SPLIT_MAX``:
+    every load of a thread (each split's max, sum and ``vec`` accumulators) is issued before the
+    first is used."""
+    H, D, S, T_, vec = p["heads"], p["head_dim"], SPLIT_MAX, MERGE_THREADS, merge_dims(p)
+    e = f"(b * {T_} + t)"  # thread t of workgroup (b, h): position pos, dims d .. d + vec
+    pos = f"({e} // {D // vec})"
+    d = f"({e} % {D // vec} * {vec})"
+    at = f"((s * {H} + h) * n + {pos})"  # split s's partial row
+    return f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
+                              thread="blockIdx.y"):
+      for b in T.thread_binding(T.if_then_else({spl} > 1, (n * {D // vec} + {T_ - 1}) // {T_},
+                                               T.int64(1)), thread="blockIdx.x"):
+        for t in T.thread_binding({T_}, thread="threadIdx.x"):
             mm = T.alloc_buffer(({S},), "float32", scope="local")  # each split's max, sum
             ml = T.alloc_buffer(({S},), "float32", scope="local")
             mo = T.alloc_buffer(({S * vec},), "float32", scope="local")  # ... and accumulators

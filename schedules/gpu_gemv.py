@@ -296,26 +296,6 @@ class GPUDecodeGEMV(dl.ScheduleRule):
             return shape(wide, ks)
         return best
 
-    def wide_plan(self, n: int, k: int, group_size: int = 32, target=None) -> dict | None:
-        """The packed half2 kernel's plan with ``gemv_half2_wide_tn`` threads along ``N`` and ``K``
-        split over workgroups (summed in the same kernel) until ``gemv_min_workgroups`` run or
-        each thread keeps one group; None where the profile does not ask for it or ``N`` does
-        not allow it."""
-        p = fit_to_target(self.profile, target) if target is not None else self.profile
-        tn, vec = p.gemv_half2_wide_tn, max(1, p.vector_bytes // 2)
-        threads = min(p.max_threads, p.gemv_threads_n * p.gemv_threads_k)
-        if not tn or n % (vec * tn) or threads % tn or group_size % CODES_PER_WORD \
-                or k % group_size:
-            return None
-        tk, groups, tiles = threads // tn, k // group_size, n // (vec * tn)
-        if groups % tk:
-            return None
-        ks = 1
-        while tiles * ks < p.gemv_min_workgroups and groups % (tk * ks * 2) == 0:
-            ks *= 2
-        return {"vec": vec, "tn": tn, "tk": tk, "ks": ks, "kg": groups // (tk * ks),
-                "wpg": group_size // CODES_PER_WORD}
-
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
             return None
@@ -329,13 +309,11 @@ class GPUDecodeGEMV(dl.ScheduleRule):
             return None
         if dequant is not None and self.profile.gemv_half2_rows > 0:
             # the packed kernels where one applies (gpu_gemv_half2: CUDA, fp16 x), else the generic
-            wide = self.wide_plan(n, k, _group_size(sch, dequant, k), target)
             for packed in PACKED_KERNELS:
-                for tried in ([wide] if wide else []) + [plan]:
-                    try:
-                        return packed(func, target, self.profile, tried)[0]
-                    except MatchError:
-                        pass
+                try:
+                    return packed(func, target, self.profile, plan)[0]
+                except MatchError:
+                    pass
         try:
             return self._schedule(sch, main, dequant, producers, epilogues, plan)
         except MatchError:  # a shape the schedule cannot express: the next rule takes it

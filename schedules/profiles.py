@@ -52,12 +52,6 @@ class GPUProfile:
     # helpers): rows summed in fp16 before the scale is applied in fp32; 0 = off (the generic
     # per-weight schedule). OpenCL keeps the generic one.
     gemv_half2_rows: int = 0
-    # ... its thread shape, where it applies: this many threads along N (contiguous 16-byte loads
-    # of a packed row: 16 threads read 256 bytes), K split over workgroups in the same kernel
-    # (the last one sums the splits) up to ``gemv_min_workgroups``; 0 = the generic plan, whose
-    # narrow 4-thread tiles (64 bytes a row) give Llama-1B's gate/up GEMV 512 workgroups. A
-    # candidate, off until timed on a GPU (``python -m tvm_lite.profile``: the decode GEMVs).
-    gemv_half2_wide_tn: int = 0
     gemm_tensor_cores: bool = False  # use DLight's tensor-core matmul where it applies (CUDA)
     weights_as_images: bool = False  # texture reads would help; TVM 0.27 stock OpenCL: buffers only
     # what a decode GEMV's second (split-K summing) kernel is weighed against (gpu_gemv's plan):

@@ -667,13 +667,11 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     (8, 1, 64, 16, 1008),  # one kv head, 2 workgroups: SPLIT_MAX splits (the unrolled loop full)
     (8, 1, 256, 16, 240),  # Gemma-2B's head_dim
     (4, 4, 80, 16, 300)])  # head_dim 80 (Phi-2's), no GQA
-def test_tensor_core_prefill_vectorized_merge_on_the_cpu(heads, kv, d, n, past, tmp_path,
-                                                         monkeypatch):
-    """``MERGE_VEC``: the split kernel's merge with 4 dims a thread and the splits unrolled (loads
-    guarded by the run-time split count). The CUDA C run on the CPU, against numpy."""
+def test_tensor_core_prefill_split_merge_on_the_cpu(heads, kv, d, n, past, tmp_path):
+    """The split kernel's merge (``MERGE_VEC`` dims a thread, the splits unrolled, loads guarded
+    by the run-time split count). The CUDA C run on the CPU, against numpy."""
     from tvm_lite.schedules import gpu_attention_prefill
 
-    monkeypatch.setattr(gpu_attention_prefill, "MERGE_VEC", 4)
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
                          kv == 1)
     q, k, v, mask = _inputs(np.random.default_rng(6), heads, kv, d, n, past, "float16", 0)

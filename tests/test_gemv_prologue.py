@@ -361,7 +361,7 @@ HALF2_PROLOGUE_CASES = [("norm", 576, 960, None), ("silu", 1536, 576, None),
                         ("silu", 1536, 576, {"ks": 2, "kg": 3, "tn": 8, "tk": 8}),
                         ("gemma", 2048, 256, None),
                         ("gemma", 2048, 256, {"ks": 4, "kg": 2, "tn": 4, "tk": 8}),
-                        # gemv_half2_wide_tn's shape: 16 threads along N, K split 4 ways
+                        # 16 threads along N, K split 4 ways (one group a thread)
                         ("norm", 2048, 512, {"ks": 4, "kg": 1, "tn": 16, "tk": 16})]
 
 
@@ -406,29 +406,3 @@ def test_cuda_rule_gives_fp16_4bit_gemvs_the_packed_kernel_with_their_prologue(c
     kernels = set(re.findall(r"__global__ void(?: __launch_bounds__\(\d+\))? (\w+)\(", src))
     assert len(kernels) == 1 and "xs32" in src
     assert ("tvm_lite_split_last(" in src) == (ks > 1)
-
-
-def test_wide_half2_plan_splits_k_in_one_kernel():
-    """``gemv_half2_wide_tn`` (a candidate, off by default): Llama-1B's gate/up GEMV gets 16
-    threads along N (256 contiguous bytes of a packed row) and K split 4 ways to keep 512
-    workgroups, summed in the same kernel; where N or K do not allow the shape, the generic plan."""
-    from dataclasses import replace
-
-    cuda = replace(PROFILES["cuda"], gemv_half2_wide_tn=16)
-    rule = GPUDecodeGEMV(cuda)
-    assert rule.wide_plan(16384, 2048) == {"vec": 8, "tn": 16, "tk": 16, "ks": 4, "kg": 1,
-                                           "wpg": 8}
-    assert rule.wide_plan(2048, 8192)["ks"] == 16  # 16 tiles x 16 splits
-    assert rule.wide_plan(576, 576) is None  # 18 groups: 16 threads along K do not divide them
-    assert GPUDecodeGEMV(PROFILES["cuda"]).wide_plan(16384, 2048) is None  # off by default
-    func = _half2_fused("norm", 2048, 512)
-    target = parse_target("cuda -arch=sm_90")
-    with target:
-        sch = rule.apply(func, target, False)
-    assert str(sch.mod["main"].attrs["tvm_lite.gemv"]) == "gemv_half2"
-    from tvm_lite.compiler import device_source
-
-    src = device_source(tvm.compile(tvm.IRModule(
-        {"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target), "cuda")
-    assert len(set(re.findall(r"__global__ void(?: __launch_bounds__\(\d+\))? (\w+)\(", src))) == 1
-    assert "tvm_lite_split_last(" in src and "__launch_bounds__(256)" in src
