@@ -43,6 +43,7 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
 
 from .gpu_gemm_mma import mma_gemm_kernel
+from .gpu_gemm_wgmma import wgmma_enabled, wgmma_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
 
@@ -59,13 +60,18 @@ class GPUPrefillGEMM(dl.ScheduleRule):
 
     def __init__(self, profile: GPUProfile, tensor_cores: bool | None = None, mma: bool = True,
                  split_k: bool = True, mma_tile: tuple | None = None,
-                 x_async: bool | None = None):
+                 x_async: bool | None = None, wgmma: bool | None = None,
+                 wgmma_tile: tuple | None = None, wgmma_x_stages: int | None = None):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
         self.split_k = split_k  # False: the mma kernel never splits K (benchmarks)
         self.mma_tile = mma_tile  # (TM, TN, WM, WN, KS[, TK]) forced on every GEMM (tile sweeps)
         self.x_async = x_async  # the mma kernel's X by cp.async (None: gpu_gemm_mma.X_ASYNC)
+        # Hopper's wgmma kernel first on an sm_90a target (None: gpu_gemm_wgmma.ENABLED)
+        self.wgmma = wgmma
+        self.wgmma_tile = wgmma_tile  # (TM, TN[, KS]) forced on the wgmma kernel (sweeps)
+        self.wgmma_x_stages = wgmma_x_stages  # its X staging (None: gpu_gemm_wgmma.X_STAGES)
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -75,6 +81,13 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         except MatchError:
             return None
         if self.tensor_cores and target.kind.name == "cuda":
+            wgmma = wgmma_enabled() if self.wgmma is None else self.wgmma
+            if wgmma and self.mma and self.mma_tile is None:
+                try:  # wgmma on sm_90a (schedules/gpu_gemm_wgmma.py)
+                    return wgmma_gemm_kernel(func, target, fit_to_target(self.profile, target),
+                                             self.wgmma_tile, self.wgmma_x_stages)
+                except MatchError:
+                    pass
             try:  # mma.sync with the dequant in the staging (schedules/gpu_gemm_mma.py)
                 if self.mma:
                     return mma_gemm_kernel(func, target, fit_to_target(self.profile, target),

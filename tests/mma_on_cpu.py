@@ -131,7 +131,59 @@ static void tvm_lite_cp_async_wait_all() {
   for (auto& c : copies) memcpy(c.first, c.second, 16);
   copies.clear();
 }
+// groups: a commit closes the thread's pending copies into a group; wait_group N lands all but
+// the newest N groups (copies not yet committed stay in flight)
+thread_local std::vector<std::vector<std::pair<void*, const void*>>> groups;
+static void tvm_lite_cp_async_commit() { groups.push_back(copies); copies.clear(); }
+static void cp_async_wait_group(size_t n) {
+  while (groups.size() > n) {
+    for (auto& c : groups.front()) memcpy(c.first, c.second, 16);
+    groups.erase(groups.begin());
+  }
+}
+static void tvm_lite_cp_async_wait_group0() { cp_async_wait_group(0); }
+static void tvm_lite_cp_async_wait_group1() { cp_async_wait_group(1); }
+static void tvm_lite_cp_async_wait_group2() { cp_async_wait_group(2); }
+static void tvm_lite_cp_async_wait_group3() { cp_async_wait_group(3); }
 static float tvm_lite_ex2(float x) { return exp2f(x); }
+// Hopper's wgmma (schedules/gpu_gemm_wgmma.py): operands in shared memory, K-major core
+// matrices of 8 rows x 16 bytes, WGMMA_SBO bytes apart in M / N and *_lbo apart in K. Each
+// thread computes its own accumulators (warp w % 4 of its warpgroup: rows 16 (w % 4) + l / 4
+// (+ 8), columns 8 j + 2 (l % 4) (+ 1)); the fences, commits and waits are no-ops (the kernel
+// must not write an operand before its wait, which the GPU run checks).
+static const int WGMMA_SBO = 144;
+static float kmajor(const void* base, unsigned lbo, int row, int k) {
+  const char* p = (const char*)base + (k / 8) * lbo + (row / 8) * WGMMA_SBO + (row % 8) * 16 + (k % 8) * 2;
+  half v; memcpy(&v, p, 2); return (float)v;
+}
+static void wgmma_emulated(float* d, const void* a, const void* b, unsigned al, unsigned bl, int n) {
+  int g = lane_id / 4, t = lane_id % 4 * 2, w = warp_id % 4;
+  for (int j = 0; j < n / 8; ++j)
+    for (int c = 0; c < 4; ++c) {
+      int r = 16 * w + g + (c / 2) * 8, col = 8 * j + t + c % 2;
+      float s = 0;
+      for (int k = 0; k < 16; ++k) s += kmajor(a, al, r, k) * kmajor(b, bl, col, k);
+      d[j * 4 + c] += s;
+    }
+}
+static void tvm_lite_wgmma_m64n64k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_emulated(d, a, b, al, bl, 64); }
+static void tvm_lite_wgmma_m64n128k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_emulated(d, a, b, al, bl, 128); }
+static void tvm_lite_wgmma_m64n256k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_emulated(d, a, b, al, bl, 256); }
+static void tvm_lite_wgmma_fence() {}
+static void tvm_lite_wgmma_commit() {}
+static void tvm_lite_wgmma_wait0() {}
+static void tvm_lite_fence_async_shared() {}
+// one packed word dequantized K-major: column lo's 4 rows at p, column hi's at p + 16 bytes
+static void tvm_lite_dq_kmajor(void* p, unsigned w, unsigned z2, unsigned s2) {
+  for (int c = 0; c < 2; ++c) {
+    half z = from_bits((z2 >> (16 * c)) & 0xFFFF), s = from_bits((s2 >> (16 * c)) & 0xFFFF);
+    half* out = (half*)((char*)p + 16 * c);
+    for (int i = 0; i < 4; ++i) {
+      half q = (half)(float)(1024 + ((w >> (16 * c + 4 * i)) & 0xF));
+      out[i] = (half)((half)(q - z) * s);
+    }
+  }
+}
 static float xf[32][32];
 static float tvm_lite_quad_max(float v) {  // over the 4 lanes of a quad (__shfl_xor 1, 2)
   xf[warp_id][lane_id] = v; warp_sync();

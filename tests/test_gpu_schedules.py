@@ -738,3 +738,112 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, ti
     ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra)
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err < 1e-2, err
+
+
+# -- Hopper's wgmma GEMM (schedules/gpu_gemm_wgmma.py) --------------------------------------------
+# (fmt, K, N, M, epilogue, tile (TM, TN[, KS]), X stages): the default tile cut by M; one
+# warpgroup; K split in two with the residual add in the sum kernel; N 256 a warpgroup MMA; X by
+# cp.async in rings of 2, 3 and 4 slices (fewer slices than the ring holds: K 128)
+WGMMA_CPU_CASES = [("e0m4", 256, 128, 70, None, None, 0),
+                   ("int4", 128, 128, 37, "residual", (64, 128), 0),
+                   ("e0m4", 1024, 128, 40, "residual", (128, 128, 2), 0),
+                   ("e0m4", 128, 256, 130, None, (128, 256), 0),
+                   ("int4", 128, 64, 20, None, (64, 64), 0),
+                   ("e0m4", 256, 128, 70, None, None, 2),
+                   ("e0m4", 512, 128, 70, "residual", (128, 128, 2), 3),
+                   ("int4", 128, 256, 37, None, (64, 256), 4)]
+WGMMA_TARGET = "cuda -arch=sm_90a"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("fmt,k,n,m,epilogue,tile,stages", WGMMA_CPU_CASES)
+def test_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tile, stages,
+                                                        tmp_path):
+    """The wgmma GEMM's generated CUDA C run on the CPU (tests/mma_on_cpu.py: the warpgroup MMA
+    read through the kernel's own descriptors' layout, the K-major dequant emulated), against
+    numpy: X and W staged in the padded core-matrix layout, the accumulator-to-output mapping,
+    split-K and the epilogue."""
+    from mma_on_cpu import run_kernels
+    from tvm_lite.schedules import gpu_gemm_wgmma as wg
+
+    assert wg.SBO == 144  # the emulator's WGMMA_SBO
+    target = parse_target(WGMMA_TARGET)
+    func = _mma_func(fmt, k, n, epilogue, m)
+    with target:
+        sch = wg.wgmma_gemm_kernel(func, target, CUDA, tile, stages)
+    kernel = sch.mod["main"].with_attr("global_symbol", "main")
+    src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
+    assert "tvm_lite_wgmma_m64n" in src and "tvm_lite_dq_kmajor(" in src
+    assert ("tvm_lite_cp_async16(" in src) == (stages > 0)
+    TM, TN = (tile or wg.TILE)[:2]
+    KS = tile[2] if tile and len(tile) > 2 else 1
+    rng = np.random.default_rng(8)
+    arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
+    x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)
+    extra = rng.standard_normal((1, m, n)).astype(np.float16)
+    given = [x, *arrays.values()] + ([extra] if epilogue else [])
+    named = {f"p{i}_ptr": a for i, a in enumerate(given)}
+    named["codes32_ptr"] = arrays["codes"].view(np.uint32)
+    named["scale32_ptr"] = arrays["scale"].view(np.uint32)
+    if "zero" in arrays:
+        named["zero32_ptr"] = arrays["zero"].view(np.uint32)
+    grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (-(-m * n // 256), 1, 1)}
+    got = run_kernels(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
+    got = got.reshape(m, n).astype(np.float32)
+    ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 1e-2, err
+
+
+def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path):
+    """The rule takes the wgmma kernel for 4-bit weights on ``sm_90a`` when asked (fp16 weights
+    and ``sm_90`` keep the mma.sync kernel); nvcc builds it for sm_90a without spills."""
+    from tvm_lite.schedules import gpu_gemm_wgmma as wg
+
+    func = kernel_func("e0m4", [1, DYN], 2048, 8192)
+    a90 = parse_target(WGMMA_TARGET)
+    rule = GPUPrefillGEMM(CUDA, wgmma=True)
+    assert "wgmma" in str(_schedule(rule, func, a90).mod["main"].attrs["tvm_lite.gemm"])
+    assert "mma_m16n8k16" in str(_schedule(rule, func, parse_target(TARGETS["cuda"]))
+                                 .mod["main"].attrs["tvm_lite.gemm"])
+    fp16 = kernel_func("fp16", [1, DYN], 2048, 2048)
+    assert "mma_m16n8k16" in str(_schedule(rule, fp16, a90).mod["main"].attrs["tvm_lite.gemm"])
+    with pytest.raises(MatchError, match="sm_90a"):
+        wg.wgmma_gemm_kernel(func, parse_target(TARGETS["cuda"]), CUDA)
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    src = _source(build(func, a90, [rule]), "cuda")
+    path = tmp_path / "wgmma.cu"
+    path.write_text(src)
+    res = subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o",
+                          str(tmp_path / "wgmma.cubin"), str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "0 bytes spill stores" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.skipif(cuda_device() is None or "9.0" not in str(getattr(cuda_device(),
+                    "compute_version", "")), reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("fmt,k,n,epilogue,stages", [("e0m4", 2048, 2048, "residual", 0),
+                                                     ("int4", 2048, 512, None, 3),
+                                                     ("e0m4", 8192, 2048, None, 3),
+                                                     ("e0m4", 2048, 8192, "residual", 4)])
+def test_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, stages):
+    """The wgmma GEMM on the GPU against numpy at prompt lengths that are and are not multiples
+    of the tile (1, 37, 128, 200, 512), X through registers or a cp.async ring."""
+    dev = cuda_device()
+    target = parse_target(WGMMA_TARGET)
+    ex = build(_mma_func(fmt, k, n, epilogue), target,
+               [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_x_stages=stages)])
+    assert "tvm_lite_wgmma_m64n" in _source(ex, "cuda")
+    rng = np.random.default_rng(5)
+    arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
+    for seq in (1, 37, 128, 200, 512):
+        x = (rng.standard_normal((1, seq, k)) * 0.5).astype(np.float16)
+        extra = (rng.standard_normal((1, seq, n))).astype(np.float16)
+        args = [x, *arrays.values()] + ([extra] if epilogue else [])
+        out = tvm.runtime.empty((1, seq, n), "float16", dev)
+        ex.mod["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+        ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra)
+        got = out.numpy().reshape(seq, n).astype(np.float32)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-2, (fmt, k, n, epilogue, seq, err)

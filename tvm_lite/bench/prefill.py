@@ -238,13 +238,14 @@ def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
 
 # variant -> (weight format, rule): "mma" tvm_lite's rules; "no split-K" the mma kernel never
 # splitting K; "wmma" the rule without the mma kernel, i.e. DLight's WMMA kernel that ran before;
-# "x async" the mma kernel with X copied by cp.async (gpu_gemm_mma.X_ASYNC)
+# "x async" the mma kernel with X copied by cp.async (gpu_gemm_mma.X_ASYNC); "wgmma" Hopper's
+# warpgroup kernel (gpu_gemm_wgmma, built for sm_90a; skipped on other GPUs)
 GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp16", "mma"),
                  "e0m4 (no split-K)": ("e0m4", "no split-K"), "e0m4 (wmma)": ("e0m4", "wmma"),
-                 "e0m4 (x async)": ("e0m4", "x async")}
+                 "e0m4 (x async)": ("e0m4", "x async"), "e0m4 (wgmma)": ("e0m4", "wgmma")}
 
 
-def gemm_rules(target, tiles=()) -> tuple[dict, dict]:
+def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
     """(rule name -> schedule rules, variant -> (weight format, rule name)): the rules of
     :data:`GEMM_VARIANTS`, and per forced tile ``(TM, TN, WM, WN, KS[, TK])`` two E0M4 variants,
     ``"e0m4 tile TMxTNxWMxWNxKS[xTK]"`` and the same with ``" x async"`` (X by cp.async)."""
@@ -255,8 +256,14 @@ def gemm_rules(target, tiles=()) -> tuple[dict, dict]:
     rules = {"mma": rules_for(target),
              "no split-K": [GPUPrefillGEMM(cuda, split_k=False), *rules_for(target)],
              "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)],
-             "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)]}
+             "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)],
+             "wgmma": [GPUPrefillGEMM(cuda, wgmma=True), *rules_for(target)]}
     variants = dict(GEMM_VARIANTS)
+    for tm, tn, stages in wgmma:  # Hopper's kernel at forced tiles and X stagings
+        name = f"e0m4 wgmma {tm}x{tn} x{stages}"
+        rules[name] = [GPUPrefillGEMM(cuda, wgmma=True, wgmma_tile=(tm, tn),
+                                      wgmma_x_stages=stages)]
+        variants[name] = ("e0m4", name)
     for tile in tiles:
         for x_async in (False, True):
             name = "e0m4 tile " + "x".join(map(str, tile)) + (" x async" if x_async else "")
@@ -266,7 +273,7 @@ def gemm_rules(target, tiles=()) -> tuple[dict, dict]:
 
 
 def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_VARIANTS),
-               progress=print, tiles=()) -> list[dict]:
+               progress=print, tiles=(), wgmma=()) -> list[dict]:
     """One row per (layer, length, variant). ``tiles``: tensor-core tiles ``(TM, TN, WM, WN, KS[,
     TK])`` also timed on every layer as E0M4 variants ``"e0m4 tile TMxTNxWMxWNxKS[xTK]"`` (a
     sweep for ``gpu_gemm_mma.choose_tile``), each also with X copied by ``cp.async`` (``"... x
@@ -283,7 +290,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     dev = tvm.cuda(0)
     arch = "sm_" + str(dev.compute_version).replace(".", "")
     target = parse_target(f"cuda -arch={arch}")
-    rules, variants = gemm_rules(target, tiles)
+    rules, variants = gemm_rules(target, tiles, wgmma)
     fmts = (*fmts, *(v for v in variants if v not in GEMM_VARIANTS))
     rng = np.random.default_rng(0)
     rows = []
@@ -297,15 +304,22 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                 if rule == "no split-K" and choose_tile(n, gpu_profile("cuda").compute_units,
                                                         k=k)[4] == 1:
                     continue  # the same kernel as "e0m4"
+                if rule.startswith("e0m4 wgmma") and n % int(rule.split()[2].split("x")[1]):
+                    continue  # the tile does not divide N
                 if rule.startswith("e0m4 tile"):
                     tile = tuple(int(v) for v in rule.split()[2].split("x"))
                     if n % tile[1] or k % ((tile[5] if len(tile) > 5 else 32) * tile[4]):
                         continue
+                built_for = target
+                if "wgmma" in rule:  # Hopper only, built for the arch-specific target
+                    if arch != "sm_90":
+                        continue
+                    built_for = parse_target("cuda -arch=sm_90a")
                 arrays = {"w": w16.cpu().numpy()} if fmt == "fp16" else weights(fmt, k, n, rng)
                 func = kernel_func(fmt, [1, tirx.Var("n", "int64")], k, n)
                 t0 = time.perf_counter()
                 try:
-                    ex = build(func, target, rules[rule])
+                    ex = build(func, built_for, rules[rule])
                 except Exception as err:  # a sweep's tile that does not build: a row saying so
                     progress(f"gemm {model} {name} {k}x{n} {variant}: does not build: {err}"[:300])
                     continue
@@ -371,6 +385,10 @@ def main(argv=None):
     ap.add_argument("--gemm-tiles", default="", help="also time these tensor-core GEMM tiles "
                     "TMxTNxWMxWNxKS[xTK], comma-separated (e.g. 128x256x2x4x1,128x128x2x4x1x64)")
     ap.add_argument("--gemm-models", default=",".join(GEMM_MODELS))
+    ap.add_argument("--wgmma", default="", help="also time the wgmma GEMM at these tiles and X "
+                    "stagings TMxTNxS (S: 0 registers, 2-5 cp.async slices), e.g. 128x256x3")
+    ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
+                    f"(default: all of {', '.join(GEMM_VARIANTS)}; e0m4 and fp16 with --gemm-tiles)")
     ap.add_argument("--baseline-kernel", default="", help="other versions of "
                     "schedules/gpu_attention_prefill.py to time next to this one (attention), "
                     "comma-separated, e.g. from git show REV:schedules/gpu_attention_prefill.py "
@@ -389,6 +407,11 @@ def main(argv=None):
         ap.error(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(ATTENTION_SHAPES)})")
     lengths = tuple(int(n) for n in args.lengths.split(",") if n)
     parts = args.parts.split(",")
+    gemm_variants = tuple(v for v in args.gemm_variants.split(",") if v)
+    unknown = [v for v in gemm_variants if v not in GEMM_VARIANTS]
+    if unknown:
+        ap.error(f"--gemm-variants: unknown {', '.join(unknown)} "
+                 f"(known: {', '.join(GEMM_VARIANTS)})")
     import torch
 
     result = {"device": torch.cuda.get_device_name()}
@@ -410,7 +433,11 @@ def main(argv=None):
     if "gemm" in parts:
         tiles = [tuple(int(v) for v in t.split("x")) for t in args.gemm_tiles.split(",") if t]
         fmts = ("e0m4", "fp16") if tiles else tuple(GEMM_VARIANTS)
-        result["gemm"] = bench_gemm(models=args.gemm_models.split(","), fmts=fmts, tiles=tiles)
+        if args.gemm_variants:
+            fmts = gemm_variants
+        wgmma = [tuple(int(v) for v in t.split("x")) for t in args.wgmma.split(",") if t]
+        result["gemm"] = bench_gemm(models=args.gemm_models.split(","), fmts=fmts, tiles=tiles,
+                                    wgmma=wgmma)
         save()
     print(format_tables(result))
 
