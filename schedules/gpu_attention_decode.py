@@ -57,6 +57,12 @@ MERGE_THREADS = 512  # merge workgroup: DM dims x P split lanes
 MERGE_SPLIT_LANES = 16
 MERGE_HEADS_MAX_DIM = 64  # head_dim above which the key lanes are merged one query head a round
 MERGE_DIMS = 32  # head dims per merge workgroup (a divisor of head_dim of at least 16, else all)
+# splits a merge lane loads before folding them (every load of a round in flight at once). A
+# lane folds splits / P of them one after another; at 8192 keys with 2 kv heads (264 splits,
+# P = 16) the merge took 4.3 us on the H200, about 16 serial L2 round trips, against SDPA's whole
+# 7.9 us (``results/issue17_decode_attention_acc32_s10.json``). 1 = one split a round (the merge
+# as measured); more is a candidate for the next GPU run (``bench.attention``).
+MERGE_UNROLL = 1
 # fp32 accumulators a thread holds (G query heads x V vector lanes): V halves above this. 128
 # keeps every GQA group up to 16 heads as it was (fp16: V = 8); a lower limit trades 16-byte
 # loads for registers where G is large -- ptxas gives (14, 2, 64) 212 registers at V = 8, so 2
@@ -142,7 +148,9 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     G, V, DV, TH, L, R, TILE = (pl[k] for k in ("G", "V", "DV", "threads", "L", "R", "tile"))
     SM, MT, P = pl["max_splits"], pl["min_tiles"], pl["P"]
     DM, GH = pl["DM"], pl["GH"]
-    split_at = f"((h // {G} * {SM} + i * {P} + tx // {DM}) * {G} + h % {G})"  # merge: its split
+    U = MERGE_UNROLL
+    j = f"((i * {U} + u) * {P} + tx // {DM})"  # merge: round i's u-th split of the lane
+    split_at = f"((h // {G} * {SM} + {j}) * {G} + h % {G})"  # ... and its partials' row
     dim = f"dc * {DM} + tx % {DM}"  # merge: the thread's dim
     f32, dt = "T.float32", p["dtype"]
     stride = DV * G + 1  # a key's partials in local memory, padded against bank conflicts
@@ -271,20 +279,34 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     for h in T.thread_binding({H}, thread="blockIdx.x"):
         for dc in T.thread_binding({D // DM}, thread="blockIdx.y"):
             for tx in T.thread_binding({DM * P}, thread="threadIdx.x"):
-                w = T.alloc_buffer((5,), "float32", scope="local")  # max, num, den, new max, m_s
+                w = T.alloc_buffer((4,), "float32", scope="local")  # max, num, den, new max
+                lm = T.alloc_buffer(({U},), "float32", scope="local")  # a round's m_s, l_s, o_s
+                ll = T.alloc_buffer(({U},), "float32", scope="local")
+                lo = T.alloc_buffer(({U},), "float32", scope="local")
                 mr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
                 nr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
                 dr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
                 w[0] = T.min_value("float32")
                 w[1] = {f32}(0)
                 w[2] = {f32}(0)
-                for i in range(({splits} + {P - 1}) // {P}):
-                    if i * {P} + tx // {DM} < {splits}:
-                        w[4] = part_ml[{split_at} * 2]
-                        w[3] = T.max(w[0], w[4])
-                        w[1] = w[1] * T.exp(w[0] - w[3]) + T.exp(w[4] - w[3]) * part_o[{split_at} * {D} + {dim}]
-                        w[2] = w[2] * T.exp(w[0] - w[3]) + T.exp(w[4] - w[3]) * part_ml[{split_at} * 2 + 1]
-                        w[0] = w[3]
+                for i in range(({splits} + {P * U - 1}) // {P * U}):
+                    for u in T.unroll({U}):  # the round's loads first
+                        lm[u] = T.min_value("float32")
+                        ll[u] = {f32}(0)
+                        lo[u] = {f32}(0)
+                        if {j} < {splits}:
+                            lm[u] = part_ml[{split_at} * 2]
+                            ll[u] = part_ml[{split_at} * 2 + 1]
+                            lo[u] = part_o[{split_at} * {D} + {dim}]
+                    w[3] = w[0]
+                    for u in T.unroll({U}):
+                        w[3] = T.max(w[3], lm[u])
+                    w[1] = w[1] * T.exp(w[0] - w[3])
+                    w[2] = w[2] * T.exp(w[0] - w[3])
+                    for u in T.unroll({U}):  # a split past the count adds 0 (l_s = o_s = 0)
+                        w[1] = w[1] + T.exp(lm[u] - w[3]) * lo[u]
+                        w[2] = w[2] + T.exp(lm[u] - w[3]) * ll[u]
+                    w[0] = w[3]
                 mr[tx] = w[0]
                 nr[tx] = w[1]
                 dr[tx] = w[2]

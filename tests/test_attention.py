@@ -520,6 +520,38 @@ def test_split_decode_with_fewer_lanes_for_large_groups(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("unroll", [1, 2, 8])
+def test_split_decode_merge_rounds_on_the_cpu(unroll, monkeypatch, tmp_path):
+    """``MERGE_UNROLL``: each merge lane loads that many splits before folding them. Contexts
+    with more splits than a round of the 16 lanes covers, and a last round cut short (35 and 69
+    splits of 32 keys), against numpy."""
+    from cuda_on_cpu import run_decode_attention
+
+    from tvm_lite.schedules import gpu_attention_decode
+    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
+
+    monkeypatch.setattr(gpu_attention_decode, "MERGE_UNROLL", unroll)
+    rng = np.random.default_rng(9)
+    cuda = tvm_lite.parse_target("cuda -arch=sm_90")
+    prof = fit_to_target(gpu_profile("cuda"), cuda)
+    for heads, kv, d, m, pad in [(2, 1, 64, 1100, 4), (4, 2, 64, 2200, 0)]:
+        q, k, v, mask = _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad)
+        p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
+                             merged_heads=True, kv_squeezed=kv == 1)
+        pl = gpu_attention_decode.plan(p, prof, prof.max_threads)
+        splits = -(-m // (max(pl["min_tiles"], -(-m // (pl["max_splits"] * pl["tile"])))
+                          * pl["tile"]))
+        assert splits > pl["P"] * unroll or unroll == 8, splits
+        func, _ = _gpu_kernel(p, GPU_TARGETS["cuda"])
+        ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
+                         target=cuda)
+        got = run_decode_attention(tvm_lite.device_source(ex, "cuda"), pl, q, k, v, mask, tmp_path)
+        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+        np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("profile", ["adreno", "mali", "cuda"])
 def test_split_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
     """Each profile's split + merge kernels, as CUDA C (fp32), with threads as CPU threads and

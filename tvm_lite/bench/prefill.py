@@ -211,6 +211,11 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                         qc, kc, vc, mc = _attention_inputs(heads, kv, d, chunk, past)
                         total += _tvm_attention_call(ex, dev, qc, kc, vc, mc)[0]
                     row.update(chunk=chunk, chunked_ms=total, chunked_ratio=total / ours_ms)
+                    if base:  # the baselines in the same chunks
+                        row["baselines_chunked"] = {
+                            b: sum(_tvm_attention_call(bex, dev, *_attention_inputs(
+                                heads, kv, d, chunk, past))[0] for past in range(0, n, chunk))
+                            for b, bex in base.items()}
                 rows.append(row)
                 progress(f"attention {name} n={n} keys={keys} m_tiles={row['m_tiles']}: "
                          f"{ours_ms * 1e3:.1f} us "
@@ -218,7 +223,9 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                          f"({row['sdpa_tflops']:.1f}); x{row['vs_sdpa']:.2f}; err {err:.2e}"
                          + (f"; chunked x{row['chunked_ratio']:.2f}" if "chunked" in row else "")
                          + "".join(f"; {b} {ms * 1e3:.1f} us"
-                                   for b, ms in row.get("baselines", {}).items()))
+                                   for b, ms in row.get("baselines", {}).items())
+                         + "".join(f"; {b} chunked {ms * 1e3:.1f} us"
+                                   for b, ms in row.get("baselines_chunked", {}).items()))
     return rows
 
 
