@@ -63,6 +63,7 @@ MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a w
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)
 SUM_THREADS = 256  # threads of a workgroup of the split-K sum
+EPILOGUE = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format  # the value stored
 # X slices by cp.async (16 bytes global -> shared, no registers: the next slice's copies are in
 # flight during this slice's MMAs and land at the wait before the slice's barrier), instead of
 # loads into registers stored after the MMAs. Frees the X staging registers (16 a thread at
@@ -152,6 +153,89 @@ def _row_at(buf, row: str, col: str) -> str:
     for d in lead:
         idx.append("0" if _int(d) == 1 else row)
     return ", ".join(idx + [col])
+
+
+def packed_views(names: list, g: dict) -> str:
+    """Declarations of the packed weight's uint32 views (``codes32 [K/4, N/2]``, ``scale32``
+    and, for E0M4, ``zero32 [K/G, N/2]``): a 16-byte load takes 8 columns' codes of one packed
+    row (4 rows of ``W``), or their 8 scales or zeros."""
+    K, N, G = g["k"], g["n"], g["group"]
+    views = (f'    codes32 = T.decl_buffer(({K // CODES_PER_WORD}, {N // 2}), "uint32", '
+             f'data={names[g["roles"]["w"]]}.data)\n'
+             f'    scale32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
+             f'data={names[g["roles"]["scale"]]}.data)\n')
+    if g["fmt"] == "e0m4":
+        views += (f'    zero32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
+                  f'data={names[g["roles"]["zero"]]}.data)\n')
+    return views
+
+
+def packed_load(g: dict, row: str, grp: str, col2: str, pad: str) -> tuple[str, str]:
+    """(the statements loading 8 columns' codes of packed row ``row``, their scales and zeros of
+    group ``grp`` into ``wv``, ``sv``, ``zv`` at ``l * 4``, each line after the first indented by
+    ``pad``; the zero word of pair ``p`` as the dequant takes it: int4's is the constant
+    1024 + 8)."""
+    P = VEC // 2
+    load = (f"wv[T.Ramp(l * {P}, 1, {P})] = codes32[{row}, T.Ramp({col2}, 1, {P})]\n"
+            f"{pad}sv[T.Ramp(l * {P}, 1, {P})] = scale32[{grp}, T.Ramp({col2}, 1, {P})]")
+    if g["fmt"] != "e0m4":
+        return load, f"T.uint32({E0M4_ZERO_NONE})"
+    return (load + f"\n{pad}zv[T.Ramp(l * {P}, 1, {P})] = zero32[{grp}, T.Ramp({col2}, 1, {P})]",
+            f"zv[l * {P} + p]")
+
+
+def slice_at(text: str, kn: str, sb: str, KS: int, KT: int) -> str:
+    """A load template (``{kn}``: the K slice, of this workgroup's split ``bz`` when ``KS > 1``
+    and ``kn`` is given) or store template (``{sb}``: the stage) filled in."""
+    if KS > 1 and kn:
+        kn = f"(bz * {KT} + {kn})"
+    return text.replace("{kn}", kn).replace("{sb}", sb)
+
+
+def indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + ln for ln in text.splitlines())
+
+
+def kernel_head(name: str, params: str, decls: str, views: str, workspace: str, grid) -> str:
+    """TVMScript of a GEMM kernel's head: the PrimFunc ``name``, its buffers and views, and the
+    workgroup ``(bx, bz, by)`` and thread ``tx`` bindings of ``grid = (N / TN, KS, ceil(M /
+    TM) as text, threads)``; the body follows at 16 spaces."""
+    nx, ks, ny, threads = grid
+    return f'''
+@T.prim_func(private=True)
+def {name}({params}):
+    T.func_attr({{"tirx.noalias": True}})
+{decls}
+{views}{workspace}    for bx in T.thread_binding({nx}, thread="blockIdx.x"):
+      for bz in T.thread_binding({ks}, thread="blockIdx.z"):
+        for by in T.thread_binding({ny}, thread="blockIdx.y"):
+            for tx in T.thread_binding({threads}, thread="threadIdx.x"):'''
+
+
+def output_store(out: str, obuf, M, N: int, KS: int, row: str, col: str, value: str) -> tuple:
+    """(workspace declaration, the store of accumulator ``value`` at ``(row, col)``, the second
+    kernel): through the epilogue into ``out``, or with K split, fp32 partials ``[KS, M, N]``
+    that :func:`split_sum` adds up (and applies the epilogue to)."""
+    if KS == 1:
+        return "", f"{out}[{_row_at(obuf, row, col)}] = {EPILOGUE(value)}", ""
+    return (f'    ws = T.alloc_buffer(({KS} * {M} * {N},), "float32", scope="global")\n',
+            f"ws[(bz * {M} + {row}) * {N} + {col}] = {value}", split_sum(out, obuf, M, N, KS))
+
+
+def split_sum(out: str, obuf, M, N: int, KS: int) -> str:
+    """The second kernel of a K-split GEMM: each output element the sum of the ``KS`` fp32
+    partials in ``ws``, through the epilogue."""
+    T_ = SUM_THREADS
+    e = f"(b * {T_} + t)"
+    return f'''    for b in T.thread_binding(({M} * {N} + {T_ - 1}) // {T_}, thread="blockIdx.x"):
+        for t in T.thread_binding({T_}, thread="threadIdx.x"):
+            tot = T.alloc_buffer((1,), "float32", scope="local")
+            if {e} < {M} * {N}:
+                tot[0] = T.float32(0)
+                for s in T.unroll({KS}):
+                    tot[0] = tot[0] + ws[s * {M} * {N} + {e}]
+                {out}[{_row_at(obuf, f"{e} // {N}", f"{e} % {N}")}] = {EPILOGUE("tot[0]")}
+'''
 
 
 def match_gemm(sch, profile):
@@ -278,25 +362,16 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
         col2 = f"((bx * {TN} + {wc}) // 2)"
         grp = f"(({{kn}} * {TK} + {wr} * {CODES_PER_WORD}) // {G})"
         P = VEC // 2
-        views = (f'    codes32 = T.decl_buffer(({K // CODES_PER_WORD}, {N // 2}), "uint32", '
-                 f'data={names[g["roles"]["w"]]}.data)\n'
-                 f'    scale32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
-                 f'data={names[g["roles"]["scale"]]}.data)\n')
-        if fmt == "e0m4":
-            views += (f'    zero32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
-                      f'data={names[g["roles"]["zero"]]}.data)\n')
-            zero_load = f"\n        zv[T.Ramp(l * {P}, 1, {P})] = zero32[{grp}, T.Ramp({col2}, 1, {P})]"
-            zero_at = "zv[l * %d + p]" % P
-        else:  # int4: (1024 + q) - (1024 + 8)
-            zero_load, zero_at = "", f"T.uint32({E0M4_ZERO_NONE})"
+        views = packed_views(names, g)
+        load, zero_at = packed_load(g, f"{{kn}} * {TK // CODES_PER_WORD} + {wr}", grp, col2,
+                                    " " * 8)
         w_regs = (f'wv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
                   f'sv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
                   f'zv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
                   f'dq = T.alloc_buffer(({P},), "uint32", scope="local")')
         w_load = f'''for l in T.unroll({ws_}):
     if {wguard}:
-        wv[T.Ramp(l * {P}, 1, {P})] = codes32[{{kn}} * {TK // CODES_PER_WORD} + {wr}, T.Ramp({col2}, 1, {P})]
-        sv[T.Ramp(l * {P}, 1, {P})] = scale32[{grp}, T.Ramp({col2}, 1, {P})]{zero_load}'''
+        {load}'''
         dq = mma.call("tvm_lite_dq_half2", "T.shift_right(wv[l * %d + p], T.uint32(4 * i))" % P,
                       zero_at, f"sv[l * {P} + p]", ret="uint32")
         st = mma.call("tvm_lite_st_shared_v4",
@@ -310,13 +385,7 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
             T.evaluate({st})'''
 
     def at(text: str, kn: str, sb: str) -> str:
-        """A load (``kn``: the K slice of this split) or store (``sb``: the stage's offset)."""
-        if KS > 1 and kn:
-            kn = f"(bz * {KT} + {kn})"
-        return text.replace("{kn}", kn).replace("{sb}", sb)
-
-    def indent(text: str, n: int) -> str:
-        return "\n".join(" " * n + ln for ln in text.splitlines())
+        return slice_at(text, kn, sb, KS, KT)
 
     a_addr = f"T.address_of(sm[ko % 2 * {STAGE} + ({wm} * {WTM} + mt * 16 + {lane} % 16) * {XP} + kk * 16 + {lane} // 16 * 8])"
     b_addr = (f"T.address_of(sm[ko % 2 * {STAGE} + {XO} + (kk * 16 + {lane} // 8 % 2 * 8 + {lane} % 8) * {WP} + "
@@ -330,32 +399,10 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
     x_next = f"(ko + 1) % 2 * {STAGE}" if x_async else ""
     wait = f"T.evaluate({mma.call('tvm_lite_cp_async_wait_all')})" if x_async else ""
     value = f"acc[(mt * {NT} + nt) * 4 + c]"
-    epilogue = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format
-    if KS == 1:
-        workspace, split_sum = "", ""
-        store = f"{out}[{_row_at(obuf, row, col)}] = {epilogue(value)}"
-    else:  # fp32 partials [KS, M, N], summed (and the epilogue applied) by a second kernel
-        workspace = f'    ws = T.alloc_buffer(({KS} * {M} * {N},), "float32", scope="global")\n'
-        store = f"ws[(bz * {M} + {row}) * {N} + {col}] = {value}"
-        e = f"(b * {SUM_THREADS} + t)"
-        split_sum = f'''    for b in T.thread_binding(({M} * {N} + {SUM_THREADS - 1}) // {SUM_THREADS}, thread="blockIdx.x"):
-        for t in T.thread_binding({SUM_THREADS}, thread="threadIdx.x"):
-            tot = T.alloc_buffer((1,), "float32", scope="local")
-            if {e} < {M} * {N}:
-                tot[0] = T.float32(0)
-                for s in T.unroll({KS}):
-                    tot[0] = tot[0] + ws[s * {M} * {N} + {e}]
-                {out}[{_row_at(obuf, f"{e} // {N}", f"{e} % {N}")}] = {epilogue("tot[0]")}
-'''
-    return f'''
-@T.prim_func(private=True)
-def gemm_mma({params}):
-    T.func_attr({{"tirx.noalias": True}})
-{decls}
-{views}{workspace}    for bx in T.thread_binding({N // TN}, thread="blockIdx.x"):
-      for bz in T.thread_binding({KS}, thread="blockIdx.z"):
-        for by in T.thread_binding(({M} + {TM - 1}) // {TM}, thread="blockIdx.y"):
-            for tx in T.thread_binding({threads}, thread="threadIdx.x"):
+    workspace, store, sum_kernel = output_store(out, obuf, M, N, KS, row, col, value)
+    head = kernel_head("gemm_mma", params, decls, views, workspace,
+                       (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
+    return f'''{head}
                 sm = T.alloc_buffer(({2 * STAGE},), "float16", scope="shared.dyn")
                 acc = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")
                 af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
@@ -392,7 +439,7 @@ def gemm_mma({params}):
                         for c in T.unroll(4):
                             if {row} < {M}:
                                 {store}
-{split_sum}'''
+{sum_kernel}'''
 
 
 def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,

@@ -45,7 +45,7 @@ from . import gpu_gemm_mma as mma_gemm
 from .cuda_mma import HELPERS as MMA_HELPERS
 from .cuda_mma import call
 from .gpu_gemv import CODES_PER_WORD, MatchError
-from .gpu_gemv_half2 import E0M4_ZERO_NONE, attach_epilogue
+from .gpu_gemv_half2 import attach_epilogue
 
 TK = 64  # K per shared slice
 VEC = 8  # fp16 per 16-byte load
@@ -93,26 +93,6 @@ __forceinline__ __device__ void tvm_lite_wgmma_m64n{n}k16(float* d, const void* 
 
 
 HELPERS = {
-    "tvm_lite_wgmma_fence": r"""
-__forceinline__ __device__ void tvm_lite_wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-}
-""",
-    "tvm_lite_wgmma_commit": r"""
-__forceinline__ __device__ void tvm_lite_wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-""",
-    "tvm_lite_wgmma_wait0": r"""
-__forceinline__ __device__ void tvm_lite_wgmma_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-}
-""",
-    "tvm_lite_fence_async_shared": r"""
-__forceinline__ __device__ void tvm_lite_fence_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-""",
     # one packed word (columns 2c, 2c + 1, rows r .. r + 3) dequantized K-major: column 2c's
     # four halves at p, column 2c + 1's at p + 16 bytes (the next row of the core matrix).
     # t = w >> 4 puts each odd row's code in the low nibble of its byte; PRMT takes a byte of w
@@ -139,20 +119,22 @@ __forceinline__ __device__ void tvm_lite_dq_kmajor(void* p, unsigned w, unsigned
 }
 for _n in (64, 128, 256):
     HELPERS[f"tvm_lite_wgmma_m64n{_n}k16"] = _wgmma_helper(_n)
-# X by cp.async (x_stages): 16 bytes global -> shared; a commit closes a group of copies, and
-# wait_group N waits until at most N groups of the thread are in flight
-HELPERS["tvm_lite_cp_async16"] = MMA_HELPERS["tvm_lite_cp_async16"]
-HELPERS["tvm_lite_cp_async_commit"] = r"""
-__forceinline__ __device__ void tvm_lite_cp_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-"""
-for _n in range(4):
-    HELPERS[f"tvm_lite_cp_async_wait_group{_n}"] = f"""
-__forceinline__ __device__ void tvm_lite_cp_async_wait_group{_n}() {{
-  asm volatile("cp.async.wait_group {_n};" ::: "memory");
+# one-instruction helpers: the warpgroup MMA's fence, commit and wait, the proxy fence that hands
+# generic-proxy shared stores to the tensor cores; cp.async's group commit and waits (X by
+# cp.async: wait_group N waits until at most N groups of the thread are in flight)
+_ASM = {"tvm_lite_wgmma_fence": "wgmma.fence.sync.aligned;",
+        "tvm_lite_wgmma_commit": "wgmma.commit_group.sync.aligned;",
+        "tvm_lite_wgmma_wait0": "wgmma.wait_group.sync.aligned 0;",
+        "tvm_lite_fence_async_shared": "fence.proxy.async.shared::cta;",
+        "tvm_lite_cp_async_commit": "cp.async.commit_group;",
+        **{f"tvm_lite_cp_async_wait_group{_n}": f"cp.async.wait_group {_n};" for _n in range(4)}}
+for _name, _asm in _ASM.items():
+    HELPERS[_name] = f"""
+__forceinline__ __device__ void {_name}() {{
+  asm volatile("{_asm}" ::: "memory");
 }}
 """
+HELPERS["tvm_lite_cp_async16"] = MMA_HELPERS["tvm_lite_cp_async16"]
 
 
 def wgmma_supported(target) -> bool:
@@ -178,7 +160,7 @@ def kernel_source(func, g: dict, tile, x_stages: int = 0) -> str:
     many slices, ``x_stages - 1`` of them in flight ahead of the MMAs."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
-    K, N, M, G, fmt = g["k"], g["n"], g["m"], g["group"], g["fmt"]
+    K, N, M, G = g["k"], g["n"], g["m"], g["group"]
     x, out = names[g["roles"]["x"]], names[g["roles"]["out"]]
     xbuf, obuf = func.params[g["roles"]["x"]], func.params[g["roles"]["out"]]
     threads = 32 * 4 * (TM // 64)
@@ -193,12 +175,9 @@ def kernel_source(func, g: dict, tile, x_stages: int = 0) -> str:
     g4, t4 = f"({lane} // 4)", f"({lane} % 4)"
 
     def at(text: str, kn: str, sb: str) -> str:
-        if KS > 1 and kn:
-            kn = f"(bz * {KT} + {kn})"
-        return text.replace("{kn}", kn).replace("{sb}", sb)
+        return mma_gemm.slice_at(text, kn, sb, KS, KT)
 
-    def indent(text: str, n: int) -> str:
-        return "\n".join(" " * n + ln for ln in text.splitlines())
+    indent = mma_gemm.indent
 
     # X: 16-byte vectors; two threads a row (32 contiguous bytes), 4 rows a quarter-warp
     xs = TM * TK // VEC // threads
@@ -229,20 +208,11 @@ def kernel_source(func, g: dict, tile, x_stages: int = 0) -> str:
     col2 = f"((bx * {TN} + {wg} * 8) // 2)"
     grp = f"(({{kn}} * {TK} + {wr} * {CODES_PER_WORD}) // {G})"
     P = VEC // 2
-    views = (f'    codes32 = T.decl_buffer(({K // CODES_PER_WORD}, {N // 2}), "uint32", '
-             f'data={names[g["roles"]["w"]]}.data)\n'
-             f'    scale32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
-             f'data={names[g["roles"]["scale"]]}.data)\n')
-    if fmt == "e0m4":
-        views += (f'    zero32 = T.decl_buffer(({K // G}, {N // 2}), "uint32", '
-                  f'data={names[g["roles"]["zero"]]}.data)\n')
-        zero_load = f"\n    zv[T.Ramp(l * {P}, 1, {P})] = zero32[{grp}, T.Ramp({col2}, 1, {P})]"
-        zero_at = f"zv[l * {P} + p]"
-    else:  # int4: (1024 + q) - (1024 + 8)
-        zero_load, zero_at = "", f"T.uint32({E0M4_ZERO_NONE})"
+    views = mma_gemm.packed_views(names, g)
+    load, zero_at = mma_gemm.packed_load(g, f"{{kn}} * {TK // CODES_PER_WORD} + {wr}", grp, col2,
+                                         " " * 4)
     w_load = f'''for l in T.unroll({ws_}):
-    wv[T.Ramp(l * {P}, 1, {P})] = codes32[{{kn}} * {TK // CODES_PER_WORD} + {wr}, T.Ramp({col2}, 1, {P})]
-    sv[T.Ramp(l * {P}, 1, {P})] = scale32[{grp}, T.Ramp({col2}, 1, {P})]{zero_load}'''
+    {load}'''
     # column wg * 8 + 2p (and + 1), rows 4 wr .. 4 wr + 3 of the slice
     w_off = (f"({WB} + ({{sb}}) * {WS} + ({wr} // 2) * {WL} + {wg} * {SBO} + p * 32 + {wr} % 2 * 8)"
              f" // {h}")
@@ -259,24 +229,7 @@ def kernel_source(func, g: dict, tile, x_stages: int = 0) -> str:
     row = f"by * {TM} + {wgi} * 64 + {warp} % 4 * 16 + {g4} + c // 2 * 8"
     col = f"bx * {TN} + j * 8 + {t4} * 2 + c % 2"
     value = "acc[j * 4 + c]"
-    epilogue = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format
-    if KS == 1:
-        workspace, split_sum = "", ""
-        store = f"{out}[{mma_gemm._row_at(obuf, row, col)}] = {epilogue(value)}"
-    else:
-        T_ = mma_gemm.SUM_THREADS
-        workspace = f'    ws = T.alloc_buffer(({KS} * {M} * {N},), "float32", scope="global")\n'
-        store = f"ws[(bz * {M} + {row}) * {N} + {col}] = {value}"
-        e = f"(b * {T_} + t)"
-        split_sum = f'''    for b in T.thread_binding(({M} * {N} + {T_ - 1}) // {T_}, thread="blockIdx.x"):
-        for t in T.thread_binding({T_}, thread="threadIdx.x"):
-            tot = T.alloc_buffer((1,), "float32", scope="local")
-            if {e} < {M} * {N}:
-                tot[0] = T.float32(0)
-                for s in T.unroll({KS}):
-                    tot[0] = tot[0] + ws[s * {M} * {N} + {e}]
-                {out}[{mma_gemm._row_at(obuf, f"{e} // {N}", f"{e} % {N}")}] = {epilogue("tot[0]")}
-'''
+    workspace, store, sum_kernel = mma_gemm.output_store(out, obuf, M, N, KS, row, col, value)
     fence = f'T.evaluate({call("tvm_lite_fence_async_shared")})'
     mma = call(f"tvm_lite_wgmma_m64n{TN}k16", "T.address_of(acc[0])", a_addr, b_addr,
                f"T.uint32({XL})", f"T.uint32({WL})")
@@ -308,15 +261,9 @@ T.evaluate({call("tvm_lite_wgmma_commit")})'''
             f'T.evaluate({call("tvm_lite_wgmma_wait0")})', wait, fence,
             'T.tvm_storage_sync("shared")'])
     prologue, loop = indent(prologue, 16), indent(loop, 20)
-    return f'''
-@T.prim_func(private=True)
-def gemm_wgmma({params}):
-    T.func_attr({{"tirx.noalias": True}})
-{decls}
-{views}{workspace}    for bx in T.thread_binding({N // TN}, thread="blockIdx.x"):
-      for bz in T.thread_binding({KS}, thread="blockIdx.z"):
-        for by in T.thread_binding(({M} + {TM - 1}) // {TM}, thread="blockIdx.y"):
-            for tx in T.thread_binding({threads}, thread="threadIdx.x"):
+    head = mma_gemm.kernel_head("gemm_wgmma", params, decls, views, workspace,
+                                (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
+    return f'''{head}
                 sm = T.alloc_buffer(({(XN * XS + 2 * WS) // h},), "float16", scope="shared.dyn")
                 acc = T.alloc_buffer(({TN // 2},), "float32", scope="local")
                 xv = T.alloc_buffer(({xs * VEC},), "float16", scope="local")
@@ -332,7 +279,7 @@ def gemm_wgmma({params}):
                     for c in T.unroll(4):
                         if {row} < {M}:
                             {store}
-{split_sum}'''
+{sum_kernel}'''
 
 
 def wgmma_gemm_kernel(func, target, profile, tile=None, x_stages: int | None = None):

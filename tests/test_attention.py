@@ -491,32 +491,46 @@ EMULATED = [  # heads, kv heads, head_dim, context, masked keys at the end
 ]
 
 
+def _cuda_decode_case(rng, heads, kv, d, m, pad):
+    """(params, the CUDA profile's plan, fp32 inputs) of a decode step at context ``m`` with the
+    last ``pad`` keys masked."""
+    from tvm_lite.schedules import gpu_attention_decode
+    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
+
+    prof = fit_to_target(gpu_profile("cuda"), tvm_lite.parse_target("cuda -arch=sm_90"))
+    p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
+                         merged_heads=True, kv_squeezed=kv == 1)
+    return (p, gpu_attention_decode.plan(p, prof, prof.max_threads),
+            _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad))
+
+
+def _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path):
+    """The CUDA profile's split + merge decode kernels for ``p`` (plan ``pl``) as fp32 CUDA C run
+    on the CPU (tests/cuda_on_cpu.py), against numpy."""
+    from cuda_on_cpu import run_decode_attention
+
+    heads, d = p["heads"], p["head_dim"]
+    func, _ = _gpu_kernel(p, GPU_TARGETS["cuda"])
+    ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
+                     target=tvm_lite.parse_target("cuda -arch=sm_90"))
+    got = run_decode_attention(tvm_lite.device_source(ex, "cuda"), pl, q, k, v, mask, tmp_path)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // p["kv_heads"])
+    np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 def test_split_decode_with_fewer_lanes_for_large_groups(monkeypatch, tmp_path):
     """A lower accumulator limit halves the vector lanes where the GQA group is large (8 query
     heads: 2 lanes of fp32 instead of 4); the kernels still match numpy."""
-    from cuda_on_cpu import run_decode_attention
-
     from tvm_lite.schedules import gpu_attention_decode
-    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
 
     monkeypatch.setattr(gpu_attention_decode, "MAX_ACCUMULATORS", 16)
     rng = np.random.default_rng(5)
-    cuda = tvm_lite.parse_target("cuda -arch=sm_90")
-    prof = fit_to_target(gpu_profile("cuda"), cuda)
     for heads, kv, d, m, pad in [(8, 1, 256, 200, 3), (9, 3, 64, 300, 5)]:
-        q, k, v, mask = _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad)
-        p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
-                             merged_heads=True, kv_squeezed=kv == 1)
-        pl = gpu_attention_decode.plan(p, prof, prof.max_threads)
+        p, pl, (q, k, v, mask) = _cuda_decode_case(rng, heads, kv, d, m, pad)
         assert pl["G"] * pl["V"] <= 16 and pl["V"] == (2 if heads // kv == 8 else 4)
-        func, _ = _gpu_kernel(p, GPU_TARGETS["cuda"])
-        ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
-                         target=cuda)
-        got = run_decode_attention(tvm_lite.device_source(ex, "cuda"), pl, q, k, v, mask, tmp_path)
-        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
-        np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
-                                   rtol=1e-5, atol=1e-5)
+        _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
@@ -525,30 +539,16 @@ def test_split_decode_merge_rounds_on_the_cpu(unroll, monkeypatch, tmp_path):
     """``MERGE_UNROLL``: each merge lane loads that many splits before folding them. Contexts
     with more splits than a round of the 16 lanes covers, and a last round cut short (35 and 69
     splits of 32 keys), against numpy."""
-    from cuda_on_cpu import run_decode_attention
-
     from tvm_lite.schedules import gpu_attention_decode
-    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
 
     monkeypatch.setattr(gpu_attention_decode, "MERGE_UNROLL", unroll)
     rng = np.random.default_rng(9)
-    cuda = tvm_lite.parse_target("cuda -arch=sm_90")
-    prof = fit_to_target(gpu_profile("cuda"), cuda)
     for heads, kv, d, m, pad in [(2, 1, 64, 1100, 4), (4, 2, 64, 2200, 0)]:
-        q, k, v, mask = _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad)
-        p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
-                             merged_heads=True, kv_squeezed=kv == 1)
-        pl = gpu_attention_decode.plan(p, prof, prof.max_threads)
+        p, pl, (q, k, v, mask) = _cuda_decode_case(rng, heads, kv, d, m, pad)
         splits = -(-m // (max(pl["min_tiles"], -(-m // (pl["max_splits"] * pl["tile"])))
                           * pl["tile"]))
         assert splits > pl["P"] * unroll or unroll == 8, splits
-        func, _ = _gpu_kernel(p, GPU_TARGETS["cuda"])
-        ex = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
-                         target=cuda)
-        got = run_decode_attention(tvm_lite.device_source(ex, "cuda"), pl, q, k, v, mask, tmp_path)
-        want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
-        np.testing.assert_allclose(got.reshape(1, 1, heads, d).transpose(0, 2, 1, 3), want,
-                                   rtol=1e-5, atol=1e-5)
+        _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")

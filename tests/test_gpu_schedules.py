@@ -669,9 +669,15 @@ def test_mma_gemm_cuda_source_has_no_spills(tmp_path):
 def test_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
     """The tensor-core GEMM against numpy at prompt lengths that are and are not multiples of
     the tile (1, 37, 128, 200, 512), with its epilogue."""
-    dev = cuda_device()
     target = parse_target(TARGETS["cuda"])
-    ex = build(_mma_func(fmt, k, n, epilogue), target, [GPUPrefillGEMM(CUDA)])
+    _check_gemm_on_gpu(build(_mma_func(fmt, k, n, epilogue), target, [GPUPrefillGEMM(CUDA)]),
+                       fmt, k, n, epilogue)
+
+
+def _check_gemm_on_gpu(ex, fmt, k, n, epilogue):
+    """A built prefill GEMM against numpy on the CUDA device at prompt lengths that are and are
+    not multiples of the tile (1, 37, 128, 200, 512)."""
+    dev = cuda_device()
     rng = np.random.default_rng(5)
     arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
     for seq in (1, 37, 128, 200, 512):
@@ -709,7 +715,6 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, ti
                                                        tmp_path):
     """The tensor-core GEMM's generated CUDA C, run on the CPU with the PTX helpers emulated
     lane by lane (tests/mma_on_cpu.py), against numpy."""
-    from mma_on_cpu import run_kernels
     from tvm_lite.schedules.gpu_gemm_mma import choose_tile
 
     target = parse_target(TARGETS["cuda"])
@@ -719,7 +724,16 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, ti
     assert ("tvm_lite_cp_async16(" in src) == x_async
     TM, TN, _, _, KS = (tile or choose_tile(n, CUDA.compute_units, k=k))[:5]
     assert tile or (KS > 1) == (k == 1024)
-    rng = np.random.default_rng(7)
+    _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 7, tmp_path)
+
+
+def _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, tile, seed, tmp_path):
+    """A prefill GEMM's CUDA C (``tile = (TM, TN, KS)`` of its grid) run on the CPU
+    (tests/mma_on_cpu.py) against numpy on random inputs."""
+    from mma_on_cpu import run_kernels
+
+    TM, TN, KS = tile
+    rng = np.random.default_rng(seed)
     arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
     x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)
     extra = rng.standard_normal((1, m, n)).astype(np.float16)
@@ -763,7 +777,6 @@ def test_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, 
     read through the kernel's own descriptors' layout, the K-major dequant emulated), against
     numpy: X and W staged in the padded core-matrix layout, the accumulator-to-output mapping,
     split-K and the epilogue."""
-    from mma_on_cpu import run_kernels
     from tvm_lite.schedules import gpu_gemm_wgmma as wg
 
     assert wg.SBO == 144  # the emulator's WGMMA_SBO
@@ -777,22 +790,7 @@ def test_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, 
     assert ("tvm_lite_cp_async16(" in src) == (stages > 0)
     TM, TN = (tile or wg.TILE)[:2]
     KS = tile[2] if tile and len(tile) > 2 else 1
-    rng = np.random.default_rng(8)
-    arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
-    x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)
-    extra = rng.standard_normal((1, m, n)).astype(np.float16)
-    given = [x, *arrays.values()] + ([extra] if epilogue else [])
-    named = {f"p{i}_ptr": a for i, a in enumerate(given)}
-    named["codes32_ptr"] = arrays["codes"].view(np.uint32)
-    named["scale32_ptr"] = arrays["scale"].view(np.uint32)
-    if "zero" in arrays:
-        named["zero32_ptr"] = arrays["zero"].view(np.uint32)
-    grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (-(-m * n // 256), 1, 1)}
-    got = run_kernels(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
-    got = got.reshape(m, n).astype(np.float32)
-    ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra)
-    err = np.abs(got - ref).max() / np.abs(ref).max()
-    assert err < 1e-2, err
+    _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 8, tmp_path)
 
 
 def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path):
@@ -830,20 +828,8 @@ def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path)
 def test_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, stages):
     """The wgmma GEMM on the GPU against numpy at prompt lengths that are and are not multiples
     of the tile (1, 37, 128, 200, 512), X through registers or a cp.async ring."""
-    dev = cuda_device()
     target = parse_target(WGMMA_TARGET)
     ex = build(_mma_func(fmt, k, n, epilogue), target,
                [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_x_stages=stages)])
     assert "tvm_lite_wgmma_m64n" in _source(ex, "cuda")
-    rng = np.random.default_rng(5)
-    arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
-    for seq in (1, 37, 128, 200, 512):
-        x = (rng.standard_normal((1, seq, k)) * 0.5).astype(np.float16)
-        extra = (rng.standard_normal((1, seq, n))).astype(np.float16)
-        args = [x, *arrays.values()] + ([extra] if epilogue else [])
-        out = tvm.runtime.empty((1, seq, n), "float16", dev)
-        ex.mod["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
-        ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra)
-        got = out.numpy().reshape(seq, n).astype(np.float32)
-        err = np.abs(got - ref).max() / np.abs(ref).max()
-        assert err < 1e-2, (fmt, k, n, epilogue, seq, err)
+    _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
