@@ -44,6 +44,7 @@ from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
 
 from .gpu_gemm_mma import mma_gemm_kernel
 from .gpu_gemm_wgmma import wgmma_enabled, wgmma_gemm_kernel
+from .gpu_gemm_wgmma_ws import ws_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
 
@@ -61,7 +62,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
     def __init__(self, profile: GPUProfile, tensor_cores: bool | None = None, mma: bool = True,
                  split_k: bool = True, mma_tile: tuple | None = None,
                  x_async: bool | None = None, wgmma: bool | None = None,
-                 wgmma_tile: tuple | None = None, wgmma_x_stages: int | None = None):
+                 wgmma_tile: tuple | None = None, wgmma_x_stages: int | None = None,
+                 wgmma_specialised: int = 0):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -72,6 +74,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         self.wgmma = wgmma
         self.wgmma_tile = wgmma_tile  # (TM, TN[, KS]) forced on the wgmma kernel (sweeps)
         self.wgmma_x_stages = wgmma_x_stages  # its X staging (None: gpu_gemm_wgmma.X_STAGES)
+        # > 0: the warp-specialised wgmma kernel with this many stages (gpu_gemm_wgmma_ws)
+        self.wgmma_specialised = wgmma_specialised
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -83,9 +87,13 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         if self.tensor_cores and target.kind.name == "cuda":
             wgmma = wgmma_enabled() if self.wgmma is None else self.wgmma
             if wgmma and self.mma and self.mma_tile is None:
-                try:  # wgmma on sm_90a (schedules/gpu_gemm_wgmma.py)
-                    return wgmma_gemm_kernel(func, target, fit_to_target(self.profile, target),
-                                             self.wgmma_tile, self.wgmma_x_stages)
+                try:  # wgmma on sm_90a (schedules/gpu_gemm_wgmma.py, gpu_gemm_wgmma_ws.py)
+                    profile = fit_to_target(self.profile, target)
+                    if self.wgmma_specialised:
+                        return ws_gemm_kernel(func, target, profile, self.wgmma_tile,
+                                              self.wgmma_specialised)
+                    return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
+                                             self.wgmma_x_stages)
                 except MatchError:
                     pass
             try:  # mma.sync with the dequant in the staging (schedules/gpu_gemm_mma.py)

@@ -53,6 +53,7 @@ CORE = 128  # bytes of a core matrix (8 rows x 16 bytes)
 SBO = CORE + 16  # bytes between core matrices adjacent in M / N (16 bytes of padding)
 X_LBO_SKEW = 64  # X: core matrices adjacent in K sit 64 bytes off a multiple of 128
 TILE = (128, 128)  # (TM, TN): two warpgroups, m64n128k16
+SHARED_MAX = 227 * 1024  # dynamic shared memory a workgroup may have on sm_90
 SPLIT_K_MIN_SLICES = 8  # as the mma kernel: each split keeps at least this many TK slices
 # GPUPrefillGEMM tries this kernel before the mma one on sm_90a targets when on. Off: measured on
 # the H200 (``bench.prefill --parts gemm --gemm-variants e0m4 --wgmma 128x128x0,128x256x0,...``,
@@ -282,21 +283,17 @@ T.evaluate({call("tvm_lite_wgmma_commit")})'''
 {sum_kernel}'''
 
 
-def wgmma_gemm_kernel(func, target, profile, tile=None, x_stages: int | None = None):
-    """The wgmma kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
-    :class:`MatchError` where it does not apply. ``tile``: ``(TM, TN[, KS])`` (default
-    :data:`TILE`, K split by :func:`choose_split`); ``x_stages``: see :func:`kernel_source`
-    (default :data:`X_STAGES`)."""
-    x_stages = X_STAGES if x_stages is None else x_stages
-    if x_stages == 1 or x_stages > 5:
-        raise MatchError(f"x_stages={x_stages}: 0 (registers) or 2 to 5 cp.async slices")
+def plan_kernel(func, target, profile, tile=None) -> tuple:
+    """What both wgmma kernels check and choose: ``(schedule, func, roles, TM, TN, K split)``,
+    or :class:`MatchError` (not sm_90a, not 4-bit, a tile that does not divide the matrix).
+    ``tile``: ``(TM, TN[, KS])`` (default :data:`TILE`, K split by :func:`choose_split`)."""
     if not wgmma_supported(target):
         raise MatchError("wgmma needs a CUDA sm_90a target")
     sch = s_tir.Schedule(func)
     func = sch.mod["main"]
     g = mma_gemm.match_gemm(sch, profile)
     if g["fmt"] not in ("e0m4", "int4"):
-        raise MatchError("the wgmma kernel takes 4-bit weights")
+        raise MatchError("the wgmma kernels take 4-bit weights")
     TM, TN = (tile or TILE)[:2]
     if TM % 64 or TN not in (64, 128, 256) or g["n"] % TN or g["k"] % TK:
         raise MatchError(f"tile {TM}x{TN} does not divide N={g['n']}, K={g['k']}")
@@ -304,13 +301,34 @@ def wgmma_gemm_kernel(func, target, profile, tile=None, x_stages: int | None = N
         mma_gemm.PLAN_M, g["n"], g["k"], (TM, TN), profile.compute_units)
     if g["k"] % (TK * ks):
         raise MatchError(f"K={g['k']} does not split {ks} ways")
-    src = kernel_source(func, g, (TM, TN, ks), x_stages)
-    kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
+    return sch, func, g, TM, TN, ks
+
+
+def finish_kernel(src: str, helpers: dict, sch, func, g, shared: int, label: str):
+    """The kernel parsed from ``src``, its epilogue attached, tagged ``tvm_lite.gemm = label``,
+    as a :class:`tvm.s_tir.Schedule`; :class:`MatchError` when it needs more than
+    :data:`SHARED_MAX` bytes of shared memory."""
+    if shared > SHARED_MAX:
+        raise MatchError(f"{label} needs {shared} bytes of shared memory; a workgroup may have "
+                         f"{SHARED_MAX}")
+    kernel = from_source(src, extra_vars={"T": T, "HELPERS": helpers})
     kernel = attach_epilogue(kernel, func, sch, g["out_dtype"], g["final"], g["matmul_buf"])
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}
-    kernel = kernel.with_attrs({**attrs, "tvm_lite.gemm": "wgmma_m64n%dk16 %dx%d split-K %d x%s"
-                                % (TN, TM, TN, ks, x_stages or "regs")})
-    return s_tir.Schedule(kernel)
+    return s_tir.Schedule(kernel.with_attrs({**attrs, "tvm_lite.gemm": label}))
+
+
+def wgmma_gemm_kernel(func, target, profile, tile=None, x_stages: int | None = None):
+    """The wgmma kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
+    :class:`MatchError` where it does not apply (``tile``: see :func:`plan_kernel`;
+    ``x_stages``: see :func:`kernel_source`, default :data:`X_STAGES`)."""
+    x_stages = X_STAGES if x_stages is None else x_stages
+    if x_stages == 1 or x_stages > 5:
+        raise MatchError(f"x_stages={x_stages}: 0 (registers) or 2 to 5 cp.async slices")
+    sch, func, g, TM, TN, ks = plan_kernel(func, target, profile, tile)
+    shared = (TK // 8) * (max(2, x_stages) * ((TM // 8) * SBO + X_LBO_SKEW) + 2 * (TN // 8) * SBO)
+    return finish_kernel(kernel_source(func, g, (TM, TN, ks), x_stages), HELPERS, sch, func, g,
+                         shared, "wgmma_m64n%dk16 %dx%d split-K %d x%s"
+                         % (TN, TM, TN, ks, x_stages or "regs"))
 
 
 __all__ = ["wgmma_gemm_kernel", "wgmma_supported", "kernel_source", "HELPERS", "TILE"]

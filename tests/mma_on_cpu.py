@@ -27,6 +27,8 @@ SHIM = r'''
 #include <functional>
 #include <thread>
 #include <barrier>
+#include <condition_variable>
+#include <mutex>
 #include <vector>
 struct d3 { int x, y, z; };
 thread_local d3 threadIdx, blockIdx;
@@ -208,8 +210,24 @@ static int tvm_lite_warp_none(int v) {  // __all_sync(~0, v == 0)
   return r;
 }
 static unsigned tvm_lite_pack_half2(float lo, float hi) { return __pack_half2((half)lo, (half)hi); }
+// named barriers (bar.sync / bar.arrive id, count): a phase completes when count threads have
+// arrived; sync waits for its phase, arrive does not
+struct NamedBar { std::mutex m; std::condition_variable cv; int arrived = 0; long gen = 0; };
+static NamedBar named_bars[16];
+static void named_arrive(int id, int count, bool wait) {
+  NamedBar& b = named_bars[id];
+  std::unique_lock<std::mutex> l(b.m);
+  long g = b.gen;
+  if (++b.arrived == count) { b.arrived = 0; ++b.gen; b.cv.notify_all(); return; }
+  if (wait) b.cv.wait(l, [&] { return b.gen != g; });
+}
+static void tvm_lite_bar_sync(int id, int count) { named_arrive(id, count, true); }
+static void tvm_lite_bar_arrive(int id, int count) { named_arrive(id, count, false); }
+static void tvm_lite_wgmma_wait1() {}
+static uint4 tvm_lite_lds_v4(const void* p) { uint4 r; memcpy(&r, p, 16); return r; }
 static void launch(int gx, int gy, int gz, int th, std::function<void()> fn) {
   for (int bz = 0; bz < gz; ++bz) for (int by = 0; by < gy; ++by) for (int bx = 0; bx < gx; ++bx) {
+    for (auto& nb : named_bars) { nb.arrived = 0; nb.gen = 0; }
     std::barrier<> b(th); bar = &b;
     std::vector<std::barrier<>*> wb;
     for (int w = 0; w < (th + 31) / 32; ++w) { wb.push_back(new std::barrier<>(32)); warp_bar[w] = wb.back(); }

@@ -355,11 +355,11 @@ def _dequant_gemv(fmt, k, n, epilogue=None, group=32, lead=(1, 1)):
     return func.with_attr("global_symbol", "main")
 
 
-def _gemm_reference(fmt, x, arrays, k, n, epilogue, extra):
+def _gemm_reference(fmt, x, arrays, k, n, epilogue, extra, group=32):
     """numpy's result of a prefill GEMM test: fp16 weights (SiLU-gated when ``epilogue``) or the
     4-bit formats through ``_half2_reference``."""
     if fmt != "fp16":
-        return _half2_reference(fmt, x, arrays, k, n, epilogue, extra)
+        return _half2_reference(fmt, x, arrays, k, n, epilogue, extra, group)
     y = (x.reshape(-1, k).astype(np.float32) @ arrays["w"].astype(np.float32))
     y = y.astype(np.float16).astype(np.float32)
     return y / (1 + np.exp(-y)) * extra.reshape(-1, n) if epilogue else y
@@ -727,14 +727,15 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, ti
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 7, tmp_path)
 
 
-def _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, tile, seed, tmp_path):
+def _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, tile, seed, tmp_path, group=32):
     """A prefill GEMM's CUDA C (``tile = (TM, TN, KS)`` of its grid) run on the CPU
     (tests/mma_on_cpu.py) against numpy on random inputs."""
     from mma_on_cpu import run_kernels
 
     TM, TN, KS = tile
     rng = np.random.default_rng(seed)
-    arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
+    arrays = (weights(fmt, k, n, rng) if fmt != "e0m4" else
+              _half2_arrays(fmt, k, n, rng, group))
     x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)
     extra = rng.standard_normal((1, m, n)).astype(np.float16)
     given = [x, *arrays.values()] + ([extra] if epilogue else [])
@@ -749,7 +750,7 @@ def _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, tile, seed, tmp_path):
     grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (-(-m * n // 256), 1, 1)}
     got = run_kernels(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
     got = got.reshape(m, n).astype(np.float32)
-    ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra)
+    ref = _gemm_reference(fmt, x, arrays, k, n, epilogue, extra, group)
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err < 1e-2, err
 
@@ -793,6 +794,59 @@ def test_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, 
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 8, tmp_path)
 
 
+# (fmt, K, N, M, epilogue, tile, stages): the warp-specialised kernel -- the default tile cut by
+# M with the ring wrapping around (8 slices, 4 stages); one consumer warpgroup and 2 stages; K
+# split in two; N 256 (3 stages: 4 do not fit in shared memory); a quantization group (128) that
+# spans two slices; fewer slices than stages
+WGMMA_WS_CPU_CASES = [("e0m4", 512, 128, 70, None, None, 4),
+                      ("int4", 256, 128, 37, "residual", (64, 128), 2),
+                      ("e0m4", 1024, 128, 40, "residual", (128, 128, 2), 3),
+                      ("e0m4", 256, 256, 130, None, (128, 256), 3),
+                      ("e0m4", 512, 128, 20, None, (64, 128), 3, 128),
+                      ("int4", 128, 64, 20, None, (64, 64), 5)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", WGMMA_WS_CPU_CASES)
+def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path):
+    """The warp-specialised wgmma GEMM's CUDA C run on the CPU (tests/mma_on_cpu.py: named
+    barriers with arrive / sync phases, cp.async groups landing at their waits), against numpy:
+    the producer's ring, the packed slices dequantized from shared memory, the consumers'
+    release of stages, split-K and the epilogue."""
+    from tvm_lite.schedules import gpu_gemm_wgmma as wg
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    fmt, k, n, m, epilogue, tile, stages = case[:7]
+    group = case[7] if len(case) > 7 else 32
+    target = parse_target(WGMMA_TARGET)
+    func = _dequant_gemv(fmt, k, n, epilogue, lead=(1, m), group=group)
+    with target:
+        sch = ws.ws_gemm_kernel(func, target, CUDA, tile, stages)
+    kernel = sch.mod["main"].with_attr("global_symbol", "main")
+    src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
+    assert "tvm_lite_bar_arrive(" in src and "tvm_lite_cp_async16(" in src
+    TM, TN = (tile or wg.TILE)[:2]
+    KS = tile[2] if tile and len(tile) > 2 else 1
+    _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
+
+
+def test_bench_wgmma_variants_build_their_kernels():
+    """``bench.prefill --wgmma 128x256x3,128x256xws3``: the wgmma kernel with X by cp.async and
+    the warp-specialised one, built for sm_90a; a ring too big for shared memory is refused."""
+    from tvm_lite.bench.prefill import gemm_rules
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    rules, _ = gemm_rules(parse_target(TARGETS["cuda"]), (), [(128, 256, "3"), (128, 256, "ws3")])
+    func = kernel_func("e0m4", [1, DYN], 2048, 8192)
+    a90 = parse_target(WGMMA_TARGET)
+    for name, marker in (("e0m4 wgmma 128x256 x3", "x3"), ("e0m4 wgmma 128x256 xws3",
+                                                             "warp-specialised x3")):
+        attrs = _schedule(rules[name][0], func, a90).mod["main"].attrs
+        assert str(attrs["tvm_lite.gemm"]).endswith(marker), attrs["tvm_lite.gemm"]
+    with pytest.raises(MatchError, match="shared memory"):
+        ws.ws_gemm_kernel(func, a90, CUDA, (128, 256), 4)
+
+
 def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path):
     """The rule takes the wgmma kernel for 4-bit weights on ``sm_90a`` when asked (fp16 weights
     and ``sm_90`` keep the mma.sync kernel); nvcc builds it for sm_90a without spills."""
@@ -832,4 +886,18 @@ def test_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, stages):
     ex = build(_mma_func(fmt, k, n, epilogue), target,
                [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_x_stages=stages)])
     assert "tvm_lite_wgmma_m64n" in _source(ex, "cuda")
+    _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
+
+
+@pytest.mark.skipif(cuda_device() is None or "9.0" not in str(getattr(cuda_device(),
+                    "compute_version", "")), reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("fmt,k,n,epilogue,tile,stages", [
+    ("e0m4", 2048, 2048, "residual", None, 4), ("int4", 2048, 512, None, (64, 128), 2),
+    ("e0m4", 8192, 2048, None, (128, 256), 3), ("e0m4", 2048, 8192, "residual", (128, 256), 3)])
+def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, tile,
+                                                                   stages):
+    """The warp-specialised wgmma GEMM on the GPU against numpy (M = 1, 37, 128, 200, 512)."""
+    ex = build(_mma_func(fmt, k, n, epilogue), parse_target(WGMMA_TARGET),
+               [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=tile, wgmma_specialised=stages)])
+    assert "tvm_lite_bar_arrive(" in _source(ex, "cuda")
     _check_gemm_on_gpu(ex, fmt, k, n, epilogue)

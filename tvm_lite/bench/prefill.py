@@ -1,4 +1,4 @@
-"""Prefill kernels next to PyTorch on the same GPU: attention vs SDPA, GEMMs vs ``torch.matmul``.
+r"""Prefill kernels next to PyTorch on the same GPU: attention vs SDPA, GEMMs vs ``torch.matmul``.
 
 For the shapes of the benchmarked models (SmolLM2-135M, Llama-3.2-1B, Gemma-2B; plus a head_dim
 128 attention, Llama-3-8B's), in one process on one CUDA device:
@@ -29,8 +29,8 @@ against numpy on a column slice (``bench.kernels``). Times: medians of ``time_ev
 
 One kernel under Nsight Compute (its first launch: the attention of one shape and length):
 
-    ncu --kernel-name regex:'main_kernel$' --launch-count 1 \\
-        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \\
+    ncu --kernel-name regex:'main_kernel$' --launch-count 1 \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         python -m tvm_lite.bench.prefill --parts attention --shapes llama-3.2-1b --lengths 2048 --chunk 0
 """
 
@@ -266,10 +266,12 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
              "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)],
              "wgmma": [GPUPrefillGEMM(cuda, wgmma=True), *rules_for(target)]}
     variants = dict(GEMM_VARIANTS)
-    for tm, tn, stages in wgmma:  # Hopper's kernel at forced tiles and X stagings
-        name = f"e0m4 wgmma {tm}x{tn} x{stages}"
+    for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings ("wsS":
+        name = f"e0m4 wgmma {tm}x{tn} x{stages}"  # warp-specialised with S stages)
+        ws = int(stages[2:]) if str(stages).startswith("ws") else 0
         rules[name] = [GPUPrefillGEMM(cuda, wgmma=True, wgmma_tile=(tm, tn),
-                                      wgmma_x_stages=stages)]
+                                      wgmma_x_stages=0 if ws else int(stages),
+                                      wgmma_specialised=ws)]
         variants[name] = ("e0m4", name)
     for tile in tiles:
         for x_async in (False, True):
@@ -393,7 +395,8 @@ def main(argv=None):
                     "TMxTNxWMxWNxKS[xTK], comma-separated (e.g. 128x256x2x4x1,128x128x2x4x1x64)")
     ap.add_argument("--gemm-models", default=",".join(GEMM_MODELS))
     ap.add_argument("--wgmma", default="", help="also time the wgmma GEMM at these tiles and X "
-                    "stagings TMxTNxS (S: 0 registers, 2-5 cp.async slices), e.g. 128x256x3")
+                    "stagings TMxTNxS (S: 0 registers, 2-5 cp.async slices, wsN the "
+                    "warp-specialised kernel with N stages), e.g. 128x256x3,128x256xws3")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
                     f"(default: all of {', '.join(GEMM_VARIANTS)}; e0m4 and fp16 with --gemm-tiles)")
     ap.add_argument("--baseline-kernel", default="", help="other versions of "
@@ -442,7 +445,8 @@ def main(argv=None):
         fmts = ("e0m4", "fp16") if tiles else tuple(GEMM_VARIANTS)
         if args.gemm_variants:
             fmts = gemm_variants
-        wgmma = [tuple(int(v) for v in t.split("x")) for t in args.wgmma.split(",") if t]
+        wgmma = [(int(t.split("x")[0]), int(t.split("x")[1]), t.split("x")[2])
+                 for t in args.wgmma.split(",") if t]
         result["gemm"] = bench_gemm(models=args.gemm_models.split(","), fmts=fmts, tiles=tiles,
                                     wgmma=wgmma)
         save()

@@ -1,0 +1,233 @@
+"""Prefill GEMM on Hopper with warp specialisation: one warpgroup stages, the others multiply.
+
+The kernel of :mod:`.gpu_gemm_wgmma` (4-bit ``W``, ``wgmma`` from shared memory, the same
+layouts) with the work split by role instead of every thread doing both. In that kernel each
+thread loads, dequantizes and stores its share of the next slice and then meets the whole
+workgroup at a barrier, once per 64 of K; on the H200 it ran no faster than the mma.sync kernel
+although its tensor cores are twice as fast. Here:
+
+* **producer** -- warpgroup 0 (128 threads) copies slices of X and of the *packed* weight (codes,
+  scales, zeros) by ``cp.async`` into a ring of ``S`` stages, ``S - 1`` slices ahead; for slice
+  ``k`` it waits for its own copies, meets the other producers (named barrier ``P``), dequantizes
+  the packed slice into the stage's fp16 W (K-major, as the wgmma kernel), fences the stores to
+  the async proxy and *arrives* at ``FULL[k % S]``; then it waits at ``EMPTY`` for the stage the
+  consumers finished last and refills it;
+* **consumers** -- warpgroups 1 .. ``TM / 64`` wait at ``FULL``, issue the slice's ``TK / 16``
+  wgmma, keep one slice of MMAs in flight (``wgmma.wait_group 1``) and *arrive* at ``EMPTY`` for
+  the slice before.
+
+``bar.sync`` / ``bar.arrive`` are the hardware's named barriers (ids 1 .. 2 S + 1; 0 is
+``__syncthreads``): an arrive does not wait, so the producer runs up to ``S - 1`` slices ahead
+and the consumers never wait for a load that was issued in time. Every arrive has its wait:
+the consumers release only the slices whose stage is refilled.
+
+What it takes: what :func:`.gpu_gemm_wgmma.wgmma_gemm_kernel` takes, with a quantization group
+that divides the 64-deep slice or is a multiple of it.
+"""
+
+from __future__ import annotations
+
+from . import gpu_gemm_mma as mma_gemm
+from . import gpu_gemm_wgmma as wg
+from .cuda_mma import call
+from .gpu_gemv import CODES_PER_WORD, MatchError
+from .gpu_gemv_half2 import E0M4_ZERO_NONE
+
+PRODUCER = 128  # threads of the producer warpgroup
+STAGES = 4  # slices in the ring
+
+HELPERS = {
+    **wg.HELPERS,
+    "tvm_lite_bar_sync": r"""
+__forceinline__ __device__ void tvm_lite_bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory");
+}
+""",
+    "tvm_lite_bar_arrive": r"""
+__forceinline__ __device__ void tvm_lite_bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory");
+}
+""",
+    "tvm_lite_wgmma_wait1": r"""
+__forceinline__ __device__ void tvm_lite_wgmma_wait1() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+}
+""",
+    "tvm_lite_lds_v4": r"""
+__forceinline__ __device__ uint4 tvm_lite_lds_v4(const void* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+""",
+}
+
+
+def shared_bytes(g: dict, TM: int, TN: int, stages: int) -> int:
+    """Bytes of shared memory a workgroup uses: per stage X, the fp16 W and the packed slice."""
+    XS = (wg.TK // 8) * ((TM // 8) * wg.SBO + wg.X_LBO_SKEW)
+    WS = (wg.TK // 8) * (TN // 8) * wg.SBO
+    RG = max(1, wg.TK // g["group"])
+    RS = (wg.TK // CODES_PER_WORD) * TN * 2 + RG * TN * 2 * (2 if g["fmt"] == "e0m4" else 1)
+    return stages * (XS + WS + RS)
+
+
+def kernel_source(func, g: dict, tile, stages: int = STAGES) -> str:
+    """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
+    (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``."""
+    names, params, decls = mma_gemm._decl(func)
+    TM, TN, KS = tile
+    TK, VEC, SBO, h = wg.TK, wg.VEC, wg.SBO, 2
+    K, N, M, G = g["k"], g["n"], g["m"], g["group"]
+    x, out = names[g["roles"]["x"]], names[g["roles"]["out"]]
+    xbuf, obuf = func.params[g["roles"]["x"]], func.params[g["roles"]["out"]]
+    S, PT, CW = stages, PRODUCER, TM // 64
+    threads = PT * (1 + CW)
+    FULL, EMPTY, PBAR = 1, 1 + S, 1 + 2 * S  # named barrier ids
+    XL = (TM // 8) * SBO + wg.X_LBO_SKEW
+    WL = (TN // 8) * SBO
+    XS, WS = (TK // 8) * XL, (TK // 8) * WL
+    RG = max(1, TK // G)  # scale / zero rows of a slice
+    CB, GB = (TK // CODES_PER_WORD) * TN * 2, RG * TN * 2  # bytes: packed codes, scales
+    RS = CB + GB * (2 if g["fmt"] == "e0m4" else 1)  # a stage's packed slice
+    WB, RB = S * XS, S * (XS + WS)  # byte offsets: fp16 W slots, packed slots
+    KT = K // TK // KS
+    kn = "(bz * %d + {k})" % KT if KS > 1 else "{k}"  # the K slice of this split
+    warp, lane = "(tx // 32)", "(tx % 32)"
+    indent = mma_gemm.indent
+
+    def copy(dst: str, src: str) -> str:
+        return f"T.evaluate({call('tvm_lite_cp_async16', f'T.address_of(sm[({dst}) // {h}])', f'T.address_of({src})')})"
+
+    def issue(k: str, slot: str) -> str:
+        """The producer's copies of slice ``k`` into stage ``slot`` (rows past M: zeros)."""
+        kk = kn.format(k=k)
+        xs = TM * TK // VEC // PT
+        e = f"(l * {PT} + tx)"
+        xm, xk = f"({e} // 2 % {TM})", f"(({e} // {2 * TM}) * 2 + {e} % 2)"
+        x_dst = f"({slot}) * {XS} + {xk} * {XL} + {xm} // 8 * {SBO} + {xm} % 8 * 16"
+        x_src = f"{x}[{mma_gemm._row_at(xbuf, f'by * {TM} + {xm}', f'{kk} * {TK} + {xk} * {VEC}')}]"
+        vecs = TN // VEC  # 16-byte vectors of a packed row (8 columns each)
+        cs = (TK // CODES_PER_WORD) * vecs // PT
+        ce = f"(l * {PT} + tx)"
+        c_dst = f"{RB} + ({slot}) * {RS} + {ce} // {vecs} * {TN * 2} + {ce} % {vecs} * 16"
+        c_src = (f"codes32[{kk} * {TK // CODES_PER_WORD} + {ce} // {vecs}, "
+                 f"bx * {TN // 2} + {ce} % {vecs} * 4]")
+        lines = [f"for l in T.unroll({xs}):",
+                 f"    if by * {TM} + {xm} < {M}:",
+                 f"        {copy(x_dst, x_src)}",
+                 "    else:",
+                 f"        sm[T.Ramp(({x_dst}) // {h}, 1, {VEC})] = T.Broadcast(T.float16(0), {VEC})",
+                 f"for l in T.unroll({cs}):",
+                 f"    {copy(c_dst, c_src)}"]
+        groups = [("scale32", CB)] + ([("zero32", CB + GB)] if g["fmt"] == "e0m4" else [])
+        for view, off in groups:  # RG rows of TN scales (zeros): one vector a thread
+            row = f"({kk} * {TK} // {G} + tx // {vecs})"
+            dst = f"{RB} + ({slot}) * {RS} + {off} + tx // {vecs} * {TN * 2} + tx % {vecs} * 16"
+            lines += [f"if tx < {RG * vecs}:",
+                      f"    {copy(dst, f'{view}[{row}, bx * {TN // 2} + tx % {vecs} * 4]')}"]
+        return "\n".join(lines)
+
+    # dequant of stage ``slot``'s packed slice into its fp16 W: as the wgmma kernel's store
+    P = VEC // 2
+    ds = (TK // CODES_PER_WORD) * (TN // VEC) // PT
+    we = f"(l * {PT} + tx)"
+    wgc = f"({we} % 8 + {we} // 16 % {TN // 64} * 8)"  # 8-column group
+    wr = f"({we} // 16 // {TN // 64} * 2 + {we} // 8 % 2)"  # packed row of the slice
+    grow = f"({wr} * {CODES_PER_WORD} // {G})" if G <= TK else "0"
+    raw = f"{RB} + ({{slot}}) * {RS}"
+    lds = lambda off: call("tvm_lite_lds_v4", f"T.address_of(sm[({raw} + {off}) // {h}])",  # noqa: E731
+                           ret="uint32x4")
+    zero_at = f"zv[l * {P} + p]" if g["fmt"] == "e0m4" else f"T.uint32({E0M4_ZERO_NONE})"
+    w_off = (f"({WB} + ({{slot}}) * {WS} + ({wr} // 2) * {WL} + {wgc} * {SBO} + p * 32"
+             f" + {wr} % 2 * 8) // {h}")
+    dq = call("tvm_lite_dq_kmajor", f"T.address_of(sm[{w_off}])", f"wv[l * {P} + p]", zero_at,
+              f"sv[l * {P} + p]")
+    dequant = [f"for l in T.unroll({ds}):",
+               f"    wv[T.Ramp(l * {P}, 1, {P})] = {lds(f'{wr} * {TN * 2} + {wgc} * 16')}",
+               f"    sv[T.Ramp(l * {P}, 1, {P})] = {lds(f'{CB} + {grow} * {TN * 2} + {wgc} * 16')}"]
+    if g["fmt"] == "e0m4":
+        dequant.append(f"    zv[T.Ramp(l * {P}, 1, {P})] = "
+                       f"{lds(f'{CB + GB} + {grow} * {TN * 2} + {wgc} * 16')}")
+    dequant += [f"    for p in T.unroll({P}):", f"        T.evaluate({dq})"]
+    dequant = "\n".join(dequant)
+
+    def ev(name: str, *args) -> str:
+        return f"T.evaluate({call(name, *args)})"
+
+    commit = ev("tvm_lite_cp_async_commit")
+    producer = []
+    for i in range(S - 1):
+        producer += [f"if {i} < {KT}:", indent(issue(str(i), str(i)), 4), commit]
+    producer += [
+        f"for k in T.serial({KT}):",
+        indent("\n".join([
+            ev(f"tvm_lite_cp_async_wait_group{S - 2}"),
+            ev("tvm_lite_bar_sync", f"T.int32({PBAR})", f"T.int32({PT})"),
+            dequant.replace("{slot}", f"k % {S}"),
+            ev("tvm_lite_fence_async_shared"),
+            ev("tvm_lite_bar_arrive", f"T.Cast('int32', {FULL} + k % {S})", f"T.int32({threads})"),
+            f"if k + {S - 1} < {KT}:",
+            f"    if k >= 1:",
+            "        " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {EMPTY} + (k - 1) % {S})",
+                             f"T.int32({threads})"),
+            indent(issue(f"(k + {S - 1})", f"(k + {S - 1}) % {S}"), 4),
+            commit]), 4)]
+
+    wgi = f"({warp} // 4 - 1)"  # consumer warpgroup
+    a_addr = f"T.address_of(sm[(j % {S} * {XS} + kk * 2 * {XL} + {wgi} * 8 * {SBO}) // {h}])"
+    b_addr = f"T.address_of(sm[({WB} + j % {S} * {WS} + kk * 2 * {WL}) // {h}])"
+    mma = call(f"tvm_lite_wgmma_m64n{TN}k16", "T.address_of(acc[0])", a_addr, b_addr,
+               f"T.uint32({XL})", f"T.uint32({WL})")
+    row = f"by * {TM} + {wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + c // 2 * 8"
+    col = f"bx * {TN} + jn * 8 + {lane} % 4 * 2 + c % 2"
+    workspace, store, sum_kernel = mma_gemm.output_store(out, obuf, M, N, KS, row, col,
+                                                         "acc[jn * 4 + c]")
+    consumer = "\n".join([
+        f"for i in T.unroll({TN // 2}):",
+        "    acc[i] = T.float32(0)",
+        f"for j in T.serial({KT}):",
+        "    " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {FULL} + j % {S})", f"T.int32({threads})"),
+        "    " + ev("tvm_lite_wgmma_fence"),
+        f"    for kk in T.unroll({TK // 16}):",
+        f"        T.evaluate({mma})",
+        "    " + ev("tvm_lite_wgmma_commit"),
+        "    " + ev("tvm_lite_wgmma_wait1"),
+        f"    if j >= 1 and j - 1 + {S} < {KT}:",
+        "        " + ev("tvm_lite_bar_arrive", f"T.Cast('int32', {EMPTY} + (j - 1) % {S})",
+                         f"T.int32({threads})"),
+        ev("tvm_lite_wgmma_wait0"),
+        f"for jn in T.unroll({TN // 8}):",
+        "    for c in T.unroll(4):",
+        f"        if {row} < {M}:",
+        f"            {store}"])
+    head = mma_gemm.kernel_head("gemm_wgmma_ws", params, decls, mma_gemm.packed_views(names, g),
+                                workspace, (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
+    return f'''{head}
+                sm = T.alloc_buffer(({(S * (XS + WS + RS)) // h},), "float16", scope="shared.dyn")
+                acc = T.alloc_buffer(({TN // 2},), "float32", scope="local")
+                wv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
+                sv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
+                zv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
+                if tx < {PT}:
+{indent(chr(10).join(producer), 20)}
+                else:
+{indent(consumer, 20)}
+{sum_kernel}'''
+
+
+def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES):
+    """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
+    :class:`MatchError` where it does not apply (``tile``: see
+    :func:`.gpu_gemm_wgmma.plan_kernel`)."""
+    if not 2 <= stages <= 5:
+        raise MatchError(f"stages={stages}: 2 to 5")
+    sch, func, g, TM, TN, ks = wg.plan_kernel(func, target, profile, tile)
+    if wg.TK % g["group"] and g["group"] % wg.TK:
+        raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
+                         f"of the {wg.TK}-deep slice")
+    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages), HELPERS, sch, func, g,
+                            shared_bytes(g, TM, TN, stages),
+                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d"
+                            % (TN, TM, TN, ks, stages))
+
+
+__all__ = ["ws_gemm_kernel", "kernel_source", "HELPERS", "STAGES"]
