@@ -59,9 +59,9 @@ MERGE_HEADS_MAX_DIM = 64  # head_dim above which the key lanes are merged one qu
 MERGE_DIMS = 32  # head dims per merge workgroup (a divisor of head_dim of at least 16, else all)
 # splits a merge lane loads before folding them (every load of a round in flight at once). A
 # lane folds splits / P of them one after another; at 8192 keys with 2 kv heads (264 splits,
-# P = 16) the merge took 4.3 us on the H200, about 16 serial L2 round trips, against SDPA's whole
-# 7.9 us (``results/issue17_decode_attention_acc32_s10.json``). 1 = one split a round (the merge
-# as measured); more is a candidate for the next GPU run (``bench.attention``).
+# P = 16) the merge took 2.84 of the call's 8.72 us on the H200, against SDPA's whole 7.83 us
+# (``results/issue17_decode_attention_h200_s8.json``). 1 = one split a round (the merge as
+# measured); more is a candidate for the next GPU run (``bench.attention``).
 MERGE_UNROLL = 1
 # fp32 accumulators a thread holds (G query heads x V vector lanes): V halves above this. 128
 # keeps every GQA group up to 16 heads as it was (fp16: V = 8); a lower limit trades 16-byte
