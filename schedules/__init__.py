@@ -25,6 +25,7 @@ from .cpu import CPUMatmul, CPUParallel
 from .cpu_dequant import CPUDequantMatmul
 from .cpu_gemm import CPUWeightMatmul
 from .fused_norm import FusedRMSNorm
+from .gpu_elementwise import GPUVectorElementwise
 from .gpu_gemm import GPUPrefillGEMM
 from .gpu_gemv import GPUDecodeGEMV
 from .gpu_gemv_half2 import half2_kernel  # noqa: F401  (registers the packed GEMV)
@@ -56,7 +57,8 @@ def stock_gpu_rules() -> list:
 def gpu_rules(profile: GPUProfile) -> list:
     """tvm_lite's GPU rules for ``profile``, in order, the fallback last."""
     return [gpu_attention.Attention(), FusedRMSNorm(), GPUDecodeGEMV(profile), GPUPrefillGEMM(profile), dl.gpu.Matmul(),
-            StaticBuffersOnly(dl.gpu.GEMV()), *reduction_rules(profile), dl.gpu.Fallback()]
+            StaticBuffersOnly(dl.gpu.GEMV()), *reduction_rules(profile),
+            GPUVectorElementwise(profile), dl.gpu.Fallback()]
 
 
 def rules_for(target: Target) -> list:

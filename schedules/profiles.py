@@ -53,6 +53,9 @@ class GPUProfile:
     # per-weight schedule). OpenCL keeps the generic one.
     gemv_half2_rows: int = 0
     gemm_tensor_cores: bool = False  # use DLight's tensor-core matmul where it applies (CUDA)
+    # injective kernels with vector_bytes a thread (schedules/gpu_elementwise.py) instead of
+    # Fallback's one element a thread; a candidate, off until timed on a GPU
+    vector_elementwise: bool = False
     weights_as_images: bool = False  # texture reads would help; TVM 0.27 stock OpenCL: buffers only
     # what a decode GEMV's second (split-K summing) kernel is weighed against (gpu_gemv's plan):
     # the device's copy bandwidth, what one GEMV workgroup streams alone, and what one more

@@ -901,3 +901,84 @@ def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, e
                [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=tile, wgmma_specialised=stages)])
     assert "tvm_lite_bar_arrive(" in _source(ex, "cuda")
     _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
+
+
+# -- injective kernels with a vector a thread (schedules/gpu_elementwise.py) ---------------------
+def _silu_mul_func(rows, inter, dtype="float16"):
+    """SiLU(gate) * up from one [1, rows, 2 * inter] tensor (the prefill's gate/up output)."""
+    from tvm import te
+
+    x = te.placeholder((1, rows, 2 * inter), dtype, name="x")
+    out = te.compute((1, rows, inter), lambda a, s, d: x[a, s, d] * tvm.tirx.sigmoid(x[a, s, d])
+                     * x[a, s, d + inter], name="silu_mul")
+    return te.create_prim_func([x, out])
+
+
+def _rotate_half_func(rows, heads, d, dtype="float16"):
+    """Rotary embedding's rotate-half: out = x * cos + (-x[d + D/2] if d < D/2 else x[d - D/2])
+    * sin, the shape of the K/V append's rotation."""
+    from tvm import te
+
+    x = te.placeholder((rows, heads, d), dtype, name="x")
+    cos = te.placeholder((rows, d), dtype, name="cos")
+    sin = te.placeholder((rows, d), dtype, name="sin")
+    half = d // 2
+    out = te.compute((rows, heads, d), lambda s, h, j: x[s, h, j] * cos[s, j] + tvm.tirx.if_then_else(
+        j < half, -x[s, h, tvm.tirx.min(j + half, d - 1)], x[s, h, tvm.tirx.max(j - half, 0)])
+        * sin[s, j], name="rot")
+    return te.create_prim_func([x, cos, sin, out])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", ["silu_mul", "rotate_half", "fp32_add", "odd_inner"])
+def test_vector_elementwise_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path):
+    """``GPUProfile.vector_elementwise`` (a candidate, off by default): an injective kernel gets
+    16-byte vectors a thread -- the SiLU product over the two halves of a row, fp32 (4 a
+    vector). A rotate-half (a select per lane: TVM's CUDA codegen would gather, or not compile)
+    and an inner dim that vectors do not divide go to Fallback. The CUDA C run on the CPU
+    (tests/mma_on_cpu.py) against numpy."""
+    from dataclasses import replace
+
+    from mma_on_cpu import run_kernels_to
+    from tvm_lite.schedules import gpu_rules
+
+    from tvm import te
+
+    rng = np.random.default_rng(11)
+    target = parse_target(TARGETS["cuda"])
+    if case == "silu_mul":
+        func = _silu_mul_func(5, 64)
+        x = rng.standard_normal((1, 5, 128)).astype(np.float16)
+        g, u = x[..., :64].astype(np.float32), x[..., 64:].astype(np.float32)
+        arrays, want, size = {"x": x}, g / (1 + np.exp(-g)) * u, 5 * 64
+    elif case == "rotate_half":
+        func = _rotate_half_func(6, 4, 64)
+        x = rng.standard_normal((6, 4, 64)).astype(np.float16)
+        cos = rng.standard_normal((6, 64)).astype(np.float16)
+        sin = rng.standard_normal((6, 64)).astype(np.float16)
+        xf, rot = x.astype(np.float32), np.concatenate([-x[..., 32:], x[..., :32]], -1)
+        want = xf * cos[:, None].astype(np.float32) + rot.astype(np.float32) * sin[:, None]
+        arrays, size = {"x": x, "cos": cos, "sin": sin}, 6 * 4 * 64
+    else:
+        inner = 64 if case == "fp32_add" else 60
+        dtype = "float32" if case == "fp32_add" else "float16"
+        a = te.placeholder((3, inner), dtype, name="a")
+        b = te.placeholder((3, inner), dtype, name="b")
+        func = te.create_prim_func([a, b, te.compute((3, inner), lambda i, j: a[i, j] + b[i, j],
+                                                     name="add")])
+        av, bv = (rng.standard_normal((3, inner)).astype(dtype) for _ in range(2))
+        arrays, want, size = {"a": av, "b": bv}, av.astype(np.float32) + bv, 3 * inner
+    on = gpu_rules(replace(CUDA, vector_elementwise=True))
+    src = _source(build(func, target, on), "cuda")
+    vectorized = case in ("silu_mul", "fp32_add")
+    assert ("uint4" in src or "float4" in src) == vectorized, src[-1500:]
+    assert ("uint4" in _source(build(func, target, gpu_rules(CUDA)), "cuda")) is False  # off
+    out_name = {"silu_mul": "silu_mul", "rotate_half": "rot"}.get(case, "add") + "_ptr"
+    bound = int(re.search(r"__launch_bounds__\((\d+)\)", src).group(1))
+    named = {f"{k}_ptr": v for k, v in arrays.items()}
+    dtype = np.float32 if case == "fp32_add" else np.float16
+    threads = size // (16 // np.dtype(dtype).itemsize) if vectorized else size  # a thread's share
+    got = run_kernels_to(src, named, {"main_kernel": (-(-threads // bound), 1, 1)},
+                         {out_name: (size, dtype)}, tmp_path, size)[out_name]
+    np.testing.assert_allclose(got.astype(np.float32).reshape(want.shape), want, rtol=1e-2,
+                               atol=1e-2)
