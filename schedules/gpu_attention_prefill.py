@@ -123,6 +123,12 @@ TC_MASK_CLEAN_TILES = True
 # the grid may reach (two a SM on 132 SMs), at most this many splits, each split at least this
 # many key tiles. A prompt is not split (:func:`split_count`).
 SPLIT_WAVE = 264
+# ... half of that at head_dim 256 and above, where each split's partials (an fp32 row of D a
+# query row) cost the merge the most. H200, 2048 tokens in chunks of 256
+# (``results/issue16_prefill_split_sweep_s14.json``): Gemma-2B's shape 250.2 -> 237.0 us at a
+# wave of 132 (8 -> 4 splits), while the head_dim 64 and 128 shapes lost 7-24% with it.
+SPLIT_WAVE_WIDE_HEADS = 132
+WIDE_HEAD_DIM = 256
 SPLIT_MAX = 8
 SPLIT_MIN_TILES = 2
 MERGE_THREADS = 256
@@ -464,7 +470,8 @@ def split_count(p: dict, rows: int, keys: int) -> str:
       shape 27.8 -> 18.5 us (2 splits -> 1), head_dim 128 47.7 -> 30.0, Gemma-2B's 36.3 -> 32.3
       (5 -> 1), SmolLM2's 17.9 -> 15.8 (4 -> 1);
     * a chunk after a cache at least as long as itself (``m >= 2 n``: every row walks about the
-      same tiles) rounds down, to at most one wave: a grid one wave and a half long runs two.
+      same tiles) rounds down, to at most one wave (half a wave at head_dim >= 256,
+      :data:`SPLIT_WAVE_WIDE_HEADS`): a grid one wave and a half long runs two.
       H200, 2048 tokens in 256-token chunks (``results/issue16_prefill_split_sweep_s11.json``):
       head_dim 128 (32/8) 405 -> 293 us (3 -> 2 splits of 128 workgroups), Llama-1B's shape
       205 -> 194 us.
@@ -472,7 +479,8 @@ def split_count(p: dict, rows: int, keys: int) -> str:
     :func:`split_value` evaluates it in Python."""
     G, KV = p["heads"] // p["kv_heads"], p["kv_heads"]
     grid = f"({KV} * ((n * {G} + {rows - 1}) // {rows}))"
-    wave = f"T.if_then_else(m >= 2 * n, T.max(T.int64(1), {SPLIT_WAVE} // {grid}), T.int64(1))"
+    cap = SPLIT_WAVE_WIDE_HEADS if p["head_dim"] >= WIDE_HEAD_DIM else SPLIT_WAVE
+    wave = f"T.if_then_else(m >= 2 * n, T.max(T.int64(1), {cap} // {grid}), T.int64(1))"
     return (f"T.max(T.int64(1), T.min(T.min(T.int64({SPLIT_MAX}), {wave}), "
             f"(m + {keys - 1}) // {keys} // {SPLIT_MIN_TILES}))")
 

@@ -603,6 +603,7 @@ def test_tensor_core_prefill_splits_keys_only_for_small_grids():
     assert count(8, 1, 512, 512) == 1  # 64 workgroups, still not split
     assert count(8, 1, 64, 64) == 1  # one key tile: nothing to split
     p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
+    assert split_value(p, 64, 64, 256, 2048) == 4  # head_dim 256: half the wave (SPLIT_WAVE_WIDE_HEADS)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
     for split, kernels in ((True, 2), (False, 1)):
         func = tensor_core_kernel(p, split=split).with_attr("global_symbol", "main") \
