@@ -23,14 +23,11 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
 
+from .gpu_gemv import _int
 from .profiles import GPUProfile, fit_to_target
 
 THREADS = 256  # threads a workgroup
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4, "int64": 8}
-
-
-def _int(e) -> int | None:
-    return int(e) if isinstance(e, tirx.IntImm) else None
 
 
 def _uses(expr, var) -> bool:

@@ -43,7 +43,8 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
 
 from .gpu_gemm_mma import mma_gemm_kernel
-from .gpu_gemm_wgmma import wgmma_enabled, wgmma_gemm_kernel
+from . import gpu_gemm_wgmma
+from .gpu_gemm_wgmma import wgmma_gemm_kernel
 from .gpu_gemm_wgmma_ws import ws_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
@@ -85,7 +86,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         except MatchError:
             return None
         if self.tensor_cores and target.kind.name == "cuda":
-            wgmma = wgmma_enabled() if self.wgmma is None else self.wgmma
+            wgmma = gpu_gemm_wgmma.ENABLED if self.wgmma is None else self.wgmma
             if wgmma and self.mma and self.mma_tile is None:
                 try:  # wgmma on sm_90a (schedules/gpu_gemm_wgmma.py, gpu_gemm_wgmma_ws.py)
                     profile = fit_to_target(self.profile, target)

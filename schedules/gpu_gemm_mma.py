@@ -92,6 +92,17 @@ __forceinline__ __device__ void tvm_lite_st_shared_v4(void* p, unsigned a, unsig
 }
 
 
+def split_ways(grid: int, slices: int, compute_units: int) -> int:
+    """Ways to split K (a power of two) for a grid of ``grid`` workgroups over ``slices`` K
+    slices: doubled while the grid covers less than ``MIN_WAVE`` of ``SPLIT_K_WAVE`` workgroups
+    a SM and each split keeps :data:`SPLIT_K_MIN_SLICES` slices."""
+    ks = 1
+    while (grid * ks < MIN_WAVE * SPLIT_K_WAVE * compute_units and slices % (2 * ks) == 0
+           and slices // (2 * ks) >= SPLIT_K_MIN_SLICES):
+        ks *= 2
+    return ks
+
+
 def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = None) -> tuple:
     """``(TM, TN, WM, WN, KS)`` for an ``N``-column output: the first tile of ``TILES`` (largest
     first) whose grid at ``M = m``, with ``K`` split ``KS`` ways (partials summed by a second
@@ -110,10 +121,8 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
     slices = (k or 0) // TK
 
     def split(t):
-        grid, ks = -(-m // t[0]) * (n // t[1]), 1
-        while (grid * ks < MIN_WAVE * SPLIT_K_WAVE * compute_units and slices % (2 * ks) == 0
-               and slices // (2 * ks) >= SPLIT_K_MIN_SLICES):
-            ks *= 2
+        grid = -(-m // t[0]) * (n // t[1])
+        ks = split_ways(grid, slices, compute_units)
         return grid * ks, (*t, ks)
 
     found = [split(t) for t in fits]

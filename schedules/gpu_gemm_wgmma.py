@@ -54,7 +54,6 @@ SBO = CORE + 16  # bytes between core matrices adjacent in M / N (16 bytes of pa
 X_LBO_SKEW = 64  # X: core matrices adjacent in K sit 64 bytes off a multiple of 128
 TILE = (128, 128)  # (TM, TN): two warpgroups, m64n128k16
 SHARED_MAX = 227 * 1024  # dynamic shared memory a workgroup may have on sm_90
-SPLIT_K_MIN_SLICES = 8  # as the mma kernel: each split keeps at least this many TK slices
 # GPUPrefillGEMM tries this kernel before the mma one on sm_90a targets when on. Off: measured on
 # the H200 (``bench.prefill --parts gemm --gemm-variants e0m4 --wgmma 128x128x0,128x256x0,...``,
 # ``results/issue16_prefill_gemm_wgmma_sweep_s14.json``) it runs no faster than the mma.sync
@@ -63,10 +62,6 @@ SPLIT_K_MIN_SLICES = 8  # as the mma kernel: each split keeps at least this many
 # tensor cores are not what limits these GEMMs; the staging is (see the README, issue 16).
 ENABLED = False
 X_STAGES = 0  # X through registers (0) or a cp.async ring of this many slices
-
-
-def wgmma_enabled() -> bool:
-    return ENABLED
 
 
 def _wgmma_helper(n: int) -> str:
@@ -144,14 +139,8 @@ def wgmma_supported(target) -> bool:
 
 
 def choose_split(m: int, n: int, k: int, tile, compute_units: int) -> int:
-    """K split (a power of two) while the grid at ``M = m`` gives fewer than
-    ``mma_gemm.MIN_WAVE`` of the SMs a workgroup and each split keeps
-    :data:`SPLIT_K_MIN_SLICES` slices."""
-    grid, ks, slices = -(-m // tile[0]) * (n // tile[1]), 1, k // TK
-    while (grid * ks < mma_gemm.MIN_WAVE * compute_units and slices % (2 * ks) == 0
-           and slices // (2 * ks) >= SPLIT_K_MIN_SLICES):
-        ks *= 2
-    return ks
+    """K split for the grid of ``tile`` at ``M = m`` (:func:`.gpu_gemm_mma.split_ways`)."""
+    return mma_gemm.split_ways(-(-m // tile[0]) * (n // tile[1]), k // TK, compute_units)
 
 
 def kernel_source(func, g: dict, tile, x_stages: int = 0) -> str:

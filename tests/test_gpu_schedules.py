@@ -768,6 +768,8 @@ WGMMA_CPU_CASES = [("e0m4", 256, 128, 70, None, None, 0),
                    ("e0m4", 512, 128, 70, "residual", (128, 128, 2), 3),
                    ("int4", 128, 256, 37, None, (64, 256), 4)]
 WGMMA_TARGET = "cuda -arch=sm_90a"
+HOPPER = pytest.mark.skipif(cuda_device() is None or "9.0" not in str(
+    getattr(cuda_device(), "compute_version", "")), reason="needs a Hopper (sm_90) GPU")
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
@@ -873,8 +875,7 @@ def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path)
     assert "0 bytes spill stores" in res.stderr, res.stderr[-2000:]
 
 
-@pytest.mark.skipif(cuda_device() is None or "9.0" not in str(getattr(cuda_device(),
-                    "compute_version", "")), reason="needs a Hopper (sm_90) GPU")
+@HOPPER
 @pytest.mark.parametrize("fmt,k,n,epilogue,stages", [("e0m4", 2048, 2048, "residual", 0),
                                                      ("int4", 2048, 512, None, 3),
                                                      ("e0m4", 8192, 2048, None, 3),
@@ -889,8 +890,7 @@ def test_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, stages):
     _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
 
 
-@pytest.mark.skipif(cuda_device() is None or "9.0" not in str(getattr(cuda_device(),
-                    "compute_version", "")), reason="needs a Hopper (sm_90) GPU")
+@HOPPER
 @pytest.mark.parametrize("fmt,k,n,epilogue,tile,stages", [
     ("e0m4", 2048, 2048, "residual", None, 4), ("int4", 2048, 512, None, (64, 128), 2),
     ("e0m4", 8192, 2048, None, (128, 256), 3), ("e0m4", 2048, 8192, "residual", (128, 256), 3)])

@@ -293,6 +293,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
 
     from tvm_lite import parse_target
     from tvm_lite.bench.kernels import build, kernel_func, random_half, reference, weights
+    from tvm_lite.compiler import device_source
     from tvm_lite.schedules import gpu_profile
     from tvm_lite.schedules.gpu_gemm_mma import choose_tile
 
@@ -331,6 +332,12 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                     ex = build(func, built_for, rules[rule])
                 except Exception as err:  # a sweep's tile that does not build: a row saying so
                     progress(f"gemm {model} {name} {k}x{n} {variant}: does not build: {err}"[:300])
+                    continue
+                if "wgmma" in rule and "tvm_lite_wgmma_m64n" not in device_source(ex, "cuda"):
+                    # the rule fell back to the mma kernel (e.g. a ring too big for shared
+                    # memory): no row under the wgmma name
+                    progress(f"gemm {model} {name} {k}x{n} {variant}: the wgmma kernel does not "
+                             "take this shape")
                     continue
                 compile_s = time.perf_counter() - t0
                 out = tvm.runtime.empty((1, seq, n), "float16", dev)
