@@ -45,7 +45,7 @@ from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
 from .gpu_gemm_mma import mma_gemm_kernel
 from . import gpu_gemm_wgmma
 from .gpu_gemm_wgmma import wgmma_gemm_kernel
-from .gpu_gemm_wgmma_ws import ws_gemm_kernel
+from .gpu_gemm_wgmma_ws import deep_gemm_kernel, ws_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
 
@@ -95,6 +95,11 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                                               self.wgmma_specialised)
                     return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
                                              self.wgmma_x_stages)
+                except MatchError:
+                    pass
+            if self.wgmma is None and self.mma and self.mma_tile is None:
+                try:  # a deep GEMM (the down projection) on sm_90a: the warp-specialised kernel
+                    return deep_gemm_kernel(func, target, fit_to_target(self.profile, target))
                 except MatchError:
                     pass
             try:  # mma.sync with the dequant in the staging (schedules/gpu_gemm_mma.py)

@@ -27,6 +27,8 @@ that divides the 64-deep slice or is a multiple of it.
 
 from __future__ import annotations
 
+from tvm import s_tir
+
 from . import gpu_gemm_mma as mma_gemm
 from . import gpu_gemm_wgmma as wg
 from .cuda_mma import call
@@ -35,6 +37,15 @@ from .gpu_gemv_half2 import E0M4_ZERO_NONE
 
 PRODUCER = 128  # threads of the producer warpgroup
 STAGES = 4  # slices in the ring
+# GPUPrefillGEMM takes this kernel by default on sm_90a for a deep GEMM, K >= DEEP_K_RATIO x N
+# (the down projections), with DEEP_TILE and DEEP_STAGES. Measured on the H200 at M = 512
+# (``bench.prefill --parts gemm --wgmma 128x256xws3,...``, ``results/issue16_prefill_gemm_ws
+# _s15.json``), against the mma.sync kernel: Llama-1B's down (K 8192, N 2048) 78.5 -> 72.6 us,
+# Gemma-2B's (K 16384) 143.8 -> 124.9 us; gate/up and q (K <= N) 3-6% slower and k/v (N 256)
+# 2.5x slower, so those stay with mma.sync.
+DEEP_K_RATIO = 4
+DEEP_TILE = (128, 256)
+DEEP_STAGES = 3
 
 HELPERS = {
     **wg.HELPERS,
@@ -230,4 +241,17 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES):
                             % (TN, TM, TN, ks, stages))
 
 
-__all__ = ["ws_gemm_kernel", "kernel_source", "HELPERS", "STAGES"]
+def deep_gemm_kernel(func, target, profile):
+    """:func:`ws_gemm_kernel` at :data:`DEEP_TILE` / :data:`DEEP_STAGES` for a deep GEMM on
+    sm_90a, or :class:`MatchError` (another target, ``K < DEEP_K_RATIO x N``, or what
+    :func:`ws_gemm_kernel` does not take)."""
+    if not wg.wgmma_supported(target):
+        raise MatchError("wgmma needs a CUDA sm_90a target")
+    g = mma_gemm.match_gemm(s_tir.Schedule(func), profile)
+    if g["k"] < DEEP_K_RATIO * g["n"]:
+        raise MatchError(f"K={g['k']} < {DEEP_K_RATIO} x N={g['n']}: mma.sync is faster")
+    return ws_gemm_kernel(func, target, profile, DEEP_TILE, DEEP_STAGES)
+
+
+__all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "kernel_source", "HELPERS", "STAGES",
+           "DEEP_K_RATIO"]

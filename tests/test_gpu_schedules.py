@@ -875,6 +875,33 @@ def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path)
     assert "0 bytes spill stores" in res.stderr, res.stderr[-2000:]
 
 
+def test_default_rule_takes_the_warp_specialised_kernel_for_deep_gemms_on_sm90a():
+    """Without options the rule gives a deep 4-bit GEMM (K >= 4 N: the down projections) on
+    sm_90a the warp-specialised wgmma kernel at 128 x 256 with 3 stages, the shape that beat
+    mma.sync there on the H200; wider GEMMs, fp16 weights and sm_90 keep mma.sync."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    a90 = parse_target(WGMMA_TARGET)
+    rule = GPUPrefillGEMM(CUDA)
+
+    def label(fmt, k, n, target=a90):
+        return str(_schedule(rule, kernel_func(fmt, [1, DYN], k, n), target)
+                   .mod["main"].attrs["tvm_lite.gemm"])
+
+    deep = label("e0m4", 8192, 2048)
+    assert deep.startswith("wgmma_m64n256k16 128x256 split-K ") and deep.endswith(
+        f"warp-specialised x{ws.DEEP_STAGES}"), deep
+    assert "warp-specialised" in label("int4", 4 * 2048, 2048)
+    assert "warp-specialised" not in label("e0m4", 4 * 2048 - 64, 2048)  # K < 4 N
+    for fmt, k, n, target in [("e0m4", 2048, 8192, a90), ("e0m4", 2048, 2048, a90),
+                              ("fp16", 8192, 2048, a90),
+                              ("e0m4", 8192, 2048, parse_target(TARGETS["cuda"]))]:
+        assert "mma_m16n8k16" in label(fmt, k, n, target), (fmt, k, n, target)
+    assert "mma_m16n8k16" in str(_schedule(GPUPrefillGEMM(CUDA, wgmma=False),
+                                           kernel_func("e0m4", [1, DYN], 8192, 2048), a90)
+                                 .mod["main"].attrs["tvm_lite.gemm"])
+
+
 @HOPPER
 @pytest.mark.parametrize("fmt,k,n,epilogue,stages", [("e0m4", 2048, 2048, "residual", 0),
                                                      ("int4", 2048, 512, None, 3),
@@ -904,13 +931,18 @@ def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, e
 
 
 # -- injective kernels with a vector a thread (schedules/gpu_elementwise.py) ---------------------
-def _silu_mul_func(rows, inter, dtype="float16"):
-    """SiLU(gate) * up from one [1, rows, 2 * inter] tensor (the prefill's gate/up output)."""
+def _silu_mul_func(rows, inter, dtype="float16", compute="float16"):
+    """SiLU(gate) * up from one [1, rows, 2 * inter] tensor (the prefill's gate/up output),
+    computed in ``compute`` (the exported models cast to fp32 around the sigmoid)."""
     from tvm import te
 
     x = te.placeholder((1, rows, 2 * inter), dtype, name="x")
-    out = te.compute((1, rows, inter), lambda a, s, d: x[a, s, d] * tvm.tirx.sigmoid(x[a, s, d])
-                     * x[a, s, d + inter], name="silu_mul")
+
+    def silu_mul(a, s, d):
+        g, u = x[a, s, d].astype(compute), x[a, s, d + inter].astype(compute)
+        return (g * tvm.tirx.sigmoid(g) * u).astype(dtype)
+
+    out = te.compute((1, rows, inter), silu_mul, name="silu_mul")
     return te.create_prim_func([x, out])
 
 
@@ -930,11 +962,13 @@ def _rotate_half_func(rows, heads, d, dtype="float16"):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-@pytest.mark.parametrize("case", ["silu_mul", "rotate_half", "fp32_add", "odd_inner"])
+@pytest.mark.parametrize("case", ["silu_mul", "silu_mul_fp32", "rotate_half", "fp32_add",
+                                  "odd_inner"])
 def test_vector_elementwise_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path):
-    """``GPUProfile.vector_elementwise`` (a candidate, off by default): an injective kernel gets
+    """``GPUProfile.vector_elementwise`` (on in the CUDA profile): an injective kernel gets
     16-byte vectors a thread -- the SiLU product over the two halves of a row, fp32 (4 a
-    vector). A rotate-half (a select per lane: TVM's CUDA codegen would gather, or not compile)
+    vector); an fp16 SiLU computed in fp32 gets 4 a vector too (8 would be an fp32x8, which
+    TVM's CUDA codegen writes as a ``make_ulonglong4`` of 8 floats). A rotate-half (a select per lane: TVM's CUDA codegen would gather, or not compile)
     and an inner dim that vectors do not divide go to Fallback. The CUDA C run on the CPU
     (tests/mma_on_cpu.py) against numpy."""
     from dataclasses import replace
@@ -946,8 +980,8 @@ def test_vector_elementwise_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path):
 
     rng = np.random.default_rng(11)
     target = parse_target(TARGETS["cuda"])
-    if case == "silu_mul":
-        func = _silu_mul_func(5, 64)
+    if case.startswith("silu_mul"):
+        func = _silu_mul_func(5, 64, compute="float32" if case == "silu_mul_fp32" else "float16")
         x = rng.standard_normal((1, 5, 128)).astype(np.float16)
         g, u = x[..., :64].astype(np.float32), x[..., 64:].astype(np.float32)
         arrays, want, size = {"x": x}, g / (1 + np.exp(-g)) * u, 5 * 64
@@ -970,14 +1004,18 @@ def test_vector_elementwise_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path):
         arrays, want, size = {"a": av, "b": bv}, av.astype(np.float32) + bv, 3 * inner
     on = gpu_rules(replace(CUDA, vector_elementwise=True))
     src = _source(build(func, target, on), "cuda")
-    vectorized = case in ("silu_mul", "fp32_add")
+    vectorized = case in ("silu_mul", "silu_mul_fp32", "fp32_add")
     assert ("uint4" in src or "float4" in src) == vectorized, src[-1500:]
-    assert ("uint4" in _source(build(func, target, gpu_rules(CUDA)), "cuda")) is False  # off
-    out_name = {"silu_mul": "silu_mul", "rotate_half": "rot"}.get(case, "add") + "_ptr"
+    assert "ulonglong4" not in src
+    off = gpu_rules(replace(CUDA, vector_elementwise=False))
+    assert ("uint4" in _source(build(func, target, off), "cuda")) is False
+    out_name = {"silu_mul": "silu_mul", "silu_mul_fp32": "silu_mul",
+                "rotate_half": "rot"}.get(case, "add") + "_ptr"
     bound = int(re.search(r"__launch_bounds__\((\d+)\)", src).group(1))
     named = {f"{k}_ptr": v for k, v in arrays.items()}
     dtype = np.float32 if case == "fp32_add" else np.float16
-    threads = size // (16 // np.dtype(dtype).itemsize) if vectorized else size  # a thread's share
+    lanes = 4 if case in ("silu_mul_fp32", "fp32_add") else 8  # 16 bytes of the widest type
+    threads = size // lanes if vectorized else size  # a thread's share
     got = run_kernels_to(src, named, {"main_kernel": (-(-threads // bound), 1, 1)},
                          {out_name: (size, dtype)}, tmp_path, size)[out_name]
     np.testing.assert_allclose(got.astype(np.float32).reshape(want.shape), want, rtol=1e-2,

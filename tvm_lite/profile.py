@@ -317,16 +317,19 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     return {"prefill": prof.prefill(prompt_len), "decode": prof.decode(prompt_len, steps)}
 
 
-def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str = "cuda -arch=sm_90",
+def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str | None = None,
                    device: str = "cuda", prompt_len: int = 512, steps: int = 16,
                    work_dir="bench_models", progress=print) -> dict:
     """Random-weight models of ``shapes`` (``tvm_lite.bench.models.SHAPES``), exported and
-    compiled as ``bench.models`` does, each profiled: shape -> {"prefill", "decode"}."""
+    compiled as ``bench.models`` does, each profiled: shape -> {"prefill", "decode"}.
+    ``target``: default this GPU's (:func:`tvm_lite.target.local_cuda_target`)."""
     from pathlib import Path
 
     from .bench.models import compile_variant, random_model
     from .export import export_onnx
+    from .target import local_cuda_target
 
+    target = target or local_cuda_target()
     out = {}
     for shape in shapes:
         work = Path(work_dir) / shape
@@ -364,7 +367,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tvm_lite.profile", description=main.__doc__)
     ap.add_argument("--shapes", default="smollm2-135m")
     ap.add_argument("--variant", default="tvm_lite-e0m4")
-    ap.add_argument("--target", default="cuda -arch=sm_90")
+    ap.add_argument("--target", default=None,
+                    help="default: this GPU's, sm_90a on Hopper (tvm_lite.target.local_cuda_target)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=16)

@@ -99,6 +99,16 @@ def parse_target(target, host=None) -> Target:
     return tgt
 
 
+def local_cuda_target(dev_id: int = 0) -> str:
+    """``cuda -arch=sm_XY`` for this machine's CUDA GPU ``dev_id``; a Hopper GPU (9.0) gets the
+    arch-specific ``sm_90a``, which the wgmma GEMMs need (``schedules/gpu_gemm_wgmma_ws.py``).
+    Without a GPU, ``sm_90a`` (a build for the H200 the benchmarks were measured on)."""
+    dev = tvm.cuda(dev_id)
+    version = str(dev.compute_version) if dev.exist else "9.0"
+    arch = "sm_" + version.replace(".", "")
+    return f"cuda -arch={arch}a" if arch == "sm_90" else f"cuda -arch={arch}"
+
+
 def _check_kind_and_device(cfg: dict, text) -> None:
     """Unknown target kinds and ``-device=`` names are errors that list the known ones (TVM
     itself rejects unknown options, listing them, but keeps any ``device`` string)."""

@@ -272,16 +272,20 @@ def bench_variant(artifact, prompt_len: int, decode_tokens: int, repeats: int,
             "kv_bytes": kv, **extra}
 
 
-def bench_models(shapes, variants=VARIANTS, target: str = "cuda -arch=sm_90", device: str = "cuda",
+def bench_models(shapes, variants=VARIANTS, target: str | None = None, device: str = "cuda",
                  prompt_len: int = 512, decode_tokens: int = 32, repeats: int = 3,
                  work_dir="bench_models", exporter: str = "dynamo", progress=print,
                  save=None) -> list[dict]:
     """One row per (shape, variant): prefill and decode tok/s, and the ratio to stock TVM.
-    ``save``: a JSON file rewritten after every row (a long run that stops keeps its rows)."""
+    ``save``: a JSON file rewritten after every row (a long run that stops keeps its rows).
+    ``target``: default this GPU's (:func:`tvm_lite.target.local_cuda_target`)."""
     from tqdm import tqdm
 
     from .generation import prompt_ids
     from ..export import export_onnx
+    from ..target import local_cuda_target
+
+    target = target or local_cuda_target()
 
     work = Path(work_dir)
     rows = []
@@ -345,15 +349,17 @@ def _copy_gbps(device: str) -> float | None:
     return copy_bandwidth_torch()
 
 
-def check_logits(shape: str = "smollm2-135m", target: str = "cuda -arch=sm_90", device="cuda",
+def check_logits(shape: str = "smollm2-135m", target: str | None = None, device="cuda",
                  work_dir="bench_models", n_tokens: int = 24, progress=print) -> dict:
     """The same fp16 ONNX compiled for ``target`` and for the CPU (llvm): the logits of a
-    prefill and of the next decode steps, compared."""
+    prefill and of the next decode steps, compared (``target``: default this GPU's)."""
     from ..artifact import compile_model
     from .generation import prompt_ids
     from ..engine import Engine
     from ..export import export_onnx
+    from ..target import local_cuda_target
 
+    target = target or local_cuda_target()
     work = Path(work_dir)
     onnx_dir = export_onnx(random_model(shape, work / shape / "hf"), work / shape / "onnx",
                            dtype="float16", progress=progress)
@@ -380,7 +386,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="smollm2-135m,gemma-2b")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--target", default="cuda -arch=sm_90")
+    p.add_argument("--target", default=None,
+                    help="default: this GPU's, sm_90a on Hopper (tvm_lite.target.local_cuda_target)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=32)

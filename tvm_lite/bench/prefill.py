@@ -246,16 +246,19 @@ def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
 # variant -> (weight format, rule): "mma" tvm_lite's rules; "no split-K" the mma kernel never
 # splitting K; "wmma" the rule without the mma kernel, i.e. DLight's WMMA kernel that ran before;
 # "x async" the mma kernel with X copied by cp.async (gpu_gemm_mma.X_ASYNC); "wgmma" Hopper's
-# warpgroup kernel (gpu_gemm_wgmma, built for sm_90a; skipped on other GPUs)
+# warpgroup kernel (gpu_gemm_wgmma, built for sm_90a; skipped on other GPUs); "sm_90a" the
+# default rules built for sm_90a (the warp-specialised wgmma kernel for deep GEMMs)
 GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp16", "mma"),
                  "e0m4 (no split-K)": ("e0m4", "no split-K"), "e0m4 (wmma)": ("e0m4", "wmma"),
-                 "e0m4 (x async)": ("e0m4", "x async"), "e0m4 (wgmma)": ("e0m4", "wgmma")}
+                 "e0m4 (x async)": ("e0m4", "x async"), "e0m4 (wgmma)": ("e0m4", "wgmma"),
+                 "e0m4 (sm_90a)": ("e0m4", "sm_90a")}
 
 
 def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
     """(rule name -> schedule rules, variant -> (weight format, rule name)): the rules of
     :data:`GEMM_VARIANTS`, and per forced tile ``(TM, TN, WM, WN, KS[, TK])`` two E0M4 variants,
     ``"e0m4 tile TMxTNxWMxWNxKS[xTK]"`` and the same with ``" x async"`` (X by cp.async)."""
+    from tvm_lite import parse_target
     from tvm_lite.schedules import gpu_profile, rules_for
     from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM
 
@@ -264,7 +267,8 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
              "no split-K": [GPUPrefillGEMM(cuda, split_k=False), *rules_for(target)],
              "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)],
              "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)],
-             "wgmma": [GPUPrefillGEMM(cuda, wgmma=True), *rules_for(target)]}
+             "wgmma": [GPUPrefillGEMM(cuda, wgmma=True), *rules_for(target)],
+             "sm_90a": rules_for(parse_target("cuda -arch=sm_90a"))}
     variants = dict(GEMM_VARIANTS)
     for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings ("wsS":
         name = f"e0m4 wgmma {tm}x{tn} x{stages}"  # warp-specialised with S stages)
@@ -321,7 +325,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                     if n % tile[1] or k % ((tile[5] if len(tile) > 5 else 32) * tile[4]):
                         continue
                 built_for = target
-                if "wgmma" in rule:  # Hopper only, built for the arch-specific target
+                if "wgmma" in rule or rule == "sm_90a":  # Hopper only, the arch-specific target
                     if arch != "sm_90":
                         continue
                     built_for = parse_target("cuda -arch=sm_90a")
