@@ -58,11 +58,13 @@ MERGE_SPLIT_LANES = 16
 MERGE_HEADS_MAX_DIM = 64  # head_dim above which the key lanes are merged one query head a round
 MERGE_DIMS = 32  # head dims per merge workgroup (a divisor of head_dim of at least 16, else all)
 # splits a merge lane loads before folding them (every load of a round in flight at once). A
-# lane folds splits / P of them one after another; at 8192 keys with 2 kv heads (264 splits,
-# P = 16) the merge took 2.84 of the call's 8.72 us on the H200, against SDPA's whole 7.83 us
-# (``results/issue17_decode_attention_h200_s8.json``). 1 = one split a round (the merge as
-# measured); more is a candidate for the next GPU run (``bench.attention``).
-MERGE_UNROLL = 1
+# lane folds splits / P of them; one a round, at 8192 keys with 2 kv heads (264 splits, P = 16)
+# the merge took 2.84 of the call's 8.72 us on the H200 (``..._h200_s8.json``). Measured on the
+# H200 (``python -m tvm_lite.bench.attention``, ``results/issue17_decode_attention_merge_unroll1
+# _s15.json`` against ``..._merge_rounds_s15.json``): 8 a round took the calls at 8192 keys
+# 0.7-0.8 us faster -- (14,2,64) 8.6 -> 7.8 us, (9,3,64) 7.6 -> 6.9, (8,1,256) 13.3 -> 12.5 --
+# and left the shorter contexts within 0.2 us.
+MERGE_UNROLL = 8
 # fp32 accumulators a thread holds (G query heads x V vector lanes): V halves above this. 128
 # keeps every GQA group up to 16 heads as it was (fp16: V = 8); a lower limit trades 16-byte
 # loads for registers where G is large -- ptxas gives (14, 2, 64) 212 registers at V = 8, so 2
