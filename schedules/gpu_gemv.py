@@ -236,9 +236,10 @@ def _group_size(sch: s_tir.Schedule, dequant, k: int) -> int:
 class GPUDecodeGEMV(dl.ScheduleRule):
     """Decode GEMV (``M == 1``) of fp16 or 4-bit dequant weights, shaped by a GPU profile."""
 
-    def __init__(self, profile: GPUProfile):
+    def __init__(self, profile: GPUProfile, forced: tuple[int, int] | None = None):
         self.profile = profile
         self.vector_lanes = profile.gemv_lanes
+        self.forced = forced  # (tn, ks) forced on every GEMV's plan (sweeps: bench.gemv_plans)
 
     def plan(self, n: int, k: int, word_bytes: int = 2, target=None, group_size: int = 32,
              bytes_read: int | None = None) -> dict:
@@ -273,6 +274,11 @@ class GPUDecodeGEMV(dl.ScheduleRule):
             tk = _largest_divisor(groups // ks, max(1, threads // tn))
             return {"vec": vec, "tn": tn, "tk": tk, "ks": ks, "kg": groups // (tk * ks), "wpg": wpg}
 
+        if self.forced is not None:
+            tn, ks = self.forced
+            if (n // vec) % tn or groups % ks:
+                raise MatchError(f"forced tn={tn}, ks={ks} do not divide N={n} / K={k}")
+            return shape(tn, ks)
         tn = _power_of_two_divisor(n // vec, p.gemv_threads_n)
         while n // (vec * tn) < p.gemv_min_workgroups and tn > MIN_THREADS_N and tn % 2 == 0:
             tn //= 2  # narrower tiles, more of them

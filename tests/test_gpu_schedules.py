@@ -465,6 +465,24 @@ def test_half2_gemv_splits_k_in_one_kernel():
     assert "tvm_lite_ldcg_f32(" in src and 2048 // (plan["vec"] * plan["tn"]) <= SPLIT_TICKETS
 
 
+def test_forced_gemv_plan_is_taken_or_refused():
+    """``GPUDecodeGEMV(forced=(tn, ks))`` (``bench.gemv_plans``' sweep): the plan is the forced
+    one -- here K split 8 ways in one kernel on a layer the rule does not split -- and a plan that
+    does not divide the layer is refused (the rule then leaves the GEMV to the next rule)."""
+    cuda = parse_target("cuda -arch=sm_90")
+    assert GPUDecodeGEMV(CUDA).plan(2048, 2048, 2, cuda)["ks"] == 1
+    rule = GPUDecodeGEMV(CUDA, forced=(4, 8))
+    plan = rule.plan(2048, 2048, 2, cuda)
+    assert (plan["tn"], plan["ks"], plan["tk"] * plan["kg"] * plan["ks"]) == (4, 8, 64)
+    src = _source(build(kernel_func("e0m4", [1, 1], 2048, 2048), cuda, [rule]), "cuda")
+    assert len(_kernel_names(src)) == 1 and "tvm_lite_split_last(" in src
+    with pytest.raises(MatchError, match="forced"):
+        GPUDecodeGEMV(CUDA, forced=(4, 3)).plan(2048, 2048, 2, cuda)
+    with cuda:
+        assert GPUDecodeGEMV(CUDA, forced=(4, 3)).apply(kernel_func("e0m4", [1, 1], 2048, 2048),
+                                                        cuda, False) is None
+
+
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc not installed")
 def test_half2_gemv_ptx_has_two_packed_ops_per_two_weights(tmp_path):
     """Per 32-row group of 8 columns (256 weights) a thread issues 128 ``fma.rn.f16x2`` and 128

@@ -76,3 +76,15 @@ def test_build_refuses_vulkan_before_compiling():
 def test_bad_targets_name_the_cause(bad, match):
     with pytest.raises(TargetError, match=match):
         parse_target(bad)
+
+
+def test_local_cuda_target_is_this_gpu_with_hopper_arch_specific():
+    """The benchmarks' default target: this GPU's arch, ``sm_90a`` on Hopper (the wgmma GEMMs
+    need it); without a GPU, the H200's."""
+    from tvm_lite.target import local_cuda_target
+
+    text = local_cuda_target()
+    tgt = parse_target(text)
+    dev = tvm.cuda(0)
+    want = ("sm_" + str(dev.compute_version).replace(".", "")) if dev.exist else "sm_90"
+    assert str(tgt.attrs["arch"]) == (want + "a" if want == "sm_90" else want)
