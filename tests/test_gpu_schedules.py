@@ -634,6 +634,11 @@ def test_bench_gemm_variants_build_their_kernels():
         assert ("tvm_lite_cp_async16(" in src) == ("x async" in variant), variant
         if "tile" in variant:  # 2 x 2 warps: 128 threads
             assert "__launch_bounds__(128)" in src, variant
+    # "e0m4 (sm_90a)": the default rules built for sm_90a, so a deep GEMM is warp-specialised
+    deep = kernel_func("e0m4", [1, tirx.Var("n", "int64")], 8192, 2048)
+    rule = variants["e0m4 (sm_90a)"][1]
+    src = _source(build(deep, parse_target(WGMMA_TARGET), rules[rule]), "cuda")
+    assert "tvm_lite_bar_arrive(" in src
 
 
 def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
