@@ -822,13 +822,14 @@ def test_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, 
 # (fmt, K, N, M, epilogue, tile, stages): the warp-specialised kernel -- the default tile cut by
 # M with the ring wrapping around (8 slices, 4 stages); one consumer warpgroup and 2 stages; K
 # split in two; N 256 (3 stages: 4 do not fit in shared memory); a quantization group (128) that
-# spans two slices; fewer slices than stages
+# spans two slices; fewer slices than stages; four consumer warpgroups (256 rows, 640 threads)
 WGMMA_WS_CPU_CASES = [("e0m4", 512, 128, 70, None, None, 4),
                       ("int4", 256, 128, 37, "residual", (64, 128), 2),
                       ("e0m4", 1024, 128, 40, "residual", (128, 128, 2), 3),
                       ("e0m4", 256, 256, 130, None, (128, 256), 3),
                       ("e0m4", 512, 128, 20, None, (64, 128), 3, 128),
-                      ("int4", 128, 64, 20, None, (64, 64), 5)]
+                      ("int4", 128, 64, 20, None, (64, 64), 5),
+                      ("e0m4", 256, 128, 300, "residual", (256, 128), 3)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
