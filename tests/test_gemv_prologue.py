@@ -21,6 +21,8 @@ import tvm
 from tvm import relax
 
 from tvm_lite import parse_target
+from tvm_lite.bench.gemv_plans import EPS, lower_gemv_prologue as _lowered
+from tvm_lite.bench.gemv_plans import norm_dequant_gemv as _norm_dequant_gemv
 from tvm_lite.pipeline import gemv_prologue_passes
 from tvm_lite.relax_passes import FuseAddRMSNorm, FuseGEMVPrologue, FuseSiluMul
 from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV
@@ -28,7 +30,6 @@ from tvm_lite.schedules.profiles import PROFILES, fit_to_target
 from conftest import clang_opencl, cuda_device
 from cuda_on_cpu import run_kernel
 
-EPS = 1e-5
 OPENCL = {"adreno": "opencl -device=adreno", "mali": "opencl -device=mali", "gpu": "opencl"}
 
 
@@ -66,19 +67,6 @@ def _silu_gemv(i: int, n: int) -> tvm.IRModule:
             y = bb.emit_output(op.matmul(a, wm))
         bb.emit_func_output(y)
     return bb.get()
-
-
-def _lowered(mod: tvm.IRModule, gpu: bool = True) -> tuple[tvm.IRModule, int]:
-    """Phase 1's fusions and phase 2 of the pipeline; the number of pairs fused."""
-    mod = FuseSiluMul()(FuseAddRMSNorm(norm_before_gemv=gpu)(mod))
-    seq = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-           relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    mod = tvm.transform.Sequential(seq)(mod)
-    count = 0
-    for p in gemv_prologue_passes(gpu):
-        mod = p(mod)
-        count += p.count if isinstance(p, FuseGEMVPrologue) else 0
-    return mod, count
 
 
 def _fused(mod: tvm.IRModule):
@@ -269,39 +257,6 @@ def test_pipeline_switch_by_target(target, gpu):
 
 
 # -- the packed half2 4-bit GEMV of fp16 rows (CUDA) with its prologue -----------------------------
-def _norm_dequant_gemv(k: int, n: int, gemma: bool = False, residual: bool = False):
-    """``y = RMSNorm(s) @ W`` in fp16 as Llama's fp16 exports spell it (the row normalized in fp32,
-    cast back, times the weight), W 4-bit (E0M4 g32). ``gemma``: as Gemma's spell it (times
-    ``1 + w`` in fp32, then cast back). ``residual``: ``s`` is ``x + r``, returned too."""
-    from tvm_lite.quant.kernels import matmul_func
-
-    bb = relax.BlockBuilder()
-    rows = [relax.Var(v, relax.TensorType((1, 1, k), "float16"))
-            for v in (("x", "r") if residual else ("s",))]
-    w = relax.Var("w", relax.TensorType((k,), "float16"))
-    codes = relax.Var("codes", relax.TensorType((k // 4, n), "uint16"))
-    scale = relax.Var("scale", relax.TensorType((k // 32, n), "float16"))
-    zero = relax.Var("zero", relax.TensorType((k // 32, n), "float16"))
-    op = relax.op
-    with bb.function("decode", [*rows, w, codes, scale, zero]):
-        with bb.dataflow():
-            s = bb.emit(op.add(*rows)) if residual else rows[0]
-            sf = bb.emit(op.astype(s, "float32"))
-            m = bb.emit(op.mean(op.power(sf, relax.const(2.0, "float32")), axis=[-1], keepdims=True))
-            inv = bb.emit(op.rsqrt(op.add(m, relax.const(EPS, "float32"))))
-            if gemma:
-                w1 = op.add(op.astype(w, "float32"), relax.const(1.0, "float32"))
-                h = bb.emit(op.astype(bb.emit(op.multiply(op.multiply(sf, inv), w1)), "float16"))
-            else:
-                h = bb.emit(op.multiply(w, op.astype(op.multiply(sf, inv), "float16")))
-            gv = bb.add_func(matmul_func("e0m4", [1, 1], k, n, 32, "float16"), "e0m4_matmul")
-            y = bb.emit(relax.call_tir(gv, [h, codes, scale, zero],
-                                       relax.TensorType((1, 1, n), "float16")))
-            out = bb.emit_output(relax.Tuple([y, s]) if residual else y)
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 def test_gemma_norm_cast_to_fp16_is_still_the_gemv_prologue():
     """Gemma's fp16 norm ends in fp32 and casts the row back before the GEMV: the residual add
     still stays out of the norm (the previous GEMV's epilogue in a model) and the GEMV computes
@@ -406,3 +361,29 @@ def test_cuda_rule_gives_fp16_4bit_gemvs_the_packed_kernel_with_their_prologue(c
     kernels = set(re.findall(r"__global__ void(?: __launch_bounds__\(\d+\))? (\w+)\(", src))
     assert len(kernels) == 1 and "xs32" in src
     assert ("tvm_lite_split_last(" in src) == (ks > 1)
+
+
+def test_bench_gemv_plans_norm_kernel_and_its_numpy_agree_on_the_cpu():
+    """``bench.gemv_plans``' fused RMSNorm + E0M4 GEMV (the pipeline's own fusion) built for the
+    CPU, fed as the bench feeds it, against the bench's numpy reference: the parameter order
+    and the norm's rounding the GPU rows are checked with."""
+    from tvm_lite.bench import gemv_plans
+    from tvm_lite.bench.kernels import random_half, reference, weights
+    from tvm_lite.schedules import rules_for
+
+    k, n = 256, 64
+    func = gemv_plans.norm_gemv_func(k, n)
+    llvm = parse_target("llvm")
+    mod = tvm.IRModule({"main": func})
+    from tvm.s_tir import dlight as dl
+
+    with llvm:
+        ex = tvm.compile(dl.ApplyDefaultSchedule(*rules_for(llvm))(mod), target=llvm)
+    rng = np.random.default_rng(3)
+    row, w = random_half((1, 1, k), rng), random_half((k,), rng)
+    arrays = weights("e0m4", k, n, rng)
+    out = tvm.runtime.empty((1, 1, n), "float16", tvm.cpu())
+    ex["main"](*[tvm.runtime.tensor(a) for a in (row, w, *arrays.values())], out)
+    want = reference("e0m4", gemv_plans._norm_row(row, w), arrays, k, n)
+    got = out.numpy().reshape(1, n).astype(np.float32)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()

@@ -7,12 +7,15 @@ For Llama-1B's decode GEMVs (E0M4, fp16 ``x``, ``M = 1``) each plan -- ``TNxKS``
 built, checked against numpy on a column slice, and timed on ``COPIES`` sets of weights called in
 turn (more bytes than the H200's 50 MB L2, as in a real step, where every layer's weights are
 new); the GPU time per call is the kernels' own time from torch.profiler's CUDA activity. The
-first row of each layer is the rule's own plan (``default``).
+first row of each layer is the rule's own plan (``default``). The layers whose input is a
+normalized row (q/k/v, gate/up) are timed twice: as plain GEMVs, and with the RMSNorm as the
+kernel's prologue (``prologue = norm``), the kernel the decode step runs.
 
 Measured on the H200 (``results/issue17_gemv_split_sweep_s15.json``): the rule's plan was the
 fastest or within 9% on every layer (o 4.41 us against 4.05 for 4x8, q/k/v 4.66 against 4.40,
 down 7.25 against 6.81 for 16x8; gate/up 7.69 us, every split slower). Gains that small, alone,
-did not justify another plan; the rule's plan stands.
+did not justify another plan; the rule's plan stands. (That run had no prologue rows: in the
+step, with its norm, the gate/up GEMV took 10.4 us.)
 """
 
 from __future__ import annotations
@@ -22,12 +25,91 @@ import json
 import numpy as np
 
 LAYERS = [(2048, 2048, "o"), (2048, 3072, "q/k/v"), (8192, 2048, "down"), (2048, 16384, "gate/up")]
+NORM_LAYERS = ("q/k/v", "gate/up")  # their input is a normalized row: timed with it fused too
 PLANS = ("4x2", "4x4", "4x8", "8x4", "8x8", "16x8", "32x8")
 COPIES = 24  # weight sets called in turn (Llama-1B's gate/up: 24 x 17 MB)
 ROUNDS = 8
+EPS = 1e-5  # the norm's epsilon in norm_dequant_gemv
+
+
+def norm_dequant_gemv(k: int, n: int, gemma: bool = False, residual: bool = False):
+    """``y = RMSNorm(s) @ W`` in fp16 as Llama's fp16 exports spell it (the row normalized in fp32,
+    cast back, times the weight), W 4-bit (E0M4 g32). ``gemma``: as Gemma's spell it (times
+    ``1 + w`` in fp32, then cast back). ``residual``: ``s`` is ``x + r``, returned too."""
+    from tvm import relax
+
+    from tvm_lite.quant.kernels import matmul_func
+
+    bb = relax.BlockBuilder()
+    rows = [relax.Var(v, relax.TensorType((1, 1, k), "float16"))
+            for v in (("x", "r") if residual else ("s",))]
+    w = relax.Var("w", relax.TensorType((k,), "float16"))
+    codes = relax.Var("codes", relax.TensorType((k // 4, n), "uint16"))
+    scale = relax.Var("scale", relax.TensorType((k // 32, n), "float16"))
+    zero = relax.Var("zero", relax.TensorType((k // 32, n), "float16"))
+    op = relax.op
+    with bb.function("decode", [*rows, w, codes, scale, zero]):
+        with bb.dataflow():
+            s = bb.emit(op.add(*rows)) if residual else rows[0]
+            sf = bb.emit(op.astype(s, "float32"))
+            m = bb.emit(op.mean(op.power(sf, relax.const(2.0, "float32")), axis=[-1], keepdims=True))
+            inv = bb.emit(op.rsqrt(op.add(m, relax.const(EPS, "float32"))))
+            if gemma:
+                w1 = op.add(op.astype(w, "float32"), relax.const(1.0, "float32"))
+                h = bb.emit(op.astype(bb.emit(op.multiply(op.multiply(sf, inv), w1)), "float16"))
+            else:
+                h = bb.emit(op.multiply(w, op.astype(op.multiply(sf, inv), "float16")))
+            gv = bb.add_func(matmul_func("e0m4", [1, 1], k, n, 32, "float16"), "e0m4_matmul")
+            y = bb.emit(relax.call_tir(gv, [h, codes, scale, zero],
+                                       relax.TensorType((1, 1, n), "float16")))
+            out = bb.emit_output(relax.Tuple([y, s]) if residual else y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def lower_gemv_prologue(mod, gpu: bool = True) -> tuple:
+    """``mod`` through the pipeline's fusions (phase 1) and phase 2 up to the GEMV prologues, as
+    ``compile_model`` runs them: ``(module, the number of producer/GEMV pairs fused)``."""
+    import tvm
+    from tvm import relax
+
+    from tvm_lite.pipeline import gemv_prologue_passes
+    from tvm_lite.relax_passes import FuseAddRMSNorm, FuseGEMVPrologue, FuseSiluMul
+
+    mod = FuseSiluMul()(FuseAddRMSNorm(norm_before_gemv=gpu)(mod))
+    seq = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+           relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    mod = tvm.transform.Sequential(seq)(mod)
+    count = 0
+    for p in gemv_prologue_passes(gpu):
+        mod = p(mod)
+        count += p.count if isinstance(p, FuseGEMVPrologue) else 0
+    return mod, count
+
+
+def norm_gemv_func(k: int, n: int):
+    """The fused RMSNorm + E0M4 GEMV PrimFunc the pipeline makes of Llama's fp16 norm before a
+    projection (params: the row ``s``, the norm weight, codes, scale, zero, the output)."""
+    from tvm import tirx
+
+    mod, fused = lower_gemv_prologue(norm_dequant_gemv(k, n))
+    (func,) = [f for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("fused")]
+    assert fused == 1 and len(func.params) == 6, (fused, len(func.params))
+    return func.with_attr("global_symbol", "main")
+
+
+def _norm_row(s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """What the fused kernel multiplies by W: Llama's fp16 RMSNorm, rounded where it rounds."""
+    sf = s.astype(np.float32).reshape(-1)
+    h = (sf / np.sqrt((sf * sf).mean() + EPS)).astype(np.float16).astype(np.float32)
+    return (h * w.astype(np.float32)).astype(np.float16).reshape(1, 1, -1)
 
 
 def sweep(plans=PLANS, layers=LAYERS, progress=print) -> list[dict]:
+    """A row per (layer, prologue, plan): the rule's plan first, then ``plans``; the layers whose
+    input is a normalized row (q/k/v, gate/up) also with the RMSNorm as the kernel's prologue
+    (``prologue="norm"``), as the decode step runs them."""
     import torch
     import tvm
     from torch.profiler import ProfilerActivity, profile
@@ -43,10 +125,12 @@ def sweep(plans=PLANS, layers=LAYERS, progress=print) -> list[dict]:
     dev = tvm.cuda(0)
     rng = np.random.default_rng(0)
     rows = []
-    todo = [(layer, plan) for layer in layers for plan in (None, *plans)]
+    todo = [(layer, prologue, plan) for layer in layers
+            for prologue in ("none", "norm")[:1 + (layer[2] in NORM_LAYERS)]
+            for plan in (None, *plans)]
     bar = tqdm(todo, desc="gemv plans", unit="plan")
     sets = {}
-    for (k, n, name), plan in bar:
+    for (k, n, name), prologue, plan in bar:
         if (k, n) not in sets:
             sets.clear()
             host = [weights("e0m4", k, n, rng) for _ in range(COPIES)]
@@ -54,44 +138,53 @@ def sweep(plans=PLANS, layers=LAYERS, progress=print) -> list[dict]:
         host, on_dev = sets[(k, n)]
         forced = tuple(int(v) for v in plan.split("x")) if plan else None
         rule = GPUDecodeGEMV(cuda, forced=forced)
-        func = kernel_func("e0m4", [1, 1], k, n)
+        func = norm_gemv_func(k, n) if prologue == "norm" else kernel_func("e0m4", [1, 1], k, n)
         with target:
             sch = rule.apply(func, target, False)
         if sch is None:
-            progress(f"{name} {plan}: the plan does not divide the layer")
+            progress(f"{name} {prologue} {plan}: the plan does not divide the layer")
             continue
         f = build(func, target, [rule, *rules_for(target)])["main"]
-        x = tvm.runtime.tensor(random_half((1, 1, k), rng), dev)
+        row = random_half((1, 1, k), rng)
+        lead = [row]
+        x = row
+        if prologue == "norm":
+            norm_w = random_half((k,), rng)
+            lead = [row, norm_w]
+            x = _norm_row(row, norm_w)
+        lead = [tvm.runtime.tensor(a, dev) for a in lead]
         out = tvm.runtime.empty((1, 1, n), "float16", dev)
         for s in on_dev[:3]:
-            f(x, *s, out)
+            f(*lead, *s, out)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(ROUNDS):
                 for s in on_dev:
-                    f(x, *s, out)
+                    f(*lead, *s, out)
             torch.cuda.synchronize()
         cols = min(n, 512)
-        ref = reference("e0m4", x.numpy(), host[-1], k, cols)
+        ref = reference("e0m4", x, host[-1], k, cols)
         got = out.numpy().reshape(-1, n)[:, :cols].astype(np.float32)
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         us = sum(e.device_time for e in kernels) / (ROUNDS * COPIES)
         nbytes = sum(a.nbytes for a in host[0].values())
         shape = rule.plan(n, k, target=target)
-        rows.append(dict(layer=name, K=k, N=n, plan=plan or "default", shape=shape, us=us,
-                         tb_s=nbytes / us / 1e6, kernels=len({e.name for e in kernels}),
+        rows.append(dict(layer=name, K=k, N=n, prologue=prologue, plan=plan or "default",
+                         shape=shape, us=us, tb_s=nbytes / us / 1e6,
+                         kernels=len({e.name for e in kernels}),
                          err=float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))))
-        bar.set_postfix_str(f"{name} {plan or 'default'} {us:.2f} us")
+        bar.set_postfix_str(f"{name} {prologue} {plan or 'default'} {us:.2f} us")
     return rows
 
 
 def format_table(rows) -> str:
-    lines = ["| layer KxN | plan (tn x ks) | tn / tk / ks | workgroups | us | TB/s | err |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| layer KxN | prologue | plan (tn x ks) | tn / tk / ks | workgroups | us | TB/s | err |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["shape"]
         groups = r["N"] // (s["vec"] * s["tn"]) * s["ks"]
-        lines.append(f"| {r['layer']} {r['K']}x{r['N']} | {r['plan']} | {s['tn']} / {s['tk']} / "
+        lines.append(f"| {r['layer']} {r['K']}x{r['N']} | {r.get('prologue', 'none')} | "
+                     f"{r['plan']} | {s['tn']} / {s['tk']} / "
                      f"{s['ks']} | {groups} | {r['us']:.2f} | {r['tb_s']:.2f} | {r['err']:.1e} |")
     return "\n".join(lines)
 
