@@ -21,6 +21,7 @@ step, with its norm, the gate/up GEMV took 10.4 us.)
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -197,7 +198,16 @@ def main(argv=None) -> None:
     ap.add_argument("--plans", default=",".join(PLANS), help="TNxKS plans besides the rule's")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    rows = sweep(tuple(p for p in args.plans.split(",") if p))
+    plans = tuple(p for p in args.plans.split(",") if p)
+    bad = [p for p in plans if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", p)]
+    if bad:
+        ap.error(f"--plans: {', '.join(bad)} is not TNxKS (threads along N x splits of K, "
+                 "e.g. 4x8)")
+    import tvm
+
+    if not tvm.cuda(0).exist:
+        raise SystemExit("bench.gemv_plans: no CUDA GPU here (it times the CUDA kernels)")
+    rows = sweep(plans)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
