@@ -23,7 +23,6 @@ from tvm import relax
 from tvm_lite import parse_target
 from tvm_lite.bench.gemv_plans import EPS, lower_gemv_prologue as _lowered
 from tvm_lite.bench.gemv_plans import norm_dequant_gemv as _norm_dequant_gemv
-from tvm_lite.pipeline import gemv_prologue_passes
 from tvm_lite.relax_passes import FuseAddRMSNorm, FuseGEMVPrologue, FuseSiluMul
 from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV
 from tvm_lite.schedules.profiles import PROFILES, fit_to_target
@@ -367,6 +366,8 @@ def test_bench_gemv_plans_norm_kernel_and_its_numpy_agree_on_the_cpu():
     """``bench.gemv_plans``' fused RMSNorm + E0M4 GEMV (the pipeline's own fusion) built for the
     CPU, fed as the bench feeds it, against the bench's numpy reference: the parameter order
     and the norm's rounding the GPU rows are checked with."""
+    from tvm.s_tir import dlight as dl
+
     from tvm_lite.bench import gemv_plans
     from tvm_lite.bench.kernels import random_half, reference, weights
     from tvm_lite.schedules import rules_for
@@ -375,8 +376,6 @@ def test_bench_gemv_plans_norm_kernel_and_its_numpy_agree_on_the_cpu():
     func = gemv_plans.norm_gemv_func(k, n)
     llvm = parse_target("llvm")
     mod = tvm.IRModule({"main": func})
-    from tvm.s_tir import dlight as dl
-
     with llvm:
         ex = tvm.compile(dl.ApplyDefaultSchedule(*rules_for(llvm))(mod), target=llvm)
     rng = np.random.default_rng(3)
