@@ -64,7 +64,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                  split_k: bool = True, mma_tile: tuple | None = None,
                  x_async: bool | None = None, wgmma: bool | None = None,
                  wgmma_tile: tuple | None = None, wgmma_x_stages: int | None = None,
-                 wgmma_specialised: int = 0):
+                 wgmma_specialised: int = 0, wgmma_ablate: tuple = ()):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -77,6 +77,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         self.wgmma_x_stages = wgmma_x_stages  # its X staging (None: gpu_gemm_wgmma.X_STAGES)
         # > 0: the warp-specialised wgmma kernel with this many stages (gpu_gemm_wgmma_ws)
         self.wgmma_specialised = wgmma_specialised
+        self.wgmma_ablate = wgmma_ablate  # its parts left out (diagnostics: wrong results)
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -92,7 +93,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                     profile = fit_to_target(self.profile, target)
                     if self.wgmma_specialised:
                         return ws_gemm_kernel(func, target, profile, self.wgmma_tile,
-                                              self.wgmma_specialised)
+                                              self.wgmma_specialised, self.wgmma_ablate)
                     return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
                                              self.wgmma_x_stages)
                 except MatchError:

@@ -46,6 +46,11 @@ STAGES = 4  # slices in the ring
 DEEP_K_RATIO = 4
 DEEP_TILE = (128, 256)
 DEEP_STAGES = 3
+# Parts of the kernel a diagnostic build leaves out (``ablate``; ``bench.prefill --wgmma
+# 128x256xws3-dequant``): the producer's copies after the first S - 1 slices, its dequant, the
+# consumers' wgmma, the output stores. Such a kernel computes a wrong result; its time says which
+# part bounds the whole (a part whose removal does not speed it up is not the bound).
+ABLATIONS = ("copy", "dequant", "mma", "store")
 
 HELPERS = {
     **wg.HELPERS,
@@ -81,9 +86,10 @@ def shared_bytes(g: dict, TM: int, TN: int, stages: int) -> int:
     return stages * (XS + WS + RS)
 
 
-def kernel_source(func, g: dict, tile, stages: int = STAGES) -> str:
+def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
     """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
-    (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``."""
+    (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``. ``ablate``: parts of
+    :data:`ABLATIONS` to leave out (diagnostics only: the result is wrong)."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, VEC, SBO, h = wg.TK, wg.VEC, wg.SBO, 2
@@ -173,13 +179,14 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES) -> str:
         indent("\n".join([
             ev(f"tvm_lite_cp_async_wait_group{S - 2}"),
             ev("tvm_lite_bar_sync", f"T.int32({PBAR})", f"T.int32({PT})"),
-            dequant.replace("{slot}", f"k % {S}"),
+            "T.evaluate(0)" if "dequant" in ablate else dequant.replace("{slot}", f"k % {S}"),
             ev("tvm_lite_fence_async_shared"),
             ev("tvm_lite_bar_arrive", f"T.Cast('int32', {FULL} + k % {S})", f"T.int32({threads})"),
             f"if k + {S - 1} < {KT}:",
             f"    if k >= 1:",
             "        " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {EMPTY} + (k - 1) % {S})",
                              f"T.int32({threads})"),
+            "    T.evaluate(0)" if "copy" in ablate else
             indent(issue(f"(k + {S - 1})", f"(k + {S - 1}) % {S}"), 4),
             commit]), 4)]
 
@@ -199,7 +206,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES) -> str:
         "    " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {FULL} + j % {S})", f"T.int32({threads})"),
         "    " + ev("tvm_lite_wgmma_fence"),
         f"    for kk in T.unroll({TK // 16}):",
-        f"        T.evaluate({mma})",
+        f"        T.evaluate({0 if 'mma' in ablate else mma})",
         "    " + ev("tvm_lite_wgmma_commit"),
         "    " + ev("tvm_lite_wgmma_wait1"),
         f"    if j >= 1 and j - 1 + {S} < {KT}:",
@@ -208,7 +215,9 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES) -> str:
         ev("tvm_lite_wgmma_wait0"),
         f"for jn in T.unroll({TN // 8}):",
         "    for c in T.unroll(4):",
-        f"        if {row} < {M}:",
+        # (an ablated store: a condition the compiler cannot prove false, never true here)
+        f"        if {row} < {M}" + (f" and acc[jn * 4 + c] == T.float32(3.0e38):"
+                                     if "store" in ablate else ":"),
         f"            {store}"])
     head = mma_gemm.kernel_head("gemm_wgmma_ws", params, decls, mma_gemm.packed_views(names, g),
                                 workspace, (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
@@ -225,17 +234,21 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES) -> str:
 {sum_kernel}'''
 
 
-def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES):
+def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=()):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
-    :func:`.gpu_gemm_wgmma.plan_kernel`)."""
+    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``: see :func:`kernel_source`)."""
     if not 2 <= stages <= 5:
         raise MatchError(f"stages={stages}: 2 to 5")
+    unknown = sorted(set(ablate) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"ablate: unknown {', '.join(unknown)} (known: {', '.join(ABLATIONS)})")
     sch, func, g, TM, TN, ks = wg.plan_kernel(func, target, profile, tile)
     if wg.TK % g["group"] and g["group"] % wg.TK:
         raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
                          f"of the {wg.TK}-deep slice")
-    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages), HELPERS, sch, func, g,
+    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate), HELPERS, sch,
+                            func, g,
                             shared_bytes(g, TM, TN, stages),
                             "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d"
                             % (TN, TM, TN, ks, stages))
@@ -254,4 +267,4 @@ def deep_gemm_kernel(func, target, profile):
 
 
 __all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "kernel_source", "HELPERS", "STAGES",
-           "DEEP_K_RATIO"]
+           "DEEP_K_RATIO", "ABLATIONS"]

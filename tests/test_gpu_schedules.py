@@ -873,6 +873,40 @@ def test_bench_wgmma_variants_build_their_kernels():
         ws.ws_gemm_kernel(func, a90, CUDA, (128, 256), 4)
 
 
+def test_bench_wgmma_ablations_leave_out_their_part_only():
+    """``bench.prefill --wgmma 128x256xws3-dequant`` (a diagnostic): each part of
+    ``gpu_gemm_wgmma_ws.ABLATIONS`` leaves its own code out of the kernel and nothing else; an
+    unknown part is refused by name."""
+    from tvm_lite.bench.prefill import gemm_rules
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    specs = [(128, 256, "ws3")] + [(128, 256, f"ws3-{a}") for a in ws.ABLATIONS]
+    rules, _ = gemm_rules(parse_target(TARGETS["cuda"]), (), specs)
+    func = kernel_func("e0m4", [1, DYN], 2048, 8192)
+    a90 = parse_target(WGMMA_TARGET)
+
+    def source(name):
+        sch = _schedule(rules[f"e0m4 wgmma 128x256 x{name}"][0], func, a90)
+        return sch.mod["main"].script()
+
+    def count(src):
+        return {part: src.count(marker) for part, marker in (
+            ("copy", "tvm_lite_cp_async16"), ("dequant", "tvm_lite_dq_kmajor"),
+            ("mma", "tvm_lite_wgmma_m64n256k16"), ("store", "== T.float32(3000"))}
+
+    whole = count(source("ws3"))
+    assert whole["store"] == 0 and all(whole[p] for p in ("copy", "dequant", "mma"))
+    for part in ws.ABLATIONS:
+        got = count(source(f"ws3-{part}"))
+        assert got[part] < whole[part] if part != "store" else got[part] > 0, (part, got)
+        if part == "copy":  # the first S - 1 slices are still copied
+            assert got["copy"] > 0
+        assert {p: v for p, v in got.items() if p != part} == \
+            {p: v for p, v in whole.items() if p != part}, (part, got, whole)
+    with pytest.raises(ValueError, match="ablate: unknown nope"):
+        ws.ws_gemm_kernel(func, a90, CUDA, (128, 256), 3, ablate=("nope",))
+
+
 def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path):
     """The rule takes the wgmma kernel for 4-bit weights on ``sm_90a`` when asked (fp16 weights
     and ``sm_90`` keep the mma.sync kernel); nvcc builds it for sm_90a without spills."""

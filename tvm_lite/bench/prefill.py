@@ -229,6 +229,13 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
     return rows
 
 
+def nvtx_name(model: str, layer: str, variant: str) -> str:
+    """The NVTX range around one GEMM variant's timing, e.g. ``gemm:llama-3.2-1b:gate+up:e0m4_
+    wgmma_128x256_xws3`` (no spaces, commas or slashes, which ncu's filter reads): ``ncu --nvtx
+    --nvtx-include "<name>/" --launch-count 1`` profiles one of its launches."""
+    return ":".join(("gemm", model, layer, variant)).replace(" ", "_").replace(",", "+")
+
+
 def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
     out = []
     for m in models:
@@ -271,11 +278,12 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
              "sm_90a": rules_for(parse_target("cuda -arch=sm_90a"))}
     variants = dict(GEMM_VARIANTS)
     for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings ("wsS":
-        name = f"e0m4 wgmma {tm}x{tn} x{stages}"  # warp-specialised with S stages)
-        ws = int(stages[2:]) if str(stages).startswith("ws") else 0
+        name = f"e0m4 wgmma {tm}x{tn} x{stages}"  # warp-specialised with S stages, "-part":
+        stages, *ablate = str(stages).split("-")  # without that part, gpu_gemm_wgmma_ws.ABLATIONS)
+        ws = int(stages[2:]) if stages.startswith("ws") else 0
         rules[name] = [GPUPrefillGEMM(cuda, wgmma=True, wgmma_tile=(tm, tn),
                                       wgmma_x_stages=0 if ws else int(stages),
-                                      wgmma_specialised=ws)]
+                                      wgmma_specialised=ws, wgmma_ablate=tuple(ablate))]
         variants[name] = ("e0m4", name)
     for tile in tiles:
         for x_async in (False, True):
@@ -286,11 +294,12 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
 
 
 def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_VARIANTS),
-               progress=print, tiles=(), wgmma=()) -> list[dict]:
+               progress=print, tiles=(), wgmma=(), layers=()) -> list[dict]:
     """One row per (layer, length, variant). ``tiles``: tensor-core tiles ``(TM, TN, WM, WN, KS[,
     TK])`` also timed on every layer as E0M4 variants ``"e0m4 tile TMxTNxWMxWNxKS[xTK]"`` (a
     sweep for ``gpu_gemm_mma.choose_tile``), each also with X copied by ``cp.async`` (``"... x
-    async"``); a tile that does not divide a layer is skipped."""
+    async"``); a tile that does not divide a layer is skipped. ``layers``: only these layer
+    names of :func:`gemm_layers` (e.g. ``("gate,up",)``; empty: all)."""
     import torch
     import tvm
     from tvm import tirx
@@ -309,6 +318,8 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     rng = np.random.default_rng(0)
     rows = []
     for model, name, k, n in gemm_layers(models):
+        if layers and name not in layers:
+            continue
         w16 = torch.from_numpy(random_half((k, n), rng)).cuda()
         for seq in lengths:
             x = torch.from_numpy(random_half((1, seq, k), rng)).cuda()
@@ -347,7 +358,8 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                 out = tvm.runtime.empty((1, seq, n), "float16", dev)
                 args = [tvm.runtime.from_dlpack(x), *[tvm.runtime.tensor(a, dev)
                                                       for a in arrays.values()], out]
-                ms = _tvm_ms(ex, dev, args)
+                with torch.cuda.nvtx.range(nvtx_name(model, name, variant)):  # (for ncu)
+                    ms = _tvm_ms(ex, dev, args)
                 cols = min(n, 1024)
                 ref = reference(fmt, x.cpu().numpy(), arrays, k, cols)
                 got = out.numpy().reshape(-1, n)[:, :cols].astype(np.float32)
@@ -407,7 +419,11 @@ def main(argv=None):
     ap.add_argument("--gemm-models", default=",".join(GEMM_MODELS))
     ap.add_argument("--wgmma", default="", help="also time the wgmma GEMM at these tiles and X "
                     "stagings TMxTNxS (S: 0 registers, 2-5 cp.async slices, wsN the "
-                    "warp-specialised kernel with N stages), e.g. 128x256x3,128x256xws3")
+                    "warp-specialised kernel with N stages, wsN-part[-part..] the same without those parts, "
+                    "a diagnostic: copy, dequant, mma, store), e.g. 128x256x3,128x256xws3,"
+                    "128x256xws3-dequant")
+    ap.add_argument("--gemm-layers", default="", help="only these layers, separated by ';' "
+                    "(names: q;k,v;o;gate,up;down; default: all)")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
                     f"(default: all of {', '.join(GEMM_VARIANTS)}; e0m4 and fp16 with --gemm-tiles)")
     ap.add_argument("--baseline-kernel", default="", help="other versions of "
@@ -433,6 +449,22 @@ def main(argv=None):
     if unknown:
         ap.error(f"--gemm-variants: unknown {', '.join(unknown)} "
                  f"(known: {', '.join(GEMM_VARIANTS)})")
+    from tvm_lite.schedules.gpu_gemm_wgmma_ws import ABLATIONS
+
+    for spec in (t for t in args.wgmma.split(",") if t):
+        parts_ = spec.split("x")
+        if len(parts_) != 3 or not (parts_[0].isdigit() and parts_[1].isdigit()):
+            ap.error(f"--wgmma {spec}: not TMxTNxS")
+        stages, *ablate = parts_[2].split("-")
+        bad = [a for a in ablate if a not in ABLATIONS]
+        if bad or (ablate and not stages.startswith("ws")):
+            ap.error(f"--wgmma {spec}: parts can be left out of a wsN kernel only, and only "
+                     f"{', '.join(ABLATIONS)}")
+    known_layers = {"q", "k,v", "o", "gate,up", "down"}
+    bad = [v for v in args.gemm_layers.split(";") if v and v not in known_layers]
+    if bad:
+        ap.error(f"--gemm-layers: unknown {', '.join(bad)} "
+                 f"(known: {';'.join(sorted(known_layers))})")
     import torch
 
     result = {"device": torch.cuda.get_device_name()}
@@ -458,8 +490,9 @@ def main(argv=None):
             fmts = gemm_variants
         wgmma = [(int(t.split("x")[0]), int(t.split("x")[1]), t.split("x")[2])
                  for t in args.wgmma.split(",") if t]
+        layers = tuple(v for v in args.gemm_layers.split(";") if v)
         result["gemm"] = bench_gemm(models=args.gemm_models.split(","), fmts=fmts, tiles=tiles,
-                                    wgmma=wgmma)
+                                    wgmma=wgmma, layers=layers)
         save()
     print(format_tables(result))
 
