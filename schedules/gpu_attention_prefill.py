@@ -537,7 +537,7 @@ def _merge(p: dict, spl: str) -> str:
                 for s in T.unroll({S}):
                     mm[s] = {MIN}
                     ml[s] = T.float32(0)
-                    if s < {spl}:
+                    if T.Cast("int64", s) < {spl}:
                         mm[s] = ws_m[{at}]
                         ml[s] = ws_l[{at}]
                         mo[T.Ramp(s * {vec}, 1, {vec})] = ws_o[T.Ramp({at} * {D} + {d}, 1, {vec})]
@@ -548,7 +548,7 @@ def _merge(p: dict, spl: str) -> str:
                 for c in T.unroll({vec}):
                     mg[2 + c] = T.float32(0)
                 for s in T.unroll({S}):
-                    if s < {spl}:
+                    if T.Cast("int64", s) < {spl}:
                         mm[s] = T.exp2(mm[s] - mg[0])
                         mg[1] = mg[1] + ml[s] * mm[s]
                         for c in T.unroll({vec}):
