@@ -87,9 +87,13 @@ NEG = "T.float32(-1e30)"  # the tensor-core kernel's "no key": finite however th
 TC_WARPS = 4
 # 16-row m-tiles per warp: with 2 a warp reuses every K and V fragment it loads for 32 rows and a
 # workgroup's K/V tile serves 128 rows (FlashAttention-2's layout), for twice the accumulator
-# registers. ptxas (sm_90, 64-key tiles): head_dim 64 takes 136-140 registers with 1 and 242-255
-# with 2, no spills; head_dim 128 with 2 spills (84 bytes; 48 with 32-key tiles), so only head_dim
-# <= 64 may take 2. 1 is what the H200 measured; 2 waits for a sweep (bench.prefill --m-tiles 1,2).
+# registers. 1 is what the H200 measured fastest (tenth session, an older loop: Llama-1B's shape
+# at n = 2048 169 us with 1, 335 with 2). ptxas (nvcc 13, sm_90, sixteenth session's loop),
+# registers with 1 / 2 m-tiles at 64-key tiles: Llama-1B's shape 156 / 230, SmolLM2's 149 / 255
+# (20 bytes spilled), head_dim 128 166 / 255 (268 bytes spilled), Gemma-2B's 234 / 255 (2.7 KB);
+# at 32-key tiles head_dim 128 takes 128 / 252 with no spill: a 128-row workgroup at head_dim
+# 128 was never timed (``bench.prefill --parts attention --key-tiles 32 --m-tiles 2`` times it;
+# the default stays 1 above TC_M_TILES_MAX_DIM).
 TC_M_TILES = 1
 TC_M_TILES_MAX_DIM = 64
 TC_SHARED_BYTES = 110 * 1024
@@ -434,9 +438,11 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
 
 
 def m_tiles_for(p: dict, m_tiles: int | None = None) -> int:
-    """16-row m-tiles a warp owns: ``m_tiles`` (default :data:`TC_M_TILES`), 1 above
-    :data:`TC_M_TILES_MAX_DIM` (the accumulators of two m-tiles would spill)."""
-    return 1 if p["head_dim"] > TC_M_TILES_MAX_DIM else (m_tiles or TC_M_TILES)
+    """16-row m-tiles a warp owns: ``m_tiles`` where given (sweeps: ``bench.prefill
+    --m-tiles``), else :data:`TC_M_TILES`, 1 above :data:`TC_M_TILES_MAX_DIM`."""
+    if m_tiles:
+        return m_tiles
+    return 1 if p["head_dim"] > TC_M_TILES_MAX_DIM else TC_M_TILES
 
 
 def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES,

@@ -618,8 +618,9 @@ def test_tensor_core_prefill_splits_keys_only_for_small_grids():
 TC_CPU_CASES = [(9, 3, 64, 130, 0, 1), (9, 3, 64, 40, 300, 1), (8, 2, 64, 32, 224, 1),
                 (8, 1, 256, 16, 240, 1),
                 (8, 2, 32, 70, 0, 1), (32, 32, 80, 50, 0, 1),  # head_dim 32; Phi-2's 80, no GQA
-                # two m-tiles a warp (128-row workgroups): one split, then a 2-split chunk
-                (9, 3, 64, 130, 0, 2), (8, 2, 64, 64, 224, 2)]
+                # two m-tiles a warp (128-row workgroups): one split, then a 2-split chunk;
+                # head_dim 128 (a sweep's variant: bench.prefill --m-tiles 2)
+                (9, 3, 64, 130, 0, 2), (8, 2, 64, 64, 224, 2), (8, 2, 128, 70, 0, 2)]
 
 
 def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None):
