@@ -64,7 +64,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                  split_k: bool = True, mma_tile: tuple | None = None,
                  x_async: bool | None = None, wgmma: bool | None = None,
                  wgmma_tile: tuple | None = None, wgmma_x_stages: int | None = None,
-                 wgmma_specialised: int = 0, wgmma_ablate: tuple = ()):
+                 wgmma_specialised: int = 0, wgmma_ablate: tuple = (),
+                 wgmma_w_buffers: int | None = None):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -78,6 +79,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         # > 0: the warp-specialised wgmma kernel with this many stages (gpu_gemm_wgmma_ws)
         self.wgmma_specialised = wgmma_specialised
         self.wgmma_ablate = wgmma_ablate  # its parts left out (diagnostics: wrong results)
+        self.wgmma_w_buffers = wgmma_w_buffers  # its fp16 W slices (None: one a stage)
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -93,7 +95,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                     profile = fit_to_target(self.profile, target)
                     if self.wgmma_specialised:
                         return ws_gemm_kernel(func, target, profile, self.wgmma_tile,
-                                              self.wgmma_specialised, self.wgmma_ablate)
+                                              self.wgmma_specialised, self.wgmma_ablate,
+                                              self.wgmma_w_buffers)
                     return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
                                              self.wgmma_x_stages)
                 except MatchError:

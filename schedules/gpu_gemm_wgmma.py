@@ -123,7 +123,7 @@ _ASM = {"tvm_lite_wgmma_fence": "wgmma.fence.sync.aligned;",
         "tvm_lite_wgmma_wait0": "wgmma.wait_group.sync.aligned 0;",
         "tvm_lite_fence_async_shared": "fence.proxy.async.shared::cta;",
         "tvm_lite_cp_async_commit": "cp.async.commit_group;",
-        **{f"tvm_lite_cp_async_wait_group{_n}": f"cp.async.wait_group {_n};" for _n in range(4)}}
+        **{f"tvm_lite_cp_async_wait_group{_n}": f"cp.async.wait_group {_n};" for _n in range(5)}}
 for _name, _asm in _ASM.items():
     HELPERS[_name] = f"""
 __forceinline__ __device__ void {_name}() {{

@@ -36,6 +36,7 @@ from .gpu_gemv import CODES_PER_WORD, MatchError
 from .gpu_gemv_half2 import E0M4_ZERO_NONE
 
 PRODUCER = 128  # threads of the producer warpgroup
+NAMED_BARRIERS = 16  # a workgroup's hardware barriers (bar.sync ids 0 .. 15)
 STAGES = 4  # slices in the ring
 # GPUPrefillGEMM takes this kernel by default on sm_90a for a deep GEMM, K >= DEEP_K_RATIO x N
 # (the down projections), with DEEP_TILE and DEEP_STAGES. Measured on the H200 at M = 512
@@ -77,19 +78,23 @@ __forceinline__ __device__ uint4 tvm_lite_lds_v4(const void* p) {
 }
 
 
-def shared_bytes(g: dict, TM: int, TN: int, stages: int) -> int:
-    """Bytes of shared memory a workgroup uses: per stage X, the fp16 W and the packed slice."""
+def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None = None) -> int:
+    """Bytes of shared memory a workgroup uses: per stage X and the packed slice, and
+    ``w_buffers`` (default: one a stage) fp16 W slices."""
     XS = (wg.TK // 8) * ((TM // 8) * wg.SBO + wg.X_LBO_SKEW)
     WS = (wg.TK // 8) * (TN // 8) * wg.SBO
     RG = max(1, wg.TK // g["group"])
     RS = (wg.TK // CODES_PER_WORD) * TN * 2 + RG * TN * 2 * (2 if g["fmt"] == "e0m4" else 1)
-    return stages * (XS + WS + RS)
+    return stages * (XS + RS) + (w_buffers or stages) * WS
 
 
-def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
+def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
+                  w_buffers: int | None = None) -> str:
     """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
     (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``. ``ablate``: parts of
-    :data:`ABLATIONS` to leave out (diagnostics only: the result is wrong)."""
+    :data:`ABLATIONS` to leave out (diagnostics only: the result is wrong). ``w_buffers``: fp16
+    W slices in shared memory (default: one a stage; fewer -- 2 -- leave room for a deeper ring
+    of X and packed slices, the copies ``stages - 1`` slices ahead: see :func:`ws_gemm_kernel`)."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, VEC, SBO, h = wg.TK, wg.VEC, wg.SBO, 2
@@ -97,15 +102,17 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
     x, out = names[g["roles"]["x"]], names[g["roles"]["out"]]
     xbuf, obuf = func.params[g["roles"]["x"]], func.params[g["roles"]["out"]]
     S, PT, CW = stages, PRODUCER, TM // 64
+    WN = w_buffers or S  # fp16 W slices: slice k in W slot k % WN
     threads = PT * (1 + CW)
     FULL, EMPTY, PBAR = 1, 1 + S, 1 + 2 * S  # named barrier ids
+    WFREE = 2 + 2 * S  # WN < S: WFREE + k % WN, the W slot of slice k free again
     XL = (TM // 8) * SBO + wg.X_LBO_SKEW
     WL = (TN // 8) * SBO
     XS, WS = (TK // 8) * XL, (TK // 8) * WL
     RG = max(1, TK // G)  # scale / zero rows of a slice
     CB, GB = (TK // CODES_PER_WORD) * TN * 2, RG * TN * 2  # bytes: packed codes, scales
     RS = CB + GB * (2 if g["fmt"] == "e0m4" else 1)  # a stage's packed slice
-    WB, RB = S * XS, S * (XS + WS)  # byte offsets: fp16 W slots, packed slots
+    WB, RB = S * XS, S * XS + WN * WS  # byte offsets: fp16 W slots, packed slots
     KT = K // TK // KS
     kn = "(bz * %d + {k})" % KT if KS > 1 else "{k}"  # the K slice of this split
     warp, lane = "(tx // 32)", "(tx % 32)"
@@ -154,7 +161,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
     lds = lambda off: call("tvm_lite_lds_v4", f"T.address_of(sm[({raw} + {off}) // {h}])",  # noqa: E731
                            ret="uint32x4")
     zero_at = f"zv[l * {P} + p]" if g["fmt"] == "e0m4" else f"T.uint32({E0M4_ZERO_NONE})"
-    w_off = (f"({WB} + ({{slot}}) * {WS} + ({wr} // 2) * {WL} + {wgc} * {SBO} + p * 32"
+    w_off = (f"({WB} + ({{wslot}}) * {WS} + ({wr} // 2) * {WL} + {wgc} * {SBO} + p * 32"
              f" + {wr} % 2 * 8) // {h}")
     dq = call("tvm_lite_dq_kmajor", f"T.address_of(sm[{w_off}])", f"wv[l * {P} + p]", zero_at,
               f"sv[l * {P} + p]")
@@ -179,7 +186,11 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
         indent("\n".join([
             ev(f"tvm_lite_cp_async_wait_group{S - 2}"),
             ev("tvm_lite_bar_sync", f"T.int32({PBAR})", f"T.int32({PT})"),
-            "T.evaluate(0)" if "dequant" in ablate else dequant.replace("{slot}", f"k % {S}"),
+            *([f"if k >= {WN}:",  # the consumers are done with W slot k % WN's last slice
+               "    " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {WFREE} + k % {WN})",
+                           f"T.int32({threads})")] if WN < S else []),
+            "T.evaluate(0)" if "dequant" in ablate else
+            dequant.replace("{slot}", f"k % {S}").replace("{wslot}", f"k % {WN}"),
             ev("tvm_lite_fence_async_shared"),
             ev("tvm_lite_bar_arrive", f"T.Cast('int32', {FULL} + k % {S})", f"T.int32({threads})"),
             f"if k + {S - 1} < {KT}:",
@@ -192,7 +203,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
 
     wgi = f"({warp} // 4 - 1)"  # consumer warpgroup
     a_addr = f"T.address_of(sm[(j % {S} * {XS} + kk * 2 * {XL} + {wgi} * 8 * {SBO}) // {h}])"
-    b_addr = f"T.address_of(sm[({WB} + j % {S} * {WS} + kk * 2 * {WL}) // {h}])"
+    b_addr = f"T.address_of(sm[({WB} + j % {WN} * {WS} + kk * 2 * {WL}) // {h}])"
     mma = call(f"tvm_lite_wgmma_m64n{TN}k16", "T.address_of(acc[0])", a_addr, b_addr,
                f"T.uint32({XL})", f"T.uint32({WL})")
     row = f"by * {TM} + {wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + c // 2 * 8"
@@ -212,6 +223,9 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
         f"    if j >= 1 and j - 1 + {S} < {KT}:",
         "        " + ev("tvm_lite_bar_arrive", f"T.Cast('int32', {EMPTY} + (j - 1) % {S})",
                          f"T.int32({threads})"),
+        *([f"    if j >= 1 and j - 1 + {WN} < {KT}:",
+           "        " + ev("tvm_lite_bar_arrive", f"T.Cast('int32', {WFREE} + (j - 1) % {WN})",
+                          f"T.int32({threads})")] if WN < S else []),
         ev("tvm_lite_wgmma_wait0"),
         f"for jn in T.unroll({TN // 8}):",
         "    for c in T.unroll(4):",
@@ -222,7 +236,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
     head = mma_gemm.kernel_head("gemm_wgmma_ws", params, decls, mma_gemm.packed_views(names, g),
                                 workspace, (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
     return f'''{head}
-                sm = T.alloc_buffer(({(S * (XS + WS + RS)) // h},), "float16", scope="shared.dyn")
+                sm = T.alloc_buffer(({(S * (XS + RS) + WN * WS) // h},), "float16", scope="shared.dyn")
                 acc = T.alloc_buffer(({TN // 2},), "float32", scope="local")
                 wv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
                 sv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
@@ -234,12 +248,27 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=()) -> str:
 {sum_kernel}'''
 
 
-def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=()):
+def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
+                   w_buffers: int | None = None):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
-    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``: see :func:`kernel_source`)."""
-    if not 2 <= stages <= 5:
-        raise MatchError(f"stages={stages}: 2 to 5")
+    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``: see :func:`kernel_source`).
+
+    ``w_buffers`` (2 .. ``stages``; default ``stages``): the fp16 W slices the producer
+    dequantizes into. The ring of X and packed slices holds ``stages``; the copies of slice
+    ``k + stages - 1`` start once the consumers are done with slice ``k - 1``, so their latency
+    may be as long as ``stages - 1`` slices of MMAs. With one W slice a stage that is 3 stages
+    at 128 x 256 (66 KB a stage); with 2 W slices the ring can hold 5 (214 KB). The hardware's
+    16 named barriers bound ``stages`` (2 a stage, one for the producers, one a W slot where
+    there are fewer W slots than stages; id 0 is ``__syncthreads``)."""
+    if not 2 <= stages <= 5 and not (w_buffers and w_buffers < stages <= 6):
+        raise MatchError(f"stages={stages}: 2 to 5 (6 with fewer W buffers)")
+    if w_buffers is not None and not 2 <= w_buffers <= stages:
+        raise MatchError(f"w_buffers={w_buffers}: 2 to stages={stages}")
+    if w_buffers and w_buffers < stages and 2 * stages + 1 + w_buffers > NAMED_BARRIERS - 1:
+        raise MatchError(f"stages={stages}, w_buffers={w_buffers}: {2 * stages + 1 + w_buffers} "
+                         f"named barriers, the hardware has {NAMED_BARRIERS - 1} besides "
+                         "__syncthreads'")
     unknown = sorted(set(ablate) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"ablate: unknown {', '.join(unknown)} (known: {', '.join(ABLATIONS)})")
@@ -247,11 +276,11 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     if wg.TK % g["group"] and g["group"] % wg.TK:
         raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
                          f"of the {wg.TK}-deep slice")
-    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate), HELPERS, sch,
-                            func, g,
-                            shared_bytes(g, TM, TN, stages),
-                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d"
-                            % (TN, TM, TN, ks, stages))
+    wn = w_buffers if w_buffers and w_buffers < stages else None
+    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate, wn), HELPERS,
+                            sch, func, g, shared_bytes(g, TM, TN, stages, wn),
+                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s"
+                            % (TN, TM, TN, ks, stages, f" w{wn}" if wn else ""))
 
 
 def deep_gemm_kernel(func, target, profile):

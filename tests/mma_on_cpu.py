@@ -147,6 +147,7 @@ static void tvm_lite_cp_async_wait_group0() { cp_async_wait_group(0); }
 static void tvm_lite_cp_async_wait_group1() { cp_async_wait_group(1); }
 static void tvm_lite_cp_async_wait_group2() { cp_async_wait_group(2); }
 static void tvm_lite_cp_async_wait_group3() { cp_async_wait_group(3); }
+static void tvm_lite_cp_async_wait_group4() { cp_async_wait_group(4); }
 static float tvm_lite_ex2(float x) { return exp2f(x); }
 // Hopper's wgmma (schedules/gpu_gemm_wgmma.py): operands in shared memory, K-major core
 // matrices of 8 rows x 16 bytes, WGMMA_SBO bytes apart in M / N and *_lbo apart in K. Each

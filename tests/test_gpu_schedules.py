@@ -822,14 +822,19 @@ def test_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, 
 # (fmt, K, N, M, epilogue, tile, stages): the warp-specialised kernel -- the default tile cut by
 # M with the ring wrapping around (8 slices, 4 stages); one consumer warpgroup and 2 stages; K
 # split in two; N 256 (3 stages: 4 do not fit in shared memory); a quantization group (128) that
-# spans two slices; fewer slices than stages; four consumer warpgroups (256 rows, 640 threads)
+# spans two slices; fewer slices than stages; four consumer warpgroups (256 rows, 640 threads);
+# fewer fp16 W slices than stages (the ring 5 deep with 2 W slots, wrapping around; 3 W slots
+# with K split; 2 W slots with fewer slices than stages)
 WGMMA_WS_CPU_CASES = [("e0m4", 512, 128, 70, None, None, 4),
                       ("int4", 256, 128, 37, "residual", (64, 128), 2),
                       ("e0m4", 1024, 128, 40, "residual", (128, 128, 2), 3),
                       ("e0m4", 256, 256, 130, None, (128, 256), 3),
                       ("e0m4", 512, 128, 20, None, (64, 128), 3, 128),
                       ("int4", 128, 64, 20, None, (64, 64), 5),
-                      ("e0m4", 256, 128, 300, "residual", (256, 128), 3)]
+                      ("e0m4", 256, 128, 300, "residual", (256, 128), 3),
+                      ("e0m4", 768, 128, 70, None, (128, 128), 5, 32, 2),
+                      ("int4", 2048, 64, 20, "residual", (64, 64, 2), 5, 32, 3),
+                      ("e0m4", 256, 128, 30, None, (64, 128), 5, 128, 2)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
@@ -844,10 +849,13 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
 
     fmt, k, n, m, epilogue, tile, stages = case[:7]
     group = case[7] if len(case) > 7 else 32
+    w_buffers = case[8] if len(case) > 8 else None
     target = parse_target(WGMMA_TARGET)
     func = _dequant_gemv(fmt, k, n, epilogue, lead=(1, m), group=group)
     with target:
-        sch = ws.ws_gemm_kernel(func, target, CUDA, tile, stages)
+        sch = ws.ws_gemm_kernel(func, target, CUDA, tile, stages, w_buffers=w_buffers)
+    label = str(sch.mod["main"].attrs["tvm_lite.gemm"])
+    assert label.endswith(f"x{stages} w{w_buffers}" if w_buffers else f"x{stages}"), label
     kernel = sch.mod["main"].with_attr("global_symbol", "main")
     src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
     assert "tvm_lite_bar_arrive(" in src and "tvm_lite_cp_async16(" in src
@@ -871,6 +879,15 @@ def test_bench_wgmma_variants_build_their_kernels():
         assert str(attrs["tvm_lite.gemm"]).endswith(marker), attrs["tvm_lite.gemm"]
     with pytest.raises(MatchError, match="shared memory"):
         ws.ws_gemm_kernel(func, a90, CUDA, (128, 256), 4)
+    # fewer fp16 W slices than stages: a deeper ring in the same shared memory (5 stages and 2
+    # W slices fit at 128 x 256, 6 do not), within the 16 named barriers
+    rules, _ = gemm_rules(parse_target(TARGETS["cuda"]), (), [(128, 256, "ws5w2")])
+    attrs = _schedule(rules["e0m4 wgmma 128x256 xws5w2"][0], func, a90).mod["main"].attrs
+    assert str(attrs["tvm_lite.gemm"]).endswith("warp-specialised x5 w2"), attrs["tvm_lite.gemm"]
+    with pytest.raises(MatchError, match="shared memory"):
+        ws.ws_gemm_kernel(func, a90, CUDA, (128, 256), 6, w_buffers=2)
+    with pytest.raises(MatchError, match="named barriers"):
+        ws.ws_gemm_kernel(func, a90, CUDA, (128, 128), 6, w_buffers=3)
 
 
 def test_bench_wgmma_ablations_leave_out_their_part_only():
@@ -976,14 +993,19 @@ def test_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, stages):
 
 
 @HOPPER
-@pytest.mark.parametrize("fmt,k,n,epilogue,tile,stages", [
-    ("e0m4", 2048, 2048, "residual", None, 4), ("int4", 2048, 512, None, (64, 128), 2),
-    ("e0m4", 8192, 2048, None, (128, 256), 3), ("e0m4", 2048, 8192, "residual", (128, 256), 3)])
+@pytest.mark.parametrize("fmt,k,n,epilogue,tile,stages,w_buffers", [
+    ("e0m4", 2048, 2048, "residual", None, 4, None), ("int4", 2048, 512, None, (64, 128), 2, None),
+    ("e0m4", 8192, 2048, None, (128, 256), 3, None),
+    ("e0m4", 2048, 8192, "residual", (128, 256), 3, None),
+    ("e0m4", 2048, 8192, "residual", (128, 256), 5, 2),  # the deeper ring, 2 W slots
+    ("e0m4", 8192, 2048, None, (256, 128), 4, 2)])
 def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, tile,
-                                                                   stages):
-    """The warp-specialised wgmma GEMM on the GPU against numpy (M = 1, 37, 128, 200, 512)."""
+                                                                   stages, w_buffers):
+    """The warp-specialised wgmma GEMM on the GPU against numpy (M = 1, 37, 128, 200, 512): the
+    asynchronous MMAs, which the CPU emulation runs at once, may not see a W slot rewritten."""
     ex = build(_mma_func(fmt, k, n, epilogue), parse_target(WGMMA_TARGET),
-               [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=tile, wgmma_specialised=stages)])
+               [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=tile, wgmma_specialised=stages,
+                               wgmma_w_buffers=w_buffers)])
     assert "tvm_lite_bar_arrive(" in _source(ex, "cuda")
     _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -261,6 +262,26 @@ GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp1
                  "e0m4 (sm_90a)": ("e0m4", "sm_90a")}
 
 
+def parse_wgmma_stages(spec: str) -> tuple[bool, int, int | None, tuple]:
+    """``--wgmma``'s staging part: ``S`` (the wgmma kernel, X in S cp.async slices, 0: in
+    registers), ``wsS`` (the warp-specialised kernel, S stages), ``wsSwB`` (... with B fp16 W
+    slices), each ``wsS..`` optionally followed by ``-part`` for each part left out (a
+    diagnostic: ``gpu_gemm_wgmma_ws.ABLATIONS``). Returns (warp-specialised, S, B or None,
+    parts left out); raises ValueError naming what is wrong."""
+    from tvm_lite.schedules.gpu_gemm_wgmma_ws import ABLATIONS
+
+    head, *ablate = str(spec).split("-")
+    m = re.fullmatch(r"(ws)?(\d+)(?:w(\d+))?", head)
+    if not m or (m.group(3) and not m.group(1)):
+        raise ValueError(f"{spec}: the staging is S, wsS or wsSwB")
+    bad = [a for a in ablate if a not in ABLATIONS]
+    if bad or (ablate and not m.group(1)):
+        raise ValueError(f"{spec}: parts can be left out of a wsS kernel only, and only "
+                         f"{', '.join(ABLATIONS)}")
+    return bool(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None, \
+        tuple(ablate)
+
+
 def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
     """(rule name -> schedule rules, variant -> (weight format, rule name)): the rules of
     :data:`GEMM_VARIANTS`, and per forced tile ``(TM, TN, WM, WN, KS[, TK])`` two E0M4 variants,
@@ -277,13 +298,13 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
              "wgmma": [GPUPrefillGEMM(cuda, wgmma=True), *rules_for(target)],
              "sm_90a": rules_for(parse_target("cuda -arch=sm_90a"))}
     variants = dict(GEMM_VARIANTS)
-    for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings ("wsS":
-        name = f"e0m4 wgmma {tm}x{tn} x{stages}"  # warp-specialised with S stages, "-part":
-        stages, *ablate = str(stages).split("-")  # without that part, gpu_gemm_wgmma_ws.ABLATIONS)
-        ws = int(stages[2:]) if stages.startswith("ws") else 0
+    for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings
+        name = f"e0m4 wgmma {tm}x{tn} x{stages}"
+        ws, count, wbuf, ablate = parse_wgmma_stages(stages)
         rules[name] = [GPUPrefillGEMM(cuda, wgmma=True, wgmma_tile=(tm, tn),
-                                      wgmma_x_stages=0 if ws else int(stages),
-                                      wgmma_specialised=ws, wgmma_ablate=tuple(ablate))]
+                                      wgmma_x_stages=0 if ws else count,
+                                      wgmma_specialised=count if ws else 0,
+                                      wgmma_ablate=ablate, wgmma_w_buffers=wbuf)]
         variants[name] = ("e0m4", name)
     for tile in tiles:
         for x_async in (False, True):
@@ -419,9 +440,9 @@ def main(argv=None):
     ap.add_argument("--gemm-models", default=",".join(GEMM_MODELS))
     ap.add_argument("--wgmma", default="", help="also time the wgmma GEMM at these tiles and X "
                     "stagings TMxTNxS (S: 0 registers, 2-5 cp.async slices, wsN the "
-                    "warp-specialised kernel with N stages, wsN-part[-part..] the same without those parts, "
-                    "a diagnostic: copy, dequant, mma, store), e.g. 128x256x3,128x256xws3,"
-                    "128x256xws3-dequant")
+                    "warp-specialised kernel with N stages, wsNwB the same with B fp16 W slices, "
+                    "wsN..-part[-part..] without those parts, a diagnostic: copy, dequant, mma, "
+                    "store), e.g. 128x256x3,128x256xws3,128x256xws5w2,128x256xws3-dequant")
     ap.add_argument("--gemm-layers", default="", help="only these layers, separated by ';' "
                     "(names: q;k,v;o;gate,up;down; default: all)")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
@@ -449,17 +470,14 @@ def main(argv=None):
     if unknown:
         ap.error(f"--gemm-variants: unknown {', '.join(unknown)} "
                  f"(known: {', '.join(GEMM_VARIANTS)})")
-    from tvm_lite.schedules.gpu_gemm_wgmma_ws import ABLATIONS
-
     for spec in (t for t in args.wgmma.split(",") if t):
         parts_ = spec.split("x")
         if len(parts_) != 3 or not (parts_[0].isdigit() and parts_[1].isdigit()):
             ap.error(f"--wgmma {spec}: not TMxTNxS")
-        stages, *ablate = parts_[2].split("-")
-        bad = [a for a in ablate if a not in ABLATIONS]
-        if bad or (ablate and not stages.startswith("ws")):
-            ap.error(f"--wgmma {spec}: parts can be left out of a wsN kernel only, and only "
-                     f"{', '.join(ABLATIONS)}")
+        try:
+            parse_wgmma_stages(parts_[2])
+        except ValueError as err:
+            ap.error(f"--wgmma {err}")
     known_layers = {"q", "k,v", "o", "gate,up", "down"}
     bad = [v for v in args.gemm_layers.split(";") if v and v not in known_layers]
     if bad:
