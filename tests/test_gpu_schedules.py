@@ -924,6 +924,26 @@ def test_bench_wgmma_ablations_leave_out_their_part_only():
         ws.ws_gemm_kernel(func, a90, CUDA, (128, 256), 3, ablate=("nope",))
 
 
+@pytest.mark.parametrize("spec, says", [
+    ("128x256xws3-nope", "only copy, dequant, mma, store"),
+    ("128x256x3-dequant", "wsS kernel only"), ("128x256x5w2", "S, wsS or wsSwB"),
+    ("128x256", "not TMxTNxS")])
+def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
+    """``bench.prefill --wgmma`` stops on a spec it cannot build, before any GPU work, saying
+    which spec and what is allowed; ``--gemm-layers`` names the layers it knows."""
+    from tvm_lite.bench.prefill import main, parse_wgmma_stages
+
+    assert parse_wgmma_stages("ws5w2-copy-mma") == (True, 5, 2, ("copy", "mma"))
+    assert parse_wgmma_stages("3") == (False, 3, None, ())
+    with pytest.raises(SystemExit):
+        main(["--parts", "gemm", "--wgmma", spec])
+    err = capsys.readouterr().err
+    assert spec in err and says in err, err
+    with pytest.raises(SystemExit):
+        main(["--parts", "gemm", "--gemm-layers", "gate"])
+    assert "known: down;gate,up;k,v;o;q" in capsys.readouterr().err
+
+
 def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path):
     """The rule takes the wgmma kernel for 4-bit weights on ``sm_90a`` when asked (fp16 weights
     and ``sm_90`` keep the mma.sync kernel); nvcc builds it for sm_90a without spills."""

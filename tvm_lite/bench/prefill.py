@@ -477,7 +477,7 @@ def main(argv=None):
         try:
             parse_wgmma_stages(parts_[2])
         except ValueError as err:
-            ap.error(f"--wgmma {err}")
+            ap.error(f"--wgmma {spec}: staging {err}")
     known_layers = {"q", "k,v", "o", "gate,up", "down"}
     bad = [v for v in args.gemm_layers.split(";") if v and v not in known_layers]
     if bad:
