@@ -76,6 +76,7 @@ from . import cuda_mma as mma
 from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index, parse,
                                            ring_key, ring_visible, score, signature)
 from .gpu_attention_decode import ring_write
+from .gpu_gemv_half2 import HELPERS as _GEMV_HELPERS
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN = 'T.min_value("float32")'
@@ -143,6 +144,14 @@ MERGE_THREADS = 256
 # SmolLM2 2.46 -> 2.06x, Llama-1B 1.60 -> 1.46x, head_dim 128 1.42 -> 1.27x, Gemma-2B 2.19 ->
 # 1.93x against the one-dim merge with its splits rolled (8.85 us a call in Llama-1B's profile).
 MERGE_VEC = 4
+# The merge inside the split kernel (FlashAttention-2's split-KV combine, a stream-K fixup): each
+# split workgroup writes its partials, takes a ticket (``tvm_lite_split_last``: one atomic a
+# workgroup, the counter back at 0 after the last), and the last of a row tile's splits merges
+# that tile's rows -- no merge kernel and its launch after each chunk, and the merges of early
+# row tiles overlap the splits of later ones. A split happens only for a grid of at most
+# SPLIT_WAVE / 2 workgroups, so the tickets (one a row tile) stay far below SPLIT_TICKETS.
+# Off until timed (2048 tokens in 256-token chunks, ``bench.prefill --baseline-kernel``).
+MERGE_IN_KERNEL = False
 
 HELPERS = {
     **mma.HELPERS,
@@ -170,6 +179,14 @@ __forceinline__ __device__ int tvm_lite_warp_none(int v) {
 __forceinline__ __device__ float tvm_lite_quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+""",
+    # the in-kernel merge (MERGE_IN_KERNEL): another SM's partials, read from L2
+    "tvm_lite_split_last": _GEMV_HELPERS["tvm_lite_split_last"],
+    "tvm_lite_ldcg_f32": _GEMV_HELPERS["tvm_lite_ldcg_f32"],
+    "tvm_lite_ldcg_f32x4": r"""
+__forceinline__ __device__ void tvm_lite_ldcg_f32x4(float* dst, const float* p) {
+  *reinterpret_cast<float4*>(dst) = __ldcg(reinterpret_cast<const float4*>(p));
 }
 """,
 }
@@ -299,8 +316,9 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
 
 
 def _q_load(p: dict, rows: int, dtype: str, D: int, pad: int, vec: int, threads: int,
-            tile: tuple) -> str:
-    """The Q tile load (once per workgroup; rows past ``n * G`` zero)."""
+            tile: tuple, async_copy: bool = False) -> str:
+    """The Q tile load (once per workgroup; rows past ``n * G`` zero; ``async_copy``: by
+    ``cp.async``, landing at the thread's next wait)."""
     G = p["heads"] // p["kv_heads"]
 
     def q_src(r, c):
@@ -308,7 +326,8 @@ def _q_load(p: dict, rows: int, dtype: str, D: int, pad: int, vec: int, threads:
         return [f"q[0, {at['head']}, {at['pos']}, {c}]"]
 
     return _load_tile([tile], q_src, dtype, rows, D, pad, vec, threads,
-                      lambda r: f"{_rows(p, rows, r)['row']} < n * {G}", " " * 16)
+                      lambda r: f"{_rows(p, rows, r)['row']} < n * {G}", " " * 16,
+                      async_copy=async_copy)
 
 
 def _kv_load(p: dict, keys: int, dtype: str, D: int, pad: int, vec: int, threads: int,
@@ -565,13 +584,66 @@ def _merge(p: dict, spl: str) -> str:
 '''
 
 
+def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str) -> str:
+    """The split kernel's own merge (:data:`MERGE_IN_KERNEL`; statements at the thread level of
+    :func:`tensor_core_kernel`, after the partials): the last split of row tile ``bq`` merges its
+    ``rows`` rows, :data:`MERGE_VEC` dims a thread at a time, as :func:`_merge` does."""
+    H, D, G, S, vec = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"], SPLIT_MAX, \
+        merge_dims(p)
+    e = f"(i * {threads} + tx)"
+    r = _rows(p, rows, f"({e} // {D // vec})")
+    d = f"({e} % {D // vec} * {vec})"
+    at = f"((s * {H} + {r['head']}) * n + {r['pos']})"
+    last = _call("tvm_lite_split_last", f"T.Cast('uint32', kvh * {nb} + bq)",
+                 f"T.Cast('uint32', {spl})", ret="int32")
+    ld = lambda buf, i: _call("tvm_lite_ldcg_f32", f"T.address_of({buf}[{i}])", ret="float32")  # noqa: E731
+    ldv = _call("tvm_lite_ldcg_f32x4", f"T.address_of(zo[s * {vec}])",
+                f"T.address_of(ws_o[{at} * {D} + {d}])")
+    return f"""
+                if {spl} > 1:
+                    lst = T.alloc_buffer((1,), "int32", scope="local")
+                    lst[0] = {last}
+                    if lst[0] == 1:
+                        zm = T.alloc_buffer(({S},), "float32", scope="local")
+                        zl = T.alloc_buffer(({S},), "float32", scope="local")
+                        zo = T.alloc_buffer(({S * vec},), "float32", scope="local")
+                        zg = T.alloc_buffer((2 + {vec},), "float32", scope="local")
+                        for i in T.serial({-(-rows * D // vec // threads)}):
+                            if {e} < {rows * D // vec} and {r["row"]} < n * {G}:
+                                for s in T.unroll({S}):
+                                    zm[s] = {MIN}
+                                    zl[s] = T.float32(0)
+                                    if T.Cast("int64", s) < {spl}:
+                                        zm[s] = {ld("ws_m", at)}
+                                        zl[s] = {ld("ws_l", at)}
+                                        T.evaluate({ldv})
+                                zg[0] = {MIN}
+                                for s in T.unroll({S}):
+                                    zg[0] = T.max(zg[0], zm[s])
+                                zg[1] = T.float32(0)
+                                for c in T.unroll({vec}):
+                                    zg[2 + c] = T.float32(0)
+                                for s in T.unroll({S}):
+                                    if T.Cast("int64", s) < {spl}:
+                                        zm[s] = T.exp2(zm[s] - zg[0])
+                                        zg[1] = zg[1] + zl[s] * zm[s]
+                                        for c in T.unroll({vec}):
+                                            zg[2 + c] = zg[2 + c] + zo[s * {vec} + c] * zm[s]
+                                zg[1] = T.float32(1) / T.max(zg[1], T.float32(1e-30))
+                                for c in T.unroll({vec}):
+                                    {out_index(p, r["head"], r["pos"], f"{d} + c")} = T.Cast("float16", zg[2 + c] * zg[1])"""
+
+
 def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
                        split: bool = True, static: dict | None = None,
-                       m_tiles: int | None = None) -> tirx.PrimFunc:
+                       m_tiles: int | None = None,
+                       merge_in_kernel: bool | None = None) -> tirx.PrimFunc:
     """``static``: ``{"n": .., "m": ..}`` (a ring kernel: ``"past"``) fixes the query and key
     counts (tests that run the generated CUDA C on the CPU: no scalar kernel arguments).
     ``m_tiles``: 16-row m-tiles a warp owns (default :data:`TC_M_TILES`); each K and V fragment
-    loaded from shared memory feeds all of them."""
+    loaded from shared memory feeds all of them. ``merge_in_kernel``: the last split of a row
+    tile merges it (default :data:`MERGE_IN_KERNEL`; not for a ring kernel, whose merge kernel
+    also writes the ring)."""
     decl, _ = signature(p)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
@@ -590,7 +662,15 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     # one shared buffer for the three tiles (separate ones would be merged by liveness, and
     # TVM does not see the ldmatrix reads through their addresses)
     KO, VO = rows * DP, (rows + keys) * DP
-    q_load = _q_load(p, rows, "float16", D, 8, 8, threads, ("sm", ""))
+    if merge_in_kernel is None:
+        merge_in_kernel = MERGE_IN_KERNEL
+    merge_in_kernel = merge_in_kernel and split and not p.get("window")
+    # With the in-kernel merge Q comes by cp.async (waited with the first K tile). Its 16-byte
+    # loads failed CUDA codegen there: with the split kernel its function's only kernel, TVM's
+    # CSE moved the row tile's part of their address to the host, their alignment was no longer
+    # provable, and the per-lane fallback needs an int64x8 index vector, which CUDA lacks.
+    q_load = _q_load(p, rows, "float16", D, 8, 8, threads, ("sm", ""),
+                     async_copy=merge_in_kernel)
 
     def k_load(kb: str, indent: int) -> str:  # cp.async: in flight until the next wait
         return _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + {KO}"),), "k", kb,
@@ -856,8 +936,9 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                             for dt in T.unroll({DT}):
                                 for c in T.unroll(2):
                                     {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
-                                        T.Cast("float16", oa[{O}dt * 4 + hr * 2 + c] * st[{ST}4]){partial}
-{_merge(p, spl) if split else ""}{ring_write(p) if p.get("window") else ""}""", static)
+                                        T.Cast("float16", oa[{O}dt * 4 + hr * 2 + c] * st[{ST}4]){partial}{
+        _merge_in_kernel(p, spl, rows, threads, nb) if merge_in_kernel else ""}
+{_merge(p, spl) if split and not merge_in_kernel else ""}{ring_write(p) if p.get("window") else ""}""", static)
     src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)  # the longest row tiles (last rows) first
     return parse(src, static, HELPERS=HELPERS)
 

@@ -149,6 +149,22 @@ static void tvm_lite_cp_async_wait_group2() { cp_async_wait_group(2); }
 static void tvm_lite_cp_async_wait_group3() { cp_async_wait_group(3); }
 static void tvm_lite_cp_async_wait_group4() { cp_async_wait_group(4); }
 static float tvm_lite_ex2(float x) { return exp2f(x); }
+// split tickets (workgroups run one after another: the last split of a tile is the last to
+// arrive); reads of other workgroups' partials from "L2" are plain reads
+static unsigned split_tickets[4096];
+static int split_last_flag;
+static int tvm_lite_split_last(unsigned slot, unsigned splits) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned old = split_tickets[slot];
+    split_tickets[slot] = old >= splits - 1 ? 0 : old + 1;
+    split_last_flag = old == splits - 1;
+  }
+  __syncthreads();
+  return split_last_flag;
+}
+static float tvm_lite_ldcg_f32(const float* p) { return *p; }
+static void tvm_lite_ldcg_f32x4(float* d, const float* p) { memcpy(d, p, 16); }
 // Hopper's wgmma (schedules/gpu_gemm_wgmma.py): operands in shared memory, K-major core
 // matrices of 8 rows x 16 bytes, WGMMA_SBO bytes apart in M / N and *_lbo apart in K. Each
 // thread computes its own accumulators (warp w % 4 of its warpgroup: rows 16 (w % 4) + l / 4

@@ -199,7 +199,8 @@ def test_prefill_tiles_split_head_dim_and_fit_local_memory():
     """Every profile's prefill kernel splits head_dim across threads (no thread holds a whole q
     row or accumulator at head_dim 256) within its local-memory budget; on CUDA fp16 runs on
     tensor cores (mma.sync, ldmatrix), fp32 on the SIMT kernel."""
-    from tvm_lite.schedules.gpu_attention_prefill import simt_tiles, tensor_core_tiles
+    from tvm_lite.schedules.gpu_attention_prefill import m_tiles_for, simt_tiles, \
+        tensor_core_tiles
 
     for profile, tile in TILES.items():
         for d in (32, 64, 128, 256):
@@ -213,8 +214,11 @@ def test_prefill_tiles_split_head_dim_and_fit_local_memory():
                     <= tile["local_bytes"]
     p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
     assert tensor_core_tiles(p) == (64, 64)
-    # two m-tiles a warp at head_dim 64 only (above, their accumulators spill): 128 rows
-    assert tensor_core_tiles(p, m_tiles=2) == (64, 64)
+    # two m-tiles a warp: 128 rows, by default at head_dim <= TC_M_TILES_MAX_DIM only (above,
+    # their accumulators spill); asked for (a sweep), at any head_dim, the key tile shrinking
+    # to fit shared memory
+    assert m_tiles_for(p) == 1 and m_tiles_for(p, 2) == 2
+    assert tensor_core_tiles(p, m_tiles=2) == (128, 32)
     assert tensor_core_tiles(dict(p, head_dim=64), m_tiles=2) == (128, 64)
     func, t = _gpu_kernel(p, GPU_TARGETS["cuda"])
     src = tvm_lite.device_source(tvm.compile(
@@ -309,6 +313,35 @@ def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     tol = 2e-3 if dtype == "float16" else 1e-4
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("heads, kv, d, n, past", [
+    (8, 1, 256, 256, 1792), (32, 8, 64, 256, 1792), (9, 3, 64, 256, 768), (32, 8, 128, 64, 448)])
+def test_tensor_core_prefill_merge_in_kernel_on_cuda(heads, kv, d, n, past):
+    """``MERGE_IN_KERNEL`` on the GPU: chunks after a cache (key splits), each row tile merged by
+    its last split (a ticket, fences, partials read from L2) -- twice in a row, so a ticket
+    left off 0 by the first call would show in the second."""
+    from tvm_lite.schedules.gpu_attention_prefill import tensor_core_kernel
+
+    rng = np.random.default_rng(3)
+    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, "float16", 0)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
+                         False, kv == 1)
+    func = tensor_core_kernel(p, merge_in_kernel=True).with_attr("tirx.is_scheduled", True) \
+        .with_attr("global_symbol", "attn")
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    ex = tvm.compile(tvm.IRModule({"attn": func}), target=target)
+    dev = tvm.cuda(0)
+    if kv == 1:
+        k, v = k[:, 0], v[:, 0]
+    args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, mask)]
+    want = reference_numpy(q, k if kv > 1 else k[:, None], v if kv > 1 else v[:, None], mask,
+                           d ** -0.5, heads // kv)
+    for _ in range(2):
+        out = tvm.runtime.empty(q.shape, "float16", dev)
+        ex["attn"](*args, out)
+        np.testing.assert_allclose(out.numpy(), want, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
@@ -623,10 +656,11 @@ TC_CPU_CASES = [(9, 3, 64, 130, 0, 1), (9, 3, 64, 40, 300, 1), (8, 2, 64, 32, 22
                 (9, 3, 64, 130, 0, 2), (8, 2, 64, 64, 224, 2), (8, 2, 128, 70, 0, 2)]
 
 
-def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None):
+def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None):
     """The ``profile``'s prefill kernel for ``p`` (``n``, ``m`` static) compiled for CUDA, and a
     function running its CUDA C on the CPU (tests/mma_on_cpu.py): ``run(q, k, v, mask, dir)``
-    -> out (1, H, n, D) in ``p``'s dtype. ``m_tiles``: the tensor-core kernel's m-tiles a warp.
+    -> out (1, H, n, D) in ``p``'s dtype. ``m_tiles``: the tensor-core kernel's m-tiles a warp;
+    ``merge_in_kernel``: its splits merged by the last of them (no merge kernel).
     Returns (run, (rows, keys) of its tiles, key splits)."""
     from mma_on_cpu import run_kernels_to
     from tvm_lite.schedules.gpu_attention_prefill import merge_dims, prefill_kernel, simt_tiles, \
@@ -639,12 +673,14 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None):
     vector_bytes = gpu_profile(profile).vector_bytes
     spl = 1
     if profile == "cuda" and p["dtype"] == "float16":
-        func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles)
+        func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles,
+                                  merge_in_kernel=merge_in_kernel)
         rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
         spl = split_value(p, rows, keys, n, m)
-        grids = {"attn_kernel": (-(-n * G // rows), kv, spl),
-                 "attn_kernel_1": (-(-n * d // merge_dims(p) // 256), heads, 1) if spl > 1
-                 else (1, 1, 1)}
+        grids = {"attn_kernel": (-(-n * G // rows), kv, spl)}
+        if not merge_in_kernel:
+            grids["attn_kernel_1"] = ((-(-n * d // merge_dims(p) // 256), heads, 1) if spl > 1
+                                      else (1, 1, 1))
         mask_name = "mflat_ptr"
     else:
         func = prefill_kernel(p, profile, t, tile["threads"], tile["local_bytes"], vector_bytes,
@@ -670,11 +706,12 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None):
     return run, (rows, keys), spl
 
 
-def _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles=None):
+def _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles=None, merge_in_kernel=None):
     """Build the tensor-core prefill kernel for ``p`` with ``n`` and ``m`` static, run its CUDA
     C on the CPU (tests/mma_on_cpu.py) and return (output (1, H, n, D), key splits, rows)."""
     n = q.shape[2]
-    run, (rows, _), splits = _profile_prefill_on_cpu(p, "cuda", n, past + n, m_tiles)
+    run, (rows, _), splits = _profile_prefill_on_cpu(p, "cuda", n, past + n, m_tiles,
+                                                     merge_in_kernel)
     return run(q, k, v, mask, tmp_path / "out"), splits, rows
 
 
@@ -701,15 +738,18 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     (8, 1, 64, 16, 1008),  # one kv head, 2 workgroups: SPLIT_MAX splits (the unrolled loop full)
     (8, 1, 256, 16, 240),  # Gemma-2B's head_dim
     (4, 4, 80, 16, 300)])  # head_dim 80 (Phi-2's), no GQA
-def test_tensor_core_prefill_split_merge_on_the_cpu(heads, kv, d, n, past, tmp_path):
+@pytest.mark.parametrize("in_kernel", [False, True])
+def test_tensor_core_prefill_split_merge_on_the_cpu(heads, kv, d, n, past, in_kernel, tmp_path):
     """The split kernel's merge (``MERGE_VEC`` dims a thread, the splits unrolled, loads guarded
-    by the run-time split count). The CUDA C run on the CPU, against numpy."""
+    by the run-time split count), in its own kernel or (``MERGE_IN_KERNEL``) by the last split
+    of each row tile, found by its ticket. The CUDA C run on the CPU, against numpy."""
     from tvm_lite.schedules import gpu_attention_prefill
 
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
                          kv == 1)
     q, k, v, mask = _inputs(np.random.default_rng(6), heads, kv, d, n, past, "float16", 0)
-    got, splits, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path)
+    got, splits, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path,
+                                         merge_in_kernel=in_kernel)
     assert splits > 1
     if (heads, n, past) == (8, 16, 1008):
         assert splits == gpu_attention_prefill.SPLIT_MAX
