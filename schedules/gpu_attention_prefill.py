@@ -532,6 +532,44 @@ def merge_dims(p: dict) -> int:
     return MERGE_VEC
 
 
+def _fold_splits(spl: str, vec: int, names: str, loads: tuple, store) -> tuple[list, list]:
+    """(allocations, statements), as lines of TVMScript, that merge up to :data:`SPLIT_MAX`
+    splits' partials of ``vec`` output dims: every split's loads first (in flight at once), then
+    ``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``. ``names``: one letter, the local
+    buffers' prefix (``Xm``, ``Xl``, ``Xo``: each split's max, sum and accumulators; ``Xg``: the
+    max, sum and output); ``loads``: split ``s``'s max and sum (expressions) and the statement
+    loading its accumulators; ``store(value)``: the output's store of dim ``c``."""
+    S, m, l, o, g = SPLIT_MAX, *(names + x for x in "mlog")
+    load_m, load_l, load_o = loads
+    lines = [f'{m} = T.alloc_buffer(({S},), "float32", scope="local")',
+             f'{l} = T.alloc_buffer(({S},), "float32", scope="local")',
+             f'{o} = T.alloc_buffer(({S * vec},), "float32", scope="local")',
+             f'{g} = T.alloc_buffer((2 + {vec},), "float32", scope="local")']
+    body = [f"for s in T.unroll({S}):",
+            f"    {m}[s] = {MIN}",
+            f"    {l}[s] = T.float32(0)",
+            f'    if T.Cast("int64", s) < {spl}:',
+            f"        {m}[s] = {load_m}",
+            f"        {l}[s] = {load_l}",
+            f"        {load_o}",
+            f"{g}[0] = {MIN}",
+            f"for s in T.unroll({S}):",
+            f"    {g}[0] = T.max({g}[0], {m}[s])",
+            f"{g}[1] = T.float32(0)",
+            f"for c in T.unroll({vec}):",
+            f"    {g}[2 + c] = T.float32(0)",
+            f"for s in T.unroll({S}):",
+            f'    if T.Cast("int64", s) < {spl}:',
+            f"        {m}[s] = T.exp2({m}[s] - {g}[0])",
+            f"        {g}[1] = {g}[1] + {l}[s] * {m}[s]",
+            f"        for c in T.unroll({vec}):",
+            f"            {g}[2 + c] = {g}[2 + c] + {o}[s * {vec} + c] * {m}[s]",
+            f"{g}[1] = T.float32(1) / T.max({g}[1], T.float32(1e-30))",
+            f"for c in T.unroll({vec}):",
+            f"    {store(f'{g}[2 + c] * {g}[1]')}"]
+    return lines, body
+
+
 def _merge(p: dict, spl: str) -> str:
     """The second kernel of a split prefill: per (head, position, dim), the splits' partials
     merged (``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``, ``M`` their max); one
@@ -543,53 +581,32 @@ def _merge(p: dict, spl: str) -> str:
 
     A thread writes ``vec`` (:func:`merge_dims`) dims, with the splits unrolled to ``SPLIT_MAX``:
     every load of a thread (each split's max, sum and ``vec`` accumulators) is issued before the
-    first is used."""
-    H, D, S, T_, vec = p["heads"], p["head_dim"], SPLIT_MAX, MERGE_THREADS, merge_dims(p)
+    first is used (:func:`_fold_splits`)."""
+    H, D, T_, vec = p["heads"], p["head_dim"], MERGE_THREADS, merge_dims(p)
     e = f"(b * {T_} + t)"  # thread t of workgroup (b, h): position pos, dims d .. d + vec
     pos = f"({e} // {D // vec})"
     d = f"({e} % {D // vec} * {vec})"
     at = f"((s * {H} + h) * n + {pos})"  # split s's partial row
+    allocs, fold = _fold_splits(spl, vec, "m", (
+        f"ws_m[{at}]", f"ws_l[{at}]",
+        f"mo[T.Ramp(s * {vec}, 1, {vec})] = ws_o[T.Ramp({at} * {D} + {d}, 1, {vec})]"),
+        lambda v: f'{out_index(p, "h", pos, f"{d} + c")} = T.Cast("float16", {v})')
+    pad = lambda lines, n: "".join(" " * n + ln + "\n" for ln in lines)  # noqa: E731
     return f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
                               thread="blockIdx.y"):
       for b in T.thread_binding(T.if_then_else({spl} > 1, (n * {D // vec} + {T_ - 1}) // {T_},
                                                T.int64(1)), thread="blockIdx.x"):
         for t in T.thread_binding({T_}, thread="threadIdx.x"):
-            mm = T.alloc_buffer(({S},), "float32", scope="local")  # each split's max, sum
-            ml = T.alloc_buffer(({S},), "float32", scope="local")
-            mo = T.alloc_buffer(({S * vec},), "float32", scope="local")  # ... and accumulators
-            mg = T.alloc_buffer((2 + {vec},), "float32", scope="local")  # max, sum, output
-            if {spl} > 1 and {e} < n * {D // vec}:
-                for s in T.unroll({S}):
-                    mm[s] = {MIN}
-                    ml[s] = T.float32(0)
-                    if T.Cast("int64", s) < {spl}:
-                        mm[s] = ws_m[{at}]
-                        ml[s] = ws_l[{at}]
-                        mo[T.Ramp(s * {vec}, 1, {vec})] = ws_o[T.Ramp({at} * {D} + {d}, 1, {vec})]
-                mg[0] = {MIN}
-                for s in T.unroll({S}):
-                    mg[0] = T.max(mg[0], mm[s])
-                mg[1] = T.float32(0)
-                for c in T.unroll({vec}):
-                    mg[2 + c] = T.float32(0)
-                for s in T.unroll({S}):
-                    if T.Cast("int64", s) < {spl}:
-                        mm[s] = T.exp2(mm[s] - mg[0])
-                        mg[1] = mg[1] + ml[s] * mm[s]
-                        for c in T.unroll({vec}):
-                            mg[2 + c] = mg[2 + c] + mo[s * {vec} + c] * mm[s]
-                mg[1] = T.float32(1) / T.max(mg[1], T.float32(1e-30))
-                for c in T.unroll({vec}):
-                    {out_index(p, "h", pos, f"{d} + c")} = T.Cast("float16", mg[2 + c] * mg[1])
-'''
+{pad(allocs, 12)}            if {spl} > 1 and {e} < n * {D // vec}:
+{pad(fold, 16)}'''
 
 
 def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str) -> str:
     """The split kernel's own merge (:data:`MERGE_IN_KERNEL`; statements at the thread level of
     :func:`tensor_core_kernel`, after the partials): the last split of row tile ``bq`` merges its
-    ``rows`` rows, :data:`MERGE_VEC` dims a thread at a time, as :func:`_merge` does."""
-    H, D, G, S, vec = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"], SPLIT_MAX, \
-        merge_dims(p)
+    ``rows`` rows, :data:`MERGE_VEC` dims a thread at a time (:func:`_fold_splits`, partials read
+    from L2)."""
+    H, D, G, vec = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"], merge_dims(p)
     e = f"(i * {threads} + tx)"
     r = _rows(p, rows, f"({e} // {D // vec})")
     d = f"({e} % {D // vec} * {vec})"
@@ -599,39 +616,18 @@ def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str) -> str
     ld = lambda buf, i: _call("tvm_lite_ldcg_f32", f"T.address_of({buf}[{i}])", ret="float32")  # noqa: E731
     ldv = _call("tvm_lite_ldcg_f32x4", f"T.address_of(zo[s * {vec}])",
                 f"T.address_of(ws_o[{at} * {D} + {d}])")
+    allocs, fold = _fold_splits(spl, vec, "z", (ld("ws_m", at), ld("ws_l", at),
+                                                f"T.evaluate({ldv})"),
+                                lambda v: f'{out_index(p, r["head"], r["pos"], f"{d} + c")} = '
+                                          f'T.Cast("float16", {v})')
+    pad = lambda lines, n: "".join("\n" + " " * n + ln for ln in lines)  # noqa: E731
     return f"""
                 if {spl} > 1:
                     lst = T.alloc_buffer((1,), "int32", scope="local")
                     lst[0] = {last}
-                    if lst[0] == 1:
-                        zm = T.alloc_buffer(({S},), "float32", scope="local")
-                        zl = T.alloc_buffer(({S},), "float32", scope="local")
-                        zo = T.alloc_buffer(({S * vec},), "float32", scope="local")
-                        zg = T.alloc_buffer((2 + {vec},), "float32", scope="local")
+                    if lst[0] == 1:{pad(allocs, 24)}
                         for i in T.serial({-(-rows * D // vec // threads)}):
-                            if {e} < {rows * D // vec} and {r["row"]} < n * {G}:
-                                for s in T.unroll({S}):
-                                    zm[s] = {MIN}
-                                    zl[s] = T.float32(0)
-                                    if T.Cast("int64", s) < {spl}:
-                                        zm[s] = {ld("ws_m", at)}
-                                        zl[s] = {ld("ws_l", at)}
-                                        T.evaluate({ldv})
-                                zg[0] = {MIN}
-                                for s in T.unroll({S}):
-                                    zg[0] = T.max(zg[0], zm[s])
-                                zg[1] = T.float32(0)
-                                for c in T.unroll({vec}):
-                                    zg[2 + c] = T.float32(0)
-                                for s in T.unroll({S}):
-                                    if T.Cast("int64", s) < {spl}:
-                                        zm[s] = T.exp2(zm[s] - zg[0])
-                                        zg[1] = zg[1] + zl[s] * zm[s]
-                                        for c in T.unroll({vec}):
-                                            zg[2 + c] = zg[2 + c] + zo[s * {vec} + c] * zm[s]
-                                zg[1] = T.float32(1) / T.max(zg[1], T.float32(1e-30))
-                                for c in T.unroll({vec}):
-                                    {out_index(p, r["head"], r["pos"], f"{d} + c")} = T.Cast("float16", zg[2 + c] * zg[1])"""
+                            if {e} < {rows * D // vec} and {r["row"]} < n * {G}:{pad(fold, 32)}"""
 
 
 def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
