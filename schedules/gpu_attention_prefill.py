@@ -76,7 +76,7 @@ from . import cuda_mma as mma
 from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index, parse,
                                            ring_key, ring_visible, score, signature)
 from .gpu_attention_decode import ring_write
-from .gpu_gemv_half2 import HELPERS as _GEMV_HELPERS
+from .gpu_gemv_half2 import HELPERS as _GEMV_HELPERS, SPLIT_TICKETS
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIN = 'T.min_value("float32")'
@@ -152,6 +152,7 @@ MERGE_VEC = 4
 # SPLIT_WAVE / 2 workgroups, so the tickets (one a row tile) stay far below SPLIT_TICKETS.
 # Off until timed (2048 tokens in 256-token chunks, ``bench.prefill --baseline-kernel``).
 MERGE_IN_KERNEL = False
+assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: one a row tile"
 
 HELPERS = {
     **mma.HELPERS,
