@@ -65,7 +65,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                  x_async: bool | None = None, wgmma: bool | None = None,
                  wgmma_tile: tuple | None = None, wgmma_x_stages: int | None = None,
                  wgmma_specialised: int = 0, wgmma_ablate: tuple = (),
-                 wgmma_w_buffers: int | None = None):
+                 wgmma_w_buffers: int | None = None, wgmma_pair_stores: bool = False):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -80,6 +80,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         self.wgmma_specialised = wgmma_specialised
         self.wgmma_ablate = wgmma_ablate  # its parts left out (diagnostics: wrong results)
         self.wgmma_w_buffers = wgmma_w_buffers  # its fp16 W slices (None: one a stage)
+        self.wgmma_pair_stores = wgmma_pair_stores  # its outputs stored two at a time
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -96,7 +97,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                     if self.wgmma_specialised:
                         return ws_gemm_kernel(func, target, profile, self.wgmma_tile,
                                               self.wgmma_specialised, self.wgmma_ablate,
-                                              self.wgmma_w_buffers)
+                                              self.wgmma_w_buffers, self.wgmma_pair_stores)
                     return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
                                              self.wgmma_x_stages)
                 except MatchError:

@@ -70,6 +70,12 @@ __forceinline__ __device__ void tvm_lite_wgmma_wait1() {
   asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 }
 """,
+    # two neighbouring outputs in one 4-byte store (pair_stores)
+    "tvm_lite_st_f16x2": r"""
+__forceinline__ __device__ void tvm_lite_st_f16x2(void* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+""",
     "tvm_lite_lds_v4": r"""
 __forceinline__ __device__ uint4 tvm_lite_lds_v4(const void* p) {
   return *reinterpret_cast<const uint4*>(p);
@@ -89,12 +95,15 @@ def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None =
 
 
 def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
-                  w_buffers: int | None = None) -> str:
+                  w_buffers: int | None = None, pair_stores: bool = False) -> str:
     """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
     (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``. ``ablate``: parts of
     :data:`ABLATIONS` to leave out (diagnostics only: the result is wrong). ``w_buffers``: fp16
     W slices in shared memory (default: one a stage; fewer -- 2 -- leave room for a deeper ring
-    of X and packed slices, the copies ``stages - 1`` slices ahead: see :func:`ws_gemm_kernel`)."""
+    of X and packed slices, the copies ``stages - 1`` slices ahead: see :func:`ws_gemm_kernel`).
+    ``pair_stores``: where the output is fp16 with no epilogue and K is not split, each thread
+    stores its two neighbouring outputs of a row in one 4-byte store (``tvm_lite_st_f16x2``)
+    instead of two 2-byte ones: half the store instructions, each still 8 rows of a warp."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, VEC, SBO, h = wg.TK, wg.VEC, wg.SBO, 2
@@ -210,6 +219,26 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     col = f"bx * {TN} + jn * 8 + {lane} % 4 * 2 + c % 2"
     workspace, store, sum_kernel = mma_gemm.output_store(out, obuf, M, N, KS, row, col,
                                                          "acc[jn * 4 + c]")
+    pair = (pair_stores and g["final"] is None and KS == 1
+            and str(obuf.dtype) == "float16")
+    if pair:  # one 4-byte store of columns (c, c + 1): rows g and g + 8 a thread
+        prow = row.replace("c // 2", "hr")
+        pcol = col.replace(" + c % 2", "")
+        pst = ev("tvm_lite_st_f16x2", f"T.address_of({out}[{mma_gemm._row_at(obuf, prow, pcol)}])",
+                 "acc[jn * 4 + hr * 2]", "acc[jn * 4 + hr * 2 + 1]")
+        stores = [f"for jn in T.unroll({TN // 8}):",
+                  "    for hr in T.unroll(2):",
+                  f"        if {prow} < {M}" + (" and acc[jn * 4 + hr * 2] == T.float32(3.0e38):"
+                                               if "store" in ablate else ":"),
+                  f"            {pst}"]
+    else:
+        stores = [
+            f"for jn in T.unroll({TN // 8}):",
+            "    for c in T.unroll(4):",
+            # (an ablated store: a condition the compiler cannot prove false, never true here)
+            f"        if {row} < {M}" + (f" and acc[jn * 4 + c] == T.float32(3.0e38):"
+                                         if "store" in ablate else ":"),
+            f"            {store}"]
     consumer = "\n".join([
         f"for i in T.unroll({TN // 2}):",
         "    acc[i] = T.float32(0)",
@@ -227,12 +256,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
            "        " + ev("tvm_lite_bar_arrive", f"T.Cast('int32', {WFREE} + (j - 1) % {WN})",
                           f"T.int32({threads})")] if WN < S else []),
         ev("tvm_lite_wgmma_wait0"),
-        f"for jn in T.unroll({TN // 8}):",
-        "    for c in T.unroll(4):",
-        # (an ablated store: a condition the compiler cannot prove false, never true here)
-        f"        if {row} < {M}" + (f" and acc[jn * 4 + c] == T.float32(3.0e38):"
-                                     if "store" in ablate else ":"),
-        f"            {store}"])
+        *stores])
     head = mma_gemm.kernel_head("gemm_wgmma_ws", params, decls, mma_gemm.packed_views(names, g),
                                 workspace, (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
     return f'''{head}
@@ -249,10 +273,10 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
 
 
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
-                   w_buffers: int | None = None):
+                   w_buffers: int | None = None, pair_stores: bool = False):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
-    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``: see :func:`kernel_source`).
+    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``: see :func:`kernel_source`).
 
     ``w_buffers`` (2 .. ``stages``; default ``stages``): the fp16 W slices the producer
     dequantizes into. The ring of X and packed slices holds ``stages``; the copies of slice
@@ -277,10 +301,14 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
                          f"of the {wg.TK}-deep slice")
     wn = w_buffers if w_buffers and w_buffers < stages else None
-    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate, wn), HELPERS,
+    pair_stores = (pair_stores and g["final"] is None and ks == 1
+                   and str(g["out_dtype"]) == "float16")
+    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate, wn,
+                                          pair_stores), HELPERS,
                             sch, func, g, shared_bytes(g, TM, TN, stages, wn),
-                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s"
-                            % (TN, TM, TN, ks, stages, f" w{wn}" if wn else ""))
+                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s"
+                            % (TN, TM, TN, ks, stages, f" w{wn}" if wn else "",
+                               " pairs" if pair_stores else ""))
 
 
 def deep_gemm_kernel(func, target, profile):

@@ -165,6 +165,7 @@ static int tvm_lite_split_last(unsigned slot, unsigned splits) {
 }
 static float tvm_lite_ldcg_f32(const float* p) { return *p; }
 static void tvm_lite_ldcg_f32x4(float* d, const float* p) { memcpy(d, p, 16); }
+static void tvm_lite_st_f16x2(void* p, float a, float b) { half h[2] = {(half)a, (half)b}; memcpy(p, h, 4); }
 // Hopper's wgmma (schedules/gpu_gemm_wgmma.py): operands in shared memory, K-major core
 // matrices of 8 rows x 16 bytes, WGMMA_SBO bytes apart in M / N and *_lbo apart in K. Each
 // thread computes its own accumulators (warp w % 4 of its warpgroup: rows 16 (w % 4) + l / 4
