@@ -1046,6 +1046,36 @@ def test_bench_prefill_builds_a_baseline_version_of_the_kernel(tmp_path):
     assert again == base
 
 
+def test_bench_attention_times_other_versions_of_the_decode_kernel(tmp_path, capsys):
+    """``bench.attention --baseline-kernel copy.py``: a copy of ``gpu_attention_decode.py`` with
+    one constant changed builds its own split-K kernel by the same rule, next to the tree's (the
+    same where the constant does not apply), and its column reaches the table; a missing file
+    stops the bench before any GPU work, naming it."""
+    from pathlib import Path
+
+    from tvm_lite.bench import attention as bench
+    from tvm_lite.schedules import gpu_attention_decode
+
+    src = Path(gpu_attention_decode.__file__).read_text()
+    assert "\nMAX_ACCUMULATORS = 128\n" in src
+    copy = tmp_path / "acc32.py"
+    copy.write_text(src.replace("\nMAX_ACCUMULATORS = 128\n", "\nMAX_ACCUMULATORS = 32\n"))
+    target = tvm_lite.parse_target("cuda -arch=sm_90")
+    gqa7 = bench._kernels(14, 2, 64, target, [str(copy)])
+    assert list(gqa7) == ["split-K", "per-head", "acc32"]
+    assert gqa7["acc32"].script() != gqa7["split-K"].script()  # 7 heads x 8 lanes > 32
+    gqa4 = bench._kernels(32, 8, 64, target, [str(copy)])
+    assert gqa4["acc32"].script() == gqa4["split-K"].script()  # 4 x 8 = 32: unchanged
+    timing = {"gpu_us": 5.0, "wall_us": 9.0, "gb_s": 100.0, "max_abs_err": 1e-4}
+    row = {"heads": 14, "kv_heads": 2, "head_dim": 64, "context": 2048, "kv_bytes": 1048576,
+           "split-K": timing, "per-head": timing, "SDPA": dict(timing, gpu_us=5.5),
+           "acc32": dict(timing, gpu_us=4.4)}
+    table = bench.format_table({"copy_gb_s": 4000.0, "rows": [row], "baselines": ["acc32"]})
+    assert "acc32: GPU, SDPA / it, err" in table and "4.4 us, 1.25x, 1.0e-04" in table
+    with pytest.raises(SystemExit, match="no file nope.py"):
+        bench.main(["--baseline-kernel", "nope.py"])
+
+
 def test_bench_prefill_names_an_unknown_shape(capsys):
     """``bench.prefill --shapes`` takes the names of its shape table; another name stops it
     before any GPU work, with the name and the known ones."""

@@ -2,6 +2,7 @@
 
     python -m tvm_lite.bench.attention [--shapes 9x3x64,32x8x64,8x1x256,14x2x64,32x8x128]
                                        [--contexts 512,2048,8192] [--json out.json]
+                                       [--baseline-kernel a.py,b.py]
 
 For each (heads, kv_heads, head_dim) and context ``m`` (fp16, one query token, the in-place cache
 layout ``(m, kv_heads, head_dim)``, the model's merged-heads output) it times
@@ -11,6 +12,8 @@ layout ``(m, kv_heads, head_dim)``, the model's merged-heads output) it times
 * ``per-head``: the kernel it replaced (one workgroup per query head, ``gpu_attention.py``);
 * ``SDPA``: ``torch.nn.functional.scaled_dot_product_attention`` (``enable_gqa``) on K/V in its
   preferred ``(1, kv_heads, m, head_dim)`` layout;
+* each ``--baseline-kernel`` file (another version of ``schedules/gpu_attention_decode.py``,
+  e.g. a copy with one constant changed): the split-K kernel it builds, under the file's name;
 
 and checks the split-K output against an fp32 torch reference. Time is GPU kernel time per call
 (``torch.profiler``, all kernels of a call summed) -- what the kernel costs inside a step whose
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 SHAPES = ((9, 3, 64), (32, 8, 64), (8, 1, 256), (14, 2, 64), (32, 8, 128))
 CONTEXTS = (512, 2048, 8192)
@@ -31,18 +35,31 @@ ROTATE_BYTES = 256 << 20  # K/V copies cycled through per case (> the H200's 50 
 MAX_COPIES = 256
 
 
-def _kernels(heads: int, kv: int, d: int, target):
-    """{"split-K": PrimFunc, "per-head": PrimFunc} of this shape for the CUDA profile."""
+def _kernels(heads: int, kv: int, d: int, target, baselines=()) -> dict:
+    """{"split-K": PrimFunc, "per-head": PrimFunc, <baseline name>: PrimFunc ..} of this shape
+    for the CUDA profile; ``baselines``: paths of other versions of ``gpu_attention_decode.py``,
+    each built by the same rule with its ``decode_kernel`` (named for the file)."""
+    from pathlib import Path
+
     from ..relax_passes.fuse_attention import attention_params, reference_kernel
     from ..schedules import gpu_attention
     from ..schedules.gpu_attention import Attention
+    from .kernels import schedule_version
 
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, False, True,
                          merged_heads=True, kv_squeezed=kv == 1)
-    split = Attention().apply(reference_kernel(p), target, False).mod["main"]
-    old = gpu_attention.decode_kernel(p, gpu_attention.TILES["cuda"], 1024)
+    found = [("split-K", Attention().apply(reference_kernel(p), target, False).mod["main"]),
+             ("per-head", gpu_attention.decode_kernel(p, gpu_attention.TILES["cuda"], 1024))]
+    own = gpu_attention.split_decode_kernel
+    for path in baselines:
+        gpu_attention.split_decode_kernel = schedule_version(path).decode_kernel
+        try:
+            found.append((Path(path).stem,
+                          Attention().apply(reference_kernel(p), target, False).mod["main"]))
+        finally:
+            gpu_attention.split_decode_kernel = own
     return {name: f.with_attr("tirx.is_scheduled", True).with_attr("global_symbol", "attn")
-            for name, f in (("split-K", split), ("per-head", old))}
+            for name, f in found}
 
 
 def _time(call, copies: int, iters: int) -> dict:
@@ -133,7 +150,7 @@ def bench_case(heads, kv, d, contexts, built, iters: int = 200) -> list[dict]:
     return rows
 
 
-def run(shapes=SHAPES, contexts=CONTEXTS, progress=print) -> dict:
+def run(shapes=SHAPES, contexts=CONTEXTS, progress=print, baselines=()) -> dict:
     import tvm
 
     from ..target import parse_target
@@ -141,25 +158,30 @@ def run(shapes=SHAPES, contexts=CONTEXTS, progress=print) -> dict:
     target = parse_target("cuda -arch=sm_90")
     copy = copy_bandwidth_torch()
     progress(f"copy bandwidth {copy:.0f} GB/s")
-    result = {"copy_gb_s": copy, "rows": []}
+    result = {"copy_gb_s": copy, "rows": [], "baselines": [Path(b).stem for b in baselines]}
     for heads, kv, d in shapes:
         t0 = time.perf_counter()
         built = {}
-        for name, f in _kernels(heads, kv, d, target).items():
+        kernels = _kernels(heads, kv, d, target, baselines)
+        for name, f in kernels.items():
             ex = tvm.compile(tvm.IRModule({"attn": f}), target=target)
             built[name] = ex["attn"]
+        same = [Path(b).stem for b in baselines
+                if kernels[Path(b).stem].script() == kernels["split-K"].script()]
+        if same:  # (a constant that does not apply to this shape, or a sed that did not match)
+            progress(f"({heads},{kv},{d}): {', '.join(same)} build the same kernel as split-K")
         progress(f"({heads},{kv},{d}) compiled in {time.perf_counter() - t0:.0f} s")
         rows = bench_case(heads, kv, d, contexts, built)
         result["rows"] += rows
         for r in rows:
-            progress(format_row(r, copy))
+            progress(format_row(r, copy, result["baselines"]))
     return result
 
 
 NAMES = ("split-K", "per-head", "SDPA")
 
 
-def format_row(r: dict, copy: float) -> str:
+def format_row(r: dict, copy: float, baselines=()) -> str:
     cells = [f"({r['heads']},{r['kv_heads']},{r['head_dim']})", str(r["context"]),
              f"{r['kv_bytes'] / 1e6:.2f}"]
     for n in NAMES:
@@ -168,15 +190,21 @@ def format_row(r: dict, copy: float) -> str:
                      f"({100 * x['gb_s'] / copy:.0f}%)")
     cells.append(f"{r['SDPA']['gpu_us'] / r['split-K']['gpu_us']:.2f}x")
     cells.append(f"{r['split-K']['max_abs_err']:.1e}")
+    for b in baselines:  # each baseline: GPU us, SDPA / it, its error
+        x = r[b]
+        cells.append(f"{x['gpu_us']:.1f} us, {r['SDPA']['gpu_us'] / x['gpu_us']:.2f}x, "
+                     f"{x['max_abs_err']:.1e}")
     return "| " + " | ".join(cells) + " |"
 
 
 def format_table(result: dict) -> str:
+    bases = result.get("baselines", [])
     head = ("| (H, KV, D) | context | K+V MB | split-K: GPU / wall / GB/s (% copy) | "
-            "per-head (before) | SDPA | SDPA / split-K | split-K max err |")
+            "per-head (before) | SDPA | SDPA / split-K | split-K max err |"
+            + "".join(f" {b}: GPU, SDPA / it, err |" for b in bases))
     lines = [f"copy bandwidth {result['copy_gb_s']:.0f} GB/s", head,
-             "|" + "---|" * 8]
-    lines += [format_row(r, result["copy_gb_s"]) for r in result["rows"]]
+             "|" + "---|" * (8 + len(bases))]
+    lines += [format_row(r, result["copy_gb_s"], bases) for r in result["rows"]]
     return "\n".join(lines)
 
 
@@ -185,12 +213,19 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--baseline-kernel", default="", help="other versions of "
+                    "schedules/gpu_attention_decode.py to time next to this one, comma-separated "
+                    "(e.g. a copy with one constant changed)")
     args = ap.parse_args(argv)
+    baselines = [b for b in args.baseline_kernel.split(",") if b]
+    missing = [b for b in baselines if not Path(b).is_file()]
+    if missing:
+        raise SystemExit(f"bench.attention: --baseline-kernel: no file {', '.join(missing)}")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     for h, kv, d in shapes:
         if h % kv:
             raise SystemExit(f"bench.attention: {h} heads are not a multiple of {kv} kv heads")
-    result = run(shapes, [int(c) for c in args.contexts.split(",")])
+    result = run(shapes, [int(c) for c in args.contexts.split(",")], baselines=baselines)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

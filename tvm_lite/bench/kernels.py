@@ -81,6 +81,21 @@ def fp16_matmul_func(lead, k: int, n: int):
     return te.create_prim_func([x, w, y])
 
 
+def schedule_version(path: str):
+    """Another version of one of ``schedules/``' modules (e.g. ``git show
+    REV:schedules/gpu_attention_prefill.py > old.py``, or a copy with a constant changed),
+    loaded as a module of ``tvm_lite.schedules`` so that its relative imports resolve to this
+    tree's helpers: the benchmarks time it next to the tree's own in the same run."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        f"tvm_lite.schedules._baseline_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def kernel_func(fmt: str, lead, k: int, n: int):
     from tvm_lite.quant import kernels
 

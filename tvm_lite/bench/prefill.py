@@ -69,15 +69,11 @@ def causal_flops(heads: int, head_dim: int, n: int, past: int = 0) -> float:
 
 def baseline_prefill_kernel(path: str):
     """``prefill_kernel`` of another version of ``schedules/gpu_attention_prefill.py`` (e.g.
-    ``git show REV:schedules/gpu_attention_prefill.py > old.py``), loaded as a module of
-    ``tvm_lite.schedules`` so its relative imports resolve to this tree's helpers."""
-    import importlib.util
+    ``git show REV:schedules/gpu_attention_prefill.py > old.py``; see
+    :func:`tvm_lite.bench.kernels.schedule_version`)."""
+    from tvm_lite.bench.kernels import schedule_version
 
-    spec = importlib.util.spec_from_file_location(
-        f"tvm_lite.schedules._baseline_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.prefill_kernel
+    return schedule_version(path).prefill_kernel
 
 
 def attention_kernel(heads: int, kv: int, d: int, target, keys: int | None = None,
