@@ -39,8 +39,6 @@ def _kernels(heads: int, kv: int, d: int, target, baselines=()) -> dict:
     """{"split-K": PrimFunc, "per-head": PrimFunc, <baseline name>: PrimFunc ..} of this shape
     for the CUDA profile; ``baselines``: paths of other versions of ``gpu_attention_decode.py``,
     each built by the same rule with its ``decode_kernel`` (named for the file)."""
-    from pathlib import Path
-
     from ..relax_passes.fuse_attention import attention_params, reference_kernel
     from ..schedules import gpu_attention
     from ..schedules.gpu_attention import Attention
