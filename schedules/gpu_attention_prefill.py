@@ -153,6 +153,15 @@ MERGE_VEC = 4
 # Off until timed (2048 tokens in 256-token chunks, ``bench.prefill --baseline-kernel``).
 MERGE_IN_KERNEL = False
 assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: one a row tile"
+# Q's A fragments kept in registers for the whole key loop (FlashAttention-2's layout) instead of
+# read from shared memory again by ``ldmatrix`` for every key tile: ``MT x D / 16 x 4`` more
+# registers a thread (16 at head_dim 64, 32 at 128), one ldmatrix in 9 fewer a tile at head_dim
+# 128 and its latency off the start of each Q Kᵀ. Two workgroups of 128 threads a SM leave
+# 256 registers a thread, so at head_dim <= TC_Q_REGISTERS_MAX_DIM it costs no occupancy
+# (head_dim 256: 64 more, Gemma-2B's shape would spill). Off until timed (``bench.prefill
+# --parts attention --baseline-kernel``, a copy with it on).
+TC_Q_REGISTERS = False
+TC_Q_REGISTERS_MAX_DIM = 128
 
 HELPERS = {
     **mma.HELPERS,
@@ -634,13 +643,15 @@ def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str) -> str
 def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
                        split: bool = True, static: dict | None = None,
                        m_tiles: int | None = None,
-                       merge_in_kernel: bool | None = None) -> tirx.PrimFunc:
+                       merge_in_kernel: bool | None = None,
+                       q_registers: bool | None = None) -> tirx.PrimFunc:
     """``static``: ``{"n": .., "m": ..}`` (a ring kernel: ``"past"``) fixes the query and key
     counts (tests that run the generated CUDA C on the CPU: no scalar kernel arguments).
     ``m_tiles``: 16-row m-tiles a warp owns (default :data:`TC_M_TILES`); each K and V fragment
     loaded from shared memory feeds all of them. ``merge_in_kernel``: the last split of a row
     tile merges it (default :data:`MERGE_IN_KERNEL`; not for a ring kernel, whose merge kernel
-    also writes the ring)."""
+    also writes the ring). ``q_registers``: Q's fragments loaded once, before the key loop
+    (default :data:`TC_Q_REGISTERS`, only up to :data:`TC_Q_REGISTERS_MAX_DIM`)."""
     decl, _ = signature(p)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
@@ -679,7 +690,12 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     # per m-tile mt: s[mt * NT * 4 ..] (and mk), oa[mt * DT * 4 ..], af[mt * 4 ..],
     # pf[mt * KP * 4 ..], st[mt * 6 ..] (max x2, sum x2, tmp x2)
     S, O, ST = f"mt * {NT * 4} + ", f"mt * {DT * 4} + ", "mt * 6 + "
-    AF = [f"af[mt * 4 + {i}]" for i in range(4)]
+    if q_registers is None:
+        q_registers = TC_Q_REGISTERS
+    q_registers = q_registers and D <= TC_Q_REGISTERS_MAX_DIM
+    # Q's A fragment of m-tile mt at k-step kk: loaded in the key loop, or once into qf
+    AF = [f"qf[(mt * {KT} + kk) * 4 + {i}]" if q_registers else f"af[mt * 4 + {i}]"
+          for i in range(4)]
     PF = [f"pf[mt * {KP * 4} + kp * 4 + {i}]" for i in range(4)]
     rc, rh = row("c"), row("hr * 2")
     masked = not p.get("window")  # a ring kernel masks by position: no mask tensor
@@ -809,6 +825,23 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
         scores = score_loop(True, 20)
     offsets = {"qs": 0, "ks": KO, "vs": VO}
     addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
+
+    def q_fragment(kk: str) -> str:  # ldmatrix of Q's A fragment (m-tile mt, k-step kk)
+        return _call("tvm_lite_ldsm_x4", addr("qs", f"{warp} * {16 * MT} + mt * 16 + {lane} % 16",
+                                              f"{kk} * 16 + {lane} // 16 * 8"), ret="uint32x4")
+
+    if q_registers:  # after the Q tile (and the first K tile) landed: every fragment, once
+        q_frags, q_in_loop = f"""
+                qf = T.alloc_buffer(({MT * KT * 4},), "uint32", scope="local")
+                {wait}
+                T.tvm_storage_sync("shared")
+                for mt in T.unroll({MT}):
+                    for kq in T.unroll({KT}):
+                        qf[T.Ramp((mt * {KT} + kq) * 4, 1, 4)] = {q_fragment("kq")}""", ""
+    else:
+        q_frags, q_in_loop = "", f"""
+                        for mt in T.unroll({MT}):
+                            af[T.Ramp(mt * 4, 1, 4)] = {q_fragment("kk")}"""
     nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
     spl = split_count(p, rows, keys) if split else "T.int64(1)"
     tiles = _key_tiles(p, rows, keys)
@@ -855,7 +888,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                 st = T.alloc_buffer(({MT * 6},), "float32", scope="local"){mk_alloc}{causal}
 {q_load}{decided}{bounds}
                 if {lo} < {hi}:
-{k_load(lo, 20)}{clean_check(lo, 20) if clean else ""}
+{k_load(lo, 20)}{clean_check(lo, 20) if clean else ""}{q_frags}
                 for i in T.unroll({MT * DT * 4}):
                     oa[i] = {f32}(0)
                 for mt in T.unroll({MT}):
@@ -870,12 +903,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 {v_load}{mask_pre}
                     for i in T.unroll({MT * NT * 4}):
                         s[i] = {f32}(0)
-                    for kk in T.unroll({KT}):
-                        for mt in T.unroll({MT}):
-                            af[T.Ramp(mt * 4, 1, 4)] = {_call("tvm_lite_ldsm_x4",
-                                                          addr("qs", f"{warp} * {16 * MT} + mt * 16 + {lane} % 16",
-                                                               f"kk * 16 + {lane} // 16 * 8"),
-                                                          ret="uint32x4")}
+                    for kk in T.unroll({KT}):{q_in_loop}
                         for np in T.unroll({NT // 2}):
                             bf[T.Ramp(0, 1, 4)] = {_call(
                                 "tvm_lite_ldsm_x4",

@@ -1150,3 +1150,31 @@ def test_prefill_walks_every_key_tile_for_a_non_causal_mask(profile, kind, tmp_p
     assert np.isnan(got[:, :, cut:]).any()  # (later positions read them: the NaN is real)
     np.testing.assert_allclose(got[:, :, :first].astype(np.float32), want[:, :, :first],
                                rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past, m_tiles, in_kernel", [
+    (9, 3, 64, 130, 0, 1, False),    # SmolLM2's shape, a prompt: 3 key tiles, one split
+    (8, 2, 64, 64, 224, 1, True),    # a chunk after a cache: splits merged by the last of them
+    (8, 2, 128, 70, 0, 2, False),    # head_dim 128 with two m-tiles a warp: 64 Q registers
+    (8, 1, 256, 16, 240, 1, False)])  # head_dim 256: above TC_Q_REGISTERS_MAX_DIM, not taken
+def test_tensor_core_prefill_q_in_registers_on_the_cpu(heads, kv, d, n, past, m_tiles, in_kernel,
+                                                       tmp_path, monkeypatch):
+    """``TC_Q_REGISTERS``: Q's A fragments loaded once before the key loop (after the Q tile's
+    and the first K tile's wait) and kept in registers, instead of an ``ldmatrix`` of Q per key
+    tile. The CUDA C run on the CPU, against numpy; at head_dim 256 the kernel keeps the loads
+    in the loop."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "TC_Q_REGISTERS", True)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    func = gpu_attention_prefill.tensor_core_kernel(p, static={"n": n, "m": past + n},
+                                                    m_tiles=m_tiles)
+    assert ("qf = T.alloc_local" in func.script()) == (d <= 128)
+    q, k, v, mask = _inputs(np.random.default_rng(9), heads, kv, d, n, past, "float16", 0)
+    got, splits, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles,
+                                         merge_in_kernel=in_kernel)
+    assert (splits > 1) == (past > 0)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
