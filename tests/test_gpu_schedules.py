@@ -955,6 +955,20 @@ def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     assert "known: down;gate,up;k,v;o;q" in capsys.readouterr().err
 
 
+def test_bench_nvtx_names_are_ncu_filters():
+    """Each timed variant of the benches sits in an NVTX range whose name ncu's ``--nvtx-include
+    "<name>/"`` can match: no spaces, slashes, ``@`` or parentheses (the README's ncu commands
+    spell these names)."""
+    from tvm_lite.bench.kernels import nvtx_name
+
+    assert nvtx_name("gemm", "llama-3.2-1b", "gate,up", "e0m4 wgmma 128x256 xws3") == \
+        "gemm:llama-3.2-1b:gate+up:e0m4_wgmma_128x256_xws3"
+    assert nvtx_name("attention", "llama-3-8b (hd 128)", "n2048", "tree") == \
+        "attention:llama-3-8b_hd_128:n2048:tree"
+    assert nvtx_name("decode", "14-2-64", "m2048", "split-K") == "decode:14-2-64:m2048:split-K"
+    assert nvtx_name("attention", "a/b@c", "q_regs.py") == "attention:a_b_c:q_regs.py"
+
+
 def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path):
     """The rule takes the wgmma kernel for 4-bit weights on ``sm_90a`` when asked (fp16 weights
     and ``sm_90`` keep the mma.sync kernel); nvcc builds it for sm_90a without spills."""

@@ -29,6 +29,8 @@ import json
 import time
 from pathlib import Path
 
+from .kernels import nvtx_name
+
 SHAPES = ((9, 3, 64), (32, 8, 64), (8, 1, 256), (14, 2, 64), (32, 8, 128))
 CONTEXTS = (512, 2048, 8192)
 ROTATE_BYTES = 256 << 20  # K/V copies cycled through per case (> the H200's 50 MB L2)
@@ -134,8 +136,9 @@ def bench_case(heads, kv, d, contexts, built, iters: int = 200) -> list[dict]:
             fn(tq, tk[0], tv[0], tmask, tout)
             torch.cuda.synchronize()
             err = float((out.float() - ref).abs().max())
-            row[name] = dict(_time(lambda i: fn(tq, tk[i], tv[i], tmask, tout), copies, iters),
-                             max_abs_err=err)
+            with torch.cuda.nvtx.range(nvtx_name("decode", f"{heads}-{kv}-{d}", f"m{m}", name)):
+                timed = _time(lambda i: fn(tq, tk[i], tv[i], tmask, tout), copies, iters)
+            row[name] = dict(timed, max_abs_err=err)
         sdpa = lambda i: F.scaled_dot_product_attention(q, ks_t[i], vs_t[i],  # noqa: E731
                                                         enable_gqa=kv != heads)
         got = sdpa(0).reshape(1, 1, heads * d).float()

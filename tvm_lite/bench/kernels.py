@@ -26,6 +26,7 @@ the GPU's L2 cache stay resident between repeats, so their GB/s can exceed DRAM 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, replace
 
@@ -94,6 +95,15 @@ def schedule_version(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def nvtx_name(kind: str, *parts: str) -> str:
+    """The NVTX range around one timed variant, e.g. ``gemm:llama-3.2-1b:gate+up:e0m4_wgmma_128x256
+    _xws3`` or ``attention:llama-3-8b_hd_128:n2048:tree`` (commas as ``+``, other characters
+    than letters, digits and ``.:+-`` as ``_``: ncu's filter reads ``/``, ``@`` and spaces):
+    ``ncu --nvtx --nvtx-include "<name>/" --launch-count 1`` profiles one of its launches."""
+    name = ":".join((kind,) + parts).replace(",", "+")
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.:+-]", "_", name)).replace("_:", ":")
 
 
 def kernel_func(fmt: str, lead, k: int, n: int):

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .kernels import nvtx_name
+
 # name: (heads, kv_heads, head_dim)
 ATTENTION_SHAPES = {
     "smollm2-135m": (9, 3, 64),
@@ -142,8 +144,9 @@ def _attention_inputs(heads, kv, d, n, past, seed=0):
     return q, k, v, mask
 
 
-def _tvm_attention_call(ex, dev, q, k, v, mask):
-    """(ms, output as a (1, H, n, D) torch tensor) of one tvm_lite attention call."""
+def _tvm_attention_call(ex, dev, q, k, v, mask, nvtx: str = "attention"):
+    """(ms, output as a (1, H, n, D) torch tensor) of one tvm_lite attention call, timed inside
+    the NVTX range ``nvtx`` (:func:`nvtx_name`, for ncu)."""
     import torch
     import tvm
 
@@ -151,7 +154,8 @@ def _tvm_attention_call(ex, dev, q, k, v, mask):
     kk, vv = (k[:, 0] if k.shape[1] == 1 else k), (v[:, 0] if v.shape[1] == 1 else v)
     out = torch.empty(1, n, heads * d, device="cuda", dtype=torch.float16)
     args = [tvm.runtime.from_dlpack(t.contiguous()) for t in (q, kk, vv, mask, out)]
-    ms = _tvm_ms(ex, dev, args)
+    with torch.cuda.nvtx.range(nvtx):
+        ms = _tvm_ms(ex, dev, args)
     return ms, out.view(1, n, heads, d).transpose(1, 2)
 
 
@@ -183,7 +187,11 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
             if keys is None and m_tiles is None:
                 base = {b: attention_kernel(heads, kv, d, target, prefill_kernel=kernel)
                         for b, kernel in base_kernels.items()}
+            variant = "tree" if keys is None and m_tiles is None else f"k{keys}m{m_tiles}"
             for n in lengths:
+                def at(var, past=None, n=n):  # this call's NVTX range
+                    return nvtx_name("attention", name, f"n{n}", var,
+                                     *(() if past is None else (f"past{past}",)))
                 q, k, v, mask = _attention_inputs(heads, kv, d, n, 0)
                 kx = k.permute(1, 0, 2).repeat_interleave(heads // kv, 0)[None]
                 vx = v.permute(1, 0, 2).repeat_interleave(heads // kv, 0)[None]
@@ -191,7 +199,7 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                     return F.scaled_dot_product_attention(q, kx, vx, is_causal=True)
 
                 torch_ms = _torch_ms(sdpa)
-                ours_ms, out = _tvm_attention_call(ex, dev, q, k, v, mask)
+                ours_ms, out = _tvm_attention_call(ex, dev, q, k, v, mask, at(variant))
                 err = float((out.float() - sdpa().float()).abs().max())
                 row = dict(shape=name, heads=heads, kv_heads=kv, head_dim=d, n=n, key_tile=keys,
                            m_tiles=m_tiles and m_tiles_for({"head_dim": d}, m_tiles),  # as built
@@ -200,18 +208,19 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                            sdpa_tflops=causal_flops(heads, d, n) / torch_ms / 1e9)
                 row["vs_sdpa"] = row["tflops"] / row["sdpa_tflops"]
                 if base:  # the same inputs through each baseline's kernel
-                    row["baselines"] = {b: _tvm_attention_call(bex, dev, q, k, v, mask)[0]
+                    row["baselines"] = {b: _tvm_attention_call(bex, dev, q, k, v, mask, at(b))[0]
                                         for b, bex in base.items()}
                 if chunk and n > chunk and keys is None and m_tiles is None:  # in chunks
                     total = 0.0
                     for past in range(0, n, chunk):
                         qc, kc, vc, mc = _attention_inputs(heads, kv, d, chunk, past)
-                        total += _tvm_attention_call(ex, dev, qc, kc, vc, mc)[0]
+                        total += _tvm_attention_call(ex, dev, qc, kc, vc, mc, at(variant, past))[0]
                     row.update(chunk=chunk, chunked_ms=total, chunked_ratio=total / ours_ms)
                     if base:  # the baselines in the same chunks
                         row["baselines_chunked"] = {
                             b: sum(_tvm_attention_call(bex, dev, *_attention_inputs(
-                                heads, kv, d, chunk, past))[0] for past in range(0, n, chunk))
+                                heads, kv, d, chunk, past), at(b, past))[0]
+                                   for past in range(0, n, chunk))
                             for b, bex in base.items()}
                 rows.append(row)
                 progress(f"attention {name} n={n} keys={keys} m_tiles={row['m_tiles']}: "
@@ -224,13 +233,6 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                          + "".join(f"; {b} chunked {ms * 1e3:.1f} us"
                                    for b, ms in row.get("baselines_chunked", {}).items()))
     return rows
-
-
-def nvtx_name(model: str, layer: str, variant: str) -> str:
-    """The NVTX range around one GEMM variant's timing, e.g. ``gemm:llama-3.2-1b:gate+up:e0m4_
-    wgmma_128x256_xws3`` (no spaces, commas or slashes, which ncu's filter reads): ``ncu --nvtx
-    --nvtx-include "<name>/" --launch-count 1`` profiles one of its launches."""
-    return ":".join(("gemm", model, layer, variant)).replace(" ", "_").replace(",", "+")
 
 
 def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
@@ -377,7 +379,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                 out = tvm.runtime.empty((1, seq, n), "float16", dev)
                 args = [tvm.runtime.from_dlpack(x), *[tvm.runtime.tensor(a, dev)
                                                       for a in arrays.values()], out]
-                with torch.cuda.nvtx.range(nvtx_name(model, name, variant)):  # (for ncu)
+                with torch.cuda.nvtx.range(nvtx_name("gemm", model, name, variant)):  # (for ncu)
                     ms = _tvm_ms(ex, dev, args)
                 cols = min(n, 1024)
                 ref = reference(fmt, x.cpu().numpy(), arrays, k, cols)
