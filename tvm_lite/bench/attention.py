@@ -144,7 +144,8 @@ def bench_case(heads, kv, d, contexts, built, iters: int = 200) -> list[dict]:
         got = sdpa(0).reshape(1, 1, heads * d).float()
         row["SDPA"] = dict(_time(sdpa, copies, iters), max_abs_err=float((got - ref).abs().max()))
         for name in (*built, "SDPA"):
-            row[name]["gb_s"] = kv_bytes / (row[name]["gpu_us"] * 1e-6) / 1e9
+            us = row[name]["gpu_us"]  # 0 where no profiler could attach (under ncu)
+            row[name]["gb_s"] = kv_bytes / (us * 1e-6) / 1e9 if us else float("nan")
         rows.append(row)
         del ks, vs, ks_t, vs_t
         torch.cuda.empty_cache()
