@@ -183,6 +183,10 @@ def run(shapes=SHAPES, contexts=CONTEXTS, progress=print, baselines=()) -> dict:
 NAMES = ("split-K", "per-head", "SDPA")
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def format_row(r: dict, copy: float, baselines=()) -> str:
     cells = [f"({r['heads']},{r['kv_heads']},{r['head_dim']})", str(r["context"]),
              f"{r['kv_bytes'] / 1e6:.2f}"]
@@ -190,11 +194,11 @@ def format_row(r: dict, copy: float, baselines=()) -> str:
         x = r[n]
         cells.append(f"{x['gpu_us']:.1f} us / {x['wall_us']:.1f} us / {x['gb_s']:.0f} GB/s "
                      f"({100 * x['gb_s'] / copy:.0f}%)")
-    cells.append(f"{r['SDPA']['gpu_us'] / r['split-K']['gpu_us']:.2f}x")
+    cells.append(f"{_ratio(r['SDPA']['gpu_us'], r['split-K']['gpu_us']):.2f}x")
     cells.append(f"{r['split-K']['max_abs_err']:.1e}")
     for b in baselines:  # each baseline: GPU us, SDPA / it, its error
         x = r[b]
-        cells.append(f"{x['gpu_us']:.1f} us, {r['SDPA']['gpu_us'] / x['gpu_us']:.2f}x, "
+        cells.append(f"{x['gpu_us']:.1f} us, {_ratio(r['SDPA']['gpu_us'], x['gpu_us']):.2f}x, "
                      f"{x['max_abs_err']:.1e}")
     return "| " + " | ".join(cells) + " |"
 
