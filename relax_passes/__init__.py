@@ -1,4 +1,5 @@
-"""tvm_lite's Relax passes, one per file, each named for what it does."""
+"""tvm_lite's Relax passes, one per file, each named for what it does (and one TIR pass on the
+device module: LaunchDependentsEarly)."""
 
 from .add_decode_function import AddDecodeFunction
 from .add_last_row_prefill import AddLastRowPrefill
@@ -16,6 +17,7 @@ from .fuse_silu_mul import FuseSiluMul
 from .fuse_attention import FuseAttention
 from .fuse_gemv_prologue import FuseGEMVPrologue
 from .inline_step_calls import InlineStepCalls
+from .launch_dependents_early import LaunchDependentsEarly
 from .inplace_kv_cache import InplaceKVCache, KVCacheRewriteError, NoKVCacheError
 from .legalize_grouped_reshape import LegalizeGroupedReshape
 from .merge_shared_input_projections import MergeSharedInputProjections
@@ -31,7 +33,7 @@ __all__ = ["AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepH
            "BindDequantKernelShapes", "DecodeWritesAtPosition", "DropKillsWithoutStorage",
            "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
-           "KVCacheRewriteError", "LegalizeGroupedReshape", "MergeSharedInputProjections",
+           "KVCacheRewriteError", "LaunchDependentsEarly", "LegalizeGroupedReshape", "MergeSharedInputProjections",
            "NoKVCacheError", "PackWeightPanels",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "ShareHostValues",
            "SplitPrefillDecode"]

@@ -153,6 +153,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
 
     The manifest records the options and the compiled module's calling convention
     (``"convention"``: what its ``_metadata`` function returns), which the engine follows."""
+    from .pipeline import tir_pipeline
     from .schedules.cpu_target import weight_panel
     from .target import parse_target  # (tvm.target: not in a runtime-only process, which loads)
 
@@ -182,6 +183,9 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         options["quant"] = opts.quant.to_dict()
     if opts.tuning_db is not None:  # the database's contents are part of the cache key
         options.update(tuning_db=database_digest(opts.tuning_db), decode_function=True)
+    if opts.dependent_launch and not opts.stock:
+        tir_pipeline(tgt, opts)  # a target without it: the error now, before export and quant
+        options["dependent_launch"] = True  # (absent = False: earlier cache keys stay valid)
     panel = weight_panel(tgt) if opts.weight_panels and not opts.stock else None
     if panel:  # the weights stored panel-major (params.npz too)
         options["weight_panels"] = panel

@@ -39,7 +39,7 @@ def cmd_compile(args):
     from .artifact import compile_model, onnx_input
 
     options = BuildOptions(kv_cache=args.kv_cache, quant=_quant_config(args),  # checked first
-                           tuning_db=args.tuning_db)
+                           tuning_db=args.tuning_db, dependent_launch=args.dependent_launch)
     model = onnx_input(args.model, exporter=args.exporter, progress=_log)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
                         options=options)
@@ -243,6 +243,9 @@ def main(argv=None):
                         "copies")
     _add_quant_args(p)
     p.add_argument("--tuning-db", default=None, help="MetaSchedule database from `tvm-lite tune`")
+    p.add_argument("--dependent-launch", action="store_true",
+                   help="CUDA sm_90+: each kernel's launch overlaps the tail of the one before "
+                        "(programmatic dependent launch; off until timed)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="answer a prompt")

@@ -50,6 +50,7 @@ def build(mod: tvm.IRModule, target="llvm", options: BuildOptions | None = None,
     mod, _ = detach_params(mod)
     if opts.tuning_db is not None:
         opts = opts.replace(tuning_db=check_database(opts.tuning_db))
+    tir_pipeline = _pipeline.tir_pipeline(tgt, opts)  # (an option the target cannot take: here)
     if opts.stock:
         with tgt, stage("compile", where=f"stock pipeline, {tgt.kind.name}"):
             return tvm.compile(mod, target=tgt)
@@ -58,7 +59,8 @@ def build(mod: tvm.IRModule, target="llvm", options: BuildOptions | None = None,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,
                                                              dump_dir=dump_dir, options=opts,
                                                              applied=applied,
-                                                             described=described))
+                                                             described=described),
+                           tir_pipeline=tir_pipeline)
 
 
 def device_source(executable, kind: str = "opencl") -> str:

@@ -52,6 +52,9 @@ class BuildOptions:
     ``weight_panels``: on a CPU target, store each weight matrix panel-major, the columns one
     task computes contiguous (``relax_passes/pack_weight_panels.py``; ``compile_model`` only,
     which has the weights); False keeps the exported ``[K, N]`` layout (for comparisons).
+    ``dependent_launch``: on CUDA sm_90+, every kernel launched with programmatic dependent
+    launch, so that its launch overlaps the tail of the kernel before it
+    (``relax_passes/launch_dependents_early.py``); an error on another target. Off until timed.
     """
 
     kv_cache: str = KV_AUTO
@@ -65,6 +68,7 @@ class BuildOptions:
     merge_projections: bool = True
     pipeline: str = "tvm_lite"
     weight_panels: bool = True
+    dependent_launch: bool = False
 
     def __post_init__(self):
         for name, value, allowed in (("kv_cache", self.kv_cache, KV_CACHE_MODES),

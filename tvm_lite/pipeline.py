@@ -44,19 +44,47 @@ from tvm.s_tir import dlight as dl
 
 from tvm_lite import schedules
 from tvm_lite.convention import KV_CACHE_ATTR, KV_COPY, KV_INPLACE
+from tvm_lite.errors import UserError
 from tvm_lite.options import BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
+from tvm_lite.relax_passes.launch_dependents_early import supports as launch_dependents_supported
 from tvm_lite.relax_passes import (AddDecodeFunction, AddLastRowPrefill, AttachMetadata,
                                    AddStepEntries, AddStepHelpers, AddTupledBufferEntries,
                                    BindDequantKernelShapes, DecodeWritesAtPosition,
                                    DropKillsWithoutStorage,
                                    FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
                                    FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
-                                   InplaceKVCache,
+                                   InplaceKVCache, LaunchDependentsEarly,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
                                    ShareHostValues, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
+# TIR: TVM's default pipeline, the device modules of CUDA sm_90+ then through LaunchDependentsEarly
+TIR_PIPELINE_DEPENDENT_LAUNCH = "tvm_lite_dependent_launch"
+
+
+def _tir_pipeline_dependent_launch(**kwargs):
+    """(pipeline, host finalization, device finalization) of TVM's default TIR pipeline, the
+    device finalization first running :class:`LaunchDependentsEarly` (it needs the kernels as
+    split from the host code, their launch tags set)."""
+    pipeline, host, device = tvm.tirx.get_tir_pipeline("default", **kwargs)
+    return pipeline, host, lambda: tvm.transform.Sequential([LaunchDependentsEarly(), device()])
+
+
+tvm.tirx.compilation_pipeline.register_tir_pipeline(TIR_PIPELINE_DEPENDENT_LAUNCH,
+                                                    _tir_pipeline_dependent_launch)
+
+
+def tir_pipeline(target: tvm.target.Target, opts: BuildOptions) -> str:
+    """The TIR pipeline's name for ``target``: ``dependent_launch`` takes
+    :data:`TIR_PIPELINE_DEPENDENT_LAUNCH` (CUDA sm_90+ only: another target is an error naming
+    the option), otherwise TVM's default."""
+    if not opts.dependent_launch:
+        return "default"
+    if not launch_dependents_supported(target):
+        raise UserError(f"dependent_launch=True: programmatic dependent launch needs a CUDA "
+                         f"target of sm_90 or newer, not {target}")
+    return TIR_PIPELINE_DEPENDENT_LAUNCH
 
 
 def _dump(phase: str, dump_dir: str | None):

@@ -366,7 +366,10 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m tvm_lite.profile", description=main.__doc__)
     ap.add_argument("--shapes", default="smollm2-135m")
-    ap.add_argument("--variant", default="tvm_lite-e0m4")
+    ap.add_argument("--variant", default="tvm_lite-e0m4",
+                    help="a bench.models variant, or several separated by commas, each profiled "
+                         "(e.g. tvm_lite-e0m4,tvm_lite-e0m4+pdl: without and with programmatic "
+                         "dependent launch)")
     ap.add_argument("--target", default=None,
                     help="default: this GPU's, sm_90a on Hopper (tvm_lite.target.local_cuda_target)")
     ap.add_argument("--device", default="cuda")
@@ -377,15 +380,18 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     out = {}
+    variants = args.variant.split(",")
     for shape in args.shapes.split(","):
-        (res,) = profile_shapes([shape], args.variant, args.target, args.device, args.prompt_len,
-                                args.steps, args.work_dir).values()
-        out[shape] = {k: v.as_dict() for k, v in res.items()}
-        for prof in res.values():
-            print(f"== {shape}\n{prof.table(args.top)}\n", flush=True)
-        if args.json:  # rewritten after every shape: a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+        for variant in variants:
+            (res,) = profile_shapes([shape], variant, args.target, args.device, args.prompt_len,
+                                    args.steps, args.work_dir).values()
+            name = shape if len(variants) == 1 else f"{shape} {variant}"
+            out[name] = {k: v.as_dict() for k, v in res.items()}
+            for prof in res.values():
+                print(f"== {name}\n{prof.table(args.top)}\n", flush=True)
+            if args.json:  # rewritten after every build: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
 
 
 __all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes"]

@@ -106,15 +106,23 @@ def _quant(fmt: str):
     return QuantConfig(format=fmt, method="rtn", clip_search=False, include_lm_head=True)
 
 
+PDL_SUFFIX = "+pdl"  # a tvm_lite variant with this suffix: BuildOptions(dependent_launch=True)
+
+
 def compile_variant(onnx_dir, variant: str, target: str, progress=print) -> Path:
+    """The artifact of ``variant`` (:data:`VARIANTS`; a tvm_lite one may end in
+    :data:`PDL_SUFFIX`: its kernels launched with programmatic dependent launch)."""
     from ..artifact import compile_model
 
     if variant == "stock-fp16":
         return compile_model(onnx_dir, target, progress=progress, pipeline="stock")
+    pdl = variant.endswith(PDL_SUFFIX)
+    variant = variant.removesuffix(PDL_SUFFIX)
     if variant == "tvm_lite-fp16":
-        return compile_model(onnx_dir, target, progress=progress)
+        return compile_model(onnx_dir, target, progress=progress, dependent_launch=pdl)
     fmt = variant.split("-", 1)[1]
-    return compile_model(onnx_dir, target, progress=progress, quant=_quant(fmt))
+    return compile_model(onnx_dir, target, progress=progress, quant=_quant(fmt),
+                         dependent_launch=pdl)
 
 
 def bench_torch(hf_dir, prompt_ids, decode_tokens: int, repeats: int, device: str = "cuda") -> dict:

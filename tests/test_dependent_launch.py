@@ -1,0 +1,101 @@
+"""``dependent_launch``: CUDA sm_90+ kernels launched with programmatic dependent launch
+(``relax_passes/launch_dependents_early.py``). Checked here on the build alone: every kernel
+waits for its predecessor before its first statement, and the launch tag the runtime reads is
+in the compiled module. (Its speed is a GPU measurement: ``tvm-lite profile`` with and without.)
+"""
+
+import re
+
+import pytest
+import tvm
+from tvm.script import tirx as T
+from tvm.tirx.build import split_host_device_mods
+
+import tvm_lite
+from tvm_lite.errors import UserError
+from tvm_lite.pipeline import TIR_PIPELINE_DEPENDENT_LAUNCH
+from tvm_lite.relax_passes.launch_dependents_early import PDL_TAG
+
+WAIT, LAUNCH = "tvm_lite_griddep_wait();", "tvm_lite_griddep_launch();"
+
+
+@T.prim_func
+def _two_kernels(a: T.handle, b: T.handle, c: T.handle):
+    """A plain kernel, then one with dynamic shared memory (its tag must stay the last)."""
+    n = T.int64()
+    A = T.match_buffer(a, (n, 64), "float32")
+    B = T.match_buffer(b, (n, 64), "float32")
+    C = T.match_buffer(c, (n, 64), "float32")
+    T.func_attr({"tirx.is_scheduled": True, "global_symbol": "two"})
+    for bx in T.thread_binding(n, thread="blockIdx.x"):
+        for tx in T.thread_binding(64, thread="threadIdx.x"):
+            B[bx, tx] = A[bx, tx] * T.float32(2)
+    for bx in T.thread_binding(n, thread="blockIdx.x"):
+        for tx in T.thread_binding(64, thread="threadIdx.x"):
+            sh = T.alloc_buffer((64,), "float32", scope="shared.dyn")
+            sh[tx] = B[bx, tx]
+            T.tvm_storage_sync("shared.dyn")
+            C[bx, tx] = sh[63 - tx]
+
+
+def _kernel_bodies(src: str) -> dict:
+    """kernel name -> its body's statements (the CUDA C of each ``__global__`` definition)."""
+    out = {}
+    for m in re.finditer(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^)]*\) \{\n", src):
+        body = src[m.end():src.index("\n}\n", m.end())]
+        out[m.group(1)] = [ln.strip() for ln in body.splitlines() if ln.strip()]
+    return out
+
+
+@pytest.mark.parametrize("arch, taken", [("sm_90a", True), ("sm_90", True), ("sm_80", False)])
+def test_each_sm90_kernel_waits_first_and_carries_the_launch_tag(arch, taken):
+    target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    mod = tvm.tirx.transform.BindTarget(target)(tvm.IRModule({"two": _two_kernels}))
+    pipeline, _, device = tvm.tirx.get_tir_pipeline(TIR_PIPELINE_DEPENDENT_LAUNCH)
+    _, devices = split_host_device_mods(pipeline(mod))
+    kernels = {gv.name_hint: [str(t) for t in f.attrs["tirx.kernel_launch_params"]]
+               for dmod in devices.values() for gv, f in device()(dmod).functions_items()}
+    assert len(kernels) == 2, kernels
+    for name, tags in kernels.items():
+        assert (PDL_TAG in tags) == taken, (name, tags)
+    dyn = [tags for tags in kernels.values() if "tirx.use_dyn_shared_memory" in tags]
+    assert len(dyn) == 1 and dyn[0][-1] == "tirx.use_dyn_shared_memory", dyn
+    if not taken:
+        return
+    ex = tvm.compile(tvm.IRModule({"two": _two_kernels}), target=target,
+                     tir_pipeline=TIR_PIPELINE_DEPENDENT_LAUNCH)
+    bodies = _kernel_bodies(tvm_lite.device_source(ex, "cuda"))
+    assert len(bodies) == 2, bodies
+    for name, lines in bodies.items():
+        assert lines[:2] == [WAIT, LAUNCH], (name, lines[:4])
+
+
+def test_a_whole_model_built_with_dependent_launch(tiny_decoder):
+    """Every kernel of a real model's CUDA build (prefill and decode, attention and 4-bit
+    GEMMs included) waits first; the default build has no such instruction; the option on a
+    target without it is an error that names the option."""
+    _, onnx_dir = tiny_decoder
+    mod = tvm_lite.from_onnx(onnx_dir / "model.onnx")
+    on = _kernel_bodies(tvm_lite.device_source(
+        tvm_lite.build(mod, "cuda -arch=sm_90a", dependent_launch=True), "cuda"))
+    assert len(on) > 10
+    late = {name: lines[:3] for name, lines in on.items() if lines[:2] != [WAIT, LAUNCH]}
+    assert not late, late
+    off = tvm_lite.device_source(tvm_lite.build(mod, "cuda -arch=sm_90a"), "cuda")
+    assert "griddepcontrol" not in off
+    for target in ("opencl -device=adreno", "cuda -arch=sm_80", "llvm"):
+        with pytest.raises(UserError, match="dependent_launch=True.*sm_90"):
+            tvm_lite.build(mod, target, dependent_launch=True)
+
+
+def test_compile_model_names_the_option_before_any_work(tiny_decoder, tmp_path):
+    """``compile_model(..., dependent_launch=True)`` for a target without it stops before the
+    import and the quantizer, naming the option; nothing is written."""
+    from tvm_lite.artifact import compile_model
+
+    _, onnx_dir = tiny_decoder
+    steps = []
+    with pytest.raises(UserError, match="dependent_launch=True"):
+        compile_model(onnx_dir, "llvm", out_dir=tmp_path / "out", progress=steps.append,
+                      dependent_launch=True)
+    assert steps == [] and not (tmp_path / "out").exists()
