@@ -54,7 +54,9 @@ Two kernels
   ``__device__`` helpers (``HELPERS``) called through ``T.cuda.func_call``. Q, K and V tiles live
   in dynamic shared memory (rows padded by 16 bytes: conflict-free ``ldmatrix``). K and V arrive
   by ``cp.async`` in FlashAttention-2's pipeline (V of tile ``kb`` while ``Q Kᵀ`` and the
-  softmax of ``kb`` run, K of ``kb + 1`` while ``P V`` of ``kb`` runs; one buffer each). The
+  softmax of ``kb`` run, K of ``kb + 1`` while ``P V`` of ``kb`` runs; one buffer each), or
+  with :data:`TC_SCORES_AHEAD` in FlashAttention-3's order (``Q Kᵀ`` of tile ``kb + 1`` issued
+  before the softmax of ``kb``; two buffers each, every copy a tile ahead of its wait). The
   softmax is FlashAttention-2's: scores stay in dot-product units (the mask enters divided by
   the scale), the row max and sum are balanced trees, one FFMA a score feeds ``exp2``. Whole key
   tiles (all but a row tile's last) run without per-key bounds tests, in their scores and in
@@ -162,6 +164,13 @@ assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: o
 # --parts attention --baseline-kernel``, a copy with it on).
 TC_Q_REGISTERS = False
 TC_Q_REGISTERS_MAX_DIM = 128
+# Scores a tile ahead (FlashAttention-3's order, with mma.sync): the Q Kᵀ products of key tile
+# kb + 1 are issued before the softmax of tile kb, so that a warp's tensor-core work overlaps
+# its own softmax instead of only the other warps'; then P V of tile kb. Two K and two V
+# buffers (each copy two tiles ahead of its reads, one barrier a tile instead of two) and a
+# second score tile in registers (MT x keys / 8 x 4 a thread). Off until timed (``bench.prefill
+# --parts attention --baseline-kernel``, a copy with it on).
+TC_SCORES_AHEAD = False
 
 HELPERS = {
     **mma.HELPERS,
@@ -475,13 +484,16 @@ def m_tiles_for(p: dict, m_tiles: int | None = None) -> int:
 
 
 def tensor_core_tiles(p: dict, shared_bytes: int = TC_SHARED_BYTES,
-                      m_tiles: int | None = None) -> tuple[int, int]:
+                      m_tiles: int | None = None, kv_buffers: int | None = None
+                      ) -> tuple[int, int]:
     """(rows, keys) of the tensor-core kernel: ``16 x m_tiles`` rows a warp, the largest key
-    tile of :data:`TC_KEY_TILES` whose Q, K and V tiles fit ``shared_bytes``."""
+    tile of :data:`TC_KEY_TILES` whose Q tile and ``kv_buffers`` K and V tiles (2: one each; 4
+    with :data:`TC_SCORES_AHEAD`, the default where it is on) fit ``shared_bytes``."""
     D = p["head_dim"]
+    kv_buffers = kv_buffers or (4 if TC_SCORES_AHEAD else 2)
     rows = 16 * TC_WARPS * m_tiles_for(p, m_tiles)
     for keys in TC_KEY_TILES:
-        if (rows + 2 * keys) * (D + 8) * 2 <= shared_bytes:
+        if (rows + kv_buffers * keys) * (D + 8) * 2 <= shared_bytes:
             return rows, keys
     raise ValueError(f"prefill attention: head_dim {D} does not fit {shared_bytes} bytes")
 
@@ -644,19 +656,23 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                        split: bool = True, static: dict | None = None,
                        m_tiles: int | None = None,
                        merge_in_kernel: bool | None = None,
-                       q_registers: bool | None = None) -> tirx.PrimFunc:
+                       q_registers: bool | None = None,
+                       scores_ahead: bool | None = None) -> tirx.PrimFunc:
     """``static``: ``{"n": .., "m": ..}`` (a ring kernel: ``"past"``) fixes the query and key
     counts (tests that run the generated CUDA C on the CPU: no scalar kernel arguments).
     ``m_tiles``: 16-row m-tiles a warp owns (default :data:`TC_M_TILES`); each K and V fragment
     loaded from shared memory feeds all of them. ``merge_in_kernel``: the last split of a row
     tile merges it (default :data:`MERGE_IN_KERNEL`; not for a ring kernel, whose merge kernel
     also writes the ring). ``q_registers``: Q's fragments loaded once, before the key loop
-    (default :data:`TC_Q_REGISTERS`, only up to :data:`TC_Q_REGISTERS_MAX_DIM`)."""
+    (default :data:`TC_Q_REGISTERS`, only up to :data:`TC_Q_REGISTERS_MAX_DIM`).
+    ``scores_ahead``: tile kb + 1's Q Kᵀ before tile kb's softmax (default
+    :data:`TC_SCORES_AHEAD`)."""
     decl, _ = signature(p)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
     MT = m_tiles_for(p, m_tiles)
-    rows, fit = tensor_core_tiles(p, shared_bytes, MT)
+    ahead = TC_SCORES_AHEAD if scores_ahead is None else scores_ahead
+    rows, fit = tensor_core_tiles(p, shared_bytes, MT, 4 if ahead else 2)
     keys = keys or fit
     threads = 32 * TC_WARPS
     DP = D + 8
@@ -669,7 +685,11 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 
     # one shared buffer for the three tiles (separate ones would be merged by liveness, and
     # TVM does not see the ldmatrix reads through their addresses)
-    KO, VO = rows * DP, (rows + keys) * DP
+    KO, VO = rows * DP, (rows + (2 if ahead else 1) * keys) * DP
+    kv_bytes = (4 if ahead else 2) * keys * DP  # (elements)
+
+    def buf(base: int, kb: str) -> str:  # the K or V buffer of tile kb (two each when ahead)
+        return f"{base} + ({kb}) % 2 * {keys * DP}" if ahead else str(base)
     if merge_in_kernel is None:
         merge_in_kernel = MERGE_IN_KERNEL
     merge_in_kernel = merge_in_kernel and split and not p.get("window")
@@ -681,11 +701,14 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                      async_copy=merge_in_kernel)
 
     def k_load(kb: str, indent: int) -> str:  # cp.async: in flight until the next wait
-        return _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + {KO}"),), "k", kb,
-                        indent, async_copy=True)
+        return _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + ({buf(KO, kb)})"
+                                                                if ahead else f" + {KO}"),),
+                        "k", kb, indent, async_copy=True)
 
-    v_load = _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + {VO}"),), "v",
-                      async_copy=True)
+    def v_load(kb: str = "kb", indent: int = 20) -> str:
+        return _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + ({buf(VO, kb)})"
+                                                                if ahead else f" + {VO}"),),
+                        "v", kb, indent, async_copy=True)
     wait = f"T.evaluate({_call('tvm_lite_cp_async_wait_all')})"
     # per m-tile mt: s[mt * NT * 4 ..] (and mk), oa[mt * DT * 4 ..], af[mt * 4 ..],
     # pf[mt * KP * 4 ..], st[mt * 6 ..] (max x2, sum x2, tmp x2)
@@ -872,50 +895,45 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 """
     if not split:
         partial = workspace = ""
-    # Software pipeline (FlashAttention-2's): K of tile kb+1 is copied while P V of tile kb runs,
-    # V of tile kb while Q Kᵀ and the softmax of tile kb run. One K and one V buffer suffice:
-    # each copy starts after the barrier that ends the reads of the tile it overwrites.
-    src = kernel_source(p, decl, f"""{workspace}{mask_flat}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
-      for sp in T.thread_binding({spl}, thread="blockIdx.z"):
-        for bqr in T.thread_binding({nb}, thread="blockIdx.x"):
-            for tx in T.thread_binding({threads}, thread="threadIdx.x"):
-                sm = T.alloc_buffer(({(rows + 2 * keys) * DP},), "float16", scope="shared.dyn")
-                oa = T.alloc_buffer(({MT * DT * 4},), "float32", scope="local")
-                s = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")
-                pf = T.alloc_buffer(({MT * KP * 4},), "uint32", scope="local")
-                af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
-                bf = T.alloc_buffer((4,), "uint32", scope="local")
-                st = T.alloc_buffer(({MT * 6},), "float32", scope="local"){mk_alloc}{causal}
-{q_load}{decided}{bounds}
-                if {lo} < {hi}:
-{k_load(lo, 20)}{clean_check(lo, 20) if clean else ""}{q_frags}
-                for i in T.unroll({MT * DT * 4}):
-                    oa[i] = {f32}(0)
-                for mt in T.unroll({MT}):
-                    st[{ST}0] = {NEG}
-                    st[{ST}1] = {NEG}
-                    st[{ST}2] = {f32}(0)
-                    st[{ST}3] = {f32}(0){index_init}
-                for kb in range({lo}, {hi}):
-                    {wait}
-                    T.tvm_storage_sync("shared")
-                    ib[1] = T.Cast("int32", kb * {keys}) + {t4} * 2{row_base}
-{v_load}{mask_pre}
-                    for i in T.unroll({MT * NT * 4}):
-                        s[i] = {f32}(0)
+    def at_base(base: str, r: str, c: str) -> str:  # address of row r, column c of a tile at base
+        return f"T.address_of(sm[{base} + ({r}) * {DP} + {c}])"
+
+    def qk(dst: str, k_base: str) -> str:
+        """``dst`` = Q Kᵀ of the K tile at ``k_base`` (statements at the key loop's level)."""
+        return f"""                    for i in T.unroll({MT * NT * 4}):
+                        {dst}[i] = {f32}(0)
                     for kk in T.unroll({KT}):{q_in_loop}
                         for np in T.unroll({NT // 2}):
                             bf[T.Ramp(0, 1, 4)] = {_call(
                                 "tvm_lite_ldsm_x4",
-                                addr("ks", f"np * 16 + {lane} // 16 * 8 + {lane} % 8",
-                                     f"kk * 16 + {lane} // 8 % 2 * 8"), ret="uint32x4")}
+                                at_base(k_base, f"np * 16 + {lane} // 16 * 8 + {lane} % 8",
+                                        f"kk * 16 + {lane} // 8 % 2 * 8"), ret="uint32x4")}
                             for mt in T.unroll({MT}):
-                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(s[{S}np * 8])",
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of({dst}[{S}np * 8])",
                                                   *AF, "bf[0]", "bf[1]")})
-                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(s[{S}np * 8 + 4])",
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of({dst}[{S}np * 8 + 4])",
                                                   *AF, "bf[2]", "bf[3]")})
-{scores}
-                    for mt in T.unroll({MT}):
+"""
+
+    def pv(v_base: str) -> str:
+        """O += P V of the V tile at ``v_base``."""
+        return f"""                    for kp in T.unroll({KP}):
+                        for dp in T.unroll({D // 16}):
+                            bf[T.Ramp(0, 1, 4)] = {_call(
+                                "tvm_lite_ldsm_x4_trans",
+                                at_base(v_base, f"kp * 16 + {lane} // 8 % 2 * 8 + {lane} % 8",
+                                        f"dp * 16 + {lane} // 16 * 8"), ret="uint32x4")}
+                            for mt in T.unroll({MT}):
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8])",
+                                                  *PF, "bf[0]", "bf[1]")})
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8 + 4])",
+                                                  *PF, "bf[2]", "bf[3]")})
+"""
+
+    def deeper(text: str) -> str:  # statements one level deeper (under an if)
+        return "\n".join("    " + ln if ln else ln for ln in text.split("\n"))
+
+    softmax = f"""                    for mt in T.unroll({MT}):
                         for hr in T.unroll(2):
                             st[{ST}4] = T.max(st[{ST}hr], {tree("T.max({}, {})", row_scores)})
                             st[{ST}4] = {_call("tvm_lite_quad_max", f"st[{ST}4]", ret="float32")}
@@ -937,22 +955,78 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                     "tvm_lite_pack_half2",
                                     f"s[{S}(kp * 2 + r // 2) * 4 + r % 2 * 2]",
                                     f"s[{S}(kp * 2 + r // 2) * 4 + r % 2 * 2 + 1]", ret="uint32")}
+"""
+    if not ahead:
+        # Software pipeline (FlashAttention-2's): K of tile kb+1 is copied while P V of tile kb
+        # runs, V of tile kb while Q Kᵀ and the softmax of tile kb run. One K and one V buffer
+        # suffice: each copy starts after the barrier that ends the reads of the tile it
+        # overwrites.
+        prologue = f"""                if {lo} < {hi}:
+{k_load(lo, 20)}{clean_check(lo, 20) if clean else ""}{q_frags}"""
+        loop = (f"""                for kb in range({lo}, {hi}):
                     {wait}
+                    T.tvm_storage_sync("shared")
+                    ib[1] = T.Cast("int32", kb * {keys}) + {t4} * 2{row_base}
+{v_load()}{mask_pre}
+""" + qk("s", str(KO)) + f"""{scores}
+""" + softmax + f"""                    {wait}
                     T.tvm_storage_sync("shared")
                     if kb + 1 < {hi}:
 {k_load("kb + 1", 24)}{clean_check("kb + 1", 24) if clean else ""}
-                    for kp in T.unroll({KP}):
-                        for dp in T.unroll({D // 16}):
-                            bf[T.Ramp(0, 1, 4)] = {_call(
-                                "tvm_lite_ldsm_x4_trans",
-                                addr("vs", f"kp * 16 + {lane} // 8 % 2 * 8 + {lane} % 8",
-                                     f"dp * 16 + {lane} // 16 * 8"), ret="uint32x4")}
-                            for mt in T.unroll({MT}):
-                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8])",
-                                                  *PF, "bf[0]", "bf[1]")})
-                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8 + 4])",
-                                                  *PF, "bf[2]", "bf[3]")})
+""" + pv(str(VO)))
+    else:
+        # Scores a tile ahead: iteration kb waits for K of tile kb + 1 and V of tile kb (both
+        # copied during iteration kb - 1), issues the copies of K of tile kb + 2 and V of tile
+        # kb + 1 into the buffers that tiles kb and kb - 1 left (their reads ended before the
+        # barrier), the Q Kᵀ products of tile kb + 1 into s2, then the softmax and P V of
+        # tile kb (its scores in s, from the iteration before).
+        prologue = f"""                if {lo} < {hi}:
+{k_load(lo, 20)}{clean_check(lo, 20) if clean else ""}
+{v_load(lo, 20)}
+                if {lo} + 1 < {hi}:
+{k_load(f"{lo} + 1", 20)}{q_frags}"""
+        loop = (f"""                {wait}
+                T.tvm_storage_sync("shared")
+                if {lo} < {hi}:
+{deeper(qk("s", buf(KO, lo)))}
+                for kb in range({lo}, {hi}):
+                    {wait}
+                    T.tvm_storage_sync("shared")
+                    ib[1] = T.Cast("int32", kb * {keys}) + {t4} * 2{row_base}
+                    if kb + 2 < {hi}:
+{k_load("kb + 2", 24)}
+                    if kb + 1 < {hi}:
+{v_load("kb + 1", 24)}{mask_pre}
+                    if kb + 1 < {hi}:
+{deeper(qk("s2", buf(KO, "kb + 1")))}
+{scores}
+""" + softmax + (f"""                    if kb + 1 < {hi}:{clean_check("kb + 1", 24)}
+""" if clean else "") + pv(buf(VO, "kb")) + f"""                    for i in T.unroll({MT * NT * 4}):
+                        s[i] = s2[i]
+""")
+        mk_alloc += f"""
+                s2 = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")"""
+    src = kernel_source(p, decl, f"""{workspace}{mask_flat}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+      for sp in T.thread_binding({spl}, thread="blockIdx.z"):
+        for bqr in T.thread_binding({nb}, thread="blockIdx.x"):
+            for tx in T.thread_binding({threads}, thread="threadIdx.x"):
+                sm = T.alloc_buffer(({rows * DP + kv_bytes},), "float16", scope="shared.dyn")
+                oa = T.alloc_buffer(({MT * DT * 4},), "float32", scope="local")
+                s = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")
+                pf = T.alloc_buffer(({MT * KP * 4},), "uint32", scope="local")
+                af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
+                bf = T.alloc_buffer((4,), "uint32", scope="local")
+                st = T.alloc_buffer(({MT * 6},), "float32", scope="local"){mk_alloc}{causal}
+{q_load}{decided}{bounds}
+{prologue}
+                for i in T.unroll({MT * DT * 4}):
+                    oa[i] = {f32}(0)
                 for mt in T.unroll({MT}):
+                    st[{ST}0] = {NEG}
+                    st[{ST}1] = {NEG}
+                    st[{ST}2] = {f32}(0)
+                    st[{ST}3] = {f32}(0){index_init}
+{loop}                for mt in T.unroll({MT}):
                     for hr in T.unroll(2):
                         st[{ST}hr + 2] = T.max({_call("tvm_lite_quad_sum", f"st[{ST}hr + 2]", ret="float32")},
                                                T.float32(1e-30))

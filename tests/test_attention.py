@@ -1178,3 +1178,32 @@ def test_tensor_core_prefill_q_in_registers_on_the_cpu(heads, kv, d, n, past, m_
     assert (splits > 1) == (past > 0)
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("check, case", [
+    *[("plain", c) for c in TC_CPU_CASES],
+    ("clean", (16, 4, 64, 140, 0, 5, None)), ("clean", (9, 3, 64, 130, 70, 0, 37)),
+    ("clean", (8, 1, 256, 70, 0, 3, 20)),
+    ("merge_in_kernel", (9, 3, 64, 40, 300, True)), ("merge_in_kernel", (8, 1, 256, 16, 240, True)),
+    ("ring", ()), ("ring_window", (1, 64)), ("ring_window", (2, 32))])
+def test_tensor_core_prefill_scores_ahead_on_the_cpu(check, case, tmp_path, monkeypatch):
+    """``TC_SCORES_AHEAD``: tile kb + 1's Q Kᵀ before tile kb's softmax, two K and two V
+    buffers, one barrier a tile. The CPU emulation lands a thread's ``cp.async`` copies only at
+    its next wait, so a tile read before its copy was waited for, or a buffer refilled while
+    another warp still reads it, comes out wrong. The cases of the tests above (prompts and
+    chunks, GQA 1-8, head_dim 32-256, two m-tiles, clean-tile votes with padding and holes, the
+    in-kernel merge, ring caches and the window bound), each run with it on."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "TC_SCORES_AHEAD", True)
+    if check == "plain":
+        test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(*case, tmp_path)
+    elif check == "clean":
+        test_tensor_core_prefill_clean_tiles_on_the_cpu(*case, tmp_path, monkeypatch)
+    elif check == "merge_in_kernel":
+        test_tensor_core_prefill_split_merge_on_the_cpu(*case, tmp_path)
+    elif check == "ring":
+        test_gpu_ring_prefill_cuda_c_run_on_the_cpu_matches_numpy("cuda", tmp_path)
+    else:
+        test_gpu_ring_prefill_never_loads_tiles_below_the_window("cuda", *case, tmp_path)
