@@ -898,37 +898,34 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     def at_base(base: str, r: str, c: str) -> str:  # address of row r, column c of a tile at base
         return f"T.address_of(sm[{base} + ({r}) * {DP} + {c}])"
 
+    def products(ldsm: str, address: str, acc: str, a: list) -> str:
+        """Load a B fragment pair into ``bf`` (``ldsm`` from ``address``), then for each m-tile
+        two ``mma.sync`` into ``acc`` and ``acc + 4`` (statements at the innermost loop's level)."""
+        return f"""                            bf[T.Ramp(0, 1, 4)] = {_call(ldsm, address, ret="uint32x4")}
+                            for mt in T.unroll({MT}):
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of({acc}])",
+                                                  *a, "bf[0]", "bf[1]")})
+                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of({acc} + 4])",
+                                                  *a, "bf[2]", "bf[3]")})
+"""
+
     def qk(dst: str, k_base: str) -> str:
         """``dst`` = Q Kᵀ of the K tile at ``k_base`` (statements at the key loop's level)."""
         return f"""                    for i in T.unroll({MT * NT * 4}):
                         {dst}[i] = {f32}(0)
                     for kk in T.unroll({KT}):{q_in_loop}
                         for np in T.unroll({NT // 2}):
-                            bf[T.Ramp(0, 1, 4)] = {_call(
-                                "tvm_lite_ldsm_x4",
-                                at_base(k_base, f"np * 16 + {lane} // 16 * 8 + {lane} % 8",
-                                        f"kk * 16 + {lane} // 8 % 2 * 8"), ret="uint32x4")}
-                            for mt in T.unroll({MT}):
-                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of({dst}[{S}np * 8])",
-                                                  *AF, "bf[0]", "bf[1]")})
-                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of({dst}[{S}np * 8 + 4])",
-                                                  *AF, "bf[2]", "bf[3]")})
-"""
+""" + products("tvm_lite_ldsm_x4", at_base(k_base, f"np * 16 + {lane} // 16 * 8 + {lane} % 8",
+                                           f"kk * 16 + {lane} // 8 % 2 * 8"),
+               f"{dst}[{S}np * 8", AF)
 
     def pv(v_base: str) -> str:
         """O += P V of the V tile at ``v_base``."""
         return f"""                    for kp in T.unroll({KP}):
                         for dp in T.unroll({D // 16}):
-                            bf[T.Ramp(0, 1, 4)] = {_call(
-                                "tvm_lite_ldsm_x4_trans",
-                                at_base(v_base, f"kp * 16 + {lane} // 8 % 2 * 8 + {lane} % 8",
-                                        f"dp * 16 + {lane} // 16 * 8"), ret="uint32x4")}
-                            for mt in T.unroll({MT}):
-                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8])",
-                                                  *PF, "bf[0]", "bf[1]")})
-                                T.evaluate({_call("tvm_lite_mma16816", f"T.address_of(oa[{O}dp * 8 + 4])",
-                                                  *PF, "bf[2]", "bf[3]")})
-"""
+""" + products("tvm_lite_ldsm_x4_trans",
+               at_base(v_base, f"kp * 16 + {lane} // 8 % 2 * 8 + {lane} % 8",
+                       f"dp * 16 + {lane} // 16 * 8"), f"oa[{O}dp * 8", PF)
 
     def deeper(text: str) -> str:  # statements one level deeper (under an if)
         return "\n".join("    " + ln if ln else ln for ln in text.split("\n"))
