@@ -78,6 +78,7 @@ from . import cuda_mma as mma
 from ..relax_passes.fuse_attention import (kernel_source, kv_index, mask_index, out_index, parse,
                                            ring_key, ring_visible, score, signature)
 from .gpu_attention_decode import ring_write
+from .gpu_gemm_wgmma import HELPERS as _WGMMA_HELPERS, wgmma_supported
 from .gpu_gemv_half2 import HELPERS as _GEMV_HELPERS, SPLIT_TICKETS
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -171,6 +172,15 @@ TC_Q_REGISTERS_MAX_DIM = 128
 # second score tile in registers (MT x keys / 8 x 4 a thread). Off until timed (``bench.prefill
 # --parts attention --baseline-kernel``, a copy with it on).
 TC_SCORES_AHEAD = False
+# Both products on Hopper's warpgroup tensor cores (``wgmma``, CUDA sm_90a): the workgroup's 4
+# warps are one warpgroup of 64 rows. Q Kᵀ reads Q and K from shared memory through descriptors
+# (no ldmatrix through registers: with mma.sync each K and V fragment a warp loads feeds only its
+# 16 rows, and shared-memory bandwidth, not the tensor cores, bounds the kernel at head_dim 128
+# and 256), P V takes P from registers and V from shared memory (its descriptor transposed). Q, K
+# and V tiles are stored as wgmma's no-swizzle core matrices (:func:`core_matrix_index`). One
+# m-tile a warp, the FlashAttention-2 order. Off until timed (a copy with it on, on an sm_90a
+# target: ``bench.prefill --parts attention --baseline-kernel``).
+TC_WGMMA = False
 
 HELPERS = {
     **mma.HELPERS,
@@ -209,6 +219,71 @@ __forceinline__ __device__ void tvm_lite_ldcg_f32x4(float* dst, const float* p) 
 }
 """,
 }
+
+
+
+def _wgmma_helper(n: int, a_in_registers: bool) -> str:
+    """CUDA source of a warpgroup MMA ``d += A @ B`` (m64 n``n`` k16, fp16 in, fp32 accumulate),
+    B from shared memory through a no-swizzle descriptor:
+
+    * ``tvm_lite_wgmma_ss_m64n{n}k16(d, a, b, a_lbo, b_lbo)``: A from shared memory too, both
+      K-major, core matrices 128 bytes apart in M / N and ``*_lbo`` bytes in K;
+    * ``tvm_lite_wgmma_rs_m64n{n}k16_tb(d, a0, a1, a2, a3, b, b_lbo, b_sbo)``: A from registers
+      (each warp its 16 rows, mma.sync's A fragment), B MN-major (``imm-trans-b`` 1): core
+      matrices of 8 K rows x 16 bytes of N, ``b_lbo`` bytes apart in K and ``b_sbo`` in N.
+
+    Descriptor (PTX ISA, "Matrix Descriptor Format"): bits 0-13 address >> 4, 16-29 LBO >> 4,
+    32-45 SBO >> 4, 62-63 swizzle (0)."""
+    regs = n // 2
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    lst = ", ".join(f"%{i}" for i in range(regs))
+    desc = ("((unsigned long long)((((unsigned)__cvta_generic_to_shared({p}) & 0x3FFFF) >> 4) | "
+            "(((({l}) & 0x3FFFF) >> 4) << 16)) | ((unsigned long long)((({s}) & 0x3FFFF) >> 4) << 32))")
+    if not a_in_registers:
+        return f"""
+__forceinline__ __device__ void tvm_lite_wgmma_ss_m64n{n}k16(float* d, const void* a, const void* b,
+                                                          unsigned a_lbo, unsigned b_lbo) {{
+  unsigned long long da = {desc.format(p="a", l="a_lbo", s="128u")};
+  unsigned long long db = {desc.format(p="b", l="b_lbo", s="128u")};
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
+               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{lst}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}"
+               : {outs} : "l"(da), "l"(db), "r"(1));
+}}
+"""
+    return f"""
+__forceinline__ __device__ void tvm_lite_wgmma_rs_m64n{n}k16_tb(float* d, unsigned a0, unsigned a1,
+                                                             unsigned a2, unsigned a3, const void* b,
+                                                             unsigned b_lbo, unsigned b_sbo) {{
+  unsigned long long db = {desc.format(p="b", l="b_lbo", s="b_sbo")};
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 5}, 0;\\n"
+               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{lst}}}, {{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, p, 1, 1, 1;\\n}}"
+               : {outs} : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(1));
+}}
+"""
+
+
+for _n in range(16, 257, 16):  # keys (Q Kᵀ) and head_dim (P V) of a tile
+    HELPERS[f"tvm_lite_wgmma_ss_m64n{_n}k16"] = _wgmma_helper(_n, False)
+    HELPERS[f"tvm_lite_wgmma_rs_m64n{_n}k16_tb"] = _wgmma_helper(_n, True)
+for _name in ("tvm_lite_wgmma_fence", "tvm_lite_wgmma_commit", "tvm_lite_wgmma_wait0",
+              "tvm_lite_fence_async_shared"):
+    HELPERS[_name] = _WGMMA_HELPERS[_name]
+
+
+def core_matrix_index(rows: int):
+    """``layout(r, c)`` (:func:`_load_tile`) of a ``rows x D`` fp16 tile stored as wgmma's
+    no-swizzle core matrices: 8 rows x 8 columns each, a row's 8 columns 16 contiguous bytes, a
+    matrix 128 contiguous bytes; matrices adjacent in rows 128 bytes apart, adjacent in columns
+    ``rows x 16 + 16`` bytes apart (:func:`core_matrix_stride`: the 16 bytes of skew put the
+    8-column groups of one row, which the warp's 16-byte copies write together, in different
+    banks). As a descriptor: K-major (Q, K: K = columns) or MN-major (V: K = rows)."""
+    stride = core_matrix_stride(rows) // 2
+    return lambda r, c: f"({c}) // 8 * {stride} + ({r}) // 8 * 64 + ({r}) % 8 * 8"
+
+
+def core_matrix_stride(rows: int) -> int:
+    """Bytes between core matrices adjacent in columns (:func:`core_matrix_index`)."""
+    return rows * 16 + 16
 
 
 _call = mma.call
@@ -286,7 +361,7 @@ def _first_key_tile(p: dict, rows: int, keys: int) -> str:
 
 def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, vec: int,
                threads: int, valid, indent: str, alt=None, async_copy: bool = False,
-               all_valid: str | None = None) -> str:
+               all_valid: str | None = None, layout=None) -> str:
     """Cooperative vectorized copy of a ``(count_rows, D)`` tile into the 1-D buffers ``dsts``
     (``(name, " + offset")`` pairs; rows ``D + pad`` apart: a 2-D buffer would be compacted to
     the columns accessed, dropping the padding); rows that are not ``valid(r)`` get zeros.
@@ -301,7 +376,11 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
 
     ``all_valid``: a condition under which every row is valid; where it holds the copy runs
     without the per-row test and the zero fill (a key tile wholly below ``m``: its copies are a
-    constant offset apart, no 64-bit compare and predicated store each)."""
+    constant offset apart, no 64-bit compare and predicated store each).
+
+    ``layout(r, c)``: the element index of row ``r``, column ``c`` (a multiple of ``vec``) in the
+    tile, where it is not ``r * (D + pad) + c`` (the wgmma kernel's core matrices:
+    :func:`core_matrix_index`)."""
     vectors = count_rows * D // vec
     steps = -(-vectors // threads)
     e = f"(l * {threads} + tx)"
@@ -309,7 +388,7 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
     r, c = f"({e} // {D // vec})", (col if async_copy else f"T.Ramp({col}, 1, {vec})")
     guard = f"{e} < {vectors}" if steps * threads != vectors else "True"
     body = [f"for l in range({steps}):", f"    if {guard}:", f"        if {valid(r)}:"]
-    at = f"{r} * {D + pad} + {col}"
+    at = layout(r, col) if layout else f"{r} * {D + pad} + {col}"
 
     def copy(d, off, x):
         if async_copy:
@@ -335,7 +414,7 @@ def _load_tile(dsts: list, srcs, dtype: str, count_rows: int, D: int, pad: int, 
 
 
 def _q_load(p: dict, rows: int, dtype: str, D: int, pad: int, vec: int, threads: int,
-            tile: tuple, async_copy: bool = False) -> str:
+            tile: tuple, async_copy: bool = False, layout=None) -> str:
     """The Q tile load (once per workgroup; rows past ``n * G`` zero; ``async_copy``: by
     ``cp.async``, landing at the thread's next wait)."""
     G = p["heads"] // p["kv_heads"]
@@ -346,12 +425,12 @@ def _q_load(p: dict, rows: int, dtype: str, D: int, pad: int, vec: int, threads:
 
     return _load_tile([tile], q_src, dtype, rows, D, pad, vec, threads,
                       lambda r: f"{_rows(p, rows, r)['row']} < n * {G}", " " * 16,
-                      async_copy=async_copy)
+                      async_copy=async_copy, layout=layout)
 
 
 def _kv_load(p: dict, keys: int, dtype: str, D: int, pad: int, vec: int, threads: int,
              tiles: tuple, which: str = "kv", kb: str = "kb", indent: int = 20,
-             async_copy: bool = False) -> str:
+             async_copy: bool = False, layout=None) -> str:
     """The load of key tile ``kb`` (keys past ``m`` zero) of K and/or V (``which``) into
     ``tiles`` (their (buffer, offset)s); a ring kernel reads ring rows, then new rows."""
     key = lambda r: f"({kb}) * {keys} + {r}"  # noqa: E731
@@ -368,7 +447,7 @@ def _kv_load(p: dict, keys: int, dtype: str, D: int, pad: int, vec: int, threads
                lambda r, c: [f"n{x}[0, kvh, {ring_key(p, key(r))[1]}, {c}]" for x in which])
     return _load_tile(list(tiles), kv_src, dtype, keys, D, pad, vec, threads,
                       lambda r: f"{key(r)} < m", " " * indent, alt, async_copy,
-                      f"({kb} + 1) * {keys} <= m")
+                      f"({kb} + 1) * {keys} <= m", layout)
 
 
 def _tile_loads(p: dict, rows: int, keys: int, dtype: str, D: int, pad: int, vec: int,
@@ -657,7 +736,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                        m_tiles: int | None = None,
                        merge_in_kernel: bool | None = None,
                        q_registers: bool | None = None,
-                       scores_ahead: bool | None = None) -> tirx.PrimFunc:
+                       scores_ahead: bool | None = None,
+                       wgmma: bool = False) -> tirx.PrimFunc:
     """``static``: ``{"n": .., "m": ..}`` (a ring kernel: ``"past"``) fixes the query and key
     counts (tests that run the generated CUDA C on the CPU: no scalar kernel arguments).
     ``m_tiles``: 16-row m-tiles a warp owns (default :data:`TC_M_TILES`); each K and V fragment
@@ -666,12 +746,16 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     also writes the ring). ``q_registers``: Q's fragments loaded once, before the key loop
     (default :data:`TC_Q_REGISTERS`, only up to :data:`TC_Q_REGISTERS_MAX_DIM`).
     ``scores_ahead``: tile kb + 1's Q Kᵀ before tile kb's softmax (default
-    :data:`TC_SCORES_AHEAD`)."""
+    :data:`TC_SCORES_AHEAD`). ``wgmma``: both products by Hopper's ``wgmma`` (sm_90a only: the
+    caller checks the target; :data:`TC_WGMMA`), one m-tile a warp, not with ``scores_ahead``."""
     decl, _ = signature(p)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
     MT = m_tiles_for(p, m_tiles)
     ahead = TC_SCORES_AHEAD if scores_ahead is None else scores_ahead
+    if wgmma and (MT != 1 or TC_WARPS != 4):
+        raise ValueError(f"wgmma: one warpgroup of 64 rows (m_tiles={MT}, {TC_WARPS} warps)")
+    ahead = ahead and not wgmma
     rows, fit = tensor_core_tiles(p, shared_bytes, MT, 4 if ahead else 2)
     keys = keys or fit
     threads = 32 * TC_WARPS
@@ -687,6 +771,14 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     # TVM does not see the ldmatrix reads through their addresses)
     KO, VO = rows * DP, (rows + (2 if ahead else 1) * keys) * DP
     kv_bytes = (4 if ahead else 2) * keys * DP  # (elements)
+    smem = rows * DP + kv_bytes
+    layout_q = layout_kv = None
+    if wgmma:  # core matrices: Q, then K, then V; QL, KL bytes between column groups
+        QL, KL = core_matrix_stride(rows), core_matrix_stride(keys)
+        KO = D // 8 * QL // 2
+        VO = KO + D // 8 * KL // 2
+        smem = VO + D // 8 * KL // 2
+        layout_q, layout_kv = core_matrix_index(rows), core_matrix_index(keys)
 
     def buf(base: int, kb: str) -> str:  # the K or V buffer of tile kb (two each when ahead)
         return f"{base} + ({kb}) % 2 * {keys * DP}" if ahead else str(base)
@@ -698,24 +790,26 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     # CSE moved the row tile's part of their address to the host, their alignment was no longer
     # provable, and the per-lane fallback needs an int64x8 index vector, which CUDA lacks.
     q_load = _q_load(p, rows, "float16", D, 8, 8, threads, ("sm", ""),
-                     async_copy=merge_in_kernel)
+                     async_copy=merge_in_kernel, layout=layout_q)
 
     def k_load(kb: str, indent: int) -> str:  # cp.async: in flight until the next wait
         return _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + ({buf(KO, kb)})"
                                                                 if ahead else f" + {KO}"),),
-                        "k", kb, indent, async_copy=True)
+                        "k", kb, indent, async_copy=True, layout=layout_kv)
 
     def v_load(kb: str = "kb", indent: int = 20) -> str:
         return _kv_load(p, keys, "float16", D, 8, 8, threads, (("sm", f" + ({buf(VO, kb)})"
                                                                 if ahead else f" + {VO}"),),
-                        "v", kb, indent, async_copy=True)
+                        "v", kb, indent, async_copy=True, layout=layout_kv)
     wait = f"T.evaluate({_call('tvm_lite_cp_async_wait_all')})"
+    if wgmma:  # the copies (and Q's stores) made visible to the tensor cores' async proxy
+        wait += f"\n{' ' * 20}T.evaluate({_call('tvm_lite_fence_async_shared')})"
     # per m-tile mt: s[mt * NT * 4 ..] (and mk), oa[mt * DT * 4 ..], af[mt * 4 ..],
     # pf[mt * KP * 4 ..], st[mt * 6 ..] (max x2, sum x2, tmp x2)
     S, O, ST = f"mt * {NT * 4} + ", f"mt * {DT * 4} + ", "mt * 6 + "
     if q_registers is None:
         q_registers = TC_Q_REGISTERS
-    q_registers = q_registers and D <= TC_Q_REGISTERS_MAX_DIM
+    q_registers = q_registers and D <= TC_Q_REGISTERS_MAX_DIM and not wgmma
     # Q's A fragment of m-tile mt at k-step kk: loaded in the key loop, or once into qf
     AF = [f"qf[(mt * {KT} + kk) * 4 + {i}]" if q_registers else f"af[mt * 4 + {i}]"
           for i in range(4)]
@@ -909,8 +1003,22 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                                   *a, "bf[2]", "bf[3]")})
 """
 
+    def ev(name: str, *args) -> str:
+        return f"T.evaluate({_call(name, *args)})"
+
     def qk(dst: str, k_base: str) -> str:
         """``dst`` = Q Kᵀ of the K tile at ``k_base`` (statements at the key loop's level)."""
+        if wgmma:  # k-step kk: column groups 2 kk, 2 kk + 1 of Q and K
+            return f"""                    for i in T.unroll({NT * 4}):
+                        {dst}[i] = {f32}(0)
+                    {ev("tvm_lite_wgmma_fence")}
+                    for kk in T.unroll({KT}):
+                        {ev(f"tvm_lite_wgmma_ss_m64n{keys}k16", f"T.address_of({dst}[0])",
+                            f"T.address_of(sm[kk * {QL}])", f"T.address_of(sm[{k_base} + kk * {KL}])",
+                            f"T.uint32({QL})", f"T.uint32({KL})")}
+                    {ev("tvm_lite_wgmma_commit")}
+                    {ev("tvm_lite_wgmma_wait0")}
+"""
         return f"""                    for i in T.unroll({MT * NT * 4}):
                         {dst}[i] = {f32}(0)
                     for kk in T.unroll({KT}):{q_in_loop}
@@ -921,6 +1029,15 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 
     def pv(v_base: str) -> str:
         """O += P V of the V tile at ``v_base``."""
+        if wgmma:  # k-step kp: key groups 2 kp, 2 kp + 1 of V (128 bytes each), MN-major
+            return f"""                    {ev("tvm_lite_wgmma_fence")}
+                    for kp in T.unroll({KP}):
+                        {ev(f"tvm_lite_wgmma_rs_m64n{D}k16_tb", "T.address_of(oa[0])",
+                            *[f"pf[kp * 4 + {i}]" for i in range(4)],
+                            f"T.address_of(sm[{v_base} + kp * 128])", "T.uint32(128)", f"T.uint32({KL})")}
+                    {ev("tvm_lite_wgmma_commit")}
+                    {ev("tvm_lite_wgmma_wait0")}
+"""
         return f"""                    for kp in T.unroll({KP}):
                         for dp in T.unroll({D // 16}):
 """ + products("tvm_lite_ldsm_x4_trans",
@@ -1007,7 +1124,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
       for sp in T.thread_binding({spl}, thread="blockIdx.z"):
         for bqr in T.thread_binding({nb}, thread="blockIdx.x"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
-                sm = T.alloc_buffer(({rows * DP + kv_bytes},), "float16", scope="shared.dyn")
+                sm = T.alloc_buffer(({smem},), "float16", scope="shared.dyn")
                 oa = T.alloc_buffer(({MT * DT * 4},), "float32", scope="local")
                 s = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")
                 pf = T.alloc_buffer(({MT * KP * 4},), "uint32", scope="local")
@@ -1044,7 +1161,8 @@ def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int
     """The prefill kernel for ``profile`` on ``target`` (see the module doc)."""
     max_threads = int(target.attrs.get("max_num_threads", threads))
     if profile == "cuda" and tensor_core_applies(p, target):
-        return tensor_core_kernel(p, static=static)
+        wgmma = TC_WGMMA and wgmma_supported(target) and m_tiles_for(p) == 1
+        return tensor_core_kernel(p, static=static, wgmma=wgmma)
     return simt_kernel(p, min(threads, max_threads), local_bytes, vector_bytes, static)
 
 

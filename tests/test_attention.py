@@ -315,22 +315,19 @@ def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
-@pytest.mark.parametrize("heads, kv, d, n, past", [
-    (8, 1, 256, 256, 1792), (32, 8, 64, 256, 1792), (9, 3, 64, 256, 768), (32, 8, 128, 64, 448)])
-def test_tensor_core_prefill_merge_in_kernel_on_cuda(heads, kv, d, n, past):
-    """``MERGE_IN_KERNEL`` on the GPU: chunks after a cache (key splits), each row tile merged by
-    its last split (a ticket, fences, partials read from L2) -- twice in a row, so a ticket
-    left off 0 by the first call would show in the second."""
+def _tensor_core_on_cuda_twice(heads, kv, d, n, past, pad=0, **kernel_args):
+    """The tensor-core prefill kernel built with ``kernel_args`` for this GPU (sm_90a for
+    wgmma), run twice in a row on the same inputs, each output against numpy."""
     from tvm_lite.schedules.gpu_attention_prefill import tensor_core_kernel
 
     rng = np.random.default_rng(3)
-    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, "float16", 0)
+    q, k, v, mask = _inputs(rng, heads, kv, d, n, past, "float16", pad)
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
                          False, kv == 1)
-    func = tensor_core_kernel(p, merge_in_kernel=True).with_attr("tirx.is_scheduled", True) \
+    func = tensor_core_kernel(p, **kernel_args).with_attr("tirx.is_scheduled", True) \
         .with_attr("global_symbol", "attn")
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    arch = "sm_90a" if kernel_args.get("wgmma") else "sm_90"
+    target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
     ex = tvm.compile(tvm.IRModule({"attn": func}), target=target)
     dev = tvm.cuda(0)
     if kv == 1:
@@ -338,10 +335,34 @@ def test_tensor_core_prefill_merge_in_kernel_on_cuda(heads, kv, d, n, past):
     args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, mask)]
     want = reference_numpy(q, k if kv > 1 else k[:, None], v if kv > 1 else v[:, None], mask,
                            d ** -0.5, heads // kv)
+    real = n - pad  # padded query rows see no key: their output is not compared
     for _ in range(2):
         out = tvm.runtime.empty(q.shape, "float16", dev)
         ex["attn"](*args, out)
-        np.testing.assert_allclose(out.numpy(), want, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(out.numpy()[:, :, :real], want[:, :, :real], rtol=2e-3,
+                                   atol=2e-3)
+
+
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("heads, kv, d, n, past", [
+    (8, 1, 256, 256, 1792), (32, 8, 64, 256, 1792), (9, 3, 64, 256, 768), (32, 8, 128, 64, 448)])
+def test_tensor_core_prefill_merge_in_kernel_on_cuda(heads, kv, d, n, past):
+    """``MERGE_IN_KERNEL`` on the GPU: chunks after a cache (key splits), each row tile merged by
+    its last split (a ticket, fences, partials read from L2) -- twice in a row, so a ticket
+    left off 0 by the first call would show in the second."""
+    _tensor_core_on_cuda_twice(heads, kv, d, n, past, merge_in_kernel=True)
+
+
+@pytest.mark.skipif(cuda_device() is None or cuda_device().compute_version != "9.0",
+                    reason="needs a Hopper GPU (wgmma, sm_90a)")
+@pytest.mark.parametrize("heads, kv, d, n, past, pad", [
+    (8, 1, 256, 512, 0, 0), (32, 8, 64, 300, 0, 7), (9, 3, 64, 256, 768, 0),
+    (32, 8, 128, 200, 0, 0), (32, 8, 128, 64, 448, 0), (32, 32, 80, 100, 0, 0), (8, 2, 32, 70, 0, 0)])
+def test_tensor_core_prefill_wgmma_on_cuda(heads, kv, d, n, past, pad):
+    """``TC_WGMMA`` on the H200: Q Kᵀ and P V by wgmma (K-major Q and K, V's descriptor
+    transposed, P from registers), prompts (padded too) and chunks after a cache, head_dim
+    32-256 -- what the CPU emulation cannot prove: the hardware's reading of the layouts."""
+    _tensor_core_on_cuda_twice(heads, kv, d, n, past, pad, wgmma=True)
 
 
 @pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
@@ -656,11 +677,12 @@ TC_CPU_CASES = [(9, 3, 64, 130, 0, 1), (9, 3, 64, 40, 300, 1), (8, 2, 64, 32, 22
                 (9, 3, 64, 130, 0, 2), (8, 2, 64, 64, 224, 2), (8, 2, 128, 70, 0, 2)]
 
 
-def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None):
+def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None, wgmma=False):
     """The ``profile``'s prefill kernel for ``p`` (``n``, ``m`` static) compiled for CUDA, and a
     function running its CUDA C on the CPU (tests/mma_on_cpu.py): ``run(q, k, v, mask, dir)``
     -> out (1, H, n, D) in ``p``'s dtype. ``m_tiles``: the tensor-core kernel's m-tiles a warp;
-    ``merge_in_kernel``: its splits merged by the last of them (no merge kernel).
+    ``merge_in_kernel``: its splits merged by the last of them (no merge kernel); ``wgmma``:
+    both products by wgmma (compiled for sm_90a).
     Returns (run, (rows, keys) of its tiles, key splits)."""
     from mma_on_cpu import run_kernels_to
     from tvm_lite.schedules.gpu_attention_prefill import merge_dims, prefill_kernel, simt_tiles, \
@@ -674,7 +696,7 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None
     spl = 1
     if profile == "cuda" and p["dtype"] == "float16":
         func = tensor_core_kernel(p, static={"n": n, "m": m}, m_tiles=m_tiles,
-                                  merge_in_kernel=merge_in_kernel)
+                                  merge_in_kernel=merge_in_kernel, wgmma=wgmma)
         rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
         spl = split_value(p, rows, keys, n, m)
         grids = {"attn_kernel": (-(-n * G // rows), kv, spl)}
@@ -689,7 +711,8 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None
         vec = max(1, min(vector_bytes // np.dtype(p["dtype"]).itemsize, 8))
         rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
         grids, mask_name = {"attn_kernel": (-(-n * G // rows), kv, 1)}, "mask_ptr"
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a" if wgmma else "sm_90"},
+                               host={"kind": "llvm"})
     src = tvm_lite.device_source(tvm.compile(tvm.IRModule(
         {"attn": func.with_attr("global_symbol", "attn").with_attr("tirx.is_scheduled", True)}),
         target=target), "cuda")
@@ -706,12 +729,13 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None
     return run, (rows, keys), spl
 
 
-def _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles=None, merge_in_kernel=None):
+def _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles=None, merge_in_kernel=None,
+                        wgmma=False):
     """Build the tensor-core prefill kernel for ``p`` with ``n`` and ``m`` static, run its CUDA
     C on the CPU (tests/mma_on_cpu.py) and return (output (1, H, n, D), key splits, rows)."""
     n = q.shape[2]
     run, (rows, _), splits = _profile_prefill_on_cpu(p, "cuda", n, past + n, m_tiles,
-                                                     merge_in_kernel)
+                                                     merge_in_kernel, wgmma)
     return run(q, k, v, mask, tmp_path / "out"), splits, rows
 
 
@@ -1207,3 +1231,29 @@ def test_tensor_core_prefill_scores_ahead_on_the_cpu(check, case, tmp_path, monk
         test_gpu_ring_prefill_cuda_c_run_on_the_cpu_matches_numpy("cuda", tmp_path)
     else:
         test_gpu_ring_prefill_never_loads_tiles_below_the_window("cuda", *case, tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past, pad, in_kernel", [
+    (9, 3, 64, 130, 0, 0, False),     # SmolLM2's shape, a prompt of 3 key tiles
+    (9, 3, 64, 40, 300, 0, False),    # a chunk after a cache: key splits and their merge
+    (8, 2, 64, 32, 224, 0, True),     # ... merged by the last split
+    (8, 1, 256, 16, 240, 0, False),   # Gemma-2B's head_dim: P V is m64n256k16
+    (8, 2, 32, 70, 0, 0, False),      # head_dim 32
+    (32, 32, 80, 50, 0, 0, False),    # Phi-2's 80, no GQA (mask prefetch, no clean-tile vote)
+    (16, 4, 128, 140, 0, 5, False)])  # head_dim 128, padded keys (clean-tile votes)
+def test_tensor_core_prefill_wgmma_on_the_cpu(heads, kv, d, n, past, pad, in_kernel, tmp_path):
+    """``TC_WGMMA``: Q Kᵀ by ``wgmma`` from shared memory (Q and K K-major core matrices), P V
+    with P from registers and V's descriptor transposed (MN-major). The CUDA C run on the CPU,
+    each wgmma emulated lane by lane from the PTX ISA's layouts (tests/mma_on_cpu.py), against
+    numpy."""
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    q, k, v, mask = _inputs(np.random.default_rng(11), heads, kv, d, n, past, "float16", pad)
+    got, splits, rows = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path,
+                                            merge_in_kernel=in_kernel, wgmma=True)
+    assert rows == 64 and (splits > 1) == (past > 0)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    real = n - pad
+    np.testing.assert_allclose(got[:, :, :real].astype(np.float32), want[:, :, :real],
+                               rtol=2e-3, atol=2e-3)

@@ -171,10 +171,10 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
 
     from tvm_lite import parse_target
     from tvm_lite.schedules.gpu_attention_prefill import m_tiles_for
+    from tvm_lite.target import local_cuda_target
 
     dev = tvm.cuda(0)
-    arch = "sm_" + str(dev.compute_version).replace(".", "")
-    target = parse_target(f"cuda -arch={arch}")
+    target = parse_target(local_cuda_target())  # sm_90a on Hopper: a baseline may take wgmma
     rows = []
     base_kernels = {Path(b).stem: baseline_prefill_kernel(b) for b in baselines}
     for name in shapes:
@@ -207,9 +207,12 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                            tflops=causal_flops(heads, d, n) / ours_ms / 1e9,
                            sdpa_tflops=causal_flops(heads, d, n) / torch_ms / 1e9)
                 row["vs_sdpa"] = row["tflops"] / row["sdpa_tflops"]
-                if base:  # the same inputs through each baseline's kernel
-                    row["baselines"] = {b: _tvm_attention_call(bex, dev, q, k, v, mask, at(b))[0]
-                                        for b, bex in base.items()}
+                if base:  # the same inputs through each baseline's kernel (and its error)
+                    row["baselines"], row["baselines_err"] = {}, {}
+                    for b, bex in base.items():
+                        ms, bout = _tvm_attention_call(bex, dev, q, k, v, mask, at(b))
+                        row["baselines"][b] = ms
+                        row["baselines_err"][b] = float((bout.float() - sdpa().float()).abs().max())
                 if chunk and n > chunk and keys is None and m_tiles is None:  # in chunks
                     total = 0.0
                     for past in range(0, n, chunk):
@@ -228,7 +231,7 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                          f"({row['tflops']:.1f} TFLOP/s) vs SDPA {torch_ms * 1e3:.1f} us "
                          f"({row['sdpa_tflops']:.1f}); x{row['vs_sdpa']:.2f}; err {err:.2e}"
                          + (f"; chunked x{row['chunked_ratio']:.2f}" if "chunked" in row else "")
-                         + "".join(f"; {b} {ms * 1e3:.1f} us"
+                         + "".join(f"; {b} {ms * 1e3:.1f} us (err {row['baselines_err'][b]:.1e})"
                                    for b, ms in row.get("baselines", {}).items())
                          + "".join(f"; {b} chunked {ms * 1e3:.1f} us"
                                    for b, ms in row.get("baselines_chunked", {}).items()))
