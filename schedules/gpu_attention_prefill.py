@@ -178,8 +178,9 @@ TC_SCORES_AHEAD = False
 # 16 rows, and shared-memory bandwidth, not the tensor cores, bounds the kernel at head_dim 128
 # and 256), P V takes P from registers and V from shared memory (its descriptor transposed). Q, K
 # and V tiles are stored as wgmma's no-swizzle core matrices (:func:`core_matrix_index`). One
-# m-tile a warp, the FlashAttention-2 order. Off until timed (a copy with it on, on an sm_90a
-# target: ``bench.prefill --parts attention --baseline-kernel``).
+# m-tile a warp; with TC_SCORES_AHEAD, FlashAttention-3's intra-warpgroup overlap: tile kb + 1's
+# Q Kᵀ runs on the tensor cores while tile kb's softmax runs. Off until timed (a copy with it
+# on, on an sm_90a target: ``bench.prefill --parts attention --baseline-kernel``).
 TC_WGMMA = False
 
 HELPERS = {
@@ -747,7 +748,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     (default :data:`TC_Q_REGISTERS`, only up to :data:`TC_Q_REGISTERS_MAX_DIM`).
     ``scores_ahead``: tile kb + 1's Q Kᵀ before tile kb's softmax (default
     :data:`TC_SCORES_AHEAD`). ``wgmma``: both products by Hopper's ``wgmma`` (sm_90a only: the
-    caller checks the target; :data:`TC_WGMMA`), one m-tile a warp, not with ``scores_ahead``."""
+    caller checks the target; :data:`TC_WGMMA`), one m-tile a warp; with ``scores_ahead`` the
+    Q Kᵀ products of tile kb + 1 stay in flight on the tensor cores while tile kb's softmax runs."""
     decl, _ = signature(p)
     H, KV, D = p["heads"], p["kv_heads"], p["head_dim"]
     G, f32 = H // KV, "T.float32"
@@ -755,7 +757,6 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     ahead = TC_SCORES_AHEAD if scores_ahead is None else scores_ahead
     if wgmma and (MT != 1 or TC_WARPS != 4):
         raise ValueError(f"wgmma: one warpgroup of 64 rows (m_tiles={MT}, {TC_WARPS} warps)")
-    ahead = ahead and not wgmma
     rows, fit = tensor_core_tiles(p, shared_bytes, MT, 4 if ahead else 2)
     keys = keys or fit
     threads = 32 * TC_WARPS
@@ -769,19 +770,21 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 
     # one shared buffer for the three tiles (separate ones would be merged by liveness, and
     # TVM does not see the ldmatrix reads through their addresses)
-    KO, VO = rows * DP, (rows + (2 if ahead else 1) * keys) * DP
-    kv_bytes = (4 if ahead else 2) * keys * DP  # (elements)
-    smem = rows * DP + kv_bytes
+    # shared memory (fp16 elements): Q, then one K and one V tile (two each when ahead), rows
+    # padded by 16 bytes, or with wgmma as core matrices (QL, KL: bytes between column groups)
+    q_elems, tile = rows * DP, keys * DP
     layout_q = layout_kv = None
-    if wgmma:  # core matrices: Q, then K, then V; QL, KL bytes between column groups
+    if wgmma:
         QL, KL = core_matrix_stride(rows), core_matrix_stride(keys)
-        KO = D // 8 * QL // 2
-        VO = KO + D // 8 * KL // 2
-        smem = VO + D // 8 * KL // 2
+        q_elems, tile = D // 8 * QL // 2, D // 8 * KL // 2
         layout_q, layout_kv = core_matrix_index(rows), core_matrix_index(keys)
+    buffers = 2 if ahead else 1
+    KO = q_elems
+    VO = KO + buffers * tile
+    smem = VO + buffers * tile
 
     def buf(base: int, kb: str) -> str:  # the K or V buffer of tile kb (two each when ahead)
-        return f"{base} + ({kb}) % 2 * {keys * DP}" if ahead else str(base)
+        return f"{base} + ({kb}) % 2 * {tile}" if ahead else str(base)
     if merge_in_kernel is None:
         merge_in_kernel = MERGE_IN_KERNEL
     merge_in_kernel = merge_in_kernel and split and not p.get("window")
@@ -1006,8 +1009,9 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     def ev(name: str, *args) -> str:
         return f"T.evaluate({_call(name, *args)})"
 
-    def qk(dst: str, k_base: str) -> str:
-        """``dst`` = Q Kᵀ of the K tile at ``k_base`` (statements at the key loop's level)."""
+    def qk(dst: str, k_base: str, wait: bool = True) -> str:
+        """``dst`` = Q Kᵀ of the K tile at ``k_base`` (statements at the key loop's level). With
+        wgmma and ``wait`` False the products are left in flight (a later wait ends them)."""
         if wgmma:  # k-step kk: column groups 2 kk, 2 kk + 1 of Q and K
             return f"""                    for i in T.unroll({NT * 4}):
                         {dst}[i] = {f32}(0)
@@ -1017,8 +1021,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                             f"T.address_of(sm[kk * {QL}])", f"T.address_of(sm[{k_base} + kk * {KL}])",
                             f"T.uint32({QL})", f"T.uint32({KL})")}
                     {ev("tvm_lite_wgmma_commit")}
-                    {ev("tvm_lite_wgmma_wait0")}
-"""
+""" + (f"""                    {ev("tvm_lite_wgmma_wait0")}
+""" if wait else "")
         return f"""                    for i in T.unroll({MT * NT * 4}):
                         {dst}[i] = {f32}(0)
                     for kk in T.unroll({KT}):{q_in_loop}
@@ -1099,7 +1103,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 {v_load(lo, 20)}
                 if {lo} + 1 < {hi}:
 {k_load(f"{lo} + 1", 20)}{q_frags}"""
-        loop = (f"""                {wait}
+        wait16 = wait.replace("\n" + " " * 20, "\n" + " " * 16)  # (at the loop's level)
+        loop = (f"""                {wait16}
                 T.tvm_storage_sync("shared")
                 if {lo} < {hi}:
 {deeper(qk("s", buf(KO, lo)))}
@@ -1112,7 +1117,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                     if kb + 1 < {hi}:
 {v_load("kb + 1", 24)}{mask_pre}
                     if kb + 1 < {hi}:
-{deeper(qk("s2", buf(KO, "kb + 1")))}
+{deeper(qk("s2", buf(KO, "kb + 1"), wait=False))}
 {scores}
 """ + softmax + (f"""                    if kb + 1 < {hi}:{clean_check("kb + 1", 24)}
 """ if clean else "") + pv(buf(VO, "kb")) + f"""                    for i in T.unroll({MT * NT * 4}):

@@ -358,11 +358,13 @@ def test_tensor_core_prefill_merge_in_kernel_on_cuda(heads, kv, d, n, past):
 @pytest.mark.parametrize("heads, kv, d, n, past, pad", [
     (8, 1, 256, 512, 0, 0), (32, 8, 64, 300, 0, 7), (9, 3, 64, 256, 768, 0),
     (32, 8, 128, 200, 0, 0), (32, 8, 128, 64, 448, 0), (32, 32, 80, 100, 0, 0), (8, 2, 32, 70, 0, 0)])
-def test_tensor_core_prefill_wgmma_on_cuda(heads, kv, d, n, past, pad):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_tensor_core_prefill_wgmma_on_cuda(heads, kv, d, n, past, pad, ahead):
     """``TC_WGMMA`` on the H200: Q Kᵀ and P V by wgmma (K-major Q and K, V's descriptor
     transposed, P from registers), prompts (padded too) and chunks after a cache, head_dim
-    32-256 -- what the CPU emulation cannot prove: the hardware's reading of the layouts."""
-    _tensor_core_on_cuda_twice(heads, kv, d, n, past, pad, wgmma=True)
+    32-256, with the next tile's Q Kᵀ in flight during the softmax or not -- what the CPU
+    emulation cannot prove: the hardware's reading of the layouts, and the waits."""
+    _tensor_core_on_cuda_twice(heads, kv, d, n, past, pad, wgmma=True, scores_ahead=ahead)
 
 
 @pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
@@ -1257,3 +1259,24 @@ def test_tensor_core_prefill_wgmma_on_the_cpu(heads, kv, d, n, past, pad, in_ker
     real = n - pad
     np.testing.assert_allclose(got[:, :, :real].astype(np.float32), want[:, :, :real],
                                rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past", [
+    (9, 3, 64, 130, 0), (8, 2, 64, 32, 224), (8, 1, 256, 16, 240), (16, 4, 128, 140, 0)])
+def test_tensor_core_prefill_wgmma_scores_ahead_on_the_cpu(heads, kv, d, n, past, tmp_path,
+                                                            monkeypatch):
+    """``TC_WGMMA`` with ``TC_SCORES_AHEAD``: tile kb + 1's Q Kᵀ left in flight while tile kb's
+    softmax runs, two K and V buffers of core matrices. The CUDA C run on the CPU, against
+    numpy."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "TC_SCORES_AHEAD", True)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    func = gpu_attention_prefill.tensor_core_kernel(p, static={"n": n, "m": past + n}, wgmma=True)
+    assert "s2 = T.alloc_local" in func.script() and "wgmma_ss" in func.script()
+    q, k, v, mask = _inputs(np.random.default_rng(12), heads, kv, d, n, past, "float16", 0)
+    got, _, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, wgmma=True)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
