@@ -755,8 +755,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     G, f32 = H // KV, "T.float32"
     MT = m_tiles_for(p, m_tiles)
     ahead = TC_SCORES_AHEAD if scores_ahead is None else scores_ahead
-    if wgmma and (MT != 1 or TC_WARPS != 4):
-        raise ValueError(f"wgmma: one warpgroup of 64 rows (m_tiles={MT}, {TC_WARPS} warps)")
+    if wgmma and (MT != 1 or TC_WARPS % 4):
+        raise ValueError(f"wgmma: warpgroups of 64 rows (m_tiles={MT}, {TC_WARPS} warps)")
     rows, fit = tensor_core_tiles(p, shared_bytes, MT, 4 if ahead else 2)
     keys = keys or fit
     threads = 32 * TC_WARPS
@@ -1012,13 +1012,15 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     def qk(dst: str, k_base: str, wait: bool = True) -> str:
         """``dst`` = Q Kᵀ of the K tile at ``k_base`` (statements at the key loop's level). With
         wgmma and ``wait`` False the products are left in flight (a later wait ends them)."""
-        if wgmma:  # k-step kk: column groups 2 kk, 2 kk + 1 of Q and K
+        if wgmma:  # k-step kk: column groups 2 kk, 2 kk + 1 of Q and K; a warpgroup's 64 rows
+            # are 8 row groups of Q (512 elements)
             return f"""                    for i in T.unroll({NT * 4}):
                         {dst}[i] = {f32}(0)
                     {ev("tvm_lite_wgmma_fence")}
                     for kk in T.unroll({KT}):
                         {ev(f"tvm_lite_wgmma_ss_m64n{keys}k16", f"T.address_of({dst}[0])",
-                            f"T.address_of(sm[kk * {QL}])", f"T.address_of(sm[{k_base} + kk * {KL}])",
+                            f"T.address_of(sm[{warp} // 4 * 512 + kk * {QL}])",
+                            f"T.address_of(sm[{k_base} + kk * {KL}])",
                             f"T.uint32({QL})", f"T.uint32({KL})")}
                     {ev("tvm_lite_wgmma_commit")}
 """ + (f"""                    {ev("tvm_lite_wgmma_wait0")}

@@ -1264,14 +1264,19 @@ def test_tensor_core_prefill_wgmma_on_the_cpu(heads, kv, d, n, past, pad, in_ker
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("heads, kv, d, n, past", [
     (9, 3, 64, 130, 0), (8, 2, 64, 32, 224), (8, 1, 256, 16, 240), (16, 4, 128, 140, 0)])
-def test_tensor_core_prefill_wgmma_scores_ahead_on_the_cpu(heads, kv, d, n, past, tmp_path,
-                                                            monkeypatch):
+@pytest.mark.parametrize("warps, key_tiles", [(4, None), (8, None), (4, (128, 64, 32, 16))])
+def test_tensor_core_prefill_wgmma_scores_ahead_on_the_cpu(heads, kv, d, n, past, warps, key_tiles,
+                                                            tmp_path, monkeypatch):
     """``TC_WGMMA`` with ``TC_SCORES_AHEAD``: tile kb + 1's Q Kᵀ left in flight while tile kb's
-    softmax runs, two K and V buffers of core matrices. The CUDA C run on the CPU, against
-    numpy."""
+    softmax runs, two K and V buffers of core matrices; one or two warpgroups (64 or 128 rows a
+    workgroup, each warpgroup's Q at its row groups); 128-key tiles where they fit. The CUDA C
+    run on the CPU, against numpy."""
     from tvm_lite.schedules import gpu_attention_prefill
 
     monkeypatch.setattr(gpu_attention_prefill, "TC_SCORES_AHEAD", True)
+    monkeypatch.setattr(gpu_attention_prefill, "TC_WARPS", warps)  # 8: two warpgroups, 128 rows
+    if key_tiles:  # 128-key tiles where they fit (Q Kᵀ as m64n128k16)
+        monkeypatch.setattr(gpu_attention_prefill, "TC_KEY_TILES", key_tiles)
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
                          kv == 1)
     func = gpu_attention_prefill.tensor_core_kernel(p, static={"n": n, "m": past + n}, wgmma=True)
