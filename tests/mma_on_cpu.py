@@ -172,43 +172,30 @@ static void tvm_lite_st_f16x2(void* p, float a, float b) { half h[2] = {(half)a,
 // (+ 8), columns 8 j + 2 (l % 4) (+ 1)); the fences, commits and waits are no-ops (the kernel
 // must not write an operand before its wait, which the GPU run checks).
 static const int WGMMA_SBO = 144;
-static float kmajor(const void* base, unsigned lbo, int row, int k) {
-  const char* p = (const char*)base + (k / 8) * lbo + (row / 8) * WGMMA_SBO + (row % 8) * 16 + (k % 8) * 2;
-  half v; memcpy(&v, p, 2); return (float)v;
-}
-static void wgmma_emulated(float* d, const void* a, const void* b, unsigned al, unsigned bl, int n) {
-  int g = lane_id / 4, t = lane_id % 4 * 2, w = warp_id % 4;
-  for (int j = 0; j < n / 8; ++j)
-    for (int c = 0; c < 4; ++c) {
-      int r = 16 * w + g + (c / 2) * 8, col = 8 * j + t + c % 2;
-      float s = 0;
-      for (int k = 0; k < 16; ++k) s += kmajor(a, al, r, k) * kmajor(b, bl, col, k);
-      d[j * 4 + c] += s;
-    }
-}
-static void tvm_lite_wgmma_m64n64k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_emulated(d, a, b, al, bl, 64); }
-static void tvm_lite_wgmma_m64n128k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_emulated(d, a, b, al, bl, 128); }
-static void tvm_lite_wgmma_m64n256k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_emulated(d, a, b, al, bl, 256); }
-// The prefill attention's wgmma (schedules/gpu_attention_prefill.py, TC_WGMMA): no-swizzle
-// core matrices of 8 rows x 16 bytes. ss: A and B K-major, core matrices 128 bytes apart in
-// M / N and *_lbo in K. rs_tb: A from registers (each warp its 16 rows, mma.sync's A fragment:
-// a0 (row g, k 2t..), a1 (row g + 8), a2 (k + 8), a3 (both)), B MN-major (trans-b): core
-// matrices of 8 K rows x 16 bytes of N, b_lbo bytes apart in K and b_sbo in N.
+// The prefill attention's wgmma (schedules/gpu_attention_prefill.py, TC_WGMMA) uses core
+// matrices 128 bytes apart in M / N (ss: A and B K-major, *_lbo apart in K) and rs_tb: A from
+// registers (each warp its 16 rows, mma.sync's A fragment: a0 (row g, k 2t..), a1 (row g + 8),
+// a2 (k + 8), a3 (both)), B MN-major (trans-b): core matrices of 8 K rows x 16 bytes of N,
+// b_lbo bytes apart in K and b_sbo in N.
 static float core_at(const void* base, unsigned lbo, unsigned sbo, int mn, int k, bool mn_major) {
   const char* p = (const char*)base + (k / 8) * lbo + (mn / 8) * sbo +
                   (mn_major ? (k % 8) * 16 + (mn % 8) * 2 : (mn % 8) * 16 + (k % 8) * 2);
   half v; memcpy(&v, p, 2); return (float)v;
 }
-static void wgmma_ss(float* d, const void* a, const void* b, unsigned al, unsigned bl, int n) {
+static void wgmma_ss(float* d, const void* a, const void* b, unsigned al, unsigned bl,
+                     unsigned sbo, int n) {  // A and B K-major, core matrices sbo apart in M / N
   int g = lane_id / 4, t = lane_id % 4 * 2, w = warp_id % 4;
   for (int j = 0; j < n / 8; ++j)
     for (int c = 0; c < 4; ++c) {
       int r = 16 * w + g + (c / 2) * 8, col = 8 * j + t + c % 2;
       float s = 0;
-      for (int k = 0; k < 16; ++k) s += core_at(a, al, 128, r, k, false) * core_at(b, bl, 128, col, k, false);
+      for (int k = 0; k < 16; ++k) s += core_at(a, al, sbo, r, k, false) * core_at(b, bl, sbo, col, k, false);
       d[j * 4 + c] += s;
     }
 }
+static void tvm_lite_wgmma_m64n64k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 64); }
+static void tvm_lite_wgmma_m64n128k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 128); }
+static void tvm_lite_wgmma_m64n256k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 256); }
 static unsigned xa[32][32][4];
 static void wgmma_rs_tb(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                         const void* b, unsigned bl, unsigned bs, int n) {
@@ -232,7 +219,7 @@ static void wgmma_rs_tb(float* d, unsigned a0, unsigned a1, unsigned a2, unsigne
     }
 }
 #define TVM_LITE_WGMMA_N(N) \
-  static void tvm_lite_wgmma_ss_m64n##N##k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, N); } \
+  static void tvm_lite_wgmma_ss_m64n##N##k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, 128, N); } \
   static void tvm_lite_wgmma_rs_m64n##N##k16_tb(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, const void* b, unsigned bl, unsigned bs) { wgmma_rs_tb(d, a0, a1, a2, a3, b, bl, bs, N); }
 TVM_LITE_WGMMA_N(16) TVM_LITE_WGMMA_N(32) TVM_LITE_WGMMA_N(48) TVM_LITE_WGMMA_N(64)
 TVM_LITE_WGMMA_N(80) TVM_LITE_WGMMA_N(96) TVM_LITE_WGMMA_N(112) TVM_LITE_WGMMA_N(128)
