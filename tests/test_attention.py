@@ -857,13 +857,16 @@ def _ring_case(rng, heads, kv, d, window, past, n, dtype, softcap=0.0):
     return q, ring, new, want, (kept % window, keys[kept], values[kept])
 
 
+RING_ARCH = "sm_90"  # (sm_90a where a test builds the wgmma ring kernel)
+
+
 def _ring_kernel_on_cpu(func, p, case, grids, tmp_path, work_floats=1 << 20):
     """Run the ring kernel ``func``'s CUDA C on the CPU (tests/mma_on_cpu.py) on ``case``:
     ``grids`` one (gx, gy, gz) per kernel in launch order. Returns (out (1, H, n, D), ring k, v)."""
     from mma_on_cpu import _kernels, run_kernels_to
 
     q, ring, new, _, _ = case
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    target = tvm.target.Target({"kind": "cuda", "arch": RING_ARCH}, host={"kind": "llvm"})
     func = func.with_attr("global_symbol", "attn").with_attr("tirx.is_scheduled", True)
     src = tvm_lite.device_source(tvm.compile(tvm.IRModule({"attn": func}), target=target), "cuda")
     names = [k[0] for k in _kernels(src)[1]]
@@ -1285,3 +1288,21 @@ def test_tensor_core_prefill_wgmma_scores_ahead_on_the_cpu(heads, kv, d, n, past
     got, _, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, wgmma=True)
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("check", ["ring", "window"])
+def test_tensor_core_prefill_wgmma_ring_on_the_cpu(check, tmp_path, monkeypatch):
+    """``TC_WGMMA`` for sliding-window layers' ring caches (keys: the ring's rows, then the new
+    rows, through the core-matrix layout; the window bound): the ring tests above, the rule's
+    kernel built for sm_90a with wgmma on, run on the CPU."""
+    import test_attention as me
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "TC_WGMMA", True)
+    monkeypatch.setattr(gpu_attention_prefill, "wgmma_supported", lambda target: True)
+    monkeypatch.setattr(me, "RING_ARCH", "sm_90a")
+    if check == "ring":
+        test_gpu_ring_prefill_cuda_c_run_on_the_cpu_matches_numpy("cuda", tmp_path)
+    else:
+        test_gpu_ring_prefill_never_loads_tiles_below_the_window("cuda", 1, 64, tmp_path)
