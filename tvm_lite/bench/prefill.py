@@ -21,16 +21,18 @@ REV:schedules/gpu_attention_prefill.py > old.py``): a kernel change measured aga
 replaced, not against another session's numbers. Several files, comma-separated, time several
 versions in one run (one column each, named by the file).
 
-Every tvm_lite attention output is checked against the same SDPA call (max abs error); every GEMM
-against numpy on a column slice (``bench.kernels``). Times: medians of ``time_evaluator`` repeats
-(TVM) and of CUDA-event-timed loops (torch).
+Every tvm_lite attention output is checked against the same SDPA call (max abs error; each
+baseline's too); every GEMM against numpy on a column slice (``bench.kernels``). Times: medians
+of ``time_evaluator`` repeats (TVM) and of CUDA-event-timed loops (torch). Attention is built
+for this GPU's target (``sm_90a`` on Hopper, which a baseline with ``TC_WGMMA`` needs).
 
     python -m tvm_lite.bench.prefill [--json out.json] [--parts attention,gemm]
 
-One kernel under Nsight Compute (its first launch: the attention of one shape and length):
+One kernel under Nsight Compute: each timed call sits in an NVTX range
+(:func:`tvm_lite.bench.kernels.nvtx_name`: ``attention:<shape>:n<N>:<variant>[:past<P>]``,
+``gemm:<model>:<layer>:<variant>``), e.g.
 
-    ncu --kernel-name regex:'main_kernel$' --launch-count 1 \
-        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    ncu --nvtx --nvtx-include "attention:llama-3.2-1b:n2048:tree/" --launch-count 1 --set full \
         python -m tvm_lite.bench.prefill --parts attention --shapes llama-3.2-1b --lengths 2048 --chunk 0
 """
 
