@@ -969,6 +969,21 @@ def test_bench_nvtx_names_are_ncu_filters():
     assert nvtx_name("attention", "a/b@c", "q_regs.py") == "attention:a_b_c:q_regs.py"
 
 
+def test_bench_prefill_table_shows_each_baselines_time_chunks_and_error():
+    """A ``--baseline-kernel`` column of ``bench.prefill``'s attention table: the candidate's
+    time over the tree's, its own chunked ratio, and its error against SDPA (a fast, wrong
+    candidate shows as such)."""
+    from tvm_lite.bench.prefill import format_tables
+
+    row = dict(shape="llama-3.2-1b", heads=32, kv_heads=8, head_dim=64, n=2048, key_tile=None,
+               m_tiles=None, tvm_lite_ms=0.124, tflops=110.0, sdpa_ms=0.06, sdpa_tflops=290.0,
+               vs_sdpa=0.38, chunked_ratio=1.46, baselines={"wgmma": 0.093},
+               baselines_chunked={"wgmma": 0.1395}, baselines_err={"wgmma": 0.25})
+    table = format_tables({"attention": [row]})
+    assert "wgmma: us (/ tvm_lite's), chunks / one call, err" in table
+    assert "| 93.0 (0.75x), 1.50x, 2e-01 |" in table
+
+
 def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path):
     """The rule takes the wgmma kernel for 4-bit weights on ``sm_90a`` when asked (fp16 weights
     and ``sm_90`` keep the mma.sync kernel); nvcc builds it for sm_90a without spills."""

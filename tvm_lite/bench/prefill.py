@@ -402,6 +402,18 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     return rows
 
 
+def _baseline_cell(row: dict, name: str) -> str:
+    """A baseline kernel's cell of the attention table: its time (and over the tree's), its
+    chunked time over its own one call, its max error against SDPA."""
+    ms = row["baselines"][name]
+    cell = f" {ms * 1e3:,.1f} ({ms / row['tvm_lite_ms']:.2f}x)"
+    if name in row.get("baselines_chunked", {}):
+        cell += f", {row['baselines_chunked'][name] / ms:.2f}x"
+    if name in row.get("baselines_err", {}):
+        cell += f", {row['baselines_err'][name]:.0e}"
+    return cell + " |"
+
+
 def format_tables(result: dict) -> str:
     lines = []
     if result.get("attention"):
@@ -409,7 +421,7 @@ def format_tables(result: dict) -> str:
         chunk = next((r["chunk"] for r in result["attention"] if "chunk" in r), CHUNK)
         lines += ["| shape (H/KV, head_dim) | n | tvm_lite us | TFLOP/s | SDPA us | SDPA TFLOP/s | "
                   f"vs SDPA | n in {chunk}-token chunks / one call |"
-                  + "".join(f" {b} us (this one's speed-up) |" for b in base),
+                  + "".join(f" {b}: us (/ tvm_lite's), chunks / one call, err |" for b in base),
                   "|---|---|---|---|---|---|---|---|" + "---|" * len(base)]
         for r in result["attention"]:
             if r["key_tile"] is not None or r.get("m_tiles") is not None:
@@ -419,8 +431,7 @@ def format_tables(result: dict) -> str:
                          f"{r['sdpa_ms'] * 1e3:,.1f} | {r['sdpa_tflops']:.1f} | "
                          f"{r['vs_sdpa']:.2f}x | "
                          + (f"{r['chunked_ratio']:.2f}x |" if "chunked_ratio" in r else "|")
-                         + "".join(f" {ms * 1e3:,.1f} ({ms / r['tvm_lite_ms']:.2f}x) |"
-                                   for ms in r.get("baselines", {}).values()))
+                         + "".join(_baseline_cell(r, b) for b in r.get("baselines", {})))
     if result.get("gemm"):
         lines += ["", "| model | layer KxN | n | format | tvm_lite us | TFLOP/s | torch fp16 us | "
                   "torch TFLOP/s | vs torch |", "|---|---|---|---|---|---|---|---|---|"]
