@@ -162,11 +162,14 @@ def _tvm_attention_call(ex, dev, q, k, v, mask, nvtx: str = "attention"):
 
 
 def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), chunk=CHUNK,
-                    variants=((None, None),), progress=print, baselines=()) -> list[dict]:
+                    variants=((None, None),), progress=print, baselines=(),
+                    rows: list | None = None) -> list[dict]:
     """``variants``: (key tile, m-tiles a warp) pairs of the tensor-core kernel to time, (None,
     None) being the rule's kernel (the only one timed in chunks too, and against ``baselines``:
     paths of other versions of ``gpu_attention_prefill.py``, timed in the same run; a row's
-    ``baselines`` maps each file's name to its time in ms)."""
+    ``baselines`` maps each file's name to its time in ms). ``rows``: a list the rows are
+    appended to as they are measured (a caller saving them after each one keeps what a run cut
+    short measured); returned."""
     import torch
     import torch.nn.functional as F
     import tvm
@@ -177,7 +180,7 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
 
     dev = tvm.cuda(0)
     target = parse_target(local_cuda_target())  # sm_90a on Hopper: a baseline may take wgmma
-    rows = []
+    rows = [] if rows is None else rows
     base_kernels = {Path(b).stem: baseline_prefill_kernel(b) for b in baselines}
     for name in shapes:
         heads, kv, d = ATTENTION_SHAPES[name]
@@ -514,9 +517,15 @@ def main(argv=None):
         m_tiles = [int(t) for t in args.m_tiles.split(",") if t]
         variants = [(None, None)] + [(k, None) for k in keys] + [
             (k, m) for m in m_tiles for k in (keys or [None])]
-        result["attention"] = bench_attention(lengths, tuple(shapes), args.chunk, variants=variants,
-                                              baselines=[b for b in
-                                                         args.baseline_kernel.split(",") if b])
+        result["attention"] = []
+
+        def saved(line: str) -> None:  # each row on disk as soon as it is measured
+            print(line, flush=True)
+            save()
+
+        bench_attention(lengths, tuple(shapes), args.chunk, variants=variants,
+                        baselines=[b for b in args.baseline_kernel.split(",") if b],
+                        rows=result["attention"], progress=saved)
         save()
     if "gemm" in parts:
         tiles = [tuple(int(v) for v in t.split("x")) for t in args.gemm_tiles.split(",") if t]
