@@ -33,7 +33,7 @@ __all__ = ["AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepH
            "BindDequantKernelShapes", "DecodeWritesAtPosition", "DropKillsWithoutStorage",
            "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
-           "KVCacheRewriteError", "LaunchDependentsEarly", "LegalizeGroupedReshape", "MergeSharedInputProjections",
-           "NoKVCacheError", "PackWeightPanels",
+           "KVCacheRewriteError", "LaunchDependentsEarly", "LegalizeGroupedReshape",
+           "MergeSharedInputProjections", "NoKVCacheError", "PackWeightPanels",
            "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "ShareHostValues",
            "SplitPrefillDecode"]

@@ -8,7 +8,8 @@ before still runs; its workgroups wait, resident, at ``griddepcontrol.wait`` unt
 grid has completed and its memory is visible.
 
 This TIR pass runs on the device module after TVM has split host from device code (it is in
-the ``tvm_lite_pdl`` TIR pipeline: ``tvm_lite/pipeline.py``, option ``dependent_launch``). For
+the ``tvm_lite_dependent_launch`` TIR pipeline that ``tvm_lite/pipeline.py`` registers, option
+``dependent_launch``). For
 every kernel of a CUDA sm_90+ target it
 
 * puts ``griddepcontrol.wait`` before the kernel's first statement. Nothing of the kernel runs
@@ -76,8 +77,6 @@ def _first_statement(stmt: tirx.Stmt) -> tirx.Stmt:
 
 def _launch_params(params) -> list:
     tags = [str(t) for t in params]
-    if PDL_TAG in tags:
-        return tags
     if tags and tags[-1] == DYN_SHARED_TAG:
         return tags[:-1] + [PDL_TAG, DYN_SHARED_TAG]
     return tags + [PDL_TAG]

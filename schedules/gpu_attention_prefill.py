@@ -173,7 +173,7 @@ TC_Q_REGISTERS_MAX_DIM = 128
 # --parts attention --baseline-kernel``, a copy with it on).
 TC_SCORES_AHEAD = False
 # Both products on Hopper's warpgroup tensor cores (``wgmma``, CUDA sm_90a): the workgroup's 4
-# warps are one warpgroup of 64 rows. Q Kᵀ reads Q and K from shared memory through descriptors
+# warps are one warpgroup of 64 rows (8 warps: two, 128 rows sharing each K and V tile). Q Kᵀ reads Q and K from shared memory through descriptors
 # (no ldmatrix through registers: with mma.sync each K and V fragment a warp loads feeds only its
 # 16 rows, and shared-memory bandwidth, not the tensor cores, bounds the kernel at head_dim 128
 # and 256), P V takes P from registers and V from shared memory (its descriptor transposed). Q, K
@@ -220,7 +220,6 @@ __forceinline__ __device__ void tvm_lite_ldcg_f32x4(float* dst, const float* p) 
 }
 """,
 }
-
 
 
 def _wgmma_helper(n: int, a_in_registers: bool) -> str:
@@ -785,6 +784,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 
     def buf(base: int, kb: str) -> str:  # the K or V buffer of tile kb (two each when ahead)
         return f"{base} + ({kb}) % 2 * {tile}" if ahead else str(base)
+
     if merge_in_kernel is None:
         merge_in_kernel = MERGE_IN_KERNEL
     merge_in_kernel = merge_in_kernel and split and not p.get("window")
@@ -943,12 +943,12 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 {score_loop(True, 24)}"""
     else:
         scores = score_loop(True, 20)
-    offsets = {"qs": 0, "ks": KO, "vs": VO}
-    addr = lambda buf, r, c: f"T.address_of(sm[{offsets[buf]} + ({r}) * {DP} + {c}])"  # noqa: E731
+    def at_base(base: str, r: str, c: str) -> str:  # address of row r, column c of a tile at base
+        return f"T.address_of(sm[{base} + ({r}) * {DP} + {c}])"
 
     def q_fragment(kk: str) -> str:  # ldmatrix of Q's A fragment (m-tile mt, k-step kk)
-        return _call("tvm_lite_ldsm_x4", addr("qs", f"{warp} * {16 * MT} + mt * 16 + {lane} % 16",
-                                              f"{kk} * 16 + {lane} // 16 * 8"), ret="uint32x4")
+        return _call("tvm_lite_ldsm_x4", at_base("0", f"{warp} * {16 * MT} + mt * 16 + {lane} % 16",
+                                                 f"{kk} * 16 + {lane} // 16 * 8"), ret="uint32x4")
 
     if q_registers:  # after the Q tile (and the first K tile) landed: every fragment, once
         q_frags, q_in_loop = f"""
@@ -992,9 +992,6 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 """
     if not split:
         partial = workspace = ""
-    def at_base(base: str, r: str, c: str) -> str:  # address of row r, column c of a tile at base
-        return f"T.address_of(sm[{base} + ({r}) * {DP} + {c}])"
-
     def products(ldsm: str, address: str, acc: str, a: list) -> str:
         """Load a B fragment pair into ``bf`` (``ldsm`` from ``address``), then for each m-tile
         two ``mma.sync`` into ``acc`` and ``acc + 4`` (statements at the innermost loop's level)."""
@@ -1168,7 +1165,8 @@ def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int
     """The prefill kernel for ``profile`` on ``target`` (see the module doc)."""
     max_threads = int(target.attrs.get("max_num_threads", threads))
     if profile == "cuda" and tensor_core_applies(p, target):
-        wgmma = TC_WGMMA and wgmma_supported(target) and m_tiles_for(p) == 1
+        wgmma = (TC_WGMMA and wgmma_supported(target) and m_tiles_for(p) == 1
+                 and TC_WARPS % 4 == 0)
         return tensor_core_kernel(p, static=static, wgmma=wgmma)
     return simt_kernel(p, min(threads, max_threads), local_bytes, vector_bytes, static)
 

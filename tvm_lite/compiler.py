@@ -50,10 +50,10 @@ def build(mod: tvm.IRModule, target="llvm", options: BuildOptions | None = None,
     mod, _ = detach_params(mod)
     if opts.tuning_db is not None:
         opts = opts.replace(tuning_db=check_database(opts.tuning_db))
-    tir_pipeline = _pipeline.tir_pipeline(tgt, opts)  # (an option the target cannot take: here)
-    if opts.stock:
+    if opts.stock:  # (TVM's own pipeline: the other options do not apply)
         with tgt, stage("compile", where=f"stock pipeline, {tgt.kind.name}"):
             return tvm.compile(mod, target=tgt)
+    tir_pipeline = _pipeline.tir_pipeline(tgt, opts)  # (an option the target cannot take: here)
     with tgt, stage("compile", where=f"{tgt.kind.name}"):  # TVM's errors -> CompileError
         return tvm.compile(mod, target=tgt,
                            relax_pipeline=relax.get_pipeline(_pipeline.PIPELINE_NAME, target=tgt,

@@ -83,7 +83,7 @@ def tir_pipeline(target: tvm.target.Target, opts: BuildOptions) -> str:
         return "default"
     if not launch_dependents_supported(target):
         raise UserError(f"dependent_launch=True: programmatic dependent launch needs a CUDA "
-                         f"target of sm_90 or newer, not {target}")
+                        f"target of sm_90 or newer, not {target}")
     return TIR_PIPELINE_DEPENDENT_LAUNCH
 
 
