@@ -161,9 +161,12 @@ assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: o
 # registers a thread (16 at head_dim 64, 32 at 128), one ldmatrix in 9 fewer a tile at head_dim
 # 128 and its latency off the start of each Q Kᵀ. Two workgroups of 128 threads a SM leave
 # 256 registers a thread, so at head_dim <= TC_Q_REGISTERS_MAX_DIM it costs no occupancy
-# (head_dim 256: 64 more, Gemma-2B's shape would spill). Off until timed (``bench.prefill
-# --parts attention --baseline-kernel``, a copy with it on).
-TC_Q_REGISTERS = False
+# (head_dim 256: 64 more, Gemma-2B's shape would spill). Measured on the H200 (session 18,
+# ``bench.prefill --parts attention --baseline-kernel`` with a copy that had it off:
+# ``results/issue16_prefill_attention_variants_s18.json``): one call at n = 2048 SmolLM2
+# 60.2 -> 54.3 us, Llama-1B 124.6 -> 120.6, head_dim 128 222.4 -> 214.6; at n = 512 within
+# +-3%; 2048 as 8 x 256 within +-2%.
+TC_Q_REGISTERS = True
 TC_Q_REGISTERS_MAX_DIM = 128
 # Scores a tile ahead (FlashAttention-3's order, with mma.sync): the Q Kᵀ products of key tile
 # kb + 1 are issued before the softmax of tile kb, so that a warp's tensor-core work overlaps

@@ -1010,10 +1010,11 @@ def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path)
     assert "0 bytes spill stores" in res.stderr, res.stderr[-2000:]
 
 
-def test_default_rule_takes_the_warp_specialised_kernel_for_deep_gemms_on_sm90a():
-    """Without options the rule gives a deep 4-bit GEMM (K >= 4 N: the down projections) on
-    sm_90a the warp-specialised wgmma kernel at 128 x 256 with 3 stages, the shape that beat
-    mma.sync there on the H200; wider GEMMs, fp16 weights and sm_90 keep mma.sync."""
+def test_default_rule_takes_the_warp_specialised_kernel_for_deep_and_wide_gemms_on_sm90a():
+    """Without options the rule gives a deep 4-bit GEMM (K >= 4 N: the down projections) and a
+    wide one (N >= 4 K: gate/up) on sm_90a the warp-specialised wgmma kernel at the tile, stages
+    and W slots that beat mma.sync there on the H200; square and narrow GEMMs, fp16 weights and
+    sm_90 keep mma.sync."""
     from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
 
     a90 = parse_target(WGMMA_TARGET)
@@ -1025,10 +1026,14 @@ def test_default_rule_takes_the_warp_specialised_kernel_for_deep_gemms_on_sm90a(
 
     deep = label("e0m4", 8192, 2048)
     assert deep.startswith("wgmma_m64n256k16 128x256 split-K ") and deep.endswith(
-        f"warp-specialised x{ws.DEEP_STAGES}"), deep
+        f"warp-specialised x{ws.DEEP_STAGES} w{ws.DEEP_W_BUFFERS}"), deep
+    wide = label("e0m4", 2048, 8192)
+    assert wide.startswith("wgmma_m64n256k16 128x256 ") and wide.endswith(
+        f"warp-specialised x{ws.WIDE_STAGES} w{ws.WIDE_W_BUFFERS} pairs"), wide
     assert "warp-specialised" in label("int4", 4 * 2048, 2048)
     assert "warp-specialised" not in label("e0m4", 4 * 2048 - 64, 2048)  # K < 4 N
-    for fmt, k, n, target in [("e0m4", 2048, 8192, a90), ("e0m4", 2048, 2048, a90),
+    assert "warp-specialised" not in label("e0m4", 2048, 4 * 2048 - 64)  # N < 4 K
+    for fmt, k, n, target in [("e0m4", 2048, 2048, a90), ("e0m4", 2048, 3072, a90),
                               ("fp16", 8192, 2048, a90),
                               ("e0m4", 8192, 2048, parse_target(TARGETS["cuda"]))]:
         assert "mma_m16n8k16" in label(fmt, k, n, target), (fmt, k, n, target)
@@ -1060,6 +1065,7 @@ def test_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, stages):
     ("e0m4", 2048, 8192, "residual", (128, 256), 3, None, False),
     ("e0m4", 2048, 8192, "residual", (128, 256), 5, 2, False),  # the deeper ring, 2 W slots
     ("e0m4", 8192, 2048, None, (256, 128), 4, 2, False),
+    ("e0m4", 8192, 2048, "residual", (128, 256), 4, 2, False),  # the deep default
     ("e0m4", 2048, 8192, None, (128, 256), 5, 2, True)])  # ... its outputs stored in pairs
 def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, tile,
                                                                    stages, w_buffers, pairs):
