@@ -62,6 +62,13 @@ WIDE_PAIR_STORES = True
 # consumers' wgmma, the output stores. Such a kernel computes a wrong result; its time says which
 # part bounds the whole (a part whose removal does not speed it up is not the bound).
 ABLATIONS = ("copy", "dequant", "mma", "store")
+# X copied a row segment a warp quarter (``x_rows``): 8 threads copy the 8 16-byte vectors of
+# one row of a 64-deep slice, so a warp reads 4 whole 128-byte lines of X where the pair mapping
+# reads 32 bytes of each of 16 rows (ncu on the H200, session 18: the pair mapping's cp.async
+# took 8x the ideal L1 wavefronts, 40% of the kernel's shared-memory wavefronts). The 8 vectors
+# of a row land in 8 core matrices adjacent in K, XL apart; XL = 16 mod 128 (this skew) puts
+# them in 8 different bank groups.
+X_ROWS_LBO_SKEW = 16
 
 HELPERS = {
     **wg.HELPERS,
@@ -94,10 +101,16 @@ __forceinline__ __device__ uint4 tvm_lite_lds_v4(const void* p) {
 }
 
 
-def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None = None) -> int:
+def x_skew(x_rows: bool) -> int:
+    """Bytes X's core matrices adjacent in K sit off a multiple of 128 (see ``x_rows``)."""
+    return X_ROWS_LBO_SKEW if x_rows else wg.X_LBO_SKEW
+
+
+def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None = None,
+                 x_rows: bool = False) -> int:
     """Bytes of shared memory a workgroup uses: per stage X and the packed slice, and
     ``w_buffers`` (default: one a stage) fp16 W slices."""
-    XS = (wg.TK // 8) * ((TM // 8) * wg.SBO + wg.X_LBO_SKEW)
+    XS = (wg.TK // 8) * ((TM // 8) * wg.SBO + x_skew(x_rows))
     WS = (wg.TK // 8) * (TN // 8) * wg.SBO
     RG = max(1, wg.TK // g["group"])
     RS = (wg.TK // CODES_PER_WORD) * TN * 2 + RG * TN * 2 * (2 if g["fmt"] == "e0m4" else 1)
@@ -105,7 +118,8 @@ def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None =
 
 
 def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
-                  w_buffers: int | None = None, pair_stores: bool = False) -> str:
+                  w_buffers: int | None = None, pair_stores: bool = False,
+                  x_rows: bool = False) -> str:
     """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
     (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``. ``ablate``: parts of
     :data:`ABLATIONS` to leave out (diagnostics only: the result is wrong). ``w_buffers``: fp16
@@ -113,7 +127,9 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     of X and packed slices, the copies ``stages - 1`` slices ahead: see :func:`ws_gemm_kernel`).
     ``pair_stores``: where the output is fp16 with no epilogue and K is not split, each thread
     stores its two neighbouring outputs of a row in one 4-byte store (``tvm_lite_st_f16x2``)
-    instead of two 2-byte ones: half the store instructions, each still 8 rows of a warp."""
+    instead of two 2-byte ones: half the store instructions, each still 8 rows of a warp.
+    ``x_rows``: X copied a row segment a warp quarter (:data:`X_ROWS_LBO_SKEW`) instead of
+    two threads a row."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, VEC, SBO, h = wg.TK, wg.VEC, wg.SBO, 2
@@ -125,7 +141,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     threads = PT * (1 + CW)
     FULL, EMPTY, PBAR = 1, 1 + S, 1 + 2 * S  # named barrier ids
     WFREE = 2 + 2 * S  # WN < S: WFREE + k % WN, the W slot of slice k free again
-    XL = (TM // 8) * SBO + wg.X_LBO_SKEW
+    XL = (TM // 8) * SBO + x_skew(x_rows)
     WL = (TN // 8) * SBO
     XS, WS = (TK // 8) * XL, (TK // 8) * WL
     RG = max(1, TK // G)  # scale / zero rows of a slice
@@ -145,7 +161,10 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
         kk = kn.format(k=k)
         xs = TM * TK // VEC // PT
         e = f"(l * {PT} + tx)"
-        xm, xk = f"({e} // 2 % {TM})", f"(({e} // {2 * TM}) * 2 + {e} % 2)"
+        if x_rows:  # the TK // VEC vectors of a row to neighbouring threads
+            xm, xk = f"({e} // {TK // VEC} % {TM})", f"({e} % {TK // VEC})"
+        else:  # two threads a row, TM rows before the next pair of vectors
+            xm, xk = f"({e} // 2 % {TM})", f"(({e} // {2 * TM}) * 2 + {e} % 2)"
         x_dst = f"({slot}) * {XS} + {xk} * {XL} + {xm} // 8 * {SBO} + {xm} % 8 * 16"
         x_src = f"{x}[{mma_gemm._row_at(xbuf, f'by * {TM} + {xm}', f'{kk} * {TK} + {xk} * {VEC}')}]"
         vecs = TN // VEC  # 16-byte vectors of a packed row (8 columns each)
@@ -283,10 +302,12 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
 
 
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
-                   w_buffers: int | None = None, pair_stores: bool = False):
+                   w_buffers: int | None = None, pair_stores: bool = False,
+                   x_rows: bool = False):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
-    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``: see :func:`kernel_source`).
+    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``, ``x_rows``: see
+    :func:`kernel_source`).
 
     ``w_buffers`` (2 .. ``stages``; default ``stages``): the fp16 W slices the producer
     dequantizes into. The ring of X and packed slices holds ``stages``; the copies of slice
@@ -314,11 +335,11 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     pair_stores = (pair_stores and g["final"] is None and ks == 1
                    and str(g["out_dtype"]) == "float16")
     return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate, wn,
-                                          pair_stores), HELPERS,
-                            sch, func, g, shared_bytes(g, TM, TN, stages, wn),
-                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s"
+                                          pair_stores, x_rows), HELPERS,
+                            sch, func, g, shared_bytes(g, TM, TN, stages, wn, x_rows),
+                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s"
                             % (TN, TM, TN, ks, stages, f" w{wn}" if wn else "",
-                               " pairs" if pair_stores else ""))
+                               " pairs" if pair_stores else "", " x rows" if x_rows else ""))
 
 
 def deep_gemm_kernel(func, target, profile):
