@@ -39,24 +39,30 @@ PRODUCER = 128  # threads of the producer warpgroup
 NAMED_BARRIERS = 16  # a workgroup's hardware barriers (bar.sync ids 0 .. 15)
 STAGES = 4  # slices in the ring
 # GPUPrefillGEMM takes this kernel by default on sm_90a for a deep GEMM, K >= DEEP_K_RATIO x N
-# (the down projections), and for a wide one, N >= WIDE_N_RATIO x K (gate/up), each with its
-# tile, stages, fp16 W slices and paired stores. Measured on the H200 at M = 512 against the
-# mma.sync kernel (``bench.prefill --parts gemm --wgmma 128x256xws3,...``): session 15, Llama-1B's
-# down (K 8192, N 2048) 78.5 -> 72.6 us at ws3, Gemma-2B's (K 16384) 143.8 -> 124.9 us; session
-# 18 (``results/issue16_prefill_gemm_ws_s18.json``), Llama-1B's down 78.6 -> 69.4 us at ws4w2
-# (ws3 71.5), its gate/up (K 2048, N 8192) 66.5 -> 59.8 us at ws5w2p (ws3 69.9: the paired
-# stores make the difference). q (K = N) and k/v (N 256) stay with mma.sync (3-6% and 2.5x
-# slower at ws3 in session 15).
+# with N >= DEEP_MIN_N (the down projections), and for a wide one, N >= WIDE_N_RATIO x K
+# (gate/up), each with its tile, stages, fp16 W slices, paired stores and X copy. Measured on
+# the H200 at M = 512 against the mma.sync kernel (``bench.prefill --parts gemm --gemm-variants
+# "e0m4,e0m4 (sm_90a)" --wgmma ...``): session 15, Llama-1B's down (K 8192, N 2048) 78.5 ->
+# 72.6 us at ws3, Gemma-2B's (K 16384) 143.8 -> 124.9 us; session 18
+# (``results/issue16_prefill_gemm_ws_s18.json``, ``..._defaults_s18.json``): Llama-1B's down
+# 77.9 -> 70.0 us at ws4w2 and 68.4 with X copied by rows (ws3 71.5), Gemma-2B's 142.5 -> 121.9
+# and 116.8; gate/up (K 2048, N 8192 and 16384) 66.4 -> 60.2 and 126.5 -> 113.6 us at ws5w2p
+# (ws3 69.9: the paired stores make the difference; X by rows no better). q (K = N) stays with
+# mma.sync (3-12% slower here), and so do k and v alone (K 2048, N 256-512: 1.7-2.5x slower,
+# hence DEEP_MIN_N; the pipeline merges them with q anyway).
 DEEP_K_RATIO = 4
+DEEP_MIN_N = 2048
 DEEP_TILE = (128, 256)
 DEEP_STAGES = 4
 DEEP_W_BUFFERS = 2
 DEEP_PAIR_STORES = False
+DEEP_X_ROWS = True
 WIDE_N_RATIO = 4
 WIDE_TILE = (128, 256)
 WIDE_STAGES = 5
 WIDE_W_BUFFERS = 2
 WIDE_PAIR_STORES = True
+WIDE_X_ROWS = False
 # Parts of the kernel a diagnostic build leaves out (``ablate``; ``bench.prefill --wgmma
 # 128x256xws3-dequant``): the producer's copies after the first S - 1 slices, its dequant, the
 # consumers' wgmma, the output stores. Such a kernel computes a wrong result; its time says which
@@ -343,18 +349,19 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
 
 
 def deep_gemm_kernel(func, target, profile):
-    """:func:`ws_gemm_kernel` for a deep GEMM (``K >= DEEP_K_RATIO x N``, at ``DEEP_*``) or a wide
-    one (``N >= WIDE_N_RATIO x K``, at ``WIDE_*``) on sm_90a, or :class:`MatchError` (another
-    target, another shape, or what :func:`ws_gemm_kernel` does not take)."""
+    """:func:`ws_gemm_kernel` for a deep GEMM (``K >= DEEP_K_RATIO x N``, ``N >= DEEP_MIN_N``,
+    at ``DEEP_*``) or a wide one (``N >= WIDE_N_RATIO x K``, at ``WIDE_*``) on sm_90a, or
+    :class:`MatchError` (another target, another shape, or what :func:`ws_gemm_kernel` does not
+    take)."""
     if not wg.wgmma_supported(target):
         raise MatchError("wgmma needs a CUDA sm_90a target")
     g = mma_gemm.match_gemm(s_tir.Schedule(func), profile)
-    if g["k"] >= DEEP_K_RATIO * g["n"]:
+    if g["k"] >= DEEP_K_RATIO * g["n"] and g["n"] >= DEEP_MIN_N:
         return ws_gemm_kernel(func, target, profile, DEEP_TILE, DEEP_STAGES, (),
-                              DEEP_W_BUFFERS, DEEP_PAIR_STORES)
+                              DEEP_W_BUFFERS, DEEP_PAIR_STORES, DEEP_X_ROWS)
     if g["n"] >= WIDE_N_RATIO * g["k"]:
         return ws_gemm_kernel(func, target, profile, WIDE_TILE, WIDE_STAGES, (),
-                              WIDE_W_BUFFERS, WIDE_PAIR_STORES)
+                              WIDE_W_BUFFERS, WIDE_PAIR_STORES, WIDE_X_ROWS)
     raise MatchError(f"K={g['k']}, N={g['n']}: neither deep nor wide, mma.sync is faster")
 
 

@@ -1017,8 +1017,8 @@ def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path)
 
 
 def test_default_rule_takes_the_warp_specialised_kernel_for_deep_and_wide_gemms_on_sm90a():
-    """Without options the rule gives a deep 4-bit GEMM (K >= 4 N: the down projections) and a
-    wide one (N >= 4 K: gate/up) on sm_90a the warp-specialised wgmma kernel at the tile, stages
+    """Without options the rule gives a deep 4-bit GEMM (K >= 4 N, N >= 2048: the down
+    projections) and a wide one (N >= 4 K: gate/up) on sm_90a the warp-specialised wgmma kernel at the tile, stages
     and W slots that beat mma.sync there on the H200; square and narrow GEMMs, fp16 weights and
     sm_90 keep mma.sync."""
     from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
@@ -1032,12 +1032,13 @@ def test_default_rule_takes_the_warp_specialised_kernel_for_deep_and_wide_gemms_
 
     deep = label("e0m4", 8192, 2048)
     assert deep.startswith("wgmma_m64n256k16 128x256 split-K ") and deep.endswith(
-        f"warp-specialised x{ws.DEEP_STAGES} w{ws.DEEP_W_BUFFERS}"), deep
+        f"warp-specialised x{ws.DEEP_STAGES} w{ws.DEEP_W_BUFFERS} x rows"), deep
     wide = label("e0m4", 2048, 8192)
     assert wide.startswith("wgmma_m64n256k16 128x256 ") and wide.endswith(
         f"warp-specialised x{ws.WIDE_STAGES} w{ws.WIDE_W_BUFFERS} pairs"), wide
     assert "warp-specialised" in label("int4", 4 * 2048, 2048)
     assert "warp-specialised" not in label("e0m4", 4 * 2048 - 64, 2048)  # K < 4 N
+    assert "warp-specialised" not in label("e0m4", 2048, 512)  # k / v alone: N < DEEP_MIN_N
     assert "warp-specialised" not in label("e0m4", 2048, 4 * 2048 - 64)  # N < 4 K
     for fmt, k, n, target in [("e0m4", 2048, 2048, a90), ("e0m4", 2048, 3072, a90),
                               ("fp16", 8192, 2048, a90),
