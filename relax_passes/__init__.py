@@ -25,6 +25,7 @@ from .pack_weight_panels import PackWeightPanels
 from .plan_symbolic_arena import PlanSymbolicArena
 from .quantize_weight_matmuls import QuantizeWeightMatmuls
 from .remove_noop_ops import RemoveNoOpOps
+from .separate_graph_kernels import SeparateGraphKernels
 from .share_host_values import ShareHostValues
 from .split_prefill_decode import SplitPrefillDecode
 
@@ -35,5 +36,6 @@ __all__ = ["AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepH
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
            "KVCacheRewriteError", "LaunchDependentsEarly", "LegalizeGroupedReshape",
            "MergeSharedInputProjections", "NoKVCacheError", "PackWeightPanels",
-           "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "ShareHostValues",
+           "PlanSymbolicArena", "QuantizeWeightMatmuls", "RemoveNoOpOps", "SeparateGraphKernels",
+           "ShareHostValues",
            "SplitPrefillDecode"]

@@ -23,9 +23,16 @@ every kernel of a CUDA sm_90+ target it
 
 A kernel launched without the attribute (an older runtime, another stream) runs the two
 instructions as no-ops.
+
+``LaunchDependentsEarly(graph_only=True)`` (``dependent_launch="graphs"``, the
+``tvm_lite_dependent_launch_graphs`` TIR pipeline) does this only to the kernels of the
+PrimFuncs ``SeparateGraphKernels`` set apart for the CUDA-graph functions: those named
+``<name>`` + :data:`GRAPH_SUFFIX` + ``_kernel[_N]``.
 """
 
 from __future__ import annotations
+
+import re
 
 import tvm
 from tvm import tirx
@@ -35,6 +42,8 @@ PDL_TAG = "tirx.use_programtic_dependent_launch"  # TVM 0.27's spelling (runtime
 DYN_SHARED_TAG = "tirx.use_dyn_shared_memory"  # must stay the last tag
 DEVICE_KERNEL_LAUNCH = 2  # calling_conv of a kernel (CallingConv::kDeviceKernelLaunch)
 MIN_ARCH = 90
+GRAPH_SUFFIX = "_in_graph"  # the graph PrimFuncs (relax_passes/separate_graph_kernels.py)
+_GRAPH_KERNEL = re.compile(re.escape(GRAPH_SUFFIX) + r"_kernel(_\d+)?$")
 
 _ASM = {name: f"""
 __forceinline__ __device__ void {name}() {{
@@ -84,9 +93,13 @@ def _launch_params(params) -> list:
 
 @tvm.transform.module_pass(opt_level=0, name="LaunchDependentsEarly")
 class LaunchDependentsEarly:
-    """Every CUDA sm_90+ kernel of a device module waits for its predecessor at its first
-    instruction, lets its successor launch right after, and is launched with programmatic
-    dependent launch (module doc). Other functions and targets are left as they are."""
+    """Every CUDA sm_90+ kernel of a device module (``graph_only``: every one of the CUDA-graph
+    functions' PrimFuncs) waits for its predecessor at its first instruction, lets its successor
+    launch right after, and is launched with programmatic dependent launch (module doc). Other
+    functions and targets are left as they are."""
+
+    def __init__(self, graph_only: bool = False):
+        self.graph_only = graph_only
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mod = mod.clone()
@@ -96,11 +109,13 @@ class LaunchDependentsEarly:
                     and int(attrs.get("calling_conv", 0)) == DEVICE_KERNEL_LAUNCH
                     and supports(attrs.get("target"))
                     and "tirx.kernel_launch_params" in attrs
-                    and PDL_TAG not in [str(t) for t in attrs["tirx.kernel_launch_params"]]):
+                    and PDL_TAG not in [str(t) for t in attrs["tirx.kernel_launch_params"]]
+                    and (not self.graph_only or _GRAPH_KERNEL.search(
+                        str(attrs.get("global_symbol", gv.name_hint))))):
                 mod.update_func(gv, func.with_body(_first_statement(func.body)).with_attr(
                     "tirx.kernel_launch_params",
                     _launch_params(attrs["tirx.kernel_launch_params"])))
         return mod
 
 
-__all__ = ["LaunchDependentsEarly", "PDL_TAG", "supports"]
+__all__ = ["LaunchDependentsEarly", "PDL_TAG", "GRAPH_SUFFIX", "supports"]

@@ -88,6 +88,45 @@ def test_a_whole_model_built_with_dependent_launch(tiny_decoder):
             tvm_lite.build(mod, target, dependent_launch=True)
 
 
+def test_graphs_mode_takes_only_the_kernels_replayed_as_cuda_graphs(tiny_decoder):
+    """``dependent_launch="graphs"``: ``decode_padded`` calls copies of its PrimFuncs (named with
+    ``GRAPH_SUFFIX``), and only their kernels wait first and carry the launch tag; prefill's and
+    the other decode functions' kernels are the default build's, and no graph kernel is left
+    without the wait."""
+    from tvm_lite.options import BuildOptions
+    from tvm_lite.pipeline import phases
+    from tvm_lite.relax_passes import SeparateGraphKernels
+    from tvm_lite.relax_passes.launch_dependents_early import GRAPH_SUFFIX
+    from tvm_lite.relax_passes.separate_graph_kernels import _callees
+
+    _, onnx_dir = tiny_decoder
+    mod = tvm_lite.from_onnx(onnx_dir / "model.onnx")
+    ex = tvm_lite.build(mod, "cuda -arch=sm_90a", dependent_launch="graphs")
+    bodies = _kernel_bodies(tvm_lite.device_source(ex, "cuda"))
+    graph = {n: b for n, b in bodies.items() if re.search(GRAPH_SUFFIX + r"_kernel(_\d+)?$", n)}
+    rest = {n: b for n, b in bodies.items() if n not in graph}
+    assert len(graph) > 5 and len(rest) > 5, (sorted(graph), sorted(rest))
+    late = {n: b[:3] for n, b in graph.items() if b[:2] != [WAIT, LAUNCH]}
+    assert not late, late
+    early = {n: b[:3] for n, b in rest.items() if WAIT in b}
+    assert not early, early
+    # the pass on the lowered module: decode_padded calls only copies, decode only originals
+    # (shape functions: VMShapeLower's, on the host)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}, host={"kind": "llvm"})
+    lowered = mod
+    with target:
+        for name, passes in phases(target, options=BuildOptions(dependent_launch="graphs")):
+            lowered = tvm.transform.Sequential(passes)(lowered)
+    prims = {gv.name_hint for gv, f in lowered.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and not gv.name_hint.startswith("shape_func")}
+    for name, copies in (("decode_padded", True), ("decode", False), ("prefill", False)):
+        called = {gv.name_hint for gv in _callees(lowered[name]) if gv.name_hint in prims}
+        assert called and all(c.endswith(GRAPH_SUFFIX) == copies for c in called), (name, called)
+    assert SeparateGraphKernels()(tvm.IRModule({"two": _two_kernels}))["two"] is not None
+    with pytest.raises(ValueError, match="dependent_launch='all'"):
+        BuildOptions(dependent_launch="all")
+
+
 def test_compile_model_names_the_option_before_any_work(tiny_decoder, tmp_path):
     """``compile_model(..., dependent_launch=True)`` for a target without it stops before the
     import and the quantizer, naming the option; nothing is written."""
@@ -99,3 +138,19 @@ def test_compile_model_names_the_option_before_any_work(tiny_decoder, tmp_path):
         compile_model(onnx_dir, "llvm", out_dir=tmp_path / "out", progress=steps.append,
                       dependent_launch=True)
     assert steps == [] and not (tmp_path / "out").exists()
+
+
+def test_cli_takes_graphs_and_names_the_option_on_a_target_without_it(tiny_decoder, tmp_path,
+                                                                       capsys):
+    """``tvm-lite compile --dependent-launch graphs`` for the CPU stops with the option named
+    (exit 2, nothing written); a mode it does not know is argparse's usage error."""
+    from tvm_lite.cli import main
+
+    _, onnx_dir = tiny_decoder
+    out = tmp_path / "out"
+    assert main(["compile", str(onnx_dir), "--target", "llvm", "--dependent-launch", "graphs",
+                 "--output", str(out)]) == 2
+    assert "dependent_launch='graphs'" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        main(["compile", str(onnx_dir), "--dependent-launch", "sometimes"])
+    assert "--dependent-launch" in capsys.readouterr().err

@@ -185,7 +185,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
         options.update(tuning_db=database_digest(opts.tuning_db), decode_function=True)
     if opts.dependent_launch and not opts.stock:
         tir_pipeline(tgt, opts)  # a target without it: the error now, before export and quant
-        options["dependent_launch"] = True  # (absent = False: earlier cache keys stay valid)
+        options["dependent_launch"] = opts.dependent_launch  # (absent = False: old keys hold)
     panel = weight_panel(tgt) if opts.weight_panels and not opts.stock else None
     if panel:  # the weights stored panel-major (params.npz too)
         options["weight_panels"] = panel

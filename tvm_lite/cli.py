@@ -15,7 +15,7 @@ from .cli_common import log as _log
 from .cli_common import quant_config as _quant_config
 from .cli_common import resolve_artifact, resolve_onnx
 from .errors import UserError
-from .options import KV_CACHE_MODES, BuildOptions
+from .options import KV_CACHE_MODES, PDL_GRAPHS, BuildOptions
 
 
 def _add_model_args(p, target=True):
@@ -243,9 +243,11 @@ def main(argv=None):
                         "copies")
     _add_quant_args(p)
     p.add_argument("--tuning-db", default=None, help="MetaSchedule database from `tvm-lite tune`")
-    p.add_argument("--dependent-launch", action="store_true",
+    p.add_argument("--dependent-launch", nargs="?", const=True, default=False,
+                   choices=[True, PDL_GRAPHS],
                    help="CUDA sm_90+: each kernel's launch overlaps the tail of the one before "
-                        "(programmatic dependent launch; off until timed)")
+                        f"(programmatic dependent launch; '{PDL_GRAPHS}': only the kernels "
+                        "replayed as CUDA graphs; off until timed)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="answer a prompt")

@@ -17,6 +17,8 @@ from .convention import KV_AUTO, KV_COPY, KV_INPLACE
 KV_CACHE_MODES = (KV_AUTO, KV_INPLACE, KV_COPY)
 MEMORY_PLANS = ("arena", "tvm")
 PIPELINES = ("tvm_lite", "stock")
+PDL_GRAPHS = "graphs"  # dependent_launch for the CUDA-graph functions' kernels only
+DEPENDENT_LAUNCH_MODES = (False, True, PDL_GRAPHS)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,9 @@ class BuildOptions:
     which has the weights); False keeps the exported ``[K, N]`` layout (for comparisons).
     ``dependent_launch``: on CUDA sm_90+, every kernel launched with programmatic dependent
     launch, so that its launch overlaps the tail of the kernel before it
-    (``relax_passes/launch_dependents_early.py``); an error on another target. Off until timed.
+    (``relax_passes/launch_dependents_early.py``); ``"graphs"``: only the kernels of the
+    functions the engine replays as CUDA graphs (``decode_padded``: copies of them,
+    ``relax_passes/separate_graph_kernels.py``); an error on another target. Off until timed.
     """
 
     kv_cache: str = KV_AUTO
@@ -68,7 +72,7 @@ class BuildOptions:
     merge_projections: bool = True
     pipeline: str = "tvm_lite"
     weight_panels: bool = True
-    dependent_launch: bool = False
+    dependent_launch: bool | str = False
 
     def __post_init__(self):
         for name, value, allowed in (("kv_cache", self.kv_cache, KV_CACHE_MODES),
@@ -76,6 +80,9 @@ class BuildOptions:
                                      ("pipeline", self.pipeline, PIPELINES)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+        if not (isinstance(self.dependent_launch, bool) or self.dependent_launch == PDL_GRAPHS):
+            raise ValueError(f"dependent_launch={self.dependent_launch!r}: expected one of "
+                             f"{DEPENDENT_LAUNCH_MODES}")
         if self.kv_windows is not None:
             windows = tuple(self.kv_windows)
             if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows):

@@ -45,7 +45,7 @@ from tvm.s_tir import dlight as dl
 from tvm_lite import schedules
 from tvm_lite.convention import KV_CACHE_ATTR, KV_COPY, KV_INPLACE
 from tvm_lite.errors import UserError
-from tvm_lite.options import BuildOptions
+from tvm_lite.options import PDL_GRAPHS, BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes.launch_dependents_early import supports as launch_dependents_supported
 from tvm_lite.relax_passes import (AddDecodeFunction, AddLastRowPrefill, AttachMetadata,
@@ -54,36 +54,47 @@ from tvm_lite.relax_passes import (AddDecodeFunction, AddLastRowPrefill, AttachM
                                    DropKillsWithoutStorage,
                                    FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
                                    FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
-                                   InplaceKVCache, LaunchDependentsEarly,
+                                   InplaceKVCache, LaunchDependentsEarly, SeparateGraphKernels,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
                                    ShareHostValues, SplitPrefillDecode)
 
 PIPELINE_NAME = "tvm_lite"
 # TIR: TVM's default pipeline, the device modules of CUDA sm_90+ then through LaunchDependentsEarly
 TIR_PIPELINE_DEPENDENT_LAUNCH = "tvm_lite_dependent_launch"
+# ... only the kernels SeparateGraphKernels set apart for the CUDA-graph functions
+TIR_PIPELINE_DEPENDENT_LAUNCH_GRAPHS = "tvm_lite_dependent_launch_graphs"
 
 
-def _tir_pipeline_dependent_launch(**kwargs):
+def _tir_pipeline_dependent_launch(graph_only: bool):
     """(pipeline, host finalization, device finalization) of TVM's default TIR pipeline, the
     device finalization first running :class:`LaunchDependentsEarly` (it needs the kernels as
     split from the host code, their launch tags set)."""
-    pipeline, host, device = tvm.tirx.get_tir_pipeline("default", **kwargs)
-    return pipeline, host, lambda: tvm.transform.Sequential([LaunchDependentsEarly(), device()])
+
+    def make(**kwargs):
+        pipeline, host, device = tvm.tirx.get_tir_pipeline("default", **kwargs)
+        return pipeline, host, lambda: tvm.transform.Sequential(
+            [LaunchDependentsEarly(graph_only=graph_only), device()])
+
+    return make
 
 
-tvm.tirx.compilation_pipeline.register_tir_pipeline(TIR_PIPELINE_DEPENDENT_LAUNCH,
-                                                    _tir_pipeline_dependent_launch)
+for _name, _graph_only in ((TIR_PIPELINE_DEPENDENT_LAUNCH, False),
+                           (TIR_PIPELINE_DEPENDENT_LAUNCH_GRAPHS, True)):
+    tvm.tirx.compilation_pipeline.register_tir_pipeline(
+        _name, _tir_pipeline_dependent_launch(_graph_only))
 
 
 def tir_pipeline(target: tvm.target.Target, opts: BuildOptions) -> str:
     """The TIR pipeline's name for ``target``: ``dependent_launch`` takes
-    :data:`TIR_PIPELINE_DEPENDENT_LAUNCH` (CUDA sm_90+ only: another target is an error naming
-    the option), otherwise TVM's default."""
+    :data:`TIR_PIPELINE_DEPENDENT_LAUNCH` (``"graphs"``: ``..._GRAPHS``; CUDA sm_90+ only:
+    another target is an error naming the option), otherwise TVM's default."""
     if not opts.dependent_launch:
         return "default"
     if not launch_dependents_supported(target):
-        raise UserError(f"dependent_launch=True: programmatic dependent launch needs a CUDA "
-                        f"target of sm_90 or newer, not {target}")
+        raise UserError(f"dependent_launch={opts.dependent_launch!r}: programmatic dependent "
+                        f"launch needs a CUDA target of sm_90 or newer, not {target}")
+    if opts.dependent_launch == PDL_GRAPHS:
+        return TIR_PIPELINE_DEPENDENT_LAUNCH_GRAPHS
     return TIR_PIPELINE_DEPENDENT_LAUNCH
 
 
@@ -215,6 +226,8 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             AddTupledBufferEntries(KV_CACHE_ATTR),  # in-place decoders over RPC; else a no-op
             AddStepEntries(),  # prefill_step/decode_step: ints in, the greedy token out
             InlineStepCalls(),  # ... as flat functions: weights checked once per step, not thrice
+            # dependent_launch="graphs": decode_padded's kernels as copies of their own
+            *([SeparateGraphKernels()] if opts.dependent_launch == PDL_GRAPHS else []),
             relax.transform.LowerAllocTensor(),
             relax.transform.KillAfterLastUse(),
             DropKillsWithoutStorage(),  # no register kills where nothing is freed (views only)

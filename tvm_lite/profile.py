@@ -368,8 +368,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default="smollm2-135m")
     ap.add_argument("--variant", default="tvm_lite-e0m4",
                     help="a bench.models variant, or several separated by commas, each profiled "
-                         "(e.g. tvm_lite-e0m4,tvm_lite-e0m4+pdl: without and with programmatic "
-                         "dependent launch)")
+                         "(e.g. tvm_lite-e0m4,tvm_lite-e0m4+pdl,tvm_lite-e0m4+pdlg: without "
+                         "programmatic dependent launch, with it, with it in CUDA graphs only)")
     ap.add_argument("--target", default=None,
                     help="default: this GPU's, sm_90a on Hopper (tvm_lite.target.local_cuda_target)")
     ap.add_argument("--device", default="cuda")

@@ -106,18 +106,21 @@ def _quant(fmt: str):
     return QuantConfig(format=fmt, method="rtn", clip_search=False, include_lm_head=True)
 
 
-PDL_SUFFIX = "+pdl"  # a tvm_lite variant with this suffix: BuildOptions(dependent_launch=True)
+# a tvm_lite variant with one of these suffixes: BuildOptions(dependent_launch=...)
+PDL_SUFFIXES = {"+pdl": True, "+pdlg": "graphs"}
 
 
 def compile_variant(onnx_dir, variant: str, target: str, progress=print) -> Path:
-    """The artifact of ``variant`` (:data:`VARIANTS`; a tvm_lite one may end in
-    :data:`PDL_SUFFIX`: its kernels launched with programmatic dependent launch)."""
+    """The artifact of ``variant`` (:data:`VARIANTS`; a tvm_lite one may end in one of
+    :data:`PDL_SUFFIXES`: its kernels, or those replayed as CUDA graphs, launched with
+    programmatic dependent launch)."""
     from ..artifact import compile_model
 
     if variant == "stock-fp16":
         return compile_model(onnx_dir, target, progress=progress, pipeline="stock")
-    pdl = variant.endswith(PDL_SUFFIX)
-    variant = variant.removesuffix(PDL_SUFFIX)
+    suffix = next((s for s in PDL_SUFFIXES if variant.endswith(s)), "")
+    pdl = PDL_SUFFIXES.get(suffix, False)
+    variant = variant.removesuffix(suffix) if suffix else variant
     if variant == "tvm_lite-fp16":
         return compile_model(onnx_dir, target, progress=progress, dependent_launch=pdl)
     fmt = variant.split("-", 1)[1]
