@@ -120,3 +120,20 @@ def test_decode_profile_times_steps_queued_on_the_device(artifact):
     eng.run_ahead = 1  # the CPU default: one by one, and nothing more to time
     one = Profiler(eng, use_torch=False).decode(8, steps=1, warmup=0)
     assert one.run_ahead == 1 and one.wall_ms_run_ahead is None
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    """The GPU's busy time is the union of the kernels' intervals: kernels that overlap
+    (programmatic dependent launch) count once, gaps not at all; a profile whose kernels
+    overlapped shows it, and its host gap is the wall time no kernel ran."""
+    from tvm_lite.gpu_time import busy_time
+    from tvm_lite.profile import StepProfile
+
+    assert busy_time([]) == 0
+    assert busy_time([(0, 10), (20, 25)]) == 15  # a gap of 10
+    assert busy_time([(0, 10), (5, 12), (12, 14), (1, 3)]) == 14  # overlaps and one inside
+    assert busy_time([(30, 40), (0, 10), (8, 35)]) == 40  # out of order
+    prof = StepProfile("decode", 1, 0, wall_ms=1.0, gpu_ms=1.5, busy_ms=0.8)
+    assert abs(prof.host_gap_ms - 0.2) < 1e-12 and "(busy 0.800 ms)" in prof.table()
+    serial = StepProfile("decode", 1, 0, wall_ms=1.0, gpu_ms=0.7, busy_ms=0.7)
+    assert abs(serial.host_gap_ms - 0.3) < 1e-12 and "busy" not in serial.table()

@@ -24,9 +24,25 @@ def init_torch_cuda() -> bool:
         return False
 
 
-def torch_kernels(run, steps: int) -> tuple[dict, float]:
-    """(kernels, wall seconds per step) of ``run()`` (``steps`` steps) under torch.profiler:
-    kernel name -> {"calls", "us"} per step."""
+def busy_time(intervals) -> float:
+    """Length of the union of ``(start, end)`` intervals: the time at least one kernel ran.
+    Kernels that overlap (programmatic dependent launch: the next one resident and waiting while
+    this one runs) count once, where the sum of their times counts the overlap twice."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def torch_kernels(run, steps: int) -> tuple[dict, float, float]:
+    """(kernels, wall seconds per step, GPU busy microseconds per step) of ``run()`` (``steps``
+    steps) under torch.profiler: kernel name -> {"calls", "us"} per step; busy is
+    :func:`busy_time` of all the kernels' intervals."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -37,9 +53,11 @@ def torch_kernels(run, steps: int) -> tuple[dict, float]:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / steps
     kernels = defaultdict(lambda: {"calls": 0.0, "us": 0.0})
+    spans = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             k = kernels[e.name]
             k["calls"] += 1 / steps
             k["us"] += e.device_time_total / steps
-    return dict(kernels), wall
+            spans.append((e.time_range.start, e.time_range.end))
+    return dict(kernels), wall, busy_time(spans) / steps

@@ -28,6 +28,11 @@ from .gpu_slice import is_kernel
 from .gpu_time import init_torch_cuda, torch_kernels
 
 
+def _busy(gpu_ms: float, busy_ms: float | None) -> str:
+    """`` (busy B ms)`` where the kernels overlapped (their union 1% or more under their sum)."""
+    return "" if busy_ms is None or busy_ms >= 0.99 * gpu_ms else f" (busy {busy_ms:.3f} ms)"
+
+
 @dataclass
 class StepProfile:
     """One kind of step (prefill or decode), averaged over ``steps`` steps."""
@@ -50,24 +55,30 @@ class StepProfile:
     wall_ms_graphs: float | None = None
     gpu_ms_graphs: float | None = None
     kernels_graphs: float | None = None
+    # time at least one kernel ran (the union of their intervals; torch.profiler only): less
+    # than gpu_ms where kernels overlap (programmatic dependent launch)
+    busy_ms: float | None = None
+    busy_ms_graphs: float | None = None
 
     @property
     def kernels_per_step(self) -> float:
         return sum(k["calls"] for k in self.kernels.values())
 
     @property
-    def host_gap_ms(self) -> float:
-        return max(0.0, self.wall_ms - self.gpu_ms)
+    def host_gap_ms(self) -> float:  # the wall time no kernel ran
+        return max(0.0, self.wall_ms - (self.gpu_ms if self.busy_ms is None else self.busy_ms))
 
     @property
     def host_gap_ms_run_ahead(self) -> float | None:
         return None if self.wall_ms_run_ahead is None \
-            else max(0.0, self.wall_ms_run_ahead - self.gpu_ms)
+            else max(0.0, self.wall_ms_run_ahead
+                      - (self.gpu_ms if self.busy_ms is None else self.busy_ms))
 
     @property
     def host_gap_ms_graphs(self) -> float | None:
         return None if self.wall_ms_graphs is None \
-            else max(0.0, self.wall_ms_graphs - self.gpu_ms_graphs)
+            else max(0.0, self.wall_ms_graphs - (self.gpu_ms_graphs if self.busy_ms_graphs is None
+                                                 else self.busy_ms_graphs))
 
     def table(self, top: int = 20) -> str:
         queued = "" if self.wall_ms_run_ahead is None else (
@@ -76,11 +87,13 @@ class StepProfile:
             f"({100 * self.host_gap_ms_run_ahead / max(self.wall_ms_run_ahead, 1e-9):.0f}%)")
         if self.wall_ms_graphs is not None:
             queued += (f"; as CUDA graphs: wall {self.wall_ms_graphs:.3f} ms, GPU kernels "
-                       f"{self.gpu_ms_graphs:.3f} ms, {self.kernels_graphs:.0f} kernels/step, "
+                       f"{self.gpu_ms_graphs:.3f} ms{_busy(self.gpu_ms_graphs, self.busy_ms_graphs)}"
+                       f", {self.kernels_graphs:.0f} kernels/step, "
                        f"host gap {self.host_gap_ms_graphs:.3f} ms "
                        f"({100 * self.host_gap_ms_graphs / max(self.wall_ms_graphs, 1e-9):.0f}%)")
         lines = [f"{self.phase} (context {self.context}, {self.steps} step(s), {self.method}): "
-                 f"wall {self.wall_ms:.3f} ms, GPU kernels {self.gpu_ms:.3f} ms, "
+                 f"wall {self.wall_ms:.3f} ms, GPU kernels {self.gpu_ms:.3f} ms"
+                 f"{_busy(self.gpu_ms, self.busy_ms)}, "
                  f"{self.kernels_per_step:.0f} kernels/step, host gap {self.host_gap_ms:.3f} ms "
                  f"({100 * self.host_gap_ms / max(self.wall_ms, 1e-9):.0f}%), "
                  f"VM calls/step {self.vm_calls} ({self.vm_kernel_calls} PrimFuncs; builtins: "
@@ -226,7 +239,7 @@ class Profiler:
         self._sync()
         wall = (time.perf_counter() - t0) / steps
         if self.use_torch:
-            kernels, _ = torch_kernels(lambda: run(steps), steps)
+            kernels, _, busy_us = torch_kernels(lambda: run(steps), steps)
             method = "torch.profiler (CUDA activity)"
         else:
             timer = _CallCounter(sync=self._sync)
@@ -235,8 +248,11 @@ class Profiler:
                        for n, (c, s) in timer.times.items()}
             method = "VM instrument, device sync per kernel"
         gpu_ms = sum(k["us"] for k in kernels.values()) / 1e3
-        return StepProfile(phase, steps, context, wall * 1e3, gpu_ms, kernels, counter.calls,
+        prof = StepProfile(phase, steps, context, wall * 1e3, gpu_ms, kernels, counter.calls,
                            counter.kernel_calls, counter.builtins, method)
+        if self.use_torch:
+            prof.busy_ms = busy_us / 1e3
+        return prof
 
     def prefill(self, prompt_len: int, repeats: int = 3) -> StepProfile:
         eng = self.engine
@@ -293,8 +309,9 @@ class Profiler:
             self._sync()
             prof.wall_ms_graphs = (time.perf_counter() - t0) / steps * 1e3
             if self.use_torch:
-                kernels, _ = torch_kernels(lambda: graphs(steps), steps)
+                kernels, _, busy_us = torch_kernels(lambda: graphs(steps), steps)
                 prof.gpu_ms_graphs = sum(k["us"] for k in kernels.values()) / 1e3
+                prof.busy_ms_graphs = busy_us / 1e3
                 prof.kernels_graphs = sum(k["calls"] for k in kernels.values())
         return prof
 

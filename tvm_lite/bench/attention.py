@@ -77,7 +77,7 @@ def _time(call, copies: int, iters: int) -> dict:
         call(i % copies)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / iters
-    found, _ = torch_kernels(lambda: [call(i % copies) for i in range(iters)], iters)
+    found, _, _ = torch_kernels(lambda: [call(i % copies) for i in range(iters)], iters)
     kernels = {name: k["us"] for name, k in found.items()}
     return {"gpu_us": sum(kernels.values()), "wall_us": wall * 1e6, "kernels": kernels}
 

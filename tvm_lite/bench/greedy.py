@@ -33,7 +33,7 @@ def _gpu_us(call, dev, calls: int) -> float | None:
         return None
     from ..gpu_time import torch_kernels
 
-    kernels, _ = torch_kernels(lambda: [call() for _ in range(calls)], calls)
+    kernels, _, _ = torch_kernels(lambda: [call() for _ in range(calls)], calls)
     return sum(k["us"] for k in kernels.values())
 
 
