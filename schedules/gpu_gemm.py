@@ -66,7 +66,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                  wgmma_tile: tuple | None = None, wgmma_x_stages: int | None = None,
                  wgmma_specialised: int = 0, wgmma_ablate: tuple = (),
                  wgmma_w_buffers: int | None = None, wgmma_pair_stores: bool = False,
-                 wgmma_x_rows: bool = False):
+                 wgmma_x_rows: bool = False, wgmma_staged_stores: bool = False):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -83,6 +83,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         self.wgmma_w_buffers = wgmma_w_buffers  # its fp16 W slices (None: one a stage)
         self.wgmma_pair_stores = wgmma_pair_stores  # its outputs stored two at a time
         self.wgmma_x_rows = wgmma_x_rows  # its X copied a row segment a warp quarter
+        self.wgmma_staged_stores = wgmma_staged_stores  # its outputs through shared memory
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -100,7 +101,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                         return ws_gemm_kernel(func, target, profile, self.wgmma_tile,
                                               self.wgmma_specialised, self.wgmma_ablate,
                                               self.wgmma_w_buffers, self.wgmma_pair_stores,
-                                              self.wgmma_x_rows)
+                                              self.wgmma_x_rows, self.wgmma_staged_stores)
                     return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
                                              self.wgmma_x_stages)
                 except MatchError:

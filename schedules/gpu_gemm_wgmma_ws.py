@@ -75,6 +75,12 @@ ABLATIONS = ("copy", "dequant", "mma", "store")
 # of a row land in 8 core matrices adjacent in K, XL apart; XL = 16 mod 128 (this skew) puts
 # them in 8 different bank groups.
 X_ROWS_LBO_SKEW = 16
+# Outputs staged through shared memory (``staged_stores``): once every consumer is done with the
+# ring, each warp writes its 16 rows of fp16 outputs to shared memory (rows STAGE_PAD bytes
+# longer than the tile, so a warp's 4-byte writes of 8 rows x 4 column pairs hit 32 different
+# banks) and stores them back a row segment at a time, 16 bytes a thread: a warp writes whole
+# 512-byte rows of the output where the paired stores write 4 bytes at 8 rows.
+STAGE_PAD = 16
 
 HELPERS = {
     **wg.HELPERS,
@@ -97,6 +103,16 @@ __forceinline__ __device__ void tvm_lite_wgmma_wait1() {
     "tvm_lite_st_f16x2": r"""
 __forceinline__ __device__ void tvm_lite_st_f16x2(void* p, float a, float b) {
   *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+""",
+    "tvm_lite_st_v4": r"""
+__forceinline__ __device__ void tvm_lite_st_v4(void* p, uint4 v) {
+  *reinterpret_cast<uint4*>(p) = v;
+}
+""",
+    "tvm_lite_syncwarp": r"""
+__forceinline__ __device__ void tvm_lite_syncwarp() {
+  __syncwarp();
 }
 """,
     "tvm_lite_lds_v4": r"""
@@ -125,7 +141,7 @@ def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None =
 
 def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                   w_buffers: int | None = None, pair_stores: bool = False,
-                  x_rows: bool = False) -> str:
+                  x_rows: bool = False, staged_stores: bool = False) -> str:
     """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
     (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``. ``ablate``: parts of
     :data:`ABLATIONS` to leave out (diagnostics only: the result is wrong). ``w_buffers``: fp16
@@ -135,7 +151,8 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     stores its two neighbouring outputs of a row in one 4-byte store (``tvm_lite_st_f16x2``)
     instead of two 2-byte ones: half the store instructions, each still 8 rows of a warp.
     ``x_rows``: X copied a row segment a warp quarter (:data:`X_ROWS_LBO_SKEW`) instead of
-    two threads a row."""
+    two threads a row. ``staged_stores``: where pairs could be stored, the outputs go through
+    shared memory instead and leave 16 bytes a thread (:data:`STAGE_PAD`)."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, VEC, SBO, h = wg.TK, wg.VEC, wg.SBO, 2
@@ -254,9 +271,40 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     col = f"bx * {TN} + jn * 8 + {lane} % 4 * 2 + c % 2"
     workspace, store, sum_kernel = mma_gemm.output_store(out, obuf, M, N, KS, row, col,
                                                          "acc[jn * 4 + c]")
-    pair = (pair_stores and g["final"] is None and KS == 1
-            and str(obuf.dtype) == "float16")
-    if pair:  # one 4-byte store of columns (c, c + 1): rows g and g + 8 a thread
+    plain = g["final"] is None and KS == 1 and str(obuf.dtype) == "float16"
+    pair = pair_stores and plain and not staged_stores
+    PITCH = TN * 2 + STAGE_PAD  # bytes of a staged row
+    stage_bar = 2 + 2 * S + (WN if WN < S else 0)  # the consumers' barrier before staging
+    if staged_stores and plain:
+        if TM * PITCH > S * (XS + RS) + WN * WS:
+            raise MatchError(f"staged stores: {TM} rows of {PITCH} bytes do not fit in the "
+                             f"kernel's {S * (XS + RS) + WN * WS} bytes of shared memory")
+        if stage_bar > NAMED_BARRIERS - 1:
+            raise MatchError(f"staged stores need named barrier {stage_bar}; the hardware has "
+                             f"{NAMED_BARRIERS - 1} besides __syncthreads'")
+        VR = TN // VEC  # 16-byte vectors of a staged row
+        RPI = max(1, 32 // VR)  # rows a warp stores an instruction
+        lrow = f"({wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + hr * 8)"  # row in the tile
+        st_at = f"T.address_of(sm[({lrow} * {PITCH} + (jn * 8 + {lane} % 4 * 2) * 2) // {h}])"
+        brow = f"({wgi} * 64 + {warp} % 4 * 16 + rr * {RPI} + {lane} // {VR})"
+        gcol = f"bx * {TN} + {lane} % {VR} * {VEC}"
+        back = call("tvm_lite_lds_v4", f"T.address_of(sm[({brow} * {PITCH} + {lane} % {VR} * 16)"
+                    f" // {h}])", ret="uint32x4")
+        grow = mma_gemm._row_at(obuf, f"by * {TM} + {brow}", gcol)
+        stores = [
+            ev("tvm_lite_bar_sync", f"T.int32({stage_bar})", f"T.int32({threads - PT})"),
+            f"for jn in T.unroll({TN // 8}):",
+            "    for hr in T.unroll(2):",
+            "        " + ev("tvm_lite_st_f16x2", st_at, "acc[jn * 4 + hr * 2]",
+                            "acc[jn * 4 + hr * 2 + 1]"),
+            ev("tvm_lite_syncwarp"),
+            f"for rr in T.unroll({16 // RPI}):",
+            f"    if by * {TM} + {brow} < {M}" + (f" and acc[0] == T.float32(3.0e38):"
+                                                  if "store" in ablate else ":"),
+            "        " + ev("tvm_lite_st_v4",
+                            f"T.address_of({out}[{grow}])",
+                            back)]
+    elif pair:  # one 4-byte store of columns (c, c + 1): rows g and g + 8 a thread
         prow = row.replace("c // 2", "hr")
         pcol = col.replace(" + c % 2", "")
         pst = ev("tvm_lite_st_f16x2", f"T.address_of({out}[{mma_gemm._row_at(obuf, prow, pcol)}])",
@@ -309,11 +357,11 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
 
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
                    w_buffers: int | None = None, pair_stores: bool = False,
-                   x_rows: bool = False):
+                   x_rows: bool = False, staged_stores: bool = False):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
-    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``, ``x_rows``: see
-    :func:`kernel_source`).
+    :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``, ``x_rows``,
+    ``staged_stores``: see :func:`kernel_source`).
 
     ``w_buffers`` (2 .. ``stages``; default ``stages``): the fp16 W slices the producer
     dequantizes into. The ring of X and packed slices holds ``stages``; the copies of slice
@@ -338,14 +386,16 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
                          f"of the {wg.TK}-deep slice")
     wn = w_buffers if w_buffers and w_buffers < stages else None
-    pair_stores = (pair_stores and g["final"] is None and ks == 1
-                   and str(g["out_dtype"]) == "float16")
+    plain = g["final"] is None and ks == 1 and str(g["out_dtype"]) == "float16"
+    staged_stores = staged_stores and plain
+    pair_stores = pair_stores and plain and not staged_stores
     return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate, wn,
-                                          pair_stores, x_rows), HELPERS,
+                                          pair_stores, x_rows, staged_stores), HELPERS,
                             sch, func, g, shared_bytes(g, TM, TN, stages, wn, x_rows),
-                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s"
+                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s"
                             % (TN, TM, TN, ks, stages, f" w{wn}" if wn else "",
-                               " pairs" if pair_stores else "", " x rows" if x_rows else ""))
+                               " pairs" if pair_stores else "", " x rows" if x_rows else "",
+                               " staged" if staged_stores else ""))
 
 
 def deep_gemm_kernel(func, target, profile):

@@ -279,6 +279,8 @@ static void tvm_lite_bar_sync(int id, int count) { named_arrive(id, count, true)
 static void tvm_lite_bar_arrive(int id, int count) { named_arrive(id, count, false); }
 static void tvm_lite_wgmma_wait1() {}
 static uint4 tvm_lite_lds_v4(const void* p) { uint4 r; memcpy(&r, p, 16); return r; }
+static void tvm_lite_st_v4(void* p, uint4 v) { memcpy(p, &v, 16); }
+static void tvm_lite_syncwarp() { warp_sync(); }
 static void launch(int gx, int gy, int gz, int th, std::function<void()> fn) {
   for (int bz = 0; bz < gz; ++bz) for (int by = 0; by < gy; ++by) for (int bx = 0; bx < gx; ++bx) {
     for (auto& nb : named_bars) { nb.arrived = 0; nb.gen = 0; }

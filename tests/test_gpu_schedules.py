@@ -842,7 +842,14 @@ WGMMA_WS_CPU_CASES = [("e0m4", 512, 128, 70, None, None, 4),
                       # X copied a row segment a warp quarter (x_rows): partial row tiles, one
                       # and two consumer warpgroups, the deep ring with paired stores
                       ("e0m4", 512, 256, 70, None, (128, 256), 5, 32, 2, True, True),
-                      ("int4", 256, 128, 37, "residual", (64, 128), 3, 32, None, False, True)]
+                      ("int4", 256, 128, 37, "residual", (64, 128), 3, 32, None, False, True),
+                      # outputs staged through shared memory (partial row tiles; two consumer
+                      # warpgroups at N 256, one at N 128: two rows a warp instruction; with an
+                      # epilogue: plain stores)
+                      ("e0m4", 512, 256, 70, None, (128, 256), 5, 32, 2, False, True, True),
+                      ("e0m4", 256, 128, 37, None, (64, 128), 3, 32, None, False, False, True),
+                      ("int4", 256, 128, 37, "residual", (64, 128), 3, 32, None, False, False,
+                       True)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
@@ -860,19 +867,22 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     w_buffers = case[8] if len(case) > 8 else None
     pairs = len(case) > 9 and case[9]
     x_rows = len(case) > 10 and case[10]
+    staged = len(case) > 11 and case[11]
     target = parse_target(WGMMA_TARGET)
     func = _dequant_gemv(fmt, k, n, epilogue, lead=(1, m), group=group)
     with target:
         sch = ws.ws_gemm_kernel(func, target, CUDA, tile, stages, w_buffers=w_buffers,
-                                pair_stores=pairs, x_rows=x_rows)
+                                pair_stores=pairs, x_rows=x_rows, staged_stores=staged)
     label = str(sch.mod["main"].attrs["tvm_lite.gemm"])
-    paired = pairs and epilogue is None
+    paired, staged = pairs and epilogue is None and not staged, staged and epilogue is None
     assert label.endswith((f"x{stages} w{w_buffers}" if w_buffers else f"x{stages}")
-                          + (" pairs" if paired else "") + (" x rows" if x_rows else "")), label
+                          + (" pairs" if paired else "") + (" x rows" if x_rows else "")
+                          + (" staged" if staged else "")), label
     kernel = sch.mod["main"].with_attr("global_symbol", "main")
     src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
     assert "tvm_lite_bar_arrive(" in src and "tvm_lite_cp_async16(" in src
-    assert ("tvm_lite_st_f16x2(" in src) == bool(paired)
+    assert ("tvm_lite_st_f16x2(" in src) == bool(paired or staged)
+    assert ("tvm_lite_st_v4(" in src) == bool(staged)
     TM, TN = (tile or wg.TILE)[:2]
     KS = tile[2] if tile and len(tile) > 2 else 1
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
@@ -942,16 +952,19 @@ def test_bench_wgmma_ablations_leave_out_their_part_only():
     ("128x256xws3-nope", "only copy, dequant, mma, store"),
     ("128x256x3-dequant", "wsS kernel only"), ("128x256x5w2", "S, wsS, wsSwB"),
     ("128x256x3p", "S, wsS, wsSwB"), ("128x256x3r", "S, wsS, wsSwB"),
+    ("128x256x3s", "S, wsS, wsSwB"),
     ("128x256", "not TMxTNxS")])
 def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     """``bench.prefill --wgmma`` stops on a spec it cannot build, before any GPU work, saying
     which spec and what is allowed; ``--gemm-layers`` names the layers it knows."""
     from tvm_lite.bench.prefill import main, parse_wgmma_stages
 
-    assert parse_wgmma_stages("ws5w2-copy-mma") == (True, 5, 2, False, ("copy", "mma"), False)
-    assert parse_wgmma_stages("ws3p") == (True, 3, None, True, (), False)
-    assert parse_wgmma_stages("ws5w2pr") == (True, 5, 2, True, (), True)
-    assert parse_wgmma_stages("3") == (False, 3, None, False, (), False)
+    assert parse_wgmma_stages("ws5w2-copy-mma") == (True, 5, 2, False, ("copy", "mma"), False,
+                                                    False)
+    assert parse_wgmma_stages("ws3p") == (True, 3, None, True, (), False, False)
+    assert parse_wgmma_stages("ws5w2pr") == (True, 5, 2, True, (), True, False)
+    assert parse_wgmma_stages("ws5w2s") == (True, 5, 2, False, (), False, True)
+    assert parse_wgmma_stages("3") == (False, 3, None, False, (), False, False)
     with pytest.raises(SystemExit):
         main(["--parts", "gemm", "--wgmma", spec])
     err = capsys.readouterr().err
@@ -1065,26 +1078,28 @@ def test_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, stages):
 
 
 @HOPPER
-@pytest.mark.parametrize("fmt,k,n,epilogue,tile,stages,w_buffers,pairs,x_rows", [
-    ("e0m4", 2048, 2048, "residual", None, 4, None, False, False),
-    ("int4", 2048, 512, None, (64, 128), 2, None, False, False),
-    ("e0m4", 8192, 2048, None, (128, 256), 3, None, False, False),
-    ("e0m4", 2048, 8192, "residual", (128, 256), 3, None, False, False),
-    ("e0m4", 2048, 8192, "residual", (128, 256), 5, 2, False, False),  # the deeper ring, 2 W slots
-    ("e0m4", 8192, 2048, None, (256, 128), 4, 2, False, False),
-    ("e0m4", 8192, 2048, "residual", (128, 256), 4, 2, False, False),  # the deep default
-    ("e0m4", 2048, 8192, None, (128, 256), 5, 2, True, False),  # ... its outputs stored in pairs
-    ("e0m4", 2048, 8192, None, (128, 256), 5, 2, True, True),  # ... X copied a row a quarter
-    ("e0m4", 8192, 2048, "residual", (128, 256), 4, 2, False, True)])
+@pytest.mark.parametrize("fmt,k,n,epilogue,tile,stages,w_buffers,pairs,x_rows,staged", [
+    ("e0m4", 2048, 2048, "residual", None, 4, None, False, False, False),
+    ("int4", 2048, 512, None, (64, 128), 2, None, False, False, False),
+    ("e0m4", 8192, 2048, None, (128, 256), 3, None, False, False, False),
+    ("e0m4", 2048, 8192, "residual", (128, 256), 3, None, False, False, False),
+    # the deeper ring, 2 W slots
+    ("e0m4", 2048, 8192, "residual", (128, 256), 5, 2, False, False, False),
+    ("e0m4", 8192, 2048, None, (256, 128), 4, 2, False, False, False),
+    ("e0m4", 8192, 2048, "residual", (128, 256), 4, 2, False, False, False),  # the deep default
+    ("e0m4", 2048, 8192, None, (128, 256), 5, 2, True, False, False),  # ... outputs in pairs
+    ("e0m4", 2048, 8192, None, (128, 256), 5, 2, True, True, False),  # ... X copied a row a quarter
+    ("e0m4", 8192, 2048, "residual", (128, 256), 4, 2, False, True, False),
+    ("e0m4", 2048, 8192, None, (128, 256), 5, 2, False, False, True)])  # staged outputs
 def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, tile,
                                                                    stages, w_buffers, pairs,
-                                                                   x_rows):
+                                                                   x_rows, staged):
     """The warp-specialised wgmma GEMM on the GPU against numpy (M = 1, 37, 128, 200, 512): the
     asynchronous MMAs, which the CPU emulation runs at once, may not see a W slot rewritten."""
     ex = build(_mma_func(fmt, k, n, epilogue), parse_target(WGMMA_TARGET),
                [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=tile, wgmma_specialised=stages,
                                wgmma_w_buffers=w_buffers, wgmma_pair_stores=pairs,
-                               wgmma_x_rows=x_rows)])
+                               wgmma_x_rows=x_rows, wgmma_staged_stores=staged)])
     assert "tvm_lite_bar_arrive(" in _source(ex, "cuda")
     _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
 

@@ -269,25 +269,26 @@ GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp1
                  "e0m4 (sm_90a)": ("e0m4", "sm_90a")}
 
 
-def parse_wgmma_stages(spec: str) -> tuple[bool, int, int | None, bool, tuple, bool]:
+def parse_wgmma_stages(spec: str) -> tuple[bool, int, int | None, bool, tuple, bool, bool]:
     """``--wgmma``'s staging part: ``S`` (the wgmma kernel, X in S cp.async slices, 0: in
     registers), ``wsS`` (the warp-specialised kernel, S stages), ``wsSwB`` (... with B fp16 W
     slices), ``wsS..p`` (... its outputs stored in pairs), ``wsS..r`` (... X copied a row
-    segment a warp quarter), each ``wsS..`` optionally followed by ``-part`` for each part left
-    out (a diagnostic: ``gpu_gemm_wgmma_ws.ABLATIONS``). Returns (warp-specialised, S, B or
-    None, pairs, parts left out, X rows); raises ValueError naming what is wrong."""
+    segment a warp quarter), ``wsS..s`` (... its outputs staged through shared memory), each
+    ``wsS..`` optionally followed by ``-part`` for each part left out (a diagnostic:
+    ``gpu_gemm_wgmma_ws.ABLATIONS``). Returns (warp-specialised, S, B or None, pairs, parts left
+    out, X rows, staged); raises ValueError naming what is wrong."""
     from tvm_lite.schedules.gpu_gemm_wgmma_ws import ABLATIONS
 
     head, *ablate = str(spec).split("-")
-    m = re.fullmatch(r"(ws)?(\d+)(?:w(\d+))?(p)?(r)?", head)
-    if not m or ((m.group(3) or m.group(4) or m.group(5)) and not m.group(1)):
-        raise ValueError(f"{spec}: the staging is S, wsS, wsSwB, wsSp, wsSr or wsSwBpr")
+    m = re.fullmatch(r"(ws)?(\d+)(?:w(\d+))?(p)?(r)?(s)?", head)
+    if not m or (any(m.group(i) for i in (3, 4, 5, 6)) and not m.group(1)):
+        raise ValueError(f"{spec}: the staging is S, wsS, wsSwB, wsSp, wsSr, wsSs or wsSwBprs")
     bad = [a for a in ablate if a not in ABLATIONS]
     if bad or (ablate and not m.group(1)):
         raise ValueError(f"{spec}: parts can be left out of a wsS kernel only, and only "
                          f"{', '.join(ABLATIONS)}")
     return bool(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None, \
-        bool(m.group(4)), tuple(ablate), bool(m.group(5))
+        bool(m.group(4)), tuple(ablate), bool(m.group(5)), bool(m.group(6))
 
 
 def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
@@ -308,12 +309,13 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
     variants = dict(GEMM_VARIANTS)
     for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings
         name = f"e0m4 wgmma {tm}x{tn} x{stages}"
-        ws, count, wbuf, pairs, ablate, x_rows = parse_wgmma_stages(stages)
+        ws, count, wbuf, pairs, ablate, x_rows, staged = parse_wgmma_stages(stages)
         rules[name] = [GPUPrefillGEMM(cuda, wgmma=True, wgmma_tile=(tm, tn),
                                       wgmma_x_stages=0 if ws else count,
                                       wgmma_specialised=count if ws else 0,
                                       wgmma_ablate=ablate, wgmma_w_buffers=wbuf,
-                                      wgmma_pair_stores=pairs, wgmma_x_rows=x_rows)]
+                                      wgmma_pair_stores=pairs, wgmma_x_rows=x_rows,
+                                      wgmma_staged_stores=staged)]
         variants[name] = ("e0m4", name)
     for tile in tiles:
         for x_async in (False, True):
@@ -462,7 +464,8 @@ def main(argv=None):
                     "stagings TMxTNxS (S: 0 registers, 2-5 cp.async slices, wsN the "
                     "warp-specialised kernel with N stages, wsNwB the same with B fp16 W slices, "
                     "wsN..p with its outputs stored in pairs, wsN..r with X copied a row a "
-                    "warp quarter, wsN..-part[-part..] without those "
+                    "warp quarter, wsN..s with its outputs staged through shared memory, "
+                    "wsN..-part[-part..] without those "
                     "parts, a diagnostic: copy, dequant, mma, store), e.g. 128x256x3,"
                     "128x256xws3,128x256xws5w2,128x256xws3p,128x256xws5w2pr,128x256xws3-dequant")
     ap.add_argument("--gemm-layers", default="", help="only these layers, separated by ';' "
