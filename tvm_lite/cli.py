@@ -39,7 +39,9 @@ def cmd_compile(args):
     from .artifact import compile_model, onnx_input
 
     options = BuildOptions(kv_cache=args.kv_cache, quant=_quant_config(args),  # checked first
-                           tuning_db=args.tuning_db, dependent_launch=args.dependent_launch)
+                           tuning_db=args.tuning_db,
+                           dependent_launch={"all": True, None: False}.get(
+                               args.dependent_launch, args.dependent_launch))
     model = onnx_input(args.model, exporter=args.exporter, progress=_log)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
                         options=options)
@@ -243,11 +245,11 @@ def main(argv=None):
                         "copies")
     _add_quant_args(p)
     p.add_argument("--tuning-db", default=None, help="MetaSchedule database from `tvm-lite tune`")
-    p.add_argument("--dependent-launch", nargs="?", const=True, default=False,
-                   choices=[True, PDL_GRAPHS],
+    p.add_argument("--dependent-launch", nargs="?", const="all", default=None,
+                   choices=["all", PDL_GRAPHS],
                    help="CUDA sm_90+: each kernel's launch overlaps the tail of the one before "
-                        f"(programmatic dependent launch; '{PDL_GRAPHS}': only the kernels "
-                        "replayed as CUDA graphs; off until timed)")
+                        f"(programmatic dependent launch; all kernels, or '{PDL_GRAPHS}': only "
+                        "those replayed as CUDA graphs; off until timed)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="answer a prompt")

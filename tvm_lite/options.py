@@ -18,7 +18,6 @@ KV_CACHE_MODES = (KV_AUTO, KV_INPLACE, KV_COPY)
 MEMORY_PLANS = ("arena", "tvm")
 PIPELINES = ("tvm_lite", "stock")
 PDL_GRAPHS = "graphs"  # dependent_launch for the CUDA-graph functions' kernels only
-DEPENDENT_LAUNCH_MODES = (False, True, PDL_GRAPHS)
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,8 @@ class BuildOptions:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: expected one of {allowed}")
         if not (isinstance(self.dependent_launch, bool) or self.dependent_launch == PDL_GRAPHS):
-            raise ValueError(f"dependent_launch={self.dependent_launch!r}: expected one of "
-                             f"{DEPENDENT_LAUNCH_MODES}")
+            raise ValueError(f"dependent_launch={self.dependent_launch!r}: expected False, True "
+                             f"or {PDL_GRAPHS!r}")
         if self.kv_windows is not None:
             windows = tuple(self.kv_windows)
             if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows):
