@@ -849,7 +849,12 @@ WGMMA_WS_CPU_CASES = [("e0m4", 512, 128, 70, None, None, 4),
                       ("e0m4", 512, 256, 70, None, (128, 256), 5, 32, 2, False, True, True),
                       ("e0m4", 256, 128, 37, None, (64, 128), 3, 32, None, False, False, True),
                       ("int4", 256, 128, 37, "residual", (64, 128), 3, 32, None, False, False,
-                       True)]
+                       True),
+                      # int4 at the sm_90a defaults' settings (wide: 5 stages, 2 W slots,
+                      # pairs; deep: 4 stages, 2 W slots, X by rows, K split as the plan
+                      # splits a down projection's)
+                      ("int4", 512, 256, 70, None, (128, 256), 5, 32, 2, True),
+                      ("int4", 1024, 256, 40, "residual", (128, 256, 2), 4, 32, 2, False, True)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
@@ -884,7 +889,7 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     assert ("tvm_lite_st_f16x2(" in src) == bool(paired or staged)
     assert ("tvm_lite_st_v4(" in src) == bool(staged)
     TM, TN = (tile or wg.TILE)[:2]
-    KS = tile[2] if tile and len(tile) > 2 else 1
+    KS = int(re.search(r"split-K (\d+)", label).group(1))  # as planned (a tile may leave it out)
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
 
 
