@@ -84,6 +84,11 @@ def _first_statement(stmt: tirx.Stmt) -> tirx.Stmt:
                          stmt])
 
 
+def is_graph_kernel(name: str) -> bool:
+    """Whether the kernel ``name`` is one of a PrimFunc ``SeparateGraphKernels`` set apart."""
+    return _GRAPH_KERNEL.search(name) is not None
+
+
 def _launch_params(params) -> list:
     tags = [str(t) for t in params]
     if tags and tags[-1] == DYN_SHARED_TAG:
@@ -110,7 +115,7 @@ class LaunchDependentsEarly:
                     and supports(attrs.get("target"))
                     and "tirx.kernel_launch_params" in attrs
                     and PDL_TAG not in [str(t) for t in attrs["tirx.kernel_launch_params"]]
-                    and (not self.graph_only or _GRAPH_KERNEL.search(
+                    and (not self.graph_only or is_graph_kernel(
                         str(attrs.get("global_symbol", gv.name_hint))))):
                 mod.update_func(gv, func.with_body(_first_statement(func.body)).with_attr(
                     "tirx.kernel_launch_params",
@@ -118,4 +123,4 @@ class LaunchDependentsEarly:
         return mod
 
 
-__all__ = ["LaunchDependentsEarly", "PDL_TAG", "GRAPH_SUFFIX", "supports"]
+__all__ = ["LaunchDependentsEarly", "PDL_TAG", "GRAPH_SUFFIX", "is_graph_kernel", "supports"]

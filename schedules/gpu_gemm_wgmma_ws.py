@@ -123,6 +123,13 @@ __forceinline__ __device__ uint4 tvm_lite_lds_v4(const void* p) {
 }
 
 
+def store_modes(g: dict, ks: int, pairs: bool, staged: bool) -> tuple[bool, bool]:
+    """(paired stores, staged stores) as taken: both only where the output is fp16 with no
+    epilogue and K is not split; staged ones in place of pairs."""
+    plain = g["final"] is None and ks == 1 and str(g["out_dtype"]) == "float16"
+    return pairs and plain and not staged, staged and plain
+
+
 def x_skew(x_rows: bool) -> int:
     """Bytes X's core matrices adjacent in K sit off a multiple of 128 (see ``x_rows``)."""
     return X_ROWS_LBO_SKEW if x_rows else wg.X_LBO_SKEW
@@ -271,11 +278,10 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     col = f"bx * {TN} + jn * 8 + {lane} % 4 * 2 + c % 2"
     workspace, store, sum_kernel = mma_gemm.output_store(out, obuf, M, N, KS, row, col,
                                                          "acc[jn * 4 + c]")
-    plain = g["final"] is None and KS == 1 and str(obuf.dtype) == "float16"
-    pair = pair_stores and plain and not staged_stores
+    pair, staged_stores = store_modes(g, KS, pair_stores, staged_stores)
     PITCH = TN * 2 + STAGE_PAD  # bytes of a staged row
     stage_bar = 2 + 2 * S + (WN if WN < S else 0)  # the consumers' barrier before staging
-    if staged_stores and plain:
+    if staged_stores:
         if TM * PITCH > S * (XS + RS) + WN * WS:
             raise MatchError(f"staged stores: {TM} rows of {PITCH} bytes do not fit in the "
                              f"kernel's {S * (XS + RS) + WN * WS} bytes of shared memory")
@@ -386,9 +392,7 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
                          f"of the {wg.TK}-deep slice")
     wn = w_buffers if w_buffers and w_buffers < stages else None
-    plain = g["final"] is None and ks == 1 and str(g["out_dtype"]) == "float16"
-    staged_stores = staged_stores and plain
-    pair_stores = pair_stores and plain and not staged_stores
+    pair_stores, staged_stores = store_modes(g, ks, pair_stores, staged_stores)
     return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate, wn,
                                           pair_stores, x_rows, staged_stores), HELPERS,
                             sch, func, g, shared_bytes(g, TM, TN, stages, wn, x_rows),

@@ -65,20 +65,24 @@ class StepProfile:
         return sum(k["calls"] for k in self.kernels.values())
 
     @property
+    def gpu_busy_ms(self) -> float:  # busy_ms where measured, else the kernels' sum
+        return self.gpu_ms if self.busy_ms is None else self.busy_ms
+
+    @property
     def host_gap_ms(self) -> float:  # the wall time no kernel ran
-        return max(0.0, self.wall_ms - (self.gpu_ms if self.busy_ms is None else self.busy_ms))
+        return max(0.0, self.wall_ms - self.gpu_busy_ms)
 
     @property
     def host_gap_ms_run_ahead(self) -> float | None:
         return None if self.wall_ms_run_ahead is None \
-            else max(0.0, self.wall_ms_run_ahead
-                      - (self.gpu_ms if self.busy_ms is None else self.busy_ms))
+            else max(0.0, self.wall_ms_run_ahead - self.gpu_busy_ms)
 
     @property
     def host_gap_ms_graphs(self) -> float | None:
-        return None if self.wall_ms_graphs is None \
-            else max(0.0, self.wall_ms_graphs - (self.gpu_ms_graphs if self.busy_ms_graphs is None
-                                                 else self.busy_ms_graphs))
+        if self.wall_ms_graphs is None:
+            return None
+        busy = self.gpu_ms_graphs if self.busy_ms_graphs is None else self.busy_ms_graphs
+        return max(0.0, self.wall_ms_graphs - busy)
 
     def table(self, top: int = 20) -> str:
         queued = "" if self.wall_ms_run_ahead is None else (

@@ -120,7 +120,7 @@ def compile_variant(onnx_dir, variant: str, target: str, progress=print) -> Path
         return compile_model(onnx_dir, target, progress=progress, pipeline="stock")
     suffix = next((s for s in PDL_SUFFIXES if variant.endswith(s)), "")
     pdl = PDL_SUFFIXES.get(suffix, False)
-    variant = variant.removesuffix(suffix) if suffix else variant
+    variant = variant.removesuffix(suffix)
     if variant == "tvm_lite-fp16":
         return compile_model(onnx_dir, target, progress=progress, dependent_launch=pdl)
     fmt = variant.split("-", 1)[1]
