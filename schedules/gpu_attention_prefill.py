@@ -186,6 +186,35 @@ TC_SCORES_AHEAD = False
 # on, on an sm_90a target: ``bench.prefill --parts attention --baseline-kernel``).
 TC_WGMMA = False
 
+# The order workgroups start in. A GPU starts them in the order of their linear index
+# (blockIdx.x fastest), and under a causal mask a row tile's work grows with its last position:
+# the tensor-core kernel has always numbered its row tiles last-first (``bq = nb - 1 - bqr``),
+# but the kv head was blockIdx.y, so every kv head's longest row tiles waited for all the row
+# tiles of the heads before it (Llama-1B's shape at n = 2048: 8 kv heads x 128 row tiles on
+# ~264 resident workgroups, and kv head 7's longest tiles start ~900th). With this on, the kv
+# head is blockIdx.x and the row tile blockIdx.y (both kernels; the SIMT kernel's row tiles
+# last-first too): the longest row tiles of every head start first. A list-scheduling model
+# (each workgroup's time = its key tiles + 0.5, 264 or 396 resident) puts one call at n = 2048
+# 1.20-1.24x faster for 8 kv heads (Llama-1B, head_dim 128) and unchanged for SmolLM2 (288
+# workgroups) and Gemma-2B (one kv head). Off until timed (``bench.prefill --parts attention
+# --baseline-kernel``, a copy with it on).
+LONGEST_FIRST_ACROSS_HEADS = False
+
+
+def grid_tags() -> tuple[str, str]:
+    """The thread tags of the prefill kernels' kv head and row tile
+    (:data:`LONGEST_FIRST_ACROSS_HEADS`); a split is blockIdx.z."""
+    if LONGEST_FIRST_ACROSS_HEADS:
+        return "blockIdx.x", "blockIdx.y"
+    return "blockIdx.y", "blockIdx.x"
+
+
+def grid(kv_heads: int, row_tiles: int, splits: int = 1) -> tuple[int, int, int]:
+    """The launch grid (x, y, z) of a prefill kernel (tests that run its CUDA C on the CPU)."""
+    x, _ = grid_tags()
+    return (kv_heads, row_tiles, splits) if x == "blockIdx.x" else (row_tiles, kv_heads, splits)
+
+
 HELPERS = {
     **mma.HELPERS,
     "tvm_lite_quad_max": r"""
@@ -504,8 +533,10 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
                                   (("qs", ""), ("ks", ""), ("vs", "")))
     mask = mask_index(p, me["head"], f"T.min({me['pos']}, n - 1)", f"kb * {keys} + {key_in}")
     causal, decided = _causal_check(p, rows, threads, lambda h, i, j: mask_index(p, h, i, j))
-    src = kernel_source(p, decl, f'''    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
-        for bq in T.thread_binding((n * {G} + {rows - 1}) // {rows}, thread="blockIdx.x"):
+    nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
+    kv_tag, bq_tag = grid_tags()
+    src = kernel_source(p, decl, f'''    for kvh in T.thread_binding({KV}, thread="{kv_tag}"):
+        for {"bqr" if LONGEST_FIRST_ACROSS_HEADS else "bq"} in T.thread_binding({nb}, thread="{bq_tag}"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
                 qs = T.alloc_buffer(({rows * DP},), "{dt}", scope="shared")
                 ks = T.alloc_buffer(({keys * DP},), "{dt}", scope="shared")
@@ -554,6 +585,8 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
                         {out_index(p, me["head"], me["pos"], f"{lane} + {lanes} * t")} = T.Cast(
                             "{dt}", acc[t] / T.max(st[1], T.float32(1e-30)))
 {ring_write(p, threads) if p.get("window") else ""}''', static)
+    if LONGEST_FIRST_ACROSS_HEADS:  # row tile bq: the longest (last rows) first
+        src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)
     return parse(src, static, HELPERS=HELPERS)
 
 
@@ -1127,9 +1160,10 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 """)
         mk_alloc += f"""
                 s2 = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")"""
-    src = kernel_source(p, decl, f"""{workspace}{mask_flat}    for kvh in T.thread_binding({KV}, thread="blockIdx.y"):
+    kv_tag, bq_tag = grid_tags()
+    src = kernel_source(p, decl, f"""{workspace}{mask_flat}    for kvh in T.thread_binding({KV}, thread="{kv_tag}"):
       for sp in T.thread_binding({spl}, thread="blockIdx.z"):
-        for bqr in T.thread_binding({nb}, thread="blockIdx.x"):
+        for bqr in T.thread_binding({nb}, thread="{bq_tag}"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
                 sm = T.alloc_buffer(({smem},), "float16", scope="shared.dyn")
                 oa = T.alloc_buffer(({MT * DT * 4},), "float32", scope="local")
@@ -1176,5 +1210,5 @@ def prefill_kernel(p: dict, profile: str, target, threads: int, local_bytes: int
 
 __all__ = ["prefill_kernel", "simt_kernel", "tensor_core_kernel", "simt_tiles",
            "tensor_core_tiles", "m_tiles_for", "tensor_core_applies", "split_count", "split_value",
-           "merge_dims",
+           "merge_dims", "grid", "grid_tags",
            "HELPERS"]

@@ -687,8 +687,8 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None
     both products by wgmma (compiled for sm_90a).
     Returns (run, (rows, keys) of its tiles, key splits)."""
     from mma_on_cpu import run_kernels_to
-    from tvm_lite.schedules.gpu_attention_prefill import merge_dims, prefill_kernel, simt_tiles, \
-        split_value, tensor_core_kernel, tensor_core_tiles
+    from tvm_lite.schedules.gpu_attention_prefill import grid as prefill_grid, merge_dims, \
+        prefill_kernel, simt_tiles, split_value, tensor_core_kernel, tensor_core_tiles
     from tvm_lite.schedules.profiles import gpu_profile
 
     heads, kv, d = p["heads"], p["kv_heads"], p["head_dim"]
@@ -701,7 +701,7 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None
                                   merge_in_kernel=merge_in_kernel, wgmma=wgmma)
         rows, keys = tensor_core_tiles(p, m_tiles=m_tiles)
         spl = split_value(p, rows, keys, n, m)
-        grids = {"attn_kernel": (-(-n * G // rows), kv, spl)}
+        grids = {"attn_kernel": prefill_grid(kv, -(-n * G // rows), spl)}
         if not merge_in_kernel:
             grids["attn_kernel_1"] = ((-(-n * d // merge_dims(p) // 256), heads, 1) if spl > 1
                                       else (1, 1, 1))
@@ -712,7 +712,7 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None
         threads = min(tile["threads"], int(t.attrs["max_num_threads"]))
         vec = max(1, min(vector_bytes // np.dtype(p["dtype"]).itemsize, 8))
         rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
-        grids, mask_name = {"attn_kernel": (-(-n * G // rows), kv, 1)}, "mask_ptr"
+        grids, mask_name = {"attn_kernel": prefill_grid(kv, -(-n * G // rows))}, "mask_ptr"
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a" if wgmma else "sm_90"},
                                host={"kind": "llvm"})
     src = tvm_lite.device_source(tvm.compile(tvm.IRModule(
@@ -934,9 +934,9 @@ def test_gpu_ring_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
 def _ring_prefill(p, profile, n, past):
     """The profile's ring prefill kernel with ``n`` and ``past`` static, its grids (launch order)
     and its (rows, keys) tile."""
-    from tvm_lite.schedules.gpu_attention_prefill import (prefill_kernel, simt_tiles,
-                                                          split_value, tensor_core_applies,
-                                                          tensor_core_tiles)
+    from tvm_lite.schedules.gpu_attention_prefill import (grid as prefill_grid, prefill_kernel,
+                                                          simt_tiles, split_value,
+                                                          tensor_core_applies, tensor_core_tiles)
     from tvm_lite.schedules.profiles import gpu_profile
 
     t = tvm_lite.parse_target(GPU_TARGETS[profile])
@@ -947,7 +947,7 @@ def _ring_prefill(p, profile, n, past):
     if profile == "cuda" and tensor_core_applies(p, t):
         rows, keys = tensor_core_tiles(p)
         spl = split_value(p, rows, keys, n, m)
-        grids = [(-(-n * G // rows), kv, spl)]
+        grids = [prefill_grid(kv, -(-n * G // rows), spl)]
         grids += [(-(-n * p["head_dim"] // 256), p["heads"], 1)] if spl > 1 else []
         threads = 128
     else:
@@ -956,7 +956,7 @@ def _ring_prefill(p, profile, n, past):
         while p["head_dim"] % vec:
             vec //= 2
         rows, keys = simt_tiles(p, threads, tile["local_bytes"], vec)
-        grids = [(-(-n * G // rows), kv, 1)]
+        grids = [prefill_grid(kv, -(-n * G // rows))]
     return func, grids + [_write_grid(p, n, threads)], (rows, keys)
 
 
@@ -1236,6 +1236,47 @@ def test_tensor_core_prefill_scores_ahead_on_the_cpu(check, case, tmp_path, monk
         test_gpu_ring_prefill_cuda_c_run_on_the_cpu_matches_numpy("cuda", tmp_path)
     else:
         test_gpu_ring_prefill_never_loads_tiles_below_the_window("cuda", *case, tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("check, case", [
+    ("plain", (9, 3, 64, 130, 0, 1)), ("plain", (8, 2, 64, 32, 224, 1)),
+    ("plain", (8, 1, 256, 16, 240, 1)), ("plain", (8, 2, 128, 70, 0, 2)),
+    ("merge_in_kernel", (9, 3, 64, 40, 300, True)),
+    ("simt", ("adreno", 32, 32, 80, 37, 5, 2, "float16")),
+    ("simt", ("mali", 32, 8, 96, 30, 0, 0, "float16")),
+    ("non_causal", ("adreno", "prefix_lm")), ("non_causal", ("cuda", "prefix_lm")),
+    ("ring_window", ("cuda", 2, 32)), ("ring_window", ("mali", 2, 32)),
+    ("opencl", ("adreno",))])
+def test_prefill_longest_row_tiles_first_across_heads_on_the_cpu(check, case, tmp_path,
+                                                                 monkeypatch):
+    """``LONGEST_FIRST_ACROSS_HEADS``: the kv head is blockIdx.x and the row tile blockIdx.y,
+    last rows first, in the tensor-core and the SIMT kernels. Cases of the tests above run with
+    it on (CUDA C on the CPU against numpy): prompts and chunks with key splits, both merges,
+    two m-tiles, head_dim 64-256; the SIMT profiles; a non-causal mask (every tile walked) and
+    the causal bound's NaN check; the window's lower bound (a row tile's bounds computed from
+    the wrong index read NaN or miss keys); Adreno's OpenCL through clang."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "LONGEST_FIRST_ACROSS_HEADS", True)
+    assert gpu_attention_prefill.grid(8, 40, 3) == (8, 40, 3)
+    p = attention_params(8, 2, 64, "float16", 0.125, "float16", False, True, False, False, False)
+    for func in (gpu_attention_prefill.tensor_core_kernel(p),
+                 gpu_attention_prefill.simt_kernel(p, 256, 32768, 16)):
+        assert re.search(r'for kvh in T\.thread_binding\([^\n]*thread="blockIdx\.x"\)',
+                         func.script())
+    if check == "plain":
+        test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(*case, tmp_path)
+    elif check == "merge_in_kernel":
+        test_tensor_core_prefill_split_merge_on_the_cpu(*case, tmp_path)
+    elif check == "simt":
+        test_simt_prefill_cuda_c_run_on_the_cpu_matches_numpy(*case, tmp_path)
+    elif check == "non_causal":
+        test_prefill_walks_every_key_tile_for_a_non_causal_mask(*case, tmp_path)
+    elif check == "opencl":
+        test_gpu_kernels_compile(*case, tmp_path)
+    else:
+        test_gpu_ring_prefill_never_loads_tiles_below_the_window(*case, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")

@@ -80,6 +80,15 @@ def baseline_prefill_kernel(path: str):
     return schedule_version(path).prefill_kernel
 
 
+def attention_params_of(heads: int, kv: int, d: int) -> dict:
+    """The fused attention's parameters of the benchmarked kernels (fp16, an additive fp16 mask
+    over every row, the output in the merged-heads layout)."""
+    from tvm_lite.relax_passes.fuse_attention import attention_params
+
+    return attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
+                            True, kv == 1)
+
+
 def attention_kernel(heads: int, kv: int, d: int, target, keys: int | None = None,
                      m_tiles: int | None = None, prefill_kernel=None):
     """tvm_lite's prefill attention for ``target`` (fp16, additive fp16 mask over every row),
@@ -88,12 +97,11 @@ def attention_kernel(heads: int, kv: int, d: int, target, keys: int | None = Non
     of this tree's (:func:`baseline_prefill_kernel`)."""
     import tvm
 
-    from tvm_lite.relax_passes.fuse_attention import attention_params, reference_kernel
+    from tvm_lite.relax_passes.fuse_attention import reference_kernel
     from tvm_lite.schedules import gpu_attention
     from tvm_lite.schedules.gpu_attention_prefill import tensor_core_kernel
 
-    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False,
-                         True, kv == 1)
+    p = attention_params_of(heads, kv, d)
     if keys is None and m_tiles is None:
         own = gpu_attention.prefill_kernel
         gpu_attention.prefill_kernel = prefill_kernel or own
@@ -175,7 +183,8 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
     import tvm
 
     from tvm_lite import parse_target
-    from tvm_lite.schedules.gpu_attention_prefill import m_tiles_for
+    from tvm_lite.schedules.gpu_attention_prefill import m_tiles_for, split_value, \
+        tensor_core_tiles
     from tvm_lite.target import local_cuda_target
 
     dev = tvm.cuda(0)
@@ -220,11 +229,17 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                         row["baselines"][b] = ms
                         row["baselines_err"][b] = float((bout.float() - ref).abs().max())
                 if chunk and n > chunk and keys is None and m_tiles is None:  # in chunks
-                    total = 0.0
-                    for past in range(0, n, chunk):
-                        qc, kc, vc, mc = _attention_inputs(heads, kv, d, chunk, past)
-                        total += _tvm_attention_call(ex, dev, qc, kc, vc, mc, at(variant, past))[0]
-                    row.update(chunk=chunk, chunked_ms=total, chunked_ratio=total / ours_ms)
+                    times = [_tvm_attention_call(ex, dev, *_attention_inputs(
+                        heads, kv, d, chunk, past), at(variant, past))[0]
+                             for past in range(0, n, chunk)]
+                    total = sum(times)
+                    # each chunk's time and key splits: where the chunks' excess goes
+                    p = attention_params_of(heads, kv, d)
+                    rows_, keys_ = tensor_core_tiles(p)
+                    row.update(chunk=chunk, chunked_ms=total, chunked_ratio=total / ours_ms,
+                               chunks_ms=times,
+                               chunk_splits=[split_value(p, rows_, keys_, chunk, past + chunk)
+                                             for past in range(0, n, chunk)])
                     if base:  # the baselines in the same chunks
                         row["baselines_chunked"] = {
                             b: sum(_tvm_attention_call(bex, dev, *_attention_inputs(
@@ -236,7 +251,10 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
                          f"{ours_ms * 1e3:.1f} us "
                          f"({row['tflops']:.1f} TFLOP/s) vs SDPA {torch_ms * 1e3:.1f} us "
                          f"({row['sdpa_tflops']:.1f}); x{row['vs_sdpa']:.2f}; err {err:.2e}"
-                         + (f"; chunked x{row['chunked_ratio']:.2f}" if "chunked" in row else "")
+                         + (f"; chunked x{row['chunked_ratio']:.2f} (us a chunk: "
+                            + ", ".join(f"{t * 1e3:.1f}/{s}" for t, s in zip(
+                                row["chunks_ms"], row["chunk_splits"])) + " as time/splits)"
+                            if "chunked_ms" in row else "")
                          + "".join(f"; {b} {ms * 1e3:.1f} us (err {row['baselines_err'][b]:.1e})"
                                    for b, ms in row.get("baselines", {}).items())
                          + "".join(f"; {b} chunked {ms * 1e3:.1f} us"
