@@ -49,6 +49,25 @@ def test_profile_prefill_reports_kernels_and_submissions(artifact):
     assert eng.gpu_slice is None and eng.slice_record is None  # left as found
 
 
+def test_gpu_slice_bench_compares_chunks_with_one_call(artifact, tmp_path, capsys):
+    """``python -m tvm_lite.bench.gpu_slice``: one call, chunks, chunks sliced; each row's
+    prefill time over one call's (what issue 16's "<= 1.3x one call" reads) in the JSON and the
+    table."""
+    import json
+
+    from tvm_lite.bench.gpu_slice import main
+
+    out = tmp_path / "slice.json"
+    assert main([str(artifact("dynamo")), "--device", "cpu", "--tokens", "40", "--chunk", "16",
+                 "--slices", "20", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["prefill_chunk"] for r in rows] == [40, 16, 16]
+    assert rows[0]["x_one_call"] == 1.0
+    for r in rows[1:]:
+        assert r["x_one_call"] == pytest.approx(r["prefill_ms"] / rows[0]["prefill_ms"])
+    assert "x_one_call" in capsys.readouterr().out
+
+
 def test_bad_options_name_the_cause(artifact):
     import tvm
 
