@@ -156,6 +156,20 @@ MERGE_VEC = 4
 # Off until timed (2048 tokens in 256-token chunks, ``bench.prefill --baseline-kernel``).
 MERGE_IN_KERNEL = False
 assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: one a row tile"
+# Prompt splits: a prompt (one call, ``m < 2 n``) whose grid is at most PROMPT_SPLIT_GRID
+# workgroups has its keys split PROMPT_SPLITS ways too, merged by the last split of each row tile
+# (the in-kernel merge above: a prompt's partials stay in L2, and no merge kernel runs; a
+# chunk's splits keep the merge kernel unless MERGE_IN_KERNEL). Why: such a grid is at most two
+# workgroups a SM, so one call lasts as long as its longest row tile, which walks every key
+# tile alone (SmolLM2's shape at n = 2048: 288 workgroups, the last ones 32 key tiles against
+# an average of 16; Gemma-2B's: 256, each on its own slot). A list-scheduling model puts one
+# call at n = 2048 1.4x (SmolLM2) and 1.7x (Gemma-2B) faster with 2 splits. The thirteenth
+# session took prompt splits out (n = 512, with the merge kernel before its MERGE_VEC rewrite:
+# the partials' write and the merge cost more than they saved). Off until timed
+# (``bench.prefill --parts attention --baseline-kernel``, a copy with PROMPT_SPLITS = 2).
+PROMPT_SPLITS = 1
+PROMPT_SPLIT_GRID = 2 * SPLIT_WAVE
+assert PROMPT_SPLIT_GRID <= SPLIT_TICKETS, "tickets: one a row tile"
 # Q's A fragments kept in registers for the whole key loop (FlashAttention-2's layout) instead of
 # read from shared memory again by ``ldmatrix`` for every key tile: ``MT x D / 16 x 4`` more
 # registers a thread (16 at head_dim 64, 32 at 128), one ldmatrix in 9 fewer a tile at head_dim
@@ -642,7 +656,11 @@ def split_count(p: dict, rows: int, keys: int) -> str:
     G, KV = p["heads"] // p["kv_heads"], p["kv_heads"]
     grid = f"({KV} * ((n * {G} + {rows - 1}) // {rows}))"
     cap = SPLIT_WAVE_WIDE_HEADS if p["head_dim"] >= WIDE_HEAD_DIM else SPLIT_WAVE
-    wave = f"T.if_then_else(m >= 2 * n, T.max(T.int64(1), {cap} // {grid}), T.int64(1))"
+    prompt = "T.int64(1)"
+    if PROMPT_SPLITS > 1:  # a prompt's splits (:data:`PROMPT_SPLITS`) where its grid is small
+        prompt = (f"T.if_then_else({grid} <= {PROMPT_SPLIT_GRID}, T.int64({PROMPT_SPLITS}), "
+                  "T.int64(1))")
+    wave = f"T.if_then_else(m >= 2 * n, T.max(T.int64(1), {cap} // {grid}), {prompt})"
     return (f"T.max(T.int64(1), T.min(T.min(T.int64({SPLIT_MAX}), {wave}), "
             f"(m + {keys - 1}) // {keys} // {SPLIT_MIN_TILES}))")
 
@@ -738,11 +756,13 @@ def _merge(p: dict, spl: str) -> str:
 {pad(fold, 16)}'''
 
 
-def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str) -> str:
-    """The split kernel's own merge (:data:`MERGE_IN_KERNEL`; statements at the thread level of
-    :func:`tensor_core_kernel`, after the partials): the last split of row tile ``bq`` merges its
-    ``rows`` rows, :data:`MERGE_VEC` dims a thread at a time (:func:`_fold_splits`, partials read
-    from L2)."""
+def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str,
+                     when: str | None = None) -> str:
+    """The split kernel's own merge (:data:`MERGE_IN_KERNEL`, :data:`PROMPT_SPLITS`; statements at
+    the thread level of :func:`tensor_core_kernel`, after the partials): the last split of row
+    tile ``bq`` merges its ``rows`` rows, :data:`MERGE_VEC` dims a thread at a time
+    (:func:`_fold_splits`, partials read from L2). ``when``: a further condition of the call
+    (prompts only, where the chunks' splits have the merge kernel)."""
     H, D, G, vec = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"], merge_dims(p)
     e = f"(i * {threads} + tx)"
     r = _rows(p, rows, f"({e} // {D // vec})")
@@ -759,7 +779,7 @@ def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str) -> str
                                           f'T.Cast("float16", {v})')
     pad = lambda lines, n: "".join("\n" + " " * n + ln for ln in lines)  # noqa: E731
     return f"""
-                if {spl} > 1:
+                if {spl} > 1{f" and {when}" if when else ""}:
                     lst = T.alloc_buffer((1,), "int32", scope="local")
                     lst[0] = {last}
                     if lst[0] == 1:{pad(allocs, 24)}
@@ -824,6 +844,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     if merge_in_kernel is None:
         merge_in_kernel = MERGE_IN_KERNEL
     merge_in_kernel = merge_in_kernel and split and not p.get("window")
+    # a prompt's splits merged in the kernel, a chunk's by the merge kernel (PROMPT_SPLITS)
+    prompt_split = split and PROMPT_SPLITS > 1 and not p.get("window") and not merge_in_kernel
     # With the in-kernel merge Q comes by cp.async (waited with the first K tile). Its 16-byte
     # loads failed CUDA codegen there: with the split kernel its function's only kernel, TVM's
     # CSE moved the row tile's part of their address to the host, their alignment was no longer
@@ -1191,8 +1213,10 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                 for c in T.unroll(2):
                                     {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
                                         T.Cast("float16", oa[{O}dt * 4 + hr * 2 + c] * st[{ST}4]){partial}{
-        _merge_in_kernel(p, spl, rows, threads, nb) if merge_in_kernel else ""}
-{_merge(p, spl) if split and not merge_in_kernel else ""}{ring_write(p) if p.get("window") else ""}""", static)
+        _merge_in_kernel(p, spl, rows, threads, nb) if merge_in_kernel else ""}{
+        _merge_in_kernel(p, spl, rows, threads, nb, "m < 2 * n") if prompt_split else ""}
+{_merge(p, f"T.if_then_else(m >= 2 * n, {spl}, T.int64(1))" if prompt_split else spl)
+ if split and not merge_in_kernel else ""}{ring_write(p) if p.get("window") else ""}""", static)
     src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)  # the longest row tiles (last rows) first
     return parse(src, static, HELPERS=HELPERS)
 

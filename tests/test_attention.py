@@ -1239,6 +1239,39 @@ def test_tensor_core_prefill_scores_ahead_on_the_cpu(check, case, tmp_path, monk
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past, pad, in_kernel", [
+    (9, 3, 64, 300, 0, 0, False),    # SmolLM2's shape, a prompt of 5 key tiles: 2 splits
+    (16, 4, 64, 280, 0, 7, False),   # GQA 4, padded keys and rows (clean-tile votes)
+    (8, 1, 256, 260, 0, 0, False),   # Gemma-2B's head_dim
+    (8, 2, 64, 40, 300, 0, False),   # a chunk after a cache: its splits keep the merge kernel
+    (9, 3, 64, 300, 0, 0, True)])    # MERGE_IN_KERNEL too: every split merged in the kernel
+def test_tensor_core_prefill_prompt_splits_on_the_cpu(heads, kv, d, n, past, pad, in_kernel,
+                                                      tmp_path, monkeypatch):
+    """``PROMPT_SPLITS``: a prompt with a small grid has its keys split too, each row tile
+    merged by the last of its splits (a ticket); a chunk after a cache keeps its merge kernel.
+    The CUDA C run on the CPU against numpy (a split that took a ticket before writing its
+    partials, or a merge that missed a split, comes out wrong), with the split counts the
+    schedule says."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "PROMPT_SPLITS", 2)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    q, k, v, mask = _inputs(np.random.default_rng(12), heads, kv, d, n, past, "float16", pad)
+    got, splits, _ = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path,
+                                         merge_in_kernel=in_kernel)
+    assert splits == 2 if past == 0 else splits > 1
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    np.testing.assert_allclose(got[:, :, :n - pad].astype(np.float32), want[:, :, :n - pad],
+                               rtol=2e-3, atol=2e-3)
+    # a prompt of 64 row tiles x 8 kv heads (Llama-1B's shape at n = 2048) is not split
+    big = attention_params(32, 8, 64, "float16", 0.125, "float16", False, True, False, False,
+                           False)
+    assert gpu_attention_prefill.split_value(big, 64, 64, 2048, 2048) == 1
+    assert gpu_attention_prefill.split_value(big, 64, 64, 512, 512) == 2
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("check, case", [
     ("plain", (9, 3, 64, 130, 0, 1)), ("plain", (8, 2, 64, 32, 224, 1)),
     ("plain", (8, 1, 256, 16, 240, 1)), ("plain", (8, 2, 128, 70, 0, 2)),
