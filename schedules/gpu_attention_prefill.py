@@ -687,14 +687,15 @@ def merge_dims(p: dict) -> int:
     return MERGE_VEC
 
 
-def _fold_splits(spl: str, vec: int, names: str, loads: tuple, store) -> tuple[list, list]:
-    """(allocations, statements), as lines of TVMScript, that merge up to :data:`SPLIT_MAX`
-    splits' partials of ``vec`` output dims: every split's loads first (in flight at once), then
-    ``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``. ``names``: one letter, the local
-    buffers' prefix (``Xm``, ``Xl``, ``Xo``: each split's max, sum and accumulators; ``Xg``: the
-    max, sum and output); ``loads``: split ``s``'s max and sum (expressions) and the statement
-    loading its accumulators; ``store(value)``: the output's store of dim ``c``."""
-    S, m, l, o, g = SPLIT_MAX, *(names + x for x in "mlog")
+def _fold_splits(spl: str, vec: int, names: str, loads: tuple, store,
+                 most: int = SPLIT_MAX) -> tuple[list, list, list]:
+    """(allocations, loads, fold), as lines of TVMScript, that merge up to ``most`` splits'
+    partials of ``vec`` output dims: every split's loads first (in flight at once), then
+    ``o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s``. ``names``: the local buffers' prefix
+    (``Xm``, ``Xl``, ``Xo``: each split's max, sum and accumulators; ``Xg``: the max, sum and
+    output); ``loads``: split ``s``'s max and sum (expressions) and the statement loading its
+    accumulators; ``store(value)``: the output's store of dim ``c``."""
+    S, m, l, o, g = most, *(names + x for x in "mlog")
     load_m, load_l, load_o = loads
     lines = [f'{m} = T.alloc_buffer(({S},), "float32", scope="local")',
              f'{l} = T.alloc_buffer(({S},), "float32", scope="local")',
@@ -706,8 +707,8 @@ def _fold_splits(spl: str, vec: int, names: str, loads: tuple, store) -> tuple[l
             f'    if T.Cast("int64", s) < {spl}:',
             f"        {m}[s] = {load_m}",
             f"        {l}[s] = {load_l}",
-            f"        {load_o}",
-            f"{g}[0] = {MIN}",
+            f"        {load_o}"]
+    fold = [f"{g}[0] = {MIN}",
             f"for s in T.unroll({S}):",
             f"    {g}[0] = T.max({g}[0], {m}[s])",
             f"{g}[1] = T.float32(0)",
@@ -722,7 +723,7 @@ def _fold_splits(spl: str, vec: int, names: str, loads: tuple, store) -> tuple[l
             f"{g}[1] = T.float32(1) / T.max({g}[1], T.float32(1e-30))",
             f"for c in T.unroll({vec}):",
             f"    {store(f'{g}[2 + c] * {g}[1]')}"]
-    return lines, body
+    return lines, body, fold
 
 
 def _merge(p: dict, spl: str) -> str:
@@ -742,10 +743,11 @@ def _merge(p: dict, spl: str) -> str:
     pos = f"({e} // {D // vec})"
     d = f"({e} % {D // vec} * {vec})"
     at = f"((s * {H} + h) * n + {pos})"  # split s's partial row
-    allocs, fold = _fold_splits(spl, vec, "m", (
+    allocs, loads, fold = _fold_splits(spl, vec, "m", (
         f"ws_m[{at}]", f"ws_l[{at}]",
         f"mo[T.Ramp(s * {vec}, 1, {vec})] = ws_o[T.Ramp({at} * {D} + {d}, 1, {vec})]"),
         lambda v: f'{out_index(p, "h", pos, f"{d} + c")} = T.Cast("float16", {v})')
+    fold = loads + fold
     pad = lambda lines, n: "".join(" " * n + ln + "\n" for ln in lines)  # noqa: E731
     return f'''    for h in T.thread_binding(T.if_then_else({spl} > 1, T.int64({H}), T.int64(1)),
                               thread="blockIdx.y"):
@@ -757,34 +759,59 @@ def _merge(p: dict, spl: str) -> str:
 
 
 def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str,
-                     when: str | None = None) -> str:
+                     when: str | None = None, most: int = SPLIT_MAX) -> str:
     """The split kernel's own merge (:data:`MERGE_IN_KERNEL`, :data:`PROMPT_SPLITS`; statements at
     the thread level of :func:`tensor_core_kernel`, after the partials): the last split of row
     tile ``bq`` merges its ``rows`` rows, :data:`MERGE_VEC` dims a thread at a time
     (:func:`_fold_splits`, partials read from L2). ``when``: a further condition of the call
-    (prompts only, where the chunks' splits have the merge kernel)."""
+    (prompts only, where the chunks' splits have the merge kernel); ``most``: the splits there
+    can be. A thread has ``rows x D / MERGE_VEC / threads`` such units (8 at head_dim 64, 32 at
+    256); it loads :func:`merge_units_in_flight` of them before folding any (each unit's loads
+    wait a round trip to L2)."""
     H, D, G, vec = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"], merge_dims(p)
-    e = f"(i * {threads} + tx)"
-    r = _rows(p, rows, f"({e} // {D // vec})")
-    d = f"({e} % {D // vec} * {vec})"
-    at = f"((s * {H} + {r['head']}) * n + {r['pos']})"
+    units = -(-rows * D // vec // threads)
+    U = merge_units_in_flight(most, units)
     last = _call("tvm_lite_split_last", f"T.Cast('uint32', kvh * {nb} + bq)",
                  f"T.Cast('uint32', {spl})", ret="int32")
     ld = lambda buf, i: _call("tvm_lite_ldcg_f32", f"T.address_of({buf}[{i}])", ret="float32")  # noqa: E731
-    ldv = _call("tvm_lite_ldcg_f32x4", f"T.address_of(zo[s * {vec}])",
-                f"T.address_of(ws_o[{at} * {D} + {d}])")
-    allocs, fold = _fold_splits(spl, vec, "z", (ld("ws_m", at), ld("ws_l", at),
-                                                f"T.evaluate({ldv})"),
-                                lambda v: f'{out_index(p, r["head"], r["pos"], f"{d} + c")} = '
-                                          f'T.Cast("float16", {v})')
     pad = lambda lines, n: "".join("\n" + " " * n + ln for ln in lines)  # noqa: E731
+    allocs, loads, folds = [], [], []
+    for u in range(U):  # unit u of round i: its own buffers (zm, zl, zo, zg, or z1m ... )
+        e = f"((i * {U} + {u}) * {threads} + tx)" if U > 1 else f"(i * {threads} + tx)"
+        r = _rows(p, rows, f"({e} // {D // vec})")
+        d = f"({e} % {D // vec} * {vec})"
+        at = f"((s * {H} + {r['head']}) * n + {r['pos']})"
+        z = "z" if u == 0 else f"z{u}"
+        ldv = _call("tvm_lite_ldcg_f32x4", f"T.address_of({z}o[s * {vec}])",
+                    f"T.address_of(ws_o[{at} * {D} + {d}])")
+        a, ld_u, fold_u = _fold_splits(
+            spl, vec, z, (ld("ws_m", at), ld("ws_l", at), f"T.evaluate({ldv})"),
+            lambda v, r=r, d=d: f'{out_index(p, r["head"], r["pos"], f"{d} + c")} = '
+                                f'T.Cast("float16", {v})', most)
+        guard = f"if {e} < {rows * D // vec} and {r['row']} < n * {G}:"
+        allocs += a
+        loads += [guard] + ["    " + ln for ln in ld_u]
+        folds += [guard] + ["    " + ln for ln in fold_u]
+    body = loads + (folds if U > 1 else folds[1:])  # (one unit: one guard)
     return f"""
                 if {spl} > 1{f" and {when}" if when else ""}:
                     lst = T.alloc_buffer((1,), "int32", scope="local")
                     lst[0] = {last}
                     if lst[0] == 1:{pad(allocs, 24)}
-                        for i in T.serial({-(-rows * D // vec // threads)}):
-                            if {e} < {rows * D // vec} and {r["row"]} < n * {G}:{pad(fold, 32)}"""
+                        for i in T.serial({-(-units // U)}):{pad(body, 28)}"""
+
+
+# (split, unit) partials the in-kernel merge has in flight at once (:func:`_merge_in_kernel`):
+# 8 keeps a chunk's merge (up to SPLIT_MAX splits) at one unit a round, as it was timed, and
+# gives a prompt's (PROMPT_SPLITS) 4 units a round: its 64 rows of head_dim 64 in 2 round trips
+# to L2, not 8.
+MERGE_IN_FLIGHT = 8
+
+
+def merge_units_in_flight(most: int, units: int) -> int:
+    """Units (rows x MERGE_VEC dims) a thread of the in-kernel merge loads before folding them,
+    for ``most`` splits and ``units`` to merge: :data:`MERGE_IN_FLIGHT` partials at most."""
+    return max(1, min(units, MERGE_IN_FLIGHT // most))
 
 
 def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
@@ -1214,7 +1241,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                                     {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
                                         T.Cast("float16", oa[{O}dt * 4 + hr * 2 + c] * st[{ST}4]){partial}{
         _merge_in_kernel(p, spl, rows, threads, nb) if merge_in_kernel else ""}{
-        _merge_in_kernel(p, spl, rows, threads, nb, "m < 2 * n") if prompt_split else ""}
+        _merge_in_kernel(p, spl, rows, threads, nb, "m < 2 * n", PROMPT_SPLITS)
+        if prompt_split else ""}
 {_merge(p, f"T.if_then_else(m >= 2 * n, {spl}, T.int64(1))" if prompt_split else spl)
  if split and not merge_in_kernel else ""}{ring_write(p) if p.get("window") else ""}""", static)
     src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)  # the longest row tiles (last rows) first
