@@ -1239,6 +1239,21 @@ def test_tensor_core_prefill_scores_ahead_on_the_cpu(check, case, tmp_path, monk
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past", [
+    (9, 3, 64, 40, 300), (8, 1, 64, 16, 1008), (8, 1, 256, 16, 240)])
+def test_in_kernel_merge_with_more_partials_in_flight_on_the_cpu(heads, kv, d, n, past, tmp_path,
+                                                                 monkeypatch):
+    """``MERGE_IN_FLIGHT = 16``: a chunk's in-kernel merge loads two units of up to 8 splits'
+    partials before folding them (each unit its own buffers and guard); the CUDA C on the CPU
+    against numpy (a unit folded with another's partials or index comes out wrong)."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "MERGE_IN_FLIGHT", 16)
+    assert gpu_attention_prefill.merge_units_in_flight(gpu_attention_prefill.SPLIT_MAX, 8) == 2
+    test_tensor_core_prefill_split_merge_on_the_cpu(heads, kv, d, n, past, True, tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("heads, kv, d, n, past, pad, in_kernel", [
     (9, 3, 64, 300, 0, 0, False),    # SmolLM2's shape, a prompt of 5 key tiles: 2 splits
     (16, 4, 64, 280, 0, 7, False),   # GQA 4, padded keys and rows (clean-tile votes)
