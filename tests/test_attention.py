@@ -353,6 +353,27 @@ def test_tensor_core_prefill_merge_in_kernel_on_cuda(heads, kv, d, n, past):
     _tensor_core_on_cuda_twice(heads, kv, d, n, past, merge_in_kernel=True)
 
 
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("switches", [
+    {"LONGEST_FIRST_ACROSS_HEADS": True}, {"PROMPT_SPLITS": 2},
+    {"LONGEST_FIRST_ACROSS_HEADS": True, "PROMPT_SPLITS": 2},
+    {"MERGE_IN_KERNEL": True, "MERGE_IN_FLIGHT": 16}])
+@pytest.mark.parametrize("heads, kv, d, n, past, pad", [
+    (9, 3, 64, 2048, 0, 0), (8, 1, 256, 1000, 0, 9), (32, 8, 64, 512, 0, 0),
+    (9, 3, 64, 256, 768, 0), (8, 1, 256, 256, 1792, 0)])
+def test_tensor_core_prefill_order_and_splits_on_cuda(switches, heads, kv, d, n, past, pad,
+                                                      monkeypatch):
+    """The workgroup order across kv heads, a prompt's key splits (merged in the kernel) and the
+    chunks' in-kernel merge with two units in flight, on the GPU: prompts (SmolLM2's at 2048,
+    Gemma-2B's padded, Llama-1B's at 512) and chunks after a cache, twice in a row (a ticket
+    left off 0 shows in the second call)."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    for name, value in switches.items():
+        monkeypatch.setattr(gpu_attention_prefill, name, value)
+    _tensor_core_on_cuda_twice(heads, kv, d, n, past, pad)
+
+
 @pytest.mark.skipif(cuda_device() is None or cuda_device().compute_version != "9.0",
                     reason="needs a Hopper GPU (wgmma, sm_90a)")
 @pytest.mark.parametrize("heads, kv, d, n, past, pad", [
