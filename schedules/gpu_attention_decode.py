@@ -70,6 +70,16 @@ MERGE_UNROLL = 8
 # loads for registers where G is large -- ptxas gives (14, 2, 64) 212 registers at V = 8, so 2
 # workgroups an SM -- and is for a sweep to decide (issue 17: that shape is 0.88-0.90x SDPA).
 MAX_ACCUMULATORS = 128
+# The split kernel's first key tile loaded with q, not after it. Without it a thread loads q
+# (G x V scalar loads: 56 two-byte loads at (14, 2, 64)), scales it -- which waits for q to
+# arrive -- and only then enters the tile loop and issues its K and V loads: two memory round
+# trips in a row before the first product, where a short context's split (2048 keys:
+# 32 splits of one 64-key tile at (14, 2, 64)) has nothing else to do. With it the first
+# tile's K and V loads go out first, q follows as V-lane vector loads, and the loop loads the
+# later tiles. Off until timed (``bench.attention --baseline-kernel``, a copy with it on): the
+# H200 measured the split kernel at 3.0-4.4 us for any context up to 2048 keys, the merge at
+# 1.5-1.7 us, and (14, 2, 64) at 2048 keys 0.90x SDPA (6.11 against 5.49 us).
+FIRST_TILE_WITH_Q = False
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -160,13 +170,35 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     chunk_tiles = f"T.max({MT}, (m + {SM * TILE - 1}) // {SM * TILE})"
     chunk = f"({chunk_tiles} * {TILE})"
     splits = f"(m + {chunk} - 1) // {chunk}"
-    key = f"T.min(base + r * {L} + lane, m - 1)"  # clamped: out-of-split keys get p = 0
+    def at_key(base: str) -> tuple[str, str]:  # K's and V's element of key r of the tile at base
+        key = f"T.min({base} + r * {L} + lane, m - 1)"  # clamped: out-of-split keys get p = 0
+        return (kv_index(p, "k", key, "kvh", f"dv * {V} + e"),
+                kv_index(p, "v", key, "kvh", f"dv * {V} + e"))
     # the score stage: pair i * TH + tx of the tile is (key pair // G, head pair % G)
     pair_key, pair_head = f"(i * {TH} + tx) // {G}", f"(i * {TH} + tx) % {G}"
     pair_mask = mask_index(p, f"kvh * {G} + {pair_head}", "0", f"T.min(base + {pair_key}, m - 1)")
-    k_at = kv_index(p, "k", key, "kvh", f"dv * {V} + e")
-    v_at = kv_index(p, "v", key, "kvh", f"dv * {V} + e")
+    k_at, v_at = at_key("base")
     u = _unroll
+
+    def tile_loads(k_src: str, v_src: str, indent: int) -> str:
+        """The tile's K and V loads (every load issued before its use)."""
+        lines = [f"for r in {u(R)}({R}):", f"    for e in T.vectorized({V}):",
+                 f"        kr[r * {V} + e] = {k_src}",
+                 f"for r in {u(R)}({R}):", f"    for e in T.vectorized({V}):",
+                 f"        vr[r * {V} + e] = {v_src}"]
+        return "\n".join(" " * indent + ln for ln in lines)
+
+    q_at = f'q[0, kvh * {G} + g, 0, dv * {V} + e]'
+    if FIRST_TILE_WITH_Q:  # the first tile's K and V, then q (raw, vector loads), then its use
+        first = "\n" + tile_loads(*at_key("start"), 16) + f"""
+                qh = T.alloc_buffer(({G * V},), "{dt}", scope="local")
+                for g in {u(G)}({G}):
+                    for e in T.vectorized({V}):
+                        qh[g * {V} + e] = {q_at}"""
+        q_src, loads = "qh[g * {V} + e]".format(V=V), f"""                    if tl > 0:  # (the first tile's were loaded with q)
+{tile_loads(k_at, v_at, 24)}"""
+    else:
+        first, q_src, loads = "", q_at, tile_loads(k_at, v_at, 20)
     write = ring_write(p, min(128, max_threads)) if p.get("window") else ""
     src = kernel_source(p, decl, write + f'''    part_o = T.alloc_buffer(({KV * SM * G * D},),
                                                           "float32")
@@ -190,21 +222,16 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
                 lane = tx // {DV}
                 dv = tx % {DV}
                 start = s * {chunk}
-                end = T.min(start + {chunk}, m)
+                end = T.min(start + {chunk}, m){first}
                 for g in {u(G)}({G}):
                     for e in T.unroll({V}):  # (fp32 vectors wider than 4 lanes do not compile)
-                        qr[g * {V} + e] = {f32}(q[0, kvh * {G} + g, 0, dv * {V} + e]) * {f32}({p["scale"]!r})
+                        qr[g * {V} + e] = {f32}({q_src}) * {f32}({p["scale"]!r})
                         acc[g * {V} + e] = {f32}(0)
                     mx[g] = T.min_value("float32")
                     sm[g] = {f32}(0)
                 for tl in range((end - start + {TILE - 1}) // {TILE}):
                     base = start + tl * {TILE}
-                    for r in {u(R)}({R}):  # every load of the tile issued before its use
-                        for e in T.vectorized({V}):
-                            kr[r * {V} + e] = {k_at}
-                    for r in {u(R)}({R}):
-                        for e in T.vectorized({V}):
-                            vr[r * {V} + e] = {v_at}
+{loads}
                     for r in {u(R)}({R}):
                         for g in {u(G)}({G}):
                             t[0] = {f32}(0)

@@ -315,6 +315,18 @@ def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("heads, kv, d, n, past, pad, dtype",
+                         [c for c in GPU_CASES if c[3] == 1] + [(14, 2, 64, 1, 2047, 0, "float16")])
+def test_split_decode_first_tile_with_q_on_cuda(heads, kv, d, n, past, pad, dtype, monkeypatch):
+    """``FIRST_TILE_WITH_Q`` on the GPU: the decode cases above (and (14, 2, 64) at 2048 keys)
+    with the first tile's loads issued before q's."""
+    from tvm_lite.schedules import gpu_attention_decode
+
+    monkeypatch.setattr(gpu_attention_decode, "FIRST_TILE_WITH_Q", True)
+    test_gpu_kernels_numerics_on_cuda("cuda", heads, kv, d, n, past, pad, dtype)
+
+
 def _tensor_core_on_cuda_twice(heads, kv, d, n, past, pad=0, **kernel_args):
     """The tensor-core prefill kernel built with ``kernel_args`` for this GPU (sm_90a for
     wgmma), run twice in a row on the same inputs, each output against numpy."""
@@ -608,6 +620,34 @@ def test_split_decode_with_fewer_lanes_for_large_groups(monkeypatch, tmp_path):
         p, pl, (q, k, v, mask) = _cuda_decode_case(rng, heads, kv, d, m, pad)
         assert pl["G"] * pl["V"] <= 16 and pl["V"] == (2 if heads // kv == 8 else 4)
         _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("check", ["emulated", "ring", "opencl"])
+def test_split_decode_first_tile_with_q(check, monkeypatch, tmp_path):
+    """``FIRST_TILE_WITH_Q``: the split kernel's first key tile loaded before q, q by vector
+    loads, the loop loading the later tiles. Emulated (fp32 CUDA C on the CPU) against numpy:
+    one-tile and many-tile splits, masked keys, GQA 1-8, head_dim 32-256; the ring cache's
+    decode (its first tile is the live window's); Adreno's and Mali's OpenCL through clang."""
+    from tvm_lite.schedules import gpu_attention_decode
+
+    monkeypatch.setattr(gpu_attention_decode, "FIRST_TILE_WITH_Q", True)
+    if check == "emulated":
+        rng = np.random.default_rng(13)
+        for heads, kv, d, m, pad in EMULATED + [(14, 2, 64, 2048, 3)]:  # one-tile splits
+            p, pl, (q, k, v, mask) = _cuda_decode_case(rng, heads, kv, d, m, pad)
+            _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path)
+        # one split a kv head (no workgroups per unit asked for): every split walks many tiles
+        monkeypatch.setattr(gpu_attention_decode, "WORKGROUPS_PER_UNIT", 0)
+        for heads, kv, d, m, pad in EMULATED[:2]:
+            p, pl, (q, k, v, mask) = _cuda_decode_case(rng, heads, kv, d, m, pad)
+            assert pl["max_splits"] == 1 and m > 4 * pl["tile"]
+            _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path)
+    elif check == "ring":
+        test_gpu_ring_decode_cuda_c_run_on_the_cpu_matches_numpy("cuda", tmp_path)
+    else:
+        for profile in ("adreno", "mali"):
+            test_split_decode_fits_every_profile(profile, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
