@@ -155,6 +155,11 @@ MERGE_VEC = 4
 # SPLIT_WAVE / 2 workgroups, so the tickets (one a row tile) stay far below SPLIT_TICKETS.
 # Off until timed (2048 tokens in 256-token chunks, ``bench.prefill --baseline-kernel``).
 MERGE_IN_KERNEL = False
+# (split, unit) partials the in-kernel merge has in flight at once (:func:`_merge_in_kernel`):
+# 8 keeps a chunk's merge (up to SPLIT_MAX splits) at one unit a round, as it was timed, and
+# gives a prompt's (PROMPT_SPLITS) 4 units a round: its 64 rows of head_dim 64 in 2 round trips
+# to L2, not 8.
+MERGE_IN_FLIGHT = 8
 assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: one a row tile"
 # Prompt splits: a prompt (one call, ``m < 2 n``) whose grid is at most PROMPT_SPLIT_GRID
 # workgroups has its keys split PROMPT_SPLITS ways too, merged by the last split of each row tile
@@ -799,13 +804,6 @@ def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str,
                     lst[0] = {last}
                     if lst[0] == 1:{pad(allocs, 24)}
                         for i in T.serial({-(-units // U)}):{pad(body, 28)}"""
-
-
-# (split, unit) partials the in-kernel merge has in flight at once (:func:`_merge_in_kernel`):
-# 8 keeps a chunk's merge (up to SPLIT_MAX splits) at one unit a round, as it was timed, and
-# gives a prompt's (PROMPT_SPLITS) 4 units a round: its 64 rows of head_dim 64 in 2 round trips
-# to L2, not 8.
-MERGE_IN_FLIGHT = 8
 
 
 def merge_units_in_flight(most: int, units: int) -> int:
