@@ -1166,6 +1166,39 @@ def test_bench_attention_times_other_versions_of_the_decode_kernel(tmp_path, cap
         bench.main(["--baseline-kernel", "nope.py"])
 
 
+def test_bench_switch_builds_a_copy_with_the_constants_changed(tmp_path, capsys):
+    """``--switch NAME:CONST=VALUE[,...]`` (bench.prefill, bench.attention): a copy of the
+    tree's schedule with those constants changed, timed as the baseline kernel NAME -- the
+    same kernel builder, a different kernel. A constant the module does not assign (a typo, a
+    renamed switch) or a malformed spec stops the bench before any GPU work, naming it, instead
+    of timing the tree's own kernel under another name."""
+    from tvm_lite.bench import attention as bench_attention
+    from tvm_lite.bench import prefill as bench_prefill
+    from tvm_lite.bench.kernels import schedule_version, switched_schedule
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    path = switched_schedule(gpu_attention_prefill.__file__,
+                             "both:LONGEST_FIRST_ACROSS_HEADS=True,PROMPT_SPLITS=2", tmp_path)
+    assert path == tmp_path / "both.py"
+    copy = schedule_version(str(path))
+    assert copy.LONGEST_FIRST_ACROSS_HEADS is True and copy.PROMPT_SPLITS == 2
+    assert gpu_attention_prefill.PROMPT_SPLITS == 1  # the tree's module is left alone
+    p = attention_params(32, 8, 64, "float16", 0.125, "float16", False, True, False, True,
+                         False)
+    assert copy.split_value(p, 64, 64, 512, 512) == 2
+    assert gpu_attention_prefill.split_value(p, 64, 64, 512, 512) == 1
+    for spec, cause in (("x:NO_SUCH_SWITCH=1", "NO_SUCH_SWITCH is assigned 0 times"),
+                        ("PROMPT_SPLITS=2", "expected NAME:CONSTANT=VALUE"),
+                        ("x:PROMPT_SPLITS", "'PROMPT_SPLITS' is not CONSTANT=VALUE")):
+        with pytest.raises(ValueError, match=cause):
+            switched_schedule(gpu_attention_prefill.__file__, spec, tmp_path)
+    with pytest.raises(SystemExit):
+        bench_prefill.main(["--parts", "attention", "--switch", "x:NO_SUCH_SWITCH=1"])
+    assert "NO_SUCH_SWITCH" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="FIRST_TILE_WITH_QQ is assigned 0 times"):
+        bench_attention.main(["--switch", "x:FIRST_TILE_WITH_QQ=True"])
+
+
 def test_bench_prefill_names_an_unknown_shape(capsys):
     """``bench.prefill --shapes`` takes the names of its shape table; another name stops it
     before any GPU work, with the name and the known ones."""

@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from .kernels import nvtx_name
+from .kernels import nvtx_name, switched_baselines
 
 SHAPES = ((9, 3, 64), (32, 8, 64), (8, 1, 256), (14, 2, 64), (32, 8, 128))
 CONTEXTS = (512, 2048, 8192)
@@ -222,8 +222,16 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline-kernel", default="", help="other versions of "
                     "schedules/gpu_attention_decode.py to time next to this one, comma-separated "
                     "(e.g. a copy with one constant changed)")
+    ap.add_argument("--switch", action="append", default=[], metavar="NAME:CONST=VALUE[,...]",
+                    help="time a copy of schedules/gpu_attention_decode.py with these constants "
+                    "changed as the baseline kernel NAME (repeatable), e.g. "
+                    "firsttile:FIRST_TILE_WITH_Q=True")
     args = ap.parse_args(argv)
     baselines = [b for b in args.baseline_kernel.split(",") if b]
+    try:
+        baselines += switched_baselines("gpu_attention_decode", args.switch)
+    except ValueError as err:
+        raise SystemExit(f"bench.attention: {err}") from None
     missing = [b for b in baselines if not Path(b).is_file()]
     if missing:
         raise SystemExit(f"bench.attention: --baseline-kernel: no file {', '.join(missing)}")

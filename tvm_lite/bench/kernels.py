@@ -29,6 +29,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -95,6 +96,46 @@ def schedule_version(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def switched_schedule(module_file, spec: str, out_dir) -> Path:
+    """A copy of the schedule module ``module_file`` with top-level constants changed, for
+    ``--switch`` (the benches time it as a ``--baseline-kernel``): ``spec`` is
+    ``NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]`` (``longest:LONGEST_FIRST_ACROSS_HEADS=True``);
+    the copy is ``out_dir/NAME.py``. A constant that is not assigned once at the top level of
+    the module is an error naming it (a ``sed`` that matches nothing would time the tree's own
+    kernel under another name)."""
+    name, sep, body = spec.partition(":")
+    if not sep or not name.isidentifier() or not body:
+        raise ValueError(f"--switch {spec!r}: expected NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]")
+    text = Path(module_file).read_text()
+    for item in body.split(","):
+        const, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not const.isidentifier() or not value:
+            raise ValueError(f"--switch {spec!r}: {item!r} is not CONSTANT=VALUE")
+        pattern = re.compile(rf"^{const} = [^\n]*$", re.M)
+        found = len(pattern.findall(text))
+        if found != 1:
+            raise ValueError(f"--switch {spec!r}: {const} is assigned {found} times at the top "
+                             f"level of {Path(module_file).name} (expected once)")
+        text = pattern.sub(f"{const} = {value}", text)
+    out = Path(out_dir) / f"{name}.py"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def switched_baselines(module: str, specs) -> list[str]:
+    """The files of ``--switch`` ``specs`` for the tree's ``schedules/<module>.py``, written to a
+    fresh temporary folder (:func:`switched_schedule`)."""
+    import importlib
+    import tempfile
+
+    if not specs:
+        return []
+    source = importlib.import_module(f"tvm_lite.schedules.{module}").__file__
+    out = tempfile.mkdtemp(prefix="tvm_lite_switch_")
+    return [str(switched_schedule(source, spec, out)) for spec in specs]
 
 
 def nvtx_name(kind: str, *parts: str) -> str:

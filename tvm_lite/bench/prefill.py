@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels import nvtx_name
+from .kernels import nvtx_name, switched_baselines
 
 # name: (heads, kv_heads, head_dim)
 ATTENTION_SHAPES = {
@@ -494,6 +494,10 @@ def main(argv=None):
                     "schedules/gpu_attention_prefill.py to time next to this one (attention), "
                     "comma-separated, e.g. from git show REV:schedules/gpu_attention_prefill.py "
                     "> old.py")
+    ap.add_argument("--switch", action="append", default=[], metavar="NAME:CONST=VALUE[,...]",
+                    help="time a copy of schedules/gpu_attention_prefill.py with these constants "
+                    "changed as the baseline kernel NAME (repeatable), e.g. "
+                    "longest:LONGEST_FIRST_ACROSS_HEADS=True")
     ap.add_argument("--shapes", default=",".join(ATTENTION_SHAPES),
                     help="attention shapes to time (names of ATTENTION_SHAPES)")
     ap.add_argument("--lengths", default=",".join(map(str, ATTENTION_LENGTHS)),
@@ -502,6 +506,11 @@ def main(argv=None):
                     "many tokens (attention; 0: no chunks)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    baselines = [b for b in args.baseline_kernel.split(",") if b]
+    try:
+        baselines += switched_baselines("gpu_attention_prefill", args.switch)
+    except ValueError as err:
+        ap.error(str(err))
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in ATTENTION_SHAPES]
     if unknown:
@@ -547,7 +556,7 @@ def main(argv=None):
             save()
 
         bench_attention(lengths, tuple(shapes), args.chunk, variants=variants,
-                        baselines=[b for b in args.baseline_kernel.split(",") if b],
+                        baselines=baselines,
                         rows=result["attention"], progress=saved)
         save()
     if "gemm" in parts:
