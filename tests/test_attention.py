@@ -1187,6 +1187,9 @@ def test_bench_switch_builds_a_copy_with_the_constants_changed(tmp_path, capsys)
                          False)
     assert copy.split_value(p, 64, 64, 512, 512) == 2
     assert gpu_attention_prefill.split_value(p, 64, 64, 512, 512) == 1
+    tiles = schedule_version(str(switched_schedule(
+        gpu_attention_prefill.__file__, "mt2:TC_KEY_TILES=(32, 16),TC_M_TILES=2", tmp_path)))
+    assert tiles.TC_KEY_TILES == (32, 16) and tiles.TC_M_TILES == 2  # a value with a comma
     for spec, cause in (("x:NO_SUCH_SWITCH=1", "NO_SUCH_SWITCH is assigned 0 times"),
                         ("PROMPT_SPLITS=2", "expected NAME:CONSTANT=VALUE"),
                         ("x:PROMPT_SPLITS", "'PROMPT_SPLITS' is not CONSTANT=VALUE")):

@@ -101,7 +101,8 @@ def schedule_version(path: str):
 def switched_schedule(module_file, spec: str, out_dir) -> Path:
     """A copy of the schedule module ``module_file`` with top-level constants changed, for
     ``--switch`` (the benches time it as a ``--baseline-kernel``): ``spec`` is
-    ``NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]`` (``longest:LONGEST_FIRST_ACROSS_HEADS=True``);
+    ``NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]`` (``longest:LONGEST_FIRST_ACROSS_HEADS=True``,
+    ``k32:TC_KEY_TILES=(32,),TC_M_TILES=2``: a value is Python text and may hold commas);
     the copy is ``out_dir/NAME.py``. A constant that is not assigned once at the top level of
     the module is an error naming it (a ``sed`` that matches nothing would time the tree's own
     kernel under another name)."""
@@ -109,7 +110,7 @@ def switched_schedule(module_file, spec: str, out_dir) -> Path:
     if not sep or not name.isidentifier() or not body:
         raise ValueError(f"--switch {spec!r}: expected NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]")
     text = Path(module_file).read_text()
-    for item in body.split(","):
+    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", body):  # (a value may hold commas)
         const, eq, value = (x.strip() for x in item.partition("="))
         if not eq or not const.isidentifier() or not value:
             raise ValueError(f"--switch {spec!r}: {item!r} is not CONSTANT=VALUE")
