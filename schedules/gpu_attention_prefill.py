@@ -174,6 +174,7 @@ assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: o
 # (``bench.prefill --parts attention --baseline-kernel``, a copy with PROMPT_SPLITS = 2).
 PROMPT_SPLITS = 1
 PROMPT_SPLIT_GRID = 2 * SPLIT_WAVE
+PROMPT_SPLIT_MIN_KEYS = 0  # ... and at least this many keys (a sweep's knob: 1024 splits 2048, not 512)
 assert PROMPT_SPLIT_GRID <= SPLIT_TICKETS, "tickets: one a row tile"
 # Q's A fragments kept in registers for the whole key loop (FlashAttention-2's layout) instead of
 # read from shared memory again by ``ldmatrix`` for every key tile: ``MT x D / 16 x 4`` more
@@ -663,8 +664,9 @@ def split_count(p: dict, rows: int, keys: int) -> str:
     cap = SPLIT_WAVE_WIDE_HEADS if p["head_dim"] >= WIDE_HEAD_DIM else SPLIT_WAVE
     prompt = "T.int64(1)"
     if PROMPT_SPLITS > 1:  # a prompt's splits (:data:`PROMPT_SPLITS`) where its grid is small
-        prompt = (f"T.if_then_else({grid} <= {PROMPT_SPLIT_GRID}, T.int64({PROMPT_SPLITS}), "
-                  "T.int64(1))")
+        small = f"{grid} <= {PROMPT_SPLIT_GRID}" + (
+            f" and m >= {PROMPT_SPLIT_MIN_KEYS}" if PROMPT_SPLIT_MIN_KEYS else "")
+        prompt = f"T.if_then_else({small}, T.int64({PROMPT_SPLITS}), T.int64(1))"
     wave = f"T.if_then_else(m >= 2 * n, T.max(T.int64(1), {cap} // {grid}), {prompt})"
     return (f"T.max(T.int64(1), T.min(T.min(T.int64({SPLIT_MAX}), {wave}), "
             f"(m + {keys - 1}) // {keys} // {SPLIT_MIN_TILES}))")

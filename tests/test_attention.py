@@ -1381,6 +1381,9 @@ def test_tensor_core_prefill_prompt_splits_on_the_cpu(heads, kv, d, n, past, pad
                            False)
     assert gpu_attention_prefill.split_value(big, 64, 64, 2048, 2048) == 1
     assert gpu_attention_prefill.split_value(big, 64, 64, 512, 512) == 2
+    monkeypatch.setattr(gpu_attention_prefill, "PROMPT_SPLIT_MIN_KEYS", 1024)  # longer only
+    assert gpu_attention_prefill.split_value(big, 64, 64, 512, 512) == 1
+    assert gpu_attention_prefill.split_value(p, 64, 64, 1024, 1024) == 2
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
