@@ -195,7 +195,7 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
                 for g in {u(G)}({G}):
                     for e in T.vectorized({V}):
                         qh[g * {V} + e] = {q_at}"""
-        q_src, loads = "qh[g * {V} + e]".format(V=V), f"""                    if tl > 0:  # (the first tile's were loaded with q)
+        q_src, loads = f"qh[g * {V} + e]", f"""                    if tl > 0:  # (the first tile's were loaded with q)
 {tile_loads(k_at, v_at, 24)}"""
     else:
         first, q_src, loads = "", q_at, tile_loads(k_at, v_at, 20)

@@ -556,7 +556,7 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
     nb = f"((n * {G} + {rows - 1}) // {rows})"  # row tiles
     kv_tag, bq_tag = grid_tags()
     src = kernel_source(p, decl, f'''    for kvh in T.thread_binding({KV}, thread="{kv_tag}"):
-        for {"bqr" if LONGEST_FIRST_ACROSS_HEADS else "bq"} in T.thread_binding({nb}, thread="{bq_tag}"):
+        for bqr in T.thread_binding({nb}, thread="{bq_tag}"):
             for tx in T.thread_binding({threads}, thread="threadIdx.x"):
                 qs = T.alloc_buffer(({rows * DP},), "{dt}", scope="shared")
                 ks = T.alloc_buffer(({keys * DP},), "{dt}", scope="shared")
@@ -605,8 +605,8 @@ def simt_kernel(p: dict, threads: int, local_bytes: int, vector_bytes: int,
                         {out_index(p, me["head"], me["pos"], f"{lane} + {lanes} * t")} = T.Cast(
                             "{dt}", acc[t] / T.max(st[1], T.float32(1e-30)))
 {ring_write(p, threads) if p.get("window") else ""}''', static)
-    if LONGEST_FIRST_ACROSS_HEADS:  # row tile bq: the longest (last rows) first
-        src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)", src)
+    # row tile bq: in launch order, or the longest (last rows) first
+    src = re.sub(r"\bbq\b", f"({nb} - 1 - bqr)" if LONGEST_FIRST_ACROSS_HEADS else "bqr", src)
     return parse(src, static, HELPERS=HELPERS)
 
 

@@ -64,9 +64,13 @@ class StepProfile:
     def kernels_per_step(self) -> float:
         return sum(k["calls"] for k in self.kernels.values())
 
+    @staticmethod
+    def _busy_or_sum(busy_ms: float | None, sum_ms: float) -> float:
+        return sum_ms if busy_ms is None else busy_ms
+
     @property
     def gpu_busy_ms(self) -> float:  # busy_ms where measured, else the kernels' sum
-        return self.gpu_ms if self.busy_ms is None else self.busy_ms
+        return self._busy_or_sum(self.busy_ms, self.gpu_ms)
 
     @property
     def host_gap_ms(self) -> float:  # the wall time no kernel ran
@@ -81,8 +85,8 @@ class StepProfile:
     def host_gap_ms_graphs(self) -> float | None:
         if self.wall_ms_graphs is None:
             return None
-        busy = self.gpu_ms_graphs if self.busy_ms_graphs is None else self.busy_ms_graphs
-        return max(0.0, self.wall_ms_graphs - busy)
+        return max(0.0, self.wall_ms_graphs
+                   - self._busy_or_sum(self.busy_ms_graphs, self.gpu_ms_graphs))
 
     def table(self, top: int = 20) -> str:
         queued = "" if self.wall_ms_run_ahead is None else (
