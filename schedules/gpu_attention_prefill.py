@@ -167,8 +167,9 @@ assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: o
 # chunk's splits keep the merge kernel unless MERGE_IN_KERNEL). Why: such a grid is at most two
 # workgroups a SM, so one call lasts as long as its longest row tile, which walks every key
 # tile alone (SmolLM2's shape at n = 2048: 288 workgroups, the last ones 32 key tiles against
-# an average of 16; Gemma-2B's: 256, each on its own slot). A list-scheduling model puts one
-# call at n = 2048 1.4x (SmolLM2) and 1.7x (Gemma-2B) faster with 2 splits. The thirteenth
+# an average of 16; Gemma-2B's: 256, each on its own slot). A list-scheduling model
+# (``python -m tvm_lite.bench.grid_model``) puts one call at n = 2048 1.16-1.55x (SmolLM2, 264
+# or 396 resident workgroups) and 1.91-1.97x (Gemma-2B) faster with 2 splits. The thirteenth
 # session took prompt splits out (n = 512, with the merge kernel before its MERGE_VEC rewrite:
 # the partials' write and the merge cost more than they saved). Off until timed
 # (``bench.prefill --parts attention --baseline-kernel``, a copy with PROMPT_SPLITS = 2).
@@ -214,8 +215,8 @@ TC_WGMMA = False
 # ~264 resident workgroups, and kv head 7's longest tiles start ~900th). With this on, the kv
 # head is blockIdx.x and the row tile blockIdx.y (both kernels; the SIMT kernel's row tiles
 # last-first too): the longest row tiles of every head start first. A list-scheduling model
-# (each workgroup's time = its key tiles + 0.5, 264 or 396 resident) puts one call at n = 2048
-# 1.20-1.24x faster for 8 kv heads (Llama-1B, head_dim 128) and unchanged for SmolLM2 (288
+# (``python -m tvm_lite.bench.grid_model``: each workgroup's time = its key tiles + 0.5, 264 or
+# 396 resident) puts one call at n = 2048 1.20-1.23x faster for 8 kv heads (Llama-1B, head_dim 128) and unchanged for SmolLM2 (288
 # workgroups) and Gemma-2B (one kv head). Off until timed (``bench.prefill --parts attention
 # --baseline-kernel``, a copy with it on).
 LONGEST_FIRST_ACROSS_HEADS = False

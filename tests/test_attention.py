@@ -1202,6 +1202,29 @@ def test_bench_switch_builds_a_copy_with_the_constants_changed(tmp_path, capsys)
         bench_attention.main(["--switch", "x:FIRST_TILE_WITH_QQ=True"])
 
 
+def test_grid_model_of_the_prefill_call(capsys):
+    """``python -m tvm_lite.bench.grid_model``: the list-scheduling model behind
+    LONGEST_FIRST_ACROSS_HEADS and PROMPT_SPLITS. Its makespan is never below either lower bound
+    (the longest workgroup, the total work over the slots); the order across heads matters only
+    with several kv heads and more workgroups than slots; a split shortens a grid that is one
+    long row tile's wait."""
+    from tvm_lite.bench.grid_model import FIXED, main, makespan, row_tile_work
+
+    work = row_tile_work(32, 8, 2048)
+    assert len(work) == 128 and work[0] == 1 and work[-1] == 32  # 16 positions a row tile
+    for heads, kv, n, slots in ((32, 8, 2048, 264), (9, 3, 2048, 264), (8, 1, 512, 396)):
+        w = row_tile_work(heads, kv, n)
+        for fast in (False, True):
+            t = makespan(heads, kv, n, slots, heads_fastest=fast)
+            assert t >= max(w) + FIXED and t >= kv * sum(x + FIXED for x in w) / slots - 1e-9
+    assert makespan(32, 8, 2048, 264) / makespan(32, 8, 2048, 264, heads_fastest=True) > 1.15
+    assert makespan(8, 1, 2048, 264, heads_fastest=True) == makespan(8, 1, 2048, 264)
+    assert makespan(8, 1, 2048, 264, splits=2) < 0.6 * makespan(8, 1, 2048, 264)
+    main(["--lengths", "2048", "--slots", "264"])
+    out = capsys.readouterr().out
+    assert "| gemma-2b | 2048 | 264 | 256 | 32.5 | 1.00x |" in out
+
+
 def test_bench_prefill_names_an_unknown_shape(capsys):
     """``bench.prefill --shapes`` takes the names of its shape table; another name stops it
     before any GPU work, with the name and the known ones."""

@@ -13,6 +13,8 @@
                    (python -m tvm_lite.bench.last_row)
     gpu_slice.py   what gpu_slice buys: the longest kernel and submission of a long prefill
                    (python -m tvm_lite.bench.gpu_slice ARTIFACT --device cuda)
+    grid_model.py  a list-scheduling model of a prefill attention grid: launch order and prompt
+                   splits, without a GPU (python -m tvm_lite.bench.grid_model)
 """
 
 from .generation import (bench_engine, bench_interleaved, bench_kv_cache, bench_onnxruntime,
