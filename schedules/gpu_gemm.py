@@ -46,6 +46,7 @@ from .gpu_gemm_mma import mma_gemm_kernel
 from . import gpu_gemm_wgmma
 from .gpu_gemm_wgmma import wgmma_gemm_kernel
 from .gpu_gemm_wgmma_ws import deep_gemm_kernel, ws_gemm_kernel
+from .gpu_gemm_wgmma_wreg import wreg_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
 
@@ -66,7 +67,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                  wgmma_tile: tuple | None = None, wgmma_x_stages: int | None = None,
                  wgmma_specialised: int = 0, wgmma_ablate: tuple = (),
                  wgmma_w_buffers: int | None = None, wgmma_pair_stores: bool = False,
-                 wgmma_x_rows: bool = False, wgmma_staged_stores: bool = False):
+                 wgmma_x_rows: bool = False, wgmma_staged_stores: bool = False,
+                 wgmma_w_in_registers: int = 0):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -84,6 +86,9 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         self.wgmma_pair_stores = wgmma_pair_stores  # its outputs stored two at a time
         self.wgmma_x_rows = wgmma_x_rows  # its X copied a row segment a warp quarter
         self.wgmma_staged_stores = wgmma_staged_stores  # its outputs through shared memory
+        # > 0: the kernel with W dequantized in registers, this many stages (gpu_gemm_wgmma_wreg;
+        # wgmma_tile is then (tokens, features), wgmma_x_rows its X copy)
+        self.wgmma_w_in_registers = wgmma_w_in_registers
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -97,6 +102,9 @@ class GPUPrefillGEMM(dl.ScheduleRule):
             if wgmma and self.mma and self.mma_tile is None:
                 try:  # wgmma on sm_90a (schedules/gpu_gemm_wgmma.py, gpu_gemm_wgmma_ws.py)
                     profile = fit_to_target(self.profile, target)
+                    if self.wgmma_w_in_registers:
+                        return wreg_gemm_kernel(func, target, profile, self.wgmma_tile,
+                                                self.wgmma_w_in_registers, self.wgmma_x_rows)
                     if self.wgmma_specialised:
                         return ws_gemm_kernel(func, target, profile, self.wgmma_tile,
                                               self.wgmma_specialised, self.wgmma_ablate,

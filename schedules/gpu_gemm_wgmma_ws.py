@@ -146,6 +146,55 @@ def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None =
     return stages * (XS + RS) + (w_buffers or stages) * WS
 
 
+def cp_async(dst: str, src: str) -> str:
+    """TVMScript of one 16-byte ``cp.async`` to byte offset ``dst`` of the kernel's ``sm``."""
+    return f"T.evaluate({call('tvm_lite_cp_async16', f'T.address_of(sm[({dst}) // 2])', f'T.address_of({src})')})"
+
+
+def issue_slice(k: str, slot: str, g: dict, x: str, xbuf, tile, kn: str, XS: int, XL: int,
+                RB: int, RS: int, x_rows: bool, pitch: int | None = None) -> str:
+    """The producer's copies of K slice ``k`` into stage ``slot`` (rows of X past M: zeros):
+    X's ``TM`` rows K-major in core matrices (``XS`` bytes a stage, ``XL`` between core
+    matrices adjacent in K), then at byte ``RB + slot * RS`` the packed slice -- its ``TK / 4``
+    rows of codes, its scale rows and (E0M4) zero rows, each ``pitch`` bytes apart (default
+    ``TN * 2``: rows back to back). ``kn``: the slice's index template (``{k}``)."""
+    TM, TN, _ = tile
+    TK, VEC, SBO, PT = wg.TK, wg.VEC, wg.SBO, PRODUCER
+    M, G = g["m"], g["group"]
+    pitch = pitch or TN * 2
+    RG = max(1, TK // G)
+    CB, GB = (TK // CODES_PER_WORD) * pitch, RG * pitch  # bytes: packed codes, scales
+    kk = kn.format(k=k)
+    xs = TM * TK // VEC // PT
+    e = f"(l * {PT} + tx)"
+    if x_rows:  # the TK // VEC vectors of a row to neighbouring threads
+        xm, xk = f"({e} // {TK // VEC} % {TM})", f"({e} % {TK // VEC})"
+    else:  # two threads a row, TM rows before the next pair of vectors
+        xm, xk = f"({e} // 2 % {TM})", f"(({e} // {2 * TM}) * 2 + {e} % 2)"
+    x_dst = f"({slot}) * {XS} + {xk} * {XL} + {xm} // 8 * {SBO} + {xm} % 8 * 16"
+    x_src = f"{x}[{mma_gemm._row_at(xbuf, f'by * {TM} + {xm}', f'{kk} * {TK} + {xk} * {VEC}')}]"
+    vecs = TN // VEC  # 16-byte vectors of a packed row (8 columns each)
+    cs = (TK // CODES_PER_WORD) * vecs // PT
+    ce = f"(l * {PT} + tx)"
+    c_dst = f"{RB} + ({slot}) * {RS} + {ce} // {vecs} * {pitch} + {ce} % {vecs} * 16"
+    c_src = (f"codes32[{kk} * {TK // CODES_PER_WORD} + {ce} // {vecs}, "
+             f"bx * {TN // 2} + {ce} % {vecs} * 4]")
+    lines = [f"for l in T.unroll({xs}):",
+             f"    if by * {TM} + {xm} < {M}:",
+             f"        {cp_async(x_dst, x_src)}",
+             "    else:",
+             f"        sm[T.Ramp(({x_dst}) // 2, 1, {VEC})] = T.Broadcast(T.float16(0), {VEC})",
+             f"for l in T.unroll({cs}):",
+             f"    {cp_async(c_dst, c_src)}"]
+    groups = [("scale32", CB)] + ([("zero32", CB + GB)] if g["fmt"] == "e0m4" else [])
+    for view, off in groups:  # RG rows of TN scales (zeros): one vector a thread
+        row = f"({kk} * {TK} // {G} + tx // {vecs})"
+        dst = f"{RB} + ({slot}) * {RS} + {off} + tx // {vecs} * {pitch} + tx % {vecs} * 16"
+        lines += [f"if tx < {RG * vecs}:",
+                  f"    {cp_async(dst, f'{view}[{row}, bx * {TN // 2} + tx % {vecs} * 4]')}"]
+    return "\n".join(lines)
+
+
 def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                   w_buffers: int | None = None, pair_stores: bool = False,
                   x_rows: bool = False, staged_stores: bool = False) -> str:
@@ -183,40 +232,8 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     warp, lane = "(tx // 32)", "(tx % 32)"
     indent = mma_gemm.indent
 
-    def copy(dst: str, src: str) -> str:
-        return f"T.evaluate({call('tvm_lite_cp_async16', f'T.address_of(sm[({dst}) // {h}])', f'T.address_of({src})')})"
-
     def issue(k: str, slot: str) -> str:
-        """The producer's copies of slice ``k`` into stage ``slot`` (rows past M: zeros)."""
-        kk = kn.format(k=k)
-        xs = TM * TK // VEC // PT
-        e = f"(l * {PT} + tx)"
-        if x_rows:  # the TK // VEC vectors of a row to neighbouring threads
-            xm, xk = f"({e} // {TK // VEC} % {TM})", f"({e} % {TK // VEC})"
-        else:  # two threads a row, TM rows before the next pair of vectors
-            xm, xk = f"({e} // 2 % {TM})", f"(({e} // {2 * TM}) * 2 + {e} % 2)"
-        x_dst = f"({slot}) * {XS} + {xk} * {XL} + {xm} // 8 * {SBO} + {xm} % 8 * 16"
-        x_src = f"{x}[{mma_gemm._row_at(xbuf, f'by * {TM} + {xm}', f'{kk} * {TK} + {xk} * {VEC}')}]"
-        vecs = TN // VEC  # 16-byte vectors of a packed row (8 columns each)
-        cs = (TK // CODES_PER_WORD) * vecs // PT
-        ce = f"(l * {PT} + tx)"
-        c_dst = f"{RB} + ({slot}) * {RS} + {ce} // {vecs} * {TN * 2} + {ce} % {vecs} * 16"
-        c_src = (f"codes32[{kk} * {TK // CODES_PER_WORD} + {ce} // {vecs}, "
-                 f"bx * {TN // 2} + {ce} % {vecs} * 4]")
-        lines = [f"for l in T.unroll({xs}):",
-                 f"    if by * {TM} + {xm} < {M}:",
-                 f"        {copy(x_dst, x_src)}",
-                 "    else:",
-                 f"        sm[T.Ramp(({x_dst}) // {h}, 1, {VEC})] = T.Broadcast(T.float16(0), {VEC})",
-                 f"for l in T.unroll({cs}):",
-                 f"    {copy(c_dst, c_src)}"]
-        groups = [("scale32", CB)] + ([("zero32", CB + GB)] if g["fmt"] == "e0m4" else [])
-        for view, off in groups:  # RG rows of TN scales (zeros): one vector a thread
-            row = f"({kk} * {TK} // {G} + tx // {vecs})"
-            dst = f"{RB} + ({slot}) * {RS} + {off} + tx // {vecs} * {TN * 2} + tx % {vecs} * 16"
-            lines += [f"if tx < {RG * vecs}:",
-                      f"    {copy(dst, f'{view}[{row}, bx * {TN // 2} + tx % {vecs} * 4]')}"]
-        return "\n".join(lines)
+        return issue_slice(k, slot, g, x, xbuf, (TM, TN, KS), kn, XS, XL, RB, RS, x_rows)
 
     # dequant of stage ``slot``'s packed slice into its fp16 W: as the wgmma kernel's store
     P = VEC // 2

@@ -225,6 +225,52 @@ TVM_LITE_WGMMA_N(16) TVM_LITE_WGMMA_N(32) TVM_LITE_WGMMA_N(48) TVM_LITE_WGMMA_N(
 TVM_LITE_WGMMA_N(80) TVM_LITE_WGMMA_N(96) TVM_LITE_WGMMA_N(112) TVM_LITE_WGMMA_N(128)
 TVM_LITE_WGMMA_N(144) TVM_LITE_WGMMA_N(160) TVM_LITE_WGMMA_N(176) TVM_LITE_WGMMA_N(192)
 TVM_LITE_WGMMA_N(208) TVM_LITE_WGMMA_N(224) TVM_LITE_WGMMA_N(240) TVM_LITE_WGMMA_N(256)
+// The GEMM with W in registers (schedules/gpu_gemm_wgmma_wreg.py): A from registers (mma.sync's
+// A fragment, as rs_tb), B K-major in shared memory, core matrices WGMMA_SBO bytes apart in N.
+static void wgmma_rs_k(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                       const void* b, unsigned bl, int n) {
+  unsigned* mine = xa[warp_id][lane_id];
+  mine[0] = a0; mine[1] = a1; mine[2] = a2; mine[3] = a3;
+  warp_sync();
+  float A[16][16];
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) {
+      unsigned word = xa[warp_id][(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)];
+      A[r][k] = (float)from_bits((word >> (16 * (k % 2))) & 0xFFFF);
+    }
+  warp_sync();
+  int g = lane_id / 4, t = lane_id % 4 * 2;
+  for (int j = 0; j < n / 8; ++j)
+    for (int c = 0; c < 4; ++c) {
+      int r = g + (c / 2) * 8, col = 8 * j + t + c % 2;
+      float s = 0;
+      for (int k = 0; k < 16; ++k) s += A[r][k] * core_at(b, bl, WGMMA_SBO, col, k, false);
+      d[j * 4 + c] += s;
+    }
+}
+static void tvm_lite_gemm_wgmma_rs_m64n64k16(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, const void* b, unsigned bl) { wgmma_rs_k(d, a0, a1, a2, a3, b, bl, 64); }
+static void tvm_lite_gemm_wgmma_rs_m64n128k16(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, const void* b, unsigned bl) { wgmma_rs_k(d, a0, a1, a2, a3, b, bl, 128); }
+static void tvm_lite_gemm_wgmma_rs_m64n256k16(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, const void* b, unsigned bl) { wgmma_rs_k(d, a0, a1, a2, a3, b, bl, 256); }
+// one k16 step's A fragment: a[2i] (feature lo = low half of z2 / s2) and a[2i + 1] (feature
+// hi) from byte b and b + 2 of word i (p1, p2): its low nibble the even k, its high nibble the odd
+static void tvm_lite_dq_afrag(unsigned* a, const void* p1, const void* p2, unsigned b,
+                              unsigned z2, unsigned s2) {
+  const void* p[2] = {p1, p2};
+  for (int i = 0; i < 2; ++i) {
+    unsigned w; memcpy(&w, p[i], 4);
+    for (int c = 0; c < 2; ++c) {
+      half z = from_bits((z2 >> (16 * c)) & 0xFFFF), s = from_bits((s2 >> (16 * c)) & 0xFFFF);
+      unsigned byte = (w >> (8 * (b + 2 * c))) & 0xFF;
+      half v[2];
+      for (int e = 0; e < 2; ++e) {
+        half q = (half)(float)(1024 + ((byte >> (4 * e)) & 0xF));
+        v[e] = (half)((half)(q - z) * s);
+      }
+      a[2 * i + c] = __pack_half2(v[0], v[1]);
+    }
+  }
+}
+static unsigned tvm_lite_lds_u32(const void* p) { unsigned r; memcpy(&r, p, 4); return r; }
 static void tvm_lite_wgmma_fence() {}
 static void tvm_lite_wgmma_commit() {}
 static void tvm_lite_wgmma_wait0() {}
@@ -313,6 +359,8 @@ def _kernels(src: str) -> tuple[str, list]:
     code = re.sub(r"extern __shared__ __align__\(\d+\) (\w+) (\w+)\[\];",
                   r"\1* \2 = (\1*)dyn_shared;", code)
     code = code.replace("__shared__ alignas(64)", "alignas(64) static")
+    # setmaxnreg moves registers between warpgroups: nothing to emulate
+    code = re.sub(r"tvm_lite_setmaxnreg_(inc|dec)_\d+\(\);", ";", code)
     found = []
     for threads, name, params in _KERNEL.findall(body):
         args = []

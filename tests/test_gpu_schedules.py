@@ -893,6 +893,138 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
 
 
+# -- the GEMM with W dequantized in registers (schedules/gpu_gemm_wgmma_wreg.py) -----------------
+# (fmt, K, N, M, epilogue, tile (tokens, features[, KS]), stages, group, X by rows): the default
+# tile with M past one tile and short of the next; one consumer warpgroup; K split with the
+# residual add in the sum kernel (and X by rows); 4 consumer warpgroups; groups of 16, 64 and
+# 128 (two scale rows a slice, one, one every other slice); two stages (the ring refilled each
+# slice) and fewer slices than stages (K 128)
+WREG_CPU_CASES = [("e0m4", 512, 128, 300, None, (256, 128), 4, 32, False),
+                  ("int4", 256, 64, 37, "residual", (64, 64), 3, 32, False),
+                  ("e0m4", 1024, 128, 40, "residual", (128, 128, 2), 3, 64, True),
+                  ("e0m4", 256, 256, 130, None, (128, 256), 2, 16, False),
+                  ("e0m4", 512, 128, 77, None, (64, 128), 5, 128, False),
+                  ("int4", 128, 128, 20, None, (64, 128), 4, 32, False)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", WREG_CPU_CASES)
+def test_w_in_registers_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path):
+    """The kernel with W dequantized in registers, its CUDA C run on the CPU
+    (tests/mma_on_cpu.py: wgmma with A from registers, mma.sync's A fragment, and B K-major;
+    the A fragment's dequant emulated; named barriers; cp.async landing at its waits), against
+    numpy: the features permuted in the A rows and put back by the stores, the packed words and
+    scale rows each thread reads, the ring, the two A sets, split-K and the epilogue."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
+
+    fmt, k, n, m, epilogue, tile, stages, group, x_rows = case
+    target = parse_target(WGMMA_TARGET)
+    func = _dequant_gemv(fmt, k, n, epilogue, lead=(1, m), group=group)
+    with target:
+        sch = wr.wreg_gemm_kernel(func, target, CUDA, tile, stages, x_rows)
+    label = str(sch.mod["main"].attrs["tvm_lite.gemm"])
+    assert f"{tile[0]}x{tile[1]} " in label and f"W in registers x{stages}" in label, label
+    kernel = sch.mod["main"].with_attr("global_symbol", "main")
+    src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
+    assert "tvm_lite_dq_afrag(" in src and f"wgmma_rs_m64n{tile[0]}k16(" in src
+    assert "tvm_lite_dq_kmajor(" not in src  # no fp16 W in shared memory
+    plain = epilogue is None and "split-K 1" in label
+    assert ("tvm_lite_st_f16x2(" in src) == plain  # two features a store where nothing follows
+    KS = int(re.search(r"split-K (\d+)", label).group(1))
+    _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (tile[0], tile[1], KS), 11, tmp_path, group)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+def test_w_in_registers_dequant_helper_agrees_with_its_emulation(tmp_path):
+    """The CUDA of ``tvm_lite_dq_afrag`` (PRMT selectors computed from the byte, LOP3) compiled
+    for the host -- ``__byte_perm`` and ``lop3`` as the PTX ISA defines them, fp16 arithmetic
+    rounded per operation -- gives the same A fragment as the emulation the kernel test runs,
+    for every byte, on random words, zeros and scales."""
+    from mma_on_cpu import SHIM
+
+    from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
+
+    cuda = wr.HELPERS["tvm_lite_dq_afrag"].replace("__forceinline__ __device__", "static")
+    cuda = cuda.replace("tvm_lite_dq_afrag(", "cuda_dq_afrag(")
+    cuda = re.sub(r'asm\("lop3\.b32 %0, %1, %2, %3, 0xEA;" : "=r"\((\w+)\) : "r"\((\w+)\), '
+                  r'"r"\((\w+)\), "r"\((\w+)\)\);', r"\1 = (\2 & \3) | \4;", cuda)
+    assert "asm" not in cuda
+    host = r"""
+struct __half2 { half x, y; };
+static __half2 __hsub2(__half2 a, __half2 b) { return {(half)(a.x - b.x), (half)(a.y - b.y)}; }
+static __half2 __hmul2(__half2 a, __half2 b) { return {(half)(a.x * b.x), (half)(a.y * b.y)}; }
+static unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  unsigned long long v = x | ((unsigned long long)y << 32);
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= ((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+}
+"""
+    main = r"""
+int main() {
+  unsigned seed = 12345;
+  auto rnd = [&] { seed = seed * 1664525u + 1013904223u; return seed; };
+  int bad = 0;
+  for (int it = 0; it < 4000; ++it) {
+    unsigned w[2] = {rnd(), rnd()}, b = it % 2;
+    half z[2] = {(half)(1024 + rnd() % 16), (half)(1024 + rnd() % 16)};
+    half s[2] = {(half)((rnd() % 1000) * 1e-4f + 0.001f), (half)((rnd() % 1000) * 1e-4f)};
+    unsigned z2 = __pack_half2(z[0], z[1]), s2 = __pack_half2(s[0], s[1]), a[4], e[4];
+    cuda_dq_afrag(a, &w[0], &w[1], b, z2, s2);
+    tvm_lite_dq_afrag(e, &w[0], &w[1], b, z2, s2);
+    for (int i = 0; i < 4; ++i) bad += a[i] != e[i];
+  }
+  printf("%d\n", bad);
+  return 0;
+}
+"""
+    src = tmp_path / "dq.cc"
+    src.write_text(SHIM + host + cuda + main)
+    exe = tmp_path / "dq"
+    res = subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-w", "-fno-strict-aliasing",
+                          str(src), "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert subprocess.run([str(exe)], capture_output=True, text=True).stdout.strip() == "0"
+
+
+def test_w_in_registers_gemm_builds_as_asked_and_compiles_without_spills(tmp_path):
+    """``GPUPrefillGEMM(wgmma_w_in_registers=S)`` builds it for sm_90a at the asked tile
+    (gate/up and the down projection with its residual add and K split); nvcc (if here) builds
+    both without spills and without serializing the wgmmas (``setmaxnreg`` gives the consumers
+    232 registers). Refused, naming why: a group it cannot take, too many stages."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
+
+    a90 = parse_target(WGMMA_TARGET)
+    with pytest.raises(MatchError, match="quantization group 8"):
+        with a90:
+            wr.wreg_gemm_kernel(_dequant_gemv("e0m4", 256, 128, lead=(1, 64), group=8), a90,
+                                CUDA, (64, 128), 3)
+    with pytest.raises(MatchError, match="stages=8"):
+        with a90:
+            wr.wreg_gemm_kernel(_dequant_gemv("e0m4", 256, 128, lead=(1, 64)), a90, CUDA,
+                                (64, 128), 8)
+    srcs = []
+    for k, n, epilogue in ((2048, 8192, None), (8192, 2048, "residual")):
+        rule = GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=wr.TILE, wgmma_w_in_registers=4)
+        func = _mma_func("e0m4", k, n, epilogue)
+        label = str(_schedule(rule, func, a90).mod["main"].attrs["tvm_lite.gemm"])
+        assert "256x128" in label and "W in registers x4" in label, label
+        srcs.append(_source(build(func, a90, [rule]), "cuda"))
+    assert all("setmaxnreg.inc.sync.aligned.u32 232" in s for s in srcs)
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    for i, src in enumerate(srcs):
+        path = tmp_path / f"wreg{i}.cu"
+        path.write_text(src)
+        res = subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o",
+                              str(tmp_path / f"wreg{i}.cubin"), str(path)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        spills = re.findall(r"(\d+) bytes spill stores", res.stderr)
+        assert spills and all(v == "0" for v in spills), res.stderr[-2000:]
+        assert "serialized" not in res.stderr, res.stderr[-2000:]
+
+
 def test_bench_wgmma_variants_build_their_kernels():
     """``bench.prefill --wgmma 128x256x3,128x256xws3``: the wgmma kernel with X by cp.async and
     the warp-specialised one, built for sm_90a; a ring too big for shared memory is refused."""
@@ -917,6 +1049,16 @@ def test_bench_wgmma_variants_build_their_kernels():
         ws.ws_gemm_kernel(func, a90, CUDA, (128, 256), 6, w_buffers=2)
     with pytest.raises(MatchError, match="named barriers"):
         ws.ws_gemm_kernel(func, a90, CUDA, (128, 128), 6, w_buffers=3)
+    # W in registers: 256 tokens x 128 features, 4 and 5 stages fit, 6 do not
+    rules, _ = gemm_rules(parse_target(TARGETS["cuda"]), (),
+                          [(256, 128, "wr4"), (256, 128, "wr5r"), (256, 128, "wr6")])
+    for spec, ends in (("wr4", "W in registers x4"), ("wr5r", "W in registers x5 x rows")):
+        rule = rules[f"e0m4 wgmma 256x128 x{spec}"][0]
+        label = str(_schedule(rule, func, a90).mod["main"].attrs["tvm_lite.gemm"])
+        assert label.endswith(ends), label
+    with pytest.raises(MatchError, match="shared memory"):
+        from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
+        wr.wreg_gemm_kernel(func, a90, CUDA, (256, 128), 6)
 
 
 def test_bench_wgmma_ablations_leave_out_their_part_only():
@@ -957,7 +1099,8 @@ def test_bench_wgmma_ablations_leave_out_their_part_only():
     ("128x256xws3-nope", "only copy, dequant, mma, store"),
     ("128x256x3-dequant", "wsS kernel only"), ("128x256x5w2", "S, wsS, wsSwB"),
     ("128x256x3p", "S, wsS, wsSwB"), ("128x256x3r", "S, wsS, wsSwB"),
-    ("128x256x3s", "S, wsS, wsSwB"),
+    ("128x256x3s", "S, wsS, wsSwB"), ("256x128xwr4p", "wrS or wrSr"),
+    ("256x128xwr4w2", "wrS or wrSr"), ("256x128xwr4-dequant", "wsS kernel only"),
     ("128x256", "not TMxTNxS")])
 def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     """``bench.prefill --wgmma`` stops on a spec it cannot build, before any GPU work, saying
@@ -965,11 +1108,13 @@ def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     from tvm_lite.bench.prefill import main, parse_wgmma_stages
 
     assert parse_wgmma_stages("ws5w2-copy-mma") == (True, 5, 2, False, ("copy", "mma"), False,
-                                                    False)
-    assert parse_wgmma_stages("ws3p") == (True, 3, None, True, (), False, False)
-    assert parse_wgmma_stages("ws5w2pr") == (True, 5, 2, True, (), True, False)
-    assert parse_wgmma_stages("ws5w2s") == (True, 5, 2, False, (), False, True)
-    assert parse_wgmma_stages("3") == (False, 3, None, False, (), False, False)
+                                                    False, False)
+    assert parse_wgmma_stages("ws3p") == (True, 3, None, True, (), False, False, False)
+    assert parse_wgmma_stages("ws5w2pr") == (True, 5, 2, True, (), True, False, False)
+    assert parse_wgmma_stages("ws5w2s") == (True, 5, 2, False, (), False, True, False)
+    assert parse_wgmma_stages("3") == (False, 3, None, False, (), False, False, False)
+    assert parse_wgmma_stages("wr4") == (False, 4, None, False, (), False, False, True)
+    assert parse_wgmma_stages("wr5r").x_rows and parse_wgmma_stages("wr5r").w_in_registers
     with pytest.raises(SystemExit):
         main(["--parts", "gemm", "--wgmma", spec])
     err = capsys.readouterr().err
@@ -1106,6 +1251,26 @@ def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, e
                                wgmma_w_buffers=w_buffers, wgmma_pair_stores=pairs,
                                wgmma_x_rows=x_rows, wgmma_staged_stores=staged)])
     assert "tvm_lite_bar_arrive(" in _source(ex, "cuda")
+    _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
+
+
+@HOPPER
+@pytest.mark.parametrize("fmt,k,n,epilogue,tile,stages,x_rows", [
+    ("e0m4", 2048, 8192, None, (256, 128), 4, False),  # gate/up at the default tile
+    ("e0m4", 2048, 8192, None, (256, 128), 5, False),
+    ("e0m4", 8192, 2048, "residual", (256, 128), 4, True),  # down: K split, X by rows
+    ("int4", 2048, 2048, None, (128, 128), 3, False),
+    ("e0m4", 2048, 8192, None, (128, 256), 4, False)])  # four consumer warpgroups
+def test_w_in_registers_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, tile, stages,
+                                                            x_rows):
+    """The kernel with W dequantized in registers on the GPU against numpy (M = 1, 37, 128,
+    200, 512): the A registers of a slice's wgmmas, which the CPU emulation reads at once, may
+    not be rewritten before those wgmmas are done (two A sets, ``wait_group 1``), and
+    ``setmaxnreg`` must hand the consumers their registers."""
+    ex = build(_mma_func(fmt, k, n, epilogue), parse_target(WGMMA_TARGET),
+               [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=tile, wgmma_w_in_registers=stages,
+                               wgmma_x_rows=x_rows)])
+    assert "tvm_lite_dq_afrag(" in _source(ex, "cuda")
     _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
 
 

@@ -43,6 +43,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -287,26 +288,42 @@ GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp1
                  "e0m4 (sm_90a)": ("e0m4", "sm_90a")}
 
 
-def parse_wgmma_stages(spec: str) -> tuple[bool, int, int | None, bool, tuple, bool, bool]:
+class WgmmaStaging(NamedTuple):
+    """A ``--wgmma`` staging, parsed (:func:`parse_wgmma_stages`)."""
+    specialised: bool  # the warp-specialised kernel (gpu_gemm_wgmma_ws)
+    stages: int  # its stages, the W-in-registers kernel's, or the wgmma kernel's X slices
+    w_buffers: int | None  # fp16 W slices (ws)
+    pairs: bool  # outputs stored in pairs (ws)
+    ablate: tuple  # parts left out (ws; a diagnostic)
+    x_rows: bool  # X copied a row segment a warp quarter (ws, wr)
+    staged: bool  # outputs staged through shared memory (ws)
+    w_in_registers: bool = False  # the W-in-registers kernel (gpu_gemm_wgmma_wreg)
+
+
+def parse_wgmma_stages(spec: str) -> WgmmaStaging:
     """``--wgmma``'s staging part: ``S`` (the wgmma kernel, X in S cp.async slices, 0: in
     registers), ``wsS`` (the warp-specialised kernel, S stages), ``wsSwB`` (... with B fp16 W
     slices), ``wsS..p`` (... its outputs stored in pairs), ``wsS..r`` (... X copied a row
     segment a warp quarter), ``wsS..s`` (... its outputs staged through shared memory), each
     ``wsS..`` optionally followed by ``-part`` for each part left out (a diagnostic:
-    ``gpu_gemm_wgmma_ws.ABLATIONS``). Returns (warp-specialised, S, B or None, pairs, parts left
-    out, X rows, staged); raises ValueError naming what is wrong."""
+    ``gpu_gemm_wgmma_ws.ABLATIONS``); ``wrS`` (the kernel with W dequantized in registers, S
+    stages), ``wrSr`` (... X copied by rows). Raises ValueError naming what is wrong."""
     from tvm_lite.schedules.gpu_gemm_wgmma_ws import ABLATIONS
 
     head, *ablate = str(spec).split("-")
-    m = re.fullmatch(r"(ws)?(\d+)(?:w(\d+))?(p)?(r)?(s)?", head)
-    if not m or (any(m.group(i) for i in (3, 4, 5, 6)) and not m.group(1)):
-        raise ValueError(f"{spec}: the staging is S, wsS, wsSwB, wsSp, wsSr, wsSs or wsSwBprs")
+    m = re.fullmatch(r"(ws|wr)?(\d+)(?:w(\d+))?(p)?(r)?(s)?", head)
+    kind = m.group(1) if m else None
+    if (not m or (any(m.group(i) for i in (3, 4, 5, 6)) and not kind)
+            or (kind == "wr" and any(m.group(i) for i in (3, 4, 6)))):
+        raise ValueError(f"{spec}: the staging is S, wsS, wsSwB, wsSp, wsSr, wsSs, wsSwBprs, "
+                         "wrS or wrSr")
     bad = [a for a in ablate if a not in ABLATIONS]
-    if bad or (ablate and not m.group(1)):
+    if bad or (ablate and kind != "ws"):
         raise ValueError(f"{spec}: parts can be left out of a wsS kernel only, and only "
                          f"{', '.join(ABLATIONS)}")
-    return bool(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None, \
-        bool(m.group(4)), tuple(ablate), bool(m.group(5)), bool(m.group(6))
+    return WgmmaStaging(kind == "ws", int(m.group(2)), int(m.group(3)) if m.group(3) else None,
+                        bool(m.group(4)), tuple(ablate), bool(m.group(5)), bool(m.group(6)),
+                        kind == "wr")
 
 
 def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
@@ -327,13 +344,15 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
     variants = dict(GEMM_VARIANTS)
     for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings
         name = f"e0m4 wgmma {tm}x{tn} x{stages}"
-        ws, count, wbuf, pairs, ablate, x_rows, staged = parse_wgmma_stages(stages)
+        st = parse_wgmma_stages(stages)
+        plain = not (st.specialised or st.w_in_registers)
         rules[name] = [GPUPrefillGEMM(cuda, wgmma=True, wgmma_tile=(tm, tn),
-                                      wgmma_x_stages=0 if ws else count,
-                                      wgmma_specialised=count if ws else 0,
-                                      wgmma_ablate=ablate, wgmma_w_buffers=wbuf,
-                                      wgmma_pair_stores=pairs, wgmma_x_rows=x_rows,
-                                      wgmma_staged_stores=staged)]
+                                      wgmma_x_stages=st.stages if plain else 0,
+                                      wgmma_specialised=st.stages if st.specialised else 0,
+                                      wgmma_ablate=st.ablate, wgmma_w_buffers=st.w_buffers,
+                                      wgmma_pair_stores=st.pairs, wgmma_x_rows=st.x_rows,
+                                      wgmma_staged_stores=st.staged,
+                                      wgmma_w_in_registers=st.stages if st.w_in_registers else 0)]
         variants[name] = ("e0m4", name)
     for tile in tiles:
         for x_async in (False, True):
@@ -398,7 +417,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                 except Exception as err:  # a sweep's tile that does not build: a row saying so
                     progress(f"gemm {model} {name} {k}x{n} {variant}: does not build: {err}"[:300])
                     continue
-                if "wgmma" in rule and "tvm_lite_wgmma_m64n" not in device_source(ex, "cuda"):
+                if "wgmma" in rule and "wgmma.mma_async" not in device_source(ex, "cuda"):
                     # the rule fell back to the mma kernel (e.g. a ring too big for shared
                     # memory): no row under the wgmma name
                     progress(f"gemm {model} {name} {k}x{n} {variant}: the wgmma kernel does not "
@@ -484,8 +503,10 @@ def main(argv=None):
                     "wsN..p with its outputs stored in pairs, wsN..r with X copied a row a "
                     "warp quarter, wsN..s with its outputs staged through shared memory, "
                     "wsN..-part[-part..] without those "
-                    "parts, a diagnostic: copy, dequant, mma, store), e.g. 128x256x3,"
-                    "128x256xws3,128x256xws5w2,128x256xws3p,128x256xws5w2pr,128x256xws3-dequant")
+                    "parts, a diagnostic: copy, dequant, mma, store; wrN the kernel with W "
+                    "dequantized in registers, TM tokens x TN features, N stages, wrNr with X "
+                    "copied by rows), e.g. 128x256x3,128x256xws3,128x256xws5w2,128x256xws3p,"
+                    "128x256xws5w2pr,128x256xws3-dequant,256x128xwr4")
     ap.add_argument("--gemm-layers", default="", help="only these layers, separated by ';' "
                     "(names: q;k,v;o;gate,up;down; default: all)")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
