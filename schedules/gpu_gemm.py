@@ -46,6 +46,7 @@ from .gpu_gemm_mma import mma_gemm_kernel
 from . import gpu_gemm_wgmma
 from .gpu_gemm_wgmma import wgmma_gemm_kernel
 from .gpu_gemm_wgmma_ws import deep_gemm_kernel, ws_gemm_kernel
+from .gpu_gemm_wgmma_wreg import default_kernel as wreg_default_kernel
 from .gpu_gemm_wgmma_wreg import wreg_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
 from .profiles import GPUProfile, fit_to_target
@@ -115,10 +116,13 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                 except MatchError:
                     pass
             if self.wgmma is None and self.mma and self.mma_tile is None:
-                try:  # a deep GEMM (the down projection) on sm_90a: the warp-specialised kernel
-                    return deep_gemm_kernel(func, target, fit_to_target(self.profile, target))
-                except MatchError:
-                    pass
+                # a deep or wide GEMM (down, gate/up) on sm_90a: W in registers where on, else
+                # the warp-specialised kernel
+                for kernel in (wreg_default_kernel, deep_gemm_kernel):
+                    try:
+                        return kernel(func, target, fit_to_target(self.profile, target))
+                    except MatchError:
+                        pass
             try:  # mma.sync with the dequant in the staging (schedules/gpu_gemm_mma.py)
                 if self.mma:
                     return mma_gemm_kernel(func, target, fit_to_target(self.profile, target),

@@ -61,15 +61,19 @@ from .gpu_gemv_half2 import E0M4_ZERO_NONE
 
 TILE = (256, 128)  # (tokens, features) a workgroup: m64n256k16, two consumer warpgroups
 STAGES = 4  # slices in the ring
+# On: GPUPrefillGEMM's default on sm_90a takes this kernel (TILE, STAGES) for the GEMMs the
+# warp-specialised kernel takes (deep and wide: down and gate/up). Off until timed on a GPU.
+ENABLED = False
 PITCH_PAD = 32  # bytes after each packed row in shared memory (see the module docstring)
 # Registers a thread after ``setmaxnreg``: the producer gives back what it does not need, the
 # consumers take it (their accumulators, ``TM / 2`` fp32, and two A sets of 16). ptxas gives
 # each thread of a 384-thread workgroup 168; an ``inc`` waits until the registers the ``dec``s
 # freed cover it, so the consumers get 168 + (168 - 40) / 2 = 232 (what CUTLASS's Hopper kernels
 # use). Without it, 256 x 128 spills 48 bytes and serializes the wgmmas (nvcc 13, sm_90a); with
-# it, nothing spills at 256 x 128, 128 x 128 or 128 x 256, gate/up or down, except the producer
-# of a down projection with X by rows (32 bytes). ptxas ignores it (C7508) where the kernel needs
-# fewer registers than the cap.
+# it, nothing spills at 256 x 128 or 128 x 128, gate/up or down (K split, residual add); with X
+# by rows 8-84 bytes spill (40 or 56 left to the producer), and 128 x 256 (four consumer
+# warpgroups, 104 registers each) spills and serializes. ptxas ignores it (C7508) where the kernel
+# needs fewer registers than the cap.
 PRODUCER_REGISTERS = 40
 REGISTER_FILE = 65536  # 32-bit registers of an SM
 
@@ -304,4 +308,16 @@ def wreg_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES,
                             % (TM, TM, TN, ks, stages, " x rows" if x_rows else ""))
 
 
-__all__ = ["wreg_gemm_kernel", "kernel_source", "HELPERS", "TILE", "STAGES"]
+def default_kernel(func, target, profile):
+    """:func:`wreg_gemm_kernel` at :data:`TILE` and :data:`STAGES` for what
+    :func:`.gpu_gemm_wgmma_ws.deep_gemm_kernel` takes (a deep or a wide GEMM on sm_90a) when
+    :data:`ENABLED`; :class:`MatchError` otherwise."""
+    if not ENABLED:
+        raise MatchError("gpu_gemm_wgmma_wreg.ENABLED is off")
+    if not ws.deep_or_wide(func, target, profile):
+        raise MatchError("neither deep nor wide")
+    return wreg_gemm_kernel(func, target, profile, TILE, STAGES)
+
+
+__all__ = ["wreg_gemm_kernel", "default_kernel", "kernel_source", "HELPERS", "TILE", "STAGES",
+           "ENABLED"]

@@ -419,6 +419,17 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
                                " staged" if staged_stores else ""))
 
 
+def deep_or_wide(func, target, profile) -> str | None:
+    """``"deep"`` (``K >= DEEP_K_RATIO x N``, ``N >= DEEP_MIN_N``: a down projection) or
+    ``"wide"`` (``N >= WIDE_N_RATIO x K``: gate/up) for a prefill GEMM on sm_90a, else None."""
+    if not wg.wgmma_supported(target):
+        return None
+    g = mma_gemm.match_gemm(s_tir.Schedule(func), profile)
+    if g["k"] >= DEEP_K_RATIO * g["n"] and g["n"] >= DEEP_MIN_N:
+        return "deep"
+    return "wide" if g["n"] >= WIDE_N_RATIO * g["k"] else None
+
+
 def deep_gemm_kernel(func, target, profile):
     """:func:`ws_gemm_kernel` for a deep GEMM (``K >= DEEP_K_RATIO x N``, ``N >= DEEP_MIN_N``,
     at ``DEEP_*``) or a wide one (``N >= WIDE_N_RATIO x K``, at ``WIDE_*``) on sm_90a, or
@@ -426,15 +437,16 @@ def deep_gemm_kernel(func, target, profile):
     take)."""
     if not wg.wgmma_supported(target):
         raise MatchError("wgmma needs a CUDA sm_90a target")
-    g = mma_gemm.match_gemm(s_tir.Schedule(func), profile)
-    if g["k"] >= DEEP_K_RATIO * g["n"] and g["n"] >= DEEP_MIN_N:
+    kind = deep_or_wide(func, target, profile)
+    if kind == "deep":
         return ws_gemm_kernel(func, target, profile, DEEP_TILE, DEEP_STAGES, (),
                               DEEP_W_BUFFERS, DEEP_PAIR_STORES, DEEP_X_ROWS)
-    if g["n"] >= WIDE_N_RATIO * g["k"]:
+    if kind == "wide":
         return ws_gemm_kernel(func, target, profile, WIDE_TILE, WIDE_STAGES, (),
                               WIDE_W_BUFFERS, WIDE_PAIR_STORES, WIDE_X_ROWS)
-    raise MatchError(f"K={g['k']}, N={g['n']}: neither deep nor wide, mma.sync is faster")
+    raise MatchError("neither deep nor wide: mma.sync is faster")
 
 
-__all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "kernel_source", "HELPERS", "STAGES",
+__all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "deep_or_wide", "kernel_source", "HELPERS",
+           "STAGES",
            "DEEP_K_RATIO", "ABLATIONS"]

@@ -1179,6 +1179,29 @@ def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path)
     assert "0 bytes spill stores" in res.stderr, res.stderr[-2000:]
 
 
+def test_default_rule_takes_w_in_registers_for_deep_and_wide_gemms_when_on(monkeypatch):
+    """``gpu_gemm_wgmma_wreg.ENABLED`` (off until timed) puts the W-in-registers kernel where the
+    default rule takes the warp-specialised one -- down and gate/up on sm_90a -- and nowhere
+    else: square GEMMs, fp16 weights and sm_90 keep mma.sync."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
+
+    a90 = parse_target(WGMMA_TARGET)
+
+    def label(fmt, k, n, target=a90):
+        return str(_schedule(GPUPrefillGEMM(CUDA), kernel_func(fmt, [1, DYN], k, n), target)
+                   .mod["main"].attrs["tvm_lite.gemm"])
+
+    assert "W in registers" not in label("e0m4", 8192, 2048)
+    monkeypatch.setattr(wr, "ENABLED", True)
+    for k, n in ((8192, 2048), (2048, 8192)):
+        got = label("e0m4", k, n)
+        assert got.startswith("wgmma_m64n256k16 256x128 ") and got.endswith(
+            f"W in registers x{wr.STAGES}"), got
+    for fmt, k, n, target in [("e0m4", 2048, 2048, a90), ("fp16", 8192, 2048, a90),
+                              ("e0m4", 8192, 2048, parse_target(TARGETS["cuda"]))]:
+        assert "mma_m16n8k16" in label(fmt, k, n, target), (fmt, k, n, target)
+
+
 def test_default_rule_takes_the_warp_specialised_kernel_for_deep_and_wide_gemms_on_sm90a():
     """Without options the rule gives a deep 4-bit GEMM (K >= 4 N, N >= 2048: the down
     projections) and a wide one (N >= 4 K: gate/up) on sm_90a the warp-specialised wgmma kernel at the tile, stages
