@@ -105,7 +105,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                     profile = fit_to_target(self.profile, target)
                     if self.wgmma_w_in_registers:
                         return wreg_gemm_kernel(func, target, profile, self.wgmma_tile,
-                                                self.wgmma_w_in_registers, self.wgmma_x_rows)
+                                                self.wgmma_w_in_registers, self.wgmma_x_rows,
+                                                self.wgmma_ablate)
                     if self.wgmma_specialised:
                         return ws_gemm_kernel(func, target, profile, self.wgmma_tile,
                                               self.wgmma_specialised, self.wgmma_ablate,

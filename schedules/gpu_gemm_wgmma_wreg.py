@@ -165,10 +165,14 @@ def shared_bytes(g: dict, TM: int, TN: int, stages: int, x_rows: bool = False) -
     return stages * (XS + RS)
 
 
-def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = False) -> str:
+def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = False,
+                  ablate=()) -> str:
     """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
     (TM, TN, KS)``: tokens, features, K split); its stores write ``__tvm_lite_epilogue__(acc)``.
-    ``x_rows``: X copied a row segment a warp quarter (see :mod:`.gpu_gemm_wgmma_ws`)."""
+    ``x_rows``: X copied a row segment a warp quarter (see :mod:`.gpu_gemm_wgmma_ws`).
+    ``ablate``: parts of :data:`.gpu_gemm_wgmma_ws.ABLATIONS` left out, as there (a diagnostic:
+    the result is wrong) -- the copies after the first ``S - 1`` slices, the dequant (the packed
+    words go to the wgmmas as they are, not even loaded), the wgmmas, the stores."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, SBO, h = wg.TK, wg.SBO, 2
@@ -210,6 +214,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = Fals
             "    if k >= 1:",
             "        " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {EMPTY} + (k - 1) % {S})",
                              f"T.int32({threads})"),
+            "    T.evaluate(0)" if "copy" in ablate else
             indent(issue(f"(k + {S - 1})", f"(k + {S - 1}) % {S}"), 4),
             commit]), 4)]
 
@@ -235,9 +240,15 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = Fals
         b_addr = f"T.address_of(sm[(j % {S} * {XS} + s * 2 * {XL}) // {h}])"
         mma = call(f"tvm_lite_gemm_wgmma_rs_m64n{TM}k16", "T.address_of(acc[0])",
                    *(f"af[{a * 16} + s * 4 + {i}]" for i in range(4)), b_addr, f"T.uint32({XL})")
-        return "\n".join([f"for s in T.unroll({TK // 16}):", f"    T.evaluate({dq})",
+        if "dequant" in ablate:  # no loads, no dequant: a value the compiler cannot fold
+            dq = (f"for i in T.unroll(4):\n"
+                  f"        af[{a * 16} + s * 4 + i] = T.Cast('uint32', j * 4 + i)")
+        else:
+            dq = f"T.evaluate({dq})"
+        return "\n".join([f"for s in T.unroll({TK // 16}):", f"    {dq}",
                           ev("tvm_lite_wgmma_fence"),
-                          f"for s in T.unroll({TK // 16}):", f"    T.evaluate({mma})",
+                          f"for s in T.unroll({TK // 16}):",
+                          f"    T.evaluate({0 if 'mma' in ablate else mma})",
                           ev("tvm_lite_wgmma_commit")])
 
     # accumulator jn * 4 + c: feature 2g + c // 2 of the warp's 16, token 8 jn + 2t + c % 2
@@ -246,15 +257,17 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = Fals
     workspace, store, sum_kernel = mma_gemm.output_store(
         out, obuf, M, N, KS, f"{tok} + c % 2", f"{feat} + c // 2", "acc[jn * 4 + c]")
     pair, _ = ws.store_modes(g, KS, True, False)
+    # an ablated store: a condition the compiler cannot prove false, never true here
+    never = " and acc[0] == T.float32(3.0e38)" if "store" in ablate else ""
     if pair:  # features 2g, 2g + 1 of one token in one 4-byte store
         pst = ev("tvm_lite_st_f16x2",
                  f"T.address_of({out}[{mma_gemm._row_at(obuf, f'{tok} + hc', feat)}])",
                  "acc[jn * 4 + hc]", "acc[jn * 4 + 2 + hc]")
         stores = [f"for jn in T.unroll({TM // 8}):", "    for hc in T.unroll(2):",
-                  f"        if {tok} + hc < {M}:", f"            {pst}"]
+                  f"        if {tok} + hc < {M}{never}:", f"            {pst}"]
     else:
         stores = [f"for jn in T.unroll({TM // 8}):", "    for c in T.unroll(4):",
-                  f"        if {tok} + c % 2 < {M}:", f"            {store}"]
+                  f"        if {tok} + c % 2 < {M}{never}:", f"            {store}"]
     consumer = "\n".join([
         f"for i in T.unroll({TM // 2}):",
         "    acc[i] = T.float32(0)",
@@ -287,12 +300,16 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = Fals
 
 
 def wreg_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES,
-                     x_rows: bool = False):
+                     x_rows: bool = False, ablate=()):
     """The kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise :class:`MatchError`
     where it does not apply. ``tile``: ``(TM tokens, TN features[, KS])`` (default
     :data:`TILE`, K split by :func:`.gpu_gemm_wgmma.choose_split`); ``stages``: 2 to 7 (two
-    named barriers a stage, 15 besides ``__syncthreads``'); ``x_rows``: see
+    named barriers a stage, 15 besides ``__syncthreads``'); ``x_rows``, ``ablate``: see
     :func:`kernel_source`."""
+    unknown = sorted(set(ablate) - set(ws.ABLATIONS))
+    if unknown:
+        raise ValueError(f"ablate: unknown {', '.join(unknown)} (known: "
+                         f"{', '.join(ws.ABLATIONS)})")
     if not 2 <= stages <= (ws.NAMED_BARRIERS - 1) // 2:
         raise MatchError(f"stages={stages}: 2 to {(ws.NAMED_BARRIERS - 1) // 2}")
     sch, func, g, TM, TN, ks = wg.plan_kernel(func, target, profile, tile or TILE)
@@ -302,10 +319,11 @@ def wreg_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES,
                          f"divides the {wg.TK}-deep slice or is a multiple of it")
     if TN // 64 + 1 > 8:
         raise MatchError(f"{TN} features: at most 7 consumer warpgroups of 64")
-    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, x_rows), HELPERS,
-                            sch, func, g, shared_bytes(g, TM, TN, stages, x_rows),
-                            "wgmma_m64n%dk16 %dx%d split-K %d W in registers x%d%s"
-                            % (TM, TM, TN, ks, stages, " x rows" if x_rows else ""))
+    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, x_rows, ablate),
+                            HELPERS, sch, func, g, shared_bytes(g, TM, TN, stages, x_rows),
+                            "wgmma_m64n%dk16 %dx%d split-K %d W in registers x%d%s%s"
+                            % (TM, TM, TN, ks, stages, " x rows" if x_rows else "",
+                               "".join(f" -{a}" for a in ablate)))
 
 
 def default_kernel(func, target, profile):

@@ -1061,31 +1061,37 @@ def test_bench_wgmma_variants_build_their_kernels():
         wr.wreg_gemm_kernel(func, a90, CUDA, (256, 128), 6)
 
 
-def test_bench_wgmma_ablations_leave_out_their_part_only():
-    """``bench.prefill --wgmma 128x256xws3-dequant`` (a diagnostic): each part of
-    ``gpu_gemm_wgmma_ws.ABLATIONS`` leaves its own code out of the kernel and nothing else; an
-    unknown part is refused by name."""
+@pytest.mark.parametrize("tile, staging, dequant, mma", [
+    ((128, 256), "ws3", "tvm_lite_dq_kmajor", "tvm_lite_wgmma_m64n256k16"),
+    ((256, 128), "wr4", "tvm_lite_dq_afrag", "tvm_lite_gemm_wgmma_rs_m64n256k16")])
+def test_bench_wgmma_ablations_leave_out_their_part_only(tile, staging, dequant, mma):
+    """``bench.prefill --wgmma 128x256xws3-dequant`` (and ``256x128xwr4-dequant``; a
+    diagnostic): each part of ``gpu_gemm_wgmma_ws.ABLATIONS`` leaves its own code out of the
+    warp-specialised kernel, or of the one with W in registers, and nothing else; an unknown part
+    is refused by name."""
     from tvm_lite.bench.prefill import gemm_rules
+    from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
     from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
 
-    specs = [(128, 256, "ws3")] + [(128, 256, f"ws3-{a}") for a in ws.ABLATIONS]
+    tm, tn = tile
+    specs = [(tm, tn, staging)] + [(tm, tn, f"{staging}-{a}") for a in ws.ABLATIONS]
     rules, _ = gemm_rules(parse_target(TARGETS["cuda"]), (), specs)
     func = kernel_func("e0m4", [1, DYN], 2048, 8192)
     a90 = parse_target(WGMMA_TARGET)
 
     def source(name):
-        sch = _schedule(rules[f"e0m4 wgmma 128x256 x{name}"][0], func, a90)
+        sch = _schedule(rules[f"e0m4 wgmma {tm}x{tn} x{name}"][0], func, a90)
         return sch.mod["main"].script()
 
     def count(src):
         return {part: src.count(marker) for part, marker in (
-            ("copy", "tvm_lite_cp_async16"), ("dequant", "tvm_lite_dq_kmajor"),
-            ("mma", "tvm_lite_wgmma_m64n256k16"), ("store", "== T.float32(3000"))}
+            ("copy", "tvm_lite_cp_async16"), ("dequant", dequant), ("mma", mma),
+            ("store", "== T.float32(3000"))}
 
-    whole = count(source("ws3"))
+    whole = count(source(staging))
     assert whole["store"] == 0 and all(whole[p] for p in ("copy", "dequant", "mma"))
     for part in ws.ABLATIONS:
-        got = count(source(f"ws3-{part}"))
+        got = count(source(f"{staging}-{part}"))
         assert got[part] < whole[part] if part != "store" else got[part] > 0, (part, got)
         if part == "copy":  # the first S - 1 slices are still copied
             assert got["copy"] > 0
@@ -1093,14 +1099,16 @@ def test_bench_wgmma_ablations_leave_out_their_part_only():
             {p: v for p, v in whole.items() if p != part}, (part, got, whole)
     with pytest.raises(ValueError, match="ablate: unknown nope"):
         ws.ws_gemm_kernel(func, a90, CUDA, (128, 256), 3, ablate=("nope",))
+    with pytest.raises(ValueError, match="ablate: unknown nope"):
+        wr.wreg_gemm_kernel(func, a90, CUDA, (256, 128), 4, ablate=("nope",))
 
 
 @pytest.mark.parametrize("spec, says", [
     ("128x256xws3-nope", "only copy, dequant, mma, store"),
-    ("128x256x3-dequant", "wsS kernel only"), ("128x256x5w2", "S, wsS, wsSwB"),
+    ("128x256x3-dequant", "wrS kernel only"), ("128x256x5w2", "S, wsS, wsSwB"),
     ("128x256x3p", "S, wsS, wsSwB"), ("128x256x3r", "S, wsS, wsSwB"),
     ("128x256x3s", "S, wsS, wsSwB"), ("256x128xwr4p", "wrS or wrSr"),
-    ("256x128xwr4w2", "wrS or wrSr"), ("256x128xwr4-dequant", "wsS kernel only"),
+    ("256x128xwr4w2", "wrS or wrSr"), ("256x128xwr4-nope", "only copy, dequant"),
     ("128x256", "not TMxTNxS")])
 def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     """``bench.prefill --wgmma`` stops on a spec it cannot build, before any GPU work, saying

@@ -307,7 +307,8 @@ def parse_wgmma_stages(spec: str) -> WgmmaStaging:
     segment a warp quarter), ``wsS..s`` (... its outputs staged through shared memory), each
     ``wsS..`` optionally followed by ``-part`` for each part left out (a diagnostic:
     ``gpu_gemm_wgmma_ws.ABLATIONS``); ``wrS`` (the kernel with W dequantized in registers, S
-    stages), ``wrSr`` (... X copied by rows). Raises ValueError naming what is wrong."""
+    stages), ``wrSr`` (... X copied by rows), each optionally with ``-part``s as ``wsS``.
+    Raises ValueError naming what is wrong."""
     from tvm_lite.schedules.gpu_gemm_wgmma_ws import ABLATIONS
 
     head, *ablate = str(spec).split("-")
@@ -318,8 +319,8 @@ def parse_wgmma_stages(spec: str) -> WgmmaStaging:
         raise ValueError(f"{spec}: the staging is S, wsS, wsSwB, wsSp, wsSr, wsSs, wsSwBprs, "
                          "wrS or wrSr")
     bad = [a for a in ablate if a not in ABLATIONS]
-    if bad or (ablate and kind != "ws"):
-        raise ValueError(f"{spec}: parts can be left out of a wsS kernel only, and only "
+    if bad or (ablate and not kind):
+        raise ValueError(f"{spec}: parts can be left out of a wsS or wrS kernel only, and only "
                          f"{', '.join(ABLATIONS)}")
     return WgmmaStaging(kind == "ws", int(m.group(2)), int(m.group(3)) if m.group(3) else None,
                         bool(m.group(4)), tuple(ablate), bool(m.group(5)), bool(m.group(6)),
@@ -505,7 +506,7 @@ def main(argv=None):
                     "wsN..-part[-part..] without those "
                     "parts, a diagnostic: copy, dequant, mma, store; wrN the kernel with W "
                     "dequantized in registers, TM tokens x TN features, N stages, wrNr with X "
-                    "copied by rows), e.g. 128x256x3,128x256xws3,128x256xws5w2,128x256xws3p,"
+                    "copied by rows, wrN..-part as wsN), e.g. 128x256x3,128x256xws3,128x256xws5w2,128x256xws3p,"
                     "128x256xws5w2pr,128x256xws3-dequant,256x128xwr4")
     ap.add_argument("--gemm-layers", default="", help="only these layers, separated by ';' "
                     "(names: q;k,v;o;gate,up;down; default: all)")
