@@ -153,3 +153,15 @@ def tiny_decoder():
     onnx_dir = export_onnx(hf, out_dir=root / "onnx-torchscript", exporter="torchscript",
                            progress=lambda *_: None)
     return hf, onnx_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_fp16(tiny_decoder):
+    """The ONNX export folder of ``tiny_decoder``'s model in fp16 (TorchScript exporter): the
+    GPU's tensor-core kernels take fp16 activations only."""
+    from tvm_lite.export import EXPORT_VERSION, cache_dir, export_onnx
+
+    hf, _ = tiny_decoder
+    root = cache_dir() / "tests" / f"tiny-llama-v{EXPORT_VERSION}"
+    return export_onnx(hf, out_dir=root / "onnx-torchscript-fp16", exporter="torchscript",
+                       dtype="float16", progress=lambda *_: None)

@@ -1210,6 +1210,59 @@ def test_default_rule_takes_w_in_registers_for_deep_and_wide_gemms_when_on(monke
         assert "mma_m16n8k16" in label(fmt, k, n, target), (fmt, k, n, target)
 
 
+def _tiny_e0m4(onnx_dir):
+    """The tiny model (fp16) imported, its weights E0M4 (RTN, groups of 32), ready to build."""
+    import tvm_lite
+    from tvm_lite.artifact import weights_as_built
+    from tvm_lite.quant import QuantConfig, quantize_module
+    from tvm_lite.quant.quantize import tokenizer_of
+
+    mod = tvm_lite.from_onnx(onnx_dir / "model.onnx")
+    mod, _ = quantize_module(mod, QuantConfig("e0m4", "rtn", 32), tokenizer_of(onnx_dir),
+                             progress=lambda *_: None)
+    return tvm_lite.detach_params(weights_as_built(mod, progress=None))[0]
+
+
+def test_a_whole_model_takes_w_in_registers_where_on(tiny_decoder_fp16, monkeypatch):
+    """A real model's sm_90a build (the tiny Llama in fp16, E0M4 weights) gives its wide GEMM
+    (gate/up: K 64, N 256) the W-in-registers kernel when ``ENABLED``, and no GEMM of it
+    otherwise: the kernel takes the pipeline's own PrimFuncs (symbolic M, the quantizer's
+    packed weight), not only the tests'."""
+    import tvm_lite
+    from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
+
+    mod = _tiny_e0m4(tiny_decoder_fp16)
+    off = tvm_lite.device_source(tvm_lite.build(mod, WGMMA_TARGET), "cuda")
+    monkeypatch.setattr(wr, "ENABLED", True)
+    on = tvm_lite.device_source(tvm_lite.build(mod, WGMMA_TARGET), "cuda")
+    assert "tvm_lite_dq_afrag(" not in off
+    assert on.count("tvm_lite_gemm_wgmma_rs_m64n256k16(") >= 2  # its definition and a call
+    assert "setmaxnreg.inc.sync.aligned.u32 232" in on
+
+
+@HOPPER
+def test_a_whole_model_with_w_in_registers_gives_the_default_builds_logits(tiny_decoder_fp16,
+                                                                         monkeypatch, tmp_path):
+    """On a Hopper GPU the tiny model built with the W-in-registers GEMM gives the logits of the
+    default sm_90a build (prefill, a chunk, decode steps)."""
+    from tvm_lite.arch_matrix import engine_logits
+    from tvm_lite.artifact import compile_model
+    from tvm_lite.engine import Engine
+    from tvm_lite.quant import QuantConfig
+    from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
+
+    def logits(name):
+        art = compile_model(tiny_decoder_fp16, WGMMA_TARGET, out_dir=tmp_path / name,
+                            quant=QuantConfig("e0m4", "rtn", 32), progress=lambda *_: None)
+        return engine_logits(Engine(art, device="cuda:0")).astype(np.float32)
+
+    base = logits("default")
+    monkeypatch.setattr(wr, "ENABLED", True)
+    got = logits("w_in_registers")
+    assert np.abs(got - base).max() <= 2e-2 * max(1.0, float(np.abs(base).max())), \
+        float(np.abs(got - base).max())
+
+
 def test_default_rule_takes_the_warp_specialised_kernel_for_deep_and_wide_gemms_on_sm90a():
     """Without options the rule gives a deep 4-bit GEMM (K >= 4 N, N >= 2048: the down
     projections) and a wide one (N >= 4 K: gate/up) on sm_90a the warp-specialised wgmma kernel at the tile, stages
