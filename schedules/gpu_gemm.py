@@ -69,7 +69,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                  wgmma_specialised: int = 0, wgmma_ablate: tuple = (),
                  wgmma_w_buffers: int | None = None, wgmma_pair_stores: bool = False,
                  wgmma_x_rows: bool = False, wgmma_staged_stores: bool = False,
-                 wgmma_w_in_registers: int = 0):
+                 wgmma_w_in_registers: int = 0, plan_lengths: tuple | None = None):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -90,6 +90,9 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         # > 0: the kernel with W dequantized in registers, this many stages (gpu_gemm_wgmma_wreg;
         # wgmma_tile is then (tokens, features), wgmma_x_rows its X copy)
         self.wgmma_w_in_registers = wgmma_w_in_registers
+        # prompt lengths the tensor-core kernels are planned for, one kernel each (None:
+        # gpu_gemm_mma.PLAN_LENGTHS; see gpu_gemm_mma.lengths_for)
+        self.plan_lengths = plan_lengths
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
@@ -106,12 +109,13 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                     if self.wgmma_w_in_registers:
                         return wreg_gemm_kernel(func, target, profile, self.wgmma_tile,
                                                 self.wgmma_w_in_registers, self.wgmma_x_rows,
-                                                self.wgmma_ablate)
+                                                self.wgmma_ablate, self.plan_lengths)
                     if self.wgmma_specialised:
                         return ws_gemm_kernel(func, target, profile, self.wgmma_tile,
                                               self.wgmma_specialised, self.wgmma_ablate,
                                               self.wgmma_w_buffers, self.wgmma_pair_stores,
-                                              self.wgmma_x_rows, self.wgmma_staged_stores)
+                                              self.wgmma_x_rows, self.wgmma_staged_stores,
+                                              self.plan_lengths)
                     return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
                                              self.wgmma_x_stages)
                 except MatchError:
@@ -121,14 +125,15 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                 # the warp-specialised kernel
                 for kernel in (wreg_default_kernel, deep_gemm_kernel):
                     try:
-                        return kernel(func, target, fit_to_target(self.profile, target))
+                        return kernel(func, target, fit_to_target(self.profile, target),
+                                      self.plan_lengths)
                     except MatchError:
                         pass
             try:  # mma.sync with the dequant in the staging (schedules/gpu_gemm_mma.py)
                 if self.mma:
                     return mma_gemm_kernel(func, target, fit_to_target(self.profile, target),
                                            tile=self.mma_tile, split_k=self.split_k,
-                                           x_async=self.x_async)
+                                           x_async=self.x_async, lengths=self.plan_lengths)
             except MatchError:
                 pass
             sch = dl.gpu.matmul.MatmulTensorization().apply(func, target, tunable)

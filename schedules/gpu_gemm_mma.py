@@ -37,6 +37,8 @@ dim, ``N % 64 == 0``, ``K % 32 == 0``, a quantization group that is a multiple o
 
 from __future__ import annotations
 
+import re
+
 from tvm import s_tir
 from tvm.script import from_source
 from tvm.script import tirx as T
@@ -59,6 +61,15 @@ TILES = ((128, 128, 2, 4), (128, 64, 4, 2), (64, 128, 2, 4), (64, 64, 2, 2))
 WIDE_TILE = (128, 128, 2, 2)
 WIDE_MIN_WAVES = 1.9
 PLAN_M = 512  # the prompt length the tile is chosen for
+# Prompt lengths the prefill GEMMs are planned for where M is symbolic (a prompt's bucket): a
+# kernel for each, the host picking one by M (up to the midpoint between neighbouring lengths;
+# the longest takes the rest). A plan made for PLAN_M fits the prompts near it only: at M =
+# 256 (a 256-token chunk, any prompt of 129-256 tokens) the default gate/up, down and q GEMMs
+# of Llama-1B run 64 workgroups on the H200's 132 SMs, and at M = 2048 the down projection
+# still writes 4 fp32 partials of every output (64 MB) where 128 workgroups need no split.
+# () keeps one plan, PLAN_M's; a static M is planned for PLAN_M. Off until timed
+# (``bench.prefill --parts gemm --gemm-lengths 256,512,2048``, variant "e0m4 (by length)").
+PLAN_LENGTHS: tuple = ()
 MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a workgroup
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)
@@ -131,6 +142,55 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
     if tile[:2] == WIDE_TILE[:2] and tile[4] == 1 and wave >= WIDE_MIN_WAVES * compute_units:
         return (*WIDE_TILE, 1)
     return tile
+
+
+def lengths_for(m: str, lengths=None) -> list[tuple[int, str | None]]:
+    """``[(length planned for, the host's condition on M)]`` for a GEMM whose M is ``m`` (text:
+    a number or a variable's name): ``[(PLAN_M, None)]`` where ``m`` is a number or ``lengths``
+    (default :data:`PLAN_LENGTHS`) is empty; else one pair a length, shortest first, each up to
+    the midpoint to the next, the last unconditioned."""
+    lengths = PLAN_LENGTHS if lengths is None else lengths
+    if not lengths or m.isdigit():
+        return [(PLAN_M, None)]
+    ls = sorted(set(lengths))
+    return [(a, f"{m} <= T.int64({(a + b) // 2})") for a, b in zip(ls, ls[1:])] + [(ls[-1], None)]
+
+
+_WORKSPACE = re.compile(r'    ws = T\.alloc_buffer\(\((\d+) \* (.+?),\), "float32", scope="global"\)\n')
+_NEST = "    for bx in T.thread_binding("
+
+
+def by_length(variants: list[tuple[str | None, str]]) -> str:
+    """One kernel source from ``variants``, ``(host condition or None, source)`` of the same
+    function planned for different prompt lengths (:func:`lengths_for`): the head and buffer
+    declarations once, each variant's kernels (from its first thread binding on) under its
+    condition, tested in turn (the last: unconditioned), the fp32 split-K workspace sized for
+    the variant that splits most. Consecutive variants with the same kernels are merged."""
+    parts = []
+    for cond, src in variants:
+        at = src.index(_NEST)
+        nest = src[at:]
+        if parts and parts[-1][2] == nest:
+            parts[-1] = (cond, parts[-1][1], nest)  # the same plan: one branch for both
+        else:
+            parts.append((cond, src[:at], nest))
+    if len(parts) == 1:
+        return variants[-1][1]
+    heads = [_WORKSPACE.sub("", head) for _, head, _ in parts]
+    if len(set(heads)) != 1:
+        raise ValueError("by_length: the variants' heads differ beyond their workspaces")
+    spaces = [(int(m.group(1)), m.group(0)) for _, head, _ in parts
+              for m in [_WORKSPACE.search(head)] if m]
+    text = heads[0] + (max(spaces)[1] if spaces else "")
+    depth = 0
+    for cond, _, nest in parts:
+        pad = " " * 4 * depth
+        if cond is not None:
+            text += f"{pad}    if {cond}:\n{indent(nest, 4 * depth + 4)}\n{pad}    else:\n"
+            depth += 1
+        else:
+            text += indent(nest, 4 * depth) + "\n"
+    return text
 
 
 def _decl(func) -> tuple[list, str, str]:
@@ -452,10 +512,11 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
 
 
 def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
-                    x_async: bool | None = None):
+                    x_async: bool | None = None, lengths=None):
     """The tensor-core kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply. ``split_k=False``: never split K; ``x_async``:
-    X by ``cp.async`` (default :data:`X_ASYNC`)."""
+    X by ``cp.async`` (default :data:`X_ASYNC`); ``lengths``: the prompt lengths planned for
+    where no tile is given (default :data:`PLAN_LENGTHS`, see :func:`lengths_for`)."""
     if not mma.mma_supported(target):
         raise MatchError("mma.sync m16n8k16 needs a CUDA sm_80+ target")
     sch = s_tir.Schedule(func)
@@ -464,13 +525,34 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
     if tile is not None and (g["n"] % tile[1]
                              or g["k"] % ((tile[5] if len(tile) > 5 else TK) * tile[4])):
         raise MatchError(f"tile {tile} does not divide N={g['n']}, K={g['k']}")
-    tile = tile or choose_tile(g["n"], profile.compute_units, k=g["k"] if split_k else None)
-    src = kernel_source(func, g, tile, x_async)
+    plans = [(cond, tile or choose_tile(g["n"], profile.compute_units, m=length,
+                                         k=g["k"] if split_k else None))
+             for length, cond in (lengths_for(g["m"], lengths) if tile is None
+                                  else [(PLAN_M, None)])]
+    src = by_length([(cond, kernel_source(func, g, t, x_async)) for cond, t in plans])
     kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
     kernel = attach_epilogue(kernel, func, sch, g["out_dtype"], g["final"], g["matmul_buf"])
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}
-    kernel = kernel.with_attrs({**attrs, "tvm_lite.gemm": "mma_m16n8k16 %dx%d split-K %d" % (tile[0], tile[1], tile[4])})
+    label = plan_label([(cond, "mma_m16n8k16 %dx%d split-K %d" % (t[0], t[1], t[4]))
+                        for cond, t in plans])
+    kernel = kernel.with_attrs({**attrs, "tvm_lite.gemm": label})
     return s_tir.Schedule(kernel)
 
 
-__all__ = ["mma_gemm_kernel", "match_gemm", "choose_tile", "kernel_source", "TILES", "HELPERS"]
+def plan_label(plans: list[tuple[str | None, str]]) -> str:
+    """A kernel's ``tvm_lite.gemm`` label: the plan's, or where there are several (by prompt
+    length), each with its condition, the last (the longest prompts') first."""
+    labels = []
+    for cond, label in plans:
+        if labels and labels[-1][1] == label:
+            labels[-1] = (cond, label)
+        else:
+            labels.append((cond, label))
+    text = labels[-1][1]
+    for cond, label in labels[:-1]:
+        text += f"; if {cond.replace('T.int64(', '').replace(')', '')}: {label}"
+    return text
+
+
+__all__ = ["mma_gemm_kernel", "match_gemm", "choose_tile", "kernel_source", "TILES", "HELPERS",
+           "PLAN_LENGTHS", "lengths_for", "by_length", "plan_label"]

@@ -300,12 +300,14 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = Fals
 
 
 def wreg_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES,
-                     x_rows: bool = False, ablate=()):
+                     x_rows: bool = False, ablate=(), lengths=None):
     """The kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise :class:`MatchError`
-    where it does not apply. ``tile``: ``(TM tokens, TN features[, KS])`` (default
-    :data:`TILE`, K split by :func:`.gpu_gemm_wgmma.choose_split`); ``stages``: 2 to 7 (two
-    named barriers a stage, 15 besides ``__syncthreads``'); ``x_rows``, ``ablate``: see
-    :func:`kernel_source`."""
+    where it does not apply. ``tile``: ``(TM tokens, TN features[, KS])``, K split by
+    :func:`.gpu_gemm_wgmma.choose_split` where not given; default: :data:`TILE` planned for
+    each of ``lengths`` (default :data:`.gpu_gemm_mma.PLAN_LENGTHS`, see
+    :func:`.gpu_gemm_mma.lengths_for`), half its tokens for a prompt shorter than two tiles;
+    ``stages``: 2 to 7 (two named barriers a stage, 15 besides ``__syncthreads``');
+    ``x_rows``, ``ablate``: see :func:`kernel_source`."""
     unknown = sorted(set(ablate) - set(ws.ABLATIONS))
     if unknown:
         raise ValueError(f"ablate: unknown {', '.join(unknown)} (known: "
@@ -319,22 +321,31 @@ def wreg_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES,
                          f"divides the {wg.TK}-deep slice or is a multiple of it")
     if TN // 64 + 1 > 8:
         raise MatchError(f"{TN} features: at most 7 consumer warpgroups of 64")
-    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, x_rows, ablate),
-                            HELPERS, sch, func, g, shared_bytes(g, TM, TN, stages, x_rows),
-                            "wgmma_m64n%dk16 %dx%d split-K %d W in registers x%d%s%s"
-                            % (TM, TM, TN, ks, stages, " x rows" if x_rows else "",
-                               "".join(f" -{a}" for a in ablate)))
+    plans = [(None, (TM, TN, ks))]
+    if tile is None:  # a plan a prompt length: fewer tokens a tile for short prompts
+        plans = []
+        for length, cond in mma_gemm.lengths_for(g["m"], lengths):
+            tm = TM if length >= 2 * TM else TM // 2
+            plans.append((cond, wg.plan_kernel(func, target, profile, (tm, TN), length)[3:]))
+    sources = [(cond, kernel_source(func, g, plan, stages, x_rows, ablate))
+               for cond, plan in plans]
+    labels = [(cond, "wgmma_m64n%dk16 %dx%d split-K %d W in registers x%d%s%s"
+               % (tm, tm, tn, k_split, stages, " x rows" if x_rows else "",
+                  "".join(f" -{a}" for a in ablate))) for cond, (tm, tn, k_split) in plans]
+    shared = max(shared_bytes(g, tm, tn, stages, x_rows) for _, (tm, tn, _) in plans)
+    return wg.finish_kernel(mma_gemm.by_length(sources), HELPERS, sch, func, g, shared,
+                            mma_gemm.plan_label(labels))
 
 
-def default_kernel(func, target, profile):
-    """:func:`wreg_gemm_kernel` at :data:`TILE` and :data:`STAGES` for what
-    :func:`.gpu_gemm_wgmma_ws.deep_gemm_kernel` takes (a deep or a wide GEMM on sm_90a) when
-    :data:`ENABLED`; :class:`MatchError` otherwise."""
+def default_kernel(func, target, profile, lengths=None):
+    """:func:`wreg_gemm_kernel` at :data:`TILE` (by prompt length: ``lengths``) and
+    :data:`STAGES` for what :func:`.gpu_gemm_wgmma_ws.deep_gemm_kernel` takes (a deep or a wide
+    GEMM on sm_90a) when :data:`ENABLED`; :class:`MatchError` otherwise."""
     if not ENABLED:
         raise MatchError("gpu_gemm_wgmma_wreg.ENABLED is off")
     if not ws.deep_or_wide(func, target, profile):
         raise MatchError("neither deep nor wide")
-    return wreg_gemm_kernel(func, target, profile, TILE, STAGES)
+    return wreg_gemm_kernel(func, target, profile, None, STAGES, lengths=lengths)
 
 
 __all__ = ["wreg_gemm_kernel", "default_kernel", "kernel_source", "HELPERS", "TILE", "STAGES",

@@ -380,7 +380,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
 
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
                    w_buffers: int | None = None, pair_stores: bool = False,
-                   x_rows: bool = False, staged_stores: bool = False):
+                   x_rows: bool = False, staged_stores: bool = False, lengths=None):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
     :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``, ``x_rows``,
@@ -392,7 +392,9 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     may be as long as ``stages - 1`` slices of MMAs. With one W slice a stage that is 3 stages
     at 128 x 256 (66 KB a stage); with 2 W slices the ring can hold 5 (214 KB). The hardware's
     16 named barriers bound ``stages`` (2 a stage, one for the producers, one a W slot where
-    there are fewer W slots than stages; id 0 is ``__syncthreads``)."""
+    there are fewer W slots than stages; id 0 is ``__syncthreads``). ``lengths``: where the
+    tile gives no K split, the prompt lengths the split is planned for (default
+    :data:`.gpu_gemm_mma.PLAN_LENGTHS`: see :func:`.gpu_gemm_mma.lengths_for`)."""
     if not 2 <= stages <= 5 and not (w_buffers and w_buffers < stages <= 6):
         raise MatchError(f"stages={stages}: 2 to 5 (6 with fewer W buffers)")
     if w_buffers is not None and not 2 <= w_buffers <= stages:
@@ -409,14 +411,21 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
                          f"of the {wg.TK}-deep slice")
     wn = w_buffers if w_buffers and w_buffers < stages else None
-    pair_stores, staged_stores = store_modes(g, ks, pair_stores, staged_stores)
-    return wg.finish_kernel(kernel_source(func, g, (TM, TN, ks), stages, ablate, wn,
-                                          pair_stores, x_rows, staged_stores), HELPERS,
-                            sch, func, g, shared_bytes(g, TM, TN, stages, wn, x_rows),
-                            "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s"
-                            % (TN, TM, TN, ks, stages, f" w{wn}" if wn else "",
-                               " pairs" if pair_stores else "", " x rows" if x_rows else "",
-                               " staged" if staged_stores else ""))
+    splits = ([(None, ks)] if tile is not None and len(tile) > 2 else
+              [(cond, wg.choose_split(length, g["n"], g["k"], (TM, TN), profile.compute_units))
+               for length, cond in mma_gemm.lengths_for(g["m"], lengths)])
+    sources, labels = [], []
+    for cond, k_split in splits:
+        pairs, staged = store_modes(g, k_split, pair_stores, staged_stores)
+        sources.append((cond, kernel_source(func, g, (TM, TN, k_split), stages, ablate, wn,
+                                            pairs, x_rows, staged)))
+        labels.append((cond, "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s"
+                       % (TN, TM, TN, k_split, stages, f" w{wn}" if wn else "",
+                          " pairs" if pairs else "", " x rows" if x_rows else "",
+                          " staged" if staged else "")))
+    return wg.finish_kernel(mma_gemm.by_length(sources), HELPERS, sch, func, g,
+                            shared_bytes(g, TM, TN, stages, wn, x_rows),
+                            mma_gemm.plan_label(labels))
 
 
 def deep_or_wide(func, target, profile) -> str | None:
@@ -430,20 +439,20 @@ def deep_or_wide(func, target, profile) -> str | None:
     return "wide" if g["n"] >= WIDE_N_RATIO * g["k"] else None
 
 
-def deep_gemm_kernel(func, target, profile):
+def deep_gemm_kernel(func, target, profile, lengths=None):
     """:func:`ws_gemm_kernel` for a deep GEMM (``K >= DEEP_K_RATIO x N``, ``N >= DEEP_MIN_N``,
     at ``DEEP_*``) or a wide one (``N >= WIDE_N_RATIO x K``, at ``WIDE_*``) on sm_90a, or
     :class:`MatchError` (another target, another shape, or what :func:`ws_gemm_kernel` does not
-    take)."""
+    take). ``lengths``: see :func:`ws_gemm_kernel`."""
     if not wg.wgmma_supported(target):
         raise MatchError("wgmma needs a CUDA sm_90a target")
     kind = deep_or_wide(func, target, profile)
     if kind == "deep":
         return ws_gemm_kernel(func, target, profile, DEEP_TILE, DEEP_STAGES, (),
-                              DEEP_W_BUFFERS, DEEP_PAIR_STORES, DEEP_X_ROWS)
+                              DEEP_W_BUFFERS, DEEP_PAIR_STORES, DEEP_X_ROWS, lengths=lengths)
     if kind == "wide":
         return ws_gemm_kernel(func, target, profile, WIDE_TILE, WIDE_STAGES, (),
-                              WIDE_W_BUFFERS, WIDE_PAIR_STORES, WIDE_X_ROWS)
+                              WIDE_W_BUFFERS, WIDE_PAIR_STORES, WIDE_X_ROWS, lengths=lengths)
     raise MatchError("neither deep nor wide: mma.sync is faster")
 
 

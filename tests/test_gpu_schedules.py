@@ -697,13 +697,13 @@ def test_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, epilogue):
                        fmt, k, n, epilogue)
 
 
-def _check_gemm_on_gpu(ex, fmt, k, n, epilogue):
+def _check_gemm_on_gpu(ex, fmt, k, n, epilogue, lengths=(1, 37, 128, 200, 512)):
     """A built prefill GEMM against numpy on the CUDA device at prompt lengths that are and are
-    not multiples of the tile (1, 37, 128, 200, 512)."""
+    not multiples of the tile (default 1, 37, 128, 200, 512)."""
     dev = cuda_device()
     rng = np.random.default_rng(5)
     arrays = weights(fmt, k, n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, n, rng)
-    for seq in (1, 37, 128, 200, 512):
+    for seq in lengths:
         x = (rng.standard_normal((1, seq, k)) * 0.5).astype(np.float16)
         extra = (rng.standard_normal((1, seq, n))).astype(np.float16)
         args = [x, *arrays.values()] + ([extra] if epilogue else [])
@@ -891,6 +891,95 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     TM, TN = (tile or wg.TILE)[:2]
     KS = int(re.search(r"split-K (\d+)", label).group(1))  # as planned (a tile may leave it out)
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
+
+
+# -- prefill GEMMs planned by prompt length (gpu_gemm_mma.PLAN_LENGTHS) --------------------------
+def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
+    """With ``lengths`` the tensor-core GEMMs (mma.sync, the warp-specialised and the
+    W-in-registers kernels) get one kernel a distinct plan, chosen by M on the host: each
+    branch's kernels are those of its length's plan built alone (the same TIR), the conditions
+    cut at the midpoints (384, 1280), a plan shared by neighbouring lengths is one branch, and a
+    static M or no lengths leave the single PLAN_M kernel (the default: byte-identical)."""
+    from tvm_lite.schedules import gpu_gemm_mma as mg
+    from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    assert mg.lengths_for("n", (2048, 256, 512)) == [
+        (256, "n <= T.int64(384)"), (512, "n <= T.int64(1280)"), (2048, None)]
+    assert mg.lengths_for("70", (256, 512)) == [(mg.PLAN_M, None)]
+    assert mg.lengths_for("n", ()) == [(mg.PLAN_M, None)]
+    a90 = parse_target(WGMMA_TARGET)
+    lengths = (256, 512, 2048)
+
+    def branches(stmt, conds=()):
+        """[(conditions, statement)] of the host's if/else chain."""
+        if isinstance(stmt, tirx.IfThenElse):
+            return (branches(stmt.then_case, conds + (str(stmt.condition),))
+                    + branches(stmt.else_case, conds + ("else",)))
+        return [(conds, stmt)]
+
+    def first(stmt, kind):
+        """The first ``kind`` statement at the top of ``stmt`` (past declarations)."""
+        while not isinstance(stmt, kind):
+            stmt = (next(x for x in stmt.seq if isinstance(x, (kind, tirx.IfThenElse,
+                                                                tirx.For)))
+                    if isinstance(stmt, tirx.SeqStmt) else stmt.body)
+        return stmt
+
+    cases = [  # (kernel, K, N, epilogue, the plans' labels' start by length)
+        (lambda f, **kw: mg.mma_gemm_kernel(f, a90, CUDA, **kw), 2048, 2048, "residual",
+         ["mma_m16n8k16 128x128 split-K 4", "mma_m16n8k16 128x128 split-K 2",
+          "mma_m16n8k16 128x128 split-K 1"]),
+        (lambda f, **kw: ws.deep_gemm_kernel(f, a90, CUDA, **kw), 8192, 2048, "residual",
+         ["wgmma_m64n256k16 128x256 split-K 8", "wgmma_m64n256k16 128x256 split-K 4",
+          "wgmma_m64n256k16 128x256 split-K 1"]),
+        (lambda f, **kw: wr.wreg_gemm_kernel(f, a90, CUDA, None, 4, **kw), 2048, 8192, None,
+         ["wgmma_m64n128k16 128x128 split-K 1", "wgmma_m64n256k16 256x128 split-K 1"])]
+    for build_kernel, k, n, epilogue, starts in cases:
+        func = _dequant_gemv("e0m4", k, n, epilogue, lead=(1, DYN))
+        with a90:
+            one = build_kernel(func)
+            by = build_kernel(func, lengths=lengths)
+            static = build_kernel(_dequant_gemv("e0m4", k, n, epilogue, lead=(1, 300)),
+                                  lengths=lengths)
+        label = str(by.mod["main"].attrs["tvm_lite.gemm"])
+        assert label.startswith(starts[-1]), label
+        for start in starts[:-1]:
+            assert f": {start}" in label, (start, label)
+        assert "T.int64" not in label and "if n <= 384" in label, label
+        assert str(one.mod["main"].attrs["tvm_lite.gemm"]).count("split-K") == 1
+        assert str(static.mod["main"].attrs["tvm_lite.gemm"]).count("split-K") == 1
+        got = branches(first(by.mod["main"].body, tirx.IfThenElse))
+        assert [c for c, _ in got][0] == ("n <= T.int64(384)",), got
+        assert len(got) == len(starts)
+        plans = mg.lengths_for("n", lengths)
+        alone = {}
+        for length, _ in plans:  # each length's plan built alone
+            with a90:
+                sch = build_kernel(func, lengths=(length,))
+            alone.setdefault(str(sch.mod["main"].attrs["tvm_lite.gemm"]), sch)
+        for (_, stmt), start in zip(got, starts):
+            match = [sch for lab, sch in alone.items() if lab.startswith(start)]
+            assert match, (start, list(alone))
+            def text(nest):  # the kernels as TVMScript, less the workspace's size
+                return [ln for ln in str(nest).splitlines() if not ln.strip().startswith("ws = ")]
+
+            mine = first(match[0].mod["main"].body, tirx.For)  # its first thread binding
+            assert text(first(stmt, tirx.For)) == text(mine), start
+
+
+@HOPPER
+@pytest.mark.parametrize("kernel, k, n, epilogue", [
+    ("mma", 2048, 2048, "residual"), ("deep", 8192, 2048, "residual"), ("wide", 2048, 8192, None),
+    ("wreg", 2048, 8192, None)])
+def test_plans_by_prompt_length_run_correctly_on_a_hopper_gpu(kernel, k, n, epilogue):
+    """The GEMMs planned by prompt length on the GPU against numpy at lengths in every branch
+    (M 37 and 300: the 256 plan; 512 and 1000: 512's; 1300 and 2048: 2048's)."""
+    rule = GPUPrefillGEMM(CUDA, plan_lengths=(256, 512, 2048),
+                          **({"wgmma": True, "wgmma_w_in_registers": 4} if kernel == "wreg"
+                             else {}))
+    ex = build(_mma_func("e0m4", k, n, epilogue), parse_target(WGMMA_TARGET), [rule])
+    _check_gemm_on_gpu(ex, "e0m4", k, n, epilogue, (37, 300, 512, 1000, 1300, 2048))
 
 
 # -- the GEMM with W dequantized in registers (schedules/gpu_gemm_wgmma_wreg.py) -----------------

@@ -281,11 +281,15 @@ def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
 # splitting K; "wmma" the rule without the mma kernel, i.e. DLight's WMMA kernel that ran before;
 # "x async" the mma kernel with X copied by cp.async (gpu_gemm_mma.X_ASYNC); "wgmma" Hopper's
 # warpgroup kernel (gpu_gemm_wgmma, built for sm_90a; skipped on other GPUs); "sm_90a" the
-# default rules built for sm_90a (the warp-specialised wgmma kernel for deep GEMMs)
+# default rules built for sm_90a (the warp-specialised wgmma kernel for deep GEMMs); "sm_90a by
+# length" the same with the tensor-core kernels planned for each of BY_LENGTH, picked by M
 GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp16", "mma"),
                  "e0m4 (no split-K)": ("e0m4", "no split-K"), "e0m4 (wmma)": ("e0m4", "wmma"),
                  "e0m4 (x async)": ("e0m4", "x async"), "e0m4 (wgmma)": ("e0m4", "wgmma"),
-                 "e0m4 (sm_90a)": ("e0m4", "sm_90a")}
+                 "e0m4 (sm_90a)": ("e0m4", "sm_90a"),
+                 "e0m4 (sm_90a, by length)": ("e0m4", "sm_90a by length")}
+# the prompt lengths "by length" plans the GEMMs for (gpu_gemm_mma.PLAN_LENGTHS when on)
+BY_LENGTH = (256, 512, 2048)
 
 
 class WgmmaStaging(NamedTuple):
@@ -341,7 +345,9 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
              "wmma": [GPUPrefillGEMM(cuda, mma=False), *rules_for(target)],
              "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)],
              "wgmma": [GPUPrefillGEMM(cuda, wgmma=True), *rules_for(target)],
-             "sm_90a": rules_for(parse_target("cuda -arch=sm_90a"))}
+             "sm_90a": rules_for(parse_target("cuda -arch=sm_90a")),
+             "sm_90a by length": [GPUPrefillGEMM(cuda, plan_lengths=BY_LENGTH),
+                                  *rules_for(parse_target("cuda -arch=sm_90a"))]}
     variants = dict(GEMM_VARIANTS)
     for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings
         name = f"e0m4 wgmma {tm}x{tn} x{stages}"
@@ -406,7 +412,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                     if n % tile[1] or k % ((tile[5] if len(tile) > 5 else 32) * tile[4]):
                         continue
                 built_for = target
-                if "wgmma" in rule or rule == "sm_90a":  # Hopper only, the arch-specific target
+                if "wgmma" in rule or rule.startswith("sm_90a"):  # Hopper only, sm_90a
                     if arch != "sm_90":
                         continue
                     built_for = parse_target("cuda -arch=sm_90a")
@@ -508,6 +514,8 @@ def main(argv=None):
                     "dequantized in registers, TM tokens x TN features, N stages, wrNr with X "
                     "copied by rows, wrN..-part as wsN), e.g. 128x256x3,128x256xws3,128x256xws5w2,128x256xws3p,"
                     "128x256xws5w2pr,128x256xws3-dequant,256x128xwr4")
+    ap.add_argument("--gemm-lengths", default=",".join(map(str, GEMM_LENGTHS)),
+                    help="prompt lengths M the GEMMs are timed at, e.g. 256,512,2048")
     ap.add_argument("--gemm-layers", default="", help="only these layers, separated by ';' "
                     "(names: q;k,v;o;gate,up;down; default: all)")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
@@ -589,7 +597,8 @@ def main(argv=None):
         wgmma = [(int(t.split("x")[0]), int(t.split("x")[1]), t.split("x")[2])
                  for t in args.wgmma.split(",") if t]
         layers = tuple(v for v in args.gemm_layers.split(";") if v)
-        result["gemm"] = bench_gemm(models=args.gemm_models.split(","), fmts=fmts, tiles=tiles,
+        result["gemm"] = bench_gemm(tuple(int(v) for v in args.gemm_lengths.split(",") if v),
+                                    models=args.gemm_models.split(","), fmts=fmts, tiles=tiles,
                                     wgmma=wgmma, layers=layers)
         save()
     print(format_tables(result))
