@@ -67,8 +67,8 @@ PLAN_M = 512  # the prompt length the tile is chosen for
 # 256 (a 256-token chunk, any prompt of 129-256 tokens) the default gate/up, down and q GEMMs
 # of Llama-1B run 64 workgroups on the H200's 132 SMs, and at M = 2048 the down projection
 # still writes 4 fp32 partials of every output (64 MB) where 128 workgroups need no split.
-# () keeps one plan, PLAN_M's; a static M is planned for PLAN_M. Off until timed
-# (``bench.prefill --parts gemm --gemm-lengths 256,512,2048``, variant "e0m4 (by length)").
+# () keeps one plan, PLAN_M's; a static M is planned for PLAN_M. Off until timed (``bench.prefill
+# --parts gemm --gemm-lengths 256,2048``, variant "e0m4 (sm_90a by length)").
 PLAN_LENGTHS: tuple = ()
 MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a workgroup
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM

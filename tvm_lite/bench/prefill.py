@@ -287,7 +287,7 @@ GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp1
                  "e0m4 (no split-K)": ("e0m4", "no split-K"), "e0m4 (wmma)": ("e0m4", "wmma"),
                  "e0m4 (x async)": ("e0m4", "x async"), "e0m4 (wgmma)": ("e0m4", "wgmma"),
                  "e0m4 (sm_90a)": ("e0m4", "sm_90a"),
-                 "e0m4 (sm_90a, by length)": ("e0m4", "sm_90a by length")}
+                 "e0m4 (sm_90a by length)": ("e0m4", "sm_90a by length")}
 # the prompt lengths "by length" plans the GEMMs for (gpu_gemm_mma.PLAN_LENGTHS when on)
 BY_LENGTH = (256, 512, 2048)
 
