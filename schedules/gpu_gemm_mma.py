@@ -156,7 +156,8 @@ def lengths_for(m: str, lengths=None) -> list[tuple[int, str | None]]:
     return [(a, f"{m} <= T.int64({(a + b) // 2})") for a, b in zip(ls, ls[1:])] + [(ls[-1], None)]
 
 
-_WORKSPACE = re.compile(r'    ws = T\.alloc_buffer\(\((\d+) \* (.+?),\), "float32", scope="global"\)\n')
+_WORKSPACE = re.compile(  # output_store's fp32 split-K partials: KS * M * N
+    r'    ws = T\.alloc_buffer\(\((\d+) \* (.+?),\), "float32", scope="global"\)\n')
 _NEST = "    for bx in T.thread_binding("
 
 
