@@ -194,29 +194,12 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = Fals
     warp, lane = "(tx // 32)", "(tx % 32)"
     indent = mma_gemm.indent
 
-    def ev(name: str, *args) -> str:
-        return f"T.evaluate({call(name, *args)})"
+    ev = ws.ev
 
     def issue(k: str, slot: str) -> str:
         return ws.issue_slice(k, slot, g, x, xbuf, (TM, TN, KS), kn, XS, XL, RB, RS, x_rows, PP)
 
-    commit = ev("tvm_lite_cp_async_commit")
-    producer = []
-    for i in range(S - 1):
-        producer += [f"if {i} < {KT}:", indent(issue(str(i), str(i)), 4), commit]
-    producer += [
-        f"for k in T.serial({KT}):",
-        indent("\n".join([
-            ev(f"tvm_lite_cp_async_wait_group{S - 2}"),
-            ev("tvm_lite_fence_async_shared"),
-            ev("tvm_lite_bar_arrive", f"T.Cast('int32', {FULL} + k % {S})", f"T.int32({threads})"),
-            f"if k + {S - 1} < {KT}:",
-            "    if k >= 1:",
-            "        " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {EMPTY} + (k - 1) % {S})",
-                             f"T.int32({threads})"),
-            "    T.evaluate(0)" if "copy" in ablate else
-            indent(issue(f"(k + {S - 1})", f"(k + {S - 1}) % {S}"), 4),
-            commit]), 4)]
+    producer = ws.producer_loop(issue, S, KT, threads, [], ablate)
 
     wgi = f"({warp} // 4 - 1)"  # consumer warpgroup
     gq, tq = f"({lane} // 4)", f"({lane} % 4)"

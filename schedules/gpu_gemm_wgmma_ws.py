@@ -195,6 +195,42 @@ def issue_slice(k: str, slot: str, g: dict, x: str, xbuf, tile, kn: str, XS: int
     return "\n".join(lines)
 
 
+def ev(name: str, *args) -> str:
+    """TVMScript of a statement calling helper ``name``."""
+    return f"T.evaluate({call(name, *args)})"
+
+
+def producer_loop(issue, stages: int, slices: int, threads: int, ready: list,
+                  ablate=()) -> list:
+    """The producer warpgroup's statements: the copies of the first ``stages - 1`` slices, then
+    a loop over the ``slices`` slices ``k`` that waits for slice k's copies, runs ``ready``
+    (statements making the stage ready for the consumers: this kernel's dequant), fences the
+    stage to the async proxy, arrives at ``FULL``, waits at ``EMPTY`` for the consumers to be
+    done with slice ``k - 1`` and copies slice ``k + stages - 1`` into its stage (``issue(k,
+    slot)``: the copies' statements). Barrier ids: ``FULL`` 1 .. S, ``EMPTY`` S + 1 .. 2 S."""
+    S, KT = stages, slices
+    FULL, EMPTY = 1, 1 + S
+    indent = mma_gemm.indent
+    commit = ev("tvm_lite_cp_async_commit")
+    lines = []
+    for i in range(S - 1):
+        lines += [f"if {i} < {KT}:", indent(issue(str(i), str(i)), 4), commit]
+    return lines + [
+        f"for k in T.serial({KT}):",
+        indent("\n".join([
+            ev(f"tvm_lite_cp_async_wait_group{S - 2}"),
+            *ready,
+            ev("tvm_lite_fence_async_shared"),
+            ev("tvm_lite_bar_arrive", f"T.Cast('int32', {FULL} + k % {S})", f"T.int32({threads})"),
+            f"if k + {S - 1} < {KT}:",
+            "    if k >= 1:",
+            "        " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {EMPTY} + (k - 1) % {S})",
+                             f"T.int32({threads})"),
+            "    T.evaluate(0)" if "copy" in ablate else
+            indent(issue(f"(k + {S - 1})", f"(k + {S - 1}) % {S}"), 4),
+            commit]), 4)]
+
+
 def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                   w_buffers: int | None = None, pair_stores: bool = False,
                   x_rows: bool = False, staged_stores: bool = False) -> str:
@@ -259,32 +295,13 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     dequant += [f"    for p in T.unroll({P}):", f"        T.evaluate({dq})"]
     dequant = "\n".join(dequant)
 
-    def ev(name: str, *args) -> str:
-        return f"T.evaluate({call(name, *args)})"
-
-    commit = ev("tvm_lite_cp_async_commit")
-    producer = []
-    for i in range(S - 1):
-        producer += [f"if {i} < {KT}:", indent(issue(str(i), str(i)), 4), commit]
-    producer += [
-        f"for k in T.serial({KT}):",
-        indent("\n".join([
-            ev(f"tvm_lite_cp_async_wait_group{S - 2}"),
-            ev("tvm_lite_bar_sync", f"T.int32({PBAR})", f"T.int32({PT})"),
-            *([f"if k >= {WN}:",  # the consumers are done with W slot k % WN's last slice
-               "    " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {WFREE} + k % {WN})",
-                           f"T.int32({threads})")] if WN < S else []),
-            "T.evaluate(0)" if "dequant" in ablate else
-            dequant.replace("{slot}", f"k % {S}").replace("{wslot}", f"k % {WN}"),
-            ev("tvm_lite_fence_async_shared"),
-            ev("tvm_lite_bar_arrive", f"T.Cast('int32', {FULL} + k % {S})", f"T.int32({threads})"),
-            f"if k + {S - 1} < {KT}:",
-            f"    if k >= 1:",
-            "        " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {EMPTY} + (k - 1) % {S})",
-                             f"T.int32({threads})"),
-            "    T.evaluate(0)" if "copy" in ablate else
-            indent(issue(f"(k + {S - 1})", f"(k + {S - 1}) % {S}"), 4),
-            commit]), 4)]
+    producer = producer_loop(issue, S, KT, threads, [
+        ev("tvm_lite_bar_sync", f"T.int32({PBAR})", f"T.int32({PT})"),
+        *([f"if k >= {WN}:",  # the consumers are done with W slot k % WN's last slice
+           "    " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {WFREE} + k % {WN})",
+                       f"T.int32({threads})")] if WN < S else []),
+        "T.evaluate(0)" if "dequant" in ablate else
+        dequant.replace("{slot}", f"k % {S}").replace("{wslot}", f"k % {WN}")], ablate)
 
     wgi = f"({warp} // 4 - 1)"  # consumer warpgroup
     a_addr = f"T.address_of(sm[(j % {S} * {XS} + kk * 2 * {XL} + {wgi} * 8 * {SBO}) // {h}])"

@@ -197,8 +197,8 @@ static void tvm_lite_wgmma_m64n64k16(float* d, const void* a, const void* b, uns
 static void tvm_lite_wgmma_m64n128k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 128); }
 static void tvm_lite_wgmma_m64n256k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 256); }
 static unsigned xa[32][32][4];
-static void wgmma_rs_tb(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                        const void* b, unsigned bl, unsigned bs, int n) {
+static void wgmma_rs(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                     const void* b, unsigned bl, unsigned bs, int n, bool b_mn_major) {
   unsigned* mine = xa[warp_id][lane_id];
   mine[0] = a0; mine[1] = a1; mine[2] = a2; mine[3] = a3;
   warp_sync();
@@ -214,9 +214,13 @@ static void wgmma_rs_tb(float* d, unsigned a0, unsigned a1, unsigned a2, unsigne
     for (int c = 0; c < 4; ++c) {
       int r = g + (c / 2) * 8, col = 8 * j + t + c % 2;
       float s = 0;
-      for (int k = 0; k < 16; ++k) s += A[r][k] * core_at(b, bl, bs, col, k, true);
+      for (int k = 0; k < 16; ++k) s += A[r][k] * core_at(b, bl, bs, col, k, b_mn_major);
       d[j * 4 + c] += s;
     }
+}
+static void wgmma_rs_tb(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                        const void* b, unsigned bl, unsigned bs, int n) {
+  wgmma_rs(d, a0, a1, a2, a3, b, bl, bs, n, true);
 }
 #define TVM_LITE_WGMMA_N(N) \
   static void tvm_lite_wgmma_ss_m64n##N##k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, 128, N); } \
@@ -229,24 +233,7 @@ TVM_LITE_WGMMA_N(208) TVM_LITE_WGMMA_N(224) TVM_LITE_WGMMA_N(240) TVM_LITE_WGMMA
 // A fragment, as rs_tb), B K-major in shared memory, core matrices WGMMA_SBO bytes apart in N.
 static void wgmma_rs_k(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                        const void* b, unsigned bl, int n) {
-  unsigned* mine = xa[warp_id][lane_id];
-  mine[0] = a0; mine[1] = a1; mine[2] = a2; mine[3] = a3;
-  warp_sync();
-  float A[16][16];
-  for (int r = 0; r < 16; ++r)
-    for (int k = 0; k < 16; ++k) {
-      unsigned word = xa[warp_id][(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)];
-      A[r][k] = (float)from_bits((word >> (16 * (k % 2))) & 0xFFFF);
-    }
-  warp_sync();
-  int g = lane_id / 4, t = lane_id % 4 * 2;
-  for (int j = 0; j < n / 8; ++j)
-    for (int c = 0; c < 4; ++c) {
-      int r = g + (c / 2) * 8, col = 8 * j + t + c % 2;
-      float s = 0;
-      for (int k = 0; k < 16; ++k) s += A[r][k] * core_at(b, bl, WGMMA_SBO, col, k, false);
-      d[j * 4 + c] += s;
-    }
+  wgmma_rs(d, a0, a1, a2, a3, b, bl, WGMMA_SBO, n, false);
 }
 static void tvm_lite_gemm_wgmma_rs_m64n64k16(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, const void* b, unsigned bl) { wgmma_rs_k(d, a0, a1, a2, a3, b, bl, 64); }
 static void tvm_lite_gemm_wgmma_rs_m64n128k16(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, const void* b, unsigned bl) { wgmma_rs_k(d, a0, a1, a2, a3, b, bl, 128); }
