@@ -46,16 +46,17 @@ wgmmas (set ``(j - 1) % 2``) run, issue slice ``j``'s, keep one slice in flight
 
 What it takes: what :func:`.gpu_gemm_wgmma.plan_kernel` takes, with a quantization group that
 is a multiple of 16 (one group a k16 step) and divides the 64-deep slice or is a multiple of it.
-Off by default (``bench.prefill --wgmma 256x128xwr4``): built and checked on the CPU, not yet
-timed on a GPU.
+Off by default (:data:`ENABLED`; ``bench.prefill --wgmma 256x128xwr4``, and ``-dequant``,
+``-copy``, ``-mma``, ``-store`` for the diagnostics of :mod:`.gpu_gemm_wgmma_ws`): built and
+checked on the CPU, not yet timed on a GPU.
 """
 
 from __future__ import annotations
 
-from .cuda_mma import call
 from . import gpu_gemm_mma as mma_gemm
 from . import gpu_gemm_wgmma as wg
 from . import gpu_gemm_wgmma_ws as ws
+from .cuda_mma import call
 from .gpu_gemv import CODES_PER_WORD, MatchError
 from .gpu_gemv_half2 import E0M4_ZERO_NONE
 
