@@ -38,6 +38,7 @@ dim, ``N % 64 == 0``, ``K % 32 == 0``, a quantization group that is a multiple o
 from __future__ import annotations
 
 import re
+import textwrap
 
 from tvm import s_tir
 from tvm.script import from_source
@@ -165,8 +166,10 @@ def by_length(variants: list[tuple[str | None, str]]) -> str:
     """One kernel source from ``variants``, ``(host condition or None, source)`` of the same
     function planned for different prompt lengths (:func:`lengths_for`): the head and buffer
     declarations once, each variant's kernels (from its first thread binding on) under its
-    condition, tested in turn (the last: unconditioned), the fp32 split-K workspace sized for
-    the variant that splits most. Consecutive variants with the same kernels are merged."""
+    condition, tested in turn (the last: unconditioned), each with its own fp32 split-K
+    workspace (allocated in its branch: a long prompt's plan that does not split allocates
+    nothing for a short one's that does). Consecutive variants with the same kernels are
+    merged."""
     parts = []
     for cond, src in variants:
         at = src.index(_NEST)
@@ -180,17 +183,17 @@ def by_length(variants: list[tuple[str | None, str]]) -> str:
     heads = [_WORKSPACE.sub("", head) for _, head, _ in parts]
     if len(set(heads)) != 1:
         raise ValueError("by_length: the variants' heads differ beyond their workspaces")
-    spaces = [(int(m.group(1)), m.group(0)) for _, head, _ in parts
-              for m in [_WORKSPACE.search(head)] if m]
-    text = heads[0] + (max(spaces)[1] if spaces else "")
+    text = heads[0]
     depth = 0
-    for cond, _, nest in parts:
+    for cond, head, nest in parts:  # each branch allocates its own partials (if it splits K)
+        space = _WORKSPACE.search(head)
+        nest = textwrap.dedent((space.group(0) if space else "") + nest)  # (at 4 before)
         pad = " " * 4 * depth
         if cond is not None:
-            text += f"{pad}    if {cond}:\n{indent(nest, 4 * depth + 4)}\n{pad}    else:\n"
+            text += f"{pad}    if {cond}:\n{indent(nest, 4 * depth + 8)}\n{pad}    else:\n"
             depth += 1
         else:
-            text += indent(nest, 4 * depth) + "\n"
+            text += indent(nest, 4 * depth + 4) + "\n"
     return text
 
 
