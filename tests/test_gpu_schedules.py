@@ -639,6 +639,11 @@ def test_bench_gemm_variants_build_their_kernels():
     rule = variants["e0m4 (sm_90a)"][1]
     src = _source(build(deep, parse_target(WGMMA_TARGET), rules[rule]), "cuda")
     assert "tvm_lite_bar_arrive(" in src
+    # "e0m4 (sm_90a by length)": the same, a kernel a plan (down: K split 8, 4, and none)
+    rule = variants["e0m4 (sm_90a by length)"][1]
+    by = _source(build(deep, parse_target(WGMMA_TARGET), rules[rule]), "cuda")
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", by))
+    assert len(kernels) == 5 and "tvm_lite_bar_arrive(" in by, kernels  # 3 + 2 split-K sums
 
 
 def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
