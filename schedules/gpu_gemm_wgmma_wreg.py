@@ -62,9 +62,11 @@ from .gpu_gemv_half2 import E0M4_ZERO_NONE
 
 TILE = (256, 128)  # (tokens, features) a workgroup: m64n256k16, two consumer warpgroups
 STAGES = 4  # slices in the ring
-# On: GPUPrefillGEMM's default on sm_90a takes this kernel (TILE, STAGES) for the GEMMs the
-# warp-specialised kernel takes (deep and wide: down and gate/up). Off until timed on a GPU.
+# On: GPUPrefillGEMM's default on sm_90a takes this kernel (TILE, STAGES) for the GEMMs of the
+# kinds in ENABLED_FOR: "deep" (down) and "wide" (gate/up), the warp-specialised kernel's today,
+# and "other" (q, o, k/v: mma.sync's today). Off until timed on a GPU.
 ENABLED = False
+ENABLED_FOR = ("deep", "wide")
 PITCH_PAD = 32  # bytes after each packed row in shared memory (see the module docstring)
 # Registers a thread after ``setmaxnreg``: the producer gives back what it does not need, the
 # consumers take it (their accumulators, ``TM / 2`` fp32, and two A sets of 16). ptxas gives
@@ -323,14 +325,18 @@ def wreg_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES,
 
 def default_kernel(func, target, profile, lengths=None):
     """:func:`wreg_gemm_kernel` at :data:`TILE` (by prompt length: ``lengths``) and
-    :data:`STAGES` for what :func:`.gpu_gemm_wgmma_ws.deep_gemm_kernel` takes (a deep or a wide
-    GEMM on sm_90a) when :data:`ENABLED`; :class:`MatchError` otherwise."""
+    :data:`STAGES` for a GEMM on sm_90a of a kind in :data:`ENABLED_FOR` (see
+    :func:`.gpu_gemm_wgmma_ws.deep_or_wide`; "other" for the rest) when :data:`ENABLED`;
+    :class:`MatchError` otherwise."""
     if not ENABLED:
         raise MatchError("gpu_gemm_wgmma_wreg.ENABLED is off")
-    if not ws.deep_or_wide(func, target, profile):
-        raise MatchError("neither deep nor wide")
+    if not wg.wgmma_supported(target):
+        raise MatchError("wgmma needs a CUDA sm_90a target")
+    kind = ws.deep_or_wide(func, target, profile) or "other"
+    if kind not in ENABLED_FOR:
+        raise MatchError(f"a {kind} GEMM: not in gpu_gemm_wgmma_wreg.ENABLED_FOR")
     return wreg_gemm_kernel(func, target, profile, None, STAGES, lengths=lengths)
 
 
 __all__ = ["wreg_gemm_kernel", "default_kernel", "kernel_source", "HELPERS", "TILE", "STAGES",
-           "ENABLED"]
+           "ENABLED", "ENABLED_FOR"]

@@ -1284,7 +1284,8 @@ def test_wgmma_gemm_is_taken_on_sm90a_only_and_compiles_without_spills(tmp_path)
 def test_default_rule_takes_w_in_registers_for_deep_and_wide_gemms_when_on(monkeypatch):
     """``gpu_gemm_wgmma_wreg.ENABLED`` (off until timed) puts the W-in-registers kernel where the
     default rule takes the warp-specialised one -- down and gate/up on sm_90a -- and nowhere
-    else: square GEMMs, fp16 weights and sm_90 keep mma.sync."""
+    else: square GEMMs, fp16 weights and sm_90 keep mma.sync; ``ENABLED_FOR`` with "other"
+    gives it the square 4-bit ones too."""
     from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
 
     a90 = parse_target(WGMMA_TARGET)
@@ -1302,6 +1303,9 @@ def test_default_rule_takes_w_in_registers_for_deep_and_wide_gemms_when_on(monke
     for fmt, k, n, target in [("e0m4", 2048, 2048, a90), ("fp16", 8192, 2048, a90),
                               ("e0m4", 8192, 2048, parse_target(TARGETS["cuda"]))]:
         assert "mma_m16n8k16" in label(fmt, k, n, target), (fmt, k, n, target)
+    monkeypatch.setattr(wr, "ENABLED_FOR", ("deep", "wide", "other"))  # q, o, k/v too
+    assert "W in registers" in label("e0m4", 2048, 2048)
+    assert "mma_m16n8k16" in label("fp16", 2048, 2048)  # (4-bit weights only)
 
 
 def _tiny_e0m4(onnx_dir):
