@@ -174,8 +174,9 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = Fals
     (TM, TN, KS)``: tokens, features, K split); its stores write ``__tvm_lite_epilogue__(acc)``.
     ``x_rows``: X copied a row segment a warp quarter (see :mod:`.gpu_gemm_wgmma_ws`).
     ``ablate``: parts of :data:`.gpu_gemm_wgmma_ws.ABLATIONS` left out, as there (a diagnostic:
-    the result is wrong) -- the copies after the first ``S - 1`` slices, the dequant (the packed
-    words go to the wgmmas as they are, not even loaded), the wgmmas, the stores."""
+    the result is wrong) -- the copies after the first ``S - 1`` slices, the dequant (the A
+    registers get a value made from the slice index: no word loaded, none dequantized), the
+    wgmmas, the stores."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, SBO, h = wg.TK, wg.SBO, 2
@@ -195,9 +196,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, x_rows: bool = Fals
     KT = K // TK // KS
     kn = "(bz * %d + {k})" % KT if KS > 1 else "{k}"
     warp, lane = "(tx // 32)", "(tx % 32)"
-    indent = mma_gemm.indent
-
-    ev = ws.ev
+    indent, ev = mma_gemm.indent, ws.ev
 
     def issue(k: str, slot: str) -> str:
         return ws.issue_slice(k, slot, g, x, xbuf, (TM, TN, KS), kn, XS, XL, RB, RS, x_rows, PP)
