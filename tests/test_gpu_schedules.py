@@ -644,6 +644,12 @@ def test_bench_gemm_variants_build_their_kernels():
     by = _source(build(deep, parse_target(WGMMA_TARGET), rules[rule]), "cuda")
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", by))
     assert len(kernels) == 5 and "tvm_lite_bar_arrive(" in by, kernels  # 3 + 2 split-K sums
+    # each row of the bench names the plan its kernel ran (kernel_plan)
+    from tvm_lite.bench.kernels import kernel_plan
+
+    plan = kernel_plan(deep, parse_target(WGMMA_TARGET), rules[rule])
+    assert plan.startswith("wgmma_m64n256k16 128x256 split-K 1 ") and "if n <= 384:" in plan, plan
+    assert kernel_plan(deep, parse_target(WGMMA_TARGET), []) == ""
 
 
 def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():

@@ -169,6 +169,23 @@ def build(func, target, rules):
         return tvm.compile(mod, target=target)
 
 
+def kernel_plan(func, target, rules) -> str:
+    """The plan the first of ``rules`` that takes ``func`` gives it: the kernel's
+    ``tvm_lite.gemm`` label (tile, K split, stages; per prompt length where planned so), else
+    the rule's class name; "" if none takes it."""
+    with target:
+        for rule in rules:
+            sch = rule.apply(func, target, False)
+            if sch is None:
+                continue
+            sch = sch[0] if isinstance(sch, list) else sch
+            attrs = sch.mod["main"].attrs
+            if attrs is not None and "tvm_lite.gemm" in attrs:
+                return str(attrs["tvm_lite.gemm"])
+            return type(rule).__name__
+    return ""
+
+
 def applies(rule, func, target) -> bool:
     with target:
         return rule.apply(func, target, False) is not None

@@ -381,7 +381,8 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     from tvm import tirx
 
     from tvm_lite import parse_target
-    from tvm_lite.bench.kernels import build, kernel_func, random_half, reference, weights
+    from tvm_lite.bench.kernels import (build, kernel_func, kernel_plan, random_half, reference,
+                                        weights)
     from tvm_lite.compiler import device_source
     from tvm_lite.schedules import gpu_profile
     from tvm_lite.schedules.gpu_gemm_mma import choose_tile
@@ -443,12 +444,14 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                 flops = 2.0 * seq * k * n
                 row = dict(model=model, layer=name, K=k, N=n, n=seq, fmt=variant, tvm_lite_ms=ms,
                            torch_ms=torch_ms, tflops=flops / ms / 1e9,
-                           torch_tflops=flops / torch_ms / 1e9, err=err, compile_s=compile_s)
+                           torch_tflops=flops / torch_ms / 1e9, err=err, compile_s=compile_s,
+                           plan=kernel_plan(func, built_for, rules[rule]))
                 row["vs_torch"] = row["tflops"] / row["torch_tflops"]
                 rows.append(row)
                 progress(f"gemm {model} {name} {k}x{n} n={seq} {variant}: {ms * 1e3:.1f} us "
                          f"({row['tflops']:.1f} TFLOP/s) vs torch fp16 {torch_ms * 1e3:.1f} us "
-                         f"({row['torch_tflops']:.1f}); x{row['vs_torch']:.2f}; err {err:.1e}")
+                         f"({row['torch_tflops']:.1f}); x{row['vs_torch']:.2f}; err {err:.1e}; "
+                         f"{row['plan']}")
     return rows
 
 
