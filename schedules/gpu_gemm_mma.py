@@ -162,39 +162,43 @@ _WORKSPACE = re.compile(  # output_store's fp32 split-K partials: KS * M * N
 _NEST = "    for bx in T.thread_binding("
 
 
-def by_length(variants: list[tuple[str | None, str]]) -> str:
-    """One kernel source from ``variants``, ``(host condition or None, source)`` of the same
-    function planned for different prompt lengths (:func:`lengths_for`): the head and buffer
-    declarations once, each variant's kernels (from its first thread binding on) under its
-    condition, tested in turn (the last: unconditioned), each with its own fp32 split-K
-    workspace (allocated in its branch: a long prompt's plan that does not split allocates
-    nothing for a short one's that does). Consecutive variants with the same kernels are
-    merged."""
+def by_length(variants: list[tuple[str | None, str, str]]) -> tuple[str, str]:
+    """``(source, label)`` of one kernel from ``variants``, ``(host condition or None, source,
+    label)`` of the same function planned for different prompt lengths (:func:`lengths_for`).
+    The source: the head and buffer declarations once, each variant's kernels (from its first
+    thread binding on) under its condition, tested in turn (the last: unconditioned), each with
+    its own fp32 split-K workspace (allocated in its branch: a long prompt's plan that does not
+    split allocates nothing for a short one's that does). The label (``tvm_lite.gemm``): the
+    last variant's, then ``; if <condition>: <label>`` for each other branch. Consecutive
+    variants with the same kernels are one branch."""
     parts = []
-    for cond, src in variants:
+    for cond, src, label in variants:
         at = src.index(_NEST)
         nest = src[at:]
         if parts and parts[-1][2] == nest:
-            parts[-1] = (cond, parts[-1][1], nest)  # the same plan: one branch for both
+            parts[-1] = (cond, parts[-1][1], nest, label)  # the same plan: one branch for both
         else:
-            parts.append((cond, src[:at], nest))
+            parts.append((cond, src[:at], nest, label))
+    text = parts[-1][3]
+    for cond, _, _, label in parts[:-1]:
+        text += f"; if {cond.replace('T.int64(', '').replace(')', '')}: {label}"
     if len(parts) == 1:
-        return variants[-1][1]
-    heads = [_WORKSPACE.sub("", head) for _, head, _ in parts]
+        return variants[-1][1], text
+    heads = [_WORKSPACE.sub("", head) for _, head, _, _ in parts]
     if len(set(heads)) != 1:
         raise ValueError("by_length: the variants' heads differ beyond their workspaces")
-    text = heads[0]
+    src = heads[0]
     depth = 0
-    for cond, head, nest in parts:  # each branch allocates its own partials (if it splits K)
+    for cond, head, nest, _ in parts:  # each branch allocates its own partials (if it splits K)
         space = _WORKSPACE.search(head)
         nest = textwrap.dedent((space.group(0) if space else "") + nest)  # (at 4 before)
         pad = " " * 4 * depth
         if cond is not None:
-            text += f"{pad}    if {cond}:\n{indent(nest, 4 * depth + 8)}\n{pad}    else:\n"
+            src += f"{pad}    if {cond}:\n{indent(nest, 4 * depth + 8)}\n{pad}    else:\n"
             depth += 1
         else:
-            text += indent(nest, 4 * depth + 4) + "\n"
-    return text
+            src += indent(nest, 4 * depth + 4) + "\n"
+    return src, text
 
 
 def _decl(func) -> tuple[list, str, str]:
@@ -533,30 +537,15 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
                                          k=g["k"] if split_k else None))
              for length, cond in (lengths_for(g["m"], lengths) if tile is None
                                   else [(PLAN_M, None)])]
-    src = by_length([(cond, kernel_source(func, g, t, x_async)) for cond, t in plans])
+    src, label = by_length([(cond, kernel_source(func, g, t, x_async),
+                             "mma_m16n8k16 %dx%d split-K %d" % (t[0], t[1], t[4]))
+                            for cond, t in plans])
     kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
     kernel = attach_epilogue(kernel, func, sch, g["out_dtype"], g["final"], g["matmul_buf"])
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}
-    label = plan_label([(cond, "mma_m16n8k16 %dx%d split-K %d" % (t[0], t[1], t[4]))
-                        for cond, t in plans])
     kernel = kernel.with_attrs({**attrs, "tvm_lite.gemm": label})
     return s_tir.Schedule(kernel)
 
 
-def plan_label(plans: list[tuple[str | None, str]]) -> str:
-    """A kernel's ``tvm_lite.gemm`` label: the plan's, or where there are several (by prompt
-    length), each with its condition, the last (the longest prompts') first."""
-    labels = []
-    for cond, label in plans:
-        if labels and labels[-1][1] == label:
-            labels[-1] = (cond, label)
-        else:
-            labels.append((cond, label))
-    text = labels[-1][1]
-    for cond, label in labels[:-1]:
-        text += f"; if {cond.replace('T.int64(', '').replace(')', '')}: {label}"
-    return text
-
-
 __all__ = ["mma_gemm_kernel", "match_gemm", "choose_tile", "kernel_source", "TILES", "HELPERS",
-           "PLAN_LENGTHS", "lengths_for", "by_length", "plan_label"]
+           "PLAN_LENGTHS", "lengths_for", "by_length"]

@@ -311,15 +311,15 @@ def wreg_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES,
         plans = []
         for length, cond in mma_gemm.lengths_for(g["m"], lengths):
             tm = TM if length >= 2 * TM else TM // 2
-            plans.append((cond, wg.plan_kernel(func, target, profile, (tm, TN), length)[3:]))
-    sources = [(cond, kernel_source(func, g, plan, stages, x_rows, ablate))
-               for cond, plan in plans]
-    labels = [(cond, "wgmma_m64n%dk16 %dx%d split-K %d W in registers x%d%s%s"
-               % (tm, tm, tn, k_split, stages, " x rows" if x_rows else "",
-                  "".join(f" -{a}" for a in ablate))) for cond, (tm, tn, k_split) in plans]
+            plans.append((cond, (tm, TN, wg.choose_split(length, g["n"], g["k"], (tm, TN),
+                                                         profile.compute_units))))
+    src, label = mma_gemm.by_length([
+        (cond, kernel_source(func, g, plan, stages, x_rows, ablate),
+         "wgmma_m64n%dk16 %dx%d split-K %d W in registers x%d%s%s"
+         % (plan[0], plan[0], plan[1], plan[2], stages, " x rows" if x_rows else "",
+            "".join(f" -{a}" for a in ablate))) for cond, plan in plans])
     shared = max(shared_bytes(g, tm, tn, stages, x_rows) for _, (tm, tn, _) in plans)
-    return wg.finish_kernel(mma_gemm.by_length(sources), HELPERS, sch, func, g, shared,
-                            mma_gemm.plan_label(labels))
+    return wg.finish_kernel(src, HELPERS, sch, func, g, shared, label)
 
 
 def default_kernel(func, target, profile, lengths=None):

@@ -431,18 +431,18 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     splits = ([(None, ks)] if tile is not None and len(tile) > 2 else
               [(cond, wg.choose_split(length, g["n"], g["k"], (TM, TN), profile.compute_units))
                for length, cond in mma_gemm.lengths_for(g["m"], lengths)])
-    sources, labels = [], []
+    variants = []
     for cond, k_split in splits:
         pairs, staged = store_modes(g, k_split, pair_stores, staged_stores)
-        sources.append((cond, kernel_source(func, g, (TM, TN, k_split), stages, ablate, wn,
-                                            pairs, x_rows, staged)))
-        labels.append((cond, "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s"
-                       % (TN, TM, TN, k_split, stages, f" w{wn}" if wn else "",
-                          " pairs" if pairs else "", " x rows" if x_rows else "",
-                          " staged" if staged else "")))
-    return wg.finish_kernel(mma_gemm.by_length(sources), HELPERS, sch, func, g,
-                            shared_bytes(g, TM, TN, stages, wn, x_rows),
-                            mma_gemm.plan_label(labels))
+        variants.append((cond, kernel_source(func, g, (TM, TN, k_split), stages, ablate, wn,
+                                             pairs, x_rows, staged),
+                         "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s"
+                         % (TN, TM, TN, k_split, stages, f" w{wn}" if wn else "",
+                            " pairs" if pairs else "", " x rows" if x_rows else "",
+                            " staged" if staged else "")))
+    src, label = mma_gemm.by_length(variants)
+    return wg.finish_kernel(src, HELPERS, sch, func, g,
+                            shared_bytes(g, TM, TN, stages, wn, x_rows), label)
 
 
 def deep_or_wide(func, target, profile) -> str | None:
@@ -474,5 +474,4 @@ def deep_gemm_kernel(func, target, profile, lengths=None):
 
 
 __all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "deep_or_wide", "kernel_source", "HELPERS",
-           "STAGES",
-           "DEEP_K_RATIO", "ABLATIONS"]
+           "STAGES", "DEEP_K_RATIO", "ABLATIONS"]

@@ -298,7 +298,7 @@ class WgmmaStaging(NamedTuple):
     stages: int  # its stages, the W-in-registers kernel's, or the wgmma kernel's X slices
     w_buffers: int | None  # fp16 W slices (ws)
     pairs: bool  # outputs stored in pairs (ws)
-    ablate: tuple  # parts left out (ws; a diagnostic)
+    ablate: tuple  # parts left out (ws, wr; a diagnostic)
     x_rows: bool  # X copied a row segment a warp quarter (ws, wr)
     staged: bool  # outputs staged through shared memory (ws)
     w_in_registers: bool = False  # the W-in-registers kernel (gpu_gemm_wgmma_wreg)
