@@ -80,6 +80,14 @@ MAX_ACCUMULATORS = 128
 # H200 measured the split kernel at 3.0-4.4 us for any context up to 2048 keys, the merge at
 # 1.5-1.7 us, and (14, 2, 64) at 2048 keys 0.90x SDPA (6.11 against 5.49 us).
 FIRST_TILE_WITH_Q = False
+# The tile's mask values loaded with its K and V, not after the first barrier. Without it the
+# score stage (after the partial dots' barrier) issues each (key, head) score's mask load and
+# waits for it: a third memory round trip in every tile's chain (q or K/V, then the mask), which
+# a one-tile split (every split up to ~2048 keys) pays whole. With it each thread loads the
+# ``ceil(tile * G / threads)`` mask values of the scores it will sum right after the tile's K/V
+# loads, into registers, and the round trip overlaps K/V's. Off until timed
+# (``bench.attention --switch maskkv:MASK_WITH_KV=True``).
+MASK_WITH_KV = False
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -199,6 +207,16 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
 {tile_loads(k_at, v_at, 24)}"""
     else:
         first, q_src, loads = "", q_at, tile_loads(k_at, v_at, 20)
+    n_pairs = -(-TILE * G // TH)  # the (key, head) scores a thread sums per tile, at most
+    score_loop, score_mask, mask_regs = f"range({n_pairs})", pair_mask, ""
+    if MASK_WITH_KV and not p.get("window"):  # (a ring kernel has no mask)
+        score_loop, score_mask = f"T.unroll({n_pairs})", "mk[i]"
+        mask_regs = f"""
+                mk = T.alloc_buffer(({n_pairs},), "float32", scope="local")"""
+        loads += f"""
+                    for i in T.unroll({n_pairs}):  # this thread's scores' mask values, with K/V
+                        if i * {TH} + tx < {TILE * G}:
+                            mk[i] = {f32}({pair_mask})"""
     write = ring_write(p, min(128, max_threads)) if p.get("window") else ""
     src = kernel_source(p, decl, write + f'''    part_o = T.alloc_buffer(({KV * SM * G * D},),
                                                           "float32")
@@ -218,7 +236,7 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
                 sc = T.alloc_buffer(({R * G},), "float32", scope="local")
                 kr = T.alloc_buffer(({R * V},), "{dt}", scope="local")
                 vr = T.alloc_buffer(({R * V},), "{dt}", scope="local")
-                t = T.alloc_buffer((2,), "float32", scope="local")
+                t = T.alloc_buffer((2,), "float32", scope="local"){mask_regs}
                 lane = tx // {DV}
                 dv = tx % {DV}
                 start = s * {chunk}
@@ -239,13 +257,13 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
                                 t[0] = t[0] + qr[g * {V} + e] * {f32}(kr[r * {V} + e])
                             sp[(r * {L} + lane) * {stride} + dv * {G} + g] = t[0]
                     T.tvm_storage_sync("shared")
-                    for i in range({-(-TILE * G // TH)}):  # each (key, head) score summed once
+                    for i in {score_loop}:  # each (key, head) score summed once
                         if i * {TH} + tx < {TILE * G}:
                             t[0] = {f32}(0)
                             for c in {u(DV)}({DV}):
                                 t[0] = t[0] + sp[{pair_key} * {stride} + c * {G} + {pair_head}]
                             ss[i * {TH} + tx] = T.if_then_else(
-                                base + {pair_key} < end, {scaled_score(p, "t[0]", pair_mask)},
+                                base + {pair_key} < end, {scaled_score(p, "t[0]", score_mask)},
                                 -T.infinity("float32"))
                     T.tvm_storage_sync("shared")
                     for r in {u(R)}({R}):

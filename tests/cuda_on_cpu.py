@@ -91,7 +91,7 @@ def _scalar_args(signature: str, kernel: str, values: dict) -> list[str]:
 
 def run_decode_attention(src: str, plan: dict, q, k, v, mask, work: Path) -> np.ndarray:
     """The (1, 1, H * D) output of the two kernels in ``src`` on fp32 ``q (1, H, 1, D)``,
-    ``k, v (m, KV, D)``, ``mask (1, 1, 1, m)``."""
+    ``k, v (m, KV, D)``, ``mask (1, 1, 1, m)`` or ``(1, H, 1, m)``."""
     _, heads, _, d = q.shape
     m, kv = k.shape[0], k.shape[1]
     tile, sm, p = plan["tile"], plan["max_splits"], plan["P"]
@@ -112,7 +112,7 @@ def run_decode_attention(src: str, plan: dict, q, k, v, mask, work: Path) -> np.
     main = f'''
 int main() {{
   float* q_ptr = load("{files["q"]}", {q.size}); float* k_ptr = load("{files["k"]}", {k.size});
-  float* v_ptr = load("{files["v"]}", {v.size}); float* mask_ptr = load("{files["mask"]}", {m});
+  float* v_ptr = load("{files["v"]}", {v.size}); float* mask_ptr = load("{files["mask"]}", {mask.size});
   float* part_o_ptr = new float[{kv * sm * g * d}]; float* part_ml_ptr = new float[{kv * sm * g * 2}];
   float* o_ptr = new float[{heads * d}];
   launch({splits}, {kv}, {plan["threads"]}, [=] {{ attn_kernel({a1}); }});

@@ -315,15 +315,22 @@ def test_gpu_kernels_numerics_on_cuda(profile, heads, kv, d, n, past, pad, dtype
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+# the split decode kernel's load orders (constants of gpu_attention_decode), off by default
+LOAD_ORDERS = {"first_tile": {"FIRST_TILE_WITH_Q": True}, "mask_with_kv": {"MASK_WITH_KV": True},
+               "both": {"FIRST_TILE_WITH_Q": True, "MASK_WITH_KV": True}}
+
+
 @pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("order", sorted(LOAD_ORDERS))
 @pytest.mark.parametrize("heads, kv, d, n, past, pad, dtype",
                          [c for c in GPU_CASES if c[3] == 1] + [(14, 2, 64, 1, 2047, 0, "float16")])
-def test_split_decode_first_tile_with_q_on_cuda(heads, kv, d, n, past, pad, dtype, monkeypatch):
-    """``FIRST_TILE_WITH_Q`` on the GPU: the decode cases above (and (14, 2, 64) at 2048 keys)
-    with the first tile's loads issued before q's."""
+def test_split_decode_load_order_on_cuda(order, heads, kv, d, n, past, pad, dtype, monkeypatch):
+    """The load orders on the GPU: the decode cases above (and (14, 2, 64) at 2048 keys) with
+    the first tile's loads issued before q's, the mask loaded with K/V, or both."""
     from tvm_lite.schedules import gpu_attention_decode
 
-    monkeypatch.setattr(gpu_attention_decode, "FIRST_TILE_WITH_Q", True)
+    for name, value in LOAD_ORDERS[order].items():
+        monkeypatch.setattr(gpu_attention_decode, name, value)
     test_gpu_kernels_numerics_on_cuda("cuda", heads, kv, d, n, past, pad, dtype)
 
 
@@ -580,14 +587,14 @@ EMULATED = [  # heads, kv heads, head_dim, context, masked keys at the end
 ]
 
 
-def _cuda_decode_case(rng, heads, kv, d, m, pad):
+def _cuda_decode_case(rng, heads, kv, d, m, pad, mask_heads=False):
     """(params, the CUDA profile's plan, fp32 inputs) of a decode step at context ``m`` with the
-    last ``pad`` keys masked."""
+    last ``pad`` keys masked (``mask_heads``: params for a mask per query head)."""
     from tvm_lite.schedules import gpu_attention_decode
     from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
 
     prof = fit_to_target(gpu_profile("cuda"), tvm_lite.parse_target("cuda -arch=sm_90"))
-    p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", False, False, True,
+    p = attention_params(heads, kv, d, "float32", d ** -0.5, "float32", mask_heads, False, True,
                          merged_heads=True, kv_squeezed=kv == 1)
     return (p, gpu_attention_decode.plan(p, prof, prof.max_threads),
             _inputs(rng, heads, kv, d, 1, m - 1, "float32", pad))
@@ -623,20 +630,31 @@ def test_split_decode_with_fewer_lanes_for_large_groups(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-@pytest.mark.parametrize("check", ["emulated", "ring", "opencl"])
-def test_split_decode_first_tile_with_q(check, monkeypatch, tmp_path):
-    """``FIRST_TILE_WITH_Q``: the split kernel's first key tile loaded before q, q by vector
-    loads, the loop loading the later tiles. Emulated (fp32 CUDA C on the CPU) against numpy:
-    one-tile and many-tile splits, masked keys, GQA 1-8, head_dim 32-256; the ring cache's
-    decode (its first tile is the live window's); Adreno's and Mali's OpenCL through clang."""
+@pytest.mark.parametrize("order, check", [
+    ("first_tile", "emulated"), ("first_tile", "ring"), ("first_tile", "opencl"),
+    ("mask_with_kv", "emulated"), ("mask_with_kv", "opencl"), ("both", "emulated")])
+def test_split_decode_load_order(order, check, monkeypatch, tmp_path):
+    """The split kernel's load orders: ``FIRST_TILE_WITH_Q`` (the first key tile loaded before
+    q, q by vector loads, the loop loading the later tiles), ``MASK_WITH_KV`` (each thread's
+    mask values of the tile loaded with its K/V, before the barriers), both. Emulated (fp32
+    CUDA C on the CPU) against numpy: one-tile and many-tile splits, masked keys, a mask per
+    query head, GQA 1-8, head_dim 32-256; the ring cache's decode (its first tile is the live
+    window's); Adreno's and Mali's OpenCL through clang."""
     from tvm_lite.schedules import gpu_attention_decode
 
-    monkeypatch.setattr(gpu_attention_decode, "FIRST_TILE_WITH_Q", True)
+    for name, value in LOAD_ORDERS[order].items():
+        monkeypatch.setattr(gpu_attention_decode, name, value)
     if check == "emulated":
         rng = np.random.default_rng(13)
         for heads, kv, d, m, pad in EMULATED + [(14, 2, 64, 2048, 3)]:  # one-tile splits
             p, pl, (q, k, v, mask) = _cuda_decode_case(rng, heads, kv, d, m, pad)
             _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path)
+        # a mask per query head (each head its own padded keys): the score of (key, head)
+        # takes that head's value
+        p, pl, (q, k, v, _) = _cuda_decode_case(rng, 9, 3, 64, 300, 0, mask_heads=True)
+        mask = np.where(np.arange(300)[None, :] < 300 - 7 * np.arange(9)[:, None], 0.0,
+                        np.finfo("float32").min).astype("float32")[None, :, None, :]
+        _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path)
         # one split a kv head (no workgroups per unit asked for): every split walks many tiles
         monkeypatch.setattr(gpu_attention_decode, "WORKGROUPS_PER_UNIT", 0)
         for heads, kv, d, m, pad in EMULATED[:2]:
