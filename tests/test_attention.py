@@ -1180,8 +1180,9 @@ def test_bench_attention_times_other_versions_of_the_decode_kernel(tmp_path, cap
            "acc32": dict(timing, gpu_us=4.4)}
     table = bench.format_table({"copy_gb_s": 4000.0, "rows": [row], "baselines": ["acc32"]})
     assert "acc32: GPU, SDPA / it, err" in table and "4.4 us, 1.25x, 1.0e-04" in table
-    with pytest.raises(SystemExit, match="no file nope.py"):
+    with pytest.raises(SystemExit):
         bench.main(["--baseline-kernel", "nope.py"])
+    assert "--baseline-kernel: no file nope.py" in capsys.readouterr().err
 
 
 def test_bench_switch_builds_a_copy_with_the_constants_changed(tmp_path, capsys):
@@ -1216,8 +1217,9 @@ def test_bench_switch_builds_a_copy_with_the_constants_changed(tmp_path, capsys)
     with pytest.raises(SystemExit):
         bench_prefill.main(["--parts", "attention", "--switch", "x:NO_SUCH_SWITCH=1"])
     assert "NO_SUCH_SWITCH" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="FIRST_TILE_WITH_QQ is assigned 0 times"):
+    with pytest.raises(SystemExit):
         bench_attention.main(["--switch", "x:FIRST_TILE_WITH_QQ=True"])
+    assert "FIRST_TILE_WITH_QQ is assigned 0 times" in capsys.readouterr().err
 
 
 def test_grid_model_of_the_prefill_call(capsys):

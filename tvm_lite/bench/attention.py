@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from .kernels import nvtx_name, switched_baselines
+from .kernels import add_baseline_arguments, baseline_kernels, nvtx_name
 
 SHAPES = ((9, 3, 64), (32, 8, 64), (8, 1, 256), (14, 2, 64), (32, 8, 128))
 CONTEXTS = (512, 2048, 8192)
@@ -215,26 +215,14 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tvm_lite.bench.attention",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--json", default=None)
-    ap.add_argument("--baseline-kernel", default="", help="other versions of "
-                    "schedules/gpu_attention_decode.py to time next to this one, comma-separated "
-                    "(e.g. a copy with one constant changed)")
-    ap.add_argument("--switch", action="append", default=[], metavar="NAME:CONST=VALUE[,...]",
-                    help="time a copy of schedules/gpu_attention_decode.py with these constants "
-                    "changed as the baseline kernel NAME (repeatable), e.g. "
-                    "firsttile:FIRST_TILE_WITH_Q=True")
+    add_baseline_arguments(ap, "gpu_attention_decode", "maskkv:MASK_WITH_KV=True")
     args = ap.parse_args(argv)
-    baselines = [b for b in args.baseline_kernel.split(",") if b]
-    try:
-        baselines += switched_baselines("gpu_attention_decode", args.switch)
-    except ValueError as err:
-        raise SystemExit(f"bench.attention: {err}") from None
-    missing = [b for b in baselines if not Path(b).is_file()]
-    if missing:
-        raise SystemExit(f"bench.attention: --baseline-kernel: no file {', '.join(missing)}")
+    baselines = baseline_kernels(ap, args, "gpu_attention_decode")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     for h, kv, d in shapes:
         if h % kv:

@@ -139,6 +139,31 @@ def switched_baselines(module: str, specs) -> list[str]:
     return [str(switched_schedule(source, spec, out)) for spec in specs]
 
 
+def add_baseline_arguments(ap, module: str, example: str) -> None:
+    """``--baseline-kernel FILE[,FILE]`` and ``--switch NAME:CONST=VALUE[,...]``: other versions
+    of the tree's ``schedules/<module>.py`` to time next to it (:func:`baseline_kernels`)."""
+    ap.add_argument("--baseline-kernel", default="", help=f"other versions of schedules/{module}"
+                    ".py to time next to this one, comma-separated, e.g. from git show "
+                    f"REV:schedules/{module}.py > old.py")
+    ap.add_argument("--switch", action="append", default=[], metavar="NAME:CONST=VALUE[,...]",
+                    help=f"time a copy of schedules/{module}.py with these constants changed as "
+                    f"the baseline kernel NAME (repeatable), e.g. {example}")
+
+
+def baseline_kernels(ap, args, module: str) -> list[str]:
+    """The files :func:`add_baseline_arguments`' options name; a malformed or unknown switch, or
+    a file that is not there, stops the bench (``ap.error``) before any GPU work, naming it."""
+    baselines = [b for b in args.baseline_kernel.split(",") if b]
+    try:
+        baselines += switched_baselines(module, args.switch)
+    except ValueError as err:
+        ap.error(str(err))
+    missing = [b for b in baselines if not Path(b).is_file()]
+    if missing:
+        ap.error(f"--baseline-kernel: no file {', '.join(missing)}")
+    return baselines
+
+
 def nvtx_name(kind: str, *parts: str) -> str:
     """The NVTX range around one timed variant, e.g. ``gemm:llama-3.2-1b:gate+up:e0m4_wgmma_128x256
     _xws3`` or ``attention:llama-3-8b_hd_128:n2048:tree`` (commas as ``+``, other characters

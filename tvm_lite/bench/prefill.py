@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .kernels import nvtx_name, switched_baselines
+from .kernels import add_baseline_arguments, baseline_kernels, nvtx_name
 
 # name: (heads, kv_heads, head_dim)
 ATTENTION_SHAPES = {
@@ -497,7 +497,8 @@ def format_tables(result: dict) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tvm_lite.bench.prefill",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="attention,gemm")
     ap.add_argument("--key-tiles", default="", help="also time these tensor-core key tiles, "
                     "e.g. 32,64 (attention)")
@@ -523,14 +524,7 @@ def main(argv=None):
                     "(names: q;k,v;o;gate,up;down; default: all)")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
                     f"(default: all of {', '.join(GEMM_VARIANTS)}; e0m4 and fp16 with --gemm-tiles)")
-    ap.add_argument("--baseline-kernel", default="", help="other versions of "
-                    "schedules/gpu_attention_prefill.py to time next to this one (attention), "
-                    "comma-separated, e.g. from git show REV:schedules/gpu_attention_prefill.py "
-                    "> old.py")
-    ap.add_argument("--switch", action="append", default=[], metavar="NAME:CONST=VALUE[,...]",
-                    help="time a copy of schedules/gpu_attention_prefill.py with these constants "
-                    "changed as the baseline kernel NAME (repeatable), e.g. "
-                    "longest:LONGEST_FIRST_ACROSS_HEADS=True")
+    add_baseline_arguments(ap, "gpu_attention_prefill", "longest:LONGEST_FIRST_ACROSS_HEADS=True")
     ap.add_argument("--shapes", default=",".join(ATTENTION_SHAPES),
                     help="attention shapes to time (names of ATTENTION_SHAPES)")
     ap.add_argument("--lengths", default=",".join(map(str, ATTENTION_LENGTHS)),
@@ -539,11 +533,7 @@ def main(argv=None):
                     "many tokens (attention; 0: no chunks)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    baselines = [b for b in args.baseline_kernel.split(",") if b]
-    try:
-        baselines += switched_baselines("gpu_attention_prefill", args.switch)
-    except ValueError as err:
-        ap.error(str(err))
+    baselines = baseline_kernels(ap, args, "gpu_attention_prefill")
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in ATTENTION_SHAPES]
     if unknown:
