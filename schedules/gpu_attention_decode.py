@@ -85,8 +85,11 @@ FIRST_TILE_WITH_Q = False
 # waits for it: a third memory round trip in every tile's chain (q or K/V, then the mask), which
 # a one-tile split (every split up to ~2048 keys) pays whole. With it each thread loads the
 # ``ceil(tile * G / threads)`` mask values of the scores it will sum right after the tile's K/V
-# loads, into registers, and the round trip overlaps K/V's. Off until timed
-# (``bench.attention --switch maskkv:MASK_WITH_KV=True``).
+# loads, into registers, and the round trip overlaps K/V's. Off: on an H100 (twenty-first
+# session, ``results/issue17_decode_mask_with_kv_h100_s21.json``, ``bench.attention --switch
+# maskkv:MASK_WITH_KV=True``) it took 5 of 6 cases 0.3-0.7 us faster -- (14, 2, 64) at 2048
+# keys 6.4 -> 6.2 us (SDPA 5.9), at 8192 8.2 -> 7.7 -- but (32, 8, 64) at 8192 12.0 -> 13.9 us
+# (ptxas: 128 -> 165 registers, 4 -> 3 workgroups an SM, its 512 workgroups in two waves).
 MASK_WITH_KV = False
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 

@@ -47,8 +47,13 @@ wgmmas (set ``(j - 1) % 2``) run, issue slice ``j``'s, keep one slice in flight
 What it takes: what :func:`.gpu_gemm_wgmma.plan_kernel` takes, with a quantization group that
 is a multiple of 16 (one group a k16 step) and divides the 64-deep slice or is a multiple of it.
 Off by default (:data:`ENABLED`; ``bench.prefill --wgmma 256x128xwr4``, and ``-dequant``,
-``-copy``, ``-mma``, ``-store`` for the diagnostics of :mod:`.gpu_gemm_wgmma_ws`): built and
-checked on the CPU, not yet timed on a GPU.
+``-copy``, ``-mma``, ``-store`` for the diagnostics of :mod:`.gpu_gemm_wgmma_ws`), and it stays
+off: on an H100 (twenty-first session, Llama-1B gate/up, M = 512, torch 28.1-28.2 us,
+``results/issue16_gemm_w_in_registers_h100_s21.json``) the default warp-specialised kernel took
+58.5-58.9 us; this one at 128 x 128 took 73.4 us (right), and at 256 x 128 59.4 us with NaN in
+its output (the CPU emulation of the same CUDA C matches numpy; not found yet), 54.9 us with its
+dequant left out. So even a free dequant leaves it at 0.51x torch: the shared-memory count
+above was not what bounds the default kernel.
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ TILE = (256, 128)  # (tokens, features) a workgroup: m64n256k16, two consumer wa
 STAGES = 4  # slices in the ring
 # On: GPUPrefillGEMM's default on sm_90a takes this kernel (TILE, STAGES) for the GEMMs of the
 # kinds in ENABLED_FOR: "deep" (down) and "wide" (gate/up), the warp-specialised kernel's today,
-# and "other" (q, o, k/v: mma.sync's today). Off until timed on a GPU.
+# and "other" (q, o, k/v: mma.sync's today). Off: no faster on an H100, and wrong at 256 x 128
+# (the module docstring).
 ENABLED = False
 ENABLED_FOR = ("deep", "wide")
 PITCH_PAD = 32  # bytes after each packed row in shared memory (see the module docstring)
