@@ -38,6 +38,17 @@ def test_prefill_profile_runs_the_prefill_kernels(profiles):
     assert prefill.gpu_ms > decode.gpu_ms  # 16 tokens cost more than one
 
 
+def test_prefill_in_chunks_counts_every_chunk(engine):
+    """``chunk``: the same prompt in calls of ``chunk`` tokens is one "step" made of every call."""
+    prof = Profiler(engine("dynamo", "inplace"), use_torch=False)
+    one = prof.prefill(16, repeats=1)
+    chunked = prof.prefill(16, repeats=1, chunk=4)
+    assert chunked.phase == "prefill in chunks of 4" and one.phase == "prefill"
+    assert chunked.kernels["attention_prefill"]["calls"] == 4 * LAYERS
+    assert chunked.kernels_per_step == 4 * one.kernels_per_step
+    assert prof.prefill(16, repeats=1, chunk=16).phase == "prefill"  # one call: not chunked
+
+
 def test_kernel_launches_needs_a_gpu_build():
     import tvm
     from tvm import relax
@@ -59,11 +70,12 @@ def test_profile_command_runs_on_an_artifact(artifact, tmp_path, capsys):
 
     out = tmp_path / "p.json"
     main(["profile", str(artifact("dynamo", "inplace")), "--device", "cpu", "--prompt-len", "8",
-          "--steps", "1", "--json", str(out)])
+          "--steps", "1", "--chunk", "4", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "prefill (context 0" in printed and "decode (context" in printed
+    assert "prefill in chunks of 4 (context 0" in printed
     result = json.loads(out.read_text())
-    assert set(result) == {"prefill", "decode"}
+    assert set(result) == {"prefill", "prefill_chunked", "decode"}
     assert result["decode"]["kernels"]["attention_decode"]["calls"] == LAYERS
 
 

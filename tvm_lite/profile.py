@@ -262,16 +262,19 @@ class Profiler:
             prof.busy_ms = busy_us / 1e3
         return prof
 
-    def prefill(self, prompt_len: int, repeats: int = 3) -> StepProfile:
+    def prefill(self, prompt_len: int, repeats: int = 3, chunk: int | None = None) -> StepProfile:
+        """One prompt of ``prompt_len`` tokens from an empty cache: one call, or calls of
+        ``chunk`` tokens (then a "step" is the whole prompt, all its chunks)."""
         eng = self.engine
         ids = [(7 * i + 3) % 200 + 10 for i in range(prompt_len)]  # any in-vocabulary ids
 
         def run(n):
             for _ in range(n):
-                eng.prefill_greedy(eng.new_session(), ids, chunk_size=prompt_len)
+                eng.prefill_greedy(eng.new_session(), ids, chunk_size=chunk or prompt_len)
 
         run(1)  # warm-up
-        return self._measure("prefill", 0, repeats, run)
+        phase = "prefill" if not chunk or chunk >= prompt_len else f"prefill in chunks of {chunk}"
+        return self._measure(phase, 0, repeats, run)
 
     def decode(self, prompt_len: int, steps: int = 16, warmup: int = 4) -> StepProfile:
         eng = self.engine
@@ -325,8 +328,9 @@ class Profiler:
 
 
 def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, steps: int = 16,
-                     max_context: int | None = None) -> dict:
-    """Prefill and decode profiles of an in-place artifact on ``device``."""
+                     max_context: int | None = None, chunk: int | None = None) -> dict:
+    """Prefill and decode profiles of an in-place artifact on ``device``; with ``chunk``, also
+    the same prompt prefilled in calls of ``chunk`` tokens (key ``"prefill_chunked"``)."""
     from .engine import DEFAULT_RUN_AHEAD, Engine
 
     # prefill, warm-ups, the counting and measured runs, then the queued ones (a warm-up batch,
@@ -339,12 +343,16 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
         raise ValueError(f"{artifact}: profiling needs an in-place artifact with the greedy step "
                          "entries (compile it with --kv-cache inplace)")
     prof = Profiler(eng)
-    return {"prefill": prof.prefill(prompt_len), "decode": prof.decode(prompt_len, steps)}
+    out = {"prefill": prof.prefill(prompt_len)}
+    if chunk and chunk < prompt_len:
+        out["prefill_chunked"] = prof.prefill(prompt_len, chunk=chunk)
+    out["decode"] = prof.decode(prompt_len, steps)
+    return out
 
 
 def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str | None = None,
                    device: str = "cuda", prompt_len: int = 512, steps: int = 16,
-                   work_dir="bench_models", progress=print) -> dict:
+                   work_dir="bench_models", progress=print, chunk: int | None = None) -> dict:
     """Random-weight models of ``shapes`` (``tvm_lite.bench.models.SHAPES``), exported and
     compiled as ``bench.models`` does, each profiled: shape -> {"prefill", "decode"}.
     ``target``: default this GPU's (:func:`tvm_lite.target.local_cuda_target`)."""
@@ -361,8 +369,12 @@ def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str | None = 
         onnx_dir = export_onnx(random_model(shape, work / "hf"), work / "onnx", dtype="float16",
                                progress=progress)
         artifact = compile_variant(onnx_dir, variant, target, progress)
-        out[shape] = profile_artifact(artifact, device, prompt_len, steps)
+        out[shape] = profile_artifact(artifact, device, prompt_len, steps, chunk=chunk)
     return out
+
+
+CHUNK_HELP = ("also profile the prompt prefilled in calls of this many tokens (one 'step' = "
+              "the whole prompt), next to the one call")
 
 
 def add_arguments(p) -> None:
@@ -370,12 +382,14 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cuda", help="cuda, cpu, opencl... (default: cuda)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=16, help="decode steps measured")
+    p.add_argument("--chunk", type=int, default=None, help=CHUNK_HELP)
     p.add_argument("--top", type=int, default=20, help="kernels listed per table")
     p.add_argument("--json", default=None, help="also write the profiles to this file")
 
 
 def run(args) -> None:
-    result = profile_artifact(args.artifact, args.device, args.prompt_len, args.steps)
+    result = profile_artifact(args.artifact, args.device, args.prompt_len, args.steps,
+                              chunk=args.chunk)
     for prof in result.values():
         print(prof.table(args.top))
         print()
@@ -400,6 +414,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=None, help=CHUNK_HELP)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--work-dir", default="bench_models", help="random models and their builds")
     ap.add_argument("--json", default=None)
@@ -409,7 +424,7 @@ def main(argv=None) -> None:
     for shape in args.shapes.split(","):
         for variant in variants:
             (res,) = profile_shapes([shape], variant, args.target, args.device, args.prompt_len,
-                                    args.steps, args.work_dir).values()
+                                    args.steps, args.work_dir, chunk=args.chunk).values()
             name = shape if len(variants) == 1 else f"{shape} {variant}"
             out[name] = {k: v.as_dict() for k, v in res.items()}
             for prof in res.values():
