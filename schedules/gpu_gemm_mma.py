@@ -68,9 +68,14 @@ PLAN_M = 512  # the prompt length the tile is chosen for
 # 256 (a 256-token chunk, any prompt of 129-256 tokens) the default gate/up, down and q GEMMs
 # of Llama-1B run 64 workgroups on the H200's 132 SMs, and at M = 2048 the down projection
 # still writes 4 fp32 partials of every output (64 MB) where 128 workgroups need no split.
-# () keeps one plan, PLAN_M's; a static M is planned for PLAN_M. Off until timed (``bench.prefill
-# --parts gemm --gemm-lengths 256,2048``, variant "e0m4 (sm_90a by length)").
-PLAN_LENGTHS: tuple = ()
+# () keeps one plan, PLAN_M's; a static M is planned for PLAN_M. Measured on an H100, Llama-1B's
+# whole model, a 2048-token prompt (``python -m tvm_lite.profile --shapes llama-3.2-1b
+# --prompt-len 2048 --chunk 256``, against a build with ``()``;
+# ``results/issue16_chunked_prefill_by_length_h100_s22.json``): one call 19.35 -> 17.31 ms
+# (down 244 -> 206 us a call: no split-K), in chunks of 256 33.60 -> 30.81 ms (down 60 -> 40 us
+# a call). At M = 512 the plan is PLAN_M's, as before. ``bench.prefill --parts gemm`` compares
+# the single plan: variant "e0m4 (sm_90a one plan)".
+PLAN_LENGTHS: tuple = (256, 512, 2048)
 MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a workgroup
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)

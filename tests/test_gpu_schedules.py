@@ -634,16 +634,18 @@ def test_bench_gemm_variants_build_their_kernels():
         assert ("tvm_lite_cp_async16(" in src) == ("x async" in variant), variant
         if "tile" in variant:  # 2 x 2 warps: 128 threads
             assert "__launch_bounds__(128)" in src, variant
-    # "e0m4 (sm_90a)": the default rules built for sm_90a, so a deep GEMM is warp-specialised
+    # "e0m4 (sm_90a)": the default rules built for sm_90a, so a deep GEMM is warp-specialised,
+    # a kernel a prompt length's plan (down: K split 8, 4, and none)
     deep = kernel_func("e0m4", [1, tirx.Var("n", "int64")], 8192, 2048)
     rule = variants["e0m4 (sm_90a)"][1]
-    src = _source(build(deep, parse_target(WGMMA_TARGET), rules[rule]), "cuda")
-    assert "tvm_lite_bar_arrive(" in src
-    # "e0m4 (sm_90a by length)": the same, a kernel a plan (down: K split 8, 4, and none)
-    rule = variants["e0m4 (sm_90a by length)"][1]
     by = _source(build(deep, parse_target(WGMMA_TARGET), rules[rule]), "cuda")
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", by))
     assert len(kernels) == 5 and "tvm_lite_bar_arrive(" in by, kernels  # 3 + 2 split-K sums
+    # "e0m4 (sm_90a one plan)": the same with one kernel, planned for PLAN_M (K split 4)
+    one = _source(build(deep, parse_target(WGMMA_TARGET),
+                        rules[variants["e0m4 (sm_90a one plan)"][1]]), "cuda")
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", one))
+    assert len(kernels) == 2 and "tvm_lite_bar_arrive(" in one, kernels  # + its split-K sum
     # each row of the bench names the plan its kernel ran (kernel_plan)
     from tvm_lite.bench.kernels import kernel_plan
 
@@ -671,7 +673,8 @@ def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
     names = r"__global__ void __launch_bounds__\(\d+\) (\w+)\("
     for split_k, kernels in ((True, 2), (False, 1)):  # split: the partial sums' kernel applies
         func = _mma_func("e0m4", 2048, 2048, "residual")  # the epilogue
-        src = _source(build(func, target, [GPUPrefillGEMM(CUDA, split_k=split_k)]), "cuda")
+        rule = GPUPrefillGEMM(CUDA, split_k=split_k, plan_lengths=())  # one plan: PLAN_M's
+        src = _source(build(func, target, [rule]), "cuda")
         assert "mma.sync.aligned.m16n8k16" in src and "ldmatrix" in src and "0x64006400u" in src
         assert len(set(re.findall(names, src))) == kernels
     # not taken: fp32 activations (the SIMT or WMMA schedule), N not a multiple of 64
@@ -910,7 +913,7 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
     W-in-registers kernels) get one kernel a distinct plan, chosen by M on the host: each
     branch's kernels are those of its length's plan built alone (the same TIR), the conditions
     cut at the midpoints (384, 1280), a plan shared by neighbouring lengths is one branch, and a
-    static M or no lengths leave the single PLAN_M kernel (the default: byte-identical)."""
+    static M or no lengths leave the single PLAN_M kernel; the default is PLAN_LENGTHS'."""
     from tvm_lite.schedules import gpu_gemm_mma as mg
     from tvm_lite.schedules import gpu_gemm_wgmma_wreg as wr
     from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
@@ -949,8 +952,9 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
     for build_kernel, k, n, epilogue, starts in cases:
         func = _dequant_gemv("e0m4", k, n, epilogue, lead=(1, DYN))
         with a90:
-            one = build_kernel(func)
+            one = build_kernel(func, lengths=())
             by = build_kernel(func, lengths=lengths)
+            default = build_kernel(func)
             static = build_kernel(_dequant_gemv("e0m4", k, n, epilogue, lead=(1, 300)),
                                   lengths=lengths)
         label = str(by.mod["main"].attrs["tvm_lite.gemm"])
@@ -959,6 +963,7 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
             assert f": {start}" in label, (start, label)
         assert "T.int64" not in label and "if n <= 384" in label, label
         assert str(one.mod["main"].attrs["tvm_lite.gemm"]).count("split-K") == 1
+        assert mg.PLAN_LENGTHS == lengths and default.mod["main"].script() == by.mod["main"].script()
         assert str(static.mod["main"].attrs["tvm_lite.gemm"]).count("split-K") == 1
         got = branches(first(by.mod["main"].body, tirx.IfThenElse))
         assert [c for c, _ in got][0] == ("n <= T.int64(384)",), got
@@ -1384,9 +1389,9 @@ def test_default_rule_takes_the_warp_specialised_kernel_for_deep_and_wide_gemms_
     a90 = parse_target(WGMMA_TARGET)
     rule = GPUPrefillGEMM(CUDA)
 
-    def label(fmt, k, n, target=a90):
+    def label(fmt, k, n, target=a90):  # the longest prompts' plan (PLAN_LENGTHS: the first)
         return str(_schedule(rule, kernel_func(fmt, [1, DYN], k, n), target)
-                   .mod["main"].attrs["tvm_lite.gemm"])
+                   .mod["main"].attrs["tvm_lite.gemm"]).split("; if ")[0]
 
     deep = label("e0m4", 8192, 2048)
     assert deep.startswith("wgmma_m64n256k16 128x256 split-K ") and deep.endswith(

@@ -281,15 +281,14 @@ def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
 # splitting K; "wmma" the rule without the mma kernel, i.e. DLight's WMMA kernel that ran before;
 # "x async" the mma kernel with X copied by cp.async (gpu_gemm_mma.X_ASYNC); "wgmma" Hopper's
 # warpgroup kernel (gpu_gemm_wgmma, built for sm_90a; skipped on other GPUs); "sm_90a" the
-# default rules built for sm_90a (the warp-specialised wgmma kernel for deep GEMMs); "sm_90a by
-# length" the same with the tensor-core kernels planned for each of BY_LENGTH, picked by M
+# default rules built for sm_90a (the warp-specialised wgmma kernel for deep GEMMs, a kernel for
+# each prompt length of gpu_gemm_mma.PLAN_LENGTHS, picked by M); "sm_90a one plan" the same with
+# one kernel, planned for gpu_gemm_mma.PLAN_M (the default before the twenty-second session)
 GEMM_VARIANTS = {"e0m4": ("e0m4", "mma"), "int4": ("int4", "mma"), "fp16": ("fp16", "mma"),
                  "e0m4 (no split-K)": ("e0m4", "no split-K"), "e0m4 (wmma)": ("e0m4", "wmma"),
                  "e0m4 (x async)": ("e0m4", "x async"), "e0m4 (wgmma)": ("e0m4", "wgmma"),
                  "e0m4 (sm_90a)": ("e0m4", "sm_90a"),
-                 "e0m4 (sm_90a by length)": ("e0m4", "sm_90a by length")}
-# the prompt lengths "by length" plans the GEMMs for (gpu_gemm_mma.PLAN_LENGTHS when on)
-BY_LENGTH = (256, 512, 2048)
+                 "e0m4 (sm_90a one plan)": ("e0m4", "sm_90a one plan")}
 
 
 class WgmmaStaging(NamedTuple):
@@ -346,8 +345,8 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
              "x async": [GPUPrefillGEMM(cuda, x_async=True), *rules_for(target)],
              "wgmma": [GPUPrefillGEMM(cuda, wgmma=True), *rules_for(target)],
              "sm_90a": rules_for(parse_target("cuda -arch=sm_90a")),
-             "sm_90a by length": [GPUPrefillGEMM(cuda, plan_lengths=BY_LENGTH),
-                                  *rules_for(parse_target("cuda -arch=sm_90a"))]}
+             "sm_90a one plan": [GPUPrefillGEMM(cuda, plan_lengths=()),
+                                 *rules_for(parse_target("cuda -arch=sm_90a"))]}
     variants = dict(GEMM_VARIANTS)
     for tm, tn, stages in wgmma:  # Hopper's kernels at forced tiles and X stagings
         name = f"e0m4 wgmma {tm}x{tn} x{stages}"
