@@ -171,11 +171,16 @@ assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: o
 # (``python -m tvm_lite.bench.grid_model``) puts one call at n = 2048 1.16-1.55x (SmolLM2, 264
 # or 396 resident workgroups) and 1.91-1.97x (Gemma-2B) faster with 2 splits. The thirteenth
 # session took prompt splits out (n = 512, with the merge kernel before its MERGE_VEC rewrite:
-# the partials' write and the merge cost more than they saved). Off until timed
-# (``bench.prefill --parts attention --baseline-kernel``, a copy with PROMPT_SPLITS = 2).
-PROMPT_SPLITS = 1
+# the partials' write and the merge cost more than they saved). Timed on an H100 (twenty-second
+# session, one call at n = 2048, ``bench.prefill --parts attention --lengths 2048 --switch
+# prompt2:PROMPT_SPLITS=2 --switch longest_prompt2:LONGEST_FIRST_ACROSS_HEADS=True,PROMPT_SPLITS=2``;
+# ``results/issue16_chunked_prefill_by_length_h100_s22.json``), us, tree / splits alone / with
+# LONGEST_FIRST_ACROSS_HEADS: SmolLM2 53.3 / 58.4 / 53.3, Llama-1B 121.3 / 126.1 / 107.5, head_dim
+# 128 214.8 / 214.3 / 194.8, Gemma-2B 126.7 / 118.2 / 118.5. On, with the order below, from 1024
+# keys: n = 512 was not timed with it, and keeps the unsplit kernel.
+PROMPT_SPLITS = 2
 PROMPT_SPLIT_GRID = 2 * SPLIT_WAVE
-PROMPT_SPLIT_MIN_KEYS = 0  # ... and at least this many keys (a sweep's knob: 1024 splits 2048, not 512)
+PROMPT_SPLIT_MIN_KEYS = 1024  # ... and at least this many keys (1024 splits 2048, not 512)
 assert PROMPT_SPLIT_GRID <= SPLIT_TICKETS, "tickets: one a row tile"
 # Q's A fragments kept in registers for the whole key loop (FlashAttention-2's layout) instead of
 # read from shared memory again by ``ldmatrix`` for every key tile: ``MT x D / 16 x 4`` more
@@ -217,9 +222,10 @@ TC_WGMMA = False
 # last-first too): the longest row tiles of every head start first. A list-scheduling model
 # (``python -m tvm_lite.bench.grid_model``: each workgroup's time = its key tiles + 0.5, 264 or
 # 396 resident) puts one call at n = 2048 1.20-1.23x faster for 8 kv heads (Llama-1B, head_dim 128) and unchanged for SmolLM2 (288
-# workgroups) and Gemma-2B (one kv head). Off until timed (``bench.prefill --parts attention
-# --baseline-kernel``, a copy with it on).
-LONGEST_FIRST_ACROSS_HEADS = False
+# workgroups) and Gemma-2B (one kv head). Timed with PROMPT_SPLITS on an H100 (see there): one
+# call at n = 2048 Llama-1B 121.3 -> 107.5 us, head_dim 128 214.8 -> 194.8 us. On. A grid of at
+# most one wave (every shape at n = 512) starts all its workgroups at once in either order.
+LONGEST_FIRST_ACROSS_HEADS = True
 
 
 def grid_tags() -> tuple[str, str]:

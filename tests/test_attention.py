@@ -719,7 +719,9 @@ def test_split_decode_cuda_c_run_on_the_cpu_matches_numpy(profile, tmp_path):
 def test_tensor_core_prefill_splits_keys_only_for_small_grids():
     """The split count is evaluated at run time from ``n`` and ``m``: a 256-token chunk of a
     one-kv-head model (32 workgroups) splits its 2048 keys, a 2048-token Llama prompt (1,024
-    workgroups) does not; the split kernel is followed by the merge kernel."""
+    workgroups) does not, a 2048-token Gemma-2B prompt (256) does in two (PROMPT_SPLITS, from
+    PROMPT_SPLIT_MIN_KEYS keys: a 512-token prompt does not); the split kernel is followed by
+    the merge kernel."""
     from tvm_lite.schedules.gpu_attention_prefill import split_value, tensor_core_kernel
 
     def count(heads, kv, n, m):
@@ -734,8 +736,8 @@ def test_tensor_core_prefill_splits_keys_only_for_small_grids():
     assert count(32, 8, 256, 512) == 2  # m = 2 n: a chunk
     assert count(32, 8, 512, 768) == 1  # m < 2 n
     assert count(32, 8, 2048, 2048) == 1
-    assert count(8, 1, 2048, 2048) == 1  # Gemma-2B prompt: 256 workgroups
-    assert count(8, 1, 512, 512) == 1  # 64 workgroups, still not split
+    assert count(8, 1, 2048, 2048) == 2  # Gemma-2B prompt: 256 workgroups, 2048 keys
+    assert count(8, 1, 512, 512) == 1  # 64 workgroups, but 512 keys: not split
     assert count(8, 1, 64, 64) == 1  # one key tile: nothing to split
     p = attention_params(8, 1, 256, "float16", 0.0625, "float16", False, True, False, True, True)
     assert split_value(p, 64, 64, 256, 2048) == 4  # head_dim 256: half the wave (SPLIT_WAVE_WIDE_HEADS)
@@ -1197,11 +1199,14 @@ def test_bench_switch_builds_a_copy_with_the_constants_changed(tmp_path, capsys)
     from tvm_lite.schedules import gpu_attention_prefill
 
     path = switched_schedule(gpu_attention_prefill.__file__,
-                             "both:LONGEST_FIRST_ACROSS_HEADS=True,PROMPT_SPLITS=2", tmp_path)
+                             "both:LONGEST_FIRST_ACROSS_HEADS=False,PROMPT_SPLIT_MIN_KEYS=0",
+                             tmp_path)
     assert path == tmp_path / "both.py"
     copy = schedule_version(str(path))
-    assert copy.LONGEST_FIRST_ACROSS_HEADS is True and copy.PROMPT_SPLITS == 2
-    assert gpu_attention_prefill.PROMPT_SPLITS == 1  # the tree's module is left alone
+    assert copy.LONGEST_FIRST_ACROSS_HEADS is False and copy.PROMPT_SPLIT_MIN_KEYS == 0
+    # the tree's module is left alone
+    assert gpu_attention_prefill.LONGEST_FIRST_ACROSS_HEADS is True
+    assert gpu_attention_prefill.PROMPT_SPLIT_MIN_KEYS == 1024
     p = attention_params(32, 8, 64, "float16", 0.125, "float16", False, True, False, True,
                          False)
     assert copy.split_value(p, 64, 64, 512, 512) == 2
@@ -1410,6 +1415,7 @@ def test_tensor_core_prefill_prompt_splits_on_the_cpu(heads, kv, d, n, past, pad
     from tvm_lite.schedules import gpu_attention_prefill
 
     monkeypatch.setattr(gpu_attention_prefill, "PROMPT_SPLITS", 2)
+    monkeypatch.setattr(gpu_attention_prefill, "PROMPT_SPLIT_MIN_KEYS", 0)  # prompts this short
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
                          kv == 1)
     q, k, v, mask = _inputs(np.random.default_rng(12), heads, kv, d, n, past, "float16", pad)
@@ -1423,6 +1429,7 @@ def test_tensor_core_prefill_prompt_splits_on_the_cpu(heads, kv, d, n, past, pad
     big = attention_params(32, 8, 64, "float16", 0.125, "float16", False, True, False, False,
                            False)
     assert gpu_attention_prefill.split_value(big, 64, 64, 2048, 2048) == 1
+    monkeypatch.setattr(gpu_attention_prefill, "PROMPT_SPLIT_MIN_KEYS", 0)  # any length
     assert gpu_attention_prefill.split_value(big, 64, 64, 512, 512) == 2
     monkeypatch.setattr(gpu_attention_prefill, "PROMPT_SPLIT_MIN_KEYS", 1024)  # longer only
     assert gpu_attention_prefill.split_value(big, 64, 64, 512, 512) == 1
