@@ -29,6 +29,15 @@ the greedy token as one, without reading it back: the host can queue several ste
 reads their tokens, so the GPU does not wait for the host between steps
 (``Engine(run_ahead=...)``).
 
+A prompt's chunks before its last need no token on the host:
+
+    prefill_chain_flat(ids: R.Tensor((1, m), "int64"), step: R.Shape([p, r]), *caches,
+                       *workspace, *weights) -> R.Tensor((1,), "int64")
+
+is ``prefill_step_flat`` with the greedy token left on the device (only the flat form: the
+engine calls it in this process), so the host queues the next chunk while the GPU runs this one
+(``Engine.prefill_greedy``).
+
 A fourth, where ``decode`` writes its K/V row at its position (``DecodeWritesAtPosition``),
 is a step a CUDA graph can replay:
 
@@ -58,7 +67,8 @@ import tvm
 from tvm import relax, tirx
 
 from ..convention import (ADVANCE_TOKENS, DECODE, DECODE_CHAIN, DECODE_PADDED, DECODERS,
-                          GREEDY_TOKEN, PADDED_INPUTS, PAST_LEN, PREFILL, PREFILL_LAST,
+                          GREEDY_TOKEN, PADDED_INPUTS, PAST_LEN, PREFILL, PREFILL_CHAIN,
+                          PREFILL_LAST,
                           STEP_INPUTS, STEP_TOKEN_IDS, WRITES_AT_POSITION_ATTR, flat, step,
                           step_decoder, tupled)
 from .add_step_helpers import shape_param
@@ -93,6 +103,8 @@ class AddStepEntries:
         bb = relax.BlockBuilder(mod)
         for name in todo:
             self._entry(bb, names, name, step(name))
+            if name == PREFILL:
+                self._entry(bb, names, name, PREFILL_CHAIN, tuple_form=False)
             if name == DECODE:
                 self._entry(bb, names, name, DECODE_CHAIN)
                 if WRITES_AT_POSITION_ATTR in (mod[names[DECODE]].attrs or {}) \
@@ -101,10 +113,10 @@ class AddStepEntries:
         return bb.get()
 
     @staticmethod
-    def _entry(bb, names, name: str, entry: str) -> None:
-        """``entry`` (the buffers as the wrapper takes them) and ``<entry>_flat`` (each tuple's
-        fields as parameters of their own, passed to the wrapper as tuples made here), over
-        decoder ``name``'s tuple wrapper."""
+    def _entry(bb, names, name: str, entry: str, tuple_form: bool = True) -> None:
+        """``entry`` (the buffers as the wrapper takes them; not with ``tuple_form=False``) and
+        ``<entry>_flat`` (each tuple's fields as parameters of their own, passed to the wrapper
+        as tuples made here), over decoder ``name``'s tuple wrapper."""
         wrapper = names[tupled(step_decoder(name, names))]  # prefill_last's for prefill
         func = bb.get()[wrapper]
         # the tuple arguments (caches, workspace, weights) as the wrapper takes them, fresh vars
@@ -112,7 +124,8 @@ class AddStepEntries:
         # the wrapper's static weights are not checked at every step (its "num_input")
         weights = len(func.params) - int(func.attrs.get("num_input", len(func.params)))
         checked = len(buffers) - weights if weights else None
-        _add_step(bb, names, wrapper, entry, buffers, buffers, checked)
+        if tuple_form:
+            _add_step(bb, names, wrapper, entry, buffers, buffers, checked)
         flat_params, args, flat_checked = [], [], 0
         for i, b in enumerate(buffers):
             # the checked buffers (caches, workspace) by ndim and dtype: one check_tensor_info
@@ -136,11 +149,13 @@ def _unshaped(ty):
 
 def _add_step(bb, names, wrapper, entry: str, buffers: list, args: list,
               checked: int | None) -> None:
-    """``entry`` (``prefill_step``, ``decode_step``, ``decode_chain`` or their ``_flat``):
-    the step over ``buffers`` (its parameters after the step's token and integers), which
-    reach the tuple ``wrapper`` as ``args``; VMShapeLower checks the first ``checked`` buffers
-    and, of the others (the weights), only those with symbolic dims (None: checks all)."""
-    prefill = entry.startswith(step(PREFILL))
+    """``entry`` (``prefill_step``, ``prefill_chain``, ``decode_step``, ``decode_chain``...
+    or their ``_flat``): the step over ``buffers`` (its parameters after the step's token and
+    integers), which reach the tuple ``wrapper`` as ``args``; VMShapeLower checks the first
+    ``checked`` buffers and, of the others (the weights), only those with symbolic dims (None:
+    checks all)."""
+    prefill_chain = entry.startswith(PREFILL_CHAIN)
+    prefill = entry.startswith(step(PREFILL)) or prefill_chain
     chain = entry.startswith(DECODE_CHAIN)
     padded = entry.startswith(DECODE_PADDED)
     func = bb.get()[wrapper]
@@ -189,7 +204,7 @@ def _add_step(bb, names, wrapper, entry: str, buffers: list, args: list,
         token = bb.emit(relax.Call(names[GREEDY_TOKEN], [logits, relax.ShapeExpr([row])]))
         if padded:  # recorded on the device: tokens[position + 1] = token, position += 1
             bb.emit(relax.Call(names[ADVANCE_TOKENS], [tokens, position, token]))
-        if chain or padded:  # left on the device for the next step
+        if chain or padded or prefill_chain:  # left on the device for the next step
             bb.emit_func_output(token)
             return
         # (past RemovePurityChecking: the builtin is called directly, not call_pure_packed)

@@ -27,6 +27,7 @@ The description (``version`` = ``convention.METADATA_VERSION``)::
     tupled, steps    whether the *_tupled entries and the *_step entries are present
     flat_steps       whether the *_step_flat entries are present (buffers as separate arguments)
     chain            whether decode_chain (and, with flat_steps, decode_chain_flat) is present
+    prefill_chain    whether prefill_chain_flat is present (a chunk's token left on the device)
     padded           whether decode_padded (and, with flat_steps, decode_padded_flat) is present
     options          the build options (``BuildOptions.to_dict()``)
 """
@@ -40,7 +41,8 @@ from tvm import relax, tirx
 
 from ..convention import (ALLOC_PARAMS, DECODE, DECODERS, KV_CACHE_ATTR, KV_COPY, KV_INPLACE, MAIN,
                           METADATA, METADATA_VERSION, PAST_LEN, PREFILL_LAST, PREFILL_STEP,
-                          DECODE_STEP, DECODE_CHAIN, DECODE_PADDED, TUPLED_ENTRIES, WORKSPACE_PREFIX, flat)
+                          DECODE_STEP, DECODE_CHAIN, DECODE_PADDED, PREFILL_CHAIN, TUPLED_ENTRIES,
+                          WORKSPACE_PREFIX, flat)
 
 
 def _dim(d):
@@ -76,6 +78,7 @@ def describe(mod: tvm.IRModule, options: dict | None = None) -> dict:
             "steps": PREFILL_STEP in funcs and DECODE_STEP in funcs,
             "flat_steps": flat(PREFILL_STEP) in funcs and flat(DECODE_STEP) in funcs,
             "chain": DECODE_CHAIN in funcs,
+            "prefill_chain": flat(PREFILL_CHAIN) in funcs,
             "padded": DECODE_PADDED in funcs,
             "options": options or {}}
     if first is None:

@@ -152,6 +152,42 @@ def test_greedy_steps_on_the_device_match_the_logits(artifact):
 
 
 @pytest.mark.slow
+def test_prompt_chunks_before_the_last_leave_their_token_on_the_device(artifact, monkeypatch):
+    """A prompt in several chunks runs ``prefill_chain_flat`` for every chunk but the last (its
+    token unread, so the host does not wait for the device between chunks) and
+    ``prefill_step_flat`` for the last: the same token, tokens and cache rows as every chunk
+    through ``prefill_step_flat``."""
+    from tvm_lite import convention as cv
+
+    eng = Engine(artifact("dynamo"), max_context=128, buckets=(16,), prefill_chunk=16)
+    assert eng.runner.prefill_chain and eng.convention["prefill_chain"]
+    assert cv.PREFILL_CHAIN not in eng.convention["entries"]  # the flat form only
+    ids = eng.encode_prompt(PROMPTS[0])
+    chunks = -(-len(ids) // 16)
+    assert chunks > 2
+    calls, call = [], eng._call
+    monkeypatch.setattr(eng, "_call", lambda f, args: calls.append(f) or call(f, args))
+    chained = eng.new_session()
+    got = [eng.prefill_greedy(chained, ids)]
+    assert calls == [cv.PREFILL_CHAIN_FLAT] * (chunks - 1) + [cv.PREFILL_STEP_FLAT]
+    monkeypatch.setattr(eng.runner, "prefill_chain", False)
+    calls.clear()
+    plain = eng.new_session()
+    want = [eng.prefill_greedy(plain, ids)]
+    assert calls == [cv.PREFILL_STEP_FLAT] * chunks
+    assert chained.tokens == plain.tokens and chained.length == plain.length == len(ids)
+    for _ in range(3):  # the caches hold the same rows
+        got.append(eng.decode_greedy(chained, got[-1]))
+        want.append(eng.decode_greedy(plain, want[-1]))
+    assert got == want
+    one = eng.new_session()  # one chunk: prefill_step_flat alone
+    calls.clear()
+    monkeypatch.setattr(eng.runner, "prefill_chain", True)
+    eng.prefill_greedy(one, ids[:16])
+    assert calls == [cv.PREFILL_STEP_FLAT]
+
+
+@pytest.mark.slow
 def test_decode_steps_queued_on_the_device_give_the_same_tokens(artifact):
     """decode_chain (the token stays on the device; Engine(run_ahead=k) queues k steps before
     it reads their tokens) generates what one-by-one decode_step does, to the end of the

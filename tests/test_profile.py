@@ -43,9 +43,16 @@ def test_prefill_in_chunks_counts_every_chunk(engine):
     prof = Profiler(engine("dynamo", "inplace"), use_torch=False)
     one = prof.prefill(16, repeats=1)
     chunked = prof.prefill(16, repeats=1, chunk=4)
+    read = prof.prefill(16, repeats=1, chunk=4, read_each_chunk=True)
     assert chunked.phase == "prefill in chunks of 4" and one.phase == "prefill"
+    assert read.phase == "prefill in chunks of 4, each chunk's token read back"
     assert chunked.kernels["attention_prefill"]["calls"] == 4 * LAYERS
-    assert chunked.kernels_per_step == 4 * one.kernels_per_step
+    assert read.kernels_per_step == 4 * one.kernels_per_step  # prefill_step_flat, 4 times
+
+    def kernels(p):  # (less the host's shape functions, which differ between the entries)
+        return {n: k["calls"] for n, k in p.kernels.items() if not n.startswith("shape_func")}
+
+    assert kernels(chunked) == kernels(read)  # prefill_chain_flat 3 times: the same kernels
     assert prof.prefill(16, repeats=1, chunk=16).phase == "prefill"  # one call: not chunked
 
 
@@ -75,7 +82,9 @@ def test_profile_command_runs_on_an_artifact(artifact, tmp_path, capsys):
     assert "prefill (context 0" in printed and "decode (context" in printed
     assert "prefill in chunks of 4 (context 0" in printed
     result = json.loads(out.read_text())
-    assert set(result) == {"prefill", "prefill_chunked", "decode"}
+    assert set(result) == {"prefill", "prefill_chunked", "prefill_chunked_read", "decode"}
+    assert "each chunk's token read back" in result["prefill_chunked_read"]["phase"]
+    assert result["prefill_chunked_read"]["kernels"]["attention_prefill"]["calls"] == 2 * LAYERS
     assert result["decode"]["kernels"]["attention_decode"]["calls"] == LAYERS
 
 

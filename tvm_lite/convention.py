@@ -78,6 +78,10 @@ PREFILL_STEP_FLAT, DECODE_STEP_FLAT = flat(PREFILL_STEP), flat(DECODE_STEP)
 # back to back, the host reads their tokens a few steps later (Engine(run_ahead=...))
 DECODE_CHAIN = "decode_chain"
 DECODE_CHAIN_FLAT = flat(DECODE_CHAIN)
+# a prefill chunk whose greedy token stays on the device (no host read): a prompt's chunks before
+# its last queue back to back, without the GPU waiting for the host between them
+PREFILL_CHAIN = "prefill_chain"
+PREFILL_CHAIN_FLAT = flat(PREFILL_CHAIN)
 # a decode step on a context padded to a bucket, its token and position read from device buffers
 # and advanced there: every step of a bucket is the same call, replayed as a CUDA graph
 DECODE_PADDED = "decode_padded"

@@ -557,25 +557,40 @@ class Engine:
     def prefill_greedy(self, session: Session, ids, chunk_size: int | None = None) -> int:
         """``prefill`` that returns the greedy next token instead of the logits
         (``runner.greedy_steps``: each chunk is one ``prefill_step`` call, padded to a bucket as
-        ``forward`` pads)."""
+        ``forward`` pads).
+
+        In a prompt of several chunks, the chunks before the last run ``prefill_chain_flat``
+        where the model has it: their token stays on the device, and every chunk's ids are
+        uploaded before the first runs (an upload waits for the device), so the host queues each
+        chunk while the GPU runs the one before instead of waiting for it."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("prefill_greedy needs at least one token")
         self._check_room(session, len(ids))
         step = min(chunk_size or len(ids), self.prefill_chunk or len(ids))
-        nxt = None
+        chunks, length = [], session.length
         for start in range(0, len(ids), step):
             chunk = ids[start:start + step]
+            chunks.append((chunk, self.padded_length(len(chunk), length)))
+            length += len(chunk)
+        chained = self.runner.prefill_chain and len(chunks) > 1
+        uploads = [tvm.runtime.tensor(np.array([c + [0] * (p - len(c))], "int64"), self.dev)
+                   if chained and p > 1 else None for c, p in chunks]
+        nxt = None
+        for i, (chunk, padded) in enumerate(chunks):
             n = len(chunk)
-            padded = self.padded_length(n, session.length)
             if padded == 1:
                 nxt = self.decode_greedy(session, chunk[0])
                 continue
-            tokens = tvm.runtime.tensor(np.array([chunk + [0] * (padded - n)], "int64"), self.dev)
+            tokens = uploads[i] if chained else \
+                tvm.runtime.tensor(np.array([chunk + [0] * (padded - n)], "int64"), self.dev)
             args = [tokens, self.link.make_shape([session.length, n]),
                     *self.runner.step_buffers(session)]
             # (sliced, as prefill is, if asked)
-            nxt = int(self._call(self.runner.step_entry(cv.PREFILL_STEP), args))
+            if chained and i < len(chunks) - 1:  # the token stays on the device, unread
+                self._call(cv.PREFILL_CHAIN_FLAT, args)
+            else:
+                nxt = int(self._call(self.runner.step_entry(cv.PREFILL_STEP), args))
             session.last_call = (cv.PREFILL, padded)
             self._advance(session, chunk, session.length + n)
         return nxt

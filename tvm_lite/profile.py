@@ -262,10 +262,22 @@ class Profiler:
             prof.busy_ms = busy_us / 1e3
         return prof
 
-    def prefill(self, prompt_len: int, repeats: int = 3, chunk: int | None = None) -> StepProfile:
+    def prefill(self, prompt_len: int, repeats: int = 3, chunk: int | None = None,
+                read_each_chunk: bool = False) -> StepProfile:
         """One prompt of ``prompt_len`` tokens from an empty cache: one call, or calls of
-        ``chunk`` tokens (then a "step" is the whole prompt, all its chunks)."""
+        ``chunk`` tokens (then a "step" is the whole prompt, all its chunks).
+        ``read_each_chunk``: every chunk through ``prefill_step`` (its token read back, so the
+        host waits for the device between chunks), as before ``prefill_chain``."""
         eng = self.engine
+        if read_each_chunk:
+            chain = eng.runner.prefill_chain
+            eng.runner.prefill_chain = False
+            try:
+                prof = self.prefill(prompt_len, repeats, chunk)
+            finally:
+                eng.runner.prefill_chain = chain
+            prof.phase += ", each chunk's token read back"
+            return prof
         ids = [(7 * i + 3) % 200 + 10 for i in range(prompt_len)]  # any in-vocabulary ids
 
         def run(n):
@@ -330,7 +342,9 @@ class Profiler:
 def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, steps: int = 16,
                      max_context: int | None = None, chunk: int | None = None) -> dict:
     """Prefill and decode profiles of an in-place artifact on ``device``; with ``chunk``, also
-    the same prompt prefilled in calls of ``chunk`` tokens (key ``"prefill_chunked"``)."""
+    the same prompt prefilled in calls of ``chunk`` tokens (key ``"prefill_chunked"``) and,
+    where the artifact has ``prefill_chain``, again with every chunk's token read back
+    (``"prefill_chunked_read"``)."""
     from .engine import DEFAULT_RUN_AHEAD, Engine
 
     # prefill, warm-ups, the counting and measured runs, then the queued ones (a warm-up batch,
@@ -346,6 +360,9 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     out = {"prefill": prof.prefill(prompt_len)}
     if chunk and chunk < prompt_len:
         out["prefill_chunked"] = prof.prefill(prompt_len, chunk=chunk)
+        if eng.runner.prefill_chain:  # the same without prefill_chain: what it saves
+            out["prefill_chunked_read"] = prof.prefill(prompt_len, chunk=chunk,
+                                                       read_each_chunk=True)
     out["decode"] = prof.decode(prompt_len, steps)
     return out
 

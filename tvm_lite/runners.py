@@ -85,6 +85,7 @@ class Runner:
     greedy_steps = False  # whether ``prefill_step``/``decode_step`` are used (greedy on the device)
     padded_steps = False  # whether ``decode_padded_flat`` is there (in this process)
     chain_steps = False  # whether ``decode_chain`` is there (device tokens in and out)
+    prefill_chain = False  # whether ``prefill_chain_flat`` is there (in this process)
     inplace = False
     last_row_prefill = False  # whether ``prefill_last`` gives a prefill's last logits alone
 
@@ -157,6 +158,9 @@ class InPlace(Runner):
         self.greedy_steps = bool(self.convention.get("steps"))
         # decode_chain: the token stays on the device, so steps can queue (Engine(run_ahead=))
         self.chain_steps = self.greedy_steps and bool(self.convention.get("chain"))
+        # prefill_chain_flat: a prompt's chunks before the last leave their token on the device
+        self.prefill_chain = self.greedy_steps and bool(self.convention.get("prefill_chain")) \
+            and bool(self.convention.get("flat_steps")) and not self.link.remote
         # decode_padded (flat): a step that reads and advances its token on the device, on a
         # context padded to a bucket -- what CUDA graphs replay (tvm_lite/cuda_graphs.py)
         self.padded_steps = self.chain_steps and bool(self.convention.get("padded")) \
