@@ -1,5 +1,6 @@
-"""InlineStepCalls: a greedy step entry (``prefill_step``, ``decode_step``, ``decode_chain``,
-their ``_flat`` variants) as one flat function.
+"""InlineStepCalls: a greedy step entry (``prefill_step``, ``prefill_chain_flat``,
+``decode_step``, ``decode_chain``, ``decode_padded``, their ``_flat`` variants) as one flat
+function.
 
 ``AddStepEntries`` builds ``decode_step`` as calls: the step helpers, ``decode_tupled`` (which
 unpacks the weight tuple) and, inside it, ``decode``. Each Relax function checks its parameters
@@ -24,7 +25,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import DECODE, DECODE_CHAIN, DECODE_PADDED, DECODERS, flat, step, step_decoder, tupled
+from ..convention import (DECODE, DECODE_CHAIN, DECODE_PADDED, DECODERS, PREFILL, PREFILL_CHAIN,
+                          flat, step, step_decoder, tupled)
 
 
 def _decoder_callees(mod: tvm.IRModule, names: dict, decoder: str) -> set:
@@ -105,7 +107,8 @@ class InlineStepCalls:
         out = mod
         for decoder in self.decoders:
             callees = _decoder_callees(mod, names, decoder)
-            entries = [step(decoder)] + ([DECODE_CHAIN, DECODE_PADDED] if decoder == DECODE else [])
+            entries = [step(decoder)] + ([DECODE_CHAIN, DECODE_PADDED] if decoder == DECODE else
+                                         [PREFILL_CHAIN] if decoder == PREFILL else [])
             for name in [*entries, *map(flat, entries)]:
                 if name not in names or not callees:
                     continue
