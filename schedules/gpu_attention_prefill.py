@@ -223,8 +223,9 @@ TC_WGMMA = False
 # (``python -m tvm_lite.bench.grid_model``: each workgroup's time = its key tiles + 0.5, 264 or
 # 396 resident) puts one call at n = 2048 1.20-1.23x faster for 8 kv heads (Llama-1B, head_dim 128) and unchanged for SmolLM2 (288
 # workgroups) and Gemma-2B (one kv head). Timed with PROMPT_SPLITS on an H100 (see there): one
-# call at n = 2048 Llama-1B 121.3 -> 107.5 us, head_dim 128 214.8 -> 194.8 us. On. A grid of at
-# most one wave (every shape at n = 512) starts all its workgroups at once in either order.
+# call at n = 2048 Llama-1B 121.3 -> 107.5 us, head_dim 128 214.8 -> 194.8 us. On. A grid that
+# fits the resident workgroups at once starts them all in either order (on the H100/H200, at
+# two workgroups a SM, every benchmarked shape's at n = 512: at most 256 of 264).
 LONGEST_FIRST_ACROSS_HEADS = True
 
 
