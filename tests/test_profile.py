@@ -59,6 +59,14 @@ def test_prefill_in_chunks_counts_every_chunk(engine):
     assert prof.prefill(16, repeats=1, chunk=16).phase == "prefill"  # one call: not chunked
 
 
+def test_profile_command_names_a_bad_chunk(artifact, capsys):
+    from tvm_lite.cli import main
+
+    assert main(["profile", str(artifact("dynamo", "inplace")), "--device", "cpu",
+                 "--chunk", "0"]) == 2
+    assert "--chunk 0: a chunk needs at least one token" in capsys.readouterr().err
+
+
 def test_kernel_launches_needs_a_gpu_build():
     import tvm
     from tvm import relax

@@ -573,17 +573,20 @@ class Engine:
             chunk = ids[start:start + step]
             chunks.append((chunk, self.padded_length(len(chunk), length)))
             length += len(chunk)
+
+        def upload(chunk, padded):  # the chunk's ids, padded, on the device
+            return tvm.runtime.tensor(np.array([chunk + [0] * (padded - len(chunk))], "int64"),
+                                      self.dev)
+
         chained = self.runner.prefill_chain and len(chunks) > 1
-        uploads = [tvm.runtime.tensor(np.array([c + [0] * (p - len(c))], "int64"), self.dev)
-                   if chained and p > 1 else None for c, p in chunks]
+        uploads = [upload(c, p) if chained and p > 1 else None for c, p in chunks]
         nxt = None
         for i, (chunk, padded) in enumerate(chunks):
             n = len(chunk)
             if padded == 1:
                 nxt = self.decode_greedy(session, chunk[0])
                 continue
-            tokens = uploads[i] if chained else \
-                tvm.runtime.tensor(np.array([chunk + [0] * (padded - n)], "int64"), self.dev)
+            tokens = uploads[i] if chained else upload(chunk, padded)
             args = [tokens, self.link.make_shape([session.length, n]),
                     *self.runner.step_buffers(session)]
             # (sliced, as prefill is, if asked)

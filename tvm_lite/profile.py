@@ -346,7 +346,10 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     where the artifact has ``prefill_chain``, again with every chunk's token read back
     (``"prefill_chunked_read"``)."""
     from .engine import DEFAULT_RUN_AHEAD, Engine
+    from .errors import UserError
 
+    if chunk is not None and chunk < 1:
+        raise UserError(f"--chunk {chunk}: a chunk needs at least one token")
     # prefill, warm-ups, the counting and measured runs, then the queued ones (a warm-up batch,
     # the measured steps, and each of the two loops' last batch run past what it takes)
     queued = steps + 3 * DEFAULT_RUN_AHEAD
@@ -436,6 +439,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work-dir", default="bench_models", help="random models and their builds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.chunk is not None and args.chunk < 1:  # before any build
+        ap.error(f"--chunk {args.chunk}: a chunk needs at least one token")
     out = {}
     variants = args.variant.split(",")
     for shape in args.shapes.split(","):
