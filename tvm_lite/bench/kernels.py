@@ -101,7 +101,7 @@ def schedule_version(path: str):
 def switched_schedule(module_file, spec: str, out_dir) -> Path:
     """A copy of the schedule module ``module_file`` with top-level constants changed, for
     ``--switch`` (the benches time it as a ``--baseline-kernel``): ``spec`` is
-    ``NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]`` (``longest:LONGEST_FIRST_ACROSS_HEADS=True``,
+    ``NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]`` (``before:LONGEST_FIRST_ACROSS_HEADS=False``,
     ``k32:TC_KEY_TILES=(32,),TC_M_TILES=2``: a value is Python text and may hold commas);
     the copy is ``out_dir/NAME.py``. A constant that is not assigned once at the top level of
     the module is an error naming it (a ``sed`` that matches nothing would time the tree's own

@@ -523,7 +523,8 @@ def main(argv=None):
                     "(names: q;k,v;o;gate,up;down; default: all)")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
                     f"(default: all of {', '.join(GEMM_VARIANTS)}; e0m4 and fp16 with --gemm-tiles)")
-    add_baseline_arguments(ap, "gpu_attention_prefill", "longest:LONGEST_FIRST_ACROSS_HEADS=True")
+    add_baseline_arguments(ap, "gpu_attention_prefill",
+                           "before:LONGEST_FIRST_ACROSS_HEADS=False,PROMPT_SPLITS=1")
     ap.add_argument("--shapes", default=",".join(ATTENTION_SHAPES),
                     help="attention shapes to time (names of ATTENTION_SHAPES)")
     ap.add_argument("--lengths", default=",".join(map(str, ATTENTION_LENGTHS)),
