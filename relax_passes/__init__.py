@@ -2,6 +2,7 @@
 device module: LaunchDependentsEarly)."""
 
 from .add_decode_function import AddDecodeFunction
+from .add_cache_fill_prefill import AddCacheFillPrefill
 from .add_last_row_prefill import AddLastRowPrefill
 from .add_step_entries import AddStepEntries
 from .add_step_helpers import AddStepHelpers
@@ -29,7 +30,7 @@ from .separate_graph_kernels import SeparateGraphKernels
 from .share_host_values import ShareHostValues
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepHelpers",
+__all__ = ["AddCacheFillPrefill", "AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepHelpers",
            "AddTupledBufferEntries", "AttachMetadata",
            "BindDequantKernelShapes", "DecodeWritesAtPosition", "DropKillsWithoutStorage",
            "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",

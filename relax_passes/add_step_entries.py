@@ -29,13 +29,15 @@ the greedy token as one, without reading it back: the host can queue several ste
 reads their tokens, so the GPU does not wait for the host between steps
 (``Engine(run_ahead=...)``).
 
-A prompt's chunks before its last need no token on the host:
+A prompt's chunks before its last need no token at all:
 
     prefill_chain_flat(ids: R.Tensor((1, m), "int64"), step: R.Shape([p, r]), *caches,
-                       *workspace, *weights) -> R.Tensor((1,), "int64")
+                       *workspace, *weights) -> the cache writes
 
-is ``prefill_step_flat`` with the greedy token left on the device (only the flat form: the
-engine calls it in this process), so the host queues the next chunk while the GPU runs this one
+runs ``prefill_fill`` (``relax_passes/add_cache_fill_prefill.py``: the K/V writes, no logits;
+where the module has no ``prefill_fill``, ``prefill_last`` with the greedy token left on the
+device) and returns nothing the host reads (only the flat form: the engine calls it in this
+process), so the host queues the next chunk while the GPU runs this one
 (``Engine.prefill_greedy``).
 
 A fourth, where ``decode`` writes its K/V row at its position (``DecodeWritesAtPosition``),
@@ -68,7 +70,7 @@ from tvm import relax, tirx
 
 from ..convention import (ADVANCE_TOKENS, DECODE, DECODE_CHAIN, DECODE_PADDED, DECODERS,
                           GREEDY_TOKEN, PADDED_INPUTS, PAST_LEN, PREFILL, PREFILL_CHAIN,
-                          PREFILL_LAST,
+                          PREFILL_FILL, PREFILL_LAST,
                           STEP_INPUTS, STEP_TOKEN_IDS, WRITES_AT_POSITION_ATTR, flat, step,
                           step_decoder, tupled)
 from .add_step_helpers import shape_param
@@ -117,7 +119,8 @@ class AddStepEntries:
         """``entry`` (the buffers as the wrapper takes them; not with ``tuple_form=False``) and
         ``<entry>_flat`` (each tuple's fields as parameters of their own, passed to the wrapper
         as tuples made here), over decoder ``name``'s tuple wrapper."""
-        wrapper = names[tupled(step_decoder(name, names))]  # prefill_last's for prefill
+        # prefill_last's for prefill, prefill_fill's for prefill_chain
+        wrapper = names[tupled(step_decoder(name, names, fill=entry == PREFILL_CHAIN))]
         func = bb.get()[wrapper]
         # the tuple arguments (caches, workspace, weights) as the wrapper takes them, fresh vars
         buffers = [relax.Var(p.name, p.ty) for p in buffer_params(func)]
@@ -197,6 +200,9 @@ def _add_step(bb, names, wrapper, entry: str, buffers: list, args: list,
             inputs = bb.emit(relax.Call(names[STEP_INPUTS], [relax.ShapeExpr([p, r, m])]))
             mask, pos = (bb.emit(relax.TupleGetItem(inputs, i)) for i in range(2))
         out = bb.emit(relax.Call(wrapper, [ids, mask, pos, relax.ShapeExpr([p]), *args]))
+        if wrapper.name_hint == tupled(PREFILL_FILL):  # the cache writes: nothing to read
+            bb.emit_func_output(out)
+            return
         logits = bb.emit(relax.TupleGetItem(out, 0)) \
             if isinstance(out.ty, relax.TupleType) else out
         # the last real row: prefill_last's only row

@@ -27,7 +27,8 @@ The description (``version`` = ``convention.METADATA_VERSION``)::
     tupled, steps    whether the *_tupled entries and the *_step entries are present
     flat_steps       whether the *_step_flat entries are present (buffers as separate arguments)
     chain            whether decode_chain (and, with flat_steps, decode_chain_flat) is present
-    prefill_chain    whether prefill_chain_flat is present (a chunk's token left on the device)
+    prefill_chain    whether prefill_chain_flat is present (a prompt's chunks before its last;
+                     it runs prefill_fill where that is there)
     padded           whether decode_padded (and, with flat_steps, decode_padded_flat) is present
     options          the build options (``BuildOptions.to_dict()``)
 """
@@ -40,7 +41,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..convention import (ALLOC_PARAMS, DECODE, DECODERS, KV_CACHE_ATTR, KV_COPY, KV_INPLACE, MAIN,
-                          METADATA, METADATA_VERSION, PAST_LEN, PREFILL_LAST, PREFILL_STEP,
+                          METADATA, METADATA_VERSION, PAST_LEN, PREFILL_FILL, PREFILL_LAST, PREFILL_STEP,
                           DECODE_STEP, DECODE_CHAIN, DECODE_PADDED, PREFILL_CHAIN, TUPLED_ENTRIES,
                           WORKSPACE_PREFIX, flat)
 
@@ -94,7 +95,7 @@ def describe(mod: tvm.IRModule, options: dict | None = None) -> dict:
                              "rows": [r if isinstance(r, int) else None
                                       for r in (_type(c.ty)[1][0] for c in caches)]}
         per = {n: sum(1 for p in funcs[n].params if p.name.startswith(WORKSPACE_PREFIX))
-               for n in inplace + [PREFILL_LAST] if n in funcs}
+               for n in inplace + [PREFILL_LAST, PREFILL_FILL] if n in funcs}
         desc["workspace"] = {**per, "count": max(per.values())}
         after = list(first.params)[cut + 1 + len(cache_names):]
         weights = [p for p in after if not p.name.startswith(WORKSPACE_PREFIX)]

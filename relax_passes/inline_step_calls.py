@@ -29,11 +29,11 @@ from ..convention import (DECODE, DECODE_CHAIN, DECODE_PADDED, DECODERS, PREFILL
                           flat, step, step_decoder, tupled)
 
 
-def _decoder_callees(mod: tvm.IRModule, names: dict, decoder: str) -> set:
-    """The GlobalVars to inline into ``decoder``'s step: its tuple wrapper and the Relax
-    functions that calls (the decoder itself). The step helpers (ids, mask, greedy token) take a
-    few small arguments and stay calls."""
-    wrapper = tupled(step_decoder(decoder, names))
+def _decoder_callees(mod: tvm.IRModule, names: dict, decoder: str, fill: bool = False) -> set:
+    """The GlobalVars to inline into ``decoder``'s step (``fill``: ``prefill_chain``): its tuple
+    wrapper and the Relax functions that calls (the decoder itself). The step helpers (ids,
+    mask, greedy token) take a few small arguments and stay calls."""
+    wrapper = tupled(step_decoder(decoder, names, fill))
     if wrapper not in names:
         return set()
     found = {names[wrapper]}
@@ -106,10 +106,11 @@ class InlineStepCalls:
         names = {gv.name_hint: gv for gv in mod.get_global_vars()}
         out = mod
         for decoder in self.decoders:
-            callees = _decoder_callees(mod, names, decoder)
             entries = [step(decoder)] + ([DECODE_CHAIN, DECODE_PADDED] if decoder == DECODE else
                                          [PREFILL_CHAIN] if decoder == PREFILL else [])
             for name in [*entries, *map(flat, entries)]:
+                callees = _decoder_callees(mod, names, decoder,
+                                           fill=name.startswith(PREFILL_CHAIN))
                 if name not in names or not callees:
                     continue
                 inline = _Inline(out, callees)

@@ -154,14 +154,15 @@ def test_greedy_steps_on_the_device_match_the_logits(artifact):
 @pytest.mark.slow
 def test_prompt_chunks_before_the_last_leave_their_token_on_the_device(artifact, monkeypatch):
     """A prompt in several chunks runs ``prefill_chain_flat`` for every chunk but the last (its
-    token unread, so the host does not wait for the device between chunks) and
-    ``prefill_step_flat`` for the last: the same token, tokens and cache rows as every chunk
-    through ``prefill_step_flat``."""
+    K/V rows only, ``prefill_fill``: no logits, nothing read back, so the host does not wait for
+    the device between chunks) and ``prefill_step_flat`` for the last: the same token, tokens
+    and cache rows as every chunk through ``prefill_step_flat``."""
     from tvm_lite import convention as cv
 
     eng = Engine(artifact("dynamo"), max_context=128, buckets=(16,), prefill_chunk=16)
     assert eng.runner.prefill_chain and eng.convention["prefill_chain"]
     assert cv.PREFILL_CHAIN not in eng.convention["entries"]  # the flat form only
+    assert cv.PREFILL_FILL in eng.convention["entries"]  # what it runs
     ids = eng.encode_prompt(PROMPTS[0])
     chunks = -(-len(ids) // 16)
     assert chunks > 2

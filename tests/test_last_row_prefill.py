@@ -94,3 +94,26 @@ def test_the_real_models_tail_is_its_last_layers_mlp_and_the_lm_head(export_dir)
     one_row = [line for line in text.splitlines() if "R.Tensor((1, 1," in line]
     assert sum("R.matmul(" in line for line in one_row) == 4
     assert sum("R.take(" in line and 'mode="clip"' in line for line in one_row) == 2
+
+
+@pytest.mark.slow
+def test_the_real_models_fill_prefill_writes_the_caches_and_computes_no_logits(export_dir):
+    """SmolLM2: ``prefill_fill`` (what a prompt's chunks before its last run) returns its
+    cache writes, and dead code takes what only the logits needed: the last layer's attention,
+    o-projection and MLP (merged gate/up, down) and the lm_head, four matmuls of ``prefill``'s."""
+    from tvm_lite.artifact import weights_as_built
+    from tvm_lite.convention import PREFILL_FILL
+    from tvm_lite.pipeline import phases
+
+    mod = tvm_lite.from_onnx(export_dir("dynamo") / "model.onnx")
+    mod = tvm_lite.detach_params(weights_as_built(mod, progress=None))[0]
+    _, passes = phases(tvm.target.Target({"kind": "llvm"}), "inplace", fusion=False)[0]
+    mod = tvm.transform.Sequential(passes)(mod)
+    fill, full = mod[PREFILL_FILL], mod[PREFILL]
+    caches = len(full.attrs[KV_CACHE_ATTR])
+    assert isinstance(fill.ret_ty, relax.TupleType) and len(fill.ret_ty.fields) == caches
+    assert [p.name for p in fill.params] == [p.name for p in full.params]
+    matmuls = [f.script().count("R.matmul(") for f in (full, fill)]
+    assert matmuls[1] == matmuls[0] - 4, matmuls
+    attention = [f.script().count("attention_prefill") for f in (full, fill)]
+    assert attention[1] == attention[0] - 1, attention

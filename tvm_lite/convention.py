@@ -42,6 +42,9 @@ DECODERS = (PREFILL, DECODE)
 # prefill with the logits of the last real row only (relax_passes/add_last_row_prefill.py): what
 # prefill_step runs where the model has it
 PREFILL_LAST = "prefill_last"
+# prefill that writes the K/V cache and computes no logits (relax_passes/add_cache_fill_prefill.py):
+# what prefill_chain runs, a prompt's chunks before its last
+PREFILL_FILL = "prefill_fill"
 
 TUPLED_SUFFIX = "_tupled"  # caches, workspace and weights as tuples (RPC)
 STEP_SUFFIX = "_step"  # ints in, the greedy token out
@@ -61,9 +64,12 @@ def flat(entry: str) -> str:
     return entry + FLAT_SUFFIX
 
 
-def step_decoder(decoder: str, functions) -> str:
+def step_decoder(decoder: str, functions, fill: bool = False) -> str:
     """The decoder a ``<decoder>_step`` entry runs among ``functions`` (names): ``prefill_last``
-    for prefill where the module has it (the greedy token needs one row's logits)."""
+    for prefill where the module has it (the greedy token needs one row's logits); with ``fill``
+    (``prefill_chain``: a chunk before a prompt's last) ``prefill_fill`` where it has that."""
+    if decoder == PREFILL and fill and PREFILL_FILL in functions:
+        return PREFILL_FILL
     return PREFILL_LAST if decoder == PREFILL and PREFILL_LAST in functions else decoder
 
 
@@ -78,8 +84,9 @@ PREFILL_STEP_FLAT, DECODE_STEP_FLAT = flat(PREFILL_STEP), flat(DECODE_STEP)
 # back to back, the host reads their tokens a few steps later (Engine(run_ahead=...))
 DECODE_CHAIN = "decode_chain"
 DECODE_CHAIN_FLAT = flat(DECODE_CHAIN)
-# a prefill chunk whose greedy token stays on the device (no host read): a prompt's chunks before
-# its last queue back to back, without the GPU waiting for the host between them
+# a prefill chunk that writes its K/V rows and returns nothing the host reads (prefill_fill where
+# the module has it, else a greedy token left on the device): a prompt's chunks before its last
+# queue back to back, without the GPU waiting for the host between them
 PREFILL_CHAIN = "prefill_chain"
 PREFILL_CHAIN_FLAT = flat(PREFILL_CHAIN)
 # a decode step on a context padded to a bucket, its token and position read from device buffers

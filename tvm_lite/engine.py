@@ -560,9 +560,10 @@ class Engine:
         ``forward`` pads).
 
         In a prompt of several chunks, the chunks before the last run ``prefill_chain_flat``
-        where the model has it: their token stays on the device, and every chunk's ids are
-        uploaded before the first runs (an upload waits for the device), so the host queues each
-        chunk while the GPU runs the one before instead of waiting for it."""
+        where the model has it: they write their K/V rows and compute no logits
+        (``prefill_fill``), nothing is read back, and every chunk's ids are uploaded before the
+        first runs (an upload waits for the device), so the host queues each chunk while the GPU
+        runs the one before instead of waiting for it."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("prefill_greedy needs at least one token")
@@ -590,7 +591,7 @@ class Engine:
             args = [tokens, self.link.make_shape([session.length, n]),
                     *self.runner.step_buffers(session)]
             # (sliced, as prefill is, if asked)
-            if chained and i < len(chunks) - 1:  # the token stays on the device, unread
+            if chained and i < len(chunks) - 1:  # K/V rows only: nothing to read back
                 self._call(cv.PREFILL_CHAIN_FLAT, args)
             else:
                 nxt = int(self._call(self.runner.step_entry(cv.PREFILL_STEP), args))

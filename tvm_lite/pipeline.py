@@ -12,7 +12,9 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    unless fused_attention=False, prefill_last (prefill with the
                                    row-local tail -- last MLP, norm, lm_head -- on the last real
                                    row only: AddLastRowPrefill), the step helpers (step inputs
-                                   and greedy token on the device: AddStepHelpers), 4-bit kernels
+                                   and greedy token on the device: AddStepHelpers), prefill_fill
+                                   (the cache writes only, for a prompt's chunks before its last:
+                                   AddCacheFillPrefill), 4-bit kernels
                                    rebuilt per call shape (BindDequantKernelShapes), then the
                                    fusion passes unless fusion=False (fusion_passes())
     Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains, on GPUs
@@ -48,8 +50,8 @@ from tvm_lite.errors import UserError
 from tvm_lite.options import PDL_GRAPHS, BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes.launch_dependents_early import supports as launch_dependents_supported
-from tvm_lite.relax_passes import (AddDecodeFunction, AddLastRowPrefill, AttachMetadata,
-                                   AddStepEntries, AddStepHelpers, AddTupledBufferEntries,
+from tvm_lite.relax_passes import (AddCacheFillPrefill, AddDecodeFunction, AddLastRowPrefill,
+                                   AttachMetadata, AddStepEntries, AddStepHelpers, AddTupledBufferEntries,
                                    BindDequantKernelShapes, DecodeWritesAtPosition,
                                    DropKillsWithoutStorage,
                                    FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
@@ -183,7 +185,8 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
         kv_passes.append(FuseAttention(ring=True))
     if kv_passes:  # prefill_step's prefill computes one row's logits; device-side step inputs
         # and greedy token (relax_passes/add_last_row_prefill.py, add_step_helpers.py)
-        kv_passes += [AddLastRowPrefill(KV_CACHE_ATTR), AddStepHelpers(KV_CACHE_ATTR)]
+        kv_passes += [AddLastRowPrefill(KV_CACHE_ATTR), AddStepHelpers(KV_CACHE_ATTR),
+                      AddCacheFillPrefill(KV_CACHE_ATTR)]  # prefill_chain's: no logits
     arena = [PlanSymbolicArena(only_with_attr=KV_CACHE_ATTR)] if memory_plan == "arena" else []
     gpu = "gpu" in target.keys  # GPU-only fusions: the norm and activation in decode GEMVs
     decode_function = bool(tuning_db) if opts.decode_function is None else opts.decode_function

@@ -158,7 +158,7 @@ class InPlace(Runner):
         self.greedy_steps = bool(self.convention.get("steps"))
         # decode_chain: the token stays on the device, so steps can queue (Engine(run_ahead=))
         self.chain_steps = self.greedy_steps and bool(self.convention.get("chain"))
-        # prefill_chain_flat: a prompt's chunks before the last leave their token on the device
+        # prefill_chain_flat: a prompt's chunks before the last write K/V rows, read nothing back
         self.prefill_chain = self.greedy_steps and bool(self.convention.get("prefill_chain")) \
             and bool(self.convention.get("flat_steps")) and not self.link.remote
         # decode_padded (flat): a step that reads and advances its token on the device, on a
@@ -201,7 +201,10 @@ class InPlace(Runner):
         self._limits = (max_context, prefill_chunk)
         if self.convention.get("workspace", {}).get("count"):
             # what generation runs: decode, and prefill_last where the model has it (else prefill)
-            self._grow_workspace([cv.DECODE, cv.PREFILL_LAST if self.last_row_prefill
+            # (and prefill_fill, a prompt's chunks before its last, where prefill_chain runs it)
+            fill = [cv.PREFILL_FILL] if self.prefill_chain \
+                and cv.PREFILL_FILL in self.convention.get("entries", {}) else []
+            self._grow_workspace([*fill, cv.DECODE, cv.PREFILL_LAST if self.last_row_prefill
                                   else cv.PREFILL])
         else:
             self._step_tuples = self._make_step_tuples()

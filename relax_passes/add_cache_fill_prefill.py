@@ -1,0 +1,78 @@
+"""AddCacheFillPrefill: ``prefill_fill``, a prefill that only writes the K/V cache.
+
+A prompt run in chunks needs the logits of its last chunk only: the chunks before it are run for
+the K/V rows they write. ``prefill_last`` (``relax_passes/add_last_row_prefill.py``) still computes
+one row's logits, and everything that feeds them alone: the last layer's attention, its
+o-projection and MLP (on one row), the final norm and the vocabulary projection. On an H100 that
+was ~115 us of each 256-token chunk of Llama-1B (the lm_head's GEMV 60 us, the last layer's
+attention 23 us, the tail's GEMVs ~27 us, the greedy token's argmax).
+
+This pass adds ``prefill_fill``: ``prefill``'s parameters and attributes (so the tuple entries,
+memory plan and step entries treat it like ``prefill``), its result the tuple of its in-place
+cache writes (every ``call_tir_inplace`` binding: ``InplaceKVCache``'s writes and a window
+layer's ring attention, which writes its ring). Dead-code elimination (the end of the graph
+phase) then drops whatever only the logits needed. ``AddStepEntries`` builds
+``prefill_chain_flat`` over it: a chunk before a prompt's last, which returns nothing the host
+reads (``Engine.prefill_greedy``).
+
+A no-op where the module has no in-place ``prefill`` or its ``prefill`` writes no cache in place.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..convention import PREFILL, PREFILL_FILL
+
+INPLACE = "relax.call_tir_inplace"
+
+
+def cache_writes(func: relax.Function) -> list:
+    """The vars bound to ``func``'s in-place calls (its cache writes), in binding order."""
+    return [b.var for block in func.body.blocks for b in block.bindings
+            if isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call)
+            and isinstance(b.value.op, tvm.ir.Op) and b.value.op.name == INPLACE]
+
+
+def fill_function(func: relax.Function) -> relax.Function | None:
+    """``func`` (an in-place ``prefill``) returning its cache writes, or None where it has none."""
+    writes = cache_writes(func)
+    last = func.body.blocks[-1]
+    own = {b.var for b in last.bindings}
+    # a DataflowVar is seen only in its own block: the writes must be the last block's, or
+    # outputs of theirs
+    if not writes or any(isinstance(w, relax.DataflowVar) and w not in own for w in writes):
+        return None
+    bb = relax.BlockBuilder()
+    value = bb.normalize(relax.Tuple(writes))
+    out = relax.Var("cache_writes", value.ty)  # bound at the last block's end, an output var
+    blocks = list(func.body.blocks)
+    blocks[-1] = type(last)(list(last.bindings) + [relax.VarBinding(out, value)])
+    body = relax.SeqExpr(blocks, out)
+    made = relax.Function(func.params, body, out.ty, func.is_pure, func.attrs)
+    made = relax.utils.copy_with_new_vars(made)  # no Var shared with prefill
+    return made.with_attr("global_symbol", PREFILL_FILL)
+
+
+@tvm.transform.module_pass(opt_level=0, name="AddCacheFillPrefill")
+class AddCacheFillPrefill:
+    """Add ``prefill_fill`` next to an in-place ``prefill`` that has the attribute ``kv_attr``
+    (see the module doc)."""
+
+    def __init__(self, kv_attr: str):
+        self.kv_attr = kv_attr
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        names = {gv.name_hint: gv for gv in mod.get_global_vars()}
+        if PREFILL not in names or PREFILL_FILL in names:
+            return mod
+        func = mod[names[PREFILL]]
+        if not isinstance(func, relax.Function) or self.kv_attr not in (func.attrs or {}):
+            return mod
+        made = fill_function(func)
+        if made is None:
+            return mod
+        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        out[PREFILL_FILL] = made
+        return out
