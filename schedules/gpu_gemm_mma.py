@@ -77,15 +77,19 @@ PLAN_M = 512  # the prompt length the tile is chosen for
 # the single plan: variant "e0m4 (sm_90a one plan)".
 PLAN_LENGTHS: tuple = (256, 512, 2048)
 MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a workgroup
-# A short prompt over a shallow K: the largest tile whose grid covers MIN_WAVE of the SMs with K
+# A short prompt over a shallow K: the largest tile whose grid gives every SM a workgroup with K
 # unsplit, where one does, before a larger tile that needs K split (and the partial sums' second
-# kernel). Measured on an H100, Llama-1B's 2048 x 2048 q/o at M = 256 (``bench.prefill --parts
-# gemm --gemm-lengths 256 --gemm-tiles ...``; ``results/issue16_chunks_gemm256_attention_h100_
-# s23.json``): 64x64 unsplit 19.1 us; 64x64 split in two 20.5; 64x128 and 128x64 split in two
-# 21.3; 128x128 split in four (the rule's tile before) 22.2. Over K = 8192 the split won (64x64:
-# 63.8 us unsplit, 52.8 split in two), so deeper K keeps the largest tile first.
+# kernel). Measured on an H100 at M = 256 (``results/issue16_chunks_gemm256_attention_h100_
+# s23.json``). Alone (``bench.prefill --parts gemm --gemm-lengths 256 --gemm-tiles ...``), a
+# 2048 x 2048 GEMM: 64x64 unsplit 19.1 us; 64x64 split in two 20.5; 64x128 and 128x64 split in
+# two 21.3; 128x128 split in four (the rule's tile before) 22.2. In the whole model (Llama-1B, a
+# 2048-token prompt in chunks of 256, ``tvm_lite.profile``), 64x64 unsplit took q/k/v (N 3072,
+# 192 workgroups) from 29.7 to 27.8 us a call with its sum kernel, but the o-projection (N
+# 2048, 128 workgroups on 132 SMs, a residual epilogue) from 21.2 to 24.4: so only a grid of
+# UNSPLIT_MIN_WAVES. Over K = 8192 the split won (64x64: 63.8 us unsplit, 52.8 split in two).
 UNSPLIT_MAX_M = 256
 UNSPLIT_MAX_K = 2048
+UNSPLIT_MIN_WAVES = 1.0
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)
 SUM_THREADS = 256  # threads of a workgroup of the split-K sum
@@ -135,8 +139,8 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
     kernel), covers ``MIN_WAVE`` of the SMs; ``K`` is split while the grid covers less than ``MIN_WAVE`` of
     ``SPLIT_K_WAVE`` workgroups a SM and each split keeps ``SPLIT_K_MIN_SLICES`` slices. Where no
     tile covers them, the one with the most workgroups. A short prompt over a shallow K
-    (:data:`UNSPLIT_MAX_M`, :data:`UNSPLIT_MAX_K`) takes the largest tile that covers them with K
-    unsplit first.
+    (:data:`UNSPLIT_MAX_M`, :data:`UNSPLIT_MAX_K`) that would split K takes the largest tile that
+    gives every SM a workgroup (:data:`UNSPLIT_MIN_WAVES`) with K unsplit instead, if one does.
 
     A wide grid (:data:`WIDE_MIN_WAVES`) takes :data:`WIDE_TILE`'s 64 x 64 warp tiles.
 
@@ -154,10 +158,11 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
         return grid * ks, (*t, ks)
 
     found = [split(t) for t in fits]
-    if k and m <= UNSPLIT_MAX_M and k <= UNSPLIT_MAX_K:  # unsplit first, where a tile covers them
-        found = [f for f in found if f[1][4] == 1] + [f for f in found if f[1][4] > 1]
     wave, tile = next(((wave, tile) for wave, tile in found if wave >= MIN_WAVE * compute_units),
                       max(found, key=lambda f: f[0]))
+    if tile[4] > 1 and k and m <= UNSPLIT_MAX_M and k <= UNSPLIT_MAX_K:  # unsplit, if one fills
+        wave, tile = next(((w, t) for w, t in found
+                           if t[4] == 1 and w >= UNSPLIT_MIN_WAVES * compute_units), (wave, tile))
     if tile[:2] == WIDE_TILE[:2] and tile[4] == 1 and wave >= WIDE_MIN_WAVES * compute_units:
         return (*WIDE_TILE, 1)
     return tile

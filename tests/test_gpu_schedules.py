@@ -670,9 +670,10 @@ def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
     assert choose_tile(2048, 132, k=8192) == (128, 128, 2, 4, 2)  # 64 workgroups: 2 splits
     assert choose_tile(192, 132)[:2] == (64, 64)
     assert choose_tile(576, 132, k=576)[4] == 1  # 9 slices of K: too few to split
-    # a 256-token chunk over K = 2048: the 64x64 tile unsplit (128 workgroups), not 128x128 split
-    # in four; over K = 8192 the split stays
-    assert choose_tile(2048, 132, m=256, k=2048) == (64, 64, 2, 2, 1)
+    # a 256-token chunk over K = 2048: the 64x64 tile unsplit where it fills the 132 SMs (N 3072:
+    # 192 workgroups), not 128x128 split in four; N 2048 (128) and K = 8192 keep the split
+    assert choose_tile(3072, 132, m=256, k=2048) == (64, 64, 2, 2, 1)
+    assert choose_tile(2048, 132, m=256, k=2048) == (128, 128, 2, 4, 4)
     assert choose_tile(2048, 132, m=256, k=8192) == (128, 128, 2, 4, 4)
     names = r"__global__ void __launch_bounds__\(\d+\) (\w+)\("
     for split_k, kernels in ((True, 2), (False, 1)):  # split: the partial sums' kernel applies
@@ -946,7 +947,7 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
 
     cases = [  # (kernel, K, N, epilogue, the plans' labels' start by length)
         (lambda f, **kw: mg.mma_gemm_kernel(f, a90, CUDA, **kw), 2048, 2048, "residual",
-         ["mma_m16n8k16 64x64 split-K 1", "mma_m16n8k16 128x128 split-K 2",
+         ["mma_m16n8k16 128x128 split-K 4", "mma_m16n8k16 128x128 split-K 2",
           "mma_m16n8k16 128x128 split-K 1"]),
         (lambda f, **kw: ws.deep_gemm_kernel(f, a90, CUDA, **kw), 8192, 2048, "residual",
          ["wgmma_m64n256k16 128x256 split-K 8", "wgmma_m64n256k16 128x256 split-K 4",
