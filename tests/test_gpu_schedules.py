@@ -1239,7 +1239,19 @@ def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     assert spec in err and says in err, err
     with pytest.raises(SystemExit):
         main(["--parts", "gemm", "--gemm-layers", "gate"])
-    assert "known: down;gate,up;k,v;o;q" in capsys.readouterr().err
+    assert "known: down;gate+up;gate,up;k,v;o;q;q+k+v" in capsys.readouterr().err
+
+
+def test_bench_prefill_times_the_merged_projections_the_models_run():
+    """``bench.prefill --parts gemm`` has each model's merged q/k/v and gate/up GEMMs (what
+    MergeSharedInputProjections makes and the profile shows), next to the exported projections."""
+    from tvm_lite.bench.prefill import gemm_layers
+
+    llama = {name: (k, n) for _, name, k, n in gemm_layers(("llama-3.2-1b",))}
+    assert llama["q+k+v"] == (2048, 3072) and llama["gate+up"] == (2048, 16384)
+    assert llama["q"] == (2048, 2048) and "o" not in llama  # o has q's shape: timed once
+    smol = {name: (k, n) for _, name, k, n in gemm_layers(("smollm2-135m",))}
+    assert smol["q+k+v"] == (576, 960) and smol["gate+up"] == (576, 3072)
 
 
 def test_bench_nvtx_names_are_ncu_filters():

@@ -263,14 +263,23 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
     return rows
 
 
+# the GEMMs of a decoder layer: each projection as exported, and "q+k+v" / "gate+up" as the
+# models run them (relax_passes/merge_shared_input_projections.py merges projections that share
+# their input into one matmul)
+GEMM_LAYER_NAMES = ("q", "k,v", "o", "gate,up", "down", "q+k+v", "gate+up")
+
+
 def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
+    """``[(model, layer, K, N)]`` for :data:`GEMM_LAYER_NAMES`, a shape once a model."""
     out = []
     for m in models:
         hidden, heads, kv, hd, inter = GEMM_MODELS[m]
         seen = set()
-        for name, k, n in (("q", hidden, heads * hd), ("k,v", hidden, kv * hd),
-                           ("o", heads * hd, hidden), ("gate,up", hidden, inter),
-                           ("down", inter, hidden)):
+        shapes = (("q", hidden, heads * hd), ("k,v", hidden, kv * hd), ("o", heads * hd, hidden),
+                  ("gate,up", hidden, inter), ("down", inter, hidden),
+                  ("q+k+v", hidden, (heads + 2 * kv) * hd), ("gate+up", hidden, 2 * inter))
+        assert tuple(name for name, _, _ in shapes) == GEMM_LAYER_NAMES
+        for name, k, n in shapes:
             if (k, n) not in seen:
                 seen.add((k, n))
                 out.append((m, name, k, n))
@@ -520,7 +529,8 @@ def main(argv=None):
     ap.add_argument("--gemm-lengths", default=",".join(map(str, GEMM_LENGTHS)),
                     help="prompt lengths M the GEMMs are timed at, e.g. 256,512,2048")
     ap.add_argument("--gemm-layers", default="", help="only these layers, separated by ';' "
-                    "(names: q;k,v;o;gate,up;down; default: all)")
+                    "(names: q;k,v;o;gate,up;down, and q+k+v;gate+up merged as the models "
+                    "run them; default: all)")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
                     f"(default: all of {', '.join(GEMM_VARIANTS)}; e0m4 and fp16 with --gemm-tiles)")
     add_baseline_arguments(ap, "gpu_attention_prefill",
@@ -553,7 +563,7 @@ def main(argv=None):
             parse_wgmma_stages(parts_[2])
         except ValueError as err:
             ap.error(f"--wgmma {spec}: staging {err}")
-    known_layers = {"q", "k,v", "o", "gate,up", "down"}
+    known_layers = set(GEMM_LAYER_NAMES)
     bad = [v for v in args.gemm_layers.split(";") if v and v not in known_layers]
     if bad:
         ap.error(f"--gemm-layers: unknown {', '.join(bad)} "
