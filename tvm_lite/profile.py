@@ -393,6 +393,23 @@ def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str | None = 
     return out
 
 
+def chunk_summary(result: dict) -> str | None:
+    """One line setting the prompt in chunks against the one call (wall, GPU kernel time,
+    kernels, host gap), where ``result`` (:func:`profile_artifact`'s) has both; else None."""
+    one, chunked = result.get("prefill"), result.get("prefill_chunked")
+    if one is None or chunked is None:
+        return None
+    line = (f"{chunked.phase} / one call: wall {chunked.wall_ms / one.wall_ms:.2f}x "
+            f"({chunked.wall_ms:.3f} / {one.wall_ms:.3f} ms), GPU kernels "
+            f"{chunked.gpu_ms / one.gpu_ms:.2f}x, kernels {chunked.kernels_per_step:.0f} / "
+            f"{one.kernels_per_step:.0f}, host gap {chunked.host_gap_ms:.3f} / "
+            f"{one.host_gap_ms:.3f} ms")
+    read = result.get("prefill_chunked_read")
+    if read is not None:
+        line += f"; each chunk's token read back: wall {read.wall_ms / one.wall_ms:.2f}x"
+    return line
+
+
 CHUNK_HELP = ("also profile the prompt prefilled in calls of this many tokens (one 'step' = "
               "the whole prompt), next to the one call")
 
@@ -413,6 +430,8 @@ def run(args) -> None:
     for prof in result.values():
         print(prof.table(args.top))
         print()
+    if chunk_summary(result):
+        print(chunk_summary(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v.as_dict() for k, v in result.items()}, f, indent=1)
@@ -451,12 +470,14 @@ def main(argv=None) -> None:
             out[name] = {k: v.as_dict() for k, v in res.items()}
             for prof in res.values():
                 print(f"== {name}\n{prof.table(args.top)}\n", flush=True)
+            if chunk_summary(res):
+                print(f"== {name}: {chunk_summary(res)}\n", flush=True)
             if args.json:  # rewritten after every build: a run cut short keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
 
 
-__all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes"]
+__all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes", "chunk_summary"]
 
 
 if __name__ == "__main__":
