@@ -23,7 +23,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..convention import PREFILL, PREFILL_FILL
+from ..convention import PREFILL_FILL
+from .add_last_row_prefill import add_prefill_variant, prefill_variant
 
 INPLACE = "relax.call_tir_inplace"
 
@@ -44,15 +45,9 @@ def fill_function(func: relax.Function) -> relax.Function | None:
     # outputs of theirs
     if not writes or any(isinstance(w, relax.DataflowVar) and w not in own for w in writes):
         return None
-    bb = relax.BlockBuilder()
-    value = bb.normalize(relax.Tuple(writes))
+    value = relax.BlockBuilder().normalize(relax.Tuple(writes))
     out = relax.Var("cache_writes", value.ty)  # bound at the last block's end, an output var
-    blocks = list(func.body.blocks)
-    blocks[-1] = type(last)(list(last.bindings) + [relax.VarBinding(out, value)])
-    body = relax.SeqExpr(blocks, out)
-    made = relax.Function(func.params, body, out.ty, func.is_pure, func.attrs)
-    made = relax.utils.copy_with_new_vars(made)  # no Var shared with prefill
-    return made.with_attr("global_symbol", PREFILL_FILL)
+    return prefill_variant(func, [relax.VarBinding(out, value)], out, PREFILL_FILL)
 
 
 @tvm.transform.module_pass(opt_level=0, name="AddCacheFillPrefill")
@@ -64,15 +59,4 @@ class AddCacheFillPrefill:
         self.kv_attr = kv_attr
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        names = {gv.name_hint: gv for gv in mod.get_global_vars()}
-        if PREFILL not in names or PREFILL_FILL in names:
-            return mod
-        func = mod[names[PREFILL]]
-        if not isinstance(func, relax.Function) or self.kv_attr not in (func.attrs or {}):
-            return mod
-        made = fill_function(func)
-        if made is None:
-            return mod
-        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        out[PREFILL_FILL] = made
-        return out
+        return add_prefill_variant(mod, self.kv_attr, PREFILL_FILL, fill_function)

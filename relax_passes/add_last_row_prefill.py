@@ -222,13 +222,37 @@ def last_row_function(func: relax.Function, mod: tvm.IRModule) -> relax.Function
         out = emit(relax.Tuple([remap[logits], *tup.fields[1:]]), "out_last", output=True)
     else:
         out = remap[logits]
+    return prefill_variant(func, new, out, PREFILL_LAST)
+
+
+def prefill_variant(func: relax.Function, bindings: list, out: relax.Var,
+                    name: str) -> relax.Function:
+    """``func`` with ``bindings`` appended to its last block and ``out`` as its result: the same
+    parameters and attributes, fresh vars (none shared with ``func``), global symbol ``name``."""
+    last = func.body.blocks[-1]
     blocks = list(func.body.blocks)
-    block_type = relax.DataflowBlock if dataflow else relax.BindingBlock
-    blocks[-1] = block_type(list(last.bindings) + new)
-    body = relax.SeqExpr(blocks, out)
-    made = relax.Function(func.params, body, out.ty, func.is_pure, func.attrs)
-    made = relax.utils.copy_with_new_vars(made)  # no Var shared with prefill
-    return made.with_attr("global_symbol", PREFILL_LAST)
+    blocks[-1] = type(last)(list(last.bindings) + bindings)
+    made = relax.Function(func.params, relax.SeqExpr(blocks, out), out.ty, func.is_pure,
+                          func.attrs)
+    return relax.utils.copy_with_new_vars(made).with_attr("global_symbol", name)
+
+
+def add_prefill_variant(mod: tvm.IRModule, kv_attr: str, name: str, make) -> tvm.IRModule:
+    """``mod`` with ``make(prefill)`` added as ``name``, where ``mod`` has an in-place
+    ``prefill`` (attribute ``kv_attr``), no ``name`` yet, and ``make`` returns a function (not
+    None); else ``mod``."""
+    names = {gv.name_hint: gv for gv in mod.get_global_vars()}
+    if PREFILL not in names or name in names:
+        return mod
+    func = mod[names[PREFILL]]
+    if not isinstance(func, relax.Function) or kv_attr not in (func.attrs or {}):
+        return mod
+    made = make(func)
+    if made is None:
+        return mod
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out[name] = made
+    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="AddLastRowPrefill")
@@ -241,17 +265,11 @@ class AddLastRowPrefill:
         self.tail_ops = 0  # how many ops of the tail run on one row (for tests and logs)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        names = {gv.name_hint: gv for gv in mod.get_global_vars()}
-        if PREFILL not in names or PREFILL_LAST in names:
-            return mod
-        func = mod[names[PREFILL]]
-        if not isinstance(func, relax.Function) or self.kv_attr not in (func.attrs or {}):
-            return mod
-        made = last_row_function(func, mod)
-        if made is None:
-            return mod
-        self.tail_ops = sum(1 for block in made.body.blocks for b in block.bindings) \
-            - sum(1 for block in func.body.blocks for b in block.bindings)
-        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        out[PREFILL_LAST] = made
-        return out
+        def make(func):
+            made = last_row_function(func, mod)
+            if made is not None:
+                self.tail_ops = sum(1 for block in made.body.blocks for b in block.bindings) \
+                    - sum(1 for block in func.body.blocks for b in block.bindings)
+            return made
+
+        return add_prefill_variant(mod, self.kv_attr, PREFILL_LAST, make)
