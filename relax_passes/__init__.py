@@ -30,7 +30,8 @@ from .separate_graph_kernels import SeparateGraphKernels
 from .share_host_values import ShareHostValues
 from .split_prefill_decode import SplitPrefillDecode
 
-__all__ = ["AddCacheFillPrefill", "AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries", "AddStepHelpers",
+__all__ = ["AddCacheFillPrefill", "AddDecodeFunction", "AddLastRowPrefill", "AddStepEntries",
+           "AddStepHelpers",
            "AddTupledBufferEntries", "AttachMetadata",
            "BindDequantKernelShapes", "DecodeWritesAtPosition", "DropKillsWithoutStorage",
            "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",

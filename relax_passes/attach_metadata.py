@@ -41,7 +41,8 @@ import tvm
 from tvm import relax, tirx
 
 from ..convention import (ALLOC_PARAMS, DECODE, DECODERS, KV_CACHE_ATTR, KV_COPY, KV_INPLACE, MAIN,
-                          METADATA, METADATA_VERSION, PAST_LEN, PREFILL_FILL, PREFILL_LAST, PREFILL_STEP,
+                          METADATA, METADATA_VERSION, PAST_LEN, PREFILL_FILL, PREFILL_LAST,
+                          PREFILL_STEP,
                           DECODE_STEP, DECODE_CHAIN, DECODE_PADDED, PREFILL_CHAIN, TUPLED_ENTRIES,
                           WORKSPACE_PREFIX, flat)
 

@@ -51,7 +51,8 @@ from tvm_lite.options import PDL_GRAPHS, BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes.launch_dependents_early import supports as launch_dependents_supported
 from tvm_lite.relax_passes import (AddCacheFillPrefill, AddDecodeFunction, AddLastRowPrefill,
-                                   AttachMetadata, AddStepEntries, AddStepHelpers, AddTupledBufferEntries,
+                                   AttachMetadata, AddStepEntries, AddStepHelpers,
+                                   AddTupledBufferEntries,
                                    BindDequantKernelShapes, DecodeWritesAtPosition,
                                    DropKillsWithoutStorage,
                                    FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
