@@ -84,8 +84,8 @@ MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a w
 # 2048 x 2048 GEMM: 64x64 unsplit 19.1 us; 64x64 split in two 20.5; 64x128 and 128x64 split in
 # two 21.3; 128x128 split in four (the rule's tile before) 22.2. In the whole model (Llama-1B, a
 # 2048-token prompt in chunks of 256, ``tvm_lite.profile``), 64x64 unsplit took q/k/v (N 3072,
-# 192 workgroups) from 29.7 to 27.8 us a call with its sum kernel, but the o-projection (N
-# 2048, 128 workgroups on 132 SMs, a residual epilogue) from 21.2 to 24.4: so only a grid of
+# 192 workgroups) from 29.7 us a call (its sum kernel's included) to 27.8, but the o-projection
+# (N 2048, 128 workgroups on 132 SMs, a residual epilogue) from 21.2 to 24.4: so only a grid of
 # UNSPLIT_MIN_WAVES. Over K = 8192 the split won (64x64: 63.8 us unsplit, 52.8 split in two).
 UNSPLIT_MAX_M = 256
 UNSPLIT_MAX_K = 2048
