@@ -301,6 +301,9 @@ class Profiler:
         run(warmup)
         context = session.length
         prof = self._measure("decode", context, steps, run)
+        # the queued loops run whole batches of run_ahead steps: measure a whole number of them
+        # (3 steps taken from a batch of 4 would run 4 and count 3)
+        batched = -(-steps // max(eng.run_ahead, 1)) * max(eng.run_ahead, 1)
         if eng.run_ahead > 1:  # the same steps as the engine's generation loop queues them
             def ahead(n):
                 loop = eng.decode_run_ahead(session, token[0])
@@ -311,10 +314,10 @@ class Profiler:
             ahead(eng.run_ahead)
             self._sync()
             t0 = time.perf_counter()
-            ahead(steps)
+            ahead(batched)
             self._sync()
             prof.run_ahead = eng.run_ahead
-            prof.wall_ms_run_ahead = (time.perf_counter() - t0) / steps * 1e3
+            prof.wall_ms_run_ahead = (time.perf_counter() - t0) / batched * 1e3
         if eng.cuda_graphs:  # the engine's generation loop on a GPU: decode_padded as graphs
             def graphs(n):
                 loop = eng.decode_padded_steps(session, token[0])
@@ -328,11 +331,11 @@ class Profiler:
             graphs(bucket_end(session.length, cv.PADDED_BUCKET) - session.length + 2)
             self._sync()
             t0 = time.perf_counter()
-            graphs(steps)
+            graphs(batched)
             self._sync()
-            prof.wall_ms_graphs = (time.perf_counter() - t0) / steps * 1e3
+            prof.wall_ms_graphs = (time.perf_counter() - t0) / batched * 1e3
             if self.use_torch:
-                kernels, _, busy_us = torch_kernels(lambda: graphs(steps), steps)
+                kernels, _, busy_us = torch_kernels(lambda: graphs(batched), batched)
                 prof.gpu_ms_graphs = sum(k["us"] for k in kernels.values()) / 1e3
                 prof.busy_ms_graphs = busy_us / 1e3
                 prof.kernels_graphs = sum(k["calls"] for k in kernels.values())
@@ -352,8 +355,9 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
         raise UserError(f"--chunk {chunk}: a chunk needs at least one token")
     # prefill, warm-ups, the counting and measured runs, then the queued ones (a warm-up batch,
     # the measured steps, and each of the two loops' last batch run past what it takes)
-    queued = steps + 3 * DEFAULT_RUN_AHEAD
-    total = prompt_len + 4 + steps * 4 + 8 + queued + cv.PADDED_BUCKET + 2 * steps + 2
+    batched = -(-steps // DEFAULT_RUN_AHEAD) * DEFAULT_RUN_AHEAD  # (Profiler.decode's)
+    queued = batched + 3 * DEFAULT_RUN_AHEAD
+    total = prompt_len + 4 + steps * 4 + 8 + queued + cv.PADDED_BUCKET + 2 * batched + 2
     eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
                  prefill_chunk=prompt_len)
     if not eng.runner.greedy_steps:
