@@ -4,8 +4,8 @@ A prompt run in chunks needs the logits of its last chunk only: the chunks befor
 the K/V rows they write. ``prefill_last`` (``relax_passes/add_last_row_prefill.py``) still computes
 one row's logits, and everything that feeds them alone: the last layer's attention, its
 o-projection and MLP (on one row), the final norm and the vocabulary projection. On an H100 that
-was ~115 us of each 256-token chunk of Llama-1B (the lm_head's GEMV 60 us, the last layer's
-attention 23 us, the tail's GEMVs ~27 us, the greedy token's argmax).
+was ~120 us of each 256-token chunk of Llama-1B (twenty-third session's profile: the lm_head's
+GEMV 60 us, the last layer's attention 23 us, the tail's three GEMVs 34 us, the argmax 4 us).
 
 This pass adds ``prefill_fill``: ``prefill``'s parameters and attributes (so the tuple entries,
 memory plan and step entries treat it like ``prefill``), its result the tuple of its in-place

@@ -434,8 +434,9 @@ def run(args) -> None:
     for prof in result.values():
         print(prof.table(args.top))
         print()
-    if chunk_summary(result):
-        print(chunk_summary(result))
+    summary = chunk_summary(result)
+    if summary:
+        print(summary)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v.as_dict() for k, v in result.items()}, f, indent=1)
@@ -474,8 +475,9 @@ def main(argv=None) -> None:
             out[name] = {k: v.as_dict() for k, v in res.items()}
             for prof in res.values():
                 print(f"== {name}\n{prof.table(args.top)}\n", flush=True)
-            if chunk_summary(res):
-                print(f"== {name}: {chunk_summary(res)}\n", flush=True)
+            summary = chunk_summary(res)
+            if summary:
+                print(f"== {name}: {summary}\n", flush=True)
             if args.json:  # rewritten after every build: a run cut short keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
