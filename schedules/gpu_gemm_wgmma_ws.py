@@ -49,7 +49,12 @@ STAGES = 4  # slices in the ring
 # and 116.8; gate/up (K 2048, N 8192 and 16384) 66.4 -> 60.2 and 126.5 -> 113.6 us at ws5w2p
 # (ws3 69.9: the paired stores make the difference; X by rows no better). q (K = N) stays with
 # mma.sync (3-12% slower here), and so do k and v alone (K 2048, N 256-512: 1.7-2.5x slower,
-# hence DEEP_MIN_N; the pipeline merges them with q anyway).
+# hence DEEP_MIN_N; the pipeline merges them with q anyway). Session 24, an H100
+# (``results/issue16_gemm_staged_pdlg_h100_s24.json``): outputs staged through shared memory
+# took Llama-1B's merged gate+up (K 2048, N 16384) from 57.8 to 51.7 us at M = 256 and from
+# 113.1 to 106.1 at M = 512, so the wide GEMMs stage them. Down is unchanged: at these
+# lengths its plan splits K, and a split tile stages nothing (that run's 5-stage variant,
+# without X copied by rows, took 45.6 and 72.7 us against the default's 45.5 and 69.2).
 DEEP_K_RATIO = 4
 DEEP_MIN_N = 2048
 DEEP_TILE = (128, 256)
@@ -61,8 +66,9 @@ WIDE_N_RATIO = 4
 WIDE_TILE = (128, 256)
 WIDE_STAGES = 5
 WIDE_W_BUFFERS = 2
-WIDE_PAIR_STORES = True
+WIDE_PAIR_STORES = True  # (where staged stores do not apply)
 WIDE_X_ROWS = False
+WIDE_STAGED_STORES = True
 # Parts of the kernel a diagnostic build leaves out (``ablate``; ``bench.prefill --wgmma
 # 128x256xws3-dequant``): the producer's copies after the first S - 1 slices, its dequant, the
 # consumers' wgmma, the output stores. Such a kernel computes a wrong result; its time says which
@@ -469,7 +475,8 @@ def deep_gemm_kernel(func, target, profile, lengths=None):
                               DEEP_W_BUFFERS, DEEP_PAIR_STORES, DEEP_X_ROWS, lengths=lengths)
     if kind == "wide":
         return ws_gemm_kernel(func, target, profile, WIDE_TILE, WIDE_STAGES, (),
-                              WIDE_W_BUFFERS, WIDE_PAIR_STORES, WIDE_X_ROWS, lengths=lengths)
+                              WIDE_W_BUFFERS, WIDE_PAIR_STORES, WIDE_X_ROWS,
+                              WIDE_STAGED_STORES, lengths=lengths)
     raise MatchError("neither deep nor wide: mma.sync is faster")
 
 
