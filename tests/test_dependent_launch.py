@@ -72,8 +72,8 @@ def test_each_sm90_kernel_waits_first_and_carries_the_launch_tag(arch, taken):
 
 def test_a_whole_model_built_with_dependent_launch(tiny_decoder):
     """Every kernel of a real model's CUDA build (prefill and decode, attention and 4-bit
-    GEMMs included) waits first; the default build has no such instruction; the option on a
-    target without it is an error that names the option."""
+    GEMMs included) waits first; the build with it off has no such instruction; the option on
+    a target without it is an error that names the option."""
     _, onnx_dir = tiny_decoder
     mod = tvm_lite.from_onnx(onnx_dir / "model.onnx")
     on = _kernel_bodies(tvm_lite.device_source(
@@ -81,7 +81,8 @@ def test_a_whole_model_built_with_dependent_launch(tiny_decoder):
     assert len(on) > 10
     late = {name: lines[:3] for name, lines in on.items() if lines[:2] != [WAIT, LAUNCH]}
     assert not late, late
-    off = tvm_lite.device_source(tvm_lite.build(mod, "cuda -arch=sm_90a"), "cuda")
+    off = tvm_lite.device_source(tvm_lite.build(mod, "cuda -arch=sm_90a", dependent_launch=False),
+                                 "cuda")
     assert "griddepcontrol" not in off
     for target in ("opencl -device=adreno", "cuda -arch=sm_80", "llvm"):
         with pytest.raises(UserError, match="dependent_launch=True.*sm_90"):
@@ -89,19 +90,29 @@ def test_a_whole_model_built_with_dependent_launch(tiny_decoder):
 
 
 def test_graphs_mode_takes_only_the_kernels_replayed_as_cuda_graphs(tiny_decoder):
-    """``dependent_launch="graphs"``: ``decode_padded`` calls copies of its PrimFuncs (named with
-    ``GRAPH_SUFFIX``), and only their kernels wait first and carry the launch tag; prefill's and
-    the other decode functions' kernels are the default build's, and no graph kernel is left
-    without the wait."""
-    from tvm_lite.options import BuildOptions
-    from tvm_lite.pipeline import phases
+    """``dependent_launch="graphs"`` (the default on CUDA sm_90+, and only there):
+    ``decode_padded`` calls copies of its PrimFuncs (named with ``GRAPH_SUFFIX``), and only
+    their kernels wait first and carry the launch tag; prefill's and the other decode
+    functions' kernels are the build's without it, and no graph kernel is left without the
+    wait."""
+    from tvm_lite.options import PDL_AUTO, PDL_GRAPHS, BuildOptions
+    from tvm_lite.pipeline import phases, resolved
+    from tvm_lite.target import parse_target
+
+    assert BuildOptions().dependent_launch == PDL_AUTO
+    for target, mode in (("cuda -arch=sm_90a", PDL_GRAPHS), ("cuda -arch=sm_90", PDL_GRAPHS),
+                         ("cuda -arch=sm_80", False), ("opencl -device=adreno", False),
+                         ("llvm", False)):
+        assert resolved(parse_target(target), BuildOptions()).dependent_launch == mode, target
+        assert resolved(parse_target(target), BuildOptions(dependent_launch=False)
+                        ).dependent_launch is False
     from tvm_lite.relax_passes import SeparateGraphKernels
     from tvm_lite.relax_passes.launch_dependents_early import GRAPH_SUFFIX, is_graph_kernel
     from tvm_lite.relax_passes.separate_graph_kernels import _callees
 
     _, onnx_dir = tiny_decoder
     mod = tvm_lite.from_onnx(onnx_dir / "model.onnx")
-    ex = tvm_lite.build(mod, "cuda -arch=sm_90a", dependent_launch="graphs")
+    ex = tvm_lite.build(mod, "cuda -arch=sm_90a")  # the default: "graphs" here
     bodies = _kernel_bodies(tvm_lite.device_source(ex, "cuda"))
     graph = {n: b for n, b in bodies.items() if is_graph_kernel(n)}
     rest = {n: b for n, b in bodies.items() if n not in graph}

@@ -153,13 +153,14 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
 
     The manifest records the options and the compiled module's calling convention
     (``"convention"``: what its ``_metadata`` function returns), which the engine follows."""
-    from .pipeline import tir_pipeline
+    from .pipeline import resolved, tir_pipeline
     from .schedules.cpu_target import weight_panel
     from .target import parse_target  # (tvm.target: not in a runtime-only process, which loads)
 
     opts = BuildOptions.of(options, **fields)
     onnx_path = onnx_input(model, progress=progress)
     tgt = parse_target(target)
+    opts = resolved(tgt, opts)  # (dependent_launch="auto": decided by the target)
     if opts.kv_cache == KV_AUTO:  # a decoder with past (checked on import): in place
         opts = opts.replace(kv_cache=KV_INPLACE)
     if opts.stock:

@@ -15,7 +15,7 @@ from .cli_common import log as _log
 from .cli_common import quant_config as _quant_config
 from .cli_common import resolve_artifact, resolve_onnx
 from .errors import UserError
-from .options import KV_CACHE_MODES, PDL_GRAPHS, BuildOptions
+from .options import KV_CACHE_MODES, PDL_AUTO, PDL_GRAPHS, BuildOptions
 
 
 def _add_model_args(p, target=True):
@@ -40,7 +40,7 @@ def cmd_compile(args):
 
     options = BuildOptions(kv_cache=args.kv_cache, quant=_quant_config(args),  # checked first
                            tuning_db=args.tuning_db,
-                           dependent_launch={"all": True, None: False}.get(
+                           dependent_launch={"all": True, "off": False, None: PDL_AUTO}.get(
                                args.dependent_launch, args.dependent_launch))
     model = onnx_input(args.model, exporter=args.exporter, progress=_log)
     out = compile_model(model, args.target, out_dir=args.output, force=args.force, progress=_log,
@@ -246,10 +246,10 @@ def main(argv=None):
     _add_quant_args(p)
     p.add_argument("--tuning-db", default=None, help="MetaSchedule database from `tvm-lite tune`")
     p.add_argument("--dependent-launch", nargs="?", const="all", default=None,
-                   choices=["all", PDL_GRAPHS],
+                   choices=["all", PDL_GRAPHS, "off"],
                    help="CUDA sm_90+: each kernel's launch overlaps the tail of the one before "
                         f"(programmatic dependent launch; all kernels, or '{PDL_GRAPHS}': only "
-                        "those replayed as CUDA graphs; off until timed)")
+                        "those replayed as CUDA graphs, the default on CUDA sm_90+; 'off': none)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="answer a prompt")

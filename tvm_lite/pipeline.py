@@ -47,7 +47,7 @@ from tvm.s_tir import dlight as dl
 from tvm_lite import schedules
 from tvm_lite.convention import KV_CACHE_ATTR, KV_COPY, KV_INPLACE
 from tvm_lite.errors import UserError
-from tvm_lite.options import PDL_GRAPHS, BuildOptions
+from tvm_lite.options import PDL_AUTO, PDL_GRAPHS, BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes.launch_dependents_early import supports as launch_dependents_supported
 from tvm_lite.relax_passes import (AddCacheFillPrefill, AddDecodeFunction, AddLastRowPrefill,
@@ -87,10 +87,20 @@ for _name, _graph_only in ((TIR_PIPELINE_DEPENDENT_LAUNCH, False),
         _name, _tir_pipeline_dependent_launch(_graph_only))
 
 
+def resolved(target: tvm.target.Target, opts: BuildOptions) -> BuildOptions:
+    """``opts`` with what the target decides filled in: ``dependent_launch="auto"`` becomes
+    ``"graphs"`` on CUDA sm_90+ and False elsewhere."""
+    if opts.dependent_launch == PDL_AUTO:
+        return opts.replace(dependent_launch=PDL_GRAPHS if launch_dependents_supported(target)
+                            else False)
+    return opts
+
+
 def tir_pipeline(target: tvm.target.Target, opts: BuildOptions) -> str:
     """The TIR pipeline's name for ``target``: ``dependent_launch`` takes
     :data:`TIR_PIPELINE_DEPENDENT_LAUNCH` (``"graphs"``: ``..._GRAPHS``; CUDA sm_90+ only:
     another target is an error naming the option), otherwise TVM's default."""
+    opts = resolved(target, opts)
     if not opts.dependent_launch:
         return "default"
     if not launch_dependents_supported(target):
@@ -177,7 +187,8 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
     function too, ``main`` with one new token, whose static-shape kernels are what tuning
     measures. The last pass describes the calling convention (AttachMetadata).
     """
-    opts = BuildOptions.of(options, kv_cache=kv_cache, memory_plan=memory_plan, **fields)
+    opts = resolved(target, BuildOptions.of(options, kv_cache=kv_cache, memory_plan=memory_plan,
+                                            **fields))
     kv_cache, memory_plan, tuning_db = opts.kv_cache, opts.memory_plan, opts.tuning_db
     kv_passes = [] if kv_cache == KV_COPY else [
         InplaceKVCache(required=kv_cache == KV_INPLACE, windows=opts.kv_windows),

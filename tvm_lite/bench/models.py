@@ -106,20 +106,21 @@ def _quant(fmt: str):
     return QuantConfig(format=fmt, method="rtn", clip_search=False, include_lm_head=True)
 
 
-# a tvm_lite variant with one of these suffixes: BuildOptions(dependent_launch=...)
-PDL_SUFFIXES = {"+pdl": True, "+pdlg": "graphs"}
+# a tvm_lite variant with one of these suffixes: BuildOptions(dependent_launch=...); without
+# one, the default ("auto": the CUDA-graph kernels on CUDA sm_90+, none elsewhere)
+PDL_SUFFIXES = {"+pdl": True, "+pdlg": "graphs", "+nopdl": False}
 
 
 def compile_variant(onnx_dir, variant: str, target: str, progress=print) -> Path:
     """The artifact of ``variant`` (:data:`VARIANTS`; a tvm_lite one may end in one of
-    :data:`PDL_SUFFIXES`: its kernels, or those replayed as CUDA graphs, launched with
+    :data:`PDL_SUFFIXES`: all its kernels, those replayed as CUDA graphs, or none launched with
     programmatic dependent launch)."""
     from ..artifact import compile_model
 
     if variant == "stock-fp16":
         return compile_model(onnx_dir, target, progress=progress, pipeline="stock")
     suffix = next((s for s in PDL_SUFFIXES if variant.endswith(s)), "")
-    pdl = PDL_SUFFIXES.get(suffix, False)
+    pdl = PDL_SUFFIXES.get(suffix)  # (None: the default)
     variant = variant.removesuffix(suffix)
     if variant == "tvm_lite-fp16":
         return compile_model(onnx_dir, target, progress=progress, dependent_launch=pdl)
