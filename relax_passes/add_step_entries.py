@@ -36,9 +36,11 @@ A prompt's chunks before its last need no token at all:
 
 runs ``prefill_fill`` (``relax_passes/add_cache_fill_prefill.py``: the K/V writes, no logits;
 where the module has no ``prefill_fill``, ``prefill_last`` with the greedy token left on the
-device) and returns nothing the host reads (only the flat form: the engine calls it in this
-process), so the host queues the next chunk while the GPU runs this one
-(``Engine.prefill_greedy``).
+device) and returns nothing the host reads, so the host queues the next chunk while the GPU
+runs this one (``Engine.prefill_greedy``). Its tuple form ``prefill_chain`` (the caches,
+workspace and weights as the server-side tuples) is what a remote engine calls: over RPC a
+prompt's chunks before its last then compute no logits and send nothing back but the call's
+return handle.
 
 A fourth, where ``decode`` writes its K/V row at its position (``DecodeWritesAtPosition``),
 is a step a CUDA graph can replay:
@@ -106,7 +108,7 @@ class AddStepEntries:
         for name in todo:
             self._entry(bb, names, name, step(name))
             if name == PREFILL:
-                self._entry(bb, names, name, PREFILL_CHAIN, tuple_form=False)
+                self._entry(bb, names, name, PREFILL_CHAIN)
             if name == DECODE:
                 self._entry(bb, names, name, DECODE_CHAIN)
                 if WRITES_AT_POSITION_ATTR in (mod[names[DECODE]].attrs or {}) \

@@ -28,7 +28,8 @@ The description (``version`` = ``convention.METADATA_VERSION``)::
     flat_steps       whether the *_step_flat entries are present (buffers as separate arguments)
     chain            whether decode_chain (and, with flat_steps, decode_chain_flat) is present
     prefill_chain    whether prefill_chain_flat is present (a prompt's chunks before its last;
-                     it runs prefill_fill where that is there)
+                     it runs prefill_fill where that is there; its tuple form prefill_chain,
+                     for RPC, is in ``entries`` where the build has it)
     padded           whether decode_padded (and, with flat_steps, decode_padded_flat) is present
     options          the build options (``BuildOptions.to_dict()``)
 """

@@ -161,7 +161,7 @@ def test_prompt_chunks_before_the_last_leave_their_token_on_the_device(artifact,
 
     eng = Engine(artifact("dynamo"), max_context=128, buckets=(16,), prefill_chunk=16)
     assert eng.runner.prefill_chain and eng.convention["prefill_chain"]
-    assert cv.PREFILL_CHAIN not in eng.convention["entries"]  # the flat form only
+    assert cv.PREFILL_CHAIN in eng.convention["entries"]  # the tuple form, for RPC
     assert cv.PREFILL_FILL in eng.convention["entries"]  # what it runs
     ids = eng.encode_prompt(PROMPTS[0])
     chunks = -(-len(ids) // 16)

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from conftest import PROMPTS
+from tvm_lite import convention as cv
 
 pytestmark = pytest.mark.slow
 KEY = "tvm-lite-ci"
@@ -184,9 +185,15 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
     for a, b in zip(ours, theirs):
         want = int(np.argmax(local.forward(a, [21])[-1]))
         assert remote.decode_greedy(b, 21) == want and remote.last_call_args == 4
-    fresh = remote.new_session()
+    # a prompt's chunks before its last run prefill_chain on the server (K/V rows only, no
+    # logits, nothing read back; its workspace was sized for it): the same token
+    fresh, calls, call = remote.new_session(), [], remote._call
+    remote._call = lambda function, args, **kw: calls.append(function) or call(function, args, **kw)
+    assert remote.runner.prefill_chain
     assert remote.prefill_greedy(fresh, prompts[0]) == \
         int(np.argmax(local.prefill(local.new_session(), prompts[0])))
+    assert calls == [cv.PREFILL_CHAIN] * 2 + [cv.PREFILL_STEP]  # 40 tokens: 16 + 16 + 8
+    remote._call = call
     # decode steps queued on the server (decode_chain: each step's token stays there and feeds
     # the next; the client reads them three at a time): the local one-by-one tokens
     remote.run_ahead = 3

@@ -355,7 +355,9 @@ class Engine:
             self.vm.set_instrument(no_instrument)
             self.gpu_slice, self.slice_record = saved
 
-    def _call(self, function: str, args: list):
+    def _call(self, function: str, args: list, read: bool = True):
+        """``function(*args)``, sliced where ``gpu_slice`` asks; its result unpacked (over RPC
+        a returned tuple is read field by field), or None where ``read`` is False."""
         self.last_call_args = len(args)
         if not function.startswith(cv.DECODE) and (self.gpu_slice is not None
                                                    or self.slice_record is not None):
@@ -368,6 +370,8 @@ class Engine:
             out = self._function(function)(*args)
         # over RPC, a remote VM's output tuple arrives as a handle; the step entries return an
         # int, which crosses by value
+        if not read:
+            return None
         return out if isinstance(out, int) else self.link.unpack(out)
 
     def _last_row(self, logits, n: int) -> np.ndarray:
@@ -560,7 +564,7 @@ class Engine:
         ``forward`` pads).
 
         In a prompt of several chunks, the chunks before the last run ``prefill_chain_flat``
-        where the model has it: they write their K/V rows and compute no logits
+        (over RPC its tuple form, ``prefill_chain``) where the model has it: they write their K/V rows and compute no logits
         (``prefill_fill``), nothing is read back, and every chunk's ids are uploaded before the
         first runs (an upload waits for the device), so the host queues each chunk while the GPU
         runs the one before instead of waiting for it."""
@@ -592,7 +596,7 @@ class Engine:
                     *self.runner.step_buffers(session)]
             # (sliced, as prefill is, if asked)
             if chained and i < len(chunks) - 1:  # K/V rows only: nothing to read back
-                self._call(cv.PREFILL_CHAIN_FLAT, args)
+                self._call(self.runner.step_entry(cv.PREFILL_CHAIN), args, read=False)
             else:
                 nxt = int(self._call(self.runner.step_entry(cv.PREFILL_STEP), args))
             session.last_call = (cv.PREFILL, padded)

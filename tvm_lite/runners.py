@@ -158,9 +158,10 @@ class InPlace(Runner):
         self.greedy_steps = bool(self.convention.get("steps"))
         # decode_chain: the token stays on the device, so steps can queue (Engine(run_ahead=))
         self.chain_steps = self.greedy_steps and bool(self.convention.get("chain"))
-        # prefill_chain_flat: a prompt's chunks before the last write K/V rows, read nothing back
-        self.prefill_chain = self.greedy_steps and bool(self.convention.get("prefill_chain")) \
-            and bool(self.convention.get("flat_steps")) and not self.link.remote
+        # a prompt's chunks before the last write K/V rows and read nothing back: the entry
+        # step_entry(PREFILL_CHAIN) names (prefill_chain_flat here, prefill_chain over RPC)
+        self.prefill_chain = self.greedy_steps \
+            and self.step_entry(cv.PREFILL_CHAIN) in self.convention.get("entries", {})
         # decode_padded (flat): a step that reads and advances its token on the device, on a
         # context padded to a bucket -- what CUDA graphs replay (tvm_lite/cuda_graphs.py)
         self.padded_steps = self.chain_steps and bool(self.convention.get("padded")) \
