@@ -160,6 +160,19 @@ MERGE_IN_KERNEL = False
 # gives a prompt's (PROMPT_SPLITS) 4 units a round: its 64 rows of head_dim 64 in 2 round trips
 # to L2, not 8.
 MERGE_IN_FLIGHT = 8
+# ... on by default at head_dim <= MERGE_IN_KERNEL_MAX_DIM, with MERGE_IN_FLIGHT_SMALL_DIMS in
+# flight. H100, twenty-third session (``bench.prefill --parts attention --lengths 512,2048
+# --switch merge_in_f16:MERGE_IN_KERNEL=True,MERGE_IN_FLIGHT=16``,
+# ``results/issue16_chunks_gemm256_attention_h100_s23.json``), us, one call and 2048 as 8 x 256,
+# the tree then / the switch: SmolLM2 512 18.0 / 15.2, 2048 53.7 / 52.4, its chunks 126.7 /
+# 137.3; Llama-1B 512 19.6 / 17.8, 2048 107.7 / 103.8, its chunks 187.4 / 188.9. Head_dim 64
+# takes it: one call is faster, and the chunks' GPU time is within 1% (Llama-1B) or 8% (SmolLM2)
+# while a merge kernel and its launch go from every layer of every chunk (in the whole model a
+# kernel boundary costs ~2.3 us, the twenty-third session's profile). Head_dim 128 and 256 keep
+# the merge kernel: their chunks took 8% and 27% longer with the switch (309.7 / 285.9 us,
+# 314 / 248).
+MERGE_IN_KERNEL_MAX_DIM = 64
+MERGE_IN_FLIGHT_SMALL_DIMS = 16
 assert max(SPLIT_WAVE, SPLIT_WAVE_WIDE_HEADS) // 2 <= SPLIT_TICKETS, "tickets: one a row tile"
 # Prompt splits: a prompt (one call, ``m < 2 n``) whose grid is at most PROMPT_SPLIT_GRID
 # workgroups has its keys split PROMPT_SPLITS ways too, merged by the last split of each row tile
@@ -785,7 +798,7 @@ def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str,
     wait a round trip to L2)."""
     H, D, G, vec = p["heads"], p["head_dim"], p["heads"] // p["kv_heads"], merge_dims(p)
     units = -(-rows * D // vec // threads)
-    U = merge_units_in_flight(most, units)
+    U = merge_units_in_flight(most, units, D)
     last = _call("tvm_lite_split_last", f"T.Cast('uint32', kvh * {nb} + bq)",
                  f"T.Cast('uint32', {spl})", ret="int32")
     ld = lambda buf, i: _call("tvm_lite_ldcg_f32", f"T.address_of({buf}[{i}])", ret="float32")  # noqa: E731
@@ -816,10 +829,12 @@ def _merge_in_kernel(p: dict, spl: str, rows: int, threads: int, nb: str,
                         for i in T.serial({-(-units // U)}):{pad(body, 28)}"""
 
 
-def merge_units_in_flight(most: int, units: int) -> int:
+def merge_units_in_flight(most: int, units: int, head_dim: int | None = None) -> int:
     """Units (rows x MERGE_VEC dims) a thread of the in-kernel merge loads before folding them,
-    for ``most`` splits and ``units`` to merge: :data:`MERGE_IN_FLIGHT` partials at most."""
-    return max(1, min(units, MERGE_IN_FLIGHT // most))
+    for ``most`` splits and ``units`` to merge: :data:`MERGE_IN_FLIGHT` partials at most
+    (:data:`MERGE_IN_FLIGHT_SMALL_DIMS` at ``head_dim <=`` :data:`MERGE_IN_KERNEL_MAX_DIM`)."""
+    small = head_dim is not None and head_dim <= MERGE_IN_KERNEL_MAX_DIM
+    return max(1, min(units, (MERGE_IN_FLIGHT_SMALL_DIMS if small else MERGE_IN_FLIGHT) // most))
 
 
 def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_SHARED_BYTES,
@@ -833,7 +848,8 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     counts (tests that run the generated CUDA C on the CPU: no scalar kernel arguments).
     ``m_tiles``: 16-row m-tiles a warp owns (default :data:`TC_M_TILES`); each K and V fragment
     loaded from shared memory feeds all of them. ``merge_in_kernel``: the last split of a row
-    tile merges it (default :data:`MERGE_IN_KERNEL`; not for a ring kernel, whose merge kernel
+    tile merges it (default :data:`MERGE_IN_KERNEL`, or head_dim <=
+    :data:`MERGE_IN_KERNEL_MAX_DIM`; not for a ring kernel, whose merge kernel
     also writes the ring). ``q_registers``: Q's fragments loaded once, before the key loop
     (default :data:`TC_Q_REGISTERS`, only up to :data:`TC_Q_REGISTERS_MAX_DIM`).
     ``scores_ahead``: tile kb + 1's Q Kᵀ before tile kb's softmax (default
@@ -877,7 +893,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
         return f"{base} + ({kb}) % 2 * {tile}" if ahead else str(base)
 
     if merge_in_kernel is None:
-        merge_in_kernel = MERGE_IN_KERNEL
+        merge_in_kernel = MERGE_IN_KERNEL or D <= MERGE_IN_KERNEL_MAX_DIM
     merge_in_kernel = merge_in_kernel and split and not p.get("window")
     # a prompt's splits merged in the kernel, a chunk's by the merge kernel (PROMPT_SPLITS)
     prompt_split = split and PROMPT_SPLITS > 1 and not p.get("window") and not merge_in_kernel
