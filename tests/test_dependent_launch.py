@@ -166,3 +166,32 @@ def test_cli_takes_graphs_and_names_the_option_on_a_target_without_it(tiny_decod
     with pytest.raises(SystemExit):
         main(["compile", str(onnx_dir), "--dependent-launch", "sometimes"])
     assert "--dependent-launch" in capsys.readouterr().err
+
+
+def test_cuda_graph_steps_with_dependent_launch_give_the_tokens_without_it(tiny_decoder_fp16,
+                                                                            tmp_path):
+    """On the GPU, the default build (``"auto"``: on a Hopper GPU the kernels replayed as CUDA
+    graphs launch with programmatic dependent launch) generates, as CUDA graphs, the greedy
+    tokens of the same model built without it (the same kernels' arithmetic: a kernel that read
+    before its predecessor's writes were visible would show), through several buckets."""
+    from conftest import cuda_device
+
+    if cuda_device() is None:
+        pytest.skip("needs a CUDA device")
+    import numpy as np
+
+    from tvm_lite.artifact import compile_model
+    from tvm_lite.engine import Engine, GenerationConfig
+    from tvm_lite.target import local_cuda_target
+
+    target = local_cuda_target()
+    tokens = {}
+    for mode in (None, False):  # the default, and off
+        art = compile_model(tiny_decoder_fp16, target, out_dir=tmp_path / str(mode),
+                            progress=lambda *_: None, dependent_launch=mode)
+        eng = Engine(art, device="cuda", max_context=256, cuda_graphs=True)
+        if mode is None and "sm_9" in target:
+            assert eng.convention["options"]["dependent_launch"] == "graphs"
+        cfg = GenerationConfig(max_new_tokens=100, stop_token_ids=())
+        tokens[mode] = eng.generate(np.arange(5, 45), cfg).token_ids
+    assert len(tokens[None]) == 100 and tokens[None] == tokens[False]
