@@ -1250,6 +1250,8 @@ def test_bench_prefill_times_the_merged_projections_the_models_run():
     llama = {name: (k, n) for _, name, k, n in gemm_layers(("llama-3.2-1b",))}
     assert llama["q+k+v"] == (2048, 3072) and llama["gate+up"] == (2048, 16384)
     assert llama["q"] == (2048, 2048) and "o" not in llama  # o has q's shape: timed once
+    asked = gemm_layers(("llama-3.2-1b",), ("o", "down"))  # ... as o where q is not asked for
+    assert [(name, k, n) for _, name, k, n in asked] == [("o", 2048, 2048), ("down", 8192, 2048)]
     smol = {name: (k, n) for _, name, k, n in gemm_layers(("smollm2-135m",))}
     assert smol["q+k+v"] == (576, 960) and smol["gate+up"] == (576, 3072)
 

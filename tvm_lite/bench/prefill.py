@@ -269,8 +269,10 @@ def bench_attention(lengths=ATTENTION_LENGTHS, shapes=tuple(ATTENTION_SHAPES), c
 GEMM_LAYER_NAMES = ("q", "k,v", "o", "gate,up", "down", "q+k+v", "gate+up")
 
 
-def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
-    """``[(model, layer, K, N)]`` for :data:`GEMM_LAYER_NAMES`, a shape once a model."""
+def gemm_layers(models=tuple(GEMM_MODELS), layers=()) -> list[tuple[str, str, int, int]]:
+    """``[(model, layer, K, N)]`` for :data:`GEMM_LAYER_NAMES` (only ``layers`` where given), a
+    shape once a model: the first layer asked for that has it names it (``o`` has ``q``'s shape:
+    "o" alone is timed as ``o``)."""
     out = []
     for m in models:
         hidden, heads, kv, hd, inter = GEMM_MODELS[m]
@@ -280,7 +282,7 @@ def gemm_layers(models=tuple(GEMM_MODELS)) -> list[tuple[str, str, int, int]]:
                   ("q+k+v", hidden, (heads + 2 * kv) * hd), ("gate+up", hidden, 2 * inter))
         assert tuple(name for name, _, _ in shapes) == GEMM_LAYER_NAMES
         for name, k, n in shapes:
-            if (k, n) not in seen:
+            if (k, n) not in seen and (not layers or name in layers):
                 seen.add((k, n))
                 out.append((m, name, k, n))
     return out
@@ -402,9 +404,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     fmts = (*fmts, *(v for v in variants if v not in GEMM_VARIANTS))
     rng = np.random.default_rng(0)
     rows = []
-    for model, name, k, n in gemm_layers(models):
-        if layers and name not in layers:
-            continue
+    for model, name, k, n in gemm_layers(models, layers):
         w16 = torch.from_numpy(random_half((k, n), rng)).cuda()
         for seq in lengths:
             x = torch.from_numpy(random_half((1, seq, k), rng)).cuda()
