@@ -564,10 +564,10 @@ class Engine:
         ``forward`` pads).
 
         In a prompt of several chunks, the chunks before the last run ``prefill_chain_flat``
-        (over RPC its tuple form, ``prefill_chain``) where the model has it: they write their K/V rows and compute no logits
-        (``prefill_fill``), nothing is read back, and every chunk's ids are uploaded before the
-        first runs (an upload waits for the device), so the host queues each chunk while the GPU
-        runs the one before instead of waiting for it."""
+        (over RPC its tuple form, ``prefill_chain``) where the model has it: they write their
+        K/V rows and compute no logits (``prefill_fill``), nothing is read back, and every
+        chunk's ids are uploaded before the first runs (an upload waits for the device), so the
+        host queues each chunk while the GPU runs the one before instead of waiting for it."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("prefill_greedy needs at least one token")
