@@ -201,6 +201,14 @@ def test_each_pass_fires_at_every_site_of_smollm2(phase1, exporter):
     assert calls["add_rms_norm"] == 2 * LAYERS and calls["rms_norm"] == 1
     assert calls["kv_append"] == LAYERS and calls["kv_write"] == 0
     assert calls["rotary"] == 0  # Q and K are rotated inside kv_append
+    # decode's kv_append takes the angles where the export has them (dynamo's: its one row, no
+    # cos and sin kernels); prefill's reads cos and sin, computed once a step, not a cosine and
+    # a sine per element, head and layer
+    for name, angles in (("decode", exporter == "dynamo"), ("prefill", False),
+                         ("prefill_fill", False)):
+        params = {str(p.name) for callee in _calls(mod, name) if callee.startswith("kv_append")
+                  for p in mod[callee].params}
+        assert ("ang" in params) == angles and ("cos" in params) != angles, (name, params)
 
 
 @pytest.mark.slow
