@@ -1400,9 +1400,10 @@ def test_a_whole_model_with_w_in_registers_gives_the_default_builds_logits(tiny_
 
 def test_default_rule_takes_the_warp_specialised_kernel_for_deep_and_wide_gemms_on_sm90a():
     """Without options the rule gives a deep 4-bit GEMM (K >= 4 N, N >= 2048: the down
-    projections) and a wide one (N >= 4 K: gate/up) on sm_90a the warp-specialised wgmma kernel at the tile, stages
-    and W slots that beat mma.sync there on the H200; square and narrow GEMMs, fp16 weights and
-    sm_90 keep mma.sync."""
+    projections) and a wide one (N >= 4 K: gate/up) on sm_90a the warp-specialised wgmma kernel
+    at the tile, stages and W slots that beat mma.sync there on the H200 (the wide one with its
+    outputs staged through shared memory: faster on an H100); square and narrow GEMMs, fp16
+    weights and sm_90 keep mma.sync."""
     from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
 
     a90 = parse_target(WGMMA_TARGET)
@@ -1417,7 +1418,7 @@ def test_default_rule_takes_the_warp_specialised_kernel_for_deep_and_wide_gemms_
         f"warp-specialised x{ws.DEEP_STAGES} w{ws.DEEP_W_BUFFERS} x rows"), deep
     wide = label("e0m4", 2048, 8192)
     assert wide.startswith("wgmma_m64n256k16 128x256 ") and wide.endswith(
-        f"warp-specialised x{ws.WIDE_STAGES} w{ws.WIDE_W_BUFFERS} pairs"), wide
+        f"warp-specialised x{ws.WIDE_STAGES} w{ws.WIDE_W_BUFFERS} staged"), wide
     assert "warp-specialised" in label("int4", 4 * 2048, 2048)
     assert "warp-specialised" not in label("e0m4", 4 * 2048 - 64, 2048)  # K < 4 N
     assert "warp-specialised" not in label("e0m4", 2048, 512)  # k / v alone: N < DEEP_MIN_N

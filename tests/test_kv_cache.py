@@ -167,7 +167,7 @@ def test_prompt_chunks_before_the_last_leave_their_token_on_the_device(artifact,
     chunks = -(-len(ids) // 16)
     assert chunks > 2
     calls, call = [], eng._call
-    monkeypatch.setattr(eng, "_call", lambda f, args: calls.append(f) or call(f, args))
+    monkeypatch.setattr(eng, "_call", lambda f, args, **kw: calls.append(f) or call(f, args, **kw))
     chained = eng.new_session()
     got = [eng.prefill_greedy(chained, ids)]
     assert calls == [cv.PREFILL_CHAIN_FLAT] * (chunks - 1) + [cv.PREFILL_STEP_FLAT]
