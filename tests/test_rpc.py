@@ -193,7 +193,7 @@ def test_remote_engine_in_place_chunks_sessions_and_copy(cluster, artifact):
     assert remote.prefill_greedy(fresh, prompts[0]) == \
         int(np.argmax(local.prefill(local.new_session(), prompts[0])))
     assert calls == [cv.PREFILL_CHAIN] * 2 + [cv.PREFILL_STEP]  # 40 tokens: 16 + 16 + 8
-    remote._call = call
+    del remote._call  # the method again
     # decode steps queued on the server (decode_chain: each step's token stays there and feeds
     # the next; the client reads them three at a time): the local one-by-one tokens
     remote.run_ahead = 3
