@@ -47,7 +47,6 @@ def build(mod: tvm.IRModule, target="llvm", options: BuildOptions | None = None,
     opts = BuildOptions.of(options, **fields)
     tgt = parse_target(target)
     check_codegen(tgt)
-    opts = _pipeline.resolved(tgt, opts)
     mod, _ = detach_params(mod)
     if opts.tuning_db is not None:
         opts = opts.replace(tuning_db=check_database(opts.tuning_db))

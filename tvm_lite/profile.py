@@ -172,6 +172,13 @@ class _CallCounter:
                 if not is_kernel(n)}
 
 
+def whole_batches(steps: int, run_ahead: int) -> int:
+    """``steps`` rounded up to whole batches of ``run_ahead``: the queued decode loops run whole
+    batches (3 steps taken from a batch of 4 would run 4 and count 3)."""
+    batch = max(run_ahead, 1)
+    return -(-steps // batch) * batch
+
+
 def kernel_launches(executable, function: str = "decode", kind: str | None = None) -> dict:
     """Device kernels one call of ``function`` launches, counted in the build (no device needed):
     the PrimFunc calls in the function's VM code (``as_text()``; the decode function has no
@@ -301,9 +308,7 @@ class Profiler:
         run(warmup)
         context = session.length
         prof = self._measure("decode", context, steps, run)
-        # the queued loops run whole batches of run_ahead steps: measure a whole number of them
-        # (3 steps taken from a batch of 4 would run 4 and count 3)
-        batched = -(-steps // max(eng.run_ahead, 1)) * max(eng.run_ahead, 1)
+        batched = whole_batches(steps, eng.run_ahead)  # what the queued loops run
         if eng.run_ahead > 1:  # the same steps as the engine's generation loop queues them
             def ahead(n):
                 loop = eng.decode_run_ahead(session, token[0])
@@ -355,7 +360,7 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
         raise UserError(f"--chunk {chunk}: a chunk needs at least one token")
     # prefill, warm-ups, the counting and measured runs, then the queued ones (a warm-up batch,
     # the measured steps, and each of the two loops' last batch run past what it takes)
-    batched = -(-steps // DEFAULT_RUN_AHEAD) * DEFAULT_RUN_AHEAD  # (Profiler.decode's)
+    batched = whole_batches(steps, DEFAULT_RUN_AHEAD)  # (what Profiler.decode runs)
     queued = batched + 3 * DEFAULT_RUN_AHEAD
     total = prompt_len + 4 + steps * 4 + 8 + queued + cv.PADDED_BUCKET + 2 * batched + 2
     eng = Engine(artifact, device=device, max_context=max_context or total, buckets=None,
