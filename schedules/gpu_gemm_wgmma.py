@@ -113,7 +113,7 @@ __forceinline__ __device__ void tvm_lite_dq_kmajor(void* p, unsigned w, unsigned
 }
 """,
 }
-for _n in (64, 128, 256):
+for _n in (64, 128, 192, 256):
     HELPERS[f"tvm_lite_wgmma_m64n{_n}k16"] = _wgmma_helper(_n)
 # one-instruction helpers: the warpgroup MMA's fence, commit and wait, the proxy fence that hands
 # generic-proxy shared stores to the tensor cores; cp.async's group commit and waits (X by
@@ -285,7 +285,7 @@ def plan_kernel(func, target, profile, tile=None, plan_m: int | None = None) -> 
     if g["fmt"] not in ("e0m4", "int4"):
         raise MatchError("the wgmma kernels take 4-bit weights")
     TM, TN = (tile or TILE)[:2]
-    if TM % 64 or TN not in (64, 128, 256) or g["n"] % TN or g["k"] % TK:
+    if TM % 64 or TN not in (64, 128, 192, 256) or g["n"] % TN or g["k"] % TK:
         raise MatchError(f"tile {TM}x{TN} does not divide N={g['n']}, K={g['k']}")
     ks = tile[2] if tile is not None and len(tile) > 2 else choose_split(
         plan_m or mma_gemm.PLAN_M, g["n"], g["k"], (TM, TN), profile.compute_units)

@@ -196,6 +196,7 @@ static void wgmma_ss(float* d, const void* a, const void* b, unsigned al, unsign
 static void tvm_lite_wgmma_m64n64k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 64); }
 static void tvm_lite_wgmma_m64n128k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 128); }
 static void tvm_lite_wgmma_m64n256k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 256); }
+static void tvm_lite_wgmma_m64n192k16(float* d, const void* a, const void* b, unsigned al, unsigned bl) { wgmma_ss(d, a, b, al, bl, WGMMA_SBO, 192); }
 static unsigned xa[32][32][4];
 static void wgmma_rs(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                      const void* b, unsigned bl, unsigned bs, int n, bool b_mn_major) {

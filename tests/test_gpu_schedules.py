@@ -873,7 +873,11 @@ WGMMA_WS_CPU_CASES = [("e0m4", 512, 128, 70, None, None, 4),
                       # pairs; deep: 4 stages, 2 W slots, X by rows, K split as the plan
                       # splits a down projection's)
                       ("int4", 512, 256, 70, None, (128, 256), 5, 32, 2, True),
-                      ("int4", 1024, 256, 40, "residual", (128, 256, 2), 4, 32, 2, False, True)]
+                      ("int4", 1024, 256, 40, "residual", (128, 256, 2), 4, 32, 2, False, True),
+                      # 192-column tiles (m64n192k16: a merged q+k+v's N = 1.5 K divides by
+                      # 192), staged and split with an epilogue
+                      ("e0m4", 512, 192, 70, None, (128, 192), 4, 32, None, False, False, True),
+                      ("e0m4", 1024, 192, 70, "residual", (128, 192, 2), 4, 32, 2, False, True)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
