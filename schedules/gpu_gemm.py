@@ -45,7 +45,7 @@ from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
 from .gpu_gemm_mma import mma_gemm_kernel
 from . import gpu_gemm_wgmma
 from .gpu_gemm_wgmma import wgmma_gemm_kernel
-from .gpu_gemm_wgmma_ws import deep_gemm_kernel, ws_gemm_kernel
+from .gpu_gemm_wgmma_ws import deep_gemm_kernel, mid_gemm_kernel, ws_gemm_kernel
 from .gpu_gemm_wgmma_wreg import default_kernel as wreg_default_kernel
 from .gpu_gemm_wgmma_wreg import wreg_gemm_kernel
 from .gpu_gemv import MatchError, check_all_bound, match_matmul
@@ -69,7 +69,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                  wgmma_specialised: int = 0, wgmma_ablate: tuple = (),
                  wgmma_w_buffers: int | None = None, wgmma_pair_stores: bool = False,
                  wgmma_x_rows: bool = False, wgmma_staged_stores: bool = False,
-                 wgmma_w_in_registers: int = 0, plan_lengths: tuple | None = None):
+                 wgmma_w_in_registers: int = 0, plan_lengths: tuple | None = None,
+                 wgmma_cluster_sum: bool = False):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -87,6 +88,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         self.wgmma_pair_stores = wgmma_pair_stores  # its outputs stored two at a time
         self.wgmma_x_rows = wgmma_x_rows  # its X copied a row segment a warp quarter
         self.wgmma_staged_stores = wgmma_staged_stores  # its outputs through shared memory
+        self.wgmma_cluster_sum = wgmma_cluster_sum  # its split K summed in a cluster
         # > 0: the kernel with W dequantized in registers, this many stages (gpu_gemm_wgmma_wreg;
         # wgmma_tile is then (tokens, features), wgmma_x_rows its X copy)
         self.wgmma_w_in_registers = wgmma_w_in_registers
@@ -115,15 +117,16 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                                               self.wgmma_specialised, self.wgmma_ablate,
                                               self.wgmma_w_buffers, self.wgmma_pair_stores,
                                               self.wgmma_x_rows, self.wgmma_staged_stores,
-                                              self.plan_lengths)
+                                              self.plan_lengths, self.wgmma_cluster_sum)
                     return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
                                              self.wgmma_x_stages)
                 except MatchError:
                     pass
             if self.wgmma is None and self.mma and self.mma_tile is None:
                 # a deep or wide GEMM (down, gate/up) on sm_90a: W in registers where on, else
-                # the warp-specialised kernel
-                for kernel in (wreg_default_kernel, deep_gemm_kernel):
+                # the warp-specialised kernel; a mid one (q+k+v, o): that kernel summed in
+                # clusters at the lengths where it fills the SMs, mma.sync elsewhere
+                for kernel in (wreg_default_kernel, deep_gemm_kernel, mid_gemm_kernel):
                     try:
                         return kernel(func, target, fit_to_target(self.profile, target),
                                       self.plan_lengths)

@@ -183,6 +183,7 @@ def lengths_for(m: str, lengths=None) -> list[tuple[int, str | None]]:
 _WORKSPACE = re.compile(  # output_store's fp32 split-K partials: KS * M * N
     r'    ws = T\.alloc_buffer\(\((\d+) \* (.+?),\), "float32", scope="global"\)\n')
 _NEST = "    for bx in T.thread_binding("
+_NAME = re.compile(r"def \w+\(")
 
 
 def by_length(variants: list[tuple[str | None, str, str]]) -> tuple[str, str]:
@@ -207,7 +208,8 @@ def by_length(variants: list[tuple[str | None, str, str]]) -> tuple[str, str]:
         text += f"; if {cond.replace('T.int64(', '').replace(')', '')}: {label}"
     if len(parts) == 1:
         return variants[-1][1], text
-    heads = [_WORKSPACE.sub("", head) for _, head, _, _ in parts]
+    # (kernels of different families -- mma.sync, wgmma -- differ in the PrimFunc's name only)
+    heads = [_NAME.sub("def gemm(", _WORKSPACE.sub("", head)) for _, head, _, _ in parts]
     if len(set(heads)) != 1:
         raise ValueError("by_length: the variants' heads differ beyond their workspaces")
     src = heads[0]

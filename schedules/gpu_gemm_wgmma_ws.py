@@ -29,11 +29,14 @@ from __future__ import annotations
 
 from tvm import s_tir
 
+from . import cuda_cluster
 from . import gpu_gemm_mma as mma_gemm
 from . import gpu_gemm_wgmma as wg
 from .cuda_mma import call
 from .gpu_gemv import CODES_PER_WORD, MatchError
 from .gpu_gemv_half2 import E0M4_ZERO_NONE
+
+cuda_cluster.register()  # __cluster_dims__ for the kernels that ask (cluster_sum)
 
 PRODUCER = 128  # threads of the producer warpgroup
 NAMED_BARRIERS = 16  # a workgroup's hardware barriers (bar.sync ids 0 .. 15)
@@ -87,6 +90,30 @@ X_ROWS_LBO_SKEW = 16
 # banks) and stores them back a row segment at a time, 16 bytes a thread: a warp writes whole
 # 512-byte rows of the output where the paired stores write 4 bytes at 8 rows.
 STAGE_PAD = 16
+# K split, its partials summed in a cluster (``cluster_sum``): the KS workgroups of an output
+# tile run as one thread-block cluster (:mod:`.cuda_cluster`); each leaves its fp32 partials in
+# its own shared memory (rows CLUSTER_PAD bytes longer than the tile, as STAGE_PAD), and each
+# then adds up TM / KS of the tile's rows across the cluster and stores them through the
+# epilogue. No fp32 partials in global memory, no second kernel. CLUSTER_MAX: the portable
+# cluster size.
+CLUSTER_PAD = 16
+CLUSTER_MAX = 8
+# A mid GEMM (neither deep nor wide, N >= K: the merged q+k+v, o) takes this kernel, its K split in two
+# and summed in clusters of two, at a planned prompt length where a MID_TM x TN tile (TN from
+# MID_TNS, widest first) gives a grid that the split makes fill the SMs in one wave (from
+# MIN_WAVE of them to all); at other lengths the mma.sync kernel's plan (:func:`mid_gemm_kernel`).
+# Measured on an H100 (session 25, ``bench.prefill --parts gemm --wgmma 128x192xws4c,...``,
+# ``results/issue16_gemm_cluster_sum_h100_s25.json``), Llama-1B at M = 512: the merged q+k+v
+# (K 2048, N 3072) 44.7 -> 25.8 us (0.32x -> 0.56x torch; the same kernel with a sum kernel:
+# 39.5), o (N 2048, 128x128 ws4w2rc) 30.4 -> 24.3. Clusters of four and eight lost to the sum
+# kernel: q+k+v at M = 256 (K split 4 ways) 28.6 -> 31.8 us, o 21.4 -> 28.0, down at 512 68.9
+# -> 109.8 (a workgroup of ~200 KB of shared memory fills its SM, and a GPC's SMs hold fewer
+# clusters of four or eight than the grid asks for at once: a second wave).
+MID_CLUSTER_SUM = True
+MID_TM = 128
+MID_TNS = (256, 192, 128)
+MID_STAGES = 4
+MID_SPLIT = 2
 
 HELPERS = {
     **wg.HELPERS,
@@ -239,7 +266,8 @@ def producer_loop(issue, stages: int, slices: int, threads: int, ready: list,
 
 def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                   w_buffers: int | None = None, pair_stores: bool = False,
-                  x_rows: bool = False, staged_stores: bool = False) -> str:
+                  x_rows: bool = False, staged_stores: bool = False,
+                  cluster_sum: bool = False) -> str:
     """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
     (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``. ``ablate``: parts of
     :data:`ABLATIONS` to leave out (diagnostics only: the result is wrong). ``w_buffers``: fp16
@@ -250,7 +278,9 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     instead of two 2-byte ones: half the store instructions, each still 8 rows of a warp.
     ``x_rows``: X copied a row segment a warp quarter (:data:`X_ROWS_LBO_SKEW`) instead of
     two threads a row. ``staged_stores``: where pairs could be stored, the outputs go through
-    shared memory instead and leave 16 bytes a thread (:data:`STAGE_PAD`)."""
+    shared memory instead and leave 16 bytes a thread (:data:`STAGE_PAD`). ``cluster_sum``:
+    where K is split, its partials are added up in a cluster (:data:`CLUSTER_PAD`) instead of
+    by a second kernel."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, VEC, SBO, h = wg.TK, wg.VEC, wg.SBO, 2
@@ -316,15 +346,56 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                f"T.uint32({XL})", f"T.uint32({WL})")
     row = f"by * {TM} + {wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + c // 2 * 8"
     col = f"bx * {TN} + jn * 8 + {lane} % 4 * 2 + c % 2"
-    workspace, store, sum_kernel = mma_gemm.output_store(out, obuf, M, N, KS, row, col,
-                                                         "acc[jn * 4 + c]")
+    cluster_sum = cluster_sum and KS > 1
+    workspace, store, sum_kernel = mma_gemm.output_store(out, obuf, M, N, 1 if cluster_sum else KS,
+                                                         row, col, "acc[jn * 4 + c]")
     pair, staged_stores = store_modes(g, KS, pair_stores, staged_stores)
     PITCH = TN * 2 + STAGE_PAD  # bytes of a staged row
     stage_bar = 2 + 2 * S + (WN if WN < S else 0)  # the consumers' barrier before staging
-    if staged_stores:
-        if TM * PITCH > S * (XS + RS) + WN * WS:
+    ring = S * (XS + RS) + WN * WS  # bytes of the ring and its W slots
+    shared = ring
+    after = []  # every thread's statements after both roles' (the cluster's sum)
+    if cluster_sum:
+        if stage_bar > NAMED_BARRIERS - 1:
+            raise MatchError(f"cluster_sum needs named barrier {stage_bar}; the hardware has "
+                             f"{NAMED_BARRIERS - 1} besides __syncthreads'")
+        if KS > CLUSTER_MAX or TM % KS:
+            raise MatchError(f"cluster_sum: K split {KS} ways over {TM} rows (at most "
+                             f"{CLUSTER_MAX} workgroups a cluster, each an equal share of rows)")
+        FP = TN * 4 + CLUSTER_PAD  # bytes of a row of fp32 partials
+        shared = max(ring, TM * FP)
+        lrow = f"({wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + hr * 8)"  # row in the tile
+        st_at = f"T.address_of(sm[({lrow} * {FP} + (jn * 8 + {lane} % 4 * 2) * 4) // {h}])"
+        stores = [  # the consumers: once all are done with the ring, partials to shared memory
+            ev("tvm_lite_bar_sync", f"T.int32({stage_bar})", f"T.int32({threads - PT})"),
+            f"for jn in T.unroll({TN // 8}):",
+            "    for hr in T.unroll(2):",
+            "        " + ev("tvm_lite_st_f32x2", st_at, "acc[jn * 4 + hr * 2]",
+                            "acc[jn * 4 + hr * 2 + 1]")]
+        RR, V4 = TM // KS, TN // 4  # rows this workgroup adds up; 16-byte vectors a row
+        e = f"(it * {threads} + tx)"
+        trow = f"(bz * {RR} + {e} // {V4})"  # the row of the tile
+        at = f"T.address_of(sm[({trow} * {FP} + {e} % {V4} * 16) // {h}])"
+        part = lambda r: call("tvm_lite_ld_dsmem_f32x4", at, f"T.int32({r})",  # noqa: E731
+                              ret="float32x4")
+        gcol = f"bx * {TN} + {e} % {V4} * 4 + i"
+        after = [
+            ev("tvm_lite_cluster_sync"),  # every workgroup's partials in its shared memory
+            f"for it in T.serial({-(-RR * V4 // threads)}):",
+            f"    if {e} < {RR * V4}:",
+            f"        tot[T.Ramp(0, 1, 4)] = {part(0)}",
+            f"        for r in T.serial(1, {KS}):",
+            f"            tot[T.Ramp(0, 1, 4)] = tot[T.Ramp(0, 1, 4)] + "
+            + call("tvm_lite_ld_dsmem_f32x4", at, "r", ret="float32x4"),
+            f"        if by * {TM} + {trow} < {M}:",
+            "            for i in T.unroll(4):",
+            f"                {out}[{mma_gemm._row_at(obuf, f'by * {TM} + {trow}', gcol)}] = "
+            f"{mma_gemm.EPILOGUE('tot[i]')}",
+            ev("tvm_lite_cluster_sync")]  # no workgroup leaves while another reads it
+    elif staged_stores:
+        if TM * PITCH > ring:
             raise MatchError(f"staged stores: {TM} rows of {PITCH} bytes do not fit in the "
-                             f"kernel's {S * (XS + RS) + WN * WS} bytes of shared memory")
+                             f"kernel's {ring} bytes of shared memory")
         if stage_bar > NAMED_BARRIERS - 1:
             raise MatchError(f"staged stores need named barrier {stage_bar}; the hardware has "
                              f"{NAMED_BARRIERS - 1} besides __syncthreads'")
@@ -388,22 +459,27 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
         *stores])
     head = mma_gemm.kernel_head("gemm_wgmma_ws", params, decls, mma_gemm.packed_views(names, g),
                                 workspace, (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
+    mark = [ev(cuda_cluster.marker((1, 1, KS)))] if cluster_sum else []
     return f'''{head}
-                sm = T.alloc_buffer(({(S * (XS + RS) + WN * WS) // h},), "float16", scope="shared.dyn")
+                sm = T.alloc_buffer(({shared // h},), "float16", scope="shared.dyn")
                 acc = T.alloc_buffer(({TN // 2},), "float32", scope="local")
+                tot = T.alloc_buffer((4,), "float32", scope="local")
                 wv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
                 sv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
                 zv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
+{indent(chr(10).join(mark), 16)}
                 if tx < {PT}:
 {indent(chr(10).join(producer), 20)}
                 else:
 {indent(consumer, 20)}
+{indent(chr(10).join(after), 16)}
 {sum_kernel}'''
 
 
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
                    w_buffers: int | None = None, pair_stores: bool = False,
-                   x_rows: bool = False, staged_stores: bool = False, lengths=None):
+                   x_rows: bool = False, staged_stores: bool = False, lengths=None,
+                   cluster_sum: bool = False):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
     :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``, ``x_rows``,
@@ -417,7 +493,9 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     16 named barriers bound ``stages`` (2 a stage, one for the producers, one a W slot where
     there are fewer W slots than stages; id 0 is ``__syncthreads``). ``lengths``: where the
     tile gives no K split, the prompt lengths the split is planned for (default
-    :data:`.gpu_gemm_mma.PLAN_LENGTHS`: see :func:`.gpu_gemm_mma.lengths_for`)."""
+    :data:`.gpu_gemm_mma.PLAN_LENGTHS`: see :func:`.gpu_gemm_mma.lengths_for`).
+    ``cluster_sum``: a split K's partials added up in a thread-block cluster (see
+    :func:`kernel_source`)."""
     if not 2 <= stages <= 5 and not (w_buffers and w_buffers < stages <= 6):
         raise MatchError(f"stages={stages}: 2 to 5 (6 with fewer W buffers)")
     if w_buffers is not None and not 2 <= w_buffers <= stages:
@@ -437,18 +515,24 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     splits = ([(None, ks)] if tile is not None and len(tile) > 2 else
               [(cond, wg.choose_split(length, g["n"], g["k"], (TM, TN), profile.compute_units))
                for length, cond in mma_gemm.lengths_for(g["m"], lengths)])
-    variants = []
+    variants, helpers = [], dict(HELPERS)
+    shared = shared_bytes(g, TM, TN, stages, wn, x_rows)
     for cond, k_split in splits:
         pairs, staged = store_modes(g, k_split, pair_stores, staged_stores)
+        in_cluster = cluster_sum and k_split > 1
+        if in_cluster:
+            shared = max(shared, TM * (TN * 4 + CLUSTER_PAD))
+            helpers.update(cuda_cluster.HELPERS)
+            helpers[cuda_cluster.marker((1, 1, k_split))] = cuda_cluster.marker_source(
+                (1, 1, k_split))
         variants.append((cond, kernel_source(func, g, (TM, TN, k_split), stages, ablate, wn,
-                                             pairs, x_rows, staged),
-                         "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s"
+                                             pairs, x_rows, staged, in_cluster),
+                         "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s%s"
                          % (TN, TM, TN, k_split, stages, f" w{wn}" if wn else "",
                             " pairs" if pairs else "", " x rows" if x_rows else "",
-                            " staged" if staged else "")))
+                            " staged" if staged else "", " cluster" if in_cluster else "")))
     src, label = mma_gemm.by_length(variants)
-    return wg.finish_kernel(src, HELPERS, sch, func, g,
-                            shared_bytes(g, TM, TN, stages, wn, x_rows), label)
+    return wg.finish_kernel(src, helpers, sch, func, g, shared, label)
 
 
 def deep_or_wide(func, target, profile) -> str | None:
@@ -460,6 +544,63 @@ def deep_or_wide(func, target, profile) -> str | None:
     if g["k"] >= DEEP_K_RATIO * g["n"] and g["n"] >= DEEP_MIN_N:
         return "deep"
     return "wide" if g["n"] >= WIDE_N_RATIO * g["k"] else None
+
+
+def mid_tile(g: dict, length: int, compute_units: int) -> tuple | None:
+    """``(TM, TN)`` of the cluster-summed plan (see :data:`MID_CLUSTER_SUM`) for GEMM ``g`` at
+    a prompt of ``length`` tokens, or None where no tile's grid, split in two, fills the SMs in
+    one wave."""
+    for tn in MID_TNS:
+        if g["n"] % tn:
+            continue
+        grid = -(-length // MID_TM) * (g["n"] // tn)
+        if (wg.choose_split(length, g["n"], g["k"], (MID_TM, tn), compute_units) == MID_SPLIT
+                and mma_gemm.MIN_WAVE * compute_units <= grid * MID_SPLIT <= compute_units):
+            return MID_TM, tn
+    return None
+
+
+def mid_gemm_kernel(func, target, profile, lengths=None):
+    """A mid GEMM (neither deep nor wide) on sm_90a planned by prompt length
+    (:func:`.gpu_gemm_mma.lengths_for`): this kernel with K split in two and summed in clusters
+    of two where :func:`mid_tile` gives a tile, the mma.sync kernel's plan elsewhere, one
+    branch each. :class:`MatchError` where no planned length takes the cluster-summed kernel
+    (or :data:`MID_CLUSTER_SUM` is off, or another target, shape or format)."""
+    if not MID_CLUSTER_SUM:
+        raise MatchError("MID_CLUSTER_SUM is off")
+    if not wg.wgmma_supported(target):
+        raise MatchError("wgmma needs a CUDA sm_90a target")
+    if deep_or_wide(func, target, profile) is not None:
+        raise MatchError("a deep or wide GEMM: deep_gemm_kernel")
+    sch = s_tir.Schedule(func)
+    func = sch.mod["main"]
+    g = mma_gemm.match_gemm(sch, profile)
+    if g["n"] < g["k"]:  # k or v alone (unmerged): not measured with it
+        raise MatchError(f"N={g['n']} < K={g['k']}: the cluster-summed plan takes N >= K")
+    if g["fmt"] not in ("e0m4", "int4") or (wg.TK % g["group"] and g["group"] % wg.TK):
+        raise MatchError("the cluster-summed plan takes 4-bit weights in groups that divide "
+                         f"(or are multiples of) the {wg.TK}-deep slice")
+    variants, helpers, shared = [], {**mma_gemm.HELPERS, **HELPERS}, 0
+    for length, cond in mma_gemm.lengths_for(g["m"], lengths):
+        tile = mid_tile(g, length, profile.compute_units)
+        if tile is None:
+            t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"])
+            variants.append((cond, mma_gemm.kernel_source(func, g, t),
+                             "mma_m16n8k16 %dx%d split-K %d" % (t[0], t[1], t[4])))
+            continue
+        TM, TN = tile
+        dims = (1, 1, MID_SPLIT)
+        helpers.update({**cuda_cluster.HELPERS,
+                        cuda_cluster.marker(dims): cuda_cluster.marker_source(dims)})
+        shared = max(shared, shared_bytes(g, TM, TN, MID_STAGES), TM * (TN * 4 + CLUSTER_PAD))
+        variants.append((cond, kernel_source(func, g, (TM, TN, MID_SPLIT), MID_STAGES,
+                                             cluster_sum=True),
+                         "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d cluster"
+                         % (TN, TM, TN, MID_SPLIT, MID_STAGES)))
+    if not shared:
+        raise MatchError("no planned prompt length takes the cluster-summed kernel")
+    src, label = mma_gemm.by_length(variants)
+    return wg.finish_kernel(src, helpers, sch, func, g, shared, label)
 
 
 def deep_gemm_kernel(func, target, profile, lengths=None):
@@ -480,5 +621,5 @@ def deep_gemm_kernel(func, target, profile, lengths=None):
     raise MatchError("neither deep nor wide: mma.sync is faster")
 
 
-__all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "deep_or_wide", "kernel_source", "HELPERS",
+__all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "mid_gemm_kernel", "deep_or_wide", "kernel_source", "HELPERS",
            "STAGES", "DEEP_K_RATIO", "ABLATIONS"]

@@ -41,7 +41,9 @@ def _two_kernels(a: T.handle, b: T.handle, c: T.handle):
 def _kernel_bodies(src: str) -> dict:
     """kernel name -> its body's statements (the CUDA C of each ``__global__`` definition)."""
     out = {}
-    for m in re.finditer(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^)]*\) \{\n", src):
+    head = (r"__global__ void (?:__cluster_dims__\([\d, ]+\) )?(?:__launch_bounds__\(\d+\) )?"
+            r"(\w+)\([^)]*\) \{\n")
+    for m in re.finditer(head, src):
         body = src[m.end():src.index("\n}\n", m.end())]
         out[m.group(1)] = [ln.strip() for ln in body.splitlines() if ln.strip()]
     return out

@@ -957,7 +957,12 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
          ["wgmma_m64n256k16 128x256 split-K 8", "wgmma_m64n256k16 128x256 split-K 4",
           "wgmma_m64n256k16 128x256 split-K 1"]),
         (lambda f, **kw: wr.wreg_gemm_kernel(f, a90, CUDA, None, 4, **kw), 2048, 8192, None,
-         ["wgmma_m64n128k16 128x128 split-K 1", "wgmma_m64n256k16 256x128 split-K 1"])]
+         ["wgmma_m64n128k16 128x128 split-K 1", "wgmma_m64n256k16 256x128 split-K 1"]),
+        # a mid GEMM (q+k+v): the cluster-summed kernel at 512 only, mma.sync's plans elsewhere
+        (lambda f, **kw: ws.mid_gemm_kernel(f, a90, CUDA, **kw), 2048, 3072, None,
+         ["mma_m16n8k16 64x64 split-K 1",
+          "wgmma_m64n192k16 128x192 split-K 2 warp-specialised x4 cluster",
+          "mma_m16n8k16 128x128 split-K 1"])]
     for build_kernel, k, n, epilogue, starts in cases:
         func = _dequant_gemv("e0m4", k, n, epilogue, lead=(1, DYN))
         with a90:
@@ -981,7 +986,10 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
         alone = {}
         for length, _ in plans:  # each length's plan built alone
             with a90:
-                sch = build_kernel(func, lengths=(length,))
+                try:
+                    sch = build_kernel(func, lengths=(length,))
+                except MatchError:  # the mid GEMM's mma.sync lengths
+                    sch = mg.mma_gemm_kernel(func, a90, CUDA, lengths=(length,))
             alone.setdefault(str(sch.mod["main"].attrs["tvm_lite.gemm"]), sch)
         for (_, stmt), start in zip(got, starts):
             match = [sch for lab, sch in alone.items() if lab.startswith(start)]
@@ -996,7 +1004,7 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
 @HOPPER
 @pytest.mark.parametrize("kernel, k, n, epilogue", [
     ("mma", 2048, 2048, "residual"), ("deep", 8192, 2048, "residual"), ("wide", 2048, 8192, None),
-    ("wreg", 2048, 8192, None)])
+    ("wreg", 2048, 8192, None), ("mid", 2048, 3072, None)])
 def test_plans_by_prompt_length_run_correctly_on_a_hopper_gpu(kernel, k, n, epilogue):
     """The GEMMs planned by prompt length on the GPU against numpy at lengths in every branch
     (M 37 and 300: the 256 plan; 512 and 1000: 512's; 1300 and 2048: 2048's)."""
@@ -1004,6 +1012,24 @@ def test_plans_by_prompt_length_run_correctly_on_a_hopper_gpu(kernel, k, n, epil
                           **({"wgmma": True, "wgmma_w_in_registers": 4} if kernel == "wreg"
                              else {}))
     ex = build(_mma_func("e0m4", k, n, epilogue), parse_target(WGMMA_TARGET), [rule])
+    _check_gemm_on_gpu(ex, "e0m4", k, n, epilogue, (37, 300, 512, 1000, 1300, 2048))
+
+
+@HOPPER
+@pytest.mark.parametrize("k, n, tile, epilogue", [
+    (8192, 2048, (128, 256), "residual"),  # a down projection: K split 8 and 4 ways
+    (2048, 3072, (128, 192), None)])  # a merged q+k+v: 4 and 2 ways
+def test_cluster_summed_split_k_runs_correctly_on_a_hopper_gpu(k, n, tile, epilogue):
+    """The warp-specialised GEMM with its split K's partials added up in a thread-block cluster
+    (``cluster_sum``) against numpy at lengths in every planned branch; its kernels are built
+    with ``__cluster_dims__`` and there is no second (sum) kernel."""
+    rule = GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=tile, wgmma_specialised=4,
+                          wgmma_w_buffers=2, wgmma_x_rows=True, wgmma_cluster_sum=True,
+                          plan_lengths=(256, 512, 2048))
+    ex = build(_mma_func("e0m4", k, n, epilogue), parse_target(WGMMA_TARGET), [rule])
+    src = _source(ex, "cuda")
+    assert "__cluster_dims__(1, 1, 4)" in src and "tvm_lite_ld_dsmem_f32x4(" in src
+    assert "ws_ptr" not in src  # no fp32 partials in global memory
     _check_gemm_on_gpu(ex, "e0m4", k, n, epilogue, (37, 300, 512, 1000, 1300, 2048))
 
 
@@ -1230,12 +1256,13 @@ def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     from tvm_lite.bench.prefill import main, parse_wgmma_stages
 
     assert parse_wgmma_stages("ws5w2-copy-mma") == (True, 5, 2, False, ("copy", "mma"), False,
-                                                    False, False)
-    assert parse_wgmma_stages("ws3p") == (True, 3, None, True, (), False, False, False)
-    assert parse_wgmma_stages("ws5w2pr") == (True, 5, 2, True, (), True, False, False)
-    assert parse_wgmma_stages("ws5w2s") == (True, 5, 2, False, (), False, True, False)
-    assert parse_wgmma_stages("3") == (False, 3, None, False, (), False, False, False)
-    assert parse_wgmma_stages("wr4") == (False, 4, None, False, (), False, False, True)
+                                                    False, False, False)
+    assert parse_wgmma_stages("ws3p") == (True, 3, None, True, (), False, False, False, False)
+    assert parse_wgmma_stages("ws5w2pr") == (True, 5, 2, True, (), True, False, False, False)
+    assert parse_wgmma_stages("ws5w2s") == (True, 5, 2, False, (), False, True, False, False)
+    assert parse_wgmma_stages("ws4w2rc") == (True, 4, 2, False, (), True, False, False, True)
+    assert parse_wgmma_stages("3") == (False, 3, None, False, (), False, False, False, False)
+    assert parse_wgmma_stages("wr4") == (False, 4, None, False, (), False, False, True, False)
     assert parse_wgmma_stages("wr5r").x_rows and parse_wgmma_stages("wr5r").w_in_registers
     with pytest.raises(SystemExit):
         main(["--parts", "gemm", "--wgmma", spec])

@@ -199,8 +199,8 @@ def kernel_launches(executable, function: str = "decode", kind: str | None = Non
         raise ValueError("kernel_launches counts GPU kernels: this executable has no device "
                          "module (a CPU build?)")
     source = device_source(executable, kind)
-    kernels = re.findall(r"(?:__kernel void|__global__ void(?: __launch_bounds__\(\d+\))?)"
-                         r" (\w+)\(", source)
+    kernels = re.findall(r"(?:__kernel void|__global__ void(?: __cluster_dims__\([\d, ]+\))?"
+                         r"(?: __launch_bounds__\(\d+\))?) (\w+)\(", source)
     per_prim = defaultdict(set)
     for k in kernels:
         per_prim[re.sub(r"_kernel(_\d+)?$", "", k)].add(k)

@@ -312,13 +312,15 @@ class WgmmaStaging(NamedTuple):
     x_rows: bool  # X copied a row segment a warp quarter (ws, wr)
     staged: bool  # outputs staged through shared memory (ws)
     w_in_registers: bool = False  # the W-in-registers kernel (gpu_gemm_wgmma_wreg)
+    cluster: bool = False  # a split K summed in a thread-block cluster (ws)
 
 
 def parse_wgmma_stages(spec: str) -> WgmmaStaging:
     """``--wgmma``'s staging part: ``S`` (the wgmma kernel, X in S cp.async slices, 0: in
     registers), ``wsS`` (the warp-specialised kernel, S stages), ``wsSwB`` (... with B fp16 W
     slices), ``wsS..p`` (... its outputs stored in pairs), ``wsS..r`` (... X copied a row
-    segment a warp quarter), ``wsS..s`` (... its outputs staged through shared memory), each
+    segment a warp quarter), ``wsS..s`` (... its outputs staged through shared memory),
+    ``wsS..c`` (... a split K's partials summed in a thread-block cluster), each
     ``wsS..`` optionally followed by ``-part`` for each part left out (a diagnostic:
     ``gpu_gemm_wgmma_ws.ABLATIONS``); ``wrS`` (the kernel with W dequantized in registers, S
     stages), ``wrSr`` (... X copied by rows), each optionally with ``-part``s as ``wsS``.
@@ -326,19 +328,19 @@ def parse_wgmma_stages(spec: str) -> WgmmaStaging:
     from tvm_lite.schedules.gpu_gemm_wgmma_ws import ABLATIONS
 
     head, *ablate = str(spec).split("-")
-    m = re.fullmatch(r"(ws|wr)?(\d+)(?:w(\d+))?(p)?(r)?(s)?", head)
+    m = re.fullmatch(r"(ws|wr)?(\d+)(?:w(\d+))?(p)?(r)?(s)?(c)?", head)
     kind = m.group(1) if m else None
-    if (not m or (any(m.group(i) for i in (3, 4, 5, 6)) and not kind)
-            or (kind == "wr" and any(m.group(i) for i in (3, 4, 6)))):
-        raise ValueError(f"{spec}: the staging is S, wsS, wsSwB, wsSp, wsSr, wsSs, wsSwBprs, "
-                         "wrS or wrSr")
+    if (not m or (any(m.group(i) for i in (3, 4, 5, 6, 7)) and not kind)
+            or (kind == "wr" and any(m.group(i) for i in (3, 4, 6, 7)))):
+        raise ValueError(f"{spec}: the staging is S, wsS, wsSwB, wsSp, wsSr, wsSs, wsSc, "
+                         "wsSwBprsc, wrS or wrSr")
     bad = [a for a in ablate if a not in ABLATIONS]
     if bad or (ablate and not kind):
         raise ValueError(f"{spec}: parts can be left out of a wsS or wrS kernel only, and only "
                          f"{', '.join(ABLATIONS)}")
     return WgmmaStaging(kind == "ws", int(m.group(2)), int(m.group(3)) if m.group(3) else None,
                         bool(m.group(4)), tuple(ablate), bool(m.group(5)), bool(m.group(6)),
-                        kind == "wr")
+                        kind == "wr", bool(m.group(7)))
 
 
 def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
@@ -369,6 +371,7 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
                                       wgmma_ablate=st.ablate, wgmma_w_buffers=st.w_buffers,
                                       wgmma_pair_stores=st.pairs, wgmma_x_rows=st.x_rows,
                                       wgmma_staged_stores=st.staged,
+                                      wgmma_cluster_sum=st.cluster,
                                       wgmma_w_in_registers=st.stages if st.w_in_registers else 0)]
         variants[name] = ("e0m4", name)
     for tile in tiles:
