@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -914,6 +915,44 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     TM, TN = (tile or wg.TILE)[:2]
     KS = int(re.search(r"split-K (\d+)", label).group(1))  # as planned (a tile may leave it out)
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
+
+
+# (fmt, K, N, M, epilogue, tile (TM, TN, KS), stages, W slots, X by rows): the split K summed in
+# a cluster of 2 and of 4 workgroups (partial row tiles, the residual epilogue on the summed
+# rows), int4 at one consumer warpgroup; None as the tile: mid_gemm_kernel's plan (for a GPU of
+# 48 SMs, where N = 1152 gives 128 x 192 tiles, split in two, at M = 512)
+CLUSTER_CPU_CASES = [("e0m4", 1024, 128, 40, "residual", (128, 128, 2), 4, 2, True),
+                     ("e0m4", 1024, 128, 200, None, (128, 128, 4), 3, None, False),
+                     ("int4", 512, 64, 70, "residual", (64, 64, 4), 3, None, False),
+                     ("e0m4", 1024, 1152, 150, None, None, 4, None, False)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", CLUSTER_CPU_CASES)
+def test_cluster_summed_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path):
+    """The warp-specialised GEMM with its split K summed in a thread-block cluster
+    (``cluster_sum``) run on the CPU (tests/mma_on_cpu.py: a cluster's workgroups at once, each
+    with its own shared memory, ``barrier.cluster``, distributed shared-memory loads), against
+    numpy: built with ``__cluster_dims__(1, 1, KS)``, no second kernel."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    fmt, k, n, m, epilogue, tile, stages, w_buffers, x_rows = case
+    target = parse_target(WGMMA_TARGET)
+    func = _dequant_gemv(fmt, k, n, epilogue, lead=(1, m))
+    with target:
+        if tile is None:  # the default rule's plan for a mid GEMM at 512 tokens
+            sch = ws.mid_gemm_kernel(func, target, dataclasses.replace(CUDA, compute_units=48))
+        else:
+            sch = ws.ws_gemm_kernel(func, target, CUDA, tile, stages, w_buffers=w_buffers,
+                                    x_rows=x_rows, cluster_sum=True)
+    label = str(sch.mod["main"].attrs["tvm_lite.gemm"])
+    TM, TN, KS = (int(v) for v in re.search(r"(\d+)x(\d+) split-K (\d+)", label).groups())
+    assert label.endswith(" cluster") and KS > 1, label
+    kernel = sch.mod["main"].with_attr("global_symbol", "main")
+    src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
+    assert f"__cluster_dims__(1, 1, {KS})" in src and "tvm_lite_ld_dsmem_f32x4(" in src
+    assert src.count("__global__") == 2  # one kernel (declared, defined): no sum kernel
+    _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, 32)
 
 
 # -- prefill GEMMs planned by prompt length (gpu_gemm_mma.PLAN_LENGTHS) --------------------------
