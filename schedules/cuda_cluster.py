@@ -11,7 +11,8 @@ each then sums one ``1 / KS`` share of the tile's rows across the cluster and st
 
 TVM 0.27 launches a kernel with the cluster size compiled into it (``__cluster_dims__``) by a
 plain launch. Its CUDA codegen has no way to say that from TIR, so a kernel *asks* for it by
-calling the no-op marker :func:`marker` (``tvm_lite_cluster_dims_X_Y_Z()``), and the CUDA source
+calling the marker :func:`marker` (``tvm_lite_cluster_dims_X_Y_Z()``, which only checks the
+cluster size it runs in), and the CUDA source
 post-processor this module registers (``tvm_callback_cuda_postproc``, chained to any other) puts
 ``__cluster_dims__(X, Y, Z)`` on the declaration and definition of every kernel that calls one.
 The grid must be a multiple of the cluster in each dimension.
@@ -29,12 +30,22 @@ _KERNEL = re.compile(r'extern "C" __global__ void ((?:__launch_bounds__\(\d+\) )
 
 
 def marker(dims: tuple[int, int, int]) -> str:
-    """The name of the no-op helper a kernel calls to be built with cluster ``dims``."""
+    """The name of the helper a kernel calls to be built with cluster ``dims``."""
     return "tvm_lite_cluster_dims_%d_%d_%d" % tuple(dims)
 
 
 def marker_source(dims: tuple[int, int, int]) -> str:
-    return f"\n__forceinline__ __device__ void {marker(dims)}() {{}}\n"
+    """CUDA source of :func:`marker`: it also stops the kernel (``__trap``: a launch error, not a
+    wrong result) if it runs in clusters of another size -- built without ``__cluster_dims__``
+    because another CUDA source hook replaced this module's."""
+    size = dims[0] * dims[1] * dims[2]
+    return f"""
+__forceinline__ __device__ void {marker(dims)}() {{
+  unsigned n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+  if (n != {size}u) __trap();
+}}
+"""
 
 
 HELPERS = {

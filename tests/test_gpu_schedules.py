@@ -917,6 +917,33 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
 
 
+def test_cuda_source_hook_puts_cluster_dims_on_the_kernels_that_ask():
+    """``cuda_cluster.add_cluster_dims``: ``__cluster_dims__`` on the declaration and the
+    definition of each kernel that calls a marker, nothing on the others; two sizes in one
+    kernel is an error; the hook is registered once the GEMM schedules are imported."""
+    import tvm_ffi
+
+    from tvm_lite.schedules import cuda_cluster as cc
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws  # noqa: F401  (registers the hook)
+
+    mark = cc.marker((1, 1, 2))
+    src = (cc.marker_source((1, 1, 2))
+           + 'extern "C" __global__ void __launch_bounds__(384) a_kernel(float* x);\n'
+           + 'extern "C" __global__ void b_kernel(float* x);\n'
+           + 'extern "C" __global__ void __launch_bounds__(384) a_kernel(float* x) {\n'
+           + f"  {mark}();\n}}\n"
+           + 'extern "C" __global__ void b_kernel(float* x) {\n  x[0] = 1;\n}\n')
+    out = cc.add_cluster_dims(src)
+    assert out.count("void __cluster_dims__(1, 1, 2) __launch_bounds__(384) a_kernel(") == 2
+    assert "__cluster_dims__(1, 1, 2) b_kernel" not in out and out.count("void b_kernel(") == 2
+    assert cc.add_cluster_dims(src.replace(mark, "tvm_lite_other")) == src.replace(
+        mark, "tvm_lite_other")
+    two = src.replace(f"  {mark}();", f"  {mark}();\n  {cc.marker((1, 1, 4))}();")
+    with pytest.raises(ValueError, match="a_kernel asks for clusters of"):
+        cc.add_cluster_dims(two)
+    assert tvm_ffi.get_global_func(cc.POSTPROC, allow_missing=True) is not None
+
+
 # (fmt, K, N, M, epilogue, tile (TM, TN, KS), stages, W slots, X by rows): the split K summed in
 # a cluster of 2 and of 4 workgroups (partial row tiles, the residual epilogue on the summed
 # rows), int4 at one consumer warpgroup; None as the tile: mid_gemm_kernel's plan (for a GPU of
