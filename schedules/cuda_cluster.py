@@ -77,6 +77,12 @@ __forceinline__ __device__ void tvm_lite_st_f32x2(void* p, float a, float b) {
 }
 
 
+def helpers_for(dims: tuple[int, int, int]) -> dict:
+    """The helpers (name -> CUDA source) a kernel run in clusters of ``dims`` calls: the
+    barrier, the distributed shared-memory load, the fp32 pair store and its marker."""
+    return {**HELPERS, marker(dims): marker_source(dims)}
+
+
 def add_cluster_dims(code: str) -> str:
     """``code`` (a CUDA module's source) with ``__cluster_dims__(X, Y, Z)`` on every kernel whose
     body calls a :func:`marker`: its declaration and its definition."""
@@ -97,7 +103,8 @@ def add_cluster_dims(code: str) -> str:
         d = dims.get(m.group(2))
         if d is None:
             return m.group(0)
-        return f'extern "C" __global__ void __cluster_dims__({d[0]}, {d[1]}, {d[2]}) {m.group(1)}{m.group(2)}('
+        return (f'extern "C" __global__ void __cluster_dims__({d[0]}, {d[1]}, {d[2]}) '
+                f"{m.group(1)}{m.group(2)}(")
 
     return _KERNEL.sub(put, code)
 

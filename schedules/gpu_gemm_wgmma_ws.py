@@ -98,17 +98,17 @@ STAGE_PAD = 16
 # cluster size.
 CLUSTER_PAD = 16
 CLUSTER_MAX = 8
-# A mid GEMM (neither deep nor wide, N >= K: the merged q+k+v, o) takes this kernel, its K split in two
-# and summed in clusters of two, at a planned prompt length where a MID_TM x TN tile (TN from
-# MID_TNS, widest first) gives a grid that the split makes fill the SMs in one wave (from
+# A mid GEMM (neither deep nor wide, N >= K: the merged q+k+v, o) takes this kernel, its K split
+# in two and summed in clusters of two, at a planned prompt length where a MID_TM x TN tile (TN
+# from MID_TNS, widest first) gives a grid that the split makes fill the SMs in one wave (from
 # MIN_WAVE of them to all); at other lengths the mma.sync kernel's plan (:func:`mid_gemm_kernel`).
 # Measured on an H100 (session 25, ``bench.prefill --parts gemm --wgmma 128x192xws4c,...``,
-# ``results/issue16_gemm_cluster_sum_h100_s25.json``), Llama-1B at M = 512: the merged q+k+v
-# (K 2048, N 3072) 44.7 -> 25.8 us (0.32x -> 0.56x torch; the same kernel with a sum kernel:
-# 39.5), o (N 2048, 128x128 ws4w2rc) 30.4 -> 24.3. Clusters of four and eight lost to the sum
-# kernel: q+k+v at M = 256 (K split 4 ways) 28.6 -> 31.8 us, o 21.4 -> 28.0, down at 512 68.9
-# -> 109.8 (a workgroup of ~200 KB of shared memory fills its SM, and a GPC's SMs hold fewer
-# clusters of four or eight than the grid asks for at once: a second wave).
+# ``results/issue16_gemm_cluster_sum_h100_s25.json``), Llama-1B at M = 512: the merged q+k+v (K
+# 2048, N 3072) 44.7 -> 25.8 us (0.32x -> 0.56x torch; the same kernel with a sum kernel: 39.5), o
+# (N 2048, 128x128 ws4w2rc) 30.4 -> 24.3. Clusters of four and eight lost to the sum kernel: q+k+v
+# at M = 256 (K split 4 ways) 28.6 -> 31.8 us, o 21.4 -> 28.0, down at 512 68.9 -> 109.8 (a
+# workgroup of ~200 KB of shared memory fills its SM, and a GPC's SMs hold fewer clusters of four
+# or eight than the grid asks for at once: a second wave).
 MID_CLUSTER_SUM = True
 MID_TM = 128
 MID_TNS = (256, 192, 128)
@@ -347,8 +347,8 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     row = f"by * {TM} + {wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + c // 2 * 8"
     col = f"bx * {TN} + jn * 8 + {lane} % 4 * 2 + c % 2"
     cluster_sum = cluster_sum and KS > 1
-    workspace, store, sum_kernel = mma_gemm.output_store(out, obuf, M, N, 1 if cluster_sum else KS,
-                                                         row, col, "acc[jn * 4 + c]")
+    workspace, store, sum_kernel = mma_gemm.output_store(
+        out, obuf, M, N, 1 if cluster_sum else KS, row, col, "acc[jn * 4 + c]")
     pair, staged_stores = store_modes(g, KS, pair_stores, staged_stores)
     PITCH = TN * 2 + STAGE_PAD  # bytes of a staged row
     stage_bar = 2 + 2 * S + (WN if WN < S else 0)  # the consumers' barrier before staging
@@ -460,10 +460,11 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     head = mma_gemm.kernel_head("gemm_wgmma_ws", params, decls, mma_gemm.packed_views(names, g),
                                 workspace, (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
     mark = [ev(cuda_cluster.marker((1, 1, KS)))] if cluster_sum else []
+    sums = ['tot = T.alloc_buffer((4,), "float32", scope="local")'] if cluster_sum else []
     return f'''{head}
                 sm = T.alloc_buffer(({shared // h},), "float16", scope="shared.dyn")
                 acc = T.alloc_buffer(({TN // 2},), "float32", scope="local")
-                tot = T.alloc_buffer((4,), "float32", scope="local")
+{indent(chr(10).join(sums), 16)}
                 wv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
                 sv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
                 zv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
@@ -522,9 +523,7 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         in_cluster = cluster_sum and k_split > 1
         if in_cluster:
             shared = max(shared, TM * (TN * 4 + CLUSTER_PAD))
-            helpers.update(cuda_cluster.HELPERS)
-            helpers[cuda_cluster.marker((1, 1, k_split))] = cuda_cluster.marker_source(
-                (1, 1, k_split))
+            helpers.update(cuda_cluster.helpers_for((1, 1, k_split)))
         variants.append((cond, kernel_source(func, g, (TM, TN, k_split), stages, ablate, wn,
                                              pairs, x_rows, staged, in_cluster),
                          "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s%s"
@@ -589,9 +588,7 @@ def mid_gemm_kernel(func, target, profile, lengths=None):
                              "mma_m16n8k16 %dx%d split-K %d" % (t[0], t[1], t[4])))
             continue
         TM, TN = tile
-        dims = (1, 1, MID_SPLIT)
-        helpers.update({**cuda_cluster.HELPERS,
-                        cuda_cluster.marker(dims): cuda_cluster.marker_source(dims)})
+        helpers.update(cuda_cluster.helpers_for((1, 1, MID_SPLIT)))
         shared = max(shared, shared_bytes(g, TM, TN, MID_STAGES), TM * (TN * 4 + CLUSTER_PAD))
         variants.append((cond, kernel_source(func, g, (TM, TN, MID_SPLIT), MID_STAGES,
                                              cluster_sum=True),
@@ -621,5 +618,5 @@ def deep_gemm_kernel(func, target, profile, lengths=None):
     raise MatchError("neither deep nor wide: mma.sync is faster")
 
 
-__all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "mid_gemm_kernel", "deep_or_wide", "kernel_source", "HELPERS",
-           "STAGES", "DEEP_K_RATIO", "ABLATIONS"]
+__all__ = ["ws_gemm_kernel", "deep_gemm_kernel", "mid_gemm_kernel", "deep_or_wide",
+           "kernel_source", "HELPERS", "STAGES", "DEEP_K_RATIO", "ABLATIONS"]
