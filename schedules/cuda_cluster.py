@@ -12,10 +12,10 @@ each then sums one ``1 / KS`` share of the tile's rows across the cluster and st
 TVM 0.27 launches a kernel with the cluster size compiled into it (``__cluster_dims__``) by a
 plain launch. Its CUDA codegen has no way to say that from TIR, so a kernel *asks* for it by
 calling the marker :func:`marker` (``tvm_lite_cluster_dims_X_Y_Z()``, which only checks the
-cluster size it runs in), and the CUDA source
-post-processor this module registers (``tvm_callback_cuda_postproc``, chained to any other) puts
-``__cluster_dims__(X, Y, Z)`` on the declaration and definition of every kernel that calls one.
-The grid must be a multiple of the cluster in each dimension.
+cluster size it runs in), and the CUDA source post-processor this module registers
+(``tvm_callback_cuda_postproc``, chained to any other) puts ``__cluster_dims__(X, Y, Z)`` on the
+declaration and definition of every kernel that calls one. The grid must be a multiple of the
+cluster in each dimension.
 """
 
 from __future__ import annotations
