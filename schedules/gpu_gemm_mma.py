@@ -544,6 +544,11 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
 {sum_kernel}'''
 
 
+def plan_label(tile) -> str:
+    """The ``tvm_lite.gemm`` label of this kernel at ``tile`` (:func:`choose_tile`'s)."""
+    return "mma_m16n8k16 %dx%d split-K %d" % (tile[0], tile[1], tile[4])
+
+
 def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
                     x_async: bool | None = None, lengths=None):
     """The tensor-core kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
@@ -562,8 +567,7 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
                                          k=g["k"] if split_k else None))
              for length, cond in (lengths_for(g["m"], lengths) if tile is None
                                   else [(PLAN_M, None)])]
-    src, label = by_length([(cond, kernel_source(func, g, t, x_async),
-                             "mma_m16n8k16 %dx%d split-K %d" % (t[0], t[1], t[4]))
+    src, label = by_length([(cond, kernel_source(func, g, t, x_async), plan_label(t))
                             for cond, t in plans])
     kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
     kernel = attach_epilogue(kernel, func, sch, g["out_dtype"], g["final"], g["matmul_buf"])

@@ -179,6 +179,28 @@ def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None =
     return stages * (XS + RS) + (w_buffers or stages) * WS
 
 
+def cluster_bytes(TM: int, TN: int) -> int:
+    """Bytes of shared memory a tile's fp32 partials take (``cluster_sum``)."""
+    return TM * (TN * 4 + CLUSTER_PAD)
+
+
+def check_group(g: dict) -> None:
+    """:class:`MatchError` unless the quantization group divides, or is a multiple of, a
+    slice."""
+    if wg.TK % g["group"] and g["group"] % wg.TK:
+        raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
+                         f"of the {wg.TK}-deep slice")
+
+
+def plan_label(TM: int, TN: int, k_split: int, stages: int, wn=None, pairs=False, x_rows=False,
+               staged=False, cluster=False) -> str:
+    """The ``tvm_lite.gemm`` label of this kernel at a tile, split and staging."""
+    return ("wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s%s"
+            % (TN, TM, TN, k_split, stages, f" w{wn}" if wn else "", " pairs" if pairs else "",
+               " x rows" if x_rows else "", " staged" if staged else "",
+               " cluster" if cluster else ""))
+
+
 def cp_async(dst: str, src: str) -> str:
     """TVMScript of one 16-byte ``cp.async`` to byte offset ``dst`` of the kernel's ``sm``."""
     return f"T.evaluate({call('tvm_lite_cp_async16', f'T.address_of(sm[({dst}) // 2])', f'T.address_of({src})')})"
@@ -362,7 +384,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
         if KS > CLUSTER_MAX or TM % KS:
             raise MatchError(f"cluster_sum: K split {KS} ways over {TM} rows (at most "
                              f"{CLUSTER_MAX} workgroups a cluster, each an equal share of rows)")
-        FP = TN * 4 + CLUSTER_PAD  # bytes of a row of fp32 partials
+        FP = cluster_bytes(1, TN)  # bytes of a row of fp32 partials
         shared = max(ring, TM * FP)
         lrow = f"({wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + hr * 8)"  # row in the tile
         st_at = f"T.address_of(sm[({lrow} * {FP} + (jn * 8 + {lane} % 4 * 2) * 4) // {h}])"
@@ -376,17 +398,15 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
         e = f"(it * {threads} + tx)"
         trow = f"(bz * {RR} + {e} // {V4})"  # the row of the tile
         at = f"T.address_of(sm[({trow} * {FP} + {e} % {V4} * 16) // {h}])"
-        part = lambda r: call("tvm_lite_ld_dsmem_f32x4", at, f"T.int32({r})",  # noqa: E731
-                              ret="float32x4")
+        part = lambda r: call("tvm_lite_ld_dsmem_f32x4", at, r, ret="float32x4")  # noqa: E731
         gcol = f"bx * {TN} + {e} % {V4} * 4 + i"
         after = [
             ev("tvm_lite_cluster_sync"),  # every workgroup's partials in its shared memory
             f"for it in T.serial({-(-RR * V4 // threads)}):",
             f"    if {e} < {RR * V4}:",
-            f"        tot[T.Ramp(0, 1, 4)] = {part(0)}",
+            f"        tot[T.Ramp(0, 1, 4)] = {part('T.int32(0)')}",
             f"        for r in T.serial(1, {KS}):",
-            f"            tot[T.Ramp(0, 1, 4)] = tot[T.Ramp(0, 1, 4)] + "
-            + call("tvm_lite_ld_dsmem_f32x4", at, "r", ret="float32x4"),
+            f"            tot[T.Ramp(0, 1, 4)] = tot[T.Ramp(0, 1, 4)] + {part('r')}",
             f"        if by * {TM} + {trow} < {M}:",
             "            for i in T.unroll(4):",
             f"                {out}[{mma_gemm._row_at(obuf, f'by * {TM} + {trow}', gcol)}] = "
@@ -509,9 +529,7 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     if unknown:
         raise ValueError(f"ablate: unknown {', '.join(unknown)} (known: {', '.join(ABLATIONS)})")
     sch, func, g, TM, TN, ks = wg.plan_kernel(func, target, profile, tile)
-    if wg.TK % g["group"] and g["group"] % wg.TK:
-        raise MatchError(f"quantization group {g['group']} neither divides nor is a multiple "
-                         f"of the {wg.TK}-deep slice")
+    check_group(g)
     wn = w_buffers if w_buffers and w_buffers < stages else None
     splits = ([(None, ks)] if tile is not None and len(tile) > 2 else
               [(cond, wg.choose_split(length, g["n"], g["k"], (TM, TN), profile.compute_units))
@@ -522,14 +540,12 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         pairs, staged = store_modes(g, k_split, pair_stores, staged_stores)
         in_cluster = cluster_sum and k_split > 1
         if in_cluster:
-            shared = max(shared, TM * (TN * 4 + CLUSTER_PAD))
+            shared = max(shared, cluster_bytes(TM, TN))
             helpers.update(cuda_cluster.helpers_for((1, 1, k_split)))
         variants.append((cond, kernel_source(func, g, (TM, TN, k_split), stages, ablate, wn,
                                              pairs, x_rows, staged, in_cluster),
-                         "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s%s"
-                         % (TN, TM, TN, k_split, stages, f" w{wn}" if wn else "",
-                            " pairs" if pairs else "", " x rows" if x_rows else "",
-                            " staged" if staged else "", " cluster" if in_cluster else "")))
+                         plan_label(TM, TN, k_split, stages, wn, pairs, x_rows, staged,
+                                    in_cluster)))
     src, label = mma_gemm.by_length(variants)
     return wg.finish_kernel(src, helpers, sch, func, g, shared, label)
 
@@ -576,24 +592,22 @@ def mid_gemm_kernel(func, target, profile, lengths=None):
     g = mma_gemm.match_gemm(sch, profile)
     if g["n"] < g["k"]:  # k or v alone (unmerged): not measured with it
         raise MatchError(f"N={g['n']} < K={g['k']}: the cluster-summed plan takes N >= K")
-    if g["fmt"] not in ("e0m4", "int4") or (wg.TK % g["group"] and g["group"] % wg.TK):
-        raise MatchError("the cluster-summed plan takes 4-bit weights in groups that divide "
-                         f"(or are multiples of) the {wg.TK}-deep slice")
+    if g["fmt"] not in ("e0m4", "int4"):
+        raise MatchError("the wgmma kernels take 4-bit weights")
+    check_group(g)
     variants, helpers, shared = [], {**mma_gemm.HELPERS, **HELPERS}, 0
     for length, cond in mma_gemm.lengths_for(g["m"], lengths):
         tile = mid_tile(g, length, profile.compute_units)
         if tile is None:
             t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"])
-            variants.append((cond, mma_gemm.kernel_source(func, g, t),
-                             "mma_m16n8k16 %dx%d split-K %d" % (t[0], t[1], t[4])))
+            variants.append((cond, mma_gemm.kernel_source(func, g, t), mma_gemm.plan_label(t)))
             continue
         TM, TN = tile
         helpers.update(cuda_cluster.helpers_for((1, 1, MID_SPLIT)))
-        shared = max(shared, shared_bytes(g, TM, TN, MID_STAGES), TM * (TN * 4 + CLUSTER_PAD))
+        shared = max(shared, shared_bytes(g, TM, TN, MID_STAGES), cluster_bytes(TM, TN))
         variants.append((cond, kernel_source(func, g, (TM, TN, MID_SPLIT), MID_STAGES,
                                              cluster_sum=True),
-                         "wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d cluster"
-                         % (TN, TM, TN, MID_SPLIT, MID_STAGES)))
+                         plan_label(TM, TN, MID_SPLIT, MID_STAGES, cluster=True)))
     if not shared:
         raise MatchError("no planned prompt length takes the cluster-summed kernel")
     src, label = mma_gemm.by_length(variants)
