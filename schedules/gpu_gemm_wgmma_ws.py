@@ -99,18 +99,23 @@ STAGE_PAD = 16
 CLUSTER_PAD = 16
 CLUSTER_MAX = 8
 # A mid GEMM (neither deep nor wide, N >= K: the merged q+k+v, o) takes this kernel, its K split
-# in two and summed in clusters of two, at a planned prompt length where a MID_TM x TN tile (TN
-# from MID_TNS, widest first) gives a grid that the split makes fill the SMs in one wave (from
-# MIN_WAVE of them to all); at other lengths the mma.sync kernel's plan (:func:`mid_gemm_kernel`).
+# in two and summed in clusters of two, at a planned prompt length where a TM x TN tile (TM from
+# MID_TMS, tallest first; TN from MID_TNS, widest first) gives a grid that the split makes fill
+# the SMs in one wave (from MIN_WAVE of them to all); at other lengths the mma.sync kernel's plan
+# (:func:`mid_gemm_kernel`).
 # Measured on an H100 (session 25, ``bench.prefill --parts gemm --wgmma 128x192xws4c,...``,
 # ``results/issue16_gemm_cluster_sum_h100_s25.json``), Llama-1B at M = 512: the merged q+k+v (K
 # 2048, N 3072) 44.7 -> 25.8 us (0.32x -> 0.56x torch; the same kernel with a sum kernel: 39.5), o
 # (N 2048, 128x128 ws4w2rc) 30.4 -> 24.3. Clusters of four and eight lost to the sum kernel: q+k+v
 # at M = 256 (K split 4 ways) 28.6 -> 31.8 us, o 21.4 -> 28.0, down at 512 68.9 -> 109.8 (a
 # workgroup of ~200 KB of shared memory fills its SM, and a GPC's SMs hold fewer clusters of four
-# or eight than the grid asks for at once: a second wave).
+# or eight than the grid asks for at once: a second wave). 64-row tiles (session 26, H100,
+# ``--gemm-lengths 256 --wgmma 64x192xws4c,64x128xws4c,64x256xws4c``,
+# ``results/issue16_gemm_cluster_sum_h100_s26.json``) at M = 256, pairs again: q+k+v 27.4 -> 19.5
+# us (64x192; torch 14.3), o 22.0 -> 16.6 (64x128; torch 14.1); 64x256 needs clusters of four
+# there and lost (25.6, 25.4), and so did down (45.0 -> 54.5 at 64x128, not a mid GEMM).
 MID_CLUSTER_SUM = True
-MID_TM = 128
+MID_TMS = (128, 64)
 MID_TNS = (256, 192, 128)
 MID_STAGES = 4
 MID_SPLIT = 2
@@ -565,13 +570,14 @@ def mid_tile(g: dict, length: int, compute_units: int) -> tuple | None:
     """``(TM, TN)`` of the cluster-summed plan (see :data:`MID_CLUSTER_SUM`) for GEMM ``g`` at
     a prompt of ``length`` tokens, or None where no tile's grid, split in two, fills the SMs in
     one wave."""
-    for tn in MID_TNS:
-        if g["n"] % tn:
-            continue
-        grid = -(-length // MID_TM) * (g["n"] // tn)
-        if (wg.choose_split(length, g["n"], g["k"], (MID_TM, tn), compute_units) == MID_SPLIT
-                and mma_gemm.MIN_WAVE * compute_units <= grid * MID_SPLIT <= compute_units):
-            return MID_TM, tn
+    for tm in MID_TMS:
+        for tn in MID_TNS:
+            if g["n"] % tn:
+                continue
+            grid = -(-length // tm) * (g["n"] // tn)
+            if (wg.choose_split(length, g["n"], g["k"], (tm, tn), compute_units) == MID_SPLIT
+                    and mma_gemm.MIN_WAVE * compute_units <= grid * MID_SPLIT <= compute_units):
+                return tm, tn
     return None
 
 

@@ -946,12 +946,14 @@ def test_cuda_source_hook_puts_cluster_dims_on_the_kernels_that_ask():
 
 # (fmt, K, N, M, epilogue, tile (TM, TN, KS), stages, W slots, X by rows): the split K summed in
 # a cluster of 2 and of 4 workgroups (partial row tiles, the residual epilogue on the summed
-# rows), int4 at one consumer warpgroup; None as the tile: mid_gemm_kernel's plan (for a GPU of
-# 48 SMs, where N = 1152 gives 128 x 192 tiles, split in two, at M = 512)
+# rows), int4 at one consumer warpgroup; ("mid", SMs) as the tile: mid_gemm_kernel's plan for a
+# GPU of that many SMs (N = 1152 at M = 512: 128 x 192 tiles split in two on 48 SMs, 64 x 192
+# tiles split in two on 100)
 CLUSTER_CPU_CASES = [("e0m4", 1024, 128, 40, "residual", (128, 128, 2), 4, 2, True),
                      ("e0m4", 1024, 128, 200, None, (128, 128, 4), 3, None, False),
                      ("int4", 512, 64, 70, "residual", (64, 64, 4), 3, None, False),
-                     ("e0m4", 1024, 1152, 150, None, None, 4, None, False)]
+                     ("e0m4", 1024, 1152, 150, None, ("mid", 48), 4, None, False),
+                     ("e0m4", 1024, 1152, 100, "residual", ("mid", 100), 4, None, False)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
@@ -967,14 +969,17 @@ def test_cluster_summed_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path)
     target = parse_target(WGMMA_TARGET)
     func = _dequant_gemv(fmt, k, n, epilogue, lead=(1, m))
     with target:
-        if tile is None:  # the default rule's plan for a mid GEMM at 512 tokens
-            sch = ws.mid_gemm_kernel(func, target, dataclasses.replace(CUDA, compute_units=48))
+        if tile[0] == "mid":  # the default rule's plan for a mid GEMM at 512 tokens
+            gpu = dataclasses.replace(CUDA, compute_units=tile[1])
+            sch = ws.mid_gemm_kernel(func, target, gpu)
         else:
             sch = ws.ws_gemm_kernel(func, target, CUDA, tile, stages, w_buffers=w_buffers,
                                     x_rows=x_rows, cluster_sum=True)
     label = str(sch.mod["main"].attrs["tvm_lite.gemm"])
     TM, TN, KS = (int(v) for v in re.search(r"(\d+)x(\d+) split-K (\d+)", label).groups())
     assert label.endswith(" cluster") and KS > 1, label
+    if tile[0] == "mid":
+        assert (TM, TN, KS) == ((128, 192, 2) if tile[1] == 48 else (64, 192, 2)), label
     kernel = sch.mod["main"].with_attr("global_symbol", "main")
     src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
     assert f"__cluster_dims__(1, 1, {KS})" in src and "tvm_lite_ld_dsmem_f32x4(" in src
@@ -1024,9 +1029,10 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
           "wgmma_m64n256k16 128x256 split-K 1"]),
         (lambda f, **kw: wr.wreg_gemm_kernel(f, a90, CUDA, None, 4, **kw), 2048, 8192, None,
          ["wgmma_m64n128k16 128x128 split-K 1", "wgmma_m64n256k16 256x128 split-K 1"]),
-        # a mid GEMM (q+k+v): the cluster-summed kernel at 512 only, mma.sync's plans elsewhere
+        # a mid GEMM (q+k+v): the cluster-summed kernel at 256 (64-row tiles) and 512, mma.sync's
+        # plan at 2048
         (lambda f, **kw: ws.mid_gemm_kernel(f, a90, CUDA, **kw), 2048, 3072, None,
-         ["mma_m16n8k16 64x64 split-K 1",
+         ["wgmma_m64n192k16 64x192 split-K 2 warp-specialised x4 cluster",
           "wgmma_m64n192k16 128x192 split-K 2 warp-specialised x4 cluster",
           "mma_m16n8k16 128x128 split-K 1"])]
     for build_kernel, k, n, epilogue, starts in cases:
