@@ -70,6 +70,15 @@ MERGE_UNROLL = 8
 # loads for registers where G is large -- ptxas gives (14, 2, 64) 212 registers at V = 8, so 2
 # workgroups an SM -- and is for a sweep to decide (issue 17: that shape is 0.88-0.90x SDPA).
 MAX_ACCUMULATORS = 128
+# ... and V halves further while G x V > FEWER_ACCUMULATORS, as long as the workgroup keeps at
+# least FEWER_MIN_KEY_LANES key lanes (``threads / (D / V)``). On an H100 (twenty-sixth session,
+# ``bench.attention --switch acc32:MAX_ACCUMULATORS=32``,
+# ``results/issue17_decode_variants_h100_s26.json``) 32 accumulators took (14, 2, 64) from 6.1 /
+# 6.5 / 8.3 us to 5.0 / 5.5 / 8.7 at 512 / 2048 / 8192 keys (V 8 -> 4: 16 -> 8 key lanes), but
+# (8, 1, 256) from 8.0 / 8.6 / 12.9 to 9.8 / 10.4 / 15.9 (4 -> 2 key lanes: tiles of 8 keys).
+# 128: off (as MAX_ACCUMULATORS), until timed with the key-lane floor.
+FEWER_ACCUMULATORS = 128
+FEWER_MIN_KEY_LANES = 8
 # The split kernel's first key tile loaded with q, not after it. Without it a thread loads q
 # (G x V scalar loads: 56 two-byte loads at (14, 2, 64)), scales it -- which waits for q to
 # arrive -- and only then enters the tile loop and issues its K and V loads: two memory round
@@ -102,13 +111,17 @@ def plan(p: dict, profile: GPUProfile, max_threads: int) -> dict:
     G = H // KV
     lanes = max(1, profile.vector_bytes // _BYTES.get(p["dtype"], 4))
     lanes = min(lanes, D)
+    wanted = min(DECODE_THREADS.get(profile.name, 128), max_threads)
     while D % lanes or (G * lanes > MAX_ACCUMULATORS and lanes > 1):
+        lanes //= 2
+    while (G * lanes > FEWER_ACCUMULATORS and lanes > 1
+           and wanted // (D // (lanes // 2)) >= FEWER_MIN_KEY_LANES):
         lanes //= 2
     dv = D // lanes
     if dv > max_threads:
         raise ValueError(f"decode attention: head_dim {D} needs {dv} threads of {lanes} lanes; "
                          f"the target allows {max_threads}")
-    threads = max(dv, min(DECODE_THREADS.get(profile.name, 128), max_threads))
+    threads = max(dv, wanted)
     threads -= threads % dv
     key_lanes = threads // dv
     # local memory: partial dots (tile keys x DV x G, padded rows) and scores (tile keys x G)

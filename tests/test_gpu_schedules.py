@@ -1105,6 +1105,48 @@ def test_cluster_summed_split_k_runs_correctly_on_a_hopper_gpu(k, n, tile, epilo
     _check_gemm_on_gpu(ex, "e0m4", k, n, epilogue, (37, 300, 512, 1000, 1300, 2048))
 
 
+_TRAP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import tvm_ffi
+import test_gpu_schedules as t
+from tvm_lite import parse_target
+from tvm_lite.schedules import cuda_cluster
+# another library's hook replaces tvm_lite's: the kernel is built without __cluster_dims__
+tvm_ffi.register_global_func(cuda_cluster.POSTPROC, lambda code, target: code, override=True)
+rule = t.GPUPrefillGEMM(t.CUDA, wgmma=True, wgmma_tile=(128, 192), wgmma_specialised=4,
+                        wgmma_w_buffers=2, wgmma_x_rows=True, wgmma_cluster_sum=True,
+                        plan_lengths=(512,))
+ex = t.build(t._mma_func("e0m4", 2048, 3072, None), parse_target(t.WGMMA_TARGET), [rule])
+assert "__cluster_dims__" not in t._source(ex, "cuda")
+try:
+    t._check_gemm_on_gpu(ex, "e0m4", 2048, 3072, None, (512,))
+except AssertionError as e:
+    print("OUTCOME: wrong result", e)
+except Exception as e:
+    print("OUTCOME: launch error", type(e).__name__, str(e)[:300])
+else:
+    print("OUTCOME: ran")
+"""
+
+
+@HOPPER
+def test_cluster_kernel_built_without_its_cluster_size_fails_to_launch(tmp_path):
+    """A cluster-summed GEMM whose ``__cluster_dims__`` went missing (another CUDA source hook
+    replaced tvm_lite's) stops with a launch error -- its marker traps -- rather than returning
+    a wrong result. In a child process: the trap leaves its CUDA context unusable."""
+    import os
+    import sys
+
+    script = tmp_path / "trap.py"
+    script.write_text(_TRAP_SCRIPT.format(tests=os.path.dirname(__file__)))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=600)
+    out = run.stdout + run.stderr
+    assert "OUTCOME: wrong result" not in out and "OUTCOME: ran" not in out, out[-2000:]
+    assert "OUTCOME: launch error" in out or run.returncode != 0, out[-2000:]
+
+
 # -- the GEMM with W dequantized in registers (schedules/gpu_gemm_wgmma_wreg.py) -----------------
 # (fmt, K, N, M, epilogue, tile (tokens, features[, KS]), stages, group, X by rows): the default
 # tile with M past one tile and short of the next; one consumer warpgroup; K split with the
