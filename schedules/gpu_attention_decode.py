@@ -76,8 +76,12 @@ MAX_ACCUMULATORS = 128
 # ``results/issue17_decode_variants_h100_s26.json``) 32 accumulators took (14, 2, 64) from 6.1 /
 # 6.5 / 8.3 us to 5.0 / 5.5 / 8.7 at 512 / 2048 / 8192 keys (V 8 -> 4: 16 -> 8 key lanes), but
 # (8, 1, 256) from 8.0 / 8.6 / 12.9 to 9.8 / 10.4 / 15.9 (4 -> 2 key lanes: tiles of 8 keys).
-# 128: off (as MAX_ACCUMULATORS), until timed with the key-lane floor.
-FEWER_ACCUMULATORS = 128
+# With the floor of 8 key lanes only (14, 2, 64) changes among the benchmarked shapes
+# (``--switch few32:FEWER_ACCUMULATORS=32``, ``results/issue17_decode_fewer_h100_s26.json``):
+# 6.0 / 6.5 / 8.3 -> 5.0 / 5.5 / 8.6 us (SDPA 6.2 / 5.8 / 8.4), the others within 0.1 us. On:
+# 17% faster at 512 and 2048 keys, 4% slower at 8192. Measured on CUDA only; the same rule
+# applies to every profile (fewer registers a thread).
+FEWER_ACCUMULATORS = 32
 FEWER_MIN_KEY_LANES = 8
 # The split kernel's first key tile loaded with q, not after it. Without it a thread loads q
 # (G x V scalar loads: 56 two-byte loads at (14, 2, 64)), scales it -- which waits for q to

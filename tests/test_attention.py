@@ -629,6 +629,24 @@ def test_split_decode_with_fewer_lanes_for_large_groups(monkeypatch, tmp_path):
         _check_decode_on_cpu(p, pl, q, k, v, mask, tmp_path)
 
 
+def test_split_decode_halves_vector_lanes_while_key_lanes_last():
+    """FEWER_ACCUMULATORS: fp16 on CUDA, a group of 7 query heads (14 / 2, head_dim 64) takes 4
+    lanes (28 accumulators, 8 key lanes) instead of 8; a group of 8 at head_dim 256 keeps 8 (4
+    would leave 2 key lanes, under FEWER_MIN_KEY_LANES); a group of 3 is under the limit."""
+    from tvm_lite.schedules import gpu_attention_decode as dec
+    from tvm_lite.schedules.profiles import fit_to_target, gpu_profile
+
+    prof = fit_to_target(gpu_profile("cuda"), tvm_lite.parse_target("cuda -arch=sm_90"))
+    got = {}
+    for heads, kv, d in [(14, 2, 64), (8, 1, 256), (9, 3, 64)]:
+        p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, False, True,
+                             merged_heads=True, kv_squeezed=kv == 1)
+        pl = dec.plan(p, prof, prof.max_threads)
+        got[(heads, kv, d)] = (pl["V"], pl["L"])
+    assert dec.FEWER_ACCUMULATORS == 32 and dec.FEWER_MIN_KEY_LANES == 8
+    assert got == {(14, 2, 64): (4, 8), (8, 1, 256): (8, 4), (9, 3, 64): (8, 16)}, got
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("order, check", [
     ("first_tile", "emulated"), ("first_tile", "ring"), ("first_tile", "opencl"),
@@ -1167,15 +1185,15 @@ def test_bench_attention_times_other_versions_of_the_decode_kernel(tmp_path, cap
     from tvm_lite.schedules import gpu_attention_decode
 
     src = Path(gpu_attention_decode.__file__).read_text()
-    assert "\nMAX_ACCUMULATORS = 128\n" in src
-    copy = tmp_path / "acc32.py"
-    copy.write_text(src.replace("\nMAX_ACCUMULATORS = 128\n", "\nMAX_ACCUMULATORS = 32\n"))
+    assert "\nFEWER_ACCUMULATORS = 32\n" in src
+    copy = tmp_path / "acc128.py"  # the tree's FEWER_ACCUMULATORS off
+    copy.write_text(src.replace("\nFEWER_ACCUMULATORS = 32\n", "\nFEWER_ACCUMULATORS = 128\n"))
     target = tvm_lite.parse_target("cuda -arch=sm_90")
     gqa7 = bench._kernels(14, 2, 64, target, [str(copy)])
-    assert list(gqa7) == ["split-K", "per-head", "acc32"]
-    assert gqa7["acc32"].script() != gqa7["split-K"].script()  # 7 heads x 8 lanes > 32
+    assert list(gqa7) == ["split-K", "per-head", "acc128"]
+    assert gqa7["acc128"].script() != gqa7["split-K"].script()  # 7 heads: 8 lanes, not 4
     gqa4 = bench._kernels(32, 8, 64, target, [str(copy)])
-    assert gqa4["acc32"].script() == gqa4["split-K"].script()  # 4 x 8 = 32: unchanged
+    assert gqa4["acc128"].script() == gqa4["split-K"].script()  # 4 x 8 = 32: unchanged
     timing = {"gpu_us": 5.0, "wall_us": 9.0, "gb_s": 100.0, "max_abs_err": 1e-4}
     row = {"heads": 14, "kv_heads": 2, "head_dim": 64, "context": 2048, "kv_bytes": 1048576,
            "split-K": timing, "per-head": timing, "SDPA": dict(timing, gpu_us=5.5),
