@@ -1144,7 +1144,12 @@ def test_cluster_kernel_built_without_its_cluster_size_fails_to_launch(tmp_path)
                          timeout=600)
     out = run.stdout + run.stderr
     assert "OUTCOME: wrong result" not in out and "OUTCOME: ran" not in out, out[-2000:]
-    assert "OUTCOME: launch error" in out or run.returncode != 0, out[-2000:]
+    # On an H100 (twenty-seventh session) the trap surfaces at the next synchronisation, as
+    # TVM's error escaping to std::terminate: the child aborts (-6) printing CUDA's "unspecified
+    # launch failure" (cudaErrorLaunchFailure, 719). Either form names the launch failure; a
+    # crash for another reason does not pass.
+    assert ("OUTCOME: launch error" in out or "cudaErrorLaunchFailure" in out
+            or "unspecified launch failure" in out), (run.returncode, out[-2000:])
 
 
 # -- the GEMM with W dequantized in registers (schedules/gpu_gemm_wgmma_wreg.py) -----------------
