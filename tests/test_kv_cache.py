@@ -266,6 +266,47 @@ def test_a_step_that_cannot_be_recorded_as_a_cuda_graph_runs_as_a_call():
     assert calls == [1, 2, 3, 4] and not graphs.graphs and "error 999" in graphs.failed
 
 
+def test_prompt_chunks_replayed_as_cuda_graphs_give_the_tokens_launched_ones_do(
+        tiny_decoder_fp16, tmp_path):
+    """On the GPU, a prompt's chunks before its last replayed as CUDA graphs
+    (``Engine.chunk_graphs``, tvm_lite/cuda_graphs.py) give the tokens of the same chunks
+    launched kernel by kernel. Four different prompts of 70 tokens in chunks of 16, each in a
+    fresh session (which takes the caches and graphs of the one before): the first runs each
+    chunk as a call, the second records them, the third and fourth replay them -- with their own
+    ids, which a replay reading the recording's ids would not give back."""
+    from conftest import cuda_device
+
+    if cuda_device() is None:
+        pytest.skip("needs a CUDA device")
+    from tvm_lite import convention as cv
+    from tvm_lite.artifact import compile_model
+    from tvm_lite.target import local_cuda_target
+
+    art = compile_model(tiny_decoder_fp16, local_cuda_target(), out_dir=tmp_path / "cuda",
+                        progress=lambda *_: None)
+    eng = Engine(art, device="cuda", max_context=256, buckets=(16,), prefill_chunk=16)
+    assert eng.cuda_graphs and eng.chunk_graphs
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, 500, 70).tolist() for _ in range(4)]
+
+    def generate(chunk_graphs):
+        eng.chunk_graphs, out = chunk_graphs, []
+        for ids in prompts:
+            session = eng.new_session()
+            first = eng.prefill_greedy(session, ids)
+            loop = eng.decode_padded_steps(session, first)
+            out.append([first] + [next(loop).token for _ in range(8)])
+            loop.close()
+        return out, session.graphs
+
+    launched, _ = generate(False)
+    graphed, graphs = generate(True)
+    assert graphed == launched and len({tuple(t) for t in graphed}) == 4
+    entry = eng.runner.step_entry(cv.PREFILL_CHAIN)
+    recorded = {k for k in graphs.graphs if isinstance(k, tuple)}
+    assert recorded == {(entry, row, 16, 16) for row in (0, 16, 32, 48)} and not graphs.failed
+
+
 def test_padded_decode_steps_give_the_same_tokens(artifact):
     """decode_padded (what CUDA graphs replay: the token and position read and advanced on the
     device, the K/V row written at the position read there, the context padded to a multiple of
@@ -279,7 +320,8 @@ def test_padded_decode_steps_give_the_same_tokens(artifact):
     padded = Engine(artifact("dynamo"), max_context=150, buckets=(16,), prefill_chunk=16,
                     run_ahead=3)
     assert padded.convention["padded"] and padded.runner.padded_steps
-    assert not padded.cuda_graphs  # the CPU: no graphs, the same entry called step by step
+    # the CPU: no graphs, the same entries called step by step (decode and prompt chunks)
+    assert not padded.cuda_graphs and not padded.chunk_graphs
     ids = one.encode_prompt(PROMPTS[0])[:21]
     want = [s.token for s in one.tokens(one.new_session(), ids)]  # 150 - 21 + 1 tokens
     assert len(set(want)) > 10  # (a real text, not one token repeated)

@@ -1,4 +1,4 @@
-"""Decode steps replayed as CUDA graphs: one launch per step instead of one per kernel.
+"""Decode steps and prompt chunks replayed as CUDA graphs: one launch each, not one a kernel.
 
 A decode step of a small model is host-bound on a fast GPU: the VM issues ~200 kernels a step,
 each costing the host several microseconds (argument checks, views, the launch), more than the
@@ -19,6 +19,18 @@ the same call on the same buffers; only the bucket (``past_len``) changes every
    stream, relaxed mode), instantiated, and launched;
 3. the others are ``cuGraphLaunch`` alone.
 
+Prompt chunks (:data:`PROMPT_CHUNKS`). A prompt longer than a chunk runs its chunks before the
+last through ``prefill_chain``: ~200 kernels each, and on a fast GPU every kernel boundary of a
+queued stream costs ~2 us (Llama-1B's 2048 tokens in 8 chunks of 256 on an H100: 2.8 ms of a
+24.2 ms prompt with no kernel running). Such a chunk is the same call whenever it starts at the
+same row with the same length: ``Engine.prefill_greedy`` keys it by (entry, first row, tokens,
+padded length), runs it through the same :class:`StepGraphs` (a call, the recording, then
+replays), and copies each prompt's ids into a device buffer kept per key, the address the graph
+recorded. Every fresh prompt's chunks start at rows 0, c, 2c..., so from the third prompt on its
+chunks are graph launches. The copy is synchronous and on the engine's stream (or the legacy
+default stream, which waits for a blocking stream): it lands after the chunks queued before it
+have read the buffer. The last chunk (its token read back) stays an ordinary call.
+
 A graph holds the device pointers of the buffers it was recorded with: the session's caches,
 the engine's workspace, weights and token buffers. It belongs to one session's caches
 (``Session.graphs``) and is destroyed with them. The output tensor the recording allocated is
@@ -34,6 +46,8 @@ import ctypes
 import warnings
 
 CAPTURE_MODE_RELAXED = 2  # CU_STREAM_CAPTURE_MODE_RELAXED
+# Record a prompt's chunks before its last as graphs too (``Engine.chunk_graphs``; module doc).
+PROMPT_CHUNKS = True
 
 
 def bucket_end(row: int, bucket: int) -> int:
@@ -79,7 +93,8 @@ def make_stream(device, driver: Driver, priority: int | None = None) -> ctypes.c
 
 
 class StepGraphs:
-    """One CUDA graph per key (a bucket) of a call that is the same at every step of a key."""
+    """One CUDA graph per key (a decode bucket, a prompt chunk) of a call that is the same at
+    every step of a key."""
 
     def __init__(self, driver: Driver, stream: ctypes.c_void_p):
         self.driver, self.stream = driver, stream
@@ -103,7 +118,7 @@ class StepGraphs:
             self._record(key, call)
         except Exception as err:  # pylint: disable=broad-except  (see the docstring)
             self.failed = str(err)
-            warnings.warn(f"decode steps run without CUDA graphs: recording one failed ({err})",
+            warnings.warn(f"steps run without CUDA graphs: recording one failed ({err})",
                           RuntimeWarning, stacklevel=2)
             call()
 

@@ -40,7 +40,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from . import convention as cv
-from .cuda_graphs import Driver, StepGraphs, bucket_end, make_stream
+from .cuda_graphs import PROMPT_CHUNKS, Driver, StepGraphs, bucket_end, make_stream
 from .artifact import LIBRARY, MANIFEST, PARAMS, check_artifact
 from .gpu_slice import GpuSlicer, Submissions, no_instrument, set_priority
 from .runners import LocalLink, make_runner, read_convention
@@ -105,7 +105,7 @@ class Session:
     last_step_kv_bytes_copied: int = 0
     last_call: tuple = ()  # (function, padded token count) of the last in-place call
     past_tuple: object = None  # locally, ``past`` as one ffi.Array for the *_step entries
-    graphs: object = None  # the CUDA graphs of decode_padded on these caches (cuda_graphs.StepGraphs)
+    graphs: object = None  # CUDA graphs of decode_padded and prompt chunks on these caches (StepGraphs)
     padded_ready: bool = False  # the caches' unwritten rows zeroed for decode_padded
 
 
@@ -174,7 +174,9 @@ class Engine:
         whose dropped steps would overwrite rows the window still holds.
         ``cuda_graphs``: greedy decode steps through ``decode_padded``, each bucket's step
         recorded once as a CUDA graph and replayed (``tvm_lite/cuda_graphs.py``): one launch a
-        step. Default: on for a CUDA device when the model has ``decode_padded``."""
+        step; and (``cuda_graphs.PROMPT_CHUNKS``) a prompt's chunks before its last, each
+        recorded per (first row, length) and replayed by later prompts. Default: on for a CUDA
+        device when the model has ``decode_padded``."""
         self.path = Path(artifact)
         if module is None and not (self.path / MANIFEST).exists():
             # an ONNX file / export folder / .gguf / HF folder: compiled (cached) for the device
@@ -227,6 +229,10 @@ class Engine:
         self.stop_token_ids = tuple(self.model.get("stop_token_ids", ()))
         self.run_ahead = self._check_run_ahead(run_ahead)
         self.cuda_graphs = self._check_cuda_graphs(cuda_graphs)
+        # a prompt's chunks before its last (prefill_chain) as CUDA graphs too (see prefill_greedy)
+        self.chunk_graphs = bool(self.cuda_graphs and self.runner.prefill_chain
+                                 and PROMPT_CHUNKS)
+        self._chunk_ids: dict = {}  # (first row, padded length) -> the ids buffer its graph reads
         self._driver = self._stream = None
         if self.cuda_graphs:
             self._driver = Driver()
@@ -567,7 +573,13 @@ class Engine:
         (over RPC its tuple form, ``prefill_chain``) where the model has it: they write their
         K/V rows and compute no logits (``prefill_fill``), nothing is read back, and every
         chunk's ids are uploaded before the first runs (an upload waits for the device), so the
-        host queues each chunk while the GPU runs the one before instead of waiting for it."""
+        host queues each chunk while the GPU runs the one before instead of waiting for it.
+
+        With ``chunk_graphs`` (CUDA, not sliced) those chunks run through the session's
+        :class:`~tvm_lite.cuda_graphs.StepGraphs`, keyed by (first row, tokens, padded length):
+        each reads its ids from a buffer kept for that key, so a later prompt whose chunk starts
+        at the same row -- every fresh prompt's chunks do -- replays the graph the earlier one
+        recorded instead of launching ~200 kernels one by one."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("prefill_greedy needs at least one token")
@@ -576,27 +588,42 @@ class Engine:
         chunks, length = [], session.length
         for start in range(0, len(ids), step):
             chunk = ids[start:start + step]
-            chunks.append((chunk, self.padded_length(len(chunk), length)))
+            chunks.append((chunk, self.padded_length(len(chunk), length), length))
             length += len(chunk)
-
-        def upload(chunk, padded):  # the chunk's ids, padded, on the device
-            return tvm.runtime.tensor(np.array([chunk + [0] * (padded - len(chunk))], "int64"),
-                                      self.dev)
-
         chained = self.runner.prefill_chain and len(chunks) > 1
-        uploads = [upload(c, p) if chained and p > 1 else None for c, p in chunks]
+        graphed = (chained and self.chunk_graphs and session.graphs is not None
+                   and self.gpu_slice is None and self.slice_record is None)
+
+        def upload(chunk, padded, row, last):  # the chunk's ids, padded, on the device
+            host = np.array([chunk + [0] * (padded - len(chunk))], "int64")
+            if not graphed or last:
+                return tvm.runtime.tensor(host, self.dev)
+            buffer = self._chunk_ids.get((row, padded))  # the address its graph records
+            if buffer is None:
+                buffer = self._chunk_ids[(row, padded)] = tvm.runtime.empty(host.shape, "int64",
+                                                                            self.dev)
+            buffer.copyfrom(host)  # (ordered after the work queued before: see module doc)
+            return buffer
+
+        uploads = [upload(c, p, row, i == len(chunks) - 1) if chained and p > 1 else None
+                   for i, (c, p, row) in enumerate(chunks)]
         nxt = None
-        for i, (chunk, padded) in enumerate(chunks):
+        for i, (chunk, padded, row) in enumerate(chunks):
             n = len(chunk)
             if padded == 1:
                 nxt = self.decode_greedy(session, chunk[0])
                 continue
-            tokens = uploads[i] if chained else upload(chunk, padded)
+            tokens = uploads[i] if chained else upload(chunk, padded, row, True)
             args = [tokens, self.link.make_shape([session.length, n]),
                     *self.runner.step_buffers(session)]
             # (sliced, as prefill is, if asked)
             if chained and i < len(chunks) - 1:  # K/V rows only: nothing to read back
-                self._call(self.runner.step_entry(cv.PREFILL_CHAIN), args, read=False)
+                entry = self.runner.step_entry(cv.PREFILL_CHAIN)
+                if graphed:
+                    call = self._function(entry)
+                    session.graphs.run((entry, row, n, padded), lambda: call(*args))
+                else:
+                    self._call(entry, args, read=False)
             else:
                 nxt = int(self._call(self.runner.step_entry(cv.PREFILL_STEP), args))
             session.last_call = (cv.PREFILL, padded)

@@ -291,8 +291,10 @@ class Profiler:
             for _ in range(n):
                 eng.prefill_greedy(eng.new_session(), ids, chunk_size=chunk or prompt_len)
 
-        run(1)  # warm-up
+        run(1)  # warm-up (with chunk graphs: each chunk's call; the counting run records them)
         phase = "prefill" if not chunk or chunk >= prompt_len else f"prefill in chunks of {chunk}"
+        if phase != "prefill" and eng.chunk_graphs:
+            phase += " (all but the last as CUDA graphs)"
         return self._measure(phase, 0, repeats, run)
 
     def decode(self, prompt_len: int, steps: int = 16, warmup: int = 4) -> StepProfile:
@@ -350,9 +352,10 @@ class Profiler:
 def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, steps: int = 16,
                      max_context: int | None = None, chunk: int | None = None) -> dict:
     """Prefill and decode profiles of an in-place artifact on ``device``; with ``chunk``, also
-    the same prompt prefilled in calls of ``chunk`` tokens (key ``"prefill_chunked"``) and,
-    where the artifact has ``prefill_chain``, again with every chunk's token read back
-    (``"prefill_chunked_read"``)."""
+    the same prompt prefilled in calls of ``chunk`` tokens (key ``"prefill_chunked"``; with
+    ``Engine.chunk_graphs``, its chunks before the last replayed as CUDA graphs, and again
+    launched kernel by kernel: ``"prefill_chunked_launched"``) and, where the artifact has
+    ``prefill_chain``, again with every chunk's token read back (``"prefill_chunked_read"``)."""
     from .engine import DEFAULT_RUN_AHEAD, Engine
     from .errors import UserError
 
@@ -372,6 +375,12 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
     out = {"prefill": prof.prefill(prompt_len)}
     if chunk and chunk < prompt_len:
         out["prefill_chunked"] = prof.prefill(prompt_len, chunk=chunk)
+        if eng.chunk_graphs:  # the same chunks launched kernel by kernel: what the graphs save
+            eng.chunk_graphs = False
+            try:
+                out["prefill_chunked_launched"] = prof.prefill(prompt_len, chunk=chunk)
+            finally:
+                eng.chunk_graphs = True
         if eng.runner.prefill_chain:  # the same without prefill_chain: what it saves
             out["prefill_chunked_read"] = prof.prefill(prompt_len, chunk=chunk,
                                                        read_each_chunk=True)
@@ -413,6 +422,11 @@ def chunk_summary(result: dict) -> str | None:
             f"{chunked.gpu_ms / one.gpu_ms:.2f}x, kernels {chunked.kernels_per_step:.0f} / "
             f"{one.kernels_per_step:.0f}, host gap {chunked.host_gap_ms:.3f} / "
             f"{one.host_gap_ms:.3f} ms")
+    launched = result.get("prefill_chunked_launched")
+    if launched is not None:
+        line += (f"; launched kernel by kernel, not as graphs: wall "
+                 f"{launched.wall_ms / one.wall_ms:.2f}x ({launched.wall_ms:.3f} ms), host gap "
+                 f"{launched.host_gap_ms:.3f} ms")
     read = result.get("prefill_chunked_read")
     if read is not None:
         line += f"; each chunk's token read back: wall {read.wall_ms / one.wall_ms:.2f}x"
