@@ -4,9 +4,7 @@ Programmatic dependent launch (``relax_passes/launch_dependents_early.py``) made
 step 8% faster on an H200 when it is replayed as a CUDA graph (0.594 -> 0.544 ms), and its
 prefill and its decode launched kernel by kernel 17-20% slower (eighteenth session). So, with
 ``BuildOptions(dependent_launch="graphs")``, only the kernels of the functions the engine
-records as graphs take it: ``decode_padded`` and its ``_flat`` variant, and
-``prefill_chain_flat`` (a prompt's chunks before its last, ``tvm_lite/cuda_graphs.py``; the tuple
-form ``prefill_chain``, which RPC calls, keeps the plain kernels).
+records as graphs (``decode_padded`` and its ``_flat`` variant) take it.
 
 Those functions share their PrimFuncs with ``decode``, ``decode_step`` and the others. This pass
 runs after ``InlineStepCalls`` (the graph functions are flat by then; the small step helpers
@@ -23,10 +21,10 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..convention import DECODE_PADDED, PREFILL_CHAIN, flat
+from ..convention import DECODE_PADDED, flat
 from .launch_dependents_early import GRAPH_SUFFIX
 
-GRAPH_FUNCTIONS = (DECODE_PADDED, flat(DECODE_PADDED), flat(PREFILL_CHAIN))
+GRAPH_FUNCTIONS = (DECODE_PADDED, flat(DECODE_PADDED))
 
 
 def _callees(func: relax.Function) -> set:

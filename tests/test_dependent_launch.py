@@ -93,7 +93,7 @@ def test_a_whole_model_built_with_dependent_launch(tiny_decoder):
 
 def test_graphs_mode_takes_only_the_kernels_replayed_as_cuda_graphs(tiny_decoder):
     """``dependent_launch="graphs"`` (the default on CUDA sm_90+, and only there):
-    ``decode_padded`` and ``prefill_chain_flat`` call copies of their PrimFuncs (named with ``GRAPH_SUFFIX``), and only
+    ``decode_padded`` calls copies of its PrimFuncs (named with ``GRAPH_SUFFIX``), and only
     their kernels wait first and carry the launch tag; prefill's and the other decode
     functions' kernels are the build's without it, and no graph kernel is left without the
     wait."""
@@ -132,8 +132,7 @@ def test_graphs_mode_takes_only_the_kernels_replayed_as_cuda_graphs(tiny_decoder
             lowered = tvm.transform.Sequential(passes)(lowered)
     prims = {gv.name_hint for gv, f in lowered.functions_items()
              if isinstance(f, tvm.tirx.PrimFunc) and not gv.name_hint.startswith("shape_func")}
-    for name, copies in (("decode_padded", True), ("prefill_chain_flat", True),
-                         ("decode", False), ("prefill", False), ("prefill_chain", False)):
+    for name, copies in (("decode_padded", True), ("decode", False), ("prefill", False)):
         called = {gv.name_hint for gv in _callees(lowered[name]) if gv.name_hint in prims}
         assert called and all(c.endswith(GRAPH_SUFFIX) == copies for c in called), (name, called)
     plain = tvm.IRModule({"two": _two_kernels})  # no graph function: left as it is
