@@ -29,7 +29,9 @@ replays), and copies each prompt's ids into a device buffer kept per key, the ad
 recorded. Every fresh prompt's chunks start at rows 0, c, 2c..., so from the third prompt on its
 chunks are graph launches. The copy is synchronous and on the engine's stream (or the legacy
 default stream, which waits for a blocking stream): it lands after the chunks queued before it
-have read the buffer. The last chunk (its token read back) stays an ordinary call.
+have read the buffer. The last chunk (its token read back) stays an ordinary call. Measured on
+an H100 (twenty-seventh session, the same run): the 8 chunks took 22.9 ms replayed against 25.0
+launched, the time no kernel ran 1.5 ms against 3.5.
 
 A graph holds the device pointers of the buffers it was recorded with: the session's caches,
 the engine's workspace, weights and token buffers. It belongs to one session's caches

@@ -293,7 +293,7 @@ class Profiler:
 
         run(1)  # warm-up (with chunk graphs: each chunk's call; the counting run records them)
         phase = "prefill" if not chunk or chunk >= prompt_len else f"prefill in chunks of {chunk}"
-        if phase != "prefill" and eng.chunk_graphs:
+        if phase != "prefill" and eng.chunk_graphs and eng.runner.prefill_chain:
             phase += " (all but the last as CUDA graphs)"
         return self._measure(phase, 0, repeats, run)
 
