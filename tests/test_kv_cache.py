@@ -273,7 +273,8 @@ def test_prompt_chunks_replayed_as_cuda_graphs_give_the_tokens_launched_ones_do(
     launched kernel by kernel. Four different prompts of 70 tokens in chunks of 16, each in a
     fresh session (which takes the caches and graphs of the one before): the first runs each
     chunk as a call, the second records them, the third and fourth replay them -- with their own
-    ids, which a replay reading the recording's ids would not give back."""
+    ids, which a replay reading the recording's ids would not give back. A follow-up prompt in a
+    session runs its chunks as calls and keeps nothing for them."""
     from conftest import cuda_device
 
     if cuda_device() is None:
@@ -297,7 +298,11 @@ def test_prompt_chunks_replayed_as_cuda_graphs_give_the_tokens_launched_ones_do(
             loop = eng.decode_padded_steps(session, first)
             out.append([first] + [next(loop).token for _ in range(8)])
             loop.close()
-        return out, session.graphs
+            graphs = session.graphs
+            # gone before the next new_session(), which then takes these caches and graphs
+            # (rebinding ``session`` would free it only after the next one was made)
+            del session, loop
+        return out, graphs
 
     launched, _ = generate(False)
     graphed, graphs = generate(True)
@@ -305,6 +310,14 @@ def test_prompt_chunks_replayed_as_cuda_graphs_give_the_tokens_launched_ones_do(
     entry = eng.runner.step_entry(cv.PREFILL_CHAIN)
     recorded = {k for k in graphs.graphs if isinstance(k, tuple)}
     assert recorded == {(entry, row, 16, 16) for row in (0, 16, 32, 48)} and not graphs.failed
+    # a follow-up prompt (rows 70..139 of the session that takes these caches) runs as calls:
+    # no key of its rows is kept
+    session = eng.new_session()
+    assert session.graphs is graphs
+    eng.prefill_greedy(session, prompts[0])
+    eng.prefill_greedy(session, prompts[1])
+    assert session.length == 140
+    assert not [k for k in graphs.warm | set(graphs.graphs) if isinstance(k, tuple) and k[1] >= 64]
 
 
 def test_padded_decode_steps_give_the_same_tokens(artifact):

@@ -27,7 +27,9 @@ same row with the same length: ``Engine.prefill_greedy`` keys it by (entry, firs
 padded length), runs it through the same :class:`StepGraphs` (a call, the recording, then
 replays), and copies each prompt's ids into a device buffer kept per key, the address the graph
 recorded. Every fresh prompt's chunks start at rows 0, c, 2c..., so from the third prompt on its
-chunks are graph launches. The copy is synchronous and on the engine's stream (or the legacy
+chunks are graph launches; only a fresh session's prompt takes graphs (a follow-up prompt's rows
+would add keys, buffers and graphs that nothing replays: the keys stay bounded by
+``max_context`` / c). The copy is synchronous and on the engine's stream (or the legacy
 default stream, which waits for a blocking stream): it lands after the chunks queued before it
 have read the buffer. The last chunk (its token read back) stays an ordinary call. Measured on
 an H100 (twenty-seventh session, the same run): the 8 chunks took 22.9 ms replayed against 25.0

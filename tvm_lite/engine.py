@@ -575,11 +575,11 @@ class Engine:
         chunk's ids are uploaded before the first runs (an upload waits for the device), so the
         host queues each chunk while the GPU runs the one before instead of waiting for it.
 
-        With ``chunk_graphs`` (CUDA, not sliced) those chunks run through the session's
+        With ``chunk_graphs`` (CUDA, not sliced), a fresh session's chunks run through its
         :class:`~tvm_lite.cuda_graphs.StepGraphs`, keyed by (first row, tokens, padded length):
-        each reads its ids from a buffer kept for that key, so a later prompt whose chunk starts
-        at the same row -- every fresh prompt's chunks do -- replays the graph the earlier one
-        recorded instead of launching ~200 kernels one by one."""
+        each reads its ids from a buffer kept for that key, so a later fresh prompt (its chunks
+        start at the same rows) replays the graphs an earlier one recorded instead of launching
+        ~200 kernels one by one."""
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("prefill_greedy needs at least one token")
@@ -591,8 +591,12 @@ class Engine:
             chunks.append((chunk, self.padded_length(len(chunk), length), length))
             length += len(chunk)
         chained = self.runner.prefill_chain and len(chunks) > 1
+        # (only a fresh session's prompt: its chunks' rows, 0, c, 2c..., are the ones a later
+        # prompt starts at again; a follow-up prompt's rows would add keys, buffers and graphs
+        # that nothing replays)
         graphed = (chained and self.chunk_graphs and session.graphs is not None
-                   and self.gpu_slice is None and self.slice_record is None)
+                   and session.length == 0 and self.gpu_slice is None
+                   and self.slice_record is None)
 
         def upload(chunk, padded, row, last):  # the chunk's ids, padded, on the device
             host = np.array([chunk + [0] * (padded - len(chunk))], "int64")
