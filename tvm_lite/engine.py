@@ -40,7 +40,8 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from . import convention as cv
-from .cuda_graphs import PROMPT_CHUNKS, Driver, StepGraphs, bucket_end, make_stream
+from . import cuda_graphs as graphs_module  # (PROMPT_CHUNKS read at each Engine: a switch)
+from .cuda_graphs import Driver, StepGraphs, bucket_end, make_stream
 from .artifact import LIBRARY, MANIFEST, PARAMS, check_artifact
 from .gpu_slice import GpuSlicer, Submissions, no_instrument, set_priority
 from .runners import LocalLink, make_runner, read_convention
@@ -231,7 +232,7 @@ class Engine:
         self.cuda_graphs = self._check_cuda_graphs(cuda_graphs)
         # a prompt's chunks before its last (prefill_chain) as CUDA graphs too (see prefill_greedy)
         self.chunk_graphs = bool(self.cuda_graphs and self.runner.prefill_chain
-                                 and PROMPT_CHUNKS)
+                                 and graphs_module.PROMPT_CHUNKS)
         self._chunk_ids: dict = {}  # (first row, padded length) -> the ids buffer its graph reads
         self._driver = self._stream = None
         if self.cuda_graphs:
