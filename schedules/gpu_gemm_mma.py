@@ -93,6 +93,10 @@ UNSPLIT_MIN_WAVES = 1.0
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)
 SUM_THREADS = 256  # threads of a workgroup of the split-K sum
+# ... and the neighbouring outputs a thread of it adds up: one 16-byte load of each partial
+# (N is a multiple of 64, so a thread's 4 never straddle a row). 1: one output a thread, a
+# 4-byte load a partial (the kernel before the twenty-eighth session).
+SUM_VEC = 4
 EPILOGUE = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format  # the value stored
 # X slices by cp.async (16 bytes global -> shared, no registers: the next slice's copies are in
 # flight during this slice's MMAs and land at the wait before the slice's barrier), instead of
@@ -326,17 +330,20 @@ def output_store(out: str, obuf, M, N: int, KS: int, row: str, col: str, value: 
 
 def split_sum(out: str, obuf, M, N: int, KS: int) -> str:
     """The second kernel of a K-split GEMM: each output element the sum of the ``KS`` fp32
-    partials in ``ws``, through the epilogue."""
-    T_ = SUM_THREADS
-    e = f"(b * {T_} + t)"
-    return f'''    for b in T.thread_binding(({M} * {N} + {T_ - 1}) // {T_}, thread="blockIdx.x"):
+    partials in ``ws``, through the epilogue; :data:`SUM_VEC` neighbouring outputs a thread."""
+    T_, V = SUM_THREADS, SUM_VEC
+    e = f"((b * {T_} + t) * {V})"
+    vec = lambda at: f"ws[T.Ramp({at}, 1, {V})]" if V > 1 else f"ws[{at}]"  # noqa: E731
+    acc = f"tot[T.Ramp(0, 1, {V})]" if V > 1 else "tot[0]"
+    return f'''    for b in T.thread_binding(({M} * {N} + {T_ * V - 1}) // {T_ * V}, thread="blockIdx.x"):
         for t in T.thread_binding({T_}, thread="threadIdx.x"):
-            tot = T.alloc_buffer((1,), "float32", scope="local")
+            tot = T.alloc_buffer(({V},), "float32", scope="local")
             if {e} < {M} * {N}:
-                tot[0] = T.float32(0)
-                for s in T.unroll({KS}):
-                    tot[0] = tot[0] + ws[s * {M} * {N} + {e}]
-                {out}[{_row_at(obuf, f"{e} // {N}", f"{e} % {N}")}] = {EPILOGUE("tot[0]")}
+                {acc} = {vec(e)}
+                for s in T.unroll(1, {KS}):
+                    {acc} = {acc} + {vec(f"s * {M} * {N} + {e}")}
+                for i in T.unroll({V}):
+                    {out}[{_row_at(obuf, f"({e} + i) // {N}", f"({e} + i) % {N}")}] = {EPILOGUE("tot[i]")}
 '''
 
 
