@@ -59,6 +59,12 @@ __forceinline__ __device__ unsigned tvm_lite_pack_half2(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&h);
 }
 """,
+    # two neighbouring fp16 outputs in one 4-byte store (the address 4-byte aligned)
+    "tvm_lite_st_f16x2": r"""
+__forceinline__ __device__ void tvm_lite_st_f16x2(void* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+""",
 }
 
 

@@ -207,6 +207,12 @@ assert PROMPT_SPLIT_GRID <= SPLIT_TICKETS, "tickets: one a row tile"
 # +-3%; 2048 as 8 x 256 within +-2%.
 TC_Q_REGISTERS = True
 TC_Q_REGISTERS_MAX_DIM = 128
+# The output of an unsplit call stored two neighbouring dims a 4-byte store
+# (``tvm_lite_st_f16x2``) instead of one fp16 at a time: a warp's store then writes 16 bytes of
+# each of 8 rows, not 8. ncu of the head_dim 128 kernel at n = 2048 (H100, twenty-sixth session,
+# ``results/ncu_prefill_attention_hd128_h100_s26.txt``): its global stores used 8 of each 32-byte
+# sector's bytes. Off until timed (``bench.prefill --parts attention --switch``).
+TC_PAIR_STORES = False
 # Scores a tile ahead (FlashAttention-3's order, with mma.sync): the Q Kᵀ products of key tile
 # kb + 1 are issued before the softmax of tile kb, so that a warp's tensor-core work overlaps
 # its own softmax instead of only the other warps'; then P V of tile kb. Two K and two V
@@ -1233,6 +1239,15 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
 """)
         mk_alloc += f"""
                 s2 = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")"""
+    o_at = lambda d: out_index(p, rh["head"], rh["pos"], d)  # noqa: E731
+    o_val = lambda c: f"oa[{O}dt * 4 + hr * 2 + {c}] * st[{ST}4]"  # noqa: E731
+    if TC_PAIR_STORES:  # dims 2 t4, 2 t4 + 1 in one 4-byte store
+        out_store = " " * 32 + "T.evaluate(" + _call(
+            "tvm_lite_st_f16x2", f"T.address_of({o_at(f'dt * 8 + {t4} * 2')})", o_val(0),
+            o_val(1)) + ")"
+    else:
+        out_store = (" " * 32 + "for c in T.unroll(2):\n" + " " * 36
+                     + f'{o_at(f"dt * 8 + {t4} * 2 + c")} = T.Cast("float16", {o_val("c")})')
     kv_tag, bq_tag = grid_tags()
     src = kernel_source(p, decl, f"""{workspace}{mask_flat}    for kvh in T.thread_binding({KV}, thread="{kv_tag}"):
       for sp in T.thread_binding({spl}, thread="blockIdx.z"):
@@ -1261,9 +1276,7 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                         st[{ST}4] = T.float32(1) / st[{ST}hr + 2]  # one division a row, not one a value
                         if {rh["row"]} < n * {G} and {spl} == 1:
                             for dt in T.unroll({DT}):
-                                for c in T.unroll(2):
-                                    {out_index(p, rh["head"], rh["pos"], f"dt * 8 + {t4} * 2 + c")} = \\
-                                        T.Cast("float16", oa[{O}dt * 4 + hr * 2 + c] * st[{ST}4]){partial}{
+{out_store}{partial}{
         _merge_in_kernel(p, spl, rows, threads, nb) if merge_in_kernel else ""}{
         _merge_in_kernel(p, spl, rows, threads, nb, "m < 2 * n", PROMPT_SPLITS)
         if prompt_split else ""}

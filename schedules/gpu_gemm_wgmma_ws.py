@@ -32,6 +32,7 @@ from tvm import s_tir
 from . import cuda_cluster
 from . import gpu_gemm_mma as mma_gemm
 from . import gpu_gemm_wgmma as wg
+from .cuda_mma import HELPERS as MMA_HELPERS
 from .cuda_mma import call
 from .gpu_gemv import CODES_PER_WORD, MatchError
 from .gpu_gemv_half2 import E0M4_ZERO_NONE
@@ -138,11 +139,7 @@ __forceinline__ __device__ void tvm_lite_wgmma_wait1() {
 }
 """,
     # two neighbouring outputs in one 4-byte store (pair_stores)
-    "tvm_lite_st_f16x2": r"""
-__forceinline__ __device__ void tvm_lite_st_f16x2(void* p, float a, float b) {
-  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
-}
-""",
+    "tvm_lite_st_f16x2": MMA_HELPERS["tvm_lite_st_f16x2"],
     "tvm_lite_st_v4": r"""
 __forceinline__ __device__ void tvm_lite_st_v4(void* p, uint4 v) {
   *reinterpret_cast<uint4*>(p) = v;

@@ -827,6 +827,7 @@ def _profile_prefill_on_cpu(p, profile, n, m, m_tiles=None, merge_in_kernel=None
                              {"o_ptr": (size, np.dtype(p["dtype"]))}, out_dir, size * 8)
         return got["o_ptr"].reshape(1, heads, n, d)
 
+    run.src = src  # (what a test may check of the CUDA C)
     return run, (rows, keys), spl
 
 
@@ -853,6 +854,28 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     got, splits, rows = _tensor_core_on_cpu(p, q, k, v, mask, past, tmp_path, m_tiles)
     assert rows == 64 * m_tiles
     assert (splits > 1) == (past > 0)
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, m_tiles", [
+    (9, 3, 64, 130, 1), (8, 2, 128, 70, 1), (8, 1, 256, 40, 1), (9, 3, 64, 130, 2)])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_tensor_core_prefill_pair_stores_on_the_cpu(heads, kv, d, n, m_tiles, pairs, tmp_path,
+                                                    monkeypatch):
+    """``TC_PAIR_STORES`` either way: an unsplit call's output stored two dims a 4-byte store
+    (``tvm_lite_st_f16x2``) or one at a time, the rows past ``n`` not written (partial row
+    tiles), at head_dim 64, 128 and 256 and two m-tiles a warp. CUDA C run on the CPU."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "TC_PAIR_STORES", pairs)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    q, k, v, mask = _inputs(np.random.default_rng(7), heads, kv, d, n, 0, "float16", 0)
+    run, _, splits = _profile_prefill_on_cpu(p, "cuda", n, n, m_tiles)
+    assert splits == 1 and ("tvm_lite_st_f16x2(" in run.src) == pairs
+    got = run(q, k, v, mask, tmp_path / "out")
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
