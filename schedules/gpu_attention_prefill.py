@@ -211,8 +211,12 @@ TC_Q_REGISTERS_MAX_DIM = 128
 # (``tvm_lite_st_f16x2``) instead of one fp16 at a time: a warp's store then writes 16 bytes of
 # each of 8 rows, not 8. ncu of the head_dim 128 kernel at n = 2048 (H100, twenty-sixth session,
 # ``results/ncu_prefill_attention_hd128_h100_s26.txt``): its global stores used 8 of each 32-byte
-# sector's bytes. Off until timed (``bench.prefill --parts attention --switch``).
-TC_PAIR_STORES = False
+# sector's bytes. Timed on an H100 (twenty-eighth session, ``bench.prefill --parts attention
+# --lengths 512,2048 --switch pairs:TC_PAIR_STORES=True``,
+# ``results/issue16_attention_pair_stores_h100_s28.json``), one call, us, one at a time / pairs:
+# n = 2048 SmolLM2 52.6 / 53.0, Llama-1B 103.0 / 97.9, head_dim 128 194.5 / 181.7, Gemma-2B
+# 119.9 / 120.9; n = 512 15.2 / 14.4, 17.6 / 15.6, 29.0 / 25.2, 34.7 / 32.0. On.
+TC_PAIR_STORES = True
 # Scores a tile ahead (FlashAttention-3's order, with mma.sync): the Q Kᵀ products of key tile
 # kb + 1 are issued before the softmax of tile kb, so that a warp's tensor-core work overlaps
 # its own softmax instead of only the other warps'; then P V of tile kb. Two K and two V
