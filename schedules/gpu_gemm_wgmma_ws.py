@@ -115,6 +115,16 @@ CLUSTER_MAX = 8
 # ``results/issue16_gemm_cluster_sum_h100_s26.json``) at M = 256, pairs again: q+k+v 27.4 -> 19.5
 # us (64x192; torch 14.3), o 22.0 -> 16.6 (64x128; torch 14.1); 64x256 needs clusters of four
 # there and lost (25.6, 25.4), and so did down (45.0 -> 54.5 at 64x128, not a mid GEMM).
+# A deep or wide GEMM takes this kernel only at the planned prompt lengths where its grid, K split
+# included, gives at least mma_gemm.MIN_WAVE of the SMs a workgroup; at the others, mma.sync's
+# plan for that length (one branch each, as the mid GEMMs). H100, twenty-eighth session
+# (``bench.prefill --parts gemm --gemm-models smollm2-135m --gemm-lengths 256,2048
+# --gemm-variants "e0m4,e0m4 (sm_90a)"``, ``results/issue16_gemm_smollm2_h100_s28.json``):
+# SmolLM2's gate+up (K 576, N 3072) at M = 256 gets 24 workgroups of 128 x 256 (K too short to
+# split): 17.1 us, against mma.sync's 64 x 64 tiles (192 workgroups) 11.8; at M = 2048 (192
+# workgroups) this kernel 31.8, mma.sync 50.4. Llama-1B's and Gemma-2B's fill the SMs at every
+# planned length and keep this kernel.
+DEEP_WIDE_FILL_SMS = True
 MID_CLUSTER_SUM = True
 MID_TMS = (128, 64)
 MID_TNS = (256, 192, 128)
@@ -502,7 +512,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
                    w_buffers: int | None = None, pair_stores: bool = False,
                    x_rows: bool = False, staged_stores: bool = False, lengths=None,
-                   cluster_sum: bool = False):
+                   cluster_sum: bool = False, fill_sms: bool = False):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
     :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``, ``x_rows``,
@@ -518,7 +528,9 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     tile gives no K split, the prompt lengths the split is planned for (default
     :data:`.gpu_gemm_mma.PLAN_LENGTHS`: see :func:`.gpu_gemm_mma.lengths_for`).
     ``cluster_sum``: a split K's partials added up in a thread-block cluster (see
-    :func:`kernel_source`)."""
+    :func:`kernel_source`). ``fill_sms``: at a planned length where the grid (K split included)
+    gives fewer than ``MIN_WAVE`` of the SMs a workgroup, mma.sync's plan for that length instead
+    (:data:`DEEP_WIDE_FILL_SMS`); :class:`MatchError` if that is every length."""
     if not 2 <= stages <= 5 and not (w_buffers and w_buffers < stages <= 6):
         raise MatchError(f"stages={stages}: 2 to 5 (6 with fewer W buffers)")
     if w_buffers is not None and not 2 <= w_buffers <= stages:
@@ -533,12 +545,19 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     sch, func, g, TM, TN, ks = wg.plan_kernel(func, target, profile, tile)
     check_group(g)
     wn = w_buffers if w_buffers and w_buffers < stages else None
-    splits = ([(None, ks)] if tile is not None and len(tile) > 2 else
-              [(cond, wg.choose_split(length, g["n"], g["k"], (TM, TN), profile.compute_units))
+    splits = ([(None, None, ks)] if tile is not None and len(tile) > 2 else
+              [(length, cond, wg.choose_split(length, g["n"], g["k"], (TM, TN),
+                                              profile.compute_units))
                for length, cond in mma_gemm.lengths_for(g["m"], lengths)])
     variants, helpers = [], dict(HELPERS)
     shared = shared_bytes(g, TM, TN, stages, wn, x_rows)
-    for cond, k_split in splits:
+    for length, cond, k_split in splits:
+        grid = -(-(length or 0) // TM) * (g["n"] // TN) * k_split
+        if fill_sms and length and grid < mma_gemm.MIN_WAVE * profile.compute_units:
+            t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"])
+            helpers.update(mma_gemm.HELPERS)
+            variants.append((cond, mma_gemm.kernel_source(func, g, t), mma_gemm.plan_label(t)))
+            continue
         pairs, staged = store_modes(g, k_split, pair_stores, staged_stores)
         in_cluster = cluster_sum and k_split > 1
         if in_cluster:
@@ -548,6 +567,8 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
                                              pairs, x_rows, staged, in_cluster),
                          plan_label(TM, TN, k_split, stages, wn, pairs, x_rows, staged,
                                     in_cluster)))
+    if all(" warp-specialised" not in label for _, _, label in variants):
+        raise MatchError("no planned prompt length fills the SMs with this kernel")
     src, label = mma_gemm.by_length(variants)
     return wg.finish_kernel(src, helpers, sch, func, g, shared, label)
 
@@ -627,11 +648,12 @@ def deep_gemm_kernel(func, target, profile, lengths=None):
     kind = deep_or_wide(func, target, profile)
     if kind == "deep":
         return ws_gemm_kernel(func, target, profile, DEEP_TILE, DEEP_STAGES, (),
-                              DEEP_W_BUFFERS, DEEP_PAIR_STORES, DEEP_X_ROWS, lengths=lengths)
+                              DEEP_W_BUFFERS, DEEP_PAIR_STORES, DEEP_X_ROWS, lengths=lengths,
+                              fill_sms=DEEP_WIDE_FILL_SMS)
     if kind == "wide":
         return ws_gemm_kernel(func, target, profile, WIDE_TILE, WIDE_STAGES, (),
                               WIDE_W_BUFFERS, WIDE_PAIR_STORES, WIDE_X_ROWS,
-                              WIDE_STAGED_STORES, lengths=lengths)
+                              WIDE_STAGED_STORES, lengths=lengths, fill_sms=DEEP_WIDE_FILL_SMS)
     raise MatchError("neither deep nor wide: mma.sync is faster")
 
 

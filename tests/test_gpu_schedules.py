@@ -1076,6 +1076,37 @@ def test_plans_by_prompt_length_pick_a_kernel_on_the_host():
             assert text(first(stmt, tirx.For)) == text(mine), start
 
 
+@pytest.mark.parametrize("k, n, want", [
+    # SmolLM2's gate+up: 24 workgroups of 128 x 256 at 256 tokens, 48 at 512: mma.sync there
+    (576, 3072, ["warp-specialised", "mma_m16n8k16 64x64", "mma_m16n8k16 128x64"]),
+    # Llama-1B's gate+up and down fill the SMs at every planned length
+    (2048, 16384, ["warp-specialised"]),
+    (8192, 2048, ["split-K 1 warp-specialised", "split-K 8 warp-specialised",
+                  "split-K 4 warp-specialised"])])
+def test_deep_and_wide_gemms_take_mma_sync_where_their_grid_leaves_sms_idle(k, n, want,
+                                                                            monkeypatch):
+    """``DEEP_WIDE_FILL_SMS``: a deep or wide GEMM takes the warp-specialised kernel only at the
+    planned lengths (256, 512, 2048) where its grid gives at least ``MIN_WAVE`` of the SMs (132)
+    a workgroup, mma.sync's plan elsewhere; with the switch off, the warp-specialised kernel
+    everywhere; a GEMM no length of which fills the SMs is not taken at all."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    target = parse_target(WGMMA_TARGET)
+    with target:
+        label = str(ws.deep_gemm_kernel(_mma_func("e0m4", k, n, None), target, CUDA)
+                    .mod["main"].attrs["tvm_lite.gemm"])
+        parts = label.split("; ")
+        assert len(parts) == len(want) and all(w in p for w, p in zip(want, parts)), label
+        monkeypatch.setattr(ws, "DEEP_WIDE_FILL_SMS", False)
+        off = str(ws.deep_gemm_kernel(_mma_func("e0m4", k, n, None), target, CUDA)
+                  .mod["main"].attrs["tvm_lite.gemm"])
+        assert "mma_m16n8k16" not in off
+        monkeypatch.setattr(ws, "DEEP_WIDE_FILL_SMS", True)
+        with pytest.raises(MatchError, match="no planned prompt length fills the SMs"):
+            ws.deep_gemm_kernel(_mma_func("e0m4", k, n, None), target,
+                                dataclasses.replace(CUDA, compute_units=100_000))
+
+
 # 256-token tiles gave NaN on an H100 (twenty-first session: gate/up at M = 1 and 512), where the
 # CPU emulation of the same CUDA C matches numpy; 128-token tiles were right (bench.prefill).
 NAN_ON_H100 = pytest.mark.xfail(reason="256-token tiles: NaN on an H100, not found by the CPU "
@@ -1085,6 +1116,7 @@ NAN_ON_H100 = pytest.mark.xfail(reason="256-token tiles: NaN on an H100, not fou
 @HOPPER
 @pytest.mark.parametrize("kernel, k, n, epilogue", [
     ("mma", 2048, 2048, "residual"), ("deep", 8192, 2048, "residual"), ("wide", 2048, 8192, None),
+    ("wide", 576, 3072, None),  # SmolLM2's gate+up: mma.sync at 256 and 512 (DEEP_WIDE_FILL_SMS)
     # (its 2048 plan takes 256-token tiles; failed on the H100 in the twenty-eighth session too)
     pytest.param("wreg", 2048, 8192, None, marks=NAN_ON_H100), ("mid", 2048, 3072, None)])
 def test_plans_by_prompt_length_run_correctly_on_a_hopper_gpu(kernel, k, n, epilogue):
