@@ -96,9 +96,21 @@ STAGE_PAD = 16
 # its own shared memory (rows CLUSTER_PAD bytes longer than the tile, as STAGE_PAD), and each
 # then adds up TM / KS of the tile's rows across the cluster and stores them through the
 # epilogue. No fp32 partials in global memory, no second kernel. CLUSTER_MAX: the portable
-# cluster size.
+# cluster size. The down projection (a deep GEMM) keeps its sum kernel: in clusters of 8 at 256
+# tokens and of 4 at 512 it took 63.9 and 109.3 us against 45.2 and 69.1 (H100, twenty-eighth
+# session, ``results/issue16_gemm_down_clusters_h100_s28.json``).
 CLUSTER_PAD = 16
 CLUSTER_MAX = 8
+# A deep or wide GEMM takes this kernel only at the planned prompt lengths where its grid, K split
+# included, gives at least mma_gemm.MIN_WAVE of the SMs a workgroup; at the others, mma.sync's
+# plan for that length (one branch each, as the mid GEMMs). H100, twenty-eighth session
+# (``bench.prefill --parts gemm --gemm-models smollm2-135m --gemm-lengths 256,2048
+# --gemm-variants "e0m4,e0m4 (sm_90a)"``, ``results/issue16_gemm_smollm2_h100_s28.json``):
+# SmolLM2's gate+up (K 576, N 3072) at M = 256 gets 24 workgroups of 128 x 256 (K too short to
+# split): 17.1 us, against mma.sync's 64 x 64 tiles (192 workgroups) 11.8; at M = 2048 (192
+# workgroups) this kernel 31.8, mma.sync 50.4. Llama-1B's and Gemma-2B's fill the SMs at every
+# planned length and keep this kernel.
+DEEP_WIDE_FILL_SMS = True
 # A mid GEMM (neither deep nor wide, N >= K: the merged q+k+v, o) takes this kernel, its K split
 # in two and summed in clusters of two, at a planned prompt length where a TM x TN tile (TM from
 # MID_TMS, tallest first; TN from MID_TNS, widest first) gives a grid that the split makes fill
@@ -115,16 +127,6 @@ CLUSTER_MAX = 8
 # ``results/issue16_gemm_cluster_sum_h100_s26.json``) at M = 256, pairs again: q+k+v 27.4 -> 19.5
 # us (64x192; torch 14.3), o 22.0 -> 16.6 (64x128; torch 14.1); 64x256 needs clusters of four
 # there and lost (25.6, 25.4), and so did down (45.0 -> 54.5 at 64x128, not a mid GEMM).
-# A deep or wide GEMM takes this kernel only at the planned prompt lengths where its grid, K split
-# included, gives at least mma_gemm.MIN_WAVE of the SMs a workgroup; at the others, mma.sync's
-# plan for that length (one branch each, as the mid GEMMs). H100, twenty-eighth session
-# (``bench.prefill --parts gemm --gemm-models smollm2-135m --gemm-lengths 256,2048
-# --gemm-variants "e0m4,e0m4 (sm_90a)"``, ``results/issue16_gemm_smollm2_h100_s28.json``):
-# SmolLM2's gate+up (K 576, N 3072) at M = 256 gets 24 workgroups of 128 x 256 (K too short to
-# split): 17.1 us, against mma.sync's 64 x 64 tiles (192 workgroups) 11.8; at M = 2048 (192
-# workgroups) this kernel 31.8, mma.sync 50.4. Llama-1B's and Gemma-2B's fill the SMs at every
-# planned length and keep this kernel.
-DEEP_WIDE_FILL_SMS = True
 MID_CLUSTER_SUM = True
 MID_TMS = (128, 64)
 MID_TNS = (256, 192, 128)
