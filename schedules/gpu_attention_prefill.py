@@ -217,6 +217,11 @@ TC_Q_REGISTERS_MAX_DIM = 128
 # n = 2048 SmolLM2 52.6 / 53.0, Llama-1B 103.0 / 97.9, head_dim 128 194.5 / 181.7, Gemma-2B
 # 119.9 / 120.9; n = 512 15.2 / 14.4, 17.6 / 15.6, 29.0 / 25.2, 34.7 / 32.0. On.
 TC_PAIR_STORES = True
+# ... and a split's fp32 partials (chunks after a cache, prompts split in two) the same way: a
+# thread's two neighbouring dims in one 8-byte store, so a warp writes whole 32-byte sectors of
+# 8 rows where it writes half of each. Off until timed (``bench.prefill --parts attention
+# --switch pp:TC_PAIR_PARTIALS=True``: the chunks' column).
+TC_PAIR_PARTIALS = False
 # Scores a tile ahead (FlashAttention-3's order, with mma.sync): the Q Kᵀ products of key tile
 # kb + 1 are issued before the softmax of tile kb, so that a warp's tensor-core work overlaps
 # its own softmax instead of only the other warps'; then P V of tile kb. Two K and two V
@@ -1097,14 +1102,18 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
     lo, hi = "kr[0]", "kr[1]"
     ws = f"T.if_then_else({spl} > 1, {spl} * {H} * n, T.int64(1))"  # partial rows (1: unused)
     part = f"((sp * {H} + {rh['head']}) * n + {rh['pos']})"
+    at_o = f"{part} * {D} + dt * 8 + {t4} * 2"  # a thread's two neighbouring dims
+    partial_store = (" " * 32 + f"ws_o[T.Ramp({at_o}, 1, 2)] = oa[T.Ramp({O}dt * 4 + hr * 2, 1, 2)]"
+                     if TC_PAIR_PARTIALS else
+                     " " * 32 + "for c in T.unroll(2):\n" + " " * 36
+                     + f"ws_o[{at_o} + c] = oa[{O}dt * 4 + hr * 2 + c]")
     partial = f"""
                         if {rh["row"]} < n * {G} and {spl} > 1:  # the split's partial: max, sum, acc
                             if {t4} == 0:
                                 ws_m[{part}] = {to_log2(f"st[{ST}hr]")}
                                 ws_l[{part}] = st[{ST}hr + 2]
                             for dt in T.unroll({DT}):
-                                for c in T.unroll(2):
-                                    ws_o[{part} * {D} + dt * 8 + {t4} * 2 + c] = oa[{O}dt * 4 + hr * 2 + c]"""
+{partial_store}"""
     workspace = f"""    ws_m = T.alloc_buffer(({ws},), "float32", scope="global")
     ws_l = T.alloc_buffer(({ws},), "float32", scope="global")
     ws_o = T.alloc_buffer(({ws} * {D},), "float32", scope="global")

@@ -881,6 +881,28 @@ def test_tensor_core_prefill_pair_stores_on_the_cpu(heads, kv, d, n, m_tiles, pa
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("heads, kv, d, n, past, in_kernel", [
+    (9, 3, 64, 40, 300, True),  # SmolLM2-shaped chunk, merged by the last split (head_dim 64)
+    (8, 2, 128, 32, 224, False),  # head_dim 128: the merge kernel
+    (8, 1, 256, 16, 240, False)])  # Gemma-2B's head_dim
+def test_tensor_core_prefill_pair_partials_on_the_cpu(heads, kv, d, n, past, in_kernel, tmp_path,
+                                                      monkeypatch):
+    """``TC_PAIR_PARTIALS`` on: a split's fp32 partials stored two dims an 8-byte store, then
+    merged (in its own kernel or by the last split). CUDA C run on the CPU, against numpy."""
+    from tvm_lite.schedules import gpu_attention_prefill
+
+    monkeypatch.setattr(gpu_attention_prefill, "TC_PAIR_PARTIALS", True)
+    p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
+                         kv == 1)
+    q, k, v, mask = _inputs(np.random.default_rng(8), heads, kv, d, n, past, "float16", 0)
+    run, _, splits = _profile_prefill_on_cpu(p, "cuda", n, past + n, None, in_kernel)
+    assert splits > 1 and re.search(r"\*\(float2\*\)\(ws_o_ptr \+", run.src), run.src[:200]
+    got = run(q, k, v, mask, tmp_path / "out")
+    want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("heads, kv, d, n, past", [
     (9, 3, 64, 40, 300),   # SmolLM2-shaped chunk: 2 splits
     (8, 1, 64, 16, 1008),  # one kv head, 2 workgroups: SPLIT_MAX splits (the unrolled loop full)
