@@ -65,6 +65,23 @@ __forceinline__ __device__ void tvm_lite_st_f16x2(void* p, float a, float b) {
   *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
 }
 """,
+    # 16 bytes from shared memory, 16 bytes to memory (both addresses 16-byte aligned), and a
+    # warp's barrier (outputs staged through shared memory, then stored a row segment at a time)
+    "tvm_lite_lds_v4": r"""
+__forceinline__ __device__ uint4 tvm_lite_lds_v4(const void* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+""",
+    "tvm_lite_st_v4": r"""
+__forceinline__ __device__ void tvm_lite_st_v4(void* p, uint4 v) {
+  *reinterpret_cast<uint4*>(p) = v;
+}
+""",
+    "tvm_lite_syncwarp": r"""
+__forceinline__ __device__ void tvm_lite_syncwarp() {
+  __syncwarp();
+}
+""",
 }
 
 

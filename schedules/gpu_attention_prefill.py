@@ -222,6 +222,13 @@ TC_PAIR_STORES = True
 # 8 rows where it writes half of each. Off until timed (``bench.prefill --parts attention
 # --switch pp:TC_PAIR_PARTIALS=True``: the chunks' column).
 TC_PAIR_PARTIALS = False
+# An unsplit call's output staged through shared memory: each warp writes its rows' fp16 pairs
+# into its own rows of Q's tile (dead once its key loop is done: a warp's Q fragments come from
+# its own rows only), then stores them 16 bytes a thread, a warp writing whole row segments
+# (``D * 2`` bytes a row) where the paired stores write 16 bytes of each of 8 rows. In place of
+# TC_PAIR_STORES where on; not with wgmma (its Q tile is laid out as core matrices). Off until
+# timed (``bench.prefill --parts attention --switch staged:TC_STAGED_STORES=True``).
+TC_STAGED_STORES = False
 # Scores a tile ahead (FlashAttention-3's order, with mma.sync): the Q Kᵀ products of key tile
 # kb + 1 are issued before the softmax of tile kb, so that a warp's tensor-core work overlaps
 # its own softmax instead of only the other warps'; then P V of tile kb. Two K and two V
@@ -1254,7 +1261,29 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                 s2 = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")"""
     o_at = lambda d: out_index(p, rh["head"], rh["pos"], d)  # noqa: E731
     o_val = lambda c: f"oa[{O}dt * 4 + hr * 2 + {c}] * st[{ST}4]"  # noqa: E731
-    if TC_PAIR_STORES:  # dims 2 t4, 2 t4 + 1 in one 4-byte store
+    staged = TC_STAGED_STORES and not wgmma
+    wrow = f"{warp} * {16 * MT}"  # the warp's first row of the tile
+    staged_back = ""
+    if staged:  # the warp's rows of Q's tile (fp16, DP a row), then 16 bytes a thread
+        VR = D // 8  # 16-byte vectors a row
+        per_warp = 16 * MT * VR
+        e = f"(i * 32 + {lane})"
+        rv = _rows(p, rows, f"{wrow} + {e} // {VR}")
+        back = _call("tvm_lite_lds_v4", f"T.address_of(sm[({wrow} + {e} // {VR}) * {DP} + "
+                     f"{e} % {VR} * 8])", ret="uint32x4")
+        store = _call("tvm_lite_st_v4", "T.address_of(" + out_index(
+            p, rv["head"], rv["pos"], f"{e} % {VR} * 8") + ")", back)
+        guard = f"{e} < {per_warp} and " if per_warp % 32 else ""
+        staged_back = f"""
+                if {spl} == 1:
+                    T.evaluate({_call("tvm_lite_syncwarp")})
+                    for i in T.unroll({-(-per_warp // 32)}):
+                        if {guard}{rv["row"]} < n * {G}:
+                            T.evaluate({store})"""
+        out_store = " " * 32 + "T.evaluate(" + _call(
+            "tvm_lite_st_f16x2", f"T.address_of(sm[({wrow} + mt * 16 + {g} + hr * 8) * {DP} + "
+            f"dt * 8 + {t4} * 2])", o_val(0), o_val(1)) + ")"
+    elif TC_PAIR_STORES:  # dims 2 t4, 2 t4 + 1 in one 4-byte store
         out_store = " " * 32 + "T.evaluate(" + _call(
             "tvm_lite_st_f16x2", f"T.address_of({o_at(f'dt * 8 + {t4} * 2')})", o_val(0),
             o_val(1)) + ")"
@@ -1287,9 +1316,9 @@ def tensor_core_kernel(p: dict, keys: int | None = None, shared_bytes: int = TC_
                         st[{ST}hr + 2] = T.max({_call("tvm_lite_quad_sum", f"st[{ST}hr + 2]", ret="float32")},
                                                T.float32(1e-30))
                         st[{ST}4] = T.float32(1) / st[{ST}hr + 2]  # one division a row, not one a value
-                        if {rh["row"]} < n * {G} and {spl} == 1:
+                        if {rh["row"] + " < n * " + str(G) + " and " if not staged else ""}{spl} == 1:
                             for dt in T.unroll({DT}):
-{out_store}{partial}{
+{out_store}{partial}{staged_back}{
         _merge_in_kernel(p, spl, rows, threads, nb) if merge_in_kernel else ""}{
         _merge_in_kernel(p, spl, rows, threads, nb, "m < 2 * n", PROMPT_SPLITS)
         if prompt_split else ""}

@@ -152,21 +152,8 @@ __forceinline__ __device__ void tvm_lite_wgmma_wait1() {
 """,
     # two neighbouring outputs in one 4-byte store (pair_stores)
     "tvm_lite_st_f16x2": MMA_HELPERS["tvm_lite_st_f16x2"],
-    "tvm_lite_st_v4": r"""
-__forceinline__ __device__ void tvm_lite_st_v4(void* p, uint4 v) {
-  *reinterpret_cast<uint4*>(p) = v;
-}
-""",
-    "tvm_lite_syncwarp": r"""
-__forceinline__ __device__ void tvm_lite_syncwarp() {
-  __syncwarp();
-}
-""",
-    "tvm_lite_lds_v4": r"""
-__forceinline__ __device__ uint4 tvm_lite_lds_v4(const void* p) {
-  return *reinterpret_cast<const uint4*>(p);
-}
-""",
+    **{name: MMA_HELPERS[name] for name in ("tvm_lite_st_v4", "tvm_lite_syncwarp",
+                                            "tvm_lite_lds_v4")},
 }
 
 

@@ -860,21 +860,26 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize("heads, kv, d, n, m_tiles", [
-    (9, 3, 64, 130, 1), (8, 2, 128, 70, 1), (8, 1, 256, 40, 1), (9, 3, 64, 130, 2)])
-@pytest.mark.parametrize("pairs", [False, True])
-def test_tensor_core_prefill_pair_stores_on_the_cpu(heads, kv, d, n, m_tiles, pairs, tmp_path,
-                                                    monkeypatch):
-    """``TC_PAIR_STORES`` either way: an unsplit call's output stored two dims a 4-byte store
-    (``tvm_lite_st_f16x2``) or one at a time, the rows past ``n`` not written (partial row
-    tiles), at head_dim 64, 128 and 256 and two m-tiles a warp. CUDA C run on the CPU."""
+    (9, 3, 64, 130, 1), (8, 2, 128, 70, 1), (8, 1, 256, 40, 1), (9, 3, 64, 130, 2),
+    (4, 4, 80, 50, 1)])  # head_dim 80 (Phi-2's): 10 16-byte vectors a row
+@pytest.mark.parametrize("stores", ["one", "pairs", "staged"])
+def test_tensor_core_prefill_output_stores_on_the_cpu(heads, kv, d, n, m_tiles, stores, tmp_path,
+                                                      monkeypatch):
+    """An unsplit call's output stored one fp16 at a time, two dims a 4-byte store
+    (``TC_PAIR_STORES``) or staged through the warp's rows of Q's tile and stored 16 bytes a
+    thread (``TC_STAGED_STORES``): the rows past ``n`` not written (partial row tiles), at
+    head_dim 64, 80, 128 and 256 and two m-tiles a warp. CUDA C run on the CPU."""
     from tvm_lite.schedules import gpu_attention_prefill
 
-    monkeypatch.setattr(gpu_attention_prefill, "TC_PAIR_STORES", pairs)
+    monkeypatch.setattr(gpu_attention_prefill, "TC_PAIR_STORES", stores == "pairs")
+    monkeypatch.setattr(gpu_attention_prefill, "TC_STAGED_STORES", stores == "staged")
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
                          kv == 1)
     q, k, v, mask = _inputs(np.random.default_rng(7), heads, kv, d, n, 0, "float16", 0)
     run, _, splits = _profile_prefill_on_cpu(p, "cuda", n, n, m_tiles)
-    assert splits == 1 and ("tvm_lite_st_f16x2(" in run.src) == pairs
+    assert splits == 1
+    assert ("tvm_lite_st_f16x2(" in run.src) == (stores != "one")
+    assert ("tvm_lite_st_v4(" in run.src) == (stores == "staged")
     got = run(q, k, v, mask, tmp_path / "out")
     want = reference_numpy(q, k, v, mask, d ** -0.5, heads // kv)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
