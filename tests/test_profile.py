@@ -184,3 +184,38 @@ def test_busy_time_counts_overlapping_kernels_once():
     assert abs(prof.host_gap_ms - 0.2) < 1e-12 and "(busy 0.800 ms)" in prof.table()
     serial = StepProfile("decode", 1, 0, wall_ms=1.0, gpu_ms=0.7, busy_ms=0.7)
     assert abs(serial.host_gap_ms - 0.3) < 1e-12 and "busy" not in serial.table()
+
+
+def test_model_switch_sets_its_constants_and_puts_them_back():
+    """``python -m tvm_lite.profile --switch NAME:MODULE.CONSTANT=VALUE,...``: the constants (modules
+    under tvm_lite, values Python literals) set while a switched model is built and profiled,
+    and put back after, an exception included."""
+    from tvm_lite.profile import model_switch, switched
+    from tvm_lite.schedules import gpu_attention_prefill as ap
+    from tvm_lite.schedules import gpu_gemm_mma as mm
+
+    before = (ap.TC_STAGED_STORES, ap.TC_KEY_TILES, mm.SUM_VEC)
+    name, assignments = model_switch("both:schedules.gpu_attention_prefill.TC_STAGED_STORES="
+                                     f"{not before[0]},schedules.gpu_attention_prefill."
+                                     "TC_KEY_TILES=(32, 16),schedules.gpu_gemm_mma.SUM_VEC=1")
+    assert name == "both" and [c for _, c, _ in assignments] == [
+        "TC_STAGED_STORES", "TC_KEY_TILES", "SUM_VEC"]
+    with pytest.raises(RuntimeError), switched(assignments):
+        assert (ap.TC_STAGED_STORES, ap.TC_KEY_TILES, mm.SUM_VEC) == (not before[0], (32, 16), 1)
+        raise RuntimeError
+    assert (ap.TC_STAGED_STORES, ap.TC_KEY_TILES, mm.SUM_VEC) == before
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("x:schedules.gpu_gemm_mma.NO_SUCH=1", "has no NO_SUCH"),
+    ("x:schedules.no_such_module.A=1", "no module tvm_lite.schedules.no_such_module"),
+    ("x:schedules.gpu_gemm_mma.SUM_VEC=four", "'four' is not a Python literal"),
+    ("x:SUM_VEC=4", "is not MODULE.CONSTANT"),
+    ("SUM_VEC=4", "expected NAME:CONSTANT=VALUE")])
+def test_profile_command_names_a_bad_switch_before_any_build(spec, says, capsys, tmp_path):
+    from tvm_lite.profile import main
+
+    with pytest.raises(SystemExit):
+        main(["--switch", spec, "--work-dir", str(tmp_path)])
+    assert says in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing exported or built

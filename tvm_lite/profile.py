@@ -390,10 +390,14 @@ def profile_artifact(artifact, device: str = "cuda", prompt_len: int = 512, step
 
 def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str | None = None,
                    device: str = "cuda", prompt_len: int = 512, steps: int = 16,
-                   work_dir="bench_models", progress=print, chunk: int | None = None) -> dict:
+                   work_dir="bench_models", progress=print, chunk: int | None = None,
+                   switch: str | None = None) -> dict:
     """Random-weight models of ``shapes`` (``tvm_lite.bench.models.SHAPES``), exported and
     compiled as ``bench.models`` does, each profiled: shape -> {"prefill", "decode"}.
-    ``target``: default this GPU's (:func:`tvm_lite.target.local_cuda_target`)."""
+    ``target``: default this GPU's (:func:`tvm_lite.target.local_cuda_target`). ``switch``: a
+    ``--switch`` (:func:`model_switch`) in force while the model is built and profiled; its build
+    goes to ``work_dir/<shape>/switch-<NAME>``, rebuilt every time (not the compile cache,
+    whose keys do not know the switch)."""
     from pathlib import Path
 
     from .bench.models import compile_variant, random_model
@@ -406,9 +410,68 @@ def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str | None = 
         work = Path(work_dir) / shape
         onnx_dir = export_onnx(random_model(shape, work / "hf"), work / "onnx", dtype="float16",
                                progress=progress)
-        artifact = compile_variant(onnx_dir, variant, target, progress)
-        out[shape] = profile_artifact(artifact, device, prompt_len, steps, chunk=chunk)
+        if switch is None:
+            artifact = compile_variant(onnx_dir, variant, target, progress)
+            out[shape] = profile_artifact(artifact, device, prompt_len, steps, chunk=chunk)
+            continue
+        name, assignments = model_switch(switch)
+        with switched(assignments):
+            artifact = compile_variant(onnx_dir, variant, target, progress,
+                                       out_dir=work / f"switch-{name}")
+            out[shape] = profile_artifact(artifact, device, prompt_len, steps, chunk=chunk)
     return out
+
+
+def model_switch(spec: str) -> tuple[str, list[tuple[object, str, object]]]:
+    """A whole-model ``--switch NAME:MODULE.CONSTANT=VALUE[,...]`` (``MODULE`` under
+    ``tvm_lite``, e.g. ``staged:schedules.gpu_attention_prefill.TC_STAGED_STORES=True``; ``VALUE``
+    a Python literal) as ``(NAME, [(module, constant, value)])``. Raises ValueError naming a
+    malformed item, a module that does not import, a constant it does not have, or a value that
+    is not a literal. The constant must be read where it is defined, when a model is built or
+    run (one copied into another module at import keeps its value)."""
+    import ast
+    import importlib
+
+    from .bench.kernels import switch_items
+
+    name, items = switch_items(spec)
+    assignments = []
+    for key, text in items:
+        path, dot, const = key.rpartition(".")
+        if not dot or not path:
+            raise ValueError(f"--switch {spec!r}: {key!r} is not MODULE.CONSTANT")
+        try:
+            module = importlib.import_module(f"tvm_lite.{path}")
+        except ImportError as err:
+            raise ValueError(f"--switch {spec!r}: no module tvm_lite.{path} ({err})") from None
+        if not hasattr(module, const):
+            raise ValueError(f"--switch {spec!r}: tvm_lite.{path} has no {const}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--switch {spec!r}: {text!r} is not a Python literal") from None
+        assignments.append((module, const, value))
+    return name, assignments
+
+
+class switched:
+    """Context manager: the constants of :func:`model_switch`'s ``assignments`` set, and put
+    back as they were on exit."""
+
+    def __init__(self, assignments):
+        self.assignments, self.saved = assignments, []
+
+    def __enter__(self):
+        for module, const, value in self.assignments:
+            self.saved.append((module, const, getattr(module, const)))
+            setattr(module, const, value)
+        return self
+
+    def __exit__(self, *exc):
+        for module, const, value in reversed(self.saved):
+            setattr(module, const, value)
+        self.saved = []
+        return False
 
 
 def chunk_summary(result: dict) -> str | None:
@@ -481,16 +544,30 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--work-dir", default="bench_models", help="random models and their builds")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--switch", action="append", default=[],
+                    metavar="NAME:MODULE.CONSTANT=VALUE[,...]",
+                    help="also profile the first variant built and run with these constants "
+                         "(modules under tvm_lite) set, as NAME (repeatable), e.g. "
+                         "staged:schedules.gpu_attention_prefill.TC_STAGED_STORES=True")
     args = ap.parse_args(argv)
     if args.chunk is not None and args.chunk < 1:  # before any build
         ap.error(f"--chunk {args.chunk}: a chunk needs at least one token")
+    for spec in args.switch:  # a malformed or unknown switch: before any build
+        try:
+            model_switch(spec)
+        except ValueError as err:
+            ap.error(str(err))
     out = {}
     variants = args.variant.split(",")
+    runs = [(v, None) for v in variants] + [(variants[0], spec) for spec in args.switch]
     for shape in args.shapes.split(","):
-        for variant in variants:
+        for variant, spec in runs:
             (res,) = profile_shapes([shape], variant, args.target, args.device, args.prompt_len,
-                                    args.steps, args.work_dir, chunk=args.chunk).values()
-            name = shape if len(variants) == 1 else f"{shape} {variant}"
+                                    args.steps, args.work_dir, chunk=args.chunk,
+                                    switch=spec).values()
+            name = shape if len(runs) == 1 else f"{shape} {variant}"
+            if spec is not None:
+                name += " " + spec.partition(":")[0]
             out[name] = {k: v.as_dict() for k, v in res.items()}
             for prof in res.values():
                 print(f"== {name}\n{prof.table(args.top)}\n", flush=True)
@@ -502,7 +579,8 @@ def main(argv=None) -> None:
                     json.dump(out, f, indent=1)
 
 
-__all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes", "chunk_summary"]
+__all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes", "chunk_summary",
+           "model_switch", "switched"]
 
 
 if __name__ == "__main__":

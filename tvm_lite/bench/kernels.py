@@ -98,6 +98,22 @@ def schedule_version(path: str):
     return module
 
 
+def switch_items(spec: str, key=r"[A-Za-z_][\w.]*") -> tuple[str, list[tuple[str, str]]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE...]`` (a ``--switch``) as ``(NAME, [(KEY, VALUE text)])``; a
+    value is Python text and may hold commas (a comma starts a new item only before ``KEY=``).
+    Raises ValueError naming what is malformed."""
+    name, sep, body = spec.partition(":")
+    if not sep or not name.isidentifier() or not body:
+        raise ValueError(f"--switch {spec!r}: expected NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]")
+    items = []
+    for item in re.split(rf",(?=\s*{key}\s*=)", body):
+        const, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not re.fullmatch(key, const) or not value:
+            raise ValueError(f"--switch {spec!r}: {item!r} is not CONSTANT=VALUE")
+        items.append((const, value))
+    return name, items
+
+
 def switched_schedule(module_file, spec: str, out_dir) -> Path:
     """A copy of the schedule module ``module_file`` with top-level constants changed, for
     ``--switch`` (the benches time it as a ``--baseline-kernel``): ``spec`` is
@@ -106,14 +122,11 @@ def switched_schedule(module_file, spec: str, out_dir) -> Path:
     the copy is ``out_dir/NAME.py``. A constant that is not assigned once at the top level of
     the module is an error naming it (a ``sed`` that matches nothing would time the tree's own
     kernel under another name)."""
-    name, sep, body = spec.partition(":")
-    if not sep or not name.isidentifier() or not body:
-        raise ValueError(f"--switch {spec!r}: expected NAME:CONSTANT=VALUE[,CONSTANT=VALUE...]")
+    name, items = switch_items(spec)
     text = Path(module_file).read_text()
-    for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", body):  # (a value may hold commas)
-        const, eq, value = (x.strip() for x in item.partition("="))
-        if not eq or not const.isidentifier() or not value:
-            raise ValueError(f"--switch {spec!r}: {item!r} is not CONSTANT=VALUE")
+    for const, value in items:
+        if not const.isidentifier():
+            raise ValueError(f"--switch {spec!r}: {const!r} is not a constant's name")
         pattern = re.compile(rf"^{const} = [^\n]*$", re.M)
         found = len(pattern.findall(text))
         if found != 1:

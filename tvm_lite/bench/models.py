@@ -111,22 +111,25 @@ def _quant(fmt: str):
 PDL_SUFFIXES = {"+pdl": True, "+pdlg": "graphs", "+nopdl": False}
 
 
-def compile_variant(onnx_dir, variant: str, target: str, progress=print) -> Path:
+def compile_variant(onnx_dir, variant: str, target: str, progress=print,
+                    out_dir=None) -> Path:
     """The artifact of ``variant`` (:data:`VARIANTS`; a tvm_lite one may end in one of
     :data:`PDL_SUFFIXES`: all its kernels, those replayed as CUDA graphs, or none launched with
-    programmatic dependent launch)."""
+    programmatic dependent launch). ``out_dir``: built there, every time, instead of taken from
+    the compile cache."""
     from ..artifact import compile_model
 
+    place = {"out_dir": out_dir, "force": out_dir is not None}
     if variant == "stock-fp16":
-        return compile_model(onnx_dir, target, progress=progress, pipeline="stock")
+        return compile_model(onnx_dir, target, progress=progress, pipeline="stock", **place)
     suffix = next((s for s in PDL_SUFFIXES if variant.endswith(s)), "")
     pdl = PDL_SUFFIXES.get(suffix)  # (None: the default)
     variant = variant.removesuffix(suffix)
     if variant == "tvm_lite-fp16":
-        return compile_model(onnx_dir, target, progress=progress, dependent_launch=pdl)
+        return compile_model(onnx_dir, target, progress=progress, dependent_launch=pdl, **place)
     fmt = variant.split("-", 1)[1]
     return compile_model(onnx_dir, target, progress=progress, quant=_quant(fmt),
-                         dependent_launch=pdl)
+                         dependent_launch=pdl, **place)
 
 
 def bench_torch(hf_dir, prompt_ids, decode_tokens: int, repeats: int, device: str = "cuda") -> dict:
