@@ -132,6 +132,16 @@ MID_TMS = (128, 64)
 MID_TNS = (256, 192, 128)
 MID_STAGES = 4
 MID_SPLIT = 2
+# ... and, with MID_TWO_A_SM, a tile whose split grid is up to twice the SMs where two of its
+# workgroups fit a SM's shared memory (SM_SHARED) with MID_TWO_A_SM_STAGES stages: Gemma-2B's
+# merged q+k+v (K 2048, N 2560) at 256 tokens gets no tile above (64 x 128 split in two is 160
+# workgroups of 133 KB at 4 stages), so it runs mma.sync's 64 x 64 (27 us a call in the chunks,
+# 2.1x one call's time a row); at 3 stages 64 x 128 takes 100 KB, two a SM. Off until timed
+# (``bench.prefill --gemm-models gemma-2b --gemm-lengths 256 --wgmma 64x128xws3c``, and the whole
+# step: ``python -m tvm_lite.profile --switch two:schedules.gpu_gemm_wgmma_ws.MID_TWO_A_SM=True``).
+MID_TWO_A_SM = False
+MID_TWO_A_SM_STAGES = 3
+SM_SHARED = 228 * 1024  # shared memory of an sm_90 SM (1 KB of it reserved a workgroup)
 
 HELPERS = {
     **wg.HELPERS,
@@ -574,17 +584,26 @@ def deep_or_wide(func, target, profile) -> str | None:
 
 
 def mid_tile(g: dict, length: int, compute_units: int) -> tuple | None:
-    """``(TM, TN)`` of the cluster-summed plan (see :data:`MID_CLUSTER_SUM`) for GEMM ``g`` at
-    a prompt of ``length`` tokens, or None where no tile's grid, split in two, fills the SMs in
-    one wave."""
-    for tm in MID_TMS:
-        for tn in MID_TNS:
-            if g["n"] % tn:
-                continue
-            grid = -(-length // tm) * (g["n"] // tn)
-            if (wg.choose_split(length, g["n"], g["k"], (tm, tn), compute_units) == MID_SPLIT
-                    and mma_gemm.MIN_WAVE * compute_units <= grid * MID_SPLIT <= compute_units):
-                return tm, tn
+    """``(TM, TN, stages)`` of the cluster-summed plan (see :data:`MID_CLUSTER_SUM`) for GEMM
+    ``g`` at a prompt of ``length`` tokens, or None where no tile's grid, split in two, fills
+    the SMs in one wave (one workgroup a SM at :data:`MID_STAGES`; with :data:`MID_TWO_A_SM`,
+    then two a SM at :data:`MID_TWO_A_SM_STAGES` where their shared memory fits)."""
+    def tiles():
+        for tm in MID_TMS:
+            for tn in MID_TNS:
+                if not g["n"] % tn:
+                    yield tm, tn, -(-length // tm) * (g["n"] // tn) * MID_SPLIT
+
+    for tm, tn, grid in tiles():
+        if (wg.choose_split(length, g["n"], g["k"], (tm, tn), compute_units) == MID_SPLIT
+                and mma_gemm.MIN_WAVE * compute_units <= grid <= compute_units):
+            return tm, tn, MID_STAGES
+    if MID_TWO_A_SM:
+        S = MID_TWO_A_SM_STAGES
+        for tm, tn, grid in tiles():
+            each = max(shared_bytes(g, tm, tn, S), cluster_bytes(tm, tn)) + 1024
+            if compute_units < grid <= 2 * compute_units and 2 * each <= SM_SHARED:
+                return tm, tn, S
     return None
 
 
@@ -615,12 +634,12 @@ def mid_gemm_kernel(func, target, profile, lengths=None):
             t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"])
             variants.append((cond, mma_gemm.kernel_source(func, g, t), mma_gemm.plan_label(t)))
             continue
-        TM, TN = tile
+        TM, TN, stages = tile
         helpers.update(cuda_cluster.helpers_for((1, 1, MID_SPLIT)))
-        shared = max(shared, shared_bytes(g, TM, TN, MID_STAGES), cluster_bytes(TM, TN))
-        variants.append((cond, kernel_source(func, g, (TM, TN, MID_SPLIT), MID_STAGES,
+        shared = max(shared, shared_bytes(g, TM, TN, stages), cluster_bytes(TM, TN))
+        variants.append((cond, kernel_source(func, g, (TM, TN, MID_SPLIT), stages,
                                              cluster_sum=True),
-                         plan_label(TM, TN, MID_SPLIT, MID_STAGES, cluster=True)))
+                         plan_label(TM, TN, MID_SPLIT, stages, cluster=True)))
     if not shared:
         raise MatchError("no planned prompt length takes the cluster-summed kernel")
     src, label = mma_gemm.by_length(variants)

@@ -956,7 +956,9 @@ CLUSTER_CPU_CASES = [("e0m4", 1024, 128, 40, "residual", (128, 128, 2), 4, 2, Tr
                      ("e0m4", 1024, 128, 200, None, (128, 128, 4), 3, None, False),
                      ("int4", 512, 64, 70, "residual", (64, 64, 4), 3, None, False),
                      ("e0m4", 1024, 1152, 150, None, ("mid", 48), 4, None, False),
-                     ("e0m4", 1024, 1152, 100, "residual", ("mid", 100), 4, None, False)]
+                     ("e0m4", 1024, 1152, 100, "residual", ("mid", 100), 4, None, False),
+                     # MID_TWO_A_SM's tile: 64 x 128, 3 stages, in pairs
+                     ("e0m4", 1024, 256, 100, "residual", (64, 128, 2), 3, None, False)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
@@ -1105,6 +1107,30 @@ def test_deep_and_wide_gemms_take_mma_sync_where_their_grid_leaves_sms_idle(k, n
         with pytest.raises(MatchError, match="no planned prompt length fills the SMs"):
             ws.deep_gemm_kernel(_mma_func("e0m4", k, n, None), target,
                                 dataclasses.replace(CUDA, compute_units=100_000))
+
+
+def test_mid_gemms_take_two_workgroups_a_sm_where_on(monkeypatch):
+    """``MID_TWO_A_SM``: Gemma-2B's merged q+k+v (K 2048, N 2560), which no one-a-SM tile fits at
+    256 tokens, takes 64 x 128 split in two (160 workgroups on 132 SMs) at 3 stages, two of
+    which fit a SM's shared memory; Llama-1B's (N 3072) keeps its one-a-SM plan; off, Gemma-2B's
+    q+k+v is not taken (mma.sync)."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    target = parse_target(WGMMA_TARGET)
+
+    def plan(n):
+        with target:
+            return str(ws.mid_gemm_kernel(_mma_func("e0m4", 2048, n, None), target, CUDA)
+                       .mod["main"].attrs["tvm_lite.gemm"])
+
+    with pytest.raises(MatchError, match="no planned prompt length"):
+        plan(2560)
+    llama = plan(3072)
+    monkeypatch.setattr(ws, "MID_TWO_A_SM", True)
+    assert "if n <= 384: wgmma_m64n128k16 64x128 split-K 2 warp-specialised x3 cluster;" in plan(2560)
+    assert plan(3072) == llama
+    assert 2 * (ws.shared_bytes(ws.mma_gemm.match_gemm(s_tir.Schedule(_mma_func(
+        "e0m4", 2048, 2560, None)), CUDA), 64, 128, ws.MID_TWO_A_SM_STAGES) + 1024) <= ws.SM_SHARED
 
 
 # 256-token tiles gave NaN on an H100 (twenty-first session: gate/up at M = 1 and 512), where the
