@@ -219,3 +219,19 @@ def test_profile_command_names_a_bad_switch_before_any_build(spec, says, capsys,
         main(["--switch", spec, "--work-dir", str(tmp_path)])
     assert says in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing exported or built
+
+
+def test_comparison_table_puts_runs_side_by_side():
+    """``python -m tvm_lite.profile`` with several runs (variants, ``--switch``es, shapes) ends
+    with one row a run: prefill wall and GPU ms, the chunks' wall and ratio, decode."""
+    from tvm_lite.profile import comparison_table
+
+    runs = {"llama base": {"prefill": {"wall_ms": 16.0, "busy_ms": 14.0},
+                           "prefill_chunked": {"wall_ms": 22.4},
+                           "decode": {"wall_ms": 0.9, "wall_ms_graphs": 0.73}},
+            "llama base staged": {"prefill": {"wall_ms": 15.0, "busy_ms": 13.5},
+                                  "decode": {"wall_ms": 0.9, "wall_ms_graphs": None}}}
+    lines = comparison_table(runs).splitlines()
+    assert len(lines) == 4
+    assert lines[2] == "| llama base | 16.000 | 14.000 | 22.400 | 1.40x | 0.900 | 0.730 |"
+    assert lines[3] == "| llama base staged | 15.000 | 13.500 | - | - | 0.900 | - |"

@@ -496,6 +496,25 @@ def chunk_summary(result: dict) -> str | None:
     return line
 
 
+def comparison_table(runs: dict) -> str:
+    """Markdown: one row a profiled run (``runs``: name -> {phase: ``StepProfile.as_dict()``},
+    what ``main`` writes to ``--json``), its prefill wall and GPU ms, the chunks' wall and their
+    ratio to the one call, and a decode step's wall (as CUDA graphs where timed so); a phase
+    not profiled is a dash."""
+    def ms(d, key="wall_ms"):
+        return "-" if d is None or d.get(key) is None else f"{d[key]:.3f}"
+
+    rows = ["| run | prefill wall ms | prefill GPU ms | chunks wall ms | chunks / one call "
+            "| decode wall ms | decode as graphs ms |", "|---|---|---|---|---|---|---|"]
+    for name, phases in runs.items():
+        one, chunked, dec = (phases.get(k) for k in ("prefill", "prefill_chunked", "decode"))
+        ratio = (f"{chunked['wall_ms'] / one['wall_ms']:.2f}x"
+                 if one is not None and chunked is not None else "-")
+        rows.append(f"| {name} | {ms(one)} | {ms(one, 'busy_ms')} | {ms(chunked)} | {ratio} | "
+                    f"{ms(dec)} | {ms(dec, 'wall_ms_graphs')} |")
+    return "\n".join(rows)
+
+
 CHUNK_HELP = ("also profile the prompt prefilled in calls of this many tokens (one 'step' = "
               "the whole prompt), next to the one call")
 
@@ -577,10 +596,12 @@ def main(argv=None) -> None:
             if args.json:  # rewritten after every build: a run cut short keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
+    if len(out) > 1:  # variants, switches or shapes side by side
+        print(comparison_table(out), flush=True)
 
 
 __all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes", "chunk_summary",
-           "model_switch", "switched"]
+           "model_switch", "switched", "comparison_table"]
 
 
 if __name__ == "__main__":
