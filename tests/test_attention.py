@@ -858,12 +858,16 @@ def test_tensor_core_prefill_cuda_c_run_on_the_cpu_matches_numpy(heads, kv, d, n
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
 
+_STORE_SHAPES = [(9, 3, 64, 130, 1), (8, 2, 128, 70, 1), (8, 1, 256, 40, 1), (9, 3, 64, 130, 2),
+                 (4, 4, 80, 50, 1)]  # head_dim 80 (Phi-2's): 10 16-byte vectors a row
+
+
+# (the paired stores, the default, run at every TC_CPU_CASES shape too)
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-@pytest.mark.parametrize("heads, kv, d, n, m_tiles", [
-    (9, 3, 64, 130, 1), (8, 2, 128, 70, 1), (8, 1, 256, 40, 1), (9, 3, 64, 130, 2),
-    (4, 4, 80, 50, 1)])  # head_dim 80 (Phi-2's): 10 16-byte vectors a row
-@pytest.mark.parametrize("stores", ["one", "pairs", "staged"])
-def test_tensor_core_prefill_output_stores_on_the_cpu(heads, kv, d, n, m_tiles, stores, tmp_path,
+@pytest.mark.parametrize("stores, heads, kv, d, n, m_tiles", [
+    *(("staged", *shape) for shape in _STORE_SHAPES),
+    ("one", *_STORE_SHAPES[0]), ("one", *_STORE_SHAPES[2]), ("pairs", *_STORE_SHAPES[1])])
+def test_tensor_core_prefill_output_stores_on_the_cpu(stores, heads, kv, d, n, m_tiles, tmp_path,
                                                       monkeypatch):
     """An unsplit call's output stored one fp16 at a time, two dims a 4-byte store
     (``TC_PAIR_STORES``) or staged through the warp's rows of Q's tile and stored 16 bytes a
