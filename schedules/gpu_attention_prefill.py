@@ -219,9 +219,15 @@ TC_Q_REGISTERS_MAX_DIM = 128
 TC_PAIR_STORES = True
 # ... and a split's fp32 partials (chunks after a cache, prompts split in two) the same way: a
 # thread's two neighbouring dims in one 8-byte store, so a warp writes whole 32-byte sectors of
-# 8 rows where it writes half of each. Off until timed (``bench.prefill --parts attention
-# --switch pp:TC_PAIR_PARTIALS=True``: the chunks' column).
-TC_PAIR_PARTIALS = False
+# 8 rows where it writes half of each. On an H100 (twenty-ninth session, ``bench.prefill --parts
+# attention --lengths 512,2048 --switch pp:TC_PAIR_PARTIALS=True``,
+# ``results/issue16_attention_pair_partials_h100_s29.json``): 2048 tokens in 256-token chunks /
+# one call 2.60 -> 2.46x (SmolLM2), 1.92 -> 1.78x (Llama-1B), 1.58 -> 1.48x (head_dim 128),
+# 1.96 -> 1.90x (Gemma-2B); Gemma-2B's split 2048-token call 121.1 -> 108.1 us, SmolLM2's 52.4
+# -> 49.7, Llama-1B's 97.5 -> 99.9. Whole step (``tvm_lite.profile --switch``,
+# ``..._profile_smollm2_h100_s29.json``, ``..._profile_llama1b_h100_s29.json``): SmolLM2's
+# chunks 16.66 -> 16.12 ms, one call 6.73 -> 6.51; Llama-1B's 22.05 -> 22.16 and 15.63 -> 15.50.
+TC_PAIR_PARTIALS = True
 # An unsplit call's output staged through shared memory: each warp writes its rows' fp16 pairs
 # into its own rows of Q's tile (dead once its key loop is done: a warp's Q fragments come from
 # its own rows only), then stores them 16 bytes a thread, a warp writing whole row segments

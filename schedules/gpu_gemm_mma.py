@@ -92,6 +92,21 @@ UNSPLIT_MAX_K = 2048
 UNSPLIT_MIN_WAVES = 1.0
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)
+# A short prompt (NARROW_MAX_M) over a narrow N where no tile of TILES gives MIN_WAVE of the SMs a workgroup,
+# even with K split (SmolLM2's o and down, N 576, at 256 tokens: 36 workgroups of 64 x 64):
+# NARROW_TILE's 32-row tiles, K split by the smallest divisor of its slices that gives
+# NARROW_WAVES workgroups a SM (any divisor: SmolLM2's K of 576 is 9 slices). On an H100
+# (twenty-ninth session, ``bench.prefill --parts gemm --gemm-models smollm2-135m --gemm-lengths
+# 256 --gemm-tiles 32x64x1x2x3``): o 7.9 -> 7.3 us, down 12.1 -> 9.4 (split in three, 216
+# workgroups), q+k+v 8.0 -> 8.3 (360). The whole step (``tvm_lite.profile --shapes smollm2-135m
+# --prompt-len 2048 --chunk 256 --switch narrow:schedules.gpu_gemm_mma.NARROW=True``,
+# ``results/issue16_profile_smollm2_h100_s29.json``): the 8 chunks' GPU time 15.41 -> 13.67 ms
+# (q+k+v 2.05 -> 1.59 ms with its sum kernel, o 1.99 -> 1.37, down 2.82 -> 2.17), their wall
+# 16.66 -> 15.93 ms: the sum kernels' 472 more launches take 1 ms of the gain back.
+NARROW = True
+NARROW_TILE = (32, 64, 1, 2)
+NARROW_WAVES = 1.5
+NARROW_MAX_M = 256  # the prompt lengths it was timed at (256) and below
 SUM_THREADS = 256  # threads of a workgroup of the split-K sum
 # ... and the neighbouring outputs a thread of it adds up: one 16-byte load of each partial
 # (N is a multiple of 64, so a thread's 4 never straddle a row). 1: one output a thread, a
@@ -169,7 +184,19 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
                            if t[4] == 1 and w >= UNSPLIT_MIN_WAVES * compute_units), (wave, tile))
     if tile[:2] == WIDE_TILE[:2] and tile[4] == 1 and wave >= WIDE_MIN_WAVES * compute_units:
         return (*WIDE_TILE, 1)
+    if (NARROW and m <= NARROW_MAX_M and wave < MIN_WAVE * compute_units
+            and n % NARROW_TILE[1] == 0):
+        return narrow_tile(n, compute_units, m, slices)
     return tile
+
+
+def narrow_tile(n: int, compute_units: int, m: int, slices: int) -> tuple:
+    """:data:`NARROW_TILE` with K split by the smallest divisor of ``slices`` whose grid gives
+    :data:`NARROW_WAVES` workgroups a SM (the largest divisor if none does)."""
+    grid = -(-m // NARROW_TILE[0]) * (n // NARROW_TILE[1])
+    divisors = [d for d in range(1, max(slices, 1) + 1) if slices % d == 0] or [1]
+    ks = next((d for d in divisors if grid * d >= NARROW_WAVES * compute_units), divisors[-1])
+    return (*NARROW_TILE, ks)
 
 
 def lengths_for(m: str, lengths=None) -> list[tuple[int, str | None]]:

@@ -136,9 +136,15 @@ MID_SPLIT = 2
 # workgroups fit a SM's shared memory (SM_SHARED) with MID_TWO_A_SM_STAGES stages: Gemma-2B's
 # merged q+k+v (K 2048, N 2560) at 256 tokens gets no tile above (64 x 128 split in two is 160
 # workgroups of 133 KB at 4 stages), so it runs mma.sync's 64 x 64 (27 us a call in the chunks,
-# 2.1x one call's time a row); at 3 stages 64 x 128 takes 100 KB, two a SM. Off until timed
-# (``bench.prefill --gemm-models gemma-2b --gemm-lengths 256 --wgmma 64x128xws3c``, and the whole
-# step: ``python -m tvm_lite.profile --switch two:schedules.gpu_gemm_wgmma_ws.MID_TWO_A_SM=True``).
+# 2.1x one call's time a row); at 3 stages 64 x 128 takes 100 KB, two a SM. It changes no other
+# plan of Llama-1B, Gemma-2B or SmolLM2 at 256, 512 or 2048 tokens. On an H100 (twenty-ninth
+# session, ``bench.prefill --parts gemm --gemm-models gemma-2b --gemm-lengths 256 --gemm-layers
+# "q+k+v;o" --gemm-variants "e0m4 (sm_90a)" --wgmma 64x128xws4c,64x128xws3c``,
+# ``results/issue16_gemm_gemma_mid_h100_s29.json``): Gemma-2B's q+k+v 27.2 -> 25.5 us (64x128xws4c
+# 31.2; torch 15.2), ~0.25 ms of its 8 chunks. Off: neither the whole step (its profile with a
+# switch build does not fit one 10-minute call) nor this tile's GPU numerics were run; for the
+# next GPU session: ``python -m tvm_lite.profile --shapes gemma-2b --prompt-len 2048 --chunk 256
+# --switch two:schedules.gpu_gemm_wgmma_ws.MID_TWO_A_SM=True`` with the tree's build cached.
 MID_TWO_A_SM = False
 MID_TWO_A_SM_STAGES = 3
 SM_SHARED = 228 * 1024  # shared memory of an sm_90 SM (1 KB of it reserved a workgroup)

@@ -676,6 +676,15 @@ def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
     assert choose_tile(3072, 132, m=256, k=2048) == (64, 64, 2, 2, 1)
     assert choose_tile(2048, 132, m=256, k=2048) == (128, 128, 2, 4, 4)
     assert choose_tile(2048, 132, m=256, k=8192) == (128, 128, 2, 4, 4)
+    # NARROW: SmolLM2's o and down (N 576) at 256 tokens take 32-row tiles, K split in three
+    # (216 workgroups), where 64x64 gives 36 or 72; Llama-1B's N 2048 keeps its 64x64 tiles
+    import tvm_lite.schedules.gpu_gemm_mma as mma_rules
+
+    assert mma_rules.NARROW
+    assert choose_tile(576, 132, m=256, k=576) == (32, 64, 1, 2, 3)
+    assert choose_tile(576, 132, m=256, k=1536) == (32, 64, 1, 2, 3)
+    assert choose_tile(576, 132, m=512, k=576) == (64, 64, 2, 2, 1)  # timed at 256 only
+    assert choose_tile(2048, 132, m=256, k=2048)[:2] == (128, 128)
     names = r"__global__ void __launch_bounds__\(\d+\) (\w+)\("
     for split_k, kernels in ((True, 2), (False, 1)):  # split: the partial sums' kernel applies
         func = _mma_func("e0m4", 2048, 2048, "residual")  # the epilogue
@@ -747,6 +756,7 @@ MMA_CPU_CASES = [("e0m4", 256, 128, 70, None, None, False),
                  ("e0m4", 256, 128, 70, None, (128, 128, 2, 4, 1, 64), False),
                  ("int4", 256, 256, 40, None, (128, 256, 2, 4, 2), False),
                  ("e0m4", 256, 256, 150, "residual", (128, 128, 2, 2, 1), False),  # WIDE_TILE
+                 ("e0m4", 576, 128, 70, "residual", (32, 64, 1, 2, 3), False),  # NARROW_TILE
                  ("e0m4", 256, 128, 70, None, None, True),
                  ("int4", 1024, 64, 37, "residual", None, True),
                  ("fp16", 128, 192, 65, "silu_gate", None, True)]
