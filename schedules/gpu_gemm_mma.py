@@ -92,17 +92,19 @@ UNSPLIT_MAX_K = 2048
 UNSPLIT_MIN_WAVES = 1.0
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)
-# A short prompt (NARROW_MAX_M) over a narrow N where no tile of TILES gives MIN_WAVE of the SMs a workgroup,
-# even with K split (SmolLM2's o and down, N 576, at 256 tokens: 36 workgroups of 64 x 64):
-# NARROW_TILE's 32-row tiles, K split by the smallest divisor of its slices that gives
-# NARROW_WAVES workgroups a SM (any divisor: SmolLM2's K of 576 is 9 slices). On an H100
-# (twenty-ninth session, ``bench.prefill --parts gemm --gemm-models smollm2-135m --gemm-lengths
-# 256 --gemm-tiles 32x64x1x2x3``): o 7.9 -> 7.3 us, down 12.1 -> 9.4 (split in three, 216
-# workgroups), q+k+v 8.0 -> 8.3 (360). The whole step (``tvm_lite.profile --shapes smollm2-135m
-# --prompt-len 2048 --chunk 256 --switch narrow:schedules.gpu_gemm_mma.NARROW=True``,
-# ``results/issue16_profile_smollm2_h100_s29.json``): the 8 chunks' GPU time 15.41 -> 13.67 ms
-# (q+k+v 2.05 -> 1.59 ms with its sum kernel, o 1.99 -> 1.37, down 2.82 -> 2.17), their wall
-# 16.66 -> 15.93 ms: the sum kernels' 472 more launches take 1 ms of the gain back.
+# A short prompt (NARROW_MAX_M) over a narrow N where no tile of TILES gives MIN_WAVE of the SMs
+# a workgroup, even with K split (SmolLM2's o and down, N 576, at 256 tokens: 36 and 72
+# workgroups of 64 x 64): NARROW_TILE's 32-row tiles, K split by the smallest divisor of its
+# slices that gives NARROW_WAVES workgroups a SM (any divisor: SmolLM2's K of 576 is 9 slices).
+# On an H100 (twenty-ninth session, ``bench.prefill --parts gemm --gemm-models smollm2-135m
+# --gemm-lengths 256 --gemm-tiles 32x64x1x2x3``, ``results/issue16_gemm_smollm2_256_h100_s29
+# .json``): o 7.9 -> 7.3 us, down 12.1 -> 9.4 (split in three, 216 workgroups), q+k+v 8.0 -> 8.3
+# (360); max error against torch 3-4e-4, as the default's. The whole step (``tvm_lite.profile
+# --shapes smollm2-135m --prompt-len 2048 --chunk 256 --switch
+# narrow:schedules.gpu_gemm_mma.NARROW=True``, ``results/issue16_profile_smollm2_h100_s29.json``):
+# the 8 chunks' GPU time 15.41 -> 13.67 ms (q+k+v 2.05 -> 1.59 ms with its sum kernel, o 1.99 ->
+# 1.37, down 2.82 -> 2.17), their wall 16.66 -> 15.93 ms: the sum kernels' 472 more launches
+# take 1 ms of the gain back.
 NARROW = True
 NARROW_TILE = (32, 64, 1, 2)
 NARROW_WAVES = 1.5

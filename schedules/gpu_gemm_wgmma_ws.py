@@ -141,9 +141,9 @@ MID_SPLIT = 2
 # session, ``bench.prefill --parts gemm --gemm-models gemma-2b --gemm-lengths 256 --gemm-layers
 # "q+k+v;o" --gemm-variants "e0m4 (sm_90a)" --wgmma 64x128xws4c,64x128xws3c``,
 # ``results/issue16_gemm_gemma_mid_h100_s29.json``): Gemma-2B's q+k+v 27.2 -> 25.5 us (64x128xws4c
-# 31.2; torch 15.2), ~0.25 ms of its 8 chunks. Off: neither the whole step (its profile with a
-# switch build does not fit one 10-minute call) nor this tile's GPU numerics were run; for the
-# next GPU session: ``python -m tvm_lite.profile --shapes gemma-2b --prompt-len 2048 --chunk 256
+# 31.2; torch 15.2; max error against torch 3.3e-4, as the default's), ~0.25 ms of its 8
+# chunks. Off until the whole step is timed (Gemma-2B's profile with a switch build does not fit
+# one 10-minute call): ``python -m tvm_lite.profile --shapes gemma-2b --prompt-len 2048 --chunk 256
 # --switch two:schedules.gpu_gemm_wgmma_ws.MID_TWO_A_SM=True`` with the tree's build cached.
 MID_TWO_A_SM = False
 MID_TWO_A_SM_STAGES = 3
