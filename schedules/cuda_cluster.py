@@ -77,6 +77,14 @@ __forceinline__ __device__ void tvm_lite_st_f32x2(void* p, float a, float b) {
 }
 
 
+def supported(target) -> bool:
+    """Thread-block clusters: a CUDA target of sm_90 or newer."""
+    if target is None or target.kind.name != "cuda":
+        return False
+    digits = "".join(ch for ch in str(target.attrs.get("arch", "")) if ch.isdigit())
+    return digits != "" and int(digits) >= 90
+
+
 def helpers_for(dims: tuple[int, int, int]) -> dict:
     """The helpers (name -> CUDA source) a kernel run in clusters of ``dims`` calls: the
     barrier, the distributed shared-memory load, the fp32 pair store and its marker."""

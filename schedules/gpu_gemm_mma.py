@@ -44,6 +44,7 @@ from tvm import s_tir
 from tvm.script import from_source
 from tvm.script import tirx as T
 
+from . import cuda_cluster
 from . import cuda_mma as mma
 from .gpu_gemv import CODES_PER_WORD, MatchError, _int, match_matmul
 from .gpu_gemv_half2 import (E0M4_ZERO_NONE, attach_epilogue, dequant_roles, output_role,
@@ -109,6 +110,19 @@ NARROW = True
 NARROW_TILE = (32, 64, 1, 2)
 NARROW_WAVES = 1.5
 NARROW_MAX_M = 256  # the prompt lengths it was timed at (256) and below
+# A split K's partials added up in a thread-block cluster (sm_90+) instead of by the second
+# kernel: the KS workgroups of an output tile (blockIdx.z) run as one cluster, each leaves its
+# fp32 partial tile in its own shared memory (rows CLUSTER_PAD bytes longer), and each then adds
+# up every KS-th 16-byte vector of the tile across the cluster (distributed shared memory) and
+# stores it through the epilogue: no fp32 partials in global memory, no second launch. The
+# narrow tiles' sum kernels (NARROW) cost SmolLM2's chunks 472 launches and 1 ms of host gap in
+# their CUDA graphs (twenty-ninth session). Written after that session's GPU time, checked only
+# by the CPU emulation (``pytest tests/test_gpu_schedules.py -k mma_gemm_cuda_c_run``); off until
+# timed: ``python -m tvm_lite.profile --shapes smollm2-135m --prompt-len 2048 --chunk 256
+# --switch cl:schedules.gpu_gemm_mma.CLUSTER_SUM=True``.
+CLUSTER_SUM = False
+CLUSTER_MAX = 8  # the portable cluster size: a split of more ways keeps its sum kernel
+CLUSTER_PAD = 16  # bytes at the end of a shared row of partials
 SUM_THREADS = 256  # threads of a workgroup of the split-K sum
 # ... and the neighbouring outputs a thread of it adds up: one 16-byte load of each partial
 # (N is a multiple of 64, so a thread's 4 never straddle a row). 1: one output a thread, a
@@ -121,6 +135,8 @@ EPILOGUE = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format  # the
 # 128 x 64 slices of 256 threads) and the shared stores. Off until timed on a GPU
 # (``bench.prefill --parts gemm``: the "e0m4 (x async)" rows).
 X_ASYNC = False
+
+cuda_cluster.register()  # __cluster_dims__ for the kernels that ask (CLUSTER_SUM)
 
 HELPERS = {
     **mma.HELPERS,
@@ -152,6 +168,20 @@ def split_ways(grid: int, slices: int, compute_units: int) -> int:
            and slices // (2 * ks) >= SPLIT_K_MIN_SLICES):
         ks *= 2
     return ks
+
+
+def sums_in_cluster(tile, target) -> bool:
+    """Whether ``tile``'s split K is added up in a cluster (:data:`CLUSTER_SUM`) on ``target``."""
+    return CLUSTER_SUM and 1 < tile[4] <= CLUSTER_MAX and cuda_cluster.supported(target)
+
+
+def helpers_for(tiles_in_cluster) -> dict:
+    """The helpers the kernels of these plans call: :data:`HELPERS`, and the cluster's (its
+    barrier, distributed shared-memory loads, marker) for each K split summed in a cluster."""
+    helpers = dict(HELPERS)
+    for ks in tiles_in_cluster:
+        helpers.update(cuda_cluster.helpers_for((1, 1, ks)))
+    return helpers
 
 
 def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = None) -> tuple:
@@ -429,11 +459,13 @@ def match_gemm(sch, profile):
                 out_dtype=str(out_buf.dtype), final=final, matmul_buf=out_buf)
 
 
-def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
+def kernel_source(func, g: dict, tile, x_async: bool | None = None,
+                  cluster_sum: bool = False) -> str:
     """TVMScript of the kernel for ``func`` (roles ``g`` from :func:`match_gemm`, ``tile`` from
     :func:`choose_tile`, optionally with a sixth entry: the K slice, ``TK`` if absent); its
     stores write ``__tvm_lite_epilogue__(acc)``. ``x_async``: X by ``cp.async`` (default
-    :data:`X_ASYNC`)."""
+    :data:`X_ASYNC`). ``cluster_sum``: a split K's partials added up in a thread-block cluster
+    (:data:`CLUSTER_SUM`; the caller checks the target, :func:`sums_in_cluster`)."""
     x_async = X_ASYNC if x_async is None else x_async
     names, params, decls = _decl(func)
     TM, TN, WM, WN, KS = tile[:5]
@@ -537,11 +569,26 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
     x_next = f"(ko + 1) % 2 * {STAGE}" if x_async else ""
     wait = f"T.evaluate({mma.call('tvm_lite_cp_async_wait_all')})" if x_async else ""
     value = f"acc[(mt * {NT} + nt) * 4 + c]"
-    workspace, store, sum_kernel = output_store(out, obuf, M, N, KS, row, col, value)
+    cluster_sum = cluster_sum and KS > 1
+    workspace, store, sum_kernel = output_store(out, obuf, M, N, 1 if cluster_sum else KS, row,
+                                                col, value)
+    shared = 2 * STAGE  # fp16 elements
+    stores = f'''for mt in T.unroll({MT}):
+    for nt in T.unroll({NT}):
+        for c in T.unroll(4):
+            if {row} < {M}:
+                {store}'''
+    mark = ""
+    if cluster_sum:
+        stores, shared = cluster_stores(out, obuf, g, (TM, TN, KS), threads, stores_at=(
+            f"{wm} * {WTM} + mt * 16 + {g4}", f"{wn} * {WTN} + nt * 8 + {t4} * 2", MT, NT))
+        shared = max(2 * STAGE, shared)
+        mark = f"T.evaluate({mma.call(cuda_cluster.marker((1, 1, KS)))})"
     head = kernel_head("gemm_mma", params, decls, views, workspace,
                        (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
     return f'''{head}
-                sm = T.alloc_buffer(({2 * STAGE},), "float16", scope="shared.dyn")
+                sm = T.alloc_buffer(({shared},), "float16", scope="shared.dyn")
+{indent(mark, 16)}
                 acc = T.alloc_buffer(({MT * NT * 4},), "float32", scope="local")
                 af = T.alloc_buffer(({MT * 4},), "uint32", scope="local")
                 bf = T.alloc_buffer((4,), "uint32", scope="local")
@@ -572,17 +619,55 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None) -> str:
 {indent(at(w_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
 {indent(wait, 20)}
                     T.tvm_storage_sync("shared")
-                for mt in T.unroll({MT}):
-                    for nt in T.unroll({NT}):
-                        for c in T.unroll(4):
-                            if {row} < {M}:
-                                {store}
+{indent(stores, 16)}
 {sum_kernel}'''
 
 
-def plan_label(tile) -> str:
+def cluster_stores(out: str, obuf, g: dict, tile, threads: int, stores_at) -> tuple[str, int]:
+    """(the statements after the K loop, the fp16 elements of shared memory they use) of a
+    workgroup whose split K is summed in its cluster (:data:`CLUSTER_SUM`): its fp32 partial
+    tile into its shared memory (``stores_at``: the tile row and column of a thread's first
+    accumulator pair, its m16 and n8 fragment counts), a cluster barrier, then every ``KS``-th
+    16-byte vector of the tile (from this workgroup's rank ``bz`` on) added up over the
+    cluster's shared memories and stored through the epilogue, and a last barrier (no workgroup
+    leaves while another reads its memory). The K loop ended with a barrier: the stages are
+    free."""
+    TM, TN, KS = tile
+    M, N = g["m"], g["n"]
+    FP = TN * 4 + CLUSTER_PAD  # bytes of a row of partials
+    r0, c0, MT, NT = stores_at
+    lrow, lcol = f"({r0} + hr * 8)", f"({c0})"
+    st = mma.call("tvm_lite_st_f32x2", f"T.address_of(sm[({lrow} * {FP} + {lcol} * 4) // 2])",
+                  f"acc[(mt * {NT} + nt) * 4 + hr * 2]", f"acc[(mt * {NT} + nt) * 4 + hr * 2 + 1]")
+    V4 = TN // 4  # 16-byte vectors a row
+    e = f"((it * {threads} + tx) * {KS} + bz)"  # this thread's vector of the tile
+    trow = f"({e} // {V4})"
+    at = f"T.address_of(sm[({trow} * {FP} + {e} % {V4} * 16) // 2])"
+    part = lambda r: mma.call("tvm_lite_ld_dsmem_f32x4", at, r, ret="float32x4")  # noqa: E731
+    gcol = f"bx * {TN} + {e} % {V4} * 4 + i"
+    sync = f"T.evaluate({mma.call('tvm_lite_cluster_sync')})"
+    text = f'''for mt in T.unroll({MT}):
+    for nt in T.unroll({NT}):
+        for hr in T.unroll(2):
+            T.evaluate({st})
+{sync}
+tot = T.alloc_buffer((4,), "float32", scope="local")
+for it in T.serial({-(-TM * V4 // (KS * threads))}):
+    if {e} < {TM * V4}:
+        tot[T.Ramp(0, 1, 4)] = {part("T.int32(0)")}
+        for r in T.serial(1, {KS}):
+            tot[T.Ramp(0, 1, 4)] = tot[T.Ramp(0, 1, 4)] + {part("r")}
+        if by * {TM} + {trow} < {M}:
+            for i in T.unroll(4):
+                {out}[{_row_at(obuf, f"by * {TM} + {trow}", gcol)}] = {EPILOGUE("tot[i]")}
+{sync}'''
+    return text, -(-TM * FP // 2)
+
+
+def plan_label(tile, cluster_sum: bool = False) -> str:
     """The ``tvm_lite.gemm`` label of this kernel at ``tile`` (:func:`choose_tile`'s)."""
-    return "mma_m16n8k16 %dx%d split-K %d" % (tile[0], tile[1], tile[4])
+    return "mma_m16n8k16 %dx%d split-K %d%s" % (tile[0], tile[1], tile[4],
+                                                " cluster" if cluster_sum and tile[4] > 1 else "")
 
 
 def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
@@ -603,9 +688,11 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
                                          k=g["k"] if split_k else None))
              for length, cond in (lengths_for(g["m"], lengths) if tile is None
                                   else [(PLAN_M, None)])]
-    src, label = by_length([(cond, kernel_source(func, g, t, x_async), plan_label(t))
-                            for cond, t in plans])
-    kernel = from_source(src, extra_vars={"T": T, "HELPERS": HELPERS})
+    cluster = [sums_in_cluster(t, target) for _, t in plans]
+    src, label = by_length([(cond, kernel_source(func, g, t, x_async, c), plan_label(t, c))
+                            for (cond, t), c in zip(plans, cluster)])
+    helpers = helpers_for([t[4] for (_, t), c in zip(plans, cluster) if c])
+    kernel = from_source(src, extra_vars={"T": T, "HELPERS": helpers})
     kernel = attach_epilogue(kernel, func, sch, g["out_dtype"], g["final"], g["matmul_buf"])
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else {}
     kernel = kernel.with_attrs({**attrs, "tvm_lite.gemm": label})
@@ -613,4 +700,5 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
 
 
 __all__ = ["mma_gemm_kernel", "match_gemm", "choose_tile", "kernel_source", "TILES", "HELPERS",
+           "sums_in_cluster", "helpers_for", "cluster_stores",
            "PLAN_LENGTHS", "lengths_for", "by_length"]

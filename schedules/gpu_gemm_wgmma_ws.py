@@ -514,6 +514,16 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
 {sum_kernel}'''
 
 
+def mma_variant(func, g: dict, tile, cond, target, helpers: dict) -> tuple:
+    """A planned length's branch that takes the mma.sync kernel at ``tile``: ``(cond, source,
+    label)``, its helpers added to ``helpers`` (its split K summed in a cluster where
+    :data:`.gpu_gemm_mma.CLUSTER_SUM` is on)."""
+    cluster = mma_gemm.sums_in_cluster(tile, target)
+    helpers.update(mma_gemm.helpers_for([tile[4]] if cluster else []))
+    return (cond, mma_gemm.kernel_source(func, g, tile, cluster_sum=cluster),
+            mma_gemm.plan_label(tile, cluster))
+
+
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
                    w_buffers: int | None = None, pair_stores: bool = False,
                    x_rows: bool = False, staged_stores: bool = False, lengths=None,
@@ -560,8 +570,7 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         grid = -(-(length or 0) // TM) * (g["n"] // TN) * k_split
         if fill_sms and length and grid < mma_gemm.MIN_WAVE * profile.compute_units:
             t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"])
-            helpers.update(mma_gemm.HELPERS)
-            variants.append((cond, mma_gemm.kernel_source(func, g, t), mma_gemm.plan_label(t)))
+            variants.append(mma_variant(func, g, t, cond, target, helpers))
             continue
         pairs, staged = store_modes(g, k_split, pair_stores, staged_stores)
         in_cluster = cluster_sum and k_split > 1
@@ -638,7 +647,7 @@ def mid_gemm_kernel(func, target, profile, lengths=None):
         tile = mid_tile(g, length, profile.compute_units)
         if tile is None:
             t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"])
-            variants.append((cond, mma_gemm.kernel_source(func, g, t), mma_gemm.plan_label(t)))
+            variants.append(mma_variant(func, g, t, cond, target, helpers))
             continue
         TM, TN, stages = tile
         helpers.update(cuda_cluster.helpers_for((1, 1, MID_SPLIT)))

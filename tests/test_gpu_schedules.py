@@ -780,6 +780,36 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, ti
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 7, tmp_path)
 
 
+# (fmt, K, N, M, epilogue, tile): the narrow tile with K in three (9 slices: a vector count per
+# rank that does not divide evenly, rows past M), and 64 x 64 with K in two
+MMA_CLUSTER_CPU_CASES = [("e0m4", 576, 128, 70, "residual", (32, 64, 1, 2, 3)),
+                         ("int4", 1024, 128, 100, None, (64, 64, 2, 2, 2))]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("fmt,k,n,m,epilogue,tile", MMA_CLUSTER_CPU_CASES)
+def test_mma_gemm_cluster_sum_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tile,
+                                                                   tmp_path, monkeypatch):
+    """``CLUSTER_SUM``: the mma.sync GEMM's split K added up in a thread-block cluster (each
+    workgroup's fp32 partials in its shared memory, read across the cluster) -- one kernel,
+    built with ``__cluster_dims__(1, 1, KS)`` -- run on the CPU against numpy; on an sm_80
+    target the sum kernel stays."""
+    from tvm_lite.schedules import gpu_gemm_mma
+
+    monkeypatch.setattr(gpu_gemm_mma, "CLUSTER_SUM", True)
+    func = _mma_func(fmt, k, n, epilogue, m)
+    names = r"__global__ void (?:__cluster_dims__\(\d+, \d+, \d+\) )?__launch_bounds__\(\d+\) (\w+)\("
+    sm80 = _source(build(func, parse_target("cuda -arch=sm_80"),
+                         [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
+    assert len(set(re.findall(names, sm80))) == 2 and "__cluster_dims__" not in sm80
+    target = parse_target(TARGETS["cuda"])
+    src = _source(build(func, target, [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
+    KS = tile[4]
+    assert f"__cluster_dims__(1, 1, {KS})" in src and "tvm_lite_ld_dsmem_f32x4(" in src
+    assert len(set(re.findall(names, src))) == 1, "no second kernel"
+    _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (tile[0], tile[1], KS), 11, tmp_path)
+
+
 def _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, tile, seed, tmp_path, group=32):
     """A prefill GEMM's CUDA C (``tile = (TM, TN, KS)`` of its grid) run on the CPU
     (tests/mma_on_cpu.py) against numpy on random inputs."""
