@@ -128,6 +128,15 @@ SUM_THREADS = 256  # threads of a workgroup of the split-K sum
 # (N is a multiple of 64, so a thread's 4 never straddle a row). 1: one output a thread, a
 # 4-byte load a partial (the kernel before the twenty-eighth session).
 SUM_VEC = 4
+# A split K's partials stored as fp16 (summed in fp32 by the second kernel, 8 a thread: one
+# 16-byte load of each) instead of fp32: half the bytes written and read again. Llama-1B's down
+# projection (K 8192, N 2048) writes 16.8 MB of fp32 partials at 512 tokens (K in four) and at
+# 256 (K in eight), against 8.4 MB of weights; at ~3 TB/s that is ~11 us of a 68 us call, read
+# back included. Each partial is rounded to fp16 (a relative error of 2^-11 of its own size, as
+# the output's rounding). Written after the twenty-ninth session's GPU time; off until timed
+# (``bench.prefill --parts gemm`` with ``--switch``-free rebuilds: ``python -m tvm_lite.profile
+# --switch p16:schedules.gpu_gemm_mma.PARTIALS_FP16=True``).
+PARTIALS_FP16 = False
 EPILOGUE = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format  # the value stored
 # X slices by cp.async (16 bytes global -> shared, no registers: the next slice's copies are in
 # flight during this slice's MMAs and land at the wait before the slice's barrier), instead of
@@ -383,24 +392,43 @@ def output_store(out: str, obuf, M, N: int, KS: int, row: str, col: str, value: 
     that :func:`split_sum` adds up (and applies the epilogue to)."""
     if KS == 1:
         return "", f"{out}[{_row_at(obuf, row, col)}] = {EPILOGUE(value)}", ""
-    return (f'    ws = T.alloc_buffer(({KS} * {M} * {N},), "float32", scope="global")\n',
-            f"ws[(bz * {M} + {row}) * {N} + {col}] = {value}", split_sum(out, obuf, M, N, KS))
+    dtype = "float16" if PARTIALS_FP16 else "float32"
+    part = f'T.Cast("float16", {value})' if PARTIALS_FP16 else value
+    return (f'    ws = T.alloc_buffer(({KS} * {M} * {N},), "{dtype}", scope="global")\n',
+            f"ws[(bz * {M} + {row}) * {N} + {col}] = {part}", split_sum(out, obuf, M, N, KS))
+
+
+def sum_vector() -> int:
+    """Outputs a thread of the split-K sum kernel adds up (:data:`SUM_VEC`, doubled for fp16
+    partials)."""
+    return SUM_VEC * (2 if PARTIALS_FP16 else 1)
 
 
 def split_sum(out: str, obuf, M, N: int, KS: int) -> str:
-    """The second kernel of a K-split GEMM: each output element the sum of the ``KS`` fp32
-    partials in ``ws``, through the epilogue; :data:`SUM_VEC` neighbouring outputs a thread."""
-    T_, V = SUM_THREADS, SUM_VEC
+    """The second kernel of a K-split GEMM: each output element the sum of the ``KS`` partials
+    in ``ws`` (fp32, or fp16 with :data:`PARTIALS_FP16`), in fp32, through the epilogue;
+    :data:`SUM_VEC` neighbouring outputs a thread (twice as many fp16 ones: 16 bytes a load)."""
+    T_, V = SUM_THREADS, sum_vector()
     e = f"((b * {T_} + t) * {V})"
-    vec = lambda at: f"ws[T.Ramp({at}, 1, {V})]" if V > 1 else f"ws[{at}]"  # noqa: E731
-    acc = f"tot[T.Ramp(0, 1, {V})]" if V > 1 else "tot[0]"
+    if PARTIALS_FP16:  # a 16-byte load of 8 partials into registers, added up one by one
+        first = f'''hv[T.Ramp(0, 1, {V})] = ws[T.Ramp({e}, 1, {V})]
+                for i in T.unroll({V}):
+                    tot[i] = T.Cast("float32", hv[i])'''
+        more = f'''hv[T.Ramp(0, 1, {V})] = ws[T.Ramp(s * {M} * {N} + {e}, 1, {V})]
+                    for i in T.unroll({V}):
+                        tot[i] = tot[i] + T.Cast("float32", hv[i])'''
+    else:
+        vec = lambda at: f"ws[T.Ramp({at}, 1, {V})]" if V > 1 else f"ws[{at}]"  # noqa: E731
+        acc = f"tot[T.Ramp(0, 1, {V})]" if V > 1 else "tot[0]"
+        first, more = f"{acc} = {vec(e)}", f"{acc} = {acc} + {vec(f's * {M} * {N} + {e}')}"
+    hv = f'            hv = T.alloc_buffer(({V},), "float16", scope="local")\n' if PARTIALS_FP16 else ""
     return f'''    for b in T.thread_binding(({M} * {N} + {T_ * V - 1}) // {T_ * V}, thread="blockIdx.x"):
         for t in T.thread_binding({T_}, thread="threadIdx.x"):
             tot = T.alloc_buffer(({V},), "float32", scope="local")
-            if {e} < {M} * {N}:
-                {acc} = {vec(e)}
+{hv}            if {e} < {M} * {N}:
+                {first}
                 for s in T.unroll(1, {KS}):
-                    {acc} = {acc} + {vec(f"s * {M} * {N} + {e}")}
+                    {more}
                 for i in T.unroll({V}):
                     {out}[{_row_at(obuf, f"({e} + i) // {N}", f"({e} + i) % {N}")}] = {EPILOGUE("tot[i]")}
 '''

@@ -830,9 +830,9 @@ def _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, tile, seed, tmp_path, grou
         named["scale32_ptr"] = arrays["scale"].view(np.uint32)
         if "zero" in arrays:
             named["zero32_ptr"] = arrays["zero"].view(np.uint32)
-    from tvm_lite.schedules.gpu_gemm_mma import SUM_THREADS, SUM_VEC
+    from tvm_lite.schedules.gpu_gemm_mma import SUM_THREADS, sum_vector
 
-    sums = -(-m * n // (SUM_THREADS * SUM_VEC))  # the sum kernel's workgroups (K split)
+    sums = -(-m * n // (SUM_THREADS * sum_vector()))  # the sum kernel's workgroups (K split)
     grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (sums, 1, 1)}
     got = run_kernels(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
     got = got.reshape(m, n).astype(np.float32)
@@ -922,6 +922,21 @@ WGMMA_WS_CPU_CASES = [("e0m4", 512, 128, 70, None, None, 4),
                       # 192), staged and split with an epilogue
                       ("e0m4", 512, 192, 70, None, (128, 192), 4, 32, None, False, False, True),
                       ("e0m4", 1024, 192, 70, "residual", (128, 192, 2), 4, 32, 2, False, True)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", [MMA_CPU_CASES[1], MMA_CPU_CASES[4], WGMMA_CPU_CASES[2]])
+def test_split_k_fp16_partials_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path, monkeypatch):
+    """``PARTIALS_FP16``: a split K's partials stored as fp16 and summed in fp32 by the second
+    kernel (8 a thread), for the mma.sync kernel (K in two with the residual add in the sum;
+    128 x 256 in two) and the wgmma one: the CUDA C run on the CPU against numpy."""
+    from tvm_lite.schedules import gpu_gemm_mma
+
+    monkeypatch.setattr(gpu_gemm_mma, "PARTIALS_FP16", True)
+    if case in WGMMA_CPU_CASES:
+        test_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(*case, tmp_path)
+    else:
+        test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(*case, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
