@@ -128,14 +128,14 @@ SUM_THREADS = 256  # threads of a workgroup of the split-K sum
 # (N is a multiple of 64, so a thread's 4 never straddle a row). 1: one output a thread, a
 # 4-byte load a partial (the kernel before the twenty-eighth session).
 SUM_VEC = 4
-# A split K's partials stored as fp16 (summed in fp32 by the second kernel, 8 a thread: one
-# 16-byte load of each) instead of fp32: half the bytes written and read again. Llama-1B's down
+# A split K's partials stored as fp16 (summed in fp32 by the second kernel, SUM_VEC a thread:
+# one 8-byte load of each) instead of fp32: half the bytes written and read again. Llama-1B's down
 # projection (K 8192, N 2048) writes 16.8 MB of fp32 partials at 512 tokens (K in four) and at
 # 256 (K in eight), against 8.4 MB of weights; at ~3 TB/s that is ~11 us of a 68 us call, read
 # back included. Each partial is rounded to fp16 (a relative error of 2^-11 of its own size, as
 # the output's rounding). Written after the twenty-ninth session's GPU time; off until timed
-# (``bench.prefill --parts gemm`` with ``--switch``-free rebuilds: ``python -m tvm_lite.profile
-# --switch p16:schedules.gpu_gemm_mma.PARTIALS_FP16=True``).
+# (``bench.prefill --parts gemm --gemm-switch p16:schedules.gpu_gemm_mma.PARTIALS_FP16=True``,
+# then the whole step: ``python -m tvm_lite.profile --switch p16:...``).
 PARTIALS_FP16 = False
 EPILOGUE = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format  # the value stored
 # X slices by cp.async (16 bytes global -> shared, no registers: the next slice's copies are in
@@ -252,8 +252,8 @@ def lengths_for(m: str, lengths=None) -> list[tuple[int, str | None]]:
     return [(a, f"{m} <= T.int64({(a + b) // 2})") for a, b in zip(ls, ls[1:])] + [(ls[-1], None)]
 
 
-_WORKSPACE = re.compile(  # output_store's fp32 split-K partials: KS * M * N
-    r'    ws = T\.alloc_buffer\(\((\d+) \* (.+?),\), "float32", scope="global"\)\n')
+_WORKSPACE = re.compile(  # output_store's split-K partials (fp32 or fp16): KS * M * N
+    r'    ws = T\.alloc_buffer\(\((\d+) \* (.+?),\), "float(?:32|16)", scope="global"\)\n')
 _NEST = "    for bx in T.thread_binding("
 _NAME = re.compile(r"def \w+\(")
 
@@ -399,18 +399,19 @@ def output_store(out: str, obuf, M, N: int, KS: int, row: str, col: str, value: 
 
 
 def sum_vector() -> int:
-    """Outputs a thread of the split-K sum kernel adds up (:data:`SUM_VEC`, doubled for fp16
-    partials)."""
-    return SUM_VEC * (2 if PARTIALS_FP16 else 1)
+    """Outputs a thread of the split-K sum kernel adds up (:data:`SUM_VEC`; fp16 partials too:
+    8 fp16 lanes of an int64 index would be a vector type CUDA C does not have)."""
+    return SUM_VEC
 
 
 def split_sum(out: str, obuf, M, N: int, KS: int) -> str:
     """The second kernel of a K-split GEMM: each output element the sum of the ``KS`` partials
     in ``ws`` (fp32, or fp16 with :data:`PARTIALS_FP16`), in fp32, through the epilogue;
-    :data:`SUM_VEC` neighbouring outputs a thread (twice as many fp16 ones: 16 bytes a load)."""
+    :data:`SUM_VEC` neighbouring outputs a thread (one 16-byte load of each fp32 partial, or
+    an 8-byte one of each fp16 one)."""
     T_, V = SUM_THREADS, sum_vector()
     e = f"((b * {T_} + t) * {V})"
-    if PARTIALS_FP16:  # a 16-byte load of 8 partials into registers, added up one by one
+    if PARTIALS_FP16:  # a vector load of the fp16 partials into registers, added up one by one
         first = f'''hv[T.Ramp(0, 1, {V})] = ws[T.Ramp({e}, 1, {V})]
                 for i in T.unroll({V}):
                     tot[i] = T.Cast("float32", hv[i])'''

@@ -928,7 +928,7 @@ WGMMA_WS_CPU_CASES = [("e0m4", 512, 128, 70, None, None, 4),
 @pytest.mark.parametrize("case", [MMA_CPU_CASES[1], MMA_CPU_CASES[4], WGMMA_CPU_CASES[2]])
 def test_split_k_fp16_partials_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path, monkeypatch):
     """``PARTIALS_FP16``: a split K's partials stored as fp16 and summed in fp32 by the second
-    kernel (8 a thread), for the mma.sync kernel (K in two with the residual add in the sum;
+    kernel (SUM_VEC a thread), for the mma.sync kernel (K in two with the residual add in the sum;
     128 x 256 in two) and the wgmma one: the CUDA C run on the CPU against numpy."""
     from tvm_lite.schedules import gpu_gemm_mma
 
@@ -1513,6 +1513,33 @@ def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "gemm", "--gemm-layers", "gate"])
     assert "known: down;gate+up;gate,up;k,v;o;q;q+k+v" in capsys.readouterr().err
+
+
+def test_bench_prefill_gemm_switches_set_constants_while_building(capsys):
+    """``bench.prefill --gemm-switch NAME:MODULE.CONSTANT=VALUE``: a malformed or unknown
+    constant stops the command before any build, naming it; a switch's variant is the sm_90a
+    rules built with the constant set (here: a split K's partials in fp16), and the constant is
+    put back after."""
+    from tvm_lite.bench.kernels import kernel_plan
+    from tvm_lite.bench.prefill import gemm_rules, main
+    from tvm_lite.profile import model_switch, switched
+    from tvm_lite.schedules import gpu_gemm_mma
+
+    for spec, says in (("p:schedules.gpu_gemm_mma.NOPE=1", "has no NOPE"),
+                       ("p:PARTIALS_FP16=True", "is not MODULE.CONSTANT")):
+        with pytest.raises(SystemExit):
+            main(["--parts", "gemm", "--gemm-switch", spec])
+        assert says in capsys.readouterr().err
+    rules, _ = gemm_rules(parse_target(TARGETS["cuda"]))
+    a90 = parse_target(WGMMA_TARGET)
+    deep = kernel_func("e0m4", [1, tirx.Var("n", "int64")], 8192, 2048)
+    _, assignments = model_switch("p16:schedules.gpu_gemm_mma.PARTIALS_FP16=True")
+    with switched(assignments):
+        src = _source(build(deep, a90, rules["sm_90a"]), "cuda")
+        plan = kernel_plan(deep, a90, rules["sm_90a"])
+    assert not gpu_gemm_mma.PARTIALS_FP16 and "split-K 8" in plan
+    assert "half* __restrict__ ws_ptr" in src
+    assert "float* __restrict__ ws_ptr" in _source(build(deep, a90, rules["sm_90a"]), "cuda")
 
 
 def test_bench_prefill_times_the_merged_projections_the_models_run():

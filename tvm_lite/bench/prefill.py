@@ -383,12 +383,16 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
 
 
 def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_VARIANTS),
-               progress=print, tiles=(), wgmma=(), layers=()) -> list[dict]:
+               progress=print, tiles=(), wgmma=(), layers=(), switches=()) -> list[dict]:
     """One row per (layer, length, variant). ``tiles``: tensor-core tiles ``(TM, TN, WM, WN, KS[,
     TK])`` also timed on every layer as E0M4 variants ``"e0m4 tile TMxTNxWMxWNxKS[xTK]"`` (a
     sweep for ``gpu_gemm_mma.choose_tile``), each also with X copied by ``cp.async`` (``"... x
     async"``); a tile that does not divide a layer is skipped. ``layers``: only these layer
-    names of :func:`gemm_layers` (e.g. ``("gate,up",)``; empty: all)."""
+    names of :func:`gemm_layers` (e.g. ``("gate,up",)``; empty: all). ``switches``: ``--switch``
+    specs ``NAME:MODULE.CONSTANT=VALUE[,...]`` (:func:`tvm_lite.profile.model_switch`), each
+    an E0M4 variant ``"e0m4 (sm_90a) NAME"``: the default sm_90a rules built with those
+    constants set (a plan, a kernel or a store a constant chooses, next to the tree's)."""
+    from tvm_lite.profile import model_switch, switched
     import torch
     import tvm
     from tvm import tirx
@@ -404,6 +408,11 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     arch = "sm_" + str(dev.compute_version).replace(".", "")
     target = parse_target(f"cuda -arch={arch}")
     rules, variants = gemm_rules(target, tiles, wgmma)
+    switch_of = {}  # variant -> the constants set while it is built
+    for spec in switches:
+        name, assignments = model_switch(spec)
+        variants[f"e0m4 (sm_90a) {name}"] = ("e0m4", "sm_90a")
+        switch_of[f"e0m4 (sm_90a) {name}"] = assignments
     fmts = (*fmts, *(v for v in variants if v not in GEMM_VARIANTS))
     rng = np.random.default_rng(0)
     rows = []
@@ -432,7 +441,9 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                 func = kernel_func(fmt, [1, tirx.Var("n", "int64")], k, n)
                 t0 = time.perf_counter()
                 try:
-                    ex = build(func, built_for, rules[rule])
+                    with switched(switch_of.get(variant, [])):
+                        ex = build(func, built_for, rules[rule])
+                        plan = kernel_plan(func, built_for, rules[rule])
                 except Exception as err:  # a sweep's tile that does not build: a row saying so
                     progress(f"gemm {model} {name} {k}x{n} {variant}: does not build: {err}"[:300])
                     continue
@@ -456,7 +467,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
                 row = dict(model=model, layer=name, K=k, N=n, n=seq, fmt=variant, tvm_lite_ms=ms,
                            torch_ms=torch_ms, tflops=flops / ms / 1e9,
                            torch_tflops=flops / torch_ms / 1e9, err=err, compile_s=compile_s,
-                           plan=kernel_plan(func, built_for, rules[rule]))
+                           plan=plan)
                 row["vs_torch"] = row["tflops"] / row["torch_tflops"]
                 rows.append(row)
                 progress(f"gemm {model} {name} {k}x{n} n={seq} {variant}: {ms * 1e3:.1f} us "
@@ -536,6 +547,11 @@ def main(argv=None):
                     "run them; default: all)")
     ap.add_argument("--gemm-variants", default="", help="GEMM variants to time, comma-separated "
                     f"(default: all of {', '.join(GEMM_VARIANTS)}; e0m4 and fp16 with --gemm-tiles)")
+    ap.add_argument("--gemm-switch", action="append", default=[],
+                    metavar="NAME:MODULE.CONSTANT=VALUE[,...]",
+                    help="also time the sm_90a GEMMs built with these constants (modules under "
+                         "tvm_lite) set, as variant 'e0m4 (sm_90a) NAME' (repeatable), e.g. "
+                         "p16:schedules.gpu_gemm_mma.PARTIALS_FP16=True")
     add_baseline_arguments(ap, "gpu_attention_prefill",
                            "before:LONGEST_FIRST_ACROSS_HEADS=False,PROMPT_SPLITS=1")
     ap.add_argument("--shapes", default=",".join(ATTENTION_SHAPES),
@@ -566,6 +582,13 @@ def main(argv=None):
             parse_wgmma_stages(parts_[2])
         except ValueError as err:
             ap.error(f"--wgmma {spec}: staging {err}")
+    from tvm_lite.profile import model_switch
+
+    for spec in args.gemm_switch:  # a malformed or unknown switch: before any build
+        try:
+            model_switch(spec)
+        except ValueError as err:
+            ap.error(str(err))
     known_layers = set(GEMM_LAYER_NAMES)
     bad = [v for v in args.gemm_layers.split(";") if v and v not in known_layers]
     if bad:
@@ -605,7 +628,7 @@ def main(argv=None):
         layers = tuple(v for v in args.gemm_layers.split(";") if v)
         result["gemm"] = bench_gemm(tuple(int(v) for v in args.gemm_lengths.split(",") if v),
                                     models=args.gemm_models.split(","), fmts=fmts, tiles=tiles,
-                                    wgmma=wgmma, layers=layers)
+                                    wgmma=wgmma, layers=layers, switches=args.gemm_switch)
         save()
     print(format_tables(result))
 
