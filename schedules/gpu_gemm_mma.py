@@ -117,8 +117,8 @@ NARROW_MAX_M = 256  # the prompt lengths it was timed at (256) and below
 # stores it through the epilogue: no fp32 partials in global memory, no second launch. The
 # narrow tiles' sum kernels (NARROW) cost SmolLM2's chunks 472 launches and 1 ms of host gap in
 # their CUDA graphs (twenty-ninth session). Written after that session's GPU time, checked only
-# by the CPU emulation (``pytest tests/test_gpu_schedules.py -k mma_gemm_cuda_c_run``); off until
-# timed: ``python -m tvm_lite.profile --shapes smollm2-135m --prompt-len 2048 --chunk 256
+# by the CPU emulation (``pytest tests/test_gpu_schedules.py -k cluster_sum_cuda_c_run``); off
+# until timed: ``python -m tvm_lite.profile --shapes smollm2-135m --prompt-len 2048 --chunk 256
 # --switch cl:schedules.gpu_gemm_mma.CLUSTER_SUM=True``.
 CLUSTER_SUM = False
 CLUSTER_MAX = 8  # the portable cluster size: a split of more ways keeps its sum kernel
@@ -129,7 +129,8 @@ SUM_THREADS = 256  # threads of a workgroup of the split-K sum
 # 4-byte load a partial (the kernel before the twenty-eighth session).
 SUM_VEC = 4
 # A split K's partials stored as fp16 (summed in fp32 by the second kernel, SUM_VEC a thread:
-# one 8-byte load of each) instead of fp32: half the bytes written and read again. Llama-1B's down
+# one 8-byte load of each; 8 fp16 lanes of an int64 index would be a vector type CUDA C does not
+# have) instead of fp32: half the bytes written and read again. Llama-1B's down
 # projection (K 8192, N 2048) writes 16.8 MB of fp32 partials at 512 tokens (K in four) and at
 # 256 (K in eight), against 8.4 MB of weights; at ~3 TB/s that is ~11 us of a 68 us call, read
 # back included. Each partial is rounded to fp16 (a relative error of 2^-11 of its own size, as
@@ -398,18 +399,12 @@ def output_store(out: str, obuf, M, N: int, KS: int, row: str, col: str, value: 
             f"ws[(bz * {M} + {row}) * {N} + {col}] = {part}", split_sum(out, obuf, M, N, KS))
 
 
-def sum_vector() -> int:
-    """Outputs a thread of the split-K sum kernel adds up (:data:`SUM_VEC`; fp16 partials too:
-    8 fp16 lanes of an int64 index would be a vector type CUDA C does not have)."""
-    return SUM_VEC
-
-
 def split_sum(out: str, obuf, M, N: int, KS: int) -> str:
     """The second kernel of a K-split GEMM: each output element the sum of the ``KS`` partials
     in ``ws`` (fp32, or fp16 with :data:`PARTIALS_FP16`), in fp32, through the epilogue;
     :data:`SUM_VEC` neighbouring outputs a thread (one 16-byte load of each fp32 partial, or
     an 8-byte one of each fp16 one)."""
-    T_, V = SUM_THREADS, sum_vector()
+    T_, V = SUM_THREADS, SUM_VEC
     e = f"((b * {T_} + t) * {V})"
     if PARTIALS_FP16:  # a vector load of the fp16 partials into registers, added up one by one
         first = f'''hv[T.Ramp(0, 1, {V})] = ws[T.Ramp({e}, 1, {V})]

@@ -830,9 +830,9 @@ def _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, tile, seed, tmp_path, grou
         named["scale32_ptr"] = arrays["scale"].view(np.uint32)
         if "zero" in arrays:
             named["zero32_ptr"] = arrays["zero"].view(np.uint32)
-    from tvm_lite.schedules.gpu_gemm_mma import SUM_THREADS, sum_vector
+    from tvm_lite.schedules.gpu_gemm_mma import SUM_THREADS, SUM_VEC
 
-    sums = -(-m * n // (SUM_THREADS * sum_vector()))  # the sum kernel's workgroups (K split)
+    sums = -(-m * n // (SUM_THREADS * SUM_VEC))  # the sum kernel's workgroups (K split)
     grids = {"main_kernel": (n // TN, -(-m // TM), KS), "main_kernel_1": (sums, 1, 1)}
     got = run_kernels(src, named, grids, f"p{len(given)}_ptr", m * n, tmp_path)
     got = got.reshape(m, n).astype(np.float32)
