@@ -392,7 +392,6 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     specs ``NAME:MODULE.CONSTANT=VALUE[,...]`` (:func:`tvm_lite.profile.model_switch`), each
     an E0M4 variant ``"e0m4 (sm_90a) NAME"``: the default sm_90a rules built with those
     constants set (a plan, a kernel or a store a constant chooses, next to the tree's)."""
-    from tvm_lite.profile import model_switch, switched
     import torch
     import tvm
     from tvm import tirx
@@ -401,6 +400,7 @@ def bench_gemm(lengths=GEMM_LENGTHS, models=tuple(GEMM_MODELS), fmts=tuple(GEMM_
     from tvm_lite.bench.kernels import (build, kernel_func, kernel_plan, random_half, reference,
                                         weights)
     from tvm_lite.compiler import device_source
+    from tvm_lite.profile import model_switch, switched
     from tvm_lite.schedules import gpu_profile
     from tvm_lite.schedules.gpu_gemm_mma import choose_tile
 
