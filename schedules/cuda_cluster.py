@@ -24,6 +24,8 @@ import re
 
 import tvm_ffi
 
+from .cuda_mma import cuda_arch
+
 POSTPROC = "tvm_callback_cuda_postproc"  # the global TVM's CUDA codegen calls on the source
 _MARKER = re.compile(r"\btvm_lite_cluster_dims_(\d+)_(\d+)_(\d+)\(\)")
 _KERNEL = re.compile(r'extern "C" __global__ void ((?:__launch_bounds__\(\d+\) )?)(\w+)\(')
@@ -79,10 +81,8 @@ __forceinline__ __device__ void tvm_lite_st_f32x2(void* p, float a, float b) {
 
 def supported(target) -> bool:
     """Thread-block clusters: a CUDA target of sm_90 or newer."""
-    if target is None or target.kind.name != "cuda":
-        return False
-    digits = "".join(ch for ch in str(target.attrs.get("arch", "")) if ch.isdigit())
-    return digits != "" and int(digits) >= 90
+    arch = cuda_arch(target)
+    return arch is not None and arch >= 90
 
 
 def helpers_for(dims: tuple[int, int, int]) -> dict:

@@ -92,14 +92,20 @@ def call(name: str, *args: str, ret: str = "void") -> str:
             f'source_code=HELPERS["{name}"], return_type="{ret}")')
 
 
+def cuda_arch(target, default: str = "") -> int | None:
+    """The compute capability of a CUDA ``target`` as a number (``sm_90a`` -> 90; ``default``
+    where it names no arch), or None for another target or no number."""
+    if target is None or target.kind.name != "cuda":
+        return None
+    digits = "".join(ch for ch in str(target.attrs.get("arch", default)) if ch.isdigit())
+    return int(digits) if digits else None
+
+
 def mma_supported(target) -> bool:
     """``mma.sync.m16n8k16`` with fp32 accumulation and ``ldmatrix``: sm_80 or newer (a CUDA
     target without an arch is taken to be one)."""
-    if target.kind.name != "cuda":
-        return False
-    arch = str(target.attrs.get("arch", "sm_90"))
-    digits = "".join(ch for ch in arch if ch.isdigit())
-    return digits != "" and int(digits) >= 80
+    arch = cuda_arch(target, default="sm_90")
+    return arch is not None and arch >= 80
 
 
-__all__ = ["HELPERS", "call", "mma_supported"]
+__all__ = ["HELPERS", "call", "cuda_arch", "mma_supported"]

@@ -891,11 +891,11 @@ def test_tensor_core_prefill_output_stores_on_the_cpu(stores, heads, kv, d, n, m
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-@pytest.mark.parametrize("heads, kv, d, n, past, pairs", [
-    (9, 3, 64, 40, 300, True),  # SmolLM2-shaped chunk, merged by the last split (head_dim 64)
-    (8, 1, 256, 16, 240, False)])  # Gemma-2B's head_dim, the four-byte stores of before
-def test_tensor_core_prefill_pair_partials_on_the_cpu(heads, kv, d, n, past, pairs, tmp_path,
-                                                      monkeypatch):
+@pytest.mark.parametrize("heads, kv, d, n, past, pairs, in_kernel", [
+    (9, 3, 64, 40, 300, True, True),  # SmolLM2-shaped chunk, merged by the last split
+    (8, 1, 256, 16, 240, False, False)])  # Gemma-2B's head_dim, one dim a store, merge kernel
+def test_tensor_core_prefill_pair_partials_on_the_cpu(heads, kv, d, n, past, pairs, in_kernel,
+                                                      tmp_path, monkeypatch):
     """``TC_PAIR_PARTIALS`` (on by default; the split tests below run it at every shape): a
     split's fp32 partials stored two dims an 8-byte store, or one dim a store where off, then
     merged. CUDA C run on the CPU, against numpy."""
@@ -905,7 +905,7 @@ def test_tensor_core_prefill_pair_partials_on_the_cpu(heads, kv, d, n, past, pai
     p = attention_params(heads, kv, d, "float16", d ** -0.5, "float16", False, True, False, False,
                          kv == 1)
     q, k, v, mask = _inputs(np.random.default_rng(8), heads, kv, d, n, past, "float16", 0)
-    run, _, splits = _profile_prefill_on_cpu(p, "cuda", n, past + n, None, pairs)
+    run, _, splits = _profile_prefill_on_cpu(p, "cuda", n, past + n, None, in_kernel)
     assert splits > 1
     assert bool(re.search(r"\*\(float2\*\)\(ws_o_ptr \+", run.src)) == pairs, run.src[:200]
     got = run(q, k, v, mask, tmp_path / "out")
