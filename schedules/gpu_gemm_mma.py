@@ -108,6 +108,8 @@ SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices 
 # take 1 ms of the gain back.
 NARROW = True
 NARROW_TILE = (32, 64, 1, 2)
+# (0.9 -- q+k+v unsplit, down in two -- lost in the whole step: SmolLM2's chunks 14.87 ->
+# 15.79 ms, thirtieth session, ``results/issue16_profile_smollm2_cluster_h100_s30.json``)
 NARROW_WAVES = 1.5
 NARROW_MAX_M = 256  # the prompt lengths it was timed at (256) and below
 # A split K's partials added up in a thread-block cluster (sm_90+) instead of by the second
@@ -116,11 +118,16 @@ NARROW_MAX_M = 256  # the prompt lengths it was timed at (256) and below
 # up every KS-th 16-byte vector of the tile across the cluster (distributed shared memory) and
 # stores it through the epilogue: no fp32 partials in global memory, no second launch. The
 # narrow tiles' sum kernels (NARROW) cost SmolLM2's chunks 472 launches and 1 ms of host gap in
-# their CUDA graphs (twenty-ninth session). Written after that session's GPU time, checked only
-# by the CPU emulation (``pytest tests/test_gpu_schedules.py -k cluster_sum_cuda_c_run``); off
-# until timed: ``python -m tvm_lite.profile --shapes smollm2-135m --prompt-len 2048 --chunk 256
-# --switch cl:schedules.gpu_gemm_mma.CLUSTER_SUM=True``.
-CLUSTER_SUM = False
+# their CUDA graphs (twenty-ninth session). On an H100 (thirtieth session, ``bench.prefill
+# --parts gemm --gemm-models smollm2-135m --gemm-lengths 256 --gemm-switch
+# cl:schedules.gpu_gemm_mma.CLUSTER_SUM=True``, ``results/issue16_gemm_smollm2_cluster_h100_s30
+# .json``): o 7.7 -> 6.2 us, down 9.5 -> 8.2, q+k+v 8.3 -> 7.1; the whole step (``tvm_lite.profile
+# --shapes smollm2-135m --prompt-len 2048 --chunk 256 --switch cl:...``, ``results/issue16_profile
+# _smollm2_cluster_h100_s30.json``): the chunks' kernels 2,915 -> 2,211, their GPU time 2.41x ->
+# 2.37x one call's, their wall unchanged as CUDA graphs (14.87 ms both) and 19.52 -> 16.80 ms
+# launched kernel by kernel. On; checked on the GPU by
+# ``test_mma_cluster_sum_runs_correctly_on_a_hopper_gpu``.
+CLUSTER_SUM = True
 CLUSTER_MAX = 8  # the portable cluster size: a split of more ways keeps its sum kernel
 CLUSTER_PAD = 16  # bytes at the end of a shared row of partials
 SUM_THREADS = 256  # threads of a workgroup of the split-K sum
@@ -134,9 +141,11 @@ SUM_VEC = 4
 # projection (K 8192, N 2048) writes 16.8 MB of fp32 partials at 512 tokens (K in four) and at
 # 256 (K in eight), against 8.4 MB of weights; at ~3 TB/s that is ~11 us of a 68 us call, read
 # back included. Each partial is rounded to fp16 (a relative error of 2^-11 of its own size, as
-# the output's rounding). Written after the twenty-ninth session's GPU time; off until timed
-# (``bench.prefill --parts gemm --gemm-switch p16:schedules.gpu_gemm_mma.PARTIALS_FP16=True``,
-# then the whole step: ``python -m tvm_lite.profile --switch p16:...``).
+# the output's rounding). Off: slower on an H100 (thirtieth session, ``bench.prefill --parts
+# gemm --gemm-models llama-3.2-1b,gemma-2b --gemm-layers down --gemm-switch
+# p16:schedules.gpu_gemm_mma.PARTIALS_FP16=True``, ``results/issue16_gemm_down_partials_fp16
+# _h100_s30.json``): Llama-1B's down 44.0 -> 46.0 us at 256 tokens, 68.2 -> 69.9 at 512;
+# Gemma-2B's 69.3 -> 69.7 and 115.1 -> 118.5.
 PARTIALS_FP16 = False
 EPILOGUE = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format  # the value stored
 # X slices by cp.async (16 bytes global -> shared, no registers: the next slice's copies are in
