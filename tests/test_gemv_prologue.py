@@ -362,10 +362,12 @@ def test_cuda_rule_gives_fp16_4bit_gemvs_the_packed_kernel_with_their_prologue(c
     assert ("tvm_lite_split_last(" in src) == (ks > 1)
 
 
-def test_bench_gemv_plans_norm_kernel_and_its_numpy_agree_on_the_cpu():
-    """``bench.gemv_plans``' fused RMSNorm + E0M4 GEMV (the pipeline's own fusion) built for the
-    CPU, fed as the bench feeds it, against the bench's numpy reference: the parameter order
-    and the norm's rounding the GPU rows are checked with."""
+@pytest.mark.parametrize("gemma", [False, True])
+def test_bench_gemv_plans_norm_kernel_and_its_numpy_agree_on_the_cpu(gemma):
+    """``bench.gemv_plans``' fused RMSNorm + E0M4 GEMV (the pipeline's own fusion; Llama's norm
+    and Gemma's, ``--model gemma-2b``) built for the CPU, fed as the bench feeds it, against the
+    bench's numpy reference: the parameter order and the norm's rounding the GPU rows are
+    checked with."""
     from tvm.s_tir import dlight as dl
 
     from tvm_lite.bench import gemv_plans
@@ -373,7 +375,7 @@ def test_bench_gemv_plans_norm_kernel_and_its_numpy_agree_on_the_cpu():
     from tvm_lite.schedules import rules_for
 
     k, n = 256, 64
-    func = gemv_plans.norm_gemv_func(k, n)
+    func = gemv_plans.norm_gemv_func(k, n, gemma)
     llvm = parse_target("llvm")
     mod = tvm.IRModule({"main": func})
     with llvm:
@@ -383,6 +385,6 @@ def test_bench_gemv_plans_norm_kernel_and_its_numpy_agree_on_the_cpu():
     arrays = weights("e0m4", k, n, rng)
     out = tvm.runtime.empty((1, 1, n), "float16", tvm.cpu())
     ex["main"](*[tvm.runtime.tensor(a) for a in (row, w, *arrays.values())], out)
-    want = reference("e0m4", gemv_plans._norm_row(row, w), arrays, k, n)
+    want = reference("e0m4", gemv_plans._norm_row(row, w, gemma), arrays, k, n)
     got = out.numpy().reshape(1, n).astype(np.float32)
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()

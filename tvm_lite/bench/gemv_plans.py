@@ -1,8 +1,9 @@
 """Decode GEMV thread shapes swept on the GPU, weights too many to stay in L2.
 
-``python -m tvm_lite.bench.gemv_plans [--plans 4x1,4x8,...] [--json FILE]``
+``python -m tvm_lite.bench.gemv_plans [--model llama-3.2-1b|gemma-2b|smollm2-135m]
+[--plans 4x1,4x8,...] [--json FILE]``
 
-For Llama-1B's decode GEMVs (E0M4, fp16 ``x``, ``M = 1``) each plan -- ``TNxKS``: threads along
+For a model's decode GEMVs (default Llama-1B's; the shapes of ``bench.prefill.GEMM_MODELS``) (E0M4, fp16 ``x``, ``M = 1``) each plan -- ``TNxKS``: threads along
 ``N``, splits of ``K`` (summed in the same kernel by the last workgroup of a column tile) -- is
 built, checked against numpy on a column slice, and timed on ``COPIES`` sets of weights called in
 turn (more bytes than the H200's 50 MB L2, as in a real step, where every layer's weights are
@@ -25,7 +26,19 @@ import re
 
 import numpy as np
 
-LAYERS = [(2048, 2048, "o"), (2048, 3072, "q/k/v"), (8192, 2048, "down"), (2048, 16384, "gate/up")]
+
+
+def layers_for(model: str) -> list[tuple[int, int, str]]:
+    """``[(K, N, layer)]``: a model's four decode GEMVs as the step runs them (q, k and v merged,
+    gate and up merged), shapes from :data:`tvm_lite.bench.prefill.GEMM_MODELS`."""
+    from tvm_lite.bench.prefill import GEMM_MODELS
+
+    hidden, heads, kv, hd, inter = GEMM_MODELS[model]
+    return [(heads * hd, hidden, "o"), (hidden, (heads + 2 * kv) * hd, "q/k/v"),
+            (inter, hidden, "down"), (hidden, 2 * inter, "gate/up")]
+
+
+LAYERS = layers_for("llama-3.2-1b")
 NORM_LAYERS = ("q/k/v", "gate/up")  # their input is a normalized row: timed with it fused too
 PLANS = ("4x2", "4x4", "4x8", "8x4", "8x8", "16x8", "32x8")
 COPIES = 24  # weight sets called in turn (Llama-1B's gate/up: 24 x 17 MB)
@@ -88,29 +101,43 @@ def lower_gemv_prologue(mod, gpu: bool = True) -> tuple:
     return mod, count
 
 
-def norm_gemv_func(k: int, n: int):
+def norm_gemv_func(k: int, n: int, gemma: bool = False):
     """The fused RMSNorm + E0M4 GEMV PrimFunc the pipeline makes of Llama's fp16 norm before a
-    projection (params: the row ``s``, the norm weight, codes, scale, zero, the output)."""
+    projection (``gemma``: Gemma's, times ``1 + w``; params: the row ``s``, the norm weight,
+    codes, scale, zero, the output)."""
     from tvm import tirx
 
-    mod, fused = lower_gemv_prologue(norm_dequant_gemv(k, n))
+    from tvm import relax
+
+    mod, fused = lower_gemv_prologue(norm_dequant_gemv(k, n, gemma=gemma))
     (func,) = [f for gv, f in mod.functions_items()
                if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("fused")]
-    assert fused == 1 and len(func.params) == 6, (fused, len(func.params))
+    assert fused >= 1 and len(func.params) == 6, (fused, len(func.params))
+    # the params in the order the bench passes them (Gemma's fusion puts the norm weight first)
+    calls = []
+    relax.analysis.post_order_visit(mod["decode"].body, lambda e: calls.append(e) if (
+        isinstance(e, relax.Call) and e.op.name == "relax.call_tir") else None)
+    names = [a.name for a in calls[0].args[1].fields]
+    order = [names.index(v) for v in ("s", "w", "codes", "scale", "zero")] + [5]
+    func = tirx.PrimFunc([func.params[i] for i in order], func.body, func.ret_type, func.attrs)
     return func.with_attr("global_symbol", "main")
 
 
-def _norm_row(s: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """What the fused kernel multiplies by W: Llama's fp16 RMSNorm, rounded where it rounds."""
+def _norm_row(s: np.ndarray, w: np.ndarray, gemma: bool = False) -> np.ndarray:
+    """What the fused kernel multiplies by W: Llama's fp16 RMSNorm, rounded where it rounds
+    (``gemma``: Gemma's, ``1 + w`` in fp32, one rounding at the end)."""
     sf = s.astype(np.float32).reshape(-1)
+    if gemma:
+        h = sf / np.sqrt((sf * sf).mean() + EPS) * (w.astype(np.float32) + 1)
+        return h.astype(np.float16).reshape(1, 1, -1)
     h = (sf / np.sqrt((sf * sf).mean() + EPS)).astype(np.float16).astype(np.float32)
     return (h * w.astype(np.float32)).astype(np.float16).reshape(1, 1, -1)
 
 
-def sweep(plans=PLANS, layers=LAYERS, progress=print) -> list[dict]:
+def sweep(plans=PLANS, layers=LAYERS, progress=print, gemma: bool = False) -> list[dict]:
     """A row per (layer, prologue, plan): the rule's plan first, then ``plans``; the layers whose
     input is a normalized row (q/k/v, gate/up) also with the RMSNorm as the kernel's prologue
-    (``prologue="norm"``), as the decode step runs them."""
+    (``prologue="norm"``; ``gemma``: Gemma's norm), as the decode step runs them."""
     import torch
     import tvm
     from torch.profiler import ProfilerActivity, profile
@@ -139,7 +166,8 @@ def sweep(plans=PLANS, layers=LAYERS, progress=print) -> list[dict]:
         host, on_dev = sets[(k, n)]
         forced = tuple(int(v) for v in plan.split("x")) if plan else None
         rule = GPUDecodeGEMV(cuda, forced=forced)
-        func = norm_gemv_func(k, n) if prologue == "norm" else kernel_func("e0m4", [1, 1], k, n)
+        func = (norm_gemv_func(k, n, gemma) if prologue == "norm"
+                else kernel_func("e0m4", [1, 1], k, n))
         with target:
             sch = rule.apply(func, target, False)
         if sch is None:
@@ -152,7 +180,7 @@ def sweep(plans=PLANS, layers=LAYERS, progress=print) -> list[dict]:
         if prologue == "norm":
             norm_w = random_half((k,), rng)
             lead = [row, norm_w]
-            x = _norm_row(row, norm_w)
+            x = _norm_row(row, norm_w, gemma)
         lead = [tvm.runtime.tensor(a, dev) for a in lead]
         out = tvm.runtime.empty((1, 1, n), "float16", dev)
         for s in on_dev[:3]:
@@ -195,6 +223,10 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m tvm_lite.bench.gemv_plans", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tvm_lite.bench.prefill import GEMM_MODELS
+
+    ap.add_argument("--model", default="llama-3.2-1b", choices=sorted(GEMM_MODELS),
+                    help="whose decode GEMVs (default: Llama-3.2-1B's)")
     ap.add_argument("--plans", default=",".join(PLANS), help="TNxKS plans besides the rule's")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -207,7 +239,7 @@ def main(argv=None) -> None:
 
     if not tvm.cuda(0).exist:
         raise SystemExit("bench.gemv_plans: no CUDA GPU here (it times the CUDA kernels)")
-    rows = sweep(plans)
+    rows = sweep(plans, layers_for(args.model), gemma=args.model.startswith("gemma"))
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
