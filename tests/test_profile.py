@@ -235,3 +235,26 @@ def test_comparison_table_puts_runs_side_by_side():
     assert len(lines) == 4
     assert lines[2] == "| llama base | 16.000 | 14.000 | 22.400 | 1.40x | 0.900 | 0.730 |"
     assert lines[3] == "| llama base staged | 15.000 | 13.500 | - | - | 0.900 | - |"
+
+
+def test_chunk_kernels_table_sums_a_primfuncs_kernels_and_ranks_the_extra():
+    """With ``--chunk`` the profile names where the chunks cost more GPU time than one call: a
+    row a PrimFunc (its plan branches and sum kernel added up: ``NAME_kernel``,
+    ``NAME_kernel_1``, ...), the largest extra first, with its share of the whole extra."""
+    from tvm_lite.profile import chunk_kernels_table, primfunc_of
+
+    assert primfunc_of("e0m4_matmul_1xnx576x960_g32_float16_kernel_3") == \
+        "e0m4_matmul_1xnx576x960_g32_float16"
+    assert primfunc_of("attention_prefill_kernel") == "attention_prefill"
+    assert primfunc_of("Memcpy HtoD (Pageable -> Device)") == "Memcpy HtoD (Pageable -> Device)"
+    one = {"gemm_kernel_4": {"calls": 2, "us": 100.0},
+           "attention_kernel": {"calls": 2, "us": 50.0},
+           "norm_kernel": {"calls": 4, "us": 10.0}}
+    chunked = {"gemm_kernel": {"calls": 16, "us": 130.0},  # the 256-token branch ...
+               "gemm_kernel_1": {"calls": 16, "us": 20.0},  # ... and its split-K sum
+               "attention_kernel": {"calls": 16, "us": 140.0},
+               "norm_kernel": {"calls": 32, "us": 10.0}}
+    lines = chunk_kernels_table(one, chunked, top=2).splitlines()
+    assert lines[2] == "| attention | 50.0 (2) | 140.0 (16) | 2.80x | 90.0 | 64% |"
+    assert lines[3] == "| gemm | 100.0 (2) | 150.0 (32) | 1.50x | 50.0 | 36% |"
+    assert lines[4] == "| (1 more) | | | | 0.0 | |"

@@ -496,6 +496,45 @@ def chunk_summary(result: dict) -> str | None:
     return line
 
 
+_LAUNCH_SUFFIX = re.compile(r"_kernel(?:_\d+)?$")
+
+
+def primfunc_of(kernel: str) -> str:
+    """The PrimFunc a GPU kernel's name comes from: TVM names a PrimFunc's kernels
+    ``NAME_kernel``, ``NAME_kernel_1``, ... (a GEMM's plan branches and its split-K sum kernel
+    among them); other names (``Memcpy ...``) are kept."""
+    return _LAUNCH_SUFFIX.sub("", kernel)
+
+
+def chunk_kernels_table(one: dict, chunked: dict, top: int = 12) -> str:
+    """Markdown: where prefilling in chunks costs GPU time the one call does not, a row a
+    PrimFunc (its kernels' times summed), the largest extra first. ``one``, ``chunked``: the two
+    phases' ``kernels`` (name -> {"calls", "us"} a step, :class:`StepProfile`'s)."""
+    def by_func(kernels):
+        out = defaultdict(lambda: [0.0, 0.0])
+        for name, k in kernels.items():
+            entry = out[primfunc_of(name)]
+            entry[0] += k["us"]
+            entry[1] += k["calls"]
+        return out
+
+    a, b = by_func(one), by_func(chunked)
+    extra_total = sum(v[0] for v in b.values()) - sum(v[0] for v in a.values())
+    rows = sorted(set(a) | set(b), key=lambda f: -(b.get(f, [0])[0] - a.get(f, [0])[0]))
+    lines = ["| PrimFunc | one call us (kernels) | chunks us (kernels) | chunks / one call "
+             "| extra us | share of the extra |", "|---|---|---|---|---|---|"]
+    for f in rows[:top]:
+        (ua, ca), (ub, cb) = a.get(f, (0.0, 0.0)), b.get(f, (0.0, 0.0))
+        ratio = f"{ub / ua:.2f}x" if ua > 0 else "-"
+        share = f"{100 * (ub - ua) / extra_total:.0f}%" if extra_total > 0 else "-"
+        lines.append(f"| {f[:70]} | {ua:.1f} ({ca:.0f}) | {ub:.1f} ({cb:.0f}) | {ratio} | "
+                     f"{ub - ua:.1f} | {share} |")
+    if len(rows) > top:
+        rest = sum(b.get(f, [0])[0] - a.get(f, [0])[0] for f in rows[top:])
+        lines.append(f"| ({len(rows) - top} more) | | | | {rest:.1f} | |")
+    return "\n".join(lines)
+
+
 def comparison_table(runs: dict) -> str:
     """Markdown: one row a profiled run (``runs``: name -> {phase: ``StepProfile.as_dict()``},
     what ``main`` writes to ``--json``), its prefill wall and GPU ms, the chunks' wall and their
@@ -538,6 +577,8 @@ def run(args) -> None:
     summary = chunk_summary(result)
     if summary:
         print(summary)
+        print(chunk_kernels_table(result["prefill"].kernels,
+                                  result["prefill_chunked"].kernels, args.top))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v.as_dict() for k, v in result.items()}, f, indent=1)
@@ -593,6 +634,9 @@ def main(argv=None) -> None:
             summary = chunk_summary(res)
             if summary:
                 print(f"== {name}: {summary}\n", flush=True)
+                print(chunk_kernels_table(res["prefill"].kernels,
+                                          res["prefill_chunked"].kernels, args.top) + "\n",
+                      flush=True)
             if args.json:  # rewritten after every build: a run cut short keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
@@ -601,7 +645,7 @@ def main(argv=None) -> None:
 
 
 __all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes", "chunk_summary",
-           "model_switch", "switched", "comparison_table"]
+           "chunk_kernels_table", "primfunc_of", "model_switch", "switched", "comparison_table"]
 
 
 if __name__ == "__main__":
