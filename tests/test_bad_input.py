@@ -445,3 +445,36 @@ def test_cli_compile_error_is_one_line_naming_the_pass(tmp_path, capsys, monkeyp
     assert run_reporting_errors(build, debug=True) == 1
     err = capsys.readouterr().err
     assert "InternalError" in err and "The above exception was the direct cause" in err
+
+
+def _has_cuda_gpu() -> bool:
+    import tvm
+
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+@pytest.mark.skipif(_has_cuda_gpu(), reason="checks the message of a machine without a CUDA GPU")
+@pytest.mark.parametrize("module, argv", [
+    ("tvm_lite.bench.attention", ["--contexts", "512"]),
+    ("tvm_lite.bench.prefill", ["--parts", "gemm"]),
+    ("tvm_lite.bench.gemv_plans", ["--model", "gemma-2b"]),
+    ("tvm_lite.bench.window", []),
+    ("tvm_lite.bench.greedy", []),
+    ("tvm_lite.profile", ["--shapes", "smollm2-135m"]),
+])
+def test_gpu_benches_say_there_is_no_cuda_gpu(module, argv, tmp_path, monkeypatch):
+    """The CUDA-only benches and the model profile, run where no CUDA GPU is, stop at once with
+    a line naming the tool and the cause, not a traceback from torch or TVM's device API, and
+    the profile exports and builds nothing first."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(argv)
+    tool = module.removeprefix("tvm_lite.") if ".bench." in module else module
+    assert str(info.value) == (f"{tool}: no CUDA GPU here (it times CUDA kernels through TVM "
+                               "and torch; run it on the GPU machine)")
+    assert not any(tmp_path.iterdir())

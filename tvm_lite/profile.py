@@ -617,6 +617,10 @@ def main(argv=None) -> None:
             model_switch(spec)
         except ValueError as err:
             ap.error(str(err))
+    if args.device.startswith("cuda"):  # before the exports and builds (minutes)
+        from .bench.kernels import require_cuda_gpu
+
+        require_cuda_gpu("tvm_lite.profile")
     out = {}
     variants = args.variant.split(",")
     runs = [(v, None) for v in variants] + [(variants[0], spec) for spec in args.switch]

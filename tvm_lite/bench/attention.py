@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from .kernels import add_baseline_arguments, baseline_kernels, nvtx_name
+from .kernels import add_baseline_arguments, baseline_kernels, nvtx_name, require_cuda_gpu
 
 SHAPES = ((9, 3, 64), (32, 8, 64), (8, 1, 256), (14, 2, 64), (32, 8, 128))
 CONTEXTS = (512, 2048, 8192)
@@ -227,6 +227,7 @@ def main(argv=None) -> None:
     for h, kv, d in shapes:
         if h % kv:
             raise SystemExit(f"bench.attention: {h} heads are not a multiple of {kv} kv heads")
+    require_cuda_gpu("bench.attention")
     result = run(shapes, [int(c) for c in args.contexts.split(",")], baselines=baselines)
     print(format_table(result))
     if args.json:

@@ -235,10 +235,9 @@ def main(argv=None) -> None:
     if bad:
         ap.error(f"--plans: {', '.join(bad)} is not TNxKS (threads along N x splits of K, "
                  "e.g. 4x8)")
-    import tvm
+    from tvm_lite.bench.kernels import require_cuda_gpu
 
-    if not tvm.cuda(0).exist:
-        raise SystemExit("bench.gemv_plans: no CUDA GPU here (it times the CUDA kernels)")
+    require_cuda_gpu("bench.gemv_plans")
     rows = sweep(plans, layers_for(args.model), gemma=args.model.startswith("gemma"))
     print(format_table(rows))
     if args.json:

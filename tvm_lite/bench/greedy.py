@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from ..gpu_time import init_torch_cuda
+from .kernels import require_cuda_gpu
 
 
 def _gpu_us(call, dev, calls: int) -> float | None:
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--vocab", type=int, default=49152)
     args = p.parse_args(argv)
+    if args.device.startswith("cuda"):
+        require_cuda_gpu("bench.greedy")
     rows = bench(args.target, args.device, args.vocab)
     print(format_table(rows, list(rows[0])))
     return 0 if all(r["argmax = numpy"] for r in rows) else 1

@@ -177,6 +177,27 @@ def baseline_kernels(ap, args, module: str) -> list[str]:
     return baselines
 
 
+def require_cuda_gpu(tool: str) -> None:
+    """Stop ``tool`` with a message saying so where this machine has no CUDA GPU that both TVM
+    and torch reach (the GPU benches time CUDA kernels with torch.profiler, next to torch's)."""
+    import tvm
+
+    try:
+        ok = bool(tvm.cuda(0).exist)
+    except Exception:  # pylint: disable=broad-except  (a TVM built without the CUDA runtime)
+        ok = False
+    if ok:
+        try:
+            import torch
+
+            ok = torch.cuda.is_available()
+        except ImportError:
+            ok = False
+    if not ok:
+        raise SystemExit(f"{tool}: no CUDA GPU here (it times CUDA kernels through TVM and "
+                         "torch; run it on the GPU machine)")
+
+
 def nvtx_name(kind: str, *parts: str) -> str:
     """The NVTX range around one timed variant, e.g. ``gemm:llama-3.2-1b:gate+up:e0m4_wgmma_128x256
     _xws3`` or ``attention:llama-3-8b_hd_128:n2048:tree`` (commas as ``+``, other characters
@@ -478,5 +499,5 @@ def save_json(result: dict, path) -> None:
         json.dump(result, f, indent=1)
 
 
-__all__ = ["run", "format_tables", "linear_layers", "MODELS", "kernel_func", "build", "weights",
+__all__ = ["run", "format_tables", "require_cuda_gpu", "linear_layers", "MODELS", "kernel_func", "build", "weights",
            "reference", "copy_bandwidth"]

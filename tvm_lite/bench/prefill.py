@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .kernels import add_baseline_arguments, baseline_kernels, nvtx_name
+from .kernels import add_baseline_arguments, baseline_kernels, nvtx_name, require_cuda_gpu
 
 # name: (heads, kv_heads, head_dim)
 ATTENTION_SHAPES = {
@@ -594,6 +594,7 @@ def main(argv=None):
     if bad:
         ap.error(f"--gemm-layers: unknown {', '.join(bad)} "
                  f"(known: {';'.join(sorted(known_layers))})")
+    require_cuda_gpu("bench.prefill")  # (after the arguments are checked: they need no GPU)
     import torch
 
     result = {"device": torch.cuda.get_device_name()}

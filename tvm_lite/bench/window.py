@@ -24,6 +24,8 @@ import json
 
 import numpy as np
 
+from .kernels import require_cuda_gpu
+
 # name: (heads, kv_heads, head_dim, window)
 SHAPES = {"gemma-3-1b local layer": (4, 1, 256, 512), "mistral-like": (32, 8, 128, 4096)}
 DECODE_CONTEXTS = (512, 4096, 16384)
@@ -87,6 +89,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    require_cuda_gpu("bench.window")
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
     dev = tvm.cuda(0)
     rows = []
