@@ -474,6 +474,16 @@ class switched:
         return False
 
 
+def check_switches(ap, specs) -> None:
+    """``ap.error`` (usage, exit 2) for the first malformed or unknown ``--switch`` in
+    ``specs``: before any build."""
+    for spec in specs:
+        try:
+            model_switch(spec)
+        except ValueError as err:
+            ap.error(str(err))
+
+
 def chunk_summary(result: dict) -> str | None:
     """One line setting the prompt in chunks against the one call (wall, GPU kernel time,
     kernels, host gap), where ``result`` (:func:`profile_artifact`'s) has both; else None."""
@@ -612,11 +622,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.chunk is not None and args.chunk < 1:  # before any build
         ap.error(f"--chunk {args.chunk}: a chunk needs at least one token")
-    for spec in args.switch:  # a malformed or unknown switch: before any build
-        try:
-            model_switch(spec)
-        except ValueError as err:
-            ap.error(str(err))
+    check_switches(ap, args.switch)
     if args.device.startswith("cuda"):  # before the exports and builds (minutes)
         from .bench.kernels import require_cuda_gpu
 
@@ -649,7 +655,8 @@ def main(argv=None) -> None:
 
 
 __all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes", "chunk_summary",
-           "chunk_kernels_table", "primfunc_of", "model_switch", "switched", "comparison_table"]
+           "check_switches", "chunk_kernels_table", "primfunc_of", "model_switch", "switched",
+           "comparison_table"]
 
 
 if __name__ == "__main__":

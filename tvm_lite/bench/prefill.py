@@ -582,13 +582,9 @@ def main(argv=None):
             parse_wgmma_stages(parts_[2])
         except ValueError as err:
             ap.error(f"--wgmma {spec}: staging {err}")
-    from tvm_lite.profile import model_switch
+    from tvm_lite.profile import check_switches
 
-    for spec in args.gemm_switch:  # a malformed or unknown switch: before any build
-        try:
-            model_switch(spec)
-        except ValueError as err:
-            ap.error(str(err))
+    check_switches(ap, args.gemm_switch)
     known_layers = set(GEMM_LAYER_NAMES)
     bad = [v for v in args.gemm_layers.split(";") if v and v not in known_layers]
     if bad:
