@@ -3,9 +3,10 @@
 ``python -m tvm_lite.bench.gemv_plans [--model llama-3.2-1b|gemma-2b|smollm2-135m]
 [--plans 4x1,4x8,...] [--json FILE]``
 
-For a model's decode GEMVs (default Llama-1B's; the shapes of ``bench.prefill.GEMM_MODELS``) (E0M4, fp16 ``x``, ``M = 1``) each plan -- ``TNxKS``: threads along
-``N``, splits of ``K`` (summed in the same kernel by the last workgroup of a column tile) -- is
-built, checked against numpy on a column slice, and timed on ``COPIES`` sets of weights called in
+For a model's decode GEMVs (default Llama-1B's; the shapes of ``bench.prefill.GEMM_MODELS``;
+E0M4, fp16 ``x``, ``M = 1``) each plan -- ``TNxKS``: threads along ``N``, splits of ``K``
+(summed in the same kernel by the last workgroup of a column tile) -- is built, checked
+against numpy on a column slice, and timed on ``COPIES`` sets of weights called in
 turn (more bytes than the H200's 50 MB L2, as in a real step, where every layer's weights are
 new); the GPU time per call is the kernels' own time from torch.profiler's CUDA activity. The
 first row of each layer is the rule's own plan (``default``). The layers whose input is a
@@ -25,7 +26,6 @@ import json
 import re
 
 import numpy as np
-
 
 
 def layers_for(model: str) -> list[tuple[int, int, str]]:
@@ -105,9 +105,7 @@ def norm_gemv_func(k: int, n: int, gemma: bool = False):
     """The fused RMSNorm + E0M4 GEMV PrimFunc the pipeline makes of Llama's fp16 norm before a
     projection (``gemma``: Gemma's, times ``1 + w``; params: the row ``s``, the norm weight,
     codes, scale, zero, the output)."""
-    from tvm import tirx
-
-    from tvm import relax
+    from tvm import relax, tirx
 
     mod, fused = lower_gemv_prologue(norm_dequant_gemv(k, n, gemma=gemma))
     (func,) = [f for gv, f in mod.functions_items()

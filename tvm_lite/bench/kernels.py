@@ -499,5 +499,5 @@ def save_json(result: dict, path) -> None:
         json.dump(result, f, indent=1)
 
 
-__all__ = ["run", "format_tables", "require_cuda_gpu", "linear_layers", "MODELS", "kernel_func", "build", "weights",
-           "reference", "copy_bandwidth"]
+__all__ = ["run", "format_tables", "require_cuda_gpu", "linear_layers", "MODELS", "kernel_func",
+           "build", "weights", "reference", "copy_bandwidth"]
