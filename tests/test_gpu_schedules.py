@@ -1233,18 +1233,20 @@ def test_cluster_summed_split_k_runs_correctly_on_a_hopper_gpu(k, n, tile, epilo
 
 @HOPPER
 @pytest.mark.parametrize("k, n, epilogue", [
-    (576, 576, "residual"), (1536, 576, "residual"), (576, 960, None)])  # SmolLM2's o, down, q+k+v
+    (576, 576, "residual"), (1536, 576, "residual"), (576, 960, None),  # SmolLM2's o, down, q+k+v
+    (2048, 2560, None)])  # Gemma-2B's q+k+v: K in two at 512 tokens
 def test_mma_cluster_sum_runs_correctly_on_a_hopper_gpu(k, n, epilogue, monkeypatch):
-    """``gpu_gemm_mma.CLUSTER_SUM``: SmolLM2's narrow-tile GEMMs planned for 256 tokens, their
-    split K added up in a thread-block cluster -- one kernel a GEMM -- against numpy on the GPU
-    at lengths below, at and past 256 (the 2048 plan beside it)."""
+    """``gpu_gemm_mma.CLUSTER_SUM``: the plans whose split K it adds up in a thread-block
+    cluster -- one kernel a GEMM -- against numpy on the GPU at lengths in every planned branch:
+    SmolLM2's narrow tiles at 256 tokens (K in three), its down and Gemma-2B's q+k+v at 512 (K
+    in two)."""
     from tvm_lite.schedules import gpu_gemm_mma
 
     monkeypatch.setattr(gpu_gemm_mma, "CLUSTER_SUM", True)
-    rule = GPUPrefillGEMM(CUDA, plan_lengths=(256, 2048))
+    rule = GPUPrefillGEMM(CUDA, plan_lengths=(256, 512, 2048))
     ex = build(_mma_func("e0m4", k, n, epilogue), parse_target(WGMMA_TARGET), [rule])
     assert "__cluster_dims__(1, 1, " in _source(ex, "cuda")
-    _check_gemm_on_gpu(ex, "e0m4", k, n, epilogue, (37, 200, 256, 300))
+    _check_gemm_on_gpu(ex, "e0m4", k, n, epilogue, (37, 200, 256, 300, 512, 700))
 
 
 _TRAP_SCRIPT = """
