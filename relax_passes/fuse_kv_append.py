@@ -40,6 +40,18 @@ from tvm.script import from_source
 from ._fusion import last_axis_slice, run_on_functions, static_shape
 
 INPLACE = "relax.call_tir_inplace"
+# Each iteration of the kernel's innermost loop writes both halves of a rotated row: column
+# ``vd`` and ``vd + D/2`` from the same two loads (``x[vd]``, ``x[vd + D/2]``), the loop over
+# ``D/2``. Without it an iteration writes one column and picks its rotate-half partner per
+# column (``if_then_else(vd < D/2, ...)``): every element loaded twice, and a per-lane select
+# that keeps the GPU's vector rule (``schedules/gpu_elementwise.py``) off the kernel, so DLight's
+# Fallback gives it one 2-byte element a thread. (Prefill on an H100: Llama-1B's kv_append --
+# Q, K and V of 2,048 tokens, ~25 MB moved -- takes 24.7 us a layer, ~34% of copy bandwidth;
+# SmolLM2's 9 us a layer is 5% of its 2048-token prefill's GPU time.) With it every access
+# moves along ``vd`` and no select depends on it: 16-byte vectors, each element loaded once.
+# Off until timed on a GPU (``python -m tvm_lite.profile --shapes smollm2-135m --prompt-len
+# 2048 --switch pair:relax_passes.fuse_kv_append.PAIRED_HALVES=True``).
+PAIRED_HALVES = False
 
 
 def _op(expr, name):
@@ -142,9 +154,9 @@ class _Rotation:
         return (f'    cos = T.match_buffer(var_cos, ({cos},), "{dtype}")\n'
                 f'    sin = T.match_buffer(var_sin, ({sin},), "{dtype}")\n')
 
-    def at(self, h: str) -> tuple[str, str]:
-        """TIR text of cos and sin for head ``h``, row ``vs``, column ``vd``."""
-        at = ["0", h, "vs", "vd"]
+    def at(self, h: str, d: str = "vd") -> tuple[str, str]:
+        """TIR text of cos and sin for head ``h``, row ``vs``, column ``d``."""
+        at = ["0", h, "vs", d]
         if self.angle is None:
             return (f"cos[{_bcast(static_shape(self.cos), at)}]",
                     f"sin[{_bcast(static_shape(self.sin), at)}]")
@@ -164,6 +176,19 @@ def _rotated(src: _Source, buf: str, d_head: int, h: str, cos: str, sin: str) ->
             f"-{buf}[{at(f'vd + {half}')}], {buf}[{at(f'vd - {half}')}]) * {sin}")
 
 
+def _rotated_half_of(src: _Source, buf: str, d_head: int, h: str, rotation: _Rotation,
+                     dtype: str) -> str:
+    """TIR text of column ``vj * D/2 + vd`` (``vj``: which half) of row ``vs``, head ``h`` of
+    ``buf`` rotated (rotate_half; see :data:`PAIRED_HALVES`): the partner column is the other
+    half's ``vd``, its sign ``2 vj - 1`` -- no select."""
+    half = d_head // 2
+    col, partner = f"vj * {half} + vd", f"(1 - vj) * {half} + vd"
+    cos, sin = rotation.at(h, col)
+    return (f"{buf}[{src.index(d_head, h, 'vs', col)}] * {cos} + "
+            f"T.Cast(\"{dtype}\", vj * 2 - 1) * {buf}[{src.index(d_head, h, 'vs', partner)}]"
+            f" * {sin}")
+
+
 def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None, q_heads=0):
     """``kv_append``; with ``q_src`` it also rotates the ``q_heads`` query heads into a third
     output ``(1, q_heads, n, D)``: one loop over ``q_heads + heads`` rows of heads, the first
@@ -175,10 +200,26 @@ def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None,
     n_decl = "    n = T.int64()\n" if "n" in dims else ""
     shape = lambda sh: ", ".join(_dim(d) for d in sh)  # noqa: E731
 
+    half = d_head // 2
+    paired = PAIRED_HALVES and d_head % 2 == 0
+    # the loop nest: (row, head, column), or with the halves (row, head, half, column in half)
+    extents, iters, col = [seq, "{}", d_head], ["s", "r", "d"], "vd"
+    if paired:
+        extents, iters, col = [seq, "{}", 2, half], ["s", "r", "j", "d"], f"vj * {half} + vd"
+
+    halves_attr = ', "tvm_lite.halves": True' if paired else ""
+
+    def rotated(src, buf, h):
+        if paired:
+            return _rotated_half_of(src, buf, d_head, h, rotation, dtype)
+        return _rotated(src, buf, d_head, h, *rotation.at(h))
+
     def kv_rows(h: str, indent: str) -> str:
-        k_row = _rotated(k_src, "k", d_head, h, *rotation.at(h))
-        return (f"ck[pos + vs, {h}, vd] = {k_row}\n{indent}"
-                f"cv[pos + vs, {h}, vd] = v[{v_src.index(d_head, h, 'vs', 'vd')}]")
+        return (f"ck[pos + vs, {h}, {col}] = {rotated(k_src, 'k', h)}\n{indent}"
+                f"cv[pos + vs, {h}, {col}] = v[{v_src.index(d_head, h, 'vs', col)}]")
+
+    def q_rows(h: str, indent: str) -> str:
+        return f"qo[0, {h}, vs, {col}] = {rotated(q_src, 'q', h)}"
 
     q_param, q_decl, rows, body = "", "", heads, kv_rows("vr", " " * 12)
     if q_src is not None:
@@ -189,14 +230,14 @@ def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None,
         rows = q_heads + heads
         vq, vh = f"T.min(vr, {q_heads - 1})", f"T.max(vr - {q_heads}, 0)"  # (in bounds)
         body = f'''if vr < {q_heads}:
-                qo[0, {vq}, vs, vd] = {_rotated(q_src, "q", d_head, vq, *rotation.at(vq))}
+                {q_rows(vq, " " * 16)}
             else:
                 {kv_rows(vh, " " * 16)}'''
     src = f'''
 @T.prim_func(private=True, s_tir=True)
 def kv_append(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.handle,
               {rotation.params()}, pos: T.int64{q_param}):
-    T.func_attr({{"tir.noalias": True, "tvm_lite.fused": "kv_append"}})
+    T.func_attr({{"tir.noalias": True, "tvm_lite.fused": "kv_append"{halves_attr}}})
     cache_len = T.int64()
 {n_decl}    ck = T.match_buffer(var_ck, (cache_len, {heads}, {d_head}), "{dtype}")
     cv = T.match_buffer(var_cv, (cache_len, {heads}, {d_head}), "{dtype}")
@@ -204,9 +245,9 @@ def kv_append(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.hand
     v = T.match_buffer(var_v, ({shape(vsh)},), "{dtype}")
 {rotation.decls(dtype, shape)}{q_decl}    assert pos + {seq} <= cache_len, \\
         "KV cache overflow: past_len + seq exceeds the cache's max_context"
-    for s, r, d in T.grid({seq}, {rows}, {d_head}):
+    for {", ".join(iters)} in T.grid({", ".join(map(str, extents)).format(rows)}):
         with T.sblock("kv_append"):
-            vs, vr, vd = T.axis.remap("SSS", [s, r, d])
+            {", ".join("v" + i for i in iters)} = T.axis.remap("{"S" * len(iters)}", [{", ".join(iters)}])
             {body}
 '''
     return from_source(src)

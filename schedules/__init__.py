@@ -6,11 +6,14 @@
 
 0. :class:`.gpu_attention.Attention` -- the fused attention kernels (prefill, decode);
    :class:`.fused_norm.FusedRMSNorm` -- the fused residual-add + RMSNorm kernels, one kernel each;
+   :class:`.gpu_elementwise.GPUKVAppendHalves` -- the K/V append over the halves of a rotated
+   row (``relax_passes.fuse_kv_append.PAIRED_HALVES``), in 16-byte vectors;
 1. :class:`.gpu_gemv.GPUDecodeGEMV` -- decode GEMV (``M == 1``), fp16 and 4-bit dequant weights;
 2. :class:`.gpu_gemm.GPUPrefillGEMM` -- prefill GEMM (dynamic ``M``), dequant in the tile load;
 3. DLight's ``gpu.Matmul`` and ``gpu.GEMV`` for the matmuls these leave (attention's batched
    products, ``W[N, K]`` layouts), GEMV behind ``StaticBuffersOnly`` (:mod:`.guards`);
-4. reductions (:mod:`.gpu_reduction`), then DLight's ``gpu.Fallback`` last.
+4. reductions (:mod:`.gpu_reduction`), injective kernels in vectors
+   (:class:`.gpu_elementwise.GPUVectorElementwise`), then DLight's ``gpu.Fallback`` last.
 
 ``stock_gpu_rules()`` is the plain DLight list (what tvm_lite used before), kept for benchmarks.
 """
@@ -25,7 +28,7 @@ from .cpu import CPUMatmul, CPUParallel
 from .cpu_dequant import CPUDequantMatmul
 from .cpu_gemm import CPUWeightMatmul
 from .fused_norm import FusedRMSNorm
-from .gpu_elementwise import GPUVectorElementwise
+from .gpu_elementwise import GPUKVAppendHalves, GPUVectorElementwise
 from .gpu_gemm import GPUPrefillGEMM
 from .gpu_gemv import GPUDecodeGEMV
 from .gpu_gemv_half2 import half2_kernel  # noqa: F401  (registers the packed GEMV)
@@ -56,7 +59,8 @@ def stock_gpu_rules() -> list:
 
 def gpu_rules(profile: GPUProfile) -> list:
     """tvm_lite's GPU rules for ``profile``, in order, the fallback last."""
-    return [gpu_attention.Attention(), FusedRMSNorm(), GPUDecodeGEMV(profile), GPUPrefillGEMM(profile), dl.gpu.Matmul(),
+    return [gpu_attention.Attention(), FusedRMSNorm(), GPUKVAppendHalves(profile),
+            GPUDecodeGEMV(profile), GPUPrefillGEMM(profile), dl.gpu.Matmul(),
             StaticBuffersOnly(dl.gpu.GEMV()), *reduction_rules(profile),
             GPUVectorElementwise(profile), dl.gpu.Fallback()]
 

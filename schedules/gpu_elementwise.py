@@ -8,7 +8,9 @@ dim is a static multiple of the profile's vector width and every access moves on
 its last dim per step of that dim, with no per-lane select: the dim is split into
 ``vector_bytes`` vectors (8 fp16: 16-byte loads and stores), the rest fused and bound to
 ``THREADS`` threads a workgroup. (The K/V append's rotate-half selects its partner per lane:
-vectorized, TVM's CUDA codegen gathers or does not compile, so it stays with ``Fallback``.)
+vectorized, TVM's CUDA codegen gathers or does not compile, so it stays with ``Fallback`` --
+unless it is built over the halves of a row, ``fuse_kv_append.PAIRED_HALVES``, which
+:class:`GPUKVAppendHalves` schedules in vectors.)
 
 On in the CUDA profile (``GPUProfile.vector_elementwise``): in Llama-1B's 512-token prefill on
 the H200 the SiLU product went 13.65 -> 5.40 us a layer (fp32 math, 4 lanes), the step's GPU
@@ -41,15 +43,25 @@ def _uses(expr, var) -> bool:
     return any(found)
 
 
-def _widest_bytes(block) -> int | None:
+def _widest_bytes(block, ignore_index_casts: bool = False) -> int | None:
     """Bytes of the widest scalar the block loads, stores or casts to (None: one this rule does
     not size). The vector is cut to it: 16 bytes of the widest type a thread. (TVM's CUDA
     codegen has no 8-lane fp32 vector -- it emits ``make_ulonglong4`` with 8 floats, which nvcc
-    rejects -- so an fp16 SiLU computed in fp32 takes 4 lanes, not 8.)"""
+    rejects -- so an fp16 SiLU computed in fp32 takes 4 lanes, not 8.) ``ignore_index_casts``:
+    a cast of an integer expression that loads nothing (the paired K/V append's sign, ``2 j -
+    1``, the same in every lane) does not size the vector."""
     dtypes = {str(x.source.dtype) for r in (block.reads, block.writes) for x in r}
+
+    def loads(expr) -> bool:
+        found = []
+        tvm_ffi.structural_walk(expr, [(tvm.ir.expr.TensorLoad, lambda _: found.append(1))],
+                                order="post")
+        return bool(found)
 
     def cast(node):
         dtypes.add(str(node.ty.dtype))
+        if ignore_index_casts and "int" in str(node.value.ty.dtype) and not loads(node.value):
+            return
         dtypes.add(str(node.value.ty.dtype))
 
     tvm_ffi.structural_walk(block.body, [(tirx.Cast, cast)], order="post")
@@ -129,4 +141,41 @@ class GPUVectorElementwise(dl.ScheduleRule):
         return sch
 
 
-__all__ = ["GPUVectorElementwise", "THREADS"]
+class GPUKVAppendHalves(dl.ScheduleRule):
+    """The K/V append whose loop runs over the two halves of a rotated row
+    (``relax_passes.fuse_kv_append.PAIRED_HALVES``: loops row, head, half, column in the half;
+    every access moves along the column, no per-lane select). :class:`GPUVectorElementwise`
+    does not take it: DLight's normal form fuses head, half and column into one iterator (their
+    indices are affine), across which the rotate-half partner is no longer contiguous. This rule
+    schedules the kernel's own loops: the column in vectors of ``vector_bytes`` (8 fp16), the
+    rest fused over :data:`THREADS` threads a workgroup."""
+
+    def __init__(self, profile: GPUProfile):
+        self.profile = profile
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
+            return None
+        attrs = func.attrs or {}
+        if str(attrs.get("tvm_lite.fused", "")) != "kv_append" or not attrs.get("tvm_lite.halves"):
+            return None
+        p = fit_to_target(self.profile, target)
+        if not p.vector_elementwise:
+            return None
+        sch = s_tir.Schedule(func)
+        block = sch.get_sblock("kv_append")
+        loops = sch.get_loops(block)
+        size = _widest_bytes(sch.get(block), ignore_index_casts=True)
+        inner = _int(sch.get(loops[-1]).extent)
+        vec = max(1, p.vector_bytes // size) if size else 1
+        if len(loops) != 4 or vec < 2 or inner is None or inner % vec:
+            return None
+        io, ii = sch.split(loops[-1], factors=[None, vec])
+        bx, tx = sch.split(sch.fuse(*loops[:-1], io), factors=[None, THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        sch.vectorize(ii)
+        return sch
+
+
+__all__ = ["GPUVectorElementwise", "GPUKVAppendHalves", "THREADS"]

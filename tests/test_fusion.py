@@ -384,3 +384,45 @@ def test_cast_there_and_back_through_a_wider_type_is_dropped():
     np.testing.assert_allclose(got[0].numpy().astype("float32"), e / e.sum(-1, keepdims=True),
                                atol=2e-3)
     assert got[1].numpy()[0, 0] == np.float32(np.float16(1 / 3))  # still rounded
+
+
+def test_kv_append_in_paired_halves_gives_the_same_logits_and_16_byte_vectors(
+        tiny_decoder, tiny_decoder_fp16, tmp_path, monkeypatch):
+    """``fuse_kv_append.PAIRED_HALVES``: the K/V append looping over both halves of a rotated
+    row (the rotate-half partner by a sign, no select) gives the default build's logits on the
+    CPU, prefill and decode; on CUDA every K/V append kernel goes to ``GPUKVAppendHalves`` (256
+    threads a workgroup) and the prefill ones move their rows in 16-byte vectors; nvcc builds the
+    whole model."""
+    from tvm_lite.artifact import compile_model
+    from tvm_lite.engine import Engine
+    from tvm_lite.relax_passes import fuse_kv_append
+
+    _, onnx_dir = tiny_decoder
+    outs = []
+    for paired in (False, True):
+        monkeypatch.setattr(fuse_kv_append, "PAIRED_HALVES", paired)
+        art = compile_model(onnx_dir, "llvm", out_dir=tmp_path / f"cpu{int(paired)}", force=True,
+                            progress=lambda _: None)
+        eng = Engine(art)
+        s = eng.new_session()
+        first = eng.prefill(s, list(range(3, 40)))
+        outs.append((first, eng.forward(s, [int(np.argmax(first))])))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+    mod = weights_as_built(tvm_lite.from_onnx(tiny_decoder_fp16 / "model.onnx"), progress=None)
+    src = tvm_lite.device_source(tvm_lite.build(mod, "cuda -arch=sm_90"), "cuda")
+    kernels = {name: bounds for bounds, name in re.findall(
+        r"__global__ void __launch_bounds__\((\d+)\) (kv_append\w*)\(", src)}
+    assert kernels and set(kernels.values()) == {"256"}, kernels
+    prefill = [n for n in kernels if "_at" not in n]
+    for name in prefill:  # (its definition: the source declares each kernel first)
+        start = re.search(rf"__global__ void __launch_bounds__\(\d+\) {name}\([^)]*\) {{",
+                          src).start()
+        body = src[start:src.index("\n}\n", start)]
+        assert "*(uint4*)(ck_ptr" in body and "*(uint4*)(cv_ptr" in body, name
+    if shutil.which("nvcc"):
+        (tmp_path / "model.cu").write_text(src)
+        res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-o", str(tmp_path / "m.o"),
+                              str(tmp_path / "model.cu")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
