@@ -99,6 +99,17 @@ def _contiguous(block, var) -> bool:
     return ok[0]
 
 
+def in_vectors(sch, loops, vec: int):
+    """``sch`` with the innermost of ``loops`` in vectors of ``vec`` and the rest fused over
+    :data:`THREADS` threads a workgroup."""
+    io, ii = sch.split(loops[-1], factors=[None, vec])
+    bx, tx = sch.split(sch.fuse(*loops[:-1], io), factors=[None, THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(ii)
+    return sch
+
+
 class GPUVectorElementwise(dl.ScheduleRule):
     """One injective block (after inlining): the innermost dim in vectors, the rest over threads."""
 
@@ -133,12 +144,7 @@ class GPUVectorElementwise(dl.ScheduleRule):
         if not sch.get(last.loop_rv).same_as(sch.get(loops[-1])) \
                 or not _contiguous(sch.get(block), last.var):
             return None
-        io, ii = sch.split(loops[-1], factors=[None, vec])
-        bx, tx = sch.split(sch.fuse(*loops[:-1], io), factors=[None, THREADS])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(ii)
-        return sch
+        return in_vectors(sch, loops, vec)
 
 
 class GPUKVAppendHalves(dl.ScheduleRule):
@@ -170,12 +176,7 @@ class GPUKVAppendHalves(dl.ScheduleRule):
         vec = max(1, p.vector_bytes // size) if size else 1
         if len(loops) != 4 or vec < 2 or inner is None or inner % vec:
             return None
-        io, ii = sch.split(loops[-1], factors=[None, vec])
-        bx, tx = sch.split(sch.fuse(*loops[:-1], io), factors=[None, THREADS])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(ii)
-        return sch
+        return in_vectors(sch, loops, vec)
 
 
 __all__ = ["GPUVectorElementwise", "GPUKVAppendHalves", "THREADS"]
