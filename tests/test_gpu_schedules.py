@@ -59,9 +59,10 @@ def test_targets_map_to_profiles_and_rules_in_order():
         target = parse_target(text)
         assert profile_of(target) == name
         names = [type(r).__name__ for r in rules_for(target)]
-        # tvm_lite's own kernels first (fused attention, fused norms), then the matmul rules
-        assert names[:2] == ["Attention", "FusedRMSNorm"]
-        rules = rules_for(target)[2:]
+        # tvm_lite's own kernels first (fused attention, fused norms, the K/V append in paired
+        # halves), then the matmul rules
+        assert names[:3] == ["Attention", "FusedRMSNorm", "GPUKVAppendHalves"]
+        rules = rules_for(target)[3:]
         assert isinstance(rules[0], GPUDecodeGEMV) and rules[0].profile is PROFILES[name]
         assert isinstance(rules[1], GPUPrefillGEMM) and rules[1].profile is PROFILES[name]
         assert any(isinstance(r, StaticBuffersOnly) for r in rules)  # the guard is kept
