@@ -40,15 +40,15 @@ from tvm.script import from_source
 from ._fusion import last_axis_slice, run_on_functions, static_shape
 
 INPLACE = "relax.call_tir_inplace"
-# Each iteration of the kernel's innermost loop writes both halves of a rotated row: column
-# ``vd`` and ``vd + D/2`` from the same two loads (``x[vd]``, ``x[vd + D/2]``), the loop over
-# ``D/2``. Without it an iteration writes one column and picks its rotate-half partner per
-# column (``if_then_else(vd < D/2, ...)``): every element loaded twice, and a per-lane select
-# that keeps the GPU's vector rule (``schedules/gpu_elementwise.py``) off the kernel, so DLight's
-# Fallback gives it one 2-byte element a thread. (Prefill on an H100: Llama-1B's kv_append --
+# The kernel's loop runs over (row, head, half ``j``, column ``d`` in the half): column
+# ``j D/2 + d`` is ``x[j D/2 + d] cos + (2j - 1) x[(1 - j) D/2 + d] sin``, its rotate-half partner
+# found by the sign, not a select. Without it the loop runs over (row, head, column) and picks
+# the partner per column (``if_then_else(vd < D/2, ...)``), a per-lane select that keeps the
+# GPU's vector rules (``schedules/gpu_elementwise.py``) off the kernel, so DLight's Fallback
+# gives it one 2-byte element a thread. (Prefill on an H100: Llama-1B's kv_append --
 # Q, K and V of 2,048 tokens, ~25 MB moved -- takes 24.7 us a layer, ~34% of copy bandwidth;
 # SmolLM2's 9 us a layer is 5% of its 2048-token prefill's GPU time.) With it every access
-# moves along ``vd`` and no select depends on it: 16-byte vectors, each element loaded once.
+# moves along ``d`` and no select depends on it: 16-byte vectors (``GPUKVAppendHalves``).
 # Off until timed on a GPU (``python -m tvm_lite.profile --shapes smollm2-135m --prompt-len
 # 2048 --switch pair:relax_passes.fuse_kv_append.PAIRED_HALVES=True``).
 PAIRED_HALVES = False
@@ -218,7 +218,7 @@ def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None,
         return (f"ck[pos + vs, {h}, {col}] = {rotated(k_src, 'k', h)}\n{indent}"
                 f"cv[pos + vs, {h}, {col}] = v[{v_src.index(d_head, h, 'vs', col)}]")
 
-    def q_rows(h: str, indent: str) -> str:
+    def q_row(h: str) -> str:
         return f"qo[0, {h}, vs, {col}] = {rotated(q_src, 'q', h)}"
 
     q_param, q_decl, rows, body = "", "", heads, kv_rows("vr", " " * 12)
@@ -230,7 +230,7 @@ def _kernel(dtype, heads, d_head, k_src, v_src, rotation: _Rotation, q_src=None,
         rows = q_heads + heads
         vq, vh = f"T.min(vr, {q_heads - 1})", f"T.max(vr - {q_heads}, 0)"  # (in bounds)
         body = f'''if vr < {q_heads}:
-                {q_rows(vq, " " * 16)}
+                {q_row(vq)}
             else:
                 {kv_rows(vh, " " * 16)}'''
     src = f'''
@@ -247,7 +247,8 @@ def kv_append(var_ck: T.handle, var_cv: T.handle, var_k: T.handle, var_v: T.hand
         "KV cache overflow: past_len + seq exceeds the cache's max_context"
     for {", ".join(iters)} in T.grid({", ".join(map(str, extents)).format(rows)}):
         with T.sblock("kv_append"):
-            {", ".join("v" + i for i in iters)} = T.axis.remap("{"S" * len(iters)}", [{", ".join(iters)}])
+            {", ".join("v" + i for i in iters)} = T.axis.remap("{"S" * len(iters)}",
+                                                               [{", ".join(iters)}])
             {body}
 '''
     return from_source(src)
