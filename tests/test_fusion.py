@@ -426,3 +426,33 @@ def test_kv_append_in_paired_halves_gives_the_same_logits_and_16_byte_vectors(
         res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-o", str(tmp_path / "m.o"),
                               str(tmp_path / "model.cu")], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_kv_append_in_paired_halves_runs_correctly_on_a_cuda_gpu(tiny_decoder_fp16, tmp_path,
+                                                                  monkeypatch):
+    """``fuse_kv_append.PAIRED_HALVES`` on the GPU: the tiny fp16 model's prefill and decode
+    logits with the K/V append in paired halves (16-byte vectors, ``GPUKVAppendHalves``) match
+    the default build's on the same GPU -- the caches they write are read by every later step."""
+    from conftest import cuda_device
+
+    if cuda_device() is None:
+        pytest.skip("needs a CUDA device")
+    from tvm_lite.artifact import compile_model
+    from tvm_lite.engine import Engine
+    from tvm_lite.relax_passes import fuse_kv_append
+    from tvm_lite.target import local_cuda_target
+
+    ids = np.random.default_rng(0).integers(5, 500, 70).tolist()
+    outs = []
+    for paired in (False, True):
+        monkeypatch.setattr(fuse_kv_append, "PAIRED_HALVES", paired)
+        art = compile_model(tiny_decoder_fp16, local_cuda_target(), force=True,
+                            out_dir=tmp_path / f"cuda{int(paired)}", progress=lambda *_: None)
+        eng = Engine(art, device="cuda", max_context=256)
+        s = eng.new_session()
+        logits = [eng.prefill(s, ids)]
+        for _ in range(4):
+            logits.append(eng.forward(s, [int(np.argmax(logits[-1]))]))
+        outs.append(np.stack([np.asarray(x, "float32").reshape(-1) for x in logits]))
+    assert np.isfinite(outs[1]).all()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=2e-2 * np.abs(outs[0]).max())
