@@ -91,6 +91,19 @@ MIN_WAVE = 0.9  # a tile is taken if it gives at least this share of the SMs a w
 UNSPLIT_MAX_M = 256
 UNSPLIT_MAX_K = 2048
 UNSPLIT_MIN_WAVES = 1.0
+# ... and where the target sums a split K in a cluster (CLUSTER_SUM, sm_90+: no second kernel,
+# the reason for the rule above), a short prompt's unsplit tile over a shallow K (the rule
+# above's, or the first that filled the SMs unsplit) takes its K in UNSPLIT_CLUSTER_WAYS, summed
+# in a cluster, where K's slices divide so (SPLIT_K_MIN_SLICES or more each); a K too shallow to
+# split (SmolLM2's 576: 9 slices) takes NARROW_TILE's 32-row tiles unsplit instead -- either
+# way twice the workgroups, each half as long (:func:`split_for_clusters`; 1 turns it off). On an H100 (thirty-first session, ``bench.prefill
+# --parts gemm --gemm-lengths 256 --gemm-tiles ...``, ``results/issue16_gemm_256_tiles_h100_s31
+# .json``): Gemma-2B's merged q+k+v (K 2048, N 2560; 160 workgroups of 64 x 64) 26.9 -> 20.8 us
+# with K in two (torch 16.7; 128x128 in four 27.2, 128x64 in two 25.4, 32x64 in four 27.8);
+# SmolLM2's gate+up (K 576, N 3072) 11.6 -> 10.1 us at 32 x 64 (64x128 12.3, 128x64 13.4,
+# the warp-specialised wgmma 12.7-18.1). Timed kernel by kernel only; the only plans of the
+# three models it changes (``tests/test_gpu_schedules.py``).
+UNSPLIT_CLUSTER_WAYS = 2
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)
 # A short prompt (NARROW_MAX_M) over a narrow N where no tile of TILES gives MIN_WAVE of the SMs
@@ -189,9 +202,14 @@ def split_ways(grid: int, slices: int, compute_units: int) -> int:
     return ks
 
 
+def cluster_target(target) -> bool:
+    """Whether ``target`` adds a split K's partials up in a cluster (:data:`CLUSTER_SUM`)."""
+    return CLUSTER_SUM and cuda_cluster.supported(target)
+
+
 def sums_in_cluster(tile, target) -> bool:
     """Whether ``tile``'s split K is added up in a cluster (:data:`CLUSTER_SUM`) on ``target``."""
-    return CLUSTER_SUM and 1 < tile[4] <= CLUSTER_MAX and cuda_cluster.supported(target)
+    return 1 < tile[4] <= CLUSTER_MAX and cluster_target(target)
 
 
 def helpers_for(tiles_in_cluster) -> dict:
@@ -203,7 +221,8 @@ def helpers_for(tiles_in_cluster) -> dict:
     return helpers
 
 
-def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = None) -> tuple:
+def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = None,
+                clusters: bool = False) -> tuple:
     """``(TM, TN, WM, WN, KS)`` for an ``N``-column output: the first tile of ``TILES`` (largest
     first) whose grid at ``M = m``, with ``K`` split ``KS`` ways (partials summed by a second
     kernel), covers ``MIN_WAVE`` of the SMs; ``K`` is split while the grid covers less than ``MIN_WAVE`` of
@@ -211,6 +230,8 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
     tile covers them, the one with the most workgroups. A short prompt over a shallow K
     (:data:`UNSPLIT_MAX_M`, :data:`UNSPLIT_MAX_K`) that would split K takes the largest tile that
     gives every SM a workgroup (:data:`UNSPLIT_MIN_WAVES`) with K unsplit instead, if one does.
+    With ``clusters`` (the target sums a split K in a cluster: :func:`cluster_target`) such a
+    prompt's unsplit tile, wherever it came from, goes to :func:`split_for_clusters`.
 
     A wide grid (:data:`WIDE_MIN_WAVES`) takes :data:`WIDE_TILE`'s 64 x 64 warp tiles.
 
@@ -233,11 +254,27 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
     if tile[4] > 1 and k and m <= UNSPLIT_MAX_M and k <= UNSPLIT_MAX_K:  # unsplit, if one fills
         wave, tile = next(((w, t) for w, t in found
                            if t[4] == 1 and w >= UNSPLIT_MIN_WAVES * compute_units), (wave, tile))
+    if (clusters and tile[4] == 1 and k and m <= UNSPLIT_MAX_M and k <= UNSPLIT_MAX_K
+            and wave >= MIN_WAVE * compute_units):
+        return split_for_clusters(tile, n, m, slices)
     if tile[:2] == WIDE_TILE[:2] and tile[4] == 1 and wave >= WIDE_MIN_WAVES * compute_units:
         return (*WIDE_TILE, 1)
     if (NARROW and m <= NARROW_MAX_M and wave < MIN_WAVE * compute_units
             and n % NARROW_TILE[1] == 0):
         return narrow_tile(n, compute_units, m, slices)
+    return tile
+
+
+def split_for_clusters(tile: tuple, n: int, m: int, slices: int) -> tuple:
+    """The unsplit short-prompt ``tile`` on a target that sums a split K in a cluster: its K
+    split :data:`UNSPLIT_CLUSTER_WAYS` ways where the slices divide into
+    :data:`SPLIT_K_MIN_SLICES` or more each, else :data:`NARROW_TILE` unsplit where it applies
+    (``m`` up to :data:`NARROW_MAX_M`, ``n`` a multiple of its width), else ``tile``."""
+    ways = UNSPLIT_CLUSTER_WAYS
+    if ways > 1 and slices % ways == 0 and slices // ways >= SPLIT_K_MIN_SLICES:
+        return (*tile[:4], ways)
+    if ways > 1 and NARROW and m <= NARROW_MAX_M and n % NARROW_TILE[1] == 0:
+        return (*NARROW_TILE, 1)
     return tile
 
 
@@ -718,7 +755,8 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
                              or g["k"] % ((tile[5] if len(tile) > 5 else TK) * tile[4])):
         raise MatchError(f"tile {tile} does not divide N={g['n']}, K={g['k']}")
     plans = [(cond, tile or choose_tile(g["n"], profile.compute_units, m=length,
-                                         k=g["k"] if split_k else None))
+                                         k=g["k"] if split_k else None,
+                                         clusters=cluster_target(target)))
              for length, cond in (lengths_for(g["m"], lengths) if tile is None
                                   else [(PLAN_M, None)])]
     cluster = [sums_in_cluster(t, target) for _, t in plans]
@@ -733,5 +771,5 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
 
 
 __all__ = ["mma_gemm_kernel", "match_gemm", "choose_tile", "kernel_source", "TILES", "HELPERS",
-           "sums_in_cluster", "helpers_for", "cluster_stores",
+           "sums_in_cluster", "cluster_target", "helpers_for", "cluster_stores",
            "PLAN_LENGTHS", "lengths_for", "by_length"]

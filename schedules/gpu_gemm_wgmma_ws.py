@@ -569,7 +569,8 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     for length, cond, k_split in splits:
         grid = -(-(length or 0) // TM) * (g["n"] // TN) * k_split
         if fill_sms and length and grid < mma_gemm.MIN_WAVE * profile.compute_units:
-            t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"])
+            t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"],
+                                        clusters=mma_gemm.cluster_target(target))
             variants.append(mma_variant(func, g, t, cond, target, helpers))
             continue
         pairs, staged = store_modes(g, k_split, pair_stores, staged_stores)
@@ -646,7 +647,8 @@ def mid_gemm_kernel(func, target, profile, lengths=None):
     for length, cond in mma_gemm.lengths_for(g["m"], lengths):
         tile = mid_tile(g, length, profile.compute_units)
         if tile is None:
-            t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"])
+            t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"],
+                                        clusters=mma_gemm.cluster_target(target))
             variants.append(mma_variant(func, g, t, cond, target, helpers))
             continue
         TM, TN, stages = tile

@@ -686,6 +686,20 @@ def test_mma_gemm_is_the_cuda_prefill_rule_and_compiles():
     assert choose_tile(576, 132, m=256, k=1536) == (32, 64, 1, 2, 3)
     assert choose_tile(576, 132, m=512, k=576) == (64, 64, 2, 2, 1)  # timed at 256 only
     assert choose_tile(2048, 132, m=256, k=2048)[:2] == (128, 128)
+    # a target that sums a split K in a cluster (UNSPLIT_CLUSTER_WAYS): a 256-token chunk's
+    # unsplit tile takes K in two (Gemma-2B's q+k+v, N 2560: 160 -> 320 workgroups), or, K too
+    # shallow to split (SmolLM2's gate+up, 9 slices), the 32-row tile unsplit; longer prompts,
+    # split tiles and deep K are left alone
+    assert choose_tile(2560, 132, m=256, k=2048) == (64, 64, 2, 2, 1)
+    assert choose_tile(2560, 132, m=256, k=2048, clusters=True) == (64, 64, 2, 2, 2)
+    assert choose_tile(3072, 132, m=256, k=576) == (64, 64, 2, 2, 1)
+    assert choose_tile(3072, 132, m=256, k=576, clusters=True) == (32, 64, 1, 2, 1)
+    for n, m, k in ((2560, 512, 2048), (2048, 256, 2048), (2048, 256, 8192), (576, 256, 576)):
+        assert choose_tile(n, 132, m=m, k=k, clusters=True) == choose_tile(n, 132, m=m, k=k)
+    with pytest.MonkeyPatch.context() as mp:  # 1: off
+        mp.setattr(mma_rules, "UNSPLIT_CLUSTER_WAYS", 1)
+        assert choose_tile(2560, 132, m=256, k=2048, clusters=True) == (64, 64, 2, 2, 1)
+        assert choose_tile(3072, 132, m=256, k=576, clusters=True) == (64, 64, 2, 2, 1)
     names = r"__global__ void (?:__cluster_dims__\(\d+, \d+, \d+\) )?__launch_bounds__\(\d+\) (\w+)\("
     # split: on sm_90 the partials are summed in a cluster (CLUSTER_SUM), on sm_80 by a second
     # kernel, which applies the epilogue
@@ -1235,12 +1249,12 @@ def test_cluster_summed_split_k_runs_correctly_on_a_hopper_gpu(k, n, tile, epilo
 @HOPPER
 @pytest.mark.parametrize("k, n, epilogue", [
     (576, 576, "residual"), (1536, 576, "residual"), (576, 960, None),  # SmolLM2's o, down, q+k+v
-    (2048, 2560, None)])  # Gemma-2B's q+k+v: K in two at 512 tokens
+    (2048, 2560, None)])  # Gemma-2B's q+k+v: K in two at 256 (UNSPLIT_CLUSTER_WAYS) and 512
 def test_mma_cluster_sum_runs_correctly_on_a_hopper_gpu(k, n, epilogue, monkeypatch):
     """``gpu_gemm_mma.CLUSTER_SUM``: the plans whose split K it adds up in a thread-block
     cluster -- one kernel a GEMM -- against numpy on the GPU at lengths in every planned branch:
-    SmolLM2's narrow tiles at 256 tokens (K in three), its down and Gemma-2B's q+k+v at 512 (K
-    in two)."""
+    SmolLM2's narrow tiles at 256 tokens (K in three), its down at 512 and Gemma-2B's q+k+v at
+    256 and 512 (K in two)."""
     from tvm_lite.schedules import gpu_gemm_mma
 
     monkeypatch.setattr(gpu_gemm_mma, "CLUSTER_SUM", True)
