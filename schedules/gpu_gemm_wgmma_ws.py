@@ -142,9 +142,10 @@ MID_SPLIT = 2
 # "q+k+v;o" --gemm-variants "e0m4 (sm_90a)" --wgmma 64x128xws4c,64x128xws3c``,
 # ``results/issue16_gemm_gemma_mid_h100_s29.json``): Gemma-2B's q+k+v 27.2 -> 25.5 us (64x128xws4c
 # 31.2; torch 15.2; max error against torch 3.3e-4, as the default's), ~0.25 ms of its 8
-# chunks. Off until the whole step is timed (Gemma-2B's profile with a switch build does not fit
-# one 10-minute call): ``python -m tvm_lite.profile --shapes gemma-2b --prompt-len 2048 --chunk 256
-# --switch two:schedules.gpu_gemm_wgmma_ws.MID_TWO_A_SM=True`` with the tree's build cached.
+# chunks. Off: the mma.sync plan Gemma-2B's q+k+v falls back to now takes K in two, summed in
+# clusters (``gpu_gemm_mma.UNSPLIT_CLUSTER_WAYS``), 20.8 us on an H100 in the thirty-first
+# session (26.9 unsplit; ``results/issue16_gemm_256_tiles_h100_s31.json``), against this
+# plan's 25.5 in the twenty-ninth (another run: not timed side by side).
 MID_TWO_A_SM = False
 MID_TWO_A_SM_STAGES = 3
 SM_SHARED = 228 * 1024  # shared memory of an sm_90 SM (1 KB of it reserved a workgroup)
