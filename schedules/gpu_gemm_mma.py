@@ -96,13 +96,14 @@ UNSPLIT_MIN_WAVES = 1.0
 # above's, or the first that filled the SMs unsplit) takes its K in UNSPLIT_CLUSTER_WAYS, summed
 # in a cluster, where K's slices divide so (SPLIT_K_MIN_SLICES or more each); a K too shallow to
 # split (SmolLM2's 576: 9 slices) takes NARROW_TILE's 32-row tiles unsplit instead -- either
-# way twice the workgroups, each half as long (:func:`split_for_clusters`; 1 turns it off). On an H100 (thirty-first session, ``bench.prefill
-# --parts gemm --gemm-lengths 256 --gemm-tiles ...``, ``results/issue16_gemm_256_tiles_h100_s31
-# .json``): Gemma-2B's merged q+k+v (K 2048, N 2560; 160 workgroups of 64 x 64) 26.9 -> 20.8 us
-# with K in two (torch 16.7; 128x128 in four 27.2, 128x64 in two 25.4, 32x64 in four 27.8);
-# SmolLM2's gate+up (K 576, N 3072) 11.6 -> 10.1 us at 32 x 64 (64x128 12.3, 128x64 13.4,
-# the warp-specialised wgmma 12.7-18.1). Timed kernel by kernel only; the only plans of the
-# three models it changes (``tests/test_gpu_schedules.py``).
+# way twice the workgroups, each half as long (:func:`split_for_clusters`; 1 turns it off).
+# On an H100 (thirty-first session, ``bench.prefill --parts gemm --gemm-lengths 256
+# --gemm-tiles ...``, ``results/issue16_gemm_256_tiles_h100_s31.json``): Gemma-2B's merged
+# q+k+v (K 2048, N 2560; 160 workgroups of 64 x 64) 26.9 -> 20.8 us with K in two (torch 16.7;
+# 128x128 in four 27.2, 128x64 in two 25.4, 32x64 in four 27.8); SmolLM2's gate+up (K 576,
+# N 3072) 11.6 -> 10.1 us at 32 x 64 (64x128 12.3, 128x64 13.4, the warp-specialised wgmma
+# 12.7-18.1). Of the three models' GEMM plans on sm_90a (every planned length) it changes
+# these two only. Timed kernel by kernel, not yet in the whole step.
 UNSPLIT_CLUSTER_WAYS = 2
 SPLIT_K_WAVE = 1  # split K while the grid gives fewer workgroups than this many a SM
 SPLIT_K_MIN_SLICES = 8  # ... and each split keeps at least this many TK slices (512 of K)

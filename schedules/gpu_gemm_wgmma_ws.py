@@ -571,7 +571,7 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         grid = -(-(length or 0) // TM) * (g["n"] // TN) * k_split
         if fill_sms and length and grid < mma_gemm.MIN_WAVE * profile.compute_units:
             t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"],
-                                        clusters=mma_gemm.cluster_target(target))
+                                     clusters=mma_gemm.cluster_target(target))
             variants.append(mma_variant(func, g, t, cond, target, helpers))
             continue
         pairs, staged = store_modes(g, k_split, pair_stores, staged_stores)
@@ -649,7 +649,7 @@ def mid_gemm_kernel(func, target, profile, lengths=None):
         tile = mid_tile(g, length, profile.compute_units)
         if tile is None:
             t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"],
-                                        clusters=mma_gemm.cluster_target(target))
+                                     clusters=mma_gemm.cluster_target(target))
             variants.append(mma_variant(func, g, t, cond, target, helpers))
             continue
         TM, TN, stages = tile
