@@ -252,11 +252,11 @@ def choose_tile(n: int, compute_units: int, m: int = PLAN_M, k: int | None = Non
     found = [split(t) for t in fits]
     wave, tile = next(((wave, tile) for wave, tile in found if wave >= MIN_WAVE * compute_units),
                       max(found, key=lambda f: f[0]))
-    if tile[4] > 1 and k and m <= UNSPLIT_MAX_M and k <= UNSPLIT_MAX_K:  # unsplit, if one fills
+    short_shallow = bool(k) and m <= UNSPLIT_MAX_M and k <= UNSPLIT_MAX_K
+    if tile[4] > 1 and short_shallow:  # unsplit, if one fills
         wave, tile = next(((w, t) for w, t in found
                            if t[4] == 1 and w >= UNSPLIT_MIN_WAVES * compute_units), (wave, tile))
-    if (clusters and tile[4] == 1 and k and m <= UNSPLIT_MAX_M and k <= UNSPLIT_MAX_K
-            and wave >= MIN_WAVE * compute_units):
+    if clusters and short_shallow and tile[4] == 1 and wave >= MIN_WAVE * compute_units:
         return split_for_clusters(tile, n, m, slices)
     if tile[:2] == WIDE_TILE[:2] and tile[4] == 1 and wave >= WIDE_MIN_WAVES * compute_units:
         return (*WIDE_TILE, 1)

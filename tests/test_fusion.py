@@ -386,29 +386,39 @@ def test_cast_there_and_back_through_a_wider_type_is_dropped():
     assert got[1].numpy()[0, 0] == np.float32(np.float16(1 / 3))  # still rounded
 
 
-def test_kv_append_in_paired_halves_gives_the_same_logits_and_16_byte_vectors(
-        tiny_decoder, tiny_decoder_fp16, tmp_path, monkeypatch):
-    """``fuse_kv_append.PAIRED_HALVES``: the K/V append looping over both halves of a rotated
-    row (the rotate-half partner by a sign, no select) gives the default build's logits on the
-    CPU, prefill and decode; on CUDA every K/V append kernel goes to ``GPUKVAppendHalves`` (256
-    threads a workgroup) and the prefill ones move their rows in 16-byte vectors; nvcc builds the
-    whole model."""
+def _logits_without_and_with_paired_halves(onnx_dir, target, out_dir, monkeypatch, ids, steps,
+                                           **engine_kwargs):
+    """The model's logits (prefill, then ``steps`` greedy decode steps; one row each, fp32)
+    built with ``fuse_kv_append.PAIRED_HALVES`` off and on, in that order."""
     from tvm_lite.artifact import compile_model
     from tvm_lite.engine import Engine
     from tvm_lite.relax_passes import fuse_kv_append
 
-    _, onnx_dir = tiny_decoder
     outs = []
     for paired in (False, True):
         monkeypatch.setattr(fuse_kv_append, "PAIRED_HALVES", paired)
-        art = compile_model(onnx_dir, "llvm", out_dir=tmp_path / f"cpu{int(paired)}", force=True,
-                            progress=lambda _: None)
-        eng = Engine(art)
+        art = compile_model(onnx_dir, target, out_dir=out_dir / f"paired{int(paired)}",
+                            force=True, progress=lambda *_: None)
+        eng = Engine(art, **engine_kwargs)
         s = eng.new_session()
-        first = eng.prefill(s, list(range(3, 40)))
-        outs.append((first, eng.forward(s, [int(np.argmax(first))])))
-    for a, b in zip(*outs):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        logits = [eng.prefill(s, ids)]
+        for _ in range(steps):
+            logits.append(eng.forward(s, [int(np.argmax(logits[-1]))]))
+        outs.append(np.stack([np.asarray(x, "float32").reshape(-1) for x in logits]))
+    return outs
+
+
+def test_kv_append_in_paired_halves_gives_the_same_logits_and_16_byte_vectors(
+        tiny_decoder, tiny_decoder_fp16, tmp_path, monkeypatch):
+    """``fuse_kv_append.PAIRED_HALVES``: the K/V append looping over both halves of a rotated
+    row (the rotate-half partner by a sign, no select) gives the logits of the build without it
+    on the CPU, prefill and decode; on CUDA every K/V append kernel goes to ``GPUKVAppendHalves`` (256
+    threads a workgroup) and the prefill ones move their rows in 16-byte vectors; nvcc builds the
+    whole model."""
+    _, onnx_dir = tiny_decoder
+    without, paired = _logits_without_and_with_paired_halves(
+        onnx_dir, "llvm", tmp_path / "cpu", monkeypatch, list(range(3, 40)), steps=1)
+    np.testing.assert_allclose(paired, without, rtol=1e-6, atol=1e-6)
 
     mod = weights_as_built(tvm_lite.from_onnx(tiny_decoder_fp16 / "model.onnx"), progress=None)
     src = tvm_lite.device_source(tvm_lite.build(mod, "cuda -arch=sm_90"), "cuda")
@@ -437,22 +447,11 @@ def test_kv_append_in_paired_halves_runs_correctly_on_a_cuda_gpu(tiny_decoder_fp
 
     if cuda_device() is None:
         pytest.skip("needs a CUDA device")
-    from tvm_lite.artifact import compile_model
-    from tvm_lite.engine import Engine
-    from tvm_lite.relax_passes import fuse_kv_append
     from tvm_lite.target import local_cuda_target
 
     ids = np.random.default_rng(0).integers(5, 500, 70).tolist()
-    outs = []
-    for paired in (False, True):
-        monkeypatch.setattr(fuse_kv_append, "PAIRED_HALVES", paired)
-        art = compile_model(tiny_decoder_fp16, local_cuda_target(), force=True,
-                            out_dir=tmp_path / f"cuda{int(paired)}", progress=lambda *_: None)
-        eng = Engine(art, device="cuda", max_context=256)
-        s = eng.new_session()
-        logits = [eng.prefill(s, ids)]
-        for _ in range(4):
-            logits.append(eng.forward(s, [int(np.argmax(logits[-1]))]))
-        outs.append(np.stack([np.asarray(x, "float32").reshape(-1) for x in logits]))
-    assert np.isfinite(outs[1]).all()
-    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=2e-2 * np.abs(outs[0]).max())
+    without, paired = _logits_without_and_with_paired_halves(
+        tiny_decoder_fp16, local_cuda_target(), tmp_path / "cuda", monkeypatch, ids, steps=4,
+        device="cuda", max_context=256)
+    assert np.isfinite(paired).all()
+    np.testing.assert_allclose(paired, without, rtol=0, atol=2e-2 * np.abs(without).max())
