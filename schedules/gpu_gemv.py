@@ -58,6 +58,15 @@ DEQUANT_BLOCK = "dequantize"
 CODES_PER_WORD = 4
 MAX_VECTOR_BITS = 128  # widest vector load: 16 bytes (uint4 / half8 / float4)
 MIN_THREADS_N = 4  # threads of a GEMV workgroup along N: 4 x 16-byte loads fill two 32-byte sectors
+# A GEMV that computes its input row in a prologue (the decode step's RMSNorm before q/k/v and
+# gate/up) stages that row once per workgroup. Where the one-pass plan already has enough
+# workgroups, PROLOGUE_KS > 1 takes instead PROLOGUE_TN threads along N and K in PROLOGUE_KS
+# splits: each workgroup stages 1/KS of the row for KS/4 times the columns. Off until a whole
+# step is timed. Per kernel on an H100 (thirty-second session, bench.gemv_plans): Gemma-2B's
+# gate/up with its norm 23.40 us -> 20.50 (16 x 8), Llama-1B's 12.39 -> 12.11 (that one has
+# too few tiles to be taken); without the norm the same plans gain nothing (17.59 / 17.63).
+PROLOGUE_TN = 16
+PROLOGUE_KS = 1  # 1: off
 
 
 def _int(e) -> int | None:
@@ -242,7 +251,7 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         self.forced = forced  # (tn, ks) forced on every GEMV's plan (sweeps: bench.gemv_plans)
 
     def plan(self, n: int, k: int, word_bytes: int = 2, target=None, group_size: int = 32,
-             bytes_read: int | None = None) -> dict:
+             bytes_read: int | None = None, prologue: bool = False) -> dict:
         """Thread/split shape for an ``N x K`` GEMV.
 
         ``K`` is cut into ``ks`` workgroup splits x ``tk`` threads x ``kg`` groups x ``wpg``
@@ -253,7 +262,8 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         column tiles make more workgroups. ``K`` is split over workgroups (partial sums, then a
         second kernel that adds them) only when the time the one-pass grid loses to too few
         workgroups, ``bytes / min(copy, tiles x workgroup GB/s)``, exceeds the profile's cost of
-        one more kernel. ``bytes_read``: the weight bytes (default: packed 4-bit words)."""
+        one more kernel. ``bytes_read``: the weight bytes (default: packed 4-bit words).
+        ``prologue``: the kernel computes its input row (:data:`PROLOGUE_KS`)."""
         p = fit_to_target(self.profile, target) if target is not None else self.profile
         vec = _power_of_two_divisor(n, max(1, p.vector_bytes // word_bytes))
         if k % CODES_PER_WORD:
@@ -285,6 +295,9 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         tiles = n // (vec * tn)
         best = shape(tn, 1)
         if tiles >= p.gemv_min_workgroups:
+            if (prologue and PROLOGUE_KS > 1 and (n // vec) % PROLOGUE_TN == 0
+                    and groups % PROLOGUE_KS == 0):
+                return shape(PROLOGUE_TN, PROLOGUE_KS)
             return best
         # split K over workgroups (each thread keeps at least one group) with the full-width
         # tile; the smallest split that fills the device (measured on the H200: a 2048 x 256
@@ -310,7 +323,8 @@ class GPUDecodeGEMV(dl.ScheduleRule):
             main, dequant, producers, epilogues, n, k = match_gemv(sch)
             word = _weight_bytes(sch, main, dequant)
             plan = self.plan(n, k, word, target, _group_size(sch, dequant, k),
-                             bytes_read=n * (k // CODES_PER_WORD if dequant is not None else k) * word)
+                             bytes_read=n * (k // CODES_PER_WORD if dequant is not None else k) * word,
+                             prologue=bool(producers))
         except MatchError:
             return None
         if dequant is not None and self.profile.gemv_half2_rows > 0:

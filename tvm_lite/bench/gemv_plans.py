@@ -195,7 +195,7 @@ def sweep(plans=PLANS, layers=LAYERS, progress=print, gemma: bool = False) -> li
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         us = sum(e.device_time for e in kernels) / (ROUNDS * COPIES)
         nbytes = sum(a.nbytes for a in host[0].values())
-        shape = rule.plan(n, k, target=target)
+        shape = rule.plan(n, k, target=target, prologue=prologue == "norm")
         rows.append(dict(layer=name, K=k, N=n, prologue=prologue, plan=plan or "default",
                          shape=shape, us=us, tb_s=nbytes / us / 1e6,
                          kernels=len({e.name for e in kernels}),
