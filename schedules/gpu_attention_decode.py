@@ -65,6 +65,12 @@ MERGE_DIMS = 32  # head dims per merge workgroup (a divisor of head_dim of at le
 # 0.7-0.8 us faster -- (14,2,64) 8.6 -> 7.8 us, (9,3,64) 7.6 -> 6.9, (8,1,256) 13.3 -> 12.5 --
 # and left the shorter contexts within 0.2 us.
 MERGE_UNROLL = 8
+# Rounds of this many splits where a lane has more than MERGE_UNROLL to fold (0: off). On an H100
+# (thirty-second session, results/issue17_decode_merge_h100_s32.json) rounds of 16 everywhere
+# took the merge of (14, 2, 64) and (8, 1, 256) at 8192 keys -- 16 and 33 splits a lane --
+# 2.77 -> 2.36 and 2.86 -> 2.46 us, and cost every shape with 8 or fewer a lane 0.2-0.3 us:
+# this takes 16 only where it saves a round. Off until timed.
+MERGE_UNROLL_MANY = 0
 # fp32 accumulators a thread holds (G query heads x V vector lanes): V halves above this. 128
 # keeps every GQA group up to 16 heads as it was (fp16: V = 8); a lower limit trades 16-byte
 # loads for registers where G is large -- ptxas gives (14, 2, 64) 212 registers at V = 8, so 2
@@ -188,9 +194,7 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     G, V, DV, TH, L, R, TILE = (pl[k] for k in ("G", "V", "DV", "threads", "L", "R", "tile"))
     SM, MT, P = pl["max_splits"], pl["min_tiles"], pl["P"]
     DM, GH = pl["DM"], pl["GH"]
-    U = MERGE_UNROLL
-    j = f"((i * {U} + u) * {P} + tx // {DM})"  # merge: round i's u-th split of the lane
-    split_at = f"((h // {G} * {SM} + {j}) * {G} + h % {G})"  # ... and its partials' row
+    U, UM = MERGE_UNROLL, MERGE_UNROLL_MANY
     dim = f"dc * {DM} + tx % {DM}"  # merge: the thread's dim
     f32, dt = "T.float32", p["dtype"]
     stride = DV * G + 1  # a key's partials in local memory, padded against bank conflicts
@@ -198,6 +202,39 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     chunk_tiles = f"T.max({MT}, (m + {SM * TILE - 1}) // {SM * TILE})"
     chunk = f"({chunk_tiles} * {TILE})"
     splits = f"(m + {chunk} - 1) // {chunk}"
+
+    def merge_rounds(u_: int, pad: str) -> str:
+        """The merge lane's rounds, ``u_`` splits a round: every load first, then the fold."""
+        j = f"((i * {u_} + u) * {P} + tx // {DM})"  # round i's u-th split of the lane
+        split_at = f"((h // {G} * {SM} + {j}) * {G} + h % {G})"  # ... and its partials' row
+        return "".join(pad + line + "\n" for line in (
+            f"for i in range(({splits} + {P * u_ - 1}) // {P * u_}):",
+            f"    for u in T.unroll({u_}):  # the round's loads first",
+            '        lm[u] = T.min_value("float32")',
+            f"        ll[u] = {f32}(0)",
+            f"        lo[u] = {f32}(0)",
+            f"        if {j} < {splits}:",
+            f"            lm[u] = part_ml[{split_at} * 2]",
+            f"            ll[u] = part_ml[{split_at} * 2 + 1]",
+            f"            lo[u] = part_o[{split_at} * {D} + {dim}]",
+            "    w[3] = w[0]",
+            f"    for u in T.unroll({u_}):",
+            "        w[3] = T.max(w[3], lm[u])",
+            "    w[1] = w[1] * T.exp(w[0] - w[3])",
+            "    w[2] = w[2] * T.exp(w[0] - w[3])",
+            f"    for u in T.unroll({u_}):  # a split past the count adds 0 (l_s = o_s = 0)",
+            "        w[1] = w[1] + T.exp(lm[u] - w[3]) * lo[u]",
+            "        w[2] = w[2] + T.exp(lm[u] - w[3]) * ll[u]",
+            "    w[0] = w[3]"))
+
+    pad = " " * 16
+    if UM > U:  # more splits than a round of U a lane: rounds of UM (the count is the same
+        # for every thread of the launch, so the branch never diverges)
+        rounds = (f"{pad}if {splits} > {P * U}:\n" + merge_rounds(UM, pad + "    ")
+                  + f"{pad}else:\n" + merge_rounds(U, pad + "    "))
+    else:
+        rounds = merge_rounds(U, pad)
+    UB = max(U, UM)
     def at_key(base: str) -> tuple[str, str]:  # K's and V's element of key r of the tile at base
         key = f"T.min({base} + r * {L} + lane, m - 1)"  # clamped: out-of-split keys get p = 0
         return (kv_index(p, "k", key, "kvh", f"dv * {V} + e"),
@@ -347,34 +384,16 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
         for dc in T.thread_binding({D // DM}, thread="blockIdx.y"):
             for tx in T.thread_binding({DM * P}, thread="threadIdx.x"):
                 w = T.alloc_buffer((4,), "float32", scope="local")  # max, num, den, new max
-                lm = T.alloc_buffer(({U},), "float32", scope="local")  # a round's m_s, l_s, o_s
-                ll = T.alloc_buffer(({U},), "float32", scope="local")
-                lo = T.alloc_buffer(({U},), "float32", scope="local")
+                lm = T.alloc_buffer(({UB},), "float32", scope="local")  # a round's m_s, l_s, o_s
+                ll = T.alloc_buffer(({UB},), "float32", scope="local")
+                lo = T.alloc_buffer(({UB},), "float32", scope="local")
                 mr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
                 nr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
                 dr = T.alloc_buffer(({DM * P},), "float32", scope="shared")
                 w[0] = T.min_value("float32")
                 w[1] = {f32}(0)
                 w[2] = {f32}(0)
-                for i in range(({splits} + {P * U - 1}) // {P * U}):
-                    for u in T.unroll({U}):  # the round's loads first
-                        lm[u] = T.min_value("float32")
-                        ll[u] = {f32}(0)
-                        lo[u] = {f32}(0)
-                        if {j} < {splits}:
-                            lm[u] = part_ml[{split_at} * 2]
-                            ll[u] = part_ml[{split_at} * 2 + 1]
-                            lo[u] = part_o[{split_at} * {D} + {dim}]
-                    w[3] = w[0]
-                    for u in T.unroll({U}):
-                        w[3] = T.max(w[3], lm[u])
-                    w[1] = w[1] * T.exp(w[0] - w[3])
-                    w[2] = w[2] * T.exp(w[0] - w[3])
-                    for u in T.unroll({U}):  # a split past the count adds 0 (l_s = o_s = 0)
-                        w[1] = w[1] + T.exp(lm[u] - w[3]) * lo[u]
-                        w[2] = w[2] + T.exp(lm[u] - w[3]) * ll[u]
-                    w[0] = w[3]
-                mr[tx] = w[0]
+{rounds}                mr[tx] = w[0]
                 nr[tx] = w[1]
                 dr[tx] = w[2]
                 T.tvm_storage_sync("shared")

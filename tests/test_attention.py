@@ -688,14 +688,17 @@ def test_split_decode_load_order(order, check, monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-@pytest.mark.parametrize("unroll", [1, 2, 8])
-def test_split_decode_merge_rounds_on_the_cpu(unroll, monkeypatch, tmp_path):
+@pytest.mark.parametrize("unroll, many", [(1, 0), (2, 0), (8, 0), (2, 4), (8, 16)])
+def test_split_decode_merge_rounds_on_the_cpu(unroll, many, monkeypatch, tmp_path):
     """``MERGE_UNROLL``: each merge lane loads that many splits before folding them. Contexts
     with more splits than a round of the 16 lanes covers, and a last round cut short (35 and 69
-    splits of 32 keys), against numpy."""
+    splits of 32 keys), against numpy. ``MERGE_UNROLL_MANY``: rounds of that many where a lane
+    has more than ``MERGE_UNROLL`` splits -- (2, 4) takes them in both contexts, (8, 16) in
+    neither (the kernel's other branch)."""
     from tvm_lite.schedules import gpu_attention_decode
 
     monkeypatch.setattr(gpu_attention_decode, "MERGE_UNROLL", unroll)
+    monkeypatch.setattr(gpu_attention_decode, "MERGE_UNROLL_MANY", many)
     rng = np.random.default_rng(9)
     for heads, kv, d, m, pad in [(2, 1, 64, 1100, 4), (4, 2, 64, 2200, 0)]:
         p, pl, (q, k, v, mask) = _cuda_decode_case(rng, heads, kv, d, m, pad)
