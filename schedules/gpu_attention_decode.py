@@ -235,6 +235,7 @@ def decode_kernel(p: dict, profile: GPUProfile, max_threads: int,
     else:
         rounds = merge_rounds(U, pad)
     UB = max(U, UM)
+
     def at_key(base: str) -> tuple[str, str]:  # K's and V's element of key r of the tile at base
         key = f"T.min({base} + r * {L} + lane, m - 1)"  # clamped: out-of-split keys get p = 0
         return (kv_index(p, "k", key, "kvh", f"dv * {V} + e"),

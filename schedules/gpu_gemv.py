@@ -61,8 +61,8 @@ MIN_THREADS_N = 4  # threads of a GEMV workgroup along N: 4 x 16-byte loads fill
 # A GEMV that computes its input row in a prologue (the decode step's RMSNorm before q/k/v and
 # gate/up) stages that row once per workgroup. Where the one-pass plan already has enough
 # workgroups, PROLOGUE_KS > 1 takes instead PROLOGUE_TN threads along N and K in PROLOGUE_KS
-# splits: each workgroup stages 1/KS of the row for KS/4 times the columns. Off until a whole
-# step is timed. Per kernel on an H100 (thirty-second session, bench.gemv_plans): Gemma-2B's
+# splits: each workgroup stages a K/PROLOGUE_KS slice of the row, not all of it, for wider
+# column tiles. Off until a whole step is timed. Per kernel on an H100 (thirty-second session, bench.gemv_plans): Gemma-2B's
 # gate/up with its norm 23.40 us -> 20.50 (16 x 8), Llama-1B's 12.39 -> 12.11 (that one has
 # too few tiles to be taken); without the norm the same plans gain nothing (17.59 / 17.63).
 PROLOGUE_TN = 16
