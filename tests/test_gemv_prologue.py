@@ -317,7 +317,7 @@ HALF2_PROLOGUE_CASES = [("norm", 576, 960, None), ("silu", 1536, 576, None),
                         ("gemma", 2048, 256, {"ks": 4, "kg": 2, "tn": 4, "tk": 8}),
                         # 16 threads along N, K split 4 ways (one group a thread)
                         ("norm", 2048, 512, {"ks": 4, "kg": 1, "tn": 16, "tk": 16}),
-                        # gpu_gemv.PROLOGUE_KS's plan of Gemma-2B's gate/up: 16 x 8 splits
+                        # the 16 x 8 plan gpu_gemv.PROLOGUE_KS gives Gemma-2B's gate/up, at a narrower N
                         ("gemma", 2048, 256, {"ks": 8, "kg": 1, "tn": 16, "tk": 8})]
 
 
