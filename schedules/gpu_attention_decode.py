@@ -69,8 +69,11 @@ MERGE_UNROLL = 8
 # (thirty-second session, results/issue17_decode_merge_h100_s32.json) rounds of 16 everywhere
 # took the merge of (14, 2, 64) and (8, 1, 256) at 8192 keys -- 16 and 33 splits a lane --
 # 2.77 -> 2.36 and 2.86 -> 2.46 us, and cost every shape with 8 or fewer a lane 0.2-0.3 us:
-# this takes 16 only where it saves a round. Off until timed.
-MERGE_UNROLL_MANY = 0
+# this takes 16 only where it saves a round. Against 0 in one call (thirty-third session, H100,
+# results/issue17_decode_merge_many_h100_s33.json): (14, 2, 64) at 8192 keys 8.7 -> 8.2 us
+# (0.97x -> 1.02x SDPA), (8, 1, 256) 12.9 -> 12.6, no point slower; a second run with it on:
+# all 15 points of the bench 1.01x-2.09x SDPA.
+MERGE_UNROLL_MANY = 16
 # fp32 accumulators a thread holds (G query heads x V vector lanes): V halves above this. 128
 # keeps every GQA group up to 16 heads as it was (fp16: V = 8); a lower limit trades 16-byte
 # loads for registers where G is large -- ptxas gives (14, 2, 64) 212 registers at V = 8, so 2

@@ -62,11 +62,14 @@ MIN_THREADS_N = 4  # threads of a GEMV workgroup along N: 4 x 16-byte loads fill
 # gate/up) stages that row once per workgroup. Where the one-pass plan already has enough
 # workgroups, PROLOGUE_KS > 1 takes instead PROLOGUE_TN threads along N and K in PROLOGUE_KS
 # splits: each workgroup stages a K/PROLOGUE_KS slice of the row, not all of it, for wider
-# column tiles. Off until a whole step is timed. Per kernel on an H100 (thirty-second session, bench.gemv_plans): Gemma-2B's
+# column tiles -- on profiles with ``gemv_prologue_split`` (CUDA; the phones' are untimed).
+# Per kernel on an H100 (thirty-second session, bench.gemv_plans): Gemma-2B's
 # gate/up with its norm 23.40 us -> 20.50 (16 x 8), Llama-1B's 12.39 -> 12.11 (that one has
 # too few tiles to be taken); without the norm the same plans gain nothing (17.59 / 17.63).
+# Whole step (thirty-third session, results/issue17_gemma_whole_step_switches_h100_s33.json):
+# Gemma-2B's decode step as CUDA graphs 1.117 -> 1.086 ms; the prefill unchanged.
 PROLOGUE_TN = 16
-PROLOGUE_KS = 1  # 1: off
+PROLOGUE_KS = 8  # 1: off
 
 
 def _int(e) -> int | None:
@@ -295,8 +298,8 @@ class GPUDecodeGEMV(dl.ScheduleRule):
         tiles = n // (vec * tn)
         best = shape(tn, 1)
         if tiles >= p.gemv_min_workgroups:
-            if (prologue and PROLOGUE_KS > 1 and (n // vec) % PROLOGUE_TN == 0
-                    and groups % PROLOGUE_KS == 0):
+            if (prologue and p.gemv_prologue_split and PROLOGUE_KS > 1
+                    and (n // vec) % PROLOGUE_TN == 0 and groups % PROLOGUE_KS == 0):
                 return shape(PROLOGUE_TN, PROLOGUE_KS)
             return best
         # split K over workgroups (each thread keeps at least one group) with the full-width

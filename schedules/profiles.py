@@ -56,6 +56,10 @@ class GPUProfile:
     # injective kernels with vector_bytes a thread (schedules/gpu_elementwise.py) instead of
     # Fallback's one element a thread: on for CUDA (timed on the H200), off where not timed
     vector_elementwise: bool = False
+    # a decode GEMV that computes its input row (an RMSNorm prologue) and has enough one-pass
+    # tiles takes gpu_gemv's PROLOGUE_KS split plan (two kernels): on for CUDA (timed on an
+    # H100), off where not timed
+    gemv_prologue_split: bool = False
     weights_as_images: bool = False  # texture reads would help; TVM 0.27 stock OpenCL: buffers only
     # what a decode GEMV's second (split-K summing) kernel is weighed against (gpu_gemv's plan):
     # the device's copy bandwidth, what one GEMV workgroup streams alone, and what one more
@@ -91,8 +95,8 @@ CUDA = GPUProfile(
     name="cuda", warp_size=32, max_threads=1024, local_memory_bytes=49152, vector_bytes=16,
     compute_units=132, gemv_threads_n=32, gemv_threads_k=8, gemv_min_workgroups=528,
     gemm_threads_m=16, gemm_threads_n=16, gemm_micro_m=8, gemm_micro_n=8, gemm_tile_k=16,
-    gemm_tensor_cores=True, gemv_half2_rows=32, vector_elementwise=True, copy_gbps=4200.0,
-    gemv_workgroup_gbps=13.0, launch_us=3.0)
+    gemm_tensor_cores=True, gemv_half2_rows=32, vector_elementwise=True,
+    gemv_prologue_split=True, copy_gbps=4200.0, gemv_workgroup_gbps=13.0, launch_us=3.0)
 
 GPU = GPUProfile(
     name="gpu", warp_size=32, max_threads=256, local_memory_bytes=16384, vector_bytes=8,

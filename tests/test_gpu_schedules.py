@@ -486,11 +486,13 @@ def test_forced_gemv_plan_is_taken_or_refused():
 
 
 def test_prologue_split_plan_takes_only_wide_gemvs_with_a_prologue(monkeypatch):
-    """``gpu_gemv.PROLOGUE_KS`` (off by default): a GEMV that computes its input row and already
-    has enough one-pass tiles -- Gemma-2B's gate/up with its norm, N = 32768 -- takes 16 threads
-    along N and K in 8 splits; the same GEMV without a prologue, q/k/v (too few tiles) and
-    Llama-1B's gate/up (512 tiles, under the 528 the rule wants) keep the rule's plan."""
+    """``gpu_gemv.PROLOGUE_KS`` (8; 1 turns it off), on CUDA: a GEMV that computes its input
+    row and already has enough one-pass tiles -- Gemma-2B's gate/up with its norm, N = 32768 --
+    takes 16 threads along N and K in 8 splits; the same GEMV without a prologue, q/k/v (too few
+    tiles), Llama-1B's gate/up (512 tiles, under the 528 the rule wants) and the phones'
+    profiles (untimed) keep the rule's plan."""
     from tvm_lite.schedules import gpu_gemv
+    from tvm_lite.schedules.profiles import ADRENO, MALI
 
     cuda = parse_target("cuda -arch=sm_90")
     rule = GPUDecodeGEMV(CUDA)
@@ -499,12 +501,16 @@ def test_prologue_split_plan_takes_only_wide_gemvs_with_a_prologue(monkeypatch):
         plan = rule.plan(n, 2048, 2, cuda, prologue=prologue)
         return plan["tn"], plan["tk"], plan["ks"]
 
-    assert shape(32768, True) == shape(32768, False) == (4, 64, 1)  # off
+    monkeypatch.setattr(gpu_gemv, "PROLOGUE_KS", 1)  # off
+    assert shape(32768, True) == shape(32768, False) == (4, 64, 1)
     monkeypatch.setattr(gpu_gemv, "PROLOGUE_KS", 8)
     assert shape(32768, True) == (16, 8, 8)
     assert shape(32768, False) == (4, 64, 1)
     assert shape(2560, True) == shape(2560, False)
     assert shape(16384, True) == shape(16384, False)
+    for profile in (ADRENO, MALI):
+        mobile = GPUDecodeGEMV(profile).plan(32768, 2048, 2, prologue=True)
+        assert mobile["ks"] == 1 and mobile == GPUDecodeGEMV(profile).plan(32768, 2048, 2)
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc not installed")
