@@ -12,8 +12,10 @@ Attributes load lazily, so ``import tvm_lite`` works in a runtime-only TVM proce
 __version__ = "0.1.0"
 
 from . import cpu_threads as _cpu_threads
+from . import inspect_cache as _inspect_cache
 
 _cpu_threads.configure()  # TVM's CPU pool: one thread per physical core (see cpu_threads.py)
+_inspect_cache.seed_frozen_modules()  # TVMScript parses without scanning sys.modules per frame
 
 _EXPORTS = {
     "from_onnx": "tvm_lite.frontend",
