@@ -92,8 +92,9 @@ class BindingRewriter(relax.PyExprMutator):
     """Calls ``match(rewriter, binding, var2val)`` on every VarBinding of every dataflow block.
 
     ``match`` returns None (keep the binding) or the new value of the binding's var; it may emit
-    helper bindings through ``rewriter.builder_`` and register remaps with
-    ``rewriter.redirect(old_var, new_var)`` for uses that follow.
+    helper bindings through ``rewriter.builder_``, register remaps with
+    ``rewriter.redirect(old_var, new_var)`` for uses that follow, and drop a later binding with
+    ``rewriter.replace_later(var, new_var)``.
     """
 
     def __init__(self, mod, match):
@@ -104,6 +105,21 @@ class BindingRewriter(relax.PyExprMutator):
         self.count = 0
         self.analyzer = tvm.sym.Analyzer()
         self._val2var = None
+        self._block, self._users = None, None
+        self._replaced: dict = {}  # see replace_later
+
+    def visit_dataflow_block_(self, block):
+        self._block, self._users = block, None
+        return super().visit_dataflow_block_(block)
+
+    def users(self, var: relax.Var) -> list:
+        """The vars of the current dataflow block's bindings that use ``var`` (a DataflowVar:
+        nothing outside the block can use it), in the block as it was before this pass."""
+        if self._block is None or not isinstance(var, relax.DataflowVar):
+            return []
+        if self._users is None:
+            self._users = relax.analysis.udchain(self._block)
+        return list(self._users.get(var, []))
 
     def add_kernel(self, func: tirx.PrimFunc, name: str) -> tvm.ir.GlobalVar:
         """The GlobalVar of ``func``, added once per structurally distinct kernel."""
@@ -131,7 +147,14 @@ class BindingRewriter(relax.PyExprMutator):
     def redirect(self, old: relax.Var, new: relax.Var) -> None:
         self.set_var_remap(old, new)
 
+    def replace_later(self, var: relax.Var, new: relax.Var) -> None:
+        """``var``'s binding, later in the block, is left out: its uses read ``new``."""
+        self._replaced[var] = new
+
     def visit_var_binding_(self, binding):
+        if binding.var in self._replaced:
+            self.set_var_remap(binding.var, self._replaced.pop(binding.var))
+            return
         value = binding.value
         if isinstance(value, relax.Call):
             new_value = self.match(self, binding, self.var2val)

@@ -115,6 +115,47 @@ def test_add_rms_norm_variants_fuse_and_match(dtype, gemma, rsqrt, square_by_mul
         np.testing.assert_allclose(a.astype("float32"), b.astype("float32"), rtol=tol, atol=tol)
 
 
+def _norm_then_cast(bb, r, h, w, *, keep_fp32: bool):
+    """add + RMSNorm as Gemma's fp16 export spells it: normalized and scaled in fp32, the row
+    cast back to fp16 after (``keep_fp32``: the fp32 row is returned too, a second use)."""
+    s = bb.emit(relax.op.add(r, h))
+    x = bb.emit(relax.op.astype(s, "float32"))
+    m = bb.emit(relax.op.mean(relax.op.multiply(x, x), axis=[-1], keepdims=True))
+    inv = bb.emit(relax.op.rsqrt(relax.op.add(m, relax.const(1e-6, "float32"))))
+    out = bb.emit(relax.op.multiply(bb.emit(relax.op.multiply(x, inv)), w))
+    row = bb.emit(relax.op.astype(out, "float16"))
+    later = bb.emit(relax.op.add(s, relax.const(1.0, "float16")))
+    return relax.Tuple([row, later, out] if keep_fp32 else [row, later])
+
+
+@pytest.mark.parametrize("keep_fp32", [False, True])
+def test_a_norm_whose_only_use_is_a_cast_stores_the_cast_dtype(keep_fp32, monkeypatch):
+    """Where the normalized row's only use is a cast (Gemma's fp16 exports), the fused kernel
+    stores the cast's dtype and the cast is gone: one kernel and half the bytes written, the
+    same values to the bit (the kernel rounds once, as the cast did). A second use keeps it."""
+    from tvm_lite.relax_passes import fuse_add_rms_norm
+
+    n = tirx.Var("n", "int64")
+    params = [relax.Var("r", relax.TensorType([1, n, 64], "float16")),
+              relax.Var("h", relax.TensorType([1, n, 64], "float16")),
+              relax.Var("w", relax.TensorType([64], "float32"))]
+    mod = _module(functools.partial(_norm_then_cast, keep_fp32=keep_fp32), params)
+    p = FuseAddRMSNorm()
+    fused = p(mod)["main"].script()
+    assert p.count == 1 and "R.mean" not in fused
+    assert ("R.astype" in fused) == keep_fp32, fused
+    assert ('dtype="float16"), R.Tensor((1, n, 64), dtype="float16")]' in fused) != keep_fp32
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((1, 5, 64)).astype("float16") for _ in range(2)] \
+        + [rng.standard_normal(64).astype("float32")]
+    folded = _run(mod, inputs, fusion=True)
+    monkeypatch.setattr(fuse_add_rms_norm, "_only_cast", lambda *_: None)
+    for a, b in zip(folded, _run(mod, inputs, fusion=True)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(folded, _run(mod, inputs, fusion=False)):
+        np.testing.assert_allclose(a.astype("float32"), b.astype("float32"), rtol=2e-2, atol=2e-2)
+
+
 def _gelu_decomposed(bb, g):
     c = lambda v: relax.const(v, "float32")  # noqa: E731
     cube = bb.emit(relax.op.power(g, c(3.0)))
