@@ -313,9 +313,9 @@ def export_for_device(mod, target) -> str:
 
 def _build_kernel(mod, target, _params):
     """LocalBuilder's build, as MetaSchedule's default_build but without importing
-    ``tvm.s_tir.tensor_intrin`` (40 s on 2 cores, in every builder worker of every batch: the
-    builder restarts its pool per batch). The candidates arrive scheduled, tensorized bodies
-    inlined; nothing here looks an intrinsic up."""
+    ``tvm.s_tir.tensor_intrin`` (40 s on 2 cores, ~7 s since ``inspect_cache``, in every builder
+    worker of every batch: the builder restarts its pool per batch). The candidates arrive
+    scheduled, tensorized bodies inlined; nothing here looks an intrinsic up."""
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
