@@ -5,8 +5,9 @@ TVM's TVMScript parser calls ``inspect.stack()`` for every ``@T.prim_func`` it p
 importlib._bootstrap>``, ``<frozen runpy>``: every import and every ``python -m`` has some) has
 no file, is never cached, and each lookup scans all of ``sys.modules`` (~2,000 entries once TVM
 is imported). Importing ``tvm.s_tir.tensor_intrin`` -- the first CUDA build of a process does --
-parses ~500 functions inside an import: 30 s of such scans on a 2-core machine, 4 s with the
-frozen modules cached. Caching them gives ``inspect`` the same answer it would find by scanning.
+parses ~500 functions inside an import: 30 s of such scans on a 2-core machine, 4-7 s with
+the frozen modules cached. Caching them gives ``inspect`` the same answer it would find by
+scanning.
 """
 
 from __future__ import annotations
