@@ -57,8 +57,9 @@ class GPUProfile:
     # Fallback's one element a thread: on for CUDA (timed on the H200), off where not timed
     vector_elementwise: bool = False
     # a decode GEMV that computes its input row (an RMSNorm prologue) and has enough one-pass
-    # tiles takes gpu_gemv's PROLOGUE_KS split plan (two kernels): on for CUDA (timed on an
-    # H100), off where not timed
+    # tiles takes gpu_gemv's PROLOGUE_KS split plan (CUDA's half2 GEMV sums the splits in the
+    # same kernel; the generic GEMV of the phones adds a summing kernel): on for CUDA (timed on
+    # an H100), off where not timed
     gemv_prologue_split: bool = False
     weights_as_images: bool = False  # texture reads would help; TVM 0.27 stock OpenCL: buffers only
     # what a decode GEMV's second (split-K summing) kernel is weighed against (gpu_gemv's plan):
