@@ -1259,6 +1259,12 @@ def test_bench_attention_times_other_versions_of_the_decode_kernel(tmp_path, cap
            "acc32": dict(timing, gpu_us=4.4)}
     table = bench.format_table({"copy_gb_s": 4000.0, "rows": [row], "baselines": ["acc32"]})
     assert "acc32: GPU, SDPA / it, err" in table and "4.4 us, 1.25x, 1.0e-04" in table
+    # issue 17's target as a time (1 MiB at half of 4000 GB/s), and the same bytes' copy beside
+    # it (a row from before the copy column shows none)
+    assert " 0.52 | -- |" in table
+    row["copy"] = {"gpu_us": 3.0, "wall_us": 6.0, "gb_s": 1048576 / 3e-6 / 1e9}
+    table = bench.format_table({"copy_gb_s": 4000.0, "rows": [row], "baselines": ["acc32"]})
+    assert " 0.52 | 3.0 us (9%) |" in table and table.splitlines()[2].count("|") == 12
     with pytest.raises(SystemExit):
         bench.main(["--baseline-kernel", "nope.py"])
     assert "--baseline-kernel: no file nope.py" in capsys.readouterr().err
