@@ -59,7 +59,7 @@ def stock_gpu_rules() -> list:
 
 def gpu_rules(profile: GPUProfile) -> list:
     """tvm_lite's GPU rules for ``profile``, in order, the fallback last."""
-    return [gpu_attention.Attention(), FusedRMSNorm(), GPUKVAppendHalves(profile),
+    return [gpu_attention.Attention(), FusedRMSNorm(profile), GPUKVAppendHalves(profile),
             GPUDecodeGEMV(profile), GPUPrefillGEMM(profile), dl.gpu.Matmul(),
             StaticBuffersOnly(dl.gpu.GEMV()), *reduction_rules(profile),
             GPUVectorElementwise(profile), dl.gpu.Fallback()]

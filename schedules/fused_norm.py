@@ -6,37 +6,93 @@ into three launches (add, sum of squares, normalize), the very round trips the f
 This rule keys on the kernel's ``tvm_lite.fused`` attribute: one workgroup per row, the sum of
 squares as a cross-thread reduction (the row's partial sums in shared memory), then the same
 threads normalize their columns and store both outputs -- one kernel per call. ``rms_norm`` (one
-output) gets the same schedule. Threads per row: 256, or the target's limit if lower.
+output) gets the same schedule.
+
+Two layouts of a row over the workgroup's threads:
+
+* **vectors** (:data:`VECTOR_LOADS`, profiles with ``vector_elementwise``: CUDA): thread ``t``
+  owns ``V`` consecutive columns (``V`` = the profile's ``vector_bytes`` of the row's dtype: 8
+  fp16), loaded once as one vector into registers for the sum of squares; the normalize step
+  loads, computes and stores them as vectors again (the row's second read hits L1). Threads: the
+  largest divisor of ``D / V`` up to :data:`THREADS` (2048 columns: 256 threads, one 16-byte load
+  of each addend a thread; SmolLM2's 576: 72 threads).
+* **columns** (the others): :data:`THREADS` threads (or the target's limit), thread ``t`` taking
+  columns ``t, t + THREADS, ...`` one 2-byte element at a time.
+
+Why vectors on CUDA: under ncu (H100, Llama-1B, 2048 tokens; thirty-third session,
+``results/issue16_small_kernels_ncu_llama1b_h100_s33.json``) the columns layout ran at 45-47% of
+DRAM bandwidth, latency-bound (each warp waiting on its scalar loads: 2.6 waves of 256-thread
+workgroups, 8 loads of each addend a thread in a chain).
 """
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from ..convention import NORM_ROW_STAT_BLOCK
+from .profiles import GPUProfile, fit_to_target
 
 FUSED_NORMS = ("add_rms_norm", "rms_norm")
 THREADS = 256
+# the vector layout on profiles with vector_elementwise (the module doc); False: the columns
+# layout everywhere (for A/B runs: --switch NAME:schedules.fused_norm.VECTOR_LOADS=False)
+VECTOR_LOADS = True
 
 
 class FusedRMSNorm(dl.ScheduleRule):
+    def __init__(self, profile: GPUProfile | None = None):
+        self.profile = profile
+
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name in ("llvm", "c"):
             return None
         if func.attrs is None or str(func.attrs.get("tvm_lite.fused", "")) not in FUSED_NORMS:
             return None
-        threads = min(THREADS, int(target.attrs.get("max_num_threads", THREADS)))
+        max_threads = min(THREADS, int(target.attrs.get("max_num_threads", THREADS)))
         sch = s_tir.Schedule(func)
         reduce_block, norm_block = sch.get_sblock(NORM_ROW_STAT_BLOCK), sch.get_sblock("rms_norm")
         *lead, k = sch.get_loops(reduce_block)
         row = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-        _, k_inner = sch.split(k, [None, threads])
         sch.bind(row, "blockIdx.x")
-        sch.bind(k_inner, "threadIdx.x")
+        vec = self._vector(sch, reduce_block, target)
+        if vec > 1:
+            lanes = int(sch.get(k).extent) // vec
+            threads = max(t for t in range(1, min(max_threads, lanes) + 1) if lanes % t == 0)
+            _, k_thread, _ = sch.split(k, [None, threads, vec])
+            sch.bind(k_thread, "threadIdx.x")
+            # each addend's vector into registers (the sum of squares reads them there)
+            rows = [i for i, r in enumerate(sch.get(reduce_block).reads) if len(r.region) > 1]
+            for i in reversed(rows):
+                cached = sch.cache_read(reduce_block, i, "local", consumer_blocks=[reduce_block])
+                sch.compute_at(cached, k_thread)
+                sch.vectorize(sch.get_loops(cached)[-1])
+        else:
+            threads = max_threads
+            _, k_inner = sch.split(k, [None, threads])
+            sch.bind(k_inner, "threadIdx.x")
         sch.set_scope(reduce_block, 0, "shared")
         sch.reverse_compute_at(norm_block, row)
         j = sch.get_loops(norm_block)[-1]
-        _, j_inner = sch.split(j, [None, threads])
-        sch.bind(j_inner, "threadIdx.x")
+        if vec > 1:
+            _, j_thread, j_vec = sch.split(j, [None, threads, vec])
+            sch.bind(j_thread, "threadIdx.x")
+            sch.vectorize(j_vec)
+        else:
+            _, j_inner = sch.split(j, [None, threads])
+            sch.bind(j_inner, "threadIdx.x")
         return sch
+
+    def _vector(self, sch, reduce_block, target) -> int:
+        """Columns a thread loads as one vector (1: the columns layout)."""
+        if not VECTOR_LOADS or self.profile is None:
+            return 1
+        p = fit_to_target(self.profile, target)
+        if not p.vector_elementwise:
+            return 1
+        row = next(r for r in sch.get(reduce_block).reads if len(r.region) > 1)
+        bits = tvm.DataType(str(row.source.ty.dtype)).bits
+        vec = max(1, p.vector_bytes * 8 // bits)
+        d = int(sch.get(sch.get_loops(reduce_block)[-1]).extent)
+        return vec if d % vec == 0 else 1

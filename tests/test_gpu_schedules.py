@@ -285,6 +285,93 @@ def test_profile_kernels_run_correctly_on_a_cuda_gpu(profile):
             assert err < 2e-2, (profile, phase, fmt, k, n, seq, err)
 
 
+
+# -- the fused norms (schedules/fused_norm.py) ---------------------------------------------------
+def _norm_kernel(d: int, dtype: str, add: bool, gemma: bool = False):
+    """``add_rms_norm`` (outputs ``(out, sum)``) or ``rms_norm`` over ``(1, n, d)`` rows, as
+    ``FuseAddRMSNorm`` builds them (fp32 statistics, the row scaled in fp32)."""
+    from tvm import relax
+
+    from tvm_lite.relax_passes.fuse_add_rms_norm import _kernel
+
+    n = tirx.Var("n", "int64")
+    row = relax.Var("x", relax.TensorType((1, n, d), dtype))
+    w = relax.Var("w", relax.TensorType((d,), dtype))
+    other = relax.Var("r", relax.TensorType((1, n, d), dtype)) if add else None
+    func, _ = _kernel(row, other, w, gemma, 1e-5, "float32", dtype)
+    return func["add_rms_norm"] if isinstance(func, tvm.IRModule) else func
+
+
+def _norm_source(func, profile):
+    target = parse_target("cuda -arch=sm_90")
+    from tvm_lite.schedules.fused_norm import FusedRMSNorm
+
+    sch = FusedRMSNorm(profile).apply(func, target, False)
+    mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=target), target
+
+
+@pytest.mark.parametrize("add", [True, False])
+def test_fused_norms_load_vectors_on_cuda_and_columns_elsewhere(add, monkeypatch):
+    """CUDA's profile gives a norm's thread one 16-byte vector of each input (2048 fp16 columns:
+    256 threads, no loop over the row); Adreno's profile and ``VECTOR_LOADS = False`` keep the
+    columns layout (256 threads, 2-byte loads); a width with no whole vectors keeps it too."""
+    from tvm_lite.compiler import device_source
+    from tvm_lite.schedules import fused_norm
+
+    def kernel(d, dtype, profile):
+        src = device_source(_norm_source(_norm_kernel(d, dtype, add), profile)[0], "cuda")
+        return re.search(r"__launch_bounds__\((\d+)\)", src).group(1), src
+
+    threads, src = kernel(2048, "float16", CUDA)
+    assert threads == "256" and "*(uint4*)(x_ptr" in src and "k_0 <" not in src
+    assert ("*(uint4*)(r_ptr" in src) == add
+    assert kernel(576, "float16", CUDA)[0] == "72"  # SmolLM2's row: 72 vectors of 8
+    assert "*(float4*)(x_ptr" in kernel(2048, "float32", CUDA)[1]  # fp32: 4 a vector
+    for profile, d in ((ADRENO, 2048), (CUDA, 2050)):
+        threads, src = kernel(d, "float16", profile)
+        assert threads == "256" and "*(uint4*)(x_ptr" not in src, profile.name
+    monkeypatch.setattr(fused_norm, "VECTOR_LOADS", False)
+    threads, src = kernel(2048, "float16", CUDA)
+    assert threads == "256" and "*(uint4*)(x_ptr" not in src and "k_0 <" in src
+
+
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("vector", [True, False])
+def test_fused_norms_run_correctly_on_a_cuda_gpu(vector, monkeypatch):
+    """``add_rms_norm`` and ``rms_norm`` as the CUDA profile schedules them (vectors, or the
+    columns layout with ``VECTOR_LOADS = False``), against numpy: fp16 rows of SmolLM2's,
+    Llama's and Gemma-2's widths (576, 2048, 2304, Gemma's ``1 + w``) and a QK norm's 128, fp32
+    at 576; 1, 37 and 256 rows."""
+    from tvm_lite.schedules import fused_norm
+
+    monkeypatch.setattr(fused_norm, "VECTOR_LOADS", vector)
+    dev, rng = cuda_device(), np.random.default_rng(7)
+    cases = [(576, "float16", False), (2048, "float16", False), (2304, "float16", True),
+             (128, "float16", False), (576, "float32", False)]
+    for d, dtype, gemma in cases:
+        for add in (True, False):
+            ex, _ = _norm_source(_norm_kernel(d, dtype, add, gemma), CUDA)
+            w = (rng.standard_normal(d) * 0.5).astype(dtype)
+            for rows in (1, 37, 256):
+                x = rng.standard_normal((1, rows, d)).astype(dtype)
+                r = rng.standard_normal((1, rows, d)).astype(dtype)
+                s = (x + r) if add else x  # (the kernel adds in the rows' dtype)
+                f = s.astype(np.float32)
+                inv = 1 / np.sqrt((f * f).mean(-1, keepdims=True) + 1e-5)
+                ref = (f * inv) * (w.astype(np.float32) + (1 if gemma else 0))
+                out = tvm.runtime.empty((1, rows, d), dtype, dev)
+                args = [tvm.runtime.tensor(a, dev) for a in ((x, r, w) if add else (x, w))]
+                if add:
+                    total = tvm.runtime.empty((1, rows, d), dtype, dev)
+                    ex.mod["main"](*args, out, total)
+                    np.testing.assert_array_equal(total.numpy(), s)
+                else:
+                    ex.mod["main"](*args, out)
+                err = np.abs(out.numpy().astype(np.float32) - ref).max() / np.abs(ref).max()
+                assert err < 2e-3, (d, dtype, add, rows, err)
+
+
 def _silu_gated(lead, k, n, dtype="float32"):
     """``silu(x @ W) * g``: the fused decoder MLP shape (an epilogue chain of two blocks reading
     the matmul output twice), in fp32 as the importer emits it."""
