@@ -459,6 +459,7 @@ def _has_cuda_gpu() -> bool:
 @pytest.mark.skipif(_has_cuda_gpu(), reason="checks the message of a machine without a CUDA GPU")
 @pytest.mark.parametrize("module, argv", [
     ("tvm_lite.bench.attention", ["--contexts", "512"]),
+    ("tvm_lite.bench.norm", ["--rows", "1"]),
     ("tvm_lite.bench.prefill", ["--parts", "gemm"]),
     ("tvm_lite.bench.gemv_plans", ["--model", "gemma-2b"]),
     ("tvm_lite.bench.window", []),
