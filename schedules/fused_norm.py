@@ -10,14 +10,15 @@ output) gets the same schedule.
 
 Two layouts of a row over the workgroup's threads:
 
-* **vectors** (:data:`VECTOR_LOADS`, profiles with ``vector_elementwise``: CUDA): thread ``t``
-  owns ``V`` consecutive columns (``V`` = the profile's ``vector_bytes`` of the row's dtype: 8
-  fp16), loaded once as one vector into registers for the sum of squares; the normalize step
-  loads, computes and stores them as vectors again (the row's second read hits L1). Threads: the
-  largest divisor of ``D / V`` up to :data:`THREADS` (2048 columns: 256 threads, one 16-byte load
-  of each addend a thread; SmolLM2's 576: 72 threads).
-* **columns** (the others): :data:`THREADS` threads (or the target's limit), thread ``t`` taking
-  columns ``t, t + THREADS, ...`` one 2-byte element at a time.
+* **vectors** (:data:`VECTOR_LOADS`, off until timed; profiles with ``vector_elementwise``:
+  CUDA): thread ``t`` owns ``V`` consecutive columns (``V`` = the profile's ``vector_bytes`` of
+  the row's dtype: 8 fp16), loaded once as one vector into registers for the sum of squares;
+  the normalize step loads (the row's second read, likely from cache), computes and stores them
+  as vectors. Threads: the largest divisor of ``D / V`` up to :data:`THREADS` (2048 columns:
+  256 threads, one 16-byte load of each addend a thread; SmolLM2's 576: 72 threads).
+* **columns** (the other profiles, and every profile while ``VECTOR_LOADS`` is off):
+  :data:`THREADS` threads (or the target's limit), thread ``t`` taking columns ``t, t +
+  THREADS, ...`` one 2-byte element at a time.
 
 Why vectors on CUDA: under ncu (H100, Llama-1B, 2048 tokens; thirty-third session,
 ``results/issue16_small_kernels_ncu_llama1b_h100_s33.json``) the columns layout ran at 45-47% of
@@ -37,8 +38,12 @@ from .profiles import GPUProfile, fit_to_target
 FUSED_NORMS = ("add_rms_norm", "rms_norm")
 THREADS = 256
 # the vector layout on profiles with vector_elementwise (the module doc); False: the columns
-# layout everywhere (for A/B runs: --switch NAME:schedules.fused_norm.VECTOR_LOADS=False)
-VECTOR_LOADS = True
+# layout everywhere. Off until a GPU has run and timed it (thirty-fourth session: written and
+# checked on the CPU -- the CUDA it generates, nvcc -- but no device machine came): its tests on
+# a GPU (``pytest tests/test_gpu_schedules.py -k fused_norms``), the kernel against the columns
+# layout (``python -m tvm_lite.bench.norm``) and the whole step (``python -m tvm_lite.profile
+# ... --switch vec:schedules.fused_norm.VECTOR_LOADS=True``).
+VECTOR_LOADS = False
 
 
 class FusedRMSNorm(dl.ScheduleRule):

@@ -313,11 +313,14 @@ def _norm_source(func, profile):
 
 @pytest.mark.parametrize("add", [True, False])
 def test_fused_norms_load_vectors_on_cuda_and_columns_elsewhere(add, monkeypatch):
-    """CUDA's profile gives a norm's thread one 16-byte vector of each input (2048 fp16 columns:
-    256 threads, no loop over the row); Adreno's profile and ``VECTOR_LOADS = False`` keep the
-    columns layout (256 threads, 2-byte loads); a width with no whole vectors keeps it too."""
+    """With ``VECTOR_LOADS`` CUDA's profile gives a norm's thread one 16-byte vector of each
+    input (2048 fp16 columns: 256 threads, no loop over the row); Adreno's profile keeps the
+    columns layout (256 threads, 2-byte loads), so does a width with no whole vectors, and so
+    does every profile with it off."""
     from tvm_lite.compiler import device_source
     from tvm_lite.schedules import fused_norm
+
+    monkeypatch.setattr(fused_norm, "VECTOR_LOADS", True)
 
     def kernel(d, dtype, profile):
         src = device_source(_norm_source(_norm_kernel(d, dtype, add), profile)[0], "cuda")
