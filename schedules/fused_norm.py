@@ -13,8 +13,8 @@ Two layouts of a row over the workgroup's threads:
 * **vectors** (:data:`VECTOR_LOADS`, off until timed; profiles with ``vector_elementwise``:
   CUDA): thread ``t`` owns ``V`` consecutive columns (``V`` = the profile's ``vector_bytes`` of
   the row's dtype: 8 fp16), loaded once as one vector into registers for the sum of squares;
-  the normalize step loads (the row's second read, likely from cache), computes and stores them
-  as vectors. Threads: the largest divisor of ``D / V`` up to :data:`THREADS` (2048 columns:
+  the normalize step loads them (the row's second read, likely from cache) and the weight's as
+  vectors, computes a lane at a time and stores vectors. Threads: the largest divisor of ``D / V`` up to :data:`THREADS` (2048 columns:
   256 threads, one 16-byte load of each addend a thread; SmolLM2's 576: 72 threads).
 * **columns** (the other profiles, and every profile while ``VECTOR_LOADS`` is off):
   :data:`THREADS` threads (or the target's limit), thread ``t`` taking columns ``t, t +
@@ -63,30 +63,9 @@ class FusedRMSNorm(dl.ScheduleRule):
         sch.bind(row, "blockIdx.x")
         vec = self._vector(sch, reduce_block, target)
         if vec > 1:
-            lanes = int(sch.get(k).extent) // vec
-            threads = max(t for t in range(1, min(max_threads, lanes) + 1) if lanes % t == 0)
-            _, k_thread, _ = sch.split(k, [None, threads, vec])
-            sch.bind(k_thread, "threadIdx.x")
-            # each addend's vector into registers (the sum of squares reads them there)
-            rows = [i for i, r in enumerate(sch.get(reduce_block).reads) if len(r.region) > 1]
-            for i in reversed(rows):
-                cached = sch.cache_read(reduce_block, i, "local", consumer_blocks=[reduce_block])
-                sch.compute_at(cached, k_thread)
-                sch.vectorize(sch.get_loops(cached)[-1])
+            _vectors(sch, reduce_block, norm_block, row, k, vec, max_threads)
         else:
-            threads = max_threads
-            _, k_inner = sch.split(k, [None, threads])
-            sch.bind(k_inner, "threadIdx.x")
-        sch.set_scope(reduce_block, 0, "shared")
-        sch.reverse_compute_at(norm_block, row)
-        j = sch.get_loops(norm_block)[-1]
-        if vec > 1:
-            _, j_thread, j_vec = sch.split(j, [None, threads, vec])
-            sch.bind(j_thread, "threadIdx.x")
-            sch.vectorize(j_vec)
-        else:
-            _, j_inner = sch.split(j, [None, threads])
-            sch.bind(j_inner, "threadIdx.x")
+            _columns(sch, reduce_block, norm_block, row, k, max_threads)
         return sch
 
     def _vector(self, sch, reduce_block, target) -> int:
@@ -101,3 +80,47 @@ class FusedRMSNorm(dl.ScheduleRule):
         vec = max(1, p.vector_bytes * 8 // bits)
         d = int(sch.get(sch.get_loops(reduce_block)[-1]).extent)
         return vec if d % vec == 0 else 1
+
+
+def _columns(sch, reduce_block, norm_block, row, k, threads: int) -> None:
+    """The columns layout: thread ``t`` takes columns ``t, t + threads, ...``."""
+    _, k_inner = sch.split(k, [None, threads])
+    sch.bind(k_inner, "threadIdx.x")
+    sch.set_scope(reduce_block, 0, "shared")
+    sch.reverse_compute_at(norm_block, row)
+    _, j_inner = sch.split(sch.get_loops(norm_block)[-1], [None, threads])
+    sch.bind(j_inner, "threadIdx.x")
+
+
+def _vectors(sch, reduce_block, norm_block, row, k, vec: int, max_threads: int) -> None:
+    """The vector layout: thread ``t`` owns columns ``[t V, (t + 1) V)`` (``V = vec``), loaded
+    and stored as vectors through registers."""
+    lanes = int(sch.get(k).extent) // vec
+    threads = max(t for t in range(1, min(max_threads, lanes) + 1) if lanes % t == 0)
+    _, k_thread, _ = sch.split(k, [None, threads, vec])
+    sch.bind(k_thread, "threadIdx.x")
+    # each addend's vector into registers (the sum of squares reads them there)
+    rows = [i for i, r in enumerate(sch.get(reduce_block).reads) if len(r.region) > 1]
+    for i in reversed(rows):
+        cached = sch.cache_read(reduce_block, i, "local", consumer_blocks=[reduce_block])
+        sch.compute_at(cached, k_thread)
+        sch.vectorize(sch.get_loops(cached)[-1])
+    sch.set_scope(reduce_block, 0, "shared")
+    sch.reverse_compute_at(norm_block, row)
+    _, j_thread, j_vec = sch.split(sch.get_loops(norm_block)[-1], [None, threads, vec])
+    sch.bind(j_thread, "threadIdx.x")
+    # loads and stores as vectors through registers, the arithmetic a lane at a time (TVM
+    # 0.27's CUDA codegen cannot broadcast an fp32 value to 8 lanes: a vectorized fp16 row's
+    # fp32 math makes make_ulonglong4 with 8 arguments, which nvcc rejects)
+    stat = sch.get(reduce_block).writes[0].source
+    rows = [i for i, r in enumerate(sch.get(norm_block).reads) if not r.source.same_as(stat)]
+    for i in reversed(rows):
+        cached = sch.cache_read(norm_block, i, "local", consumer_blocks=[norm_block])
+        sch.compute_at(cached, j_thread)
+        sch.vectorize(sch.get_loops(cached)[-1])
+    for i in reversed(range(len(sch.get(norm_block).writes))):
+        cached = sch.cache_write(norm_block, i, "local")
+        if not any(sch.get(loop).same_as(sch.get(j_thread)) for loop in sch.get_loops(cached)):
+            sch.reverse_compute_at(cached, j_thread)  # (else cache_write put it there)
+        sch.vectorize(sch.get_loops(cached)[-1])
+    sch.unroll(j_vec)

@@ -312,7 +312,7 @@ def _norm_source(func, profile):
 
 
 @pytest.mark.parametrize("add", [True, False])
-def test_fused_norms_load_vectors_on_cuda_and_columns_elsewhere(add, monkeypatch):
+def test_fused_norms_load_vectors_on_cuda_and_columns_elsewhere(add, monkeypatch, tmp_path):
     """With ``VECTOR_LOADS`` CUDA's profile gives a norm's thread one 16-byte vector of each
     input (2048 fp16 columns: 256 threads, no loop over the row); Adreno's profile keeps the
     columns layout (256 threads, 2-byte loads), so does a width with no whole vectors, and so
@@ -329,6 +329,15 @@ def test_fused_norms_load_vectors_on_cuda_and_columns_elsewhere(add, monkeypatch
     threads, src = kernel(2048, "float16", CUDA)
     assert threads == "256" and "*(uint4*)(x_ptr" in src and "k_0 <" not in src
     assert ("*(uint4*)(r_ptr" in src) == add
+    out = "out" if add else "rms_norm"  # (the TE kernel's output is named for it)
+    assert f"*(uint4*)({out}_ptr" in src and ("*(uint4*)(total_ptr" in src) == add  # stores
+    if shutil.which("nvcc"):  # (the rows' fp32 math vectorized made CUDA nvcc rejects)
+        for d in (2048, 2304):
+            cu = tmp_path / f"norm{d}.cu"
+            cu.write_text(kernel(d, "float16", CUDA)[1])
+            res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-o", str(cu.with_suffix(".o")),
+                                  str(cu)], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr[-2000:]
     assert kernel(576, "float16", CUDA)[0] == "72"  # SmolLM2's row: 72 vectors of 8
     assert "*(float4*)(x_ptr" in kernel(2048, "float32", CUDA)[1]  # fp32: 4 a vector
     for profile, d in ((ADRENO, 2048), (CUDA, 2050)):
