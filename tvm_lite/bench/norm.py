@@ -64,7 +64,7 @@ def bench(widths=WIDTHS, rows=ROWS, progress=print, iters: int = 100) -> list[di
         g = torch.Generator(device="cuda").manual_seed(0)
         w = (torch.randn(d, generator=g, device="cuda") * 0.5).half()
         for m in rows:
-            nbytes = 5 * m * d * 2 + d * 2
+            nbytes = 4 * m * d * 2 + d * 2  # x, r read; out, total written; the weight
             copies = max(1, min(64, -(-ROTATE_BYTES // (2 * m * d * 2))))
             xs = [torch.randn((1, m, d), generator=g, device="cuda").half() for _ in range(copies)]
             rs = [torch.randn((1, m, d), generator=g, device="cuda").half() for _ in range(copies)]
