@@ -285,45 +285,21 @@ def test_profile_kernels_run_correctly_on_a_cuda_gpu(profile):
             assert err < 2e-2, (profile, phase, fmt, k, n, seq, err)
 
 
-
 # -- the fused norms (schedules/fused_norm.py) ---------------------------------------------------
-def _norm_kernel(d: int, dtype: str, add: bool, gemma: bool = False):
-    """``add_rms_norm`` (outputs ``(out, sum)``) or ``rms_norm`` over ``(1, n, d)`` rows, as
-    ``FuseAddRMSNorm`` builds them (fp32 statistics, the row scaled in fp32)."""
-    from tvm import relax
-
-    from tvm_lite.relax_passes.fuse_add_rms_norm import _kernel
-
-    n = tirx.Var("n", "int64")
-    row = relax.Var("x", relax.TensorType((1, n, d), dtype))
-    w = relax.Var("w", relax.TensorType((d,), dtype))
-    other = relax.Var("r", relax.TensorType((1, n, d), dtype)) if add else None
-    func, _ = _kernel(row, other, w, gemma, 1e-5, "float32", dtype)
-    return func["add_rms_norm"] if isinstance(func, tvm.IRModule) else func
-
-
-def _norm_source(func, profile):
-    target = parse_target("cuda -arch=sm_90")
-    from tvm_lite.schedules.fused_norm import FusedRMSNorm
-
-    sch = FusedRMSNorm(profile).apply(func, target, False)
-    mod = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
-    return tvm.compile(mod, target=target), target
-
-
 @pytest.mark.parametrize("add", [True, False])
 def test_fused_norms_load_vectors_on_cuda_and_columns_elsewhere(add, monkeypatch, tmp_path):
     """With ``VECTOR_LOADS`` CUDA's profile gives a norm's thread one 16-byte vector of each
     input (2048 fp16 columns: 256 threads, no loop over the row); Adreno's profile keeps the
     columns layout (256 threads, 2-byte loads), so does a width with no whole vectors, and so
     does every profile with it off."""
+    from tvm_lite.bench.norm import build_norm, norm_kernel
     from tvm_lite.compiler import device_source
     from tvm_lite.schedules import fused_norm
 
     monkeypatch.setattr(fused_norm, "VECTOR_LOADS", True)
 
     def kernel(d, dtype, profile):
-        src = device_source(_norm_source(_norm_kernel(d, dtype, add), profile)[0], "cuda")
+        src = device_source(build_norm(norm_kernel(d, dtype, add), profile), "cuda")
         return re.search(r"__launch_bounds__\((\d+)\)", src).group(1), src
 
     threads, src = kernel(2048, "float16", CUDA)
@@ -355,6 +331,7 @@ def test_fused_norms_run_correctly_on_a_cuda_gpu(vector, monkeypatch):
     columns layout with ``VECTOR_LOADS = False``), against numpy: fp16 rows of SmolLM2's,
     Llama's and Gemma-2's widths (576, 2048, 2304, Gemma's ``1 + w``) and a QK norm's 128, fp32
     at 576; 1, 37 and 256 rows."""
+    from tvm_lite.bench.norm import build_norm, norm_kernel
     from tvm_lite.schedules import fused_norm
 
     monkeypatch.setattr(fused_norm, "VECTOR_LOADS", vector)
@@ -363,7 +340,7 @@ def test_fused_norms_run_correctly_on_a_cuda_gpu(vector, monkeypatch):
              (128, "float16", False), (576, "float32", False)]
     for d, dtype, gemma in cases:
         for add in (True, False):
-            ex, _ = _norm_source(_norm_kernel(d, dtype, add, gemma), CUDA)
+            ex = build_norm(norm_kernel(d, dtype, add, gemma), CUDA)
             w = (rng.standard_normal(d) * 0.5).astype(dtype)
             for rows in (1, 37, 256):
                 x = rng.standard_normal((1, rows, d)).astype(dtype)
