@@ -206,6 +206,29 @@ def test_model_switch_sets_its_constants_and_puts_them_back():
     assert (ap.TC_STAGED_STORES, ap.TC_KEY_TILES, mm.SUM_VEC) == before
 
 
+def test_builds_side_by_side_take_each_runs_switch(tmp_path):
+    """``python -m tvm_lite.profile --jobs 2``: the tree and a ``--switch`` compiled at once, each
+    in its own process: the switch is set in the worker that builds it and only there (here one
+    whose effect shows in the artifact: the tokenizer files it copies), the switched build in
+    ``<work>/<shape>/switch-<NAME>``, the tree's from the compile cache as one process gives it."""
+    from tvm_lite.profile import build_runs, export_shape
+
+    onnx = export_shape("tiny-llama", tmp_path, progress=lambda *a, **k: None)
+    runs = [("tvm_lite-e0m4", None),
+            ("tvm_lite-e0m4", "tok:artifact.TOKENIZER_FILES=('tokenizer.json',)")]
+    tree, switched = build_runs(onnx, runs, "llvm", tmp_path, "tiny-llama", jobs=2)
+    assert switched == tmp_path / "tiny-llama" / "switch-tok"
+    assert (tree / "tokenizer_config.json").exists()
+    assert (switched / "tokenizer.json").exists()
+    assert not (switched / "tokenizer_config.json").exists()
+    assert build_runs(onnx, runs[:1], "llvm", tmp_path, "tiny-llama") == [tree]  # (cached)
+    from tvm_lite.engine import Engine, GenerationConfig
+
+    two = GenerationConfig(max_new_tokens=2, stop_token_ids=())
+    for artifact in (tree, switched):  # both load and answer
+        assert len(Engine(str(artifact)).generate("def", two, chat=False).token_ids) == 2
+
+
 @pytest.mark.parametrize("spec, says", [
     ("x:schedules.gpu_gemm_mma.NO_SUCH=1", "has no NO_SUCH"),
     ("x:schedules.no_such_module.A=1", "no module tvm_lite.schedules.no_such_module"),

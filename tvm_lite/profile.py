@@ -17,6 +17,7 @@ waiting for the token). Every VM call the step makes is counted too (kernels vs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections import defaultdict
@@ -398,28 +399,65 @@ def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str | None = 
     ``--switch`` (:func:`model_switch`) in force while the model is built and profiled; its build
     goes to ``work_dir/<shape>/switch-<NAME>``, rebuilt every time (not the compile cache,
     whose keys do not know the switch)."""
-    from pathlib import Path
-
-    from .bench.models import compile_variant, random_model
-    from .export import export_onnx
     from .target import local_cuda_target
 
     target = target or local_cuda_target()
     out = {}
     for shape in shapes:
-        work = Path(work_dir) / shape
-        onnx_dir = export_onnx(random_model(shape, work / "hf"), work / "onnx", dtype="float16",
-                               progress=progress)
-        if switch is None:
-            artifact = compile_variant(onnx_dir, variant, target, progress)
-            out[shape] = profile_artifact(artifact, device, prompt_len, steps, chunk=chunk)
-            continue
-        name, assignments = model_switch(switch)
-        with switched(assignments):
-            artifact = compile_variant(onnx_dir, variant, target, progress,
-                                       out_dir=work / f"switch-{name}")
+        onnx_dir = export_shape(shape, work_dir, progress)
+        (artifact,) = build_runs(onnx_dir, [(variant, switch)], target, work_dir, shape,
+                                 progress=progress)
+        with switched(model_switch(switch)[1] if switch else []):
             out[shape] = profile_artifact(artifact, device, prompt_len, steps, chunk=chunk)
     return out
+
+
+def export_shape(shape: str, work_dir, progress=print):
+    """The fp16 ONNX export of a random-weight model of ``shape`` under ``work_dir/<shape>``."""
+    from pathlib import Path
+
+    from .bench.models import random_model
+    from .export import export_onnx
+
+    work = Path(work_dir) / shape
+    return export_onnx(random_model(shape, work / "hf"), work / "onnx", dtype="float16",
+                       progress=progress)
+
+
+def _build_run(onnx_dir: str, variant: str, target: str, out_dir: str | None,
+               spec: str | None, progress=None) -> str:
+    """One build of :func:`build_runs` (in this process or a worker's): ``variant`` with the
+    constants of ``spec`` (a ``--switch``) set while it compiles."""
+    from .bench.models import compile_variant
+
+    if progress is None:  # a worker: its lines named after its build
+        tag = f"[{spec.partition(':')[0] if spec else variant}]"
+
+        def progress(*a, **k):
+            print(tag, *a, **k, flush=True)
+    with switched(model_switch(spec)[1] if spec else []):
+        return str(compile_variant(onnx_dir, variant, target, progress, out_dir=out_dir))
+
+
+def build_runs(onnx_dir, runs, target: str, work_dir, shape: str, jobs: int = 1,
+               progress=print) -> list:
+    """The artifact of each ``(variant, switch spec or None)`` in ``runs``, compiled from
+    ``onnx_dir``: an unswitched run from the compile cache, a switched one rebuilt in
+    ``work_dir/<shape>/switch-<NAME>``. With ``jobs > 1`` up to that many builds run at once,
+    each in its own process (a build is mostly one CPU core's Python and codegen: the GPU
+    machine's 16 cores build a tree and its switches side by side in the time of one)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    from pathlib import Path
+
+    calls = [(str(onnx_dir), variant, target,
+              str(Path(work_dir) / shape / f"switch-{model_switch(spec)[0]}") if spec else None,
+              spec) for variant, spec in runs]
+    if jobs <= 1 or len(calls) == 1:
+        return [Path(_build_run(*c, progress=progress)) for c in calls]
+    with ProcessPoolExecutor(max_workers=min(jobs, len(calls)),
+                             mp_context=get_context("spawn")) as pool:
+        return [Path(f.result()) for f in [pool.submit(_build_run, *c) for c in calls]]
 
 
 def model_switch(spec: str) -> tuple[str, list[tuple[object, str, object]]]:
@@ -619,7 +657,15 @@ def main(argv=None) -> None:
                     help="also profile the first variant built and run with these constants "
                          "(modules under tvm_lite) set, as NAME (repeatable), e.g. "
                          "staged:schedules.gpu_attention_prefill.TC_STAGED_STORES=True")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="builds (the variants and switches of a shape) compiled at once, each "
+                         "in its own process (default: all of them on a machine of 8 or more "
+                         "cores, else 1)")
     args = ap.parse_args(argv)
+    if args.jobs is None:
+        args.jobs = 4 if (os.cpu_count() or 1) >= 8 else 1
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: at least one build at a time")
     if args.chunk is not None and args.chunk < 1:  # before any build
         ap.error(f"--chunk {args.chunk}: a chunk needs at least one token")
     check_switches(ap, args.switch)
@@ -627,14 +673,27 @@ def main(argv=None) -> None:
         from .bench.kernels import require_cuda_gpu
 
         require_cuda_gpu("tvm_lite.profile")
+    from .target import local_cuda_target
+
+    target = args.target or local_cuda_target()
     out = {}
     variants = args.variant.split(",")
     runs = [(v, None) for v in variants] + [(variants[0], spec) for spec in args.switch]
     for shape in args.shapes.split(","):
-        for variant, spec in runs:
-            (res,) = profile_shapes([shape], variant, args.target, args.device, args.prompt_len,
-                                    args.steps, args.work_dir, chunk=args.chunk,
-                                    switch=spec).values()
+        onnx_dir = export_shape(shape, args.work_dir)
+        if args.jobs > 1 and len(runs) > 1:  # every build first, side by side; then the runs
+            started = time.perf_counter()
+            built = build_runs(onnx_dir, runs, target, args.work_dir, shape, args.jobs)
+            print(f"== {shape}: {len(runs)} builds, {min(args.jobs, len(runs))} at a time: "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            artifacts = iter(built)
+        else:  # each build just before its run (a call cut short keeps what it measured)
+            artifacts = (build_runs(onnx_dir, [run], target, args.work_dir, shape)[0]
+                         for run in runs)
+        for (variant, spec), artifact in zip(runs, artifacts):
+            with switched(model_switch(spec)[1] if spec else []):
+                res = profile_artifact(artifact, args.device, args.prompt_len, args.steps,
+                                       chunk=args.chunk)
             name = shape if len(runs) == 1 else f"{shape} {variant}"
             if spec is not None:
                 name += " " + spec.partition(":")[0]
@@ -656,6 +715,7 @@ def main(argv=None) -> None:
 
 __all__ = ["StepProfile", "Profiler", "profile_artifact", "profile_shapes", "chunk_summary",
            "check_switches", "chunk_kernels_table", "primfunc_of", "model_switch", "switched",
+           "build_runs", "export_shape",
            "comparison_table"]
 
 
