@@ -10,9 +10,10 @@ output) gets the same schedule.
 
 Two layouts of a row over the workgroup's threads:
 
-* **vectors** (:data:`VECTOR_LOADS`, off until timed; profiles with ``vector_elementwise``:
-  CUDA): thread ``t`` owns ``V`` consecutive columns (``V`` = the profile's ``vector_bytes`` of
-  the row's dtype: 8 fp16), loaded once as one vector into registers for the sum of squares;
+* **vectors** (:data:`VECTOR_LOADS`, off until the whole step is timed; profiles with
+  ``vector_elementwise``: CUDA): thread ``t`` owns ``V`` consecutive columns (``V`` = the
+  profile's ``vector_bytes`` of the row's dtype: 8 fp16), loaded once as one vector into
+  registers for the sum of squares;
   the normalize step loads them (the row's second read, likely from cache) and the weight's as
   vectors, computes a lane at a time and stores vectors. Threads: the largest divisor of ``D /
   V`` up to :data:`THREADS` (2048 columns: 256 threads, one 16-byte load of each addend a
@@ -39,11 +40,16 @@ from .profiles import GPUProfile, fit_to_target
 FUSED_NORMS = ("add_rms_norm", "rms_norm")
 THREADS = 256
 # the vector layout on profiles with vector_elementwise (the module doc); False: the columns
-# layout everywhere. Off until a GPU has run and timed it (thirty-fourth session: written and
-# checked on the CPU -- the CUDA it generates, nvcc -- but no device machine came): its tests on
-# a GPU (``pytest tests/test_gpu_schedules.py -k fused_norms``), the kernel against the columns
-# layout (``python -m tvm_lite.bench.norm``) and the whole step (``python -m tvm_lite.profile
-# ... --switch vec:schedules.fused_norm.VECTOR_LOADS=True``).
+# layout everywhere. Written in the thirty-fourth session. On an H100 (thirty-fifth session,
+# ``results/issue16_fused_norm_vectors_h100_s35.json``): both layouts match numpy (``pytest
+# tests/test_gpu_schedules.py -k fused_norms``), and the kernel alone (``python -m
+# tvm_lite.bench.norm``) takes 0.99-1.22x less time with vectors -- 2048 columns: 2.53 against
+# 2.68 us at 256 rows, 10.29 against 11.38 at 2048 (3.26 against 2.95 TB/s of the four rows
+# moved); 576 columns at 2048 rows 3.86 against 4.71 -- never slower beyond 0.01 us. Off until
+# the whole step has run with it (``python -m tvm_lite.profile ... --switch
+# vec:schedules.fused_norm.VECTOR_LOADS=True``; no GPU time was left for it): no whole model
+# has yet run these 16-byte loads on a GPU (its views' alignment included), and the kernel's
+# ~1 us a call is ~0.2% of a Llama-1B prompt.
 VECTOR_LOADS = False
 
 
