@@ -211,6 +211,7 @@ def test_builds_side_by_side_take_each_runs_switch(tmp_path):
     in its own process: the switch is set in the worker that builds it and only there (here one
     whose effect shows in the artifact: the tokenizer files it copies), the switched build in
     ``<work>/<shape>/switch-<NAME>``, the tree's from the compile cache as one process gives it."""
+    from tvm_lite.engine import Engine, GenerationConfig
     from tvm_lite.profile import build_runs, export_shape
 
     onnx = export_shape("tiny-llama", tmp_path, progress=lambda *a, **k: None)
@@ -222,8 +223,6 @@ def test_builds_side_by_side_take_each_runs_switch(tmp_path):
     assert (switched / "tokenizer.json").exists()
     assert not (switched / "tokenizer_config.json").exists()
     assert build_runs(onnx, runs[:1], "llvm", tmp_path, "tiny-llama") == [tree]  # (cached)
-    from tvm_lite.engine import Engine, GenerationConfig
-
     two = GenerationConfig(max_new_tokens=2, stop_token_ids=())
     for artifact in (tree, switched):  # both load and answer
         assert len(Engine(str(artifact)).generate("def", two, chat=False).token_ids) == 2

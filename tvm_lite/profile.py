@@ -444,8 +444,8 @@ def build_runs(onnx_dir, runs, target: str, work_dir, shape: str, jobs: int = 1,
     """The artifact of each ``(variant, switch spec or None)`` in ``runs``, compiled from
     ``onnx_dir``: an unswitched run from the compile cache, a switched one rebuilt in
     ``work_dir/<shape>/switch-<NAME>``. With ``jobs > 1`` up to that many builds run at once,
-    each in its own process (a build is mostly one CPU core's Python and codegen: the GPU
-    machine's 16 cores build a tree and its switches side by side in the time of one)."""
+    each in its own process (a build is mostly one CPU core's Python and codegen, so the GPU
+    machine's 16 cores can build a tree and its switches side by side; not yet timed there)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     from pathlib import Path
@@ -659,8 +659,8 @@ def main(argv=None) -> None:
                          "staged:schedules.gpu_attention_prefill.TC_STAGED_STORES=True")
     ap.add_argument("--jobs", type=int, default=None,
                     help="builds (the variants and switches of a shape) compiled at once, each "
-                         "in its own process (default: all of them on a machine of 8 or more "
-                         "cores, else 1)")
+                         "in its own process (default: up to 4 on a machine of 8 or more cores, "
+                         "else 1)")
     args = ap.parse_args(argv)
     if args.jobs is None:
         args.jobs = 4 if (os.cpu_count() or 1) >= 8 else 1
