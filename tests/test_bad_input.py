@@ -447,6 +447,21 @@ def test_cli_compile_error_is_one_line_naming_the_pass(tmp_path, capsys, monkeyp
     assert "InternalError" in err and "The above exception was the direct cause" in err
 
 
+
+def test_a_compile_error_crosses_a_process_boundary_whole():
+    """A build in another process (``python -m tvm_lite.profile --jobs``) hands its CompileError
+    back pickled: the same message, stage, pass and function (TVM's original as text only),
+    where an unpicklable error left only "a process in the pool was terminated"."""
+    import pickle
+
+    with pytest.raises(CompileError) as caught:
+        tvm_lite.build(_tvm_fails_inside(), "llvm")
+    err = caught.value
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is CompileError and str(back) == str(err)
+    assert (back.stage, back.pass_name, back.function) == (err.stage, err.pass_name, err.function)
+    assert back.pass_name == "VMShapeLower" and back.original is None
+
 def _has_cuda_gpu() -> bool:
     import tvm
 

@@ -54,6 +54,16 @@ class CompileError(TvmLiteError, RuntimeError):
         super().__init__(message)
         self.stage, self.pass_name, self.function, self.original = stage, pass_name, function, original
 
+    def __reduce__(self):
+        # picklable, so a build in another process (``python -m tvm_lite.profile --jobs``) hands
+        # its error back whole; TVM's original error (often not picklable) travels as the
+        # message's text only
+        return (_compile_error, (str(self), self.stage, self.pass_name, self.function))
+
+
+def _compile_error(message: str, stage: str, pass_name: str | None, function: str | None):
+    return CompileError(message, stage=stage, pass_name=pass_name, function=function)
+
 
 def is_user_error(err: BaseException) -> bool:
     return isinstance(err, UserError)
