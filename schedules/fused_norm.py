@@ -13,11 +13,10 @@ Two layouts of a row over the workgroup's threads:
 * **vectors** (:data:`VECTOR_LOADS`, off until the whole step is timed; profiles with
   ``vector_elementwise``: CUDA): thread ``t`` owns ``V`` consecutive columns (``V`` = the
   profile's ``vector_bytes`` of the row's dtype: 8 fp16), loaded once as one vector into
-  registers for the sum of squares;
-  the normalize step loads them (the row's second read, likely from cache) and the weight's as
-  vectors, computes a lane at a time and stores vectors. Threads: the largest divisor of ``D /
-  V`` up to :data:`THREADS` (2048 columns: 256 threads, one 16-byte load of each addend a
-  thread; SmolLM2's 576: 72 threads).
+  registers for the sum of squares; the normalize step loads them (the row's second read,
+  likely from cache) and the weight's as vectors, computes a lane at a time and stores vectors.
+  Threads: the largest divisor of ``D / V`` up to :data:`THREADS` (2048 columns: 256 threads,
+  one 16-byte load of each addend a thread; SmolLM2's 576: 72 threads).
 * **columns** (the other profiles, and every profile while ``VECTOR_LOADS`` is off):
   :data:`THREADS` threads (or the target's limit), thread ``t`` taking columns ``t, t +
   THREADS, ...`` one 2-byte element at a time.

@@ -407,7 +407,7 @@ def profile_shapes(shapes, variant: str = "tvm_lite-e0m4", target: str | None = 
         onnx_dir = export_shape(shape, work_dir, progress)
         (artifact,) = build_runs(onnx_dir, [(variant, switch)], target, work_dir, shape,
                                  progress=progress)
-        with switched(model_switch(switch)[1] if switch else []):
+        with in_force(switch):
             out[shape] = profile_artifact(artifact, device, prompt_len, steps, chunk=chunk)
     return out
 
@@ -435,7 +435,7 @@ def _build_run(onnx_dir: str, variant: str, target: str, out_dir: str | None,
 
         def progress(*a, **k):
             print(tag, *a, **k, flush=True)
-    with switched(model_switch(spec)[1] if spec else []):
+    with in_force(spec):
         return str(compile_variant(onnx_dir, variant, target, progress, out_dir=out_dir))
 
 
@@ -511,6 +511,10 @@ class switched:
         self.saved = []
         return False
 
+
+def in_force(spec: str | None) -> switched:
+    """The constants of the ``--switch`` ``spec`` set while in the ``with`` (None: nothing)."""
+    return switched(model_switch(spec)[1] if spec else [])
 
 def check_switches(ap, specs) -> None:
     """``ap.error`` (usage, exit 2) for the first malformed or unknown ``--switch`` in
@@ -691,7 +695,7 @@ def main(argv=None) -> None:
             artifacts = (build_runs(onnx_dir, [run], target, args.work_dir, shape)[0]
                          for run in runs)
         for (variant, spec), artifact in zip(runs, artifacts):
-            with switched(model_switch(spec)[1] if spec else []):
+            with in_force(spec):
                 res = profile_artifact(artifact, args.device, args.prompt_len, args.steps,
                                        chunk=args.chunk)
             name = shape if len(runs) == 1 else f"{shape} {variant}"
