@@ -10,13 +10,13 @@ output) gets the same schedule.
 
 Two layouts of a row over the workgroup's threads:
 
-* **vectors** (:data:`VECTOR_LOADS`, off until the whole step is timed; profiles with
-  ``vector_elementwise``: CUDA): thread ``t`` owns ``V`` consecutive columns (``V`` = the
-  profile's ``vector_bytes`` of the row's dtype: 8 fp16), loaded once as one vector into
-  registers for the sum of squares; the normalize step loads them (the row's second read,
-  likely from cache) and the weight's as vectors, computes a lane at a time and stores vectors.
-  Threads: the largest divisor of ``D / V`` up to :data:`THREADS` (2048 columns: 256 threads,
-  one 16-byte load of each addend a thread; SmolLM2's 576: 72 threads).
+* **vectors** (:data:`VECTOR_LOADS`, on; profiles with ``vector_elementwise``: CUDA): thread
+  ``t`` owns ``V`` consecutive columns (``V`` = the profile's ``vector_bytes`` of the row's
+  dtype: 8 fp16), loaded once as one vector into registers for the sum of squares; the normalize
+  step loads them (the row's second read, likely from cache) and the weight's as vectors,
+  computes a lane at a time and stores vectors. Threads: the largest divisor of ``D / V`` up to
+  :data:`THREADS` (2048 columns: 256 threads, one 16-byte load of each addend a thread;
+  SmolLM2's 576: 72 threads).
 * **columns** (the other profiles, and every profile while ``VECTOR_LOADS`` is off):
   :data:`THREADS` threads (or the target's limit), thread ``t`` taking columns ``t, t +
   THREADS, ...`` one 2-byte element at a time.
@@ -39,17 +39,16 @@ from .profiles import GPUProfile, fit_to_target
 FUSED_NORMS = ("add_rms_norm", "rms_norm")
 THREADS = 256
 # the vector layout on profiles with vector_elementwise (the module doc); False: the columns
-# layout everywhere. Written in the thirty-fourth session. On an H100 (thirty-fifth session,
-# ``results/issue16_fused_norm_vectors_h100_s35.json``): both layouts match numpy (``pytest
-# tests/test_gpu_schedules.py -k fused_norms``), and the kernel alone (``python -m
-# tvm_lite.bench.norm``) takes 0.99-1.22x less time with vectors -- 2048 columns: 2.53 against
-# 2.68 us at 256 rows, 10.29 against 11.38 at 2048 (3.26 against 2.95 TB/s of the four rows
-# moved); 576 columns at 2048 rows 3.86 against 4.71 -- never slower beyond 0.01 us. Off until
-# the whole step has run with it (``python -m tvm_lite.profile ... --switch
-# vec:schedules.fused_norm.VECTOR_LOADS=True``; no GPU time was left for it): no whole model
-# has yet run these 16-byte loads on a GPU (its views' alignment included), and the kernel's
-# ~1 us a call is ~0.2% of a Llama-1B prompt.
-VECTOR_LOADS = False
+# layout everywhere. Written in the thirty-fourth session. The kernel alone (H100, thirty-fifth
+# session, ``python -m tvm_lite.bench.norm``): 0.99-1.22x less time with vectors, never slower
+# beyond 0.01 us (2048 columns x 2048 rows: 10.29 against 11.38 us). The whole step (H100,
+# thirty-sixth session, ``python -m tvm_lite.profile --prompt-len 2048 --chunk 256 --switch
+# vec:schedules.fused_norm.VECTOR_LOADS=True``; ``results/
+# issue16_norm_vectors_cast_fold_whole_step_h100_s36.json``): ``add_rms_norm`` of a 2048-token
+# prompt 304 -> 266 us (Llama-3.2-1B) and 342 -> 309 us (Gemma-2B), of its eight 256-token
+# chunks 680 -> 569 and 726 -> 681 us; Llama-1B's prompt 14.65 -> 14.35 ms of GPU time; every
+# GPU test passed with it on (53 passed, 5 xfailed). On since.
+VECTOR_LOADS = True
 
 
 class FusedRMSNorm(dl.ScheduleRule):

@@ -118,7 +118,7 @@ def format_row(r: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| D | rows | MB moved | vectors (`VECTOR_LOADS`) | columns (the default) | "
+    head = ("| D | rows | MB moved | vectors (`VECTOR_LOADS`, the default) | columns | "
             "torch add + rms_norm | columns / vectors | max rel err |")
     return "\n".join([head, "|" + "---|" * 8] + [format_row(r) for r in rows])
 
