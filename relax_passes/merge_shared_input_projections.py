@@ -27,6 +27,15 @@ The slices are views for the fusion passes behind: the q slice joins the rotary 
 split and rotation are injective), ``FuseKVAppend`` reads k and v at their column offsets in
 ``y``, and ``FuseSiluMul`` reads gate and up as the two halves of ``y``.
 
+**Gate and up interleaved** (:data:`INTERLEAVE_GATE_UP`): where a group is exactly a gated MLP's
+two projections (``act(gate) * up``, SiLU or tanh-GELU, as ``FuseSiluMul`` finds it), the merged
+weight's columns alternate in blocks of :data:`~tvm_lite.convention.GATE_BLOCK` (8): gate's
+columns ``8q .. 8q+7`` at ``16q .. 16q+7``, up's at ``16q+8 .. 16q+15``. Gate and up are then
+reshaped views (``y`` as ``[.., N/16, 2, 8]``, block 0 or 1) instead of the two halves, so the
+values are the same; what changes is that a GEMM's tile of output columns holds both operands
+of each of its activations, which lets a GEMM store ``act(gate) * up`` itself
+(``relax_passes/fuse_gated_epilogue.py``): half the stores and no activation kernel.
+
 The weights must have values: the imported module's ``params`` (``tvm_lite.from_onnx``; the
 pass concatenates them and updates ``params`` and ``tvm_lite.param_names``; a weight that is
 still used elsewhere keeps its parameter) or embedded constants. ``compile_model`` runs it on the
@@ -44,7 +53,14 @@ from tvm import relax, tirx
 
 from tvm_lite.quant.kernels import ATTR as DEQUANT_ATTR, MAKER_ATTR, matmul_func
 
+from tvm_lite.convention import GATE_BLOCK
+
+from .fuse_silu_mul import P as ACTIVATIONS
+
 MATMUL, ADD, CALL_TIR = "relax.matmul", "relax.add", "relax.call_tir"
+# a gated MLP's gate and up merged with their columns interleaved (the module doc); off: gate then
+# up, the halves of the merged output
+INTERLEAVE_GATE_UP = False
 PARAM_NAMES, PARAMS = "tvm_lite.param_names", "params"
 
 
@@ -79,6 +95,8 @@ class _Group:
     merged_weights: list = field(default_factory=list)  # merged parameter Vars or Constants
     merged_bias: object = None
     out: relax.Var | None = None  # the merged projection (with its bias) once emitted
+    interleaved: bool = False  # [gate, up], columns alternating in blocks of GATE_BLOCK
+    blocks: relax.Var | None = None  # the merged output as [.., N / 16, 2, GATE_BLOCK]
 
     @property
     def n(self) -> int:
@@ -183,7 +201,35 @@ def _find_groups(mod, func: relax.Function, weights: _Weights) -> list[_Group]:
                         and _static(bias) == [m.n] and bias.ty.dtype == y.ty.dtype:
                     m.bias = (b.var, bias)
         groups += [g for g in by_key.values() if len(g.members) > 1]
+    if INTERLEAVE_GATE_UP:
+        _mark_gated_pairs(func, groups)
     return groups
+
+
+def _mark_gated_pairs(func: relax.Function, groups: list[_Group]) -> None:
+    """Mark (and order as [gate, up]) each unbiased two-member group whose outputs are the
+    operands of a gated activation (``FuseSiluMul``'s patterns), ``N`` a multiple of ``2 x
+    GATE_BLOCK``. (Other uses of gate or up read the same values from the views.)"""
+    var2val = relax.analysis.get_var2val(func)
+    by_value = {}  # a member's projection call -> (group, member)
+    for g in groups:
+        if len(g.members) == 2 and not g.biased and g.members[0].n == g.members[1].n \
+                and g.members[0].n % (2 * GATE_BLOCK) == 0:
+            for m in g.members:
+                by_value[var2val[m.var]] = (g, m)
+    if not by_value:
+        return
+    for block in func.body.blocks:
+        for b in block.bindings:
+            for act in ("silu", "gelu"):
+                m = ACTIVATIONS[act].extract_matched_expr(b.value, var2val)
+                if m is None:
+                    continue
+                gate, up = by_value.get(m[ACTIVATIONS["g"]]), by_value.get(m[ACTIVATIONS["up"]])
+                if gate is not None and up is not None and gate[0] is up[0] and gate[1] is not up[1]:
+                    gate[0].members = [gate[1], up[1]]
+                    gate[0].interleaved = True
+                break
 
 
 @relax.expr_functor.mutator
@@ -233,14 +279,35 @@ class _Merger(relax.PyExprMutator):
         if role == "skip":  # a biased member's own matmul: its add becomes the slice
             return
         rank = len(g.out.ty.shape.values)
-        off = g.offset(m)
-        view = relax.op.strided_slice(g.out, axes=[rank - 1], begin=[off], end=[off + m.n],
-                                      assume_inbound=True)
+        if g.interleaved:  # block 0 (gate) or 1 (up) of each pair of GATE_BLOCK columns
+            lead = list(g.out.ty.shape.values)[:-1]
+            if g.blocks is None:
+                g.blocks = self._emit(relax.op.reshape(
+                    g.out, lead + [m.n // GATE_BLOCK, 2, GATE_BLOCK]), binding.var, "gate_up_blocks")
+            half = g.members.index(m)
+            view = relax.op.strided_slice(g.blocks, axes=[rank], begin=[half], end=[half + 1],
+                                          assume_inbound=True)
+            view = relax.op.reshape(self._emit(view, binding.var, f"{binding.var.name}_blocks"),
+                                    lead + [m.n])
+        else:
+            off = g.offset(m)
+            view = relax.op.strided_slice(g.out, axes=[rank - 1], begin=[off], end=[off + m.n],
+                                          assume_inbound=True)
         self.set_var_remap(binding.var, self._emit(view, binding.var))
 
 
 def _merge_values(arrays: list) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(arrays, axis=-1))
+
+
+def _interleave_values(arrays: list) -> np.ndarray:
+    """[gate, up] (``N`` last, the same shape) as one array whose last axis alternates blocks of
+    ``GATE_BLOCK`` columns: gate's block ``q`` at ``2q``, up's at ``2q + 1``."""
+    gate, up = arrays
+    lead, n = gate.shape[:-1], gate.shape[-1]
+    pair = np.stack([gate.reshape(*lead, n // GATE_BLOCK, GATE_BLOCK),
+                     up.reshape(*lead, n // GATE_BLOCK, GATE_BLOCK)], axis=-2)
+    return np.ascontiguousarray(pair.reshape(*lead, 2 * n))
 
 
 @tvm.transform.module_pass(opt_level=0, name="MergeSharedInputProjections")
@@ -267,8 +334,9 @@ class MergeSharedInputProjections:
         for g in groups:
             parts = [[weights.array(w) for w in m.weights] for m in g.members]
             operands = list(zip(*[m.weights for m in g.members]))
+            merge = _interleave_values if g.interleaved else _merge_values
             for role, arrays in enumerate(zip(*parts)):
-                g.merged_weights.append(self._weight(weights, operands[role], _merge_values(arrays),
+                g.merged_weights.append(self._weight(weights, operands[role], merge(arrays),
                                                      new_params, new_names, new_values))
             if g.biased:
                 bias = [m.bias[1] for m in g.members]

@@ -11,7 +11,9 @@ import tvm
 from tvm import relax
 
 import tvm_lite
+from tvm_lite.convention import GATE_BLOCK
 from tvm_lite.relax_passes import MergeSharedInputProjections, QuantizeWeightMatmuls
+from tvm_lite.relax_passes import merge_shared_input_projections as merge_pass
 from tvm_lite.quant.rtn import rtn
 
 K = 64
@@ -19,7 +21,7 @@ WIDTHS = {"q": 64, "k": 32, "v": 32, "gate": 128, "up": 128}
 BIASED = ("q", "k", "v")
 
 
-def _module(rng):
+def _module(rng, silu: bool = False):
     n = tvm.tirx.Var("n", "int64")
     x = relax.Var("x", relax.TensorType([1, n, K], "float32"))
     h = relax.Var("h", relax.TensorType([1, n, K], "float32"))  # the MLP's own input
@@ -40,7 +42,9 @@ def _module(rng):
             outs = [bb.emit(relax.op.add(bb.emit(relax.op.matmul(x, w[p])), b[p])) for p in BIASED]
             gate = bb.emit(relax.op.matmul(h, w["gate"]))
             up = bb.emit(relax.op.matmul(h, w["up"]))
-            outs.append(bb.emit(relax.op.multiply(relax.op.sigmoid(gate), up)))
+            act = relax.op.nn.silu(gate) if silu else relax.op.sigmoid(gate)  # (sigmoid: not gated)
+            outs.append(bb.emit(relax.op.multiply(up, act) if silu else
+                                relax.op.multiply(act, up)))
             out = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(out)
     mod = bb.get()
@@ -106,3 +110,46 @@ def test_leaves_weights_without_values_alone(case):
     bare, _ = tvm_lite.detach_params(mod)  # parameters without values: nothing to concatenate
     merge = MergeSharedInputProjections()
     assert merge(bare).same_as(bare) and merge.merged == 0
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_interleaves_a_gated_mlps_gate_and_up(quantized, monkeypatch):
+    """With ``INTERLEAVE_GATE_UP`` the merged gate+up weight alternates blocks of 8 columns (gate
+    block q at 16q, up's at 16q + 8, whatever order the projections came in), the model's
+    outputs stay what they were (bit-exact for 4-bit weights), and a group that is not a gated
+    MLP's (here q/k/v) is merged as before."""
+    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", True)
+    rng = np.random.default_rng(1)
+    mod = _module(rng, silu=True)
+    inputs = [rng.standard_normal((1, 5, K)).astype("float32") for _ in range(2)]
+    func = mod["main"]
+    values = dict(zip((str(n) for n in func.attrs["tvm_lite.param_names"]), func.attrs["params"]))
+    if quantized:
+        mod = QuantizeWeightMatmuls({f"{p}.weight": rtn(values[f"{p}.weight"].numpy(), "e0m4", 32)
+                                     for p in WIDTHS})(mod)
+    merge = MergeSharedInputProjections()
+    merged = merge(mod)
+    assert (merge.merged, merge.groups) == (5, 2)
+    func = merged["main"]
+    params = dict(zip((str(n) for n in func.attrs["tvm_lite.param_names"]), func.attrs["params"]))
+    suffix = ".e0m4.codes" if quantized else ""
+    w = params[f"gate.weight{suffix}+up.weight{suffix}"].numpy()
+    if not quantized:  # columns: gate 0..7, up 0..7, gate 8..15, ...
+        gate, up = values["gate.weight"].numpy(), values["up.weight"].numpy()
+        np.testing.assert_array_equal(w[:, :GATE_BLOCK], gate[:, :GATE_BLOCK])
+        np.testing.assert_array_equal(w[:, GATE_BLOCK:2 * GATE_BLOCK], up[:, :GATE_BLOCK])
+        np.testing.assert_array_equal(w[:, 2 * GATE_BLOCK:3 * GATE_BLOCK],
+                                      gate[:, GATE_BLOCK:2 * GATE_BLOCK])
+    assert f"q.weight{suffix}+k.weight{suffix}+v.weight{suffix}" in params  # concatenated
+    for a, b in zip(_run(mod, inputs), _run(merged, inputs)):
+        if quantized:
+            np.testing.assert_array_equal(b, a)
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_interleaving_is_off_by_default(case):
+    mod = _module(np.random.default_rng(1), silu=True)
+    assert not merge_pass.INTERLEAVE_GATE_UP
+    merged = MergeSharedInputProjections()(mod)
+    assert "gate_up_blocks" not in merged.script()

@@ -129,3 +129,10 @@ WRITES_AT_POSITION_ATTR = "tvm_lite.writes_at_position"
 KV_INPLACE = "inplace"  # one cache per layer, written at past_len (relax_passes/inplace_kv_cache.py)
 KV_COPY = "copy"  # the exported past/present interface
 KV_AUTO = "auto"  # in place when the model has a past/present interface (tvm_lite.build on any module)
+
+
+# -- weight layouts ------------------------------------------------------------------------------
+# a gated MLP's merged gate+up weight, interleaved: columns in blocks of this many, gate's block q
+# at 2q and up's at 2q + 1 (relax_passes/merge_shared_input_projections.py); 8 fp16 columns are one
+# 16-byte vector and one n8 tile of a CUDA MMA
+GATE_BLOCK = 8
