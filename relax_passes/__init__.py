@@ -16,6 +16,7 @@ from .fuse_kv_append import FuseKVAppend
 from .fuse_rotary import FuseRotary
 from .fuse_silu_mul import FuseSiluMul
 from .fuse_attention import FuseAttention
+from .fuse_gated_epilogue import FuseGatedEpilogue
 from .fuse_gemv_prologue import FuseGEMVPrologue
 from .inline_step_calls import InlineStepCalls
 from .launch_dependents_early import LaunchDependentsEarly
@@ -34,7 +35,7 @@ __all__ = ["AddCacheFillPrefill", "AddDecodeFunction", "AddLastRowPrefill", "Add
            "AddStepHelpers",
            "AddTupledBufferEntries", "AttachMetadata",
            "BindDequantKernelShapes", "DecodeWritesAtPosition", "DropKillsWithoutStorage",
-           "FuseAddRMSNorm", "FuseAttention", "FuseGEMVPrologue",
+           "FuseAddRMSNorm", "FuseAttention", "FuseGatedEpilogue", "FuseGEMVPrologue",
            "FuseKVAppend", "FuseRotary", "FuseSiluMul", "InlineStepCalls", "InplaceKVCache",
            "KVCacheRewriteError", "LaunchDependentsEarly", "LegalizeGroupedReshape",
            "MergeSharedInputProjections", "NoKVCacheError", "PackWeightPanels",

@@ -44,10 +44,12 @@ from tvm import s_tir
 from tvm.script import from_source
 from tvm.script import tirx as T
 
+from ..convention import GATE_BLOCK
 from . import cuda_cluster
 from . import cuda_mma as mma
 from .gpu_gemv import CODES_PER_WORD, MatchError, _int, match_matmul
-from .gpu_gemv_half2 import (E0M4_ZERO_NONE, attach_epilogue, dequant_roles, output_role,
+from .gpu_gemv_half2 import (E0M4_ZERO_NONE, GATED, attach_epilogue, dequant_roles,
+                             gated_epilogue, output_role,
                               param_index)
 
 TK = 64  # K per shared slice (four 16-deep MMA steps; 32 was slower on every measured tile)
@@ -162,6 +164,8 @@ SUM_VEC = 4
 # Gemma-2B's 69.3 -> 69.7 and 115.1 -> 118.5.
 PARTIALS_FP16 = False
 EPILOGUE = 'T.call_extern("float32", "__tvm_lite_epilogue__", {})'.format  # the value stored
+# a gated store: act(gate) * up from the gate and up accumulators (gpu_gemv_half2.GATED)
+EPILOGUE_GATED = ('T.call_extern("float32", "%s", {}, {})' % GATED).format
 # X slices by cp.async (16 bytes global -> shared, no registers: the next slice's copies are in
 # flight during this slice's MMAs and land at the wait before the slice's barrier), instead of
 # loads into registers stored after the MMAs. Frees the X staging registers (16 a thread at
@@ -477,9 +481,13 @@ def split_sum(out: str, obuf, M, N: int, KS: int) -> str:
 '''
 
 
-def match_gemm(sch, profile):
+def match_gemm(sch, profile, gated_ok: bool = False):
     """The roles of a prefill matmul this kernel takes (raises :class:`MatchError` otherwise):
-    ``dict(fmt, k, n, group, m (text), roles, out_dtype, final, matmul_buf)``."""
+    ``dict(fmt, k, n, group, m (text), roles, out_dtype, final, matmul_buf, gated)``.
+    ``gated``: the epilogue is a gated MLP's activation over the interleaved gate and up columns
+    (``relax_passes/fuse_gated_epilogue.py``; the output has ``N / 2`` columns); only a caller
+    that stores it (``gated_ok``: :func:`kernel_source` and the warp-specialised kernel's staged
+    stores) takes such a function."""
     func = sch.mod["main"]
     main, dequant, producers, epilogues, m, n, k = match_matmul(sch, decode=False)
     if producers:
@@ -523,11 +531,16 @@ def match_gemm(sch, profile):
         roles["zero"] = param_index(func, zero)
     roles["out"], final = output_role(func, sch, epilogues, out_buf)
     out = func.params[roles["out"]]
-    if len(out.shape) != len(x.shape) or _int(out.shape[-1]) != n:
+    gated = _int(out.shape[-1]) == n // 2 and gated_epilogue(sch, final, out_buf)
+    if gated and not gated_ok:
+        raise MatchError("a gated epilogue: this kernel does not store one")
+    if gated and n % (2 * GATE_BLOCK):
+        raise MatchError(f"a gated epilogue needs N a multiple of {2 * GATE_BLOCK}")
+    if len(out.shape) != len(x.shape) or _int(out.shape[-1]) != (n // 2 if gated else n):
         raise MatchError("output is not [.., M, N] like x")
     mtext = str(int(lead_m[0])) if _int(lead_m[0]) is not None else lead_m[0].name
     return dict(fmt=fmt, k=k, n=n, group=group, m=mtext, roles=roles,
-                out_dtype=str(out_buf.dtype), final=final, matmul_buf=out_buf)
+                out_dtype=str(out_buf.dtype), final=final, matmul_buf=out_buf, gated=gated)
 
 
 def kernel_source(func, g: dict, tile, x_async: bool | None = None,
@@ -649,6 +662,17 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None,
         for c in T.unroll(4):
             if {row} < {M}:
                 {store}'''
+    if g.get("gated"):  # n8 tiles 2p (gate) and 2p + 1 (up) of a warp: GATE_BLOCK is 8
+        if KS > 1 or WTN % (2 * GATE_BLOCK) or GATE_BLOCK != 8:
+            raise MatchError(f"a gated epilogue: K unsplit (KS {KS}) and warp tiles of "
+                             f"{2 * GATE_BLOCK}-column pairs (WTN {WTN})")
+        ocol = f"bx * {TN // 2} + {wn} * {WTN // 2} + nt * 8 + {t4} * 2 + c % 2"
+        gate, up = (f"acc[(mt * {NT} + nt * 2 + {h}) * 4 + c]" for h in (0, 1))
+        stores = f'''for mt in T.unroll({MT}):
+    for nt in T.unroll({NT // 2}):
+        for c in T.unroll(4):
+            if {row} < {M}:
+                {out}[{_row_at(obuf, row, ocol)}] = {EPILOGUE_GATED(gate, up)}'''
     mark = ""
     if cluster_sum:
         stores, shared = cluster_stores(out, obuf, g, (TM, TN, KS), threads, stores_at=(
@@ -751,7 +775,8 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
         raise MatchError("mma.sync m16n8k16 needs a CUDA sm_80+ target")
     sch = s_tir.Schedule(func)
     func = sch.mod["main"]
-    g = match_gemm(sch, profile)
+    g = match_gemm(sch, profile, gated_ok=True)
+    split_k = split_k and not g["gated"]  # (a gated epilogue needs the whole K in one kernel)
     if tile is not None and (g["n"] % tile[1]
                              or g["k"] % ((tile[5] if len(tile) > 5 else TK) * tile[4])):
         raise MatchError(f"tile {tile} does not divide N={g['n']}, K={g['k']}")

@@ -80,13 +80,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.ir import Call, TensorLoad
 from tvm.script import from_source
 from tvm.script import tirx as T
 
-from ..convention import NORM_ROW_STAT_BLOCK
+from ..convention import GATE_BLOCK, NORM_ROW_STAT_BLOCK
 from .cuda_mma import HELPERS as _MMA_HELPERS
 from .gpu_gemv import CODES_PER_WORD, PACKED_KERNELS, MatchError, _int, match_gemv
 
@@ -620,11 +621,70 @@ def _same_index(a, b) -> bool:
     return a.same_as(b) or (_int(a) is not None and _int(a) == _int(b))
 
 
+GATED = "__tvm_lite_gated__"  # the marker of a gated store: (gate accumulator, up accumulator)
+# output columns (and rows) a gated epilogue's reads are checked at: both halves of two blocks
+_GATED_COLS, _GATED_ROWS = (0, 1, GATE_BLOCK - 1, GATE_BLOCK, GATE_BLOCK + 1, 3 * GATE_BLOCK - 1), (0, 5)
+
+
+def _value_at(expr, env: dict) -> int | None:
+    """``expr`` with its variables bound by ``env`` (name -> value; any other variable 4096),
+    as an int, or None if it does not fold to one."""
+    bound = _rewrite(expr, tirx.Var, lambda v: tirx.const(env.get(v.name, 4096), v.ty.dtype))
+    return _int(tvm.sym.Analyzer().simplify(bound))
+
+
+def gated_role(load, store_indices) -> str | None:
+    """``"gate"`` or ``"up"`` if ``load`` (of the matmul's output, in an epilogue block that
+    stores at ``store_indices``: 0 or an iterator each, the last two the row and the output
+    column) reads the interleaved layout (``relax_passes/merge_shared_input_projections.py``):
+    at output row ``r``, column ``j``, the matmul's row ``r`` and column ``(j // B) * 2B + j %
+    B`` (gate) or that ``+ B`` (up), ``B = GATE_BLOCK``; else None. Checked at sample points
+    (the expressions FuseTIR leaves are reshapes and slices of any form)."""
+    role = None
+    last = len(store_indices) - 1
+    for r in _GATED_ROWS:
+        for j in _GATED_COLS:
+            env = {e.name: (j if p == last else r if p == last - 1 else 0)
+                   for p, e in enumerate(store_indices) if isinstance(e, tirx.Var)}
+            idx = [_value_at(e, env) for e in load.indices]
+            if None in idx or idx[:-2] != [0] * (len(idx) - 2) or idx[-2] != r:
+                return None
+            base = (j // GATE_BLOCK) * 2 * GATE_BLOCK + j % GATE_BLOCK
+            here = "gate" if idx[-1] == base else "up" if idx[-1] == base + GATE_BLOCK else None
+            if here is None or role not in (None, here):
+                return None
+            role = here
+    return role
+
+
+def gated_epilogue(sch, final_block, matmul_buf) -> bool:
+    """The final epilogue block computes its output from the matmul's output only, through one
+    gate read and one up read of the interleaved layout (:func:`gated_role`): a gated MLP's
+    activation (``relax_passes/fuse_gated_epilogue.py``)."""
+    if final_block is None:
+        return False
+    block = sch.get(final_block)
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or len(store.indices) < 2:
+        return False
+    iters = [iv.var for iv in block.iter_vars]
+    if not all(_int(i) == 0 or any(i.same_as(v) for v in iters) for i in store.indices) \
+            or not all(isinstance(i, tirx.Var) for i in store.indices[-2:]):
+        return False
+    loads = _loads(store.value)
+    if not loads or not all(ld.source.same_as(matmul_buf) for ld in loads):
+        return False
+    return {gated_role(ld, store.indices) for ld in loads} == {"gate", "up"}
+
+
 def attach_epilogue(kernel, func, sch, out_dtype: str, final_block, matmul_buf):
     """Replace ``kernel``'s ``out[idx] = __tvm_lite_epilogue__(v)`` stores by the real output
     expression: ``v`` cast to the matmul's dtype ``out_dtype``, or the final epilogue block's
     value with the matmul's output read replaced by it and the block's iterators bound to
     ``idx`` (the block must be elementwise: its store and its matmul reads at its iterators).
+    A gated store, ``buf[idx] = __tvm_lite_gated__(g, u)`` (:data:`GATED`; any buffer: a
+    kernel may gather its outputs in registers first), takes the block's value with its gate
+    read replaced by ``g`` and its up read by ``u`` (:func:`gated_epilogue`).
     ``kernel`` has ``func``'s signature (parameters in the same order)."""
     bufmap = list(zip(func.params, kernel.params))
     if final_block is not None:
@@ -640,12 +700,38 @@ def attach_epilogue(kernel, func, sch, out_dtype: str, final_block, matmul_buf):
     else:
         template, iters = None, []
 
+    def gated(stmt, v):
+        """``stmt`` storing the template with its gate and up reads replaced by the marker's
+        two accumulators (as the matmul's dtype: what the unfused GEMM would have stored)."""
+        if template is None:
+            raise MatchError("a gated store without an epilogue block")
+        acc = {"gate": tirx.Cast(out_dtype, v.args[1]), "up": tirx.Cast(out_dtype, v.args[2])}
+
+        def swap(e):
+            role = gated_role(e, store.indices) if e.source.same_as(matmul_buf) else None
+            if role is None:
+                raise MatchError(f"gated epilogue reads '{e.source.name}' off the interleaved "
+                                 "layout")
+            return acc[role]
+
+        value = _rewrite(template, TensorLoad, swap)
+        used = []  # (list.append returns None: every variable is visited, nothing replaced)
+        _rewrite(value, tirx.Var, used.append)
+        if any(u.same_as(i) for u in used for i in iters):
+            raise MatchError("gated epilogue depends on its iterators besides its two reads")
+        out = stmt.buffer
+        if str(value.ty.dtype) != str(out.dtype):
+            value = tirx.Cast(str(out.dtype), value)
+        return tirx.BufferStore(out, value, stmt.indices)
+
     def rewrite(stmt):
         if not isinstance(stmt, tirx.BufferStore):
             return None
         v = stmt.value
         while isinstance(v, tirx.Cast):  # the parser casts the float32 marker to y's dtype
             v = v.value
+        if isinstance(v, Call) and v.op.name == "tirx.call_extern" and v.args[0].value == GATED:
+            return gated(stmt, v)
         if not (isinstance(v, Call) and v.op.name == "tirx.call_extern"
                 and v.args[0].value == "__tvm_lite_epilogue__"):
             return None

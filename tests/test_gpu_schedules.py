@@ -902,6 +902,86 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, ti
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 7, tmp_path)
 
 
+# -- the gated MLP's GEMM: act(gate) * up stored from the accumulators ---------------------------
+# (fmt, K, N (output columns: half the GEMM's), M, act, tile): 64 x 64 cut by M (SiLU), tanh-GELU
+# on the wide tile, fp16 weights on the narrow tile
+GATED_MMA_CPU_CASES = [("e0m4", 256, 128, 70, "silu", (64, 64, 2, 2, 1)),
+                       ("e0m4", 128, 128, 150, "gelu", (128, 128, 2, 2, 1)),
+                       ("fp16", 128, 64, 37, "silu", (32, 64, 1, 2, 1))]
+
+
+def _gated_reference(y, n, act):
+    """``act(gate) * up`` of a GEMM output ``y`` (fp32, rounded to fp16 as the GEMM stores it)
+    whose ``2n`` columns alternate gate and up in blocks of ``GATE_BLOCK``, as FuseSiluMul's
+    kernel computes it (the activation in fp32, cast to fp16, times up in fp16)."""
+    from tvm_lite.convention import GATE_BLOCK
+
+    blocks = y.astype(np.float16).reshape(y.shape[0], n // GATE_BLOCK, 2, GATE_BLOCK)
+    gate = blocks[:, :, 0].reshape(-1, n).astype(np.float32)
+    up = blocks[:, :, 1].reshape(-1, n)
+    if act == "silu":
+        a = gate / (1 + np.exp(-gate))
+    else:
+        a = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
+    return (a.astype(np.float16) * up).astype(np.float32)
+
+
+def _check_gated_c_on_cpu(src, fmt, k, n, m, act, tile, tmp_path, seed=5):
+    """A gated GEMM's CUDA C (``tile = (TM, TN)`` over the GEMM's ``2n`` columns) run on the
+    CPU (tests/mma_on_cpu.py) against numpy."""
+    from mma_on_cpu import run_kernels
+
+    TM, TN = tile
+    rng = np.random.default_rng(seed)
+    arrays = weights(fmt, k, 2 * n, rng) if fmt == "fp16" else _half2_arrays(fmt, k, 2 * n, rng)
+    x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)
+    given = [x, *arrays.values()]
+    named = {f"p{i}_ptr": a for i, a in enumerate(given)}
+    if fmt != "fp16":
+        named["codes32_ptr"] = arrays["codes"].view(np.uint32)
+        named["scale32_ptr"] = arrays["scale"].view(np.uint32)
+        named["zero32_ptr"] = arrays["zero"].view(np.uint32)
+    got = run_kernels(src, named, {"main_kernel": (2 * n // TN, -(-m // TM), 1)},
+                      f"p{len(given)}_ptr", m * n, tmp_path).reshape(m, n).astype(np.float32)
+    y = _gemm_reference(fmt, x, arrays, k, 2 * n, None, None)
+    ref = _gated_reference(y, n, act)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 1e-2, err
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("fmt,k,n,m,act,tile", GATED_MMA_CPU_CASES)
+def test_gated_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, act, tile, tmp_path):
+    """The gate+up GEMM fused with its activation (``FuseGatedEpilogue``, gate and up
+    interleaved in blocks of 8) as the mma.sync kernel builds it: one kernel whose threads
+    store ``act(gate) * up`` from their gate and up n8 tiles (half the columns), no activation
+    kernel -- its CUDA C run on the CPU against numpy."""
+    from tvm_lite.bench.kernels import gated_gemm_func
+    from tvm_lite.schedules.gpu_gemm_mma import choose_tile
+
+    func = gated_gemm_func(fmt, [1, m], k, n, act)
+    src = _source(build(func, parse_target("cuda -arch=sm_80"),
+                        [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src))
+    assert kernels == {"main_kernel"}, kernels
+    _check_gated_c_on_cpu(src, fmt, k, n, m, act, tile[:2], tmp_path)
+
+
+def test_gated_gemm_plans_never_split_k():
+    """Planned by prompt length (Llama-1B's gate+up: K 2048, 2 x 8192 columns), the gated
+    GEMM is one kernel a planned length and never splits K (a split's partials would need the
+    activation after their sum): no split-K sum kernel, every plan "split-K 1"."""
+    from tvm_lite.bench.kernels import gated_gemm_func, kernel_plan
+
+    func = gated_gemm_func("e0m4", [1, DYN], 2048, 8192)
+    target = parse_target("cuda -arch=sm_80")
+    plan = kernel_plan(func, target, [GPUPrefillGEMM(CUDA)])
+    src = _source(build(func, target, [GPUPrefillGEMM(CUDA)]), "cuda")
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src))
+    assert plan.count("split-K 1") == len(kernels) and "split-K 2" not in plan, plan
+    assert "__tvm_lite" not in src and "expf" in src  # the activation (SiLU's exp) is in it
+
+
 # (fmt, K, N, M, epilogue, tile): the narrow tile with K in three (9 slices: a vector count per
 # rank that does not divide evenly, rows past M), and 64 x 64 with K in two
 MMA_CLUSTER_CPU_CASES = [("e0m4", 576, 128, 70, "residual", (32, 64, 1, 2, 3)),

@@ -217,6 +217,45 @@ def kernel_func(fmt: str, lead, k: int, n: int):
     return func.with_attr("global_symbol", "main")
 
 
+def gated_gemm_func(fmt: str, lead, k: int, n: int, act: str = "silu"):
+    """A gated MLP's gate+up prefill GEMM fused with its activation, as the pipeline makes it:
+    ``act(gate) * up`` (``act``: "silu" or "gelu") over the GEMM's ``2n`` output columns
+    interleaved in blocks of ``GATE_BLOCK`` (``relax_passes/merge_shared_input_projections.py``),
+    fused by ``FuseGatedEpilogue`` -- the PrimFunc ``(x, weights.., out [.., n])``, fp16."""
+    import tvm
+    from tvm import relax
+
+    from tvm_lite.convention import GATE_BLOCK
+    from tvm_lite.relax_passes import FuseGatedEpilogue, FuseSiluMul, LegalizeGroupedReshape
+
+    gemm = kernel_func(fmt, lead, k, 2 * n).without_attr("global_symbol")
+    shapes = [list(p.shape) for p in gemm.params]
+    params = [relax.Var(f"a{i}", relax.TensorType(s, str(p.dtype)))
+              for i, (s, p) in enumerate(zip(shapes[:-1], gemm.params))]
+    lead_dims = shapes[-1][:-1]
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(gemm, "gate_up")
+    with bb.function("main", params):
+        with bb.dataflow():
+            y = bb.emit(relax.call_tir(gv, params, relax.TensorType(shapes[-1], "float16")))
+            blocks = bb.emit(relax.op.reshape(y, lead_dims + [n // GATE_BLOCK, 2, GATE_BLOCK]))
+            gate, up = (bb.emit(relax.op.reshape(relax.op.strided_slice(
+                blocks, axes=[len(lead_dims) + 1], begin=[h], end=[h + 1]), lead_dims + [n]))
+                for h in (0, 1))
+            a = relax.op.nn.silu(gate) if act == "silu" else relax.op.nn.gelu_tanh(gate)
+            out = bb.emit_output(relax.op.multiply(a, up))
+        bb.emit_func_output(out)
+    fuse = FuseGatedEpilogue()
+    with tvm.transform.PassContext(opt_level=3):  # (FuseOps fuses from opt_level 3 on)
+        mod = tvm.transform.Sequential([
+            FuseSiluMul(), LegalizeGroupedReshape(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(), fuse])(bb.get())
+    if fuse.count != 1:
+        raise RuntimeError("FuseGatedEpilogue did not fuse the gated GEMM")
+    prims = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return prims[0].with_attr("global_symbol", "main")
+
+
 def build(func, target, rules):
     """Schedule ``func`` with ``rules`` (DLight's ApplyDefaultSchedule) and compile it."""
     import tvm
