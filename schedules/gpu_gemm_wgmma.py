@@ -272,23 +272,28 @@ T.evaluate({call("tvm_lite_wgmma_commit")})'''
 {sum_kernel}'''
 
 
-def plan_kernel(func, target, profile, tile=None, plan_m: int | None = None) -> tuple:
+def plan_kernel(func, target, profile, tile=None, plan_m: int | None = None,
+                gated_ok: bool = False) -> tuple:
     """What both wgmma kernels check and choose: ``(schedule, func, roles, TM, TN, K split)``,
     or :class:`MatchError` (not sm_90a, not 4-bit, a tile that does not divide the matrix).
     ``tile``: ``(TM, TN[, KS])`` (default :data:`TILE`, K split by :func:`choose_split` for a
-    prompt of ``plan_m`` tokens, default :data:`.gpu_gemm_mma.PLAN_M`)."""
+    prompt of ``plan_m`` tokens, default :data:`.gpu_gemm_mma.PLAN_M`; never for a gated
+    epilogue, which only a caller passing ``gated_ok`` takes: see
+    :func:`.gpu_gemm_mma.match_gemm`)."""
     if not wgmma_supported(target):
         raise MatchError("wgmma needs a CUDA sm_90a target")
     sch = s_tir.Schedule(func)
     func = sch.mod["main"]
-    g = mma_gemm.match_gemm(sch, profile)
+    g = mma_gemm.match_gemm(sch, profile, gated_ok)
     if g["fmt"] not in ("e0m4", "int4"):
         raise MatchError("the wgmma kernels take 4-bit weights")
     TM, TN = (tile or TILE)[:2]
     if TM % 64 or TN not in (64, 128, 192, 256) or g["n"] % TN or g["k"] % TK:
         raise MatchError(f"tile {TM}x{TN} does not divide N={g['n']}, K={g['k']}")
-    ks = tile[2] if tile is not None and len(tile) > 2 else choose_split(
+    ks = tile[2] if tile is not None and len(tile) > 2 else 1 if g["gated"] else choose_split(
         plan_m or mma_gemm.PLAN_M, g["n"], g["k"], (TM, TN), profile.compute_units)
+    if g["gated"] and ks > 1:
+        raise MatchError("a gated epilogue needs K unsplit")
     if g["k"] % (TK * ks):
         raise MatchError(f"K={g['k']} does not split {ks} ways")
     return sch, func, g, TM, TN, ks

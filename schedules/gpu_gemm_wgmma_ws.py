@@ -176,8 +176,11 @@ __forceinline__ __device__ void tvm_lite_wgmma_wait1() {
 
 def store_modes(g: dict, ks: int, pairs: bool, staged: bool) -> tuple[bool, bool]:
     """(paired stores, staged stores) as taken: both only where the output is fp16 with no
-    epilogue and K is not split; staged ones in place of pairs."""
-    plain = g["final"] is None and ks == 1 and str(g["out_dtype"]) == "float16"
+    epilogue (or a gated one: staged only) and K is not split; staged ones in place of pairs."""
+    fp16 = ks == 1 and str(g["out_dtype"]) == "float16"
+    if g["gated"]:
+        return False, staged and fp16
+    plain = g["final"] is None and fp16
     return pairs and plain and not staged, staged and plain
 
 
@@ -387,6 +390,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     row = f"by * {TM} + {wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + c // 2 * 8"
     col = f"bx * {TN} + jn * 8 + {lane} % 4 * 2 + c % 2"
     cluster_sum = cluster_sum and KS > 1
+    gated_locals = False  # the staged gated stores' registers (gate, up, output vectors)
     workspace, store, sum_kernel = mma_gemm.output_store(
         out, obuf, M, N, 1 if cluster_sum else KS, row, col, "acc[jn * 4 + c]")
     pair, staged_stores = store_modes(g, KS, pair_stores, staged_stores)
@@ -438,6 +442,8 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
             raise MatchError(f"staged stores need named barrier {stage_bar}; the hardware has "
                              f"{NAMED_BARRIERS - 1} besides __syncthreads'")
         VR = TN // VEC  # 16-byte vectors of a staged row
+        if g["gated"]:  # a vector of output: a gate vector and the up vector after it
+            VR //= 2
         RPI = max(1, 32 // VR)  # rows a warp stores an instruction
         lrow = f"({wgi} * 64 + {warp} % 4 * 16 + {lane} // 4 + hr * 8)"  # row in the tile
         st_at = f"T.address_of(sm[({lrow} * {PITCH} + (jn * 8 + {lane} % 4 * 2) * 2) // {h}])"
@@ -446,6 +452,19 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
         back = call("tvm_lite_lds_v4", f"T.address_of(sm[({brow} * {PITCH} + {lane} % {VR} * 16)"
                     f" // {h}])", ret="uint32x4")
         grow = mma_gemm._row_at(obuf, f"by * {TM} + {brow}", gcol)
+        store = ev("tvm_lite_st_v4", f"T.address_of({out}[{grow}])", back)
+        if g["gated"]:  # act(gate) * up, 8 columns a thread, stored as one vector
+            gated_locals = True
+            at = f"({brow} * {PITCH} + {lane} % {VR} * 32) // {h}"  # gate; up 8 columns on
+            ocol = f"T.Ramp(bx * {TN // 2} + {lane} % {VR} * {VEC}, 1, {VEC})"
+            fp32 = lambda b: f'T.Cast("float32", {b}[i])'  # noqa: E731
+            store = "\n        ".join([
+                f"gh[T.Ramp(0, 1, {VEC})] = sm[T.Ramp({at}, 1, {VEC})]",
+                f"uh[T.Ramp(0, 1, {VEC})] = sm[T.Ramp({at} + {VEC}, 1, {VEC})]",
+                f"for i in T.unroll({VEC}):",
+                f"    oh[i] = {mma_gemm.EPILOGUE_GATED(fp32('gh'), fp32('uh'))}",
+                f"{out}[{mma_gemm._row_at(obuf, f'by * {TM} + {brow}', ocol)}] = "
+                f"oh[T.Ramp(0, 1, {VEC})]"])
         stores = [
             ev("tvm_lite_bar_sync", f"T.int32({stage_bar})", f"T.int32({threads - PT})"),
             f"for jn in T.unroll({TN // 8}):",
@@ -456,9 +475,10 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
             f"for rr in T.unroll({16 // RPI}):",
             f"    if by * {TM} + {brow} < {M}" + (f" and acc[0] == T.float32(3.0e38):"
                                                   if "store" in ablate else ":"),
-            "        " + ev("tvm_lite_st_v4",
-                            f"T.address_of({out}[{grow}])",
-                            back)]
+            "        " + store]
+    elif g["gated"]:
+        raise MatchError("a gated epilogue is stored through shared memory (staged stores) "
+                         "with K unsplit")
     elif pair:  # one 4-byte store of columns (c, c + 1): rows g and g + 8 a thread
         prow = row.replace("c // 2", "hr")
         pcol = col.replace(" + c % 2", "")
@@ -499,6 +519,8 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                                 workspace, (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
     mark = [ev(cuda_cluster.marker((1, 1, KS)))] if cluster_sum else []
     sums = ['tot = T.alloc_buffer((4,), "float32", scope="local")'] if cluster_sum else []
+    sums += [f'{v} = T.alloc_buffer(({VEC},), "float16", scope="local")'
+             for v in ("gh", "uh", "oh")] if gated_locals else []
     return f'''{head}
                 sm = T.alloc_buffer(({shared // h},), "float16", scope="shared.dyn")
                 acc = T.alloc_buffer(({TN // 2},), "float32", scope="local")
@@ -558,19 +580,20 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     unknown = sorted(set(ablate) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"ablate: unknown {', '.join(unknown)} (known: {', '.join(ABLATIONS)})")
-    sch, func, g, TM, TN, ks = wg.plan_kernel(func, target, profile, tile)
+    sch, func, g, TM, TN, ks = wg.plan_kernel(func, target, profile, tile, gated_ok=True)
     check_group(g)
     wn = w_buffers if w_buffers and w_buffers < stages else None
     splits = ([(None, None, ks)] if tile is not None and len(tile) > 2 else
-              [(length, cond, wg.choose_split(length, g["n"], g["k"], (TM, TN),
-                                              profile.compute_units))
+              [(length, cond, 1 if g["gated"] else wg.choose_split(
+                  length, g["n"], g["k"], (TM, TN), profile.compute_units))
                for length, cond in mma_gemm.lengths_for(g["m"], lengths)])
     variants, helpers = [], dict(HELPERS)
     shared = shared_bytes(g, TM, TN, stages, wn, x_rows)
     for length, cond, k_split in splits:
         grid = -(-(length or 0) // TM) * (g["n"] // TN) * k_split
         if fill_sms and length and grid < mma_gemm.MIN_WAVE * profile.compute_units:
-            t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length, k=g["k"],
+            t = mma_gemm.choose_tile(g["n"], profile.compute_units, m=length,
+                                     k=None if g["gated"] else g["k"],
                                      clusters=mma_gemm.cluster_target(target))
             variants.append(mma_variant(func, g, t, cond, target, helpers))
             continue
@@ -594,7 +617,7 @@ def deep_or_wide(func, target, profile) -> str | None:
     ``"wide"`` (``N >= WIDE_N_RATIO x K``: gate/up) for a prefill GEMM on sm_90a, else None."""
     if not wg.wgmma_supported(target):
         return None
-    g = mma_gemm.match_gemm(s_tir.Schedule(func), profile)
+    g = mma_gemm.match_gemm(s_tir.Schedule(func), profile, gated_ok=True)  # (N and K only)
     if g["k"] >= DEEP_K_RATIO * g["n"] and g["n"] >= DEEP_MIN_N:
         return "deep"
     return "wide" if g["n"] >= WIDE_N_RATIO * g["k"] else None

@@ -933,14 +933,14 @@ def _check_gated_c_on_cpu(src, fmt, k, n, m, act, tile, tmp_path, seed=5):
 
     TM, TN = tile
     rng = np.random.default_rng(seed)
-    arrays = weights(fmt, k, 2 * n, rng) if fmt == "fp16" else _half2_arrays(fmt, k, 2 * n, rng)
+    arrays = weights(fmt, k, 2 * n, rng) if fmt != "e0m4" else _half2_arrays(fmt, k, 2 * n, rng)
     x = (rng.standard_normal((1, m, k)) * 0.5).astype(np.float16)
     given = [x, *arrays.values()]
     named = {f"p{i}_ptr": a for i, a in enumerate(given)}
-    if fmt != "fp16":
-        named["codes32_ptr"] = arrays["codes"].view(np.uint32)
-        named["scale32_ptr"] = arrays["scale"].view(np.uint32)
-        named["zero32_ptr"] = arrays["zero"].view(np.uint32)
+    if fmt != "fp16":  # the uint32 views of the packed tensors
+        for role in ("codes", "scale", "zero"):
+            if role in arrays:
+                named[f"{role}32_ptr"] = arrays[role].view(np.uint32)
     got = run_kernels(src, named, {"main_kernel": (2 * n // TN, -(-m // TM), 1)},
                       f"p{len(given)}_ptr", m * n, tmp_path).reshape(m, n).astype(np.float32)
     y = _gemm_reference(fmt, x, arrays, k, 2 * n, None, None)
@@ -1175,6 +1175,38 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     TM, TN = (tile or wg.TILE)[:2]
     KS = int(re.search(r"split-K (\d+)", label).group(1))  # as planned (a tile may leave it out)
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
+
+
+# (fmt, K, N (output columns), M, act, tile, stages, w_buffers): the wide defaults' tile and ring
+# (two consumer warpgroups, one output vector from each gate/up vector pair, two rows a warp
+# instruction), partial row tiles; one warpgroup at N 128 (four rows an instruction)
+GATED_WS_CPU_CASES = [("e0m4", 256, 128, 150, "silu", (128, 256), 5, 2),
+                      ("int4", 128, 64, 37, "gelu", (64, 128), 3, None)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("fmt,k,n,m,act,tile,stages,w_buffers", GATED_WS_CPU_CASES)
+def test_gated_warp_specialised_gemm_cuda_c_run_on_the_cpu_matches_numpy(
+        fmt, k, n, m, act, tile, stages, w_buffers, tmp_path):
+    """The gated GEMM as the warp-specialised kernel builds it (staged stores: the tile's fp16
+    gate and up columns through shared memory, then each thread ``act(gate) * up`` on one
+    vector of 8 gate columns and the up vector after it, one 16-byte store), run on the CPU
+    against numpy; without staged stores it declines (the mma.sync kernel takes it)."""
+    from tvm_lite.bench.kernels import gated_gemm_func
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    target = parse_target(WGMMA_TARGET)
+    func = gated_gemm_func(fmt, [1, m], k, n, act)
+    with target:
+        sch = ws.ws_gemm_kernel(func, target, CUDA, tile, stages, w_buffers=w_buffers,
+                                staged_stores=True)
+        with pytest.raises(MatchError, match="staged"):
+            ws.ws_gemm_kernel(func, target, CUDA, tile, stages, w_buffers=w_buffers)
+    assert str(sch.mod["main"].attrs["tvm_lite.gemm"]).endswith(" staged")
+    kernel = sch.mod["main"].with_attr("global_symbol", "main")
+    src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
+    assert "tvm_lite_bar_arrive(" in src and "tvm_lite_st_v4(" not in src
+    _check_gated_c_on_cpu(src, fmt, k, n, m, act, tile, tmp_path)
 
 
 def test_cuda_source_hook_puts_cluster_dims_on_the_kernels_that_ask():
