@@ -18,8 +18,9 @@ computes a ``silu_mul`` or ``gelu_tanh_mul`` block (``FuseSiluMul``'s kernels) o
 as ``[.., N / GATE_BLOCK, 2, GATE_BLOCK]`` (the interleaved layout; the halves layout is left
 alone), and ``y`` made by a call_tir whose rows are not a static 1 (a prefill GEMM: a decode
 step's or a last row's GEMV keeps the activation for the next GEMV's prologue,
-``FuseGEMVPrologue``). The pipeline runs it only for targets whose prefill GEMM takes the fused
-form (``schedules.gated_epilogue_supported``).
+``FuseGEMVPrologue``), and -- given ``takes`` -- only where ``takes(GEMM PrimFunc)`` says the
+target's GEMM kernel stores the fused form (``schedules.gated_gemm_check(target)``: the pipeline
+runs the pass only on targets that have one).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _uses(func: relax.Function) -> dict:
     return count
 
 
-def _pairs(mod, func: relax.Function) -> dict:
+def _pairs(mod, func: relax.Function, takes=None) -> dict:
     """activation binding var -> (the GEMM's binding var, its call)."""
     uses, var2val = _uses(func), relax.analysis.get_var2val(func)
     found = {}
@@ -108,7 +109,8 @@ def _pairs(mod, func: relax.Function) -> dict:
             y = args[0]
             gemm = var2val.get(y)
             if _prim(mod, gemm) is None or not _prefill_rows(y) \
-                    or not _interleaved_activation(act, y):
+                    or not _interleaved_activation(act, y) \
+                    or (takes is not None and not takes(_prim(mod, gemm))):
                 continue
             found[b.var] = (y, gemm)
     return found
@@ -130,14 +132,17 @@ class _Grouper(relax.PyExprMutator):
         y, gemm = self.pairs[binding.var]
         args = [self.visit_expr(a) for a in gemm.args[1].fields]
         params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(args)]
+        act = next(b.name_hint for b in _blocks(self.builder_.get()[binding.value.args[0]])
+                   if b.name_hint in ACTIVATION_BLOCKS)
+        name = f"{gemm.args[0].name_hint}_gated_{act}"  # (FuseTIR names the kernel after it)
         bb = relax.BlockBuilder()
-        with bb.function("fused_gated_gemm", params, attrs={PRIMITIVE: True}, private=True):
+        with bb.function(name, params, attrs={PRIMITIVE: True}, private=True):
             with bb.dataflow():
                 inner = bb.emit(relax.call_tir(gemm.args[0], params, y.ty))
                 out = bb.emit_output(relax.call_tir(binding.value.args[0], [inner],
                                                     binding.var.ty))
             bb.emit_func_output(out)
-        gv = self.builder_.add_func(bb.get()["fused_gated_gemm"], "fused_gated_gemm")
+        gv = self.builder_.add_func(bb.get()[name], name)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) \
             else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(relax.Call(gv, args), binding.var.name))
@@ -147,14 +152,16 @@ class _Grouper(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="FuseGatedEpilogue")
 class FuseGatedEpilogue:
     """A prefill GEMM + the interleaved gated activation reading it -> one PrimFunc (see the
-    module doc). ``self.count``: the pairs fused by the last run."""
+    module doc). ``takes``: ``takes(GEMM PrimFunc) -> bool``, the GEMMs whose kernel stores the
+    fused form (None: every one). ``self.count``: the pairs fused by the last run."""
 
-    def __init__(self):
+    def __init__(self, takes=None):
+        self.takes = takes
         self.count = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         self.count = 0
-        plans = {gv: _pairs(mod, f) for gv, f in mod.functions_items()
+        plans = {gv: _pairs(mod, f, self.takes) for gv, f in mod.functions_items()
                  if isinstance(f, relax.Function)}
         if not any(plans.values()):
             return mod

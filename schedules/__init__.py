@@ -34,7 +34,7 @@ from .gpu_gemv import GPUDecodeGEMV
 from .gpu_gemv_half2 import half2_kernel  # noqa: F401  (registers the packed GEMV)
 from .gpu_reduction import reduction_rules
 from .guards import StaticBuffersOnly
-from .profiles import GPUProfile, gpu_profile
+from .profiles import GPUProfile, fit_to_target, gpu_profile
 
 
 def profile_of(target: Target) -> str:
@@ -65,6 +65,33 @@ def gpu_rules(profile: GPUProfile) -> list:
             GPUVectorElementwise(profile), dl.gpu.Fallback()]
 
 
+def gated_gemm_check(target: Target):
+    """What ``FuseGatedEpilogue`` asks (``relax_passes/fuse_gated_epilogue.py``): a function
+    ``takes(gemm PrimFunc) -> bool`` telling whether this target's prefill GEMM rule stores a
+    gated epilogue after that GEMM, or None where no GEMM of the target does -- CUDA with
+    mma.sync (sm_80+): the mma.sync and warp-specialised kernels, fp16 activations and output,
+    ``N`` in whole gate/up block pairs (:func:`.gpu_gemm_mma.match_gemm`)."""
+    from tvm import s_tir
+
+    from ..convention import GATE_BLOCK
+    from .cuda_mma import mma_supported
+    from .gpu_gemm_mma import match_gemm
+    from .gpu_gemv import MatchError
+
+    if profile_of(target) != "cuda" or not mma_supported(target):
+        return None
+    profile = fit_to_target(gpu_profile("cuda"), target)
+
+    def takes(func) -> bool:
+        try:
+            g = match_gemm(s_tir.Schedule(func), profile)
+        except MatchError:
+            return False
+        return g["final"] is None and g["out_dtype"] == "float16" and g["n"] % (2 * GATE_BLOCK) == 0
+
+    return takes
+
+
 def rules_for(target: Target) -> list:
     name = profile_of(target)
     if name == "cpu":
@@ -73,4 +100,5 @@ def rules_for(target: Target) -> list:
     return gpu_rules(gpu_profile(name))
 
 
-__all__ = ["profile_of", "rules_for", "gpu_rules", "stock_gpu_rules", "gpu_profile"]
+__all__ = ["profile_of", "rules_for", "gpu_rules", "stock_gpu_rules", "gpu_profile",
+           "gated_gemm_check"]

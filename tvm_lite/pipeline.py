@@ -17,9 +17,11 @@ Registered as ``relax.get_pipeline("tvm_lite", target=...)``. Target switches li
                                    AddCacheFillPrefill), 4-bit kernels
                                    rebuilt per call shape (BindDequantKernelShapes), then the
                                    fusion passes unless fusion=False (fusion_passes())
-    Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains, on GPUs
-                                   a decode GEMV's activation/RMSNorm folded into it
-                                   (FuseGEMVPrologue)
+    Phase 2  lower to TIR          LegalizeOps, fusion of elementwise/reduction chains, where the
+                                   target's GEMM stores it a prefill gate+up GEMM and its gated
+                                   activation as one kernel (FuseGatedEpilogue; with gate and up
+                                   interleaved), on GPUs a decode GEMV's activation/RMSNorm
+                                   folded into it (FuseGEMVPrologue)
     Phase 3  schedule              a MetaSchedule tuning database, if given (tvm-lite tune), then
                                    schedules.rules_for(target): CPU rules or GPU rules
     Phase 4  VM lowering           dataflow lowering, memory planning (TVM's StaticPlanBlockMemory,
@@ -55,7 +57,8 @@ from tvm_lite.relax_passes import (AddCacheFillPrefill, AddDecodeFunction, AddLa
                                    AddTupledBufferEntries,
                                    BindDequantKernelShapes, DecodeWritesAtPosition,
                                    DropKillsWithoutStorage,
-                                   FuseAddRMSNorm, FuseAttention, FuseGEMVPrologue,
+                                   FuseAddRMSNorm, FuseAttention, FuseGatedEpilogue,
+                                   FuseGEMVPrologue,
                                    FuseKVAppend, FuseRotary, FuseSiluMul, InlineStepCalls,
                                    InplaceKVCache, LaunchDependentsEarly, SeparateGraphKernels,
                                    LegalizeGroupedReshape, PlanSymbolicArena, RemoveNoOpOps,
@@ -130,6 +133,15 @@ def fusion_passes(gpu: bool = False) -> list:
     GEMV's epilogue), for FuseGEMVPrologue to fold the norm into the next GEMV."""
     return [FuseAddRMSNorm(norm_before_gemv=gpu), FuseRotary(),
             FuseKVAppend(), FuseSiluMul(), LegalizeGroupedReshape()]
+
+
+def gated_epilogue_passes(target: tvm.target.Target) -> list:
+    """After FuseOps: a prefill gate+up GEMM and the gated activation reading its interleaved
+    output as one kernel (``relax_passes/fuse_gated_epilogue.py``), on targets whose prefill GEMM
+    stores that (``schedules.gated_gemm_check``: CUDA with tensor cores); a no-op unless the
+    weights were merged interleaved (``INTERLEAVE_GATE_UP``)."""
+    takes = schedules.gated_gemm_check(target)
+    return [FuseGatedEpilogue(takes)] if takes is not None else []
 
 
 def gemv_prologue_passes(gpu: bool) -> list:
@@ -224,6 +236,7 @@ def phases(target: tvm.target.Target, kv_cache: str | None = None,
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
+            *(gated_epilogue_passes(target) if opts.fusion else []),
             *(gemv_prologue_passes(gpu) if opts.fusion else []),
             relax.transform.DeadCodeElimination(),
         ]),

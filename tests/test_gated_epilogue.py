@@ -1,0 +1,106 @@
+"""The gated MLP's activation stored by the gate+up GEMM (issue 16: the prefill's small kernels).
+
+``INTERLEAVE_GATE_UP`` (relax_passes/merge_shared_input_projections.py) merges gate and up with
+their columns alternating in blocks of 8; ``FuseGatedEpilogue`` (relax_passes/
+fuse_gated_epilogue.py) then makes a prefill's gate+up GEMM and its ``act(gate) * up`` one
+kernel where the target's GEMM stores it (CUDA with tensor cores). The kernels' numerics are
+checked in tests/test_gpu_schedules.py (``-k gated``: their CUDA C run on the CPU); here the
+whole tiny decoder.
+"""
+
+import numpy as np
+import pytest
+
+import tvm_lite
+from tvm_lite.artifact import weights_as_built
+from tvm_lite.profile import kernel_launches
+from tvm_lite.relax_passes import merge_shared_input_projections as merge_pass
+
+LAYERS = 2  # tiny-llama
+
+
+def _build(onnx_dir, target, interleave: bool, monkeypatch):
+    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", interleave)
+    mod = weights_as_built(tvm_lite.from_onnx(onnx_dir / "model.onnx"), progress=None)
+    return tvm_lite.build(mod, target)
+
+
+def test_cuda_prefill_stores_the_activation_from_the_gemm(tiny_decoder_fp16, monkeypatch,
+                                                          tmp_path):
+    """Built for CUDA (sm_90a): with the interleaved layout the prefill has no activation kernel
+    (one kernel a layer fewer; the gate+up GEMM's kernel is named for it), decode keeps the
+    activation in the down GEMV's prologue (the same launches), and nvcc builds the model."""
+    import shutil
+    import subprocess
+
+    launches = {}
+    for on in (False, True):
+        ex = _build(tiny_decoder_fp16, "cuda -arch=sm_90a", on, monkeypatch)
+        launches[on] = {f: kernel_launches(ex, f) for f in ("prefill", "decode")}
+    off, on = launches[False], launches[True]
+    assert sum(1 for k in off["prefill"] if k.endswith("silu_mul1")) == 1  # (its own kernel)
+    assert not any(k.endswith("silu_mul1") for k in on["prefill"])
+    gated = [k for k in on["prefill"] if "_gated_silu_mul" in k]
+    assert len(gated) == 1, on["prefill"]
+    assert sum(on["prefill"].values()) == sum(off["prefill"].values()) - LAYERS
+    assert sum(on["decode"].values()) == sum(off["decode"].values())
+    assert any("silu_mul" in k and "matmul" in k for k in on["decode"])  # down's prologue
+    if shutil.which("nvcc"):
+        (tmp_path / "model.cu").write_text(tvm_lite.device_source(ex, "cuda"))
+        res = subprocess.run(["nvcc", "-arch=sm_90a", "-c", "-o", str(tmp_path / "m.o"),
+                              str(tmp_path / "model.cu")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_other_targets_keep_the_activation_kernel(tiny_decoder_fp16, monkeypatch):
+    """Where no GEMM stores a gated epilogue (Adreno's OpenCL) the interleaved layout changes
+    nothing but the activation's reads: the same kernels a step."""
+    launches = {}
+    for on in (False, True):
+        ex = _build(tiny_decoder_fp16, "opencl -device=adreno", on, monkeypatch)
+        launches[on] = {f: sum(kernel_launches(ex, f).values()) for f in ("prefill", "decode")}
+    assert launches[True] == launches[False]
+
+
+def _logits(onnx_dir, target, interleave, monkeypatch, out_dir, ids, steps=3, **engine_kwargs):
+    from tvm_lite.artifact import compile_model
+    from tvm_lite.engine import Engine
+
+    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", interleave)
+    art = compile_model(onnx_dir, target, out_dir=out_dir / f"interleave{int(interleave)}",
+                        force=True, progress=lambda *_: None)
+    eng = Engine(art, **engine_kwargs)
+    s = eng.new_session()
+    logits = [eng.prefill(s, ids)]
+    for _ in range(steps):
+        logits.append(eng.forward(s, [int(np.argmax(logits[-1]))]))
+    return np.stack([np.asarray(x, "float32").reshape(-1) for x in logits])
+
+
+def test_interleaved_weights_give_the_same_logits_on_the_cpu(tiny_decoder, monkeypatch,
+                                                             tmp_path):
+    """The CPU build (fp32) with gate and up interleaved: the same prefill and decode logits."""
+    _, onnx_dir = tiny_decoder
+    ids = list(range(3, 40))
+    without = _logits(onnx_dir, "llvm", False, monkeypatch, tmp_path, ids)
+    interleaved = _logits(onnx_dir, "llvm", True, monkeypatch, tmp_path, ids)
+    np.testing.assert_allclose(interleaved, without, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_epilogue_runs_correctly_on_a_cuda_gpu(tiny_decoder_fp16, tmp_path, monkeypatch):
+    """On the GPU, the fp16 model's prefill (gate+up GEMM storing the activation) and decode
+    logits with gate and up interleaved match the default build's."""
+    from conftest import cuda_device
+
+    if cuda_device() is None:
+        pytest.skip("needs a CUDA device")
+    from tvm_lite.target import local_cuda_target
+
+    ids = np.random.default_rng(0).integers(5, 500, 70).tolist()
+    kw = dict(device="cuda", max_context=256)
+    without = _logits(tiny_decoder_fp16, local_cuda_target(), False, monkeypatch, tmp_path, ids,
+                      steps=4, **kw)
+    gated = _logits(tiny_decoder_fp16, local_cuda_target(), True, monkeypatch, tmp_path, ids,
+                    steps=4, **kw)
+    assert np.isfinite(gated).all()
+    np.testing.assert_allclose(gated, without, rtol=0, atol=2e-2 * np.abs(without).max())
