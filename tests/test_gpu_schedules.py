@@ -1446,6 +1446,30 @@ def test_plans_by_prompt_length_run_correctly_on_a_hopper_gpu(kernel, k, n, epil
 
 
 @HOPPER
+@pytest.mark.parametrize("k, n, act", [(2048, 8192, "silu"),  # Llama-1B's gate+up
+                                       (2048, 16384, "gelu"),  # Gemma-2B's
+                                       (576, 1536, "silu")])  # SmolLM2's (mma.sync at 256, 512)
+def test_gated_gemm_plans_run_correctly_on_a_hopper_gpu(k, n, act):
+    """The gate+up GEMM storing ``act(gate) * up`` (gate and up interleaved; the warp-specialised
+    kernel's staged stores, mma.sync's where a length's plan takes it) against numpy on the
+    GPU at lengths in every planned branch."""
+    from tvm_lite.bench.kernels import gated_gemm_func
+
+    rule = GPUPrefillGEMM(CUDA, plan_lengths=(256, 512, 2048))
+    ex = build(gated_gemm_func("e0m4", [1, DYN], k, n, act), parse_target(WGMMA_TARGET), [rule])
+    dev = cuda_device()
+    rng = np.random.default_rng(5)
+    arrays = _half2_arrays("e0m4", k, 2 * n, rng)
+    for seq in (37, 300, 512, 1000, 1300, 2048):
+        x = (rng.standard_normal((1, seq, k)) * 0.5).astype(np.float16)
+        out = tvm.runtime.empty((1, seq, n), "float16", dev)
+        ex.mod["main"](*[tvm.runtime.tensor(a, dev) for a in (x, *arrays.values())], out)
+        ref = _gated_reference(_gemm_reference("e0m4", x, arrays, k, 2 * n, None, None), n, act)
+        err = np.abs(out.numpy().reshape(seq, n).astype(np.float32) - ref).max() / np.abs(ref).max()
+        assert err < 1e-2, (k, n, act, seq, err)
+
+
+@HOPPER
 @pytest.mark.parametrize("k, n, tile, epilogue", [
     (8192, 2048, (128, 256), "residual"),  # a down projection: K split 8 and 4 ways
     (2048, 3072, (128, 192), None)])  # a merged q+k+v: 4 and 2 ways
