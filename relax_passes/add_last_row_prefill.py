@@ -19,7 +19,8 @@ when its output row ``i`` depends on its inputs' row ``i`` only (``row-local``):
   ``rms_norm``);
 * ``matmul`` of a row tensor by a weight, and the 4-bit dequant matmul kernels (their leading
   dims are rebound to the call's by ``BindDequantKernelShapes``, which runs after);
-* ``strided_slice`` on trailing axes (the merged gate/up split).
+* ``strided_slice`` on trailing axes (the merged gate/up split), and ``reshape`` of the trailing
+  axes alone (``(1, n, 2N) -> (1, n, N/8, 2, 8)``: gate and up merged interleaved).
 
 The walk stops at the first op that is not (attention's reshape, an embedding lookup): each such
 input of the tail is cut to one row with ``take(x, idx, axis=1)``, and the tail is replayed on the
@@ -45,6 +46,7 @@ from ..convention import PAST_LEN, PREFILL, PREFILL_LAST
 
 ROW = 1  # the sequence axis of a (1, n, ...) activation
 CALL_TIR = "relax.call_tir"
+RESHAPE = "relax.reshape"
 UNARY = {f"relax.{n}" for n in ("exp", "log", "tanh", "sigmoid", "sqrt", "rsqrt", "negative",
                                  "astype", "erf", "abs", "square", "clip", "cos", "sin",
                                  "nn.silu", "nn.gelu", "nn.gelu_tanh", "nn.relu")}
@@ -126,6 +128,10 @@ class _Rows:
         elif op == "relax.matmul":
             rows, rest = args[:1], args[1:]
             if len(_dims(args[0]) or []) != 3 or len(_dims(args[1]) or []) != 2:
+                return None
+        elif op == RESHAPE:  # (1, n, ...) -> (1, n, ...): the trailing axes only
+            rows, rest = args[:1], []
+            if not isinstance(out[0], tirx.IntImm) or int(out[0]) != 1:
                 return None
         else:
             return None
@@ -209,12 +215,12 @@ def last_row_function(func: relax.Function, mod: tvm.IRModule) -> relax.Function
 
     for v in order:
         call = rows.bound[v]
+        one_row = [*_dims(call)[:ROW], tirx.IntImm("int64", 1), *_dims(call)[ROW + 1:]]
         if call.op.name == CALL_TIR:
-            out = _dims(call)
-            out_ty = relax.TensorType([out[0], tirx.IntImm("int64", 1), *out[2:]],
-                                      call.ty.dtype)
             expr = relax.Call(call.op, [call.args[0], arg(call.args[1]), *call.args[2:]],
-                              call.attrs, [out_ty])
+                              call.attrs, [relax.TensorType(one_row, call.ty.dtype)])
+        elif call.op.name == RESHAPE:  # (its target shape names the rows)
+            expr = relax.op.reshape(arg(call.args[0]), one_row)
         else:
             expr = relax.Call(call.op, [arg(a) for a in call.args], call.attrs, call.ty_args)
         remap[v] = emit(expr, f"{v.name}_last", output=v.same_as(logits) and tup is None)

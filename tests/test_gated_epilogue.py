@@ -25,24 +25,33 @@ def _build(onnx_dir, target, interleave: bool, monkeypatch):
     return tvm_lite.build(mod, target)
 
 
+PREFILLS = ("prefill", "prefill_last", "prefill_fill")
+
+
 def test_cuda_prefill_stores_the_activation_from_the_gemm(tiny_decoder_fp16, monkeypatch,
                                                           tmp_path):
-    """Built for CUDA (sm_90a): with the interleaved layout the prefill has no activation kernel
-    (one kernel a layer fewer; the gate+up GEMM's kernel is named for it), decode keeps the
-    activation in the down GEMV's prologue (the same launches), and nvcc builds the model."""
+    """Built for CUDA (sm_90a): with the interleaved layout no prefill function has an
+    activation kernel (the gate+up GEMM's kernel, named for it, stores it): ``prefill`` one
+    kernel a layer fewer, ``prefill_last`` one a layer but the last (whose MLP still runs on the
+    last row only: AddLastRowPrefill takes the interleaved views as row-local), ``prefill_fill``
+    likewise; decode keeps the activation in the down GEMV's prologue (the same launches), and
+    nvcc builds the model."""
     import shutil
     import subprocess
 
     launches = {}
     for on in (False, True):
         ex = _build(tiny_decoder_fp16, "cuda -arch=sm_90a", on, monkeypatch)
-        launches[on] = {f: kernel_launches(ex, f) for f in ("prefill", "decode")}
+        launches[on] = {f: kernel_launches(ex, f) for f in (*PREFILLS, "decode")}
     off, on = launches[False], launches[True]
-    assert sum(1 for k in off["prefill"] if k.endswith("silu_mul1")) == 1  # (its own kernel)
-    assert not any(k.endswith("silu_mul1") for k in on["prefill"])
-    gated = [k for k in on["prefill"] if "_gated_silu_mul" in k]
-    assert len(gated) == 1, on["prefill"]
-    assert sum(on["prefill"].values()) == sum(off["prefill"].values()) - LAYERS
+    activations = {f: sum(n for k, n in off[f].items() if k.endswith("silu_mul1"))
+                   for f in PREFILLS}  # (the activation's own kernel)
+    assert activations == {"prefill": LAYERS, "prefill_last": LAYERS - 1,
+                           "prefill_fill": LAYERS - 1}, activations
+    for f in PREFILLS:
+        assert not any(k.endswith("silu_mul1") for k in on[f]), on[f]
+        assert sum(on[f].values()) == sum(off[f].values()) - activations[f], f
+    assert [k for k in on["prefill"] if "_gated_silu_mul" in k], on["prefill"]
     assert sum(on["decode"].values()) == sum(off["decode"].values())
     assert any("silu_mul" in k and "matmul" in k for k in on["decode"])  # down's prologue
     if shutil.which("nvcc"):
