@@ -967,6 +967,19 @@ def test_gated_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, act, t
     _check_gated_c_on_cpu(src, fmt, k, n, m, act, tile[:2], tmp_path)
 
 
+def test_bench_gated_builds_its_kernels_and_names_a_bad_shape(capsys):
+    """``python -m tvm_lite.bench.gated`` (no GPU needed to build): SmolLM2's gate+up as the
+    GEMM and the activation kernel apart and as the one fused kernel; an unknown ``--shapes``
+    entry is a usage error that names it."""
+    from tvm_lite.bench import gated
+
+    fns = gated.build_kernels(576, 1536, "silu")
+    assert set(fns) == {"gemm", "activation", "fused"}
+    with pytest.raises(SystemExit) as exc:
+        gated.main(["--shapes", "llama-3.2-1b,nope"])
+    assert exc.value.code == 2 and "unknown nope" in capsys.readouterr().err
+
+
 def test_gated_gemm_plans_never_split_k():
     """Planned by prompt length (Llama-1B's gate+up: K 2048, 2 x 8192 columns), the gated
     GEMM is one kernel a planned length and never splits K (a split's partials would need the

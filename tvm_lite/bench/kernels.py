@@ -217,11 +217,13 @@ def kernel_func(fmt: str, lead, k: int, n: int):
     return func.with_attr("global_symbol", "main")
 
 
-def gated_gemm_func(fmt: str, lead, k: int, n: int, act: str = "silu"):
+def gated_gemm_func(fmt: str, lead, k: int, n: int, act: str = "silu", fused: bool = True):
     """A gated MLP's gate+up prefill GEMM fused with its activation, as the pipeline makes it:
     ``act(gate) * up`` (``act``: "silu" or "gelu") over the GEMM's ``2n`` output columns
     interleaved in blocks of ``GATE_BLOCK`` (``relax_passes/merge_shared_input_projections.py``),
-    fused by ``FuseGatedEpilogue`` -- the PrimFunc ``(x, weights.., out [.., n])``, fp16."""
+    fused by ``FuseGatedEpilogue`` -- the PrimFunc ``(x, weights.., out [.., n])``, fp16.
+    ``fused=False``: the two kernels the pipeline makes without that pass, ``(GEMM (x,
+    weights.., y [.., 2n]), activation (y, out [.., n]))``."""
     import tvm
     from tvm import relax
 
@@ -248,12 +250,16 @@ def gated_gemm_func(fmt: str, lead, k: int, n: int, act: str = "silu"):
     fuse = FuseGatedEpilogue()
     with tvm.transform.PassContext(opt_level=3):  # (FuseOps fuses from opt_level 3 on)
         mod = tvm.transform.Sequential([
-            FuseSiluMul(), LegalizeGroupedReshape(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR(), fuse])(bb.get())
-    if fuse.count != 1:
+            FuseSiluMul(), LegalizeGroupedReshape(), relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR(), *([fuse] if fused else [])])(bb.get())
+    prims = {gv.name_hint: f.with_attr("global_symbol", "main")
+             for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    if not fused:
+        return prims["gate_up"], next(f for name, f in prims.items() if name != "gate_up")
+    if fuse.count != 1 or len(prims) != 1:
         raise RuntimeError("FuseGatedEpilogue did not fuse the gated GEMM")
-    prims = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    return prims[0].with_attr("global_symbol", "main")
+    return next(iter(prims.values()))
 
 
 def build(func, target, rules):
