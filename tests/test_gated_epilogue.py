@@ -61,14 +61,21 @@ def test_cuda_prefill_stores_the_activation_from_the_gemm(tiny_decoder_fp16, mon
         assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_other_targets_keep_the_activation_kernel(tiny_decoder_fp16, monkeypatch):
+def test_other_targets_keep_the_activation_kernel(tiny_decoder_fp16, monkeypatch, tmp_path):
     """Where no GEMM stores a gated epilogue (Adreno's OpenCL) the interleaved layout changes
-    nothing but the activation's reads: the same kernels a step."""
+    nothing but the activation's reads: the same kernels a step, and clang-15 takes the
+    OpenCL C."""
+    from conftest import CLANG, clang_opencl
+
     launches = {}
     for on in (False, True):
         ex = _build(tiny_decoder_fp16, "opencl -device=adreno", on, monkeypatch)
-        launches[on] = {f: sum(kernel_launches(ex, f).values()) for f in ("prefill", "decode")}
+        launches[on] = {f: sum(kernel_launches(ex, f).values()) for f in (*PREFILLS, "decode")}
     assert launches[True] == launches[False]
+    if CLANG:
+        (tmp_path / "model.cl").write_text(tvm_lite.device_source(ex, "opencl"))
+        res = clang_opencl(tmp_path / "model.cl")
+        assert res.returncode == 0, res.stderr[-3000:]
 
 
 def _logits(onnx_dir, target, interleave, monkeypatch, out_dir, ids, steps=3, **engine_kwargs):
