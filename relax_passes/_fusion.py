@@ -73,6 +73,21 @@ def last_axis_slice(expr) -> tuple | None:
     return src, begin[0], end[0]
 
 
+def var_uses(func: relax.Function) -> dict:
+    """Var -> number of uses in ``func`` (binding values and the function's result)."""
+    count: dict = {}
+
+    def visit(e):
+        if isinstance(e, relax.Var):
+            count[e] = count.get(e, 0) + 1
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            relax.analysis.post_order_visit(b.value, visit)
+    relax.analysis.post_order_visit(func.body.body, visit)
+    return count
+
+
 def dtype_of(expr) -> str:
     return str(expr.ty.dtype)
 

@@ -31,6 +31,8 @@ from tvm import relax, s_tir, tirx
 
 from tvm_lite.convention import GATE_BLOCK
 
+from ._fusion import var_uses
+
 ACTIVATION_BLOCKS = ("silu_mul", "gelu_tanh_mul")  # FuseSiluMul's kernels' block names
 PRIMITIVE = "Primitive"  # the attribute FuseTIR fuses a function by
 
@@ -80,23 +82,9 @@ def _prefill_rows(var: relax.Var) -> bool:
     return rows is not None and not (isinstance(rows, tirx.IntImm) and int(rows) == 1)
 
 
-def _uses(func: relax.Function) -> dict:
-    count: dict = {}
-
-    def visit(e):
-        if isinstance(e, relax.Var):
-            count[e] = count.get(e, 0) + 1
-
-    for block in func.body.blocks:
-        for b in block.bindings:
-            relax.analysis.post_order_visit(b.value, visit)
-    relax.analysis.post_order_visit(func.body.body, visit)
-    return count
-
-
 def _pairs(mod, func: relax.Function, takes=None) -> dict:
     """activation binding var -> (the GEMM's binding var, its call)."""
-    uses, var2val = _uses(func), relax.analysis.get_var2val(func)
+    uses, var2val = var_uses(func), relax.analysis.get_var2val(func)
     found = {}
     for block in func.body.blocks:
         for b in block.bindings:

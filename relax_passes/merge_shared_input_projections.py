@@ -55,6 +55,7 @@ from tvm_lite.quant.kernels import ATTR as DEQUANT_ATTR, MAKER_ATTR, matmul_func
 
 from tvm_lite.convention import GATE_BLOCK
 
+from ._fusion import var_uses
 from .fuse_silu_mul import P as ACTIVATIONS
 
 MATMUL, ADD, CALL_TIR = "relax.matmul", "relax.add", "relax.call_tir"
@@ -164,23 +165,8 @@ def _projection(mod, weights: _Weights, value):
     return None
 
 
-def _uses(func: relax.Function) -> dict:
-    """Var -> number of uses (binding values and the function's result)."""
-    count: dict = {}
-
-    def visit(e):
-        if isinstance(e, relax.Var):
-            count[e] = count.get(e, 0) + 1
-
-    for block in func.body.blocks:
-        for b in block.bindings:
-            relax.analysis.post_order_visit(b.value, visit)
-    relax.analysis.post_order_visit(func.body.body, visit)
-    return count
-
-
 def _find_groups(mod, func: relax.Function, weights: _Weights) -> list[_Group]:
-    uses = _uses(func)
+    uses = var_uses(func)
     groups: list[_Group] = []
     for bi, block in enumerate(func.body.blocks):
         by_key: dict = {}

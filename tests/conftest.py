@@ -45,6 +45,29 @@ def clang_opencl(path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def logits_off_and_on(onnx_dir, target, out_dir, monkeypatch, module, constant: str, ids,
+                      steps: int, **engine_kwargs) -> list:
+    """The model's logits (prefill, then ``steps`` greedy decode steps; one row each, fp32)
+    built with ``module.constant`` False, then True (a schedule or pass switch)."""
+    import numpy as np
+
+    from tvm_lite.artifact import compile_model
+    from tvm_lite.engine import Engine
+
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(module, constant, on)
+        art = compile_model(onnx_dir, target, out_dir=out_dir / f"{constant}{int(on)}",
+                            force=True, progress=lambda *_: None)
+        eng = Engine(art, **engine_kwargs)
+        s = eng.new_session()
+        logits = [eng.prefill(s, ids)]
+        for _ in range(steps):
+            logits.append(eng.forward(s, [int(np.argmax(logits[-1]))]))
+        outs.append(np.stack([np.asarray(x, "float32").reshape(-1) for x in logits]))
+    return outs
+
+
 @functools.cache
 def cuda_device():
     """TVM's first CUDA device where one exists (the GPU machine), else None."""

@@ -431,22 +431,11 @@ def _logits_without_and_with_paired_halves(onnx_dir, target, out_dir, monkeypatc
                                            **engine_kwargs):
     """The model's logits (prefill, then ``steps`` greedy decode steps; one row each, fp32)
     built with ``fuse_kv_append.PAIRED_HALVES`` off and on, in that order."""
-    from tvm_lite.artifact import compile_model
-    from tvm_lite.engine import Engine
+    from conftest import logits_off_and_on
     from tvm_lite.relax_passes import fuse_kv_append
 
-    outs = []
-    for paired in (False, True):
-        monkeypatch.setattr(fuse_kv_append, "PAIRED_HALVES", paired)
-        art = compile_model(onnx_dir, target, out_dir=out_dir / f"paired{int(paired)}",
-                            force=True, progress=lambda *_: None)
-        eng = Engine(art, **engine_kwargs)
-        s = eng.new_session()
-        logits = [eng.prefill(s, ids)]
-        for _ in range(steps):
-            logits.append(eng.forward(s, [int(np.argmax(logits[-1]))]))
-        outs.append(np.stack([np.asarray(x, "float32").reshape(-1) for x in logits]))
-    return outs
+    return logits_off_and_on(onnx_dir, target, out_dir, monkeypatch, fuse_kv_append,
+                             "PAIRED_HALVES", ids, steps, **engine_kwargs)
 
 
 def test_kv_append_in_paired_halves_gives_the_same_logits_and_16_byte_vectors(

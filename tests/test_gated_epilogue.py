@@ -78,45 +78,29 @@ def test_other_targets_keep_the_activation_kernel(tiny_decoder_fp16, monkeypatch
         assert res.returncode == 0, res.stderr[-3000:]
 
 
-def _logits(onnx_dir, target, interleave, monkeypatch, out_dir, ids, steps=3, **engine_kwargs):
-    from tvm_lite.artifact import compile_model
-    from tvm_lite.engine import Engine
-
-    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", interleave)
-    art = compile_model(onnx_dir, target, out_dir=out_dir / f"interleave{int(interleave)}",
-                        force=True, progress=lambda *_: None)
-    eng = Engine(art, **engine_kwargs)
-    s = eng.new_session()
-    logits = [eng.prefill(s, ids)]
-    for _ in range(steps):
-        logits.append(eng.forward(s, [int(np.argmax(logits[-1]))]))
-    return np.stack([np.asarray(x, "float32").reshape(-1) for x in logits])
-
-
 def test_interleaved_weights_give_the_same_logits_on_the_cpu(tiny_decoder, monkeypatch,
                                                              tmp_path):
     """The CPU build (fp32) with gate and up interleaved: the same prefill and decode logits."""
+    from conftest import logits_off_and_on
+
     _, onnx_dir = tiny_decoder
-    ids = list(range(3, 40))
-    without = _logits(onnx_dir, "llvm", False, monkeypatch, tmp_path, ids)
-    interleaved = _logits(onnx_dir, "llvm", True, monkeypatch, tmp_path, ids)
+    without, interleaved = logits_off_and_on(onnx_dir, "llvm", tmp_path, monkeypatch, merge_pass,
+                                             "INTERLEAVE_GATE_UP", list(range(3, 40)), steps=3)
     np.testing.assert_allclose(interleaved, without, rtol=1e-5, atol=1e-5)
 
 
 def test_gated_epilogue_runs_correctly_on_a_cuda_gpu(tiny_decoder_fp16, tmp_path, monkeypatch):
     """On the GPU, the fp16 model's prefill (gate+up GEMM storing the activation) and decode
     logits with gate and up interleaved match the default build's."""
-    from conftest import cuda_device
+    from conftest import cuda_device, logits_off_and_on
 
     if cuda_device() is None:
         pytest.skip("needs a CUDA device")
     from tvm_lite.target import local_cuda_target
 
     ids = np.random.default_rng(0).integers(5, 500, 70).tolist()
-    kw = dict(device="cuda", max_context=256)
-    without = _logits(tiny_decoder_fp16, local_cuda_target(), False, monkeypatch, tmp_path, ids,
-                      steps=4, **kw)
-    gated = _logits(tiny_decoder_fp16, local_cuda_target(), True, monkeypatch, tmp_path, ids,
-                    steps=4, **kw)
+    without, gated = logits_off_and_on(tiny_decoder_fp16, local_cuda_target(), tmp_path,
+                                       monkeypatch, merge_pass, "INTERLEAVE_GATE_UP", ids,
+                                       steps=4, device="cuda", max_context=256)
     assert np.isfinite(gated).all()
     np.testing.assert_allclose(gated, without, rtol=0, atol=2e-2 * np.abs(without).max())

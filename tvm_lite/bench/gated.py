@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .kernels import require_cuda_gpu
+from .kernels import markdown_table, require_cuda_gpu
 
 SHAPES = {"smollm2-135m": (576, 1536, "silu"), "llama-3.2-1b": (2048, 8192, "silu"),
           "gemma-2b": (2048, 16384, "gelu")}
@@ -136,7 +136,7 @@ def format_row(r: dict) -> str:
 def format_table(rows: list[dict]) -> str:
     head = ("| shape | rows | GEMM + activation kernel | fused (gated epilogue) | torch matmul + "
             "act * up | us saved | fused vs torch | max rel err |")
-    return "\n".join([head, "|" + "---|" * 8] + [format_row(r) for r in rows])
+    return markdown_table(head, [format_row(r) for r in rows])
 
 
 def main(argv=None) -> None:

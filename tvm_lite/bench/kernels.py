@@ -217,6 +217,11 @@ def kernel_func(fmt: str, lead, k: int, n: int):
     return func.with_attr("global_symbol", "main")
 
 
+def markdown_table(head: str, lines: list[str]) -> str:
+    """A benchmark's table: ``head`` (a markdown header row), its rule, then ``lines``."""
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1), *lines])
+
+
 def gated_gemm_func(fmt: str, lead, k: int, n: int, act: str = "silu", fused: bool = True):
     """A gated MLP's gate+up prefill GEMM fused with its activation, as the pipeline makes it:
     ``act(gate) * up`` (``act``: "silu" or "gelu") over the GEMM's ``2n`` output columns

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .kernels import require_cuda_gpu
+from .kernels import markdown_table, require_cuda_gpu
 
 WIDTHS = (576, 2048, 2304)
 ROWS = (1, 256, 2048)
@@ -120,7 +120,7 @@ def format_row(r: dict) -> str:
 def format_table(rows: list[dict]) -> str:
     head = ("| D | rows | MB moved | vectors (`VECTOR_LOADS`, the default) | columns | "
             "torch add + rms_norm | columns / vectors | max rel err |")
-    return "\n".join([head, "|" + "---|" * 8] + [format_row(r) for r in rows])
+    return markdown_table(head, [format_row(r) for r in rows])
 
 
 def main(argv=None) -> None:
