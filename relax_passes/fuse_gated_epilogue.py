@@ -60,19 +60,20 @@ def _blocks(func: tirx.PrimFunc) -> list:
     return found
 
 
-def _interleaved_activation(func: tirx.PrimFunc, y: relax.Var) -> bool:
-    """``func`` is a gated activation of one input ``y`` in the interleaved layout."""
-    if len(func.params) != 2:  # (TVM 0.27: a PrimFunc's parameters are its buffers)
-        return False
+def _interleaved_activation(func: tirx.PrimFunc, y: relax.Var) -> str | None:
+    """The activation block's name if ``func`` is a gated activation of one input ``y`` in the
+    interleaved layout (a view of ``y`` as ``[.., N / GATE_BLOCK, 2, GATE_BLOCK]``), else None."""
+    if len(func.params) != 2 or not all(isinstance(p, tirx.Buffer) for p in func.params):
+        return None  # (TVM 0.27: a PrimFunc's parameters are its buffers, or scalars)
     inp = func.params[0]
     if len(inp.shape) != len(y.ty.shape.values):
-        return False
+        return None
     blocks = _blocks(func)
-    if not any(b.name_hint in ACTIVATION_BLOCKS for b in blocks):
-        return False
-    return any(tuple(int(d) for d in w.source.shape[-2:] if isinstance(d, tirx.IntImm))
-               == (2, GATE_BLOCK) and len(w.source.shape) == len(inp.shape) + 2
-               for b in blocks for w in b.writes)
+    act = next((b.name_hint for b in blocks if b.name_hint in ACTIVATION_BLOCKS), None)
+    viewed = any(tuple(int(d) for d in w.source.shape[-2:] if isinstance(d, tirx.IntImm))
+                 == (2, GATE_BLOCK) and len(w.source.shape) == len(inp.shape) + 2
+                 for b in blocks for w in b.writes)
+    return act if viewed else None
 
 
 def _prefill_rows(var: relax.Var) -> bool:
@@ -83,7 +84,7 @@ def _prefill_rows(var: relax.Var) -> bool:
 
 
 def _pairs(mod, func: relax.Function, takes=None) -> dict:
-    """activation binding var -> (the GEMM's binding var, its call)."""
+    """activation binding var -> (the GEMM's binding var, its call, the activation's name)."""
     uses, var2val = var_uses(func), relax.analysis.get_var2val(func)
     found = {}
     for block in func.body.blocks:
@@ -96,11 +97,12 @@ def _pairs(mod, func: relax.Function, takes=None) -> dict:
                 continue
             y = args[0]
             gemm = var2val.get(y)
-            if _prim(mod, gemm) is None or not _prefill_rows(y) \
-                    or not _interleaved_activation(act, y) \
-                    or (takes is not None and not takes(_prim(mod, gemm))):
+            if _prim(mod, gemm) is None or not _prefill_rows(y):
                 continue
-            found[b.var] = (y, gemm)
+            name = _interleaved_activation(act, y)
+            if name is None or (takes is not None and not takes(_prim(mod, gemm))):
+                continue
+            found[b.var] = (y, gemm, name)
     return found
 
 
@@ -109,7 +111,7 @@ class _Grouper(relax.PyExprMutator):
     def __init__(self, mod, pairs: dict):
         super().__init__(mod)
         self.pairs = pairs
-        self.gemms = {y for y, _ in pairs.values()}
+        self.gemms = {y for y, _, _ in pairs.values()}
         self.count = 0
 
     def visit_var_binding_(self, binding):
@@ -117,11 +119,9 @@ class _Grouper(relax.PyExprMutator):
             return
         if binding.var not in self.pairs:
             return super().visit_var_binding_(binding)
-        y, gemm = self.pairs[binding.var]
+        y, gemm, act = self.pairs[binding.var]
         args = [self.visit_expr(a) for a in gemm.args[1].fields]
         params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(args)]
-        act = next(b.name_hint for b in _blocks(self.builder_.get()[binding.value.args[0]])
-                   if b.name_hint in ACTIVATION_BLOCKS)
         name = f"{gemm.args[0].name_hint}_gated_{act}"  # (FuseTIR names the kernel after it)
         bb = relax.BlockBuilder()
         with bb.function(name, params, attrs={PRIMITIVE: True}, private=True):
