@@ -31,9 +31,9 @@ split and rotation are injective), ``FuseKVAppend`` reads k and v at their colum
 two projections (``act(gate) * up``, SiLU or tanh-GELU, as ``FuseSiluMul`` finds it), the merged
 weight's columns alternate in blocks of :data:`~tvm_lite.convention.GATE_BLOCK` (8): gate's
 columns ``8q .. 8q+7`` at ``16q .. 16q+7``, up's at ``16q+8 .. 16q+15``. Gate and up are then
-reshaped views (``y`` as ``[.., N/16, 2, 8]``, block 0 or 1) instead of the two halves, so the
-values are the same; what changes is that a GEMM's tile of output columns holds both operands
-of each of its activations, which lets a GEMM store ``act(gate) * up`` itself
+reshaped views (``y``, ``2N`` columns, as ``[.., N/8, 2, 8]``, block 0 or 1) instead of the
+halves, so the values are the same; what changes is that a GEMM's tile of output columns holds
+both operands of each of its activations, which lets a GEMM store ``act(gate) * up`` itself
 (``relax_passes/fuse_gated_epilogue.py``): half the stores and no activation kernel.
 
 The weights must have values: the imported module's ``params`` (``tvm_lite.from_onnx``; the
@@ -97,7 +97,7 @@ class _Group:
     merged_bias: object = None
     out: relax.Var | None = None  # the merged projection (with its bias) once emitted
     interleaved: bool = False  # [gate, up], columns alternating in blocks of GATE_BLOCK
-    blocks: relax.Var | None = None  # the merged output as [.., N / 16, 2, GATE_BLOCK]
+    blocks: relax.Var | None = None  # the merged [.., 2N] as [.., N / GATE_BLOCK, 2, GATE_BLOCK]
 
     @property
     def n(self) -> int:
@@ -212,7 +212,8 @@ def _mark_gated_pairs(func: relax.Function, groups: list[_Group]) -> None:
                 if m is None:
                     continue
                 gate, up = by_value.get(m[ACTIVATIONS["g"]]), by_value.get(m[ACTIVATIONS["up"]])
-                if gate is not None and up is not None and gate[0] is up[0] and gate[1] is not up[1]:
+                if gate is not None and up is not None and gate[0] is up[0] \
+                        and gate[1] is not up[1]:
                     gate[0].members = [gate[1], up[1]]
                     gate[0].interleaved = True
                 break
@@ -268,8 +269,8 @@ class _Merger(relax.PyExprMutator):
         if g.interleaved:  # block 0 (gate) or 1 (up) of each pair of GATE_BLOCK columns
             lead = list(g.out.ty.shape.values)[:-1]
             if g.blocks is None:
-                g.blocks = self._emit(relax.op.reshape(
-                    g.out, lead + [m.n // GATE_BLOCK, 2, GATE_BLOCK]), binding.var, "gate_up_blocks")
+                blocks = relax.op.reshape(g.out, lead + [m.n // GATE_BLOCK, 2, GATE_BLOCK])
+                g.blocks = self._emit(blocks, binding.var, "gate_up_blocks")
             half = g.members.index(m)
             view = relax.op.strided_slice(g.blocks, axes=[rank], begin=[half], end=[half + 1],
                                           assume_inbound=True)

@@ -623,7 +623,8 @@ def _same_index(a, b) -> bool:
 
 GATED = "__tvm_lite_gated__"  # the marker of a gated store: (gate accumulator, up accumulator)
 # output columns (and rows) a gated epilogue's reads are checked at: both halves of two blocks
-_GATED_COLS, _GATED_ROWS = (0, 1, GATE_BLOCK - 1, GATE_BLOCK, GATE_BLOCK + 1, 3 * GATE_BLOCK - 1), (0, 5)
+_GATED_COLS = (0, 1, GATE_BLOCK - 1, GATE_BLOCK, GATE_BLOCK + 1, 3 * GATE_BLOCK - 1)
+_GATED_ROWS = (0, 5)
 
 
 def _value_at(expr, env: dict) -> int | None:
