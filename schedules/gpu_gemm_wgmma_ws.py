@@ -473,8 +473,11 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                             "acc[jn * 4 + hr * 2 + 1]"),
             ev("tvm_lite_syncwarp"),
             f"for rr in T.unroll({16 // RPI}):",
-            f"    if by * {TM} + {brow} < {M}" + (f" and acc[0] == T.float32(3.0e38):"
-                                                  if "store" in ablate else ":"),
+            # (lanes past the warp's RPI rows -- where 32 is not a multiple of a row's
+            # vectors, e.g. 192 columns -- would store the next warp's rows, unsynchronised)
+            f"    if by * {TM} + {brow} < {M}"
+            + (f" and {lane} < {RPI * VR}" if RPI * VR < 32 else "")
+            + (" and acc[0] == T.float32(3.0e38):" if "store" in ablate else ":"),
             "        " + store]
     elif g["gated"]:
         raise MatchError("a gated epilogue is stored through shared memory (staged stores) "

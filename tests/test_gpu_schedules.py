@@ -1194,7 +1194,9 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
 # (two consumer warpgroups, one output vector from each gate/up vector pair, two rows a warp
 # instruction), partial row tiles; one warpgroup at N 128 (four rows an instruction)
 GATED_WS_CPU_CASES = [("e0m4", 256, 128, 150, "silu", (128, 256), 5, 2),
-                      ("int4", 128, 64, 37, "gelu", (64, 128), 3, None)]
+                      ("int4", 128, 64, 37, "gelu", (64, 128), 3, None),
+                      # 192-column tiles: 12 output vectors a row, 24 of a warp's 32 lanes store
+                      ("e0m4", 256, 192, 150, "silu", (128, 192), 4, None)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
