@@ -978,6 +978,10 @@ def test_bench_gated_builds_its_kernels_and_names_a_bad_shape(capsys):
     with pytest.raises(SystemExit) as exc:
         gated.main(["--shapes", "llama-3.2-1b,nope"])
     assert exc.value.code == 2 and "unknown nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # (bench.kernels.int_list: the benches' int lists)
+        gated.main(["--rows", "256,5l2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--rows" in err and "'256,5l2'" in err, err
 
 
 def test_gated_gemm_plans_never_split_k():

@@ -36,7 +36,8 @@ import json
 import time
 from pathlib import Path
 
-from .kernels import add_baseline_arguments, baseline_kernels, nvtx_name, require_cuda_gpu
+from .kernels import (add_baseline_arguments, baseline_kernels, int_list, nvtx_name,
+                      require_cuda_gpu)
 
 SHAPES = ((9, 3, 64), (32, 8, 64), (8, 1, 256), (14, 2, 64), (32, 8, 128))
 CONTEXTS = (512, 2048, 8192)
@@ -239,7 +240,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tvm_lite.bench.attention",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
-    ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    ap.add_argument("--contexts", type=int_list, default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--json", default=None)
     add_baseline_arguments(ap, "gpu_attention_decode", "maskkv:MASK_WITH_KV=True")
     args = ap.parse_args(argv)
@@ -249,7 +250,7 @@ def main(argv=None) -> None:
         if h % kv:
             raise SystemExit(f"bench.attention: {h} heads are not a multiple of {kv} kv heads")
     require_cuda_gpu("bench.attention")
-    result = run(shapes, [int(c) for c in args.contexts.split(",")], baselines=baselines)
+    result = run(shapes, args.contexts, baselines=baselines)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .kernels import markdown_table, require_cuda_gpu
+from .kernels import int_list, markdown_table, require_cuda_gpu
 
 SHAPES = {"smollm2-135m": (576, 1536, "silu"), "llama-3.2-1b": (2048, 8192, "silu"),
           "gemma-2b": (2048, 16384, "gelu")}
@@ -143,14 +143,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tvm_lite.bench.gated",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
-    ap.add_argument("--rows", default=",".join(map(str, ROWS)))
+    ap.add_argument("--rows", type=int_list, default=",".join(map(str, ROWS)))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(SHAPES)})")
-    rows = [int(x) for x in args.rows.split(",") if x]
+    rows = args.rows
     require_cuda_gpu("bench.gated")
     result = bench(shapes, rows)
     print(format_table(result))

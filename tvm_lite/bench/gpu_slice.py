@@ -16,6 +16,7 @@ import numpy as np
 from ..engine import Engine
 from ..gpu_slice import PRIORITIES, is_kernel
 from .generation import format_table, prompt_ids
+from .kernels import int_list
 
 
 def kernel_times(engine, ids) -> list[tuple[str, float]]:
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("artifact")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tokens", type=int, default=2048, help="prompt length")
-    p.add_argument("--slices", default="16,64", help="gpu_slice values (kernels between flushes)")
+    p.add_argument("--slices", type=int_list, default="16,64",
+                   help="gpu_slice values (kernels between flushes)")
     p.add_argument("--chunk", type=int, default=256, help="prefill_chunk with slicing (tokens)")
     p.add_argument("--priority", default="normal", choices=PRIORITIES)
     p.add_argument("--repeats", type=int, default=3)
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
                     prefill_chunk=args.chunk, priority=args.priority)
     rows.append({"setting": f"chunks of {args.chunk}, no slicing",
                  **profile_prefill(sliced, args.tokens, None, args.repeats)})
-    for n in [int(v) for v in args.slices.split(",")]:
+    for n in args.slices:
         rows.append({"setting": f"chunks of {args.chunk}, gpu_slice={n}",
                      **profile_prefill(sliced, args.tokens, n, args.repeats)})
     rows[0]["priority"] = sliced.priority

@@ -19,6 +19,8 @@ import argparse
 import heapq
 import math
 
+from .kernels import int_list
+
 FIXED = 0.5  # a workgroup's own work (Q, the causal check, the epilogue), in key tiles
 
 
@@ -79,12 +81,12 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m tvm_lite.bench.grid_model",
                                  description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", default="512,2048")
-    ap.add_argument("--slots", default="264,396", help="resident workgroups (2 or 3 a SM of "
-                    "the H200's 132)")
+    ap.add_argument("--lengths", type=int_list, default="512,2048")
+    ap.add_argument("--slots", type=int_list, default="264,396",
+                    help="resident workgroups (2 or 3 a SM of the H200's 132)")
     args = ap.parse_args(argv)
-    rows = table(ATTENTION_SHAPES, [int(v) for v in args.lengths.split(",")],
-                 [int(v) for v in args.slots.split(",")])
+    rows = table(ATTENTION_SHAPES, args.lengths,
+                 args.slots)
     print("| shape | n | slots | workgroups | tree (key tiles) | longest first across heads "
           "| 2 prompt splits |")
     print("|---|---|---|---|---|---|---|")

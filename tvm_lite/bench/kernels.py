@@ -217,6 +217,17 @@ def kernel_func(fmt: str, lead, k: int, n: int):
     return func.with_attr("global_symbol", "main")
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse ``type``: ``"256,512"`` -> ``[256, 512]``; anything else is a usage error
+    that names the option and the value (not a traceback)."""
+    import argparse
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers")
+
+
 def markdown_table(head: str, lines: list[str]) -> str:
     """A benchmark's table: ``head`` (a markdown header row), its rule, then ``lines``."""
     return "\n".join([head, "|" + "---|" * (head.count("|") - 1), *lines])

@@ -21,6 +21,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from .kernels import int_list
+
 
 def bench(engine, lengths, repeats: int = 5) -> list[dict]:
     rng = np.random.default_rng(0)
@@ -54,11 +56,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", nargs="?")
     ap.add_argument("--target", default="llvm")
-    ap.add_argument("--lengths", default="100,500")
+    ap.add_argument("--lengths", type=int_list, default="100,500")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = args.lengths
     path = args.artifact or compile_model(export_onnx(), args.target)
     engine = Engine(path, max_context=max(lengths) + 8, buckets=(), prefill_chunk=max(lengths))
     if not engine.runner.last_row_prefill:

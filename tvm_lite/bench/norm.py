@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .kernels import markdown_table, require_cuda_gpu
+from .kernels import int_list, markdown_table, require_cuda_gpu
 
 WIDTHS = (576, 2048, 2304)
 ROWS = (1, 256, 2048)
@@ -126,12 +126,12 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tvm_lite.bench.norm",
                                  description=__doc__.splitlines()[0])
-    ap.add_argument("--widths", default=",".join(map(str, WIDTHS)))
-    ap.add_argument("--rows", default=",".join(map(str, ROWS)))
+    ap.add_argument("--widths", type=int_list, default=",".join(map(str, WIDTHS)))
+    ap.add_argument("--rows", type=int_list, default=",".join(map(str, ROWS)))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    widths = [int(x) for x in args.widths.split(",") if x]
-    rows = [int(x) for x in args.rows.split(",") if x]
+    widths = args.widths
+    rows = args.rows
     require_cuda_gpu("bench.norm")
     result = bench(widths, rows)
     print(format_table(result))

@@ -47,7 +47,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .kernels import add_baseline_arguments, baseline_kernels, nvtx_name, require_cuda_gpu
+from .kernels import (add_baseline_arguments, baseline_kernels, int_list, nvtx_name,
+                      require_cuda_gpu)
 
 # name: (heads, kv_heads, head_dim)
 ATTENTION_SHAPES = {
@@ -556,7 +557,7 @@ def main(argv=None):
                            "before:LONGEST_FIRST_ACROSS_HEADS=False,PROMPT_SPLITS=1")
     ap.add_argument("--shapes", default=",".join(ATTENTION_SHAPES),
                     help="attention shapes to time (names of ATTENTION_SHAPES)")
-    ap.add_argument("--lengths", default=",".join(map(str, ATTENTION_LENGTHS)),
+    ap.add_argument("--lengths", type=int_list, default=",".join(map(str, ATTENTION_LENGTHS)),
                     help="prompt lengths n (attention)")
     ap.add_argument("--chunk", type=int, default=CHUNK, help="also time n as chunks of this "
                     "many tokens (attention; 0: no chunks)")
@@ -567,7 +568,7 @@ def main(argv=None):
     unknown = [s for s in shapes if s not in ATTENTION_SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {', '.join(unknown)} (known: {', '.join(ATTENTION_SHAPES)})")
-    lengths = tuple(int(n) for n in args.lengths.split(",") if n)
+    lengths = tuple(args.lengths)
     parts = args.parts.split(",")
     gemm_variants = tuple(v for v in args.gemm_variants.split(",") if v)
     unknown = [v for v in gemm_variants if v not in GEMM_VARIANTS]
