@@ -73,6 +73,13 @@ def last_axis_slice(expr) -> tuple | None:
     return src, begin[0], end[0]
 
 
+def emit_like(builder, value, like: relax.Var, name: str | None = None) -> relax.Var:
+    """Emit ``value`` as a dataflow var if ``like`` is one, else as a block output (a var the
+    dataflow block exports, used after it, stays a non-dataflow Var)."""
+    emit = builder.emit if isinstance(like, relax.DataflowVar) else builder.emit_output
+    return emit(value, name or like.name)
+
+
 def var_uses(func: relax.Function) -> dict:
     """Var -> number of uses in ``func`` (binding values and the function's result)."""
     count: dict = {}
@@ -175,11 +182,7 @@ class BindingRewriter(relax.PyExprMutator):
             new_value = self.match(self, binding, self.var2val)
             if new_value is not None:
                 self.count += 1
-                # a var the dataflow block exports (used after it) stays a non-dataflow Var
-                emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) \
-                    else self.builder_.emit_output
-                new_var = emit(new_value, binding.var.name)
-                self.set_var_remap(binding.var, new_var)
+                self.set_var_remap(binding.var, emit_like(self.builder_, new_value, binding.var))
                 return
         super().visit_var_binding_(binding)
 

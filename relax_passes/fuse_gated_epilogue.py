@@ -31,7 +31,7 @@ from tvm import relax, s_tir, tirx
 
 from tvm_lite.convention import GATE_BLOCK
 
-from ._fusion import var_uses
+from ._fusion import emit_like, var_uses
 
 ACTIVATION_BLOCKS = ("silu_mul", "gelu_tanh_mul")  # FuseSiluMul's kernels' block names
 PRIMITIVE = "Primitive"  # the attribute FuseTIR fuses a function by
@@ -131,9 +131,7 @@ class _Grouper(relax.PyExprMutator):
                                                     binding.var.ty))
             bb.emit_func_output(out)
         gv = self.builder_.add_func(bb.get()[name], name)
-        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) \
-            else self.builder_.emit_output
-        self.set_var_remap(binding.var, emit(relax.Call(gv, args), binding.var.name))
+        self.set_var_remap(binding.var, emit_like(self.builder_, relax.Call(gv, args), binding.var))
         self.count += 1
 
 

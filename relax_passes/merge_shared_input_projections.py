@@ -55,7 +55,7 @@ from tvm_lite.quant.kernels import ATTR as DEQUANT_ATTR, MAKER_ATTR, matmul_func
 
 from tvm_lite.convention import GATE_BLOCK
 
-from ._fusion import var_uses
+from ._fusion import emit_like, var_uses
 from .fuse_silu_mul import P as ACTIVATIONS
 
 MATMUL, ADD, CALL_TIR = "relax.matmul", "relax.add", "relax.call_tir"
@@ -233,11 +233,6 @@ class _Merger(relax.PyExprMutator):
                     self.plan[m.var] = (g, m, "slice")
         self.kernels: dict = {}
 
-    def _emit(self, value, like: relax.Var, name: str | None = None):
-        """Emit ``value`` as a dataflow var if ``like`` is one (else as a block output)."""
-        emit = self.builder_.emit if isinstance(like, relax.DataflowVar) else self.builder_.emit_output
-        return emit(value, name or like.name)
-
     def _merged(self, g: _Group, like: relax.Var):
         x = self.visit_expr(g.x)
         if g.key[0] == "dense":
@@ -251,9 +246,9 @@ class _Merger(relax.PyExprMutator):
                 self.kernels[name] = self.builder_.add_func(prim.without_attr("global_symbol"), name)
             y = relax.call_tir(self.kernels[name], [x, *g.merged_weights],
                                relax.TensorType(lead + [g.n], out_dtype))
-        y = self._emit(y, like, "merged_proj")
+        y = emit_like(self.builder_, y, like, "merged_proj")
         if g.biased:
-            y = self._emit(relax.op.add(y, g.merged_bias), like, "merged_proj_bias")
+            y = emit_like(self.builder_, relax.op.add(y, g.merged_bias), like, "merged_proj_bias")
         return y
 
     def visit_var_binding_(self, binding):
@@ -270,17 +265,17 @@ class _Merger(relax.PyExprMutator):
             lead = list(g.out.ty.shape.values)[:-1]
             if g.blocks is None:
                 blocks = relax.op.reshape(g.out, lead + [m.n // GATE_BLOCK, 2, GATE_BLOCK])
-                g.blocks = self._emit(blocks, binding.var, "gate_up_blocks")
+                g.blocks = emit_like(self.builder_, blocks, binding.var, "gate_up_blocks")
             half = g.members.index(m)
             view = relax.op.strided_slice(g.blocks, axes=[rank], begin=[half], end=[half + 1],
                                           assume_inbound=True)
-            view = relax.op.reshape(self._emit(view, binding.var, f"{binding.var.name}_blocks"),
-                                    lead + [m.n])
+            view = emit_like(self.builder_, view, binding.var, f"{binding.var.name}_blocks")
+            view = relax.op.reshape(view, lead + [m.n])
         else:
             off = g.offset(m)
             view = relax.op.strided_slice(g.out, axes=[rank - 1], begin=[off], end=[off + m.n],
                                           assume_inbound=True)
-        self.set_var_remap(binding.var, self._emit(view, binding.var))
+        self.set_var_remap(binding.var, emit_like(self.builder_, view, binding.var))
 
 
 def _merge_values(arrays: list) -> np.ndarray:
