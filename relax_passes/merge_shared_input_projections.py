@@ -59,8 +59,9 @@ from ._fusion import emit_like, var_uses
 from .fuse_silu_mul import P as ACTIVATIONS
 
 MATMUL, ADD, CALL_TIR = "relax.matmul", "relax.add", "relax.call_tir"
-# a gated MLP's gate and up merged with their columns interleaved (the module doc); off: gate then
-# up, the halves of the merged output
+# a gated MLP's gate and up merged with their columns interleaved (the module doc) where the build's
+# target stores the activation from the GEMM (``pipeline.interleaves_gate_up``); off: gate then
+# up, the halves of the merged output, on every target
 INTERLEAVE_GATE_UP = False
 PARAM_NAMES, PARAMS = "tvm_lite.param_names", "params"
 
@@ -165,7 +166,8 @@ def _projection(mod, weights: _Weights, value):
     return None
 
 
-def _find_groups(mod, func: relax.Function, weights: _Weights) -> list[_Group]:
+def _find_groups(mod, func: relax.Function, weights: _Weights,
+                 interleave: bool) -> list[_Group]:
     uses = var_uses(func)
     groups: list[_Group] = []
     for bi, block in enumerate(func.body.blocks):
@@ -187,7 +189,7 @@ def _find_groups(mod, func: relax.Function, weights: _Weights) -> list[_Group]:
                         and _static(bias) == [m.n] and bias.ty.dtype == y.ty.dtype:
                     m.bias = (b.var, bias)
         groups += [g for g in by_key.values() if len(g.members) > 1]
-    if INTERLEAVE_GATE_UP:
+    if interleave:
         _mark_gated_pairs(func, groups)
     return groups
 
@@ -296,10 +298,12 @@ def _interleave_values(arrays: list) -> np.ndarray:
 class MergeSharedInputProjections:
     """Projections of the same activation -> one matmul + slices (see the module doc).
     ``self.merged`` is the number of projections merged by the last run (``self.groups`` the
-    number of merged matmuls)."""
+    number of merged matmuls). ``interleave_gate_up``: a gated MLP's gate and up interleaved
+    (the module doc); None: :data:`INTERLEAVE_GATE_UP`, read when the pass runs."""
 
-    def __init__(self, func_name: str = "main"):
+    def __init__(self, func_name: str = "main", interleave_gate_up: bool | None = None):
         self.func_name = func_name
+        self.interleave_gate_up = interleave_gate_up
         self.merged = 0
         self.groups = 0
 
@@ -309,7 +313,9 @@ class MergeSharedInputProjections:
             return mod
         func = mod[self.func_name]
         weights = _Weights(func)
-        groups = _find_groups(mod, func, weights)
+        interleave = (INTERLEAVE_GATE_UP if self.interleave_gate_up is None
+                      else self.interleave_gate_up)
+        groups = _find_groups(mod, func, weights, interleave)
         if not groups:
             return mod
         new_params, new_names, new_values = [], [], []

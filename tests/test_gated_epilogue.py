@@ -78,15 +78,31 @@ def test_other_targets_keep_the_activation_kernel(tiny_decoder_fp16, monkeypatch
         assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_interleaved_weights_give_the_same_logits_on_the_cpu(tiny_decoder, monkeypatch,
-                                                             tmp_path):
-    """The CPU build (fp32) with gate and up interleaved: the same prefill and decode logits."""
-    from conftest import logits_off_and_on
+@pytest.mark.parametrize("target, interleaves", [
+    ("cuda -arch=sm_90a", True), ("cuda -arch=sm_80", True), ("cuda -arch=sm_75", False),
+    ("opencl -device=adreno", False), ("opencl -device=mali", False), ("llvm", False)])
+def test_only_targets_whose_gemm_stores_the_activation_interleave(target, interleaves,
+                                                                  monkeypatch):
+    """A build interleaves gate and up (``compile_model`` and ``tvm-lite tune`` ask
+    ``pipeline.interleaves_gate_up``) only where the prefill GEMM stores the activation: CUDA
+    with mma.sync; never with the switch off."""
+    from tvm_lite.pipeline import interleaves_gate_up
+    from tvm_lite.target import parse_target
 
-    _, onnx_dir = tiny_decoder
-    without, interleaved = logits_off_and_on(onnx_dir, "llvm", tmp_path, monkeypatch, merge_pass,
-                                             "INTERLEAVE_GATE_UP", list(range(3, 40)), steps=3)
-    np.testing.assert_allclose(interleaved, without, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", True)
+    assert interleaves_gate_up(parse_target(target)) == interleaves
+    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", False)
+    assert not interleaves_gate_up(parse_target(target))
+
+
+def test_an_explicit_choice_overrides_the_switch(tiny_decoder_fp16, monkeypatch):
+    """``weights_as_built(interleave_gate_up=...)`` (what a build passes) wins over the pass's
+    constant: the CPU's halves with the switch on, the interleaved views with it off."""
+    mod = tvm_lite.from_onnx(tiny_decoder_fp16 / "model.onnx")
+    for switch, choice in ((True, False), (False, True)):
+        monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", switch)
+        merged = weights_as_built(mod, progress=None, interleave_gate_up=choice).script()
+        assert ("gate_up_blocks" in merged) == choice
 
 
 def test_gated_epilogue_runs_correctly_on_a_cuda_gpu(tiny_decoder_fp16, tmp_path, monkeypatch):

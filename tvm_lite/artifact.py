@@ -153,7 +153,7 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
 
     The manifest records the options and the compiled module's calling convention
     (``"convention"``: what its ``_metadata`` function returns), which the engine follows."""
-    from .pipeline import resolved, tir_pipeline
+    from .pipeline import interleaves_gate_up, resolved, tir_pipeline
     from .schedules.cpu_target import weight_panel
     from .target import parse_target  # (tvm.target: not in a runtime-only process, which loads)
 
@@ -187,6 +187,8 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
     if opts.dependent_launch and not opts.stock:
         tir_pipeline(tgt, opts)  # a target without it: the error now, before export and quant
         options["dependent_launch"] = opts.dependent_launch  # (absent = False: old keys hold)
+    if "merge_projections" not in options and interleaves_gate_up(tgt):
+        options["gate_up"] = "interleaved"  # (absent: halves; the layout is part of the key)
     panel = weight_panel(tgt) if opts.weight_panels and not opts.stock else None
     if panel:  # the weights stored panel-major (params.npz too)
         options["weight_panels"] = panel
@@ -212,17 +214,18 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
 
 
 def weights_as_built(mod, merge_projections: bool = True, panel: int | None = None,
-                     progress=print):
+                     progress=print, interleave_gate_up: bool | None = None):
     """``mod`` (imported, weights attached, quantized if it is to be) with its weights as a build
     stores them: the projections that share an input merged into one matrix
-    (``relax_passes/merge_shared_input_projections.py``), then, on a CPU (``panel``: its panel
-    width), every weight matrix panel-major (``relax_passes/pack_weight_panels.py``).
-    ``compile_model`` and ``tvm-lite tune`` both call it, so tuned kernels are the build's.
-    Both steps are idempotent."""
+    (``relax_passes/merge_shared_input_projections.py``; ``interleave_gate_up``: a gated MLP's
+    gate and up interleaved, as ``pipeline.interleaves_gate_up(target)`` says, None: the pass's
+    constant), then, on a CPU (``panel``: its panel width), every weight matrix panel-major
+    (``relax_passes/pack_weight_panels.py``). ``compile_model`` and ``tvm-lite tune`` both call
+    it, so tuned kernels are the build's. Both steps are idempotent."""
     from .relax_passes import MergeSharedInputProjections, PackWeightPanels
 
     if merge_projections:
-        merge = MergeSharedInputProjections()
+        merge = MergeSharedInputProjections(interleave_gate_up=interleave_gate_up)
         mod = merge(mod)
         if progress is not None:
             progress(f"merged {merge.merged} projections into {merge.groups} matmuls")
@@ -314,7 +317,8 @@ def _compile_into(out: Path, key: str, onnx_path: Path, tgt, options: dict, opts
         mod, quant_summary = quantize_module(mod, opts.quant, tokenizer_of(folder), progress)
         quant_summary["quantize_seconds"] = round(time.perf_counter() - t_q, 2)
     mod = weights_as_built(mod, options.get("merge_projections", True),  # 4-bit ones packed
-                           options.get("weight_panels"), progress)
+                           options.get("weight_panels"), progress,
+                           options.get("gate_up") == "interleaved")
     mod, params = detach_params(mod)
     func = mod[MAIN]
     progress(f"compiling for {tgt.kind.name} ({len(params)} weights)")

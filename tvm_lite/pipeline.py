@@ -52,6 +52,7 @@ from tvm_lite.errors import UserError
 from tvm_lite.options import PDL_AUTO, PDL_GRAPHS, BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes.launch_dependents_early import supports as launch_dependents_supported
+from tvm_lite.relax_passes import merge_shared_input_projections
 from tvm_lite.relax_passes import (AddCacheFillPrefill, AddDecodeFunction, AddLastRowPrefill,
                                    AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
@@ -133,6 +134,14 @@ def fusion_passes(gpu: bool = False) -> list:
     GEMV's epilogue), for FuseGEMVPrologue to fold the norm into the next GEMV."""
     return [FuseAddRMSNorm(norm_before_gemv=gpu), FuseRotary(),
             FuseKVAppend(), FuseSiluMul(), LegalizeGroupedReshape()]
+
+
+def interleaves_gate_up(target: tvm.target.Target) -> bool:
+    """Whether a build for ``target`` merges a gated MLP's gate and up interleaved
+    (``relax_passes/merge_shared_input_projections.py``, ``INTERLEAVE_GATE_UP``): only where its
+    prefill GEMM stores the activation (:func:`gated_epilogue_passes`). Elsewhere the layout
+    would only make the activation kernel read two strided views instead of two halves."""
+    return merge_shared_input_projections.INTERLEAVE_GATE_UP and schedules.gated_gemm_check(target) is not None
 
 
 def gated_epilogue_passes(target: tvm.target.Target) -> list:

@@ -115,12 +115,15 @@ def import_model(model, quant=None, log=print):
 
 def weights_as_built(mod, target, log=print):
     """``mod`` (imported, weights attached) with its weights as a default build for ``target``
-    stores them (``artifact.weights_as_built``: projections merged, panel-major on a CPU), so that
-    the kernels tuned are the build's."""
+    stores them (``artifact.weights_as_built``: projections merged, gate and up interleaved where
+    the target's GEMM stores the activation, panel-major on a CPU), so that the kernels tuned are
+    the build's."""
     from tvm_lite import artifact
+    from tvm_lite.pipeline import interleaves_gate_up
     from tvm_lite.schedules.cpu_target import weight_panel
 
-    return artifact.weights_as_built(mod, panel=weight_panel(target), progress=log)
+    return artifact.weights_as_built(mod, panel=weight_panel(target), progress=log,
+                                     interleave_gate_up=interleaves_gate_up(target))
 
 
 def lower_for_tuning(mod, target, kv_cache: str = BuildOptions.kv_cache):
