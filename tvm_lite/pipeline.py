@@ -141,7 +141,8 @@ def interleaves_gate_up(target: tvm.target.Target) -> bool:
     (``relax_passes/merge_shared_input_projections.py``, ``INTERLEAVE_GATE_UP``): only where its
     prefill GEMM stores the activation (:func:`gated_epilogue_passes`). Elsewhere the layout
     would only make the activation kernel read two strided views instead of two halves."""
-    return merge_shared_input_projections.INTERLEAVE_GATE_UP and schedules.gated_gemm_check(target) is not None
+    return bool(merge_shared_input_projections.INTERLEAVE_GATE_UP
+                and schedules.gated_gemm_check(target) is not None)
 
 
 def gated_epilogue_passes(target: tvm.target.Target) -> list:
