@@ -85,8 +85,7 @@ def main(argv=None) -> None:
     ap.add_argument("--slots", type=int_list, default="264,396",
                     help="resident workgroups (2 or 3 a SM of the H200's 132)")
     args = ap.parse_args(argv)
-    rows = table(ATTENTION_SHAPES, args.lengths,
-                 args.slots)
+    rows = table(ATTENTION_SHAPES, args.lengths, args.slots)
     print("| shape | n | slots | workgroups | tree (key tiles) | longest first across heads "
           "| 2 prompt splits |")
     print("|---|---|---|---|---|---|---|")

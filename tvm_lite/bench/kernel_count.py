@@ -28,8 +28,10 @@ def count_shape(shape: str, target: str, work_dir, progress=print) -> dict:
 
     from ..artifact import weights_as_built
     from ..export import export_onnx
+    from ..pipeline import interleaves_gate_up
     from ..profile import kernel_launches
     from ..quant.quantize import quantize_module, tokenizer_of
+    from ..target import parse_target
     from . import models
 
     kernels = {}
@@ -43,7 +45,9 @@ def count_shape(shape: str, target: str, work_dir, progress=print) -> dict:
         mod, _ = quantize_module(tvm_lite.from_onnx(onnx_dir / "model.onnx"),
                                  models._quant("e0m4"), tokenizer_of(onnx_dir),
                                  progress=lambda *_: None)
-        mod = tvm_lite.detach_params(weights_as_built(mod, progress=None))[0]
+        mod = weights_as_built(mod, progress=None,  # gate/up laid out as compile_model's
+                               interleave_gate_up=interleaves_gate_up(parse_target(target)))
+        mod = tvm_lite.detach_params(mod)[0]
         ex = tvm_lite.build(mod, target)
         kernels[layers] = {fn: kernel_launches(ex, fn) for fn in STEP_FUNCTIONS}
     total = {n: sum(sum(k.values()) for k in kernels[n].values()) for n in LAYER_COUNTS}
