@@ -1,7 +1,7 @@
 """FuseGatedEpilogue: a prefill GEMM and the gated activation that reads it -> one kernel.
 
 With gate and up merged and interleaved (``relax_passes/merge_shared_input_projections.py``,
-``INTERLEAVE_GATE_UP``), a gated MLP's prefill is, after FuseOps and FuseTIR::
+as ``pipeline.interleaves_gate_up`` asks), a gated MLP's prefill is, after FuseOps and FuseTIR::
 
     y = call_tir(<fmt>_matmul / matmul, (x, weights..))   # [.., M, 2N]: gate, up alternating in
                                                           # blocks of GATE_BLOCK columns

@@ -27,7 +27,8 @@ The slices are views for the fusion passes behind: the q slice joins the rotary 
 split and rotation are injective), ``FuseKVAppend`` reads k and v at their column offsets in
 ``y``, and ``FuseSiluMul`` reads gate and up as the two halves of ``y``.
 
-**Gate and up interleaved** (:data:`INTERLEAVE_GATE_UP`): where a group is exactly a gated MLP's
+**Gate and up interleaved** (``interleave_gate_up=True``, which a build asks for where its target's
+GEMM stores the activation: ``pipeline.interleaves_gate_up``): where a group is exactly a gated MLP's
 two projections (``act(gate) * up``, SiLU or tanh-GELU, as ``FuseSiluMul`` finds it), the merged
 weight's columns alternate in blocks of :data:`~tvm_lite.convention.GATE_BLOCK` (8): gate's
 columns ``8q .. 8q+7`` at ``16q .. 16q+7``, up's at ``16q+8 .. 16q+15``. Gate and up are then
@@ -59,10 +60,6 @@ from ._fusion import emit_like, var_uses
 from .fuse_silu_mul import P as ACTIVATIONS
 
 MATMUL, ADD, CALL_TIR = "relax.matmul", "relax.add", "relax.call_tir"
-# a gated MLP's gate and up merged with their columns interleaved (the module doc) where the build's
-# target stores the activation from the GEMM (``pipeline.interleaves_gate_up``); off: gate then
-# up, the halves of the merged output, on every target
-INTERLEAVE_GATE_UP = False
 PARAM_NAMES, PARAMS = "tvm_lite.param_names", "params"
 
 
@@ -299,9 +296,9 @@ class MergeSharedInputProjections:
     """Projections of the same activation -> one matmul + slices (see the module doc).
     ``self.merged`` is the number of projections merged by the last run (``self.groups`` the
     number of merged matmuls). ``interleave_gate_up``: a gated MLP's gate and up interleaved
-    (the module doc); None: :data:`INTERLEAVE_GATE_UP`, read when the pass runs."""
+    (the module doc); otherwise gate then up, the halves of the merged output."""
 
-    def __init__(self, func_name: str = "main", interleave_gate_up: bool | None = None):
+    def __init__(self, func_name: str = "main", interleave_gate_up: bool = False):
         self.func_name = func_name
         self.interleave_gate_up = interleave_gate_up
         self.merged = 0
@@ -313,9 +310,7 @@ class MergeSharedInputProjections:
             return mod
         func = mod[self.func_name]
         weights = _Weights(func)
-        interleave = (INTERLEAVE_GATE_UP if self.interleave_gate_up is None
-                      else self.interleave_gate_up)
-        groups = _find_groups(mod, func, weights, interleave)
+        groups = _find_groups(mod, func, weights, self.interleave_gate_up)
         if not groups:
             return mod
         new_params, new_names, new_values = [], [], []

@@ -1,7 +1,8 @@
 """The gated MLP's activation stored by the gate+up GEMM (issue 16: the prefill's small kernels).
 
-``INTERLEAVE_GATE_UP`` (relax_passes/merge_shared_input_projections.py) merges gate and up with
-their columns alternating in blocks of 8; ``FuseGatedEpilogue`` (relax_passes/
+A build for a target whose prefill GEMM stores the activation (``pipeline.interleaves_gate_up``,
+on with ``pipeline.INTERLEAVE_GATE_UP``) merges gate and up with their columns alternating in
+blocks of 8 (relax_passes/merge_shared_input_projections.py); ``FuseGatedEpilogue`` (relax_passes/
 fuse_gated_epilogue.py) then makes a prefill's gate+up GEMM and its ``act(gate) * up`` one
 kernel where the target's GEMM stores it (CUDA with tensor cores). The kernels' numerics are
 checked in tests/test_gpu_schedules.py (``-k gated``: their CUDA C run on the CPU); here the
@@ -14,22 +15,21 @@ import pytest
 import tvm_lite
 from tvm_lite.artifact import weights_as_built
 from tvm_lite.profile import kernel_launches
-from tvm_lite.relax_passes import merge_shared_input_projections as merge_pass
+from tvm_lite import pipeline
 
 LAYERS = 2  # tiny-llama
 
 
-def _build(onnx_dir, target, interleave: bool, monkeypatch):
-    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", interleave)
-    mod = weights_as_built(tvm_lite.from_onnx(onnx_dir / "model.onnx"), progress=None)
+def _build(onnx_dir, target, interleave: bool):
+    mod = weights_as_built(tvm_lite.from_onnx(onnx_dir / "model.onnx"), progress=None,
+                           interleave_gate_up=interleave)
     return tvm_lite.build(mod, target)
 
 
 PREFILLS = ("prefill", "prefill_last", "prefill_fill")
 
 
-def test_cuda_prefill_stores_the_activation_from_the_gemm(tiny_decoder_fp16, monkeypatch,
-                                                          tmp_path):
+def test_cuda_prefill_stores_the_activation_from_the_gemm(tiny_decoder_fp16, tmp_path):
     """Built for CUDA (sm_90a): with the interleaved layout no prefill function has an
     activation kernel (the gate+up GEMM's kernel, named for it, stores it): ``prefill`` one
     kernel a layer fewer, ``prefill_last`` one a layer but the last (whose MLP still runs on the
@@ -41,7 +41,7 @@ def test_cuda_prefill_stores_the_activation_from_the_gemm(tiny_decoder_fp16, mon
 
     launches = {}
     for on in (False, True):
-        ex = _build(tiny_decoder_fp16, "cuda -arch=sm_90a", on, monkeypatch)
+        ex = _build(tiny_decoder_fp16, "cuda -arch=sm_90a", on)
         launches[on] = {f: kernel_launches(ex, f) for f in (*PREFILLS, "decode")}
     off, on = launches[False], launches[True]
     activations = {f: sum(n for k, n in off[f].items() if k.endswith("silu_mul1"))
@@ -61,7 +61,7 @@ def test_cuda_prefill_stores_the_activation_from_the_gemm(tiny_decoder_fp16, mon
         assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_other_targets_keep_the_activation_kernel(tiny_decoder_fp16, monkeypatch, tmp_path):
+def test_other_targets_keep_the_activation_kernel(tiny_decoder_fp16, tmp_path):
     """Where no GEMM stores a gated epilogue (Adreno's OpenCL) the interleaved layout changes
     nothing but the activation's reads: the same kernels a step, and clang-15 takes the
     OpenCL C."""
@@ -69,7 +69,7 @@ def test_other_targets_keep_the_activation_kernel(tiny_decoder_fp16, monkeypatch
 
     launches = {}
     for on in (False, True):
-        ex = _build(tiny_decoder_fp16, "opencl -device=adreno", on, monkeypatch)
+        ex = _build(tiny_decoder_fp16, "opencl -device=adreno", on)
         launches[on] = {f: sum(kernel_launches(ex, f).values()) for f in (*PREFILLS, "decode")}
     assert launches[True] == launches[False]
     if CLANG:
@@ -85,29 +85,29 @@ def test_only_targets_whose_gemm_stores_the_activation_interleave(target, interl
                                                                   monkeypatch):
     """A build interleaves gate and up (``compile_model`` and ``tvm-lite tune`` ask
     ``pipeline.interleaves_gate_up``) only where the prefill GEMM stores the activation: CUDA
-    with mma.sync; never with the switch off."""
-    from tvm_lite.pipeline import interleaves_gate_up
+    with mma.sync; by default (the switch on), and never with the switch off."""
     from tvm_lite.target import parse_target
 
-    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", True)
-    assert interleaves_gate_up(parse_target(target)) == interleaves
-    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", False)
-    assert not interleaves_gate_up(parse_target(target))
+    assert pipeline.INTERLEAVE_GATE_UP
+    assert pipeline.interleaves_gate_up(parse_target(target)) == interleaves
+    monkeypatch.setattr(pipeline, "INTERLEAVE_GATE_UP", False)
+    assert not pipeline.interleaves_gate_up(parse_target(target))
 
 
-def test_an_explicit_choice_overrides_the_switch(tiny_decoder_fp16, monkeypatch):
-    """``weights_as_built(interleave_gate_up=...)`` (what a build passes) wins over the pass's
-    constant: the CPU's halves with the switch on, the interleaved views with it off."""
+def test_weights_are_interleaved_only_when_asked(tiny_decoder_fp16):
+    """``weights_as_built`` (and the pass) keep gate and up as halves unless the caller asks for
+    the interleaved layout (a build asks as ``pipeline.interleaves_gate_up`` says for its
+    target): a module merged without a target is laid out as every target reads it."""
     mod = tvm_lite.from_onnx(tiny_decoder_fp16 / "model.onnx")
-    for switch, choice in ((True, False), (False, True)):
-        monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", switch)
+    assert "gate_up_blocks" not in weights_as_built(mod, progress=None).script()
+    for choice in (False, True):
         merged = weights_as_built(mod, progress=None, interleave_gate_up=choice).script()
         assert ("gate_up_blocks" in merged) == choice
 
 
 def test_gated_epilogue_runs_correctly_on_a_cuda_gpu(tiny_decoder_fp16, tmp_path, monkeypatch):
     """On the GPU, the fp16 model's prefill (gate+up GEMM storing the activation) and decode
-    logits with gate and up interleaved match the default build's."""
+    logits with gate and up interleaved (the default) match the halves build's."""
     from conftest import cuda_device, logits_off_and_on
 
     if cuda_device() is None:
@@ -116,7 +116,7 @@ def test_gated_epilogue_runs_correctly_on_a_cuda_gpu(tiny_decoder_fp16, tmp_path
 
     ids = np.random.default_rng(0).integers(5, 500, 70).tolist()
     without, gated = logits_off_and_on(tiny_decoder_fp16, local_cuda_target(), tmp_path,
-                                       monkeypatch, merge_pass, "INTERLEAVE_GATE_UP", ids,
+                                       monkeypatch, pipeline, "INTERLEAVE_GATE_UP", ids,
                                        steps=4, device="cuda", max_context=256)
     assert np.isfinite(gated).all()
     np.testing.assert_allclose(gated, without, rtol=0, atol=2e-2 * np.abs(without).max())

@@ -13,7 +13,6 @@ from tvm import relax
 import tvm_lite
 from tvm_lite.convention import GATE_BLOCK
 from tvm_lite.relax_passes import MergeSharedInputProjections, QuantizeWeightMatmuls
-from tvm_lite.relax_passes import merge_shared_input_projections as merge_pass
 from tvm_lite.quant.rtn import rtn
 
 K = 64
@@ -113,12 +112,11 @@ def test_leaves_weights_without_values_alone(case):
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_interleaves_a_gated_mlps_gate_and_up(quantized, monkeypatch):
-    """With ``INTERLEAVE_GATE_UP`` the merged gate+up weight alternates blocks of 8 columns (gate
+def test_interleaves_a_gated_mlps_gate_and_up(quantized):
+    """With ``interleave_gate_up`` the merged gate+up weight alternates blocks of 8 columns (gate
     block q at 16q, up's at 16q + 8, whatever order the projections came in), the model's
     outputs stay what they were (bit-exact for 4-bit weights), and a group that is not a gated
     MLP's (here q/k/v) is merged as before."""
-    monkeypatch.setattr(merge_pass, "INTERLEAVE_GATE_UP", True)
     rng = np.random.default_rng(1)
     mod = _module(rng, silu=True)
     inputs = [rng.standard_normal((1, 5, K)).astype("float32") for _ in range(2)]
@@ -127,7 +125,7 @@ def test_interleaves_a_gated_mlps_gate_and_up(quantized, monkeypatch):
     if quantized:
         mod = QuantizeWeightMatmuls({f"{p}.weight": rtn(values[f"{p}.weight"].numpy(), "e0m4", 32)
                                      for p in WIDTHS})(mod)
-    merge = MergeSharedInputProjections()
+    merge = MergeSharedInputProjections(interleave_gate_up=True)
     merged = merge(mod)
     assert (merge.merged, merge.groups) == (5, 2)
     func = merged["main"]
@@ -148,8 +146,8 @@ def test_interleaves_a_gated_mlps_gate_and_up(quantized, monkeypatch):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_interleaving_is_off_by_default(case):
+def test_the_pass_interleaves_only_when_asked():
+    """Gate then up (the halves) unless the caller asks: the pass does not know the target."""
     mod = _module(np.random.default_rng(1), silu=True)
-    assert not merge_pass.INTERLEAVE_GATE_UP
-    merged = MergeSharedInputProjections()(mod)
-    assert "gate_up_blocks" not in merged.script()
+    assert "gate_up_blocks" not in MergeSharedInputProjections()(mod).script()
+    assert "gate_up_blocks" in MergeSharedInputProjections(interleave_gate_up=True)(mod).script()

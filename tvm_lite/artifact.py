@@ -214,13 +214,13 @@ def compile_model(model, target="llvm", out_dir=None, force: bool = False, progr
 
 
 def weights_as_built(mod, merge_projections: bool = True, panel: int | None = None,
-                     progress=print, interleave_gate_up: bool | None = None):
+                     progress=print, interleave_gate_up: bool = False):
     """``mod`` (imported, weights attached, quantized if it is to be) with its weights as a build
     stores them: the projections that share an input merged into one matrix
     (``relax_passes/merge_shared_input_projections.py``; ``interleave_gate_up``: a gated MLP's
-    gate and up interleaved, as ``pipeline.interleaves_gate_up(target)`` says, None: the pass's
-    constant), then, on a CPU (``panel``: its panel width), every weight matrix panel-major
-    (``relax_passes/pack_weight_panels.py``). ``compile_model`` and ``tvm-lite tune`` both call
+    gate and up interleaved, as ``pipeline.interleaves_gate_up(target)`` says for the build's
+    target; otherwise gate then up), then, on a CPU (``panel``: its panel width), every weight
+    matrix panel-major (``relax_passes/pack_weight_panels.py``). ``compile_model`` and ``tvm-lite tune`` both call
     it, so tuned kernels are the build's. Both steps are idempotent."""
     from .relax_passes import MergeSharedInputProjections, PackWeightPanels
 

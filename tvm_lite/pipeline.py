@@ -52,7 +52,6 @@ from tvm_lite.errors import UserError
 from tvm_lite.options import PDL_AUTO, PDL_GRAPHS, BuildOptions
 from tvm_lite.tuning_db import check_database_matches, records_faster_than_rules
 from tvm_lite.relax_passes.launch_dependents_early import supports as launch_dependents_supported
-from tvm_lite.relax_passes import merge_shared_input_projections
 from tvm_lite.relax_passes import (AddCacheFillPrefill, AddDecodeFunction, AddLastRowPrefill,
                                    AttachMetadata, AddStepEntries, AddStepHelpers,
                                    AddTupledBufferEntries,
@@ -70,6 +69,14 @@ PIPELINE_NAME = "tvm_lite"
 TIR_PIPELINE_DEPENDENT_LAUNCH = "tvm_lite_dependent_launch"
 # ... only the kernels SeparateGraphKernels set apart for the CUDA-graph functions
 TIR_PIPELINE_DEPENDENT_LAUNCH_GRAPHS = "tvm_lite_dependent_launch_graphs"
+# A gated MLP's gate and up merged with their columns interleaved (MergeSharedInputProjections'
+# ``interleave_gate_up``) in builds whose target's prefill GEMM stores ``act(gate) * up`` itself
+# (:func:`interleaves_gate_up`); False: gate then up, the halves, on every target. H100,
+# thirty-eighth session (``results/issue16_gated_epilogue_llama1b_h100_s38.json``), Llama-1B at
+# 2048 tokens: one call's GPU time 14.35 -> 13.91 ms (the gate+up GEMM 401 us + its activation
+# kernel 32 us -> 406 us a layer), the chunks of 256 20.69 -> 20.36 ms, decode unchanged;
+# Gemma-2B's fused kernel saved 814 us over 17 layers in the thirty-sixth session.
+INTERLEAVE_GATE_UP = True
 
 
 def _tir_pipeline_dependent_launch(graph_only: bool):
@@ -138,18 +145,17 @@ def fusion_passes(gpu: bool = False) -> list:
 
 def interleaves_gate_up(target: tvm.target.Target) -> bool:
     """Whether a build for ``target`` merges a gated MLP's gate and up interleaved
-    (``relax_passes/merge_shared_input_projections.py``, ``INTERLEAVE_GATE_UP``): only where its
-    prefill GEMM stores the activation (:func:`gated_epilogue_passes`). Elsewhere the layout
-    would only make the activation kernel read two strided views instead of two halves."""
-    return bool(merge_shared_input_projections.INTERLEAVE_GATE_UP
-                and schedules.gated_gemm_check(target) is not None)
+    (``relax_passes/merge_shared_input_projections.py``): with :data:`INTERLEAVE_GATE_UP`, only
+    where its prefill GEMM stores the activation (:func:`gated_epilogue_passes`). Elsewhere the
+    layout would only make the activation kernel read two strided views instead of two halves."""
+    return bool(INTERLEAVE_GATE_UP and schedules.gated_gemm_check(target) is not None)
 
 
 def gated_epilogue_passes(target: tvm.target.Target) -> list:
     """After FuseOps: a prefill gate+up GEMM and the gated activation reading its interleaved
     output as one kernel (``relax_passes/fuse_gated_epilogue.py``), on targets whose prefill GEMM
     stores that (``schedules.gated_gemm_check``: CUDA with tensor cores); a no-op unless the
-    weights were merged interleaved (``INTERLEAVE_GATE_UP``)."""
+    weights were merged interleaved (:func:`interleaves_gate_up`)."""
     takes = schedules.gated_gemm_check(target)
     return [FuseGatedEpilogue(takes)] if takes is not None else []
 

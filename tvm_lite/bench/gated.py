@@ -8,7 +8,7 @@ Llama-3.2-1B: 2048, 2 x 8192, SiLU; Gemma-2B: 2048, 2 x 16384, tanh-GELU) and pr
 weights (RTN layout, group 32) and fp16 activations, on a CUDA GPU (built for ``cuda
 -arch=sm_90a`` with tvm_lite's rules, planned by prompt length as the pipeline plans them):
 
-* **apart** -- what the pipeline runs without ``INTERLEAVE_GATE_UP``'s fusion: the GEMM writing
+* **apart** -- what the pipeline runs without the gated epilogue's fusion: the GEMM writing
   all ``2N`` columns, then the activation kernel reading them back (the interleaved layout's);
 * **fused** -- the GEMM storing ``act(gate) * up`` itself (``FuseGatedEpilogue``: ``N`` columns
   written, one kernel);
