@@ -28,13 +28,13 @@ split and rotation are injective), ``FuseKVAppend`` reads k and v at their colum
 ``y``, and ``FuseSiluMul`` reads gate and up as the two halves of ``y``.
 
 **Gate and up interleaved** (``interleave_gate_up=True``, which a build asks for where its target's
-GEMM stores the activation: ``pipeline.interleaves_gate_up``): where a group is exactly a gated MLP's
-two projections (``act(gate) * up``, SiLU or tanh-GELU, as ``FuseSiluMul`` finds it), the merged
-weight's columns alternate in blocks of :data:`~tvm_lite.convention.GATE_BLOCK` (8): gate's
+GEMM stores the activation: ``pipeline.interleaves_gate_up``): where a group is exactly a gated
+MLP's two projections (``act(gate) * up``, SiLU or tanh-GELU, as ``FuseSiluMul`` finds it), the
+merged weight's columns alternate in blocks of :data:`~tvm_lite.convention.GATE_BLOCK` (8): gate's
 columns ``8q .. 8q+7`` at ``16q .. 16q+7``, up's at ``16q+8 .. 16q+15``. Gate and up are then
-reshaped views (``y``, ``2N`` columns, as ``[.., N/8, 2, 8]``, block 0 or 1) instead of the
-halves, so the values are the same; what changes is that a GEMM's tile of output columns holds
-both operands of each of its activations, which lets a GEMM store ``act(gate) * up`` itself
+reshaped views (``y``, ``2N`` columns, as ``[.., N/8, 2, 8]``, block 0 or 1) instead of the halves,
+so the values are the same; what changes is that a GEMM's tile of output columns holds both
+operands of each of its activations, which lets a GEMM store ``act(gate) * up`` itself
 (``relax_passes/fuse_gated_epilogue.py``): half the stores and no activation kernel.
 
 The weights must have values: the imported module's ``params`` (``tvm_lite.from_onnx``; the

@@ -220,8 +220,9 @@ def weights_as_built(mod, merge_projections: bool = True, panel: int | None = No
     (``relax_passes/merge_shared_input_projections.py``; ``interleave_gate_up``: a gated MLP's
     gate and up interleaved, as ``pipeline.interleaves_gate_up(target)`` says for the build's
     target; otherwise gate then up), then, on a CPU (``panel``: its panel width), every weight
-    matrix panel-major (``relax_passes/pack_weight_panels.py``). ``compile_model`` and ``tvm-lite tune`` both call
-    it, so tuned kernels are the build's. Both steps are idempotent."""
+    matrix panel-major (``relax_passes/pack_weight_panels.py``). ``compile_model`` and
+    ``tvm-lite tune`` both call it, so tuned kernels are the build's. Both steps are
+    idempotent."""
     from .relax_passes import MergeSharedInputProjections, PackWeightPanels
 
     if merge_projections:
