@@ -1200,7 +1200,9 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
 GATED_WS_CPU_CASES = [("e0m4", 256, 128, 150, "silu", (128, 256), 5, 2),
                       ("int4", 128, 64, 37, "gelu", (64, 128), 3, None),
                       # 192-column tiles: 12 output vectors a row, 24 of a warp's 32 lanes store
-                      ("e0m4", 256, 192, 150, "silu", (128, 192), 4, None)]
+                      ("e0m4", 256, 192, 150, "silu", (128, 192), 4, None),
+                      # 256 x 128: four consumer warpgroups (the README's run D times the tile)
+                      ("e0m4", 256, 256, 300, "silu", (256, 128), 4, 2)]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
