@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import tvm_lite
+from tvm_lite import pipeline
 from tvm_lite.artifact import weights_as_built
 from tvm_lite.profile import kernel_launches
-from tvm_lite import pipeline
 
 LAYERS = 2  # tiny-llama
 
