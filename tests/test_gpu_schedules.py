@@ -1946,9 +1946,8 @@ def _tiny_e0m4(onnx_dir):
     mod = tvm_lite.from_onnx(onnx_dir / "model.onnx")
     mod, _ = quantize_module(mod, QuantConfig("e0m4", "rtn", 32), tokenizer_of(onnx_dir),
                              progress=lambda *_: None)
-    # gate and up as halves: the W-in-registers kernel stores no gated epilogue
-    return tvm_lite.detach_params(weights_as_built(mod, progress=None,
-                                                   interleave_gate_up=False))[0]
+    # (gate and up as halves, the default: the W-in-registers kernel stores no gated epilogue)
+    return tvm_lite.detach_params(weights_as_built(mod, progress=None))[0]
 
 
 def test_a_whole_model_takes_w_in_registers_where_on(tiny_decoder_fp16, monkeypatch):

@@ -26,12 +26,11 @@ def count_shape(shape: str, target: str, work_dir, progress=print) -> dict:
     """{"per_layer", "once", "layers", "step", "target", "kernels": {layers: {function: {..}}}}."""
     import tvm_lite
 
-    from ..artifact import weights_as_built
     from ..export import export_onnx
-    from ..pipeline import interleaves_gate_up
     from ..profile import kernel_launches
     from ..quant.quantize import quantize_module, tokenizer_of
     from ..target import parse_target
+    from ..tune import weights_as_built
     from . import models
 
     kernels = {}
@@ -45,8 +44,7 @@ def count_shape(shape: str, target: str, work_dir, progress=print) -> dict:
         mod, _ = quantize_module(tvm_lite.from_onnx(onnx_dir / "model.onnx"),
                                  models._quant("e0m4"), tokenizer_of(onnx_dir),
                                  progress=lambda *_: None)
-        mod = weights_as_built(mod, progress=None,  # gate/up laid out as compile_model's
-                               interleave_gate_up=interleaves_gate_up(parse_target(target)))
+        mod = weights_as_built(mod, parse_target(target), log=None)  # as its build lays them out
         mod = tvm_lite.detach_params(mod)[0]
         ex = tvm_lite.build(mod, target)
         kernels[layers] = {fn: kernel_launches(ex, fn) for fn in STEP_FUNCTIONS}
