@@ -172,6 +172,17 @@ EPILOGUE_GATED = ('T.call_extern("float32", "%s", {}, {})' % GATED).format
 # 128 x 64 slices of 256 threads) and the shared stores. Off until timed on a GPU
 # (``bench.prefill --parts gemm``: the "e0m4 (x async)" rows).
 X_ASYNC = False
+# K slices a thread's loads run ahead of the MMAs, each in its own set of X and W registers
+# (with 1, the double buffer above: slice k + 1's loads are issued before slice k's MMAs).
+# A narrow tile's MMAs take far less than a load's trip to memory (at 32 x 64 with 2 warps, a
+# slice is ~64 tensor-core cycles against ~600-1000 for the load), so one slice in flight makes
+# each slice cost a round trip: SmolLM2's 256-token GEMMs (9 slices of K = 576) take 6-11 us,
+# the chunks' largest share of their time (thirty-second session). With ``PREFETCH = D``,
+# slices k + 1 .. k + D are in flight during slice k's MMAs (D sets of registers; the K loop
+# unrolled by D so that each set is named statically; at most KT - 1; X by cp.async keeps 1).
+# Off until timed (``bench.prefill --parts gemm --gemm-switch
+# p4:schedules.gpu_gemm_mma.PREFETCH=4``).
+PREFETCH = 1
 
 cuda_cluster.register()  # __cluster_dims__ for the kernels that ask (CLUSTER_SUM)
 
@@ -543,13 +554,35 @@ def match_gemm(sch, profile, gated_ok: bool = False):
                 out_dtype=str(out_buf.dtype), final=final, matmul_buf=out_buf, gated=gated)
 
 
+def prefetch_of(g: dict, tile, x_async: bool | None = None, prefetch: int | None = None) -> int:
+    """The K slices in flight ahead of the MMAs (:data:`PREFETCH`, or ``prefetch``) of the
+    kernel at ``tile``: at most its slices less one, 1 where X goes by ``cp.async``."""
+    x_async = X_ASYNC if x_async is None else x_async
+    TK_ = tile[5] if len(tile) > 5 else TK
+    slices = g["k"] // TK_ // tile[4]
+    depth = PREFETCH if prefetch is None else prefetch
+    return 1 if x_async else max(1, min(int(depth), slices - 1))
+
+
+def _in_register_set(text: str, offsets: dict) -> str:
+    """``text`` with each ``xv[..l * ``, ``wv[``, ``sv[``, ``zv[`` register index moved to a
+    register set: ``offsets`` maps an array to the vector steps before its set (``l`` counts a
+    thread's vectors of one slice)."""
+    def moved(m):
+        off = offsets.get(m.group(1))
+        return m.group(0) if not off else f"{m.group(1)}[{m.group(2) or ''}({off} + l) * "
+    return re.sub(r"\b(xv|wv|sv|zv)\[(T\.Ramp\()?l \* ", moved, text)
+
+
 def kernel_source(func, g: dict, tile, x_async: bool | None = None,
-                  cluster_sum: bool = False) -> str:
+                  cluster_sum: bool = False, prefetch: int | None = None) -> str:
     """TVMScript of the kernel for ``func`` (roles ``g`` from :func:`match_gemm`, ``tile`` from
     :func:`choose_tile`, optionally with a sixth entry: the K slice, ``TK`` if absent); its
     stores write ``__tvm_lite_epilogue__(acc)``. ``x_async``: X by ``cp.async`` (default
     :data:`X_ASYNC`). ``cluster_sum``: a split K's partials added up in a thread-block cluster
-    (:data:`CLUSTER_SUM`; the caller checks the target, :func:`sums_in_cluster`)."""
+    (:data:`CLUSTER_SUM`; the caller checks the target, :func:`sums_in_cluster`).
+    ``prefetch``: K slices loaded ahead (default :data:`PREFETCH`, :func:`prefetch_of`)."""
+    D = prefetch_of(g, tile, x_async, prefetch)
     x_async = X_ASYNC if x_async is None else x_async
     names, params, decls = _decl(func)
     TM, TN, WM, WN, KS = tile[:5]
@@ -601,7 +634,7 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None,
         ws_, wguard, we = loads(TK * TN // VEC)
         wr, wc = f"({we} // {TN // VEC})", f"({we} % {TN // VEC} * {VEC})"
         w = names[g["roles"]["w"]]
-        w_regs = f'wv = T.alloc_buffer(({ws_ * VEC},), "float16", scope="local")'
+        w_regs = f'wv = T.alloc_buffer(({D * ws_ * VEC},), "float16", scope="local")'
         w_load = f'''for l in T.unroll({ws_}):
     if {wguard}:
         wv[T.Ramp(l * {VEC}, 1, {VEC})] = {w}[{{kn}} * {TK} + {wr}, T.Ramp(bx * {TN} + {wc}, 1, {VEC})]'''
@@ -619,9 +652,9 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None,
         views = packed_views(names, g)
         load, zero_at = packed_load(g, f"{{kn}} * {TK // CODES_PER_WORD} + {wr}", grp, col2,
                                     " " * 8)
-        w_regs = (f'wv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
-                  f'sv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
-                  f'zv = T.alloc_buffer(({ws_ * P},), "uint32", scope="local")\n'
+        w_regs = (f'wv = T.alloc_buffer(({D * ws_ * P},), "uint32", scope="local")\n'
+                  f'sv = T.alloc_buffer(({D * ws_ * P},), "uint32", scope="local")\n'
+                  f'zv = T.alloc_buffer(({D * ws_ * P},), "uint32", scope="local")\n'
                   f'dq = T.alloc_buffer(({P},), "uint32", scope="local")')
         w_load = f'''for l in T.unroll({ws_}):
     if {wguard}:
@@ -647,7 +680,7 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None,
     AF = [f"af[mt * 4 + {i}]" for i in range(4)]
     row = f"by * {TM} + {wm} * {WTM} + mt * 16 + {g4} + c // 2 * 8"
     col = f"bx * {TN} + {wn} * {WTN} + nt * 8 + {t4} * 2 + c % 2"
-    x_regs = "" if x_async else f'xv = T.alloc_buffer(({xs * VEC},), "float16", scope="local")'
+    x_regs = "" if x_async else f'xv = T.alloc_buffer(({D * xs * VEC},), "float16", scope="local")'
     # the stage the next slice's X goes to (cp.async writes it at once), and the wait that lands
     # a thread's copies before the barrier that hands them to the workgroup
     x_next = f"(ko + 1) % 2 * {STAGE}" if x_async else ""
@@ -679,6 +712,39 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None,
             f"{wm} * {WTM} + mt * 16 + {g4}", f"{wn} * {WTN} + nt * 8 + {t4} * 2", MT, NT))
         shared = max(2 * STAGE, shared)
         mark = f"T.evaluate({mma.call(cuda_cluster.marker((1, 1, KS)))})"
+    def mma_step(slice_: str) -> str:
+        """Slice ``slice_``'s MMAs, from its stage (unindented)."""
+        a, b = (addr.replace("sm[ko % 2 *", f"sm[{slice_} % 2 *") for addr in (a_addr, b_addr))
+        return f'''for kk in T.unroll({TK // 16}):
+    for mt in T.unroll({MT}):
+        af[T.Ramp(mt * 4, 1, 4)] = {mma.call("tvm_lite_ldsm_x4", a, ret="uint32x4")}
+    for np in T.unroll({NT // 2}):
+        bf[T.Ramp(0, 1, 4)] = {mma.call("tvm_lite_ldsm_x4_trans", b, ret="uint32x4")}
+        for mt in T.unroll({MT}):
+            T.evaluate({mma.call("tvm_lite_mma16816", f"T.address_of(acc[(mt * {NT} + np * 2) * 4])", *AF, "bf[0]", "bf[1]")})
+            T.evaluate({mma.call("tvm_lite_mma16816", f"T.address_of(acc[(mt * {NT} + np * 2 + 1) * 4])", *AF, "bf[2]", "bf[3]")})'''
+
+    if D == 1:  # the double buffer: slice ko + 1 in flight during slice ko's MMAs
+        loop = f'''{indent(at(x_load, "0", "0"), 16)}
+{indent(at(w_load, "0", "0"), 16)}
+{indent(at(x_store, "0", "0"), 16)}
+{indent(at(w_store, "0", "0"), 16)}
+{indent(wait, 16)}
+                T.tvm_storage_sync("shared")
+                for ko in T.serial({KT}):
+                    if ko + 1 < {KT}:
+{indent(at(x_load, "(ko + 1)", x_next), 24)}
+{indent(at(w_load, "(ko + 1)", ""), 24)}
+{indent(mma_step("ko"), 20)}
+                    if ko + 1 < {KT}:
+{indent(at(x_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
+{indent(at(w_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
+{indent(wait, 20)}
+                    T.tvm_storage_sync("shared")'''
+    else:
+        loop = prefetched_loop(dict(x_load=x_load, w_load=w_load, x_store=x_store,
+                                    w_store=w_store), at, D, KT, STAGE, mma_step,
+                               {"xv": xs, "wv": ws_, "sv": ws_, "zv": ws_})
     head = kernel_head("gemm_mma", params, decls, views, workspace,
                        (N // TN, KS, f"({M} + {TM - 1}) // {TM}", threads))
     return f'''{head}
@@ -691,31 +757,40 @@ def kernel_source(func, g: dict, tile, x_async: bool | None = None,
 {indent(w_regs, 16)}
                 for i in T.unroll({MT * NT * 4}):
                     acc[i] = T.float32(0)
-{indent(at(x_load, "0", "0"), 16)}
-{indent(at(w_load, "0", "0"), 16)}
-{indent(at(x_store, "0", "0"), 16)}
-{indent(at(w_store, "0", "0"), 16)}
-{indent(wait, 16)}
-                T.tvm_storage_sync("shared")
-                for ko in T.serial({KT}):
-                    if ko + 1 < {KT}:
-{indent(at(x_load, "(ko + 1)", x_next), 24)}
-{indent(at(w_load, "(ko + 1)", ""), 24)}
-                    for kk in T.unroll({TK // 16}):
-                        for mt in T.unroll({MT}):
-                            af[T.Ramp(mt * 4, 1, 4)] = {mma.call("tvm_lite_ldsm_x4", a_addr, ret="uint32x4")}
-                        for np in T.unroll({NT // 2}):
-                            bf[T.Ramp(0, 1, 4)] = {mma.call("tvm_lite_ldsm_x4_trans", b_addr, ret="uint32x4")}
-                            for mt in T.unroll({MT}):
-                                T.evaluate({mma.call("tvm_lite_mma16816", f"T.address_of(acc[(mt * {NT} + np * 2) * 4])", *AF, "bf[0]", "bf[1]")})
-                                T.evaluate({mma.call("tvm_lite_mma16816", f"T.address_of(acc[(mt * {NT} + np * 2 + 1) * 4])", *AF, "bf[2]", "bf[3]")})
-                    if ko + 1 < {KT}:
-{indent(at(x_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
-{indent(at(w_store, "", f"(ko + 1) % 2 * {STAGE}"), 24)}
-{indent(wait, 20)}
-                    T.tvm_storage_sync("shared")
+{loop}
 {indent(stores, 16)}
 {sum_kernel}'''
+
+
+def prefetched_loop(t: dict, at, D: int, KT: int, STAGE: int, mma_step, steps: dict) -> str:
+    """The K loop (indented for :func:`kernel_source`) with slices ``k + 1 .. k + D`` in flight
+    during slice ``k``'s MMAs (:data:`PREFETCH`): slice ``s`` is loaded into register set
+    ``s % D``, ``D`` slices ahead, and stored to stage ``s % 2`` after slice ``s - 1``'s MMAs,
+    which frees its set for slice ``s + D``. The loop steps ``D`` slices at a time, so that each
+    set is named by a constant. ``t``: the X and W load and store templates, ``at`` fills one in,
+    ``mma_step(s)``: slice ``s``'s MMAs, ``steps``: a register array's vectors a slice."""
+    def in_set(text: str, r: int) -> str:
+        return _in_register_set(text, {a: str(r * n) for a, n in steps.items()} if r else {})
+
+    def load(s: str, r: int) -> str:  # slice s into register set r
+        return "\n".join(in_set(at(t[k], s, ""), r) for k in ("x_load", "w_load"))
+
+    def store(r: int, stage: str) -> str:  # register set r into a stage
+        return "\n".join(in_set(at(t[k], "", stage), r) for k in ("x_store", "w_store"))
+
+    prologue = [load(str(d), d) for d in range(D)] + [store(0, "0"), load(str(D), 0)]
+    body = []
+    for j in range(D):
+        s, r = f"(ko * {D} + {j})", (j + 1) % D
+        body.append(f"""if {s} < {KT}:
+{indent(mma_step(s), 4)}
+    if {s} + 1 < {KT}:
+{indent(store(r, f"({s} + 1) % 2 * {STAGE}"), 8)}
+    if {s} + {D + 1} < {KT}:
+{indent(load(f"({s} + {D + 1})", r), 8)}
+    T.tvm_storage_sync("shared")""")
+    return (indent("\n".join(prologue), 16) + '\n                T.tvm_storage_sync("shared")\n'
+            f"                for ko in T.serial({-(-KT // D)}):\n" + indent("\n".join(body), 20))
 
 
 def cluster_stores(out: str, obuf, g: dict, tile, threads: int, stores_at) -> tuple[str, int]:
@@ -759,10 +834,12 @@ for it in T.serial({-(-TM * V4 // (KS * threads))}):
     return text, -(-TM * FP // 2)
 
 
-def plan_label(tile, cluster_sum: bool = False) -> str:
-    """The ``tvm_lite.gemm`` label of this kernel at ``tile`` (:func:`choose_tile`'s)."""
-    return "mma_m16n8k16 %dx%d split-K %d%s" % (tile[0], tile[1], tile[4],
-                                                " cluster" if cluster_sum and tile[4] > 1 else "")
+def plan_label(tile, cluster_sum: bool = False, prefetch: int = 1) -> str:
+    """The ``tvm_lite.gemm`` label of this kernel at ``tile`` (:func:`choose_tile`'s), with
+    ``prefetch`` K slices in flight (:func:`prefetch_of`)."""
+    return "mma_m16n8k16 %dx%d split-K %d%s%s" % (
+        tile[0], tile[1], tile[4], " cluster" if cluster_sum and tile[4] > 1 else "",
+        f" prefetch {prefetch}" if prefetch > 1 else "")
 
 
 def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
@@ -786,7 +863,8 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
              for length, cond in (lengths_for(g["m"], lengths) if tile is None
                                   else [(PLAN_M, None)])]
     cluster = [sums_in_cluster(t, target) for _, t in plans]
-    src, label = by_length([(cond, kernel_source(func, g, t, x_async, c), plan_label(t, c))
+    src, label = by_length([(cond, kernel_source(func, g, t, x_async, c),
+                             plan_label(t, c, prefetch_of(g, t, x_async)))
                             for (cond, t), c in zip(plans, cluster)])
     helpers = helpers_for([t[4] for (_, t), c in zip(plans, cluster) if c])
     kernel = from_source(src, extra_vars={"T": T, "HELPERS": helpers})
@@ -797,5 +875,5 @@ def mma_gemm_kernel(func, target, profile, tile=None, split_k: bool = True,
 
 
 __all__ = ["mma_gemm_kernel", "match_gemm", "choose_tile", "kernel_source", "TILES", "HELPERS",
-           "sums_in_cluster", "cluster_target", "helpers_for", "cluster_stores",
+           "sums_in_cluster", "cluster_target", "helpers_for", "cluster_stores", "prefetch_of",
            "PLAN_LENGTHS", "lengths_for", "by_length"]

@@ -547,7 +547,7 @@ def mma_variant(func, g: dict, tile, cond, target, helpers: dict) -> tuple:
     cluster = mma_gemm.sums_in_cluster(tile, target)
     helpers.update(mma_gemm.helpers_for([tile[4]] if cluster else []))
     return (cond, mma_gemm.kernel_source(func, g, tile, cluster_sum=cluster),
-            mma_gemm.plan_label(tile, cluster))
+            mma_gemm.plan_label(tile, cluster, mma_gemm.prefetch_of(g, tile)))
 
 
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),

@@ -22,7 +22,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from tvm_lite import parse_target
-from tvm_lite.bench.kernels import build, kernel_func, reference, weights
+from tvm_lite.bench.kernels import build, kernel_func, kernel_plan, reference, weights
 from tvm_lite.schedules import gpu_rules, profile_of, rules_for, stock_gpu_rules
 from tvm_lite.schedules.gpu_gemm import GPUPrefillGEMM, simt_only
 from tvm_lite.schedules.gpu_gemv import GPUDecodeGEMV, MatchError, match_matmul
@@ -753,8 +753,6 @@ def test_bench_gemm_variants_build_their_kernels():
     kernels = set(re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", one))
     assert len(kernels) == 2 and "tvm_lite_bar_arrive(" in one, kernels  # + its split-K sum
     # each row of the bench names the plan its kernel ran (kernel_plan)
-    from tvm_lite.bench.kernels import kernel_plan
-
     plan = kernel_plan(deep, parse_target(WGMMA_TARGET), rules[rule])
     assert plan.startswith("wgmma_m64n256k16 128x256 split-K 1 ") and "if n <= 384:" in plan, plan
     assert kernel_plan(deep, parse_target(WGMMA_TARGET), []) == ""
@@ -902,6 +900,90 @@ def test_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, ti
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 7, tmp_path)
 
 
+# (fmt, K, N, M, epilogue, tile, PREFETCH): K slices loaded that many ahead into their own
+# registers -- the narrow tile's 9 slices 4 ahead (a loop of 3 steps, the last cut short); K split
+# in two, 3 ahead of 4 slices a split; fp16 weights with the two-block SiLU epilogue, 2 ahead; a
+# split of 3 slices asked for 4 (at most its slices less one: 2)
+PREFETCH_CPU_CASES = [("e0m4", 576, 128, 70, None, (32, 64, 1, 2, 1), 4),
+                      ("int4", 1024, 64, 37, "residual", (64, 64, 2, 2, 2), 3),
+                      ("fp16", 384, 192, 65, "silu_gate", (64, 64, 2, 2, 1), 2),
+                      ("e0m4", 576, 128, 70, "residual", (32, 64, 1, 2, 3), 4)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("fmt,k,n,m,epilogue,tile,prefetch", PREFETCH_CPU_CASES)
+def test_prefetched_mma_gemm_cuda_c_run_on_the_cpu_matches_numpy(fmt, k, n, m, epilogue, tile,
+                                                                  prefetch, tmp_path,
+                                                                  monkeypatch):
+    """The tensor-core GEMM with ``PREFETCH`` K slices in flight (each in its own registers)
+    computes what numpy does, and says so in its plan label."""
+    from tvm_lite.schedules import gpu_gemm_mma
+
+    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", prefetch)
+    target = parse_target(TARGETS["cuda"])
+    func = _mma_func(fmt, k, n, epilogue, m)
+    depth = min(prefetch, k // 64 // tile[4] - 1)
+    label = kernel_plan(func, target, [GPUPrefillGEMM(CUDA, mma_tile=tile)])
+    assert label.endswith(f"prefetch {depth}") or depth == 1, label
+    src = _source(build(func, target, [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
+    _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, tile[:2] + (tile[4],), 7, tmp_path)
+
+
+@pytest.mark.skipif(cuda_device() is None, reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt,k,n,m,epilogue,tile,prefetch", PREFETCH_CPU_CASES)
+def test_prefetched_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, m, epilogue, tile, prefetch,
+                                                         monkeypatch):
+    """The same kernels against numpy on the GPU at prompt lengths cut and not cut by the tile."""
+    from tvm_lite.schedules import gpu_gemm_mma
+
+    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", prefetch)
+    target = parse_target(TARGETS["cuda"])
+    _check_gemm_on_gpu(build(_mma_func(fmt, k, n, epilogue), target,
+                             [GPUPrefillGEMM(CUDA, mma_tile=tile)]), fmt, k, n, epilogue)
+
+
+def test_prefetched_mma_gemm_has_no_spills(tmp_path, monkeypatch):
+    """Four slices ahead on the narrow tile (the most registers a thread: ptxas 255 at sm_90a)
+    and on 128 x 64 still spill nothing."""
+    from tvm_lite.schedules import gpu_gemm_mma
+
+    if not shutil.which("nvcc"):
+        pytest.skip("nvcc not installed")
+    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 4)
+    target = parse_target(TARGETS["cuda"])
+    for tile in ((32, 64, 1, 2, 1), (128, 64, 4, 2, 1)):
+        src = _source(build(_mma_func("e0m4", 576, 3072, None), target,
+                            [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
+        path = tmp_path / "k.cu"
+        path.write_text(src)
+        res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o",
+                              str(tmp_path / "k.cubin"), str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "0 bytes spill stores" in res.stderr, (tile, res.stderr[-2000:])
+
+
+def test_prefetch_one_is_the_double_buffer(monkeypatch):
+    """``PREFETCH = 1`` builds the kernel the double buffer always built: the prefetched loop
+    only where asked (its register sets sized by the depth)."""
+    from tvm_lite.schedules import gpu_gemm_mma
+
+    target = parse_target(TARGETS["cuda"])
+    func = _mma_func("e0m4", 576, 128, None, 70)
+    rules = [GPUPrefillGEMM(CUDA, mma_tile=(32, 64, 1, 2, 1))]
+    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 1)
+    plain = _source(build(func, target, rules), "cuda")
+    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 3)
+    deep = _source(build(func, target, rules), "cuda")
+    # a thread's registers of a slice: 4 X vectors, 2 packed-code vectors (and their scales
+    # and zeros); one set, then three
+    for text, sets in ((plain, 1), (deep, 3)):
+        assert f"uint4 xv_ptr[{4 * sets}];" in text
+        assert all(f"uint {a}_ptr[{8 * sets}];" in text for a in ("wv", "sv", "zv"))
+    assert kernel_plan(func, target, rules).endswith("prefetch 3")
+    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 1)
+    assert "prefetch" not in kernel_plan(func, target, rules)
+
+
 # -- the gated MLP's GEMM: act(gate) * up stored from the accumulators ---------------------------
 # (fmt, K, N (output columns: half the GEMM's), M, act, tile): 64 x 64 cut by M (SiLU), tanh-GELU
 # on the wide tile, fp16 weights on the narrow tile
@@ -988,7 +1070,7 @@ def test_gated_gemm_plans_never_split_k():
     """Planned by prompt length (Llama-1B's gate+up: K 2048, 2 x 8192 columns), the gated
     GEMM is one kernel a planned length and never splits K (a split's partials would need the
     activation after their sum): no split-K sum kernel, every plan "split-K 1"."""
-    from tvm_lite.bench.kernels import gated_gemm_func, kernel_plan
+    from tvm_lite.bench.kernels import gated_gemm_func
 
     func = gated_gemm_func("e0m4", [1, DYN], 2048, 8192)
     target = parse_target("cuda -arch=sm_80")
