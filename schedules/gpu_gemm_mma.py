@@ -554,14 +554,13 @@ def match_gemm(sch, profile, gated_ok: bool = False):
                 out_dtype=str(out_buf.dtype), final=final, matmul_buf=out_buf, gated=gated)
 
 
-def prefetch_of(g: dict, tile, x_async: bool | None = None, prefetch: int | None = None) -> int:
-    """The K slices in flight ahead of the MMAs (:data:`PREFETCH`, or ``prefetch``) of the
-    kernel at ``tile``: at most its slices less one, 1 where X goes by ``cp.async``."""
+def prefetch_of(g: dict, tile, x_async: bool | None = None) -> int:
+    """The K slices in flight ahead of the MMAs (:data:`PREFETCH`) of the kernel at ``tile``:
+    at most its slices less one, 1 where X goes by ``cp.async``."""
     x_async = X_ASYNC if x_async is None else x_async
     TK_ = tile[5] if len(tile) > 5 else TK
     slices = g["k"] // TK_ // tile[4]
-    depth = PREFETCH if prefetch is None else prefetch
-    return 1 if x_async else max(1, min(int(depth), slices - 1))
+    return 1 if x_async else max(1, min(int(PREFETCH), slices - 1))
 
 
 def _in_register_set(text: str, offsets: dict) -> str:
@@ -575,14 +574,14 @@ def _in_register_set(text: str, offsets: dict) -> str:
 
 
 def kernel_source(func, g: dict, tile, x_async: bool | None = None,
-                  cluster_sum: bool = False, prefetch: int | None = None) -> str:
+                  cluster_sum: bool = False) -> str:
     """TVMScript of the kernel for ``func`` (roles ``g`` from :func:`match_gemm`, ``tile`` from
     :func:`choose_tile`, optionally with a sixth entry: the K slice, ``TK`` if absent); its
     stores write ``__tvm_lite_epilogue__(acc)``. ``x_async``: X by ``cp.async`` (default
     :data:`X_ASYNC`). ``cluster_sum``: a split K's partials added up in a thread-block cluster
     (:data:`CLUSTER_SUM`; the caller checks the target, :func:`sums_in_cluster`).
-    ``prefetch``: K slices loaded ahead (default :data:`PREFETCH`, :func:`prefetch_of`)."""
-    D = prefetch_of(g, tile, x_async, prefetch)
+    The K slices loaded ahead: :data:`PREFETCH` (:func:`prefetch_of`)."""
+    D = prefetch_of(g, tile, x_async)
     x_async = X_ASYNC if x_async is None else x_async
     names, params, decls = _decl(func)
     TM, TN, WM, WN, KS = tile[:5]
