@@ -180,9 +180,21 @@ X_ASYNC = False
 # the chunks' largest share of their time (thirty-second session). With ``PREFETCH = D``,
 # slices k + 1 .. k + D are in flight during slice k's MMAs (D sets of registers; the K loop
 # unrolled by D so that each set is named statically; at most KT - 1; X by cp.async keeps 1).
-# Off until timed (``bench.prefill --parts gemm --gemm-switch
-# p4:schedules.gpu_gemm_mma.PREFETCH=4``).
-PREFETCH = 1
+# ``PREFETCH = 0`` takes the depth of the tile (TM, TN, WM, WN) from PREFETCH_BY_TILE (1 where
+# it has none); ``PREFETCH = D`` forces D on every tile. Timed on an H100 (fortieth session,
+# ``bench.prefill --parts gemm --gemm-models smollm2-135m --gemm-lengths 256,512,2048
+# --gemm-switch p2:schedules.gpu_gemm_mma.PREFETCH=2 --gemm-switch p4:...=4``,
+# ``results/issue16_gemm_prefetch_h100_s40.json``), us per call, depth 1 / 2 / 4:
+#   64 x 64 (512 tokens): o 7.8 / 7.5 / 6.9, q+k+v 8.5 / 7.9 / 7.8, down (K split 2) 12.8 /
+#   12.8 / 12.2;
+#   128 x 64 (2048 tokens; gate+up at 512): o 18.3 / 17.5 / 20.3, q+k+v 20.3 / 19.6 / 22.1,
+#   down 34.9 / 33.8 / 39.4, gate+up 18.6 / 18.1 / 21.4;
+#   32 x 64 (256 tokens): o 5.9 / 5.9 / 5.9, q+k+v 6.9 / 6.9 / 6.9, down (K split 3) 8.0 / 8.3
+#   / 8.1, gate+up 10.1 / 10.2 / 10.2 -- no depth helps;
+#   128 x 128 (Llama-1B's q+k+v and o at 2048): 106.0 / 163.0 / 250.8 and 66.8 / 88.4 / 150.7
+#   -- deeper is much slower (a 64 x 64 warp tile's registers a set).
+PREFETCH = 0
+PREFETCH_BY_TILE = {(64, 64, 2, 2): 4, (128, 64, 4, 2): 2}
 
 cuda_cluster.register()  # __cluster_dims__ for the kernels that ask (CLUSTER_SUM)
 
@@ -555,12 +567,14 @@ def match_gemm(sch, profile, gated_ok: bool = False):
 
 
 def prefetch_of(g: dict, tile, x_async: bool | None = None) -> int:
-    """The K slices in flight ahead of the MMAs (:data:`PREFETCH`) of the kernel at ``tile``:
-    at most its slices less one, 1 where X goes by ``cp.async``."""
+    """The K slices in flight ahead of the MMAs of the kernel at ``tile``: :data:`PREFETCH`,
+    or where that is 0 the tile's :data:`PREFETCH_BY_TILE` (default 1); at most its slices
+    less one, 1 where X goes by ``cp.async``."""
     x_async = X_ASYNC if x_async is None else x_async
     TK_ = tile[5] if len(tile) > 5 else TK
     slices = g["k"] // TK_ // tile[4]
-    return 1 if x_async else max(1, min(int(PREFETCH), slices - 1))
+    depth = int(PREFETCH) or PREFETCH_BY_TILE.get(tuple(tile[:4]), 1)
+    return 1 if x_async else max(1, min(depth, slices - 1))
 
 
 def _in_register_set(text: str, offsets: dict) -> str:
