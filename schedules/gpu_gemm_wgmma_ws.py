@@ -101,6 +101,15 @@ STAGE_PAD = 16
 # session, ``results/issue16_gemm_down_clusters_h100_s28.json``).
 CLUSTER_PAD = 16
 CLUSTER_MAX = 8
+# A split K's fp32 partials (summed by the second kernel) stored in pairs: each consumer thread
+# writes its two neighbouring columns of a row in one 8-byte store (``tvm_lite_st_f32x2``), so
+# the four threads of a row fill one 32-byte sector where two 4-byte stores each half-filled it.
+# Half the store instructions. The down projections split K at 256 and 512 tokens and write
+# 16.8 MB of partials a call (Llama-1B and Gemma-2B, K in 8 and in 4), all workgroups at the end
+# of one wave; ncu on the unsplit 2048-token kernel (fortieth session) found its scalar stores
+# using 8 of each sector's 32 bytes. Off until timed (``bench.prefill --parts gemm
+# --gemm-layers down --gemm-switch pp:schedules.gpu_gemm_wgmma_ws.PAIR_PARTIALS=True``).
+PAIR_PARTIALS = False
 # A deep or wide GEMM takes this kernel only at the planned prompt lengths where its grid, K split
 # included, gives at least mma_gemm.MIN_WAVE of the SMs a workgroup; at the others, mma.sync's
 # plan for that length (one branch each, as the mid GEMMs). H100, twenty-eighth session
@@ -167,8 +176,9 @@ __forceinline__ __device__ void tvm_lite_wgmma_wait1() {
   asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 }
 """,
-    # two neighbouring outputs in one 4-byte store (pair_stores)
+    # two neighbouring outputs in one 4-byte store (pair_stores), partials in one 8-byte one
     "tvm_lite_st_f16x2": MMA_HELPERS["tvm_lite_st_f16x2"],
+    "tvm_lite_st_f32x2": cuda_cluster.HELPERS["tvm_lite_st_f32x2"],
     **{name: MMA_HELPERS[name] for name in ("tvm_lite_st_v4", "tvm_lite_syncwarp",
                                             "tvm_lite_lds_v4")},
 }
@@ -482,6 +492,16 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     elif g["gated"]:
         raise MatchError("a gated epilogue is stored through shared memory (staged stores) "
                          "with K unsplit")
+    elif KS > 1 and PAIR_PARTIALS:  # one 8-byte store of partials (c, c + 1)
+        prow = row.replace("c // 2", "hr")
+        pcol = col.replace(" + c % 2", "")
+        pst = ev("tvm_lite_st_f32x2", f"T.address_of(ws[(bz * {M} + {prow}) * {N} + {pcol}])",
+                 "acc[jn * 4 + hr * 2]", "acc[jn * 4 + hr * 2 + 1]")
+        stores = [f"for jn in T.unroll({TN // 8}):",
+                  "    for hr in T.unroll(2):",
+                  f"        if {prow} < {M}" + (" and acc[jn * 4 + hr * 2] == T.float32(3.0e38):"
+                                               if "store" in ablate else ":"),
+                  f"            {pst}"]
     elif pair:  # one 4-byte store of columns (c, c + 1): rows g and g + 8 a thread
         prow = row.replace("c // 2", "hr")
         pcol = col.replace(" + c % 2", "")

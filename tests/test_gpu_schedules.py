@@ -944,14 +944,16 @@ def test_prefetched_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, m, epilogue
 
 def test_prefetched_mma_gemm_has_no_spills(tmp_path, monkeypatch):
     """Four slices ahead on the narrow tile (the most registers a thread: ptxas 255 at sm_90a)
-    and on 128 x 64 still spill nothing."""
+    and on 128 x 64 still spill nothing, nor do the default depths of 64 x 64 (4) and 128 x 64
+    (2)."""
     from tvm_lite.schedules import gpu_gemm_mma
 
     if not shutil.which("nvcc"):
         pytest.skip("nvcc not installed")
-    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 4)
     target = parse_target(TARGETS["cuda"])
-    for tile in ((32, 64, 1, 2, 1), (128, 64, 4, 2, 1)):
+    for prefetch, tile in ((4, (32, 64, 1, 2, 1)), (4, (128, 64, 4, 2, 1)),
+                           (0, (64, 64, 2, 2, 1)), (0, (128, 64, 4, 2, 1))):
+        monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", prefetch)
         src = _source(build(_mma_func("e0m4", 576, 3072, None), target,
                             [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
         path = tmp_path / "k.cu"
@@ -982,6 +984,23 @@ def test_prefetch_one_is_the_double_buffer(monkeypatch):
     assert kernel_plan(func, target, rules).endswith("prefetch 3")
     monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 1)
     assert "prefetch" not in kernel_plan(func, target, rules)
+
+
+def test_prefetch_depth_follows_the_tile_by_default(monkeypatch):
+    """``PREFETCH = 0`` (the default) takes each tile's depth from ``PREFETCH_BY_TILE`` -- 4 on
+    64 x 64, 2 on 128 x 64, none on 32 x 64 and 128 x 128 -- and never more than a split's
+    slices less one; a nonzero ``PREFETCH`` forces its depth on every tile."""
+    from tvm_lite.schedules import gpu_gemm_mma
+
+    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 0)
+    g = {"k": 576}  # 9 slices of 64
+    depth = lambda tile: gpu_gemm_mma.prefetch_of(g, tile, x_async=False)  # noqa: E731
+    assert [depth(t) for t in ((64, 64, 2, 2, 1), (128, 64, 4, 2, 1), (32, 64, 1, 2, 1),
+                               (128, 128, 2, 4, 1), (64, 64, 2, 2, 3))] == [4, 2, 1, 1, 2]
+    assert depth((64, 64, 2, 2, 1)) == 4 and gpu_gemm_mma.prefetch_of(
+        g, (64, 64, 2, 2, 1), x_async=True) == 1
+    monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 3)
+    assert [depth(t) for t in ((64, 64, 2, 2, 1), (128, 128, 2, 4, 1))] == [3, 3]
 
 
 # -- the gated MLP's GEMM: act(gate) * up stored from the accumulators ---------------------------
@@ -1274,6 +1293,29 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     TM, TN = (tile or wg.TILE)[:2]
     KS = int(re.search(r"split-K (\d+)", label).group(1))  # as planned (a tile may leave it out)
     _check_gemm_c_on_cpu(src, fmt, k, n, m, epilogue, (TM, TN, KS), 9, tmp_path, group)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", [WGMMA_WS_CPU_CASES[i] for i in (2, 8, 18, 20)])
+def test_paired_partials_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path, monkeypatch):
+    """``PAIR_PARTIALS``: the warp-specialised kernel's split-K partials stored two columns an
+    8-byte store (K in two: 128 x 128, 64 x 64 at int4, the deep ring at 128 x 256, 192-column
+    tiles) -- every store of the split kernel paired, and the sum right: the CUDA C run on the
+    CPU against numpy."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    monkeypatch.setattr(ws, "PAIR_PARTIALS", True)
+    fmt, k, n, m, epilogue, tile, stages = case[:7]
+    w_buffers = case[8] if len(case) > 8 else None
+    target = parse_target(WGMMA_TARGET)
+    func = _dequant_gemv(fmt, k, n, epilogue, lead=(1, m), group=case[7] if len(case) > 7 else 32)
+    with target:
+        sch = ws.ws_gemm_kernel(func, target, CUDA, tile, stages, w_buffers=w_buffers)
+    kernel = sch.mod["main"].with_attr("global_symbol", "main")
+    src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
+    assert "tvm_lite_st_f32x2(" in src
+    assert not re.search(r"\bws_ptr\[[^;]*\] = acc", src), "a partial stored unpaired"
+    test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path)
 
 
 # (fmt, K, N (output columns), M, act, tile, stages, w_buffers): the wide defaults' tile and ring
@@ -2147,6 +2189,22 @@ def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, e
                                wgmma_w_buffers=w_buffers, wgmma_pair_stores=pairs,
                                wgmma_x_rows=x_rows, wgmma_staged_stores=staged)])
     assert "tvm_lite_bar_arrive(" in _source(ex, "cuda")
+    _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
+
+
+@HOPPER
+@pytest.mark.parametrize("fmt,k,n,epilogue", [("e0m4", 8192, 2048, "residual"),
+                                              ("int4", 2048, 3072, None)])
+def test_paired_partials_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, monkeypatch):
+    """``PAIR_PARTIALS`` on the GPU against numpy (M = 1, 37, 128, 200, 512): the deep default
+    (128 x 256, 4 stages, 2 W slots, X by rows; K split by M) and a merged q+k+v's shape."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    monkeypatch.setattr(ws, "PAIR_PARTIALS", True)
+    ex = build(_mma_func(fmt, k, n, epilogue), parse_target(WGMMA_TARGET),
+               [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=(128, 256), wgmma_specialised=4,
+                               wgmma_w_buffers=2, wgmma_x_rows=True)])
+    assert "tvm_lite_st_f32x2(" in _source(ex, "cuda")
     _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
 
 
