@@ -70,7 +70,7 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                  wgmma_w_buffers: int | None = None, wgmma_pair_stores: bool = False,
                  wgmma_x_rows: bool = False, wgmma_staged_stores: bool = False,
                  wgmma_w_in_registers: int = 0, plan_lengths: tuple | None = None,
-                 wgmma_cluster_sum: bool = False):
+                 wgmma_cluster_sum: bool = False, wgmma_consumer_units: int | None = None):
         self.profile = profile
         self.tensor_cores = profile.gemm_tensor_cores if tensor_cores is None else tensor_cores
         self.mma = mma  # False: DLight's WMMA kernel only (what ran before; benchmarks)
@@ -89,6 +89,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
         self.wgmma_x_rows = wgmma_x_rows  # its X copied a row segment a warp quarter
         self.wgmma_staged_stores = wgmma_staged_stores  # its outputs through shared memory
         self.wgmma_cluster_sum = wgmma_cluster_sum  # its split K summed in a cluster
+        # its consumers' share of the dequant (None: gpu_gemm_wgmma_ws.CONSUMER_UNITS)
+        self.wgmma_consumer_units = wgmma_consumer_units
         # > 0: the kernel with W dequantized in registers, this many stages (gpu_gemm_wgmma_wreg;
         # wgmma_tile is then (tokens, features), wgmma_x_rows its X copy)
         self.wgmma_w_in_registers = wgmma_w_in_registers
@@ -117,7 +119,8 @@ class GPUPrefillGEMM(dl.ScheduleRule):
                                               self.wgmma_specialised, self.wgmma_ablate,
                                               self.wgmma_w_buffers, self.wgmma_pair_stores,
                                               self.wgmma_x_rows, self.wgmma_staged_stores,
-                                              self.plan_lengths, self.wgmma_cluster_sum)
+                                              self.plan_lengths, self.wgmma_cluster_sum,
+                                              consumer_units=self.wgmma_consumer_units)
                     return wgmma_gemm_kernel(func, target, profile, self.wgmma_tile,
                                              self.wgmma_x_stages)
                 except MatchError:

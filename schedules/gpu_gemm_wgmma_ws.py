@@ -110,6 +110,16 @@ CLUSTER_MAX = 8
 # using 8 of each sector's 32 bytes. Off until timed (``bench.prefill --parts gemm
 # --gemm-layers down --gemm-switch pp:schedules.gpu_gemm_wgmma_ws.PAIR_PARTIALS=True``).
 PAIR_PARTIALS = False
+# The dequant shared with the consumers: each consumer thread dequantizes this many of a slice's
+# 16-byte packed vectors (the producer threads the rest), writing them while the previous
+# slice's wgmmas run, where the consumers otherwise wait at FULL for the producer (ncu on
+# Llama-1B's down at 2048 tokens, fortieth session: the rule's kernel 247 us, the same without
+# its copies and dequant 115; 60% of the warps' stalls at a barrier; one producer warp a
+# scheduler issuing the dequant of a whole slice). A slice of 128 x 256 has 512 vectors: 1 a
+# consumer (256 threads) leaves 2 a producer (128) instead of 4. 0: the producer dequantizes
+# them all (the kernel before). Off until timed (``bench.prefill --parts gemm --wgmma
+# 128x256xws4w2rd1`` or ``--gemm-switch cd:schedules.gpu_gemm_wgmma_ws.CONSUMER_UNITS=1``).
+CONSUMER_UNITS = 0
 # A deep or wide GEMM takes this kernel only at the planned prompt lengths where its grid, K split
 # included, gives at least mma_gemm.MIN_WAVE of the SMs a workgroup; at the others, mma.sync's
 # plan for that length (one branch each, as the mid GEMMs). H100, twenty-eighth session
@@ -224,12 +234,13 @@ def check_group(g: dict) -> None:
 
 
 def plan_label(TM: int, TN: int, k_split: int, stages: int, wn=None, pairs=False, x_rows=False,
-               staged=False, cluster=False) -> str:
+               staged=False, cluster=False, consumer_units: int = 0) -> str:
     """The ``tvm_lite.gemm`` label of this kernel at a tile, split and staging."""
-    return ("wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s%s"
+    return ("wgmma_m64n%dk16 %dx%d split-K %d warp-specialised x%d%s%s%s%s%s%s"
             % (TN, TM, TN, k_split, stages, f" w{wn}" if wn else "", " pairs" if pairs else "",
                " x rows" if x_rows else "", " staged" if staged else "",
-               " cluster" if cluster else ""))
+               " cluster" if cluster else "",
+               f" consumers dequant {consumer_units}" if consumer_units else ""))
 
 
 def cp_async(dst: str, src: str) -> str:
@@ -320,7 +331,7 @@ def producer_loop(issue, stages: int, slices: int, threads: int, ready: list,
 def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                   w_buffers: int | None = None, pair_stores: bool = False,
                   x_rows: bool = False, staged_stores: bool = False,
-                  cluster_sum: bool = False) -> str:
+                  cluster_sum: bool = False, consumer_units: int = 0) -> str:
     """TVMScript of the kernel (roles ``g`` from :func:`.gpu_gemm_mma.match_gemm`, ``tile =
     (TM, TN, KS)``); its stores write ``__tvm_lite_epilogue__(acc)``. ``ablate``: parts of
     :data:`ABLATIONS` to leave out (diagnostics only: the result is wrong). ``w_buffers``: fp16
@@ -333,7 +344,8 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     two threads a row. ``staged_stores``: where pairs could be stored, the outputs go through
     shared memory instead and leave 16 bytes a thread (:data:`STAGE_PAD`). ``cluster_sum``:
     where K is split, its partials are added up in a cluster (:data:`CLUSTER_PAD`) instead of
-    by a second kernel."""
+    by a second kernel. ``consumer_units``: 16-byte packed vectors of each slice a consumer
+    thread dequantizes (:data:`CONSUMER_UNITS`; 0: the producer dequantizes them all)."""
     names, params, decls = mma_gemm._decl(func)
     TM, TN, KS = tile
     TK, VEC, SBO, h = wg.TK, wg.VEC, wg.SBO, 2
@@ -360,29 +372,46 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     def issue(k: str, slot: str) -> str:
         return issue_slice(k, slot, g, x, xbuf, (TM, TN, KS), kn, XS, XL, RB, RS, x_rows)
 
-    # dequant of stage ``slot``'s packed slice into its fp16 W: as the wgmma kernel's store
+    # dequant of stage ``slot``'s packed slice into its fp16 W: as the wgmma kernel's store.
+    # A slice has UNITS 16-byte packed vectors (8 columns of one packed row each); the producer
+    # threads take the first ``ds`` a thread, the consumer threads ``consumer_units`` each.
     P = VEC // 2
-    ds = (TK // CODES_PER_WORD) * (TN // VEC) // PT
-    we = f"(l * {PT} + tx)"
-    wgc = f"({we} % 8 + {we} // 16 % {TN // 64} * 8)"  # 8-column group
-    wr = f"({we} // 16 // {TN // 64} * 2 + {we} // 8 % 2)"  # packed row of the slice
-    grow = f"({wr} * {CODES_PER_WORD} // {G})" if G <= TK else "0"
-    raw = f"{RB} + ({{slot}}) * {RS}"
-    lds = lambda off: call("tvm_lite_lds_v4", f"T.address_of(sm[({raw} + {off}) // {h}])",  # noqa: E731
-                           ret="uint32x4")
-    zero_at = f"zv[l * {P} + p]" if g["fmt"] == "e0m4" else f"T.uint32({E0M4_ZERO_NONE})"
-    w_off = (f"({WB} + ({{wslot}}) * {WS} + ({wr} // 2) * {WL} + {wgc} * {SBO} + p * 32"
-             f" + {wr} % 2 * 8) // {h}")
-    dq = call("tvm_lite_dq_kmajor", f"T.address_of(sm[{w_off}])", f"wv[l * {P} + p]", zero_at,
-              f"sv[l * {P} + p]")
-    dequant = [f"for l in T.unroll({ds}):",
-               f"    wv[T.Ramp(l * {P}, 1, {P})] = {lds(f'{wr} * {TN * 2} + {wgc} * 16')}",
-               f"    sv[T.Ramp(l * {P}, 1, {P})] = {lds(f'{CB} + {grow} * {TN * 2} + {wgc} * 16')}"]
-    if g["fmt"] == "e0m4":
-        dequant.append(f"    zv[T.Ramp(l * {P}, 1, {P})] = "
-                       f"{lds(f'{CB + GB} + {grow} * {TN * 2} + {wgc} * 16')}")
-    dequant += [f"    for p in T.unroll({P}):", f"        T.evaluate({dq})"]
-    dequant = "\n".join(dequant)
+    UNITS = (TK // CODES_PER_WORD) * (TN // VEC)
+    CT = PRODUCER * CW  # consumer threads
+    ds = (UNITS - consumer_units * CT) // PT
+    if consumer_units and (ds < 1 or ds * PT + consumer_units * CT != UNITS):
+        raise MatchError(f"consumer_units={consumer_units}: {consumer_units} x {CT} consumer "
+                         f"threads leave the {PT} producers no whole share of a slice's {UNITS} "
+                         "packed vectors")
+
+    def dequant_text(units: int, first: str, stride: int, thread: str) -> str:
+        """Dequant of ``units`` vectors a thread: vector ``first + l * stride + thread``."""
+        we = f"({first} + l * {stride} + {thread})" if first else f"(l * {stride} + {thread})"
+        wgc = f"({we} % 8 + {we} // 16 % {TN // 64} * 8)"  # 8-column group
+        wr = f"({we} // 16 // {TN // 64} * 2 + {we} // 8 % 2)"  # packed row of the slice
+        grow = f"({wr} * {CODES_PER_WORD} // {G})" if G <= TK else "0"
+        raw = f"{RB} + ({{slot}}) * {RS}"
+        lds = lambda off: call("tvm_lite_lds_v4",  # noqa: E731
+                               f"T.address_of(sm[({raw} + {off}) // {h}])", ret="uint32x4")
+        zero_at = f"zv[l * {P} + p]" if g["fmt"] == "e0m4" else f"T.uint32({E0M4_ZERO_NONE})"
+        w_off = (f"({WB} + ({{wslot}}) * {WS} + ({wr} // 2) * {WL} + {wgc} * {SBO} + p * 32"
+                 f" + {wr} % 2 * 8) // {h}")
+        dq = call("tvm_lite_dq_kmajor", f"T.address_of(sm[{w_off}])", f"wv[l * {P} + p]",
+                  zero_at, f"sv[l * {P} + p]")
+        lines = [f"for l in T.unroll({units}):",
+                 f"    wv[T.Ramp(l * {P}, 1, {P})] = {lds(f'{wr} * {TN * 2} + {wgc} * 16')}",
+                 f"    sv[T.Ramp(l * {P}, 1, {P})] = "
+                 f"{lds(f'{CB} + {grow} * {TN * 2} + {wgc} * 16')}"]
+        if g["fmt"] == "e0m4":
+            lines.append(f"    zv[T.Ramp(l * {P}, 1, {P})] = "
+                         f"{lds(f'{CB + GB} + {grow} * {TN * 2} + {wgc} * 16')}")
+        lines += [f"    for p in T.unroll({P}):", f"        T.evaluate({dq})"]
+        return "\n".join(lines)
+
+    dequant = dequant_text(ds, "", PT, "tx")
+    consumer_dequant = ("T.evaluate(0)" if "dequant" in ablate else
+                        dequant_text(consumer_units, str(ds * PT), CT, f"(tx - {PT})")
+                        .replace("{slot}", f"j % {S}").replace("{wslot}", f"j % {WN}"))
 
     producer = producer_loop(issue, S, KT, threads, [
         ev("tvm_lite_bar_sync", f"T.int32({PBAR})", f"T.int32({PT})"),
@@ -520,11 +549,23 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
             f"        if {row} < {M}" + (f" and acc[jn * 4 + c] == T.float32(3.0e38):"
                                          if "store" in ablate else ":"),
             f"            {store}"]
+    # With a consumers' share of the dequant: after FULL (the producer's share of slice j and
+    # its copies are in), each consumer writes its share of slice j into W slot j % WN while
+    # slice j - 1's wgmmas run, fences them and meets the other consumers (the staging barrier,
+    # consumers only) before the MMAs; after its wait for slice j - 1's MMAs it meets them
+    # again, so that no consumer writes W slot (j + 1) % WN while another still reads it.
+    if consumer_units and stage_bar > NAMED_BARRIERS - 1:
+        raise MatchError(f"consumer_units needs named barrier {stage_bar}; the hardware has "
+                         f"{NAMED_BARRIERS - 1} besides __syncthreads'")
+    meet = ev("tvm_lite_bar_sync", f"T.int32({stage_bar})", f"T.int32({CT})")
+    share = ([indent(consumer_dequant, 4), "    " + ev("tvm_lite_fence_async_shared"),
+              "    " + meet] if consumer_units else [])
     consumer = "\n".join([
         f"for i in T.unroll({TN // 2}):",
         "    acc[i] = T.float32(0)",
         f"for j in T.serial({KT}):",
         "    " + ev("tvm_lite_bar_sync", f"T.Cast('int32', {FULL} + j % {S})", f"T.int32({threads})"),
+        *share,
         "    " + ev("tvm_lite_wgmma_fence"),
         f"    for kk in T.unroll({TK // 16}):",
         f"        T.evaluate({0 if 'mma' in ablate else mma})",
@@ -536,6 +577,7 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
         *([f"    if j >= 1 and j - 1 + {WN} < {KT}:",
            "        " + ev("tvm_lite_bar_arrive", f"T.Cast('int32', {WFREE} + (j - 1) % {WN})",
                           f"T.int32({threads})")] if WN < S else []),
+        *(["    " + meet] if consumer_units else []),
         ev("tvm_lite_wgmma_wait0"),
         *stores])
     head = mma_gemm.kernel_head("gemm_wgmma_ws", params, decls, mma_gemm.packed_views(names, g),
@@ -548,9 +590,9 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
                 sm = T.alloc_buffer(({shared // h},), "float16", scope="shared.dyn")
                 acc = T.alloc_buffer(({TN // 2},), "float32", scope="local")
 {indent(chr(10).join(sums), 16)}
-                wv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
-                sv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
-                zv = T.alloc_buffer(({ds * P},), "uint32", scope="local")
+                wv = T.alloc_buffer(({max(ds, consumer_units) * P},), "uint32", scope="local")
+                sv = T.alloc_buffer(({max(ds, consumer_units) * P},), "uint32", scope="local")
+                zv = T.alloc_buffer(({max(ds, consumer_units) * P},), "uint32", scope="local")
 {indent(chr(10).join(mark), 16)}
                 if tx < {PT}:
 {indent(chr(10).join(producer), 20)}
@@ -573,7 +615,8 @@ def mma_variant(func, g: dict, tile, cond, target, helpers: dict) -> tuple:
 def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablate=(),
                    w_buffers: int | None = None, pair_stores: bool = False,
                    x_rows: bool = False, staged_stores: bool = False, lengths=None,
-                   cluster_sum: bool = False, fill_sms: bool = False):
+                   cluster_sum: bool = False, fill_sms: bool = False,
+                   consumer_units: int | None = None):
     """The warp-specialised kernel for ``func`` as a :class:`tvm.s_tir.Schedule`, or raise
     :class:`MatchError` where it does not apply (``tile``: see
     :func:`.gpu_gemm_wgmma.plan_kernel`; ``ablate``, ``pair_stores``, ``x_rows``,
@@ -591,7 +634,9 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     ``cluster_sum``: a split K's partials added up in a thread-block cluster (see
     :func:`kernel_source`). ``fill_sms``: at a planned length where the grid (K split included)
     gives fewer than ``MIN_WAVE`` of the SMs a workgroup, mma.sync's plan for that length instead
-    (:data:`DEEP_WIDE_FILL_SMS`); :class:`MatchError` if that is every length."""
+    (:data:`DEEP_WIDE_FILL_SMS`); :class:`MatchError` if that is every length.
+    ``consumer_units``: see :func:`kernel_source` (default :data:`CONSUMER_UNITS`)."""
+    consumer_units = CONSUMER_UNITS if consumer_units is None else consumer_units
     if not 2 <= stages <= 5 and not (w_buffers and w_buffers < stages <= 6):
         raise MatchError(f"stages={stages}: 2 to 5 (6 with fewer W buffers)")
     if w_buffers is not None and not 2 <= w_buffers <= stages:
@@ -626,9 +671,9 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
             shared = max(shared, cluster_bytes(TM, TN))
             helpers.update(cuda_cluster.helpers_for((1, 1, k_split)))
         variants.append((cond, kernel_source(func, g, (TM, TN, k_split), stages, ablate, wn,
-                                             pairs, x_rows, staged, in_cluster),
+                                             pairs, x_rows, staged, in_cluster, consumer_units),
                          plan_label(TM, TN, k_split, stages, wn, pairs, x_rows, staged,
-                                    in_cluster)))
+                                    in_cluster, consumer_units)))
     if all(" warp-specialised" not in label for _, _, label in variants):
         raise MatchError("no planned prompt length fills the SMs with this kernel")
     src, label = mma_gemm.by_length(variants)

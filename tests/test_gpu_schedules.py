@@ -1284,7 +1284,9 @@ def test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, t
     paired, staged = pairs and epilogue is None and not staged, staged and epilogue is None
     assert label.endswith((f"x{stages} w{w_buffers}" if w_buffers else f"x{stages}")
                           + (" pairs" if paired else "") + (" x rows" if x_rows else "")
-                          + (" staged" if staged else "")), label
+                          + (" staged" if staged else "")
+                          + (f" consumers dequant {ws.CONSUMER_UNITS}" if ws.CONSUMER_UNITS
+                             else "")), label
     kernel = sch.mod["main"].with_attr("global_symbol", "main")
     src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
     assert "tvm_lite_bar_arrive(" in src and "tvm_lite_cp_async16(" in src
@@ -1348,11 +1350,50 @@ def test_gated_warp_specialised_gemm_cuda_c_run_on_the_cpu_matches_numpy(
                                 staged_stores=True)
         with pytest.raises(MatchError, match="staged"):
             ws.ws_gemm_kernel(func, target, CUDA, tile, stages, w_buffers=w_buffers)
-    assert str(sch.mod["main"].attrs["tvm_lite.gemm"]).endswith(" staged")
+    assert " staged" in str(sch.mod["main"].attrs["tvm_lite.gemm"])
     kernel = sch.mod["main"].with_attr("global_symbol", "main")
     src = _source(tvm.compile(tvm.IRModule({"main": kernel}), target=target), "cuda")
     assert "tvm_lite_bar_arrive(" in src and "tvm_lite_st_v4(" not in src
     _check_gated_c_on_cpu(src, fmt, k, n, m, act, tile, tmp_path)
+
+
+# the consumers' share of the dequant (CONSUMER_UNITS = 1): 128 x 256 (2 vectors a producer
+# thread, 1 a consumer) with 3 stages, the deep ring with pairs and X by rows, staged outputs,
+# K split with int4 and a residual; one consumer warpgroup (64 x 128, a group spanning two
+# slices); 192 columns (1 and 1); the gated store
+CONSUMER_DEQUANT_CASES = [WGMMA_WS_CPU_CASES[i] for i in (3, 4, 12, 14, 18, 19)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", CONSUMER_DEQUANT_CASES + [GATED_WS_CPU_CASES[0]])
+def test_consumer_dequant_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path, monkeypatch):
+    """``CONSUMER_UNITS``: the consumers dequantize their share of each slice (between FULL and
+    their wgmmas, meeting at the consumers' barrier before the MMAs and after the wait for the
+    slice before), the producer the rest: the CUDA C run on the CPU against numpy."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    monkeypatch.setattr(ws, "CONSUMER_UNITS", 1)
+    if case in GATED_WS_CPU_CASES:
+        test_gated_warp_specialised_gemm_cuda_c_run_on_the_cpu_matches_numpy(*case, tmp_path)
+    else:
+        test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path)
+
+
+def test_consumer_dequant_needs_a_share_left_to_the_producer():
+    """A consumers' share that leaves the producer threads none (128 x 128: 256 vectors a
+    slice, 256 consumer threads) or no whole one is refused, naming the option."""
+    from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
+
+    target = parse_target(WGMMA_TARGET)
+    func = _dequant_gemv("e0m4", 512, 128, None, lead=(1, 70))
+    with target:
+        with pytest.raises(MatchError, match="consumer_units=1"):
+            ws.ws_gemm_kernel(func, target, CUDA, (128, 128), 4, consumer_units=1)
+        with pytest.raises(MatchError, match="consumer_units=3"):
+            ws.ws_gemm_kernel(func, target, CUDA, (64, 128), 4, consumer_units=3)
+        label = str(ws.ws_gemm_kernel(func, target, CUDA, (64, 128), 4,
+                                      consumer_units=1).mod["main"].attrs["tvm_lite.gemm"])
+    assert label.endswith(" consumers dequant 1"), label
 
 
 def test_cuda_source_hook_puts_cluster_dims_on_the_kernels_that_ask():
@@ -2189,6 +2230,23 @@ def test_warp_specialised_wgmma_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, e
                                wgmma_w_buffers=w_buffers, wgmma_pair_stores=pairs,
                                wgmma_x_rows=x_rows, wgmma_staged_stores=staged)])
     assert "tvm_lite_bar_arrive(" in _source(ex, "cuda")
+    _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
+
+
+@HOPPER
+@pytest.mark.parametrize("fmt,k,n,epilogue,tile,stages,x_rows,staged", [
+    ("e0m4", 8192, 2048, "residual", (128, 256), 4, True, False),  # the deep default
+    ("e0m4", 2048, 8192, None, (128, 256), 5, False, True),  # the wide default
+    ("int4", 2048, 1024, None, (64, 128), 4, False, False)])  # one consumer warpgroup
+def test_consumer_dequant_gemm_runs_correctly_on_a_hopper_gpu(fmt, k, n, epilogue, tile, stages,
+                                                             x_rows, staged):
+    """``CONSUMER_UNITS = 1`` on the GPU against numpy (M = 1, 37, 128, 200, 512): a consumer
+    writes its share of slice j's W while slice j - 1's asynchronous wgmmas (its own and the
+    other warpgroup's) still read the other W slot."""
+    ex = build(_mma_func(fmt, k, n, epilogue), parse_target(WGMMA_TARGET),
+               [GPUPrefillGEMM(CUDA, wgmma=True, wgmma_tile=tile, wgmma_specialised=stages,
+                               wgmma_w_buffers=2, wgmma_x_rows=x_rows,
+                               wgmma_staged_stores=staged, wgmma_consumer_units=1)])
     _check_gemm_on_gpu(ex, fmt, k, n, epilogue)
 
 

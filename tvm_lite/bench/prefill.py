@@ -314,6 +314,7 @@ class WgmmaStaging(NamedTuple):
     staged: bool  # outputs staged through shared memory (ws)
     w_in_registers: bool = False  # the W-in-registers kernel (gpu_gemm_wgmma_wreg)
     cluster: bool = False  # a split K summed in a thread-block cluster (ws)
+    consumer_units: int | None = None  # packed vectors a consumer thread dequantizes (ws)
 
 
 def parse_wgmma_stages(spec: str) -> WgmmaStaging:
@@ -321,7 +322,8 @@ def parse_wgmma_stages(spec: str) -> WgmmaStaging:
     registers), ``wsS`` (the warp-specialised kernel, S stages), ``wsSwB`` (... with B fp16 W
     slices), ``wsS..p`` (... its outputs stored in pairs), ``wsS..r`` (... X copied a row
     segment a warp quarter), ``wsS..s`` (... its outputs staged through shared memory),
-    ``wsS..c`` (... a split K's partials summed in a thread-block cluster), each
+    ``wsS..c`` (... a split K's partials summed in a thread-block cluster), ``wsS..dU`` (...
+    each consumer thread dequantizing U packed vectors of a slice), each
     ``wsS..`` optionally followed by ``-part`` for each part left out (a diagnostic:
     ``gpu_gemm_wgmma_ws.ABLATIONS``); ``wrS`` (the kernel with W dequantized in registers, S
     stages), ``wrSr`` (... X copied by rows), each optionally with ``-part``s as ``wsS``.
@@ -329,19 +331,20 @@ def parse_wgmma_stages(spec: str) -> WgmmaStaging:
     from tvm_lite.schedules.gpu_gemm_wgmma_ws import ABLATIONS
 
     head, *ablate = str(spec).split("-")
-    m = re.fullmatch(r"(ws|wr)?(\d+)(?:w(\d+))?(p)?(r)?(s)?(c)?", head)
+    m = re.fullmatch(r"(ws|wr)?(\d+)(?:w(\d+))?(p)?(r)?(s)?(c)?(?:d(\d+))?", head)
     kind = m.group(1) if m else None
-    if (not m or (any(m.group(i) for i in (3, 4, 5, 6, 7)) and not kind)
-            or (kind == "wr" and any(m.group(i) for i in (3, 4, 6, 7)))):
+    if (not m or (any(m.group(i) for i in (3, 4, 5, 6, 7, 8)) and not kind)
+            or (kind == "wr" and any(m.group(i) for i in (3, 4, 6, 7, 8)))):
         raise ValueError(f"{spec}: the staging is S, wsS, wsSwB, wsSp, wsSr, wsSs, wsSc, "
-                         "wsSwBprsc, wrS or wrSr")
+                         "wsSdU, wsSwBprscdU, wrS or wrSr")
     bad = [a for a in ablate if a not in ABLATIONS]
     if bad or (ablate and not kind):
         raise ValueError(f"{spec}: parts can be left out of a wsS or wrS kernel only, and only "
                          f"{', '.join(ABLATIONS)}")
     return WgmmaStaging(kind == "ws", int(m.group(2)), int(m.group(3)) if m.group(3) else None,
                         bool(m.group(4)), tuple(ablate), bool(m.group(5)), bool(m.group(6)),
-                        kind == "wr", bool(m.group(7)))
+                        kind == "wr", bool(m.group(7)),
+                        int(m.group(8)) if m.group(8) else None)
 
 
 def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
@@ -373,6 +376,7 @@ def gemm_rules(target, tiles=(), wgmma=()) -> tuple[dict, dict]:
                                       wgmma_pair_stores=st.pairs, wgmma_x_rows=st.x_rows,
                                       wgmma_staged_stores=st.staged,
                                       wgmma_cluster_sum=st.cluster,
+                                      wgmma_consumer_units=st.consumer_units,
                                       wgmma_w_in_registers=st.stages if st.w_in_registers else 0)]
         variants[name] = ("e0m4", name)
     for tile in tiles:
@@ -536,11 +540,13 @@ def main(argv=None):
                     "warp-specialised kernel with N stages, wsNwB the same with B fp16 W slices, "
                     "wsN..p with its outputs stored in pairs, wsN..r with X copied a row a "
                     "warp quarter, wsN..s with its outputs staged through shared memory, "
+                    "wsN..c with a split K summed in a cluster, wsN..dU with each consumer "
+                    "thread dequantizing U packed vectors of a slice, "
                     "wsN..-part[-part..] without those "
                     "parts, a diagnostic: copy, dequant, mma, store; wrN the kernel with W "
                     "dequantized in registers, TM tokens x TN features, N stages, wrNr with X "
                     "copied by rows, wrN..-part as wsN), e.g. 128x256x3,128x256xws3,128x256xws5w2,128x256xws3p,"
-                    "128x256xws5w2pr,128x256xws3-dequant,256x128xwr4")
+                    "128x256xws5w2pr,128x256xws4w2rd1,128x256xws3-dequant,256x128xwr4")
     ap.add_argument("--gemm-lengths", default=",".join(map(str, GEMM_LENGTHS)),
                     help="prompt lengths M the GEMMs are timed at, e.g. 256,512,2048")
     ap.add_argument("--gemm-layers", default="", help="only these layers, separated by ';' "
