@@ -1955,6 +1955,7 @@ def test_bench_wgmma_ablations_leave_out_their_part_only(tile, staging, dequant,
     ("128x256x3p", "S, wsS, wsSwB"), ("128x256x3r", "S, wsS, wsSwB"),
     ("128x256x3s", "S, wsS, wsSwB"), ("256x128xwr4p", "wrS or wrSr"),
     ("256x128xwr4w2", "wrS or wrSr"), ("256x128xwr4-nope", "only copy, dequant"),
+    ("128x256x3d1", "S, wsS, wsSwB"), ("256x128xwr4d1", "wrS or wrSr"),
     ("128x256", "not TMxTNxS")])
 def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     """``bench.prefill --wgmma`` stops on a spec it cannot build, before any GPU work, saying
@@ -1962,13 +1963,14 @@ def test_bench_prefill_names_a_bad_wgmma_spec(spec, says, capsys):
     from tvm_lite.bench.prefill import main, parse_wgmma_stages
 
     assert parse_wgmma_stages("ws5w2-copy-mma") == (True, 5, 2, False, ("copy", "mma"), False,
-                                                    False, False, False)
-    assert parse_wgmma_stages("ws3p") == (True, 3, None, True, (), False, False, False, False)
-    assert parse_wgmma_stages("ws5w2pr") == (True, 5, 2, True, (), True, False, False, False)
-    assert parse_wgmma_stages("ws5w2s") == (True, 5, 2, False, (), False, True, False, False)
-    assert parse_wgmma_stages("ws4w2rc") == (True, 4, 2, False, (), True, False, False, True)
-    assert parse_wgmma_stages("3") == (False, 3, None, False, (), False, False, False, False)
-    assert parse_wgmma_stages("wr4") == (False, 4, None, False, (), False, False, True, False)
+                                                    False, False, False, None)
+    assert parse_wgmma_stages("ws3p") == (True, 3, None, True, (), False, False, False, False, None)
+    assert parse_wgmma_stages("ws5w2pr") == (True, 5, 2, True, (), True, False, False, False, None)
+    assert parse_wgmma_stages("ws5w2s") == (True, 5, 2, False, (), False, True, False, False, None)
+    assert parse_wgmma_stages("ws4w2rc") == (True, 4, 2, False, (), True, False, False, True, None)
+    assert parse_wgmma_stages("3") == (False, 3, None, False, (), False, False, False, False, None)
+    assert parse_wgmma_stages("wr4") == (False, 4, None, False, (), False, False, True, False, None)
+    assert parse_wgmma_stages("ws4w2rd1") == (True, 4, 2, False, (), True, False, False, False, 1)
     assert parse_wgmma_stages("wr5r").x_rows and parse_wgmma_stages("wr5r").w_in_registers
     with pytest.raises(SystemExit):
         main(["--parts", "gemm", "--wgmma", spec])
