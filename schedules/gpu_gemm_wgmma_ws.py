@@ -220,6 +220,15 @@ def shared_bytes(g: dict, TM: int, TN: int, stages: int, w_buffers: int | None =
     return stages * (XS + RS) + (w_buffers or stages) * WS
 
 
+def producer_units(TM: int, TN: int, consumer_units: int) -> int:
+    """16-byte packed vectors of a ``TM x TN`` slice each producer thread dequantizes when each
+    consumer thread takes ``consumer_units``; 0 where that leaves the producers no whole,
+    nonzero share (:data:`CONSUMER_UNITS`)."""
+    units = (wg.TK // CODES_PER_WORD) * (TN // wg.VEC)
+    left = units - consumer_units * PRODUCER * (TM // 64)
+    return left // PRODUCER if left > 0 and left % PRODUCER == 0 else 0
+
+
 def cluster_bytes(TM: int, TN: int) -> int:
     """Bytes of shared memory a tile's fp32 partials take (``cluster_sum``)."""
     return TM * (TN * 4 + CLUSTER_PAD)
@@ -378,8 +387,8 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     P = VEC // 2
     UNITS = (TK // CODES_PER_WORD) * (TN // VEC)
     CT = PRODUCER * CW  # consumer threads
-    ds = (UNITS - consumer_units * CT) // PT
-    if consumer_units and (ds < 1 or ds * PT + consumer_units * CT != UNITS):
+    ds = producer_units(TM, TN, consumer_units)
+    if not ds:
         raise MatchError(f"consumer_units={consumer_units}: {consumer_units} x {CT} consumer "
                          f"threads leave the {PT} producers no whole share of a slice's {UNITS} "
                          "packed vectors")
@@ -635,8 +644,8 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
     :func:`kernel_source`). ``fill_sms``: at a planned length where the grid (K split included)
     gives fewer than ``MIN_WAVE`` of the SMs a workgroup, mma.sync's plan for that length instead
     (:data:`DEEP_WIDE_FILL_SMS`); :class:`MatchError` if that is every length.
-    ``consumer_units``: see :func:`kernel_source` (default :data:`CONSUMER_UNITS`)."""
-    consumer_units = CONSUMER_UNITS if consumer_units is None else consumer_units
+    ``consumer_units``: see :func:`kernel_source` (default :data:`CONSUMER_UNITS` where it
+    leaves the producers a whole share of the tile's slice, else 0)."""
     if not 2 <= stages <= 5 and not (w_buffers and w_buffers < stages <= 6):
         raise MatchError(f"stages={stages}: 2 to 5 (6 with fewer W buffers)")
     if w_buffers is not None and not 2 <= w_buffers <= stages:
@@ -650,6 +659,8 @@ def ws_gemm_kernel(func, target, profile, tile=None, stages: int = STAGES, ablat
         raise ValueError(f"ablate: unknown {', '.join(unknown)} (known: {', '.join(ABLATIONS)})")
     sch, func, g, TM, TN, ks = wg.plan_kernel(func, target, profile, tile, gated_ok=True)
     check_group(g)
+    if consumer_units is None:
+        consumer_units = CONSUMER_UNITS if producer_units(TM, TN, CONSUMER_UNITS) else 0
     wn = w_buffers if w_buffers and w_buffers < stages else None
     splits = ([(None, None, ks)] if tile is not None and len(tile) > 2 else
               [(length, cond, 1 if g["gated"] else wg.choose_split(

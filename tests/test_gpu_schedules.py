@@ -1379,21 +1379,26 @@ def test_consumer_dequant_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path, mo
         test_warp_specialised_wgmma_gemm_cuda_c_run_on_the_cpu_matches_numpy(case, tmp_path)
 
 
-def test_consumer_dequant_needs_a_share_left_to_the_producer():
-    """A consumers' share that leaves the producer threads none (128 x 128: 256 vectors a
-    slice, 256 consumer threads) or no whole one is refused, naming the option."""
+def test_consumer_dequant_needs_a_share_left_to_the_producer(monkeypatch):
+    """A consumers' share asked of a tile where it leaves the producer threads none (128 x 128:
+    256 vectors a slice, 256 consumer threads) or no whole one is refused, naming the option;
+    the module default (``CONSUMER_UNITS``) applies only where it fits, the other tiles keep
+    the producer's whole dequant."""
     from tvm_lite.schedules import gpu_gemm_wgmma_ws as ws
 
     target = parse_target(WGMMA_TARGET)
     func = _dequant_gemv("e0m4", 512, 128, None, lead=(1, 70))
+    label = lambda tile, **kw: str(ws.ws_gemm_kernel(  # noqa: E731
+        func, target, CUDA, tile, 4, **kw).mod["main"].attrs["tvm_lite.gemm"])
     with target:
         with pytest.raises(MatchError, match="consumer_units=1"):
             ws.ws_gemm_kernel(func, target, CUDA, (128, 128), 4, consumer_units=1)
         with pytest.raises(MatchError, match="consumer_units=3"):
             ws.ws_gemm_kernel(func, target, CUDA, (64, 128), 4, consumer_units=3)
-        label = str(ws.ws_gemm_kernel(func, target, CUDA, (64, 128), 4,
-                                      consumer_units=1).mod["main"].attrs["tvm_lite.gemm"])
-    assert label.endswith(" consumers dequant 1"), label
+        assert label((64, 128), consumer_units=1).endswith(" consumers dequant 1")
+        monkeypatch.setattr(ws, "CONSUMER_UNITS", 1)
+        assert label((64, 128)).endswith(" consumers dequant 1")
+        assert "consumers dequant" not in label((128, 128))
 
 
 def test_cuda_source_hook_puts_cluster_dims_on_the_kernels_that_ask():
