@@ -530,20 +530,14 @@ def kernel_source(func, g: dict, tile, stages: int = STAGES, ablate=(),
     elif g["gated"]:
         raise MatchError("a gated epilogue is stored through shared memory (staged stores) "
                          "with K unsplit")
-    elif KS > 1 and PAIR_PARTIALS:  # one 8-byte store of partials (c, c + 1)
+    elif pair or (KS > 1 and PAIR_PARTIALS):
+        # columns (c, c + 1) in one store, rows g and g + 8 a thread: 4 bytes of fp16 outputs,
+        # or 8 of a split's fp32 partials
         prow = row.replace("c // 2", "hr")
         pcol = col.replace(" + c % 2", "")
-        pst = ev("tvm_lite_st_f32x2", f"T.address_of(ws[(bz * {M} + {prow}) * {N} + {pcol}])",
-                 "acc[jn * 4 + hr * 2]", "acc[jn * 4 + hr * 2 + 1]")
-        stores = [f"for jn in T.unroll({TN // 8}):",
-                  "    for hr in T.unroll(2):",
-                  f"        if {prow} < {M}" + (" and acc[jn * 4 + hr * 2] == T.float32(3.0e38):"
-                                               if "store" in ablate else ":"),
-                  f"            {pst}"]
-    elif pair:  # one 4-byte store of columns (c, c + 1): rows g and g + 8 a thread
-        prow = row.replace("c // 2", "hr")
-        pcol = col.replace(" + c % 2", "")
-        pst = ev("tvm_lite_st_f16x2", f"T.address_of({out}[{mma_gemm._row_at(obuf, prow, pcol)}])",
+        at = (f"ws[(bz * {M} + {prow}) * {N} + {pcol}]" if KS > 1 else
+              f"{out}[{mma_gemm._row_at(obuf, prow, pcol)}]")
+        pst = ev("tvm_lite_st_f32x2" if KS > 1 else "tvm_lite_st_f16x2", f"T.address_of({at})",
                  "acc[jn * 4 + hr * 2]", "acc[jn * 4 + hr * 2 + 1]")
         stores = [f"for jn in T.unroll({TN // 8}):",
                   "    for hr in T.unroll(2):",
