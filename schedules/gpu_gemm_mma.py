@@ -190,11 +190,18 @@ X_ASYNC = False
 #   128 x 64 (2048 tokens; gate+up at 512): o 18.3 / 17.5 / 20.3, q+k+v 20.3 / 19.6 / 22.1,
 #   down 34.9 / 33.8 / 39.4, gate+up 18.6 / 18.1 / 21.4;
 #   32 x 64 (256 tokens): o 5.9 / 5.9 / 5.9, q+k+v 6.9 / 6.9 / 6.9, down (K split 3) 8.0 / 8.3
-#   / 8.1, gate+up 10.1 / 10.2 / 10.2 -- no depth helps;
+#   / 8.1, gate+up 10.1 / 10.2 / 10.2 -- no depth helps alone, but in SmolLM2's whole step
+#   (below) depth 2 takes its chunks' down, q+k+v and o from 2,135 / 1,553 / 1,355 us to 1,935
+#   / 1,491 / 1,251 (the gated gate+up 2,173 -> 2,270);
 #   128 x 128 (Llama-1B's q+k+v and o at 2048): 106.0 / 163.0 / 250.8 and 66.8 / 88.4 / 150.7
 #   -- deeper is much slower (a 64 x 64 warp tile's registers a set).
+# SmolLM2's whole step at depth 2 on every tile (``python -m tvm_lite.profile --shapes
+# smollm2-135m --prompt-len 2048 --chunk 256 --switch p2:schedules.gpu_gemm_mma.PREFETCH=2``,
+# ``results/issue16_prefetch2_smollm2_whole_step_h100_s40.json``; its GEMMs run 128 x 64 in
+# the call and 32 x 64 in the chunks, so the depths below are that run's): one 2048-token call
+# 6.422 -> 6.242 ms, chunks of 256 as graphs 13.723 -> 13.515.
 PREFETCH = 0
-PREFETCH_BY_TILE = {(64, 64, 2, 2): 4, (128, 64, 4, 2): 2}
+PREFETCH_BY_TILE = {(32, 64, 1, 2): 2, (64, 64, 2, 2): 4, (128, 64, 4, 2): 2}
 
 cuda_cluster.register()  # __cluster_dims__ for the kernels that ask (CLUSTER_SUM)
 

@@ -944,15 +944,16 @@ def test_prefetched_mma_gemm_runs_correctly_on_a_cuda_gpu(fmt, k, n, m, epilogue
 
 def test_prefetched_mma_gemm_has_no_spills(tmp_path, monkeypatch):
     """Four slices ahead on the narrow tile (the most registers a thread: ptxas 255 at sm_90a)
-    and on 128 x 64 still spill nothing, nor do the default depths of 64 x 64 (4) and 128 x 64
-    (2)."""
+    and on 128 x 64 still spill nothing, nor do the default depths of 64 x 64 (4), 128 x 64 and
+    32 x 64 (2)."""
     from tvm_lite.schedules import gpu_gemm_mma
 
     if not shutil.which("nvcc"):
         pytest.skip("nvcc not installed")
     target = parse_target(TARGETS["cuda"])
     for prefetch, tile in ((4, (32, 64, 1, 2, 1)), (4, (128, 64, 4, 2, 1)),
-                           (0, (64, 64, 2, 2, 1)), (0, (128, 64, 4, 2, 1))):
+                           (0, (64, 64, 2, 2, 1)), (0, (128, 64, 4, 2, 1)),
+                           (0, (32, 64, 1, 2, 1))):
         monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", prefetch)
         src = _source(build(_mma_func("e0m4", 576, 3072, None), target,
                             [GPUPrefillGEMM(CUDA, mma_tile=tile)]), "cuda")
@@ -988,7 +989,7 @@ def test_prefetch_one_is_the_double_buffer(monkeypatch):
 
 def test_prefetch_depth_follows_the_tile_by_default(monkeypatch):
     """``PREFETCH = 0`` (the default) takes each tile's depth from ``PREFETCH_BY_TILE`` -- 4 on
-    64 x 64, 2 on 128 x 64, none on 32 x 64 and 128 x 128 -- and never more than a split's
+    64 x 64, 2 on 128 x 64 and 32 x 64, none on 128 x 128 -- and never more than a split's
     slices less one; a nonzero ``PREFETCH`` forces its depth on every tile."""
     from tvm_lite.schedules import gpu_gemm_mma
 
@@ -996,7 +997,8 @@ def test_prefetch_depth_follows_the_tile_by_default(monkeypatch):
     g = {"k": 576}  # 9 slices of 64
     depth = lambda tile: gpu_gemm_mma.prefetch_of(g, tile, x_async=False)  # noqa: E731
     assert [depth(t) for t in ((64, 64, 2, 2, 1), (128, 64, 4, 2, 1), (32, 64, 1, 2, 1),
-                               (128, 128, 2, 4, 1), (64, 64, 2, 2, 3))] == [4, 2, 1, 1, 2]
+                               (128, 128, 2, 4, 1), (64, 64, 2, 2, 3),
+                               (32, 64, 1, 2, 8))] == [4, 2, 2, 1, 2, 1]
     assert depth((64, 64, 2, 2, 1)) == 4 and gpu_gemm_mma.prefetch_of(
         g, (64, 64, 2, 2, 1), x_async=True) == 1
     monkeypatch.setattr(gpu_gemm_mma, "PREFETCH", 3)
