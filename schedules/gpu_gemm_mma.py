@@ -198,8 +198,8 @@ X_ASYNC = False
 # SmolLM2's whole step at depth 2 on every tile (``python -m tvm_lite.profile --shapes
 # smollm2-135m --prompt-len 2048 --chunk 256 --switch p2:schedules.gpu_gemm_mma.PREFETCH=2``,
 # ``results/issue16_prefetch2_smollm2_whole_step_h100_s40.json``; its GEMMs run 128 x 64 in
-# the call and 32 x 64 in the chunks, so the depths below are that run's): one 2048-token call
-# 6.422 -> 6.242 ms, chunks of 256 as graphs 13.723 -> 13.515.
+# the call and 32 x 64 in the chunks, whose entries below give exactly that run's build): one
+# 2048-token call 6.422 -> 6.242 ms, chunks of 256 as graphs 13.723 -> 13.515.
 PREFETCH = 0
 PREFETCH_BY_TILE = {(32, 64, 1, 2): 2, (64, 64, 2, 2): 4, (128, 64, 4, 2): 2}
 
